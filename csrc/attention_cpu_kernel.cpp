@@ -1,0 +1,445 @@
+// FlashAttention forward and fused backward on the CPU.
+//
+// Compiled once per instruction set (MLXF_ISA = generic | avx2, see
+// CMakeLists.txt). Per (batch, key/value head) the keys and values are packed
+// once into fp32 panels; then worker threads take query tiles (forward) or
+// key tiles (backward). Every product is the one micro-GEMM of cpu_simd.h,
+// so the loops below read like Algorithms 1 and 2 of FlashAttention-2:
+//
+//   forward, per query tile:  S = Q K^T; mask; online softmax; O += P V
+//   backward, per key tile:   S = Q K^T; P = exp(S - lse); dV += P^T dO;
+//                             dP = dO V^T; dS = P (dP - delta);
+//                             dK += dS^T Q; dQ += dS K
+//
+// Memory beyond the inputs and outputs is O(N * D) per (batch, kv head):
+// never an N x N array.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "cpu_kernels.h"
+#include "thread_pool.h"
+
+#ifndef MLXF_ISA
+#error "MLXF_ISA must name the instruction-set namespace (generic or avx2)"
+#endif
+
+namespace mlxf {
+namespace MLXF_ISA {
+
+#include "cpu_simd.h"
+
+namespace {
+
+constexpr int BQ = 64;  // query rows per tile
+constexpr int BK = 64;  // keys per tile (a multiple of NR)
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// One sequence of a (possibly packed) batch.
+struct Sequence {
+  int64_t q_row0 = 0, k_row0 = 0;  // first token row in the arrays
+  int nq = 0, nk = 0;
+  int64_t q_batch = 0;             // batch index into the arrays (0 for varlen)
+};
+
+Sequence sequence(const AttentionArgs& a, int b) {
+  Sequence s;
+  if (a.cu_q) {
+    s.q_row0 = a.cu_q[b];
+    s.k_row0 = a.cu_k[b];
+    s.nq = a.cu_q[b + 1] - a.cu_q[b];
+    s.nk = a.cu_k[b + 1] - a.cu_k[b];
+  } else {
+    s.nq = a.Nq;
+    s.nk = a.Nk;
+    s.q_batch = b;
+  }
+  return s;
+}
+
+// Element offset of token row `row` of head h in a view.
+inline int64_t row_offset(const View4& v, const Sequence& s, int h, int64_t row) {
+  return s.q_batch * v.sb + h * v.sh + row * v.sn;
+}
+
+// Element offset in the contiguous outputs [B?, H, Nq, D] / [B?, H, Nq].
+inline int64_t out_row(const AttentionArgs& a, const Sequence& s, int heads, int h, int64_t row, int64_t rows) {
+  return (s.q_batch * heads + h) * rows + row;
+}
+
+// ---- packing ----------------------------------------------------------------
+
+// Rows [n x d] of head h into row-major fp32 (leading dim ld), times mul.
+void pack_rows(const View4& v, const Sequence& s, int h, int64_t row0, int n, int d, float mul, float* dst, int ld) {
+  for (int r = 0; r < n; ++r) load_row(v.data, row_offset(v, s, h, row0 + r), v.sd, v.dtype, d, mul, dst + (int64_t)r * ld);
+}
+
+// Rows [n x d] into panels over d: element (r, c) at
+// dst[(c / NR) * (n_pad * NR) + r * NR + c % NR]. Padding stays zero.
+void pack_row_panels(const View4& v, const Sequence& s, int h, int64_t row0, int n, int n_pad, int d, float mul,
+                     float* dst) {
+  float row[256];
+  for (int r = 0; r < n; ++r) {
+    load_row(v.data, row_offset(v, s, h, row0 + r), v.sd, v.dtype, d, mul, row);
+    for (int c = 0; c < d; ++c) dst[(int64_t)(c / NR) * n_pad * NR + (int64_t)r * NR + c % NR] = row[c];
+  }
+}
+
+// Rows [n x d] transposed into panels over rows: element (c, r) of the
+// transpose at dst[(r / NR) * (d * NR) + c * NR + r % NR].
+void pack_transposed_panels(const View4& v, const Sequence& s, int h, int64_t row0, int n, int d, float* dst) {
+  float row[256];
+  for (int r = 0; r < n; ++r) {
+    load_row(v.data, row_offset(v, s, h, row0 + r), v.sd, v.dtype, d, 1.f, row);
+    float* panel = dst + (int64_t)(r / NR) * d * NR + r % NR;
+    for (int c = 0; c < d; ++c) panel[c * NR] = row[c];
+  }
+}
+
+// ---- the logit rules (softcap, ALiBi, additive mask, dropped keys) -----------
+
+// Which keys a tile may see and how to transform its logits.
+struct LogitRules {
+  const AttentionArgs* a;
+  const Sequence* s;
+  int b, h;
+
+  // Aligned position of query i: p_i = i + Nk - Nq (bottom-right).
+  int position(int i) const { return i + s->nk - s->nq; }
+  // Inclusive key range [lo, hi] allowed by causal/window for query i.
+  int key_lo(int i) const { return a->window_left >= 0 ? std::max(0, position(i) - a->window_left) : 0; }
+  int key_hi(int i) const {
+    return a->window_right >= 0 ? std::min(s->nk - 1, position(i) + a->window_right) : s->nk - 1;
+  }
+  bool block_kept(int i, int j) const {
+    const auto& v = a->block_mask_view;
+    return a->block_mask[b * v.s[0] + h * v.s[1] + (i / a->block_q) * v.s[2] + (j / a->block_k) * v.s[3]];
+  }
+  // True if any key of tile [j0, j1) may be seen by some query of [i0, i1).
+  bool tile_live(int i0, int i1, int j0, int j1) const {
+    if (key_lo(i0) > j1 - 1 || key_hi(i1 - 1) < j0) return false;
+    if (!a->block_mask) return true;
+    for (int bi = i0 / a->block_q; bi <= (i1 - 1) / a->block_q; ++bi)
+      for (int bj = j0 / a->block_k; bj <= (j1 - 1) / a->block_k; ++bj)
+        if (block_kept(bi * a->block_q, bj * a->block_k)) return true;
+    return false;
+  }
+  // True if the tile needs no per-element work beyond the (pre-applied) scale.
+  bool tile_plain(int i0, int i1, int j0, int j1) const {
+    if (a->softcap > 0 || a->alibi || a->mask_kind || a->block_mask) return false;
+    return key_lo(i1 - 1) <= j0 && key_hi(i0) >= j1 - 1;
+  }
+
+  // Transform raw logits S[r][c] (already scaled) of queries i0.. and keys
+  // j0.. in place; dropped or padded keys become -inf. With softcap, the
+  // tanh values go to T (for the backward's chain rule) when T is given.
+  void apply(float* S, int ld, int i0, int mq, int j0, int nk_tile, int n_cols, float* T) const {
+    const float cap = a->softcap;
+    const float slope = a->alibi ? a->alibi[b * a->Hq + h] : 0.f;
+    for (int r = 0; r < mq; ++r) {
+      const int i = i0 + r, p = position(i), lo = key_lo(i), hi = key_hi(i);
+      float* row = S + (int64_t)r * ld;
+      float* trow = T ? T + (int64_t)r * ld : nullptr;
+      for (int c = 0; c < n_cols; ++c) {
+        const int j = j0 + c;
+        if (c >= nk_tile || j < lo || j > hi || (a->block_mask && !block_kept(i, j))) {
+          row[c] = NEG_INF;
+          continue;
+        }
+        float x = row[c];
+        if (cap > 0) {
+          const float t = std::tanh(x / cap);
+          if (trow) trow[c] = t;
+          x = cap * t;
+        }
+        if (a->alibi) x -= slope * (float)std::abs(p - j);
+        if (a->mask_kind) {
+          const auto& m = a->mask;
+          const int64_t off = b * m.s[0] + h * m.s[1] + (int64_t)i * m.s[2] + (int64_t)j * m.s[3];
+          if (a->mask_kind == 1) {
+            if (!static_cast<const bool*>(m.data)[off]) x = NEG_INF;
+          } else {
+            x += load_scalar(m.data, off, a->mask_dtype);
+          }
+        }
+        row[c] = x;
+      }
+    }
+  }
+
+  // Same, for a tile known to be plain: only padded keys are dropped.
+  void apply_plain(float* S, int ld, int mq, int nk_tile, int n_cols) const {
+    for (int r = 0; r < mq; ++r)
+      for (int c = nk_tile; c < n_cols; ++c) S[(int64_t)r * ld + c] = NEG_INF;
+  }
+};
+
+// Inclusive range of key tiles that queries [i0, i1) may see.
+inline void key_tile_range(const LogitRules& rules, int i0, int i1, int& t0, int& t1) {
+  const int lo = rules.key_lo(i0), hi = rules.key_hi(i1 - 1);
+  t0 = lo / BK;
+  t1 = hi < lo ? t0 - 1 : hi / BK;
+}
+
+// ---- forward ----------------------------------------------------------------
+
+struct ForwardHead {
+  const AttentionArgs* a;
+  const ForwardOutputs* o;
+  Sequence s;
+  int b, hkv;
+  int nk_pad, dv_pad;
+  const float* kt;  // K^T panels
+  const float* vp;  // V row panels
+};
+
+// One query tile of one query head: Algorithm 1 with an online softmax.
+void forward_tile(const ForwardHead& fh, int h, int i0) {
+  const AttentionArgs& a = *fh.a;
+  const Sequence& s = fh.s;
+  const int mq = std::min(BQ, s.nq - i0), Dqk = a.Dqk, Dv = a.Dv, dv_pad = fh.dv_pad;
+  Scratch qtile(BQ * Dqk), S(BQ * BK), O(BQ * dv_pad), row_max(BQ), row_sum(BQ);
+  // Scaling Q once here saves a multiply per logit.
+  pack_rows(a.q, s, h, s.q_row0 + i0, mq, Dqk, a.scale, qtile.p, Dqk);
+  const float sink = a.sinks ? a.sinks[h] : NEG_INF;
+  for (int r = 0; r < mq; ++r) {
+    // A sink is one more logit with a zero value vector.
+    row_max.p[r] = sink;
+    row_sum.p[r] = a.sinks ? 1.f : 0.f;
+  }
+  LogitRules rules{&a, &s, fh.b, h};
+  int t0, t1;
+  key_tile_range(rules, i0, i0 + mq, t0, t1);
+  for (int t = t0; t <= t1; ++t) {
+    const int j0 = t * BK, nk_tile = std::min(BK, s.nk - j0), n_cols = round_up(nk_tile, NR);
+    if (!rules.tile_live(i0, i0 + mq, j0, j0 + nk_tile)) continue;
+    gemm(mq, n_cols, Dqk, qtile.p, Dqk, 1, fh.kt + (int64_t)(j0 / NR) * Dqk * NR, Dqk * NR, S.p, BK, false);
+    if (rules.tile_plain(i0, i0 + mq, j0, j0 + nk_tile))
+      rules.apply_plain(S.p, BK, mq, nk_tile, n_cols);
+    else
+      rules.apply(S.p, BK, i0, mq, j0, nk_tile, n_cols, nullptr);
+    for (int r = 0; r < mq; ++r) {
+      float* row = S.p + r * BK;
+      float m_tile = NEG_INF;
+      for (int c = 0; c < n_cols; ++c) m_tile = std::max(m_tile, row[c]);
+      const float m_old = row_max.p[r], m_new = std::max(m_old, m_tile);
+      if (m_new == NEG_INF) {  // nothing seen yet in this row
+        std::memset(row, 0, n_cols * sizeof(float));
+        continue;
+      }
+      const float alpha = std::exp(m_old - m_new);  // exp(-inf) = 0 on the first hit
+      vf sum = vf{};
+      const vf mv = splat(m_new);
+      for (int c = 0; c < n_cols; c += VL) {
+        vf p = vexp(loadu(row + c) - mv);
+        storeu(row + c, p);
+        sum += p;
+      }
+      float tile_sum = 0.f;
+      for (int l = 0; l < VL; ++l) tile_sum += sum[l];
+      row_sum.p[r] = row_sum.p[r] * alpha + tile_sum;
+      row_max.p[r] = m_new;
+      if (alpha != 1.f) {
+        float* orow = O.p + r * dv_pad;
+        const vf av = splat(alpha);
+        for (int c = 0; c < dv_pad; c += VL) storeu(orow + c, loadu(orow + c) * av);
+      }
+    }
+    gemm(mq, dv_pad, n_cols, S.p, BK, 1, fh.vp + (int64_t)j0 * NR, (int64_t)fh.nk_pad * NR, O.p, dv_pad, true);
+  }
+  // Normalise and write out / lse. Fully masked rows: out 0, lse -inf.
+  const ForwardOutputs& o = *fh.o;
+  for (int r = 0; r < mq; ++r) {
+    const int64_t orow = out_row(a, s, a.Hq, h, s.q_row0 + i0 + r, a.Nq);
+    const float l = row_sum.p[r];
+    const float inv = l > 0 ? 1.f / l : 0.f;
+    for (int c = 0; c < Dv; ++c) store_scalar(o.out, orow * Dv + c, a.q.dtype, O.p[r * dv_pad + c] * inv);
+    o.lse[orow] = l > 0 ? row_max.p[r] + std::log(l) : NEG_INF;
+  }
+}
+
+}  // namespace
+
+void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) {
+  const int G = a.Hq / a.Hkv;
+  for (int b = 0; b < a.B; ++b) {
+    const Sequence s = sequence(a, b);
+    if (s.nq == 0) continue;
+    for (int hkv = 0; hkv < a.Hkv; ++hkv) {
+      const int nk_pad = round_up(std::max(s.nk, 1), BK), dv_pad = round_up(a.Dv, NR);
+      Scratch kt((int64_t)nk_pad * a.Dqk), vp((int64_t)nk_pad * dv_pad);
+      pack_transposed_panels(a.k, s, hkv, s.k_row0, s.nk, a.Dqk, kt.p);
+      pack_row_panels(a.v, s, hkv, s.k_row0, s.nk, nk_pad, a.Dv, 1.f, vp.p);
+      ForwardHead fh{&a, &o, s, b, hkv, nk_pad, dv_pad, kt.p, vp.p};
+      const int q_tiles = (s.nq + BQ - 1) / BQ;
+      auto task = [&](int64_t t, int) { forward_tile(fh, hkv * G + (int)(t / q_tiles), (int)(t % q_tiles) * BQ); };
+      parallel_tasks((int64_t)G * q_tiles, task);
+    }
+  }
+}
+
+// ---- backward ---------------------------------------------------------------
+
+namespace {
+
+struct BackwardHead {
+  const AttentionArgs* a;
+  const BackwardArgs* g;
+  Sequence s;
+  int b, hkv, G;
+  int nq_pad, nk_pad, dqk_pad, dv_pad;
+  // Per kv head: K^T panels (for S), V^T panels (for dP), K row panels (for dQ).
+  const float *kt, *vt, *kp;
+  // Per query head of the group (index g): scaled Q rows and panels, dO rows
+  // and panels, lse and delta.
+  const float *qs, *qp, *dos, *dop, *lse, *delta;
+  // Per worker: dQ accumulators [G, nq, dqk_pad].
+  float* dq_acc;
+};
+
+// One key tile: accumulate its dK, dV over every query that sees it.
+void backward_tile(const BackwardHead& bh, int j0, int worker) {
+  const AttentionArgs& a = *bh.a;
+  const Sequence& s = bh.s;
+  const int nk_tile = std::min(BK, s.nk - j0), n_cols = round_up(nk_tile, NR);
+  const int Dqk = a.Dqk, Dv = a.Dv, dqk_pad = bh.dqk_pad, dv_pad = bh.dv_pad, nq_pad = bh.nq_pad;
+  Scratch S(BQ * BK), T(BQ * BK), dP(BQ * BK), dK(BK * dqk_pad), dV(BK * dv_pad);
+  float* dq_acc = bh.dq_acc + (int64_t)worker * bh.G * s.nq * dqk_pad;
+  for (int g = 0; g < bh.G; ++g) {
+    const int h = bh.hkv * bh.G + g;
+    LogitRules rules{&a, &s, bh.b, h};
+    const float* qs = bh.qs + (int64_t)g * s.nq * Dqk;
+    const float* qp = bh.qp + (int64_t)g * nq_pad * dqk_pad;
+    const float* dos = bh.dos + (int64_t)g * s.nq * Dv;
+    const float* dop = bh.dop + (int64_t)g * nq_pad * dv_pad;
+    const float* lse = bh.lse + (int64_t)g * s.nq;
+    const float* delta = bh.delta + (int64_t)g * s.nq;
+    float* dq = dq_acc + (int64_t)g * s.nq * dqk_pad;
+    for (int i0 = 0; i0 < s.nq; i0 += BQ) {
+      const int mq = std::min(BQ, s.nq - i0);
+      if (!rules.tile_live(i0, i0 + mq, j0, j0 + nk_tile)) continue;
+      // S = Qs K^T, transformed exactly as in the forward.
+      gemm(mq, n_cols, Dqk, qs + (int64_t)i0 * Dqk, Dqk, 1, bh.kt + (int64_t)(j0 / NR) * Dqk * NR, Dqk * NR, S.p,
+           BK, false);
+      if (rules.tile_plain(i0, i0 + mq, j0, j0 + nk_tile))
+        rules.apply_plain(S.p, BK, mq, nk_tile, n_cols);
+      else
+        rules.apply(S.p, BK, i0, mq, j0, nk_tile, n_cols, T.p);
+      // P = exp(S - lse); rows with lse = -inf saw no key and get P = 0.
+      for (int r = 0; r < mq; ++r) {
+        float* row = S.p + r * BK;
+        const float l = lse[i0 + r];
+        if (l == NEG_INF) {
+          std::memset(row, 0, n_cols * sizeof(float));
+          continue;
+        }
+        const vf lv = splat(l);
+        for (int c = 0; c < n_cols; c += VL) storeu(row + c, vexp(loadu(row + c) - lv));
+      }
+      // dV += P^T dO   (P read column-major as P^T)
+      gemm(nk_tile, dv_pad, mq, S.p, 1, BK, dop + (int64_t)i0 * NR, (int64_t)nq_pad * NR, dV.p, dv_pad, true);
+      // dP = dO V^T
+      gemm(mq, n_cols, Dv, dos + (int64_t)i0 * Dv, Dv, 1, bh.vt + (int64_t)(j0 / NR) * Dv * NR, Dv * NR, dP.p, BK,
+           false);
+      // dS = P (dP - delta), through softcap's derivative 1 - tanh^2 when set.
+      for (int r = 0; r < mq; ++r) {
+        float* p = S.p + r * BK;
+        const float* dp = dP.p + r * BK;
+        const float d = delta[i0 + r];
+        for (int c = 0; c < n_cols; ++c) p[c] = p[c] * (dp[c] - d);
+        if (a.softcap > 0) {
+          const float* t = T.p + r * BK;
+          for (int c = 0; c < nk_tile; ++c)
+            if (p[c] != 0.f) p[c] *= 1.f - t[c] * t[c];
+        }
+      }
+      // dK += dS^T Qs (the scale rides in Qs); dQ += dS K (scaled at the end).
+      gemm(nk_tile, dqk_pad, mq, S.p, 1, BK, qp + (int64_t)i0 * NR, (int64_t)nq_pad * NR, dK.p, dqk_pad, true);
+      gemm(mq, dqk_pad, n_cols, S.p, BK, 1, bh.kp + (int64_t)j0 * NR, (int64_t)bh.nk_pad * NR,
+           dq + (int64_t)i0 * dqk_pad, dqk_pad, true);
+    }
+  }
+  // Write this tile's dK, dV (already summed over the query heads of the group).
+  const BackwardArgs& gr = *bh.g;
+  for (int r = 0; r < nk_tile; ++r) {
+    const int64_t row = out_row(a, s, a.Hkv, bh.hkv, s.k_row0 + j0 + r, a.Nk);
+    for (int c = 0; c < Dqk; ++c) store_scalar(gr.dk, row * Dqk + c, a.q.dtype, dK.p[r * dqk_pad + c]);
+    for (int c = 0; c < Dv; ++c) store_scalar(gr.dv, row * Dv + c, a.q.dtype, dV.p[r * dv_pad + c]);
+  }
+}
+
+}  // namespace
+
+void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
+  const int G = a.Hq / a.Hkv, workers = num_workers();
+  const int dqk_pad = round_up(a.Dqk, NR), dv_pad = round_up(a.Dv, NR);
+  for (int b = 0; b < a.B; ++b) {
+    const Sequence s = sequence(a, b);
+    for (int hkv = 0; hkv < a.Hkv; ++hkv) {
+      if (s.nk == 0 || s.nq == 0) {
+        // No key (or no query): the gradients of this head are zero.
+        for (int g = 0; g < G && s.nq > 0; ++g)
+          for (int i = 0; i < s.nq; ++i) {
+            const int64_t row = out_row(a, s, a.Hq, hkv * G + g, s.q_row0 + i, a.Nq);
+            for (int c = 0; c < a.Dqk; ++c) store_scalar(gr.dq, row * a.Dqk + c, a.q.dtype, 0.f);
+          }
+        for (int j = 0; j < s.nk; ++j) {
+          const int64_t row = out_row(a, s, a.Hkv, hkv, s.k_row0 + j, a.Nk);
+          for (int c = 0; c < a.Dqk; ++c) store_scalar(gr.dk, row * a.Dqk + c, a.q.dtype, 0.f);
+          for (int c = 0; c < a.Dv; ++c) store_scalar(gr.dv, row * a.Dv + c, a.q.dtype, 0.f);
+        }
+        continue;
+      }
+      const int nk_pad = round_up(s.nk, BK), nq_pad = round_up(s.nq, NR);
+      Scratch kt((int64_t)nk_pad * a.Dqk), vt((int64_t)nk_pad * a.Dv), kp((int64_t)nk_pad * dqk_pad);
+      pack_transposed_panels(a.k, s, hkv, s.k_row0, s.nk, a.Dqk, kt.p);
+      pack_transposed_panels(a.v, s, hkv, s.k_row0, s.nk, a.Dv, vt.p);
+      pack_row_panels(a.k, s, hkv, s.k_row0, s.nk, nk_pad, a.Dqk, 1.f, kp.p);
+      Scratch qs((int64_t)G * s.nq * a.Dqk), qp((int64_t)G * nq_pad * dqk_pad), dos((int64_t)G * s.nq * a.Dv),
+          dop((int64_t)G * nq_pad * dv_pad), lse((int64_t)G * s.nq), delta((int64_t)G * s.nq);
+      for (int g = 0; g < G; ++g) {
+        const int h = hkv * G + g;
+        pack_rows(a.q, s, h, s.q_row0, s.nq, a.Dqk, a.scale, qs.p + (int64_t)g * s.nq * a.Dqk, a.Dqk);
+        pack_row_panels(a.q, s, h, s.q_row0, s.nq, nq_pad, a.Dqk, a.scale, qp.p + (int64_t)g * nq_pad * dqk_pad);
+        pack_rows(gr.dout, s, h, s.q_row0, s.nq, a.Dv, 1.f, dos.p + (int64_t)g * s.nq * a.Dv, a.Dv);
+        pack_row_panels(gr.dout, s, h, s.q_row0, s.nq, nq_pad, a.Dv, 1.f, dop.p + (int64_t)g * nq_pad * dv_pad);
+        float orow[256];
+        for (int i = 0; i < s.nq; ++i) {
+          // delta_i = dO_i . O_i - dlse_i
+          const int64_t row = out_row(a, s, a.Hq, h, s.q_row0 + i, a.Nq);
+          load_row(gr.out.data, row_offset(gr.out, s, h, s.q_row0 + i), gr.out.sd, gr.out.dtype, a.Dv, 1.f, orow);
+          const float* d = dos.p + ((int64_t)g * s.nq + i) * a.Dv;
+          float acc = 0.f;
+          for (int c = 0; c < a.Dv; ++c) acc += d[c] * orow[c];
+          delta.p[g * s.nq + i] = acc - (gr.dlse ? gr.dlse[row] : 0.f);
+          lse.p[g * s.nq + i] = gr.lse[row];
+        }
+      }
+      Scratch dq_acc((int64_t)workers * G * s.nq * dqk_pad);
+      BackwardHead bh{&a, &gr, s, b, hkv, G, nq_pad, nk_pad, dqk_pad, dv_pad, kt.p, vt.p, kp.p,
+                      qs.p, qp.p, dos.p, dop.p, lse.p, delta.p, dq_acc.p};
+      const int k_tiles = (s.nk + BK - 1) / BK;
+      auto task = [&](int64_t t, int worker) { backward_tile(bh, (int)t * BK, worker); };
+      parallel_tasks(k_tiles, task);
+      // dQ = scale * sum over workers of dS K.
+      for (int g = 0; g < G; ++g)
+        for (int i = 0; i < s.nq; ++i) {
+          const int64_t row = out_row(a, s, a.Hq, hkv * G + g, s.q_row0 + i, a.Nq);
+          for (int c = 0; c < a.Dqk; ++c) {
+            float acc = 0.f;
+            for (int w = 0; w < workers; ++w) acc += dq_acc.p[(((int64_t)w * G + g) * s.nq + i) * dqk_pad + c];
+            store_scalar(gr.dq, row * a.Dqk + c, a.q.dtype, acc * a.scale);
+          }
+        }
+    }
+  }
+}
+
+}  // namespace MLXF_ISA
+}  // namespace mlxf

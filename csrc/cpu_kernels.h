@@ -1,0 +1,76 @@
+// Interface between the MLX primitives and the CPU kernels.
+//
+// The kernels see plain structs of pointers and strides, no MLX types: each
+// kernel source is compiled once per instruction set (generic, avx2) into its
+// own namespace, and cpu_dispatch.cpp picks one at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace mlxf {
+
+enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2 };
+
+// A strided [B, H, N, D] view (any strides: transposed inputs need no copy,
+// since the kernels convert rows into their own fp32 tiles anyway).
+struct View4 {
+  const void* data = nullptr;
+  DType dtype = DType::f32;
+  int64_t sb = 0, sh = 0, sn = 0, sd = 1;  // element strides of batch, head, token, dim
+};
+
+// A strided rank-4 view with broadcasting: stride 0 where the dim is 1.
+struct Broadcast4 {
+  const void* data = nullptr;
+  int64_t s[4] = {0, 0, 0, 0};
+};
+
+struct AttentionArgs {
+  // Shapes. For varlen calls B is the number of sequences, Nq/Nk the packed
+  // totals, and cu_q/cu_k give each sequence's rows.
+  int B = 0, Hq = 0, Hkv = 0, Nq = 0, Nk = 0, Dqk = 0, Dv = 0;
+  float scale = 1.f;
+  int window_left = -1, window_right = -1;  // -1: unbounded
+  float softcap = 0.f;                      // 0: none
+  View4 q, k, v;
+  const float* alibi = nullptr;  // [B, Hq] contiguous
+  const float* sinks = nullptr;  // [Hq]
+  int mask_kind = 0;             // 0 none, 1 bool, 2 additive
+  DType mask_dtype = DType::f32;
+  Broadcast4 mask;               // [B, Hq, Nq, Nk]
+  const bool* block_mask = nullptr;
+  Broadcast4 block_mask_view;    // [B, Hq, ceil(Nq/bq), ceil(Nk/bk)]
+  int block_q = 64, block_k = 64;
+  const int32_t* cu_q = nullptr;  // varlen offsets [B + 1]
+  const int32_t* cu_k = nullptr;
+};
+
+struct ForwardOutputs {
+  void* out = nullptr;  // [B?, Hq, Nq, Dv] contiguous (varlen: [1, Hq, total, Dv])
+  float* lse = nullptr; // [B?, Hq, Nq] contiguous
+};
+
+struct BackwardArgs {
+  View4 out, dout;         // like q
+  const float* lse = nullptr;   // contiguous like ForwardOutputs::lse
+  const float* dlse = nullptr;  // optional, same layout
+  void* dq = nullptr;      // [B?, Hq, Nq, Dqk] contiguous, q's dtype
+  void* dk = nullptr;      // [B?, Hkv, Nk, Dqk]
+  void* dv = nullptr;      // [B?, Hkv, Nk, Dv]
+};
+
+#define MLXF_DECLARE_KERNELS(ISA)                                                       \
+  namespace ISA {                                                                       \
+  void attention_forward(const AttentionArgs& a, const ForwardOutputs& o);              \
+  void attention_backward(const AttentionArgs& a, const BackwardArgs& g);               \
+  }
+
+MLXF_DECLARE_KERNELS(generic)
+MLXF_DECLARE_KERNELS(avx2)
+
+// Run-time choice of the fastest variant this CPU supports.
+void attention_forward(const AttentionArgs& a, const ForwardOutputs& o);
+void attention_backward(const AttentionArgs& a, const BackwardArgs& g);
+const char* cpu_kernel_isa();
+
+}  // namespace mlxf

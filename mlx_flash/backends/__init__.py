@@ -1,0 +1,1 @@
+"""One module per MLX backend, all with the same functions (see dispatch.py)."""

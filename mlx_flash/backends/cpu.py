@@ -1,0 +1,39 @@
+"""CPU backend: the C++ primitive of mlx_flash._ext (csrc/)."""
+
+from __future__ import annotations
+
+from .._spec import AttentionInputs, AttentionSpec
+
+
+def _ext():
+    # Imported on first use: a CUDA-only install need not have built it.
+    from .. import _ext
+
+    return _ext
+
+
+def _static(spec: AttentionSpec) -> dict:
+    return dict(
+        batch=spec.batch, scale=spec.scale, window_left=spec.window_left,
+        window_right=spec.window_right, softcap=spec.softcap,
+        block_q=spec.block_q, block_k=spec.block_k,
+    )
+
+
+def _extras(inputs: AttentionInputs) -> dict:
+    return dict(
+        mask=inputs.mask, alibi=inputs.alibi, sinks=inputs.sinks, block_mask=inputs.block_mask,
+        cu_seqlens_q=inputs.cu_seqlens_q, cu_seqlens_k=inputs.cu_seqlens_k,
+    )
+
+
+def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
+    out, lse = _ext().attention_forward(q, k, v, **_extras(inputs), **_static(spec), stream=stream)
+    return out, lse
+
+
+def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
+    dq, dk, dv = _ext().attention_backward(
+        q, k, v, out, lse, dout, dlse, **_extras(inputs), **_static(spec), stream=stream
+    )
+    return dq, dk, dv

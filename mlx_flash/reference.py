@@ -1,0 +1,124 @@
+"""Materialised attention in plain MLX: the oracle for the fused kernels.
+
+It builds the full `[B, H, Nq, Nk]` score matrix, so it costs O(N^2) memory.
+It exists for tests and for users who ask for it by name
+(`mlx_flash.reference.flash_attention`); the fused op never falls back to it.
+The code follows the contract of ARCHITECTURE.md line by line.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ._spec import AttentionInputs, AttentionSpec, validate_attention, validate_attention_varlen
+
+
+def _expand_kv(x: mx.array, group: int) -> mx.array:
+    """Give every query head its key/value head: head h reads h // group."""
+    return x if group == 1 else mx.repeat(x, group, axis=1)
+
+
+def _positions(spec: AttentionSpec, nq: int, nk: int):
+    """Aligned query positions p_i = i + Nk - Nq (column) and key indices j (row)."""
+    p = (mx.arange(nq) + (nk - nq))[:, None]
+    j = mx.arange(nk)[None, :]
+    return p, j
+
+
+def _block_keep(block_mask: mx.array, spec: AttentionSpec, nq: int, nk: int) -> mx.array:
+    """Expand a per-block bool mask to per-element by indexing i // bq, j // bk."""
+    rows = mx.arange(nq) // spec.block_q
+    cols = mx.arange(nk) // spec.block_k
+    return block_mask[:, :, rows][:, :, :, cols]
+
+
+def attention_logits(q, k, spec: AttentionSpec, inputs: AttentionInputs):
+    """Float32 logits after softcap, ALiBi and the additive mask, and the keep mask.
+
+    q `[B, Hq, Nq, D]`, k `[B, Hkv, Nk, D]` (one sequence batch, not varlen).
+    Returns (s, keep) with s `[B, Hq, Nq, Nk]` and keep broadcastable to it.
+    """
+    nq, nk = q.shape[2], k.shape[2]
+    k = _expand_kv(k, spec.group_size)
+    s = spec.scale * (q.astype(mx.float32) @ k.astype(mx.float32).swapaxes(-1, -2))
+    if spec.softcap:
+        s = spec.softcap * mx.tanh(s / spec.softcap)
+    p, j = _positions(spec, nq, nk)
+    if inputs.alibi is not None:
+        s = s - inputs.alibi[:, :, None, None] * mx.abs(p - j).astype(mx.float32)
+    keep = mx.ones((1, 1, nq, nk), dtype=mx.bool_)
+    if inputs.mask is not None:
+        if spec.mask_kind == "additive":
+            s = s + inputs.mask.astype(mx.float32)
+        else:
+            keep = keep & inputs.mask
+    if spec.window_right >= 0:
+        keep = keep & (j <= p + spec.window_right)
+    if spec.window_left >= 0:
+        keep = keep & (j >= p - spec.window_left)
+    if inputs.block_mask is not None:
+        keep = keep & _block_keep(inputs.block_mask, spec, nq, nk)
+    return s, keep
+
+
+def attention_probabilities(q, k, spec: AttentionSpec, inputs: AttentionInputs):
+    """Softmax probabilities `[B, Hq, Nq, Nk]` (float32) and lse `[B, Hq, Nq]`."""
+    s, keep = attention_logits(q, k, spec, inputs)
+    s = mx.where(keep, s, -mx.inf)
+    row_max = mx.max(s, axis=-1, keepdims=True)
+    if inputs.sinks is not None:
+        row_max = mx.maximum(row_max, inputs.sinks[None, :, None, None])
+    # A fully masked row has row_max = -inf: shift by 0 there so exp gives 0, not NaN.
+    shift = mx.where(mx.isinf(row_max), 0.0, row_max)
+    e = mx.exp(s - shift)
+    denom = mx.sum(e, axis=-1, keepdims=True)
+    if inputs.sinks is not None:
+        denom = denom + mx.exp(inputs.sinks[None, :, None, None] - shift)
+    lse = (mx.log(denom) + shift)[..., 0]
+    probs = mx.where(denom > 0, e / mx.where(denom > 0, denom, 1.0), 0.0)
+    return probs, lse
+
+
+def attention_dense(q, k, v, spec: AttentionSpec, inputs: AttentionInputs):
+    """(out, lse) for `[B, H, N, D]` inputs, materialised."""
+    probs, lse = attention_probabilities(q, k, spec, inputs)
+    v = _expand_kv(v, spec.group_size)
+    out = (probs @ v.astype(mx.float32)).astype(q.dtype)
+    return out, lse
+
+
+def flash_attention(q, k, v, *, scale=None, mask=None, causal=False, window=None, softcap=None,
+                    alibi_slopes=None, sinks=None, block_mask=None, block_size=None,
+                    return_lse=False, stream=None):
+    """Same contract as `mlx_flash.flash_attention`, computed by materialising."""
+    spec, inputs = validate_attention(
+        q, k, v, scale=scale, mask=mask, causal=causal, window=window, softcap=softcap,
+        alibi_slopes=alibi_slopes, sinks=sinks, block_mask=block_mask, block_size=block_size,
+    )
+    with mx.stream(stream if stream is not None else mx.default_stream(mx.default_device())):
+        out, lse = attention_dense(q, k, v, spec, inputs)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
+                           max_seqlen_k=None, *, return_lse=False, stream=None, **options):
+    """Varlen contract by running each packed sequence on its own."""
+    spec, inputs = validate_attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options
+    )
+    offs_q, offs_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(spec.batch):
+        qs = q[offs_q[b]:offs_q[b + 1]].transpose(1, 0, 2)[None]
+        ks = k[offs_k[b]:offs_k[b + 1]].transpose(1, 0, 2)[None]
+        vs = v[offs_k[b]:offs_k[b + 1]].transpose(1, 0, 2)[None]
+        seq_inputs = AttentionInputs(
+            alibi=None if inputs.alibi is None else inputs.alibi[b:b + 1],
+            sinks=inputs.sinks,
+        )
+        out, lse = attention_dense(qs, ks, vs, spec, seq_inputs)
+        outs.append(out[0].transpose(1, 0, 2))
+        lses.append(lse[0])
+    out = mx.concatenate(outs, axis=0)
+    lse = mx.concatenate(lses, axis=1)
+    return (out, lse) if return_lse else out

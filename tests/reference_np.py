@@ -1,0 +1,138 @@
+"""Float64 NumPy reference of the attention contract (ARCHITECTURE.md), forward and backward.
+
+Independent of the package's own MLX reference: it reads the raw user
+arguments, so a bug in argument normalisation shows up too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _f64(x):
+    import mlx.core as mx
+
+    if isinstance(x, mx.array):
+        x = np.array(x.astype(mx.float32)) if x.dtype != mx.bool_ else np.array(x)
+    return np.asarray(x).astype(np.float64) if np.asarray(x).dtype != np.bool_ else np.asarray(x)
+
+
+def _broadcast4(x, shape):
+    x = np.asarray(x)
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    return np.broadcast_to(x, shape)
+
+
+def attention_np(q, k, v, *, scale=None, mask=None, causal=False, window=None, softcap=None,
+                 alibi_slopes=None, sinks=None, block_mask=None, block_size=(64, 64), dout=None,
+                 dlse=None):
+    """Returns dict with out, lse and, if dout is given, dq, dk, dv, dsinks, dmask (float64)."""
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    ke = np.repeat(k, G, axis=1)
+    ve = np.repeat(v, G, axis=1)
+    s0 = scale * np.einsum("bhid,bhjd->bhij", q, ke)
+    s = s0
+    if softcap:
+        t = np.tanh(s0 / softcap)
+        s = softcap * t
+    p_pos = (np.arange(Nq) + Nk - Nq)[:, None]
+    j = np.arange(Nk)[None, :]
+    if alibi_slopes is not None:
+        a = _f64(alibi_slopes)
+        a = np.broadcast_to(a.reshape((1,) * (2 - a.ndim) + a.shape), (B, Hq))
+        s = s - a[:, :, None, None] * np.abs(p_pos - j)
+    keep = np.ones((B, Hq, Nq, Nk), dtype=bool)
+    if mask is not None:
+        m = _f64(mask)
+        if m.dtype == np.bool_:
+            keep &= _broadcast4(m, keep.shape)
+        else:
+            s = s + _broadcast4(m, keep.shape)
+    if causal:
+        keep &= j <= p_pos
+    if window is not None:
+        left, right = window
+        if left is not None and left >= 0:
+            keep &= j >= p_pos - left
+        if right is not None and right >= 0:
+            keep &= j <= p_pos + right
+    if block_mask is not None:
+        bq, bk = block_size
+        bm = _broadcast4(_f64(block_mask), (B, Hq, -(-Nq // bq), -(-Nk // bk)))
+        keep &= bm[:, :, np.arange(Nq) // bq][:, :, :, np.arange(Nk) // bk]
+    s = np.where(keep, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    if sinks is not None:
+        sk = _f64(sinks)[None, :, None, None]
+        m = np.maximum(m, sk)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(s - m)
+    den = e.sum(-1, keepdims=True)
+    if sinks is not None:
+        den = den + np.exp(sk - m)
+    with np.errstate(divide="ignore"):
+        lse = (np.log(den) + m)[..., 0]
+    p = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
+    out = np.einsum("bhij,bhjd->bhid", p, ve)
+    res = {"out": out, "lse": lse}
+    if dout is None:
+        return res
+    do = _f64(dout)
+    delta = (do * out).sum(-1)
+    if dlse is not None:
+        delta = delta - _f64(dlse)
+    dp = np.einsum("bhid,bhjd->bhij", do, ve)
+    ds = p * (dp - delta[..., None])  # gradient w.r.t. the final logits
+    dve = np.einsum("bhij,bhid->bhjd", p, do)
+    ds0 = ds * (1 - t**2) if softcap else ds
+    dq = scale * np.einsum("bhij,bhjd->bhid", ds0, ke)
+    dke = scale * np.einsum("bhij,bhid->bhjd", ds0, q)
+    res["dq"] = dq
+    res["dk"] = dke.reshape(B, Hkv, G, Nk, D).sum(2)
+    res["dv"] = dve.reshape(B, Hkv, G, Nk, -1).sum(2)
+    res["dmask_full"] = ds
+    if sinks is not None:
+        with np.errstate(invalid="ignore"):
+            psink = np.exp(_f64(sinks)[None, :, None] - lse)
+        res["dsinks"] = -(psink * delta).sum(axis=(0, 2))
+    return res
+
+
+def attention_varlen_np(q, k, v, cu_q, cu_k, *, alibi_slopes=None, dout=None, dlse=None, **options):
+    """Per-sequence reference for packed `[total, H, D]` inputs."""
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    cu_q, cu_k = [int(x) for x in np.asarray(cu_q)], [int(x) for x in np.asarray(cu_k)]
+    do = None if dout is None else _f64(dout)
+    dl = None if dlse is None else _f64(dlse)
+    keys = ("out", "lse", "dq", "dk", "dv")
+    parts = {key: [] for key in keys}
+    dsinks = 0.0
+    for b in range(len(cu_q) - 1):
+        sq, sk = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        t = lambda x, s: x[s].transpose(1, 0, 2)[None]
+        slopes = None
+        if alibi_slopes is not None:
+            a = _f64(alibi_slopes)
+            slopes = a if a.ndim == 1 else a[b]
+        r = attention_np(
+            t(q, sq), t(k, sk), t(v, sk), alibi_slopes=slopes,
+            dout=None if do is None else t(do, sq),
+            dlse=None if dl is None else dl[:, sq][None], **options,
+        )
+        for key in keys:
+            if key in r:
+                x = r[key][0]
+                parts[key].append(x.transpose(1, 0, 2) if x.ndim == 3 else x)
+        if "dsinks" in r:
+            dsinks = dsinks + r["dsinks"]
+    res = {}
+    for key in keys:
+        if parts[key]:
+            res[key] = np.concatenate(parts[key], axis=1 if key == "lse" else 0)
+    if do is not None and options.get("sinks") is not None:
+        res["dsinks"] = dsinks
+    return res
