@@ -1,0 +1,2 @@
+// (tensor-core backward: see below)
+#pragma once

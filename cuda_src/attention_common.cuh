@@ -1,0 +1,181 @@
+// Shared pieces of the CUDA attention kernels: the runtime parameter block,
+// per-sequence bounds (dense or varlen), and the logit rules of the contract
+// (softcap -> ALiBi -> additive mask -> drops), written once for every kernel.
+//
+// These sources are compiled by NVRTC inside mx.fast.cuda_kernel: the kernel
+// body (the .cu files) is a single call into a device function template
+// defined here, so the same text also compiles under nvcc in a test harness.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace mlx_flash {
+
+#define MLX_FLASH_NEG_INF (-__int_as_float(0x7f800000))
+// -inf as an expression (no constexpr route to it in device code).
+#define kNegInf MLX_FLASH_NEG_INF
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Slots of the int32 parameter array (the wrapper in backends/cuda.py writes them).
+enum IParam {
+  kBatch = 0, kHeadsQ, kHeadsKv, kSeqQ, kSeqK, kWindowLeft, kWindowRight,
+  kBlockQ, kBlockK,
+  kMaskB, kMaskH, kMaskQ, kMaskK,
+  kBmB, kBmH, kBmQ, kBmK,
+  kNumIParams
+};
+// Slots of the float32 parameter array.
+enum FParam { kScale = 0, kSoftcap, kNumFParams };
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(bool x) { return x ? 1.f : 0.f; }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Compile-time feature set of one kernel instance.
+template <bool Softcap_, bool Alibi_, int MaskKind_, bool Window_, bool BlockMask_, bool Sinks_, bool Varlen_>
+struct Features {
+  static constexpr bool Softcap = Softcap_;
+  static constexpr bool Alibi = Alibi_;
+  static constexpr int MaskKind = MaskKind_;  // 0 none, 1 bool, 2 additive
+  static constexpr bool Window = Window_;     // causal is a window with right = 0
+  static constexpr bool BlockMask = BlockMask_;
+  static constexpr bool Sinks = Sinks_;
+  static constexpr bool Varlen = Varlen_;
+  // Logits need the per-element rules beyond the key-count bound.
+  static constexpr bool ElementRules = Softcap || Alibi || MaskKind != 0 || BlockMask;
+};
+
+// Bounds of one sequence of the batch. Dense calls: rows b*0.. of a [B, H, N, D]
+// tensor; varlen calls: rows cu[b]..cu[b+1] of the single [1, H, total, D] tensor.
+struct Sequence {
+  int tensor_batch;  // index into the tensor's batch axis
+  int q_start, nq;   // first row and length along the query axis
+  int k_start, nk;
+};
+
+template <bool Varlen>
+__device__ __forceinline__ Sequence sequence_of(int b, const int* ip, const int* cu_q, const int* cu_k) {
+  Sequence s;
+  if (Varlen) {
+    s.tensor_batch = 0;
+    s.q_start = cu_q[b];
+    s.nq = cu_q[b + 1] - s.q_start;
+    s.k_start = cu_k[b];
+    s.nk = cu_k[b + 1] - s.k_start;
+  } else {
+    s.tensor_batch = b;
+    s.q_start = 0;
+    s.nq = ip[kSeqQ];
+    s.k_start = 0;
+    s.nk = ip[kSeqK];
+  }
+  return s;
+}
+
+// Everything the logit rules need for one (sequence, query head).
+template <typename MT>
+struct LogitRules {
+  int nq, nk;
+  int left, right;        // window sides, -1 = unbounded
+  float softcap;
+  float slope;            // ALiBi slope of this (b, h)
+  const MT* mask;         // additive/bool mask at (b, h), or nullptr
+  long mask_row_stride;   // 0 when the mask broadcasts over queries
+  int mask_col_stride;    // 0 when it broadcasts over keys
+  const bool* bmask;      // block mask at (b, h)
+  long bm_row_stride;
+  int bm_col_stride;
+  int block_q, block_k;
+
+  // Key range [lo, hi) that rows [i0, i1] can see through window/causal.
+  __device__ __forceinline__ void key_range(int i0, int i1, int& lo, int& hi) const {
+    int shift = nk - nq;
+    lo = left >= 0 ? max(0, i0 + shift - left) : 0;
+    hi = right >= 0 ? min(nk, i1 + shift + right + 1) : nk;
+  }
+  // Query range [lo, hi) that can see keys [j0, j1].
+  __device__ __forceinline__ void query_range(int j0, int j1, int& lo, int& hi) const {
+    int shift = nk - nq;
+    lo = right >= 0 ? max(0, j0 - right - shift) : 0;
+    hi = left >= 0 ? min(nq, j1 + left - shift + 1) : nq;
+  }
+  __device__ __forceinline__ bool block_kept(int i, int j) const {
+    return bmask[(long)(i / block_q) * bm_row_stride + (long)(j / block_k) * bm_col_stride];
+  }
+};
+
+template <typename MT, class F>
+__device__ __forceinline__ LogitRules<MT> make_rules(
+    const Sequence& seq, int b, int h, const int* ip, const float* fp,
+    const MT* mask, const float* alibi, const bool* bmask) {
+  LogitRules<MT> r;
+  r.nq = seq.nq;
+  r.nk = seq.nk;
+  r.left = F::Window ? ip[kWindowLeft] : -1;
+  r.right = F::Window ? ip[kWindowRight] : -1;
+  r.softcap = fp[kSoftcap];
+  r.slope = F::Alibi ? alibi[b * ip[kHeadsQ] + h] : 0.f;
+  r.block_q = ip[kBlockQ];
+  r.block_k = ip[kBlockK];
+  r.mask = nullptr;
+  r.bmask = nullptr;
+  r.mask_row_stride = r.bm_row_stride = 0;
+  r.mask_col_stride = r.bm_col_stride = 0;
+  if (F::MaskKind != 0) {
+    int mb = ip[kMaskB], mh = ip[kMaskH], mq = ip[kMaskQ], mk = ip[kMaskK];
+    r.mask = mask + (((long)(mb > 1 ? b : 0) * mh + (mh > 1 ? h : 0)) * mq) * mk;
+    r.mask_row_stride = mq > 1 ? mk : 0;
+    r.mask_col_stride = mk > 1 ? 1 : 0;
+  }
+  if (F::BlockMask) {
+    int bb = ip[kBmB], bh = ip[kBmH], bq = ip[kBmQ], bk = ip[kBmK];
+    r.bmask = bmask + (((long)(bb > 1 ? b : 0) * bh + (bh > 1 ? h : 0)) * bq) * bk;
+    r.bm_row_stride = bq > 1 ? bk : 0;
+    r.bm_col_stride = bk > 1 ? 1 : 0;
+  }
+  return r;
+}
+
+// The contract's logit rules, in order: softcap, ALiBi, additive mask; then
+// the drops (bool mask, window/causal, block mask, keys past the end).
+// `s` is scale * q.k; returns the final logit or -inf for a dropped key.
+// `capped` receives the logit right after softcap (the backward needs it).
+template <class F, typename MT>
+__device__ __forceinline__ float apply_rules(const LogitRules<MT>& r, float s, int i, int j, float& capped) {
+  capped = 0.f;
+  if (j >= r.nk || i >= r.nq) return kNegInf;
+  if (F::Softcap) s = r.softcap * tanhf(s / r.softcap);
+  capped = s;
+  int p = i + r.nk - r.nq;
+  if (F::Alibi) s -= r.slope * fabsf((float)(p - j));
+  if (F::MaskKind == 2) s += to_float(r.mask[(long)i * r.mask_row_stride + (long)j * r.mask_col_stride]);
+  bool keep = true;
+  if (F::MaskKind == 1) keep = keep && to_float(r.mask[(long)i * r.mask_row_stride + (long)j * r.mask_col_stride]) != 0.f;
+  if (F::Window) {
+    if (r.left >= 0) keep = keep && j >= p - r.left;
+    if (r.right >= 0) keep = keep && j <= p + r.right;
+  }
+  if (F::BlockMask) keep = keep && r.block_kept(i, j);
+  return keep ? s : kNegInf;
+}
+
+}  // namespace mlx_flash

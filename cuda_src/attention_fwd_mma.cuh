@@ -1,0 +1,239 @@
+// Tensor-core FlashAttention-2 forward for fp16/bf16 (fp32 accumulation).
+//
+// A block owns BM = 16 * NW query rows of one (batch, head); warp w owns rows
+// 16w..16w+15 and keeps its Q fragments, running max/sum and O accumulator in
+// registers. Key/value tiles of BN rows stream through shared memory with
+// cp.async: V(j) loads while S = Q K(j)^T is computed, K(j+1) while O += P V(j).
+// Head dims are padded to multiples of 16 with zeros in shared memory.
+#pragma once
+
+#include "attention_common.cuh"
+#include "mma.cuh"
+
+namespace mlx_flash {
+
+__host__ __device__ constexpr int round16(int x) { return (x + 15) / 16 * 16; }
+
+// Shared memory of the mma forward (bytes): Q [BM][DP+8], K [BN][DP+8], V [BN][DVP+8].
+__host__ __device__ constexpr int mma_fwd_smem(int d, int dv, int nw, int bn) {
+  return 2 * (16 * nw * (round16(d) + 8) + bn * (round16(d) + 8) + bn * (round16(dv) + 8));
+}
+
+// Copy rows [0, valid_rows) of a [*, DIM] row-major global tile into a
+// [ROWS][STRIDE] shared tile, zero-filling missing rows and the padded dims.
+template <typename T, int ROWS, int DIM, int STRIDE, bool VEC, int NTHREADS>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int valid_rows) {
+  constexpr int DIMP = round16(DIM);
+  if (VEC) {
+    constexpr int CHUNKS = DIMP / 8;
+    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NTHREADS) {
+      const int row = c / CHUNKS, col = (c % CHUNKS) * 8;
+      const bool ok = row < valid_rows && col < DIM;
+      cp_async16(dst + row * STRIDE + col, ok ? src + (long)row * DIM + col : src, ok);
+    }
+  } else {
+    for (int e = threadIdx.x; e < ROWS * DIMP; e += NTHREADS) {
+      const int row = e / DIMP, col = e % DIMP;
+      dst[row * STRIDE + col] = (row < valid_rows && col < DIM) ? src[(long)row * DIM + col] : from_float<T>(0.f);
+    }
+  }
+}
+
+// True if any block-mask entry overlapping rows [i0, i1) x keys [j0, j1) keeps.
+template <typename MT, int NTHREADS>
+__device__ __forceinline__ bool block_tile_live(const LogitRules<MT>& r, int i0, int i1, int j0, int j1) {
+  const int br0 = i0 / r.block_q, bc0 = j0 / r.block_k;
+  const int nbr = (i1 - 1) / r.block_q - br0 + 1, nbc = (j1 - 1) / r.block_k - bc0 + 1;
+  bool any = false;
+  for (int e = threadIdx.x; e < nbr * nbc; e += NTHREADS)
+    any = any || r.bmask[(long)(br0 + e / nbc) * r.bm_row_stride + (long)(bc0 + e % nbc) * r.bm_col_stride];
+  return __syncthreads_or(any) != 0;
+}
+
+template <typename T, typename MT, class F, int D, int DV, int NW, int BN>
+__device__ void attention_fwd_mma(
+    const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
+    const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
+    T* out, float* lse) {
+  constexpr int BM = 16 * NW, NTHREADS = 32 * NW;
+  constexpr int DP = round16(D), DVP = round16(DV);
+  constexpr int SQ = DP + 8, SV = DVP + 8;  // +8 halves: conflict-free ldmatrix rows
+  constexpr bool VEC = D % 8 == 0 && DV % 8 == 0;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* Ks = Qs + BM * SQ;
+  T* Vs = Ks + BN * SQ;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv];
+  const int NqTot = ip[kSeqQ], NkTot = ip[kSeqK];
+  const int h = blockIdx.y, b = blockIdx.z, hk = h / (Hq / Hkv);
+  const Sequence seq = sequence_of<F::Varlen>(b, ip, cu_q, cu_k);
+  // Heaviest (last, under causal) row blocks first.
+  const int i0 = (gridDim.x - 1 - blockIdx.x) * BM;
+  if (i0 >= seq.nq) return;
+  const int i_end = min(seq.nq, i0 + BM);
+  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask);
+  const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
+  const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
+  const float scale = fp[kScale];
+
+  int lo, hi;
+  rules.key_range(i0, i_end - 1, lo, hi);
+  auto live = [&](int j0) {
+    return !F::BlockMask || block_tile_live<MT, NTHREADS>(rules, i0, i_end, j0, min(j0 + BN, seq.nk));
+  };
+  auto next_live = [&](int j0) {
+    while (j0 < hi && !live(j0)) j0 += BN;
+    return j0;
+  };
+
+  load_tile<T, BM, D, SQ, VEC, NTHREADS>(Qs, q + (q_base + i0) * D, i_end - i0);
+  int jt = next_live(lo / BN * BN);
+  if (jt < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jt) * D, seq.nk - jt);
+  cp_async_commit();
+
+  unsigned qf[DP / 16][4];
+  float o[DVP / 8][4];
+#pragma unroll
+  for (int n = 0; n < DVP / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
+  bool first = true;
+
+  while (jt < hi) {
+    load_tile<T, BN, DV, SV, VEC, NTHREADS>(Vs, v + (kv_base + jt) * DV, seq.nk - jt);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (first) {
+#pragma unroll
+      for (int kk = 0; kk < DP / 16; ++kk)
+        ldmatrix_x4(qf[kk], Qs + (warp * 16 + lane % 16) * SQ + kk * 16 + (lane / 16) * 8);
+      first = false;
+    }
+
+    // S = Q K^T for this warp's 16 rows x BN keys.
+    float s[BN / 8][4];
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) {
+#pragma unroll
+      for (int np = 0; np < BN / 16; ++np) {
+        unsigned bk[4];
+        ldmatrix_x4(bk, Ks + (np * 16 + (lane / 16) * 8 + lane % 8) * SQ + kk * 16 + ((lane / 8) % 2) * 8);
+        mma16816<T>(s[2 * np], qf[kk], bk[0], bk[1]);
+        mma16816<T>(s[2 * np + 1], qf[kk], bk[2], bk[3]);
+      }
+    }
+
+    // Logit rules where this tile needs them, then the online softmax (log2 domain).
+    const int shift = seq.nk - seq.nq;
+    const bool inside_window =
+        (rules.left < 0 || jt >= i_end - 1 + shift - rules.left) &&
+        (rules.right < 0 || jt + BN - 1 <= i0 + shift + rules.right);
+    const bool need_rules = F::ElementRules || jt + BN > seq.nk || !inside_window;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        float x = s[n][c] * scale;
+        if (need_rules) {
+          const int i = i0 + warp * 16 + g + (c >= 2 ? 8 : 0);
+          const int j = jt + n * 8 + 2 * t + (c & 1);
+          float capped;
+          x = apply_rules<F>(rules, x, i, j, capped);
+        }
+        s[n][c] = x * kLog2e;
+      }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = kNegInf;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float new_max = fmaxf(row_max[half], mx);
+      const float base = new_max == kNegInf ? 0.f : new_max;
+      const float alpha = exp2f(row_max[half] - base);
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+        s[n][2 * half] = exp2f(s[n][2 * half] - base);
+        s[n][2 * half + 1] = exp2f(s[n][2 * half + 1] - base);
+        sum += s[n][2 * half] + s[n][2 * half + 1];
+      }
+      row_sum[half] = row_sum[half] * alpha + sum;
+      row_max[half] = new_max;
+#pragma unroll
+      for (int n = 0; n < DVP / 8; ++n) {
+        o[n][2 * half] *= alpha;
+        o[n][2 * half + 1] *= alpha;
+      }
+    }
+
+    __syncthreads();  // every warp is done with K(jt)
+    const int jn = next_live(jt + BN);
+    if (jn < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jn) * D, seq.nk - jn);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // V(jt) has landed
+
+    // O += P V, P re-used from the S accumulators as A fragments.
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      unsigned pa[4];
+      pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < DVP / 16; ++dp) {
+        unsigned bv[4];
+        ldmatrix_x4_trans(bv, Vs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SV + dp * 16 + (lane / 16) * 8);
+        mma16816<T>(o[2 * dp], pa, bv[0], bv[1]);
+        mma16816<T>(o[2 * dp + 1], pa, bv[2], bv[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with V(jt)
+    jt = jn;
+  }
+  cp_async_wait<0>();
+
+  // Normalise, fold in the sink, write O and lse.
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float sum = row_sum[half];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    float m = row_max[half];
+    float alpha = 1.f;
+    if (F::Sinks) {
+      const float sink = sinks[h] * kLog2e;
+      const float m2 = fmaxf(m, sink);
+      alpha = exp2f(m - m2);
+      sum = sum * alpha + exp2f(sink - m2);
+      m = m2;
+    }
+    const float inv = sum > 0.f ? alpha / sum : 0.f;
+    const int i = i0 + warp * 16 + g + 8 * half;
+    if (i >= seq.nq) continue;
+    T* orow = out + (q_base + i) * DV;
+#pragma unroll
+    for (int n = 0; n < DVP / 8; ++n) {
+      const int col = n * 8 + 2 * t;
+      const float x0 = o[n][2 * half] * inv, x1 = o[n][2 * half + 1] * inv;
+      if (DV % 2 == 0 && col + 1 < DV) {
+        *reinterpret_cast<unsigned*>(orow + col) = pack2<T>(x0, x1);
+      } else {
+        if (col < DV) orow[col] = from_float<T>(x0);
+        if (col + 1 < DV) orow[col + 1] = from_float<T>(x1);
+      }
+    }
+    if (t == 0) lse[q_base + i] = sum > 0.f ? (m + log2f(sum)) * kLn2 : kNegInf;
+  }
+}
+
+}  // namespace mlx_flash

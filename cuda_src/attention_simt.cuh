@@ -1,0 +1,264 @@
+// Scalar (SIMT) attention kernels in float32 arithmetic: the exact path for
+// float32 inputs, the decode path (few query rows, keys split across
+// blocks), and the backward for every dtype.
+//
+// Work layout: a block owns one key/value head and W "rows", a row being a
+// (query position, query head of the group) pair, so GQA heads share every
+// K/V tile the block loads into shared memory. One warp per row; lane j owns
+// key j of a 32-key tile for the logits and output dims lane + 32u for the
+// accumulation.
+#pragma once
+
+#include "attention_common.cuh"
+
+namespace mlx_flash {
+
+constexpr int kSimtTile = 32;
+
+// Shared memory the SIMT forward needs (bytes); the wrapper sizes the launch with it.
+__host__ __device__ constexpr int simt_fwd_smem(int d, int dv, int warps) {
+  return 4 * (kSimtTile * (d + 1) + kSimtTile * dv + warps * d);
+}
+
+template <typename T, typename MT, class F, int D, int DV, int W, int SPLITS>
+__device__ void attention_fwd_simt(
+    const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
+    const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
+    T* out, float* lse, float* part_o, float* part_lse) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* ks = reinterpret_cast<float*>(smem_raw);  // [32][D + 1] (padded: lane j reads row j)
+  float* vs = ks + kSimtTile * (D + 1);             // [32][DV]
+  float* qs = vs + kSimtTile * DV;                  // [W][D]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], G = Hq / Hkv;
+  const int NqTot = ip[kSeqQ], NkTot = ip[kSeqK];
+  const int b = blockIdx.z / Hkv, hk = blockIdx.z % Hkv;
+  const Sequence seq = sequence_of<F::Varlen>(b, ip, cu_q, cu_k);
+  const int rows = seq.nq * G;
+  const int r0 = blockIdx.x * W;
+  if (r0 >= rows) return;
+  const int r = r0 + warp;
+  const bool row_ok = r < rows;
+  const int i = row_ok ? r / G : 0;
+  const int h = hk * G + (row_ok ? r % G : 0);
+  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask);
+  const long q_row = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start + i;
+  const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
+  const float scale = fp[kScale];
+
+  for (int d = lane; d < D; d += 32) qs[warp * D + d] = row_ok ? to_float(q[q_row * D + d]) : 0.f;
+
+  // Keys any row of this block can see, then this split's share of them.
+  int lo, hi;
+  rules.key_range(r0 / G, min(rows - 1, r0 + W - 1) / G, lo, hi);
+  const int span = max(hi - lo, 0);
+  const int chunk = ((span + SPLITS - 1) / SPLITS + kSimtTile - 1) / kSimtTile * kSimtTile;
+  const int k_lo = lo + blockIdx.y * chunk;
+  const int k_hi = min(hi, k_lo + chunk);
+
+  constexpr int NU = (DV + 31) / 32;
+  float acc[NU];
+#pragma unroll
+  for (int u = 0; u < NU; ++u) acc[u] = 0.f;
+  float row_max = kNegInf, row_sum = 0.f;
+
+  for (int j0 = k_lo; j0 < k_hi; j0 += kSimtTile) {
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kSimtTile * D; idx += W * 32) {
+      int jj = idx / D, d = idx % D;
+      ks[jj * (D + 1) + d] = j0 + jj < k_hi ? to_float(k[(kv_base + j0 + jj) * D + d]) : 0.f;
+    }
+    for (int idx = threadIdx.x; idx < kSimtTile * DV; idx += W * 32) {
+      int jj = idx / DV, d = idx % DV;
+      vs[jj * DV + d] = j0 + jj < k_hi ? to_float(v[(kv_base + j0 + jj) * DV + d]) : 0.f;
+    }
+    __syncthreads();
+    const int j = j0 + lane;
+    float s = 0.f;
+#pragma unroll 8
+    for (int d = 0; d < D; ++d) s += qs[warp * D + d] * ks[lane * (D + 1) + d];
+    float capped;
+    s = (row_ok && j < k_hi) ? apply_rules<F>(rules, s * scale, i, j, capped) : kNegInf;
+    const float new_max = fmaxf(row_max, warp_max(s));
+    float p = 0.f, alpha = 1.f;
+    if (new_max != kNegInf) {
+      p = expf(s - new_max);
+      alpha = expf(row_max - new_max);
+    }
+    row_sum = row_sum * alpha + warp_sum(p);
+    row_max = new_max;
+#pragma unroll
+    for (int u = 0; u < NU; ++u) acc[u] *= alpha;
+    for (int jj = 0; jj < kSimtTile; ++jj) {
+      const float pj = __shfl_sync(0xffffffffu, p, jj);
+#pragma unroll
+      for (int u = 0; u < NU; ++u) {
+        const int d = lane + 32 * u;
+        if (d < DV) acc[u] += pj * vs[jj * DV + d];
+      }
+    }
+  }
+  if (!row_ok) return;
+
+  if (SPLITS == 1) {
+    if (F::Sinks) {
+      const float sink = sinks[h];
+      const float m = fmaxf(row_max, sink);
+      const float alpha = expf(row_max - m);
+      row_sum = row_sum * alpha + expf(sink - m);
+#pragma unroll
+      for (int u = 0; u < NU; ++u) acc[u] *= alpha;
+      row_max = m;
+    }
+    const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      const int d = lane + 32 * u;
+      if (d < DV) out[q_row * DV + d] = from_float<T>(acc[u] * inv);
+    }
+    if (lane == 0) lse[q_row] = row_sum > 0.f ? row_max + logf(row_sum) : kNegInf;
+  } else {
+    // Partial result of this split, normalised, with its own lse; combined later.
+    const long total_rows = (long)(F::Varlen ? 1 : ip[kBatch]) * Hq * NqTot;
+    const long prow = blockIdx.y * total_rows + q_row;
+    const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      const int d = lane + 32 * u;
+      if (d < DV) part_o[prow * DV + d] = acc[u] * inv;
+    }
+    if (lane == 0) part_lse[prow] = row_sum > 0.f ? row_max + logf(row_sum) : kNegInf;
+  }
+}
+
+// Merge the SPLITS partial results of each row by their lse (and the sink).
+// One warp per row, lanes over the value dims.
+template <typename T, int DV, int SPLITS, bool Sinks, bool Varlen>
+__device__ void attention_combine(
+    const float* part_o, const float* part_lse, const float* sinks, const int* ip,
+    T* out, float* lse) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int Hq = ip[kHeadsQ], NqTot = ip[kSeqQ];
+  const long total_rows = (long)(Varlen ? 1 : ip[kBatch]) * Hq * NqTot;
+  const long row = (long)blockIdx.x * (blockDim.x / 32) + warp;
+  if (row >= total_rows) return;
+  float m = kNegInf;
+  for (int s = 0; s < SPLITS; ++s) m = fmaxf(m, part_lse[s * total_rows + row]);
+  float sink_term = 0.f;
+  if (Sinks) {
+    const float sink = sinks[(row / NqTot) % Hq];
+    m = fmaxf(m, sink);
+    sink_term = expf(sink - m);
+  }
+  if (m == kNegInf) {
+    for (int d = lane; d < DV; d += 32) out[row * DV + d] = from_float<T>(0.f);
+    if (lane == 0) lse[row] = kNegInf;
+    return;
+  }
+  float denom = sink_term;
+  for (int s = 0; s < SPLITS; ++s) denom += expf(part_lse[s * total_rows + row] - m);
+  const float inv = 1.f / denom;
+  for (int d = lane; d < DV; d += 32) {
+    float o = 0.f;
+    for (int s = 0; s < SPLITS; ++s) {
+      const float w = expf(part_lse[s * total_rows + row] - m);
+      if (w > 0.f) o += w * part_o[(s * total_rows + row) * DV + d];
+    }
+    out[row * DV + d] = from_float<T>(o * inv);
+  }
+  if (lane == 0) lse[row] = m + logf(denom);
+}
+
+__host__ __device__ constexpr int simt_bwd_smem(int d, int dv, int warps) {
+  return 4 * (warps * kSimtTile * (2 * (d + 1) + 2 * (dv + 1)) + d + dv + warps * kSimtTile);
+}
+
+// FlashAttention-2 backward, scalar: a block owns W*32 keys of one key/value
+// head, each warp 32 of them (lane j = key j) with dK, dV accumulated in shared
+// memory; it walks every query row (of every head of the GQA group) that can
+// see its keys. dQ is summed across blocks with float atomics into dq_acc.
+// delta = rowsum(dO * O) - dlse comes precomputed.
+template <typename T, typename MT, class F, int D, int DV, int W>
+__device__ void attention_bwd_simt(
+    const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
+    const int* cu_q, const int* cu_k, const int* ip, const float* fp,
+    const T* dout, const float* lse, const float* delta,
+    float* dq_acc, T* dk, T* dv) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* ks = reinterpret_cast<float*>(smem_raw) + warp * kSimtTile * (2 * (D + 1) + 2 * (DV + 1));
+  float* vs = ks + kSimtTile * (D + 1);
+  float* dks = vs + kSimtTile * (DV + 1);
+  float* dvs = dks + kSimtTile * (D + 1);
+  float* qrow = reinterpret_cast<float*>(smem_raw) + W * kSimtTile * (2 * (D + 1) + 2 * (DV + 1));
+  float* dorow = qrow + D;
+  float* dsw = dorow + DV;  // [W][32]
+
+  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], G = Hq / Hkv;
+  const int NqTot = ip[kSeqQ], NkTot = ip[kSeqK];
+  const int b = blockIdx.z / Hkv, hk = blockIdx.z % Hkv;
+  const Sequence seq = sequence_of<F::Varlen>(b, ip, cu_q, cu_k);
+  const int block_j0 = blockIdx.x * W * kSimtTile;
+  if (block_j0 >= seq.nk) return;
+  const int j = block_j0 + warp * kSimtTile + lane;
+  const bool key_ok = j < seq.nk;
+  const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
+  const float scale = fp[kScale];
+  const float softcap = fp[kSoftcap];
+
+  for (int d = 0; d < D; ++d) {
+    ks[lane * (D + 1) + d] = key_ok ? to_float(k[(kv_base + j) * D + d]) : 0.f;
+    dks[lane * (D + 1) + d] = 0.f;
+  }
+  for (int d = 0; d < DV; ++d) {
+    vs[lane * (DV + 1) + d] = key_ok ? to_float(v[(kv_base + j) * DV + d]) : 0.f;
+    dvs[lane * (DV + 1) + d] = 0.f;
+  }
+
+  LogitRules<MT> rules = make_rules<MT, F>(seq, b, hk * G, ip, fp, mask, alibi, bmask);
+  int i_lo, i_hi;
+  rules.query_range(block_j0, min(seq.nk, block_j0 + W * kSimtTile) - 1, i_lo, i_hi);
+
+  for (int i = i_lo; i < i_hi; ++i) {
+    for (int hg = 0; hg < G; ++hg) {
+      const int h = hk * G + hg;
+      rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask);
+      const long q_row = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start + i;
+      __syncthreads();
+      for (int d = threadIdx.x; d < D; d += W * 32) qrow[d] = to_float(q[q_row * D + d]);
+      for (int d = threadIdx.x; d < DV; d += W * 32) dorow[d] = to_float(dout[q_row * DV + d]);
+      __syncthreads();
+      const float row_lse = lse[q_row];
+      const float row_delta = delta[q_row];
+      float s = 0.f;
+      for (int d = 0; d < D; ++d) s += qrow[d] * ks[lane * (D + 1) + d];
+      float capped;
+      const float logit = key_ok ? apply_rules<F>(rules, s * scale, i, j, capped) : kNegInf;
+      const float p = (logit == kNegInf || row_lse == kNegInf) ? 0.f : expf(logit - row_lse);
+      if (!__any_sync(0xffffffffu, p != 0.f)) continue;
+      float dp = 0.f;
+      for (int d = 0; d < DV; ++d) dp += dorow[d] * vs[lane * (DV + 1) + d];
+      float ds = p * (dp - row_delta);
+      if (F::Softcap) {
+        const float t = capped / softcap;
+        ds *= 1.f - t * t;
+      }
+      for (int d = 0; d < DV; ++d) dvs[lane * (DV + 1) + d] += p * dorow[d];
+      for (int d = 0; d < D; ++d) dks[lane * (D + 1) + d] += ds * qrow[d];
+      dsw[warp * kSimtTile + lane] = ds;
+      __syncwarp();
+      for (int d = lane; d < D; d += 32) {
+        float acc = 0.f;
+        for (int jj = 0; jj < kSimtTile; ++jj) acc += dsw[warp * kSimtTile + jj] * ks[jj * (D + 1) + d];
+        atomicAdd(dq_acc + q_row * D + d, acc * scale);
+      }
+      __syncwarp();
+    }
+  }
+  if (!key_ok) return;
+  for (int d = 0; d < D; ++d) dk[(kv_base + j) * D + d] = from_float<T>(dks[lane * (D + 1) + d] * scale);
+  for (int d = 0; d < DV; ++d) dv[(kv_base + j) * DV + d] = from_float<T>(dvs[lane * (DV + 1) + d]);
+}
+
+}  // namespace mlx_flash

@@ -1,0 +1,265 @@
+"""CUDA backend: mx.fast.cuda_kernel wrappers over cuda_src/ (NVRTC inside MLX).
+
+Kernels (cuda_src/):
+  attention_fwd_mma   tensor-core forward (fp16/bf16), one block per 16*NW query rows
+  attention_fwd_simt  fp32-arithmetic forward: float32 inputs and decode (few
+                      query rows), optionally split over keys ...
+  attention_combine   ... whose partial results this merges by lse
+  attention_bwd_mma   tensor-core fused backward (fp16/bf16), dQ by atomics
+  attention_bwd_simt  fp32-arithmetic fused backward (float32 inputs)
+
+Every kernel receives the same inputs: q, k, v, the optional arrays (a
+one-element placeholder where absent, so one source serves every feature
+set), an int32 and a float32 parameter block (cuda_src/attention_common.cuh
+names their slots). Feature flags, head dims and tile sizes are template
+arguments, so each combination is compiled once by MLX and cached; sequence
+lengths and head counts are runtime values and cost no recompilation.
+
+Nothing CUDA-specific is imported at module import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from pathlib import Path
+
+import mlx.core as mx
+
+from .._spec import AttentionInputs, AttentionSpec
+
+# Shared memory one block may use on sm_80/sm_90 (227 KiB, less some headroom).
+_MAX_SMEM = 220 * 1024
+# Roughly two blocks per SM of an H100/H200 (132 SMs): splits for decode aim there.
+_TARGET_BLOCKS = 264
+
+_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_simt.cuh", "attention_fwd_mma.cuh", "attention_bwd_mma.cuh")
+
+
+def _cuda_src_dir() -> Path:
+    """cuda_src/ inside the installed package, else at the checkout's root.
+
+    Private stand-in for mlx_flash/_sources.py (metal-kernels branch) until it lands.
+    """
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "cuda_src", package.parent / "cuda_src"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"mlx_flash: cuda_src/ not found next to {package}")
+
+
+@functools.lru_cache(maxsize=None)
+def _read(name: str) -> str:
+    return (_cuda_src_dir() / name).read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def _header() -> str:
+    """The .cuh files as one header: NVRTC sees no include path for them."""
+    text = "\n".join(_read(name) for name in _HEADERS)
+    return re.sub(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', "", text, flags=re.M)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int):
+    return mx.fast.cuda_kernel(
+        name=f"mlx_flash_{body}", input_names=list(inputs), output_names=list(outputs),
+        source=_read(body + ".cu"), header=_header(), ensure_row_contiguous=True,
+        shared_memory=smem,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Shared-memory sizes, as the kernels lay them out (must match the .cuh files).
+
+def _round16(x: int) -> int:
+    return (x + 15) // 16 * 16
+
+
+def _mma_fwd_smem(d: int, dv: int, nw: int, bn: int) -> int:
+    return 2 * (16 * nw * (_round16(d) + 8) + bn * (_round16(d) + 8) + bn * (_round16(dv) + 8))
+
+
+def _simt_fwd_smem(d: int, dv: int, warps: int) -> int:
+    return 4 * (32 * (d + 1) + 32 * dv + warps * d)
+
+
+def _simt_bwd_warp_smem(d: int, dv: int) -> int:
+    return 4 * 32 * (2 * (d + 1) + 2 * (dv + 1))
+
+
+def _simt_bwd_smem(d: int, dv: int, warps: int) -> int:
+    return warps * _simt_bwd_warp_smem(d, dv) + 4 * (d + dv + 32 * warps)
+
+
+def _mma_bwd_smem(d: int, dv: int, bm: int, bn: int) -> int:
+    dp, dvp = _round16(d) + 8, _round16(dv) + 8
+    # K, V, dK staging reuse; Q, dO tiles; dS tile; lse and delta rows.
+    return 2 * (bn * dp + bn * dvp + bm * dp + bm * dvp + bn * (bm + 8)) + 4 * 2 * bm
+
+
+# ---------------------------------------------------------------------------
+# Inputs common to every attention kernel.
+
+_ATTN_INPUTS = ("q", "k", "v", "mask", "alibi", "sinks", "bmask", "cu_q", "cu_k", "ip", "fp")
+
+
+def _placeholder(dtype):
+    return mx.zeros((1,), dtype=dtype)
+
+
+def _params(spec: AttentionSpec, inputs: AttentionInputs):
+    """int32 and float32 parameter blocks (slots of attention_common.cuh)."""
+    mask_dims = list(inputs.mask.shape) if inputs.mask is not None else [1, 1, 1, 1]
+    bm_dims = list(inputs.block_mask.shape) if inputs.block_mask is not None else [1, 1, 1, 1]
+    ip = [spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k,
+          spec.window_left, spec.window_right, spec.block_q, spec.block_k, *mask_dims, *bm_dims]
+    fp = [spec.scale, spec.softcap if spec.softcap else 1.0]
+    return mx.array(ip, dtype=mx.int32), mx.array(fp, dtype=mx.float32)
+
+
+def _common_inputs(q, k, v, spec: AttentionSpec, inputs: AttentionInputs):
+    ip, fp = _params(spec, inputs)
+    return [
+        q, k, v,
+        inputs.mask if inputs.mask is not None else _placeholder(mx.bool_),
+        inputs.alibi if inputs.alibi is not None else _placeholder(mx.float32),
+        inputs.sinks if inputs.sinks is not None else _placeholder(mx.float32),
+        inputs.block_mask if inputs.block_mask is not None else _placeholder(mx.bool_),
+        inputs.cu_seqlens_q if inputs.cu_seqlens_q is not None else _placeholder(mx.int32),
+        inputs.cu_seqlens_k if inputs.cu_seqlens_k is not None else _placeholder(mx.int32),
+        ip, fp,
+    ]
+
+
+def _feature_template(spec: AttentionSpec, inputs: AttentionInputs, with_sinks=True):
+    mask_kind = {"none": 0, "bool": 1, "additive": 2}[spec.mask_kind]
+    return [
+        ("T", spec.dtype),
+        ("MT", inputs.mask.dtype if inputs.mask is not None else mx.bool_),
+        ("SOFTCAP", spec.softcap > 0), ("ALIBI", spec.has_alibi), ("MASK_KIND", mask_kind),
+        ("WINDOW", spec.has_window), ("BLOCK_MASK", spec.has_block_mask),
+        ("VARLEN", spec.varlen),
+    ] + ([("SINKS", spec.has_sinks)] if with_sinks else [])
+
+
+def _max_q(spec: AttentionSpec) -> int:
+    return spec.max_seqlen_q if spec.varlen else spec.seqlen_q
+
+
+def _max_k(spec: AttentionSpec) -> int:
+    return spec.max_seqlen_k if spec.varlen else spec.seqlen_k
+
+
+def _uses_mma(spec: AttentionSpec) -> bool:
+    """Tensor cores for fp16/bf16 unless the call is decode-like (few rows per KV head)."""
+    return spec.dtype in (mx.float16, mx.bfloat16) and _max_q(spec) * spec.group_size > 16
+
+
+def _mma_fwd_tiles(spec: AttentionSpec):
+    """(warps, key tile) of the mma forward for this head dim."""
+    if max(spec.head_dim_qk, spec.head_dim_v) > 128:
+        return 4, 32
+    return 4, 64
+
+
+# ---------------------------------------------------------------------------
+# Forward.
+
+def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
+    out_shape = tuple(q.shape[:-1]) + (spec.head_dim_v,)
+    lse_shape = tuple(q.shape[:-1])
+    args = _common_inputs(q, k, v, spec, inputs)
+    template = _feature_template(spec, inputs) + [("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
+    if _uses_mma(spec):
+        nw, bn = _mma_fwd_tiles(spec)
+        smem = _mma_fwd_smem(spec.head_dim_qk, spec.head_dim_v, nw, bn)
+        kernel = _kernel("attention_fwd_mma", _ATTN_INPUTS, ("out", "lse"), smem)
+        row_blocks = math.ceil(_max_q(spec) / (16 * nw))
+        out, lse = kernel(
+            inputs=args, template=template + [("NW", nw), ("BN", bn)],
+            grid=(row_blocks * 32 * nw, spec.heads_q, spec.batch), threadgroup=(32 * nw, 1, 1),
+            output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
+            stream=stream,
+        )
+        return out, lse
+    return _forward_simt(args, template, spec, out_shape, lse_shape, stream)
+
+
+def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, stream):
+    warps = 8 if _max_q(spec) * spec.group_size <= 8 else 4
+    row_blocks = math.ceil(_max_q(spec) * spec.group_size / warps)
+    base_blocks = row_blocks * spec.batch * spec.heads_kv
+    splits = max(1, min(64, _TARGET_BLOCKS // base_blocks, math.ceil(_max_k(spec) / 256)))
+    smem = _simt_fwd_smem(spec.head_dim_qk, spec.head_dim_v, warps)
+    kernel = _kernel("attention_fwd_simt", _ATTN_INPUTS, ("out", "lse", "part_o", "part_lse"), smem)
+    rows = math.prod(lse_shape)
+    if splits == 1:
+        shapes = [out_shape, lse_shape, (1,), (1,)]
+    else:
+        shapes = [(1,), (1,), (splits, rows, spec.head_dim_v), (splits, rows)]
+    out, lse, part_o, part_lse = kernel(
+        inputs=args, template=template + [("W", warps), ("SPLITS", splits)],
+        grid=(row_blocks * 32 * warps, splits, spec.batch * spec.heads_kv),
+        threadgroup=(32 * warps, 1, 1),
+        output_shapes=shapes, output_dtypes=[spec.dtype, mx.float32, mx.float32, mx.float32],
+        stream=stream,
+    )
+    if splits == 1:
+        return out, lse
+    combine = _kernel("attention_combine", ("part_o", "part_lse", "sinks", "ip"), ("out", "lse"), 0)
+    out, lse = combine(
+        inputs=[part_o, part_lse, args[5], args[9]],
+        template=[("T", spec.dtype), ("DV", spec.head_dim_v), ("SPLITS", splits),
+                  ("SINKS", spec.has_sinks), ("VARLEN", spec.varlen)],
+        grid=(rows * 32, 1, 1), threadgroup=(128, 1, 1),
+        output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
+        stream=stream,
+    )
+    return out, lse
+
+
+# ---------------------------------------------------------------------------
+# Backward.
+
+_BWD_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip", "fp", "dout", "lse", "delta")
+
+
+def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
+    # delta_i = dO_i . O_i - dlse_i: one row reduction, as in FlashAttention-2.
+    delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1, stream=stream)
+    if dlse is not None:
+        delta = delta - dlse
+    common = _common_inputs(q, k, v, spec, inputs)
+    args = common[:5] + common[6:] + [dout, lse, delta]
+    template = _feature_template(spec, inputs, with_sinks=False) + [
+        ("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
+    if _uses_mma(spec) and _mma_bwd_supported(spec):
+        dq_acc, dk, dv = _backward_mma(args, template, spec, q, k, v, stream)
+    else:
+        dq_acc, dk, dv = _backward_simt(args, template, spec, q, k, v, stream)
+    return dq_acc.astype(spec.dtype, stream=stream), dk, dv
+
+
+def _backward_simt(args, template, spec: AttentionSpec, q, k, v, stream):
+    per_warp = _simt_bwd_warp_smem(spec.head_dim_qk, spec.head_dim_v)
+    warps = max(1, min(4, (_MAX_SMEM - 4096) // per_warp))
+    smem = _simt_bwd_smem(spec.head_dim_qk, spec.head_dim_v, warps)
+    kernel = _kernel("attention_bwd_simt", _BWD_INPUTS, ("dq_acc", "dk", "dv"), smem)
+    key_blocks = math.ceil(_max_k(spec) / (32 * warps))
+    return kernel(
+        inputs=args, template=template + [("W", warps)],
+        grid=(key_blocks * 32 * warps, 1, spec.batch * spec.heads_kv), threadgroup=(32 * warps, 1, 1),
+        output_shapes=[tuple(q.shape), tuple(k.shape), tuple(v.shape)],
+        output_dtypes=[mx.float32, spec.dtype, spec.dtype],
+        init_value=0.0, stream=stream,
+    )
+
+
+def _mma_bwd_supported(spec: AttentionSpec) -> bool:
+    return False
+
+
+def _backward_mma(args, template, spec, q, k, v, stream):
+    raise NotImplementedError
