@@ -171,19 +171,21 @@ __device__ void attention_combine(
 }
 
 __host__ __device__ constexpr int simt_bwd_smem(int d, int dv, int warps) {
-  return 4 * (warps * kSimtTile * (2 * (d + 1) + 2 * (dv + 1)) + d + dv + warps * kSimtTile);
+  return 4 * (warps * kSimtTile * (2 * (d + 1) + 2 * (dv + 1)) + d + 2 * dv + warps * kSimtTile);
 }
 
 // FlashAttention-2 backward, scalar: a block owns W*32 keys of one key/value
 // head, each warp 32 of them (lane j = key j) with dK, dV accumulated in shared
 // memory; it walks every query row (of every head of the GQA group) that can
 // see its keys. dQ is summed across blocks with float atomics into dq_acc.
-// delta = rowsum(dO * O) - dlse comes precomputed.
-template <typename T, typename MT, class F, int D, int DV, int W>
+// delta = rowsum(dO * O) - dlse is computed here with the same summation
+// order as dP = dO . V, so a row with a single visible key gets dS = 0
+// exactly (its true value).
+template <typename T, typename MT, class F, int D, int DV, int W, bool HasDlse>
 __device__ void attention_bwd_simt(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
     const int* cu_q, const int* cu_k, const int* ip, const float* fp,
-    const T* dout, const float* lse, const float* delta,
+    const T* dout, const float* lse, const T* o, const float* dlse,
     float* dq_acc, T* dk, T* dv) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -193,7 +195,8 @@ __device__ void attention_bwd_simt(
   float* dvs = dks + kSimtTile * (D + 1);
   float* qrow = reinterpret_cast<float*>(smem_raw) + W * kSimtTile * (2 * (D + 1) + 2 * (DV + 1));
   float* dorow = qrow + D;
-  float* dsw = dorow + DV;  // [W][32]
+  float* orow = dorow + DV;
+  float* dsw = orow + DV;  // [W][32]
 
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], G = Hq / Hkv;
   const int NqTot = ip[kSeqQ], NkTot = ip[kSeqK];
@@ -227,10 +230,15 @@ __device__ void attention_bwd_simt(
       const long q_row = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start + i;
       __syncthreads();
       for (int d = threadIdx.x; d < D; d += W * 32) qrow[d] = to_float(q[q_row * D + d]);
-      for (int d = threadIdx.x; d < DV; d += W * 32) dorow[d] = to_float(dout[q_row * DV + d]);
+      for (int d = threadIdx.x; d < DV; d += W * 32) {
+        dorow[d] = to_float(dout[q_row * DV + d]);
+        orow[d] = to_float(o[q_row * DV + d]);
+      }
       __syncthreads();
       const float row_lse = lse[q_row];
-      const float row_delta = delta[q_row];
+      float row_delta = 0.f;
+      for (int d = 0; d < DV; ++d) row_delta += dorow[d] * orow[d];
+      if (HasDlse) row_delta -= dlse[q_row];
       float s = 0.f;
       for (int d = 0; d < D; ++d) s += qrow[d] * ks[lane * (D + 1) + d];
       float capped;

@@ -54,23 +54,25 @@ def _attention_cases():
         dims = [("D", 72), ("DV", 40)]
         yield ("attention_fwd_mma", T, mx.float32, features + [("SINKS", True)] + dims + [("NW", 4), ("BN", 64)],
                ("out", "lse"))
-        yield ("attention_bwd_mma", T, mx.float32, features + dims + [("NW", 4), ("BN", 64)],
-               ("dq_acc", "dk", "dv"))
+        yield ("attention_bwd_mma", T, mx.float32, features + dims + [("NW", 4)], ("dq_acc", "dk", "dv"))
     yield ("attention_fwd_simt", mx.float32, mx.bool_,
            [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 1), ("WINDOW", True), ("BLOCK_MASK", True),
             ("VARLEN", True), ("SINKS", True), ("D", 33), ("DV", 7), ("W", 4), ("SPLITS", 3)],
            ("out", "lse", "part_o", "part_lse"))
     yield ("attention_bwd_simt", mx.float32, mx.bool_,
-           features + [("D", 33), ("DV", 7), ("W", 2)], ("dq_acc", "dk", "dv"))
+           features + [("D", 33), ("DV", 7), ("W", 2), ("HAS_DLSE", True)], ("dq_acc", "dk", "dv"))
 
 
 def _input_dtypes(body, T, MT):
     if body in ("attention_fwd_mma", "attention_fwd_simt"):
         names, dtypes = cuda_backend._ATTN_INPUTS, (T, T, T, MT, mx.float32, mx.float32, mx.bool_,
                                                      mx.int32, mx.int32, mx.int32, mx.float32)
+    elif body == "attention_bwd_mma":
+        names, dtypes = cuda_backend._BWD_MMA_INPUTS, (T, T, T, MT, mx.float32, mx.bool_, mx.int32, mx.int32,
+                                                        mx.int32, mx.float32, T, mx.float32, mx.float32)
     else:
-        names, dtypes = cuda_backend._BWD_INPUTS, (T, T, T, MT, mx.float32, mx.bool_, mx.int32, mx.int32,
-                                                    mx.int32, mx.float32, T, mx.float32, mx.float32)
+        names, dtypes = cuda_backend._BWD_SIMT_INPUTS, (T, T, T, MT, mx.float32, mx.bool_, mx.int32, mx.int32,
+                                                         mx.int32, mx.float32, T, mx.float32, T, mx.float32)
     return list(zip(names, dtypes))
 
 

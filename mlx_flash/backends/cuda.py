@@ -90,7 +90,7 @@ def _simt_bwd_warp_smem(d: int, dv: int) -> int:
 
 
 def _simt_bwd_smem(d: int, dv: int, warps: int) -> int:
-    return warps * _simt_bwd_warp_smem(d, dv) + 4 * (d + dv + 32 * warps)
+    return warps * _simt_bwd_warp_smem(d, dv) + 4 * (d + 2 * dv + 32 * warps)
 
 
 def _mma_bwd_smem(d: int, dv: int, bm: int, bn: int) -> int:
@@ -223,43 +223,46 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
 # ---------------------------------------------------------------------------
 # Backward.
 
-_BWD_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip", "fp", "dout", "lse", "delta")
+_BWD_SIMT_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip", "fp", "dout", "lse", "o", "dlse")
+_BWD_MMA_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip", "fp", "dout", "lse", "delta")
+_MMA_BWD_WARPS = 4
 
 
 def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
-    # delta_i = dO_i . O_i - dlse_i: one row reduction, as in FlashAttention-2.
-    delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1, stream=stream)
-    if dlse is not None:
-        delta = delta - dlse
     common = _common_inputs(q, k, v, spec, inputs)
-    args = common[:5] + common[6:] + [dout, lse, delta]
+    args = common[:5] + common[6:] + [dout, lse]  # no sinks: their gradient is formed in attention.py
     template = _feature_template(spec, inputs, with_sinks=False) + [
         ("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
-    if _uses_mma(spec) and _mma_bwd_supported(spec):
-        dq_acc, dk, dv = _backward_mma(args, template, spec, q, k, v, stream)
+    if _uses_mma(spec) and max(spec.head_dim_qk, spec.head_dim_v) <= 128:
+        # delta_i = dO_i . O_i - dlse_i: one row reduction, as in FlashAttention-2.
+        delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1, stream=stream)
+        if dlse is not None:
+            delta = delta - dlse
+        nw = _MMA_BWD_WARPS
+        smem = _mma_bwd_smem(spec.head_dim_qk, spec.head_dim_v, 16 * nw, 16 * nw)
+        kernel = _kernel("attention_bwd_mma", _BWD_MMA_INPUTS, ("dq_acc", "dk", "dv"), smem)
+        key_blocks = math.ceil(_max_k(spec) / (16 * nw))
+        dq_acc, dk, dv = kernel(
+            inputs=args + [delta], template=template + [("NW", nw)],
+            grid=(key_blocks * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
+            output_shapes=[tuple(q.shape), tuple(k.shape), tuple(v.shape)],
+            output_dtypes=[mx.float32, spec.dtype, spec.dtype],
+            init_value=0.0, stream=stream,
+        )
     else:
-        dq_acc, dk, dv = _backward_simt(args, template, spec, q, k, v, stream)
-    return dq_acc.astype(spec.dtype, stream=stream), dk, dv
-
-
-def _backward_simt(args, template, spec: AttentionSpec, q, k, v, stream):
-    per_warp = _simt_bwd_warp_smem(spec.head_dim_qk, spec.head_dim_v)
-    warps = max(1, min(4, (_MAX_SMEM - 4096) // per_warp))
-    smem = _simt_bwd_smem(spec.head_dim_qk, spec.head_dim_v, warps)
-    kernel = _kernel("attention_bwd_simt", _BWD_INPUTS, ("dq_acc", "dk", "dv"), smem)
-    key_blocks = math.ceil(_max_k(spec) / (32 * warps))
-    return kernel(
-        inputs=args, template=template + [("W", warps)],
-        grid=(key_blocks * 32 * warps, 1, spec.batch * spec.heads_kv), threadgroup=(32 * warps, 1, 1),
-        output_shapes=[tuple(q.shape), tuple(k.shape), tuple(v.shape)],
-        output_dtypes=[mx.float32, spec.dtype, spec.dtype],
-        init_value=0.0, stream=stream,
-    )
-
-
-def _mma_bwd_supported(spec: AttentionSpec) -> bool:
-    return False
-
-
-def _backward_mma(args, template, spec, q, k, v, stream):
-    raise NotImplementedError
+        # Scalar path; delta is formed in the kernel (see attention_bwd_simt).
+        args = args + [out, dlse if dlse is not None else _placeholder(mx.float32)]
+        per_warp = _simt_bwd_warp_smem(spec.head_dim_qk, spec.head_dim_v)
+        warps = max(1, min(4, (_MAX_SMEM - 4096) // per_warp))
+        smem = _simt_bwd_smem(spec.head_dim_qk, spec.head_dim_v, warps)
+        kernel = _kernel("attention_bwd_simt", _BWD_SIMT_INPUTS, ("dq_acc", "dk", "dv"), smem)
+        key_blocks = math.ceil(_max_k(spec) / (32 * warps))
+        dq_acc, dk, dv = kernel(
+            inputs=args, template=template + [("W", warps), ("HAS_DLSE", dlse is not None)],
+            grid=(key_blocks * 32 * warps, 1, spec.batch * spec.heads_kv), threadgroup=(32 * warps, 1, 1),
+            output_shapes=[tuple(q.shape), tuple(k.shape), tuple(v.shape)],
+            output_dtypes=[mx.float32, spec.dtype, spec.dtype],
+            init_value=0.0, stream=stream,
+        )
+    dq = dq_acc if spec.dtype == mx.float32 else dq_acc.astype(spec.dtype, stream=stream)
+    return dq, dk, dv

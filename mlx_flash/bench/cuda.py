@@ -1,0 +1,266 @@
+"""CUDA benchmark: mlx_flash vs mx.fast SDPA (cuDNN) vs PyTorch SDPA, one run, one card.
+
+    python -m mlx_flash.bench.cuda [--sections fwd,fwdbwd,features,decode,matmul] [--out DIR]
+
+Writes benchmarks/results/cuda_<card>.json (under --out, default the current
+directory) and prints one line per measurement. TFLOP/s count attention as
+4*B*H*Nq*Nk*D (half of it under causal), forward+backward as 3.5x that,
+matrix products as 2*M*N*K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import time
+
+import mlx.core as mx
+
+import mlx_flash
+from mlx_flash import reference
+
+ANCHOR_SHAPES = [(4, 16, 1024, 64), (2, 16, 4096, 128), (1, 16, 8192, 128), (1, 16, 16384, 128)]
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
+MIB = 1024 * 1024
+
+
+def card_name() -> str:
+    try:
+        name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001 (no nvidia-smi: name the device generically)
+        name = "cuda"
+    return name
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def time_mlx(fn, warmup=2, iters=10):
+    """(seconds per call, peak MiB) of an MLX callable returning arrays."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    mx.synchronize()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        mx.eval(fn())
+    mx.synchronize()
+    return (time.perf_counter() - t0) / iters, mx.get_peak_memory() / MIB
+
+
+def time_torch(fn, warmup=2, iters=10):
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters, torch.cuda.max_memory_allocated() / MIB
+
+
+def attn_flops(B, H, Nq, Nk, D, causal):
+    return 4 * B * H * Nq * Nk * D * (0.5 if causal else 1.0)
+
+
+class Recorder:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, **row):
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def _qkv(B, Hq, Hkv, Nq, Nk, D, dtype, seed=0):
+    key = mx.random.key(seed)
+    k1, k2, k3 = mx.random.split(key, 3)
+    q = mx.random.normal((B, Hq, Nq, D), key=k1).astype(dtype)
+    k = mx.random.normal((B, Hkv, Nk, D), key=k2).astype(dtype)
+    v = mx.random.normal((B, Hkv, Nk, D), key=k3).astype(dtype)
+    mx.eval(q, k, v)
+    return q, k, v
+
+
+def _torch_sdpa(q, k, v, causal, backward):
+    """A timing closure for torch SDPA on copies of q, k, v (None without torch)."""
+    try:
+        import numpy as np
+        import torch
+    except ImportError:
+        return None
+    tdt = {mx.float16: torch.float16, mx.bfloat16: torch.bfloat16}[q.dtype]
+    to_t = lambda x: torch.from_numpy(np.array(x.astype(mx.float32))).to("cuda", tdt).requires_grad_(backward)
+    tq, tk, tv = to_t(q), to_t(k), to_t(v)
+    enable_gqa = tq.shape[1] != tk.shape[1]
+
+    def run():
+        o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal, enable_gqa=enable_gqa)
+        if backward:
+            o.backward(torch.ones_like(o))
+        return o
+
+    return run
+
+
+def bench_attention(rec: Recorder, backward: bool):
+    for dname, dtype in DTYPES.items():
+        for B, H, N, D in ANCHOR_SHAPES:
+            for causal in (False, True):
+                q, k, v = _qkv(B, H, H, N, N, D, dtype)
+                flops = attn_flops(B, H, N, N, D, causal) * (3.5 if backward else 1.0)
+                mask = "causal" if causal else None
+
+                def ours():
+                    return mlx_flash.flash_attention(q, k, v, causal=causal)
+
+                def fast():
+                    return mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, mask=mask)
+
+                if backward:
+                    ours = mx.grad(lambda a, b, c: mx.sum(mlx_flash.flash_attention(a, b, c, causal=causal).astype(mx.float32)), argnums=(0, 1, 2))
+                    fast = mx.grad(lambda a, b, c: mx.sum(mx.fast.scaled_dot_product_attention(a, b, c, scale=D ** -0.5, mask=mask).astype(mx.float32)), argnums=(0, 1, 2))
+                    run_ours, run_fast = (lambda: ours(q, k, v)), (lambda: fast(q, k, v))
+                else:
+                    run_ours, run_fast = ours, fast
+                t_ours, m_ours = time_mlx(run_ours)
+                t_fast, m_fast = time_mlx(run_fast)
+                row = dict(section="fwdbwd" if backward else "fwd", dtype=dname, shape=[B, H, N, D], causal=causal,
+                           ours_ms=t_ours * 1e3, ours_tflops=flops / t_ours / 1e12, ours_peak_mib=m_ours,
+                           mx_fast_ms=t_fast * 1e3, mx_fast_tflops=flops / t_fast / 1e12, mx_fast_peak_mib=m_fast,
+                           ratio_vs_mx_fast=t_fast / t_ours)
+                run_torch = _torch_sdpa(q, k, v, causal, backward)
+                if run_torch is not None:
+                    t_torch, m_torch = time_torch(run_torch)
+                    row.update(torch_ms=t_torch * 1e3, torch_tflops=flops / t_torch / 1e12,
+                               torch_peak_mib=m_torch, ratio_vs_torch=t_torch / t_ours)
+                rec.add(**row)
+                del q, k, v
+
+
+def _feature_options(name, B, H, N):
+    if name == "softcap":
+        return {"softcap": 30.0}
+    if name == "alibi":
+        return {"alibi_slopes": mx.array([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], mx.float32)}
+    if name == "window":
+        return {"window": (1024, 0)}
+    if name == "block_sparse":
+        nb = -(-N // 128)
+        keep = mx.random.uniform(shape=(1, 1, nb, nb), key=mx.random.key(3)) < 0.3
+        keep = keep | mx.eye(nb, dtype=mx.bool_)[None, None]  # every row keeps its diagonal block
+        return {"block_mask": keep, "block_size": (128, 128)}
+    raise ValueError(name)
+
+
+def bench_features(rec: Recorder, N=8192, B=1, H=16, D=128):
+    dtype = mx.float16
+    q, k, v = _qkv(B, H, H, N, N, D, dtype)
+    for name in ("softcap", "alibi", "window", "block_sparse"):
+        opts = _feature_options(name, B, H, N)
+        ours = lambda: mlx_flash.flash_attention(q, k, v, **opts)
+        ref = lambda: reference.flash_attention(q, k, v, **opts)
+        t_ours, m_ours = time_mlx(ours, warmup=1, iters=5)
+        t_ref, m_ref = time_mlx(ref, warmup=1, iters=3)
+        err = float(mx.max(mx.abs(ours().astype(mx.float32) - ref().astype(mx.float32))).item())
+        rec.add(section="features", feature=name, dtype="float16", shape=[B, H, N, D], ours_ms=t_ours * 1e3,
+                ours_peak_mib=m_ours, reference_ms=t_ref * 1e3, reference_peak_mib=m_ref,
+                speedup_vs_reference=t_ref / t_ours, max_abs_diff=err)
+
+
+def bench_decode(rec: Recorder, B=1, Hq=32, Hkv=4, Nk=32768, D=128):
+    for dname, dtype in DTYPES.items():
+        q, k, v = _qkv(B, Hq, Hkv, 1, Nk, D, dtype)
+        ours = lambda: mlx_flash.flash_attention(q, k, v)
+        fast = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5)
+        t_ours, m_ours = time_mlx(ours, iters=50)
+        t_fast, m_fast = time_mlx(fast, iters=50)
+        kv_bytes = 2 * B * Hkv * Nk * D * 2
+        rec.add(section="decode", dtype=dname, shape=[B, Hq, Hkv, 1, Nk, D], ours_us=t_ours * 1e6,
+                ours_gbps=kv_bytes / t_ours / 1e9, mx_fast_us=t_fast * 1e6, ratio_vs_mx_fast=t_fast / t_ours,
+                ours_peak_mib=m_ours, mx_fast_peak_mib=m_fast)
+
+
+def bench_matmul(rec: Recorder):
+    from mlx_flash.backends import cuda_matmul
+
+    for n in (4096, 8192):
+        flops = 2 * n ** 3
+        a16 = mx.random.normal((n, n), key=mx.random.key(1)).astype(mx.float16)
+        b16 = mx.random.normal((n, n), key=mx.random.key(2)).astype(mx.float16)
+        a8, b8 = mx.to_fp8(a16), mx.to_fp8(b16)
+        mx.eval(a16, b16, a8, b8)
+        cases = {
+            "mlx_fp16": lambda: a16 @ b16,
+            "ours_fp16": lambda: cuda_matmul.matmul(a16, b16),
+            "ours_fp8_e4m3": lambda: cuda_matmul.matmul(a8, b8, a_fmt="e4m3", b_fmt="e4m3", out_dtype=mx.float16),
+            "ours_fp16_x_fp8": lambda: cuda_matmul.matmul(a16, b8, b_fmt="e4m3"),
+        }
+        for name, fn in cases.items():
+            t, m = time_mlx(fn, iters=10)
+            rec.add(section="matmul", case=name, n=n, ms=t * 1e3, tflops=flops / t / 1e12, peak_mib=m)
+        try:
+            import numpy as np
+            import torch
+
+            ta = torch.from_numpy(np.array(a16.astype(mx.float32))).cuda().to(torch.float8_e4m3fn)
+            tb = torch.from_numpy(np.array(b16.astype(mx.float32))).cuda().to(torch.float8_e4m3fn).t().contiguous().t()
+            one = torch.ones((), device="cuda")
+            t, m = time_torch(lambda: torch._scaled_mm(ta, tb, scale_a=one, scale_b=one, out_dtype=torch.float16))
+            rec.add(section="matmul", case="torch_scaled_mm_e4m3", n=n, ms=t * 1e3, tflops=flops / t / 1e12, peak_mib=m)
+            th = torch.from_numpy(np.array(a16.astype(mx.float32))).cuda().half()
+            t, m = time_torch(lambda: th @ th)
+            rec.add(section="matmul", case="torch_fp16", n=n, ms=t * 1e3, tflops=flops / t / 1e12, peak_mib=m)
+        except Exception as e:  # noqa: BLE001
+            print(f"torch matmul skipped: {e}")
+
+
+SECTIONS = {
+    "fwd": lambda r: bench_attention(r, backward=False),
+    "fwdbwd": lambda r: bench_attention(r, backward=True),
+    "features": bench_features,
+    "decode": bench_decode,
+    "matmul": bench_matmul,
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args(argv)
+    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        raise SystemExit("mlx_flash.bench.cuda: MLX sees no CUDA GPU")
+    card = card_name()
+    rec = Recorder()
+    for name in args.sections.split(","):
+        try:
+            SECTIONS[name](rec)
+        except Exception as e:  # noqa: BLE001 (record the failure, keep the other sections)
+            rec.add(section=name, error=f"{type(e).__name__}: {e}")
+    result = {"card": card, "mlx": mx.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "rows": rec.rows}
+    try:
+        import torch
+
+        result["torch"] = torch.__version__
+    except ImportError:
+        pass
+    path = os.path.join(args.out, "benchmarks", "results", f"cuda_{slug(card)}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
