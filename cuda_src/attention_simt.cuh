@@ -20,6 +20,40 @@ __host__ __device__ constexpr int simt_fwd_smem(int d, int dv, int warps) {
   return 4 * (kSimtTile * (d + 1) + kSimtTile * dv + warps * d);
 }
 
+// Rows [0, valid_rows) of a 32-row [*, DIM] global tile into float shared
+// memory [32][PITCH] (zeros past valid_rows). All loads of a thread are
+// issued before the first store, in 16-byte words where the rows allow it:
+// decode streams K/V once, so load latency, not arithmetic, sets its speed.
+template <typename T, int DIM, int PITCH, int NT>
+__device__ __forceinline__ void load_rows_f32(float* dst, const T* src, int valid_rows) {
+  constexpr int VW = 16 / sizeof(T);
+  if constexpr (DIM % VW == 0) {
+    constexpr int CH = DIM / VW, TOTAL = kSimtTile * CH, ITER = (TOTAL + NT - 1) / NT;
+    uint4 regs[ITER];
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) {
+      const int c = threadIdx.x + it * NT, row = c / CH;
+      regs[it] = (c < TOTAL && row < valid_rows)
+                     ? *reinterpret_cast<const uint4*>(src + (long)row * DIM + (c % CH) * VW)
+                     : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) {
+      const int c = threadIdx.x + it * NT, row = c / CH;
+      if (c < TOTAL) {
+        const T* e = reinterpret_cast<const T*>(&regs[it]);
+#pragma unroll
+        for (int u = 0; u < VW; ++u) dst[row * PITCH + (c % CH) * VW + u] = to_float(e[u]);
+      }
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < kSimtTile * DIM; idx += NT) {
+      const int row = idx / DIM, d = idx % DIM;
+      dst[row * PITCH + d] = row < valid_rows ? to_float(src[(long)row * DIM + d]) : 0.f;
+    }
+  }
+}
+
 template <typename T, typename MT, class F, int D, int DV, int W, int SPLITS>
 __device__ void attention_fwd_simt(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
@@ -65,14 +99,8 @@ __device__ void attention_fwd_simt(
 
   for (int j0 = k_lo; j0 < k_hi; j0 += kSimtTile) {
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kSimtTile * D; idx += W * 32) {
-      int jj = idx / D, d = idx % D;
-      ks[jj * (D + 1) + d] = j0 + jj < k_hi ? to_float(k[(kv_base + j0 + jj) * D + d]) : 0.f;
-    }
-    for (int idx = threadIdx.x; idx < kSimtTile * DV; idx += W * 32) {
-      int jj = idx / DV, d = idx % DV;
-      vs[jj * DV + d] = j0 + jj < k_hi ? to_float(v[(kv_base + j0 + jj) * DV + d]) : 0.f;
-    }
+    load_rows_f32<T, D, D + 1, W * 32>(ks, k + (kv_base + j0) * D, k_hi - j0);
+    load_rows_f32<T, DV, DV, W * 32>(vs, v + (kv_base + j0) * DV, k_hi - j0);
     __syncthreads();
     const int j = j0 + lane;
     float s = 0.f;

@@ -23,13 +23,13 @@ _CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfl
                mx.bool_: "bool", mx.int32: "int32_t", mx.uint8: "uint8_t"}
 
 
-def wrap_like_mlx(name, body, inputs, outputs, template):
+def wrap_like_mlx(name, body, inputs, outputs, template, headers=cuda_backend.ATTENTION_HEADERS):
     """The translation unit mx.fast.cuda_kernel builds (mlx/backend/cuda/custom_kernel.cpp).
 
     inputs/outputs: lists of (name, dtype); template: list of (name, value).
     """
     src = ["#include <cuda_fp16.h>", "#include <cuda_bf16.h>", "#include <cstdint>",
-           "#include <cooperative_groups.h>", cuda_backend._header(),
+           "#include <cooperative_groups.h>", cuda_backend._header(headers),
            "namespace mlx::core::cu {", "namespace cg = cooperative_groups;",
            f"__global__ void {name}("]
     params = [f"    const {_CUDA_TYPES[d]}* {n}" for n, d in inputs] + [f"    {_CUDA_TYPES[d]}* {n}" for n, d in outputs]
@@ -88,6 +88,25 @@ def _nvcc_compile(tmp_path, name, source):
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _matmul_cases():
+    f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
+    for ta, tb, c, fa, fb in ((f16, f16, f16, 0, 0), (f16, u8, f16, 0, 1), (b16, u8, b16, 0, 2),
+                              (u8, b16, b16, 1, 0), (u8, u8, f16, 1, 1), (u8, u8, f16, 1, 2)):
+        for trans in (False, True):
+            yield [("TA", ta), ("TB", tb), ("C", c), ("TO", mx.float32 if fa and fb else c), ("FA", fa),
+                   ("FB", fb), ("TRANS_B", trans), ("AS", True), ("BS", fa == 1)]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_matmul_compiles_as_mlx_wraps_it(tmp_path):
+    body = cuda_backend._read("matmul.cu")
+    for i, template in enumerate(_matmul_cases()):
+        t = dict(template)
+        ins = [("a", t["TA"]), ("b", t["TB"]), ("a_scale", mx.float32), ("b_scale", mx.float32), ("ip", mx.int32)]
+        source = wrap_like_mlx(f"mm{i}", body, ins, [("out", t["TO"])], template, cuda_backend.MATMUL_HEADERS)
+        _nvcc_compile(tmp_path, f"mm{i}", source)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

@@ -31,10 +31,13 @@ from .._spec import AttentionInputs, AttentionSpec
 
 # Shared memory one block may use on sm_80/sm_90 (227 KiB, less some headroom).
 _MAX_SMEM = 220 * 1024
-# Roughly two blocks per SM of an H100/H200 (132 SMs): splits for decode aim there.
-_TARGET_BLOCKS = 264
+# About four blocks per SM of an H100/H200 (132 SMs): decode splits keys until
+# there are that many, so enough K/V loads are in flight to fill memory bandwidth.
+_TARGET_BLOCKS = 528
 
-_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_simt.cuh", "attention_fwd_mma.cuh", "attention_bwd_mma.cuh")
+ATTENTION_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_simt.cuh", "attention_fwd_mma.cuh",
+                     "attention_bwd_mma.cuh")
+MATMUL_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_fwd_mma.cuh", "matmul.cuh")
 
 
 def _cuda_src_dir() -> Path:
@@ -55,17 +58,17 @@ def _read(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _header() -> str:
+def _header(names=ATTENTION_HEADERS) -> str:
     """The .cuh files as one header: NVRTC sees no include path for them."""
-    text = "\n".join(_read(name) for name in _HEADERS)
+    text = "\n".join(_read(name) for name in names)
     return re.sub(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', "", text, flags=re.M)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int):
+def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=ATTENTION_HEADERS):
     return mx.fast.cuda_kernel(
         name=f"mlx_flash_{body}", input_names=list(inputs), output_names=list(outputs),
-        source=_read(body + ".cu"), header=_header(), ensure_row_contiguous=True,
+        source=_read(body + ".cu"), header=_header(headers), ensure_row_contiguous=True,
         shared_memory=smem,
     )
 
@@ -266,3 +269,12 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
         )
     dq = dq_acc if spec.dtype == mx.float32 else dq_acc.astype(spec.dtype, stream=stream)
     return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------
+# matmul2d lives in its own module (cuda_matmul.py); the backend interface is here.
+
+def matmul2d(a, b, a_scale, b_scale, spec, stream):
+    from .cuda_matmul import matmul2d as _matmul2d
+
+    return _matmul2d(a, b, a_scale, b_scale, spec, stream)

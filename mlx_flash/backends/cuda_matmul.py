@@ -1,0 +1,137 @@
+"""matmul2d on MLX's CUDA backend: mx.fast.cuda_kernel over cuda_src/matmul.cuh.
+
+    out = (dequant(a) * a_scale) @ (dequant(b) * b_scale), fp32 accumulation
+
+Routes (by operand types):
+  * fp8 x fp8: native fp8 tensor-core mma (m16n8k32 e4m3/e5m2, sm_89+).
+  * fp16/bf16 with fp16/bf16 or fp8 of the same 16-bit type: m16n8k16 mma,
+    fp8 codes decoded exactly to that type inside the kernel.
+  * any float32 operand (or fp16 mixed with bf16): fp8 codes decoded to
+    float32 (bit-exact), then MLX's product made float32-exact by operand
+    splitting (MLX's CUDA float32 matmul runs in TF32); scales applied after.
+The scales factor out of the sum (a per row, b per column), so every route
+applies them to the fp32 accumulator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+
+from . import cuda as _cuda
+
+_FMT_CODE = {None: 0, "e4m3": 1, "e5m2": 2}
+_INPUTS = ("a", "b", "a_scale", "b_scale", "ip")
+_SMEM = 3 * (128 * 144 + max(128 * 144, 64 * 272))  # matmul_smem() in matmul.cuh
+_TILE = 128
+
+
+def _decode_fp8(x: mx.array, fmt: str, dtype, stream) -> mx.array:
+    """fp8 codes to `dtype`, bit-exact (E5M2 is the top byte of an IEEE half)."""
+    if fmt == "e5m2":
+        return (x.astype(mx.uint16, stream=stream) << 8).view(mx.float16).astype(dtype, stream=stream)
+    return mx.from_fp8(x, dtype=dtype, stream=stream)
+
+
+def _split(x, stream):
+    """x = hi + lo with hi a bfloat16 value (exact in TF32) and lo the rest."""
+    hi = x.astype(mx.bfloat16, stream=stream).astype(mx.float32, stream=stream)
+    return hi, mx.subtract(x, hi, stream=stream)
+
+
+def _exact_f32_matmul(a, b, stream):
+    """A float32 product to float32 accuracy even where MLX's CUDA matmul
+    rounds float32 operands to TF32 (10-bit mantissa, ~5e-4 relative):
+    split each operand into a bf16-exact high part and a remainder; the
+    high x high product is exact in TF32 and the cross terms' TF32 error is
+    ~2^-8 smaller than TF32's own."""
+    a_hi, a_lo = _split(a, stream)
+    b_hi, b_lo = _split(b, stream)
+    mm = lambda x, y: mx.matmul(x, y, stream=stream)
+    return mm(a_hi, b_hi) + (mm(a_hi, b_lo) + mm(a_lo, b_hi) + mm(a_lo, b_lo))
+
+
+def _float32_route(a, b, a_scale, b_scale, spec, stream):
+    a = _decode_fp8(a, spec.a_fmt, mx.float32, stream) if spec.a_fmt else a.astype(mx.float32, stream=stream)
+    b = _decode_fp8(b, spec.b_fmt, mx.float32, stream) if spec.b_fmt else b.astype(mx.float32, stream=stream)
+    if spec.transpose_b:
+        b = b.swapaxes(-1, -2)
+    out = _exact_f32_matmul(a, b, stream)
+    if a_scale is not None:
+        out = out * a_scale
+    if b_scale is not None:
+        out = out * b_scale
+    return out.astype(spec.out_dtype, stream=stream)
+
+
+def _pad_axis(x, axis, multiple, stream):
+    size = x.shape[axis]
+    extra = -size % multiple
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return mx.pad(x, widths, stream=stream)
+
+
+def matmul2d(a, b, a_scale, b_scale, spec, stream):
+    float_types = {x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None}
+    if mx.float32 in float_types or len(float_types) > 1:
+        return _float32_route(a, b, a_scale, b_scale, spec, stream)
+    compute = next(iter(float_types)) if float_types else mx.float16
+    M, N, K = spec.M, spec.N, spec.K
+    # Every 16-byte chunk wholly inside or outside: K and N to multiples of 16.
+    a = _pad_axis(a, 2, 16, stream)
+    b = _pad_axis(b, 2 if spec.transpose_b else 1, 16, stream)
+    b = _pad_axis(b, 1 if spec.transpose_b else 2, 16, stream)
+    Kp, Np = a.shape[2], (b.shape[1] if spec.transpose_b else b.shape[2])
+    ip = mx.array([M, Np, Kp, int(spec.b_batched),
+                   int(a_scale is not None and a_scale.shape[0] > 1),
+                   int(a_scale is not None and a_scale.shape[1] > 1),
+                   int(b_scale is not None and b_scale.shape[-1] > 1)], dtype=mx.int32)
+    if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
+        b_scale = _pad_axis(b_scale, 2, 16, stream)
+    kernel = _cuda._kernel("matmul", _INPUTS, ("out",), _SMEM, _cuda.MATMUL_HEADERS)
+    placeholder = _cuda._placeholder(mx.float32)
+    (out,) = kernel(
+        inputs=[a, b, a_scale if a_scale is not None else placeholder,
+                b_scale if b_scale is not None else placeholder, ip],
+        template=[("TA", a.dtype), ("TB", b.dtype), ("C", compute), ("TO", spec.out_dtype),
+                  ("FA", _FMT_CODE[spec.a_fmt]), ("FB", _FMT_CODE[spec.b_fmt]),
+                  ("TRANS_B", spec.transpose_b), ("AS", a_scale is not None), ("BS", b_scale is not None)],
+        grid=(math.ceil(Np / _TILE) * 256, math.ceil(M / _TILE), spec.batch), threadgroup=(256, 1, 1),
+        output_shapes=[(spec.batch, M, Np)], output_dtypes=[spec.out_dtype], stream=stream,
+    )
+    return out if Np == N else out[:, :, :N]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Stand-in for mlx_flash._matmul_spec.MatmulSpec (same fields) for direct calls."""
+
+    a_fmt: Optional[str]
+    b_fmt: Optional[str]
+    transpose_b: bool
+    out_dtype: mx.Dtype
+    batch: int
+    M: int
+    N: int
+    K: int
+    b_batched: bool
+
+
+def matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpose_b=False,
+           out_dtype=None, stream=None):
+    """2-D convenience entry for benchmarks and tests: a [M, K], b [K, N] (or [N, K])."""
+    M, K = a.shape
+    N = b.shape[0] if transpose_b else b.shape[1]
+    if out_dtype is None:
+        floats = [x.dtype for x, f in ((a, a_fmt), (b, b_fmt)) if f is None]
+        out_dtype = floats[0] if floats and len(set(floats)) == 1 else mx.float32
+    spec = _Spec(a_fmt, b_fmt, transpose_b, out_dtype, 1, M, N, K, False)
+    a_s = None if a_scale is None else mx.broadcast_to(mx.array(a_scale, mx.float32).reshape(1, -1, 1), (1, M if mx.array(a_scale).size > 1 else 1, 1))
+    b_s = None if b_scale is None else mx.array(b_scale, mx.float32).reshape(1, 1, -1)
+    return matmul2d(a[None], b[None], a_s, b_s, spec, stream)[0]
