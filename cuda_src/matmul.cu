@@ -1,1 +1,1 @@
-mlx_flash::matmul_mma<TA, TB, C, TO, FA, FB, TRANS_B, AS, BS>(a, b, a_scale, b_scale, ip, out);
+mlx_flash::matmul_mma<TA, TB, C, TO, FA, FB, TRANS_B, AS, BS, NATIVE_FP8>(a, b, a_scale, b_scale, ip, out);

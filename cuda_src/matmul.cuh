@@ -10,7 +10,8 @@
 //
 // MODE 0: mma m16n8k16 in C (half or bf16); an fp8 operand is decoded to C
 //         exactly (every E4M3/E5M2 value is a half and a bfloat16 value).
-// MODE 1: both operands fp8: native m16n8k32 e4m3/e5m2 mma (sm_89+).
+// MODE 1: both operands fp8 and NATIVE_FP8: native m16n8k32 e4m3/e5m2 mma
+//         (sm_89+; slower than MODE 0 on Hopper, where fp8 wants wgmma).
 // The wrapper pads K to a multiple of 16 and N to a multiple of 16, so every
 // 16-byte chunk is wholly inside or outside the operand.
 #pragma once
@@ -74,10 +75,11 @@ __device__ __forceinline__ void mma_fp8(float (&c)[4], const unsigned (&a)[4], u
 
 // TA/TB: storage types (C, or uint8_t with FA/FB = 1 e4m3, 2 e5m2; 0 = not fp8).
 // AS / BS: a_scale / b_scale present.
-template <typename TA, typename TB, typename C, typename TO, int FA, int FB, bool TRANS_B, bool AS, bool BS>
+template <typename TA, typename TB, typename C, typename TO, int FA, int FB, bool TRANS_B, bool AS, bool BS,
+          bool NATIVE_FP8>
 __device__ void matmul_mma(const TA* a, const TB* b, const float* a_scale, const float* b_scale,
                            const int* ip, TO* out) {
-  constexpr int MODE = (FA != 0 && FB != 0) ? 1 : 0;
+  constexpr int MODE = (FA != 0 && FB != 0 && NATIVE_FP8) ? 1 : 0;
   // How each operand reaches shared memory: cp.async, or registers (decode / transpose).
   constexpr bool A_ASYNC = FA == 0 || MODE == 1;
   constexpr bool B_ASYNC = FB == 0 || (MODE == 1 && TRANS_B);

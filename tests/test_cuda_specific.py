@@ -95,8 +95,9 @@ def _matmul_cases():
     for ta, tb, c, fa, fb in ((f16, f16, f16, 0, 0), (f16, u8, f16, 0, 1), (b16, u8, b16, 0, 2),
                               (u8, b16, b16, 1, 0), (u8, u8, f16, 1, 1), (u8, u8, f16, 1, 2)):
         for trans in (False, True):
-            yield [("TA", ta), ("TB", tb), ("C", c), ("TO", mx.float32 if fa and fb else c), ("FA", fa),
-                   ("FB", fb), ("TRANS_B", trans), ("AS", True), ("BS", fa == 1)]
+            for native in ((False, True) if fa and fb else (False,)):
+                yield [("TA", ta), ("TB", tb), ("C", c), ("TO", mx.float32 if fa and fb else c), ("FA", fa),
+                       ("FB", fb), ("TRANS_B", trans), ("AS", True), ("BS", fa == 1), ("NATIVE_FP8", native)]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

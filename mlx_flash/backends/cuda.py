@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 from pathlib import Path
 
@@ -108,18 +109,31 @@ def _mma_bwd_smem(d: int, dv: int, bm: int, bn: int) -> int:
 _ATTN_INPUTS = ("q", "k", "v", "mask", "alibi", "sinks", "bmask", "cu_q", "cu_k", "ip", "fp")
 
 
+@functools.lru_cache(maxsize=4096)
+def const_array(values: tuple, dtype) -> mx.array:
+    """A small constant array, made once per value and kept.
+
+    MLX's CUDA allocator hands host-written arrays to the GPU through
+    unified memory: a fresh one per call costs a page migration on first
+    GPU touch (tens of microseconds each), more than a decode kernel runs.
+    """
+    array = mx.array(list(values), dtype=dtype)
+    mx.eval(array)
+    return array
+
+
 def _placeholder(dtype):
-    return mx.zeros((1,), dtype=dtype)
+    return const_array((0,), dtype)
 
 
 def _params(spec: AttentionSpec, inputs: AttentionInputs):
     """int32 and float32 parameter blocks (slots of attention_common.cuh)."""
-    mask_dims = list(inputs.mask.shape) if inputs.mask is not None else [1, 1, 1, 1]
-    bm_dims = list(inputs.block_mask.shape) if inputs.block_mask is not None else [1, 1, 1, 1]
-    ip = [spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k,
-          spec.window_left, spec.window_right, spec.block_q, spec.block_k, *mask_dims, *bm_dims]
-    fp = [spec.scale, spec.softcap if spec.softcap else 1.0]
-    return mx.array(ip, dtype=mx.int32), mx.array(fp, dtype=mx.float32)
+    mask_dims = tuple(inputs.mask.shape) if inputs.mask is not None else (1, 1, 1, 1)
+    bm_dims = tuple(inputs.block_mask.shape) if inputs.block_mask is not None else (1, 1, 1, 1)
+    ip = (spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k,
+          spec.window_left, spec.window_right, spec.block_q, spec.block_k, *mask_dims, *bm_dims)
+    fp = (spec.scale, spec.softcap if spec.softcap else 1.0)
+    return const_array(ip, mx.int32), const_array(fp, mx.float32)
 
 
 def _common_inputs(q, k, v, spec: AttentionSpec, inputs: AttentionInputs):
@@ -164,7 +178,11 @@ def _mma_fwd_tiles(spec: AttentionSpec):
     """(warps, key tile) of the mma forward for this head dim."""
     if max(spec.head_dim_qk, spec.head_dim_v) > 128:
         return 4, 32
-    return 4, 64
+    return _FWD_WARPS, 64
+
+
+# Warps (16 query rows each) of the mma forward for head dims <= 128.
+_FWD_WARPS = int(os.environ.get("MLX_FLASH_CUDA_FWD_WARPS", "4"))
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
     out = (dequant(a) * a_scale) @ (dequant(b) * b_scale), fp32 accumulation
 
 Routes (by operand types):
-  * fp8 x fp8: native fp8 tensor-core mma (m16n8k32 e4m3/e5m2, sm_89+).
+  * fp8 x fp8: both decoded to fp16 in the kernel (exact), m16n8k16 mma; or
+    the native fp8 mma (m16n8k32 e4m3/e5m2, sm_89+) with MLX_FLASH_CUDA_NATIVE_FP8=1.
   * fp16/bf16 with fp16/bf16 or fp8 of the same 16-bit type: m16n8k16 mma,
     fp8 codes decoded exactly to that type inside the kernel.
   * any float32 operand (or fp16 mixed with bf16): fp8 codes decoded to
@@ -16,6 +17,7 @@ applies them to the fp32 accumulator.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,6 +29,11 @@ _FMT_CODE = {None: 0, "e4m3": 1, "e5m2": 2}
 _INPUTS = ("a", "b", "a_scale", "b_scale", "ip")
 _SMEM = 3 * (128 * 144 + max(128 * 144, 64 * 272))  # matmul_smem() in matmul.cuh
 _TILE = 128
+# fp8 x fp8 through the native fp8 mma.sync (m16n8k32). On Hopper (sm_90) that
+# instruction runs far below the fp16 rate (measured on an H200: 120 vs 200
+# TFLOP/s at 8192^3), so by default both operands are decoded to fp16 in the
+# kernel instead; set MLX_FLASH_CUDA_NATIVE_FP8=1 on Ada (sm_89) to compare.
+_NATIVE_FP8 = os.environ.get("MLX_FLASH_CUDA_NATIVE_FP8", "0") == "1"
 
 
 def _decode_fp8(x: mx.array, fmt: str, dtype, stream) -> mx.array:
@@ -88,10 +95,10 @@ def matmul2d(a, b, a_scale, b_scale, spec, stream):
     b = _pad_axis(b, 2 if spec.transpose_b else 1, 16, stream)
     b = _pad_axis(b, 1 if spec.transpose_b else 2, 16, stream)
     Kp, Np = a.shape[2], (b.shape[1] if spec.transpose_b else b.shape[2])
-    ip = mx.array([M, Np, Kp, int(spec.b_batched),
-                   int(a_scale is not None and a_scale.shape[0] > 1),
-                   int(a_scale is not None and a_scale.shape[1] > 1),
-                   int(b_scale is not None and b_scale.shape[-1] > 1)], dtype=mx.int32)
+    ip = _cuda.const_array((M, Np, Kp, int(spec.b_batched),
+                            int(a_scale is not None and a_scale.shape[0] > 1),
+                            int(a_scale is not None and a_scale.shape[1] > 1),
+                            int(b_scale is not None and b_scale.shape[-1] > 1)), mx.int32)
     if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
         b_scale = _pad_axis(b_scale, 2, 16, stream)
     kernel = _cuda._kernel("matmul", _INPUTS, ("out",), _SMEM, _cuda.MATMUL_HEADERS)
@@ -101,7 +108,8 @@ def matmul2d(a, b, a_scale, b_scale, spec, stream):
                 b_scale if b_scale is not None else placeholder, ip],
         template=[("TA", a.dtype), ("TB", b.dtype), ("C", compute), ("TO", spec.out_dtype),
                   ("FA", _FMT_CODE[spec.a_fmt]), ("FB", _FMT_CODE[spec.b_fmt]),
-                  ("TRANS_B", spec.transpose_b), ("AS", a_scale is not None), ("BS", b_scale is not None)],
+                  ("TRANS_B", spec.transpose_b), ("AS", a_scale is not None), ("BS", b_scale is not None),
+                  ("NATIVE_FP8", _NATIVE_FP8)],
         grid=(math.ceil(Np / _TILE) * 256, math.ceil(M / _TILE), spec.batch), threadgroup=(256, 1, 1),
         output_shapes=[(spec.batch, M, Np)], output_dtypes=[spec.out_dtype], stream=stream,
     )

@@ -198,11 +198,14 @@ def bench_matmul(rec: Recorder):
         a16 = mx.random.normal((n, n), key=mx.random.key(1)).astype(mx.float16)
         b16 = mx.random.normal((n, n), key=mx.random.key(2)).astype(mx.float16)
         a8, b8 = mx.to_fp8(a16), mx.to_fp8(b16)
-        mx.eval(a16, b16, a8, b8)
+        b8t = mx.contiguous(b8.T)
+        mx.eval(a16, b16, a8, b8, b8t)
         cases = {
             "mlx_fp16": lambda: a16 @ b16,
             "ours_fp16": lambda: cuda_matmul.matmul(a16, b16),
             "ours_fp8_e4m3": lambda: cuda_matmul.matmul(a8, b8, a_fmt="e4m3", b_fmt="e4m3", out_dtype=mx.float16),
+            "ours_fp8_e4m3_bT": lambda: cuda_matmul.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                           out_dtype=mx.float16),
             "ours_fp16_x_fp8": lambda: cuda_matmul.matmul(a16, b8, b_fmt="e4m3"),
         }
         for name, fn in cases.items():
