@@ -23,15 +23,16 @@ _CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfl
                mx.bool_: "bool", mx.int32: "int32_t", mx.uint8: "uint8_t"}
 
 
-def wrap_like_mlx(name, body, inputs, outputs, template, headers=cuda_backend.ATTENTION_HEADERS):
-    """The translation unit mx.fast.cuda_kernel builds (mlx/backend/cuda/custom_kernel.cpp).
+def _prelude(headers):
+    return "\n".join(["#include <cuda_fp16.h>", "#include <cuda_bf16.h>", "#include <cstdint>",
+                      "#include <cooperative_groups.h>", cuda_backend._header(headers)])
 
-    inputs/outputs: lists of (name, dtype); template: list of (name, value).
-    """
-    src = ["#include <cuda_fp16.h>", "#include <cuda_bf16.h>", "#include <cstdint>",
-           "#include <cooperative_groups.h>", cuda_backend._header(headers),
-           "namespace mlx::core::cu {", "namespace cg = cooperative_groups;",
-           f"__global__ void {name}("]
+
+def _kernel_text(name, body, inputs, outputs, template):
+    """The kernel function mx.fast.cuda_kernel builds (mlx/backend/cuda/custom_kernel.cpp):
+    inputs as `const T*`, outputs as `T*`, template constants declared at the top
+    of the body. inputs/outputs: lists of (name, dtype); template: (name, value)."""
+    src = ["namespace mlx::core::cu {", "namespace cg = cooperative_groups;", f"__global__ void {name}("]
     params = [f"    const {_CUDA_TYPES[d]}* {n}" for n, d in inputs] + [f"    {_CUDA_TYPES[d]}* {n}" for n, d in outputs]
     src.append(",\n".join(params) + ") {")
     for n, val in template:
@@ -43,6 +44,11 @@ def wrap_like_mlx(name, body, inputs, outputs, template, headers=cuda_backend.AT
             src.append(f"  using {n} = {_CUDA_TYPES[val]};")
     src += [body, "}", "}"]
     return "\n".join(src)
+
+
+def wrap_like_mlx(name, body, inputs, outputs, template, headers=cuda_backend.ATTENTION_HEADERS):
+    """One translation unit as MLX compiles it for a single kernel."""
+    return _prelude(headers) + "\n" + _kernel_text(name, body, inputs, outputs, template)
 
 
 def _attention_cases():
@@ -80,6 +86,18 @@ def _output_dtypes(outputs, T):
     return [(n, mx.float32 if n in ("lse", "part_o", "part_lse", "dq_acc") else T) for n in outputs]
 
 
+def _matmul_cases():
+    f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
+    # (TA, TB, C, FA, FB, TRANS_B, NATIVE_FP8): each load path of matmul.cuh once.
+    for ta, tb, c, fa, fb, trans, native in (
+        (f16, f16, f16, 0, 0, False, False), (b16, b16, b16, 0, 0, True, False),
+        (f16, u8, f16, 0, 1, False, False), (b16, u8, b16, 0, 2, True, False),
+        (u8, u8, f16, 1, 1, False, False), (u8, u8, f16, 1, 2, False, True), (u8, u8, f16, 2, 1, True, True),
+    ):
+        yield [("TA", ta), ("TB", tb), ("C", c), ("TO", mx.float32 if fa and fb else c), ("FA", fa),
+               ("FB", fb), ("TRANS_B", trans), ("AS", True), ("BS", fa == 1), ("NATIVE_FP8", native)]
+
+
 def _nvcc_compile(tmp_path, name, source):
     path = tmp_path / f"{name}.cu"
     path.write_text(source)
@@ -90,31 +108,87 @@ def _nvcc_compile(tmp_path, name, source):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def _matmul_cases():
-    f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
-    for ta, tb, c, fa, fb in ((f16, f16, f16, 0, 0), (f16, u8, f16, 0, 1), (b16, u8, b16, 0, 2),
-                              (u8, b16, b16, 1, 0), (u8, u8, f16, 1, 1), (u8, u8, f16, 1, 2)):
-        for trans in (False, True):
-            for native in ((False, True) if fa and fb else (False,)):
-                yield [("TA", ta), ("TB", tb), ("C", c), ("TO", mx.float32 if fa and fb else c), ("FA", fa),
-                       ("FB", fb), ("TRANS_B", trans), ("AS", True), ("BS", fa == 1), ("NATIVE_FP8", native)]
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@needs_nvcc
 def test_matmul_compiles_as_mlx_wraps_it(tmp_path):
     body = cuda_backend._read("matmul.cu")
+    kernels = []
     for i, template in enumerate(_matmul_cases()):
         t = dict(template)
         ins = [("a", t["TA"]), ("b", t["TB"]), ("a_scale", mx.float32), ("b_scale", mx.float32), ("ip", mx.int32)]
-        source = wrap_like_mlx(f"mm{i}", body, ins, [("out", t["TO"])], template, cuda_backend.MATMUL_HEADERS)
-        _nvcc_compile(tmp_path, f"mm{i}", source)
+        kernels.append(_kernel_text(f"mm{i}", body, ins, [("out", t["TO"])], template))
+    _nvcc_compile(tmp_path, "matmul", _prelude(cuda_backend.MATMUL_HEADERS) + "\n" + "\n".join(kernels))
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_kernels_compile_as_mlx_wraps_them(tmp_path):
-    parts = []
+@needs_nvcc
+def test_attention_kernels_compile_as_mlx_wraps_them(tmp_path):
+    kernels = []
     for i, (body, T, MT, template, outputs) in enumerate(_attention_cases()):
         template = [("T", T), ("MT", MT)] + template
-        parts.append((f"k{i}_{body}", body, _input_dtypes(body, T, MT), _output_dtypes(outputs, T), template))
-    for i, (name, body, ins, outs, template) in enumerate(parts):
-        _nvcc_compile(tmp_path, name, wrap_like_mlx(name, cuda_backend._read(body + ".cu"), ins, outs, template))
+        kernels.append(_kernel_text(f"k{i}_{body}", cuda_backend._read(body + ".cu"), _input_dtypes(body, T, MT),
+                                    _output_dtypes(outputs, T), template))
+    _nvcc_compile(tmp_path, "attention", _prelude(cuda_backend.ATTENTION_HEADERS) + "\n" + "\n".join(kernels))
+
+
+# ---------------------------------------------------------------------------
+# On a CUDA GPU.
+
+needs_cuda = pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()),
+                                reason="no CUDA GPU visible to MLX")
+
+
+def _fp8_codes(gen, shape, fmt):
+    codes = gen.integers(0, 256, shape).astype(np.uint8)
+    special = (codes & 0x7F) == 0x7F if fmt == "e4m3" else (codes & 0x7C) == 0x7C  # NaN (and inf for e5m2)
+    codes[special] = 0x11
+    return mx.array(codes)
+
+
+@needs_cuda
+@pytest.mark.parametrize("a_kind,b_kind", [("float16", "float16"), ("bfloat16", "bfloat16"), ("float16", "e4m3"),
+                                           ("bfloat16", "e5m2"), ("e4m3", "e4m3"), ("e5m2", "e4m3"),
+                                           ("e4m3", "float32")])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_matmul_kernel_matches_float64(a_kind, b_kind, transpose_b):
+    from mlx_flash.backends import cuda_matmul
+
+    gen = np.random.default_rng([7, len(a_kind), len(b_kind), transpose_b])
+    M, N, K = 130, 70, 200
+
+    def operand(kind, shape):
+        if kind in ("e4m3", "e5m2"):
+            x = _fp8_codes(gen, shape, kind)
+            return x, kind, np.array(cuda_matmul._decode_fp8(x, kind, mx.float32, mx.cpu)).astype(np.float64)
+        x = mx.array(gen.standard_normal(shape).astype(np.float32)).astype(getattr(mx, kind))
+        return x, None, np.array(x.astype(mx.float32)).astype(np.float64)
+
+    a, a_fmt, a64 = operand(a_kind, (M, K))
+    b, b_fmt, b64 = operand(b_kind, (N, K) if transpose_b else (K, N))
+    a_scale = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    b_scale = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+    out = cuda_matmul.matmul(a, b, a_fmt=a_fmt, b_fmt=b_fmt, a_scale=mx.array(a_scale), b_scale=mx.array(b_scale),
+                             transpose_b=transpose_b, out_dtype=mx.float32)
+    want = (a64 * a_scale) @ ((b64.T if transpose_b else b64) * b_scale)
+    err = np.abs(np.array(out) - want).max() / np.abs(want).max()
+    assert err < 5e-5, f"relative error {err:.3g}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_decode_split_over_keys(dtype):
+    """One query, many keys, GQA 8:1: the split-key path and its lse combine."""
+    import mlx_flash
+    from reference_np import attention_np
+
+    gen = np.random.default_rng(11)
+    B, Hq, Hkv, Nk, D = 2, 8, 1, 3001, 64
+    mk = lambda shape: mx.array(gen.standard_normal(shape).astype(np.float32)).astype(getattr(mx, dtype))
+    q, k, v = mk((B, Hq, 1, D)), mk((B, Hkv, Nk, D)), mk((B, Hkv, Nk, D))
+    sinks = mx.array(gen.standard_normal(Hq).astype(np.float32))
+    out, lse = mlx_flash.flash_attention(q, k, v, sinks=sinks, window=(1000, 0), return_lse=True)
+    want = attention_np(q, k, v, sinks=sinks, window=(1000, 0))
+    tol = 2e-5 if dtype == "float32" else 2e-2
+    assert np.abs(np.array(out.astype(mx.float32)) - want["out"]).max() < tol
+    assert np.abs(np.array(lse) - want["lse"]).max() < 1e-4
