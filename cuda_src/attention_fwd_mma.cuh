@@ -236,4 +236,213 @@ __device__ void attention_fwd_mma(
   }
 }
 
+
+// Variant with two 16-row m-tiles per warp (BM = 32 * NW): every K/V
+// fragment read from shared memory feeds twice the mma work, halving the
+// shared-memory traffic per FLOP (the limit of the one-tile kernel above).
+// Q fragments are re-read from shared memory per k-step instead of being held
+// in registers, which the doubled S and O accumulators need.
+__host__ __device__ constexpr int mma2_fwd_smem(int d, int dv, int nw, int bn) {
+  return 2 * (32 * nw * (round16(d) + 8) + bn * (round16(d) + 8) + bn * (round16(dv) + 8));
+}
+
+template <typename T, typename MT, class F, int D, int DV, int NW, int BN>
+__device__ void attention_fwd_mma2(
+    const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
+    const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
+    T* out, float* lse) {
+  constexpr int MI = 2, BM = 16 * MI * NW, NTHREADS = 32 * NW;
+  constexpr int DP = round16(D), DVP = round16(DV);
+  constexpr int SQ = DP + 8, SV = DVP + 8;
+  constexpr bool VEC = D % 8 == 0 && DV % 8 == 0;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* Ks = Qs + BM * SQ;
+  T* Vs = Ks + BN * SQ;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv];
+  const int NqTot = ip[kSeqQ], NkTot = ip[kSeqK];
+  const int h = blockIdx.y, b = blockIdx.z, hk = h / (Hq / Hkv);
+  const Sequence seq = sequence_of<F::Varlen>(b, ip, cu_q, cu_k);
+  const int i0 = (gridDim.x - 1 - blockIdx.x) * BM;
+  if (i0 >= seq.nq) return;
+  const int i_end = min(seq.nq, i0 + BM);
+  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask);
+  const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
+  const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
+  const float scale = fp[kScale];
+  const int row0 = warp * 16 * MI;  // first row of this warp within the block
+
+  int lo, hi;
+  rules.key_range(i0, i_end - 1, lo, hi);
+  auto live = [&](int j0) {
+    return !F::BlockMask || block_tile_live<MT, NTHREADS>(rules, i0, i_end, j0, min(j0 + BN, seq.nk));
+  };
+  auto next_live = [&](int j0) {
+    while (j0 < hi && !live(j0)) j0 += BN;
+    return j0;
+  };
+
+  load_tile<T, BM, D, SQ, VEC, NTHREADS>(Qs, q + (q_base + i0) * D, i_end - i0);
+  int jt = next_live(lo / BN * BN);
+  if (jt < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jt) * D, seq.nk - jt);
+  cp_async_commit();
+
+  float o[MI][DVP / 8][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int n = 0; n < DVP / 8; ++n) o[mi][n][0] = o[mi][n][1] = o[mi][n][2] = o[mi][n][3] = 0.f;
+  float row_max[MI][2], row_sum[MI][2];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) row_max[mi][0] = row_max[mi][1] = kNegInf, row_sum[mi][0] = row_sum[mi][1] = 0.f;
+
+  while (jt < hi) {
+    load_tile<T, BN, DV, SV, VEC, NTHREADS>(Vs, v + (kv_base + jt) * DV, seq.nk - jt);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    float s[MI][BN / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) s[mi][n][0] = s[mi][n][1] = s[mi][n][2] = s[mi][n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) {
+      unsigned qa[MI][4];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+        ldmatrix_x4(qa[mi], Qs + (row0 + mi * 16 + lane % 16) * SQ + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int np = 0; np < BN / 16; ++np) {
+        unsigned bk[4];
+        ldmatrix_x4(bk, Ks + (np * 16 + (lane / 16) * 8 + lane % 8) * SQ + kk * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+          mma16816<T>(s[mi][2 * np], qa[mi], bk[0], bk[1]);
+          mma16816<T>(s[mi][2 * np + 1], qa[mi], bk[2], bk[3]);
+        }
+      }
+    }
+
+    const int shift = seq.nk - seq.nq;
+    const bool inside_window =
+        (rules.left < 0 || jt >= i_end - 1 + shift - rules.left) &&
+        (rules.right < 0 || jt + BN - 1 <= i0 + shift + rules.right);
+    const bool need_rules = F::ElementRules || jt + BN > seq.nk || !inside_window;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          float x = s[mi][n][c] * scale;
+          if (need_rules) {
+            const int i = i0 + row0 + mi * 16 + g + (c >= 2 ? 8 : 0);
+            const int j = jt + n * 8 + 2 * t + (c & 1);
+            float capped;
+            x = apply_rules<F>(rules, x, i, j, capped);
+          }
+          s[mi][n][c] = x * kLog2e;
+        }
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float mx = kNegInf;
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mi][n][2 * half], s[mi][n][2 * half + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float new_max = fmaxf(row_max[mi][half], mx);
+        const float base = new_max == kNegInf ? 0.f : new_max;
+        const float alpha = exp2f(row_max[mi][half] - base);
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) {
+          s[mi][n][2 * half] = exp2f(s[mi][n][2 * half] - base);
+          s[mi][n][2 * half + 1] = exp2f(s[mi][n][2 * half + 1] - base);
+          sum += s[mi][n][2 * half] + s[mi][n][2 * half + 1];
+        }
+        row_sum[mi][half] = row_sum[mi][half] * alpha + sum;
+        row_max[mi][half] = new_max;
+#pragma unroll
+        for (int n = 0; n < DVP / 8; ++n) {
+          o[mi][n][2 * half] *= alpha;
+          o[mi][n][2 * half + 1] *= alpha;
+        }
+      }
+    }
+
+    __syncthreads();
+    const int jn = next_live(jt + BN);
+    if (jn < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jn) * D, seq.nk - jn);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      unsigned pa[MI][4];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        pa[mi][0] = pack2<T>(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+        pa[mi][1] = pack2<T>(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+        pa[mi][2] = pack2<T>(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+        pa[mi][3] = pack2<T>(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < DVP / 16; ++dp) {
+        unsigned bv[4];
+        ldmatrix_x4_trans(bv, Vs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SV + dp * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+          mma16816<T>(o[mi][2 * dp], pa[mi], bv[0], bv[1]);
+          mma16816<T>(o[mi][2 * dp + 1], pa[mi], bv[2], bv[3]);
+        }
+      }
+    }
+    __syncthreads();
+    jt = jn;
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float sum = row_sum[mi][half];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      float m = row_max[mi][half];
+      float alpha = 1.f;
+      if (F::Sinks) {
+        const float sink = sinks[h] * kLog2e;
+        const float m2 = fmaxf(m, sink);
+        alpha = exp2f(m - m2);
+        sum = sum * alpha + exp2f(sink - m2);
+        m = m2;
+      }
+      const float inv = sum > 0.f ? alpha / sum : 0.f;
+      const int i = i0 + row0 + mi * 16 + g + 8 * half;
+      if (i >= seq.nq) continue;
+      T* orow = out + (q_base + i) * DV;
+#pragma unroll
+      for (int n = 0; n < DVP / 8; ++n) {
+        const int col = n * 8 + 2 * t;
+        const float x0 = o[mi][n][2 * half] * inv, x1 = o[mi][n][2 * half + 1] * inv;
+        if (DV % 2 == 0 && col + 1 < DV) {
+          *reinterpret_cast<unsigned*>(orow + col) = pack2<T>(x0, x1);
+        } else {
+          if (col < DV) orow[col] = from_float<T>(x0);
+          if (col + 1 < DV) orow[col + 1] = from_float<T>(x1);
+        }
+      }
+      if (t == 0) lse[q_base + i] = sum > 0.f ? (m + log2f(sum)) * kLn2 : kNegInf;
+    }
+  }
+}
+
 }  // namespace mlx_flash

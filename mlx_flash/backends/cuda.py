@@ -181,8 +181,10 @@ def _mma_fwd_tiles(spec: AttentionSpec):
     return _FWD_WARPS, 64
 
 
-# Warps (16 query rows each) of the mma forward for head dims <= 128.
+# Warps of the mma forward for head dims <= 128, and whether each warp takes
+# two 16-row tiles (attention_fwd_mma2) instead of one.
 _FWD_WARPS = int(os.environ.get("MLX_FLASH_CUDA_FWD_WARPS", "4"))
+_FWD_TWO_TILES = os.environ.get("MLX_FLASH_CUDA_FWD_TWO_TILES", "0") == "1"
 
 
 # ---------------------------------------------------------------------------
@@ -195,9 +197,16 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     template = _feature_template(spec, inputs) + [("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
     if _uses_mma(spec):
         nw, bn = _mma_fwd_tiles(spec)
-        smem = _mma_fwd_smem(spec.head_dim_qk, spec.head_dim_v, nw, bn)
-        kernel = _kernel("attention_fwd_mma", _ATTN_INPUTS, ("out", "lse"), smem)
-        row_blocks = math.ceil(_max_q(spec) / (16 * nw))
+        # Two 16-row tiles per warp (attention_fwd_mma2) for head dims <= 128.
+        two_tiles = _FWD_TWO_TILES and max(spec.head_dim_qk, spec.head_dim_v) <= 128
+        if two_tiles:
+            bn = 32
+        rows_per_block = 16 * nw * (2 if two_tiles else 1)
+        smem = 2 * (rows_per_block * (_round16(spec.head_dim_qk) + 8)) + _mma_fwd_smem(
+            spec.head_dim_qk, spec.head_dim_v, 0, bn)
+        body = "attention_fwd_mma2" if two_tiles else "attention_fwd_mma"
+        kernel = _kernel(body, _ATTN_INPUTS, ("out", "lse"), smem)
+        row_blocks = math.ceil(_max_q(spec) / rows_per_block)
         out, lse = kernel(
             inputs=args, template=template + [("NW", nw), ("BN", bn)],
             grid=(row_blocks * 32 * nw, spec.heads_q, spec.batch), threadgroup=(32 * nw, 1, 1),
