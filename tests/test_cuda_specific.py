@@ -60,6 +60,8 @@ def _attention_cases():
         dims = [("D", 72), ("DV", 40)]
         yield ("attention_fwd_mma", T, mx.float32, features + [("SINKS", True)] + dims + [("NW", 4), ("BN", 64)],
                ("out", "lse"))
+        yield ("attention_fwd_mma2", T, mx.float32, features + [("SINKS", True)] + dims + [("NW", 4), ("BN", 32)],
+               ("out", "lse"))
         yield ("attention_bwd_mma", T, mx.float32, features + dims + [("NW", 4)], ("dq_acc", "dk", "dv"))
     yield ("attention_fwd_simt", mx.float32, mx.bool_,
            [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 1), ("WINDOW", True), ("BLOCK_MASK", True),
@@ -70,7 +72,7 @@ def _attention_cases():
 
 
 def _input_dtypes(body, T, MT):
-    if body in ("attention_fwd_mma", "attention_fwd_simt"):
+    if body in ("attention_fwd_mma", "attention_fwd_mma2", "attention_fwd_simt"):
         names, dtypes = cuda_backend._ATTN_INPUTS, (T, T, T, MT, mx.float32, mx.float32, mx.bool_,
                                                      mx.int32, mx.int32, mx.int32, mx.float32)
     elif body == "attention_bwd_mma":

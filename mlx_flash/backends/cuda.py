@@ -184,7 +184,7 @@ def _mma_fwd_tiles(spec: AttentionSpec):
 # Warps of the mma forward for head dims <= 128, and whether each warp takes
 # two 16-row tiles (attention_fwd_mma2) instead of one.
 _FWD_WARPS = int(os.environ.get("MLX_FLASH_CUDA_FWD_WARPS", "4"))
-_FWD_TWO_TILES = os.environ.get("MLX_FLASH_CUDA_FWD_TWO_TILES", "0") == "1"
+_FWD_TWO_TILES = os.environ.get("MLX_FLASH_CUDA_FWD_TWO_TILES", "1") == "1"
 
 
 # ---------------------------------------------------------------------------
