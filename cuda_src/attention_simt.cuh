@@ -20,6 +20,25 @@ __host__ __device__ constexpr int simt_fwd_smem(int d, int dv, int warps) {
   return 4 * (kSimtTile * (d + 1) + kSimtTile * dv + warps * d);
 }
 
+// Dot product of two float rows in shared memory. For float32 inputs the sum
+// runs in double: with large logits (|s| ~ 1e3) a float32 running sum loses
+// more than the plain materialised product does, and fp64 FMAs are cheap on
+// the data-centre GPUs. 16-bit inputs carry far less precision; float suffices.
+template <typename T>
+__device__ __forceinline__ float dot_exact(const float* a, const float* b, int n) {
+  if constexpr (sizeof(T) == 4) {
+    double acc = 0.0;
+#pragma unroll 4
+    for (int d = 0; d < n; ++d) acc = fma((double)a[d], (double)b[d], acc);
+    return (float)acc;
+  } else {
+    float acc = 0.f;
+#pragma unroll 8
+    for (int d = 0; d < n; ++d) acc += a[d] * b[d];
+    return acc;
+  }
+}
+
 // Rows [0, valid_rows) of a 32-row [*, DIM] global tile into float shared
 // memory [32][PITCH] (zeros past valid_rows). All loads of a thread are
 // issued before the first store, in 16-byte words where the rows allow it:
@@ -103,9 +122,7 @@ __device__ void attention_fwd_simt(
     load_rows_f32<T, DV, DV, W * 32>(vs, v + (kv_base + j0) * DV, k_hi - j0);
     __syncthreads();
     const int j = j0 + lane;
-    float s = 0.f;
-#pragma unroll 8
-    for (int d = 0; d < D; ++d) s += qs[warp * D + d] * ks[lane * (D + 1) + d];
+    float s = dot_exact<T>(qs + warp * D, ks + lane * (D + 1), D);
     float capped;
     s = (row_ok && j < k_hi) ? apply_rules<F>(rules, s * scale, i, j, capped) : kNegInf;
     const float new_max = fmaxf(row_max, warp_max(s));
@@ -264,17 +281,14 @@ __device__ void attention_bwd_simt(
       }
       __syncthreads();
       const float row_lse = lse[q_row];
-      float row_delta = 0.f;
-      for (int d = 0; d < DV; ++d) row_delta += dorow[d] * orow[d];
+      float row_delta = dot_exact<T>(dorow, orow, DV);
       if (HasDlse) row_delta -= dlse[q_row];
-      float s = 0.f;
-      for (int d = 0; d < D; ++d) s += qrow[d] * ks[lane * (D + 1) + d];
+      const float s = dot_exact<T>(qrow, ks + lane * (D + 1), D);
       float capped;
       const float logit = key_ok ? apply_rules<F>(rules, s * scale, i, j, capped) : kNegInf;
       const float p = (logit == kNegInf || row_lse == kNegInf) ? 0.f : expf(logit - row_lse);
       if (!__any_sync(0xffffffffu, p != 0.f)) continue;
-      float dp = 0.f;
-      for (int d = 0; d < DV; ++d) dp += dorow[d] * vs[lane * (DV + 1) + d];
+      const float dp = dot_exact<T>(dorow, vs + lane * (DV + 1), DV);
       float ds = p * (dp - row_delta);
       if (F::Softcap) {
         const float t = capped / softcap;
