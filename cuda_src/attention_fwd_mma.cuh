@@ -277,8 +277,32 @@ __device__ void attention_fwd_mma2(
 
   int lo, hi;
   rules.key_range(i0, i_end - 1, lo, hi);
+  const int tile0 = lo / BN * BN;
+  // Block-mask liveness of the key tiles, 256 tiles at a time, all threads
+  // checking in parallel: one barrier per 256 tiles instead of one per tile.
+  __shared__ unsigned char live_flags[256];
+  int flags_chunk = -1;
   auto live = [&](int j0) {
-    return !F::BlockMask || block_tile_live<MT, NTHREADS>(rules, i0, i_end, j0, min(j0 + BN, seq.nk));
+    if (!F::BlockMask) return true;
+    const int tile = (j0 - tile0) / BN;
+    if (tile / 256 != flags_chunk) {
+      flags_chunk = tile / 256;
+      __syncthreads();
+      for (int e = threadIdx.x; e < 256; e += NTHREADS) {
+        const int j = tile0 + (flags_chunk * 256 + e) * BN;
+        bool any = false;
+        if (j < hi) {
+          const int br0 = i0 / rules.block_q, br1 = (i_end - 1) / rules.block_q;
+          const int bc0 = j / rules.block_k, bc1 = (min(j + BN, seq.nk) - 1) / rules.block_k;
+          for (int br = br0; br <= br1 && !any; ++br)
+            for (int bc = bc0; bc <= bc1 && !any; ++bc)
+              any = rules.bmask[(long)br * rules.bm_row_stride + (long)bc * rules.bm_col_stride];
+        }
+        live_flags[e] = any;
+      }
+      __syncthreads();
+    }
+    return live_flags[tile % 256] != 0;
   };
   auto next_live = [&](int j0) {
     while (j0 < hi && !live(j0)) j0 += BN;
@@ -332,7 +356,11 @@ __device__ void attention_fwd_mma2(
     const bool inside_window =
         (rules.left < 0 || jt >= i_end - 1 + shift - rules.left) &&
         (rules.right < 0 || jt + BN - 1 <= i0 + shift + rules.right);
-    const bool need_rules = F::ElementRules || jt + BN > seq.nk || !inside_window;
+    // A live tile inside one block-mask entry is wholly kept: no per-element block test.
+    const bool check_blocks = F::BlockMask && (i0 / rules.block_q != (i_end - 1) / rules.block_q ||
+                                               jt / rules.block_k != (jt + BN - 1) / rules.block_k);
+    const bool need_rules = F::Softcap || F::Alibi || F::MaskKind != 0 || check_blocks || jt + BN > seq.nk ||
+                            !inside_window;
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) {
 #pragma unroll
@@ -344,7 +372,7 @@ __device__ void attention_fwd_mma2(
             const int i = i0 + row0 + mi * 16 + g + (c >= 2 ? 8 : 0);
             const int j = jt + n * 8 + 2 * t + (c & 1);
             float capped;
-            x = apply_rules<F>(rules, x, i, j, capped);
+            x = apply_rules<F, MT, true>(rules, x, i, j, capped, check_blocks);
           }
           s[mi][n][c] = x * kLog2e;
         }
