@@ -114,7 +114,7 @@ __device__ void attention_bwd_mma(
           const int ii = n * 8 + 2 * t + (c & 1);
           float x = s[n][c] * scale;
           if (need_rules) {
-            float capped;
+            float capped = 0.f;
             x = apply_rules<F>(rules, x, i0 + ii, j0 + jj, capped);
             if (F::Softcap) {
               const float u = capped / softcap;

@@ -142,7 +142,7 @@ __device__ void attention_fwd_mma(
         if (need_rules) {
           const int i = i0 + warp * 16 + g + (c >= 2 ? 8 : 0);
           const int j = jt + n * 8 + 2 * t + (c & 1);
-          float capped;
+          float capped = 0.f;
           x = apply_rules<F>(rules, x, i, j, capped);
         }
         s[n][c] = x * kLog2e;
@@ -371,7 +371,7 @@ __device__ void attention_fwd_mma2(
           if (need_rules) {
             const int i = i0 + row0 + mi * 16 + g + (c >= 2 ? 8 : 0);
             const int j = jt + n * 8 + 2 * t + (c & 1);
-            float capped;
+            float capped = 0.f;
             x = apply_rules<F, MT, true>(rules, x, i, j, capped, check_blocks);
           }
           s[mi][n][c] = x * kLog2e;

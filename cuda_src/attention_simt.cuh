@@ -123,7 +123,7 @@ __device__ void attention_fwd_simt(
     __syncthreads();
     const int j = j0 + lane;
     float s = dot_exact<T>(qs + warp * D, ks + lane * (D + 1), D);
-    float capped;
+    float capped = 0.f;
     s = (row_ok && j < k_hi) ? apply_rules<F>(rules, s * scale, i, j, capped) : kNegInf;
     const float new_max = fmaxf(row_max, warp_max(s));
     float p = 0.f, alpha = 1.f;
@@ -284,13 +284,13 @@ __device__ void attention_bwd_simt(
       float row_delta = dot_exact<T>(dorow, orow, DV);
       if (HasDlse) row_delta -= dlse[q_row];
       const float s = dot_exact<T>(qrow, ks + lane * (D + 1), D);
-      float capped;
+      float capped = 0.f;
       const float logit = key_ok ? apply_rules<F>(rules, s * scale, i, j, capped) : kNegInf;
       const float p = (logit == kNegInf || row_lse == kNegInf) ? 0.f : expf(logit - row_lse);
       if (!__any_sync(0xffffffffu, p != 0.f)) continue;
       const float dp = dot_exact<T>(dorow, vs + lane * (DV + 1), DV);
       float ds = p * (dp - row_delta);
-      if (F::Softcap) {
+      if (F::Softcap && p != 0.f) {  // dropped keys: capped is not a logit, keep ds = 0
         const float t = capped / softcap;
         ds *= 1.f - t * t;
       }
