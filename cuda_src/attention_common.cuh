@@ -97,6 +97,7 @@ struct LogitRules {
   int nq, nk;
   int left, right;        // window sides, -1 = unbounded
   float softcap;
+  float inv_softcap;      // 1 / softcap: the fast path multiplies instead of dividing
   float slope;            // ALiBi slope of this (b, h)
   const MT* mask;         // additive/bool mask at (b, h), or nullptr
   long mask_row_stride;   // 0 when the mask broadcasts over queries
@@ -133,6 +134,7 @@ __device__ __forceinline__ LogitRules<MT> make_rules(
   r.left = F::Window ? ip[kWindowLeft] : -1;
   r.right = F::Window ? ip[kWindowRight] : -1;
   r.softcap = fp[kSoftcap];
+  r.inv_softcap = 1.f / r.softcap;
   r.slope = F::Alibi ? alibi[b * ip[kHeadsQ] + h] : 0.f;
   r.block_q = ip[kBlockQ];
   r.block_k = ip[kBlockK];
@@ -172,7 +174,7 @@ __device__ __forceinline__ float apply_rules(const LogitRules<MT>& r, float s, i
                                              bool check_blocks = true) {
   capped = 0.f;
   if (j >= r.nk || i >= r.nq) return kNegInf;
-  if (F::Softcap) s = r.softcap * (Fast ? fast_tanh(s / r.softcap) : tanhf(s / r.softcap));
+  if (F::Softcap) s = r.softcap * (Fast ? fast_tanh(s * r.inv_softcap) : tanhf(s / r.softcap));
   capped = s;
   int p = i + r.nk - r.nq;
   if (F::Alibi) s -= r.slope * fabsf((float)(p - j));
