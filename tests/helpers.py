@@ -38,7 +38,7 @@ def to_np(x) -> np.ndarray:
     return np.array(x.astype(mx.float32)) if x.dtype not in (mx.bool_,) else np.array(x)
 
 
-def rel_error(got, want, floor=1e-3) -> float:
+def rel_error(got, want, floor=1e-2) -> float:
     """max |got - want| / max(max |want|, floor) over finite entries; inf
     entries must match exactly. The floor keeps a result that is zero in exact
     arithmetic (e.g. dq with a single key) from turning rounding noise into a
@@ -82,6 +82,8 @@ def check_close(name, got, want, dtype, plain=None, floor=None):
     err = rel_error(got, want)
     if dtype == mx.float32:
         tol = FP32_TOL[name]
+        if plain and name in plain:  # ill-conditioned cases: fp32's own rounding dominates
+            tol = max(tol, 2 * plain[name])
     else:
         # Twice the plain computation's error, with a floor of a few ulps of
         # the dtype so an exact plain result does not demand exactness.
