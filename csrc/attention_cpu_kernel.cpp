@@ -37,7 +37,7 @@ namespace MLXF_ISA {
 
 namespace {
 
-constexpr int BQ = 64;  // query rows per tile
+constexpr int BQ = 96;  // query rows per tile
 constexpr int BK = 64;  // keys per tile (a multiple of NR)
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -226,9 +226,7 @@ void forward_tile(const ForwardHead& fh, int h, int i0) {
       rules.apply(S.p, BK, i0, mq, j0, nk_tile, n_cols, nullptr);
     for (int r = 0; r < mq; ++r) {
       float* row = S.p + r * BK;
-      float m_tile = NEG_INF;
-      for (int c = 0; c < n_cols; ++c) m_tile = std::max(m_tile, row[c]);
-      const float m_old = row_max.p[r], m_new = std::max(m_old, m_tile);
+      const float m_old = row_max.p[r], m_new = std::max(m_old, row_max_of(row, n_cols));
       if (m_new == NEG_INF) {  // nothing seen yet in this row
         std::memset(row, 0, n_cols * sizeof(float));
         continue;
@@ -241,9 +239,7 @@ void forward_tile(const ForwardHead& fh, int h, int i0) {
         storeu(row + c, p);
         sum += p;
       }
-      float tile_sum = 0.f;
-      for (int l = 0; l < VL; ++l) tile_sum += sum[l];
-      row_sum.p[r] = row_sum.p[r] * alpha + tile_sum;
+      row_sum.p[r] = row_sum.p[r] * alpha + hsum(sum);
       row_max.p[r] = m_new;
       if (alpha != 1.f) {
         float* orow = O.p + r * dv_pad;

@@ -26,7 +26,24 @@ inline vf loadu(const float* p) {
   return v;
 }
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf splat(float x) { return vf{} + x; }
+// (An initializer list, not vf{} + x: adding 0 is not a no-op for -0.0, so the
+// compiler would emit an add before every broadcast.)
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x}; }
+
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int l = 0; l < VL; ++l) s += v[l];
+  return s;
+}
+// Largest of n floats, n a multiple of VL.
+inline float row_max_of(const float* x, int n) {
+  vf m = splat(-__builtin_inff());
+  for (int c = 0; c < n; c += VL) m = vmax(m, loadu(x + c));
+  float r = m[0];
+  for (int l = 1; l < VL; ++l) r = r > m[l] ? r : m[l];
+  return r;
+}
 
 // ---- dtype conversion -------------------------------------------------------
 
