@@ -108,3 +108,15 @@ def test_long_sequences_with_features(backend, feature):
     options = FEATURES[feature](gen, B, Hq, Nq, Nk)
     _check_forward(backend, q, k, v, mx.float32, options)
     _check_gradients(backend, q, k, v, mx.float32, options, gen)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_decode_features(backend, feature, dtype):
+    """Few queries against many keys (generation): the split-over-keys path."""
+    if is_emulated(backend):
+        pytest.skip("too slow under Metal emulation (covered on real devices)")
+    B, Hq, Hkv, Nq, Nk, D = 2, 8, 2, 3, 700, 64
+    gen = rng("decode", feature, dtype)
+    q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=DTYPES[dtype])
+    _check_forward(backend, q, k, v, DTYPES[dtype], FEATURES[feature](gen, B, Hq, Nq, Nk))
