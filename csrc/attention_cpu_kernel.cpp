@@ -140,6 +140,16 @@ struct LogitRules {
   // j0.. in place; dropped or padded keys become -inf. With softcap, the
   // tanh values go to T (for the backward's chain rule) when T is given.
   void apply(float* S, int ld, int i0, int mq, int j0, int nk_tile, int n_cols, float* T) const {
+    if (!(a->softcap > 0 || a->alibi || a->mask_kind || a->block_mask)) {
+      // Only causal/window bounds and padding: drop the keys outside [lo, hi] of each row.
+      for (int r = 0; r < mq; ++r) {
+        float* row = S + (int64_t)r * ld;
+        const int lo = key_lo(i0 + r) - j0, hi = std::min(key_hi(i0 + r) - j0, nk_tile - 1);
+        for (int c = 0; c < std::min(lo, n_cols); ++c) row[c] = NEG_INF;
+        for (int c = std::max(hi + 1, 0); c < n_cols; ++c) row[c] = NEG_INF;
+      }
+      return;
+    }
     const float cap = a->softcap;
     const float slope = a->alibi ? a->alibi[b * a->Hq + h] : 0.f;
     for (int r = 0; r < mq; ++r) {
