@@ -37,8 +37,8 @@ namespace MLXF_ISA {
 
 namespace {
 
-constexpr int BQ = 96;  // query rows per tile
-constexpr int BK = 64;  // keys per tile (a multiple of NR)
+constexpr int BQ = 64;  // query rows per tile
+constexpr int BK = 128;  // keys per tile (a multiple of NR)
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // One sequence of a (possibly packed) batch.
