@@ -394,7 +394,11 @@ void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) {
       pack_row_panels(a.v, s, hkv, s.k_row0, s.nk, nk_pad, a.Dv, 1.f, vp.p);
       ForwardHead fh{&a, &o, s, b, hkv, nk_pad, dv_pad, kt.p, vp.p};
       const int q_tiles = (s.nq + BQ - 1) / BQ;
-      auto task = [&](int64_t t, int) { forward_tile(fh, hkv * G + (int)(t / q_tiles), (int)(t % q_tiles) * BQ); };
+      // Last query tiles first: under causal masks they see the most keys,
+      // and handing out the heaviest work first balances the threads.
+      auto task = [&](int64_t t, int) {
+        forward_tile(fh, hkv * G + (int)(t / q_tiles), (q_tiles - 1 - (int)(t % q_tiles)) * BQ);
+      };
       parallel_tasks((int64_t)G * q_tiles, task);
     }
   }

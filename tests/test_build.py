@@ -57,3 +57,25 @@ def test_import_does_not_need_the_extension():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "ImportError" in result.stdout and "_ext" in result.stdout
+
+
+def test_generic_cpu_variant_is_exact_too():
+    """The portable (non-AVX2) kernels, as a CPU without AVX2 would run them."""
+    import os
+    import pathlib
+
+    tests = pathlib.Path(__file__).parent
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from mlx_flash import _ext; assert _ext.cpu_kernel_isa() == 'generic', _ext.cpu_kernel_isa()\n"
+        "import test_attention_values as t, features\n"
+        "for f in ('none', 'combined_everything', 'additive_mask'):\n"
+        "    for dt in ('float32', 'float16'):\n"
+        "        t.test_forward_features('cpu', f, t.FEATURE_SHAPES[0], dt)\n"
+        "        t.test_gradient_features('cpu', f, t.FEATURE_SHAPES[1], dt)\n"
+        "t.test_decode_features('cpu', 'causal', 'bfloat16')\n"
+        "print('ok')\n" % str(tests)
+    )
+    env = dict(os.environ, MLX_FLASH_CPU_ISA="generic")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
