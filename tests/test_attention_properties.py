@@ -3,11 +3,11 @@ the CPU kernels, forward and gradients against the float64 reference."""
 
 import mlx.core as mx
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 import backends
-from helpers import check_close, randn, to_np
+from helpers import check_close, plain_errors, randn, to_np
 from reference_np import attention_np
 
 
@@ -56,10 +56,14 @@ def attention_case(draw):
 @given(attention_case())
 def test_cpu_matches_reference(case):
     q, k, v, dout, options = case
+    note(f"shapes q{q.shape} k{k.shape} v{v.shape} options {sorted(options)}")
     out, lse = backends.forward("cpu", q, k, v, **options)
     want = attention_np(q, k, v, dout=dout, **options)
-    check_close("out", to_np(out), want["out"], mx.float32)
-    check_close("lse", to_np(lse), want["lse"], mx.float32)
+    # Random scales make some cases ill-conditioned: fp32's own materialised
+    # error (doubled) is the bound there, 2e-5 / 5e-5 everywhere else.
+    plain = plain_errors(q, k, v, dout, options, mx.float32)
+    check_close("out", to_np(out), want, mx.float32, plain)
+    check_close("lse", to_np(lse), want, mx.float32)
     grads = backends.gradients("cpu", q, k, v, dout, **options)
     for name in "qkv":
-        check_close("d" + name, to_np(grads[name]), want["d" + name], mx.float32)
+        check_close("d" + name, to_np(grads[name]), want, mx.float32, plain)
