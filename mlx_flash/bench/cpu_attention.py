@@ -404,6 +404,42 @@ def format_targets(targets: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(doc: dict) -> str:
+    """A Markdown table of every config (for docs/performance_cpu.md)."""
+    def cell(rec):
+        if not rec:
+            return "-"
+        if rec.get("status") != "ok":
+            return rec.get("status", "-")
+        return f"{common.fmt_time(rec['time_s'])} ({rec['gflops']:.1f})"
+
+    gemm = (doc.get("gemm") or {}).get("best_gflops")
+    lines = [
+        f"Machine: {doc['machine'].get('cpu_model')}, {doc['machine'].get('usable_cores')} cores, "
+        f"kernel ISA {doc['machine'].get('mlx_flash_cpu_kernel_isa')}, mlx {doc['machine'].get('mlx')}, "
+        f"torch {doc['machine'].get('torch')}; numpy fp32 GEMM {gemm and round(gemm, 1)} GFLOP/s; {doc.get('created')}.",
+        "",
+        "| mode | dtype | mask | B,H,N,D | mlx_flash (GFLOP/s) | torch SDPA | speedup | mx.fast SDPA | speedup "
+        "| of GEMM | mlx_flash extra peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    entries = sorted(doc["results"].values(), key=lambda e: (
+        e["config"]["mode"], e["config"]["dtype"], e["config"]["D"], e["config"]["causal"], e["config"]["N"]))
+    for e in entries:
+        c, impls, sp = e["config"], e["impls"], e.get("speedup", {})
+        ours = impls.get("mlx_flash") or {}
+        mem = (ours.get("memory") or {}).get("extra_peak_bytes")
+        frac = e.get("gemm_fraction")
+        torch_sp = f"{sp['torch_sdpa']:.2f}x" if "torch_sdpa" in sp else "-"
+        fast_sp = f"{sp['mx_fast_sdpa']:.1f}x" if "mx_fast_sdpa" in sp else "-"
+        of_gemm = f"{frac:.0%}" if frac is not None and c["dtype"] == "fp32" else "-"
+        shape = f"{c['B']},{c['H']},{c['N']},{c['D']}"
+        lines.append(f"| {c['mode']} | {c['dtype']} | {'causal' if c['causal'] else 'full'} | {shape} "
+                     f"| {cell(ours)} | {cell(impls.get('torch_sdpa'))} | {torch_sp} "
+                     f"| {cell(impls.get('mx_fast_sdpa'))} | {fast_sp} | {of_gemm} | {common.fmt_bytes(mem)} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- driver
 
 def run_plan(doc: dict, plan: list[Measurement], policy: common.TimingPolicy, out_path: Path,
@@ -503,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-targets", action="store_true", help="print each target as met / missed")
     p.add_argument("--from", dest="from_path", type=Path,
                    help="read this results JSON instead of measuring (with --check-targets and/or --plots)")
+    p.add_argument("--markdown", action="store_true", help="with --from: print the results as a Markdown table")
     p.add_argument("--out", type=Path,
                    help="results JSON (default benchmarks/results/cpu_attention_<date>.json plus a "
                         "cpu_attention_latest.json copy; cpu_targets_* for --only-targets)")
@@ -551,7 +588,9 @@ def main(argv=None) -> int:
             return 2
         if args.plots:
             _write_plots(doc, args.plots_dir)
-        if args.check_targets or not args.plots:
+        if args.markdown:
+            print(format_markdown(doc))
+        if args.check_targets or not (args.plots or args.markdown):
             print(format_targets(check_targets(doc)))
         return 0
 
