@@ -130,6 +130,17 @@ def test_gemm_runs_without_openblas_overrides(monkeypatch):
     assert gemm["blas"]
 
 
+def test_gemm_ceiling_keeps_the_best_run(monkeypatch):
+    rates = iter([50.0, 80.0])
+    monkeypatch.setattr(common, "measure_gemm", lambda: {"status": "ok", "best_gflops": next(rates), "best_size": 4096})
+    doc = {"results": {}}
+    progress = common.Progress(2, enabled=False)
+    cpu_attention._gemm_ceiling(doc, progress, "start")
+    cpu_attention._gemm_ceiling(doc, progress, "end")
+    assert [r["when"] for r in doc["gemm_runs"]] == ["start", "end"]
+    assert doc["gemm"]["best_gflops"] == 80.0
+
+
 def test_plots(tiny_run, tmp_path):
     pytest.importorskip("matplotlib")
     from mlx_flash.bench import plots
