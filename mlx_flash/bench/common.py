@@ -49,41 +49,75 @@ class TimingPolicy:
 
 
 TIMING_RULE = (
-    "one warm-up call (memory is measured on it), then repeats until budget_s is spent "
-    "(at least min_repeats, at most max_repeats); time_s is their median; a warm-up longer "
-    "than long_call_s is the only sample (warmup_counted)"
+    "each implementation of a config gets one warm-up call (memory is measured on it); then "
+    "the implementations are timed in interleaved rounds (one call of each per round, so a "
+    "change of load on a shared machine hits all of them alike) until each has spent budget_s "
+    "(at least min_repeats, at most max_repeats calls); time_s is the median; a warm-up longer "
+    "than long_call_s is that implementation's only sample (warmup_counted)"
 )
 
 
-def time_call(fn: Callable[[], object], policy: TimingPolicy, warmup: Callable[[], object] | None = None) -> dict:
-    """Median wall time of `fn()` (which must block until its work is done).
-
-    `warmup` (default `fn`) runs first; callers pass a wrapped call there to
-    measure memory on it. Returns seconds: median, min, every sample, and the
-    warm-up time.
-    """
-    t0 = time.perf_counter()
-    (warmup or fn)()
-    warm_s = time.perf_counter() - t0
-    if warm_s >= policy.long_call_s:
-        samples = [warm_s]
-    else:
-        samples = []
-        spent = 0.0
-        while len(samples) < policy.max_repeats and (len(samples) < policy.min_repeats or spent < policy.budget_s):
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            samples.append(dt)
-            spent += dt
+def _summary(samples: list[float], warm_s: float, counted: bool) -> dict:
     return {
         "time_s": statistics.median(samples),
         "min_s": min(samples),
         "times_s": [round(t, 6) for t in samples],
         "repeats": len(samples),
         "warmup_s": round(warm_s, 6),
-        "warmup_counted": warm_s >= policy.long_call_s,
+        "warmup_counted": counted,
     }
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_interleaved(calls: dict, policy: TimingPolicy, warmups: dict | None = None) -> dict:
+    """Median wall time of each blocking call in `calls` ({name: fn}), timed in rounds.
+
+    `warmups[name]` (default the call itself) runs once first; callers pass a
+    wrapped call there to measure memory on it. Returns {name: timing dict},
+    or {name: the exception} for a call that raised (the others go on).
+    """
+    warmups = warmups or {}
+    out, samples, warm = {}, {}, {}
+    for name, fn in calls.items():
+        try:
+            warm[name] = _timed(warmups.get(name) or fn)
+        except Exception as exc:  # one failing implementation must not lose the others
+            out[name] = exc
+            continue
+        samples[name] = [warm[name]] if warm[name] >= policy.long_call_s else []
+    active = [n for n in samples if not samples[n]]
+
+    def finished(name):
+        got = samples[name]
+        return len(got) >= policy.max_repeats or (len(got) >= policy.min_repeats and sum(got) >= policy.budget_s)
+
+    while active:
+        for name in list(active):
+            try:
+                samples[name].append(_timed(calls[name]))
+            except Exception as exc:
+                out[name] = exc
+                active.remove(name)
+                continue
+            if finished(name):
+                active.remove(name)
+    for name, got in samples.items():
+        if name not in out:
+            out[name] = _summary(got, warm[name], warm[name] >= policy.long_call_s)
+    return out
+
+
+def time_call(fn: Callable[[], object], policy: TimingPolicy, warmup: Callable[[], object] | None = None) -> dict:
+    """Median wall time of one blocking call `fn()` (see `time_interleaved`); raises what it raises."""
+    res = time_interleaved({"fn": fn}, policy, {"fn": warmup} if warmup else None)["fn"]
+    if isinstance(res, Exception):
+        raise res
+    return res
 
 
 # --------------------------------------------------------------------------- memory

@@ -229,24 +229,42 @@ def skip_reason(m: Measurement, mx_fast_max_n: int, disabled: set) -> str | None
     return None
 
 
+def measure_config(measurements: list[Measurement], inputs: Inputs, policy: common.TimingPolicy,
+                   keep_by_impl: dict) -> dict:
+    """Time every implementation of one config in interleaved rounds: {impl: record}."""
+    calls, warmups, mem_kinds, records = {}, {}, {}, {}
+    for m in measurements:
+        keep = keep_by_impl.setdefault(m.impl, {})
+        try:
+            run, mem_kind = make_runner(m.config, m.impl, inputs, keep)
+        except Exception as exc:
+            records[m.impl] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+            continue
+        calls[m.impl], mem_kinds[m.impl] = run, mem_kind
+        warmups[m.impl] = {"mlx": common.mlx_extra_peak, "rss": common.rss_extra_peak}.get(mem_kind, lambda f: f)(run)
+    timings = common.time_interleaved(calls, policy, warmups)
+    for m in measurements:
+        if m.impl in records:
+            continue
+        timing = timings[m.impl]
+        if isinstance(timing, Exception):
+            records[m.impl] = {"status": "error", "reason": f"{type(timing).__name__}: {timing}"}
+            continue
+        rec = {"status": "ok", **timing, "gflops": m.config.flops / timing["time_s"] / 1e9,
+               "loadavg_1min": round(os.getloadavg()[0], 2)}
+        mem = getattr(warmups[m.impl], "result", None)
+        if mem:
+            rec["memory"] = {**mem, "method": mem_kinds[m.impl]}
+        if m.force:
+            rec["forced_beyond_cap"] = True
+        records[m.impl] = rec
+    return records
+
+
 def measure(m: Measurement, inputs: Inputs, policy: common.TimingPolicy, keep: dict) -> dict:
-    """One measurement record: times, GFLOP/s, memory."""
-    run, mem_kind = make_runner(m.config, m.impl, inputs, keep)
-    if mem_kind == "mlx":
-        warm = common.mlx_extra_peak(run)
-    elif mem_kind == "rss":
-        warm = common.rss_extra_peak(run)
-    else:
-        warm = run
-    timing = common.time_call(run, policy, warmup=warm)
-    rec = {"status": "ok", **timing, "gflops": m.config.flops / timing["time_s"] / 1e9,
-           "loadavg_1min": round(os.getloadavg()[0], 2)}
-    mem = getattr(warm, "result", None)
-    if mem:
-        rec["memory"] = {**mem, "method": mem_kind}
-    if m.force:
-        rec["forced_beyond_cap"] = True
-    return rec
+    """One implementation alone (see measure_config)."""
+    keep_by_impl = {m.impl: keep}
+    return measure_config([m], inputs, policy, keep_by_impl)[m.impl]
 
 
 # --------------------------------------------------------------------------- results document
@@ -443,6 +461,18 @@ def format_markdown(doc: dict) -> str:
 
 # --------------------------------------------------------------------------- driver
 
+def _describe(rec: dict, impl: str, entry: dict) -> str:
+    if rec["status"] != "ok":
+        return f"{rec['status']}: {rec.get('reason', '')}"
+    text = f"{common.fmt_time(rec['time_s'])} {rec['gflops']:.1f} GFLOP/s ({rec['repeats']} samples)"
+    mem = rec.get("memory", {}).get("extra_peak_bytes")
+    if mem is not None:
+        text += f", +{common.fmt_bytes(mem)}"
+    if impl in entry.get("speedup", {}):
+        text += f"; mlx_flash {entry['speedup'][impl]:.2f}x"
+    return text
+
+
 def run_plan(doc: dict, plan: list[Measurement], policy: common.TimingPolicy, out_path: Path,
              mx_fast_max_n: int, disabled: set, progress: common.Progress) -> None:
     by_config: dict[str, list[Measurement]] = {}
@@ -458,35 +488,24 @@ def run_plan(doc: dict, plan: list[Measurement], policy: common.TimingPolicy, ou
             continue
         inputs = Inputs(cfg)
         keep_by_impl = {}
+        runnable = []
         for m in todo:
-            label = f"{cfg.label} | {m.impl}"
             reason = skip_reason(m, mx_fast_max_n, disabled)
             if reason:
                 record(doc, m, {"status": "skipped", "reason": reason})
-                progress.end(label, "skipped")
-                continue
-            progress.begin(label)
-            keep = {}
-            try:
-                rec = measure(m, inputs, policy, keep)
-            except Exception as exc:  # record and go on: one failure must not lose a long sweep
-                rec = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-            keep_by_impl[m.impl] = keep.get("out")
-            record(doc, m, rec)
-            common.write_json(out_path, doc)
-            if rec["status"] == "ok":
-                mem = rec.get("memory", {}).get("extra_peak_bytes")
-                result = f"{common.fmt_time(rec['time_s'])} {rec['gflops']:.1f} GFLOP/s"
-                if mem is not None:
-                    result += f", +{common.fmt_bytes(mem)}"
-                sp = doc["results"][cfg.key].get("speedup", {})
-                if m.impl != "mlx_flash" and m.impl in sp:
-                    result += f" (mlx_flash {sp[m.impl]:.2f}x)"
+                progress.end(f"{cfg.label} | {m.impl}", "skipped")
             else:
-                result = rec["status"] + ": " + rec["reason"]
-            progress.end(label, result)
+                runnable.append(m)
+        if runnable:
+            progress.begin(f"{cfg.label} | {', '.join(m.impl for m in runnable)}")
+            records = measure_config(runnable, inputs, policy, keep_by_impl)
+            for m in runnable:
+                record(doc, m, records[m.impl])
+            for m in runnable:
+                progress.end(f"{cfg.label} | {m.impl}", _describe(records[m.impl], m.impl, doc["results"][cfg.key]))
+            common.write_json(out_path, doc)
         if cfg.mode == "fwd":
-            _compare_forward(doc, cfg, keep_by_impl)
+            _compare_forward(doc, cfg, {impl: keep.get("out") for impl, keep in keep_by_impl.items()})
         del inputs, keep_by_impl
         gc.collect()
         import mlx.core as mx
