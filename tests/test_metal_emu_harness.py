@@ -445,3 +445,55 @@ def test_tiled_matmul_through_threadgroup_memory():
                      threadgroup=(128, 1, 1), seed=seed)
         expected = to_np(a).astype(np.float64) @ to_np(b).astype(np.float64)
         np.testing.assert_allclose(np.array(out), expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Faults are reported, not crashes
+
+
+def test_out_of_bounds_read_names_the_buffer():
+    source = "uint i = thread_position_in_grid.x; out0[i] = a[i + 8];"  # reads 8 past the end
+    with pytest.raises(harness.MetalEmulationError, match=r"out-of-bounds access to buffer 0 `a`.*past the end"):
+        run(source, [mx.zeros((1024,))], input_names=["a"], output_shapes=[(1024,)], output_dtypes=[mx.float32],
+            grid=(1024, 1, 1), threadgroup=(256, 1, 1))
+
+
+def test_out_of_bounds_write_names_the_output():
+    source = "uint i = thread_position_in_grid.x; result[i * 2] = 1;"
+    with pytest.raises(harness.MetalEmulationError, match=r"buffer 1 `result`"):
+        run(source, [mx.zeros((1,))], output_names=["result"], output_shapes=[(1000,)],
+            output_dtypes=[mx.float32], grid=(1000, 1, 1), threadgroup=(100, 1, 1))
+
+
+def test_threadgroup_array_overflow():
+    source = """
+    threadgroup float tile[64];
+    tile[thread_position_in_threadgroup.x + 4] = 1;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out0[thread_position_in_grid.x] = tile[0];
+    """
+    with pytest.raises(harness.MetalEmulationError, match="threadgroup array"):
+        run(source, [mx.zeros((1,))], output_shapes=[(64,)], output_dtypes=[mx.float32], grid=(64, 1, 1),
+            threadgroup=(64, 1, 1))
+
+
+def test_divergent_barriers_are_an_error():
+    source = """
+    uint t = thread_position_in_threadgroup.x;
+    if (t < 32) {
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    } else {
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    out0[t] = 1;
+    """
+    with pytest.raises(harness.MetalEmulationError, match="different threadgroup_barrier"):
+        run(source, [mx.zeros((1,))], output_shapes=[(64,)], output_dtypes=[mx.float32], grid=(64, 1, 1),
+            threadgroup=(64, 1, 1))
+
+
+def test_harness_survives_faults():
+    # After the faults above, the process and the harness still work.
+    (out,) = run("out0[thread_position_in_grid.x] = 2;", [mx.zeros((1,))], output_shapes=[(4,)],
+                 output_dtypes=[mx.float32], grid=(4, 1, 1), threadgroup=(4, 1, 1))
+    np.testing.assert_array_equal(np.array(out), [2] * 4)
