@@ -63,6 +63,19 @@ _CXX_FLAGS = [
 ]
 
 
+def _cpu_flags() -> list:
+    """Instruction sets that make fma() and half conversions inline (x86-64)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f"-m{name}" for name in ("fma", "f16c") if name in flags]
+
+
+_CXX_FLAGS += _cpu_flags()
+
+
 class MetalCompileError(RuntimeError):
     """The kernel source did not compile against the MSL emulation."""
 

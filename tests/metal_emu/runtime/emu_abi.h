@@ -35,6 +35,11 @@ typedef struct EmuExchange {
   unsigned active_mask;  // bit i: lane i took part
   unsigned lane;
   unsigned width;        // lanes in this SIMD-group (32, fewer at a partial edge)
+  // Scratch shared by the lanes of this exchange, so that one lane can
+  // compute a result for all (e.g. a whole 8x8 product); *scratch_ready is
+  // 0 when the exchange completes.
+  unsigned char* scratch;
+  unsigned* scratch_ready;
 } EmuExchange;
 
 // Calls the runtime makes into the kernel library.

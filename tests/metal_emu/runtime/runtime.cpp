@@ -114,6 +114,8 @@ struct Fiber {
 
 struct SimdGroup {
   alignas(16) unsigned char slots[kSimdWidth][kPayloadBytes];
+  alignas(16) unsigned char scratch[kSimdWidth * kPayloadBytes];
+  unsigned scratch_ready;
 };
 
 // Memory laid out so that running off either end faults: the data ends
@@ -222,6 +224,7 @@ bool complete_simd_operations(Launch& launch) {
     }
     if (mask == 0) continue;
     SimdGroup& group = launch.simdgroups[g];
+    group.scratch_ready = 0;
     for (int t = first; t < last; ++t) {
       Fiber& f = launch.fibers[t];
       if (f.state != State::AtSimd) continue;
@@ -235,6 +238,8 @@ bool complete_simd_operations(Launch& launch) {
       f.result.active_mask = mask;
       f.result.lane = unsigned(t - first);
       f.result.width = unsigned(last - first);
+      f.result.scratch = group.scratch;
+      f.result.scratch_ready = &group.scratch_ready;
       f.state = State::Ready;
     }
     progressed = true;
