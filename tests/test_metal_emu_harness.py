@@ -497,3 +497,42 @@ def test_harness_survives_faults():
     (out,) = run("out0[thread_position_in_grid.x] = 2;", [mx.zeros((1,))], output_shapes=[(4,)],
                  output_dtypes=[mx.float32], grid=(4, 1, 1), threadgroup=(4, 1, 1))
     np.testing.assert_array_equal(np.array(out), [2] * 4)
+
+
+# --------------------------------------------------------------------------
+# Source rewrites (MSL spellings C++ lacks)
+
+
+def test_unsuffixed_float_literals_are_float_like_in_msl():
+    # In C++ `x * 0.1` would be a double product; MSL has no double.
+    source = "uint i = thread_position_in_grid.x; out0[i] = x[i] * 0.1 + 1e-3;"
+    x = RNG.standard_normal(256).astype(np.float32)
+    (out,) = run(source, [mx.array(x)], input_names=["x"], output_shapes=[(256,)], output_dtypes=[mx.float32],
+                 grid=(256, 1, 1), threadgroup=(256, 1, 1))
+    np.testing.assert_array_equal(np.array(out), x * np.float32(0.1) + np.float32(1e-3))
+
+
+def test_rewrites_keep_line_numbers():
+    source = "a = float4(1, 2.5, 3h, .5);\nthreadgroup float buf[N * 2];\nconstexpr constant int K = 3;\n"
+    rewritten = harness.to_cpp(source)
+    assert rewritten.count("\n") == source.count("\n")
+    assert "__emu_make<float, 4>(1, 2.5f, half(3), .5f)" in rewritten
+    assert "threadgroup float (&buf)[N*2] = *__emu_threadgroup_variable<float[N*2]>(0);" in rewritten
+    assert "constexpr int K = 3;" in rewritten
+
+
+def test_threadgroups_run_in_random_order():
+    # Each threadgroup records when it ran; the order changes with the seed.
+    source = """
+    if (thread_position_in_threadgroup.x == 0) {
+      out0[threadgroup_position_in_grid.x] = atomic_fetch_add_explicit(&counter[0], 1, memory_order_relaxed);
+    }
+    """
+    k = harness.metal_kernel("order", ["counter_in"], ["out0", "counter"], source.replace("&counter[0]", "(device atomic_int*)&counter[0]"))
+    orders = []
+    for seed in range(2):
+        out, _ = k(inputs=[mx.zeros((1,))], grid=(16 * 8, 1, 1), threadgroup=(8, 1, 1), output_shapes=[(16,), (1,)],
+                   output_dtypes=[mx.int32, mx.int32], init_value=0, seed=seed)
+        orders.append(np.array(out))
+        assert sorted(orders[-1]) == list(range(16))
+    assert not np.array_equal(orders[0], orders[1])

@@ -360,6 +360,11 @@ _VECTOR_SCALARS = "float|half|bfloat|int|uint|short|ushort|char|uchar|long|ulong
 _VECTOR_CONSTRUCTOR = re.compile(rf"(?<![\w.:])({_VECTOR_SCALARS})([234])\s*\(")
 _HOST_NAME = re.compile(r"\btemplate\s*\[\[\s*host_name\([^)]*\)\s*\]\]\s*(\[\[\s*kernel\s*\]\]\s*)?")
 _HALF_LITERAL = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)[hH](?!\w)")
+# MSL has no double: an unsuffixed floating literal is a float there, a
+# double in C++ (which would widen `h * 0.5` to double arithmetic).
+_DOUBLE_LITERAL = re.compile(
+    r"(?<![\w.])(\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)(?![\w.])"
+)
 _CONSTEXPR_CONSTANT = re.compile(r"\bconstexpr\s+constant\b|\bconstant\s+constexpr\b")
 _THREADGROUP_DECLARATION = re.compile(
     r"(?P<lead>(?:^|[;{}])\s*)threadgroup\s+"
@@ -374,6 +379,7 @@ def to_cpp(source: str) -> str:
     text = _HOST_NAME.sub("template ", source)
     text = _CONSTEXPR_CONSTANT.sub("constexpr", text)
     text = _HALF_LITERAL.sub(r"half(\1)", text)
+    text = _DOUBLE_LITERAL.sub(r"\1f", text)
     text = _VECTOR_CONSTRUCTOR.sub(r"::metal::__emu_make<\1, \2>(", text)
     counter = iter(range(1 << 30))
 

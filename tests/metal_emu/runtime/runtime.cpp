@@ -510,29 +510,36 @@ int __emu_run_grid(EmuThreadFn fn, void** buffers, const unsigned long* buffer_b
   g_launch = &launch;
   int status = 0;
   long* group = launch.group;  // in memory, so still right after a siglongjmp
+  // Declared out here: a fault's siglongjmp skips destructors of inner scopes.
+  std::vector<long> order(size_t(tg_count[0] * tg_count[1] * tg_count[2]));
   {
     SignalGuard signals;
     if (sigsetjmp(launch.abort_jump, 1) != 0) {
       status = fail("threadgroup (" + std::to_string(group[0]) + ", " + std::to_string(group[1]) + ", " +
                     std::to_string(group[2]) + "): " + describe_fault(launch));
     } else {
-      for (group[2] = 0; group[2] < tg_count[2] && status == 0; ++group[2])
-        for (group[1] = 0; group[1] < tg_count[1] && status == 0; ++group[1])
-          for (group[0] = 0; group[0] < tg_count[0] && status == 0; ++group[0]) {
-            long actual[3];
-            for (int d = 0; d < 3; ++d) actual[d] = std::min(dispatch_tg[d], grid[d] - group[d] * dispatch_tg[d]);
-            launch.thread_count = int(actual[0] * actual[1] * actual[2]);
-            launch.simdgroups.resize((launch.thread_count + kSimdWidth - 1) / kSimdWidth);
-            int t = 0;
-            for (long z = 0; z < actual[2]; ++z)
-              for (long y = 0; y < actual[1]; ++y)
-                for (long x = 0; x < actual[0]; ++x)
-                  set_attrs(launch.fibers[t++].attrs, grid, dispatch_tg, tg_count, group, actual, x, y, z);
-            if (!run_threadgroup(launch, rng)) {
-              status = fail("threadgroup (" + std::to_string(group[0]) + ", " + std::to_string(group[1]) + ", " +
-                            std::to_string(group[2]) + "): " + launch.error);
-            }
-          }
+      // Threadgroups run in a seeded random order: a kernel must not depend
+      // on the order (or concurrency) in which the GPU runs them.
+      for (size_t i = 0; i < order.size(); ++i) order[i] = long(i);
+      std::shuffle(order.begin(), order.end(), rng);
+      for (size_t i = 0; i < order.size() && status == 0; ++i) {
+        group[0] = order[i] % tg_count[0];
+        group[1] = order[i] / tg_count[0] % tg_count[1];
+        group[2] = order[i] / (tg_count[0] * tg_count[1]);
+        long actual[3];
+        for (int d = 0; d < 3; ++d) actual[d] = std::min(dispatch_tg[d], grid[d] - group[d] * dispatch_tg[d]);
+        launch.thread_count = int(actual[0] * actual[1] * actual[2]);
+        launch.simdgroups.resize((launch.thread_count + kSimdWidth - 1) / kSimdWidth);
+        int t = 0;
+        for (long z = 0; z < actual[2]; ++z)
+          for (long y = 0; y < actual[1]; ++y)
+            for (long x = 0; x < actual[0]; ++x)
+              set_attrs(launch.fibers[t++].attrs, grid, dispatch_tg, tg_count, group, actual, x, y, z);
+        if (!run_threadgroup(launch, rng)) {
+          status = fail("threadgroup (" + std::to_string(group[0]) + ", " + std::to_string(group[1]) + ", " +
+                        std::to_string(group[2]) + "): " + launch.error);
+        }
+      }
     }
   }
   g_launch = previous;
