@@ -348,6 +348,43 @@ def test_simd_functions_match_numpy():
     np.testing.assert_array_equal(outs[7].reshape(-1, 32), g[:, (lane * 7) % 32])
 
 
+def test_simd_functions_in_divergent_branches():
+    # Each branch's simd_sum runs over the lanes that took the branch.
+    source = """
+    uint lane = thread_index_in_simdgroup;
+    float r;
+    if (lane < 12) r = simd_sum(1.0f);
+    else r = simd_max(float(lane));
+    out0[thread_position_in_grid.x] = r;
+    """
+    (out,) = run(source, [mx.zeros((1,))], output_shapes=[(32,)], output_dtypes=[mx.float32], grid=(32, 1, 1),
+                 threadgroup=(32, 1, 1))
+    np.testing.assert_array_equal(np.array(out), [12] * 12 + [31] * 20)
+
+
+def test_threadgroup_variable_in_a_template_helper():
+    # One declaration, two instantiations: each gets storage of its own size.
+    header = """
+    template <typename T, int N>
+    T fill_and_sum(uint t, T v) {
+      threadgroup T scratch[N];
+      if (t < N) scratch[t] = v;
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      T s = 0;
+      for (int i = 0; i < N; ++i) s += scratch[i];
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      return s;
+    }
+    """
+    source = """
+    uint t = thread_position_in_threadgroup.x;
+    out0[t] = fill_and_sum<half, 4>(t, half(1)) + fill_and_sum<float, 64>(t, 2.0f);
+    """
+    (out,) = run(source, [mx.zeros((1,))], header=header, output_shapes=[(64,)], output_dtypes=[mx.float32],
+                 grid=(64, 1, 1), threadgroup=(64, 1, 1))
+    np.testing.assert_array_equal(np.array(out), [4 + 128] * 64)
+
+
 def test_simd_sum_over_active_lanes_only():
     source = """
     uint lane = thread_index_in_simdgroup;
@@ -517,7 +554,7 @@ def test_rewrites_keep_line_numbers():
     rewritten = harness.to_cpp(source)
     assert rewritten.count("\n") == source.count("\n")
     assert "__emu_make<float, 4>(1, 2.5f, half(3), .5f)" in rewritten
-    assert "threadgroup float (&buf)[N*2] = *__emu_threadgroup_variable<float[N*2]>(0);" in rewritten
+    assert "threadgroup float (&buf)[N*2] = *__emu_threadgroup_variable<float[N*2], 0>();" in rewritten
     assert "constexpr int K = 3;" in rewritten
 
 

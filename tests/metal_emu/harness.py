@@ -387,8 +387,8 @@ def to_cpp(source: str) -> str:
         key = next(counter)
         t, name, dims = m["type"], m["name"], re.sub(r"\s+", "", m["dims"] or "")
         if dims:
-            return f"{m['lead']}threadgroup {t} (&{name}){dims} = *__emu_threadgroup_variable<{t}{dims}>({key});"
-        return f"{m['lead']}threadgroup {t}& {name} = *__emu_threadgroup_variable<{t}>({key});"
+            return f"{m['lead']}threadgroup {t} (&{name}){dims} = *__emu_threadgroup_variable<{t}{dims}, {key}>();"
+        return f"{m['lead']}threadgroup {t}& {name} = *__emu_threadgroup_variable<{t}, {key}>();"
 
     return _THREADGROUP_DECLARATION.sub(threadgroup_variable, text)
 

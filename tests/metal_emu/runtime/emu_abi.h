@@ -49,7 +49,8 @@ typedef void (*EmuThreadFn)(void** buffers);
 const EmuThreadAttrs* __emu_attrs(void);
 void __emu_threadgroup_barrier(unsigned site);
 EmuExchange __emu_simd_exchange(const void* payload, unsigned nbytes, unsigned site);
-void* __emu_threadgroup_alloc(unsigned key, unsigned long nbytes, unsigned char poison);
+// `key` identifies one threadgroup variable (declaration and type).
+void* __emu_threadgroup_alloc(const void* key, unsigned long nbytes, unsigned char poison);
 void __emu_fail(const char* message);  // does not return to the caller's thread
 
 // Runs the grid over copies of `buffers` (copied back at the end); 0 on

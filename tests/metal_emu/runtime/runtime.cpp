@@ -12,7 +12,8 @@
 // - A SIMD-group operation completes when every lane of the SIMD-group that
 //   has not returned is blocked; the lanes blocked at SIMD-group operations
 //   form the active set (as the hardware's active mask would). Lanes blocked
-//   at different SIMD-group operations (different source lines) is an error.
+//   at different SIMD-group operations (different source lines: divergent
+//   branches) are served one operation at a time.
 // - threadgroup_barrier completes when every thread of the threadgroup is
 //   blocked at it. A barrier that some threads never reach (they returned,
 //   or wait at another barrier) is undefined behaviour in Metal, so an error.
@@ -158,7 +159,7 @@ std::string describe_offset(const Guarded& g, const char* address) {
 }
 
 struct ThreadgroupVariable {
-  unsigned key;
+  const void* key;
   Guarded memory;
   bool live;  // allocated (and poisoned) in the current threadgroup
 };
@@ -203,6 +204,9 @@ void yield_to_scheduler() {
 std::string site_text(unsigned site) { return "line " + std::to_string(site); }
 
 // Completes pending SIMD-group operations; false if none could complete.
+// Lanes blocked at different SIMD-group operations (divergent branches) are
+// served one operation at a time, each with its lanes as the active set, as
+// the hardware runs the branches one after the other.
 bool complete_simd_operations(Launch& launch) {
   bool progressed = false;
   for (size_t g = 0; g < launch.simdgroups.size(); ++g) {
@@ -213,26 +217,20 @@ bool complete_simd_operations(Launch& launch) {
     for (int t = first; t < last; ++t) {
       Fiber& f = launch.fibers[t];
       if (f.state != State::AtSimd) continue;
-      if (mask != 0 && f.site != site) {
-        launch.error = "divergent SIMD-group operations: lanes of SIMD-group " + std::to_string(g) +
-                       " wait at different SIMD-group operations (" + site_text(site) + " and " +
-                       site_text(f.site) + ")";
-        return false;
-      }
-      site = f.site;
-      mask |= 1u << (t - first);
+      if (mask == 0) site = f.site;
+      if (f.site == site) mask |= 1u << (t - first);
     }
     if (mask == 0) continue;
     SimdGroup& group = launch.simdgroups[g];
     group.scratch_ready = 0;
     for (int t = first; t < last; ++t) {
+      if (!(mask >> (t - first) & 1u)) continue;
       Fiber& f = launch.fibers[t];
-      if (f.state != State::AtSimd) continue;
       memcpy(group.slots[t - first], f.payload, f.payload_bytes);
     }
     for (int t = first; t < last; ++t) {
+      if (!(mask >> (t - first) & 1u)) continue;
       Fiber& f = launch.fibers[t];
-      if (f.state != State::AtSimd) continue;
       f.result.slots = &group.slots[0][0];
       f.result.stride = kPayloadBytes;
       f.result.active_mask = mask;
@@ -437,7 +435,7 @@ EmuExchange __emu_simd_exchange(const void* payload, unsigned nbytes, unsigned s
   return f->result;
 }
 
-void* __emu_threadgroup_alloc(unsigned key, unsigned long nbytes, unsigned char poison) {
+void* __emu_threadgroup_alloc(const void* key, unsigned long nbytes, unsigned char poison) {
   Launch& launch = *g_launch;
   ThreadgroupVariable* variable = nullptr;
   for (auto& v : launch.threadgroup_variables)
