@@ -422,6 +422,30 @@ def test_simdgroup_multiply_accumulate(dtype, transpose_b):
     np.testing.assert_allclose(to_np(out), expected, rtol=tol, atol=tol * 4)
 
 
+def test_simdgroup_load_store_origin_and_transpose():
+    # A 16 x 24 array; load the 8x8 block at matrix (column 8, row 4), plain
+    # and transposed, and store each into a 16 x 16 array at (column 3, row 5).
+    source = """
+    simdgroup_matrix<float, 8, 8> M;
+    simdgroup_load(M, a, 24, ulong2(8, 4), TRANSPOSE);
+    simdgroup_store(M, out0, 16, ulong2(3, 5), TRANSPOSE);
+    """
+    a = np.arange(16 * 24, dtype=np.float32).reshape(16, 24)
+    for transpose in (False, True):
+        (out,) = run(source.replace("TRANSPOSE", "true" if transpose else "false"), [mx.array(a)],
+                     input_names=["a"], output_shapes=[(16, 16)], output_dtypes=[mx.float32], grid=(32, 1, 1),
+                     threadgroup=(32, 1, 1), init_value=-1)
+        got = np.array(out)
+        expected = np.full((16, 16), -1.0, dtype=np.float32)
+        if transpose:
+            # M = (rows 8..15, columns 4..11 of a) transposed; stored transposed
+            # at matrix origin (3, 5): memory rows 3..10, columns 5..12.
+            expected[3:11, 5:13] = a[8:16, 4:12]
+        else:
+            expected[5:13, 3:11] = a[4:12, 8:16]
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_thread_elements_layout():
     # Each lane writes its two elements' coordinates through thread_elements();
     # the stored matrix must hold row * 8 + column everywhere.
