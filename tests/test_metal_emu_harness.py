@@ -154,9 +154,10 @@ def test_vector_types_constructors_and_math():
               + fast::tanh(0.0f) + clamp(5.0f, 0.0f, 1.0f) + select(0.0f, 10.0f, isnan(NAN))
               + (isinf(INFINITY) ? 100.0f : 0.0f) + float(1.5h) + float(numeric_limits<half>::max() == 65504.0f);
     """
+    header = '#include <metal_stdlib>\n#include <metal_simdgroup_matrix>\n#include "mlx/backend/metal/kernels/utils.h"\n'
     a = np.array([0.25, -1.0, 3.0], dtype=np.float32)
-    (out,) = run(source, [mx.array(a)], input_names=["a"], output_shapes=[(3,)], output_dtypes=[mx.float32],
-                 grid=(3, 1, 1), threadgroup=(3, 1, 1))
+    (out,) = run(source, [mx.array(a)], input_names=["a"], header=header, output_shapes=[(3,)],
+                 output_dtypes=[mx.float32], grid=(3, 1, 1), threadgroup=(3, 1, 1))
     # w = (2a+1, 7, 5, 2a+1): w.x + w.y = 2a + 8
     expected = (2 * a + 8) + 2 + 3 + np.maximum(a, 0.5) + 1 + 2 + 0 + 1 + 10 + 100 + 1.5 + 1
     np.testing.assert_allclose(np.array(out), expected, rtol=1e-6)
