@@ -328,9 +328,9 @@ class _Signature:
             "}\n"
             'extern "C" int emu_launch(void** buffers, const unsigned long* bytes, const char* const* names, int count,\n'
             "                          const long* grid, const long* group, unsigned long long seed, long tg_limit,\n"
-            "                          char* error, long error_len) {\n"
+            "                          int os_threads, char* error, long error_len) {\n"
             "  return __emu_run_grid(__emu_thread, buffers, bytes, names, count, grid, group, seed, tg_limit,\n"
-            "                        error, error_len);\n"
+            "                        os_threads, error, error_len);\n"
             "}\n"
         )
 
@@ -486,6 +486,7 @@ def _library(cpp: str):
         ctypes.POINTER(ctypes.c_long),
         ctypes.c_ulonglong,
         ctypes.c_long,
+        ctypes.c_int,
         ctypes.c_char_p,
         ctypes.c_long,
     ]
@@ -529,6 +530,17 @@ def unavailable_reason() -> Optional[str]:
 
 # --------------------------------------------------------------------------
 # The public kernel object
+
+
+def os_threads() -> int:
+    """OS threads a launch spreads its threadgroups over: $METAL_EMU_THREADS,
+    default 1. Results do not depend on it, except for kernels whose
+    threadgroups interact (atomics, races), which are then not reproducible."""
+    value = os.environ.get("METAL_EMU_THREADS", "1")
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"METAL_EMU_THREADS must be a positive integer, got {value!r}") from None
 
 
 def _quote_lines(message: str, source: str) -> str:
@@ -641,6 +653,7 @@ class Kernel:
             (ctypes.c_long * 3)(*threadgroup),
             seed,
             THREADGROUP_MEMORY_LIMIT,
+            os_threads(),
             error,
             len(error),
         )
