@@ -598,3 +598,14 @@ def test_threadgroups_run_in_random_order():
         orders.append(np.array(out))
         assert sorted(orders[-1]) == list(range(16))
     assert not np.array_equal(orders[0], orders[1])
+
+
+def test_parallel_threadgroups_same_results_and_faults(monkeypatch):
+    serial, expected = _reduce("threadgroup_barrier(mem_flags::mem_threadgroup);", 0)
+    monkeypatch.setenv("METAL_EMU_THREADS", "2")
+    parallel, _ = _reduce("threadgroup_barrier(mem_flags::mem_threadgroup);", 0)
+    np.testing.assert_array_equal(parallel, serial)
+    np.testing.assert_allclose(parallel, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(harness.MetalEmulationError, match=r"buffer 0 `a`"):
+        run("uint i = thread_position_in_grid.x; out0[i] = a[i + 300];", [mx.zeros((1024,))], input_names=["a"],
+            output_shapes=[(1024,)], output_dtypes=[mx.float32], grid=(1024, 1, 1), threadgroup=(64, 1, 1))
