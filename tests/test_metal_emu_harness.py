@@ -73,6 +73,18 @@ def _mlx_generated_source(kernel_args, call_args):
     return text.split("```\n", 1)[1].rsplit("\n```", 1)[0]
 
 
+def test_signature_matches_mlx_without_template_or_attributes():
+    kernel_args = dict(name="plain", input_names=["x"], output_names=["y", "z"], source="y[0] = x[0]; z[0] = 1;")
+    inputs = [mx.ones((16,), dtype=mx.bfloat16)]
+    call = dict(grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,), (1,)],
+                output_dtypes=[mx.bfloat16, mx.uint8])
+    expected = _mlx_generated_source(kernel_args, dict(call, inputs=inputs))
+    if expected is None:
+        pytest.skip("this MLX build does not print kernel sources without Metal")
+    ours = harness.metal_kernel(**kernel_args).generated_source(inputs=inputs, output_dtypes=call["output_dtypes"])
+    assert ours == expected
+
+
 @pytest.mark.parametrize(
     "source, atomic",
     [
