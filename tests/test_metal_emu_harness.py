@@ -621,3 +621,16 @@ def test_parallel_threadgroups_same_results_and_faults(monkeypatch):
     with pytest.raises(harness.MetalEmulationError, match=r"buffer 0 `a`"):
         run("uint i = thread_position_in_grid.x; out0[i] = a[i + 300];", [mx.zeros((1024,))], input_names=["a"],
             output_shapes=[(1024,)], output_dtypes=[mx.float32], grid=(1024, 1, 1), threadgroup=(64, 1, 1))
+
+
+def test_race_check_runs_several_schedules(monkeypatch):
+    monkeypatch.setenv("METAL_EMU_RACE_CHECK", "3")
+    out, expected = _reduce("threadgroup_barrier(mem_flags::mem_threadgroup);", 0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    # With the first barrier but none in the loop, every value read is
+    # finite but which partial sums are complete depends on the schedule.
+    racy = _REDUCE.replace("BARRIER", "threadgroup_barrier(mem_flags::mem_threadgroup);", 1).replace("BARRIER", "")
+    a = np.random.default_rng(7).standard_normal(4 * 256).astype(np.float32)
+    with pytest.raises(harness.MetalEmulationError, match="changes with the thread schedule"):
+        run(racy, [mx.array(a)], input_names=["a"], output_shapes=[(4,)], output_dtypes=[mx.float32],
+            grid=(1024, 1, 1), threadgroup=(256, 1, 1))

@@ -543,6 +543,17 @@ def os_threads() -> int:
         raise ValueError(f"METAL_EMU_THREADS must be a positive integer, got {value!r}") from None
 
 
+def race_check_runs() -> int:
+    """How many schedules each launch runs ($METAL_EMU_RACE_CHECK, default 1).
+    With 2 or more, a kernel (without atomic outputs) whose outputs differ
+    between schedules raises MetalEmulationError."""
+    value = os.environ.get("METAL_EMU_RACE_CHECK", "1")
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"METAL_EMU_RACE_CHECK must be a positive integer, got {value!r}") from None
+
+
 def _quote_lines(message: str, source: str) -> str:
     """`message` followed by the source lines it names ("line 12")."""
     lines = source.splitlines()
@@ -641,14 +652,39 @@ class Kernel:
         array = (ctypes.c_void_p * max(1, count))(*pointers)
         sizes = (ctypes.c_ulong * max(1, count))(*[b.nbytes for b in keep])
         c_names = (ctypes.c_char_p * max(1, count))(*[n.encode() for n in names])
-        error = ctypes.create_string_buffer(4096)
         if seed is None:
             seed = int(os.environ.get("METAL_EMU_SEED", "0"))
+        n_in = len(keep) - len(self.output_names)
+        initial = [b.copy() for b in keep[n_in:]]
+        self._launch(lib, keep, array, sizes, c_names, grid, threadgroup, seed, source)
+        outputs = keep[n_in:]
+        # Optional schedule check: run again under other seeds, the outputs
+        # must not change (a change means a race: a missing barrier, ...).
+        if not self.atomic_outputs:
+            for extra in range(1, race_check_runs()):
+                first = [b.copy() for b in outputs]
+                for buf, init in zip(outputs, initial):
+                    buf[...] = init
+                self._launch(lib, keep, array, sizes, c_names, grid, threadgroup, seed + extra, source)
+                for j, (a, b) in enumerate(zip(first, outputs)):
+                    if a.tobytes() != b.tobytes():
+                        differ = int(np.count_nonzero(a.view(np.uint8) != b.view(np.uint8)))
+                        raise MetalEmulationError(
+                            f"metal_emu: kernel `{self.name}`: output `{self.output_names[j]}` changes with the "
+                            f"thread schedule (seeds {seed} and {seed + extra}, {differ} bytes differ): a race, "
+                            "e.g. a missing threadgroup_barrier"
+                        )
+        return [
+            _from_bytes(outputs[j], tuple(output_shapes[j]), output_dtypes[j]) for j in range(len(self.output_names))
+        ]
+
+    def _launch(self, lib, keep, array, sizes, names, grid, threadgroup, seed, source):
+        error = ctypes.create_string_buffer(4096)
         status = lib.emu_launch(
             array,
             sizes,
-            c_names,
-            count,
+            names,
+            len(keep),
             (ctypes.c_long * 3)(*grid),
             (ctypes.c_long * 3)(*threadgroup),
             seed,
@@ -659,11 +695,6 @@ class Kernel:
         )
         if status != 0:
             raise MetalEmulationError(f"metal_emu: kernel `{self.name}`: " + _quote_lines(error.value.decode(), source))
-        n_in = len(keep) - len(self.output_names)
-        return [
-            _from_bytes(keep[n_in + j], tuple(output_shapes[j]), output_dtypes[j])
-            for j in range(len(self.output_names))
-        ]
 
     @staticmethod
     def _output_buffer(shape, dtype, init_value) -> np.ndarray:
