@@ -12,9 +12,11 @@ materialised attention agree to rounding.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -374,3 +376,28 @@ def test_unsupported_reason_accepts_mlx_lm_masks():
     assert ok("sliding") == "mask string 'sliding'"
     assert ok(mx.ones((3, 10), mx.int32)) == "mask dtype mlx.core.int32"
     assert ok(mx.ones((3, 9), mx.bool_)).startswith("mask shape")
+
+
+# ---------------------------------------------------------------- examples and benchmark
+
+def test_benchmark_functions_small():
+    from mlx_flash.bench import lm
+
+    lora = lm.bench_lora(64)
+    assert lora["loss_abs_diff"] < 1e-4 and lora["grads_max_rel_diff"] < 1e-4
+    generation = lm.bench_generation(48, 3)
+    assert generation["tokens_identical"]
+
+
+@pytest.mark.parametrize("script, args", [
+    ("generate.py", ["--prompt-len", "48", "--new-tokens", "3"]),
+    ("finetune_long_context.py", ["--seq-len", "64", "--steps", "2"]),
+])
+def test_examples_run(script, args):
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
+    result = subprocess.run([sys.executable, str(root / "examples" / script), *args],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "fallback_calls': 0" in result.stdout, result.stdout
