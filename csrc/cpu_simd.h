@@ -26,7 +26,24 @@ inline vf loadu(const float* p) {
   return v;
 }
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf splat(float x) { return vf{} + x; }
+// (An initializer list, not vf{} + x: adding 0 is not a no-op for -0.0, so the
+// compiler would emit an add before every broadcast.)
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x}; }
+
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int l = 0; l < VL; ++l) s += v[l];
+  return s;
+}
+// Largest of n floats, n a multiple of VL.
+inline float row_max_of(const float* x, int n) {
+  vf m = splat(-__builtin_inff());
+  for (int c = 0; c < n; c += VL) m = vmax(m, loadu(x + c));
+  float r = m[0];
+  for (int l = 1; l < VL; ++l) r = r > m[l] ? r : m[l];
+  return r;
+}
 
 // ---- dtype conversion -------------------------------------------------------
 
@@ -205,16 +222,16 @@ inline void gemm(int M, int N, int K, const float* A, int64_t a_rs, int64_t a_cs
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// Heap scratch owned by one scope; 64-byte aligned, zero-filled.
+// Zero-filled fp32 scratch owned by one scope, from MLX's allocator.
 struct Scratch {
   float* p = nullptr;
+  void* handle = nullptr;
   explicit Scratch(size_t n) {
-    size_t bytes = ((n * sizeof(float)) + 63) / 64 * 64;
-    p = static_cast<float*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
-    if (!p) std::abort();
+    const size_t bytes = (n > 0 ? n : 1) * sizeof(float);
+    p = static_cast<float*>(mlxf::scratch_alloc(bytes, &handle));
     std::memset(p, 0, bytes);
   }
-  ~Scratch() { std::free(p); }
+  ~Scratch() { mlxf::scratch_free(handle); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
 };
