@@ -1,1 +1,372 @@
-// CPU matmul2d kernels (compiled per instruction set like attention_cpu_kernel.cpp).
+// matmul2d on the CPU: a blocked, packed, multithreaded GEMM (Goto/BLIS
+// loop order) whose packing routines decode each operand, fp8 included, into
+// fp32 panels a block at a time.
+//
+// Compiled once per instruction set (MLXF_ISA = generic | avx2, see
+// CMakeLists.txt). For each chunk of output rows and each block of NC
+// columns:
+//
+//   for pc in K step KC:                       (B block KC x NC, shared)
+//     pack B[pc:pc+KC, jc:jc+NC] -> fp32 panels of NR columns   (in parallel)
+//     in parallel over (MC-row block, panel range):
+//       pack A[ic:ic+MC, pc:pc+KC] -> fp32 panels of MR rows
+//       C[MR x NR] (+)= A panel * B panel for every pair   (micro-kernel)
+//       on the last pc: C *= a_scale x b_scale, convert to out_dtype
+//
+// So an fp8 operand is never expanded beyond one KC x NC (B) or MC x KC (A)
+// block, and every fp32 FMA runs in the register-blocked micro-kernel.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "cpu_kernels.h"
+#include "thread_pool.h"
+
+#ifndef MLXF_ISA
+#error "MLXF_ISA must name the instruction-set namespace (generic or avx2)"
+#endif
+
+namespace mlxf {
+namespace MLXF_ISA {
+
+#include "cpu_simd.h"
+
+namespace {
+
+// Register block (MR x NR = 6 x 16: 12 accumulators of 8 floats) and cache
+// blocks: an MC x KC A block stays in L2, a KC x NR B panel in L1, and the
+// KC x NC B block in L2/L3.
+constexpr int GEMM_MR = 6;
+constexpr int GEMM_NR = 16;
+constexpr int KC = 256;
+constexpr int MC = 96;
+constexpr int NC = 1024;
+constexpr int ROW_CHUNK = 1536;  // output rows per pass when accumulating in fp32 scratch
+
+// ---- fp8 decoding -------------------------------------------------------------
+
+// float value of each fp8 code; matches mlx_flash.fp8.decode_table.
+struct Fp8Table {
+  float v[256];
+  Fp8Table(int ebits, int mbits, int bias, bool has_inf) {
+    for (int c = 0; c < 256; ++c) {
+      const int e = (c >> mbits) & ((1 << ebits) - 1), m = c & ((1 << mbits) - 1);
+      const float sign = (c & 0x80) ? -1.f : 1.f;
+      float x = e == 0 ? std::ldexp((float)m, 1 - bias - mbits)
+                       : std::ldexp((float)((1 << mbits) + m), e - bias - mbits);
+      const bool top = e == (1 << ebits) - 1;
+      if (has_inf && top) x = m == 0 ? INFINITY : NAN;
+      if (!has_inf && top && m == (1 << mbits) - 1) x = NAN;
+      v[c] = sign * x;
+    }
+  }
+};
+
+const float* fp8_table(MatType t) {
+  static const Fp8Table e4m3(4, 3, 7, false), e5m2(5, 2, 15, true);
+  return t == MatType::e4m3 ? e4m3.v : e5m2.v;
+}
+
+// n elements p[0], p[stride], ... of type t, as fp32, into dst.
+void decode_run(const void* base, int64_t off, int64_t stride, MatType t, int n, float* dst) {
+  switch (t) {
+    case MatType::f32: {
+      const float* p = static_cast<const float*>(base) + off;
+      if (stride == 1) {
+        std::memcpy(dst, p, sizeof(float) * n);
+      } else {
+        for (int i = 0; i < n; ++i) dst[i] = p[i * stride];
+      }
+      return;
+    }
+    case MatType::f16: {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + off;
+      int i = 0;
+#if defined(__F16C__)
+      if (stride == 1)
+        for (; i + 8 <= n; i += 8)
+          _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+#endif
+      for (; i < n; ++i) dst[i] = half_to_float(p[i * stride]);
+      return;
+    }
+    case MatType::bf16: {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + off;
+      for (int i = 0; i < n; ++i) dst[i] = bf16_to_float(p[i * stride]);
+      return;
+    }
+    default: {
+      const uint8_t* p = static_cast<const uint8_t*>(base) + off;
+      const float* lut = fp8_table(t);
+      for (int i = 0; i < n; ++i) dst[i] = lut[p[i * stride]];
+      return;
+    }
+  }
+}
+
+// ---- packing --------------------------------------------------------------------
+
+// Output rows are numbered over the whole call; row r of group g is
+// (batch entry, row) = (g, r) when b is batched, else (r / M, r % M).
+struct RowMap {
+  int M;
+  bool flat;  // b shared by all batch entries: rows run over batch * M
+  int group;
+  void locate(int64_t r, int64_t* batch, int64_t* row) const {
+    if (flat) {
+      *batch = r / M;
+      *row = r % M;
+    } else {
+      *batch = group;
+      *row = r;
+    }
+  }
+};
+
+// A rows [r0, r0 + mc) x cols [k0, k0 + kc) into panels of GEMM_MR rows:
+// element (r, k) at dst[(r / MR) * kc * MR + k * MR + r % MR]; rows past mc are 0.
+void pack_a(const MatView& a, const RowMap& rows, int64_t r0, int mc, int k0, int kc, float* dst, float* tmp) {
+  for (int p = 0; p < mc; p += GEMM_MR) {
+    float* panel = dst + (int64_t)p / GEMM_MR * kc * GEMM_MR;
+    const int live = std::min(GEMM_MR, mc - p);
+    for (int r = 0; r < GEMM_MR; ++r) {
+      if (r >= live) {
+        for (int k = 0; k < kc; ++k) panel[k * GEMM_MR + r] = 0.f;
+        continue;
+      }
+      int64_t bi, i;
+      rows.locate(r0 + p + r, &bi, &i);
+      decode_run(a.data, bi * a.sb + i * a.sr + (int64_t)k0 * a.sc, a.sc, a.type, kc, tmp);
+      for (int k = 0; k < kc; ++k) panel[k * GEMM_MR + r] = tmp[k];
+    }
+  }
+}
+
+// One panel of B: rows [k0, k0 + kc) x cols [j0, j0 + GEMM_NR) of batch entry
+// g, element (k, j) at dst[k * NR + j - j0]; columns at or past N are 0.
+void pack_b_panel(const MatView& b, int64_t g, int N, int k0, int kc, int j0, float* dst, float* tmp) {
+  const int live = std::min(GEMM_NR, N - j0);
+  const int64_t base = g * b.sb + (int64_t)k0 * b.sr + (int64_t)j0 * b.sc;
+  if (b.sc == 1 && live == GEMM_NR) {  // row-major [K, N]: 16 contiguous values per k
+    for (int k = 0; k < kc; ++k) decode_run(b.data, base + k * b.sr, 1, b.type, GEMM_NR, dst + k * GEMM_NR);
+    return;
+  }
+  // Column by column (transpose_b, i.e. an [N, K] weight, reads contiguous k).
+  for (int j = 0; j < GEMM_NR; ++j) {
+    if (j >= live) {
+      for (int k = 0; k < kc; ++k) dst[k * GEMM_NR + j] = 0.f;
+      continue;
+    }
+    decode_run(b.data, base + j * b.sc, b.sr, b.type, kc, tmp);
+    for (int k = 0; k < kc; ++k) dst[k * GEMM_NR + j] = tmp[k];
+  }
+}
+
+// ---- micro-kernel ---------------------------------------------------------------
+
+// C[MR x NR] (+)= A panel (kc x MR) * B panel (kc x NR), row stride ldc.
+#if defined(__AVX2__) && defined(__FMA__)
+void micro_6x16(int kc, const float* A, const float* B, float* C, int64_t ldc, bool accumulate) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_load_ps(B), b1 = _mm256_load_ps(B + 8);
+    __m256 a = _mm256_broadcast_ss(A + 0);
+    c00 = _mm256_fmadd_ps(a, b0, c00);
+    c01 = _mm256_fmadd_ps(a, b1, c01);
+    a = _mm256_broadcast_ss(A + 1);
+    c10 = _mm256_fmadd_ps(a, b0, c10);
+    c11 = _mm256_fmadd_ps(a, b1, c11);
+    a = _mm256_broadcast_ss(A + 2);
+    c20 = _mm256_fmadd_ps(a, b0, c20);
+    c21 = _mm256_fmadd_ps(a, b1, c21);
+    a = _mm256_broadcast_ss(A + 3);
+    c30 = _mm256_fmadd_ps(a, b0, c30);
+    c31 = _mm256_fmadd_ps(a, b1, c31);
+    a = _mm256_broadcast_ss(A + 4);
+    c40 = _mm256_fmadd_ps(a, b0, c40);
+    c41 = _mm256_fmadd_ps(a, b1, c41);
+    a = _mm256_broadcast_ss(A + 5);
+    c50 = _mm256_fmadd_ps(a, b0, c50);
+    c51 = _mm256_fmadd_ps(a, b1, c51);
+    A += GEMM_MR;
+    B += GEMM_NR;
+  }
+  const __m256 acc[GEMM_MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int r = 0; r < GEMM_MR; ++r) {
+    float* c = C + r * ldc;
+    __m256 lo = acc[r][0], hi = acc[r][1];
+    if (accumulate) {
+      lo = _mm256_add_ps(lo, _mm256_loadu_ps(c));
+      hi = _mm256_add_ps(hi, _mm256_loadu_ps(c + 8));
+    }
+    _mm256_storeu_ps(c, lo);
+    _mm256_storeu_ps(c + 8, hi);
+  }
+}
+#else
+void micro_6x16(int kc, const float* A, const float* B, float* C, int64_t ldc, bool accumulate) {
+  vf c0[GEMM_MR] = {}, c1[GEMM_MR] = {};
+  for (int k = 0; k < kc; ++k) {
+    const vf b0 = loadu(B), b1 = loadu(B + VL);
+    for (int r = 0; r < GEMM_MR; ++r) {
+      const vf a = splat(A[r]);
+      c0[r] += a * b0;
+      c1[r] += a * b1;
+    }
+    A += GEMM_MR;
+    B += GEMM_NR;
+  }
+  for (int r = 0; r < GEMM_MR; ++r) {
+    float* c = C + r * ldc;
+    storeu(c, accumulate ? c0[r] + loadu(c) : c0[r]);
+    storeu(c + VL, accumulate ? c1[r] + loadu(c + VL) : c1[r]);
+  }
+}
+#endif
+
+// The micro-kernel on a tile that may hang over the edge of C (rows, cols live).
+void micro_edge(int kc, const float* A, const float* B, float* C, int64_t ldc, bool accumulate, int rows,
+                int cols) {
+  if (rows == GEMM_MR && cols == GEMM_NR) return micro_6x16(kc, A, B, C, ldc, accumulate);
+  alignas(32) float tile[GEMM_MR * GEMM_NR];
+  micro_6x16(kc, A, B, tile, GEMM_NR, false);
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < cols; ++j) C[r * ldc + j] = (accumulate ? C[r * ldc + j] : 0.f) + tile[r * GEMM_NR + j];
+}
+
+// ---- the blocked product ----------------------------------------------------------
+
+// Per-thread scratch: an A block and one decoded row.
+struct WorkerScratch {
+  Scratch a_block{(size_t)MC * KC};
+  Scratch row{(size_t)std::max(KC, GEMM_NR)};
+};
+
+struct Gemm {
+  const MatmulArgs& args;
+  RowMap rows;
+  int64_t row0 = 0, n_rows = 0;  // this pass's output rows
+  int jc = 0, nc = 0;            // this pass's column block
+  int pc = 0, kc = 0;            // current K block
+  bool last_k = false;
+  float* b_block = nullptr;      // packed [panels][kc][NR]
+  float* acc = nullptr;          // fp32 accumulator for the rows of this pass
+  int64_t acc_ld = 0;            // its row stride
+  int64_t acc_col0 = 0;          // column of acc that is output column jc
+  bool direct = false;           // acc is the float32 output itself
+  int ic_blocks = 0, splits = 0, panels = 0;
+  WorkerScratch* scratch = nullptr;
+
+  float* acc_at(int64_t r, int j) const { return acc + (r - row0) * acc_ld + acc_col0 + j; }
+
+  void compute(int64_t task, int worker) {
+    const int ib = (int)(task / splits), split = (int)(task % splits);
+    const int64_t r0 = row0 + (int64_t)ib * MC;
+    const int mc = (int)std::min<int64_t>(MC, row0 + n_rows - r0);
+    const int p_begin = (int)((int64_t)panels * split / splits), p_end = (int)((int64_t)panels * (split + 1) / splits);
+    if (p_begin == p_end) return;
+    WorkerScratch& ws = scratch[worker];
+    pack_a(args.a, rows, r0, mc, pc, kc, ws.a_block.p, ws.row.p);
+    for (int p = p_begin; p < p_end; ++p) {
+      const float* bp = b_block + (int64_t)p * kc * GEMM_NR;
+      const int cols = std::min(GEMM_NR, nc - p * GEMM_NR);
+      for (int i = 0; i < mc; i += GEMM_MR) {
+        micro_edge(kc, ws.a_block.p + (int64_t)i * kc, bp, acc_at(r0 + i, p * GEMM_NR), acc_ld, pc > 0,
+                   std::min(GEMM_MR, mc - i), cols);
+      }
+    }
+    if (last_k) finish(r0, mc, p_begin * GEMM_NR, std::min(nc, p_end * GEMM_NR));
+  }
+
+  // Scales and dtype conversion of rows [r0, r0 + mc) x block columns [j0, j1).
+  void finish(int64_t r0, int mc, int j0, int j1) {
+    const bool scaled = args.a_scale || args.b_scale;
+    if (direct && !scaled) return;
+    for (int64_t r = r0; r < r0 + mc; ++r) {
+      int64_t bi, i;
+      rows.locate(r, &bi, &i);
+      const float sa = args.a_scale ? args.a_scale[bi * args.a_scale_sb + i * args.a_scale_sr] : 1.f;
+      const float* c = acc_at(r, 0);
+      const int64_t out_row = (rows.flat ? r : (int64_t)rows.group * args.M + r) * args.N + jc;
+      for (int j = j0; j < j1; ++j) {
+        const float sb = args.b_scale ? args.b_scale[(int64_t)(jc + j) * args.b_scale_sc] : 1.f;
+        store_scalar(args.out, out_row + j, args.out_dtype, c[j] * sa * sb);
+      }
+    }
+  }
+};
+
+void zero_output(const MatmulArgs& args) {
+  const int64_t n = (int64_t)args.batch * args.M * args.N;
+  for (int64_t i = 0; i < n; ++i) store_scalar(args.out, i, args.out_dtype, 0.f);
+}
+
+}  // namespace
+
+void matmul2d(const MatmulArgs& args) {
+  if (args.batch == 0 || args.M == 0 || args.N == 0) return;
+  if (args.K == 0) return zero_output(args);
+  const int workers = num_workers();
+  std::vector<WorkerScratch> scratch(workers);
+  const int groups = args.b_batched ? args.batch : 1;
+  const int64_t rows_per_group = args.b_batched ? args.M : (int64_t)args.batch * args.M;
+  const bool direct = args.out_dtype == DType::f32;
+  // One B block and, for half-precision outputs, one fp32 accumulator chunk.
+  Scratch b_block((size_t)KC * round_up(std::min(NC, args.N), GEMM_NR));
+  const int64_t chunk = direct ? rows_per_group : std::min<int64_t>(ROW_CHUNK, rows_per_group);
+  Scratch acc_scratch(direct ? 1 : (size_t)chunk * round_up(std::min(NC, args.N), GEMM_NR));
+
+  for (int g = 0; g < groups; ++g) {
+    Gemm gemm{args};
+    gemm.rows = RowMap{args.M, !args.b_batched, g};
+    gemm.b_block = b_block.p;
+    gemm.scratch = scratch.data();
+    gemm.direct = direct;
+    for (int64_t row0 = 0; row0 < rows_per_group; row0 += chunk) {
+      gemm.row0 = row0;
+      gemm.n_rows = std::min(chunk, rows_per_group - row0);
+      gemm.ic_blocks = (int)((gemm.n_rows + MC - 1) / MC);
+      for (int jc = 0; jc < args.N; jc += NC) {
+        gemm.jc = jc;
+        gemm.nc = std::min(NC, args.N - jc);
+        gemm.panels = (gemm.nc + GEMM_NR - 1) / GEMM_NR;
+        // Enough tasks to keep every worker busy when there are few row blocks.
+        const int want = 4 * workers;
+        gemm.splits = gemm.ic_blocks >= want ? 1 : std::min(gemm.panels, (want + gemm.ic_blocks - 1) / gemm.ic_blocks);
+        if (direct) {
+          gemm.acc = static_cast<float*>(args.out) + (int64_t)g * args.M * args.N;
+          gemm.acc_ld = args.N;
+          gemm.acc_col0 = jc;
+          gemm.acc += row0 * args.N;
+        } else {
+          gemm.acc = acc_scratch.p;
+          gemm.acc_ld = round_up(gemm.nc, GEMM_NR);
+          gemm.acc_col0 = 0;
+        }
+        for (int pc = 0; pc < args.K; pc += KC) {
+          gemm.pc = pc;
+          gemm.kc = std::min(KC, args.K - pc);
+          gemm.last_k = pc + KC >= args.K;
+          auto pack = [&](int64_t panel, int worker) {
+            const int j0 = jc + (int)panel * GEMM_NR;
+            pack_b_panel(args.b, args.b_batched ? g : 0, args.N, pc, gemm.kc, j0,
+                         b_block.p + panel * (int64_t)gemm.kc * GEMM_NR, scratch[worker].row.p);
+          };
+          parallel_tasks(gemm.panels, pack);
+          auto compute = [&](int64_t task, int worker) { gemm.compute(task, worker); };
+          parallel_tasks((int64_t)gemm.ic_blocks * gemm.splits, compute);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace MLXF_ISA
+}  // namespace mlxf
