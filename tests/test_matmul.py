@@ -265,3 +265,57 @@ def _bad(**kw):
 def test_bad_input(call, error, words):
     with pytest.raises(error, match=words):
         call()
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_every_fp8_code_decodes_exactly_in_the_kernel(backend, fmt, side):
+    """A K=1 product by 1.0 returns each code's value, inf and NaN included."""
+    codes = mx.arange(256).astype(mx.uint8)
+    one = mx.ones((1, 1), dtype=mx.float32)
+    if side == "a":
+        out = matmul(backend, codes.reshape(256, 1), one, a_fmt=fmt)[:, 0]
+    else:
+        out = matmul(backend, one, codes.reshape(1, 256), b_fmt=fmt)[0]
+    got = np.array(out)
+    want = fp8.decode_table(fmt)
+    if fmt == "e4m3":
+        assert np.array_equal(np.isnan(want), np.isnan(np.array(mx.from_fp8(codes, mx.float32))))
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    keep = ~np.isnan(want)
+    assert np.array_equal(got[keep], want[keep])  # exact (a sum from 0 turns -0 into +0)
+
+
+def test_metal_wrapper_builds_through_the_factory():
+    """The Metal wrapper's launch, recorded by a stand-in factory (runs anywhere)."""
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import metal_matmul
+
+    calls = []
+
+    def factory(**kw):
+        calls.append(("build", kw["name"], tuple(kw["input_names"]), kw["ensure_row_contiguous"]))
+        assert "matmul2d_tile" in kw["source"] and "MLXF_METAL_MATMUL_H" in kw["header"]
+
+        def kernel(**launch):
+            calls.append(("launch", launch["grid"], launch["threadgroup"], tuple(launch["template"])))
+            return [mx.zeros(launch["output_shapes"][0], dtype=launch["output_dtypes"][0])]
+
+        return kernel
+
+    spec, a3, b3, sa, sb, _ = validate_matmul(mx.ones((2, 33, 8), dtype=mx.float16),
+                                              mx.zeros((65, 8), dtype=mx.uint8), b_fmt="e5m2",
+                                              b_scale=mx.ones((1, 65)), transpose_b=True)
+    previous = metal_matmul.set_kernel_factory(factory)
+    try:
+        for _ in range(2):
+            out = metal_matmul.matmul2d(a3, b3, sa, sb, spec, None)
+    finally:
+        metal_matmul.set_kernel_factory(previous)
+    assert out.shape == (2, 33, 65) and out.dtype == mx.float16
+    assert [c[0] for c in calls] == ["build", "launch", "launch"]  # cached per factory
+    _, grid, tg, template = calls[1]
+    assert grid == (3 * 128, 2, 2) and tg == (128, 1, 1)
+    assert template == (("T_OUT", mx.float16), ("A_FMT", 0), ("B_FMT", 2), ("TRANSPOSE_B", True))
+    params = np.array(metal_matmul.params_array(spec, sa, sb))
+    assert list(params[:7]) == [33, 65, 8, 0, 0, 0, 1]
