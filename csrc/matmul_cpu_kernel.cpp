@@ -44,10 +44,16 @@ namespace {
 // KC x NC B block in L2/L3.
 constexpr int GEMM_MR = 6;
 constexpr int GEMM_NR = 16;
-constexpr int KC = 256;
-constexpr int MC = 96;
-constexpr int NC = 1024;
-constexpr int ROW_CHUNK = 1536;  // output rows per pass when accumulating in fp32 scratch
+int env_int(const char* name, int dflt) {
+  const char* v = std::getenv(name);
+  return v ? std::atoi(v) : dflt;
+}
+const int KC = env_int("MLXF_KC", 256);
+const int MC = env_int("MLXF_MC", 96);
+constexpr int NC_MAX = 4096;
+const int NC = std::min(NC_MAX, env_int("MLXF_NC", 1024));
+const int ROW_CHUNK = env_int("MLXF_RC", 1536);  // output rows per pass when accumulating in fp32 scratch
+const bool FORCE_SCRATCH = env_int("MLXF_SCRATCH", 1);
 
 // ---- fp8 decoding -------------------------------------------------------------
 
@@ -241,6 +247,22 @@ void micro_edge(int kc, const float* A, const float* B, float* C, int64_t ldc, b
     for (int j = 0; j < cols; ++j) C[r * ldc + j] = (accumulate ? C[r * ldc + j] : 0.f) + tile[r * GEMM_NR + j];
 }
 
+// n floats to out[off...] converted to `t`.
+void store_run(const float* src, int n, void* out, int64_t off, DType t) {
+  if (t == DType::f32) {
+    std::memcpy(static_cast<float*>(out) + off, src, sizeof(float) * n);
+    return;
+  }
+  uint16_t* dst = static_cast<uint16_t*>(out) + off;
+  int j = 0;
+#if defined(__F16C__)
+  if (t == DType::f16)
+    for (; j + 8 <= n; j += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), _mm256_cvtps_ph(_mm256_loadu_ps(src + j), 0));
+#endif
+  for (; j < n; ++j) dst[j] = t == DType::f16 ? float_to_half(src[j]) : float_to_bf16(src[j]);
+}
+
 // ---- the blocked product ----------------------------------------------------------
 
 // Per-thread scratch: an A block and one decoded row.
@@ -261,15 +283,15 @@ struct Gemm {
   int64_t acc_ld = 0;            // its row stride
   int64_t acc_col0 = 0;          // column of acc that is output column jc
   bool direct = false;           // acc is the float32 output itself
-  int ic_blocks = 0, splits = 0, panels = 0;
+  int ic_blocks = 0, block_rows = 0, splits = 0, panels = 0;
   WorkerScratch* scratch = nullptr;
 
   float* acc_at(int64_t r, int j) const { return acc + (r - row0) * acc_ld + acc_col0 + j; }
 
   void compute(int64_t task, int worker) {
     const int ib = (int)(task / splits), split = (int)(task % splits);
-    const int64_t r0 = row0 + (int64_t)ib * MC;
-    const int mc = (int)std::min<int64_t>(MC, row0 + n_rows - r0);
+    const int64_t r0 = row0 + (int64_t)ib * block_rows;
+    const int mc = (int)std::min<int64_t>(block_rows, row0 + n_rows - r0);
     const int p_begin = (int)((int64_t)panels * split / splits), p_end = (int)((int64_t)panels * (split + 1) / splits);
     if (p_begin == p_end) return;
     WorkerScratch& ws = scratch[worker];
@@ -289,16 +311,19 @@ struct Gemm {
   void finish(int64_t r0, int mc, int j0, int j1) {
     const bool scaled = args.a_scale || args.b_scale;
     if (direct && !scaled) return;
+    alignas(32) float row[NC_MAX];
     for (int64_t r = r0; r < r0 + mc; ++r) {
       int64_t bi, i;
       rows.locate(r, &bi, &i);
       const float sa = args.a_scale ? args.a_scale[bi * args.a_scale_sb + i * args.a_scale_sr] : 1.f;
       const float* c = acc_at(r, 0);
       const int64_t out_row = (rows.flat ? r : (int64_t)rows.group * args.M + r) * args.N + jc;
-      for (int j = j0; j < j1; ++j) {
-        const float sb = args.b_scale ? args.b_scale[(int64_t)(jc + j) * args.b_scale_sc] : 1.f;
-        store_scalar(args.out, out_row + j, args.out_dtype, c[j] * sa * sb);
+      if (args.b_scale) {
+        for (int j = j0; j < j1; ++j) row[j - j0] = c[j] * sa * args.b_scale[(int64_t)(jc + j) * args.b_scale_sc];
+      } else {
+        for (int j = j0; j < j1; ++j) row[j - j0] = c[j] * sa;
       }
+      store_run(row, j1 - j0, args.out, out_row + j0, args.out_dtype);
     }
   }
 };
@@ -317,11 +342,11 @@ void matmul2d(const MatmulArgs& args) {
   std::vector<WorkerScratch> scratch(workers);
   const int groups = args.b_batched ? args.batch : 1;
   const int64_t rows_per_group = args.b_batched ? args.M : (int64_t)args.batch * args.M;
-  const bool direct = args.out_dtype == DType::f32;
+  const bool direct = args.out_dtype == DType::f32 && !FORCE_SCRATCH;
   // One B block and, for half-precision outputs, one fp32 accumulator chunk.
   Scratch b_block((size_t)KC * round_up(std::min(NC, args.N), GEMM_NR));
   const int64_t chunk = direct ? rows_per_group : std::min<int64_t>(ROW_CHUNK, rows_per_group);
-  Scratch acc_scratch(direct ? 1 : (size_t)chunk * round_up(std::min(NC, args.N), GEMM_NR));
+  Scratch acc_scratch(direct ? 1 : (size_t)chunk * (round_up(std::min(NC, args.N), GEMM_NR) + 64));
 
   for (int g = 0; g < groups; ++g) {
     Gemm gemm{args};
@@ -332,7 +357,12 @@ void matmul2d(const MatmulArgs& args) {
     for (int64_t row0 = 0; row0 < rows_per_group; row0 += chunk) {
       gemm.row0 = row0;
       gemm.n_rows = std::min(chunk, rows_per_group - row0);
-      gemm.ic_blocks = (int)((gemm.n_rows + MC - 1) / MC);
+      // Row blocks of at most MC rows, as many as a multiple of the workers
+      // so that each synchronised phase ends with every worker busy.
+      const int64_t blocks = (gemm.n_rows + MC - 1) / MC;
+      const int64_t even = blocks >= workers ? (blocks + workers - 1) / workers * workers : blocks;
+      gemm.block_rows = (int)std::min<int64_t>(MC, round_up((int)((gemm.n_rows + even - 1) / even), GEMM_MR));
+      gemm.ic_blocks = (int)((gemm.n_rows + gemm.block_rows - 1) / gemm.block_rows);
       for (int jc = 0; jc < args.N; jc += NC) {
         gemm.jc = jc;
         gemm.nc = std::min(NC, args.N - jc);
@@ -347,7 +377,7 @@ void matmul2d(const MatmulArgs& args) {
           gemm.acc += row0 * args.N;
         } else {
           gemm.acc = acc_scratch.p;
-          gemm.acc_ld = round_up(gemm.nc, GEMM_NR);
+          gemm.acc_ld = round_up(gemm.nc, GEMM_NR) + env_int("MLXF_PAD", 16);
           gemm.acc_col0 = 0;
         }
         for (int pc = 0; pc < args.K; pc += KC) {
