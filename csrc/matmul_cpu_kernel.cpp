@@ -79,6 +79,37 @@ const float* fp8_table(MatType t) {
   return t == MatType::e4m3 ? e4m3.v : e5m2.v;
 }
 
+#if defined(__AVX2__) && defined(__F16C__)
+// Contiguous fp8 codes to fp32, 8 at a time, through float16 bit patterns:
+// an e5m2 code is the high byte of the float16 with the same value (inf and
+// NaN included); an e4m3 code shifted into a float16's exponent/mantissa
+// fields is its value times 2^-8 (normals and subnormals alike), so one
+// multiply by 2^8 finishes it, and 0x7F / 0xFF are patched to NaN.
+// Returns how many codes were decoded (a multiple of 8).
+int decode_fp8_x8(const uint8_t* p, int n, MatType t, float* dst) {
+  int i = 0;
+  if (t == MatType::e5m2) {
+    for (; i + 8 <= n; i += 8) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i));
+      const __m128i half = _mm_slli_epi16(_mm_cvtepu8_epi16(bytes), 8);
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(half));
+    }
+    return i;
+  }
+  const __m256 two8 = _mm256_set1_ps(256.f), nan = _mm256_set1_ps(NAN);
+  const __m128i magnitude = _mm_set1_epi16(0x7F), sign = _mm_set1_epi16(0x80);
+  for (; i + 8 <= n; i += 8) {
+    const __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i)));
+    const __m128i mag = _mm_and_si128(c, magnitude);
+    const __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, sign), 8), _mm_slli_epi16(mag, 7));
+    __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(half), two8);
+    const __m256 is_nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, magnitude)));
+    _mm256_storeu_ps(dst + i, _mm256_blendv_ps(v, nan, is_nan));
+  }
+  return i;
+}
+#endif
+
 // n elements p[0], p[stride], ... of type t, as fp32, into dst.
 void decode_run(const void* base, int64_t off, int64_t stride, MatType t, int n, float* dst) {
   switch (t) {
@@ -109,8 +140,12 @@ void decode_run(const void* base, int64_t off, int64_t stride, MatType t, int n,
     }
     default: {
       const uint8_t* p = static_cast<const uint8_t*>(base) + off;
+      int i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+      if (stride == 1) i = decode_fp8_x8(p, n, t, dst);
+#endif
       const float* lut = fp8_table(t);
-      for (int i = 0; i < n; ++i) dst[i] = lut[p[i * stride]];
+      for (; i < n; ++i) dst[i] = lut[p[i * stride]];
       return;
     }
   }
@@ -333,11 +368,105 @@ void zero_output(const MatmulArgs& args) {
   for (int64_t i = 0; i < n; ++i) store_scalar(args.out, i, args.out_dtype, 0.f);
 }
 
+// ---- few rows (decode-time GEMV) ----------------------------------------------------
+//
+// With a handful of output rows, packing B into panels would cost as much as
+// the product. Instead each task owns a block of output columns and streams
+// its part of B once, decoding a run at a time and multiplying it into all
+// rows of A (decoded to fp32 once, up front).
+constexpr int FEW_ROWS = 8;
+constexpr int GEMV_COLS = 64;   // output columns per task
+constexpr int GEMV_RUN = 512;   // K elements decoded per run (transposed B)
+
+struct FewRows {
+  const MatmulArgs& args;
+  RowMap rows;
+  int64_t n_rows;
+  const float* x;  // [n_rows, K] fp32
+  std::vector<float>* tmp;  // per worker, GEMV_RUN floats
+
+  float row_scale(int64_t r) const {
+    if (!args.a_scale) return 1.f;
+    int64_t bi, i;
+    rows.locate(r, &bi, &i);
+    return args.a_scale[bi * args.a_scale_sb + i * args.a_scale_sr];
+  }
+  int64_t out_offset(int64_t r) const { return (rows.flat ? r : (int64_t)rows.group * args.M + r) * args.N; }
+
+  void run(int64_t task, int worker) {
+    const MatView& b = args.b;
+    const int64_t g = args.b_batched ? rows.group : 0;
+    const int j0 = (int)task * GEMV_COLS, nc = std::min(GEMV_COLS, args.N - j0), K = args.K;
+    float acc[FEW_ROWS][GEMV_COLS];
+    float* run = tmp[worker].data();
+    if (b.sr == 1) {  // [N, K] weight: each output column is a contiguous dot product
+      for (int j = 0; j < nc; ++j) {
+        vf dot[FEW_ROWS] = {};
+        float tail[FEW_ROWS] = {};
+        for (int k0 = 0; k0 < K; k0 += GEMV_RUN) {
+          const int kc = std::min(GEMV_RUN, K - k0);
+          decode_run(b.data, g * b.sb + (int64_t)(j0 + j) * b.sc + k0, 1, b.type, kc, run);
+          const int kv = kc / VL * VL;
+          for (int64_t r = 0; r < n_rows; ++r) {
+            const float* xr = x + r * K + k0;
+            for (int k = 0; k < kv; k += VL) dot[r] += loadu(xr + k) * loadu(run + k);
+            for (int k = kv; k < kc; ++k) tail[r] += xr[k] * run[k];
+          }
+        }
+        for (int64_t r = 0; r < n_rows; ++r) {
+          float sum = tail[r];
+          for (int l = 0; l < VL; ++l) sum += dot[r][l];
+          acc[r][j] = sum;
+        }
+      }
+    } else {  // [K, N]: a run of columns per k, scaled by each row's x[k]
+      for (int64_t r = 0; r < n_rows; ++r) std::fill(acc[r], acc[r] + nc, 0.f);
+      for (int k = 0; k < K; ++k) {
+        decode_run(b.data, g * b.sb + (int64_t)k * b.sr + (int64_t)j0 * b.sc, b.sc, b.type, nc, run);
+        for (int64_t r = 0; r < n_rows; ++r) {
+          const float xk = x[r * K + k];
+          for (int j = 0; j < nc; ++j) acc[r][j] += xk * run[j];
+        }
+      }
+    }
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const float sa = row_scale(r);
+      for (int j = 0; j < nc; ++j) {
+        const float sb = args.b_scale ? args.b_scale[(int64_t)(j0 + j) * args.b_scale_sc] : 1.f;
+        acc[r][j] *= sa * sb;
+      }
+      store_run(acc[r], nc, args.out, out_offset(r) + j0, args.out_dtype);
+    }
+  }
+};
+
+void few_rows(const MatmulArgs& args, int group, int64_t n_rows) {
+  RowMap rows{args.M, !args.b_batched, group};
+  std::vector<float> x((size_t)n_rows * args.K);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    int64_t bi, i;
+    rows.locate(r, &bi, &i);
+    decode_run(args.a.data, bi * args.a.sb + i * args.a.sr, args.a.sc, args.a.type, args.K, x.data() + r * args.K);
+  }
+  std::vector<std::vector<float>> tmp(num_workers(), std::vector<float>(std::max(GEMV_RUN, GEMV_COLS)));
+  FewRows job{args, rows, n_rows, x.data(), tmp.data()};
+  auto task = [&](int64_t t, int worker) { job.run(t, worker); };
+  parallel_tasks((args.N + GEMV_COLS - 1) / GEMV_COLS, task);
+}
+
 }  // namespace
 
 void matmul2d(const MatmulArgs& args) {
   if (args.batch == 0 || args.M == 0 || args.N == 0) return;
   if (args.K == 0) return zero_output(args);
+  {
+    const int groups = args.b_batched ? args.batch : 1;
+    const int64_t rows_per_group = args.b_batched ? args.M : (int64_t)args.batch * args.M;
+    if (rows_per_group <= FEW_ROWS && (args.b.sr == 1 || args.b.sc == 1)) {
+      for (int g = 0; g < groups; ++g) few_rows(args, g, rows_per_group);
+      return;
+    }
+  }
   const int workers = num_workers();
   std::vector<WorkerScratch> scratch(workers);
   const int groups = args.b_batched ? args.batch : 1;

@@ -98,6 +98,23 @@ def test_batched(backend, transpose_b, b_batched, ka, kb):
     assert_close(out, reference(a64, b64, transpose_b=transpose_b), out.dtype, K)
 
 
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("b_batched", [False, True])
+def test_few_rows(backend, M, transpose_b, b_batched):
+    """Decode-time shapes (the CPU's GEMV path) with scales and half output."""
+    rng = np.random.default_rng(M)
+    K, N = 531, 77
+    a, _, a64 = make_operand(rng, (2, M, K), "bfloat16")
+    b_shape = (N, K) if transpose_b else (K, N)
+    b, _, b64 = make_operand(rng, ((2,) + b_shape) if b_batched else b_shape, "e4m3")
+    sa = mx.array(rng.uniform(0.5, 2, (2, M, 1)).astype(np.float32))
+    sb = mx.array(rng.uniform(0.5, 2, (1, N)).astype(np.float32))
+    out = matmul(backend, a, b, b_fmt="e4m3", a_scale=sa, b_scale=sb, transpose_b=transpose_b)
+    assert out.dtype == mx.bfloat16
+    assert_close(out, reference(a64, b64, np.array(sa), np.array(sb), transpose_b), mx.bfloat16, K)
+
+
 @pytest.mark.parametrize("a_scale_shape", [None, (), (11, 1), (4, 11, 1), (1, 1)])
 @pytest.mark.parametrize("b_scale_shape", [None, (), (1, 23)])
 def test_scales(backend, a_scale_shape, b_scale_shape):
