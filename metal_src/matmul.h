@@ -61,12 +61,25 @@ inline float fp8_e5m2_to_float(uint code) {
   return as_type<float>(sign | ((e + 112u) << 23) | (m << 21));
 }
 
-// Element i of an operand as float.
+// One operand element as float: conversion for float types, decoding for
+// fp8 codes (specialisations, so no float type is ever cast to an integer).
+template <int FMT>
+struct MatmulDecode {
+  template <typename T>
+  static float load(T x) { return float(x); }
+};
+template <>
+struct MatmulDecode<MATMUL_E4M3> {
+  static float load(uchar code) { return fp8_e4m3_to_float(uint(code)); }
+};
+template <>
+struct MatmulDecode<MATMUL_E5M2> {
+  static float load(uchar code) { return fp8_e5m2_to_float(uint(code)); }
+};
+
 template <int FMT, typename P>
 inline float matmul_load(P p, long i) {
-  if (FMT == MATMUL_E4M3) return fp8_e4m3_to_float(uint(p[i]));
-  if (FMT == MATMUL_E5M2) return fp8_e5m2_to_float(uint(p[i]));
-  return float(p[i]);
+  return MatmulDecode<FMT>::load(p[i]);
 }
 
 // One 32 x 32 output tile. a: [batch, M, K] row-major; b: [K, N] or, with
