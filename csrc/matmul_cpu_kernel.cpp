@@ -9,19 +9,23 @@
 // accumulating in an fp32 scratch block:
 //
 //   for pc in K step KC:                       (B block KC x NC, shared)
-//     pack B[pc:pc+KC, jc:jc+NC] -> fp32 panels of NR columns   (in parallel)
 //     in parallel over (MC-row block, panel range):
 //       pack A[ic:ic+MC, pc:pc+KC] -> fp32 panels of MR rows
-//       C[MR x NR] (+)= A panel * B panel for every pair   (micro-kernel)
+//       for each B panel (NR columns of B[pc:pc+KC, jc:jc+NC]), packed to
+//       fp32 by the first worker that reaches it:
+//         C[MR x NR] (+)= A panel * B panel for every pair   (micro-kernel)
 //       on the last pc: out = C * a_scale * b_scale, converted to out_dtype
 //
 // So an fp8 operand is never expanded beyond one KC x NC (B) or MC x KC (A)
 // block, and every fp32 FMA runs in the register-blocked micro-kernel.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <vector>
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
@@ -324,8 +328,26 @@ struct Gemm {
   int64_t acc_ld = 0;            // its row stride
   int ic_blocks = 0, block_rows = 0, splits = 0, panels = 0;
   WorkerScratch* scratch = nullptr;
+  std::atomic<int>* panel_state = nullptr;  // per panel of the B block, see b_panel
 
   float* acc_at(int64_t r, int j) const { return acc + (r - row0) * acc_ld + j; }
+
+  // Panel p of the current B block, packed by the first worker that needs
+  // it (state 0: not packed, 1: being packed, 2: ready). Packing on demand
+  // inside the compute phase saves a second synchronised phase per K block.
+  const float* b_panel(int p, WorkerScratch& ws) {
+    float* dst = b_block + (int64_t)p * kc * GEMM_NR;
+    std::atomic<int>& state = panel_state[p];
+    if (state.load(std::memory_order_acquire) == 2) return dst;
+    int expected = 0;
+    if (state.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      pack_b_panel(args.b, args.b_batched ? rows.group : 0, args.N, pc, kc, jc + p * GEMM_NR, dst, ws.row.p);
+      state.store(2, std::memory_order_release);
+      return dst;
+    }
+    while (state.load(std::memory_order_acquire) != 2) std::this_thread::yield();
+    return dst;
+  }
 
   void compute(int64_t task, int worker) {
     const int ib = (int)(task / splits), split = (int)(task % splits);
@@ -335,8 +357,12 @@ struct Gemm {
     if (p_begin == p_end) return;
     WorkerScratch& ws = scratch[worker];
     pack_a(args.a, rows, r0, mc, pc, kc, ws.a_block.p, ws.row.p);
-    for (int p = p_begin; p < p_end; ++p) {
-      const float* bp = b_block + (int64_t)p * kc * GEMM_NR;
+    // Tasks on odd row blocks start halfway along the panels, so two workers
+    // rarely wait for the same panel to be packed.
+    const int range = p_end - p_begin, start = (ib % 2) * (range / 2);
+    for (int step = 0; step < range; ++step) {
+      const int p = p_begin + (start + step) % range;
+      const float* bp = b_panel(p, ws);
       const int cols = std::min(GEMM_NR, nc - p * GEMM_NR);
       for (int i = 0; i < mc; i += GEMM_MR) {
         micro_edge(kc, ws.a_block.p + (int64_t)i * kc, bp, acc_at(r0 + i, p * GEMM_NR), acc_ld, pc > 0,
@@ -477,6 +503,7 @@ void matmul2d(const MatmulArgs& args) {
   const int acc_ld = round_up(std::min(NC, args.N), GEMM_NR) + ACC_PAD;
   Scratch b_block((size_t)KC * round_up(std::min(NC, args.N), GEMM_NR));
   Scratch acc((size_t)chunk * acc_ld);
+  std::unique_ptr<std::atomic<int>[]> panel_state(new std::atomic<int>[NC / GEMM_NR]);
 
   for (int g = 0; g < groups; ++g) {
     Gemm gemm{args};
@@ -485,6 +512,7 @@ void matmul2d(const MatmulArgs& args) {
     gemm.acc = acc.p;
     gemm.acc_ld = acc_ld;
     gemm.scratch = scratch.data();
+    gemm.panel_state = panel_state.get();
     for (int64_t row0 = 0; row0 < rows_per_group; row0 += chunk) {
       gemm.row0 = row0;
       gemm.n_rows = std::min(chunk, rows_per_group - row0);
@@ -505,11 +533,7 @@ void matmul2d(const MatmulArgs& args) {
           gemm.pc = pc;
           gemm.kc = std::min(KC, args.K - pc);
           gemm.last_k = pc + KC >= args.K;
-          auto pack = [&](int64_t panel, int worker) {
-            pack_b_panel(args.b, args.b_batched ? g : 0, args.N, pc, gemm.kc, jc + (int)panel * GEMM_NR,
-                         b_block.p + panel * (int64_t)gemm.kc * GEMM_NR, scratch[worker].row.p);
-          };
-          parallel_tasks(gemm.panels, pack);
+          for (int p = 0; p < gemm.panels; ++p) panel_state[p].store(0, std::memory_order_relaxed);
           auto compute = [&](int64_t task, int worker) { gemm.compute(task, worker); };
           parallel_tasks((int64_t)gemm.ic_blocks * gemm.splits, compute);
         }
