@@ -445,3 +445,94 @@ def test_tiled_matmul_through_threadgroup_memory():
                      threadgroup=(128, 1, 1), seed=seed)
         expected = to_np(a).astype(np.float64) @ to_np(b).astype(np.float64)
         np.testing.assert_allclose(np.array(out), expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Faults are reported, not crashes
+
+
+def test_out_of_bounds_read_names_the_buffer():
+    source = "uint i = thread_position_in_grid.x; out0[i] = a[i + 8];"  # reads 8 past the end
+    with pytest.raises(harness.MetalEmulationError, match=r"out-of-bounds access to buffer 0 `a`.*past the end"):
+        run(source, [mx.zeros((1024,))], input_names=["a"], output_shapes=[(1024,)], output_dtypes=[mx.float32],
+            grid=(1024, 1, 1), threadgroup=(256, 1, 1))
+
+
+def test_out_of_bounds_write_names_the_output():
+    source = "uint i = thread_position_in_grid.x; result[i * 2] = 1;"
+    with pytest.raises(harness.MetalEmulationError, match=r"buffer 1 `result`"):
+        run(source, [mx.zeros((1,))], output_names=["result"], output_shapes=[(1000,)],
+            output_dtypes=[mx.float32], grid=(1000, 1, 1), threadgroup=(100, 1, 1))
+
+
+def test_threadgroup_array_overflow():
+    source = """
+    threadgroup float tile[64];
+    tile[thread_position_in_threadgroup.x + 4] = 1;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out0[thread_position_in_grid.x] = tile[0];
+    """
+    with pytest.raises(harness.MetalEmulationError, match="threadgroup array"):
+        run(source, [mx.zeros((1,))], output_shapes=[(64,)], output_dtypes=[mx.float32], grid=(64, 1, 1),
+            threadgroup=(64, 1, 1))
+
+
+def test_divergent_barriers_are_an_error():
+    source = """
+    uint t = thread_position_in_threadgroup.x;
+    if (t < 32) {
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    } else {
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    out0[t] = 1;
+    """
+    with pytest.raises(harness.MetalEmulationError, match="different threadgroup_barrier"):
+        run(source, [mx.zeros((1,))], output_shapes=[(64,)], output_dtypes=[mx.float32], grid=(64, 1, 1),
+            threadgroup=(64, 1, 1))
+
+
+def test_harness_survives_faults():
+    # After the faults above, the process and the harness still work.
+    (out,) = run("out0[thread_position_in_grid.x] = 2;", [mx.zeros((1,))], output_shapes=[(4,)],
+                 output_dtypes=[mx.float32], grid=(4, 1, 1), threadgroup=(4, 1, 1))
+    np.testing.assert_array_equal(np.array(out), [2] * 4)
+
+
+# --------------------------------------------------------------------------
+# Source rewrites (MSL spellings C++ lacks)
+
+
+def test_unsuffixed_float_literals_are_float_like_in_msl():
+    # In C++ `x * 0.1` would be a double product; MSL has no double.
+    source = "uint i = thread_position_in_grid.x; out0[i] = x[i] * 0.1 + 1e-3;"
+    x = RNG.standard_normal(256).astype(np.float32)
+    (out,) = run(source, [mx.array(x)], input_names=["x"], output_shapes=[(256,)], output_dtypes=[mx.float32],
+                 grid=(256, 1, 1), threadgroup=(256, 1, 1))
+    np.testing.assert_array_equal(np.array(out), x * np.float32(0.1) + np.float32(1e-3))
+
+
+def test_rewrites_keep_line_numbers():
+    source = "a = float4(1, 2.5, 3h, .5);\nthreadgroup float buf[N * 2];\nconstexpr constant int K = 3;\n"
+    rewritten = harness.to_cpp(source)
+    assert rewritten.count("\n") == source.count("\n")
+    assert "__emu_make<float, 4>(1, 2.5f, half(3), .5f)" in rewritten
+    assert "threadgroup float (&buf)[N*2] = *__emu_threadgroup_variable<float[N*2]>(0);" in rewritten
+    assert "constexpr int K = 3;" in rewritten
+
+
+def test_threadgroups_run_in_random_order():
+    # Each threadgroup records when it ran; the order changes with the seed.
+    source = """
+    if (thread_position_in_threadgroup.x == 0) {
+      out0[threadgroup_position_in_grid.x] = atomic_fetch_add_explicit(&counter[0], 1, memory_order_relaxed);
+    }
+    """
+    k = harness.metal_kernel("order", ["counter_in"], ["out0", "counter"], source.replace("&counter[0]", "(device atomic_int*)&counter[0]"))
+    orders = []
+    for seed in range(2):
+        out, _ = k(inputs=[mx.zeros((1,))], grid=(16 * 8, 1, 1), threadgroup=(8, 1, 1), output_shapes=[(16,), (1,)],
+                   output_dtypes=[mx.int32, mx.int32], init_value=0, seed=seed)
+        orders.append(np.array(out))
+        assert sorted(orders[-1]) == list(range(16))
+    assert not np.array_equal(orders[0], orders[1])

@@ -63,6 +63,19 @@ _CXX_FLAGS = [
 ]
 
 
+def _cpu_flags() -> list:
+    """Instruction sets that make fma() and half conversions inline (x86-64)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f"-m{name}" for name in ("fma", "f16c") if name in flags]
+
+
+_CXX_FLAGS += _cpu_flags()
+
+
 class MetalCompileError(RuntimeError):
     """The kernel source did not compile against the MSL emulation."""
 
@@ -313,9 +326,11 @@ class _Signature:
             "  (void)__a;\n"
             f"  {call}(\n    " + ",\n    ".join(args) + ");\n"
             "}\n"
-            'extern "C" int emu_launch(void** buffers, const long* grid, const long* group,\n'
-            "                          unsigned long long seed, long tg_limit, char* error, long error_len) {\n"
-            "  return __emu_run_grid(__emu_thread, buffers, grid, group, seed, tg_limit, error, error_len);\n"
+            'extern "C" int emu_launch(void** buffers, const unsigned long* bytes, const char* const* names, int count,\n'
+            "                          const long* grid, const long* group, unsigned long long seed, long tg_limit,\n"
+            "                          char* error, long error_len) {\n"
+            "  return __emu_run_grid(__emu_thread, buffers, bytes, names, count, grid, group, seed, tg_limit,\n"
+            "                        error, error_len);\n"
             "}\n"
         )
 
@@ -345,6 +360,11 @@ _VECTOR_SCALARS = "float|half|bfloat|int|uint|short|ushort|char|uchar|long|ulong
 _VECTOR_CONSTRUCTOR = re.compile(rf"(?<![\w.:])({_VECTOR_SCALARS})([234])\s*\(")
 _HOST_NAME = re.compile(r"\btemplate\s*\[\[\s*host_name\([^)]*\)\s*\]\]\s*(\[\[\s*kernel\s*\]\]\s*)?")
 _HALF_LITERAL = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)[hH](?!\w)")
+# MSL has no double: an unsuffixed floating literal is a float there, a
+# double in C++ (which would widen `h * 0.5` to double arithmetic).
+_DOUBLE_LITERAL = re.compile(
+    r"(?<![\w.])(\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)(?![\w.])"
+)
 _CONSTEXPR_CONSTANT = re.compile(r"\bconstexpr\s+constant\b|\bconstant\s+constexpr\b")
 _THREADGROUP_DECLARATION = re.compile(
     r"(?P<lead>(?:^|[;{}])\s*)threadgroup\s+"
@@ -359,6 +379,7 @@ def to_cpp(source: str) -> str:
     text = _HOST_NAME.sub("template ", source)
     text = _CONSTEXPR_CONSTANT.sub("constexpr", text)
     text = _HALF_LITERAL.sub(r"half(\1)", text)
+    text = _DOUBLE_LITERAL.sub(r"\1f", text)
     text = _VECTOR_CONSTRUCTOR.sub(r"::metal::__emu_make<\1, \2>(", text)
     counter = iter(range(1 << 30))
 
@@ -458,6 +479,9 @@ def _library(cpp: str):
     lib.emu_launch.restype = ctypes.c_int
     lib.emu_launch.argtypes = [
         ctypes.POINTER(ctypes.c_void_p),
+        ctypes.POINTER(ctypes.c_ulong),
+        ctypes.POINTER(ctypes.c_char_p),
+        ctypes.c_int,
         ctypes.POINTER(ctypes.c_long),
         ctypes.POINTER(ctypes.c_long),
         ctypes.c_ulonglong,
@@ -505,6 +529,16 @@ def unavailable_reason() -> Optional[str]:
 
 # --------------------------------------------------------------------------
 # The public kernel object
+
+
+def _quote_lines(message: str, source: str) -> str:
+    """`message` followed by the source lines it names ("line 12")."""
+    lines = source.splitlines()
+    quoted = []
+    for n in dict.fromkeys(int(m) for m in re.findall(r"\bline (\d+)", message)):
+        if 1 <= n <= len(lines):
+            quoted.append(f"  {n:4d} | {lines[n - 1]}")
+    return message + ("\n" + "\n".join(quoted) if quoted else "")
 
 
 def _needs(source: str, name: str) -> bool:
@@ -568,6 +602,7 @@ class Kernel:
 
         keep = []  # host buffers, alive until the launch returns
         pointers = []
+        names = []
         for kind, i, _ in signature.buffers():
             if kind == "input":
                 buf = _to_bytes(inputs[i])
@@ -584,16 +619,24 @@ class Kernel:
                 buf = np.array([inputs[i].ndim], dtype=np.int32)
             else:
                 buf = self._output_buffer(output_shapes[i], output_dtypes[i], init_value)
-            if buf.size == 0:
-                buf = np.zeros(16, dtype=np.uint8)  # a valid pointer for empty arrays
             keep.append(buf)
             pointers.append(buf.ctypes.data)
-        array = (ctypes.c_void_p * max(1, len(pointers)))(*pointers)
+            if kind == "output":
+                names.append(self.output_names[i])
+            else:
+                names.append(self.input_names[i] + ("" if kind == "input" else "_" + kind))
+        count = len(pointers)
+        array = (ctypes.c_void_p * max(1, count))(*pointers)
+        sizes = (ctypes.c_ulong * max(1, count))(*[b.nbytes for b in keep])
+        c_names = (ctypes.c_char_p * max(1, count))(*[n.encode() for n in names])
         error = ctypes.create_string_buffer(4096)
         if seed is None:
             seed = int(os.environ.get("METAL_EMU_SEED", "0"))
         status = lib.emu_launch(
             array,
+            sizes,
+            c_names,
+            count,
             (ctypes.c_long * 3)(*grid),
             (ctypes.c_long * 3)(*threadgroup),
             seed,
@@ -602,7 +645,7 @@ class Kernel:
             len(error),
         )
         if status != 0:
-            raise MetalEmulationError(f"metal_emu: kernel `{self.name}`: {error.value.decode()}")
+            raise MetalEmulationError(f"metal_emu: kernel `{self.name}`: " + _quote_lines(error.value.decode(), source))
         n_in = len(keep) - len(self.output_names)
         return [
             _from_bytes(keep[n_in + j], tuple(output_shapes[j]), output_dtypes[j])

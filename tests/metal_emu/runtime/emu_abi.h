@@ -35,6 +35,11 @@ typedef struct EmuExchange {
   unsigned active_mask;  // bit i: lane i took part
   unsigned lane;
   unsigned width;        // lanes in this SIMD-group (32, fewer at a partial edge)
+  // Scratch shared by the lanes of this exchange, so that one lane can
+  // compute a result for all (e.g. a whole 8x8 product); *scratch_ready is
+  // 0 when the exchange completes.
+  unsigned char* scratch;
+  unsigned* scratch_ready;
 } EmuExchange;
 
 // Calls the runtime makes into the kernel library.
@@ -47,9 +52,12 @@ EmuExchange __emu_simd_exchange(const void* payload, unsigned nbytes, unsigned s
 void* __emu_threadgroup_alloc(unsigned key, unsigned long nbytes, unsigned char poison);
 void __emu_fail(const char* message);  // does not return to the caller's thread
 
-int __emu_run_grid(EmuThreadFn fn, void** buffers, const long* grid, const long* threadgroup,
-                   unsigned long long seed, long threadgroup_memory_limit, char* error,
-                   long error_len);
+// Runs the grid over copies of `buffers` (copied back at the end); 0 on
+// success, else 1 with a message in `error`.
+int __emu_run_grid(EmuThreadFn fn, void** buffers, const unsigned long* buffer_bytes,
+                   const char* const* buffer_names, int buffer_count, const long* grid,
+                   const long* threadgroup, unsigned long long seed,
+                   long threadgroup_memory_limit, char* error, long error_len);
 
 #ifdef __cplusplus
 }

@@ -23,6 +23,8 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <ucontext.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -112,11 +114,53 @@ struct Fiber {
 
 struct SimdGroup {
   alignas(16) unsigned char slots[kSimdWidth][kPayloadBytes];
+  alignas(16) unsigned char scratch[kSimdWidth * kPayloadBytes];
+  unsigned scratch_ready;
 };
 
-struct ThreadgroupAllocation {
+// Memory laid out so that running off either end faults: the data ends
+// where an inaccessible page begins (up to 15 bytes of padding keep 16-byte
+// alignment), and an inaccessible page precedes the data's first page.
+struct Guarded {
+  char* map = nullptr;
+  size_t map_bytes = 0;
+  char* data = nullptr;
+  size_t bytes = 0;
+};
+
+Guarded guarded_alloc(size_t bytes) {
+  size_t page = size_t(sysconf(_SC_PAGESIZE));
+  size_t padded = (std::max<size_t>(bytes, 1) + 15) & ~size_t(15);
+  size_t data_pages = (padded + page - 1) / page * page;
+  Guarded g;
+  g.map_bytes = page + data_pages + page;
+  void* p = mmap(nullptr, g.map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return Guarded{};
+  g.map = static_cast<char*>(p);
+  mprotect(g.map, page, PROT_NONE);
+  mprotect(g.map + page + data_pages, page, PROT_NONE);
+  g.data = g.map + page + data_pages - padded;
+  g.bytes = bytes;
+  return g;
+}
+
+void guarded_free(Guarded& g) {
+  if (g.map) munmap(g.map, g.map_bytes);
+  g = Guarded{};
+}
+
+// Where `address` falls relative to `g`: "" if nowhere near it.
+std::string describe_offset(const Guarded& g, const char* address) {
+  if (!g.map || address < g.map || address >= g.map + g.map_bytes) return "";
+  long offset = long(address - g.data);
+  return "byte offset " + std::to_string(offset) + " of " + std::to_string(g.bytes) + " bytes" +
+         (offset < 0 ? " (before the start)" : " (past the end)");
+}
+
+struct ThreadgroupVariable {
   unsigned key;
-  size_t offset;
+  Guarded memory;
+  bool live;  // allocated (and poisoned) in the current threadgroup
 };
 
 struct Launch {
@@ -128,10 +172,15 @@ struct Launch {
   int thread_count = 0;
   Fiber* current = nullptr;
   std::string error;
-  std::vector<unsigned char> threadgroup_memory;
-  std::vector<ThreadgroupAllocation> allocations;
+  std::vector<ThreadgroupVariable> threadgroup_variables;
   size_t threadgroup_used = 0;
   long threadgroup_limit = 32768;
+  std::vector<Guarded> buffers_memory;
+  const char* const* buffer_names = nullptr;
+  sigjmp_buf abort_jump;  // where a fault in kernel code lands
+  const char* fault_address = nullptr;
+  int fault_signal = 0;
+  long group[3] = {0, 0, 0};  // the threadgroup being run
 };
 
 thread_local Launch* g_launch = nullptr;
@@ -175,6 +224,7 @@ bool complete_simd_operations(Launch& launch) {
     }
     if (mask == 0) continue;
     SimdGroup& group = launch.simdgroups[g];
+    group.scratch_ready = 0;
     for (int t = first; t < last; ++t) {
       Fiber& f = launch.fibers[t];
       if (f.state != State::AtSimd) continue;
@@ -188,6 +238,8 @@ bool complete_simd_operations(Launch& launch) {
       f.result.active_mask = mask;
       f.result.lane = unsigned(t - first);
       f.result.width = unsigned(last - first);
+      f.result.scratch = group.scratch;
+      f.result.scratch_ready = &group.scratch_ready;
       f.state = State::Ready;
     }
     progressed = true;
@@ -261,7 +313,7 @@ char* allocate_stack() {
 
 // Runs one threadgroup to completion; false on error (launch.error set).
 bool run_threadgroup(Launch& launch, std::mt19937_64& rng) {
-  launch.allocations.clear();
+  for (auto& v : launch.threadgroup_variables) v.live = false;
   launch.threadgroup_used = 0;
   for (int t = 0; t < launch.thread_count; ++t) {
     Fiber& f = launch.fibers[t];
@@ -293,6 +345,67 @@ bool run_threadgroup(Launch& launch, std::mt19937_64& rng) {
     }
   }
 }
+
+// Signals raised by kernel code (out-of-bounds access into a guard page,
+// integer division by zero) abort the launch with a description instead of
+// killing the process.
+void on_fault(int signal, siginfo_t* info, void*) {
+  Launch* launch = g_launch;
+  if (!launch) {
+    ::signal(signal, SIG_DFL);
+    raise(signal);
+    return;
+  }
+  launch->fault_signal = signal;
+  launch->fault_address = static_cast<const char*>(info->si_addr);
+  siglongjmp(launch->abort_jump, 1);
+}
+
+std::string describe_fault(const Launch& launch) {
+  if (launch.fault_signal == SIGFPE)
+    return "arithmetic trap (integer division by zero?): undefined in Metal, a crash on the CPU";
+  const char* address = launch.fault_address;
+  for (size_t i = 0; i < launch.buffers_memory.size(); ++i) {
+    std::string where = describe_offset(launch.buffers_memory[i], address);
+    if (!where.empty())
+      return "out-of-bounds access to buffer " + std::to_string(i) + " `" + launch.buffer_names[i] + "` at " + where;
+  }
+  for (const auto& v : launch.threadgroup_variables) {
+    std::string where = describe_offset(v.memory, address);
+    if (!where.empty()) return "out-of-bounds access to a threadgroup array at " + where;
+  }
+  for (const auto& f : launch.fibers) {
+    if (f.stack && address >= f.stack - 65536 && address < f.stack)
+      return "stack overflow in a kernel thread (per-thread arrays over 256 KiB?)";
+  }
+  char text[64];
+  snprintf(text, sizeof text, "%p", static_cast<const void*>(address));
+  return std::string("memory fault at address ") + text + ", outside every buffer (a wild pointer)";
+}
+
+struct SignalGuard {
+  struct sigaction previous[3];
+  stack_t previous_stack;
+  static constexpr int kSignals[3] = {SIGSEGV, SIGBUS, SIGFPE};
+  SignalGuard() {
+    static thread_local char* alt = nullptr;
+    constexpr size_t kAltBytes = 256 * 1024;
+    if (!alt) alt = static_cast<char*>(malloc(kAltBytes));
+    stack_t ss{};
+    ss.ss_sp = alt;
+    ss.ss_size = kAltBytes;
+    sigaltstack(&ss, &previous_stack);
+    struct sigaction action {};
+    action.sa_sigaction = on_fault;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&action.sa_mask);
+    for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &action, &previous[i]);
+  }
+  ~SignalGuard() {
+    for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &previous[i], nullptr);
+    sigaltstack(&previous_stack, nullptr);
+  }
+};
 
 }  // namespace
 
@@ -326,29 +439,35 @@ EmuExchange __emu_simd_exchange(const void* payload, unsigned nbytes, unsigned s
 
 void* __emu_threadgroup_alloc(unsigned key, unsigned long nbytes, unsigned char poison) {
   Launch& launch = *g_launch;
-  for (const auto& a : launch.allocations)
-    if (a.key == key) return launch.threadgroup_memory.data() + a.offset;
-  size_t offset = (launch.threadgroup_used + 15) & ~size_t(15);
-  size_t end = offset + nbytes;
+  ThreadgroupVariable* variable = nullptr;
+  for (auto& v : launch.threadgroup_variables)
+    if (v.key == key) variable = &v;
+  if (variable && variable->live) return variable->memory.data;
+  size_t end = launch.threadgroup_used + ((nbytes + 15) & ~size_t(15));
   if (long(end) > launch.threadgroup_limit) {
     static thread_local std::string message;
     message = "threadgroup memory exceeds the Metal limit: " + std::to_string(end) + " bytes declared, limit " +
               std::to_string(launch.threadgroup_limit) + " bytes";
     __emu_fail(message.c_str());
   }
-  if (launch.threadgroup_memory.size() < end) launch.threadgroup_memory.resize(std::max<size_t>(end, 32768));
-  memset(launch.threadgroup_memory.data() + offset, poison, nbytes);
-  launch.allocations.push_back({key, offset});
+  if (!variable) {
+    launch.threadgroup_variables.push_back({key, guarded_alloc(nbytes), false});
+    variable = &launch.threadgroup_variables.back();
+    if (!variable->memory.map) __emu_fail("could not allocate threadgroup memory");
+  }
   launch.threadgroup_used = end;
-  return launch.threadgroup_memory.data() + offset;
+  variable->live = true;
+  memset(variable->memory.data, poison, nbytes);  // fresh each threadgroup, like uninitialised memory
+  return variable->memory.data;
 }
 
-int __emu_run_grid(EmuThreadFn fn, void** buffers, const long* grid, const long* threadgroup,
-                   unsigned long long seed, long threadgroup_memory_limit, char* error, long error_len) {
+int __emu_run_grid(EmuThreadFn fn, void** buffers, const unsigned long* buffer_bytes, const char* const* buffer_names,
+                   int buffer_count, const long* grid, const long* threadgroup, unsigned long long seed,
+                   long threadgroup_memory_limit, char* error, long error_len) {
   Launch launch;
   launch.fn = fn;
-  launch.buffers = buffers;
   launch.threadgroup_limit = threadgroup_memory_limit;
+  launch.buffer_names = buffer_names;
   auto fail = [&](const std::string& message) {
     snprintf(error, size_t(error_len), "%s", message.c_str());
     return 1;
@@ -374,16 +493,39 @@ int __emu_run_grid(EmuThreadFn fn, void** buffers, const long* grid, const long*
   }
   launch.fibers.resize(tg_threads);
   for (long t = 0; t < tg_threads; ++t) launch.fibers[t].stack = stacks[t];
-  launch.threadgroup_memory.resize(32768);
+
+  // The kernel sees guarded copies of the buffers, copied back afterwards.
+  std::vector<void*> kernel_buffers(buffer_count);
+  for (int i = 0; i < buffer_count; ++i) {
+    launch.buffers_memory.push_back(guarded_alloc(buffer_bytes[i]));
+    Guarded& g = launch.buffers_memory.back();
+    if (!g.map) return fail("could not allocate buffer copies");
+    memcpy(g.data, buffers[i], buffer_bytes[i]);
+    kernel_buffers[i] = g.data;
+  }
+  launch.buffers = kernel_buffers.data();
   std::mt19937_64 rng(seed);
 
   Launch* previous = g_launch;
   g_launch = &launch;
   int status = 0;
-  for (long gz = 0; gz < tg_count[2] && status == 0; ++gz)
-    for (long gy = 0; gy < tg_count[1] && status == 0; ++gy)
-      for (long gx = 0; gx < tg_count[0] && status == 0; ++gx) {
-        const long group[3] = {gx, gy, gz};
+  long* group = launch.group;  // in memory, so still right after a siglongjmp
+  // Declared out here: a fault's siglongjmp skips destructors of inner scopes.
+  std::vector<long> order(size_t(tg_count[0] * tg_count[1] * tg_count[2]));
+  {
+    SignalGuard signals;
+    if (sigsetjmp(launch.abort_jump, 1) != 0) {
+      status = fail("threadgroup (" + std::to_string(group[0]) + ", " + std::to_string(group[1]) + ", " +
+                    std::to_string(group[2]) + "): " + describe_fault(launch));
+    } else {
+      // Threadgroups run in a seeded random order: a kernel must not depend
+      // on the order (or concurrency) in which the GPU runs them.
+      for (size_t i = 0; i < order.size(); ++i) order[i] = long(i);
+      std::shuffle(order.begin(), order.end(), rng);
+      for (size_t i = 0; i < order.size() && status == 0; ++i) {
+        group[0] = order[i] % tg_count[0];
+        group[1] = order[i] / tg_count[0] % tg_count[1];
+        group[2] = order[i] / (tg_count[0] * tg_count[1]);
         long actual[3];
         for (int d = 0; d < 3; ++d) actual[d] = std::min(dispatch_tg[d], grid[d] - group[d] * dispatch_tg[d]);
         launch.thread_count = int(actual[0] * actual[1] * actual[2]);
@@ -394,11 +536,18 @@ int __emu_run_grid(EmuThreadFn fn, void** buffers, const long* grid, const long*
             for (long x = 0; x < actual[0]; ++x)
               set_attrs(launch.fibers[t++].attrs, grid, dispatch_tg, tg_count, group, actual, x, y, z);
         if (!run_threadgroup(launch, rng)) {
-          status = fail("threadgroup (" + std::to_string(gx) + ", " + std::to_string(gy) + ", " +
-                        std::to_string(gz) + "): " + launch.error);
+          status = fail("threadgroup (" + std::to_string(group[0]) + ", " + std::to_string(group[1]) + ", " +
+                        std::to_string(group[2]) + "): " + launch.error);
         }
       }
+    }
+  }
   g_launch = previous;
+  for (int i = 0; i < buffer_count; ++i) {
+    memcpy(buffers[i], launch.buffers_memory[i].data, buffer_bytes[i]);
+    guarded_free(launch.buffers_memory[i]);
+  }
+  for (auto& v : launch.threadgroup_variables) guarded_free(v.memory);
   return status;
 }
 
