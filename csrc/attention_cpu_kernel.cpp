@@ -38,7 +38,7 @@ namespace MLXF_ISA {
 namespace {
 
 constexpr int BQ = 64;  // query rows per tile
-constexpr int BK = 64;  // keys per tile (a multiple of NR)
+constexpr int BK = 128;  // keys per tile (a multiple of NR)
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // One sequence of a (possibly packed) batch.
@@ -140,6 +140,16 @@ struct LogitRules {
   // j0.. in place; dropped or padded keys become -inf. With softcap, the
   // tanh values go to T (for the backward's chain rule) when T is given.
   void apply(float* S, int ld, int i0, int mq, int j0, int nk_tile, int n_cols, float* T) const {
+    if (!(a->softcap > 0 || a->alibi || a->mask_kind || a->block_mask)) {
+      // Only causal/window bounds and padding: drop the keys outside [lo, hi] of each row.
+      for (int r = 0; r < mq; ++r) {
+        float* row = S + (int64_t)r * ld;
+        const int lo = key_lo(i0 + r) - j0, hi = std::min(key_hi(i0 + r) - j0, nk_tile - 1);
+        for (int c = 0; c < std::min(lo, n_cols); ++c) row[c] = NEG_INF;
+        for (int c = std::max(hi + 1, 0); c < n_cols; ++c) row[c] = NEG_INF;
+      }
+      return;
+    }
     const float cap = a->softcap;
     const float slope = a->alibi ? a->alibi[b * a->Hq + h] : 0.f;
     for (int r = 0; r < mq; ++r) {
@@ -226,9 +236,7 @@ void forward_tile(const ForwardHead& fh, int h, int i0) {
       rules.apply(S.p, BK, i0, mq, j0, nk_tile, n_cols, nullptr);
     for (int r = 0; r < mq; ++r) {
       float* row = S.p + r * BK;
-      float m_tile = NEG_INF;
-      for (int c = 0; c < n_cols; ++c) m_tile = std::max(m_tile, row[c]);
-      const float m_old = row_max.p[r], m_new = std::max(m_old, m_tile);
+      const float m_old = row_max.p[r], m_new = std::max(m_old, row_max_of(row, n_cols));
       if (m_new == NEG_INF) {  // nothing seen yet in this row
         std::memset(row, 0, n_cols * sizeof(float));
         continue;
@@ -241,9 +249,7 @@ void forward_tile(const ForwardHead& fh, int h, int i0) {
         storeu(row + c, p);
         sum += p;
       }
-      float tile_sum = 0.f;
-      for (int l = 0; l < VL; ++l) tile_sum += sum[l];
-      row_sum.p[r] = row_sum.p[r] * alpha + tile_sum;
+      row_sum.p[r] = row_sum.p[r] * alpha + hsum(sum);
       row_max.p[r] = m_new;
       if (alpha != 1.f) {
         float* orow = O.p + r * dv_pad;
@@ -264,9 +270,119 @@ void forward_tile(const ForwardHead& fh, int h, int i0) {
   }
 }
 
+// ---- decode: few query rows, many keys ---------------------------------------
+//
+// Generation asks for 1..few queries against a long cache. Query tiles would
+// leave all but one thread idle and the K^T packing would cost as much as the
+// math, so instead the keys are split into chunks, every (batch, kv head,
+// chunk) is one task computing a partial softmax over its keys for all query
+// rows of the group, and the partials are combined by their log-sum-exp.
+
+constexpr int DECODE_CHUNK = 256;
+constexpr int DECODE_MAX_ROWS = 16;  // query rows per kv head (G * Nq)
+
+bool use_decode_path(const AttentionArgs& a) {
+  return !a.cu_q && (int64_t)a.Nq * (a.Hq / a.Hkv) <= DECODE_MAX_ROWS && a.Nk >= 2 * DECODE_CHUNK;
+}
+
+inline float dot(const float* x, const float* y, int n_pad) {
+  vf acc = vf{};
+  for (int c = 0; c < n_pad; c += VL) acc += loadu(x + c) * loadu(y + c);
+  return hsum(acc);
+}
+
+struct DecodeCall {
+  const AttentionArgs* a;
+  int G, rows, chunks, dqk_pad, dv_pad;
+  // Partials per task and row: max, sum, unnormalised output.
+  float *part_max, *part_sum, *part_out;
+};
+
+void decode_chunk(const DecodeCall& d, int64_t task) {
+  const AttentionArgs& a = *d.a;
+  const int chunk = (int)(task % d.chunks), hkv = (int)(task / d.chunks % a.Hkv), b = (int)(task / d.chunks / a.Hkv);
+  const Sequence s = sequence(a, b);
+  const int j0 = chunk * DECODE_CHUNK, n = std::min(DECODE_CHUNK, s.nk - j0);
+  Scratch qbuf(d.rows * d.dqk_pad), S(d.rows * DECODE_CHUNK), kv(std::max(d.dqk_pad, d.dv_pad));
+  for (int r = 0; r < d.rows; ++r)
+    load_row(a.q.data, row_offset(a.q, s, hkv * d.G + r / s.nq, s.q_row0 + r % s.nq), a.q.sd, a.q.dtype, a.Dqk,
+             a.scale, qbuf.p + r * d.dqk_pad);
+  // S = Q K^T for this chunk, one key row at a time (each row read once).
+  for (int j = 0; j < n; ++j) {
+    load_row(a.k.data, row_offset(a.k, s, hkv, s.k_row0 + j0 + j), a.k.sd, a.k.dtype, a.Dqk, 1.f, kv.p);
+    for (int r = 0; r < d.rows; ++r) S.p[r * DECODE_CHUNK + j] = dot(qbuf.p + r * d.dqk_pad, kv.p, d.dqk_pad);
+  }
+  float* out = d.part_out + task * d.rows * d.dv_pad;
+  std::memset(out, 0, sizeof(float) * d.rows * d.dv_pad);
+  for (int r = 0; r < d.rows; ++r) {
+    const int h = hkv * d.G + r / s.nq, i = r % s.nq;
+    LogitRules rules{&a, &s, b, h};
+    float* row = S.p + r * DECODE_CHUNK;
+    if (!rules.tile_plain(i, i + 1, j0, j0 + n)) rules.apply(row, DECODE_CHUNK, i, 1, j0, n, n, nullptr);
+    float m = NEG_INF, l = 0.f;
+    for (int j = 0; j < n; ++j) m = std::max(m, row[j]);
+    if (m != NEG_INF)
+      for (int j = 0; j < n; ++j) l += (row[j] = std::exp(row[j] - m));
+    else
+      std::memset(row, 0, sizeof(float) * n);
+    d.part_max[task * d.rows + r] = m;
+    d.part_sum[task * d.rows + r] = l;
+  }
+  // O_part = P V, one value row at a time.
+  for (int j = 0; j < n; ++j) {
+    load_row(a.v.data, row_offset(a.v, s, hkv, s.k_row0 + j0 + j), a.v.sd, a.v.dtype, a.Dv, 1.f, kv.p);
+    for (int r = 0; r < d.rows; ++r) {
+      const vf p = splat(S.p[r * DECODE_CHUNK + j]);
+      float* o = out + r * d.dv_pad;
+      for (int c = 0; c < d.dv_pad; c += VL) storeu(o + c, loadu(o + c) + p * loadu(kv.p + c));
+    }
+  }
+}
+
+void decode_forward(const AttentionArgs& a, const ForwardOutputs& o) {
+  DecodeCall d;
+  d.a = &a;
+  d.G = a.Hq / a.Hkv;
+  d.rows = d.G * a.Nq;
+  d.chunks = (a.Nk + DECODE_CHUNK - 1) / DECODE_CHUNK;
+  d.dqk_pad = round_up(a.Dqk, VL);
+  d.dv_pad = round_up(a.Dv, VL);
+  const int64_t tasks = (int64_t)a.B * a.Hkv * d.chunks;
+  Scratch part_max(tasks * d.rows), part_sum(tasks * d.rows), part_out(tasks * d.rows * d.dv_pad);
+  d.part_max = part_max.p;
+  d.part_sum = part_sum.p;
+  d.part_out = part_out.p;
+  auto task = [&](int64_t t, int) { decode_chunk(d, t); };
+  parallel_tasks(tasks, task);
+  // Combine the chunks of each row by their log-sum-exp (a sink is one more partial).
+  for (int b = 0; b < a.B; ++b)
+    for (int hkv = 0; hkv < a.Hkv; ++hkv)
+      for (int r = 0; r < d.rows; ++r) {
+        const int h = hkv * d.G + r / a.Nq, i = r % a.Nq;
+        const int64_t first = ((int64_t)b * a.Hkv + hkv) * d.chunks;
+        float m = a.sinks ? a.sinks[h] : NEG_INF;
+        for (int c = 0; c < d.chunks; ++c) m = std::max(m, d.part_max[(first + c) * d.rows + r]);
+        float l = (a.sinks && m != NEG_INF) ? std::exp(a.sinks[h] - m) : 0.f;
+        float acc[256] = {0.f};
+        for (int c = 0; c < d.chunks; ++c) {
+          const int64_t p = (first + c) * d.rows + r;
+          if (d.part_max[p] == NEG_INF) continue;
+          const float w = std::exp(d.part_max[p] - m);
+          l += w * d.part_sum[p];
+          for (int k = 0; k < a.Dv; ++k) acc[k] += w * d.part_out[p * d.dv_pad + k];
+        }
+        const Sequence s = sequence(a, b);
+        const int64_t orow = out_row(a, s, a.Hq, h, i, a.Nq);
+        const float inv = l > 0 ? 1.f / l : 0.f;
+        for (int k = 0; k < a.Dv; ++k) store_scalar(o.out, orow * a.Dv + k, a.q.dtype, acc[k] * inv);
+        o.lse[orow] = l > 0 ? m + std::log(l) : NEG_INF;
+      }
+}
+
 }  // namespace
 
 void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) {
+  if (use_decode_path(a)) return decode_forward(a, o);
   const int G = a.Hq / a.Hkv;
   for (int b = 0; b < a.B; ++b) {
     const Sequence s = sequence(a, b);
@@ -278,7 +394,11 @@ void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) {
       pack_row_panels(a.v, s, hkv, s.k_row0, s.nk, nk_pad, a.Dv, 1.f, vp.p);
       ForwardHead fh{&a, &o, s, b, hkv, nk_pad, dv_pad, kt.p, vp.p};
       const int q_tiles = (s.nq + BQ - 1) / BQ;
-      auto task = [&](int64_t t, int) { forward_tile(fh, hkv * G + (int)(t / q_tiles), (int)(t % q_tiles) * BQ); };
+      // Last query tiles first: under causal masks they see the most keys,
+      // and handing out the heaviest work first balances the threads.
+      auto task = [&](int64_t t, int) {
+        forward_tile(fh, hkv * G + (int)(t / q_tiles), (q_tiles - 1 - (int)(t % q_tiles)) * BQ);
+      };
       parallel_tasks((int64_t)G * q_tiles, task);
     }
   }

@@ -1,4 +1,7 @@
 // Picks the CPU kernel variant for this processor once, at first use.
+#include <cstdlib>
+#include <cstring>
+
 #include "cpu_kernels.h"
 
 namespace mlxf {
@@ -7,6 +10,9 @@ namespace {
 bool has_avx2() {
 #if defined(MLXF_HAVE_AVX2) && (defined(__x86_64__) || defined(_M_X64))
   static const bool ok = [] {
+    // MLX_FLASH_CPU_ISA=generic forces the portable variant (tests run it this way).
+    const char* forced = std::getenv("MLX_FLASH_CPU_ISA");
+    if (forced && std::strcmp(forced, "generic") == 0) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("f16c");
