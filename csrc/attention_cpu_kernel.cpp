@@ -37,8 +37,8 @@ namespace MLXF_ISA {
 
 namespace {
 
-constexpr int BQ = 96;  // query rows per tile
-constexpr int BK = 64;  // keys per tile (a multiple of NR)
+constexpr int BQ = 64;  // query rows per tile
+constexpr int BK = 128;  // keys per tile (a multiple of NR)
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // One sequence of a (possibly packed) batch.
@@ -140,6 +140,16 @@ struct LogitRules {
   // j0.. in place; dropped or padded keys become -inf. With softcap, the
   // tanh values go to T (for the backward's chain rule) when T is given.
   void apply(float* S, int ld, int i0, int mq, int j0, int nk_tile, int n_cols, float* T) const {
+    if (!(a->softcap > 0 || a->alibi || a->mask_kind || a->block_mask)) {
+      // Only causal/window bounds and padding: drop the keys outside [lo, hi] of each row.
+      for (int r = 0; r < mq; ++r) {
+        float* row = S + (int64_t)r * ld;
+        const int lo = key_lo(i0 + r) - j0, hi = std::min(key_hi(i0 + r) - j0, nk_tile - 1);
+        for (int c = 0; c < std::min(lo, n_cols); ++c) row[c] = NEG_INF;
+        for (int c = std::max(hi + 1, 0); c < n_cols; ++c) row[c] = NEG_INF;
+      }
+      return;
+    }
     const float cap = a->softcap;
     const float slope = a->alibi ? a->alibi[b * a->Hq + h] : 0.f;
     for (int r = 0; r < mq; ++r) {
@@ -384,7 +394,11 @@ void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) {
       pack_row_panels(a.v, s, hkv, s.k_row0, s.nk, nk_pad, a.Dv, 1.f, vp.p);
       ForwardHead fh{&a, &o, s, b, hkv, nk_pad, dv_pad, kt.p, vp.p};
       const int q_tiles = (s.nq + BQ - 1) / BQ;
-      auto task = [&](int64_t t, int) { forward_tile(fh, hkv * G + (int)(t / q_tiles), (int)(t % q_tiles) * BQ); };
+      // Last query tiles first: under causal masks they see the most keys,
+      // and handing out the heaviest work first balances the threads.
+      auto task = [&](int64_t t, int) {
+        forward_tile(fh, hkv * G + (int)(t / q_tiles), (q_tiles - 1 - (int)(t % q_tiles)) * BQ);
+      };
       parallel_tasks((int64_t)G * q_tiles, task);
     }
   }

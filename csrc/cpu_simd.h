@@ -125,13 +125,40 @@ inline void store_scalar(void* p, int64_t i, mlxf::DType t, float x) {
 }
 
 // n elements of a strided row, converted to fp32 and multiplied by mul.
+// Contiguous rows (the common case) take loops the compiler vectorises.
 inline void load_row(const void* p, int64_t off, int64_t stride, mlxf::DType t, int n, float mul, float* dst) {
-  if (t == mlxf::DType::f32 && stride == 1) {
-    const float* s = static_cast<const float*>(p) + off;
-    for (int i = 0; i < n; ++i) dst[i] = s[i] * mul;
+  if (stride != 1) {
+    for (int i = 0; i < n; ++i) dst[i] = load_scalar(p, off + i * stride, t) * mul;
     return;
   }
-  for (int i = 0; i < n; ++i) dst[i] = load_scalar(p, off + i * stride, t) * mul;
+  switch (t) {
+    case mlxf::DType::f32: {
+      const float* s = static_cast<const float*>(p) + off;
+      for (int i = 0; i < n; ++i) dst[i] = s[i] * mul;
+      break;
+    }
+    case mlxf::DType::bf16: {
+      const uint16_t* s = static_cast<const uint16_t*>(p) + off;
+      for (int i = 0; i < n; ++i) {
+        const uint32_t bits = (uint32_t)s[i] << 16;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        dst[i] = f * mul;
+      }
+      break;
+    }
+    case mlxf::DType::f16: {
+      const uint16_t* s = static_cast<const uint16_t*>(p) + off;
+      int i = 0;
+#if defined(__F16C__)
+      const __m256 m = _mm256_set1_ps(mul);
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(m, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + i)))));
+#endif
+      for (; i < n; ++i) dst[i] = half_to_float(s[i]) * mul;
+      break;
+    }
+  }
 }
 
 // ---- exp ----------------------------------------------------------------------
