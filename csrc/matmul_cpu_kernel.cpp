@@ -227,7 +227,7 @@ void micro_6x16(int kc, const float* A, const float* B, float* C, int64_t ldc, b
   }
 #pragma GCC unroll 4
   for (int k = 0; k < kc; ++k) {
-    const __m256 b0 = _mm256_load_ps(B), b1 = _mm256_load_ps(B + 8);
+    const __m256 b0 = _mm256_loadu_ps(B), b1 = _mm256_loadu_ps(B + 8);
     __m256 a = _mm256_broadcast_ss(A + 0);
     c00 = _mm256_fmadd_ps(a, b0, c00);
     c01 = _mm256_fmadd_ps(a, b1, c01);
@@ -310,10 +310,19 @@ void store_run(const float* src, int n, void* out, int64_t off, DType t) {
 
 // ---- the blocked product ----------------------------------------------------------
 
+// Scratch floats starting on a 64-byte boundary (cache-line aligned panels).
+struct AlignedScratch {
+  Scratch raw;
+  float* p;
+  explicit AlignedScratch(size_t n) : raw(n + 16) {
+    p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.p) + 63) & ~uintptr_t(63));
+  }
+};
+
 // Per-thread scratch: an A block and one decoded row.
 struct WorkerScratch {
-  Scratch a_block{(size_t)MC * KC};
-  Scratch row{(size_t)std::max(KC, GEMM_NR)};
+  AlignedScratch a_block{(size_t)MC * KC};
+  AlignedScratch row{(size_t)std::max(KC, GEMM_NR)};
 };
 
 struct Gemm {
@@ -411,7 +420,7 @@ struct FewRows {
   RowMap rows;
   int64_t n_rows;
   const float* x;  // [n_rows, K] fp32
-  std::vector<float>* tmp;  // per worker, GEMV_RUN floats
+  float* tmp;      // per worker, GEMV_RUN floats each
 
   float row_scale(int64_t r) const {
     if (!args.a_scale) return 1.f;
@@ -426,7 +435,7 @@ struct FewRows {
     const int64_t g = args.b_batched ? rows.group : 0;
     const int j0 = (int)task * GEMV_COLS, nc = std::min(GEMV_COLS, args.N - j0), K = args.K;
     float acc[FEW_ROWS][GEMV_COLS];
-    float* run = tmp[worker].data();
+    float* run = tmp + (int64_t)worker * GEMV_RUN;
     if (b.sr == 1) {  // [N, K] weight: each output column is a contiguous dot product
       for (int j = 0; j < nc; ++j) {
         vf dot[FEW_ROWS] = {};
@@ -470,14 +479,15 @@ struct FewRows {
 
 void few_rows(const MatmulArgs& args, int group, int64_t n_rows) {
   RowMap rows{args.M, !args.b_batched, group};
-  std::vector<float> x((size_t)n_rows * args.K);
+  AlignedScratch x((size_t)n_rows * args.K);
   for (int64_t r = 0; r < n_rows; ++r) {
     int64_t bi, i;
     rows.locate(r, &bi, &i);
-    decode_run(args.a.data, bi * args.a.sb + i * args.a.sr, args.a.sc, args.a.type, args.K, x.data() + r * args.K);
+    decode_run(args.a.data, bi * args.a.sb + i * args.a.sr, args.a.sc, args.a.type, args.K, x.p + r * args.K);
   }
-  std::vector<std::vector<float>> tmp(num_workers(), std::vector<float>(std::max(GEMV_RUN, GEMV_COLS)));
-  FewRows job{args, rows, n_rows, x.data(), tmp.data()};
+  static_assert(GEMV_RUN >= GEMV_COLS, "a run buffer also holds one row of a column block");
+  AlignedScratch tmp((size_t)num_workers() * GEMV_RUN);
+  FewRows job{args, rows, n_rows, x.p, tmp.p};
   auto task = [&](int64_t t, int worker) { job.run(t, worker); };
   parallel_tasks((args.N + GEMV_COLS - 1) / GEMV_COLS, task);
 }
@@ -501,8 +511,8 @@ void matmul2d(const MatmulArgs& args) {
   const int64_t rows_per_group = args.b_batched ? args.M : (int64_t)args.batch * args.M;
   const int64_t chunk = std::min<int64_t>(ROW_CHUNK, rows_per_group);
   const int acc_ld = round_up(std::min(NC, args.N), GEMM_NR) + ACC_PAD;
-  Scratch b_block((size_t)KC * round_up(std::min(NC, args.N), GEMM_NR));
-  Scratch acc((size_t)chunk * acc_ld);
+  AlignedScratch b_block((size_t)KC * round_up(std::min(NC, args.N), GEMM_NR));
+  AlignedScratch acc((size_t)chunk * acc_ld);
   std::unique_ptr<std::atomic<int>[]> panel_state(new std::atomic<int>[NC / GEMM_NR]);
 
   for (int g = 0; g < groups; ++g) {
