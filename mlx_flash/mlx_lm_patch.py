@@ -16,6 +16,12 @@ What gets swapped:
   Gemma 2's softcapped scores): their `__call__` is replaced, in modules
   already imported and, through an import hook, in ones imported later.
 
+With `patch_mlx_lm(fp8_weights=True)`, models loaded through mlx-lm
+(`mlx_lm.load` / `mlx_lm.utils.load_model`) while patched also get their
+`nn.Linear` layers converted to `mlx_flash.nn.FP8Linear` (fp8 E4M3 weights,
+per-channel scales); `convert_model_to_fp8(model)` does the same to a model
+already in memory. Restoring does not convert a model back.
+
 No model module is imported to do this (some exit the process when an
 optional dependency is missing). Calls the op cannot take (quantized KV
 caches, head dims over 256, ...) run mlx-lm's own code and are counted in
@@ -111,24 +117,30 @@ class MlxLmPatch:
     does not own the patch: leaving it keeps the outer patch in place.
     """
 
-    def __init__(self, owner: bool):
+    def __init__(self, owner: bool, fp8_weights: bool = False):
         self.owner = owner
+        self.fp8_weights = fp8_weights
         self._undo = []  # (object, attribute, value to put back)
-        self._sdpa = None
-        self._original_sdpa = None
+        self._swaps = {}  # module-level name -> (original function, replacement)
         self._hook = None
 
     def _apply(self):
         from mlx_lm.models import base  # imports no model module
 
-        self._original_sdpa = getattr(base, SDPA_NAME)
-        self._sdpa = _make_flash_sdpa(self._original_sdpa)
-        self._set(base, SDPA_NAME, self._sdpa)
+        self._swap(base, SDPA_NAME, _make_flash_sdpa)
+        if self.fp8_weights:
+            from mlx_lm import utils as lm_utils  # `mlx_lm.load` calls it by this name
+
+            self._swap(lm_utils, "load_model", _converting_to_fp8)
         for module in list(sys.modules.values()):
             if module is not None:
                 self._patch_module(module)
         self._hook = _InlineModelHook(self._patch_module)
         sys.meta_path.insert(0, self._hook)
+
+    def _swap(self, module, name, make_replacement):
+        original = getattr(module, name)
+        self._swaps[name] = (original, make_replacement(original))
 
     def _set(self, obj, name, value):
         self._undo.append((obj, name, getattr(obj, name)))
@@ -137,8 +149,9 @@ class MlxLmPatch:
     def _patch_module(self, module):
         # vars(), not getattr(): lazy modules (transformers) import on getattr.
         namespace = getattr(module, "__dict__", {})
-        if namespace.get(SDPA_NAME) is self._original_sdpa:
-            self._set(module, SDPA_NAME, self._sdpa)
+        for name, (original, replacement) in self._swaps.items():
+            if namespace.get(name) is original:
+                self._set(module, name, replacement)
         for class_name, replacement in INLINE_ATTENTION.get(namespace.get("__name__"), {}).items():
             cls = namespace.get(class_name)
             if cls is not None:
@@ -157,11 +170,12 @@ class MlxLmPatch:
             sys.meta_path.remove(self._hook)
         for obj, name, value in reversed(self._undo):
             setattr(obj, name, value)
-        # Modules imported while patched bound the replacement themselves.
+        # Modules imported while patched bound the replacements themselves.
         for module in list(sys.modules.values()):
             namespace = getattr(module, "__dict__", {})
-            if namespace.get(SDPA_NAME) is self._sdpa:
-                setattr(module, SDPA_NAME, self._original_sdpa)
+            for name, (original, replacement) in self._swaps.items():
+                if namespace.get(name) is replacement:
+                    setattr(module, name, original)
         self._undo.clear()
         _active = None
 
@@ -173,20 +187,52 @@ class MlxLmPatch:
         return False
 
 
+def convert_model_to_fp8(model, fmt: str = "e4m3"):
+    """Swap an mlx-lm model's `nn.Linear` layers for `FP8Linear`, in place.
+
+    Layers the model keeps unquantized (its `quant_predicate`, e.g. MoE
+    routers) stay as they are. Returns the model.
+    """
+    from .nn import convert_to_fp8
+
+    keep = getattr(model, "quant_predicate", None)
+    predicate = None if keep is None else (lambda path, module: bool(keep(path, module)))
+    return convert_to_fp8(model, fmt=fmt, predicate=predicate)
+
+
+def _converting_to_fp8(load_model: Callable) -> Callable:
+    @functools.wraps(load_model)
+    def wrapper(*args, **kwargs):
+        model, config = load_model(*args, **kwargs)
+        return convert_model_to_fp8(model), config
+
+    return wrapper
+
+
 _active: Optional[MlxLmPatch] = None
 
 
-def patch_mlx_lm() -> MlxLmPatch:
+def patch_mlx_lm(*, fp8_weights: bool = False) -> MlxLmPatch:
     """Route mlx-lm attention through `flash_attention` from now on.
 
+    Args:
+      fp8_weights: also convert the `nn.Linear` layers of models loaded
+        through mlx-lm while patched to `mlx_flash.nn.FP8Linear`.
+
     Returns a handle; use it as a context manager (or call `.restore()`) to
-    put mlx-lm's own attention back. Needs mlx-lm (`pip install
-    mlx_flash[lm]`).
+    put mlx-lm back. Needs mlx-lm (`pip install mlx_flash[lm]`).
     """
     global _active
+    if not isinstance(fp8_weights, bool):
+        raise TypeError(f"fp8_weights: expected a bool, got {type(fp8_weights).__name__}")
     if _active is not None:
-        return MlxLmPatch(owner=False)
-    patch = MlxLmPatch(owner=True)
+        if fp8_weights != _active.fp8_weights:
+            raise ValueError(
+                f"fp8_weights: mlx-lm is already patched with fp8_weights={_active.fp8_weights}; "
+                f"unpatch first to change it (got {fp8_weights})"
+            )
+        return MlxLmPatch(owner=False, fp8_weights=fp8_weights)
+    patch = MlxLmPatch(owner=True, fp8_weights=fp8_weights)
     try:
         patch._apply()
     except BaseException:

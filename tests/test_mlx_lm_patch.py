@@ -401,3 +401,45 @@ def test_examples_run(script, args):
                             capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert result.returncode == 0, result.stderr
     assert "fallback_calls': 0" in result.stdout, result.stdout
+
+
+# ---------------------------------------------------------------- fp8 weights
+
+def _save_model(model, config, path):
+    import json
+
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_fp8_weights_for_models_loaded_while_patched(name, tmp_path):
+    from mlx_lm import utils as lm_utils
+
+    from mlx_flash.nn import FP8Linear
+
+    _save_model(build(name), CONFIGS[name], tmp_path)
+    with mlx_flash.patch_mlx_lm(fp8_weights=True):
+        model, _ = lm_utils.load_model(tmp_path)
+        x = tokens(21)
+        got = model(x)
+    fp8_layers = {k: m for k, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+                  if isinstance(m, FP8Linear)}
+    assert fp8_layers and not any(isinstance(m, nn.Linear) for _, m in
+                                  tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    # Oracle: the same model, unpatched, computing with the decoded fp8 weights.
+    reference, _ = lm_utils.load_model(tmp_path)
+    assert isinstance(dict(tree_flatten(reference.leaf_modules(), is_leaf=nn.Module.is_module))[
+        next(iter(fp8_layers))], nn.Linear)  # loading is back to normal
+    reference.load_weights([(k + ".weight", m.dequantized_weight()) for k, m in fp8_layers.items()],
+                           strict=False)
+    assert_close(got, reference(x), tol=1e-4)
+    assert_all_fused()
+
+
+def test_fp8_weights_option_checked():
+    with pytest.raises(TypeError, match="fp8_weights"):
+        mlx_flash.patch_mlx_lm(fp8_weights=1)
+    with mlx_flash.patch_mlx_lm():
+        with pytest.raises(ValueError, match="fp8_weights"):
+            mlx_flash.patch_mlx_lm(fp8_weights=True)
