@@ -2,6 +2,11 @@
 
     python examples/generate.py [--prompt-len 2048] [--new-tokens 32] [--model llama]
 
+With `--fp8`, a third run also converts the model's Linear layers to
+`mlx_flash.nn.FP8Linear` (what `patch_mlx_lm(fp8_weights=True)` does to
+models loaded through mlx-lm): fp8 weights are a quarter of float32's bytes,
+and the tokens may differ since the weights do.
+
 Uses a small random-initialised model (no download needed), so the tokens
 are gibberish; what matters is that both runs produce the same tokens and
 how fast and how much memory each takes. On a real model the one line that
@@ -42,6 +47,7 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--model", default="llama", help="an mlx-lm model_type with MODEL_CONFIG's fields")
+    parser.add_argument("--fp8", action="store_true", help="also run with fp8 (E4M3) Linear weights")
     args = parser.parse_args()
 
     model = random_model(dict(MODEL_CONFIG, model_type=args.model))
@@ -52,6 +58,10 @@ def main():
     with mlx_flash.patch_mlx_lm():
         run(model, prompt[:32], 2)
         results["mlx_flash"] = run(model, prompt, args.new_tokens)
+        if args.fp8:
+            fp8_model = mlx_flash.convert_model_to_fp8(random_model(dict(MODEL_CONFIG, model_type=args.model)))
+            run(fp8_model, prompt[:32], 2)
+            results["+fp8"] = run(fp8_model, prompt, args.new_tokens)
 
     print(f"{args.model}, prompt {args.prompt_len} tokens, {args.new_tokens} new, on {mx.default_device()}")
     for name, r in results.items():

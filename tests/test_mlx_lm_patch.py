@@ -390,7 +390,7 @@ def test_benchmark_functions_small():
 
 
 @pytest.mark.parametrize("script, args", [
-    ("generate.py", ["--prompt-len", "48", "--new-tokens", "3"]),
+    ("generate.py", ["--prompt-len", "48", "--new-tokens", "3", "--fp8"]),
     ("finetune_long_context.py", ["--seq-len", "64", "--steps", "2"]),
 ])
 def test_examples_run(script, args):

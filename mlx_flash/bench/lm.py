@@ -121,11 +121,17 @@ def bench_lora(seq_len: int) -> dict:
     }
 
 
-def generate(prompt_len: int, new_tokens: int, patched: bool) -> tuple[dict, list]:
-    """Greedy generation with mlx-lm's generate_step; prompt and decode timed apart."""
+def generate(prompt_len: int, new_tokens: int, patched: bool, fp8: bool = False) -> tuple[dict, list]:
+    """Greedy generation with mlx-lm's generate_step; prompt and decode timed apart.
+
+    `fp8`: the model's Linear layers as `FP8Linear` (E4M3 weights).
+    """
     from mlx_lm.generate import generate_step
 
     model = random_model()
+    if fp8:
+        mlx_flash.convert_model_to_fp8(model)
+        mx.eval(model.parameters())
     prompt = random_tokens(prompt_len, MODEL_CONFIG["vocab_size"])[0]
     mx.eval(prompt)
     baseline = _fresh_memory()
@@ -138,7 +144,7 @@ def generate(prompt_len: int, new_tokens: int, patched: bool) -> tuple[dict, lis
         out += [int(tok) for tok, _ in steps]
         end = time.perf_counter()
     record = {
-        "patched": patched, "prompt_len": prompt_len, "new_tokens": len(out),
+        "patched": patched, "fp8_weights": fp8, "prompt_len": prompt_len, "new_tokens": len(out),
         "prompt_seconds": first - start, "decode_seconds": end - first,
         "total_seconds": end - start,
         "prompt_tokens_per_s": prompt_len / (first - start),
@@ -151,10 +157,14 @@ def generate(prompt_len: int, new_tokens: int, patched: bool) -> tuple[dict, lis
 def bench_generation(prompt_len: int, new_tokens: int) -> dict:
     generate(64, 4, patched=False)  # warm up both paths (allocator, kernels)
     generate(64, 4, patched=True)
+    generate(64, 4, patched=True, fp8=True)
     plain, plain_tokens = generate(prompt_len, new_tokens, patched=False)
     fused, fused_tokens = generate(prompt_len, new_tokens, patched=True)
+    fp8, _ = generate(prompt_len, new_tokens, patched=True, fp8=True)
     return {
         "unpatched": plain, "patched": fused,
+        # Different (fp8) weights: its tokens are not expected to match.
+        "patched_fp8_weights": fp8,
         "total_speedup": plain["total_seconds"] / fused["total_seconds"],
         "prompt_speedup": plain["prompt_seconds"] / fused["prompt_seconds"],
         "decode_speedup": plain["decode_seconds"] / fused["decode_seconds"],
