@@ -174,6 +174,24 @@ def test_rotating_cache_with_max_kv_size_matches():
     assert_all_fused()
 
 
+def test_window_smaller_than_rotating_cache_matches():
+    """A sliding layer whose rotating cache is larger than its window: decode
+    steps get mlx-lm's rolled 1-D key mask."""
+    model, x = build("mistral"), tokens(30)
+    chunks = [x[:, :6]] + [x[:, i:i + 1] for i in range(6, 30)]
+
+    def caches():
+        return [lm_cache.RotatingKVCache(max_size=2 * WINDOW) if layer.use_sliding
+                else lm_cache.KVCache() for layer in model.layers]
+
+    expected = run_chunks(model, chunks, caches())
+    with mlx_flash.patch_mlx_lm():
+        got = run_chunks(model, chunks, caches())
+    for g, e in zip(got, expected):
+        assert_close(g, e)
+    assert_all_fused()
+
+
 def test_batch_cache_with_left_padding_matches():
     """BatchKVCache: per-row offsets arrive as a [B, 1, Nq, Nk] bool mask."""
     model = build("qwen3")
