@@ -30,6 +30,7 @@ bool has_avx2() {
 namespace avx2 {
 void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) { generic::attention_forward(a, o); }
 void attention_backward(const AttentionArgs& a, const BackwardArgs& g) { generic::attention_backward(a, g); }
+void matmul2d(const MatmulArgs& a) { generic::matmul2d(a); }
 }  // namespace avx2
 #endif
 
@@ -39,6 +40,7 @@ void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) {
 void attention_backward(const AttentionArgs& a, const BackwardArgs& g) {
   has_avx2() ? avx2::attention_backward(a, g) : generic::attention_backward(a, g);
 }
+void matmul2d(const MatmulArgs& a) { has_avx2() ? avx2::matmul2d(a) : generic::matmul2d(a); }
 const char* cpu_kernel_isa() { return has_avx2() ? "avx2" : "generic"; }
 
 }  // namespace mlxf
