@@ -36,7 +36,24 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _INCLUDE = os.path.join(_HERE, "include")
 _RUNTIME = os.path.join(_HERE, "runtime")
-_BUILD = os.environ.get("METAL_EMU_BUILD_DIR", os.path.join(_HERE, "_build"))
+
+
+def _build_dir() -> str:
+    """Where compiled kernels are cached: $METAL_EMU_BUILD_DIR, else _build/
+    next to this file, else (read-only checkout) a per-user temp folder."""
+    if os.environ.get("METAL_EMU_BUILD_DIR"):
+        return os.environ["METAL_EMU_BUILD_DIR"]
+    here = os.path.join(_HERE, "_build")
+    try:
+        os.makedirs(here, exist_ok=True)
+        if os.access(here, os.W_OK):
+            return here
+    except OSError:
+        pass
+    return os.path.join(tempfile.gettempdir(), f"metal_emu_build-{os.getuid()}")
+
+
+_BUILD = _build_dir()
 
 MAX_THREADS_PER_THREADGROUP = 1024
 THREADGROUP_MEMORY_LIMIT = 32768
