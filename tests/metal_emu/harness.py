@@ -20,6 +20,7 @@ threads run; default 0, or $METAL_EMU_SEED).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -731,3 +732,16 @@ def metal_kernel(name: str, input_names: Sequence[str], output_names: Sequence[s
     """Mirror of `mx.fast.metal_kernel` that runs on the CPU emulation."""
     return Kernel(name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs,
                   compile_options)
+
+
+@contextlib.contextmanager
+def patched_mx_fast():
+    """Within the block, `mx.fast.metal_kernel` is this harness's
+    `metal_kernel`: for code that calls MLX's factory directly rather than
+    taking a factory argument. Kernels created inside keep emulating."""
+    original = mx.fast.metal_kernel
+    mx.fast.metal_kernel = metal_kernel
+    try:
+        yield
+    finally:
+        mx.fast.metal_kernel = original
