@@ -463,12 +463,23 @@ def _atomic_output(path: str, build) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _runtime_object() -> str:
+def _runtime_library() -> str:
+    """The runtime as one shared library, loaded once (RTLD_GLOBAL) for all
+    kernels, so that they share one pool of fiber stacks: a copy per kernel
+    library would map thousands of stacks in a long test session and run
+    into the kernel's limit on memory mappings."""
     _, tag = _toolchain()
     key = hashlib.sha256(tag.encode()).hexdigest()[:16]
-    path = os.path.join(_BUILD, f"runtime-{key}.o")
+    name = f"libmetal_emu_runtime-{key}.so"
+    path = os.path.join(_BUILD, name)
     src = os.path.join(_RUNTIME, "runtime.cpp")
-    return _atomic_output(path, lambda tmp: _run_clang([*_CXX_FLAGS, "-O2", "-c", src, "-o", tmp], "the runtime"))
+    _atomic_output(
+        path,
+        lambda tmp: _run_clang([*_CXX_FLAGS, "-O2", "-shared", f"-Wl,-soname,{name}", src, "-o", tmp, "-lpthread"],
+                               "the runtime"),
+    )
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    return path
 
 
 _LIBRARIES = {}
@@ -480,7 +491,7 @@ def _library(cpp: str):
     key = hashlib.sha256((tag + "\0" + cpp).encode()).hexdigest()[:24]
     if key in _LIBRARIES:
         return _LIBRARIES[key]
-    runtime = _runtime_object()
+    runtime = _runtime_library()
     path = os.path.join(_BUILD, f"kernel-{key}.so")
 
     def build(tmp):
@@ -488,7 +499,8 @@ def _library(cpp: str):
         with open(src, "w") as f:
             f.write(cpp)
         try:
-            _run_clang([*_CXX_FLAGS, "-shared", "-I", _INCLUDE, src, runtime, "-o", tmp], "the kernel")
+            _run_clang([*_CXX_FLAGS, "-shared", "-I", _INCLUDE, src, runtime, "-Wl,-rpath,$ORIGIN", "-o", tmp],
+                       "the kernel")
         finally:
             os.unlink(src)
 
