@@ -415,6 +415,10 @@ def to_cpp(source: str) -> str:
 # Compilation and caching
 
 
+# Part of every cache key: bump when how libraries are built or linked changes.
+_BUILD_VERSION = 2
+
+
 def _find_clang() -> Optional[str]:
     for name in (os.environ.get("METAL_EMU_CXX"), "clang++-19", "clang++-20", "clang++-21"):
         if name and shutil.which(name):
@@ -436,7 +440,7 @@ def _hash_files(*dirs) -> str:
 def _toolchain():
     """(clang path, hash of the emulation's own sources)."""
     clang = _find_clang()
-    return clang, _hash_files(_INCLUDE, _RUNTIME) + " ".join(_CXX_FLAGS)
+    return clang, f"{_BUILD_VERSION} " + _hash_files(_INCLUDE, _RUNTIME) + " ".join(_CXX_FLAGS)
 
 
 def _run_clang(args, what: str):
