@@ -643,3 +643,9 @@ def test_patched_mx_fast():
                         output_dtypes=[mx.float32])
     assert mx.fast.metal_kernel is not harness.metal_kernel
     np.testing.assert_array_equal(np.array(out), [3.0] * 3)
+
+
+def test_unavailable_reason_without_compiler(monkeypatch):
+    monkeypatch.setattr(harness, "_find_clang", lambda: None)
+    reason = harness.unavailable_reason.__wrapped__()
+    assert reason is not None and "clang" in reason
