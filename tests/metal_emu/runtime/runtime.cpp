@@ -43,8 +43,9 @@ namespace {
 // old stack and swaps stack pointers (tens of nanoseconds); ucontext's
 // swapcontext also saves the signal mask with a system call (about 1 us),
 // which dominates the emulation of SIMD-group-heavy kernels.
+// -DEMU_USE_UCONTEXT forces the portable path (to test it on x86-64).
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(EMU_USE_UCONTEXT)
 #define EMU_FAST_SWITCH 1
 extern "C" void emu_switch_stack(void** save_sp, void* new_sp);
 extern "C" void emu_fiber_start();
