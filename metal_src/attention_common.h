@@ -298,6 +298,35 @@ constexpr int pad8(int d) { return (d + 7) / 8 * 8; }
 constexpr int tile_ld(int d) { return pad8(d) + 4; }
 constexpr int max_int(int a, int b) { return a > b ? a : b; }
 
+// ---- tile sizes (docs/metal.md; mirrored by metal.py's tile_sizes) ----
+// Apple GPUs give a threadgroup 32 KiB of threadgroup memory. Tiles aim at
+// 16 KiB so that two threadgroups can share a core and hide each other's
+// loads; the largest candidate that fits is taken, else the smallest one.
+constexpr int TG_BUDGET = 16 * 1024;
+
+// Keys per forward K/V tile (one buffer, K then V): 64, 32 or 16.
+constexpr int fwd_block_k(int dqk, int dv, int size) {
+  return 64 * max_int(tile_ld(dqk), tile_ld(dv)) * size <= TG_BUDGET   ? 64
+         : 32 * max_int(tile_ld(dqk), tile_ld(dv)) * size <= TG_BUDGET ? 32
+                                                                       : 16;
+}
+
+// Keys per dQ tile (K and V tiles side by side): 64, 32, 16 or 8.
+constexpr int dq_block_k(int dqk, int dv, int size) {
+  return 64 * (tile_ld(dqk) + tile_ld(dv)) * size <= TG_BUDGET   ? 64
+         : 32 * (tile_ld(dqk) + tile_ld(dv)) * size <= TG_BUDGET ? 32
+         : 16 * (tile_ld(dqk) + tile_ld(dv)) * size <= TG_BUDGET ? 16
+                                                                 : 8;
+}
+
+// Queries per dK/dV tile (Q and dO tiles, plus lse and delta): 64, 32, 16 or 8.
+constexpr int dkdv_block_q(int dqk, int dv, int size) {
+  return 64 * ((tile_ld(dqk) + tile_ld(dv)) * size + 8) <= TG_BUDGET   ? 64
+         : 32 * ((tile_ld(dqk) + tile_ld(dv)) * size + 8) <= TG_BUDGET ? 32
+         : 16 * ((tile_ld(dqk) + tile_ld(dv)) * size + 8) <= TG_BUDGET ? 16
+                                                                       : 8;
+}
+
 }  // namespace mlxf
 
 #endif  // MLXF_ATTENTION_COMMON_H
