@@ -5,6 +5,7 @@
 // own namespace, and cpu_dispatch.cpp picks one at run time.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace mlxf {
@@ -67,6 +68,11 @@ struct BackwardArgs {
 
 MLXF_DECLARE_KERNELS(generic)
 MLXF_DECLARE_KERNELS(avx2)
+
+// Kernel scratch comes from MLX's allocator, so mx.get_peak_memory() counts
+// it like any array. Returns the data pointer; *handle is what to free.
+void* scratch_alloc(size_t bytes, void** handle);
+void scratch_free(void* handle);
 
 // Run-time choice of the fastest variant this CPU supports.
 void attention_forward(const AttentionArgs& a, const ForwardOutputs& o);

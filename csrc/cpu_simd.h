@@ -205,16 +205,16 @@ inline void gemm(int M, int N, int K, const float* A, int64_t a_rs, int64_t a_cs
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// Heap scratch owned by one scope; 64-byte aligned, zero-filled.
+// Zero-filled fp32 scratch owned by one scope, from MLX's allocator.
 struct Scratch {
   float* p = nullptr;
+  void* handle = nullptr;
   explicit Scratch(size_t n) {
-    size_t bytes = ((n * sizeof(float)) + 63) / 64 * 64;
-    p = static_cast<float*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
-    if (!p) std::abort();
+    const size_t bytes = (n > 0 ? n : 1) * sizeof(float);
+    p = static_cast<float*>(mlxf::scratch_alloc(bytes, &handle));
     std::memset(p, 0, bytes);
   }
-  ~Scratch() { std::free(p); }
+  ~Scratch() { mlxf::scratch_free(handle); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
 };

@@ -33,7 +33,9 @@ def device_of(stream) -> mx.Device:
         return stream.device
     if isinstance(stream, mx.Device):
         return stream
-    raise TypeError(f"stream: expected None, an mx.Stream or an mx.Device, got {type(stream).__name__}")
+    if isinstance(stream, mx.DeviceType):  # mx.cpu / mx.gpu
+        return mx.Device(stream)
+    raise TypeError(f"stream: expected None, an mx.Stream, mx.Device or mx.cpu/mx.gpu, got {type(stream).__name__}")
 
 
 def backend_name(stream) -> str:

@@ -32,24 +32,26 @@ def _block_keep(block_mask: mx.array, spec: AttentionSpec, nq: int, nk: int) -> 
     return block_mask[:, :, rows][:, :, :, cols]
 
 
-def attention_logits(q, k, spec: AttentionSpec, inputs: AttentionInputs):
-    """Float32 logits after softcap, ALiBi and the additive mask, and the keep mask.
+def attention_logits(q, k, spec: AttentionSpec, inputs: AttentionInputs, dtype=mx.float32):
+    """Logits after softcap, ALiBi and the additive mask, and the keep mask.
 
     q `[B, Hq, Nq, D]`, k `[B, Hkv, Nk, D]` (one sequence batch, not varlen).
-    Returns (s, keep) with s `[B, Hq, Nq, Nk]` and keep broadcastable to it.
+    Returns (s, keep) with s `[B, Hq, Nq, Nk]` computed in `dtype` (float32
+    by default; tests also run it in fp16/bf16 as the "plain" baseline) and
+    keep broadcastable to it.
     """
     nq, nk = q.shape[2], k.shape[2]
     k = _expand_kv(k, spec.group_size)
-    s = spec.scale * (q.astype(mx.float32) @ k.astype(mx.float32).swapaxes(-1, -2))
+    s = (q.astype(dtype) * mx.array(spec.scale, dtype)) @ k.astype(dtype).swapaxes(-1, -2)
     if spec.softcap:
         s = spec.softcap * mx.tanh(s / spec.softcap)
     p, j = _positions(spec, nq, nk)
     if inputs.alibi is not None:
-        s = s - inputs.alibi[:, :, None, None] * mx.abs(p - j).astype(mx.float32)
+        s = s - (inputs.alibi[:, :, None, None] * mx.abs(p - j).astype(mx.float32)).astype(dtype)
     keep = mx.ones((1, 1, nq, nk), dtype=mx.bool_)
     if inputs.mask is not None:
         if spec.mask_kind == "additive":
-            s = s + inputs.mask.astype(mx.float32)
+            s = s + inputs.mask.astype(dtype)
         else:
             keep = keep & inputs.mask
     if spec.window_right >= 0:
@@ -61,30 +63,30 @@ def attention_logits(q, k, spec: AttentionSpec, inputs: AttentionInputs):
     return s, keep
 
 
-def attention_probabilities(q, k, spec: AttentionSpec, inputs: AttentionInputs):
-    """Softmax probabilities `[B, Hq, Nq, Nk]` (float32) and lse `[B, Hq, Nq]`."""
-    s, keep = attention_logits(q, k, spec, inputs)
+def attention_probabilities(q, k, spec: AttentionSpec, inputs: AttentionInputs, dtype=mx.float32):
+    """Softmax probabilities `[B, Hq, Nq, Nk]` and lse `[B, Hq, Nq]`, in `dtype`."""
+    s, keep = attention_logits(q, k, spec, inputs, dtype)
     s = mx.where(keep, s, -mx.inf)
     row_max = mx.max(s, axis=-1, keepdims=True)
     if inputs.sinks is not None:
-        row_max = mx.maximum(row_max, inputs.sinks[None, :, None, None])
+        row_max = mx.maximum(row_max, inputs.sinks[None, :, None, None].astype(dtype))
     # A fully masked row has row_max = -inf: shift by 0 there so exp gives 0, not NaN.
     shift = mx.where(mx.isinf(row_max), 0.0, row_max)
     e = mx.exp(s - shift)
     denom = mx.sum(e, axis=-1, keepdims=True)
     if inputs.sinks is not None:
-        denom = denom + mx.exp(inputs.sinks[None, :, None, None] - shift)
+        denom = denom + mx.exp(inputs.sinks[None, :, None, None].astype(dtype) - shift)
     lse = (mx.log(denom) + shift)[..., 0]
     probs = mx.where(denom > 0, e / mx.where(denom > 0, denom, 1.0), 0.0)
     return probs, lse
 
 
-def attention_dense(q, k, v, spec: AttentionSpec, inputs: AttentionInputs):
-    """(out, lse) for `[B, H, N, D]` inputs, materialised."""
-    probs, lse = attention_probabilities(q, k, spec, inputs)
+def attention_dense(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, dtype=mx.float32):
+    """(out, lse) for `[B, H, N, D]` inputs, materialised, computed in `dtype`."""
+    probs, lse = attention_probabilities(q, k, spec, inputs, dtype)
     v = _expand_kv(v, spec.group_size)
-    out = (probs @ v.astype(mx.float32)).astype(q.dtype)
-    return out, lse
+    out = (probs @ v.astype(dtype)).astype(q.dtype)
+    return out, lse.astype(mx.float32)
 
 
 def flash_attention(q, k, v, *, scale=None, mask=None, causal=False, window=None, softcap=None,

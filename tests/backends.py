@@ -93,4 +93,6 @@ def gradients(name: str, q, k, v, dout, *, varlen=None, dlse=None, wrt=("q", "k"
         return total
 
     grads = mx.grad(loss, argnums=tuple(range(len(wrt))))(*[args[n] for n in wrt])
+    if not isinstance(grads, (tuple, list)):  # one argnum: MLX returns the array itself
+        grads = (grads,)
     return dict(zip(wrt, grads))

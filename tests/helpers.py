@@ -1,0 +1,97 @@
+"""Shared test utilities: fresh random inputs, dtype-aware comparisons."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import mlx.core as mx
+import numpy as np
+
+import mlx_flash
+from mlx_flash import reference
+from mlx_flash._spec import validate_attention
+
+# A new base seed every session (printed in the pytest header); set
+# MLX_FLASH_TEST_SEED to replay one.
+BASE_SEED = int(os.environ.get("MLX_FLASH_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def rng(*key) -> np.random.Generator:
+    """A generator seeded by the session seed and a per-case key."""
+    return np.random.default_rng([BASE_SEED, zlib.crc32(repr(key).encode())])
+
+
+def randn(gen, shape, dtype=mx.float32, scale=1.0) -> mx.array:
+    return mx.array((gen.standard_normal(shape) * scale).astype(np.float32)).astype(dtype)
+
+
+def qkv(gen, B, Hq, Hkv, Nq, Nk, D, Dv=None, dtype=mx.float32, scale=1.0):
+    Dv = D if Dv is None else Dv
+    return (randn(gen, (B, Hq, Nq, D), dtype, scale), randn(gen, (B, Hkv, Nk, D), dtype, scale),
+            randn(gen, (B, Hkv, Nk, Dv), dtype))
+
+
+def to_np(x) -> np.ndarray:
+    return np.array(x.astype(mx.float32)) if x.dtype not in (mx.bool_,) else np.array(x)
+
+
+def rel_error(got, want, floor=1e-2) -> float:
+    """max |got - want| / max(max |want|, floor) over finite entries; inf
+    entries must match exactly. The floor keeps a result that is zero in exact
+    arithmetic (e.g. dq with a single key) from turning rounding noise into a
+    huge relative error; test inputs are O(1)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    inf = ~np.isfinite(want)
+    assert np.array_equal(got[inf], want[inf]), "non-finite entries differ"
+    assert np.all(np.isfinite(got[~inf])), "unexpected NaN/inf in result"
+    if not (~inf).any():
+        return 0.0
+    denom = max(np.abs(want[~inf]).max(), floor)
+    return float(np.abs(got[~inf] - want[~inf]).max() / denom)
+
+
+# fp32 results must be well under 1e-4 relative.
+FP32_TOL = {"out": 2e-5, "lse": 2e-6, "dq": 5e-5, "dk": 5e-5, "dv": 5e-5, "dsinks": 5e-5, "dmask": 5e-5}
+
+
+def plain_errors(q, k, v, dout, options, dtype):
+    """Errors of the plain materialised computation in `dtype` vs float64:
+    the yardstick for fp16/bf16 (ours may be at most twice as far off)."""
+    from reference_np import attention_np
+
+    spec, inputs = validate_attention(q, k, v, **options)
+
+    def f(q, k, v):
+        out, _ = reference.attention_dense(q, k, v, spec, inputs, dtype=dtype)
+        return out
+
+    (out,), vjps = mx.vjp(f, [q, k, v], [dout])
+    want = attention_np(q, k, v, dout=dout, **options)
+    errs = {"out": rel_error(to_np(out), want["out"])}
+    for name, g in zip(("dq", "dk", "dv"), vjps):
+        errs[name] = rel_error(to_np(g), want[name])
+    return errs
+
+
+def check_close(name, got, want, dtype, plain=None, floor=None):
+    """Assert `got` matches the float64 `want` for this dtype's tolerance."""
+    err = rel_error(got, want)
+    if dtype == mx.float32:
+        tol = FP32_TOL[name]
+        if plain and name in plain:  # ill-conditioned cases: fp32's own rounding dominates
+            tol = max(tol, 2 * plain[name])
+    else:
+        # Twice the plain computation's error, with a floor of a few ulps of
+        # the dtype so an exact plain result does not demand exactness.
+        eps = 2.0**-10 if dtype == mx.float16 else 2.0**-7
+        tol = max(2 * plain[name] if plain and name in plain else 0.0, floor or 2 * eps)
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g} ({dtype})"
+    return err
+
+
+def is_emulated(backend: str) -> bool:
+    return backend == "metal_emu"
