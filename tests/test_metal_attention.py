@@ -255,3 +255,24 @@ def test_metal_tile_sizes_fit_threadgroup_memory():
                 assert t.fwd_bk * max(ld(dqk), ld(dv)) * itemsize <= 32768
                 assert t.dq_bk * (ld(dqk) + ld(dv)) * itemsize <= 32768
                 assert t.dkdv_bq * (ld(dqk) + ld(dv)) * itemsize + 8 * t.dkdv_bq <= 32768
+
+
+def test_metal_tile_sizes_match_header():
+    """metal.py's tile table is the one the MSL headers compute (attention.metal uses the latter)."""
+    from metal_emu import harness
+
+    from mlx_flash.backends import metal
+
+    kernel = harness.metal_kernel(
+        name="mlxf_tile_sizes", input_names=["unused"], output_names=["tiles"], header=metal.header_text(),
+        source=("tiles[0] = mlxf::fwd_block_k(DQK, DV, SIZE);\n"
+                "tiles[1] = mlxf::dq_block_k(DQK, DV, SIZE);\n"
+                "tiles[2] = mlxf::dkdv_block_q(DQK, DV, SIZE);\n"
+                "(void)unused;\n"),
+    )
+    for dqk, dv, size in ((8, 8, 4), (24, 40, 4), (64, 64, 4), (128, 128, 4), (256, 256, 4),
+                          (64, 64, 2), (96, 24, 2), (128, 128, 2), (192, 192, 2), (256, 256, 2)):
+        (got,) = kernel(inputs=[mx.zeros((8,))], template=[("DQK", dqk), ("DV", dv), ("SIZE", size)],
+                        grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(3,)], output_dtypes=[mx.int32])
+        t = metal.tile_sizes(dqk, dv, size)
+        assert got.tolist() == [t.fwd_bk, t.dq_bk, t.dkdv_bq], (dqk, dv, size)
