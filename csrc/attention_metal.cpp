@@ -214,7 +214,8 @@ void AttentionBackward::eval_gpu(const std::vector<mx::array>& inputs, std::vect
   mx::array delta(lse.shape(), mx::float32, nullptr, {});
   delta.set_data(mx::allocator::malloc(delta.nbytes()));
   copies.push_back(delta);
-  enc.set_compute_pipeline_state(kernel(d, "mlxf_attention_bwd_delta_" + dims, has_dlse_ ? 1 : 0));
+  // Function constant: bit 0 = a dlse is given, the feature bits above it.
+  enc.set_compute_pipeline_state(kernel(d, "mlxf_attention_bwd_delta_" + dims, (feat << 1) | (has_dlse_ ? 1 : 0)));
   enc.set_input_array(out, 0);
   enc.set_input_array(dout, 1);
   if (has_dlse_) {
@@ -222,8 +223,10 @@ void AttentionBackward::eval_gpu(const std::vector<mx::array>& inputs, std::vect
   } else {
     enc.set_vector_bytes(std::vector<float>(8, 0.f), 2);
   }
-  enc.set_output_array(delta, 3);
-  enc.dispatch_threadgroups(MTL::Size(lse.size(), 1, 1), MTL::Size(32, 1, 1));
+  enc.set_vector_bytes(iparams, 3);
+  enc.set_vector_bytes(fparams, 4);
+  enc.set_output_array(delta, 5);
+  enc.dispatch_threadgroups(MTL::Size(blocks(lse.size(), 8 * kSimdgroups), 1, 1), MTL::Size(32 * kSimdgroups, 1, 1));
 
   auto bind_grad_inputs = [&] {
     enc.set_input_array(q, 0);

@@ -39,13 +39,16 @@ template <typename T, int D, int NSG, typename MT, typename OT>
       kv_tile, tg_pos, sg, lane);
 }
 
+// Function constant bit 0: a dlse cotangent is given; the feature bits sit above it.
 template <typename T, int D>
 [[kernel]] void mlxf_attention_bwd_delta(
     const device T* out [[buffer(0)]], const device T* dout [[buffer(1)]],
-    const device float* dlse [[buffer(2)]], device float* delta [[buffer(3)]],
-    uint3 tg_pos [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]]) {
-  // Bit 0 of the function constant: a dlse cotangent is given.
-  mlxf::attention_bwd_delta<T, D>((mlxf_features & 1) != 0, out, dout, dlse, delta, tg_pos, lane);
+    const device float* dlse [[buffer(2)]], const device int* iparams [[buffer(3)]],
+    const device float* fparams [[buffer(4)]], device float* delta [[buffer(5)]],
+    uint3 tg_pos [[threadgroup_position_in_grid]], uint sg [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  mlxf::attention_bwd_delta<T, D, 4>(mlxf_features >> 1, (mlxf_features & 1) != 0, out, dout, dlse, iparams,
+                                     fparams, delta, tg_pos, sg, lane);
 }
 
 #define MLXF_GRAD_ARGS                                                                              \

@@ -2,7 +2,7 @@
 //
 // Three kernels, no N x N array and no atomics (Apple GPUs have no native
 // fp32 atomics, so each gradient element has exactly one writer):
-//   attention_bwd_delta: delta_i = dO_i . O_i - dlse_i
+//   attention_bwd_delta: delta_i = dO_i . O_i - dlse_i (on fragments, like dP)
 //   attention_bwd_dkdv:  one threadgroup per (key block, batch * kv head);
 //                        loops over the query heads of its group (GQA) and
 //                        the query blocks, recomputing P^T = exp(S^T - lse):
@@ -15,19 +15,33 @@
 
 namespace mlxf {
 
-// One simdgroup per row of the [rows, DV] output.
-template <typename T, int DV>
+// Eight rows per simdgroup, as the diagonal of the 8x8 fragment dO O^T: the
+// same multiplies, in the same order, that give dP = dO V^T in the other two
+// kernels, so dP - delta is exactly 0 where it should be (e.g. a single key,
+// where O = V) instead of rounding noise that dQ and dK would amplify.
+template <typename T, int DV, int NSG>
 inline void attention_bwd_delta(
-    bool has_dlse, const device T* out, const device T* dout, const device float* dlse,
-    device float* delta, uint3 tg_pos, uint lane) {
-  const long r = long(tg_pos.x);
-  float acc = 0.0f;
-  for (int d = int(lane); d < DV; d += 32) {
-    acc += float(out[r * DV + d]) * float(dout[r * DV + d]);
+    int feat, bool has_dlse, const device T* out, const device T* dout, const device float* dlse,
+    const device int* iparams, const device float* fparams, device float* delta,
+    uint3 tg_pos, uint sg, uint lane) {
+  constexpr int VF = pad8(DV) / 8;
+  const Params p = read_params(iparams, fparams);
+  const long rows = long((feat & FEAT_VARLEN) ? 1 : p.batch) * p.heads_q * p.seqlen_q;
+  const long r0 = (long(tg_pos.x) * NSG + sg) * 8;
+  if (r0 >= rows) {
+    return;  // no barriers below: a simdgroup may leave on its own
   }
-  acc = simd_sum(acc);
-  if (lane == 0) {
-    delta[r] = acc - (has_dlse ? dlse[r] : 0.0f);
+  const FragCoord fc = frag_coord(ushort(lane));
+  const int valid = int(min(rows - r0, 8L));
+  float2 acc = float2(0.0f);
+  for (int d = 0; d < VF; ++d) {
+    mma(acc, frag_load(dout + r0 * DV + d * 8, DV, 1, valid, DV - d * 8, fc),
+        frag_load(out + r0 * DV + d * 8, 1, DV, DV - d * 8, valid, fc));
+  }
+  const long r = r0 + fc.row;
+  if (r < rows && (fc.col == fc.row || fc.col + 1 == fc.row)) {
+    const float dot = (fc.col == fc.row) ? acc.x : acc.y;
+    delta[r] = dot - (has_dlse ? dlse[r] : 0.0f);
   }
 }
 

@@ -57,6 +57,9 @@ _DECODE_MAX_Q = 8
 _DECODE_TARGET_GROUPS = 64
 _DECODE_MAX_SPLITS = 32
 
+# Simdgroups (8 rows each) per threadgroup of the backward's delta kernel.
+_DELTA_NSG = 4
+
 # Poison outputs with NaN before a kernel runs (tests: catches unwritten elements).
 POISON_OUTPUTS = False
 
@@ -108,11 +111,11 @@ _BODIES = {
         ),
     ),
     "attention_bwd_delta": dict(
-        inputs=("out", "dout", "dlse"),
+        inputs=("out", "dout", "dlse", "iparams", "fparams"),
         outputs=("delta",),
         source=(
-            "mlxf::attention_bwd_delta<T, DV>(HAS_DLSE, out, dout, dlse, delta,\n"
-            "    threadgroup_position_in_grid, thread_index_in_simdgroup);\n"
+            "mlxf::attention_bwd_delta<T, DV, NSG>(FEAT, HAS_DLSE, out, dout, dlse, iparams, fparams, delta,\n"
+            "    " + _TG_ARGS + ");\n"
         ),
     ),
     "attention_bwd_dkdv": dict(
@@ -350,11 +353,13 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
     dout = dout.astype(q.dtype)
     lse_shape = list(lse.shape)
     rows = math.prod(lse_shape)
+    nsg = _DELTA_NSG
     (delta,) = _call(
-        "attention_bwd_delta", [out, dout, _optional(dlse, mx.float32)],
-        [("T", q.dtype), ("DV", spec.head_dim_v), ("HAS_DLSE", dlse is not None)],
-        grid=(32 * rows, 1, 1), threadgroup=(32, 1, 1), output_shapes=[lse_shape],
-        output_dtypes=[mx.float32], stream=stream,
+        "attention_bwd_delta", [out, dout, _optional(dlse, mx.float32), iparams, fparams],
+        [("T", q.dtype), ("DV", spec.head_dim_v), ("NSG", nsg), ("HAS_DLSE", dlse is not None),
+         ("FEAT", feat)],
+        grid=(32 * nsg * -(-rows // (8 * nsg)), 1, 1), threadgroup=(32 * nsg, 1, 1),
+        output_shapes=[lse_shape], output_dtypes=[mx.float32], stream=stream,
     )
     grad_inputs = [q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, iparams, fparams]
     dims = [("T", q.dtype), ("DQK", spec.head_dim_qk), ("DV", spec.head_dim_v)]
