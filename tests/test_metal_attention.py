@@ -303,3 +303,17 @@ def test_metallib_entry_points_compile_under_emulation():
         input=harness.translation_unit(src), capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr[:4000]
+
+
+@pytest.mark.parametrize("nq, nk", [(0, 5), (5, 0), (0, 0)])
+def test_metal_attention_empty_sequences(nq, nk):
+    """No queries or no keys: empty or zero outputs, lse = sink (or -inf), zero grads."""
+    rng = np.random.default_rng(nq * 10 + nk)
+    q, k, v = _rand(rng, (1, 2, nq, 8), mx.float32), _rand(rng, (1, 2, nk, 8), mx.float32), _rand(rng, (1, 2, nk, 8), mx.float32)
+    sinks = mx.array([0.5, -1.0])
+    out, lse = _emu().forward(q, k, v, sinks=sinks)
+    assert out.shape == (1, 2, nq, 8) and lse.shape == (1, 2, nq)
+    assert np.all(_np(out) == 0) and np.allclose(_np(lse), np.broadcast_to(np.array([0.5, -1.0])[None, :, None], (1, 2, nq)))
+    grads = _emu().gradients(q, k, v, _rand(rng, (1, 2, nq, 8), mx.float32), sinks=sinks)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        assert grads[name].shape == x.shape and np.all(_np(grads[name]) == 0)

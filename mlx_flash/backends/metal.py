@@ -285,6 +285,10 @@ def _max_len_k(spec):
 
 
 def _call(name, ins, template, grid, threadgroup, output_shapes, output_dtypes, stream):
+    if min(grid) == 0:
+        # Grids follow the output extents: an empty grid means empty outputs
+        # (e.g. Nq = 0), which Metal cannot dispatch.
+        return [mx.zeros(shape, dtype=dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
     return _kernel(name)(
         inputs=[_device_buffer(a) for a in ins], template=template, grid=grid, threadgroup=threadgroup,
         output_shapes=output_shapes, output_dtypes=output_dtypes,
