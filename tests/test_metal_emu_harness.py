@@ -73,6 +73,18 @@ def _mlx_generated_source(kernel_args, call_args):
     return text.split("```\n", 1)[1].rsplit("\n```", 1)[0]
 
 
+def test_signature_matches_mlx_without_template_or_attributes():
+    kernel_args = dict(name="plain", input_names=["x"], output_names=["y", "z"], source="y[0] = x[0]; z[0] = 1;")
+    inputs = [mx.ones((16,), dtype=mx.bfloat16)]
+    call = dict(grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,), (1,)],
+                output_dtypes=[mx.bfloat16, mx.uint8])
+    expected = _mlx_generated_source(kernel_args, dict(call, inputs=inputs))
+    if expected is None:
+        pytest.skip("this MLX build does not print kernel sources without Metal")
+    ours = harness.metal_kernel(**kernel_args).generated_source(inputs=inputs, output_dtypes=call["output_dtypes"])
+    assert ours == expected
+
+
 @pytest.mark.parametrize(
     "source, atomic",
     [
@@ -598,3 +610,27 @@ def test_threadgroups_run_in_random_order():
         orders.append(np.array(out))
         assert sorted(orders[-1]) == list(range(16))
     assert not np.array_equal(orders[0], orders[1])
+
+
+def test_parallel_threadgroups_same_results_and_faults(monkeypatch):
+    serial, expected = _reduce("threadgroup_barrier(mem_flags::mem_threadgroup);", 0)
+    monkeypatch.setenv("METAL_EMU_THREADS", "2")
+    parallel, _ = _reduce("threadgroup_barrier(mem_flags::mem_threadgroup);", 0)
+    np.testing.assert_array_equal(parallel, serial)
+    np.testing.assert_allclose(parallel, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(harness.MetalEmulationError, match=r"buffer 0 `a`"):
+        run("uint i = thread_position_in_grid.x; out0[i] = a[i + 300];", [mx.zeros((1024,))], input_names=["a"],
+            output_shapes=[(1024,)], output_dtypes=[mx.float32], grid=(1024, 1, 1), threadgroup=(64, 1, 1))
+
+
+def test_race_check_runs_several_schedules(monkeypatch):
+    monkeypatch.setenv("METAL_EMU_RACE_CHECK", "3")
+    out, expected = _reduce("threadgroup_barrier(mem_flags::mem_threadgroup);", 0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    # With the first barrier but none in the loop, every value read is
+    # finite but which partial sums are complete depends on the schedule.
+    racy = _REDUCE.replace("BARRIER", "threadgroup_barrier(mem_flags::mem_threadgroup);", 1).replace("BARRIER", "")
+    a = np.random.default_rng(7).standard_normal(4 * 256).astype(np.float32)
+    with pytest.raises(harness.MetalEmulationError, match="changes with the thread schedule"):
+        run(racy, [mx.array(a)], input_names=["a"], output_shapes=[(4,)], output_dtypes=[mx.float32],
+            grid=(1024, 1, 1), threadgroup=(256, 1, 1))

@@ -328,9 +328,9 @@ class _Signature:
             "}\n"
             'extern "C" int emu_launch(void** buffers, const unsigned long* bytes, const char* const* names, int count,\n'
             "                          const long* grid, const long* group, unsigned long long seed, long tg_limit,\n"
-            "                          char* error, long error_len) {\n"
+            "                          int os_threads, char* error, long error_len) {\n"
             "  return __emu_run_grid(__emu_thread, buffers, bytes, names, count, grid, group, seed, tg_limit,\n"
-            "                        error, error_len);\n"
+            "                        os_threads, error, error_len);\n"
             "}\n"
         )
 
@@ -486,6 +486,7 @@ def _library(cpp: str):
         ctypes.POINTER(ctypes.c_long),
         ctypes.c_ulonglong,
         ctypes.c_long,
+        ctypes.c_int,
         ctypes.c_char_p,
         ctypes.c_long,
     ]
@@ -529,6 +530,28 @@ def unavailable_reason() -> Optional[str]:
 
 # --------------------------------------------------------------------------
 # The public kernel object
+
+
+def os_threads() -> int:
+    """OS threads a launch spreads its threadgroups over: $METAL_EMU_THREADS,
+    default 1. Results do not depend on it, except for kernels whose
+    threadgroups interact (atomics, races), which are then not reproducible."""
+    value = os.environ.get("METAL_EMU_THREADS", "1")
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"METAL_EMU_THREADS must be a positive integer, got {value!r}") from None
+
+
+def race_check_runs() -> int:
+    """How many schedules each launch runs ($METAL_EMU_RACE_CHECK, default 1).
+    With 2 or more, a kernel (without atomic outputs) whose outputs differ
+    between schedules raises MetalEmulationError."""
+    value = os.environ.get("METAL_EMU_RACE_CHECK", "1")
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"METAL_EMU_RACE_CHECK must be a positive integer, got {value!r}") from None
 
 
 def _quote_lines(message: str, source: str) -> str:
@@ -629,28 +652,49 @@ class Kernel:
         array = (ctypes.c_void_p * max(1, count))(*pointers)
         sizes = (ctypes.c_ulong * max(1, count))(*[b.nbytes for b in keep])
         c_names = (ctypes.c_char_p * max(1, count))(*[n.encode() for n in names])
-        error = ctypes.create_string_buffer(4096)
         if seed is None:
             seed = int(os.environ.get("METAL_EMU_SEED", "0"))
+        n_in = len(keep) - len(self.output_names)
+        initial = [b.copy() for b in keep[n_in:]]
+        self._launch(lib, keep, array, sizes, c_names, grid, threadgroup, seed, source)
+        outputs = keep[n_in:]
+        # Optional schedule check: run again under other seeds, the outputs
+        # must not change (a change means a race: a missing barrier, ...).
+        if not self.atomic_outputs:
+            for extra in range(1, race_check_runs()):
+                first = [b.copy() for b in outputs]
+                for buf, init in zip(outputs, initial):
+                    buf[...] = init
+                self._launch(lib, keep, array, sizes, c_names, grid, threadgroup, seed + extra, source)
+                for j, (a, b) in enumerate(zip(first, outputs)):
+                    if a.tobytes() != b.tobytes():
+                        differ = int(np.count_nonzero(a.view(np.uint8) != b.view(np.uint8)))
+                        raise MetalEmulationError(
+                            f"metal_emu: kernel `{self.name}`: output `{self.output_names[j]}` changes with the "
+                            f"thread schedule (seeds {seed} and {seed + extra}, {differ} bytes differ): a race, "
+                            "e.g. a missing threadgroup_barrier"
+                        )
+        return [
+            _from_bytes(outputs[j], tuple(output_shapes[j]), output_dtypes[j]) for j in range(len(self.output_names))
+        ]
+
+    def _launch(self, lib, keep, array, sizes, names, grid, threadgroup, seed, source):
+        error = ctypes.create_string_buffer(4096)
         status = lib.emu_launch(
             array,
             sizes,
-            c_names,
-            count,
+            names,
+            len(keep),
             (ctypes.c_long * 3)(*grid),
             (ctypes.c_long * 3)(*threadgroup),
             seed,
             THREADGROUP_MEMORY_LIMIT,
+            os_threads(),
             error,
             len(error),
         )
         if status != 0:
             raise MetalEmulationError(f"metal_emu: kernel `{self.name}`: " + _quote_lines(error.value.decode(), source))
-        n_in = len(keep) - len(self.output_names)
-        return [
-            _from_bytes(keep[n_in + j], tuple(output_shapes[j]), output_dtypes[j])
-            for j in range(len(self.output_names))
-        ]
 
     @staticmethod
     def _output_buffer(shape, dtype, init_value) -> np.ndarray:
