@@ -32,7 +32,7 @@ inline void attention_bwd_delta(
     return;  // no barriers below: a simdgroup may leave on its own
   }
   const FragCoord fc = frag_coord(ushort(lane));
-  const int valid = int(min(rows - r0, 8L));
+  const int valid = (rows - r0 < 8) ? int(rows - r0) : 8;
   float2 acc = float2(0.0f);
   for (int d = 0; d < VF; ++d) {
     mma(acc, frag_load(dout + r0 * DV + d * 8, DV, 1, valid, DV - d * 8, fc),
