@@ -32,6 +32,7 @@ enum Feature : int {
   FEAT_BLOCK_MASK = 64,   // block-sparse: skip dropped tiles
   FEAT_VARLEN = 128,      // packed sequences, cu_seqlens
   FEAT_SPLIT = 256,       // decode: partial results per key split
+  FEAT_PACK_GQA = 512,    // decode: one threadgroup per kv head, rows = (head, query)
 };
 
 // ---- call parameters, laid out by metal.py (_int_params / _float_params) ----

@@ -36,24 +36,39 @@ inline void attention_forward(
   constexpr int BQ = 8 * NSG;
   constexpr int LD = max_int(tile_ld(DQK), tile_ld(DV));
   const Params p = read_params(iparams, fparams);
-  const int b = int(tg_pos.y) / p.heads_q;
-  const int h = int(tg_pos.y) % p.heads_q;
-  const int hk = h / (p.heads_q / p.heads_kv);
+  // Packed GQA (decode): a threadgroup serves all query heads of one kv head,
+  // rows r = g * q_len + i, so every K/V tile it loads feeds the whole group.
+  const bool packed = (feat & FEAT_PACK_GQA) != 0;
+  const int group = p.heads_q / p.heads_kv;
+  const int heads_y = packed ? p.heads_kv : p.heads_q;
+  const int b = int(tg_pos.y) / heads_y;
+  const int hk = packed ? int(tg_pos.y) % heads_y : (int(tg_pos.y) % heads_y) / group;
+  const int h_first = packed ? hk * group : int(tg_pos.y) % heads_y;  // head of row 0
   const SeqView s = seq_view(b, feat, p, cu_q, cu_k);
+  const int n_rows = packed ? group * s.q_len : s.q_len;
   const int q0 = int(tg_pos.x) * BQ;
-  if (q0 >= s.q_len) {
+  if (q0 >= n_rows) {
     return;  // the whole threadgroup leaves before any barrier
   }
-  const Logits<MT> lg = make_logits(feat, p, s, b, h, alibi, mask, block_mask);
   const FragCoord fc = frag_coord(ushort(lane));
   const uint tid = sg * 32 + lane;
   const int sg_q0 = q0 + int(sg) * 8;
-  const int row = sg_q0 + fc.row;  // this lane's query row
+  // This lane's row: query i of head h (i = q_len marks a row past the end).
+  const int r = sg_q0 + fc.row;
+  const int h = (packed && r < n_rows) ? h_first + r / s.q_len : h_first;
+  const int row = !packed ? r : (r < n_rows ? r % s.q_len : s.q_len);
+  const Logits<MT> lg = make_logits(feat, p, s, b, h, alibi, mask, block_mask);
+  // Tile skipping must agree across the threadgroup: a packed block spans all
+  // queries (the block mask, which depends on the head, is never packed).
+  const Logits<MT> lg_tiles = make_logits(feat, p, s, b, h_first, alibi, mask, block_mask);
+  const int live_q0 = packed ? 0 : q0;
+  const int live_q1 = packed ? s.q_len : q0 + BQ;
 
   float2 qf[QF];
-  const device T* q_rows = q + row_offset(s, p.heads_q, h, s.q_rows, s.q_start, sg_q0, DQK);
+  // Rows of consecutive heads are contiguous when packed (dense layout only).
+  const device T* q_rows = q + row_offset(s, p.heads_q, h_first, s.q_rows, s.q_start, sg_q0, DQK);
   for (int kk = 0; kk < QF; ++kk) {
-    qf[kk] = frag_load(q_rows + kk * 8, DQK, 1, s.q_len - sg_q0, DQK - kk * 8, fc);
+    qf[kk] = frag_load(q_rows + kk * 8, DQK, 1, n_rows - sg_q0, DQK - kk * 8, fc);
   }
   float2 of[VF];
   for (int d = 0; d < VF; ++d) {
@@ -79,7 +94,7 @@ inline void attention_forward(
   }
   for (int t = t_begin; t < t_end; ++t) {
     const int k0 = t * BK;
-    if (!lg.tile_live(q0, q0 + BQ, k0, k0 + BK)) {
+    if (!lg_tiles.tile_live(live_q0, live_q1, k0, k0 + BK)) {
       continue;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // last tile's V reads are done
@@ -130,16 +145,16 @@ inline void attention_forward(
   // Fully masked rows (l == 0) give output 0 and lse -inf.
   const float inv_l = (l > 0.0f) ? 1.0f / l : 0.0f;
   const float row_lse = (l > 0.0f) ? m + log(l) : -INFINITY;
-  long out_row = row_offset(s, p.heads_q, h, s.q_rows, s.q_start, sg_q0, 1);
+  long out_row = row_offset(s, p.heads_q, h_first, s.q_rows, s.q_start, sg_q0, 1);
   if (feat & FEAT_SPLIT) {
     const long rows = long((feat & FEAT_VARLEN) ? 1 : p.batch) * p.heads_q * p.seqlen_q;
     out_row += long(tg_pos.z) * rows;
   }
   device OT* o_rows = out + out_row * DV;
   for (int d = 0; d < VF; ++d) {
-    frag_store<OT>(o_rows + d * 8, DV, s.q_len - sg_q0, DV - d * 8, fc, of[d] * inv_l);
+    frag_store<OT>(o_rows + d * 8, DV, n_rows - sg_q0, DV - d * 8, fc, of[d] * inv_l);
   }
-  if (fc.col == 0 && row < s.q_len) {
+  if (fc.col == 0 && r < n_rows) {
     lse[out_row + fc.row] = row_lse;
   }
 }

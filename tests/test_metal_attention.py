@@ -162,6 +162,14 @@ CASES = [
      lambda r, s: {"causal": True, "sinks": mx.array([0.3, -0.2])}, ()),
     ("decode-gqa-window-bf16", mx.bfloat16, 2, 4, 1, 2, 90, 128, 128,
      lambda r, s: {"window": (40, 0)}, ()),
+    ("decode-gqa-packed-mask-alibi-sinks-causal", mx.float32, 1, 6, 2, 3, 100, 40, 40,
+     lambda r, s: {"mask": _bool_mask(r, (1, 6, 3, 100), 0.8), "alibi_slopes": mx.array(r.random(6).astype(np.float32)),
+                   "sinks": mx.array(r.standard_normal(6).astype(np.float32)), "causal": True, "softcap": 6.0},
+     ("sinks",)),
+    ("decode-gqa-additive-fp16", mx.float16, 2, 8, 2, 1, 77, 64, 32,
+     lambda r, s: {"mask": _rand(r, (2, 8, 1, 77), mx.float16)}, ()),
+    ("decode-gqa-block-mask-unpacked", mx.float32, 1, 4, 2, 5, 120, 32, 32,
+     lambda r, s: {"block_mask": _bool_mask(r, (1, 4, 1, 8), 0.6), "block_size": (8, 16)}, ()),
     ("decode-q8-alibi-mask", mx.float32, 1, 1, 1, 8, 129, 96, 96,
      lambda r, s: {"alibi_slopes": mx.array([0.05]), "mask": _bool_mask(r, (8, 129), 0.9)}, ()),
 ]
@@ -241,6 +249,21 @@ def test_metal_attention_dlse():
     ref = reference_np.attention_np(q, k, v, dout=dout, dlse=dlse, causal=True)
     for n in ("q", "k", "v"):
         _check(f"dlse d{n}", grads[n], ref[f"d{n}"], mx.float32)
+
+
+def test_metal_decode_launches():
+    """Few query rows take the split-key decode path; GQA packs the group's heads."""
+    from mlx_flash.backends import metal
+
+    def launch(B, Hq, Hkv, Nq, Nk, **options):
+        q, k = mx.zeros((B, Hq, Nq, 64)), mx.zeros((B, Hkv, Nk, 64))
+        spec, _ = validate_attention(q, k, k, **options)
+        return metal._forward_launch(spec, metal.tile_sizes(64, 64, 4))
+
+    assert launch(1, 8, 8, 100, 1000).splits == 1
+    dec = launch(1, 8, 2, 1, 1000)
+    assert dec.splits > 1 and dec.pack_gqa and dec.rows == 4 and dec.heads == 2
+    assert not launch(1, 8, 2, 1, 1000, block_mask=mx.ones((1, 1), mx.bool_), block_size=(1, 1000)).pack_gqa
 
 
 def test_metal_tile_sizes_fit_threadgroup_memory():

@@ -42,6 +42,7 @@ FEAT_SINKS = 32
 FEAT_BLOCK_MASK = 64
 FEAT_VARLEN = 128
 FEAT_SPLIT = 256
+FEAT_PACK_GQA = 512
 
 # Inputs with fewer elements than this are passed by MLX in the `constant`
 # address space; the kernels take `device` pointers, so tiny arrays are padded.
@@ -296,19 +297,45 @@ def _call(name, ins, template, grid, threadgroup, output_shapes, output_dtypes, 
     )
 
 
-def _decode_splits(spec: AttentionSpec, bk: int):
-    """(num_splits, tiles_per_split) for the decode path, or None to use the
-    plain forward. Few query rows leave most of the GPU idle, so the keys are
-    split over threadgroups (flash-decoding) and merged by lse."""
+@dataclass(frozen=True)
+class _Launch:
+    """How the forward covers the rows: `nsg` simdgroups of 8 rows per
+    threadgroup, `row_blocks` x `heads` threadgroups per batch entry, and
+    `splits` key splits of `tiles_per_split` tiles (decode only)."""
+
+    nsg: int
+    rows: int
+    heads: int
+    splits: int = 1
+    tiles_per_split: int = 0
+    pack_gqa: bool = False
+
+    @property
+    def row_blocks(self) -> int:
+        return -(-self.rows // (8 * self.nsg))
+
+
+def _forward_launch(spec: AttentionSpec, tiles: Tiles) -> _Launch:
+    """The plain forward, or for few query rows the decode path: a few rows
+    leave most of the GPU idle, so the keys are split over threadgroups
+    (flash-decoding) and merged by lse. Decode packs the query heads of a GQA
+    group into one threadgroup's rows, so each K/V tile is loaded once per
+    group (dense layout, no block mask: its skipping depends on the head)."""
+    plain = _Launch(nsg=tiles.fwd_nsg, rows=_max_len_q(spec), heads=spec.heads_q)
     if _max_len_q(spec) > _DECODE_MAX_Q:
-        return None
-    n_tiles = -(-_max_len_k(spec) // bk)
-    groups = spec.batch * spec.heads_q
+        return plain
+    pack = spec.group_size > 1 and not spec.varlen and not spec.has_block_mask
+    rows = spec.group_size * spec.seqlen_q if pack else _max_len_q(spec)
+    heads = spec.heads_kv if pack else spec.heads_q
+    nsg = min(4, max(1, -(-rows // 8)))
+    n_tiles = -(-_max_len_k(spec) // tiles.fwd_bk)
+    groups = spec.batch * heads * -(-rows // (8 * nsg))
     splits = min(n_tiles, _DECODE_MAX_SPLITS, max(1, -(-_DECODE_TARGET_GROUPS // groups)))
     if splits < 2:
-        return None
+        return plain
     per_split = -(-n_tiles // splits)
-    return -(-n_tiles // per_split), per_split
+    return _Launch(nsg=nsg, rows=rows, heads=heads, splits=-(-n_tiles // per_split),
+                   tiles_per_split=per_split, pack_gqa=pack)
 
 
 def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
@@ -319,26 +346,22 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     fparams = _float_params(spec)
     out_shape = [q.shape[0], spec.heads_q, q.shape[2], spec.head_dim_v]
     lse_shape = out_shape[:3]
-    rows_per_group = spec.batch * spec.heads_q
-    decode = _decode_splits(spec, tiles.fwd_bk)
-    if decode is None:
-        nsg, splits, per_split, out_dtypes = tiles.fwd_nsg, 1, 0, [q.dtype, mx.float32]
-        shapes = [out_shape, lse_shape]
+    launch = _forward_launch(spec, tiles)
+    decode = launch.splits > 1
+    if decode:
+        feat |= FEAT_SPLIT | (FEAT_PACK_GQA if launch.pack_gqa else 0)
+        shapes, out_dtypes = [[launch.splits] + out_shape, [launch.splits] + lse_shape], [mx.float32] * 2
     else:
-        nsg, (splits, per_split) = 1, decode
-        feat |= FEAT_SPLIT
-        out_dtypes = [mx.float32, mx.float32]
-        shapes = [[splits] + out_shape, [splits] + lse_shape]
-    iparams = _int_params(spec, inputs, per_split, splits)
-    bq = 8 * nsg
-    template = [("T", q.dtype), ("DQK", spec.head_dim_qk), ("DV", spec.head_dim_v), ("NSG", nsg),
+        shapes, out_dtypes = [out_shape, lse_shape], [q.dtype, mx.float32]
+    iparams = _int_params(spec, inputs, launch.tiles_per_split, launch.splits)
+    template = [("T", q.dtype), ("DQK", spec.head_dim_qk), ("DV", spec.head_dim_v), ("NSG", launch.nsg),
                 ("BK", tiles.fwd_bk), ("FEAT", feat)]
     out, lse = _call(
         "attention_fwd", [q, k, v, mask, alibi, sinks, block_mask, cu_q, cu_k, iparams, fparams],
-        template, grid=(32 * nsg * -(-_max_len_q(spec) // bq), rows_per_group, splits),
-        threadgroup=(32 * nsg, 1, 1), output_shapes=shapes, output_dtypes=out_dtypes, stream=stream,
+        template, grid=(32 * launch.nsg * launch.row_blocks, spec.batch * launch.heads, launch.splits),
+        threadgroup=(32 * launch.nsg, 1, 1), output_shapes=shapes, output_dtypes=out_dtypes, stream=stream,
     )
-    if decode is None:
+    if not decode:
         return out, lse
     rows = math.prod(lse_shape)
     template = [("T", q.dtype), ("DV", spec.head_dim_v), ("FEAT", feat)]
