@@ -322,7 +322,7 @@ def _forward_launch(spec: AttentionSpec, tiles: Tiles) -> _Launch:
     group into one threadgroup's rows, so each K/V tile is loaded once per
     group (dense layout, no block mask: its skipping depends on the head)."""
     plain = _Launch(nsg=tiles.fwd_nsg, rows=_max_len_q(spec), heads=spec.heads_q)
-    if _max_len_q(spec) > _DECODE_MAX_Q:
+    if not 0 < _max_len_q(spec) <= _DECODE_MAX_Q:
         return plain
     pack = spec.group_size > 1 and not spec.varlen and not spec.has_block_mask
     rows = spec.group_size * spec.seqlen_q if pack else _max_len_q(spec)
