@@ -634,3 +634,12 @@ def test_race_check_runs_several_schedules(monkeypatch):
     with pytest.raises(harness.MetalEmulationError, match="changes with the thread schedule"):
         run(racy, [mx.array(a)], input_names=["a"], output_shapes=[(4,)], output_dtypes=[mx.float32],
             grid=(1024, 1, 1), threadgroup=(256, 1, 1))
+
+
+def test_patched_mx_fast():
+    with harness.patched_mx_fast():
+        kernel = mx.fast.metal_kernel("patched", ["a"], ["out0"], "out0[thread_position_in_grid.x] = 2 * a[0];")
+        (out,) = kernel(inputs=[mx.array([1.5])], grid=(3, 1, 1), threadgroup=(3, 1, 1), output_shapes=[(3,)],
+                        output_dtypes=[mx.float32])
+    assert mx.fast.metal_kernel is not harness.metal_kernel
+    np.testing.assert_array_equal(np.array(out), [3.0] * 3)

@@ -20,6 +20,7 @@ threads run; default 0, or $METAL_EMU_SEED).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -36,7 +37,24 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _INCLUDE = os.path.join(_HERE, "include")
 _RUNTIME = os.path.join(_HERE, "runtime")
-_BUILD = os.environ.get("METAL_EMU_BUILD_DIR", os.path.join(_HERE, "_build"))
+
+
+def _build_dir() -> str:
+    """Where compiled kernels are cached: $METAL_EMU_BUILD_DIR, else _build/
+    next to this file, else (read-only checkout) a per-user temp folder."""
+    if os.environ.get("METAL_EMU_BUILD_DIR"):
+        return os.environ["METAL_EMU_BUILD_DIR"]
+    here = os.path.join(_HERE, "_build")
+    try:
+        os.makedirs(here, exist_ok=True)
+        if os.access(here, os.W_OK):
+            return here
+    except OSError:
+        pass
+    return os.path.join(tempfile.gettempdir(), f"metal_emu_build-{os.getuid()}")
+
+
+_BUILD = _build_dir()
 
 MAX_THREADS_PER_THREADGROUP = 1024
 THREADGROUP_MEMORY_LIMIT = 32768
@@ -397,6 +415,10 @@ def to_cpp(source: str) -> str:
 # Compilation and caching
 
 
+# Part of every cache key: bump when how libraries are built or linked changes.
+_BUILD_VERSION = 2
+
+
 def _find_clang() -> Optional[str]:
     for name in (os.environ.get("METAL_EMU_CXX"), "clang++-19", "clang++-20", "clang++-21"):
         if name and shutil.which(name):
@@ -418,7 +440,7 @@ def _hash_files(*dirs) -> str:
 def _toolchain():
     """(clang path, hash of the emulation's own sources)."""
     clang = _find_clang()
-    return clang, _hash_files(_INCLUDE, _RUNTIME) + " ".join(_CXX_FLAGS)
+    return clang, f"{_BUILD_VERSION} " + _hash_files(_INCLUDE, _RUNTIME) + " ".join(_CXX_FLAGS)
 
 
 def _run_clang(args, what: str):
@@ -445,12 +467,23 @@ def _atomic_output(path: str, build) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _runtime_object() -> str:
+def _runtime_library() -> str:
+    """The runtime as one shared library, loaded once (RTLD_GLOBAL) for all
+    kernels, so that they share one pool of fiber stacks: a copy per kernel
+    library would map thousands of stacks in a long test session and run
+    into the kernel's limit on memory mappings."""
     _, tag = _toolchain()
     key = hashlib.sha256(tag.encode()).hexdigest()[:16]
-    path = os.path.join(_BUILD, f"runtime-{key}.o")
+    name = f"libmetal_emu_runtime-{key}.so"
+    path = os.path.join(_BUILD, name)
     src = os.path.join(_RUNTIME, "runtime.cpp")
-    return _atomic_output(path, lambda tmp: _run_clang([*_CXX_FLAGS, "-O2", "-c", src, "-o", tmp], "the runtime"))
+    _atomic_output(
+        path,
+        lambda tmp: _run_clang([*_CXX_FLAGS, "-O2", "-shared", f"-Wl,-soname,{name}", src, "-o", tmp, "-lpthread"],
+                               "the runtime"),
+    )
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    return path
 
 
 _LIBRARIES = {}
@@ -462,7 +495,7 @@ def _library(cpp: str):
     key = hashlib.sha256((tag + "\0" + cpp).encode()).hexdigest()[:24]
     if key in _LIBRARIES:
         return _LIBRARIES[key]
-    runtime = _runtime_object()
+    runtime = _runtime_library()
     path = os.path.join(_BUILD, f"kernel-{key}.so")
 
     def build(tmp):
@@ -470,7 +503,8 @@ def _library(cpp: str):
         with open(src, "w") as f:
             f.write(cpp)
         try:
-            _run_clang([*_CXX_FLAGS, "-shared", "-I", _INCLUDE, src, runtime, "-o", tmp], "the kernel")
+            _run_clang([*_CXX_FLAGS, "-shared", "-I", _INCLUDE, src, runtime, "-Wl,-rpath,$ORIGIN", "-o", tmp],
+                       "the kernel")
         finally:
             os.unlink(src)
 
@@ -714,3 +748,16 @@ def metal_kernel(name: str, input_names: Sequence[str], output_names: Sequence[s
     """Mirror of `mx.fast.metal_kernel` that runs on the CPU emulation."""
     return Kernel(name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs,
                   compile_options)
+
+
+@contextlib.contextmanager
+def patched_mx_fast():
+    """Within the block, `mx.fast.metal_kernel` is this harness's
+    `metal_kernel`: for code that calls MLX's factory directly rather than
+    taking a factory argument. Kernels created inside keep emulating."""
+    original = mx.fast.metal_kernel
+    mx.fast.metal_kernel = metal_kernel
+    try:
+        yield
+    finally:
+        mx.fast.metal_kernel = original
