@@ -221,10 +221,15 @@ def _features(spec: AttentionSpec) -> int:
     return feat
 
 
-def _broadcast_strides(a) -> list:
+def _broadcast_strides(name: str, a) -> list:
     """Row-major strides of `a`, 0 on dims of size 1 (they broadcast)."""
     if a is None:
         return [0, 0, 0, 0]
+    if a.size > 2**31 - 1:
+        raise ValueError(
+            f"{name}: {a.size} elements exceed the Metal kernels' 32-bit indexing (2^31 - 1); "
+            f"pass it with size-1 (broadcast) dimensions where it does not vary"
+        )
     strides, step = [], 1
     for n in reversed(a.shape):
         strides.append(0 if n == 1 else step)
@@ -237,7 +242,7 @@ def _int_params(spec: AttentionSpec, inputs: AttentionInputs, tiles_per_split=0,
     values = [
         spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k,
         spec.window_left, spec.window_right, spec.block_q, spec.block_k,
-        *_broadcast_strides(inputs.mask), *_broadcast_strides(inputs.block_mask),
+        *_broadcast_strides("mask", inputs.mask), *_broadcast_strides("block_mask", inputs.block_mask),
         tiles_per_split, num_splits,
     ]
     return mx.array(values, dtype=mx.int32)
@@ -256,7 +261,6 @@ def _device_buffer(a):
         return a
     flat = a.reshape(-1)
     return mx.concatenate([flat, mx.zeros((_MIN_DEVICE_ELEMS - flat.size,), dtype=a.dtype)])
-
 
 
 def _optional(a, dtype):
