@@ -5,7 +5,8 @@
 
 For each n it times n x n x n products: numpy fp32 (the machine's ceiling),
 mlx_flash fp32, fp16 and bf16 activations times an e4m3 weight (per output
-channel scales, `[N, K]` layout as an nn.Linear weight), and bf16 x bf16;
+channel scales, `[N, K]` layout as an nn.Linear weight), and bf16 x bf16,
+plus one decode step (M = 1 through a 4096 x 4096 weight) in fp16 and fp8;
 each timing is the best of `--repeats`, the variants measured in turn
 within each repeat so that they share the machine's noise. Reports GFLOP/s
 (2 n^3 / s), the ratio to numpy, and the bytes an n x n weight takes in fp8
@@ -116,6 +117,32 @@ def bench_size(n: int, repeats: int, rng) -> dict:
     return {"n": n, "results": rows, "weight_memory": weight}
 
 
+def bench_decode(k: int, n: int, repeats: int, rng) -> dict:
+    """One token through an [n, k] weight (M = 1): the LLM decode case, bound
+    by reading the weight, so fp8's half-size weight shows up in time."""
+    x32 = rng.standard_normal((1, k)).astype(np.float32)
+    w32 = rng.standard_normal((n, k)).astype(np.float32)
+    x16, w = mx.array(x32).astype(mx.float16), mx.array(w32)
+    codes, scale = fp8.quantize(w, fmt="e4m3", axis=0)
+    w16 = w.astype(mx.float16)
+    s = scale.reshape(1, -1)
+    mx.eval(x16, codes, s, w16)
+    ops = {
+        "numpy float32": lambda: x32 @ w32.T,
+        "float16 x float16": lambda: mx.eval(matmul2d(x16, w16, transpose_b=True)),
+        "float16 x e4m3": lambda: mx.eval(matmul2d(x16, codes, b_fmt="e4m3", b_scale=s, transpose_b=True)),
+    }
+    for f in ops.values():
+        f()
+    best = {name: float("inf") for name in ops}
+    for _ in range(repeats):
+        for name, f in ops.items():
+            t0 = time.perf_counter()
+            f()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {"k": k, "n": n, "results": {name: {"best_ms": t * 1e3} for name, t in best.items()}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
@@ -137,8 +164,11 @@ def main(argv=None) -> int:
             print(f"n={n:5d}  {name:16s} {row['gflops']:7.1f} GFLOP/s  x{row['ratio_to_numpy_fp32']:.2f} of numpy")
         w = r["weight_memory"]
         print(f"n={n:5d}  weight bytes fp8 {w['fp8_bytes']} vs fp16 {w['fp16_bytes']} ({w['fp8_over_fp16']:.3f})")
+    decode = bench_decode(4096, 4096, args.repeats, rng)
+    for name, row in decode["results"].items():
+        print(f"decode 1x4096 @ 4096x4096^T  {name:18s} {row['best_ms']:7.2f} ms")
     report = {"benchmark": "matmul2d CPU vs numpy fp32 GEMM", "machine": info, "targets": TARGETS,
-              "sizes": sizes, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "sizes": sizes, "decode": decode, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = args.out
     if out is None:
         slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
