@@ -76,6 +76,8 @@ def machine() -> dict:
         "numpy": np.__version__, "numpy_blas": blas_info(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"), "mlx": mx.__version__,
         "mlx_flash_isa": _ext.cpu_kernel_isa(), "mlx_flash_threads": _ext.num_threads(),
+        # Other processes share the cores: timings taken under load are noisy.
+        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -165,6 +167,7 @@ def main(argv=None) -> int:
         w = r["weight_memory"]
         print(f"n={n:5d}  weight bytes fp8 {w['fp8_bytes']} vs fp16 {w['fp16_bytes']} ({w['fp8_over_fp16']:.3f})")
     decode = bench_decode(4096, 4096, args.repeats, rng)
+    info["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for name, row in decode["results"].items():
         print(f"decode 1x4096 @ 4096x4096^T  {name:18s} {row['best_ms']:7.2f} ms")
     report = {"benchmark": "matmul2d CPU vs numpy fp32 GEMM", "machine": info, "targets": TARGETS,
