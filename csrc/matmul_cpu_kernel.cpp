@@ -492,64 +492,70 @@ void few_rows(const MatmulArgs& args, int group, int64_t n_rows) {
   parallel_tasks((args.N + GEMV_COLS - 1) / GEMV_COLS, task);
 }
 
-}  // namespace
 
-void matmul2d(const MatmulArgs& args) {
-  if (args.batch == 0 || args.M == 0 || args.N == 0) return;
-  if (args.K == 0) return zero_output(args);
-  {
-    const int groups = args.b_batched ? args.batch : 1;
-    const int64_t rows_per_group = args.b_batched ? args.M : (int64_t)args.batch * args.M;
-    if (rows_per_group <= FEW_ROWS && (args.b.sr == 1 || args.b.sc == 1)) {
-      for (int g = 0; g < groups; ++g) few_rows(args, g, rows_per_group);
-      return;
-    }
-  }
-  const int workers = num_workers();
-  std::vector<WorkerScratch> scratch(workers);
-  const int groups = args.b_batched ? args.batch : 1;
+// The blocked product for one group (batch entry of a batched b, or all
+// rows when b is shared), with `workers` threads.
+void gemm_group(const MatmulArgs& args, int g, int workers) {
   const int64_t rows_per_group = args.b_batched ? args.M : (int64_t)args.batch * args.M;
+  std::vector<WorkerScratch> scratch(workers);
   const int64_t chunk = std::min<int64_t>(ROW_CHUNK, rows_per_group);
   const int acc_ld = round_up(std::min(NC, args.N), GEMM_NR) + ACC_PAD;
   AlignedScratch b_block((size_t)KC * round_up(std::min(NC, args.N), GEMM_NR));
   AlignedScratch acc((size_t)chunk * acc_ld);
   std::unique_ptr<std::atomic<int>[]> panel_state(new std::atomic<int>[NC / GEMM_NR]);
 
-  for (int g = 0; g < groups; ++g) {
-    Gemm gemm{args};
-    gemm.rows = RowMap{args.M, !args.b_batched, g};
-    gemm.b_block = b_block.p;
-    gemm.acc = acc.p;
-    gemm.acc_ld = acc_ld;
-    gemm.scratch = scratch.data();
-    gemm.panel_state = panel_state.get();
-    for (int64_t row0 = 0; row0 < rows_per_group; row0 += chunk) {
-      gemm.row0 = row0;
-      gemm.n_rows = std::min(chunk, rows_per_group - row0);
-      // Row blocks of at most MC rows, as many as a multiple of the workers
-      // so that each synchronised phase ends with every worker busy.
-      const int64_t blocks = (gemm.n_rows + MC - 1) / MC;
-      const int64_t even = blocks >= workers ? (blocks + workers - 1) / workers * workers : blocks;
-      gemm.block_rows = (int)std::min<int64_t>(MC, round_up((int)((gemm.n_rows + even - 1) / even), GEMM_MR));
-      gemm.ic_blocks = (int)((gemm.n_rows + gemm.block_rows - 1) / gemm.block_rows);
-      for (int jc = 0; jc < args.N; jc += NC) {
-        gemm.jc = jc;
-        gemm.nc = std::min(NC, args.N - jc);
-        gemm.panels = (gemm.nc + GEMM_NR - 1) / GEMM_NR;
-        // Few row blocks: split the panels too, so every worker has tasks.
-        const int want = 4 * workers;
-        gemm.splits = gemm.ic_blocks >= want ? 1 : std::min(gemm.panels, (want + gemm.ic_blocks - 1) / gemm.ic_blocks);
-        for (int pc = 0; pc < args.K; pc += KC) {
-          gemm.pc = pc;
-          gemm.kc = std::min(KC, args.K - pc);
-          gemm.last_k = pc + KC >= args.K;
-          for (int p = 0; p < gemm.panels; ++p) panel_state[p].store(0, std::memory_order_relaxed);
-          auto compute = [&](int64_t task, int worker) { gemm.compute(task, worker); };
-          parallel_tasks((int64_t)gemm.ic_blocks * gemm.splits, compute);
-        }
+  Gemm gemm{args};
+  gemm.rows = RowMap{args.M, !args.b_batched, g};
+  gemm.b_block = b_block.p;
+  gemm.acc = acc.p;
+  gemm.acc_ld = acc_ld;
+  gemm.scratch = scratch.data();
+  gemm.panel_state = panel_state.get();
+  for (int64_t row0 = 0; row0 < rows_per_group; row0 += chunk) {
+    gemm.row0 = row0;
+    gemm.n_rows = std::min(chunk, rows_per_group - row0);
+    // Row blocks of at most MC rows, as many as a multiple of the workers
+    // so that each synchronised phase ends with every worker busy.
+    const int64_t blocks = (gemm.n_rows + MC - 1) / MC;
+    const int64_t even = blocks >= workers ? (blocks + workers - 1) / workers * workers : blocks;
+    gemm.block_rows = (int)std::min<int64_t>(MC, round_up((int)((gemm.n_rows + even - 1) / even), GEMM_MR));
+    gemm.ic_blocks = (int)((gemm.n_rows + gemm.block_rows - 1) / gemm.block_rows);
+    for (int jc = 0; jc < args.N; jc += NC) {
+      gemm.jc = jc;
+      gemm.nc = std::min(NC, args.N - jc);
+      gemm.panels = (gemm.nc + GEMM_NR - 1) / GEMM_NR;
+      // Few row blocks: split the panels too, so every worker has tasks.
+      const int want = workers == 1 ? 1 : 4 * workers;
+      gemm.splits = gemm.ic_blocks >= want ? 1 : std::min(gemm.panels, (want + gemm.ic_blocks - 1) / gemm.ic_blocks);
+      for (int pc = 0; pc < args.K; pc += KC) {
+        gemm.pc = pc;
+        gemm.kc = std::min(KC, args.K - pc);
+        gemm.last_k = pc + KC >= args.K;
+        for (int p = 0; p < gemm.panels; ++p) panel_state[p].store(0, std::memory_order_relaxed);
+        auto compute = [&](int64_t task, int worker) { gemm.compute(task, worker); };
+        parallel_tasks((int64_t)gemm.ic_blocks * gemm.splits, compute);
       }
     }
   }
+}
+
+}  // namespace
+
+void matmul2d(const MatmulArgs& args) {
+  if (args.batch == 0 || args.M == 0 || args.N == 0) return;
+  if (args.K == 0) return zero_output(args);
+  const int workers = num_workers();
+  const int groups = args.b_batched ? args.batch : 1;
+  const int64_t rows_per_group = args.b_batched ? args.M : (int64_t)args.batch * args.M;
+  const bool few = rows_per_group <= FEW_ROWS && (args.b.sr == 1 || args.b.sc == 1);
+  if (groups >= 2 * workers) {
+    // Many independent products (batched b): one per task, each on one
+    // thread (a pool call from inside a task runs inline on its worker).
+    auto one = [&](int64_t g, int) { few ? few_rows(args, (int)g, rows_per_group) : gemm_group(args, (int)g, 1); };
+    parallel_tasks(groups, one);
+    return;
+  }
+  for (int g = 0; g < groups; ++g) few ? few_rows(args, g, rows_per_group) : gemm_group(args, g, workers);
 }
 
 }  // namespace MLXF_ISA

@@ -115,6 +115,17 @@ def test_few_rows(backend, M, transpose_b, b_batched):
     assert_close(out, reference(a64, b64, np.array(sa), np.array(sb), transpose_b), mx.bfloat16, K)
 
 
+@pytest.mark.parametrize("M", [2, 20])
+def test_many_batched_products(backend, M):
+    """Many small independent products (the CPU runs one per thread)."""
+    rng = np.random.default_rng(11)
+    a, _, a64 = make_operand(rng, (7, M, 30), "float16")
+    b, _, b64 = make_operand(rng, (7, 30, 19), "e5m2")
+    sa = mx.array(rng.uniform(0.5, 2, (7, M, 1)).astype(np.float32))
+    out = matmul(backend, a, b, b_fmt="e5m2", a_scale=sa)
+    assert_close(out, reference(a64, b64, np.array(sa)), mx.float16, 30)
+
+
 @pytest.mark.parametrize("a_scale_shape", [None, (), (11, 1), (4, 11, 1), (1, 1)])
 @pytest.mark.parametrize("b_scale_shape", [None, (), (1, 23)])
 def test_scales(backend, a_scale_shape, b_scale_shape):
