@@ -18,6 +18,7 @@
 //
 // So an fp8 operand is never expanded beyond one KC x NC (B) or MC x KC (A)
 // block, and every fp32 FMA runs in the register-blocked micro-kernel.
+// A batched b with many batch entries runs one product per thread instead.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
