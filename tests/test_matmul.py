@@ -344,6 +344,6 @@ def test_metal_wrapper_builds_through_the_factory():
     assert [c[0] for c in calls] == ["build", "launch", "launch"]  # cached per factory
     _, grid, tg, template = calls[1]
     assert grid == (3 * 128, 2, 2) and tg == (128, 1, 1)
-    assert template == (("T_OUT", mx.float16), ("A_FMT", 0), ("B_FMT", 2), ("TRANSPOSE_B", True))
+    assert template == (("T_OUT", mx.float16), ("A_FMT", 0), ("B_FMT", 2), ("TRANSPOSE_B", True), ("TILE", 32))
     params = np.array(metal_matmul.params_array(spec, sa, sb))
     assert list(params[:7]) == [33, 65, 8, 0, 0, 0, 1]
