@@ -91,27 +91,42 @@ const float* fp8_table(MatType t) {
 // fields is its value times 2^-8 (normals and subnormals alike), so one
 // multiply by 2^8 finishes it, and 0x7F / 0xFF are patched to NaN.
 // Returns how many codes were decoded (a multiple of 8).
+inline __m256 decode_fp8_8(const uint8_t* p, MatType t) {
+  const __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  if (t == MatType::e5m2) return _mm256_cvtph_ps(_mm_slli_epi16(c, 8));
+  const __m128i magnitude = _mm_set1_epi16(0x7F);
+  const __m128i mag = _mm_and_si128(c, magnitude);
+  const __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8), _mm_slli_epi16(mag, 7));
+  const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.f));
+  const __m256 is_nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, magnitude)));
+  return _mm256_blendv_ps(v, _mm256_set1_ps(NAN), is_nan);
+}
+
 int decode_fp8_x8(const uint8_t* p, int n, MatType t, float* dst) {
   int i = 0;
-  if (t == MatType::e5m2) {
-    for (; i + 8 <= n; i += 8) {
-      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i));
-      const __m128i half = _mm_slli_epi16(_mm_cvtepu8_epi16(bytes), 8);
-      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(half));
-    }
-    return i;
-  }
-  const __m256 two8 = _mm256_set1_ps(256.f), nan = _mm256_set1_ps(NAN);
-  const __m128i magnitude = _mm_set1_epi16(0x7F), sign = _mm_set1_epi16(0x80);
-  for (; i + 8 <= n; i += 8) {
-    const __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i)));
-    const __m128i mag = _mm_and_si128(c, magnitude);
-    const __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, sign), 8), _mm_slli_epi16(mag, 7));
-    __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(half), two8);
-    const __m256 is_nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, magnitude)));
-    _mm256_storeu_ps(dst + i, _mm256_blendv_ps(v, nan, is_nan));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, decode_fp8_8(p + i, t));
   return i;
+}
+
+// sum_k x[k] * decode(codes[k]) without staging the decoded values: the
+// one-token (M = 1) product through a contiguous fp8 weight row.
+float dot_fp8(const float* x, const uint8_t* codes, int n, MatType t) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int k = 0;
+  for (; k + 32 <= n; k += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), decode_fp8_8(codes + k, t), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), decode_fp8_8(codes + k + 8, t), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), decode_fp8_8(codes + k + 16, t), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), decode_fp8_8(codes + k + 24, t), s3);
+  }
+  for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), decode_fp8_8(codes + k, t), s0);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  float sum = 0.f;
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  const float* lut = fp8_table(t);
+  for (; k < n; ++k) sum += x[k] * lut[codes[k]];
+  return sum;
 }
 #endif
 
@@ -416,6 +431,22 @@ constexpr int FEW_ROWS = 8;
 constexpr int GEMV_COLS = 64;   // output columns per task
 constexpr int GEMV_RUN = 512;   // K elements decoded per run (transposed B)
 
+// sum_k x[k] * y[k], with four independent accumulators (FMA latency).
+inline float dot(const float* x, const float* y, int n) {
+  vf s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int k = 0;
+  for (; k + 4 * VL <= n; k += 4 * VL) {
+    s0 += loadu(x + k) * loadu(y + k);
+    s1 += loadu(x + k + VL) * loadu(y + k + VL);
+    s2 += loadu(x + k + 2 * VL) * loadu(y + k + 2 * VL);
+    s3 += loadu(x + k + 3 * VL) * loadu(y + k + 3 * VL);
+  }
+  for (; k + VL <= n; k += VL) s0 += loadu(x + k) * loadu(y + k);
+  float sum = hsum((s0 + s1) + (s2 + s3));
+  for (; k < n; ++k) sum += x[k] * y[k];
+  return sum;
+}
+
 struct FewRows {
   const MatmulArgs& args;
   RowMap rows;
@@ -438,24 +469,21 @@ struct FewRows {
     float acc[FEW_ROWS][GEMV_COLS];
     float* run = tmp + (int64_t)worker * GEMV_RUN;
     if (b.sr == 1) {  // [N, K] weight: each output column is a contiguous dot product
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+      if (n_rows == 1 && (b.type == MatType::e4m3 || b.type == MatType::e5m2)) {
+        const uint8_t* codes = static_cast<const uint8_t*>(b.data) + g * b.sb + (int64_t)j0 * b.sc;
+        for (int j = 0; j < nc; ++j) acc[0][j] = dot_fp8(x, codes + (int64_t)j * b.sc, K, b.type);
+        return store_columns(j0, nc, acc);
+      }
+#endif
       for (int j = 0; j < nc; ++j) {
-        vf dot[FEW_ROWS] = {};
-        float tail[FEW_ROWS] = {};
+        float sum[FEW_ROWS] = {};
         for (int k0 = 0; k0 < K; k0 += GEMV_RUN) {
           const int kc = std::min(GEMV_RUN, K - k0);
           decode_run(b.data, g * b.sb + (int64_t)(j0 + j) * b.sc + k0, 1, b.type, kc, run);
-          const int kv = kc / VL * VL;
-          for (int64_t r = 0; r < n_rows; ++r) {
-            const float* xr = x + r * K + k0;
-            for (int k = 0; k < kv; k += VL) dot[r] += loadu(xr + k) * loadu(run + k);
-            for (int k = kv; k < kc; ++k) tail[r] += xr[k] * run[k];
-          }
+          for (int64_t r = 0; r < n_rows; ++r) sum[r] += dot(x + r * K + k0, run, kc);
         }
-        for (int64_t r = 0; r < n_rows; ++r) {
-          float sum = tail[r];
-          for (int l = 0; l < VL; ++l) sum += dot[r][l];
-          acc[r][j] = sum;
-        }
+        for (int64_t r = 0; r < n_rows; ++r) acc[r][j] = sum[r];
       }
     } else {  // [K, N]: a run of columns per k, scaled by each row's x[k]
       for (int64_t r = 0; r < n_rows; ++r) std::fill(acc[r], acc[r] + nc, 0.f);
@@ -467,6 +495,11 @@ struct FewRows {
         }
       }
     }
+    store_columns(j0, nc, acc);
+  }
+
+  // acc[r][j] * a_scale * b_scale -> out, for output columns [j0, j0 + nc).
+  void store_columns(int j0, int nc, float (*acc)[GEMV_COLS]) const {
     for (int64_t r = 0; r < n_rows; ++r) {
       const float sa = row_scale(r);
       for (int j = 0; j < nc; ++j) {

@@ -101,16 +101,17 @@ def test_batched(backend, transpose_b, b_batched, ka, kb):
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("transpose_b", [False, True])
 @pytest.mark.parametrize("b_batched", [False, True])
-def test_few_rows(backend, M, transpose_b, b_batched):
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_few_rows(backend, M, transpose_b, b_batched, fmt):
     """Decode-time shapes (the CPU's GEMV path) with scales and half output."""
     rng = np.random.default_rng(M)
     K, N = 531, 77
     a, _, a64 = make_operand(rng, (2, M, K), "bfloat16")
     b_shape = (N, K) if transpose_b else (K, N)
-    b, _, b64 = make_operand(rng, ((2,) + b_shape) if b_batched else b_shape, "e4m3")
+    b, _, b64 = make_operand(rng, ((2,) + b_shape) if b_batched else b_shape, fmt)
     sa = mx.array(rng.uniform(0.5, 2, (2, M, 1)).astype(np.float32))
     sb = mx.array(rng.uniform(0.5, 2, (1, N)).astype(np.float32))
-    out = matmul(backend, a, b, b_fmt="e4m3", a_scale=sa, b_scale=sb, transpose_b=transpose_b)
+    out = matmul(backend, a, b, b_fmt=fmt, a_scale=sa, b_scale=sb, transpose_b=transpose_b)
     assert out.dtype == mx.bfloat16
     assert_close(out, reference(a64, b64, np.array(sa), np.array(sb), transpose_b), mx.bfloat16, K)
 
@@ -296,15 +297,18 @@ def test_bad_input(call, error, words):
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("side", ["a", "b", "weight"])
 def test_every_fp8_code_decodes_exactly_in_the_kernel(backend, fmt, side):
-    """A K=1 product by 1.0 returns each code's value, inf and NaN included."""
+    """A product by 1.0 returns each code's value, inf and NaN included."""
     codes = mx.arange(256).astype(mx.uint8)
     one = mx.ones((1, 1), dtype=mx.float32)
     if side == "a":
         out = matmul(backend, codes.reshape(256, 1), one, a_fmt=fmt)[:, 0]
-    else:
+    elif side == "b":
         out = matmul(backend, one, codes.reshape(1, 256), b_fmt=fmt)[0]
+    else:  # one token through an [N, K] weight whose row n is (code n, 0, ..., 0)
+        weight = mx.concatenate([codes.reshape(256, 1), mx.zeros((256, 15), dtype=mx.uint8)], axis=1)
+        out = matmul(backend, mx.ones((1, 16)), weight, b_fmt=fmt, transpose_b=True)[0]
     got = np.array(out)
     want = fp8.decode_table(fmt)
     if fmt == "e4m3":
