@@ -326,13 +326,19 @@ void store_run(const float* src, int n, void* out, int64_t off, DType t) {
 
 // ---- the blocked product ----------------------------------------------------------
 
-// Scratch floats starting on a 64-byte boundary (cache-line aligned panels).
+// Scratch floats from MLX's allocator, starting on a 64-byte boundary
+// (cache-line aligned panels) and not zero-filled: every use below writes
+// before it reads.
 struct AlignedScratch {
-  Scratch raw;
+  void* handle = nullptr;
   float* p;
-  explicit AlignedScratch(size_t n) : raw(n + 16) {
-    p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.p) + 63) & ~uintptr_t(63));
+  explicit AlignedScratch(size_t n) {
+    void* raw = scratch_alloc((n + 16) * sizeof(float), &handle);
+    p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t(63));
   }
+  ~AlignedScratch() { scratch_free(handle); }
+  AlignedScratch(const AlignedScratch&) = delete;
+  AlignedScratch& operator=(const AlignedScratch&) = delete;
 };
 
 // Per-thread scratch: an A block and one decoded row.
