@@ -13,6 +13,11 @@ within each repeat so that they share the machine's noise. Reports GFLOP/s
 (plus its scales) against fp16. Writes JSON naming the machine under
 benchmarks/results/.
 
+`--cpu-time` times by process CPU time; with `MLX_FLASH_NUM_THREADS=1
+OPENBLAS_NUM_THREADS=1` that gives per-core efficiency, which other jobs on
+a shared machine disturb far less than wall time (OpenBLAS's idle threads
+spin, so do not compare CPU times with more than one thread).
+
 OpenBLAS may be pinned to an older kernel here by OPENBLAS_CORETYPE (see the
 environment notes); for a fair ceiling run this command with it unset, e.g.
 `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m ...`. The JSON
@@ -99,6 +104,9 @@ def operands(n: int, rng):
     return ops, codes, scale
 
 
+_clock = time.perf_counter  # --cpu-time switches to time.process_time
+
+
 def bench_size(n: int, repeats: int, rng) -> dict:
     ops, codes, scale = operands(n, rng)
     for f in ops.values():  # warm-up (and build any lazy inputs)
@@ -106,9 +114,9 @@ def bench_size(n: int, repeats: int, rng) -> dict:
     best = {name: float("inf") for name in ops}
     for _ in range(repeats):
         for name, f in ops.items():
-            t0 = time.perf_counter()
+            t0 = _clock()
             f()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            best[name] = min(best[name], _clock() - t0)
     flops = 2.0 * n**3
     ceiling = best["numpy float32"]
     rows = {name: {"best_s": t, "gflops": flops / t / 1e9, "ratio_to_numpy_fp32": ceiling / t}
@@ -139,9 +147,9 @@ def bench_decode(k: int, n: int, repeats: int, rng) -> dict:
     best = {name: float("inf") for name in ops}
     for _ in range(repeats):
         for name, f in ops.items():
-            t0 = time.perf_counter()
+            t0 = _clock()
             f()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            best[name] = min(best[name], _clock() - t0)
     return {"k": k, "n": n, "results": {name: {"best_ms": t * 1e3} for name, t in best.items()}}
 
 
@@ -150,12 +158,20 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time by process CPU time instead of wall time: with MLX_FLASH_NUM_THREADS=1 "
+                        "OPENBLAS_NUM_THREADS=1 this measures per-core efficiency, which other jobs on "
+                        "the machine disturb less than wall time")
     p.add_argument("--check-targets", action="store_true",
                    help=f"exit 1 unless the largest size meets {TARGETS} (ratio to numpy fp32)")
     args = p.parse_args(argv)
+    global _clock
+    _clock = time.process_time if args.cpu_time else time.perf_counter
     mx.set_default_device(mx.cpu)
     rng = np.random.default_rng(0)
     info = machine()
+    info["timer"] = "process CPU time" if args.cpu_time else "wall time"
+    info["OPENBLAS_NUM_THREADS"] = os.environ.get("OPENBLAS_NUM_THREADS")
     print(f"# {info['cpu']}, {info['cores']} cores, mlx_flash ISA {info['mlx_flash_isa']}, "
           f"numpy BLAS {info['numpy_blas']}, OPENBLAS_CORETYPE={info['OPENBLAS_CORETYPE']}")
     sizes = []
@@ -175,7 +191,9 @@ def main(argv=None) -> int:
     out = args.out
     if out is None:
         slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
-        out = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / f"matmul_cpu_{slug}_{info['cores']}c.json"
+        tag = "_cputime_1thread" if args.cpu_time and info["mlx_flash_threads"] == 1 else ""
+        out = (Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+               / f"matmul_cpu_{slug}_{info['cores']}c{tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
