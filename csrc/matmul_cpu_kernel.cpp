@@ -108,25 +108,55 @@ int decode_fp8_x8(const uint8_t* p, int n, MatType t, float* dst) {
   return i;
 }
 
-// sum_k x[k] * decode(codes[k]) without staging the decoded values: the
-// one-token (M = 1) product through a contiguous fp8 weight row.
-float dot_fp8(const float* x, const uint8_t* codes, int n, MatType t) {
+void decode_run(const void* base, int64_t off, int64_t stride, MatType t, int n, float* dst);
+
+// 8 contiguous elements of a half-precision or fp8 operand as floats.
+template <MatType T>
+inline __m256 load8(const void* p, int64_t i) {
+  if (T == MatType::f16)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+  if (T == MatType::bf16) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+  return decode_fp8_8(static_cast<const uint8_t*>(p) + i, T);
+}
+
+// sum_k x[k] * w[k] for a contiguous run of a half-precision or fp8 operand,
+// decoded straight into the FMAs (no staging): the one-token (M = 1) product
+// through a weight row.
+template <MatType T>
+float dot_decoded(const float* x, const void* w, int64_t off, int n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
   int k = 0;
   for (; k + 32 <= n; k += 32) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), decode_fp8_8(codes + k, t), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), decode_fp8_8(codes + k + 8, t), s1);
-    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), decode_fp8_8(codes + k + 16, t), s2);
-    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), decode_fp8_8(codes + k + 24, t), s3);
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8<T>(w, off + k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load8<T>(w, off + k + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load8<T>(w, off + k + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load8<T>(w, off + k + 24), s3);
   }
-  for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), decode_fp8_8(codes + k, t), s0);
+  for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8<T>(w, off + k), s0);
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
   float sum = 0.f;
   for (int l = 0; l < 8; ++l) sum += lanes[l];
-  const float* lut = fp8_table(t);
-  for (; k < n; ++k) sum += x[k] * lut[codes[k]];
+  if (k < n) {
+    float tail[8];
+    decode_run(w, off + k, 1, T, n - k, tail);
+    for (int i = 0; k + i < n; ++i) sum += x[k + i] * tail[i];
+  }
   return sum;
+}
+
+using DotFn = float (*)(const float*, const void*, int64_t, int);
+DotFn dot_for(MatType t) {
+  switch (t) {
+    case MatType::f16: return dot_decoded<MatType::f16>;
+    case MatType::bf16: return dot_decoded<MatType::bf16>;
+    case MatType::e4m3: return dot_decoded<MatType::e4m3>;
+    case MatType::e5m2: return dot_decoded<MatType::e5m2>;
+    default: return nullptr;
+  }
 }
 #endif
 
@@ -476,9 +506,9 @@ struct FewRows {
     float* run = tmp + (int64_t)worker * GEMV_RUN;
     if (b.sr == 1) {  // [N, K] weight: each output column is a contiguous dot product
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-      if (n_rows == 1 && (b.type == MatType::e4m3 || b.type == MatType::e5m2)) {
-        const uint8_t* codes = static_cast<const uint8_t*>(b.data) + g * b.sb + (int64_t)j0 * b.sc;
-        for (int j = 0; j < nc; ++j) acc[0][j] = dot_fp8(x, codes + (int64_t)j * b.sc, K, b.type);
+      if (n_rows == 1 && dot_for(b.type)) {
+        const DotFn dot_row = dot_for(b.type);
+        for (int j = 0; j < nc; ++j) acc[0][j] = dot_row(x, b.data, g * b.sb + (int64_t)(j0 + j) * b.sc, K);
         return store_columns(j0, nc, acc);
       }
 #endif

@@ -101,19 +101,20 @@ def test_batched(backend, transpose_b, b_batched, ka, kb):
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("transpose_b", [False, True])
 @pytest.mark.parametrize("b_batched", [False, True])
-@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-def test_few_rows(backend, M, transpose_b, b_batched, fmt):
+@pytest.mark.parametrize("kind", ["e4m3", "e5m2", "float16", "bfloat16"])
+def test_few_rows(backend, M, transpose_b, b_batched, kind):
     """Decode-time shapes (the CPU's GEMV path) with scales and half output."""
     rng = np.random.default_rng(M)
     K, N = 531, 77
     a, _, a64 = make_operand(rng, (2, M, K), "bfloat16")
     b_shape = (N, K) if transpose_b else (K, N)
-    b, _, b64 = make_operand(rng, ((2,) + b_shape) if b_batched else b_shape, fmt)
+    b, b_fmt, b64 = make_operand(rng, ((2,) + b_shape) if b_batched else b_shape, kind)
     sa = mx.array(rng.uniform(0.5, 2, (2, M, 1)).astype(np.float32))
     sb = mx.array(rng.uniform(0.5, 2, (1, N)).astype(np.float32))
-    out = matmul(backend, a, b, b_fmt=fmt, a_scale=sa, b_scale=sb, transpose_b=transpose_b)
-    assert out.dtype == mx.bfloat16
-    assert_close(out, reference(a64, b64, np.array(sa), np.array(sb), transpose_b), mx.bfloat16, K)
+    out = matmul(backend, a, b, b_fmt=b_fmt, a_scale=sa, b_scale=sb, transpose_b=transpose_b)
+    out_dtype = default_out_dtype("bfloat16", kind)
+    assert out.dtype == out_dtype
+    assert_close(out, reference(a64, b64, np.array(sa), np.array(sb), transpose_b), out_dtype, K)
 
 
 @pytest.mark.parametrize("M", [2, 20])
