@@ -27,7 +27,7 @@ def _has_cuda() -> bool:
 def _metal_emu_reason():
     """None if the Metal emulation harness can run here, else why not."""
     try:
-        from metal_emu import harness  # noqa: F401  (tests/metal_emu)
+        from metal_emu import attention, harness  # noqa: F401  (tests/metal_emu)
     except ImportError as e:
         return f"metal emulation harness not importable: {e}"
     return harness.unavailable_reason()

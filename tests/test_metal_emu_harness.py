@@ -73,6 +73,18 @@ def _mlx_generated_source(kernel_args, call_args):
     return text.split("```\n", 1)[1].rsplit("\n```", 1)[0]
 
 
+def test_signature_matches_mlx_without_template_or_attributes():
+    kernel_args = dict(name="plain", input_names=["x"], output_names=["y", "z"], source="y[0] = x[0]; z[0] = 1;")
+    inputs = [mx.ones((16,), dtype=mx.bfloat16)]
+    call = dict(grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,), (1,)],
+                output_dtypes=[mx.bfloat16, mx.uint8])
+    expected = _mlx_generated_source(kernel_args, dict(call, inputs=inputs))
+    if expected is None:
+        pytest.skip("this MLX build does not print kernel sources without Metal")
+    ours = harness.metal_kernel(**kernel_args).generated_source(inputs=inputs, output_dtypes=call["output_dtypes"])
+    assert ours == expected
+
+
 @pytest.mark.parametrize(
     "source, atomic",
     [
@@ -154,9 +166,10 @@ def test_vector_types_constructors_and_math():
               + fast::tanh(0.0f) + clamp(5.0f, 0.0f, 1.0f) + select(0.0f, 10.0f, isnan(NAN))
               + (isinf(INFINITY) ? 100.0f : 0.0f) + float(1.5h) + float(numeric_limits<half>::max() == 65504.0f);
     """
+    header = '#include <metal_stdlib>\n#include <metal_simdgroup_matrix>\n#include "mlx/backend/metal/kernels/utils.h"\n'
     a = np.array([0.25, -1.0, 3.0], dtype=np.float32)
-    (out,) = run(source, [mx.array(a)], input_names=["a"], output_shapes=[(3,)], output_dtypes=[mx.float32],
-                 grid=(3, 1, 1), threadgroup=(3, 1, 1))
+    (out,) = run(source, [mx.array(a)], input_names=["a"], header=header, output_shapes=[(3,)],
+                 output_dtypes=[mx.float32], grid=(3, 1, 1), threadgroup=(3, 1, 1))
     # w = (2a+1, 7, 5, 2a+1): w.x + w.y = 2a + 8
     expected = (2 * a + 8) + 2 + 3 + np.maximum(a, 0.5) + 1 + 2 + 0 + 1 + 10 + 100 + 1.5 + 1
     np.testing.assert_allclose(np.array(out), expected, rtol=1e-6)
@@ -348,6 +361,43 @@ def test_simd_functions_match_numpy():
     np.testing.assert_array_equal(outs[7].reshape(-1, 32), g[:, (lane * 7) % 32])
 
 
+def test_simd_functions_in_divergent_branches():
+    # Each branch's simd_sum runs over the lanes that took the branch.
+    source = """
+    uint lane = thread_index_in_simdgroup;
+    float r;
+    if (lane < 12) r = simd_sum(1.0f);
+    else r = simd_max(float(lane));
+    out0[thread_position_in_grid.x] = r;
+    """
+    (out,) = run(source, [mx.zeros((1,))], output_shapes=[(32,)], output_dtypes=[mx.float32], grid=(32, 1, 1),
+                 threadgroup=(32, 1, 1))
+    np.testing.assert_array_equal(np.array(out), [12] * 12 + [31] * 20)
+
+
+def test_threadgroup_variable_in_a_template_helper():
+    # One declaration, two instantiations: each gets storage of its own size.
+    header = """
+    template <typename T, int N>
+    T fill_and_sum(uint t, T v) {
+      threadgroup T scratch[N];
+      if (t < N) scratch[t] = v;
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      T s = 0;
+      for (int i = 0; i < N; ++i) s += scratch[i];
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      return s;
+    }
+    """
+    source = """
+    uint t = thread_position_in_threadgroup.x;
+    out0[t] = fill_and_sum<half, 4>(t, half(1)) + fill_and_sum<float, 64>(t, 2.0f);
+    """
+    (out,) = run(source, [mx.zeros((1,))], header=header, output_shapes=[(64,)], output_dtypes=[mx.float32],
+                 grid=(64, 1, 1), threadgroup=(64, 1, 1))
+    np.testing.assert_array_equal(np.array(out), [4 + 128] * 64)
+
+
 def test_simd_sum_over_active_lanes_only():
     source = """
     uint lane = thread_index_in_simdgroup;
@@ -383,6 +433,30 @@ def test_simdgroup_multiply_accumulate(dtype, transpose_b):
     expected = af @ (bf.T if transpose_b else bf) + cf
     tol = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1e-2}[dtype]
     np.testing.assert_allclose(to_np(out), expected, rtol=tol, atol=tol * 4)
+
+
+def test_simdgroup_load_store_origin_and_transpose():
+    # A 16 x 24 array; load the 8x8 block at matrix (column 8, row 4), plain
+    # and transposed, and store each into a 16 x 16 array at (column 3, row 5).
+    source = """
+    simdgroup_matrix<float, 8, 8> M;
+    simdgroup_load(M, a, 24, ulong2(8, 4), TRANSPOSE);
+    simdgroup_store(M, out0, 16, ulong2(3, 5), TRANSPOSE);
+    """
+    a = np.arange(16 * 24, dtype=np.float32).reshape(16, 24)
+    for transpose in (False, True):
+        (out,) = run(source.replace("TRANSPOSE", "true" if transpose else "false"), [mx.array(a)],
+                     input_names=["a"], output_shapes=[(16, 16)], output_dtypes=[mx.float32], grid=(32, 1, 1),
+                     threadgroup=(32, 1, 1), init_value=-1)
+        got = np.array(out)
+        expected = np.full((16, 16), -1.0, dtype=np.float32)
+        if transpose:
+            # M = (rows 8..15, columns 4..11 of a) transposed; stored transposed
+            # at matrix origin (3, 5): memory rows 3..10, columns 5..12.
+            expected[3:11, 5:13] = a[8:16, 4:12]
+        else:
+            expected[5:13, 3:11] = a[4:12, 8:16]
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_thread_elements_layout():
@@ -517,7 +591,7 @@ def test_rewrites_keep_line_numbers():
     rewritten = harness.to_cpp(source)
     assert rewritten.count("\n") == source.count("\n")
     assert "__emu_make<float, 4>(1, 2.5f, half(3), .5f)" in rewritten
-    assert "threadgroup float (&buf)[N*2] = *__emu_threadgroup_variable<float[N*2]>(0);" in rewritten
+    assert "threadgroup float (&buf)[N*2] = *__emu_threadgroup_variable<float[N*2], 0>();" in rewritten
     assert "constexpr int K = 3;" in rewritten
 
 
@@ -536,3 +610,42 @@ def test_threadgroups_run_in_random_order():
         orders.append(np.array(out))
         assert sorted(orders[-1]) == list(range(16))
     assert not np.array_equal(orders[0], orders[1])
+
+
+def test_parallel_threadgroups_same_results_and_faults(monkeypatch):
+    serial, expected = _reduce("threadgroup_barrier(mem_flags::mem_threadgroup);", 0)
+    monkeypatch.setenv("METAL_EMU_THREADS", "2")
+    parallel, _ = _reduce("threadgroup_barrier(mem_flags::mem_threadgroup);", 0)
+    np.testing.assert_array_equal(parallel, serial)
+    np.testing.assert_allclose(parallel, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(harness.MetalEmulationError, match=r"buffer 0 `a`"):
+        run("uint i = thread_position_in_grid.x; out0[i] = a[i + 300];", [mx.zeros((1024,))], input_names=["a"],
+            output_shapes=[(1024,)], output_dtypes=[mx.float32], grid=(1024, 1, 1), threadgroup=(64, 1, 1))
+
+
+def test_race_check_runs_several_schedules(monkeypatch):
+    monkeypatch.setenv("METAL_EMU_RACE_CHECK", "3")
+    out, expected = _reduce("threadgroup_barrier(mem_flags::mem_threadgroup);", 0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    # With the first barrier but none in the loop, every value read is
+    # finite but which partial sums are complete depends on the schedule.
+    racy = _REDUCE.replace("BARRIER", "threadgroup_barrier(mem_flags::mem_threadgroup);", 1).replace("BARRIER", "")
+    a = np.random.default_rng(7).standard_normal(4 * 256).astype(np.float32)
+    with pytest.raises(harness.MetalEmulationError, match="changes with the thread schedule"):
+        run(racy, [mx.array(a)], input_names=["a"], output_shapes=[(4,)], output_dtypes=[mx.float32],
+            grid=(1024, 1, 1), threadgroup=(256, 1, 1))
+
+
+def test_patched_mx_fast():
+    with harness.patched_mx_fast():
+        kernel = mx.fast.metal_kernel("patched", ["a"], ["out0"], "out0[thread_position_in_grid.x] = 2 * a[0];")
+        (out,) = kernel(inputs=[mx.array([1.5])], grid=(3, 1, 1), threadgroup=(3, 1, 1), output_shapes=[(3,)],
+                        output_dtypes=[mx.float32])
+    assert mx.fast.metal_kernel is not harness.metal_kernel
+    np.testing.assert_array_equal(np.array(out), [3.0] * 3)
+
+
+def test_unavailable_reason_without_compiler(monkeypatch):
+    monkeypatch.setattr(harness, "_find_clang", lambda: None)
+    reason = harness.unavailable_reason.__wrapped__()
+    assert reason is not None and "clang" in reason

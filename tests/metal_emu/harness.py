@@ -20,6 +20,7 @@ threads run; default 0, or $METAL_EMU_SEED).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -36,7 +37,24 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _INCLUDE = os.path.join(_HERE, "include")
 _RUNTIME = os.path.join(_HERE, "runtime")
-_BUILD = os.environ.get("METAL_EMU_BUILD_DIR", os.path.join(_HERE, "_build"))
+
+
+def _build_dir() -> str:
+    """Where compiled kernels are cached: $METAL_EMU_BUILD_DIR, else _build/
+    next to this file, else (read-only checkout) a per-user temp folder."""
+    if os.environ.get("METAL_EMU_BUILD_DIR"):
+        return os.environ["METAL_EMU_BUILD_DIR"]
+    here = os.path.join(_HERE, "_build")
+    try:
+        os.makedirs(here, exist_ok=True)
+        if os.access(here, os.W_OK):
+            return here
+    except OSError:
+        pass
+    return os.path.join(tempfile.gettempdir(), f"metal_emu_build-{os.getuid()}")
+
+
+_BUILD = _build_dir()
 
 MAX_THREADS_PER_THREADGROUP = 1024
 THREADGROUP_MEMORY_LIMIT = 32768
@@ -328,9 +346,9 @@ class _Signature:
             "}\n"
             'extern "C" int emu_launch(void** buffers, const unsigned long* bytes, const char* const* names, int count,\n'
             "                          const long* grid, const long* group, unsigned long long seed, long tg_limit,\n"
-            "                          char* error, long error_len) {\n"
+            "                          int os_threads, char* error, long error_len) {\n"
             "  return __emu_run_grid(__emu_thread, buffers, bytes, names, count, grid, group, seed, tg_limit,\n"
-            "                        error, error_len);\n"
+            "                        os_threads, error, error_len);\n"
             "}\n"
         )
 
@@ -387,14 +405,18 @@ def to_cpp(source: str) -> str:
         key = next(counter)
         t, name, dims = m["type"], m["name"], re.sub(r"\s+", "", m["dims"] or "")
         if dims:
-            return f"{m['lead']}threadgroup {t} (&{name}){dims} = *__emu_threadgroup_variable<{t}{dims}>({key});"
-        return f"{m['lead']}threadgroup {t}& {name} = *__emu_threadgroup_variable<{t}>({key});"
+            return f"{m['lead']}threadgroup {t} (&{name}){dims} = *__emu_threadgroup_variable<{t}{dims}, {key}>();"
+        return f"{m['lead']}threadgroup {t}& {name} = *__emu_threadgroup_variable<{t}, {key}>();"
 
     return _THREADGROUP_DECLARATION.sub(threadgroup_variable, text)
 
 
 # --------------------------------------------------------------------------
 # Compilation and caching
+
+
+# Part of every cache key: bump when how libraries are built or linked changes.
+_BUILD_VERSION = 2
 
 
 def _find_clang() -> Optional[str]:
@@ -418,7 +440,7 @@ def _hash_files(*dirs) -> str:
 def _toolchain():
     """(clang path, hash of the emulation's own sources)."""
     clang = _find_clang()
-    return clang, _hash_files(_INCLUDE, _RUNTIME) + " ".join(_CXX_FLAGS)
+    return clang, f"{_BUILD_VERSION} " + _hash_files(_INCLUDE, _RUNTIME) + " ".join(_CXX_FLAGS)
 
 
 def _run_clang(args, what: str):
@@ -445,12 +467,23 @@ def _atomic_output(path: str, build) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _runtime_object() -> str:
+def _runtime_library() -> str:
+    """The runtime as one shared library, loaded once (RTLD_GLOBAL) for all
+    kernels, so that they share one pool of fiber stacks: a copy per kernel
+    library would map thousands of stacks in a long test session and run
+    into the kernel's limit on memory mappings."""
     _, tag = _toolchain()
     key = hashlib.sha256(tag.encode()).hexdigest()[:16]
-    path = os.path.join(_BUILD, f"runtime-{key}.o")
+    name = f"libmetal_emu_runtime-{key}.so"
+    path = os.path.join(_BUILD, name)
     src = os.path.join(_RUNTIME, "runtime.cpp")
-    return _atomic_output(path, lambda tmp: _run_clang([*_CXX_FLAGS, "-O2", "-c", src, "-o", tmp], "the runtime"))
+    _atomic_output(
+        path,
+        lambda tmp: _run_clang([*_CXX_FLAGS, "-O2", "-shared", f"-Wl,-soname,{name}", src, "-o", tmp, "-lpthread"],
+                               "the runtime"),
+    )
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    return path
 
 
 _LIBRARIES = {}
@@ -462,7 +495,7 @@ def _library(cpp: str):
     key = hashlib.sha256((tag + "\0" + cpp).encode()).hexdigest()[:24]
     if key in _LIBRARIES:
         return _LIBRARIES[key]
-    runtime = _runtime_object()
+    runtime = _runtime_library()
     path = os.path.join(_BUILD, f"kernel-{key}.so")
 
     def build(tmp):
@@ -470,7 +503,8 @@ def _library(cpp: str):
         with open(src, "w") as f:
             f.write(cpp)
         try:
-            _run_clang([*_CXX_FLAGS, "-shared", "-I", _INCLUDE, src, runtime, "-o", tmp], "the kernel")
+            _run_clang([*_CXX_FLAGS, "-shared", "-I", _INCLUDE, src, runtime, "-Wl,-rpath,$ORIGIN", "-o", tmp],
+                       "the kernel")
         finally:
             os.unlink(src)
 
@@ -486,6 +520,7 @@ def _library(cpp: str):
         ctypes.POINTER(ctypes.c_long),
         ctypes.c_ulonglong,
         ctypes.c_long,
+        ctypes.c_int,
         ctypes.c_char_p,
         ctypes.c_long,
     ]
@@ -529,6 +564,28 @@ def unavailable_reason() -> Optional[str]:
 
 # --------------------------------------------------------------------------
 # The public kernel object
+
+
+def os_threads() -> int:
+    """OS threads a launch spreads its threadgroups over: $METAL_EMU_THREADS,
+    default 1. Results do not depend on it, except for kernels whose
+    threadgroups interact (atomics, races), which are then not reproducible."""
+    value = os.environ.get("METAL_EMU_THREADS", "1")
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"METAL_EMU_THREADS must be a positive integer, got {value!r}") from None
+
+
+def race_check_runs() -> int:
+    """How many schedules each launch runs ($METAL_EMU_RACE_CHECK, default 1).
+    With 2 or more, a kernel (without atomic outputs) whose outputs differ
+    between schedules raises MetalEmulationError."""
+    value = os.environ.get("METAL_EMU_RACE_CHECK", "1")
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"METAL_EMU_RACE_CHECK must be a positive integer, got {value!r}") from None
 
 
 def _quote_lines(message: str, source: str) -> str:
@@ -629,28 +686,49 @@ class Kernel:
         array = (ctypes.c_void_p * max(1, count))(*pointers)
         sizes = (ctypes.c_ulong * max(1, count))(*[b.nbytes for b in keep])
         c_names = (ctypes.c_char_p * max(1, count))(*[n.encode() for n in names])
-        error = ctypes.create_string_buffer(4096)
         if seed is None:
             seed = int(os.environ.get("METAL_EMU_SEED", "0"))
+        n_in = len(keep) - len(self.output_names)
+        initial = [b.copy() for b in keep[n_in:]]
+        self._launch(lib, keep, array, sizes, c_names, grid, threadgroup, seed, source)
+        outputs = keep[n_in:]
+        # Optional schedule check: run again under other seeds, the outputs
+        # must not change (a change means a race: a missing barrier, ...).
+        if not self.atomic_outputs:
+            for extra in range(1, race_check_runs()):
+                first = [b.copy() for b in outputs]
+                for buf, init in zip(outputs, initial):
+                    buf[...] = init
+                self._launch(lib, keep, array, sizes, c_names, grid, threadgroup, seed + extra, source)
+                for j, (a, b) in enumerate(zip(first, outputs)):
+                    if a.tobytes() != b.tobytes():
+                        differ = int(np.count_nonzero(a.view(np.uint8) != b.view(np.uint8)))
+                        raise MetalEmulationError(
+                            f"metal_emu: kernel `{self.name}`: output `{self.output_names[j]}` changes with the "
+                            f"thread schedule (seeds {seed} and {seed + extra}, {differ} bytes differ): a race, "
+                            "e.g. a missing threadgroup_barrier"
+                        )
+        return [
+            _from_bytes(outputs[j], tuple(output_shapes[j]), output_dtypes[j]) for j in range(len(self.output_names))
+        ]
+
+    def _launch(self, lib, keep, array, sizes, names, grid, threadgroup, seed, source):
+        error = ctypes.create_string_buffer(4096)
         status = lib.emu_launch(
             array,
             sizes,
-            c_names,
-            count,
+            names,
+            len(keep),
             (ctypes.c_long * 3)(*grid),
             (ctypes.c_long * 3)(*threadgroup),
             seed,
             THREADGROUP_MEMORY_LIMIT,
+            os_threads(),
             error,
             len(error),
         )
         if status != 0:
             raise MetalEmulationError(f"metal_emu: kernel `{self.name}`: " + _quote_lines(error.value.decode(), source))
-        n_in = len(keep) - len(self.output_names)
-        return [
-            _from_bytes(keep[n_in + j], tuple(output_shapes[j]), output_dtypes[j])
-            for j in range(len(self.output_names))
-        ]
 
     @staticmethod
     def _output_buffer(shape, dtype, init_value) -> np.ndarray:
@@ -670,3 +748,16 @@ def metal_kernel(name: str, input_names: Sequence[str], output_names: Sequence[s
     """Mirror of `mx.fast.metal_kernel` that runs on the CPU emulation."""
     return Kernel(name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs,
                   compile_options)
+
+
+@contextlib.contextmanager
+def patched_mx_fast():
+    """Within the block, `mx.fast.metal_kernel` is this harness's
+    `metal_kernel`: for code that calls MLX's factory directly rather than
+    taking a factory argument. Kernels created inside keep emulating."""
+    original = mx.fast.metal_kernel
+    mx.fast.metal_kernel = metal_kernel
+    try:
+        yield
+    finally:
+        mx.fast.metal_kernel = original

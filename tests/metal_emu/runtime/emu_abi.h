@@ -49,15 +49,17 @@ typedef void (*EmuThreadFn)(void** buffers);
 const EmuThreadAttrs* __emu_attrs(void);
 void __emu_threadgroup_barrier(unsigned site);
 EmuExchange __emu_simd_exchange(const void* payload, unsigned nbytes, unsigned site);
-void* __emu_threadgroup_alloc(unsigned key, unsigned long nbytes, unsigned char poison);
+// `key` identifies one threadgroup variable (declaration and type).
+void* __emu_threadgroup_alloc(const void* key, unsigned long nbytes, unsigned char poison);
 void __emu_fail(const char* message);  // does not return to the caller's thread
 
-// Runs the grid over copies of `buffers` (copied back at the end); 0 on
-// success, else 1 with a message in `error`.
+// Runs the grid over copies of `buffers` (copied back at the end), its
+// threadgroups spread over `os_threads` threads; 0 on success, else 1 with a
+// message in `error`.
 int __emu_run_grid(EmuThreadFn fn, void** buffers, const unsigned long* buffer_bytes,
                    const char* const* buffer_names, int buffer_count, const long* grid,
                    const long* threadgroup, unsigned long long seed,
-                   long threadgroup_memory_limit, char* error, long error_len);
+                   long threadgroup_memory_limit, int os_threads, char* error, long error_len);
 
 #ifdef __cplusplus
 }

@@ -12,7 +12,8 @@
 // - A SIMD-group operation completes when every lane of the SIMD-group that
 //   has not returned is blocked; the lanes blocked at SIMD-group operations
 //   form the active set (as the hardware's active mask would). Lanes blocked
-//   at different SIMD-group operations (different source lines) is an error.
+//   at different SIMD-group operations (different source lines: divergent
+//   branches) are served one operation at a time.
 // - threadgroup_barrier completes when every thread of the threadgroup is
 //   blocked at it. A barrier that some threads never reach (they returned,
 //   or wait at another barrier) is undefined behaviour in Metal, so an error.
@@ -28,6 +29,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <random>
 #include <string>
 #include <vector>
@@ -39,8 +43,9 @@ namespace {
 // old stack and swaps stack pointers (tens of nanoseconds); ucontext's
 // swapcontext also saves the signal mask with a system call (about 1 us),
 // which dominates the emulation of SIMD-group-heavy kernels.
+// -DEMU_USE_UCONTEXT forces the portable path (to test it on x86-64).
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(EMU_USE_UCONTEXT)
 #define EMU_FAST_SWITCH 1
 extern "C" void emu_switch_stack(void** save_sp, void* new_sp);
 extern "C" void emu_fiber_start();
@@ -158,7 +163,7 @@ std::string describe_offset(const Guarded& g, const char* address) {
 }
 
 struct ThreadgroupVariable {
-  unsigned key;
+  const void* key;
   Guarded memory;
   bool live;  // allocated (and poisoned) in the current threadgroup
 };
@@ -175,7 +180,7 @@ struct Launch {
   std::vector<ThreadgroupVariable> threadgroup_variables;
   size_t threadgroup_used = 0;
   long threadgroup_limit = 32768;
-  std::vector<Guarded> buffers_memory;
+  const std::vector<Guarded>* buffers_memory = nullptr;  // shared by all workers
   const char* const* buffer_names = nullptr;
   sigjmp_buf abort_jump;  // where a fault in kernel code lands
   const char* fault_address = nullptr;
@@ -203,6 +208,9 @@ void yield_to_scheduler() {
 std::string site_text(unsigned site) { return "line " + std::to_string(site); }
 
 // Completes pending SIMD-group operations; false if none could complete.
+// Lanes blocked at different SIMD-group operations (divergent branches) are
+// served one operation at a time, each with its lanes as the active set, as
+// the hardware runs the branches one after the other.
 bool complete_simd_operations(Launch& launch) {
   bool progressed = false;
   for (size_t g = 0; g < launch.simdgroups.size(); ++g) {
@@ -213,26 +221,20 @@ bool complete_simd_operations(Launch& launch) {
     for (int t = first; t < last; ++t) {
       Fiber& f = launch.fibers[t];
       if (f.state != State::AtSimd) continue;
-      if (mask != 0 && f.site != site) {
-        launch.error = "divergent SIMD-group operations: lanes of SIMD-group " + std::to_string(g) +
-                       " wait at different SIMD-group operations (" + site_text(site) + " and " +
-                       site_text(f.site) + ")";
-        return false;
-      }
-      site = f.site;
-      mask |= 1u << (t - first);
+      if (mask == 0) site = f.site;
+      if (f.site == site) mask |= 1u << (t - first);
     }
     if (mask == 0) continue;
     SimdGroup& group = launch.simdgroups[g];
     group.scratch_ready = 0;
     for (int t = first; t < last; ++t) {
+      if (!(mask >> (t - first) & 1u)) continue;
       Fiber& f = launch.fibers[t];
-      if (f.state != State::AtSimd) continue;
       memcpy(group.slots[t - first], f.payload, f.payload_bytes);
     }
     for (int t = first; t < last; ++t) {
+      if (!(mask >> (t - first) & 1u)) continue;
       Fiber& f = launch.fibers[t];
-      if (f.state != State::AtSimd) continue;
       f.result.slots = &group.slots[0][0];
       f.result.stride = kPayloadBytes;
       f.result.active_mask = mask;
@@ -365,8 +367,8 @@ std::string describe_fault(const Launch& launch) {
   if (launch.fault_signal == SIGFPE)
     return "arithmetic trap (integer division by zero?): undefined in Metal, a crash on the CPU";
   const char* address = launch.fault_address;
-  for (size_t i = 0; i < launch.buffers_memory.size(); ++i) {
-    std::string where = describe_offset(launch.buffers_memory[i], address);
+  for (size_t i = 0; i < launch.buffers_memory->size(); ++i) {
+    std::string where = describe_offset((*launch.buffers_memory)[i], address);
     if (!where.empty())
       return "out-of-bounds access to buffer " + std::to_string(i) + " `" + launch.buffer_names[i] + "` at " + where;
   }
@@ -383,29 +385,120 @@ std::string describe_fault(const Launch& launch) {
   return std::string("memory fault at address ") + text + ", outside every buffer (a wild pointer)";
 }
 
-struct SignalGuard {
+constexpr int kSignals[3] = {SIGSEGV, SIGBUS, SIGFPE};
+
+// Process-wide handlers for the duration of a launch.
+struct SignalHandlers {
   struct sigaction previous[3];
-  stack_t previous_stack;
-  static constexpr int kSignals[3] = {SIGSEGV, SIGBUS, SIGFPE};
-  SignalGuard() {
-    static thread_local char* alt = nullptr;
-    constexpr size_t kAltBytes = 256 * 1024;
-    if (!alt) alt = static_cast<char*>(malloc(kAltBytes));
-    stack_t ss{};
-    ss.ss_sp = alt;
-    ss.ss_size = kAltBytes;
-    sigaltstack(&ss, &previous_stack);
+  SignalHandlers() {
     struct sigaction action {};
     action.sa_sigaction = on_fault;
     action.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&action.sa_mask);
     for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &action, &previous[i]);
   }
-  ~SignalGuard() {
+  ~SignalHandlers() {
     for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &previous[i], nullptr);
-    sigaltstack(&previous_stack, nullptr);
   }
 };
+
+// A per-OS-thread stack for the handler: a fiber's stack may be the one
+// that overflowed.
+struct AlternateSignalStack {
+  static constexpr size_t kBytes = 256 * 1024;
+  stack_t previous;
+  char* memory;
+  AlternateSignalStack() : memory(static_cast<char*>(malloc(kBytes))) {
+    stack_t ss{};
+    ss.ss_sp = memory;
+    ss.ss_size = kBytes;
+    sigaltstack(&ss, &previous);
+  }
+  ~AlternateSignalStack() {
+    sigaltstack(&previous, nullptr);
+    free(memory);
+  }
+};
+
+// Fiber stacks are reused across launches (mapping them is not free).
+std::mutex g_stack_pool_mutex;
+std::vector<std::vector<char*>> g_stack_pool;
+
+std::vector<char*> take_stacks(long count) {
+  std::vector<char*> stacks;
+  {
+    std::lock_guard<std::mutex> lock(g_stack_pool_mutex);
+    if (!g_stack_pool.empty()) {
+      stacks = std::move(g_stack_pool.back());
+      g_stack_pool.pop_back();
+    }
+  }
+  while (long(stacks.size()) < count) {
+    char* s = allocate_stack();
+    if (!s) break;
+    stacks.push_back(s);
+  }
+  return stacks;
+}
+
+void give_back_stacks(std::vector<char*> stacks) {
+  std::lock_guard<std::mutex> lock(g_stack_pool_mutex);
+  g_stack_pool.push_back(std::move(stacks));
+}
+
+struct Dispatch {
+  const long* grid;
+  long dispatch_tg[3];
+  long tg_count[3];
+  long tg_threads;
+  const std::vector<long>* order;  // threadgroups (linear ids) in the order they run
+};
+
+// Runs threadgroups order[worker], order[worker + workers], ... on this OS
+// thread; false with launch.error set on the first error.
+bool run_worker(Launch& launch, const Dispatch& d, int worker, int workers, unsigned long long seed) {
+  AlternateSignalStack alternate_stack;
+  std::vector<char*> stacks = take_stacks(d.tg_threads);
+  if (long(stacks.size()) < d.tg_threads) {
+    launch.error = "could not allocate fiber stacks";
+    give_back_stacks(std::move(stacks));
+    return false;
+  }
+  launch.fibers.resize(d.tg_threads);
+  for (long t = 0; t < d.tg_threads; ++t) launch.fibers[t].stack = stacks[t];
+  std::mt19937_64 rng(seed + 0x9e3779b97f4a7c15ull * unsigned(worker));
+  g_launch = &launch;
+  bool ok = true;
+  long* group = launch.group;  // in memory, so still right after a siglongjmp
+  if (sigsetjmp(launch.abort_jump, 1) != 0) {
+    launch.error = describe_fault(launch);
+    ok = false;
+  } else {
+    for (size_t i = size_t(worker); i < d.order->size() && ok; i += size_t(workers)) {
+      long id = (*d.order)[i];
+      group[0] = id % d.tg_count[0];
+      group[1] = id / d.tg_count[0] % d.tg_count[1];
+      group[2] = id / (d.tg_count[0] * d.tg_count[1]);
+      long actual[3];
+      for (int k = 0; k < 3; ++k) actual[k] = std::min(d.dispatch_tg[k], d.grid[k] - group[k] * d.dispatch_tg[k]);
+      launch.thread_count = int(actual[0] * actual[1] * actual[2]);
+      launch.simdgroups.resize((launch.thread_count + kSimdWidth - 1) / kSimdWidth);
+      int t = 0;
+      for (long z = 0; z < actual[2]; ++z)
+        for (long y = 0; y < actual[1]; ++y)
+          for (long x = 0; x < actual[0]; ++x)
+            set_attrs(launch.fibers[t++].attrs, d.grid, d.dispatch_tg, d.tg_count, group, actual, x, y, z);
+      ok = run_threadgroup(launch, rng);
+    }
+  }
+  g_launch = nullptr;
+  for (auto& v : launch.threadgroup_variables) guarded_free(v.memory);
+  give_back_stacks(std::move(stacks));
+  if (!ok)
+    launch.error = "threadgroup (" + std::to_string(group[0]) + ", " + std::to_string(group[1]) + ", " +
+                   std::to_string(group[2]) + "): " + launch.error;
+  return ok;
+}
 
 }  // namespace
 
@@ -437,7 +530,7 @@ EmuExchange __emu_simd_exchange(const void* payload, unsigned nbytes, unsigned s
   return f->result;
 }
 
-void* __emu_threadgroup_alloc(unsigned key, unsigned long nbytes, unsigned char poison) {
+void* __emu_threadgroup_alloc(const void* key, unsigned long nbytes, unsigned char poison) {
   Launch& launch = *g_launch;
   ThreadgroupVariable* variable = nullptr;
   for (auto& v : launch.threadgroup_variables)
@@ -463,91 +556,73 @@ void* __emu_threadgroup_alloc(unsigned key, unsigned long nbytes, unsigned char 
 
 int __emu_run_grid(EmuThreadFn fn, void** buffers, const unsigned long* buffer_bytes, const char* const* buffer_names,
                    int buffer_count, const long* grid, const long* threadgroup, unsigned long long seed,
-                   long threadgroup_memory_limit, char* error, long error_len) {
-  Launch launch;
-  launch.fn = fn;
-  launch.threadgroup_limit = threadgroup_memory_limit;
-  launch.buffer_names = buffer_names;
+                   long threadgroup_memory_limit, int os_threads, char* error, long error_len) {
   auto fail = [&](const std::string& message) {
     snprintf(error, size_t(error_len), "%s", message.c_str());
     return 1;
   };
-  long dispatch_tg[3], tg_count[3];
-  long tg_threads = 1;
-  for (int d = 0; d < 3; ++d) {
-    if (grid[d] < 1 || threadgroup[d] < 1)
+  Dispatch d;
+  d.grid = grid;
+  d.tg_threads = 1;
+  for (int k = 0; k < 3; ++k) {
+    if (grid[k] < 1 || threadgroup[k] < 1)
       return fail("grid and threadgroup sizes must be positive in every dimension");
-    dispatch_tg[d] = std::min(threadgroup[d], grid[d]);  // as MLX clamps the threadgroup to the grid
-    tg_count[d] = (grid[d] + dispatch_tg[d] - 1) / dispatch_tg[d];
-    tg_threads *= dispatch_tg[d];
+    d.dispatch_tg[k] = std::min(threadgroup[k], grid[k]);  // as MLX clamps the threadgroup to the grid
+    d.tg_count[k] = (grid[k] + d.dispatch_tg[k] - 1) / d.dispatch_tg[k];
+    d.tg_threads *= d.dispatch_tg[k];
   }
-  if (tg_threads > kMaxThreads)
-    return fail("threadgroup of " + std::to_string(tg_threads) + " threads exceeds the Metal limit of " +
+  if (d.tg_threads > kMaxThreads)
+    return fail("threadgroup of " + std::to_string(d.tg_threads) + " threads exceeds the Metal limit of " +
                 std::to_string(kMaxThreads) + " threads per threadgroup");
 
-  static thread_local std::vector<char*> stacks;
-  while (long(stacks.size()) < tg_threads) {
-    char* s = allocate_stack();
-    if (!s) return fail("could not allocate fiber stacks");
-    stacks.push_back(s);
-  }
-  launch.fibers.resize(tg_threads);
-  for (long t = 0; t < tg_threads; ++t) launch.fibers[t].stack = stacks[t];
-
   // The kernel sees guarded copies of the buffers, copied back afterwards.
+  std::vector<Guarded> memory;
   std::vector<void*> kernel_buffers(buffer_count);
   for (int i = 0; i < buffer_count; ++i) {
-    launch.buffers_memory.push_back(guarded_alloc(buffer_bytes[i]));
-    Guarded& g = launch.buffers_memory.back();
-    if (!g.map) return fail("could not allocate buffer copies");
-    memcpy(g.data, buffers[i], buffer_bytes[i]);
-    kernel_buffers[i] = g.data;
+    memory.push_back(guarded_alloc(buffer_bytes[i]));
+    if (!memory.back().map) return fail("could not allocate buffer copies");
+    memcpy(memory.back().data, buffers[i], buffer_bytes[i]);
+    kernel_buffers[i] = memory.back().data;
   }
-  launch.buffers = kernel_buffers.data();
-  std::mt19937_64 rng(seed);
 
-  Launch* previous = g_launch;
-  g_launch = &launch;
-  int status = 0;
-  long* group = launch.group;  // in memory, so still right after a siglongjmp
-  // Declared out here: a fault's siglongjmp skips destructors of inner scopes.
-  std::vector<long> order(size_t(tg_count[0] * tg_count[1] * tg_count[2]));
+  // Threadgroups run in a seeded random order: a kernel must not depend on
+  // the order (or concurrency) in which the GPU runs them. With several OS
+  // threads, worker w runs order[w], order[w + workers], ...
+  std::vector<long> order(size_t(d.tg_count[0] * d.tg_count[1] * d.tg_count[2]));
+  for (size_t i = 0; i < order.size(); ++i) order[i] = long(i);
+  std::mt19937_64 rng(seed);
+  std::shuffle(order.begin(), order.end(), rng);
+  d.order = &order;
+
+  int workers = int(std::max<long>(1, std::min<long>(os_threads, long(order.size()))));
+  std::vector<std::unique_ptr<Launch>> launches;
+  for (int w = 0; w < workers; ++w) {
+    launches.push_back(std::make_unique<Launch>());
+    Launch& l = *launches.back();
+    l.fn = fn;
+    l.buffers = kernel_buffers.data();
+    l.buffers_memory = &memory;
+    l.buffer_names = buffer_names;
+    l.threadgroup_limit = threadgroup_memory_limit;
+  }
+  std::vector<char> ok(size_t(workers), 0);
   {
-    SignalGuard signals;
-    if (sigsetjmp(launch.abort_jump, 1) != 0) {
-      status = fail("threadgroup (" + std::to_string(group[0]) + ", " + std::to_string(group[1]) + ", " +
-                    std::to_string(group[2]) + "): " + describe_fault(launch));
-    } else {
-      // Threadgroups run in a seeded random order: a kernel must not depend
-      // on the order (or concurrency) in which the GPU runs them.
-      for (size_t i = 0; i < order.size(); ++i) order[i] = long(i);
-      std::shuffle(order.begin(), order.end(), rng);
-      for (size_t i = 0; i < order.size() && status == 0; ++i) {
-        group[0] = order[i] % tg_count[0];
-        group[1] = order[i] / tg_count[0] % tg_count[1];
-        group[2] = order[i] / (tg_count[0] * tg_count[1]);
-        long actual[3];
-        for (int d = 0; d < 3; ++d) actual[d] = std::min(dispatch_tg[d], grid[d] - group[d] * dispatch_tg[d]);
-        launch.thread_count = int(actual[0] * actual[1] * actual[2]);
-        launch.simdgroups.resize((launch.thread_count + kSimdWidth - 1) / kSimdWidth);
-        int t = 0;
-        for (long z = 0; z < actual[2]; ++z)
-          for (long y = 0; y < actual[1]; ++y)
-            for (long x = 0; x < actual[0]; ++x)
-              set_attrs(launch.fibers[t++].attrs, grid, dispatch_tg, tg_count, group, actual, x, y, z);
-        if (!run_threadgroup(launch, rng)) {
-          status = fail("threadgroup (" + std::to_string(group[0]) + ", " + std::to_string(group[1]) + ", " +
-                        std::to_string(group[2]) + "): " + launch.error);
-        }
-      }
-    }
+    SignalHandlers handlers;
+    Launch* previous = g_launch;
+    std::vector<std::thread> threads;
+    for (int w = 1; w < workers; ++w)
+      threads.emplace_back([&, w] { ok[w] = run_worker(*launches[w], d, w, workers, seed); });
+    ok[0] = run_worker(*launches[0], d, 0, workers, seed);
+    for (auto& t : threads) t.join();
+    g_launch = previous;
   }
-  g_launch = previous;
+  int status = 0;
+  for (int w = 0; w < workers && status == 0; ++w)
+    if (!ok[w]) status = fail(launches[w]->error);
   for (int i = 0; i < buffer_count; ++i) {
-    memcpy(buffers[i], launch.buffers_memory[i].data, buffer_bytes[i]);
-    guarded_free(launch.buffers_memory[i]);
+    memcpy(buffers[i], memory[i].data, buffer_bytes[i]);
+    guarded_free(memory[i]);
   }
-  for (auto& v : launch.threadgroup_variables) guarded_free(v.memory);
   return status;
 }
 
