@@ -13,9 +13,19 @@ import pytest
 
 import mlx_flash
 from mlx_flash import fp8
+import matmul_backends
 from matmul_backends import matmul
 
 TYPES = ("float32", "float16", "bfloat16", "e4m3", "e5m2")
+
+
+@pytest.fixture(params=matmul_backends.ALL)
+def backend(request):
+    """Each backend name (overrides conftest's: metal_emu here needs only the harness)."""
+    reason = matmul_backends.skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    return request.param
 CPU = mx.Device(mx.cpu)
 
 
