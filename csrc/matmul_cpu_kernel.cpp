@@ -18,6 +18,7 @@
 //
 // So an fp8 operand is never expanded beyond one KC x NC (B) or MC x KC (A)
 // block, and every fp32 FMA runs in the register-blocked micro-kernel.
+// A batched b with many batch entries runs one product per thread instead.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -90,27 +91,72 @@ const float* fp8_table(MatType t) {
 // fields is its value times 2^-8 (normals and subnormals alike), so one
 // multiply by 2^8 finishes it, and 0x7F / 0xFF are patched to NaN.
 // Returns how many codes were decoded (a multiple of 8).
+inline __m256 decode_fp8_8(const uint8_t* p, MatType t) {
+  const __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  if (t == MatType::e5m2) return _mm256_cvtph_ps(_mm_slli_epi16(c, 8));
+  const __m128i magnitude = _mm_set1_epi16(0x7F);
+  const __m128i mag = _mm_and_si128(c, magnitude);
+  const __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8), _mm_slli_epi16(mag, 7));
+  const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.f));
+  const __m256 is_nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, magnitude)));
+  return _mm256_blendv_ps(v, _mm256_set1_ps(NAN), is_nan);
+}
+
 int decode_fp8_x8(const uint8_t* p, int n, MatType t, float* dst) {
   int i = 0;
-  if (t == MatType::e5m2) {
-    for (; i + 8 <= n; i += 8) {
-      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i));
-      const __m128i half = _mm_slli_epi16(_mm_cvtepu8_epi16(bytes), 8);
-      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(half));
-    }
-    return i;
-  }
-  const __m256 two8 = _mm256_set1_ps(256.f), nan = _mm256_set1_ps(NAN);
-  const __m128i magnitude = _mm_set1_epi16(0x7F), sign = _mm_set1_epi16(0x80);
-  for (; i + 8 <= n; i += 8) {
-    const __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i)));
-    const __m128i mag = _mm_and_si128(c, magnitude);
-    const __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, sign), 8), _mm_slli_epi16(mag, 7));
-    __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(half), two8);
-    const __m256 is_nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, magnitude)));
-    _mm256_storeu_ps(dst + i, _mm256_blendv_ps(v, nan, is_nan));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, decode_fp8_8(p + i, t));
   return i;
+}
+
+void decode_run(const void* base, int64_t off, int64_t stride, MatType t, int n, float* dst);
+
+// 8 contiguous elements of a half-precision or fp8 operand as floats.
+template <MatType T>
+inline __m256 load8(const void* p, int64_t i) {
+  if (T == MatType::f16)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+  if (T == MatType::bf16) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+  return decode_fp8_8(static_cast<const uint8_t*>(p) + i, T);
+}
+
+// sum_k x[k] * w[k] for a contiguous run of a half-precision or fp8 operand,
+// decoded straight into the FMAs (no staging): the one-token (M = 1) product
+// through a weight row.
+template <MatType T>
+float dot_decoded(const float* x, const void* w, int64_t off, int n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int k = 0;
+  for (; k + 32 <= n; k += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8<T>(w, off + k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load8<T>(w, off + k + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load8<T>(w, off + k + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load8<T>(w, off + k + 24), s3);
+  }
+  for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8<T>(w, off + k), s0);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  float sum = 0.f;
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  if (k < n) {
+    float tail[8];
+    decode_run(w, off + k, 1, T, n - k, tail);
+    for (int i = 0; k + i < n; ++i) sum += x[k + i] * tail[i];
+  }
+  return sum;
+}
+
+using DotFn = float (*)(const float*, const void*, int64_t, int);
+DotFn dot_for(MatType t) {
+  switch (t) {
+    case MatType::f16: return dot_decoded<MatType::f16>;
+    case MatType::bf16: return dot_decoded<MatType::bf16>;
+    case MatType::e4m3: return dot_decoded<MatType::e4m3>;
+    case MatType::e5m2: return dot_decoded<MatType::e5m2>;
+    default: return nullptr;
+  }
 }
 #endif
 
@@ -310,13 +356,19 @@ void store_run(const float* src, int n, void* out, int64_t off, DType t) {
 
 // ---- the blocked product ----------------------------------------------------------
 
-// Scratch floats starting on a 64-byte boundary (cache-line aligned panels).
+// Scratch floats from MLX's allocator, starting on a 64-byte boundary
+// (cache-line aligned panels) and not zero-filled: every use below writes
+// before it reads.
 struct AlignedScratch {
-  Scratch raw;
+  void* handle = nullptr;
   float* p;
-  explicit AlignedScratch(size_t n) : raw(n + 16) {
-    p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.p) + 63) & ~uintptr_t(63));
+  explicit AlignedScratch(size_t n) {
+    void* raw = scratch_alloc((n + 16) * sizeof(float), &handle);
+    p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t(63));
   }
+  ~AlignedScratch() { scratch_free(handle); }
+  AlignedScratch(const AlignedScratch&) = delete;
+  AlignedScratch& operator=(const AlignedScratch&) = delete;
 };
 
 // Per-thread scratch: an A block and one decoded row.
@@ -415,6 +467,22 @@ constexpr int FEW_ROWS = 8;
 constexpr int GEMV_COLS = 64;   // output columns per task
 constexpr int GEMV_RUN = 512;   // K elements decoded per run (transposed B)
 
+// sum_k x[k] * y[k], with four independent accumulators (FMA latency).
+inline float dot(const float* x, const float* y, int n) {
+  vf s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int k = 0;
+  for (; k + 4 * VL <= n; k += 4 * VL) {
+    s0 += loadu(x + k) * loadu(y + k);
+    s1 += loadu(x + k + VL) * loadu(y + k + VL);
+    s2 += loadu(x + k + 2 * VL) * loadu(y + k + 2 * VL);
+    s3 += loadu(x + k + 3 * VL) * loadu(y + k + 3 * VL);
+  }
+  for (; k + VL <= n; k += VL) s0 += loadu(x + k) * loadu(y + k);
+  float sum = hsum((s0 + s1) + (s2 + s3));
+  for (; k < n; ++k) sum += x[k] * y[k];
+  return sum;
+}
+
 struct FewRows {
   const MatmulArgs& args;
   RowMap rows;
@@ -437,24 +505,21 @@ struct FewRows {
     float acc[FEW_ROWS][GEMV_COLS];
     float* run = tmp + (int64_t)worker * GEMV_RUN;
     if (b.sr == 1) {  // [N, K] weight: each output column is a contiguous dot product
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+      if (n_rows == 1 && dot_for(b.type)) {
+        const DotFn dot_row = dot_for(b.type);
+        for (int j = 0; j < nc; ++j) acc[0][j] = dot_row(x, b.data, g * b.sb + (int64_t)(j0 + j) * b.sc, K);
+        return store_columns(j0, nc, acc);
+      }
+#endif
       for (int j = 0; j < nc; ++j) {
-        vf dot[FEW_ROWS] = {};
-        float tail[FEW_ROWS] = {};
+        float sum[FEW_ROWS] = {};
         for (int k0 = 0; k0 < K; k0 += GEMV_RUN) {
           const int kc = std::min(GEMV_RUN, K - k0);
           decode_run(b.data, g * b.sb + (int64_t)(j0 + j) * b.sc + k0, 1, b.type, kc, run);
-          const int kv = kc / VL * VL;
-          for (int64_t r = 0; r < n_rows; ++r) {
-            const float* xr = x + r * K + k0;
-            for (int k = 0; k < kv; k += VL) dot[r] += loadu(xr + k) * loadu(run + k);
-            for (int k = kv; k < kc; ++k) tail[r] += xr[k] * run[k];
-          }
+          for (int64_t r = 0; r < n_rows; ++r) sum[r] += dot(x + r * K + k0, run, kc);
         }
-        for (int64_t r = 0; r < n_rows; ++r) {
-          float sum = tail[r];
-          for (int l = 0; l < VL; ++l) sum += dot[r][l];
-          acc[r][j] = sum;
-        }
+        for (int64_t r = 0; r < n_rows; ++r) acc[r][j] = sum[r];
       }
     } else {  // [K, N]: a run of columns per k, scaled by each row's x[k]
       for (int64_t r = 0; r < n_rows; ++r) std::fill(acc[r], acc[r] + nc, 0.f);
@@ -466,6 +531,11 @@ struct FewRows {
         }
       }
     }
+    store_columns(j0, nc, acc);
+  }
+
+  // acc[r][j] * a_scale * b_scale -> out, for output columns [j0, j0 + nc).
+  void store_columns(int j0, int nc, float (*acc)[GEMV_COLS]) const {
     for (int64_t r = 0; r < n_rows; ++r) {
       const float sa = row_scale(r);
       for (int j = 0; j < nc; ++j) {
@@ -492,64 +562,70 @@ void few_rows(const MatmulArgs& args, int group, int64_t n_rows) {
   parallel_tasks((args.N + GEMV_COLS - 1) / GEMV_COLS, task);
 }
 
-}  // namespace
 
-void matmul2d(const MatmulArgs& args) {
-  if (args.batch == 0 || args.M == 0 || args.N == 0) return;
-  if (args.K == 0) return zero_output(args);
-  {
-    const int groups = args.b_batched ? args.batch : 1;
-    const int64_t rows_per_group = args.b_batched ? args.M : (int64_t)args.batch * args.M;
-    if (rows_per_group <= FEW_ROWS && (args.b.sr == 1 || args.b.sc == 1)) {
-      for (int g = 0; g < groups; ++g) few_rows(args, g, rows_per_group);
-      return;
-    }
-  }
-  const int workers = num_workers();
-  std::vector<WorkerScratch> scratch(workers);
-  const int groups = args.b_batched ? args.batch : 1;
+// The blocked product for one group (batch entry of a batched b, or all
+// rows when b is shared), with `workers` threads.
+void gemm_group(const MatmulArgs& args, int g, int workers) {
   const int64_t rows_per_group = args.b_batched ? args.M : (int64_t)args.batch * args.M;
+  std::vector<WorkerScratch> scratch(workers);
   const int64_t chunk = std::min<int64_t>(ROW_CHUNK, rows_per_group);
   const int acc_ld = round_up(std::min(NC, args.N), GEMM_NR) + ACC_PAD;
   AlignedScratch b_block((size_t)KC * round_up(std::min(NC, args.N), GEMM_NR));
   AlignedScratch acc((size_t)chunk * acc_ld);
   std::unique_ptr<std::atomic<int>[]> panel_state(new std::atomic<int>[NC / GEMM_NR]);
 
-  for (int g = 0; g < groups; ++g) {
-    Gemm gemm{args};
-    gemm.rows = RowMap{args.M, !args.b_batched, g};
-    gemm.b_block = b_block.p;
-    gemm.acc = acc.p;
-    gemm.acc_ld = acc_ld;
-    gemm.scratch = scratch.data();
-    gemm.panel_state = panel_state.get();
-    for (int64_t row0 = 0; row0 < rows_per_group; row0 += chunk) {
-      gemm.row0 = row0;
-      gemm.n_rows = std::min(chunk, rows_per_group - row0);
-      // Row blocks of at most MC rows, as many as a multiple of the workers
-      // so that each synchronised phase ends with every worker busy.
-      const int64_t blocks = (gemm.n_rows + MC - 1) / MC;
-      const int64_t even = blocks >= workers ? (blocks + workers - 1) / workers * workers : blocks;
-      gemm.block_rows = (int)std::min<int64_t>(MC, round_up((int)((gemm.n_rows + even - 1) / even), GEMM_MR));
-      gemm.ic_blocks = (int)((gemm.n_rows + gemm.block_rows - 1) / gemm.block_rows);
-      for (int jc = 0; jc < args.N; jc += NC) {
-        gemm.jc = jc;
-        gemm.nc = std::min(NC, args.N - jc);
-        gemm.panels = (gemm.nc + GEMM_NR - 1) / GEMM_NR;
-        // Few row blocks: split the panels too, so every worker has tasks.
-        const int want = 4 * workers;
-        gemm.splits = gemm.ic_blocks >= want ? 1 : std::min(gemm.panels, (want + gemm.ic_blocks - 1) / gemm.ic_blocks);
-        for (int pc = 0; pc < args.K; pc += KC) {
-          gemm.pc = pc;
-          gemm.kc = std::min(KC, args.K - pc);
-          gemm.last_k = pc + KC >= args.K;
-          for (int p = 0; p < gemm.panels; ++p) panel_state[p].store(0, std::memory_order_relaxed);
-          auto compute = [&](int64_t task, int worker) { gemm.compute(task, worker); };
-          parallel_tasks((int64_t)gemm.ic_blocks * gemm.splits, compute);
-        }
+  Gemm gemm{args};
+  gemm.rows = RowMap{args.M, !args.b_batched, g};
+  gemm.b_block = b_block.p;
+  gemm.acc = acc.p;
+  gemm.acc_ld = acc_ld;
+  gemm.scratch = scratch.data();
+  gemm.panel_state = panel_state.get();
+  for (int64_t row0 = 0; row0 < rows_per_group; row0 += chunk) {
+    gemm.row0 = row0;
+    gemm.n_rows = std::min(chunk, rows_per_group - row0);
+    // Row blocks of at most MC rows, as many as a multiple of the workers
+    // so that each synchronised phase ends with every worker busy.
+    const int64_t blocks = (gemm.n_rows + MC - 1) / MC;
+    const int64_t even = blocks >= workers ? (blocks + workers - 1) / workers * workers : blocks;
+    gemm.block_rows = (int)std::min<int64_t>(MC, round_up((int)((gemm.n_rows + even - 1) / even), GEMM_MR));
+    gemm.ic_blocks = (int)((gemm.n_rows + gemm.block_rows - 1) / gemm.block_rows);
+    for (int jc = 0; jc < args.N; jc += NC) {
+      gemm.jc = jc;
+      gemm.nc = std::min(NC, args.N - jc);
+      gemm.panels = (gemm.nc + GEMM_NR - 1) / GEMM_NR;
+      // Few row blocks: split the panels too, so every worker has tasks.
+      const int want = workers == 1 ? 1 : 4 * workers;
+      gemm.splits = gemm.ic_blocks >= want ? 1 : std::min(gemm.panels, (want + gemm.ic_blocks - 1) / gemm.ic_blocks);
+      for (int pc = 0; pc < args.K; pc += KC) {
+        gemm.pc = pc;
+        gemm.kc = std::min(KC, args.K - pc);
+        gemm.last_k = pc + KC >= args.K;
+        for (int p = 0; p < gemm.panels; ++p) panel_state[p].store(0, std::memory_order_relaxed);
+        auto compute = [&](int64_t task, int worker) { gemm.compute(task, worker); };
+        parallel_tasks((int64_t)gemm.ic_blocks * gemm.splits, compute);
       }
     }
   }
+}
+
+}  // namespace
+
+void matmul2d(const MatmulArgs& args) {
+  if (args.batch == 0 || args.M == 0 || args.N == 0) return;
+  if (args.K == 0) return zero_output(args);
+  const int workers = num_workers();
+  const int groups = args.b_batched ? args.batch : 1;
+  const int64_t rows_per_group = args.b_batched ? args.M : (int64_t)args.batch * args.M;
+  const bool few = rows_per_group <= FEW_ROWS && (args.b.sr == 1 || args.b.sc == 1);
+  if (groups >= 2 * workers) {
+    // Many independent products (batched b): one per task, each on one
+    // thread (a pool call from inside a task runs inline on its worker).
+    auto one = [&](int64_t g, int) { few ? few_rows(args, (int)g, rows_per_group) : gemm_group(args, (int)g, 1); };
+    parallel_tasks(groups, one);
+    return;
+  }
+  for (int g = 0; g < groups; ++g) few ? few_rows(args, g, rows_per_group) : gemm_group(args, g, workers);
 }
 
 }  // namespace MLXF_ISA

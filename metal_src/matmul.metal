@@ -1,12 +1,13 @@
 // Prebuilt matmul2d kernels for the metallib (macOS builds; see CMakeLists.txt).
 // The JIT path (mx.fast.metal_kernel, mlx_flash/backends/metal_matmul.py)
 // compiles the same matmul.h for any combination; these are the common ones,
-// named mlxf_matmul2d_<a>_<b>_<out>[_t] (_t: b given as [N, K]).
+// named mlxf_matmul2d_<a>_<b>_<out>[_t]_<tile> (_t: b given as [N, K]; tile:
+// 32 or 64 outputs square per threadgroup).
 #include "mlx/backend/metal/kernels/utils.h"
 
 #include "matmul.h"
 
-#define MLXF_MATMUL_KERNEL(NAME, TA, TB, TOUT, A_FMT, B_FMT, TRANSPOSE_B)                         \
+#define MLXF_MATMUL_KERNEL(NAME, TA, TB, TOUT, A_FMT, B_FMT, TRANSPOSE_B, TILE)                   \
   [[kernel]] void NAME(const device TA* a [[buffer(0)]], const device TB* b [[buffer(1)]],          \
                        const device float* a_scale [[buffer(2)]],                                     \
                        const device float* b_scale [[buffer(3)]],                                     \
@@ -14,16 +15,19 @@
                        uint3 tile [[threadgroup_position_in_grid]],                                   \
                        uint simd_group [[simdgroup_index_in_threadgroup]],                            \
                        uint thread_index [[thread_index_in_threadgroup]]) {                           \
-    threadgroup float As[MM_BM * MM_BK];                                                              \
-    threadgroup float Bs[MM_BK * MM_BN];                                                              \
-    threadgroup float Cs[MM_BM * MM_BN];                                                              \
-    matmul2d_tile<TOUT, A_FMT, B_FMT, TRANSPOSE_B>(a, b, a_scale, b_scale, params, out, As, Bs, Cs,   \
-                                                   tile, simd_group, thread_index);                   \
+    threadgroup float As[TILE * MM_BK];                                                               \
+    threadgroup float Bs[MM_BK * TILE];                                                               \
+    threadgroup float Cs[TILE * TILE];                                                                \
+    matmul2d_tile<TOUT, A_FMT, B_FMT, TRANSPOSE_B, TILE, TILE>(a, b, a_scale, b_scale, params, out,   \
+                                                               As, Bs, Cs, tile, simd_group,          \
+                                                               thread_index);                         \
   }
 
-#define MLXF_MATMUL_BOTH_LAYOUTS(A, B, OUT, TA, TB, TOUT, A_FMT, B_FMT)                        \
-  MLXF_MATMUL_KERNEL(mlxf_matmul2d_##A##_##B##_##OUT, TA, TB, TOUT, A_FMT, B_FMT, false)       \
-  MLXF_MATMUL_KERNEL(mlxf_matmul2d_##A##_##B##_##OUT##_t, TA, TB, TOUT, A_FMT, B_FMT, true)
+#define MLXF_MATMUL_BOTH_LAYOUTS(A, B, OUT, TA, TB, TOUT, A_FMT, B_FMT)                                 \
+  MLXF_MATMUL_KERNEL(mlxf_matmul2d_##A##_##B##_##OUT##_32, TA, TB, TOUT, A_FMT, B_FMT, false, 32)       \
+  MLXF_MATMUL_KERNEL(mlxf_matmul2d_##A##_##B##_##OUT##_t_32, TA, TB, TOUT, A_FMT, B_FMT, true, 32)      \
+  MLXF_MATMUL_KERNEL(mlxf_matmul2d_##A##_##B##_##OUT##_64, TA, TB, TOUT, A_FMT, B_FMT, false, 64)       \
+  MLXF_MATMUL_KERNEL(mlxf_matmul2d_##A##_##B##_##OUT##_t_64, TA, TB, TOUT, A_FMT, B_FMT, true, 64)
 
 // Float x float.
 MLXF_MATMUL_BOTH_LAYOUTS(f32, f32, f32, float, float, float, MATMUL_FLOAT, MATMUL_FLOAT)

@@ -15,6 +15,24 @@ import mlx_flash
 from mlx_flash._matmul_spec import validate_matmul
 
 
+ALL = ("cpu", "cuda", "metal", "metal_emu")
+
+
+def skip_reason(name: str):
+    """None if matmul2d can run on backend `name` here, else why not. Like
+    backends.skip_reason, but metal_emu needs only the harness (not the
+    attention emulation)."""
+    if name == "metal_emu":
+        try:
+            from metal_emu import harness  # tests/metal_emu
+        except ImportError as e:
+            return f"metal emulation harness not importable: {e}"
+        return harness.unavailable_reason()
+    import backends
+
+    return backends.skip_reason(name)
+
+
 def device(name: str):
     return mx.Device(mx.cpu) if name == "cpu" else mx.Device(mx.gpu)
 

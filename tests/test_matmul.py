@@ -13,9 +13,19 @@ import pytest
 
 import mlx_flash
 from mlx_flash import fp8
+import matmul_backends
 from matmul_backends import matmul
 
 TYPES = ("float32", "float16", "bfloat16", "e4m3", "e5m2")
+
+
+@pytest.fixture(params=matmul_backends.ALL)
+def backend(request):
+    """Each backend name (overrides conftest's: metal_emu here needs only the harness)."""
+    reason = matmul_backends.skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    return request.param
 CPU = mx.Device(mx.cpu)
 
 
@@ -101,18 +111,31 @@ def test_batched(backend, transpose_b, b_batched, ka, kb):
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("transpose_b", [False, True])
 @pytest.mark.parametrize("b_batched", [False, True])
-def test_few_rows(backend, M, transpose_b, b_batched):
+@pytest.mark.parametrize("kind", ["e4m3", "e5m2", "float16", "bfloat16"])
+def test_few_rows(backend, M, transpose_b, b_batched, kind):
     """Decode-time shapes (the CPU's GEMV path) with scales and half output."""
     rng = np.random.default_rng(M)
     K, N = 531, 77
     a, _, a64 = make_operand(rng, (2, M, K), "bfloat16")
     b_shape = (N, K) if transpose_b else (K, N)
-    b, _, b64 = make_operand(rng, ((2,) + b_shape) if b_batched else b_shape, "e4m3")
+    b, b_fmt, b64 = make_operand(rng, ((2,) + b_shape) if b_batched else b_shape, kind)
     sa = mx.array(rng.uniform(0.5, 2, (2, M, 1)).astype(np.float32))
     sb = mx.array(rng.uniform(0.5, 2, (1, N)).astype(np.float32))
-    out = matmul(backend, a, b, b_fmt="e4m3", a_scale=sa, b_scale=sb, transpose_b=transpose_b)
-    assert out.dtype == mx.bfloat16
-    assert_close(out, reference(a64, b64, np.array(sa), np.array(sb), transpose_b), mx.bfloat16, K)
+    out = matmul(backend, a, b, b_fmt=b_fmt, a_scale=sa, b_scale=sb, transpose_b=transpose_b)
+    out_dtype = default_out_dtype("bfloat16", kind)
+    assert out.dtype == out_dtype
+    assert_close(out, reference(a64, b64, np.array(sa), np.array(sb), transpose_b), out_dtype, K)
+
+
+@pytest.mark.parametrize("M", [2, 20])
+def test_many_batched_products(backend, M):
+    """Many small independent products (the CPU runs one per thread)."""
+    rng = np.random.default_rng(11)
+    a, _, a64 = make_operand(rng, (7, M, 30), "float16")
+    b, _, b64 = make_operand(rng, (7, 30, 19), "e5m2")
+    sa = mx.array(rng.uniform(0.5, 2, (7, M, 1)).astype(np.float32))
+    out = matmul(backend, a, b, b_fmt="e5m2", a_scale=sa)
+    assert_close(out, reference(a64, b64, np.array(sa)), mx.float16, 30)
 
 
 @pytest.mark.parametrize("a_scale_shape", [None, (), (11, 1), (4, 11, 1), (1, 1)])
@@ -285,15 +308,18 @@ def test_bad_input(call, error, words):
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("side", ["a", "b", "weight"])
 def test_every_fp8_code_decodes_exactly_in_the_kernel(backend, fmt, side):
-    """A K=1 product by 1.0 returns each code's value, inf and NaN included."""
+    """A product by 1.0 returns each code's value, inf and NaN included."""
     codes = mx.arange(256).astype(mx.uint8)
     one = mx.ones((1, 1), dtype=mx.float32)
     if side == "a":
         out = matmul(backend, codes.reshape(256, 1), one, a_fmt=fmt)[:, 0]
-    else:
+    elif side == "b":
         out = matmul(backend, one, codes.reshape(1, 256), b_fmt=fmt)[0]
+    else:  # one token through an [N, K] weight whose row n is (code n, 0, ..., 0)
+        weight = mx.concatenate([codes.reshape(256, 1), mx.zeros((256, 15), dtype=mx.uint8)], axis=1)
+        out = matmul(backend, mx.ones((1, 16)), weight, b_fmt=fmt, transpose_b=True)[0]
     got = np.array(out)
     want = fp8.decode_table(fmt)
     if fmt == "e4m3":
@@ -333,6 +359,6 @@ def test_metal_wrapper_builds_through_the_factory():
     assert [c[0] for c in calls] == ["build", "launch", "launch"]  # cached per factory
     _, grid, tg, template = calls[1]
     assert grid == (3 * 128, 2, 2) and tg == (128, 1, 1)
-    assert template == (("T_OUT", mx.float16), ("A_FMT", 0), ("B_FMT", 2), ("TRANSPOSE_B", True))
+    assert template == (("T_OUT", mx.float16), ("A_FMT", 0), ("B_FMT", 2), ("TRANSPOSE_B", True), ("TILE", 32))
     params = np.array(metal_matmul.params_array(spec, sa, sb))
     assert list(params[:7]) == [33, 65, 8, 0, 0, 0, 1]

@@ -23,16 +23,19 @@ import mlx.core as mx
 
 from .._matmul_spec import MatmulSpec
 
-# Tile shape and threadgroup size; must match the MM_* constants of matmul.h.
-BM, BN, THREADS = 32, 32, 128
+# Threads per threadgroup (MM_THREADS of matmul.h) and the square output tile
+# per threadgroup: 64 x 64 where the product is large enough to fill the GPU
+# with such tiles (more reuse of each staged element), else 32 x 32.
+THREADS = 128
+SMALL_TILE, LARGE_TILE = 32, 64
 _FORMAT_CODES = {None: 0, "e4m3": 1, "e5m2": 2}
 _PARAM_COUNT = 8
 
 _BODY = """
-    threadgroup float As[MM_BM * MM_BK];
-    threadgroup float Bs[MM_BK * MM_BN];
-    threadgroup float Cs[MM_BM * MM_BN];
-    matmul2d_tile<T_OUT, A_FMT, B_FMT, TRANSPOSE_B>(
+    threadgroup float As[TILE * MM_BK];
+    threadgroup float Bs[MM_BK * TILE];
+    threadgroup float Cs[TILE * TILE];
+    matmul2d_tile<T_OUT, A_FMT, B_FMT, TRANSPOSE_B, TILE, TILE>(
         a, b, a_scale, b_scale, params, out, As, Bs, Cs,
         threadgroup_position_in_grid, simdgroup_index_in_threadgroup, thread_index_in_threadgroup);
 """
@@ -80,10 +83,16 @@ def _scale_or_one(scale):
     return mx.ones((1,), dtype=mx.float32) if scale is None else scale.astype(mx.float32)
 
 
+def tile_size(spec: MatmulSpec) -> int:
+    """Output tile edge: 64 when M and N both span at least two large tiles."""
+    return LARGE_TILE if min(spec.M, spec.N) >= 2 * LARGE_TILE else SMALL_TILE
+
+
 def launch_config(spec: MatmulSpec):
     """(grid, threadgroup) in threads, as mx.fast.metal_kernel takes them."""
-    col_tiles = (spec.N + BN - 1) // BN
-    row_tiles = (spec.M + BM - 1) // BM
+    tile = tile_size(spec)
+    col_tiles = (spec.N + tile - 1) // tile
+    row_tiles = (spec.M + tile - 1) // tile
     return (col_tiles * THREADS, row_tiles, spec.batch), (THREADS, 1, 1)
 
 
@@ -109,7 +118,8 @@ def matmul2d(a, b, a_scale, b_scale, spec: MatmulSpec, stream):
     (out,) = kernel(
         inputs=[a, b, _scale_or_one(a_scale), _scale_or_one(b_scale), params_array(spec, a_scale, b_scale)],
         template=[("T_OUT", spec.out_dtype), ("A_FMT", _FORMAT_CODES[spec.a_fmt]),
-                  ("B_FMT", _FORMAT_CODES[spec.b_fmt]), ("TRANSPOSE_B", spec.transpose_b)],
+                  ("B_FMT", _FORMAT_CODES[spec.b_fmt]), ("TRANSPOSE_B", spec.transpose_b),
+                  ("TILE", tile_size(spec))],
         grid=grid,
         threadgroup=threadgroup,
         output_shapes=[(spec.batch, spec.M, spec.N)],

@@ -5,12 +5,18 @@
 
 For each n it times n x n x n products: numpy fp32 (the machine's ceiling),
 mlx_flash fp32, fp16 and bf16 activations times an e4m3 weight (per output
-channel scales, `[N, K]` layout as an nn.Linear weight), and bf16 x bf16;
+channel scales, `[N, K]` layout as an nn.Linear weight), and bf16 x bf16,
+plus one decode step (M = 1 through a 4096 x 4096 weight) in fp16 and fp8;
 each timing is the best of `--repeats`, the variants measured in turn
 within each repeat so that they share the machine's noise. Reports GFLOP/s
 (2 n^3 / s), the ratio to numpy, and the bytes an n x n weight takes in fp8
 (plus its scales) against fp16. Writes JSON naming the machine under
 benchmarks/results/.
+
+`--cpu-time` times by process CPU time; with `MLX_FLASH_NUM_THREADS=1
+OPENBLAS_NUM_THREADS=1` that gives per-core efficiency, which other jobs on
+a shared machine disturb far less than wall time (OpenBLAS's idle threads
+spin, so do not compare CPU times with more than one thread).
 
 OpenBLAS may be pinned to an older kernel here by OPENBLAS_CORETYPE (see the
 environment notes); for a fair ceiling run this command with it unset, e.g.
@@ -75,6 +81,8 @@ def machine() -> dict:
         "numpy": np.__version__, "numpy_blas": blas_info(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"), "mlx": mx.__version__,
         "mlx_flash_isa": _ext.cpu_kernel_isa(), "mlx_flash_threads": _ext.num_threads(),
+        # Other processes share the cores: timings taken under load are noisy.
+        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -96,16 +104,35 @@ def operands(n: int, rng):
     return ops, codes, scale
 
 
-def bench_size(n: int, repeats: int, rng) -> dict:
-    ops, codes, scale = operands(n, rng)
-    for f in ops.values():  # warm-up (and build any lazy inputs)
-        f()
+_clock = time.perf_counter  # --cpu-time switches to time.process_time
+
+# OpenBLAS's worker threads spin for a while after each call (up to about
+# 2^28 cycles, OPENBLAS_THREAD_TIMEOUT): a product timed right after numpy's
+# shares the cores with them. So numpy runs last in each round, followed by
+# this pause.
+_AFTER_NUMPY_S = 0.3
+
+
+def _best_times(ops: dict, repeats: int) -> dict:
+    """Best time of each op over `repeats` rounds (numpy's op last in a round)."""
+    order = [n for n in ops if not n.startswith("numpy")] + [n for n in ops if n.startswith("numpy")]
+    for name in order:  # warm-up (and build any lazy inputs)
+        ops[name]()
+    time.sleep(_AFTER_NUMPY_S)
     best = {name: float("inf") for name in ops}
     for _ in range(repeats):
-        for name, f in ops.items():
-            t0 = time.perf_counter()
-            f()
-            best[name] = min(best[name], time.perf_counter() - t0)
+        for name in order:
+            t0 = _clock()
+            ops[name]()
+            best[name] = min(best[name], _clock() - t0)
+            if name.startswith("numpy"):
+                time.sleep(_AFTER_NUMPY_S)
+    return best
+
+
+def bench_size(n: int, repeats: int, rng) -> dict:
+    ops, codes, scale = operands(n, rng)
+    best = _best_times(ops, repeats)
     flops = 2.0 * n**3
     ceiling = best["numpy float32"]
     rows = {name: {"best_s": t, "gflops": flops / t / 1e9, "ratio_to_numpy_fp32": ceiling / t}
@@ -116,17 +143,44 @@ def bench_size(n: int, repeats: int, rng) -> dict:
     return {"n": n, "results": rows, "weight_memory": weight}
 
 
+def bench_decode(k: int, n: int, repeats: int, rng) -> dict:
+    """One token through an [n, k] weight (M = 1): the LLM decode case, bound
+    by reading the weight, so fp8's half-size weight shows up in time."""
+    x32 = rng.standard_normal((1, k)).astype(np.float32)
+    w32 = rng.standard_normal((n, k)).astype(np.float32)
+    x16, w = mx.array(x32).astype(mx.float16), mx.array(w32)
+    codes, scale = fp8.quantize(w, fmt="e4m3", axis=0)
+    w16 = w.astype(mx.float16)
+    s = scale.reshape(1, -1)
+    mx.eval(x16, codes, s, w16)
+    ops = {
+        "numpy float32": lambda: x32 @ w32.T,
+        "float16 x float16": lambda: mx.eval(matmul2d(x16, w16, transpose_b=True)),
+        "float16 x e4m3": lambda: mx.eval(matmul2d(x16, codes, b_fmt="e4m3", b_scale=s, transpose_b=True)),
+    }
+    best = _best_times(ops, repeats)
+    return {"k": k, "n": n, "results": {name: {"best_ms": t * 1e3} for name, t in best.items()}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time by process CPU time instead of wall time: with MLX_FLASH_NUM_THREADS=1 "
+                        "OPENBLAS_NUM_THREADS=1 this measures per-core efficiency, which other jobs on "
+                        "the machine disturb less than wall time")
     p.add_argument("--check-targets", action="store_true",
                    help=f"exit 1 unless the largest size meets {TARGETS} (ratio to numpy fp32)")
     args = p.parse_args(argv)
+    global _clock
+    _clock = time.process_time if args.cpu_time else time.perf_counter
     mx.set_default_device(mx.cpu)
     rng = np.random.default_rng(0)
     info = machine()
+    info["timer"] = "process CPU time" if args.cpu_time else "wall time"
+    info["OPENBLAS_NUM_THREADS"] = os.environ.get("OPENBLAS_NUM_THREADS")
     print(f"# {info['cpu']}, {info['cores']} cores, mlx_flash ISA {info['mlx_flash_isa']}, "
           f"numpy BLAS {info['numpy_blas']}, OPENBLAS_CORETYPE={info['OPENBLAS_CORETYPE']}")
     sizes = []
@@ -137,12 +191,18 @@ def main(argv=None) -> int:
             print(f"n={n:5d}  {name:16s} {row['gflops']:7.1f} GFLOP/s  x{row['ratio_to_numpy_fp32']:.2f} of numpy")
         w = r["weight_memory"]
         print(f"n={n:5d}  weight bytes fp8 {w['fp8_bytes']} vs fp16 {w['fp16_bytes']} ({w['fp8_over_fp16']:.3f})")
+    decode = bench_decode(4096, 4096, args.repeats, rng)
+    info["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for name, row in decode["results"].items():
+        print(f"decode 1x4096 @ 4096x4096^T  {name:18s} {row['best_ms']:7.2f} ms")
     report = {"benchmark": "matmul2d CPU vs numpy fp32 GEMM", "machine": info, "targets": TARGETS,
-              "sizes": sizes, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "sizes": sizes, "decode": decode, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = args.out
     if out is None:
         slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
-        out = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / f"matmul_cpu_{slug}_{info['cores']}c.json"
+        tag = "_cputime_1thread" if args.cpu_time and info["mlx_flash_threads"] == 1 else ""
+        out = (Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+               / f"matmul_cpu_{slug}_{info['cores']}c{tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
