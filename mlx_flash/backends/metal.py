@@ -411,3 +411,6 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
         stream=stream,
     )
     return dq, dk, dv
+
+# matmul2d's Metal wrapper lives in its own module; the backend interface is per module.
+from .metal_matmul import matmul2d  # noqa: E402,F401
