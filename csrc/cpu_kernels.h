@@ -99,7 +99,8 @@ MLXF_DECLARE_KERNELS(generic)
 MLXF_DECLARE_KERNELS(avx2)
 
 // Kernel scratch comes from MLX's allocator, so mx.get_peak_memory() counts
-// it like any array. Returns the data pointer; *handle is what to free.
+// it like any array. Returns a 64-byte aligned data pointer; *handle is what
+// to free.
 void* scratch_alloc(size_t bytes, void** handle);
 void scratch_free(void* handle);
 
