@@ -87,9 +87,22 @@ void pack_row_panels(const View4& v, const Sequence& s, int h, int64_t row0, int
   float row[256];
   for (int r = 0; r < n; ++r) {
     load_row(v.data, row_offset(v, s, h, row0 + r), v.sd, v.dtype, d, mul, row);
-    for (int c = 0; c < d; ++c) dst[(int64_t)(c / NR) * n_pad * NR + (int64_t)r * NR + c % NR] = row[c];
+    for (int c0 = 0; c0 < d; c0 += NR)
+      std::memcpy(dst + (int64_t)(c0 / NR) * n_pad * NR + (int64_t)r * NR, row + c0, sizeof(float) * std::min(NR, d - c0));
   }
 }
+
+// fn(r0, r1) over [0, n) in chunks of `chunk` rows (a multiple of NR, so
+// panel offsets stay aligned), spread over the worker threads.
+template <class F>
+void parallel_rows(int n, int chunk, F&& fn) {
+  auto task = [&](int64_t t, int) {
+    const int r0 = (int)t * chunk;
+    fn(r0, std::min(n, r0 + chunk));
+  };
+  parallel_tasks((n + chunk - 1) / chunk, task);
+}
+constexpr int PACK_ROWS = 256;
 
 // Rows [n x d] transposed into panels over rows: element (c, r) of the
 // transpose at dst[(r / NR) * (d * NR) + c * NR + r % NR].
@@ -214,7 +227,7 @@ void forward_tile(const ForwardHead& fh, int h, int i0) {
   const AttentionArgs& a = *fh.a;
   const Sequence& s = fh.s;
   const int mq = std::min(BQ, s.nq - i0), Dqk = a.Dqk, Dv = a.Dv, dv_pad = fh.dv_pad;
-  Scratch qtile(BQ * Dqk), S(BQ * BK), O(BQ * dv_pad), row_max(BQ), row_sum(BQ);
+  Scratch qtile(BQ * Dqk, false), S(BQ * BK, false), O(BQ * dv_pad), row_max(BQ, false), row_sum(BQ, false);
   // Scaling Q once here saves a multiply per logit.
   pack_rows(a.q, s, h, s.q_row0 + i0, mq, Dqk, a.scale, qtile.p, Dqk);
   const float sink = a.sinks ? a.sinks[h] : NEG_INF;
@@ -303,7 +316,7 @@ void decode_chunk(const DecodeCall& d, int64_t task) {
   const int chunk = (int)(task % d.chunks), hkv = (int)(task / d.chunks % a.Hkv), b = (int)(task / d.chunks / a.Hkv);
   const Sequence s = sequence(a, b);
   const int j0 = chunk * DECODE_CHUNK, n = std::min(DECODE_CHUNK, s.nk - j0);
-  Scratch qbuf(d.rows * d.dqk_pad), S(d.rows * DECODE_CHUNK), kv(std::max(d.dqk_pad, d.dv_pad));
+  Scratch qbuf(d.rows * d.dqk_pad), S(d.rows * DECODE_CHUNK, false), kv(std::max(d.dqk_pad, d.dv_pad));
   for (int r = 0; r < d.rows; ++r)
     load_row(a.q.data, row_offset(a.q, s, hkv * d.G + r / s.nq, s.q_row0 + r % s.nq), a.q.sd, a.q.dtype, a.Dqk,
              a.scale, qbuf.p + r * d.dqk_pad);
@@ -348,7 +361,7 @@ void decode_forward(const AttentionArgs& a, const ForwardOutputs& o) {
   d.dqk_pad = round_up(a.Dqk, VL);
   d.dv_pad = round_up(a.Dv, VL);
   const int64_t tasks = (int64_t)a.B * a.Hkv * d.chunks;
-  Scratch part_max(tasks * d.rows), part_sum(tasks * d.rows), part_out(tasks * d.rows * d.dv_pad);
+  Scratch part_max(tasks * d.rows, false), part_sum(tasks * d.rows, false), part_out(tasks * d.rows * d.dv_pad, false);
   d.part_max = part_max.p;
   d.part_sum = part_sum.p;
   d.part_out = part_out.p;
@@ -390,8 +403,10 @@ void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) {
     for (int hkv = 0; hkv < a.Hkv; ++hkv) {
       const int nk_pad = round_up(std::max(s.nk, 1), BK), dv_pad = round_up(a.Dv, NR);
       Scratch kt((int64_t)nk_pad * a.Dqk), vp((int64_t)nk_pad * dv_pad);
-      pack_transposed_panels(a.k, s, hkv, s.k_row0, s.nk, a.Dqk, kt.p);
-      pack_row_panels(a.v, s, hkv, s.k_row0, s.nk, nk_pad, a.Dv, 1.f, vp.p);
+      parallel_rows(s.nk, PACK_ROWS, [&](int r0, int r1) {
+        pack_transposed_panels(a.k, s, hkv, s.k_row0 + r0, r1 - r0, a.Dqk, kt.p + (int64_t)(r0 / NR) * a.Dqk * NR);
+        pack_row_panels(a.v, s, hkv, s.k_row0 + r0, r1 - r0, nk_pad, a.Dv, 1.f, vp.p + (int64_t)r0 * NR);
+      });
       ForwardHead fh{&a, &o, s, b, hkv, nk_pad, dv_pad, kt.p, vp.p};
       const int q_tiles = (s.nq + BQ - 1) / BQ;
       // Last query tiles first: under causal masks they see the most keys,
@@ -429,7 +444,7 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
   const Sequence& s = bh.s;
   const int nk_tile = std::min(BK, s.nk - j0), n_cols = round_up(nk_tile, NR);
   const int Dqk = a.Dqk, Dv = a.Dv, dqk_pad = bh.dqk_pad, dv_pad = bh.dv_pad, nq_pad = bh.nq_pad;
-  Scratch S(BQ * BK), T(BQ * BK), dP(BQ * BK), dK(BK * dqk_pad), dV(BK * dv_pad);
+  Scratch S(BQ * BK, false), T(BQ * BK, false), dP(BQ * BK, false), dK(BK * dqk_pad), dV(BK * dv_pad);
   float* dq_acc = bh.dq_acc + (int64_t)worker * bh.G * s.nq * dqk_pad;
   for (int g = 0; g < bh.G; ++g) {
     const int h = bh.hkv * bh.G + g;
@@ -518,19 +533,24 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
       }
       const int nk_pad = round_up(s.nk, BK), nq_pad = round_up(s.nq, NR);
       Scratch kt((int64_t)nk_pad * a.Dqk), vt((int64_t)nk_pad * a.Dv), kp((int64_t)nk_pad * dqk_pad);
-      pack_transposed_panels(a.k, s, hkv, s.k_row0, s.nk, a.Dqk, kt.p);
-      pack_transposed_panels(a.v, s, hkv, s.k_row0, s.nk, a.Dv, vt.p);
-      pack_row_panels(a.k, s, hkv, s.k_row0, s.nk, nk_pad, a.Dqk, 1.f, kp.p);
-      Scratch qs((int64_t)G * s.nq * a.Dqk), qp((int64_t)G * nq_pad * dqk_pad), dos((int64_t)G * s.nq * a.Dv),
-          dop((int64_t)G * nq_pad * dv_pad), lse((int64_t)G * s.nq), delta((int64_t)G * s.nq);
-      for (int g = 0; g < G; ++g) {
-        const int h = hkv * G + g;
-        pack_rows(a.q, s, h, s.q_row0, s.nq, a.Dqk, a.scale, qs.p + (int64_t)g * s.nq * a.Dqk, a.Dqk);
-        pack_row_panels(a.q, s, h, s.q_row0, s.nq, nq_pad, a.Dqk, a.scale, qp.p + (int64_t)g * nq_pad * dqk_pad);
-        pack_rows(gr.dout, s, h, s.q_row0, s.nq, a.Dv, 1.f, dos.p + (int64_t)g * s.nq * a.Dv, a.Dv);
-        pack_row_panels(gr.dout, s, h, s.q_row0, s.nq, nq_pad, a.Dv, 1.f, dop.p + (int64_t)g * nq_pad * dv_pad);
+      parallel_rows(s.nk, PACK_ROWS, [&](int r0, int r1) {
+        const int64_t k0 = s.k_row0 + r0;
+        pack_transposed_panels(a.k, s, hkv, k0, r1 - r0, a.Dqk, kt.p + (int64_t)(r0 / NR) * a.Dqk * NR);
+        pack_transposed_panels(a.v, s, hkv, k0, r1 - r0, a.Dv, vt.p + (int64_t)(r0 / NR) * a.Dv * NR);
+        pack_row_panels(a.k, s, hkv, k0, r1 - r0, nk_pad, a.Dqk, 1.f, kp.p + (int64_t)r0 * NR);
+      });
+      Scratch qs((int64_t)G * s.nq * a.Dqk, false), qp((int64_t)G * nq_pad * dqk_pad),
+          dos((int64_t)G * s.nq * a.Dv, false), dop((int64_t)G * nq_pad * dv_pad), lse((int64_t)G * s.nq, false),
+          delta((int64_t)G * s.nq, false);
+      for (int g = 0; g < G; ++g) parallel_rows(s.nq, PACK_ROWS, [&](int r0, int r1) {
+        const int h = hkv * G + g, n = r1 - r0;
+        const int64_t q0 = s.q_row0 + r0;
+        pack_rows(a.q, s, h, q0, n, a.Dqk, a.scale, qs.p + ((int64_t)g * s.nq + r0) * a.Dqk, a.Dqk);
+        pack_row_panels(a.q, s, h, q0, n, nq_pad, a.Dqk, a.scale, qp.p + (int64_t)g * nq_pad * dqk_pad + (int64_t)r0 * NR);
+        pack_rows(gr.dout, s, h, q0, n, a.Dv, 1.f, dos.p + ((int64_t)g * s.nq + r0) * a.Dv, a.Dv);
+        pack_row_panels(gr.dout, s, h, q0, n, nq_pad, a.Dv, 1.f, dop.p + (int64_t)g * nq_pad * dv_pad + (int64_t)r0 * NR);
         float orow[256];
-        for (int i = 0; i < s.nq; ++i) {
+        for (int i = r0; i < r1; ++i) {
           // delta_i = dO_i . O_i - dlse_i
           const int64_t row = out_row(a, s, a.Hq, h, s.q_row0 + i, a.Nq);
           load_row(gr.out.data, row_offset(gr.out, s, h, s.q_row0 + i), gr.out.sd, gr.out.dtype, a.Dv, 1.f, orow);
@@ -540,7 +560,7 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
           delta.p[g * s.nq + i] = acc - (gr.dlse ? gr.dlse[row] : 0.f);
           lse.p[g * s.nq + i] = gr.lse[row];
         }
-      }
+      });
       Scratch dq_acc((int64_t)workers * G * s.nq * dqk_pad);
       BackwardHead bh{&a, &gr, s, b, hkv, G, nq_pad, nk_pad, dqk_pad, dv_pad, kt.p, vt.p, kp.p,
                       qs.p, qp.p, dos.p, dop.p, lse.p, delta.p, dq_acc.p};

@@ -249,14 +249,15 @@ inline void gemm(int M, int N, int K, const float* A, int64_t a_rs, int64_t a_cs
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// Zero-filled fp32 scratch owned by one scope, from MLX's allocator.
+// fp32 scratch owned by one scope, from MLX's allocator (zero-filled by default).
 struct Scratch {
   float* p = nullptr;
   void* handle = nullptr;
-  explicit Scratch(size_t n) {
+  // zero=false for buffers every use writes before reading.
+  explicit Scratch(size_t n, bool zero = true) {
     const size_t bytes = (n > 0 ? n : 1) * sizeof(float);
     p = static_cast<float*>(mlxf::scratch_alloc(bytes, &handle));
-    std::memset(p, 0, bytes);
+    if (zero) std::memset(p, 0, bytes);
   }
   ~Scratch() { mlxf::scratch_free(handle); }
   Scratch(const Scratch&) = delete;
