@@ -21,7 +21,7 @@ SHAPES = [
     (1, 2, 2, 9, 33, 111, 80),
     (1, 1, 1, 33, 33, 256, 256),
     (1, 2, 1, 1, 1023, 64, 64),
-    (1, 2, 2, 1023, 1023, 80, 80),
+    (1, 2, 2, 1023, 1023, 96, 80),  # 32-row query tiles (D + Dv > 160)
     (1, 2, 2, 1023, 17, 8, 8),
 ]
 EMULATED_MAX_N = 130  # the Metal emulator runs threads as fibers on the CPU: keep it small
