@@ -51,8 +51,8 @@ NB_MODULE(_ext, m) {
         return mlxf::attention_forward(q, k, v, e,
                                        params(batch, scale, window_left, window_right, softcap, block_q, block_k), s);
       },
-      "q"_a, "k"_a, "v"_a, "mask"_a.none(), "alibi"_a.none(), "sinks"_a.none(), "block_mask"_a.none(),
-      "cu_seqlens_q"_a.none(), "cu_seqlens_k"_a.none(), nb::kw_only(), "batch"_a, "scale"_a,
+      "q"_a, "k"_a, "v"_a, "mask"_a.none() = nb::none(), "alibi"_a.none() = nb::none(), "sinks"_a.none() = nb::none(), "block_mask"_a.none() = nb::none(),
+      "cu_seqlens_q"_a.none() = nb::none(), "cu_seqlens_k"_a.none() = nb::none(), nb::kw_only(), "batch"_a, "scale"_a,
       "window_left"_a, "window_right"_a, "softcap"_a, "block_q"_a, "block_k"_a, "stream"_a = nb::none(),
       "Fused attention forward: returns [out, lse].");
 
@@ -68,8 +68,8 @@ NB_MODULE(_ext, m) {
         return mlxf::attention_backward(q, k, v, out, lse, dout, dlse, e,
                                         params(batch, scale, window_left, window_right, softcap, block_q, block_k), s);
       },
-      "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dlse"_a.none(), "mask"_a.none(), "alibi"_a.none(),
-      "sinks"_a.none(), "block_mask"_a.none(), "cu_seqlens_q"_a.none(), "cu_seqlens_k"_a.none(),
+      "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dlse"_a.none() = nb::none(), "mask"_a.none() = nb::none(), "alibi"_a.none() = nb::none(),
+      "sinks"_a.none() = nb::none(), "block_mask"_a.none() = nb::none(), "cu_seqlens_q"_a.none() = nb::none(), "cu_seqlens_k"_a.none() = nb::none(),
       nb::kw_only(), "batch"_a, "scale"_a, "window_left"_a, "window_right"_a, "softcap"_a, "block_q"_a,
       "block_k"_a, "stream"_a = nb::none(),
       "Fused attention backward (recomputes from q, k, v, out, lse): returns [dq, dk, dv].");

@@ -5,6 +5,7 @@
 // own namespace, and cpu_dispatch.cpp picks one at run time.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace mlxf {
@@ -59,18 +60,54 @@ struct BackwardArgs {
   void* dv = nullptr;      // [B?, Hkv, Nk, Dv]
 };
 
+// ---- matmul2d ----------------------------------------------------------------
+
+// Element type of a matmul operand: a float dtype, or fp8 codes (uint8).
+enum class MatType : int32_t { f32 = 0, f16 = 1, bf16 = 2, e4m3 = 3, e5m2 = 4 };
+
+// A strided [batch, rows, cols] operand; batch stride 0 broadcasts.
+struct MatView {
+  const void* data = nullptr;
+  MatType type = MatType::f32;
+  int64_t sb = 0, sr = 0, sc = 1;  // element strides of batch, row, column
+};
+
+// out[g, i, j] = a_scale[g, i] * b_scale[j] * sum_k a[g, i, k] * b[g, k, j].
+// `b` is described as its logical [K, N] view (transpose_b only changes its
+// strides). Scales are float32 with element strides (0 broadcasts); null
+// means 1. out is a contiguous [batch, M, N] array of out_dtype.
+struct MatmulArgs {
+  int batch = 0, M = 0, N = 0, K = 0;
+  bool b_batched = false;
+  MatView a, b;
+  const float* a_scale = nullptr;
+  int64_t a_scale_sb = 0, a_scale_sr = 0;
+  const float* b_scale = nullptr;
+  int64_t b_scale_sc = 0;
+  void* out = nullptr;
+  DType out_dtype = DType::f32;
+};
+
 #define MLXF_DECLARE_KERNELS(ISA)                                                       \
   namespace ISA {                                                                       \
   void attention_forward(const AttentionArgs& a, const ForwardOutputs& o);              \
   void attention_backward(const AttentionArgs& a, const BackwardArgs& g);               \
+  void matmul2d(const MatmulArgs& a);                                                   \
   }
 
 MLXF_DECLARE_KERNELS(generic)
 MLXF_DECLARE_KERNELS(avx2)
 
+// Kernel scratch comes from MLX's allocator, so mx.get_peak_memory() counts
+// it like any array. Returns a 64-byte aligned data pointer; *handle is what
+// to free.
+void* scratch_alloc(size_t bytes, void** handle);
+void scratch_free(void* handle);
+
 // Run-time choice of the fastest variant this CPU supports.
 void attention_forward(const AttentionArgs& a, const ForwardOutputs& o);
 void attention_backward(const AttentionArgs& a, const BackwardArgs& g);
+void matmul2d(const MatmulArgs& a);
 const char* cpu_kernel_isa();
 
 }  // namespace mlxf

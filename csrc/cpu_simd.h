@@ -26,7 +26,24 @@ inline vf loadu(const float* p) {
   return v;
 }
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf splat(float x) { return vf{} + x; }
+// (An initializer list, not vf{} + x: adding 0 is not a no-op for -0.0, so the
+// compiler would emit an add before every broadcast.)
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x}; }
+
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int l = 0; l < VL; ++l) s += v[l];
+  return s;
+}
+// Largest of n floats, n a multiple of VL.
+inline float row_max_of(const float* x, int n) {
+  vf m = splat(-__builtin_inff());
+  for (int c = 0; c < n; c += VL) m = vmax(m, loadu(x + c));
+  float r = m[0];
+  for (int l = 1; l < VL; ++l) r = r > m[l] ? r : m[l];
+  return r;
+}
 
 // ---- dtype conversion -------------------------------------------------------
 
@@ -108,13 +125,40 @@ inline void store_scalar(void* p, int64_t i, mlxf::DType t, float x) {
 }
 
 // n elements of a strided row, converted to fp32 and multiplied by mul.
+// Contiguous rows (the common case) take loops the compiler vectorises.
 inline void load_row(const void* p, int64_t off, int64_t stride, mlxf::DType t, int n, float mul, float* dst) {
-  if (t == mlxf::DType::f32 && stride == 1) {
-    const float* s = static_cast<const float*>(p) + off;
-    for (int i = 0; i < n; ++i) dst[i] = s[i] * mul;
+  if (stride != 1) {
+    for (int i = 0; i < n; ++i) dst[i] = load_scalar(p, off + i * stride, t) * mul;
     return;
   }
-  for (int i = 0; i < n; ++i) dst[i] = load_scalar(p, off + i * stride, t) * mul;
+  switch (t) {
+    case mlxf::DType::f32: {
+      const float* s = static_cast<const float*>(p) + off;
+      for (int i = 0; i < n; ++i) dst[i] = s[i] * mul;
+      break;
+    }
+    case mlxf::DType::bf16: {
+      const uint16_t* s = static_cast<const uint16_t*>(p) + off;
+      for (int i = 0; i < n; ++i) {
+        const uint32_t bits = (uint32_t)s[i] << 16;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        dst[i] = f * mul;
+      }
+      break;
+    }
+    case mlxf::DType::f16: {
+      const uint16_t* s = static_cast<const uint16_t*>(p) + off;
+      int i = 0;
+#if defined(__F16C__)
+      const __m256 m = _mm256_set1_ps(mul);
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(m, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + i)))));
+#endif
+      for (; i < n; ++i) dst[i] = half_to_float(s[i]) * mul;
+      break;
+    }
+  }
 }
 
 // ---- exp ----------------------------------------------------------------------
@@ -205,16 +249,17 @@ inline void gemm(int M, int N, int K, const float* A, int64_t a_rs, int64_t a_cs
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// Heap scratch owned by one scope; 64-byte aligned, zero-filled.
+// fp32 scratch owned by one scope, from MLX's allocator (zero-filled by default).
 struct Scratch {
   float* p = nullptr;
-  explicit Scratch(size_t n) {
-    size_t bytes = ((n * sizeof(float)) + 63) / 64 * 64;
-    p = static_cast<float*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
-    if (!p) std::abort();
-    std::memset(p, 0, bytes);
+  void* handle = nullptr;
+  // zero=false for buffers every use writes before reading.
+  explicit Scratch(size_t n, bool zero = true) {
+    const size_t bytes = (n > 0 ? n : 1) * sizeof(float);
+    p = static_cast<float*>(mlxf::scratch_alloc(bytes, &handle));
+    if (zero) std::memset(p, 0, bytes);
   }
-  ~Scratch() { std::free(p); }
+  ~Scratch() { mlxf::scratch_free(handle); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
 };

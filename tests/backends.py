@@ -27,7 +27,7 @@ def _has_cuda() -> bool:
 def _metal_emu_reason():
     """None if the Metal emulation harness can run here, else why not."""
     try:
-        from metal_emu import harness  # noqa: F401  (tests/metal_emu)
+        from metal_emu import attention, harness  # noqa: F401  (tests/metal_emu)
     except ImportError as e:
         return f"metal emulation harness not importable: {e}"
     return harness.unavailable_reason()
@@ -93,4 +93,6 @@ def gradients(name: str, q, k, v, dout, *, varlen=None, dlse=None, wrt=("q", "k"
         return total
 
     grads = mx.grad(loss, argnums=tuple(range(len(wrt))))(*[args[n] for n in wrt])
+    if not isinstance(grads, (tuple, list)):  # one argnum: MLX returns the array itself
+        grads = (grads,)
     return dict(zip(wrt, grads))

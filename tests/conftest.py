@@ -15,3 +15,9 @@ def backend(request):
     if reason:
         pytest.skip(reason)
     return request.param
+
+
+def pytest_report_header(config):
+    from helpers import BASE_SEED
+
+    return f"mlx_flash test seed: MLX_FLASH_TEST_SEED={BASE_SEED}"

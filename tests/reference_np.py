@@ -78,7 +78,9 @@ def attention_np(q, k, v, *, scale=None, mask=None, causal=False, window=None, s
         lse = (np.log(den) + m)[..., 0]
     p = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
     out = np.einsum("bhij,bhjd->bhid", p, ve)
-    res = {"out": out, "lse": lse}
+    # "mag_*" are the same sums over absolute values: the scale that rounding
+    # errors are relative to, also where the exact result cancels to ~0.
+    res = {"out": out, "lse": lse, "mag_out": np.einsum("bhij,bhjd->bhid", p, np.abs(ve))}
     if dout is None:
         return res
     do = _f64(dout)
@@ -91,6 +93,12 @@ def attention_np(q, k, v, *, scale=None, mask=None, causal=False, window=None, s
     ds0 = ds * (1 - t**2) if softcap else ds
     dq = scale * np.einsum("bhij,bhjd->bhid", ds0, ke)
     dke = scale * np.einsum("bhij,bhid->bhjd", ds0, q)
+    ds_mag = p * (np.abs(dp) + np.abs(delta[..., None]))
+    if softcap:
+        ds_mag = ds_mag * (1 - t**2)
+    res["mag_dq"] = scale * np.einsum("bhij,bhjd->bhid", ds_mag, np.abs(ke))
+    res["mag_dk"] = (scale * np.einsum("bhij,bhid->bhjd", ds_mag, np.abs(q))).reshape(B, Hkv, G, Nk, D).sum(2)
+    res["mag_dv"] = np.einsum("bhij,bhid->bhjd", p, np.abs(do)).reshape(B, Hkv, G, Nk, -1).sum(2)
     res["dq"] = dq
     res["dk"] = dke.reshape(B, Hkv, G, Nk, D).sum(2)
     res["dv"] = dve.reshape(B, Hkv, G, Nk, -1).sum(2)
@@ -108,7 +116,7 @@ def attention_varlen_np(q, k, v, cu_q, cu_k, *, alibi_slopes=None, dout=None, dl
     cu_q, cu_k = [int(x) for x in np.asarray(cu_q)], [int(x) for x in np.asarray(cu_k)]
     do = None if dout is None else _f64(dout)
     dl = None if dlse is None else _f64(dlse)
-    keys = ("out", "lse", "dq", "dk", "dv")
+    keys = ("out", "lse", "dq", "dk", "dv", "mag_out", "mag_dq", "mag_dk", "mag_dv")
     parts = {key: [] for key in keys}
     dsinks = 0.0
     for b in range(len(cu_q) - 1):

@@ -37,3 +37,11 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
         q, k, v, out, lse, dout, dlse, **_extras(inputs), **_static(spec), stream=stream
     )
     return dq, dk, dv
+
+
+def matmul2d(a, b, a_scale, b_scale, spec, stream):
+    """out [batch, M, N] = (dequant(a) * a_scale) @ (dequant(b) * b_scale); see dispatch.py."""
+    return _ext().matmul2d(
+        a, b, a_scale, b_scale, a_fmt=spec.a_fmt or "", b_fmt=spec.b_fmt or "",
+        transpose_b=spec.transpose_b, out_dtype=spec.out_dtype, stream=stream,
+    )

@@ -1,0 +1,257 @@
+// FlashAttention-2 backward for Apple GPUs. Needs attention_common.h first.
+//
+// Three kernels, no N x N array and no atomics (Apple GPUs have no native
+// fp32 atomics, so each gradient element has exactly one writer):
+//   attention_bwd_delta: delta_i = dO_i . O_i - dlse_i (on fragments, like dP)
+//   attention_bwd_dkdv:  one threadgroup per (key block, batch * kv head);
+//                        loops over the query heads of its group (GQA) and
+//                        the query blocks, recomputing P^T = exp(S^T - lse):
+//                        dV += P^T dO, dS^T = P^T * (dP^T - delta), dK += dS^T Q
+//   attention_bwd_dq:    one threadgroup per (query block, batch * head);
+//                        loops over key tiles: dQ += dS K
+// The logit rules (softcap chain rule included) are the forward's.
+#ifndef MLXF_ATTENTION_BWD_H
+#define MLXF_ATTENTION_BWD_H
+
+namespace mlxf {
+
+// Eight rows per simdgroup, as the diagonal of the 8x8 fragment dO O^T: the
+// same multiplies, in the same order, that give dP = dO V^T in the other two
+// kernels, so dP - delta is exactly 0 where it should be (e.g. a single key,
+// where O = V) instead of rounding noise that dQ and dK would amplify.
+template <typename T, int DV, int NSG>
+inline void attention_bwd_delta(
+    int feat, bool has_dlse, const device T* out, const device T* dout, const device float* dlse,
+    const device int* iparams, const device float* fparams, device float* delta,
+    uint3 tg_pos, uint sg, uint lane) {
+  constexpr int VF = pad8(DV) / 8;
+  const Params p = read_params(iparams, fparams);
+  const long rows = long((feat & FEAT_VARLEN) ? 1 : p.batch) * p.heads_q * p.seqlen_q;
+  const long r0 = (long(tg_pos.x) * NSG + sg) * 8;
+  if (r0 >= rows) {
+    return;  // no barriers below: a simdgroup may leave on its own
+  }
+  const FragCoord fc = frag_coord(ushort(lane));
+  const int valid = (rows - r0 < 8) ? int(rows - r0) : 8;
+  float2 acc = float2(0.0f);
+  for (int d = 0; d < VF; ++d) {
+    mma(acc, frag_load(dout + r0 * DV + d * 8, DV, 1, valid, DV - d * 8, fc),
+        frag_load(out + r0 * DV + d * 8, 1, DV, DV - d * 8, valid, fc));
+  }
+  const long r = r0 + fc.row;
+  if (r < rows && (fc.col == fc.row || fc.col + 1 == fc.row)) {
+    const float dot = (fc.col == fc.row) ? acc.x : acc.y;
+    delta[r] = dot - (has_dlse ? dlse[r] : 0.0f);
+  }
+}
+
+// Threadgroup memory of attention_bwd_dkdv (T elements; plus 2 * BQB floats).
+constexpr int dkdv_tile_elems(int dqk, int dv, int bqb) { return bqb * (tile_ld(dqk) + tile_ld(dv)); }
+
+template <typename T, int DQK, int DV, int NSG, int BQB, typename MT>
+inline void attention_bwd_dkdv(
+    int feat,
+    const device T* q, const device T* k, const device T* v, const device T* dout,
+    const device float* lse, const device float* delta,
+    const device MT* mask, const device float* alibi, const device bool* block_mask,
+    const device int* cu_q, const device int* cu_k,
+    const device int* iparams, const device float* fparams,
+    device T* dk, device T* dv,
+    threadgroup T* smem, threadgroup float* row_stats,
+    uint3 tg_pos, uint sg, uint lane) {
+  constexpr int QF = pad8(DQK) / 8;
+  constexpr int VF = pad8(DV) / 8;
+  constexpr int CF = BQB / 8;
+  constexpr int BKB = 8 * NSG;
+  constexpr int LDQ = tile_ld(DQK);
+  constexpr int LDO = tile_ld(DV);
+  threadgroup T* q_tile = smem;
+  threadgroup T* do_tile = smem + BQB * LDQ;
+  threadgroup float* row_lse = row_stats;
+  threadgroup float* row_delta = row_stats + BQB;
+
+  const Params p = read_params(iparams, fparams);
+  const int b = int(tg_pos.y) / p.heads_kv;
+  const int hk = int(tg_pos.y) % p.heads_kv;
+  const int group = p.heads_q / p.heads_kv;
+  const SeqView s = seq_view(b, feat, p, cu_q, cu_k);
+  const int k0 = int(tg_pos.x) * BKB;
+  if (k0 >= s.k_len) {
+    return;
+  }
+  const FragCoord fc = frag_coord(ushort(lane));
+  const uint tid = sg * 32 + lane;
+  const int sg_k0 = k0 + int(sg) * 8;
+  const int key = sg_k0 + fc.row;  // this lane's key row
+
+  const long k_at = row_offset(s, p.heads_kv, hk, s.k_rows, s.k_start, sg_k0, 1);
+  float2 kf[QF], dkf[QF];
+  for (int kk = 0; kk < QF; ++kk) {
+    kf[kk] = frag_load(k + k_at * DQK + kk * 8, DQK, 1, s.k_len - sg_k0, DQK - kk * 8, fc);
+    dkf[kk] = float2(0.0f);
+  }
+  float2 vf[VF], dvf[VF];
+  for (int d = 0; d < VF; ++d) {
+    vf[d] = frag_load(v + k_at * DV + d * 8, DV, 1, s.k_len - sg_k0, DV - d * 8, fc);
+    dvf[d] = float2(0.0f);
+  }
+
+  for (int g = 0; g < group; ++g) {
+    const int h = hk * group + g;
+    const Logits<MT> lg = make_logits(feat, p, s, b, h, alibi, mask, block_mask);
+    const long q_at = row_offset(s, p.heads_q, h, s.q_rows, s.q_start, 0, 1);
+    for (int q0 = 0; q0 < s.q_len; q0 += BQB) {
+      if (!lg.tile_live(q0, q0 + BQB, k0, k0 + BKB)) {
+        continue;
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      stage_tile(q_tile, LDQ, BQB, pad8(DQK), q + (q_at + q0) * DQK, DQK, s.q_len - q0, tid, NSG * 32);
+      stage_tile(do_tile, LDO, BQB, pad8(DV), dout + (q_at + q0) * DV, DV, s.q_len - q0, tid, NSG * 32);
+      for (int e = int(tid); e < BQB; e += NSG * 32) {
+        const bool valid = q0 + e < s.q_len;
+        row_lse[e] = valid ? lse[q_at + q0 + e] : -INFINITY;
+        row_delta[e] = valid ? delta[q_at + q0 + e] : 0.0f;
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+
+      // P^T (keys x queries), recomputed from the saved lse.
+      float2 pt[CF], cap[CF];
+      for (int c = 0; c < CF; ++c) {
+        pt[c] = float2(0.0f);
+        for (int kk = 0; kk < QF; ++kk) {
+          mma(pt[c], kf[kk], frag_load(q_tile + c * 8 * LDQ + kk * 8, 1, LDQ, 8, 8, fc));
+        }
+        for (int e = 0; e < 2; ++e) {
+          const int col = c * 8 + fc.col + e;
+          float dcap;
+          const float x = lg.apply(pt[c][e], q0 + col, key, dcap);
+          const float row_l = row_lse[col];
+          pt[c][e] = (x == -INFINITY || row_l == -INFINITY) ? 0.0f : exp(x - row_l);
+          cap[c][e] = dcap;
+        }
+      }
+      // dV += P^T dO
+      for (int c = 0; c < CF; ++c) {
+        for (int d = 0; d < VF; ++d) {
+          mma(dvf[d], pt[c], frag_load(do_tile + c * 8 * LDO + d * 8, LDO, 1, 8, 8, fc));
+        }
+      }
+      // dS^T = P^T * (V dO^T - delta) * softcap', then dK += dS^T Q
+      for (int c = 0; c < CF; ++c) {
+        float2 ds = float2(0.0f);
+        for (int d = 0; d < VF; ++d) {
+          mma(ds, vf[d], frag_load(do_tile + c * 8 * LDO + d * 8, 1, LDO, 8, 8, fc));
+        }
+        for (int e = 0; e < 2; ++e) {
+          ds[e] = pt[c][e] * (ds[e] - row_delta[c * 8 + fc.col + e]) * cap[c][e];
+        }
+        for (int kk = 0; kk < QF; ++kk) {
+          mma(dkf[kk], ds, frag_load(q_tile + c * 8 * LDQ + kk * 8, LDQ, 1, 8, 8, fc));
+        }
+      }
+    }
+  }
+
+  for (int kk = 0; kk < QF; ++kk) {
+    frag_store<T>(dk + k_at * DQK + kk * 8, DQK, s.k_len - sg_k0, DQK - kk * 8, fc, dkf[kk] * p.scale);
+  }
+  for (int d = 0; d < VF; ++d) {
+    frag_store<T>(dv + k_at * DV + d * 8, DV, s.k_len - sg_k0, DV - d * 8, fc, dvf[d]);
+  }
+}
+
+// Threadgroup memory of attention_bwd_dq (T elements): a K and a V tile.
+constexpr int dq_tile_elems(int dqk, int dv, int bk) { return bk * (tile_ld(dqk) + tile_ld(dv)); }
+
+template <typename T, int DQK, int DV, int NSG, int BK, typename MT>
+inline void attention_bwd_dq(
+    int feat,
+    const device T* q, const device T* k, const device T* v, const device T* dout,
+    const device float* lse, const device float* delta,
+    const device MT* mask, const device float* alibi, const device bool* block_mask,
+    const device int* cu_q, const device int* cu_k,
+    const device int* iparams, const device float* fparams,
+    device T* dq,
+    threadgroup T* smem,
+    uint3 tg_pos, uint sg, uint lane) {
+  constexpr int QF = pad8(DQK) / 8;
+  constexpr int VF = pad8(DV) / 8;
+  constexpr int KF = BK / 8;
+  constexpr int BQ = 8 * NSG;
+  constexpr int LDK = tile_ld(DQK);
+  constexpr int LDV = tile_ld(DV);
+  threadgroup T* k_tile = smem;
+  threadgroup T* v_tile = smem + BK * LDK;
+
+  const Params p = read_params(iparams, fparams);
+  const int b = int(tg_pos.y) / p.heads_q;
+  const int h = int(tg_pos.y) % p.heads_q;
+  const int hk = h / (p.heads_q / p.heads_kv);
+  const SeqView s = seq_view(b, feat, p, cu_q, cu_k);
+  const int q0 = int(tg_pos.x) * BQ;
+  if (q0 >= s.q_len) {
+    return;
+  }
+  const Logits<MT> lg = make_logits(feat, p, s, b, h, alibi, mask, block_mask);
+  const FragCoord fc = frag_coord(ushort(lane));
+  const uint tid = sg * 32 + lane;
+  const int sg_q0 = q0 + int(sg) * 8;
+  const int row = sg_q0 + fc.row;
+
+  const long q_at = row_offset(s, p.heads_q, h, s.q_rows, s.q_start, sg_q0, 1);
+  float2 qf[QF], dqf[QF];
+  for (int kk = 0; kk < QF; ++kk) {
+    qf[kk] = frag_load(q + q_at * DQK + kk * 8, DQK, 1, s.q_len - sg_q0, DQK - kk * 8, fc);
+    dqf[kk] = float2(0.0f);
+  }
+  float2 dof[VF];
+  for (int d = 0; d < VF; ++d) {
+    dof[d] = frag_load(dout + q_at * DV + d * 8, DV, 1, s.q_len - sg_q0, DV - d * 8, fc);
+  }
+  const bool valid = row < s.q_len;
+  const float row_l = valid ? lse[q_at + fc.row] : -INFINITY;
+  const float row_delta = valid ? delta[q_at + fc.row] : 0.0f;
+
+  const device T* k_seq = k + row_offset(s, p.heads_kv, hk, s.k_rows, s.k_start, 0, DQK);
+  const device T* v_seq = v + row_offset(s, p.heads_kv, hk, s.k_rows, s.k_start, 0, DV);
+  for (int k0 = 0; k0 < s.k_len; k0 += BK) {
+    if (!lg.tile_live(q0, q0 + BQ, k0, k0 + BK)) {
+      continue;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    stage_tile(k_tile, LDK, BK, pad8(DQK), k_seq + long(k0) * DQK, DQK, s.k_len - k0, tid, NSG * 32);
+    stage_tile(v_tile, LDV, BK, pad8(DV), v_seq + long(k0) * DV, DV, s.k_len - k0, tid, NSG * 32);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    for (int c = 0; c < KF; ++c) {
+      float2 sp = float2(0.0f);
+      for (int kk = 0; kk < QF; ++kk) {
+        mma(sp, qf[kk], frag_load(k_tile + c * 8 * LDK + kk * 8, 1, LDK, 8, 8, fc));
+      }
+      float2 cap;
+      for (int e = 0; e < 2; ++e) {
+        float dcap;
+        const float x = lg.apply(sp[e], row, k0 + c * 8 + fc.col + e, dcap);
+        sp[e] = (x == -INFINITY || row_l == -INFINITY) ? 0.0f : exp(x - row_l);
+        cap[e] = dcap;
+      }
+      // dP = dO V^T; dS = P * (dP - delta) * softcap'
+      float2 ds = float2(0.0f);
+      for (int d = 0; d < VF; ++d) {
+        mma(ds, dof[d], frag_load(v_tile + c * 8 * LDV + d * 8, 1, LDV, 8, 8, fc));
+      }
+      ds = sp * (ds - row_delta) * cap;
+      for (int kk = 0; kk < QF; ++kk) {
+        mma(dqf[kk], ds, frag_load(k_tile + c * 8 * LDK + kk * 8, LDK, 1, 8, 8, fc));
+      }
+    }
+  }
+
+  for (int kk = 0; kk < QF; ++kk) {
+    frag_store<T>(dq + q_at * DQK + kk * 8, DQK, s.q_len - sg_q0, DQK - kk * 8, fc, dqf[kk] * p.scale);
+  }
+}
+
+}  // namespace mlxf
+
+#endif  // MLXF_ATTENTION_BWD_H

@@ -1,0 +1,416 @@
+"""Metal backend: mx.fast.metal_kernel wrappers over metal_src/attention_*.h.
+
+Each kernel body is one call into a template of the headers (the same
+templates attention.metal instantiates for the metallib). Static choices
+(dtype, head dims, tile sizes, feature bits) are template arguments, so MLX
+compiles one specialisation per configuration; sizes, strides, window bounds,
+scale and softcap travel in two small parameter arrays, so a new sequence
+length does not recompile.
+
+Call flow:
+  forward:  attention_fwd                    -> out, lse
+            (few queries, long keys: attention_fwd split over keys, then
+             attention_combine merges the partials by their lse)
+  backward: attention_bwd_delta (dO . O - dlse) -> attention_bwd_dkdv -> dk, dv
+            attention_bwd_dq                      -> dq
+
+The kernel constructor is a module-level factory (default
+`mx.fast.metal_kernel`); tests swap in the MSL emulation harness with
+`set_kernel_factory` and run this exact code on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .. import _sources
+from .._spec import AttentionInputs, AttentionSpec
+
+_HEADERS = ("attention_common.h", "attention_fwd.h", "attention_bwd.h")
+
+# Feature bits: keep in sync with mlxf::Feature in metal_src/attention_common.h.
+FEAT_MASK_BOOL = 1
+FEAT_MASK_ADD = 2
+FEAT_WINDOW = 4
+FEAT_SOFTCAP = 8
+FEAT_ALIBI = 16
+FEAT_SINKS = 32
+FEAT_BLOCK_MASK = 64
+FEAT_VARLEN = 128
+FEAT_SPLIT = 256
+FEAT_PACK_GQA = 512
+
+# Inputs with fewer elements than this are passed by MLX in the `constant`
+# address space; the kernels take `device` pointers, so tiny arrays are padded.
+_MIN_DEVICE_ELEMS = 8
+
+# Threadgroup memory: 32 KiB per threadgroup on Apple GPUs; tiles aim at half
+# of it so that two threadgroups can share a core (docs/metal.md).
+_TG_BUDGET = 16 * 1024
+_TG_LIMIT = 32 * 1024
+
+# Decode path: at most this many query rows (one simdgroup), split over keys.
+_DECODE_MAX_Q = 8
+_DECODE_TARGET_GROUPS = 64
+_DECODE_MAX_SPLITS = 32
+
+# Simdgroups (8 rows each) per threadgroup of the backward's delta kernel.
+_DELTA_NSG = 4
+
+# Poison outputs with NaN before a kernel runs (tests: catches unwritten elements).
+POISON_OUTPUTS = False
+
+_kernel_factory = None
+
+
+def _default_factory():
+    return mx.fast.metal_kernel
+
+
+def set_kernel_factory(factory):
+    """Use `factory` (same signature as mx.fast.metal_kernel) to build kernels.
+
+    Returns the previous factory (None stands for mx.fast.metal_kernel)."""
+    global _kernel_factory
+    previous = _kernel_factory
+    _kernel_factory = factory
+    return previous
+
+
+def _factory():
+    return _kernel_factory if _kernel_factory is not None else _default_factory()
+
+
+def header_text() -> str:
+    """The MSL header every kernel body calls into (metal_src/attention_*.h)."""
+    return "\n".join(_sources.metal_source(name) for name in _HEADERS)
+
+
+# ---- kernel bodies: one call each into the header templates ----
+_TG_ARGS = "threadgroup_position_in_grid, simdgroup_index_in_threadgroup, thread_index_in_simdgroup"
+
+_BODIES = {
+    "attention_fwd": dict(
+        inputs=("q", "k", "v", "mask", "alibi", "sinks", "block_mask", "cu_q", "cu_k", "iparams", "fparams"),
+        outputs=("out", "lse"),
+        source=(
+            "threadgroup T kv_tile[mlxf::fwd_tile_elems(DQK, DV, BK)];\n"
+            "mlxf::attention_forward<T, DQK, DV, NSG, BK>(FEAT, q, k, v, mask, alibi, sinks, block_mask,\n"
+            "    cu_q, cu_k, iparams, fparams, out, lse, kv_tile, " + _TG_ARGS + ");\n"
+        ),
+    ),
+    "attention_combine": dict(
+        inputs=("o_part", "lse_part", "sinks", "iparams", "fparams"),
+        outputs=("out", "lse"),
+        source=(
+            "mlxf::attention_combine<T, DV>(FEAT, o_part, lse_part, sinks, iparams, fparams, out, lse,\n"
+            "    threadgroup_position_in_grid, thread_index_in_simdgroup);\n"
+        ),
+    ),
+    "attention_bwd_delta": dict(
+        inputs=("out", "dout", "dlse", "iparams", "fparams"),
+        outputs=("delta",),
+        source=(
+            "mlxf::attention_bwd_delta<T, DV, NSG>(FEAT, HAS_DLSE, out, dout, dlse, iparams, fparams, delta,\n"
+            "    " + _TG_ARGS + ");\n"
+        ),
+    ),
+    "attention_bwd_dkdv": dict(
+        inputs=("q", "k", "v", "dout", "lse", "delta", "mask", "alibi", "block_mask", "cu_q", "cu_k",
+                "iparams", "fparams"),
+        outputs=("dk", "dv"),
+        source=(
+            "threadgroup T smem[mlxf::dkdv_tile_elems(DQK, DV, BQB)];\n"
+            "threadgroup float row_stats[2 * BQB];\n"
+            "mlxf::attention_bwd_dkdv<T, DQK, DV, NSG, BQB>(FEAT, q, k, v, dout, lse, delta, mask, alibi,\n"
+            "    block_mask, cu_q, cu_k, iparams, fparams, dk, dv, smem, row_stats, " + _TG_ARGS + ");\n"
+        ),
+    ),
+    "attention_bwd_dq": dict(
+        inputs=("q", "k", "v", "dout", "lse", "delta", "mask", "alibi", "block_mask", "cu_q", "cu_k",
+                "iparams", "fparams"),
+        outputs=("dq",),
+        source=(
+            "threadgroup T smem[mlxf::dq_tile_elems(DQK, DV, BK)];\n"
+            "mlxf::attention_bwd_dq<T, DQK, DV, NSG, BK>(FEAT, q, k, v, dout, lse, delta, mask, alibi,\n"
+            "    block_mask, cu_q, cu_k, iparams, fparams, dq, smem, " + _TG_ARGS + ");\n"
+        ),
+    ),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _build(factory, name: str):
+    body = _BODIES[name]
+    return factory(
+        name=f"mlxf_{name}", input_names=list(body["inputs"]), output_names=list(body["outputs"]),
+        source=body["source"], header=header_text(), ensure_row_contiguous=True,
+    )
+
+
+def _kernel(name: str):
+    """The kernel `name`, built once per factory (template arguments pick the
+    specialisation at call time; MLX caches each compiled one)."""
+    return _build(_factory(), name)
+
+
+# ---- tile sizes (docs/metal.md explains the choices) ----
+def _pad8(d: int) -> int:
+    return -(-d // 8) * 8
+
+
+def _tile_ld(d: int) -> int:
+    return _pad8(d) + 4  # mirrors mlxf::tile_ld
+
+
+def _largest_fitting(candidates, nbytes):
+    """The first candidate whose tile fits the budget, else the smallest one
+    that fits the hard limit."""
+    for c in candidates:
+        if nbytes(c) <= _TG_BUDGET:
+            return c
+    for c in reversed(candidates):
+        if nbytes(c) <= _TG_LIMIT:
+            return c
+    raise AssertionError("no tile fits 32 KiB")  # cannot happen for D <= 256
+
+
+@dataclass(frozen=True)
+class Tiles:
+    fwd_nsg: int  # simdgroups per forward threadgroup (8 query rows each)
+    fwd_bk: int   # keys per forward K/V tile
+    dq_bk: int    # keys per dQ K+V tile
+    dkdv_nsg: int  # simdgroups per dK/dV threadgroup (8 keys each)
+    dkdv_bq: int  # queries per dK/dV Q+dO tile
+
+
+@functools.lru_cache(maxsize=None)
+def tile_sizes(head_dim_qk: int, head_dim_v: int, itemsize: int) -> Tiles:
+    """Tile sizes for one head-dim pair and element size (bytes)."""
+    ld_max = max(_tile_ld(head_dim_qk), _tile_ld(head_dim_v))
+    ld_sum = _tile_ld(head_dim_qk) + _tile_ld(head_dim_v)
+    fwd_bk = _largest_fitting((64, 32, 16), lambda bk: bk * ld_max * itemsize)
+    dq_bk = _largest_fitting((64, 32, 16, 8), lambda bk: bk * ld_sum * itemsize)
+    dkdv_bq = _largest_fitting((64, 32, 16, 8), lambda bq: bq * ld_sum * itemsize + 2 * bq * 4)
+    return Tiles(fwd_nsg=4, fwd_bk=fwd_bk, dq_bk=dq_bk, dkdv_nsg=4, dkdv_bq=dkdv_bq)
+
+
+# ---- host-side parameters ----
+def _features(spec: AttentionSpec) -> int:
+    feat = 0
+    if spec.mask_kind == "bool":
+        feat |= FEAT_MASK_BOOL
+    elif spec.mask_kind == "additive":
+        feat |= FEAT_MASK_ADD
+    if spec.has_window:
+        feat |= FEAT_WINDOW
+    if spec.softcap:
+        feat |= FEAT_SOFTCAP
+    if spec.has_alibi:
+        feat |= FEAT_ALIBI
+    if spec.has_sinks:
+        feat |= FEAT_SINKS
+    if spec.has_block_mask:
+        feat |= FEAT_BLOCK_MASK
+    if spec.varlen:
+        feat |= FEAT_VARLEN
+    return feat
+
+
+def _broadcast_strides(name: str, a) -> list:
+    """Row-major strides of `a`, 0 on dims of size 1 (they broadcast)."""
+    if a is None:
+        return [0, 0, 0, 0]
+    if a.size > 2**31 - 1:
+        raise ValueError(
+            f"{name}: {a.size} elements exceed the Metal kernels' 32-bit indexing (2^31 - 1); "
+            f"pass it with size-1 (broadcast) dimensions where it does not vary"
+        )
+    strides, step = [], 1
+    for n in reversed(a.shape):
+        strides.append(0 if n == 1 else step)
+        step *= n
+    return strides[::-1]
+
+
+def _int_params(spec: AttentionSpec, inputs: AttentionInputs, tiles_per_split=0, num_splits=1) -> mx.array:
+    # Layout: mlxf::IntParam.
+    values = [
+        spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k,
+        spec.window_left, spec.window_right, spec.block_q, spec.block_k,
+        *_broadcast_strides("mask", inputs.mask), *_broadcast_strides("block_mask", inputs.block_mask),
+        tiles_per_split, num_splits,
+    ]
+    return mx.array(values, dtype=mx.int32)
+
+
+def _float_params(spec: AttentionSpec) -> mx.array:
+    # Layout: mlxf::FloatParam, padded to the device-buffer minimum.
+    values = [spec.scale, spec.softcap] + [0.0] * (_MIN_DEVICE_ELEMS - 2)
+    return mx.array(values, dtype=mx.float32)
+
+
+def _device_buffer(a):
+    """`a` as MLX will pass it in the `device` address space (>= 8 elements).
+    Kernels index with explicit offsets, so a flattened, padded copy is fine."""
+    if a.size >= _MIN_DEVICE_ELEMS:
+        return a
+    flat = a.reshape(-1)
+    return mx.concatenate([flat, mx.zeros((_MIN_DEVICE_ELEMS - flat.size,), dtype=a.dtype)])
+
+
+def _optional(a, dtype):
+    """An optional input, or a placeholder of `dtype` that the kernel never reads."""
+    if a is None:
+        return mx.zeros((_MIN_DEVICE_ELEMS,), dtype=dtype)
+    return _device_buffer(a)
+
+
+def _common_inputs(inputs: AttentionInputs):
+    """mask, alibi, block_mask, cu_q, cu_k in kernel order (placeholders where absent)."""
+    return (
+        _optional(inputs.mask, mx.float32),
+        _optional(inputs.alibi, mx.float32),
+        _optional(inputs.block_mask, mx.bool_),
+        _optional(inputs.cu_seqlens_q, mx.int32),
+        _optional(inputs.cu_seqlens_k, mx.int32),
+    )
+
+
+def _max_len_q(spec):
+    return spec.max_seqlen_q if spec.varlen else spec.seqlen_q
+
+
+def _max_len_k(spec):
+    return spec.max_seqlen_k if spec.varlen else spec.seqlen_k
+
+
+def _call(name, ins, template, grid, threadgroup, output_shapes, output_dtypes, stream):
+    if min(grid) == 0:
+        # Grids follow the output extents: an empty grid means empty outputs
+        # (e.g. Nq = 0), which Metal cannot dispatch.
+        return [mx.zeros(shape, dtype=dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
+    return _kernel(name)(
+        inputs=[_device_buffer(a) for a in ins], template=template, grid=grid, threadgroup=threadgroup,
+        output_shapes=output_shapes, output_dtypes=output_dtypes,
+        init_value=float("nan") if POISON_OUTPUTS else None, stream=stream,
+    )
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """How the forward covers the rows: `nsg` simdgroups of 8 rows per
+    threadgroup, `row_blocks` x `heads` threadgroups per batch entry, and
+    `splits` key splits of `tiles_per_split` tiles (decode only)."""
+
+    nsg: int
+    rows: int
+    heads: int
+    splits: int = 1
+    tiles_per_split: int = 0
+    pack_gqa: bool = False
+
+    @property
+    def row_blocks(self) -> int:
+        return -(-self.rows // (8 * self.nsg))
+
+
+def _forward_launch(spec: AttentionSpec, tiles: Tiles) -> _Launch:
+    """The plain forward, or for few query rows the decode path: a few rows
+    leave most of the GPU idle, so the keys are split over threadgroups
+    (flash-decoding) and merged by lse. Decode packs the query heads of a GQA
+    group into one threadgroup's rows, so each K/V tile is loaded once per
+    group (dense layout, no block mask: its skipping depends on the head)."""
+    plain = _Launch(nsg=tiles.fwd_nsg, rows=_max_len_q(spec), heads=spec.heads_q)
+    if not 0 < _max_len_q(spec) <= _DECODE_MAX_Q:
+        return plain
+    pack = spec.group_size > 1 and not spec.varlen and not spec.has_block_mask
+    rows = spec.group_size * spec.seqlen_q if pack else _max_len_q(spec)
+    heads = spec.heads_kv if pack else spec.heads_q
+    nsg = min(4, max(1, -(-rows // 8)))
+    n_tiles = -(-_max_len_k(spec) // tiles.fwd_bk)
+    groups = spec.batch * heads * -(-rows // (8 * nsg))
+    splits = min(n_tiles, _DECODE_MAX_SPLITS, max(1, -(-_DECODE_TARGET_GROUPS // groups)))
+    if splits < 2:
+        return plain
+    per_split = -(-n_tiles // splits)
+    return _Launch(nsg=nsg, rows=rows, heads=heads, splits=-(-n_tiles // per_split),
+                   tiles_per_split=per_split, pack_gqa=pack)
+
+
+def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
+    tiles = tile_sizes(spec.head_dim_qk, spec.head_dim_v, q.dtype.size)
+    feat = _features(spec)
+    mask, alibi, block_mask, cu_q, cu_k = _common_inputs(inputs)
+    sinks = _optional(inputs.sinks, mx.float32)
+    fparams = _float_params(spec)
+    out_shape = [q.shape[0], spec.heads_q, q.shape[2], spec.head_dim_v]
+    lse_shape = out_shape[:3]
+    launch = _forward_launch(spec, tiles)
+    decode = launch.splits > 1
+    if decode:
+        feat |= FEAT_SPLIT | (FEAT_PACK_GQA if launch.pack_gqa else 0)
+        shapes, out_dtypes = [[launch.splits] + out_shape, [launch.splits] + lse_shape], [mx.float32] * 2
+    else:
+        shapes, out_dtypes = [out_shape, lse_shape], [q.dtype, mx.float32]
+    iparams = _int_params(spec, inputs, launch.tiles_per_split, launch.splits)
+    template = [("T", q.dtype), ("DQK", spec.head_dim_qk), ("DV", spec.head_dim_v), ("NSG", launch.nsg),
+                ("BK", tiles.fwd_bk), ("FEAT", feat)]
+    out, lse = _call(
+        "attention_fwd", [q, k, v, mask, alibi, sinks, block_mask, cu_q, cu_k, iparams, fparams],
+        template, grid=(32 * launch.nsg * launch.row_blocks, spec.batch * launch.heads, launch.splits),
+        threadgroup=(32 * launch.nsg, 1, 1), output_shapes=shapes, output_dtypes=out_dtypes, stream=stream,
+    )
+    if not decode:
+        return out, lse
+    rows = math.prod(lse_shape)
+    template = [("T", q.dtype), ("DV", spec.head_dim_v), ("FEAT", feat)]
+    return _call(
+        "attention_combine", [out, lse, sinks, iparams, fparams], template,
+        grid=(32 * rows, 1, 1), threadgroup=(32, 1, 1), output_shapes=[out_shape, lse_shape],
+        output_dtypes=[q.dtype, mx.float32], stream=stream,
+    )
+
+
+def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
+    tiles = tile_sizes(spec.head_dim_qk, spec.head_dim_v, q.dtype.size)
+    feat = _features(spec) & ~FEAT_SINKS  # the saved lse already holds the sinks
+    mask, alibi, block_mask, cu_q, cu_k = _common_inputs(inputs)
+    iparams, fparams = _int_params(spec, inputs), _float_params(spec)
+    dout = dout.astype(q.dtype)
+    lse_shape = list(lse.shape)
+    rows = math.prod(lse_shape)
+    nsg = _DELTA_NSG
+    (delta,) = _call(
+        "attention_bwd_delta", [out, dout, _optional(dlse, mx.float32), iparams, fparams],
+        [("T", q.dtype), ("DV", spec.head_dim_v), ("NSG", nsg), ("HAS_DLSE", dlse is not None),
+         ("FEAT", feat)],
+        grid=(32 * nsg * -(-rows // (8 * nsg)), 1, 1), threadgroup=(32 * nsg, 1, 1),
+        output_shapes=[lse_shape], output_dtypes=[mx.float32], stream=stream,
+    )
+    grad_inputs = [q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, iparams, fparams]
+    dims = [("T", q.dtype), ("DQK", spec.head_dim_qk), ("DV", spec.head_dim_v)]
+    nsg = tiles.dkdv_nsg
+    dk, dv = _call(
+        "attention_bwd_dkdv", grad_inputs,
+        dims + [("NSG", nsg), ("BQB", tiles.dkdv_bq), ("FEAT", feat)],
+        grid=(32 * nsg * -(-_max_len_k(spec) // (8 * nsg)), spec.batch * spec.heads_kv, 1),
+        threadgroup=(32 * nsg, 1, 1), output_shapes=[list(k.shape), list(v.shape)],
+        output_dtypes=[q.dtype, q.dtype], stream=stream,
+    )
+    nsg = tiles.fwd_nsg
+    (dq,) = _call(
+        "attention_bwd_dq", grad_inputs,
+        dims + [("NSG", nsg), ("BK", tiles.dq_bk), ("FEAT", feat)],
+        grid=(32 * nsg * -(-_max_len_q(spec) // (8 * nsg)), spec.batch * spec.heads_q, 1),
+        threadgroup=(32 * nsg, 1, 1), output_shapes=[list(q.shape)], output_dtypes=[q.dtype],
+        stream=stream,
+    )
+    return dq, dk, dv
+
+# matmul2d's Metal wrapper lives in its own module; the backend interface is per module.
+from .metal_matmul import matmul2d  # noqa: E402,F401

@@ -1,0 +1,230 @@
+"""mlx-lm end to end, patched (`mlx_flash.patch_mlx_lm`) vs mlx-lm's own attention.
+
+    PYTHONPATH=$PWD python -m mlx_flash.bench.lm [--quick] [--out benchmarks/results/lm_cpu.json]
+
+Two measurements on one small random-initialised Llama-style model (no
+downloads), each run unpatched then patched in the same process:
+
+* LoRA training step (loss + gradients) at a long sequence length: time and
+  extra peak memory (`mx.get_peak_memory()` minus the memory held before the
+  step: weights, LoRA parameters, tokens), with the loss and gradients of the
+  two runs compared.
+* Greedy generation from a long prompt (mlx-lm's `generate_step`): prompt
+  processing and decoding time, tokens/s and extra peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+import mlx_flash
+
+# Llama-style, GQA (8 query heads of 64 over 2 key/value heads), 2 layers,
+# narrow (MLX's CPU matmul is slow: keep the projections from drowning the
+# attention it is about).
+MODEL_CONFIG = dict(
+    model_type="llama", hidden_size=256, num_hidden_layers=2, intermediate_size=512,
+    num_attention_heads=8, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5,
+    vocab_size=1024, tie_word_embeddings=False,
+)
+LORA_CONFIG = {"rank": 8, "scale": 2.0, "dropout": 0.0}
+
+
+def random_model(config=None, seed: int = 0, dtype=mx.float32):
+    """An mlx-lm model built from a config dict, with random weights."""
+    from mlx_lm.utils import _get_classes
+
+    config = dict(MODEL_CONFIG if config is None else config)
+    mx.random.seed(seed)
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))
+    model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def add_lora(model, num_layers: int, seed: int = 1):
+    """mlx-lm LoRA adapters on the last `num_layers` blocks, B made non-zero
+    (it starts at zero, which would make A's gradient zero)."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    linear_to_lora_layers(model, num_layers, LORA_CONFIG)
+    mx.random.seed(seed)
+    lora_b = [(k, 0.02 * mx.random.normal(v.shape, dtype=v.dtype))
+              for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]
+    model.load_weights(lora_b, strict=False)
+    mx.eval(model.parameters())
+    return model
+
+
+def random_tokens(n: int, vocab: int, batch: int = 1, seed: int = 2):
+    return mx.random.randint(0, vocab, (batch, n), key=mx.random.key(seed))
+
+
+def _fresh_memory():
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    return mx.get_active_memory()
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    worst = 0.0
+    for key in a:
+        scale = max(mx.max(mx.abs(b[key])).item(), 1e-30)
+        worst = max(worst, mx.max(mx.abs(a[key] - b[key])).item() / scale)
+    return worst
+
+
+def lora_step(seq_len: int, patched: bool, batch: int = 1):
+    """One LoRA loss+gradient evaluation; returns (record, loss, grads)."""
+    from mlx_lm.tuner.trainer import default_loss
+
+    model = add_lora(random_model(), MODEL_CONFIG["num_hidden_layers"])
+    tokens = random_tokens(seq_len + 1, MODEL_CONFIG["vocab_size"], batch)
+    lengths = mx.array([[0, seq_len]] * batch)
+    mx.eval(tokens, lengths)
+    loss_and_grad = nn.value_and_grad(model, lambda *a: default_loss(model, *a)[0])
+    baseline = _fresh_memory()
+    with mlx_flash.patch_mlx_lm() if patched else _nothing():
+        start = time.perf_counter()
+        loss, grads = loss_and_grad(tokens, lengths)
+        mx.eval(loss, grads)
+        seconds = time.perf_counter() - start
+    record = {
+        "patched": patched, "seq_len": seq_len, "batch": batch, "seconds": seconds,
+        "baseline_bytes": baseline, "extra_peak_bytes": mx.get_peak_memory() - baseline,
+        "loss": loss.item(),
+    }
+    return record, loss, dict(tree_flatten(grads))
+
+
+def bench_lora(seq_len: int) -> dict:
+    plain, plain_loss, plain_grads = lora_step(seq_len, patched=False)
+    fused, fused_loss, fused_grads = lora_step(seq_len, patched=True)
+    return {
+        "unpatched": plain, "patched": fused,
+        "extra_peak_ratio": fused["extra_peak_bytes"] / plain["extra_peak_bytes"],
+        "speedup": plain["seconds"] / fused["seconds"],
+        "loss_abs_diff": abs(fused_loss.item() - plain_loss.item()),
+        "grads_max_rel_diff": _max_rel_diff(fused_grads, plain_grads),
+        "num_grad_arrays": len(plain_grads),
+    }
+
+
+def generate(prompt_len: int, new_tokens: int, patched: bool, fp8: bool = False) -> tuple[dict, list]:
+    """Greedy generation with mlx-lm's generate_step; prompt and decode timed apart.
+
+    `fp8`: the model's Linear layers as `FP8Linear` (E4M3 weights).
+    """
+    from mlx_lm.generate import generate_step
+
+    model = random_model()
+    if fp8:
+        mlx_flash.convert_model_to_fp8(model)
+        mx.eval(model.parameters())
+    prompt = random_tokens(prompt_len, MODEL_CONFIG["vocab_size"])[0]
+    mx.eval(prompt)
+    baseline = _fresh_memory()
+    with mlx_flash.patch_mlx_lm() if patched else _nothing():
+        start = time.perf_counter()
+        steps = generate_step(prompt, model, max_tokens=new_tokens,
+                              prefill_step_size=prompt_len)
+        out = [int(next(steps)[0])]
+        first = time.perf_counter()
+        out += [int(tok) for tok, _ in steps]
+        end = time.perf_counter()
+    record = {
+        "patched": patched, "fp8_weights": fp8, "prompt_len": prompt_len, "new_tokens": len(out),
+        "prompt_seconds": first - start, "decode_seconds": end - first,
+        "total_seconds": end - start,
+        "prompt_tokens_per_s": prompt_len / (first - start),
+        "decode_tokens_per_s": (len(out) - 1) / (end - first),
+        "extra_peak_bytes": mx.get_peak_memory() - baseline,
+    }
+    return record, out
+
+
+def bench_generation(prompt_len: int, new_tokens: int) -> dict:
+    generate(64, 4, patched=False)  # warm up both paths (allocator, kernels)
+    generate(64, 4, patched=True)
+    generate(64, 4, patched=True, fp8=True)
+    plain, plain_tokens = generate(prompt_len, new_tokens, patched=False)
+    fused, fused_tokens = generate(prompt_len, new_tokens, patched=True)
+    fp8, _ = generate(prompt_len, new_tokens, patched=True, fp8=True)
+    return {
+        "unpatched": plain, "patched": fused,
+        # Different (fp8) weights: its tokens are not expected to match.
+        "patched_fp8_weights": fp8,
+        "total_speedup": plain["total_seconds"] / fused["total_seconds"],
+        "prompt_speedup": plain["prompt_seconds"] / fused["prompt_seconds"],
+        "decode_speedup": plain["decode_seconds"] / fused["decode_seconds"],
+        "tokens_identical": plain_tokens == fused_tokens,
+    }
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def machine() -> dict:
+    import mlx_lm
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+        "device": str(mx.default_device()), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short sequences (a smoke run)")
+    parser.add_argument("--train-seq", type=int, default=4096)
+    parser.add_argument("--prompt", type=int, default=2048)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.train_seq, args.prompt, args.new_tokens = 512, 256, 8
+    mx.set_default_device(mx.cpu)
+    result = {
+        "benchmark": "mlx_lm_patch", "machine": machine(), "model": MODEL_CONFIG,
+        "lora": dict(LORA_CONFIG, layers=MODEL_CONFIG["num_hidden_layers"]),
+        "dtype": "float32",
+    }
+    print(f"LoRA step at N={args.train_seq} ...", flush=True)
+    result["lora_step"] = bench_lora(args.train_seq)
+    print(json.dumps(result["lora_step"], indent=1), flush=True)
+    print(f"generation, prompt {args.prompt} + {args.new_tokens} tokens ...", flush=True)
+    result["generation"] = bench_generation(args.prompt, args.new_tokens)
+    print(json.dumps(result["generation"], indent=1), flush=True)
+    result["patch_stats"] = mlx_flash.patch_stats()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Run every mlx-lm model's attention through `mlx_flash.flash_attention`.
+
+    import mlx_flash
+    mlx_flash.patch_mlx_lm()            # from here on, for the whole process
+    with mlx_flash.patch_mlx_lm():      # or only inside the block
+        ...
+
+What gets swapped:
+
+* `mlx_lm.models.base.scaled_dot_product_attention`, which nearly every
+  model calls. Model modules bind it by name at import
+  (`from .base import scaled_dot_product_attention`), so the binding in every
+  module already in `sys.modules` is swapped too; modules imported later
+  read the patched base and bind the replacement themselves.
+* Attention modules that compute attention inline (`_lm_models`, e.g.
+  Gemma 2's softcapped scores): their `__call__` is replaced, in modules
+  already imported and, through an import hook, in ones imported later.
+
+With `patch_mlx_lm(fp8_weights=True)`, models loaded through mlx-lm
+(`mlx_lm.load` / `mlx_lm.utils.load_model`) while patched also get their
+`nn.Linear` layers converted to `mlx_flash.nn.FP8Linear` (fp8 E4M3 weights,
+per-channel scales); `convert_model_to_fp8(model)` does the same to a model
+already in memory. Restoring does not convert a model back.
+
+No model module is imported to do this (some exit the process when an
+optional dependency is missing). Calls the op cannot take (quantized KV
+caches, head dims over 256, ...) run mlx-lm's own code and are counted in
+`patch_stats()` and logged once per reason. Leaving the context manager (or
+`unpatch_mlx_lm()`) restores every original, including bindings made by
+modules imported while patched.
+
+Not covered: the few models that call `mx.fast.scaled_dot_product_attention`
+directly (deepseek_v41, muse_spark, plamo2) or do inline attention not listed
+in `_lm_models` (olmo, phi3small); they keep MLX's attention.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import sys
+from typing import Callable, Optional
+
+from . import _lm_attend
+from ._lm_models import INLINE_ATTENTION
+
+SDPA_NAME = "scaled_dot_product_attention"
+
+
+def _make_flash_sdpa(original: Callable) -> Callable:
+    """A drop-in for mlx-lm's `scaled_dot_product_attention` (same signature)."""
+
+    @functools.wraps(original)
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        return _lm_attend.attend(
+            queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks,
+            fallback=lambda: original(queries, keys, values, cache, scale, mask, sinks),
+        )
+
+    return scaled_dot_product_attention
+
+
+def _bind_original(original: Callable, replacement: Callable) -> Callable:
+    def __call__(self, *args, **kwargs):
+        return replacement(original, self, *args, **kwargs)
+
+    functools.update_wrapper(__call__, original)
+    return __call__
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Runs a module's own loader, then patches the fresh module."""
+
+    def __init__(self, loader, on_load):
+        self._loader = loader
+        self._on_load = on_load
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._on_load(module)
+
+    def __getattr__(self, name):
+        # get_source, get_code, resource readers, ...: the real loader's.
+        return getattr(self._loader, name)
+
+
+class _InlineModelHook(importlib.abc.MetaPathFinder):
+    """Import hook for the modules in INLINE_ATTENTION imported while patched."""
+
+    def __init__(self, on_load):
+        self._on_load = on_load
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in INLINE_ATTENTION:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _PatchingLoader(spec.loader, self._on_load)
+        return spec
+
+
+class MlxLmPatch:
+    """The active patch; a context manager that restores mlx-lm on exit.
+
+    A `patch_mlx_lm()` while another patch is active returns a handle that
+    does not own the patch: leaving it keeps the outer patch in place.
+    """
+
+    def __init__(self, owner: bool, fp8_weights: bool = False):
+        self.owner = owner
+        self.fp8_weights = fp8_weights
+        self._undo = []  # (object, attribute, value to put back)
+        self._swaps = {}  # module-level name -> (original function, replacement)
+        self._hook = None
+
+    def _apply(self):
+        from mlx_lm.models import base  # imports no model module
+
+        self._swap(base, SDPA_NAME, _make_flash_sdpa)
+        if self.fp8_weights:
+            from mlx_lm import utils as lm_utils  # `mlx_lm.load` calls it by this name
+
+            self._swap(lm_utils, "load_model", _converting_to_fp8)
+        for module in list(sys.modules.values()):
+            if module is not None:
+                self._patch_module(module)
+        self._hook = _InlineModelHook(self._patch_module)
+        sys.meta_path.insert(0, self._hook)
+
+    def _swap(self, module, name, make_replacement):
+        original = getattr(module, name)
+        self._swaps[name] = (original, make_replacement(original))
+
+    def _set(self, obj, name, value):
+        self._undo.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def _patch_module(self, module):
+        # vars(), not getattr(): lazy modules (transformers) import on getattr.
+        namespace = getattr(module, "__dict__", {})
+        for name, (original, replacement) in self._swaps.items():
+            if namespace.get(name) is original:
+                self._set(module, name, replacement)
+        for class_name, replacement in INLINE_ATTENTION.get(namespace.get("__name__"), {}).items():
+            cls = namespace.get(class_name)
+            if cls is not None:
+                self._set(cls, "__call__", _bind_original(cls.__call__, replacement))
+
+    @property
+    def active(self) -> bool:
+        return _active is self
+
+    def restore(self):
+        """Put mlx-lm back as it was (a no-op for a handle that does not own the patch)."""
+        global _active
+        if not self.owner or _active is not self:
+            return
+        if self._hook in sys.meta_path:
+            sys.meta_path.remove(self._hook)
+        for obj, name, value in reversed(self._undo):
+            setattr(obj, name, value)
+        # Modules imported while patched bound the replacements themselves.
+        for module in list(sys.modules.values()):
+            namespace = getattr(module, "__dict__", {})
+            for name, (original, replacement) in self._swaps.items():
+                if namespace.get(name) is replacement:
+                    setattr(module, name, original)
+        self._undo.clear()
+        _active = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
+def convert_model_to_fp8(model, fmt: str = "e4m3"):
+    """Swap an mlx-lm model's `nn.Linear` layers for `FP8Linear`, in place.
+
+    Layers the model keeps unquantized (its `quant_predicate`, e.g. MoE
+    routers) stay as they are. Returns the model.
+    """
+    from .nn import convert_to_fp8
+
+    keep = getattr(model, "quant_predicate", None)
+    predicate = None if keep is None else (lambda path, module: bool(keep(path, module)))
+    return convert_to_fp8(model, fmt=fmt, predicate=predicate)
+
+
+def _converting_to_fp8(load_model: Callable) -> Callable:
+    @functools.wraps(load_model)
+    def wrapper(*args, **kwargs):
+        model, config = load_model(*args, **kwargs)
+        return convert_model_to_fp8(model), config
+
+    return wrapper
+
+
+_active: Optional[MlxLmPatch] = None
+
+
+def patch_mlx_lm(*, fp8_weights: bool = False) -> MlxLmPatch:
+    """Route mlx-lm attention through `flash_attention` from now on.
+
+    Args:
+      fp8_weights: also convert the `nn.Linear` layers of models loaded
+        through mlx-lm while patched to `mlx_flash.nn.FP8Linear`.
+
+    Returns a handle; use it as a context manager (or call `.restore()`) to
+    put mlx-lm back. Needs mlx-lm (`pip install mlx_flash[lm]`).
+    """
+    global _active
+    if not isinstance(fp8_weights, bool):
+        raise TypeError(f"fp8_weights: expected a bool, got {type(fp8_weights).__name__}")
+    if _active is not None:
+        if fp8_weights != _active.fp8_weights:
+            raise ValueError(
+                f"fp8_weights: mlx-lm is already patched with fp8_weights={_active.fp8_weights}; "
+                f"unpatch first to change it (got {fp8_weights})"
+            )
+        return MlxLmPatch(owner=False, fp8_weights=fp8_weights)
+    patch = MlxLmPatch(owner=True, fp8_weights=fp8_weights)
+    try:
+        patch._apply()
+    except BaseException:
+        _active = patch
+        patch.restore()
+        raise
+    _active = patch
+    return patch
+
+
+def unpatch_mlx_lm() -> bool:
+    """Restore mlx-lm's attention; False if it was not patched."""
+    if _active is None:
+        return False
+    _active.restore()
+    return True
+
+
+def is_mlx_lm_patched() -> bool:
+    return _active is not None
+
+
+def patch_stats() -> dict:
+    """Calls routed since the last reset: `{"flash_calls", "fallback_calls",
+    "fallbacks": {reason: count}}`. Counted when the Python code runs
+    (once per trace under `mx.compile`)."""
+    return _lm_attend.stats.snapshot()
+
+
+def reset_patch_stats() -> None:
+    _lm_attend.stats.reset()

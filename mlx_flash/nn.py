@@ -1,0 +1,110 @@
+"""mlx.nn layers on fp8 weights.
+
+`FP8Linear` keeps a Linear layer's weight as fp8 codes (uint8, one byte a
+weight) with one float32 scale per output channel, and computes
+`x @ (decode(W) * scale)^T + bias` with `matmul2d`, decoding inside the
+kernel. The fp8 weight and its scale are frozen constants; the layer is
+differentiable with respect to its input (and its bias), so adapters such as
+LoRA train on top of it. `convert_to_fp8(model)` swaps a model's
+`nn.Linear` layers for `FP8Linear` in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map_with_path
+
+from . import fp8
+from .matmul import matmul2d
+
+_FROZEN = ("weight", "scale")
+
+
+class FP8Linear(nn.Module):
+    """`y = x @ (dequant(weight) * scale)^T + bias` with an fp8 weight.
+
+    Args:
+      input_dims, output_dims: as `nn.Linear`.
+      bias: whether the layer has a (trainable, float) bias.
+      fmt: "e4m3" (default) or "e5m2".
+      per_channel: one scale per output channel (default) or one per tensor.
+
+    A new layer starts from `nn.Linear`'s initialisation, quantised; use
+    `FP8Linear.from_linear` to convert a trained layer.
+    """
+
+    def __init__(self, input_dims: int, output_dims: int, bias: bool = True, fmt: str = "e4m3",
+                 per_channel: bool = True):
+        super().__init__()
+        bound = math.sqrt(1.0 / input_dims)
+        w = mx.random.uniform(-bound, bound, (output_dims, input_dims))
+        self.fmt = fmt
+        self.weight, self.scale = self._quantize(w, fmt, per_channel)
+        if bias:
+            self.bias = mx.random.uniform(-bound, bound, (output_dims,))
+        self.freeze(keys=list(_FROZEN), recurse=False)
+
+    @staticmethod
+    def _quantize(w, fmt, per_channel):
+        data, scale = fp8.quantize(w, fmt=fmt, axis=0 if per_channel else None)
+        return data, scale.reshape(-1, 1)  # [out, 1] or [1, 1]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str = "e4m3", per_channel: bool = True) -> "FP8Linear":
+        """An FP8Linear holding `linear`'s weight in fp8 (its bias as is)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an mlx.nn.Linear, got {type(linear).__name__}")
+        output_dims, input_dims = linear.weight.shape
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.fmt = fmt
+        layer.weight, layer.scale = cls._quantize(linear.weight, fmt, per_channel)
+        if "bias" in linear:
+            layer.bias = linear.bias
+        layer.freeze(keys=list(_FROZEN), recurse=False)
+        return layer
+
+    def unfreeze(self, *args, **kwargs):
+        # The fp8 codes are not trainable (an optimiser step would leave the
+        # uint8 grid); keep them frozen whatever the caller unfreezes.
+        super().unfreeze(*args, **kwargs)
+        self.freeze(keys=list(_FROZEN), recurse=False)
+        return self
+
+    def dequantized_weight(self, dtype=mx.float32) -> mx.array:
+        """The weight the layer computes with, `[output_dims, input_dims]`."""
+        return fp8.dequantize(self.weight, self.scale, self.fmt, dtype)
+
+    def _extra_repr(self) -> str:
+        out_dims, in_dims = self.weight.shape
+        return f"input_dims={in_dims}, output_dims={out_dims}, bias={'bias' in self}, fmt={self.fmt}"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = matmul2d(x, self.weight, b_fmt=self.fmt, b_scale=self.scale.reshape(1, -1), transpose_b=True,
+                     out_dtype=x.dtype)
+        if "bias" in self:
+            y = y + self.bias.astype(y.dtype)
+        return y
+
+
+def convert_to_fp8(model: nn.Module, fmt: str = "e4m3", per_channel: bool = True, predicate=None) -> nn.Module:
+    """Replace `model`'s `nn.Linear` layers with `FP8Linear`, in place.
+
+    `predicate(path, module) -> bool` picks which Linear layers to convert
+    (default: all). Returns the model.
+    """
+
+    def convert(path, module):
+        if isinstance(module, nn.Linear) and (predicate is None or predicate(path, module)):
+            return FP8Linear.from_linear(module, fmt=fmt, per_channel=per_channel)
+        return module
+
+    leaves = tree_map_with_path(convert, model.leaf_modules(), is_leaf=nn.Module.is_module)
+    model.update_modules(leaves)
+    return model
+
+
+__all__ = ["FP8Linear", "convert_to_fp8"]

@@ -1,0 +1,161 @@
+"""Edge behaviour: fully masked rows, huge logits, strided inputs, varlen,
+gradients of sinks / additive masks / lse, and mx.compile."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_flash
+from features import FEATURES
+from helpers import check_close, is_emulated, plain_errors, qkv, randn, rel_error, rng, to_np
+from reference_np import attention_np, attention_varlen_np
+
+import backends
+
+
+def test_fully_masked_rows_give_zero_and_minus_inf(backend):
+    """Rows that see no key: out 0, lse -inf, zero gradients, never NaN."""
+    gen = rng("masked")
+    B, H, Nq, Nk, D = 1, 2, 20, 12, 16
+    q, k, v = qkv(gen, B, H, H, Nq, Nk, D)
+    mask = np.ones((Nq, Nk), bool)
+    mask[3] = False  # one row masked by the bool mask
+    # causal with Nq > Nk: the first Nq - Nk rows see nothing as well.
+    options = {"mask": mx.array(mask), "causal": True}
+    out, lse = backends.forward(backend, q, k, v, **options)
+    out, lse = to_np(out), to_np(lse)
+    dead = [3] + list(range(Nq - Nk))
+    assert np.all(out[:, :, dead] == 0) and np.all(np.isneginf(lse[:, :, dead]))
+    assert np.isfinite(out).all()
+    grads = backends.gradients(backend, q, k, v, randn(gen, out.shape), **options)
+    assert np.all(to_np(grads["q"])[:, :, dead] == 0)
+    for g in grads.values():
+        assert np.isfinite(to_np(g)).all()
+
+
+def test_window_that_sees_nothing(backend):
+    gen = rng("empty-window")
+    q, k, v = qkv(gen, 1, 1, 1, 8, 8, 16)
+    # Keys j in [p - 0, p + 0] with p = i: itself only; with mask dropping the diagonal: nothing.
+    options = {"window": (0, 0), "mask": mx.array(~np.eye(8, dtype=bool))}
+    out, lse = backends.forward(backend, q, k, v, **options)
+    assert np.all(to_np(out) == 0) and np.all(np.isneginf(to_np(lse)))
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_large_logits_do_not_overflow(backend, dtype):
+    gen = rng("large", str(dtype))
+    q, k, v = qkv(gen, 1, 2, 2, 33, 47, 32, dtype=dtype, scale=30.0)  # logits ~ 1e3..1e4
+    out, lse = backends.forward(backend, q, k, v)
+    want = attention_np(q, k, v)
+    assert np.isfinite(to_np(out)).all() and np.isfinite(to_np(lse)).all()
+    plain = plain_errors(q, k, v, mx.ones(out.shape, dtype), {}, dtype)
+    check_close("out", to_np(out), want, dtype, plain)
+    assert rel_error(to_np(lse), want["lse"]) < 1e-5
+
+
+def test_strided_inputs(backend):
+    """Transposed and sliced views (mlx-lm's [B, N, H, D] -> [B, H, N, D] layout)."""
+    gen = rng("strided")
+    B, N, H, D = 2, 37, 4, 24
+    q = randn(gen, (B, N, H, D)).transpose(0, 2, 1, 3)
+    k = randn(gen, (B, N + 5, H, 2 * D))[..., ::2].transpose(0, 2, 1, 3)[:, :, 5:]
+    v = randn(gen, (B, H, D, N)).swapaxes(-1, -2)
+    options = {"causal": True}
+    out, lse = backends.forward(backend, q, k, v, **options)
+    dout = randn(gen, out.shape)
+    want = attention_np(q, k, v, dout=dout, **options)
+    check_close("out", to_np(out), want, mx.float32)
+    grads = backends.gradients(backend, q, k, v, dout, **options)
+    for name in "qkv":
+        check_close("d" + name, to_np(grads[name]), want, mx.float32)
+
+
+VARLEN_OPTIONS = {
+    "none": {},
+    "causal": {"causal": True},
+    "window_softcap": {"window": (6, 2), "softcap": 4.0},
+    "alibi_sinks": {"causal": True, "sinks": "sinks", "alibi_slopes": "alibi"},
+}
+
+
+@pytest.mark.parametrize("case", list(VARLEN_OPTIONS))
+@pytest.mark.parametrize("lengths", [[(5, 9), (0, 4), (17, 17), (40, 23)], [(1, 1)], [(33, 70)]], ids=str)
+def test_varlen_matches_per_sequence(backend, case, lengths):
+    gen = rng("varlen", case, lengths)
+    H, Hkv, D, Dv = 4, 2, 32, 16
+    cu_q = np.concatenate([[0], np.cumsum([a for a, _ in lengths])]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum([b for _, b in lengths])]).astype(np.int32)
+    q = randn(gen, (int(cu_q[-1]), H, D))
+    k = randn(gen, (int(cu_k[-1]), Hkv, D))
+    v = randn(gen, (int(cu_k[-1]), Hkv, Dv))
+    options = dict(VARLEN_OPTIONS[case])
+    if options.get("sinks"):
+        options["sinks"] = randn(gen, (H,))
+        options["alibi_slopes"] = mx.array(gen.uniform(0.05, 0.5, (len(lengths), H)), mx.float32)
+    varlen = (mx.array(cu_q), mx.array(cu_k))
+    out, lse = backends.forward(backend, q, k, v, varlen=varlen, **options)
+    dout = randn(gen, out.shape)
+    want = attention_varlen_np(q, k, v, cu_q, cu_k, dout=dout, **options)
+    check_close("out", to_np(out), want, mx.float32)
+    check_close("lse", to_np(lse), want, mx.float32)
+    wrt = ("q", "k", "v", "sinks") if "sinks" in options else ("q", "k", "v")
+    grads = backends.gradients(backend, q, k, v, dout, varlen=varlen, wrt=wrt, **options)
+    for name in wrt:
+        check_close("d" + name, to_np(grads[name]), want, mx.float32)
+
+
+@pytest.mark.parametrize("feature", ["sinks", "combined_causal_softcap_alibi_sinks", "combined_mask_window_sinks"])
+def test_sinks_gradient(backend, feature):
+    gen = rng("dsinks", feature)
+    B, H, Nq, Nk, D = 2, 3, 29, 41, 16
+    q, k, v = qkv(gen, B, H, H, Nq, Nk, D)
+    options = FEATURES[feature](gen, B, H, Nq, Nk)
+    dout = randn(gen, (B, H, Nq, D))
+    grads = backends.gradients(backend, q, k, v, dout, wrt=("q", "sinks"), **options)
+    want = attention_np(q, k, v, dout=dout, **options)
+    check_close("dsinks", to_np(grads["sinks"]), want, mx.float32)
+    check_close("dq", to_np(grads["q"]), want, mx.float32)
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 1, 19, 23), (2, 3, 19, 23), (3, 1, 23), (1, 23)], ids=str)
+def test_additive_mask_gradient(backend, mask_shape):
+    gen = rng("dmask", mask_shape)
+    B, H, Nq, Nk, D = 2, 3, 19, 23, 16
+    q, k, v = qkv(gen, B, H, H, Nq, Nk, D)
+    mask = randn(gen, mask_shape)
+    dout = randn(gen, (B, H, Nq, D))
+    grads = backends.gradients(backend, q, k, v, dout, wrt=("mask",), mask=mask, causal=True)
+    want = attention_np(q, k, v, dout=dout, mask=mask, causal=True)
+    full = want["dmask_full"]
+    axes = tuple(a for a, n in enumerate((1,) * (4 - len(mask_shape)) + mask_shape) if n == 1)
+    expected = full.sum(axis=axes, keepdims=True).reshape(mask_shape)
+    check_close("dmask", to_np(grads["mask"]), expected, mx.float32)
+
+
+def test_gradient_through_lse(backend):
+    gen = rng("dlse")
+    q, k, v = qkv(gen, 1, 2, 2, 31, 45, 16)
+    dout = randn(gen, (1, 2, 31, 16))
+    dlse = randn(gen, (1, 2, 31))
+    grads = backends.gradients(backend, q, k, v, dout, dlse=dlse, causal=True)
+    want = attention_np(q, k, v, dout=dout, dlse=dlse, causal=True)
+    for name in "qkv":
+        check_close("d" + name, to_np(grads[name]), want, mx.float32)
+
+
+def test_inside_compile(backend):
+    if is_emulated(backend):
+        pytest.skip("mx.compile needs a real MLX device")
+    gen = rng("compile")
+    q, k, v = qkv(gen, 1, 2, 1, 40, 50, 32)
+    stream = mx.cpu if backend == "cpu" else mx.gpu
+
+    def loss(q, k, v):
+        return mx.sum(mlx_flash.flash_attention(q, k, v, causal=True, softcap=3.0, stream=stream) ** 2)
+
+    eager = mx.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+    compiled = mx.compile(mx.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    assert abs(eager[0].item() - compiled[0].item()) < 1e-4 * abs(eager[0].item())
+    for a, b in zip(eager[1], compiled[1]):
+        assert rel_error(to_np(b), to_np(a)) < 1e-5

@@ -1,0 +1,151 @@
+"""Smoke tests of the benchmark harness (mlx_flash.bench): a tiny sweep, the
+JSON schema, resume, the targets report and the plots. No timing assertions."""
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("mlx_flash._ext", reason="the C++ extension is not built (tools/build_inplace.sh)")
+
+from mlx_flash.bench import common, cpu_attention  # noqa: E402
+
+TINY = ["--n", "64", "--d", "64", "--dtype", "fp32", "--mode", "fwd,fwdbwd", "--causal", "both",
+        "--no-gemm", "--no-plots", "--budget", "0.01", "--min-repeats", "1", "--max-repeats", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    assert cpu_attention.main(TINY + ["--out", str(out)]) == 0
+    return out, json.loads(out.read_text())
+
+
+def test_tiny_sweep_schema(tiny_run):
+    _, doc = tiny_run
+    assert doc["schema"] == cpu_attention.SCHEMA
+    for key in ("created", "machine", "settings", "notes", "results", "targets"):
+        assert key in doc
+    assert doc["machine"]["mlx_flash_cpu_kernel_isa"]
+    assert "flop_counting" in doc["settings"] and "memory_methods" in doc["settings"]
+    assert len(doc["results"]) == 4  # {fwd, fwdbwd} x {full, causal}
+    for key, entry in doc["results"].items():
+        cfg = cpu_attention.Config.from_dict(entry["config"])
+        assert cfg.key == key and cfg.N == 64 and cfg.H == 8
+        assert entry["flops"] == cfg.flops
+        assert set(entry["impls"]) == set(cpu_attention.IMPLS)
+        ours = entry["impls"]["mlx_flash"]
+        assert ours["status"] == "ok", ours
+        assert ours["time_s"] > 0 and ours["gflops"] > 0 and 1 <= ours["repeats"] <= 2
+        assert ours["memory"]["method"] == "mlx" and ours["memory"]["extra_peak_bytes"] > 0
+        assert entry["impls"]["mx_fast_sdpa"]["status"] == "ok"
+        assert entry["speedup"]["mx_fast_sdpa"] > 0
+        torch_rec = entry["impls"]["torch_sdpa"]
+        assert torch_rec["status"] in ("ok", "skipped")
+        if torch_rec["status"] == "ok":
+            assert entry["speedup"]["torch_sdpa"] > 0
+    fwd = doc["results"]["fwd-fp32-full-B1-H8-N64-D64"]
+    if "max_abs_diff_vs_torch" in fwd:
+        assert fwd["max_abs_diff_vs_torch"] < 1e-4
+
+
+def test_flop_counting():
+    full = cpu_attention.Config("fwd", "fp32", False, 1, 8, 4096, 64)
+    assert full.flops == 4 * 8 * 4096 * 4096 * 64
+    causal = cpu_attention.Config("fwd", "fp32", True, 1, 8, 4096, 64)
+    assert causal.flops == full.flops / 2
+    both = cpu_attention.Config("fwdbwd", "fp32", False, 1, 8, 4096, 64)
+    assert both.flops == full.flops * (1 + cpu_attention.BACKWARD_FLOP_FACTOR)
+
+
+def test_resume_keeps_measurements(tiny_run, tmp_path):
+    src, doc = tiny_run
+    out = tmp_path / "resumed.json"
+    out.write_text(src.read_text())
+    assert cpu_attention.main(TINY + ["--out", str(out), "--resume", "--n", "64 96", "--mode", "fwd",
+                                      "--causal", "no", "--impl", "mlx_flash"]) == 0
+    resumed = json.loads(out.read_text())
+    key = "fwd-fp32-full-B1-H8-N64-D64"
+    assert resumed["results"][key]["impls"]["mlx_flash"] == doc["results"][key]["impls"]["mlx_flash"]
+    assert resumed["results"]["fwd-fp32-full-B1-H8-N96-D64"]["impls"]["mlx_flash"]["status"] == "ok"
+    assert resumed["settings"]["resumed"]
+
+
+def test_mx_fast_cap_is_recorded():
+    m = cpu_attention.Measurement(cpu_attention.Config("fwd", "fp32", False, 1, 8, 4096, 64), "mx_fast_sdpa")
+    assert "N > 2048" in cpu_attention.skip_reason(m, 2048, set())
+    forced = cpu_attention.Measurement(m.config, "mx_fast_sdpa", force=True)
+    assert cpu_attention.skip_reason(forced, 2048, set()) is None
+
+
+def test_targets_report():
+    doc = {"gemm": {"best_gflops": 100.0}, "results": {}}
+
+    def put(cfg, impl, time_s, memory=None):
+        rec = {"status": "ok", "time_s": time_s, "gflops": cfg.flops / time_s / 1e9}
+        if memory is not None:
+            rec["memory"] = {"extra_peak_bytes": memory, "method": "mlx"}
+        cpu_attention.record(doc, cpu_attention.Measurement(cfg, impl), rec)
+
+    fast = cpu_attention.Config("fwd", "fp32", False, 1, 8, 4096, 64)
+    put(fast, "mlx_flash", 1.0)
+    put(fast, "torch_sdpa", 1.5)
+    put(fast, "mx_fast_sdpa", 20.0)
+    mem = cpu_attention.TARGET_MEMORY_CONFIG
+    put(mem, "mlx_flash", 30.0, memory=10 * 2**20)
+    targets = {t["target"]: t for t in cpu_attention.check_targets(doc)}
+    assert targets[f"{fast.label} vs torch SDPA"]["status"] == "met"
+    assert targets[f"{fast.label} vs torch SDPA"]["ratio"] == pytest.approx(1.5)
+    assert targets[f"{fast.label} vs mx.fast SDPA"]["status"] == "missed"  # 20x < 30x
+    assert targets[f"{fast.label} vs GEMM rate"]["status"] == "missed"     # 34 of 100 GFLOP/s
+    assert targets[f"{mem.label} extra peak memory"]["status"] == "met"
+    assert targets[f"{cpu_attention.TARGET_LONG_CONFIG.label} completes"]["status"] == "not measured"
+    text = cpu_attention.format_targets(list(targets.values()))
+    assert "met" in text and "missed" in text and "not measured" in text
+
+
+def test_check_targets_from_file(tiny_run, capsys):
+    src, _ = tiny_run
+    assert cpu_attention.main(["--from", str(src), "--check-targets"]) == 0
+    assert "Issue 3 targets" in capsys.readouterr().out
+    assert cpu_attention.main(["--from", str(src), "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert "| fwd | fp32 | full | 1,8,64,64 |" in table and "| fwdbwd | fp32 | causal | 1,8,64,64 |" in table
+
+
+def test_time_call_policy():
+    calls = []
+    timing = common.time_call(lambda: calls.append(1), common.TimingPolicy(budget_s=0.0, min_repeats=3, max_repeats=5))
+    assert timing["repeats"] == 3 and len(calls) == 4  # warm-up + 3
+    assert not timing["warmup_counted"]
+
+
+def test_gemm_runs_without_openblas_overrides(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "1048576")
+    gemm = common.measure_gemm(sizes=(64,), repeats=1)
+    assert gemm["status"] == "ok", gemm
+    assert gemm["best_gflops"] > 0 and gemm["best_size"] == 64
+    assert gemm["env_removed"] == {"OPENBLAS_L2_SIZE": "1048576"}
+    assert os.environ["OPENBLAS_L2_SIZE"] == "1048576"  # the parent keeps its environment
+    assert gemm["blas"]
+
+
+def test_gemm_ceiling_keeps_the_best_run(monkeypatch):
+    rates = iter([50.0, 80.0])
+    monkeypatch.setattr(common, "measure_gemm", lambda: {"status": "ok", "best_gflops": next(rates), "best_size": 4096})
+    doc = {"results": {}}
+    progress = common.Progress(2, enabled=False)
+    cpu_attention._gemm_ceiling(doc, progress, "start")
+    cpu_attention._gemm_ceiling(doc, progress, "end")
+    assert [r["when"] for r in doc["gemm_runs"]] == ["start", "end"]
+    assert doc["gemm"]["best_gflops"] == 80.0
+
+
+def test_plots(tiny_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    from mlx_flash.bench import plots
+
+    _, doc = tiny_run
+    paths = plots.write_cpu_attention_plots(doc, tmp_path)
+    for p in paths:
+        assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,132 @@
+"""fp8 encode / decode / quantize: bit-exact with MLX for e4m3, IEEE-like e5m2."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_flash import fp8
+
+
+def _e5m2_value(code: int) -> float:
+    """E5M2 by its definition (float64), written independently of fp8.py."""
+    sign = -1.0 if code & 0x80 else 1.0
+    e, m = (code >> 2) & 0x1F, code & 0x3
+    if e == 31:
+        return sign * math.inf if m == 0 else math.nan
+    if e == 0:
+        return sign * m / 4 * 2.0**-14
+    return sign * (1 + m / 4) * 2.0 ** (e - 15)
+
+
+def test_e4m3_decode_matches_mlx_on_all_codes():
+    codes = mx.arange(256).astype(mx.uint8)
+    ours = np.array(fp8.decode(codes, "e4m3"))
+    ref = np.array(mx.from_fp8(codes, mx.float32))
+    assert np.array_equal(np.isnan(ours), np.isnan(ref))
+    finite = ~np.isnan(ref)
+    assert np.array_equal(ours[finite].view(np.uint32), ref[finite].view(np.uint32))
+    assert fp8.max_finite("e4m3") == 448.0
+
+
+def test_e5m2_decode_all_codes():
+    ours = np.array(fp8.decode(mx.arange(256).astype(mx.uint8), "e5m2"), dtype=np.float64)
+    ref = np.array([_e5m2_value(c) for c in range(256)])
+    assert np.array_equal(np.isnan(ours), np.isnan(ref))
+    assert np.array_equal(ours[~np.isnan(ref)], ref[~np.isnan(ref)])
+    assert fp8.max_finite("e5m2") == 57344.0
+    assert ours[0x7C] == math.inf and ours[0xFC] == -math.inf
+
+
+def _probe_values(table: np.ndarray, rng) -> np.ndarray:
+    finite = np.sort(table[np.isfinite(table)].astype(np.float64))
+    mids = (finite[:-1] + finite[1:]) / 2  # ties: round to even
+    return np.concatenate([
+        finite, mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf),
+        rng.standard_normal(20000) * 100, rng.standard_normal(20000) * 1e-3,
+        [0.0, -0.0, np.inf, -np.inf, 1e30, -1e30, 1e-30],
+    ]).astype(np.float32)
+
+
+def test_e4m3_encode_matches_mlx():
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    for x in (bits.view(np.float32), _probe_values(fp8.decode_table("e4m3"), rng)):
+        ours = np.array(fp8.encode(mx.array(x), "e4m3"))
+        ref = np.array(mx.to_fp8(mx.array(x)))
+        assert np.array_equal(ours, ref)
+
+
+def _e5m2_encode_ref(x: np.ndarray) -> np.ndarray:
+    """Nearest e5m2 code, ties to the even code, saturating; NaN stays NaN."""
+    values = np.array([_e5m2_value(c) for c in range(0x7C)])  # finite magnitudes, ascending
+    out = np.empty(x.shape, np.uint8)
+    for i, v in enumerate(x.astype(np.float64)):
+        if np.isnan(v):
+            out[i] = 0x7E
+            continue
+        mag = min(abs(v), values[-1])
+        j = np.searchsorted(values, mag)
+        if j < len(values) and values[j] == mag:
+            code = j
+        else:
+            lo, hi = j - 1, j
+            dlo, dhi = mag - values[lo], values[hi] - mag
+            code = lo if dlo < dhi or (dlo == dhi and lo % 2 == 0) else hi
+        out[i] = code | (0x80 if np.signbit(v) else 0)
+    return out
+
+
+def test_e5m2_encode_rounds_to_nearest_even_and_saturates():
+    rng = np.random.default_rng(1)
+    x = _probe_values(fp8.decode_table("e5m2"), rng)[::3]
+    x = np.concatenate([x, [np.nan, 60000.0, 61440.0, 1e9]]).astype(np.float32)
+    ours = np.array(fp8.encode(mx.array(x), "e5m2"))
+    ref = _e5m2_encode_ref(x)
+    nan = np.isnan(x)
+    assert np.all(np.isnan(fp8.decode_table("e5m2")[ours[nan]]))
+    assert np.array_equal(ours[~nan], ref[~nan])
+    assert fp8.decode_table("e5m2")[ours[-1]] == 57344.0  # saturation, not inf
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("axis", [None, 0, -1])
+def test_quantize_dequantize_round_trip(fmt, axis):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((37, 53)).astype(np.float32) * np.linspace(0.1, 10, 53, dtype=np.float32)
+    data, scale = fp8.quantize(mx.array(x), fmt=fmt, axis=axis)
+    assert data.dtype == mx.uint8 and data.shape == x.shape and scale.dtype == mx.float32
+    expect_shape = {None: (), 0: (37, 1), -1: (1, 53)}[axis]
+    assert tuple(scale.shape) == expect_shape
+    back = np.array(fp8.dequantize(data, scale, fmt, mx.float32))
+    # Relative rounding error of a normal fp8 value: 2^-(mantissa bits + 1).
+    rel = 2.0 ** -(4 if fmt == "e4m3" else 3)
+    amax = np.max(np.abs(x), axis=None if axis is None else tuple({0: [1], -1: [0]}[axis]), keepdims=axis is not None)
+    tiny = amax / fp8.max_finite(fmt) * fp8.decode_table(fmt)[8]  # below the normal range
+    assert np.all(np.abs(back - x) <= rel * np.abs(x) + tiny + 1e-12)
+    assert np.max(np.abs(back)) <= np.max(np.abs(x)) * (1 + 1e-6)
+
+
+def test_quantize_all_zero_slices_get_unit_scale():
+    x = mx.zeros((3, 4))
+    data, scale = fp8.quantize(x, axis=0)
+    assert np.all(np.array(scale) == 1.0) and np.all(np.array(data) == 0)
+
+
+def test_dequantize_dtype():
+    data, scale = fp8.quantize(mx.array([1.0, -2.0, 3.5]))
+    assert fp8.dequantize(data, scale, "e4m3", mx.bfloat16).dtype == mx.bfloat16
+
+
+@pytest.mark.parametrize("call", [
+    lambda: fp8.quantize(mx.ones((2,)), fmt="e3m4"),
+    lambda: fp8.encode(mx.ones((2,)), fmt="fp8"),
+    lambda: fp8.decode(mx.ones((2,)), "e4m3"),
+    lambda: fp8.quantize(mx.ones((2,), dtype=mx.int32)),
+    lambda: fp8.quantize(mx.ones((2, 3)), axis=2),
+    lambda: fp8.dequantize(mx.zeros((2,), dtype=mx.uint8), None, "e4m3", mx.int32),
+])
+def test_bad_arguments(call):
+    with pytest.raises((TypeError, ValueError)):
+        call()

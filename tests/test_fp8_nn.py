@@ -1,0 +1,139 @@
+"""FP8Linear and convert_to_fp8: values, frozen fp8 weights, LoRA fine-tuning."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_flash import fp8
+from mlx_flash.nn import FP8Linear, convert_to_fp8
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_from_linear_matches_dequantized_linear(fmt, dtype):
+    mx.random.seed(0)
+    lin = nn.Linear(37, 21)
+    layer = FP8Linear.from_linear(lin, fmt=fmt)
+    assert layer.weight.dtype == mx.uint8 and layer.weight.shape == (21, 37)
+    assert layer.scale.shape == (21, 1)
+    x = mx.random.normal((2, 5, 37)).astype(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (2, 5, 21)
+    w = np.array(layer.dequantized_weight(), dtype=np.float64)
+    ref = np.array(x.astype(mx.float32), dtype=np.float64) @ w.T + np.array(lin.bias, dtype=np.float64)
+    tol = 1e-5 if dtype == mx.float32 else 2e-2
+    np.testing.assert_allclose(np.array(y.astype(mx.float32)), ref, rtol=tol, atol=tol)
+    # ...and the fp8 weight is close to the original one.
+    rel = 2.0 ** -(4 if fmt == "e4m3" else 3)
+    assert np.all(np.abs(w - np.array(lin.weight)) <= rel * np.abs(np.array(lin.weight)) + 1e-3)
+
+
+def test_fp8_weights_are_frozen():
+    layer = FP8Linear(8, 4)
+    names = {k for k, _ in tree_flatten(layer.trainable_parameters())}
+    assert names == {"bias"}
+    layer.unfreeze()
+    assert {k for k, _ in tree_flatten(layer.trainable_parameters())} == {"bias"}
+    assert 8 * 4 == layer.weight.nbytes  # one byte per weight
+
+
+class Block(nn.Module):
+    """A tiny pre-norm transformer block (attention + MLP), all Linear layers."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.RMSNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.RMSNorm(d)
+        self.up = nn.Linear(d, 4 * d)
+        self.down = nn.Linear(4 * d, d)
+
+    def __call__(self, x):
+        B, N, D = x.shape
+        q, k, v = mx.split(self.qkv(self.norm1(x)), 3, axis=-1)
+        split = lambda t: t.reshape(B, N, self.heads, -1).transpose(0, 2, 1, 3)
+        s = (split(q) @ split(k).swapaxes(-1, -2)) / math.sqrt(D // self.heads)
+        o = (mx.softmax(s, axis=-1) @ split(v)).transpose(0, 2, 1, 3).reshape(B, N, D)
+        x = x + self.proj(o)
+        return x + self.down(nn.gelu(self.up(self.norm2(x))))
+
+
+class LoRA(nn.Module):
+    """y = base(x) + (x @ A) @ B, the adapter trainable, the base frozen."""
+
+    def __init__(self, base, rank=4):
+        super().__init__()
+        out_dims, in_dims = base.weight.shape
+        self.base = base
+        self.a = mx.random.normal((in_dims, rank)) * 0.1
+        self.b = mx.zeros((rank, out_dims))
+
+    def __call__(self, x):
+        return self.base(x) + (x @ self.a) @ self.b
+
+
+def test_convert_block_then_lora_fine_tune():
+    mx.random.seed(1)
+    block = Block()
+    x = mx.random.normal((2, 6, 32))
+    before = block(x)
+    convert_to_fp8(block)
+    for name in ("qkv", "proj", "up", "down"):
+        assert isinstance(getattr(block, name), FP8Linear)
+    after = block(x)
+    assert np.max(np.abs(np.array(after - before))) < 0.1 * np.max(np.abs(np.array(before)))
+
+    block.freeze()
+    for name in ("qkv", "proj", "up", "down"):
+        setattr(block, name, LoRA(getattr(block, name)))
+    trainable = {k for k, _ in tree_flatten(block.trainable_parameters())}
+    assert trainable and all(k.endswith(".a") or k.endswith(".b") for k in trainable)
+
+    target = mx.random.normal((2, 6, 32))
+    loss_fn = lambda model: mx.mean((model(x) - target) ** 2)
+    # Gradient w.r.t. the input flows through the fp8 layers.
+    gx = mx.grad(lambda inp: mx.sum(block(inp) ** 2))(x)
+    assert np.all(np.isfinite(np.array(gx))) and np.max(np.abs(np.array(gx))) > 0
+
+    opt = optim.Adam(learning_rate=1e-2)
+    step = nn.value_and_grad(block, loss_fn)
+    weights_before = np.array(block.qkv.base.weight)
+    losses = []
+    for _ in range(8):
+        loss, grads = step(block)
+        opt.update(block, grads)
+        mx.eval(block.parameters(), opt.state)
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert np.array_equal(np.array(block.qkv.base.weight), weights_before)
+
+
+def test_convert_with_predicate_and_mlp_training():
+    mx.random.seed(2)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    convert_to_fp8(mlp, fmt="e5m2", predicate=lambda path, m: m.weight.shape[0] == 32)
+    assert isinstance(mlp.layers[0], FP8Linear) and isinstance(mlp.layers[2], nn.Linear)
+    x, y = mx.random.normal((64, 16)), mx.random.normal((64, 4))
+    loss_fn = lambda m: mx.mean((m(x) - y) ** 2)
+    opt = optim.SGD(learning_rate=0.1)
+    step = nn.value_and_grad(mlp, loss_fn)
+    first = None
+    for _ in range(10):
+        loss, grads = step(mlp)
+        opt.update(mlp, grads)
+        mx.eval(mlp.parameters())
+        first = loss.item() if first is None else first
+    assert loss.item() < first
+    assert mlp.layers[0].weight.dtype == mx.uint8
+
+
+def test_from_linear_rejects_other_modules():
+    with pytest.raises(TypeError, match="linear"):
+        FP8Linear.from_linear(nn.Conv1d(3, 3, 1))
