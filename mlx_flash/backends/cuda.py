@@ -1,7 +1,8 @@
 """CUDA backend: mx.fast.cuda_kernel wrappers over cuda_src/ (NVRTC inside MLX).
 
 Kernels (cuda_src/):
-  attention_fwd_mma   tensor-core forward (fp16/bf16), one block per 16*NW query rows
+  attention_fwd_mma2  tensor-core forward (fp16/bf16, head dims <= 128), 32 query rows per warp
+  attention_fwd_mma   tensor-core forward (fp16/bf16, any head dim), 16 query rows per warp
   attention_fwd_simt  fp32-arithmetic forward: float32 inputs and decode (few
                       query rows), optionally split over keys ...
   attention_combine   ... whose partial results this merges by lse
@@ -24,10 +25,10 @@ import functools
 import math
 import os
 import re
-from pathlib import Path
 
 import mlx.core as mx
 
+from .._sources import read_source
 from .._spec import AttentionInputs, AttentionSpec
 
 # Shared memory one block may use on sm_80/sm_90 (227 KiB, less some headroom).
@@ -41,21 +42,9 @@ ATTENTION_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_simt.cuh", "a
 MATMUL_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_fwd_mma.cuh", "matmul.cuh")
 
 
-def _cuda_src_dir() -> Path:
-    """cuda_src/ inside the installed package, else at the checkout's root.
-
-    Private stand-in for mlx_flash/_sources.py (metal-kernels branch) until it lands.
-    """
-    package = Path(__file__).resolve().parent.parent
-    for candidate in (package / "cuda_src", package.parent / "cuda_src"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"mlx_flash: cuda_src/ not found next to {package}")
-
-
 @functools.lru_cache(maxsize=None)
 def _read(name: str) -> str:
-    return (_cuda_src_dir() / name).read_text()
+    return read_source("cuda_src", name)
 
 
 @functools.lru_cache(maxsize=None)
