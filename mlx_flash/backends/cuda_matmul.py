@@ -58,7 +58,11 @@ def _exact_f32_matmul(a, b, stream):
     a_hi, a_lo = _split(a, stream)
     b_hi, b_lo = _split(b, stream)
     mm = lambda x, y: mx.matmul(x, y, stream=stream)
-    return mm(a_hi, b_hi) + (mm(a_hi, b_lo) + mm(a_lo, b_hi) + mm(a_lo, b_lo))
+    split = mm(a_hi, b_hi) + (mm(a_hi, b_lo) + mm(a_lo, b_hi) + mm(a_lo, b_lo))
+    # inf operands (fp8 E5M2 has them) give NaN remainders (inf - inf); there
+    # the plain product carries the right inf/NaN.
+    plain = mm(a, b)
+    return mx.where(mx.isnan(split) & ~mx.isnan(plain), plain, split, stream=stream)
 
 
 def _float32_route(a, b, a_scale, b_scale, spec, stream):
