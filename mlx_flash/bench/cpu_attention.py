@@ -416,7 +416,7 @@ def check_targets(doc: dict) -> list[dict]:
 def format_targets(targets: list[dict]) -> str:
     lines = ["Issue 3 targets (CPU):"]
     for t in targets:
-        ratio = "" if t["ratio"] is None else f"{t['ratio']:.2f}"
+        ratio = "" if t["ratio"] is None else f"{t['ratio']:.3g}"
         lines.append(f"  [{t['status']:>12s}] {t['target']:60s} {t['requirement']:42s} {ratio:>7s}  {t['detail']}")
     counts = {s: sum(t["status"] == s for t in targets) for s in ("met", "missed", "not measured")}
     lines.append("  " + ", ".join(f"{v} {k}" for k, v in counts.items()))
