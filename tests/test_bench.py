@@ -26,7 +26,7 @@ def test_tiny_sweep_schema(tiny_run):
     assert doc["schema"] == cpu_attention.SCHEMA
     for key in ("created", "machine", "settings", "notes", "results", "targets"):
         assert key in doc
-    assert doc["machine"]["mlx_flash_cpu_kernel_isa"]
+    assert doc["machine"]["mlx_flash_cpu_kernel_isa"] and doc["machine"]["cpu_model"]
     assert "flop_counting" in doc["settings"] and "memory_methods" in doc["settings"]
     assert len(doc["results"]) == 4  # {fwd, fwdbwd} x {full, causal}
     for key, entry in doc["results"].items():

@@ -224,6 +224,18 @@ def _version(module: str) -> str | None:
     return getattr(mod, "__version__", "unknown")
 
 
+def git_state() -> dict | None:
+    """Commit of the checkout being measured, and whether its kernels (csrc/) differ from it."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "csrc_modified": bool(git("status", "--porcelain", "--", "csrc"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def machine_info() -> dict:
     """CPU, cores, OS and library versions of this run."""
     info = {
@@ -257,6 +269,7 @@ def machine_info() -> dict:
         info["torch_threads"] = torch.get_num_threads()
     except Exception:
         pass
+    info["git"] = git_state()
     try:
         info["loadavg_at_start"] = list(os.getloadavg())
     except OSError:

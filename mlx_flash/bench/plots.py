@@ -94,7 +94,7 @@ def _machine_line(doc: dict) -> str:
 
 def _sort_key(entry):
     c = entry["config"]
-    return (c["mode"], c["dtype"], c["D"], c["causal"], c["B"], c["H"])
+    return (c["mode"], {"fp32": 0, "bf16": 1}.get(c["dtype"], 2), c["D"], c["causal"], c["B"], c["H"])
 
 
 def throughput_panels(doc: dict) -> dict:
