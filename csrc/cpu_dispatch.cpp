@@ -7,40 +7,71 @@
 namespace mlxf {
 namespace {
 
-bool has_avx2() {
+enum class Isa { generic, avx2, avx512 };
+
+Isa detect() {
 #if defined(MLXF_HAVE_AVX2) && (defined(__x86_64__) || defined(_M_X64))
-  static const bool ok = [] {
-    // MLX_FLASH_CPU_ISA=generic forces the portable variant (tests run it this way).
-    const char* forced = std::getenv("MLX_FLASH_CPU_ISA");
-    if (forced && std::strcmp(forced, "generic") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return ok;
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  // MLX_FLASH_CPU_ISA=generic|avx2 caps the variant (tests run each this way).
+  const char* cap = std::getenv("MLX_FLASH_CPU_ISA");
+  if (cap && std::strcmp(cap, "generic") == 0) return Isa::generic;
+  if (cap && std::strcmp(cap, "avx2") == 0) return avx2 ? Isa::avx2 : Isa::generic;
+  return avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::generic;
 #else
-  return false;
+  return Isa::generic;
 #endif
+}
+
+Isa isa() {
+  static const Isa chosen = detect();
+  return chosen;
 }
 
 }  // namespace
 
 #if !defined(MLXF_HAVE_AVX2)
-// Non-x86 builds compile only the generic variant; give the avx2 names a body.
+// Non-x86 builds compile only the generic variant; give the other names a body.
 namespace avx2 {
 void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) { generic::attention_forward(a, o); }
 void attention_backward(const AttentionArgs& a, const BackwardArgs& g) { generic::attention_backward(a, g); }
 void matmul2d(const MatmulArgs& a) { generic::matmul2d(a); }
 }  // namespace avx2
+namespace avx512 {
+void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) { generic::attention_forward(a, o); }
+void attention_backward(const AttentionArgs& a, const BackwardArgs& g) { generic::attention_backward(a, g); }
+}  // namespace avx512
 #endif
 
+// matmul2d has no AVX-512 variant of its own: its avx2 kernel serves.
+namespace avx512 {
+void matmul2d(const MatmulArgs& a) { avx2::matmul2d(a); }
+}  // namespace avx512
+
 void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) {
-  has_avx2() ? avx2::attention_forward(a, o) : generic::attention_forward(a, o);
+  switch (isa()) {
+    case Isa::avx512: return avx512::attention_forward(a, o);
+    case Isa::avx2: return avx2::attention_forward(a, o);
+    default: return generic::attention_forward(a, o);
+  }
 }
 void attention_backward(const AttentionArgs& a, const BackwardArgs& g) {
-  has_avx2() ? avx2::attention_backward(a, g) : generic::attention_backward(a, g);
+  switch (isa()) {
+    case Isa::avx512: return avx512::attention_backward(a, g);
+    case Isa::avx2: return avx2::attention_backward(a, g);
+    default: return generic::attention_backward(a, g);
+  }
 }
-void matmul2d(const MatmulArgs& a) { has_avx2() ? avx2::matmul2d(a) : generic::matmul2d(a); }
-const char* cpu_kernel_isa() { return has_avx2() ? "avx2" : "generic"; }
+void matmul2d(const MatmulArgs& a) { isa() == Isa::generic ? generic::matmul2d(a) : avx2::matmul2d(a); }
+const char* cpu_kernel_isa() {
+  switch (isa()) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "generic";
+  }
+}
 
 }  // namespace mlxf

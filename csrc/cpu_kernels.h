@@ -97,6 +97,7 @@ struct MatmulArgs {
 
 MLXF_DECLARE_KERNELS(generic)
 MLXF_DECLARE_KERNELS(avx2)
+MLXF_DECLARE_KERNELS(avx512)
 
 // Kernel scratch comes from MLX's allocator, so mx.get_peak_memory() counts
 // it like any array. Returns a 64-byte aligned data pointer; *handle is what

@@ -9,16 +9,23 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 #include "cpu_kernels.h"
 
+#if defined(__AVX512F__)
+// 16 floats: one AVX-512 register.
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+constexpr int VL = 16;
+#else
 // 8 floats; GCC/Clang lower it to one AVX register, two SSE or two NEON ones.
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
 constexpr int VL = 8;
+#endif
 
 inline vf loadu(const float* p) {
   vf v;
@@ -28,7 +35,11 @@ inline vf loadu(const float* p) {
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 // (An initializer list, not vf{} + x: adding 0 is not a no-op for -0.0, so the
 // compiler would emit an add before every broadcast.)
+#if defined(__AVX512F__)
+inline vf splat(float x) { return (vf)_mm512_set1_ps(x); }
+#else
 inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x}; }
+#endif
 
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline float hsum(vf v) {
@@ -195,17 +206,23 @@ inline vf vexp(vf x) {
 //
 // C[M x N] (+)= A[M x K] * B[K x N].
 // A: element (i, k) at A[i * a_rs + k * a_cs] (row- or column-major tiles).
-// B: packed in panels of NR = 16 columns: element (k, j) at
+// B: packed in panels of NR columns: element (k, j) at
 //    B[(j / NR) * b_ps + k * NR + j % NR]. N must be a multiple of NR.
 // C: row-major with leading dimension ldc.
-constexpr int NR = 16;
+// Micro-tile MR x NR = MR rows x two vectors: 6 x 16 with AVX2's 16
+// registers (12 accumulators), 8 x 32 with AVX-512's 32 (16 accumulators).
+constexpr int NR = 2 * VL;
+#if defined(__AVX512F__)
+constexpr int MR = 8;
+#else
 constexpr int MR = 6;
+#endif
 
 template <int R>
 inline void micro_kernel(int K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, float* C,
                          int64_t ldc, bool accumulate) {
   vf c0[R], c1[R];
-#pragma GCC unroll 6
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     c0[r] = accumulate ? loadu(C + r * ldc) : vf{};
     c1[r] = accumulate ? loadu(C + r * ldc + VL) : vf{};
@@ -213,14 +230,14 @@ inline void micro_kernel(int K, const float* A, int64_t a_rs, int64_t a_cs, cons
   for (int k = 0; k < K; ++k) {
     const vf b0 = loadu(B + k * NR), b1 = loadu(B + k * NR + VL);
     const float* a = A + k * a_cs;
-#pragma GCC unroll 6
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const vf av = splat(a[r * a_rs]);
       c0[r] += av * b0;
       c1[r] += av * b1;
     }
   }
-#pragma GCC unroll 6
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     storeu(C + r * ldc, c0[r]);
     storeu(C + r * ldc + VL, c1[r]);
@@ -237,6 +254,8 @@ inline void gemm(int M, int N, int K, const float* A, int64_t a_rs, int64_t a_cs
     const float* Ai = A + i * a_rs;
     float* Ci = Cj + i * ldc;
     switch (M - i) {
+      case 7: micro_kernel<7>(K, Ai, a_rs, a_cs, Bp, Ci, ldc, accumulate); break;
+      case 6: micro_kernel<6>(K, Ai, a_rs, a_cs, Bp, Ci, ldc, accumulate); break;
       case 5: micro_kernel<5>(K, Ai, a_rs, a_cs, Bp, Ci, ldc, accumulate); break;
       case 4: micro_kernel<4>(K, Ai, a_rs, a_cs, Bp, Ci, ldc, accumulate); break;
       case 3: micro_kernel<3>(K, Ai, a_rs, a_cs, Bp, Ci, ldc, accumulate); break;

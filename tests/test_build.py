@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import mlx.core as mx
 import numpy as np
 
@@ -17,7 +19,7 @@ def test_extension_accepts_mlx_arrays():
     out, lse = _ext.attention_forward(q, k, v, batch=1, scale=0.5, window_left=-1, window_right=-1,
                                       softcap=0.0, block_q=64, block_k=64)
     assert out.shape == (1, 2, 5, 8) and lse.shape == (1, 2, 5)
-    assert _ext.cpu_kernel_isa() in ("generic", "avx2") and _ext.num_threads() >= 1
+    assert _ext.cpu_kernel_isa() in ("generic", "avx2", "avx512") and _ext.num_threads() >= 1
 
 
 def test_primitive_vjp_matches_python_vjp():
@@ -59,23 +61,30 @@ def test_import_does_not_need_the_extension():
     assert "ImportError" in result.stdout and "_ext" in result.stdout
 
 
-def test_generic_cpu_variant_is_exact_too():
-    """The portable (non-AVX2) kernels, as a CPU without AVX2 would run them."""
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_other_cpu_variants_are_exact_too(isa):
+    """The kernels a CPU without AVX-512 (avx2) or without AVX2 (generic) runs,
+    forced through MLX_FLASH_CPU_ISA; the default variant runs everywhere else."""
     import os
     import pathlib
+
+    import platform
+
+    if isa == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("avx2 variant exists on x86-64 only")
 
     tests = pathlib.Path(__file__).parent
     code = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from mlx_flash import _ext; assert _ext.cpu_kernel_isa() == 'generic', _ext.cpu_kernel_isa()\n"
+        "from mlx_flash import _ext; assert _ext.cpu_kernel_isa() == %r, _ext.cpu_kernel_isa()\n"
         "import test_attention_values as t, features\n"
         "for f in ('none', 'combined_everything', 'additive_mask'):\n"
         "    for dt in ('float32', 'float16'):\n"
         "        t.test_forward_features('cpu', f, t.FEATURE_SHAPES[0], dt)\n"
         "        t.test_gradient_features('cpu', f, t.FEATURE_SHAPES[1], dt)\n"
         "t.test_decode_features('cpu', 'causal', 'bfloat16')\n"
-        "print('ok')\n" % str(tests)
+        "print('ok')\n" % (str(tests), isa)
     )
-    env = dict(os.environ, MLX_FLASH_CPU_ISA="generic")
+    env = dict(os.environ, MLX_FLASH_CPU_ISA=isa)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
