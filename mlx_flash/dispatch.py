@@ -54,7 +54,3 @@ def backend_for_name(name: str):
     """The backend module called `name` ('cpu', 'metal' or 'cuda')."""
     return importlib.import_module(_BACKENDS[name])
 
-
-def backend(stream):
-    """The backend module for the call's device."""
-    return backend_for_name(backend_name(stream))
