@@ -74,7 +74,7 @@ inline int64_t row_offset(const View4& v, const Sequence& s, int h, int64_t row)
 }
 
 // Element offset in the contiguous outputs [B?, H, Nq, D] / [B?, H, Nq].
-inline int64_t out_row(const AttentionArgs& a, const Sequence& s, int heads, int h, int64_t row, int64_t rows) {
+inline int64_t out_row(const Sequence& s, int heads, int h, int64_t row, int64_t rows) {
   return (s.q_batch * heads + h) * rows + row;
 }
 
@@ -281,7 +281,7 @@ void forward_tile(const ForwardHead& fh, int h, int i0) {
   // Normalise and write out / lse. Fully masked rows: out 0, lse -inf.
   const ForwardOutputs& o = *fh.o;
   for (int r = 0; r < mq; ++r) {
-    const int64_t orow = out_row(a, s, a.Hq, h, s.q_row0 + i0 + r, a.Nq);
+    const int64_t orow = out_row(s, a.Hq, h, s.q_row0 + i0 + r, a.Nq);
     const float l = row_sum.p[r];
     const float inv = l > 0 ? 1.f / l : 0.f;
     for (int c = 0; c < Dv; ++c) store_scalar(o.out, orow * Dv + c, a.q.dtype, O.p[r * dv_pad + c] * inv);
@@ -391,7 +391,7 @@ void decode_forward(const AttentionArgs& a, const ForwardOutputs& o) {
           for (int k = 0; k < a.Dv; ++k) acc[k] += w * d.part_out[p * d.dv_pad + k];
         }
         const Sequence s = sequence(a, b);
-        const int64_t orow = out_row(a, s, a.Hq, h, i, a.Nq);
+        const int64_t orow = out_row(s, a.Hq, h, i, a.Nq);
         const float inv = l > 0 ? 1.f / l : 0.f;
         for (int k = 0; k < a.Dv; ++k) store_scalar(o.out, orow * a.Dv + k, a.q.dtype, acc[k] * inv);
         o.lse[orow] = l > 0 ? m + std::log(l) : NEG_INF;
@@ -510,7 +510,7 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
   // Write this tile's dK, dV (already summed over the query heads of the group).
   const BackwardArgs& gr = *bh.g;
   for (int r = 0; r < nk_tile; ++r) {
-    const int64_t row = out_row(a, s, a.Hkv, bh.hkv, s.k_row0 + j0 + r, a.Nk);
+    const int64_t row = out_row(s, a.Hkv, bh.hkv, s.k_row0 + j0 + r, a.Nk);
     for (int c = 0; c < Dqk; ++c) store_scalar(gr.dk, row * Dqk + c, a.q.dtype, dK.p[r * dqk_pad + c]);
     for (int c = 0; c < Dv; ++c) store_scalar(gr.dv, row * Dv + c, a.q.dtype, dV.p[r * dv_pad + c]);
   }
@@ -528,11 +528,11 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
         // No key (or no query): the gradients of this head are zero.
         for (int g = 0; g < G && s.nq > 0; ++g)
           for (int i = 0; i < s.nq; ++i) {
-            const int64_t row = out_row(a, s, a.Hq, hkv * G + g, s.q_row0 + i, a.Nq);
+            const int64_t row = out_row(s, a.Hq, hkv * G + g, s.q_row0 + i, a.Nq);
             for (int c = 0; c < a.Dqk; ++c) store_scalar(gr.dq, row * a.Dqk + c, a.q.dtype, 0.f);
           }
         for (int j = 0; j < s.nk; ++j) {
-          const int64_t row = out_row(a, s, a.Hkv, hkv, s.k_row0 + j, a.Nk);
+          const int64_t row = out_row(s, a.Hkv, hkv, s.k_row0 + j, a.Nk);
           for (int c = 0; c < a.Dqk; ++c) store_scalar(gr.dk, row * a.Dqk + c, a.q.dtype, 0.f);
           for (int c = 0; c < a.Dv; ++c) store_scalar(gr.dv, row * a.Dv + c, a.q.dtype, 0.f);
         }
@@ -559,7 +559,7 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
         float orow[256];
         for (int i = r0; i < r1; ++i) {
           // delta_i = dO_i . O_i - dlse_i
-          const int64_t row = out_row(a, s, a.Hq, h, s.q_row0 + i, a.Nq);
+          const int64_t row = out_row(s, a.Hq, h, s.q_row0 + i, a.Nq);
           load_row(gr.out.data, row_offset(gr.out, s, h, s.q_row0 + i), gr.out.sd, gr.out.dtype, a.Dv, 1.f, orow);
           const float* d = dos.p + ((int64_t)g * s.nq + i) * a.Dv;
           float acc = 0.f;
@@ -577,7 +577,7 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
       // dQ = scale * sum over workers of dS K.
       for (int g = 0; g < G; ++g)
         for (int i = 0; i < s.nq; ++i) {
-          const int64_t row = out_row(a, s, a.Hq, hkv * G + g, s.q_row0 + i, a.Nq);
+          const int64_t row = out_row(s, a.Hq, hkv * G + g, s.q_row0 + i, a.Nq);
           for (int c = 0; c < a.Dqk; ++c) {
             float acc = 0.f;
             for (int w = 0; w < workers; ++w) acc += dq_acc.p[(((int64_t)w * G + g) * s.nq + i) * dqk_pad + c];

@@ -87,7 +87,7 @@ def reference_error(name, got, want):
     return rel_error(got, want) if mag is None else rel_error(got, want, floor=max(float(np.max(mag, initial=0.0)), 1e-6))
 
 
-def check_close(name, got, want, dtype, plain=None, floor=None):
+def check_close(name, got, want, dtype, plain=None):
     """Assert `got` matches the float64 reference for this dtype's tolerance.
 
     `want` is the reference array, or the dict from reference_np: then its
@@ -103,7 +103,7 @@ def check_close(name, got, want, dtype, plain=None, floor=None):
         # Twice the plain computation's error, with a floor of a few ulps of
         # the dtype so an exact plain result does not demand exactness.
         eps = 2.0**-10 if dtype == mx.float16 else 2.0**-7
-        tol = max(2 * plain[name] if plain and name in plain else 0.0, floor or 2 * eps)
+        tol = max(2 * plain[name] if plain and name in plain else 0.0, 2 * eps)
     assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g} ({dtype})"
     return err
 
