@@ -39,6 +39,7 @@ _TARGET_BLOCKS = 528
 
 ATTENTION_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_simt.cuh", "attention_fwd_mma.cuh",
                      "attention_bwd_mma.cuh")
+WGMMA_HEADERS = ("attention_common.cuh", "mma.cuh", "wgmma.cuh", "attention_fwd_wgmma.cuh")
 MATMUL_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_fwd_mma.cuh", "matmul.cuh")
 
 
@@ -170,6 +171,26 @@ def _mma_fwd_tiles(spec: AttentionSpec):
     return _FWD_WARPS, 64
 
 
+@functools.lru_cache(maxsize=None)
+def _is_hopper() -> bool:
+    """True on sm_90 (H100/H200), the only architecture with wgmma."""
+    try:
+        info = mx.device_info(mx.gpu)
+        return (int(info["compute_capability_major"]), int(info["compute_capability_minor"])) == (9, 0)
+    except Exception:  # noqa: BLE001 (no such query in this MLX: keep the portable kernels)
+        return False
+
+
+_WGMMA = os.environ.get("MLX_FLASH_CUDA_WGMMA", "1") == "1"
+_WGMMA_BN = int(os.environ.get("MLX_FLASH_CUDA_WGMMA_BN", "128"))
+
+
+def _uses_wgmma(spec: AttentionSpec) -> bool:
+    """The Hopper forward: fp16/bf16, Dqk = Dv in {64, 128}, on sm_90."""
+    return (_WGMMA and _uses_mma(spec) and spec.head_dim_qk == spec.head_dim_v
+            and spec.head_dim_qk in (64, 128) and _is_hopper())
+
+
 # Warps of the mma forward for head dims <= 128, and whether each warp takes
 # two 16-row tiles (attention_fwd_mma2) instead of one.
 _FWD_WARPS = int(os.environ.get("MLX_FLASH_CUDA_FWD_WARPS", "4"))
@@ -184,6 +205,17 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     lse_shape = tuple(q.shape[:-1])
     args = _common_inputs(q, k, v, spec, inputs)
     template = _feature_template(spec, inputs) + [("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
+    if _uses_wgmma(spec):
+        bn = _WGMMA_BN
+        smem = 2 * (128 * spec.head_dim_qk + 4 * bn * spec.head_dim_qk) + 1024  # wgmma_fwd_smem
+        kernel = _kernel("attention_fwd_wgmma", _ATTN_INPUTS, ("out", "lse"), smem, WGMMA_HEADERS)
+        out, lse = kernel(
+            inputs=args, template=template + [("BN", bn)],
+            grid=(math.ceil(_max_q(spec) / 128) * 256, spec.heads_q, spec.batch), threadgroup=(256, 1, 1),
+            output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
+            stream=stream,
+        )
+        return out, lse
     if _uses_mma(spec):
         nw, bn = _mma_fwd_tiles(spec)
         # Two 16-row tiles per warp (attention_fwd_mma2) for head dims <= 128.

@@ -1,0 +1,115 @@
+"""GPU check of the Hopper (wgmma) forward: correctness against float64 and speed.
+
+    python3 tools/cuda_wgmma_check.py [OUT_DIR]
+
+Correctness: every feature of tests/features.py at odd shapes, fp16 and bf16,
+head dims 64 and 128, out and lse against the float64 NumPy reference with the
+test suite's tolerance (twice the plain materialised fp16/bf16 error).
+Speed: the forward at the ANCHORS shapes, wgmma vs the mma.sync kernel vs
+mx.fast SDPA (cuDNN), same run; JSON to OUT_DIR/wgmma_check.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import mlx.core as mx  # noqa: E402
+
+import mlx_flash  # noqa: E402
+from mlx_flash.backends import cuda as cb  # noqa: E402
+from features import FEATURES  # noqa: E402
+from helpers import check_close, plain_errors, qkv, randn, rng, to_np  # noqa: E402
+from reference_np import attention_np  # noqa: E402
+
+
+def correctness():
+    shapes = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 1, 1, 300, 4103),
+              (1, 2, 2, 129, 129)]
+    passed = failed = 0
+    for D in (64, 128):
+        for dtype in (mx.float16, mx.bfloat16):
+            for si, (B, Hq, Hkv, Nq, Nk) in enumerate(shapes):
+                for name, build in FEATURES.items():
+                    if si > 1 and name not in ("none", "causal", "combined_everything", "block_sparse"):
+                        continue
+                    gen = rng("wgmma", D, str(dtype), si, name)
+                    q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
+                    try:
+                        options = build(gen, B, Hq, Nq, Nk)
+                        out, lse = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
+                        mx.eval(out, lse)
+                        dout = randn(gen, out.shape, dtype)
+                        want = attention_np(q, k, v, **options)
+                        plain = plain_errors(q, k, v, dout, options, dtype)
+                        e1 = check_close("out", to_np(out), want, dtype, plain)
+                        e2 = check_close("lse", to_np(lse), want, dtype, plain)
+                        passed += 1
+                        print(f"ok   D{D} {dtype} {(B, Hq, Hkv, Nq, Nk)} {name}: out {e1:.2e} (plain {plain['out']:.2e}) lse {e2:.2e}")
+                    except Exception as e:  # noqa: BLE001
+                        failed += 1
+                        print(f"FAIL D{D} {dtype} {(B, Hq, Hkv, Nq, Nk)} {name}: {e}")
+                        if failed < 3:
+                            traceback.print_exc()
+    print(f"correctness: {passed} passed, {failed} failed")
+    return passed, failed
+
+
+def time_fn(fn, iters=20):
+    for _ in range(3):
+        mx.eval(fn())
+    mx.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        mx.eval(fn())
+    mx.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def speed():
+    rows = []
+    for dtype in (mx.float16, mx.bfloat16):
+        for (B, H, N, D) in [(4, 16, 1024, 64), (2, 16, 4096, 128), (1, 16, 8192, 128), (1, 16, 16384, 128)]:
+            for causal in (False, True):
+                gen = rng("speed", B, H, N, D)
+                q, k, v = qkv(gen, B, H, H, N, N, D, dtype=dtype)
+                mx.eval(q, k, v)
+                s = D ** -0.5
+                res = {}
+                for label, wg in (("wgmma", True), ("mma", False)):
+                    cb._WGMMA = wg
+                    res[label] = time_fn(lambda: mlx_flash.flash_attention(q, k, v, causal=causal, scale=s))
+                cb._WGMMA = True
+                res["mx.fast"] = time_fn(lambda: mx.fast.scaled_dot_product_attention(
+                    q, k, v, scale=s, mask="causal" if causal else None))
+                flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+                row = dict(dtype=str(dtype), shape=[B, H, N, D], causal=causal,
+                           **{f"{k}_ms": v * 1e3 for k, v in res.items()},
+                           **{f"{k}_tflops": flops / v / 1e12 for k, v in res.items()},
+                           ratio_wgmma_vs_fast=res["mx.fast"] / res["wgmma"],
+                           ratio_mma_vs_fast=res["mx.fast"] / res["mma"])
+                rows.append(row)
+                print(f"{row['dtype']} {row['shape']} causal={causal}: wgmma {row['wgmma_ms']:.3f} ms "
+                      f"({row['wgmma_tflops']:.0f} TF/s), mma {row['mma_ms']:.3f} ({row['mma_tflops']:.0f}), "
+                      f"mx.fast {row['mx.fast_ms']:.3f} ({row['mx.fast_tflops']:.0f}); "
+                      f"ratio {row['ratio_wgmma_vs_fast']:.2f} (was {row['ratio_mma_vs_fast']:.2f})")
+    return rows
+
+
+def main():
+    out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
+    print("hopper:", cb._is_hopper(), mx.device_info(mx.gpu).get("device_name", ""))
+    passed, failed = correctness()
+    rows = speed() if failed == 0 or os.environ.get("FORCE_SPEED") else []
+    with open(os.path.join(out_dir, "wgmma_check.json"), "w") as f:
+        json.dump(dict(passed=passed, failed=failed, speed=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
