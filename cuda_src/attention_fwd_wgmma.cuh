@@ -4,8 +4,8 @@
 // A block of two warpgroups owns BM = 128 query rows of one (batch, head);
 // warpgroup w owns rows 64w..64w+63 and keeps its running max/sum and O
 // accumulator in registers. Q stays in shared memory and is read by wgmma
-// through a descriptor; K/V tiles of BN keys are double-buffered with
-// cp.async (tile j+1 loads while tile j is computed). S = Q K^T is a
+// through a descriptor; K/V tiles of BN keys stream through shared memory
+// with cp.async, two or three stages (see the schedules below). S = Q K^T is a
 // shared x shared wgmma; the softmax runs on S in registers, whose
 // accumulator layout is also the A-fragment layout, so P feeds O += P V as a
 // register x shared wgmma with V read MN-major (no transpose copy).
@@ -20,8 +20,10 @@
 namespace mlx_flash {
 
 // Shared memory of the wgmma forward (bytes): Q [128][D], K and V [BN][D]
-// twice each, plus 1 KiB to align the swizzled tiles to 1024 bytes.
-__host__ __device__ constexpr int wgmma_fwd_smem(int d, int bn) { return 2 * (128 * d + 4 * bn * d) + 1024; }
+// once per stage, plus 1 KiB to align the swizzled tiles to 1024 bytes.
+__host__ __device__ constexpr int wgmma_fwd_smem(int d, int bn, int stages) {
+  return 2 * (128 * d + 2 * stages * bn * d) + 1024;
+}
 
 // Rows [0, valid_rows) of a row-major [*, DIM] global tile into a swizzled
 // [ROWS][DIM] shared tile (wgmma.cuh) with cp.async; missing rows are zeros.
@@ -38,20 +40,127 @@ __device__ __forceinline__ void load_tile_swizzled(unsigned char* dst, const T* 
   }
 }
 
+// One warpgroup's share of a key tile: S = Q K^T issued (not waited) over
+// D / 16 k-steps; K-major operands, 64 columns per swizzle atom. The first
+// k-step overwrites S, so S needs no zeroing (ordinary writes to the
+// accumulators would make ptxas serialise wgmma).
+template <typename T, int D, int BN>
+__device__ __forceinline__ void wg_issue_s(float (&s)[BN / 2], unsigned q_addr, unsigned k_addr) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const unsigned long long da = wgmma_desc(q_addr + (kk / 4) * (128 * 128) + (kk % 4) * 32, 16, 1024);
+    const unsigned long long db = wgmma_desc(k_addr + (kk / 4) * (BN * 128) + (kk % 4) * 32, 16, 1024);
+    Wgmma<T, BN>::template ss<0>(s, da, db, kk > 0);
+  }
+  wgmma_commit();
+}
+
+// O += P V issued (not waited) over BN / 16 k-steps; P from registers, V MN-major
+// (LBO: the next 64 value dims).
+template <typename T, int D, int BN>
+__device__ __forceinline__ void wg_issue_pv(float (&o)[D / 2], unsigned (&pa)[BN / 16][4], unsigned v_addr) {
+  wgmma_pin(o);
+  wgmma_pin(pa);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    const unsigned long long db = wgmma_desc(v_addr + kk * 16 * 128, BN * 128, 1024);
+    Wgmma<T, D>::template rs<1>(o, pa[kk], db, 1);
+  }
+  wgmma_commit();
+}
+
+// Online softmax of one S tile (rows i_row and i_row + 8 of this thread, keys
+// from jt): logit rules where the tile needs them, running max/sum, O rescaled,
+// P packed into A fragments. Same arithmetic as attention_fwd_mma2.
 template <typename T, typename MT, class F, int D, int BN>
+__device__ __forceinline__ void wg_softmax(float (&s)[BN / 2], float (&o)[D / 2], unsigned (&pa)[BN / 16][4],
+                                           float (&row_max)[2], float (&row_sum)[2], const LogitRules<MT>& rules,
+                                           const Sequence& seq, float scale, int i0, int i_end, int i_row, int jt,
+                                           int t) {
+  const int shift = seq.nk - seq.nq;
+  const bool inside_window =
+      (rules.left < 0 || jt >= i_end - 1 + shift - rules.left) &&
+      (rules.right < 0 || jt + BN - 1 <= i0 + shift + rules.right);
+  const bool check_blocks = F::BlockMask && (i0 / rules.block_q != (i_end - 1) / rules.block_q ||
+                                             jt / rules.block_k != (jt + BN - 1) / rules.block_k);
+  const bool need_rules = F::Softcap || F::Alibi || F::MaskKind != 0 || check_blocks || jt + BN > seq.nk ||
+                          !inside_window;
+#pragma unroll
+  for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      float x = s[4 * n + c] * scale;
+      if (need_rules) {
+        const int i = i_row + (c >= 2 ? 8 : 0);
+        const int j = jt + n * 8 + 2 * t + (c & 1);
+        float capped = 0.f;
+        x = apply_rules<F, MT, true>(rules, x, i, j, capped, check_blocks);
+      }
+      s[4 * n + c] = x * kLog2e;
+    }
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float mx = kNegInf;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float new_max = fmaxf(row_max[half], mx);
+    const float base = new_max == kNegInf ? 0.f : new_max;
+    const float alpha = exp2f(row_max[half] - base);
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+      s[4 * n + 2 * half] = exp2f(s[4 * n + 2 * half] - base);
+      s[4 * n + 2 * half + 1] = exp2f(s[4 * n + 2 * half + 1] - base);
+      sum += s[4 * n + 2 * half] + s[4 * n + 2 * half + 1];
+    }
+    row_sum[half] = row_sum[half] * alpha + sum;
+    row_max[half] = new_max;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[4 * n + 2 * half] *= alpha;
+      o[4 * n + 2 * half + 1] *= alpha;
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+    pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+    pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+    pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
+
+// Barrier 1 over the block's 256 threads; unlike __syncthreads it may be
+// reached from different places by the two warpgroups (the ping-pong schedule).
+__device__ __forceinline__ void block_barrier() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
+// STAGES = 2: both warpgroups in step, one barrier per tile, K/V tile j+1
+// loading while tile j is computed; block masks skip dead tiles.
+// STAGES = 3 (ping-pong, no block mask): warpgroup 1 runs half a tile behind
+// warpgroup 0, so one's softmax overlaps the other's matrix products. Both
+// meet once per tile at the same barrier, placed mid-tile (after the softmax)
+// for warpgroup 0 and at the tile's start for warpgroup 1; before it every
+// thread has its copies of tile j+1 landed, after it tile j+2 is loaded into
+// the buffer of tile j-1, which both warpgroups have finished by then.
+template <typename T, typename MT, class F, int D, int BN, int STAGES>
 __device__ void attention_fwd_wgmma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
     const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
     T* out, float* lse) {
   static_assert(D == 64 || D == 128, "wgmma forward: head dim 64 or 128");
   static_assert(BN == 64 || BN == 128, "wgmma forward: key tile 64 or 128");
+  static_assert(STAGES == 2 || (STAGES == 3 && !F::BlockMask), "ping-pong schedule: no block mask");
   constexpr int BM = 128, NTHREADS = 256;
-  constexpr int SR = BN / 2, OR = D / 2;  // accumulator registers per thread: S, O
   constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  unsigned char* Ks = Qs + Q_BYTES;           // two K tiles
-  unsigned char* Vs = Ks + 2 * KV_BYTES;      // two V tiles
+  unsigned char* Ks = Qs + Q_BYTES;            // STAGES K tiles
+  unsigned char* Vs = Ks + STAGES * KV_BYTES;  // STAGES V tiles
 
   const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -66,156 +175,108 @@ __device__ void attention_fwd_wgmma(
   const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
   const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
   const float scale = fp[kScale];
-  const int row0 = wg * 64 + warp * 16;  // first row of this warp within the block
+  const int i_row = i0 + wg * 64 + warp * 16 + g;  // this thread's first row (the other: + 8)
 
   int lo, hi;
   rules.key_range(i0, i_end - 1, lo, hi);
   const int tile0 = lo / BN * BN;
-  // Block-mask liveness of the key tiles, 256 tiles at a time (as in attention_fwd_mma2).
-  __shared__ unsigned char live_flags[256];
-  int flags_chunk = -1;
-  auto live = [&](int j0) {
-    if (!F::BlockMask) return true;
-    const int tile = (j0 - tile0) / BN;
-    if (tile / 256 != flags_chunk) {
-      flags_chunk = tile / 256;
-      __syncthreads();
-      for (int e = threadIdx.x; e < 256; e += NTHREADS) {
-        const int j = tile0 + (flags_chunk * 256 + e) * BN;
-        bool any = false;
-        if (j < hi) {
-          const int br0 = i0 / rules.block_q, br1 = (i_end - 1) / rules.block_q;
-          const int bc0 = j / rules.block_k, bc1 = (min(j + BN, seq.nk) - 1) / rules.block_k;
-          for (int br = br0; br <= br1 && !any; ++br)
-            for (int bc = bc0; bc <= bc1 && !any; ++bc)
-              any = rules.bmask[(long)br * rules.bm_row_stride + (long)bc * rules.bm_col_stride];
-        }
-        live_flags[e] = any;
-      }
-      __syncthreads();
-    }
-    return live_flags[tile % 256] != 0;
-  };
-  auto next_live = [&](int j0) {
-    while (j0 < hi && !live(j0)) j0 += BN;
-    return j0;
+  auto load_kv = [&](int j0, int stage) {
+    load_tile_swizzled<T, BN, D, NTHREADS>(Ks + stage * KV_BYTES, k + (kv_base + j0) * D, seq.nk - j0);
+    load_tile_swizzled<T, BN, D, NTHREADS>(Vs + stage * KV_BYTES, v + (kv_base + j0) * D, seq.nk - j0);
   };
 
-  load_tile_swizzled<T, BM, D, NTHREADS>(Qs, q + (q_base + i0) * D, i_end - i0);
-  int jt = next_live(tile0);
-  if (jt < hi) {
-    load_tile_swizzled<T, BN, D, NTHREADS>(Ks, k + (kv_base + jt) * D, seq.nk - jt);
-    load_tile_swizzled<T, BN, D, NTHREADS>(Vs, v + (kv_base + jt) * D, seq.nk - jt);
-  }
-  cp_async_commit();
-
-  float o[OR];
+  float o[D / 2];
 #pragma unroll
-  for (int r = 0; r < OR; ++r) o[r] = 0.f;
+  for (int r = 0; r < D / 2; ++r) o[r] = 0.f;
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
+  float s[BN / 2];
+  unsigned pa[BN / 16][4];
   const unsigned q_addr = smem_addr(Qs) + wg * 64 * 128;
-  int buf = 0;
+  load_tile_swizzled<T, BM, D, NTHREADS>(Qs, q + (q_base + i0) * D, i_end - i0);
 
-  while (jt < hi) {
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncthreads();  // tile jt is visible to every warpgroup; both finished tile jt - 1
-    const int jn = next_live(jt + BN);
-    if (jn < hi) {
-      load_tile_swizzled<T, BN, D, NTHREADS>(Ks + (buf ^ 1) * KV_BYTES, k + (kv_base + jn) * D, seq.nk - jn);
-      load_tile_swizzled<T, BN, D, NTHREADS>(Vs + (buf ^ 1) * KV_BYTES, v + (kv_base + jn) * D, seq.nk - jn);
-    }
+  if constexpr (STAGES == 3) {
+    const int tiles = hi > tile0 ? (hi - tile0 + BN - 1) / BN : 0;
+    if (tiles > 0) load_kv(tile0, 0);
     cp_async_commit();
-
-    // S = Q K^T over D / 16 k-steps; K-major operands, 64 columns per swizzle atom.
-    float s[SR];
-#pragma unroll
-    for (int r = 0; r < SR; ++r) s[r] = 0.f;
-    const unsigned k_addr = smem_addr(Ks + buf * KV_BYTES);
-    wgmma_pin(s);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const unsigned long long da = wgmma_desc(q_addr + (kk / 4) * (BM * 128) + (kk % 4) * 32, 16, 1024);
-      const unsigned long long db = wgmma_desc(k_addr + (kk / 4) * (BN * 128) + (kk % 4) * 32, 16, 1024);
-      Wgmma<T, BN>::template ss<0>(s, da, db, 1);
+    if (tiles > 1) load_kv(tile0 + BN, 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();
+    block_barrier();  // Q and tile 0 visible
+    // Barrier of tile j: own copies of tile j+1 landed, then tile j+2 into stage (j+2) % 3.
+    auto tile_barrier = [&](int j) {
+      cp_async_wait<0>();
+      fence_proxy_async();
+      block_barrier();
+      if (j + 2 < tiles) load_kv(tile0 + (j + 2) * BN, (j + 2) % 3);
+      cp_async_commit();
+    };
+    for (int j = 0; j < tiles; ++j) {
+      const int jt = tile0 + j * BN, stage = j % 3;
+      if (wg == 1) tile_barrier(j);
+      wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + stage * KV_BYTES));
+      wgmma_wait<0>();
+      wgmma_pin(s);
+      wgmma_pin(o);
+      wg_softmax<T, MT, F, D, BN>(s, o, pa, row_max, row_sum, rules, seq, scale, i0, i_end, i_row, jt, t);
+      if (wg == 0) tile_barrier(j);
+      wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + stage * KV_BYTES));
+      wgmma_wait<0>();
+      wgmma_pin(o);
+      wgmma_pin(pa);
     }
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_pin(s);
-
-    const int shift = seq.nk - seq.nq;
-    const bool inside_window =
-        (rules.left < 0 || jt >= i_end - 1 + shift - rules.left) &&
-        (rules.right < 0 || jt + BN - 1 <= i0 + shift + rules.right);
-    const bool check_blocks = F::BlockMask && (i0 / rules.block_q != (i_end - 1) / rules.block_q ||
-                                               jt / rules.block_k != (jt + BN - 1) / rules.block_k);
-    const bool need_rules = F::Softcap || F::Alibi || F::MaskKind != 0 || check_blocks || jt + BN > seq.nk ||
-                            !inside_window;
-#pragma unroll
-    for (int n = 0; n < BN / 8; ++n) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float x = s[4 * n + c] * scale;
-        if (need_rules) {
-          const int i = i0 + row0 + g + (c >= 2 ? 8 : 0);
-          const int j = jt + n * 8 + 2 * t + (c & 1);
-          float capped = 0.f;
-          x = apply_rules<F, MT, true>(rules, x, i, j, capped, check_blocks);
+  } else {
+    // Block-mask liveness of the key tiles, 256 tiles at a time (as in attention_fwd_mma2).
+    __shared__ unsigned char live_flags[256];
+    int flags_chunk = -1;
+    auto live = [&](int j0) {
+      if (!F::BlockMask) return true;
+      const int tile = (j0 - tile0) / BN;
+      if (tile / 256 != flags_chunk) {
+        flags_chunk = tile / 256;
+        __syncthreads();
+        for (int e = threadIdx.x; e < 256; e += NTHREADS) {
+          const int j = tile0 + (flags_chunk * 256 + e) * BN;
+          bool any = false;
+          if (j < hi) {
+            const int br0 = i0 / rules.block_q, br1 = (i_end - 1) / rules.block_q;
+            const int bc0 = j / rules.block_k, bc1 = (min(j + BN, seq.nk) - 1) / rules.block_k;
+            for (int br = br0; br <= br1 && !any; ++br)
+              for (int bc = bc0; bc <= bc1 && !any; ++bc)
+                any = rules.bmask[(long)br * rules.bm_row_stride + (long)bc * rules.bm_col_stride];
+          }
+          live_flags[e] = any;
         }
-        s[4 * n + c] = x * kLog2e;
+        __syncthreads();
       }
+      return live_flags[tile % 256] != 0;
+    };
+    auto next_live = [&](int j0) {
+      while (j0 < hi && !live(j0)) j0 += BN;
+      return j0;
+    };
+    int jt = next_live(tile0);
+    if (jt < hi) load_kv(jt, 0);
+    cp_async_commit();
+    int stage = 0;
+    while (jt < hi) {
+      cp_async_wait<0>();
+      fence_proxy_async();
+      __syncthreads();  // tile jt visible to both warpgroups, which have finished tile jt - 1
+      const int jn = next_live(jt + BN);
+      if (jn < hi) load_kv(jn, stage ^ 1);
+      cp_async_commit();
+      wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + stage * KV_BYTES));
+      wgmma_wait<0>();
+      wgmma_pin(s);
+      wg_softmax<T, MT, F, D, BN>(s, o, pa, row_max, row_sum, rules, seq, scale, i0, i_end, i_row, jt, t);
+      wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + stage * KV_BYTES));
+      wgmma_wait<0>();
+      wgmma_pin(o);
+      wgmma_pin(pa);
+      stage ^= 1;
+      jt = jn;
     }
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float mx = kNegInf;
-#pragma unroll
-      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float new_max = fmaxf(row_max[half], mx);
-      const float base = new_max == kNegInf ? 0.f : new_max;
-      const float alpha = exp2f(row_max[half] - base);
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < BN / 8; ++n) {
-        s[4 * n + 2 * half] = exp2f(s[4 * n + 2 * half] - base);
-        s[4 * n + 2 * half + 1] = exp2f(s[4 * n + 2 * half + 1] - base);
-        sum += s[4 * n + 2 * half] + s[4 * n + 2 * half + 1];
-      }
-      row_sum[half] = row_sum[half] * alpha + sum;
-      row_max[half] = new_max;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        o[4 * n + 2 * half] *= alpha;
-        o[4 * n + 2 * half + 1] *= alpha;
-      }
-    }
-
-    // O += P V over BN / 16 k-steps; P from registers, V MN-major (LBO: next 64 value dims).
-    unsigned pa[BN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-    const unsigned v_addr = smem_addr(Vs + buf * KV_BYTES);
-    wgmma_pin(o);
-    wgmma_pin(pa);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const unsigned long long db = wgmma_desc(v_addr + kk * 16 * 128, BN * 128, 1024);
-      Wgmma<T, D>::template rs<1>(o, pa[kk], db, 1);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_pin(o);
-    wgmma_pin(pa);
-    buf ^= 1;
-    jt = jn;
   }
   cp_async_wait<0>();
 
@@ -234,7 +295,7 @@ __device__ void attention_fwd_wgmma(
       m = m2;
     }
     const float inv = sum > 0.f ? alpha / sum : 0.f;
-    const int i = i0 + row0 + g + 8 * half;
+    const int i = i_row + 8 * half;
     if (i >= seq.nq) continue;
     T* orow = out + (q_base + i) * D;
 #pragma unroll

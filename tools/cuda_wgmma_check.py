@@ -29,12 +29,12 @@ from helpers import check_close, plain_errors, qkv, randn, rng, to_np  # noqa: E
 from reference_np import attention_np  # noqa: E402
 
 
-def correctness():
+def correctness(dims=(64, 128), dtypes=(mx.float16, mx.bfloat16), label=""):
     shapes = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 1, 1, 300, 4103),
               (1, 2, 2, 129, 129)]
     passed = failed = 0
-    for D in (64, 128):
-        for dtype in (mx.float16, mx.bfloat16):
+    for D in dims:
+        for dtype in dtypes:
             for si, (B, Hq, Hkv, Nq, Nk) in enumerate(shapes):
                 for name, build in FEATURES.items():
                     if si > 1 and name not in ("none", "causal", "combined_everything", "block_sparse"):
@@ -51,14 +51,18 @@ def correctness():
                         e1 = check_close("out", to_np(out), want, dtype, plain)
                         e2 = check_close("lse", to_np(lse), want, dtype, plain)
                         passed += 1
-                        print(f"ok   D{D} {dtype} {(B, Hq, Hkv, Nq, Nk)} {name}: out {e1:.2e} (plain {plain['out']:.2e}) lse {e2:.2e}")
+                        print(f"ok   {label}D{D} {dtype} {(B, Hq, Hkv, Nq, Nk)} {name}: out {e1:.2e} (plain {plain['out']:.2e}) lse {e2:.2e}")
                     except Exception as e:  # noqa: BLE001
                         failed += 1
-                        print(f"FAIL D{D} {dtype} {(B, Hq, Hkv, Nq, Nk)} {name}: {e}")
+                        print(f"FAIL {label}D{D} {dtype} {(B, Hq, Hkv, Nq, Nk)} {name}: {e}")
                         if failed < 3:
                             traceback.print_exc()
-    print(f"correctness: {passed} passed, {failed} failed")
+    print(f"correctness {label}: {passed} passed, {failed} failed")
     return passed, failed
+
+
+# label: (use wgmma, stages, key tile)
+VARIANTS = {"wg3": (True, 3, 128), "wg2": (True, 2, 128), "wg3bn64": (True, 3, 64), "mma": (False, 3, 128)}
 
 
 def time_fn(fn, iters=20):
@@ -82,30 +86,34 @@ def speed():
                 mx.eval(q, k, v)
                 s = D ** -0.5
                 res = {}
-                for label, wg in (("wgmma", True), ("mma", False)):
-                    cb._WGMMA = wg
+                for label, (wg, stages, bn) in VARIANTS.items():
+                    cb._WGMMA, cb._WGMMA_STAGES, cb._WGMMA_BN = wg, stages, bn
                     res[label] = time_fn(lambda: mlx_flash.flash_attention(q, k, v, causal=causal, scale=s))
-                cb._WGMMA = True
+                cb._WGMMA, cb._WGMMA_STAGES, cb._WGMMA_BN = True, 3, 128
                 res["mx.fast"] = time_fn(lambda: mx.fast.scaled_dot_product_attention(
                     q, k, v, scale=s, mask="causal" if causal else None))
                 flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
                 row = dict(dtype=str(dtype), shape=[B, H, N, D], causal=causal,
                            **{f"{k}_ms": v * 1e3 for k, v in res.items()},
                            **{f"{k}_tflops": flops / v / 1e12 for k, v in res.items()},
-                           ratio_wgmma_vs_fast=res["mx.fast"] / res["wgmma"],
-                           ratio_mma_vs_fast=res["mx.fast"] / res["mma"])
+                           **{f"ratio_{k}": res["mx.fast"] / v for k, v in res.items() if k != "mx.fast"})
                 rows.append(row)
-                print(f"{row['dtype']} {row['shape']} causal={causal}: wgmma {row['wgmma_ms']:.3f} ms "
-                      f"({row['wgmma_tflops']:.0f} TF/s), mma {row['mma_ms']:.3f} ({row['mma_tflops']:.0f}), "
-                      f"mx.fast {row['mx.fast_ms']:.3f} ({row['mx.fast_tflops']:.0f}); "
-                      f"ratio {row['ratio_wgmma_vs_fast']:.2f} (was {row['ratio_mma_vs_fast']:.2f})")
+                print(f"{row['dtype']} {row['shape']} causal={causal}: " + ", ".join(
+                    f"{k} {res[k] * 1e3:.3f} ms ({row[k + '_tflops']:.0f} TF/s" +
+                    (f", {row['ratio_' + k]:.2f}x)" if k != "mx.fast" else ")") for k in res))
     return rows
 
 
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
     print("hopper:", cb._is_hopper(), mx.device_info(mx.gpu).get("device_name", ""))
-    passed, failed = correctness()
+    passed, failed = correctness(label="stages3 ")
+    cb._WGMMA_STAGES = 2
+    p2, f2 = correctness(dims=(128,), dtypes=(mx.float16,), label="stages2 ")
+    cb._WGMMA_STAGES, cb._WGMMA_BN = 3, 64
+    p3, f3 = correctness(dims=(128,), dtypes=(mx.bfloat16,), label="bn64 ")
+    cb._WGMMA_STAGES, cb._WGMMA_BN = 3, 128
+    passed, failed = passed + p2 + p3, failed + f2 + f3
     rows = speed() if failed == 0 or os.environ.get("FORCE_SPEED") else []
     with open(os.path.join(out_dir, "wgmma_check.json"), "w") as f:
         json.dump(dict(passed=passed, failed=failed, speed=rows), f, indent=1)

@@ -183,6 +183,8 @@ def _is_hopper() -> bool:
 
 _WGMMA = os.environ.get("MLX_FLASH_CUDA_WGMMA", "1") == "1"
 _WGMMA_BN = int(os.environ.get("MLX_FLASH_CUDA_WGMMA_BN", "128"))
+# 3: the ping-pong schedule (attention_fwd_wgmma.cuh), used without block masks; 2: in step.
+_WGMMA_STAGES = int(os.environ.get("MLX_FLASH_CUDA_WGMMA_STAGES", "3"))
 
 
 def _uses_wgmma(spec: AttentionSpec) -> bool:
@@ -207,10 +209,11 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     template = _feature_template(spec, inputs) + [("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
     if _uses_wgmma(spec):
         bn = _WGMMA_BN
-        smem = 2 * (128 * spec.head_dim_qk + 4 * bn * spec.head_dim_qk) + 1024  # wgmma_fwd_smem
+        stages = 2 if spec.has_block_mask else _WGMMA_STAGES
+        smem = 2 * (128 * spec.head_dim_qk + 2 * stages * bn * spec.head_dim_qk) + 1024  # wgmma_fwd_smem
         kernel = _kernel("attention_fwd_wgmma", _ATTN_INPUTS, ("out", "lse"), smem, WGMMA_HEADERS)
         out, lse = kernel(
-            inputs=args, template=template + [("BN", bn)],
+            inputs=args, template=template + [("BN", bn), ("STAGES", stages)],
             grid=(math.ceil(_max_q(spec) / 128) * 256, spec.heads_q, spec.batch), threadgroup=(256, 1, 1),
             output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
             stream=stream,
