@@ -39,7 +39,20 @@ _TARGET_BLOCKS = 528
 
 ATTENTION_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_simt.cuh", "attention_fwd_mma.cuh",
                      "attention_bwd_mma.cuh")
-MATMUL_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_fwd_mma.cuh", "matmul.cuh")
+# The headers each kernel body calls into; kernel_headers() adds what they
+# #include. A body missing here gets every attention header. The compile test
+# (tests/test_cuda_specific.py) builds each kernel with exactly this text.
+_KERNEL_ROOTS = {
+    "attention_fwd_mma": ("attention_fwd_mma.cuh",),
+    "attention_fwd_mma2": ("attention_fwd_mma.cuh",),
+    "attention_fwd_simt": ("attention_simt.cuh",),
+    "attention_combine": ("attention_simt.cuh",),
+    "attention_bwd_simt": ("attention_simt.cuh",),
+    # attention_bwd_mma.cuh uses load_tile and block_tile_live of attention_fwd_mma.cuh.
+    "attention_bwd_mma": ("attention_fwd_mma.cuh", "attention_bwd_mma.cuh"),
+    "matmul": ("matmul.cuh",),
+}
+_LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,18 +61,69 @@ def _read(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _header(names=ATTENTION_HEADERS) -> str:
-    """The .cuh files as one header: NVRTC sees no include path for them."""
-    text = "\n".join(_read(name) for name in names)
-    return re.sub(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', "", text, flags=re.M)
+def kernel_headers(body: str) -> tuple:
+    """The .cuh files kernel `body` needs, each after the ones it includes."""
+    roots = _KERNEL_ROOTS.get(body)
+    if roots is None:
+        return ATTENTION_HEADERS
+    order = []
+
+    def visit(name):
+        if name not in order:
+            for dep in _LOCAL_INCLUDE.findall(_read(name)):
+                visit(dep)
+            order.append(name)
+
+    for root in roots:
+        visit(root)
+    return tuple(order)
+
+# String and character literals (kept verbatim), then comments with the
+# blanks around them and runs of blanks (each one space, or none at a line end).
+_LEXEME = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\''
+                     r'|[ \t]*//[^\n]*|[ \t]*/\*.*?\*/[ \t]*|[ \t]+', re.S)
+
+
+def _strip_lexeme(m) -> str:
+    text = m.group(0)
+    if text[0] in "\"'":
+        return text
+    if text.lstrip().startswith("//"):
+        if text.rstrip().endswith("\\"):
+            raise ValueError(f"line comment continued by a backslash: {text!r}")
+        return ""
+    return " "
+
+
+def _minify(text: str) -> str:
+    """Drop comments, blank lines and indentation; code, literals and # lines stay."""
+    lines = []
+    for line in _LEXEME.sub(_strip_lexeme, text).split("\n"):
+        line = line.strip()
+        # An empty line ending a backslash-continued one is kept: it ends the directive.
+        if line or (lines and lines[-1].endswith("\\")):
+            lines.append(line)
+    return "\n".join(lines)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=ATTENTION_HEADERS):
+def _header(names=ATTENTION_HEADERS) -> str:
+    """The .cuh files as one header: NVRTC sees no include path for them.
+
+    MLX rebuilds and hashes a kernel's whole source (its header included) at
+    every launch, so each kernel gets only the headers it needs (see
+    kernel_headers), without comments or indentation.
+    """
+    text = "\n".join(_read(name) for name in names)
+    return _minify(re.sub(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', "", text, flags=re.M))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=None):
     return mx.fast.cuda_kernel(
         name=f"mlx_flash_{body}", input_names=list(inputs), output_names=list(outputs),
-        source=_read(body + ".cu"), header=_header(headers), ensure_row_contiguous=True,
-        shared_memory=smem,
+        source=_read(body + ".cu"), header=_header(headers or kernel_headers(body)),
+        ensure_row_contiguous=True, shared_memory=smem,
     )
 
 
