@@ -23,10 +23,12 @@ import time
 import mlx.core as mx
 
 CASES = {
-    # name: (B, Hq, Hkv, Nq, Nk, D, dtype, backward); "growing": Nk one longer at
-    # every call, as in generation (k, v are slices of a longer cache).
+    # name: (B, Hq, Hkv, Nq, Nk, D, dtype, backward). "growing": Nk one longer
+    # at every call (k, v are slices of a longer cache); "32 layers": one longer
+    # every 32 calls, as in generation with a 32-layer model.
     "decode 32:4 Nk=32768 D128": (1, 32, 4, 1, 32768, 128, mx.float16, False),
     "decode growing Nk": (1, 32, 4, 1, 32768, 128, mx.float16, False),
+    "decode growing, 32 layers": (1, 32, 4, 1, 32768, 128, mx.float16, False),
     "tiny (1,1,64,64)": (1, 1, 1, 64, 64, 64, mx.float16, False),
     "fwd (4,16,1024,64)": (4, 16, 16, 1024, 1024, 64, mx.float16, False),
     "bwd (4,16,1024,64)": (4, 16, 16, 1024, 1024, 64, mx.float16, True),
@@ -70,7 +72,8 @@ def make_case(name, calls):
     mx.eval(q, k, v)
     s = D ** -0.5
     if "growing" in name:
-        views = iter([(k[:, :, :n], v[:, :, :n]) for n in range(Nk, Nk + calls)])
+        per_length = 32 if "layers" in name else 1
+        views = iter([(k[:, :, :n], v[:, :, :n]) for n in (Nk + i // per_length for i in range(calls))])
 
         def step():
             kn, vn = next(views)
