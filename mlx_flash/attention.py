@@ -22,6 +22,9 @@ _EXTRA_FIELDS = ("mask", "alibi", "sinks", "block_mask", "cu_seqlens_q", "cu_seq
 
 
 def _pack_extras(inputs: AttentionInputs):
+    if (inputs.mask is None and inputs.alibi is None and inputs.sinks is None and inputs.block_mask is None
+            and inputs.cu_seqlens_q is None and inputs.cu_seqlens_k is None):
+        return (), []  # the usual call, without a tuple built by getattr
     names = tuple(n for n in _EXTRA_FIELDS if getattr(inputs, n) is not None)
     return names, [getattr(inputs, n) for n in names]
 
@@ -62,7 +65,7 @@ def _differentiable(spec: AttentionSpec, names: tuple, backend_name: str, stream
     backend = dispatch.backend_for_name(backend_name)
 
     def rebuild(extras) -> AttentionInputs:
-        return AttentionInputs(**dict(zip(names, extras)))
+        return AttentionInputs(**dict(zip(names, extras))) if names else AttentionInputs()
 
     @mx.custom_function
     def attention(q, k, v, *extras):

@@ -18,6 +18,7 @@ extension, the CUDA one must not.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import mlx.core as mx
@@ -50,6 +51,7 @@ def backend_name(stream) -> str:
     raise RuntimeError(f"mlx_flash: no backend for device {device}")
 
 
+@functools.lru_cache(maxsize=None)
 def backend_for_name(name: str):
     """The backend module called `name` ('cpu', 'metal' or 'cuda')."""
     return importlib.import_module(_BACKENDS[name])

@@ -1,9 +1,10 @@
 """CUDA-backend specifics that the behaviour tests do not cover.
 
 * Compile check: every kernel source of cuda_src/ is wrapped exactly the way
-  mx.fast.cuda_kernel wraps it (same signature text, same template constants)
-  and compiled with nvcc for sm_90a, where nvcc exists. This catches compile
-  errors on machines without a GPU.
+  mx.fast.cuda_kernel wraps it (same signature text, same template constants,
+  the same header text the backend hands MLX for that kernel) and compiled
+  with nvcc for sm_90a, where nvcc exists. This catches compile errors on
+  machines without a GPU.
 * On a CUDA GPU: the decode (split-key) path and the tensor-core path against
   the float64 reference at sizes the behaviour tests do not reach.
 """
@@ -46,9 +47,11 @@ def _kernel_text(name, body, inputs, outputs, template):
     return "\n".join(src)
 
 
-def wrap_like_mlx(name, body, inputs, outputs, template, headers=cuda_backend.ATTENTION_HEADERS):
-    """One translation unit as MLX compiles it for a single kernel."""
-    return _prelude(headers) + "\n" + _kernel_text(name, body, inputs, outputs, template)
+def wrap_like_mlx(name, body, inputs, outputs, template, headers=None):
+    """One translation unit as MLX compiles it for kernel `body` (a cuda_src/ name
+    without .cu), with the headers the backend gives that kernel unless `headers`."""
+    headers = headers or cuda_backend.kernel_headers(body)
+    return _prelude(headers) + "\n" + _kernel_text(name, cuda_backend._read(body + ".cu"), inputs, outputs, template)
 
 
 def _attention_cases():
@@ -63,16 +66,27 @@ def _attention_cases():
         yield ("attention_fwd_mma2", T, mx.float32, features + [("SINKS", True)] + dims + [("NW", 4), ("BN", 32)],
                ("out", "lse"))
         yield ("attention_bwd_mma", T, mx.float32, features + dims + [("NW", 4)], ("dq_acc", "dk", "dv"))
+        # Hopper forward: both schedules, both head dims and key tiles.
+        for D, BN, stages, feats in ((128, 128, 3, [f for f in features if f[0] != "BLOCK_MASK"] +
+                                      [("BLOCK_MASK", False)]),
+                                     (64, 64, 2, features)):
+            yield ("attention_fwd_wgmma", T, mx.float32,
+                   feats + [("SINKS", True), ("D", D), ("DV", D), ("BN", BN), ("STAGES", stages)], ("out", "lse"))
     yield ("attention_fwd_simt", mx.float32, mx.bool_,
            [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 1), ("WINDOW", True), ("BLOCK_MASK", True),
             ("VARLEN", True), ("SINKS", True), ("D", 33), ("DV", 7), ("W", 4), ("SPLITS", 3)],
            ("out", "lse", "part_o", "part_lse"))
     yield ("attention_bwd_simt", mx.float32, mx.bool_,
            features + [("D", 33), ("DV", 7), ("W", 2), ("HAS_DLSE", True)], ("dq_acc", "dk", "dv"))
+    for T in (mx.float32, mx.float16, mx.bfloat16):
+        yield ("attention_combine", T, None, [("DV", 7), ("SPLITS", 3), ("SINKS", True), ("VARLEN", True)],
+               ("out", "lse"))
 
 
 def _input_dtypes(body, T, MT):
-    if body in ("attention_fwd_mma", "attention_fwd_mma2", "attention_fwd_simt"):
+    if body == "attention_combine":
+        return list(zip(("part_o", "part_lse", "sinks", "ip"), (mx.float32, mx.float32, mx.float32, mx.int32)))
+    if body in ("attention_fwd_mma", "attention_fwd_mma2", "attention_fwd_wgmma", "attention_fwd_simt"):
         names, dtypes = cuda_backend._ATTN_INPUTS, (T, T, T, MT, mx.float32, mx.float32, mx.bool_,
                                                      mx.int32, mx.int32, mx.int32, mx.float32)
     elif body == "attention_bwd_mma":
@@ -104,7 +118,8 @@ def _nvcc_compile(tmp_path, name, source):
     path = tmp_path / f"{name}.cu"
     path.write_text(source)
     result = subprocess.run(
-        ["nvcc", "-arch=sm_90a", "-std=c++17", "-c", "-o", str(tmp_path / f"{name}.o"), str(path)],
+        # compute_90a as MLX's NVRTC targets Hopper (wgmma needs the "a" features).
+        ["nvcc", "-gencode", "arch=compute_90a,code=sm_90a", "-std=c++17", "-c", "-o", str(tmp_path / f"{name}.o"), str(path)],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -121,17 +136,44 @@ def test_matmul_compiles_as_mlx_wraps_it(tmp_path):
         t = dict(template)
         ins = [("a", t["TA"]), ("b", t["TB"]), ("a_scale", mx.float32), ("b_scale", mx.float32), ("ip", mx.int32)]
         kernels.append(_kernel_text(f"mm{i}", body, ins, [("out", t["TO"])], template))
-    _nvcc_compile(tmp_path, "matmul", _prelude(cuda_backend.MATMUL_HEADERS) + "\n" + "\n".join(kernels))
+    _nvcc_compile(tmp_path, "matmul", _prelude(cuda_backend.kernel_headers("matmul")) + "\n" + "\n".join(kernels))
 
 
 @needs_nvcc
 def test_attention_kernels_compile_as_mlx_wraps_them(tmp_path):
-    kernels = []
+    # One translation unit per header set: each kernel sees exactly the header
+    # text the backend hands MLX for it (kernel_headers), no more.
+    units = {}
     for i, (body, T, MT, template, outputs) in enumerate(_attention_cases()):
-        template = [("T", T), ("MT", MT)] + template
-        kernels.append(_kernel_text(f"k{i}_{body}", cuda_backend._read(body + ".cu"), _input_dtypes(body, T, MT),
-                                    _output_dtypes(outputs, T), template))
-    _nvcc_compile(tmp_path, "attention", _prelude(cuda_backend.ATTENTION_HEADERS) + "\n" + "\n".join(kernels))
+        template = [("T", T)] + ([("MT", MT)] if MT is not None else []) + template
+        units.setdefault(cuda_backend.kernel_headers(body), []).append(
+            _kernel_text(f"k{i}_{body}", cuda_backend._read(body + ".cu"), _input_dtypes(body, T, MT),
+                         _output_dtypes(outputs, T), template))
+    for headers, kernels in units.items():
+        _nvcc_compile(tmp_path, headers[-1].removesuffix(".cuh"), _prelude(headers) + "\n" + "\n".join(kernels))
+
+
+def test_each_kernel_gets_only_its_headers():
+    from mlx_flash._sources import source_dir
+
+    bodies = sorted(p.stem for p in source_dir("cuda_src").glob("*.cu"))
+    assert set(bodies) == set(cuda_backend._KERNEL_ROOTS), "a new kernel body needs a _KERNEL_ROOTS entry"
+    for body in bodies:
+        headers = cuda_backend.kernel_headers(body)
+        assert headers[0] == "attention_common.cuh" and len(set(headers)) == len(headers)
+    assert "attention_bwd_mma.cuh" not in cuda_backend.kernel_headers("attention_fwd_mma2")
+    assert cuda_backend.kernel_headers("attention_combine") == ("attention_common.cuh", "attention_simt.cuh")
+
+
+def test_header_text_keeps_code_and_drops_comments():
+    src = ('#define F(x) (x) /* c */ + \\\n  1\n\n// line comment\nint a = 1;  // tail\n'
+           'const char* s = "// not a comment /* */";\nchar c = \'"\';\n   /* multi\n line */ int b;\n'
+           '#define G 2 \\\n\nint d;\n')
+    assert cuda_backend._minify(src) == ('#define F(x) (x) + \\\n1\nint a = 1;\n'
+                                         'const char* s = "// not a comment /* */";\nchar c = \'"\';\nint b;\n'
+                                         '#define G 2 \\\n\nint d;')
+    full = cuda_backend._header(cuda_backend.ATTENTION_HEADERS)
+    assert "//" not in full and "/*" not in full and "\n\n" not in full
 
 
 # ---------------------------------------------------------------------------

@@ -39,8 +39,21 @@ _TARGET_BLOCKS = 528
 
 ATTENTION_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_simt.cuh", "attention_fwd_mma.cuh",
                      "attention_bwd_mma.cuh")
-WGMMA_HEADERS = ("attention_common.cuh", "mma.cuh", "wgmma.cuh", "attention_fwd_wgmma.cuh")
-MATMUL_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_fwd_mma.cuh", "matmul.cuh")
+# The headers each kernel body calls into; kernel_headers() adds what they
+# #include. A body missing here gets every attention header. The compile test
+# (tests/test_cuda_specific.py) builds each kernel with exactly this text.
+_KERNEL_ROOTS = {
+    "attention_fwd_mma": ("attention_fwd_mma.cuh",),
+    "attention_fwd_mma2": ("attention_fwd_mma.cuh",),
+    "attention_fwd_wgmma": ("attention_fwd_wgmma.cuh",),
+    "attention_fwd_simt": ("attention_simt.cuh",),
+    "attention_combine": ("attention_simt.cuh",),
+    "attention_bwd_simt": ("attention_simt.cuh",),
+    # attention_bwd_mma.cuh uses load_tile and block_tile_live of attention_fwd_mma.cuh.
+    "attention_bwd_mma": ("attention_fwd_mma.cuh", "attention_bwd_mma.cuh"),
+    "matmul": ("matmul.cuh",),
+}
+_LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,18 +62,69 @@ def _read(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _header(names=ATTENTION_HEADERS) -> str:
-    """The .cuh files as one header: NVRTC sees no include path for them."""
-    text = "\n".join(_read(name) for name in names)
-    return re.sub(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', "", text, flags=re.M)
+def kernel_headers(body: str) -> tuple:
+    """The .cuh files kernel `body` needs, each after the ones it includes."""
+    roots = _KERNEL_ROOTS.get(body)
+    if roots is None:
+        return ATTENTION_HEADERS
+    order = []
+
+    def visit(name):
+        if name not in order:
+            for dep in _LOCAL_INCLUDE.findall(_read(name)):
+                visit(dep)
+            order.append(name)
+
+    for root in roots:
+        visit(root)
+    return tuple(order)
+
+# String and character literals (kept verbatim), then comments with the
+# blanks around them and runs of blanks (each one space, or none at a line end).
+_LEXEME = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\''
+                     r'|[ \t]*//[^\n]*|[ \t]*/\*.*?\*/[ \t]*|[ \t]+', re.S)
+
+
+def _strip_lexeme(m) -> str:
+    text = m.group(0)
+    if text[0] in "\"'":
+        return text
+    if text.lstrip().startswith("//"):
+        if text.rstrip().endswith("\\"):
+            raise ValueError(f"line comment continued by a backslash: {text!r}")
+        return ""
+    return " "
+
+
+def _minify(text: str) -> str:
+    """Drop comments, blank lines and indentation; code, literals and # lines stay."""
+    lines = []
+    for line in _LEXEME.sub(_strip_lexeme, text).split("\n"):
+        line = line.strip()
+        # An empty line ending a backslash-continued one is kept: it ends the directive.
+        if line or (lines and lines[-1].endswith("\\")):
+            lines.append(line)
+    return "\n".join(lines)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=ATTENTION_HEADERS):
+def _header(names=ATTENTION_HEADERS) -> str:
+    """The .cuh files as one header: NVRTC sees no include path for them.
+
+    MLX rebuilds and hashes a kernel's whole source (its header included) at
+    every launch, so each kernel gets only the headers it needs (see
+    kernel_headers), without comments or indentation.
+    """
+    text = "\n".join(_read(name) for name in names)
+    return _minify(re.sub(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', "", text, flags=re.M))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=None):
     return mx.fast.cuda_kernel(
         name=f"mlx_flash_{body}", input_names=list(inputs), output_names=list(outputs),
-        source=_read(body + ".cu"), header=_header(headers), ensure_row_contiguous=True,
-        shared_memory=smem,
+        source=_read(body + ".cu"), header=_header(headers or kernel_headers(body)),
+        ensure_row_contiguous=True, shared_memory=smem,
     )
 
 
@@ -116,39 +180,55 @@ def _placeholder(dtype):
     return const_array((0,), dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _placeholders() -> tuple:
+    """Stand-ins for absent mask, alibi, sinks, bmask, cu_q, cu_k (in that order)."""
+    return tuple(_placeholder(d) for d in (mx.bool_, mx.float32, mx.float32, mx.bool_, mx.int32, mx.int32))
+
+
+_NO_DIMS = (1, 1, 1, 1)
+
+
 def _params(spec: AttentionSpec, inputs: AttentionInputs):
     """int32 and float32 parameter blocks (slots of attention_common.cuh)."""
-    mask_dims = tuple(inputs.mask.shape) if inputs.mask is not None else (1, 1, 1, 1)
-    bm_dims = tuple(inputs.block_mask.shape) if inputs.block_mask is not None else (1, 1, 1, 1)
+    mask_dims = inputs.mask.shape if inputs.mask is not None else _NO_DIMS
+    bm_dims = inputs.block_mask.shape if inputs.block_mask is not None else _NO_DIMS
     ip = (spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k,
-          spec.window_left, spec.window_right, spec.block_q, spec.block_k, *mask_dims, *bm_dims)
+          spec.window_left, spec.window_right, spec.block_q, spec.block_k) + mask_dims + bm_dims
     fp = (spec.scale, spec.softcap if spec.softcap else 1.0)
     return const_array(ip, mx.int32), const_array(fp, mx.float32)
 
 
 def _common_inputs(q, k, v, spec: AttentionSpec, inputs: AttentionInputs):
     ip, fp = _params(spec, inputs)
+    mask, alibi, sinks, bmask, cu_q, cu_k = _placeholders()
     return [
         q, k, v,
-        inputs.mask if inputs.mask is not None else _placeholder(mx.bool_),
-        inputs.alibi if inputs.alibi is not None else _placeholder(mx.float32),
-        inputs.sinks if inputs.sinks is not None else _placeholder(mx.float32),
-        inputs.block_mask if inputs.block_mask is not None else _placeholder(mx.bool_),
-        inputs.cu_seqlens_q if inputs.cu_seqlens_q is not None else _placeholder(mx.int32),
-        inputs.cu_seqlens_k if inputs.cu_seqlens_k is not None else _placeholder(mx.int32),
+        inputs.mask if inputs.mask is not None else mask,
+        inputs.alibi if inputs.alibi is not None else alibi,
+        inputs.sinks if inputs.sinks is not None else sinks,
+        inputs.block_mask if inputs.block_mask is not None else bmask,
+        inputs.cu_seqlens_q if inputs.cu_seqlens_q is not None else cu_q,
+        inputs.cu_seqlens_k if inputs.cu_seqlens_k is not None else cu_k,
         ip, fp,
     ]
 
 
 def _feature_template(spec: AttentionSpec, inputs: AttentionInputs, with_sinks=True):
-    mask_kind = {"none": 0, "bool": 1, "additive": 2}[spec.mask_kind]
-    return [
-        ("T", spec.dtype),
-        ("MT", inputs.mask.dtype if inputs.mask is not None else mx.bool_),
-        ("SOFTCAP", spec.softcap > 0), ("ALIBI", spec.has_alibi), ("MASK_KIND", mask_kind),
+    return list(_features(spec, inputs.mask.dtype if inputs.mask is not None else mx.bool_, with_sinks))
+
+
+_MASK_KINDS = {"none": 0, "bool": 1, "additive": 2}
+
+
+@functools.lru_cache(maxsize=1024)
+def _features(spec: AttentionSpec, mask_dtype, with_sinks: bool) -> tuple:
+    return (
+        ("T", spec.dtype), ("MT", mask_dtype),
+        ("SOFTCAP", spec.softcap > 0), ("ALIBI", spec.has_alibi), ("MASK_KIND", _MASK_KINDS[spec.mask_kind]),
         ("WINDOW", spec.has_window), ("BLOCK_MASK", spec.has_block_mask),
         ("VARLEN", spec.varlen),
-    ] + ([("SINKS", spec.has_sinks)] if with_sinks else [])
+    ) + ((("SINKS", spec.has_sinks),) if with_sinks else ())
 
 
 def _max_q(spec: AttentionSpec) -> int:
@@ -208,29 +288,16 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     args = _common_inputs(q, k, v, spec, inputs)
     template = _feature_template(spec, inputs) + [("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
     if _uses_wgmma(spec):
-        bn = _WGMMA_BN
-        stages = 2 if spec.has_block_mask else _WGMMA_STAGES
-        smem = 2 * (128 * spec.head_dim_qk + 2 * stages * bn * spec.head_dim_qk) + 1024  # wgmma_fwd_smem
-        kernel = _kernel("attention_fwd_wgmma", _ATTN_INPUTS, ("out", "lse"), smem, WGMMA_HEADERS)
+        bn, stages, row_blocks, kernel = _wgmma_fwd_config(spec, _WGMMA_BN, _WGMMA_STAGES)
         out, lse = kernel(
             inputs=args, template=template + [("BN", bn), ("STAGES", stages)],
-            grid=(math.ceil(_max_q(spec) / 128) * 256, spec.heads_q, spec.batch), threadgroup=(256, 1, 1),
+            grid=(row_blocks * 256, spec.heads_q, spec.batch), threadgroup=(256, 1, 1),
             output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
             stream=stream,
         )
         return out, lse
     if _uses_mma(spec):
-        nw, bn = _mma_fwd_tiles(spec)
-        # Two 16-row tiles per warp (attention_fwd_mma2) for head dims <= 128.
-        two_tiles = _FWD_TWO_TILES and max(spec.head_dim_qk, spec.head_dim_v) <= 128
-        if two_tiles:
-            bn = 32
-        rows_per_block = 16 * nw * (2 if two_tiles else 1)
-        smem = 2 * (rows_per_block * (_round16(spec.head_dim_qk) + 8)) + _mma_fwd_smem(
-            spec.head_dim_qk, spec.head_dim_v, 0, bn)
-        body = "attention_fwd_mma2" if two_tiles else "attention_fwd_mma"
-        kernel = _kernel(body, _ATTN_INPUTS, ("out", "lse"), smem)
-        row_blocks = math.ceil(_max_q(spec) / rows_per_block)
+        nw, bn, row_blocks, kernel = _mma_fwd_config(spec)
         out, lse = kernel(
             inputs=args, template=template + [("NW", nw), ("BN", bn)],
             grid=(row_blocks * 32 * nw, spec.heads_q, spec.batch), threadgroup=(32 * nw, 1, 1),
@@ -241,13 +308,34 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     return _forward_simt(args, template, spec, out_shape, lse_shape, stream)
 
 
+@functools.lru_cache(maxsize=1024)
+def _wgmma_fwd_config(spec: AttentionSpec, bn: int, stages: int):
+    """(key tile, stages, row blocks, kernel) of the Hopper forward (128 query rows per block)."""
+    stages = 2 if spec.has_block_mask else stages  # the ping-pong schedule has no tile skipping
+    smem = 2 * (128 * spec.head_dim_qk + 2 * stages * bn * spec.head_dim_qk) + 1024  # wgmma_fwd_smem
+    kernel = _kernel("attention_fwd_wgmma", _ATTN_INPUTS, ("out", "lse"), smem)
+    return bn, stages, math.ceil(_max_q(spec) / 128), kernel
+
+
+@functools.lru_cache(maxsize=1024)
+def _mma_fwd_config(spec: AttentionSpec):
+    """(warps, key tile, row blocks, kernel) of the tensor-core forward."""
+    nw, bn = _mma_fwd_tiles(spec)
+    # Two 16-row tiles per warp (attention_fwd_mma2) for head dims <= 128.
+    two_tiles = _FWD_TWO_TILES and max(spec.head_dim_qk, spec.head_dim_v) <= 128
+    if two_tiles:
+        bn = 32
+    rows_per_block = 16 * nw * (2 if two_tiles else 1)
+    smem = 2 * (rows_per_block * (_round16(spec.head_dim_qk) + 8)) + _mma_fwd_smem(
+        spec.head_dim_qk, spec.head_dim_v, 0, bn)
+    body = "attention_fwd_mma2" if two_tiles else "attention_fwd_mma"
+    kernel = _kernel(body, _ATTN_INPUTS, ("out", "lse"), smem)
+    row_blocks = math.ceil(_max_q(spec) / rows_per_block)
+    return nw, bn, row_blocks, kernel
+
+
 def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, stream):
-    warps = 8 if _max_q(spec) * spec.group_size <= 8 else 4
-    row_blocks = math.ceil(_max_q(spec) * spec.group_size / warps)
-    base_blocks = row_blocks * spec.batch * spec.heads_kv
-    splits = max(1, min(64, _TARGET_BLOCKS // base_blocks, math.ceil(_max_k(spec) / 256)))
-    smem = _simt_fwd_smem(spec.head_dim_qk, spec.head_dim_v, warps)
-    kernel = _kernel("attention_fwd_simt", _ATTN_INPUTS, ("out", "lse", "part_o", "part_lse"), smem)
+    warps, row_blocks, splits, kernel = _simt_fwd_config(spec)
     rows = math.prod(lse_shape)
     if splits == 1:
         shapes = [out_shape, lse_shape, (1,), (1,)]
@@ -274,6 +362,18 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
     return out, lse
 
 
+@functools.lru_cache(maxsize=1024)
+def _simt_fwd_config(spec: AttentionSpec):
+    """(warps, row blocks, key splits, kernel) of the fp32-arithmetic forward."""
+    warps = 8 if _max_q(spec) * spec.group_size <= 8 else 4
+    row_blocks = math.ceil(_max_q(spec) * spec.group_size / warps)
+    base_blocks = row_blocks * spec.batch * spec.heads_kv
+    splits = max(1, min(64, _TARGET_BLOCKS // base_blocks, math.ceil(_max_k(spec) / 256)))
+    smem = _simt_fwd_smem(spec.head_dim_qk, spec.head_dim_v, warps)
+    kernel = _kernel("attention_fwd_simt", _ATTN_INPUTS, ("out", "lse", "part_o", "part_lse"), smem)
+    return warps, row_blocks, splits, kernel
+
+
 # ---------------------------------------------------------------------------
 # Backward.
 
@@ -292,10 +392,7 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
         delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1, stream=stream)
         if dlse is not None:
             delta = delta - dlse
-        nw = _MMA_BWD_WARPS
-        smem = _mma_bwd_smem(spec.head_dim_qk, spec.head_dim_v, 16 * nw, 16 * nw)
-        kernel = _kernel("attention_bwd_mma", _BWD_MMA_INPUTS, ("dq_acc", "dk", "dv"), smem)
-        key_blocks = math.ceil(_max_k(spec) / (16 * nw))
+        nw, key_blocks, kernel = _mma_bwd_config(spec)
         dq_acc, dk, dv = kernel(
             inputs=args + [delta], template=template + [("NW", nw)],
             grid=(key_blocks * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
@@ -306,11 +403,7 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
     else:
         # Scalar path; delta is formed in the kernel (see attention_bwd_simt).
         args = args + [out, dlse if dlse is not None else _placeholder(mx.float32)]
-        per_warp = _simt_bwd_warp_smem(spec.head_dim_qk, spec.head_dim_v)
-        warps = max(1, min(4, (_MAX_SMEM - 4096) // per_warp))
-        smem = _simt_bwd_smem(spec.head_dim_qk, spec.head_dim_v, warps)
-        kernel = _kernel("attention_bwd_simt", _BWD_SIMT_INPUTS, ("dq_acc", "dk", "dv"), smem)
-        key_blocks = math.ceil(_max_k(spec) / (32 * warps))
+        warps, key_blocks, kernel = _simt_bwd_config(spec)
         dq_acc, dk, dv = kernel(
             inputs=args, template=template + [("W", warps), ("HAS_DLSE", dlse is not None)],
             grid=(key_blocks * 32 * warps, 1, spec.batch * spec.heads_kv), threadgroup=(32 * warps, 1, 1),
@@ -320,6 +413,27 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
         )
     dq = dq_acc if spec.dtype == mx.float32 else dq_acc.astype(spec.dtype, stream=stream)
     return dq, dk, dv
+
+
+@functools.lru_cache(maxsize=1024)
+def _mma_bwd_config(spec: AttentionSpec):
+    """(warps, key blocks, kernel) of the tensor-core backward."""
+    nw = _MMA_BWD_WARPS
+    smem = _mma_bwd_smem(spec.head_dim_qk, spec.head_dim_v, 16 * nw, 16 * nw)
+    kernel = _kernel("attention_bwd_mma", _BWD_MMA_INPUTS, ("dq_acc", "dk", "dv"), smem)
+    key_blocks = math.ceil(_max_k(spec) / (16 * nw))
+    return nw, key_blocks, kernel
+
+
+@functools.lru_cache(maxsize=1024)
+def _simt_bwd_config(spec: AttentionSpec):
+    """(warps, key blocks, kernel) of the fp32-arithmetic backward."""
+    per_warp = _simt_bwd_warp_smem(spec.head_dim_qk, spec.head_dim_v)
+    warps = max(1, min(4, (_MAX_SMEM - 4096) // per_warp))
+    smem = _simt_bwd_smem(spec.head_dim_qk, spec.head_dim_v, warps)
+    kernel = _kernel("attention_bwd_simt", _BWD_SIMT_INPUTS, ("dq_acc", "dk", "dv"), smem)
+    key_blocks = math.ceil(_max_k(spec) / (32 * warps))
+    return warps, key_blocks, kernel
 
 
 # ---------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def matmul2d(a, b, a_scale, b_scale, spec, stream):
                             int(b_scale is not None and b_scale.shape[-1] > 1)), mx.int32)
     if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
         b_scale = _pad_axis(b_scale, 2, 16, stream)
-    kernel = _cuda._kernel("matmul", _INPUTS, ("out",), _SMEM, _cuda.MATMUL_HEADERS)
+    kernel = _cuda._kernel("matmul", _INPUTS, ("out",), _SMEM)
     placeholder = _cuda._placeholder(mx.float32)
     (out,) = kernel(
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
