@@ -51,7 +51,7 @@ __device__ __forceinline__ void wg_issue_s(float (&s)[BN / 2], unsigned q_addr, 
   for (int kk = 0; kk < D / 16; ++kk) {
     const unsigned long long da = wgmma_desc(q_addr + (kk / 4) * (128 * 128) + (kk % 4) * 32, 16, 1024);
     const unsigned long long db = wgmma_desc(k_addr + (kk / 4) * (BN * 128) + (kk % 4) * 32, 16, 1024);
-    Wgmma<T, BN>::template ss<0>(s, da, db, kk > 0);
+    Wgmma<T, BN>::template ss<0, 0>(s, da, db, kk > 0);
   }
   wgmma_commit();
 }

@@ -72,6 +72,8 @@ def _attention_cases():
                                      (64, 64, 2, features)):
             yield ("attention_fwd_wgmma", T, mx.float32,
                    feats + [("SINKS", True), ("D", D), ("DV", D), ("BN", BN), ("STAGES", stages)], ("out", "lse"))
+        for D in (64, 128):
+            yield ("attention_bwd_wgmma", T, mx.float32, features + [("D", D), ("DV", D)], ("dq_acc", "dk", "dv"))
     yield ("attention_fwd_simt", mx.float32, mx.bool_,
            [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 1), ("WINDOW", True), ("BLOCK_MASK", True),
             ("VARLEN", True), ("SINKS", True), ("D", 33), ("DV", 7), ("W", 4), ("SPLITS", 3)],
@@ -89,7 +91,7 @@ def _input_dtypes(body, T, MT):
     if body in ("attention_fwd_mma", "attention_fwd_mma2", "attention_fwd_wgmma", "attention_fwd_simt"):
         names, dtypes = cuda_backend._ATTN_INPUTS, (T, T, T, MT, mx.float32, mx.float32, mx.bool_,
                                                      mx.int32, mx.int32, mx.int32, mx.float32)
-    elif body == "attention_bwd_mma":
+    elif body in ("attention_bwd_mma", "attention_bwd_wgmma"):
         names, dtypes = cuda_backend._BWD_MMA_INPUTS, (T, T, T, MT, mx.float32, mx.bool_, mx.int32, mx.int32,
                                                         mx.int32, mx.float32, T, mx.float32, mx.float32)
     else:

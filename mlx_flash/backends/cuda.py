@@ -46,6 +46,7 @@ _KERNEL_ROOTS = {
     "attention_fwd_mma": ("attention_fwd_mma.cuh",),
     "attention_fwd_mma2": ("attention_fwd_mma.cuh",),
     "attention_fwd_wgmma": ("attention_fwd_wgmma.cuh",),
+    "attention_bwd_wgmma": ("attention_bwd_wgmma.cuh",),
     "attention_fwd_simt": ("attention_simt.cuh",),
     "attention_combine": ("attention_simt.cuh",),
     "attention_bwd_simt": ("attention_simt.cuh",),
@@ -262,14 +263,15 @@ def _is_hopper() -> bool:
 
 
 _WGMMA = os.environ.get("MLX_FLASH_CUDA_WGMMA", "1") == "1"
+_WGMMA_BWD = os.environ.get("MLX_FLASH_CUDA_WGMMA_BWD", "1") == "1"
 _WGMMA_BN = int(os.environ.get("MLX_FLASH_CUDA_WGMMA_BN", "128"))
 # 3: the ping-pong schedule (attention_fwd_wgmma.cuh), used without block masks; 2: in step.
 _WGMMA_STAGES = int(os.environ.get("MLX_FLASH_CUDA_WGMMA_STAGES", "3"))
 
 
-def _uses_wgmma(spec: AttentionSpec) -> bool:
-    """The Hopper forward: fp16/bf16, Dqk = Dv in {64, 128}, on sm_90."""
-    return (_WGMMA and _uses_mma(spec) and spec.head_dim_qk == spec.head_dim_v
+def _uses_wgmma(spec: AttentionSpec, backward: bool = False) -> bool:
+    """The Hopper kernels: fp16/bf16, Dqk = Dv in {64, 128}, on sm_90."""
+    return ((_WGMMA_BWD if backward else _WGMMA) and _uses_mma(spec) and spec.head_dim_qk == spec.head_dim_v
             and spec.head_dim_qk in (64, 128) and _is_hopper())
 
 
@@ -392,9 +394,14 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
         delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1, stream=stream)
         if dlse is not None:
             delta = delta - dlse
-        nw, key_blocks, kernel = _mma_bwd_config(spec)
+        if _uses_wgmma(spec, backward=True):
+            key_blocks, kernel = _wgmma_bwd_config(spec)
+            nw, extra = 8, []
+        else:
+            nw, key_blocks, kernel = _mma_bwd_config(spec)
+            extra = [("NW", nw)]
         dq_acc, dk, dv = kernel(
-            inputs=args + [delta], template=template + [("NW", nw)],
+            inputs=args + [delta], template=template + extra,
             grid=(key_blocks * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
             output_shapes=[tuple(q.shape), tuple(k.shape), tuple(v.shape)],
             output_dtypes=[mx.float32, spec.dtype, spec.dtype],
@@ -413,6 +420,15 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
         )
     dq = dq_acc if spec.dtype == mx.float32 else dq_acc.astype(spec.dtype, stream=stream)
     return dq, dk, dv
+
+
+@functools.lru_cache(maxsize=1024)
+def _wgmma_bwd_config(spec: AttentionSpec):
+    """(key blocks, kernel) of the Hopper backward: 128 keys and 8 warps per block."""
+    d = spec.head_dim_qk
+    smem = 2 * (2 * 128 * d + 4 * 64 * d + 128 * 64) + 4 * 4 * 64 + 1024  # wgmma_bwd_smem
+    kernel = _kernel("attention_bwd_wgmma", _BWD_MMA_INPUTS, ("dq_acc", "dk", "dv"), smem)
+    return math.ceil(_max_k(spec) / 128), kernel
 
 
 @functools.lru_cache(maxsize=1024)

@@ -1,0 +1,266 @@
+// Hopper (sm_90a) FlashAttention-2 backward on warpgroup MMA, fp16/bf16 with
+// fp32 accumulation, head dims 64 and 128 (Dqk = Dv).
+//
+// The algorithm of attention_bwd_mma.cuh (read it first) on wgmma: a block of
+// two warpgroups owns BKV = 128 keys of one key/value head (warpgroup w: keys
+// 64w..64w+63, its dK and dV rows in registers) and walks the query tiles of
+// BQ = 64 rows, every head of the GQA group, that can see them:
+//   S^T = K Q^T and dP^T = V dO^T      shared x shared, M = 64 keys, N = BQ
+//   P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta)     in registers
+//   dV += P^T dO, dK += dS^T Q          registers x shared (dO, Q read MN-major)
+//   dQ = dS K                           shared x shared: dS^T from shared memory
+//                                       read MN-major, K read MN-major; warpgroup
+//                                       w forms dims 64w..64w+63 of the BQ rows
+// and adds dQ to a float32 accumulator with vector atomics. The next query
+// tile's Q, dO, lse and delta load (cp.async) while the current one is used.
+#pragma once
+
+#include "attention_common.cuh"
+#include "mma.cuh"
+#include "wgmma.cuh"
+#include "attention_fwd_mma.cuh"
+#include "attention_fwd_wgmma.cuh"
+
+namespace mlx_flash {
+
+// Shared memory of the wgmma backward (bytes): K, V [128][D]; Q, dO [64][D]
+// twice; dS^T [128][64]; lse and delta [64] twice; 1 KiB alignment slack.
+__host__ __device__ constexpr int wgmma_bwd_smem(int d) {
+  return 2 * (2 * 128 * d + 4 * 64 * d + 128 * 64) + 4 * 4 * 64 + 1024;
+}
+
+template <typename T, typename MT, class F, int D>
+__device__ void attention_bwd_wgmma(
+    const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
+    const int* cu_q, const int* cu_k, const int* ip, const float* fp,
+    const T* dout, const float* lse, const float* delta,
+    float* dq_acc, T* dk, T* dv) {
+  static_assert(D == 64 || D == 128, "wgmma backward: head dim 64 or 128");
+  constexpr int BKV = 128, BQ = 64, NTHREADS = 256;
+  constexpr int KV_BYTES = BKV * D * 2, QT_BYTES = BQ * D * 2, DS_BYTES = BKV * BQ * 2;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* Ks = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* Vs = Ks + KV_BYTES;
+  unsigned char* Qs = Vs + KV_BYTES;        // two stages
+  unsigned char* dOs = Qs + 2 * QT_BYTES;   // two stages
+  unsigned char* dSs = dOs + 2 * QT_BYTES;  // dS^T [key][query], swizzled
+  float* lse_s = reinterpret_cast<float*>(dSs + DS_BYTES);  // two stages of BQ
+  float* delta_s = lse_s + 2 * BQ;                          // two stages of BQ
+
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], G = Hq / Hkv;
+  const int NqTot = ip[kSeqQ], NkTot = ip[kSeqK];
+  const int b = blockIdx.z / Hkv, hk = blockIdx.z % Hkv;
+  const Sequence seq = sequence_of<F::Varlen>(b, ip, cu_q, cu_k);
+  const int j0 = blockIdx.x * BKV;
+  if (j0 >= seq.nk) return;
+  const int j_end = min(seq.nk, j0 + BKV);
+  const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
+  const float scale = fp[kScale];
+  const float softcap = fp[kSoftcap];
+  const int key_row = wg * 64 + warp * 16 + g;  // this thread's first key within the block (other: + 8)
+
+  load_tile_swizzled<T, BKV, D, NTHREADS>(Ks, k + (kv_base + j0) * D, j_end - j0);
+  load_tile_swizzled<T, BKV, D, NTHREADS>(Vs, v + (kv_base + j0) * D, j_end - j0);
+
+  LogitRules<MT> rules = make_rules<MT, F>(seq, b, hk * G, ip, fp, mask, alibi, bmask);
+  int qlo, qhi;
+  rules.query_range(j0, j_end - 1, qlo, qhi);
+  const int shift = seq.nk - seq.nq;
+  const int first_i0 = qlo / BQ * BQ;
+
+  // Query tiles in order (head of the group, rows); dead block-mask tiles skipped.
+  // Every thread calls this together (block_tile_live synchronises).
+  auto tile_live = [&](int hg, int i0) {
+    if (!F::BlockMask) return true;
+    const LogitRules<MT> r = make_rules<MT, F>(seq, b, hk * G + hg, ip, fp, mask, alibi, bmask);
+    return block_tile_live<MT, NTHREADS>(r, i0, min(seq.nq, i0 + BQ), j0, j_end);
+  };
+  auto advance = [&](int& hg, int& i0) {
+    do {
+      i0 += BQ;
+      if (i0 >= qhi) { i0 = first_i0; ++hg; }
+    } while (hg < G && !tile_live(hg, i0));
+  };
+  auto load_tile_q = [&](int hg, int i0, int stage) {
+    const long q_base = (long)(seq.tensor_batch * Hq + hk * G + hg) * NqTot + seq.q_start;
+    const int valid = min(seq.nq, i0 + BQ) - i0;
+    load_tile_swizzled<T, BQ, D, NTHREADS>(Qs + stage * QT_BYTES, q + (q_base + i0) * D, valid);
+    load_tile_swizzled<T, BQ, D, NTHREADS>(dOs + stage * QT_BYTES, dout + (q_base + i0) * D, valid);
+    for (int r = threadIdx.x; r < BQ; r += NTHREADS) {
+      const float l = r < valid ? lse[q_base + i0 + r] : kNegInf;
+      // +inf makes P = 0 for rows past the end and for fully masked rows.
+      lse_s[stage * BQ + r] = l == kNegInf ? __int_as_float(0x7f800000) : l * kLog2e;
+      delta_s[stage * BQ + r] = r < valid ? delta[q_base + i0 + r] : 0.f;
+    }
+  };
+
+  float dk_acc[D / 2], dv_acc[D / 2];
+#pragma unroll
+  for (int r = 0; r < D / 2; ++r) dk_acc[r] = dv_acc[r] = 0.f;
+
+  int hg = 0, i0 = first_i0;
+  if (first_i0 >= qhi) hg = G;  // no query sees these keys: dK = dV = 0
+  else if (!tile_live(hg, i0)) advance(hg, i0);
+  if (hg < G) load_tile_q(hg, i0, 0);
+  cp_async_commit();
+  int stage = 0;
+  const unsigned k_addr = smem_addr(Ks), v_addr = smem_addr(Vs), ds_addr = smem_addr(dSs);
+
+  while (hg < G) {
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // this tile visible; the previous tile's buffers and dS^T are free
+    int hn = hg, in = i0;
+    advance(hn, in);
+    if (hn < G) load_tile_q(hn, in, stage ^ 1);
+    cp_async_commit();
+
+    const int h = hk * G + hg;
+    rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask);
+    const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
+    const int i_end = min(seq.nq, i0 + BQ);
+    const unsigned q_addr = smem_addr(Qs + stage * QT_BYTES), do_addr = smem_addr(dOs + stage * QT_BYTES);
+    const float* lse_t = lse_s + stage * BQ;
+    const float* delta_t = delta_s + stage * BQ;
+
+    // S^T = K_w Q^T and dP^T = V_w dO^T (64 keys x BQ queries each). Declared
+    // per tile: the first k-step overwrites them, so nothing is carried over.
+    float st[BQ / 2], dpt[BQ / 2];
+    unsigned pp[BQ / 16][4], pd[BQ / 16][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const unsigned a_off = (kk / 4) * (BKV * 128) + wg * 64 * 128 + (kk % 4) * 32;
+      const unsigned b_off = (kk / 4) * (BQ * 128) + (kk % 4) * 32;
+      Wgmma<T, BQ>::template ss<0, 0>(st, wgmma_desc(k_addr + a_off, 16, 1024), wgmma_desc(q_addr + b_off, 16, 1024),
+                                      kk > 0);
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const unsigned a_off = (kk / 4) * (BKV * 128) + wg * 64 * 128 + (kk % 4) * 32;
+      const unsigned b_off = (kk / 4) * (BQ * 128) + (kk % 4) * 32;
+      Wgmma<T, BQ>::template ss<0, 0>(dpt, wgmma_desc(v_addr + a_off, 16, 1024),
+                                      wgmma_desc(do_addr + b_off, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin(st);
+    wgmma_pin(dpt);
+
+    // P^T with the logit rules where the tile needs them, then dS^T.
+    const bool inside_window =
+        (rules.left < 0 || j0 >= i_end - 1 + shift - rules.left) &&
+        (rules.right < 0 || j0 + BKV - 1 <= i0 + shift + rules.right);
+    const bool need_rules = F::ElementRules || j0 + BKV > seq.nk || !inside_window;
+#pragma unroll
+    for (int n = 0; n < BQ / 8; ++n) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int jj = key_row + (c >= 2 ? 8 : 0);
+        const int ii = n * 8 + 2 * t + (c & 1);
+        float x = st[4 * n + c] * scale;
+        float cap_grad = 1.f;
+        if (need_rules) {
+          float capped = 0.f;
+          x = apply_rules<F>(rules, x, i0 + ii, j0 + jj, capped);
+          if (F::Softcap) {
+            const float u = capped / softcap;
+            cap_grad = 1.f - u * u;
+          }
+        }
+        const float p = exp2f(x * kLog2e - lse_t[ii]);
+        st[4 * n + c] = p;
+        dpt[4 * n + c] = p * (dpt[4 * n + c] - delta_t[ii]) * cap_grad;
+      }
+    }
+    // A fragments of P^T and dS^T; dS^T also into shared memory ([key][query],
+    // swizzled: read MN-major as the A operand of dQ = dS K).
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      pp[kk][0] = pack2<T>(st[8 * kk + 0], st[8 * kk + 1]);
+      pp[kk][1] = pack2<T>(st[8 * kk + 2], st[8 * kk + 3]);
+      pp[kk][2] = pack2<T>(st[8 * kk + 4], st[8 * kk + 5]);
+      pp[kk][3] = pack2<T>(st[8 * kk + 6], st[8 * kk + 7]);
+      pd[kk][0] = pack2<T>(dpt[8 * kk + 0], dpt[8 * kk + 1]);
+      pd[kk][1] = pack2<T>(dpt[8 * kk + 2], dpt[8 * kk + 3]);
+      pd[kk][2] = pack2<T>(dpt[8 * kk + 4], dpt[8 * kk + 5]);
+      pd[kk][3] = pack2<T>(dpt[8 * kk + 6], dpt[8 * kk + 7]);
+      // Query columns 16kk + 2t (+1) and 16kk + 8 + 2t (+1): chunks 2kk and 2kk + 1.
+      const int r0 = key_row, r1 = key_row + 8;
+      *reinterpret_cast<unsigned*>(dSs + swizzled_offset<BKV>(r0, 2 * kk) + 4 * t) = pd[kk][0];
+      *reinterpret_cast<unsigned*>(dSs + swizzled_offset<BKV>(r1, 2 * kk) + 4 * t) = pd[kk][1];
+      *reinterpret_cast<unsigned*>(dSs + swizzled_offset<BKV>(r0, 2 * kk + 1) + 4 * t) = pd[kk][2];
+      *reinterpret_cast<unsigned*>(dSs + swizzled_offset<BKV>(r1, 2 * kk + 1) + 4 * t) = pd[kk][3];
+    }
+
+    // dV += P^T dO and dK += dS^T Q: B operands MN-major (LBO: the next 64 dims).
+    wgmma_pin(dv_acc);
+    wgmma_pin(dk_acc);
+    wgmma_pin(pp);
+    wgmma_pin(pd);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk)
+      Wgmma<T, D>::template rs<1>(dv_acc, pp[kk], wgmma_desc(do_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk)
+      Wgmma<T, D>::template rs<1>(dk_acc, pd[kk], wgmma_desc(q_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+    wgmma_commit();
+
+    // dQ[:, 64w..64w+63] = dS K over the block's 128 keys, once both halves of
+    // dS^T are in place (D = 64: warpgroup 0 forms all 64 dims).
+    fence_proxy_async();
+    __syncthreads();
+    if (D == 128 || wg == 0) {
+      float dq[BQ / 2];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BKV / 16; ++kk)
+        Wgmma<T, 64>::template ss<1, 1>(dq, wgmma_desc(ds_addr + kk * 16 * 128, BKV * 128, 1024),
+                                        wgmma_desc(k_addr + wg * (BKV * 128) + kk * 16 * 128, BKV * 128, 1024),
+                                        kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_pin(dq);
+      // Rows warp * 16 + g (+ 8) of this tile, dims 64w + 8n + 2t (+1).
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int i = i0 + warp * 16 + g + 8 * half;
+        if (i >= seq.nq) continue;
+        float* row = dq_acc + (q_base + i) * D + wg * 64 + 2 * t;
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+          atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
+                    make_float2(dq[4 * n + 2 * half] * scale, dq[4 * n + 2 * half + 1] * scale));
+      }
+    }
+    wgmma_wait<0>();
+    wgmma_pin(dv_acc);
+    wgmma_pin(dk_acc);
+    wgmma_pin(pp);
+    wgmma_pin(pd);
+    stage ^= 1;
+    hg = hn;
+    i0 = in;
+  }
+  cp_async_wait<0>();
+
+  // This thread's two key rows of dK (scaled) and dV.
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int j = j0 + key_row + 8 * half;
+    if (j >= seq.nk) continue;
+    T* dk_row = dk + (kv_base + j) * D + 2 * t;
+    T* dv_row = dv + (kv_base + j) * D + 2 * t;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<unsigned*>(dk_row + 8 * n) =
+          pack2<T>(dk_acc[4 * n + 2 * half] * scale, dk_acc[4 * n + 2 * half + 1] * scale);
+      *reinterpret_cast<unsigned*>(dv_row + 8 * n) = pack2<T>(dv_acc[4 * n + 2 * half], dv_acc[4 * n + 2 * half + 1]);
+    }
+  }
+}
+
+}  // namespace mlx_flash
