@@ -212,7 +212,7 @@ def test_decode_kernels_compile_without_spills(tmp_path):
                              ("ip", mx.int32), ("ns", mx.int32)],
                             [("out", dict(t)["T"]), ("lse", mx.float32)], t)
                for i, t in enumerate(_combine_cases())]
-    _nvcc_compile(tmp_path, "combine", _prelude(cuda_backend.ATTENTION_HEADERS) + "\n" + "\n".join(kernels))
+    _nvcc_compile(tmp_path, "combine", _prelude(cuda_backend.COMBINE_HEADERS) + "\n" + "\n".join(kernels))
 
 
 # ---------------------------------------------------------------------------

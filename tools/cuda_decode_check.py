@@ -1,6 +1,6 @@
 """GPU check of the CUDA decode path (run on the GPU machine, repo root on PYTHONPATH).
 
-    python3 tools/cuda_decode_check.py OUT_DIR [--no-sweep]
+    python3 tools/cuda_decode_check.py OUT_DIR [--no-sweep | --sweep]
     python3 tools/cuda_decode_check.py OUT_DIR --emulate   # (a) only, on the CPU emulation (slow)
 
 (a) Correctness: flash_attention / flash_attention_varlen on the CUDA backend
@@ -14,8 +14,10 @@
     shapes, as the latency of one call per eval and as the per-call time of
     32 calls (32 distinct K/V caches, like the layers of one decode step) in
     one eval; written to OUT_DIR/decode_timing.json.
-(c) Unless --no-sweep: the decode kernel's tile variants (warps, keys per
-    warp tile, pipeline stages) on two shapes, each checked then timed.
+(c) The decode kernel's tile variants (warps, keys per warp tile, pipeline
+    stages) on two shapes, each checked then timed: skipped with --no-sweep,
+    or when (a) and (b) took over 120 s (NVRTC compiles every kernel variant
+    on first use) unless --sweep.
 
 --emulate runs (a) without a GPU through tests/cuda_emu (the kernels as C++
 on the CPU; a dry run of this script and of the kernels' logic, not of speed).
@@ -391,8 +393,11 @@ def main():
     else:
         correctness()
         out = {"timing": timing()}
-        if SWEEP:
+        elapsed = time.perf_counter() - T0
+        if SWEEP and (elapsed < 120 or "--sweep" in sys.argv):
             out["sweep"] = sweep()
+        elif SWEEP:
+            say(f"== sweep skipped: {elapsed:.0f}s already spent (pass --sweep to force it)")
     out["results"] = RESULTS
     out["seconds"] = round(time.perf_counter() - T0, 1)
     with open(os.path.join(OUT, "decode_timing.json"), "w") as f:

@@ -208,8 +208,10 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     return _forward_simt(args, template, spec, out_shape, lse_shape, stream)
 
 
-# The decode kernel's headers: it needs none of the other kernels' templates.
+# The decode kernel's and the combine's headers: they need none of the other
+# kernels' templates (less for NVRTC to parse on each first use).
 DECODE_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_decode.cuh")
+COMBINE_HEADERS = ("attention_common.cuh", "attention_simt.cuh")
 # Shared memory of one SM of an H100/H200 (228 KiB; the driver keeps 1 KiB per block).
 _SM_SMEM = 228 * 1024
 _SMS = 132
@@ -293,7 +295,8 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
     )
     if splits == 1:
         return out, lse
-    combine = _kernel("attention_combine", ("part_o", "part_lse", "sinks", "ip", "ns"), ("out", "lse"), 0)
+    combine = _kernel("attention_combine", ("part_o", "part_lse", "sinks", "ip", "ns"), ("out", "lse"), 0,
+                      COMBINE_HEADERS)
     out, lse = combine(
         inputs=[part_o, part_lse, args[5], args[9], const_array((splits,), mx.int32)],
         template=[("T", spec.dtype), ("DV", dv), ("SINKS", spec.has_sinks), ("VARLEN", spec.varlen)],
