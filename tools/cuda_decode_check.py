@@ -306,8 +306,8 @@ def time_pair(make, layers=32, lat_iters=50, batch_iters=10):
         def one(s, impl=impl):
             q, k, v = s
             if impl == "mlx_flash":
-                return mlx_flash.flash_attention(q, k, v, stream=mx.gpu)
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, stream=mx.gpu)
+                return mlx_flash.flash_attention(q, k, v, stream=STREAM)
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, stream=STREAM)
         for _ in range(3):
             mx.eval([one(s) for s in sets])
         latency = _time(lambda: one(sets[0]), lat_iters)
