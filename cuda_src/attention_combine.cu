@@ -1,1 +1,1 @@
-mlx_flash::attention_combine<T, DV, SPLITS, SINKS, VARLEN>(part_o, part_lse, sinks, ip, out, lse);
+mlx_flash::attention_combine<T, DV, SINKS, VARLEN>(part_o, part_lse, sinks, ip, ns, out, lse);

@@ -177,42 +177,112 @@ __device__ void attention_fwd_simt(
   }
 }
 
-// Merge the SPLITS partial results of each row by their lse (and the sink).
-// One warp per row, lanes over the value dims.
-template <typename T, int DV, int SPLITS, bool Sinks, bool Varlen>
+// Most key splits attention_combine merges.
+constexpr int kMaxSplits = 128;
+
+// Merge the `splits` partial results of each row (part_o [splits][rows][DV],
+// normalised, and their part_lse [splits][rows]) by their lse, with the sink.
+// One block of 128 threads per row. Every warp first derives all the split
+// weights itself (lanes over splits, two warp reductions), so no barrier is
+// needed before the accumulation; then the threads are laid out as GROUPS
+// groups of C columns (float4 words of the row where DV allows), each group
+// summing every GROUPS-th split with eight independent loads in flight per
+// thread, and the groups are added in shared memory.
+template <typename T, int DV, bool Sinks, bool Varlen>
 __device__ void attention_combine(
-    const float* part_o, const float* part_lse, const float* sinks, const int* ip,
+    const float* part_o, const float* part_lse, const float* sinks, const int* ip, const int* ns,
     T* out, float* lse) {
+  constexpr int NT = 128, LANE_SPLITS = kMaxSplits / 32;
+  constexpr int VW = DV % 4 == 0 ? 4 : 1;  // floats per column
+  constexpr int C = DV / VW;               // columns of a row
+  constexpr int GROUPS = C >= NT ? 1 : NT / C;
+  __shared__ float weights[NT / 32][kMaxSplits];
+  __shared__ __align__(16) float partial[GROUPS > 1 ? GROUPS * C * VW : 1];
+
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int Hq = ip[kHeadsQ], NqTot = ip[kSeqQ];
   const long total_rows = (long)(Varlen ? 1 : ip[kBatch]) * Hq * NqTot;
-  const long row = (long)blockIdx.x * (blockDim.x / 32) + warp;
-  if (row >= total_rows) return;
+  const long row = blockIdx.x;
+  const int splits = ns[0];
+
+  float l[LANE_SPLITS];
   float m = kNegInf;
-  for (int s = 0; s < SPLITS; ++s) m = fmaxf(m, part_lse[s * total_rows + row]);
+#pragma unroll
+  for (int u = 0; u < LANE_SPLITS; ++u) {
+    const int s = lane + 32 * u;
+    l[u] = s < splits ? part_lse[s * total_rows + row] : kNegInf;
+    m = fmaxf(m, l[u]);
+  }
+  m = warp_max(m);
   float sink_term = 0.f;
   if (Sinks) {
     const float sink = sinks[(row / NqTot) % Hq];
     m = fmaxf(m, sink);
     sink_term = expf(sink - m);
   }
-  if (m == kNegInf) {
-    for (int d = lane; d < DV; d += 32) out[row * DV + d] = from_float<T>(0.f);
-    if (lane == 0) lse[row] = kNegInf;
+  if (m == kNegInf) {  // every key of the row dropped, no sink
+    for (int d = threadIdx.x; d < DV; d += NT) out[row * DV + d] = from_float<T>(0.f);
+    if (threadIdx.x == 0) lse[row] = kNegInf;
     return;
   }
-  float denom = sink_term;
-  for (int s = 0; s < SPLITS; ++s) denom += expf(part_lse[s * total_rows + row] - m);
-  const float inv = 1.f / denom;
-  for (int d = lane; d < DV; d += 32) {
-    float o = 0.f;
-    for (int s = 0; s < SPLITS; ++s) {
-      const float w = expf(part_lse[s * total_rows + row] - m);
-      if (w > 0.f) o += w * part_o[(s * total_rows + row) * DV + d];
-    }
-    out[row * DV + d] = from_float<T>(o * inv);
+  float denom = 0.f;
+#pragma unroll
+  for (int u = 0; u < LANE_SPLITS; ++u) {
+    const float w = expf(l[u] - m);
+    if (lane + 32 * u < splits) weights[warp][lane + 32 * u] = w;
+    denom += w;
   }
-  if (lane == 0) lse[row] = m + logf(denom);
+  denom = warp_sum(denom) + sink_term;
+  const float inv = 1.f / denom;
+  if (threadIdx.x == 0) lse[row] = m + logf(denom);
+  __syncwarp();
+
+  const int grp = GROUPS > 1 ? threadIdx.x / C : 0;
+  for (int col = GROUPS > 1 ? threadIdx.x % C : threadIdx.x; col < C && grp < GROUPS; col += NT) {
+    float acc[VW];
+#pragma unroll
+    for (int e = 0; e < VW; ++e) acc[e] = 0.f;
+    for (int s0 = grp; s0 < splits; s0 += 8 * GROUPS) {
+      float w[8], x[8][VW];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int s = s0 + u * GROUPS;
+        w[u] = s < splits ? weights[warp][s] : 0.f;
+        const float* src = part_o + (s * total_rows + row) * DV + col * VW;
+        if (w[u] != 0.f) {  // an empty split (lse -inf) is skipped, its words never read
+          if constexpr (VW == 4) {
+            const float4 x4 = *reinterpret_cast<const float4*>(src);
+            x[u][0] = x4.x, x[u][1] = x4.y, x[u][2] = x4.z, x[u][3] = x4.w;
+          } else {
+            x[u][0] = *src;
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < VW; ++e) x[u][e] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+#pragma unroll
+        for (int e = 0; e < VW; ++e) acc[e] += w[u] * x[u][e];
+    }
+    if (GROUPS > 1) {
+#pragma unroll
+      for (int e = 0; e < VW; ++e) partial[(grp * C + col) * VW + e] = acc[e];
+    } else {
+#pragma unroll
+      for (int e = 0; e < VW; ++e) out[row * DV + col * VW + e] = from_float<T>(acc[e] * inv);
+    }
+  }
+  if (GROUPS > 1) {
+    __syncthreads();
+    for (int d = threadIdx.x; d < DV; d += NT) {
+      float o = 0.f;
+#pragma unroll
+      for (int gi = 0; gi < GROUPS; ++gi) o += partial[gi * C * VW + d];
+      out[row * DV + d] = from_float<T>(o * inv);
+    }
+  }
 }
 
 __host__ __device__ constexpr int simt_bwd_smem(int d, int dv, int warps) {

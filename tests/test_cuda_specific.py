@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -78,17 +79,52 @@ def _attention_cases():
            [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 1), ("WINDOW", True), ("BLOCK_MASK", True),
             ("VARLEN", True), ("SINKS", True), ("D", 33), ("DV", 7), ("W", 4), ("SPLITS", 3)],
            ("out", "lse", "part_o", "part_lse"))
+    yield ("attention_fwd_simt", mx.float16, mx.float16,
+           features + [("SINKS", False), ("D", 40), ("DV", 33), ("W", 8), ("SPLITS", 1)],
+           ("out", "lse", "part_o", "part_lse"))
     yield ("attention_bwd_simt", mx.float32, mx.bool_,
            features + [("D", 33), ("DV", 7), ("W", 2), ("HAS_DLSE", True)], ("dq_acc", "dk", "dv"))
-    for T in (mx.float32, mx.float16, mx.bfloat16):
-        yield ("attention_combine", T, None, [("DV", 7), ("SPLITS", 3), ("SINKS", True), ("VARLEN", True)],
-               ("out", "lse"))
+
+
+def _decode_cases():
+    """attention_fwd_decode instances: (T, MT, template after T and MT)."""
+    plain = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 0), ("WINDOW", False),
+             ("BLOCK_MASK", False), ("SINKS", False), ("VARLEN", False)]
+    every = [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 1), ("WINDOW", True),
+             ("BLOCK_MASK", True), ("SINKS", True), ("VARLEN", False)]
+    varlen = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 2), ("WINDOW", True),
+              ("BLOCK_MASK", False), ("SINKS", True), ("VARLEN", True)]
+    tiles = lambda d, dv, stages, split: [("D", d), ("DV", dv), ("NW", 4), ("BN", 16), ("STAGES", stages),
+                                          ("SPLIT", split)]
+    f16, b16 = mx.float16, mx.bfloat16
+    yield f16, mx.bool_, plain + tiles(128, 128, 3, True)
+    yield b16, mx.bool_, plain + tiles(128, 128, 3, False)
+    yield f16, mx.bool_, plain + tiles(64, 64, 3, True)
+    yield b16, mx.bool_, plain + tiles(256, 256, 2, True)
+    yield f16, mx.bool_, every + tiles(128, 128, 3, True)
+    yield b16, mx.bool_, every + tiles(64, 64, 3, False)
+    yield f16, mx.float32, varlen + tiles(72, 40, 3, True)
+    yield b16, mx.bfloat16, varlen + tiles(256, 256, 2, False)
+    yield f16, mx.float16, every[:2] + [("MASK_KIND", 2)] + every[3:] + tiles(96, 128, 4, True)
+    # Tile variants tools/cuda_decode_check.py sweeps: 8 warps, 32-key warp tiles, 2 warps.
+    yield f16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 8), ("BN", 16), ("STAGES", 2), ("SPLIT", True)]
+    yield b16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 4), ("BN", 32), ("STAGES", 2), ("SPLIT", True)]
+    yield f16, mx.bool_, plain + tiles(64, 64, 4, True)[:2] + [("NW", 2), ("BN", 16), ("STAGES", 4), ("SPLIT", True)]
+
+
+def _combine_cases():
+    for T, dv, sinks, varlen in ((mx.float16, 128, False, False), (mx.bfloat16, 64, True, True),
+                                 (mx.float16, 256, True, False), (mx.float32, 7, False, True),
+                                 (mx.float32, 255, True, False), (mx.bfloat16, 40, False, False)):
+        yield [("T", T), ("DV", dv), ("SINKS", sinks), ("VARLEN", varlen)]
 
 
 def _input_dtypes(body, T, MT):
     if body == "attention_combine":
-        return list(zip(("part_o", "part_lse", "sinks", "ip"), (mx.float32, mx.float32, mx.float32, mx.int32)))
-    if body in ("attention_fwd_mma", "attention_fwd_mma2", "attention_fwd_wgmma", "attention_fwd_simt"):
+        return list(zip(("part_o", "part_lse", "sinks", "ip", "ns"),
+                        (mx.float32, mx.float32, mx.float32, mx.int32, mx.int32)))
+    if body in ("attention_fwd_mma", "attention_fwd_mma2", "attention_fwd_wgmma", "attention_fwd_simt",
+                "attention_fwd_decode"):
         names, dtypes = cuda_backend._ATTN_INPUTS, (T, T, T, MT, mx.float32, mx.float32, mx.bool_,
                                                      mx.int32, mx.int32, mx.int32, mx.float32)
     elif body in ("attention_bwd_mma", "attention_bwd_wgmma"):
@@ -116,15 +152,17 @@ def _matmul_cases():
                ("FB", fb), ("TRANS_B", trans), ("AS", True), ("BS", fa == 1), ("NATIVE_FP8", native)]
 
 
-def _nvcc_compile(tmp_path, name, source):
+def _nvcc_compile(tmp_path, name, source, flags=()):
     path = tmp_path / f"{name}.cu"
     path.write_text(source)
     result = subprocess.run(
         # compute_90a as MLX's NVRTC targets Hopper (wgmma needs the "a" features).
-        ["nvcc", "-gencode", "arch=compute_90a,code=sm_90a", "-std=c++17", "-c", "-o", str(tmp_path / f"{name}.o"), str(path)],
+        ["nvcc", "-gencode", "arch=compute_90a,code=sm_90a", "-std=c++17", *flags, "-c", "-o",
+         str(tmp_path / f"{name}.o"), str(path)],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    return result.stderr
 
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -176,6 +214,49 @@ def test_header_text_keeps_code_and_drops_comments():
                                          '#define G 2 \\\n\nint d;')
     full = cuda_backend._header(cuda_backend.ATTENTION_HEADERS)
     assert "//" not in full and "/*" not in full and "\n\n" not in full
+
+
+def ptxas_usage(ptxas_log):
+    """{kernel: (registers, spill store bytes, spill load bytes)} from `nvcc -Xptxas -v` output."""
+    usage, name = {}, None
+    for line in ptxas_log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and name:
+            usage[name] = [None, int(m.group(1)), int(m.group(2))]
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name in usage:
+            usage[name][0] = int(m.group(1))
+    return {k: tuple(v) for k, v in usage.items()}
+
+
+@needs_nvcc
+def test_decode_kernels_compile_without_spills(tmp_path):
+    """attention_fwd_decode (its own header set, as _forward_simt builds it) and
+    attention_combine, over feature sets, dtypes and head dims; the decode
+    kernel keeps everything in registers (a spill would cost it bandwidth)."""
+    decode_body = cuda_backend._read("attention_fwd_decode.cu")
+    kernels = []
+    for i, (T, MT, template) in enumerate(_decode_cases()):
+        kernels.append(_kernel_text(f"decode{i}", decode_body, _input_dtypes("attention_fwd_decode", T, MT),
+                                    _output_dtypes(("out", "lse", "part_o", "part_lse"), T),
+                                    [("T", T), ("MT", MT)] + template))
+    log = _nvcc_compile(tmp_path, "decode", _prelude(cuda_backend.kernel_headers("attention_fwd_decode")) + "\n" + "\n".join(kernels),
+                        ("-Xptxas", "-v"))
+    usage = ptxas_usage(log)
+    assert len(usage) == len(kernels), log[-2000:]
+    for name, (regs, spill_st, spill_ld) in usage.items():
+        assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+
+    combine_body = cuda_backend._read("attention_combine.cu")
+    kernels = [_kernel_text(f"combine{i}", combine_body,
+                            [("part_o", mx.float32), ("part_lse", mx.float32), ("sinks", mx.float32),
+                             ("ip", mx.int32), ("ns", mx.int32)],
+                            [("out", dict(t)["T"]), ("lse", mx.float32)], t)
+               for i, t in enumerate(_combine_cases())]
+    _nvcc_compile(tmp_path, "combine", _prelude(cuda_backend.kernel_headers("attention_combine")) + "\n" + "\n".join(kernels))
 
 
 # ---------------------------------------------------------------------------

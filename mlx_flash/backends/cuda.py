@@ -3,8 +3,10 @@
 Kernels (cuda_src/):
   attention_fwd_mma2  tensor-core forward (fp16/bf16, head dims <= 128), 32 query rows per warp
   attention_fwd_mma   tensor-core forward (fp16/bf16, any head dim), 16 query rows per warp
-  attention_fwd_simt  fp32-arithmetic forward: float32 inputs and decode (few
-                      query rows), optionally split over keys ...
+  attention_fwd_decode  fp16/bf16 decode (few query rows per KV head): tensor
+                      cores, cp.async-pipelined K/V, optionally split over keys ...
+  attention_fwd_simt  fp32-arithmetic forward: float32 inputs (and 16-bit decode
+                      with head dims not multiples of 8), likewise split ...
   attention_combine   ... whose partial results this merges by lse
   attention_bwd_mma   tensor-core fused backward (fp16/bf16), dQ by atomics
   attention_bwd_simt  fp32-arithmetic fused backward (float32 inputs)
@@ -48,6 +50,7 @@ _KERNEL_ROOTS = {
     "attention_fwd_wgmma": ("attention_fwd_wgmma.cuh",),
     "attention_bwd_wgmma": ("attention_bwd_wgmma.cuh",),
     "attention_fwd_simt": ("attention_simt.cuh",),
+    "attention_fwd_decode": ("attention_decode.cuh",),
     "attention_combine": ("attention_simt.cuh",),
     "attention_bwd_simt": ("attention_simt.cuh",),
     # attention_bwd_mma.cuh uses load_tile and block_tile_live of attention_fwd_mma.cuh.
@@ -336,28 +339,88 @@ def _mma_fwd_config(spec: AttentionSpec):
     return nw, bn, row_blocks, kernel
 
 
+# Shared memory of one SM of an H100/H200 (228 KiB; the driver keeps 1 KiB per block).
+_SM_SMEM = 228 * 1024
+_SMS = 132
+_MAX_SPLITS = 128  # kMaxSplits of attention_simt.cuh (attention_combine)
+# Tile shape of the decode kernel, normally chosen per head dim by _decode_config;
+# tools/cuda_decode_check.py sets these to compare variants on the GPU.
+DECODE_TUNING: dict = {}
+
+
+def _decode_smem(d: int, dv: int, nw: int, bn: int, stages: int) -> int:
+    """decode_fwd_smem of attention_decode.cuh: Q tile, then per warp a ring of K + V tiles."""
+    return 2 * (16 * (_round16(d) + 8) + nw * stages * bn * (_round16(d) + 8 + _round16(dv) + 8))
+
+
+def _decode_config(spec: AttentionSpec):
+    """(warps, keys per warp tile, pipeline stages) of attention_fwd_decode: three
+    stages where two blocks still fit an SM (head dims <= 128), else two."""
+    d, dv = spec.head_dim_qk, spec.head_dim_v
+    nw, bn = DECODE_TUNING.get("nw", 4), DECODE_TUNING.get("bn", 16)
+    stages = DECODE_TUNING.get("stages", 3 if _decode_smem(d, dv, nw, bn, 3) <= _SM_SMEM // 2 - 1024 else 2)
+    return nw, bn, stages
+
+
+def _effective_keys(spec: AttentionSpec) -> int:
+    """Keys one query row can see at most (a left window bounds them)."""
+    keys = _max_k(spec)
+    if spec.window_left >= 0:
+        right = spec.window_right if spec.window_right >= 0 else keys
+        keys = min(keys, spec.window_left + right + _max_q(spec))
+    return max(keys, 1)
+
+
+def decode_plan(spec: AttentionSpec):
+    """Launch shape of attention_fwd_decode: (warps, keys per warp tile, stages,
+    shared memory bytes, 16-row blocks per KV head, key splits)."""
+    nw, bn, stages = _decode_config(spec)
+    smem = _decode_smem(spec.head_dim_qk, spec.head_dim_v, nw, bn, stages)
+    row_blocks = math.ceil(_max_q(spec) * spec.group_size / 16)
+    base_blocks = row_blocks * spec.batch * spec.heads_kv
+    # Enough blocks to fill every SM as far as shared memory lets them reside,
+    # each warp still getting at least two tiles.
+    per_sm = max(1, min(4, _SM_SMEM // (smem + 1024)))
+    keys = _effective_keys(spec)
+    splits = max(1, min(_MAX_SPLITS, _SMS * per_sm // base_blocks, math.ceil(keys / (2 * nw * bn))))
+    # The kernel rounds each split's keys up to whole rounds of nw tiles: drop splits left empty.
+    chunk = math.ceil(math.ceil(keys / splits) / (nw * bn)) * nw * bn
+    return nw, bn, stages, smem, row_blocks, math.ceil(keys / chunk)
+
+
 def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, stream):
-    warps, row_blocks, splits, kernel = _simt_fwd_config(spec)
+    """Forward for decode-like 16-bit calls (attention_fwd_decode) and for float32
+    inputs or head dims that are not multiples of 8 (attention_fwd_simt), keys
+    split over blocks and the splits merged by attention_combine."""
     rows = math.prod(lse_shape)
+    d, dv = spec.head_dim_qk, spec.head_dim_v
+    if spec.dtype != mx.float32 and d % 8 == 0 and dv % 8 == 0:
+        nw, bn, stages, smem, row_blocks, splits = decode_plan(spec)
+        kernel = _kernel("attention_fwd_decode", _ATTN_INPUTS, ("out", "lse", "part_o", "part_lse"), smem)
+        template = template + [("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", splits > 1)]
+        grid = (row_blocks * 32 * nw, splits, spec.batch * spec.heads_kv)
+        threads = 32 * nw
+    else:
+        warps, row_blocks, splits, kernel = _simt_fwd_config(spec)
+        template = template + [("W", warps), ("SPLITS", splits)]
+        grid = (row_blocks * 32 * warps, splits, spec.batch * spec.heads_kv)
+        threads = 32 * warps
     if splits == 1:
         shapes = [out_shape, lse_shape, (1,), (1,)]
     else:
-        shapes = [(1,), (1,), (splits, rows, spec.head_dim_v), (splits, rows)]
+        shapes = [(1,), (1,), (splits, rows, dv), (splits, rows)]
     out, lse, part_o, part_lse = kernel(
-        inputs=args, template=template + [("W", warps), ("SPLITS", splits)],
-        grid=(row_blocks * 32 * warps, splits, spec.batch * spec.heads_kv),
-        threadgroup=(32 * warps, 1, 1),
+        inputs=args, template=template, grid=grid, threadgroup=(threads, 1, 1),
         output_shapes=shapes, output_dtypes=[spec.dtype, mx.float32, mx.float32, mx.float32],
         stream=stream,
     )
     if splits == 1:
         return out, lse
-    combine = _kernel("attention_combine", ("part_o", "part_lse", "sinks", "ip"), ("out", "lse"), 0)
+    combine = _kernel("attention_combine", ("part_o", "part_lse", "sinks", "ip", "ns"), ("out", "lse"), 0)
     out, lse = combine(
-        inputs=[part_o, part_lse, args[5], args[9]],
-        template=[("T", spec.dtype), ("DV", spec.head_dim_v), ("SPLITS", splits),
-                  ("SINKS", spec.has_sinks), ("VARLEN", spec.varlen)],
-        grid=(rows * 32, 1, 1), threadgroup=(128, 1, 1),
+        inputs=[part_o, part_lse, args[5], args[9], const_array((splits,), mx.int32)],
+        template=[("T", spec.dtype), ("DV", dv), ("SINKS", spec.has_sinks), ("VARLEN", spec.varlen)],
+        grid=(rows * 128, 1, 1), threadgroup=(128, 1, 1),
         output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
         stream=stream,
     )

@@ -1,0 +1,307 @@
+// Split-key decode forward for fp16/bf16 (few query rows per key/value head).
+//
+// Decode streams the whole K/V cache once per call, with very little math per
+// byte, so the kernel is built around keeping enough loads in flight:
+//
+// * A block owns one key/value head and up to 16 "rows" (a row being a
+//   (query position, query head of the GQA group) pair, as in the SIMT
+//   kernel), so the group's heads share every K/V byte read. Those rows are
+//   the 16 rows of one m16n8k16 A operand; rows past the group are zero and
+//   never written. S = Q K^T and O += P V run on tensor cores (mma.cuh
+//   layouts), so the per-key work is a handful of instructions.
+// * The block's key range (its split, blockIdx.y of gridDim.y) is dealt out
+//   to the warps in BN-key tiles, round robin. Each warp streams its own
+//   tiles through a private ring of STAGES shared-memory buffers with 16-byte
+//   cp.async copies, 16-bit as stored (no conversion stores): tile n + STAGES
+//   - 1 is in flight while tile n is computed. Nothing but the warp itself
+//   reads its ring, so the loop needs only __syncwarp, never a block barrier.
+// * Each warp keeps its own online softmax (row max / sum in the log2 domain,
+//   as the mma forward) and O accumulator; at the end the warps merge through
+//   shared memory and the block writes either the final row (one split) or
+//   its normalised partial result and lse, which attention_combine merges.
+#pragma once
+
+#include "attention_common.cuh"
+#include "mma.cuh"
+
+namespace mlx_flash {
+
+constexpr int kDecodeRows = 16;  // rows of one block: the m16n8k16 A operand
+
+__host__ __device__ constexpr int decode_pad16(int x) { return (x + 15) / 16 * 16; }
+
+// Shared memory of attention_fwd_decode (bytes): Q [16][DP + 8], then per
+// warp STAGES x (K [BN][DP + 8], V [BN][DVP + 8]). The +8 halves keep the
+// ldmatrix rows of a phase on distinct banks. The end-of-loop merge reuses it.
+__host__ __device__ constexpr int decode_fwd_smem(int d, int dv, int nw, int bn, int stages) {
+  return 2 * (kDecodeRows * (decode_pad16(d) + 8) +
+              nw * stages * bn * (decode_pad16(d) + 8 + decode_pad16(dv) + 8));
+}
+__host__ __device__ constexpr int decode_merge_smem(int dv, int nw) {
+  return 4 * nw * kDecodeRows * (2 + decode_pad16(dv) + 8);
+}
+
+// One warp copies rows [0, valid_rows) of a [ROWS, DIM] global tile into a
+// [ROWS][STRIDE] shared tile with cp.async, zero-filling the other rows and
+// the dims DIM..pad16(DIM). DIM % 8 == 0: every copy is one 16-byte word.
+template <typename T, int ROWS, int DIM, int STRIDE>
+__device__ __forceinline__ void decode_load_rows(T* dst, const T* src, int valid_rows, int lane) {
+  constexpr int CH = decode_pad16(DIM) / 8, TOTAL = ROWS * CH;
+#pragma unroll
+  for (int c0 = 0; c0 < TOTAL; c0 += 32) {
+    const int c = c0 + lane, row = c / CH, col = (c % CH) * 8;
+    if (TOTAL % 32 == 0 || c < TOTAL) {
+      const bool ok = row < valid_rows && col < DIM;
+      cp_async16(dst + row * STRIDE + col, ok ? src + (long)row * DIM + col : src, ok);
+    }
+  }
+}
+
+template <typename T, typename MT, class F, int D, int DV, int NW, int BN, int STAGES, bool SPLIT>
+__device__ void attention_fwd_decode(
+    const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
+    const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
+    T* out, float* lse, float* part_o, float* part_lse) {
+  static_assert(D % 8 == 0 && DV % 8 == 0, "decode kernel: head dims must be multiples of 8");
+  static_assert(BN % 16 == 0 && STAGES >= 2, "decode kernel: BN a multiple of 16, at least 2 stages");
+  static_assert(decode_merge_smem(DV, NW) <= decode_fwd_smem(D, DV, NW, BN, STAGES), "merge scratch");
+  constexpr int BM = kDecodeRows, NT = 32 * NW;
+  constexpr int DP = decode_pad16(D), DVP = decode_pad16(DV);
+  constexpr int SQ = DP + 8, SV = DVP + 8;
+  constexpr int STAGE = BN * (SQ + SV);  // elements of one K + V buffer
+  // Q fragments stay in registers up to head dim 128; above, the O
+  // accumulator needs the registers and Q is re-read from shared memory.
+  constexpr bool Q_IN_REGS = DP <= 128;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], G = Hq / Hkv;
+  const int NqTot = ip[kSeqQ], NkTot = ip[kSeqK];
+  const int b = blockIdx.z / Hkv, hk = blockIdx.z % Hkv;
+  const Sequence seq = sequence_of<F::Varlen>(b, ip, cu_q, cu_k);
+  const int rows = seq.nq * G;
+  const int r0 = blockIdx.x * BM;
+  if (r0 >= rows) return;
+  const int r_end = min(rows, r0 + BM);
+  const long q_base = (long)seq.tensor_batch * Hq * NqTot + seq.q_start;
+  const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
+  // Row r of the sequence is query r / G of head hk * G + r % G.
+  auto q_row = [&](int r) { return q_base + (long)(hk * G + r % G) * NqTot + r / G; };
+  const float scale = fp[kScale];
+
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* ring = Qs + BM * SQ + warp * STAGES * STAGE;
+
+  // The two rows of this lane's accumulator fragments: g and g + 8. Rows past
+  // the sequence's last get i >= nq, which apply_rules drops.
+  const int ra = r0 + g, rb = r0 + g + 8;
+  const LogitRules<MT> rules_a = make_rules<MT, F>(seq, b, hk * G + ra % G, ip, fp, mask, alibi, bmask);
+  const LogitRules<MT> rules_b = make_rules<MT, F>(seq, b, hk * G + rb % G, ip, fp, mask, alibi, bmask);
+
+  // Keys any row of the block can see, then this split's share, in whole
+  // rounds of NW tiles so the warps get equal work.
+  const int i_first = r0 / G, i_last = (r_end - 1) / G;
+  int lo, hi;
+  rules_a.key_range(i_first, i_last, lo, hi);
+  const int span = max(hi - lo, 0), splits = SPLIT ? gridDim.y : 1;
+  constexpr int ROUND = NW * BN;
+  const int chunk = ((span + splits - 1) / splits + ROUND - 1) / ROUND * ROUND;
+  const int k_lo = lo + (SPLIT ? blockIdx.y : 0) * chunk;
+  const int k_hi = min(hi, k_lo + chunk);
+  const int j_first = k_lo + warp * BN;
+  const int tiles = j_first < k_hi ? (k_hi - j_first + ROUND - 1) / ROUND : 0;  // this warp's
+
+  // Q tile (all threads), then the first STAGES - 1 tiles of this warp, all in flight together.
+  {
+    constexpr int CH = DP / 8;
+    for (int c = threadIdx.x; c < BM * CH; c += NT) {
+      const int row = c / CH, col = (c % CH) * 8;
+      const bool ok = r0 + row < r_end && col < D;
+      cp_async16(Qs + row * SQ + col, q + (ok ? q_row(r0 + row) * D + col : 0), ok);
+    }
+    cp_async_commit();
+  }
+  auto load_tile = [&](int n) {
+    const int j = j_first + n * ROUND;
+    T* Ks = ring + (n % STAGES) * STAGE;
+    decode_load_rows<T, BN, D, SQ>(Ks, k + (kv_base + j) * D, k_hi - j, lane);
+    decode_load_rows<T, BN, DV, SV>(Ks + BN * SQ, v + (kv_base + j) * DV, k_hi - j, lane);
+  };
+#pragma unroll
+  for (int n = 0; n < STAGES - 1; ++n) {
+    if (n < tiles) load_tile(n);
+    cp_async_commit();
+  }
+  cp_async_wait<STAGES - 1>();  // the Q group (the oldest) has landed
+  __syncthreads();
+
+  unsigned qf[Q_IN_REGS ? DP / 16 : 1][4];
+  if constexpr (Q_IN_REGS) {
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) ldmatrix_x4(qf[kk], Qs + (lane % 16) * SQ + kk * 16 + (lane / 16) * 8);
+  }
+
+  float o[DVP / 8][4];
+#pragma unroll
+  for (int n = 0; n < DVP / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
+  const int shift = seq.nk - seq.nq;
+
+  for (int n = 0; n < tiles; ++n) {
+    cp_async_wait<STAGES - 2>();  // this lane's copies of tile n are done ...
+    __syncwarp();                 // ... and every lane's; all are past tile n - 1
+    if (n + STAGES - 1 < tiles) load_tile(n + STAGES - 1);  // into tile n - 1's buffer
+    cp_async_commit();
+    const T* Ks = ring + (n % STAGES) * STAGE;
+    const T* Vs = Ks + BN * SQ;
+    const int j0 = j_first + n * ROUND;
+
+    // S = Q K^T: 16 rows x BN keys.
+    float s[BN / 8][4];
+#pragma unroll
+    for (int nb = 0; nb < BN / 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) {
+      unsigned qa[4];
+      if constexpr (Q_IN_REGS) {
+        qa[0] = qf[kk][0], qa[1] = qf[kk][1], qa[2] = qf[kk][2], qa[3] = qf[kk][3];
+      } else {
+        ldmatrix_x4(qa, Qs + (lane % 16) * SQ + kk * 16 + (lane / 16) * 8);
+      }
+#pragma unroll
+      for (int np = 0; np < BN / 16; ++np) {
+        unsigned bk[4];
+        ldmatrix_x4(bk, Ks + (np * 16 + (lane / 16) * 8 + lane % 8) * SQ + kk * 16 + ((lane / 8) % 2) * 8);
+        mma16816<T>(s[2 * np], qa, bk[0], bk[1]);
+        mma16816<T>(s[2 * np + 1], qa, bk[2], bk[3]);
+      }
+    }
+
+    // Logit rules where this tile needs them (features, the split's end, a
+    // window edge inside the tile), then the online softmax in the log2 domain.
+    const bool inside_window = (rules_a.left < 0 || j0 >= i_last + shift - rules_a.left) &&
+                               (rules_a.right < 0 || j0 + BN - 1 <= i_first + shift + rules_a.right);
+    const bool need_rules = F::ElementRules || j0 + BN > k_hi || !inside_window;
+#pragma unroll
+    for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        float x = s[nb][c] * scale;
+        if (need_rules) {
+          const int j = j0 + nb * 8 + 2 * t + (c & 1);
+          float capped = 0.f;
+          x = j >= k_hi ? kNegInf
+              : c < 2 ? apply_rules<F>(rules_a, x, ra / G, j, capped)
+                      : apply_rules<F>(rules_b, x, rb / G, j, capped);
+        }
+        s[nb][c] = x * kLog2e;
+      }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = kNegInf;
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * half], s[nb][2 * half + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float new_max = fmaxf(row_max[half], mx);
+      const float base = new_max == kNegInf ? 0.f : new_max;
+      const float alpha = exp2f(row_max[half] - base);
+      float sum = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb) {
+        s[nb][2 * half] = exp2f(s[nb][2 * half] - base);
+        s[nb][2 * half + 1] = exp2f(s[nb][2 * half + 1] - base);
+        sum += s[nb][2 * half] + s[nb][2 * half + 1];
+      }
+      row_sum[half] = row_sum[half] * alpha + sum;  // this lane's columns; summed over the quad at the end
+      row_max[half] = new_max;
+#pragma unroll
+      for (int nd = 0; nd < DVP / 8; ++nd) {
+        o[nd][2 * half] *= alpha;
+        o[nd][2 * half + 1] *= alpha;
+      }
+    }
+
+    // O += P V, P re-used from the S accumulators as A fragments.
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      unsigned pa[4];
+      pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < DVP / 16; ++dp) {
+        unsigned bv[4];
+        ldmatrix_x4_trans(bv, Vs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SV + dp * 16 + (lane / 16) * 8);
+        mma16816<T>(o[2 * dp], pa, bv[0], bv[1]);
+        mma16816<T>(o[2 * dp + 1], pa, bv[2], bv[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Merge the warps: each leaves its rows' max, sum and unnormalised O in
+  // shared memory (over its ring, now idle), then the block combines them.
+  constexpr int OS = DVP + 8;  // row pitch of the O scratch: float2 stores of a warp hit distinct banks
+  float* m_w = reinterpret_cast<float*>(smem_raw);  // [NW][16]
+  float* l_w = m_w + NW * BM;                      // [NW][16]
+  float* o_w = l_w + NW * BM;                      // [NW][16][OS]
+  __syncthreads();
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = g + 8 * half;
+    float sum = row_sum[half];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (t == 0) {
+      m_w[warp * BM + row] = row_max[half];
+      l_w[warp * BM + row] = sum;
+    }
+#pragma unroll
+    for (int nd = 0; nd < DVP / 8; ++nd)
+      *reinterpret_cast<float2*>(o_w + (warp * BM + row) * OS + nd * 8 + 2 * t) =
+          make_float2(o[nd][2 * half], o[nd][2 * half + 1]);
+  }
+  __syncthreads();
+
+  const long total_rows = (long)(F::Varlen ? 1 : ip[kBatch]) * Hq * NqTot;
+  for (int e = threadIdx.x; e < (r_end - r0) * DV; e += NT) {
+    const int row = e / DV, d = e % DV;
+    float m = kNegInf;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) m = fmaxf(m, m_w[w * BM + row]);
+    float sum = 0.f, acc = 0.f;
+    if (m != kNegInf) {
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        const float f = exp2f(m_w[w * BM + row] - m);
+        sum += l_w[w * BM + row] * f;
+        acc += o_w[(w * BM + row) * OS + d] * f;
+      }
+    }
+    const int r = r0 + row;
+    const long qr = q_row(r);
+    if (!SPLIT) {
+      float alpha = 1.f;
+      if (F::Sinks) {
+        const float sink = sinks[hk * G + r % G] * kLog2e;
+        const float m2 = fmaxf(m, sink);
+        alpha = exp2f(m - m2);
+        sum = sum * alpha + exp2f(sink - m2);
+        m = m2;
+      }
+      out[qr * DV + d] = from_float<T>(sum > 0.f ? acc * (alpha / sum) : 0.f);
+      if (d == 0) lse[qr] = sum > 0.f ? (m + log2f(sum)) * kLn2 : kNegInf;
+    } else {
+      // This split's normalised partial row and its lse; attention_combine merges the splits.
+      const long prow = blockIdx.y * total_rows + qr;
+      part_o[prow * DV + d] = sum > 0.f ? acc / sum : 0.f;
+      if (d == 0) part_lse[prow] = sum > 0.f ? (m + log2f(sum)) * kLn2 : kNegInf;
+    }
+  }
+}
+
+}  // namespace mlx_flash

@@ -1,0 +1,208 @@
+"""Run the CUDA kernels of cuda_src/ on the CPU, as `mx.fast.cuda_kernel` would run them.
+
+`cuda_kernel(...)` mirrors `mx.fast.cuda_kernel`: it builds the kernel function
+MLX builds (inputs as `const T*`, outputs as `T*`, template constants at the top
+of the body), with the header mlx_flash passes, compiles it as C++ with
+clang-19 against a small emulation of the CUDA device language
+(include/cuda_emu.h, mma_emu.cuh in place of cuda_src/mma.cuh) and runs the
+grid on the fiber runtime of the Metal emulation (tests/metal_emu/runtime):
+every CUDA thread a fiber, a block a threadgroup, a warp a SIMD-group.
+
+`patched_cuda_kernel()` swaps it in for `mx.fast.cuda_kernel`, so the CUDA
+backend's own wrappers (mlx_flash/backends/cuda.py: launch shapes, split
+heuristics, kernel chaining) run unchanged on a machine without a GPU:
+
+    with patched_cuda_kernel():
+        out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.cpu)
+
+Shared memory and unwritten outputs are poisoned (NaN bytes); cp.async
+copies land only when their thread waits for them; ready fibers run in a
+seeded random order. What it cannot show: timing, and races between
+threads that the cooperative schedule happens to order correctly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import re
+
+import mlx.core as mx
+import numpy as np
+
+from metal_emu import harness as _metal
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_INCLUDE = os.path.join(_HERE, "include")
+_METAL_RUNTIME = os.path.join(os.path.dirname(_HERE), "metal_emu", "runtime")
+_SMEM_LIMIT = 227 * 1024  # per block, sm_90
+
+_C_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.bool_: "bool",
+            mx.int32: "int32_t", mx.uint8: "uint8_t"}
+_NUMPY = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16, mx.bool_: np.bool_,
+          mx.int32: np.int32, mx.uint8: np.uint8}
+_INCLUDE_LINE = re.compile(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', re.M)
+_DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned\s+char\s+(\w+)\[\];")
+_STATIC_SMEM = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?((?:unsigned\s+)?\w+)\s+(\w+)\s*((?:\[[^\];]+\])+);")
+
+
+def unavailable_reason():
+    return _metal.unavailable_reason()
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def _emulated_header(header: str) -> str:
+    """mlx_flash's header with mma.cuh's PTX swapped for mma_emu.cuh and the
+    __shared__ declarations turned into runtime allocations."""
+    from mlx_flash.backends import cuda as cuda_backend
+
+    strip = lambda text: _INCLUDE_LINE.sub("", text)
+    # The backend hands MLX minified headers (cuda_backend._header): match mma.cuh in that form.
+    real_mma = cuda_backend._minify(strip(cuda_backend._read("mma.cuh")))
+    if real_mma in header:
+        header = header.replace(real_mma, strip(_read(os.path.join(_HERE, "mma_emu.cuh"))))
+    elif "mma.sync" in header or "cp.async" in header:
+        raise AssertionError("cuda_emu: the header has mma.cuh's PTX in an unexpected form")
+    header = _DYNAMIC_SMEM.sub(r"unsigned char* \1 = __emu_dynamic_smem();", header)
+    counter = iter(range(1 << 30))
+    return _STATIC_SMEM.sub(lambda m: f"auto& {m[2]} = *__emu_shared_array<{m[1]}{m[3]}, {next(counter)}>();",
+                            header)
+
+
+def _template_line(name, value):
+    if isinstance(value, bool):
+        return f"  constexpr bool {name} = {'true' if value else 'false'};"
+    if isinstance(value, int):
+        return f"  constexpr int {name} = {value};"
+    return f"  using {name} = {_C_TYPES[value]};"
+
+
+def _library(cpp: str):
+    _, tag = _metal._toolchain()
+    key = hashlib.sha256((tag + "\0cuda_emu\0" + cpp).encode()).hexdigest()[:24]
+    if key in _metal._LIBRARIES:
+        return _metal._LIBRARIES[key]
+    runtime = _metal._runtime_library()
+    path = os.path.join(_metal._BUILD, f"cuda-kernel-{key}.so")
+
+    def build(tmp):
+        src = tmp + ".cpp"
+        with open(src, "w") as f:
+            f.write(cpp)
+        try:
+            _metal._run_clang([*_metal._CXX_FLAGS, "-shared", "-I", _INCLUDE, "-I", _METAL_RUNTIME, src, runtime,
+                               "-Wl,-rpath,$ORIGIN", "-o", tmp], "the CUDA kernel")
+        finally:
+            os.unlink(src)
+
+    _metal._atomic_output(path, build)
+    lib = ctypes.CDLL(path)
+    lib.emu_launch.restype = ctypes.c_int
+    lib.emu_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ulong),
+                               ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, ctypes.POINTER(ctypes.c_long),
+                               ctypes.POINTER(ctypes.c_long), ctypes.c_ulonglong, ctypes.c_long, ctypes.c_int,
+                               ctypes.c_char_p, ctypes.c_long]
+    _metal._LIBRARIES[key] = lib
+    return lib
+
+
+def _to_bytes(x: mx.array) -> np.ndarray:
+    if x.dtype == mx.bfloat16:
+        x = x.view(mx.uint16)
+    return np.ascontiguousarray(np.array(x, copy=True)).reshape(-1)
+
+
+class CudaKernel:
+    """Mirror of the object `mx.fast.cuda_kernel` returns."""
+
+    def __init__(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True,
+                 shared_memory=0, atomic_outputs=False):
+        self.name, self.input_names, self.output_names = name, list(input_names), list(output_names)
+        self.source, self.header, self.shared_memory = source, header, shared_memory
+        self.atomic_outputs = atomic_outputs
+
+    def translation_unit(self, inputs, template, output_dtypes) -> str:
+        params = [f"  const {_C_TYPES[x.dtype]}* {n} = (const {_C_TYPES[x.dtype]}*)__b[{i}];"
+                  for i, (n, x) in enumerate(zip(self.input_names, inputs))]
+        params += [f"  {_C_TYPES[d]}* {n} = ({_C_TYPES[d]}*)__b[{len(inputs) + i}];"
+                   for i, (n, d) in enumerate(zip(self.output_names, output_dtypes))]
+        header = _emulated_header(self.header)
+        start = "  mlx_flash::emu_thread_start();\n" if "emu_thread_start" in header else ""
+        return "\n".join([
+            '#include "cuda_emu.h"',
+            header,
+            f"const unsigned long __emu_dynamic_smem_bytes = {max(int(self.shared_memory), 16)};",
+            'extern "C" void __emu_thread(void** __b) {',
+            start + "\n".join(params),
+            "\n".join(_template_line(n, v) for n, v in (template or [])),
+            _DYNAMIC_SMEM.sub(r"unsigned char* \1 = __emu_dynamic_smem();", self.source),
+            "}",
+            'extern "C" int emu_launch(void** buffers, const unsigned long* bytes, const char* const* names,',
+            "                          int count, const long* grid, const long* group, unsigned long long seed,",
+            "                          long tg_limit, int os_threads, char* error, long error_len) {",
+            "  return __emu_run_grid(__emu_thread, buffers, bytes, names, count, grid, group, seed, tg_limit,",
+            "                        os_threads, error, error_len);",
+            "}",
+        ])
+
+    def __call__(self, *, inputs, template=None, grid, threadgroup, output_shapes, output_dtypes,
+                 init_value=None, verbose=False, stream=None, seed=None):
+        if self.shared_memory > _SMEM_LIMIT:
+            raise ValueError(f"cuda_emu: {self.name} asks for {self.shared_memory} bytes of shared memory")
+        inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
+        lib = _library(self.translation_unit(inputs, template, output_dtypes))
+        keep = [_to_bytes(x) for x in inputs]
+        for shape, dtype in zip(output_shapes, output_dtypes):
+            count = int(np.prod(shape, dtype=np.int64))
+            if init_value is not None:
+                keep.append(_to_bytes(mx.full(tuple(shape), init_value, dtype=dtype)).copy())
+            else:  # unwritten outputs must show: NaN
+                raw = np.full(count * np.dtype(_NUMPY[dtype]).itemsize, 0xFF, dtype=np.uint8)
+                keep.append(raw.view(_NUMPY[dtype]))
+        n = len(keep)
+        array = (ctypes.c_void_p * n)(*[b.ctypes.data for b in keep])
+        sizes = (ctypes.c_ulong * n)(*[b.nbytes for b in keep])
+        names = (ctypes.c_char_p * n)(*[s.encode() for s in self.input_names + self.output_names])
+        error = ctypes.create_string_buffer(4096)
+        seed = int(os.environ.get("CUDA_EMU_SEED", "0")) if seed is None else seed
+        status = lib.emu_launch(array, sizes, names, n, (ctypes.c_long * 3)(*grid),
+                                (ctypes.c_long * 3)(*threadgroup), seed, _SMEM_LIMIT + 4096, 1, error, len(error))
+        if status != 0:
+            raise RuntimeError(f"cuda_emu: kernel {self.name}: {error.value.decode()}")
+        outs = []
+        for buf, shape, dtype in zip(keep[len(inputs):], output_shapes, output_dtypes):
+            arr = mx.array(buf.view(_NUMPY[dtype]).reshape(tuple(shape)))
+            outs.append(arr.view(mx.bfloat16) if dtype == mx.bfloat16 else arr)
+        return outs
+
+
+def cuda_kernel(name, input_names, output_names, source, header="", ensure_row_contiguous=True,
+                shared_memory=0, atomic_outputs=False):
+    return CudaKernel(name, input_names, output_names, source, header, ensure_row_contiguous, shared_memory,
+                      atomic_outputs)
+
+
+@contextlib.contextmanager
+def patched_cuda_kernel():
+    """Within the block, mx.fast.cuda_kernel (as mlx_flash's CUDA backend calls
+    it) builds emulated kernels."""
+    from mlx_flash.backends import cuda as cuda_backend
+
+    had = hasattr(mx.fast, "cuda_kernel")
+    original = getattr(mx.fast, "cuda_kernel", None)
+    mx.fast.cuda_kernel = cuda_kernel
+    cuda_backend._kernel.cache_clear()
+    try:
+        yield
+    finally:
+        if had:
+            mx.fast.cuda_kernel = original
+        else:
+            del mx.fast.cuda_kernel
+        cuda_backend._kernel.cache_clear()

@@ -1,0 +1,148 @@
+"""The CUDA decode path (attention_fwd_decode / attention_fwd_simt + attention_combine),
+run on the CPU through the CUDA emulation (tests/cuda_emu), against the float64 reference.
+
+The backend's own wrapper (mlx_flash/backends/cuda.py) picks the kernels, launch
+shapes and key splits exactly as on a GPU; only mx.fast.cuda_kernel is swapped
+for the emulating one. This checks indexing, fragment layouts, the cp.async
+pipeline, the split/merge arithmetic and the logit rules where no GPU exists;
+speed, and races the cooperative schedule hides, need the real device
+(tools/cuda_decode_check.py).
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import features
+from helpers import check_close, plain_errors, randn, rng, to_np
+from reference_np import attention_np, attention_varlen_np
+
+from cuda_emu import harness
+
+pytestmark = pytest.mark.skipif(harness.unavailable_reason() is not None,
+                                reason=f"CUDA emulation unavailable: {harness.unavailable_reason()}")
+
+
+def _forward(q, k, v, varlen=None, **options):
+    from mlx_flash._spec import validate_attention, validate_attention_varlen
+    from mlx_flash.backends import cuda as cuda_backend
+
+    with harness.patched_cuda_kernel():
+        if varlen is None:
+            spec, inputs = validate_attention(q, k, v, **options)
+            out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.cpu)
+        else:
+            spec, inputs = validate_attention_varlen(q, k, v, *varlen, **options)
+            as_bhnd = lambda x: x.transpose(1, 0, 2)[None]
+            out, lse = cuda_backend.attention_forward(as_bhnd(q), as_bhnd(k), as_bhnd(v), spec, inputs, mx.cpu)
+            out, lse = out[0].transpose(1, 0, 2), lse[0]
+        mx.eval(out, lse)
+    return out, lse
+
+
+def _check(q, k, v, dtype, options):
+    out, lse = _forward(q, k, v, **options)
+    want = attention_np(q, k, v, **options)
+    plain = None
+    if dtype != mx.float32:
+        plain = plain_errors(q, k, v, mx.ones(out.shape, dtype), options, dtype)
+    check_close("out", to_np(out), want, dtype, plain)
+    check_close("lse", to_np(lse), want, mx.float32)
+    assert out.dtype == dtype
+
+
+F16, B16, F32 = mx.float16, mx.bfloat16, mx.float32
+# (B, Hq, Hkv, Nq, Nk, D, Dv, dtype): one key, fewer keys than a tile, splits,
+# 16 rows per KV head, head dims 16..256 and Dv != D, the SIMT fallbacks
+# (float32; 16-bit head dims not multiples of 8) and the combine's layouts
+# (Dv a multiple of 4 or not, Dv >= 128 columns).
+SHAPES = [
+    (1, 8, 2, 1, 1, 64, 64, F16),
+    (1, 8, 2, 1, 17, 64, 64, F16),
+    (2, 8, 2, 2, 700, 64, 64, F16),
+    (1, 4, 4, 3, 1023, 128, 128, B16),
+    (1, 16, 1, 1, 700, 256, 256, F16),
+    (1, 4, 1, 2, 300, 40, 40, B16),
+    (1, 4, 2, 1, 300, 72, 40, F16),
+    (1, 2, 2, 1, 300, 16, 16, F16),
+    (1, 2, 2, 1, 300, 36, 36, F16),
+    (1, 4, 2, 2, 700, 64, 64, F32),
+    (1, 2, 2, 1, 700, 33, 7, F32),
+    (1, 2, 1, 1, 600, 16, 255, F32),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:7])) + f"-{s[7]}".replace("mlx.core.", ""))
+def test_decode_shapes(shape):
+    B, Hq, Hkv, Nq, Nk, D, Dv, dtype = shape
+    gen = rng("cuda-emu", shape[:7], str(dtype))
+    q = randn(gen, (B, Hq, Nq, D), dtype)
+    k = randn(gen, (B, Hkv, Nk, D), dtype)
+    v = randn(gen, (B, Hkv, Nk, Dv), dtype)
+    _check(q, k, v, dtype, {})
+
+
+@pytest.mark.parametrize("feature", list(features.FEATURES))
+def test_decode_features(feature):
+    B, Hq, Hkv, Nq, Nk, D = 2, 8, 2, 3, 300, 64
+    dtype = B16 if "combined" in feature else F16
+    gen = rng("cuda-emu-feature", feature)
+    q, k, v = (randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype),
+               randn(gen, (B, Hkv, Nk, D), dtype))
+    _check(q, k, v, dtype, features.FEATURES[feature](gen, B, Hq, Nq, Nk))
+
+
+@pytest.mark.parametrize("dtype", [F16, F32])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_fully_masked_rows(dtype, with_sinks):
+    """Rows whose every key is dropped: out 0 and lse -inf (or the sink's logit)."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 2, 700, 64
+    gen = rng("cuda-emu-masked", str(dtype), with_sinks)
+    q, k, v = (randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype),
+               randn(gen, (B, Hkv, Nk, D), dtype))
+    keep = gen.random((B, Hq, Nq, Nk)) < 0.5
+    keep[0, 1, :, :] = False
+    keep[0, 2, 1, :] = False
+    options = {"mask": mx.array(keep)}
+    if with_sinks:
+        options["sinks"] = randn(gen, (Hq,))
+    out, lse = _forward(q, k, v, **options)
+    want = attention_np(q, k, v, **options)
+    assert np.all(to_np(out)[0, 1] == 0) and np.all(to_np(out)[0, 2, 1] == 0)
+    check_close("out", to_np(out), want, dtype, plain_errors(q, k, v, mx.ones(out.shape, dtype), options, dtype)
+                if dtype != F32 else None)
+    check_close("lse", to_np(lse), want, mx.float32)
+
+
+@pytest.mark.parametrize("dtype", [F16, F32])
+@pytest.mark.parametrize("case", ["none", "causal_alibi_sinks", "window_softcap"])
+def test_decode_varlen(dtype, case):
+    lengths = [(1, 300), (0, 4), (2, 17), (1, 1), (3, 700)]
+    H, Hkv, D = 8, 2, 64
+    gen = rng("cuda-emu-varlen", str(dtype), case)
+    cu_q = np.concatenate([[0], np.cumsum([a for a, _ in lengths])]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum([b for _, b in lengths])]).astype(np.int32)
+    q = randn(gen, (int(cu_q[-1]), H, D), dtype)
+    k = randn(gen, (int(cu_k[-1]), Hkv, D), dtype)
+    v = randn(gen, (int(cu_k[-1]), Hkv, D), dtype)
+    options = {"none": {}, "window_softcap": {"window": (100, 0), "softcap": 4.0},
+               "causal_alibi_sinks": {"causal": True, "sinks": randn(gen, (H,)),
+                                      "alibi_slopes": mx.array(gen.uniform(0.01, 0.1, (len(lengths), H)),
+                                                               mx.float32)}}[case]
+    out, lse = _forward(q, k, v, varlen=(mx.array(cu_q), mx.array(cu_k)), **options)
+    want = attention_varlen_np(q, k, v, cu_q, cu_k, **options)
+    # Per-sequence plain errors are not formed here: the dtype's floor (2 eps) is the yardstick.
+    check_close("out", to_np(out), want, dtype)
+    check_close("lse", to_np(lse), want, mx.float32)
+
+
+def test_schedule_does_not_change_results(monkeypatch):
+    """Other thread interleavings (seeds) give bit-identical results."""
+    gen = rng("cuda-emu-seeds")
+    q, k, v = randn(gen, (2, 8, 2, 64), F16), randn(gen, (2, 2, 700, 64), F16), randn(gen, (2, 2, 700, 64), F16)
+    results = []
+    for seed in ("0", "7"):
+        monkeypatch.setenv("CUDA_EMU_SEED", seed)
+        results.append([np.array(x.astype(mx.float32)) for x in _forward(q, k, v, causal=True)])
+    for a, b in zip(*results):
+        assert np.array_equal(a, b, equal_nan=True)
