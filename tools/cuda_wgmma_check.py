@@ -1,6 +1,6 @@
 """GPU check of the Hopper (wgmma) forward: correctness against float64 and speed.
 
-    python3 tools/cuda_wgmma_check.py [OUT_DIR]
+    python3 tools/cuda_wgmma_check.py [OUT_DIR] [fwd,bwd,speed,speed_bwd]
 
 Correctness: every feature of tests/features.py at odd shapes, fp16 and bf16,
 head dims 64 and 128, out and lse against the float64 NumPy reference with the
@@ -62,7 +62,71 @@ def correctness(dims=(64, 128), dtypes=(mx.float16, mx.bfloat16), label=""):
 
 
 # label: (use wgmma, stages, key tile)
-VARIANTS = {"wg3": (True, 3, 128), "wg2": (True, 2, 128), "wg3bn64": (True, 3, 64), "mma": (False, 3, 128)}
+VARIANTS = {"wg3": (True, 3, 128), "wg2": (True, 2, 128), "mma": (False, 3, 128)}
+
+
+def correctness_bwd(dims=(64, 128), dtypes=(mx.float16, mx.bfloat16), label="bwd "):
+    """dq, dk, dv of the Hopper backward against float64 (the suite's tolerance)."""
+    shapes = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 2, 2, 129, 300)]
+    passed = failed = 0
+    for D in dims:
+        for dtype in dtypes:
+            for si, (B, Hq, Hkv, Nq, Nk) in enumerate(shapes):
+                for name, build in FEATURES.items():
+                    if si > 1 and name not in ("none", "causal", "combined_everything", "block_sparse", "softcap"):
+                        continue
+                    gen = rng("wgmma-bwd", D, str(dtype), si, name)
+                    q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
+                    try:
+                        options = build(gen, B, Hq, Nq, Nk)
+                        dout = randn(gen, (B, Hq, Nq, D), dtype)
+                        _, grads = mx.vjp(lambda a, b, c: [mlx_flash.flash_attention(a, b, c, **options)],
+                                          [q, k, v], [dout])
+                        mx.eval(grads)
+                        want = attention_np(q, k, v, dout=dout, **options)
+                        plain = plain_errors(q, k, v, dout, options, dtype)
+                        errs = [check_close(n, to_np(g), want, dtype, plain) for n, g in zip(("dq", "dk", "dv"), grads)]
+                        passed += 1
+                        print(f"ok   {label}D{D} {dtype} {(B, Hq, Hkv, Nq, Nk)} {name}: " +
+                              " ".join(f"{n} {e:.2e} (plain {plain[n]:.2e})" for n, e in zip(("dq", "dk", "dv"), errs)))
+                    except Exception as e:  # noqa: BLE001
+                        failed += 1
+                        print(f"FAIL {label}D{D} {dtype} {(B, Hq, Hkv, Nq, Nk)} {name}: {e}")
+                        if failed < 3:
+                            traceback.print_exc()
+    print(f"correctness {label}: {passed} passed, {failed} failed")
+    return passed, failed
+
+
+def speed_bwd():
+    rows = []
+    for dtype in (mx.float16, mx.bfloat16):
+        for (B, H, N, D) in [(4, 16, 1024, 64), (2, 16, 4096, 128), (1, 16, 8192, 128), (1, 16, 16384, 128)]:
+            for causal in (False, True):
+                gen = rng("speed-bwd", B, H, N, D)
+                q, k, v = qkv(gen, B, H, H, N, N, D, dtype=dtype)
+                mx.eval(q, k, v)
+                s = D ** -0.5
+                ours = mx.grad(lambda a, b, c: mx.sum(mlx_flash.flash_attention(a, b, c, causal=causal, scale=s)
+                                                      .astype(mx.float32)), argnums=(0, 1, 2))
+                fast = mx.grad(lambda a, b, c: mx.sum(mx.fast.scaled_dot_product_attention(
+                    a, b, c, scale=s, mask="causal" if causal else None).astype(mx.float32)), argnums=(0, 1, 2))
+                res = {}
+                for label, bwd in (("wg_bwd", True), ("mma_bwd", False)):
+                    cb._WGMMA_BWD = bwd
+                    res[label] = time_fn(lambda: ours(q, k, v), iters=10)
+                cb._WGMMA_BWD = True
+                res["mx.fast"] = time_fn(lambda: fast(q, k, v), iters=10)
+                flops = 3.5 * 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+                row = dict(dtype=str(dtype), shape=[B, H, N, D], causal=causal,
+                           **{f"{k}_ms": v * 1e3 for k, v in res.items()},
+                           **{f"{k}_tflops": flops / v / 1e12 for k, v in res.items()},
+                           **{f"ratio_{k}": res["mx.fast"] / v for k, v in res.items() if k != "mx.fast"})
+                rows.append(row)
+                print(f"fwd+bwd {row['dtype']} {row['shape']} causal={causal}: " + ", ".join(
+                    f"{k} {res[k] * 1e3:.3f} ms ({row[k + '_tflops']:.0f} TF/s" +
+                    (f", {row['ratio_' + k]:.2f}x)" if k != "mx.fast" else ")") for k in res))
+    return rows
 
 
 def time_fn(fn, iters=20):
@@ -106,17 +170,28 @@ def speed():
 
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
+    parts = sys.argv[2].split(",") if len(sys.argv) > 2 else ["fwd", "bwd", "speed", "speed_bwd"]
     print("hopper:", cb._is_hopper(), mx.device_info(mx.gpu).get("device_name", ""))
-    passed, failed = correctness(label="stages3 ")
-    cb._WGMMA_STAGES = 2
-    p2, f2 = correctness(dims=(128,), dtypes=(mx.float16,), label="stages2 ")
-    cb._WGMMA_STAGES, cb._WGMMA_BN = 3, 64
-    p3, f3 = correctness(dims=(128,), dtypes=(mx.bfloat16,), label="bn64 ")
-    cb._WGMMA_STAGES, cb._WGMMA_BN = 3, 128
-    passed, failed = passed + p2 + p3, failed + f2 + f3
-    rows = speed() if failed == 0 or os.environ.get("FORCE_SPEED") else []
+    result = {}
+    passed = failed = 0
+    if "fwd" in parts:
+        p1, f1 = correctness(label="stages3 ")
+        cb._WGMMA_STAGES = 2
+        p2, f2 = correctness(dims=(128,), dtypes=(mx.float16,), label="stages2 ")
+        cb._WGMMA_STAGES = 3
+        passed, failed = passed + p1 + p2, failed + f1 + f2
+    if "bwd" in parts:
+        p3, f3 = correctness_bwd(dims=(128,), dtypes=(mx.float16,))
+        p4, f4 = correctness_bwd(dims=(64,), dtypes=(mx.bfloat16,))
+        passed, failed = passed + p3 + p4, failed + f3 + f4
+    result.update(passed=passed, failed=failed)
+    if failed == 0 or os.environ.get("FORCE_SPEED"):
+        if "speed" in parts:
+            result["speed"] = speed()
+        if "speed_bwd" in parts:
+            result["speed_bwd"] = speed_bwd()
     with open(os.path.join(out_dir, "wgmma_check.json"), "w") as f:
-        json.dump(dict(passed=passed, failed=failed, speed=rows), f, indent=1)
+        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
