@@ -21,3 +21,19 @@ def pytest_report_header(config):
     from helpers import BASE_SEED
 
     return f"mlx_flash test seed: MLX_FLASH_TEST_SEED={BASE_SEED}"
+
+
+@pytest.fixture
+def cpu_default_device():
+    """Runs a test with the CPU as MLX's default device.
+
+    For tests whose references are MLX computations on the default device:
+    where that is a CUDA GPU, MLX multiplies float32 matrices in TF32 and
+    flushes float32 subnormals, so the reference itself would be off. Kernels
+    under test still get their device explicitly (stream=...)."""
+    import mlx.core as mx
+
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)

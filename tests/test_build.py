@@ -22,6 +22,7 @@ def test_extension_accepts_mlx_arrays():
     assert _ext.cpu_kernel_isa() in ("generic", "avx2", "avx512") and _ext.num_threads() >= 1
 
 
+@pytest.mark.usefixtures("cpu_default_device")  # the primitive evaluates on the CPU here
 def test_primitive_vjp_matches_python_vjp():
     """C++ callers differentiating the primitive directly get the fused backward too."""
     import mlx_flash

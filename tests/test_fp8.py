@@ -8,6 +8,10 @@ import pytest
 
 from mlx_flash import fp8
 
+# References are MLX computations on the default device: keep them on the CPU
+# (see conftest.cpu_default_device); kernels get their device explicitly.
+pytestmark = pytest.mark.usefixtures("cpu_default_device")
+
 
 def _e5m2_value(code: int) -> float:
     """E5M2 by its definition (float64), written independently of fp8.py."""

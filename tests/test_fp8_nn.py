@@ -12,6 +12,10 @@ from mlx.utils import tree_flatten
 from mlx_flash import fp8
 from mlx_flash.nn import FP8Linear, convert_to_fp8
 
+# References are MLX computations on the default device: keep them on the CPU
+# (see conftest.cpu_default_device); kernels get their device explicitly.
+pytestmark = pytest.mark.usefixtures("cpu_default_device")
+
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])

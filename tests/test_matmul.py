@@ -16,6 +16,10 @@ from mlx_flash import fp8
 import matmul_backends
 from matmul_backends import matmul
 
+# References are MLX computations on the default device: keep them on the CPU
+# (see conftest.cpu_default_device); kernels get their device explicitly.
+pytestmark = pytest.mark.usefixtures("cpu_default_device")
+
 TYPES = ("float32", "float16", "bfloat16", "e4m3", "e5m2")
 
 
