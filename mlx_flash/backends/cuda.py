@@ -1,6 +1,9 @@
 """CUDA backend: mx.fast.cuda_kernel wrappers over cuda_src/ (NVRTC inside MLX).
 
 Kernels (cuda_src/):
+  attention_fwd_wgmma Hopper (sm_90) forward on warpgroup MMA (fp16/bf16, Dqk = Dv in {64, 128}),
+                      128 query rows per block, ping-pong schedule without block masks
+  attention_bwd_wgmma Hopper fused backward on warpgroup MMA (same cases), 128 keys per block
   attention_fwd_mma2  tensor-core forward (fp16/bf16, head dims <= 128), 32 query rows per warp
   attention_fwd_mma   tensor-core forward (fp16/bf16, any head dim), 16 query rows per warp
   attention_fwd_decode  fp16/bf16 decode (few query rows per KV head): tensor
@@ -267,9 +270,19 @@ def _is_hopper() -> bool:
 
 _WGMMA = os.environ.get("MLX_FLASH_CUDA_WGMMA", "1") == "1"
 _WGMMA_BWD = os.environ.get("MLX_FLASH_CUDA_WGMMA_BWD", "1") == "1"
-_WGMMA_BN = int(os.environ.get("MLX_FLASH_CUDA_WGMMA_BN", "128"))
-# 3: the ping-pong schedule (attention_fwd_wgmma.cuh), used without block masks; 2: in step.
-_WGMMA_STAGES = int(os.environ.get("MLX_FLASH_CUDA_WGMMA_STAGES", "3"))
+
+
+def _env_choice(name: str, default: int, allowed: tuple) -> int:
+    value = os.environ.get(name, str(default))
+    if value not in tuple(str(a) for a in allowed):
+        raise ValueError(f"{name}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
+    return int(value)
+
+
+# Key tile of the Hopper forward, and its schedule: 3 stages = the ping-pong
+# schedule (attention_fwd_wgmma.cuh), used without block masks; 2 = in step.
+_WGMMA_BN = _env_choice("MLX_FLASH_CUDA_WGMMA_BN", 128, (64, 128))
+_WGMMA_STAGES = _env_choice("MLX_FLASH_CUDA_WGMMA_STAGES", 3, (2, 3))
 
 
 def _uses_wgmma(spec: AttentionSpec, backward: bool = False) -> bool:
