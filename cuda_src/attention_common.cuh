@@ -189,4 +189,45 @@ __device__ __forceinline__ float apply_rules(const LogitRules<MT>& r, float s, i
   return keep ? s : kNegInf;
 }
 
+// The live key tiles of one query block [i0, i_end) under a block mask, BN
+// keys per tile from tile0: next(j0) is the first live tile start at or
+// after j0 (hi if none). Liveness is filled 256 tiles at a time, every thread
+// checking in parallel: one barrier pair per 256 tiles instead of one per
+// tile. Every thread of the block calls next() together; `flags` is 256 bytes
+// of shared memory. Without a block mask every tile is live and nothing syncs.
+template <class F, typename MT, int BN, int NTHREADS>
+struct LiveKeyTiles {
+  const LogitRules<MT>& rules;
+  unsigned char* flags;
+  int i0, i_end, tile0, hi, nk;
+  int chunk = -1;
+
+  __device__ bool live(int j0) {
+    if (!F::BlockMask) return true;
+    const int tile = (j0 - tile0) / BN;
+    if (tile / 256 != chunk) {
+      chunk = tile / 256;
+      __syncthreads();
+      for (int e = threadIdx.x; e < 256; e += NTHREADS) {
+        const int j = tile0 + (chunk * 256 + e) * BN;
+        bool any = false;
+        if (j < hi) {
+          const int br0 = i0 / rules.block_q, br1 = (i_end - 1) / rules.block_q;
+          const int bc0 = j / rules.block_k, bc1 = (min(j + BN, nk) - 1) / rules.block_k;
+          for (int br = br0; br <= br1 && !any; ++br)
+            for (int bc = bc0; bc <= bc1 && !any; ++bc)
+              any = rules.bmask[(long)br * rules.bm_row_stride + (long)bc * rules.bm_col_stride];
+        }
+        flags[e] = any;
+      }
+      __syncthreads();
+    }
+    return flags[tile % 256] != 0;
+  }
+  __device__ int next(int j0) {
+    while (j0 < hi && !live(j0)) j0 += BN;
+    return j0;
+  }
+};
+
 }  // namespace mlx_flash

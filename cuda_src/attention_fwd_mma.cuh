@@ -278,39 +278,11 @@ __device__ void attention_fwd_mma2(
   int lo, hi;
   rules.key_range(i0, i_end - 1, lo, hi);
   const int tile0 = lo / BN * BN;
-  // Block-mask liveness of the key tiles, 256 tiles at a time, all threads
-  // checking in parallel: one barrier per 256 tiles instead of one per tile.
   __shared__ unsigned char live_flags[256];
-  int flags_chunk = -1;
-  auto live = [&](int j0) {
-    if (!F::BlockMask) return true;
-    const int tile = (j0 - tile0) / BN;
-    if (tile / 256 != flags_chunk) {
-      flags_chunk = tile / 256;
-      __syncthreads();
-      for (int e = threadIdx.x; e < 256; e += NTHREADS) {
-        const int j = tile0 + (flags_chunk * 256 + e) * BN;
-        bool any = false;
-        if (j < hi) {
-          const int br0 = i0 / rules.block_q, br1 = (i_end - 1) / rules.block_q;
-          const int bc0 = j / rules.block_k, bc1 = (min(j + BN, seq.nk) - 1) / rules.block_k;
-          for (int br = br0; br <= br1 && !any; ++br)
-            for (int bc = bc0; bc <= bc1 && !any; ++bc)
-              any = rules.bmask[(long)br * rules.bm_row_stride + (long)bc * rules.bm_col_stride];
-        }
-        live_flags[e] = any;
-      }
-      __syncthreads();
-    }
-    return live_flags[tile % 256] != 0;
-  };
-  auto next_live = [&](int j0) {
-    while (j0 < hi && !live(j0)) j0 += BN;
-    return j0;
-  };
+  LiveKeyTiles<F, MT, BN, NTHREADS> tiles_live{rules, live_flags, i0, i_end, tile0, hi, seq.nk};
 
   load_tile<T, BM, D, SQ, VEC, NTHREADS>(Qs, q + (q_base + i0) * D, i_end - i0);
-  int jt = next_live(lo / BN * BN);
+  int jt = tiles_live.next(lo / BN * BN);
   if (jt < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jt) * D, seq.nk - jt);
   cp_async_commit();
 
@@ -405,7 +377,7 @@ __device__ void attention_fwd_mma2(
     }
 
     __syncthreads();
-    const int jn = next_live(jt + BN);
+    const int jn = tiles_live.next(jt + BN);
     if (jn < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jn) * D, seq.nk - jn);
     cp_async_commit();
     cp_async_wait<1>();

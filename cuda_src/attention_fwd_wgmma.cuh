@@ -226,36 +226,9 @@ __device__ void attention_fwd_wgmma(
       wgmma_pin(pa);
     }
   } else {
-    // Block-mask liveness of the key tiles, 256 tiles at a time (as in attention_fwd_mma2).
     __shared__ unsigned char live_flags[256];
-    int flags_chunk = -1;
-    auto live = [&](int j0) {
-      if (!F::BlockMask) return true;
-      const int tile = (j0 - tile0) / BN;
-      if (tile / 256 != flags_chunk) {
-        flags_chunk = tile / 256;
-        __syncthreads();
-        for (int e = threadIdx.x; e < 256; e += NTHREADS) {
-          const int j = tile0 + (flags_chunk * 256 + e) * BN;
-          bool any = false;
-          if (j < hi) {
-            const int br0 = i0 / rules.block_q, br1 = (i_end - 1) / rules.block_q;
-            const int bc0 = j / rules.block_k, bc1 = (min(j + BN, seq.nk) - 1) / rules.block_k;
-            for (int br = br0; br <= br1 && !any; ++br)
-              for (int bc = bc0; bc <= bc1 && !any; ++bc)
-                any = rules.bmask[(long)br * rules.bm_row_stride + (long)bc * rules.bm_col_stride];
-          }
-          live_flags[e] = any;
-        }
-        __syncthreads();
-      }
-      return live_flags[tile % 256] != 0;
-    };
-    auto next_live = [&](int j0) {
-      while (j0 < hi && !live(j0)) j0 += BN;
-      return j0;
-    };
-    int jt = next_live(tile0);
+    LiveKeyTiles<F, MT, BN, NTHREADS> tiles_live{rules, live_flags, i0, i_end, tile0, hi, seq.nk};
+    int jt = tiles_live.next(tile0);
     if (jt < hi) load_kv(jt, 0);
     cp_async_commit();
     int stage = 0;
@@ -263,7 +236,7 @@ __device__ void attention_fwd_wgmma(
       cp_async_wait<0>();
       fence_proxy_async();
       __syncthreads();  // tile jt visible to both warpgroups, which have finished tile jt - 1
-      const int jn = next_live(jt + BN);
+      const int jn = tiles_live.next(jt + BN);
       if (jn < hi) load_kv(jn, stage ^ 1);
       cp_async_commit();
       wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + stage * KV_BYTES));
