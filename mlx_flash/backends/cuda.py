@@ -366,12 +366,13 @@ def _decode_smem(d: int, dv: int, nw: int, bn: int, stages: int) -> int:
     return 2 * (16 * (_round16(d) + 8) + nw * stages * bn * (_round16(d) + 8 + _round16(dv) + 8))
 
 
-def _decode_config(spec: AttentionSpec):
+def _decode_config(spec: AttentionSpec, tuning: tuple):
     """(warps, keys per warp tile, pipeline stages) of attention_fwd_decode: three
     stages where two blocks still fit an SM (head dims <= 128), else two."""
     d, dv = spec.head_dim_qk, spec.head_dim_v
-    nw, bn = DECODE_TUNING.get("nw", 4), DECODE_TUNING.get("bn", 16)
-    stages = DECODE_TUNING.get("stages", 3 if _decode_smem(d, dv, nw, bn, 3) <= _SM_SMEM // 2 - 1024 else 2)
+    tuning = dict(tuning)
+    nw, bn = tuning.get("nw", 4), tuning.get("bn", 16)
+    stages = tuning.get("stages", 3 if _decode_smem(d, dv, nw, bn, 3) <= _SM_SMEM // 2 - 1024 else 2)
     return nw, bn, stages
 
 
@@ -387,7 +388,13 @@ def _effective_keys(spec: AttentionSpec) -> int:
 def decode_plan(spec: AttentionSpec):
     """Launch shape of attention_fwd_decode: (warps, keys per warp tile, stages,
     shared memory bytes, 16-row blocks per KV head, key splits)."""
-    nw, bn, stages = _decode_config(spec)
+    return _decode_plan(spec, tuple(sorted(DECODE_TUNING.items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_plan(spec: AttentionSpec, tuning: tuple):
+    """decode_plan, cached per spec (and per tuning override, for the variant sweep)."""
+    nw, bn, stages = _decode_config(spec, tuning)
     smem = _decode_smem(spec.head_dim_qk, spec.head_dim_v, nw, bn, stages)
     row_blocks = math.ceil(_max_q(spec) * spec.group_size / 16)
     base_blocks = row_blocks * spec.batch * spec.heads_kv
