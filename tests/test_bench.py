@@ -121,6 +121,9 @@ def test_time_call_policy():
 
 
 def test_gemm_runs_without_openblas_overrides(monkeypatch):
+    # Start from none of the overrides, whatever the caller's environment holds, then set one.
+    for name in common.OPENBLAS_ENV_OVERRIDES:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OPENBLAS_L2_SIZE", "1048576")
     gemm = common.measure_gemm(sizes=(64,), repeats=1)
     assert gemm["status"] == "ok", gemm
