@@ -17,10 +17,28 @@ def backend(request):
     return request.param
 
 
-def pytest_report_header(config):
+def _seed_line() -> str:
     from helpers import BASE_SEED
 
-    return f"mlx_flash test seed: MLX_FLASH_TEST_SEED={BASE_SEED}"
+    return f"mlx_flash test seed {BASE_SEED}; replay with MLX_FLASH_TEST_SEED={BASE_SEED}"
+
+
+def pytest_report_header(config):
+    return _seed_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    # The header is hidden under -q; the summary is shown at every verbosity.
+    terminalreporter.write_line(_seed_line())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # A failure carries its seed, so a log excerpt of one failure is enough to replay it.
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("mlx_flash test seed", _seed_line()))
 
 
 @pytest.fixture

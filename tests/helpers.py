@@ -12,9 +12,20 @@ import mlx_flash
 from mlx_flash import reference
 from mlx_flash._spec import validate_attention
 
-# A new base seed every session (printed in the pytest header); set
-# MLX_FLASH_TEST_SEED to replay one.
-BASE_SEED = int(os.environ.get("MLX_FLASH_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
+
+def _base_seed() -> int:
+    """A new base seed every session (printed in pytest's header, its summary
+    and each failure's report); MLX_FLASH_TEST_SEED=<n> replays one."""
+    given = os.environ.get("MLX_FLASH_TEST_SEED")
+    if given is None:
+        return int(np.random.SeedSequence().entropy % 2**31)
+    try:
+        return int(given)
+    except ValueError:
+        raise ValueError(f"MLX_FLASH_TEST_SEED must be a non-negative integer, got {given!r}") from None
+
+
+BASE_SEED = _base_seed()
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 

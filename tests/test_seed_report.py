@@ -1,0 +1,41 @@
+"""The session seed is where a reader of `pytest -q` output looks: in the
+summary of every run and in the report of each failing test."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+TESTS = pathlib.Path(__file__).parent
+
+PROBE = '''
+def test_passes():
+    pass
+
+def test_fails():
+    assert False, "probe failure"
+'''
+
+
+def _run_probe(tmp_path, select):
+    (tmp_path / "test_probe.py").write_text(PROBE)
+    # Load this suite's conftest as a plugin so the probe gets exactly its hooks.
+    env = dict(os.environ, MLX_FLASH_TEST_SEED="424242",
+               PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+           "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py"), "-k", select]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+
+
+def test_seed_in_quiet_summary(tmp_path):
+    result = _run_probe(tmp_path, "passes")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MLX_FLASH_TEST_SEED=424242" in result.stdout, result.stdout
+
+
+def test_seed_in_failure_report(tmp_path):
+    result = _run_probe(tmp_path, "fails")
+    assert result.returncode == 1, result.stdout + result.stderr
+    # The failing test's own report has a section naming the seed (a separator line, then the seed).
+    assert re.search(r"-{3,} mlx_flash test seed -{3,}\n[^\n]*MLX_FLASH_TEST_SEED=424242\n", result.stdout), result.stdout
