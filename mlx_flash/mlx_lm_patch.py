@@ -5,6 +5,10 @@
     with mlx_flash.patch_mlx_lm():      # or only inside the block
         ...
 
+Calls nest: a scoped patch inside a global one (or another scoped one)
+applies its own `fp8_weights` inside its block and leaves the outer patch as
+it was on exit.
+
 What gets swapped:
 
 * `mlx_lm.models.base.scaled_dot_product_attention`, which nearly every
@@ -39,7 +43,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import sys
-from typing import Callable, Optional
+from typing import Callable, List
 
 from . import _lm_attend
 from ._lm_models import INLINE_ATTENTION
@@ -111,36 +115,44 @@ class _InlineModelHook(importlib.abc.MetaPathFinder):
 
 
 class MlxLmPatch:
-    """The active patch; a context manager that restores mlx-lm on exit.
+    """One layer of the patch; a context manager that takes its layer off on exit.
 
-    A `patch_mlx_lm()` while another patch is active returns a handle that
-    does not own the patch: leaving it keeps the outer patch in place.
+    The first `patch_mlx_lm()` routes attention (and, with `fp8_weights`,
+    model loading). A `patch_mlx_lm()` while patched adds a layer that
+    changes only what it asks differently (fp8 loading switched on or off for
+    its scope) and leaves the rest to the layers below. Layers come off in
+    reverse order: restoring one also restores every layer made after it, so
+    `unpatch_mlx_lm()` (restoring the first) puts mlx-lm back entirely.
     """
 
-    def __init__(self, owner: bool, fp8_weights: bool = False):
-        self.owner = owner
+    def __init__(self, fp8_weights: bool, routes_attention: bool):
         self.fp8_weights = fp8_weights
+        self.routes_attention = routes_attention  # the first layer; the others keep its routing
         self._undo = []  # (object, attribute, value to put back)
-        self._swaps = {}  # module-level name -> (original function, replacement)
+        self._swaps = {}  # module-level name -> (function in place before, replacement)
         self._hook = None
 
-    def _apply(self):
-        from mlx_lm.models import base  # imports no model module
+    def _apply(self, fp8_below: bool):
+        if self.routes_attention:
+            from mlx_lm.models import base  # imports no model module
 
-        self._swap(base, SDPA_NAME, _make_flash_sdpa)
-        if self.fp8_weights:
+            self._swap(base, SDPA_NAME, _make_flash_sdpa)
+        if self.fp8_weights != fp8_below:
             from mlx_lm import utils as lm_utils  # `mlx_lm.load` calls it by this name
 
-            self._swap(lm_utils, "load_model", _converting_to_fp8)
+            # On: wrap the loader. Off inside an fp8 layer: put the unwrapped loader in place.
+            self._swap(lm_utils, "load_model",
+                       _converting_to_fp8 if self.fp8_weights else (lambda converting: converting.__wrapped__))
         for module in list(sys.modules.values()):
             if module is not None:
                 self._patch_module(module)
-        self._hook = _InlineModelHook(self._patch_module)
-        sys.meta_path.insert(0, self._hook)
+        if self.routes_attention:
+            self._hook = _InlineModelHook(self._patch_module)
+            sys.meta_path.insert(0, self._hook)
 
     def _swap(self, module, name, make_replacement):
-        original = getattr(module, name)
-        self._swaps[name] = (original, make_replacement(original))
+        current = getattr(module, name)
+        self._swaps[name] = (current, make_replacement(current))
 
     def _set(self, obj, name, value):
         self._undo.append((obj, name, getattr(obj, name)))
@@ -149,9 +161,11 @@ class MlxLmPatch:
     def _patch_module(self, module):
         # vars(), not getattr(): lazy modules (transformers) import on getattr.
         namespace = getattr(module, "__dict__", {})
-        for name, (original, replacement) in self._swaps.items():
-            if namespace.get(name) is original:
+        for name, (current, replacement) in self._swaps.items():
+            if namespace.get(name) is current:
                 self._set(module, name, replacement)
+        if not self.routes_attention:
+            return
         for class_name, replacement in INLINE_ATTENTION.get(namespace.get("__name__"), {}).items():
             cls = namespace.get(class_name)
             if cls is not None:
@@ -159,13 +173,19 @@ class MlxLmPatch:
 
     @property
     def active(self) -> bool:
-        return _active is self
+        return self in _layers
 
     def restore(self):
-        """Put mlx-lm back as it was (a no-op for a handle that does not own the patch)."""
-        global _active
-        if not self.owner or _active is not self:
+        """Take this layer and every layer made after it off (a no-op once off)."""
+        if self not in _layers:
             return
+        while True:
+            layer = _layers.pop()
+            layer._take_off()
+            if layer is self:
+                return
+
+    def _take_off(self):
         if self._hook in sys.meta_path:
             sys.meta_path.remove(self._hook)
         for obj, name, value in reversed(self._undo):
@@ -173,11 +193,10 @@ class MlxLmPatch:
         # Modules imported while patched bound the replacements themselves.
         for module in list(sys.modules.values()):
             namespace = getattr(module, "__dict__", {})
-            for name, (original, replacement) in self._swaps.items():
+            for name, (current, replacement) in self._swaps.items():
                 if namespace.get(name) is replacement:
-                    setattr(module, name, original)
+                    setattr(module, name, current)
         self._undo.clear()
-        _active = None
 
     def __enter__(self):
         return self
@@ -209,7 +228,7 @@ def _converting_to_fp8(load_model: Callable) -> Callable:
     return wrapper
 
 
-_active: Optional[MlxLmPatch] = None
+_layers: List[MlxLmPatch] = []  # the active patch, first layer first
 
 
 def patch_mlx_lm(*, fp8_weights: bool = False) -> MlxLmPatch:
@@ -220,39 +239,33 @@ def patch_mlx_lm(*, fp8_weights: bool = False) -> MlxLmPatch:
         through mlx-lm while patched to `mlx_flash.nn.FP8Linear`.
 
     Returns a handle; use it as a context manager (or call `.restore()`) to
-    put mlx-lm back. Needs mlx-lm (`pip install mlx_flash[lm]`).
+    undo it. Calls nest: inside an active patch (global or scoped) another
+    `patch_mlx_lm(...)` applies its own `fp8_weights` for its scope and, on
+    exit, leaves the outer patch as it was. Needs mlx-lm
+    (`pip install mlx_flash[lm]`).
     """
-    global _active
     if not isinstance(fp8_weights, bool):
         raise TypeError(f"fp8_weights: expected a bool, got {type(fp8_weights).__name__}")
-    if _active is not None:
-        if fp8_weights != _active.fp8_weights:
-            raise ValueError(
-                f"fp8_weights: mlx-lm is already patched with fp8_weights={_active.fp8_weights}; "
-                f"unpatch first to change it (got {fp8_weights})"
-            )
-        return MlxLmPatch(owner=False, fp8_weights=fp8_weights)
-    patch = MlxLmPatch(owner=True, fp8_weights=fp8_weights)
+    layer = MlxLmPatch(fp8_weights, routes_attention=not _layers)
     try:
-        patch._apply()
+        layer._apply(fp8_below=_layers[-1].fp8_weights if _layers else False)
     except BaseException:
-        _active = patch
-        patch.restore()
+        layer._take_off()
         raise
-    _active = patch
-    return patch
+    _layers.append(layer)
+    return layer
 
 
 def unpatch_mlx_lm() -> bool:
-    """Restore mlx-lm's attention; False if it was not patched."""
-    if _active is None:
+    """Restore mlx-lm entirely (every layer); False if it was not patched."""
+    if not _layers:
         return False
-    _active.restore()
+    _layers[0].restore()
     return True
 
 
 def is_mlx_lm_patched() -> bool:
-    return _active is not None
+    return bool(_layers)
 
 
 def patch_stats() -> dict:

@@ -294,14 +294,62 @@ def test_originals_restored_after_exception():
 def test_global_patch_and_nested_handle():
     before = _attention_entry_points()
     mlx_flash.patch_mlx_lm()
+    mlx_flash.patch_mlx_lm()  # a second global call is one more layer, not an error
     with mlx_flash.patch_mlx_lm() as inner:
-        assert not inner.owner
+        assert inner.active and not inner.routes_attention
     # Leaving the nested handle keeps the outer patch.
     assert mlx_flash.is_mlx_lm_patched()
     assert _attention_entry_points()["llama"] is not before["llama"]
     assert mlx_flash.unpatch_mlx_lm()
     assert _attention_entry_points() == before
     assert not mlx_flash.unpatch_mlx_lm()
+
+
+def _loads_fp8(path) -> bool:
+    from mlx_lm import utils as lm_utils
+
+    from mlx_flash.nn import FP8Linear
+
+    model, _ = lm_utils.load_model(path)
+    return isinstance(model.layers[0].self_attn.q_proj, FP8Linear)
+
+
+def test_fp8_weights_scoped_inside_a_patch(tmp_path):
+    """README's order: a global patch, then fp8 loading for one block only, and the reverse."""
+    from mlx_lm import utils as lm_utils
+
+    original_load = lm_utils.load_model
+    _save_model(build("llama"), CONFIGS["llama"], tmp_path)
+    before = _attention_entry_points()
+    mlx_flash.patch_mlx_lm()
+    routed = _attention_entry_points()
+    with mlx_flash.patch_mlx_lm(fp8_weights=True):
+        assert _loads_fp8(tmp_path) and _attention_entry_points() == routed
+    assert not _loads_fp8(tmp_path) and lm_utils.load_model is original_load
+    assert _attention_entry_points() == routed  # the global patch is still on
+    mlx_flash.unpatch_mlx_lm()
+    assert _attention_entry_points() == before
+
+    with mlx_flash.patch_mlx_lm(fp8_weights=True):
+        with mlx_flash.patch_mlx_lm(fp8_weights=False):
+            assert not _loads_fp8(tmp_path) and lm_utils.load_model is original_load
+        assert _loads_fp8(tmp_path)
+    assert lm_utils.load_model is original_load and _attention_entry_points() == before
+
+
+def test_restoring_an_outer_layer_restores_the_inner_ones():
+    from mlx_lm import utils as lm_utils
+
+    original_load = lm_utils.load_model
+    before = _attention_entry_points()
+    outer = mlx_flash.patch_mlx_lm()
+    inner = mlx_flash.patch_mlx_lm(fp8_weights=True)
+    assert lm_utils.load_model is not original_load
+    outer.restore()
+    assert not inner.active and not mlx_flash.is_mlx_lm_patched()
+    assert lm_utils.load_model is original_load and _attention_entry_points() == before
+    inner.restore()  # already off: a no-op
+    assert _attention_entry_points() == before
 
 
 def test_import_time_behaviour_in_a_fresh_interpreter():
@@ -458,6 +506,4 @@ def test_fp8_weights_for_models_loaded_while_patched(name, tmp_path):
 def test_fp8_weights_option_checked():
     with pytest.raises(TypeError, match="fp8_weights"):
         mlx_flash.patch_mlx_lm(fp8_weights=1)
-    with mlx_flash.patch_mlx_lm():
-        with pytest.raises(ValueError, match="fp8_weights"):
-            mlx_flash.patch_mlx_lm(fp8_weights=True)
+    assert not mlx_flash.is_mlx_lm_patched()
