@@ -89,3 +89,43 @@ def test_other_cpu_variants_are_exact_too(isa):
     env = dict(os.environ, MLX_FLASH_CPU_ISA=isa)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_missing_mlx_backend_names_the_fix():
+    """`pip install mlx_flash` on Linux without [cpu] (or mlx[cuda]) leaves mlx
+    without libmlx.so; importing mlx_flash must say what to install."""
+    code = (
+        "import sys\n"
+        "class NoLibmlx:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'mlx.core':\n"
+        "            raise ImportError('libmlx.so: cannot open shared object file: No such file or directory')\n"
+        "sys.meta_path.insert(0, NoLibmlx())\n"
+        "try:\n"
+        "    import mlx_flash\n"
+        "except ImportError as e:\n"
+        "    print('ImportError:', e)\n"
+        "    print('cause:', e.__cause__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    message = result.stdout
+    assert "mlx_flash[cpu]" in message and "mlx[cuda]" in message, message
+    assert "cause: libmlx.so: cannot open" in message, message  # the original error stays attached
+
+
+def test_other_import_errors_pass_through():
+    code = (
+        "import sys\n"
+        "class Broken:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'mlx.core':\n"
+        "            raise ImportError('something else entirely')\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "try:\n"
+        "    import mlx_flash\n"
+        "except ImportError as e:\n"
+        "    print('ImportError:', e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ImportError: something else entirely", result
