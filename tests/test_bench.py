@@ -1,8 +1,11 @@
 """Smoke tests of the benchmark harness (mlx_flash.bench): a tiny sweep, the
 JSON schema, resume, the targets report and the plots. No timing assertions."""
 
+import importlib.util
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,7 +110,7 @@ def test_targets_report():
 def test_check_targets_from_file(tiny_run, capsys):
     src, _ = tiny_run
     assert cpu_attention.main(["--from", str(src), "--check-targets"]) == 0
-    assert "Issue 3 targets" in capsys.readouterr().out
+    assert "CPU performance targets" in capsys.readouterr().out
     assert cpu_attention.main(["--from", str(src), "--markdown"]) == 0
     table = capsys.readouterr().out
     assert "| fwd | fp32 | full | 1,8,64,64 |" in table and "| fwdbwd | fp32 | causal | 1,8,64,64 |" in table
@@ -152,3 +155,51 @@ def test_plots(tiny_run, tmp_path):
     paths = plots.write_cpu_attention_plots(doc, tmp_path)
     for p in paths:
         assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _tracked_results():
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    return {p.name: p.read_bytes() for p in results.glob("*.json")}
+
+
+def test_default_output_goes_to_the_current_directory(tmp_path, monkeypatch):
+    """Without --out nothing is written into the package or over committed results."""
+    before = _tracked_results()
+    monkeypatch.chdir(tmp_path)
+    plots = importlib.util.find_spec("matplotlib") is not None  # plots follow the same rule
+    argv = [a for a in TINY if a != "--no-plots"] + ["--n", "32", "--mode", "fwd", "--causal", "no"]
+    assert cpu_attention.main(argv + (["--plots"] if plots else ["--no-plots"])) == 0
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written[0].startswith("cpu_attention_") and written[0].endswith(".json"), written
+    if plots:
+        assert "cpu_attention_throughput.png" in written, written
+    assert _tracked_results() == before
+
+
+def test_matmul_bench_default_output(tmp_path, monkeypatch, capsys):
+    from mlx_flash.bench import matmul_cpu
+
+    monkeypatch.chdir(tmp_path)
+    assert matmul_cpu.main(["--sizes", "32", "--repeats", "1"]) == 0
+    [written] = list(tmp_path.iterdir())
+    assert written.name.startswith("matmul_cpu_") and json.loads(written.read_text())["sizes"]
+    assert f"wrote {written.name}" in capsys.readouterr().out
+
+
+def test_cuda_bench_output_path():
+    cuda = pytest.importorskip("mlx_flash.bench.cuda")
+    assert cuda.out_path(".", "NVIDIA H200") == os.path.join(".", "cuda_nvidia_h200.json")
+    assert cuda.out_path("runs/h200.json", "NVIDIA H200") == "runs/h200.json"
+
+
+def test_skipped_anchor_says_why(tiny_run, tmp_path, monkeypatch, capsys):
+    reason = "torch is not installed (pip install 'mlx_flash[bench]')"
+    monkeypatch.setattr(cpu_attention, "_torch_missing", lambda: reason)
+    argv = [a for a in TINY if a != "--quiet"] + ["--out", str(tmp_path / "t.json"), "--mode", "fwd", "--causal", "no"]
+    assert cpu_attention.main(argv) == 0
+    assert f"torch_sdpa: skipped: {reason}" in capsys.readouterr().err
+
+
+def test_torch_missing_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails as if not installed
+    assert cpu_attention._torch_missing.__wrapped__() == "torch is not installed (pip install 'mlx_flash[bench]')"

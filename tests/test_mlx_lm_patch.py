@@ -11,6 +11,7 @@ materialised attention agree to rounding.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -455,6 +456,21 @@ def test_benchmark_functions_small():
     assert generation["tokens_identical"]
 
 
+def test_benchmark_prints_tables_and_writes_json_here(tmp_path):
+    """`python -m mlx_flash.bench.lm`: tables on stdout, the JSON in the current directory."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
+    result = subprocess.run([sys.executable, "-m", "mlx_flash.bench.lm", "--train-seq", "64", "--prompt", "48",
+                             "--new-tokens", "3"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [written] = list(tmp_path.glob("lm_cpu_*.json"))
+    doc = json.loads(written.read_text())
+    assert doc["generation"]["tokens_identical"] and doc["lora_step"]["patched"]["seq_len"] == 64
+    out = result.stdout
+    assert "extra peak memory" in out and "patched, FP8Linear" in out and "{" not in out, out
+
+
 @pytest.mark.parametrize("script, args", [
     ("generate.py", ["--prompt-len", "48", "--new-tokens", "3", "--fp8"]),
     ("finetune_long_context.py", ["--seq-len", "64", "--steps", "2"]),
@@ -472,7 +488,6 @@ def test_examples_run(script, args):
 # ---------------------------------------------------------------- fp8 weights
 
 def _save_model(model, config, path):
-    import json
 
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (path / "config.json").write_text(json.dumps(config))

@@ -1,4 +1,5 @@
-"""Benchmarks of mlx_flash against its anchors (issue 3 for the CPU).
+"""Benchmarks of mlx_flash against its anchors (on the CPU: torch SDPA, mx.fast SDPA
+and the machine's fp32 GEMM rate, with the performance targets of docs/performance_cpu.md).
 
 `python -m mlx_flash.bench` runs the CPU attention sweep
 (`cpu_attention.py`); `common.py` holds the timing, memory, machine,

@@ -1,6 +1,6 @@
 """CPU attention benchmark: mlx_flash beside PyTorch SDPA and mx.fast SDPA.
 
-    python -m mlx_flash.bench                 # full sweep + issue 3's targets
+    python -m mlx_flash.bench                 # full sweep + the performance targets
     python -m mlx_flash.bench --quick         # a minute or two
     python -m mlx_flash.bench --only-targets --check-targets
     python -m mlx_flash.bench --check-targets --from benchmarks/results/cpu_attention_latest.json
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -100,7 +100,8 @@ def sweep_plan(ns, ds, dtypes, modes, causals, batch=1, heads=None) -> list[Meas
     return plan
 
 
-# Issue 3's target configurations (see check_targets for the thresholds).
+# The configurations of the CPU performance targets (docs/performance_cpu.md, "Targets";
+# check_targets holds the thresholds).
 TARGET_SPEED_CONFIGS = (
     dict(causal=False, B=1, H=8, N=4096, D=64),
     dict(causal=True, B=1, H=8, N=4096, D=64),
@@ -139,11 +140,21 @@ def merge_plans(*plans) -> list[Measurement]:
 # --------------------------------------------------------------------------- implementations
 
 def _torch():
+    """torch, or None where it cannot be imported (`_torch_missing` says why)."""
+    return None if _torch_missing() else __import__("torch")
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_missing() -> str | None:
     try:
-        import torch
-    except Exception:
-        return None
-    return torch
+        import torch  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name == "torch":
+            return "torch is not installed (pip install 'mlx_flash[bench]')"
+        return f"torch does not import: {exc}"
+    except Exception as exc:  # a broken install must not stop the other measurements
+        return f"torch does not import: {type(exc).__name__}: {exc}"
+    return None
 
 
 class Inputs:
@@ -221,8 +232,8 @@ def make_runner(cfg: Config, impl: str, inputs: Inputs, keep: dict):
 def skip_reason(m: Measurement, mx_fast_max_n: int, disabled: set) -> str | None:
     if m.impl in disabled:
         return f"{m.impl} disabled on the command line"
-    if m.impl == "torch_sdpa" and _torch() is None:
-        return "torch not installed (pip install 'mlx_flash[bench]')"
+    if m.impl == "torch_sdpa" and _torch_missing():
+        return _torch_missing()
     if m.impl == "mx_fast_sdpa" and not m.force and m.config.N > mx_fast_max_n:
         return (f"N > {mx_fast_max_n}: mx.fast SDPA on the CPU materialises the N x N scores through "
                 f"MLX's reference BLAS (~50x slower); raise --mx-fast-max-n to measure it")
@@ -354,7 +365,8 @@ def _target(name, requirement, ratio, threshold, higher_is_better=True, detail="
 
 
 def check_targets(doc: dict) -> list[dict]:
-    """Issue 3's targets, each met / missed / not measured, with the measured ratio."""
+    """The CPU performance targets (speed against torch SDPA, mx.fast SDPA and the GEMM rate;
+    peak memory; the longest run completing), each met / missed / not measured, with the measured ratio."""
     out = []
     for mode, need in (("fwd", 1.2), ("fwdbwd", 1.0)):
         for c in TARGET_SPEED_CONFIGS:
@@ -414,7 +426,7 @@ def check_targets(doc: dict) -> list[dict]:
 
 
 def format_targets(targets: list[dict]) -> str:
-    lines = ["Issue 3 targets (CPU):"]
+    lines = ["CPU performance targets (docs/performance_cpu.md):"]
     for t in targets:
         ratio = "" if t["ratio"] is None else f"{t['ratio']:.3g}"
         lines.append(f"  [{t['status']:>12s}] {t['target']:60s} {t['requirement']:42s} {ratio:>7s}  {t['detail']}")
@@ -493,7 +505,7 @@ def run_plan(doc: dict, plan: list[Measurement], policy: common.TimingPolicy, ou
             reason = skip_reason(m, mx_fast_max_n, disabled)
             if reason:
                 record(doc, m, {"status": "skipped", "reason": reason})
-                progress.end(f"{cfg.label} | {m.impl}", "skipped")
+                progress.end(f"{cfg.label} | {m.impl}", f"skipped: {reason}")
             else:
                 runnable.append(m)
         if runnable:
@@ -542,7 +554,8 @@ def _causal_list(text: str) -> list[bool]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mlx_flash.bench",
-        description="CPU attention benchmark: mlx_flash vs torch SDPA and mx.fast SDPA (issue 3).")
+        description="CPU attention benchmark: mlx_flash beside torch SDPA and mx.fast SDPA and against the "
+                    "machine's fp32 GEMM rate, with the performance targets (--check-targets).")
     p.add_argument("--quick", action="store_true", help=f"small sweep: N {QUICK_N}, D 64, fp32, 1 s budget")
     p.add_argument("--n", type=_int_list, help=f"sequence lengths (default {' '.join(map(str, SWEEP_N))})")
     p.add_argument("--d", type=_int_list, help="head dims (default 64 128)")
@@ -555,7 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mx-fast-max-n", type=int, default=MX_FAST_MAX_N,
                    help="largest N for the mx.fast anchor in the sweep (the targets still run it at 4096)")
     targets = p.add_mutually_exclusive_group()
-    targets.add_argument("--only-targets", action="store_true", help="measure only issue 3's target configs")
+    targets.add_argument("--only-targets", action="store_true",
+                         help="measure only the target configs: fp32 fwd and fwd+bwd at B1 H8 N4096 D64 (full, "
+                              "causal) and B1 H4 N4096 D128, fwd+bwd memory at B1 H8 N16384 D64, "
+                              "causal fwd+bwd at B1 H4 N65536 D64 (~10 min on 2 cores)")
     targets.add_argument("--with-targets", action="store_true",
                          help="add the target configs to a subset sweep (default when no subset flag is given)")
     targets.add_argument("--no-targets", action="store_true", help="never add the target configs")
@@ -564,8 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read this results JSON instead of measuring (with --check-targets and/or --plots)")
     p.add_argument("--markdown", action="store_true", help="with --from: print the results as a Markdown table")
     p.add_argument("--out", type=Path,
-                   help="results JSON (default benchmarks/results/cpu_attention_<date>.json plus a "
-                        "cpu_attention_latest.json copy; cpu_targets_* for --only-targets)")
+                   help="results JSON (default ./cpu_attention_<date>.json in the current directory; "
+                        "./cpu_targets_<date>.json with --only-targets)")
     p.add_argument("--resume", action="store_true", help="keep measurements already in --out and run the rest")
     p.add_argument("--budget", type=float,
                    help="seconds of repeats per measurement (default 3; --quick 1; --only-targets 8)")
@@ -576,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gemm", action="store_true", help="skip the numpy GEMM ceiling")
     p.add_argument("--plots", dest="plots", action="store_true", default=None, help="write PNG plots")
     p.add_argument("--no-plots", dest="plots", action="store_false")
-    p.add_argument("--plots-dir", type=Path, default=common.BENCHMARKS_DIR)
+    p.add_argument("--plots-dir", type=Path, default=Path("."),
+                   help="where the PNG plots go (default the current directory)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -598,9 +615,11 @@ def plan_from_args(args) -> list[Measurement]:
     return plan
 
 
-def default_out(only_targets: bool) -> tuple[Path, Path]:
+def default_out(only_targets: bool) -> Path:
+    """In the current directory: never into an installed package or over a checkout's
+    committed results (those are updated by passing --out explicitly)."""
     stem = "cpu_targets" if only_targets else "cpu_attention"
-    return common.RESULTS_DIR / f"{stem}_{common.today()}.json", common.RESULTS_DIR / f"{stem}_latest.json"
+    return Path(f"{stem}_{common.today()}.json")
 
 
 def main(argv=None) -> int:
@@ -623,10 +642,7 @@ def main(argv=None) -> int:
     long_call = args.long_call if args.long_call is not None else (12.0 if args.only_targets else 3.0)
     policy = common.TimingPolicy(budget_s=budget, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
                                  long_call_s=long_call)
-    if args.out is not None:
-        out_path, latest_path = args.out, None
-    else:
-        out_path, latest_path = default_out(args.only_targets)
+    out_path = args.out if args.out is not None else default_out(args.only_targets)
     plan = plan_from_args(args)
     doc = None
     if args.resume and out_path.exists():
@@ -651,9 +667,7 @@ def main(argv=None) -> int:
     targets = check_targets(doc)
     doc["targets"] = targets
     common.write_json(out_path, doc)
-    if latest_path is not None:
-        shutil.copyfile(out_path, latest_path)
-    progress.note(f"results: {out_path}" + (f" (and {latest_path})" if latest_path else ""))
+    progress.note(f"results: {out_path}")
     if args.plots or (args.plots is None and args.out is None and not args.only_targets):
         _write_plots(doc, args.plots_dir)
     if args.check_targets:

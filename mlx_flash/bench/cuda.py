@@ -1,9 +1,10 @@
 """CUDA benchmark: mlx_flash vs mx.fast SDPA (cuDNN) vs PyTorch SDPA, one run, one card.
 
-    python -m mlx_flash.bench.cuda [--sections fwd,fwdbwd,features,decode,matmul] [--out DIR]
+    python -m mlx_flash.bench.cuda [--sections fwd,fwdbwd,features,decode,matmul] [--out PATH]
 
-Writes benchmarks/results/cuda_<card>.json (under --out, default the current
-directory) and prints one line per measurement. TFLOP/s count attention as
+Writes cuda_<card>.json (into --out when it is a directory, the current one by
+default; to --out when it names a .json file) and prints one line per
+measurement. TFLOP/s count attention as
 4*B*H*Nq*Nk*D (half of it under causal), forward+backward as 3.5x that,
 matrix products as 2*M*N*K.
 """
@@ -247,10 +248,16 @@ SECTIONS = {
 }
 
 
+def out_path(out: str, card: str) -> str:
+    """--out as given when it names a .json file, else cuda_<card>.json inside that directory."""
+    return out if out.endswith(".json") else os.path.join(out, f"cuda_{slug(card)}.json")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default=",".join(SECTIONS))
-    parser.add_argument("--out", default=".")
+    parser.add_argument("--out", default=".",
+                        help="results JSON file, or a directory for cuda_<card>.json (default the current directory)")
     args = parser.parse_args(argv)
     if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         raise SystemExit("mlx_flash.bench.cuda: MLX sees no CUDA GPU")
@@ -269,8 +276,8 @@ def main(argv=None):
         result["torch"] = torch.__version__
     except ImportError:
         pass
-    path = os.path.join(args.out, "benchmarks", "results", f"cuda_{slug(card)}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = out_path(args.out, card)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}")

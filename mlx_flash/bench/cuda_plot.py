@@ -1,16 +1,19 @@
-"""Plot benchmarks/results/cuda_<card>.json (from mlx_flash.bench.cuda) to benchmarks/cuda_<card>.png.
+"""Plot a cuda_<card>.json from mlx_flash.bench.cuda as a PNG.
 
-    python -m mlx_flash.bench.cuda_plot benchmarks/results/cuda_nvidia_h200.json
+    python -m mlx_flash.bench.cuda_plot cuda_nvidia_h200.json [--out cuda_nvidia_h200.png]
+
+The PNG goes next to the JSON (same name, .png) unless --out says where.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 
 
-def plot(path: str) -> str:
+def plot(path: str, out: str | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,11 +49,19 @@ def plot(path: str) -> str:
     ax.set_title("matmul 8192^3")
     fig.suptitle(f'mlx_flash CUDA backend on {data["card"]} (MLX {data["mlx"]}, torch {data.get("torch", "-")})')
     fig.tight_layout()
-    name = os.path.basename(path).replace(".json", ".png")
-    out = os.path.join(os.path.dirname(os.path.dirname(path)), name)
+    out = out or os.path.splitext(path)[0] + ".png"
     fig.savefig(out, dpi=110)
     return out
 
 
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlx_flash.bench.cuda_plot", description=__doc__.splitlines()[0])
+    parser.add_argument("json", help="results of python -m mlx_flash.bench.cuda")
+    parser.add_argument("--out", help="PNG path (default the JSON's path with .png)")
+    args = parser.parse_args(argv)
+    print(plot(args.json, args.out))
+    return 0
+
+
 if __name__ == "__main__":
-    print(plot(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/cuda_nvidia_h200.json"))
+    sys.exit(main())

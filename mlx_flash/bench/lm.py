@@ -1,6 +1,6 @@
 """mlx-lm end to end, patched (`mlx_flash.patch_mlx_lm`) vs mlx-lm's own attention.
 
-    PYTHONPATH=$PWD python -m mlx_flash.bench.lm [--quick] [--out benchmarks/results/lm_cpu.json]
+    python -m mlx_flash.bench.lm [--quick] [--out PATH]   # JSON by default in ./lm_cpu_<date>.json
 
 Two measurements on one small random-initialised Llama-style model (no
 downloads), each run unpatched then patched in the same process:
@@ -27,6 +27,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 import mlx_flash
+
+from . import common
 
 # Llama-style, GQA (8 query heads of 64 over 2 key/value heads), 2 layers,
 # narrow (MLX's CPU matmul is slow: keep the projections from drowning the
@@ -196,16 +198,50 @@ def machine() -> dict:
     }
 
 
+def lora_table(r: dict) -> str:
+    plain, fused = r["unpatched"], r["patched"]
+    return "\n".join([
+        f"LoRA step (loss + gradients) at {plain['seq_len']} tokens:",
+        f"  {'':20s} {'mlx-lm':>12s} {'patched':>12s}",
+        f"  {'time':20s} {common.fmt_time(plain['seconds']):>12s} {common.fmt_time(fused['seconds']):>12s}"
+        f"   {r['speedup']:.2f}x faster",
+        f"  {'extra peak memory':20s} {common.fmt_bytes(plain['extra_peak_bytes']):>12s} "
+        f"{common.fmt_bytes(fused['extra_peak_bytes']):>12s}   {r['extra_peak_ratio']:.2f}x",
+        f"  loss differs by {r['loss_abs_diff']:.2g}; gradients by at most {r['grads_max_rel_diff']:.2g} "
+        f"(relative, {r['num_grad_arrays']} arrays)",
+    ])
+
+
+def generation_table(r: dict) -> str:
+    rows = [("mlx-lm", r["unpatched"]), ("patched", r["patched"]),
+            ("patched, FP8Linear", r["patched_fp8_weights"])]
+    first = r["unpatched"]
+    lines = [f"greedy generation, {first['prompt_len']}-token prompt + {first['new_tokens']} tokens:",
+             f"  {'':22s} {'prompt':>10s} {'tok/s':>8s} {'decode':>10s} {'tok/s':>8s} {'total':>10s} {'extra peak':>11s}"]
+    for name, rec in rows:
+        lines.append(f"  {name:22s} {common.fmt_time(rec['prompt_seconds']):>10s} {rec['prompt_tokens_per_s']:8.1f} "
+                     f"{common.fmt_time(rec['decode_seconds']):>10s} {rec['decode_tokens_per_s']:8.1f} "
+                     f"{common.fmt_time(rec['total_seconds']):>10s} {common.fmt_bytes(rec['extra_peak_bytes']):>11s}")
+    lines.append(f"  patched vs mlx-lm: {r['total_speedup']:.2f}x faster in total; greedy tokens "
+                 f"{'identical' if r['tokens_identical'] else 'DIFFER'} (fp8 weights are other weights: "
+                 "their tokens are not compared)")
+    lines.append("  FP8Linear row: fp8 weights multiplied by mlx_flash.matmul2d instead of MLX's matmul, so its "
+                 "time mixes the kernel and the format (examples/generate.py --fp8 separates them)")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short sequences (a smoke run)")
     parser.add_argument("--train-seq", type=int, default=4096)
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default ./lm_cpu_<date>.json in the current directory)")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_seq, args.prompt, args.new_tokens = 512, 256, 8
+    out = args.out if args.out is not None else Path(f"lm_cpu_{common.today()}.json")
     mx.set_default_device(mx.cpu)
     result = {
         "benchmark": "mlx_lm_patch", "machine": machine(), "model": MODEL_CONFIG,
@@ -214,15 +250,13 @@ def main(argv=None):
     }
     print(f"LoRA step at N={args.train_seq} ...", flush=True)
     result["lora_step"] = bench_lora(args.train_seq)
-    print(json.dumps(result["lora_step"], indent=1), flush=True)
+    print(lora_table(result["lora_step"]), flush=True)
     print(f"generation, prompt {args.prompt} + {args.new_tokens} tokens ...", flush=True)
     result["generation"] = bench_generation(args.prompt, args.new_tokens)
-    print(json.dumps(result["generation"], indent=1), flush=True)
+    print(generation_table(result["generation"]), flush=True)
     result["patch_stats"] = mlx_flash.patch_stats()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    common.write_json(out, result)
+    print(f"wrote {out} (every number above, and the machine)")
     return result
 
 

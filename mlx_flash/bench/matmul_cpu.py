@@ -10,8 +10,8 @@ plus one decode step (M = 1 through a 4096 x 4096 weight) in fp16 and fp8;
 each timing is the best of `--repeats`, the variants measured in turn
 within each repeat so that they share the machine's noise. Reports GFLOP/s
 (2 n^3 / s), the ratio to numpy, and the bytes an n x n weight takes in fp8
-(plus its scales) against fp16. Writes JSON naming the machine under
-benchmarks/results/.
+(plus its scales) against fp16. Writes JSON naming the machine (by default into
+the current directory).
 
 `--cpu-time` times by process CPU time; with `MLX_FLASH_NUM_THREADS=1
 OPENBLAS_NUM_THREADS=1` that gives per-core efficiency, which other jobs on
@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default ./matmul_cpu_<cpu>_<cores>c.json in the current directory)")
     p.add_argument("--cpu-time", action="store_true",
                    help="time by process CPU time instead of wall time: with MLX_FLASH_NUM_THREADS=1 "
                         "OPENBLAS_NUM_THREADS=1 this measures per-core efficiency, which other jobs on "
@@ -201,8 +202,7 @@ def main(argv=None) -> int:
     if out is None:
         slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
         tag = "_cputime_1thread" if args.cpu_time and info["mlx_flash_threads"] == 1 else ""
-        out = (Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-               / f"matmul_cpu_{slug}_{info['cores']}c{tag}.json")
+        out = Path(f"matmul_cpu_{slug}_{info['cores']}c{tag}.json")  # cwd: never into the package
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
