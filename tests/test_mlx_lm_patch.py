@@ -488,7 +488,6 @@ def test_examples_run(script, args):
 # ---------------------------------------------------------------- fp8 weights
 
 def _save_model(model, config, path):
-
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (path / "config.json").write_text(json.dumps(config))
 
