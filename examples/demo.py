@@ -58,6 +58,8 @@ def main():
     mx.eval(q, k, v, dout)
     mask = "causal" if args.causal else None
     print(f"device {mx.default_device()}, B,H,N,D = {shape}, {args.dtype}, causal={args.causal}")
+    print("mlx_flash first, then the two baselines (on a CPU both materialise the N x N scores: "
+          "at N=4096 they take most of the run, tens of seconds)", flush=True)
 
     runs = {
         "mlx_flash": lambda q, k, v: mlx_flash.flash_attention(q, k, v, causal=args.causal),
@@ -67,9 +69,10 @@ def main():
     }
     results = {}
     for name, attention in runs.items():
+        print(f"{name:>13}: forward+backward ...", end="", flush=True)  # the result ends the line
         ((_, out), grads), seconds, peak = timed(forward_backward(attention), q, k, v, dout)
         results[name] = (out, grads)
-        print(f"{name:>13}: forward+backward {seconds * 1e3:9.1f} ms, extra peak memory {peak / 2**20:8.1f} MiB")
+        print(f" {seconds * 1e3:9.1f} ms, extra peak memory {peak / 2**20:8.1f} MiB", flush=True)
     ref_out, ref_grads = results["reference"]
     for name in ("mlx_flash", "mx.fast SDPA"):
         out, grads = results[name]

@@ -471,11 +471,12 @@ def test_benchmark_prints_tables_and_writes_json_here(tmp_path):
     assert "extra peak memory" in out and "patched, FP8Linear" in out and "{" not in out, out
 
 
-@pytest.mark.parametrize("script, args", [
-    ("generate.py", ["--prompt-len", "48", "--new-tokens", "3", "--fp8"]),
-    ("finetune_long_context.py", ["--seq-len", "64", "--steps", "2"]),
+@pytest.mark.parametrize("script, args, expected", [
+    ("generate.py", ["--prompt-len", "48", "--new-tokens", "3", "--fp8"],
+     ["tokens identical: True", "fp8 vs fp16 weights (same matmul2d kernel)", "+ matmul2d, fp16 weights"]),
+    ("finetune_long_context.py", ["--seq-len", "64", "--steps", "2"], []),
 ])
-def test_examples_run(script, args):
+def test_examples_run(script, args, expected):
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
@@ -483,6 +484,8 @@ def test_examples_run(script, args):
                             capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert result.returncode == 0, result.stderr
     assert "fallback_calls': 0" in result.stdout, result.stdout
+    for text in expected:
+        assert text in result.stdout, result.stdout
 
 
 # ---------------------------------------------------------------- fp8 weights
