@@ -76,6 +76,10 @@ NB_MODULE(_ext, m) {
 
   m.def("cpu_kernel_isa", &mlxf::cpu_kernel_isa, "Instruction set of the CPU kernels in use.");
   m.def("num_threads", &mlxf::num_workers, "Worker threads of the CPU kernels.");
+  // Read MLX_FLASH_CPU_ISA and MLX_FLASH_NUM_THREADS now: a bad value fails the
+  // import with its message, not a kernel call inside an MLX evaluation.
+  mlxf::cpu_kernel_isa();
+  mlxf::num_workers();
 
   mlxf::register_matmul(m);
 }

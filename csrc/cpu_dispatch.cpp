@@ -1,27 +1,42 @@
 // Picks the CPU kernel variant for this processor once, at first use.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "cpu_kernels.h"
 
 namespace mlxf {
 namespace {
 
-enum class Isa { generic, avx2, avx512 };
+enum class Isa { generic, avx2, avx512 };  // ordered: each runs where the next does
+
+// MLX_FLASH_CPU_ISA=generic|avx2|avx512 caps the variant (the tests run each
+// this way); unset or empty: no cap. A misspelt value is an error rather than
+// a silent run of some other variant.
+Isa requested_cap() {
+  const char* cap = std::getenv("MLX_FLASH_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return Isa::avx512;
+  if (std::strcmp(cap, "generic") == 0) return Isa::generic;
+  if (std::strcmp(cap, "avx2") == 0) return Isa::avx2;
+  if (std::strcmp(cap, "avx512") == 0) return Isa::avx512;
+  throw std::invalid_argument(std::string("MLX_FLASH_CPU_ISA: expected one of generic, avx2, avx512 "
+                                          "(or unset for the best this CPU supports), got '") + cap + "'");
+}
 
 Isa detect() {
+  const Isa cap = requested_cap();
 #if defined(MLXF_HAVE_AVX2) && (defined(__x86_64__) || defined(_M_X64))
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  // MLX_FLASH_CPU_ISA=generic|avx2 caps the variant (tests run each this way).
-  const char* cap = std::getenv("MLX_FLASH_CPU_ISA");
-  if (cap && std::strcmp(cap, "generic") == 0) return Isa::generic;
-  if (cap && std::strcmp(cap, "avx2") == 0) return avx2 ? Isa::avx2 : Isa::generic;
-  return avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::generic;
+  const Isa best = avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::generic;
+  return std::min(best, cap);
 #else
+  (void)cap;  // only the generic variant is built here
   return Isa::generic;
 #endif
 }

@@ -5,6 +5,8 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -12,9 +14,16 @@ namespace mlxf {
 namespace {
 
 int configured_threads() {
-  if (const char* env = std::getenv("MLX_FLASH_NUM_THREADS")) {
-    int n = std::atoi(env);
-    if (n > 0) return n;
+  const char* env = std::getenv("MLX_FLASH_NUM_THREADS");
+  if (env != nullptr && *env != '\0') {
+    // A value that is not a positive integer is an error, not a silent default.
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    if (*end != '\0' || n <= 0 || n > 4096) {
+      throw std::invalid_argument(std::string("MLX_FLASH_NUM_THREADS: expected a positive integer "
+                                              "(or unset for one thread per core), got '") + env + "'");
+    }
+    return static_cast<int>(n);
   }
   unsigned hw = std::thread::hardware_concurrency();
   return hw == 0 ? 1 : static_cast<int>(hw);

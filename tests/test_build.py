@@ -129,3 +129,46 @@ def test_other_import_errors_pass_through():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ImportError: something else entirely", result
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("MLX_FLASH_CPU_ISA", "bogus", "expected one of generic, avx2, avx512"),
+    ("MLX_FLASH_CPU_ISA", "AVX2", "expected one of generic, avx2, avx512"),
+    ("MLX_FLASH_NUM_THREADS", "two", "expected a positive integer"),
+    ("MLX_FLASH_NUM_THREADS", "0", "expected a positive integer"),
+])
+def test_bad_cpu_environment_is_an_error(variable, value, expected):
+    """A misspelt MLX_FLASH_CPU_ISA / MLX_FLASH_NUM_THREADS fails the first CPU call,
+    naming the variable, the valid values and what came, instead of being ignored."""
+    import os
+
+    code = (
+        "import mlx.core as mx, mlx_flash\n"
+        "x = mx.ones((1, 1, 2, 4))\n"
+        "try:\n"
+        "    mlx_flash.flash_attention(x, x, x, stream=mx.cpu)\n"
+        "except ImportError as e:\n"
+        "    print('error:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_FLASH_")}
+    env[variable] = value
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"error: {variable}: {expected}" in result.stdout and f"got '{value}'" in result.stdout, result.stdout
+
+
+def test_cpu_environment_accepts_every_documented_value():
+    import os
+
+    for variable, value in [("MLX_FLASH_CPU_ISA", "avx512"), ("MLX_FLASH_CPU_ISA", ""),
+                            ("MLX_FLASH_CPU_ISA", "generic"), ("MLX_FLASH_NUM_THREADS", "3")]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_FLASH_")}
+        env[variable] = value
+        code = "from mlx_flash import _ext; print(_ext.cpu_kernel_isa(), _ext.num_threads())"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 0, (variable, value, result.stderr)
+        isa, threads = result.stdout.split()
+        if value == "generic":
+            assert isa == "generic"
+        if variable == "MLX_FLASH_NUM_THREADS":
+            assert threads == value
