@@ -172,3 +172,17 @@ def test_cpu_environment_accepts_every_documented_value():
             assert isa == "generic"
         if variable == "MLX_FLASH_NUM_THREADS":
             assert threads == value
+
+
+def test_packaging_metadata_names_an_existing_licence():
+    """pyproject's licence is an SPDX expression with its file in the tree (CI checks that
+    the built wheel carries it under .dist-info/licenses/)."""
+    import pathlib
+
+    tomllib = pytest.importorskip("tomllib")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    text = (root / "LICENSE").read_text()
+    assert text.startswith("MIT License") and "mlx_flash authors" in text
+    assert project["authors"] and any(c.startswith("Operating System") for c in project["classifiers"])
