@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-# Repository root when run from a checkout (benchmarks/ lives there).
+# Repository root when run from a checkout: only to record its git commit.
+# Results go where --out says (by default the current directory), never here.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BENCHMARKS_DIR = REPO_ROOT / "benchmarks"
-RESULTS_DIR = BENCHMARKS_DIR / "results"
 
 
 # --------------------------------------------------------------------------- timing
