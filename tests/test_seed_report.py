@@ -23,6 +23,7 @@ def _run_probe(tmp_path, select):
     # Load this suite's conftest as a plugin so the probe gets exactly its hooks.
     env = dict(os.environ, MLX_FLASH_TEST_SEED="424242",
                PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+    env.pop("PYTEST_ADDOPTS", None)  # the caller's pytest options must not change the probe's output
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
            "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py"), "-k", select]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
