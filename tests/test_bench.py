@@ -176,6 +176,7 @@ def test_default_output_goes_to_the_current_directory(tmp_path, monkeypatch):
     assert _tracked_results() == before
 
 
+@pytest.mark.usefixtures("cpu_default_device")  # main() makes the CPU the default device; restored after
 def test_matmul_bench_default_output(tmp_path, monkeypatch, capsys):
     from mlx_flash.bench import matmul_cpu
 
@@ -192,7 +193,7 @@ def test_cuda_bench_output_path():
     assert cuda.out_path("runs/h200.json", "NVIDIA H200") == "runs/h200.json"
 
 
-def test_skipped_anchor_says_why(tiny_run, tmp_path, monkeypatch, capsys):
+def test_skipped_anchor_says_why(tmp_path, monkeypatch, capsys):
     reason = "torch is not installed (pip install 'mlx_flash[bench]')"
     monkeypatch.setattr(cpu_attention, "_torch_missing", lambda: reason)
     argv = [a for a in TINY if a != "--quiet"] + ["--out", str(tmp_path / "t.json"), "--mode", "fwd", "--causal", "no"]
