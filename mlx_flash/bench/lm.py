@@ -16,7 +16,6 @@ downloads), each run unpatched then patched in the same process:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
