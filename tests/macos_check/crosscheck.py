@@ -229,8 +229,8 @@ class Unresolved:
     needed_by: list[str]
 
 
-def unresolved_symbols(s: Setup, objects: dict[Unit, Path], exports: set[str]) -> tuple[list[Unresolved], int]:
-    """(symbols only libmlx could provide that it does not export, how many were checked)."""
+def unresolved_symbols(s: Setup, objects: dict[Unit, Path], exports: set[str]) -> tuple[list[Unresolved], list[str]]:
+    """(symbols only libmlx could provide that it does not export, every such symbol checked)."""
     needed: dict[str, list[str]] = {}
     defined: set[str] = set()
     for unit, obj in objects.items():
@@ -242,7 +242,7 @@ def unresolved_symbols(s: Setup, objects: dict[Unit, Path], exports: set[str]) -
     ours = sorted(n for n in needed if n not in defined and _LIBMLX_SYMBOL.match(n))
     missing = [n for n in ours if n not in exports]
     readable = demangle(s, missing) if missing else {}
-    return [Unresolved(n, readable[n], needed[n]) for n in missing], len(ours)
+    return [Unresolved(n, readable[n], needed[n]) for n in missing], ours
 
 
 def report(missing: list[Unresolved]) -> str:
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     if missing:
         print(report(missing))
         return 1
-    print(f"all {checked} symbols that only libmlx can provide are exported by {s.libmlx}")
+    print(f"all {len(checked)} symbols that only libmlx can provide are exported by {s.libmlx}")
     return 0
 
 
