@@ -76,6 +76,25 @@ def _libcxx_include(clang: str) -> Path | None:
     return None
 
 
+def _nanobind_include() -> tuple[Path | None, str]:
+    """nanobind's headers at the version pyproject.toml's build pins (the installed
+    package if it is that version, else unpacked from its wheel)."""
+    from macos_check import wheel_cache
+
+    m = re.search(r'"nanobind==([\w.]+)"', (REPO / "pyproject.toml").read_text())
+    if not m:
+        return None, "pyproject.toml pins no nanobind version for the build"
+    try:
+        import nanobind
+
+        if nanobind.__version__ == m.group(1):
+            return Path(nanobind.include_dir()), ""
+    except ImportError:
+        pass
+    root, why = wheel_cache.unpacked(f"nanobind=={m.group(1)}", "nanobind/include/", f"nanobind-{m.group(1)}-include")
+    return root, why
+
+
 def setup() -> tuple[Setup | None, str]:
     """(Setup, "") or (None, the precise reason this machine cannot run the check)."""
     tools = {name: shutil.which(f"{name}-{LLVM}") for name in ("clang", "llvm-nm", "llvm-cxxfilt")}
@@ -88,7 +107,8 @@ def setup() -> tuple[Setup | None, str]:
         return None, f"libc++ headers for clang-{LLVM} not found (Debian: apt-get install libc++-{LLVM}-dev)"
     resource = subprocess.run([clang, "-print-resource-dir"], capture_output=True, text=True).stdout.strip()
 
-    sys.path.insert(0, str(REPO / "tests"))
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
     import macos_mlx
 
     from macos_check import darwin_headers
@@ -99,15 +119,14 @@ def setup() -> tuple[Setup | None, str]:
     darwin, why = darwin_headers.darwin_include_dir()
     if darwin is None:
         return None, why
-    try:
-        import nanobind
-    except ImportError:
-        return None, "nanobind is not installed (pip install nanobind==3.1.0, the build requirement)"
+    nanobind_include, why = _nanobind_include()
+    if nanobind_include is None:
+        return None, why
     return Setup(
         clang=clang, nm=tools["llvm-nm"], cxxfilt=tools["llvm-cxxfilt"], libcxx_include=libcxx,
         clang_include=Path(resource) / "include", darwin_include=darwin,
         mlx_include=macos_mlx.include_dir(root), libmlx=macos_mlx.libmlx_dylib(root),
-        nanobind_include=Path(nanobind.include_dir()), python_include=Path(sysconfig.get_paths()["include"]),
+        nanobind_include=nanobind_include, python_include=Path(sysconfig.get_paths()["include"]),
     ), ""
 
 
