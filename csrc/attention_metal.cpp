@@ -19,9 +19,11 @@
 #include <dlfcn.h>
 
 #include <filesystem>
+#include <iterator>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "attention_primitive.h"
@@ -59,12 +61,13 @@ std::filesystem::path binary_dir() {
 
 // The prebuilt kernels, or an error that names what is missing and how to get it.
 MTL::Library* metallib(mx::metal::Device& d) {
-  const auto path = binary_dir() / "mlx_flash.metallib";
-  if (!MLXF_METALLIB || !std::filesystem::exists(path)) {
+  static const auto path = binary_dir() / "mlx_flash.metallib";
+  static const bool present = MLXF_METALLIB && std::filesystem::exists(path);  // checked once
+  if (!present) {
     std::ostringstream msg;
     msg << "mlx_flash: the C++ attention primitive on the GPU needs mlx_flash.metallib, ";
     if (!MLXF_METALLIB) {
-      msg << "which this build did not make: the Metal compiler (`xcrun -sdk macosx metal`) was not found. ";
+      msg << "which this build did not make: it found no working Metal compiler (`xcrun -sdk macosx metal`). ";
     } else {
       msg << "which is missing from " << path.parent_path().string() << ". ";
     }

@@ -81,7 +81,14 @@ def test_simdgroups_match_the_instantiations(metal, host):
 
 
 def test_function_constants_are_the_ones_the_primitive_sets(metal, host):
-    assert set(metal_sources.function_constants(metal).values()) == {host["features_constant"]}
+    """The kernels the C++ calls read the feature bits from the function constant
+    it sets, and no other (an unset one would fail pipeline creation)."""
+    constants = metal_sources.function_constants(metal)
+    exported = metal_sources.host_names(metal)
+    used = metal_sources.constants_used(metal)
+    for kernel in host["kernels"]:
+        for fn in {exported[n].function for n in kernel["names"] if n in exported}:
+            assert {constants[c] for c in used[fn]} == {host["features_constant"]}, (fn, used[fn])
 
 
 def test_feature_bits_and_parameter_layout_match(metal, host):
@@ -108,7 +115,7 @@ def test_parser_reads_a_known_signature():
     constant int fc [[function_constant(2)]];
     template <typename T, int NSG>
     [[kernel]] void k(const device T* x [[buffer(0)]], device vec<T, 2>* y [[buffer(3)]],
-                      uint3 pos [[threadgroup_position_in_grid]]) {}
+                      uint3 pos [[threadgroup_position_in_grid]]) { if (fc) { y[0] = x[0]; } }
     template [[host_name("k_" "f32" "_4")]] [[kernel]] decltype(k<float, 4>) k<float, 4>;
     [[kernel]] void plain(device int* out [[buffer(1)]]) {}
     """
@@ -118,4 +125,5 @@ def test_parser_reads_a_known_signature():
     assert metal_sources.kernel_buffers(text) == {"k": {"x": 0, "y": 3}, "plain": {"out": 1}}
     assert metal_sources.template_parameters(text) == {"k": ["T", "NSG"]}
     assert metal_sources.function_constants(text) == {"fc": 2}
+    assert metal_sources.constants_used(text) == {"k": {"fc"}, "plain": set()}
     assert metal_sources.enum_values(text, "Feature") == {"A": 1, "B": 8, "C": 9}

@@ -8,7 +8,8 @@ file: only the text of metal_src/ matters here. From that text:
 * `host_names()`: every kernel the metallib exports, by host name, with the
   function it instantiates and its template arguments;
 * `kernel_buffers()`: each `[[kernel]]` function's `[[buffer(N)]]` parameters;
-* `function_constants()`: `[[function_constant(N)]]` declarations;
+* `function_constants()`: `[[function_constant(N)]]` declarations, and
+  `constants_used()`: which of them each kernel's body reads;
 * `enum_values(name)`: the enumerators of an enum (Feature, IntParam, ...).
 
 Nothing is hard-coded about which kernels or buffers exist, so the check in
@@ -91,27 +92,35 @@ def host_names(text: str) -> dict[str, Instance]:
         if name in found:
             raise ValueError(f"host name {name} is instantiated twice")
         found[name] = Instance(name, m.group(2), tuple(_split_top_level(m.group(3))))
-    for fn, _params, template in _kernel_functions(text):
+    for fn, _params, template, _body in _kernel_functions(text):
         if template is None:
             found.setdefault(fn, Instance(fn, fn, ()))
     return found
 
 
+def _balanced(text: str, start: int, open_: str, close: str) -> int:
+    """Index just past the bracket that closes the one opened before `start`."""
+    depth, i = 1, start
+    while depth:
+        depth += 1 if text[i] == open_ else -1 if text[i] == close else 0
+        i += 1
+    return i
+
+
 def _kernel_functions(text: str):
-    """(name, parameter text, template parameter text or None) of each [[kernel]] definition."""
+    """(name, parameter text, template parameter text or None, body) of each [[kernel]] definition."""
     for m in _KERNEL.finditer(text):
-        depth, i = 1, m.end()
-        while depth:
-            depth += {"(": 1, ")": -1}.get(text[i], 0)
-            i += 1
+        end = _balanced(text, m.end(), "(", ")")
+        brace = text.index("{", end)
+        body = text[brace + 1:_balanced(text, brace + 1, "{", "}") - 1]
         head = _TEMPLATE_HEAD.search(text[max(0, m.start() - 400):m.start()])
-        yield m.group(1), text[m.end():i - 1], head.group(1) if head else None
+        yield m.group(1), text[m.end():end - 1], head.group(1) if head else None, body
 
 
 def kernel_buffers(text: str) -> dict[str, dict[str, int]]:
     """[[kernel]] function name -> {parameter name: buffer index}."""
     out: dict[str, dict[str, int]] = {}
-    for fn, params, _template in _kernel_functions(text):
+    for fn, params, _template, _body in _kernel_functions(text):
         buffers = {}
         for p in _split_top_level(params):
             m = re.search(r"(\w+)\s*\[\[\s*buffer\(\s*(\d+)\s*\)\s*\]\]", p)
@@ -124,10 +133,16 @@ def kernel_buffers(text: str) -> dict[str, dict[str, int]]:
 def template_parameters(text: str) -> dict[str, list[str]]:
     """Templated [[kernel]] function name -> its template parameter names, in order."""
     out = {}
-    for fn, _params, template in _kernel_functions(text):
+    for fn, _params, template, _body in _kernel_functions(text):
         if template is not None:
             out[fn] = [p.split()[-1] for p in _split_top_level(template)]
     return out
+
+
+def constants_used(text: str) -> dict[str, set[str]]:
+    """[[kernel]] function name -> the function constants its body names."""
+    names = function_constants(text)
+    return {fn: {c for c in names if re.search(rf"\b{c}\b", body)} for fn, _p, _t, body in _kernel_functions(text)}
 
 
 def function_constants(text: str) -> dict[str, int]:
