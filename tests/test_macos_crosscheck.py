@@ -13,7 +13,6 @@ headers) or the wheels cannot be had.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

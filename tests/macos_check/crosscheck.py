@@ -14,7 +14,11 @@ Mac link with "Undefined symbols for architecture arm64".
 
 Tools: clang-19 with libc++-19's headers, llvm-nm-19 and llvm-cxxfilt-19;
 Darwin's C headers from the Zig wheel (darwin_headers.py); Apple framework
-types metal-cpp names come from macos_check/stubs. Nothing is linked or run.
+types metal-cpp names come from macos_check/stubs; nanobind's headers at the
+version the build pins; Python's are this interpreter's (only CPython's
+declarations are needed, and CPython symbols are not checked). Nothing is
+linked or run. Flags follow CMakeLists.txt by hand (ext_flags, kernel_flags):
+keep them in step when it changes.
 
     python tests/macos_check/crosscheck.py                  # the _ext sources
     python tests/macos_check/crosscheck.py --source X.cpp   # any other file
