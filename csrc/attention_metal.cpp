@@ -1,50 +1,85 @@
 // eval_gpu of the attention primitives on Apple GPUs: the kernels of
 // metal_src/attention.metal, prebuilt into mlx_flash.metallib (installed next
-// to the _ext module). Compiled only on macOS with the metallib (MLXF_METAL).
+// to the _ext module). Compiled on every macOS build with MLX's Metal
+// backend (MLXF_METAL); the metallib itself needs Xcode's Metal Toolchain and
+// may be absent (MLXF_METALLIB=0), in which case a call says so.
 //
 // It mirrors mlx_flash/backends/metal.py: same kernels, same parameter
-// arrays (mlxf::IntParam / FloatParam in attention_common.h), same buffer
-// order. Differences: the feature bits are a function constant, the
-// metallib covers Dqk == Dv in {32, 64, 80, 96, 128, 256}, and there is no
-// split-key decode variant.
+// arrays, same buffer order; metal_abi.h holds that contract and
+// tests/test_metal_host_abi.py checks it against the Metal sources.
+// Differences: the feature bits are a function constant, the metallib covers
+// Dqk == Dv in metal_abi::kHeadDims, and there is no split-key decode variant.
+//
+// Only symbols libmlx exports may be used here (MLX builds it with hidden
+// visibility; tests/test_macos_crosscheck.py resolves every one): layout
+// copies are made when the graph is built (attention_primitive.cpp), not
+// with MLX's internal copy routines.
 #ifdef MLXF_METAL
 
 #include <dlfcn.h>
 
 #include <filesystem>
+#include <iterator>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "attention_primitive.h"
-#include "mlx/backend/gpu/copy.h"
+#include "metal_abi.h"
 #include "mlx/backend/metal/device.h"
-#include "mlx/backend/metal/utils.h"
+
+#ifndef MLXF_METALLIB
+#define MLXF_METALLIB 0
+#endif
 
 namespace mlxf {
 
 namespace {
 
-// Keep in sync with mlxf::Feature (metal_src/attention_common.h).
-enum : int {
-  FEAT_MASK_BOOL = 1, FEAT_MASK_ADD = 2, FEAT_WINDOW = 4, FEAT_SOFTCAP = 8,
-  FEAT_ALIBI = 16, FEAT_SINKS = 32, FEAT_BLOCK_MASK = 64, FEAT_VARLEN = 128,
-};
-constexpr int kSimdgroups = 4;  // 8 rows each: 32 queries / keys per threadgroup
+namespace abi = metal_abi;
 
-std::string binary_dir() {
-  static std::string dir = [] {
+consteval int feature(std::string_view name) { return abi::value_of(abi::kFeatures, name); }
+constexpr int FEAT_MASK_BOOL = feature("FEAT_MASK_BOOL"), FEAT_MASK_ADD = feature("FEAT_MASK_ADD"),
+              FEAT_WINDOW = feature("FEAT_WINDOW"), FEAT_SOFTCAP = feature("FEAT_SOFTCAP"),
+              FEAT_ALIBI = feature("FEAT_ALIBI"), FEAT_SINKS = feature("FEAT_SINKS"),
+              FEAT_BLOCK_MASK = feature("FEAT_BLOCK_MASK"), FEAT_VARLEN = feature("FEAT_VARLEN");
+constexpr int kThreads = 32 * abi::kSimdgroups;
+constexpr int kRowsPerGroup = 8 * abi::kSimdgroups;  // query or key rows per threadgroup
+
+std::filesystem::path binary_dir() {
+  static const std::filesystem::path dir = [] {
     Dl_info info;
     if (!dladdr(reinterpret_cast<void*>(&binary_dir), &info)) {
       throw std::runtime_error("mlx_flash: cannot locate the _ext binary to find mlx_flash.metallib");
     }
-    return std::filesystem::path(info.dli_fname).parent_path().string();
+    return std::filesystem::path(info.dli_fname).parent_path();
   }();
   return dir;
 }
 
-std::string type_name(mx::Dtype t) {
+// The prebuilt kernels, or an error that names what is missing and how to get it.
+MTL::Library* metallib(mx::metal::Device& d) {
+  static const auto path = binary_dir() / "mlx_flash.metallib";
+  static const bool present = MLXF_METALLIB && std::filesystem::exists(path);  // checked once
+  if (!present) {
+    std::ostringstream msg;
+    msg << "mlx_flash: the C++ attention primitive on the GPU needs mlx_flash.metallib, ";
+    if (!MLXF_METALLIB) {
+      msg << "which this build did not make: it found no working Metal compiler (`xcrun -sdk macosx metal`). ";
+    } else {
+      msg << "which is missing from " << path.parent_path().string() << ". ";
+    }
+    msg << "Install Xcode's Metal Toolchain (`xcodebuild -downloadComponent MetalToolchain`) and reinstall "
+        << "mlx_flash. mlx_flash.flash_attention does not need it: on the GPU it runs the same kernels "
+        << "through mx.fast.metal_kernel.";
+    throw std::runtime_error(msg.str());
+  }
+  return d.get_library("mlx_flash", path.string());
+}
+
+std::string_view type_name(mx::Dtype t) {
   if (t == mx::float32) return "float32";
   if (t == mx::float16) return "float16";
   if (t == mx::bfloat16) return "bfloat16";
@@ -54,13 +89,23 @@ std::string type_name(mx::Dtype t) {
 
 void check_head_dims(const mx::array& q, const mx::array& v) {
   const int dqk = q.shape(3), dv = v.shape(3);
-  const bool prebuilt = dqk == dv && (dqk == 32 || dqk == 64 || dqk == 80 || dqk == 96 || dqk == 128 || dqk == 256);
+  bool prebuilt = false;
+  for (int d : abi::kHeadDims) prebuilt = prebuilt || (dqk == d && dv == d);
   if (!prebuilt) {
     std::ostringstream msg;
-    msg << "mlx_flash: the prebuilt Metal attention kernels cover head dims Dqk == Dv in "
-        << "{32, 64, 80, 96, 128, 256}; got Dqk=" << dqk << ", Dv=" << dv
+    msg << "mlx_flash: the prebuilt Metal attention kernels cover head dims Dqk == Dv in {";
+    for (size_t i = 0; i < std::size(abi::kHeadDims); ++i) msg << (i ? ", " : "") << abi::kHeadDims[i];
+    msg << "}; got Dqk=" << dqk << ", Dv=" << dv
         << " (mlx_flash.flash_attention's JIT path covers every head dim)";
     throw std::invalid_argument(msg.str());
+  }
+}
+
+// attention_forward / attention_backward make these dense in the graph.
+void require_row_contiguous(const mx::array& a, const char* name) {
+  if (!a.flags().row_contiguous) {
+    throw std::logic_error(std::string("mlx_flash: internal error: ") + name +
+                           " reached the Metal kernels without a row-contiguous layout");
   }
 }
 
@@ -95,165 +140,190 @@ int features(const AttentionParams& p, const Extras& e) {
   return f;
 }
 
+consteval int iparam(std::string_view name) { return abi::value_of(abi::kIntParams, name); }
+consteval int fparam(std::string_view name) { return abi::value_of(abi::kFloatParams, name); }
+
 // Strides of a rank-4 broadcastable array as the kernels read them (0 on size-1 dims).
-void push_strides(std::vector<int>& v, const mx::array* a) {
+void set_strides(std::vector<int>& v, int at, const mx::array* a) {
   for (int d = 0; d < 4; ++d) {
-    v.push_back(a && a->shape(d) != 1 ? static_cast<int>(a->strides()[d]) : 0);
+    v[at + d] = a && a->shape(d) != 1 ? static_cast<int>(a->strides()[d]) : 0;
   }
 }
 
-// mlxf::IntParam layout.
+// The iparams buffer (mlxf::IntParam in attention_common.h).
 std::vector<int> int_params(const AttentionParams& p, const mx::array& q, const mx::array& k, const Extras& e) {
-  std::vector<int> v = {p.batch, q.shape(1), k.shape(1), q.shape(2), k.shape(2),
-                        p.window_left, p.window_right, p.block_q, p.block_k};
-  push_strides(v, e.mask);
-  push_strides(v, e.block_mask);
-  v.push_back(0);  // tiles per split (no decode split here)
-  v.push_back(1);  // splits
+  std::vector<int> v(iparam("P_COUNT"), 0);
+  v[iparam("P_BATCH")] = p.batch;
+  v[iparam("P_HEADS_Q")] = q.shape(1);
+  v[iparam("P_HEADS_KV")] = k.shape(1);
+  v[iparam("P_SEQLEN_Q")] = q.shape(2);
+  v[iparam("P_SEQLEN_K")] = k.shape(2);
+  v[iparam("P_WINDOW_LEFT")] = p.window_left;
+  v[iparam("P_WINDOW_RIGHT")] = p.window_right;
+  v[iparam("P_BLOCK_Q")] = p.block_q;
+  v[iparam("P_BLOCK_K")] = p.block_k;
+  set_strides(v, iparam("P_MASK_STRIDE"), e.mask);
+  set_strides(v, iparam("P_BMASK_STRIDE"), e.block_mask);
+  v[iparam("P_TILES_PER_SPLIT")] = 0;  // no decode split here
+  v[iparam("P_NUM_SPLITS")] = 1;
   return v;
 }
 
-// Kernels index q/k/v/out rows with row-major offsets; other layouts are copied.
-// `copies` must not reallocate while the returned references live (reserve).
-const mx::array& row_contiguous(const mx::array& x, std::vector<mx::array>& copies, const mx::Stream& s) {
-  if (x.flags().row_contiguous) return x;
-  copies.push_back(mx::array(x.shape(), x.dtype(), nullptr, {}));
-  mx::copy_gpu(x, copies.back(), mx::CopyType::General, s);
-  return copies.back();
+// The fparams buffer (mlxf::FloatParam).
+std::vector<float> float_params(const AttentionParams& p) {
+  std::vector<float> v(fparam("F_COUNT"), 0.f);
+  v[fparam("F_SCALE")] = p.scale;
+  v[fparam("F_SOFTCAP")] = p.softcap;
+  return v;
 }
 
-// Binds the optional inputs at `idx`..idx+5; absent ones get a zero placeholder
-// the kernel never reads. Masks are read through their own strides.
-void bind_extras(mx::metal::CommandEncoder& enc, const Extras& e, int idx, bool with_sinks) {
-  static const std::vector<int> zeros(8, 0);
-  auto bind = [&](const mx::array* a, int at) {
-    if (a) {
-      enc.set_input_array(*a, at);
-    } else {
-      enc.set_vector_bytes(zeros, at);
-    }
-  };
-  bind(e.mask, idx++);
-  bind(e.alibi, idx++);
-  if (with_sinks) bind(e.sinks, idx++);
-  bind(e.block_mask, idx++);
-  bind(e.cu_q, idx++);
-  bind(e.cu_k, idx++);
+// Binds an input; absent or empty ones get a placeholder the kernel never reads
+// (Metal has no zero-length buffers).
+void bind_input(mx::metal::CommandEncoder& enc, const mx::array* a, int at) {
+  static const std::vector<int> placeholder(8, 0);
+  if (a && a->size() > 0) {
+    enc.set_input_array(*a, at);
+  } else {
+    enc.set_vector_bytes(placeholder, at);
+  }
 }
 
-MTL::ComputePipelineState* kernel(mx::metal::Device& d, const std::string& name, int feat) {
-  auto* lib = d.get_library("mlx_flash", binary_dir());
-  mx::metal::MTLFCList consts = {{&feat, MTL::DataType::DataTypeInt, 0}};
-  return d.get_kernel(name, lib, name + "_feat" + std::to_string(feat), consts);
+// Index of an input both gradient kernels read; fails to compile if they disagree.
+consteval int grad_buffer(std::string_view name) {
+  const int at = abi::buffer(abi::kDkdv, name);
+  if (at != abi::buffer(abi::kDq, name)) throw "the dK/dV and dQ kernels bind this input at different indices";
+  return at;
 }
 
-std::string mask_name(const Extras& e) { return e.mask ? type_name(e.mask->dtype()) : "bool"; }
+MTL::ComputePipelineState* pipeline(mx::metal::Device& d, const std::string& name, int constant) {
+  mx::metal::MTLFCList consts = {{&constant, MTL::DataType::DataTypeInt, abi::kFeaturesConstant}};
+  return d.get_kernel(name, metallib(d), name + "_fc" + std::to_string(constant), consts);
+}
+
+std::string_view mask_name(const Extras& e) { return e.mask ? type_name(e.mask->dtype()) : "bool"; }
 
 void allocate(std::vector<mx::array>& outputs) {
   for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
 }
 
-int blocks(int n, int per) { return (n + per - 1) / per; }
+int blocks(size_t n, int per) { return static_cast<int>((n + per - 1) / per); }
 
 }  // namespace
 
 void AttentionForward::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  std::vector<mx::array> copies;
-  copies.reserve(12);  // row_contiguous hands out references into it
-  const auto& q = row_contiguous(inputs[0], copies, s);
-  const auto& k = row_contiguous(inputs[1], copies, s);
-  const auto& v = row_contiguous(inputs[2], copies, s);
+  constexpr const auto& K = abi::kForward;
+  const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
   check_head_dims(q, v);
+  allocate(outputs);
+  // No query rows: nothing to compute, and Metal cannot dispatch an empty grid.
+  // (No keys is not empty: the kernel writes out = 0 and lse = -inf or the sink.)
+  if (outputs[1].size() == 0) return;
+  require_row_contiguous(q, "q");
+  require_row_contiguous(k, "k");
+  require_row_contiguous(v, "v");
   const Extras e = extras(p_, inputs, 3);
   const int feat = features(p_, e);
-  allocate(outputs);
-
-  const std::string name = "mlxf_attention_fwd_" + type_name(q.dtype()) + "_" + std::to_string(q.shape(3)) +
-                           "_" + mask_name(e);
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
   auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(kernel(d, name, feat));
-  enc.set_input_array(q, 0);
-  enc.set_input_array(k, 1);
-  enc.set_input_array(v, 2);
-  bind_extras(enc, e, 3, /*with_sinks=*/true);
-  enc.set_vector_bytes(int_params(p_, q, k, e), 9);
-  enc.set_vector_bytes(std::vector<float>{p_.scale, p_.softcap}, 10);
-  enc.set_output_array(outputs[0], 11);
-  enc.set_output_array(outputs[1], 12);
+  enc.set_compute_pipeline_state(
+      pipeline(d, abi::kernel_name(K, type_name(q.dtype()), q.shape(3), mask_name(e)), feat));
+  bind_input(enc, &q, abi::buffer(K, "q"));
+  bind_input(enc, &k, abi::buffer(K, "k"));
+  bind_input(enc, &v, abi::buffer(K, "v"));
+  bind_input(enc, e.mask, abi::buffer(K, "mask"));
+  bind_input(enc, e.alibi, abi::buffer(K, "alibi"));
+  bind_input(enc, e.sinks, abi::buffer(K, "sinks"));
+  bind_input(enc, e.block_mask, abi::buffer(K, "block_mask"));
+  bind_input(enc, e.cu_q, abi::buffer(K, "cu_q"));
+  bind_input(enc, e.cu_k, abi::buffer(K, "cu_k"));
+  enc.set_vector_bytes(int_params(p_, q, k, e), abi::buffer(K, "iparams"));
+  enc.set_vector_bytes(float_params(p_), abi::buffer(K, "fparams"));
+  enc.set_output_array(outputs[0], abi::buffer(K, "out"));
+  enc.set_output_array(outputs[1], abi::buffer(K, "lse"));
   // Varlen: the longest sequence is at most the packed length; extra
   // threadgroups of shorter sequences return at once.
-  const int n_blocks = blocks(q.shape(2), 8 * kSimdgroups);
-  enc.dispatch_threadgroups(MTL::Size(n_blocks, p_.batch * q.shape(1), 1), MTL::Size(32 * kSimdgroups, 1, 1));
-  enc.add_temporaries(std::move(copies));
+  enc.dispatch_threadgroups(MTL::Size(blocks(q.shape(2), kRowsPerGroup), p_.batch * q.shape(1), 1),
+                            MTL::Size(kThreads, 1, 1));
 }
 
 void AttentionBackward::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  std::vector<mx::array> copies;
-  copies.reserve(12);  // row_contiguous hands out references into it
   // Inputs: q, k, v, out, lse, dout, [dlse], extras...
-  const auto& q = row_contiguous(inputs[0], copies, s);
-  const auto& k = row_contiguous(inputs[1], copies, s);
-  const auto& v = row_contiguous(inputs[2], copies, s);
-  const auto& out = row_contiguous(inputs[3], copies, s);
-  const auto& lse = row_contiguous(inputs[4], copies, s);
-  const auto& dout = row_contiguous(inputs[5], copies, s);
+  const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
+  const auto &out = inputs[3], &lse = inputs[4], &dout = inputs[5];
+  const mx::array* dlse = has_dlse_ ? &inputs[6] : nullptr;
   check_head_dims(q, v);
+  allocate(outputs);
+  auto &dq = outputs[0], &dk = outputs[1], &dv = outputs[2];
+  // Metal cannot dispatch an empty grid: each kernel below runs only when its
+  // output has elements. No query rows still needs dK = dV = 0 (the dK/dV
+  // kernel writes them); no keys still needs dQ = 0.
+  if (dq.size() == 0 && dk.size() == 0) return;
+  const char* names[] = {"q", "k", "v", "out", "lse", "dout"};
+  for (int i = 0; i < 6; ++i) require_row_contiguous(inputs[i], names[i]);
+  if (dlse) require_row_contiguous(*dlse, "dlse");
   const Extras e = extras(p_, inputs, has_dlse_ ? 7 : 6);
   const int feat = features(p_, e) & ~FEAT_SINKS;  // the saved lse holds the sinks
-  allocate(outputs);
-  const std::string dims = type_name(q.dtype()) + "_" + std::to_string(q.shape(3));
+  const std::string_view dtype = type_name(q.dtype());
+  const int head_dim = q.shape(3);
   const std::vector<int> iparams = int_params(p_, q, k, e);
-  const std::vector<float> fparams = {p_.scale, p_.softcap};
+  const std::vector<float> fparams = float_params(p_);
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
   auto& enc = mx::metal::get_command_encoder(s);
 
-  // delta = rowsum(dO * O) - dlse
+  // delta = rowsum(dO * O) - dlse, one float per query row.
   mx::array delta(lse.shape(), mx::float32, nullptr, {});
   delta.set_data(mx::allocator::malloc(delta.nbytes()));
-  copies.push_back(delta);
-  // Function constant: bit 0 = a dlse is given, the feature bits above it.
-  enc.set_compute_pipeline_state(kernel(d, "mlxf_attention_bwd_delta_" + dims, (feat << 1) | (has_dlse_ ? 1 : 0)));
-  enc.set_input_array(out, 0);
-  enc.set_input_array(dout, 1);
-  if (has_dlse_) {
-    enc.set_input_array(row_contiguous(inputs[6], copies, s), 2);
-  } else {
-    enc.set_vector_bytes(std::vector<float>(8, 0.f), 2);
+  enc.add_temporary(delta);
+  if (delta.size() > 0) {
+    constexpr const auto& K = abi::kDelta;
+    // Function constant: bit 0 = a dlse is given, the feature bits above it.
+    enc.set_compute_pipeline_state(
+        pipeline(d, abi::kernel_name(K, dtype, head_dim), (feat << 1) | (dlse ? 1 : 0)));
+    bind_input(enc, &out, abi::buffer(K, "out"));
+    bind_input(enc, &dout, abi::buffer(K, "dout"));
+    bind_input(enc, dlse, abi::buffer(K, "dlse"));
+    enc.set_vector_bytes(iparams, abi::buffer(K, "iparams"));
+    enc.set_vector_bytes(fparams, abi::buffer(K, "fparams"));
+    enc.set_output_array(delta, abi::buffer(K, "delta"));
+    enc.dispatch_threadgroups(MTL::Size(blocks(delta.size(), kRowsPerGroup), 1, 1), MTL::Size(kThreads, 1, 1));
   }
-  enc.set_vector_bytes(iparams, 3);
-  enc.set_vector_bytes(fparams, 4);
-  enc.set_output_array(delta, 5);
-  enc.dispatch_threadgroups(MTL::Size(blocks(lse.size(), 8 * kSimdgroups), 1, 1), MTL::Size(32 * kSimdgroups, 1, 1));
 
+  // dK/dV and dQ read the same inputs at the same indices (grad_buffer checks).
   auto bind_grad_inputs = [&] {
-    enc.set_input_array(q, 0);
-    enc.set_input_array(k, 1);
-    enc.set_input_array(v, 2);
-    enc.set_input_array(dout, 3);
-    enc.set_input_array(lse, 4);
-    enc.set_input_array(delta, 5);
-    bind_extras(enc, e, 6, /*with_sinks=*/false);
-    enc.set_vector_bytes(iparams, 11);
-    enc.set_vector_bytes(fparams, 12);
+    bind_input(enc, &q, grad_buffer("q"));
+    bind_input(enc, &k, grad_buffer("k"));
+    bind_input(enc, &v, grad_buffer("v"));
+    bind_input(enc, &dout, grad_buffer("dout"));
+    bind_input(enc, &lse, grad_buffer("lse"));
+    bind_input(enc, &delta, grad_buffer("delta"));
+    bind_input(enc, e.mask, grad_buffer("mask"));
+    bind_input(enc, e.alibi, grad_buffer("alibi"));
+    bind_input(enc, e.block_mask, grad_buffer("block_mask"));
+    bind_input(enc, e.cu_q, grad_buffer("cu_q"));
+    bind_input(enc, e.cu_k, grad_buffer("cu_k"));
+    enc.set_vector_bytes(iparams, grad_buffer("iparams"));
+    enc.set_vector_bytes(fparams, grad_buffer("fparams"));
   };
-  const int rows_per_group = 8 * kSimdgroups;
 
-  enc.set_compute_pipeline_state(kernel(d, "mlxf_attention_bwd_dkdv_" + dims + "_" + mask_name(e), feat));
-  bind_grad_inputs();
-  enc.set_output_array(outputs[1], 13);
-  enc.set_output_array(outputs[2], 14);
-  enc.dispatch_threadgroups(MTL::Size(blocks(k.shape(2), rows_per_group), p_.batch * k.shape(1), 1),
-                            MTL::Size(32 * kSimdgroups, 1, 1));
-
-  enc.set_compute_pipeline_state(kernel(d, "mlxf_attention_bwd_dq_" + dims + "_" + mask_name(e), feat));
-  bind_grad_inputs();
-  enc.set_output_array(outputs[0], 13);
-  enc.dispatch_threadgroups(MTL::Size(blocks(q.shape(2), rows_per_group), p_.batch * q.shape(1), 1),
-                            MTL::Size(32 * kSimdgroups, 1, 1));
-  enc.add_temporaries(std::move(copies));
+  if (dk.size() > 0) {
+    constexpr const auto& K = abi::kDkdv;
+    enc.set_compute_pipeline_state(pipeline(d, abi::kernel_name(K, dtype, head_dim, mask_name(e)), feat));
+    bind_grad_inputs();
+    enc.set_output_array(dk, abi::buffer(K, "dk"));
+    enc.set_output_array(dv, abi::buffer(K, "dv"));
+    enc.dispatch_threadgroups(MTL::Size(blocks(k.shape(2), kRowsPerGroup), p_.batch * k.shape(1), 1),
+                              MTL::Size(kThreads, 1, 1));
+  }
+  if (dq.size() > 0) {
+    constexpr const auto& K = abi::kDq;
+    enc.set_compute_pipeline_state(pipeline(d, abi::kernel_name(K, dtype, head_dim, mask_name(e)), feat));
+    bind_grad_inputs();
+    enc.set_output_array(dq, abi::buffer(K, "dq"));
+    enc.dispatch_threadgroups(MTL::Size(blocks(q.shape(2), kRowsPerGroup), p_.batch * q.shape(1), 1),
+                              MTL::Size(kThreads, 1, 1));
+  }
 }
 
 }  // namespace mlxf

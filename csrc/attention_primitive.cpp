@@ -42,6 +42,18 @@ Broadcast4 broadcast4(const mx::array& a) {
   return b;
 }
 
+// The Metal kernels (attention_metal.cpp) index q/k/v/out/dout as dense
+// row-major arrays; the CPU kernels read any strides. The copies are made in
+// the graph with the public mx::contiguous (a no-op on dense inputs), since
+// eval_gpu may only call what libmlx exports. Builds without the Metal
+// primitive leave the graph as it was.
+mx::array dense_for_gpu(const mx::array& x, const mx::Stream& s) {
+#ifdef MLXF_METAL
+  if (s.device == mx::Device::gpu) return mx::contiguous(x, false, s);
+#endif
+  return x;
+}
+
 std::vector<mx::array> with_extras(std::vector<mx::array> inputs, const AttentionExtras& e,
                                    const mx::Stream& s) {
   auto add = [&](const std::optional<mx::array>& x, bool contiguous) {
@@ -196,7 +208,7 @@ std::vector<mx::array> attention_forward(const mx::array& q, const mx::array& k,
   p.has_sinks = extras.sinks.has_value();
   p.has_block_mask = extras.block_mask.has_value();
   p.varlen = extras.cu_seqlens_q.has_value();
-  auto inputs = with_extras({q, k, v}, extras, s);
+  auto inputs = with_extras({dense_for_gpu(q, s), dense_for_gpu(k, s), dense_for_gpu(v, s)}, extras, s);
   mx::Shape out_shape = {q.shape(0), q.shape(1), q.shape(2), v.shape(3)};
   mx::Shape lse_shape = {q.shape(0), q.shape(1), q.shape(2)};
   return mx::array::make_arrays({out_shape, lse_shape}, {q.dtype(), mx::float32},
@@ -215,8 +227,8 @@ std::vector<mx::array> attention_backward(const mx::array& q, const mx::array& k
   p.has_block_mask = extras.block_mask.has_value();
   p.varlen = extras.cu_seqlens_q.has_value();
   std::vector<mx::array> inputs = {
-      q, k, v, out, mx::contiguous(mx::astype(lse, mx::float32, s), false, s),
-      mx::astype(dout, q.dtype(), s)};
+      dense_for_gpu(q, s), dense_for_gpu(k, s), dense_for_gpu(v, s), dense_for_gpu(out, s),
+      mx::contiguous(mx::astype(lse, mx::float32, s), false, s), dense_for_gpu(mx::astype(dout, q.dtype(), s), s)};
   if (dlse) inputs.push_back(mx::contiguous(mx::astype(*dlse, mx::float32, s), false, s));
   inputs = with_extras(std::move(inputs), extras, s);
   return mx::array::make_arrays({q.shape(), k.shape(), v.shape()}, {q.dtype(), q.dtype(), q.dtype()},
