@@ -343,14 +343,20 @@ class _Signature:
             "  const EmuThreadAttrs* __a = __emu_attrs();\n"
             "  (void)__a;\n"
             f"  {call}(\n    " + ",\n    ".join(args) + ");\n"
-            "}\n"
-            'extern "C" int emu_launch(void** buffers, const unsigned long* bytes, const char* const* names, int count,\n'
-            "                          const long* grid, const long* group, unsigned long long seed, long tg_limit,\n"
-            "                          int os_threads, char* error, long error_len) {\n"
-            "  return __emu_run_grid(__emu_thread, buffers, bytes, names, count, grid, group, seed, tg_limit,\n"
-            "                        os_threads, error, error_len);\n"
-            "}\n"
+            "}\n" + LAUNCH_ENTRY
         )
+
+
+# The C entry point of every kernel library (calls the runtime with the
+# library's __emu_thread).
+LAUNCH_ENTRY = (
+    'extern "C" int emu_launch(void** buffers, const unsigned long* bytes, const char* const* names, int count,\n'
+    "                          const long* grid, const long* group, unsigned long long seed, long tg_limit,\n"
+    "                          int os_threads, char* error, long error_len) {\n"
+    "  return __emu_run_grid(__emu_thread, buffers, bytes, names, count, grid, group, seed, tg_limit,\n"
+    "                        os_threads, error, error_len);\n"
+    "}\n"
+)
 
 
 def _template_hash(template_def: str) -> str:
@@ -383,6 +389,14 @@ _HALF_LITERAL = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)
 _DOUBLE_LITERAL = re.compile(
     r"(?<![\w.])(\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)(?![\w.])"
 )
+# `constant const int64_t strides[3]` as a parameter: an array parameter in
+# an address space, which C++ rejects before adjusting it to a pointer.
+_ARRAY_PARAMETER = re.compile(
+    r"\b(?P<space>constant|device|threadgroup)\s+(?P<const>const\s+)?(?P<type>[A-Za-z_]\w*)\s+"
+    r"(?P<name>[A-Za-z_]\w*)\s*\[[^\]\[;]*\]\s*(?=[,)])"
+)
+# `[[threadgroup(0)]]` (a threadgroup-memory binding): the word is a macro here.
+_THREADGROUP_ATTRIBUTE = re.compile(r"\[\[\s*threadgroup\s*\(")
 _CONSTEXPR_CONSTANT = re.compile(r"\bconstexpr\s+constant\b|\bconstant\s+constexpr\b")
 _THREADGROUP_DECLARATION = re.compile(
     r"(?P<lead>(?:^|[;{}])\s*)threadgroup\s+"
@@ -396,6 +410,8 @@ def to_cpp(source: str) -> str:
     """The MLX-generated Metal source, made valid C++ for the emulation."""
     text = _HOST_NAME.sub("template ", source)
     text = _CONSTEXPR_CONSTANT.sub("constexpr", text)
+    text = _THREADGROUP_ATTRIBUTE.sub("[[threadgroup_binding(", text)
+    text = _ARRAY_PARAMETER.sub(r"\g<space> \g<const>\g<type>* \g<name>", text)
     text = _HALF_LITERAL.sub(r"half(\1)", text)
     text = _DOUBLE_LITERAL.sub(r"\1f", text)
     text = _VECTOR_CONSTRUCTOR.sub(r"::metal::__emu_make<\1, \2>(", text)
@@ -658,7 +674,6 @@ class Kernel:
         lib = _library(translation_unit(source, signature.entry_point()))
 
         keep = []  # host buffers, alive until the launch returns
-        pointers = []
         names = []
         for kind, i, _ in signature.buffers():
             if kind == "input":
@@ -677,20 +692,15 @@ class Kernel:
             else:
                 buf = self._output_buffer(output_shapes[i], output_dtypes[i], init_value)
             keep.append(buf)
-            pointers.append(buf.ctypes.data)
             if kind == "output":
                 names.append(self.output_names[i])
             else:
                 names.append(self.input_names[i] + ("" if kind == "input" else "_" + kind))
-        count = len(pointers)
-        array = (ctypes.c_void_p * max(1, count))(*pointers)
-        sizes = (ctypes.c_ulong * max(1, count))(*[b.nbytes for b in keep])
-        c_names = (ctypes.c_char_p * max(1, count))(*[n.encode() for n in names])
         if seed is None:
             seed = int(os.environ.get("METAL_EMU_SEED", "0"))
         n_in = len(keep) - len(self.output_names)
         initial = [b.copy() for b in keep[n_in:]]
-        self._launch(lib, keep, array, sizes, c_names, grid, threadgroup, seed, source)
+        launch(lib, keep, names, grid, threadgroup, seed, self.name, source)
         outputs = keep[n_in:]
         # Optional schedule check: run again under other seeds, the outputs
         # must not change (a change means a race: a missing barrier, ...).
@@ -699,7 +709,7 @@ class Kernel:
                 first = [b.copy() for b in outputs]
                 for buf, init in zip(outputs, initial):
                     buf[...] = init
-                self._launch(lib, keep, array, sizes, c_names, grid, threadgroup, seed + extra, source)
+                launch(lib, keep, names, grid, threadgroup, seed + extra, self.name, source)
                 for j, (a, b) in enumerate(zip(first, outputs)):
                     if a.tobytes() != b.tobytes():
                         differ = int(np.count_nonzero(a.view(np.uint8) != b.view(np.uint8)))
@@ -712,24 +722,6 @@ class Kernel:
             _from_bytes(outputs[j], tuple(output_shapes[j]), output_dtypes[j]) for j in range(len(self.output_names))
         ]
 
-    def _launch(self, lib, keep, array, sizes, names, grid, threadgroup, seed, source):
-        error = ctypes.create_string_buffer(4096)
-        status = lib.emu_launch(
-            array,
-            sizes,
-            names,
-            len(keep),
-            (ctypes.c_long * 3)(*grid),
-            (ctypes.c_long * 3)(*threadgroup),
-            seed,
-            THREADGROUP_MEMORY_LIMIT,
-            os_threads(),
-            error,
-            len(error),
-        )
-        if status != 0:
-            raise MetalEmulationError(f"metal_emu: kernel `{self.name}`: " + _quote_lines(error.value.decode(), source))
-
     @staticmethod
     def _output_buffer(shape, dtype, init_value) -> np.ndarray:
         shape = tuple(int(s) for s in shape)
@@ -741,6 +733,24 @@ class Kernel:
         # Unwritten outputs must show: NaN for floats, 0xAB bytes for integers.
         raw.fill(0xFF if dtype in _FLOATING else 0xAB)
         return raw.view(_NUMPY_DTYPES[dtype])
+
+
+def launch(lib, buffers, names, grid, threadgroup, seed, kernel_name, source):
+    """Runs `lib`'s kernel over the host `buffers` (numpy arrays, copied in
+    and back); raises MetalEmulationError naming `kernel_name` (and quoting
+    the `source` lines the runtime's message names) on any error."""
+    if seed is None:
+        seed = int(os.environ.get("METAL_EMU_SEED", "0"))
+    count = len(buffers)
+    array = (ctypes.c_void_p * max(1, count))(*[b.ctypes.data for b in buffers])
+    sizes = (ctypes.c_ulong * max(1, count))(*[b.nbytes for b in buffers])
+    c_names = (ctypes.c_char_p * max(1, count))(*[n.encode() for n in names])
+    error = ctypes.create_string_buffer(4096)
+    status = lib.emu_launch(array, sizes, c_names, count, (ctypes.c_long * 3)(*grid),
+                            (ctypes.c_long * 3)(*threadgroup), seed, THREADGROUP_MEMORY_LIMIT, os_threads(), error,
+                            len(error))
+    if status != 0:
+        raise MetalEmulationError(f"metal_emu: kernel `{kernel_name}`: " + _quote_lines(error.value.decode(), source))
 
 
 def metal_kernel(name: str, input_names: Sequence[str], output_names: Sequence[str], source: str, header: str = "",
