@@ -85,7 +85,8 @@ def _inputs(key, dtype, B, Hq, Hkv, Nq, Nk, D, mask_kind=None, mask_shape=None, 
         mask = mx.array(g.random(shape) < 0.7)
     elif mask_kind == "additive":
         mask = mx.array(g.standard_normal(shape).astype(np.float32)).astype(dtype)
-    sinks = mx.array(g.standard_normal(Hq).astype(np.float32)) if with_sinks else None
+    # MLX's kernels read sinks in the input dtype: give them already rounded.
+    sinks = mx.array(g.standard_normal(Hq).astype(np.float32)).astype(dtype) if with_sinks else None
     return q, k, v, mask, sinks
 
 

@@ -352,9 +352,9 @@ class _Signature:
 LAUNCH_ENTRY = (
     'extern "C" int emu_launch(void** buffers, const unsigned long* bytes, const char* const* names, int count,\n'
     "                          const long* grid, const long* group, unsigned long long seed, long tg_limit,\n"
-    "                          int os_threads, char* error, long error_len) {\n"
-    "  return __emu_run_grid(__emu_thread, buffers, bytes, names, count, grid, group, seed, tg_limit,\n"
-    "                        os_threads, error, error_len);\n"
+    "                          int os_threads, char* error, long error_len, const EmuLaunchOptions* options) {\n"
+    "  return __emu_run_grid_ex(__emu_thread, buffers, bytes, names, count, grid, group, seed, tg_limit,\n"
+    "                           os_threads, error, error_len, options);\n"
     "}\n"
 )
 
@@ -504,10 +504,33 @@ def _runtime_library() -> str:
 
 _LIBRARIES = {}
 
+# Instrumented builds: clang's ThreadSanitizer instrumentation makes every
+# load and store of the kernel call the runtime (runtime.cpp's __tsan_*
+# functions, not TSan's), which counts memory traffic and, in interleave
+# mode, switches SIMD-groups there. Only the instrumentation: no TSan runtime.
+_INSTRUMENT_FLAGS = [
+    "-DEMU_INSTRUMENTED",
+    "-fsanitize=thread",
+    "-mllvm", "-tsan-instrument-func-entry-exit=0",
+    "-mllvm", "-tsan-instrument-atomics=0",
+]
 
-def _library(cpp: str):
+
+def interleave_mode() -> bool:
+    """$METAL_EMU_INTERLEAVE=1: every launch runs instrumented, switching
+    SIMD-groups at every threadgroup-memory access in a seeded random
+    priority order (see runtime.cpp, run_threadgroup_interleaved)."""
+    value = os.environ.get("METAL_EMU_INTERLEAVE", "0")
+    if value not in ("0", "1", ""):
+        raise ValueError(f"METAL_EMU_INTERLEAVE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _library(cpp: str, instrumented: bool = False):
     """ctypes handle of the shared library built from `cpp` (cached on disk)."""
     _, tag = _toolchain()
+    if instrumented:
+        tag += " instrumented " + " ".join(_INSTRUMENT_FLAGS)
     key = hashlib.sha256((tag + "\0" + cpp).encode()).hexdigest()[:24]
     if key in _LIBRARIES:
         return _LIBRARIES[key]
@@ -519,8 +542,9 @@ def _library(cpp: str):
         with open(src, "w") as f:
             f.write(cpp)
         try:
-            _run_clang([*_CXX_FLAGS, "-shared", "-I", _INCLUDE, src, runtime, "-Wl,-rpath,$ORIGIN", "-o", tmp],
-                       "the kernel")
+            extra = _INSTRUMENT_FLAGS if instrumented else []
+            _run_clang([*_CXX_FLAGS, *extra, "-shared", "-I", _INCLUDE, src, runtime, "-Wl,-rpath,$ORIGIN", "-o",
+                        tmp], "the kernel")
         finally:
             os.unlink(src)
 
@@ -539,6 +563,7 @@ def _library(cpp: str):
         ctypes.c_int,
         ctypes.c_char_p,
         ctypes.c_long,
+        ctypes.c_void_p,
     ]
     _LIBRARIES[key] = lib
     return lib
@@ -671,7 +696,7 @@ class Kernel:
         source = signature.source()
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{source}\n```")
-        lib = _library(translation_unit(source, signature.entry_point()))
+        lib = _library(translation_unit(source, signature.entry_point()), instrumented())
 
         keep = []  # host buffers, alive until the launch returns
         names = []
@@ -735,12 +760,74 @@ class Kernel:
         return raw.view(_NUMPY_DTYPES[dtype])
 
 
+# --------------------------------------------------------------------------
+# Counting
+
+# Indices of EmuLaunchOptions.counts (runtime/emu_abi.h).
+_COUNT_NAMES = ("threadgroups", "barriers", "simdgroup_mma", "threadgroup_read_bytes", "threadgroup_write_bytes",
+                "exp", "exp2", "log", "log2", "tanh", "other_math")
+
+
+class _LaunchOptions(ctypes.Structure):
+    _fields_ = [("interleave", ctypes.c_int), ("only_threadgroups", ctypes.POINTER(ctypes.c_long)),
+                ("only_count", ctypes.c_long), ("counts", ctypes.POINTER(ctypes.c_ulonglong))]
+
+
+class _Counting:
+    def __init__(self, only_threadgroups):
+        self.only_threadgroups = only_threadgroups
+        self.launches = []
+
+
+_COUNTING: list = []  # active counting() blocks, innermost last
+
+
+@contextlib.contextmanager
+def counting(only_threadgroups=None):
+    """Counts the work of every launch inside the block (kernels are built
+    instrumented there). Yields a list that gets one dict per launch:
+    kernel, grid, threadgroup, the counters of _COUNT_NAMES (summed over the
+    threadgroups run) and `buffers`: {buffer name: (bytes read, bytes written)}.
+
+    `only_threadgroups(kernel_name, threadgroups_per_grid) -> list of (x, y, z)
+    or None` runs only the listed threadgroups of a launch (outputs of the
+    others stay poisoned): for counting a large grid by a few threadgroups."""
+    state = _Counting(only_threadgroups)
+    _COUNTING.append(state)
+    try:
+        yield state.launches
+    finally:
+        _COUNTING.remove(state)
+
+
+def instrumented() -> bool:
+    """Whether launches now need the instrumented build."""
+    return bool(_COUNTING) or interleave_mode()
+
+
 def launch(lib, buffers, names, grid, threadgroup, seed, kernel_name, source):
     """Runs `lib`'s kernel over the host `buffers` (numpy arrays, copied in
     and back); raises MetalEmulationError naming `kernel_name` (and quoting
-    the `source` lines the runtime's message names) on any error."""
+    the `source` lines the runtime's message names) on any error. Inside a
+    counting() block, records the launch's counts there."""
     if seed is None:
         seed = int(os.environ.get("METAL_EMU_SEED", "0"))
+    options = _LaunchOptions()
+    options.interleave = 1 if interleave_mode() else 0
+    counts = None
+    keep_alive = []
+    tg_counts = tuple(-(-g // min(t, g)) for g, t in zip(grid, threadgroup))
+    if _COUNTING:
+        counts = (ctypes.c_ulonglong * (len(_COUNT_NAMES) + 2 * len(buffers)))()
+        options.counts = counts
+        pick = _COUNTING[-1].only_threadgroups
+        chosen = pick(kernel_name, tg_counts) if pick else None
+        if chosen is not None:
+            ids = [x + tg_counts[0] * (y + tg_counts[1] * z) for x, y, z in chosen]
+            only = (ctypes.c_long * max(1, len(ids)))(*ids)
+            keep_alive.append(only)
+            options.only_threadgroups = only
+            options.only_count = len(ids)
     count = len(buffers)
     array = (ctypes.c_void_p * max(1, count))(*[b.ctypes.data for b in buffers])
     sizes = (ctypes.c_ulong * max(1, count))(*[b.nbytes for b in buffers])
@@ -748,9 +835,15 @@ def launch(lib, buffers, names, grid, threadgroup, seed, kernel_name, source):
     error = ctypes.create_string_buffer(4096)
     status = lib.emu_launch(array, sizes, c_names, count, (ctypes.c_long * 3)(*grid),
                             (ctypes.c_long * 3)(*threadgroup), seed, THREADGROUP_MEMORY_LIMIT, os_threads(), error,
-                            len(error))
+                            len(error), ctypes.addressof(options))
     if status != 0:
         raise MetalEmulationError(f"metal_emu: kernel `{kernel_name}`: " + _quote_lines(error.value.decode(), source))
+    if counts is not None:
+        record = {"kernel": kernel_name, "threadgroups_per_grid": tg_counts, "threadgroup": tuple(threadgroup)}
+        record.update({n: int(counts[i]) for i, n in enumerate(_COUNT_NAMES)})
+        base = len(_COUNT_NAMES)
+        record["buffers"] = {n: (int(counts[base + 2 * i]), int(counts[base + 2 * i + 1])) for i, n in enumerate(names)}
+        _COUNTING[-1].launches.append(record)
 
 
 def metal_kernel(name: str, input_names: Sequence[str], output_names: Sequence[str], source: str, header: str = "",

@@ -244,7 +244,6 @@ class KernelFunction:
             + _entry_point(name, template_args, self.params)
         )
         self.cpp = cpp
-        self._lib = harness._library(cpp)
 
     def __call__(self, *, buffers: Mapping[int, np.ndarray], threadgroups, threadgroup, seed: Optional[int] = None):
         """Runs the grid of `threadgroups` x `threadgroup` threads over the
@@ -265,7 +264,8 @@ class KernelFunction:
                 raise TypeError(f"metal_emu: buffer {i} must be a C-contiguous numpy array")
             keep.append(buf)
         names = [f"buffer({i})" for i in range(count)]
-        return harness.launch(self._lib, keep, names, grid, threadgroup, seed, self.name, self.source)
+        lib = harness._library(self.cpp, harness.instrumented())
+        return harness.launch(lib, keep, names, grid, threadgroup, seed, self.name, self.source)
 
 
 def kernel_function(source: str, name: str, *, template_args: Sequence = (), function_constants: Mapping = None,
