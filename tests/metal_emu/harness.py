@@ -725,7 +725,8 @@ class Kernel:
             seed = int(os.environ.get("METAL_EMU_SEED", "0"))
         n_in = len(keep) - len(self.output_names)
         initial = [b.copy() for b in keep[n_in:]]
-        launch(lib, keep, names, grid, threadgroup, seed, self.name, source)
+        launch(lib, keep, names, grid, threadgroup, seed, self.name, source,
+               {n: _template_value(v) for n, v in (template or [])})
         outputs = keep[n_in:]
         # Optional schedule check: run again under other seeds, the outputs
         # must not change (a change means a race: a missing barrier, ...).
@@ -805,7 +806,7 @@ def instrumented() -> bool:
     return bool(_COUNTING) or interleave_mode()
 
 
-def launch(lib, buffers, names, grid, threadgroup, seed, kernel_name, source):
+def launch(lib, buffers, names, grid, threadgroup, seed, kernel_name, source, template=None):
     """Runs `lib`'s kernel over the host `buffers` (numpy arrays, copied in
     and back); raises MetalEmulationError naming `kernel_name` (and quoting
     the `source` lines the runtime's message names) on any error. Inside a
@@ -839,7 +840,8 @@ def launch(lib, buffers, names, grid, threadgroup, seed, kernel_name, source):
     if status != 0:
         raise MetalEmulationError(f"metal_emu: kernel `{kernel_name}`: " + _quote_lines(error.value.decode(), source))
     if counts is not None:
-        record = {"kernel": kernel_name, "threadgroups_per_grid": tg_counts, "threadgroup": tuple(threadgroup)}
+        record = {"kernel": kernel_name, "template": template, "threadgroups_per_grid": tg_counts,
+                  "threadgroup": tuple(threadgroup)}
         record.update({n: int(counts[i]) for i, n in enumerate(_COUNT_NAMES)})
         base = len(_COUNT_NAMES)
         record["buffers"] = {n: (int(counts[base + 2 * i]), int(counts[base + 2 * i + 1])) for i, n in enumerate(names)}

@@ -229,6 +229,7 @@ class KernelFunction:
     def __init__(self, source: str, name: str, template_args: Sequence = (), function_constants: Mapping = None,
                  include_dirs: Sequence[str] = ()):
         self.name = name
+        self.template_args = list(template_args)
         text = expand_includes(source, [str(d) for d in include_dirs])
         text = bind_function_constants(text, dict(function_constants or {}))
         self.params = kernel_parameters(text, name)
@@ -265,7 +266,8 @@ class KernelFunction:
             keep.append(buf)
         names = [f"buffer({i})" for i in range(count)]
         lib = harness._library(self.cpp, harness.instrumented())
-        return harness.launch(lib, keep, names, grid, threadgroup, seed, self.name, self.source)
+        return harness.launch(lib, keep, names, grid, threadgroup, seed, self.name, self.source,
+                              [_template_text(a) for a in self.template_args])
 
 
 def kernel_function(source: str, name: str, *, template_args: Sequence = (), function_constants: Mapping = None,
