@@ -182,6 +182,21 @@ def write_docs(path: str, rows, note: str) -> None:
         f.write(text)
 
 
+def _commit() -> str:
+    """The checkout's commit (with "+changes" when metal_src/ is modified), or "unknown"."""
+    import subprocess
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "metal_src"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
+        return head + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=4096)
@@ -203,7 +218,8 @@ def main(argv=None) -> int:
                 t = time.time()
                 rows.append(count_forward(which, args.n, D, causal, dtype))
                 print(f"D={D} causal={causal} {which}: {time.time() - t:.0f} s", file=sys.stderr)
-    note = (f"B = H = 1, Nq = Nk = {args.n}, {args.dtype}, forward only (ours: every launch of the forward). "
+    note = (f"Kernels of metal_src/ at commit {_commit()}. "
+            f"B = H = 1, Nq = Nk = {args.n}, {args.dtype}, forward only (ours: every launch of the forward). "
             "Counted by the instrumented emulation, totals over the whole grid (exact scaling from a few "
             "threadgroups, see tests/metal_emu/counts.py). Device bytes are the data buffers (Q, K, V, O, lse); "
             "parameter structs apart. These are counts of work issued, not a speed claim: they say nothing of "
