@@ -393,7 +393,7 @@ _DOUBLE_LITERAL = re.compile(
 # an address space, which C++ rejects before adjusting it to a pointer.
 _ARRAY_PARAMETER = re.compile(
     r"\b(?P<space>constant|device|threadgroup)\s+(?P<const>const\s+)?(?P<type>[A-Za-z_]\w*)\s+"
-    r"(?P<name>[A-Za-z_]\w*)\s*\[[^\]\[;]*\]\s*(?=[,)])"
+    r"(?P<name>[A-Za-z_]\w*)\s*\[[^\]\[;]*\]\s*(?=[,)]|\[\[)"
 )
 # `[[threadgroup(0)]]` (a threadgroup-memory binding): the word is a macro here.
 _THREADGROUP_ATTRIBUTE = re.compile(r"\[\[\s*threadgroup\s*\(")
@@ -411,7 +411,7 @@ def to_cpp(source: str) -> str:
     text = _HOST_NAME.sub("template ", source)
     text = _CONSTEXPR_CONSTANT.sub("constexpr", text)
     text = _THREADGROUP_ATTRIBUTE.sub("[[threadgroup_binding(", text)
-    text = _ARRAY_PARAMETER.sub(r"\g<space> \g<const>\g<type>* \g<name>", text)
+    text = _ARRAY_PARAMETER.sub(r"\g<space> \g<const>\g<type>* \g<name> ", text)
     text = _HALF_LITERAL.sub(r"half(\1)", text)
     text = _DOUBLE_LITERAL.sub(r"\1f", text)
     text = _VECTOR_CONSTRUCTOR.sub(r"::metal::__emu_make<\1, \2>(", text)
