@@ -2,7 +2,8 @@
 
 The harness earns trust by running code that is known to be right on Apple
 GPUs: the steel attention forward and sdpa_vector (one pass and two passes)
-from the headers of the pinned macOS MLX wheel (tests/macos_mlx.py), with
+(and its GQA first pass) from the headers of the pinned macOS MLX wheel
+(tests/macos_mlx.py), with
 the template arguments, function constants, buffers and grids that MLX's
 host code (scaled_dot_product_attention.cpp) uses
 (tests/metal_emu/mlx_attention.py). Each case is compared with the float64
@@ -119,7 +120,7 @@ def test_mlx_kernels_steel_attention(case):
         assert err <= LSE_TOL, f"{name}: lse relative error {err:.2e} > {LSE_TOL:.0e}"
 
 
-# (id, dtype, B, Hq, Hkv, Nq, Nk, D, causal, mask kind, sinks, two_pass)
+# (id, dtype, B, Hq, Hkv, Nq, Nk, D, causal, mask kind, sinks, two_pass: False, True or "gqa")
 VECTOR = [
     ("fp32-d64-1pass", mx.float32, 1, 2, 2, 1, 45, 64, False, None, False, False),
     ("fp16-d128-1pass-causal-gqa", mx.float16, 1, 4, 1, 3, 37, 128, True, None, False, False),
@@ -128,6 +129,8 @@ VECTOR = [
     ("fp16-d64-2pass", mx.float16, 1, 2, 2, 1, 100, 64, False, None, False, True),
     ("fp32-d128-2pass-causal-gqa-sinks", mx.float32, 1, 4, 2, 2, 77, 128, True, None, True, True),
     ("bf16-d64-2pass-bool-mask", mx.bfloat16, 1, 1, 1, 1, 65, 64, False, "bool", False, True),
+    ("fp16-d64-2pass-gqa-kernel", mx.float16, 1, 8, 1, 1, 300, 64, False, None, False, "gqa"),
+    ("fp32-d128-2pass-gqa-kernel", mx.float32, 2, 16, 2, 1, 129, 128, False, None, False, "gqa"),
 ]
 
 
@@ -136,7 +139,10 @@ def test_mlx_kernels_sdpa_vector(case):
     name, dtype, B, Hq, Hkv, Nq, Nk, D, causal, mask_kind, with_sinks, two_pass = case
     q, k, v, mask, sinks = _inputs(case[:8], dtype, B, Hq, Hkv, Nq, Nk, D, mask_kind, None, with_sinks)
     scale = D**-0.5
-    run = mlx_attention.sdpa_vector_2pass if two_pass else mlx_attention.sdpa_vector
-    out = run(q, k, v, scale=scale, causal=causal, mask=mask, sinks=sinks)
+    if two_pass:
+        out = mlx_attention.sdpa_vector_2pass(q, k, v, scale=scale, causal=causal, mask=mask, sinks=sinks,
+                                              gqa_kernel=two_pass == "gqa")
+    else:
+        out = mlx_attention.sdpa_vector(q, k, v, scale=scale, causal=causal, mask=mask, sinks=sinks)
     _check(name, out, q, k, v, scale, causal, mask, sinks)
 

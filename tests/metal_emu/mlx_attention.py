@@ -195,18 +195,31 @@ def sdpa_vector(q, k, v, *, scale: float, causal: bool = False, mask=None, sinks
     return _result(out, (B, Hq, Nq, Dv), q.dtype)
 
 
+# Heads per thread of MLX's instantiations of sdpa_vector_2pass_1_gqa (G = 8).
+_GQA_HEADS_PER_THREAD = {64: 8, 128: 4}
+
+
 def sdpa_vector_2pass(q, k, v, *, scale: float, causal: bool = False, mask=None, sinks=None, blocks: int = 32,
-                      seed=None):
+                      gqa_kernel: bool = False, seed=None):
     """MLX's 2-pass vector kernel (keys split over `blocks` threadgroups,
-    then merged): out [B, Hq, Nq, Dv] float32."""
+    then merged): out [B, Hq, Nq, Dv] float32. `gqa_kernel`: the first pass
+    by sdpa_vector_2pass_1_gqa, which MLX picks for one query row, GQA
+    factor 8, D 64 or 128, no mask or sinks and long caches."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if blocks % 32:
         raise ValueError(f"sdpa_vector_2pass: blocks must be a multiple of 32 (as MLX rounds it), got {blocks}")
     gqa = Hq // Hkv
     t = _MSL_TYPES[q.dtype]
-    first = _compiled("sdpa_vector.h", "sdpa_vector_2pass_1", (t, D, Dv),
-                      tuple(sorted(_vector_constants(mask, causal, sinks, blocks).items())))
+    constants = tuple(sorted(_vector_constants(mask, causal, sinks, blocks).items()))
+    if gqa_kernel:
+        if not (Nq == 1 and gqa == 8 and D == Dv and D in _GQA_HEADS_PER_THREAD and mask is None and sinks is None):
+            raise ValueError("sdpa_vector_2pass: the GQA kernel takes Nq 1, GQA factor 8, D = Dv in {64, 128}, "
+                             f"no mask or sinks; got Nq {Nq}, factor {gqa}, D {D}/{Dv}")
+        first = _compiled("sdpa_vector.h", "sdpa_vector_2pass_1_gqa", (t, D, Dv, 8, _GQA_HEADS_PER_THREAD[D]),
+                          constants)
+    else:
+        first = _compiled("sdpa_vector.h", "sdpa_vector_2pass_1", (t, D, Dv), constants)
     partials = _poisoned(B * Hq * Nq * blocks * Dv, q.dtype)
     sums = _poisoned(B * Hq * Nq * blocks, mx.float32)
     maxs = _poisoned(B * Hq * Nq * blocks, mx.float32)
