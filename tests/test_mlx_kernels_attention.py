@@ -1,11 +1,10 @@
 """MLX's own Metal attention kernels through the emulation harness.
 
 The harness earns trust by running code that is known to be right on Apple
-GPUs: the steel attention forward and sdpa_vector (one pass and two passes)
-(and its GQA first pass) from the headers of the pinned macOS MLX wheel
-(tests/macos_mlx.py), with
-the template arguments, function constants, buffers and grids that MLX's
-host code (scaled_dot_product_attention.cpp) uses
+GPUs: the steel attention forward and sdpa_vector (one pass, two passes,
+and the GQA first pass) from the headers of the pinned macOS MLX wheel
+(tests/macos_mlx.py), with the template arguments, function constants,
+buffers and grids that MLX's host code (scaled_dot_product_attention.cpp) uses
 (tests/metal_emu/mlx_attention.py). Each case is compared with the float64
 reference: fp32 to 2e-5 of the largest reference value; fp16/bf16 to twice
 the error of the plain materialised computation in that dtype; lse (float32
