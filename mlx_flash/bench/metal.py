@@ -14,7 +14,7 @@ Sections:
 Every row also records the largest difference between ours and the other result.
 
 Writes benchmarks/results/metal_<chip>.json (under --out, default the current
-directory; the chip from `mx.metal.device_info()`) and benchmarks/metal_<chip>.png
+directory; the chip from `mx.device_info()`) and benchmarks/metal_<chip>.png
 (if matplotlib is installed). TFLOP/s count attention as 4*B*H*Nq*Nk*D (half of
 it under causal), forward+backward as 3.5x that.
 
@@ -266,10 +266,17 @@ SECTIONS = {"fwd": bench_fwd, "train": bench_train, "decode": bench_decode, "fea
 # --------------------------------------------------------------------------- output
 
 
+def device_info() -> dict:
+    """MLX's description of the GPU (`mx.device_info()`; `mx.metal.device_info()`
+    before MLX deprecated it)."""
+    info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+    return {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in info.items()}
+
+
 def chip_name(dry_run: bool) -> str:
     if dry_run:
         return "emulated"
-    info = mx.metal.device_info()
+    info = device_info()
     return str(info.get("device_name") or info.get("architecture") or "apple_gpu")
 
 
@@ -339,8 +346,7 @@ def main(argv=None):
     result = {"chip": chip, "mlx": mx.__version__, "ours": ours.name, "dry_run": args.dry_run,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rec.rows}
     if not args.dry_run:
-        result["device_info"] = {k: (v if isinstance(v, (int, float, str)) else str(v))
-                                 for k, v in mx.metal.device_info().items()}
+        result["device_info"] = device_info()
     base = os.path.join(args.out, "benchmarks")
     path = os.path.join(base, "results", f"metal_{slug(chip)}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

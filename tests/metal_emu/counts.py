@@ -157,15 +157,17 @@ def _mib(x) -> str:
 
 def table(rows) -> str:
     head = ("| D | causal | kernel | BQ x BK | 8x8 MMAs (M) | device read MiB | device written MiB | param read KiB "
-            "| tg read MiB | tg written MiB | barriers / key tile | barriers / 1024 keys | exp+exp2 (M) | log+log2 |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| tg read MiB | tg written MiB | barriers / threadgroup | barriers / key tile | barriers / 1024 keys "
+            "| exp+exp2 (M) | log+log2 |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         lines.append(
             f"| {r['D']} | {'yes' if r['causal'] else 'no'} | {r['kernel']} | {r['block_q']} x {r['block_k']} "
             f"| {r['simdgroup_mma'] / 1e6:.3f} | {_mib(r['device_read_bytes'])} | {_mib(r['device_write_bytes'])} "
             f"| {r['param_read_bytes'] / 1024:.1f} | {_mib(r['threadgroup_read_bytes'])} "
-            f"| {_mib(r['threadgroup_write_bytes'])} | {r['barriers_per_key_tile']:.2f} "
+            f"| {_mib(r['threadgroup_write_bytes'])} | {r['barriers'] / r['threadgroups']:.1f} "
+            f"| {r['barriers_per_key_tile']:.2f} "
             f"| {r['barriers_per_1024_keys']:.1f} | {(r['exp'] + r['exp2']) / 1e6:.3f} | {r['log'] + r['log2']} |")
     return head + "\n".join(lines) + "\n"
 
