@@ -51,6 +51,12 @@ _WRITE_AFTER_READ = """
 """
 
 
+@pytest.fixture(autouse=True)
+def _one_schedule_per_launch(monkeypatch):
+    """The fixtures judge one schedule at a time, whatever the caller set."""
+    monkeypatch.setenv("METAL_EMU_RACE_CHECK", "1")
+
+
 def _run(body, barrier, seed):
     source = body.replace("{barrier}", "threadgroup_barrier(mem_flags::mem_threadgroup);" if barrier else "")
     kernel = harness.metal_kernel("race_fixture", ["a"], ["out"], source)

@@ -730,7 +730,7 @@ class Kernel:
         outputs = keep[n_in:]
         # Optional schedule check: run again under other seeds, the outputs
         # must not change (a change means a race: a missing barrier, ...).
-        if not self.atomic_outputs:
+        if not self.atomic_outputs and not _COUNTING:  # counting: one launch, one record
             for extra in range(1, race_check_runs()):
                 first = [b.copy() for b in outputs]
                 for buf, init in zip(outputs, initial):
