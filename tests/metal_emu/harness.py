@@ -15,7 +15,10 @@ and runs the grid on the CPU, every thread a cooperatively scheduled fiber
                    output_shapes=[a.shape], output_dtypes=[a.dtype])
 
 Besides MLX's arguments, a call takes `seed=` (the order in which ready
-threads run; default 0, or $METAL_EMU_SEED).
+threads run; default 0, or $METAL_EMU_SEED). `counting()` counts the work of
+the launches in a block, $METAL_EMU_INTERLEAVE=1 switches SIMD-groups at every
+threadgroup-memory access (both through instrumented builds); library.py runs
+`[[kernel]]` functions of Metal library sources such as MLX's own kernels.
 """
 
 from __future__ import annotations
