@@ -15,7 +15,10 @@ and runs the grid on the CPU, every thread a cooperatively scheduled fiber
                    output_shapes=[a.shape], output_dtypes=[a.dtype])
 
 Besides MLX's arguments, a call takes `seed=` (the order in which ready
-threads run; default 0, or $METAL_EMU_SEED).
+threads run; default 0, or $METAL_EMU_SEED). `counting()` counts the work of
+the launches in a block, $METAL_EMU_INTERLEAVE=1 switches SIMD-groups at every
+threadgroup-memory access (both through instrumented builds); library.py runs
+`[[kernel]]` functions of Metal library sources such as MLX's own kernels.
 """
 
 from __future__ import annotations
@@ -343,14 +346,20 @@ class _Signature:
             "  const EmuThreadAttrs* __a = __emu_attrs();\n"
             "  (void)__a;\n"
             f"  {call}(\n    " + ",\n    ".join(args) + ");\n"
-            "}\n"
-            'extern "C" int emu_launch(void** buffers, const unsigned long* bytes, const char* const* names, int count,\n'
-            "                          const long* grid, const long* group, unsigned long long seed, long tg_limit,\n"
-            "                          int os_threads, char* error, long error_len) {\n"
-            "  return __emu_run_grid(__emu_thread, buffers, bytes, names, count, grid, group, seed, tg_limit,\n"
-            "                        os_threads, error, error_len);\n"
-            "}\n"
+            "}\n" + LAUNCH_ENTRY
         )
+
+
+# The C entry point of every kernel library (calls the runtime with the
+# library's __emu_thread).
+LAUNCH_ENTRY = (
+    'extern "C" int emu_launch(void** buffers, const unsigned long* bytes, const char* const* names, int count,\n'
+    "                          const long* grid, const long* group, unsigned long long seed, long tg_limit,\n"
+    "                          int os_threads, char* error, long error_len, const EmuLaunchOptions* options) {\n"
+    "  return __emu_run_grid_ex(__emu_thread, buffers, bytes, names, count, grid, group, seed, tg_limit,\n"
+    "                           os_threads, error, error_len, options);\n"
+    "}\n"
+)
 
 
 def _template_hash(template_def: str) -> str:
@@ -383,6 +392,14 @@ _HALF_LITERAL = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)
 _DOUBLE_LITERAL = re.compile(
     r"(?<![\w.])(\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)(?![\w.])"
 )
+# `constant const int64_t strides[3]` as a parameter: an array parameter in
+# an address space, which C++ rejects before adjusting it to a pointer.
+_ARRAY_PARAMETER = re.compile(
+    r"\b(?P<space>constant|device|threadgroup)\s+(?P<const>const\s+)?(?P<type>[A-Za-z_]\w*)\s+"
+    r"(?P<name>[A-Za-z_]\w*)\s*\[[^\]\[;]*\]\s*(?=[,)]|\[\[)"
+)
+# `[[threadgroup(0)]]` (a threadgroup-memory binding): the word is a macro here.
+_THREADGROUP_ATTRIBUTE = re.compile(r"\[\[\s*threadgroup\s*\(")
 _CONSTEXPR_CONSTANT = re.compile(r"\bconstexpr\s+constant\b|\bconstant\s+constexpr\b")
 _THREADGROUP_DECLARATION = re.compile(
     r"(?P<lead>(?:^|[;{}])\s*)threadgroup\s+"
@@ -396,6 +413,8 @@ def to_cpp(source: str) -> str:
     """The MLX-generated Metal source, made valid C++ for the emulation."""
     text = _HOST_NAME.sub("template ", source)
     text = _CONSTEXPR_CONSTANT.sub("constexpr", text)
+    text = _THREADGROUP_ATTRIBUTE.sub("[[threadgroup_binding(", text)
+    text = _ARRAY_PARAMETER.sub(r"\g<space> \g<const>\g<type>* \g<name> ", text)
     text = _HALF_LITERAL.sub(r"half(\1)", text)
     text = _DOUBLE_LITERAL.sub(r"\1f", text)
     text = _VECTOR_CONSTRUCTOR.sub(r"::metal::__emu_make<\1, \2>(", text)
@@ -488,10 +507,33 @@ def _runtime_library() -> str:
 
 _LIBRARIES = {}
 
+# Instrumented builds: clang's ThreadSanitizer instrumentation makes every
+# load and store of the kernel call the runtime (runtime.cpp's __tsan_*
+# functions, not TSan's), which counts memory traffic and, in interleave
+# mode, switches SIMD-groups there. Only the instrumentation: no TSan runtime.
+_INSTRUMENT_FLAGS = [
+    "-DEMU_INSTRUMENTED",
+    "-fsanitize=thread",
+    "-mllvm", "-tsan-instrument-func-entry-exit=0",
+    "-mllvm", "-tsan-instrument-atomics=0",
+]
 
-def _library(cpp: str):
+
+def interleave_mode() -> bool:
+    """$METAL_EMU_INTERLEAVE=1: every launch runs instrumented, switching
+    SIMD-groups at every threadgroup-memory access in a seeded random
+    priority order (see runtime.cpp, run_threadgroup_interleaved)."""
+    value = os.environ.get("METAL_EMU_INTERLEAVE", "0")
+    if value not in ("0", "1", ""):
+        raise ValueError(f"METAL_EMU_INTERLEAVE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _library(cpp: str, instrumented: bool = False):
     """ctypes handle of the shared library built from `cpp` (cached on disk)."""
     _, tag = _toolchain()
+    if instrumented:
+        tag += " instrumented " + " ".join(_INSTRUMENT_FLAGS)
     key = hashlib.sha256((tag + "\0" + cpp).encode()).hexdigest()[:24]
     if key in _LIBRARIES:
         return _LIBRARIES[key]
@@ -503,8 +545,9 @@ def _library(cpp: str):
         with open(src, "w") as f:
             f.write(cpp)
         try:
-            _run_clang([*_CXX_FLAGS, "-shared", "-I", _INCLUDE, src, runtime, "-Wl,-rpath,$ORIGIN", "-o", tmp],
-                       "the kernel")
+            extra = _INSTRUMENT_FLAGS if instrumented else []
+            _run_clang([*_CXX_FLAGS, *extra, "-shared", "-I", _INCLUDE, src, runtime, "-Wl,-rpath,$ORIGIN", "-o",
+                        tmp], "the kernel")
         finally:
             os.unlink(src)
 
@@ -523,6 +566,7 @@ def _library(cpp: str):
         ctypes.c_int,
         ctypes.c_char_p,
         ctypes.c_long,
+        ctypes.c_void_p,
     ]
     _LIBRARIES[key] = lib
     return lib
@@ -655,10 +699,9 @@ class Kernel:
         source = signature.source()
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{source}\n```")
-        lib = _library(translation_unit(source, signature.entry_point()))
+        lib = _library(translation_unit(source, signature.entry_point()), instrumented())
 
         keep = []  # host buffers, alive until the launch returns
-        pointers = []
         names = []
         for kind, i, _ in signature.buffers():
             if kind == "input":
@@ -677,29 +720,25 @@ class Kernel:
             else:
                 buf = self._output_buffer(output_shapes[i], output_dtypes[i], init_value)
             keep.append(buf)
-            pointers.append(buf.ctypes.data)
             if kind == "output":
                 names.append(self.output_names[i])
             else:
                 names.append(self.input_names[i] + ("" if kind == "input" else "_" + kind))
-        count = len(pointers)
-        array = (ctypes.c_void_p * max(1, count))(*pointers)
-        sizes = (ctypes.c_ulong * max(1, count))(*[b.nbytes for b in keep])
-        c_names = (ctypes.c_char_p * max(1, count))(*[n.encode() for n in names])
         if seed is None:
             seed = int(os.environ.get("METAL_EMU_SEED", "0"))
         n_in = len(keep) - len(self.output_names)
         initial = [b.copy() for b in keep[n_in:]]
-        self._launch(lib, keep, array, sizes, c_names, grid, threadgroup, seed, source)
+        launch(lib, keep, names, grid, threadgroup, seed, self.name, source,
+               {n: _template_value(v) for n, v in (template or [])})
         outputs = keep[n_in:]
         # Optional schedule check: run again under other seeds, the outputs
         # must not change (a change means a race: a missing barrier, ...).
-        if not self.atomic_outputs:
+        if not self.atomic_outputs and not _COUNTING:  # counting: one launch, one record
             for extra in range(1, race_check_runs()):
                 first = [b.copy() for b in outputs]
                 for buf, init in zip(outputs, initial):
                     buf[...] = init
-                self._launch(lib, keep, array, sizes, c_names, grid, threadgroup, seed + extra, source)
+                launch(lib, keep, names, grid, threadgroup, seed + extra, self.name, source)
                 for j, (a, b) in enumerate(zip(first, outputs)):
                     if a.tobytes() != b.tobytes():
                         differ = int(np.count_nonzero(a.view(np.uint8) != b.view(np.uint8)))
@@ -712,24 +751,6 @@ class Kernel:
             _from_bytes(outputs[j], tuple(output_shapes[j]), output_dtypes[j]) for j in range(len(self.output_names))
         ]
 
-    def _launch(self, lib, keep, array, sizes, names, grid, threadgroup, seed, source):
-        error = ctypes.create_string_buffer(4096)
-        status = lib.emu_launch(
-            array,
-            sizes,
-            names,
-            len(keep),
-            (ctypes.c_long * 3)(*grid),
-            (ctypes.c_long * 3)(*threadgroup),
-            seed,
-            THREADGROUP_MEMORY_LIMIT,
-            os_threads(),
-            error,
-            len(error),
-        )
-        if status != 0:
-            raise MetalEmulationError(f"metal_emu: kernel `{self.name}`: " + _quote_lines(error.value.decode(), source))
-
     @staticmethod
     def _output_buffer(shape, dtype, init_value) -> np.ndarray:
         shape = tuple(int(s) for s in shape)
@@ -741,6 +762,93 @@ class Kernel:
         # Unwritten outputs must show: NaN for floats, 0xAB bytes for integers.
         raw.fill(0xFF if dtype in _FLOATING else 0xAB)
         return raw.view(_NUMPY_DTYPES[dtype])
+
+
+# --------------------------------------------------------------------------
+# Counting
+
+# Indices of EmuLaunchOptions.counts (runtime/emu_abi.h).
+_COUNT_NAMES = ("threadgroups", "barriers", "simdgroup_mma", "threadgroup_read_bytes", "threadgroup_write_bytes",
+                "exp", "exp2", "log", "log2", "tanh", "other_math")
+
+
+class _LaunchOptions(ctypes.Structure):
+    _fields_ = [("interleave", ctypes.c_int), ("only_threadgroups", ctypes.POINTER(ctypes.c_long)),
+                ("only_count", ctypes.c_long), ("counts", ctypes.POINTER(ctypes.c_ulonglong))]
+
+
+class _Counting:
+    def __init__(self, only_threadgroups):
+        self.only_threadgroups = only_threadgroups
+        self.launches = []
+
+
+_COUNTING: list = []  # active counting() blocks, innermost last
+
+
+@contextlib.contextmanager
+def counting(only_threadgroups=None):
+    """Counts the work of every launch inside the block (kernels are built
+    instrumented there). Yields a list that gets one dict per launch:
+    kernel, grid, threadgroup, the counters of _COUNT_NAMES (summed over the
+    threadgroups run) and `buffers`: {buffer name: (bytes read, bytes written)}.
+
+    `only_threadgroups(kernel_name, threadgroups_per_grid) -> list of (x, y, z)
+    or None` runs only the listed threadgroups of a launch (outputs of the
+    others stay poisoned): for counting a large grid by a few threadgroups."""
+    state = _Counting(only_threadgroups)
+    _COUNTING.append(state)
+    try:
+        yield state.launches
+    finally:
+        _COUNTING.remove(state)
+
+
+def instrumented() -> bool:
+    """Whether launches now need the instrumented build."""
+    return bool(_COUNTING) or interleave_mode()
+
+
+def launch(lib, buffers, names, grid, threadgroup, seed, kernel_name, source, template=None):
+    """Runs `lib`'s kernel over the host `buffers` (numpy arrays, copied in
+    and back); raises MetalEmulationError naming `kernel_name` (and quoting
+    the `source` lines the runtime's message names) on any error. Inside a
+    counting() block, records the launch's counts there."""
+    if seed is None:
+        seed = int(os.environ.get("METAL_EMU_SEED", "0"))
+    options = _LaunchOptions()
+    options.interleave = 1 if interleave_mode() else 0
+    counts = None
+    keep_alive = []
+    tg_counts = tuple(-(-g // min(t, g)) for g, t in zip(grid, threadgroup))
+    if _COUNTING:
+        counts = (ctypes.c_ulonglong * (len(_COUNT_NAMES) + 2 * len(buffers)))()
+        options.counts = counts
+        pick = _COUNTING[-1].only_threadgroups
+        chosen = pick(kernel_name, tg_counts) if pick else None
+        if chosen is not None:
+            ids = [x + tg_counts[0] * (y + tg_counts[1] * z) for x, y, z in chosen]
+            only = (ctypes.c_long * max(1, len(ids)))(*ids)
+            keep_alive.append(only)
+            options.only_threadgroups = only
+            options.only_count = len(ids)
+    count = len(buffers)
+    array = (ctypes.c_void_p * max(1, count))(*[b.ctypes.data for b in buffers])
+    sizes = (ctypes.c_ulong * max(1, count))(*[b.nbytes for b in buffers])
+    c_names = (ctypes.c_char_p * max(1, count))(*[n.encode() for n in names])
+    error = ctypes.create_string_buffer(4096)
+    status = lib.emu_launch(array, sizes, c_names, count, (ctypes.c_long * 3)(*grid),
+                            (ctypes.c_long * 3)(*threadgroup), seed, THREADGROUP_MEMORY_LIMIT, os_threads(), error,
+                            len(error), ctypes.addressof(options))
+    if status != 0:
+        raise MetalEmulationError(f"metal_emu: kernel `{kernel_name}`: " + _quote_lines(error.value.decode(), source))
+    if counts is not None:
+        record = {"kernel": kernel_name, "template": template, "threadgroups_per_grid": tg_counts,
+                  "threadgroup": tuple(threadgroup)}
+        record.update({n: int(counts[i]) for i, n in enumerate(_COUNT_NAMES)})
+        base = len(_COUNT_NAMES)
+        record["buffers"] = {n: (int(counts[base + 2 * i]), int(counts[base + 2 * i + 1])) for i, n in enumerate(names)}
+        _COUNTING[-1].launches.append(record)
 
 
 def metal_kernel(name: str, input_names: Sequence[str], output_names: Sequence[str], source: str, header: str = "",

@@ -53,6 +53,39 @@ EmuExchange __emu_simd_exchange(const void* payload, unsigned nbytes, unsigned s
 void* __emu_threadgroup_alloc(const void* key, unsigned long nbytes, unsigned char poison);
 void __emu_fail(const char* message);  // does not return to the caller's thread
 
+// What a launch counts (indices into EmuLaunchOptions.counts). Memory is
+// counted only by kernels built instrumented (every load and store of the
+// kernel calls the runtime); the rest by every build.
+enum {
+  EMU_COUNT_THREADGROUPS = 0,    // threadgroups run
+  EMU_COUNT_BARRIERS,            // threadgroup_barrier completions (one per threadgroup and call)
+  EMU_COUNT_SIMDGROUP_MMA,       // 8x8 simdgroup_multiply_accumulate, one per SIMD-group and call
+  EMU_COUNT_TG_READ_BYTES,       // threadgroup memory loaded, bytes
+  EMU_COUNT_TG_WRITE_BYTES,      // threadgroup memory stored, bytes
+  EMU_COUNT_EXP,                 // per thread and element: exp, exp2, log, log2, tanh, other transcendentals
+  EMU_COUNT_EXP2,
+  EMU_COUNT_LOG,
+  EMU_COUNT_LOG2,
+  EMU_COUNT_TANH,
+  EMU_COUNT_OTHER_MATH,
+  EMU_COUNT_FIXED,               // then per buffer i: [FIXED + 2i] bytes read, [FIXED + 2i + 1] bytes written
+};
+
+typedef struct EmuLaunchOptions {
+  int interleave;                      // switch SIMD-groups at every threadgroup-memory access (instrumented)
+  const long* only_threadgroups;       // run only these (linear ids: x + X * (y + Y * z)); NULL: all
+  long only_count;
+  unsigned long long* counts;          // EMU_COUNT_FIXED + 2 * buffers entries, added to; NULL: none
+} EmuLaunchOptions;
+
+// Counted events the kernel library reports (EMU_COUNT_SIMDGROUP_MMA, EMU_COUNT_EXP, ...).
+void __emu_count_event(int kind);
+
+int __emu_run_grid_ex(EmuThreadFn fn, void** buffers, const unsigned long* buffer_bytes,
+                      const char* const* buffer_names, int buffer_count, const long* grid,
+                      const long* threadgroup, unsigned long long seed, long threadgroup_memory_limit,
+                      int os_threads, char* error, long error_len, const EmuLaunchOptions* options);
+
 // Runs the grid over copies of `buffers` (copied back at the end), its
 // threadgroups spread over `os_threads` threads; 0 on success, else 1 with a
 // message in `error`.

@@ -186,6 +186,11 @@ struct Launch {
   const char* fault_address = nullptr;
   int fault_signal = 0;
   long group[3] = {0, 0, 0};  // the threadgroup being run
+  // Interleave mode and counting (see EmuLaunchOptions).
+  bool interleave = false;
+  bool counting = false;
+  std::vector<unsigned long long> counts;
+  std::mt19937_64* rng = nullptr;  // the worker's generator (interleave decisions)
 };
 
 thread_local Launch* g_launch = nullptr;
@@ -211,20 +216,30 @@ std::string site_text(unsigned site) { return "line " + std::to_string(site); }
 // Lanes blocked at different SIMD-group operations (divergent branches) are
 // served one operation at a time, each with its lanes as the active set, as
 // the hardware runs the branches one after the other.
+bool complete_simd_operation(Launch& launch, size_t g);
+
 bool complete_simd_operations(Launch& launch) {
   bool progressed = false;
-  for (size_t g = 0; g < launch.simdgroups.size(); ++g) {
+  for (size_t g = 0; g < launch.simdgroups.size(); ++g) progressed |= complete_simd_operation(launch, g);
+  return progressed;
+}
+
+// Completes the pending SIMD-group operation of SIMD-group g, if it has one
+// and none of its lanes is still running (Ready).
+bool complete_simd_operation(Launch& launch, size_t g) {
+  {
     int first = int(g) * kSimdWidth;
     int last = std::min(first + kSimdWidth, launch.thread_count);
     unsigned mask = 0;
     unsigned site = 0;
     for (int t = first; t < last; ++t) {
       Fiber& f = launch.fibers[t];
+      if (f.state == State::Ready) return false;
       if (f.state != State::AtSimd) continue;
       if (mask == 0) site = f.site;
       if (f.site == site) mask |= 1u << (t - first);
     }
-    if (mask == 0) continue;
+    if (mask == 0) return false;
     SimdGroup& group = launch.simdgroups[g];
     group.scratch_ready = 0;
     for (int t = first; t < last; ++t) {
@@ -244,9 +259,8 @@ bool complete_simd_operations(Launch& launch) {
       f.result.scratch_ready = &group.scratch_ready;
       f.state = State::Ready;
     }
-    progressed = true;
   }
-  return progressed;
+  return true;
 }
 
 // Releases a barrier that every thread reached; false (with an error) if not.
@@ -275,6 +289,7 @@ bool complete_barrier(Launch& launch) {
     return false;
   }
   for (int t = 0; t < launch.thread_count; ++t) launch.fibers[t].state = State::Ready;
+  if (launch.counting) ++launch.counts[EMU_COUNT_BARRIERS];
   return true;
 }
 
@@ -313,6 +328,73 @@ char* allocate_stack() {
   return static_cast<char*>(p) + page;
 }
 
+// When every thread is blocked: completes SIMD-group operations, else a
+// barrier; 1 if something completed, 0 if all threads are done, -1 on
+// error or deadlock (launch.error set).
+int complete_blocked(Launch& launch) {
+  bool all_done = true;
+  for (int t = 0; t < launch.thread_count; ++t)
+    if (launch.fibers[t].state != State::Done) all_done = false;
+  if (all_done) return 0;
+  if (complete_simd_operations(launch)) return 1;
+  if (!launch.error.empty()) return -1;
+  if (complete_barrier(launch)) return 1;
+  if (launch.error.empty()) launch.error = "deadlock: no thread can make progress";
+  return -1;
+}
+
+// Interleave mode (instrumented kernels yield at every threadgroup-memory
+// access): SIMD-groups run in a seeded random priority order, probabilistic
+// concurrency testing style. The highest-priority SIMD-group with a running
+// lane advances each of its lanes to the next yield point; a SIMD-group
+// whose lanes all wait at a SIMD-group operation completes it at once, so
+// one SIMD-group can run ahead of the others up to the next barrier; at
+// random steps (probability chosen per threadgroup, including never) the
+// running SIMD-group drops to the lowest priority. A reader that another
+// SIMD-group's store should have preceded (a missing barrier after a store),
+// or a store that overtakes another SIMD-group's pending reads (a missing
+// barrier before it), then sees poisoned or wrong data.
+bool run_threadgroup_interleaved(Launch& launch, std::mt19937_64& rng) {
+  size_t groups = launch.simdgroups.size();
+  std::vector<size_t> priority(groups);  // priority[0] runs first
+  for (size_t g = 0; g < groups; ++g) priority[g] = g;
+  std::shuffle(priority.begin(), priority.end(), rng);
+  static const unsigned kChangeOneIn[4] = {0, 512, 64, 8};
+  unsigned change = kChangeOneIn[rng() % 4];
+  std::vector<int> lanes;
+  for (;;) {
+    size_t at = groups;
+    for (size_t p = 0; p < groups && at == groups; ++p) {
+      size_t g = priority[p];
+      int first = int(g) * kSimdWidth, last = std::min(first + kSimdWidth, launch.thread_count);
+      for (int t = first; t < last; ++t)
+        if (launch.fibers[t].state == State::Ready) { at = p; break; }
+    }
+    if (at == groups) {
+      int status = complete_blocked(launch);
+      if (status == 0) return true;
+      if (status < 0) return false;
+      continue;
+    }
+    size_t g = priority[at];
+    int first = int(g) * kSimdWidth, last = std::min(first + kSimdWidth, launch.thread_count);
+    lanes.clear();
+    for (int t = first; t < last; ++t)
+      if (launch.fibers[t].state == State::Ready) lanes.push_back(t);
+    std::shuffle(lanes.begin(), lanes.end(), rng);
+    for (int t : lanes) {
+      launch.current = &launch.fibers[t];
+      context_switch(launch.scheduler, launch.current->context);
+      if (!launch.error.empty()) return false;
+    }
+    complete_simd_operation(launch, g);
+    if (change && rng() % change == 0) {
+      priority.erase(priority.begin() + long(at));
+      priority.push_back(g);
+    }
+  }
+}
+
 // Runs one threadgroup to completion; false on error (launch.error set).
 bool run_threadgroup(Launch& launch, std::mt19937_64& rng) {
   for (auto& v : launch.threadgroup_variables) v.live = false;
@@ -322,6 +404,8 @@ bool run_threadgroup(Launch& launch, std::mt19937_64& rng) {
     f.state = State::Ready;
     context_init(f.context, f.stack, kStackBytes, fiber_main);
   }
+  if (launch.counting) ++launch.counts[EMU_COUNT_THREADGROUPS];
+  if (launch.interleave) return run_threadgroup_interleaved(launch, rng);
   std::vector<int> order;
   order.reserve(launch.thread_count);
   for (;;) {
@@ -467,6 +551,7 @@ bool run_worker(Launch& launch, const Dispatch& d, int worker, int workers, unsi
   launch.fibers.resize(d.tg_threads);
   for (long t = 0; t < d.tg_threads; ++t) launch.fibers[t].stack = stacks[t];
   std::mt19937_64 rng(seed + 0x9e3779b97f4a7c15ull * unsigned(worker));
+  launch.rng = &rng;
   g_launch = &launch;
   bool ok = true;
   long* group = launch.group;  // in memory, so still right after a siglongjmp
@@ -554,9 +639,89 @@ void* __emu_threadgroup_alloc(const void* key, unsigned long nbytes, unsigned ch
   return variable->memory.data;
 }
 
+// ---------------------------------------------------------------------------
+// Memory access hooks. Kernels built instrumented (clang's ThreadSanitizer
+// instrumentation, with these functions in place of its runtime) call them
+// before every load and store: threadgroup and buffer accesses are counted,
+// and in interleave mode a threadgroup access is a point where the fiber
+// yields, so that another SIMD-group may run before it.
+
+static inline void on_access(const void* p, unsigned long n, bool write) {
+  Launch* launch = g_launch;
+  if (!launch || !launch->counting && !launch->interleave) return;
+  const char* a = static_cast<const char*>(p);
+  for (const auto& v : launch->threadgroup_variables) {
+    if (v.live && a >= v.memory.data && a < v.memory.data + v.memory.bytes) {
+      if (launch->counting) launch->counts[write ? EMU_COUNT_TG_WRITE_BYTES : EMU_COUNT_TG_READ_BYTES] += n;
+      if (launch->interleave) yield_to_scheduler();
+      return;
+    }
+  }
+  if (!launch->counting) return;
+  const std::vector<Guarded>& buffers = *launch->buffers_memory;
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    if (a >= buffers[i].data && a < buffers[i].data + buffers[i].bytes) {
+      launch->counts[EMU_COUNT_FIXED + 2 * i + (write ? 1 : 0)] += n;
+      return;
+    }
+  }
+}
+
+#define EMU_TSAN_SIZE(N)                                                          \
+  void __tsan_read##N(void* p) { on_access(p, N, false); }                        \
+  void __tsan_write##N(void* p) { on_access(p, N, true); }                        \
+  void __tsan_unaligned_read##N(void* p) { on_access(p, N, false); }              \
+  void __tsan_unaligned_write##N(void* p) { on_access(p, N, true); }              \
+  void __tsan_volatile_read##N(void* p) { on_access(p, N, false); }               \
+  void __tsan_volatile_write##N(void* p) { on_access(p, N, true); }               \
+  void __tsan_unaligned_volatile_read##N(void* p) { on_access(p, N, false); }     \
+  void __tsan_unaligned_volatile_write##N(void* p) { on_access(p, N, true); }
+EMU_TSAN_SIZE(1)
+EMU_TSAN_SIZE(2)
+EMU_TSAN_SIZE(4)
+EMU_TSAN_SIZE(8)
+EMU_TSAN_SIZE(16)
+#undef EMU_TSAN_SIZE
+void __tsan_read_range(void* p, unsigned long n) { on_access(p, n, false); }
+void __tsan_write_range(void* p, unsigned long n) { on_access(p, n, true); }
+void __tsan_init() {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+void __tsan_ignore_thread_begin() {}
+void __tsan_ignore_thread_end() {}
+void __tsan_vptr_update(void*, void*) {}
+void __tsan_vptr_read(void*) {}
+void* __tsan_memcpy(void* d, const void* s, unsigned long n) {
+  on_access(s, n, false);
+  on_access(d, n, true);
+  return memcpy(d, s, n);
+}
+void* __tsan_memmove(void* d, const void* s, unsigned long n) {
+  on_access(s, n, false);
+  on_access(d, n, true);
+  return memmove(d, s, n);
+}
+void* __tsan_memset(void* d, int c, unsigned long n) {
+  on_access(d, n, true);
+  return memset(d, c, n);
+}
+
 int __emu_run_grid(EmuThreadFn fn, void** buffers, const unsigned long* buffer_bytes, const char* const* buffer_names,
                    int buffer_count, const long* grid, const long* threadgroup, unsigned long long seed,
                    long threadgroup_memory_limit, int os_threads, char* error, long error_len) {
+  return __emu_run_grid_ex(fn, buffers, buffer_bytes, buffer_names, buffer_count, grid, threadgroup, seed,
+                           threadgroup_memory_limit, os_threads, error, error_len, nullptr);
+}
+
+void __emu_count_event(int kind) {
+  Launch* launch = g_launch;
+  if (launch && launch->counting) ++launch->counts[size_t(kind)];
+}
+
+int __emu_run_grid_ex(EmuThreadFn fn, void** buffers, const unsigned long* buffer_bytes,
+                      const char* const* buffer_names, int buffer_count, const long* grid, const long* threadgroup,
+                      unsigned long long seed, long threadgroup_memory_limit, int os_threads, char* error,
+                      long error_len, const EmuLaunchOptions* options) {
   auto fail = [&](const std::string& message) {
     snprintf(error, size_t(error_len), "%s", message.c_str());
     return 1;
@@ -592,6 +757,12 @@ int __emu_run_grid(EmuThreadFn fn, void** buffers, const unsigned long* buffer_b
   for (size_t i = 0; i < order.size(); ++i) order[i] = long(i);
   std::mt19937_64 rng(seed);
   std::shuffle(order.begin(), order.end(), rng);
+  if (options && options->only_threadgroups) {
+    order.assign(options->only_threadgroups, options->only_threadgroups + options->only_count);
+    for (long id : order)
+      if (id < 0 || id >= d.tg_count[0] * d.tg_count[1] * d.tg_count[2])
+        return fail("only_threadgroups: threadgroup " + std::to_string(id) + " is outside the grid");
+  }
   d.order = &order;
 
   int workers = int(std::max<long>(1, std::min<long>(os_threads, long(order.size()))));
@@ -604,6 +775,9 @@ int __emu_run_grid(EmuThreadFn fn, void** buffers, const unsigned long* buffer_b
     l.buffers_memory = &memory;
     l.buffer_names = buffer_names;
     l.threadgroup_limit = threadgroup_memory_limit;
+    l.interleave = options && options->interleave;
+    l.counting = options && options->counts;
+    l.counts.assign(EMU_COUNT_FIXED + 2 * size_t(buffer_count), 0);
   }
   std::vector<char> ok(size_t(workers), 0);
   {
@@ -619,6 +793,9 @@ int __emu_run_grid(EmuThreadFn fn, void** buffers, const unsigned long* buffer_b
   int status = 0;
   for (int w = 0; w < workers && status == 0; ++w)
     if (!ok[w]) status = fail(launches[w]->error);
+  if (options && options->counts)
+    for (int w = 0; w < workers; ++w)
+      for (size_t i = 0; i < launches[w]->counts.size(); ++i) options->counts[i] += launches[w]->counts[i];
   for (int i = 0; i < buffer_count; ++i) {
     memcpy(buffers[i], memory[i].data, buffer_bytes[i]);
     guarded_free(memory[i]);
