@@ -378,3 +378,33 @@ def test_nonfinite_decode_shapes(backend, case):
     assert np.isfinite(want["out"]).any()
     check_elementwise("out", to_np(out), want, mx.float32)
     check_elementwise("lse", to_np(lse), want, mx.float32)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_nonfinite_on_other_cpu_variants(isa):
+    """The same contract from the kernels a CPU without AVX-512 (avx2) or
+    without AVX2 (generic) runs, forced through MLX_FLASH_CPU_ISA."""
+    import os
+    import pathlib
+    import platform
+    import subprocess
+    import sys
+
+    if isa == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("avx2 variant exists on x86-64 only")
+    tests = pathlib.Path(__file__).parent
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from mlx_flash import _ext; assert _ext.cpu_kernel_isa() == %r, _ext.cpu_kernel_isa()\n"
+        "import test_attention_nonfinite as t\n"
+        "for case in ('nan_q_row', 'inf_v', 'nan_sinks', 'garbage_dropped_bool_mask', 'nan_dout'):\n"
+        "    for size in ('small', 'large'):\n"
+        "        t.test_nonfinite_forward_and_gradients('cpu', case, 'float32', size)\n"
+        "t.test_nonfinite_forward_and_gradients('cpu', 'nan_additive_mask', 'float16', 'small')\n"
+        "t.test_nonfinite_varlen('cpu', 'bfloat16')\n"
+        "t.test_nonfinite_decode_shapes('cpu', 'garbage_dropped_bool_mask')\n"
+        "print('ok')\n" % (str(tests), isa)
+    )
+    env = dict(os.environ, MLX_FLASH_CPU_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
