@@ -80,7 +80,10 @@ def attention_probabilities(q, k, spec: AttentionSpec, inputs: AttentionInputs, 
         poisoned = poisoned | mx.isnan(sinks) | (sinks == mx.inf)
         sinks = mx.where(poisoned, -mx.inf, sinks)
     s = mx.where(poisoned, -mx.inf, s)
-    row_max = mx.max(s, axis=-1, keepdims=True)
+    if s.shape[-1] > 0:
+        row_max = mx.max(s, axis=-1, keepdims=True)
+    else:  # no keys at all (an empty packed sequence)
+        row_max = mx.full(s.shape[:-1] + (1,), -mx.inf, dtype)
     if sinks is not None:
         row_max = mx.maximum(row_max, sinks)
     # A fully masked row has row_max = -inf: shift by 0 there so exp gives 0, not NaN.

@@ -408,3 +408,31 @@ def test_nonfinite_on_other_cpu_variants(isa):
     env = dict(os.environ, MLX_FLASH_CPU_ISA=isa)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mlx_reference_follows_the_contract(case, cpu_default_device):
+    """mlx_flash.reference (pure MLX, materialised) gives the float64
+    reference's values and NaN/inf pattern on every case, varlen too."""
+    from mlx_flash import reference
+
+    c, gen, q, k, v, options = _build(case, "small", mx.float32, ("mlx-reference",))
+    out, lse = reference.flash_attention(q, k, v, return_lse=True, **options)
+    want = attention_np(q, k, v, **options)
+    check_elementwise("out", to_np(out), want, mx.float32)
+    check_elementwise("lse", to_np(lse), want, mx.float32)
+
+
+def test_mlx_reference_varlen_follows_the_contract(cpu_default_device):
+    from mlx_flash import reference
+
+    gen = rng("nonfinite-mlx-reference-varlen")
+    cu_q, cu_k = np.array([0, 5, 8, 25], np.int32), np.array([0, 9, 9, 21], np.int32)
+    q, k, v = gen.standard_normal((25, 4, 16)), gen.standard_normal((21, 2, 16)), gen.standard_normal((21, 2, 16))
+    k[3], v[12, 1, 2], q[6], q[10, 1] = NAN, INF, NAN, NAN
+    q, k, v = (_to_mx(x, mx.float32) for x in (q, k, v))
+    out, lse = reference.flash_attention_varlen(q, k, v, mx.array(cu_q), mx.array(cu_k), causal=True, return_lse=True)
+    want = attention_varlen_np(q, k, v, cu_q, cu_k, causal=True)
+    assert np.isnan(want["out"]).any() and np.all(want["out"][5:8] == 0)
+    check_elementwise("out", to_np(out), want, mx.float32)
+    check_elementwise("lse", to_np(lse), want, mx.float32)
