@@ -13,12 +13,26 @@
 //
 // Memory beyond the inputs and outputs is O(N * D) per (batch, kv head):
 // never an N x N array.
+//
+// Non-finite inputs follow the contract (ARCHITECTURE.md, issue 13) at no
+// cost to clean tiles. Fully kept tiles are plain GEMMs, whose IEEE
+// arithmetic is the materialised softmax's already. What needs care:
+//  - A row whose kept logits (or sink) hold a NaN or +inf is NaN. Its running
+//    max becomes NaN ("poisoned"), its P rows stay zero from then on, and the
+//    final write gives NaN out and lse (a max alone would ignore the NaN).
+//  - A dropped key (or -inf logit) must not reach a row through 0 * NaN.
+//    Logits of dropped pairs are overwritten, never multiplied, and the
+//    operands that products sum over (V in the forward; dO, Q, K in the
+//    backward) are packed with their non-finite rows zeroed; those rows'
+//    products are then added pair by pair where the pair is kept. Rows are
+//    checked once at packing, so tiles without such rows run unchanged.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -45,6 +59,8 @@ constexpr int BQ_MAX = 64;
 inline int query_tile_rows(const AttentionArgs& a) { return a.Dqk + a.Dv > 160 ? 32 : BQ_MAX; }
 constexpr int BK = 256;  // keys per tile (a multiple of NR)
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float POS_INF = std::numeric_limits<float>::infinity();
+constexpr float NOT_A_NUMBER = std::numeric_limits<float>::quiet_NaN();
 
 // One sequence of a (possibly packed) batch.
 struct Sequence {
@@ -80,6 +96,27 @@ inline int64_t out_row(const Sequence& s, int heads, int h, int64_t row, int64_t
 
 // ---- packing ----------------------------------------------------------------
 
+// True if the n floats hold no NaN or inf (0 * x is NaN exactly for those).
+inline bool all_finite(const float* x, int n) {
+  vf acc = vf{};
+  int i = 0;
+  for (; i + VL <= n; i += VL) acc += loadu(x + i) * splat(0.f);
+  float sum = hsum(acc);
+  for (; i < n; ++i) sum += x[i] * 0.f;
+  return sum == 0.f;
+}
+
+inline bool any_nan(const float* x, int n) {
+  for (int i = 0; i < n; ++i)
+    if (std::isnan(x[i])) return true;
+  return false;
+}
+
+// dst[c] += coef * src[c] for c < n: one kept pair's product, added exactly.
+inline void add_scaled_row(float* dst, float coef, const float* src, int n) {
+  for (int c = 0; c < n; ++c) dst[c] += coef * src[c];
+}
+
 // Rows [n x d] of head h into row-major fp32 (leading dim ld), times mul.
 void pack_rows(const View4& v, const Sequence& s, int h, int64_t row0, int n, int d, float mul, float* dst, int ld) {
   for (int r = 0; r < n; ++r) load_row(v.data, row_offset(v, s, h, row0 + r), v.sd, v.dtype, d, mul, dst + (int64_t)r * ld);
@@ -87,11 +124,14 @@ void pack_rows(const View4& v, const Sequence& s, int h, int64_t row0, int n, in
 
 // Rows [n x d] into panels over d: element (r, c) at
 // dst[(c / NR) * (n_pad * NR) + r * NR + c % NR]. Padding stays zero.
+// With `bad`, a row holding a NaN or inf is packed as zeros and flagged
+// bad[r] = 1: the caller adds its products exactly, only for kept pairs.
 void pack_row_panels(const View4& v, const Sequence& s, int h, int64_t row0, int n, int n_pad, int d, float mul,
-                     float* dst) {
+                     float* dst, uint8_t* bad = nullptr) {
   float row[256];
   for (int r = 0; r < n; ++r) {
     load_row(v.data, row_offset(v, s, h, row0 + r), v.sd, v.dtype, d, mul, row);
+    if (bad && (bad[r] = !all_finite(row, d))) std::memset(row, 0, sizeof(float) * d);
     for (int c0 = 0; c0 < d; c0 += NR)
       std::memcpy(dst + (int64_t)(c0 / NR) * n_pad * NR + (int64_t)r * NR, row + c0, sizeof(float) * std::min(NR, d - c0));
   }
@@ -110,11 +150,15 @@ void parallel_rows(int n, int chunk, F&& fn) {
 constexpr int PACK_ROWS = 256;
 
 // Rows [n x d] transposed into panels over rows: element (c, r) of the
-// transpose at dst[(r / NR) * (d * NR) + c * NR + r % NR].
-void pack_transposed_panels(const View4& v, const Sequence& s, int h, int64_t row0, int n, int d, float* dst) {
+// transpose at dst[(r / NR) * (d * NR) + c * NR + r % NR]. Values are kept
+// as they are (these panels only feed per-pair dot products); with `bad`,
+// rows holding a NaN or inf are flagged bad[r] = 1.
+void pack_transposed_panels(const View4& v, const Sequence& s, int h, int64_t row0, int n, int d, float* dst,
+                            uint8_t* bad = nullptr) {
   float row[256];
   for (int r = 0; r < n; ++r) {
     load_row(v.data, row_offset(v, s, h, row0 + r), v.sd, v.dtype, d, 1.f, row);
+    if (bad) bad[r] = !all_finite(row, d);
     float* panel = dst + (int64_t)(r / NR) * d * NR + r % NR;
     for (int c = 0; c < d; ++c) panel[c * NR] = row[c];
   }
@@ -224,8 +268,49 @@ struct ForwardHead {
   int b, hkv;
   int nk_pad, dv_pad;
   const float* kt;  // K^T panels
-  const float* vp;  // V row panels
+  const float* vp;  // V row panels (non-finite rows zeroed)
+  const int* v_bad;  // sorted keys whose V row holds a NaN or inf
+  int n_v_bad;
 };
+
+// One row of the online softmax over a tile of logits: turns `row` into
+// P = exp(S - m_new) (0 for dropped keys), updates the running max m and sum
+// l and rescales the output row. A NaN or +inf kept logit poisons the row:
+// m = NaN, and its P stays zero from then on.
+inline void online_softmax_row(float* row, int n_cols, float& m, float& l, float* orow, int dv_pad) {
+  const float m_tile = row_max_of(row, n_cols);  // may miss a NaN: the sum below catches it
+  if (std::isnan(m) || std::isnan(m_tile) || m_tile == POS_INF) {
+    m = NOT_A_NUMBER;
+    std::memset(row, 0, n_cols * sizeof(float));
+    return;
+  }
+  const float m_new = std::max(m, m_tile);
+  if (m_new == NEG_INF) {  // nothing kept in this row yet (unless a NaN hid from the max)
+    if (any_nan(row, n_cols)) m = NOT_A_NUMBER;
+    std::memset(row, 0, n_cols * sizeof(float));
+    return;
+  }
+  vf sum = vf{};
+  const vf mv = splat(m_new);
+  for (int c = 0; c < n_cols; c += VL) {
+    vf p = vexp(loadu(row + c) - mv);
+    storeu(row + c, p);
+    sum += p;
+  }
+  const float tile_sum = hsum(sum);
+  if (std::isnan(tile_sum)) {
+    m = NOT_A_NUMBER;
+    std::memset(row, 0, n_cols * sizeof(float));
+    return;
+  }
+  const float alpha = std::exp(m - m_new);  // exp(-inf) = 0 on the first hit
+  l = l * alpha + tile_sum;
+  m = m_new;
+  if (alpha != 1.f) {
+    const vf av = splat(alpha);
+    for (int c = 0; c < dv_pad; c += VL) storeu(orow + c, loadu(orow + c) * av);
+  }
+}
 
 // One query tile of one query head: Algorithm 1 with an online softmax.
 void forward_tile(const ForwardHead& fh, int h, int i0) {
@@ -238,10 +323,11 @@ void forward_tile(const ForwardHead& fh, int h, int i0) {
   pack_rows(a.q, s, h, s.q_row0 + i0, mq, Dqk, a.scale, qtile.p, Dqk);
   const float sink = a.sinks ? a.sinks[h] : NEG_INF;
   for (int r = 0; r < mq; ++r) {
-    // A sink is one more logit with a zero value vector.
-    row_max.p[r] = sink;
+    // A sink is one more logit with a zero value vector (NaN or +inf: a poisoned row).
+    row_max.p[r] = (std::isnan(sink) || sink == POS_INF) ? NOT_A_NUMBER : sink;
     row_sum.p[r] = a.sinks ? 1.f : 0.f;
   }
+  std::vector<uint8_t> kept;  // only for tiles with non-finite V rows
   LogitRules rules{&a, &s, fh.b, h};
   int t0, t1;
   key_tile_range(rules, i0, i0 + mq, t0, t1);
@@ -253,35 +339,36 @@ void forward_tile(const ForwardHead& fh, int h, int i0) {
       rules.apply_plain(S.p, BK, mq, nk_tile, n_cols);
     else
       rules.apply(S.p, BK, i0, mq, j0, nk_tile, n_cols, nullptr);
-    for (int r = 0; r < mq; ++r) {
-      float* row = S.p + r * BK;
-      const float m_old = row_max.p[r], m_new = std::max(m_old, row_max_of(row, n_cols));
-      if (m_new == NEG_INF) {  // nothing seen yet in this row
-        std::memset(row, 0, n_cols * sizeof(float));
-        continue;
-      }
-      const float alpha = std::exp(m_old - m_new);  // exp(-inf) = 0 on the first hit
-      vf sum = vf{};
-      const vf mv = splat(m_new);
-      for (int c = 0; c < n_cols; c += VL) {
-        vf p = vexp(loadu(row + c) - mv);
-        storeu(row + c, p);
-        sum += p;
-      }
-      row_sum.p[r] = row_sum.p[r] * alpha + hsum(sum);
-      row_max.p[r] = m_new;
-      if (alpha != 1.f) {
-        float* orow = O.p + r * dv_pad;
-        const vf av = splat(alpha);
-        for (int c = 0; c < dv_pad; c += VL) storeu(orow + c, loadu(orow + c) * av);
-      }
+    // Keys of this tile whose V row is non-finite (zeros in the panels): note
+    // which rows keep them before the logits turn into probabilities.
+    const int* bad0 = std::lower_bound(fh.v_bad, fh.v_bad + fh.n_v_bad, j0);
+    const int n_bad = (int)(std::lower_bound(bad0, fh.v_bad + fh.n_v_bad, j0 + nk_tile) - bad0);
+    if (n_bad) {
+      kept.resize((size_t)mq * n_bad);
+      for (int r = 0; r < mq; ++r)
+        for (int x = 0; x < n_bad; ++x) kept[r * n_bad + x] = S.p[r * BK + bad0[x] - j0] != NEG_INF;
     }
+    for (int r = 0; r < mq; ++r)
+      online_softmax_row(S.p + r * BK, n_cols, row_max.p[r], row_sum.p[r], O.p + r * dv_pad, dv_pad);
     gemm(mq, dv_pad, n_cols, S.p, BK, 1, fh.vp + (int64_t)j0 * NR, (int64_t)fh.nk_pad * NR, O.p, dv_pad, true);
+    // O += P V for those keys, pair by pair where kept (IEEE: a kept p = 0 times NaN is NaN).
+    for (int x = 0; x < n_bad; ++x) {
+      float vrow[256];
+      load_row(a.v.data, row_offset(a.v, s, fh.hkv, s.k_row0 + bad0[x]), a.v.sd, a.v.dtype, Dv, 1.f, vrow);
+      for (int r = 0; r < mq; ++r)
+        if (kept[r * n_bad + x]) add_scaled_row(O.p + r * dv_pad, S.p[r * BK + bad0[x] - j0], vrow, Dv);
+    }
   }
-  // Normalise and write out / lse. Fully masked rows: out 0, lse -inf.
+  // Normalise and write out / lse. Fully masked rows: out 0, lse -inf;
+  // poisoned rows: NaN.
   const ForwardOutputs& o = *fh.o;
   for (int r = 0; r < mq; ++r) {
     const int64_t orow = out_row(s, a.Hq, h, s.q_row0 + i0 + r, a.Nq);
+    if (std::isnan(row_max.p[r])) {
+      for (int c = 0; c < Dv; ++c) store_scalar(o.out, orow * Dv + c, a.q.dtype, NOT_A_NUMBER);
+      o.lse[orow] = NOT_A_NUMBER;
+      continue;
+    }
     const float l = row_sum.p[r];
     const float inv = l > 0 ? 1.f / l : 0.f;
     for (int c = 0; c < Dv; ++c) store_scalar(o.out, orow * Dv + c, a.q.dtype, O.p[r * dv_pad + c] * inv);
@@ -339,19 +426,30 @@ void decode_chunk(const DecodeCall& d, int64_t task) {
     float* row = S.p + r * DECODE_CHUNK;
     if (!rules.tile_plain(i, i + 1, j0, j0 + n)) rules.apply(row, DECODE_CHUNK, i, 1, j0, n, n, nullptr);
     float m = NEG_INF, l = 0.f;
-    for (int j = 0; j < n; ++j) m = std::max(m, row[j]);
-    if (m != NEG_INF)
-      for (int j = 0; j < n; ++j) l += (row[j] = std::exp(row[j] - m));
+    bool nan = false;
+    for (int j = 0; j < n; ++j) {
+      m = std::max(m, row[j]);
+      nan |= std::isnan(row[j]);
+    }
+    if (nan || m == POS_INF) m = NOT_A_NUMBER;  // a NaN or +inf kept logit: the row is NaN
+    // P, with dropped keys as -0 so that the P V loop can tell them from an
+    // underflowed kept key (which still turns a NaN value into NaN).
+    if (m != NEG_INF && !std::isnan(m))
+      for (int j = 0; j < n; ++j) l += (row[j] = row[j] == NEG_INF ? -0.f : std::exp(row[j] - m));
     else
-      std::memset(row, 0, sizeof(float) * n);
+      std::fill(row, row + n, -0.f);
     d.part_max[task * d.rows + r] = m;
     d.part_sum[task * d.rows + r] = l;
   }
-  // O_part = P V, one value row at a time.
+  // O_part = P V, one value row at a time. A non-finite value row reaches
+  // only the rows that kept its key (no 0 * NaN from a dropped one).
   for (int j = 0; j < n; ++j) {
     load_row(a.v.data, row_offset(a.v, s, hkv, s.k_row0 + j0 + j), a.v.sd, a.v.dtype, a.Dv, 1.f, kv.p);
+    const bool finite = all_finite(kv.p, a.Dv);
     for (int r = 0; r < d.rows; ++r) {
-      const vf p = splat(S.p[r * DECODE_CHUNK + j]);
+      const float pj = S.p[r * DECODE_CHUNK + j];
+      if (!finite && pj == 0.f && std::signbit(pj)) continue;
+      const vf p = splat(pj);
       float* o = out + r * d.dv_pad;
       for (int c = 0; c < d.dv_pad; c += VL) storeu(o + c, loadu(o + c) + p * loadu(kv.p + c));
     }
@@ -380,7 +478,19 @@ void decode_forward(const AttentionArgs& a, const ForwardOutputs& o) {
         const int h = hkv * d.G + r / a.Nq, i = r % a.Nq;
         const int64_t first = ((int64_t)b * a.Hkv + hkv) * d.chunks;
         float m = a.sinks ? a.sinks[h] : NEG_INF;
-        for (int c = 0; c < d.chunks; ++c) m = std::max(m, d.part_max[(first + c) * d.rows + r]);
+        bool poisoned = std::isnan(m) || m == POS_INF;  // a NaN or +inf sink
+        for (int c = 0; c < d.chunks; ++c) {
+          const float pm = d.part_max[(first + c) * d.rows + r];
+          poisoned |= std::isnan(pm);
+          m = std::max(m, pm);
+        }
+        const Sequence s = sequence(a, b);
+        const int64_t orow = out_row(s, a.Hq, h, i, a.Nq);
+        if (poisoned) {
+          for (int k = 0; k < a.Dv; ++k) store_scalar(o.out, orow * a.Dv + k, a.q.dtype, NOT_A_NUMBER);
+          o.lse[orow] = NOT_A_NUMBER;
+          continue;
+        }
         float l = (a.sinks && m != NEG_INF) ? std::exp(a.sinks[h] - m) : 0.f;
         float acc[256] = {0.f};
         for (int c = 0; c < d.chunks; ++c) {
@@ -390,8 +500,6 @@ void decode_forward(const AttentionArgs& a, const ForwardOutputs& o) {
           l += w * d.part_sum[p];
           for (int k = 0; k < a.Dv; ++k) acc[k] += w * d.part_out[p * d.dv_pad + k];
         }
-        const Sequence s = sequence(a, b);
-        const int64_t orow = out_row(s, a.Hq, h, i, a.Nq);
         const float inv = l > 0 ? 1.f / l : 0.f;
         for (int k = 0; k < a.Dv; ++k) store_scalar(o.out, orow * a.Dv + k, a.q.dtype, acc[k] * inv);
         o.lse[orow] = l > 0 ? m + std::log(l) : NEG_INF;
@@ -409,11 +517,16 @@ void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) {
     for (int hkv = 0; hkv < a.Hkv; ++hkv) {
       const int nk_pad = round_up(std::max(s.nk, 1), BK), dv_pad = round_up(a.Dv, NR);
       Scratch kt((int64_t)nk_pad * a.Dqk), vp((int64_t)nk_pad * dv_pad);
+      std::vector<uint8_t> v_bad(s.nk);
       parallel_rows(s.nk, PACK_ROWS, [&](int r0, int r1) {
         pack_transposed_panels(a.k, s, hkv, s.k_row0 + r0, r1 - r0, a.Dqk, kt.p + (int64_t)(r0 / NR) * a.Dqk * NR);
-        pack_row_panels(a.v, s, hkv, s.k_row0 + r0, r1 - r0, nk_pad, a.Dv, 1.f, vp.p + (int64_t)r0 * NR);
+        pack_row_panels(a.v, s, hkv, s.k_row0 + r0, r1 - r0, nk_pad, a.Dv, 1.f, vp.p + (int64_t)r0 * NR,
+                        v_bad.data() + r0);
       });
-      ForwardHead fh{&a, &o, s, b, hkv, nk_pad, dv_pad, kt.p, vp.p};
+      std::vector<int> v_bad_keys;
+      for (int j = 0; j < s.nk; ++j)
+        if (v_bad[j]) v_bad_keys.push_back(j);
+      ForwardHead fh{&a, &o, s, b, hkv, nk_pad, dv_pad, kt.p, vp.p, v_bad_keys.data(), (int)v_bad_keys.size()};
       const int bq = query_tile_rows(a), q_tiles = (s.nq + bq - 1) / bq;
       // Last query tiles first: under causal masks they see the most keys,
       // and handing out the heaviest work first balances the threads.
@@ -442,6 +555,17 @@ struct BackwardHead {
   const float *qs, *qp, *dos, *dop, *lse, *delta;
   // Per worker: dQ accumulators [G, nq, dqk_pad].
   float* dq_acc;
+  // Non-finite rows (their panels qp, dop, kp hold zeros there): q_bad, do_bad
+  // per [G, nq]; k_bad per key. Prefix counts [G, nq + 1] of rows needing the
+  // exact tile path (non-finite q, dO, delta, or NaN lse) and [nk + 1] of
+  // keys with a non-finite k or v.
+  const uint8_t *q_bad, *do_bad, *k_bad;
+  const int *bad_rows, *bad_keys;
+
+  bool tile_dirty(int g, int i0, int i1, int j0, int j1) const {
+    const int* rows = bad_rows + (int64_t)g * (s.nq + 1);
+    return rows[i1] != rows[i0] || bad_keys[j1] != bad_keys[j0];
+  }
 };
 
 // One key tile: accumulate its dK, dV over every query that sees it.
@@ -453,6 +577,7 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
   const int bq = query_tile_rows(a);
   Scratch S(BQ_MAX * BK, false), T(BQ_MAX * BK, false), dP(BQ_MAX * BK, false), dK(BK * dqk_pad), dV(BK * dv_pad);
   float* dq_acc = bh.dq_acc + (int64_t)worker * bh.G * s.nq * dqk_pad;
+  std::vector<uint8_t> kept;  // only for tiles with non-finite rows or keys
   for (int g = 0; g < bh.G; ++g) {
     const int h = bh.hkv * bh.G + g;
     LogitRules rules{&a, &s, bh.b, h};
@@ -466,6 +591,7 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
     for (int i0 = 0; i0 < s.nq; i0 += bq) {
       const int mq = std::min(bq, s.nq - i0);
       if (!rules.tile_live(i0, i0 + mq, j0, j0 + nk_tile)) continue;
+      const bool dirty = bh.tile_dirty(g, i0, i0 + mq, j0, j0 + nk_tile);
       // S = Qs K^T, transformed exactly as in the forward.
       gemm(mq, n_cols, Dqk, qs + (int64_t)i0 * Dqk, Dqk, 1, bh.kt + (int64_t)(j0 / NR) * Dqk * NR, Dqk * NR, S.p,
            BK, false);
@@ -473,7 +599,14 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
         rules.apply_plain(S.p, BK, mq, nk_tile, n_cols);
       else
         rules.apply(S.p, BK, i0, mq, j0, nk_tile, n_cols, T.p);
-      // P = exp(S - lse); rows with lse = -inf saw no key and get P = 0.
+      if (dirty) {  // which pairs are kept, before S turns into P
+        kept.resize((size_t)mq * BK);
+        for (int r = 0; r < mq; ++r)
+          for (int c = 0; c < n_cols; ++c)
+            kept[r * BK + c] = S.p[r * BK + c] != NEG_INF && lse[i0 + r] != NEG_INF;
+      }
+      // P = exp(S - lse); rows with lse = -inf saw no key and get P = 0; rows
+      // with lse = NaN (poisoned) get NaN on their kept pairs only.
       for (int r = 0; r < mq; ++r) {
         float* row = S.p + r * BK;
         const float l = lse[i0 + r];
@@ -481,11 +614,20 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
           std::memset(row, 0, n_cols * sizeof(float));
           continue;
         }
+        if (std::isnan(l)) {
+          for (int c = 0; c < n_cols; ++c) row[c] = row[c] == NEG_INF ? 0.f : NOT_A_NUMBER;
+          continue;
+        }
         const vf lv = splat(l);
         for (int c = 0; c < n_cols; c += VL) storeu(row + c, vexp(loadu(row + c) - lv));
       }
       // dV += P^T dO   (P read column-major as P^T)
       gemm(nk_tile, dv_pad, mq, S.p, 1, BK, dop + (int64_t)i0 * NR, (int64_t)nq_pad * NR, dV.p, dv_pad, true);
+      if (dirty)  // ... and the non-finite dO rows (zeros in dop), pair by pair where kept
+        for (int r = 0; r < mq; ++r)
+          if (bh.do_bad[(int64_t)g * s.nq + i0 + r])
+            for (int c = 0; c < nk_tile; ++c)
+              if (kept[r * BK + c]) add_scaled_row(dV.p + c * dv_pad, S.p[r * BK + c], dos + (int64_t)(i0 + r) * Dv, Dv);
       // dP = dO V^T
       gemm(mq, n_cols, Dv, dos + (int64_t)i0 * Dv, Dv, 1, bh.vt + (int64_t)(j0 / NR) * Dv * NR, Dv * NR, dP.p, BK,
            false);
@@ -494,7 +636,12 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
         float* p = S.p + r * BK;
         const float* dp = dP.p + r * BK;
         const float d = delta[i0 + r];
-        for (int c = 0; c < n_cols; ++c) p[c] = p[c] * (dp[c] - d);
+        if (dirty) {  // a dropped pair's dP or delta may be NaN: select, never 0 * NaN
+          const uint8_t* kr = kept.data() + r * BK;
+          for (int c = 0; c < n_cols; ++c) p[c] = kr[c] ? p[c] * (dp[c] - d) : 0.f;
+        } else {
+          for (int c = 0; c < n_cols; ++c) p[c] = p[c] * (dp[c] - d);
+        }
         if (a.softcap > 0) {
           const float* t = T.p + r * BK;
           for (int c = 0; c < nk_tile; ++c)
@@ -505,6 +652,19 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
       gemm(nk_tile, dqk_pad, mq, S.p, 1, BK, qp + (int64_t)i0 * NR, (int64_t)nq_pad * NR, dK.p, dqk_pad, true);
       gemm(mq, dqk_pad, n_cols, S.p, BK, 1, bh.kp + (int64_t)j0 * NR, (int64_t)bh.nk_pad * NR,
            dq + (int64_t)i0 * dqk_pad, dqk_pad, true);
+      if (dirty) {  // the non-finite q rows (zeros in qp) and k rows (zeros in kp), where kept
+        for (int r = 0; r < mq; ++r)
+          if (bh.q_bad[(int64_t)g * s.nq + i0 + r])
+            for (int c = 0; c < nk_tile; ++c)
+              if (kept[r * BK + c]) add_scaled_row(dK.p + c * dqk_pad, S.p[r * BK + c], qs + (int64_t)(i0 + r) * Dqk, Dqk);
+        for (int c = 0; c < nk_tile; ++c) {
+          if (!bh.k_bad[j0 + c]) continue;
+          float krow[256];
+          load_row(a.k.data, row_offset(a.k, s, bh.hkv, s.k_row0 + j0 + c), a.k.sd, a.k.dtype, Dqk, 1.f, krow);
+          for (int r = 0; r < mq; ++r)
+            if (kept[r * BK + c]) add_scaled_row(dq + (int64_t)(i0 + r) * dqk_pad, S.p[r * BK + c], krow, Dqk);
+        }
+      }
     }
   }
   // Write this tile's dK, dV (already summed over the query heads of the group).
@@ -540,11 +700,13 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
       }
       const int nk_pad = round_up(s.nk, BK), nq_pad = round_up(s.nq, NR);
       Scratch kt((int64_t)nk_pad * a.Dqk), vt((int64_t)nk_pad * a.Dv), kp((int64_t)nk_pad * dqk_pad);
+      std::vector<uint8_t> k_bad(s.nk), v_bad(s.nk), q_bad((size_t)G * s.nq), do_bad((size_t)G * s.nq);
       parallel_rows(s.nk, PACK_ROWS, [&](int r0, int r1) {
         const int64_t k0 = s.k_row0 + r0;
         pack_transposed_panels(a.k, s, hkv, k0, r1 - r0, a.Dqk, kt.p + (int64_t)(r0 / NR) * a.Dqk * NR);
-        pack_transposed_panels(a.v, s, hkv, k0, r1 - r0, a.Dv, vt.p + (int64_t)(r0 / NR) * a.Dv * NR);
-        pack_row_panels(a.k, s, hkv, k0, r1 - r0, nk_pad, a.Dqk, 1.f, kp.p + (int64_t)r0 * NR);
+        pack_transposed_panels(a.v, s, hkv, k0, r1 - r0, a.Dv, vt.p + (int64_t)(r0 / NR) * a.Dv * NR,
+                               v_bad.data() + r0);
+        pack_row_panels(a.k, s, hkv, k0, r1 - r0, nk_pad, a.Dqk, 1.f, kp.p + (int64_t)r0 * NR, k_bad.data() + r0);
       });
       Scratch qs((int64_t)G * s.nq * a.Dqk, false), qp((int64_t)G * nq_pad * dqk_pad),
           dos((int64_t)G * s.nq * a.Dv, false), dop((int64_t)G * nq_pad * dv_pad), lse((int64_t)G * s.nq, false),
@@ -553,9 +715,11 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
         const int h = hkv * G + g, n = r1 - r0;
         const int64_t q0 = s.q_row0 + r0;
         pack_rows(a.q, s, h, q0, n, a.Dqk, a.scale, qs.p + ((int64_t)g * s.nq + r0) * a.Dqk, a.Dqk);
-        pack_row_panels(a.q, s, h, q0, n, nq_pad, a.Dqk, a.scale, qp.p + (int64_t)g * nq_pad * dqk_pad + (int64_t)r0 * NR);
+        pack_row_panels(a.q, s, h, q0, n, nq_pad, a.Dqk, a.scale, qp.p + (int64_t)g * nq_pad * dqk_pad + (int64_t)r0 * NR,
+                        q_bad.data() + (int64_t)g * s.nq + r0);
         pack_rows(gr.dout, s, h, q0, n, a.Dv, 1.f, dos.p + ((int64_t)g * s.nq + r0) * a.Dv, a.Dv);
-        pack_row_panels(gr.dout, s, h, q0, n, nq_pad, a.Dv, 1.f, dop.p + (int64_t)g * nq_pad * dv_pad + (int64_t)r0 * NR);
+        pack_row_panels(gr.dout, s, h, q0, n, nq_pad, a.Dv, 1.f, dop.p + (int64_t)g * nq_pad * dv_pad + (int64_t)r0 * NR,
+                        do_bad.data() + (int64_t)g * s.nq + r0);
         float orow[256];
         for (int i = r0; i < r1; ++i) {
           // delta_i = dO_i . O_i - dlse_i
@@ -568,9 +732,21 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
           lse.p[g * s.nq + i] = gr.lse[row];
         }
       });
+      // Prefix counts of the rows and keys that send a tile down the exact path.
+      std::vector<int> bad_rows((size_t)G * (s.nq + 1)), bad_keys(s.nk + 1);
+      for (int g = 0; g < G; ++g) {
+        int* rows = bad_rows.data() + (int64_t)g * (s.nq + 1);
+        for (int i = 0; i < s.nq; ++i) {
+          const int64_t x = (int64_t)g * s.nq + i;
+          const bool bad = q_bad[x] || do_bad[x] || !std::isfinite(delta.p[x]) || std::isnan(lse.p[x]);
+          rows[i + 1] = rows[i] + bad;
+        }
+      }
+      for (int j = 0; j < s.nk; ++j) bad_keys[j + 1] = bad_keys[j] + (k_bad[j] || v_bad[j]);
       Scratch dq_acc((int64_t)workers * G * s.nq * dqk_pad);
       BackwardHead bh{&a, &gr, s, b, hkv, G, nq_pad, nk_pad, dqk_pad, dv_pad, kt.p, vt.p, kp.p,
-                      qs.p, qp.p, dos.p, dop.p, lse.p, delta.p, dq_acc.p};
+                      qs.p, qp.p, dos.p, dop.p, lse.p, delta.p, dq_acc.p,
+                      q_bad.data(), do_bad.data(), k_bad.data(), bad_rows.data(), bad_keys.data()};
       const int k_tiles = (s.nk + BK - 1) / BK;
       auto task = [&](int64_t t, int worker) { backward_tile(bh, (int)t * BK, worker); };
       parallel_tasks(k_tiles, task);

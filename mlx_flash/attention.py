@@ -36,22 +36,28 @@ def _row_delta(out, dout, dlse):
 
 
 def _sinks_grad(sinks, lse, delta):
-    """d loss / d sink_h = -sum_{b,i} exp(sink_h - lse_bhi) * delta_bhi."""
-    p_sink = mx.exp(sinks[None, :, None] - lse)
-    return -mx.sum(p_sink * delta, axis=(0, 2))
+    """d loss / d sink_h = -sum_{b,i} exp(sink_h - lse_bhi) * delta_bhi.
+
+    A -inf sink is a dropped logit: it adds nothing, whatever delta holds."""
+    sinks = sinks[None, :, None]
+    p_sink = mx.exp(sinks - lse)
+    return -mx.sum(mx.where(sinks == -mx.inf, 0.0, p_sink * delta), axis=(0, 2))
 
 
 def _additive_mask_grad(q, k, v, lse, dout, delta, spec, inputs):
     """dS = P * (dP - delta), summed to the mask's broadcast shape.
 
     The mask is itself N x N, so its gradient is too; it is built only when
-    the caller asks for it (MLX evaluates lazily).
+    the caller asks for it (MLX evaluates lazily). Dropped pairs (and -inf
+    logits) give exactly 0 by a select, so a NaN in a dropped key's v or a
+    masked row's dO does not leak.
     """
     s, keep = attention_logits(q, k, spec, inputs)
-    probs = mx.where(keep, mx.exp(s - lse[..., None]), 0.0)
+    keep = keep & (s != -mx.inf) & (lse[..., None] != -mx.inf)
+    probs = mx.exp(s - lse[..., None])
     v = v if spec.group_size == 1 else mx.repeat(v, spec.group_size, axis=1)
     dp = dout.astype(mx.float32) @ v.astype(mx.float32).swapaxes(-1, -2)
-    ds = probs * (dp - delta[..., None])
+    ds = mx.where(keep, probs * (dp - delta[..., None]), 0.0)
     mask = inputs.mask
     axes = tuple(a for a in range(4) if mask.shape[a] == 1 and ds.shape[a] != 1)
     if axes:

@@ -4,14 +4,15 @@ Two formats, named as in the OCP 8-bit floating point spec:
 
 * "e4m3" is E4M3FN: 4 exponent bits (bias 7), 3 mantissa bits, largest
   finite 448, no infinities; 0x7F / 0xFF are NaN. Decoding is bit-exact with
-  `mx.from_fp8` and encoding with `mx.to_fp8` (which also maps NaN to the
-  largest finite value).
+  `mx.from_fp8`, and encoding with `mx.to_fp8` for every non-NaN input
+  (`mx.to_fp8` turns NaN into 448; here NaN stays NaN: 0x7F / 0xFF).
 * "e5m2": 5 exponent bits (bias 15), 2 mantissa bits, largest finite 57344,
   with infinities (0x7C / 0xFC) and NaNs (exponent 31, mantissa != 0).
 
-Encoding rounds to nearest even and saturates: anything beyond the largest
-finite value (infinities included) becomes the largest finite value of its
-sign. e5m2 keeps NaN as NaN.
+Encoding rounds to nearest even and saturates: a finite value beyond the
+largest finite one becomes the largest finite value of its sign. NaN encodes
+as the format's NaN; +-inf as the format defines it: e4m3 has none and
+saturates to +-448 (as `mx.to_fp8`), e5m2 encodes +-inf.
 
 Kernels decode through the same 256-entry tables (`decode_table`), so every
 backend agrees bit for bit on what an fp8 operand means.
@@ -73,8 +74,9 @@ def decode(codes: mx.array, fmt: str = "e4m3", dtype=mx.float32) -> mx.array:
 
 
 def encode(x: mx.array, fmt: str = "e4m3") -> mx.array:
-    """fp8 codes (uint8) of `x`: round to nearest even, saturate at the
-    largest finite value."""
+    """fp8 codes (uint8) of `x`: round to nearest even, saturate finite
+    values at the largest finite one; NaN -> NaN, inf -> inf (e5m2) or the
+    largest finite value (e4m3, which has no inf)."""
     ebits, mbits, bias, max_code, has_inf = _format(fmt)
     if not isinstance(x, mx.array) or x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x: expected a float32/float16/bfloat16 mx.array, got {getattr(x, 'dtype', type(x))}")
@@ -82,8 +84,8 @@ def encode(x: mx.array, fmt: str = "e4m3") -> mx.array:
     bits = x.view(mx.uint32)
     sign = (bits >> 24).astype(mx.uint8) & 0x80
     mag = mx.abs(x)
-    nan = mx.isnan(x)
-    mag = mx.where(nan, 0.0, mx.minimum(mag, np.float32(1e30)))  # inf saturates below
+    nan, inf = mx.isnan(x), mx.isinf(x)
+    mag = mx.where(nan, 0.0, mx.minimum(mag, np.float32(1e30)))  # inf saturates below (e4m3)
     # Normal range: round the float32 mantissa to `mbits` bits (nearest even)
     # on the bit pattern, then move the exponent from bias 127 to `bias`.
     shift = 23 - mbits
@@ -97,10 +99,11 @@ def encode(x: mx.array, fmt: str = "e4m3") -> mx.array:
     min_normal = np.float32(2.0 ** (1 - bias))
     code = mx.where(mag < min_normal, sub_code, normal_code)
     code = mx.clip(code, 0, max_code).astype(mx.uint8)
-    if has_inf:
-        code = mx.where(nan, mx.array(0x7E, mx.uint8), code)
-    else:  # as mx.to_fp8: NaN becomes the largest finite value
-        code = mx.where(nan, mx.array(max_code, mx.uint8), code)
+    if has_inf:  # exponent all ones: mantissa 0 is inf, anything else NaN
+        code = mx.where(inf, mx.array(max_code + 1, mx.uint8), code)
+        code = mx.where(nan, mx.array(max_code + 3, mx.uint8), code)
+    else:  # E4M3FN: S.1111.111 is its only NaN
+        code = mx.where(nan, mx.array(0x7F, mx.uint8), code)
     return code | sign
 
 
@@ -112,6 +115,19 @@ def _reduce_axes(ndim: int, axis):
     return tuple(a for a in range(ndim) if a not in keep)
 
 
+def _as_float_array(x) -> mx.array:
+    """`x` as a float mx.array: NumPy arrays, lists and Python scalars are
+    converted; anything else is a TypeError naming what came."""
+    if not isinstance(x, mx.array):
+        try:
+            x = mx.array(x)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"x: expected an mx.array (or something mx.array() converts), got {type(x).__name__}") from e
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected float32/float16/bfloat16 values, got {x.dtype}")
+    return x
+
+
 def quantize(x: mx.array, fmt: str = "e4m3", axis=None):
     """Scale `x` into the fp8 range and encode it.
 
@@ -119,18 +135,26 @@ def quantize(x: mx.array, fmt: str = "e4m3", axis=None):
     float32, `amax / max_finite(fmt)` per tensor (`axis=None`, shape `()`)
     or per slice along `axis` (one scale per index of `axis`, keepdims
     shape: axis=0 of a `[N, K]` weight gives `[N, 1]`, axis=-1 gives
-    `[1, K]`). All-zero slices get scale 1.
+    `[1, K]`). `amax` is taken over the finite values only, so one NaN or
+    inf does not flatten the rest; slices with no finite nonzero value (all
+    zero, NaN or inf) and empty arrays get scale 1. NaN encodes as the
+    format's NaN, inf as `encode` says (e4m3: +-448 times the scale; e5m2:
+    inf). `x` may be an mx.array or anything `mx.array()` converts (a NumPy
+    array, a list, a scalar).
     """
     _format(fmt)
-    if not isinstance(x, mx.array) or x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x: expected a float32/float16/bfloat16 mx.array, got {getattr(x, 'dtype', type(x))}")
+    x = _as_float_array(x)
     if axis is not None:
         for a in (axis,) if isinstance(axis, int) else tuple(axis):
             if not -x.ndim <= a < x.ndim:
                 raise ValueError(f"axis: {a} is out of range for an array of {x.ndim} dims")
-    x32 = x.astype(mx.float32)
     reduce = _reduce_axes(x.ndim, axis)
-    amax = mx.max(mx.abs(x32), axis=reduce, keepdims=axis is not None)
+    if x.size == 0:
+        shape = [] if axis is None else [1 if a in reduce else n for a, n in enumerate(x.shape)]
+        return mx.zeros(x.shape, mx.uint8), mx.ones(shape, mx.float32)
+    x32 = x.astype(mx.float32)
+    finite_mag = mx.where(mx.isfinite(x32), mx.abs(x32), 0.0)
+    amax = mx.max(finite_mag, axis=reduce, keepdims=axis is not None)
     scale = mx.where(amax > 0, amax / np.float32(max_finite(fmt)), 1.0).astype(mx.float32)
     return encode(x32 / scale, fmt), scale
 

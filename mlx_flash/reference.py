@@ -64,29 +64,73 @@ def attention_logits(q, k, spec: AttentionSpec, inputs: AttentionInputs, dtype=m
 
 
 def attention_probabilities(q, k, spec: AttentionSpec, inputs: AttentionInputs, dtype=mx.float32):
-    """Softmax probabilities `[B, Hq, Nq, Nk]` and lse `[B, Hq, Nq]`, in `dtype`."""
+    """Softmax probabilities `[B, Hq, Nq, Nk]`, lse `[B, Hq, Nq]` and the kept
+    pairs (bool, broadcastable to the probabilities), in `dtype`.
+
+    Non-finite logits follow the contract: a -inf logit is a dropped key; a
+    NaN or +inf kept logit (or sink) makes the row's probabilities and lse NaN.
+    """
     s, keep = attention_logits(q, k, spec, inputs, dtype)
+    keep = keep & (s != -mx.inf)  # a -inf logit drops its key (its v is never read)
     s = mx.where(keep, s, -mx.inf)
-    row_max = mx.max(s, axis=-1, keepdims=True)
+    poisoned = mx.any(keep & (mx.isnan(s) | (s == mx.inf)), axis=-1, keepdims=True)
+    sinks = None
     if inputs.sinks is not None:
-        row_max = mx.maximum(row_max, inputs.sinks[None, :, None, None].astype(dtype))
+        sinks = inputs.sinks[None, :, None, None].astype(dtype)
+        poisoned = poisoned | mx.isnan(sinks) | (sinks == mx.inf)
+        sinks = mx.where(poisoned, -mx.inf, sinks)
+    s = mx.where(poisoned, -mx.inf, s)
+    if s.shape[-1] > 0:
+        row_max = mx.max(s, axis=-1, keepdims=True)
+    else:  # no keys at all (an empty packed sequence)
+        row_max = mx.full(s.shape[:-1] + (1,), -mx.inf, dtype)
+    if sinks is not None:
+        row_max = mx.maximum(row_max, sinks)
     # A fully masked row has row_max = -inf: shift by 0 there so exp gives 0, not NaN.
     shift = mx.where(mx.isinf(row_max), 0.0, row_max)
     e = mx.exp(s - shift)
     denom = mx.sum(e, axis=-1, keepdims=True)
-    if inputs.sinks is not None:
-        denom = denom + mx.exp(inputs.sinks[None, :, None, None].astype(dtype) - shift)
-    lse = (mx.log(denom) + shift)[..., 0]
+    if sinks is not None:
+        denom = denom + mx.exp(sinks - shift)
+    lse = mx.where(poisoned, mx.nan, mx.log(denom) + shift)[..., 0]
     probs = mx.where(denom > 0, e / mx.where(denom > 0, denom, 1.0), 0.0)
-    return probs, lse
+    probs = mx.where(poisoned & keep, mx.nan, probs)
+    return probs, lse, keep
+
+
+def kept_matmul(keep, probs, v):
+    """probs @ v summed over kept pairs only, IEEE per element.
+
+    With finite v this is the plain product (dropped probabilities are 0).
+    Otherwise a dropped key's NaN or inf must not leak through 0 * NaN: the
+    finite part of v goes through the product and its non-finite entries are
+    classified per output element by products of 0/1 indicators (a kept
+    zero probability times inf is NaN, as the materialised softmax gives).
+    """
+    if mx.all(mx.isfinite(v)).item():
+        return probs @ v
+    f32 = lambda x: x.astype(mx.float32)
+    base = probs @ mx.where(mx.isfinite(v), v, 0.0)
+    kept_zero, kept_pos = keep & (probs == 0), keep & (probs > 0)
+    nan = f32(keep & mx.isnan(probs)) @ f32(~mx.isfinite(v)) + f32(keep) @ f32(mx.isnan(v)) \
+        + f32(kept_zero) @ f32(mx.isinf(v))
+    pos = f32(kept_pos) @ f32(v == mx.inf)
+    neg = f32(kept_pos) @ f32(v == -mx.inf)
+    term = mx.where((nan > 0) | ((pos > 0) & (neg > 0)), mx.nan,
+                    mx.where(pos > 0, mx.inf, mx.where(neg > 0, -mx.inf, 0.0)))
+    return base + term.astype(base.dtype)
 
 
 def attention_dense(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, dtype=mx.float32):
     """(out, lse) for `[B, H, N, D]` inputs, materialised, computed in `dtype`."""
-    probs, lse = attention_probabilities(q, k, spec, inputs, dtype)
+    probs, lse, keep = attention_probabilities(q, k, spec, inputs, dtype)
     v = _expand_kv(v, spec.group_size)
-    out = (probs @ v.astype(dtype)).astype(q.dtype)
-    return out, lse.astype(mx.float32)
+    keep = mx.broadcast_to(keep, probs.shape)
+    out = kept_matmul(keep, probs, v.astype(dtype))
+    # A poisoned row is NaN even with no kept key (a NaN sink). stop_gradient:
+    # the vjp must not reach log(denom) of fully masked rows (0 * inf).
+    out = mx.where(mx.stop_gradient(mx.isnan(lse))[..., None], mx.nan, out)
+    return out.astype(q.dtype), lse.astype(mx.float32)
 
 
 def flash_attention(q, k, v, *, scale=None, mask=None, causal=False, window=None, softcap=None,

@@ -23,10 +23,40 @@ def _broadcast4(x, shape):
     return np.broadcast_to(x, shape)
 
 
+def kept_matmul(kept, a, b):
+    """sum_j a[..., i, j] * b[..., j, d] over the kept pairs (i, j) only.
+
+    IEEE per element for kept pairs (a kept zero times a NaN or inf in b is
+    NaN); a dropped pair contributes nothing whatever a or b hold (the
+    contract's rule 1), which a plain matmul over a zeroed `a` would break
+    (0 * NaN = NaN). The finite case is one matmul; otherwise the finite part
+    of b goes through the matmul and the non-finite entries are classified by
+    counting matmuls of 0/1 indicators.
+    """
+    a = np.where(kept, a, 0.0)
+    if np.isfinite(b).all():
+        return a @ b
+    base = a @ np.where(np.isfinite(b), b, 0.0)
+    ind = lambda x: x.astype(np.float64)
+    bad_b = ~np.isfinite(b)
+    nan = ind(kept & np.isnan(a)) @ ind(bad_b) + ind(kept) @ ind(np.isnan(b)) + ind(kept & (a == 0)) @ ind(np.isinf(b))
+    pos = ind(kept & (a > 0)) @ ind(b == np.inf) + ind(kept & (a < 0)) @ ind(b == -np.inf)
+    neg = ind(kept & (a > 0)) @ ind(b == -np.inf) + ind(kept & (a < 0)) @ ind(b == np.inf)
+    term = np.where((nan > 0) | ((pos > 0) & (neg > 0)), np.nan, np.where(pos > 0, np.inf, np.where(neg > 0, -np.inf, 0.0)))
+    return base + term
+
+
 def attention_np(q, k, v, *, scale=None, mask=None, causal=False, window=None, softcap=None,
                  alibi_slopes=None, sinks=None, block_mask=None, block_size=(64, 64), dout=None,
                  dlse=None):
-    """Returns dict with out, lse and, if dout is given, dq, dk, dv, dsinks, dmask (float64)."""
+    """Returns dict with out, lse and, if dout is given, dq, dk, dv, dsinks, dmask (float64).
+
+    Non-finite values follow the contract (ARCHITECTURE.md, issue 13): a
+    structurally dropped key and a -inf logit contribute nothing to a row,
+    forward or backward, whatever its k, v (or the row's q, dO) hold; a NaN
+    or +inf among a row's kept logits (or its sink) makes the row NaN; a row
+    with nothing kept is out 0, lse -inf, zero gradients.
+    """
     q, k, v = _f64(q), _f64(k), _f64(v)
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -34,24 +64,25 @@ def attention_np(q, k, v, *, scale=None, mask=None, causal=False, window=None, s
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     ke = np.repeat(k, G, axis=1)
     ve = np.repeat(v, G, axis=1)
-    s0 = scale * np.einsum("bhid,bhjd->bhij", q, ke)
-    s = s0
-    if softcap:
-        t = np.tanh(s0 / softcap)
-        s = softcap * t
-    p_pos = (np.arange(Nq) + Nk - Nq)[:, None]
-    j = np.arange(Nk)[None, :]
-    if alibi_slopes is not None:
-        a = _f64(alibi_slopes)
-        a = np.broadcast_to(a.reshape((1,) * (2 - a.ndim) + a.shape), (B, Hq))
-        s = s - a[:, :, None, None] * np.abs(p_pos - j)
-    keep = np.ones((B, Hq, Nq, Nk), dtype=bool)
-    if mask is not None:
-        m = _f64(mask)
-        if m.dtype == np.bool_:
-            keep &= _broadcast4(m, keep.shape)
-        else:
-            s = s + _broadcast4(m, keep.shape)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s0 = scale * np.einsum("bhid,bhjd->bhij", q, ke)
+        s = s0
+        if softcap:
+            t = np.tanh(s0 / softcap)
+            s = softcap * t
+        p_pos = (np.arange(Nq) + Nk - Nq)[:, None]
+        j = np.arange(Nk)[None, :]
+        if alibi_slopes is not None:
+            a = _f64(alibi_slopes)
+            a = np.broadcast_to(a.reshape((1,) * (2 - a.ndim) + a.shape), (B, Hq))
+            s = s - a[:, :, None, None] * np.abs(p_pos - j)
+        keep = np.ones((B, Hq, Nq, Nk), dtype=bool)
+        if mask is not None:
+            m = _f64(mask)
+            if m.dtype == np.bool_:
+                keep &= _broadcast4(m, keep.shape)
+            else:
+                s = s + _broadcast4(m, keep.shape)
     if causal:
         keep &= j <= p_pos
     if window is not None:
@@ -64,50 +95,71 @@ def attention_np(q, k, v, *, scale=None, mask=None, causal=False, window=None, s
         bq, bk = block_size
         bm = _broadcast4(_f64(block_mask), (B, Hq, -(-Nq // bq), -(-Nk // bk)))
         keep &= bm[:, :, np.arange(Nq) // bq][:, :, :, np.arange(Nk) // bk]
+    keep &= s != -np.inf  # rule 3: a -inf logit is a dropped key
     s = np.where(keep, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True)
+    # Rule 4: a NaN or +inf kept logit (or sink) makes the whole row NaN.
+    poisoned = (keep & (np.isnan(s) | (s == np.inf))).any(-1, keepdims=True)
+    sk = None
     if sinks is not None:
         sk = _f64(sinks)[None, :, None, None]
-        m = np.maximum(m, sk)
+        poisoned = poisoned | np.isnan(sk) | (sk == np.inf)
+    s_ok = np.where(poisoned, -np.inf, s)
+    m = s_ok.max(axis=-1, keepdims=True, initial=-np.inf)
+    if sk is not None:
+        m = np.maximum(m, np.where(poisoned, -np.inf, sk))
     m = np.where(np.isfinite(m), m, 0.0)
-    e = np.exp(s - m)
+    e = np.exp(s_ok - m)
     den = e.sum(-1, keepdims=True)
-    if sinks is not None:
-        den = den + np.exp(sk - m)
+    if sk is not None:
+        den = den + np.exp(np.where(poisoned, -np.inf, sk) - m)
     with np.errstate(divide="ignore"):
         lse = (np.log(den) + m)[..., 0]
     p = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
-    out = np.einsum("bhij,bhjd->bhid", p, ve)
-    # "mag_*" are the same sums over absolute values: the scale that rounding
-    # errors are relative to, also where the exact result cancels to ~0.
-    res = {"out": out, "lse": lse, "mag_out": np.einsum("bhij,bhjd->bhid", p, np.abs(ve))}
+    p = np.where(poisoned & keep, np.nan, p)
+    lse = np.where(poisoned[..., 0], np.nan, lse)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = kept_matmul(keep, p, ve)
+        out = np.where(poisoned, np.nan, out)
+        # "mag_*" are the same sums over absolute values: the scale that rounding
+        # errors are relative to, also where the exact result cancels to ~0.
+        res = {"out": out, "lse": lse, "mag_out": _finite_mag(kept_matmul(keep, p, np.abs(ve))), "keep": keep}
     if dout is None:
         return res
     do = _f64(dout)
-    delta = (do * out).sum(-1)
-    if dlse is not None:
-        delta = delta - _f64(dlse)
-    dp = np.einsum("bhid,bhjd->bhij", do, ve)
-    ds = p * (dp - delta[..., None])  # gradient w.r.t. the final logits
-    dve = np.einsum("bhij,bhid->bhjd", p, do)
-    ds0 = ds * (1 - t**2) if softcap else ds
-    dq = scale * np.einsum("bhij,bhjd->bhid", ds0, ke)
-    dke = scale * np.einsum("bhij,bhid->bhjd", ds0, q)
-    ds_mag = p * (np.abs(dp) + np.abs(delta[..., None]))
-    if softcap:
-        ds_mag = ds_mag * (1 - t**2)
-    res["mag_dq"] = scale * np.einsum("bhij,bhjd->bhid", ds_mag, np.abs(ke))
-    res["mag_dk"] = (scale * np.einsum("bhij,bhid->bhjd", ds_mag, np.abs(q))).reshape(B, Hkv, G, Nk, D).sum(2)
-    res["mag_dv"] = np.einsum("bhij,bhid->bhjd", p, np.abs(do)).reshape(B, Hkv, G, Nk, -1).sum(2)
-    res["dq"] = dq
-    res["dk"] = dke.reshape(B, Hkv, G, Nk, D).sum(2)
-    res["dv"] = dve.reshape(B, Hkv, G, Nk, -1).sum(2)
-    res["dmask_full"] = ds
-    if sinks is not None:
-        with np.errstate(invalid="ignore"):
-            psink = np.exp(_f64(sinks)[None, :, None] - lse)
-        res["dsinks"] = -(psink * delta).sum(axis=(0, 2))
+    with np.errstate(invalid="ignore", over="ignore"):
+        delta = (do * out).sum(-1)
+        if dlse is not None:
+            delta = delta - _f64(dlse)
+        dp = np.einsum("bhid,bhjd->bhij", do, ve)
+        ds = np.where(keep, p * (dp - delta[..., None]), 0.0)  # gradient w.r.t. the final logits
+        dve = kept_matmul(keep.swapaxes(-1, -2), p.swapaxes(-1, -2), do)
+        ds0 = np.where(keep, ds * (1 - t**2), 0.0) if softcap else ds
+        dq = scale * kept_matmul(keep, ds0, ke)
+        dke = scale * kept_matmul(keep.swapaxes(-1, -2), ds0.swapaxes(-1, -2), q)
+        ds_mag = np.where(keep, p * (np.abs(dp) + np.abs(delta[..., None])), 0.0)
+        if softcap:
+            ds_mag = np.where(keep, ds_mag * (1 - t**2), 0.0)
+        mag = lambda a, b: _finite_mag(kept_matmul(keep, a, b))
+        magT = lambda a, b: _finite_mag(kept_matmul(keep.swapaxes(-1, -2), a.swapaxes(-1, -2), b))
+        res["mag_dq"] = scale * mag(ds_mag, np.abs(ke))
+        res["mag_dk"] = (scale * magT(ds_mag, np.abs(q))).reshape(B, Hkv, G, Nk, D).sum(2)
+        res["mag_dv"] = magT(p, np.abs(do)).reshape(B, Hkv, G, Nk, v.shape[-1]).sum(2)
+        res["dq"] = dq
+        res["dk"] = dke.reshape(B, Hkv, G, Nk, D).sum(2)
+        res["dv"] = dve.reshape(B, Hkv, G, Nk, v.shape[-1]).sum(2)
+        res["dmask_full"] = ds
+        if sinks is not None:
+            # A -inf sink is a dropped logit: it adds nothing to its gradient either.
+            sink = _f64(sinks)[None, :, None]
+            psink = np.exp(sink - lse)
+            res["dsinks"] = -np.where(sink == -np.inf, 0.0, psink * delta).sum(axis=(0, 2))
     return res
+
+
+def _finite_mag(x):
+    """Magnitude sums, with non-finite entries (where the result itself is
+    non-finite) set to 0 so they do not set the error scale."""
+    return np.where(np.isfinite(x), x, 0.0)
 
 
 def attention_varlen_np(q, k, v, cu_q, cu_k, *, alibi_slopes=None, dout=None, dlse=None, **options):

@@ -54,21 +54,29 @@ def _probe_values(table: np.ndarray, rng) -> np.ndarray:
 
 
 def test_e4m3_encode_matches_mlx():
+    """Bit-exact with mx.to_fp8 except on NaN, which stays NaN here (0x7F /
+    0xFF, sign kept) where mx.to_fp8 gives 448."""
     rng = np.random.default_rng(0)
     bits = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
     for x in (bits.view(np.float32), _probe_values(fp8.decode_table("e4m3"), rng)):
         ours = np.array(fp8.encode(mx.array(x), "e4m3"))
         ref = np.array(mx.to_fp8(mx.array(x)))
-        assert np.array_equal(ours, ref)
+        nan = np.isnan(x)
+        assert np.array_equal(ours[~nan], ref[~nan])
+        assert np.array_equal(ours[nan], np.where(np.signbit(x[nan]), 0xFF, 0x7F))
 
 
 def _e5m2_encode_ref(x: np.ndarray) -> np.ndarray:
-    """Nearest e5m2 code, ties to the even code, saturating; NaN stays NaN."""
+    """Nearest e5m2 code, ties to the even code, finite values saturating;
+    NaN and inf stay NaN and inf."""
     values = np.array([_e5m2_value(c) for c in range(0x7C)])  # finite magnitudes, ascending
     out = np.empty(x.shape, np.uint8)
     for i, v in enumerate(x.astype(np.float64)):
         if np.isnan(v):
             out[i] = 0x7E
+            continue
+        if np.isinf(v):  # e5m2 has infinities: inf stays inf
+            out[i] = 0x7C | (0x80 if v < 0 else 0)
             continue
         mag = min(abs(v), values[-1])
         j = np.searchsorted(values, mag)
@@ -134,3 +142,104 @@ def test_dequantize_dtype():
 def test_bad_arguments(call):
     with pytest.raises((TypeError, ValueError)):
         call()
+
+
+# ---- non-finite and unusual inputs (issue 13) ---------------------------------
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_encode_non_finite(fmt):
+    x = mx.array(np.array([np.nan, -np.nan, np.inf, -np.inf, 1e9, -1e9, 1.5], np.float32))
+    values = fp8.decode_table(fmt)[np.array(fp8.encode(x, fmt))]
+    big = fp8.max_finite(fmt)
+    assert np.isnan(values[:2]).all()
+    want_inf = [np.inf, -np.inf] if fmt == "e5m2" else [big, -big]  # e4m3fn has no inf: saturate like mx.to_fp8
+    assert values[2:4].tolist() == want_inf
+    assert values[4:].tolist() == [big, -big, 1.5]  # finite overflow saturates in both formats
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("axis", [None, 0, -1])
+def test_quantize_scales_come_from_finite_values(fmt, axis):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((13, 17)).astype(np.float32) * 3
+    clean = x.copy()
+    x[2, 3], x[5, 0], x[7, 9], x[0, 16] = np.nan, np.inf, -np.inf, np.nan
+    bad = ~np.isfinite(x)
+    data, scale = fp8.quantize(mx.array(x), fmt=fmt, axis=axis)
+    clean_data, clean_scale = fp8.quantize(mx.array(np.where(bad, 0.0, clean)), fmt=fmt, axis=axis)
+    # Scales as if the non-finite entries were not there; the finite entries
+    # encode as they would without them.
+    np.testing.assert_array_equal(np.array(scale), np.array(clean_scale))
+    assert np.array_equal(np.array(data)[~bad], np.array(clean_data)[~bad])
+    back = np.array(fp8.dequantize(data, scale, fmt))
+    assert np.isnan(back[2, 3]) and np.isnan(back[0, 16])
+    s = np.broadcast_to(np.array(scale), x.shape)
+    if fmt == "e5m2":
+        assert back[5, 0] == np.inf and back[7, 9] == -np.inf
+    else:  # saturated to +-448 (times the slice's scale)
+        assert back[5, 0] == 448 * s[5, 0] and back[7, 9] == -448 * s[7, 9]
+    fin = np.isfinite(x)
+    rel = 2.0 ** -(4 if fmt == "e4m3" else 3)
+    tiny = np.max(s) / fp8.max_finite(fmt) * fp8.decode_table(fmt)[8]
+    assert np.all(np.abs(back[fin] - x[fin]) <= rel * np.abs(x[fin]) + tiny)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_quantize_all_non_finite_slices_get_unit_scale(fmt):
+    x = np.ones((4, 6), np.float32)
+    x[1] = np.nan
+    x[2] = np.inf
+    x[3, ::2], x[3, 1::2] = np.nan, -np.inf
+    data, scale = fp8.quantize(mx.array(x), fmt=fmt, axis=0)
+    assert np.array(scale)[:, 0].tolist() == [np.float32(1.0) / np.float32(fp8.max_finite(fmt)), 1.0, 1.0, 1.0]
+    back = np.array(fp8.dequantize(data, scale, fmt))
+    assert np.isnan(back[1]).all() and np.isnan(back[3, ::2]).all()
+    _, whole = fp8.quantize(mx.array(np.full((3, 2), np.nan, np.float32)), fmt=fmt)
+    assert float(whole) == 1.0
+
+
+@pytest.mark.parametrize("axis,scale_shape", [(None, ()), (0, (0, 1)), (-1, (1, 5))])
+def test_quantize_empty(axis, scale_shape):
+    data, scale = fp8.quantize(mx.zeros((0, 5)), axis=axis)
+    assert data.shape == (0, 5) and data.dtype == mx.uint8
+    assert tuple(scale.shape) == scale_shape and scale.dtype == mx.float32
+    assert np.all(np.array(scale) == 1.0)
+    assert fp8.dequantize(data, scale).shape == (0, 5)
+
+
+@pytest.mark.parametrize("x", [np.array([[1.0, -2.0], [3.5, 0.25]], np.float32), [[1.0, -2.0], [3.5, 0.25]], 2.5,
+                               np.array([1.0, 2.0], np.float16)], ids=["numpy", "list", "scalar", "numpy-f16"])
+def test_quantize_converts_non_mlx_input(x):
+    data, scale = fp8.quantize(x)
+    want_data, want_scale = fp8.quantize(mx.array(x))
+    assert np.array_equal(np.array(data), np.array(want_data)) and float(scale) == float(want_scale)
+
+
+@pytest.mark.parametrize("x,named", [("abc", "str"), ({"a": 1}, "dict"), (np.array([1, 2]), "int"),
+                                     (mx.array([1, 2]), "int32")])
+def test_quantize_bad_input_names_its_type(x, named):
+    with pytest.raises(TypeError, match=named):
+        fp8.quantize(x)
+
+
+def test_matmul2d_with_quantized_non_finite_weights():
+    """matmul2d over fp8 codes made by quantize: NaN / inf weights give NaN /
+    inf exactly where the float product of the dequantized operands does."""
+    import mlx_flash
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((6, 16)).astype(np.float32)
+    w[1, 3], w[4, 0] = np.nan, np.inf
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    for fmt in ("e4m3", "e5m2"):
+        data, scale = fp8.quantize(mx.array(w), fmt=fmt, axis=0)
+        got = np.array(mlx_flash.matmul2d(mx.array(x), data, b_fmt=fmt, transpose_b=True, b_scale=scale.T,
+                                          out_dtype=mx.float32), np.float64)
+        deq = np.array(fp8.dequantize(data, scale, fmt), np.float64)
+        with np.errstate(invalid="ignore"):
+            want = x.astype(np.float64) @ deq.T
+        assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(got[:, 1]).all()
+        inf = np.isinf(want)
+        assert np.array_equal(got[inf], want[inf])
+        fin = np.isfinite(want)
+        assert np.allclose(got[fin], want[fin], rtol=1e-5, atol=1e-5)
