@@ -32,7 +32,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_flash.distributed import ring_flash_attention, shard
+from mlx_flash.distributed import in_ring_order, ring_flash_attention, shard
 from mlx_flash.distributed.layout import chunks_per_rank, rank_chunks
 
 SDPA_NAME = "scaled_dot_product_attention"
@@ -113,7 +113,9 @@ def context_parallel_step(model, tokens, group, layout: str = "zigzag"):
     with context_parallel(model, group, layout):
         step = nn.value_and_grad(model, lambda x, y: token_loss_sum(model, x, y) / n)
         loss, grads = step(inputs, targets)
-    total = lambda x: mx.distributed.all_sum(x, group=group)
+    # Through in_ring_order: the loss's all_sum does not depend on the backward's ring
+    # transfers, and with the ring backend the two must not share its sockets at once.
+    total = lambda x: in_ring_order(mx.distributed.all_sum, x, group=group)
     return total(loss), tree_map(total, grads)
 
 

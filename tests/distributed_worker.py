@@ -11,6 +11,10 @@ Suites:
              against flash_attention itself (FP32_TOL); float16/bfloat16
              against the float64 reference, within twice the error of the
              plain materialised computation in that dtype (as elsewhere).
+             unshard(out) is evaluated together with the gradients, so its
+             all_gather is pending while the backward's transfers are: the
+             ordering that keeps them off the sockets at the same time
+             (in_ring_order) is under test too.
   lora       examples/ring_lora.py's context-parallel LoRA step on a tiny
              mlx-lm model vs the one-process step.
   mismatch   ranks pass different shard lengths: every rank must raise the
@@ -36,7 +40,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import mlx_flash  # noqa: E402
-from mlx_flash.distributed import local_positions, ring_flash_attention, shard, unshard  # noqa: E402
+from mlx_flash.distributed import in_ring_order, local_positions, ring_flash_attention, shard, unshard  # noqa: E402
 
 from helpers import DTYPES, FP32_TOL, check_close, plain_errors, rel_error, rng  # noqa: E402
 
@@ -82,7 +86,7 @@ def run_attention_case(case, seed, group):
     (out, lse), grads = mx.vjp(ring, local + extra, [shard(dout, group, layout), shard(dlse, group, layout, -1)])
     got = {"out": out, "lse": lse, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
     if sinks is not None:
-        got["dsinks"] = mx.distributed.all_sum(grads[3], group=group)
+        got["dsinks"] = in_ring_order(mx.distributed.all_sum, grads[3], group=group)
     got["unshard"] = unshard(out, group, layout)
     mx.eval(got)
     errors = {}

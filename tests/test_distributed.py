@@ -28,6 +28,7 @@ import mlx_flash
 from mlx_flash.distributed import ring_flash_attention, shard, unshard
 from mlx_flash.distributed.blocks import Rules, plan_step, steps_needed
 from mlx_flash.distributed.layout import rank_chunks
+from mlx_flash.distributed.ring import messages_per_call, return_hops
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -114,6 +115,9 @@ CASES_4 = [
     _case("contiguous", 17, {"causal": True, "window": [25, None], "alibi_slopes": True}),
     _case("zigzag", 34, {"softcap": 2.0, "sinks": True}, dtype="bfloat16"),
     _case("contiguous", 17, {"causal": True}, dtype="float16", transport="gather"),
+    # Two steps: the dK/dV sums go home backwards (1 hop, not 3).
+    _case("contiguous", 17, {"causal": True, "window": [10, None]}, B=2),
+    _case("zigzag", 34, {"window": [3, 2]}),
 ]
 
 
@@ -157,6 +161,13 @@ def test_zigzag_balances_causal_work():
     assert work["contiguous"] == sorted(work["contiguous"]) and work["contiguous"][0] < work["contiguous"][-1]
     # Diagonal pairs are counted whole (the kernel skips their masked tiles).
     assert sum(work["zigzag"]) <= sum(work["contiguous"])
+
+
+def test_dkv_sums_take_the_short_way_home():
+    assert return_hops(4, 4) == 1      # the full ring: one more hop onwards
+    assert return_hops(4, 2) == -1     # two steps: one hop back instead of three onwards
+    assert return_hops(8, 1) == 0      # no step past the own shard: already home
+    assert messages_per_call(4, 4) == {"forward_kv": 3, "backward_kv": 3, "backward_dkv": 4}
 
 
 def test_window_ends_the_ring_early():

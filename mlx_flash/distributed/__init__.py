@@ -12,5 +12,6 @@ See docs/distributed.md.
 
 from .layout import local_positions, shard, unshard
 from .ring import ring_flash_attention
+from .transport import in_ring_order
 
-__all__ = ["ring_flash_attention", "shard", "unshard", "local_positions"]
+__all__ = ["ring_flash_attention", "shard", "unshard", "local_positions", "in_ring_order"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .transport import in_ring_order
+
 LAYOUTS = ("contiguous", "zigzag")
 
 
@@ -84,7 +86,8 @@ def unshard(x: mx.array, group=None, layout: str = "zigzag", axis: int = -2) -> 
     if x.shape[axis] % per_rank:
         raise ValueError(f"x: shard length {x.shape[axis]} (axis {axis}) must be even for layout 'zigzag'")
     moved = mx.moveaxis(x, axis, 0)
-    gathered = mx.distributed.all_gather(moved, group=group)  # [W * n_local, ...], rank-major
+    # [W * n_local, ...], rank-major; in order with ring attention's transfers (same sockets).
+    gathered = in_ring_order(mx.distributed.all_gather, moved, group=group)
     chunk = x.shape[axis] // per_rank
     pieces = gathered.reshape(world, per_rank, chunk, *moved.shape[1:])
     order = [pieces[c, 0] if c < world else pieces[2 * world - 1 - c, 1] for c in range(world * per_rank)] \

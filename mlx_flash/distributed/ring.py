@@ -58,6 +58,23 @@ def _check_agreement(group, signature: dict):
     _agreed.add(key)
 
 
+def return_hops(world: int, steps: int) -> int:
+    """Hops that bring the dK/dV sums home after the last step: forward (> 0) or back (< 0).
+
+    After step `steps - 1` rank r holds the sum for the K/V of rank
+    r - (steps - 1): `world - steps + 1` hops onwards or `steps - 1` back.
+    """
+    onwards, back = world - steps + 1, steps - 1
+    return -back if back < onwards else onwards
+
+
+def messages_per_call(world: int, steps: int) -> dict:
+    """Messages each rank sends with the ring transport: K/V ones (packed k and v, their
+    dtype) and dK/dV ones (packed, float32)."""
+    return {"forward_kv": steps - 1, "backward_kv": steps - 1,
+            "backward_dkv": steps - 1 + abs(return_hops(world, steps))}
+
+
 def _sinks_grad(sinks, lse, out, dout, dlse):
     """This rank's share of d loss / d sink_h = -sum_{b,i} exp(sink_h - lse) * delta."""
     delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1)
@@ -153,15 +170,20 @@ def _differentiable(group_id: int, rules: blocks.Rules, layout: str, transport: 
         ring = Ring(group) if transport == "ring" and world > 1 else None
         if ring is not None:
             # Start after the cotangent exists: it orders this backward after the later layers'.
-            kv, arriving = mx.depends([pack(k, v)], [dout])[0], None
-            for t in range(world):
+            kv, total = mx.depends([pack(k, v)], [dout])[0], None
+            for t in range(steps):
                 after = ring.shift(kv) if t + 1 < steps else None
-                mine_share = share(*visiting(k, v, kv, t), t) if t < steps else None
-                total = mine_share if arriving is None else (
-                    arriving if mine_share is None else arriving + mine_share)
-                arriving = ring.shift(total if total is not None else zeros)  # on to the next rank
+                here = share(*visiting(k, v, kv, t), t)
+                total = here if total is None else (total if here is None else total + here)
+                if t + 1 < steps:
+                    # On to the rank that holds this K/V next.
+                    total = ring.shift(total if total is not None else zeros)
                 kv = after
-            dkv = arriving  # after W hops every sum is home
+            # `total` now holds every share of the K/V of rank r - (steps - 1): send it home.
+            hops = return_hops(world, steps)
+            for _ in range(abs(hops)):
+                total = ring.shift(total if total is not None else zeros, reverse=hops < 0)
+            dkv = total if total is not None else zeros
         else:
             gather = Gather(group, device) if world > 1 else None
             everyone = gather.gather(pack(k, v)) if world > 1 else None

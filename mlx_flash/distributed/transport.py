@@ -58,6 +58,35 @@ def unpack(flat, shapes):
 _chain = {}  # id(group) -> token of the last exchange issued on it
 
 
+def _token_after(group, results):
+    """Make `results` the end of group's chain: a one-element token waits on them,
+    and they wait on the token so that evaluating them evaluates it (and frees
+    what it holds)."""
+    token = mx.depends([mx.zeros((1,), mx.float32)], list(results))[0]
+    _chain[id(group)] = token
+    return mx.depends(list(results), [token])
+
+
+def in_ring_order(collective, *arrays, group=None, **kwargs):
+    """Run `collective(*arrays, group=group, **kwargs)` (e.g. mx.distributed.all_sum)
+    after every ring transfer issued so far on `group`, and before later ones.
+
+    With the ring backend (and any backend whose collectives share the
+    sockets of send/recv), a collective that runs while ring attention's
+    transfers are in flight mixes their bytes: a loss's all_sum does not
+    depend on the backward's transfers, so MLX may run both at once. Issue
+    collectives on the same group through this (shard/unshard already do).
+    """
+    group = group if group is not None else mx.distributed.init()
+    token = _chain.get(id(group))
+    if token is not None:
+        arrays = mx.depends(list(arrays), [token])
+    result = collective(*arrays, group=group, **kwargs)
+    many = isinstance(result, (list, tuple))
+    done = _token_after(group, list(result) if many else [result])
+    return type(result)(done) if many else done[0]
+
+
 class Ring:
     """Shift arrays one rank to the right around the group, in a fixed order."""
 
@@ -70,19 +99,20 @@ class Ring:
         self.stream = comm_stream(mx.cpu)
         self.last = _chain.get(id(group))
 
-    def shift(self, x):
-        """Send x to the right neighbour; return what the left one sent."""
+    def shift(self, x, reverse: bool = False):
+        """Send x to the right neighbour; return what the left one sent (mirrored with `reverse`)."""
         if self.last is not None:
             x = mx.depends([x], [self.last])[0]
         kw = dict(group=self.group, stream=self.stream)
+        to, source = (self.left, self.right) if reverse else (self.right, self.left)
         if self.rank % 2 == 0:
-            sent = mx.distributed.send(x, self.right, **kw)
-            got = mx.distributed.recv(x.shape, x.dtype, self.left, **kw)
+            sent = mx.distributed.send(x, to, **kw)
+            got = mx.distributed.recv(x.shape, x.dtype, source, **kw)
             # Depends(got, sent): the tape runs its inputs last-first, so the send goes first.
             got = mx.depends([got], [sent])[0]
         else:
-            got = mx.distributed.recv(x.shape, x.dtype, self.left, **kw)
-            sent = mx.distributed.send(mx.depends([x], [got])[0], self.right, **kw)
+            got = mx.distributed.recv(x.shape, x.dtype, source, **kw)
+            sent = mx.distributed.send(mx.depends([x], [got])[0], to, **kw)
             got = mx.depends([got], [sent])[0]
         self.last = got
         return got
