@@ -221,6 +221,7 @@ def main(argv=None) -> int:
         for w in args.worlds:
             if n % (2 * w):
                 parser.error(f"--sizes: {n} is not a multiple of 2 * {w} (zigzag shards)")
+    load_before = os.getloadavg()
     records = []
     for world in [1, *args.worlds]:
         print(f"W={world} ...", flush=True)
@@ -228,8 +229,11 @@ def main(argv=None) -> int:
     rows = summarise(records)
     print(table(rows))
     out = args.out or RESULTS_DIR / "distributed_cpu.json"
+    # Other work on a shared machine shows up in every number: keep the load with them.
     write_json(out, {"benchmark": "distributed", "date": now_iso(), "config": CONFIG, "repeats": repeats,
-                     "machine": machine_info(), "git": git_state(), "summary": rows, "per_rank": records})
+                     "machine": machine_info(), "git": git_state(),
+                     "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
+                     "summary": rows, "per_rank": records})
     print(f"wrote {out}")
     return 0
 
