@@ -182,21 +182,25 @@ def block_backward(call: BlockCall, q, k, v, out, lse, dout, dlse, rules: Rules,
 
 # --- accumulation -------------------------------------------------------------
 
+@mx.compile
+def _merge_pair(acc_out, acc_lse, out, lse):
+    # Compiled: the elementwise chain fuses, so a merge allocates its result only.
+    new_lse = mx.logaddexp(acc_lse, lse)
+    ref = mx.where(new_lse == -mx.inf, 0.0, new_lse)
+    w_acc = mx.exp(acc_lse - ref)[..., None]
+    w_new = mx.exp(lse - ref)[..., None]
+    return acc_out * w_acc + out.astype(mx.float32) * w_new, new_lse
+
+
 def merge(acc, out, lse):
     """Combine two partial softmax results by their lse (float32).
 
     Rows no key has reached yet carry lse -inf and output 0; two such rows
     stay that way (never NaN), while a NaN anywhere stays NaN.
     """
-    out = out.astype(mx.float32)
     if acc is None:
-        return out, lse
-    acc_out, acc_lse = acc
-    new_lse = mx.logaddexp(acc_lse, lse)
-    ref = mx.where(new_lse == -mx.inf, 0.0, new_lse)
-    w_acc = mx.exp(acc_lse - ref)[..., None]
-    w_new = mx.exp(lse - ref)[..., None]
-    return acc_out * w_acc + out * w_new, new_lse
+        return out.astype(mx.float32), lse
+    return _merge_pair(acc[0], acc[1], out, lse)
 
 
 def pad_rows(x, rows: int, fill: float):
