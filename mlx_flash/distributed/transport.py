@@ -111,6 +111,12 @@ class Ring:
             # Depends(got, sent): the tape runs its inputs last-first, so the send goes first.
             got = mx.depends([got], [sent])[0]
         else:
+            # MLX's ring backend polls a socket without sleeping while a recv is
+            # pending, so a recv posted before this rank's own message is ready
+            # would spin through this rank's attention. A no-op on the transfer
+            # stream that waits for x (a sleeping wait) comes first in the stream.
+            gate = mx.depends([mx.zeros((1,), mx.float32, stream=self.stream)], [x])[0]
+            x = mx.depends([x], [gate])[0]
             got = mx.distributed.recv(x.shape, x.dtype, source, **kw)
             sent = mx.distributed.send(mx.depends([x], [got])[0], to, **kw)
             got = mx.depends([got], [sent])[0]
