@@ -14,7 +14,10 @@ their zigzag shards (causal, GQA 8/2 heads, D 64, float32). Per rank:
 * the forward's attention alone (the same kernel calls on local data, no
   transfers) and its transfers alone (the K/V shifts, no attention), to
   see how much of the transfer time the overlap hides,
-* the bytes each rank sends per step, counted from the plan.
+* the bytes each rank sends per step, counted from the plan,
+* wall and CPU time (user + system of the process, all threads): on a
+  shared machine the wall time also counts waiting for a core, the CPU
+  time is the work; the load average is recorded with the results.
 
 On a 2-core machine W processes share 2 cores, so a speed-up is not what
 this can show; it shows overhead, memory per rank and overlap.
@@ -46,14 +49,25 @@ def _inputs(n_local: int, seed: int):
             mx.random.normal((B, Hkv, n_local, D), key=kv), mx.random.normal((B, Hq, n_local, D), key=kd))
 
 
-def _timed(fn, barrier, repeats: int) -> list:
-    out = []
+def _cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _timed(fn, barrier, repeats: int) -> dict:
+    """Wall and CPU seconds (this process, all threads) of each repeat.
+
+    On a shared machine the wall time also counts waiting for a core; the
+    CPU time is the work itself.
+    """
+    wall, cpu = [], []
     for _ in range(repeats):
         barrier()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), _cpu_s()
         fn()
-        out.append(time.perf_counter() - start)
-    return out
+        wall.append(time.perf_counter() - start)
+        cpu.append(_cpu_s() - start_cpu)
+    return {"wall_s": wall, "cpu_s": cpu}
 
 
 def _peak_extra(fn) -> int:
@@ -126,14 +140,14 @@ def worker(sizes, repeats: int) -> None:
         step = lambda: mx.eval(mx.vjp(attend, [q, k, v], [dout]))
         forward()  # warm-up (first calls build caches)
         record = {"rank": rank, "world": world, "N": n, "N_local": n // world,
-                  "forward_s": _timed(forward, barrier, repeats)}
+                  "forward": _timed(forward, barrier, repeats)}
         barrier()
         record["step_peak_extra_bytes"] = _peak_extra(step)
-        record["step_s"] = _timed(step, barrier, repeats)
+        record["step"] = _timed(step, barrier, repeats)
         if group:
             record.update(_plan_bytes(group, n // world, k, v))
             compute = lambda: mx.eval(_local_forward_compute(group, q, k, v))
-            record["forward_compute_only_s"] = _timed(compute, barrier, repeats)
+            record["forward_compute_only"] = _timed(compute, barrier, repeats)
 
             def transfers():
                 ring, kv = Ring(group), pack(k, v)
@@ -141,7 +155,7 @@ def worker(sizes, repeats: int) -> None:
                     kv = ring.shift(kv)
                 mx.eval(ring.close(kv))
 
-            record["forward_transfers_only_s"] = _timed(transfers, barrier, repeats)
+            record["forward_transfers_only"] = _timed(transfers, barrier, repeats)
         print("RESULT " + json.dumps(record), flush=True)
 
 
@@ -164,19 +178,24 @@ def _launch(world: int, sizes, repeats: int, timeout: float) -> list:
 
 
 def summarise(records: list) -> list:
-    """One row per (N, W): the slowest rank's medians, the largest peak."""
+    """One row per (N, W): the slowest rank's medians, the sum of CPU over ranks, the largest peak."""
     rows = []
     for key in sorted({(r["N"], r["world"]) for r in records}):
         ranks = [r for r in records if (r["N"], r["world"]) == key]
-        med = lambda name: max(statistics.median(r[name]) for r in ranks) if name in ranks[0] else None
-        row = {"N": key[0], "world": key[1], "forward_s": med("forward_s"), "step_s": med("step_s"),
+        slowest = lambda name, kind: max(statistics.median(r[name][kind]) for r in ranks)
+        total = lambda name, kind: sum(statistics.median(r[name][kind]) for r in ranks)
+        row = {"N": key[0], "world": key[1],
+               "forward_wall_s": slowest("forward", "wall_s"), "forward_cpu_s_all_ranks": total("forward", "cpu_s"),
+               "step_wall_s": slowest("step", "wall_s"), "step_cpu_s_slowest_rank": slowest("step", "cpu_s"),
+               "step_cpu_s_all_ranks": total("step", "cpu_s"),
                "peak_extra_bytes_per_rank": max(r["step_peak_extra_bytes"] for r in ranks)}
         if key[1] > 1:
-            compute, transfer = med("forward_compute_only_s"), med("forward_transfers_only_s")
+            compute, transfer = slowest("forward_compute_only", "wall_s"), slowest("forward_transfers_only", "wall_s")
             row.update({
-                "forward_compute_only_s": compute, "forward_transfers_only_s": transfer,
-                # Share of the transfer time that did not add to the forward's time.
-                "transfer_hidden": max(0.0, min(1.0, (compute + transfer - row["forward_s"]) / transfer))
+                "forward_compute_only_wall_s": compute, "forward_transfers_only_wall_s": transfer,
+                "forward_transfers_only_cpu_s_all_ranks": total("forward_transfers_only", "cpu_s"),
+                # Share of the transfer time that did not add to the forward's (wall) time.
+                "transfer_hidden": max(0.0, min(1.0, (compute + transfer - row["forward_wall_s"]) / transfer))
                 if transfer > 0 else None,
                 "bytes_sent_per_rank_forward": ranks[0]["forward_bytes"],
                 "bytes_sent_per_rank_backward": ranks[0]["backward_bytes"],
@@ -188,15 +207,20 @@ def summarise(records: list) -> list:
 def table(rows: list) -> str:
     from mlx_flash.bench.common import fmt_bytes, fmt_time
 
-    lines = ["| N | processes | forward | fwd+bwd | peak extra / rank | sent / rank fwd, bwd | fwd attention only | fwd transfers only | transfer hidden |",
+    lines = ["| N | processes | fwd+bwd wall | fwd+bwd CPU, slowest rank / all ranks | forward wall | "
+             "peak extra / rank | sent / rank fwd, bwd | fwd: attention only, transfers only (wall) | transfer hidden |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        multi = r["world"] > 1
         sent = (f"{fmt_bytes(r['bytes_sent_per_rank_forward'])}, {fmt_bytes(r['bytes_sent_per_rank_backward'])}"
-                if r["world"] > 1 else "-")
+                if multi else "-")
+        parts = (f"{fmt_time(r['forward_compute_only_wall_s'])}, {fmt_time(r['forward_transfers_only_wall_s'])}"
+                 if multi else "-")
         hidden = "-" if r.get("transfer_hidden") is None else f"{100 * r['transfer_hidden']:.0f}%"
-        lines.append(f"| {r['N']} | {r['world']} | {fmt_time(r['forward_s'])} | {fmt_time(r['step_s'])} | "
-                     f"{fmt_bytes(r['peak_extra_bytes_per_rank'])} | {sent} | {fmt_time(r.get('forward_compute_only_s'))} | "
-                     f"{fmt_time(r.get('forward_transfers_only_s'))} | {hidden} |")
+        lines.append(f"| {r['N']} | {r['world']} | {fmt_time(r['step_wall_s'])} | "
+                     f"{fmt_time(r['step_cpu_s_slowest_rank'])} / {fmt_time(r['step_cpu_s_all_ranks'])} | "
+                     f"{fmt_time(r['forward_wall_s'])} | {fmt_bytes(r['peak_extra_bytes_per_rank'])} | {sent} | "
+                     f"{parts} | {hidden} |")
     return "\n".join(lines)
 
 
