@@ -220,9 +220,32 @@ def test_bad_arguments_name_the_argument(kwargs, match):
         ring_flash_attention(q, q, q, **kwargs)
 
 
+def test_group_must_be_a_group():
+    q = mx.ones((1, 2, 34, 8))
+    with pytest.raises(TypeError, match="group: expected an mx.distributed.Group"):
+        ring_flash_attention(q, q, q, group=4)
+
+
 def test_shard_lengths_that_do_not_split():
     q = mx.ones((1, 2, 17, 8))
     with pytest.raises(ValueError, match="N_local must be a positive multiple of 2"):
         ring_flash_attention(q, q, q, layout="zigzag")
     with pytest.raises(ValueError, match="k: ring attention shards one sequence"):
         ring_flash_attention(q, mx.ones((1, 2, 16, 8)), mx.ones((1, 2, 16, 8)), layout="contiguous")
+
+
+def test_benchmark_records_and_table(capsys):
+    from mlx_flash.bench import distributed as bench
+
+    bench.worker([128], repeats=1)  # not launched: the one-process baseline
+    (line,) = [l for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")]
+    one = json.loads(line[len("RESULT "):])
+    assert one["world"] == 1 and one["step_peak_extra_bytes"] > 0 and len(one["step"]["wall_s"]) == 1
+    timing = {"wall_s": [0.2], "cpu_s": [0.1]}
+    ranks = [dict(one, world=2, rank=r, N_local=64, forward_compute_only=timing, forward_transfers_only=timing,
+                  forward_bytes=1 << 20, backward_bytes=3 << 20) for r in (0, 1)]
+    rows = bench.summarise([one] + ranks)
+    assert [(r["N"], r["world"]) for r in rows] == [(128, 1), (128, 2)]
+    assert rows[1]["bytes_sent_per_rank_backward"] == 3 << 20
+    assert rows[1]["step_cpu_s_all_ranks"] == 2 * one["step"]["cpu_s"][0]
+    assert bench.table(rows).count("\n") == 3

@@ -248,6 +248,8 @@ def ring_flash_attention(q, k, v, *, group=None, layout="zigzag", scale=None, ca
             )
     layout = layouts.check_layout(layout)
     group = group if group is not None else mx.distributed.init()
+    if not isinstance(group, mx.distributed.Group):
+        raise TypeError(f"group: expected an mx.distributed.Group or None, got {type(group).__name__}")
     backend = dispatch.backend_name(None)
     transport = _default_transport(backend) if transport is None else transport
     if transport not in TRANSPORTS:
