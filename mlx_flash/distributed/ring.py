@@ -75,6 +75,11 @@ def messages_per_call(world: int, steps: int) -> dict:
             "backward_dkv": steps - 1 + abs(return_hops(world, steps))}
 
 
+def _join(chunks):
+    """Per-chunk results along the sequence axis (no copy for a single chunk)."""
+    return chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=2)
+
+
 def _sinks_grad(sinks, lse, out, dout, dlse):
     """This rank's share of d loss / d sink_h = -sum_{b,i} exp(sink_h - lse) * delta."""
     delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1)
@@ -128,8 +133,7 @@ def _differentiable(group_id: int, rules: blocks.Rules, layout: str, transport: 
         for a in range(len(mine)):  # rows no key reaches (not possible with today's rules)
             if acc[a] is None:
                 acc[a] = (mx.zeros((B, H, C, Dv), mx.float32), mx.full((B, H, C), -mx.inf, mx.float32))
-        out = mx.concatenate([o for o, _ in acc], axis=2)
-        lse = mx.concatenate([l for _, l in acc], axis=2)
+        out, lse = _join([o for o, _ in acc]), _join([l for _, l in acc])
         if sinks is not None:
             with_sink = mx.logaddexp(lse, sinks[None, :, None])
             out = out * mx.exp(lse - with_sink)[..., None]
@@ -201,7 +205,7 @@ def _differentiable(group_id: int, rules: blocks.Rules, layout: str, transport: 
                 dkv = gather.sum_home(mx.stack([shares[(rank - s) % world] for s in range(world)]))
         dk, dv = unpack(dkv, (k.shape, v.shape))
         B, H, D = q.shape[0], q.shape[1], q.shape[-1]
-        dq = mx.concatenate([g if g is not None else mx.zeros((B, H, C, D), mx.float32) for g in dq], axis=2)
+        dq = _join([g if g is not None else mx.zeros((B, H, C, D), mx.float32) for g in dq])
         grads = []
         for name, x in zip(names, extras):
             grads.append(_sinks_grad(x, lse, out, dout, dlse) if name == "sinks" else mx.zeros_like(x))
