@@ -18,6 +18,7 @@ namespace mx = mlx::core;
 
 namespace mlxf {
 void register_matmul(nb::module_& m);  // matmul_primitive.cpp
+void register_quant_attention(nb::module_& m);  // attention_quant_primitive.cpp
 }
 
 namespace {
@@ -78,4 +79,5 @@ NB_MODULE(_ext, m) {
   m.def("num_threads", &mlxf::num_workers, "Worker threads of the CPU kernels.");
 
   mlxf::register_matmul(m);
+  mlxf::register_quant_attention(m);
 }
