@@ -291,3 +291,17 @@ def test_no_full_precision_copy_of_the_cache(nq):
     extra = mx.get_peak_memory() - base
     dequantized_k = B * Hkv * Nk * D * 2  # one fp16 copy of K
     assert extra < dequantized_k / 10, f"extra peak {extra / 2**20:.2f} MiB vs dequantized K {dequantized_k / 2**20:.0f} MiB"
+
+
+def test_inside_compile_and_grad():
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 9, 70, 64
+    q, kq, vq, kd, vd = quantized_case(("compile",), B, Hq, Hkv, Nq, Nk, D, bits=6)
+
+    def loss(q):
+        return mx.sum(mlx_flash.flash_attention_quantized(q, kq, vq, bits=6, group_size=64, causal=True) ** 2)
+
+    got = mx.compile(mx.value_and_grad(loss))(q)
+    want_out = attention_np(q, kd, vd, causal=True)["out"]
+    want = attention_np(q, kd, vd, causal=True, dout=mx.array(2 * want_out.astype(np.float32)))
+    assert abs(got[0].item() - float((want_out ** 2).sum())) < 1e-4 * float((want_out ** 2).sum())
+    check_close("dq", to_np(got[1]), want, mx.float32)
