@@ -51,7 +51,8 @@ inline float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
 // ---- dequantization -----------------------------------------------------------
 
 // Codes of one row, 32 values at a time (= BITS whole words): value e of a
-// block sits at bit e * BITS of the block's little-endian bit stream.
+// block sits at bit e * BITS of the block's little-endian bit stream, so 3-,
+// 5- and 6-bit values may straddle two words.
 template <int BITS>
 inline void unpack_codes(const uint32_t* w, int d, float* codes) {
   constexpr uint32_t MASK = (1u << BITS) - 1;
@@ -66,6 +67,21 @@ inline void unpack_codes(const uint32_t* w, int d, float* codes) {
   }
 }
 
+// The same for widths that divide 8 (2, 4, 8 bits): a byte holds 8 / BITS
+// whole values, lowest first, so the loop runs over bytes, which the
+// compiler vectorises.
+template <int BITS>
+inline void unpack_byte_codes(const uint32_t* w, int d, float* codes) {
+  constexpr int PER = 8 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1;
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w);
+  for (int i = 0; i < d / PER; ++i) {
+    const uint32_t x = bytes[i];
+#pragma GCC unroll 4
+    for (int e = 0; e < PER; ++e) codes[i * PER + e] = (float)((x >> (e * BITS)) & MASK);
+  }
+}
+
 // Token row n of head h of batch b, dequantized to fp32 (d = q.dim values).
 // Returns false if any value is NaN or inf (only possible from non-finite
 // scales or biases).
@@ -77,12 +93,12 @@ bool dequant_row(const QuantView& q, int bits, int group_size, int64_t b, int64_
     w = local;
   }
   switch (bits) {
-    case 2: unpack_codes<2>(w, q.dim, dst); break;
+    case 2: unpack_byte_codes<2>(w, q.dim, dst); break;
     case 3: unpack_codes<3>(w, q.dim, dst); break;
-    case 4: unpack_codes<4>(w, q.dim, dst); break;
+    case 4: unpack_byte_codes<4>(w, q.dim, dst); break;
     case 5: unpack_codes<5>(w, q.dim, dst); break;
     case 6: unpack_codes<6>(w, q.dim, dst); break;
-    default: unpack_codes<8>(w, q.dim, dst); break;
+    default: unpack_byte_codes<8>(w, q.dim, dst); break;
   }
   const int64_t so = q.scales.offset(b, h, n), bo = q.biases.offset(b, h, n);
   bool finite = true;
