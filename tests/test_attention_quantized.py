@@ -305,3 +305,19 @@ def test_inside_compile_and_grad():
     want = attention_np(q, kd, vd, causal=True, dout=mx.array(2 * want_out.astype(np.float32)))
     assert abs(got[0].item() - float((want_out ** 2).sum())) < 1e-4 * float((want_out ** 2).sum())
     check_close("dq", to_np(got[1]), want, mx.float32)
+
+
+def test_benchmark_quick_run(tmp_path):
+    """python -m mlx_flash.bench.quantized_kv --quick writes its JSON (no timing assertions)."""
+    from mlx_flash.bench import quantized_kv
+
+    out = tmp_path / "q.json"
+    result = quantized_kv.main(["--quick", "--keys", "256", "--out", str(out)])
+    assert out.exists() and result["cases"]
+    for case in result["cases"]:
+        ours = case["results"]["flash_quantized"]
+        assert ours["time_s"] > 0 and ours["extra_peak_bytes"] > 0
+        for name, entry in case["results"].items():
+            assert "error" not in entry, (name, entry)
+            if "max_abs_diff_vs_flash_quantized" in entry:
+                assert entry["max_abs_diff_vs_flash_quantized"] < 2e-2, (case["case"], name, entry)

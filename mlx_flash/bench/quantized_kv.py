@@ -131,7 +131,7 @@ ALL = ("flash_quantized", "mlx_lm_quantized", "mx_fast_unquantized", "flash_unqu
 def cases(quick: bool, nk: int, prefill: int, mlx_lm_prefill: int):
     """(label, Nq, Nk, bits, dtype, implementations)."""
     if quick:
-        nk, prefill, mlx_lm_prefill = 1024, 64, 32
+        nk, prefill, mlx_lm_prefill = min(nk, 1024), 64, 32
     return [
         ("decode", 1, nk, 4, mx.float32, ALL),
         ("decode", 1, nk, 4, mx.float16, ALL),
