@@ -64,8 +64,9 @@ def implementations(q, k, v, kq, vq, bits: int, causal: bool, names) -> dict:
     all_impls = {
         "flash_quantized": lambda: mlx_flash.flash_attention_quantized(
             q, kq, vq, bits=bits, group_size=gs, scale=scale, causal=causal),
+        # It scales its queries in place (`queries *= scale`): hand it its own array.
         "mlx_lm_quantized": lambda: quantized_scaled_dot_product_attention(
-            q, kq, vq, scale=scale, mask=mask, group_size=gs, bits=bits),
+            mx.array(q), kq, vq, scale=scale, mask=mask, group_size=gs, bits=bits),
         "mx_fast_unquantized": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask),
         "flash_unquantized": lambda: mlx_flash.flash_attention(q, k, v, scale=scale, causal=causal),
     }
