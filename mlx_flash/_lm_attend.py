@@ -124,7 +124,7 @@ def _quantized_reason(queries, keys, cache, scale, mask) -> str | None:
     yet, so there the call goes back to mlx-lm, counted. Shapes of the
     triples are checked by the op itself."""
     backend = dispatch.backend_name(None)
-    if backend != "cpu":
+    if backend not in dispatch.QUANTIZED_KV_BACKENDS:
         return f"quantized KV cache on {backend} (no kernel yet)"
     if cache.bits not in SUPPORTED_BITS or cache.group_size not in SUPPORTED_GROUP_SIZES:
         return f"quantized KV cache with bits={cache.bits}, group_size={cache.group_size}"

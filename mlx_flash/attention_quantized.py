@@ -2,7 +2,7 @@
 
 `flash_attention_quantized` validates (`_quant_spec.py`), then calls a
 `mx.custom_function` whose forward dequantizes K and V tile by tile inside
-the kernel (csrc/attention_quant_cpu_kernel.cpp): no full-precision copy of
+the backend kernel (`dispatch.py`; CPU: csrc/attention_quant_cpu_kernel.cpp): no full-precision copy of
 the cache ever exists. k and v are constants (a cache); the vjp gives q's
 gradient through a fused kernel (no N x N array), and the sinks' and an
 additive mask's through the same formulas as `flash_attention`.
@@ -25,18 +25,6 @@ from .attention import _additive_mask_grad, _row_delta, _sinks_grad
 _EXTRA_FIELDS = ("mask", "alibi", "sinks")
 
 
-def _ext():
-    from . import _ext
-
-    return _ext
-
-
-def _static(qspec: QuantSpec) -> dict:
-    spec = qspec.attention
-    return dict(bits=qspec.bits, group_size=qspec.group_size, scale=spec.scale,
-                window_left=spec.window_left, window_right=spec.window_right, softcap=spec.softcap)
-
-
 def dequantize_kv(triple, qspec: QuantSpec, dtype=None):
     """`mx.dequantize` of a (data, scales, biases) triple (optionally cast)."""
     x = mx.dequantize(*triple, group_size=qspec.group_size, bits=qspec.bits)
@@ -44,22 +32,17 @@ def dequantize_kv(triple, qspec: QuantSpec, dtype=None):
 
 
 @functools.lru_cache(maxsize=256)
-def _differentiable(qspec: QuantSpec, names: tuple, stream):
-    """One custom_function per (spec, present extras, stream)."""
-    static = _static(qspec)
+def _differentiable(qspec: QuantSpec, names: tuple, backend_name: str, stream):
+    """One custom_function per (spec, present extras, backend, stream)."""
+    backend = dispatch.backend_for_name(backend_name)
     spec = qspec.attention
 
     def rebuild(extras) -> AttentionInputs:
         return AttentionInputs(**dict(zip(names, extras)))
 
-    def kernel_extras(inputs: AttentionInputs) -> dict:
-        return dict(mask=inputs.mask, alibi=inputs.alibi, sinks=inputs.sinks)
-
     @mx.custom_function
     def attention(q, kw, ks, kb, vw, vs, vb, *extras):
-        out, lse = _ext().quant_attention_forward(
-            q, [kw, ks, kb], [vw, vs, vb], **kernel_extras(rebuild(extras)), **static, stream=stream)
-        return out, lse
+        return backend.quantized_attention_forward(q, (kw, ks, kb), (vw, vs, vb), qspec, rebuild(extras), stream)
 
     @attention.vjp
     def attention_vjp(primals, cotangents, outputs):
@@ -68,8 +51,8 @@ def _differentiable(qspec: QuantSpec, names: tuple, stream):
         out, lse = outputs
         inputs = rebuild(extras)
         delta = _row_delta(out, dout, dlse)
-        (dq,) = _ext().quant_attention_backward(
-            q, [kw, ks, kb], [vw, vs, vb], lse, delta, dout, **kernel_extras(inputs), **static, stream=stream)
+        dq = backend.quantized_attention_backward(q, (kw, ks, kb), (vw, vs, vb), lse, delta, dout, qspec, inputs,
+                                                  stream)
         grads = []
         for name, x in zip(names, extras):
             if name == "sinks":
@@ -124,14 +107,14 @@ def flash_attention_quantized(q, k, v, *, bits, group_size, scale=None, mask=Non
         window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
     )
     backend = dispatch.backend_name(stream)
-    if backend != "cpu":
+    if backend not in dispatch.QUANTIZED_KV_BACKENDS:
         raise NotImplementedError(
             f"flash_attention_quantized: no {backend} kernel yet (attention from a quantized KV cache "
             f"runs on the CPU only so far); pass stream=mx.cpu, or dequantize k and v and call "
             f"flash_attention"
         )
     names = tuple(n for n in _EXTRA_FIELDS if getattr(inputs, n) is not None)
-    fn = _differentiable(qspec, names, stream)
+    fn = _differentiable(qspec, names, backend, stream)
     out, lse = fn(q, *k, *v, *[getattr(inputs, n) for n in names])
     return (out, lse) if return_lse else out
 
