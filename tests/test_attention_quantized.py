@@ -291,6 +291,17 @@ def test_no_full_precision_copy_of_the_cache(nq):
     extra = mx.get_peak_memory() - base
     dequantized_k = B * Hkv * Nk * D * 2  # one fp16 copy of K
     assert extra < dequantized_k / 10, f"extra peak {extra / 2**20:.2f} MiB vs dequantized K {dequantized_k / 2**20:.0f} MiB"
+    # The backward (dq) too: forward outputs, dq and O(tile) scratch only.
+    loss = lambda q: mx.sum(mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64, causal=True)
+                            .astype(mx.float32))
+    del out
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(mx.grad(loss)(q))
+    extra = mx.get_peak_memory() - base
+    assert extra < dequantized_k / 4, f"backward extra peak {extra / 2**20:.2f} MiB vs dequantized K {dequantized_k / 2**20:.0f} MiB"
 
 
 def test_inside_compile_and_grad():
