@@ -349,3 +349,17 @@ def test_reference_function_and_nan_sink():
     got = run(q, kq, vq, 3, 32, sinks=mx.array([float("nan"), 0.5]))
     assert np.all(np.isnan(got["out"][:, 0])) and np.all(np.isnan(got["lse"][:, 0]))
     assert np.all(np.isfinite(got["out"][:, 1]))
+
+
+@pytest.mark.parametrize("cache_dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
+def test_float32_q_over_a_half_precision_cache(cache_dtype):
+    """Scales/biases in another dtype than q (a half cache, an fp32 query)."""
+    gen = rng("mixed", cache_dtype)
+    q = randn(gen, (1, 4, 9, 64))
+    kq = tuple(mx.quantize(randn(gen, (1, 2, 77, 64), cache_dtype), group_size=32, bits=4))
+    vq = tuple(mx.quantize(randn(gen, (1, 2, 77, 64), cache_dtype), group_size=32, bits=4))
+    kd, vd = (mx.dequantize(*t, group_size=32, bits=4).astype(mx.float32) for t in (kq, vq))
+    got = run(q, kq, vq, 4, 32, causal=True)
+    want = expected(q, kd, vd, causal=True)
+    # The kernel dequantizes in fp32, mx.dequantize rounds to the half dtype: allow that rounding.
+    assert reference_error("out", got["out"], want) < (2e-3 if cache_dtype == mx.float16 else 1.6e-2)
