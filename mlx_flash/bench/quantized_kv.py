@@ -18,8 +18,8 @@ head dim, group 64). Implementations, on the same inputs:
 Cases: decode (1 query per head) at Nk = 32768 in float32 and float16, 4
 and 8 bits; a causal prefill chunk against the 32K cache (bottom-right
 aligned). mlx-lm's quantized path materialises the [B, Hq, Nq, Nk] scores
-(8 GiB in float32 for a 2048-query chunk, twice that at its peak), more
-than this shared machine can give it, so its prefill runs at a smaller
+(8 GiB in float32 for a 2048-query chunk), more than a shared 2-core test
+machine should give it, so its prefill runs at a smaller
 chunk (`--mlx-lm-prefill-queries`, default 256) and the full 2048-query
 chunk runs for mlx_flash alone; the JSON says which ran at which size.
 Peak memory is MLX's allocator peak above what was held before the call
