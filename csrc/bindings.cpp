@@ -18,6 +18,7 @@ namespace mx = mlx::core;
 
 namespace mlxf {
 void register_matmul(nb::module_& m);  // matmul_primitive.cpp
+void register_quant_attention(nb::module_& m);  // attention_quant_primitive.cpp
 }
 
 namespace {
@@ -82,4 +83,5 @@ NB_MODULE(_ext, m) {
   mlxf::num_workers();
 
   mlxf::register_matmul(m);
+  mlxf::register_quant_attention(m);
 }

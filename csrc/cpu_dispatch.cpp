@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "attention_quant.h"
 #include "cpu_kernels.h"
 
 namespace mlxf {
@@ -54,10 +55,14 @@ namespace avx2 {
 void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) { generic::attention_forward(a, o); }
 void attention_backward(const AttentionArgs& a, const BackwardArgs& g) { generic::attention_backward(a, g); }
 void matmul2d(const MatmulArgs& a) { generic::matmul2d(a); }
+void quant_attention_forward(const QuantAttentionArgs& a, const ForwardOutputs& o) { generic::quant_attention_forward(a, o); }
+void quant_attention_backward(const QuantAttentionArgs& a, const QuantBackwardArgs& g) { generic::quant_attention_backward(a, g); }
 }  // namespace avx2
 namespace avx512 {
 void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) { generic::attention_forward(a, o); }
 void attention_backward(const AttentionArgs& a, const BackwardArgs& g) { generic::attention_backward(a, g); }
+void quant_attention_forward(const QuantAttentionArgs& a, const ForwardOutputs& o) { generic::quant_attention_forward(a, o); }
+void quant_attention_backward(const QuantAttentionArgs& a, const QuantBackwardArgs& g) { generic::quant_attention_backward(a, g); }
 }  // namespace avx512
 #endif
 
@@ -78,6 +83,20 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& g) {
     case Isa::avx512: return avx512::attention_backward(a, g);
     case Isa::avx2: return avx2::attention_backward(a, g);
     default: return generic::attention_backward(a, g);
+  }
+}
+void quant_attention_forward(const QuantAttentionArgs& a, const ForwardOutputs& o) {
+  switch (isa()) {
+    case Isa::avx512: return avx512::quant_attention_forward(a, o);
+    case Isa::avx2: return avx2::quant_attention_forward(a, o);
+    default: return generic::quant_attention_forward(a, o);
+  }
+}
+void quant_attention_backward(const QuantAttentionArgs& a, const QuantBackwardArgs& g) {
+  switch (isa()) {
+    case Isa::avx512: return avx512::quant_attention_backward(a, g);
+    case Isa::avx2: return avx2::quant_attention_backward(a, g);
+    default: return generic::quant_attention_backward(a, g);
   }
 }
 void matmul2d(const MatmulArgs& a) { isa() == Isa::generic ? generic::matmul2d(a) : avx2::matmul2d(a); }

@@ -25,12 +25,14 @@ _import_mlx()
 
 from . import distributed, fp8, reference  # noqa: E402
 from .attention import flash_attention, flash_attention_varlen  # noqa: E402
+from .attention_quantized import flash_attention_quantized  # noqa: E402
 from .matmul import matmul2d  # noqa: E402
 from .mlx_lm_patch import (convert_model_to_fp8, is_mlx_lm_patched, patch_mlx_lm,  # noqa: E402
                            patch_stats, reset_patch_stats, unpatch_mlx_lm)
 
 __all__ = [
-    "flash_attention", "flash_attention_varlen", "fp8", "matmul2d", "reference", "distributed",
+    "flash_attention", "flash_attention_varlen", "flash_attention_quantized", "fp8", "matmul2d",
+    "reference", "distributed",
     "patch_mlx_lm", "unpatch_mlx_lm", "is_mlx_lm_patched", "patch_stats", "reset_patch_stats",
     "convert_model_to_fp8",
 ]

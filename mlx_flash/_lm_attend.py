@@ -23,8 +23,10 @@ from collections import Counter
 import mlx.core as mx
 
 from . import dispatch
+from ._quant_spec import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ._spec import FLOAT_DTYPES, MAX_HEAD_DIM
 from .attention import flash_attention
+from .attention_quantized import flash_attention_quantized
 
 log = logging.getLogger("mlx_flash.mlx_lm")
 
@@ -93,8 +95,7 @@ def unsupported_reason(queries, keys, values, cache, scale, mask) -> str | None:
     `mask` may be None to check everything else (before a cache update).
     """
     if hasattr(cache, "bits"):
-        # QuantizedKVCache: keys/values are (packed, scales, biases) tuples.
-        return "quantized KV cache"
+        return _quantized_reason(queries, keys, cache, scale, mask)
     if not all(isinstance(a, mx.array) for a in (queries, keys, values)):
         return "non-array queries/keys/values"
     if queries.ndim != 4 or keys.ndim != 4 or values.ndim != 4:
@@ -117,14 +118,40 @@ def unsupported_reason(queries, keys, values, cache, scale, mask) -> str | None:
     return None
 
 
-def fused(queries, keys, values, *, scale, mask, sinks=None, softcap=None):
-    """`flash_attention` with mlx-lm's arguments (counted).
+def _quantized_reason(queries, keys, cache, scale, mask) -> str | None:
+    """QuantizedKVCache (keys/values are (data, scales, biases) triples): the
+    quantized op takes it on the CPU; its Metal/CUDA kernels are not written
+    yet, so there the call goes back to mlx-lm, counted. Shapes of the
+    triples are checked by the op itself."""
+    backend = dispatch.backend_name(None)
+    if backend not in dispatch.QUANTIZED_KV_BACKENDS:
+        return f"quantized KV cache on {backend} (no kernel yet)"
+    if cache.bits not in SUPPORTED_BITS or cache.group_size not in SUPPORTED_GROUP_SIZES:
+        return f"quantized KV cache with bits={cache.bits}, group_size={cache.group_size}"
+    if not isinstance(queries, mx.array) or queries.ndim != 4 or queries.dtype not in FLOAT_DTYPES:
+        return "queries not a rank-4 float array"
+    if queries.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim > {MAX_HEAD_DIM}"
+    if not isinstance(scale, numbers.Real):
+        return f"scale of type {type(scale).__name__}"
+    nk = (keys[0] if isinstance(keys, (tuple, list)) else keys).shape[2]
+    return _mask_reason(mask, (queries.shape[0], queries.shape[1], queries.shape[2], nk))
+
+
+def fused(queries, keys, values, *, scale, mask, sinks=None, softcap=None, cache=None):
+    """`flash_attention` with mlx-lm's arguments (counted); with a
+    QuantizedKVCache, `flash_attention_quantized` on its triples.
 
     The string mask "causal" becomes `causal=True`: mlx-lm aligns it
     bottom-right after a KV-cache offset, and so does the op.
     """
     stats.count_flash()
     causal = isinstance(mask, str)
+    if hasattr(cache, "bits"):
+        return flash_attention_quantized(
+            queries, keys, values, bits=cache.bits, group_size=cache.group_size, scale=float(scale),
+            mask=None if causal else mask, causal=causal, sinks=sinks, softcap=softcap,
+        )
     return flash_attention(
         queries, keys, values, scale=float(scale), mask=None if causal else mask,
         causal=causal, sinks=sinks, softcap=softcap,
@@ -137,4 +164,4 @@ def attend(queries, keys, values, *, cache, scale, mask, fallback, sinks=None, s
     if reason is not None:
         stats.count_fallback(reason)
         return fallback()
-    return fused(queries, keys, values, scale=scale, mask=mask, sinks=sinks, softcap=softcap)
+    return fused(queries, keys, values, scale=scale, mask=mask, sinks=sinks, softcap=softcap, cache=cache)

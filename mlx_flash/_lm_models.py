@@ -8,7 +8,7 @@ as they are and handing the score-softmax-value part to the op.
 
 `INLINE_ATTENTION` maps a module name to `{class name: replacement}`; a
 replacement receives the original method as `original`, so a call the op
-cannot take (e.g. a quantized KV cache) still runs mlx-lm's code, counted.
+cannot take (e.g. head dims over 256) still runs mlx-lm's code, counted.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def gemma2_attention(original, self, x, mask=None, cache=None):
     if cache is not None:
         keys, values = cache.update_and_fetch(keys, values)
     out = fused(queries, keys, values, scale=self.scale, mask=mask,
-                softcap=self.attn_logit_softcapping)
+                softcap=self.attn_logit_softcapping, cache=cache)
     return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

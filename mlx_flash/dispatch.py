@@ -7,6 +7,12 @@ same functions, so `attention.py` and `matmul.py` never branch on the device:
     attention_backward(q, k, v, out, lse, dout, dlse, spec, inputs, stream)
         -> (dq, dk, dv)
 
+Backends with a quantized-KV kernel (the CPU so far; `QUANTIZED_KV_BACKENDS`)
+also have, with k and v the `(data, scales, biases)` triples of mx.quantize:
+
+    quantized_attention_forward(q, k, v, qspec, inputs, stream) -> (out, lse)
+    quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs, stream) -> dq
+
 Shapes: q `[B, Hq, Nq, Dqk]`, k `[B, Hkv, Nk, Dqk]`, v `[B, Hkv, Nk, Dv]`
 (views with any strides; varlen calls pass `[1, H, total, D]` views and
 `spec.batch` sequences), out `[B, Hq, Nq, Dv]` in q's dtype, lse float32
@@ -24,6 +30,7 @@ import importlib
 import mlx.core as mx
 
 _BACKENDS = {"cpu": "mlx_flash.backends.cpu", "metal": "mlx_flash.backends.metal", "cuda": "mlx_flash.backends.cuda"}
+QUANTIZED_KV_BACKENDS = ("cpu",)
 
 
 def device_of(stream) -> mx.Device:

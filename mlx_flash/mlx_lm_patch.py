@@ -26,9 +26,14 @@ With `patch_mlx_lm(fp8_weights=True)`, models loaded through mlx-lm
 per-channel scales); `convert_model_to_fp8(model)` does the same to a model
 already in memory. Restoring does not convert a model back.
 
+Calls with a `QuantizedKVCache` (`generate(..., kv_bits=...)`) go to
+`flash_attention_quantized` on the cache's (data, scales, biases) triples
+(CPU; on Metal/CUDA, whose quantized kernels are not written yet, they go
+back to mlx-lm, counted).
+
 No model module is imported to do this (some exit the process when an
-optional dependency is missing). Calls the op cannot take (quantized KV
-caches, head dims over 256, ...) run mlx-lm's own code and are counted in
+optional dependency is missing). Calls the op cannot take (head dims over
+256, ...) run mlx-lm's own code and are counted in
 `patch_stats()` and logged once per reason. Leaving the context manager (or
 `unpatch_mlx_lm()`) restores every original, including bindings made by
 modules imported while patched.

@@ -39,6 +39,28 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
     return dq, dk, dv
 
 
+def _quant_static(qspec) -> dict:
+    spec = qspec.attention
+    return dict(bits=qspec.bits, group_size=qspec.group_size, scale=spec.scale,
+                window_left=spec.window_left, window_right=spec.window_right, softcap=spec.softcap)
+
+
+def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream):
+    """(out, lse) from the (data, scales, biases) triples k, v; see dispatch.py."""
+    out, lse = _ext().quant_attention_forward(
+        q, list(k), list(v), mask=inputs.mask, alibi=inputs.alibi, sinks=inputs.sinks,
+        **_quant_static(qspec), stream=stream)
+    return out, lse
+
+
+def quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs: AttentionInputs, stream):
+    """dq of the quantized op (k, v constants); delta = dO . O - dlse."""
+    (dq,) = _ext().quant_attention_backward(
+        q, list(k), list(v), lse, delta, dout, mask=inputs.mask, alibi=inputs.alibi, sinks=inputs.sinks,
+        **_quant_static(qspec), stream=stream)
+    return dq
+
+
 def matmul2d(a, b, a_scale, b_scale, spec, stream):
     """out [batch, M, N] = (dequant(a) * a_scale) @ (dequant(b) * b_scale); see dispatch.py."""
     return _ext().matmul2d(

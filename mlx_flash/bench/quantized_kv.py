@@ -1,0 +1,174 @@
+"""Attention over a quantized KV cache on the CPU: `flash_attention_quantized`
+vs mlx-lm's quantized path and vs the unquantized cache.
+
+    PYTHONPATH=$PWD python -m mlx_flash.bench.quantized_kv [--quick] \
+        [--out benchmarks/results/quantized_kv_cpu.json]
+
+The cache is what mlx-lm's `QuantizedKVCache` holds for one layer of a
+Llama-3-8B-shaped model (GQA 32:8, head dim 128; `mx.quantize` along the
+head dim, group 64). Implementations, on the same inputs:
+
+* `flash_quantized`: `mlx_flash.flash_attention_quantized` on the triples.
+* `mlx_lm_quantized`: `mlx_lm.models.base.quantized_scaled_dot_product_attention`
+  (two `mx.quantized_matmul`s around a materialised softmax).
+* `mx_fast_unquantized`: `mx.fast.scaled_dot_product_attention` over the
+  float cache (what `generate` runs without kv_bits).
+* `flash_unquantized`: `mlx_flash.flash_attention` over the float cache.
+
+Cases: decode (1 query per head) at Nk = 32768 in float32 and float16, 4
+and 8 bits; a causal prefill chunk against the 32K cache (bottom-right
+aligned). mlx-lm's quantized path materialises the [B, Hq, Nq, Nk] scores
+(8 GiB in float32 for a 2048-query chunk), more than a shared 2-core test
+machine should give it, so its prefill runs at a smaller
+chunk (`--mlx-lm-prefill-queries`, default 256) and the full 2048-query
+chunk runs for mlx_flash alone; the JSON says which ran at which size.
+Peak memory is MLX's allocator peak above what was held before the call
+(the cache and q are held; outputs and workspace count).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import mlx.core as mx
+
+import mlx_flash
+
+from .common import (MLX_MEMORY_METHOD, RESULTS_DIR, TIMING_RULE, TimingPolicy, fmt_bytes, fmt_time,
+                     machine_info, mlx_extra_peak, now_iso, time_interleaved, write_json)
+
+SHAPE = dict(batch=1, heads_q=32, heads_kv=8, head_dim=128, group_size=64)
+
+
+def make_inputs(nq: int, nk: int, bits: int, dtype, seed: int = 0):
+    """q, the float cache (k, v) and its quantized triples."""
+    B, Hq, Hkv, D = SHAPE["batch"], SHAPE["heads_q"], SHAPE["heads_kv"], SHAPE["head_dim"]
+    key = mx.random.key(seed)
+    kq_, kk, kv = mx.random.split(key, 3)
+    q = mx.random.normal((B, Hq, nq, D), key=kq_).astype(dtype)
+    k = mx.random.normal((B, Hkv, nk, D), key=kk).astype(dtype)
+    v = mx.random.normal((B, Hkv, nk, D), key=kv).astype(dtype)
+    kq = tuple(mx.quantize(k, group_size=SHAPE["group_size"], bits=bits))
+    vq = tuple(mx.quantize(v, group_size=SHAPE["group_size"], bits=bits))
+    mx.eval(q, k, v, kq, vq)
+    return q, k, v, kq, vq
+
+
+def implementations(q, k, v, kq, vq, bits: int, causal: bool, names) -> dict:
+    from mlx_lm.models.base import quantized_scaled_dot_product_attention
+
+    scale = SHAPE["head_dim"] ** -0.5
+    gs = SHAPE["group_size"]
+    mask = "causal" if causal else None
+    all_impls = {
+        "flash_quantized": lambda: mlx_flash.flash_attention_quantized(
+            q, kq, vq, bits=bits, group_size=gs, scale=scale, causal=causal),
+        # It scales its queries in place (`queries *= scale`): hand it its own array.
+        "mlx_lm_quantized": lambda: quantized_scaled_dot_product_attention(
+            mx.array(q), kq, vq, scale=scale, mask=mask, group_size=gs, bits=bits),
+        "mx_fast_unquantized": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask),
+        "flash_unquantized": lambda: mlx_flash.flash_attention(q, k, v, scale=scale, causal=causal),
+    }
+    return {name: all_impls[name] for name in names}
+
+
+def run_case(label: str, nq: int, nk: int, bits: int, dtype, names, policy: TimingPolicy) -> dict:
+    q, k, v, kq, vq = make_inputs(nq, nk, bits, dtype)
+    impls = implementations(q, k, v, kq, vq, bits, nq > 1, names)
+    outputs = {}
+
+    def keeping(name, fn):
+        def call():
+            out = fn()
+            mx.eval(out)
+            outputs[name] = out
+        return call
+
+    blocking = {name: keeping(name, fn) for name, fn in impls.items()}
+    warmups = {name: mlx_extra_peak(fn) for name, fn in blocking.items()}
+    timings = time_interleaved(blocking, policy, warmups)
+    record = {
+        "case": label, "queries": nq, "keys": nk, "bits": bits, "dtype": str(dtype).split(".")[-1],
+        "causal": nq > 1,
+        "quantized_cache_bytes": sum(x.nbytes for x in kq + vq), "float_cache_bytes": k.nbytes + v.nbytes,
+        "results": {},
+    }
+    ref = outputs.get("flash_quantized")
+    for name, t in timings.items():
+        if isinstance(t, Exception):
+            record["results"][name] = {"error": f"{type(t).__name__}: {t}"}
+            continue
+        entry = dict(t, **(warmups[name].result or {}))
+        if ref is not None and name in outputs and name != "flash_quantized":
+            entry["max_abs_diff_vs_flash_quantized"] = float(
+                mx.max(mx.abs(outputs[name].astype(mx.float32) - ref.astype(mx.float32))).item())
+        record["results"][name] = entry
+    base = record["results"].get("flash_quantized", {})
+    for name, entry in record["results"].items():
+        if "time_s" in entry and "time_s" in base and name != "flash_quantized":
+            entry["flash_quantized_speedup"] = entry["time_s"] / base["time_s"]
+            if base.get("extra_peak_bytes"):
+                entry["extra_peak_ratio_vs_flash_quantized"] = entry["extra_peak_bytes"] / base["extra_peak_bytes"]
+    del q, k, v, kq, vq, outputs
+    mx.clear_cache()
+    return record
+
+
+def print_case(rec: dict) -> None:
+    print(f"{rec['case']}: Nq={rec['queries']} Nk={rec['keys']} {rec['bits']}-bit {rec['dtype']}", flush=True)
+    for name, e in rec["results"].items():
+        if "error" in e:
+            print(f"  {name:22s} error: {e['error']}")
+            continue
+        extra = f"  time / flash_quantized's: {e['flash_quantized_speedup']:.2f}" if "flash_quantized_speedup" in e else ""
+        print(f"  {name:22s} {fmt_time(e['time_s']):>10s}  extra peak {fmt_bytes(e.get('extra_peak_bytes')):>12s}{extra}",
+              flush=True)
+
+
+ALL = ("flash_quantized", "mlx_lm_quantized", "mx_fast_unquantized", "flash_unquantized")
+
+
+def cases(quick: bool, nk: int, prefill: int, mlx_lm_prefill: int):
+    """(label, Nq, Nk, bits, dtype, implementations)."""
+    if quick:
+        nk, prefill, mlx_lm_prefill = min(nk, 1024), 64, 32
+    return [
+        ("decode", 1, nk, 4, mx.float32, ALL),
+        ("decode", 1, nk, 4, mx.float16, ALL),
+        ("decode", 1, nk, 8, mx.float32, ALL[:2]),
+        ("prefill_chunk_small", mlx_lm_prefill, nk, 4, mx.float32, ALL[:2]),
+        ("prefill_chunk", prefill, nk, 4, mx.float32, ("flash_quantized",)),
+    ]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--keys", type=int, default=32768)
+    parser.add_argument("--prefill-queries", type=int, default=2048)
+    parser.add_argument("--mlx-lm-prefill-queries", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"write the results JSON here (e.g. {RESULTS_DIR / 'quantized_kv_cpu.json'})")
+    args = parser.parse_args(argv)
+    mx.set_default_device(mx.cpu)
+    policy = TimingPolicy(budget_s=2.0, min_repeats=3, max_repeats=5, long_call_s=3.0)
+    result = {
+        "benchmark": "quantized_kv_cpu", "date": now_iso(), "machine": machine_info(), "shape": SHAPE,
+        "timing_rule": TIMING_RULE, "timing_policy": policy.as_dict(), "memory_method": MLX_MEMORY_METHOD,
+        "cases": [],
+    }
+    for label, nq, nk, bits, dtype, names in cases(args.quick, args.keys, args.prefill_queries,
+                                                   args.mlx_lm_prefill_queries):
+        rec = run_case(label, nq, nk, bits, dtype, names, policy)
+        print_case(rec)
+        result["cases"].append(rec)
+        if args.out:  # after every case: a long run killed late keeps what it measured
+            write_json(args.out, result)
+    if args.out:
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

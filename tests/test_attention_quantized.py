@@ -1,0 +1,365 @@
+"""flash_attention_quantized: attention from mx.quantize'd K/V, against float64.
+
+Every case dequantizes the triples with mx.dequantize and compares with the
+float64 NumPy reference on those operands (reference_np), forward and dq /
+dsinks / dmask; k and v are constants. Runs on the CPU (the only backend
+with a kernel so far; the others must refuse clearly).
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_flash
+from helpers import FP32_TOL, check_close, plain_errors, randn, reference_error, rng, to_np
+from reference_np import attention_np
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUPS = (32, 64, 128)
+
+pytestmark = pytest.mark.usefixtures("cpu_default_device")
+
+
+def quantized_case(key, B, Hq, Hkv, Nq, Nk, D, Dv=None, dtype=mx.float32, bits=4, group_size=64):
+    """q, the k/v triples, and the dequantized k/v the reference reads."""
+    gen = rng("quantized", *key)
+    Dv = D if Dv is None else Dv
+    q = randn(gen, (B, Hq, Nq, D), dtype)
+    k = randn(gen, (B, Hkv, Nk, D), dtype)
+    v = randn(gen, (B, Hkv, Nk, Dv), dtype)
+    kq = tuple(mx.quantize(k, group_size=group_size, bits=bits))
+    vq = tuple(mx.quantize(v, group_size=group_size, bits=bits))
+    kd = mx.dequantize(*kq, group_size=group_size, bits=bits)
+    vd = mx.dequantize(*vq, group_size=group_size, bits=bits)
+    mx.eval(q, kq, vq, kd, vd)
+    return q, kq, vq, kd, vd
+
+
+def run(q, kq, vq, bits, group_size, dout=None, **options):
+    """out, lse and, with dout, dq (and dsinks / dmask where those are given)."""
+    sinks, mask = options.pop("sinks", None), options.pop("mask", None)
+
+    def f(q, sinks, mask):
+        extra = {name: x for name, x in (("sinks", sinks), ("mask", mask)) if x is not None}
+        return mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=group_size,
+                                                   return_lse=True, **options, **extra)
+
+    out, lse = f(q, sinks, mask)
+    res = {"out": to_np(out), "lse": to_np(lse)}
+    if dout is not None:
+        names, argnums = ["dq"], [0]
+        if sinks is not None:
+            names, argnums = names + ["dsinks"], argnums + [1]
+        if mask is not None and mask.dtype != mx.bool_:
+            names, argnums = names + ["dmask"], argnums + [2]
+        loss = lambda q, s, m: mx.sum(f(q, s, m)[0].astype(mx.float32) * dout.astype(mx.float32))
+        grads = mx.grad(loss, argnums=argnums)(q, sinks, mask)
+        grads = grads if isinstance(grads, (tuple, list)) else (grads,)
+        res.update({name: to_np(g) for name, g in zip(names, grads)})
+    return res
+
+
+def expected(q, kd, vd, dout=None, **options):
+    want = attention_np(q, kd, vd, dout=dout, **options)
+    if "mask" in options and dout is not None:
+        m = options["mask"]
+        full = want["dmask_full"]
+        axes = tuple(a for a in range(4) if (m.reshape((1,) * (4 - m.ndim) + m.shape)).shape[a] == 1 and full.shape[a] != 1)
+        want["dmask"] = full.sum(axis=axes, keepdims=True).reshape(m.shape) if axes else full
+    return want
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_every_bits_and_group_size(bits, group_size):
+    q, kq, vq, kd, vd = quantized_case(("bits", bits, group_size), 1, 4, 2, 7, 45, 128, bits=bits, group_size=group_size)
+    got = run(q, kq, vq, bits, group_size)
+    want = expected(q, kd, vd)
+    check_close("out", got["out"], want, mx.float32)
+    check_close("lse", got["lse"], want, mx.float32)
+
+
+SHAPES = [
+    # B, Hq, Hkv, Nq, Nk, D, Dv
+    (1, 1, 1, 1, 1, 32, 32),
+    (2, 4, 2, 17, 113, 64, 64),
+    (1, 6, 2, 113, 17, 64, 32),     # Nq > Nk, Dv != D
+    (1, 8, 1, 1, 3001, 128, 128),  # decode, MQA: keys split over chunks
+    (2, 4, 4, 300, 301, 32, 96),
+]
+
+FEATURES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window": {"window": (20, 3)},
+    "softcap": {"softcap": 3.0},
+    "alibi": {"alibi": True},
+    "sinks": {"sinks": True},
+    "bool_mask": {"bool_mask": True},
+    "additive_mask": {"additive_mask": True},
+    "causal_sinks_softcap": {"causal": True, "sinks": True, "softcap": 2.5},
+    "window_alibi_mask": {"window": (40, 0), "alibi": True, "additive_mask": True},
+}
+
+
+def options_for(feature, gen, B, Hq, Nq, Nk):
+    spec = FEATURES[feature]
+    opts = {k: spec[k] for k in ("causal", "window", "softcap") if k in spec}
+    if spec.get("alibi"):
+        opts["alibi_slopes"] = mx.array(gen.uniform(0.01, 0.2, (Hq,)).astype(np.float32))
+    if spec.get("sinks"):
+        opts["sinks"] = mx.array(gen.standard_normal(Hq).astype(np.float32))
+    if spec.get("bool_mask"):
+        m = gen.random((B, 1, Nq, Nk)) < 0.7
+        m[..., 0] = True  # no empty rows here (those have their own test)
+        opts["mask"] = mx.array(m)
+    if spec.get("additive_mask"):
+        opts["mask"] = mx.array(gen.standard_normal((1, Hq, Nq, Nk)).astype(np.float32))
+    return opts
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_forward_and_dq_float32(shape, feature):
+    B, Hq, Hkv, Nq, Nk, D, Dv = shape
+    q, kq, vq, kd, vd = quantized_case((shape, feature), B, Hq, Hkv, Nq, Nk, D, Dv, group_size=32)
+    gen = rng("quantized-options", shape, feature)
+    opts = options_for(feature, gen, B, Hq, Nq, Nk)
+    dout = randn(gen, (B, Hq, Nq, Dv))
+    got = run(q, kq, vq, 4, 32, dout=dout, **dict(opts))
+    want = expected(q, kd, vd, dout=dout, **opts)
+    for name in ("out", "lse", "dq") + (("dsinks",) if "sinks" in opts else ()) + (
+            ("dmask",) if "mask" in opts and opts["mask"].dtype != mx.bool_ else ()):
+        check_close(name, got[name], want, mx.float32)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_q(dtype, causal):
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 65, 190, 64
+    q, kq, vq, kd, vd = quantized_case(("half", dtype, causal), B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
+    dout = randn(rng("half-dout", dtype, causal), (B, Hq, Nq, D), dtype)
+    opts = {"causal": causal}
+    got = run(q, kq, vq, 4, 64, dout=dout, **opts)
+    want = expected(q, kd, vd, dout=dout, **opts)
+    plain = plain_errors(q, kd, vd, dout, opts, dtype)
+    for name in ("out", "dq"):
+        check_close(name, got[name], want, dtype, plain)
+    assert reference_error("lse", got["lse"], want) < 1e-2
+
+
+def test_k_and_v_are_constants():
+    q, kq, vq, _, _ = quantized_case(("const",), 1, 2, 1, 3, 40, 32, group_size=32)
+
+    def loss(*ops):
+        q, kw, ks, kb, vw, vs, vb = ops
+        return mx.sum(mlx_flash.flash_attention_quantized(q, (kw, ks, kb), (vw, vs, vb), bits=4, group_size=32))
+
+    grads = mx.grad(loss, argnums=tuple(range(7)))(q, *kq, *vq)
+    assert float(mx.abs(grads[0]).max()) > 0
+    for g in grads[1:]:
+        assert not np.any(to_np(g))
+
+
+def test_strided_cache_views():
+    """mlx-lm's cache hands over [..., :offset, :] slices of a larger buffer; a
+    transposed words array (last-dim stride != 1) is read correctly too."""
+    B, Hq, Hkv, N, D = 1, 4, 2, 50, 64
+    q, kq, vq, kd, vd = quantized_case(("strided",), B, Hq, Hkv, 3, 80, D, bits=5)
+    k_view = tuple(x[:, :, :N, :] for x in kq)
+    v_view = tuple(x[:, :, :N, :] for x in vq)
+    words_t = mx.contiguous(k_view[0].swapaxes(-1, -2)).swapaxes(-1, -2)
+    got = run(q, (words_t,) + k_view[1:], v_view, 5, 64)
+    want = expected(q, kd[:, :, :N], vd[:, :, :N])
+    check_close("out", got["out"], want, mx.float32)
+
+
+def test_fully_masked_rows_and_empty_keys():
+    B, Hq, Hkv, Nq, Nk, D = 1, 2, 1, 4, 33, 32
+    q, kq, vq, kd, vd = quantized_case(("masked",), B, Hq, Hkv, Nq, Nk, D, group_size=32)
+    m = np.ones((Nq, Nk), bool)
+    m[1] = False
+    got = run(q, kq, vq, 4, 32, dout=mx.ones((B, Hq, Nq, D)), mask=mx.array(m))
+    assert np.all(got["out"][:, :, 1] == 0) and np.all(got["lse"][:, :, 1] == -np.inf)
+    assert np.all(got["dq"][:, :, 1] == 0)
+    assert np.all(np.isfinite(got["out"][:, :, [0, 2, 3]]))
+
+
+def test_nan_value_of_a_dropped_key_does_not_leak():
+    """Rule 1 of the non-finite contract: key j's NaN value (a NaN scale)
+    reaches exactly the rows that keep j, forward and dq."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 2, 1, 6, 6, 32
+    q, kq, vq, _, _ = quantized_case(("nan",), B, Hq, Hkv, Nq, Nk, D, group_size=32)
+    j = 3
+    vs = np.array(vq[1])
+    vs[:, :, j] = np.nan
+    ks = np.array(kq[1])
+    ks[:, :, j] = np.nan
+    vq = (vq[0], mx.array(vs), vq[2])
+    kq = (kq[0], mx.array(ks), kq[2])
+    got = run(q, kq, vq, 4, 32, dout=mx.ones((B, Hq, Nq, D)), causal=True)
+    for i in range(Nq):
+        sees = j <= i
+        for name in ("out", "dq"):
+            assert np.all(np.isnan(got[name][:, :, i])) == sees and (sees or np.all(np.isfinite(got[name][:, :, i]))), (name, i)
+
+
+def test_decode_split_matches_single_task():
+    """Decode over many keys (split into chunks) gives the reference's result
+    with sinks and a window that leaves some chunks empty."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 1, 2, 5000, 64
+    q, kq, vq, kd, vd = quantized_case(("split",), B, Hq, Hkv, Nq, Nk, D, bits=8)
+    opts = {"window": (1500, 0), "sinks": mx.array([0.5, -1.0, 2.0, -mx.inf])}
+    got = run(q, kq, vq, 8, 64, **dict(opts))
+    want = expected(q, kd, vd, **opts)
+    check_close("out", got["out"], want, mx.float32)
+    check_close("lse", got["lse"], want, mx.float32)
+
+
+# ---- bad input ---------------------------------------------------------------
+
+def _good():
+    q, kq, vq, _, _ = quantized_case(("errors",), 1, 2, 1, 3, 8, 64)
+    return q, kq, vq
+
+
+@pytest.mark.parametrize("bad, kwargs, match", [
+    ("bits", {"bits": 7}, r"bits: expected one of \[2, 3, 4, 5, 6, 8\], got 7"),
+    ("group_size", {"group_size": 16}, r"group_size: expected one of \[32, 64, 128\], got 16"),
+    ("bits_mismatch", {"bits": 8}, r"k: data's last dim 8 holds D=32 values at bits=8, not a multiple of group_size=64"),
+    ("bits_mismatch_q", {"bits": 2, "group_size": 32}, r"k: scales must have shape \[1, 1, 8, 4\]"),
+    ("group_mismatch", {"group_size": 32}, r"k: scales must have shape \[1, 1, 8, 2\]"),
+])
+def test_bad_bits_and_group_size(bad, kwargs, match):
+    q, kq, vq = _good()
+    args = dict(bits=4, group_size=64)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        mlx_flash.flash_attention_quantized(q, kq, vq, **args)
+
+
+def test_bad_triples():
+    q, kq, vq = _good()
+    call = lambda k, v: mlx_flash.flash_attention_quantized(q, k, v, bits=4, group_size=64)
+    with pytest.raises(TypeError, match=r"k: expected the \(data, scales, biases\) triple"):
+        call(kq[0], vq)
+    with pytest.raises(TypeError, match=r"v: expected the \(data, scales, biases\) triple .* length 2"):
+        call(kq, vq[:2])
+    with pytest.raises(TypeError, match=r"k: data must be uint32"):
+        call((kq[0].astype(mx.int32),) + kq[1:], vq)
+    with pytest.raises(TypeError, match=r"v: scales and biases must share one dtype"):
+        call(kq, (vq[0], vq[1], vq[2].astype(mx.float16)))
+    with pytest.raises(ValueError, match=r"k: biases must have shape"):
+        call((kq[0], kq[1], kq[2][:, :, :4]), vq)
+    with pytest.raises(ValueError, match=r"k, v: \[B, Hkv, Nk\] must match"):
+        call(kq, tuple(x[:, :, :5] for x in vq))
+    with pytest.raises(ValueError, match=r"v: data must have rank 4"):
+        call(kq, (vq[0][0],) + vq[1:])
+    with pytest.raises(ValueError, match=r"q: head dim must equal k's dequantized head dim \(64\), got 32"):
+        mlx_flash.flash_attention_quantized(q[..., :32], kq, vq, bits=4, group_size=64)
+    with pytest.raises(ValueError, match=r"sinks: expected shape"):
+        mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64, sinks=mx.zeros((3,)))
+
+
+def test_gpu_backends_refuse_clearly(monkeypatch):
+    from mlx_flash import dispatch
+
+    q, kq, vq = _good()
+    for backend in ("metal", "cuda"):
+        monkeypatch.setattr(dispatch, "backend_name", lambda stream, b=backend: b)
+        with pytest.raises(NotImplementedError, match=f"flash_attention_quantized: no {backend} kernel yet"):
+            mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64)
+
+
+# ---- memory ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("nq", [1, 256])
+def test_no_full_precision_copy_of_the_cache(nq):
+    """Nk = 32768: the extra peak stays far below one dequantized K."""
+    B, Hq, Hkv, Nk, D = 1, 8, 2, 32768, 128
+    gen = rng("quant-memory", nq)
+    q = randn(gen, (B, Hq, nq, D), mx.float16)
+    kq = mx.quantize(randn(gen, (B, Hkv, Nk, D), mx.float16), group_size=64, bits=4)
+    vq = mx.quantize(randn(gen, (B, Hkv, Nk, D), mx.float16), group_size=64, bits=4)
+    mx.eval(q, kq, vq)
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    out = mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64, causal=True)
+    mx.eval(out)
+    extra = mx.get_peak_memory() - base
+    dequantized_k = B * Hkv * Nk * D * 2  # one fp16 copy of K
+    assert extra < dequantized_k / 10, f"extra peak {extra / 2**20:.2f} MiB vs dequantized K {dequantized_k / 2**20:.0f} MiB"
+    # The backward (dq) too: forward outputs, dq and O(tile) scratch only.
+    loss = lambda q: mx.sum(mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64, causal=True)
+                            .astype(mx.float32))
+    del out
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(mx.grad(loss)(q))
+    extra = mx.get_peak_memory() - base
+    assert extra < dequantized_k / 4, f"backward extra peak {extra / 2**20:.2f} MiB vs dequantized K {dequantized_k / 2**20:.0f} MiB"
+
+
+def test_inside_compile_and_grad():
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 9, 70, 64
+    q, kq, vq, kd, vd = quantized_case(("compile",), B, Hq, Hkv, Nq, Nk, D, bits=6)
+
+    def loss(q):
+        return mx.sum(mlx_flash.flash_attention_quantized(q, kq, vq, bits=6, group_size=64, causal=True) ** 2)
+
+    got = mx.compile(mx.value_and_grad(loss))(q)
+    want_out = attention_np(q, kd, vd, causal=True)["out"]
+    want = attention_np(q, kd, vd, causal=True, dout=mx.array(2 * want_out.astype(np.float32)))
+    assert abs(got[0].item() - float((want_out ** 2).sum())) < 1e-4 * float((want_out ** 2).sum())
+    check_close("dq", to_np(got[1]), want, mx.float32)
+
+
+def test_benchmark_quick_run(tmp_path):
+    """python -m mlx_flash.bench.quantized_kv --quick writes its JSON (no timing assertions)."""
+    from mlx_flash.bench import quantized_kv
+
+    out = tmp_path / "q.json"
+    result = quantized_kv.main(["--quick", "--keys", "256", "--out", str(out)])
+    assert out.exists() and result["cases"]
+    for case in result["cases"]:
+        ours = case["results"]["flash_quantized"]
+        assert ours["time_s"] > 0 and ours["extra_peak_bytes"] > 0
+        for name, entry in case["results"].items():
+            assert "error" not in entry, (name, entry)
+        # mlx-lm's quantized path reads the same codes (the float-cache ones
+        # differ by the quantization error itself).
+        if "mlx_lm_quantized" in case["results"]:
+            diff = case["results"]["mlx_lm_quantized"]["max_abs_diff_vs_flash_quantized"]
+            assert diff < (1e-4 if case["dtype"] == "float32" else 2e-2), (case["case"], diff)
+
+
+def test_reference_function_and_nan_sink():
+    """reference_attention_quantized (the materialised oracle) agrees with the
+    float64 reference; a NaN sink makes its head's rows NaN (a NaN logit)."""
+    from mlx_flash.attention_quantized import reference_attention_quantized
+
+    B, Hq, Hkv, Nq, Nk, D = 1, 2, 1, 5, 40, 32
+    q, kq, vq, kd, vd = quantized_case(("reference",), B, Hq, Hkv, Nq, Nk, D, bits=3, group_size=32)
+    out = reference_attention_quantized(q, kq, vq, bits=3, group_size=32, causal=True)
+    check_close("out", to_np(out), attention_np(q, kd, vd, causal=True), mx.float32)
+    got = run(q, kq, vq, 3, 32, sinks=mx.array([float("nan"), 0.5]))
+    assert np.all(np.isnan(got["out"][:, 0])) and np.all(np.isnan(got["lse"][:, 0]))
+    assert np.all(np.isfinite(got["out"][:, 1]))
+
+
+@pytest.mark.parametrize("cache_dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
+def test_float32_q_over_a_half_precision_cache(cache_dtype):
+    """Scales/biases in another dtype than q (a half cache, an fp32 query)."""
+    gen = rng("mixed", cache_dtype)
+    q = randn(gen, (1, 4, 9, 64))
+    kq = tuple(mx.quantize(randn(gen, (1, 2, 77, 64), cache_dtype), group_size=32, bits=4))
+    vq = tuple(mx.quantize(randn(gen, (1, 2, 77, 64), cache_dtype), group_size=32, bits=4))
+    kd, vd = (mx.dequantize(*t, group_size=32, bits=4).astype(mx.float32) for t in (kq, vq))
+    got = run(q, kq, vq, 4, 32, causal=True)
+    want = expected(q, kd, vd, causal=True)
+    # The kernel dequantizes in fp32, mx.dequantize rounds to the half dtype: allow that rounding.
+    assert reference_error("out", got["out"], want) < (2e-3 if cache_dtype == mx.float16 else 1.6e-2)
