@@ -2,7 +2,7 @@
 vs mlx-lm's quantized path and vs the unquantized cache.
 
     PYTHONPATH=$PWD python -m mlx_flash.bench.quantized_kv [--quick] \
-        [--out benchmarks/results/quantized_kv_cpu.json]
+        [--out quantized_kv_cpu.json]
 
 The cache is what mlx-lm's `QuantizedKVCache` holds for one layer of a
 Llama-3-8B-shaped model (GQA 32:8, head dim 128; `mx.quantize` along the
@@ -35,8 +35,8 @@ import mlx.core as mx
 
 import mlx_flash
 
-from .common import (MLX_MEMORY_METHOD, RESULTS_DIR, TIMING_RULE, TimingPolicy, fmt_bytes, fmt_time,
-                     machine_info, mlx_extra_peak, now_iso, time_interleaved, write_json)
+from .common import (MLX_MEMORY_METHOD, TIMING_RULE, TimingPolicy, fmt_bytes, fmt_time,
+                     machine_info, mlx_extra_peak, now_iso, time_interleaved, today, write_json)
 
 SHAPE = dict(batch=1, heads_q=32, heads_kv=8, head_dim=128, group_size=64)
 
@@ -149,8 +149,11 @@ def main(argv=None):
     parser.add_argument("--prefill-queries", type=int, default=2048)
     parser.add_argument("--mlx-lm-prefill-queries", type=int, default=256)
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"write the results JSON here (e.g. {RESULTS_DIR / 'quantized_kv_cpu.json'})")
+                        help="write the results JSON here (default: quantized_kv_cpu_<date>.json in the "
+                             "current directory; pass benchmarks/results/... to update the committed file)")
     args = parser.parse_args(argv)
+    if args.out is None:  # never into an installed package or over a checkout's committed results
+        args.out = Path(f"quantized_kv_cpu_{today()}.json")
     mx.set_default_device(mx.cpu)
     policy = TimingPolicy(budget_s=2.0, min_repeats=3, max_repeats=5, long_call_s=3.0)
     result = {
@@ -163,10 +166,8 @@ def main(argv=None):
         rec = run_case(label, nq, nk, bits, dtype, names, policy)
         print_case(rec)
         result["cases"].append(rec)
-        if args.out:  # after every case: a long run killed late keeps what it measured
-            write_json(args.out, result)
-    if args.out:
-        print(f"wrote {args.out}")
+        write_json(args.out, result)  # after every case: a long run killed late keeps what it measured
+    print(f"wrote {args.out}")
     return result
 
 
