@@ -44,6 +44,8 @@ namespace {
 constexpr int BQ_MAX = 64;
 inline int query_tile_rows(const AttentionArgs& a) { return a.Dqk + a.Dv > 160 ? 32 : BQ_MAX; }
 constexpr int BK = 256;  // keys per tile (a multiple of NR)
+// Widest head dim a row buffer holds (Dqk up to 576 and Dv up to 512: MLA).
+constexpr int MAX_ROW = 576;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // One sequence of a (possibly packed) batch.
@@ -89,7 +91,7 @@ void pack_rows(const View4& v, const Sequence& s, int h, int64_t row0, int n, in
 // dst[(c / NR) * (n_pad * NR) + r * NR + c % NR]. Padding stays zero.
 void pack_row_panels(const View4& v, const Sequence& s, int h, int64_t row0, int n, int n_pad, int d, float mul,
                      float* dst) {
-  float row[256];
+  float row[MAX_ROW];
   for (int r = 0; r < n; ++r) {
     load_row(v.data, row_offset(v, s, h, row0 + r), v.sd, v.dtype, d, mul, row);
     for (int c0 = 0; c0 < d; c0 += NR)
@@ -112,7 +114,7 @@ constexpr int PACK_ROWS = 256;
 // Rows [n x d] transposed into panels over rows: element (c, r) of the
 // transpose at dst[(r / NR) * (d * NR) + c * NR + r % NR].
 void pack_transposed_panels(const View4& v, const Sequence& s, int h, int64_t row0, int n, int d, float* dst) {
-  float row[256];
+  float row[MAX_ROW];
   for (int r = 0; r < n; ++r) {
     load_row(v.data, row_offset(v, s, h, row0 + r), v.sd, v.dtype, d, 1.f, row);
     float* panel = dst + (int64_t)(r / NR) * d * NR + r % NR;
@@ -382,7 +384,7 @@ void decode_forward(const AttentionArgs& a, const ForwardOutputs& o) {
         float m = a.sinks ? a.sinks[h] : NEG_INF;
         for (int c = 0; c < d.chunks; ++c) m = std::max(m, d.part_max[(first + c) * d.rows + r]);
         float l = (a.sinks && m != NEG_INF) ? std::exp(a.sinks[h] - m) : 0.f;
-        float acc[256] = {0.f};
+        float acc[MAX_ROW] = {0.f};
         for (int c = 0; c < d.chunks; ++c) {
           const int64_t p = (first + c) * d.rows + r;
           if (d.part_max[p] == NEG_INF) continue;
@@ -556,7 +558,7 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
         pack_row_panels(a.q, s, h, q0, n, nq_pad, a.Dqk, a.scale, qp.p + (int64_t)g * nq_pad * dqk_pad + (int64_t)r0 * NR);
         pack_rows(gr.dout, s, h, q0, n, a.Dv, 1.f, dos.p + ((int64_t)g * s.nq + r0) * a.Dv, a.Dv);
         pack_row_panels(gr.dout, s, h, q0, n, nq_pad, a.Dv, 1.f, dop.p + (int64_t)g * nq_pad * dv_pad + (int64_t)r0 * NR);
-        float orow[256];
+        float orow[MAX_ROW];
         for (int i = r0; i < r1; ++i) {
           // delta_i = dO_i . O_i - dlse_i
           const int64_t row = out_row(s, a.Hq, h, s.q_row0 + i, a.Nq);

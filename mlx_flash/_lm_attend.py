@@ -23,7 +23,7 @@ from collections import Counter
 import mlx.core as mx
 
 from . import dispatch
-from ._spec import FLOAT_DTYPES, MAX_HEAD_DIM
+from ._spec import FLOAT_DTYPES
 from .attention import flash_attention
 
 log = logging.getLogger("mlx_flash.mlx_lm")
@@ -101,8 +101,6 @@ def unsupported_reason(queries, keys, values, cache, scale, mask) -> str | None:
         return "queries/keys/values not rank 4"
     if not (queries.dtype == keys.dtype == values.dtype) or queries.dtype not in FLOAT_DTYPES:
         return f"dtypes {queries.dtype}/{keys.dtype}/{values.dtype}"
-    if max(queries.shape[-1], values.shape[-1]) > MAX_HEAD_DIM:
-        return f"head dim > {MAX_HEAD_DIM}"
     if keys.shape[1] == 0 or queries.shape[1] % keys.shape[1]:
         return "query heads not a multiple of key/value heads"
     if not isinstance(scale, numbers.Real):
@@ -114,6 +112,9 @@ def unsupported_reason(queries, keys, values, cache, scale, mask) -> str | None:
     backend = dispatch.backend_name(None)
     if not _backend_present(backend):
         return f"no mlx_flash backend for {backend}"
+    max_qk, max_v = dispatch.head_dim_limits(backend)
+    if queries.shape[-1] > max_qk or values.shape[-1] > max_v:
+        return f"head dims {queries.shape[-1]}/{values.shape[-1]} over {backend}'s {max_qk}/{max_v}"
     return None
 
 
