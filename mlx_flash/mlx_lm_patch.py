@@ -16,6 +16,12 @@ What gets swapped:
   (`from .base import scaled_dot_product_attention`), so the binding in every
   module already in `sys.modules` is swapped too; modules imported later
   read the patched base and bind the replacement themselves.
+* `mlx_lm.models.base.create_causal_mask` (and its binding in
+  `mlx_lm.models.cache`), which then returns a description of the mask
+  (`_lm_masks.CausalMaskDescription`: causal offset, window, per-sequence
+  padding) that the attention reads as `causal`/`window`/`key_start`/
+  `key_len`; model code that uses it as an array gets the array, counted in
+  `patch_stats()["mask_materialisations"]`.
 * Attention modules that compute attention inline (`_lm_models`, e.g.
   Gemma 2's softcapped scores): their `__call__` is replaced, in modules
   already imported and, through an import hook, in ones imported later.
@@ -28,14 +34,17 @@ already in memory. Restoring does not convert a model back.
 
 No model module is imported to do this (some exit the process when an
 optional dependency is missing). Calls the op cannot take (quantized KV
-caches, head dims over 256, ...) run mlx-lm's own code and are counted in
+caches, head dims over the backend's limit, ...) run mlx-lm's own code and are counted in
 `patch_stats()` and logged once per reason. Leaving the context manager (or
 `unpatch_mlx_lm()`) restores every original, including bindings made by
 modules imported while patched.
 
 Not covered: the few models that call `mx.fast.scaled_dot_product_attention`
 directly (deepseek_v41, muse_spark, plamo2) or do inline attention not listed
-in `_lm_models` (olmo, phi3small); they keep MLX's attention.
+in `_lm_models` (olmo, phi3small); they keep MLX's attention. Of those,
+plamo2 hands mlx-lm's mask straight to `mx.fast.scaled_dot_product_attention`,
+which takes no mask description: with a batch (left-padded) cache it needs
+the patch off.
 """
 
 from __future__ import annotations
@@ -46,9 +55,11 @@ import sys
 from typing import Callable, List
 
 from . import _lm_attend
+from ._lm_masks import make_describing_create_causal_mask
 from ._lm_models import INLINE_ATTENTION
 
 SDPA_NAME = "scaled_dot_product_attention"
+MASK_NAME = "create_causal_mask"
 
 
 def _make_flash_sdpa(original: Callable) -> Callable:
@@ -58,7 +69,7 @@ def _make_flash_sdpa(original: Callable) -> Callable:
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         return _lm_attend.attend(
             queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks,
-            fallback=lambda: original(queries, keys, values, cache, scale, mask, sinks),
+            fallback=lambda mask_array: original(queries, keys, values, cache, scale, mask_array, sinks),
         )
 
     return scaled_dot_product_attention
@@ -137,6 +148,8 @@ class MlxLmPatch:
             from mlx_lm.models import base  # imports no model module
 
             self._swap(base, SDPA_NAME, _make_flash_sdpa)
+            # Bound by name in mlx_lm.models.cache too; both are swapped below.
+            self._swap(base, MASK_NAME, make_describing_create_causal_mask)
         if self.fp8_weights != fp8_below:
             from mlx_lm import utils as lm_utils  # `mlx_lm.load` calls it by this name
 
@@ -270,8 +283,9 @@ def is_mlx_lm_patched() -> bool:
 
 def patch_stats() -> dict:
     """Calls routed since the last reset: `{"flash_calls", "fallback_calls",
-    "fallbacks": {reason: count}}`. Counted when the Python code runs
-    (once per trace under `mx.compile`)."""
+    "fallbacks": {reason: count}, "mask_materialisations"}` (the last: masks
+    described by the patch that model code then used as arrays). Counted when
+    the Python code runs (once per trace under `mx.compile`)."""
     return _lm_attend.stats.snapshot()
 
 
