@@ -22,6 +22,9 @@ What gets swapped:
   padding) that the attention reads as `causal`/`window`/`key_start`/
   `key_len`; model code that uses it as an array gets the array, counted in
   `patch_stats()["mask_materialisations"]`.
+* `mlx_flash.nn.FP8Linear` gains `to_lora` (`_lm_lora`), so mlx-lm's
+  `linear_to_lora_layers` (`mlx_lm.lora`, `load_adapters`) puts LoRA on
+  fp8-weight layers: the fp8 matmul forward, gradients to the adapters only.
 * Attention modules that compute attention inline (`_lm_models`, e.g.
   Gemma 2's softcapped scores): their `__call__` is replaced, in modules
   already imported and, through an import hook, in ones imported later.
@@ -60,6 +63,7 @@ from ._lm_models import INLINE_ATTENTION
 
 SDPA_NAME = "scaled_dot_product_attention"
 MASK_NAME = "create_causal_mask"
+_ABSENT = object()  # an attribute the patch added (removed again on restore)
 
 
 def _make_flash_sdpa(original: Callable) -> Callable:
@@ -73,6 +77,14 @@ def _make_flash_sdpa(original: Callable) -> Callable:
         )
 
     return scaled_dot_product_attention
+
+
+def _fp8_to_lora(self, r: int = 8, scale: float = 20.0, dropout: float = 0.0):
+    """`FP8Linear.to_lora` while patched (see `_lm_lora`)."""
+    # Imported on use: mlx-lm's tuner imports a model module, which patching must not.
+    from ._lm_lora import fp8_to_lora
+
+    return fp8_to_lora(self, r=r, scale=scale, dropout=dropout)
 
 
 def _bind_original(original: Callable, replacement: Callable) -> Callable:
@@ -150,6 +162,10 @@ class MlxLmPatch:
             self._swap(base, SDPA_NAME, _make_flash_sdpa)
             # Bound by name in mlx_lm.models.cache too; both are swapped below.
             self._swap(base, MASK_NAME, make_describing_create_causal_mask)
+            # mlx-lm's linear_to_lora_layers converts layers that have `to_lora`.
+            from .nn import FP8Linear
+
+            self._set(FP8Linear, "to_lora", _fp8_to_lora)
         if self.fp8_weights != fp8_below:
             from mlx_lm import utils as lm_utils  # `mlx_lm.load` calls it by this name
 
@@ -168,7 +184,7 @@ class MlxLmPatch:
         self._swaps[name] = (current, make_replacement(current))
 
     def _set(self, obj, name, value):
-        self._undo.append((obj, name, getattr(obj, name)))
+        self._undo.append((obj, name, getattr(obj, name, _ABSENT)))
         setattr(obj, name, value)
 
     def _patch_module(self, module):
@@ -202,7 +218,10 @@ class MlxLmPatch:
         if self._hook in sys.meta_path:
             sys.meta_path.remove(self._hook)
         for obj, name, value in reversed(self._undo):
-            setattr(obj, name, value)
+            if value is _ABSENT:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
         # Modules imported while patched bound the replacements themselves.
         for module in list(sys.modules.values()):
             namespace = getattr(module, "__dict__", {})
