@@ -135,7 +135,11 @@ def make_describing_create_causal_mask(original):
     def create_causal_mask(N, offset=0, window_size=None, right_padding=None, left_padding=None):
         if not _describable(N, offset, window_size, right_padding, left_padding):
             return original(N, offset, window_size, right_padding, left_padding)
-        return CausalMaskDescription(original, int(N), int(offset), window_size, right_padding, left_padding)
+        # Snapshots: caches update their padding arrays in place (`-=`), and the
+        # description may be read after the update.
+        snapshot = lambda p: None if p is None else mx.array(p)  # noqa: E731
+        return CausalMaskDescription(original, int(N), int(offset), window_size, snapshot(right_padding),
+                                     snapshot(left_padding))
 
     create_causal_mask.__wrapped__ = original
     create_causal_mask.__doc__ = original.__doc__
@@ -145,3 +149,31 @@ def make_describing_create_causal_mask(original):
 def as_array(mask):
     """The mask as mlx-lm's own code takes it (an array, a string or None)."""
     return mask.array() if isinstance(mask, CausalMaskDescription) else mask
+
+
+def batch_rotating_make_mask(original, self, N, window_size=None, return_array=False):
+    """`BatchRotatingKVCache.make_mask` while patched: a description unless rotated.
+
+    mlx-lm builds this mask inline: causal over `min(max_size - 1, offset) +
+    N` keys, the window (default max_size), and left padding shifted by what
+    the update will trim. Only a single-token step over a rotated buffer
+    needs its own (rolled) array, which is `[B, 1, 1, Nk]`, never N x N.
+    """
+    if N == 1 and (self.rotated or self._idx >= self.max_size):
+        return original(self, N, window_size=window_size, return_array=return_array)
+    left_padding = self.left_padding
+    trim = self._idx - self.max_size + int(N > 1)
+    if trim > 0:
+        left_padding = left_padding - trim
+    offset = min(self.max_size - 1, self._offset)
+    window = window_size or self.max_size
+    from mlx_lm.models import base  # its create_causal_mask: the describing one while patched
+
+    return base.create_causal_mask(N, offset, window, None, left_padding)
+
+
+# Cache methods replaced while patched: {module: {(class, method): replacement}};
+# a replacement receives the original method first.
+CACHE_METHODS = {
+    "mlx_lm.models.cache": {("BatchRotatingKVCache", "make_mask"): batch_rotating_make_mask},
+}

@@ -58,12 +58,19 @@ import sys
 from typing import Callable, List
 
 from . import _lm_attend
-from ._lm_masks import make_describing_create_causal_mask
+from ._lm_masks import CACHE_METHODS, make_describing_create_causal_mask
 from ._lm_models import INLINE_ATTENTION
 
 SDPA_NAME = "scaled_dot_product_attention"
 MASK_NAME = "create_causal_mask"
 _ABSENT = object()  # an attribute the patch added (removed again on restore)
+
+
+def _method_patches(module_name) -> dict:
+    """{(class name, method name): replacement} for one module."""
+    patches = {(cls, "__call__"): r for cls, r in INLINE_ATTENTION.get(module_name, {}).items()}
+    patches.update(CACHE_METHODS.get(module_name, {}))
+    return patches
 
 
 def _make_flash_sdpa(original: Callable) -> Callable:
@@ -115,13 +122,13 @@ class _PatchingLoader(importlib.abc.Loader):
 
 
 class _InlineModelHook(importlib.abc.MetaPathFinder):
-    """Import hook for the modules in INLINE_ATTENTION imported while patched."""
+    """Import hook for the modules in INLINE_ATTENTION / CACHE_METHODS imported while patched."""
 
     def __init__(self, on_load):
         self._on_load = on_load
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in INLINE_ATTENTION:
+        if fullname not in INLINE_ATTENTION and fullname not in CACHE_METHODS:
             return None
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
@@ -195,10 +202,10 @@ class MlxLmPatch:
                 self._set(module, name, replacement)
         if not self.routes_attention:
             return
-        for class_name, replacement in INLINE_ATTENTION.get(namespace.get("__name__"), {}).items():
+        for (class_name, method), replacement in _method_patches(namespace.get("__name__")).items():
             cls = namespace.get(class_name)
             if cls is not None:
-                self._set(cls, "__call__", _bind_original(cls.__call__, replacement))
+                self._set(cls, method, _bind_original(getattr(cls, method), replacement))
 
     @property
     def active(self) -> bool:

@@ -225,9 +225,12 @@ def test_description_not_fitting_the_call_becomes_its_array():
 
 def test_restored_after_the_patch():
     original = lm_base.create_causal_mask
+    make_mask = lm_cache.BatchRotatingKVCache.make_mask
     with mlx_flash.patch_mlx_lm():
         assert lm_cache.create_causal_mask is lm_base.create_causal_mask is not original
+        assert lm_cache.BatchRotatingKVCache.make_mask is not make_mask
     assert lm_base.create_causal_mask is original and lm_cache.create_causal_mask is original
+    assert lm_cache.BatchRotatingKVCache.make_mask is make_mask
     assert isinstance(lm_base.create_causal_mask(3), mx.array)
 
 
@@ -276,3 +279,49 @@ def test_left_padded_batch_uses_key_ranges(monkeypatch):
     prefill = [kw for kw in seen if kw.get("causal")]
     assert prefill and all(kw.get("mask") is None and "key_start" in kw for kw in prefill)
     assert np.array_equal(np.array(prefill[0]["key_start"]), padding)
+
+
+def _drive_batch_rotating_cache(check):
+    """Feed a BatchRotatingKVCache (window 6, left padding [0, 3]) chunks and
+    single tokens past its rotation, calling check(cache, N) before each update."""
+    cache = lm_cache.BatchRotatingKVCache(max_size=6, left_padding=[0, 3])
+    gen = rng("batch-rotating")
+    for n in (5, 1, 1, 1, 3, 1, 1, 1, 1, 4, 1):
+        check(cache, n)
+        kv = mx.array(gen.standard_normal((2, 1, n, 4)).astype(np.float32))
+        cache.update_and_fetch(kv, kv)
+
+
+def test_batch_rotating_cache_mask_is_described_as_mlx_lm_builds_it():
+    expected = []
+    _drive_batch_rotating_cache(lambda cache, n: expected.append(cache.make_mask(n)))
+    got = []
+    with mlx_flash.patch_mlx_lm():
+        _drive_batch_rotating_cache(lambda cache, n: got.append(cache.make_mask(n)))
+        described = [isinstance(m, CausalMaskDescription) for m in got]
+        arrays = [m.array() if isinstance(m, CausalMaskDescription) else m for m in got]
+    assert len(got) == len(expected) and any(described) and not all(described)  # rotated steps stay arrays
+    for g, e in zip(arrays, expected):
+        assert g.shape == e.shape and mx.array_equal(g, e).item()
+
+
+def test_batch_rotating_cache_model_builds_no_mask():
+    """A sliding-window model over batch caches with left padding (mlx-lm's batch generation)."""
+    model = build("mistral")
+    x = tokens(2 * WINDOW + 6, batch=2)
+    padding = [0, 3]
+
+    def run():
+        caches = [lm_cache.BatchRotatingKVCache(WINDOW, padding) if layer.use_sliding
+                  else lm_cache.BatchKVCache(padding) for layer in model.layers]
+        steps = [x[:, :WINDOW + 2]] + [x[:, i:i + 1] for i in range(WINDOW + 2, 2 * WINDOW + 6)]
+        outs = run_chunks(model, steps, caches)
+        return [outs[0][0], outs[0][1, 3:]] + outs[1:]
+
+    expected = run()
+    with mlx_flash.patch_mlx_lm():
+        got = run()
+    for g, e in zip(got, expected):
+        assert_close(g, e)
+    stats = _stats()
+    assert stats["fallback_calls"] == 0 and stats["mask_materialisations"] == 0, stats
