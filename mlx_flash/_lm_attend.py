@@ -29,7 +29,7 @@ from collections import Counter
 import mlx.core as mx
 
 from . import dispatch
-from ._lm_masks import CausalMaskDescription
+from ._lm_masks import CausalMaskDescription, as_array
 from ._spec import FLOAT_DTYPES
 from .attention import flash_attention
 
@@ -147,7 +147,7 @@ def _mask_arguments(mask, nq: int, nk: int) -> dict:
         return {"causal": True}
     if isinstance(mask, CausalMaskDescription):
         described = mask.op_arguments(nq, nk)
-        return described if described is not None else {"mask": mask.array()}
+        return described if described is not None else {"mask": as_array(mask)}
     return {"mask": mask}
 
 
@@ -165,9 +165,9 @@ def fused(queries, keys, values, *, scale, mask, sinks=None, softcap=None):
 
 def attend(queries, keys, values, *, cache, scale, mask, fallback, sinks=None, softcap=None):
     """Fused attention with mlx-lm's arguments, or `fallback(mask)` (counted)
-    with the mask as mlx-lm's own code takes it (an array, never a description)."""
+    with the mask as mlx-lm's own code takes it (a plain array, not a description)."""
     reason = unsupported_reason(queries, keys, values, cache, scale, mask)
     if reason is not None:
         stats.count_fallback(reason)
-        return fallback(mask.array() if isinstance(mask, CausalMaskDescription) else mask)
+        return fallback(as_array(mask))
     return fused(queries, keys, values, scale=scale, mask=mask, sinks=sinks, softcap=softcap)

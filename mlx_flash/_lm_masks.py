@@ -5,36 +5,38 @@ mlx-lm builds every non-trivial attention mask with
 right_padding, left_padding)`: an `[N, offset + N]` (or `[B, 1, N, offset +
 N]`) bool array for sliding windows, `return_array=True` callers and
 `BatchKVCache`'s left padding. While patched, that function returns a
-`CausalMaskDescription` instead. The attention replacement reads it as
-`causal` + `window` + per-batch `key_start` / `key_len` (`op_arguments`), so
-no N x N array exists and the kernels skip the tiles outside the window.
+`CausalMaskDescription`: an `mx.array` that is mlx-lm's own mask, still
+lazy, carrying what it means. The attention replacement reads the meaning
+(`op_arguments`: `causal` + `window` + per-batch `key_start` / `key_len`)
+and never touches the array, so MLX never evaluates it: no N x N array
+exists and the kernels skip the tiles outside the window.
 
-Model code that uses the mask as an array (`mask[..., -n:]`, `mask + x`,
-`mx.where(mask, ...)`, `mask.astype(...)`, ...) still gets one: the
-description builds it with mlx-lm's own function the first time, counts
-that in `patch_stats()["mask_materialisations"]` and keeps it. `shape`,
-`dtype`, `ndim` and `size` are answered without building anything.
+Model code that uses the mask as an array gets exactly mlx-lm's array
+(MLX evaluates it then), through any MLX function, as it would unpatched:
+the description *is* an `mx.array` (a duck-typed stand-in was not enough:
+many `mx.*` functions accept only real arrays). The first use through
+Python (indexing, operators, array methods such as `astype`) counts in
+`patch_stats()["mask_materialisations"]`; an `mx.*` function given the mask
+(`mx.where(mask, ...)`) uses it too but MLX has no hook to count that, so
+the count is a lower bound. `shape`, `dtype` and `ndim` cost nothing.
 """
 
 from __future__ import annotations
 
 import numbers
-import operator
 
 import mlx.core as mx
 
 
-class CausalMaskDescription:
-    """What `create_causal_mask(n, offset, window_size, right_padding,
-    left_padding)` would return, without the array until one is needed."""
+class CausalMaskDescription(mx.array):
+    """`create_causal_mask(n, offset, window_size, right_padding, left_padding)`'s
+    (lazy) array, with those arguments attached."""
 
-    def __init__(self, build, n, offset, window_size, right_padding, left_padding):
-        self._build = build  # mlx-lm's create_causal_mask
+    def __init__(self, lazy_mask: mx.array, n, offset, window_size, right_padding, left_padding):
+        super().__init__(lazy_mask)
         self.n, self.offset, self.window_size = n, offset, window_size
         self.right_padding, self.left_padding = right_padding, left_padding
-        self._array = None
-
-    # ---- read by the patch's attention
+        self.counted = False
 
     def op_arguments(self, nq: int, nk: int):
         """`flash_attention` keyword arguments meaning this mask for a call with
@@ -51,73 +53,42 @@ class CausalMaskDescription:
             args["key_start"], args["key_len"] = start, end - start
         return args
 
-    # ---- an array when used as one
-
-    def array(self) -> mx.array:
-        if self._array is None:
+    def count_use(self):
+        """Count this mask as built (once): model code used it as an array."""
+        if not self.counted:
+            self.counted = True
             from ._lm_attend import stats  # (that module imports this one)
 
             stats.count_materialisation()
-            self._array = self._build(self.n, self.offset, self.window_size,
-                                      self.right_padding, self.left_padding)
-        return self._array
-
-    def __mlx_array__(self):
-        return self.array()
-
-    @property
-    def shape(self):
-        cols = self.offset + self.n
-        padding = self.left_padding if self.left_padding is not None else self.right_padding
-        return (self.n, cols) if padding is None else (padding.shape[0], 1, self.n, cols)
-
-    @property
-    def dtype(self):
-        return mx.bool_
-
-    @property
-    def ndim(self):
-        return len(self.shape)
-
-    @property
-    def size(self):
-        size = 1
-        for d in self.shape:
-            size *= d
-        return size
-
-    def __getitem__(self, index):
-        return self.array()[index]
-
-    def __getattr__(self, name):
-        # astype, reshape, sum, ... : those of the array (built once).
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self.array(), name)
 
     def __repr__(self):
         return (f"CausalMaskDescription(n={self.n}, offset={self.offset}, window_size={self.window_size}, "
                 f"left_padding={self.left_padding is not None}, right_padding={self.right_padding is not None})")
 
 
-def _forward(op):
-    return lambda self, other: op(self.array(), other)
+def _counted(name):
+    method = getattr(mx.array, name)
+
+    def use(self, *args, **kwargs):
+        self.count_use()
+        return method(self, *args, **kwargs)
+
+    use.__name__ = name
+    return use
 
 
-def _reflected(op):
-    return lambda self, other: op(other, self.array())
-
-
-for _name, _op in (("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
-                   ("truediv", operator.truediv), ("and", operator.and_), ("or", operator.or_),
-                   ("xor", operator.xor)):
-    setattr(CausalMaskDescription, f"__{_name}__", _forward(_op))
-    setattr(CausalMaskDescription, f"__r{_name}__", _reflected(_op))
-for _name, _op in (("eq", operator.eq), ("ne", operator.ne), ("lt", operator.lt), ("le", operator.le),
-                   ("gt", operator.gt), ("ge", operator.ge)):
-    setattr(CausalMaskDescription, f"__{_name}__", _forward(_op))
-CausalMaskDescription.__invert__ = lambda self: ~self.array()
-CausalMaskDescription.__hash__ = object.__hash__
+# Python-level uses of the mask as an array: counted, then the array's own.
+_ARRAY_USES = (
+    "__getitem__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+    "__rtruediv__", "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__invert__",
+    "__neg__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__matmul__", "__rmatmul__",
+    "astype", "reshape", "flatten", "squeeze", "swapaxes", "transpose", "moveaxis", "sum", "any", "all",
+    "max", "min", "tolist", "item", "__array__",
+)
+for _name in _ARRAY_USES:
+    if hasattr(mx.array, _name):
+        setattr(CausalMaskDescription, _name, _counted(_name))
+CausalMaskDescription.__hash__ = mx.array.__hash__
 
 
 def _describable(n, offset, window_size, right_padding, left_padding) -> bool:
@@ -138,8 +109,9 @@ def make_describing_create_causal_mask(original):
         # Snapshots: caches update their padding arrays in place (`-=`), and the
         # description may be read after the update.
         snapshot = lambda p: None if p is None else mx.array(p)  # noqa: E731
-        return CausalMaskDescription(original, int(N), int(offset), window_size, snapshot(right_padding),
-                                     snapshot(left_padding))
+        right_padding, left_padding = snapshot(right_padding), snapshot(left_padding)
+        lazy_mask = original(N, offset, window_size, right_padding, left_padding)
+        return CausalMaskDescription(lazy_mask, int(N), int(offset), window_size, right_padding, left_padding)
 
     create_causal_mask.__wrapped__ = original
     create_causal_mask.__doc__ = original.__doc__
@@ -147,8 +119,11 @@ def make_describing_create_causal_mask(original):
 
 
 def as_array(mask):
-    """The mask as mlx-lm's own code takes it (an array, a string or None)."""
-    return mask.array() if isinstance(mask, CausalMaskDescription) else mask
+    """The mask as mlx-lm's own code takes it (a plain array, a string or None)."""
+    if isinstance(mask, CausalMaskDescription):
+        mask.count_use()
+        return mx.array(mask)
+    return mask
 
 
 def batch_rotating_make_mask(original, self, N, window_size=None, return_array=False):

@@ -180,12 +180,18 @@ def test_description_is_mlx_lm_array_when_used_as_one(case):
             "and": (lambda m: m & mx.array(True), lambda m: m & mx.array(True)),
             "invert": (lambda m: ~m, lambda m: ~m),
             "array": (lambda m: mx.array(m), lambda m: m),
+            # mx.* functions that take only real arrays (a description is one).
+            "array_equal": (lambda m: mx.array(mx.array_equal(m, expected)), lambda m: mx.array(True)),
+            "expand_dims": (lambda m: mx.expand_dims(m, 0), lambda m: mx.expand_dims(m, 0)),
+            "concatenate": (lambda m: mx.concatenate([m, m], axis=-1), lambda m: mx.concatenate([m, m], axis=-1)),
+            "take_along_axis": (lambda m: mx.take_along_axis(m, mx.zeros(m.shape[:-1] + (1,), mx.int32), axis=-1),
+                                lambda m: mx.take_along_axis(m, mx.zeros(m.shape[:-1] + (1,), mx.int32), axis=-1)),
         }
         for name, (on_description, on_array) in uses.items():
             got, want = on_description(described), on_array(expected)
             assert got.shape == want.shape and got.dtype == want.dtype, name
             assert mx.array_equal(got, want).item(), name
-    # Built once, however often it was used.
+    # Counted once, however often it was used.
     assert _stats()["mask_materialisations"] == 1
 
 
@@ -299,7 +305,7 @@ def test_batch_rotating_cache_mask_is_described_as_mlx_lm_builds_it():
     with mlx_flash.patch_mlx_lm():
         _drive_batch_rotating_cache(lambda cache, n: got.append(cache.make_mask(n)))
         described = [isinstance(m, CausalMaskDescription) for m in got]
-        arrays = [m.array() if isinstance(m, CausalMaskDescription) else m for m in got]
+        arrays = [mx.array(m) for m in got]
     assert len(got) == len(expected) and any(described) and not all(described)  # rotated steps stay arrays
     for g, e in zip(arrays, expected):
         assert g.shape == e.shape and mx.array_equal(g, e).item()
@@ -325,3 +331,23 @@ def test_batch_rotating_cache_model_builds_no_mask():
         assert_close(g, e)
     stats = _stats()
     assert stats["fallback_calls"] == 0 and stats["mask_materialisations"] == 0, stats
+
+
+def test_described_mask_is_never_evaluated_by_the_attention():
+    """A 8192 x 8192 sliding-window mask (64 MiB as bool) costs no memory when
+    only the attention reads it; evaluating the array itself does."""
+    n, window = 8192, 16
+    gen = rng("lm-described-memory")
+    q, k, v = _mixed_inputs(gen, (F32,) * 3, B=1, Hq=1, Hkv=1, Nq=n, Nk=n, D=4)
+    mx.eval(q, k, v)
+    with mlx_flash.patch_mlx_lm():
+        mask = lm_base.create_causal_mask(n, 0, window)
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        out = lm_base.scaled_dot_product_attention(q, k, v, cache=None, scale=0.5, mask=mask)
+        mx.eval(out)
+        attention_peak = mx.get_peak_memory() - base
+        mx.eval(mx.array(mask))
+        mask_peak = mx.get_peak_memory() - base
+    assert attention_peak < 8 * 2**20, attention_peak
+    assert mask_peak >= n * n, mask_peak  # the mask itself, once evaluated, is N x N
