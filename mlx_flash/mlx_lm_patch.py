@@ -17,11 +17,11 @@ What gets swapped:
   module already in `sys.modules` is swapped too; modules imported later
   read the patched base and bind the replacement themselves.
 * `mlx_lm.models.base.create_causal_mask` (and its binding in
-  `mlx_lm.models.cache`), which then returns a description of the mask
-  (`_lm_masks.CausalMaskDescription`: causal offset, window, per-sequence
-  padding) that the attention reads as `causal`/`window`/`key_start`/
-  `key_len`; model code that uses it as an array gets the array, counted in
-  `patch_stats()["mask_materialisations"]`.
+  `mlx_lm.models.cache`) and `BatchRotatingKVCache.make_mask`, which then
+  return `_lm_masks.CausalMaskDescription`: mlx-lm's lazy mask array with
+  its meaning (causal offset, window, per-sequence padding) attached, which
+  the attention reads as `causal`/`window`/`key_start`/`key_len` without
+  evaluating the array.
 * `mlx_flash.nn.FP8Linear` gains `to_lora` (`_lm_lora`), so mlx-lm's
   `linear_to_lora_layers` (`mlx_lm.lora`, `load_adapters`) puts LoRA on
   fp8-weight layers: the fp8 matmul forward, gradients to the adapters only.
@@ -44,10 +44,8 @@ modules imported while patched.
 
 Not covered: the few models that call `mx.fast.scaled_dot_product_attention`
 directly (deepseek_v41, muse_spark, plamo2) or do inline attention not listed
-in `_lm_models` (olmo, phi3small); they keep MLX's attention. Of those,
-plamo2 hands mlx-lm's mask straight to `mx.fast.scaled_dot_product_attention`,
-which takes no mask description: with a batch (left-padded) cache it needs
-the patch off.
+in `_lm_models` (olmo, phi3small); they keep MLX's attention (a mask
+description is an `mx.array`, so they read it as before).
 """
 
 from __future__ import annotations
