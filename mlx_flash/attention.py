@@ -96,7 +96,8 @@ def _differentiable(spec: AttentionSpec, names: tuple, backend_name: str, stream
 
 def _run(q, k, v, spec, inputs, stream):
     name = dispatch.backend_name(stream)
-    if max(spec.head_dim_qk, spec.head_dim_v) > dispatch.DEFAULT_HEAD_DIM_LIMITS[0]:
+    if max(spec.head_dim_qk, spec.head_dim_v) > min(dispatch.DEFAULT_HEAD_DIM_LIMITS):
+        # Every backend takes the default widths; only wider calls ask which does.
         dispatch.check_head_dims(spec, name)
     if spec.has_key_range:
         spec, inputs = dispatch.fold_key_ranges(spec, inputs, dispatch.backend_for_name(name))
