@@ -106,11 +106,15 @@ def test_mixed_dtypes_gradients_match_mlx():
     def loss(attend):
         return lambda q: mx.sum(attend(q) * mx.arange(32, dtype=F32))
 
-    mlx_attend = lambda q: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask="causal")  # noqa: E731
+    def mlx_attend(q):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask="causal")
+
+    def patched_attend(q):
+        return lm_base.scaled_dot_product_attention(q, k, v, cache=None, scale=0.2, mask="causal")
+
     expected = mx.grad(loss(mlx_attend))(q)
     with mlx_flash.patch_mlx_lm():
-        ours = lambda q: lm_base.scaled_dot_product_attention(q, k, v, cache=None, scale=0.2, mask="causal")  # noqa: E731
-        got = mx.grad(loss(ours))(q)
+        got = mx.grad(loss(patched_attend))(q)
     assert got.dtype == F32
     assert_close(got, expected, tol=1e-4)
     assert _stats()["fallback_calls"] == 0
