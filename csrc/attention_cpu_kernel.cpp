@@ -58,6 +58,8 @@ namespace {
 constexpr int BQ_MAX = 64;
 inline int query_tile_rows(const AttentionArgs& a) { return a.Dqk + a.Dv > 160 ? 32 : BQ_MAX; }
 constexpr int BK = 256;  // keys per tile (a multiple of NR)
+// Widest head dim a row buffer holds (Dqk up to 576 and Dv up to 512: MLA).
+constexpr int MAX_ROW = 576;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 constexpr float POS_INF = std::numeric_limits<float>::infinity();
 constexpr float NOT_A_NUMBER = std::numeric_limits<float>::quiet_NaN();
@@ -128,7 +130,7 @@ void pack_rows(const View4& v, const Sequence& s, int h, int64_t row0, int n, in
 // bad[r] = 1: the caller adds its products exactly, only for kept pairs.
 void pack_row_panels(const View4& v, const Sequence& s, int h, int64_t row0, int n, int n_pad, int d, float mul,
                      float* dst, uint8_t* bad = nullptr) {
-  float row[256];
+  float row[MAX_ROW];
   for (int r = 0; r < n; ++r) {
     load_row(v.data, row_offset(v, s, h, row0 + r), v.sd, v.dtype, d, mul, row);
     if (bad && (bad[r] = !all_finite(row, d))) std::memset(row, 0, sizeof(float) * d);
@@ -155,7 +157,7 @@ constexpr int PACK_ROWS = 256;
 // rows holding a NaN or inf are flagged bad[r] = 1.
 void pack_transposed_panels(const View4& v, const Sequence& s, int h, int64_t row0, int n, int d, float* dst,
                             uint8_t* bad = nullptr) {
-  float row[256];
+  float row[MAX_ROW];
   for (int r = 0; r < n; ++r) {
     load_row(v.data, row_offset(v, s, h, row0 + r), v.sd, v.dtype, d, 1.f, row);
     if (bad) bad[r] = !all_finite(row, d);
@@ -353,7 +355,7 @@ void forward_tile(const ForwardHead& fh, int h, int i0) {
     gemm(mq, dv_pad, n_cols, S.p, BK, 1, fh.vp + (int64_t)j0 * NR, (int64_t)fh.nk_pad * NR, O.p, dv_pad, true);
     // O += P V for those keys, pair by pair where kept (IEEE: a kept p = 0 times NaN is NaN).
     for (int x = 0; x < n_bad; ++x) {
-      float vrow[256];
+      float vrow[MAX_ROW];
       load_row(a.v.data, row_offset(a.v, s, fh.hkv, s.k_row0 + bad0[x]), a.v.sd, a.v.dtype, Dv, 1.f, vrow);
       for (int r = 0; r < mq; ++r)
         if (kept[r * n_bad + x]) add_scaled_row(O.p + r * dv_pad, S.p[r * BK + bad0[x] - j0], vrow, Dv);
@@ -492,7 +494,7 @@ void decode_forward(const AttentionArgs& a, const ForwardOutputs& o) {
           continue;
         }
         float l = (a.sinks && m != NEG_INF) ? std::exp(a.sinks[h] - m) : 0.f;
-        float acc[256] = {0.f};
+        float acc[MAX_ROW] = {0.f};
         for (int c = 0; c < d.chunks; ++c) {
           const int64_t p = (first + c) * d.rows + r;
           if (d.part_max[p] == NEG_INF) continue;
@@ -659,7 +661,7 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
               if (kept[r * BK + c]) add_scaled_row(dK.p + c * dqk_pad, S.p[r * BK + c], qs + (int64_t)(i0 + r) * Dqk, Dqk);
         for (int c = 0; c < nk_tile; ++c) {
           if (!bh.k_bad[j0 + c]) continue;
-          float krow[256];
+          float krow[MAX_ROW];
           load_row(a.k.data, row_offset(a.k, s, bh.hkv, s.k_row0 + j0 + c), a.k.sd, a.k.dtype, Dqk, 1.f, krow);
           for (int r = 0; r < mq; ++r)
             if (kept[r * BK + c]) add_scaled_row(dq + (int64_t)(i0 + r) * dqk_pad, S.p[r * BK + c], krow, Dqk);
@@ -720,7 +722,7 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
         pack_rows(gr.dout, s, h, q0, n, a.Dv, 1.f, dos.p + ((int64_t)g * s.nq + r0) * a.Dv, a.Dv);
         pack_row_panels(gr.dout, s, h, q0, n, nq_pad, a.Dv, 1.f, dop.p + (int64_t)g * nq_pad * dv_pad + (int64_t)r0 * NR,
                         do_bad.data() + (int64_t)g * s.nq + r0);
-        float orow[256];
+        float orow[MAX_ROW];
         for (int i = r0; i < r1; ++i) {
           // delta_i = dO_i . O_i - dlse_i
           const int64_t row = out_row(s, a.Hq, h, s.q_row0 + i, a.Nq);

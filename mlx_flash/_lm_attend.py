@@ -2,11 +2,17 @@
 
 mlx-lm hands attention `queries [B, Hq, Nq, D]`, `keys`/`values`
 `[B, Hkv, Nk, D]` (transposed views), a `cache`, a `scale` and a `mask` that
-is None, the string "causal" or an array from `create_attention_mask`
-(bool, or additive, broadcastable to `[B, Hq, Nq, Nk]`; 1-D for a rotating
-cache's decode step). Every such call maps onto the op contract except the
-cases `unsupported_reason` names; those run mlx-lm's own code and are
-counted (`stats`) and logged once per reason, never hidden.
+is None, the string "causal", a `CausalMaskDescription` (`_lm_masks`: what
+`create_causal_mask` returns while patched) or an array (bool, or additive,
+broadcastable to `[B, Hq, Nq, Nk]`; 1-D for a rotating cache's decode step).
+Every such call maps onto the op contract except the cases
+`unsupported_reason` names; those run mlx-lm's own code and are counted
+(`stats`) and logged once per reason, never hidden.
+
+Dtypes follow `mx.fast.scaled_dot_product_attention`: q, k and v may differ
+(float32 with float16 k/v, bf16 with f16, ...); the result has their
+promoted type, computed in it, and an additive mask must promote to it
+(MLX's error otherwise).
 
 Counting happens when the Python function runs: once per call eagerly, once
 per trace under `mx.compile`.
@@ -23,8 +29,9 @@ from collections import Counter
 import mlx.core as mx
 
 from . import dispatch
+from ._lm_masks import CausalMaskDescription, as_array
 from ._quant_spec import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from ._spec import FLOAT_DTYPES, MAX_HEAD_DIM
+from ._spec import FLOAT_DTYPES
 from .attention import flash_attention
 from .attention_quantized import flash_attention_quantized
 
@@ -37,10 +44,15 @@ class PatchStats:
     def __init__(self):
         self.flash_calls = 0
         self.fallbacks = Counter()
+        self.materialisations = 0
         self._logged = set()
 
     def count_flash(self):
         self.flash_calls += 1
+
+    def count_materialisation(self):
+        """A described mask was used as an array (built N x N after all)."""
+        self.materialisations += 1
 
     def count_fallback(self, reason: str):
         self.fallbacks[reason] += 1
@@ -54,10 +66,12 @@ class PatchStats:
             "flash_calls": self.flash_calls,
             "fallback_calls": sum(self.fallbacks.values()),
             "fallbacks": dict(self.fallbacks),
+            "mask_materialisations": self.materialisations,
         }
 
     def reset(self):
         self.flash_calls = 0
+        self.materialisations = 0
         self.fallbacks.clear()
         self._logged.clear()
 
@@ -72,9 +86,15 @@ def _backend_present(name: str) -> bool:
     return importlib.util.find_spec(dispatch._BACKENDS[name]) is not None
 
 
+def promoted_dtype(*dtypes):
+    """The float dtype MLX promotes these to (float16 with bfloat16 is float32)."""
+    first = dtypes[0]
+    return first if all(d == first for d in dtypes) else mx.float32
+
+
 def _mask_reason(mask, shape) -> str | None:
-    if mask is None:
-        return None
+    if mask is None or isinstance(mask, CausalMaskDescription):
+        return None  # a description that does not fit the call becomes its array
     if isinstance(mask, str):
         return None if mask == "causal" else f"mask string {mask!r}"
     if not isinstance(mask, mx.array):
@@ -100,10 +120,8 @@ def unsupported_reason(queries, keys, values, cache, scale, mask) -> str | None:
         return "non-array queries/keys/values"
     if queries.ndim != 4 or keys.ndim != 4 or values.ndim != 4:
         return "queries/keys/values not rank 4"
-    if not (queries.dtype == keys.dtype == values.dtype) or queries.dtype not in FLOAT_DTYPES:
+    if any(a.dtype not in FLOAT_DTYPES for a in (queries, keys, values)):
         return f"dtypes {queries.dtype}/{keys.dtype}/{values.dtype}"
-    if max(queries.shape[-1], values.shape[-1]) > MAX_HEAD_DIM:
-        return f"head dim > {MAX_HEAD_DIM}"
     if keys.shape[1] == 0 or queries.shape[1] % keys.shape[1]:
         return "query heads not a multiple of key/value heads"
     if not isinstance(scale, numbers.Real):
@@ -115,6 +133,9 @@ def unsupported_reason(queries, keys, values, cache, scale, mask) -> str | None:
     backend = dispatch.backend_name(None)
     if not _backend_present(backend):
         return f"no mlx_flash backend for {backend}"
+    max_qk, max_v = dispatch.head_dim_limits(backend)
+    if queries.shape[-1] > max_qk or values.shape[-1] > max_v:
+        return f"head dims {queries.shape[-1]}/{values.shape[-1]} over {backend}'s {max_qk}/{max_v}"
     return None
 
 
@@ -130,38 +151,53 @@ def _quantized_reason(queries, keys, cache, scale, mask) -> str | None:
         return f"quantized KV cache with bits={cache.bits}, group_size={cache.group_size}"
     if not isinstance(queries, mx.array) or queries.ndim != 4 or queries.dtype not in FLOAT_DTYPES:
         return "queries not a rank-4 float array"
-    if queries.shape[-1] > MAX_HEAD_DIM:
-        return f"head dim > {MAX_HEAD_DIM}"
+    max_qk, _ = dispatch.head_dim_limits(backend)
+    if queries.shape[-1] > max_qk:
+        return f"head dim {queries.shape[-1]} over {backend}'s {max_qk}"
     if not isinstance(scale, numbers.Real):
         return f"scale of type {type(scale).__name__}"
     nk = (keys[0] if isinstance(keys, (tuple, list)) else keys).shape[2]
     return _mask_reason(mask, (queries.shape[0], queries.shape[1], queries.shape[2], nk))
 
 
-def fused(queries, keys, values, *, scale, mask, sinks=None, softcap=None, cache=None):
-    """`flash_attention` with mlx-lm's arguments (counted); with a
-    QuantizedKVCache, `flash_attention_quantized` on its triples.
+def _mask_arguments(mask, nq: int, nk: int) -> dict:
+    """flash_attention's mask keywords for mlx-lm's mask."""
+    if mask is None:
+        return {}
+    if isinstance(mask, str):
+        # mlx-lm aligns "causal" bottom-right after a KV-cache offset, as the op does.
+        return {"causal": True}
+    if isinstance(mask, CausalMaskDescription):
+        described = mask.op_arguments(nq, nk)
+        return described if described is not None else {"mask": as_array(mask)}
+    return {"mask": mask}
 
-    The string mask "causal" becomes `causal=True`: mlx-lm aligns it
-    bottom-right after a KV-cache offset, and so does the op.
-    """
+
+def fused(queries, keys, values, *, scale, mask, sinks=None, softcap=None, cache=None):
+    """`flash_attention` with mlx-lm's arguments (counted), in the promoted dtype;
+    with a QuantizedKVCache, `flash_attention_quantized` on its triples."""
     stats.count_flash()
-    causal = isinstance(mask, str)
     if hasattr(cache, "bits"):
-        return flash_attention_quantized(
-            queries, keys, values, bits=cache.bits, group_size=cache.group_size, scale=float(scale),
-            mask=None if causal else mask, causal=causal, sinks=sinks, softcap=softcap,
-        )
-    return flash_attention(
-        queries, keys, values, scale=float(scale), mask=None if causal else mask,
-        causal=causal, sinks=sinks, softcap=softcap,
-    )
+        options = _mask_arguments(mask, queries.shape[2], keys[0].shape[2])
+        if "key_start" in options or "key_len" in options:
+            # The quantized op has no per-batch key ranges (yet): the mask's own array.
+            options = {"mask": as_array(mask)}
+        return flash_attention_quantized(queries, keys, values, bits=cache.bits, group_size=cache.group_size,
+                                         scale=float(scale), sinks=sinks, softcap=softcap, **options)
+    dtype = promoted_dtype(queries.dtype, keys.dtype, values.dtype)
+    options = _mask_arguments(mask, queries.shape[2], keys.shape[2])
+    additive = options.get("mask")
+    if additive is not None and additive.dtype != mx.bool_ and promoted_dtype(additive.dtype, dtype) != dtype:
+        raise ValueError(f"[scaled_dot_product_attention] Mask type must promote to output type {dtype}.")
+    queries, keys, values = (a if a.dtype == dtype else a.astype(dtype) for a in (queries, keys, values))
+    return flash_attention(queries, keys, values, scale=float(scale), sinks=sinks, softcap=softcap, **options)
 
 
 def attend(queries, keys, values, *, cache, scale, mask, fallback, sinks=None, softcap=None):
-    """Fused attention with mlx-lm's arguments, or `fallback()` (counted)."""
+    """Fused attention with mlx-lm's arguments, or `fallback(mask)` (counted)
+    with the mask as mlx-lm's own code takes it (a plain array, not a description)."""
     reason = unsupported_reason(queries, keys, values, cache, scale, mask)
     if reason is not None:
         stats.count_fallback(reason)
-        return fallback()
+        return fallback(as_array(mask))
     return fused(queries, keys, values, scale=scale, mask=mask, sinks=sinks, softcap=softcap, cache=cache)

@@ -14,6 +14,7 @@ cannot take (e.g. head dims over 256) still runs mlx-lm's code, counted.
 from __future__ import annotations
 
 from ._lm_attend import fused, stats, unsupported_reason
+from ._lm_masks import as_array
 
 
 def _split_heads(x, batch, length, heads):
@@ -36,7 +37,7 @@ def gemma2_attention(original, self, x, mask=None, cache=None):
     reason = unsupported_reason(queries, keys, values, cache, self.scale, mask=None)
     if reason is not None:
         stats.count_fallback(reason)
-        return original(self, x, mask, cache)
+        return original(self, x, as_array(mask), cache)
     offset = 0 if cache is None else cache.offset
     queries = self.rope(queries, offset=offset)
     keys = self.rope(keys, offset=offset)

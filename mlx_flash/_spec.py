@@ -24,7 +24,10 @@ from typing import NamedTuple, Optional, Tuple
 import mlx.core as mx
 
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-MAX_HEAD_DIM = 256
+# The contract's head-dim limits (MLA's absorbed decode: Dqk 576, Dv 512).
+# Each backend may take less: dispatch.head_dim_limits names its own.
+MAX_HEAD_DIM_QK = 576
+MAX_HEAD_DIM_V = 512
 DEFAULT_BLOCK_SIZE = (64, 64)
 
 
@@ -61,6 +64,8 @@ class AttentionSpec(NamedTuple):
     varlen: bool = False
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    # key_start/key_len given (per-batch valid key ranges).
+    has_key_range: bool = False
 
     @property
     def group_size(self) -> int:
@@ -84,6 +89,9 @@ class AttentionInputs:
     block_mask: bool rank 4 `[Bb, Hb, ceil(Nq/block_q), ceil(Nk/block_k)]`,
                 dims of size 1 broadcast.
     cu_seqlens_q / cu_seqlens_k: int32 `[batch + 1]` (varlen only).
+    key_start / key_len: int32 `[B]`, both set or both None: batch b keeps
+                keys `key_start[b] <= j < key_start[b] + key_len[b]` (any
+                values; a range past either end keeps what lies inside).
     """
 
     mask: Optional[mx.array] = None
@@ -92,6 +100,8 @@ class AttentionInputs:
     block_mask: Optional[mx.array] = None
     cu_seqlens_q: Optional[mx.array] = None
     cu_seqlens_k: Optional[mx.array] = None
+    key_start: Optional[mx.array] = None
+    key_len: Optional[mx.array] = None
 
 
 def _shape(a) -> tuple:
@@ -162,10 +172,10 @@ def _check_qkv(q, k, v, token_axis: int, layout: str):
         )
     if dqk != dk:
         raise ValueError(f"k: head dim must equal q's ({dqk}), got {dk}")
-    if not (1 <= dqk <= MAX_HEAD_DIM and 1 <= dv <= MAX_HEAD_DIM):
-        for name, d in (("q", dqk), ("v", dv)):
-            if not 1 <= d <= MAX_HEAD_DIM:
-                raise ValueError(f"{name}: head dim must be in [1, {MAX_HEAD_DIM}], got {d}")
+    if not (1 <= dqk <= MAX_HEAD_DIM_QK and 1 <= dv <= MAX_HEAD_DIM_V):
+        for name, d, limit in (("q", dqk, MAX_HEAD_DIM_QK), ("v", dv, MAX_HEAD_DIM_V)):
+            if not 1 <= d <= limit:
+                raise ValueError(f"{name}: head dim must be in [1, {limit}], got {d}")
     if ks[token_axis] != vs[token_axis]:
         raise ValueError(
             f"k, v: sequence lengths must match, got k {ks[token_axis]} and v {vs[token_axis]}"
@@ -261,9 +271,33 @@ def _check_mask(mask, target: tuple) -> Tuple[mx.array, str]:
     return _check_broadcastable("mask", mask, target, "[B, H, Nq, Nk]"), kind
 
 
+def _check_key_index(name: str, x, batch: int) -> mx.array:
+    _check_array(name, x)
+    if not mx.issubdtype(x.dtype, mx.integer):
+        raise TypeError(f"{name}: expected an integer array, got {x.dtype}")
+    if _shape(x) != (batch,):
+        raise ValueError(f"{name}: expected shape [B]=[{batch}], got {list(x.shape)}")
+    return x.astype(mx.int32)
+
+
+def _check_key_range(key_start, key_len, batch: int, seqlen_k: int):
+    """(key_start, key_len) as int32 `[B]`; a missing one means 0 / to the end.
+
+    Values are not read here (that would wait on the device); any range is
+    well defined: keys outside `[0, Nk)` simply do not exist.
+    """
+    start = None if key_start is None else _check_key_index("key_start", key_start, batch)
+    length = None if key_len is None else _check_key_index("key_len", key_len, batch)
+    if start is None:
+        start = mx.zeros((batch,), mx.int32)
+    if length is None:
+        length = seqlen_k - start
+    return start, length
+
+
 def validate_attention(
     q, k, v, *, scale=None, mask=None, causal=False, window=None, softcap=None,
-    alibi_slopes=None, sinks=None, block_mask=None, block_size=None,
+    alibi_slopes=None, sinks=None, block_mask=None, block_size=None, key_start=None, key_len=None,
 ) -> Tuple[AttentionSpec, AttentionInputs]:
     """Check a `flash_attention` call and return its spec and normalised inputs."""
     qs, ks, vs = _check_qkv(q, k, v, token_axis=2, layout="[B, H, N, D]")
@@ -294,6 +328,8 @@ def validate_attention(
         )
     elif block_size is not None:
         raise ValueError("block_size: given without block_mask; it only sets block_mask's block sizes")
+    if key_start is not None or key_len is not None:
+        inputs.key_start, inputs.key_len = _check_key_range(key_start, key_len, B, Nk)
     spec = AttentionSpec(
         batch=B, heads_q=Hq, heads_kv=Hkv, seqlen_q=Nq, seqlen_k=Nk,
         head_dim_qk=Dqk, head_dim_v=vs[-1], dtype=q.dtype,
@@ -301,7 +337,7 @@ def validate_attention(
         window_left=left, window_right=right, softcap=_check_softcap(softcap),
         has_alibi=inputs.alibi is not None, has_sinks=inputs.sinks is not None,
         mask_kind=mask_kind, has_block_mask=inputs.block_mask is not None,
-        block_q=bq, block_k=bk,
+        block_q=bq, block_k=bk, has_key_range=inputs.key_start is not None,
     )
     return spec, inputs
 

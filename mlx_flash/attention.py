@@ -18,12 +18,12 @@ from ._spec import AttentionInputs, AttentionSpec, validate_attention, validate_
 from .reference import attention_logits
 
 # Optional inputs, in the order they follow (q, k, v) in the differentiable function.
-_EXTRA_FIELDS = ("mask", "alibi", "sinks", "block_mask", "cu_seqlens_q", "cu_seqlens_k")
+_EXTRA_FIELDS = ("mask", "alibi", "sinks", "block_mask", "cu_seqlens_q", "cu_seqlens_k", "key_start", "key_len")
 
 
 def _pack_extras(inputs: AttentionInputs):
     if (inputs.mask is None and inputs.alibi is None and inputs.sinks is None and inputs.block_mask is None
-            and inputs.cu_seqlens_q is None and inputs.cu_seqlens_k is None):
+            and inputs.cu_seqlens_q is None and inputs.cu_seqlens_k is None and inputs.key_start is None):
         return (), []  # the usual call, without a tuple built by getattr
     names = tuple(n for n in _EXTRA_FIELDS if getattr(inputs, n) is not None)
     return names, [getattr(inputs, n) for n in names]
@@ -100,6 +100,11 @@ def _differentiable(spec: AttentionSpec, names: tuple, backend_name: str, stream
 
 def _run(q, k, v, spec, inputs, stream):
     name = dispatch.backend_name(stream)
+    if max(spec.head_dim_qk, spec.head_dim_v) > min(dispatch.DEFAULT_HEAD_DIM_LIMITS):
+        # Every backend takes the default widths; only wider calls ask which does.
+        dispatch.check_head_dims(spec, name)
+    if spec.has_key_range:
+        spec, inputs = dispatch.fold_key_ranges(spec, inputs, dispatch.backend_for_name(name))
     names, extras = _pack_extras(inputs)
     fn = _differentiable(spec, names, name, stream)
     return fn(q, k, v, *extras)
@@ -107,13 +112,13 @@ def _run(q, k, v, spec, inputs, stream):
 
 def flash_attention(q, k, v, *, scale=None, mask=None, causal=False, window=None, softcap=None,
                     alibi_slopes=None, sinks=None, block_mask=None, block_size=None,
-                    return_lse=False, stream=None):
+                    key_start=None, key_len=None, return_lse=False, stream=None):
     """Exact attention with a fused (IO-aware) forward and backward.
 
     Args:
       q: `[B, Hq, Nq, D]`; k: `[B, Hkv, Nk, D]`; v: `[B, Hkv, Nk, Dv]` with
-        Hq a multiple of Hkv (GQA/MQA), D and Dv in 1..256,
-        float32/float16/bfloat16.
+        Hq a multiple of Hkv (GQA/MQA), D in 1..576 and Dv in 1..512 on
+        the CPU (1..256 on Metal and CUDA for now), float32/float16/bfloat16.
       scale: logit scale, default `1/sqrt(D)`.
       mask: bool (True = keep) or additive array broadcastable to
         `[B, Hq, Nq, Nk]`.
@@ -126,6 +131,10 @@ def flash_attention(q, k, v, *, scale=None, mask=None, causal=False, window=None
       block_mask: bool, broadcastable to
         `[B, H, ceil(Nq/bq), ceil(Nk/bk)]` with `block_size=(bq, bk)`
         (default (64, 64)); dropped blocks are skipped.
+      key_start, key_len: `[B]` integer arrays, per-batch valid keys
+        `key_start[b] <= j < key_start[b] + key_len[b]` (e.g. left padding);
+        the others are dropped like False entries of a bool mask. Either
+        alone means 0 / to the end. O(B * Nk) memory, never N x N.
       return_lse: also return the float32 log-sum-exp `[B, Hq, Nq]`.
       stream: stream or device to run on (default: the default device).
 
@@ -135,6 +144,7 @@ def flash_attention(q, k, v, *, scale=None, mask=None, causal=False, window=None
     spec, inputs = validate_attention(
         q, k, v, scale=scale, mask=mask, causal=causal, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes, sinks=sinks, block_mask=block_mask, block_size=block_size,
+        key_start=key_start, key_len=key_len,
     )
     out, lse = _run(q, k, v, spec, inputs, stream)
     return (out, lse) if return_lse else out

@@ -20,6 +20,14 @@ Shapes: q `[B, Hq, Nq, Dqk]`, k `[B, Hkv, Nk, Dqk]`, v `[B, Hkv, Nk, Dv]`
 the caller differentiates through it). dq/dk/dv come back in the input dtype.
 Backend modules are imported lazily: the CPU one needs the compiled
 extension, the CUDA one must not.
+
+Two optional module attributes say what a backend takes beyond the common
+ground (absent means the default):
+
+    HEAD_DIM_LIMITS = (max Dqk, max Dv)   default DEFAULT_HEAD_DIM_LIMITS
+    NATIVE_KEY_RANGES = True              the kernels read inputs.key_start /
+                                          key_len; otherwise `fold_key_ranges`
+                                          turns them into a [B, 1, 1, Nk] mask
 """
 
 from __future__ import annotations
@@ -27,7 +35,12 @@ from __future__ import annotations
 import functools
 import importlib
 
+import dataclasses
+
 import mlx.core as mx
+
+from ._spec import AttentionInputs, AttentionSpec
+from .reference import key_range_keep
 
 _BACKENDS = {"cpu": "mlx_flash.backends.cpu", "metal": "mlx_flash.backends.metal", "cuda": "mlx_flash.backends.cuda"}
 QUANTIZED_KV_BACKENDS = ("cpu",)
@@ -63,3 +76,47 @@ def backend_for_name(name: str):
     """The backend module called `name` ('cpu', 'metal' or 'cuda')."""
     return importlib.import_module(_BACKENDS[name])
 
+
+
+# Head dims the kernels of a backend take when it names none itself (the
+# GPU tile plans stop at 256 for now; wider ones are future kernel work).
+DEFAULT_HEAD_DIM_LIMITS = (256, 256)
+
+
+def head_dim_limits(name: str) -> tuple:
+    """(max Dqk, max Dv) that backend `name` takes."""
+    return getattr(backend_for_name(name), "HEAD_DIM_LIMITS", DEFAULT_HEAD_DIM_LIMITS)
+
+
+def check_head_dims(spec: AttentionSpec, name: str) -> None:
+    """A clear error when the contract allows the head dims but this backend does not."""
+    max_qk, max_v = head_dim_limits(name)
+    for arg, d, limit in (("q", spec.head_dim_qk, max_qk), ("v", spec.head_dim_v, max_v)):
+        if d > limit:
+            raise ValueError(
+                f"{arg}: head dim {d} is over the {name} backend's limit of {limit} "
+                f"(the cpu backend takes Dqk <= {head_dim_limits('cpu')[0]}, Dv <= {head_dim_limits('cpu')[1]})"
+            )
+
+
+def fold_key_ranges(spec: AttentionSpec, inputs: AttentionInputs, backend):
+    """key_start/key_len as part of the mask, for a backend without native ranges.
+
+    The ranges become a `[B, 1, 1, Nk]` bool keep-mask (O(B * Nk), never
+    N x N), AND-ed with a bool mask, or turned into -inf entries of an
+    additive one (-inf logits are dropped keys). Plain MLX ops outside the
+    differentiable function, so an additive mask's gradient flows back
+    through them to the caller's mask.
+    """
+    if not spec.has_key_range or getattr(backend, "NATIVE_KEY_RANGES", False):
+        return spec, inputs
+    keep = key_range_keep(inputs.key_start, inputs.key_len, spec.seqlen_k)
+    if spec.mask_kind == "none":
+        mask, kind = keep, "bool"
+    elif spec.mask_kind == "bool":
+        mask, kind = inputs.mask & keep, "bool"
+    else:
+        dropped = mx.array(-float("inf"), inputs.mask.dtype)
+        mask, kind = mx.where(keep, inputs.mask, dropped), "additive"
+    inputs = dataclasses.replace(inputs, mask=mask, key_start=None, key_len=None)
+    return spec._replace(mask_kind=kind, has_key_range=False), inputs

@@ -16,6 +16,15 @@ What gets swapped:
   (`from .base import scaled_dot_product_attention`), so the binding in every
   module already in `sys.modules` is swapped too; modules imported later
   read the patched base and bind the replacement themselves.
+* `mlx_lm.models.base.create_causal_mask` (and its binding in
+  `mlx_lm.models.cache`) and `BatchRotatingKVCache.make_mask`, which then
+  return `_lm_masks.CausalMaskDescription`: mlx-lm's lazy mask array with
+  its meaning (causal offset, window, per-sequence padding) attached, which
+  the attention reads as `causal`/`window`/`key_start`/`key_len` without
+  evaluating the array.
+* `mlx_flash.nn.FP8Linear` gains `to_lora` (`_lm_lora`), so mlx-lm's
+  `linear_to_lora_layers` (`mlx_lm.lora`, `load_adapters`) puts LoRA on
+  fp8-weight layers: the fp8 matmul forward, gradients to the adapters only.
 * Attention modules that compute attention inline (`_lm_models`, e.g.
   Gemma 2's softcapped scores): their `__call__` is replaced, in modules
   already imported and, through an import hook, in ones imported later.
@@ -33,14 +42,16 @@ back to mlx-lm, counted).
 
 No model module is imported to do this (some exit the process when an
 optional dependency is missing). Calls the op cannot take (head dims over
-256, ...) run mlx-lm's own code and are counted in
+the backend's limit, quantized KV caches on a backend without that kernel,
+...) run mlx-lm's own code and are counted in
 `patch_stats()` and logged once per reason. Leaving the context manager (or
 `unpatch_mlx_lm()`) restores every original, including bindings made by
 modules imported while patched.
 
 Not covered: the few models that call `mx.fast.scaled_dot_product_attention`
 directly (deepseek_v41, muse_spark, plamo2) or do inline attention not listed
-in `_lm_models` (olmo, phi3small); they keep MLX's attention.
+in `_lm_models` (olmo, phi3small); they keep MLX's attention (a mask
+description is an `mx.array`, so they read it as before).
 """
 
 from __future__ import annotations
@@ -51,9 +62,19 @@ import sys
 from typing import Callable, List
 
 from . import _lm_attend
+from ._lm_masks import CACHE_METHODS, make_describing_create_causal_mask
 from ._lm_models import INLINE_ATTENTION
 
 SDPA_NAME = "scaled_dot_product_attention"
+MASK_NAME = "create_causal_mask"
+_ABSENT = object()  # an attribute the patch added (removed again on restore)
+
+
+def _method_patches(module_name) -> dict:
+    """{(class name, method name): replacement} for one module."""
+    patches = {(cls, "__call__"): r for cls, r in INLINE_ATTENTION.get(module_name, {}).items()}
+    patches.update(CACHE_METHODS.get(module_name, {}))
+    return patches
 
 
 def _make_flash_sdpa(original: Callable) -> Callable:
@@ -63,10 +84,18 @@ def _make_flash_sdpa(original: Callable) -> Callable:
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         return _lm_attend.attend(
             queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks,
-            fallback=lambda: original(queries, keys, values, cache, scale, mask, sinks),
+            fallback=lambda mask_array: original(queries, keys, values, cache, scale, mask_array, sinks),
         )
 
     return scaled_dot_product_attention
+
+
+def _fp8_to_lora(self, r: int = 8, scale: float = 20.0, dropout: float = 0.0):
+    """`FP8Linear.to_lora` while patched (see `_lm_lora`)."""
+    # Imported on use: mlx-lm's tuner imports a model module, which patching must not.
+    from ._lm_lora import fp8_to_lora
+
+    return fp8_to_lora(self, r=r, scale=scale, dropout=dropout)
 
 
 def _bind_original(original: Callable, replacement: Callable) -> Callable:
@@ -97,13 +126,13 @@ class _PatchingLoader(importlib.abc.Loader):
 
 
 class _InlineModelHook(importlib.abc.MetaPathFinder):
-    """Import hook for the modules in INLINE_ATTENTION imported while patched."""
+    """Import hook for the modules in INLINE_ATTENTION / CACHE_METHODS imported while patched."""
 
     def __init__(self, on_load):
         self._on_load = on_load
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in INLINE_ATTENTION:
+        if fullname not in INLINE_ATTENTION and fullname not in CACHE_METHODS:
             return None
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
@@ -142,6 +171,12 @@ class MlxLmPatch:
             from mlx_lm.models import base  # imports no model module
 
             self._swap(base, SDPA_NAME, _make_flash_sdpa)
+            # Bound by name in mlx_lm.models.cache too; both are swapped below.
+            self._swap(base, MASK_NAME, make_describing_create_causal_mask)
+            # mlx-lm's linear_to_lora_layers converts layers that have `to_lora`.
+            from .nn import FP8Linear
+
+            self._set(FP8Linear, "to_lora", _fp8_to_lora)
         if self.fp8_weights != fp8_below:
             from mlx_lm import utils as lm_utils  # `mlx_lm.load` calls it by this name
 
@@ -160,7 +195,7 @@ class MlxLmPatch:
         self._swaps[name] = (current, make_replacement(current))
 
     def _set(self, obj, name, value):
-        self._undo.append((obj, name, getattr(obj, name)))
+        self._undo.append((obj, name, getattr(obj, name, _ABSENT)))
         setattr(obj, name, value)
 
     def _patch_module(self, module):
@@ -171,10 +206,10 @@ class MlxLmPatch:
                 self._set(module, name, replacement)
         if not self.routes_attention:
             return
-        for class_name, replacement in INLINE_ATTENTION.get(namespace.get("__name__"), {}).items():
+        for (class_name, method), replacement in _method_patches(namespace.get("__name__")).items():
             cls = namespace.get(class_name)
             if cls is not None:
-                self._set(cls, "__call__", _bind_original(cls.__call__, replacement))
+                self._set(cls, method, _bind_original(getattr(cls, method), replacement))
 
     @property
     def active(self) -> bool:
@@ -194,7 +229,10 @@ class MlxLmPatch:
         if self._hook in sys.meta_path:
             sys.meta_path.remove(self._hook)
         for obj, name, value in reversed(self._undo):
-            setattr(obj, name, value)
+            if value is _ABSENT:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
         # Modules imported while patched bound the replacements themselves.
         for module in list(sys.modules.values()):
             namespace = getattr(module, "__dict__", {})
@@ -275,8 +313,9 @@ def is_mlx_lm_patched() -> bool:
 
 def patch_stats() -> dict:
     """Calls routed since the last reset: `{"flash_calls", "fallback_calls",
-    "fallbacks": {reason: count}}`. Counted when the Python code runs
-    (once per trace under `mx.compile`)."""
+    "fallbacks": {reason: count}, "mask_materialisations"}` (the last: masks
+    described by the patch that model code then used as arrays). Counted when
+    the Python code runs (once per trace under `mx.compile`)."""
     return _lm_attend.stats.snapshot()
 
 

@@ -32,6 +32,14 @@ def _block_keep(block_mask: mx.array, spec: AttentionSpec, nq: int, nk: int) -> 
     return block_mask[:, :, rows][:, :, :, cols]
 
 
+def key_range_keep(key_start: mx.array, key_len: mx.array, nk: int) -> mx.array:
+    """Per-batch valid keys `key_start[b] <= j < key_start[b] + key_len[b]`, as `[B, 1, 1, Nk]` bool."""
+    j = mx.arange(nk)[None, :]
+    start = key_start.astype(mx.int32)[:, None]
+    keep = (j >= start) & (j < start + key_len.astype(mx.int32)[:, None])
+    return keep[:, None, None, :]
+
+
 def attention_logits(q, k, spec: AttentionSpec, inputs: AttentionInputs, dtype=mx.float32):
     """Logits after softcap, ALiBi and the additive mask, and the keep mask.
 
@@ -60,6 +68,8 @@ def attention_logits(q, k, spec: AttentionSpec, inputs: AttentionInputs, dtype=m
         keep = keep & (j >= p - spec.window_left)
     if inputs.block_mask is not None:
         keep = keep & _block_keep(inputs.block_mask, spec, nq, nk)
+    if inputs.key_start is not None:
+        keep = keep & key_range_keep(inputs.key_start, inputs.key_len, nk)
     return s, keep
 
 
@@ -135,11 +145,12 @@ def attention_dense(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, dtype
 
 def flash_attention(q, k, v, *, scale=None, mask=None, causal=False, window=None, softcap=None,
                     alibi_slopes=None, sinks=None, block_mask=None, block_size=None,
-                    return_lse=False, stream=None):
+                    key_start=None, key_len=None, return_lse=False, stream=None):
     """Same contract as `mlx_flash.flash_attention`, computed by materialising."""
     spec, inputs = validate_attention(
         q, k, v, scale=scale, mask=mask, causal=causal, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes, sinks=sinks, block_mask=block_mask, block_size=block_size,
+        key_start=key_start, key_len=key_len,
     )
     with mx.stream(stream if stream is not None else mx.default_stream(mx.default_device())):
         out, lse = attention_dense(q, k, v, spec, inputs)

@@ -47,8 +47,8 @@ def kept_matmul(kept, a, b):
 
 
 def attention_np(q, k, v, *, scale=None, mask=None, causal=False, window=None, softcap=None,
-                 alibi_slopes=None, sinks=None, block_mask=None, block_size=(64, 64), dout=None,
-                 dlse=None):
+                 alibi_slopes=None, sinks=None, block_mask=None, block_size=(64, 64), key_start=None,
+                 key_len=None, dout=None, dlse=None):
     """Returns dict with out, lse and, if dout is given, dq, dk, dv, dsinks, dmask (float64).
 
     Non-finite values follow the contract (ARCHITECTURE.md, issue 13): a
@@ -95,6 +95,11 @@ def attention_np(q, k, v, *, scale=None, mask=None, causal=False, window=None, s
         bq, bk = block_size
         bm = _broadcast4(_f64(block_mask), (B, Hq, -(-Nq // bq), -(-Nk // bk)))
         keep &= bm[:, :, np.arange(Nq) // bq][:, :, :, np.arange(Nk) // bk]
+    if key_start is not None or key_len is not None:
+        start = np.zeros(B, np.int64) if key_start is None else np.asarray(key_start).astype(np.int64)
+        end = Nk if key_len is None else start + np.asarray(key_len).astype(np.int64)
+        end = np.broadcast_to(end, (B,))
+        keep &= ((j >= start[:, None, None, None]) & (j < end[:, None, None, None]))
     keep &= s != -np.inf  # rule 3: a -inf logit is a dropped key
     s = np.where(keep, s, -np.inf)
     # Rule 4: a NaN or +inf kept logit (or sink) makes the whole row NaN.

@@ -37,3 +37,29 @@ def test_forward_backward_memory_is_linear_in_n(causal):
     inputs_bytes = 3 * B * H * N * D * 4
     per_thread_dq = _ext.num_threads() * N * D * 4
     assert extra < 4 * inputs_bytes + per_thread_dq, f"extra peak {extra / 2**20:.1f} MiB"
+
+
+@pytest.mark.usefixtures("cpu_default_device")
+def test_key_ranges_add_no_n_by_n_memory():
+    """Per-batch key ranges cost a [B, 1, 1, Nk] mask, not [B, 1, Nq, Nk]."""
+    B, H, N, D = 2, 1, 8192, 16
+    q, k, v = qkv(rng("memory-key-ranges"), B, H, H, N, N, D)
+    start = mx.array([0, 3000], mx.int32)
+    mx.eval(q, k, v, start)
+
+    def loss(q, k, v):
+        return mx.sum(mlx_flash.flash_attention(q, k, v, causal=True, key_start=start, stream=mx.cpu))
+
+    grad = mx.grad(loss, argnums=(0, 1, 2))
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(grad(q, k, v))
+    extra = mx.get_peak_memory() - base
+    from mlx_flash import _ext
+
+    inputs_bytes = 3 * B * H * N * D * 4
+    per_thread_dq = _ext.num_threads() * N * D * 4
+    assert extra < 4 * inputs_bytes + per_thread_dq, f"extra peak {extra / 2**20:.1f} MiB"
+    assert extra < B * N * N // 8  # an eighth of one [B, 1, N, N] bool mask

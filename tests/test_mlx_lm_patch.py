@@ -3,7 +3,7 @@
 Small random-initialised models built from config dicts (no downloads), one
 per attention flavour mlx-lm has: plain causal (llama), GQA + q/k norms
 (qwen3), sliding window with rotating caches (mistral via llama's
-layer_types), softcapped inline attention (gemma2), attention sinks with
+layer_types; gemma3_text's alternating pattern), softcapped inline attention (gemma2), attention sinks with
 sliding layers (gpt_oss), latent attention with an additive mask
 (deepseek_v3). All in float32 on the CPU, where the op and MLX's
 materialised attention agree to rounding.
@@ -50,6 +50,9 @@ CONFIGS = {
                    final_logit_softcapping=30.0, query_pre_attn_scalar=16.0),
     "gpt_oss": dict(_COMMON, model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2,
                     sliding_window=WINDOW, rope_theta=10000),
+    # Sliding layers (window 8, rotating caches) alternating with global ones.
+    "gemma3_text": dict(_COMMON, model_type="gemma3_text", sliding_window=WINDOW,
+                        sliding_window_pattern=2, query_pre_attn_scalar=16.0),
     # Multi-head latent attention: the RoPE part of the logits arrives as an
     # additive [B, H, Nq, Nk] mask (differentiated through), Dv != Dqk, and
     # decode attends over the latent cache as MQA.
@@ -402,7 +405,8 @@ def test_quantized_kv_cache_runs_fused(name, bits):
     with mlx_flash.patch_mlx_lm():
         got = run_chunks(model, chunks, caches())
     calls = len(chunks) * len(model.layers)
-    assert mlx_flash.patch_stats() == {"flash_calls": calls, "fallback_calls": 0, "fallbacks": {}}
+    assert mlx_flash.patch_stats() == {"flash_calls": calls, "fallback_calls": 0, "fallbacks": {},
+                                       "mask_materialisations": 0}
     if name in ("gemma2", "gpt_oss"):
         # gpt_oss has sinks, which mlx-lm's quantized path refuses; gemma2
         # cannot read the triples. Reference: the same model with a float
@@ -458,13 +462,13 @@ def test_quantized_kv_cache_on_gpu_backends_goes_back_counted(monkeypatch):
     assert reason == "quantized KV cache on metal (no kernel yet)"
 
 
-def test_head_dim_over_256_falls_back():
-    q = mx.random.normal((1, 2, 5, 288))
+def test_head_dim_over_the_backends_limit_falls_back():
+    q = mx.random.normal((1, 2, 5, 640))
     expected = lm_base.scaled_dot_product_attention(q, q, q, cache=None, scale=0.1, mask="causal")
     with mlx_flash.patch_mlx_lm():
         got = lm_base.scaled_dot_product_attention(q, q, q, cache=None, scale=0.1, mask="causal")
     assert_close(got, expected)
-    assert mlx_flash.patch_stats()["fallbacks"] == {"head dim > 256": 1}
+    assert mlx_flash.patch_stats()["fallbacks"] == {"head dims 640/640 over cpu's 576/512": 1}
 
 
 def test_stats_reset():
@@ -473,7 +477,8 @@ def test_stats_reset():
         model(tokens(5))
     assert mlx_flash.patch_stats()["flash_calls"] == 2
     mlx_flash.reset_patch_stats()
-    assert mlx_flash.patch_stats() == {"flash_calls": 0, "fallback_calls": 0, "fallbacks": {}}
+    assert mlx_flash.patch_stats() == {"flash_calls": 0, "fallback_calls": 0, "fallbacks": {},
+                                       "mask_materialisations": 0}
 
 
 def test_unsupported_reason_accepts_mlx_lm_masks():

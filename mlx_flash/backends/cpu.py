@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from .._spec import AttentionInputs, AttentionSpec
 
+# The kernel's row buffers and tile plan take MLA's widths (csrc MAX_ROW).
+HEAD_DIM_LIMITS = (576, 512)
+
 
 def _ext():
     # Imported on first use: a CUDA-only install need not have built it.

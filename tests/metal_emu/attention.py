@@ -15,6 +15,7 @@ import contextlib
 import mlx.core as mx
 
 from mlx_flash import attention as _attention
+from mlx_flash import dispatch as _dispatch
 from mlx_flash._spec import validate_attention, validate_attention_varlen
 from mlx_flash.backends import metal as _metal
 
@@ -46,6 +47,8 @@ def _from_bhnd(x):
 def _validate(q, k, v, varlen, options):
     if varlen is None:
         spec, inputs = validate_attention(q, k, v, **options)
+        # As the public op does before calling a backend without native key ranges.
+        spec, inputs = _dispatch.fold_key_ranges(spec, inputs, _metal)
         return spec, inputs, (q, k, v)
     spec, inputs = validate_attention_varlen(q, k, v, *varlen, **options)
     return spec, inputs, (_as_bhnd(q), _as_bhnd(k), _as_bhnd(v))

@@ -1,0 +1,72 @@
+"""Head dims past 256 (MLA: Dqk 576 / Dv 512; DeepSeek prefill 192 / 128):
+values and gradients against the float64 reference where the backend takes
+them (the CPU today), and a clear per-backend error where it does not."""
+
+import mlx.core as mx
+import pytest
+
+from helpers import DTYPES, check_close, plain_errors, qkv, randn, rng, to_np
+from reference_np import attention_np
+
+import backends
+from mlx_flash import dispatch
+from mlx_flash._spec import validate_attention
+
+# (B, Hq, Hkv, Nq, Nk, Dqk, Dv)
+SHAPES = [
+    (1, 2, 1, 17, 17, 576, 512),    # MLA absorbed prefill (MQA over the latent)
+    (1, 4, 1, 1, 113, 576, 512),    # MLA absorbed decode
+    (1, 8, 1, 2, 700, 576, 512),    # ... long enough for the CPU's split-over-keys decode path
+    (1, 2, 2, 113, 113, 576, 512),
+    (2, 2, 1, 17, 40, 192, 128),    # DeepSeek's prefill dims
+    (1, 2, 2, 113, 70, 192, 128),
+    (1, 1, 1, 33, 17, 300, 257),    # odd widths just over the GPU limit
+]
+FEATURES = {"none": {}, "causal": {"causal": True}, "window": {"window": (9, 0)}}
+
+
+def _wide_backends(backend):
+    max_qk, max_v = dispatch.head_dim_limits("metal" if backend == "metal_emu" else backend)
+    if max_qk < 576 or max_v < 512:
+        pytest.skip(f"{backend} takes head dims up to {max_qk}/{max_v} for now")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_values_and_gradients(backend, shape, feature, dtype):
+    _wide_backends(backend)
+    B, Hq, Hkv, Nq, Nk, D, Dv = shape
+    dtype = DTYPES[dtype]
+    gen = rng("wide", shape, feature, str(dtype))
+    q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, Dv, dtype)
+    options = FEATURES[feature]
+    dout = randn(gen, (B, Hq, Nq, Dv), dtype)
+    out, lse = backends.forward(backend, q, k, v, **options)
+    grads = backends.gradients(backend, q, k, v, dout, **options)
+    want = attention_np(q, k, v, dout=dout, **options)
+    plain = None if dtype == mx.float32 else plain_errors(q, k, v, dout, options, dtype)
+    assert out.shape == (B, Hq, Nq, Dv) and out.dtype == dtype
+    check_close("out", to_np(out), want, dtype, plain)
+    check_close("lse", to_np(lse), want, mx.float32)
+    for name in ("q", "k", "v"):
+        check_close("d" + name, to_np(grads[name]), want, dtype, plain)
+
+
+@pytest.mark.parametrize("name", ["metal", "cuda"])
+@pytest.mark.parametrize("dims, arg", [((576, 512), "q"), ((64, 320), "v")])
+def test_gpu_backends_name_their_limit(name, dims, arg):
+    spec, _ = validate_attention(mx.ones((1, 1, 2, dims[0])), mx.ones((1, 1, 2, dims[0])),
+                                 mx.ones((1, 1, 2, dims[1])))
+    max_qk, max_v = dispatch.head_dim_limits(name)
+    if dims[0] <= max_qk and dims[1] <= max_v:
+        pytest.skip(f"{name} takes {dims} now")
+    with pytest.raises(ValueError) as info:
+        dispatch.check_head_dims(spec, name)
+    message = str(info.value)
+    for word in (arg, name, str(max_qk if arg == "q" else max_v), str(dims[0] if arg == "q" else dims[1]), "cpu"):
+        assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_cpu_limit_is_the_contracts():
+    assert dispatch.head_dim_limits("cpu") == (576, 512)
