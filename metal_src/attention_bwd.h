@@ -45,8 +45,25 @@ inline void attention_bwd_delta(
   }
 }
 
+// Fragment registers per thread (floats) of the backward kernels: every
+// per-thread fragment array the kernels declare (two floats per fragment).
+// docs/metal.md's resource table is generated from these.
+template <int DQK, int DV, int BQB>
+struct DkdvRegs {
+  static constexpr int QF = pad8(DQK) / 8;
+  static constexpr int VF = pad8(DV) / 8;
+  static constexpr int CF = BQB / 8;
+  static constexpr int floats = 2 * (2 * QF + 2 * VF + 2 * CF);  // kf, dkf, vf, dvf, pt, cap
+};
+template <int DQK, int DV>
+struct DqRegs {
+  static constexpr int QF = pad8(DQK) / 8;
+  static constexpr int VF = pad8(DV) / 8;
+  static constexpr int floats = 2 * (2 * QF + VF);  // qf, dqf, dof
+};
+
 // Threadgroup memory of attention_bwd_dkdv (T elements; plus 2 * BQB floats).
-constexpr int dkdv_tile_elems(int dqk, int dv, int bqb) { return bqb * (tile_ld(dqk) + tile_ld(dv)); }
+constexpr int dkdv_tile_elems(int dqk, int dv, int bqb, int size) { return bqb * (tile_ld(dqk, size) + tile_ld(dv, size)); }
 
 template <typename T, int DQK, int DV, int NSG, int BQB, typename MT>
 inline void attention_bwd_dkdv(
@@ -59,12 +76,12 @@ inline void attention_bwd_dkdv(
     device T* dk, device T* dv,
     threadgroup T* smem, threadgroup float* row_stats,
     uint3 tg_pos, uint sg, uint lane) {
-  constexpr int QF = pad8(DQK) / 8;
-  constexpr int VF = pad8(DV) / 8;
-  constexpr int CF = BQB / 8;
+  constexpr int QF = DkdvRegs<DQK, DV, BQB>::QF;
+  constexpr int VF = DkdvRegs<DQK, DV, BQB>::VF;
+  constexpr int CF = DkdvRegs<DQK, DV, BQB>::CF;
   constexpr int BKB = 8 * NSG;
-  constexpr int LDQ = tile_ld(DQK);
-  constexpr int LDO = tile_ld(DV);
+  constexpr int LDQ = tile_ld(DQK, int(sizeof(T)));
+  constexpr int LDO = tile_ld(DV, int(sizeof(T)));
   threadgroup T* q_tile = smem;
   threadgroup T* do_tile = smem + BQB * LDQ;
   threadgroup float* row_lse = row_stats;
@@ -161,7 +178,7 @@ inline void attention_bwd_dkdv(
 }
 
 // Threadgroup memory of attention_bwd_dq (T elements): a K and a V tile.
-constexpr int dq_tile_elems(int dqk, int dv, int bk) { return bk * (tile_ld(dqk) + tile_ld(dv)); }
+constexpr int dq_tile_elems(int dqk, int dv, int bk, int size) { return bk * (tile_ld(dqk, size) + tile_ld(dv, size)); }
 
 template <typename T, int DQK, int DV, int NSG, int BK, typename MT>
 inline void attention_bwd_dq(
@@ -174,12 +191,12 @@ inline void attention_bwd_dq(
     device T* dq,
     threadgroup T* smem,
     uint3 tg_pos, uint sg, uint lane) {
-  constexpr int QF = pad8(DQK) / 8;
-  constexpr int VF = pad8(DV) / 8;
+  constexpr int QF = DqRegs<DQK, DV>::QF;
+  constexpr int VF = DqRegs<DQK, DV>::VF;
   constexpr int KF = BK / 8;
   constexpr int BQ = 8 * NSG;
-  constexpr int LDK = tile_ld(DQK);
-  constexpr int LDV = tile_ld(DV);
+  constexpr int LDK = tile_ld(DQK, int(sizeof(T)));
+  constexpr int LDV = tile_ld(DV, int(sizeof(T)));
   threadgroup T* k_tile = smem;
   threadgroup T* v_tile = smem + BK * LDK;
 

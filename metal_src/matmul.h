@@ -32,6 +32,12 @@ enum : int { MATMUL_FLOAT = 0, MATMUL_E4M3 = 1, MATMUL_E5M2 = 2 };
 // and BM*BN floats).
 enum : int { MM_BK = 16, MM_THREADS = 128 };
 
+// Resources of one matmul threadgroup with a TILE x TILE output (the resource
+// table, docs/metal.md): the As, Bs, Cs float arrays the kernel bodies
+// declare, and the FM x FN accumulators of one SIMD-group (2 floats each).
+constexpr int mlxf_mm_tg_bytes(int tile) { return 4 * (tile * MM_BK + MM_BK * tile + tile * tile); }
+constexpr int mlxf_mm_acc_floats(int tile) { return 2 * (tile / 16) * (tile / 16); }
+
 // Layout of the int32 `params` input.
 enum : int {
   MM_P_M = 0, MM_P_N = 1, MM_P_K = 2,
