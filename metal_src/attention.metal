@@ -68,9 +68,10 @@ template <typename T, int D, typename MT>
   constexpr int BQB = mlxf::dkdv_block_q(D, D, sizeof(T));
   threadgroup T smem[mlxf::dkdv_tile_elems(D, D, BQB, sizeof(T))];
   threadgroup float row_stats[2 * BQB];
+  threadgroup int flags[4];
   mlxf::attention_bwd_dkdv<T, D, D, 4, BQB>(
       mlxf_features, q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, iparams, fparams,
-      dk, dv, smem, row_stats, tg_pos, sg, lane);
+      dk, dv, smem, row_stats, flags, tg_pos, sg, lane);
 }
 
 template <typename T, int D, typename MT>
@@ -80,9 +81,10 @@ template <typename T, int D, typename MT>
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int BK = mlxf::dq_block_k(D, D, sizeof(T));
   threadgroup T smem[mlxf::dq_tile_elems(D, D, BK, sizeof(T))];
+  threadgroup int flags[4];
   mlxf::attention_bwd_dq<T, D, D, 4, BK>(
       mlxf_features, q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, iparams, fparams,
-      dq, smem, tg_pos, sg, lane);
+      dq, smem, flags, tg_pos, sg, lane);
 }
 
 // Names: mlxf_<kernel>_<type>_<D>[_<mask type>], e.g.

@@ -74,7 +74,7 @@ inline void attention_bwd_dkdv(
     const device int* cu_q, const device int* cu_k,
     const device int* iparams, const device float* fparams,
     device T* dk, device T* dv,
-    threadgroup T* smem, threadgroup float* row_stats,
+    threadgroup T* smem, threadgroup float* row_stats, threadgroup int* flags,
     uint3 tg_pos, uint sg, uint lane) {
   constexpr int QF = DkdvRegs<DQK, DV, BQB>::QF;
   constexpr int VF = DkdvRegs<DQK, DV, BQB>::VF;
@@ -122,48 +122,63 @@ inline void attention_bwd_dkdv(
         continue;
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
-      stage_tile(q_tile, LDQ, BQB, pad8(DQK), q + (q_at + q0) * DQK, DQK, s.q_len - q0, tid, NSG * 32);
-      stage_tile(do_tile, LDO, BQB, pad8(DV), dout + (q_at + q0) * DV, DV, s.q_len - q0, tid, NSG * 32);
+      const bool q_fin = stage_tile(q_tile, LDQ, BQB, pad8(DQK), q + (q_at + q0) * DQK, DQK, s.q_len - q0, tid, NSG * 32);
+      const bool do_fin = stage_tile(do_tile, LDO, BQB, pad8(DV), dout + (q_at + q0) * DV, DV, s.q_len - q0, tid, NSG * 32);
       for (int e = int(tid); e < BQB; e += NSG * 32) {
         const bool valid = q0 + e < s.q_len;
         row_lse[e] = valid ? lse[q_at + q0 + e] : -INFINITY;
         row_delta[e] = valid ? delta[q_at + q0 + e] : 0.0f;
       }
-      threadgroup_barrier(mem_flags::mem_threadgroup);
+      // (barrier inside) Q or dO holds a NaN/inf: dropped pairs go the exact way.
+      const bool exact = any_nonfinite<NSG>(q_fin && do_fin, flags, sg, lane);
 
-      // P^T (keys x queries), recomputed from the saved lse.
+      // P^T (keys x queries), recomputed from the saved lse; dropped pairs
+      // (bit 2c+e of `dropped`) are 0 by a select, never by a multiply.
       float2 pt[CF], cap[CF];
-      for (int c = 0; c < CF; ++c) {
+      uint dropped = 0;
+      MLXF_UNROLL for (int c = 0; c < CF; ++c) {
         pt[c] = float2(0.0f);
-        for (int kk = 0; kk < QF; ++kk) {
+        MLXF_UNROLL for (int kk = 0; kk < QF; ++kk) {
           mma(pt[c], kf[kk], frag_load(q_tile + c * 8 * LDQ + kk * 8, 1, LDQ, 8, 8, fc));
         }
-        for (int e = 0; e < 2; ++e) {
+        MLXF_UNROLL for (int e = 0; e < 2; ++e) {
           const int col = c * 8 + fc.col + e;
           float dcap;
           const float x = lg.apply(pt[c][e], q0 + col, key, dcap);
           const float row_l = row_lse[col];
-          pt[c][e] = (x == -INFINITY || row_l == -INFINITY) ? 0.0f : exp(x - row_l);
+          const bool drop = x == -INFINITY || row_l == -INFINITY;
+          dropped |= drop ? (1u << (2 * c + e)) : 0u;
+          pt[c][e] = drop ? 0.0f : exp(x - row_l);
           cap[c][e] = dcap;
         }
       }
       // dV += P^T dO
-      for (int c = 0; c < CF; ++c) {
-        for (int d = 0; d < VF; ++d) {
-          mma(dvf[d], pt[c], frag_load(do_tile + c * 8 * LDO + d * 8, LDO, 1, 8, 8, fc));
+      MLXF_UNROLL for (int c = 0; c < CF; ++c) {
+        const float2 drop = float2(float((dropped >> (2 * c)) & 1u), float((dropped >> (2 * c + 1)) & 1u));
+        if (exact) {
+          mma_exact<VF>(dvf, pt[c], drop, do_tile + c * 8 * LDO, LDO, fc);
+        } else {
+          MLXF_UNROLL for (int d = 0; d < VF; ++d) {
+            mma(dvf[d], pt[c], frag_load(do_tile + c * 8 * LDO + d * 8, LDO, 1, 8, 8, fc));
+          }
         }
       }
       // dS^T = P^T * (V dO^T - delta) * softcap', then dK += dS^T Q
-      for (int c = 0; c < CF; ++c) {
+      MLXF_UNROLL for (int c = 0; c < CF; ++c) {
+        const float2 drop = float2(float((dropped >> (2 * c)) & 1u), float((dropped >> (2 * c + 1)) & 1u));
         float2 ds = float2(0.0f);
-        for (int d = 0; d < VF; ++d) {
+        MLXF_UNROLL for (int d = 0; d < VF; ++d) {
           mma(ds, vf[d], frag_load(do_tile + c * 8 * LDO + d * 8, 1, LDO, 8, 8, fc));
         }
-        for (int e = 0; e < 2; ++e) {
-          ds[e] = pt[c][e] * (ds[e] - row_delta[c * 8 + fc.col + e]) * cap[c][e];
+        MLXF_UNROLL for (int e = 0; e < 2; ++e) {
+          ds[e] = drop[e] != 0.0f ? 0.0f : pt[c][e] * (ds[e] - row_delta[c * 8 + fc.col + e]) * cap[c][e];
         }
-        for (int kk = 0; kk < QF; ++kk) {
-          mma(dkf[kk], ds, frag_load(q_tile + c * 8 * LDQ + kk * 8, LDQ, 1, 8, 8, fc));
+        if (exact) {
+          mma_exact<QF>(dkf, ds, drop, q_tile + c * 8 * LDQ, LDQ, fc);
+        } else {
+          MLXF_UNROLL for (int kk = 0; kk < QF; ++kk) {
+            mma(dkf[kk], ds, frag_load(q_tile + c * 8 * LDQ + kk * 8, LDQ, 1, 8, 8, fc));
+          }
         }
       }
     }
@@ -189,7 +204,7 @@ inline void attention_bwd_dq(
     const device int* cu_q, const device int* cu_k,
     const device int* iparams, const device float* fparams,
     device T* dq,
-    threadgroup T* smem,
+    threadgroup T* smem, threadgroup int* flags,
     uint3 tg_pos, uint sg, uint lane) {
   constexpr int QF = DqRegs<DQK, DV>::QF;
   constexpr int VF = DqRegs<DQK, DV>::VF;
@@ -236,30 +251,38 @@ inline void attention_bwd_dq(
       continue;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    stage_tile(k_tile, LDK, BK, pad8(DQK), k_seq + long(k0) * DQK, DQK, s.k_len - k0, tid, NSG * 32);
+    const bool k_fin = stage_tile(k_tile, LDK, BK, pad8(DQK), k_seq + long(k0) * DQK, DQK, s.k_len - k0, tid, NSG * 32);
     stage_tile(v_tile, LDV, BK, pad8(DV), v_seq + long(k0) * DV, DV, s.k_len - k0, tid, NSG * 32);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+    // (barrier inside) K holds a NaN/inf: dropped pairs go the exact way.
+    const bool exact = any_nonfinite<NSG>(k_fin, flags, sg, lane);
 
-    for (int c = 0; c < KF; ++c) {
+    MLXF_UNROLL for (int c = 0; c < KF; ++c) {
       float2 sp = float2(0.0f);
-      for (int kk = 0; kk < QF; ++kk) {
+      MLXF_UNROLL for (int kk = 0; kk < QF; ++kk) {
         mma(sp, qf[kk], frag_load(k_tile + c * 8 * LDK + kk * 8, 1, LDK, 8, 8, fc));
       }
-      float2 cap;
-      for (int e = 0; e < 2; ++e) {
+      float2 cap, drop;
+      MLXF_UNROLL for (int e = 0; e < 2; ++e) {
         float dcap;
         const float x = lg.apply(sp[e], row, k0 + c * 8 + fc.col + e, dcap);
-        sp[e] = (x == -INFINITY || row_l == -INFINITY) ? 0.0f : exp(x - row_l);
+        drop[e] = (x == -INFINITY || row_l == -INFINITY) ? 1.0f : 0.0f;
+        sp[e] = drop[e] != 0.0f ? 0.0f : exp(x - row_l);
         cap[e] = dcap;
       }
-      // dP = dO V^T; dS = P * (dP - delta) * softcap'
+      // dP = dO V^T; dS = P * (dP - delta) * softcap', 0 by a select where dropped
       float2 ds = float2(0.0f);
-      for (int d = 0; d < VF; ++d) {
+      MLXF_UNROLL for (int d = 0; d < VF; ++d) {
         mma(ds, dof[d], frag_load(v_tile + c * 8 * LDV + d * 8, 1, LDV, 8, 8, fc));
       }
-      ds = sp * (ds - row_delta) * cap;
-      for (int kk = 0; kk < QF; ++kk) {
-        mma(dqf[kk], ds, frag_load(k_tile + c * 8 * LDK + kk * 8, LDK, 1, 8, 8, fc));
+      MLXF_UNROLL for (int e = 0; e < 2; ++e) {
+        ds[e] = drop[e] != 0.0f ? 0.0f : sp[e] * (ds[e] - row_delta) * cap[e];
+      }
+      if (exact) {
+        mma_exact<QF>(dqf, ds, drop, k_tile + c * 8 * LDK, LDK, fc);
+      } else {
+        MLXF_UNROLL for (int kk = 0; kk < QF; ++kk) {
+          mma(dqf[kk], ds, frag_load(k_tile + c * 8 * LDK + kk * 8, LDK, 1, 8, 8, fc));
+        }
       }
     }
   }

@@ -499,13 +499,56 @@ constexpr int dkdv_block_q(int dqk, int dv, int size) {
 
 // Cooperative copy of a rows x cols block of a [*, dim] device buffer into a
 // threadgroup tile with leading dimension ld (scalar; the backward's loader).
+// Returns whether every element this thread copied is finite.
 template <typename T>
-inline void stage_tile(threadgroup T* tile, int ld, int tile_rows, int tile_cols,
+inline bool stage_tile(threadgroup T* tile, int ld, int tile_rows, int tile_cols,
                        const device T* src, int dim, int valid_rows, uint tid, uint nthreads) {
+  bool finite = true;
   for (int e = int(tid); e < tile_rows * tile_cols; e += int(nthreads)) {
     int r = e / tile_cols;
     int c = e % tile_cols;
-    tile[r * ld + c] = (r < valid_rows && c < dim) ? src[r * dim + c] : static_cast<T>(0.0f);
+    const T x = (r < valid_rows && c < dim) ? src[r * dim + c] : static_cast<T>(0.0f);
+    tile[r * ld + c] = x;
+    finite = finite && isfinite(float(x));
+  }
+  return finite;
+}
+
+// Whether any thread of the threadgroup saw a non-finite element: each
+// simdgroup's lane 0 writes its flag, a barrier, then everyone reads all.
+// Callers put it where a barrier is due anyway (right after staging).
+template <int NSG>
+inline bool any_nonfinite(bool finite, threadgroup int* flags, uint sg, uint lane) {
+  const bool sg_bad = simd_any(!finite);
+  if (lane == 0) {
+    flags[sg] = sg_bad ? 1 : 0;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  bool bad = false;
+  MLXF_UNROLL for (int g = 0; g < NSG; ++g) {
+    bad = bad || flags[g] != 0;
+  }
+  return bad;
+}
+
+// acc[f] += A B over one 8-key step, element by element, leaving out the
+// pairs marked dropped (drop = 1): the B tile holds a non-finite value, so a
+// dropped pair's operand must not be multiplied in (0 x NaN). `a` is this
+// lane's fragment of A (rows: this lane's row), b points at B's first row
+// (ldb apart), NF fragments of 8 columns. Rare; all lanes take it.
+template <int NF, typename T>
+inline void mma_exact(thread float2* acc, float2 a, float2 drop, const threadgroup T* b, int ldb, FragCoord fc) {
+  MLXF_UNROLL for (int e2 = 0; e2 < 8; ++e2) {
+    const ushort src = ushort(((e2 >> 1) & 1) | ((fc.row & 3) << 1) | (((e2 >> 2) & 1) << 3) | (((fc.row >> 2) & 1) << 4));
+    const float aj = simd_shuffle(a[e2 & 1], src);
+    const float dj = simd_shuffle(drop[e2 & 1], src);
+    if (dj != 0.0f) {
+      continue;
+    }
+    MLXF_UNROLL for (int f = 0; f < NF; ++f) {
+      acc[f].x += aj * float(b[e2 * ldb + f * 8 + fc.col]);
+      acc[f].y += aj * float(b[e2 * ldb + f * 8 + fc.col + 1]);
+    }
   }
 }
 

@@ -488,3 +488,52 @@ def test_metal_resources_within_limits():
 def test_metal_backward_resources_within_limits():
     tool, rows = _resource_rows()
     assert not tool.violations(rows)
+
+
+def _nonfinite_grads_np(q, k, v, dout, keep, scale):
+    """float64 dq, dk, dv of sum(out * dout) under the contract: dropped pairs
+    (structural, or rows with no kept key) contribute nothing, whatever
+    q, k, v, dO hold; kept pairs follow IEEE arithmetic."""
+    with np.errstate(all="ignore"):
+        s = np.where(keep, scale * np.einsum("id,jd->ij", q, k), -np.inf)
+        m = np.where(keep.any(1, keepdims=True), s.max(1, keepdims=True), 0.0)
+        p = np.where(keep, np.exp(s - m), 0.0)
+        p = np.where(keep.any(1, keepdims=True), p / p.sum(1, keepdims=True), 0.0)
+        dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+        out = np.zeros((q.shape[0], v.shape[1]))
+        for i in range(q.shape[0]):
+            kept = keep[i]
+            if kept.any():
+                out[i] = (p[i, kept][:, None] * v[kept]).sum(0)
+        for i in range(q.shape[0]):
+            for j in np.nonzero(keep[i])[0]:
+                dv[j] += p[i, j] * dout[i]
+                dp = dout[i] @ v[j]
+                delta = dout[i] @ out[i]
+                ds = p[i, j] * (dp - delta)
+                dq[i] += scale * ds * k[j]
+                dk[j] += scale * ds * q[i]
+    return dq, dk, dv
+
+
+def test_metal_backward_nonfinite_contract():
+    """A NaN/inf in q, k, v or dO of dropped pairs adds nothing to dq/dk/dv
+    (no 0 x NaN in the backward's products); a fully masked row's gradients
+    stay 0 even with a NaN q and dO."""
+    rng = np.random.default_rng(7)
+    nq, nk, d = 21, 37, 16
+    q, k, v, dout = (rng.standard_normal(shape).astype(np.float32)
+                     for shape in ((nq, d), (nk, d), (nk, d), (nq, d)))
+    keep = rng.random((nq, nk)) < 0.6
+    keep[:, nk - 1] = False      # a key nobody keeps
+    k[nk - 1] = np.nan
+    v[nk - 1] = np.inf
+    keep[5] = False              # a row that keeps nothing
+    q[5] = np.nan
+    dout[5] = np.nan
+    scale = 1 / np.sqrt(d)
+    want = _nonfinite_grads_np(*(x.astype(np.float64) for x in (q, k, v, dout)), keep, scale)
+    to = lambda x: mx.array(x)[None, None]
+    grads = _emu().gradients(to(q), to(k), to(v), to(dout), mask=mx.array(keep))
+    for name, w in zip("qkv", want):
+        _check_nonfinite(_np(grads[name])[0, 0], w, f"d{name}")
