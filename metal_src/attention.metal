@@ -66,7 +66,7 @@ template <typename T, int D, typename MT>
     uint3 tg_pos [[threadgroup_position_in_grid]], uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int BQB = mlxf::dkdv_block_q(D, D, sizeof(T));
-  threadgroup T smem[mlxf::dkdv_tile_elems(D, D, BQB, sizeof(T))];
+  threadgroup T smem[mlxf::dkdv_tile_elems(D, D, 4, BQB, sizeof(T))];
   threadgroup float row_stats[2 * BQB];
   threadgroup int flags[4];
   mlxf::attention_bwd_dkdv<T, D, D, 4, BQB>(
@@ -80,7 +80,7 @@ template <typename T, int D, typename MT>
     uint3 tg_pos [[threadgroup_position_in_grid]], uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int BK = mlxf::dq_block_k(D, D, sizeof(T));
-  threadgroup T smem[mlxf::dq_tile_elems(D, D, BK, sizeof(T))];
+  threadgroup T smem[mlxf::dq_tile_elems(D, D, 4, BK, sizeof(T))];
   threadgroup int flags[4];
   mlxf::attention_bwd_dq<T, D, D, 4, BK>(
       mlxf_features, q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, iparams, fparams,

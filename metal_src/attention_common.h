@@ -536,8 +536,10 @@ inline bool any_nonfinite(bool finite, threadgroup int* flags, uint sg, uint lan
 // dropped pair's operand must not be multiplied in (0 x NaN). `a` is this
 // lane's fragment of A (rows: this lane's row), b points at B's first row
 // (ldb apart), NF fragments of 8 columns. Rare; all lanes take it.
+// Only the first nf_valid fragments of B exist (the last D block may be short).
 template <int NF, typename T>
-inline void mma_exact(thread float2* acc, float2 a, float2 drop, const threadgroup T* b, int ldb, FragCoord fc) {
+inline void mma_exact(thread float2* acc, float2 a, float2 drop, const threadgroup T* b, int ldb, FragCoord fc,
+                      int nf_valid = NF) {
   MLXF_UNROLL for (int e2 = 0; e2 < 8; ++e2) {
     const ushort src = ushort(((e2 >> 1) & 1) | ((fc.row & 3) << 1) | (((e2 >> 2) & 1) << 3) | (((fc.row >> 2) & 1) << 4));
     const float aj = simd_shuffle(a[e2 & 1], src);
@@ -546,6 +548,9 @@ inline void mma_exact(thread float2* acc, float2 a, float2 drop, const threadgro
       continue;
     }
     MLXF_UNROLL for (int f = 0; f < NF; ++f) {
+      if (f >= nf_valid) {
+        break;
+      }
       acc[f].x += aj * float(b[e2 * ldb + f * 8 + fc.col]);
       acc[f].y += aj * float(b[e2 * ldb + f * 8 + fc.col + 1]);
     }

@@ -68,10 +68,10 @@ def configurations():
                                 f"mlxf::FwdRegs<{dqk}, {dv}, {t.fwd_bk}>::floats"))
             rows.append(Row("bwd_delta", dtype, dqk, dv, metal._DELTA_NSG, "8 rows/simdgroup", "0", "2"))
             rows.append(Row("bwd_dq", dtype, dqk, dv, t.fwd_nsg, f"BQ={8 * t.fwd_nsg} BK={t.dq_bk}",
-                            f"mlxf::dq_tile_elems({dqk}, {dv}, {t.dq_bk}, {size}) * {size} + 4 * {t.fwd_nsg}",
-                            f"mlxf::DqRegs<{dqk}, {dv}>::floats"))
+                            f"mlxf::dq_tile_elems({dqk}, {dv}, {t.fwd_nsg}, {t.dq_bk}, {size}) * {size} + 4 * {t.fwd_nsg}",
+                            f"mlxf::DqRegs<{dqk}, {dv}, {t.dq_bk}>::floats"))
             rows.append(Row("bwd_dkdv", dtype, dqk, dv, t.dkdv_nsg, f"BK={8 * t.dkdv_nsg} BQ={t.dkdv_bq}",
-                            f"mlxf::dkdv_tile_elems({dqk}, {dv}, {t.dkdv_bq}, {size}) * {size} + 8 * {t.dkdv_bq} + 4 * {t.dkdv_nsg}",
+                            f"mlxf::dkdv_tile_elems({dqk}, {dv}, {t.dkdv_nsg}, {t.dkdv_bq}, {size}) * {size} + 8 * {t.dkdv_bq} + 4 * {t.dkdv_nsg}",
                             f"mlxf::DkdvRegs<{dqk}, {dv}, {t.dkdv_bq}>::floats"))
     for tile in (metal_matmul.SMALL_TILE, metal_matmul.LARGE_TILE):
         rows.append(Row("matmul2d", "any", 0, 0, metal_matmul.THREADS // 32, f"{tile}x{tile}",

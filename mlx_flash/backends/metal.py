@@ -125,7 +125,7 @@ _BODIES = {
                 "iparams", "fparams"),
         outputs=("dk", "dv"),
         source=(
-            "threadgroup T smem[mlxf::dkdv_tile_elems(DQK, DV, BQB, sizeof(T))];\n"
+            "threadgroup T smem[mlxf::dkdv_tile_elems(DQK, DV, NSG, BQB, sizeof(T))];\n"
             "threadgroup float row_stats[2 * BQB];\n"
             "threadgroup int flags[NSG];\n"
             "mlxf::attention_bwd_dkdv<T, DQK, DV, NSG, BQB>(FEAT, q, k, v, dout, lse, delta, mask, alibi,\n"
@@ -137,7 +137,7 @@ _BODIES = {
                 "iparams", "fparams"),
         outputs=("dq",),
         source=(
-            "threadgroup T smem[mlxf::dq_tile_elems(DQK, DV, BK, sizeof(T))];\n"
+            "threadgroup T smem[mlxf::dq_tile_elems(DQK, DV, NSG, BK, sizeof(T))];\n"
             "threadgroup int flags[NSG];\n"
             "mlxf::attention_bwd_dq<T, DQK, DV, NSG, BK>(FEAT, q, k, v, dout, lse, delta, mask, alibi,\n"
             "    block_mask, cu_q, cu_k, iparams, fparams, dq, smem, flags, " + _TG_ARGS + ");\n"
