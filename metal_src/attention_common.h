@@ -467,9 +467,12 @@ constexpr int fwd_kv_elems(int dqk, int dv, int bk, int size) {
 constexpr bool fwd_q_in_tg(int dqk, int dv, int nsg, int size) {
   return (fwd_q_elems(dqk, nsg, size) + fwd_kv_elems(dqk, dv, 8, size)) * size + 4 * nsg <= TG_LIMIT;
 }
+// (One simdgroup stages nothing: see attention_forward.)
+constexpr int fwd_tg_elems(int dqk, int dv, int nsg, int bk, int size) {
+  return (fwd_q_in_tg(dqk, dv, nsg, size) ? fwd_q_elems(dqk, nsg, size) : 0) + fwd_kv_elems(dqk, dv, bk, size);
+}
 constexpr int fwd_tg_bytes(int dqk, int dv, int nsg, int bk, int size) {
-  return ((fwd_q_in_tg(dqk, dv, nsg, size) ? fwd_q_elems(dqk, nsg, size) : 0) + fwd_kv_elems(dqk, dv, bk, size)) *
-             size + 4 * nsg;
+  return nsg == 1 ? size + 4 : fwd_tg_elems(dqk, dv, nsg, bk, size) * size + 4 * nsg;
 }
 
 // Keys per forward K/V tile (with 4 simdgroups): the largest of 64, 32, 16

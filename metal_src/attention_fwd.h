@@ -23,9 +23,12 @@
 
 namespace mlxf {
 
-// Threadgroup memory of the forward kernel, in T elements (plus NSG ints of flags).
+// Threadgroup memory of the forward kernel, in T elements (plus NSG ints of
+// flags). One simdgroup (decode) stages nothing: each K/V element feeds only
+// its own multiplies, so fragments come straight from device memory and the
+// kernel has no barrier at all (one placeholder element is declared).
 constexpr int fwd_tile_elems(int dqk, int dv, int nsg, int bk, int size) {
-  return (fwd_q_in_tg(dqk, dv, nsg, size) ? fwd_q_elems(dqk, nsg, size) : 0) + fwd_kv_elems(dqk, dv, bk, size);
+  return nsg == 1 ? 1 : fwd_tg_elems(dqk, dv, nsg, bk, size);
 }
 
 // Registers of the forward: the accumulator O (VF fragments) and the S/P tile
@@ -66,6 +69,22 @@ inline void pv_exact(thread float2* of, const thread float2* sf, const threadgro
   }
 }
 
+// of += P V for one 8-key x 8-column fragment pair, element by element,
+// skipping dropped keys (p = -0.0): the V fragment holds a NaN/inf. P and V
+// elements come from the lanes that own them (all lanes shuffle).
+inline void pv_exact_frag(thread float2& of, float2 p, float2 vb, FragCoord fc) {
+  MLXF_UNROLL for (int e2 = 0; e2 < 8; ++e2) {
+    const float pj = simd_shuffle(p[e2 & 1], frag_lane(fc.row, e2));
+    const ushort v_lane = frag_lane(e2, fc.col);
+    const float vx = simd_shuffle(vb.x, v_lane);
+    const float vy = simd_shuffle(vb.y, v_lane);
+    if (!signbit(pj)) {
+      of.x += pj * vx;
+      of.y += pj * vy;
+    }
+  }
+}
+
 // OT is T for the final output, float for decode partials (FEAT_SPLIT): then
 // `out` is [splits, rows, DV] and `lse` [splits, rows] with rows = B*Hq*Nq,
 // normalised per split, and attention_combine merges them.
@@ -86,7 +105,8 @@ inline void attention_forward(
   constexpr int KF = R::KF;
   constexpr int BQ = 8 * NSG;
   constexpr int SIZE = int(sizeof(T));
-  constexpr bool Q_TG = fwd_q_in_tg(DQK, DV, NSG, SIZE);
+  constexpr bool DIRECT = NSG == 1;  // decode: fragments straight from device memory
+  constexpr bool Q_TG = !DIRECT && fwd_q_in_tg(DQK, DV, NSG, SIZE);
   constexpr int LDQ = tile_ld(DQK, SIZE);
   constexpr int LD = max_int(tile_ld(DQK, SIZE), tile_ld(DV, SIZE));
   threadgroup T* q_tile = smem;
@@ -160,9 +180,11 @@ inline void attention_forward(
       continue;
     }
     const bool full = lg_tiles.tile_full(live_q0, live_q1, k0, k0 + BK);
-    threadgroup_barrier(mem_flags::mem_threadgroup);  // last tile's V reads are done
-    stage_rows<T, DQK, LD>(kv_tile, BK, k_seq + long(k0) * DQK, s.k_len - k0, tid, NSG * 32);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (!DIRECT) {
+      threadgroup_barrier(mem_flags::mem_threadgroup);  // last tile's V reads are done
+      stage_rows<T, DQK, LD>(kv_tile, BK, k_seq + long(k0) * DQK, s.k_len - k0, tid, NSG * 32);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
 
     // S = Q K^T: one Q fragment at a time (threadgroup memory), all key columns.
     float2 sf[KF];
@@ -174,7 +196,9 @@ inline void attention_forward(
                              : frag_load(q_sg_dev + kk * 8, DQK, 1, n_rows - sg_q0, DQK - kk * 8, fc);
       MLXF_UNROLL for (int c = 0; c < KF; ++c) {
         // K^T fragment: element (d, key) = tile[key][d].
-        mma(sf[c], qa, frag_load(kv_tile + c * 8 * LD + kk * 8, 1, LD, 8, 8, fc));
+        mma(sf[c], qa, DIRECT ? frag_load(k_seq + (k0 + c * 8) * DQK + kk * 8, 1, DQK, DQK - kk * 8,
+                                          s.k_len - k0 - c * 8, fc)
+                              : frag_load(kv_tile + c * 8 * LD + kk * 8, 1, LD, 8, 8, fc));
       }
     }
     // Logits in log2 units; dropped keys -inf.
@@ -214,18 +238,25 @@ inline void attention_forward(
       of[d] *= alpha;
     }
 
+    if (DIRECT) {
+      // V fragments from device memory; a fragment holding a NaN/inf takes
+      // the exact path for its 8 keys (dropped keys skipped).
+      MLXF_UNROLL for (int c = 0; c < KF; ++c) {
+        MLXF_UNROLL for (int d = 0; d < VF; ++d) {
+          const float2 vb = frag_load(v_seq + (k0 + c * 8) * DV + d * 8, DV, 1, s.k_len - k0 - c * 8, DV - d * 8, fc);
+          if (simd_any(!isfinite(vb.x) || !isfinite(vb.y))) {
+            pv_exact_frag(of[d], sf[c], vb, fc);
+          } else {
+            mma(of[d], sf[c], vb);
+          }
+        }
+      }
+      continue;
+    }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // K reads are done
     const bool v_finite = stage_rows<T, DV, LD, true>(kv_tile, BK, v_seq + long(k0) * DV, s.k_len - k0, tid, NSG * 32);
-    const bool sg_finite = !simd_any(!v_finite);
-    if (lane == 0) {
-      flags[sg] = sg_finite ? 0 : 1;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    bool v_nonfinite = false;
-    MLXF_UNROLL for (int g = 0; g < NSG; ++g) {
-      v_nonfinite = v_nonfinite || flags[g] != 0;
-    }
-    if (v_nonfinite) {
+    // (barrier inside) the V tile holds a NaN/inf: P V the exact way.
+    if (any_nonfinite<NSG>(v_finite, flags, sg, lane)) {
       pv_exact<T, VF, KF, LD>(of, sf, kv_tile, fc);
     } else {
       MLXF_UNROLL for (int c = 0; c < KF; ++c) {

@@ -255,10 +255,15 @@ def test_metal_decode_launches():
     """Few query rows take the split-key decode path; GQA packs the group's heads."""
     from mlx_flash.backends import metal
 
-    def launch(B, Hq, Hkv, Nq, Nk, **options):
+    def launch(B, Hq, Hkv, Nq, Nk, cores=metal.DEFAULT_GPU_CORES, **options):
         q, k = mx.zeros((B, Hq, Nq, 64)), mx.zeros((B, Hkv, Nk, 64))
         spec, _ = validate_attention(q, k, k, **options)
-        return metal._forward_launch(spec, metal.tile_sizes(64, 64, 4))
+        return metal._forward_launch(spec, metal.tile_sizes(64, 64, 4), cores)
+
+    # The split count follows the GPU's core count: about 4 threadgroups per core.
+    small, big = launch(1, 2, 2, 1, 4096, cores=8), launch(1, 2, 2, 1, 4096, cores=32)
+    assert small.splits * 2 >= 4 * 8 and big.splits > small.splits
+    assert metal.gpu_core_count() >= 1
 
     assert launch(1, 8, 8, 100, 1000).splits == 1
     dec = launch(1, 8, 2, 1, 1000)

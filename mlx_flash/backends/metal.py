@@ -55,7 +55,14 @@ _TG_LIMIT = 32 * 1024
 
 # Decode path: at most this many query rows (one simdgroup), split over keys.
 _DECODE_MAX_Q = 8
-_DECODE_TARGET_GROUPS = 64
+# Decode splits the keys until there are about this many threadgroups per GPU
+# core (a few per core hide each other's memory latency).
+_DECODE_GROUPS_PER_CORE = 4
+# GPU cores when MLX does not say (mx.metal.device_info() has no core count in
+# MLX 0.32): 10, the base M1/M2/M3/M4 chips' 8-10. Pro/Max chips (14-40
+# cores) then get fewer splits than they could use, never too many for a
+# small chip.
+DEFAULT_GPU_CORES = 10
 _DECODE_MAX_SPLITS = 32
 
 # Simdgroups (8 rows each) per threadgroup of the backward's delta kernel.
@@ -186,7 +193,10 @@ def fwd_q_in_tg(dqk: int, dv: int, nsg: int, itemsize: int) -> bool:
 
 
 def fwd_tg_bytes(dqk: int, dv: int, nsg: int, bk: int, itemsize: int) -> int:
-    """Threadgroup bytes of the forward kernel (mlxf::fwd_tg_bytes)."""
+    """Threadgroup bytes of the forward kernel (mlxf::fwd_tg_bytes); one
+    simdgroup (decode) reads K/V fragments from device memory directly."""
+    if nsg == 1:
+        return itemsize + 4
     q = _fwd_q_elems(dqk, nsg, itemsize) if fwd_q_in_tg(dqk, dv, nsg, itemsize) else 0
     return (q + _fwd_kv_elems(dqk, dv, bk, itemsize)) * itemsize + 4 * nsg
 
@@ -343,7 +353,20 @@ class _Launch:
         return -(-self.rows // (8 * self.nsg))
 
 
-def _forward_launch(spec: AttentionSpec, tiles: Tiles) -> _Launch:
+@functools.lru_cache(maxsize=1)
+def gpu_core_count() -> int:
+    """The Apple GPU's core count as MLX reports it, else DEFAULT_GPU_CORES."""
+    try:
+        info = mx.metal.device_info()
+    except Exception:  # no Metal device (e.g. the emulation on Linux)
+        return DEFAULT_GPU_CORES
+    for key, value in info.items():
+        if "core" in key and isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_GPU_CORES
+
+
+def _forward_launch(spec: AttentionSpec, tiles: Tiles, gpu_cores: int = DEFAULT_GPU_CORES) -> _Launch:
     """The plain forward, or for few query rows the decode path: a few rows
     leave most of the GPU idle, so the keys are split over threadgroups
     (flash-decoding) and merged by lse. Decode packs the query heads of a GQA
@@ -358,7 +381,8 @@ def _forward_launch(spec: AttentionSpec, tiles: Tiles) -> _Launch:
     nsg = min(4, max(1, -(-rows // 8)))
     n_tiles = -(-_max_len_k(spec) // tiles.fwd_bk)
     groups = spec.batch * heads * -(-rows // (8 * nsg))
-    splits = min(n_tiles, _DECODE_MAX_SPLITS, max(1, -(-_DECODE_TARGET_GROUPS // groups)))
+    target = _DECODE_GROUPS_PER_CORE * gpu_cores
+    splits = min(n_tiles, _DECODE_MAX_SPLITS, max(1, -(-target // groups)))
     if splits < 2:
         return plain
     per_split = -(-n_tiles // splits)
@@ -374,7 +398,7 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     fparams = _float_params(spec)
     out_shape = [q.shape[0], spec.heads_q, q.shape[2], spec.head_dim_v]
     lse_shape = out_shape[:3]
-    launch = _forward_launch(spec, tiles)
+    launch = _forward_launch(spec, tiles, gpu_core_count())
     decode = launch.splits > 1
     if decode:
         feat |= FEAT_SPLIT | (FEAT_PACK_GQA if launch.pack_gqa else 0)
