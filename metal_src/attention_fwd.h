@@ -196,7 +196,7 @@ inline void attention_forward(
                              : frag_load(q_sg_dev + kk * 8, DQK, 1, n_rows - sg_q0, DQK - kk * 8, fc);
       MLXF_UNROLL for (int c = 0; c < KF; ++c) {
         // K^T fragment: element (d, key) = tile[key][d].
-        mma(sf[c], qa, DIRECT ? frag_load(k_seq + (k0 + c * 8) * DQK + kk * 8, 1, DQK, DQK - kk * 8,
+        mma(sf[c], qa, DIRECT ? frag_load(k_seq + long(k0 + c * 8) * DQK + kk * 8, 1, DQK, DQK - kk * 8,
                                           s.k_len - k0 - c * 8, fc)
                               : frag_load(kv_tile + c * 8 * LD + kk * 8, 1, LD, 8, 8, fc));
       }
@@ -243,7 +243,7 @@ inline void attention_forward(
       // the exact path for its 8 keys (dropped keys skipped).
       MLXF_UNROLL for (int c = 0; c < KF; ++c) {
         MLXF_UNROLL for (int d = 0; d < VF; ++d) {
-          const float2 vb = frag_load(v_seq + (k0 + c * 8) * DV + d * 8, DV, 1, s.k_len - k0 - c * 8, DV - d * 8, fc);
+          const float2 vb = frag_load(v_seq + long(k0 + c * 8) * DV + d * 8, DV, 1, s.k_len - k0 - c * 8, DV - d * 8, fc);
           if (simd_any(!isfinite(vb.x) || !isfinite(vb.y))) {
             pv_exact_frag(of[d], sf[c], vb, fc);
           } else {
