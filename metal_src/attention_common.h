@@ -160,8 +160,9 @@ struct Logits {
       x -= slope * float(abs(pos - j));
     }
     if (feat & (FEAT_MASK_BOOL | FEAT_MASK_ADD)) {
-      long at = long(b) * p.mask_stride[0] + long(h) * p.mask_stride[1] +
-                long(i) * p.mask_stride[2] + long(j) * p.mask_stride[3];
+      // 32-bit: every offset lies inside the mask, which the wrapper keeps
+      // below 2^31 elements (_broadcast_strides).
+      const int at = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3];
       // Only float conversions: MT is bool, float, half or bfloat.
       if (feat & FEAT_MASK_ADD) {
         x += float(mask[at]);
@@ -174,8 +175,8 @@ struct Logits {
       if (p.window_left >= 0 && j < pos - p.window_left) return -INFINITY;
     }
     if (feat & FEAT_BLOCK_MASK) {
-      long at = long(b) * p.bmask_stride[0] + long(h) * p.bmask_stride[1] +
-                long(i / p.block_q) * p.bmask_stride[2] + long(j / p.block_k) * p.bmask_stride[3];
+      const int at = b * p.bmask_stride[0] + h * p.bmask_stride[1] + (i / p.block_q) * p.bmask_stride[2] +
+                     (j / p.block_k) * p.bmask_stride[3];  // 32-bit: inside the block mask
       if (!block_mask[at]) return -INFINITY;
     }
     return x;
@@ -214,8 +215,8 @@ struct Logits {
     if (feat & FEAT_BLOCK_MASK) {
       for (int qb = q0 / p.block_q; qb <= (q1 - 1) / p.block_q; ++qb) {
         for (int kb = k0 / p.block_k; kb <= (k1 - 1) / p.block_k; ++kb) {
-          long at = long(b) * p.bmask_stride[0] + long(h) * p.bmask_stride[1] +
-                    long(qb) * p.bmask_stride[2] + long(kb) * p.bmask_stride[3];
+          const int at = b * p.bmask_stride[0] + h * p.bmask_stride[1] + qb * p.bmask_stride[2] +
+                         kb * p.bmask_stride[3];
           if (block_mask[at]) return true;
         }
       }
