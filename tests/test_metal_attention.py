@@ -434,6 +434,7 @@ def test_metal_forward_nonfinite_contract(case):
         v[:nk - 61] = np.nan    # every key left of the window holds NaN
         k[:nk - 61] = np.inf
         v[nk - 61:nk - 55, 2] = 1e30  # large but finite, kept
+        v[nk - 10, 4] = np.nan        # kept: column 4 of the output is NaN, the rest finite
     else:  # sinks-nan
         keep = np.ones((nq, nk), bool)
         options["sinks"] = mx.array([np.nan])
