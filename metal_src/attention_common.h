@@ -262,19 +262,23 @@ struct RowRules {
   // The logit of raw = q_i . k_j in natural units (rules 2 and 3 of the
   // non-finite contract: IEEE arithmetic on kept keys), -inf when dropped.
   // STRUCT: whether the tile is partial (check the drop rules).
+  // Whether key j is kept structurally (window, causal, sequence end, bool
+  // mask, block mask).
+  inline bool kept(int j) const {
+    bool keep = j >= j_lo && j <= j_hi;
+    if (feat & FEAT_MASK_BOOL) {
+      keep = keep && float(mask_row[j * mask_sj]) != 0.0f;
+    }
+    if (feat & FEAT_BLOCK_MASK) {
+      keep = keep && bmask_row[(j / block_k) * bmask_sj];
+    }
+    return keep;
+  }
+
   template <bool STRUCT>
   inline float logit(float raw, int j) const {
-    if (STRUCT) {
-      bool keep = j >= j_lo && j <= j_hi;
-      if (feat & FEAT_MASK_BOOL) {
-        keep = keep && float(mask_row[j * mask_sj]) != 0.0f;
-      }
-      if (feat & FEAT_BLOCK_MASK) {
-        keep = keep && bmask_row[(j / block_k) * bmask_sj];
-      }
-      if (!keep) {
-        return -INFINITY;
-      }
+    if (STRUCT && !kept(j)) {
+      return -INFINITY;
     }
     float x = scale * raw;
     if (feat & FEAT_SOFTCAP) {

@@ -201,14 +201,22 @@ inline void attention_forward(
                               : frag_load(kv_tile + c * 8 * LD + kk * 8, 1, LD, 8, 8, fc));
       }
     }
-    // Logits in log2 units; dropped keys -inf.
+    // Logits in log2 units; dropped keys -inf. Plain logits (no softcap,
+    // ALiBi or additive mask) stay raw here (sf = q . k; structurally
+    // dropped ones flagged in `dropped`): their exponent below is one fma,
+    // raw * scale * log2(e) - max, rounded once, so large logits lose no
+    // accuracy to rounding the logit itself.
     float tile_max = -INFINITY;
+    uint dropped = 0;
     MLXF_UNROLL for (int c = 0; c < KF; ++c) {
       MLXF_UNROLL for (int e = 0; e < 2; ++e) {
         const int j = k0 + c * 8 + fc.col + e;
         float x;
-        if (full && plain) {
-          x = sf[c][e] * scale_log2;
+        if (plain) {
+          const bool drop = !full && !rules.kept(j);
+          dropped |= drop ? (1u << (2 * c + e)) : 0u;
+          tile_max = max(tile_max, drop ? -INFINITY : sf[c][e] * scale_log2);
+          continue;
         } else {
           x = full ? rules.template logit<false>(sf[c][e], j) : rules.template logit<true>(sf[c][e], j);
           const float x2 = x * MLXF_LOG2E;
@@ -228,7 +236,10 @@ inline void attention_forward(
     MLXF_UNROLL for (int c = 0; c < KF; ++c) {
       MLXF_UNROLL for (int e = 0; e < 2; ++e) {
         // Dropped keys: -0.0, which pv_exact tells from an underflowed +0.
-        sf[c][e] = (sf[c][e] == -INFINITY) ? -0.0f : fast::exp2(sf[c][e] - shift);
+        const bool drop = ((dropped >> (2 * c + e)) & 1u) != 0u;
+        const float t = plain ? sf[c][e] * scale_log2 : sf[c][e];
+        const float arg = plain ? fma(sf[c][e], scale_log2, -shift) : sf[c][e] - shift;
+        sf[c][e] = (drop || t == -INFINITY) ? -0.0f : fast::exp2(arg);
       }
       tile_sum += sf[c].x + sf[c].y;
     }

@@ -357,8 +357,10 @@ class _Launch:
 def gpu_core_count() -> int:
     """The Apple GPU's core count as MLX reports it, else DEFAULT_GPU_CORES."""
     try:
-        info = mx.metal.device_info()
-    except Exception:  # no Metal device (e.g. the emulation on Linux)
+        if not mx.metal.is_available():  # e.g. the emulation on Linux
+            return DEFAULT_GPU_CORES
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+    except Exception:
         return DEFAULT_GPU_CORES
     for key, value in info.items():
         if "core" in key and isinstance(value, int) and value > 0:
