@@ -33,10 +33,11 @@ template <typename T, int D, int NSG, typename MT, typename OT>
     uint3 tg_pos [[threadgroup_position_in_grid]], uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int BK = mlxf::fwd_block_k(D, D, sizeof(T));
-  threadgroup T kv_tile[mlxf::fwd_tile_elems(D, D, BK)];
+  threadgroup T smem[mlxf::fwd_tile_elems(D, D, NSG, BK, sizeof(T))];
+  threadgroup int flags[NSG];
   mlxf::attention_forward<T, D, D, NSG, BK>(
       mlxf_features, q, k, v, mask, alibi, sinks, block_mask, cu_q, cu_k, iparams, fparams, out, lse,
-      kv_tile, tg_pos, sg, lane);
+      smem, flags, tg_pos, sg, lane);
 }
 
 // Function constant bit 0: a dlse cotangent is given; the feature bits sit above it.
@@ -65,11 +66,12 @@ template <typename T, int D, typename MT>
     uint3 tg_pos [[threadgroup_position_in_grid]], uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int BQB = mlxf::dkdv_block_q(D, D, sizeof(T));
-  threadgroup T smem[mlxf::dkdv_tile_elems(D, D, BQB)];
+  threadgroup T smem[mlxf::dkdv_tile_elems(D, D, 4, BQB, sizeof(T))];
   threadgroup float row_stats[2 * BQB];
+  threadgroup int flags[4];
   mlxf::attention_bwd_dkdv<T, D, D, 4, BQB>(
       mlxf_features, q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, iparams, fparams,
-      dk, dv, smem, row_stats, tg_pos, sg, lane);
+      dk, dv, smem, row_stats, flags, tg_pos, sg, lane);
 }
 
 template <typename T, int D, typename MT>
@@ -78,10 +80,11 @@ template <typename T, int D, typename MT>
     uint3 tg_pos [[threadgroup_position_in_grid]], uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int BK = mlxf::dq_block_k(D, D, sizeof(T));
-  threadgroup T smem[mlxf::dq_tile_elems(D, D, BK)];
+  threadgroup T smem[mlxf::dq_tile_elems(D, D, 4, BK, sizeof(T))];
+  threadgroup int flags[4];
   mlxf::attention_bwd_dq<T, D, D, 4, BK>(
       mlxf_features, q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, iparams, fparams,
-      dq, smem, tg_pos, sg, lane);
+      dq, smem, flags, tg_pos, sg, lane);
 }
 
 // Names: mlxf_<kernel>_<type>_<D>[_<mask type>], e.g.

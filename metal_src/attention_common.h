@@ -21,6 +21,14 @@ using namespace metal;
 
 namespace mlxf {
 
+// Every loop that indexes a fragment array is fully unrolled, so the arrays
+// stay in registers (a dynamic index would move them to stack memory).
+#define MLXF_UNROLL _Pragma("clang loop unroll(full)")
+
+// log2(e) and ln(2): the kernels run the softmax in the exp2 domain.
+#define MLXF_LOG2E 1.4426950408889634f
+#define MLXF_LN2 0.6931471805599453f
+
 // ---- feature bits (one int template argument / function constant) ----
 enum Feature : int {
   FEAT_MASK_BOOL = 1,     // bool mask, True = keep
@@ -152,8 +160,9 @@ struct Logits {
       x -= slope * float(abs(pos - j));
     }
     if (feat & (FEAT_MASK_BOOL | FEAT_MASK_ADD)) {
-      long at = long(b) * p.mask_stride[0] + long(h) * p.mask_stride[1] +
-                long(i) * p.mask_stride[2] + long(j) * p.mask_stride[3];
+      // 32-bit: every offset lies inside the mask, which the wrapper keeps
+      // below 2^31 elements (_broadcast_strides).
+      const int at = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3];
       // Only float conversions: MT is bool, float, half or bfloat.
       if (feat & FEAT_MASK_ADD) {
         x += float(mask[at]);
@@ -166,11 +175,27 @@ struct Logits {
       if (p.window_left >= 0 && j < pos - p.window_left) return -INFINITY;
     }
     if (feat & FEAT_BLOCK_MASK) {
-      long at = long(b) * p.bmask_stride[0] + long(h) * p.bmask_stride[1] +
-                long(i / p.block_q) * p.bmask_stride[2] + long(j / p.block_k) * p.bmask_stride[3];
+      const int at = b * p.bmask_stride[0] + h * p.bmask_stride[1] + (i / p.block_q) * p.bmask_stride[2] +
+                     (j / p.block_k) * p.bmask_stride[3];  // 32-bit: inside the block mask
       if (!block_mask[at]) return -INFINITY;
     }
     return x;
+  }
+
+  // Whether every pair of the tile [k0, k1) x queries [q0, q1) (rows past
+  // the sequence end aside) is kept structurally: no mask, no block mask, the
+  // tile inside the keys and inside the window band of every row.
+  inline bool tile_full(int q0, int q1, int k0, int k1) const {
+    if (feat & (FEAT_MASK_BOOL | FEAT_MASK_ADD | FEAT_BLOCK_MASK)) return false;
+    q1 = min(q1, s.q_len);
+    if (k1 > s.k_len || q0 >= q1) return false;
+    if (feat & FEAT_WINDOW) {
+      int lo = k0 - (q1 - 1 + s.offset);
+      int hi = (k1 - 1) - (q0 + s.offset);
+      if (p.window_right >= 0 && hi > p.window_right) return false;
+      if (p.window_left >= 0 && lo < -p.window_left) return false;
+    }
+    return true;
   }
 
   // Whether any key of the tile [k0, k1) x queries [q0, q1) can be kept.
@@ -190,8 +215,8 @@ struct Logits {
     if (feat & FEAT_BLOCK_MASK) {
       for (int qb = q0 / p.block_q; qb <= (q1 - 1) / p.block_q; ++qb) {
         for (int kb = k0 / p.block_k; kb <= (k1 - 1) / p.block_k; ++kb) {
-          long at = long(b) * p.bmask_stride[0] + long(h) * p.bmask_stride[1] +
-                    long(qb) * p.bmask_stride[2] + long(kb) * p.bmask_stride[3];
+          const int at = b * p.bmask_stride[0] + h * p.bmask_stride[1] + qb * p.bmask_stride[2] +
+                         kb * p.bmask_stride[3];
           if (block_mask[at]) return true;
         }
       }
@@ -215,6 +240,94 @@ inline Logits<MT> make_logits(int feat, Params p, SeqView s, int b, int h,
   lg.mask = mask;
   lg.block_mask = block_mask;
   return lg;
+}
+
+// ---- the forward's per-row drop rules, precomputed once per kernel ----
+// The forward classifies each key tile once per threadgroup (every thread
+// gets the same answer): skipped (nothing can be kept), full (every pair of
+// the tile is kept structurally: no per-logit checks) or partial. Only
+// partial tiles test keys one by one, with 32-bit compares against the row's
+// precomputed key range and one 32-bit multiply per mask lookup.
+template <typename MT>
+struct RowRules {
+  int feat;
+  float scale, softcap, slope;
+  int pos;         // aligned position p_i = i + k_len - q_len
+  int j_lo, j_hi;  // keys outside [j_lo, j_hi] are dropped (window, causal, sequence end)
+  const device MT* mask_row;  // this row of the mask (broadcast strides)
+  int mask_sj;
+  const device bool* bmask_row;  // this row's query block of the block mask
+  int bmask_sj, block_k;
+
+  // The logit of raw = q_i . k_j in natural units (rules 2 and 3 of the
+  // non-finite contract: IEEE arithmetic on kept keys), -inf when dropped.
+  // STRUCT: whether the tile is partial (check the drop rules).
+  // Whether key j is kept structurally (window, causal, sequence end, bool
+  // mask, block mask).
+  inline bool kept(int j) const {
+    bool keep = j >= j_lo && j <= j_hi;
+    if (feat & FEAT_MASK_BOOL) {
+      keep = keep && float(mask_row[j * mask_sj]) != 0.0f;
+    }
+    if (feat & FEAT_BLOCK_MASK) {
+      keep = keep && bmask_row[(j / block_k) * bmask_sj];
+    }
+    return keep;
+  }
+
+  template <bool STRUCT>
+  inline float logit(float raw, int j) const {
+    if (STRUCT && !kept(j)) {
+      return -INFINITY;
+    }
+    float x = scale * raw;
+    if (feat & FEAT_SOFTCAP) {
+      x = softcap * tanh(x / softcap);
+    }
+    if (feat & FEAT_ALIBI) {
+      x -= slope * float(abs(pos - j));
+    }
+    if (STRUCT && (feat & FEAT_MASK_ADD)) {
+      x += float(mask_row[j * mask_sj]);
+    }
+    return x;
+  }
+};
+
+// i: the row in its sequence (q_len or more: a row past the end, all dropped).
+template <typename MT>
+inline RowRules<MT> row_rules(int feat, Params p, SeqView s, int b, int h, int i,
+                              const device float* alibi, const device MT* mask,
+                              const device bool* block_mask) {
+  RowRules<MT> r;
+  r.feat = feat;
+  r.scale = p.scale;
+  r.softcap = p.softcap;
+  r.slope = (feat & FEAT_ALIBI) ? alibi[b * p.heads_q + h] : 0.0f;
+  r.pos = i + s.offset;
+  r.j_lo = 0;
+  r.j_hi = i < s.q_len ? s.k_len - 1 : -1;
+  if (feat & FEAT_WINDOW) {
+    if (p.window_left >= 0) r.j_lo = max(r.j_lo, r.pos - p.window_left);
+    if (p.window_right >= 0) r.j_hi = min(r.j_hi, r.pos + p.window_right);
+  }
+  // Rows past the end drop every key (j_hi = -1) and never read the masks;
+  // their pointers still point at a valid row.
+  const int i_in = min(i, s.q_len - 1);
+  r.mask_row = mask;
+  r.mask_sj = p.mask_stride[3];
+  if (feat & (FEAT_MASK_BOOL | FEAT_MASK_ADD)) {
+    r.mask_row = mask + (long(b) * p.mask_stride[0] + long(h) * p.mask_stride[1] +
+                         long(max(i_in, 0)) * p.mask_stride[2]);
+  }
+  r.bmask_row = block_mask;
+  r.bmask_sj = p.bmask_stride[3];
+  r.block_k = max(p.block_k, 1);
+  if (feat & FEAT_BLOCK_MASK) {
+    r.bmask_row = block_mask + (long(b) * p.bmask_stride[0] + long(h) * p.bmask_stride[1] +
+                                long(max(i_in, 0) / p.block_q) * p.bmask_stride[2]);
+  }
+  return r;
 }
 
 // ---- 8x8 fragments (Apple's simdgroup_matrix layout) ----
@@ -278,54 +391,178 @@ inline float row_sum(float x) {
   return x;
 }
 
-// Cooperative copy of a rows x cols block of a [*, dim] device buffer into a
-// threadgroup tile with leading dimension ld; zero beyond the valid rows and
-// beyond dim, so padded columns add nothing to the products.
-template <typename T>
-inline void stage_tile(threadgroup T* tile, int ld, int tile_rows, int tile_cols,
-                       const device T* src, int dim, int valid_rows, uint tid, uint nthreads) {
-  for (int e = int(tid); e < tile_rows * tile_cols; e += int(nthreads)) {
-    int r = e / tile_cols;
-    int c = e % tile_cols;
-    tile[r * ld + c] = (r < valid_rows && c < dim) ? src[long(r) * dim + c] : static_cast<T>(0.0f);
-  }
-}
-
+// ---- threadgroup tiles ----
 constexpr int pad8(int d) { return (d + 7) / 8 * 8; }
-
-// Leading dimension of a threadgroup tile holding rows of head dim d: padded
-// to whole fragments, plus 4 elements so that lanes reading one column of
-// consecutive rows hit different banks.
-constexpr int tile_ld(int d) { return pad8(d) + 4; }
 constexpr int max_int(int a, int b) { return a > b ? a : b; }
+
+// Leading dimension of a threadgroup tile holding rows of head dim d with
+// `size`-byte elements: padded to whole fragments, plus 16 bytes. The 16
+// bytes keep every row 16-byte aligned (vector stores) and shift consecutive
+// rows by four 4-byte banks, so lanes reading one column of 8 rows (a K^T
+// fragment) do not all hit the same bank.
+constexpr int tile_ld(int d, int size) { return pad8(d) + 16 / size; }
+
+// Cooperative copy of `rows` rows (DIM valid columns each, source rows DIM
+// elements apart) into a threadgroup tile with leading dimension LD; rows at
+// or past `valid_rows` and the columns DIM..pad8(DIM) are zero, so padding
+// adds nothing to the products. Offsets are 32-bit: a tile holds at most
+// 64 x 264 elements, and `src` already points at the tile's first row.
+// When DIM is a whole number of 16-byte vectors, each thread moves 16 bytes
+// at a time (the buffers are 16-byte aligned: MLX allocates them so and every
+// row starts a multiple of DIM elements in).
+// With CHECK, returns whether every valid element this thread copied is
+// finite (it re-reads only what it wrote itself: no barrier needed).
+template <typename T, int DIM, int LD, bool CHECK = false>
+inline bool stage_rows(threadgroup T* tile, int rows, const device T* src, int valid_rows, uint tid,
+                       uint nthreads) {
+  constexpr int VW = 16 / int(sizeof(T));
+  constexpr int PAD = pad8(DIM);
+  bool finite = true;
+  if (DIM % VW == 0) {
+    constexpr int VPR = DIM / VW;  // vectors per row
+    for (int e = int(tid); e < rows * VPR; e += int(nthreads)) {
+      const int r = e / VPR;
+      const int c = (e - r * VPR) * VW;
+      uint4 bits = uint4(0);
+      if (r < valid_rows) {
+        bits = *reinterpret_cast<const device uint4*>(src + r * DIM + c);
+      }
+      *reinterpret_cast<threadgroup uint4*>(tile + r * LD + c) = bits;
+      if (CHECK) {
+        MLXF_UNROLL for (int i = 0; i < VW; ++i) {
+          finite = finite && isfinite(float(tile[r * LD + c + i]));
+        }
+      }
+    }
+    if (PAD != DIM) {
+      for (int e = int(tid); e < rows * (PAD - DIM); e += int(nthreads)) {
+        const int r = e / (PAD - DIM);
+        tile[r * LD + DIM + (e - r * (PAD - DIM))] = static_cast<T>(0.0f);
+      }
+    }
+  } else {
+    for (int e = int(tid); e < rows * PAD; e += int(nthreads)) {
+      const int r = e / PAD;
+      const int c = e - r * PAD;
+      const T x = (r < valid_rows && c < DIM) ? src[r * DIM + c] : static_cast<T>(0.0f);
+      tile[r * LD + c] = x;
+      if (CHECK) {
+        finite = finite && isfinite(float(x));
+      }
+    }
+  }
+  return finite;
+}
 
 // ---- tile sizes (docs/metal.md; mirrored by metal.py's tile_sizes) ----
 // Apple GPUs give a threadgroup 32 KiB of threadgroup memory. Tiles aim at
-// 16 KiB so that two threadgroups can share a core and hide each other's
-// loads; the largest candidate that fits is taken, else the smallest one.
+// TG_BUDGET so that two threadgroups can share a core and hide each other's
+// loads; the largest candidate that fits is taken, else the largest that
+// fits TG_LIMIT.
 constexpr int TG_BUDGET = 16 * 1024;
+constexpr int TG_LIMIT = 32 * 1024;
 
-// Keys per forward K/V tile (one buffer, K then V): 64, 32 or 16.
+// Forward threadgroup memory: the Q tile of 8 * NSG rows (when it fits),
+// one K/V tile of BK keys (K, then V in the same buffer) and one flag per
+// simdgroup. fwd_q_in_tg: whether the Q tile fits with the smallest K/V tile.
+constexpr int fwd_q_elems(int dqk, int nsg, int size) { return 8 * nsg * tile_ld(dqk, size); }
+constexpr int fwd_kv_elems(int dqk, int dv, int bk, int size) {
+  return bk * max_int(tile_ld(dqk, size), tile_ld(dv, size));
+}
+constexpr bool fwd_q_in_tg(int dqk, int dv, int nsg, int size) {
+  return (fwd_q_elems(dqk, nsg, size) + fwd_kv_elems(dqk, dv, 8, size)) * size + 4 * nsg <= TG_LIMIT;
+}
+// (One simdgroup stages nothing: see attention_forward.)
+constexpr int fwd_tg_elems(int dqk, int dv, int nsg, int bk, int size) {
+  return (fwd_q_in_tg(dqk, dv, nsg, size) ? fwd_q_elems(dqk, nsg, size) : 0) + fwd_kv_elems(dqk, dv, bk, size);
+}
+constexpr int fwd_tg_bytes(int dqk, int dv, int nsg, int bk, int size) {
+  return nsg == 1 ? size + 4 : fwd_tg_elems(dqk, dv, nsg, bk, size) * size + 4 * nsg;
+}
+
+// Keys per forward K/V tile (with 4 simdgroups): the largest of 64, 32, 16
+// within TG_BUDGET, else 16 within TG_LIMIT, else 8.
 constexpr int fwd_block_k(int dqk, int dv, int size) {
-  return 64 * max_int(tile_ld(dqk), tile_ld(dv)) * size <= TG_BUDGET   ? 64
-         : 32 * max_int(tile_ld(dqk), tile_ld(dv)) * size <= TG_BUDGET ? 32
-                                                                       : 16;
+  return fwd_tg_bytes(dqk, dv, 4, 64, size) <= TG_BUDGET   ? 64
+         : fwd_tg_bytes(dqk, dv, 4, 32, size) <= TG_BUDGET ? 32
+         : fwd_tg_bytes(dqk, dv, 4, 16, size) <= TG_LIMIT  ? 16
+                                                            : 8;
 }
 
 // Keys per dQ tile (K and V tiles side by side): 64, 32, 16 or 8.
 constexpr int dq_block_k(int dqk, int dv, int size) {
-  return 64 * (tile_ld(dqk) + tile_ld(dv)) * size <= TG_BUDGET   ? 64
-         : 32 * (tile_ld(dqk) + tile_ld(dv)) * size <= TG_BUDGET ? 32
-         : 16 * (tile_ld(dqk) + tile_ld(dv)) * size <= TG_BUDGET ? 16
-                                                                 : 8;
+  return 64 * (tile_ld(dqk, size) + tile_ld(dv, size)) * size <= TG_BUDGET   ? 64
+         : 32 * (tile_ld(dqk, size) + tile_ld(dv, size)) * size <= TG_BUDGET ? 32
+         : 16 * (tile_ld(dqk, size) + tile_ld(dv, size)) * size <= TG_BUDGET ? 16
+                                                                             : 8;
 }
 
 // Queries per dK/dV tile (Q and dO tiles, plus lse and delta): 64, 32, 16 or 8.
 constexpr int dkdv_block_q(int dqk, int dv, int size) {
-  return 64 * ((tile_ld(dqk) + tile_ld(dv)) * size + 8) <= TG_BUDGET   ? 64
-         : 32 * ((tile_ld(dqk) + tile_ld(dv)) * size + 8) <= TG_BUDGET ? 32
-         : 16 * ((tile_ld(dqk) + tile_ld(dv)) * size + 8) <= TG_BUDGET ? 16
-                                                                       : 8;
+  return 64 * ((tile_ld(dqk, size) + tile_ld(dv, size)) * size + 8) <= TG_BUDGET   ? 64
+         : 32 * ((tile_ld(dqk, size) + tile_ld(dv, size)) * size + 8) <= TG_BUDGET ? 32
+         : 16 * ((tile_ld(dqk, size) + tile_ld(dv, size)) * size + 8) <= TG_BUDGET ? 16
+                                                                                   : 8;
+}
+
+// Cooperative copy of a rows x cols block of a [*, dim] device buffer into a
+// threadgroup tile with leading dimension ld (scalar; the backward's loader).
+// Returns whether every element this thread copied is finite.
+template <typename T>
+inline bool stage_tile(threadgroup T* tile, int ld, int tile_rows, int tile_cols,
+                       const device T* src, int dim, int valid_rows, uint tid, uint nthreads) {
+  bool finite = true;
+  for (int e = int(tid); e < tile_rows * tile_cols; e += int(nthreads)) {
+    int r = e / tile_cols;
+    int c = e % tile_cols;
+    const T x = (r < valid_rows && c < dim) ? src[r * dim + c] : static_cast<T>(0.0f);
+    tile[r * ld + c] = x;
+    finite = finite && isfinite(float(x));
+  }
+  return finite;
+}
+
+// Whether any thread of the threadgroup saw a non-finite element: each
+// simdgroup's lane 0 writes its flag, a barrier, then everyone reads all.
+// Callers put it where a barrier is due anyway (right after staging).
+template <int NSG>
+inline bool any_nonfinite(bool finite, threadgroup int* flags, uint sg, uint lane) {
+  const bool sg_bad = simd_any(!finite);
+  if (lane == 0) {
+    flags[sg] = sg_bad ? 1 : 0;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  bool bad = false;
+  MLXF_UNROLL for (int g = 0; g < NSG; ++g) {
+    bad = bad || flags[g] != 0;
+  }
+  return bad;
+}
+
+// acc[f] += A B over one 8-key step, element by element, leaving out the
+// pairs marked dropped (drop = 1): the B tile holds a non-finite value, so a
+// dropped pair's operand must not be multiplied in (0 x NaN). `a` is this
+// lane's fragment of A (rows: this lane's row), b points at B's first row
+// (ldb apart), NF fragments of 8 columns. Rare; all lanes take it.
+// Only the first nf_valid fragments of B exist (the last D block may be short).
+template <int NF, typename T>
+inline void mma_exact(thread float2* acc, float2 a, float2 drop, const threadgroup T* b, int ldb, FragCoord fc,
+                      int nf_valid = NF) {
+  MLXF_UNROLL for (int e2 = 0; e2 < 8; ++e2) {
+    const ushort src = ushort(((e2 >> 1) & 1) | ((fc.row & 3) << 1) | (((e2 >> 2) & 1) << 3) | (((fc.row >> 2) & 1) << 4));
+    const float aj = simd_shuffle(a[e2 & 1], src);
+    const float dj = simd_shuffle(drop[e2 & 1], src);
+    if (dj != 0.0f) {
+      continue;
+    }
+    MLXF_UNROLL for (int f = 0; f < NF; ++f) {
+      if (f >= nf_valid) {
+        break;
+      }
+      acc[f].x += aj * float(b[e2 * ldb + f * 8 + fc.col]);
+      acc[f].y += aj * float(b[e2 * ldb + f * 8 + fc.col + 1]);
+    }
+  }
 }
 
 }  // namespace mlxf

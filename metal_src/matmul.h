@@ -32,6 +32,23 @@ enum : int { MATMUL_FLOAT = 0, MATMUL_E4M3 = 1, MATMUL_E5M2 = 2 };
 // and BM*BN floats).
 enum : int { MM_BK = 16, MM_THREADS = 128 };
 
+// Loops over the accumulator arrays are fully unrolled (registers, not stack).
+#define MLXF_MM_UNROLL _Pragma("clang loop unroll(full)")
+
+// Threadgroup memory of one matmul threadgroup with a TILE x TILE output, in
+// floats: the A tile (TILE x MM_BK) and the B tile (MM_BK rows of TILE + 4:
+// rows padded by 16 bytes so the lanes loading a B fragment spread over the
+// banks), and the output staging tile Cs (TILE x TILE) aliased over them
+// (Cs is only written after the last K step's barrier).
+constexpr int mm_ldb(int tile) { return tile + 4; }
+constexpr int mlxf_mm_smem_floats(int tile) {
+  return tile * MM_BK + MM_BK * mm_ldb(tile) > tile * tile ? tile * MM_BK + MM_BK * mm_ldb(tile) : tile * tile;
+}
+// Resources for the table in docs/metal.md: threadgroup bytes, and the
+// FM x FN accumulators of one SIMD-group (2 floats per lane each).
+constexpr int mlxf_mm_tg_bytes(int tile) { return 4 * mlxf_mm_smem_floats(tile); }
+constexpr int mlxf_mm_acc_floats(int tile) { return 2 * (tile / 16) * (tile / 16); }
+
 // Layout of the int32 `params` input.
 enum : int {
   MM_P_M = 0, MM_P_N = 1, MM_P_K = 2,
@@ -92,7 +109,7 @@ inline float matmul_load(P p, long i) {
 template <typename TOut, int A_FMT, int B_FMT, bool TRANSPOSE_B, int BM, int BN, typename PA, typename PB,
           typename PSA, typename PSB, typename PP, typename POut>
 inline void matmul2d_tile(PA a, PB b, PSA a_scale, PSB b_scale, PP params, POut out,
-                          threadgroup float* As, threadgroup float* Bs, threadgroup float* Cs,
+                          threadgroup float* smem,
                           uint3 tile, uint simd_group, uint thread_index) {
   const int M = params[MM_P_M], N = params[MM_P_N], K = params[MM_P_K];
   const int row0 = int(tile.y) * BM, col0 = int(tile.x) * BN;
@@ -104,9 +121,14 @@ inline void matmul2d_tile(PA a, PB b, PSA a_scale, PSB b_scale, PP params, POut 
   constexpr int FM = BM / 16, FN = BN / 16;
   const int quad_row = (int(simd_group) / 2) * (BM / 2), quad_col = (int(simd_group) % 2) * (BN / 2);
 
+  constexpr int LDB = mm_ldb(BN);
+  threadgroup float* As = smem;
+  threadgroup float* Bs = smem + BM * MM_BK;
+  threadgroup float* Cs = smem;  // aliases As/Bs: written after the K loop
+
   simdgroup_float8x8 acc[FM][FN];
-  for (int i = 0; i < FM; ++i)
-    for (int j = 0; j < FN; ++j) acc[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  MLXF_MM_UNROLL for (int i = 0; i < FM; ++i)
+    MLXF_MM_UNROLL for (int j = 0; j < FN; ++j) acc[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 
   for (int k0 = 0; k0 < K; k0 += MM_BK) {
     // Stage A[row0 : +BM, k0 : +BK] as float (zeros past the edges).
@@ -121,22 +143,22 @@ inline void matmul2d_tile(PA a, PB b, PSA a_scale, PSB b_scale, PP params, POut 
       const int c = TRANSPOSE_B ? e / MM_BK : e % BN;  // n within the tile
       const int gk = k0 + r, gn = col0 + c;
       const long idx = TRANSPOSE_B ? long(gn) * K + gk : long(gk) * N + gn;
-      Bs[r * BN + c] = (gk < K && gn < N) ? matmul_load<B_FMT>(b, b_base + idx) : 0.0f;
+      Bs[r * LDB + c] = (gk < K && gn < N) ? matmul_load<B_FMT>(b, b_base + idx) : 0.0f;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int kk = 0; kk < MM_BK; kk += 8) {
       simdgroup_float8x8 a_frag[FM], b_frag[FN];
-      for (int i = 0; i < FM; ++i) simdgroup_load(a_frag[i], As + (quad_row + i * 8) * MM_BK + kk, MM_BK);
-      for (int j = 0; j < FN; ++j) simdgroup_load(b_frag[j], Bs + kk * BN + quad_col + j * 8, BN);
-      for (int i = 0; i < FM; ++i)
-        for (int j = 0; j < FN; ++j) simdgroup_multiply_accumulate(acc[i][j], a_frag[i], b_frag[j], acc[i][j]);
+      MLXF_MM_UNROLL for (int i = 0; i < FM; ++i) simdgroup_load(a_frag[i], As + (quad_row + i * 8) * MM_BK + kk, MM_BK);
+      MLXF_MM_UNROLL for (int j = 0; j < FN; ++j) simdgroup_load(b_frag[j], Bs + kk * LDB + quad_col + j * 8, LDB);
+      MLXF_MM_UNROLL for (int i = 0; i < FM; ++i)
+        MLXF_MM_UNROLL for (int j = 0; j < FN; ++j) simdgroup_multiply_accumulate(acc[i][j], a_frag[i], b_frag[j], acc[i][j]);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 
   // Epilogue: accumulators -> threadgroup tile -> scaled, converted output.
-  for (int i = 0; i < FM; ++i)
-    for (int j = 0; j < FN; ++j)
+  MLXF_MM_UNROLL for (int i = 0; i < FM; ++i)
+    MLXF_MM_UNROLL for (int j = 0; j < FN; ++j)
       simdgroup_store(acc[i][j], Cs + (quad_row + i * 8) * BN + quad_col + j * 8, BN);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int e = tid; e < BM * BN; e += MM_THREADS) {

@@ -15,12 +15,9 @@
                        uint3 tile [[threadgroup_position_in_grid]],                                   \
                        uint simd_group [[simdgroup_index_in_threadgroup]],                            \
                        uint thread_index [[thread_index_in_threadgroup]]) {                           \
-    threadgroup float As[TILE * MM_BK];                                                               \
-    threadgroup float Bs[MM_BK * TILE];                                                               \
-    threadgroup float Cs[TILE * TILE];                                                                \
+    threadgroup float smem[mlxf_mm_smem_floats(TILE)];                                                \
     matmul2d_tile<TOUT, A_FMT, B_FMT, TRANSPOSE_B, TILE, TILE>(a, b, a_scale, b_scale, params, out,   \
-                                                               As, Bs, Cs, tile, simd_group,          \
-                                                               thread_index);                         \
+                                                               smem, tile, simd_group, thread_index); \
   }
 
 #define MLXF_MATMUL_BOTH_LAYOUTS(A, B, OUT, TA, TB, TOUT, A_FMT, B_FMT)                                 \

@@ -255,10 +255,15 @@ def test_metal_decode_launches():
     """Few query rows take the split-key decode path; GQA packs the group's heads."""
     from mlx_flash.backends import metal
 
-    def launch(B, Hq, Hkv, Nq, Nk, **options):
+    def launch(B, Hq, Hkv, Nq, Nk, cores=metal.DEFAULT_GPU_CORES, **options):
         q, k = mx.zeros((B, Hq, Nq, 64)), mx.zeros((B, Hkv, Nk, 64))
         spec, _ = validate_attention(q, k, k, **options)
-        return metal._forward_launch(spec, metal.tile_sizes(64, 64, 4))
+        return metal._forward_launch(spec, metal.tile_sizes(64, 64, 4), cores)
+
+    # The split count follows the GPU's core count: about 4 threadgroups per core.
+    small, big = launch(1, 2, 2, 1, 4096, cores=8), launch(1, 2, 2, 1, 4096, cores=32)
+    assert small.splits * 2 >= 4 * 8 and big.splits > small.splits
+    assert metal.gpu_core_count() >= 1
 
     assert launch(1, 8, 8, 100, 1000).splits == 1
     dec = launch(1, 8, 2, 1, 1000)
@@ -274,8 +279,9 @@ def test_metal_tile_sizes_fit_threadgroup_memory():
         for dqk in range(1, 257, 7):
             for dv in (dqk, 1, 256):
                 t = metal.tile_sizes(dqk, dv, itemsize)
-                ld = lambda d: -(-d // 8) * 8 + 4
-                assert t.fwd_bk * max(ld(dqk), ld(dv)) * itemsize <= 32768
+                ld = lambda d: -(-d // 8) * 8 + 16 // itemsize
+                assert metal.fwd_tg_bytes(dqk, dv, 4, t.fwd_bk, itemsize) <= 32768
+                assert metal.fwd_tg_bytes(dqk, dv, 1, t.fwd_bk, itemsize) <= 32768  # decode
                 assert t.dq_bk * (ld(dqk) + ld(dv)) * itemsize <= 32768
                 assert t.dkdv_bq * (ld(dqk) + ld(dv)) * itemsize + 8 * t.dkdv_bq <= 32768
 
@@ -340,3 +346,179 @@ def test_metal_attention_empty_sequences(nq, nk):
     grads = _emu().gradients(q, k, v, _rand(rng, (1, 2, nq, 8), mx.float32), sinks=sinks)
     for name, x in (("q", q), ("k", k), ("v", v)):
         assert grads[name].shape == x.shape and np.all(_np(grads[name]) == 0)
+
+
+# ---- the non-finite contract (docs/metal.md; issue 13) through the Metal kernels ----
+def _nonfinite_forward_np(q, k, v, keep, scale, additive=None):
+    """float64 (out, lse) of the non-finite contract's rules 1-5 for one head:
+    `keep` [Nq, Nk] is the structural keep pattern; kept logits follow IEEE
+    arithmetic, -inf logits are dropped, dropped keys are never read."""
+    with np.errstate(all="ignore"):
+        s = scale * np.einsum("id,jd->ij", q, k)
+        if additive is not None:
+            s = s + additive
+    nq, dv = q.shape[0], v.shape[1]
+    out, lse = np.zeros((nq, dv)), np.full(nq, -np.inf)
+    for i in range(nq):
+        kept = keep[i] & ~np.isneginf(s[i]) & ~(np.isnan(s[i]) & ~keep[i])
+        if not kept.any():
+            continue
+        si = s[i, kept]
+        if np.isnan(si).any() or np.isposinf(si).any():
+            out[i], lse[i] = np.nan, np.nan
+            continue
+        m = si.max()
+        p = np.exp(si - m)
+        with np.errstate(all="ignore"):
+            out[i] = (p[:, None] * v[kept]).sum(0) / p.sum()
+        lse[i] = m + np.log(p.sum())
+    return out, lse
+
+
+def _check_nonfinite(got, want, what):
+    got = np.asarray(got, np.float64)
+    assert np.array_equal(np.isnan(got), np.isnan(want)), f"{what}: NaN pattern differs"
+    inf = np.isinf(want)
+    assert np.array_equal(got[inf], want[inf]), f"{what}: infinities differ"
+    fin = np.isfinite(want)
+    assert np.isfinite(got[fin]).all(), f"{what}: unexpected non-finite values"
+    if fin.any():
+        err = np.abs(got[fin] - want[fin]).max() / max(np.abs(want[fin]).max(), 0.1)
+        assert err <= FP32_TOL, f"{what}: relative error {err:.2e}"
+
+
+NONFINITE_CASES = ["causal", "bool-mask", "additive-inf", "window-decode", "sinks-nan"]
+
+
+@pytest.mark.parametrize("case", NONFINITE_CASES)
+def test_metal_forward_nonfinite_contract(case):
+    """NaN/inf in q, k, v and the mask: dropped keys contribute nothing (no
+    0 x NaN), kept NaN/+inf logits make the row NaN, -inf logits are dropped
+    keys, fully masked rows stay 0 / -inf even with a NaN q row."""
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    nq, nk, d = (1, 150, 32) if case == "window-decode" else (21, 37, 32)
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    k = rng.standard_normal((nk, d)).astype(np.float32)
+    v = rng.standard_normal((nk, d)).astype(np.float32)
+    pos = np.arange(nq)[:, None] + nk - nq
+    j = np.arange(nk)[None, :]
+    options, additive = {}, None
+    if case == "causal":
+        options["causal"] = True
+        keep = j <= pos
+        k[nk - 1, 3] = np.nan   # dropped by every row but the last
+        v[nk - 2, 5] = np.inf   # kept only by the last two rows
+        v[nk - 3, :] = np.nan   # kept by the last three rows
+        q[4, 0] = np.nan        # a row with kept keys: NaN
+        k[2, 7] = -np.inf       # -inf or +inf logits depending on q's sign
+    elif case == "bool-mask":
+        keep = rng.random((nq, nk)) < 0.6
+        keep[6] = False
+        q[6, :] = np.nan        # fully masked row with a NaN q: still 0 / -inf
+        dropped = np.nonzero(~keep[0])[0]
+        v[dropped[0]] = np.nan  # dropped by row 0, maybe kept by others
+        k[dropped[1]] = np.inf
+        options["mask"] = mx.array(keep)
+    elif case == "additive-inf":
+        keep = np.ones((nq, nk), bool)
+        additive = rng.standard_normal((nq, nk)).astype(np.float32)
+        additive[:, 9] = -np.inf
+        v[9] = np.nan           # dropped by the -inf logit (rule 3)
+        additive[3, :] = -np.inf  # a fully dropped row
+        additive[5, 11] = np.nan
+        additive[7, 12] = np.inf
+        options["mask"] = mx.array(additive)
+    elif case == "window-decode":
+        options["window"] = (60, 0)
+        keep = (j <= pos) & (j >= pos - 60)
+        v[:nk - 61] = np.nan    # every key left of the window holds NaN
+        k[:nk - 61] = np.inf
+        v[nk - 61:nk - 55, 2] = 1e30  # large but finite, kept
+        v[nk - 10, 4] = np.nan        # kept: column 4 of the output is NaN, the rest finite
+    else:  # sinks-nan
+        keep = np.ones((nq, nk), bool)
+        options["sinks"] = mx.array([np.nan])
+        options["causal"] = True
+        keep = j <= pos
+    scale = 1 / np.sqrt(d)
+    if case == "sinks-nan":
+        want_out, want_lse = np.full((nq, d), np.nan), np.full(nq, np.nan)
+    else:
+        want_out, want_lse = _nonfinite_forward_np(q.astype(np.float64), k.astype(np.float64),
+                                                   v.astype(np.float64), keep, scale, additive)
+    to = lambda x: mx.array(x)[None, None]
+    out, lse = _emu().forward(to(q), to(k), to(v), **options)
+    _check_nonfinite(_np(out)[0, 0], want_out, f"{case} out")
+    _check_nonfinite(_np(lse)[0, 0], want_lse, f"{case} lse")
+
+
+# ---- resource table (tools/metal_resources.py, docs/metal.md) ----
+def test_metal_resources_within_limits():
+    """Every shipped configuration (dtype x head dims x the tiles the wrappers
+    pick; forward, decode, backward, matmul) stays within 32 KiB of
+    threadgroup memory and 96 fp32 fragment registers per thread, counted
+    from the kernels' own constexprs."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "metal_resources.py"
+    spec = importlib.util.spec_from_file_location("metal_resources", path)
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("metal_resources", tool)  # dataclasses look their module up
+    spec.loader.exec_module(tool)
+    rows = tool.evaluate(tool.configurations())
+    assert len(rows) > 100 and {r.kernel for r in rows} >= {"forward", "decode", "bwd_dq", "bwd_dkdv", "matmul2d"}
+    assert all(r.tg_bytes > 0 and r.regs > 0 for r in rows if r.kernel != "bwd_delta")
+    over = [(r.kernel, r.dtype, r.dqk, r.dv, r.tg_bytes, r.regs) for r in tool.violations(rows)]
+    assert not over, f"over {tool.TG_LIMIT} threadgroup bytes or {tool.REG_LIMIT} fragment floats: {over}"
+
+
+def _nonfinite_grads_np(q, k, v, dout, keep, scale):
+    """float64 dq, dk, dv of sum(out * dout) under the contract: dropped pairs
+    (structural, or rows with no kept key) contribute nothing, whatever
+    q, k, v, dO hold; kept pairs follow IEEE arithmetic."""
+    with np.errstate(all="ignore"):
+        s = np.where(keep, scale * np.einsum("id,jd->ij", q, k), -np.inf)
+        m = np.where(keep.any(1, keepdims=True), s.max(1, keepdims=True), 0.0)
+        p = np.where(keep, np.exp(s - m), 0.0)
+        p = np.where(keep.any(1, keepdims=True), p / p.sum(1, keepdims=True), 0.0)
+        dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+        out = np.zeros((q.shape[0], v.shape[1]))
+        for i in range(q.shape[0]):
+            kept = keep[i]
+            if kept.any():
+                out[i] = (p[i, kept][:, None] * v[kept]).sum(0)
+        for i in range(q.shape[0]):
+            for j in np.nonzero(keep[i])[0]:
+                dv[j] += p[i, j] * dout[i]
+                dp = dout[i] @ v[j]
+                delta = dout[i] @ out[i]
+                ds = p[i, j] * (dp - delta)
+                dq[i] += scale * ds * k[j]
+                dk[j] += scale * ds * q[i]
+    return dq, dk, dv
+
+
+@pytest.mark.parametrize("d", [16, 256])  # 256 (fp32): dK/dV in two D blocks, K/V read from device memory
+def test_metal_backward_nonfinite_contract(d):
+    """A NaN/inf in q, k, v or dO of dropped pairs adds nothing to dq/dk/dv
+    (no 0 x NaN in the backward's products); a fully masked row's gradients
+    stay 0 even with a NaN q and dO."""
+    rng = np.random.default_rng(7 + d)
+    nq, nk = 21, 37
+    q, k, v, dout = (rng.standard_normal(shape).astype(np.float32)
+                     for shape in ((nq, d), (nk, d), (nk, d), (nq, d)))
+    keep = rng.random((nq, nk)) < 0.6
+    keep[:, nk - 1] = False      # a key nobody keeps
+    k[nk - 1] = np.nan
+    v[nk - 1] = np.inf
+    keep[5] = False              # a row that keeps nothing
+    q[5] = np.nan
+    dout[5] = np.nan
+    scale = 1 / np.sqrt(d)
+    want = _nonfinite_grads_np(*(x.astype(np.float64) for x in (q, k, v, dout)), keep, scale)
+    to = lambda x: mx.array(x)[None, None]
+    grads = _emu().gradients(to(q), to(k), to(v), to(dout), mask=mx.array(keep))
+    for name, w in zip("qkv", want):
+        _check_nonfinite(_np(grads[name])[0, 0], w, f"d{name}")

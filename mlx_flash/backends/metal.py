@@ -55,7 +55,14 @@ _TG_LIMIT = 32 * 1024
 
 # Decode path: at most this many query rows (one simdgroup), split over keys.
 _DECODE_MAX_Q = 8
-_DECODE_TARGET_GROUPS = 64
+# Decode splits the keys until there are about this many threadgroups per GPU
+# core (a few per core hide each other's memory latency).
+_DECODE_GROUPS_PER_CORE = 4
+# GPU cores when MLX does not say (mx.metal.device_info() has no core count in
+# MLX 0.32): 10, the base M1/M2/M3/M4 chips' 8-10. Pro/Max chips (14-40
+# cores) then get fewer splits than they could use, never too many for a
+# small chip.
+DEFAULT_GPU_CORES = 10
 _DECODE_MAX_SPLITS = 32
 
 # Simdgroups (8 rows each) per threadgroup of the backward's delta kernel.
@@ -98,9 +105,10 @@ _BODIES = {
         inputs=("q", "k", "v", "mask", "alibi", "sinks", "block_mask", "cu_q", "cu_k", "iparams", "fparams"),
         outputs=("out", "lse"),
         source=(
-            "threadgroup T kv_tile[mlxf::fwd_tile_elems(DQK, DV, BK)];\n"
+            "threadgroup T smem[mlxf::fwd_tile_elems(DQK, DV, NSG, BK, sizeof(T))];\n"
+            "threadgroup int flags[NSG];\n"
             "mlxf::attention_forward<T, DQK, DV, NSG, BK>(FEAT, q, k, v, mask, alibi, sinks, block_mask,\n"
-            "    cu_q, cu_k, iparams, fparams, out, lse, kv_tile, " + _TG_ARGS + ");\n"
+            "    cu_q, cu_k, iparams, fparams, out, lse, smem, flags, " + _TG_ARGS + ");\n"
         ),
     ),
     "attention_combine": dict(
@@ -124,10 +132,11 @@ _BODIES = {
                 "iparams", "fparams"),
         outputs=("dk", "dv"),
         source=(
-            "threadgroup T smem[mlxf::dkdv_tile_elems(DQK, DV, BQB)];\n"
+            "threadgroup T smem[mlxf::dkdv_tile_elems(DQK, DV, NSG, BQB, sizeof(T))];\n"
             "threadgroup float row_stats[2 * BQB];\n"
+            "threadgroup int flags[NSG];\n"
             "mlxf::attention_bwd_dkdv<T, DQK, DV, NSG, BQB>(FEAT, q, k, v, dout, lse, delta, mask, alibi,\n"
-            "    block_mask, cu_q, cu_k, iparams, fparams, dk, dv, smem, row_stats, " + _TG_ARGS + ");\n"
+            "    block_mask, cu_q, cu_k, iparams, fparams, dk, dv, smem, row_stats, flags, " + _TG_ARGS + ");\n"
         ),
     ),
     "attention_bwd_dq": dict(
@@ -135,9 +144,10 @@ _BODIES = {
                 "iparams", "fparams"),
         outputs=("dq",),
         source=(
-            "threadgroup T smem[mlxf::dq_tile_elems(DQK, DV, BK)];\n"
+            "threadgroup T smem[mlxf::dq_tile_elems(DQK, DV, NSG, BK, sizeof(T))];\n"
+            "threadgroup int flags[NSG];\n"
             "mlxf::attention_bwd_dq<T, DQK, DV, NSG, BK>(FEAT, q, k, v, dout, lse, delta, mask, alibi,\n"
-            "    block_mask, cu_q, cu_k, iparams, fparams, dq, smem, " + _TG_ARGS + ");\n"
+            "    block_mask, cu_q, cu_k, iparams, fparams, dq, smem, flags, " + _TG_ARGS + ");\n"
         ),
     ),
 }
@@ -159,17 +169,41 @@ def _kernel(name: str):
 
 
 # ---- tile sizes (docs/metal.md explains the choices) ----
+# Mirrors of the constexpr functions of metal_src/attention_common.h
+# (test_metal_tile_sizes_match_header holds them equal).
 def _pad8(d: int) -> int:
     return -(-d // 8) * 8
 
 
-def _tile_ld(d: int) -> int:
-    return _pad8(d) + 4  # mirrors mlxf::tile_ld
+def _tile_ld(d: int, itemsize: int) -> int:
+    return _pad8(d) + 16 // itemsize  # mirrors mlxf::tile_ld
+
+
+def _fwd_q_elems(dqk: int, nsg: int, itemsize: int) -> int:
+    return 8 * nsg * _tile_ld(dqk, itemsize)
+
+
+def _fwd_kv_elems(dqk: int, dv: int, bk: int, itemsize: int) -> int:
+    return bk * max(_tile_ld(dqk, itemsize), _tile_ld(dv, itemsize))
+
+
+def fwd_q_in_tg(dqk: int, dv: int, nsg: int, itemsize: int) -> bool:
+    """Whether the forward keeps its Q tile in threadgroup memory (mlxf::fwd_q_in_tg)."""
+    return (_fwd_q_elems(dqk, nsg, itemsize) + _fwd_kv_elems(dqk, dv, 8, itemsize)) * itemsize + 4 * nsg <= _TG_LIMIT
+
+
+def fwd_tg_bytes(dqk: int, dv: int, nsg: int, bk: int, itemsize: int) -> int:
+    """Threadgroup bytes of the forward kernel (mlxf::fwd_tg_bytes); one
+    simdgroup (decode) reads K/V fragments from device memory directly."""
+    if nsg == 1:
+        return itemsize + 4
+    q = _fwd_q_elems(dqk, nsg, itemsize) if fwd_q_in_tg(dqk, dv, nsg, itemsize) else 0
+    return (q + _fwd_kv_elems(dqk, dv, bk, itemsize)) * itemsize + 4 * nsg
 
 
 def _largest_fitting(candidates, nbytes):
     """The first candidate whose tile fits the budget, else the smallest one
-    that fits the hard limit."""
+    that fits the hard limit (else the smallest: the caller checks)."""
     for c in candidates:
         if nbytes(c) <= _TG_BUDGET:
             return c
@@ -191,9 +225,9 @@ class Tiles:
 @functools.lru_cache(maxsize=None)
 def tile_sizes(head_dim_qk: int, head_dim_v: int, itemsize: int) -> Tiles:
     """Tile sizes for one head-dim pair and element size (bytes)."""
-    ld_max = max(_tile_ld(head_dim_qk), _tile_ld(head_dim_v))
-    ld_sum = _tile_ld(head_dim_qk) + _tile_ld(head_dim_v)
-    fwd_bk = _largest_fitting((64, 32, 16), lambda bk: bk * ld_max * itemsize)
+    ld_sum = _tile_ld(head_dim_qk, itemsize) + _tile_ld(head_dim_v, itemsize)
+    fwd_bytes = functools.partial(fwd_tg_bytes, head_dim_qk, head_dim_v, 4, itemsize=itemsize)
+    fwd_bk = next((bk for bk in (64, 32) if fwd_bytes(bk=bk) <= _TG_BUDGET), 16 if fwd_bytes(bk=16) <= _TG_LIMIT else 8)
     dq_bk = _largest_fitting((64, 32, 16, 8), lambda bk: bk * ld_sum * itemsize)
     dkdv_bq = _largest_fitting((64, 32, 16, 8), lambda bq: bq * ld_sum * itemsize + 2 * bq * 4)
     return Tiles(fwd_nsg=4, fwd_bk=fwd_bk, dq_bk=dq_bk, dkdv_nsg=4, dkdv_bq=dkdv_bq)
@@ -319,7 +353,22 @@ class _Launch:
         return -(-self.rows // (8 * self.nsg))
 
 
-def _forward_launch(spec: AttentionSpec, tiles: Tiles) -> _Launch:
+@functools.lru_cache(maxsize=1)
+def gpu_core_count() -> int:
+    """The Apple GPU's core count as MLX reports it, else DEFAULT_GPU_CORES."""
+    try:
+        if not mx.metal.is_available():  # e.g. the emulation on Linux
+            return DEFAULT_GPU_CORES
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+    except Exception:
+        return DEFAULT_GPU_CORES
+    for key, value in info.items():
+        if "core" in key and isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_GPU_CORES
+
+
+def _forward_launch(spec: AttentionSpec, tiles: Tiles, gpu_cores: int = DEFAULT_GPU_CORES) -> _Launch:
     """The plain forward, or for few query rows the decode path: a few rows
     leave most of the GPU idle, so the keys are split over threadgroups
     (flash-decoding) and merged by lse. Decode packs the query heads of a GQA
@@ -334,7 +383,8 @@ def _forward_launch(spec: AttentionSpec, tiles: Tiles) -> _Launch:
     nsg = min(4, max(1, -(-rows // 8)))
     n_tiles = -(-_max_len_k(spec) // tiles.fwd_bk)
     groups = spec.batch * heads * -(-rows // (8 * nsg))
-    splits = min(n_tiles, _DECODE_MAX_SPLITS, max(1, -(-_DECODE_TARGET_GROUPS // groups)))
+    target = _DECODE_GROUPS_PER_CORE * gpu_cores
+    splits = min(n_tiles, _DECODE_MAX_SPLITS, max(1, -(-target // groups)))
     if splits < 2:
         return plain
     per_split = -(-n_tiles // splits)
@@ -350,7 +400,7 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     fparams = _float_params(spec)
     out_shape = [q.shape[0], spec.heads_q, q.shape[2], spec.head_dim_v]
     lse_shape = out_shape[:3]
-    launch = _forward_launch(spec, tiles)
+    launch = _forward_launch(spec, tiles, gpu_core_count())
     decode = launch.splits > 1
     if decode:
         feat |= FEAT_SPLIT | (FEAT_PACK_GQA if launch.pack_gqa else 0)

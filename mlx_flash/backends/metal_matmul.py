@@ -32,11 +32,9 @@ _FORMAT_CODES = {None: 0, "e4m3": 1, "e5m2": 2}
 _PARAM_COUNT = 8
 
 _BODY = """
-    threadgroup float As[TILE * MM_BK];
-    threadgroup float Bs[MM_BK * TILE];
-    threadgroup float Cs[TILE * TILE];
+    threadgroup float smem[mlxf_mm_smem_floats(TILE)];
     matmul2d_tile<T_OUT, A_FMT, B_FMT, TRANSPOSE_B, TILE, TILE>(
-        a, b, a_scale, b_scale, params, out, As, Bs, Cs,
+        a, b, a_scale, b_scale, params, out, smem,
         threadgroup_position_in_grid, simdgroup_index_in_threadgroup, thread_index_in_threadgroup);
 """
 
