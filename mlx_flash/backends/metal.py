@@ -21,6 +21,7 @@ The kernel constructor is a module-level factory (default
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -392,8 +393,23 @@ def _forward_launch(spec: AttentionSpec, tiles: Tiles, gpu_cores: int = DEFAULT_
                    tiles_per_split=per_split, pack_gqa=pack)
 
 
+# Causal forwards use key tiles no wider than the 32-row query block: with
+# 64-key tiles, every second query block's diagonal tile holds 32 keys that
+# lie wholly past its last row, which it would load and multiply for nothing
+# (counted: tools/metal_counts.py, D = 64 causal).
+_CAUSAL_MAX_FWD_BK = 32
+
+
+def forward_tiles(spec: AttentionSpec, itemsize: int) -> Tiles:
+    """The forward's tiles for this call (tile_sizes, narrowed for causal)."""
+    tiles = tile_sizes(spec.head_dim_qk, spec.head_dim_v, itemsize)
+    if spec.causal and tiles.fwd_bk > _CAUSAL_MAX_FWD_BK:
+        tiles = dataclasses.replace(tiles, fwd_bk=_CAUSAL_MAX_FWD_BK)
+    return tiles
+
+
 def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
-    tiles = tile_sizes(spec.head_dim_qk, spec.head_dim_v, q.dtype.size)
+    tiles = forward_tiles(spec, q.dtype.size)
     feat = _features(spec)
     mask, alibi, block_mask, cu_q, cu_k = _common_inputs(inputs)
     sinks = _optional(inputs.sinks, mx.float32)
