@@ -123,9 +123,11 @@ __device__ void attention_bwd_mma(
         }
       }
 
-      // P^T, with the logit rules where the tile needs them. A dropped pair
-      // gets p = -0.0 by selection (exp of -inf minus a NaN lse would be NaN);
-      // that sign marks it dropped for dS and the exact products.
+      // P^T, with the logit rules where the tile needs them. Where the tile may
+      // drop pairs or goes exact, a dropped pair gets p = -0.0 by selection
+      // (exp of -inf minus a NaN lse would be NaN); that sign marks it dropped
+      // for dS and the exact products. (A tile without rules drops a pair only
+      // by a -inf logit, from an infinite k or q, and then goes exact.)
       float cap_grad[F::Softcap ? BM / 8 : 1][4];
 #pragma unroll
       for (int n = 0; n < BM / 8; ++n) {
@@ -143,7 +145,7 @@ __device__ void attention_bwd_mma(
             }
           }
           const float p = exp2f(x * kLog2e - lse_s[ii]);
-          s[n][c] = x == kNegInf ? -0.f : p;
+          s[n][c] = (need_rules || exact) && x == kNegInf ? -0.f : p;
         }
       }
 
@@ -197,7 +199,8 @@ __device__ void attention_bwd_mma(
           if (F::Softcap && need_rules) ds *= cap_grad[F::Softcap ? n : 0][c];
           // Dropped: -0.0, the mark; kept: +0.0 for a zero dS in exact tiles,
           // so the mark stays unambiguous in the exact products.
-          s[n][c] = __float_as_uint(s[n][c]) == kDroppedBits ? -0.f : exact && ds == 0.f ? 0.f : ds;
+          if (need_rules || exact) ds = __float_as_uint(s[n][c]) == kDroppedBits ? -0.f : exact && ds == 0.f ? 0.f : ds;
+          s[n][c] = ds;
         }
       }
 

@@ -179,7 +179,6 @@ __device__ void attention_bwd_wgmma(
     // P^T with the logit rules where the tile needs them, then dS^T; a
     // dropped pair gets p = dS = 0 by selection (its logit is -inf, but the
     // row's lse or dP may be NaN).
-    unsigned drop = 0;  // bit 4n + c: pair (n, c) dropped
 #pragma unroll
     for (int n = 0; n < BQ / 8; ++n) {
 #pragma unroll
@@ -195,13 +194,12 @@ __device__ void attention_bwd_wgmma(
             const float u = capped / softcap;
             cap_grad = 1.f - u * u;
           }
-          drop |= (x == kNegInf ? 1u : 0u) << (4 * n + c);
         }
-        const bool dropped = x == kNegInf;
-        const float p = dropped ? 0.f : exp2f(x * kLog2e - lse_t[ii]);
+        // A dropped pair: p = dS = -0.0, the mark the exact products read back.
+        const bool dropped = (need_rules || exact) && x == kNegInf;
+        const float p = dropped ? -0.f : exp2f(x * kLog2e - lse_t[ii]);
         st[4 * n + c] = p;
-        // Dropped: dS = -0.0, the mark the exact dQ reads back from dS^T in
-        // shared memory; kept: +0.0 for a zero dS in exact tiles.
+        // Kept: +0.0 for a zero dS in exact tiles, so the mark stays unambiguous.
         const float ds = p * (dpt[4 * n + c] - delta_t[ii]) * cap_grad;
         dpt[4 * n + c] = dropped ? -0.f : exact && ds == 0.f ? 0.f : ds;
       }
@@ -231,16 +229,7 @@ __device__ void attention_bwd_wgmma(
     wgmma_pin(dk_acc);
     wgmma_pin(pp);
     wgmma_pin(pd);
-    if (exact) {
-      const unsigned char* q_tile = Qs + stage * QT_BYTES;
-      const unsigned char* do_tile = dOs + stage * QT_BYTES;
-      exact_fragment_product<BQ / 8, D / 8>([&](int kb, int c) { return st[4 * kb + c]; }, drop,
-                                            [&](int n, int c) -> float& { return dv_acc[4 * n + c]; },
-                                            [&](int i, int d) { return swizzled_at<T, BQ>(do_tile, i, d); });
-      exact_fragment_product<BQ / 8, D / 8>([&](int kb, int c) { return dpt[4 * kb + c]; }, drop,
-                                            [&](int n, int c) -> float& { return dk_acc[4 * n + c]; },
-                                            [&](int i, int d) { return swizzled_at<T, BQ>(q_tile, i, d); });
-    } else {
+    if (!exact) {  // (exact tiles: below, once no wgmma is in flight)
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < BQ / 16; ++kk)
@@ -255,26 +244,38 @@ __device__ void attention_bwd_wgmma(
     // dS^T are in place (D = 64: warpgroup 0 forms all 64 dims).
     fence_proxy_async();
     __syncthreads();
-    if (D == 128 || wg == 0) {
-      float dq[BQ / 2];
-      if (exact) {
-        // Dropped pairs (dS = -0.0, the mark) skipped.
+    if (exact && (D == 128 || wg == 0)) {
+      // Exact dQ (dropped pairs, dS = -0.0, skipped) in its own registers:
+      // non-wgmma writes to the wgmma accumulator below would serialise wgmma.
+      float dqx[BQ / 2];
 #pragma unroll
-        for (int r = 0; r < BQ / 2; ++r) dq[r] = 0.f;
+      for (int r = 0; r < BQ / 2; ++r) dqx[r] = 0.f;
 #pragma unroll 1
-        for (int j = 0; j < BKV; ++j) {
+      for (int j = 0; j < BKV; ++j) {
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const float ds = swizzled_at<T, BKV>(dSs, j, warp * 16 + g + 8 * half);
-            if (__float_as_uint(ds) == kDroppedBits) continue;
+        for (int half = 0; half < 2; ++half) {
+          const float ds = swizzled_at<T, BKV>(dSs, j, warp * 16 + g + 8 * half);
+          if (__float_as_uint(ds) == kDroppedBits) continue;
 #pragma unroll
-            for (int n = 0; n < 8; ++n)
+          for (int n = 0; n < 8; ++n)
 #pragma unroll
-              for (int e = 0; e < 2; ++e)
-                dq[4 * n + 2 * half + e] += ds * swizzled_at<T, BKV>(Ks, j, wg * 64 + 8 * n + 2 * t + e);
-          }
+            for (int e = 0; e < 2; ++e)
+              dqx[4 * n + 2 * half + e] += ds * swizzled_at<T, BKV>(Ks, j, wg * 64 + 8 * n + 2 * t + e);
         }
-      } else {
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int i = i0 + warp * 16 + g + 8 * half;
+        if (i >= seq.nq) continue;
+        float* row = dq_acc + (q_base + i) * D + wg * 64 + 2 * t;
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+          atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
+                    make_float2(dqx[4 * n + 2 * half] * scale, dqx[4 * n + 2 * half + 1] * scale));
+      }
+    } else if (D == 128 || wg == 0) {
+      float dq[BQ / 2];
+      {
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BKV / 16; ++kk)
@@ -302,6 +303,21 @@ __device__ void attention_bwd_wgmma(
     wgmma_pin(dk_acc);
     wgmma_pin(pp);
     wgmma_pin(pd);
+    if (exact) {
+      // dV += P^T dO and dK += dS^T Q exactly, from the packed fragments, after
+      // the pipeline drained: writes to the accumulators while a wgmma is in
+      // flight would make ptxas serialise every wgmma of the kernel.
+      const unsigned char* q_tile = Qs + stage * QT_BYTES;
+      const unsigned char* do_tile = dOs + stage * QT_BYTES;
+      exact_fragment_product<BQ / 8, D / 8, true>([&](int kb, int c) { return packed_p<T>(pp, kb, c); }, 0,
+                                                  [&](int n, int c) -> float& { return dv_acc[4 * n + c]; },
+                                                  [&](int i, int d) { return swizzled_at<T, BQ>(do_tile, i, d); });
+      exact_fragment_product<BQ / 8, D / 8, true>([&](int kb, int c) { return packed_p<T>(pd, kb, c); }, 0,
+                                                  [&](int n, int c) -> float& { return dk_acc[4 * n + c]; },
+                                                  [&](int i, int d) { return swizzled_at<T, BQ>(q_tile, i, d); });
+      wgmma_pin(dv_acc);
+      wgmma_pin(dk_acc);
+    }
     stage ^= 1;
     hg = hn;
     i0 = in;

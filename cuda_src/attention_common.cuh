@@ -88,6 +88,20 @@ __device__ __forceinline__ bool chunk_nonfinite(const void* p) {
   return word_nonfinite<T>(w.x) | word_nonfinite<T>(w.y) | word_nonfinite<T>(w.z) | word_nonfinite<T>(w.w);
 }
 
+// The low (hi = 0) or high 16-bit value of a packed pair (mma.cuh's pack2), as float.
+template <typename T> __device__ __forceinline__ float unpack_half(unsigned w, int hi);
+template <> __device__ __forceinline__ float unpack_half<__half>(unsigned w, int hi) {
+  return __half2float(__ushort_as_half((unsigned short)(hi ? w >> 16 : w & 0xffffu)));
+}
+template <> __device__ __forceinline__ float unpack_half<__nv_bfloat16>(unsigned w, int hi) {
+  return __uint_as_float(hi ? w & 0xffff0000u : w << 16);
+}
+// Sign bits of the pair of a packed register: or-ed into a dropped pair's
+// +0 it marks it -0 (exact_fragment_product's Marker mode).
+__device__ __forceinline__ unsigned pair_marks(bool lo, bool hi) {
+  return (lo ? 0x8000u : 0u) | (hi ? 0x80000000u : 0u);
+}
+
 // Row epilogue of the online softmax, kLog2 = true in the log2 domain (the
 // tensor-core kernels) or false in the natural one (SIMT). fold_sink adds the
 // sink logit to (m, sum): a -inf sink adds nothing even to an empty row, a NaN

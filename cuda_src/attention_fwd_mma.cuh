@@ -219,6 +219,14 @@ __device__ void attention_fwd_mma(
       }
       row_sum[half] = row_sum[half] * alpha + sum;
       row_max[half] = new_max;
+      // A dropped pair's p (+0) becomes -0, its mark for exact_fragment_product.
+      if (need_rules) {
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if ((drop >> (4 * n + 2 * half + e)) & 1u) s[n][2 * half + e] = -0.f;
+      }
 #pragma unroll
       for (int n = 0; n < DVP / 8; ++n) {
         o[n][2 * half] *= alpha;
@@ -236,7 +244,7 @@ __device__ void attention_fwd_mma(
     const bool exact = may_drop ? __syncthreads_or(own_tile_nonfinite<T, BN, DV, SV, VEC, NTHREADS>(Vs)) != 0
                                 : (__syncthreads(), false);
     if (exact) {
-      exact_fragment_product<BN / 8, DVP / 8>([&](int kb, int c) { return s[kb][c]; }, drop,
+      exact_fragment_product<BN / 8, DVP / 8, true>([&](int kb, int c) { return s[kb][c]; }, 0,
                                               [&](int n, int c) -> float& { return o[n][c]; },
                                               [&](int j, int d) { return to_float(Vs[j * SV + d]); });
     } else {
@@ -369,9 +377,9 @@ __device__ void attention_fwd_mma2(
     // may_drop: some pair of the tile may be dropped (not softcap / ALiBi alone).
     const bool may_drop = F::MaskKind != 0 || check_blocks || jt + BN > seq.nk || !inside_window;
     const bool need_rules = F::Softcap || F::Alibi || may_drop;
-    unsigned drop[MI] = {};  // bit 4n + c: pair (n, c) of m-tile mi dropped (exact_fragment_product)
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) {
+      unsigned drop = 0;  // bit 4n + c: pair (n, c) dropped
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
@@ -382,7 +390,7 @@ __device__ void attention_fwd_mma2(
             const int j = jt + n * 8 + 2 * t + (c & 1);
             float capped = 0.f;
             x = apply_rules<F, MT, true>(rules, x, i, j, capped, check_blocks);
-            drop[mi] |= (x == kNegInf ? 1u : 0u) << (4 * n + c);
+            drop |= (x == kNegInf ? 1u : 0u) << (4 * n + c);
           }
           s[mi][n][c] = x * kLog2e;
         }
@@ -406,6 +414,14 @@ __device__ void attention_fwd_mma2(
         }
         row_sum[mi][half] = row_sum[mi][half] * alpha + sum;
         row_max[mi][half] = new_max;
+        // A dropped pair's p (+0) becomes -0, its mark for exact_fragment_product.
+        if (need_rules) {
+#pragma unroll
+          for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if ((drop >> (4 * n + 2 * half + e)) & 1u) s[mi][n][2 * half + e] = -0.f;
+        }
 #pragma unroll
         for (int n = 0; n < DVP / 8; ++n) {
           o[mi][n][2 * half] *= alpha;
@@ -425,7 +441,7 @@ __device__ void attention_fwd_mma2(
     if (exact) {
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi)
-        exact_fragment_product<BN / 8, DVP / 8>([&](int kb, int c) { return s[mi][kb][c]; }, drop[mi],
+        exact_fragment_product<BN / 8, DVP / 8, true>([&](int kb, int c) { return s[mi][kb][c]; }, 0,
                                                 [&](int n, int c) -> float& { return o[mi][n][c]; },
                                                 [&](int j, int d) { return to_float(Vs[j * SV + d]); });
     } else {

@@ -113,11 +113,11 @@ template <typename T, typename MT, class F, int D, int BN>
 __device__ __forceinline__ void wg_softmax(float (&s)[BN / 2], float (&o)[D / 2], unsigned (&pa)[BN / 16][4],
                                            float (&row_max)[2], float (&row_sum)[2], const LogitRules<MT>& rules,
                                            const Sequence& seq, float scale, int i0, int i_end, int i_row, int jt,
-                                           int t, unsigned long long& drop) {
+                                           int t) {
   const bool check_blocks = F::BlockMask && (i0 / rules.block_q != (i_end - 1) / rules.block_q ||
                                              jt / rules.block_k != (jt + BN - 1) / rules.block_k);
   const bool need_rules = F::Softcap || F::Alibi || tile_may_drop<F, BN>(rules, seq, i0, i_end, jt);
-  drop = 0;  // bit 4n + c: pair (n, c) dropped (exact_fragment_product)
+  unsigned long long drop = 0;  // bit 4n + c: pair (n, c) dropped
 #pragma unroll
   for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
@@ -165,6 +165,15 @@ __device__ __forceinline__ void wg_softmax(float (&s)[BN / 2], float (&o)[D / 2]
     pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
     pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
   }
+  // A dropped pair's p (+0) becomes -0, its mark for wg_exact_pv; the mma
+  // path multiplies it the same.
+  if (need_rules) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+      for (int w = 0; w < 4; ++w)
+        pa[kk][w] |= pair_marks((drop >> (8 * kk + 2 * w)) & 1u, (drop >> (8 * kk + 2 * w + 1)) & 1u);
+  }
 }
 
 // Barrier 1 over the block's 256 threads; unlike __syncthreads it may be
@@ -179,14 +188,22 @@ __device__ __forceinline__ bool block_barrier_or(bool p) {
   return r != 0;
 }
 
-// O += P V of one tile, exactly (dropped pairs skipped; a tile that drops keys
-// and holds a NaN or inf in V, see attention_common.cuh).
+// Element (kb, c) of a P tile in the accumulator layout (the float s[4kb + c])
+// from its packed A fragments pa (wg_softmax's packing).
+template <typename T, int KK>
+__device__ __forceinline__ float packed_p(const unsigned (&pa)[KK][4], int kb, int c) {
+  return unpack_half<T>(pa[kb / 2][2 * (kb % 2) + c / 2], c % 2);
+}
+
+// O += P V of one tile, exactly (dropped pairs, marked -0 in pa, skipped; a
+// tile that drops keys and holds a NaN or inf in V, see attention_common.cuh).
+// P is read back from its packed fragments, so nothing else stays live.
 template <typename T, int D, int BN>
-__device__ __forceinline__ void wg_exact_pv(float (&o)[D / 2], const float (&s)[BN / 2], unsigned long long drop,
+__device__ __forceinline__ void wg_exact_pv(float (&o)[D / 2], const unsigned (&pa)[BN / 16][4],
                                             const unsigned char* v_tile) {
-  exact_fragment_product<BN / 8, D / 8>([&](int kb, int c) { return s[4 * kb + c]; }, drop,
-                                        [&](int n, int c) -> float& { return o[4 * n + c]; },
-                                        [&](int j, int d) { return swizzled_at<T, BN>(v_tile, j, d); });
+  exact_fragment_product<BN / 8, D / 8, true>([&](int kb, int c) { return packed_p<T>(pa, kb, c); }, 0,
+                                              [&](int n, int c) -> float& { return o[4 * n + c]; },
+                                              [&](int j, int d) { return swizzled_at<T, BN>(v_tile, j, d); });
 }
 
 // STAGES = 2: both warpgroups in step, one barrier per tile, K/V tile j+1
@@ -241,7 +258,6 @@ __device__ void attention_fwd_wgmma(
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
   float s[BN / 2];
   unsigned pa[BN / 16][4];
-  unsigned long long drop;
   // A tile that drops keys and holds a NaN or inf in V (any thread's own chunks).
   auto v_bad = [&](int j0, int stage) {
     return j0 < hi && tile_may_drop<F, BN>(rules, seq, i0, i_end, j0) &&
@@ -275,10 +291,10 @@ __device__ void attention_fwd_wgmma(
       wgmma_wait<0>();
       wgmma_pin(s);
       wgmma_pin(o);
-      wg_softmax<T, MT, F, D, BN>(s, o, pa, row_max, row_sum, rules, seq, scale, i0, i_end, i_row, jt, t, drop);
+      wg_softmax<T, MT, F, D, BN>(s, o, pa, row_max, row_sum, rules, seq, scale, i0, i_end, i_row, jt, t);
       if (wg == 0) tile_barrier(j);
       if (exact) {
-        wg_exact_pv<T, D, BN>(o, s, drop, Vs + stage * KV_BYTES);
+        wg_exact_pv<T, D, BN>(o, pa, Vs + stage * KV_BYTES);
       } else {
         wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + stage * KV_BYTES));
         wgmma_wait<0>();
@@ -305,9 +321,9 @@ __device__ void attention_fwd_wgmma(
       wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + stage * KV_BYTES));
       wgmma_wait<0>();
       wgmma_pin(s);
-      wg_softmax<T, MT, F, D, BN>(s, o, pa, row_max, row_sum, rules, seq, scale, i0, i_end, i_row, jt, t, drop);
+      wg_softmax<T, MT, F, D, BN>(s, o, pa, row_max, row_sum, rules, seq, scale, i0, i_end, i_row, jt, t);
       if (exact) {
-        wg_exact_pv<T, D, BN>(o, s, drop, Vs + stage * KV_BYTES);
+        wg_exact_pv<T, D, BN>(o, pa, Vs + stage * KV_BYTES);
       } else {
         wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + stage * KV_BYTES));
         wgmma_wait<0>();

@@ -176,15 +176,17 @@ def test_nonfinite_inputs(case, dtype):
     assert np.isfinite(want["out"]).any()
 
 
-@pytest.mark.parametrize("dtype", [F16, F32], ids=["mma_f16", "simt_f32"])
+@pytest.mark.parametrize("kind", [(F16, 64), (F16, 160), (F32, 64)], ids=["mma2_f16", "mma_f16_D160", "simt_f32"])
 @pytest.mark.parametrize("case", PREFILL_CASES)
-def test_nonfinite_forward_backward(case, dtype):
-    """attention_fwd_mma2 + attention_bwd_mma (fp16) and attention_fwd_simt +
-    attention_bwd_simt (float32) follow the non-finite contract, gradients too."""
+def test_nonfinite_forward_backward(case, kind):
+    """attention_fwd_mma2 + attention_bwd_mma (fp16, D 64), attention_fwd_mma +
+    attention_bwd_simt (fp16, D 160) and attention_fwd_simt + attention_bwd_simt
+    (float32) follow the non-finite contract, gradients too."""
     from mlx_flash._spec import validate_attention
     from mlx_flash.backends import cuda as cuda_backend
 
-    q, k, v, do, options = prefill_case(case, dtype)
+    dtype, D = kind
+    q, k, v, do, options = prefill_case(case, dtype, D=D)
     spec, inputs = validate_attention(q, k, v, **options)
     with harness.patched_cuda_kernel():
         out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.cpu)
