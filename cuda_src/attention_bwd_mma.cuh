@@ -62,6 +62,8 @@ __device__ void attention_bwd_mma(
   int qlo, qhi;
   rules.query_range(j0, j_end - 1, qlo, qhi);
   const int shift = seq.nk - seq.nq;
+  bool k_bad = false;  // this thread's K chunks hold a NaN or inf (checked once they landed)
+  bool k_checked = false;
 
   for (int hg = 0; hg < G; ++hg) {
     const int h = hk * G + hg;
@@ -74,14 +76,35 @@ __device__ void attention_bwd_mma(
       load_tile<T, BM, D, SQ, VEC, NTHREADS>(Qs, q + (q_base + i0) * D, i_end - i0);
       load_tile<T, BM, DV, SV, VEC, NTHREADS>(dOs, dout + (q_base + i0) * DV, i_end - i0);
       cp_async_commit();
+      bool lse_bad = false;  // a row's lse is NaN or -inf (see `exact` below)
       for (int r = threadIdx.x; r < BM; r += NTHREADS) {
         const float l = i0 + r < seq.nq ? lse[q_base + i0 + r] : kNegInf;
+        lse_bad = lse_bad || (i0 + r < seq.nq && !(l > kNegInf && l < __int_as_float(0x7f800000)));
         // +inf makes P = 0 for rows past the end and for fully masked rows.
         lse_s[r] = l == kNegInf ? __int_as_float(0x7f800000) : l * kLog2e;
         delta_s[r] = i0 + r < seq.nq ? delta[q_base + i0 + r] : 0.f;
       }
       cp_async_wait<0>();
-      __syncthreads();
+      const bool inside_window =
+          (rules.left < 0 || j0 >= i_end - 1 + shift - rules.left) &&
+          (rules.right < 0 || j0 + BN - 1 <= i0 + shift + rules.right);
+      // may_drop: some pair of the tile may be dropped (not softcap / ALiBi alone).
+      const bool may_drop = F::MaskKind != 0 || F::BlockMask || j0 + BN > seq.nk || !inside_window;
+      const bool need_rules = F::ElementRules || may_drop;
+      if (!k_checked) {
+        k_bad = own_tile_nonfinite<T, BN, D, SQ, VEC, NTHREADS>(Ks);
+        k_checked = true;
+      }
+      // A tile that drops pairs and holds a NaN or inf in K, Q or dO forms its
+      // dV, dK and dQ products exactly (rare): a dropped pair's zero p or dS
+      // must not meet those values. V only enters dP, whose dropped entries
+      // are discarded by selection. A tile without rules drops a pair only by
+      // a -inf logit, from an infinite k (k_bad) or q; a row with an infinite
+      // q has a NaN or -inf lse, so the rows' lse stand in for scanning Q.
+      const bool exact = __syncthreads_or(
+          k_bad || (may_drop ? own_tile_nonfinite<T, BM, D, SQ, VEC, NTHREADS>(Qs) ||
+                                   own_tile_nonfinite<T, BM, DV, SV, VEC, NTHREADS>(dOs)
+                             : lse_bad)) != 0;
 
       // S^T = K_w Q^T: 16 keys x BM queries per warp.
       float s[BM / 8][4];
@@ -100,11 +123,11 @@ __device__ void attention_bwd_mma(
         }
       }
 
-      // P^T, with the logit rules where the tile needs them.
-      const bool inside_window =
-          (rules.left < 0 || j0 >= i_end - 1 + shift - rules.left) &&
-          (rules.right < 0 || j0 + BN - 1 <= i0 + shift + rules.right);
-      const bool need_rules = F::ElementRules || j0 + BN > seq.nk || !inside_window;
+      // P^T, with the logit rules where the tile needs them. Where the tile may
+      // drop pairs or goes exact, a dropped pair gets p = -0.0 by selection
+      // (exp of -inf minus a NaN lse would be NaN); that sign marks it dropped
+      // for dS and the exact products. (A tile without rules drops a pair only
+      // by a -inf logit, from an infinite k or q, and then goes exact.)
       float cap_grad[F::Softcap ? BM / 8 : 1][4];
 #pragma unroll
       for (int n = 0; n < BM / 8; ++n) {
@@ -121,24 +144,31 @@ __device__ void attention_bwd_mma(
               cap_grad[F::Softcap ? n : 0][c] = 1.f - u * u;
             }
           }
-          s[n][c] = exp2f(x * kLog2e - lse_s[ii]);
+          const float p = exp2f(x * kLog2e - lse_s[ii]);
+          s[n][c] = (need_rules || exact) && x == kNegInf ? -0.f : p;
         }
       }
 
       // dV += P^T dO.
+      if (exact)
+        exact_fragment_product<BM / 8, DVP / 8, true>([&](int kb, int c) { return s[kb][c]; }, 0,
+                                                [&](int n, int c) -> float& { return dv_acc[n][c]; },
+                                                [&](int i, int d) { return to_float(dOs[i * SV + d]); });
+      if (!exact) {
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        unsigned pa[4];
-        pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-        pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-        pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        for (int kk = 0; kk < BM / 16; ++kk) {
+          unsigned pa[4];
+          pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+          pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+          pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+          pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-        for (int dp = 0; dp < DVP / 16; ++dp) {
-          unsigned ob[4];
-          ldmatrix_x4_trans(ob, dOs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SV + dp * 16 + (lane / 16) * 8);
-          mma16816<T>(dv_acc[2 * dp], pa, ob[0], ob[1]);
-          mma16816<T>(dv_acc[2 * dp + 1], pa, ob[2], ob[3]);
+          for (int dp = 0; dp < DVP / 16; ++dp) {
+            unsigned ob[4];
+            ldmatrix_x4_trans(ob, dOs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SV + dp * 16 + (lane / 16) * 8);
+            mma16816<T>(dv_acc[2 * dp], pa, ob[0], ob[1]);
+            mma16816<T>(dv_acc[2 * dp + 1], pa, ob[2], ob[3]);
+          }
         }
       }
 
@@ -167,11 +197,18 @@ __device__ void attention_bwd_mma(
           const int ii = n * 8 + 2 * t + (c & 1);
           float ds = s[n][c] * (dpt[n][c] - delta_s[ii]);
           if (F::Softcap && need_rules) ds *= cap_grad[F::Softcap ? n : 0][c];
+          // Dropped: -0.0, the mark; kept: +0.0 for a zero dS in exact tiles,
+          // so the mark stays unambiguous in the exact products.
+          if (need_rules || exact) ds = __float_as_uint(s[n][c]) == kDroppedBits ? -0.f : exact && ds == 0.f ? 0.f : ds;
           s[n][c] = ds;
         }
       }
 
       // dK += dS^T Q; dS^T also to shared memory for dQ.
+      if (exact)
+        exact_fragment_product<BM / 8, DP / 8, true>([&](int kb, int c) { return s[kb][c]; }, 0,
+                                               [&](int n, int c) -> float& { return dk_acc[n][c]; },
+                                               [&](int i, int d) { return to_float(Qs[i * SQ + d]); });
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
         unsigned da[4];
@@ -184,12 +221,14 @@ __device__ void attention_bwd_mma(
         *reinterpret_cast<unsigned*>(row0 + 8 * SS) = da[1];
         *reinterpret_cast<unsigned*>(row0 + 8) = da[2];
         *reinterpret_cast<unsigned*>(row0 + 8 * SS + 8) = da[3];
+        if (!exact) {
 #pragma unroll
-        for (int dp = 0; dp < DP / 16; ++dp) {
-          unsigned qb[4];
-          ldmatrix_x4_trans(qb, Qs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SQ + dp * 16 + (lane / 16) * 8);
-          mma16816<T>(dk_acc[2 * dp], da, qb[0], qb[1]);
-          mma16816<T>(dk_acc[2 * dp + 1], da, qb[2], qb[3]);
+          for (int dp = 0; dp < DP / 16; ++dp) {
+            unsigned qb[4];
+            ldmatrix_x4_trans(qb, Qs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SQ + dp * 16 + (lane / 16) * 8);
+            mma16816<T>(dk_acc[2 * dp], da, qb[0], qb[1]);
+            mma16816<T>(dk_acc[2 * dp + 1], da, qb[2], qb[3]);
+          }
         }
       }
       __syncthreads();  // dS^T complete
@@ -199,13 +238,31 @@ __device__ void attention_bwd_mma(
 #pragma unroll 1
       for (int dp = 0; dp < DP / 16; ++dp) {
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        if (exact) {
+          // Dropped pairs (dS = -0.0, the mark) skipped.
+#pragma unroll 1
+          for (int j = 0; j < BN; ++j) {
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-          unsigned da[4], kb[4];
-          ldmatrix_x4_trans(da, dSs + (kk * 16 + (lane / 16) * 8 + lane % 8) * SS + warp * 16 + ((lane / 8) % 2) * 8);
-          ldmatrix_x4_trans(kb, Ks + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SQ + dp * 16 + (lane / 16) * 8);
-          mma16816<T>(acc[0], da, kb[0], kb[1]);
-          mma16816<T>(acc[1], da, kb[2], kb[3]);
+            for (int half = 0; half < 2; ++half) {
+              const float ds = to_float(dSs[j * SS + warp * 16 + g + 8 * half]);
+              if (__float_as_uint(ds) == kDroppedBits) continue;
+#pragma unroll
+              for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                  acc[n][2 * half + e] += ds * to_float(Ks[j * SQ + dp * 16 + n * 8 + 2 * t + e]);
+            }
+          }
+        }
+        if (!exact) {
+#pragma unroll
+          for (int kk = 0; kk < BN / 16; ++kk) {
+            unsigned da[4], kb[4];
+            ldmatrix_x4_trans(da, dSs + (kk * 16 + (lane / 16) * 8 + lane % 8) * SS + warp * 16 + ((lane / 8) % 2) * 8);
+            ldmatrix_x4_trans(kb, Ks + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SQ + dp * 16 + (lane / 16) * 8);
+            mma16816<T>(acc[0], da, kb[0], kb[1]);
+            mma16816<T>(acc[1], da, kb[2], kb[3]);
+          }
         }
 #pragma unroll
         for (int n = 0; n < 2; ++n) {

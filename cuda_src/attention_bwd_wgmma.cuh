@@ -107,11 +107,39 @@ __device__ void attention_bwd_wgmma(
   cp_async_commit();
   int stage = 0;
   const unsigned k_addr = smem_addr(Ks), v_addr = smem_addr(Vs), ds_addr = smem_addr(dSs);
+  bool k_bad = false;  // this thread's K chunks hold a NaN or inf (checked once they landed)
+  bool k_checked = false;
 
   while (hg < G) {
     cp_async_wait<0>();
     fence_proxy_async();
-    __syncthreads();  // this tile visible; the previous tile's buffers and dS^T are free
+    const int i_end = min(seq.nq, i0 + BQ);
+    const bool inside_window =
+        (rules.left < 0 || j0 >= i_end - 1 + shift - rules.left) &&
+        (rules.right < 0 || j0 + BKV - 1 <= i0 + shift + rules.right);
+    // may_drop: some pair of the tile may be dropped (not softcap / ALiBi alone).
+    const bool may_drop = F::MaskKind != 0 || F::BlockMask || j0 + BKV > seq.nk || !inside_window;
+    const bool need_rules = F::ElementRules || may_drop;
+    if (!k_checked) {
+      k_bad = own_swizzled_nonfinite<T, BKV, D, NTHREADS>(Ks);
+      k_checked = true;
+    }
+    // This tile visible; the previous tile's buffers and dS^T are free. A tile
+    // that drops pairs and holds a NaN or inf in K, Q or dO forms dV, dK and
+    // dQ exactly (rare): a dropped pair's zero p or dS must not meet those
+    // values. V only enters dP, whose dropped entries are discarded by selection.
+    // A tile without rules drops a pair only by a -inf logit, from an
+    // infinite k (k_bad) or q; a row with an infinite q has a NaN or -inf lse,
+    // so the rows' lse stand in for scanning Q there.
+    bool lse_bad = false;
+    if (!may_drop && threadIdx.x < BQ && i0 + (int)threadIdx.x < seq.nq) {
+      const float l = lse[(long)(seq.tensor_batch * Hq + hk * G + hg) * NqTot + seq.q_start + i0 + threadIdx.x];
+      lse_bad = !(l > kNegInf && l < __int_as_float(0x7f800000));
+    }
+    const bool exact = __syncthreads_or(
+        k_bad || (may_drop ? own_swizzled_nonfinite<T, BQ, D, NTHREADS>(Qs + stage * QT_BYTES) ||
+                                 own_swizzled_nonfinite<T, BQ, D, NTHREADS>(dOs + stage * QT_BYTES)
+                           : lse_bad)) != 0;
     int hn = hg, in = i0;
     advance(hn, in);
     if (hn < G) load_tile_q(hn, in, stage ^ 1);
@@ -120,7 +148,6 @@ __device__ void attention_bwd_wgmma(
     const int h = hk * G + hg;
     rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask);
     const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
-    const int i_end = min(seq.nq, i0 + BQ);
     const unsigned q_addr = smem_addr(Qs + stage * QT_BYTES), do_addr = smem_addr(dOs + stage * QT_BYTES);
     const float* lse_t = lse_s + stage * BQ;
     const float* delta_t = delta_s + stage * BQ;
@@ -149,11 +176,9 @@ __device__ void attention_bwd_wgmma(
     wgmma_pin(st);
     wgmma_pin(dpt);
 
-    // P^T with the logit rules where the tile needs them, then dS^T.
-    const bool inside_window =
-        (rules.left < 0 || j0 >= i_end - 1 + shift - rules.left) &&
-        (rules.right < 0 || j0 + BKV - 1 <= i0 + shift + rules.right);
-    const bool need_rules = F::ElementRules || j0 + BKV > seq.nk || !inside_window;
+    // P^T with the logit rules where the tile needs them, then dS^T; a
+    // dropped pair gets p = dS = 0 by selection (its logit is -inf, but the
+    // row's lse or dP may be NaN).
 #pragma unroll
     for (int n = 0; n < BQ / 8; ++n) {
 #pragma unroll
@@ -170,9 +195,13 @@ __device__ void attention_bwd_wgmma(
             cap_grad = 1.f - u * u;
           }
         }
-        const float p = exp2f(x * kLog2e - lse_t[ii]);
+        // A dropped pair: p = dS = -0.0, the mark the exact products read back.
+        const bool dropped = (need_rules || exact) && x == kNegInf;
+        const float p = dropped ? -0.f : exp2f(x * kLog2e - lse_t[ii]);
         st[4 * n + c] = p;
-        dpt[4 * n + c] = p * (dpt[4 * n + c] - delta_t[ii]) * cap_grad;
+        // Kept: +0.0 for a zero dS in exact tiles, so the mark stays unambiguous.
+        const float ds = p * (dpt[4 * n + c] - delta_t[ii]) * cap_grad;
+        dpt[4 * n + c] = dropped ? -0.f : exact && ds == 0.f ? 0.f : ds;
       }
     }
     // A fragments of P^T and dS^T; dS^T also into shared memory ([key][query],
@@ -200,29 +229,62 @@ __device__ void attention_bwd_wgmma(
     wgmma_pin(dk_acc);
     wgmma_pin(pp);
     wgmma_pin(pd);
-    wgmma_fence();
+    if (!exact) {  // (exact tiles: below, once no wgmma is in flight)
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk)
-      Wgmma<T, D>::template rs<1>(dv_acc, pp[kk], wgmma_desc(do_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+      for (int kk = 0; kk < BQ / 16; ++kk)
+        Wgmma<T, D>::template rs<1>(dv_acc, pp[kk], wgmma_desc(do_addr + kk * 16 * 128, BQ * 128, 1024), 1);
 #pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk)
-      Wgmma<T, D>::template rs<1>(dk_acc, pd[kk], wgmma_desc(q_addr + kk * 16 * 128, BQ * 128, 1024), 1);
-    wgmma_commit();
+      for (int kk = 0; kk < BQ / 16; ++kk)
+        Wgmma<T, D>::template rs<1>(dk_acc, pd[kk], wgmma_desc(q_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+      wgmma_commit();
+    }
 
     // dQ[:, 64w..64w+63] = dS K over the block's 128 keys, once both halves of
     // dS^T are in place (D = 64: warpgroup 0 forms all 64 dims).
     fence_proxy_async();
     __syncthreads();
-    if (D == 128 || wg == 0) {
-      float dq[BQ / 2];
-      wgmma_fence();
+    if (exact && (D == 128 || wg == 0)) {
+      // Exact dQ (dropped pairs, dS = -0.0, skipped) in its own registers:
+      // non-wgmma writes to the wgmma accumulator below would serialise wgmma.
+      float dqx[BQ / 2];
 #pragma unroll
-      for (int kk = 0; kk < BKV / 16; ++kk)
-        Wgmma<T, 64>::template ss<1, 1>(dq, wgmma_desc(ds_addr + kk * 16 * 128, BKV * 128, 1024),
-                                        wgmma_desc(k_addr + wg * (BKV * 128) + kk * 16 * 128, BKV * 128, 1024),
-                                        kk > 0);
-      wgmma_commit();
-      wgmma_wait<0>();
+      for (int r = 0; r < BQ / 2; ++r) dqx[r] = 0.f;
+#pragma unroll 1
+      for (int j = 0; j < BKV; ++j) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float ds = swizzled_at<T, BKV>(dSs, j, warp * 16 + g + 8 * half);
+          if (__float_as_uint(ds) == kDroppedBits) continue;
+#pragma unroll
+          for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              dqx[4 * n + 2 * half + e] += ds * swizzled_at<T, BKV>(Ks, j, wg * 64 + 8 * n + 2 * t + e);
+        }
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int i = i0 + warp * 16 + g + 8 * half;
+        if (i >= seq.nq) continue;
+        float* row = dq_acc + (q_base + i) * D + wg * 64 + 2 * t;
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+          atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
+                    make_float2(dqx[4 * n + 2 * half] * scale, dqx[4 * n + 2 * half + 1] * scale));
+      }
+    } else if (D == 128 || wg == 0) {
+      float dq[BQ / 2];
+      {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BKV / 16; ++kk)
+          Wgmma<T, 64>::template ss<1, 1>(dq, wgmma_desc(ds_addr + kk * 16 * 128, BKV * 128, 1024),
+                                          wgmma_desc(k_addr + wg * (BKV * 128) + kk * 16 * 128, BKV * 128, 1024),
+                                          kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+      }
       wgmma_pin(dq);
       // Rows warp * 16 + g (+ 8) of this tile, dims 64w + 8n + 2t (+1).
 #pragma unroll
@@ -241,6 +303,21 @@ __device__ void attention_bwd_wgmma(
     wgmma_pin(dk_acc);
     wgmma_pin(pp);
     wgmma_pin(pd);
+    if (exact) {
+      // dV += P^T dO and dK += dS^T Q exactly, from the packed fragments, after
+      // the pipeline drained: writes to the accumulators while a wgmma is in
+      // flight would make ptxas serialise every wgmma of the kernel.
+      const unsigned char* q_tile = Qs + stage * QT_BYTES;
+      const unsigned char* do_tile = dOs + stage * QT_BYTES;
+      exact_fragment_product<BQ / 8, D / 8, true>([&](int kb, int c) { return packed_p<T>(pp, kb, c); }, 0,
+                                                  [&](int n, int c) -> float& { return dv_acc[4 * n + c]; },
+                                                  [&](int i, int d) { return swizzled_at<T, BQ>(do_tile, i, d); });
+      exact_fragment_product<BQ / 8, D / 8, true>([&](int kb, int c) { return packed_p<T>(pd, kb, c); }, 0,
+                                                  [&](int n, int c) -> float& { return dk_acc[4 * n + c]; },
+                                                  [&](int i, int d) { return swizzled_at<T, BQ>(q_tile, i, d); });
+      wgmma_pin(dv_acc);
+      wgmma_pin(dk_acc);
+    }
     stage ^= 1;
     hg = hn;
     i0 = in;

@@ -50,6 +50,121 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// ---------------------------------------------------------------------------
+// The non-finite contract (ARCHITECTURE.md, issue 13). Kept logits follow IEEE,
+// so a NaN or +inf one makes its row's running sum NaN, and the epilogues below
+// turn that into a NaN row (out and lse) instead of the "empty row" result. A
+// dropped key (structurally, or by a -inf logit) must add nothing, which its
+// zero probability does not guarantee: 0 * NaN = NaN. Tiles with no dropped
+// pair run as before; a tile that drops keys checks the operands it multiplies
+// by those zeros (each thread its own cp.async chunks, ORed at the barrier the
+// tile already has) and, where one holds a NaN or inf, forms that product
+// exactly, skipping the dropped pairs (exact_fragment_product). That is rare;
+// full tiles pay nothing.
+
+__device__ __forceinline__ bool is_nonfinite(float x) {
+  return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u;
+}
+// Exponent bits of the 16-bit formats: all set = NaN or inf.
+template <typename T> struct ExpBits;
+template <> struct ExpBits<__half> { static constexpr unsigned mask = 0x7c00u; };
+template <> struct ExpBits<__nv_bfloat16> { static constexpr unsigned mask = 0x7f80u; };
+template <> struct ExpBits<float> { static constexpr unsigned mask = 0x7f800000u; };
+
+// A 32-bit word of one float or two 16-bit values holds a NaN or inf.
+template <typename T>
+__device__ __forceinline__ bool word_nonfinite(unsigned w) {
+  constexpr unsigned E = ExpBits<T>::mask;
+  if constexpr (sizeof(T) == 4) {
+    return (w & E) == E;
+  } else {
+    return (w & E) == E || (w & (E << 16)) == (E << 16);
+  }
+}
+// One 16-byte chunk (a cp.async copy) holds a NaN or inf.
+template <typename T>
+__device__ __forceinline__ bool chunk_nonfinite(const void* p) {
+  const uint4 w = *reinterpret_cast<const uint4*>(p);
+  return word_nonfinite<T>(w.x) | word_nonfinite<T>(w.y) | word_nonfinite<T>(w.z) | word_nonfinite<T>(w.w);
+}
+
+// The low (hi = 0) or high 16-bit value of a packed pair (mma.cuh's pack2), as float.
+template <typename T> __device__ __forceinline__ float unpack_half(unsigned w, int hi);
+template <> __device__ __forceinline__ float unpack_half<__half>(unsigned w, int hi) {
+  return __half2float(__ushort_as_half((unsigned short)(hi ? w >> 16 : w & 0xffffu)));
+}
+template <> __device__ __forceinline__ float unpack_half<__nv_bfloat16>(unsigned w, int hi) {
+  return __uint_as_float(hi ? w & 0xffff0000u : w << 16);
+}
+// Sign bits of the pair of a packed register: or-ed into a dropped pair's
+// +0 it marks it -0 (exact_fragment_product's Marker mode).
+__device__ __forceinline__ unsigned pair_marks(bool lo, bool hi) {
+  return (lo ? 0x8000u : 0u) | (hi ? 0x80000000u : 0u);
+}
+
+// Row epilogue of the online softmax, kLog2 = true in the log2 domain (the
+// tensor-core kernels) or false in the natural one (SIMT). fold_sink adds the
+// sink logit to (m, sum): a -inf sink adds nothing even to an empty row, a NaN
+// or +inf one makes the sum NaN. `alpha` rescales the accumulated output.
+template <bool kLog2>
+__device__ __forceinline__ void fold_sink(float sink, float& m, float& sum, float& alpha) {
+  const float m2 = fmaxf(m, sink);
+  const float base = m2 == kNegInf ? 0.f : m2;
+  alpha = kLog2 ? exp2f(m - base) : expf(m - base);
+  sum = sum * alpha + (kLog2 ? exp2f(sink - base) : expf(sink - base));
+  m = m2;
+}
+// sum == 0 exactly when no key was kept (the largest kept logit adds 1): out 0,
+// lse -inf. A NaN sum (a kept NaN or +inf logit) gives NaN in both.
+__device__ __forceinline__ float row_out_factor(float sum, float alpha) {
+  return sum == 0.f ? 0.f : alpha / sum;
+}
+template <bool kLog2>
+__device__ __forceinline__ float row_lse(float m, float sum) {
+  return sum == 0.f ? kNegInf : kLog2 ? (m + log2f(sum)) * kLn2 : m + logf(sum);
+}
+
+// acc += P B over one tile, exactly: the products of dropped pairs are skipped
+// instead of multiplied by zero. Fragments in the m16n8 accumulator layout
+// (mma.cuh): this thread's rows g and g + 8, accumulator columns 8n + 2t + e
+// as acc(n, e) and acc(n, 2 + e); P's inner index j = 8kb + 2t' + e is held by
+// lane 4g + t' as p(kb, e) (row g) and p(kb, 2 + e) (row g + 8), with bit
+// 4kb + c of that lane's `drop` set when the pair is dropped. b(j, col) reads
+// the other operand. KB = inner indices / 8, NB = accumulator columns / 8.
+// Marker = true: no drop bits; a dropped pair's P is -0.0 exactly (kDroppedBits),
+// a value a kept pair's P (>= +0 or NaN) never takes.
+constexpr unsigned kDroppedBits = 0x80000000u;
+template <int KB, int NB, bool Marker = false, class PAt, class AccAt, class BAt>
+__device__ __forceinline__ void exact_fragment_product(PAt p_at, unsigned long long drop, AccAt acc_at, BAt b_at) {
+  const int lane = threadIdx.x % 32, t = lane % 4;
+#pragma unroll
+  for (int kb = 0; kb < KB; ++kb) {
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const float p0 = p_at(kb, e2), p1 = p_at(kb, 2 + e2);
+      const unsigned bits = Marker ? 0u : (unsigned)(drop >> (4 * kb)) & 0xFu;
+#pragma unroll 1
+      for (int tt = 0; tt < 4; ++tt) {
+        const int src = (lane & ~3) | tt;
+        const float q0 = __shfl_sync(0xffffffffu, p0, src), q1 = __shfl_sync(0xffffffffu, p1, src);
+        const unsigned bt = Marker ? 0u : __shfl_sync(0xffffffffu, bits, src);
+        const bool keep0 = Marker ? __float_as_uint(q0) != kDroppedBits : !((bt >> e2) & 1u);
+        const bool keep1 = Marker ? __float_as_uint(q1) != kDroppedBits : !((bt >> (2 + e2)) & 1u);
+        const int j = kb * 8 + 2 * tt + e2;
+#pragma unroll
+        for (int n = 0; n < NB; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float bv = b_at(j, n * 8 + 2 * t + e);
+            if (keep0) acc_at(n, e) += q0 * bv;
+            if (keep1) acc_at(n, 2 + e) += q1 * bv;
+          }
+        }
+      }
+    }
+  }
+}
+
 // Compile-time feature set of one kernel instance.
 template <bool Softcap_, bool Alibi_, int MaskKind_, bool Window_, bool BlockMask_, bool Sinks_, bool Varlen_>
 struct Features {

@@ -57,6 +57,19 @@ __device__ __forceinline__ void decode_load_rows(T* dst, const T* src, int valid
   }
 }
 
+// The chunks decode_load_rows gave this lane hold a NaN or inf (checked once they landed).
+template <typename T, int ROWS, int DIM, int STRIDE>
+__device__ __forceinline__ bool decode_own_rows_nonfinite(const T* dst, int lane) {
+  constexpr int CH = decode_pad16(DIM) / 8, TOTAL = ROWS * CH;
+  bool bad = false;
+#pragma unroll 1
+  for (int c0 = 0; c0 < TOTAL; c0 += 32) {
+    const int c = c0 + lane, row = c / CH, col = (c % CH) * 8;
+    if (TOTAL % 32 == 0 || c < TOTAL) bad = bad || chunk_nonfinite<T>(dst + row * STRIDE + col);
+  }
+  return bad;
+}
+
 template <typename T, typename MT, class F, int D, int DV, int NW, int BN, int STAGES, bool SPLIT>
 __device__ void attention_fwd_decode(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
@@ -183,6 +196,10 @@ __device__ void attention_fwd_decode(
     const bool inside_window = (rules_a.left < 0 || j0 >= i_last + shift - rules_a.left) &&
                                (rules_a.right < 0 || j0 + BN - 1 <= i_first + shift + rules_a.right);
     const bool need_rules = F::ElementRules || j0 + BN > k_hi || !inside_window;
+    // Bit 4nb + c: pair (nb, c) dropped (exact_fragment_product); formed for
+    // every tile, since decode has ALU time to spare: a -inf logit from an
+    // infinite q or k drops its key in a tile without rules too.
+    unsigned drop = 0;
 #pragma unroll
     for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
@@ -195,9 +212,13 @@ __device__ void attention_fwd_decode(
               : c < 2 ? apply_rules<F>(rules_a, x, ra / G, j, capped)
                       : apply_rules<F>(rules_b, x, rb / G, j, capped);
         }
+        drop |= (x == kNegInf ? 1u : 0u) << (4 * nb + c);
         s[nb][c] = x * kLog2e;
       }
     }
+    // A tile that drops keys and holds a NaN or inf in V: P V exactly (rare).
+    const bool exact = __any_sync(0xffffffffu, drop != 0u) &&
+                       __any_sync(0xffffffffu, decode_own_rows_nonfinite<T, BN, DV, SV>(Vs, lane));
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       float mx = kNegInf;
@@ -224,6 +245,12 @@ __device__ void attention_fwd_decode(
       }
     }
 
+    if (exact) {
+      exact_fragment_product<BN / 8, DVP / 8>([&](int kb, int c) { return s[kb][c]; }, drop,
+                                              [&](int n, int c) -> float& { return o[n][c]; },
+                                              [&](int j, int d) { return to_float(Vs[j * SV + d]); });
+      continue;
+    }
     // O += P V, P re-used from the S accumulators as A fragments.
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
@@ -270,36 +297,31 @@ __device__ void attention_fwd_decode(
   const long total_rows = (long)(F::Varlen ? 1 : ip[kBatch]) * Hq * NqTot;
   for (int e = threadIdx.x; e < (r_end - r0) * DV; e += NT) {
     const int row = e / DV, d = e % DV;
+    // A warp whose row max is -inf kept nothing (sum 0) or only NaN logits
+    // (sum NaN): weight 0 keeps the former out and carries the latter's NaN.
     float m = kNegInf;
 #pragma unroll
     for (int w = 0; w < NW; ++w) m = fmaxf(m, m_w[w * BM + row]);
+    const float base = m == kNegInf ? 0.f : m;
     float sum = 0.f, acc = 0.f;
-    if (m != kNegInf) {
 #pragma unroll
-      for (int w = 0; w < NW; ++w) {
-        const float f = exp2f(m_w[w * BM + row] - m);
-        sum += l_w[w * BM + row] * f;
-        acc += o_w[(w * BM + row) * OS + d] * f;
-      }
+    for (int w = 0; w < NW; ++w) {
+      const float f = exp2f(m_w[w * BM + row] - base);
+      sum += l_w[w * BM + row] * f;
+      acc += o_w[(w * BM + row) * OS + d] * f;
     }
     const int r = r0 + row;
     const long qr = q_row(r);
     if (!SPLIT) {
       float alpha = 1.f;
-      if (F::Sinks) {
-        const float sink = sinks[hk * G + r % G] * kLog2e;
-        const float m2 = fmaxf(m, sink);
-        alpha = exp2f(m - m2);
-        sum = sum * alpha + exp2f(sink - m2);
-        m = m2;
-      }
-      out[qr * DV + d] = from_float<T>(sum > 0.f ? acc * (alpha / sum) : 0.f);
-      if (d == 0) lse[qr] = sum > 0.f ? (m + log2f(sum)) * kLn2 : kNegInf;
+      if (F::Sinks) fold_sink<true>(sinks[hk * G + r % G] * kLog2e, m, sum, alpha);
+      out[qr * DV + d] = from_float<T>(sum == 0.f ? 0.f : acc * row_out_factor(sum, alpha));
+      if (d == 0) lse[qr] = row_lse<true>(m, sum);
     } else {
       // This split's normalised partial row and its lse; attention_combine merges the splits.
       const long prow = blockIdx.y * total_rows + qr;
-      part_o[prow * DV + d] = sum > 0.f ? acc / sum : 0.f;
-      if (d == 0) part_lse[prow] = sum > 0.f ? (m + log2f(sum)) * kLn2 : kNegInf;
+      part_o[prow * DV + d] = sum == 0.f ? 0.f : acc * row_out_factor(sum, 1.f);
+      if (d == 0) part_lse[prow] = row_lse<true>(m, sum);
     }
   }
 }

@@ -39,6 +39,54 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int valid_rows) 
   }
 }
 
+// The elements load_tile gave this thread (its cp.async chunks, or its plain
+// stores) hold a NaN or inf; valid once its copies have landed.
+template <typename T, int ROWS, int DIM, int STRIDE, bool VEC, int NTHREADS>
+__device__ __forceinline__ bool own_tile_nonfinite(const T* dst) {
+  constexpr int DIMP = round16(DIM);
+  bool bad = false;
+  // Not unrolled: this runs on few tiles, and must not hold registers the MMAs need.
+  if (VEC) {
+    constexpr int CHUNKS = DIMP / 8;
+#pragma unroll 1
+    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NTHREADS)
+      bad = bad || chunk_nonfinite<T>(dst + (c / CHUNKS) * STRIDE + (c % CHUNKS) * 8);
+  } else {
+#pragma unroll 1
+    for (int e = threadIdx.x; e < ROWS * DIMP; e += NTHREADS)
+      bad = bad || is_nonfinite(to_float(dst[(e / DIMP) * STRIDE + e % DIMP]));
+  }
+  return bad;
+}
+
+// Row epilogue of the tensor-core forwards: quad-sum the row sum, fold the
+// sink, write the row (0 if nothing was kept, NaN if a kept logit was NaN or
+// +inf) and its lse. o(n, e) is this thread's accumulator of columns 8n + 2t + e.
+template <typename T, class F, int DV, class OAt>
+__device__ __forceinline__ void mma_fwd_write_row(float sum, float m, const float* sinks, int h, T* orow,
+                                                  float* lse_out, int t, OAt o_at) {
+  constexpr int DVP = round16(DV);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  float alpha = 1.f;
+  if (F::Sinks) fold_sink<true>(sinks[h] * kLog2e, m, sum, alpha);
+  if (orow == nullptr) return;
+  const float inv = row_out_factor(sum, alpha);
+  const bool empty = sum == 0.f;
+#pragma unroll
+  for (int n = 0; n < DVP / 8; ++n) {
+    const int col = n * 8 + 2 * t;
+    const float x0 = empty ? 0.f : o_at(n, 0) * inv, x1 = empty ? 0.f : o_at(n, 1) * inv;
+    if (DV % 2 == 0 && col + 1 < DV) {
+      *reinterpret_cast<unsigned*>(orow + col) = pack2<T>(x0, x1);
+    } else {
+      if (col < DV) orow[col] = from_float<T>(x0);
+      if (col + 1 < DV) orow[col + 1] = from_float<T>(x1);
+    }
+  }
+  if (t == 0) *lse_out = row_lse<true>(m, sum);
+}
+
 // True if any block-mask entry overlapping rows [i0, i1) x keys [j0, j1) keeps.
 template <typename MT, int NTHREADS>
 __device__ __forceinline__ bool block_tile_live(const LogitRules<MT>& r, int i0, int i1, int j0, int j1) {
@@ -133,7 +181,10 @@ __device__ void attention_fwd_mma(
     const bool inside_window =
         (rules.left < 0 || jt >= i_end - 1 + shift - rules.left) &&
         (rules.right < 0 || jt + BN - 1 <= i0 + shift + rules.right);
-    const bool need_rules = F::ElementRules || jt + BN > seq.nk || !inside_window;
+    // may_drop: some pair of the tile may be dropped (not softcap / ALiBi alone).
+    const bool may_drop = F::MaskKind != 0 || F::BlockMask || jt + BN > seq.nk || !inside_window;
+    const bool need_rules = F::ElementRules || may_drop;
+    unsigned drop = 0;  // bit 4n + c: pair (n, c) dropped (exact_fragment_product)
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
@@ -144,6 +195,7 @@ __device__ void attention_fwd_mma(
           const int j = jt + n * 8 + 2 * t + (c & 1);
           float capped = 0.f;
           x = apply_rules<F>(rules, x, i, j, capped);
+          drop |= (x == kNegInf ? 1u : 0u) << (4 * n + c);
         }
         s[n][c] = x * kLog2e;
       }
@@ -167,6 +219,14 @@ __device__ void attention_fwd_mma(
       }
       row_sum[half] = row_sum[half] * alpha + sum;
       row_max[half] = new_max;
+      // A dropped pair's p (+0) becomes -0, its mark for exact_fragment_product.
+      if (need_rules) {
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if ((drop >> (4 * n + 2 * half + e)) & 1u) s[n][2 * half + e] = -0.f;
+      }
 #pragma unroll
       for (int n = 0; n < DVP / 8; ++n) {
         o[n][2 * half] *= alpha;
@@ -179,22 +239,30 @@ __device__ void attention_fwd_mma(
     if (jn < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jn) * D, seq.nk - jn);
     cp_async_commit();
     cp_async_wait<1>();
-    __syncthreads();  // V(jt) has landed
-
-    // O += P V, P re-used from the S accumulators as A fragments.
+    // V(jt) has landed; a tile that drops keys and holds a NaN or inf in V
+    // forms P V exactly (rare): a dropped key's p = 0 must not meet its v.
+    const bool exact = may_drop ? __syncthreads_or(own_tile_nonfinite<T, BN, DV, SV, VEC, NTHREADS>(Vs)) != 0
+                                : (__syncthreads(), false);
+    if (exact) {
+      exact_fragment_product<BN / 8, DVP / 8, true>([&](int kb, int c) { return s[kb][c]; }, 0,
+                                              [&](int n, int c) -> float& { return o[n][c]; },
+                                              [&](int j, int d) { return to_float(Vs[j * SV + d]); });
+    } else {
+      // O += P V, P re-used from the S accumulators as A fragments.
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      unsigned pa[4];
-      pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        unsigned pa[4];
+        pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+        pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+        pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-      for (int dp = 0; dp < DVP / 16; ++dp) {
-        unsigned bv[4];
-        ldmatrix_x4_trans(bv, Vs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SV + dp * 16 + (lane / 16) * 8);
-        mma16816<T>(o[2 * dp], pa, bv[0], bv[1]);
-        mma16816<T>(o[2 * dp + 1], pa, bv[2], bv[3]);
+        for (int dp = 0; dp < DVP / 16; ++dp) {
+          unsigned bv[4];
+          ldmatrix_x4_trans(bv, Vs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SV + dp * 16 + (lane / 16) * 8);
+          mma16816<T>(o[2 * dp], pa, bv[0], bv[1]);
+          mma16816<T>(o[2 * dp + 1], pa, bv[2], bv[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with V(jt)
@@ -205,34 +273,9 @@ __device__ void attention_fwd_mma(
   // Normalise, fold in the sink, write O and lse.
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float sum = row_sum[half];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    float m = row_max[half];
-    float alpha = 1.f;
-    if (F::Sinks) {
-      const float sink = sinks[h] * kLog2e;
-      const float m2 = fmaxf(m, sink);
-      alpha = exp2f(m - m2);
-      sum = sum * alpha + exp2f(sink - m2);
-      m = m2;
-    }
-    const float inv = sum > 0.f ? alpha / sum : 0.f;
     const int i = i0 + warp * 16 + g + 8 * half;
-    if (i >= seq.nq) continue;
-    T* orow = out + (q_base + i) * DV;
-#pragma unroll
-    for (int n = 0; n < DVP / 8; ++n) {
-      const int col = n * 8 + 2 * t;
-      const float x0 = o[n][2 * half] * inv, x1 = o[n][2 * half + 1] * inv;
-      if (DV % 2 == 0 && col + 1 < DV) {
-        *reinterpret_cast<unsigned*>(orow + col) = pack2<T>(x0, x1);
-      } else {
-        if (col < DV) orow[col] = from_float<T>(x0);
-        if (col + 1 < DV) orow[col + 1] = from_float<T>(x1);
-      }
-    }
-    if (t == 0) lse[q_base + i] = sum > 0.f ? (m + log2f(sum)) * kLn2 : kNegInf;
+    mma_fwd_write_row<T, F, DV>(row_sum[half], row_max[half], sinks, h, i < seq.nq ? out + (q_base + i) * DV : nullptr,
+                                lse + q_base + i, t, [&](int n, int e) { return o[n][2 * half + e]; });
   }
 }
 
@@ -331,10 +374,12 @@ __device__ void attention_fwd_mma2(
     // A live tile inside one block-mask entry is wholly kept: no per-element block test.
     const bool check_blocks = F::BlockMask && (i0 / rules.block_q != (i_end - 1) / rules.block_q ||
                                                jt / rules.block_k != (jt + BN - 1) / rules.block_k);
-    const bool need_rules = F::Softcap || F::Alibi || F::MaskKind != 0 || check_blocks || jt + BN > seq.nk ||
-                            !inside_window;
+    // may_drop: some pair of the tile may be dropped (not softcap / ALiBi alone).
+    const bool may_drop = F::MaskKind != 0 || check_blocks || jt + BN > seq.nk || !inside_window;
+    const bool need_rules = F::Softcap || F::Alibi || may_drop;
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) {
+      unsigned drop = 0;  // bit 4n + c: pair (n, c) dropped
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
@@ -345,6 +390,7 @@ __device__ void attention_fwd_mma2(
             const int j = jt + n * 8 + 2 * t + (c & 1);
             float capped = 0.f;
             x = apply_rules<F, MT, true>(rules, x, i, j, capped, check_blocks);
+            drop |= (x == kNegInf ? 1u : 0u) << (4 * n + c);
           }
           s[mi][n][c] = x * kLog2e;
         }
@@ -368,6 +414,14 @@ __device__ void attention_fwd_mma2(
         }
         row_sum[mi][half] = row_sum[mi][half] * alpha + sum;
         row_max[mi][half] = new_max;
+        // A dropped pair's p (+0) becomes -0, its mark for exact_fragment_product.
+        if (need_rules) {
+#pragma unroll
+          for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if ((drop >> (4 * n + 2 * half + e)) & 1u) s[mi][n][2 * half + e] = -0.f;
+        }
 #pragma unroll
         for (int n = 0; n < DVP / 8; ++n) {
           o[mi][n][2 * half] *= alpha;
@@ -381,26 +435,35 @@ __device__ void attention_fwd_mma2(
     if (jn < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jn) * D, seq.nk - jn);
     cp_async_commit();
     cp_async_wait<1>();
-    __syncthreads();
-
+    // V(jt) has landed; exact P V where the tile drops keys and V holds a NaN or inf.
+    const bool exact = may_drop ? __syncthreads_or(own_tile_nonfinite<T, BN, DV, SV, VEC, NTHREADS>(Vs)) != 0
+                                : (__syncthreads(), false);
+    if (exact) {
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      unsigned pa[MI][4];
+      for (int mi = 0; mi < MI; ++mi)
+        exact_fragment_product<BN / 8, DVP / 8, true>([&](int kb, int c) { return s[mi][kb][c]; }, 0,
+                                                [&](int n, int c) -> float& { return o[mi][n][c]; },
+                                                [&](int j, int d) { return to_float(Vs[j * SV + d]); });
+    } else {
 #pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        pa[mi][0] = pack2<T>(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-        pa[mi][1] = pack2<T>(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-        pa[mi][2] = pack2<T>(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-        pa[mi][3] = pack2<T>(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int dp = 0; dp < DVP / 16; ++dp) {
-        unsigned bv[4];
-        ldmatrix_x4_trans(bv, Vs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SV + dp * 16 + (lane / 16) * 8);
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        unsigned pa[MI][4];
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) {
-          mma16816<T>(o[mi][2 * dp], pa[mi], bv[0], bv[1]);
-          mma16816<T>(o[mi][2 * dp + 1], pa[mi], bv[2], bv[3]);
+          pa[mi][0] = pack2<T>(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+          pa[mi][1] = pack2<T>(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+          pa[mi][2] = pack2<T>(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+          pa[mi][3] = pack2<T>(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < DVP / 16; ++dp) {
+          unsigned bv[4];
+          ldmatrix_x4_trans(bv, Vs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SV + dp * 16 + (lane / 16) * 8);
+#pragma unroll
+          for (int mi = 0; mi < MI; ++mi) {
+            mma16816<T>(o[mi][2 * dp], pa[mi], bv[0], bv[1]);
+            mma16816<T>(o[mi][2 * dp + 1], pa[mi], bv[2], bv[3]);
+          }
         }
       }
     }
@@ -413,34 +476,10 @@ __device__ void attention_fwd_mma2(
   for (int mi = 0; mi < MI; ++mi) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      float sum = row_sum[mi][half];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      float m = row_max[mi][half];
-      float alpha = 1.f;
-      if (F::Sinks) {
-        const float sink = sinks[h] * kLog2e;
-        const float m2 = fmaxf(m, sink);
-        alpha = exp2f(m - m2);
-        sum = sum * alpha + exp2f(sink - m2);
-        m = m2;
-      }
-      const float inv = sum > 0.f ? alpha / sum : 0.f;
       const int i = i0 + row0 + mi * 16 + g + 8 * half;
-      if (i >= seq.nq) continue;
-      T* orow = out + (q_base + i) * DV;
-#pragma unroll
-      for (int n = 0; n < DVP / 8; ++n) {
-        const int col = n * 8 + 2 * t;
-        const float x0 = o[mi][n][2 * half] * inv, x1 = o[mi][n][2 * half + 1] * inv;
-        if (DV % 2 == 0 && col + 1 < DV) {
-          *reinterpret_cast<unsigned*>(orow + col) = pack2<T>(x0, x1);
-        } else {
-          if (col < DV) orow[col] = from_float<T>(x0);
-          if (col + 1 < DV) orow[col + 1] = from_float<T>(x1);
-        }
-      }
-      if (t == 0) lse[q_base + i] = sum > 0.f ? (m + log2f(sum)) * kLn2 : kNegInf;
+      mma_fwd_write_row<T, F, DV>(row_sum[mi][half], row_max[mi][half], sinks, h,
+                                  i < seq.nq ? out + (q_base + i) * DV : nullptr, lse + q_base + i, t,
+                                  [&](int n, int e) { return o[mi][n][2 * half + e]; });
     }
   }
 }

@@ -40,6 +40,41 @@ __device__ __forceinline__ void load_tile_swizzled(unsigned char* dst, const T* 
   }
 }
 
+// The chunks load_tile_swizzled gave this thread hold a NaN or inf; valid
+// once its copies have landed.
+template <typename T, int ROWS, int DIM, int NTHREADS>
+__device__ __forceinline__ bool own_swizzled_nonfinite(const unsigned char* dst) {
+  constexpr int CHUNKS = DIM / 8;
+  bool bad = false;
+#pragma unroll 1
+  for (int it = 0; it < ROWS * CHUNKS / NTHREADS; ++it) {  // few tiles: no registers held
+    const int c = threadIdx.x + it * NTHREADS;
+    bad = bad || chunk_nonfinite<T>(dst + swizzled_offset<ROWS>(c / CHUNKS, c % CHUNKS));
+  }
+  return bad;
+}
+
+// Element (row, col) of a swizzled [ROWS][DIM] 16-bit tile, as float.
+template <typename T, int ROWS>
+__device__ __forceinline__ float swizzled_at(const unsigned char* tile, int row, int col) {
+  return to_float(*reinterpret_cast<const T*>(tile + swizzled_offset<ROWS>(row, col / 8) + (col % 8) * 2));
+}
+
+// Some pair of key tile [jt, jt + BN) x rows [i0, i_end) may be dropped
+// (a mask, a block mask, the sequence's end or a window edge; softcap and
+// ALiBi alone drop nothing). Uniform over the block.
+template <class F, int BN, typename MT>
+__device__ __forceinline__ bool tile_may_drop(const LogitRules<MT>& rules, const Sequence& seq, int i0, int i_end,
+                                              int jt) {
+  const int shift = seq.nk - seq.nq;
+  const bool inside_window =
+      (rules.left < 0 || jt >= i_end - 1 + shift - rules.left) &&
+      (rules.right < 0 || jt + BN - 1 <= i0 + shift + rules.right);
+  const bool check_blocks = F::BlockMask && (i0 / rules.block_q != (i_end - 1) / rules.block_q ||
+                                             jt / rules.block_k != (jt + BN - 1) / rules.block_k);
+  return F::MaskKind != 0 || check_blocks || jt + BN > seq.nk || !inside_window;
+}
+
 // One warpgroup's share of a key tile: S = Q K^T issued (not waited) over
 // D / 16 k-steps; K-major operands, 64 columns per swizzle atom. The first
 // k-step overwrites S, so S needs no zeroing (ordinary writes to the
@@ -79,14 +114,10 @@ __device__ __forceinline__ void wg_softmax(float (&s)[BN / 2], float (&o)[D / 2]
                                            float (&row_max)[2], float (&row_sum)[2], const LogitRules<MT>& rules,
                                            const Sequence& seq, float scale, int i0, int i_end, int i_row, int jt,
                                            int t) {
-  const int shift = seq.nk - seq.nq;
-  const bool inside_window =
-      (rules.left < 0 || jt >= i_end - 1 + shift - rules.left) &&
-      (rules.right < 0 || jt + BN - 1 <= i0 + shift + rules.right);
   const bool check_blocks = F::BlockMask && (i0 / rules.block_q != (i_end - 1) / rules.block_q ||
                                              jt / rules.block_k != (jt + BN - 1) / rules.block_k);
-  const bool need_rules = F::Softcap || F::Alibi || F::MaskKind != 0 || check_blocks || jt + BN > seq.nk ||
-                          !inside_window;
+  const bool need_rules = F::Softcap || F::Alibi || tile_may_drop<F, BN>(rules, seq, i0, i_end, jt);
+  unsigned long long drop = 0;  // bit 4n + c: pair (n, c) dropped
 #pragma unroll
   for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
@@ -97,6 +128,7 @@ __device__ __forceinline__ void wg_softmax(float (&s)[BN / 2], float (&o)[D / 2]
         const int j = jt + n * 8 + 2 * t + (c & 1);
         float capped = 0.f;
         x = apply_rules<F, MT, true>(rules, x, i, j, capped, check_blocks);
+        drop |= (x == kNegInf ? 1ull : 0ull) << (4 * n + c);
       }
       s[4 * n + c] = x * kLog2e;
     }
@@ -133,11 +165,46 @@ __device__ __forceinline__ void wg_softmax(float (&s)[BN / 2], float (&o)[D / 2]
     pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
     pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
   }
+  // A dropped pair's p (+0) becomes -0, its mark for wg_exact_pv; the mma
+  // path multiplies it the same.
+  if (need_rules) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+      for (int w = 0; w < 4; ++w)
+        pa[kk][w] |= pair_marks((drop >> (8 * kk + 2 * w)) & 1u, (drop >> (8 * kk + 2 * w + 1)) & 1u);
+  }
 }
 
 // Barrier 1 over the block's 256 threads; unlike __syncthreads it may be
 // reached from different places by the two warpgroups (the ping-pong schedule).
 __device__ __forceinline__ void block_barrier() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+// The same barrier, returning whether any thread passed `p` true.
+__device__ __forceinline__ bool block_barrier_or(bool p) {
+  unsigned r;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, 1, 256, p;\n selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r) : "r"((unsigned)p) : "memory");
+  return r != 0;
+}
+
+// Element (kb, c) of a P tile in the accumulator layout (the float s[4kb + c])
+// from its packed A fragments pa (wg_softmax's packing).
+template <typename T, int KK>
+__device__ __forceinline__ float packed_p(const unsigned (&pa)[KK][4], int kb, int c) {
+  return unpack_half<T>(pa[kb / 2][2 * (kb % 2) + c / 2], c % 2);
+}
+
+// O += P V of one tile, exactly (dropped pairs, marked -0 in pa, skipped; a
+// tile that drops keys and holds a NaN or inf in V, see attention_common.cuh).
+// P is read back from its packed fragments, so nothing else stays live.
+template <typename T, int D, int BN>
+__device__ __forceinline__ void wg_exact_pv(float (&o)[D / 2], const unsigned (&pa)[BN / 16][4],
+                                            const unsigned char* v_tile) {
+  exact_fragment_product<BN / 8, D / 8, true>([&](int kb, int c) { return packed_p<T>(pa, kb, c); }, 0,
+                                              [&](int n, int c) -> float& { return o[4 * n + c]; },
+                                              [&](int j, int d) { return swizzled_at<T, BN>(v_tile, j, d); });
+}
 
 // STAGES = 2: both warpgroups in step, one barrier per tile, K/V tile j+1
 // loading while tile j is computed; block masks skip dead tiles.
@@ -191,6 +258,11 @@ __device__ void attention_fwd_wgmma(
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
   float s[BN / 2];
   unsigned pa[BN / 16][4];
+  // A tile that drops keys and holds a NaN or inf in V (any thread's own chunks).
+  auto v_bad = [&](int j0, int stage) {
+    return j0 < hi && tile_may_drop<F, BN>(rules, seq, i0, i_end, j0) &&
+           own_swizzled_nonfinite<T, BN, D, NTHREADS>(Vs + stage * KV_BYTES);
+  };
   const unsigned q_addr = smem_addr(Qs) + wg * 64 * 128;
   load_tile_swizzled<T, BM, D, NTHREADS>(Qs, q + (q_base + i0) * D, i_end - i0);
 
@@ -202,12 +274,13 @@ __device__ void attention_fwd_wgmma(
     cp_async_commit();
     cp_async_wait<1>();
     fence_proxy_async();
-    block_barrier();  // Q and tile 0 visible
-    // Barrier of tile j: own copies of tile j+1 landed, then tile j+2 into stage (j+2) % 3.
+    // Q and tile 0 visible; whether tile 0 needs the exact P V.
+    bool exact = block_barrier_or(tiles > 0 && v_bad(tile0, 0)), exact_next = false;
+    // Barrier of tile j: own copies of tile j+1 landed (and checked), then tile j+2 into stage (j+2) % 3.
     auto tile_barrier = [&](int j) {
       cp_async_wait<0>();
       fence_proxy_async();
-      block_barrier();
+      exact_next = block_barrier_or(j + 1 < tiles && v_bad(tile0 + (j + 1) * BN, (j + 1) % 3));
       if (j + 2 < tiles) load_kv(tile0 + (j + 2) * BN, (j + 2) % 3);
       cp_async_commit();
     };
@@ -220,10 +293,15 @@ __device__ void attention_fwd_wgmma(
       wgmma_pin(o);
       wg_softmax<T, MT, F, D, BN>(s, o, pa, row_max, row_sum, rules, seq, scale, i0, i_end, i_row, jt, t);
       if (wg == 0) tile_barrier(j);
-      wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + stage * KV_BYTES));
-      wgmma_wait<0>();
+      if (exact) {
+        wg_exact_pv<T, D, BN>(o, pa, Vs + stage * KV_BYTES);
+      } else {
+        wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + stage * KV_BYTES));
+        wgmma_wait<0>();
+      }
       wgmma_pin(o);
       wgmma_pin(pa);
+      exact = exact_next;
     }
   } else {
     __shared__ unsigned char live_flags[256];
@@ -235,7 +313,8 @@ __device__ void attention_fwd_wgmma(
     while (jt < hi) {
       cp_async_wait<0>();
       fence_proxy_async();
-      __syncthreads();  // tile jt visible to both warpgroups, which have finished tile jt - 1
+      // Tile jt visible to both warpgroups, which have finished tile jt - 1.
+      const bool exact = __syncthreads_or(v_bad(jt, stage)) != 0;
       const int jn = tiles_live.next(jt + BN);
       if (jn < hi) load_kv(jn, stage ^ 1);
       cp_async_commit();
@@ -243,8 +322,12 @@ __device__ void attention_fwd_wgmma(
       wgmma_wait<0>();
       wgmma_pin(s);
       wg_softmax<T, MT, F, D, BN>(s, o, pa, row_max, row_sum, rules, seq, scale, i0, i_end, i_row, jt, t);
-      wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + stage * KV_BYTES));
-      wgmma_wait<0>();
+      if (exact) {
+        wg_exact_pv<T, D, BN>(o, pa, Vs + stage * KV_BYTES);
+      } else {
+        wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + stage * KV_BYTES));
+        wgmma_wait<0>();
+      }
       wgmma_pin(o);
       wgmma_pin(pa);
       stage ^= 1;
@@ -260,23 +343,20 @@ __device__ void attention_fwd_wgmma(
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     float m = row_max[half];
     float alpha = 1.f;
-    if (F::Sinks) {
-      const float sink = sinks[h] * kLog2e;
-      const float m2 = fmaxf(m, sink);
-      alpha = exp2f(m - m2);
-      sum = sum * alpha + exp2f(sink - m2);
-      m = m2;
-    }
-    const float inv = sum > 0.f ? alpha / sum : 0.f;
+    if (F::Sinks) fold_sink<true>(sinks[h] * kLog2e, m, sum, alpha);
+    // 0 if nothing was kept, NaN if a kept logit was NaN or +inf (attention_common.cuh).
+    const float inv = row_out_factor(sum, alpha);
+    const bool empty = sum == 0.f;
     const int i = i_row + 8 * half;
     if (i >= seq.nq) continue;
     T* orow = out + (q_base + i) * D;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       const int col = n * 8 + 2 * t;
-      *reinterpret_cast<unsigned*>(orow + col) = pack2<T>(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
+      *reinterpret_cast<unsigned*>(orow + col) = empty ? 0u : pack2<T>(o[4 * n + 2 * half] * inv,
+                                                                       o[4 * n + 2 * half + 1] * inv);
     }
-    if (t == 0) lse[q_base + i] = sum > 0.f ? (m + log2f(sum)) * kLn2 : kNegInf;
+    if (t == 0) lse[q_base + i] = row_lse<true>(m, sum);
   }
 }
 

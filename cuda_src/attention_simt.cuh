@@ -125,18 +125,19 @@ __device__ void attention_fwd_simt(
     float s = dot_exact<T>(qs + warp * D, ks + lane * (D + 1), D);
     float capped = 0.f;
     s = (row_ok && j < k_hi) ? apply_rules<F>(rules, s * scale, i, j, capped) : kNegInf;
+    // The max ignores NaN logits; they reach the sum through p (NaN) instead.
     const float new_max = fmaxf(row_max, warp_max(s));
-    float p = 0.f, alpha = 1.f;
-    if (new_max != kNegInf) {
-      p = expf(s - new_max);
-      alpha = expf(row_max - new_max);
-    }
+    const float base = new_max == kNegInf ? 0.f : new_max;
+    const float p = expf(s - base), alpha = expf(row_max - base);
     row_sum = row_sum * alpha + warp_sum(p);
     row_max = new_max;
 #pragma unroll
     for (int u = 0; u < NU; ++u) acc[u] *= alpha;
+    // Dropped keys (-inf logit) are skipped, not multiplied by p = 0: their v may hold NaN.
+    const unsigned kept = __ballot_sync(0xffffffffu, s != kNegInf);
     for (int jj = 0; jj < kSimtTile; ++jj) {
       const float pj = __shfl_sync(0xffffffffu, p, jj);
+      if (!((kept >> jj) & 1u)) continue;
 #pragma unroll
       for (int u = 0; u < NU; ++u) {
         const int d = lane + 32 * u;
@@ -148,32 +149,29 @@ __device__ void attention_fwd_simt(
 
   if (SPLITS == 1) {
     if (F::Sinks) {
-      const float sink = sinks[h];
-      const float m = fmaxf(row_max, sink);
-      const float alpha = expf(row_max - m);
-      row_sum = row_sum * alpha + expf(sink - m);
+      float alpha;
+      fold_sink<false>(sinks[h], row_max, row_sum, alpha);
 #pragma unroll
       for (int u = 0; u < NU; ++u) acc[u] *= alpha;
-      row_max = m;
     }
-    const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
+    const float inv = row_out_factor(row_sum, 1.f);
 #pragma unroll
     for (int u = 0; u < NU; ++u) {
       const int d = lane + 32 * u;
-      if (d < DV) out[q_row * DV + d] = from_float<T>(acc[u] * inv);
+      if (d < DV) out[q_row * DV + d] = from_float<T>(row_sum == 0.f ? 0.f : acc[u] * inv);
     }
-    if (lane == 0) lse[q_row] = row_sum > 0.f ? row_max + logf(row_sum) : kNegInf;
+    if (lane == 0) lse[q_row] = row_lse<false>(row_max, row_sum);
   } else {
     // Partial result of this split, normalised, with its own lse; combined later.
     const long total_rows = (long)(F::Varlen ? 1 : ip[kBatch]) * Hq * NqTot;
     const long prow = blockIdx.y * total_rows + q_row;
-    const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
+    const float inv = row_out_factor(row_sum, 1.f);
 #pragma unroll
     for (int u = 0; u < NU; ++u) {
       const int d = lane + 32 * u;
-      if (d < DV) part_o[prow * DV + d] = acc[u] * inv;
+      if (d < DV) part_o[prow * DV + d] = row_sum == 0.f ? 0.f : acc[u] * inv;
     }
-    if (lane == 0) part_lse[prow] = row_sum > 0.f ? row_max + logf(row_sum) : kNegInf;
+    if (lane == 0) part_lse[prow] = row_lse<false>(row_max, row_sum);
   }
 }
 
@@ -205,36 +203,43 @@ __device__ void attention_combine(
   const long row = blockIdx.x;
   const int splits = ns[0];
 
+  // A split's lse is -inf when it kept no key (its weight is 0 and its words
+  // are never read) and NaN when its row is NaN: the max ignores NaN, the
+  // weights (NaN) carry it into the sum and the output.
   float l[LANE_SPLITS];
   float m = kNegInf;
+  bool nan = false;
 #pragma unroll
   for (int u = 0; u < LANE_SPLITS; ++u) {
     const int s = lane + 32 * u;
     l[u] = s < splits ? part_lse[s * total_rows + row] : kNegInf;
     m = fmaxf(m, l[u]);
+    nan = nan || l[u] != l[u];
   }
   m = warp_max(m);
-  float sink_term = 0.f;
+  nan = __any_sync(0xffffffffu, nan);
+  float sink = kNegInf;
   if (Sinks) {
-    const float sink = sinks[(row / NqTot) % Hq];
+    sink = sinks[(row / NqTot) % Hq];
     m = fmaxf(m, sink);
-    sink_term = expf(sink - m);
+    nan = nan || sink != sink;
   }
-  if (m == kNegInf) {  // every key of the row dropped, no sink
+  if (m == kNegInf && !nan) {  // every key of the row dropped, no sink
     for (int d = threadIdx.x; d < DV; d += NT) out[row * DV + d] = from_float<T>(0.f);
     if (threadIdx.x == 0) lse[row] = kNegInf;
     return;
   }
+  const float base = m == kNegInf ? 0.f : m;
   float denom = 0.f;
 #pragma unroll
   for (int u = 0; u < LANE_SPLITS; ++u) {
-    const float w = expf(l[u] - m);
+    const float w = expf(l[u] - base);
     if (lane + 32 * u < splits) weights[warp][lane + 32 * u] = w;
     denom += w;
   }
-  denom = warp_sum(denom) + sink_term;
+  denom = warp_sum(denom) + (Sinks ? expf(sink - base) : 0.f);
   const float inv = 1.f / denom;
-  if (threadIdx.x == 0) lse[row] = m + logf(denom);
+  if (threadIdx.x == 0) lse[row] = base + logf(denom);
   __syncwarp();
 
   const int grp = GROUPS > 1 ? threadIdx.x / C : 0;
@@ -356,21 +361,28 @@ __device__ void attention_bwd_simt(
       const float s = dot_exact<T>(qrow, ks + lane * (D + 1), D);
       float capped = 0.f;
       const float logit = key_ok ? apply_rules<F>(rules, s * scale, i, j, capped) : kNegInf;
-      const float p = (logit == kNegInf || row_lse == kNegInf) ? 0.f : expf(logit - row_lse);
-      if (!__any_sync(0xffffffffu, p != 0.f)) continue;
+      // Dropped pairs (-inf logit) add nothing: skipped, never multiplied by 0
+      // (q, k, v, dO may hold NaN). A NaN row lse makes every kept p NaN.
+      const bool kept = logit != kNegInf;
+      const unsigned kept_keys = __ballot_sync(0xffffffffu, kept);
+      if (kept_keys == 0u) continue;
+      const float p = kept ? expf(logit - row_lse) : 0.f;
       const float dp = dot_exact<T>(dorow, vs + lane * (DV + 1), DV);
       float ds = p * (dp - row_delta);
-      if (F::Softcap && p != 0.f) {  // dropped keys: capped is not a logit, keep ds = 0
+      if (F::Softcap) {
         const float t = capped / softcap;
         ds *= 1.f - t * t;
       }
-      for (int d = 0; d < DV; ++d) dvs[lane * (DV + 1) + d] += p * dorow[d];
-      for (int d = 0; d < D; ++d) dks[lane * (D + 1) + d] += ds * qrow[d];
+      if (kept) {
+        for (int d = 0; d < DV; ++d) dvs[lane * (DV + 1) + d] += p * dorow[d];
+        for (int d = 0; d < D; ++d) dks[lane * (D + 1) + d] += ds * qrow[d];
+      }
       dsw[warp * kSimtTile + lane] = ds;
       __syncwarp();
       for (int d = lane; d < D; d += 32) {
         float acc = 0.f;
-        for (int jj = 0; jj < kSimtTile; ++jj) acc += dsw[warp * kSimtTile + jj] * ks[jj * (D + 1) + d];
+        for (int jj = 0; jj < kSimtTile; ++jj)
+          if ((kept_keys >> jj) & 1u) acc += dsw[warp * kSimtTile + jj] * ks[jj * (D + 1) + d];
         atomicAdd(dq_acc + q_row * D + d, acc * scale);
       }
       __syncwarp();

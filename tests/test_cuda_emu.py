@@ -18,6 +18,7 @@ from helpers import check_close, plain_errors, randn, rng, to_np
 from reference_np import attention_np, attention_varlen_np
 
 from cuda_emu import harness
+from cuda_emu.nonfinite_cases import DECODE_CASES, PREFILL_CASES, check_contract, decode_case, prefill_case
 
 pytestmark = pytest.mark.skipif(harness.unavailable_reason() is not None,
                                 reason=f"CUDA emulation unavailable: {harness.unavailable_reason()}")
@@ -146,3 +147,55 @@ def test_schedule_does_not_change_results(monkeypatch):
         results.append([np.array(x.astype(mx.float32)) for x in _forward(q, k, v, causal=True)])
     for a, b in zip(*results):
         assert np.array_equal(a, b, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------
+# Non-finite inputs (the contract of issue 13): cases of cuda_emu/nonfinite_cases.py.
+
+@pytest.mark.parametrize("dtype", [F16, F32], ids=["decode_f16", "simt_f32"])
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_nonfinite_inputs(case, dtype):
+    """Split decode (attention_fwd_decode for fp16, attention_fwd_simt for
+    float32) and attention_combine follow the non-finite contract."""
+    from mlx_flash._spec import validate_attention
+    from mlx_flash.backends import cuda as cuda_backend
+
+    q, k, v, options = decode_case(case, dtype)
+    spec, _ = validate_attention(q, k, v, **options)
+    with harness.patched_cuda_kernel():
+        splits = cuda_backend.decode_plan(spec)[-1] if dtype != F32 else cuda_backend._simt_fwd_config(spec)[2]
+    if case != "window_nan_outside":  # a 40-key window needs no split
+        assert splits > 1, "the case must split keys over blocks, so attention_combine merges them"
+    out, lse = _forward(q, k, v, **options)
+    want = attention_np(q, k, v, **options)
+    check_contract("out", to_np(out), want, dtype)
+    check_contract("lse", to_np(lse), want, mx.float32)
+    if case.startswith("masked_row"):
+        assert np.all(to_np(out)[0, 1] == 0) and np.all(to_np(lse)[0, 1] == -np.inf)
+    # Each case must exercise what it names: some rows NaN, some finite (or a masked row).
+    assert np.isfinite(want["out"]).any()
+
+
+@pytest.mark.parametrize("kind", [(F16, 64), (F16, 160), (F32, 64)], ids=["mma2_f16", "mma_f16_D160", "simt_f32"])
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_nonfinite_forward_backward(case, kind):
+    """attention_fwd_mma2 + attention_bwd_mma (fp16, D 64), attention_fwd_mma +
+    attention_bwd_simt (fp16, D 160) and attention_fwd_simt + attention_bwd_simt
+    (float32) follow the non-finite contract, gradients too."""
+    from mlx_flash._spec import validate_attention
+    from mlx_flash.backends import cuda as cuda_backend
+
+    dtype, D = kind
+    q, k, v, do, options = prefill_case(case, dtype, D=D)
+    spec, inputs = validate_attention(q, k, v, **options)
+    with harness.patched_cuda_kernel():
+        out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.cpu)
+        dq, dk, dv = cuda_backend.attention_backward(q, k, v, out, lse, do, None, spec, inputs, mx.cpu)
+        mx.eval(out, lse, dq, dk, dv)
+    want = attention_np(q, k, v, dout=do, **options)
+    check_contract("out", to_np(out), want, dtype)
+    check_contract("lse", to_np(lse), want, mx.float32)
+    for name, got in (("dq", dq), ("dk", dk), ("dv", dv)):
+        check_contract(name, to_np(got), want, dtype)
+    # The case keeps finite results beside the non-finite ones (what could leak).
+    assert np.isfinite(want["out"]).any() and np.isfinite(want["dq"]).any()

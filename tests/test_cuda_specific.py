@@ -6,7 +6,8 @@
   with nvcc for sm_90a, where nvcc exists. This catches compile errors on
   machines without a GPU.
 * On a CUDA GPU: the decode (split-key) path and the tensor-core path against
-  the float64 reference at sizes the behaviour tests do not reach.
+  the float64 reference at sizes the behaviour tests do not reach, and the
+  non-finite contract on every kernel the card selects (the Hopper ones too).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from cuda_emu import nonfinite_cases
 from mlx_flash.backends import cuda as cuda_backend
 
 _CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",
@@ -319,3 +321,52 @@ def test_decode_split_over_keys(dtype):
     tol = 2e-5 if dtype == "float32" else 2e-2
     assert np.abs(np.array(out.astype(mx.float32)) - want["out"]).max() < tol
     assert np.abs(np.array(lse) - want["lse"]).max() < 1e-4
+
+
+# ---------------------------------------------------------------------------
+# Non-finite inputs on the GPU (the contract of issue 13): the cases the
+# emulation runs (tests/cuda_emu/nonfinite_cases.py), here on every kernel
+# the lent card selects, the Hopper ones included (D = 64, 128). Run once
+# per kernel family: MLX_FLASH_CUDA_WGMMA=0 / MLX_FLASH_CUDA_WGMMA_BWD=0
+# select the mma.sync forward and backward instead.
+
+# (dtype, head dim): fp16/bf16 with D 64/128 = wgmma (or mma2) forward and
+# backward; D 256 = the one-tile mma forward and the SIMT backward; float32 = SIMT.
+_GPU_NONFINITE_KINDS = [(mx.float16, 64), (mx.float16, 128), (mx.bfloat16, 128), (mx.float16, 256),
+                        (mx.float32, 64)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("kind", _GPU_NONFINITE_KINDS, ids=lambda k: f"{str(k[0]).split('.')[-1]}-D{k[1]}")
+@pytest.mark.parametrize("case", nonfinite_cases.PREFILL_CASES)
+def test_nonfinite_forward_backward_on_gpu(case, kind, size):
+    from mlx_flash._spec import validate_attention
+    from reference_np import attention_np
+
+    dtype, D = kind
+    q, k, v, do, options = nonfinite_cases.prefill_case(case, dtype, D=D, size=size)
+    spec, inputs = validate_attention(q, k, v, **options)
+    out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.gpu)
+    dq, dk, dv = cuda_backend.attention_backward(q, k, v, out, lse, do, None, spec, inputs, mx.gpu)
+    mx.eval(out, lse, dq, dk, dv)
+    want = attention_np(q, k, v, dout=do, **options)
+    nonfinite_cases.check_contract("out", np.array(out.astype(mx.float32)), want, dtype)
+    nonfinite_cases.check_contract("lse", np.array(lse), want, mx.float32)
+    for name, got in (("dq", dq), ("dk", dk), ("dv", dv)):
+        nonfinite_cases.check_contract(name, np.array(got.astype(mx.float32)), want, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32], ids=["decode_f16", "simt_f32"])
+@pytest.mark.parametrize("case", nonfinite_cases.DECODE_CASES)
+def test_nonfinite_decode_on_gpu(case, dtype):
+    from mlx_flash._spec import validate_attention
+    from reference_np import attention_np
+
+    q, k, v, options = nonfinite_cases.decode_case(case, dtype)
+    spec, inputs = validate_attention(q, k, v, **options)
+    out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.gpu)
+    want = attention_np(q, k, v, **options)
+    nonfinite_cases.check_contract("out", np.array(out.astype(mx.float32)), want, dtype)
+    nonfinite_cases.check_contract("lse", np.array(lse), want, mx.float32)

@@ -1,12 +1,14 @@
 """GPU check of the Hopper (wgmma) forward: correctness against float64 and speed.
 
-    python3 tools/cuda_wgmma_check.py [OUT_DIR] [fwd,bwd,speed,speed_bwd]
+    python3 tools/cuda_wgmma_check.py [OUT_DIR] [fwd,bwd,speed,speed_bwd,speed_anchor]
 
 Correctness: every feature of tests/features.py at odd shapes, fp16 and bf16,
 head dims 64 and 128, out and lse against the float64 NumPy reference with the
 test suite's tolerance (twice the plain materialised fp16/bf16 error).
 Speed: the forward at the ANCHORS shapes, wgmma vs the mma.sync kernel vs
-mx.fast SDPA (cuDNN), same run; JSON to OUT_DIR/wgmma_check.json.
+mx.fast SDPA (cuDNN), same run; speed_anchor: (2, 16, 4096, 128) fp16 only,
+forward and forward + backward, for before/after timings of a kernel change;
+JSON to OUT_DIR/wgmma_check.json.
 """
 
 from __future__ import annotations
@@ -168,6 +170,36 @@ def speed():
     return rows
 
 
+def speed_anchor(B=2, H=16, N=4096, D=128, iters=30):
+    """One anchor shape, fp16, causal and not: forward (wgmma, mma.sync) and
+    forward + backward (wgmma, mma.sync backward), and mx.fast; the quick
+    before/after timing of a kernel change (run it against both trees)."""
+    rows = []
+    dtype = mx.float16
+    gen = rng("speed-anchor", B, H, N, D)
+    q, k, v = qkv(gen, B, H, H, N, N, D, dtype=dtype)
+    mx.eval(q, k, v)
+    s = D ** -0.5
+    for causal in (False, True):
+        res = {}
+        for label, wg in (("fwd_wg", True), ("fwd_mma", False)):
+            cb._WGMMA = wg
+            res[label] = time_fn(lambda: mlx_flash.flash_attention(q, k, v, causal=causal, scale=s), iters=iters)
+        cb._WGMMA = True
+        grad = mx.grad(lambda a, b, c: mx.sum(mlx_flash.flash_attention(a, b, c, causal=causal, scale=s)
+                                              .astype(mx.float32)), argnums=(0, 1, 2))
+        for label, bwd in (("fwdbwd_wg", True), ("fwdbwd_mma", False)):
+            cb._WGMMA_BWD = bwd
+            res[label] = time_fn(lambda: grad(q, k, v), iters=iters)
+        cb._WGMMA_BWD = True
+        res["fwd_mx.fast"] = time_fn(lambda: mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=s, mask="causal" if causal else None), iters=iters)
+        row = dict(dtype="float16", shape=[B, H, N, D], causal=causal, **{f"{k}_ms": v * 1e3 for k, v in res.items()})
+        rows.append(row)
+        print(f"anchor {[B, H, N, D]} causal={causal}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in res.items()))
+    return rows
+
+
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
     parts = sys.argv[2].split(",") if len(sys.argv) > 2 else ["fwd", "bwd", "speed", "speed_bwd"]
@@ -185,6 +217,8 @@ def main():
         p4, f4 = correctness_bwd(dims=(64,), dtypes=(mx.bfloat16,))
         passed, failed = passed + p3 + p4, failed + f3 + f4
     result.update(passed=passed, failed=failed)
+    if "speed_anchor" in parts:
+        result["speed_anchor"] = speed_anchor()
     if failed == 0 or os.environ.get("FORCE_SPEED"):
         if "speed" in parts:
             result["speed"] = speed()

@@ -10,6 +10,7 @@ struct __nv_bfloat162 {
   __nv_bfloat16 x, y;
 };
 
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short x) { return __nv_bfloat16{x}; }
 inline float __bfloat162float(__nv_bfloat16 h) {
   uint32_t bits = uint32_t(h.x) << 16;
   float f;

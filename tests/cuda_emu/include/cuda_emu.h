@@ -51,6 +51,16 @@ inline float __int_as_float(int x) {
   std::memcpy(&f, &x, 4);
   return f;
 }
+inline unsigned __float_as_uint(float x) {
+  unsigned u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 
@@ -81,6 +91,13 @@ inline int __any_sync(unsigned, int p) {
   for (unsigned l = 0; l < 32; ++l)
     if (e.active_mask >> l & 1u) any |= __emu_lane_value<int>(e, l) != 0;
   return any;
+}
+inline unsigned __ballot_sync(unsigned, int p) {
+  EmuExchange e = __emu_simd_exchange(&p, sizeof(int), __LINE__);
+  unsigned bits = 0;
+  for (unsigned l = 0; l < 32; ++l)
+    if (e.active_mask >> l & 1u) bits |= unsigned(__emu_lane_value<int>(e, l) != 0) << l;
+  return bits;
 }
 inline int __syncthreads_or(int p) {
   static char key;

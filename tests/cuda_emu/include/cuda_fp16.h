@@ -11,6 +11,7 @@ struct __half2 {
   __half x, y;
 };
 
+inline __half __ushort_as_half(unsigned short x) { return __half{x}; }
 inline float __half2float(__half h) {
   _Float16 f;
   std::memcpy(&f, &h.x, 2);
