@@ -131,11 +131,13 @@ __device__ void attention_bwd_wgmma(
     // A tile without rules drops a pair only by a -inf logit, from an
     // infinite k (k_bad) or q; a row with an infinite q has a NaN or -inf lse,
     // so the rows' lse stand in for scanning Q there.
+    // The staged lse (load_tile_q) is read back, not device memory: thread r
+    // wrote row r's itself, so no barrier is needed, and a device load here
+    // would put its latency in front of every tile's barrier. Staged, a -inf
+    // or +inf lse reads +inf and a NaN stays NaN.
     bool lse_bad = false;
-    if (!may_drop && threadIdx.x < BQ && i0 + (int)threadIdx.x < seq.nq) {
-      const float l = lse[(long)(seq.tensor_batch * Hq + hk * G + hg) * NqTot + seq.q_start + i0 + threadIdx.x];
-      lse_bad = !(l > kNegInf && l < __int_as_float(0x7f800000));
-    }
+    if (!may_drop && threadIdx.x < BQ && i0 + (int)threadIdx.x < seq.nq)
+      lse_bad = !(lse_s[stage * BQ + threadIdx.x] < __int_as_float(0x7f800000));
     const bool exact = __syncthreads_or(
         k_bad || (may_drop ? own_swizzled_nonfinite<T, BQ, D, NTHREADS>(Qs + stage * QT_BYTES) ||
                                  own_swizzled_nonfinite<T, BQ, D, NTHREADS>(dOs + stage * QT_BYTES)
