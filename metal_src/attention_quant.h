@@ -1,0 +1,418 @@
+// Metal kernels of flash_attention_quantized: attention straight from an
+// affine-quantized K/V cache (mx.quantize's format), never a full-precision
+// copy of K or V in device or threadgroup memory.
+//
+// Format (as csrc/attention_quant.h): a token row of D values is one
+// little-endian bit stream of D * BITS bits in D * BITS / 32 uint32 words
+// (value c at bit c * BITS, so 3-, 5- and 6-bit values straddle words);
+// value c is scales[c / GS] * code + biases[c / GS].
+//
+// Work split (the sdpa_vector model): a threadgroup owns R "packed" rows of
+// one kv head, row r = (query head hkv * G + r / Nq, query r % Nq), so the
+// query heads of a GQA group share every dequantized key. Its NSG
+// simdgroups stream the keys (simdgroup s takes keys s, s + NSG, ...); for
+// one key, lane l dequantizes its EPL = D / 32 consecutive values straight
+// from the packed words into registers, the R dot products are simd_sum
+// reductions, and each lane accumulates its slice of the R output rows. D
+// is a multiple of group_size >= 32, so every lane owns whole values.
+// The simdgroups' online-softmax states are merged through threadgroup
+// memory at the end. With few row blocks (decode) the keys are also split
+// over the grid's z axis; each split writes a partial (max, sum, unnormalised
+// output) and quant_attention_combine merges them by their log-sum-exp and
+// adds the sinks.
+//
+// Backward (dq only; k and v are constants): the same streaming, with
+// p = exp(s - lse), dp = dO . v, ds = p (dp - delta), dq += ds k.
+//
+// Non-finite contract (nan_contract): a dropped key (mask, window, causal,
+// -inf logit) is skipped by a branch that is uniform over the simdgroup, so
+// its k and v are never multiplied into a row that dropped it; the running
+// max keeps NaN (nan_max) and +inf logits give NaN through exp(inf - inf).
+#ifndef MLXF_ATTENTION_QUANT_H
+#define MLXF_ATTENTION_QUANT_H
+
+#include <metal_stdlib>
+
+using namespace metal;
+
+namespace mlxq {
+
+// Feature bits: keep in sync with mlx_flash/backends/metal_quant.py.
+enum QFeature : int {
+  QF_MASK_BOOL = 1,
+  QF_MASK_ADD = 2,
+  QF_WINDOW = 4,
+  QF_SOFTCAP = 8,
+  QF_ALIBI = 16,
+  QF_SINKS = 32,
+  QF_SPLIT = 64,  // write per-split partials (combined by quant_attention_combine)
+};
+
+// Integer parameters (metal_quant.py's _int_params).
+enum QIntParam {
+  Q_BATCH = 0,
+  Q_HEADS_Q,
+  Q_HEADS_KV,
+  Q_SEQLEN_Q,
+  Q_SEQLEN_K,
+  Q_WINDOW_LEFT,   // -1: unbounded
+  Q_WINDOW_RIGHT,  // -1: unbounded (causal sets 0)
+  Q_MASK_STRIDE,   // 4 strides (b, h, i, j), 0 on broadcast dims
+  Q_KEYS_PER_SPLIT = Q_MASK_STRIDE + 4,
+  Q_NUM_SPLITS,
+  Q_INT_COUNT
+};
+enum QFloatParam { QF_SCALE = 0, QF_CAP };
+
+struct QParams {
+  int batch, heads_q, heads_kv, nq, nk, window_left, window_right;
+  int mask_stride[4];
+  int keys_per_split, num_splits;
+  float scale, softcap;
+};
+
+inline QParams read_qparams(const device int* ip, const device float* fp) {
+  QParams p;
+  p.batch = ip[Q_BATCH];
+  p.heads_q = ip[Q_HEADS_Q];
+  p.heads_kv = ip[Q_HEADS_KV];
+  p.nq = ip[Q_SEQLEN_Q];
+  p.nk = ip[Q_SEQLEN_K];
+  p.window_left = ip[Q_WINDOW_LEFT];
+  p.window_right = ip[Q_WINDOW_RIGHT];
+  for (int a = 0; a < 4; ++a) p.mask_stride[a] = ip[Q_MASK_STRIDE + a];
+  p.keys_per_split = ip[Q_KEYS_PER_SPLIT];
+  p.num_splits = ip[Q_NUM_SPLITS];
+  p.scale = fp[QF_SCALE];
+  p.softcap = fp[QF_CAP];
+  return p;
+}
+
+// max that keeps a NaN from either side (metal::max may drop it).
+inline float nan_max(float a, float b) { return (isnan(a) || a > b) ? a : b; }
+
+// ---- dequantization into registers ----
+// The EPL consecutive values of one row starting at value c0 (one lane's
+// slice): codes from the bit stream, then scale * code + bias per group.
+template <int BITS, int GS, int EPL, typename ST>
+inline void dequant_slice(const device uint32_t* words, const device ST* scales,
+                          const device ST* biases, int c0, thread float* out) {
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) {
+    const int c = c0 + e;
+    const int bit = c * BITS;
+    const int w = bit >> 5, shift = bit & 31;
+    uint32_t x = words[w] >> shift;
+    if (shift + BITS > 32) x |= words[w + 1] << (32 - shift);  // straddles a word (3/5/6 bits)
+    const int g = c / GS;
+    out[e] = float(scales[g]) * float(x & MASK) + float(biases[g]);
+  }
+}
+
+// ---- the logit rules of the op contract, for one (row, key) ----
+// Returns the final logit or -inf for a dropped key; dcap = d logit / d (scale * raw).
+template <typename MT>
+struct QRules {
+  int feat;
+  QParams p;
+  const device MT* mask;
+  const device float* alibi;
+
+  inline int key_lo(int i) const {
+    int pos = i + p.nk - p.nq;  // bottom-right alignment
+    return ((feat & QF_WINDOW) && p.window_left >= 0) ? max(0, pos - p.window_left) : 0;
+  }
+  inline int key_hi(int i) const {
+    int pos = i + p.nk - p.nq;
+    return ((feat & QF_WINDOW) && p.window_right >= 0) ? min(p.nk - 1, pos + p.window_right) : p.nk - 1;
+  }
+
+  inline float apply(float raw, int b, int h, int i, int j, thread float& dcap) const {
+    dcap = 1.0f;
+    if (j < key_lo(i) || j > key_hi(i)) return -INFINITY;
+    if (feat & QF_MASK_BOOL) {
+      long at = long(b) * p.mask_stride[0] + long(h) * p.mask_stride[1] + long(i) * p.mask_stride[2] +
+                long(j) * p.mask_stride[3];
+      if (float(mask[at]) == 0.0f) return -INFINITY;
+    }
+    float x = p.scale * raw;
+    if (feat & QF_SOFTCAP) {
+      float t = tanh(x / p.softcap);
+      x = p.softcap * t;
+      dcap = 1.0f - t * t;
+    }
+    if (feat & QF_ALIBI) {
+      int pos = i + p.nk - p.nq;
+      x -= alibi[b * p.heads_q + h] * float(abs(pos - j));
+    }
+    if (feat & QF_MASK_ADD) {
+      long at = long(b) * p.mask_stride[0] + long(h) * p.mask_stride[1] + long(i) * p.mask_stride[2] +
+                long(j) * p.mask_stride[3];
+      x += float(mask[at]);
+    }
+    return x;
+  }
+};
+
+// One packed row of a threadgroup: its head, query and flat [B, Hq, Nq] index.
+struct QRow {
+  bool valid;
+  int h, i;
+  long flat;
+};
+
+inline QRow packed_row(QParams p, int b, int hkv, int r) {
+  const int G = p.heads_q / p.heads_kv;
+  QRow row;
+  row.valid = r < G * p.nq;
+  const int rr = row.valid ? r : 0;
+  row.h = hkv * G + rr / p.nq;
+  row.i = rr % p.nq;
+  row.flat = (long(b) * p.heads_q + row.h) * p.nq + row.i;
+  return row;
+}
+
+// Offsets of token row j of (b, hkv) in a contiguous [B, Hkv, Nk, X] buffer.
+inline long kv_row(QParams p, int b, int hkv, int j, int x) {
+  return ((long(b) * p.heads_kv + hkv) * p.nk + j) * long(x);
+}
+
+// ---- forward ----
+// tg_stats: NSG * R * 2 floats; tg_out: R * DV floats.
+template <typename T, typename ST, typename MT, int DQK, int DV, int BITS, int GS, int R, int NSG>
+inline void quant_attention_forward(
+    int feat, const device T* q, const device uint32_t* kw, const device ST* ks, const device ST* kb,
+    const device uint32_t* vw, const device ST* vs, const device ST* vb, const device MT* mask,
+    const device float* alibi, const device float* sinks, const device int* iparams,
+    const device float* fparams, device T* out, device float* lse, device float* o_part,
+    device float* ml_part, threadgroup float* tg_stats, threadgroup float* tg_out, uint3 tgid,
+    uint sg, uint lane) {
+  constexpr int EK = DQK / 32, EV = DV / 32;
+  constexpr int KW = DQK * BITS / 32, VW = DV * BITS / 32;
+  const QParams p = read_qparams(iparams, fparams);
+  const QRules<MT> rules{feat, p, mask, alibi};
+  const int b = int(tgid.y) / p.heads_kv, hkv = int(tgid.y) % p.heads_kv;
+  const int split = int(tgid.z);
+
+  QRow rows[R];
+  float qr[R][EK];
+  float m[R], l[R], o[R][EV];
+  int lo = p.nk, hi = -1;  // keys any row of this threadgroup may keep
+  for (int r = 0; r < R; ++r) {
+    rows[r] = packed_row(p, b, hkv, int(tgid.x) * R + r);
+    const device T* qrow = q + rows[r].flat * DQK + int(lane) * EK;
+    for (int e = 0; e < EK; ++e) qr[r][e] = rows[r].valid ? float(qrow[e]) : 0.0f;
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+    for (int e = 0; e < EV; ++e) o[r][e] = 0.0f;
+    if (rows[r].valid) {
+      lo = min(lo, rules.key_lo(rows[r].i));
+      hi = max(hi, rules.key_hi(rows[r].i));
+    }
+  }
+  if (feat & QF_SPLIT) {
+    lo = max(lo, split * p.keys_per_split);
+    hi = min(hi, (split + 1) * p.keys_per_split - 1);
+  }
+
+  float kx[EK], vx[EV];
+  for (int j = lo + int(sg); j <= hi; j += NSG) {
+    const long krow = kv_row(p, b, hkv, j, KW), ksrow = kv_row(p, b, hkv, j, DQK / GS);
+    dequant_slice<BITS, GS, EK>(kw + krow, ks + ksrow, kb + ksrow, int(lane) * EK, kx);
+    float x[R];
+    bool any = false;
+    for (int r = 0; r < R; ++r) {
+      float part = 0.0f;
+      for (int e = 0; e < EK; ++e) part += qr[r][e] * kx[e];
+      const float raw = simd_sum(part);
+      float dcap;
+      x[r] = rows[r].valid ? rules.apply(raw, b, rows[r].h, rows[r].i, j, dcap) : -INFINITY;
+      any = any || x[r] != -INFINITY;
+    }
+    if (!any) continue;  // uniform: every lane saw the same logits
+    const long vrow = kv_row(p, b, hkv, j, VW), vsrow = kv_row(p, b, hkv, j, DV / GS);
+    dequant_slice<BITS, GS, EV>(vw + vrow, vs + vsrow, vb + vsrow, int(lane) * EV, vx);
+    for (int r = 0; r < R; ++r) {
+      if (x[r] == -INFINITY) continue;  // dropped: v never touches this row
+      const float m_new = nan_max(m[r], x[r]);
+      const float alpha = exp(m[r] - m_new);  // 0 on the first kept key
+      const float pj = exp(x[r] - m_new);     // NaN for a NaN or +inf logit
+      l[r] = l[r] * alpha + pj;
+      for (int e = 0; e < EV; ++e) o[r][e] = o[r][e] * alpha + pj * vx[e];
+      m[r] = m_new;
+    }
+  }
+
+  // Merge the NSG simdgroups' states: max and sum through tg_stats, then
+  // the rescaled outputs summed into tg_out one simdgroup at a time.
+  if (lane == 0) {
+    for (int r = 0; r < R; ++r) {
+      tg_stats[(int(sg) * R + r) * 2] = m[r];
+      tg_stats[(int(sg) * R + r) * 2 + 1] = l[r];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float M[R], L[R];
+  const bool add_sink = (feat & QF_SINKS) && !(feat & QF_SPLIT);
+  for (int r = 0; r < R; ++r) {
+    const float sink = add_sink ? sinks[rows[r].h] : -INFINITY;
+    M[r] = sink;
+    for (int s = 0; s < NSG; ++s) M[r] = nan_max(M[r], tg_stats[(s * R + r) * 2]);
+    // A sink is one more logit with a zero value vector.
+    L[r] = sink == -INFINITY ? 0.0f : exp(sink - M[r]);
+    for (int s = 0; s < NSG; ++s) {
+      const float ms = tg_stats[(s * R + r) * 2];
+      if (ms != -INFINITY) L[r] += exp(ms - M[r]) * tg_stats[(s * R + r) * 2 + 1];
+    }
+  }
+  for (int s = 0; s < NSG; ++s) {
+    if (int(sg) == s) {
+      for (int r = 0; r < R; ++r) {
+        const float w = m[r] == -INFINITY ? 0.0f : exp(m[r] - M[r]);
+        for (int e = 0; e < EV; ++e) {
+          // A state with no kept key adds nothing (its o is exactly 0).
+          const float add = m[r] == -INFINITY ? 0.0f : w * o[r][e];
+          const int at = r * DV + int(lane) * EV + e;
+          tg_out[at] = s == 0 ? add : tg_out[at] + add;
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  if (sg != 0) return;
+  for (int r = 0; r < R; ++r) {
+    if (!rows[r].valid) continue;
+    if (feat & QF_SPLIT) {
+      const long part = long(split) * (long(p.batch) * p.heads_q * p.nq) + rows[r].flat;
+      for (int e = 0; e < EV; ++e) o_part[part * DV + int(lane) * EV + e] = tg_out[r * DV + int(lane) * EV + e];
+      if (lane == 0) {
+        ml_part[part * 2] = M[r];
+        ml_part[part * 2 + 1] = L[r];
+      }
+    } else {
+      // A row with no kept key (sum exactly 0) gives out 0, lse -inf.
+      const float inv = L[r] == 0.0f ? 0.0f : 1.0f / L[r];
+      for (int e = 0; e < EV; ++e)
+        out[rows[r].flat * DV + int(lane) * EV + e] = static_cast<T>(tg_out[r * DV + int(lane) * EV + e] * inv);
+      if (lane == 0) lse[rows[r].flat] = L[r] == 0.0f ? -INFINITY : M[r] + log(L[r]);
+    }
+  }
+}
+
+// One simdgroup per output row: merges the splits' partials by their
+// log-sum-exp and adds the sink.
+template <typename T, int DV>
+inline void quant_attention_combine(int feat, const device float* o_part, const device float* ml_part,
+                                    const device float* sinks, const device int* iparams,
+                                    const device float* fparams, device T* out, device float* lse,
+                                    uint3 tgid, uint lane) {
+  constexpr int EV = DV / 32;
+  const QParams p = read_qparams(iparams, fparams);
+  const long rows = long(p.batch) * p.heads_q * p.nq;
+  const long row = long(tgid.x);
+  const int h = int((row / p.nq) % p.heads_q);
+  const float sink = (feat & QF_SINKS) ? sinks[h] : -INFINITY;
+  float M = sink;
+  for (int s = 0; s < p.num_splits; ++s) M = nan_max(M, ml_part[(s * rows + row) * 2]);
+  float L = sink == -INFINITY ? 0.0f : exp(sink - M);
+  float acc[EV];
+  for (int e = 0; e < EV; ++e) acc[e] = 0.0f;
+  for (int s = 0; s < p.num_splits; ++s) {
+    const long part = s * rows + row;
+    const float ms = ml_part[part * 2];
+    if (ms == -INFINITY) continue;  // no kept key in this split (its o is 0)
+    const float w = exp(ms - M);
+    L += w * ml_part[part * 2 + 1];
+    for (int e = 0; e < EV; ++e) acc[e] += w * o_part[part * DV + int(lane) * EV + e];
+  }
+  const float inv = L == 0.0f ? 0.0f : 1.0f / L;
+  for (int e = 0; e < EV; ++e) out[row * DV + int(lane) * EV + e] = static_cast<T>(acc[e] * inv);
+  if (lane == 0) lse[row] = L == 0.0f ? -INFINITY : M + log(L);
+}
+
+// ---- backward: dq (k and v are constants) ----
+// tg_dq: R * DQK floats.
+template <typename T, typename ST, typename MT, int DQK, int DV, int BITS, int GS, int R, int NSG>
+inline void quant_attention_backward_dq(
+    int feat, const device T* q, const device uint32_t* kw, const device ST* ks, const device ST* kb,
+    const device uint32_t* vw, const device ST* vs, const device ST* vb, const device T* dout,
+    const device float* lse, const device float* delta, const device MT* mask, const device float* alibi,
+    const device int* iparams, const device float* fparams, device T* dq, threadgroup float* tg_dq,
+    uint3 tgid, uint sg, uint lane) {
+  constexpr int EK = DQK / 32, EV = DV / 32;
+  constexpr int KW = DQK * BITS / 32, VW = DV * BITS / 32;
+  const QParams p = read_qparams(iparams, fparams);
+  const QRules<MT> rules{feat, p, mask, alibi};
+  const int b = int(tgid.y) / p.heads_kv, hkv = int(tgid.y) % p.heads_kv;
+
+  QRow rows[R];
+  float qr[R][EK], dor[R][EV], acc[R][EK], lse_r[R], delta_r[R];
+  int lo = p.nk, hi = -1;
+  for (int r = 0; r < R; ++r) {
+    rows[r] = packed_row(p, b, hkv, int(tgid.x) * R + r);
+    const bool v = rows[r].valid;
+    for (int e = 0; e < EK; ++e) {
+      qr[r][e] = v ? float(q[rows[r].flat * DQK + int(lane) * EK + e]) : 0.0f;
+      acc[r][e] = 0.0f;
+    }
+    for (int e = 0; e < EV; ++e) dor[r][e] = v ? float(dout[rows[r].flat * DV + int(lane) * EV + e]) : 0.0f;
+    lse_r[r] = v ? lse[rows[r].flat] : -INFINITY;
+    delta_r[r] = v ? delta[rows[r].flat] : 0.0f;
+    // A row that kept no key (lse = -inf) has no gradient: skip its keys.
+    if (v && lse_r[r] != -INFINITY) {
+      lo = min(lo, rules.key_lo(rows[r].i));
+      hi = max(hi, rules.key_hi(rows[r].i));
+    }
+  }
+
+  float kx[EK], vx[EV];
+  for (int j = lo + int(sg); j <= hi; j += NSG) {
+    const long krow = kv_row(p, b, hkv, j, KW), ksrow = kv_row(p, b, hkv, j, DQK / GS);
+    dequant_slice<BITS, GS, EK>(kw + krow, ks + ksrow, kb + ksrow, int(lane) * EK, kx);
+    float x[R], dc[R];
+    bool any = false;
+    for (int r = 0; r < R; ++r) {
+      float part = 0.0f;
+      for (int e = 0; e < EK; ++e) part += qr[r][e] * kx[e];
+      const float raw = simd_sum(part);
+      x[r] = (rows[r].valid && lse_r[r] != -INFINITY) ? rules.apply(raw, b, rows[r].h, rows[r].i, j, dc[r])
+                                                       : -INFINITY;
+      any = any || x[r] != -INFINITY;
+    }
+    if (!any) continue;
+    const long vrow = kv_row(p, b, hkv, j, VW), vsrow = kv_row(p, b, hkv, j, DV / GS);
+    dequant_slice<BITS, GS, EV>(vw + vrow, vs + vsrow, vb + vsrow, int(lane) * EV, vx);
+    for (int r = 0; r < R; ++r) {
+      // uniform over the simdgroup (x is); simd_sum below needs every lane
+      if (x[r] == -INFINITY) continue;
+      float part = 0.0f;
+      for (int e = 0; e < EV; ++e) part += dor[r][e] * vx[e];
+      const float dp = simd_sum(part);
+      const float ds = exp(x[r] - lse_r[r]) * (dp - delta_r[r]) * dc[r];
+      for (int e = 0; e < EK; ++e) acc[r][e] += ds * kx[e];
+    }
+  }
+
+  // Sum the simdgroups' partial dq rows, one simdgroup at a time.
+  for (int s = 0; s < NSG; ++s) {
+    if (int(sg) == s) {
+      for (int r = 0; r < R; ++r)
+        for (int e = 0; e < EK; ++e) {
+          const int at = r * DQK + int(lane) * EK + e;
+          tg_dq[at] = s == 0 ? acc[r][e] : tg_dq[at] + acc[r][e];
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  if (sg != 0) return;
+  for (int r = 0; r < R; ++r) {
+    if (!rows[r].valid) continue;
+    for (int e = 0; e < EK; ++e)
+      dq[rows[r].flat * DQK + int(lane) * EK + e] = static_cast<T>(p.scale * tg_dq[r * DQK + int(lane) * EK + e]);
+  }
+}
+
+}  // namespace mlxq
+
+#endif  // MLXF_ATTENTION_QUANT_H
