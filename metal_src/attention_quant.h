@@ -413,6 +413,199 @@ inline void quant_attention_backward_dq(
   }
 }
 
+// ---- prefill: query tiles against dequantized K/V tiles ----
+// A threadgroup owns 8 * NSG packed rows (8 per simdgroup) and walks key
+// tiles of BK keys: all its threads dequantize the K tile into threadgroup
+// memory (fp32, the only full-precision copy: O(tile)), each simdgroup
+// computes its 8 x BK scores with simdgroup_matrix products from its q
+// fragments (registers), applies the rules per element, runs the online
+// softmax; then the V tile replaces the K tile and O += P V, again on
+// simdgroup_matrix. Dropped keys are removed from S by selects; a V tile
+// holding a NaN/inf value (only possible from non-finite scales/biases)
+// takes an exact element path in which only kept keys touch each row.
+
+// Lane l owns row frag_row(l) and columns frag_col(l), +1 of an 8x8 fragment
+// (Apple's simdgroup_matrix layout); lanes sharing a row differ in bits 0 and 3.
+inline short frag_row(ushort lane) { return short(((lane >> 2) & 4) + ((lane >> 1) & 3)); }
+inline short frag_col(ushort lane) { return short((((lane >> 2) & 2) << 1) + ((lane & 1) << 1)); }
+
+inline void frag_mma(thread float2& d, float2 a, float2 b) {
+  simdgroup_matrix<float, 8, 8> A, B, D;
+  A.thread_elements()[0] = a.x;
+  A.thread_elements()[1] = a.y;
+  B.thread_elements()[0] = b.x;
+  B.thread_elements()[1] = b.y;
+  D.thread_elements()[0] = d.x;
+  D.thread_elements()[1] = d.y;
+  simdgroup_multiply_accumulate(D, A, B, D);
+  d = float2(D.thread_elements()[0], D.thread_elements()[1]);
+}
+
+inline float frag_row_max(float x) {
+  x = nan_max(x, simd_shuffle_xor(x, ushort(1)));
+  return nan_max(x, simd_shuffle_xor(x, ushort(8)));
+}
+
+inline float frag_row_sum(float x) {
+  x += simd_shuffle_xor(x, ushort(1));
+  return x + simd_shuffle_xor(x, ushort(8));
+}
+
+// Rows [j0, j0 + BK) of one quantized operand, dequantized to fp32 into a
+// [BK][ld] tile by all threads (zero past the last key). Returns false if
+// any value this thread wrote is NaN or inf.
+template <int BITS, int GS, int D, int BK, typename ST>
+inline bool dequant_tile_into(threadgroup float* tile, int ld, QParams p, int b, int hkv, int j0,
+                              const device uint32_t* w, const device ST* sc, const device ST* bi, uint tid,
+                              uint nthreads) {
+  constexpr int W = D * BITS / 32;
+  constexpr int PER = 8;  // values per thread step: one scale/bias pair, a few words
+  bool finite = true;
+  for (int e = int(tid); e < BK * D / PER; e += int(nthreads)) {
+    const int jj = e / (D / PER), c0 = (e % (D / PER)) * PER;
+    const int j = j0 + jj;
+    float vals[PER];
+    if (j < p.nk) {
+      const long wr = kv_row(p, b, hkv, j, W), sr = kv_row(p, b, hkv, j, D / GS);
+      dequant_slice<BITS, GS, PER>(w + wr, sc + sr, bi + sr, c0, vals);
+    } else {
+      for (int t = 0; t < PER; ++t) vals[t] = 0.0f;
+    }
+    for (int t = 0; t < PER; ++t) {
+      finite = finite && isfinite(vals[t]);
+      tile[jj * ld + c0 + t] = vals[t];
+    }
+  }
+  return finite;
+}
+
+constexpr int qtile_ld(int d) { return d + 4; }  // +4 floats: column reads of consecutive rows hit other banks
+
+template <typename T, typename ST, typename MT, int DQK, int DV, int BITS, int GS, int BK, int NSG>
+inline void quant_attention_forward_tiled(
+    int feat, const device T* q, const device uint32_t* kw, const device ST* ks, const device ST* kb,
+    const device uint32_t* vw, const device ST* vs, const device ST* vb, const device MT* mask,
+    const device float* alibi, const device float* sinks, const device int* iparams,
+    const device float* fparams, device T* out, device float* lse, threadgroup float* kv_tile,
+    threadgroup float* logit_tile, threadgroup int* tg_flag, uint3 tgid, uint sg, uint lane) {
+  constexpr int FK = DQK / 8, FV = DV / 8, FB = BK / 8;
+  constexpr int LD = qtile_ld(DQK > DV ? DQK : DV);
+  const QParams p = read_qparams(iparams, fparams);
+  const QRules<MT> rules{feat, p, mask, alibi};
+  const int b = int(tgid.y) / p.heads_kv, hkv = int(tgid.y) % p.heads_kv;
+  const uint tid = sg * 32 + lane, nthreads = NSG * 32;
+  const short fr = frag_row(ushort(lane)), fc = frag_col(ushort(lane));
+  const QRow row = packed_row(p, b, hkv, int(tgid.x) * 8 * NSG + int(sg) * 8 + fr);
+
+  // Keys any row of this threadgroup may keep (same answer in every thread).
+  int lo = p.nk, hi = -1;
+  for (int r = 0; r < 8 * NSG; ++r) {
+    const QRow rr = packed_row(p, b, hkv, int(tgid.x) * 8 * NSG + r);
+    if (rr.valid) {
+      lo = min(lo, rules.key_lo(rr.i));
+      hi = max(hi, rules.key_hi(rr.i));
+    }
+  }
+
+  float2 qf[FK];  // this simdgroup's 8 q rows, as A fragments
+  for (int f = 0; f < FK; ++f) {
+    const device T* src = q + row.flat * DQK + f * 8 + fc;
+    qf[f] = row.valid ? float2(float(src[0]), float(src[1])) : float2(0.0f);
+  }
+  float2 o[FV];
+  for (int f = 0; f < FV; ++f) o[f] = float2(0.0f);
+  float m = -INFINITY, l = 0.0f;
+  threadgroup float* my_logits = logit_tile + int(sg) * 8 * BK;
+
+  for (int j0 = (hi >= lo ? lo / BK * BK : p.nk); j0 <= hi; j0 += BK) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    dequant_tile_into<BITS, GS, DQK, BK>(kv_tile, LD, p, b, hkv, j0, kw, ks, kb, tid, nthreads);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    // S = Q K^T (raw dot products), then the rules per element.
+    float2 x[FB];
+    float tile_max = -INFINITY;
+    for (int kf = 0; kf < FB; ++kf) {
+      float2 acc = float2(0.0f);
+      for (int f = 0; f < FK; ++f) {
+        // K^T fragment: (dim r, key c) = tile[(kf * 8 + c) * LD + f * 8 + r]
+        const int key = kf * 8 + fc, dim = f * 8 + fr;
+        const float2 kt = float2(kv_tile[key * LD + dim], kv_tile[(key + 1) * LD + dim]);
+        frag_mma(acc, qf[f], kt);
+      }
+      float dcap;
+      const int j = j0 + kf * 8 + fc;
+      x[kf].x = (row.valid && j < p.nk) ? rules.apply(acc.x, b, row.h, row.i, j, dcap) : -INFINITY;
+      x[kf].y = (row.valid && j + 1 < p.nk) ? rules.apply(acc.y, b, row.h, row.i, j + 1, dcap) : -INFINITY;
+      tile_max = nan_max(tile_max, nan_max(x[kf].x, x[kf].y));
+    }
+    const float m_new = nan_max(m, frag_row_max(tile_max));
+    // Nothing kept in this row so far: p = 0 (a select), state unchanged.
+    const bool live = m_new != -INFINITY;
+    const float alpha = live ? exp(m - m_new) : 1.0f;
+    float psum = 0.0f;
+    for (int kf = 0; kf < FB; ++kf) {
+      // The logits (-inf = dropped) for the exact path below.
+      my_logits[fr * BK + kf * 8 + fc] = x[kf].x;
+      my_logits[fr * BK + kf * 8 + fc + 1] = x[kf].y;
+      x[kf].x = (live && x[kf].x != -INFINITY) ? exp(x[kf].x - m_new) : 0.0f;  // now p
+      x[kf].y = (live && x[kf].y != -INFINITY) ? exp(x[kf].y - m_new) : 0.0f;
+      psum += x[kf].x + x[kf].y;
+    }
+    l = l * alpha + frag_row_sum(psum);
+    m = live ? m_new : m;
+    for (int f = 0; f < FV; ++f) o[f] *= alpha;
+
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (tid == 0) tg_flag[0] = 0;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (!dequant_tile_into<BITS, GS, DV, BK>(kv_tile, LD, p, b, hkv, j0, vw, vs, vb, tid, nthreads)) tg_flag[0] = 1;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (tg_flag[0] == 0) {
+      // Finite V: dropped keys have p = 0 exactly, so the plain product is exact.
+      for (int kf = 0; kf < FB; ++kf)
+        for (int f = 0; f < FV; ++f) {
+          // V fragment: (key r, dim c) = tile[(kf * 8 + r) * LD + f * 8 + c]
+          const int at = (kf * 8 + fr) * LD + f * 8 + fc;
+          frag_mma(o[f], x[kf], float2(kv_tile[at], kv_tile[at + 1]));
+        }
+    } else {
+      // A NaN/inf value in this tile: each output element sums its row's kept
+      // keys only (a kept key's p may be 0 and still give NaN * 0 = NaN, as IEEE).
+      simdgroup_barrier(mem_flags::mem_threadgroup);
+      for (int f = 0; f < FV; ++f)
+        for (int t = 0; t < 2; ++t) {
+          float acc = t == 0 ? o[f].x : o[f].y;
+          for (int c = 0; c < BK; ++c) {
+            const float xc = my_logits[fr * BK + c];
+            if (xc == -INFINITY) continue;  // dropped (or padding): its v is never read
+            acc += exp(xc - m) * kv_tile[c * LD + f * 8 + fc + t];
+          }
+          if (t == 0) o[f].x = acc; else o[f].y = acc;
+        }
+    }
+  }
+
+  // Sinks, normalisation; a row with no kept key (sum exactly 0) gives out 0, lse -inf.
+  if (!row.valid) return;
+  if (feat & QF_SINKS) {
+    const float sink = sinks[row.h];
+    if (sink != -INFINITY) {
+      const float M = nan_max(m, sink);
+      const float a = m == -INFINITY ? 0.0f : exp(m - M);
+      l = l * a + exp(sink - M);
+      for (int f = 0; f < FV; ++f) o[f] *= a;
+      m = M;
+    }
+  }
+  const float inv = l == 0.0f ? 0.0f : 1.0f / l;
+  for (int f = 0; f < FV; ++f) {
+    device T* dst = out + row.flat * DV + f * 8 + fc;
+    dst[0] = static_cast<T>(o[f].x * inv);
+    dst[1] = static_cast<T>(o[f].y * inv);
+  }
+  if ((lane & 9) == 0) lse[row.flat] = l == 0.0f ? -INFINITY : m + log(l);
+}
+
 }  // namespace mlxq
 
 #endif  // MLXF_ATTENTION_QUANT_H

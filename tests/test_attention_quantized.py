@@ -22,6 +22,24 @@ GROUPS = (32, 64, 128)
 pytestmark = pytest.mark.usefixtures("cpu_default_device")
 
 
+@pytest.fixture(params=["cpu", "cuda", "metal:stream", "metal:tiled", "metal_emu:stream", "metal_emu:tiled"])
+def backend(request, monkeypatch):
+    """The backends with their forward paths: Metal's streaming kernel (decode:
+    registers only, key splits) and its tiled one (prefill) are each forced
+    here whatever the size; skipped where the backend cannot run."""
+    import backends
+
+    name, _, path = request.param.partition(":")
+    reason = backends.skip_reason(name)
+    if reason:
+        pytest.skip(reason)
+    if path:
+        from mlx_flash.backends import metal_quant
+
+        monkeypatch.setattr(metal_quant, "TILE_MIN_ROWS", 1 if path == "tiled" else 1 << 30)
+    return name
+
+
 def quantized_case(key, B, Hq, Hkv, Nq, Nk, D, Dv=None, dtype=mx.float32, bits=4, group_size=64):
     """q, the k/v triples, and the dequantized k/v the reference reads."""
     gen = rng("quantized", *key)

@@ -2,9 +2,11 @@
 over metal_src/attention_quant.h (see that header for the design).
 
 Call flow:
-  forward:  quant_attention_fwd -> out, lse
-            (few row blocks, long keys: quant_attention_fwd split over keys
-             writes partials, quant_attention_combine merges them by lse)
+  forward:  prefill (>= TILE_MIN_ROWS packed rows per kv head):
+              quant_attention_fwd_tiled -> out, lse
+            decode (fewer rows): quant_attention_fwd -> out, lse, or with few
+              row blocks and long keys split over keys: partials merged by
+              quant_attention_combine
   backward: quant_attention_dq -> dq   (k and v are constants)
 
 Static choices (dtypes, head dims, bits, group size, rows per threadgroup,
@@ -43,6 +45,15 @@ NSG = 4  # simdgroups streaming keys in one threadgroup
 SPLIT_TARGET_GROUPS = 256
 SPLIT_MIN_KEYS = 64
 
+# Prefill: packed rows (G * Nq) from which the tiled kernel (32 rows per
+# threadgroup, K/V tiles in threadgroup memory, simdgroup_matrix products)
+# replaces the streaming one (8 rows per threadgroup, registers only).
+TILE_MIN_ROWS = 32
+TILE_NSG = 4
+# Threadgroup memory the tiled kernel aims at (of the 32 KiB a threadgroup
+# may use): one fp32 K-or-V tile plus the logits of every simdgroup.
+_TILE_BUDGET = 24 * 1024
+
 _MIN_DEVICE_ELEMS = 8  # smaller inputs are passed in the constant address space
 
 _ARGS = "threadgroup_position_in_grid, simdgroup_index_in_threadgroup, thread_index_in_simdgroup"
@@ -57,6 +68,17 @@ _BODIES = {
             "threadgroup float tg_out[R * DV];\n"
             "mlxq::quant_attention_forward<T, ST, MT, DQK, DV, BITS, GS, R, NSG>(FEAT, q, kw, ks, kb, vw, vs, vb,\n"
             "    mask, alibi, sinks, iparams, fparams, out, lse, o_part, ml_part, tg_stats, tg_out, " + _ARGS + ");\n"
+        ),
+    ),
+    "quant_attention_fwd_tiled": dict(
+        inputs=("q",) + _QUANT + ("mask", "alibi", "sinks", "iparams", "fparams"),
+        outputs=("out", "lse"),
+        source=(
+            "threadgroup float kv_tile[BK * mlxq::qtile_ld(DQK > DV ? DQK : DV)];\n"
+            "threadgroup float logit_tile[NSG * 8 * BK];\n"
+            "threadgroup int tg_flag[1];\n"
+            "mlxq::quant_attention_forward_tiled<T, ST, MT, DQK, DV, BITS, GS, BK, NSG>(FEAT, q, kw, ks, kb, vw,\n"
+            "    vs, vb, mask, alibi, sinks, iparams, fparams, out, lse, kv_tile, logit_tile, tg_flag, " + _ARGS + ");\n"
         ),
     ),
     "quant_attention_combine": dict(
@@ -188,6 +210,27 @@ def _static_template(q, k, qspec, mask):
             ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("R", ROWS), ("NSG", NSG)]
 
 
+def tile_keys(head_dim_qk: int, head_dim_v: int) -> int:
+    """Keys per tile of the tiled forward: 32, or 16 where that does not fit the budget."""
+    ld = max(head_dim_qk, head_dim_v) + 4  # mirrors mlxq::qtile_ld
+    return 32 if (32 * ld + TILE_NSG * 8 * 32) * 4 <= _TILE_BUDGET else 16
+
+
+def _tiled_forward(q, k, v, qspec, inputs, stream, out_shape):
+    spec = qspec.attention
+    mask = _optional(inputs.mask, mx.float32)
+    alibi, sinks = _optional(inputs.alibi, mx.float32), _optional(inputs.sinks, mx.float32)
+    template = _static_template(q, k, qspec, mask)
+    template = [t for t in template if t[0] not in ("R", "NSG")] + [
+        ("BK", tile_keys(spec.head_dim_qk, spec.head_dim_v)), ("NSG", TILE_NSG), ("FEAT", _features(spec))]
+    blocks = -(-spec.group_size * spec.seqlen_q // (8 * TILE_NSG))
+    return _call(
+        "quant_attention_fwd_tiled", [q, *k, *v, mask, alibi, sinks, _int_params(spec, inputs), _float_params(spec)],
+        template, grid=(32 * TILE_NSG * blocks, spec.batch * spec.heads_kv, 1), threadgroup=(32 * TILE_NSG, 1, 1),
+        output_shapes=[out_shape, out_shape[:3]], output_dtypes=[q.dtype, mx.float32], stream=stream,
+    )
+
+
 def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream):
     """(out, lse) from the (data, scales, biases) triples k, v; see dispatch.py."""
     spec = qspec.attention
@@ -196,6 +239,9 @@ def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream)
     lse_shape = out_shape[:3]
     if math.prod(lse_shape) == 0:
         return mx.zeros(out_shape, q.dtype), mx.full(lse_shape, -mx.inf, mx.float32)
+    if spec.group_size * spec.seqlen_q >= TILE_MIN_ROWS:
+        out, lse = _tiled_forward(q, k, v, qspec, inputs, stream, out_shape)
+        return out, lse
     feat = _features(spec)
     splits, per = _splits(spec)
     if splits > 1:
