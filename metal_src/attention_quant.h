@@ -606,6 +606,118 @@ inline void quant_attention_forward_tiled(
   if ((lane & 9) == 0) lse[row.flat] = l == 0.0f ? -INFINITY : m + log(l);
 }
 
+// Prefill backward, dq only: the tiled forward's layout. Per key tile: the V
+// tile gives dP = dO V^T, then the K tile (same buffer) gives S = Q K^T,
+// P = exp(S - lse), dS = P (dP - delta) (x softcap's chain rule; dropped
+// pairs 0 by a select) and dq += dS K, all on simdgroup_matrix. A K tile
+// holding a NaN/inf value takes an exact element path for dq += dS K.
+template <typename T, typename ST, typename MT, int DQK, int DV, int BITS, int GS, int BK, int NSG>
+inline void quant_attention_backward_dq_tiled(
+    int feat, const device T* q, const device uint32_t* kw, const device ST* ks, const device ST* kb,
+    const device uint32_t* vw, const device ST* vs, const device ST* vb, const device T* dout,
+    const device float* lse, const device float* delta, const device MT* mask, const device float* alibi,
+    const device int* iparams, const device float* fparams, device T* dq, threadgroup float* kv_tile,
+    threadgroup float* logit_tile, threadgroup float* ds_tile, threadgroup int* tg_flag, uint3 tgid, uint sg,
+    uint lane) {
+  constexpr int FK = DQK / 8, FV = DV / 8, FB = BK / 8;
+  constexpr int LD = qtile_ld(DQK > DV ? DQK : DV);
+  const QParams p = read_qparams(iparams, fparams);
+  const QRules<MT> rules{feat, p, mask, alibi};
+  const int b = int(tgid.y) / p.heads_kv, hkv = int(tgid.y) % p.heads_kv;
+  const uint tid = sg * 32 + lane, nthreads = NSG * 32;
+  const short fr = frag_row(ushort(lane)), fc = frag_col(ushort(lane));
+  const QRow row = packed_row(p, b, hkv, int(tgid.x) * 8 * NSG + int(sg) * 8 + fr);
+  const float row_lse = row.valid ? lse[row.flat] : -INFINITY;
+  const float row_delta = row.valid ? delta[row.flat] : 0.0f;
+  // A row that kept no key (lse = -inf) has no gradient.
+  const bool row_live = row.valid && row_lse != -INFINITY;
+
+  int lo = p.nk, hi = -1;
+  for (int r = 0; r < 8 * NSG; ++r) {
+    const QRow rr = packed_row(p, b, hkv, int(tgid.x) * 8 * NSG + r);
+    if (rr.valid) {
+      lo = min(lo, rules.key_lo(rr.i));
+      hi = max(hi, rules.key_hi(rr.i));
+    }
+  }
+
+  float2 qf[FK], dof[FV], acc[FK];
+  for (int f = 0; f < FK; ++f) {
+    const device T* src = q + row.flat * DQK + f * 8 + fc;
+    qf[f] = row.valid ? float2(float(src[0]), float(src[1])) : float2(0.0f);
+    acc[f] = float2(0.0f);
+  }
+  for (int f = 0; f < FV; ++f) {
+    const device T* src = dout + row.flat * DV + f * 8 + fc;
+    dof[f] = row.valid ? float2(float(src[0]), float(src[1])) : float2(0.0f);
+  }
+  threadgroup float* my_logits = logit_tile + int(sg) * 8 * BK;
+  threadgroup float* my_ds = ds_tile + int(sg) * 8 * BK;
+
+  for (int j0 = (hi >= lo ? lo / BK * BK : p.nk); j0 <= hi; j0 += BK) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    dequant_tile_into<BITS, GS, DV, BK>(kv_tile, LD, p, b, hkv, j0, vw, vs, vb, tid, nthreads);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float2 dpv[FB];  // dP = dO V^T
+    for (int kf = 0; kf < FB; ++kf) {
+      dpv[kf] = float2(0.0f);
+      for (int f = 0; f < FV; ++f) {
+        const int key = kf * 8 + fc, dim = f * 8 + fr;
+        frag_mma(dpv[kf], dof[f], float2(kv_tile[key * LD + dim], kv_tile[(key + 1) * LD + dim]));
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (tid == 0) tg_flag[0] = 0;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (!dequant_tile_into<BITS, GS, DQK, BK>(kv_tile, LD, p, b, hkv, j0, kw, ks, kb, tid, nthreads)) tg_flag[0] = 1;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float2 dsv[FB];
+    for (int kf = 0; kf < FB; ++kf) {
+      float2 sacc = float2(0.0f);
+      for (int f = 0; f < FK; ++f) {
+        const int key = kf * 8 + fc, dim = f * 8 + fr;
+        frag_mma(sacc, qf[f], float2(kv_tile[key * LD + dim], kv_tile[(key + 1) * LD + dim]));
+      }
+      const int j = j0 + kf * 8 + fc;
+      for (int t = 0; t < 2; ++t) {
+        float dcap = 1.0f;
+        const float raw = t == 0 ? sacc.x : sacc.y;
+        const float x = (row_live && j + t < p.nk) ? rules.apply(raw, b, row.h, row.i, j + t, dcap) : -INFINITY;
+        const float dp = t == 0 ? dpv[kf].x : dpv[kf].y;
+        const float ds = x == -INFINITY ? 0.0f : exp(x - row_lse) * (dp - row_delta) * dcap;
+        my_logits[fr * BK + kf * 8 + fc + t] = x;
+        my_ds[fr * BK + kf * 8 + fc + t] = ds;
+        if (t == 0) dsv[kf].x = ds; else dsv[kf].y = ds;
+      }
+    }
+    if (tg_flag[0] == 0) {
+      // Finite K: dropped pairs have dS = 0 exactly, so the plain product is exact.
+      for (int kf = 0; kf < FB; ++kf)
+        for (int f = 0; f < FK; ++f) {
+          const int at = (kf * 8 + fr) * LD + f * 8 + fc;
+          frag_mma(acc[f], dsv[kf], float2(kv_tile[at], kv_tile[at + 1]));
+        }
+    } else {
+      simdgroup_barrier(mem_flags::mem_threadgroup);
+      for (int f = 0; f < FK; ++f)
+        for (int t = 0; t < 2; ++t) {
+          float a = t == 0 ? acc[f].x : acc[f].y;
+          for (int c = 0; c < BK; ++c) {
+            if (my_logits[fr * BK + c] == -INFINITY) continue;  // dropped: its k is never read
+            a += my_ds[fr * BK + c] * kv_tile[c * LD + f * 8 + fc + t];
+          }
+          if (t == 0) acc[f].x = a; else acc[f].y = a;
+        }
+    }
+  }
+  if (!row.valid) return;
+  for (int f = 0; f < FK; ++f) {
+    device T* dst = dq + row.flat * DQK + f * 8 + fc;
+    dst[0] = static_cast<T>(p.scale * acc[f].x);
+    dst[1] = static_cast<T>(p.scale * acc[f].y);
+  }
+}
+
 }  // namespace mlxq
 
 #endif  // MLXF_ATTENTION_QUANT_H

@@ -81,6 +81,19 @@ _BODIES = {
             "    vs, vb, mask, alibi, sinks, iparams, fparams, out, lse, kv_tile, logit_tile, tg_flag, " + _ARGS + ");\n"
         ),
     ),
+    "quant_attention_dq_tiled": dict(
+        inputs=("q",) + _QUANT + ("dout", "lse", "delta", "mask", "alibi", "iparams", "fparams"),
+        outputs=("dq",),
+        source=(
+            "threadgroup float kv_tile[BK * mlxq::qtile_ld(DQK > DV ? DQK : DV)];\n"
+            "threadgroup float logit_tile[NSG * 8 * BK];\n"
+            "threadgroup float ds_tile[NSG * 8 * BK];\n"
+            "threadgroup int tg_flag[1];\n"
+            "mlxq::quant_attention_backward_dq_tiled<T, ST, MT, DQK, DV, BITS, GS, BK, NSG>(FEAT, q, kw, ks, kb,\n"
+            "    vw, vs, vb, dout, lse, delta, mask, alibi, iparams, fparams, dq, kv_tile, logit_tile, ds_tile,\n"
+            "    tg_flag, " + _ARGS + ");\n"
+        ),
+    ),
     "quant_attention_combine": dict(
         inputs=("o_part", "ml_part", "sinks", "iparams", "fparams"),
         outputs=("out", "lse"),
@@ -213,17 +226,27 @@ def _static_template(q, k, qspec, mask):
 def tile_keys(head_dim_qk: int, head_dim_v: int) -> int:
     """Keys per tile of the tiled forward: 32, or 16 where that does not fit the budget."""
     ld = max(head_dim_qk, head_dim_v) + 4  # mirrors mlxq::qtile_ld
-    return 32 if (32 * ld + TILE_NSG * 8 * 32) * 4 <= _TILE_BUDGET else 16
+    # the dq kernel also keeps dS: 2 logit-sized arrays
+    return 32 if (32 * ld + 2 * TILE_NSG * 8 * 32) * 4 <= _TILE_BUDGET else 16
+
+
+def _tiled(qspec, q, k, mask, feat):
+    """(template, tile row blocks) of the tiled kernels."""
+    spec = qspec.attention
+    template = [t for t in _static_template(q, k, qspec, mask) if t[0] not in ("R", "NSG")] + [
+        ("BK", tile_keys(spec.head_dim_qk, spec.head_dim_v)), ("NSG", TILE_NSG), ("FEAT", feat)]
+    return template, -(-spec.group_size * spec.seqlen_q // (8 * TILE_NSG))
+
+
+def _use_tiles(spec) -> bool:
+    return spec.group_size * spec.seqlen_q >= TILE_MIN_ROWS
 
 
 def _tiled_forward(q, k, v, qspec, inputs, stream, out_shape):
     spec = qspec.attention
     mask = _optional(inputs.mask, mx.float32)
     alibi, sinks = _optional(inputs.alibi, mx.float32), _optional(inputs.sinks, mx.float32)
-    template = _static_template(q, k, qspec, mask)
-    template = [t for t in template if t[0] not in ("R", "NSG")] + [
-        ("BK", tile_keys(spec.head_dim_qk, spec.head_dim_v)), ("NSG", TILE_NSG), ("FEAT", _features(spec))]
-    blocks = -(-spec.group_size * spec.seqlen_q // (8 * TILE_NSG))
+    template, blocks = _tiled(qspec, q, k, mask, _features(spec))
     return _call(
         "quant_attention_fwd_tiled", [q, *k, *v, mask, alibi, sinks, _int_params(spec, inputs), _float_params(spec)],
         template, grid=(32 * TILE_NSG * blocks, spec.batch * spec.heads_kv, 1), threadgroup=(32 * TILE_NSG, 1, 1),
@@ -239,7 +262,7 @@ def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream)
     lse_shape = out_shape[:3]
     if math.prod(lse_shape) == 0:
         return mx.zeros(out_shape, q.dtype), mx.full(lse_shape, -mx.inf, mx.float32)
-    if spec.group_size * spec.seqlen_q >= TILE_MIN_ROWS:
+    if _use_tiles(spec):
         out, lse = _tiled_forward(q, k, v, qspec, inputs, stream, out_shape)
         return out, lse
     feat = _features(spec)
@@ -278,10 +301,17 @@ def quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs: Atten
     feat = _features(spec) & ~QF_SINKS  # the saved lse already holds the sinks
     mask = _optional(inputs.mask, mx.float32)
     alibi = _optional(inputs.alibi, mx.float32)
+    ins = [q, *k, *v, dout.astype(q.dtype), lse, delta.astype(mx.float32), mask, alibi,
+           _int_params(spec, inputs), _float_params(spec)]
+    if _use_tiles(spec):
+        template, blocks = _tiled(qspec, q, k, mask, feat)
+        (dq,) = _call("quant_attention_dq_tiled", ins, template,
+                      grid=(32 * TILE_NSG * blocks, spec.batch * spec.heads_kv, 1),
+                      threadgroup=(32 * TILE_NSG, 1, 1), output_shapes=[list(q.shape)], output_dtypes=[q.dtype],
+                      stream=stream)
+        return dq
     (dq,) = _call(
-        "quant_attention_dq",
-        [q, *k, *v, dout.astype(q.dtype), lse, delta.astype(mx.float32), mask, alibi,
-         _int_params(spec, inputs), _float_params(spec)],
+        "quant_attention_dq", ins,
         _static_template(q, k, qspec, mask) + [("FEAT", feat)],
         grid=(32 * NSG * _row_blocks(spec), spec.batch * spec.heads_kv, 1), threadgroup=(32 * NSG, 1, 1),
         output_shapes=[list(q.shape)], output_dtypes=[q.dtype], stream=stream,
