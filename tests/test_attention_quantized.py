@@ -438,3 +438,61 @@ def test_float32_q_over_a_half_precision_cache(cache_dtype, backend):
     want = expected(q, kd, vd, causal=True)
     # The kernel dequantizes in fp32, mx.dequantize rounds to the half dtype: allow that rounding.
     assert reference_error("out", got["out"], want) < (2e-3 if cache_dtype == mx.float16 else 1.6e-2)
+
+
+# ---- non-finite contract (issue 13) ------------------------------------------------
+
+def _nonfinite_case(case):
+    """q, k/v triples with NaN/inf planted (in q, a scale, the mask, a sink,
+    an ALiBi slope), the dequantized k/v and the options."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 11, 37, 32
+    q, kq, vq, _, _ = quantized_case(("nonfinite", case), B, Hq, Hkv, Nq, Nk, D, group_size=32)
+    gen = rng("quantized-nonfinite", case)
+    qn, ks, vs = np.array(q), np.array(kq[1]), np.array(vq[1])
+    opts = {"causal": True}
+    if case == "nan_q_row_masked":
+        keep = gen.random((Nq, Nk)) < 0.8
+        keep[0] = False  # row 0 sees nothing: its NaN q must not matter
+        qn[0, 2, 0] = np.nan
+        qn[0, 1, 5, 3] = np.nan
+        opts["mask"] = mx.array(keep)
+    elif case == "nan_k_dropped_and_kept":
+        ks[0, 0, Nk - Nq + 4] = np.nan  # kept from query 4 on (causal), dropped before
+        ks[0, 1, Nk - 1] = np.inf       # kept by the last query only
+    elif case == "inf_v_kept":
+        vs[0, 1, Nk - Nq + 6] = np.inf
+    elif case == "nan_mask_entry":
+        m = gen.standard_normal((1, Hq, Nq, Nk)).astype(np.float32)
+        m[0, 0, 3, 10] = np.nan  # kept (query 3 sees keys 9..29): a NaN row
+        m[0, 0, 4, 2] = np.nan   # dropped by the window: no effect
+        m[0, 1, :, 5] = -np.inf  # -inf: a dropped key
+        m[0, 2, 7, 1] = np.inf   # dropped by the window: no effect
+        m[0, 2, 8, 30] = np.inf  # kept: inf - inf in the softmax, a NaN row
+        opts = {"mask": mx.array(m), "window": (20, 0)}
+    elif case == "nan_and_inf_sinks_and_alibi":
+        opts["sinks"] = mx.array([np.nan, np.inf, -np.inf, 0.5], dtype=mx.float32)
+        opts["alibi_slopes"] = mx.array([0.1, 0.2, 0.3, np.nan], dtype=mx.float32)
+    q = mx.array(qn)
+    kq = (kq[0], mx.array(ks), kq[2])
+    vq = (vq[0], mx.array(vs), vq[2])
+    kd, vd = (mx.dequantize(*t, group_size=32, bits=4) for t in (kq, vq))
+    return q, kq, vq, kd, vd, opts
+
+
+@pytest.mark.parametrize("case", ["nan_q_row_masked", "nan_k_dropped_and_kept", "inf_v_kept", "nan_mask_entry",
+                                  "nan_and_inf_sinks_and_alibi"])
+def test_nonfinite_contract(case, backend):
+    """Elementwise against the float64 reference (which implements the contract):
+    NaN exactly where it is NaN, the same inf, the usual tolerance elsewhere."""
+    from test_attention_nonfinite import check_elementwise
+
+    q, kq, vq, kd, vd, opts = _nonfinite_case(case)
+    dout = randn(rng("quantized-nonfinite-dout", case), q.shape)
+    got = run(q, kq, vq, 4, 32, dout=dout, backend=backend, **dict(opts))
+    want = expected(q, kd, vd, dout=dout, **opts)
+    assert np.isnan(want["out"]).any() or np.isinf(want["out"]).any() or np.isneginf(want["lse"]).any(), \
+        "the case must plant something the reference shows"
+    names = ("out", "lse", "dq") + (("dsinks",) if "sinks" in opts else ()) + (
+        ("dmask",) if "mask" in opts and opts["mask"].dtype != mx.bool_ else ())
+    for name in names:
+        check_elementwise(name, got[name], want, mx.float32)
