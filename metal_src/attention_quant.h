@@ -94,19 +94,20 @@ inline float nan_max(float a, float b) { return (isnan(a) || a > b) ? a : b; }
 // ---- dequantization into registers ----
 // The EPL consecutive values of one row starting at value c0 (one lane's
 // slice): codes from the bit stream, then scale * code + bias per group.
+// words/scales/biases point at the row; ws, ss, zs are their last-dim strides.
 template <int BITS, int GS, int EPL, typename ST>
 inline void dequant_slice(const device uint32_t* words, const device ST* scales,
-                          const device ST* biases, int c0, thread float* out) {
+                          const device ST* biases, long ws, long ss, long zs, int c0, thread float* out) {
   constexpr uint32_t MASK = (1u << BITS) - 1u;
 #pragma unroll
   for (int e = 0; e < EPL; ++e) {
     const int c = c0 + e;
     const int bit = c * BITS;
     const int w = bit >> 5, shift = bit & 31;
-    uint32_t x = words[w] >> shift;
-    if (shift + BITS > 32) x |= words[w + 1] << (32 - shift);  // straddles a word (3/5/6 bits)
+    uint32_t x = words[w * ws] >> shift;
+    if (shift + BITS > 32) x |= words[(w + 1) * ws] << (32 - shift);  // straddles a word (3/5/6 bits)
     const int g = c / GS;
-    out[e] = float(scales[g]) * float(x & MASK) + float(biases[g]);
+    out[e] = float(scales[g * ss]) * float(x & MASK) + float(biases[g * zs]);
   }
 }
 
@@ -173,9 +174,33 @@ inline QRow packed_row(QParams p, int b, int hkv, int r) {
   return row;
 }
 
-// Offsets of token row j of (b, hkv) in a contiguous [B, Hkv, Nk, X] buffer.
-inline long kv_row(QParams p, int b, int hkv, int j, int x) {
-  return ((long(b) * p.heads_kv + hkv) * p.nk + j) * long(x);
+// Element strides of one quantized operand's data, scales and biases (MLX's
+// `<name>_strides`: the cache is read through its view, e.g. mlx-lm's
+// [..., :offset, :] slices, never copied).
+struct QStrides {
+  long w[4], s[4], z[4];
+};
+
+inline QStrides make_strides(const constant int64_t* w, const constant int64_t* s, const constant int64_t* z) {
+  QStrides st;
+  for (int a = 0; a < 4; ++a) {
+    st.w[a] = long(w[a]);
+    st.s[a] = long(s[a]);
+    st.z[a] = long(z[a]);
+  }
+  return st;
+}
+
+inline long row_at(const thread long* st, int b, int h, int j) {
+  return long(b) * st[0] + long(h) * st[1] + long(j) * st[2];
+}
+
+// Token row j of (b, hkv), dequantized: EPL values from value c0.
+template <int BITS, int GS, int EPL, typename ST>
+inline void dequant_row_slice(const device uint32_t* w, const device ST* sc, const device ST* bi, QStrides st,
+                              int b, int hkv, int j, int c0, thread float* out) {
+  dequant_slice<BITS, GS, EPL>(w + row_at(st.w, b, hkv, j), sc + row_at(st.s, b, hkv, j),
+                               bi + row_at(st.z, b, hkv, j), st.w[3], st.s[3], st.z[3], c0, out);
 }
 
 // ---- forward ----
@@ -183,13 +208,13 @@ inline long kv_row(QParams p, int b, int hkv, int j, int x) {
 template <typename T, typename ST, typename MT, int DQK, int DV, int BITS, int GS, int R, int NSG>
 inline void quant_attention_forward(
     int feat, const device T* q, const device uint32_t* kw, const device ST* ks, const device ST* kb,
-    const device uint32_t* vw, const device ST* vs, const device ST* vb, const device MT* mask,
+    const device uint32_t* vw, const device ST* vs, const device ST* vb, QStrides ksd, QStrides vsd,
+    const device MT* mask,
     const device float* alibi, const device float* sinks, const device int* iparams,
     const device float* fparams, device T* out, device float* lse, device float* o_part,
     device float* ml_part, threadgroup float* tg_stats, threadgroup float* tg_out, uint3 tgid,
     uint sg, uint lane) {
   constexpr int EK = DQK / 32, EV = DV / 32;
-  constexpr int KW = DQK * BITS / 32, VW = DV * BITS / 32;
   const QParams p = read_qparams(iparams, fparams);
   const QRules<MT> rules{feat, p, mask, alibi};
   const int b = int(tgid.y) / p.heads_kv, hkv = int(tgid.y) % p.heads_kv;
@@ -218,8 +243,7 @@ inline void quant_attention_forward(
 
   float kx[EK], vx[EV];
   for (int j = lo + int(sg); j <= hi; j += NSG) {
-    const long krow = kv_row(p, b, hkv, j, KW), ksrow = kv_row(p, b, hkv, j, DQK / GS);
-    dequant_slice<BITS, GS, EK>(kw + krow, ks + ksrow, kb + ksrow, int(lane) * EK, kx);
+    dequant_row_slice<BITS, GS, EK>(kw, ks, kb, ksd, b, hkv, j, int(lane) * EK, kx);
     float x[R];
     bool any = false;
     for (int r = 0; r < R; ++r) {
@@ -231,8 +255,7 @@ inline void quant_attention_forward(
       any = any || x[r] != -INFINITY;
     }
     if (!any) continue;  // uniform: every lane saw the same logits
-    const long vrow = kv_row(p, b, hkv, j, VW), vsrow = kv_row(p, b, hkv, j, DV / GS);
-    dequant_slice<BITS, GS, EV>(vw + vrow, vs + vsrow, vb + vsrow, int(lane) * EV, vx);
+    dequant_row_slice<BITS, GS, EV>(vw, vs, vb, vsd, b, hkv, j, int(lane) * EV, vx);
     for (int r = 0; r < R; ++r) {
       if (x[r] == -INFINITY) continue;  // dropped: v never touches this row
       const float m_new = nan_max(m[r], x[r]);
@@ -336,12 +359,12 @@ inline void quant_attention_combine(int feat, const device float* o_part, const 
 template <typename T, typename ST, typename MT, int DQK, int DV, int BITS, int GS, int R, int NSG>
 inline void quant_attention_backward_dq(
     int feat, const device T* q, const device uint32_t* kw, const device ST* ks, const device ST* kb,
-    const device uint32_t* vw, const device ST* vs, const device ST* vb, const device T* dout,
+    const device uint32_t* vw, const device ST* vs, const device ST* vb, QStrides ksd, QStrides vsd,
+    const device T* dout,
     const device float* lse, const device float* delta, const device MT* mask, const device float* alibi,
     const device int* iparams, const device float* fparams, device T* dq, threadgroup float* tg_dq,
     uint3 tgid, uint sg, uint lane) {
   constexpr int EK = DQK / 32, EV = DV / 32;
-  constexpr int KW = DQK * BITS / 32, VW = DV * BITS / 32;
   const QParams p = read_qparams(iparams, fparams);
   const QRules<MT> rules{feat, p, mask, alibi};
   const int b = int(tgid.y) / p.heads_kv, hkv = int(tgid.y) % p.heads_kv;
@@ -368,8 +391,7 @@ inline void quant_attention_backward_dq(
 
   float kx[EK], vx[EV];
   for (int j = lo + int(sg); j <= hi; j += NSG) {
-    const long krow = kv_row(p, b, hkv, j, KW), ksrow = kv_row(p, b, hkv, j, DQK / GS);
-    dequant_slice<BITS, GS, EK>(kw + krow, ks + ksrow, kb + ksrow, int(lane) * EK, kx);
+    dequant_row_slice<BITS, GS, EK>(kw, ks, kb, ksd, b, hkv, j, int(lane) * EK, kx);
     float x[R], dc[R];
     bool any = false;
     for (int r = 0; r < R; ++r) {
@@ -381,8 +403,7 @@ inline void quant_attention_backward_dq(
       any = any || x[r] != -INFINITY;
     }
     if (!any) continue;
-    const long vrow = kv_row(p, b, hkv, j, VW), vsrow = kv_row(p, b, hkv, j, DV / GS);
-    dequant_slice<BITS, GS, EV>(vw + vrow, vs + vsrow, vb + vsrow, int(lane) * EV, vx);
+    dequant_row_slice<BITS, GS, EV>(vw, vs, vb, vsd, b, hkv, j, int(lane) * EV, vx);
     for (int r = 0; r < R; ++r) {
       // uniform over the simdgroup (x is); simd_sum below needs every lane
       if (x[r] == -INFINITY) continue;
@@ -456,9 +477,8 @@ inline float frag_row_sum(float x) {
 // any value this thread wrote is NaN or inf.
 template <int BITS, int GS, int D, int BK, typename ST>
 inline bool dequant_tile_into(threadgroup float* tile, int ld, QParams p, int b, int hkv, int j0,
-                              const device uint32_t* w, const device ST* sc, const device ST* bi, uint tid,
-                              uint nthreads) {
-  constexpr int W = D * BITS / 32;
+                              const device uint32_t* w, const device ST* sc, const device ST* bi, QStrides st,
+                              uint tid, uint nthreads) {
   constexpr int PER = 8;  // values per thread step: one scale/bias pair, a few words
   bool finite = true;
   for (int e = int(tid); e < BK * D / PER; e += int(nthreads)) {
@@ -466,8 +486,7 @@ inline bool dequant_tile_into(threadgroup float* tile, int ld, QParams p, int b,
     const int j = j0 + jj;
     float vals[PER];
     if (j < p.nk) {
-      const long wr = kv_row(p, b, hkv, j, W), sr = kv_row(p, b, hkv, j, D / GS);
-      dequant_slice<BITS, GS, PER>(w + wr, sc + sr, bi + sr, c0, vals);
+      dequant_row_slice<BITS, GS, PER>(w, sc, bi, st, b, hkv, j, c0, vals);
     } else {
       for (int t = 0; t < PER; ++t) vals[t] = 0.0f;
     }
@@ -484,7 +503,8 @@ constexpr int qtile_ld(int d) { return d + 4; }  // +4 floats: column reads of c
 template <typename T, typename ST, typename MT, int DQK, int DV, int BITS, int GS, int BK, int NSG>
 inline void quant_attention_forward_tiled(
     int feat, const device T* q, const device uint32_t* kw, const device ST* ks, const device ST* kb,
-    const device uint32_t* vw, const device ST* vs, const device ST* vb, const device MT* mask,
+    const device uint32_t* vw, const device ST* vs, const device ST* vb, QStrides ksd, QStrides vsd,
+    const device MT* mask,
     const device float* alibi, const device float* sinks, const device int* iparams,
     const device float* fparams, device T* out, device float* lse, threadgroup float* kv_tile,
     threadgroup float* logit_tile, threadgroup int* tg_flag, uint3 tgid, uint sg, uint lane) {
@@ -519,7 +539,7 @@ inline void quant_attention_forward_tiled(
 
   for (int j0 = (hi >= lo ? lo / BK * BK : p.nk); j0 <= hi; j0 += BK) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    dequant_tile_into<BITS, GS, DQK, BK>(kv_tile, LD, p, b, hkv, j0, kw, ks, kb, tid, nthreads);
+    dequant_tile_into<BITS, GS, DQK, BK>(kv_tile, LD, p, b, hkv, j0, kw, ks, kb, ksd, tid, nthreads);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     // S = Q K^T (raw dot products), then the rules per element.
     float2 x[FB];
@@ -558,7 +578,7 @@ inline void quant_attention_forward_tiled(
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (tid == 0) tg_flag[0] = 0;
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (!dequant_tile_into<BITS, GS, DV, BK>(kv_tile, LD, p, b, hkv, j0, vw, vs, vb, tid, nthreads)) tg_flag[0] = 1;
+    if (!dequant_tile_into<BITS, GS, DV, BK>(kv_tile, LD, p, b, hkv, j0, vw, vs, vb, vsd, tid, nthreads)) tg_flag[0] = 1;
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (tg_flag[0] == 0) {
       // Finite V: dropped keys have p = 0 exactly, so the plain product is exact.
@@ -614,7 +634,8 @@ inline void quant_attention_forward_tiled(
 template <typename T, typename ST, typename MT, int DQK, int DV, int BITS, int GS, int BK, int NSG>
 inline void quant_attention_backward_dq_tiled(
     int feat, const device T* q, const device uint32_t* kw, const device ST* ks, const device ST* kb,
-    const device uint32_t* vw, const device ST* vs, const device ST* vb, const device T* dout,
+    const device uint32_t* vw, const device ST* vs, const device ST* vb, QStrides ksd, QStrides vsd,
+    const device T* dout,
     const device float* lse, const device float* delta, const device MT* mask, const device float* alibi,
     const device int* iparams, const device float* fparams, device T* dq, threadgroup float* kv_tile,
     threadgroup float* logit_tile, threadgroup float* ds_tile, threadgroup int* tg_flag, uint3 tgid, uint sg,
@@ -656,7 +677,7 @@ inline void quant_attention_backward_dq_tiled(
 
   for (int j0 = (hi >= lo ? lo / BK * BK : p.nk); j0 <= hi; j0 += BK) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    dequant_tile_into<BITS, GS, DV, BK>(kv_tile, LD, p, b, hkv, j0, vw, vs, vb, tid, nthreads);
+    dequant_tile_into<BITS, GS, DV, BK>(kv_tile, LD, p, b, hkv, j0, vw, vs, vb, vsd, tid, nthreads);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     float2 dpv[FB];  // dP = dO V^T
     for (int kf = 0; kf < FB; ++kf) {
@@ -669,7 +690,7 @@ inline void quant_attention_backward_dq_tiled(
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (tid == 0) tg_flag[0] = 0;
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (!dequant_tile_into<BITS, GS, DQK, BK>(kv_tile, LD, p, b, hkv, j0, kw, ks, kb, tid, nthreads)) tg_flag[0] = 1;
+    if (!dequant_tile_into<BITS, GS, DQK, BK>(kv_tile, LD, p, b, hkv, j0, kw, ks, kb, ksd, tid, nthreads)) tg_flag[0] = 1;
     threadgroup_barrier(mem_flags::mem_threadgroup);
     float2 dsv[FB];
     for (int kf = 0; kf < FB; ++kf) {

@@ -58,6 +58,13 @@ _MIN_DEVICE_ELEMS = 8  # smaller inputs are passed in the constant address space
 
 _ARGS = "threadgroup_position_in_grid, simdgroup_index_in_threadgroup, thread_index_in_simdgroup"
 _QUANT = ("kw", "ks", "kb", "vw", "vs", "vb")
+# The caches are read through their strides (ensure_row_contiguous=False):
+# mlx-lm hands over [..., :offset, :] slices, which a copy would double the
+# bytes a decode step moves. Every other input is made contiguous here.
+_STRIDES = (
+    "const mlxq::QStrides ksd = mlxq::make_strides(kw_strides, ks_strides, kb_strides);\n"
+    "const mlxq::QStrides vsd = mlxq::make_strides(vw_strides, vs_strides, vb_strides);\n"
+)
 
 _BODIES = {
     "quant_attention_fwd": dict(
@@ -66,7 +73,7 @@ _BODIES = {
         source=(
             "threadgroup float tg_stats[NSG * R * 2];\n"
             "threadgroup float tg_out[R * DV];\n"
-            "mlxq::quant_attention_forward<T, ST, MT, DQK, DV, BITS, GS, R, NSG>(FEAT, q, kw, ks, kb, vw, vs, vb,\n"
+            "mlxq::quant_attention_forward<T, ST, MT, DQK, DV, BITS, GS, R, NSG>(FEAT, q, kw, ks, kb, vw, vs, vb, ksd, vsd,\n"
             "    mask, alibi, sinks, iparams, fparams, out, lse, o_part, ml_part, tg_stats, tg_out, " + _ARGS + ");\n"
         ),
     ),
@@ -78,7 +85,7 @@ _BODIES = {
             "threadgroup float logit_tile[NSG * 8 * BK];\n"
             "threadgroup int tg_flag[1];\n"
             "mlxq::quant_attention_forward_tiled<T, ST, MT, DQK, DV, BITS, GS, BK, NSG>(FEAT, q, kw, ks, kb, vw,\n"
-            "    vs, vb, mask, alibi, sinks, iparams, fparams, out, lse, kv_tile, logit_tile, tg_flag, " + _ARGS + ");\n"
+            "    vs, vb, ksd, vsd, mask, alibi, sinks, iparams, fparams, out, lse, kv_tile, logit_tile, tg_flag, " + _ARGS + ");\n"
         ),
     ),
     "quant_attention_dq_tiled": dict(
@@ -90,7 +97,7 @@ _BODIES = {
             "threadgroup float ds_tile[NSG * 8 * BK];\n"
             "threadgroup int tg_flag[1];\n"
             "mlxq::quant_attention_backward_dq_tiled<T, ST, MT, DQK, DV, BITS, GS, BK, NSG>(FEAT, q, kw, ks, kb,\n"
-            "    vw, vs, vb, dout, lse, delta, mask, alibi, iparams, fparams, dq, kv_tile, logit_tile, ds_tile,\n"
+            "    vw, vs, vb, ksd, vsd, dout, lse, delta, mask, alibi, iparams, fparams, dq, kv_tile, logit_tile, ds_tile,\n"
             "    tg_flag, " + _ARGS + ");\n"
         ),
     ),
@@ -108,7 +115,7 @@ _BODIES = {
         source=(
             "threadgroup float tg_dq[R * DQK];\n"
             "mlxq::quant_attention_backward_dq<T, ST, MT, DQK, DV, BITS, GS, R, NSG>(FEAT, q, kw, ks, kb, vw, vs,\n"
-            "    vb, dout, lse, delta, mask, alibi, iparams, fparams, dq, tg_dq, " + _ARGS + ");\n"
+            "    vb, ksd, vsd, dout, lse, delta, mask, alibi, iparams, fparams, dq, tg_dq, " + _ARGS + ");\n"
         ),
     ),
 }
@@ -129,9 +136,10 @@ def _poison() -> bool:
 @functools.lru_cache(maxsize=None)
 def _build(factory, name: str):
     body = _BODIES[name]
+    source = (_STRIDES if "kw" in body["inputs"] else "") + body["source"]
     return factory(
         name=f"mlxf_{name}", input_names=list(body["inputs"]), output_names=list(body["outputs"]),
-        source=body["source"], header=_sources.metal_source("attention_quant.h"), ensure_row_contiguous=True,
+        source=source, header=_sources.metal_source("attention_quant.h"), ensure_row_contiguous=False,
     )
 
 
@@ -177,10 +185,21 @@ def _float_params(spec) -> mx.array:
 
 
 def _device_buffer(a):
+    """A contiguous input of at least 8 elements (smaller ones would arrive
+    in the constant address space; kernels index explicitly, so padding is fine)."""
     if a.size >= _MIN_DEVICE_ELEMS:
-        return a
+        return mx.contiguous(a)
     flat = a.reshape(-1)
     return mx.concatenate([flat, mx.zeros((_MIN_DEVICE_ELEMS - flat.size,), dtype=a.dtype)])
+
+
+def _cache_buffer(a):
+    """A cache array as is (any strides), unless it has fewer than 8 elements:
+    then it is padded along N (rank and row layout kept) so that MLX passes
+    it in the device address space."""
+    if a.size >= _MIN_DEVICE_ELEMS:
+        return a
+    return mx.concatenate([mx.contiguous(a), mx.zeros((*a.shape[:2], _MIN_DEVICE_ELEMS, a.shape[3]), a.dtype)], axis=2)
 
 
 def _optional(a, dtype):
@@ -210,8 +229,10 @@ def _check_dims(spec):
 
 
 def _call(name, ins, template, grid, output_shapes, output_dtypes, stream, threadgroup):
+    quant = range(1, 7) if "kw" in _BODIES[name]["inputs"] else ()  # q, then the six cache arrays
     return _build(_factory(), name)(
-        inputs=[_device_buffer(a) for a in ins], template=template, grid=grid, threadgroup=threadgroup,
+        inputs=[_cache_buffer(a) if i in quant else _device_buffer(a) for i, a in enumerate(ins)],
+        template=template, grid=grid, threadgroup=threadgroup,
         output_shapes=output_shapes, output_dtypes=output_dtypes,
         init_value=float("nan") if _poison() else None, stream=stream,
     )
