@@ -93,21 +93,34 @@ inline float nan_max(float a, float b) { return (isnan(a) || a > b) ? a : b; }
 
 // ---- dequantization into registers ----
 // The EPL consecutive values of one row starting at value c0 (one lane's
-// slice): codes from the bit stream, then scale * code + bias per group.
+// slice): the words holding them are loaded once (EPL * BITS / 32 words,
+// one more where the slice does not start on a word boundary), likewise
+// the at most two (scale, bias) pairs (EPL <= 8 <= group size), then
+// codes are cut out of the registers: value c sits at bit c * BITS of the
+// row's little-endian stream, straddling two words for 3, 5 and 6 bits.
 // words/scales/biases point at the row; ws, ss, zs are their last-dim strides.
 template <int BITS, int GS, int EPL, typename ST>
 inline void dequant_slice(const device uint32_t* words, const device ST* scales,
                           const device ST* biases, long ws, long ss, long zs, int c0, thread float* out) {
   constexpr uint32_t MASK = (1u << BITS) - 1u;
+  constexpr int NW = (EPL * BITS + 31) / 32 + 1;  // words a slice can touch
+  const int bit0 = c0 * BITS;
+  const int w0 = bit0 >> 5;
+  const int w_last = (bit0 + EPL * BITS - 1) >> 5;  // never past the row's end
+  uint32_t w[NW];
+#pragma unroll
+  for (int t = 0; t < NW; ++t) w[t] = (w0 + t <= w_last) ? words[(w0 + t) * ws] : 0u;
+  const int g0 = c0 / GS, g1 = (c0 + EPL - 1) / GS;
+  const float s0 = float(scales[g0 * ss]), z0 = float(biases[g0 * zs]);
+  const float s1 = g1 == g0 ? s0 : float(scales[g1 * ss]), z1 = g1 == g0 ? z0 : float(biases[g1 * zs]);
 #pragma unroll
   for (int e = 0; e < EPL; ++e) {
-    const int c = c0 + e;
-    const int bit = c * BITS;
-    const int w = bit >> 5, shift = bit & 31;
-    uint32_t x = words[w * ws] >> shift;
-    if (shift + BITS > 32) x |= words[(w + 1) * ws] << (32 - shift);  // straddles a word (3/5/6 bits)
-    const int g = c / GS;
-    out[e] = float(scales[g * ss]) * float(x & MASK) + float(biases[g * zs]);
+    const int bit = (bit0 & 31) + e * BITS;  // relative to word w0
+    const int t = bit >> 5, shift = bit & 31;
+    uint32_t x = w[t] >> shift;
+    if (shift + BITS > 32) x |= w[t + 1] << (32 - shift);
+    const bool second = (c0 + e) / GS != g0;
+    out[e] = (second ? s1 : s0) * float(x & MASK) + (second ? z1 : z0);
   }
 }
 
