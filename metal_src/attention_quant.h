@@ -98,6 +98,16 @@ inline float nan_max(float a, float b) { return (isnan(a) || a > b) ? a : b; }
 // the at most two (scale, bias) pairs (EPL <= 8 <= group size), then
 // codes are cut out of the registers: value c sits at bit c * BITS of the
 // row's little-endian stream, straddling two words for 3, 5 and 6 bits.
+// w[t] by selects over the constant indices: a register array indexed by a
+// run-time value could be moved to stack memory by the compiler.
+template <int NW>
+inline uint32_t pick_word(const thread uint32_t* w, int t) {
+  uint32_t r = w[0];
+#pragma unroll
+  for (int k = 1; k < NW; ++k) r = t == k ? w[k] : r;
+  return r;
+}
+
 // words/scales/biases point at the row; ws, ss, zs are their last-dim strides.
 template <int BITS, int GS, int EPL, typename ST>
 inline void dequant_slice(const device uint32_t* words, const device ST* scales,
@@ -117,8 +127,8 @@ inline void dequant_slice(const device uint32_t* words, const device ST* scales,
   for (int e = 0; e < EPL; ++e) {
     const int bit = (bit0 & 31) + e * BITS;  // relative to word w0
     const int t = bit >> 5, shift = bit & 31;
-    uint32_t x = w[t] >> shift;
-    if (shift + BITS > 32) x |= w[t + 1] << (32 - shift);
+    uint32_t x = pick_word<NW>(w, t) >> shift;
+    if (shift + BITS > 32) x |= pick_word<NW>(w, t + 1) << (32 - shift);
     const bool second = (c0 + e) / GS != g0;
     out[e] = (second ? s1 : s0) * float(x & MASK) + (second ? z1 : z0);
   }
