@@ -500,3 +500,29 @@ def test_nonfinite_contract(case, backend):
         ("dmask",) if "mask" in opts and opts["mask"].dtype != mx.bool_ else ())
     for name in names:
         check_elementwise(name, got[name], want, mx.float32)
+
+
+def test_metal_launch_geometry():
+    """The Metal wrapper's path choice (no GPU needed): decode streams with
+    enough key splits to fill the GPU, prefill takes the tiles, and the tile
+    sizes fit the threadgroup memory for every head dim."""
+    from mlx_flash._quant_spec import validate_attention_quantized
+    from mlx_flash.backends import metal_quant
+
+    def spec(Hq, Hkv, Nq, Nk, D):
+        q = mx.zeros((1, Hq, Nq, D), mx.float16)
+        kv = tuple(mx.quantize(mx.zeros((1, Hkv, Nk, D), mx.float16), group_size=64, bits=4))
+        return validate_attention_quantized(q, kv, kv, bits=4, group_size=64, causal=True)[0].attention
+
+    decode = spec(32, 8, 1, 32768, 128)
+    assert not metal_quant._use_tiles(decode)
+    splits, per = metal_quant._splits(decode)
+    assert splits * per >= 32768 and (splits - 1) * per < 32768
+    assert 8 * metal_quant._row_blocks(decode) * splits >= metal_quant.SPLIT_TARGET_GROUPS
+    assert metal_quant._use_tiles(spec(32, 8, 2048, 32768, 128))
+    assert metal_quant._splits(spec(32, 8, 2048, 4096, 128)) == (1, 0)  # enough row blocks: no split
+    for d in (64, 128, 192, 256):
+        bk = metal_quant.tile_keys(d, d)
+        fwd = (bk * (d + 4) + metal_quant.TILE_NSG * 8 * bk) * 4
+        dq = fwd + metal_quant.TILE_NSG * 8 * bk * 4
+        assert max(fwd, dq) <= 32 * 1024, (d, bk)
