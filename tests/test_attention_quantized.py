@@ -518,7 +518,7 @@ def test_metal_launch_geometry():
     assert not metal_quant._use_tiles(decode)
     splits, per = metal_quant._splits(decode)
     assert splits * per >= 32768 and (splits - 1) * per < 32768
-    assert 8 * metal_quant._row_blocks(decode) * splits >= metal_quant.SPLIT_TARGET_GROUPS
+    assert metal_quant._row_blocks(decode) * 8 * splits >= metal_quant.SPLIT_TARGET_GROUPS
     assert metal_quant._use_tiles(spec(32, 8, 2048, 32768, 128))
     assert metal_quant._splits(spec(32, 8, 2048, 4096, 128)) == (1, 0)  # enough row blocks: no split
     for d in (64, 128, 192, 256):

@@ -35,9 +35,11 @@ QF_ALIBI = 16
 QF_SINKS = 32
 QF_SPLIT = 64
 
-# Packed rows (query heads of a GQA group x queries) per threadgroup: each
-# dequantized key serves this many rows. Registers per lane grow with
-# ROWS * D / 32 (q, o, and in the backward dO and dq), so it stays at 8.
+# Packed rows (query heads of a GQA group x queries) per streaming
+# threadgroup: each dequantized key serves this many rows. Registers per lane
+# grow with rows * D / 32 (q, o, and in the backward dO and dq), so at most
+# 8; fewer (a power of 2) when G * Nq is smaller, so that MHA decode does not
+# reduce 7 empty rows per key.
 ROWS = 8
 NSG = 4  # simdgroups streaming keys in one threadgroup
 
@@ -206,8 +208,13 @@ def _optional(a, dtype):
     return mx.zeros((_MIN_DEVICE_ELEMS,), dtype=dtype) if a is None else _device_buffer(a)
 
 
+def _rows(spec) -> int:
+    """Packed rows per streaming threadgroup: the power of 2 >= G * Nq, at most ROWS."""
+    return min(ROWS, 1 << max(0, spec.group_size * spec.seqlen_q - 1).bit_length())
+
+
 def _row_blocks(spec) -> int:
-    return -(-spec.group_size * spec.seqlen_q // ROWS)
+    return -(-spec.group_size * spec.seqlen_q // _rows(spec))
 
 
 def _splits(spec):
@@ -241,7 +248,7 @@ def _call(name, ins, template, grid, output_shapes, output_dtypes, stream, threa
 def _static_template(q, k, qspec, mask):
     spec = qspec.attention
     return [("T", q.dtype), ("ST", k[1].dtype), ("MT", mask.dtype), ("DQK", spec.head_dim_qk),
-            ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("R", ROWS), ("NSG", NSG)]
+            ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("R", _rows(spec)), ("NSG", NSG)]
 
 
 def tile_keys(head_dim_qk: int, head_dim_v: int) -> int:
