@@ -526,3 +526,14 @@ def test_metal_launch_geometry():
         fwd = (bk * (d + 4) + metal_quant.TILE_NSG * 8 * bk) * 4
         dq = fwd + metal_quant.TILE_NSG * 8 * bk * 4
         assert max(fwd, dq) <= 32 * 1024, (d, bk)
+
+
+@pytest.mark.parametrize("nq, nk", [(0, 5), (3, 0)])
+def test_empty_queries_or_keys(nq, nk, backend):
+    """No queries: empty outputs. No keys: out 0, lse -inf, dq 0 (rule 5)."""
+    gen = rng("quantized-empty", nq, nk)
+    q = randn(gen, (1, 2, nq, 32))
+    kq = tuple(mx.quantize(randn(gen, (1, 1, nk, 32)), group_size=32, bits=4))
+    got = run(q, kq, kq, 4, 32, dout=randn(gen, (1, 2, nq, 32)), backend=backend)
+    assert got["out"].shape == (1, 2, nq, 32) and got["lse"].shape == (1, 2, nq) and got["dq"].shape == q.shape
+    assert np.all(got["out"] == 0) and np.all(np.isneginf(got["lse"])) and np.all(got["dq"] == 0)
