@@ -385,8 +385,8 @@ inline void quant_attention_backward_dq(
     const device uint32_t* vw, const device ST* vs, const device ST* vb, QStrides ksd, QStrides vsd,
     const device T* dout,
     const device float* lse, const device float* delta, const device MT* mask, const device float* alibi,
-    const device int* iparams, const device float* fparams, device T* dq, threadgroup float* tg_dq,
-    uint3 tgid, uint sg, uint lane) {
+    const device int* iparams, const device float* fparams, device T* dq, device float* dq_part,
+    threadgroup float* tg_dq, uint3 tgid, uint sg, uint lane) {
   constexpr int EK = DQK / 32, EV = DV / 32;
   const QParams p = read_qparams(iparams, fparams);
   const QRules<MT> rules{feat, p, mask, alibi};
@@ -410,6 +410,12 @@ inline void quant_attention_backward_dq(
       lo = min(lo, rules.key_lo(rows[r].i));
       hi = max(hi, rules.key_hi(rows[r].i));
     }
+  }
+  // Decode-shaped gradients split the keys too: each split writes its
+  // partial dq (fp32), summed over the splits by the caller.
+  if (feat & QF_SPLIT) {
+    lo = max(lo, int(tgid.z) * p.keys_per_split);
+    hi = min(hi, (int(tgid.z) + 1) * p.keys_per_split - 1);
   }
 
   float kx[EK], vx[EV];
@@ -450,10 +456,17 @@ inline void quant_attention_backward_dq(
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
   if (sg != 0) return;
+  const long part = long(tgid.z) * (long(p.batch) * p.heads_q * p.nq);
   for (int r = 0; r < R; ++r) {
     if (!rows[r].valid) continue;
-    for (int e = 0; e < EK; ++e)
-      dq[rows[r].flat * DQK + int(lane) * EK + e] = static_cast<T>(p.scale * tg_dq[r * DQK + int(lane) * EK + e]);
+    for (int e = 0; e < EK; ++e) {
+      const float g = p.scale * tg_dq[r * DQK + int(lane) * EK + e];
+      if (feat & QF_SPLIT) {
+        dq_part[(part + rows[r].flat) * DQK + int(lane) * EK + e] = g;
+      } else {
+        dq[rows[r].flat * DQK + int(lane) * EK + e] = static_cast<T>(g);
+      }
+    }
   }
 }
 

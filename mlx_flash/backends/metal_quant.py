@@ -7,7 +7,9 @@ Call flow:
             decode (fewer rows): quant_attention_fwd -> out, lse, or with few
               row blocks and long keys split over keys: partials merged by
               quant_attention_combine
-  backward: quant_attention_dq -> dq   (k and v are constants)
+  backward: prefill: quant_attention_dq_tiled -> dq   (k and v are constants)
+            decode: quant_attention_dq -> dq, or split over keys: fp32
+              partial dq per split, summed
 
 Static choices (dtypes, head dims, bits, group size, rows per threadgroup,
 feature bits) are template arguments; sizes, window bounds, mask strides,
@@ -113,11 +115,11 @@ _BODIES = {
     ),
     "quant_attention_dq": dict(
         inputs=("q",) + _QUANT + ("dout", "lse", "delta", "mask", "alibi", "iparams", "fparams"),
-        outputs=("dq",),
+        outputs=("dq", "dq_part"),
         source=(
             "threadgroup float tg_dq[R * DQK];\n"
             "mlxq::quant_attention_backward_dq<T, ST, MT, DQK, DV, BITS, GS, R, NSG>(FEAT, q, kw, ks, kb, vw, vs,\n"
-            "    vb, ksd, vsd, dout, lse, delta, mask, alibi, iparams, fparams, dq, tg_dq, " + _ARGS + ");\n"
+            "    vb, ksd, vsd, dout, lse, delta, mask, alibi, iparams, fparams, dq, dq_part, tg_dq, " + _ARGS + ");\n"
         ),
     ),
 }
@@ -338,10 +340,18 @@ def quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs: Atten
                       threadgroup=(32 * TILE_NSG, 1, 1), output_shapes=[list(q.shape)], output_dtypes=[q.dtype],
                       stream=stream)
         return dq
-    (dq,) = _call(
+    splits, per = _splits(spec)
+    if splits > 1:
+        feat |= QF_SPLIT
+        ins[-2] = _int_params(spec, inputs, per, splits)
+    rows = math.prod(lse.shape)
+    dq, dq_part = _call(
         "quant_attention_dq", ins,
         _static_template(q, k, qspec, mask) + [("FEAT", feat)],
-        grid=(32 * NSG * _row_blocks(spec), spec.batch * spec.heads_kv, 1), threadgroup=(32 * NSG, 1, 1),
-        output_shapes=[list(q.shape)], output_dtypes=[q.dtype], stream=stream,
+        grid=(32 * NSG * _row_blocks(spec), spec.batch * spec.heads_kv, splits), threadgroup=(32 * NSG, 1, 1),
+        output_shapes=[list(q.shape) if splits == 1 else [8], [splits, rows, spec.head_dim_qk] if splits > 1 else [8]],
+        output_dtypes=[q.dtype, mx.float32], stream=stream,
     )
+    if splits > 1:
+        dq = mx.sum(dq_part, axis=0, stream=stream).reshape(q.shape).astype(q.dtype, stream=stream)
     return dq
