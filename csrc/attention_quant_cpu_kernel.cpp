@@ -213,7 +213,7 @@ Grid make_grid(const AttentionArgs& a, bool split_keys) {
   g.q_tiles = (a.Nq + g.bq - 1) / g.bq;
   const int64_t blocks = (int64_t)a.B * a.Hkv * g.q_tiles, want = 4 * (int64_t)num_workers();
   g.k_chunks = 1;
-  if (split_keys && blocks < want) g.k_chunks = (int)std::min<int64_t>((want + blocks - 1) / blocks, (a.Nk + 1023) / 1024);
+  if (split_keys && blocks > 0 && blocks < want) g.k_chunks = (int)std::min<int64_t>((want + blocks - 1) / blocks, (a.Nk + 1023) / 1024);
   g.k_chunks = std::max(1, g.k_chunks);
   g.chunk_keys = round_up((a.Nk + g.k_chunks - 1) / g.k_chunks, BK);
   if (g.chunk_keys == 0) g.chunk_keys = BK;

@@ -451,15 +451,18 @@ def test_greedy_generation_with_kv_bits_token_identical(kv_bits):
 
 
 def test_quantized_kv_cache_on_gpu_backends_goes_back_counted(monkeypatch):
-    """Until the Metal/CUDA quantized kernels exist, the patch hands those
-    calls back to mlx-lm and says why."""
+    """Metal has a quantized kernel: the patch routes there. Until the CUDA
+    one exists, the patch hands those calls back to mlx-lm and says why."""
     from mlx_flash import dispatch
 
-    monkeypatch.setattr(dispatch, "backend_name", lambda stream: "metal")
     cache = lm_cache.QuantizedKVCache(group_size=32, bits=4)
     q = mx.zeros((1, 2, 1, 32))
-    reason = _lm_attend.unsupported_reason(q, q, q, cache, 0.1, mask=None)
-    assert reason == "quantized KV cache on metal (no kernel yet)"
+    monkeypatch.setattr(dispatch, "backend_name", lambda stream: "metal")
+    assert _lm_attend.unsupported_reason(q, q, q, cache, 0.1, mask=None) is None
+    if "cuda" not in dispatch.QUANTIZED_KV_BACKENDS:
+        monkeypatch.setattr(dispatch, "backend_name", lambda stream: "cuda")
+        reason = _lm_attend.unsupported_reason(q, q, q, cache, 0.1, mask=None)
+        assert reason == "quantized KV cache on cuda (no kernel yet)"
 
 
 def test_head_dim_over_the_backends_limit_falls_back():

@@ -480,3 +480,6 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
 
 # matmul2d's Metal wrapper lives in its own module; the backend interface is per module.
 from .metal_matmul import matmul2d  # noqa: E402,F401
+
+# flash_attention_quantized's Metal kernels live in their own module (metal_src/attention_quant.h).
+from .metal_quant import quantized_attention_backward, quantized_attention_forward  # noqa: E402,F401
