@@ -30,7 +30,7 @@ import importlib
 import mlx.core as mx
 
 _BACKENDS = {"cpu": "mlx_flash.backends.cpu", "metal": "mlx_flash.backends.metal", "cuda": "mlx_flash.backends.cuda"}
-QUANTIZED_KV_BACKENDS = ("cpu",)
+QUANTIZED_KV_BACKENDS = ("cpu", "cuda")
 
 
 def device_of(stream) -> mx.Device:

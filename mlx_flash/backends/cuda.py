@@ -542,3 +542,18 @@ def matmul2d(a, b, a_scale, b_scale, spec, stream):
     from .cuda_matmul import matmul2d as _matmul2d
 
     return _matmul2d(a, b, a_scale, b_scale, spec, stream)
+
+
+# ---------------------------------------------------------------------------
+# Attention over a quantized KV cache lives in its own module (cuda_quant.py).
+
+def quantized_attention_forward(q, k, v, qspec, inputs, stream):
+    from .cuda_quant import quantized_attention_forward as _forward
+
+    return _forward(q, k, v, qspec, inputs, stream)
+
+
+def quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs, stream):
+    from .cuda_quant import quantized_attention_backward as _backward
+
+    return _backward(q, k, v, lse, delta, dout, qspec, inputs, stream)

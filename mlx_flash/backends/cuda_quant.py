@@ -1,0 +1,132 @@
+"""CUDA kernels of `flash_attention_quantized` (cuda_src/attention_quant*.cu).
+
+  attention_quant_fwd      SIMT forward over the (data, scales, biases) triples:
+                           RW query rows per warp (a decode step's GQA heads
+                           share one warp), keys split over warps so a decode
+                           step fills the GPU; every split writes a normalised
+                           partial result and its lse ...
+  attention_quant_combine  ... which this merges (with the sinks)
+  attention_quant_bwd      fused dq-only backward (k, v constants), no atomics
+
+K and V are dequantized in registers as they stream in: no full-precision
+copy exists. Launch plans are cached per QuantSpec like cuda.py's; the kernel
+objects come from cuda.py's `_kernel` (per-kernel minified headers).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import mlx.core as mx
+
+from .._spec import AttentionInputs
+from . import cuda as _cuda
+
+_FWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "ns")
+_BWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "lse", "delta", "dout")
+_HEADERS = ("attention_common.cuh", "attention_quant.cuh")
+_WARPS = 4  # warps per block (independent: no block-wide barrier)
+# Warps to have in flight for a decode step (H100/H200: 132 SMs, 16 warps
+# each), so enough quantized rows stream at once to fill memory bandwidth;
+# a split keeps at least 4 tiles of 32 keys. TUNING overrides for GPU sweeps.
+_TARGET_WARPS = 132 * 16
+_MIN_SPLIT_KEYS = 128
+TUNING: dict = {}
+
+
+def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int):
+    return _cuda._kernel(body, inputs, outputs, smem, _HEADERS)
+
+
+def _rows_per_warp(qspec) -> int:
+    """Rows per warp: all of a decode step's rows per KV head (up to 8)."""
+    spec = qspec.attention
+    rows = spec.seqlen_q * spec.group_size
+    rw = TUNING.get("rw") or min(8, 1 << max(0, math.ceil(math.log2(max(rows, 1)))))
+    return rw
+
+
+@functools.lru_cache(maxsize=1024)
+def forward_plan(qspec):
+    """(rows per warp, warp groups per KV head, key splits, shared memory bytes)."""
+    spec = qspec.attention
+    rw = _rows_per_warp(qspec)
+    groups = math.ceil(spec.seqlen_q * spec.group_size / rw)
+    base = spec.batch * spec.heads_kv * groups
+    keys = _cuda._effective_keys(spec)
+    target = TUNING.get("target_warps", _TARGET_WARPS)
+    splits = max(1, min(math.ceil(target / base), math.ceil(keys / _MIN_SPLIT_KEYS)))
+    if "splits" in TUNING:
+        splits = TUNING["splits"]
+    smem = 4 * _WARPS * rw * spec.head_dim_qk
+    return rw, groups, splits, smem
+
+
+def _template(qspec, inputs: AttentionInputs, k, v, rw):
+    spec = qspec.attention
+    mask_dtype = inputs.mask.dtype if inputs.mask is not None else mx.bool_
+    return [
+        ("T", spec.dtype), ("KST", k[1].dtype), ("VST", v[1].dtype), ("MT", mask_dtype),
+        ("SOFTCAP", spec.softcap > 0), ("ALIBI", spec.has_alibi), ("MASK_KIND", _cuda._MASK_KINDS[spec.mask_kind]),
+        ("WINDOW", spec.has_window), ("D", spec.head_dim_qk), ("DV", spec.head_dim_v),
+        ("BITS", qspec.bits), ("GS", qspec.group_size), ("W", _WARPS), ("RW", rw),
+    ]
+
+
+def _operands(q, k, v, qspec, inputs: AttentionInputs):
+    ip, fp = _cuda._params(qspec.attention, inputs)
+    mask, alibi = _cuda._placeholders()[:2]
+    return [q, *k, *v, inputs.mask if inputs.mask is not None else mask,
+            inputs.alibi if inputs.alibi is not None else alibi, ip, fp]
+
+
+def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream):
+    """(out, lse) from the (data, scales, biases) triples k, v; see dispatch.py."""
+    spec = qspec.attention
+    rw, groups, splits, smem = forward_plan(qspec)
+    rows = spec.batch * spec.heads_q * spec.seqlen_q
+    dv = spec.head_dim_v
+    ns = _cuda.const_array((splits,), mx.int32)
+    args = _operands(q, k, v, qspec, inputs)
+    kernel = _kernel("attention_quant_fwd", _FWD_INPUTS, ("part_o", "part_lse"), smem)
+    blocks = math.ceil(groups * splits / _WARPS)
+    part_o, part_lse = kernel(
+        inputs=args + [ns], template=_template(qspec, inputs, k, v, rw),
+        grid=(blocks * 32 * _WARPS, 1, spec.batch * spec.heads_kv), threadgroup=(32 * _WARPS, 1, 1),
+        output_shapes=[(splits, rows, dv), (splits, rows)], output_dtypes=[mx.float32, mx.float32],
+        stream=stream,
+    )
+    sinks = inputs.sinks if inputs.sinks is not None else _cuda._placeholders()[2]
+    combine = _kernel("attention_quant_combine", ("part_o", "part_lse", "sinks", "ip", "ns"), ("out", "lse"), 0)
+    out, lse = combine(
+        inputs=[part_o, part_lse, sinks, args[9], ns],
+        template=[("T", spec.dtype), ("DV", dv), ("SINKS", spec.has_sinks)],
+        grid=(math.ceil(rows / 4) * 128, 1, 1), threadgroup=(128, 1, 1),
+        output_shapes=[tuple(q.shape[:-1]) + (dv,), tuple(q.shape[:-1])], output_dtypes=[spec.dtype, mx.float32],
+        stream=stream,
+    )
+    return out, lse
+
+
+def backward_plan(qspec):
+    """(rows per warp, warp groups per KV head, shared memory bytes) of the backward."""
+    spec = qspec.attention
+    rw = _rows_per_warp(qspec)
+    groups = math.ceil(spec.seqlen_q * spec.group_size / rw)
+    return rw, groups, 4 * _WARPS * rw * (spec.head_dim_qk + spec.head_dim_v)
+
+
+def quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs: AttentionInputs, stream):
+    """dq of the quantized op (k, v constants); delta = dO . O - dlse."""
+    spec = qspec.attention
+    rw, groups, smem = backward_plan(qspec)
+    kernel = _kernel("attention_quant_bwd", _BWD_INPUTS, ("dq",), smem)
+    (dq,) = kernel(
+        inputs=_operands(q, k, v, qspec, inputs) + [lse, delta, dout.astype(spec.dtype, stream=stream)],
+        template=_template(qspec, inputs, k, v, rw),
+        grid=(math.ceil(groups / _WARPS) * 32 * _WARPS, 1, spec.batch * spec.heads_kv),
+        threadgroup=(32 * _WARPS, 1, 1),
+        output_shapes=[tuple(q.shape)], output_dtypes=[spec.dtype], stream=stream,
+    )
+    return dq
