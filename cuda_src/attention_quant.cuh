@@ -94,18 +94,28 @@ __device__ __forceinline__ void quant_row_dots(const uint32_t* words, const ST* 
   }
 }
 
-// The rows and keys one warp owns, and the logit rules of each row.
+// The rows and keys one warp owns, and the logit rules of each row: the
+// rules of the warp's first head, with the ALiBi slope and mask rows of each
+// row's own head (all that differs between heads: few registers per row).
 template <typename MT, class F, int RW>
 struct QuantWarp {
   int b, kvh, G, Nq, Nk, Hq, Hkv;
   int r0, nrows;  // first row (i * G + g order) and rows of the KV head
-  LogitRules<MT> rules[RW];
+  LogitRules<MT> base;
+  float slope[F::Alibi ? RW : 1];
+  const MT* mask[F::MaskKind != 0 ? RW : 1];
 
   __device__ __forceinline__ int query(int t) const { return (r0 + t) / G; }
   __device__ __forceinline__ int head(int t) const { return kvh * G + (r0 + t) % G; }
   __device__ __forceinline__ bool valid(int t) const { return r0 + t < nrows; }
   // Row index into [B, Hq, Nq].
   __device__ __forceinline__ long out_row(int t) const { return ((long)b * Hq + head(t)) * Nq + query(t); }
+  __device__ __forceinline__ float logit(int t, float s, int j, float& capped) const {
+    LogitRules<MT> r = base;
+    if (F::Alibi) r.slope = slope[t];
+    if (F::MaskKind != 0) r.mask = mask[t];
+    return apply_rules<F, MT>(r, s, query(t), j, capped);
+  }
 };
 
 template <typename MT, class F, int RW>
@@ -125,16 +135,23 @@ __device__ __forceinline__ void init_warp(QuantWarp<MT, F, RW>& w, int group, co
   seq.q_start = seq.k_start = 0;
   seq.nq = w.Nq;
   seq.nk = w.Nk;
+  w.base = make_rules<MT, F>(seq, w.b, w.head(0), ip, fp, mask, alibi, nullptr);
 #pragma unroll
-  for (int t = 0; t < RW; ++t)
-    w.rules[t] = make_rules<MT, F>(seq, w.b, w.valid(t) ? w.head(t) : w.kvh * w.G, ip, fp, mask, alibi, nullptr);
+  for (int t = 0; t < RW; ++t) {
+    if (F::Alibi || F::MaskKind != 0) {
+      const LogitRules<MT> r = make_rules<MT, F>(seq, w.b, w.valid(t) ? w.head(t) : w.head(0), ip, fp, mask,
+                                                 alibi, nullptr);
+      if (F::Alibi) w.slope[F::Alibi ? t : 0] = r.slope;
+      if (F::MaskKind != 0) w.mask[F::MaskKind != 0 ? t : 0] = r.mask;
+    }
+  }
 }
 
 // Keys [lo, hi) any valid row of the warp can see (window/causal).
 template <typename MT, class F, int RW>
 __device__ __forceinline__ void warp_key_range(const QuantWarp<MT, F, RW>& w, int& lo, int& hi) {
   const int last = min(w.r0 + RW, w.nrows) - 1;
-  w.rules[0].key_range(w.r0 / w.G, last / w.G, lo, hi);
+  w.base.key_range(w.r0 / w.G, last / w.G, lo, hi);
 }
 
 // Copy the warp's RW rows of x ([B, Hq, Nq, DIM], rows beyond the end zero) to
@@ -209,7 +226,7 @@ __device__ void attention_quant_fwd(
 #pragma unroll
     for (int t = 0; t < RW; ++t) {
       float capped, s = kNegInf;
-      if (j < end && w.valid(t)) s = apply_rules<F, MT>(w.rules[t], scale * dot[t], w.query(t), j, capped);
+      if (j < end && w.valid(t)) s = w.logit(t, scale * dot[t], j, capped);
       const bool nonfinite = s != s || s == MLX_FLASH_POS_INF;
       bad[t] = bad[t] || __any_sync(0xffffffffu, nonfinite);
       if (nonfinite) s = kNegInf;  // the row is NaN anyway; keep the arithmetic finite
@@ -372,7 +389,7 @@ __device__ void attention_quant_bwd(
 #pragma unroll
     for (int t = 0; t < RW; ++t) {
       float capped = 0.f, s = kNegInf;
-      if (j < hi && w.valid(t)) s = apply_rules<F, MT>(w.rules[t], scale * dot[t], w.query(t), j, capped);
+      if (j < hi && w.valid(t)) s = w.logit(t, scale * dot[t], j, capped);
       ds[t] = 0.f;
       if (s != kNegInf) {  // a kept key (NaN logits included: they give NaN, as materialised)
         kept |= 1u << t;

@@ -120,7 +120,7 @@ def unsupported_reason(queries, keys, values, cache, scale, mask) -> str | None:
 
 def _quantized_reason(queries, keys, cache, scale, mask) -> str | None:
     """QuantizedKVCache (keys/values are (data, scales, biases) triples): the
-    quantized op takes it on the CPU; its Metal/CUDA kernels are not written
+    quantized op takes it on the CPU and CUDA; its Metal kernel is not written
     yet, so there the call goes back to mlx-lm, counted. Shapes of the
     triples are checked by the op itself."""
     backend = dispatch.backend_name(None)

@@ -7,7 +7,7 @@ same functions, so `attention.py` and `matmul.py` never branch on the device:
     attention_backward(q, k, v, out, lse, dout, dlse, spec, inputs, stream)
         -> (dq, dk, dv)
 
-Backends with a quantized-KV kernel (the CPU so far; `QUANTIZED_KV_BACKENDS`)
+Backends with a quantized-KV kernel (CPU and CUDA so far; `QUANTIZED_KV_BACKENDS`)
 also have, with k and v the `(data, scales, biases)` triples of mx.quantize:
 
     quantized_attention_forward(q, k, v, qspec, inputs, stream) -> (out, lse)

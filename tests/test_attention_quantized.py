@@ -2,8 +2,10 @@
 
 Every case dequantizes the triples with mx.dequantize and compares with the
 float64 NumPy reference on those operands (reference_np), forward and dq /
-dsinks / dmask; k and v are constants. Runs on the CPU (the only backend
-with a kernel so far; the others must refuse clearly).
+dsinks / dmask; k and v are constants. The cases taking `qbackend` run on
+the CPU and, where MLX sees a CUDA GPU, on CUDA (`pytest -k cuda`; skipped
+cleanly elsewhere; the emulated CUDA kernels are in test_cuda_quant_emu.py).
+Metal must refuse clearly until its kernel exists.
 """
 
 import mlx.core as mx
@@ -18,6 +20,17 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
 
 pytestmark = pytest.mark.usefixtures("cpu_default_device")
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def qbackend(request):
+    """The stream a case runs on: the CPU, or the CUDA GPU (skipped without one)."""
+    import backends
+
+    reason = backends.skip_reason(request.param)
+    if reason is not None:
+        pytest.skip(reason)
+    return mx.cpu if request.param == "cpu" else mx.gpu
 
 
 def quantized_case(key, B, Hq, Hkv, Nq, Nk, D, Dv=None, dtype=mx.float32, bits=4, group_size=64):
@@ -35,14 +48,14 @@ def quantized_case(key, B, Hq, Hkv, Nq, Nk, D, Dv=None, dtype=mx.float32, bits=4
     return q, kq, vq, kd, vd
 
 
-def run(q, kq, vq, bits, group_size, dout=None, **options):
+def run(q, kq, vq, bits, group_size, dout=None, stream=None, **options):
     """out, lse and, with dout, dq (and dsinks / dmask where those are given)."""
     sinks, mask = options.pop("sinks", None), options.pop("mask", None)
 
     def f(q, sinks, mask):
         extra = {name: x for name, x in (("sinks", sinks), ("mask", mask)) if x is not None}
         return mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=group_size,
-                                                   return_lse=True, **options, **extra)
+                                                   return_lse=True, stream=stream, **options, **extra)
 
     out, lse = f(q, sinks, mask)
     res = {"out": to_np(out), "lse": to_np(lse)}
@@ -71,9 +84,9 @@ def expected(q, kd, vd, dout=None, **options):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUPS)
-def test_every_bits_and_group_size(bits, group_size):
+def test_every_bits_and_group_size(bits, group_size, qbackend):
     q, kq, vq, kd, vd = quantized_case(("bits", bits, group_size), 1, 4, 2, 7, 45, 128, bits=bits, group_size=group_size)
-    got = run(q, kq, vq, bits, group_size)
+    got = run(q, kq, vq, bits, group_size, stream=qbackend)
     want = expected(q, kd, vd)
     check_close("out", got["out"], want, mx.float32)
     check_close("lse", got["lse"], want, mx.float32)
@@ -120,13 +133,13 @@ def options_for(feature, gen, B, Hq, Nq, Nk):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("feature", list(FEATURES))
-def test_forward_and_dq_float32(shape, feature):
+def test_forward_and_dq_float32(shape, feature, qbackend):
     B, Hq, Hkv, Nq, Nk, D, Dv = shape
     q, kq, vq, kd, vd = quantized_case((shape, feature), B, Hq, Hkv, Nq, Nk, D, Dv, group_size=32)
     gen = rng("quantized-options", shape, feature)
     opts = options_for(feature, gen, B, Hq, Nq, Nk)
     dout = randn(gen, (B, Hq, Nq, Dv))
-    got = run(q, kq, vq, 4, 32, dout=dout, **dict(opts))
+    got = run(q, kq, vq, 4, 32, dout=dout, **dict(opts), stream=qbackend)
     want = expected(q, kd, vd, dout=dout, **opts)
     for name in ("out", "lse", "dq") + (("dsinks",) if "sinks" in opts else ()) + (
             ("dmask",) if "mask" in opts and opts["mask"].dtype != mx.bool_ else ()):
@@ -135,12 +148,12 @@ def test_forward_and_dq_float32(shape, feature):
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_half_precision_q(dtype, causal):
+def test_half_precision_q(dtype, causal, qbackend):
     B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 65, 190, 64
     q, kq, vq, kd, vd = quantized_case(("half", dtype, causal), B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
     dout = randn(rng("half-dout", dtype, causal), (B, Hq, Nq, D), dtype)
     opts = {"causal": causal}
-    got = run(q, kq, vq, 4, 64, dout=dout, **opts)
+    got = run(q, kq, vq, 4, 64, dout=dout, **opts, stream=qbackend)
     want = expected(q, kd, vd, dout=dout, **opts)
     plain = plain_errors(q, kd, vd, dout, opts, dtype)
     for name in ("out", "dq"):
@@ -148,12 +161,13 @@ def test_half_precision_q(dtype, causal):
     assert reference_error("lse", got["lse"], want) < 1e-2
 
 
-def test_k_and_v_are_constants():
+def test_k_and_v_are_constants(qbackend):
     q, kq, vq, _, _ = quantized_case(("const",), 1, 2, 1, 3, 40, 32, group_size=32)
 
     def loss(*ops):
         q, kw, ks, kb, vw, vs, vb = ops
-        return mx.sum(mlx_flash.flash_attention_quantized(q, (kw, ks, kb), (vw, vs, vb), bits=4, group_size=32))
+        return mx.sum(mlx_flash.flash_attention_quantized(q, (kw, ks, kb), (vw, vs, vb), bits=4, group_size=32,
+                                                          stream=qbackend))
 
     grads = mx.grad(loss, argnums=tuple(range(7)))(q, *kq, *vq)
     assert float(mx.abs(grads[0]).max()) > 0
@@ -161,7 +175,7 @@ def test_k_and_v_are_constants():
         assert not np.any(to_np(g))
 
 
-def test_strided_cache_views():
+def test_strided_cache_views(qbackend):
     """mlx-lm's cache hands over [..., :offset, :] slices of a larger buffer; a
     transposed words array (last-dim stride != 1) is read correctly too."""
     B, Hq, Hkv, N, D = 1, 4, 2, 50, 64
@@ -169,23 +183,23 @@ def test_strided_cache_views():
     k_view = tuple(x[:, :, :N, :] for x in kq)
     v_view = tuple(x[:, :, :N, :] for x in vq)
     words_t = mx.contiguous(k_view[0].swapaxes(-1, -2)).swapaxes(-1, -2)
-    got = run(q, (words_t,) + k_view[1:], v_view, 5, 64)
+    got = run(q, (words_t,) + k_view[1:], v_view, 5, 64, stream=qbackend)
     want = expected(q, kd[:, :, :N], vd[:, :, :N])
     check_close("out", got["out"], want, mx.float32)
 
 
-def test_fully_masked_rows_and_empty_keys():
+def test_fully_masked_rows_and_empty_keys(qbackend):
     B, Hq, Hkv, Nq, Nk, D = 1, 2, 1, 4, 33, 32
     q, kq, vq, kd, vd = quantized_case(("masked",), B, Hq, Hkv, Nq, Nk, D, group_size=32)
     m = np.ones((Nq, Nk), bool)
     m[1] = False
-    got = run(q, kq, vq, 4, 32, dout=mx.ones((B, Hq, Nq, D)), mask=mx.array(m))
+    got = run(q, kq, vq, 4, 32, dout=mx.ones((B, Hq, Nq, D)), mask=mx.array(m), stream=qbackend)
     assert np.all(got["out"][:, :, 1] == 0) and np.all(got["lse"][:, :, 1] == -np.inf)
     assert np.all(got["dq"][:, :, 1] == 0)
     assert np.all(np.isfinite(got["out"][:, :, [0, 2, 3]]))
 
 
-def test_nan_value_of_a_dropped_key_does_not_leak():
+def test_nan_value_of_a_dropped_key_does_not_leak(qbackend):
     """Rule 1 of the non-finite contract: key j's NaN value (a NaN scale)
     reaches exactly the rows that keep j, forward and dq."""
     B, Hq, Hkv, Nq, Nk, D = 1, 2, 1, 6, 6, 32
@@ -197,20 +211,20 @@ def test_nan_value_of_a_dropped_key_does_not_leak():
     ks[:, :, j] = np.nan
     vq = (vq[0], mx.array(vs), vq[2])
     kq = (kq[0], mx.array(ks), kq[2])
-    got = run(q, kq, vq, 4, 32, dout=mx.ones((B, Hq, Nq, D)), causal=True)
+    got = run(q, kq, vq, 4, 32, dout=mx.ones((B, Hq, Nq, D)), causal=True, stream=qbackend)
     for i in range(Nq):
         sees = j <= i
         for name in ("out", "dq"):
             assert np.all(np.isnan(got[name][:, :, i])) == sees and (sees or np.all(np.isfinite(got[name][:, :, i]))), (name, i)
 
 
-def test_decode_split_matches_single_task():
+def test_decode_split_matches_single_task(qbackend):
     """Decode over many keys (split into chunks) gives the reference's result
     with sinks and a window that leaves some chunks empty."""
     B, Hq, Hkv, Nq, Nk, D = 1, 4, 1, 2, 5000, 64
     q, kq, vq, kd, vd = quantized_case(("split",), B, Hq, Hkv, Nq, Nk, D, bits=8)
     opts = {"window": (1500, 0), "sinks": mx.array([0.5, -1.0, 2.0, -mx.inf])}
-    got = run(q, kq, vq, 8, 64, **dict(opts))
+    got = run(q, kq, vq, 8, 64, **dict(opts), stream=qbackend)
     want = expected(q, kd, vd, **opts)
     check_close("out", got["out"], want, mx.float32)
     check_close("lse", got["lse"], want, mx.float32)
@@ -261,11 +275,11 @@ def test_bad_triples():
         mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64, sinks=mx.zeros((3,)))
 
 
-def test_gpu_backends_refuse_clearly(monkeypatch):
+def test_metal_refuses_clearly(monkeypatch):
     from mlx_flash import dispatch
 
     q, kq, vq = _good()
-    for backend in ("metal", "cuda"):
+    for backend in ("metal",):
         monkeypatch.setattr(dispatch, "backend_name", lambda stream, b=backend: b)
         with pytest.raises(NotImplementedError, match=f"flash_attention_quantized: no {backend} kernel yet"):
             mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64)
@@ -274,7 +288,7 @@ def test_gpu_backends_refuse_clearly(monkeypatch):
 # ---- memory ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("nq", [1, 256])
-def test_no_full_precision_copy_of_the_cache(nq):
+def test_no_full_precision_copy_of_the_cache(nq, qbackend):
     """Nk = 32768: the extra peak stays far below one dequantized K."""
     B, Hq, Hkv, Nk, D = 1, 8, 2, 32768, 128
     gen = rng("quant-memory", nq)
@@ -286,13 +300,14 @@ def test_no_full_precision_copy_of_the_cache(nq):
     mx.clear_cache()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    out = mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64, causal=True)
+    out = mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64, causal=True, stream=qbackend)
     mx.eval(out)
     extra = mx.get_peak_memory() - base
     dequantized_k = B * Hkv * Nk * D * 2  # one fp16 copy of K
     assert extra < dequantized_k / 10, f"extra peak {extra / 2**20:.2f} MiB vs dequantized K {dequantized_k / 2**20:.0f} MiB"
     # The backward (dq) too: forward outputs, dq and O(tile) scratch only.
-    loss = lambda q: mx.sum(mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64, causal=True)
+    loss = lambda q: mx.sum(mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64, causal=True,
+                                                                stream=qbackend)
                             .astype(mx.float32))
     del out
     mx.synchronize()
@@ -304,12 +319,13 @@ def test_no_full_precision_copy_of_the_cache(nq):
     assert extra < dequantized_k / 4, f"backward extra peak {extra / 2**20:.2f} MiB vs dequantized K {dequantized_k / 2**20:.0f} MiB"
 
 
-def test_inside_compile_and_grad():
+def test_inside_compile_and_grad(qbackend):
     B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 9, 70, 64
     q, kq, vq, kd, vd = quantized_case(("compile",), B, Hq, Hkv, Nq, Nk, D, bits=6)
 
     def loss(q):
-        return mx.sum(mlx_flash.flash_attention_quantized(q, kq, vq, bits=6, group_size=64, causal=True) ** 2)
+        return mx.sum(mlx_flash.flash_attention_quantized(q, kq, vq, bits=6, group_size=64, causal=True,
+                                                          stream=qbackend) ** 2)
 
     got = mx.compile(mx.value_and_grad(loss))(q)
     want_out = attention_np(q, kd, vd, causal=True)["out"]
@@ -337,7 +353,7 @@ def test_benchmark_quick_run(tmp_path):
             assert diff < (1e-4 if case["dtype"] == "float32" else 2e-2), (case["case"], diff)
 
 
-def test_reference_function_and_nan_sink():
+def test_reference_function_and_nan_sink(qbackend):
     """reference_attention_quantized (the materialised oracle) agrees with the
     float64 reference; a NaN sink makes its head's rows NaN (a NaN logit)."""
     from mlx_flash.attention_quantized import reference_attention_quantized
@@ -346,20 +362,20 @@ def test_reference_function_and_nan_sink():
     q, kq, vq, kd, vd = quantized_case(("reference",), B, Hq, Hkv, Nq, Nk, D, bits=3, group_size=32)
     out = reference_attention_quantized(q, kq, vq, bits=3, group_size=32, causal=True)
     check_close("out", to_np(out), attention_np(q, kd, vd, causal=True), mx.float32)
-    got = run(q, kq, vq, 3, 32, sinks=mx.array([float("nan"), 0.5]))
+    got = run(q, kq, vq, 3, 32, sinks=mx.array([float("nan"), 0.5]), stream=qbackend)
     assert np.all(np.isnan(got["out"][:, 0])) and np.all(np.isnan(got["lse"][:, 0]))
     assert np.all(np.isfinite(got["out"][:, 1]))
 
 
 @pytest.mark.parametrize("cache_dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
-def test_float32_q_over_a_half_precision_cache(cache_dtype):
+def test_float32_q_over_a_half_precision_cache(cache_dtype, qbackend):
     """Scales/biases in another dtype than q (a half cache, an fp32 query)."""
     gen = rng("mixed", cache_dtype)
     q = randn(gen, (1, 4, 9, 64))
     kq = tuple(mx.quantize(randn(gen, (1, 2, 77, 64), cache_dtype), group_size=32, bits=4))
     vq = tuple(mx.quantize(randn(gen, (1, 2, 77, 64), cache_dtype), group_size=32, bits=4))
     kd, vd = (mx.dequantize(*t, group_size=32, bits=4).astype(mx.float32) for t in (kq, vq))
-    got = run(q, kq, vq, 4, 32, causal=True)
+    got = run(q, kq, vq, 4, 32, causal=True, stream=qbackend)
     want = expected(q, kd, vd, causal=True)
     # The kernel dequantizes in fp32, mx.dequantize rounds to the half dtype: allow that rounding.
     assert reference_error("out", got["out"], want) < (2e-3 if cache_dtype == mx.float16 else 1.6e-2)

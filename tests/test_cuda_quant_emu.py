@@ -219,10 +219,11 @@ def test_nonfinite_contract():
 def _compile_cases():
     from mlx_flash.backends import cuda_quant as cq
 
-    feats = [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 2), ("WINDOW", True)]
+    every = [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 2), ("WINDOW", True)]
+    causal = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 0), ("WINDOW", True)]
     for T, ST in ((mx.float16, mx.float16), (mx.bfloat16, mx.bfloat16), (mx.float32, mx.float16)):
-        for bits in (3, 4, 8):
-            for rw in (4, 8):
+        for bits, feats in ((3, every), (4, causal), (4, every), (8, causal)):
+            for rw in (1, 2, 4):
                 tmpl = [("T", T), ("KST", ST), ("VST", ST), ("MT", mx.float32)] + feats + [
                     ("D", 128), ("DV", 128), ("BITS", bits), ("GS", 64), ("W", 4), ("RW", rw)]
                 yield "attention_quant_fwd", cq._FWD_INPUTS, ("part_o", "part_lse"), tmpl

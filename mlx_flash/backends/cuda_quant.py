@@ -33,6 +33,9 @@ _WARPS = 4  # warps per block (independent: no block-wide barrier)
 _TARGET_WARPS = 132 * 16
 _MIN_SPLIT_KEYS = 128
 TUNING: dict = {}
+# Rows per warp at most: 4 keeps every feature combination in registers
+# (8 spills with softcap + ALiBi + an additive mask; tests/test_cuda_quant_emu.py).
+_MAX_RW = 4
 
 
 def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int):
@@ -40,10 +43,10 @@ def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int):
 
 
 def _rows_per_warp(qspec) -> int:
-    """Rows per warp: all of a decode step's rows per KV head (up to 8)."""
+    """Rows per warp: all of a decode step's rows per KV head (up to _MAX_RW)."""
     spec = qspec.attention
     rows = spec.seqlen_q * spec.group_size
-    rw = TUNING.get("rw") or min(8, 1 << max(0, math.ceil(math.log2(max(rows, 1)))))
+    rw = TUNING.get("rw") or min(_MAX_RW, 1 << max(0, math.ceil(math.log2(max(rows, 1)))))
     return rw
 
 
@@ -56,7 +59,14 @@ def forward_plan(qspec):
     base = spec.batch * spec.heads_kv * groups
     keys = _cuda._effective_keys(spec)
     target = TUNING.get("target_warps", _TARGET_WARPS)
-    splits = max(1, min(math.ceil(target / base), math.ceil(keys / _MIN_SPLIT_KEYS)))
+    # The fp32 partial results stay under an eighth of the quantized cache's
+    # bytes (which a split pass reads anyway): decode splits freely, a prefill
+    # chunk (many rows, enough warps already) rarely does.
+    cache_bytes = spec.batch * spec.heads_kv * spec.seqlen_k * (spec.head_dim_qk + spec.head_dim_v) * (
+        qspec.bits / 8 + 4 / qspec.group_size)
+    part_bytes = spec.batch * spec.heads_q * spec.seqlen_q * (spec.head_dim_v + 1) * 4
+    splits = max(1, min(math.ceil(target / base), math.ceil(keys / _MIN_SPLIT_KEYS),
+                        int(cache_bytes // (8 * part_bytes))))
     if "splits" in TUNING:
         splits = TUNING["splits"]
     smem = 4 * _WARPS * rw * spec.head_dim_qk
