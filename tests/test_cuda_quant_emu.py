@@ -214,6 +214,74 @@ def test_nonfinite_contract():
     assert np.all(np.isfinite(got["out"][:, :, rest])) and np.all(np.isfinite(got["lse"][:, :, rest]))
 
 
+# ---- the tensor-core forward (attention_quant_fwd_mma; 16-bit q) ----------------------
+
+MMA = {"mma": True}
+
+
+def _check_mma(q, kd, vd, got, dtype, opts):
+    want = attention_np(q, kd, vd, **opts)
+    plain = plain_errors(q, kd.astype(dtype), vd.astype(dtype), mx.ones(got["out"].shape, dtype), opts, dtype)
+    _check(got, want, dtype, plain, names=("out",))
+    assert reference_error("lse", got["lse"], want) < 1e-2
+
+
+@emulated
+@pytest.mark.parametrize("bits", (2, 3, 4, 5, 6, 8))
+def test_mma_every_bits(bits):
+    gs = 32 if bits in (3, 5) else 128
+    gen, q, kq, vq, kd, vd = _case(("mma-bits", bits), 1, 2, 1, 40, 100, 128, dtype=F16, bits=bits, group_size=gs)
+    _check_mma(q, kd, vd, _emu(q, kq, vq, bits, gs, tuning=MMA, causal=True), F16, {"causal": True})
+
+
+# (B, Hq, Hkv, Nq, Nk, D, Dv): one key, rows and keys not multiples of the
+# tiles, Dv != D both ways, Nq > Nk, head dim 128.
+MMA_SHAPES = [
+    (1, 1, 1, 1, 1, 32, 32),
+    (1, 4, 2, 70, 77, 64, 32),
+    (1, 2, 1, 65, 20, 32, 96),
+    (2, 2, 2, 17, 130, 128, 128),
+]
+
+
+@emulated
+@pytest.mark.parametrize("shape", MMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [F16, B16], ids=["float16", "bfloat16"])
+def test_mma_shapes(shape, dtype):
+    B, Hq, Hkv, Nq, Nk, D, Dv = shape
+    gen, q, kq, vq, kd, vd = _case(("mma-shape", str(dtype)) + shape, B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
+                                   bits=4, group_size=32)
+    _check_mma(q, kd, vd, _emu(q, kq, vq, 4, 32, tuning=MMA), dtype, {})
+
+
+@emulated
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_mma_features(feature):
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 37, 90, 64
+    gen, q, kq, vq, kd, vd = _case(("mma-feature", feature), B, Hq, Hkv, Nq, Nk, D, dtype=B16, bits=4,
+                                   group_size=64)
+    opts = FEATURES[feature](gen, Hq, Nq, Nk)
+    _check_mma(q, kd, vd, _emu(q, kq, vq, 4, 64, tuning=MMA, **opts), B16, opts)
+
+
+@emulated
+def test_mma_nonfinite_value_takes_the_exact_path():
+    """A NaN value scale of key j: exactly the rows that keep j (causal) are
+    NaN, the others finite and correct (the tile's P.V runs element-wise)."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 2, 1, 20, 70, 32
+    gen, q, kq, vq, kd, vd = _case(("mma-nan",), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4, group_size=32)
+    j = Nk - Nq + 5
+    vs = np.array(vq[1].astype(F32))
+    vs[:, :, j] = np.nan
+    vq_nan = (vq[0], mx.array(vs).astype(F16), vq[2])
+    got = _emu(q, kq, vq_nan, 4, 32, tuning=MMA, causal=True)
+    want = attention_np(q, kd, vd, causal=True)
+    assert np.all(np.isnan(got["out"][:, :, 5:])) and np.all(np.isfinite(got["out"][:, :, :5]))
+    assert np.all(np.isfinite(got["lse"]))
+    err = np.abs(got["out"][:, :, :5] - want["out"][:, :, :5]).max()
+    assert err < 1e-2, err
+
+
 # ---- nvcc compile check (as MLX wraps each kernel), no spills -----------------------
 
 def _compile_cases():
@@ -230,18 +298,24 @@ def _compile_cases():
                 yield "attention_quant_bwd", cq._BWD_INPUTS, ("dq",), tmpl
         yield "attention_quant_combine", ("part_o", "part_lse", "sinks", "ip", "ns"), ("out", "lse"), [
             ("T", T), ("DV", 128), ("SINKS", True)]
+        if T != mx.float32:
+            for bits, feats, d, dv in ((3, every, 128, 128), (4, causal, 128, 128), (6, causal, 64, 96)):
+                yield "attention_quant_fwd_mma", cq._MMA_INPUTS, ("out", "lse"), [
+                    ("T", T), ("KST", ST), ("VST", ST), ("MT", mx.float32)] + feats + [
+                    ("SINKS", True), ("D", d), ("DV", dv), ("BITS", bits), ("GS", 32), ("NW", 4), ("BN", 64)]
 
 
 def _dtypes(names, template):
     t = dict(template)
     table = {"q": t.get("T"), "dout": t.get("T"), "kw": mx.uint32, "vw": mx.uint32, "ks": t.get("KST"),
              "kb": t.get("KST"), "vs": t.get("VST"), "vb": t.get("VST"), "mask": t.get("MT"), "ip": mx.int32,
-             "ns": mx.int32, "out": t.get("T"), "dq": t.get("T")}
+             "ns": mx.int32, "out": t.get("T"), "dq": t.get("T"), "sinks": mx.float32, "alibi": mx.float32}
     return [(n, table.get(n, mx.float32)) for n in names]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("body", ["attention_quant_fwd", "attention_quant_bwd", "attention_quant_combine"])
+@pytest.mark.parametrize("body", ["attention_quant_fwd", "attention_quant_bwd", "attention_quant_combine",
+                                  "attention_quant_fwd_mma"])
 def test_nvcc_compiles_without_spills(body, tmp_path):
     """Every kernel instance of `body` in one translation unit (as MLX wraps
     each), for sm_90a; ptxas must report no spills."""
@@ -259,7 +333,8 @@ def test_nvcc_compiles_without_spills(body, tmp_path):
         finally:
             tcs._CUDA_TYPES.clear()
             tcs._CUDA_TYPES.update(saved)
-    log = tcs._nvcc_compile(tmp_path, body, tcs._prelude(cuda_quant._HEADERS) + "\n" + "\n".join(kernels),
+    headers = cuda_quant._MMA_HEADERS if body.endswith("mma") else cuda_quant._HEADERS
+    log = tcs._nvcc_compile(tmp_path, body, tcs._prelude(headers) + "\n" + "\n".join(kernels),
                             flags=("-Xptxas", "-v"))
     usage = tcs.ptxas_usage(log)
     assert len(usage) == len(kernels), log[-2000:]

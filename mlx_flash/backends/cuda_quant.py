@@ -6,6 +6,10 @@
                            step fills the GPU; every split writes a normalised
                            partial result and its lse ...
   attention_quant_combine  ... which this merges (with the sinks)
+  attention_quant_fwd_mma  tensor-core forward for 16-bit q with enough query rows
+                           to fill the GPU without splitting keys (a prefill
+                           chunk): 64 rows of one head per block, K/V tiles
+                           dequantized into shared memory as q's dtype
   attention_quant_bwd      fused dq-only backward (k, v constants), no atomics
 
 K and V are dequantized in registers as they stream in: no full-precision
@@ -26,6 +30,10 @@ from . import cuda as _cuda
 _FWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "ns")
 _BWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "lse", "delta", "dout")
 _HEADERS = ("attention_common.cuh", "attention_quant.cuh")
+_MMA_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_quant.cuh", "attention_quant_mma.cuh")
+_MMA_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "sinks", "ip", "fp")
+_MMA_WARPS, _MMA_BN = 4, 64
+_SMS = 132  # H100/H200
 _WARPS = 4  # warps per block (independent: no block-wide barrier)
 # Warps to have in flight for a decode step (H100/H200: 132 SMs, 16 warps
 # each), so enough quantized rows stream at once to fill memory bandwidth;
@@ -38,8 +46,24 @@ TUNING: dict = {}
 _MAX_RW = 4
 
 
-def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int):
-    return _cuda._kernel(body, inputs, outputs, smem, _HEADERS)
+def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=_HEADERS):
+    return _cuda._kernel(body, inputs, outputs, smem, headers)
+
+
+def uses_mma(qspec) -> bool:
+    """The tensor-core forward: 16-bit q, head dims <= 128, and at least one
+    block of 64 query rows per SM (fewer rows: the split SIMT kernel)."""
+    spec = qspec.attention
+    if "mma" in TUNING:
+        return bool(TUNING["mma"]) and spec.dtype in (mx.float16, mx.bfloat16)
+    return (spec.dtype in (mx.float16, mx.bfloat16) and max(spec.head_dim_qk, spec.head_dim_v) <= 128
+            and spec.batch * spec.heads_q * math.ceil(spec.seqlen_q / (16 * _MMA_WARPS)) >= _SMS)
+
+
+def _mma_smem(d: int, dv: int) -> int:
+    """attention_quant_fwd_mma's shared memory: Q, K, V tiles (padded rows) and the exact path's P."""
+    bm = 16 * _MMA_WARPS
+    return 2 * (bm * (d + 8) + _MMA_BN * (d + 8) + _MMA_BN * (dv + 8)) + 4 * bm * _MMA_BN
 
 
 def _rows_per_warp(qspec) -> int:
@@ -94,6 +118,8 @@ def _operands(q, k, v, qspec, inputs: AttentionInputs):
 def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream):
     """(out, lse) from the (data, scales, biases) triples k, v; see dispatch.py."""
     spec = qspec.attention
+    if uses_mma(qspec):
+        return _forward_mma(q, k, v, qspec, inputs, stream)
     rw, groups, splits, smem = forward_plan(qspec)
     rows = spec.batch * spec.heads_q * spec.seqlen_q
     dv = spec.head_dim_v
@@ -140,3 +166,21 @@ def quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs: Atten
         output_shapes=[tuple(q.shape)], output_dtypes=[spec.dtype], stream=stream,
     )
     return dq
+
+
+def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
+    spec = qspec.attention
+    sinks = inputs.sinks if inputs.sinks is not None else _cuda._placeholders()[2]
+    args = _operands(q, k, v, qspec, inputs)
+    kernel = _kernel("attention_quant_fwd_mma", _MMA_INPUTS, ("out", "lse"),
+                     _mma_smem(spec.head_dim_qk, spec.head_dim_v), _MMA_HEADERS)
+    template = [x for x in _template(qspec, inputs, k, v, 1) if x[0] not in ("W", "RW")] + [
+        ("SINKS", spec.has_sinks), ("NW", _MMA_WARPS), ("BN", _MMA_BN)]
+    out, lse = kernel(
+        inputs=args[:9] + [sinks] + args[9:], template=template,
+        grid=(math.ceil(spec.seqlen_q / (16 * _MMA_WARPS)) * 32 * _MMA_WARPS, spec.heads_q, spec.batch),
+        threadgroup=(32 * _MMA_WARPS, 1, 1),
+        output_shapes=[tuple(q.shape[:-1]) + (spec.head_dim_v,), tuple(q.shape[:-1])],
+        output_dtypes=[spec.dtype, mx.float32], stream=stream,
+    )
+    return out, lse
