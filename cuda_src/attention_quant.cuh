@@ -166,9 +166,13 @@ __device__ __forceinline__ void stage_rows(const QuantWarp<MT, F, RW>& w, const 
   __syncwarp();
 }
 
-// Forward: one split's normalised partial output and its lse per row
-// (part_o [splits][B * Hq * Nq][DV], part_lse [splits][B * Hq * Nq]); NaN
-// for a row that met a NaN or +inf logit, lse -inf for a row with no kept key.
+// Forward: a block's W warps take the same RW rows and W consecutive key
+// chunks, merge their online softmaxes in shared memory, and write one
+// normalised partial output and its lse per row for the block's split
+// (part_o [splits][B * Hq * Nq][DV], part_lse [splits][B * Hq * Nq], splits =
+// ns[0] blocks per row group): W times fewer partials for the combine to
+// read than one per warp. NaN for a row that met a NaN or +inf logit, lse
+// -inf for a row with no kept key.
 template <typename T, typename KST, typename VST, typename MT, class F, int D, int DV, int BITS, int GS, int W,
           int RW>
 __device__ void attention_quant_fwd(
@@ -179,15 +183,16 @@ __device__ void attention_quant_fwd(
   constexpr int NU = (DV / 4 + 31) / 32;  // value quads per lane
   extern __shared__ __align__(16) unsigned char quant_smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int splits = ns[0];
+  const int block_splits = ns[0], split_block = blockIdx.x % block_splits;
+  const int splits = block_splits * W, split = split_block * W + warp;  // this warp's key chunk
   QuantWarp<MT, F, RW> w;
-  const int item = blockIdx.x * W + warp;
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], Nq = ip[kSeqQ];
-  const int groups = ((Hq / Hkv) * Nq + RW - 1) / RW;
-  if (item >= groups * splits) return;  // warp-uniform; nothing below syncs the block
-  const int split = item % splits;
-  init_warp(w, item / splits, ip, fp, mask, alibi);
+  init_warp(w, blockIdx.x / block_splits, ip, fp, mask, alibi);
   float* qs = reinterpret_cast<float*>(quant_smem) + warp * RW * D;
+  // After the key loop: each warp's accumulators [W][RW][DV], then m and l [W][RW].
+  float* red_acc = reinterpret_cast<float*>(quant_smem) + W * RW * D;
+  float* red_m = red_acc + W * RW * DV;
+  float* red_l = red_m + W * RW;
   stage_rows<T, D>(w, q, qs, lane);
   const float scale = fp[kScale];
 
@@ -270,20 +275,46 @@ __device__ void attention_quant_fwd(
     }
   }
 
-  const long total_rows = (long)ip[kBatch] * Hq * Nq;
+  // Merge the block's W warps (unnormalised accumulators; m = NaN marks a bad row).
 #pragma unroll
   for (int t = 0; t < RW; ++t) {
-    if (!w.valid(t)) continue;
-    const long prow = split * total_rows + w.out_row(t);
-    const float inv = l[t] > 0.f ? 1.f / l[t] : 0.f;
 #pragma unroll
     for (int u = 0; u < NU; ++u) {
       const int c = 4 * (lane + 32 * u);
       if (c < DV)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) part_o[prow * DV + c + e] = bad[t] ? MLX_FLASH_NAN : acc[t][u][e] * inv;
+        for (int e = 0; e < 4; ++e) red_acc[(warp * RW + t) * DV + c + e] = acc[t][u][e];
     }
-    if (lane == 0) part_lse[prow] = bad[t] ? MLX_FLASH_NAN : (l[t] > 0.f ? m[t] + logf(l[t]) : kNegInf);
+    if (lane == 0) {
+      red_m[warp * RW + t] = bad[t] ? MLX_FLASH_NAN : m[t];
+      red_l[warp * RW + t] = l[t];
+    }
+  }
+  __syncthreads();
+  const long total_rows = (long)ip[kBatch] * Hq * Nq;
+  for (int e = threadIdx.x; e < RW * DV; e += 32 * W) {
+    const int t = e / DV, c = e % DV;
+    if (!w.valid(t)) continue;
+    float mm = kNegInf;
+    bool nan = false;
+    for (int v = 0; v < W; ++v) {
+      const float x = red_m[v * RW + t];
+      nan = nan || x != x;
+      mm = fmaxf(mm, x);
+    }
+    float o = 0.f, ll = 0.f;
+    if (!nan && mm != kNegInf) {
+      for (int v = 0; v < W; ++v) {
+        const float x = red_m[v * RW + t];
+        if (x == kNegInf) continue;  // a warp that kept no key holds nothing
+        const float f = expf(x - mm);
+        ll = fmaf(red_l[v * RW + t], f, ll);
+        o = fmaf(red_acc[(v * RW + t) * DV + c], f, o);
+      }
+    }
+    const long prow = split_block * total_rows + w.out_row(t);
+    part_o[prow * DV + c] = nan ? MLX_FLASH_NAN : (ll > 0.f ? o / ll : 0.f);
+    if (c == 0) part_lse[prow] = nan ? MLX_FLASH_NAN : (ll > 0.f ? mm + logf(ll) : kNegInf);
   }
 }
 
@@ -325,14 +356,24 @@ __device__ void attention_quant_combine(const float* part_o, const float* part_l
   for (int s = lane; s < splits; s += 32) denom += expf(part_lse[s * rows + row] - m);
   denom = warp_sum(denom) + (Sinks ? expf(sink - m) : 0.f);
   const float inv = 1.f / denom;
-  for (int d = lane; d < DV; d += 32) {
-    float o = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const float x = part_lse[s * rows + row];
-      if (x != kNegInf) o = fmaf(expf(x - m), part_o[(s * rows + row) * DV + d], o);  // an empty split adds nothing
-    }
-    out[row * DV + d] = from_float<T>(o * inv);
+  // Splits outer, each lane's columns inner: every load of a split is independent.
+  constexpr int NC = (DV + 31) / 32;
+  float o[NC];
+#pragma unroll
+  for (int u = 0; u < NC; ++u) o[u] = 0.f;
+#pragma unroll 4
+  for (int s = 0; s < splits; ++s) {
+    const float x = part_lse[s * rows + row];
+    if (x == kNegInf) continue;  // an empty split adds nothing
+    const float f = expf(x - m);
+    const float* src = part_o + (s * rows + row) * DV;
+#pragma unroll
+    for (int u = 0; u < NC; ++u)
+      if (lane + 32 * u < DV) o[u] = fmaf(f, src[lane + 32 * u], o[u]);
   }
+#pragma unroll
+  for (int u = 0; u < NC; ++u)
+    if (lane + 32 * u < DV) out[row * DV + lane + 32 * u] = from_float<T>(o[u] * inv);
   if (lane == 0) lse[row] = m + logf(denom);
 }
 

@@ -293,9 +293,9 @@ def _compile_cases():
         for bits, feats in ((3, every), (4, causal), (4, every), (8, causal)):
             for rw in (1, 2, 4):
                 tmpl = [("T", T), ("KST", ST), ("VST", ST), ("MT", mx.float32)] + feats + [
-                    ("D", 128), ("DV", 128), ("BITS", bits), ("GS", 64), ("W", 4), ("RW", rw)]
-                yield "attention_quant_fwd", cq._FWD_INPUTS, ("part_o", "part_lse"), tmpl
-                yield "attention_quant_bwd", cq._BWD_INPUTS, ("dq",), tmpl
+                    ("D", 128), ("DV", 128), ("BITS", bits), ("GS", 64), ("RW", rw)]
+                yield "attention_quant_fwd", cq._FWD_INPUTS, ("part_o", "part_lse"), tmpl + [("W", cq._FWD_WARPS)]
+                yield "attention_quant_bwd", cq._BWD_INPUTS, ("dq",), tmpl + [("W", cq._WARPS)]
         yield "attention_quant_combine", ("part_o", "part_lse", "sinks", "ip", "ns"), ("out", "lse"), [
             ("T", T), ("DV", 128), ("SINKS", True)]
         if T != mx.float32:

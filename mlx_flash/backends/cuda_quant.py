@@ -34,7 +34,8 @@ _MMA_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_quant.cuh", "atten
 _MMA_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "sinks", "ip", "fp")
 _MMA_WARPS, _MMA_BN = 4, 64
 _SMS = 132  # H100/H200
-_WARPS = 4  # warps per block (independent: no block-wide barrier)
+_WARPS = 4  # warps per block of the backward (independent warps)
+_FWD_WARPS = 8  # warps per block of the split forward: 8 key chunks merged in the block
 # Warps to have in flight for a decode step (H100/H200: 132 SMs, 16 warps
 # each), so enough quantized rows stream at once to fill memory bandwidth;
 # a split keeps at least 4 tiles of 32 keys. TUNING overrides for GPU sweeps.
@@ -76,11 +77,13 @@ def _rows_per_warp(qspec) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def forward_plan(qspec):
-    """(rows per warp, warp groups per KV head, key splits, shared memory bytes)."""
+    """(rows per warp, warp groups per KV head, split blocks per group, shared memory bytes).
+
+    A split block is _FWD_WARPS warps, each one key chunk, merged in the block."""
     spec = qspec.attention
     rw = _rows_per_warp(qspec)
     groups = math.ceil(spec.seqlen_q * spec.group_size / rw)
-    base = spec.batch * spec.heads_kv * groups
+    base = spec.batch * spec.heads_kv * groups * _FWD_WARPS
     keys = _cuda._effective_keys(spec)
     target = TUNING.get("target_warps", _TARGET_WARPS)
     # The fp32 partial results stay under an eighth of the quantized cache's
@@ -89,22 +92,22 @@ def forward_plan(qspec):
     cache_bytes = spec.batch * spec.heads_kv * spec.seqlen_k * (spec.head_dim_qk + spec.head_dim_v) * (
         qspec.bits / 8 + 4 / qspec.group_size)
     part_bytes = spec.batch * spec.heads_q * spec.seqlen_q * (spec.head_dim_v + 1) * 4
-    splits = max(1, min(math.ceil(target / base), math.ceil(keys / _MIN_SPLIT_KEYS),
+    splits = max(1, min(math.ceil(target / base), math.ceil(keys / (_MIN_SPLIT_KEYS * _FWD_WARPS)),
                         int(cache_bytes // (8 * part_bytes))))
     if "splits" in TUNING:
         splits = TUNING["splits"]
-    smem = 4 * _WARPS * rw * spec.head_dim_qk
+    smem = 4 * _FWD_WARPS * rw * (spec.head_dim_qk + spec.head_dim_v + 2)
     return rw, groups, splits, smem
 
 
-def _template(qspec, inputs: AttentionInputs, k, v, rw):
+def _template(qspec, inputs: AttentionInputs, k, v, rw, warps=_WARPS):
     spec = qspec.attention
     mask_dtype = inputs.mask.dtype if inputs.mask is not None else mx.bool_
     return [
         ("T", spec.dtype), ("KST", k[1].dtype), ("VST", v[1].dtype), ("MT", mask_dtype),
         ("SOFTCAP", spec.softcap > 0), ("ALIBI", spec.has_alibi), ("MASK_KIND", _cuda._MASK_KINDS[spec.mask_kind]),
         ("WINDOW", spec.has_window), ("D", spec.head_dim_qk), ("DV", spec.head_dim_v),
-        ("BITS", qspec.bits), ("GS", qspec.group_size), ("W", _WARPS), ("RW", rw),
+        ("BITS", qspec.bits), ("GS", qspec.group_size), ("W", warps), ("RW", rw),
     ]
 
 
@@ -126,10 +129,10 @@ def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream)
     ns = _cuda.const_array((splits,), mx.int32)
     args = _operands(q, k, v, qspec, inputs)
     kernel = _kernel("attention_quant_fwd", _FWD_INPUTS, ("part_o", "part_lse"), smem)
-    blocks = math.ceil(groups * splits / _WARPS)
     part_o, part_lse = kernel(
-        inputs=args + [ns], template=_template(qspec, inputs, k, v, rw),
-        grid=(blocks * 32 * _WARPS, 1, spec.batch * spec.heads_kv), threadgroup=(32 * _WARPS, 1, 1),
+        inputs=args + [ns], template=_template(qspec, inputs, k, v, rw, _FWD_WARPS),
+        grid=(groups * splits * 32 * _FWD_WARPS, 1, spec.batch * spec.heads_kv),
+        threadgroup=(32 * _FWD_WARPS, 1, 1),
         output_shapes=[(splits, rows, dv), (splits, rows)], output_dtypes=[mx.float32, mx.float32],
         stream=stream,
     )
