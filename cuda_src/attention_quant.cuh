@@ -20,19 +20,18 @@
 // that kept it); a kept NaN/+inf logit marks the row bad -> NaN row.
 #pragma once
 
-#include <stdint.h>
-
 #include "attention_common.cuh"
 
 namespace mlx_flash {
 
-#define MLX_FLASH_POS_INF (__int_as_float(0x7f800000))
-#define MLX_FLASH_NAN (__int_as_float(0x7fc00000))
+// Own names: attention_common.cuh may grow similar macros on other branches.
+#define MLXF_QUANT_POS_INF (__int_as_float(0x7f800000))
+#define MLXF_QUANT_NAN (__int_as_float(0x7fc00000))
 
 // The BITS words holding 32 consecutive values (word aligned): 16-byte loads
 // when BITS is a multiple of 4 (rows are then 16-byte aligned too).
 template <int BITS>
-__device__ __forceinline__ void load_words32(const uint32_t* p, uint32_t (&w)[BITS]) {
+__device__ __forceinline__ void load_words32(const unsigned* p, unsigned (&w)[BITS]) {
   if (BITS % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < BITS / 4; ++i) {
@@ -50,7 +49,7 @@ __device__ __forceinline__ void load_words32(const uint32_t* p, uint32_t (&w)[BI
 
 // Code e (0..31, a compile-time constant once unrolled) of 32 values in w.
 template <int BITS>
-__device__ __forceinline__ unsigned code_of(const uint32_t (&w)[BITS], int e) {
+__device__ __forceinline__ unsigned code_of(const unsigned (&w)[BITS], int e) {
   const int bit = e * BITS, i = bit >> 5, sh = bit & 31;
   unsigned x = w[i] >> sh;
   if (sh + BITS > 32) x |= w[i + 1] << (32 - sh);
@@ -59,7 +58,7 @@ __device__ __forceinline__ unsigned code_of(const uint32_t (&w)[BITS], int e) {
 
 // Values c..c+3 (c a multiple of 4) of one row, straight from its words.
 template <int BITS, int GS, typename ST>
-__device__ __forceinline__ void dequant4(const uint32_t* words, const ST* scales, const ST* biases, int c,
+__device__ __forceinline__ void dequant4(const unsigned* words, const ST* scales, const ST* biases, int c,
                                          float (&out)[4]) {
   const int bit = c * BITS, i = bit >> 5, sh = bit & 31;
   unsigned long long x = words[i];
@@ -73,11 +72,11 @@ __device__ __forceinline__ void dequant4(const uint32_t* words, const ST* scales
 // dot[t] += rows[t] . x over the D values of one quantized row (lane = key):
 // rows are RW float rows of shared memory (stride D).
 template <int D, int BITS, int GS, int RW, typename ST>
-__device__ __forceinline__ void quant_row_dots(const uint32_t* words, const ST* scales, const ST* biases,
+__device__ __forceinline__ void quant_row_dots(const unsigned* words, const ST* scales, const ST* biases,
                                                const float* rows, float (&dot)[RW]) {
 #pragma unroll
   for (int blk = 0; blk < D / 32; ++blk) {
-    uint32_t w[BITS];
+    unsigned w[BITS];
     load_words32<BITS>(words + blk * BITS, w);
     const float s = to_float(scales[blk * 32 / GS]), b = to_float(biases[blk * 32 / GS]);
 #pragma unroll
@@ -176,7 +175,7 @@ __device__ __forceinline__ void stage_rows(const QuantWarp<MT, F, RW>& w, const 
 template <typename T, typename KST, typename VST, typename MT, class F, int D, int DV, int BITS, int GS, int W,
           int RW>
 __device__ void attention_quant_fwd(
-    const T* q, const uint32_t* kw, const KST* ks, const KST* kb, const uint32_t* vw, const VST* vs,
+    const T* q, const unsigned* kw, const KST* ks, const KST* kb, const unsigned* vw, const VST* vs,
     const VST* vb, const MT* mask, const float* alibi, const int* ip, const float* fp, const int* ns,
     float* part_o, float* part_lse) {
   constexpr int KW = D * BITS / 32, VW = DV * BITS / 32, KG = D / GS, VG = DV / GS;
@@ -232,7 +231,7 @@ __device__ void attention_quant_fwd(
     for (int t = 0; t < RW; ++t) {
       float capped, s = kNegInf;
       if (j < end && w.valid(t)) s = w.logit(t, scale * dot[t], j, capped);
-      const bool nonfinite = s != s || s == MLX_FLASH_POS_INF;
+      const bool nonfinite = s != s || s == MLXF_QUANT_POS_INF;
       bad[t] = bad[t] || __any_sync(0xffffffffu, nonfinite);
       if (nonfinite) s = kNegInf;  // the row is NaN anyway; keep the arithmetic finite
       if (s != kNegInf) kept |= 1u << t;
@@ -286,7 +285,7 @@ __device__ void attention_quant_fwd(
         for (int e = 0; e < 4; ++e) red_acc[(warp * RW + t) * DV + c + e] = acc[t][u][e];
     }
     if (lane == 0) {
-      red_m[warp * RW + t] = bad[t] ? MLX_FLASH_NAN : m[t];
+      red_m[warp * RW + t] = bad[t] ? MLXF_QUANT_NAN : m[t];
       red_l[warp * RW + t] = l[t];
     }
   }
@@ -313,8 +312,8 @@ __device__ void attention_quant_fwd(
       }
     }
     const long prow = split_block * total_rows + w.out_row(t);
-    part_o[prow * DV + c] = nan ? MLX_FLASH_NAN : (ll > 0.f ? o / ll : 0.f);
-    if (c == 0) part_lse[prow] = nan ? MLX_FLASH_NAN : (ll > 0.f ? mm + logf(ll) : kNegInf);
+    part_o[prow * DV + c] = nan ? MLXF_QUANT_NAN : (ll > 0.f ? o / ll : 0.f);
+    if (c == 0) part_lse[prow] = nan ? MLXF_QUANT_NAN : (ll > 0.f ? mm + logf(ll) : kNegInf);
   }
 }
 
@@ -343,13 +342,13 @@ __device__ void attention_quant_combine(const float* part_o, const float* part_l
   float sink = kNegInf;
   if (Sinks) {
     sink = sinks[(row / Nq) % Hq];
-    nan = nan || sink != sink || sink == MLX_FLASH_POS_INF;
+    nan = nan || sink != sink || sink == MLXF_QUANT_POS_INF;
     m = fmaxf(m, sink);
   }
   if (nan || m == kNegInf) {
-    const float o = nan ? MLX_FLASH_NAN : 0.f;
+    const float o = nan ? MLXF_QUANT_NAN : 0.f;
     for (int d = lane; d < DV; d += 32) out[row * DV + d] = from_float<T>(o);
-    if (lane == 0) lse[row] = nan ? MLX_FLASH_NAN : kNegInf;
+    if (lane == 0) lse[row] = nan ? MLXF_QUANT_NAN : kNegInf;
     return;
   }
   float denom = 0.f;
@@ -384,7 +383,7 @@ __device__ void attention_quant_combine(const float* part_o, const float* part_l
 template <typename T, typename KST, typename VST, typename MT, class F, int D, int DV, int BITS, int GS, int W,
           int RW>
 __device__ void attention_quant_bwd(
-    const T* q, const uint32_t* kw, const KST* ks, const KST* kb, const uint32_t* vw, const VST* vs,
+    const T* q, const unsigned* kw, const KST* ks, const KST* kb, const unsigned* vw, const VST* vs,
     const VST* vb, const MT* mask, const float* alibi, const int* ip, const float* fp, const float* lse,
     const float* delta, const T* dout, T* dq) {
   constexpr int KW = D * BITS / 32, VW = DV * BITS / 32, KG = D / GS, VG = DV / GS;

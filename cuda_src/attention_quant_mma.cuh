@@ -21,7 +21,7 @@ namespace mlx_flash {
 template <typename T, typename KST, typename VST, typename MT, class F, int D, int DV, int BITS, int GS, int NW,
           int BN>
 __device__ void attention_quant_fwd_mma(
-    const T* q, const uint32_t* kw, const KST* ks, const KST* kb, const uint32_t* vw, const VST* vs,
+    const T* q, const unsigned* kw, const KST* ks, const KST* kb, const unsigned* vw, const VST* vs,
     const VST* vb, const MT* mask, const float* alibi, const float* sinks, const int* ip, const float* fp,
     T* out, float* lse) {
   constexpr int NT = 32 * NW, BM = 16 * NW;
@@ -128,7 +128,7 @@ __device__ void attention_quant_fwd_mma(
         const int i = e < 2 ? row_a : row_b, j = j0 + n * 8 + 2 * t4 + (e & 1);
         float capped;
         float x = j < hi ? apply_rules<F, MT>(rules, scale * s[n][e], i, j, capped) : kNegInf;
-        if (x != x || x == MLX_FLASH_POS_INF) {
+        if (x != x || x == MLXF_QUANT_POS_INF) {
           bad[e >> 1] = true;
           x = kNegInf;
         }
@@ -215,7 +215,7 @@ __device__ void attention_quant_fwd_mma(
     float mr = m[r], lr = l[r], factor = 1.f;
     if (F::Sinks) {
       const float sink = sinks[h];
-      bad[r] = bad[r] || sink != sink || sink == MLX_FLASH_POS_INF;
+      bad[r] = bad[r] || sink != sink || sink == MLXF_QUANT_POS_INF;
       if (!bad[r] && sink != kNegInf) {
         const float m_new = fmaxf(mr, sink);
         factor = mr == kNegInf ? 0.f : expf(mr - m_new);
@@ -230,9 +230,9 @@ __device__ void attention_quant_fwd_mma(
       for (int n = 0; n < ON; ++n)
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-          o[n * 8 + 2 * t4 + e] = from_float<T>(bad[r] ? MLX_FLASH_NAN : acc[n][2 * r + e] * inv);
+          o[n * 8 + 2 * t4 + e] = from_float<T>(bad[r] ? MLXF_QUANT_NAN : acc[n][2 * r + e] * inv);
       if (t4 == 0)
-        lse[((long)b * Hq + h) * Nq + i] = bad[r] ? MLX_FLASH_NAN : (lr > 0.f ? mr + logf(lr) : kNegInf);
+        lse[((long)b * Hq + h) * Nq + i] = bad[r] ? MLXF_QUANT_NAN : (lr > 0.f ? mr + logf(lr) : kNegInf);
     }
   }
 }

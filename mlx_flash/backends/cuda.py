@@ -59,6 +59,11 @@ _KERNEL_ROOTS = {
     # attention_bwd_mma.cuh uses load_tile and block_tile_live of attention_fwd_mma.cuh.
     "attention_bwd_mma": ("attention_fwd_mma.cuh", "attention_bwd_mma.cuh"),
     "matmul": ("matmul.cuh",),
+    # flash_attention_quantized (cuda_quant.py)
+    "attention_quant_fwd": ("attention_quant.cuh",),
+    "attention_quant_combine": ("attention_quant.cuh",),
+    "attention_quant_bwd": ("attention_quant.cuh",),
+    "attention_quant_fwd_mma": ("attention_quant_mma.cuh",),
 }
 _LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
 

@@ -29,8 +29,6 @@ from . import cuda as _cuda
 
 _FWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "ns")
 _BWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "lse", "delta", "dout")
-_HEADERS = ("attention_common.cuh", "attention_quant.cuh")
-_MMA_HEADERS = ("attention_common.cuh", "mma.cuh", "attention_quant.cuh", "attention_quant_mma.cuh")
 _MMA_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "sinks", "ip", "fp")
 _MMA_WARPS, _MMA_BN = 4, 64
 _SMS = 132  # H100/H200
@@ -47,8 +45,9 @@ TUNING: dict = {}
 _MAX_RW = 4
 
 
-def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=_HEADERS):
-    return _cuda._kernel(body, inputs, outputs, smem, headers)
+def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int):
+    """cuda.py's kernel cache; the headers come from its _KERNEL_ROOTS entry."""
+    return _cuda._kernel(body, inputs, outputs, smem)
 
 
 def uses_mma(qspec) -> bool:
@@ -176,7 +175,7 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
     sinks = inputs.sinks if inputs.sinks is not None else _cuda._placeholders()[2]
     args = _operands(q, k, v, qspec, inputs)
     kernel = _kernel("attention_quant_fwd_mma", _MMA_INPUTS, ("out", "lse"),
-                     _mma_smem(spec.head_dim_qk, spec.head_dim_v), _MMA_HEADERS)
+                     _mma_smem(spec.head_dim_qk, spec.head_dim_v))
     template = [x for x in _template(qspec, inputs, k, v, 1) if x[0] not in ("W", "RW")] + [
         ("SINKS", spec.has_sinks), ("NW", _MMA_WARPS), ("BN", _MMA_BN)]
     out, lse = kernel(
