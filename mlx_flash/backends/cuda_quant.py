@@ -3,8 +3,9 @@
   attention_quant_fwd      SIMT forward over the (data, scales, biases) triples:
                            RW query rows per warp (a decode step's GQA heads
                            share one warp), keys split over warps so a decode
-                           step fills the GPU; every split writes a normalised
-                           partial result and its lse ...
+                           step fills the GPU; a block's 8 warps (8 key chunks
+                           of the same rows) merge in shared memory and write
+                           one normalised partial result and lse per split ...
   attention_quant_combine  ... which this merges (with the sinks)
   attention_quant_fwd_mma  tensor-core forward for 16-bit q with enough query rows
                            to fill the GPU without splitting keys (a prefill
@@ -36,7 +37,8 @@ _WARPS = 4  # warps per block of the backward (independent warps)
 _FWD_WARPS = 8  # warps per block of the split forward: 8 key chunks merged in the block
 # Warps to have in flight for a decode step (H100/H200: 132 SMs, 16 warps
 # each), so enough quantized rows stream at once to fill memory bandwidth;
-# a split keeps at least 4 tiles of 32 keys. TUNING overrides for GPU sweeps.
+# a split keeps at least 4 tiles of 32 keys. TUNING overrides for GPU sweeps
+# ("rw", "target_warps", "splits", "mma"; call forward_plan.cache_clear() after).
 _TARGET_WARPS = 132 * 16
 _MIN_SPLIT_KEYS = 128
 TUNING: dict = {}
@@ -54,10 +56,11 @@ def uses_mma(qspec) -> bool:
     """The tensor-core forward: 16-bit q, head dims <= 128, and at least one
     block of 64 query rows per SM (fewer rows: the split SIMT kernel)."""
     spec = qspec.attention
+    if spec.dtype not in (mx.float16, mx.bfloat16) or max(spec.head_dim_qk, spec.head_dim_v) > 128:
+        return False
     if "mma" in TUNING:
-        return bool(TUNING["mma"]) and spec.dtype in (mx.float16, mx.bfloat16)
-    return (spec.dtype in (mx.float16, mx.bfloat16) and max(spec.head_dim_qk, spec.head_dim_v) <= 128
-            and spec.batch * spec.heads_q * math.ceil(spec.seqlen_q / (16 * _MMA_WARPS)) >= _SMS)
+        return bool(TUNING["mma"])
+    return spec.batch * spec.heads_q * math.ceil(spec.seqlen_q / (16 * _MMA_WARPS)) >= _SMS
 
 
 def _mma_smem(d: int, dv: int) -> int:
