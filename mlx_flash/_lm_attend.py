@@ -142,8 +142,8 @@ def unsupported_reason(queries, keys, values, cache, scale, mask) -> str | None:
 def _quantized_reason(queries, keys, cache, scale, mask) -> str | None:
     """QuantizedKVCache (keys/values are (data, scales, biases) triples): the
     quantized op takes it on the backends of dispatch.QUANTIZED_KV_BACKENDS
-    (CPU, Metal); elsewhere (CUDA so far) the call goes back to mlx-lm,
-    counted. Shapes of the
+    (CPU, Metal, CUDA); elsewhere the call goes back to mlx-lm, counted.
+    Shapes of the
     triples are checked by the op itself."""
     backend = dispatch.backend_name(None)
     if backend not in dispatch.QUANTIZED_KV_BACKENDS:

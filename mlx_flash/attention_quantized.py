@@ -7,9 +7,9 @@ the cache ever exists. k and v are constants (a cache); the vjp gives q's
 gradient through a fused kernel (no N x N array), and the sinks' and an
 additive mask's through the same formulas as `flash_attention`.
 
-Backends: the CPU and Metal (metal_src/attention_quant.h). The CUDA kernel
-is not written yet; there the op raises (never a silent fallback to a
-materialised path).
+Backends: the CPU, Metal (metal_src/attention_quant.h, backends/metal_quant.py)
+and CUDA (cuda_src/attention_quant*.cu, backends/cuda_quant.py); a backend
+without the kernel raises (never a silent fallback to a materialised path).
 """
 
 from __future__ import annotations
@@ -100,8 +100,7 @@ def flash_attention_quantized(q, k, v, *, bits, group_size, scale=None, mask=Non
     Gradients flow to q, sinks and an additive mask. k and v are constants
     (stop_gradient semantics: their cotangents are zero).
 
-    Backends: CPU and Metal; on CUDA the call raises NotImplementedError
-    (no kernel yet).
+    Backends: CPU, Metal and CUDA.
     """
     qspec, inputs, k, v = validate_attention_quantized(
         q, k, v, bits=bits, group_size=group_size, scale=scale, mask=mask, causal=causal,
@@ -111,7 +110,7 @@ def flash_attention_quantized(q, k, v, *, bits, group_size, scale=None, mask=Non
     if backend not in dispatch.QUANTIZED_KV_BACKENDS:
         raise NotImplementedError(
             f"flash_attention_quantized: no {backend} kernel yet (attention from a quantized KV cache "
-            f"runs on the CPU and Metal so far); pass stream=mx.cpu, or dequantize k and v and call "
+            f"runs on the CPU, Metal and CUDA); pass stream=mx.cpu, or dequantize k and v and call "
             f"flash_attention"
         )
     names = tuple(n for n in _EXTRA_FIELDS if getattr(inputs, n) is not None)

@@ -7,7 +7,7 @@ same functions, so `attention.py` and `matmul.py` never branch on the device:
     attention_backward(q, k, v, out, lse, dout, dlse, spec, inputs, stream)
         -> (dq, dk, dv)
 
-Backends with a quantized-KV kernel (the CPU and Metal so far; `QUANTIZED_KV_BACKENDS`)
+Backends with a quantized-KV kernel (CPU, Metal and CUDA; `QUANTIZED_KV_BACKENDS`)
 also have, with k and v the `(data, scales, biases)` triples of mx.quantize:
 
     quantized_attention_forward(q, k, v, qspec, inputs, stream) -> (out, lse)
@@ -43,7 +43,7 @@ from ._spec import AttentionInputs, AttentionSpec
 from .reference import key_range_keep
 
 _BACKENDS = {"cpu": "mlx_flash.backends.cpu", "metal": "mlx_flash.backends.metal", "cuda": "mlx_flash.backends.cuda"}
-QUANTIZED_KV_BACKENDS = ("cpu", "metal")
+QUANTIZED_KV_BACKENDS = ("cpu", "metal", "cuda")
 
 
 def device_of(stream) -> mx.Device:

@@ -5,7 +5,9 @@ float64 NumPy reference on those operands (reference_np), forward and dq /
 dsinks / dmask; k and v are constants. Runs on the CPU and, for the cases
 that take a `backend`, on the Metal kernels too (an Apple GPU, or on Linux
 the same source through the MSL emulation harness, metal_emu, with tiny
-sizes: emulation is slow). CUDA has no kernel yet and must refuse clearly.
+sizes: emulation is slow) and on CUDA (a GPU; the CUDA kernels also run on
+the CPU through the CUDA emulation in test_cuda_quant_emu.py). A backend
+without the kernel must refuse clearly.
 """
 
 import mlx.core as mx
@@ -56,7 +58,7 @@ def quantized_case(key, B, Hq, Hkv, Nq, Nk, D, Dv=None, dtype=mx.float32, bits=4
 
 
 def skip_unless_quantized(backend):
-    """Skip backends without a quantized-KV kernel (CUDA so far)."""
+    """Skip backends without a quantized-KV kernel."""
     from mlx_flash import dispatch
 
     if backend in ("cuda", "metal") and backend not in dispatch.QUANTIZED_KV_BACKENDS:
@@ -337,11 +339,12 @@ def test_bad_triples():
         mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64, sinks=mx.zeros((3,)))
 
 
-def test_gpu_backends_refuse_clearly(monkeypatch):
+def test_backend_without_the_kernel_refuses_clearly(monkeypatch):
     from mlx_flash import dispatch
 
     q, kq, vq = _good()
-    for backend in ("cuda",):
+    monkeypatch.setattr(dispatch, "QUANTIZED_KV_BACKENDS", ("cpu",))
+    for backend in ("cuda", "metal"):
         monkeypatch.setattr(dispatch, "backend_name", lambda stream, b=backend: b)
         with pytest.raises(NotImplementedError, match=f"flash_attention_quantized: no {backend} kernel yet"):
             mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64)

@@ -59,6 +59,11 @@ _KERNEL_ROOTS = {
     # attention_bwd_mma.cuh uses load_tile and block_tile_live of attention_fwd_mma.cuh.
     "attention_bwd_mma": ("attention_fwd_mma.cuh", "attention_bwd_mma.cuh"),
     "matmul": ("matmul.cuh",),
+    # flash_attention_quantized (cuda_quant.py)
+    "attention_quant_fwd": ("attention_quant.cuh",),
+    "attention_quant_combine": ("attention_quant.cuh",),
+    "attention_quant_bwd": ("attention_quant.cuh",),
+    "attention_quant_fwd_mma": ("attention_quant_mma.cuh",),
 }
 _LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
 
@@ -542,3 +547,18 @@ def matmul2d(a, b, a_scale, b_scale, spec, stream):
     from .cuda_matmul import matmul2d as _matmul2d
 
     return _matmul2d(a, b, a_scale, b_scale, spec, stream)
+
+
+# ---------------------------------------------------------------------------
+# Attention over a quantized KV cache lives in its own module (cuda_quant.py).
+
+def quantized_attention_forward(q, k, v, qspec, inputs, stream):
+    from .cuda_quant import quantized_attention_forward as _forward
+
+    return _forward(q, k, v, qspec, inputs, stream)
+
+
+def quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs, stream):
+    from .cuda_quant import quantized_attention_backward as _backward
+
+    return _backward(q, k, v, lse, delta, dout, qspec, inputs, stream)

@@ -1,8 +1,14 @@
-"""Attention over a quantized KV cache on the CPU: `flash_attention_quantized`
-vs mlx-lm's quantized path and vs the unquantized cache.
+"""Attention over a quantized KV cache: `flash_attention_quantized` vs
+mlx-lm's quantized path and vs the unquantized cache, on the CPU or a GPU.
 
-    PYTHONPATH=$PWD python -m mlx_flash.bench.quantized_kv [--quick] \
-        [--out quantized_kv_cpu.json]
+    PYTHONPATH=$PWD python -m mlx_flash.bench.quantized_kv [--quick] [--device cpu|gpu] \
+        [--out quantized_kv_<device>.json]
+
+`--device gpu` (a CUDA card; the JSON names it) times the GPU cases: decode
+at Nk = 32768 in float16 (4 and 8 bits) against mx.fast SDPA over the fp16
+cache and mlx-lm's quantized path, and a causal 2048-query prefill chunk
+against the 32K cache, every implementation at full size (the card has the
+memory mlx-lm's materialised scores need).
 
 The cache is what mlx-lm's `QuantizedKVCache` holds for one layer of a
 Llama-3-8B-shaped model (GQA 32:8, head dim 128; `mx.quantize` along the
@@ -73,21 +79,29 @@ def implementations(q, k, v, kq, vq, bits: int, causal: bool, names) -> dict:
     return {name: all_impls[name] for name in names}
 
 
-def run_case(label: str, nq: int, nk: int, bits: int, dtype, names, policy: TimingPolicy) -> dict:
+def run_case(label: str, nq: int, nk: int, bits: int, dtype, names, policy: TimingPolicy, batch: int = 1) -> dict:
+    """One case; with batch > 1 (the GPU) a timed call queues `batch` independent
+    calls before one eval, so launch and sync overheads do not hide kernels of
+    microseconds; times are per call. Memory is measured on a single call."""
     q, k, v, kq, vq = make_inputs(nq, nk, bits, dtype)
     impls = implementations(q, k, v, kq, vq, bits, nq > 1, names)
     outputs = {}
 
-    def keeping(name, fn):
+    def keeping(name, fn, n):
         def call():
-            out = fn()
-            mx.eval(out)
-            outputs[name] = out
+            outs = [fn() for _ in range(n)]
+            mx.eval(outs)
+            outputs[name] = outs[-1]
         return call
 
-    blocking = {name: keeping(name, fn) for name, fn in impls.items()}
-    warmups = {name: mlx_extra_peak(fn) for name, fn in blocking.items()}
+    blocking = {name: keeping(name, fn, batch) for name, fn in impls.items()}
+    warmups = {name: mlx_extra_peak(keeping(name, fn, 1)) for name, fn in impls.items()}
     timings = time_interleaved(blocking, policy, warmups)
+    if batch > 1:
+        timings = {name: t if isinstance(t, Exception) else dict(
+            t, time_s=t["time_s"] / batch, min_s=t["min_s"] / batch,
+            times_s=[round(x / batch, 9) for x in t["times_s"]], calls_per_sample=batch)
+            for name, t in timings.items()}
     record = {
         "case": label, "queries": nq, "keys": nk, "bits": bits, "dtype": str(dtype).split(".")[-1],
         "causal": nq > 1,
@@ -129,10 +143,17 @@ def print_case(rec: dict) -> None:
 ALL = ("flash_quantized", "mlx_lm_quantized", "mx_fast_unquantized", "flash_unquantized")
 
 
-def cases(quick: bool, nk: int, prefill: int, mlx_lm_prefill: int):
+def cases(quick: bool, nk: int, prefill: int, mlx_lm_prefill: int, device: str = "cpu"):
     """(label, Nq, Nk, bits, dtype, implementations)."""
     if quick:
         nk, prefill, mlx_lm_prefill = min(nk, 1024), 64, 32
+    if device == "gpu":
+        return [
+            ("decode", 1, nk, 4, mx.float16, ALL),
+            ("decode", 1, nk, 8, mx.float16, ALL),
+            ("decode", 1, nk, 4, mx.bfloat16, ALL[:3]),
+            ("prefill_chunk", prefill, nk, 4, mx.float16, ALL),
+        ]
     return [
         ("decode", 1, nk, 4, mx.float32, ALL),
         ("decode", 1, nk, 4, mx.float16, ALL),
@@ -148,22 +169,38 @@ def main(argv=None):
     parser.add_argument("--keys", type=int, default=32768)
     parser.add_argument("--prefill-queries", type=int, default=2048)
     parser.add_argument("--mlx-lm-prefill-queries", type=int, default=256)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="where every implementation runs (gpu: a CUDA card)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="write the results JSON here (default: quantized_kv_cpu_<date>.json in the "
+                        help="write the results JSON here (default: quantized_kv_<device>_<date>.json in the "
                              "current directory; pass benchmarks/results/... to update the committed file)")
     args = parser.parse_args(argv)
+    tag = "cpu"
+    if args.device == "gpu":
+        from .cuda import card_name, slug
+
+        if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+            raise SystemExit("--device gpu: no CUDA GPU visible to MLX")
+        card = card_name()
+        tag = slug(card)
     if args.out is None:  # never into an installed package or over a checkout's committed results
-        args.out = Path(f"quantized_kv_cpu_{today()}.json")
-    mx.set_default_device(mx.cpu)
-    policy = TimingPolicy(budget_s=2.0, min_repeats=3, max_repeats=5, long_call_s=3.0)
+        args.out = Path(f"quantized_kv_{tag}_{today()}.json")
+    mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    if args.device == "gpu":  # calls of tens of microseconds: many repeats
+        policy = TimingPolicy(budget_s=2.0, min_repeats=20, max_repeats=200, long_call_s=3.0)
+    else:
+        policy = TimingPolicy(budget_s=2.0, min_repeats=3, max_repeats=5, long_call_s=3.0)
     result = {
-        "benchmark": "quantized_kv_cpu", "date": now_iso(), "machine": machine_info(), "shape": SHAPE,
+        "benchmark": f"quantized_kv_{args.device}", "date": now_iso(), "machine": machine_info(), "shape": SHAPE,
         "timing_rule": TIMING_RULE, "timing_policy": policy.as_dict(), "memory_method": MLX_MEMORY_METHOD,
         "cases": [],
     }
+    if args.device == "gpu":
+        result["card"] = card
     for label, nq, nk, bits, dtype, names in cases(args.quick, args.keys, args.prefill_queries,
-                                                   args.mlx_lm_prefill_queries):
-        rec = run_case(label, nq, nk, bits, dtype, names, policy)
+                                                   args.mlx_lm_prefill_queries, args.device):
+        batch = (20 if nq == 1 else 1) if args.device == "gpu" else 1
+        rec = run_case(label, nq, nk, bits, dtype, names, policy, batch)
         print_case(rec)
         result["cases"].append(rec)
         write_json(args.out, result)  # after every case: a long run killed late keeps what it measured

@@ -40,9 +40,9 @@ _METAL_RUNTIME = os.path.join(os.path.dirname(_HERE), "metal_emu", "runtime")
 _SMEM_LIMIT = 227 * 1024  # per block, sm_90
 
 _C_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.bool_: "bool",
-            mx.int32: "int32_t", mx.uint8: "uint8_t"}
+            mx.int32: "int32_t", mx.uint8: "uint8_t", mx.uint32: "uint32_t"}
 _NUMPY = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16, mx.bool_: np.bool_,
-          mx.int32: np.int32, mx.uint8: np.uint8}
+          mx.int32: np.int32, mx.uint8: np.uint8, mx.uint32: np.uint32}
 _INCLUDE_LINE = re.compile(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', re.M)
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned\s+char\s+(\w+)\[\];")
 _STATIC_SMEM = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?((?:unsigned\s+)?\w+)\s+(\w+)\s*((?:\[[^\];]+\])+);")

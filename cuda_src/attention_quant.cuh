@@ -1,0 +1,481 @@
+// Attention straight from an affine-quantized K/V cache (mx.quantize's format,
+// mlx-lm's QuantizedKVCache): forward (split over keys, merged by
+// attention_quant_combine) and the fused dq-only backward. SIMT, fp32
+// arithmetic, every q dtype; K and V are dequantized in registers as they
+// stream in, never written anywhere in full precision.
+//
+// Format: a token row of D values is a little-endian bit stream of D * BITS
+// bits in D * BITS / 32 uint32 words (value c at bit c * BITS: 3-, 5- and
+// 6-bit values straddle words); value c is scales[c / GS] * code + biases[c / GS].
+// D and GS are multiples of 32, so 32 consecutive values are BITS whole words.
+//
+// Work split: the rows of one KV head are ordered r = i * G + g (query i,
+// group head g), RW consecutive rows per warp (a decode step's G heads share
+// one warp and so every dequantized key). Each warp owns its rows and one key
+// range (a split); a block is W independent warps. Two phases per 32-key tile:
+// lane = key for q.k (the lane dequantizes its key's row from whole words,
+// wide loads where BITS allows), lane = 4 value columns for P.V (coalesced
+// across the warp). Non-finite contract (ARCHITECTURE.md): a dropped key's v
+// (dq: its k) is never multiplied (a select on a per-key bit mask of the rows
+// that kept it); a kept NaN/+inf logit marks the row bad -> NaN row.
+#pragma once
+
+#include "attention_common.cuh"
+
+namespace mlx_flash {
+
+// Own names: attention_common.cuh may grow similar macros on other branches.
+#define MLXF_QUANT_POS_INF (__int_as_float(0x7f800000))
+#define MLXF_QUANT_NAN (__int_as_float(0x7fc00000))
+
+// The BITS words holding 32 consecutive values (word aligned): 16-byte loads
+// when BITS is a multiple of 4 (rows are then 16-byte aligned too).
+template <int BITS>
+__device__ __forceinline__ void load_words32(const unsigned* p, unsigned (&w)[BITS]) {
+  if (BITS % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < BITS / 4; ++i) {
+      const uint4 x = reinterpret_cast<const uint4*>(p)[i];
+      w[4 * i] = x.x;
+      w[4 * i + 1] = x.y;
+      w[4 * i + 2] = x.z;
+      w[4 * i + 3] = x.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) w[i] = p[i];
+  }
+}
+
+// Code e (0..31, a compile-time constant once unrolled) of 32 values in w.
+template <int BITS>
+__device__ __forceinline__ unsigned code_of(const unsigned (&w)[BITS], int e) {
+  const int bit = e * BITS, i = bit >> 5, sh = bit & 31;
+  unsigned x = w[i] >> sh;
+  if (sh + BITS > 32) x |= w[i + 1] << (32 - sh);
+  return x & ((1u << BITS) - 1u);
+}
+
+// Values c..c+3 (c a multiple of 4) of one row, straight from its words.
+template <int BITS, int GS, typename ST>
+__device__ __forceinline__ void dequant4(const unsigned* words, const ST* scales, const ST* biases, int c,
+                                         float (&out)[4]) {
+  const int bit = c * BITS, i = bit >> 5, sh = bit & 31;
+  unsigned long long x = words[i];
+  if (sh + 4 * BITS > 32) x |= (unsigned long long)words[i + 1] << 32;
+  x >>= sh;
+  const float s = to_float(scales[c / GS]), b = to_float(biases[c / GS]);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) out[e] = fmaf(s, (float)(unsigned)((x >> (e * BITS)) & ((1u << BITS) - 1u)), b);
+}
+
+// dot[t] += rows[t] . x over the D values of one quantized row (lane = key):
+// rows are RW float rows of shared memory (stride D).
+template <int D, int BITS, int GS, int RW, typename ST>
+__device__ __forceinline__ void quant_row_dots(const unsigned* words, const ST* scales, const ST* biases,
+                                               const float* rows, float (&dot)[RW]) {
+#pragma unroll
+  for (int blk = 0; blk < D / 32; ++blk) {
+    unsigned w[BITS];
+    load_words32<BITS>(words + blk * BITS, w);
+    const float s = to_float(scales[blk * 32 / GS]), b = to_float(biases[blk * 32 / GS]);
+#pragma unroll
+    for (int e = 0; e < 32; e += 4) {
+      float x[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) x[u] = fmaf(s, (float)code_of<BITS>(w, e + u), b);
+#pragma unroll
+      for (int t = 0; t < RW; ++t) {
+        const float4 r = *reinterpret_cast<const float4*>(rows + t * D + blk * 32 + e);
+        dot[t] = fmaf(r.x, x[0], fmaf(r.y, x[1], fmaf(r.z, x[2], fmaf(r.w, x[3], dot[t]))));
+      }
+    }
+  }
+}
+
+// The rows and keys one warp owns, and the logit rules of each row: the
+// rules of the warp's first head, with the ALiBi slope and mask rows of each
+// row's own head (all that differs between heads: few registers per row).
+template <typename MT, class F, int RW>
+struct QuantWarp {
+  int b, kvh, G, Nq, Nk, Hq, Hkv;
+  int r0, nrows;  // first row (i * G + g order) and rows of the KV head
+  LogitRules<MT> base;
+  float slope[F::Alibi ? RW : 1];
+  const MT* mask[F::MaskKind != 0 ? RW : 1];
+
+  __device__ __forceinline__ int query(int t) const { return (r0 + t) / G; }
+  __device__ __forceinline__ int head(int t) const { return kvh * G + (r0 + t) % G; }
+  __device__ __forceinline__ bool valid(int t) const { return r0 + t < nrows; }
+  // Row index into [B, Hq, Nq].
+  __device__ __forceinline__ long out_row(int t) const { return ((long)b * Hq + head(t)) * Nq + query(t); }
+  __device__ __forceinline__ float logit(int t, float s, int j, float& capped) const {
+    LogitRules<MT> r = base;
+    if (F::Alibi) r.slope = slope[t];
+    if (F::MaskKind != 0) r.mask = mask[t];
+    return apply_rules<F, MT>(r, s, query(t), j, capped);
+  }
+};
+
+template <typename MT, class F, int RW>
+__device__ __forceinline__ void init_warp(QuantWarp<MT, F, RW>& w, int group, const int* ip, const float* fp,
+                                          const MT* mask, const float* alibi) {
+  w.Hq = ip[kHeadsQ];
+  w.Hkv = ip[kHeadsKv];
+  w.Nq = ip[kSeqQ];
+  w.Nk = ip[kSeqK];
+  w.G = w.Hq / w.Hkv;
+  w.b = blockIdx.z / w.Hkv;
+  w.kvh = blockIdx.z % w.Hkv;
+  w.r0 = group * RW;
+  w.nrows = w.G * w.Nq;
+  Sequence seq;
+  seq.tensor_batch = w.b;
+  seq.q_start = seq.k_start = 0;
+  seq.nq = w.Nq;
+  seq.nk = w.Nk;
+  w.base = make_rules<MT, F>(seq, w.b, w.head(0), ip, fp, mask, alibi, nullptr);
+#pragma unroll
+  for (int t = 0; t < RW; ++t) {
+    if (F::Alibi || F::MaskKind != 0) {
+      const LogitRules<MT> r = make_rules<MT, F>(seq, w.b, w.valid(t) ? w.head(t) : w.head(0), ip, fp, mask,
+                                                 alibi, nullptr);
+      if (F::Alibi) w.slope[F::Alibi ? t : 0] = r.slope;
+      if (F::MaskKind != 0) w.mask[F::MaskKind != 0 ? t : 0] = r.mask;
+    }
+  }
+}
+
+// Keys [lo, hi) any valid row of the warp can see (window/causal).
+template <typename MT, class F, int RW>
+__device__ __forceinline__ void warp_key_range(const QuantWarp<MT, F, RW>& w, int& lo, int& hi) {
+  const int last = min(w.r0 + RW, w.nrows) - 1;
+  w.base.key_range(w.r0 / w.G, last / w.G, lo, hi);
+}
+
+// Copy the warp's RW rows of x ([B, Hq, Nq, DIM], rows beyond the end zero) to
+// shared memory as float.
+template <typename T, int DIM, typename MT, class F, int RW>
+__device__ __forceinline__ void stage_rows(const QuantWarp<MT, F, RW>& w, const T* x, float* dst, int lane) {
+#pragma unroll
+  for (int t = 0; t < RW; ++t) {
+    const T* src = x + w.out_row(t) * DIM;
+    for (int d = lane; d < DIM; d += 32) dst[t * DIM + d] = w.valid(t) ? to_float(src[d]) : 0.f;
+  }
+  __syncwarp();
+}
+
+// Forward: a block's W warps take the same RW rows and W consecutive key
+// chunks, merge their online softmaxes in shared memory, and write one
+// normalised partial output and its lse per row for the block's split
+// (part_o [splits][B * Hq * Nq][DV], part_lse [splits][B * Hq * Nq], splits =
+// ns[0] blocks per row group): W times fewer partials for the combine to
+// read than one per warp. NaN for a row that met a NaN or +inf logit, lse
+// -inf for a row with no kept key.
+template <typename T, typename KST, typename VST, typename MT, class F, int D, int DV, int BITS, int GS, int W,
+          int RW>
+__device__ void attention_quant_fwd(
+    const T* q, const unsigned* kw, const KST* ks, const KST* kb, const unsigned* vw, const VST* vs,
+    const VST* vb, const MT* mask, const float* alibi, const int* ip, const float* fp, const int* ns,
+    float* part_o, float* part_lse) {
+  constexpr int KW = D * BITS / 32, VW = DV * BITS / 32, KG = D / GS, VG = DV / GS;
+  constexpr int NU = (DV / 4 + 31) / 32;  // value quads per lane
+  extern __shared__ __align__(16) unsigned char quant_smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int block_splits = ns[0], split_block = blockIdx.x % block_splits;
+  const int splits = block_splits * W, split = split_block * W + warp;  // this warp's key chunk
+  QuantWarp<MT, F, RW> w;
+  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], Nq = ip[kSeqQ];
+  init_warp(w, blockIdx.x / block_splits, ip, fp, mask, alibi);
+  float* qs = reinterpret_cast<float*>(quant_smem) + warp * RW * D;
+  // After the key loop: each warp's accumulators [W][RW][DV], then m and l [W][RW].
+  float* red_acc = reinterpret_cast<float*>(quant_smem) + W * RW * D;
+  float* red_m = red_acc + W * RW * DV;
+  float* red_l = red_m + W * RW;
+  stage_rows<T, D>(w, q, qs, lane);
+  const float scale = fp[kScale];
+
+  int lo, hi;
+  warp_key_range(w, lo, hi);
+  const int chunk = (max(hi - lo, 0) + splits - 1) / splits;
+  const int chunk32 = (chunk + 31) / 32 * 32;
+  const int start = lo + split * chunk32, end = min(hi, start + chunk32);
+
+  const long kv_row0 = ((long)w.b * Hkv + w.kvh) * w.Nk;
+  float m[RW], l[RW], acc[RW][NU][4];
+  bool bad[RW];
+#pragma unroll
+  for (int t = 0; t < RW; ++t) {
+    m[t] = kNegInf;
+    l[t] = 0.f;
+    bad[t] = false;
+#pragma unroll
+    for (int u = 0; u < NU; ++u)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[t][u][e] = 0.f;
+  }
+
+  for (int j0 = start; j0 < end; j0 += 32) {
+    const int j = j0 + lane;
+    float dot[RW];
+#pragma unroll
+    for (int t = 0; t < RW; ++t) dot[t] = 0.f;
+    if (j < end) {
+      const long row = kv_row0 + j;
+      quant_row_dots<D, BITS, GS, RW>(kw + row * KW, ks + row * KG, kb + row * KG, qs, dot);
+    }
+    // Logits; a bit per row that keeps this lane's key.
+    float p[RW];
+    unsigned kept = 0;
+#pragma unroll
+    for (int t = 0; t < RW; ++t) {
+      float capped, s = kNegInf;
+      if (j < end && w.valid(t)) s = w.logit(t, scale * dot[t], j, capped);
+      const bool nonfinite = s != s || s == MLXF_QUANT_POS_INF;
+      bad[t] = bad[t] || __any_sync(0xffffffffu, nonfinite);
+      if (nonfinite) s = kNegInf;  // the row is NaN anyway; keep the arithmetic finite
+      if (s != kNegInf) kept |= 1u << t;
+      const float m_new = fmaxf(m[t], warp_max(s));
+      p[t] = 0.f;
+      if (m_new != kNegInf) {  // warp-uniform
+        const float alpha = expf(m[t] - m_new);
+        p[t] = expf(s - m_new);
+        l[t] = l[t] * alpha + warp_sum(p[t]);
+#pragma unroll
+        for (int u = 0; u < NU; ++u)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[t][u][e] *= alpha;
+        m[t] = m_new;
+      }
+    }
+    // P.V, lane = value columns; a key no row kept is skipped, and a row
+    // that dropped a key never multiplies its v (select, not 0 * v).
+    const int keys = min(32, end - j0);
+    for (int jj = 0; jj < keys; ++jj) {
+      const unsigned kj = __shfl_sync(0xffffffffu, kept, jj);
+      if (kj == 0) continue;  // warp-uniform
+      float pj[RW];
+#pragma unroll
+      for (int t = 0; t < RW; ++t) pj[t] = __shfl_sync(0xffffffffu, p[t], jj);
+      const long row = kv_row0 + j0 + jj;
+#pragma unroll
+      for (int u = 0; u < NU; ++u) {
+        const int c = 4 * (lane + 32 * u);
+        if (c < DV) {
+          float x[4];
+          dequant4<BITS, GS>(vw + row * VW, vs + row * VG, vb + row * VG, c, x);
+#pragma unroll
+          for (int t = 0; t < RW; ++t)
+            if ((kj >> t) & 1u)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc[t][u][e] = fmaf(pj[t], x[e], acc[t][u][e]);
+        }
+      }
+    }
+  }
+
+  // Merge the block's W warps (unnormalised accumulators; m = NaN marks a bad row).
+#pragma unroll
+  for (int t = 0; t < RW; ++t) {
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      const int c = 4 * (lane + 32 * u);
+      if (c < DV)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red_acc[(warp * RW + t) * DV + c + e] = acc[t][u][e];
+    }
+    if (lane == 0) {
+      red_m[warp * RW + t] = bad[t] ? MLXF_QUANT_NAN : m[t];
+      red_l[warp * RW + t] = l[t];
+    }
+  }
+  __syncthreads();
+  const long total_rows = (long)ip[kBatch] * Hq * Nq;
+  for (int e = threadIdx.x; e < RW * DV; e += 32 * W) {
+    const int t = e / DV, c = e % DV;
+    if (!w.valid(t)) continue;
+    float mm = kNegInf;
+    bool nan = false;
+    for (int v = 0; v < W; ++v) {
+      const float x = red_m[v * RW + t];
+      nan = nan || x != x;
+      mm = fmaxf(mm, x);
+    }
+    float o = 0.f, ll = 0.f;
+    if (!nan && mm != kNegInf) {
+      for (int v = 0; v < W; ++v) {
+        const float x = red_m[v * RW + t];
+        if (x == kNegInf) continue;  // a warp that kept no key holds nothing
+        const float f = expf(x - mm);
+        ll = fmaf(red_l[v * RW + t], f, ll);
+        o = fmaf(red_acc[(v * RW + t) * DV + c], f, o);
+      }
+    }
+    const long prow = split_block * total_rows + w.out_row(t);
+    part_o[prow * DV + c] = nan ? MLXF_QUANT_NAN : (ll > 0.f ? o / ll : 0.f);
+    if (c == 0) part_lse[prow] = nan ? MLXF_QUANT_NAN : (ll > 0.f ? mm + logf(ll) : kNegInf);
+  }
+}
+
+// Merge the splits of each row by their lse, with the sink; one warp per row.
+// A NaN partial lse (a row that met a NaN/+inf logit), a NaN or +inf sink
+// make the row NaN; no kept key and no sink: out 0, lse -inf.
+template <typename T, int DV, bool Sinks>
+__device__ void attention_quant_combine(const float* part_o, const float* part_lse, const float* sinks,
+                                        const int* ip, const int* ns, T* out, float* lse) {
+  constexpr int W = 4;
+  const int lane = threadIdx.x % 32;
+  const long row = (long)blockIdx.x * W + threadIdx.x / 32;
+  const int Hq = ip[kHeadsQ], Nq = ip[kSeqQ];
+  const long rows = (long)ip[kBatch] * Hq * Nq;
+  if (row >= rows) return;
+  const int splits = ns[0];
+  float m = kNegInf;
+  bool nan = false;
+  for (int s = lane; s < splits; s += 32) {
+    const float x = part_lse[s * rows + row];
+    nan = nan || x != x;
+    m = fmaxf(m, x);
+  }
+  m = warp_max(m);
+  nan = __any_sync(0xffffffffu, nan);
+  float sink = kNegInf;
+  if (Sinks) {
+    sink = sinks[(row / Nq) % Hq];
+    nan = nan || sink != sink || sink == MLXF_QUANT_POS_INF;
+    m = fmaxf(m, sink);
+  }
+  if (nan || m == kNegInf) {
+    const float o = nan ? MLXF_QUANT_NAN : 0.f;
+    for (int d = lane; d < DV; d += 32) out[row * DV + d] = from_float<T>(o);
+    if (lane == 0) lse[row] = nan ? MLXF_QUANT_NAN : kNegInf;
+    return;
+  }
+  float denom = 0.f;
+  for (int s = lane; s < splits; s += 32) denom += expf(part_lse[s * rows + row] - m);
+  denom = warp_sum(denom) + (Sinks ? expf(sink - m) : 0.f);
+  const float inv = 1.f / denom;
+  // Splits outer, each lane's columns inner: every load of a split is independent.
+  constexpr int NC = (DV + 31) / 32;
+  float o[NC];
+#pragma unroll
+  for (int u = 0; u < NC; ++u) o[u] = 0.f;
+#pragma unroll 4
+  for (int s = 0; s < splits; ++s) {
+    const float x = part_lse[s * rows + row];
+    if (x == kNegInf) continue;  // an empty split adds nothing
+    const float f = expf(x - m);
+    const float* src = part_o + (s * rows + row) * DV;
+#pragma unroll
+    for (int u = 0; u < NC; ++u)
+      if (lane + 32 * u < DV) o[u] = fmaf(f, src[lane + 32 * u], o[u]);
+  }
+#pragma unroll
+  for (int u = 0; u < NC; ++u)
+    if (lane + 32 * u < DV) out[row * DV + lane + 32 * u] = from_float<T>(o[u] * inv);
+  if (lane == 0) lse[row] = m + logf(denom);
+}
+
+// Backward, dq only (k and v are a constant cache): one warp owns RW rows and
+// every key they see, so dq needs no atomics. delta = dO . O - dlse (caller).
+// dS_ij = P_ij (dO_i . v_j - delta_i) (times softcap's 1 - tanh^2), P_ij =
+// exp(s_ij - lse_i); dq_i = scale * sum_j dS_ij k_j over the kept keys.
+template <typename T, typename KST, typename VST, typename MT, class F, int D, int DV, int BITS, int GS, int W,
+          int RW>
+__device__ void attention_quant_bwd(
+    const T* q, const unsigned* kw, const KST* ks, const KST* kb, const unsigned* vw, const VST* vs,
+    const VST* vb, const MT* mask, const float* alibi, const int* ip, const float* fp, const float* lse,
+    const float* delta, const T* dout, T* dq) {
+  constexpr int KW = D * BITS / 32, VW = DV * BITS / 32, KG = D / GS, VG = DV / GS;
+  constexpr int NU = (D / 4 + 31) / 32;  // dq quads per lane
+  extern __shared__ __align__(16) unsigned char quant_smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  QuantWarp<MT, F, RW> w;
+  const int item = blockIdx.x * W + warp;
+  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], Nq = ip[kSeqQ];
+  const int groups = ((Hq / Hkv) * Nq + RW - 1) / RW;
+  if (item >= groups) return;
+  init_warp(w, item, ip, fp, mask, alibi);
+  float* qs = reinterpret_cast<float*>(quant_smem) + warp * RW * (D + DV);
+  float* dos = qs + RW * D;
+  stage_rows<T, D>(w, q, qs, lane);
+  stage_rows<T, DV>(w, dout, dos, lane);
+  const float scale = fp[kScale], softcap = fp[kSoftcap];
+  float row_lse[RW], row_delta[RW], acc[RW][NU][4];
+#pragma unroll
+  for (int t = 0; t < RW; ++t) {
+    row_lse[t] = w.valid(t) ? lse[w.out_row(t)] : 0.f;
+    row_delta[t] = w.valid(t) ? delta[w.out_row(t)] : 0.f;
+#pragma unroll
+    for (int u = 0; u < NU; ++u)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[t][u][e] = 0.f;
+  }
+  int lo, hi;
+  warp_key_range(w, lo, hi);
+  const long kv_row0 = ((long)w.b * Hkv + w.kvh) * w.Nk;
+  for (int j0 = lo; j0 < hi; j0 += 32) {
+    const int j = j0 + lane;
+    float dot[RW], dp[RW];
+#pragma unroll
+    for (int t = 0; t < RW; ++t) dot[t] = dp[t] = 0.f;
+    if (j < hi) {
+      const long row = kv_row0 + j;
+      quant_row_dots<D, BITS, GS, RW>(kw + row * KW, ks + row * KG, kb + row * KG, qs, dot);
+      quant_row_dots<DV, BITS, GS, RW>(vw + row * VW, vs + row * VG, vb + row * VG, dos, dp);
+    }
+    float ds[RW];
+    unsigned kept = 0;
+#pragma unroll
+    for (int t = 0; t < RW; ++t) {
+      float capped = 0.f, s = kNegInf;
+      if (j < hi && w.valid(t)) s = w.logit(t, scale * dot[t], j, capped);
+      ds[t] = 0.f;
+      if (s != kNegInf) {  // a kept key (NaN logits included: they give NaN, as materialised)
+        kept |= 1u << t;
+        float g = expf(s - row_lse[t]) * (dp[t] - row_delta[t]);
+        if (F::Softcap) {
+          const float th = capped / softcap;
+          g *= 1.f - th * th;
+        }
+        ds[t] = g * scale;
+      }
+    }
+    const int keys = min(32, hi - j0);
+    for (int jj = 0; jj < keys; ++jj) {
+      const unsigned kj = __shfl_sync(0xffffffffu, kept, jj);
+      if (kj == 0) continue;
+      float g[RW];
+#pragma unroll
+      for (int t = 0; t < RW; ++t) g[t] = __shfl_sync(0xffffffffu, ds[t], jj);
+      const long row = kv_row0 + j0 + jj;
+#pragma unroll
+      for (int u = 0; u < NU; ++u) {
+        const int c = 4 * (lane + 32 * u);
+        if (c < D) {
+          float x[4];
+          dequant4<BITS, GS>(kw + row * KW, ks + row * KG, kb + row * KG, c, x);
+#pragma unroll
+          for (int t = 0; t < RW; ++t)
+            if ((kj >> t) & 1u)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc[t][u][e] = fmaf(g[t], x[e], acc[t][u][e]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < RW; ++t) {
+    if (!w.valid(t)) continue;
+    T* dst = dq + w.out_row(t) * D;
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      const int c = 4 * (lane + 32 * u);
+      if (c < D)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dst[c + e] = from_float<T>(acc[t][u][e]);
+    }
+  }
+}
+
+}  // namespace mlx_flash

@@ -1,0 +1,191 @@
+"""CUDA kernels of `flash_attention_quantized` (cuda_src/attention_quant*.cu).
+
+  attention_quant_fwd      SIMT forward over the (data, scales, biases) triples:
+                           RW query rows per warp (a decode step's GQA heads
+                           share one warp), keys split over warps so a decode
+                           step fills the GPU; a block's 8 warps (8 key chunks
+                           of the same rows) merge in shared memory and write
+                           one normalised partial result and lse per split ...
+  attention_quant_combine  ... which this merges (with the sinks)
+  attention_quant_fwd_mma  tensor-core forward for 16-bit q with enough query rows
+                           to fill the GPU without splitting keys (a prefill
+                           chunk): 64 rows of one head per block, K/V tiles
+                           dequantized into shared memory as q's dtype
+  attention_quant_bwd      fused dq-only backward (k, v constants), no atomics
+
+K and V are dequantized in registers as they stream in: no full-precision
+copy exists. Launch plans are cached per QuantSpec like cuda.py's; the kernel
+objects come from cuda.py's `_kernel` (per-kernel minified headers).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import mlx.core as mx
+
+from .._spec import AttentionInputs
+from . import cuda as _cuda
+
+_FWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "ns")
+_BWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "lse", "delta", "dout")
+_MMA_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "sinks", "ip", "fp")
+_MMA_WARPS, _MMA_BN = 4, 64
+_SMS = 132  # H100/H200
+_WARPS = 4  # warps per block of the backward (independent warps)
+_FWD_WARPS = 8  # warps per block of the split forward: 8 key chunks merged in the block
+# Warps to have in flight for a decode step (H100/H200: 132 SMs, 16 warps
+# each), so enough quantized rows stream at once to fill memory bandwidth;
+# a split keeps at least 4 tiles of 32 keys. TUNING overrides for GPU sweeps
+# ("rw", "target_warps", "splits", "mma"; call forward_plan.cache_clear() after).
+_TARGET_WARPS = 132 * 16
+_MIN_SPLIT_KEYS = 128
+TUNING: dict = {}
+# Rows per warp at most: 4 keeps every feature combination in registers
+# (8 spills with softcap + ALiBi + an additive mask; tests/test_cuda_quant_emu.py).
+_MAX_RW = 4
+
+
+def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int):
+    """cuda.py's kernel cache; the headers come from its _KERNEL_ROOTS entry."""
+    return _cuda._kernel(body, inputs, outputs, smem)
+
+
+def uses_mma(qspec) -> bool:
+    """The tensor-core forward: 16-bit q, head dims <= 128, and at least one
+    block of 64 query rows per SM (fewer rows: the split SIMT kernel)."""
+    spec = qspec.attention
+    if spec.dtype not in (mx.float16, mx.bfloat16) or max(spec.head_dim_qk, spec.head_dim_v) > 128:
+        return False
+    if "mma" in TUNING:
+        return bool(TUNING["mma"])
+    return spec.batch * spec.heads_q * math.ceil(spec.seqlen_q / (16 * _MMA_WARPS)) >= _SMS
+
+
+def _mma_smem(d: int, dv: int) -> int:
+    """attention_quant_fwd_mma's shared memory: Q, K, V tiles (padded rows) and the exact path's P."""
+    bm = 16 * _MMA_WARPS
+    return 2 * (bm * (d + 8) + _MMA_BN * (d + 8) + _MMA_BN * (dv + 8)) + 4 * bm * _MMA_BN
+
+
+def _rows_per_warp(qspec) -> int:
+    """Rows per warp: all of a decode step's rows per KV head (up to _MAX_RW)."""
+    spec = qspec.attention
+    rows = spec.seqlen_q * spec.group_size
+    rw = TUNING.get("rw") or min(_MAX_RW, 1 << max(0, math.ceil(math.log2(max(rows, 1)))))
+    return rw
+
+
+@functools.lru_cache(maxsize=1024)
+def forward_plan(qspec):
+    """(rows per warp, warp groups per KV head, split blocks per group, shared memory bytes).
+
+    A split block is _FWD_WARPS warps, each one key chunk, merged in the block."""
+    spec = qspec.attention
+    rw = _rows_per_warp(qspec)
+    groups = math.ceil(spec.seqlen_q * spec.group_size / rw)
+    base = spec.batch * spec.heads_kv * groups * _FWD_WARPS
+    keys = _cuda._effective_keys(spec)
+    target = TUNING.get("target_warps", _TARGET_WARPS)
+    # The fp32 partial results stay under an eighth of the quantized cache's
+    # bytes (which a split pass reads anyway): decode splits freely, a prefill
+    # chunk (many rows, enough warps already) rarely does.
+    cache_bytes = spec.batch * spec.heads_kv * spec.seqlen_k * (spec.head_dim_qk + spec.head_dim_v) * (
+        qspec.bits / 8 + 4 / qspec.group_size)
+    part_bytes = spec.batch * spec.heads_q * spec.seqlen_q * (spec.head_dim_v + 1) * 4
+    splits = max(1, min(math.ceil(target / base), math.ceil(keys / (_MIN_SPLIT_KEYS * _FWD_WARPS)),
+                        int(cache_bytes // (8 * part_bytes))))
+    if "splits" in TUNING:
+        splits = TUNING["splits"]
+    smem = 4 * _FWD_WARPS * rw * (spec.head_dim_qk + spec.head_dim_v + 2)
+    return rw, groups, splits, smem
+
+
+def _template(qspec, inputs: AttentionInputs, k, v, rw, warps=_WARPS):
+    spec = qspec.attention
+    mask_dtype = inputs.mask.dtype if inputs.mask is not None else mx.bool_
+    return [
+        ("T", spec.dtype), ("KST", k[1].dtype), ("VST", v[1].dtype), ("MT", mask_dtype),
+        ("SOFTCAP", spec.softcap > 0), ("ALIBI", spec.has_alibi), ("MASK_KIND", _cuda._MASK_KINDS[spec.mask_kind]),
+        ("WINDOW", spec.has_window), ("D", spec.head_dim_qk), ("DV", spec.head_dim_v),
+        ("BITS", qspec.bits), ("GS", qspec.group_size), ("W", warps), ("RW", rw),
+    ]
+
+
+def _operands(q, k, v, qspec, inputs: AttentionInputs):
+    ip, fp = _cuda._params(qspec.attention, inputs)
+    mask, alibi = _cuda._placeholders()[:2]
+    return [q, *k, *v, inputs.mask if inputs.mask is not None else mask,
+            inputs.alibi if inputs.alibi is not None else alibi, ip, fp]
+
+
+def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream):
+    """(out, lse) from the (data, scales, biases) triples k, v; see dispatch.py."""
+    spec = qspec.attention
+    if uses_mma(qspec):
+        return _forward_mma(q, k, v, qspec, inputs, stream)
+    rw, groups, splits, smem = forward_plan(qspec)
+    rows = spec.batch * spec.heads_q * spec.seqlen_q
+    dv = spec.head_dim_v
+    ns = _cuda.const_array((splits,), mx.int32)
+    args = _operands(q, k, v, qspec, inputs)
+    kernel = _kernel("attention_quant_fwd", _FWD_INPUTS, ("part_o", "part_lse"), smem)
+    part_o, part_lse = kernel(
+        inputs=args + [ns], template=_template(qspec, inputs, k, v, rw, _FWD_WARPS),
+        grid=(groups * splits * 32 * _FWD_WARPS, 1, spec.batch * spec.heads_kv),
+        threadgroup=(32 * _FWD_WARPS, 1, 1),
+        output_shapes=[(splits, rows, dv), (splits, rows)], output_dtypes=[mx.float32, mx.float32],
+        stream=stream,
+    )
+    sinks = inputs.sinks if inputs.sinks is not None else _cuda._placeholders()[2]
+    combine = _kernel("attention_quant_combine", ("part_o", "part_lse", "sinks", "ip", "ns"), ("out", "lse"), 0)
+    out, lse = combine(
+        inputs=[part_o, part_lse, sinks, args[9], ns],
+        template=[("T", spec.dtype), ("DV", dv), ("SINKS", spec.has_sinks)],
+        grid=(math.ceil(rows / 4) * 128, 1, 1), threadgroup=(128, 1, 1),
+        output_shapes=[tuple(q.shape[:-1]) + (dv,), tuple(q.shape[:-1])], output_dtypes=[spec.dtype, mx.float32],
+        stream=stream,
+    )
+    return out, lse
+
+
+def backward_plan(qspec):
+    """(rows per warp, warp groups per KV head, shared memory bytes) of the backward."""
+    spec = qspec.attention
+    rw = _rows_per_warp(qspec)
+    groups = math.ceil(spec.seqlen_q * spec.group_size / rw)
+    return rw, groups, 4 * _WARPS * rw * (spec.head_dim_qk + spec.head_dim_v)
+
+
+def quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs: AttentionInputs, stream):
+    """dq of the quantized op (k, v constants); delta = dO . O - dlse."""
+    spec = qspec.attention
+    rw, groups, smem = backward_plan(qspec)
+    kernel = _kernel("attention_quant_bwd", _BWD_INPUTS, ("dq",), smem)
+    (dq,) = kernel(
+        inputs=_operands(q, k, v, qspec, inputs) + [lse, delta, dout.astype(spec.dtype, stream=stream)],
+        template=_template(qspec, inputs, k, v, rw),
+        grid=(math.ceil(groups / _WARPS) * 32 * _WARPS, 1, spec.batch * spec.heads_kv),
+        threadgroup=(32 * _WARPS, 1, 1),
+        output_shapes=[tuple(q.shape)], output_dtypes=[spec.dtype], stream=stream,
+    )
+    return dq
+
+
+def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
+    spec = qspec.attention
+    sinks = inputs.sinks if inputs.sinks is not None else _cuda._placeholders()[2]
+    args = _operands(q, k, v, qspec, inputs)
+    kernel = _kernel("attention_quant_fwd_mma", _MMA_INPUTS, ("out", "lse"),
+                     _mma_smem(spec.head_dim_qk, spec.head_dim_v))
+    template = [x for x in _template(qspec, inputs, k, v, 1) if x[0] not in ("W", "RW")] + [
+        ("SINKS", spec.has_sinks), ("NW", _MMA_WARPS), ("BN", _MMA_BN)]
+    out, lse = kernel(
+        inputs=args[:9] + [sinks] + args[9:], template=template,
+        grid=(math.ceil(spec.seqlen_q / (16 * _MMA_WARPS)) * 32 * _MMA_WARPS, spec.heads_q, spec.batch),
+        threadgroup=(32 * _MMA_WARPS, 1, 1),
+        output_shapes=[tuple(q.shape[:-1]) + (spec.head_dim_v,), tuple(q.shape[:-1])],
+        output_dtypes=[spec.dtype, mx.float32], stream=stream,
+    )
+    return out, lse

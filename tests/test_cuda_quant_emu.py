@@ -1,0 +1,341 @@
+"""The CUDA kernels of flash_attention_quantized (cuda_src/attention_quant*.cu),
+run on the CPU through the CUDA emulation (tests/cuda_emu) against the
+float64 reference over mx.dequantize'd k and v, and compiled with nvcc for
+sm_90a exactly as mx.fast.cuda_kernel wraps them (no register spills).
+
+The backend's own wrappers (mlx_flash/backends/cuda_quant.py) pick launch
+shapes and key splits as on a GPU; only mx.fast.cuda_kernel is swapped for
+the emulating one. The op-level tests (tests/test_attention_quantized.py
+-k cuda) run the same kernels for real on a CUDA GPU.
+"""
+
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from helpers import check_close, plain_errors, randn, reference_error, rng, to_np
+from reference_np import attention_np
+
+from cuda_emu import harness
+
+F16, B16, F32 = mx.float16, mx.bfloat16, mx.float32
+emulated = pytest.mark.skipif(harness.unavailable_reason() is not None,
+                              reason=f"CUDA emulation unavailable: {harness.unavailable_reason()}")
+
+
+def _case(key, B, Hq, Hkv, Nq, Nk, D, Dv=None, dtype=F32, bits=4, group_size=64, scale_dtype=None):
+    gen = rng("cuda-quant-emu", *key)
+    Dv = D if Dv is None else Dv
+    q = randn(gen, (B, Hq, Nq, D), dtype)
+    cache = scale_dtype or (dtype if dtype != F32 else F32)
+    k = randn(gen, (B, Hkv, Nk, D), cache)
+    v = randn(gen, (B, Hkv, Nk, Dv), cache)
+    kq = tuple(mx.quantize(k, group_size=group_size, bits=bits))
+    vq = tuple(mx.quantize(v, group_size=group_size, bits=bits))
+    # The reference reads K and V dequantized in float32 (the kernel's own precision).
+    f32 = lambda t: tuple(x.astype(F32) if x.dtype != mx.uint32 else x for x in t)
+    kd = mx.dequantize(*f32(kq), group_size=group_size, bits=bits)
+    vd = mx.dequantize(*f32(vq), group_size=group_size, bits=bits)
+    mx.eval(q, kq, vq, kd, vd)
+    return gen, q, kq, vq, kd, vd
+
+
+def _emu(q, kq, vq, bits, group_size, dout=None, tuning=None, **options):
+    """out, lse (and dq with dout) through cuda_quant's wrappers on the emulation."""
+    from mlx_flash._quant_spec import validate_attention_quantized
+    from mlx_flash.attention import _row_delta
+    from mlx_flash.backends import cuda_quant
+
+    qspec, inputs, k, v = validate_attention_quantized(q, kq, vq, bits=bits, group_size=group_size, **options)
+    saved = dict(cuda_quant.TUNING)
+    cuda_quant.TUNING.update(tuning or {})
+    cuda_quant.forward_plan.cache_clear()
+    try:
+        with harness.patched_cuda_kernel():
+            out, lse = cuda_quant.quantized_attention_forward(q, k, v, qspec, inputs, mx.cpu)
+            mx.eval(out, lse)
+            res = {"out": to_np(out), "lse": to_np(lse)}
+            if dout is not None:
+                delta = _row_delta(out, dout, None)
+                dq = cuda_quant.quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs, mx.cpu)
+                res["dq"] = to_np(dq)
+    finally:
+        cuda_quant.TUNING.clear()
+        cuda_quant.TUNING.update(saved)
+        cuda_quant.forward_plan.cache_clear()
+    return res
+
+
+def _check(got, want, dtype, plain=None, names=("out", "lse", "dq")):
+    for name in names:
+        if name in got:
+            check_close(name, got[name], want, F32 if name == "lse" else dtype, plain)
+
+
+@emulated
+@pytest.mark.parametrize("bits", (2, 3, 4, 5, 6, 8))
+@pytest.mark.parametrize("group_size", (32, 64, 128))
+def test_every_bits_and_group_size(bits, group_size):
+    gen, q, kq, vq, kd, vd = _case(("bits", bits, group_size), 1, 4, 2, 3, 45, 128, bits=bits,
+                                   group_size=group_size)
+    dout = randn(gen, q.shape)
+    got = _emu(q, kq, vq, bits, group_size, dout=dout)
+    _check(got, attention_np(q, kd, vd, dout=dout), F32)
+
+
+# (B, Hq, Hkv, Nq, Nk, D, Dv, bits, group): one key, odd sizes, Nq > Nk,
+# Dv != D (both ways), MQA decode over many keys, rows not filling a warp.
+SHAPES = [
+    (1, 1, 1, 1, 1, 32, 32, 4, 32),
+    (2, 4, 2, 17, 113, 64, 64, 3, 32),
+    (1, 6, 2, 13, 7, 64, 32, 5, 32),
+    (1, 2, 1, 5, 70, 32, 96, 6, 32),
+    (1, 8, 1, 1, 1000, 128, 128, 4, 64),
+    (1, 3, 3, 2, 300, 64, 64, 8, 64),
+]
+
+
+@emulated
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_shapes(shape):
+    B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs = shape
+    gen, q, kq, vq, kd, vd = _case(("shape",) + shape, B, Hq, Hkv, Nq, Nk, D, Dv, bits=bits, group_size=gs)
+    dout = randn(gen, (B, Hq, Nq, Dv))
+    got = _emu(q, kq, vq, bits, gs, dout=dout)
+    _check(got, attention_np(q, kd, vd, dout=dout), F32)
+
+
+FEATURES = {
+    "causal": lambda g, Hq, Nq, Nk: {"causal": True},
+    "window": lambda g, Hq, Nq, Nk: {"window": (9, 3)},
+    "softcap": lambda g, Hq, Nq, Nk: {"softcap": 2.0},
+    "alibi": lambda g, Hq, Nq, Nk: {"alibi_slopes": mx.array(g.uniform(0.01, 0.2, (Hq,)).astype(np.float32))},
+    "sinks": lambda g, Hq, Nq, Nk: {"sinks": mx.array(g.standard_normal(Hq).astype(np.float32))},
+    "bool_mask": lambda g, Hq, Nq, Nk: {"mask": mx.array(g.random((1, 1, Nq, Nk)) < 0.7)},
+    "additive_mask": lambda g, Hq, Nq, Nk: {"mask": mx.array(g.standard_normal((1, Hq, Nq, Nk)).astype(np.float32))},
+    "combined": lambda g, Hq, Nq, Nk: {"causal": True, "softcap": 3.0, "sinks": mx.array(
+        g.standard_normal(Hq).astype(np.float32)), "alibi_slopes": mx.array(
+        g.uniform(0.01, 0.2, (1, Hq)).astype(np.float32)), "mask": mx.array(g.random((Nq, Nk)) < 0.8)},
+}
+
+
+@emulated
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_features(feature):
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 11, 77, 64
+    gen, q, kq, vq, kd, vd = _case(("feature", feature), B, Hq, Hkv, Nq, Nk, D, bits=4, group_size=32)
+    opts = FEATURES[feature](gen, Hq, Nq, Nk)
+    dout = randn(gen, (B, Hq, Nq, D))
+    got = _emu(q, kq, vq, 4, 32, dout=dout, **opts)
+    _check(got, attention_np(q, kd, vd, dout=dout, **opts), F32)
+
+
+@emulated
+@pytest.mark.parametrize("splits", [1, 3, 16])
+def test_decode_split_path(splits):
+    """GQA decode (4 heads per KV head share a warp), keys split over warps and
+    merged by attention_quant_combine, with sinks (one -inf) and a window that
+    leaves some splits empty."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 8, 2, 1, 1100, 128
+    gen, q, kq, vq, kd, vd = _case(("split", splits), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4, group_size=64)
+    opts = {"window": (700, 0), "sinks": mx.array(np.r_[gen.standard_normal(7), -np.inf].astype(np.float32))}
+    got = _emu(q, kq, vq, 4, 64, tuning={"splits": splits}, **opts)
+    want = attention_np(q, kd, vd, **opts)
+    plain = plain_errors(q, kd.astype(F16), vd.astype(F16), mx.ones((B, Hq, Nq, D), F16), opts, F16)
+    _check(got, want, F16, plain, names=("out",))
+    assert reference_error("lse", got["lse"], want) < 1e-3
+
+
+@emulated
+@pytest.mark.parametrize("dtype", [F16, B16])
+def test_half_precision_q_and_scales(dtype):
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 19, 90, 64
+    gen, q, kq, vq, kd, vd = _case(("half", str(dtype)), B, Hq, Hkv, Nq, Nk, D, dtype=dtype, bits=4)
+    dout = randn(gen, (B, Hq, Nq, D), dtype)
+    opts = {"causal": True}
+    got = _emu(q, kq, vq, 4, 64, dout=dout, **opts)
+    want = attention_np(q, kd, vd, dout=dout, **opts)
+    plain = plain_errors(q, kd.astype(dtype), vd.astype(dtype), dout, opts, dtype)
+    _check(got, want, dtype, plain, names=("out", "dq"))
+    assert reference_error("lse", got["lse"], want) < 1e-2
+
+
+@emulated
+def test_float32_q_over_bfloat16_scales():
+    B, Hq, Hkv, Nq, Nk, D = 1, 2, 1, 4, 50, 64
+    gen, q, kq, vq, kd, vd = _case(("mixed",), B, Hq, Hkv, Nq, Nk, D, dtype=F32, scale_dtype=B16, bits=6,
+                                   group_size=32)
+    dout = randn(gen, q.shape)
+    got = _emu(q, kq, vq, 6, 32, dout=dout, causal=True)
+    _check(got, attention_np(q, kd, vd, dout=dout, causal=True), F32)
+
+
+@emulated
+def test_nonfinite_contract():
+    """A NaN (scale of) key/value j reaches exactly the rows that keep j
+    (forward and dq); masked-out rows stay 0 / -inf; a NaN sink and a +inf
+    logit make their rows NaN."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 2, 1, 6, 40, 32
+    gen, q, kq, vq, _, _ = _case(("nan",), B, Hq, Hkv, Nq, Nk, D, bits=4, group_size=32)
+    j = Nk - Nq + 3  # the key query 3 is the first to see (causal, bottom-right)
+    clean = (kq, vq)
+    ks, vs = np.array(kq[1]), np.array(vq[1])
+    ks[:, :, j] = np.nan
+    vs[:, :, j] = np.nan
+    kq, vq = (kq[0], mx.array(ks), kq[2]), (vq[0], mx.array(vs), vq[2])
+    got = _emu(q, kq, vq, 4, 32, dout=mx.ones((B, Hq, Nq, D)), causal=True)
+    for i in range(Nq):
+        sees = i >= 3
+        for name in ("out", "dq"):
+            assert np.all(np.isnan(got[name][:, :, i])) == sees, (name, i)
+            assert sees or np.all(np.isfinite(got[name][:, :, i])), (name, i)
+    # Fully masked row 1: out 0, lse -inf, dq 0, even with a NaN key elsewhere.
+    m = np.ones((Nq, Nk), bool)
+    m[1] = False
+    got = _emu(q, kq, vq, 4, 32, dout=mx.ones((B, Hq, Nq, D)), mask=mx.array(m))
+    assert np.all(got["out"][:, :, 1] == 0) and np.all(got["lse"][:, :, 1] == -np.inf)
+    assert np.all(got["dq"][:, :, 1] == 0)
+    # NaN sink: its head's rows NaN; the other head finite (no NaN key kept by this mask).
+    m2 = np.ones((Nq, Nk), bool)
+    m2[:, j] = False
+    got = _emu(q, kq, vq, 4, 32, mask=mx.array(m2), sinks=mx.array([np.nan, 0.5], mx.float32))
+    assert np.all(np.isnan(got["out"][:, 0])) and np.all(np.isnan(got["lse"][:, 0]))
+    assert np.all(np.isfinite(got["out"][:, 1]))
+    # +inf additive mask entry on a kept key: that row NaN (clean k/v: an
+    # additive -inf on a NaN logit would stay NaN, rule 2).
+    add = np.zeros((Nq, Nk), np.float32)
+    add[:, j] = -np.inf
+    add[2, 5] = np.inf
+    got = _emu(q, *clean, 4, 32, mask=mx.array(add))
+    assert np.all(np.isnan(got["out"][:, :, 2])) and np.all(np.isnan(got["lse"][:, :, 2]))
+    rest = [0, 1, 3, 4, 5]
+    assert np.all(np.isfinite(got["out"][:, :, rest])) and np.all(np.isfinite(got["lse"][:, :, rest]))
+
+
+# ---- the tensor-core forward (attention_quant_fwd_mma; 16-bit q) ----------------------
+
+MMA = {"mma": True}
+
+
+def _check_mma(q, kd, vd, got, dtype, opts):
+    want = attention_np(q, kd, vd, **opts)
+    plain = plain_errors(q, kd.astype(dtype), vd.astype(dtype), mx.ones(got["out"].shape, dtype), opts, dtype)
+    _check(got, want, dtype, plain, names=("out",))
+    assert reference_error("lse", got["lse"], want) < 1e-2
+
+
+@emulated
+@pytest.mark.parametrize("bits", (2, 3, 4, 5, 6, 8))
+def test_mma_every_bits(bits):
+    gs = 32 if bits in (3, 5) else 128
+    gen, q, kq, vq, kd, vd = _case(("mma-bits", bits), 1, 2, 1, 40, 100, 128, dtype=F16, bits=bits, group_size=gs)
+    _check_mma(q, kd, vd, _emu(q, kq, vq, bits, gs, tuning=MMA, causal=True), F16, {"causal": True})
+
+
+# (B, Hq, Hkv, Nq, Nk, D, Dv): one key, rows and keys not multiples of the
+# tiles, Dv != D both ways, Nq > Nk, head dim 128.
+MMA_SHAPES = [
+    (1, 1, 1, 1, 1, 32, 32),
+    (1, 4, 2, 70, 77, 64, 32),
+    (1, 2, 1, 65, 20, 32, 96),
+    (2, 2, 2, 17, 130, 128, 128),
+]
+
+
+@emulated
+@pytest.mark.parametrize("shape", MMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [F16, B16], ids=["float16", "bfloat16"])
+def test_mma_shapes(shape, dtype):
+    B, Hq, Hkv, Nq, Nk, D, Dv = shape
+    gen, q, kq, vq, kd, vd = _case(("mma-shape", str(dtype)) + shape, B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
+                                   bits=4, group_size=32)
+    _check_mma(q, kd, vd, _emu(q, kq, vq, 4, 32, tuning=MMA), dtype, {})
+
+
+@emulated
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_mma_features(feature):
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 37, 90, 64
+    gen, q, kq, vq, kd, vd = _case(("mma-feature", feature), B, Hq, Hkv, Nq, Nk, D, dtype=B16, bits=4,
+                                   group_size=64)
+    opts = FEATURES[feature](gen, Hq, Nq, Nk)
+    _check_mma(q, kd, vd, _emu(q, kq, vq, 4, 64, tuning=MMA, **opts), B16, opts)
+
+
+@emulated
+def test_mma_nonfinite_value_takes_the_exact_path():
+    """A NaN value scale of key j: exactly the rows that keep j (causal) are
+    NaN, the others finite and correct (the tile's P.V runs element-wise)."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 2, 1, 20, 70, 32
+    gen, q, kq, vq, kd, vd = _case(("mma-nan",), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4, group_size=32)
+    j = Nk - Nq + 5
+    vs = np.array(vq[1].astype(F32))
+    vs[:, :, j] = np.nan
+    vq_nan = (vq[0], mx.array(vs).astype(F16), vq[2])
+    got = _emu(q, kq, vq_nan, 4, 32, tuning=MMA, causal=True)
+    want = attention_np(q, kd, vd, causal=True)
+    assert np.all(np.isnan(got["out"][:, :, 5:])) and np.all(np.isfinite(got["out"][:, :, :5]))
+    assert np.all(np.isfinite(got["lse"]))
+    err = np.abs(got["out"][:, :, :5] - want["out"][:, :, :5]).max()
+    assert err < 1e-2, err
+
+
+# ---- nvcc compile check (as MLX wraps each kernel), no spills -----------------------
+
+def _compile_cases():
+    from mlx_flash.backends import cuda_quant as cq
+
+    every = [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 2), ("WINDOW", True)]
+    causal = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 0), ("WINDOW", True)]
+    for T, ST in ((mx.float16, mx.float16), (mx.bfloat16, mx.bfloat16), (mx.float32, mx.float16)):
+        for bits, feats in ((3, every), (4, causal), (4, every), (8, causal)):
+            for rw in (1, 2, 4):
+                tmpl = [("T", T), ("KST", ST), ("VST", ST), ("MT", mx.float32)] + feats + [
+                    ("D", 128), ("DV", 128), ("BITS", bits), ("GS", 64), ("RW", rw)]
+                yield "attention_quant_fwd", cq._FWD_INPUTS, ("part_o", "part_lse"), tmpl + [("W", cq._FWD_WARPS)]
+                yield "attention_quant_bwd", cq._BWD_INPUTS, ("dq",), tmpl + [("W", cq._WARPS)]
+        yield "attention_quant_combine", ("part_o", "part_lse", "sinks", "ip", "ns"), ("out", "lse"), [
+            ("T", T), ("DV", 128), ("SINKS", True)]
+        if T != mx.float32:
+            for bits, feats, d, dv in ((3, every, 128, 128), (4, causal, 128, 128), (6, causal, 64, 96)):
+                yield "attention_quant_fwd_mma", cq._MMA_INPUTS, ("out", "lse"), [
+                    ("T", T), ("KST", ST), ("VST", ST), ("MT", mx.float32)] + feats + [
+                    ("SINKS", True), ("D", d), ("DV", dv), ("BITS", bits), ("GS", 32), ("NW", 4), ("BN", 64)]
+
+
+def _dtypes(names, template):
+    t = dict(template)
+    table = {"q": t.get("T"), "dout": t.get("T"), "kw": mx.uint32, "vw": mx.uint32, "ks": t.get("KST"),
+             "kb": t.get("KST"), "vs": t.get("VST"), "vb": t.get("VST"), "mask": t.get("MT"), "ip": mx.int32,
+             "ns": mx.int32, "out": t.get("T"), "dq": t.get("T"), "sinks": mx.float32, "alibi": mx.float32}
+    return [(n, table.get(n, mx.float32)) for n in names]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("body", ["attention_quant_fwd", "attention_quant_bwd", "attention_quant_combine",
+                                  "attention_quant_fwd_mma"])
+def test_nvcc_compiles_without_spills(body, tmp_path):
+    """Every kernel instance of `body` in one translation unit (as MLX wraps
+    each), for sm_90a; ptxas must report no spills."""
+    import test_cuda_specific as tcs
+    from mlx_flash.backends import cuda_quant
+
+    types = {**tcs._CUDA_TYPES, mx.uint32: "uint32_t"}
+    kernels = []
+    for n, (name, inputs, outputs, template) in enumerate(c for c in _compile_cases() if c[0] == body):
+        saved = dict(tcs._CUDA_TYPES)
+        tcs._CUDA_TYPES.update(types)
+        try:
+            kernels.append(tcs._kernel_text(f"{body}_{n}", tcs.cuda_backend._read(body + ".cu"),
+                                            _dtypes(inputs, template), _dtypes(outputs, template), template))
+        finally:
+            tcs._CUDA_TYPES.clear()
+            tcs._CUDA_TYPES.update(saved)
+    log = tcs._nvcc_compile(tmp_path, body, tcs._prelude(tcs.cuda_backend.kernel_headers(body)) + "\n" + "\n".join(kernels),
+                            flags=("-Xptxas", "-v"))
+    usage = tcs.ptxas_usage(log)
+    assert len(usage) == len(kernels), log[-2000:]
+    for name, (regs, spill_st, spill_ld) in usage.items():
+        assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
