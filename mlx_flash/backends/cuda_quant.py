@@ -123,6 +123,9 @@ def _operands(q, k, v, qspec, inputs: AttentionInputs):
 def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream):
     """(out, lse) from the (data, scales, biases) triples k, v; see dispatch.py."""
     spec = qspec.attention
+    if q.size == 0:  # no query rows: nothing to launch (and no plan: its sizes divide by the rows)
+        return (mx.zeros(tuple(q.shape[:-1]) + (spec.head_dim_v,), spec.dtype, stream=stream),
+                mx.zeros(tuple(q.shape[:-1]), mx.float32, stream=stream))
     if uses_mma(qspec):
         return _forward_mma(q, k, v, qspec, inputs, stream)
     rw, groups, splits, smem = forward_plan(qspec)
@@ -161,6 +164,8 @@ def backward_plan(qspec):
 def quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs: AttentionInputs, stream):
     """dq of the quantized op (k, v constants); delta = dO . O - dlse."""
     spec = qspec.attention
+    if q.size == 0:
+        return mx.zeros(q.shape, spec.dtype, stream=stream)
     rw, groups, smem = backward_plan(qspec)
     kernel = _kernel("attention_quant_bwd", _BWD_INPUTS, ("dq",), smem)
     (dq,) = kernel(

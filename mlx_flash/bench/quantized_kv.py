@@ -61,9 +61,20 @@ def make_inputs(nq: int, nk: int, bits: int, dtype, seed: int = 0):
     return q, k, v, kq, vq
 
 
-def implementations(q, k, v, kq, vq, bits: int, causal: bool, names) -> dict:
-    from mlx_lm.models.base import quantized_scaled_dot_product_attention
+def _mlx_lm_quantized_sdpa():
+    """mlx-lm's quantized attention, or None when mlx-lm is not installed."""
+    try:
+        from mlx_lm.models.base import quantized_scaled_dot_product_attention
+    except ImportError:
+        return None
+    return quantized_scaled_dot_product_attention
 
+
+def implementations(q, k, v, kq, vq, bits: int, causal: bool, names) -> dict:
+    quantized_scaled_dot_product_attention = _mlx_lm_quantized_sdpa()
+    if quantized_scaled_dot_product_attention is None and "mlx_lm_quantized" in names:
+        print("  mlx_lm_quantized: skipped: mlx-lm is not installed (pip install 'mlx_flash[lm]')")
+        names = tuple(n for n in names if n != "mlx_lm_quantized")
     scale = SHAPE["head_dim"] ** -0.5
     gs = SHAPE["group_size"]
     mask = "causal" if causal else None
