@@ -4,7 +4,7 @@
 #include <stdexcept>
 
 #include "cpu_kernels.h"
-#include "mlx/backend/cpu/encoder.h"
+#include "cpu_encode.h"
 
 namespace mlxf {
 
@@ -116,14 +116,6 @@ void allocate(std::vector<mx::array>& outputs) {
   for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
 }
 
-template <class F>
-void dispatch_cpu(mx::Stream s, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs, F&& f) {
-  auto& enc = mx::cpu::get_command_encoder(s);
-  for (const auto& x : inputs) enc.set_input_array(x);
-  for (auto& x : outputs) enc.set_output_array(x);
-  enc.dispatch(std::forward<F>(f));
-}
-
 [[noreturn]] void no_gpu_primitive() {
   throw std::runtime_error(
       "mlx_flash: the C++ attention primitive runs on the CPU here; GPU calls go through the "
@@ -137,7 +129,7 @@ void AttentionForward::eval_cpu(const std::vector<mx::array>& inputs, std::vecto
   allocate(outputs);
   AttentionArgs a = make_args(p_, inputs, 3);
   ForwardOutputs o{outputs[0].data<void>(), outputs[1].data<float>()};
-  dispatch_cpu(stream(), inputs, outputs, [a, o] { mlxf::attention_forward(a, o); });
+  mlxf::dispatch_cpu(stream(), inputs, outputs, [a, o] { mlxf::attention_forward(a, o); });
 }
 
 void AttentionBackward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -154,7 +146,7 @@ void AttentionBackward::eval_cpu(const std::vector<mx::array>& inputs, std::vect
   g.dq = outputs[0].data<void>();
   g.dk = outputs[1].data<void>();
   g.dv = outputs[2].data<void>();
-  dispatch_cpu(stream(), inputs, outputs, [a, g] { mlxf::attention_backward(a, g); });
+  mlxf::dispatch_cpu(stream(), inputs, outputs, [a, g] { mlxf::attention_backward(a, g); });
 }
 
 #ifndef MLXF_METAL

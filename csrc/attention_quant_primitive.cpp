@@ -9,7 +9,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "attention_quant.h"
-#include "mlx/backend/cpu/encoder.h"
+#include "cpu_encode.h"
 
 namespace mlxf {
 namespace {
@@ -96,18 +96,10 @@ std::vector<mx::array> inputs_with_extras(std::vector<mx::array> inputs, const A
   return inputs;
 }
 
-template <class F>
-void dispatch_cpu(mx::Stream s, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs, F&& f) {
-  auto& enc = mx::cpu::get_command_encoder(s);
-  for (const auto& x : inputs) enc.set_input_array(x);
-  for (auto& x : outputs) enc.set_output_array(x);
-  enc.dispatch(std::forward<F>(f));
-}
-
 [[noreturn]] void no_gpu() {
   throw std::runtime_error(
-      "mlx_flash: flash_attention_quantized has a CPU kernel only so far; the Metal and CUDA kernels "
-      "are not written yet");
+      "mlx_flash: the quantized attention primitive runs on the CPU; GPU calls go through the "
+      "mx.fast.metal_kernel / mx.fast.cuda_kernel wrappers (mlx_flash.backends.metal_quant, cuda_quant)");
 }
 
 }  // namespace
@@ -116,7 +108,7 @@ void QuantAttentionForward::eval_cpu(const std::vector<mx::array>& inputs, std::
   for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
   const QuantAttentionArgs qa = make_args(p_, inputs, 7);
   const ForwardOutputs o{outputs[0].data<void>(), outputs[1].data<float>()};
-  dispatch_cpu(stream(), inputs, outputs, [qa, o] { mlxf::quant_attention_forward(qa, o); });
+  mlxf::dispatch_cpu(stream(), inputs, outputs, [qa, o] { mlxf::quant_attention_forward(qa, o); });
 }
 
 void QuantAttentionBackward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -128,7 +120,7 @@ void QuantAttentionBackward::eval_cpu(const std::vector<mx::array>& inputs, std:
   g.delta = inputs[8].data<float>();
   g.dout = view4(inputs[9]);
   g.dq = outputs[0].data<void>();
-  dispatch_cpu(stream(), inputs, outputs, [qa, g] { mlxf::quant_attention_backward(qa, g); });
+  mlxf::dispatch_cpu(stream(), inputs, outputs, [qa, g] { mlxf::quant_attention_backward(qa, g); });
 }
 
 void QuantAttentionForward::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) { no_gpu(); }

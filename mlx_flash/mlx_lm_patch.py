@@ -37,8 +37,8 @@ already in memory. Restoring does not convert a model back.
 
 Calls with a `QuantizedKVCache` (`generate(..., kv_bits=...)`) go to
 `flash_attention_quantized` on the cache's (data, scales, biases) triples
-(CPU and Metal; on CUDA, whose quantized kernel is not written yet, they
-go back to mlx-lm, counted).
+(CPU, Metal and CUDA; on a backend without that kernel they go back to
+mlx-lm, counted).
 
 No model module is imported to do this (some exit the process when an
 optional dependency is missing). Calls the op cannot take (head dims over

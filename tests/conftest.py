@@ -55,3 +55,25 @@ def cpu_default_device():
     mx.set_default_device(mx.cpu)
     yield
     mx.set_default_device(previous)
+
+
+# ---- mlx-lm patch tests (test_mlx_lm_*.py) ----
+
+@pytest.fixture
+def cpu_only():
+    """Runs a test inside `mx.stream(mx.cpu)` (the mlx-lm tests' small models)."""
+    import mlx.core as mx
+
+    with mx.stream(mx.cpu):
+        yield
+
+
+@pytest.fixture
+def fresh_stats():
+    """No patch active and zeroed patch_stats() before; every patch removed after."""
+    import mlx_flash
+
+    mlx_flash.unpatch_mlx_lm()
+    mlx_flash.reset_patch_stats()
+    yield
+    mlx_flash.unpatch_mlx_lm()

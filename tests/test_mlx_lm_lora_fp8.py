@@ -27,22 +27,9 @@ from mlx_flash.nn import FP8Linear  # noqa: E402
 
 from test_mlx_lm_patch import assert_close, build, tokens  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("cpu_only", "unpatched")
+pytestmark = pytest.mark.usefixtures("cpu_only", "fresh_stats")
 
 LORA = {"rank": 4, "scale": 2.0, "dropout": 0.0}
-
-
-@pytest.fixture
-def cpu_only():
-    with mx.stream(mx.cpu):
-        yield
-
-
-@pytest.fixture
-def unpatched():
-    mlx_flash.unpatch_mlx_lm()
-    yield
-    mlx_flash.unpatch_mlx_lm()
 
 
 def _fp8_and_dequantised(name):

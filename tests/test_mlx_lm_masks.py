@@ -34,20 +34,6 @@ pytestmark = pytest.mark.usefixtures("cpu_only", "fresh_stats")
 F32, F16, BF16 = mx.float32, mx.float16, mx.bfloat16
 
 
-@pytest.fixture
-def cpu_only():
-    with mx.stream(mx.cpu):
-        yield
-
-
-@pytest.fixture
-def fresh_stats():
-    mlx_flash.unpatch_mlx_lm()
-    mlx_flash.reset_patch_stats()
-    yield
-    mlx_flash.unpatch_mlx_lm()
-
-
 def _stats():
     return mlx_flash.patch_stats()
 

@@ -65,20 +65,6 @@ CONFIGS = {
 MODELS = sorted(CONFIGS)
 
 
-@pytest.fixture
-def cpu_only():
-    with mx.stream(mx.cpu):
-        yield
-
-
-@pytest.fixture
-def fresh_stats():
-    mlx_flash.unpatch_mlx_lm()
-    mlx_flash.reset_patch_stats()
-    yield
-    mlx_flash.unpatch_mlx_lm()
-
-
 def build(name: str, seed: int = 0, **overrides):
     mx.random.seed(seed)
     config = dict(CONFIGS[name], **overrides)

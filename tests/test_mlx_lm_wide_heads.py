@@ -29,20 +29,6 @@ pytestmark = pytest.mark.usefixtures("cpu_only", "fresh_stats")
 WIDE_MLA = dict(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
 
 
-@pytest.fixture
-def cpu_only():
-    with mx.stream(mx.cpu):
-        yield
-
-
-@pytest.fixture
-def fresh_stats():
-    mlx_flash.unpatch_mlx_lm()
-    mlx_flash.reset_patch_stats()
-    yield
-    mlx_flash.unpatch_mlx_lm()
-
-
 # mlx-lm maps Kimi K2's model_type onto deepseek_v3's code.
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "kimi_k2"])
 def test_mla_prefill_and_absorbed_decode_fused_and_match(model_type, monkeypatch):
