@@ -121,3 +121,27 @@ def check_close(name, got, want, dtype, plain=None):
 
 def is_emulated(backend: str) -> bool:
     return backend == "metal_emu"
+
+
+def run_tests_under_cpu_isa(isa: str, body: str, timeout: int) -> None:
+    """Runs `body` (Python calling test functions of tests/) in a fresh process
+    whose CPU kernels are capped at `isa` by MLX_FLASH_CPU_ISA: the variant is
+    chosen once per process, so another variant needs its own process. Skips
+    avx2 off x86-64; fails with the process's stderr unless `body` ran through."""
+    import pathlib
+    import platform
+    import subprocess
+    import sys
+
+    import pytest
+
+    if isa == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("avx2 variant exists on x86-64 only")
+    code = (
+        f"import sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})\n"
+        f"from mlx_flash import _ext; assert _ext.cpu_kernel_isa() == {isa!r}, _ext.cpu_kernel_isa()\n"
+        + body + "print('ok')\n"
+    )
+    env = dict(os.environ, MLX_FLASH_CPU_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

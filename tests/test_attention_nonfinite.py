@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from helpers import DTYPES, check_close, is_emulated, plain_errors, randn, rng, to_np
+from helpers import DTYPES, check_close, is_emulated, plain_errors, randn, rng, run_tests_under_cpu_isa, to_np
 from reference_np import attention_np, attention_varlen_np
 
 import backends
@@ -384,18 +384,7 @@ def test_nonfinite_decode_shapes(backend, case):
 def test_nonfinite_on_other_cpu_variants(isa):
     """The same contract from the kernels a CPU without AVX-512 (avx2) or
     without AVX2 (generic) runs, forced through MLX_FLASH_CPU_ISA."""
-    import os
-    import pathlib
-    import platform
-    import subprocess
-    import sys
-
-    if isa == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("avx2 variant exists on x86-64 only")
-    tests = pathlib.Path(__file__).parent
-    code = (
-        "import sys; sys.path.insert(0, %r)\n"
-        "from mlx_flash import _ext; assert _ext.cpu_kernel_isa() == %r, _ext.cpu_kernel_isa()\n"
+    run_tests_under_cpu_isa(isa, (
         "import test_attention_nonfinite as t\n"
         "for case in ('nan_q_row', 'inf_v', 'nan_sinks', 'garbage_dropped_bool_mask', 'nan_dout'):\n"
         "    for size in ('small', 'large'):\n"
@@ -403,11 +392,7 @@ def test_nonfinite_on_other_cpu_variants(isa):
         "t.test_nonfinite_forward_and_gradients('cpu', 'nan_additive_mask', 'float16', 'small')\n"
         "t.test_nonfinite_varlen('cpu', 'bfloat16')\n"
         "t.test_nonfinite_decode_shapes('cpu', 'garbage_dropped_bool_mask')\n"
-        "print('ok')\n" % (str(tests), isa)
-    )
-    env = dict(os.environ, MLX_FLASH_CPU_ISA=isa)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    ), timeout=600)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -8,7 +8,7 @@ import pytest
 import mlx.core as mx
 import numpy as np
 
-from helpers import qkv, randn, rel_error, rng, to_np
+from helpers import qkv, randn, rel_error, rng, run_tests_under_cpu_isa, to_np
 
 
 def test_extension_accepts_mlx_arrays():
@@ -66,29 +66,14 @@ def test_import_does_not_need_the_extension():
 def test_other_cpu_variants_are_exact_too(isa):
     """The kernels a CPU without AVX-512 (avx2) or without AVX2 (generic) runs,
     forced through MLX_FLASH_CPU_ISA; the default variant runs everywhere else."""
-    import os
-    import pathlib
-
-    import platform
-
-    if isa == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("avx2 variant exists on x86-64 only")
-
-    tests = pathlib.Path(__file__).parent
-    code = (
-        "import sys; sys.path.insert(0, %r)\n"
-        "from mlx_flash import _ext; assert _ext.cpu_kernel_isa() == %r, _ext.cpu_kernel_isa()\n"
+    run_tests_under_cpu_isa(isa, (
         "import test_attention_values as t, features\n"
         "for f in ('none', 'combined_everything', 'additive_mask'):\n"
         "    for dt in ('float32', 'float16'):\n"
         "        t.test_forward_features('cpu', f, t.FEATURE_SHAPES[0], dt)\n"
         "        t.test_gradient_features('cpu', f, t.FEATURE_SHAPES[1], dt)\n"
         "t.test_decode_features('cpu', 'causal', 'bfloat16')\n"
-        "print('ok')\n" % (str(tests), isa)
-    )
-    env = dict(os.environ, MLX_FLASH_CPU_ISA=isa)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    ), timeout=300)
 
 
 def test_missing_mlx_backend_names_the_fix():
