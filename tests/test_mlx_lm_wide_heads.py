@@ -14,7 +14,6 @@ import pytest
 
 mlx_lm = pytest.importorskip("mlx_lm")
 
-import mlx.core as mx  # noqa: E402
 from mlx_lm.models import cache as lm_cache  # noqa: E402
 
 import mlx_flash  # noqa: E402
