@@ -35,6 +35,8 @@ Peak memory is MLX's allocator peak above what was held before the call
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -90,24 +92,43 @@ def implementations(q, k, v, kq, vq, bits: int, causal: bool, names) -> dict:
     return {name: all_impls[name] for name in names}
 
 
-def run_case(label: str, nq: int, nk: int, bits: int, dtype, names, policy: TimingPolicy, batch: int = 1) -> dict:
+def run_case(label: str, nq: int, nk: int, bits: int, dtype, names, policy: TimingPolicy, batch: int = 1,
+             prewarm: bool = False) -> dict:
     """One case; with batch > 1 (the GPU) a timed call queues `batch` independent
     calls before one eval, so launch and sync overheads do not hide kernels of
-    microseconds; times are per call. Memory is measured on a single call."""
+    microseconds; times are per call. Memory is measured on a single call.
+    `prewarm` runs every implementation once before anything is measured (on
+    a GPU the first call compiles kernels)."""
     q, k, v, kq, vq = make_inputs(nq, nk, bits, dtype)
     impls = implementations(q, k, v, kq, vq, bits, nq > 1, names)
     outputs = {}
+    build_s = {name: [] for name in impls}
 
     def keeping(name, fn, n):
         def call():
+            t0 = time.perf_counter()
             outs = [fn() for _ in range(n)]
+            build_s[name].append((time.perf_counter() - t0) / n)
             mx.eval(outs)
             outputs[name] = outs[-1]
         return call
 
+    if prewarm:
+        # One untimed call each first: a GPU kernel's first call compiles it
+        # (NVRTC, seconds), which must count neither as memory nor as a sample.
+        for name, fn in impls.items():
+            try:
+                mx.eval(fn())
+            except Exception:  # time_interleaved records the error for this one
+                pass
     blocking = {name: keeping(name, fn, batch) for name, fn in impls.items()}
     warmups = {name: mlx_extra_peak(keeping(name, fn, 1)) for name, fn in impls.items()}
     timings = time_interleaved(blocking, policy, warmups)
+    for name, t in timings.items():
+        if not isinstance(t, Exception) and build_s[name]:
+            # Graph-building (host) time per call, Python and MLX's launch work:
+            # with `batch` calls queued, a call costs max(host, device) time.
+            t["host_build_s"] = statistics.median(build_s[name][1:] or build_s[name])
     if batch > 1:
         timings = {name: t if isinstance(t, Exception) else dict(
             t, time_s=t["time_s"] / batch, min_s=t["min_s"] / batch,
@@ -147,7 +168,8 @@ def print_case(rec: dict) -> None:
             print(f"  {name:22s} error: {e['error']}")
             continue
         extra = f"  time / flash_quantized's: {e['flash_quantized_speedup']:.2f}" if "flash_quantized_speedup" in e else ""
-        print(f"  {name:22s} {fmt_time(e['time_s']):>10s}  extra peak {fmt_bytes(e.get('extra_peak_bytes')):>12s}{extra}",
+        host = f"  host {fmt_time(e['host_build_s'])}" if "host_build_s" in e else ""
+        print(f"  {name:22s} {fmt_time(e['time_s']):>10s}{host}  extra peak {fmt_bytes(e.get('extra_peak_bytes')):>12s}{extra}",
               flush=True)
 
 
@@ -211,7 +233,7 @@ def main(argv=None):
     for label, nq, nk, bits, dtype, names in cases(args.quick, args.keys, args.prefill_queries,
                                                    args.mlx_lm_prefill_queries, args.device):
         batch = (20 if nq == 1 else 1) if args.device == "gpu" else 1
-        rec = run_case(label, nq, nk, bits, dtype, names, policy, batch)
+        rec = run_case(label, nq, nk, bits, dtype, names, policy, batch, prewarm=args.device == "gpu")
         print_case(rec)
         result["cases"].append(rec)
         write_json(args.out, result)  # after every case: a long run killed late keeps what it measured
