@@ -491,6 +491,14 @@ def test_benchmark_functions_small():
     assert lora["loss_abs_diff"] < 1e-4 and lora["grads_max_rel_diff"] < 1e-4
     generation = lm.bench_generation(48, 3)
     assert generation["tokens_identical"]
+    # The kv section: quantized caches through flash_attention_quantized (patched)
+    # give mlx-lm's own greedy tokens, and so does the unquantized cache.
+    kv = lm.bench_kv_cache(300, 3, (4, 8), mx.float32)
+    assert set(kv["runs"]) == {"kv_bits_4", "kv_bits_8", "unquantized"}
+    for name, run in kv["runs"].items():
+        assert run["tokens_identical"], name
+        assert run["patched"]["kv_bits"] == (None if name == "unquantized" else int(name[-1]))
+        assert run["patched"]["fallback_calls"] == 0 and run["patched"]["flash_calls"] > 0, run["patched"]
 
 
 def test_benchmark_prints_tables_and_writes_json_here(tmp_path):

@@ -1,6 +1,7 @@
 """mlx-lm end to end, patched (`mlx_flash.patch_mlx_lm`) vs mlx-lm's own attention.
 
     python -m mlx_flash.bench.lm [--quick] [--out PATH]   # JSON by default in ./lm_cpu_<date>.json
+    python -m mlx_flash.bench.lm --sections kv [--device gpu] [--kv-context 32768] [--kv-bits 4,8]
 
 Two measurements on one small random-initialised Llama-style model (no
 downloads), each run unpatched then patched in the same process:
@@ -11,6 +12,13 @@ downloads), each run unpatched then patched in the same process:
   two runs compared.
 * Greedy generation from a long prompt (mlx-lm's `generate_step`): prompt
   processing and decoding time, tokens/s and extra peak memory.
+* Long-context generation over a quantized KV cache (`--sections kv`, opt-in):
+  `generate_step(kv_bits=4|8, quantized_kv_start=0)` from a 32K-token prompt
+  (mlx-lm's 2048-token prefill steps), mlx-lm's own quantized attention
+  (unpatched) against `flash_attention_quantized` (patched), and the
+  unquantized cache both ways; prompt/decode tokens/s, extra peak memory and
+  whether the greedy tokens agree. `--device gpu` runs it on a CUDA card
+  (float16 weights), where a 32K context takes seconds.
 """
 
 from __future__ import annotations
@@ -122,36 +130,46 @@ def bench_lora(seq_len: int) -> dict:
     }
 
 
-def generate(prompt_len: int, new_tokens: int, patched: bool, fp8: bool = False) -> tuple[dict, list]:
+def generate(prompt_len: int, new_tokens: int, patched: bool, fp8: bool = False, kv_bits=None,
+             prefill_step: int | None = None, dtype=mx.float32) -> tuple[dict, list]:
     """Greedy generation with mlx-lm's generate_step; prompt and decode timed apart.
 
     `fp8`: the model's Linear layers as `FP8Linear` (E4M3 weights).
+    `kv_bits`: mlx-lm's quantized KV cache from the first token on.
+    `prefill_step`: prompt tokens per forward pass (default: the whole prompt).
     """
     from mlx_lm.generate import generate_step
 
-    model = random_model()
+    model = random_model(dtype=dtype)
     if fp8:
         mlx_flash.convert_model_to_fp8(model)
         mx.eval(model.parameters())
     prompt = random_tokens(prompt_len, MODEL_CONFIG["vocab_size"])[0]
     mx.eval(prompt)
     baseline = _fresh_memory()
+    stats_before = mlx_flash.patch_stats()
     with mlx_flash.patch_mlx_lm() if patched else _nothing():
         start = time.perf_counter()
+        quant = {} if kv_bits is None else dict(kv_bits=kv_bits, kv_group_size=64, quantized_kv_start=0)
         steps = generate_step(prompt, model, max_tokens=new_tokens,
-                              prefill_step_size=prompt_len)
+                              prefill_step_size=prefill_step or prompt_len, **quant)
         out = [int(next(steps)[0])]
         first = time.perf_counter()
         out += [int(tok) for tok, _ in steps]
         end = time.perf_counter()
     record = {
-        "patched": patched, "fp8_weights": fp8, "prompt_len": prompt_len, "new_tokens": len(out),
+        "patched": patched, "fp8_weights": fp8, "kv_bits": kv_bits, "prompt_len": prompt_len,
+        "new_tokens": len(out),
         "prompt_seconds": first - start, "decode_seconds": end - first,
         "total_seconds": end - start,
         "prompt_tokens_per_s": prompt_len / (first - start),
         "decode_tokens_per_s": (len(out) - 1) / (end - first),
         "extra_peak_bytes": mx.get_peak_memory() - baseline,
     }
+    if patched:  # attention calls of this run: fused, and handed back to mlx-lm (should be none)
+        stats = mlx_flash.patch_stats()
+        record["flash_calls"] = stats["flash_calls"] - stats_before["flash_calls"]
+        record["fallback_calls"] = stats["fallback_calls"] - stats_before["fallback_calls"]
     return record, out
 
 
@@ -171,6 +189,53 @@ def bench_generation(prompt_len: int, new_tokens: int) -> dict:
         "decode_speedup": plain["decode_seconds"] / fused["decode_seconds"],
         "tokens_identical": plain_tokens == fused_tokens,
     }
+
+
+KV_PREFILL_STEP = 2048  # mlx-lm's default prefill_step_size
+
+
+def bench_kv_cache(context: int, new_tokens: int, bits_list, dtype) -> dict:
+    """Generation over a `context`-token prompt: quantized caches (each of
+    `bits_list`) and the unquantized one, mlx-lm's attention vs patched."""
+    for kv_bits in (None, *bits_list):  # warm up every path (allocator, kernels)
+        generate(256, 2, patched=False, kv_bits=kv_bits, prefill_step=128, dtype=dtype)
+        generate(256, 2, patched=True, kv_bits=kv_bits, prefill_step=128, dtype=dtype)
+    result = {"context": context, "new_tokens": new_tokens, "prefill_step": KV_PREFILL_STEP,
+              "dtype": str(dtype).split(".")[-1], "runs": {}}
+    for kv_bits in (*bits_list, None):
+        name = "unquantized" if kv_bits is None else f"kv_bits_{kv_bits}"
+        runs = {}
+        for label, patched in (("mlx_lm", False), ("patched", True)):
+            rec, toks = generate(context, new_tokens, patched=patched, kv_bits=kv_bits,
+                                 prefill_step=KV_PREFILL_STEP, dtype=dtype)
+            runs[label] = (rec, toks)
+            print(f"  {name:12s} {label:8s} prompt {rec['prompt_tokens_per_s']:9.1f} tok/s  decode "
+                  f"{rec['decode_tokens_per_s']:7.1f} tok/s  extra peak {common.fmt_bytes(rec['extra_peak_bytes'])}",
+                  flush=True)
+        (plain, plain_toks), (fused, fused_toks) = runs["mlx_lm"], runs["patched"]
+        result["runs"][name] = {
+            "mlx_lm": plain, "patched": fused,
+            "prompt_speedup": plain["prompt_seconds"] / fused["prompt_seconds"],
+            "decode_speedup": plain["decode_seconds"] / fused["decode_seconds"],
+            "extra_peak_ratio": fused["extra_peak_bytes"] / max(plain["extra_peak_bytes"], 1),
+            "tokens_identical": plain_toks == fused_toks,
+        }
+    return result
+
+
+def kv_table(r: dict) -> str:
+    lines = [f"generation over a {r['context']}-token prompt ({r['prefill_step']}-token prefill steps) "
+             f"+ {r['new_tokens']} tokens, {r['dtype']} weights:",
+             f"  {'cache':12s} {'':8s} {'prompt tok/s':>13s} {'decode tok/s':>13s} {'extra peak':>11s}"]
+    for name, run in r["runs"].items():
+        for label in ("mlx_lm", "patched"):
+            rec = run[label]
+            lines.append(f"  {name:12s} {label:8s} {rec['prompt_tokens_per_s']:13.1f} {rec['decode_tokens_per_s']:13.1f} "
+                         f"{common.fmt_bytes(rec['extra_peak_bytes']):>11s}")
+        lines.append(f"  {'':12s} patched: prompt {run['prompt_speedup']:.2f}x, decode {run['decode_speedup']:.2f}x, "
+                     f"peak {run['extra_peak_ratio']:.2f}x of mlx-lm's; greedy tokens "
+                     f"{'identical' if run['tokens_identical'] else 'DIFFER'}")
+    return "\n".join(lines)
 
 
 class _nothing:
@@ -235,24 +300,52 @@ def main(argv=None):
     parser.add_argument("--train-seq", type=int, default=4096)
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--kv-context", type=int, default=32768, help="prompt tokens of the kv section")
+    parser.add_argument("--kv-bits", default="4,8", help="quantized caches of the kv section (comma list)")
+    parser.add_argument("--sections", default="lora,generation",
+                        help="comma list of lora, generation, kv (kv: a 32K context, minutes on a CPU)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="gpu: a CUDA card (the kv section in float16; the JSON names the card)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="results JSON (default ./lm_cpu_<date>.json in the current directory)")
+                        help="results JSON (default ./lm_<device>_<date>.json in the current directory)")
     args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - {"lora", "generation", "kv"}
+    if unknown:
+        parser.error(f"--sections: expected lora, generation or kv, got {sorted(unknown)}")
+    bits_list = tuple(int(b) for b in args.kv_bits.split(","))
     if args.quick:
-        args.train_seq, args.prompt, args.new_tokens = 512, 256, 8
-    out = args.out if args.out is not None else Path(f"lm_cpu_{common.today()}.json")
-    mx.set_default_device(mx.cpu)
+        args.train_seq, args.prompt, args.new_tokens, args.kv_context = 512, 256, 8, 2048
+    tag = "cpu"
+    if args.device == "gpu":
+        from .cuda import card_name, slug
+
+        if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+            raise SystemExit("--device gpu: no CUDA GPU visible to MLX")
+        tag = slug(card_name())
+    out = args.out if args.out is not None else Path(f"lm_{tag}_{common.today()}.json")
+    mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     result = {
         "benchmark": "mlx_lm_patch", "machine": machine(), "model": MODEL_CONFIG,
         "lora": dict(LORA_CONFIG, layers=MODEL_CONFIG["num_hidden_layers"]),
         "dtype": "float32",
     }
-    print(f"LoRA step at N={args.train_seq} ...", flush=True)
-    result["lora_step"] = bench_lora(args.train_seq)
-    print(lora_table(result["lora_step"]), flush=True)
-    print(f"generation, prompt {args.prompt} + {args.new_tokens} tokens ...", flush=True)
-    result["generation"] = bench_generation(args.prompt, args.new_tokens)
-    print(generation_table(result["generation"]), flush=True)
+    if args.device == "gpu":
+        result["card"] = card_name()
+    if "lora" in sections:
+        print(f"LoRA step at N={args.train_seq} ...", flush=True)
+        result["lora_step"] = bench_lora(args.train_seq)
+        print(lora_table(result["lora_step"]), flush=True)
+    if "generation" in sections:
+        print(f"generation, prompt {args.prompt} + {args.new_tokens} tokens ...", flush=True)
+        result["generation"] = bench_generation(args.prompt, args.new_tokens)
+        print(generation_table(result["generation"]), flush=True)
+    if "kv" in sections:
+        kv_dtype = mx.float16 if args.device == "gpu" else mx.float32
+        print(f"generation over a {args.kv_context}-token prompt, kv_bits {bits_list} and unquantized ...",
+              flush=True)
+        result["kv_cache"] = bench_kv_cache(args.kv_context, args.new_tokens, bits_list, kv_dtype)
+        print(kv_table(result["kv_cache"]), flush=True)
     result["patch_stats"] = mlx_flash.patch_stats()
     common.write_json(out, result)
     print(f"wrote {out} (every number above, and the machine)")
