@@ -489,6 +489,11 @@ def test_benchmark_functions_small():
 
     lora = lm.bench_lora(64)
     assert lora["loss_abs_diff"] < 1e-4 and lora["grads_max_rel_diff"] < 1e-4
+    # Gemma-3-style (a sliding layer): the patched step fuses every call and builds no mask.
+    gemma = lm.bench_lora(80, lm.GEMMA3_CONFIG)
+    assert gemma["loss_abs_diff"] < 1e-4 and gemma["grads_max_rel_diff"] < 1e-4
+    assert gemma["patched"]["fallback_calls"] == 0 and gemma["patched"]["mask_materialisations"] == 0
+    assert gemma["patched"]["flash_calls"] > 0
     generation = lm.bench_generation(48, 3)
     assert generation["tokens_identical"]
     # The kv section: quantized caches through flash_attention_quantized (patched)

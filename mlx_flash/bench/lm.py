@@ -12,6 +12,9 @@ downloads), each run unpatched then patched in the same process:
   two runs compared.
 * Greedy generation from a long prompt (mlx-lm's `generate_step`): prompt
   processing and decoding time, tokens/s and extra peak memory.
+* `--sections lora_gemma3` (opt-in): the LoRA step on a Gemma-3-style model
+  (a sliding layer with window 1024, a global one) at 16K tokens, where
+  mlx-lm's masks are N x N and the patched step builds none.
 * Long-context generation over a quantized KV cache (`--sections kv`, opt-in):
   `generate_step(kv_bits=4|8, quantized_kv_start=0)` from a 32K-token prompt
   (mlx-lm's 2048-token prefill steps), mlx-lm's own quantized attention
@@ -46,6 +49,13 @@ MODEL_CONFIG = dict(
     vocab_size=1024, tie_word_embeddings=False,
 )
 LORA_CONFIG = {"rank": 8, "scale": 2.0, "dropout": 0.0}
+# Gemma-3-style (gemma3_text's body): layer 0 slides over a 1024-key window,
+# layer 1 is global; same widths as MODEL_CONFIG.
+GEMMA3_CONFIG = dict(
+    model_type="gemma3_text", hidden_size=256, num_hidden_layers=2, intermediate_size=512,
+    num_attention_heads=8, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6, vocab_size=1024,
+    sliding_window=1024, sliding_window_pattern=2, query_pre_attn_scalar=64,
+)
 
 
 def random_model(config=None, seed: int = 0, dtype=mx.float32):
@@ -94,16 +104,18 @@ def _max_rel_diff(a: dict, b: dict) -> float:
     return worst
 
 
-def lora_step(seq_len: int, patched: bool, batch: int = 1):
+def lora_step(seq_len: int, patched: bool, batch: int = 1, config=None, dtype=mx.float32):
     """One LoRA loss+gradient evaluation; returns (record, loss, grads)."""
     from mlx_lm.tuner.trainer import default_loss
 
-    model = add_lora(random_model(), MODEL_CONFIG["num_hidden_layers"])
-    tokens = random_tokens(seq_len + 1, MODEL_CONFIG["vocab_size"], batch)
+    config = MODEL_CONFIG if config is None else config
+    model = add_lora(random_model(config, dtype=dtype), config["num_hidden_layers"])
+    tokens = random_tokens(seq_len + 1, config["vocab_size"], batch)
     lengths = mx.array([[0, seq_len]] * batch)
     mx.eval(tokens, lengths)
     loss_and_grad = nn.value_and_grad(model, lambda *a: default_loss(model, *a)[0])
     baseline = _fresh_memory()
+    stats_before = mlx_flash.patch_stats()
     with mlx_flash.patch_mlx_lm() if patched else _nothing():
         start = time.perf_counter()
         loss, grads = loss_and_grad(tokens, lengths)
@@ -112,14 +124,26 @@ def lora_step(seq_len: int, patched: bool, batch: int = 1):
     record = {
         "patched": patched, "seq_len": seq_len, "batch": batch, "seconds": seconds,
         "baseline_bytes": baseline, "extra_peak_bytes": mx.get_peak_memory() - baseline,
-        "loss": loss.item(),
+        "loss": loss.item(), "model_type": config["model_type"], "dtype": str(dtype).split(".")[-1],
     }
+    if patched:
+        record.update(_patch_calls(stats_before))
     return record, loss, dict(tree_flatten(grads))
 
 
-def bench_lora(seq_len: int) -> dict:
-    plain, plain_loss, plain_grads = lora_step(seq_len, patched=False)
-    fused, fused_loss, fused_grads = lora_step(seq_len, patched=True)
+def _patch_calls(before: dict) -> dict:
+    """The patch's counters for one run: fused calls, calls handed back to
+    mlx-lm, and masks built as arrays (all but the first should be 0)."""
+    now = mlx_flash.patch_stats()
+    return {key: now[key] - before[key] for key in ("flash_calls", "fallback_calls", "mask_materialisations")}
+
+
+def bench_lora(seq_len: int, config=None, dtype=mx.float32) -> dict:
+    if mx.default_device() == mx.gpu:  # compile every kernel of both paths before measuring
+        lora_step(256, patched=False, config=config, dtype=dtype)
+        lora_step(256, patched=True, config=config, dtype=dtype)
+    plain, plain_loss, plain_grads = lora_step(seq_len, patched=False, config=config, dtype=dtype)
+    fused, fused_loss, fused_grads = lora_step(seq_len, patched=True, config=config, dtype=dtype)
     return {
         "unpatched": plain, "patched": fused,
         "extra_peak_ratio": fused["extra_peak_bytes"] / plain["extra_peak_bytes"],
@@ -166,10 +190,8 @@ def generate(prompt_len: int, new_tokens: int, patched: bool, fp8: bool = False,
         "decode_tokens_per_s": (len(out) - 1) / (end - first),
         "extra_peak_bytes": mx.get_peak_memory() - baseline,
     }
-    if patched:  # attention calls of this run: fused, and handed back to mlx-lm (should be none)
-        stats = mlx_flash.patch_stats()
-        record["flash_calls"] = stats["flash_calls"] - stats_before["flash_calls"]
-        record["fallback_calls"] = stats["fallback_calls"] - stats_before["fallback_calls"]
+    if patched:
+        record.update(_patch_calls(stats_before))
     return record, out
 
 
@@ -303,19 +325,21 @@ def main(argv=None):
     parser.add_argument("--kv-context", type=int, default=32768, help="prompt tokens of the kv section")
     parser.add_argument("--kv-bits", default="4,8", help="quantized caches of the kv section (comma list)")
     parser.add_argument("--sections", default="lora,generation",
-                        help="comma list of lora, generation, kv (kv: a 32K context, minutes on a CPU)")
+                        help="comma list of lora, lora_gemma3, generation, kv (kv: a 32K context, "
+                             "lora_gemma3: a 16K-token step; minutes on a CPU)")
+    parser.add_argument("--gemma-seq", type=int, default=16384, help="tokens of the lora_gemma3 step")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="gpu: a CUDA card (the kv section in float16; the JSON names the card)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default ./lm_<device>_<date>.json in the current directory)")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"lora", "generation", "kv"}
+    unknown = set(sections) - {"lora", "lora_gemma3", "generation", "kv"}
     if unknown:
-        parser.error(f"--sections: expected lora, generation or kv, got {sorted(unknown)}")
+        parser.error(f"--sections: expected lora, lora_gemma3, generation or kv, got {sorted(unknown)}")
     bits_list = tuple(int(b) for b in args.kv_bits.split(","))
     if args.quick:
-        args.train_seq, args.prompt, args.new_tokens, args.kv_context = 512, 256, 8, 2048
+        args.train_seq, args.prompt, args.new_tokens, args.kv_context, args.gemma_seq = 512, 256, 8, 2048, 2048
     tag = "cpu"
     if args.device == "gpu":
         from .cuda import card_name, slug
@@ -336,6 +360,12 @@ def main(argv=None):
         print(f"LoRA step at N={args.train_seq} ...", flush=True)
         result["lora_step"] = bench_lora(args.train_seq)
         print(lora_table(result["lora_step"]), flush=True)
+    if "lora_gemma3" in sections:
+        dtype = mx.bfloat16 if args.device == "gpu" else mx.float32
+        print(f"Gemma-3-style LoRA step (window {GEMMA3_CONFIG['sliding_window']}) at N={args.gemma_seq} ...",
+              flush=True)
+        result["lora_step_gemma3"] = dict(bench_lora(args.gemma_seq, GEMMA3_CONFIG, dtype), model=GEMMA3_CONFIG)
+        print(lora_table(result["lora_step_gemma3"]), flush=True)
     if "generation" in sections:
         print(f"generation, prompt {args.prompt} + {args.new_tokens} tokens ...", flush=True)
         result["generation"] = bench_generation(args.prompt, args.new_tokens)
