@@ -44,6 +44,15 @@ FEAT_BLOCK_MASK = 64
 FEAT_VARLEN = 128
 FEAT_SPLIT = 256
 FEAT_PACK_GQA = 512
+FEAT_KEY_RANGE = 1024
+
+# Head dims the kernels take (dispatch.py): MLA's Dqk 576 / Dv 512. Past 256
+# columns the forward splits O's columns, and dQ's, over threadgroups
+# (d_blocks), so no thread holds more than 32 fragments of either.
+HEAD_DIM_LIMITS = (576, 512)
+# The kernels read key_start / key_len and skip the key tiles outside each
+# batch entry's range (dispatch.fold_key_ranges leaves them alone).
+NATIVE_KEY_RANGES = True
 
 # Inputs with fewer elements than this are passed by MLX in the `constant`
 # address space; the kernels take `device` pointers, so tiny arrays are padded.
@@ -103,13 +112,14 @@ _TG_ARGS = "threadgroup_position_in_grid, simdgroup_index_in_threadgroup, thread
 
 _BODIES = {
     "attention_fwd": dict(
-        inputs=("q", "k", "v", "mask", "alibi", "sinks", "block_mask", "cu_q", "cu_k", "iparams", "fparams"),
+        inputs=("q", "k", "v", "mask", "alibi", "sinks", "block_mask", "cu_q", "cu_k", "key_start", "key_len",
+                "iparams", "fparams"),
         outputs=("out", "lse"),
         source=(
             "threadgroup T smem[mlxf::fwd_tile_elems(DQK, DV, NSG, BK, sizeof(T))];\n"
             "threadgroup int flags[NSG];\n"
             "mlxf::attention_forward<T, DQK, DV, NSG, BK>(FEAT, q, k, v, mask, alibi, sinks, block_mask,\n"
-            "    cu_q, cu_k, iparams, fparams, out, lse, smem, flags, " + _TG_ARGS + ");\n"
+            "    cu_q, cu_k, key_start, key_len, iparams, fparams, out, lse, smem, flags, " + _TG_ARGS + ");\n"
         ),
     ),
     "attention_combine": dict(
@@ -130,25 +140,26 @@ _BODIES = {
     ),
     "attention_bwd_dkdv": dict(
         inputs=("q", "k", "v", "dout", "lse", "delta", "mask", "alibi", "block_mask", "cu_q", "cu_k",
-                "iparams", "fparams"),
+                "key_start", "key_len", "iparams", "fparams"),
         outputs=("dk", "dv"),
         source=(
             "threadgroup T smem[mlxf::dkdv_tile_elems(DQK, DV, NSG, BQB, sizeof(T))];\n"
             "threadgroup float row_stats[2 * BQB];\n"
             "threadgroup int flags[NSG];\n"
             "mlxf::attention_bwd_dkdv<T, DQK, DV, NSG, BQB>(FEAT, q, k, v, dout, lse, delta, mask, alibi,\n"
-            "    block_mask, cu_q, cu_k, iparams, fparams, dk, dv, smem, row_stats, flags, " + _TG_ARGS + ");\n"
+            "    block_mask, cu_q, cu_k, key_start, key_len, iparams, fparams, dk, dv, smem, row_stats, flags,\n"
+            "    " + _TG_ARGS + ");\n"
         ),
     ),
     "attention_bwd_dq": dict(
         inputs=("q", "k", "v", "dout", "lse", "delta", "mask", "alibi", "block_mask", "cu_q", "cu_k",
-                "iparams", "fparams"),
+                "key_start", "key_len", "iparams", "fparams"),
         outputs=("dq",),
         source=(
             "threadgroup T smem[mlxf::dq_tile_elems(DQK, DV, NSG, BK, sizeof(T))];\n"
             "threadgroup int flags[NSG];\n"
             "mlxf::attention_bwd_dq<T, DQK, DV, NSG, BK>(FEAT, q, k, v, dout, lse, delta, mask, alibi,\n"
-            "    block_mask, cu_q, cu_k, iparams, fparams, dq, smem, flags, " + _TG_ARGS + ");\n"
+            "    block_mask, cu_q, cu_k, key_start, key_len, iparams, fparams, dq, smem, flags, " + _TG_ARGS + ");\n"
         ),
     ),
 }
@@ -184,8 +195,18 @@ def _fwd_q_elems(dqk: int, nsg: int, itemsize: int) -> int:
     return 8 * nsg * _tile_ld(dqk, itemsize)
 
 
+def d_blocks(d: int) -> int:
+    """Threadgroups along a head dim past 256 (mlxf::d_blocks): the forward's
+    O columns (Dv) and dQ's columns (Dqk), at most 32 fragments each."""
+    return (_pad8(d) // 8 + 31) // 32
+
+
+def _d_block_cols(d: int) -> int:
+    return -(-(_pad8(d) // 8) // d_blocks(d)) * 8  # mirrors mlxf::d_block_cols
+
+
 def _fwd_kv_elems(dqk: int, dv: int, bk: int, itemsize: int) -> int:
-    return bk * max(_tile_ld(dqk, itemsize), _tile_ld(dv, itemsize))
+    return bk * max(_tile_ld(dqk, itemsize), _tile_ld(_d_block_cols(dv), itemsize))
 
 
 def fwd_q_in_tg(dqk: int, dv: int, nsg: int, itemsize: int) -> bool:
@@ -203,15 +224,11 @@ def fwd_tg_bytes(dqk: int, dv: int, nsg: int, bk: int, itemsize: int) -> int:
 
 
 def _largest_fitting(candidates, nbytes):
-    """The first candidate whose tile fits the budget, else the smallest one
-    that fits the hard limit (else the smallest: the caller checks)."""
-    for c in candidates:
-        if nbytes(c) <= _TG_BUDGET:
-            return c
-    for c in reversed(candidates):
-        if nbytes(c) <= _TG_LIMIT:
-            return c
-    raise AssertionError("no tile fits 32 KiB")  # cannot happen for D <= 256
+    """The first candidate whose tile fits the budget, else the smallest.
+    Past what 32 KiB holds (fp32 with Dqk + Dv over about 1000), the
+    kernels read the second operand (V for dQ, dO for dK/dV) from device
+    memory instead (mlxf::dq_v_in_tg, dkdv_do_in_tg)."""
+    return next((c for c in candidates if nbytes(c) <= _TG_BUDGET), candidates[-1])
 
 
 @dataclass(frozen=True)
@@ -253,6 +270,8 @@ def _features(spec: AttentionSpec) -> int:
         feat |= FEAT_BLOCK_MASK
     if spec.varlen:
         feat |= FEAT_VARLEN
+    if spec.has_key_range:
+        feat |= FEAT_KEY_RANGE
     return feat
 
 
@@ -306,13 +325,16 @@ def _optional(a, dtype):
 
 
 def _common_inputs(inputs: AttentionInputs):
-    """mask, alibi, block_mask, cu_q, cu_k in kernel order (placeholders where absent)."""
+    """mask, alibi, block_mask, cu_q, cu_k, key_start, key_len in kernel order
+    (placeholders where absent)."""
     return (
         _optional(inputs.mask, mx.float32),
         _optional(inputs.alibi, mx.float32),
         _optional(inputs.block_mask, mx.bool_),
         _optional(inputs.cu_seqlens_q, mx.int32),
         _optional(inputs.cu_seqlens_k, mx.int32),
+        _optional(inputs.key_start, mx.int32),
+        _optional(inputs.key_len, mx.int32),
     )
 
 
@@ -339,8 +361,10 @@ def _call(name, ins, template, grid, threadgroup, output_shapes, output_dtypes, 
 @dataclass(frozen=True)
 class _Launch:
     """How the forward covers the rows: `nsg` simdgroups of 8 rows per
-    threadgroup, `row_blocks` x `heads` threadgroups per batch entry, and
-    `splits` key splits of `tiles_per_split` tiles (decode only)."""
+    threadgroup, `row_blocks` x `heads` threadgroups per batch entry, times
+    `v_blocks` blocks of Dv columns, and `splits` key splits of
+    `tiles_per_split` tiles (decode only; the kernel shares out the tiles
+    that hold valid keys, the same way without a key range)."""
 
     nsg: int
     rows: int
@@ -348,6 +372,7 @@ class _Launch:
     splits: int = 1
     tiles_per_split: int = 0
     pack_gqa: bool = False
+    v_blocks: int = 1
 
     @property
     def row_blocks(self) -> int:
@@ -375,7 +400,8 @@ def _forward_launch(spec: AttentionSpec, tiles: Tiles, gpu_cores: int = DEFAULT_
     (flash-decoding) and merged by lse. Decode packs the query heads of a GQA
     group into one threadgroup's rows, so each K/V tile is loaded once per
     group (dense layout, no block mask: its skipping depends on the head)."""
-    plain = _Launch(nsg=tiles.fwd_nsg, rows=_max_len_q(spec), heads=spec.heads_q)
+    v_blocks = d_blocks(spec.head_dim_v)
+    plain = _Launch(nsg=tiles.fwd_nsg, rows=_max_len_q(spec), heads=spec.heads_q, v_blocks=v_blocks)
     if not 0 < _max_len_q(spec) <= _DECODE_MAX_Q:
         return plain
     pack = spec.group_size > 1 and not spec.varlen and not spec.has_block_mask
@@ -383,14 +409,14 @@ def _forward_launch(spec: AttentionSpec, tiles: Tiles, gpu_cores: int = DEFAULT_
     heads = spec.heads_kv if pack else spec.heads_q
     nsg = min(4, max(1, -(-rows // 8)))
     n_tiles = -(-_max_len_k(spec) // tiles.fwd_bk)
-    groups = spec.batch * heads * -(-rows // (8 * nsg))
+    groups = spec.batch * heads * -(-rows // (8 * nsg)) * v_blocks
     target = _DECODE_GROUPS_PER_CORE * gpu_cores
     splits = min(n_tiles, _DECODE_MAX_SPLITS, max(1, -(-target // groups)))
     if splits < 2:
         return plain
     per_split = -(-n_tiles // splits)
     return _Launch(nsg=nsg, rows=rows, heads=heads, splits=-(-n_tiles // per_split),
-                   tiles_per_split=per_split, pack_gqa=pack)
+                   tiles_per_split=per_split, pack_gqa=pack, v_blocks=v_blocks)
 
 
 # Causal forwards use key tiles no wider than the 32-row query block: with
@@ -411,7 +437,7 @@ def forward_tiles(spec: AttentionSpec, itemsize: int) -> Tiles:
 def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
     tiles = forward_tiles(spec, q.dtype.size)
     feat = _features(spec)
-    mask, alibi, block_mask, cu_q, cu_k = _common_inputs(inputs)
+    mask, alibi, block_mask, cu_q, cu_k, key_start, key_len = _common_inputs(inputs)
     sinks = _optional(inputs.sinks, mx.float32)
     fparams = _float_params(spec)
     out_shape = [q.shape[0], spec.heads_q, q.shape[2], spec.head_dim_v]
@@ -427,8 +453,8 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     template = [("T", q.dtype), ("DQK", spec.head_dim_qk), ("DV", spec.head_dim_v), ("NSG", launch.nsg),
                 ("BK", tiles.fwd_bk), ("FEAT", feat)]
     out, lse = _call(
-        "attention_fwd", [q, k, v, mask, alibi, sinks, block_mask, cu_q, cu_k, iparams, fparams],
-        template, grid=(32 * launch.nsg * launch.row_blocks, spec.batch * launch.heads, launch.splits),
+        "attention_fwd", [q, k, v, mask, alibi, sinks, block_mask, cu_q, cu_k, key_start, key_len, iparams, fparams],
+        template, grid=(32 * launch.nsg * launch.row_blocks, spec.batch * launch.heads, launch.splits * launch.v_blocks),
         threadgroup=(32 * launch.nsg, 1, 1), output_shapes=shapes, output_dtypes=out_dtypes, stream=stream,
     )
     if not decode:
@@ -445,7 +471,7 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
 def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
     tiles = tile_sizes(spec.head_dim_qk, spec.head_dim_v, q.dtype.size)
     feat = _features(spec) & ~FEAT_SINKS  # the saved lse already holds the sinks
-    mask, alibi, block_mask, cu_q, cu_k = _common_inputs(inputs)
+    mask, alibi, block_mask, cu_q, cu_k, key_start, key_len = _common_inputs(inputs)
     iparams, fparams = _int_params(spec, inputs), _float_params(spec)
     dout = dout.astype(q.dtype)
     lse_shape = list(lse.shape)
@@ -458,7 +484,8 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
         grid=(32 * nsg * -(-rows // (8 * nsg)), 1, 1), threadgroup=(32 * nsg, 1, 1),
         output_shapes=[lse_shape], output_dtypes=[mx.float32], stream=stream,
     )
-    grad_inputs = [q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, iparams, fparams]
+    grad_inputs = [q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, key_start, key_len,
+                   iparams, fparams]
     dims = [("T", q.dtype), ("DQK", spec.head_dim_qk), ("DV", spec.head_dim_v)]
     nsg = tiles.dkdv_nsg
     dk, dv = _call(
@@ -472,7 +499,7 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
     (dq,) = _call(
         "attention_bwd_dq", grad_inputs,
         dims + [("NSG", nsg), ("BK", tiles.dq_bk), ("FEAT", feat)],
-        grid=(32 * nsg * -(-_max_len_q(spec) // (8 * nsg)), spec.batch * spec.heads_q, 1),
+        grid=(32 * nsg * -(-_max_len_q(spec) // (8 * nsg)), spec.batch * spec.heads_q, d_blocks(spec.head_dim_qk)),
         threadgroup=(32 * nsg, 1, 1), output_shapes=[list(q.shape)], output_dtypes=[q.dtype],
         stream=stream,
     )
