@@ -5,7 +5,7 @@ them (the CPU today), and a clear per-backend error where it does not."""
 import mlx.core as mx
 import pytest
 
-from helpers import DTYPES, check_close, plain_errors, qkv, randn, rng, to_np
+from helpers import DTYPES, check_close, is_emulated, plain_errors, qkv, randn, rng, to_np
 from reference_np import attention_np
 
 import backends
@@ -22,6 +22,17 @@ SHAPES = [
     (1, 2, 2, 113, 70, 192, 128),
     (1, 1, 1, 33, 17, 300, 257),    # odd widths just over the GPU limit
 ]
+# The Metal emulation runs every GPU thread as a fiber on 2 cores: it takes
+# these (small B and H, the real widths; odd N, Nq != Nk, the split decode,
+# Dv and Dqk blocks that end mid-fragment) instead of SHAPES.
+EMULATED = [
+    (1, 2, 1, 17, 33, 576, 512),    # MLA prefill, MQA
+    (1, 4, 1, 1, 113, 576, 512),    # MLA decode: split over keys, GQA heads packed
+    (1, 1, 1, 33, 17, 512, 512),
+    (2, 1, 1, 113, 40, 320, 256),
+    (1, 2, 2, 17, 113, 192, 128),
+    (1, 1, 1, 9, 21, 300, 257),
+]
 FEATURES = {"none": {}, "causal": {"causal": True}, "window": {"window": (9, 0)}}
 
 
@@ -31,11 +42,17 @@ def _wide_backends(backend):
         pytest.skip(f"{backend} takes head dims up to {max_qk}/{max_v} for now")
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def _shape_runs_on(backend, shape):
+    if is_emulated(backend) and shape not in EMULATED:
+        pytest.skip("the Metal emulation runs the EMULATED shapes")
+
+
+@pytest.mark.parametrize("shape", SHAPES + [s for s in EMULATED if s not in SHAPES], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_values_and_gradients(backend, shape, feature, dtype):
     _wide_backends(backend)
+    _shape_runs_on(backend, shape)
     B, Hq, Hkv, Nq, Nk, D, Dv = shape
     dtype = DTYPES[dtype]
     gen = rng("wide", shape, feature, str(dtype))
@@ -47,6 +64,51 @@ def test_values_and_gradients(backend, shape, feature, dtype):
     want = attention_np(q, k, v, dout=dout, **options)
     plain = None if dtype == mx.float32 else plain_errors(q, k, v, dout, options, dtype)
     assert out.shape == (B, Hq, Nq, Dv) and out.dtype == dtype
+    check_close("out", to_np(out), want, dtype, plain)
+    check_close("lse", to_np(lse), want, mx.float32)
+    for name in ("q", "k", "v"):
+        check_close("d" + name, to_np(grads[name]), want, dtype, plain)
+
+
+def _combo_options(gen, combo, B, Hq, Nq, Nk):
+    if combo == "bool_mask-softcap-sinks":
+        return {"mask": mx.array(gen.random((B, 1, Nq, Nk)) < 0.7), "softcap": 4.0, "sinks": randn(gen, (Hq,))}
+    if combo == "additive_mask-alibi-causal":
+        return {"mask": randn(gen, (Nq, Nk)), "alibi_slopes": mx.array(gen.random(Hq).astype("float32")),
+                "causal": True}
+    # block mask, window and per-batch key ranges (one of them empty when B > 1)
+    start = gen.integers(-2, Nk // 2, B)
+    length = gen.integers(Nk // 3, Nk + 3, B)
+    if B > 1:
+        length[-1] = 0
+    return {"block_mask": mx.array(gen.random((B, Hq, -(-Nq // 8), -(-Nk // 16))) < 0.7), "block_size": (8, 16),
+            "window": (30, 4), "key_start": mx.array(start.astype("int32")),
+            "key_len": mx.array(length.astype("int32"))}
+
+
+COMBOS = ["bool_mask-softcap-sinks", "additive_mask-alibi-causal", "block_mask-window-key_range"]
+# (shape, dtype): GQA prefill, MLA decode, Nq > Nk with widths that end mid-fragment.
+COMBO_CASES = [((2, 4, 2, 17, 40, 576, 512), "float16"), ((2, 4, 1, 1, 113, 576, 512), "bfloat16"),
+               ((1, 2, 1, 33, 17, 320, 200), "float32")]
+
+
+@pytest.mark.parametrize("case", COMBO_CASES, ids=lambda c: "x".join(map(str, c[0])) + "-" + c[1])
+@pytest.mark.parametrize("combo", COMBOS)
+def test_features_combined(backend, case, combo):
+    """Masks, softcap, sinks, ALiBi, block masks, windows and key ranges
+    together at wide heads, values and gradients."""
+    _wide_backends(backend)
+    shape, dtype = case
+    B, Hq, Hkv, Nq, Nk, D, Dv = shape
+    dtype = DTYPES[dtype]
+    gen = rng("wide-combo", shape, combo, str(dtype))
+    q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, Dv, dtype)
+    options = _combo_options(gen, combo, B, Hq, Nq, Nk)
+    dout = randn(gen, (B, Hq, Nq, Dv), dtype)
+    out, lse = backends.forward(backend, q, k, v, **options)
+    grads = backends.gradients(backend, q, k, v, dout, **options)
+    want = attention_np(q, k, v, dout=dout, **options)
+    plain = None if dtype == mx.float32 else plain_errors(q, k, v, dout, options, dtype)
     check_close("out", to_np(out), want, dtype, plain)
     check_close("lse", to_np(lse), want, mx.float32)
     for name in ("q", "k", "v"):
