@@ -300,7 +300,8 @@ def test_metal_tile_sizes_match_header():
                 "(void)unused;\n"),
     )
     for dqk, dv, size in ((8, 8, 4), (24, 40, 4), (64, 64, 4), (128, 128, 4), (256, 256, 4),
-                          (64, 64, 2), (96, 24, 2), (128, 128, 2), (192, 192, 2), (256, 256, 2)):
+                          (64, 64, 2), (96, 24, 2), (128, 128, 2), (192, 192, 2), (256, 256, 2),
+                          (576, 512, 4), (576, 512, 2), (320, 256, 4), (300, 257, 2), (64, 512, 4)):
         (got,) = kernel(inputs=[mx.zeros((8,))], template=[("DQK", dqk), ("DV", dv), ("SIZE", size)],
                         grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(3,)], output_dtypes=[mx.int32])
         t = metal.tile_sizes(dqk, dv, size)
