@@ -50,6 +50,9 @@ FEAT_KEY_RANGE = 1024
 # columns the forward splits O's columns, and dQ's, over threadgroups
 # (d_blocks), so no thread holds more than 32 fragments of either.
 HEAD_DIM_LIMITS = (576, 512)
+# The quantized-KV kernels (metal_quant.py) stay at 256: their tiled
+# prefill kernel's threadgroup tile outgrows 32 KiB past that.
+QUANTIZED_HEAD_DIM_LIMITS = (256, 256)
 # The kernels read key_start / key_len and skip the key tiles outside each
 # batch entry's range (dispatch.fold_key_ranges leaves them alone).
 NATIVE_KEY_RANGES = True
