@@ -501,15 +501,18 @@ def _nonfinite_grads_np(q, k, v, dout, keep, scale):
     return dq, dk, dv
 
 
-@pytest.mark.parametrize("d", [16, 256])  # 256 (fp32): dK/dV in two D blocks, K/V read from device memory
-def test_metal_backward_nonfinite_contract(d):
+# 256 (fp32): dK/dV in two D blocks, K/V read from device memory. 576/512
+# (fp32): dQ in three column blocks, V (dQ) and dO (dK/dV) read from device
+# memory, so the exact paths read their operand there.
+@pytest.mark.parametrize("d, dv", [(16, 16), (256, 256), (576, 512)])
+def test_metal_backward_nonfinite_contract(d, dv):
     """A NaN/inf in q, k, v or dO of dropped pairs adds nothing to dq/dk/dv
     (no 0 x NaN in the backward's products); a fully masked row's gradients
     stay 0 even with a NaN q and dO."""
     rng = np.random.default_rng(7 + d)
     nq, nk = 21, 37
     q, k, v, dout = (rng.standard_normal(shape).astype(np.float32)
-                     for shape in ((nq, d), (nk, d), (nk, d), (nq, d)))
+                     for shape in ((nq, d), (nk, d), (nk, dv), (nq, dv)))
     keep = rng.random((nq, nk)) < 0.6
     keep[:, nk - 1] = False      # a key nobody keeps
     k[nk - 1] = np.nan
@@ -517,6 +520,8 @@ def test_metal_backward_nonfinite_contract(d):
     keep[5] = False              # a row that keeps nothing
     q[5] = np.nan
     dout[5] = np.nan
+    keep[13] = False             # another, with a finite q: only its dO row is NaN
+    dout[13] = np.nan
     scale = 1 / np.sqrt(d)
     want = _nonfinite_grads_np(*(x.astype(np.float64) for x in (q, k, v, dout)), keep, scale)
     to = lambda x: mx.array(x)[None, None]
