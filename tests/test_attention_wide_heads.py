@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 
 from helpers import DTYPES, check_close, is_emulated, plain_errors, qkv, randn, rng, to_np
-from reference_np import attention_np
+from reference_np import attention_np, attention_varlen_np
 
 import backends
 from mlx_flash import dispatch
@@ -113,6 +113,28 @@ def test_features_combined(backend, case, combo):
     check_close("lse", to_np(lse), want, mx.float32)
     for name in ("q", "k", "v"):
         check_close("d" + name, to_np(grads[name]), want, dtype, plain)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_varlen(backend, dtype):
+    """Packed sequences (one of them empty, one decode-sized) at MLA's widths."""
+    _wide_backends(backend)
+    dtype = DTYPES[dtype]
+    gen = rng("wide-varlen", str(dtype))
+    cu_q, cu_k = [0, 5, 5, 22, 23], [0, 17, 20, 40, 59]
+    q = randn(gen, (cu_q[-1], 4, 576), dtype)
+    k = randn(gen, (cu_k[-1], 1, 576), dtype)
+    v = randn(gen, (cu_k[-1], 1, 512), dtype)
+    dout = randn(gen, (cu_q[-1], 4, 512), dtype)
+    cu = (mx.array(cu_q, mx.int32), mx.array(cu_k, mx.int32))
+    options = {"causal": True, "softcap": 20.0}
+    out, lse = backends.forward(backend, q, k, v, varlen=cu, **options)
+    grads = backends.gradients(backend, q, k, v, dout, varlen=cu, **options)
+    want = attention_varlen_np(q, k, v, cu_q, cu_k, dout=dout, **options)
+    check_close("out", to_np(out), want, dtype)
+    check_close("lse", to_np(lse), want, mx.float32)
+    for name in ("q", "k", "v"):
+        check_close("d" + name, to_np(grads[name]), want, dtype)
 
 
 @pytest.mark.parametrize("name", ["metal", "cuda"])
