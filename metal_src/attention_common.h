@@ -515,29 +515,35 @@ constexpr int d_block_cols(int d) { return (pad8(d) / 8 + d_blocks(d) - 1) / d_b
 // Forward threadgroup memory: the Q tile of 8 * NSG rows (when it fits),
 // one K/V tile of BK keys (K, then this threadgroup's block of V columns, in
 // the same buffer) and one flag per simdgroup. fwd_q_in_tg: whether the Q
-// tile fits with the smallest K/V tile.
+// tile fits next to the K/V tile (else Q fragments come from device memory).
 constexpr int fwd_q_elems(int dqk, int nsg, int size) { return 8 * nsg * tile_ld(dqk, size); }
 constexpr int fwd_kv_elems(int dqk, int dv, int bk, int size) {
   return bk * max_int(tile_ld(dqk, size), tile_ld(d_block_cols(dv), size));
 }
-constexpr bool fwd_q_in_tg(int dqk, int dv, int nsg, int size) {
-  return (fwd_q_elems(dqk, nsg, size) + fwd_kv_elems(dqk, dv, 8, size)) * size + 4 * nsg <= TG_LIMIT;
+constexpr bool fwd_q_in_tg(int dqk, int dv, int nsg, int bk, int size) {
+  return (fwd_q_elems(dqk, nsg, size) + fwd_kv_elems(dqk, dv, bk, size)) * size + 4 * nsg <= TG_LIMIT;
 }
 // (One simdgroup stages nothing: see attention_forward.)
 constexpr int fwd_tg_elems(int dqk, int dv, int nsg, int bk, int size) {
-  return (fwd_q_in_tg(dqk, dv, nsg, size) ? fwd_q_elems(dqk, nsg, size) : 0) + fwd_kv_elems(dqk, dv, bk, size);
+  return (fwd_q_in_tg(dqk, dv, nsg, bk, size) ? fwd_q_elems(dqk, nsg, size) : 0) + fwd_kv_elems(dqk, dv, bk, size);
 }
 constexpr int fwd_tg_bytes(int dqk, int dv, int nsg, int bk, int size) {
   return nsg == 1 ? size + 4 : fwd_tg_elems(dqk, dv, nsg, bk, size) * size + 4 * nsg;
 }
 
-// Keys per forward K/V tile (with 4 simdgroups): the largest of 64, 32, 16
+// Keys per forward K/V tile, planned for 4 simdgroups (decode launches with
+// fewer use the same BK; their smaller Q tile is staged where it fits): with
+// the Q tile where it fits next to an 8-key tile, the largest of 64, 32, 16
 // within TG_BUDGET, else 16 within TG_LIMIT, else 8.
+constexpr int fwd_plan_bytes(int dqk, int dv, int bk, int size) {
+  return ((fwd_q_in_tg(dqk, dv, 4, 8, size) ? fwd_q_elems(dqk, 4, size) : 0) + fwd_kv_elems(dqk, dv, bk, size)) * size +
+         16;
+}
 constexpr int fwd_block_k(int dqk, int dv, int size) {
-  return fwd_tg_bytes(dqk, dv, 4, 64, size) <= TG_BUDGET   ? 64
-         : fwd_tg_bytes(dqk, dv, 4, 32, size) <= TG_BUDGET ? 32
-         : fwd_tg_bytes(dqk, dv, 4, 16, size) <= TG_LIMIT  ? 16
-                                                            : 8;
+  return fwd_plan_bytes(dqk, dv, 64, size) <= TG_BUDGET   ? 64
+         : fwd_plan_bytes(dqk, dv, 32, size) <= TG_BUDGET ? 32
+         : fwd_plan_bytes(dqk, dv, 16, size) <= TG_LIMIT  ? 16
+                                                          : 8;
 }
 
 // Keys per dQ tile (K and V tiles side by side): 64, 32, 16 or 8.

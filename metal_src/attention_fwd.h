@@ -114,7 +114,7 @@ inline void attention_forward(
   constexpr int BQ = 8 * NSG;
   constexpr int SIZE = int(sizeof(T));
   constexpr bool DIRECT = NSG == 1;  // decode: fragments straight from device memory
-  constexpr bool Q_TG = !DIRECT && fwd_q_in_tg(DQK, DV, NSG, SIZE);
+  constexpr bool Q_TG = !DIRECT && fwd_q_in_tg(DQK, DV, NSG, BK, SIZE);
   constexpr int LDQ = tile_ld(DQK, SIZE);
   constexpr int LD = max_int(tile_ld(DQK, SIZE), tile_ld(DVB, SIZE));
   threadgroup T* q_tile = smem;

@@ -28,6 +28,7 @@ SHAPES = [
 EMULATED = [
     (1, 2, 1, 17, 33, 576, 512),    # MLA prefill, MQA
     (1, 4, 1, 1, 113, 576, 512),    # MLA decode: split over keys, GQA heads packed
+    (1, 4, 1, 3, 70, 576, 512),     # ... 12 packed rows: 2 simdgroups (Q staged only where it fits)
     (1, 1, 1, 33, 17, 512, 512),
     (2, 1, 1, 113, 40, 320, 256),
     (1, 2, 2, 17, 113, 192, 128),

@@ -281,7 +281,8 @@ def test_metal_tile_sizes_fit_threadgroup_memory():
                 t = metal.tile_sizes(dqk, dv, itemsize)
                 ld = lambda d: -(-d // 8) * 8 + 16 // itemsize
                 assert metal.fwd_tg_bytes(dqk, dv, 4, t.fwd_bk, itemsize) <= 32768
-                assert metal.fwd_tg_bytes(dqk, dv, 1, t.fwd_bk, itemsize) <= 32768  # decode
+                for nsg in (1, 2, 3):  # decode: 1 simdgroup, or packed GQA rows
+                    assert metal.fwd_tg_bytes(dqk, dv, nsg, t.fwd_bk, itemsize) <= 32768
                 assert t.dq_bk * (ld(dqk) + ld(dv)) * itemsize <= 32768
                 assert t.dkdv_bq * (ld(dqk) + ld(dv)) * itemsize + 8 * t.dkdv_bq <= 32768
 

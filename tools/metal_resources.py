@@ -65,7 +65,8 @@ def configurations():
     for dtype, size in DTYPES:
         for dqk, dv in HEAD_DIMS:
             t = metal.tile_sizes(dqk, dv, size)
-            for kind, nsg in (("forward", t.fwd_nsg), ("decode", 1)):
+            # decode: 1 simdgroup, or 2-3 for packed GQA rows (same BK, Q staged where it fits)
+            for kind, nsg in (("forward", t.fwd_nsg), ("decode", 1), ("decode", 2), ("decode", 3)):
                 rows.append(Row(kind, dtype, dqk, dv, nsg, f"BQ={8 * nsg} BK={t.fwd_bk}",
                                 f"mlxf::fwd_tile_elems({dqk}, {dv}, {nsg}, {t.fwd_bk}, {size}) * {size} + 4 * {nsg}",
                                 f"mlxf::FwdRegs<{dqk}, {dv}, {t.fwd_bk}>::floats"))

@@ -212,9 +212,10 @@ def _fwd_kv_elems(dqk: int, dv: int, bk: int, itemsize: int) -> int:
     return bk * max(_tile_ld(dqk, itemsize), _tile_ld(_d_block_cols(dv), itemsize))
 
 
-def fwd_q_in_tg(dqk: int, dv: int, nsg: int, itemsize: int) -> bool:
-    """Whether the forward keeps its Q tile in threadgroup memory (mlxf::fwd_q_in_tg)."""
-    return (_fwd_q_elems(dqk, nsg, itemsize) + _fwd_kv_elems(dqk, dv, 8, itemsize)) * itemsize + 4 * nsg <= _TG_LIMIT
+def fwd_q_in_tg(dqk: int, dv: int, nsg: int, bk: int, itemsize: int) -> bool:
+    """Whether the forward keeps its Q tile in threadgroup memory next to a
+    K/V tile of `bk` keys (mlxf::fwd_q_in_tg)."""
+    return (_fwd_q_elems(dqk, nsg, itemsize) + _fwd_kv_elems(dqk, dv, bk, itemsize)) * itemsize + 4 * nsg <= _TG_LIMIT
 
 
 def fwd_tg_bytes(dqk: int, dv: int, nsg: int, bk: int, itemsize: int) -> int:
@@ -222,8 +223,15 @@ def fwd_tg_bytes(dqk: int, dv: int, nsg: int, bk: int, itemsize: int) -> int:
     simdgroup (decode) reads K/V fragments from device memory directly."""
     if nsg == 1:
         return itemsize + 4
-    q = _fwd_q_elems(dqk, nsg, itemsize) if fwd_q_in_tg(dqk, dv, nsg, itemsize) else 0
+    q = _fwd_q_elems(dqk, nsg, itemsize) if fwd_q_in_tg(dqk, dv, nsg, bk, itemsize) else 0
     return (q + _fwd_kv_elems(dqk, dv, bk, itemsize)) * itemsize + 4 * nsg
+
+
+def _fwd_plan_bytes(dqk: int, dv: int, bk: int, itemsize: int) -> int:
+    """mlxf::fwd_plan_bytes: BK is planned for 4 simdgroups, with the Q tile
+    where it fits next to an 8-key tile."""
+    q = _fwd_q_elems(dqk, 4, itemsize) if fwd_q_in_tg(dqk, dv, 4, 8, itemsize) else 0
+    return (q + _fwd_kv_elems(dqk, dv, bk, itemsize)) * itemsize + 16
 
 
 def _largest_fitting(candidates, nbytes):
@@ -247,7 +255,7 @@ class Tiles:
 def tile_sizes(head_dim_qk: int, head_dim_v: int, itemsize: int) -> Tiles:
     """Tile sizes for one head-dim pair and element size (bytes)."""
     ld_sum = _tile_ld(head_dim_qk, itemsize) + _tile_ld(head_dim_v, itemsize)
-    fwd_bytes = functools.partial(fwd_tg_bytes, head_dim_qk, head_dim_v, 4, itemsize=itemsize)
+    fwd_bytes = functools.partial(_fwd_plan_bytes, head_dim_qk, head_dim_v, itemsize=itemsize)
     fwd_bk = next((bk for bk in (64, 32) if fwd_bytes(bk=bk) <= _TG_BUDGET), 16 if fwd_bytes(bk=16) <= _TG_LIMIT else 8)
     dq_bk = _largest_fitting((64, 32, 16, 8), lambda bk: bk * ld_sum * itemsize)
     dkdv_bq = _largest_fitting((64, 32, 16, 8), lambda bq: bq * ld_sum * itemsize + 2 * bq * 4)
