@@ -153,5 +153,6 @@ def test_gpu_backends_name_their_limit(name, dims, arg):
         assert word in message, f"{word!r} not in {message!r}"
 
 
-def test_cpu_limit_is_the_contracts():
-    assert dispatch.head_dim_limits("cpu") == (576, 512)
+@pytest.mark.parametrize("name", ["cpu", "metal"])
+def test_limit_is_the_contracts(name):
+    assert dispatch.head_dim_limits(name) == (576, 512)
