@@ -237,6 +237,9 @@ void AttentionForward::eval_gpu(const std::vector<mx::array>& inputs, std::vecto
   bind_input(enc, e.block_mask, abi::buffer(K, "block_mask"));
   bind_input(enc, e.cu_q, abi::buffer(K, "cu_q"));
   bind_input(enc, e.cu_k, abi::buffer(K, "cu_k"));
+  // Per-batch key ranges are not a primitive input yet (FEAT_KEY_RANGE stays off): placeholders.
+  bind_input(enc, nullptr, abi::buffer(K, "key_start"));
+  bind_input(enc, nullptr, abi::buffer(K, "key_len"));
   enc.set_vector_bytes(int_params(p_, q, k, e), abi::buffer(K, "iparams"));
   enc.set_vector_bytes(float_params(p_), abi::buffer(K, "fparams"));
   enc.set_output_array(outputs[0], abi::buffer(K, "out"));
@@ -303,6 +306,8 @@ void AttentionBackward::eval_gpu(const std::vector<mx::array>& inputs, std::vect
     bind_input(enc, e.block_mask, grad_buffer("block_mask"));
     bind_input(enc, e.cu_q, grad_buffer("cu_q"));
     bind_input(enc, e.cu_k, grad_buffer("cu_k"));
+    bind_input(enc, nullptr, grad_buffer("key_start"));
+    bind_input(enc, nullptr, grad_buffer("key_len"));
     enc.set_vector_bytes(iparams, grad_buffer("iparams"));
     enc.set_vector_bytes(fparams, grad_buffer("fparams"));
   };

@@ -50,14 +50,15 @@ inline constexpr Named kFloatParams[] = {{"F_SCALE", 0}, {"F_SOFTCAP", 1}, {"F_C
 
 // Buffers of each kernel, in [[buffer(i)]] order, named as the kernel's parameters.
 inline constexpr std::string_view kForwardBuffers[] = {
-    "q", "k", "v", "mask", "alibi", "sinks", "block_mask", "cu_q", "cu_k", "iparams", "fparams", "out", "lse"};
+    "q",    "k",         "v",       "mask",    "alibi",   "sinks", "block_mask", "cu_q",
+    "cu_k", "key_start", "key_len", "iparams", "fparams", "out",   "lse"};
 inline constexpr std::string_view kDeltaBuffers[] = {"out", "dout", "dlse", "iparams", "fparams", "delta"};
 inline constexpr std::string_view kDkdvBuffers[] = {
-    "q", "k", "v", "dout", "lse", "delta", "mask", "alibi", "block_mask", "cu_q", "cu_k", "iparams", "fparams",
-    "dk", "dv"};
+    "q",    "k",         "v",       "dout",    "lse",     "delta", "mask", "alibi", "block_mask",
+    "cu_q", "cu_k",      "key_start", "key_len", "iparams", "fparams", "dk", "dv"};
 inline constexpr std::string_view kDqBuffers[] = {
-    "q", "k", "v", "dout", "lse", "delta", "mask", "alibi", "block_mask", "cu_q", "cu_k", "iparams", "fparams",
-    "dq"};
+    "q",    "k",         "v",       "dout",    "lse",     "delta", "mask", "alibi", "block_mask",
+    "cu_q", "cu_k",      "key_start", "key_len", "iparams", "fparams", "dq"};
 
 // A kernel the primitive calls: its name stem, whether its name ends in the
 // mask dtype, and its buffer table.

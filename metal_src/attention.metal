@@ -28,16 +28,17 @@ template <typename T, int D, int NSG, typename MT, typename OT>
     const device MT* mask [[buffer(3)]], const device float* alibi [[buffer(4)]],
     const device float* sinks [[buffer(5)]], const device bool* block_mask [[buffer(6)]],
     const device int* cu_q [[buffer(7)]], const device int* cu_k [[buffer(8)]],
-    const device int* iparams [[buffer(9)]], const device float* fparams [[buffer(10)]],
-    device OT* out [[buffer(11)]], device float* lse [[buffer(12)]],
+    const device int* key_start [[buffer(9)]], const device int* key_len [[buffer(10)]],
+    const device int* iparams [[buffer(11)]], const device float* fparams [[buffer(12)]],
+    device OT* out [[buffer(13)]], device float* lse [[buffer(14)]],
     uint3 tg_pos [[threadgroup_position_in_grid]], uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int BK = mlxf::fwd_block_k(D, D, sizeof(T));
   threadgroup T smem[mlxf::fwd_tile_elems(D, D, NSG, BK, sizeof(T))];
   threadgroup int flags[NSG];
   mlxf::attention_forward<T, D, D, NSG, BK>(
-      mlxf_features, q, k, v, mask, alibi, sinks, block_mask, cu_q, cu_k, iparams, fparams, out, lse,
-      smem, flags, tg_pos, sg, lane);
+      mlxf_features, q, k, v, mask, alibi, sinks, block_mask, cu_q, cu_k, key_start, key_len, iparams, fparams,
+      out, lse, smem, flags, tg_pos, sg, lane);
 }
 
 // Function constant bit 0: a dlse cotangent is given; the feature bits sit above it.
@@ -58,11 +59,12 @@ template <typename T, int D>
       const device float* delta [[buffer(5)]], const device MT* mask [[buffer(6)]],                  \
       const device float* alibi [[buffer(7)]], const device bool* block_mask [[buffer(8)]],          \
       const device int* cu_q [[buffer(9)]], const device int* cu_k [[buffer(10)]],                   \
-      const device int* iparams [[buffer(11)]], const device float* fparams [[buffer(12)]]
+      const device int* key_start [[buffer(11)]], const device int* key_len [[buffer(12)]],          \
+      const device int* iparams [[buffer(13)]], const device float* fparams [[buffer(14)]]
 
 template <typename T, int D, typename MT>
 [[kernel]] void mlxf_attention_bwd_dkdv(
-    MLXF_GRAD_ARGS, device T* dk [[buffer(13)]], device T* dv [[buffer(14)]],
+    MLXF_GRAD_ARGS, device T* dk [[buffer(15)]], device T* dv [[buffer(16)]],
     uint3 tg_pos [[threadgroup_position_in_grid]], uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int BQB = mlxf::dkdv_block_q(D, D, sizeof(T));
@@ -70,21 +72,21 @@ template <typename T, int D, typename MT>
   threadgroup float row_stats[2 * BQB];
   threadgroup int flags[4];
   mlxf::attention_bwd_dkdv<T, D, D, 4, BQB>(
-      mlxf_features, q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, iparams, fparams,
-      dk, dv, smem, row_stats, flags, tg_pos, sg, lane);
+      mlxf_features, q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, key_start, key_len,
+      iparams, fparams, dk, dv, smem, row_stats, flags, tg_pos, sg, lane);
 }
 
 template <typename T, int D, typename MT>
 [[kernel]] void mlxf_attention_bwd_dq(
-    MLXF_GRAD_ARGS, device T* dq [[buffer(13)]],
+    MLXF_GRAD_ARGS, device T* dq [[buffer(15)]],
     uint3 tg_pos [[threadgroup_position_in_grid]], uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int BK = mlxf::dq_block_k(D, D, sizeof(T));
   threadgroup T smem[mlxf::dq_tile_elems(D, D, 4, BK, sizeof(T))];
   threadgroup int flags[4];
   mlxf::attention_bwd_dq<T, D, D, 4, BK>(
-      mlxf_features, q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, iparams, fparams,
-      dq, smem, flags, tg_pos, sg, lane);
+      mlxf_features, q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, key_start, key_len,
+      iparams, fparams, dq, smem, flags, tg_pos, sg, lane);
 }
 
 // Names: mlxf_<kernel>_<type>_<D>[_<mask type>], e.g.

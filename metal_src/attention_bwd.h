@@ -48,13 +48,16 @@ inline void attention_bwd_delta(
 // dK/dV register plan: dK and dV are produced in NB column blocks (blocking
 // along D, as metal-flash-attention does for large heads), each block a
 // pass over the query tiles that recomputes P^T and dS^T; NB is the smallest
-// of 1, 2, 4 that keeps the per-thread fragment arrays (dK and dV blocks,
-// P^T and softcap' tiles) within 80 floats.
+// of 1, 2, 4, 8 that keeps the per-thread fragment arrays (dK and dV blocks,
+// P^T and softcap' tiles) within 80 floats (4 passes at Dqk 576 / Dv 512).
 constexpr int dkdv_regs(int dqk, int dv, int bqb, int nb) {
   return 2 * ((pad8(dqk) / 8 + nb - 1) / nb + (pad8(dv) / 8 + nb - 1) / nb + 2 * (bqb / 8));
 }
 constexpr int dkdv_d_blocks(int dqk, int dv, int bqb) {
-  return dkdv_regs(dqk, dv, bqb, 1) <= 80 ? 1 : dkdv_regs(dqk, dv, bqb, 2) <= 80 ? 2 : 4;
+  return dkdv_regs(dqk, dv, bqb, 1) <= 80   ? 1
+         : dkdv_regs(dqk, dv, bqb, 2) <= 80 ? 2
+         : dkdv_regs(dqk, dv, bqb, 4) <= 80 ? 4
+                                            : 8;
 }
 
 // Fragment registers per thread (floats) of the backward kernels: every
@@ -75,18 +78,26 @@ struct DqRegs {
   static constexpr int QF = pad8(DQK) / 8;
   static constexpr int VF = pad8(DV) / 8;
   static constexpr int KF = BK / 8;
-  static constexpr int floats = 2 * (QF + 2 * KF);  // dqf, sp, dp
+  static constexpr int NQB = d_blocks(DQK);        // threadgroups along Dqk
+  static constexpr int QBF = d_block_cols(DQK) / 8;  // dQ fragments per thread
+  static constexpr int floats = 2 * (QBF + 2 * KF);  // dqf, sp, dp
 };
 
 // Threadgroup memory of attention_bwd_dkdv (T elements; plus 2 * BQB floats
-// of lse/delta and NSG flags): the Q and dO tiles of BQB queries, and the K
-// and V rows of the threadgroup's 8 * NSG keys when they fit (else K and V
-// fragments are read from device memory).
+// of lse/delta and NSG flags): the Q tile of BQB queries, their dO tile
+// where it fits next to it (else, fp32 past about Dqk + Dv = 1000, dO
+// fragments come from device memory), and the K and V rows of the
+// threadgroup's 8 * NSG keys when they fit too (else K and V fragments are
+// read from device memory).
+constexpr bool dkdv_do_in_tg(int dqk, int dv, int nsg, int bqb, int size) {
+  return bqb * (tile_ld(dqk, size) + tile_ld(dv, size)) * size + 8 * bqb + 4 * nsg <= TG_LIMIT;
+}
 constexpr bool dkdv_kv_in_tg(int dqk, int dv, int nsg, int bqb, int size) {
   return (8 * nsg + bqb) * (tile_ld(dqk, size) + tile_ld(dv, size)) * size + 8 * bqb + 4 * nsg <= TG_LIMIT;
 }
 constexpr int dkdv_tile_elems(int dqk, int dv, int nsg, int bqb, int size) {
-  return ((dkdv_kv_in_tg(dqk, dv, nsg, bqb, size) ? 8 * nsg : 0) + bqb) * (tile_ld(dqk, size) + tile_ld(dv, size));
+  return (dkdv_kv_in_tg(dqk, dv, nsg, bqb, size) ? 8 * nsg * (tile_ld(dqk, size) + tile_ld(dv, size)) : 0) +
+         bqb * (tile_ld(dqk, size) + (dkdv_do_in_tg(dqk, dv, nsg, bqb, size) ? tile_ld(dv, size) : 0));
 }
 
 template <typename T, int DQK, int DV, int NSG, int BQB, typename MT>
@@ -95,7 +106,7 @@ inline void attention_bwd_dkdv(
     const device T* q, const device T* k, const device T* v, const device T* dout,
     const device float* lse, const device float* delta,
     const device MT* mask, const device float* alibi, const device bool* block_mask,
-    const device int* cu_q, const device int* cu_k,
+    const device int* cu_q, const device int* cu_k, const device int* key_start, const device int* key_len,
     const device int* iparams, const device float* fparams,
     device T* dk, device T* dv,
     threadgroup T* smem, threadgroup float* row_stats, threadgroup int* flags,
@@ -110,11 +121,12 @@ inline void attention_bwd_dkdv(
   constexpr int BKB = 8 * NSG;
   constexpr int SIZE = int(sizeof(T));
   constexpr bool KV_TG = dkdv_kv_in_tg(DQK, DV, NSG, BQB, SIZE);
+  constexpr bool DO_TG = dkdv_do_in_tg(DQK, DV, NSG, BQB, SIZE);
   constexpr int LDQ = tile_ld(DQK, SIZE);
   constexpr int LDO = tile_ld(DV, SIZE);
   threadgroup T* q_tile = smem;
   threadgroup T* do_tile = smem + BQB * LDQ;
-  threadgroup T* k_tile = do_tile + BQB * LDO;
+  threadgroup T* k_tile = do_tile + (DO_TG ? BQB * LDO : 0);
   threadgroup T* v_tile = k_tile + BKB * LDQ;
   threadgroup float* row_lse = row_stats;
   threadgroup float* row_delta = row_stats + BQB;
@@ -123,11 +135,13 @@ inline void attention_bwd_dkdv(
   const int b = int(tg_pos.y) / p.heads_kv;
   const int hk = int(tg_pos.y) % p.heads_kv;
   const int group = p.heads_q / p.heads_kv;
-  const SeqView s = seq_view(b, feat, p, cu_q, cu_k);
+  const SeqView s = with_key_range(seq_view(b, feat, p, cu_q, cu_k), feat, b, key_start, key_len);
   const int k0 = int(tg_pos.x) * BKB;
   if (k0 >= s.k_len) {
     return;
   }
+  // Keys outside the valid range get dK = dV = 0 without a tile being loaded.
+  const bool any_key = k0 + BKB > s.key_lo && k0 < s.key_hi;
   const FragCoord fc = frag_coord(ushort(lane));
   const uint tid = sg * 32 + lane;
   const int sg_k0 = k0 + int(sg) * 8;
@@ -135,7 +149,7 @@ inline void attention_bwd_dkdv(
 
   const long k_at = row_offset(s, p.heads_kv, hk, s.k_rows, s.k_start, sg_k0, 1);
   const long k_at0 = row_offset(s, p.heads_kv, hk, s.k_rows, s.k_start, k0, 1);
-  if (KV_TG) {
+  if (KV_TG && any_key) {
     stage_rows<T, DQK, LDQ>(k_tile, BKB, k + k_at0 * DQK, s.k_len - k0, tid, NSG * 32);
     stage_rows<T, DV, LDO>(v_tile, BKB, v + k_at0 * DV, s.k_len - k0, tid, NSG * 32);
   }
@@ -160,8 +174,11 @@ inline void attention_bwd_dkdv(
           continue;
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        const bool q_fin = stage_rows<T, DQK, LDQ, true>(q_tile, BQB, q + (q_at + q0) * DQK, s.q_len - q0, tid, NSG * 32);
-        const bool do_fin = stage_rows<T, DV, LDO, true>(do_tile, BQB, dout + (q_at + q0) * DV, s.q_len - q0, tid, NSG * 32);
+        const int q_valid = s.q_len - q0;
+        const device T* do_rows = dout + (q_at + q0) * DV;  // (device memory, when !DO_TG)
+        const bool q_fin = stage_rows<T, DQK, LDQ, true>(q_tile, BQB, q + (q_at + q0) * DQK, q_valid, tid, NSG * 32);
+        const bool do_fin = DO_TG ? stage_rows<T, DV, LDO, true>(do_tile, BQB, do_rows, q_valid, tid, NSG * 32)
+                                  : rows_finite(do_rows, DV, min(BQB, q_valid), DV, tid, NSG * 32);
         for (int e = int(tid); e < BQB; e += NSG * 32) {
           const bool valid = q0 + e < s.q_len;
           row_lse[e] = valid ? lse[q_at + q0 + e] : -INFINITY;
@@ -195,12 +212,16 @@ inline void attention_bwd_dkdv(
         // dV (this pass's columns) += P^T dO
         MLXF_UNROLL for (int c = 0; c < CF; ++c) {
           const float2 drop = float2(float((dropped >> (2 * c)) & 1u), float((dropped >> (2 * c + 1)) & 1u));
-          if (exact) {
+          if (exact && DO_TG) {
             mma_exact<VB>(dvf, pt[c], drop, do_tile + c * 8 * LDO + z * VB * 8, LDO, fc, VF - z * VB);
+          } else if (exact) {
+            mma_exact<VB>(dvf, pt[c], drop, do_rows + c * 8 * DV + z * VB * 8, DV, fc, VF - z * VB, DV - z * VB * 8);
           } else {
             MLXF_UNROLL for (int d = 0; d < VB; ++d) {
-              if (z * VB + d < VF) {
-                mma(dvf[d], pt[c], frag_load(do_tile + c * 8 * LDO + (z * VB + d) * 8, LDO, 1, 8, 8, fc));
+              const int col = (z * VB + d) * 8;
+              if (col < DV) {
+                mma(dvf[d], pt[c], DO_TG ? frag_load(do_tile + c * 8 * LDO + col, LDO, 1, 8, 8, fc)
+                                         : frag_load(do_rows + c * 8 * DV + col, DV, 1, q_valid - c * 8, DV - col, fc));
               }
             }
           }
@@ -212,7 +233,8 @@ inline void attention_bwd_dkdv(
           MLXF_UNROLL for (int d = 0; d < VF; ++d) {
             const float2 va = KV_TG ? frag_load(v_sg + d * 8, LDO, 1, 8, 8, fc)
                                     : frag_load(v + k_at * DV + d * 8, DV, 1, s.k_len - sg_k0, DV - d * 8, fc);
-            mma(ds, va, frag_load(do_tile + c * 8 * LDO + d * 8, 1, LDO, 8, 8, fc));
+            mma(ds, va, DO_TG ? frag_load(do_tile + c * 8 * LDO + d * 8, 1, LDO, 8, 8, fc)
+                              : frag_load(do_rows + c * 8 * DV + d * 8, 1, DV, DV - d * 8, q_valid - c * 8, fc));
           }
           MLXF_UNROLL for (int e = 0; e < 2; ++e) {
             ds[e] = drop[e] != 0.0f ? 0.0f : pt[c][e] * (ds[e] - row_delta[c * 8 + fc.col + e]) * cap[c][e];
@@ -247,26 +269,33 @@ inline void attention_bwd_dkdv(
 
 // Threadgroup memory of attention_bwd_dq (T elements): the Q and dO tiles of
 // the threadgroup's 8 * NSG rows when they fit next to the K and V tiles
-// (dq_qdo_in_tg; else their fragments are read from device memory), and a
-// K and a V tile of BK keys.
+// (dq_qdo_in_tg; else their fragments are read from device memory), a K
+// tile of BK keys and their V tile where it fits next to it (dq_v_in_tg;
+// else, fp32 past about Dqk + Dv = 1000, V fragments come from device memory).
+constexpr bool dq_v_in_tg(int dqk, int dv, int nsg, int bk, int size) {
+  return bk * (tile_ld(dqk, size) + tile_ld(dv, size)) * size + 4 * nsg <= TG_LIMIT;
+}
 constexpr bool dq_qdo_in_tg(int dqk, int dv, int nsg, int bk, int size) {
   return (8 * nsg + bk) * (tile_ld(dqk, size) + tile_ld(dv, size)) * size + 4 * nsg <= TG_LIMIT;
 }
 constexpr int dq_tile_elems(int dqk, int dv, int nsg, int bk, int size) {
-  return ((dq_qdo_in_tg(dqk, dv, nsg, bk, size) ? 8 * nsg : 0) + bk) * (tile_ld(dqk, size) + tile_ld(dv, size));
+  return (dq_qdo_in_tg(dqk, dv, nsg, bk, size) ? 8 * nsg * (tile_ld(dqk, size) + tile_ld(dv, size)) : 0) +
+         bk * (tile_ld(dqk, size) + (dq_v_in_tg(dqk, dv, nsg, bk, size) ? tile_ld(dv, size) : 0));
 }
 
 // dQ as its own pass (FlashAttention-2's second loop): one threadgroup per
 // (query block, batch * head), NSG simdgroups of 8 rows, a loop over key
-// tiles. Only dQ (Dqk/8 fragments) and the S, dP tiles of one key tile stay
-// in registers; Q and dO are read a fragment at a time.
+// tiles. Only dQ (Dqk/8 fragments; past Dqk = 256 one block of its
+// columns per threadgroup, grid z, each recomputing S and dP) and the S, dP
+// tiles of one key tile stay in registers; Q and dO are read a fragment at a
+// time.
 template <typename T, int DQK, int DV, int NSG, int BK, typename MT>
 inline void attention_bwd_dq(
     int feat,
     const device T* q, const device T* k, const device T* v, const device T* dout,
     const device float* lse, const device float* delta,
     const device MT* mask, const device float* alibi, const device bool* block_mask,
-    const device int* cu_q, const device int* cu_k,
+    const device int* cu_q, const device int* cu_k, const device int* key_start, const device int* key_len,
     const device int* iparams, const device float* fparams,
     device T* dq,
     threadgroup T* smem, threadgroup int* flags,
@@ -275,9 +304,11 @@ inline void attention_bwd_dq(
   constexpr int QF = R::QF;
   constexpr int VF = R::VF;
   constexpr int KF = R::KF;
+  constexpr int QBF = R::QBF;
   constexpr int BQ = 8 * NSG;
   constexpr int SIZE = int(sizeof(T));
   constexpr bool QDO_TG = dq_qdo_in_tg(DQK, DV, NSG, BK, SIZE);
+  constexpr bool V_TG = dq_v_in_tg(DQK, DV, NSG, BK, SIZE);
   constexpr int LDK = tile_ld(DQK, SIZE);
   constexpr int LDV = tile_ld(DV, SIZE);
   threadgroup T* q_tile = smem;
@@ -289,11 +320,12 @@ inline void attention_bwd_dq(
   const int b = int(tg_pos.y) / p.heads_q;
   const int h = int(tg_pos.y) % p.heads_q;
   const int hk = h / (p.heads_q / p.heads_kv);
-  const SeqView s = seq_view(b, feat, p, cu_q, cu_k);
+  const SeqView s = with_key_range(seq_view(b, feat, p, cu_q, cu_k), feat, b, key_start, key_len);
   const int q0 = int(tg_pos.x) * BQ;
   if (q0 >= s.q_len) {
     return;
   }
+  const int c0 = int(tg_pos.z) * QBF * 8;  // this threadgroup's first dQ column
   const Logits<MT> lg = make_logits(feat, p, s, b, h, alibi, mask, block_mask);
   const FragCoord fc = frag_coord(ushort(lane));
   const uint tid = sg * 32 + lane;
@@ -308,8 +340,8 @@ inline void attention_bwd_dq(
   }
   const threadgroup T* q_sg = q_tile + int(sg) * 8 * LDK;
   const threadgroup T* do_sg = do_tile + int(sg) * 8 * LDV;
-  float2 dqf[QF];
-  MLXF_UNROLL for (int kk = 0; kk < QF; ++kk) {
+  float2 dqf[QBF];
+  MLXF_UNROLL for (int kk = 0; kk < QBF; ++kk) {
     dqf[kk] = float2(0.0f);
   }
   const bool valid = row < s.q_len;
@@ -318,13 +350,16 @@ inline void attention_bwd_dq(
 
   const device T* k_seq = k + row_offset(s, p.heads_kv, hk, s.k_rows, s.k_start, 0, DQK);
   const device T* v_seq = v + row_offset(s, p.heads_kv, hk, s.k_rows, s.k_start, 0, DV);
-  for (int k0 = 0; k0 < s.k_len; k0 += BK) {
+  // Only the tiles that hold valid keys (all of them without a key range).
+  for (int k0 = s.key_lo / BK * BK; k0 < s.key_hi; k0 += BK) {
     if (!lg.tile_live(q0, q0 + BQ, k0, k0 + BK)) {
       continue;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     const bool k_fin = stage_rows<T, DQK, LDK, true>(k_tile, BK, k_seq + long(k0) * DQK, s.k_len - k0, tid, NSG * 32);
-    stage_rows<T, DV, LDV>(v_tile, BK, v_seq + long(k0) * DV, s.k_len - k0, tid, NSG * 32);
+    if (V_TG) {
+      stage_rows<T, DV, LDV>(v_tile, BK, v_seq + long(k0) * DV, s.k_len - k0, tid, NSG * 32);
+    }
     // (barrier inside) K holds a NaN/inf: dropped pairs go the exact way.
     const bool exact = any_nonfinite<NSG>(k_fin, flags, sg, lane);
 
@@ -345,7 +380,9 @@ inline void attention_bwd_dq(
       const float2 da = QDO_TG ? frag_load(do_sg + d * 8, LDV, 1, 8, 8, fc)
                                : frag_load(dout + q_at * DV + d * 8, DV, 1, s.q_len - sg_q0, DV - d * 8, fc);
       MLXF_UNROLL for (int c = 0; c < KF; ++c) {
-        mma(dp[c], da, frag_load(v_tile + c * 8 * LDV + d * 8, 1, LDV, 8, 8, fc));
+        mma(dp[c], da, V_TG ? frag_load(v_tile + c * 8 * LDV + d * 8, 1, LDV, 8, 8, fc)
+                            : frag_load(v_seq + long(k0 + c * 8) * DV + d * 8, 1, DV, DV - d * 8,
+                                        s.k_len - k0 - c * 8, fc));
       }
     }
     // dS = P * (dP - delta) * softcap', 0 by a select where dropped; dQ += dS K.
@@ -358,17 +395,19 @@ inline void attention_bwd_dq(
         dp[c][e] = drop[e] != 0.0f ? 0.0f : exp(x - row_l) * (dp[c][e] - row_delta) * dcap;
       }
       if (exact) {
-        mma_exact<QF>(dqf, dp[c], drop, k_tile + c * 8 * LDK, LDK, fc);
+        mma_exact<QBF>(dqf, dp[c], drop, k_tile + c * 8 * LDK + c0, LDK, fc, QF - c0 / 8);
       } else {
-        MLXF_UNROLL for (int kk = 0; kk < QF; ++kk) {
-          mma(dqf[kk], dp[c], frag_load(k_tile + c * 8 * LDK + kk * 8, LDK, 1, 8, 8, fc));
+        MLXF_UNROLL for (int kk = 0; kk < QBF; ++kk) {
+          if (c0 + kk * 8 < DQK) {
+            mma(dqf[kk], dp[c], frag_load(k_tile + c * 8 * LDK + c0 + kk * 8, LDK, 1, 8, 8, fc));
+          }
         }
       }
     }
   }
 
-  MLXF_UNROLL for (int kk = 0; kk < QF; ++kk) {
-    frag_store<T>(dq + q_at * DQK + kk * 8, DQK, s.q_len - sg_q0, DQK - kk * 8, fc, dqf[kk] * p.scale);
+  MLXF_UNROLL for (int kk = 0; kk < QBF; ++kk) {
+    frag_store<T>(dq + q_at * DQK + c0 + kk * 8, DQK, s.q_len - sg_q0, DQK - c0 - kk * 8, fc, dqf[kk] * p.scale);
   }
 }
 

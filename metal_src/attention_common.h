@@ -41,6 +41,7 @@ enum Feature : int {
   FEAT_VARLEN = 128,      // packed sequences, cu_seqlens
   FEAT_SPLIT = 256,       // decode: partial results per key split
   FEAT_PACK_GQA = 512,    // decode: one threadgroup per kv head, rows = (head, query)
+  FEAT_KEY_RANGE = 1024,  // per-batch valid keys key_start[b] <= j < key_start[b] + key_len[b]
 };
 
 // ---- call parameters, laid out by metal.py (_int_params / _float_params) ----
@@ -102,6 +103,7 @@ struct SeqView {
   int k_start, k_len;
   int q_rows, k_rows;  // N extent of the buffers
   int offset;          // k_len - q_len: bottom-right alignment, p_i = i + offset
+  int key_lo, key_hi;  // valid keys [key_lo, key_hi) within [0, k_len) (key ranges; else all)
 };
 
 inline SeqView seq_view(int b, int feat, Params p, const device int* cu_q, const device int* cu_k) {
@@ -122,6 +124,24 @@ inline SeqView seq_view(int b, int feat, Params p, const device int* cu_q, const
   s.q_rows = p.seqlen_q;
   s.k_rows = p.seqlen_k;
   s.offset = s.k_len - s.q_len;
+  s.key_lo = 0;
+  s.key_hi = s.k_len;
+  return s;
+}
+
+// Narrows s to batch b's valid key range (FEAT_KEY_RANGE): keys outside
+// [key_start[b], key_start[b] + key_len[b]) are dropped like keys past the
+// end, so every tile outside it is skipped before it is loaded. Any values
+// are allowed (negative starts, ranges past k_len, empty ranges); the sum is
+// taken in 64-bit so that it cannot overflow. The alignment p_i = i + offset
+// does not move: a range drops keys, it does not shorten the sequence.
+inline SeqView with_key_range(SeqView s, int feat, int b, const device int* key_start, const device int* key_len) {
+  if (feat & FEAT_KEY_RANGE) {
+    const long lo = long(key_start[b]);
+    const long hi = lo + long(key_len[b]);
+    s.key_lo = lo < 0 ? 0 : (lo > long(s.k_len) ? s.k_len : int(lo));
+    s.key_hi = hi < long(s.key_lo) ? s.key_lo : (hi > long(s.k_len) ? s.k_len : int(hi));
+  }
   return s;
 }
 
@@ -146,7 +166,7 @@ struct Logits {
 
   inline float apply(float raw, int i, int j, thread float& dcap) const {
     dcap = 1.0f;
-    if (i >= s.q_len || j >= s.k_len) {
+    if (i >= s.q_len || j < s.key_lo || j >= s.key_hi) {
       return -INFINITY;
     }
     float x = p.scale * raw;
@@ -188,7 +208,7 @@ struct Logits {
   inline bool tile_full(int q0, int q1, int k0, int k1) const {
     if (feat & (FEAT_MASK_BOOL | FEAT_MASK_ADD | FEAT_BLOCK_MASK)) return false;
     q1 = min(q1, s.q_len);
-    if (k1 > s.k_len || q0 >= q1) return false;
+    if (k0 < s.key_lo || k1 > s.key_hi || q0 >= q1) return false;
     if (feat & FEAT_WINDOW) {
       int lo = k0 - (q1 - 1 + s.offset);
       int hi = (k1 - 1) - (q0 + s.offset);
@@ -203,7 +223,8 @@ struct Logits {
   // of a threadgroup gets the same answer: skipped tiles are never loaded.
   inline bool tile_live(int q0, int q1, int k0, int k1) const {
     q1 = min(q1, s.q_len);
-    k1 = min(k1, s.k_len);
+    k0 = max(k0, s.key_lo);  // only the valid keys of the tile count
+    k1 = min(k1, s.key_hi);
     if (q0 >= q1 || k0 >= k1) return false;
     if (feat & FEAT_WINDOW) {
       // j - p_i over the tile spans [lo, hi].
@@ -253,7 +274,7 @@ struct RowRules {
   int feat;
   float scale, softcap, slope;
   int pos;         // aligned position p_i = i + k_len - q_len
-  int j_lo, j_hi;  // keys outside [j_lo, j_hi] are dropped (window, causal, sequence end)
+  int j_lo, j_hi;  // keys outside [j_lo, j_hi] are dropped (window, causal, key range, sequence end)
   const device MT* mask_row;  // this row of the mask (broadcast strides)
   int mask_sj;
   const device bool* bmask_row;  // this row's query block of the block mask
@@ -305,8 +326,8 @@ inline RowRules<MT> row_rules(int feat, Params p, SeqView s, int b, int h, int i
   r.softcap = p.softcap;
   r.slope = (feat & FEAT_ALIBI) ? alibi[b * p.heads_q + h] : 0.0f;
   r.pos = i + s.offset;
-  r.j_lo = 0;
-  r.j_hi = i < s.q_len ? s.k_len - 1 : -1;
+  r.j_lo = s.key_lo;
+  r.j_hi = i < s.q_len ? s.key_hi - 1 : -1;
   if (feat & FEAT_WINDOW) {
     if (p.window_left >= 0) r.j_lo = max(r.j_lo, r.pos - p.window_left);
     if (p.window_right >= 0) r.j_hi = min(r.j_hi, r.pos + p.window_right);
@@ -402,30 +423,32 @@ constexpr int max_int(int a, int b) { return a > b ? a : b; }
 // fragment) do not all hit the same bank.
 constexpr int tile_ld(int d, int size) { return pad8(d) + 16 / size; }
 
-// Cooperative copy of `rows` rows (DIM valid columns each, source rows DIM
-// elements apart) into a threadgroup tile with leading dimension LD; rows at
-// or past `valid_rows` and the columns DIM..pad8(DIM) are zero, so padding
-// adds nothing to the products. Offsets are 32-bit: a tile holds at most
-// 64 x 264 elements, and `src` already points at the tile's first row.
-// When DIM is a whole number of 16-byte vectors, each thread moves 16 bytes
-// at a time (the buffers are 16-byte aligned: MLX allocates them so and every
-// row starts a multiple of DIM elements in).
+// Cooperative copy of a block of `rows` rows x COLS columns into a
+// threadgroup tile with leading dimension LD: source rows are `src_ld`
+// elements apart, only the first `valid_rows` rows and `valid_cols` columns
+// exist (the rest, and the columns COLS..pad8(COLS), are written as zero, so
+// padding adds nothing to the products). Offsets are 32-bit: a tile holds at
+// most 64 rows of at most 584 elements, and `src` already points at the
+// block's first element. When whole rows of 16-byte vectors are copied, each
+// thread moves 16 bytes at a time (the buffers are 16-byte aligned: MLX
+// allocates them so, every row starts a multiple of src_ld elements in and
+// column blocks start at multiples of 8 elements).
 // With CHECK, returns whether every valid element this thread copied is
 // finite (it re-reads only what it wrote itself: no barrier needed).
-template <typename T, int DIM, int LD, bool CHECK = false>
-inline bool stage_rows(threadgroup T* tile, int rows, const device T* src, int valid_rows, uint tid,
-                       uint nthreads) {
+template <typename T, int COLS, int LD, bool CHECK = false>
+inline bool stage_block(threadgroup T* tile, int rows, const device T* src, int src_ld, int valid_rows,
+                        int valid_cols, uint tid, uint nthreads) {
   constexpr int VW = 16 / int(sizeof(T));
-  constexpr int PAD = pad8(DIM);
+  constexpr int PAD = pad8(COLS);
   bool finite = true;
-  if (DIM % VW == 0) {
-    constexpr int VPR = DIM / VW;  // vectors per row
+  if (COLS % VW == 0 && valid_cols == COLS && src_ld % VW == 0) {
+    constexpr int VPR = COLS / VW;  // vectors per row
     for (int e = int(tid); e < rows * VPR; e += int(nthreads)) {
       const int r = e / VPR;
       const int c = (e - r * VPR) * VW;
       uint4 bits = uint4(0);
       if (r < valid_rows) {
-        bits = *reinterpret_cast<const device uint4*>(src + r * DIM + c);
+        bits = *reinterpret_cast<const device uint4*>(src + r * src_ld + c);
       }
       *reinterpret_cast<threadgroup uint4*>(tile + r * LD + c) = bits;
       if (CHECK) {
@@ -434,22 +457,42 @@ inline bool stage_rows(threadgroup T* tile, int rows, const device T* src, int v
         }
       }
     }
-    if (PAD != DIM) {
-      for (int e = int(tid); e < rows * (PAD - DIM); e += int(nthreads)) {
-        const int r = e / (PAD - DIM);
-        tile[r * LD + DIM + (e - r * (PAD - DIM))] = static_cast<T>(0.0f);
+    if (PAD != COLS) {
+      for (int e = int(tid); e < rows * (PAD - COLS); e += int(nthreads)) {
+        const int r = e / (PAD - COLS);
+        tile[r * LD + COLS + (e - r * (PAD - COLS))] = static_cast<T>(0.0f);
       }
     }
   } else {
     for (int e = int(tid); e < rows * PAD; e += int(nthreads)) {
       const int r = e / PAD;
       const int c = e - r * PAD;
-      const T x = (r < valid_rows && c < DIM) ? src[r * DIM + c] : static_cast<T>(0.0f);
+      const T x = (r < valid_rows && c < valid_cols) ? src[r * src_ld + c] : static_cast<T>(0.0f);
       tile[r * LD + c] = x;
       if (CHECK) {
         finite = finite && isfinite(float(x));
       }
     }
+  }
+  return finite;
+}
+
+// Whole rows: DIM valid columns, source rows DIM elements apart.
+template <typename T, int DIM, int LD, bool CHECK = false>
+inline bool stage_rows(threadgroup T* tile, int rows, const device T* src, int valid_rows, uint tid,
+                       uint nthreads) {
+  return stage_block<T, DIM, LD, CHECK>(tile, rows, src, DIM, valid_rows, DIM, tid, nthreads);
+}
+
+// Whether every element of `rows` rows of `cols` elements (`ld` apart) in
+// device memory is finite, over this thread's share (the check that staging
+// does on the way, for operands read from device memory instead).
+template <typename T>
+inline bool rows_finite(const device T* src, int ld, int rows, int cols, uint tid, uint nthreads) {
+  bool finite = true;
+  for (int e = int(tid); e < rows * cols; e += int(nthreads)) {
+    const int r = e / cols;
+    finite = finite && isfinite(float(src[r * ld + (e - r * cols)]));
   }
   return finite;
 }
@@ -462,31 +505,45 @@ inline bool stage_rows(threadgroup T* tile, int rows, const device T* src, int v
 constexpr int TG_BUDGET = 16 * 1024;
 constexpr int TG_LIMIT = 32 * 1024;
 
+// Wide heads: a thread keeps at most 32 fragments (256 columns) of an output
+// row block in registers. The forward splits O's Dv columns, the dQ kernel
+// dQ's Dqk columns, into this many equal blocks (of fragments), one
+// threadgroup each (launch grid z); every block recomputes the logits.
+constexpr int d_blocks(int d) { return (pad8(d) / 8 + 31) / 32; }
+constexpr int d_block_cols(int d) { return (pad8(d) / 8 + d_blocks(d) - 1) / d_blocks(d) * 8; }
+
 // Forward threadgroup memory: the Q tile of 8 * NSG rows (when it fits),
-// one K/V tile of BK keys (K, then V in the same buffer) and one flag per
-// simdgroup. fwd_q_in_tg: whether the Q tile fits with the smallest K/V tile.
+// one K/V tile of BK keys (K, then this threadgroup's block of V columns, in
+// the same buffer) and one flag per simdgroup. fwd_q_in_tg: whether the Q
+// tile fits next to the K/V tile (else Q fragments come from device memory).
 constexpr int fwd_q_elems(int dqk, int nsg, int size) { return 8 * nsg * tile_ld(dqk, size); }
 constexpr int fwd_kv_elems(int dqk, int dv, int bk, int size) {
-  return bk * max_int(tile_ld(dqk, size), tile_ld(dv, size));
+  return bk * max_int(tile_ld(dqk, size), tile_ld(d_block_cols(dv), size));
 }
-constexpr bool fwd_q_in_tg(int dqk, int dv, int nsg, int size) {
-  return (fwd_q_elems(dqk, nsg, size) + fwd_kv_elems(dqk, dv, 8, size)) * size + 4 * nsg <= TG_LIMIT;
+constexpr bool fwd_q_in_tg(int dqk, int dv, int nsg, int bk, int size) {
+  return (fwd_q_elems(dqk, nsg, size) + fwd_kv_elems(dqk, dv, bk, size)) * size + 4 * nsg <= TG_LIMIT;
 }
 // (One simdgroup stages nothing: see attention_forward.)
 constexpr int fwd_tg_elems(int dqk, int dv, int nsg, int bk, int size) {
-  return (fwd_q_in_tg(dqk, dv, nsg, size) ? fwd_q_elems(dqk, nsg, size) : 0) + fwd_kv_elems(dqk, dv, bk, size);
+  return (fwd_q_in_tg(dqk, dv, nsg, bk, size) ? fwd_q_elems(dqk, nsg, size) : 0) + fwd_kv_elems(dqk, dv, bk, size);
 }
 constexpr int fwd_tg_bytes(int dqk, int dv, int nsg, int bk, int size) {
   return nsg == 1 ? size + 4 : fwd_tg_elems(dqk, dv, nsg, bk, size) * size + 4 * nsg;
 }
 
-// Keys per forward K/V tile (with 4 simdgroups): the largest of 64, 32, 16
+// Keys per forward K/V tile, planned for 4 simdgroups (decode launches with
+// fewer use the same BK; their smaller Q tile is staged where it fits): with
+// the Q tile where it fits next to an 8-key tile, the largest of 64, 32, 16
 // within TG_BUDGET, else 16 within TG_LIMIT, else 8.
+constexpr int fwd_plan_bytes(int dqk, int dv, int bk, int size) {
+  return ((fwd_q_in_tg(dqk, dv, 4, 8, size) ? fwd_q_elems(dqk, 4, size) : 0) + fwd_kv_elems(dqk, dv, bk, size)) * size +
+         16;
+}
 constexpr int fwd_block_k(int dqk, int dv, int size) {
-  return fwd_tg_bytes(dqk, dv, 4, 64, size) <= TG_BUDGET   ? 64
-         : fwd_tg_bytes(dqk, dv, 4, 32, size) <= TG_BUDGET ? 32
-         : fwd_tg_bytes(dqk, dv, 4, 16, size) <= TG_LIMIT  ? 16
-                                                            : 8;
+  return fwd_plan_bytes(dqk, dv, 64, size) <= TG_BUDGET   ? 64
+         : fwd_plan_bytes(dqk, dv, 32, size) <= TG_BUDGET ? 32
+         : fwd_plan_bytes(dqk, dv, 16, size) <= TG_LIMIT  ? 16
+                                                          : 8;
 }
 
 // Keys per dQ tile (K and V tiles side by side): 64, 32, 16 or 8.
@@ -540,14 +597,16 @@ inline bool any_nonfinite(bool finite, threadgroup int* flags, uint sg, uint lan
 }
 
 // acc[f] += A B over one 8-key step, element by element, leaving out the
-// pairs marked dropped (drop = 1): the B tile holds a non-finite value, so a
-// dropped pair's operand must not be multiplied in (0 x NaN). `a` is this
+// pairs marked dropped (drop = 1): the B operand holds a non-finite value, so
+// a dropped pair's operand must not be multiplied in (0 x NaN). `a` is this
 // lane's fragment of A (rows: this lane's row), b points at B's first row
-// (ldb apart), NF fragments of 8 columns. Rare; all lanes take it.
-// Only the first nf_valid fragments of B exist (the last D block may be short).
-template <int NF, typename T>
-inline void mma_exact(thread float2* acc, float2 a, float2 drop, const threadgroup T* b, int ldb, FragCoord fc,
-                      int nf_valid = NF) {
+// (ldb apart; threadgroup or device memory), NF fragments of 8 columns. Only
+// the first nf_valid fragments and `cols` columns of B exist (the last D
+// block may be short; a device operand has no zero padding). Dropped rows of
+// B are never read. Rare; all lanes take it.
+template <int NF, typename P>
+inline void mma_exact(thread float2* acc, float2 a, float2 drop, P b, int ldb, FragCoord fc,
+                      int nf_valid = NF, int cols = 1 << 30) {
   MLXF_UNROLL for (int e2 = 0; e2 < 8; ++e2) {
     const ushort src = ushort(((e2 >> 1) & 1) | ((fc.row & 3) << 1) | (((e2 >> 2) & 1) << 3) | (((fc.row >> 2) & 1) << 4));
     const float aj = simd_shuffle(a[e2 & 1], src);
@@ -559,8 +618,9 @@ inline void mma_exact(thread float2* acc, float2 a, float2 drop, const threadgro
       if (f >= nf_valid) {
         break;
       }
-      acc[f].x += aj * float(b[e2 * ldb + f * 8 + fc.col]);
-      acc[f].y += aj * float(b[e2 * ldb + f * 8 + fc.col + 1]);
+      const int c = f * 8 + fc.col;
+      if (c < cols) acc[f].x += aj * float(b[e2 * ldb + c]);
+      if (c + 1 < cols) acc[f].y += aj * float(b[e2 * ldb + c + 1]);
     }
   }
 }

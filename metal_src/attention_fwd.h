@@ -31,14 +31,17 @@ constexpr int fwd_tile_elems(int dqk, int dv, int nsg, int bk, int size) {
   return nsg == 1 ? 1 : fwd_tg_elems(dqk, dv, nsg, bk, size);
 }
 
-// Registers of the forward: the accumulator O (VF fragments) and the S/P tile
-// (KF fragments), two floats per lane each. Q is read from threadgroup
-// memory (or, when a 32-row Q tile of fp32 D = 256 does not fit, from device
-// memory) one fragment at a time.
+// Registers of the forward: the accumulator O (VF fragments: this
+// threadgroup's block of Dv columns, all of them up to Dv = 256) and the S/P
+// tile (KF fragments), two floats per lane each. Q is read from threadgroup
+// memory (or, when a 32-row Q tile does not fit next to a K tile: fp32 with
+// Dqk >= 256, fp16/bf16 past about 400, from device memory) one fragment at
+// a time.
 template <int DQK, int DV, int BK>
 struct FwdRegs {
   static constexpr int QF = pad8(DQK) / 8;
-  static constexpr int VF = pad8(DV) / 8;
+  static constexpr int NVB = d_blocks(DV);       // threadgroups along Dv
+  static constexpr int VF = d_block_cols(DV) / 8;  // O fragments per thread
   static constexpr int KF = BK / 8;
   static constexpr int floats = 2 * (VF + KF);
 };
@@ -88,6 +91,8 @@ inline void pv_exact_frag(thread float2& of, float2 p, float2 vb, FragCoord fc) 
 // OT is T for the final output, float for decode partials (FEAT_SPLIT): then
 // `out` is [splits, rows, DV] and `lse` [splits, rows] with rows = B*Hq*Nq,
 // normalised per split, and attention_combine merges them.
+// Grid z: split * NVB + Dv block (NVB = d_blocks(DV), 1 up to Dv = 256). Each
+// Dv block runs the whole softmax and writes its columns of O; block 0 the lse.
 // smem: fwd_tile_elems(...) elements; flags: NSG ints.
 template <typename T, int DQK, int DV, int NSG, int BK, typename MT, typename OT>
 inline void attention_forward(
@@ -95,6 +100,7 @@ inline void attention_forward(
     const device T* q, const device T* k, const device T* v,
     const device MT* mask, const device float* alibi, const device float* sinks,
     const device bool* block_mask, const device int* cu_q, const device int* cu_k,
+    const device int* key_start, const device int* key_len,
     const device int* iparams, const device float* fparams,
     device OT* out, device float* lse,
     threadgroup T* smem, threadgroup int* flags,
@@ -103,12 +109,14 @@ inline void attention_forward(
   constexpr int QF = R::QF;
   constexpr int VF = R::VF;
   constexpr int KF = R::KF;
+  constexpr int NVB = R::NVB;
+  constexpr int DVB = VF * 8;  // Dv columns per threadgroup
   constexpr int BQ = 8 * NSG;
   constexpr int SIZE = int(sizeof(T));
   constexpr bool DIRECT = NSG == 1;  // decode: fragments straight from device memory
-  constexpr bool Q_TG = !DIRECT && fwd_q_in_tg(DQK, DV, NSG, SIZE);
+  constexpr bool Q_TG = !DIRECT && fwd_q_in_tg(DQK, DV, NSG, BK, SIZE);
   constexpr int LDQ = tile_ld(DQK, SIZE);
-  constexpr int LD = max_int(tile_ld(DQK, SIZE), tile_ld(DV, SIZE));
+  constexpr int LD = max_int(tile_ld(DQK, SIZE), tile_ld(DVB, SIZE));
   threadgroup T* q_tile = smem;
   threadgroup T* kv_tile = smem + (Q_TG ? BQ * LDQ : 0);
 
@@ -121,8 +129,11 @@ inline void attention_forward(
   const int b = int(tg_pos.y) / heads_y;
   const int hk = packed ? int(tg_pos.y) % heads_y : (int(tg_pos.y) % heads_y) / group;
   const int h_first = packed ? hk * group : int(tg_pos.y) % heads_y;  // head of row 0
-  const SeqView s = seq_view(b, feat, p, cu_q, cu_k);
+  const SeqView s = with_key_range(seq_view(b, feat, p, cu_q, cu_k), feat, b, key_start, key_len);
   const int n_rows = packed ? group * s.q_len : s.q_len;
+  const int split = int(tg_pos.z) / NVB;
+  const int v0 = (int(tg_pos.z) % NVB) * DVB;  // this threadgroup's first Dv column
+  const int v_cols = min(DVB, DV - v0);
   const int q0 = int(tg_pos.x) * BQ;
   if (q0 >= n_rows) {
     return;  // the whole threadgroup leaves before any barrier
@@ -167,12 +178,16 @@ inline void attention_forward(
 
   const device T* k_seq = k + row_offset(s, p.heads_kv, hk, s.k_rows, s.k_start, 0, DQK);
   const device T* v_seq = v + row_offset(s, p.heads_kv, hk, s.k_rows, s.k_start, 0, DV);
-  const int n_tiles = (s.k_len + BK - 1) / BK;
-  int t_begin = 0;
-  int t_end = n_tiles;
+  // The tiles that hold valid keys (all of them without a key range); decode
+  // splits share them out evenly, so a short range still uses every split.
+  const int t_lo = s.key_lo / BK;
+  const int t_hi = (s.key_hi + BK - 1) / BK;
+  int t_begin = t_lo;
+  int t_end = t_hi;
   if (feat & FEAT_SPLIT) {
-    t_begin = int(tg_pos.z) * p.tiles_per_split;
-    t_end = min(n_tiles, t_begin + p.tiles_per_split);
+    const int per_split = (t_hi - t_lo + p.num_splits - 1) / p.num_splits;
+    t_begin = t_lo + split * per_split;
+    t_end = min(t_hi, t_begin + per_split);
   }
   for (int t = t_begin; t < t_end; ++t) {
     const int k0 = t * BK;
@@ -254,7 +269,8 @@ inline void attention_forward(
       // the exact path for its 8 keys (dropped keys skipped).
       MLXF_UNROLL for (int c = 0; c < KF; ++c) {
         MLXF_UNROLL for (int d = 0; d < VF; ++d) {
-          const float2 vb = frag_load(v_seq + long(k0 + c * 8) * DV + d * 8, DV, 1, s.k_len - k0 - c * 8, DV - d * 8, fc);
+          const float2 vb = frag_load(v_seq + long(k0 + c * 8) * DV + v0 + d * 8, DV, 1, s.k_len - k0 - c * 8,
+                                      v_cols - d * 8, fc);
           if (simd_any(!isfinite(vb.x) || !isfinite(vb.y))) {
             pv_exact_frag(of[d], sf[c], vb, fc);
           } else {
@@ -265,7 +281,8 @@ inline void attention_forward(
       continue;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // K reads are done
-    const bool v_finite = stage_rows<T, DV, LD, true>(kv_tile, BK, v_seq + long(k0) * DV, s.k_len - k0, tid, NSG * 32);
+    const bool v_finite =
+        stage_block<T, DVB, LD, true>(kv_tile, BK, v_seq + long(k0) * DV + v0, DV, s.k_len - k0, v_cols, tid, NSG * 32);
     // (barrier inside) the V tile holds a NaN/inf: P V the exact way.
     if (any_nonfinite<NSG>(v_finite, flags, sg, lane)) {
       pv_exact<T, VF, KF, LD>(of, sf, kv_tile, fc);
@@ -285,13 +302,13 @@ inline void attention_forward(
   long out_row = row_offset(s, p.heads_q, h_first, s.q_rows, s.q_start, sg_q0, 1);
   if (feat & FEAT_SPLIT) {
     const long rows = long((feat & FEAT_VARLEN) ? 1 : p.batch) * p.heads_q * p.seqlen_q;
-    out_row += long(tg_pos.z) * rows;
+    out_row += long(split) * rows;
   }
-  device OT* o_rows = out + out_row * DV;
+  device OT* o_rows = out + out_row * DV + v0;
   MLXF_UNROLL for (int d = 0; d < VF; ++d) {
-    frag_store<OT>(o_rows + d * 8, DV, n_rows - sg_q0, DV - d * 8, fc, of[d] * inv_l);
+    frag_store<OT>(o_rows + d * 8, DV, n_rows - sg_q0, v_cols - d * 8, fc, of[d] * inv_l);
   }
-  if (fc.col == 0 && r < n_rows) {
+  if (v0 == 0 && fc.col == 0 && r < n_rows) {
     lse[out_row + fc.row] = row_lse;
   }
 }

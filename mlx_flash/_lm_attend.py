@@ -152,7 +152,7 @@ def _quantized_reason(queries, keys, cache, scale, mask) -> str | None:
         return f"quantized KV cache with bits={cache.bits}, group_size={cache.group_size}"
     if not isinstance(queries, mx.array) or queries.ndim != 4 or queries.dtype not in FLOAT_DTYPES:
         return "queries not a rank-4 float array"
-    max_qk, _ = dispatch.head_dim_limits(backend)
+    max_qk, _ = dispatch.quantized_head_dim_limits(backend)
     if queries.shape[-1] > max_qk:
         return f"head dim {queries.shape[-1]} over {backend}'s {max_qk}"
     if not isinstance(scale, numbers.Real):

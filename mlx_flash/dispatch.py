@@ -21,10 +21,12 @@ the caller differentiates through it). dq/dk/dv come back in the input dtype.
 Backend modules are imported lazily: the CPU one needs the compiled
 extension, the CUDA one must not.
 
-Two optional module attributes say what a backend takes beyond the common
+Optional module attributes say what a backend takes beyond the common
 ground (absent means the default):
 
     HEAD_DIM_LIMITS = (max Dqk, max Dv)   default DEFAULT_HEAD_DIM_LIMITS
+    QUANTIZED_HEAD_DIM_LIMITS = (...)     the quantized-KV kernels' own, where
+                                          narrower; default HEAD_DIM_LIMITS
     NATIVE_KEY_RANGES = True              the kernels read inputs.key_start /
                                           key_len; otherwise `fold_key_ranges`
                                           turns them into a [B, 1, 1, Nk] mask
@@ -86,6 +88,11 @@ DEFAULT_HEAD_DIM_LIMITS = (256, 256)
 def head_dim_limits(name: str) -> tuple:
     """(max Dqk, max Dv) that backend `name` takes."""
     return getattr(backend_for_name(name), "HEAD_DIM_LIMITS", DEFAULT_HEAD_DIM_LIMITS)
+
+
+def quantized_head_dim_limits(name: str) -> tuple:
+    """(max Dqk, max Dv) that backend `name`'s quantized-KV kernels take."""
+    return getattr(backend_for_name(name), "QUANTIZED_HEAD_DIM_LIMITS", head_dim_limits(name))
 
 
 def check_head_dims(spec: AttentionSpec, name: str) -> None:

@@ -14,7 +14,10 @@ import mlx_flash
 
 # (B, Hq, Hkv, Nq, Nk, D, Dv): Nq < Nk, Nq > Nk, decode, GQA/MQA, Dv != D.
 SHAPES = [(3, 4, 2, 17, 45, 24, 24), (2, 2, 1, 45, 17, 16, 32), (3, 4, 1, 1, 113, 32, 32)]
-TINY = (2, 2, 1, 7, 13, 8, 8)  # Metal emulation runs threads as fibers: keep it small
+# Metal emulation runs threads as fibers: small B and H, but keys over
+# several tiles so that ranges skip some (prefill; decode through the
+# split-key path; Nq > Nk).
+EMULATED = [(3, 2, 1, 17, 113, 16, 16), (3, 4, 2, 1, 113, 32, 32), (3, 2, 1, 45, 17, 16, 24)]
 
 
 def _ranges(gen, B, Nk):
@@ -53,7 +56,7 @@ FEATURES = ["alone", "causal", "window", "bool_mask", "additive_mask", "causal_s
 
 
 def _shapes_for(backend):
-    return [TINY] if is_emulated(backend) else SHAPES
+    return EMULATED if is_emulated(backend) else SHAPES
 
 
 def _check(backend, shape, dtype, feature, grads):
@@ -134,3 +137,42 @@ def test_bad_key_ranges(overrides, error, words):
         mlx_flash.flash_attention(q, k, k, **overrides)
     for w in words:
         assert w in str(info.value), f"{w!r} not in {str(info.value)!r}"
+
+
+@pytest.mark.skipif(backends.skip_reason("metal_emu") is not None, reason=str(backends.skip_reason("metal_emu")))
+@pytest.mark.parametrize("nq", [64, 1], ids=["prefill", "decode"])
+def test_metal_skips_the_tiles_outside_the_ranges(nq):
+    """The Metal kernels never load or multiply a key tile outside the range:
+    counted by the instrumented emulation, every kernel that loops over keys
+    (forward or decode split, dK/dV, dQ) issues exactly the multiplies and
+    K/V reads of the tiles that hold valid keys, here 3 of 16 (fp16, D = 64:
+    key tiles of 64 in the forward, blocks of 32 in the backward)."""
+    from metal_emu import attention as emu
+    from metal_emu import harness
+
+    gen = rng("key-range-counts", nq)
+    B, H, Nk, D = 2, 1, 512, 64
+    q, k, v = qkv(gen, B, H, H, nq, Nk, D, D, mx.float16)
+    dout = randn(gen, (B, H, nq, D), mx.float16)
+    ranges = {"key_start": mx.array([384, -7], mx.int32), "key_len": mx.array([128, 71], mx.int32)}
+
+    def count(**options):
+        with harness.counting() as records:
+            emu.gradients(q, k, v, dout, **options)
+        per_kernel = {}
+        for r in records:
+            name = r["kernel"].removeprefix("mlxf_")
+            read = sum(r["buffers"][n][0] for n in ("k", "v") if n in r["buffers"])
+            mma, kv = per_kernel.get(name, (0, 0))
+            per_kernel[name] = (mma + r["simdgroup_mma"], kv + read)
+        return per_kernel
+
+    full, ranged = count(), count(**ranges)
+    # Batch 0 keeps keys 384..511 (the last 2 of 8 forward tiles, 4 of 16
+    # backward blocks), batch 1 keys 0..63 (the first 1 of 8, 2 of 16).
+    for name in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
+        mma_full, kv_full = full[name]
+        mma_ranged, kv_ranged = ranged[name]
+        assert mma_full > 0 and kv_full > 0, (name, full)
+        assert mma_ranged * 16 == mma_full * 3, (name, mma_ranged, mma_full)
+        assert kv_ranged * 16 == kv_full * 3, (name, kv_ranged, kv_full)

@@ -22,7 +22,7 @@ def test_metal_kit_dry_run(tmp_path):
     result = json.loads((tmp_path / "benchmarks" / "results" / "metal_emulated.json").read_text())
     assert result["chip"] == "emulated" and result["dry_run"] and result["ours"] == "metal_emu"
     sections = {r["section"] for r in result["rows"]}
-    assert sections == {"fwd", "train", "decode", "features"}
+    assert sections == {"fwd", "train", "decode", "features", "wide", "key_ranges"}
     assert not [r for r in result["rows"] if "error" in r]
     features = {r["feature"] for r in result["rows"] if r["section"] == "features"}
     assert features == {"window", "softcap", "alibi", "block_sparse", "causal", "sinks"}

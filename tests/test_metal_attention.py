@@ -281,7 +281,8 @@ def test_metal_tile_sizes_fit_threadgroup_memory():
                 t = metal.tile_sizes(dqk, dv, itemsize)
                 ld = lambda d: -(-d // 8) * 8 + 16 // itemsize
                 assert metal.fwd_tg_bytes(dqk, dv, 4, t.fwd_bk, itemsize) <= 32768
-                assert metal.fwd_tg_bytes(dqk, dv, 1, t.fwd_bk, itemsize) <= 32768  # decode
+                for nsg in (1, 2, 3):  # decode: 1 simdgroup, or packed GQA rows
+                    assert metal.fwd_tg_bytes(dqk, dv, nsg, t.fwd_bk, itemsize) <= 32768
                 assert t.dq_bk * (ld(dqk) + ld(dv)) * itemsize <= 32768
                 assert t.dkdv_bq * (ld(dqk) + ld(dv)) * itemsize + 8 * t.dkdv_bq <= 32768
 
@@ -300,7 +301,8 @@ def test_metal_tile_sizes_match_header():
                 "(void)unused;\n"),
     )
     for dqk, dv, size in ((8, 8, 4), (24, 40, 4), (64, 64, 4), (128, 128, 4), (256, 256, 4),
-                          (64, 64, 2), (96, 24, 2), (128, 128, 2), (192, 192, 2), (256, 256, 2)):
+                          (64, 64, 2), (96, 24, 2), (128, 128, 2), (192, 192, 2), (256, 256, 2),
+                          (576, 512, 4), (576, 512, 2), (320, 256, 4), (300, 257, 2), (64, 512, 4)):
         (got,) = kernel(inputs=[mx.zeros((8,))], template=[("DQK", dqk), ("DV", dv), ("SIZE", size)],
                         grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(3,)], output_dtypes=[mx.int32])
         t = metal.tile_sizes(dqk, dv, size)
@@ -500,15 +502,18 @@ def _nonfinite_grads_np(q, k, v, dout, keep, scale):
     return dq, dk, dv
 
 
-@pytest.mark.parametrize("d", [16, 256])  # 256 (fp32): dK/dV in two D blocks, K/V read from device memory
-def test_metal_backward_nonfinite_contract(d):
+# 256 (fp32): dK/dV in two D blocks, K/V read from device memory. 576/512
+# (fp32): dQ in three column blocks, V (dQ) and dO (dK/dV) read from device
+# memory, so the exact paths read their operand there.
+@pytest.mark.parametrize("d, dv", [(16, 16), (256, 256), (576, 512)])
+def test_metal_backward_nonfinite_contract(d, dv):
     """A NaN/inf in q, k, v or dO of dropped pairs adds nothing to dq/dk/dv
     (no 0 x NaN in the backward's products); a fully masked row's gradients
     stay 0 even with a NaN q and dO."""
     rng = np.random.default_rng(7 + d)
     nq, nk = 21, 37
     q, k, v, dout = (rng.standard_normal(shape).astype(np.float32)
-                     for shape in ((nq, d), (nk, d), (nk, d), (nq, d)))
+                     for shape in ((nq, d), (nk, d), (nk, dv), (nq, dv)))
     keep = rng.random((nq, nk)) < 0.6
     keep[:, nk - 1] = False      # a key nobody keeps
     k[nk - 1] = np.nan
@@ -516,6 +521,8 @@ def test_metal_backward_nonfinite_contract(d):
     keep[5] = False              # a row that keeps nothing
     q[5] = np.nan
     dout[5] = np.nan
+    keep[13] = False             # another, with a finite q: only its dO row is NaN
+    dout[13] = np.nan
     scale = 1 / np.sqrt(d)
     want = _nonfinite_grads_np(*(x.astype(np.float64) for x in (q, k, v, dout)), keep, scale)
     to = lambda x: mx.array(x)[None, None]

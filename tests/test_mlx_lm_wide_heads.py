@@ -46,3 +46,24 @@ def test_mla_prefill_and_absorbed_decode_fused_and_match(model_type, monkeypatch
     stats = mlx_flash.patch_stats()
     assert stats["flash_calls"] == len(chunks) * 2 and stats["fallback_calls"] == 0, stats
     assert set(dims) == {(128, 128), (512, 512)}  # prefill chunks, then absorbed decode steps
+
+
+def test_metal_takes_mla_widths_and_the_quantized_path_keeps_its_own(monkeypatch):
+    """On Metal the patch hands MLA's 576/512 and 512/512 calls to the fused op
+    (its kernels take them); only a quantized cache past the quantized
+    kernels' 256 still goes back to mlx-lm, saying why."""
+    import mlx.core as mx
+
+    from mlx_flash import dispatch
+
+    monkeypatch.setattr(dispatch, "backend_name", lambda stream: "metal")
+    for dqk, dv in ((576, 512), (512, 512), (192, 128)):
+        q, v = mx.zeros((1, 4, 1, dqk)), mx.zeros((1, 1, 3, dv))
+        k = mx.zeros((1, 1, 3, dqk))
+        assert _lm_attend.unsupported_reason(q, k, v, None, 0.1, mask=None) is None, (dqk, dv)
+    wide = mx.zeros((1, 2, 1, 640))
+    assert _lm_attend.unsupported_reason(wide, wide, wide, None, 0.1, mask=None) == \
+        "head dims 640/640 over metal's 576/512"
+    cache = lm_cache.QuantizedKVCache(group_size=64, bits=4)
+    q = mx.zeros((1, 4, 1, 576))
+    assert _lm_attend.unsupported_reason(q, q, q, cache, 0.1, mask=None) == "head dim 576 over metal's 256"

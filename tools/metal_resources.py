@@ -33,10 +33,13 @@ REG_LIMIT = 96
 
 DTYPES = (("float32", 4), ("float16", 2), ("bfloat16", 2))
 # Head-dim pairs: the metallib's instantiations (Dqk = Dv in 32..256) plus
-# the JIT path's extremes (registers and tiles grow with the head dims, so
-# 256 bounds every D <= 256) and mixed pairs.
+# the JIT path's extremes (registers and tiles grow with the head dims up to
+# 256, so 256 bounds every D <= 256; past it the column blocks and device
+# operands keep them level, 576 / 512 bounds the rest) and mixed pairs.
 HEAD_DIMS = ((32, 32), (64, 64), (80, 80), (96, 96), (128, 128), (192, 192), (256, 256),
-             (192, 128), (256, 40), (40, 256))
+             (192, 128), (256, 40), (40, 256),
+             # wide heads (forward O and dQ in column blocks past 256): MLA and the largest others
+             (320, 256), (512, 512), (576, 512), (576, 64), (64, 512))
 
 
 @dataclass
@@ -62,7 +65,8 @@ def configurations():
     for dtype, size in DTYPES:
         for dqk, dv in HEAD_DIMS:
             t = metal.tile_sizes(dqk, dv, size)
-            for kind, nsg in (("forward", t.fwd_nsg), ("decode", 1)):
+            # decode: 1 simdgroup, or 2-3 for packed GQA rows (same BK, Q staged where it fits)
+            for kind, nsg in (("forward", t.fwd_nsg), ("decode", 1), ("decode", 2), ("decode", 3)):
                 rows.append(Row(kind, dtype, dqk, dv, nsg, f"BQ={8 * nsg} BK={t.fwd_bk}",
                                 f"mlxf::fwd_tile_elems({dqk}, {dv}, {nsg}, {t.fwd_bk}, {size}) * {size} + 4 * {nsg}",
                                 f"mlxf::FwdRegs<{dqk}, {dv}, {t.fwd_bk}>::floats"))

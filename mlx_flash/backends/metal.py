@@ -30,6 +30,8 @@ import mlx.core as mx
 
 from .. import _sources
 from .._spec import AttentionInputs, AttentionSpec
+# Tile sizes: Python mirrors of the headers' constexpr rules (docs/metal.md).
+from .metal_tiles import Tiles, d_blocks, fwd_q_in_tg, fwd_tg_bytes, tile_sizes  # noqa: F401
 
 _HEADERS = ("attention_common.h", "attention_fwd.h", "attention_bwd.h")
 
@@ -44,15 +46,22 @@ FEAT_BLOCK_MASK = 64
 FEAT_VARLEN = 128
 FEAT_SPLIT = 256
 FEAT_PACK_GQA = 512
+FEAT_KEY_RANGE = 1024
+
+# Head dims the kernels take (dispatch.py): MLA's Dqk 576 / Dv 512. Past 256
+# columns the forward splits O's columns, and dQ's, over threadgroups
+# (d_blocks), so no thread holds more than 32 fragments of either.
+HEAD_DIM_LIMITS = (576, 512)
+# The quantized-KV kernels (metal_quant.py) stay at 256: their tiled
+# prefill kernel's threadgroup tile outgrows 32 KiB past that.
+QUANTIZED_HEAD_DIM_LIMITS = (256, 256)
+# The kernels read key_start / key_len and skip the key tiles outside each
+# batch entry's range (dispatch.fold_key_ranges leaves them alone).
+NATIVE_KEY_RANGES = True
 
 # Inputs with fewer elements than this are passed by MLX in the `constant`
 # address space; the kernels take `device` pointers, so tiny arrays are padded.
 _MIN_DEVICE_ELEMS = 8
-
-# Threadgroup memory: 32 KiB per threadgroup on Apple GPUs; tiles aim at half
-# of it so that two threadgroups can share a core (docs/metal.md).
-_TG_BUDGET = 16 * 1024
-_TG_LIMIT = 32 * 1024
 
 # Decode path: at most this many query rows (one simdgroup), split over keys.
 _DECODE_MAX_Q = 8
@@ -103,13 +112,14 @@ _TG_ARGS = "threadgroup_position_in_grid, simdgroup_index_in_threadgroup, thread
 
 _BODIES = {
     "attention_fwd": dict(
-        inputs=("q", "k", "v", "mask", "alibi", "sinks", "block_mask", "cu_q", "cu_k", "iparams", "fparams"),
+        inputs=("q", "k", "v", "mask", "alibi", "sinks", "block_mask", "cu_q", "cu_k", "key_start", "key_len",
+                "iparams", "fparams"),
         outputs=("out", "lse"),
         source=(
             "threadgroup T smem[mlxf::fwd_tile_elems(DQK, DV, NSG, BK, sizeof(T))];\n"
             "threadgroup int flags[NSG];\n"
             "mlxf::attention_forward<T, DQK, DV, NSG, BK>(FEAT, q, k, v, mask, alibi, sinks, block_mask,\n"
-            "    cu_q, cu_k, iparams, fparams, out, lse, smem, flags, " + _TG_ARGS + ");\n"
+            "    cu_q, cu_k, key_start, key_len, iparams, fparams, out, lse, smem, flags, " + _TG_ARGS + ");\n"
         ),
     ),
     "attention_combine": dict(
@@ -130,25 +140,26 @@ _BODIES = {
     ),
     "attention_bwd_dkdv": dict(
         inputs=("q", "k", "v", "dout", "lse", "delta", "mask", "alibi", "block_mask", "cu_q", "cu_k",
-                "iparams", "fparams"),
+                "key_start", "key_len", "iparams", "fparams"),
         outputs=("dk", "dv"),
         source=(
             "threadgroup T smem[mlxf::dkdv_tile_elems(DQK, DV, NSG, BQB, sizeof(T))];\n"
             "threadgroup float row_stats[2 * BQB];\n"
             "threadgroup int flags[NSG];\n"
             "mlxf::attention_bwd_dkdv<T, DQK, DV, NSG, BQB>(FEAT, q, k, v, dout, lse, delta, mask, alibi,\n"
-            "    block_mask, cu_q, cu_k, iparams, fparams, dk, dv, smem, row_stats, flags, " + _TG_ARGS + ");\n"
+            "    block_mask, cu_q, cu_k, key_start, key_len, iparams, fparams, dk, dv, smem, row_stats, flags,\n"
+            "    " + _TG_ARGS + ");\n"
         ),
     ),
     "attention_bwd_dq": dict(
         inputs=("q", "k", "v", "dout", "lse", "delta", "mask", "alibi", "block_mask", "cu_q", "cu_k",
-                "iparams", "fparams"),
+                "key_start", "key_len", "iparams", "fparams"),
         outputs=("dq",),
         source=(
             "threadgroup T smem[mlxf::dq_tile_elems(DQK, DV, NSG, BK, sizeof(T))];\n"
             "threadgroup int flags[NSG];\n"
             "mlxf::attention_bwd_dq<T, DQK, DV, NSG, BK>(FEAT, q, k, v, dout, lse, delta, mask, alibi,\n"
-            "    block_mask, cu_q, cu_k, iparams, fparams, dq, smem, flags, " + _TG_ARGS + ");\n"
+            "    block_mask, cu_q, cu_k, key_start, key_len, iparams, fparams, dq, smem, flags, " + _TG_ARGS + ");\n"
         ),
     ),
 }
@@ -167,71 +178,6 @@ def _kernel(name: str):
     """The kernel `name`, built once per factory (template arguments pick the
     specialisation at call time; MLX caches each compiled one)."""
     return _build(_factory(), name)
-
-
-# ---- tile sizes (docs/metal.md explains the choices) ----
-# Mirrors of the constexpr functions of metal_src/attention_common.h
-# (test_metal_tile_sizes_match_header holds them equal).
-def _pad8(d: int) -> int:
-    return -(-d // 8) * 8
-
-
-def _tile_ld(d: int, itemsize: int) -> int:
-    return _pad8(d) + 16 // itemsize  # mirrors mlxf::tile_ld
-
-
-def _fwd_q_elems(dqk: int, nsg: int, itemsize: int) -> int:
-    return 8 * nsg * _tile_ld(dqk, itemsize)
-
-
-def _fwd_kv_elems(dqk: int, dv: int, bk: int, itemsize: int) -> int:
-    return bk * max(_tile_ld(dqk, itemsize), _tile_ld(dv, itemsize))
-
-
-def fwd_q_in_tg(dqk: int, dv: int, nsg: int, itemsize: int) -> bool:
-    """Whether the forward keeps its Q tile in threadgroup memory (mlxf::fwd_q_in_tg)."""
-    return (_fwd_q_elems(dqk, nsg, itemsize) + _fwd_kv_elems(dqk, dv, 8, itemsize)) * itemsize + 4 * nsg <= _TG_LIMIT
-
-
-def fwd_tg_bytes(dqk: int, dv: int, nsg: int, bk: int, itemsize: int) -> int:
-    """Threadgroup bytes of the forward kernel (mlxf::fwd_tg_bytes); one
-    simdgroup (decode) reads K/V fragments from device memory directly."""
-    if nsg == 1:
-        return itemsize + 4
-    q = _fwd_q_elems(dqk, nsg, itemsize) if fwd_q_in_tg(dqk, dv, nsg, itemsize) else 0
-    return (q + _fwd_kv_elems(dqk, dv, bk, itemsize)) * itemsize + 4 * nsg
-
-
-def _largest_fitting(candidates, nbytes):
-    """The first candidate whose tile fits the budget, else the smallest one
-    that fits the hard limit (else the smallest: the caller checks)."""
-    for c in candidates:
-        if nbytes(c) <= _TG_BUDGET:
-            return c
-    for c in reversed(candidates):
-        if nbytes(c) <= _TG_LIMIT:
-            return c
-    raise AssertionError("no tile fits 32 KiB")  # cannot happen for D <= 256
-
-
-@dataclass(frozen=True)
-class Tiles:
-    fwd_nsg: int  # simdgroups per forward threadgroup (8 query rows each)
-    fwd_bk: int   # keys per forward K/V tile
-    dq_bk: int    # keys per dQ K+V tile
-    dkdv_nsg: int  # simdgroups per dK/dV threadgroup (8 keys each)
-    dkdv_bq: int  # queries per dK/dV Q+dO tile
-
-
-@functools.lru_cache(maxsize=None)
-def tile_sizes(head_dim_qk: int, head_dim_v: int, itemsize: int) -> Tiles:
-    """Tile sizes for one head-dim pair and element size (bytes)."""
-    ld_sum = _tile_ld(head_dim_qk, itemsize) + _tile_ld(head_dim_v, itemsize)
-    fwd_bytes = functools.partial(fwd_tg_bytes, head_dim_qk, head_dim_v, 4, itemsize=itemsize)
-    fwd_bk = next((bk for bk in (64, 32) if fwd_bytes(bk=bk) <= _TG_BUDGET), 16 if fwd_bytes(bk=16) <= _TG_LIMIT else 8)
-    dq_bk = _largest_fitting((64, 32, 16, 8), lambda bk: bk * ld_sum * itemsize)
-    dkdv_bq = _largest_fitting((64, 32, 16, 8), lambda bq: bq * ld_sum * itemsize + 2 * bq * 4)
-    return Tiles(fwd_nsg=4, fwd_bk=fwd_bk, dq_bk=dq_bk, dkdv_nsg=4, dkdv_bq=dkdv_bq)
 
 
 # ---- host-side parameters ----
@@ -253,6 +199,8 @@ def _features(spec: AttentionSpec) -> int:
         feat |= FEAT_BLOCK_MASK
     if spec.varlen:
         feat |= FEAT_VARLEN
+    if spec.has_key_range:
+        feat |= FEAT_KEY_RANGE
     return feat
 
 
@@ -306,13 +254,16 @@ def _optional(a, dtype):
 
 
 def _common_inputs(inputs: AttentionInputs):
-    """mask, alibi, block_mask, cu_q, cu_k in kernel order (placeholders where absent)."""
+    """mask, alibi, block_mask, cu_q, cu_k, key_start, key_len in kernel order
+    (placeholders where absent)."""
     return (
         _optional(inputs.mask, mx.float32),
         _optional(inputs.alibi, mx.float32),
         _optional(inputs.block_mask, mx.bool_),
         _optional(inputs.cu_seqlens_q, mx.int32),
         _optional(inputs.cu_seqlens_k, mx.int32),
+        _optional(inputs.key_start, mx.int32),
+        _optional(inputs.key_len, mx.int32),
     )
 
 
@@ -339,8 +290,10 @@ def _call(name, ins, template, grid, threadgroup, output_shapes, output_dtypes, 
 @dataclass(frozen=True)
 class _Launch:
     """How the forward covers the rows: `nsg` simdgroups of 8 rows per
-    threadgroup, `row_blocks` x `heads` threadgroups per batch entry, and
-    `splits` key splits of `tiles_per_split` tiles (decode only)."""
+    threadgroup, `row_blocks` x `heads` threadgroups per batch entry, times
+    `v_blocks` blocks of Dv columns, and `splits` key splits of
+    `tiles_per_split` tiles (decode only; the kernel shares out the tiles
+    that hold valid keys, the same way without a key range)."""
 
     nsg: int
     rows: int
@@ -348,6 +301,7 @@ class _Launch:
     splits: int = 1
     tiles_per_split: int = 0
     pack_gqa: bool = False
+    v_blocks: int = 1
 
     @property
     def row_blocks(self) -> int:
@@ -375,7 +329,8 @@ def _forward_launch(spec: AttentionSpec, tiles: Tiles, gpu_cores: int = DEFAULT_
     (flash-decoding) and merged by lse. Decode packs the query heads of a GQA
     group into one threadgroup's rows, so each K/V tile is loaded once per
     group (dense layout, no block mask: its skipping depends on the head)."""
-    plain = _Launch(nsg=tiles.fwd_nsg, rows=_max_len_q(spec), heads=spec.heads_q)
+    v_blocks = d_blocks(spec.head_dim_v)
+    plain = _Launch(nsg=tiles.fwd_nsg, rows=_max_len_q(spec), heads=spec.heads_q, v_blocks=v_blocks)
     if not 0 < _max_len_q(spec) <= _DECODE_MAX_Q:
         return plain
     pack = spec.group_size > 1 and not spec.varlen and not spec.has_block_mask
@@ -383,14 +338,14 @@ def _forward_launch(spec: AttentionSpec, tiles: Tiles, gpu_cores: int = DEFAULT_
     heads = spec.heads_kv if pack else spec.heads_q
     nsg = min(4, max(1, -(-rows // 8)))
     n_tiles = -(-_max_len_k(spec) // tiles.fwd_bk)
-    groups = spec.batch * heads * -(-rows // (8 * nsg))
+    groups = spec.batch * heads * -(-rows // (8 * nsg)) * v_blocks
     target = _DECODE_GROUPS_PER_CORE * gpu_cores
     splits = min(n_tiles, _DECODE_MAX_SPLITS, max(1, -(-target // groups)))
     if splits < 2:
         return plain
     per_split = -(-n_tiles // splits)
     return _Launch(nsg=nsg, rows=rows, heads=heads, splits=-(-n_tiles // per_split),
-                   tiles_per_split=per_split, pack_gqa=pack)
+                   tiles_per_split=per_split, pack_gqa=pack, v_blocks=v_blocks)
 
 
 # Causal forwards use key tiles no wider than the 32-row query block: with
@@ -411,7 +366,7 @@ def forward_tiles(spec: AttentionSpec, itemsize: int) -> Tiles:
 def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
     tiles = forward_tiles(spec, q.dtype.size)
     feat = _features(spec)
-    mask, alibi, block_mask, cu_q, cu_k = _common_inputs(inputs)
+    mask, alibi, block_mask, cu_q, cu_k, key_start, key_len = _common_inputs(inputs)
     sinks = _optional(inputs.sinks, mx.float32)
     fparams = _float_params(spec)
     out_shape = [q.shape[0], spec.heads_q, q.shape[2], spec.head_dim_v]
@@ -427,8 +382,8 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     template = [("T", q.dtype), ("DQK", spec.head_dim_qk), ("DV", spec.head_dim_v), ("NSG", launch.nsg),
                 ("BK", tiles.fwd_bk), ("FEAT", feat)]
     out, lse = _call(
-        "attention_fwd", [q, k, v, mask, alibi, sinks, block_mask, cu_q, cu_k, iparams, fparams],
-        template, grid=(32 * launch.nsg * launch.row_blocks, spec.batch * launch.heads, launch.splits),
+        "attention_fwd", [q, k, v, mask, alibi, sinks, block_mask, cu_q, cu_k, key_start, key_len, iparams, fparams],
+        template, grid=(32 * launch.nsg * launch.row_blocks, spec.batch * launch.heads, launch.splits * launch.v_blocks),
         threadgroup=(32 * launch.nsg, 1, 1), output_shapes=shapes, output_dtypes=out_dtypes, stream=stream,
     )
     if not decode:
@@ -445,7 +400,7 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
 def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
     tiles = tile_sizes(spec.head_dim_qk, spec.head_dim_v, q.dtype.size)
     feat = _features(spec) & ~FEAT_SINKS  # the saved lse already holds the sinks
-    mask, alibi, block_mask, cu_q, cu_k = _common_inputs(inputs)
+    mask, alibi, block_mask, cu_q, cu_k, key_start, key_len = _common_inputs(inputs)
     iparams, fparams = _int_params(spec, inputs), _float_params(spec)
     dout = dout.astype(q.dtype)
     lse_shape = list(lse.shape)
@@ -458,7 +413,8 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
         grid=(32 * nsg * -(-rows // (8 * nsg)), 1, 1), threadgroup=(32 * nsg, 1, 1),
         output_shapes=[lse_shape], output_dtypes=[mx.float32], stream=stream,
     )
-    grad_inputs = [q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, iparams, fparams]
+    grad_inputs = [q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, key_start, key_len,
+                   iparams, fparams]
     dims = [("T", q.dtype), ("DQK", spec.head_dim_qk), ("DV", spec.head_dim_v)]
     nsg = tiles.dkdv_nsg
     dk, dv = _call(
@@ -472,7 +428,7 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
     (dq,) = _call(
         "attention_bwd_dq", grad_inputs,
         dims + [("NSG", nsg), ("BK", tiles.dq_bk), ("FEAT", feat)],
-        grid=(32 * nsg * -(-_max_len_q(spec) // (8 * nsg)), spec.batch * spec.heads_q, 1),
+        grid=(32 * nsg * -(-_max_len_q(spec) // (8 * nsg)), spec.batch * spec.heads_q, d_blocks(spec.head_dim_qk)),
         threadgroup=(32 * nsg, 1, 1), output_shapes=[list(q.shape)], output_dtypes=[q.dtype],
         stream=stream,
     )

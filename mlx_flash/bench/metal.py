@@ -1,6 +1,6 @@
 """Metal benchmark (the Mac verification kit): mlx_flash vs MLX on one Apple GPU.
 
-    python -m mlx_flash.bench.metal [--sections fwd,train,decode,features] [--out DIR]
+    python -m mlx_flash.bench.metal [--sections fwd,train,decode,features,wide,key_ranges] [--out DIR]
     python -m mlx_flash.bench.metal --dry-run      # no Mac: tiny shapes through the emulation
 
 Sections:
@@ -10,7 +10,11 @@ Sections:
             with peak memory (`mx.get_peak_memory`) of each;
 - decode:   one query row against a long K/V cache (GQA), ours vs `mx.fast`;
 - features: window, softcap, ALiBi, block-sparse (ours vs the materialised MLX
-            reference, the only way to get them from MLX) and causal, sinks (vs `mx.fast`).
+            reference, the only way to get them from MLX) and causal, sinks (vs `mx.fast`);
+- wide:     MLA's widths (Dqk 576, Dv 512, MQA over the latent), decode and causal
+            prefill, ours vs `mx.fast` (which MLX does not fuse at these widths);
+- key_ranges: a left-padded batch (causal prefill), ours with per-batch `key_start`
+            vs `mx.fast` with the equivalent [B, 1, N, N] bool mask mlx-lm would build.
 Every row also records the largest difference between ours and the other result.
 
 Writes benchmarks/results/metal_<chip>.json (under --out, default the current
@@ -50,6 +54,8 @@ class Shapes:
             self.train = [(1, 2, 24, 32)]
             self.decode = [(1, 4, 2, 70, 64)]
             self.features = (1, 2, 48, 32)
+            self.wide = [(1, 4, 1, 40), (1, 2, 17, 17)]
+            self.key_ranges = (3, 2, 40, 32)
             self.dtypes = {"float16": mx.float16}
             self.iters = 1
         else:
@@ -57,6 +63,9 @@ class Shapes:
             self.train = [(4, 16, 1024, 64), (2, 16, 2048, 128), (1, 16, 4096, 128)]
             self.decode = [(1, 32, 8, 4096, 128), (1, 32, 8, 32768, 128)]
             self.features = (1, 16, 4096, 128)
+            # (B, Hq, Nq, Nk): DeepSeek-V3 decodes with 128 query heads over one latent head
+            self.wide = [(1, 128, 1, 4096), (1, 128, 1, 32768), (1, 16, 2048, 2048)]
+            self.key_ranges = (4, 16, 2048, 128)
             self.dtypes = DTYPES
             self.iters = 10
 
@@ -143,11 +152,11 @@ def attn_flops(B, H, Nq, Nk, D, causal):
     return 4 * B * H * Nq * Nk * D * (0.5 if causal else 1.0)
 
 
-def qkv(B, Hq, Hkv, Nq, Nk, D, dtype, seed=0):
+def qkv(B, Hq, Hkv, Nq, Nk, D, dtype, seed=0, Dv=None):
     k1, k2, k3 = mx.random.split(mx.random.key(seed), 3)
     q = mx.random.normal((B, Hq, Nq, D), key=k1).astype(dtype)
     k = mx.random.normal((B, Hkv, Nk, D), key=k2).astype(dtype)
-    v = mx.random.normal((B, Hkv, Nk, D), key=k3).astype(dtype)
+    v = mx.random.normal((B, Hkv, Nk, D if Dv is None else Dv), key=k3).astype(dtype)
     mx.eval(q, k, v)
     return q, k, v
 
@@ -260,7 +269,42 @@ def bench_features(rec, ours, shapes):
                 speedup=t_fast / t_ours, max_rel_diff=max_rel_diff(ours.forward(q, k, v, **opts), theirs()))
 
 
-SECTIONS = {"fwd": bench_fwd, "train": bench_train, "decode": bench_decode, "features": bench_features}
+def bench_wide(rec, ours, shapes):
+    for dname, dtype in shapes.dtypes.items():
+        for B, Hq, Nq, Nk in shapes.wide:
+            q, k, v = qkv(B, Hq, 1, Nq, Nk, 576, dtype, Dv=512)
+            causal = Nq > 1
+            t_ours, m_ours = measure(lambda: ours.forward(q, k, v, causal=causal), shapes.iters)
+            t_fast, m_fast = measure(lambda: mx_fast(q, k, v, causal), shapes.iters)
+            kv_bytes = B * Nk * (576 + 512) * q.dtype.size
+            rec.add(dtype, section="wide", dtype_name=dname, shape=[B, Hq, 1, Nq, Nk, 576, 512], causal=causal,
+                    ours_ms=t_ours * 1e3, ours_peak_mib=m_ours, ours_kv_gbps=kv_bytes / t_ours / 1e9,
+                    mx_fast_ms=t_fast * 1e3, mx_fast_peak_mib=m_fast, speedup_vs_mx_fast=t_fast / t_ours,
+                    max_rel_diff=max_rel_diff(ours.forward(q, k, v, causal=causal), mx_fast(q, k, v, causal)))
+
+
+def bench_key_ranges(rec, ours, shapes):
+    B, H, N, D = shapes.key_ranges
+    dtype = mx.float16
+    q, k, v = qkv(B, H, H, N, N, D, dtype)
+    start = mx.array([(b * N) // (2 * B) for b in range(B)], mx.int32)  # left padding up to half the keys
+    j = mx.arange(N)
+    keep = (j[None, :] <= j[:, None])[None] & (j >= start[:, None])[:, None, :]  # causal & not padding
+    keep = keep[:, None]
+    t_ours, m_ours = measure(lambda: ours.forward(q, k, v, causal=True, key_start=start), shapes.iters)
+    theirs = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, mask=keep)
+    t_fast, m_fast = measure(theirs, shapes.iters)
+    ours_out = ours.forward(q, k, v, causal=True, key_start=start)
+    # Rows whose every key is padding are 0 in ours and NaN (0/0) in mx.fast: compare the others.
+    live = (j[None, :] >= start[:, None])[:, None, :, None]
+    rec.add(dtype, section="key_ranges", shape=[B, H, N, D], left_padding=start.tolist(), ours_ms=t_ours * 1e3,
+            ours_peak_mib=m_ours, mx_fast_ms=t_fast * 1e3, mx_fast_peak_mib=m_fast,
+            speedup_vs_mx_fast=t_fast / t_ours,
+            max_rel_diff=max_rel_diff(mx.where(live, ours_out, 0), mx.where(live, theirs(), 0)))
+
+
+SECTIONS = {"fwd": bench_fwd, "train": bench_train, "decode": bench_decode, "features": bench_features,
+            "wide": bench_wide, "key_ranges": bench_key_ranges}
 
 
 # --------------------------------------------------------------------------- output
