@@ -220,21 +220,32 @@ def bench_kv_cache(context: int, new_tokens: int, bits_list, dtype) -> dict:
     """Generation over a `context`-token prompt: quantized caches (each of
     `bits_list`) and the unquantized one, mlx-lm's attention vs patched."""
     for kv_bits in (None, *bits_list):  # warm up every path (allocator, kernels)
-        generate(256, 2, patched=False, kv_bits=kv_bits, prefill_step=128, dtype=dtype)
-        generate(256, 2, patched=True, kv_bits=kv_bits, prefill_step=128, dtype=dtype)
+        for patched in (False, True):
+            try:
+                generate(4 * 128 + 1, 2, patched=patched, kv_bits=kv_bits, prefill_step=128, dtype=dtype)
+            except RuntimeError:  # recorded by the measured run below
+                pass
     result = {"context": context, "new_tokens": new_tokens, "prefill_step": KV_PREFILL_STEP,
               "dtype": str(dtype).split(".")[-1], "runs": {}}
     for kv_bits in (*bits_list, None):
         name = "unquantized" if kv_bits is None else f"kv_bits_{kv_bits}"
         runs = {}
         for label, patched in (("mlx_lm", False), ("patched", True)):
-            rec, toks = generate(context, new_tokens, patched=patched, kv_bits=kv_bits,
-                                 prefill_step=KV_PREFILL_STEP, dtype=dtype)
+            try:
+                rec, toks = generate(context, new_tokens, patched=patched, kv_bits=kv_bits,
+                                     prefill_step=KV_PREFILL_STEP, dtype=dtype)
+            except RuntimeError as exc:  # e.g. MLX's CUDA quantized_matmul refusing a shape
+                runs[label] = ({"patched": patched, "kv_bits": kv_bits, "error": str(exc)}, None)
+                print(f"  {name:12s} {label:8s} failed: {exc}", flush=True)
+                continue
             runs[label] = (rec, toks)
             print(f"  {name:12s} {label:8s} prompt {rec['prompt_tokens_per_s']:9.1f} tok/s  decode "
                   f"{rec['decode_tokens_per_s']:7.1f} tok/s  extra peak {common.fmt_bytes(rec['extra_peak_bytes'])}",
                   flush=True)
         (plain, plain_toks), (fused, fused_toks) = runs["mlx_lm"], runs["patched"]
+        if "error" in plain or "error" in fused:
+            result["runs"][name] = {"mlx_lm": plain, "patched": fused}
+            continue
         result["runs"][name] = {
             "mlx_lm": plain, "patched": fused,
             "prompt_speedup": plain["prompt_seconds"] / fused["prompt_seconds"],
@@ -252,8 +263,13 @@ def kv_table(r: dict) -> str:
     for name, run in r["runs"].items():
         for label in ("mlx_lm", "patched"):
             rec = run[label]
+            if "error" in rec:
+                lines.append(f"  {name:12s} {label:8s} failed: {rec['error']}")
+                continue
             lines.append(f"  {name:12s} {label:8s} {rec['prompt_tokens_per_s']:13.1f} {rec['decode_tokens_per_s']:13.1f} "
                          f"{common.fmt_bytes(rec['extra_peak_bytes']):>11s}")
+        if "prompt_speedup" not in run:
+            continue
         lines.append(f"  {'':12s} patched: prompt {run['prompt_speedup']:.2f}x, decode {run['decode_speedup']:.2f}x, "
                      f"peak {run['extra_peak_ratio']:.2f}x of mlx-lm's; greedy tokens "
                      f"{'identical' if run['tokens_identical'] else 'DIFFER'}")
