@@ -131,11 +131,75 @@ def _header(names=ATTENTION_HEADERS) -> str:
     return _minify(re.sub(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', "", text, flags=re.M))
 
 
+# Where the headers go as files (see _header_include); MLX_FLASH_CUDA_INLINE_HEADERS=1
+# hands MLX the whole text instead.
+_HEADER_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "mlx_flash", "cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def _header_include(names: tuple) -> str:
+    """The kernel header MLX gets: one `#include` of the minified text, saved once.
+
+    MLX assembles a kernel's source (header included) at every call and hashes
+    it at every launch; 20-37 KB of header made that a large part of a
+    decode call's host time. NVRTC reads an included file itself, so the
+    source MLX handles per call shrinks to a line. The file is named by the
+    hash of its text and the line repeats that hash, so MLX's caches (keyed
+    by the source text) can never pair an old binary with new text. Where the
+    file cannot be written (read-only home), or where
+    MLX_FLASH_CUDA_INLINE_HEADERS=1, the text goes inline as before.
+    """
+    import hashlib
+    import tempfile
+
+    text = _header(names)
+    if os.environ.get("MLX_FLASH_CUDA_INLINE_HEADERS", "0") == "1":
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
+    path = os.path.join(_HEADER_CACHE, f"mlx_flash_{digest}.cuh")
+    try:
+        if not os.path.exists(path):
+            os.makedirs(_HEADER_CACHE, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=_HEADER_CACHE, delete=False, suffix=".tmp") as f:
+                f.write(text)
+            os.replace(f.name, path)  # atomic: another process never reads half a file
+    except OSError:
+        return text
+    if '"' in path or "\\" in path or not os.path.isabs(path) or not _nvrtc_reads_includes():
+        return text
+    return f'// mlx_flash header {digest}\n#include "{path}"\n'
+
+
+@functools.lru_cache(maxsize=None)
+def _nvrtc_reads_includes() -> bool:
+    """Whether MLX's NVRTC compiles a kernel whose header #includes a file by
+    absolute path: checked once per process on a one-line kernel (its binary
+    is cached by MLX like any other), so a toolchain that cannot read files
+    keeps the inline headers instead of failing every kernel."""
+    import tempfile
+
+    try:
+        os.makedirs(_HEADER_CACHE, exist_ok=True)
+        probe = os.path.join(_HEADER_CACHE, "mlx_flash_include_probe.cuh")
+        if not os.path.exists(probe):
+            with tempfile.NamedTemporaryFile("w", dir=_HEADER_CACHE, delete=False, suffix=".tmp") as f:
+                f.write("__device__ inline float mlx_flash_probe_twice(float x) { return 2.f * x; }\n")
+            os.replace(f.name, probe)
+        kernel = mx.fast.cuda_kernel(
+            name="mlx_flash_include_probe", input_names=["x"], output_names=["y"],
+            source="y[0] = mlx_flash_probe_twice(x[0]);", header=f'#include "{probe}"\n')
+        (y,) = kernel(inputs=[mx.array([1.5], mx.float32)], grid=(1, 1, 1), threadgroup=(1, 1, 1),
+                      output_shapes=[(1,)], output_dtypes=[mx.float32])
+        return y.item() == 3.0
+    except Exception:  # any failure (compile, launch): inline headers, as before
+        return False
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=None):
     return mx.fast.cuda_kernel(
         name=f"mlx_flash_{body}", input_names=list(inputs), output_names=list(outputs),
-        source=_read(body + ".cu"), header=_header(headers or kernel_headers(body)),
+        source=_read(body + ".cu"), header=_header_include(tuple(headers or kernel_headers(body))),
         ensure_row_contiguous=True, shared_memory=smem,
     )
 

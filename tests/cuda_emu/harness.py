@@ -57,11 +57,17 @@ def _read(path):
         return f.read()
 
 
+_HEADER_INCLUDE = re.compile(r'^// mlx_flash header [0-9a-f]+\n#include "([^"]+)"\n$')
+
+
 def _emulated_header(header: str) -> str:
     """mlx_flash's header with mma.cuh's PTX swapped for mma_emu.cuh and the
     __shared__ declarations turned into runtime allocations."""
     from mlx_flash.backends import cuda as cuda_backend
 
+    included = _HEADER_INCLUDE.match(header)
+    if included:  # the backend's one-line #include of its saved header: emulate the text itself
+        header = _read(included[1])
     strip = lambda text: _INCLUDE_LINE.sub("", text)
     # The backend hands MLX minified headers (cuda_backend._header): match mma.cuh in that form.
     real_mma = cuda_backend._minify(strip(cuda_backend._read("mma.cuh")))
