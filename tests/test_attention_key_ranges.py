@@ -134,3 +134,131 @@ def test_bad_key_ranges(overrides, error, words):
         mlx_flash.flash_attention(q, k, k, **overrides)
     for w in words:
         assert w in str(info.value), f"{w!r} not in {str(info.value)!r}"
+
+
+# ---- ranges over several key tiles --------------------------------------------------
+# The CPU kernels take key ranges natively (backends/cpu.py NATIVE_KEY_RANGES):
+# only the key tiles of a batch's range are packed and visited (256-key tiles;
+# the decode path's 256-key chunks), the rule drops the keys of partly covered
+# tiles. These shapes span several tiles; every backend must agree with the
+# reference (the others fold the ranges into a mask).
+
+# (B, Hq, Hkv, Nq, Nk, D, Dv): prefill over 3 key tiles (odd sizes), GQA
+# decode over 5 (G * Nq <= 16, Nk >= 512: the CPU's split-key path), Nq > 1
+# with MHA, and a single key.
+TILED_SHAPES = [(4, 2, 1, 113, 700, 32, 32), (4, 8, 2, 1, 1100, 64, 48), (4, 2, 2, 17, 600, 40, 40),
+                (4, 1, 1, 1, 1, 16, 16)]
+
+
+def _tiled_ranges(gen, Nk):
+    """Row 0: left padding starting inside a tile (BatchKVCache); row 1: keys
+    [256, 512), both ends on tile boundaries; row 2: empty; row 3: everything,
+    the range running past both ends."""
+    start = np.array([gen.integers(Nk // 4, Nk // 2 + 1), 256, gen.integers(0, Nk), -7], np.int32)
+    length = np.array([Nk - start[0], 256, 0, Nk + 20], np.int32)
+    return mx.array(start), mx.array(length)
+
+
+def _tiled_options(gen, feature, B, Hq, Nq, Nk):
+    start, length = _tiled_ranges(gen, Nk)
+    options = {"key_start": start, "key_len": length}
+    slopes = lambda: mx.array(gen.uniform(0.01, 0.1, (Hq,)).astype(np.float32))
+    block_mask = lambda: mx.array(gen.random((B, 1, -(-Nq // 32), -(-Nk // 64))) < 0.7)
+    if feature == "causal":
+        options["causal"] = True
+    elif feature == "window_alibi":
+        options.update(window=(300, 40), alibi_slopes=slopes())
+    elif feature == "softcap_sinks":
+        options.update(softcap=4.0, sinks=randn(gen, (Hq,)))
+    elif feature == "bool_mask":
+        options["mask"] = mx.array(gen.random((B, Hq, Nq, Nk)) < 0.8)
+    elif feature == "additive_mask":
+        options["mask"] = randn(gen, (1, Hq, Nq, Nk))
+    elif feature == "block_mask":
+        options.update(block_mask=block_mask(), block_size=(32, 64))
+    elif feature == "everything":
+        options.update(causal=True, window=(400, 0), softcap=5.0, alibi_slopes=slopes(), sinks=randn(gen, (Hq,)),
+                       mask=randn(gen, (Nq, Nk)), block_mask=block_mask(), block_size=(32, 64))
+    return options
+
+
+TILED_FEATURES = ["alone", "causal", "window_alibi", "softcap_sinks", "bool_mask", "additive_mask", "block_mask",
+                  "everything"]
+
+
+def _skip_emulated(backend):
+    if is_emulated(backend):
+        pytest.skip("several key tiles are too slow for the emulation (TINY shapes run above)")
+
+
+@pytest.mark.parametrize("feature", TILED_FEATURES)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_forward_over_key_tiles(backend, feature, dtype):
+    _skip_emulated(backend)
+    for shape in TILED_SHAPES:
+        B, Hq, Hkv, Nq, Nk, D, Dv = shape
+        gen = rng("key-range-tiles", feature, shape, dtype)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, Dv, DTYPES[dtype])
+        options = _tiled_options(gen, feature, B, Hq, Nq, Nk)
+        out, lse = backends.forward(backend, q, k, v, **options)
+        want = attention_np(q, k, v, **options)
+        plain = None if dtype == "float32" else plain_errors(q, k, v, mx.ones(out.shape, DTYPES[dtype]), options,
+                                                             DTYPES[dtype])
+        check_close("out", to_np(out), want, DTYPES[dtype], plain)
+        check_close("lse", to_np(lse), want, mx.float32)
+
+
+@pytest.mark.parametrize("feature", TILED_FEATURES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradients_over_key_tiles(backend, feature, dtype):
+    _skip_emulated(backend)
+    for shape in TILED_SHAPES:
+        B, Hq, Hkv, Nq, Nk, D, Dv = shape
+        gen = rng("key-range-tiles-grad", feature, shape, dtype)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, Dv, DTYPES[dtype])
+        options = _tiled_options(gen, feature, B, Hq, Nq, Nk)
+        dout = randn(gen, (B, Hq, Nq, Dv), DTYPES[dtype])
+        got = backends.gradients(backend, q, k, v, dout, **options)
+        want = attention_np(q, k, v, dout=dout, **options)
+        plain = None if dtype == "float32" else plain_errors(q, k, v, dout, options, DTYPES[dtype])
+        for name in ("q", "k", "v"):
+            check_close("d" + name, to_np(got[name]), want, DTYPES[dtype], plain)
+
+
+def _poison_allocator(*shapes):
+    """Leave NaN-filled buffers of these shapes in MLX's buffer cache, so an
+    output a kernel forgets to write shows as NaN rather than as fresh zeros."""
+    junk = [mx.full(s, np.nan, mx.float32) for s in shapes]
+    mx.eval(junk)
+    del junk
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_keys_outside_the_range_are_not_read_and_get_zero_grads(backend, causal):
+    """K and V hold NaN/inf outside each row's range (in skipped tiles and in
+    the dropped part of a partly covered one): outputs and dq are those of
+    clean inputs, dk = dv = 0 there, forward (tiled and decode) and backward."""
+    _skip_emulated(backend)
+    for shape in TILED_SHAPES[:2]:
+        B, Hq, Hkv, Nq, Nk, D, Dv = shape
+        gen = rng("key-range-poison", shape, causal)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, Dv)
+        start, length = _tiled_ranges(gen, Nk)
+        j = np.arange(Nk)
+        s64, l64 = np.array(start, np.int64), np.array(length, np.int64)
+        outside = ~((j >= s64[:, None]) & (j < (s64 + l64)[:, None]))  # [B, Nk]
+        bad = np.where(gen.random((B, 1, Nk, 1)) < 0.5, np.nan, np.inf)
+        poison = lambda x: mx.array(np.where(outside[:, None, :, None], bad, np.array(x)).astype(np.float32))
+        options = {"key_start": start, "key_len": length, "causal": causal}
+        dout = randn(gen, (B, Hq, Nq, Dv))
+        want = attention_np(q, k, v, dout=dout, **options)
+        out, lse = backends.forward(backend, q, poison(k), poison(v), **options)
+        check_close("out", to_np(out), want, mx.float32)
+        check_close("lse", to_np(lse), want, mx.float32)
+        _poison_allocator(k.shape, v.shape, q.shape)
+        got = backends.gradients(backend, q, poison(k), poison(v), dout, **options)
+        check_close("dq", to_np(got["q"]), want, mx.float32)
+        for name in ("k", "v"):
+            g = to_np(got[name])
+            assert np.all(g[np.broadcast_to(outside[:, None, :, None], g.shape)] == 0), f"d{name} outside the range"
+            check_close("d" + name, g, want, mx.float32)
