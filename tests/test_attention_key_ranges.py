@@ -262,3 +262,45 @@ def test_keys_outside_the_range_are_not_read_and_get_zero_grads(backend, causal)
             g = to_np(got[name])
             assert np.all(g[np.broadcast_to(outside[:, None, :, None], g.shape)] == 0), f"d{name} outside the range"
             check_close("d" + name, g, want, mx.float32)
+
+
+def test_cpu_kernels_read_key_ranges_natively(monkeypatch):
+    """On the CPU the ranges reach the C++ kernels as they are (no folded
+    [B, 1, 1, Nk] mask), forward and backward."""
+    from mlx_flash import _ext
+
+    calls = []
+    for name in ("attention_forward", "attention_backward"):
+        original = getattr(_ext, name)
+
+        def spy(*args, _name=name, _original=original, **kw):
+            calls.append((_name, kw["key_start"] is not None and kw["key_len"] is not None, kw["mask"] is None))
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(_ext, name, spy)
+    gen = rng("key-range-native")
+    q, k, v = qkv(gen, 2, 2, 1, 5, 300, 8)
+    start, length = mx.array([0, 280], mx.int32), mx.array([300, 20], mx.int32)
+    loss = lambda q: mx.sum(mlx_flash.flash_attention(q, k, v, key_start=start, key_len=length, stream=mx.cpu))
+    mx.eval(mx.grad(loss)(q))
+    assert calls == [("attention_forward", True, True), ("attention_backward", True, True)]
+
+
+def test_primitive_refuses_half_a_range_and_varlen_with_a_range():
+    """The C++ op (for direct callers; flash_attention fills in a missing half,
+    and flash_attention_varlen takes no key ranges: cu_seqlens_k bounds each
+    sequence's keys) says what is wrong."""
+    from mlx_flash import _ext
+
+    q = mx.ones((1, 1, 3, 8))
+    static = dict(batch=1, scale=1.0, window_left=-1, window_right=-1, softcap=0.0, block_q=64, block_k=64,
+                  stream=mx.cpu)
+    with pytest.raises(ValueError, match="key_start and key_len"):
+        _ext.attention_forward(q, q, q, key_start=mx.zeros((1,), mx.int32), **static)
+    cu = mx.array([0, 3], mx.int32)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        _ext.attention_forward(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, key_start=mx.zeros((1,), mx.int32),
+                               key_len=mx.ones((1,), mx.int32), **static)
+    with pytest.raises(TypeError):
+        mlx_flash.flash_attention_varlen(q[0].swapaxes(0, 1), q[0].swapaxes(0, 1), q[0].swapaxes(0, 1), cu, cu,
+                                         key_start=mx.zeros((1,), mx.int32))
