@@ -304,3 +304,15 @@ def test_primitive_refuses_half_a_range_and_varlen_with_a_range():
     with pytest.raises(TypeError):
         mlx_flash.flash_attention_varlen(q[0].swapaxes(0, 1), q[0].swapaxes(0, 1), q[0].swapaxes(0, 1), cu, cu,
                                          key_start=mx.zeros((1,), mx.int32))
+
+
+def test_benchmark_quick_run(tmp_path):
+    """python -m mlx_flash.bench.key_ranges --quick: native and folded ranges agree."""
+    from mlx_flash.bench import key_ranges
+
+    result = key_ranges.main(["--quick", "--out", str(tmp_path / "key_ranges.json")])
+    assert (tmp_path / "key_ranges.json").exists()
+    for case in result["cases"]:
+        assert set(case["results"]) == {"native", "folded_mask", "no_ranges"}
+        assert all("time_s" in r for r in case["results"].values()), case
+        assert case["max_abs_diff_native_vs_folded"] < 1e-4, case
