@@ -316,3 +316,24 @@ def test_benchmark_quick_run(tmp_path):
         assert set(case["results"]) == {"native", "folded_mask", "no_ranges"}
         assert all("time_s" in r for r in case["results"].values()), case
         assert case["max_abs_diff_native_vs_folded"] < 1e-4, case
+
+
+@pytest.mark.parametrize("impl", ["backend", "reference"])
+def test_extreme_int32_ranges(backend, impl):
+    """start + len of int32 extremes must not wrap: a start past the end keeps
+    nothing, a range from -2^31 + 1 of length 2^31 - 1 ends at key 0 (keeps
+    nothing), and one from 3 of length 2^31 - 1 keeps keys 3.. ."""
+    if impl == "reference" and backend != "cpu":
+        pytest.skip("the reference runs once")
+    gen = rng("key-range-extremes", backend)
+    q, k, v = qkv(gen, 3, 2, 1, 4, 9 if is_emulated(backend) else 300, 8)
+    big = 2**31 - 1
+    options = {"key_start": mx.array([big - 4, -big, 3], mx.int32), "key_len": mx.array([big, big, big], mx.int32)}
+    if impl == "reference":
+        out, lse = mlx_flash.reference.flash_attention(q, k, v, return_lse=True, **options)
+    else:
+        out, lse = backends.forward(backend, q, k, v, **options)
+    want = attention_np(q, k, v, **options)
+    assert np.all(to_np(lse)[:2] == -np.inf) and np.all(np.isfinite(to_np(lse)[2]))
+    check_close("out", to_np(out), want, mx.float32)
+    check_close("lse", to_np(lse), want, mx.float32)
