@@ -337,3 +337,24 @@ def test_extreme_int32_ranges(backend, impl):
     assert np.all(to_np(lse)[:2] == -np.inf) and np.all(np.isfinite(to_np(lse)[2]))
     check_close("out", to_np(out), want, mx.float32)
     check_close("lse", to_np(lse), want, mx.float32)
+
+
+@pytest.mark.usefixtures("cpu_default_device")
+def test_primitive_vjp_keeps_the_ranges():
+    """C++ callers differentiating the primitive itself get the ranges in its backward too."""
+    from mlx_flash import _ext
+
+    gen = rng("key-range-prim-vjp")
+    q, k, v = qkv(gen, 2, 2, 1, 9, 300, 16)
+    dout = randn(gen, (2, 2, 9, 16))
+    start, length = mx.array([260, -3], mx.int32), mx.array([40, 100], mx.int32)
+
+    def through_primitive(q, k, v):
+        out, _ = _ext.attention_forward(q, k, v, key_start=start, key_len=length, batch=2, scale=0.25,
+                                        window_left=-1, window_right=0, softcap=0.0, block_q=64, block_k=64)
+        return mx.sum(out * dout)
+
+    got = mx.grad(through_primitive, argnums=(0, 1, 2))(q, k, v)
+    want = attention_np(q, k, v, scale=0.25, causal=True, key_start=start, key_len=length, dout=dout)
+    for name, g in zip("qkv", got):
+        check_close("d" + name, to_np(g), want, mx.float32)
