@@ -14,6 +14,11 @@
 // Memory beyond the inputs and outputs is O(N * D) per (batch, kv head):
 // never an N x N array.
 //
+// Per-batch key ranges (key_start/key_len, e.g. left padding) bound every key
+// loop: only the key tiles that hold part of batch b's range are packed and
+// visited (forward, decode and backward alike); inside a partly covered tile
+// the range is one more logit rule, like causal/window bounds.
+//
 // Non-finite inputs follow the contract (ARCHITECTURE.md, issue 13) at no
 // cost to clean tiles. Fully kept tiles are plain GEMMs, whose IEEE
 // arithmetic is the materialised softmax's already. What needs care:
@@ -69,6 +74,13 @@ struct Sequence {
   int64_t q_row0 = 0, k_row0 = 0;  // first token row in the arrays
   int nq = 0, nk = 0;
   int64_t q_batch = 0;             // batch index into the arrays (0 for varlen)
+  // Valid keys [key_begin, key_end) within [0, nk): the batch's key range
+  // (everything without one); key_end <= key_begin when it is empty.
+  int key_begin = 0, key_end = 0;
+
+  bool no_keys() const { return key_end <= key_begin; }
+  // First key of the key tiles the range touches (tiles are BK-aligned).
+  int first_tile_key(int tile) const { return key_begin / tile * tile; }
 };
 
 Sequence sequence(const AttentionArgs& a, int b) {
@@ -82,6 +94,12 @@ Sequence sequence(const AttentionArgs& a, int b) {
     s.nq = a.Nq;
     s.nk = a.Nk;
     s.q_batch = b;
+  }
+  s.key_end = s.nk;
+  if (a.key_start) {  // any int32 values: 64-bit sums, clamped to the keys that exist
+    const int64_t start = a.key_start[b], end = start + (int64_t)a.key_len[b];
+    s.key_begin = (int)std::min<int64_t>(std::max<int64_t>(start, 0), s.nk);
+    s.key_end = (int)std::max<int64_t>(std::min<int64_t>(end, s.nk), s.key_begin);
   }
   return s;
 }
@@ -176,10 +194,13 @@ struct LogitRules {
 
   // Aligned position of query i: p_i = i + Nk - Nq (bottom-right).
   int position(int i) const { return i + s->nk - s->nq; }
-  // Inclusive key range [lo, hi] allowed by causal/window for query i.
-  int key_lo(int i) const { return a->window_left >= 0 ? std::max(0, position(i) - a->window_left) : 0; }
+  // Inclusive key range [lo, hi] allowed by the batch's key range and
+  // causal/window for query i (hi < lo: none).
+  int key_lo(int i) const {
+    return a->window_left >= 0 ? std::max(s->key_begin, position(i) - a->window_left) : s->key_begin;
+  }
   int key_hi(int i) const {
-    return a->window_right >= 0 ? std::min(s->nk - 1, position(i) + a->window_right) : s->nk - 1;
+    return a->window_right >= 0 ? std::min(s->key_end - 1, position(i) + a->window_right) : s->key_end - 1;
   }
   bool block_kept(int i, int j) const {
     const auto& v = a->block_mask_view;
@@ -261,6 +282,24 @@ inline void key_tile_range(const LogitRules& rules, int i0, int i1, int& t0, int
   t1 = hi < lo ? t0 - 1 : hi / BK;
 }
 
+// Which keys of a sequence get packed into panels: the key tiles its key
+// range touches. Panel row 0 is key k0 (the first such tile's first key);
+// keys p0.. (p0 NR-aligned, at most NR - 1 before the range) are packed,
+// n_packed of them; rows before p0 stay zero and are dropped by the rules.
+struct KeyPanels {
+  int k0 = 0, p0 = 0, n_packed = 0, nk_pad = BK;
+};
+
+KeyPanels key_panels(const Sequence& s) {
+  KeyPanels kp;
+  if (s.no_keys()) return kp;
+  kp.k0 = s.first_tile_key(BK);
+  kp.p0 = s.key_begin / NR * NR;
+  kp.n_packed = s.key_end - kp.p0;
+  kp.nk_pad = round_up(s.key_end - kp.k0, BK);
+  return kp;
+}
+
 // ---- forward ----------------------------------------------------------------
 
 struct ForwardHead {
@@ -268,9 +307,10 @@ struct ForwardHead {
   const ForwardOutputs* o;
   Sequence s;
   int b, hkv;
+  int k0;  // first key of the panels (the range's first tile)
   int nk_pad, dv_pad;
-  const float* kt;  // K^T panels
-  const float* vp;  // V row panels (non-finite rows zeroed)
+  const float* kt;  // K^T panels of keys k0..
+  const float* vp;  // V row panels of keys k0.. (non-finite rows zeroed)
   const int* v_bad;  // sorted keys whose V row holds a NaN or inf
   int n_v_bad;
 };
@@ -336,7 +376,8 @@ void forward_tile(const ForwardHead& fh, int h, int i0) {
   for (int t = t0; t <= t1; ++t) {
     const int j0 = t * BK, nk_tile = std::min(BK, s.nk - j0), n_cols = round_up(nk_tile, NR);
     if (!rules.tile_live(i0, i0 + mq, j0, j0 + nk_tile)) continue;
-    gemm(mq, n_cols, Dqk, qtile.p, Dqk, 1, fh.kt + (int64_t)(j0 / NR) * Dqk * NR, Dqk * NR, S.p, BK, false);
+    gemm(mq, n_cols, Dqk, qtile.p, Dqk, 1, fh.kt + (int64_t)((j0 - fh.k0) / NR) * Dqk * NR, Dqk * NR, S.p, BK,
+         false);
     if (rules.tile_plain(i0, i0 + mq, j0, j0 + nk_tile))
       rules.apply_plain(S.p, BK, mq, nk_tile, n_cols);
     else
@@ -352,7 +393,8 @@ void forward_tile(const ForwardHead& fh, int h, int i0) {
     }
     for (int r = 0; r < mq; ++r)
       online_softmax_row(S.p + r * BK, n_cols, row_max.p[r], row_sum.p[r], O.p + r * dv_pad, dv_pad);
-    gemm(mq, dv_pad, n_cols, S.p, BK, 1, fh.vp + (int64_t)j0 * NR, (int64_t)fh.nk_pad * NR, O.p, dv_pad, true);
+    gemm(mq, dv_pad, n_cols, S.p, BK, 1, fh.vp + (int64_t)(j0 - fh.k0) * NR, (int64_t)fh.nk_pad * NR, O.p, dv_pad,
+         true);
     // O += P V for those keys, pair by pair where kept (IEEE: a kept p = 0 times NaN is NaN).
     for (int x = 0; x < n_bad; ++x) {
       float vrow[MAX_ROW];
@@ -411,12 +453,28 @@ void decode_chunk(const DecodeCall& d, int64_t task) {
   const int chunk = (int)(task % d.chunks), hkv = (int)(task / d.chunks % a.Hkv), b = (int)(task / d.chunks / a.Hkv);
   const Sequence s = sequence(a, b);
   const int j0 = chunk * DECODE_CHUNK, n = std::min(DECODE_CHUNK, s.nk - j0);
+  // Keys of this chunk that any row may see (key range, causal/window): a
+  // chunk without one is skipped, unread; the others read only those keys.
+  const LogitRules bounds{&a, &s, b, hkv * d.G};
+  const int live0 = std::max(j0, bounds.key_lo(0)), live1 = std::min(j0 + n, bounds.key_hi(s.nq - 1) + 1);
+  if (live1 <= live0) {
+    for (int r = 0; r < d.rows; ++r) {
+      d.part_max[task * d.rows + r] = NEG_INF;  // the combine skips such partials
+      d.part_sum[task * d.rows + r] = 0.f;
+    }
+    return;
+  }
   Scratch qbuf(d.rows * d.dqk_pad), S(d.rows * DECODE_CHUNK, false), kv(std::max(d.dqk_pad, d.dv_pad));
   for (int r = 0; r < d.rows; ++r)
     load_row(a.q.data, row_offset(a.q, s, hkv * d.G + r / s.nq, s.q_row0 + r % s.nq), a.q.sd, a.q.dtype, a.Dqk,
              a.scale, qbuf.p + r * d.dqk_pad);
-  // S = Q K^T for this chunk, one key row at a time (each row read once).
-  for (int j = 0; j < n; ++j) {
+  // S = Q K^T for the live keys, one key row at a time (each row read once);
+  // the others are dropped keys.
+  for (int r = 0; r < d.rows; ++r) {
+    std::fill(S.p + r * DECODE_CHUNK, S.p + r * DECODE_CHUNK + (live0 - j0), NEG_INF);
+    std::fill(S.p + r * DECODE_CHUNK + (live1 - j0), S.p + r * DECODE_CHUNK + n, NEG_INF);
+  }
+  for (int j = live0 - j0; j < live1 - j0; ++j) {
     load_row(a.k.data, row_offset(a.k, s, hkv, s.k_row0 + j0 + j), a.k.sd, a.k.dtype, a.Dqk, 1.f, kv.p);
     for (int r = 0; r < d.rows; ++r) S.p[r * DECODE_CHUNK + j] = dot(qbuf.p + r * d.dqk_pad, kv.p, d.dqk_pad);
   }
@@ -444,8 +502,9 @@ void decode_chunk(const DecodeCall& d, int64_t task) {
     d.part_sum[task * d.rows + r] = l;
   }
   // O_part = P V, one value row at a time. A non-finite value row reaches
-  // only the rows that kept its key (no 0 * NaN from a dropped one).
-  for (int j = 0; j < n; ++j) {
+  // only the rows that kept its key (no 0 * NaN from a dropped one); keys
+  // outside [live0, live1) are dropped for every row.
+  for (int j = live0 - j0; j < live1 - j0; ++j) {
     load_row(a.v.data, row_offset(a.v, s, hkv, s.k_row0 + j0 + j), a.v.sd, a.v.dtype, a.Dv, 1.f, kv.p);
     const bool finite = all_finite(kv.p, a.Dv);
     for (int r = 0; r < d.rows; ++r) {
@@ -517,18 +576,23 @@ void attention_forward(const AttentionArgs& a, const ForwardOutputs& o) {
     const Sequence s = sequence(a, b);
     if (s.nq == 0) continue;
     for (int hkv = 0; hkv < a.Hkv; ++hkv) {
-      const int nk_pad = round_up(std::max(s.nk, 1), BK), dv_pad = round_up(a.Dv, NR);
+      // Panels hold the key tiles of the batch's key range only, from k0;
+      // packing starts at the NR-aligned key p0 at or before its first key.
+      const KeyPanels kp = key_panels(s);
+      const int nk_pad = kp.nk_pad, dv_pad = round_up(a.Dv, NR);
       Scratch kt((int64_t)nk_pad * a.Dqk), vp((int64_t)nk_pad * dv_pad);
-      std::vector<uint8_t> v_bad(s.nk);
-      parallel_rows(s.nk, PACK_ROWS, [&](int r0, int r1) {
-        pack_transposed_panels(a.k, s, hkv, s.k_row0 + r0, r1 - r0, a.Dqk, kt.p + (int64_t)(r0 / NR) * a.Dqk * NR);
-        pack_row_panels(a.v, s, hkv, s.k_row0 + r0, r1 - r0, nk_pad, a.Dv, 1.f, vp.p + (int64_t)r0 * NR,
+      std::vector<uint8_t> v_bad(kp.n_packed);
+      parallel_rows(kp.n_packed, PACK_ROWS, [&](int r0, int r1) {
+        const int j = kp.p0 + r0, at = j - kp.k0;  // key, and its row in the panels
+        pack_transposed_panels(a.k, s, hkv, s.k_row0 + j, r1 - r0, a.Dqk, kt.p + (int64_t)(at / NR) * a.Dqk * NR);
+        pack_row_panels(a.v, s, hkv, s.k_row0 + j, r1 - r0, nk_pad, a.Dv, 1.f, vp.p + (int64_t)at * NR,
                         v_bad.data() + r0);
       });
       std::vector<int> v_bad_keys;
-      for (int j = 0; j < s.nk; ++j)
-        if (v_bad[j]) v_bad_keys.push_back(j);
-      ForwardHead fh{&a, &o, s, b, hkv, nk_pad, dv_pad, kt.p, vp.p, v_bad_keys.data(), (int)v_bad_keys.size()};
+      for (int r = 0; r < kp.n_packed; ++r)
+        if (v_bad[r]) v_bad_keys.push_back(kp.p0 + r);
+      ForwardHead fh{&a, &o, s, b, hkv, kp.k0, nk_pad, dv_pad, kt.p, vp.p, v_bad_keys.data(),
+                     (int)v_bad_keys.size()};
       const int bq = query_tile_rows(a), q_tiles = (s.nq + bq - 1) / bq;
       // Last query tiles first: under causal masks they see the most keys,
       // and handing out the heaviest work first balances the threads.
@@ -549,8 +613,9 @@ struct BackwardHead {
   const BackwardArgs* g;
   Sequence s;
   int b, hkv, G;
+  int k0;  // first key of the panels (the key range's first tile)
   int nq_pad, nk_pad, dqk_pad, dv_pad;
-  // Per kv head: K^T panels (for S), V^T panels (for dP), K row panels (for dQ).
+  // Per kv head, keys k0..: K^T panels (for S), V^T panels (for dP), K row panels (for dQ).
   const float *kt, *vt, *kp;
   // Per query head of the group (index g): scaled Q rows and panels, dO rows
   // and panels, lse and delta.
@@ -595,8 +660,8 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
       if (!rules.tile_live(i0, i0 + mq, j0, j0 + nk_tile)) continue;
       const bool dirty = bh.tile_dirty(g, i0, i0 + mq, j0, j0 + nk_tile);
       // S = Qs K^T, transformed exactly as in the forward.
-      gemm(mq, n_cols, Dqk, qs + (int64_t)i0 * Dqk, Dqk, 1, bh.kt + (int64_t)(j0 / NR) * Dqk * NR, Dqk * NR, S.p,
-           BK, false);
+      gemm(mq, n_cols, Dqk, qs + (int64_t)i0 * Dqk, Dqk, 1, bh.kt + (int64_t)((j0 - bh.k0) / NR) * Dqk * NR,
+           Dqk * NR, S.p, BK, false);
       if (rules.tile_plain(i0, i0 + mq, j0, j0 + nk_tile))
         rules.apply_plain(S.p, BK, mq, nk_tile, n_cols);
       else
@@ -631,8 +696,8 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
             for (int c = 0; c < nk_tile; ++c)
               if (kept[r * BK + c]) add_scaled_row(dV.p + c * dv_pad, S.p[r * BK + c], dos + (int64_t)(i0 + r) * Dv, Dv);
       // dP = dO V^T
-      gemm(mq, n_cols, Dv, dos + (int64_t)i0 * Dv, Dv, 1, bh.vt + (int64_t)(j0 / NR) * Dv * NR, Dv * NR, dP.p, BK,
-           false);
+      gemm(mq, n_cols, Dv, dos + (int64_t)i0 * Dv, Dv, 1, bh.vt + (int64_t)((j0 - bh.k0) / NR) * Dv * NR, Dv * NR,
+           dP.p, BK, false);
       // dS = P (dP - delta), through softcap's derivative 1 - tanh^2 when set.
       for (int r = 0; r < mq; ++r) {
         float* p = S.p + r * BK;
@@ -652,7 +717,7 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
       }
       // dK += dS^T Qs (the scale rides in Qs); dQ += dS K (scaled at the end).
       gemm(nk_tile, dqk_pad, mq, S.p, 1, BK, qp + (int64_t)i0 * NR, (int64_t)nq_pad * NR, dK.p, dqk_pad, true);
-      gemm(mq, dqk_pad, n_cols, S.p, BK, 1, bh.kp + (int64_t)j0 * NR, (int64_t)bh.nk_pad * NR,
+      gemm(mq, dqk_pad, n_cols, S.p, BK, 1, bh.kp + (int64_t)(j0 - bh.k0) * NR, (int64_t)bh.nk_pad * NR,
            dq + (int64_t)i0 * dqk_pad, dqk_pad, true);
       if (dirty) {  // the non-finite q rows (zeros in qp) and k rows (zeros in kp), where kept
         for (int r = 0; r < mq; ++r)
@@ -678,6 +743,16 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
   }
 }
 
+// dK = dV = 0 for keys [j_begin, j_end) of kv head hkv (keys no query sees).
+void zero_key_grads(const AttentionArgs& a, const BackwardArgs& gr, const Sequence& s, int hkv, int j_begin,
+                    int j_end) {
+  for (int j = j_begin; j < j_end; ++j) {
+    const int64_t row = out_row(s, a.Hkv, hkv, s.k_row0 + j, a.Nk);
+    for (int c = 0; c < a.Dqk; ++c) store_scalar(gr.dk, row * a.Dqk + c, a.q.dtype, 0.f);
+    for (int c = 0; c < a.Dv; ++c) store_scalar(gr.dv, row * a.Dv + c, a.q.dtype, 0.f);
+  }
+}
+
 }  // namespace
 
 void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
@@ -686,29 +761,33 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
   for (int b = 0; b < a.B; ++b) {
     const Sequence s = sequence(a, b);
     for (int hkv = 0; hkv < a.Hkv; ++hkv) {
-      if (s.nk == 0 || s.nq == 0) {
-        // No key (or no query): the gradients of this head are zero.
+      if (s.no_keys() || s.nq == 0) {
+        // No key in range (or no query): the gradients of this head are zero.
         for (int g = 0; g < G && s.nq > 0; ++g)
           for (int i = 0; i < s.nq; ++i) {
             const int64_t row = out_row(s, a.Hq, hkv * G + g, s.q_row0 + i, a.Nq);
             for (int c = 0; c < a.Dqk; ++c) store_scalar(gr.dq, row * a.Dqk + c, a.q.dtype, 0.f);
           }
-        for (int j = 0; j < s.nk; ++j) {
-          const int64_t row = out_row(s, a.Hkv, hkv, s.k_row0 + j, a.Nk);
-          for (int c = 0; c < a.Dqk; ++c) store_scalar(gr.dk, row * a.Dqk + c, a.q.dtype, 0.f);
-          for (int c = 0; c < a.Dv; ++c) store_scalar(gr.dv, row * a.Dv + c, a.q.dtype, 0.f);
-        }
+        zero_key_grads(a, gr, s, hkv, 0, s.nk);
         continue;
       }
-      const int nk_pad = round_up(s.nk, BK), nq_pad = round_up(s.nq, NR);
+      // Only the key tiles of the batch's key range are packed and visited;
+      // the keys of the other tiles get zero gradients.
+      const KeyPanels panels = key_panels(s);
+      const int first_tile = panels.k0 / BK, k_tiles = (s.key_end - 1) / BK - first_tile + 1;
+      zero_key_grads(a, gr, s, hkv, 0, panels.k0);
+      zero_key_grads(a, gr, s, hkv, std::min(s.nk, (first_tile + k_tiles) * BK), s.nk);
+      const int nk_pad = panels.nk_pad, nq_pad = round_up(s.nq, NR);
       Scratch kt((int64_t)nk_pad * a.Dqk), vt((int64_t)nk_pad * a.Dv), kp((int64_t)nk_pad * dqk_pad);
+      // Flags per key (indexed by key; zero outside the packed keys).
       std::vector<uint8_t> k_bad(s.nk), v_bad(s.nk), q_bad((size_t)G * s.nq), do_bad((size_t)G * s.nq);
-      parallel_rows(s.nk, PACK_ROWS, [&](int r0, int r1) {
-        const int64_t k0 = s.k_row0 + r0;
-        pack_transposed_panels(a.k, s, hkv, k0, r1 - r0, a.Dqk, kt.p + (int64_t)(r0 / NR) * a.Dqk * NR);
-        pack_transposed_panels(a.v, s, hkv, k0, r1 - r0, a.Dv, vt.p + (int64_t)(r0 / NR) * a.Dv * NR,
-                               v_bad.data() + r0);
-        pack_row_panels(a.k, s, hkv, k0, r1 - r0, nk_pad, a.Dqk, 1.f, kp.p + (int64_t)r0 * NR, k_bad.data() + r0);
+      parallel_rows(panels.n_packed, PACK_ROWS, [&](int r0, int r1) {
+        const int j = panels.p0 + r0, at = j - panels.k0;  // key, and its row in the panels
+        const int64_t row0 = s.k_row0 + j;
+        pack_transposed_panels(a.k, s, hkv, row0, r1 - r0, a.Dqk, kt.p + (int64_t)(at / NR) * a.Dqk * NR);
+        pack_transposed_panels(a.v, s, hkv, row0, r1 - r0, a.Dv, vt.p + (int64_t)(at / NR) * a.Dv * NR,
+                               v_bad.data() + j);
+        pack_row_panels(a.k, s, hkv, row0, r1 - r0, nk_pad, a.Dqk, 1.f, kp.p + (int64_t)at * NR, k_bad.data() + j);
       });
       Scratch qs((int64_t)G * s.nq * a.Dqk, false), qp((int64_t)G * nq_pad * dqk_pad),
           dos((int64_t)G * s.nq * a.Dv, false), dop((int64_t)G * nq_pad * dv_pad), lse((int64_t)G * s.nq, false),
@@ -746,11 +825,10 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
       }
       for (int j = 0; j < s.nk; ++j) bad_keys[j + 1] = bad_keys[j] + (k_bad[j] || v_bad[j]);
       Scratch dq_acc((int64_t)workers * G * s.nq * dqk_pad);
-      BackwardHead bh{&a, &gr, s, b, hkv, G, nq_pad, nk_pad, dqk_pad, dv_pad, kt.p, vt.p, kp.p,
+      BackwardHead bh{&a, &gr, s, b, hkv, G, panels.k0, nq_pad, nk_pad, dqk_pad, dv_pad, kt.p, vt.p, kp.p,
                       qs.p, qp.p, dos.p, dop.p, lse.p, delta.p, dq_acc.p,
                       q_bad.data(), do_bad.data(), k_bad.data(), bad_rows.data(), bad_keys.data()};
-      const int k_tiles = (s.nk + BK - 1) / BK;
-      auto task = [&](int64_t t, int worker) { backward_tile(bh, (int)t * BK, worker); };
+      auto task = [&](int64_t t, int worker) { backward_tile(bh, (first_tile + (int)t) * BK, worker); };
       parallel_tasks(k_tiles, task);
       // dQ = scale * sum over workers of dS K.
       for (int g = 0; g < G; ++g)

@@ -12,7 +12,8 @@ bool AttentionParams::operator==(const AttentionParams& o) const {
   return batch == o.batch && scale == o.scale && window_left == o.window_left &&
          window_right == o.window_right && softcap == o.softcap && block_q == o.block_q &&
          block_k == o.block_k && has_mask == o.has_mask && has_alibi == o.has_alibi &&
-         has_sinks == o.has_sinks && has_block_mask == o.has_block_mask && varlen == o.varlen;
+         has_sinks == o.has_sinks && has_block_mask == o.has_block_mask && varlen == o.varlen &&
+         has_key_range == o.has_key_range;
 }
 
 namespace {
@@ -65,6 +66,12 @@ std::vector<mx::array> with_extras(std::vector<mx::array> inputs, const Attentio
   add(e.block_mask, false);
   add(e.cu_seqlens_q, true);
   add(e.cu_seqlens_k, true);
+  if (e.key_start.has_value() != e.key_len.has_value())
+    throw std::invalid_argument("mlx_flash: key_start and key_len: give both (int32 [B]) or neither");
+  if (e.key_start) {
+    inputs.push_back(mx::contiguous(mx::astype(*e.key_start, mx::int32, s), false, s));
+    inputs.push_back(mx::contiguous(mx::astype(*e.key_len, mx::int32, s), false, s));
+  }
   return inputs;
 }
 
@@ -109,7 +116,28 @@ AttentionArgs make_args(const AttentionParams& p, const std::vector<mx::array>& 
     // Packed rows share one "batch" row of the arrays.
     a.q.sb = a.k.sb = a.v.sb = 0;
   }
+  if (p.has_key_range) {
+    a.key_start = in[i++].data<int32_t>();
+    a.key_len = in[i++].data<int32_t>();
+  }
   return a;
+}
+
+// Key ranges are a per-batch notion (varlen sequences have their own bounds),
+// and the primitive's Metal path (macOS builds) does not read them.
+void check_key_range(const AttentionParams& p, const mx::Stream& s) {
+  if (!p.has_key_range) return;
+  if (p.varlen)
+    throw std::invalid_argument(
+        "mlx_flash: key_start/key_len with cu_seqlens: varlen sequences bound their keys with cu_seqlens_k");
+#ifdef MLXF_METAL
+  if (s.device == mx::Device::gpu)
+    throw std::invalid_argument(
+        "mlx_flash: key_start/key_len are not read by the C++ primitive's Metal path; "
+        "mlx_flash.flash_attention takes them on the GPU (its Metal backend folds them into the mask)");
+#else
+  (void)s;
+#endif
 }
 
 void allocate(std::vector<mx::array>& outputs) {
@@ -177,6 +205,10 @@ std::vector<mx::array> AttentionForward::vjp(const std::vector<mx::array>& prima
     e.cu_seqlens_q = primals[i++];
     e.cu_seqlens_k = primals[i++];
   }
+  if (p_.has_key_range) {
+    e.key_start = primals[i++];
+    e.key_len = primals[i++];
+  }
   auto grads = attention_backward(primals[0], primals[1], primals[2], outputs[0], outputs[1],
                                   cotangents[0], cotangents[1], e, p_, stream());
   std::vector<mx::array> result;
@@ -200,6 +232,8 @@ std::vector<mx::array> attention_forward(const mx::array& q, const mx::array& k,
   p.has_sinks = extras.sinks.has_value();
   p.has_block_mask = extras.block_mask.has_value();
   p.varlen = extras.cu_seqlens_q.has_value();
+  p.has_key_range = extras.key_start.has_value();
+  check_key_range(p, s);
   auto inputs = with_extras({dense_for_gpu(q, s), dense_for_gpu(k, s), dense_for_gpu(v, s)}, extras, s);
   mx::Shape out_shape = {q.shape(0), q.shape(1), q.shape(2), v.shape(3)};
   mx::Shape lse_shape = {q.shape(0), q.shape(1), q.shape(2)};
@@ -218,6 +252,8 @@ std::vector<mx::array> attention_backward(const mx::array& q, const mx::array& k
   p.has_sinks = extras.sinks.has_value();
   p.has_block_mask = extras.block_mask.has_value();
   p.varlen = extras.cu_seqlens_q.has_value();
+  p.has_key_range = extras.key_start.has_value();
+  check_key_range(p, s);
   std::vector<mx::array> inputs = {
       dense_for_gpu(q, s), dense_for_gpu(k, s), dense_for_gpu(v, s), dense_for_gpu(out, s),
       mx::contiguous(mx::astype(lse, mx::float32, s), false, s), dense_for_gpu(mx::astype(dout, q.dtype(), s), s)};

@@ -25,7 +25,7 @@ struct AttentionParams {
   int block_q = 64, block_k = 64;
   // Which optional inputs follow (q, k, v) in the input list, in this order.
   bool has_mask = false, has_alibi = false, has_sinks = false;
-  bool has_block_mask = false, varlen = false;
+  bool has_block_mask = false, varlen = false, has_key_range = false;
 
   bool operator==(const AttentionParams& o) const;
 };
@@ -33,6 +33,7 @@ struct AttentionParams {
 // Optional arrays, in input-list order after q, k, v.
 struct AttentionExtras {
   std::optional<mx::array> mask, alibi, sinks, block_mask, cu_seqlens_q, cu_seqlens_k;
+  std::optional<mx::array> key_start, key_len;  // int32 [B], both or neither
 };
 
 class AttentionForward : public mx::Primitive {

@@ -46,16 +46,19 @@ NB_MODULE(_ext, m) {
       [](const mx::array& q, const mx::array& k, const mx::array& v, std::optional<mx::array> mask,
          std::optional<mx::array> alibi, std::optional<mx::array> sinks,
          std::optional<mx::array> block_mask, std::optional<mx::array> cu_seqlens_q,
-         std::optional<mx::array> cu_seqlens_k, int batch, float scale, int window_left,
+         std::optional<mx::array> cu_seqlens_k, std::optional<mx::array> key_start,
+         std::optional<mx::array> key_len, int batch, float scale, int window_left,
          int window_right, float softcap, int block_q, int block_k, mx::StreamOrDevice s) {
-        mlxf::AttentionExtras e{mask, alibi, sinks, block_mask, cu_seqlens_q, cu_seqlens_k};
+        mlxf::AttentionExtras e{mask, alibi, sinks, block_mask, cu_seqlens_q, cu_seqlens_k, key_start, key_len};
         return mlxf::attention_forward(q, k, v, e,
                                        params(batch, scale, window_left, window_right, softcap, block_q, block_k), s);
       },
       "q"_a, "k"_a, "v"_a, "mask"_a.none() = nb::none(), "alibi"_a.none() = nb::none(), "sinks"_a.none() = nb::none(), "block_mask"_a.none() = nb::none(),
-      "cu_seqlens_q"_a.none() = nb::none(), "cu_seqlens_k"_a.none() = nb::none(), nb::kw_only(), "batch"_a, "scale"_a,
+      "cu_seqlens_q"_a.none() = nb::none(), "cu_seqlens_k"_a.none() = nb::none(), "key_start"_a.none() = nb::none(),
+      "key_len"_a.none() = nb::none(), nb::kw_only(), "batch"_a, "scale"_a,
       "window_left"_a, "window_right"_a, "softcap"_a, "block_q"_a, "block_k"_a, "stream"_a = nb::none(),
-      "Fused attention forward: returns [out, lse].");
+      "Fused attention forward: returns [out, lse]. key_start/key_len (int32 [B], both or neither): "
+      "batch b keeps keys key_start[b] <= j < key_start[b] + key_len[b].");
 
   m.def(
       "attention_backward",
@@ -63,15 +66,16 @@ NB_MODULE(_ext, m) {
          const mx::array& lse, const mx::array& dout, std::optional<mx::array> dlse,
          std::optional<mx::array> mask, std::optional<mx::array> alibi, std::optional<mx::array> sinks,
          std::optional<mx::array> block_mask, std::optional<mx::array> cu_seqlens_q,
-         std::optional<mx::array> cu_seqlens_k, int batch, float scale, int window_left,
+         std::optional<mx::array> cu_seqlens_k, std::optional<mx::array> key_start,
+         std::optional<mx::array> key_len, int batch, float scale, int window_left,
          int window_right, float softcap, int block_q, int block_k, mx::StreamOrDevice s) {
-        mlxf::AttentionExtras e{mask, alibi, sinks, block_mask, cu_seqlens_q, cu_seqlens_k};
+        mlxf::AttentionExtras e{mask, alibi, sinks, block_mask, cu_seqlens_q, cu_seqlens_k, key_start, key_len};
         return mlxf::attention_backward(q, k, v, out, lse, dout, dlse, e,
                                         params(batch, scale, window_left, window_right, softcap, block_q, block_k), s);
       },
       "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dlse"_a.none() = nb::none(), "mask"_a.none() = nb::none(), "alibi"_a.none() = nb::none(),
       "sinks"_a.none() = nb::none(), "block_mask"_a.none() = nb::none(), "cu_seqlens_q"_a.none() = nb::none(), "cu_seqlens_k"_a.none() = nb::none(),
-      nb::kw_only(), "batch"_a, "scale"_a, "window_left"_a, "window_right"_a, "softcap"_a, "block_q"_a,
+      "key_start"_a.none() = nb::none(), "key_len"_a.none() = nb::none(), nb::kw_only(), "batch"_a, "scale"_a, "window_left"_a, "window_right"_a, "softcap"_a, "block_q"_a,
       "block_k"_a, "stream"_a = nb::none(),
       "Fused attention backward (recomputes from q, k, v, out, lse): returns [dq, dk, dv].");
 

@@ -44,6 +44,11 @@ struct AttentionArgs {
   int block_q = 64, block_k = 64;
   const int32_t* cu_q = nullptr;  // varlen offsets [B + 1]
   const int32_t* cu_k = nullptr;
+  // Per-batch valid keys [B] (optional, never with varlen): batch b keeps
+  // keys key_start[b] <= j < key_start[b] + key_len[b]; the kernels visit
+  // only the key tiles of that range.
+  const int32_t* key_start = nullptr;
+  const int32_t* key_len = nullptr;
 };
 
 struct ForwardOutputs {

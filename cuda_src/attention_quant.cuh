@@ -8,6 +8,8 @@
 // bits in D * BITS / 32 uint32 words (value c at bit c * BITS: 3-, 5- and
 // 6-bit values straddle words); value c is scales[c / GS] * code + biases[c / GS].
 // D and GS are multiples of 32, so 32 consecutive values are BITS whole words.
+// The six arrays are read through their own strides (QuantCache), so the
+// slices mlx-lm's QuantizedKVCache hands over are never copied.
 //
 // Work split: the rows of one KV head are ordered r = i * G + g (query i,
 // group head g), RW consecutive rows per warp (a decode step's G heads share
@@ -28,11 +30,64 @@ namespace mlx_flash {
 #define MLXF_QUANT_POS_INF (__int_as_float(0x7f800000))
 #define MLXF_QUANT_NAN (__int_as_float(0x7fc00000))
 
-// The BITS words holding 32 consecutive values (word aligned): 16-byte loads
-// when BITS is a multiple of 4 (rows are then 16-byte aligned too).
+// One quantized cache (K or V) as the kernels read it: mx.quantize's data
+// words, scales and biases, each a [B, Hkv, Nk, *] view with its own element
+// strides. The kernels are built with ensure_row_contiguous=False and take
+// MLX's `<name>_strides` parameters (SA = MLX's Strides), so a slice such as
+// mlx-lm's `keys[..., :offset, :]` of a preallocated buffer is read in place:
+// a decode step never copies the cache. The strides stay references to the
+// __grid_constant__ parameters (constant bank operands, no registers).
+template <typename ST, class SA>
+struct QuantCache {
+  const unsigned* w;
+  const ST* s;
+  const ST* b;
+  const SA& ws;
+  const SA& ss;
+  const SA& bs;
+};
+
+template <typename ST, class SA>
+__device__ __forceinline__ QuantCache<ST, SA> quant_cache(const unsigned* w, const ST* s, const ST* b,
+                                                          const SA& ws, const SA& ss, const SA& bs) {
+  return QuantCache<ST, SA>{w, s, b, ws, ss, bs};
+}
+
+// The rows of one (batch, KV head) of a cache; token j's words, scales and
+// biases start at words(j), scales(j), biases(j), their elements ws[3],
+// ss[3], bs[3] apart (1 for any slice along the tokens).
+template <typename ST, class SA>
+struct QuantHead {
+  const unsigned* w;
+  const ST* s;
+  const ST* b;
+  const SA& ws;
+  const SA& ss;
+  const SA& bs;
+  bool dense;  // unit-stride words, every row 16-byte aligned: vector loads
+
+  __device__ __forceinline__ const unsigned* words(long j) const { return w + j * ws[2]; }
+  __device__ __forceinline__ float scale(long j, int g) const { return to_float(s[j * ss[2] + g * ss[3]]); }
+  __device__ __forceinline__ float bias(long j, int g) const { return to_float(b[j * bs[2] + g * bs[3]]); }
+};
+
+template <int BITS, typename ST, class SA>
+__device__ __forceinline__ QuantHead<ST, SA> quant_head(const QuantCache<ST, SA>& c, int b, int h) {
+  const unsigned* w = c.w + b * c.ws[0] + h * c.ws[1];
+  // Rows hold a multiple of 4 words when BITS is a multiple of 4; any view
+  // whose token stride keeps that and whose start is aligned loads 16 bytes at a time.
+  const bool dense = BITS % 4 == 0 && c.ws[3] == 1 && c.ws[2] % 4 == 0 &&
+                     (reinterpret_cast<unsigned long long>(w) & 15) == 0;
+  return QuantHead<ST, SA>{w, c.s + b * c.ss[0] + h * c.ss[1], c.b + b * c.bs[0] + h * c.bs[1],
+                           c.ws, c.ss, c.bs, dense};
+}
+
+// The BITS words holding 32 consecutive values (word aligned, `wd` apart):
+// 16-byte loads when the row is dense (BITS a multiple of 4, unit stride,
+// aligned), word by word otherwise.
 template <int BITS>
-__device__ __forceinline__ void load_words32(const unsigned* p, unsigned (&w)[BITS]) {
-  if (BITS % 4 == 0) {
+__device__ __forceinline__ void load_words32(const unsigned* p, long wd, bool dense, unsigned (&w)[BITS]) {
+  if (BITS % 4 == 0 && dense) {
 #pragma unroll
     for (int i = 0; i < BITS / 4; ++i) {
       const uint4 x = reinterpret_cast<const uint4*>(p)[i];
@@ -43,7 +98,7 @@ __device__ __forceinline__ void load_words32(const unsigned* p, unsigned (&w)[BI
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < BITS; ++i) w[i] = p[i];
+    for (int i = 0; i < BITS; ++i) w[i] = p[i * wd];
   }
 }
 
@@ -56,29 +111,32 @@ __device__ __forceinline__ unsigned code_of(const unsigned (&w)[BITS], int e) {
   return x & ((1u << BITS) - 1u);
 }
 
-// Values c..c+3 (c a multiple of 4) of one row, straight from its words.
-template <int BITS, int GS, typename ST>
-__device__ __forceinline__ void dequant4(const unsigned* words, const ST* scales, const ST* biases, int c,
-                                         float (&out)[4]) {
+// Values c..c+3 (c a multiple of 4) of token j, straight from its words.
+template <int BITS, int GS, typename ST, class SA>
+__device__ __forceinline__ void dequant4(const QuantHead<ST, SA>& m, long j, int c, float (&out)[4]) {
+  const unsigned* words = m.words(j);
+  const long wd = m.ws[3];
   const int bit = c * BITS, i = bit >> 5, sh = bit & 31;
-  unsigned long long x = words[i];
-  if (sh + 4 * BITS > 32) x |= (unsigned long long)words[i + 1] << 32;
+  unsigned long long x = words[i * wd];
+  if (sh + 4 * BITS > 32) x |= (unsigned long long)words[(i + 1) * wd] << 32;
   x >>= sh;
-  const float s = to_float(scales[c / GS]), b = to_float(biases[c / GS]);
+  const float s = m.scale(j, c / GS), b = m.bias(j, c / GS);
 #pragma unroll
   for (int e = 0; e < 4; ++e) out[e] = fmaf(s, (float)(unsigned)((x >> (e * BITS)) & ((1u << BITS) - 1u)), b);
 }
 
-// dot[t] += rows[t] . x over the D values of one quantized row (lane = key):
-// rows are RW float rows of shared memory (stride D).
-template <int D, int BITS, int GS, int RW, typename ST>
-__device__ __forceinline__ void quant_row_dots(const unsigned* words, const ST* scales, const ST* biases,
-                                               const float* rows, float (&dot)[RW]) {
+// dot[t] += rows[t] . x over the D values of token j (lane = key): rows are
+// RW float rows of shared memory (stride D).
+template <int D, int BITS, int GS, int RW, typename ST, class SA>
+__device__ __forceinline__ void quant_row_dots(const QuantHead<ST, SA>& m, long j, const float* rows,
+                                               float (&dot)[RW]) {
+  const unsigned* words = m.words(j);
+  const long wd = m.ws[3];
 #pragma unroll
   for (int blk = 0; blk < D / 32; ++blk) {
     unsigned w[BITS];
-    load_words32<BITS>(words + blk * BITS, w);
-    const float s = to_float(scales[blk * 32 / GS]), b = to_float(biases[blk * 32 / GS]);
+    load_words32<BITS>(words + blk * BITS * wd, wd, m.dense, w);
+    const float s = m.scale(j, blk * 32 / GS), b = m.bias(j, blk * 32 / GS);
 #pragma unroll
     for (int e = 0; e < 32; e += 4) {
       float x[4];
@@ -173,19 +231,17 @@ __device__ __forceinline__ void stage_rows(const QuantWarp<MT, F, RW>& w, const 
 // read than one per warp. NaN for a row that met a NaN or +inf logit, lse
 // -inf for a row with no kept key.
 template <typename T, typename KST, typename VST, typename MT, class F, int D, int DV, int BITS, int GS, int W,
-          int RW>
+          int RW, class SA>
 __device__ void attention_quant_fwd(
-    const T* q, const unsigned* kw, const KST* ks, const KST* kb, const unsigned* vw, const VST* vs,
-    const VST* vb, const MT* mask, const float* alibi, const int* ip, const float* fp, const int* ns,
-    float* part_o, float* part_lse) {
-  constexpr int KW = D * BITS / 32, VW = DV * BITS / 32, KG = D / GS, VG = DV / GS;
+    const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc, const MT* mask,
+    const float* alibi, const int* ip, const float* fp, const int* ns, float* part_o, float* part_lse) {
   constexpr int NU = (DV / 4 + 31) / 32;  // value quads per lane
   extern __shared__ __align__(16) unsigned char quant_smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int block_splits = ns[0], split_block = blockIdx.x % block_splits;
   const int splits = block_splits * W, split = split_block * W + warp;  // this warp's key chunk
   QuantWarp<MT, F, RW> w;
-  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], Nq = ip[kSeqQ];
+  const int Hq = ip[kHeadsQ], Nq = ip[kSeqQ];
   init_warp(w, blockIdx.x / block_splits, ip, fp, mask, alibi);
   float* qs = reinterpret_cast<float*>(quant_smem) + warp * RW * D;
   // After the key loop: each warp's accumulators [W][RW][DV], then m and l [W][RW].
@@ -201,7 +257,8 @@ __device__ void attention_quant_fwd(
   const int chunk32 = (chunk + 31) / 32 * 32;
   const int start = lo + split * chunk32, end = min(hi, start + chunk32);
 
-  const long kv_row0 = ((long)w.b * Hkv + w.kvh) * w.Nk;
+  const QuantHead<KST, SA> kh = quant_head<BITS>(kc, w.b, w.kvh);
+  const QuantHead<VST, SA> vh = quant_head<BITS>(vc, w.b, w.kvh);
   float m[RW], l[RW], acc[RW][NU][4];
   bool bad[RW];
 #pragma unroll
@@ -220,10 +277,7 @@ __device__ void attention_quant_fwd(
     float dot[RW];
 #pragma unroll
     for (int t = 0; t < RW; ++t) dot[t] = 0.f;
-    if (j < end) {
-      const long row = kv_row0 + j;
-      quant_row_dots<D, BITS, GS, RW>(kw + row * KW, ks + row * KG, kb + row * KG, qs, dot);
-    }
+    if (j < end) quant_row_dots<D, BITS, GS, RW>(kh, j, qs, dot);
     // Logits; a bit per row that keeps this lane's key.
     float p[RW];
     unsigned kept = 0;
@@ -257,13 +311,12 @@ __device__ void attention_quant_fwd(
       float pj[RW];
 #pragma unroll
       for (int t = 0; t < RW; ++t) pj[t] = __shfl_sync(0xffffffffu, p[t], jj);
-      const long row = kv_row0 + j0 + jj;
 #pragma unroll
       for (int u = 0; u < NU; ++u) {
         const int c = 4 * (lane + 32 * u);
         if (c < DV) {
           float x[4];
-          dequant4<BITS, GS>(vw + row * VW, vs + row * VG, vb + row * VG, c, x);
+          dequant4<BITS, GS>(vh, j0 + jj, c, x);
 #pragma unroll
           for (int t = 0; t < RW; ++t)
             if ((kj >> t) & 1u)
@@ -381,12 +434,11 @@ __device__ void attention_quant_combine(const float* part_o, const float* part_l
 // dS_ij = P_ij (dO_i . v_j - delta_i) (times softcap's 1 - tanh^2), P_ij =
 // exp(s_ij - lse_i); dq_i = scale * sum_j dS_ij k_j over the kept keys.
 template <typename T, typename KST, typename VST, typename MT, class F, int D, int DV, int BITS, int GS, int W,
-          int RW>
+          int RW, class SA>
 __device__ void attention_quant_bwd(
-    const T* q, const unsigned* kw, const KST* ks, const KST* kb, const unsigned* vw, const VST* vs,
-    const VST* vb, const MT* mask, const float* alibi, const int* ip, const float* fp, const float* lse,
-    const float* delta, const T* dout, T* dq) {
-  constexpr int KW = D * BITS / 32, VW = DV * BITS / 32, KG = D / GS, VG = DV / GS;
+    const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc, const MT* mask,
+    const float* alibi, const int* ip, const float* fp, const float* lse, const float* delta, const T* dout,
+    T* dq) {
   constexpr int NU = (D / 4 + 31) / 32;  // dq quads per lane
   extern __shared__ __align__(16) unsigned char quant_smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -413,16 +465,16 @@ __device__ void attention_quant_bwd(
   }
   int lo, hi;
   warp_key_range(w, lo, hi);
-  const long kv_row0 = ((long)w.b * Hkv + w.kvh) * w.Nk;
+  const QuantHead<KST, SA> kh = quant_head<BITS>(kc, w.b, w.kvh);
+  const QuantHead<VST, SA> vh = quant_head<BITS>(vc, w.b, w.kvh);
   for (int j0 = lo; j0 < hi; j0 += 32) {
     const int j = j0 + lane;
     float dot[RW], dp[RW];
 #pragma unroll
     for (int t = 0; t < RW; ++t) dot[t] = dp[t] = 0.f;
     if (j < hi) {
-      const long row = kv_row0 + j;
-      quant_row_dots<D, BITS, GS, RW>(kw + row * KW, ks + row * KG, kb + row * KG, qs, dot);
-      quant_row_dots<DV, BITS, GS, RW>(vw + row * VW, vs + row * VG, vb + row * VG, dos, dp);
+      quant_row_dots<D, BITS, GS, RW>(kh, j, qs, dot);
+      quant_row_dots<DV, BITS, GS, RW>(vh, j, dos, dp);
     }
     float ds[RW];
     unsigned kept = 0;
@@ -448,13 +500,12 @@ __device__ void attention_quant_bwd(
       float g[RW];
 #pragma unroll
       for (int t = 0; t < RW; ++t) g[t] = __shfl_sync(0xffffffffu, ds[t], jj);
-      const long row = kv_row0 + j0 + jj;
 #pragma unroll
       for (int u = 0; u < NU; ++u) {
         const int c = 4 * (lane + 32 * u);
         if (c < D) {
           float x[4];
-          dequant4<BITS, GS>(kw + row * KW, ks + row * KG, kb + row * KG, c, x);
+          dequant4<BITS, GS>(kh, j0 + jj, c, x);
 #pragma unroll
           for (int t = 0; t < RW; ++t)
             if ((kj >> t) & 1u)

@@ -1,2 +1,3 @@
 mlx_flash::attention_quant_fwd<T, KST, VST, MT, mlx_flash::Features<SOFTCAP, ALIBI, MASK_KIND, WINDOW, false, false, false>, D, DV, BITS, GS, W, RW>(
-    q, kw, ks, kb, vw, vs, vb, mask, alibi, ip, fp, ns, part_o, part_lse);
+    q, mlx_flash::quant_cache(kw, ks, kb, kw_strides, ks_strides, kb_strides),
+    mlx_flash::quant_cache(vw, vs, vb, vw_strides, vs_strides, vb_strides), mask, alibi, ip, fp, ns, part_o, part_lse);

@@ -19,14 +19,12 @@
 namespace mlx_flash {
 
 template <typename T, typename KST, typename VST, typename MT, class F, int D, int DV, int BITS, int GS, int NW,
-          int BN>
+          int BN, class SA>
 __device__ void attention_quant_fwd_mma(
-    const T* q, const unsigned* kw, const KST* ks, const KST* kb, const unsigned* vw, const VST* vs,
-    const VST* vb, const MT* mask, const float* alibi, const float* sinks, const int* ip, const float* fp,
-    T* out, float* lse) {
+    const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc, const MT* mask,
+    const float* alibi, const float* sinks, const int* ip, const float* fp, T* out, float* lse) {
   constexpr int NT = 32 * NW, BM = 16 * NW;
   constexpr int DP = D + 8, DVP = DV + 8;  // padded rows: ldmatrix without bank conflicts
-  constexpr int KW = D * BITS / 32, VW = DV * BITS / 32, KG = D / GS, VG = DV / GS;
   constexpr int SN = BN / 8, ON = DV / 8, KD = D / 16;
   extern __shared__ __align__(16) unsigned char quant_smem[];
   T* q_s = reinterpret_cast<T*>(quant_smem);
@@ -62,7 +60,8 @@ __device__ void attention_quant_fwd_mma(
 
   int lo, hi;
   rules.key_range(i0, min(i0 + BM, Nq) - 1, lo, hi);
-  const long kv_row0 = ((long)b * Hkv + kvh) * Nk;
+  const QuantHead<KST, SA> kh = quant_head<BITS>(kc, b, kvh);
+  const QuantHead<VST, SA> vh = quant_head<BITS>(vc, b, kvh);
   // Rows g and g + 8 of this warp's 16.
   const int row_a = i0 + warp * 16 + g, row_b = row_a + 8;
   float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
@@ -79,20 +78,14 @@ __device__ void attention_quant_fwd_mma(
     for (int e = threadIdx.x; e < BN * (D / 4); e += NT) {
       const int r = e / (D / 4), c = 4 * (e % (D / 4));
       float x[4] = {0.f, 0.f, 0.f, 0.f};
-      if (j0 + r < hi) {
-        const long row = kv_row0 + j0 + r;
-        dequant4<BITS, GS>(kw + row * KW, ks + row * KG, kb + row * KG, c, x);
-      }
+      if (j0 + r < hi) dequant4<BITS, GS>(kh, j0 + r, c, x);
 #pragma unroll
       for (int u = 0; u < 4; ++u) k_s[r * DP + c + u] = from_float<T>(x[u]);
     }
     for (int e = threadIdx.x; e < BN * (DV / 4); e += NT) {
       const int r = e / (DV / 4), c = 4 * (e % (DV / 4));
       float x[4] = {0.f, 0.f, 0.f, 0.f};
-      if (j0 + r < hi) {
-        const long row = kv_row0 + j0 + r;
-        dequant4<BITS, GS>(vw + row * VW, vs + row * VG, vb + row * VG, c, x);
-      }
+      if (j0 + r < hi) dequant4<BITS, GS>(vh, j0 + r, c, x);
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const T y = from_float<T>(x[u]);

@@ -134,7 +134,9 @@ def flash_attention(q, k, v, *, scale=None, mask=None, causal=False, window=None
       key_start, key_len: `[B]` integer arrays, per-batch valid keys
         `key_start[b] <= j < key_start[b] + key_len[b]` (e.g. left padding);
         the others are dropped like False entries of a bool mask. Either
-        alone means 0 / to the end. O(B * Nk) memory, never N x N.
+        alone means 0 / to the end. Never an N x N array: the CPU kernels
+        skip the key tiles outside each range, the GPU backends fold the
+        ranges into a `[B, 1, 1, Nk]` mask.
       return_lse: also return the float32 log-sum-exp `[B, Hq, Nq]`.
       stream: stream or device to run on (default: the default device).
 

@@ -34,9 +34,10 @@ def _block_keep(block_mask: mx.array, spec: AttentionSpec, nq: int, nk: int) -> 
 
 def key_range_keep(key_start: mx.array, key_len: mx.array, nk: int) -> mx.array:
     """Per-batch valid keys `key_start[b] <= j < key_start[b] + key_len[b]`, as `[B, 1, 1, Nk]` bool."""
-    j = mx.arange(nk)[None, :]
-    start = key_start.astype(mx.int32)[:, None]
-    keep = (j >= start) & (j < start + key_len.astype(mx.int32)[:, None])
+    # 64-bit: start + len of any two int32 values must not wrap around.
+    j = mx.arange(nk, dtype=mx.int64)[None, :]
+    start = key_start.astype(mx.int64)[:, None]
+    keep = (j >= start) & (j < start + key_len.astype(mx.int64)[:, None])
     return keep[:, None, None, :]
 
 

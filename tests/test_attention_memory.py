@@ -63,3 +63,32 @@ def test_key_ranges_add_no_n_by_n_memory():
     per_thread_dq = _ext.num_threads() * N * D * 4
     assert extra < 4 * inputs_bytes + per_thread_dq, f"extra peak {extra / 2**20:.1f} MiB"
     assert extra < B * N * N // 8  # an eighth of one [B, 1, N, N] bool mask
+
+
+@pytest.mark.usefixtures("cpu_default_device")
+def test_cpu_kernels_pack_only_the_key_range():
+    """A row that keeps 300 of 65536 keys: the CPU kernels pack (and visit)
+    only the key tiles of its range, so their scratch is O(range * D), where
+    over all keys it holds fp32 panels of the whole of K and V."""
+    B, H, Nq, Nk, D = 1, 1, 64, 65536, 128
+    q, k, v = qkv(rng("memory-key-tiles"), B, H, H, Nq, Nk, D)
+    ranges = dict(key_start=mx.array([40000], mx.int32), key_len=mx.array([300], mx.int32))
+    mx.eval(q, k, v, ranges)
+
+    def extra_peak(fn):
+        mx.synchronize()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(fn())
+        return mx.get_peak_memory() - base
+
+    forward = lambda **kw: lambda: mlx_flash.flash_attention(q, k, v, stream=mx.cpu, **kw)
+    loss = lambda **kw: lambda q, k, v: mx.sum(mlx_flash.flash_attention(q, k, v, stream=mx.cpu, **kw))
+    backward = lambda **kw: lambda: mx.grad(loss(**kw), argnums=(0, 1, 2))(q, k, v)
+    panels = 2 * Nk * D * 4  # K^T and V, fp32
+    assert extra_peak(forward()) >= panels  # the measure sees the packing
+    assert extra_peak(forward(**ranges)) < panels / 32
+    grads = 2 * Nk * D * 4 + Nq * D * 4  # dk, dv (zero outside the range: still outputs), dq
+    assert extra_peak(backward()) >= grads + panels
+    assert extra_peak(backward(**ranges)) < grads + panels / 32

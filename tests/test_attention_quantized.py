@@ -387,6 +387,39 @@ def test_no_full_precision_copy_of_the_cache(nq, backend):
     assert extra < dequantized_k / 4, f"backward extra peak {extra / 2**20:.2f} MiB vs dequantized K {dequantized_k / 2**20:.0f} MiB"
 
 
+def test_cache_views_are_read_in_place(backend):
+    """A decode over mlx-lm's cache slices (`keys[..., :offset, :]` of a
+    preallocated buffer, 4-bit, Nk = 32768) has the same extra peak as over
+    dense arrays: the kernels read the views, no copy of the cache (whose
+    smallest array, K's scales, is 1 MiB) is made."""
+    if is_emulated(backend):
+        pytest.skip("Nk = 32768 is too large for the Metal emulation (test_cuda_quant_emu covers views)")
+    skip_unless_quantized(backend)
+    stream = mx.cpu if backend == "cpu" else mx.gpu
+    B, Hq, Hkv, Nk, D, capacity = 1, 32, 8, 32768, 128, 32768 + 512
+    gen = rng("quant-views")
+    q = randn(gen, (B, Hq, 1, D), mx.float16)
+    buffers = [mx.quantize(randn(gen, (B, Hkv, capacity, D), mx.float16), group_size=64, bits=4) for _ in "kv"]
+    views = [tuple(x[..., :Nk, :] for x in t) for t in buffers]
+    dense = [tuple(mx.contiguous(x) for x in t) for t in views]
+    mx.eval(q, buffers, views, dense)
+
+    def extra_peak(kq, vq):
+        mx.synchronize()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        out = mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64, stream=stream)
+        mx.eval(out)
+        return mx.get_peak_memory() - base, out
+
+    dense_peak, want = extra_peak(*dense)
+    view_peak, got = extra_peak(*views)
+    assert np.array_equal(to_np(got), to_np(want))
+    assert view_peak <= dense_peak + 64 * 1024, (
+        f"extra peak over views {view_peak / 2**20:.2f} MiB vs dense {dense_peak / 2**20:.2f} MiB: a copy?")
+
+
 def test_inside_compile_and_grad():
     B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 9, 70, 64
     q, kq, vq, kd, vd = quantized_case(("compile",), B, Hq, Hkv, Nq, Nk, D, bits=6)

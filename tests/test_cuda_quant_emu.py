@@ -282,6 +282,84 @@ def test_mma_nonfinite_value_takes_the_exact_path():
     assert err < 1e-2, err
 
 
+# ---- caches read in place: strided views, never copied --------------------------------
+
+def _poisoned(gen, x, before, after):
+    """x with `before`/`after` extra token rows around it: garbage codes, NaN
+    scales and biases (a kernel that reads them gives NaN)."""
+    B, H, N, W = x.shape
+    if x.dtype == mx.uint32:
+        pad = lambda n: mx.array(gen.integers(0, 2**32, (B, H, n, W), dtype=np.uint64).astype(np.uint32))
+    else:
+        pad = lambda n: mx.full((B, H, n, W), np.nan, x.dtype)
+    return mx.concatenate([pad(before), x, pad(after)], axis=2)
+
+
+def _view(gen, x, layout):
+    """The same values as x, as a view of a bigger or differently laid out buffer."""
+    N = x.shape[2]
+    if layout == "cache_slice":  # QuantizedKVCache: keys[..., :offset, :] of a preallocated buffer
+        return _poisoned(gen, x, 0, 37)[..., :N, :]
+    if layout == "offset_slice":
+        return _poisoned(gen, x, 5, 11)[..., 5:5 + N, :]
+    if layout == "token_major":  # a [B, N, H, W] buffer seen as [B, H, N, W]
+        return mx.contiguous(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    if layout == "column_strided":  # last dim not unit-stride: the word-by-word path
+        return mx.contiguous(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    if layout == "batch_broadcast":  # one cache shared by the batch (stride 0)
+        return mx.broadcast_to(_poisoned(gen, x[:1], 0, 9)[..., :N, :], x.shape)
+    raise ValueError(layout)
+
+
+def _first_batch_for_all(kq, vq, kd, vd):
+    first = lambda x: mx.contiguous(mx.broadcast_to(x[:1], x.shape))
+    return tuple(first(x) for x in kq), tuple(first(x) for x in vq), first(kd), first(vd)
+
+
+LAYOUTS = ["cache_slice", "offset_slice", "token_major", "column_strided", "batch_broadcast"]
+
+
+def _views(gen, kq, vq, layout):
+    views = [tuple(_view(gen, x, layout) for x in t) for t in (kq, vq)]
+    mx.eval(views)
+    # The kernels must see views, not dense copies (the harness passes MLX's strides).
+    words = harness._view_bytes(views[0][0])[1][:4]
+    B, H, N, W = kq[0].shape
+    assert list(words) != [H * N * W, N * W, W, 1], words
+    return views
+
+
+@emulated
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_strided_cache_views(layout):
+    """Decode (GQA rows sharing a warp, keys split), prefill rows and dq, over
+    k/v triples that are views: the values of the dense triple, poisoned rows
+    around them in the buffer (NaN if read)."""
+    for key, (B, Hq, Hkv, Nq, Nk, D, bits, gs, splits) in (
+            ("decode", (2, 8, 2, 1, 300, 64, 4, 32, 3)), ("prefill", (2, 4, 2, 9, 70, 64, 3, 32, 1))):
+        gen, q, kq, vq, kd, vd = _case(("strided", layout, key), B, Hq, Hkv, Nq, Nk, D, bits=bits,
+                                       group_size=gs)
+        if layout == "batch_broadcast":  # every batch row reads batch 0's cache
+            kq, vq, kd, vd = _first_batch_for_all(kq, vq, kd, vd)
+        kv, vv = _views(gen, kq, vq, layout)
+        dout = randn(gen, (B, Hq, Nq, D))
+        opts = {"causal": True} if key == "prefill" else {"sinks": randn(gen, (Hq,))}
+        got = _emu(q, kv, vv, bits, gs, dout=dout, tuning={"splits": splits}, **opts)
+        _check(got, attention_np(q, kd, vd, dout=dout, **opts), F32)
+
+
+@emulated
+@pytest.mark.parametrize("layout", ["cache_slice", "column_strided", "batch_broadcast"])
+def test_mma_strided_cache_views(layout):
+    B, Hq, Hkv, Nq, Nk, D = 2, 2, 1, 40, 75, 64
+    gen, q, kq, vq, kd, vd = _case(("mma-strided", layout), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4,
+                                   group_size=32)
+    if layout == "batch_broadcast":
+        kq, vq, kd, vd = _first_batch_for_all(kq, vq, kd, vd)
+    kv, vv = _views(gen, kq, vq, layout)
+    _check_mma(q, kd, vd, _emu(q, kv, vv, 4, 32, tuning=MMA, causal=True), F16, {"causal": True})
+
+
 # ---- nvcc compile check (as MLX wraps each kernel), no spills -----------------------
 
 def _compile_cases():

@@ -28,8 +28,11 @@ _CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfl
 
 
 def _prelude(headers):
+    # MLX's device/utils.cuh defines Strides (kernels built with ensure_row_contiguous=False take them).
     return "\n".join(["#include <cuda_fp16.h>", "#include <cuda_bf16.h>", "#include <cstdint>",
-                      "#include <cooperative_groups.h>", cuda_backend._header(headers)])
+                      "#include <cuda/std/array>", "#include <cooperative_groups.h>",
+                      "namespace mlx::core::cu { using Strides = cuda::std::array<int64_t, 10>; }",
+                      cuda_backend._header(headers)])
 
 
 def _kernel_text(name, body, inputs, outputs, template):
@@ -37,7 +40,12 @@ def _kernel_text(name, body, inputs, outputs, template):
     inputs as `const T*`, outputs as `T*`, template constants declared at the top
     of the body. inputs/outputs: lists of (name, dtype); template: (name, value)."""
     src = ["namespace mlx::core::cu {", "namespace cg = cooperative_groups;", f"__global__ void {name}("]
-    params = [f"    const {_CUDA_TYPES[d]}* {n}" for n, d in inputs] + [f"    {_CUDA_TYPES[d]}* {n}" for n, d in outputs]
+    params = []
+    for n, d in inputs:  # MLX adds `<name>_strides` where the body names it
+        params.append(f"    const {_CUDA_TYPES[d]}* {n}")
+        if n + "_strides" in body:
+            params.append(f"    const __grid_constant__ Strides {n}_strides")
+    params += [f"    {_CUDA_TYPES[d]}* {n}" for n, d in outputs]
     src.append(",\n".join(params) + ") {")
     for n, val in template:
         if isinstance(val, bool):

@@ -277,6 +277,33 @@ def test_left_padded_batch_uses_key_ranges(monkeypatch):
     assert np.array_equal(np.array(prefill[0]["key_start"]), padding)
 
 
+def test_left_padded_generation_reaches_the_cpu_kernels_as_key_ranges(monkeypatch):
+    """Prefill and decode steps of a left-padded BatchKVCache batch: every
+    call with key ranges reaches the C++ kernels with key_start/key_len
+    themselves (the CPU backend takes them natively), never a folded mask."""
+    from mlx_flash import _ext
+
+    model = build("qwen3")
+    x = tokens(11, batch=3)
+    padding = [0, 4, 2]
+    described, native = [], []
+    original_op, original_kernel = _lm_attend.flash_attention, _ext.attention_forward
+    monkeypatch.setattr(_lm_attend, "flash_attention",
+                        lambda *a, **kw: described.append("key_start" in kw) or original_op(*a, **kw))
+
+    def kernel(*a, **kw):
+        native.append((kw["key_start"] is not None, kw["mask"] is None))
+        return original_kernel(*a, **kw)
+
+    monkeypatch.setattr(_ext, "attention_forward", kernel)
+    with mlx_flash.patch_mlx_lm():
+        cache = [lm_cache.BatchKVCache(padding) for _ in model.layers]
+        mx.eval(run_chunks(model, [x[:, :9], x[:, 9:10], x[:, 10:11]], cache))
+    assert sum(described) >= 3 * len(model.layers), described  # prefill and both decode steps
+    assert [kr for kr, _ in native].count(True) == sum(described)
+    assert all(no_mask for kr, no_mask in native if kr)
+
+
 def _drive_batch_rotating_cache(check):
     """Feed a BatchRotatingKVCache (window 6, left padding [0, 3]) chunks and
     single tokens past its rotation, calling check(cache, N) before each update."""

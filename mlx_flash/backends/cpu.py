@@ -6,6 +6,9 @@ from .._spec import AttentionInputs, AttentionSpec
 
 # The kernel's row buffers and tile plan take MLA's widths (csrc MAX_ROW).
 HEAD_DIM_LIMITS = (576, 512)
+# key_start/key_len bound the kernels' key loops (csrc/attention_cpu_kernel.cpp):
+# key tiles outside a batch's range are never packed or visited.
+NATIVE_KEY_RANGES = True
 
 
 def _ext():
@@ -27,6 +30,7 @@ def _extras(inputs: AttentionInputs) -> dict:
     return dict(
         mask=inputs.mask, alibi=inputs.alibi, sinks=inputs.sinks, block_mask=inputs.block_mask,
         cu_seqlens_q=inputs.cu_seqlens_q, cu_seqlens_k=inputs.cu_seqlens_k,
+        key_start=inputs.key_start, key_len=inputs.key_len,
     )
 
 

@@ -196,11 +196,14 @@ def _nvrtc_reads_includes() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=None):
+def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=None, row_contiguous=True):
+    """The kernel object of cuda_src/<body>.cu. row_contiguous=False: MLX passes
+    inputs as they are (views included) and the kernel reads them through the
+    `<name>_strides` parameters its source names (cuda_quant's caches)."""
     return mx.fast.cuda_kernel(
         name=f"mlx_flash_{body}", input_names=list(inputs), output_names=list(outputs),
         source=_read(body + ".cu"), header=_header_include(tuple(headers or kernel_headers(body))),
-        ensure_row_contiguous=True, shared_memory=smem,
+        ensure_row_contiguous=row_contiguous, shared_memory=smem,
     )
 
 

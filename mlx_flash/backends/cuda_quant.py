@@ -14,7 +14,11 @@
   attention_quant_bwd      fused dq-only backward (k, v constants), no atomics
 
 K and V are dequantized in registers as they stream in: no full-precision
-copy exists. Launch plans are cached per QuantSpec like cuda.py's; the kernel
+copy exists. Nor a copy of the quantized cache: these kernels are built with
+ensure_row_contiguous=False and read the six k/v arrays through their strides
+(QuantCache in attention_quant.cuh), so the slices mlx-lm's QuantizedKVCache
+returns (`keys[..., :offset, :]` of a preallocated buffer) are read in place;
+the other inputs are made dense here (a no-op when they are). Launch plans are cached per QuantSpec like cuda.py's; the kernel
 objects come from cuda.py's `_kernel` (per-kernel minified headers).
 """
 
@@ -47,9 +51,19 @@ TUNING: dict = {}
 _MAX_RW = 4
 
 
-def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int):
+def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, row_contiguous=True):
     """cuda.py's kernel cache; the headers come from its _KERNEL_ROOTS entry."""
-    return _cuda._kernel(body, inputs, outputs, smem)
+    return _cuda._kernel(body, inputs, outputs, smem, None, row_contiguous)
+
+
+def _strided_kernel(body: str, inputs: tuple, outputs: tuple, smem: int):
+    """A kernel that reads k and v in place (views with any strides)."""
+    return _kernel(body, inputs, outputs, smem, row_contiguous=False)
+
+
+def _dense(x, stream):
+    """x row-contiguous for a strided kernel, which indexes everything but k/v densely."""
+    return mx.contiguous(x, stream=stream)
 
 
 def uses_mma(qspec) -> bool:
@@ -113,11 +127,13 @@ def _template(qspec, inputs: AttentionInputs, k, v, rw, warps=_WARPS):
     ]
 
 
-def _operands(q, k, v, qspec, inputs: AttentionInputs):
+def _operands(q, k, v, qspec, inputs: AttentionInputs, stream):
+    """Inputs of the strided kernels: k and v triples as given, the rest dense."""
     ip, fp = _cuda._params(qspec.attention, inputs)
     mask, alibi = _cuda._placeholders()[:2]
-    return [q, *k, *v, inputs.mask if inputs.mask is not None else mask,
-            inputs.alibi if inputs.alibi is not None else alibi, ip, fp]
+    mask = _dense(inputs.mask, stream) if inputs.mask is not None else mask
+    alibi = _dense(inputs.alibi, stream) if inputs.alibi is not None else alibi
+    return [_dense(q, stream), *k, *v, mask, alibi, ip, fp]
 
 
 def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream):
@@ -132,8 +148,8 @@ def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream)
     rows = spec.batch * spec.heads_q * spec.seqlen_q
     dv = spec.head_dim_v
     ns = _cuda.const_array((splits,), mx.int32)
-    args = _operands(q, k, v, qspec, inputs)
-    kernel = _kernel("attention_quant_fwd", _FWD_INPUTS, ("part_o", "part_lse"), smem)
+    args = _operands(q, k, v, qspec, inputs, stream)
+    kernel = _strided_kernel("attention_quant_fwd", _FWD_INPUTS, ("part_o", "part_lse"), smem)
     part_o, part_lse = kernel(
         inputs=args + [ns], template=_template(qspec, inputs, k, v, rw, _FWD_WARPS),
         grid=(groups * splits * 32 * _FWD_WARPS, 1, spec.batch * spec.heads_kv),
@@ -167,9 +183,11 @@ def quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs: Atten
     if q.size == 0:
         return mx.zeros(q.shape, spec.dtype, stream=stream)
     rw, groups, smem = backward_plan(qspec)
-    kernel = _kernel("attention_quant_bwd", _BWD_INPUTS, ("dq",), smem)
+    kernel = _strided_kernel("attention_quant_bwd", _BWD_INPUTS, ("dq",), smem)
+    dense = lambda x: _dense(x, stream)
     (dq,) = kernel(
-        inputs=_operands(q, k, v, qspec, inputs) + [lse, delta, dout.astype(spec.dtype, stream=stream)],
+        inputs=_operands(q, k, v, qspec, inputs, stream) + [
+            dense(lse), dense(delta), dense(dout.astype(spec.dtype, stream=stream))],
         template=_template(qspec, inputs, k, v, rw),
         grid=(math.ceil(groups / _WARPS) * 32 * _WARPS, 1, spec.batch * spec.heads_kv),
         threadgroup=(32 * _WARPS, 1, 1),
@@ -180,10 +198,10 @@ def quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs: Atten
 
 def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
     spec = qspec.attention
-    sinks = inputs.sinks if inputs.sinks is not None else _cuda._placeholders()[2]
-    args = _operands(q, k, v, qspec, inputs)
-    kernel = _kernel("attention_quant_fwd_mma", _MMA_INPUTS, ("out", "lse"),
-                     _mma_smem(spec.head_dim_qk, spec.head_dim_v))
+    sinks = _dense(inputs.sinks, stream) if inputs.sinks is not None else _cuda._placeholders()[2]
+    args = _operands(q, k, v, qspec, inputs, stream)
+    kernel = _strided_kernel("attention_quant_fwd_mma", _MMA_INPUTS, ("out", "lse"),
+                             _mma_smem(spec.head_dim_qk, spec.head_dim_v))
     template = [x for x in _template(qspec, inputs, k, v, 1) if x[0] not in ("W", "RW")] + [
         ("SINKS", spec.has_sinks), ("NW", _MMA_WARPS), ("BN", _MMA_BN)]
     out, lse = kernel(

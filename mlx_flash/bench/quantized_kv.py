@@ -30,6 +30,14 @@ chunk (`--mlx-lm-prefill-queries`, default 256) and the full 2048-query
 chunk runs for mlx_flash alone; the JSON says which ran at which size.
 Peak memory is MLX's allocator peak above what was held before the call
 (the cache and q are held; outputs and workspace count).
+
+`--cache-views` adds, per decode case, the cache as mlx-lm's
+`QuantizedKVCache` hands it over: `keys[..., :offset, :]` slices of a
+preallocated buffer (capacity rounded up to its step of 256 plus one step),
+timed and measured side by side with the same values as dense arrays, and
+with the views copied dense before the call (what `mx.fast.cuda_kernel`'s
+default `ensure_row_contiguous=True` does inside every call): a copy shows
+as the cache's bytes of extra peak and as time.
 """
 
 from __future__ import annotations
@@ -161,6 +169,66 @@ def run_case(label: str, nq: int, nk: int, bits: int, dtype, names, policy: Timi
     return record
 
 
+def _as_cache_slice(x: mx.array, step: int = 256) -> mx.array:
+    """x as QuantizedKVCache returns it: the first Nk token rows of a bigger buffer."""
+    B, H, N, W = x.shape
+    capacity = (N + step - 1) // step * step + step
+    buffer = mx.concatenate([x, mx.zeros((B, H, capacity - N, W), x.dtype)], axis=2)
+    mx.eval(buffer)
+    return buffer[..., :N, :]
+
+
+def run_view_case(nk: int, bits: int, dtype, policy: TimingPolicy, batch: int = 1) -> dict:
+    """flash_quantized decode over cache slices (views) vs the same values dense."""
+    q, _, _, kq, vq = make_inputs(1, nk, bits, dtype)
+    kv, vv = (tuple(_as_cache_slice(x) for x in t) for t in (kq, vq))
+    mx.eval(kv, vv)
+    gs, scale = SHAPE["group_size"], SHAPE["head_dim"] ** -0.5
+    dense = lambda t: tuple(mx.contiguous(x) for x in t)
+    impls = {
+        "flash_quantized_dense": lambda: mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=gs,
+                                                                             scale=scale),
+        "flash_quantized_cache_view": lambda: mlx_flash.flash_attention_quantized(q, kv, vv, bits=bits,
+                                                                                  group_size=gs, scale=scale),
+        # What a kernel built with ensure_row_contiguous=True costs: a dense copy of the views per call.
+        "copy_then_flash_quantized": lambda: mlx_flash.flash_attention_quantized(
+            q, dense(kv), dense(vv), bits=bits, group_size=gs, scale=scale),
+    }
+    sdpa = _mlx_lm_quantized_sdpa()
+    if sdpa is not None:
+        impls["mlx_lm_quantized_cache_view"] = lambda: sdpa(mx.array(q), kv, vv, scale=scale, mask=None,
+                                                            group_size=gs, bits=bits)
+    outputs = {}
+
+    def keeping(name, fn, n):
+        def call():
+            outs = [fn() for _ in range(n)]
+            mx.eval(outs)
+            outputs[name] = outs[-1]
+        return call
+
+    warmups = {name: mlx_extra_peak(keeping(name, fn, 1)) for name, fn in impls.items()}
+    timings = time_interleaved({n: keeping(n, f, batch) for n, f in impls.items()}, policy, warmups)
+    record = {"case": "decode_cache_view", "queries": 1, "keys": nk, "bits": bits,
+              "dtype": str(dtype).split(".")[-1], "causal": False,
+              "quantized_cache_bytes": sum(x.nbytes for x in kq + vq), "results": {}}
+    ref = outputs.get("flash_quantized_dense")
+    for name, t in timings.items():
+        if isinstance(t, Exception):
+            record["results"][name] = {"error": f"{type(t).__name__}: {t}"}
+            continue
+        if batch > 1:
+            t = dict(t, time_s=t["time_s"] / batch, min_s=t["min_s"] / batch, calls_per_sample=batch)
+        entry = dict(t, **(warmups[name].result or {}))
+        if ref is not None and name in outputs:
+            entry["max_abs_diff_vs_dense"] = float(
+                mx.max(mx.abs(outputs[name].astype(mx.float32) - ref.astype(mx.float32))).item())
+        record["results"][name] = entry
+    del q, kq, vq, kv, vv, outputs
+    mx.clear_cache()
+    return record
+
+
 def print_case(rec: dict) -> None:
     print(f"{rec['case']}: Nq={rec['queries']} Nk={rec['keys']} {rec['bits']}-bit {rec['dtype']}", flush=True)
     for name, e in rec["results"].items():
@@ -169,6 +237,8 @@ def print_case(rec: dict) -> None:
             continue
         extra = f"  time / flash_quantized's: {e['flash_quantized_speedup']:.2f}" if "flash_quantized_speedup" in e else ""
         host = f"  host {fmt_time(e['host_build_s'])}" if "host_build_s" in e else ""
+        if "max_abs_diff_vs_dense" in e:
+            extra += f"  max |diff| vs dense {e['max_abs_diff_vs_dense']:.3g}"
         print(f"  {name:22s} {fmt_time(e['time_s']):>10s}{host}  extra peak {fmt_bytes(e.get('extra_peak_bytes')):>12s}{extra}",
               flush=True)
 
@@ -204,6 +274,9 @@ def main(argv=None):
     parser.add_argument("--mlx-lm-prefill-queries", type=int, default=256)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="where every implementation runs (gpu: a CUDA card)")
+    parser.add_argument("--cache-views", action="store_true",
+                        help="also run each decode case over QuantizedKVCache-style slices (views) vs dense")
+    parser.add_argument("--only-cache-views", action="store_true", help="run only the cache-view cases")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the results JSON here (default: quantized_kv_<device>_<date>.json in the "
                              "current directory; pass benchmarks/results/... to update the committed file)")
@@ -233,10 +306,15 @@ def main(argv=None):
     for label, nq, nk, bits, dtype, names in cases(args.quick, args.keys, args.prefill_queries,
                                                    args.mlx_lm_prefill_queries, args.device):
         batch = (20 if nq == 1 else 1) if args.device == "gpu" else 1
-        rec = run_case(label, nq, nk, bits, dtype, names, policy, batch, prewarm=args.device == "gpu")
-        print_case(rec)
-        result["cases"].append(rec)
-        write_json(args.out, result)  # after every case: a long run killed late keeps what it measured
+        records = []
+        if (args.cache_views or args.only_cache_views) and label == "decode" and names == ALL:
+            records.append(run_view_case(nk, bits, dtype, policy, batch))
+        if not args.only_cache_views:
+            records.append(run_case(label, nq, nk, bits, dtype, names, policy, batch, prewarm=args.device == "gpu"))
+        for rec in records:
+            print_case(rec)
+            result["cases"].append(rec)
+            write_json(args.out, result)  # after every case: a long run killed late keeps what it measured
     print(f"wrote {args.out}")
     return result
 

@@ -8,6 +8,12 @@ clang-19 against a small emulation of the CUDA device language
 grid on the fiber runtime of the Metal emulation (tests/metal_emu/runtime):
 every CUDA thread a fiber, a block a threadgroup, a warp a SIMD-group.
 
+Kernels built with `ensure_row_contiguous=False` read their inputs in place,
+as MLX hands them over: the bytes a view spans (its buffer, not a dense
+copy, so rows outside the view are there to be misread) and, for every input
+whose name the source mentions as `<name>_strides`, MLX's `Strides`
+parameter (element strides, MAX_NDIM entries).
+
 `patched_cuda_kernel()` swaps it in for `mx.fast.cuda_kernel`, so the CUDA
 backend's own wrappers (mlx_flash/backends/cuda.py: launch shapes, split
 heuristics, kernel chaining) run unchanged on a machine without a GPU:
@@ -124,6 +130,24 @@ def _to_bytes(x: mx.array) -> np.ndarray:
     return np.ascontiguousarray(np.array(x, copy=True)).reshape(-1)
 
 
+_MAX_NDIM = 10  # MLX's Strides: cuda::std::array<int64_t, MAX_NDIM>
+
+
+def _view_bytes(x: mx.array):
+    """(the bytes x spans in its own buffer, its element strides): an input
+    that MLX passes without a copy (ensure_row_contiguous=False)."""
+    mx.eval(x)
+    view = np.asarray(x.view(mx.uint16) if x.dtype == mx.bfloat16 else x)  # shares x's memory
+    itemsize = view.itemsize
+    if any(s < 0 for s in view.strides):
+        raise NotImplementedError("cuda_emu: negative strides")
+    span = 0 if view.size == 0 else (sum((n - 1) * s for n, s in zip(view.shape, view.strides)) + itemsize)
+    address = view.__array_interface__["data"][0]
+    raw = np.frombuffer((ctypes.c_char * max(span, 1)).from_address(address), np.uint8)[:span].copy()
+    strides = [s // itemsize for s in view.strides] + [0] * (_MAX_NDIM - view.ndim)
+    return raw, np.array(strides, np.int64)
+
+
 class CudaKernel:
     """Mirror of the object `mx.fast.cuda_kernel` returns."""
 
@@ -131,13 +155,18 @@ class CudaKernel:
                  shared_memory=0, atomic_outputs=False):
         self.name, self.input_names, self.output_names = name, list(input_names), list(output_names)
         self.source, self.header, self.shared_memory = source, header, shared_memory
-        self.atomic_outputs = atomic_outputs
+        self.atomic_outputs, self.ensure_row_contiguous = atomic_outputs, ensure_row_contiguous
+        # As MLX decides (custom_kernel.cpp): strides for the inputs the source names so.
+        self.strided = [n for n in self.input_names if n + "_strides" in source]
 
     def translation_unit(self, inputs, template, output_dtypes) -> str:
         params = [f"  const {_C_TYPES[x.dtype]}* {n} = (const {_C_TYPES[x.dtype]}*)__b[{i}];"
                   for i, (n, x) in enumerate(zip(self.input_names, inputs))]
         params += [f"  {_C_TYPES[d]}* {n} = ({_C_TYPES[d]}*)__b[{len(inputs) + i}];"
                    for i, (n, d) in enumerate(zip(self.output_names, output_dtypes))]
+        first = len(inputs) + len(output_dtypes)  # stride blocks follow the outputs
+        params += [f"  const Strides {n}_strides = __emu_strides(__b[{first + i}]);"
+                   for i, n in enumerate(self.strided)]
         header = _emulated_header(self.header)
         start = "  mlx_flash::emu_thread_start();\n" if "emu_thread_start" in header else ""
         return "\n".join([
@@ -163,7 +192,13 @@ class CudaKernel:
             raise ValueError(f"cuda_emu: {self.name} asks for {self.shared_memory} bytes of shared memory")
         inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
         lib = _library(self.translation_unit(inputs, template, output_dtypes))
-        keep = [_to_bytes(x) for x in inputs]
+        if self.ensure_row_contiguous:
+            keep = [_to_bytes(x) for x in inputs]
+            strides = [_view_bytes(mx.contiguous(inputs[self.input_names.index(n)]))[1] for n in self.strided]
+        else:
+            views = {n: _view_bytes(x) for n, x in zip(self.input_names, inputs)}
+            keep = [views[n][0] for n in self.input_names]
+            strides = [views[n][1] for n in self.strided]
         for shape, dtype in zip(output_shapes, output_dtypes):
             count = int(np.prod(shape, dtype=np.int64))
             if init_value is not None:
@@ -171,10 +206,12 @@ class CudaKernel:
             else:  # unwritten outputs must show: NaN
                 raw = np.full(count * np.dtype(_NUMPY[dtype]).itemsize, 0xFF, dtype=np.uint8)
                 keep.append(raw.view(_NUMPY[dtype]))
+        keep += strides
         n = len(keep)
         array = (ctypes.c_void_p * n)(*[b.ctypes.data for b in keep])
         sizes = (ctypes.c_ulong * n)(*[b.nbytes for b in keep])
-        names = (ctypes.c_char_p * n)(*[s.encode() for s in self.input_names + self.output_names])
+        buffer_names = self.input_names + self.output_names + [s + "_strides" for s in self.strided]
+        names = (ctypes.c_char_p * n)(*[s.encode() for s in buffer_names])
         error = ctypes.create_string_buffer(4096)
         seed = int(os.environ.get("CUDA_EMU_SEED", "0")) if seed is None else seed
         status = lib.emu_launch(array, sizes, names, n, (ctypes.c_long * 3)(*grid),

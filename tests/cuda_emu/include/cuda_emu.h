@@ -43,6 +43,18 @@ struct alignas(16) float4 {
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+// MLX's Strides parameter (cuda::std::array<int64_t, MAX_NDIM>), filled from
+// a buffer the harness passes after the outputs.
+struct Strides {
+  int64_t v[10];
+  const int64_t& operator[](int i) const { return v[i]; }
+};
+inline Strides __emu_strides(const void* p) {
+  Strides s;
+  std::memcpy(s.v, p, sizeof(s.v));
+  return s;
+}
+
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
