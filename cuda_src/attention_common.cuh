@@ -213,12 +213,14 @@ __device__ __forceinline__ Sequence sequence_of(int b, const int* ip, const int*
 
 // Batch b's valid keys [lo, hi): key_start[b] <= j < key_start[b] + key_len[b]
 // clamped to the sequence's [0, nk). Any int32 values are allowed (the sum is
-// formed in 64 bits); an empty or negative range gives lo == hi.
+// formed in 64 bits); a range with no key gives lo = hi = 0, so every tile
+// loop that starts at a tile boundary below lo still runs no tile.
 __device__ __forceinline__ void batch_key_range(int b, int nk, const int* key_start, const int* key_len, int& lo,
                                                 int& hi) {
   const long long start = key_start[b], end = start + (long long)key_len[b];
   lo = (int)min(max(start, 0ll), (long long)nk);
-  hi = (int)max(min(end, (long long)nk), (long long)lo);
+  hi = (int)min(max(end, 0ll), (long long)nk);
+  if (hi <= lo) lo = hi = 0;
 }
 
 // Everything the logit rules need for one (sequence, query head).

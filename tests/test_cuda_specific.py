@@ -380,3 +380,46 @@ def test_nonfinite_decode_on_gpu(case, dtype):
     want = attention_np(q, k, v, **options)
     nonfinite_cases.check_contract("out", np.array(out.astype(mx.float32)), want, dtype)
     nonfinite_cases.check_contract("lse", np.array(lse), want, mx.float32)
+
+
+# ---------------------------------------------------------------------------
+# Native key ranges on the GPU: the cases the emulation runs
+# (tests/cuda_emu/key_range_cases.py) on every kernel the card selects, the
+# Hopper ones included, at sizes where whole 128-key tiles and blocks fall
+# outside the ranges: fp16/bf16 D 64/128 = wgmma forward (both schedules: the
+# block-mask features take the in-step one) and backward; D 24/40 = mma2 +
+# mma backward; D 256 = the one-tile mma forward + SIMT backward; float32 = SIMT.
+
+_GPU_KEY_RANGE_KINDS = [(mx.float16, 64, 64), (mx.bfloat16, 128, 128), (mx.float16, 24, 40), (mx.float16, 256, 256),
+                        (mx.float32, 64, 64)]
+_GPU_KEY_RANGE_FEATURES = ["none", "causal", "window_both", "combined_causal_softcap_alibi_sinks",
+                           "combined_blocks_causal_additive", "combined_everything"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("feature", _GPU_KEY_RANGE_FEATURES)
+@pytest.mark.parametrize("kind", _GPU_KEY_RANGE_KINDS, ids=lambda k: f"{str(k[0]).split('.')[-1]}-D{k[1]}-{k[2]}")
+def test_key_ranges_forward_backward_on_gpu(kind, feature, cpu_default_device):
+    from cuda_emu.key_range_cases import backend_runner, check_case
+
+    dtype, D, Dv = kind
+    check_case(backend_runner(mx.gpu, emulate=False), (4, 4, 2, 300, 700, D, Dv), dtype, feature, grads=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("feature", ["causal", "combined_causal_softcap_alibi_sinks", "combined_mask_window_sinks"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32], ids=["decode_f16", "simt_f32"])
+def test_key_ranges_decode_on_gpu(dtype, feature, cpu_default_device):
+    """Split decode: the splits cover only each row's range."""
+    from cuda_emu.key_range_cases import backend_runner, check_case
+
+    check_case(backend_runner(mx.gpu, emulate=False), (5, 8, 2, 1, 3001, 128, 128), dtype, feature, grads=False)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", [(4, 4, 2, 300, 700, 64), (4, 4, 2, 300, 700, 128), (5, 8, 2, 1, 3001, 128)],
+                         ids=["wgmma_D64", "wgmma_D128", "decode"])
+def test_key_ranges_poisoned_on_gpu(shape, cpu_default_device):
+    from cuda_emu.key_range_cases import backend_runner, check_poisoned_case
+
+    check_poisoned_case(backend_runner(mx.gpu, emulate=False), shape, mx.float16, grads=shape[3] > 1)
