@@ -13,7 +13,11 @@ emulation: tests/test_cuda_specific.py runs the same cases on the GPU.
 """
 
 import mlx.core as mx
+import numpy as np
 import pytest
+
+from helpers import check_close, randn, rng, to_np
+from reference_np import attention_np
 
 from cuda_emu import harness
 from cuda_emu.key_range_cases import backend_runner, check_case, check_poisoned_case
@@ -71,3 +75,21 @@ def test_more_queries_than_keys(kind):
 def test_keys_outside_the_range_may_hold_nan(kind):
     dtype, shape = kind
     check_poisoned_case(run, shape, dtype, grads=shape[3] > 1)
+
+
+@pytest.mark.parametrize("dtype", [F16, F32], ids=["decode_f16", "simt_f32"])
+def test_extreme_range_values(dtype):
+    """key_start + key_len past the int32 range neither wraps nor faults: a
+    start near 2^31 keeps nothing, -2^31 with any length nothing, a negative
+    start with the largest length everything."""
+    B, Hq, Hkv, Nq, Nk, D = 3, 4, 2, 1, 300, 64
+    gen = rng("cuda-emu-key-range-extremes", str(dtype))
+    q, k, v = randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype)
+    big = np.iinfo(np.int32).max
+    options = {"key_start": mx.array(np.array([big - 10, -big - 1, -5], np.int32)),
+               "key_len": mx.array(np.array([100, big, big], np.int32))}
+    out, lse, _ = run(q, k, v, None, options)
+    want = attention_np(q, k, v, **options)
+    assert np.all(to_np(out)[:2] == 0) and np.all(to_np(lse)[:2] == -np.inf)
+    check_close("out", to_np(out), want, dtype)
+    check_close("lse", to_np(lse), want, mx.float32)
