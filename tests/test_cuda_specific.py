@@ -403,7 +403,7 @@ def test_key_ranges_forward_backward_on_gpu(kind, feature, cpu_default_device):
     from cuda_emu.key_range_cases import backend_runner, check_case
 
     dtype, D, Dv = kind
-    check_case(backend_runner(mx.gpu, emulate=False), (4, 4, 2, 300, 700, D, Dv), dtype, feature, grads=True)
+    check_case(backend_runner(mx.gpu, emulate=False), (4, 4, 2, 150, 600, D, Dv), dtype, feature, grads=True)
 
 
 @needs_cuda
@@ -417,7 +417,7 @@ def test_key_ranges_decode_on_gpu(dtype, feature, cpu_default_device):
 
 
 @needs_cuda
-@pytest.mark.parametrize("shape", [(4, 4, 2, 300, 700, 64), (4, 4, 2, 300, 700, 128), (5, 8, 2, 1, 3001, 128)],
+@pytest.mark.parametrize("shape", [(4, 4, 2, 150, 600, 64), (4, 4, 2, 150, 600, 128), (5, 8, 2, 1, 3001, 128)],
                          ids=["wgmma_D64", "wgmma_D128", "decode"])
 def test_key_ranges_poisoned_on_gpu(shape, cpu_default_device):
     from cuda_emu.key_range_cases import backend_runner, check_poisoned_case

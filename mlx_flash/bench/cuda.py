@@ -202,7 +202,11 @@ def bench_decode(rec: Recorder, B=1, Hq=32, Hkv=4, Nk=32768, D=128, layers=32):
         del caches
 
 
-def bench_key_ranges(rec: Recorder, B=4, H=16, Nk=8192, D=128, Nq_long=2048, iters=10):
+KEY_RANGE_CASES = ((1, False, False), (2048, False, False), (2048, True, False), (2048, False, True),
+                   (2048, True, True))  # (Nq, causal, forward+backward)
+
+
+def bench_key_ranges(rec: Recorder, B=4, H=16, Nk=8192, D=128, cases=KEY_RANGE_CASES, iters=10):
     """Per-batch key ranges, half of every row's keys outside its range (left
     padding: the first Nk/2 keys, +-1000 between rows): the native ranges vs
     the same ranges as the [B, 1, 1, Nk] bool mask a backend without them
@@ -218,8 +222,7 @@ def bench_key_ranges(rec: Recorder, B=4, H=16, Nk=8192, D=128, Nq_long=2048, ite
     keep = key_range_keep(start, length, Nk)
     mx.eval(start, length, keep)
     kept_fraction = float(mx.mean(keep.astype(mx.float32)).item())
-    for Nq, causal, backward in ((1, False, False), (Nq_long, False, False), (Nq_long, True, False),
-                                 (Nq_long, False, True), (Nq_long, True, True)):
+    for Nq, causal, backward in cases:
         q, k, v = _qkv(B, H, H, Nq, Nk, D, dtype)
         calls = {
             "native": lambda a, b, c: mlx_flash.flash_attention(a, b, c, causal=causal, key_start=start,
