@@ -21,7 +21,7 @@ __device__ void attention_bwd_mma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
     const int* cu_q, const int* cu_k, const int* ip, const float* fp,
     const T* dout, const float* lse, const float* delta,
-    float* dq_acc, T* dk, T* dv) {
+    float* dq_acc, T* dk, T* dv, const int* key_start = nullptr, const int* key_len = nullptr) {
   constexpr int BN = 16 * NW, BM = BN, NTHREADS = 32 * NW;
   constexpr int DP = round16(D), DVP = round16(DV);
   constexpr int SQ = DP + 8, SV = DVP + 8, SS = BM + 8;
@@ -48,6 +48,13 @@ __device__ void attention_bwd_mma(
   const float scale = fp[kScale];
   const float softcap = fp[kSoftcap];
 
+  LogitRules<MT> rules = make_rules<MT, F>(seq, b, hk * G, ip, fp, mask, alibi, bmask, key_start, key_len);
+  int qlo, qhi;
+  rules.query_range(j0, j_end - 1, qlo, qhi);
+  // No query sees these keys (all outside the key range, or the window's):
+  // dK = dV = 0, as the outputs start, and K, V are never loaded.
+  if (qlo >= qhi) return;
+
   load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + j0) * D, j_end - j0);
   load_tile<T, BN, DV, SV, VEC, NTHREADS>(Vs, v + (kv_base + j0) * DV, j_end - j0);
   cp_async_commit();
@@ -58,16 +65,13 @@ __device__ void attention_bwd_mma(
 #pragma unroll
   for (int n = 0; n < DVP / 8; ++n) dv_acc[n][0] = dv_acc[n][1] = dv_acc[n][2] = dv_acc[n][3] = 0.f;
 
-  LogitRules<MT> rules = make_rules<MT, F>(seq, b, hk * G, ip, fp, mask, alibi, bmask);
-  int qlo, qhi;
-  rules.query_range(j0, j_end - 1, qlo, qhi);
   const int shift = seq.nk - seq.nq;
   bool k_bad = false;  // this thread's K chunks hold a NaN or inf (checked once they landed)
   bool k_checked = false;
 
   for (int hg = 0; hg < G; ++hg) {
     const int h = hk * G + hg;
-    rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask);
+    rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
     const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
     for (int i0 = qlo / BM * BM; i0 < qhi; i0 += BM) {
       const int i_end = min(seq.nq, i0 + BM);
@@ -89,7 +93,7 @@ __device__ void attention_bwd_mma(
           (rules.left < 0 || j0 >= i_end - 1 + shift - rules.left) &&
           (rules.right < 0 || j0 + BN - 1 <= i0 + shift + rules.right);
       // may_drop: some pair of the tile may be dropped (not softcap / ALiBi alone).
-      const bool may_drop = F::MaskKind != 0 || F::BlockMask || j0 + BN > seq.nk || !inside_window;
+      const bool may_drop = F::MaskKind != 0 || F::BlockMask || tile_cuts_keys<F>(rules, j0, j0 + BN) || !inside_window;
       const bool need_rules = F::ElementRules || may_drop;
       if (!k_checked) {
         k_bad = own_tile_nonfinite<T, BN, D, SQ, VEC, NTHREADS>(Ks);

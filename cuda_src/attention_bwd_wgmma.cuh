@@ -34,7 +34,7 @@ __device__ void attention_bwd_wgmma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
     const int* cu_q, const int* cu_k, const int* ip, const float* fp,
     const T* dout, const float* lse, const float* delta,
-    float* dq_acc, T* dk, T* dv) {
+    float* dq_acc, T* dk, T* dv, const int* key_start = nullptr, const int* key_len = nullptr) {
   static_assert(D == 64 || D == 128, "wgmma backward: head dim 64 or 128");
   constexpr int BKV = 128, BQ = 64, NTHREADS = 256;
   constexpr int KV_BYTES = BKV * D * 2, QT_BYTES = BQ * D * 2, DS_BYTES = BKV * BQ * 2;
@@ -61,12 +61,14 @@ __device__ void attention_bwd_wgmma(
   const float softcap = fp[kSoftcap];
   const int key_row = wg * 64 + warp * 16 + g;  // this thread's first key within the block (other: + 8)
 
-  load_tile_swizzled<T, BKV, D, NTHREADS>(Ks, k + (kv_base + j0) * D, j_end - j0);
-  load_tile_swizzled<T, BKV, D, NTHREADS>(Vs, v + (kv_base + j0) * D, j_end - j0);
-
-  LogitRules<MT> rules = make_rules<MT, F>(seq, b, hk * G, ip, fp, mask, alibi, bmask);
+  LogitRules<MT> rules = make_rules<MT, F>(seq, b, hk * G, ip, fp, mask, alibi, bmask, key_start, key_len);
   int qlo, qhi;
   rules.query_range(j0, j_end - 1, qlo, qhi);
+  // No query sees these keys (all outside the key range, or the window's):
+  // dK = dV = 0, as the outputs start, and K, V are never loaded.
+  if (qlo >= qhi) return;
+  load_tile_swizzled<T, BKV, D, NTHREADS>(Ks, k + (kv_base + j0) * D, j_end - j0);
+  load_tile_swizzled<T, BKV, D, NTHREADS>(Vs, v + (kv_base + j0) * D, j_end - j0);
   const int shift = seq.nk - seq.nq;
   const int first_i0 = qlo / BQ * BQ;
 
@@ -74,7 +76,7 @@ __device__ void attention_bwd_wgmma(
   // Every thread calls this together (block_tile_live synchronises).
   auto tile_live = [&](int hg, int i0) {
     if (!F::BlockMask) return true;
-    const LogitRules<MT> r = make_rules<MT, F>(seq, b, hk * G + hg, ip, fp, mask, alibi, bmask);
+    const LogitRules<MT> r = make_rules<MT, F>(seq, b, hk * G + hg, ip, fp, mask, alibi, bmask, key_start, key_len);
     return block_tile_live<MT, NTHREADS>(r, i0, min(seq.nq, i0 + BQ), j0, j_end);
   };
   auto advance = [&](int& hg, int& i0) {
@@ -118,7 +120,7 @@ __device__ void attention_bwd_wgmma(
         (rules.left < 0 || j0 >= i_end - 1 + shift - rules.left) &&
         (rules.right < 0 || j0 + BKV - 1 <= i0 + shift + rules.right);
     // may_drop: some pair of the tile may be dropped (not softcap / ALiBi alone).
-    const bool may_drop = F::MaskKind != 0 || F::BlockMask || j0 + BKV > seq.nk || !inside_window;
+    const bool may_drop = F::MaskKind != 0 || F::BlockMask || tile_cuts_keys<F>(rules, j0, j0 + BKV) || !inside_window;
     const bool need_rules = F::ElementRules || may_drop;
     if (!k_checked) {
       k_bad = own_swizzled_nonfinite<T, BKV, D, NTHREADS>(Ks);
@@ -148,7 +150,7 @@ __device__ void attention_bwd_wgmma(
     cp_async_commit();
 
     const int h = hk * G + hg;
-    rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask);
+    rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
     const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
     const unsigned q_addr = smem_addr(Qs + stage * QT_BYTES), do_addr = smem_addr(dOs + stage * QT_BYTES);
     const float* lse_t = lse_s + stage * BQ;

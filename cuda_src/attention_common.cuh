@@ -166,7 +166,10 @@ __device__ __forceinline__ void exact_fragment_product(PAt p_at, unsigned long l
 }
 
 // Compile-time feature set of one kernel instance.
-template <bool Softcap_, bool Alibi_, int MaskKind_, bool Window_, bool BlockMask_, bool Sinks_, bool Varlen_>
+// KeyRange_: per-batch valid keys (key_start / key_len inputs); defaulted so
+// kernels without ranges (the quantized ones) name seven flags.
+template <bool Softcap_, bool Alibi_, int MaskKind_, bool Window_, bool BlockMask_, bool Sinks_, bool Varlen_,
+          bool KeyRange_ = false>
 struct Features {
   static constexpr bool Softcap = Softcap_;
   static constexpr bool Alibi = Alibi_;
@@ -175,7 +178,9 @@ struct Features {
   static constexpr bool BlockMask = BlockMask_;
   static constexpr bool Sinks = Sinks_;
   static constexpr bool Varlen = Varlen_;
-  // Logits need the per-element rules beyond the key-count bound.
+  static constexpr bool KeyRange = KeyRange_;
+  // Logits need the per-element rules beyond the key bounds (the sequence's
+  // end, a key range), which tiles test as a whole (tile_cuts_keys).
   static constexpr bool ElementRules = Softcap || Alibi || MaskKind != 0 || BlockMask;
 };
 
@@ -206,10 +211,27 @@ __device__ __forceinline__ Sequence sequence_of(int b, const int* ip, const int*
   return s;
 }
 
+// Batch b's valid keys [lo, hi): key_start[b] <= j < key_start[b] + key_len[b]
+// clamped to the sequence's [0, nk). Any int32 values are allowed (the sum is
+// formed in 64 bits); a range with no key gives lo = hi = 0, so every tile
+// loop that starts at a tile boundary below lo still runs no tile.
+__device__ __forceinline__ void batch_key_range(int b, int nk, const int* key_start, const int* key_len, int& lo,
+                                                int& hi) {
+  const long long start = key_start[b], end = start + (long long)key_len[b];
+  lo = (int)min(max(start, 0ll), (long long)nk);
+  hi = (int)min(max(end, 0ll), (long long)nk);
+  if (hi <= lo) lo = hi = 0;
+}
+
 // Everything the logit rules need for one (sequence, query head).
 template <typename MT>
 struct LogitRules {
   int nq, nk;
+  // Keys that exist for this row of the batch: [0, nk), or the part of it
+  // inside key_start/key_len. Keys outside are dropped like keys past the end:
+  // the tile bounds below never reach them, and apply_rules drops the ones
+  // that share a tile with valid keys.
+  int key_lo, key_hi;
   int left, right;        // window sides, -1 = unbounded
   float softcap;
   float inv_softcap;      // 1 / softcap: the fast path multiplies instead of dividing
@@ -222,14 +244,22 @@ struct LogitRules {
   int bm_col_stride;
   int block_q, block_k;
 
-  // Key range [lo, hi) that rows [i0, i1] can see through window/causal.
+  // Key range [lo, hi) that rows [i0, i1] can see through window/causal and
+  // the key range (empty when lo >= hi).
   __device__ __forceinline__ void key_range(int i0, int i1, int& lo, int& hi) const {
     int shift = nk - nq;
-    lo = left >= 0 ? max(0, i0 + shift - left) : 0;
-    hi = right >= 0 ? min(nk, i1 + shift + right + 1) : nk;
+    lo = left >= 0 ? max(key_lo, i0 + shift - left) : key_lo;
+    hi = right >= 0 ? min(key_hi, i1 + shift + right + 1) : key_hi;
   }
-  // Query range [lo, hi) that can see keys [j0, j1].
+  // Query range [lo, hi) that can see keys [j0, j1] (lo == hi = 0 when none of
+  // those keys exists for this row of the batch).
   __device__ __forceinline__ void query_range(int j0, int j1, int& lo, int& hi) const {
+    j0 = max(j0, key_lo);
+    j1 = min(j1, key_hi - 1);
+    if (j0 > j1) {
+      lo = hi = 0;
+      return;
+    }
     int shift = nk - nq;
     lo = right >= 0 ? max(0, j0 - right - shift) : 0;
     hi = left >= 0 ? min(nq, j1 + left - shift + 1) : nq;
@@ -239,13 +269,18 @@ struct LogitRules {
   }
 };
 
+// key_start / key_len: the key-range inputs, read only when F::KeyRange.
 template <typename MT, class F>
 __device__ __forceinline__ LogitRules<MT> make_rules(
     const Sequence& seq, int b, int h, const int* ip, const float* fp,
-    const MT* mask, const float* alibi, const bool* bmask) {
+    const MT* mask, const float* alibi, const bool* bmask,
+    const int* key_start = nullptr, const int* key_len = nullptr) {
   LogitRules<MT> r;
   r.nq = seq.nq;
   r.nk = seq.nk;
+  r.key_lo = 0;
+  r.key_hi = seq.nk;
+  if (F::KeyRange) batch_key_range(b, seq.nk, key_start, key_len, r.key_lo, r.key_hi);
   r.left = F::Window ? ip[kWindowLeft] : -1;
   r.right = F::Window ? ip[kWindowRight] : -1;
   r.softcap = fp[kSoftcap];
@@ -273,7 +308,8 @@ __device__ __forceinline__ LogitRules<MT> make_rules(
 }
 
 // The contract's logit rules, in order: softcap, ALiBi, additive mask; then
-// the drops (bool mask, window/causal, block mask, keys past the end).
+// the drops (bool mask, window/causal, block mask, keys past the end or
+// outside the key range: those first, so their k never matters).
 // `s` is scale * q.k; returns the final logit or -inf for a dropped key.
 // `capped` receives the logit right after softcap (the backward needs it).
 // Fast == true (the 16-bit tensor-core kernels): tanh through one exp and
@@ -288,7 +324,7 @@ template <class F, typename MT, bool Fast = false>
 __device__ __forceinline__ float apply_rules(const LogitRules<MT>& r, float s, int i, int j, float& capped,
                                              bool check_blocks = true) {
   capped = 0.f;
-  if (j >= r.nk || i >= r.nq) return kNegInf;
+  if (j >= r.key_hi || (F::KeyRange && j < r.key_lo) || i >= r.nq) return kNegInf;
   if (F::Softcap) s = r.softcap * (Fast ? fast_tanh(s * r.inv_softcap) : tanhf(s / r.softcap));
   capped = s;
   int p = i + r.nk - r.nq;
@@ -302,6 +338,14 @@ __device__ __forceinline__ float apply_rules(const LogitRules<MT>& r, float s, i
   }
   if (F::BlockMask && check_blocks) keep = keep && r.block_kept(i, j);
   return keep ? s : kNegInf;
+}
+
+// Some key of tile [j0, j1) does not exist for this row of the batch (past
+// the sequence's end, or outside its key range): the tile drops keys, so it
+// needs the rules (and the non-finite checks of dropping tiles).
+template <class F, typename MT>
+__device__ __forceinline__ bool tile_cuts_keys(const LogitRules<MT>& r, int j0, int j1) {
+  return j1 > r.key_hi || (F::KeyRange && j0 < r.key_lo);
 }
 
 // The live key tiles of one query block [i0, i_end) under a block mask, BN

@@ -74,7 +74,8 @@ template <typename T, typename MT, class F, int D, int DV, int NW, int BN, int S
 __device__ void attention_fwd_decode(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
     const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
-    T* out, float* lse, float* part_o, float* part_lse) {
+    T* out, float* lse, float* part_o, float* part_lse, const int* key_start = nullptr,
+    const int* key_len = nullptr) {
   static_assert(D % 8 == 0 && DV % 8 == 0, "decode kernel: head dims must be multiples of 8");
   static_assert(BN % 16 == 0 && STAGES >= 2, "decode kernel: BN a multiple of 16, at least 2 stages");
   static_assert(decode_merge_smem(DV, NW) <= decode_fwd_smem(D, DV, NW, BN, STAGES), "merge scratch");
@@ -109,11 +110,14 @@ __device__ void attention_fwd_decode(
   // The two rows of this lane's accumulator fragments: g and g + 8. Rows past
   // the sequence's last get i >= nq, which apply_rules drops.
   const int ra = r0 + g, rb = r0 + g + 8;
-  const LogitRules<MT> rules_a = make_rules<MT, F>(seq, b, hk * G + ra % G, ip, fp, mask, alibi, bmask);
-  const LogitRules<MT> rules_b = make_rules<MT, F>(seq, b, hk * G + rb % G, ip, fp, mask, alibi, bmask);
+  const LogitRules<MT> rules_a = make_rules<MT, F>(seq, b, hk * G + ra % G, ip, fp, mask, alibi, bmask,
+                                                       key_start, key_len);
+  const LogitRules<MT> rules_b = make_rules<MT, F>(seq, b, hk * G + rb % G, ip, fp, mask, alibi, bmask,
+                                                       key_start, key_len);
 
-  // Keys any row of the block can see, then this split's share, in whole
-  // rounds of NW tiles so the warps get equal work.
+  // Keys any row of the block can see (within its batch row's key range),
+  // then this split's share, in whole rounds of NW tiles so the warps get
+  // equal work: the splits cover only the keys that exist.
   const int i_first = r0 / G, i_last = (r_end - 1) / G;
   int lo, hi;
   rules_a.key_range(i_first, i_last, lo, hi);

@@ -102,7 +102,7 @@ template <typename T, typename MT, class F, int D, int DV, int NW, int BN>
 __device__ void attention_fwd_mma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
     const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
-    T* out, float* lse) {
+    T* out, float* lse, const int* key_start = nullptr, const int* key_len = nullptr) {
   constexpr int BM = 16 * NW, NTHREADS = 32 * NW;
   constexpr int DP = round16(D), DVP = round16(DV);
   constexpr int SQ = DP + 8, SV = DVP + 8;  // +8 halves: conflict-free ldmatrix rows
@@ -122,7 +122,7 @@ __device__ void attention_fwd_mma(
   const int i0 = (gridDim.x - 1 - blockIdx.x) * BM;
   if (i0 >= seq.nq) return;
   const int i_end = min(seq.nq, i0 + BM);
-  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask);
+  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
   const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
   const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
   const float scale = fp[kScale];
@@ -139,7 +139,7 @@ __device__ void attention_fwd_mma(
 
   load_tile<T, BM, D, SQ, VEC, NTHREADS>(Qs, q + (q_base + i0) * D, i_end - i0);
   int jt = next_live(lo / BN * BN);
-  if (jt < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jt) * D, seq.nk - jt);
+  if (jt < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jt) * D, rules.key_hi - jt);
   cp_async_commit();
 
   unsigned qf[DP / 16][4];
@@ -150,7 +150,7 @@ __device__ void attention_fwd_mma(
   bool first = true;
 
   while (jt < hi) {
-    load_tile<T, BN, DV, SV, VEC, NTHREADS>(Vs, v + (kv_base + jt) * DV, seq.nk - jt);
+    load_tile<T, BN, DV, SV, VEC, NTHREADS>(Vs, v + (kv_base + jt) * DV, rules.key_hi - jt);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -182,7 +182,7 @@ __device__ void attention_fwd_mma(
         (rules.left < 0 || jt >= i_end - 1 + shift - rules.left) &&
         (rules.right < 0 || jt + BN - 1 <= i0 + shift + rules.right);
     // may_drop: some pair of the tile may be dropped (not softcap / ALiBi alone).
-    const bool may_drop = F::MaskKind != 0 || F::BlockMask || jt + BN > seq.nk || !inside_window;
+    const bool may_drop = F::MaskKind != 0 || F::BlockMask || tile_cuts_keys<F>(rules, jt, jt + BN) || !inside_window;
     const bool need_rules = F::ElementRules || may_drop;
     unsigned drop = 0;  // bit 4n + c: pair (n, c) dropped (exact_fragment_product)
 #pragma unroll
@@ -236,7 +236,7 @@ __device__ void attention_fwd_mma(
 
     __syncthreads();  // every warp is done with K(jt)
     const int jn = next_live(jt + BN);
-    if (jn < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jn) * D, seq.nk - jn);
+    if (jn < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jn) * D, rules.key_hi - jn);
     cp_async_commit();
     cp_async_wait<1>();
     // V(jt) has landed; a tile that drops keys and holds a NaN or inf in V
@@ -293,7 +293,7 @@ template <typename T, typename MT, class F, int D, int DV, int NW, int BN>
 __device__ void attention_fwd_mma2(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
     const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
-    T* out, float* lse) {
+    T* out, float* lse, const int* key_start = nullptr, const int* key_len = nullptr) {
   constexpr int MI = 2, BM = 16 * MI * NW, NTHREADS = 32 * NW;
   constexpr int DP = round16(D), DVP = round16(DV);
   constexpr int SQ = DP + 8, SV = DVP + 8;
@@ -312,7 +312,7 @@ __device__ void attention_fwd_mma2(
   const int i0 = (gridDim.x - 1 - blockIdx.x) * BM;
   if (i0 >= seq.nq) return;
   const int i_end = min(seq.nq, i0 + BM);
-  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask);
+  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
   const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
   const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
   const float scale = fp[kScale];
@@ -326,7 +326,7 @@ __device__ void attention_fwd_mma2(
 
   load_tile<T, BM, D, SQ, VEC, NTHREADS>(Qs, q + (q_base + i0) * D, i_end - i0);
   int jt = tiles_live.next(lo / BN * BN);
-  if (jt < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jt) * D, seq.nk - jt);
+  if (jt < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jt) * D, rules.key_hi - jt);
   cp_async_commit();
 
   float o[MI][DVP / 8][4];
@@ -339,7 +339,7 @@ __device__ void attention_fwd_mma2(
   for (int mi = 0; mi < MI; ++mi) row_max[mi][0] = row_max[mi][1] = kNegInf, row_sum[mi][0] = row_sum[mi][1] = 0.f;
 
   while (jt < hi) {
-    load_tile<T, BN, DV, SV, VEC, NTHREADS>(Vs, v + (kv_base + jt) * DV, seq.nk - jt);
+    load_tile<T, BN, DV, SV, VEC, NTHREADS>(Vs, v + (kv_base + jt) * DV, rules.key_hi - jt);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -375,7 +375,7 @@ __device__ void attention_fwd_mma2(
     const bool check_blocks = F::BlockMask && (i0 / rules.block_q != (i_end - 1) / rules.block_q ||
                                                jt / rules.block_k != (jt + BN - 1) / rules.block_k);
     // may_drop: some pair of the tile may be dropped (not softcap / ALiBi alone).
-    const bool may_drop = F::MaskKind != 0 || check_blocks || jt + BN > seq.nk || !inside_window;
+    const bool may_drop = F::MaskKind != 0 || check_blocks || tile_cuts_keys<F>(rules, jt, jt + BN) || !inside_window;
     const bool need_rules = F::Softcap || F::Alibi || may_drop;
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) {
@@ -432,7 +432,7 @@ __device__ void attention_fwd_mma2(
 
     __syncthreads();
     const int jn = tiles_live.next(jt + BN);
-    if (jn < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jn) * D, seq.nk - jn);
+    if (jn < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jn) * D, rules.key_hi - jn);
     cp_async_commit();
     cp_async_wait<1>();
     // V(jt) has landed; exact P V where the tile drops keys and V holds a NaN or inf.

@@ -61,7 +61,7 @@ __device__ __forceinline__ float swizzled_at(const unsigned char* tile, int row,
 }
 
 // Some pair of key tile [jt, jt + BN) x rows [i0, i_end) may be dropped
-// (a mask, a block mask, the sequence's end or a window edge; softcap and
+// (a mask, a block mask, the sequence's end or key range, or a window edge; softcap and
 // ALiBi alone drop nothing). Uniform over the block.
 template <class F, int BN, typename MT>
 __device__ __forceinline__ bool tile_may_drop(const LogitRules<MT>& rules, const Sequence& seq, int i0, int i_end,
@@ -72,7 +72,7 @@ __device__ __forceinline__ bool tile_may_drop(const LogitRules<MT>& rules, const
       (rules.right < 0 || jt + BN - 1 <= i0 + shift + rules.right);
   const bool check_blocks = F::BlockMask && (i0 / rules.block_q != (i_end - 1) / rules.block_q ||
                                              jt / rules.block_k != (jt + BN - 1) / rules.block_k);
-  return F::MaskKind != 0 || check_blocks || jt + BN > seq.nk || !inside_window;
+  return F::MaskKind != 0 || check_blocks || tile_cuts_keys<F>(rules, jt, jt + BN) || !inside_window;
 }
 
 // One warpgroup's share of a key tile: S = Q K^T issued (not waited) over
@@ -218,7 +218,7 @@ template <typename T, typename MT, class F, int D, int BN, int STAGES>
 __device__ void attention_fwd_wgmma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
     const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
-    T* out, float* lse) {
+    T* out, float* lse, const int* key_start = nullptr, const int* key_len = nullptr) {
   static_assert(D == 64 || D == 128, "wgmma forward: head dim 64 or 128");
   static_assert(BN == 64 || BN == 128, "wgmma forward: key tile 64 or 128");
   static_assert(STAGES == 2 || (STAGES == 3 && !F::BlockMask), "ping-pong schedule: no block mask");
@@ -238,7 +238,7 @@ __device__ void attention_fwd_wgmma(
   const int i0 = (gridDim.x - 1 - blockIdx.x) * BM;
   if (i0 >= seq.nq) return;
   const int i_end = min(seq.nq, i0 + BM);
-  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask);
+  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
   const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
   const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
   const float scale = fp[kScale];
@@ -248,8 +248,8 @@ __device__ void attention_fwd_wgmma(
   rules.key_range(i0, i_end - 1, lo, hi);
   const int tile0 = lo / BN * BN;
   auto load_kv = [&](int j0, int stage) {
-    load_tile_swizzled<T, BN, D, NTHREADS>(Ks + stage * KV_BYTES, k + (kv_base + j0) * D, seq.nk - j0);
-    load_tile_swizzled<T, BN, D, NTHREADS>(Vs + stage * KV_BYTES, v + (kv_base + j0) * D, seq.nk - j0);
+    load_tile_swizzled<T, BN, D, NTHREADS>(Ks + stage * KV_BYTES, k + (kv_base + j0) * D, rules.key_hi - j0);
+    load_tile_swizzled<T, BN, D, NTHREADS>(Vs + stage * KV_BYTES, v + (kv_base + j0) * D, rules.key_hi - j0);
   };
 
   float o[D / 2];

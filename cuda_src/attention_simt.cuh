@@ -77,7 +77,8 @@ template <typename T, typename MT, class F, int D, int DV, int W, int SPLITS>
 __device__ void attention_fwd_simt(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
     const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
-    T* out, float* lse, float* part_o, float* part_lse) {
+    T* out, float* lse, float* part_o, float* part_lse, const int* key_start = nullptr,
+    const int* key_len = nullptr) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* ks = reinterpret_cast<float*>(smem_raw);  // [32][D + 1] (padded: lane j reads row j)
   float* vs = ks + kSimtTile * (D + 1);             // [32][DV]
@@ -95,14 +96,14 @@ __device__ void attention_fwd_simt(
   const bool row_ok = r < rows;
   const int i = row_ok ? r / G : 0;
   const int h = hk * G + (row_ok ? r % G : 0);
-  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask);
+  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
   const long q_row = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start + i;
   const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
   const float scale = fp[kScale];
 
   for (int d = lane; d < D; d += 32) qs[warp * D + d] = row_ok ? to_float(q[q_row * D + d]) : 0.f;
 
-  // Keys any row of this block can see, then this split's share of them.
+  // Keys any row of this block can see (within the key range), then this split's share of them.
   int lo, hi;
   rules.key_range(r0 / G, min(rows - 1, r0 + W - 1) / G, lo, hi);
   const int span = max(hi - lo, 0);
@@ -306,7 +307,7 @@ __device__ void attention_bwd_simt(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
     const int* cu_q, const int* cu_k, const int* ip, const float* fp,
     const T* dout, const float* lse, const T* o, const float* dlse,
-    float* dq_acc, T* dk, T* dv) {
+    float* dq_acc, T* dk, T* dv, const int* key_start = nullptr, const int* key_len = nullptr) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* ks = reinterpret_cast<float*>(smem_raw) + warp * kSimtTile * (2 * (D + 1) + 2 * (DV + 1));
@@ -324,8 +325,14 @@ __device__ void attention_bwd_simt(
   const Sequence seq = sequence_of<F::Varlen>(b, ip, cu_q, cu_k);
   const int block_j0 = blockIdx.x * W * kSimtTile;
   if (block_j0 >= seq.nk) return;
+  LogitRules<MT> rules = make_rules<MT, F>(seq, b, hk * G, ip, fp, mask, alibi, bmask, key_start, key_len);
+  int i_lo, i_hi;
+  rules.query_range(block_j0, min(seq.nk, block_j0 + W * kSimtTile) - 1, i_lo, i_hi);
+  // No query sees these keys (all outside the key range, or the window's):
+  // dK = dV = 0, as the outputs start.
+  if (i_lo >= i_hi) return;
   const int j = block_j0 + warp * kSimtTile + lane;
-  const bool key_ok = j < seq.nk;
+  const bool key_ok = j >= rules.key_lo && j < rules.key_hi;  // zeros loaded, nothing written otherwise
   const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
   const float scale = fp[kScale];
   const float softcap = fp[kSoftcap];
@@ -339,14 +346,10 @@ __device__ void attention_bwd_simt(
     dvs[lane * (DV + 1) + d] = 0.f;
   }
 
-  LogitRules<MT> rules = make_rules<MT, F>(seq, b, hk * G, ip, fp, mask, alibi, bmask);
-  int i_lo, i_hi;
-  rules.query_range(block_j0, min(seq.nk, block_j0 + W * kSimtTile) - 1, i_lo, i_hi);
-
   for (int i = i_lo; i < i_hi; ++i) {
     for (int hg = 0; hg < G; ++hg) {
       const int h = hk * G + hg;
-      rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask);
+      rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
       const long q_row = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start + i;
       __syncthreads();
       for (int d = threadIdx.x; d < D; d += W * 32) qrow[d] = to_float(q[q_row * D + d]);

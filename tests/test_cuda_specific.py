@@ -67,9 +67,10 @@ def wrap_like_mlx(name, body, inputs, outputs, template, headers=None):
 
 def _attention_cases():
     f = mx.float32
-    attn_in = [(n, d) for n, d in zip(cuda_backend._ATTN_INPUTS, (None,) * 11)]
+    # Every feature, key ranges included; the float32 SIMT cases below compile
+    # the kernels without key ranges (KEY_RANGE false) too.
     features = [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 2), ("WINDOW", True),
-                ("BLOCK_MASK", True), ("VARLEN", False)]
+                ("BLOCK_MASK", True), ("VARLEN", False), ("KEY_RANGE", True)]
     for T in (mx.float16, mx.bfloat16):
         dims = [("D", 72), ("DV", 40)]
         yield ("attention_fwd_mma", T, mx.float32, features + [("SINKS", True)] + dims + [("NW", 4), ("BN", 64)],
@@ -87,27 +88,33 @@ def _attention_cases():
             yield ("attention_bwd_wgmma", T, mx.float32, features + [("D", D), ("DV", D)], ("dq_acc", "dk", "dv"))
     yield ("attention_fwd_simt", mx.float32, mx.bool_,
            [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 1), ("WINDOW", True), ("BLOCK_MASK", True),
-            ("VARLEN", True), ("SINKS", True), ("D", 33), ("DV", 7), ("W", 4), ("SPLITS", 3)],
+            ("VARLEN", True), ("KEY_RANGE", False), ("SINKS", True), ("D", 33), ("DV", 7), ("W", 4), ("SPLITS", 3)],
            ("out", "lse", "part_o", "part_lse"))
     yield ("attention_fwd_simt", mx.float16, mx.float16,
            features + [("SINKS", False), ("D", 40), ("DV", 33), ("W", 8), ("SPLITS", 1)],
            ("out", "lse", "part_o", "part_lse"))
     yield ("attention_bwd_simt", mx.float32, mx.bool_,
            features + [("D", 33), ("DV", 7), ("W", 2), ("HAS_DLSE", True)], ("dq_acc", "dk", "dv"))
+    yield ("attention_bwd_simt", mx.float16, mx.float16, [(n, False) for n in ("SOFTCAP", "ALIBI", "WINDOW",
+           "BLOCK_MASK", "VARLEN", "KEY_RANGE")] + [("MASK_KIND", 0), ("D", 160), ("DV", 160), ("W", 1),
+           ("HAS_DLSE", False)], ("dq_acc", "dk", "dv"))
 
 
 def _decode_cases():
     """attention_fwd_decode instances: (T, MT, template after T and MT)."""
     plain = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 0), ("WINDOW", False),
-             ("BLOCK_MASK", False), ("SINKS", False), ("VARLEN", False)]
+             ("BLOCK_MASK", False), ("SINKS", False), ("VARLEN", False), ("KEY_RANGE", False)]
     every = [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 1), ("WINDOW", True),
-             ("BLOCK_MASK", True), ("SINKS", True), ("VARLEN", False)]
+             ("BLOCK_MASK", True), ("SINKS", True), ("VARLEN", False), ("KEY_RANGE", True)]
     varlen = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 2), ("WINDOW", True),
-              ("BLOCK_MASK", False), ("SINKS", True), ("VARLEN", True)]
+              ("BLOCK_MASK", False), ("SINKS", True), ("VARLEN", True), ("KEY_RANGE", False)]
+    ranges = plain[:-1] + [("KEY_RANGE", True)]
     tiles = lambda d, dv, stages, split: [("D", d), ("DV", dv), ("NW", 4), ("BN", 16), ("STAGES", stages),
                                           ("SPLIT", split)]
     f16, b16 = mx.float16, mx.bfloat16
     yield f16, mx.bool_, plain + tiles(128, 128, 3, True)
+    yield f16, mx.bool_, ranges + tiles(128, 128, 3, True)
+    yield b16, mx.bool_, ranges + tiles(256, 256, 2, True)
     yield b16, mx.bool_, plain + tiles(128, 128, 3, False)
     yield f16, mx.bool_, plain + tiles(64, 64, 3, True)
     yield b16, mx.bool_, plain + tiles(256, 256, 2, True)
@@ -136,13 +143,16 @@ def _input_dtypes(body, T, MT):
     if body in ("attention_fwd_mma", "attention_fwd_mma2", "attention_fwd_wgmma", "attention_fwd_simt",
                 "attention_fwd_decode"):
         names, dtypes = cuda_backend._ATTN_INPUTS, (T, T, T, MT, mx.float32, mx.float32, mx.bool_,
-                                                     mx.int32, mx.int32, mx.int32, mx.float32)
+                                                     mx.int32, mx.int32, mx.int32, mx.float32, mx.int32, mx.int32)
     elif body in ("attention_bwd_mma", "attention_bwd_wgmma"):
         names, dtypes = cuda_backend._BWD_MMA_INPUTS, (T, T, T, MT, mx.float32, mx.bool_, mx.int32, mx.int32,
-                                                        mx.int32, mx.float32, T, mx.float32, mx.float32)
+                                                        mx.int32, mx.float32, T, mx.float32, mx.float32,
+                                                        mx.int32, mx.int32)
     else:
         names, dtypes = cuda_backend._BWD_SIMT_INPUTS, (T, T, T, MT, mx.float32, mx.bool_, mx.int32, mx.int32,
-                                                         mx.int32, mx.float32, T, mx.float32, T, mx.float32)
+                                                         mx.int32, mx.float32, T, mx.float32, T, mx.float32,
+                                                         mx.int32, mx.int32)
+    assert len(names) == len(dtypes), f"{body}: a dtype for every input"
     return list(zip(names, dtypes))
 
 
@@ -378,3 +388,46 @@ def test_nonfinite_decode_on_gpu(case, dtype):
     want = attention_np(q, k, v, **options)
     nonfinite_cases.check_contract("out", np.array(out.astype(mx.float32)), want, dtype)
     nonfinite_cases.check_contract("lse", np.array(lse), want, mx.float32)
+
+
+# ---------------------------------------------------------------------------
+# Native key ranges on the GPU: the cases the emulation runs
+# (tests/cuda_emu/key_range_cases.py) on every kernel the card selects, the
+# Hopper ones included, at sizes where whole 128-key tiles and blocks fall
+# outside the ranges: fp16/bf16 D 64/128 = wgmma forward (both schedules: the
+# block-mask features take the in-step one) and backward; D 24/40 = mma2 +
+# mma backward; D 256 = the one-tile mma forward + SIMT backward; float32 = SIMT.
+
+_GPU_KEY_RANGE_KINDS = [(mx.float16, 64, 64), (mx.bfloat16, 128, 128), (mx.float16, 24, 40), (mx.float16, 256, 256),
+                        (mx.float32, 64, 64)]
+_GPU_KEY_RANGE_FEATURES = ["none", "causal", "window_both", "combined_causal_softcap_alibi_sinks",
+                           "combined_blocks_causal_additive", "combined_everything"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("feature", _GPU_KEY_RANGE_FEATURES)
+@pytest.mark.parametrize("kind", _GPU_KEY_RANGE_KINDS, ids=lambda k: f"{str(k[0]).split('.')[-1]}-D{k[1]}-{k[2]}")
+def test_key_ranges_forward_backward_on_gpu(kind, feature, cpu_default_device):
+    from cuda_emu.key_range_cases import backend_runner, check_case
+
+    dtype, D, Dv = kind
+    check_case(backend_runner(mx.gpu, emulate=False), (4, 4, 2, 150, 600, D, Dv), dtype, feature, grads=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("feature", ["causal", "combined_causal_softcap_alibi_sinks", "combined_mask_window_sinks"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32], ids=["decode_f16", "simt_f32"])
+def test_key_ranges_decode_on_gpu(dtype, feature, cpu_default_device):
+    """Split decode: the splits cover only each row's range."""
+    from cuda_emu.key_range_cases import backend_runner, check_case
+
+    check_case(backend_runner(mx.gpu, emulate=False), (5, 8, 2, 1, 3001, 128, 128), dtype, feature, grads=False)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", [(4, 4, 2, 150, 600, 64), (4, 4, 2, 150, 600, 128), (5, 8, 2, 1, 3001, 128)],
+                         ids=["wgmma_D64", "wgmma_D128", "decode"])
+def test_key_ranges_poisoned_on_gpu(shape, cpu_default_device):
+    from cuda_emu.key_range_cases import backend_runner, check_poisoned_case
+
+    check_poisoned_case(backend_runner(mx.gpu, emulate=False), shape, mx.float16, grads=shape[3] > 1)

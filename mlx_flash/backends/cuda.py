@@ -21,6 +21,11 @@ names their slots). Feature flags, head dims and tile sizes are template
 arguments, so each combination is compiled once by MLX and cached; sequence
 lengths and head counts are runtime values and cost no recompilation.
 
+Per-batch key ranges (key_start / key_len) are native (NATIVE_KEY_RANGES): every
+attention kernel above narrows its key-tile loop (forward, decode splits) or
+skips its key block (backward) to the batch row's range, and the shared logit
+rules drop the keys of partly covered tiles; no mask is formed.
+
 Nothing CUDA-specific is imported at module import time.
 """
 
@@ -35,6 +40,9 @@ import mlx.core as mx
 
 from .._sources import read_source
 from .._spec import AttentionInputs, AttentionSpec
+
+# The kernels read inputs.key_start / key_len (dispatch.fold_key_ranges is not applied).
+NATIVE_KEY_RANGES = True
 
 # Shared memory one block may use on sm_80/sm_90 (227 KiB, less some headroom).
 _MAX_SMEM = 220 * 1024
@@ -239,7 +247,10 @@ def _mma_bwd_smem(d: int, dv: int, bm: int, bn: int) -> int:
 # ---------------------------------------------------------------------------
 # Inputs common to every attention kernel.
 
-_ATTN_INPUTS = ("q", "k", "v", "mask", "alibi", "sinks", "bmask", "cu_q", "cu_k", "ip", "fp")
+# Per-batch key ranges (key_start, key_len), last so that a kernel body written
+# without them still lines up; read only by instances with KEY_RANGE.
+_KEY_RANGE_INPUTS = ("kstart", "klen")
+_ATTN_INPUTS = ("q", "k", "v", "mask", "alibi", "sinks", "bmask", "cu_q", "cu_k", "ip", "fp") + _KEY_RANGE_INPUTS
 
 
 @functools.lru_cache(maxsize=4096)
@@ -293,6 +304,13 @@ def _common_inputs(q, k, v, spec: AttentionSpec, inputs: AttentionInputs):
     ]
 
 
+def _key_range_inputs(inputs: AttentionInputs) -> list:
+    """key_start and key_len (int32 [B]), or placeholders where the call has none."""
+    if inputs.key_start is None:
+        return [_placeholder(mx.int32)] * 2
+    return [inputs.key_start, inputs.key_len]
+
+
 def _feature_template(spec: AttentionSpec, inputs: AttentionInputs, with_sinks=True):
     return list(_features(spec, inputs.mask.dtype if inputs.mask is not None else mx.bool_, with_sinks))
 
@@ -306,7 +324,7 @@ def _features(spec: AttentionSpec, mask_dtype, with_sinks: bool) -> tuple:
         ("T", spec.dtype), ("MT", mask_dtype),
         ("SOFTCAP", spec.softcap > 0), ("ALIBI", spec.has_alibi), ("MASK_KIND", _MASK_KINDS[spec.mask_kind]),
         ("WINDOW", spec.has_window), ("BLOCK_MASK", spec.has_block_mask),
-        ("VARLEN", spec.varlen),
+        ("VARLEN", spec.varlen), ("KEY_RANGE", spec.has_key_range),
     ) + ((("SINKS", spec.has_sinks),) if with_sinks else ())
 
 
@@ -375,7 +393,7 @@ _FWD_TWO_TILES = os.environ.get("MLX_FLASH_CUDA_FWD_TWO_TILES", "1") == "1"
 def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
     out_shape = tuple(q.shape[:-1]) + (spec.head_dim_v,)
     lse_shape = tuple(q.shape[:-1])
-    args = _common_inputs(q, k, v, spec, inputs)
+    args = _common_inputs(q, k, v, spec, inputs) + _key_range_inputs(inputs)
     template = _feature_template(spec, inputs) + [("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
     if _uses_wgmma(spec):
         bn, stages, row_blocks, kernel = _wgmma_fwd_config(spec, _WGMMA_BN, _WGMMA_STAGES)
@@ -534,8 +552,10 @@ def _simt_fwd_config(spec: AttentionSpec):
 # ---------------------------------------------------------------------------
 # Backward.
 
-_BWD_SIMT_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip", "fp", "dout", "lse", "o", "dlse")
-_BWD_MMA_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip", "fp", "dout", "lse", "delta")
+_BWD_SIMT_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip", "fp", "dout", "lse", "o",
+                    "dlse") + _KEY_RANGE_INPUTS
+_BWD_MMA_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip", "fp", "dout", "lse",
+                   "delta") + _KEY_RANGE_INPUTS
 _MMA_BWD_WARPS = 4
 
 
@@ -556,7 +576,7 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
             nw, key_blocks, kernel = _mma_bwd_config(spec)
             extra = [("NW", nw)]
         dq_acc, dk, dv = kernel(
-            inputs=args + [delta], template=template + extra,
+            inputs=args + [delta] + _key_range_inputs(inputs), template=template + extra,
             grid=(key_blocks * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
             output_shapes=[tuple(q.shape), tuple(k.shape), tuple(v.shape)],
             output_dtypes=[mx.float32, spec.dtype, spec.dtype],
@@ -564,7 +584,7 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
         )
     else:
         # Scalar path; delta is formed in the kernel (see attention_bwd_simt).
-        args = args + [out, dlse if dlse is not None else _placeholder(mx.float32)]
+        args = args + [out, dlse if dlse is not None else _placeholder(mx.float32)] + _key_range_inputs(inputs)
         warps, key_blocks, kernel = _simt_bwd_config(spec)
         dq_acc, dk, dv = kernel(
             inputs=args, template=template + [("W", warps), ("HAS_DLSE", dlse is not None)],

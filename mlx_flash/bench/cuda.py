@@ -1,6 +1,6 @@
 """CUDA benchmark: mlx_flash vs mx.fast SDPA (cuDNN) vs PyTorch SDPA, one run, one card.
 
-    python -m mlx_flash.bench.cuda [--sections fwd,fwdbwd,features,decode,matmul] [--out PATH]
+    python -m mlx_flash.bench.cuda [--sections fwd,fwdbwd,features,decode,key_ranges,matmul] [--out PATH]
 
 Writes cuda_<card>.json (into --out when it is a directory, the current one by
 default; to --out when it names a .json file) and prints one line per
@@ -202,6 +202,63 @@ def bench_decode(rec: Recorder, B=1, Hq=32, Hkv=4, Nk=32768, D=128, layers=32):
         del caches
 
 
+KEY_RANGE_CASES = ((1, False, False), (2048, False, False), (2048, True, False), (2048, False, True),
+                   (2048, True, True))  # (Nq, causal, forward+backward)
+
+
+def bench_key_ranges(rec: Recorder, B=4, H=16, Nk=8192, D=128, cases=KEY_RANGE_CASES, iters=10):
+    """Per-batch key ranges, half of every row's keys outside its range (left
+    padding: the first Nk/2 keys, +-1000 between rows): the native ranges vs
+    the same ranges as the [B, 1, 1, Nk] bool mask a backend without them
+    folds them into (what mlx_flash did before) vs mx.fast SDPA with that mask,
+    and the same call over every key without ranges. Nq = 1 (decode) and
+    2048 (the Hopper forward; forward+backward too)."""
+    from mlx_flash.reference import key_range_keep
+
+    dtype = mx.float16
+    half = Nk // 2
+    start = mx.array([half, half - 1000, half + 1000, half][:B] + [half] * max(0, B - 4), mx.int32)
+    length = Nk - start
+    keep = key_range_keep(start, length, Nk)
+    mx.eval(start, length, keep)
+    kept_fraction = float(mx.mean(keep.astype(mx.float32)).item())
+    for Nq, causal, backward in cases:
+        q, k, v = _qkv(B, H, H, Nq, Nk, D, dtype)
+        calls = {
+            "native": lambda a, b, c: mlx_flash.flash_attention(a, b, c, causal=causal, key_start=start,
+                                                                key_len=length),
+            "folded_mask": lambda a, b, c: mlx_flash.flash_attention(a, b, c, causal=causal, mask=keep),
+            "no_range": lambda a, b, c: mlx_flash.flash_attention(a, b, c, causal=causal),
+            # mx.fast aligns causal top-left for Nq != Nk; only the non-causal rows compare with it.
+            "mx_fast_mask": None if causal else (
+                lambda a, b, c: mx.fast.scaled_dot_product_attention(a, b, c, scale=D ** -0.5, mask=keep)),
+        }
+        row = dict(section="key_ranges", dtype="float16", shape=[B, H, Nq, Nk, D], causal=causal,
+                   backward=backward, kept_fraction=kept_fraction)
+        for name, fn in calls.items():
+            if fn is None:
+                continue
+            if backward:
+                grad = mx.grad(lambda a, b, c, fn=fn: mx.sum(fn(a, b, c).astype(mx.float32)), argnums=(0, 1, 2))
+                run = lambda grad=grad: grad(q, k, v)
+            else:
+                run = lambda fn=fn: fn(q, k, v)
+            try:
+                t, m = time_mlx(run, warmup=2, iters=iters)
+                row.update({f"{name}_ms": t * 1e3, f"{name}_peak_mib": m})
+            except Exception as e:  # noqa: BLE001 (record, keep the other calls)
+                row[f"{name}_error"] = f"{type(e).__name__}: {e}"
+        if "native_ms" in row and "folded_mask_ms" in row:
+            row["speedup_vs_folded_mask"] = row["folded_mask_ms"] / row["native_ms"]
+            a = calls["native"](q, k, v).astype(mx.float32)
+            b = calls["folded_mask"](q, k, v).astype(mx.float32)
+            row["max_abs_diff_vs_folded_mask"] = float(mx.max(mx.abs(a - b)).item())
+        if "native_ms" in row and "mx_fast_mask_ms" in row:
+            row["ratio_vs_mx_fast_mask"] = row["mx_fast_mask_ms"] / row["native_ms"]
+        rec.add(**row)
+        del q, k, v
+
+
 def bench_matmul(rec: Recorder):
     from mlx_flash.backends import cuda_matmul
 
@@ -244,6 +301,7 @@ SECTIONS = {
     "fwdbwd": lambda r: bench_attention(r, backward=True),
     "features": bench_features,
     "decode": bench_decode,
+    "key_ranges": bench_key_ranges,
     "matmul": bench_matmul,
 }
 
