@@ -64,11 +64,11 @@ def _attention_cases():
                 ("BLOCK_MASK", True), ("VARLEN", False)]
     for T in (mx.float16, mx.bfloat16):
         dims = [("D", 72), ("DV", 40)]
-        yield ("attention_fwd_mma", T, mx.float32, features + [("SINKS", True)] + dims + [("NW", 4), ("BN", 64)],
-               ("out", "lse"))
+        yield ("attention_fwd_mma", T, mx.float32,
+               features + [("SINKS", True)] + dims + [("NW", 4), ("BN", 64), ("DVC", 40)], ("out", "lse"))
         yield ("attention_fwd_mma2", T, mx.float32, features + [("SINKS", True)] + dims + [("NW", 4), ("BN", 32)],
                ("out", "lse"))
-        yield ("attention_bwd_mma", T, mx.float32, features + dims + [("NW", 4)], ("dq_acc", "dk", "dv"))
+        yield ("attention_bwd_mma", T, mx.float32, features + dims + [("NW", 4), ("NCH", 1)], ("dq_acc", "dk", "dv"))
         # Hopper forward: both schedules, both head dims and key tiles.
         for D, BN, stages, feats in ((128, 128, 3, [f for f in features if f[0] != "BLOCK_MASK"] +
                                       [("BLOCK_MASK", False)]),
@@ -85,7 +85,7 @@ def _attention_cases():
            features + [("SINKS", False), ("D", 40), ("DV", 33), ("W", 8), ("SPLITS", 1)],
            ("out", "lse", "part_o", "part_lse"))
     yield ("attention_bwd_simt", mx.float32, mx.bool_,
-           features + [("D", 33), ("DV", 7), ("W", 2), ("HAS_DLSE", True)], ("dq_acc", "dk", "dv"))
+           features + [("D", 33), ("DV", 7), ("W", 2), ("HAS_DLSE", True), ("NCH", 1)], ("dq_acc", "dk", "dv"))
 
 
 def _decode_cases():
@@ -97,7 +97,7 @@ def _decode_cases():
     varlen = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 2), ("WINDOW", True),
               ("BLOCK_MASK", False), ("SINKS", True), ("VARLEN", True)]
     tiles = lambda d, dv, stages, split: [("D", d), ("DV", dv), ("NW", 4), ("BN", 16), ("STAGES", stages),
-                                          ("SPLIT", split)]
+                                          ("SPLIT", split), ("DVC", dv)]
     f16, b16 = mx.float16, mx.bfloat16
     yield f16, mx.bool_, plain + tiles(128, 128, 3, True)
     yield b16, mx.bool_, plain + tiles(128, 128, 3, False)
@@ -109,9 +109,12 @@ def _decode_cases():
     yield b16, mx.bfloat16, varlen + tiles(256, 256, 2, False)
     yield f16, mx.float16, every[:2] + [("MASK_KIND", 2)] + every[3:] + tiles(96, 128, 4, True)
     # Tile variants tools/cuda_decode_check.py sweeps: 8 warps, 32-key warp tiles, 2 warps.
-    yield f16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 8), ("BN", 16), ("STAGES", 2), ("SPLIT", True)]
-    yield b16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 4), ("BN", 32), ("STAGES", 2), ("SPLIT", True)]
-    yield f16, mx.bool_, plain + tiles(64, 64, 4, True)[:2] + [("NW", 2), ("BN", 16), ("STAGES", 4), ("SPLIT", True)]
+    yield f16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 8), ("BN", 16), ("STAGES", 2), ("SPLIT", True),
+                                                                 ("DVC", 128)]
+    yield b16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 4), ("BN", 32), ("STAGES", 2), ("SPLIT", True),
+                                                                 ("DVC", 128)]
+    yield f16, mx.bool_, plain + tiles(64, 64, 4, True)[:2] + [("NW", 2), ("BN", 16), ("STAGES", 4), ("SPLIT", True),
+                                                               ("DVC", 64)]
 
 
 def _combine_cases():
@@ -259,6 +262,68 @@ def test_decode_kernels_compile_without_spills(tmp_path):
                             [("out", dict(t)["T"]), ("lse", mx.float32)], t)
                for i, t in enumerate(_combine_cases())]
     _nvcc_compile(tmp_path, "combine", _prelude(cuda_backend.kernel_headers("attention_combine")) + "\n" + "\n".join(kernels))
+
+
+def _wide_head_cases():
+    """Every kernel a wide-head call (Dqk up to 576, Dv up to 512) can select, with
+    the tiles and column chunks the backend picks: (body, T, MT, template, outputs)."""
+    from mlx_flash._spec import validate_attention
+
+    every = [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 2), ("WINDOW", True), ("BLOCK_MASK", True),
+             ("VARLEN", False)]
+    plain = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 0), ("WINDOW", True), ("BLOCK_MASK", False),
+             ("VARLEN", False)]
+    for (d, dv), T in (((576, 512), mx.float16), ((576, 512), mx.bfloat16), ((192, 128), mx.float16),
+                       ((320, 256), mx.bfloat16), ((288, 96), mx.float16)):
+        dims = [("D", d), ("DV", dv)]
+        for feats in (every, plain):
+            yield ("attention_fwd_mma", T, mx.float32, feats + [("SINKS", True)] + dims + [
+                ("NW", 4), ("BN", 32), ("DVC", cuda_backend._column_chunk(dv))], ("out", "lse"))
+            nch = cuda_backend._mma_bwd_chunks(d, dv)
+            yield ("attention_bwd_mma", T, mx.float32, feats + dims + [
+                ("NW", 4 if nch == 1 else 2), ("NCH", nch)], ("dq_acc", "dk", "dv"))
+            spec, _ = validate_attention(mx.ones((1, 16, 1, d), T), mx.ones((1, 1, 4096, d), T),
+                                         mx.ones((1, 1, 4096, dv), T))
+            nw, bn, stages = cuda_backend._decode_config(spec, ())
+            for split in (True, False):
+                yield ("attention_fwd_decode", T, mx.float32, feats + [("SINKS", True)] + dims + [
+                    ("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", split),
+                    ("DVC", cuda_backend._column_chunk(dv))], ("out", "lse", "part_o", "part_lse"))
+    for d, dv in ((576, 512), (33, 511)):
+        for w in (4, 8):
+            yield ("attention_fwd_simt", mx.float32, mx.float32, every + [("SINKS", True), ("D", d), ("DV", dv),
+                   ("W", w), ("SPLITS", 2)], ("out", "lse", "part_o", "part_lse"))
+        nch = 1
+        while cuda_backend._simt_bwd_smem(d, dv, 1, nch) > cuda_backend._MAX_SMEM:
+            nch += 1
+        yield ("attention_bwd_simt", mx.float32, mx.float32, every + [("D", d), ("DV", dv), ("W", 1),
+               ("HAS_DLSE", True), ("NCH", nch)], ("dq_acc", "dk", "dv"))
+    yield ("attention_fwd_simt", mx.float16, mx.bool_, plain + [("SINKS", False), ("D", 570), ("DV", 500),
+           ("W", 8), ("SPLITS", 2)], ("out", "lse", "part_o", "part_lse"))
+
+
+@needs_nvcc
+def test_wide_head_kernels_compile_without_spills(tmp_path):
+    """The kernels and tile plans of head dims past 256 compile as MLX wraps them
+    and keep their accumulators in registers (no ptxas spill)."""
+    units, described = {}, {}
+    for i, (body, T, MT, template, outputs) in enumerate(_wide_head_cases()):
+        name = f"wide{i}_{body}"
+        described[name] = f"{body} {str(T).split('.')[-1]} " + " ".join(f"{k}={v}" for k, v in template[6:])
+        units.setdefault(cuda_backend.kernel_headers(body), []).append(
+            _kernel_text(name, cuda_backend._read(body + ".cu"), _input_dtypes(body, T, MT),
+                         _output_dtypes(outputs, T), [("T", T), ("MT", MT)] + template))
+    spills = []
+    for headers, kernels in units.items():
+        log = _nvcc_compile(tmp_path, "wide_" + headers[-1].removesuffix(".cuh"),
+                            _prelude(headers) + "\n" + "\n".join(kernels), ("-Xptxas", "-v"))
+        usage = ptxas_usage(log)
+        assert len(usage) == len(kernels), log[-2000:]
+        for mangled, (regs, spill_st, spill_ld) in usage.items():
+            name = re.search(r"wide\d+_\w+?(?=E)", mangled).group(0)
+            if spill_st or spill_ld:
+                spills.append(f"{described[name]}: {regs} registers, spills {spill_st}/{spill_ld} bytes")
+    assert not spills, "\n".join(spills)
 
 
 # ---------------------------------------------------------------------------
