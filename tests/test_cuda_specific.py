@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import features
 from cuda_emu import nonfinite_cases
 from mlx_flash.backends import cuda as cuda_backend
 
@@ -435,3 +436,35 @@ def test_nonfinite_decode_on_gpu(case, dtype):
     want = attention_np(q, k, v, **options)
     nonfinite_cases.check_contract("out", np.array(out.astype(mx.float32)), want, dtype)
     nonfinite_cases.check_contract("lse", np.array(lse), want, mx.float32)
+
+
+# Wide heads with every feature on the GPU (the behaviour suite's wide-head file
+# covers none / causal / window): the tensor-core prefill forward and backward
+# in column chunks, and MLA's decode (packed rows, V chunks, key splits).
+_WIDE_GPU_SHAPES = {"prefill": (2, 2, 1, 113, 70, 576, 512), "decode": (1, 64, 1, 2, 1500, 576, 512)}
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", list(_WIDE_GPU_SHAPES))
+@pytest.mark.parametrize("feature", list(features.FEATURES))
+def test_wide_heads_features_on_gpu(feature, kind):
+    import backends
+    from helpers import check_close, plain_errors, randn, rng, to_np
+    from reference_np import attention_np
+
+    B, Hq, Hkv, Nq, Nk, D, Dv = _WIDE_GPU_SHAPES[kind]
+    dtype = mx.bfloat16 if "combined" in feature else mx.float16
+    gen = rng("cuda-wide-feature", feature, kind)
+    q, k, v = (randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype),
+               randn(gen, (B, Hkv, Nk, Dv), dtype))
+    dout = randn(gen, (B, Hq, Nq, Dv), dtype)
+    options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+    out, lse = backends.forward("cuda", q, k, v, **options)
+    want = attention_np(q, k, v, dout=dout, **options)
+    plain = plain_errors(q, k, v, dout, options, dtype)
+    check_close("out", to_np(out), want, dtype, plain)
+    check_close("lse", to_np(lse), want, mx.float32)
+    if kind == "prefill":
+        grads = backends.gradients("cuda", q, k, v, dout, **options)
+        for name in ("q", "k", "v"):
+            check_close("d" + name, to_np(grads[name]), want, dtype, plain)
