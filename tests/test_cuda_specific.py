@@ -399,7 +399,7 @@ def test_decode_split_over_keys(dtype):
 # (dtype, head dim): fp16/bf16 with D 64/128 = wgmma (or mma2) forward and
 # backward; D 256 = the one-tile mma forward and the SIMT backward; float32 = SIMT.
 _GPU_NONFINITE_KINDS = [(mx.float16, 64), (mx.float16, 128), (mx.bfloat16, 128), (mx.float16, 256),
-                        (mx.float32, 64)]
+                        (mx.float32, 64), (mx.float16, 512), (mx.float32, 512)]
 
 
 @needs_cuda
