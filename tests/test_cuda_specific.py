@@ -280,9 +280,12 @@ def _wide_head_cases():
         for feats in (every, plain):
             yield ("attention_fwd_mma", T, mx.float32, feats + [("SINKS", True)] + dims + [
                 ("NW", 4), ("BN", 32), ("DVC", cuda_backend._column_chunk(dv))], ("out", "lse"))
+            # As _mma_bwd_config picks: 4 warps without softcap where 64-key tiles fit.
             nch = cuda_backend._mma_bwd_chunks(d, dv)
-            yield ("attention_bwd_mma", T, mx.float32, feats + dims + [
-                ("NW", 4 if nch == 1 else 2), ("NCH", nch)], ("dq_acc", "dk", "dv"))
+            fits = cuda_backend._mma_bwd_smem(d, dv, 64, 64) <= cuda_backend._MAX_SMEM
+            nw = 4 if nch == 1 or (fits and not dict(feats)["SOFTCAP"]) else 2
+            yield ("attention_bwd_mma", T, mx.float32, feats + dims + [("NW", nw), ("NCH", nch)],
+                   ("dq_acc", "dk", "dv"))
             spec, _ = validate_attention(mx.ones((1, 16, 1, d), T), mx.ones((1, 1, 4096, d), T),
                                          mx.ones((1, 1, 4096, dv), T))
             nw, bn, stages = cuda_backend._decode_config(spec, ())

@@ -572,12 +572,13 @@ def _wgmma_bwd_config(spec: AttentionSpec):
 @functools.lru_cache(maxsize=1024)
 def _mma_bwd_config(spec: AttentionSpec):
     """(warps, column chunks, key blocks, kernel) of the tensor-core backward:
-    64 keys and 64-row query tiles a block up to head dim 128; past it 32 and 32
-    (column chunks), which keeps shared memory (full K, V, Q, dO tiles: 141 KB
-    at 576/512) and the registers of the chunk's fragments within bounds."""
+    64 keys and 64-row query tiles a block (16 keys a warp); in column chunks,
+    32 and 32 where the full K, V, Q, dO tiles of 64 do not fit shared memory
+    (141 KB at 576/512 for 32) or softcap's fragments would spill registers."""
     d, dv = spec.head_dim_qk, spec.head_dim_v
     nch = _mma_bwd_chunks(d, dv)
-    nw = _MMA_BWD_WARPS if nch == 1 else 2
+    fits = _mma_bwd_smem(d, dv, 16 * _MMA_BWD_WARPS, 16 * _MMA_BWD_WARPS) <= _MAX_SMEM
+    nw = _MMA_BWD_WARPS if nch == 1 or (fits and not spec.softcap) else 2
     smem = _mma_bwd_smem(d, dv, 16 * nw, 16 * nw)
     kernel = _kernel("attention_bwd_mma", _BWD_MMA_INPUTS, ("dq_acc", "dk", "dv"), smem)
     key_blocks = math.ceil(_max_k(spec) / (16 * nw))
