@@ -278,6 +278,23 @@ __device__ void attention_bwd_mma(
             mma16816<T>(acc[1], da, kb[2], kb[3]);
           }
         }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        // sm_90 adds float2 atomically: half the atomics (D even keeps each pair 8-byte aligned).
+        if constexpr (D % 2 == 0) {
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const int i = qi0 + 8 * half;
+              const int d = dk0 + dp * 16 + n * 8 + 2 * t;
+              if (i < seq.nq && d < D)
+                atomicAdd(reinterpret_cast<float2*>(dq_acc + (q_base + i) * D + d),
+                          make_float2(acc[n][2 * half] * scale, acc[n][2 * half + 1] * scale));
+            }
+          }
+          continue;
+        }
+#endif
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
 #pragma unroll
