@@ -9,6 +9,11 @@
 // then dS^T goes through shared memory so that each warp forms 16 rows of
 // dQ = dS K and adds them to a float32 dQ accumulator with atomics.
 // delta = rowsum(dO * O) - dlse comes precomputed.
+//
+// Wide heads (NCH > 1 chunks, blockIdx.y the chunk): a block still forms all
+// of S^T and dP^T (full K, Q, V, dO rows in shared memory), but accumulates
+// only DC of the D columns of dK and dQ and DVC of the DV columns of dV, so
+// its accumulators fit the registers; each chunk recomputes S^T and dP^T.
 #pragma once
 
 #include "attention_common.cuh"
@@ -16,7 +21,7 @@
 
 namespace mlx_flash {
 
-template <typename T, typename MT, class F, int D, int DV, int NW>
+template <typename T, typename MT, class F, int D, int DV, int NW, int NCH = 1>
 __device__ void attention_bwd_mma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
     const int* cu_q, const int* cu_k, const int* ip, const float* fp,
@@ -26,6 +31,15 @@ __device__ void attention_bwd_mma(
   constexpr int DP = round16(D), DVP = round16(DV);
   constexpr int SQ = DP + 8, SV = DVP + 8, SS = BM + 8;
   constexpr bool VEC = D % 8 == 0 && DV % 8 == 0;
+  // Columns of this block's chunk: dK/dQ [dk0, dk0 + DC), dV [dv0, dv0 + DVC).
+  // The last chunk's fragments may read past its rows' ends (other rows or
+  // tiles of shared memory): those columns are past D (DV) and never written.
+  constexpr int DC = round16((D + NCH - 1) / NCH), DVC = round16((DV + NCH - 1) / NCH);
+  const int dk0 = NCH > 1 ? blockIdx.y * DC : 0, dv0 = NCH > 1 ? blockIdx.y * DVC : 0;
+  // Unrolling of the S^T and dP^T k-loops: whole up to head dim 128; beyond,
+  // fully unrolled loops hoist fragment loads into registers the chunk's
+  // accumulators need (ptxas spills), so they unroll by 4.
+  constexpr int KU = NCH > 1 ? 4 : 64;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* Ks = reinterpret_cast<T*>(smem_raw);
   T* Vs = Ks + BN * SQ;
@@ -59,11 +73,11 @@ __device__ void attention_bwd_mma(
   load_tile<T, BN, DV, SV, VEC, NTHREADS>(Vs, v + (kv_base + j0) * DV, j_end - j0);
   cp_async_commit();
 
-  float dk_acc[DP / 8][4], dv_acc[DVP / 8][4];
+  float dk_acc[DC / 8][4], dv_acc[DVC / 8][4];
 #pragma unroll
-  for (int n = 0; n < DP / 8; ++n) dk_acc[n][0] = dk_acc[n][1] = dk_acc[n][2] = dk_acc[n][3] = 0.f;
+  for (int n = 0; n < DC / 8; ++n) dk_acc[n][0] = dk_acc[n][1] = dk_acc[n][2] = dk_acc[n][3] = 0.f;
 #pragma unroll
-  for (int n = 0; n < DVP / 8; ++n) dv_acc[n][0] = dv_acc[n][1] = dv_acc[n][2] = dv_acc[n][3] = 0.f;
+  for (int n = 0; n < DVC / 8; ++n) dv_acc[n][0] = dv_acc[n][1] = dv_acc[n][2] = dv_acc[n][3] = 0.f;
 
   const int shift = seq.nk - seq.nq;
   bool k_bad = false;  // this thread's K chunks hold a NaN or inf (checked once they landed)
@@ -114,7 +128,7 @@ __device__ void attention_bwd_mma(
       float s[BM / 8][4];
 #pragma unroll
       for (int n = 0; n < BM / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-#pragma unroll
+#pragma unroll KU
       for (int kk = 0; kk < DP / 16; ++kk) {
         unsigned ka[4];
         ldmatrix_x4(ka, Ks + (warp * 16 + lane % 16) * SQ + kk * 16 + (lane / 16) * 8);
@@ -155,9 +169,9 @@ __device__ void attention_bwd_mma(
 
       // dV += P^T dO.
       if (exact)
-        exact_fragment_product<BM / 8, DVP / 8, true>([&](int kb, int c) { return s[kb][c]; }, 0,
+        exact_fragment_product<BM / 8, DVC / 8, true>([&](int kb, int c) { return s[kb][c]; }, 0,
                                                 [&](int n, int c) -> float& { return dv_acc[n][c]; },
-                                                [&](int i, int d) { return to_float(dOs[i * SV + d]); });
+                                                [&](int i, int d) { return to_float(dOs[i * SV + dv0 + d]); });
       if (!exact) {
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) {
@@ -167,9 +181,9 @@ __device__ void attention_bwd_mma(
           pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
           pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-          for (int dp = 0; dp < DVP / 16; ++dp) {
+          for (int dp = 0; dp < DVC / 16; ++dp) {
             unsigned ob[4];
-            ldmatrix_x4_trans(ob, dOs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SV + dp * 16 + (lane / 16) * 8);
+            ldmatrix_x4_trans(ob, dOs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SV + dv0 + dp * 16 + (lane / 16) * 8);
             mma16816<T>(dv_acc[2 * dp], pa, ob[0], ob[1]);
             mma16816<T>(dv_acc[2 * dp + 1], pa, ob[2], ob[3]);
           }
@@ -180,7 +194,7 @@ __device__ void attention_bwd_mma(
       float dpt[BM / 8][4];
 #pragma unroll
       for (int n = 0; n < BM / 8; ++n) dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.f;
-#pragma unroll
+#pragma unroll KU
       for (int kk = 0; kk < DVP / 16; ++kk) {
         unsigned va[4];
         ldmatrix_x4(va, Vs + (warp * 16 + lane % 16) * SV + kk * 16 + (lane / 16) * 8);
@@ -210,9 +224,9 @@ __device__ void attention_bwd_mma(
 
       // dK += dS^T Q; dS^T also to shared memory for dQ.
       if (exact)
-        exact_fragment_product<BM / 8, DP / 8, true>([&](int kb, int c) { return s[kb][c]; }, 0,
+        exact_fragment_product<BM / 8, DC / 8, true>([&](int kb, int c) { return s[kb][c]; }, 0,
                                                [&](int n, int c) -> float& { return dk_acc[n][c]; },
-                                               [&](int i, int d) { return to_float(Qs[i * SQ + d]); });
+                                               [&](int i, int d) { return to_float(Qs[i * SQ + dk0 + d]); });
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
         unsigned da[4];
@@ -227,9 +241,9 @@ __device__ void attention_bwd_mma(
         *reinterpret_cast<unsigned*>(row0 + 8 * SS + 8) = da[3];
         if (!exact) {
 #pragma unroll
-          for (int dp = 0; dp < DP / 16; ++dp) {
+          for (int dp = 0; dp < DC / 16; ++dp) {
             unsigned qb[4];
-            ldmatrix_x4_trans(qb, Qs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SQ + dp * 16 + (lane / 16) * 8);
+            ldmatrix_x4_trans(qb, Qs + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SQ + dk0 + dp * 16 + (lane / 16) * 8);
             mma16816<T>(dk_acc[2 * dp], da, qb[0], qb[1]);
             mma16816<T>(dk_acc[2 * dp + 1], da, qb[2], qb[3]);
           }
@@ -240,7 +254,7 @@ __device__ void attention_bwd_mma(
       // dQ rows 16w..16w+15 of this tile = dS K, 16 dims at a time, added atomically.
       const int qi0 = i0 + warp * 16 + g;
 #pragma unroll 1
-      for (int dp = 0; dp < DP / 16; ++dp) {
+      for (int dp = 0; dp < DC / 16; ++dp) {
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
         if (exact) {
           // Dropped pairs (dS = -0.0, the mark) skipped.
@@ -254,7 +268,7 @@ __device__ void attention_bwd_mma(
               for (int n = 0; n < 2; ++n)
 #pragma unroll
                 for (int e = 0; e < 2; ++e)
-                  acc[n][2 * half + e] += ds * to_float(Ks[j * SQ + dp * 16 + n * 8 + 2 * t + e]);
+                  acc[n][2 * half + e] += ds * to_float(Ks[j * SQ + dk0 + dp * 16 + n * 8 + 2 * t + e]);
             }
           }
         }
@@ -263,17 +277,34 @@ __device__ void attention_bwd_mma(
           for (int kk = 0; kk < BN / 16; ++kk) {
             unsigned da[4], kb[4];
             ldmatrix_x4_trans(da, dSs + (kk * 16 + (lane / 16) * 8 + lane % 8) * SS + warp * 16 + ((lane / 8) % 2) * 8);
-            ldmatrix_x4_trans(kb, Ks + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SQ + dp * 16 + (lane / 16) * 8);
+            ldmatrix_x4_trans(kb, Ks + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * SQ + dk0 + dp * 16 + (lane / 16) * 8);
             mma16816<T>(acc[0], da, kb[0], kb[1]);
             mma16816<T>(acc[1], da, kb[2], kb[3]);
           }
         }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        // sm_90 adds float2 atomically: half the atomics (D even keeps each pair 8-byte aligned).
+        if constexpr (D % 2 == 0) {
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const int i = qi0 + 8 * half;
+              const int d = dk0 + dp * 16 + n * 8 + 2 * t;
+              if (i < seq.nq && d < D)
+                atomicAdd(reinterpret_cast<float2*>(dq_acc + (q_base + i) * D + d),
+                          make_float2(acc[n][2 * half] * scale, acc[n][2 * half + 1] * scale));
+            }
+          }
+          continue;
+        }
+#endif
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             const int i = qi0 + (c >= 2 ? 8 : 0);
-            const int d = dp * 16 + n * 8 + 2 * t + (c & 1);
+            const int d = dk0 + dp * 16 + n * 8 + 2 * t + (c & 1);
             if (i < seq.nq && d < D) atomicAdd(dq_acc + (q_base + i) * D + d, acc[n][c] * scale);
           }
         }
@@ -287,18 +318,18 @@ __device__ void attention_bwd_mma(
     const int j = j0 + warp * 16 + g + 8 * half;
     if (j >= seq.nk) continue;
 #pragma unroll
-    for (int n = 0; n < DP / 8; ++n) {
+    for (int n = 0; n < DC / 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int d = n * 8 + 2 * t + e;
+        const int d = dk0 + n * 8 + 2 * t + e;
         if (d < D) dk[(kv_base + j) * D + d] = from_float<T>(dk_acc[n][2 * half + e] * scale);
       }
     }
 #pragma unroll
-    for (int n = 0; n < DVP / 8; ++n) {
+    for (int n = 0; n < DVC / 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int d = n * 8 + 2 * t + e;
+        const int d = dv0 + n * 8 + 2 * t + e;
         if (d < DV) dv[(kv_base + j) * DV + d] = from_float<T>(dv_acc[n][2 * half + e]);
       }
     }

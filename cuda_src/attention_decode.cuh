@@ -44,15 +44,18 @@ __host__ __device__ constexpr int decode_merge_smem(int dv, int nw) {
 // One warp copies rows [0, valid_rows) of a [ROWS, DIM] global tile into a
 // [ROWS][STRIDE] shared tile with cp.async, zero-filling the other rows and
 // the dims DIM..pad16(DIM). DIM % 8 == 0: every copy is one 16-byte word.
-template <typename T, int ROWS, int DIM, int STRIDE>
-__device__ __forceinline__ void decode_load_rows(T* dst, const T* src, int valid_rows, int lane) {
+// A column chunk of a wider tensor (wide heads): rows SRC_STRIDE apart, the
+// first valid_cols (a multiple of 8) of the DIM columns present.
+template <typename T, int ROWS, int DIM, int STRIDE, int SRC_STRIDE = DIM>
+__device__ __forceinline__ void decode_load_rows(T* dst, const T* src, int valid_rows, int lane,
+                                                 int valid_cols = DIM) {
   constexpr int CH = decode_pad16(DIM) / 8, TOTAL = ROWS * CH;
 #pragma unroll
   for (int c0 = 0; c0 < TOTAL; c0 += 32) {
     const int c = c0 + lane, row = c / CH, col = (c % CH) * 8;
     if (TOTAL % 32 == 0 || c < TOTAL) {
-      const bool ok = row < valid_rows && col < DIM;
-      cp_async16(dst + row * STRIDE + col, ok ? src + (long)row * DIM + col : src, ok);
+      const bool ok = row < valid_rows && col < valid_cols;
+      cp_async16(dst + row * STRIDE + col, ok ? src + (long)row * SRC_STRIDE + col : src, ok);
     }
   }
 }
@@ -70,17 +73,21 @@ __device__ __forceinline__ bool decode_own_rows_nonfinite(const T* dst, int lane
   return bad;
 }
 
-template <typename T, typename MT, class F, int D, int DV, int NW, int BN, int STAGES, bool SPLIT>
+template <typename T, typename MT, class F, int D, int DV, int NW, int BN, int STAGES, bool SPLIT, int DVC = DV>
 __device__ void attention_fwd_decode(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
     const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
     T* out, float* lse, float* part_o, float* part_lse, const int* key_start = nullptr,
     const int* key_len = nullptr) {
-  static_assert(D % 8 == 0 && DV % 8 == 0, "decode kernel: head dims must be multiples of 8");
+  static_assert(D % 8 == 0 && DV % 8 == 0 && DVC % 8 == 0, "decode kernel: head dims must be multiples of 8");
   static_assert(BN % 16 == 0 && STAGES >= 2, "decode kernel: BN a multiple of 16, at least 2 stages");
-  static_assert(decode_merge_smem(DV, NW) <= decode_fwd_smem(D, DV, NW, BN, STAGES), "merge scratch");
+  static_assert(decode_merge_smem(DVC, NW) <= decode_fwd_smem(D, DVC, NW, BN, STAGES), "merge scratch");
   constexpr int BM = kDecodeRows, NT = 32 * NW;
-  constexpr int DP = decode_pad16(D), DVP = decode_pad16(DV);
+  // Wide heads (DVC < DV): a block owns DVC of the DV output columns (chunk
+  // blockIdx.x % NC) and recomputes S for them, so its O accumulator fits the
+  // registers; the chunk-0 block writes the lse.
+  constexpr int NC = (DV + DVC - 1) / DVC;
+  constexpr int DP = decode_pad16(D), DVP = decode_pad16(DVC);
   constexpr int SQ = DP + 8, SV = DVP + 8;
   constexpr int STAGE = BN * (SQ + SV);  // elements of one K + V buffer
   // Q fragments stay in registers up to head dim 128; above, the O
@@ -95,7 +102,8 @@ __device__ void attention_fwd_decode(
   const int b = blockIdx.z / Hkv, hk = blockIdx.z % Hkv;
   const Sequence seq = sequence_of<F::Varlen>(b, ip, cu_q, cu_k);
   const int rows = seq.nq * G;
-  const int r0 = blockIdx.x * BM;
+  const int col_chunk = NC > 1 ? blockIdx.x % NC : 0, dv0 = col_chunk * DVC, dv_valid = min(DVC, DV - dv0);
+  const int r0 = blockIdx.x / NC * BM;
   if (r0 >= rows) return;
   const int r_end = min(rows, r0 + BM);
   const long q_base = (long)seq.tensor_batch * Hq * NqTot + seq.q_start;
@@ -143,7 +151,7 @@ __device__ void attention_fwd_decode(
     const int j = j_first + n * ROUND;
     T* Ks = ring + (n % STAGES) * STAGE;
     decode_load_rows<T, BN, D, SQ>(Ks, k + (kv_base + j) * D, k_hi - j, lane);
-    decode_load_rows<T, BN, DV, SV>(Ks + BN * SQ, v + (kv_base + j) * DV, k_hi - j, lane);
+    decode_load_rows<T, BN, DVC, SV, DV>(Ks + BN * SQ, v + (kv_base + j) * DV + dv0, k_hi - j, lane, dv_valid);
   };
 #pragma unroll
   for (int n = 0; n < STAGES - 1; ++n) {
@@ -222,7 +230,7 @@ __device__ void attention_fwd_decode(
     }
     // A tile that drops keys and holds a NaN or inf in V: P V exactly (rare).
     const bool exact = __any_sync(0xffffffffu, drop != 0u) &&
-                       __any_sync(0xffffffffu, decode_own_rows_nonfinite<T, BN, DV, SV>(Vs, lane));
+                       __any_sync(0xffffffffu, decode_own_rows_nonfinite<T, BN, DVC, SV>(Vs, lane));
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       float mx = kNegInf;
@@ -299,8 +307,9 @@ __device__ void attention_fwd_decode(
   __syncthreads();
 
   const long total_rows = (long)(F::Varlen ? 1 : ip[kBatch]) * Hq * NqTot;
-  for (int e = threadIdx.x; e < (r_end - r0) * DV; e += NT) {
-    const int row = e / DV, d = e % DV;
+  for (int e = threadIdx.x; e < (r_end - r0) * DVC; e += NT) {
+    const int row = e / DVC, d = e % DVC;
+    if (NC > 1 && d >= dv_valid) continue;
     // A warp whose row max is -inf kept nothing (sum 0) or only NaN logits
     // (sum NaN): weight 0 keeps the former out and carries the latter's NaN.
     float m = kNegInf;
@@ -319,13 +328,13 @@ __device__ void attention_fwd_decode(
     if (!SPLIT) {
       float alpha = 1.f;
       if (F::Sinks) fold_sink<true>(sinks[hk * G + r % G] * kLog2e, m, sum, alpha);
-      out[qr * DV + d] = from_float<T>(sum == 0.f ? 0.f : acc * row_out_factor(sum, alpha));
-      if (d == 0) lse[qr] = row_lse<true>(m, sum);
+      out[qr * DV + dv0 + d] = from_float<T>(sum == 0.f ? 0.f : acc * row_out_factor(sum, alpha));
+      if (d == 0 && col_chunk == 0) lse[qr] = row_lse<true>(m, sum);
     } else {
       // This split's normalised partial row and its lse; attention_combine merges the splits.
       const long prow = blockIdx.y * total_rows + qr;
-      part_o[prow * DV + d] = sum == 0.f ? 0.f : acc * row_out_factor(sum, 1.f);
-      if (d == 0) part_lse[prow] = row_lse<true>(m, sum);
+      part_o[prow * DV + dv0 + d] = sum == 0.f ? 0.f : acc * row_out_factor(sum, 1.f);
+      if (d == 0 && col_chunk == 0) part_lse[prow] = row_lse<true>(m, sum);
     }
   }
 }

@@ -21,20 +21,23 @@ __host__ __device__ constexpr int mma_fwd_smem(int d, int dv, int nw, int bn) {
 
 // Copy rows [0, valid_rows) of a [*, DIM] row-major global tile into a
 // [ROWS][STRIDE] shared tile, zero-filling missing rows and the padded dims.
-template <typename T, int ROWS, int DIM, int STRIDE, bool VEC, int NTHREADS>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int valid_rows) {
+// A column chunk of a wider tensor (wide heads): rows SRC_STRIDE apart, the
+// first valid_cols of the DIM columns present. VEC: valid_cols % 8 == 0.
+template <typename T, int ROWS, int DIM, int STRIDE, bool VEC, int NTHREADS, int SRC_STRIDE = DIM>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int valid_rows, int valid_cols = DIM) {
   constexpr int DIMP = round16(DIM);
   if (VEC) {
     constexpr int CHUNKS = DIMP / 8;
     for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NTHREADS) {
       const int row = c / CHUNKS, col = (c % CHUNKS) * 8;
-      const bool ok = row < valid_rows && col < DIM;
-      cp_async16(dst + row * STRIDE + col, ok ? src + (long)row * DIM + col : src, ok);
+      const bool ok = row < valid_rows && col < valid_cols;
+      cp_async16(dst + row * STRIDE + col, ok ? src + (long)row * SRC_STRIDE + col : src, ok);
     }
   } else {
     for (int e = threadIdx.x; e < ROWS * DIMP; e += NTHREADS) {
       const int row = e / DIMP, col = e % DIMP;
-      dst[row * STRIDE + col] = (row < valid_rows && col < DIM) ? src[(long)row * DIM + col] : from_float<T>(0.f);
+      dst[row * STRIDE + col] =
+          (row < valid_rows && col < valid_cols) ? src[(long)row * SRC_STRIDE + col] : from_float<T>(0.f);
     }
   }
 }
@@ -62,9 +65,12 @@ __device__ __forceinline__ bool own_tile_nonfinite(const T* dst) {
 // Row epilogue of the tensor-core forwards: quad-sum the row sum, fold the
 // sink, write the row (0 if nothing was kept, NaN if a kept logit was NaN or
 // +inf) and its lse. o(n, e) is this thread's accumulator of columns 8n + 2t + e.
-template <typename T, class F, int DV, class OAt>
+// A block owning a column chunk of a wide row (DV its width) writes the first
+// valid_cols of them, in pairs where PAIRED (4-byte aligned), and the lse
+// only where lse_out is given.
+template <typename T, class F, int DV, bool PAIRED = DV % 2 == 0, class OAt>
 __device__ __forceinline__ void mma_fwd_write_row(float sum, float m, const float* sinks, int h, T* orow,
-                                                  float* lse_out, int t, OAt o_at) {
+                                                  float* lse_out, int t, OAt o_at, int valid_cols = DV) {
   constexpr int DVP = round16(DV);
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
   sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -77,14 +83,14 @@ __device__ __forceinline__ void mma_fwd_write_row(float sum, float m, const floa
   for (int n = 0; n < DVP / 8; ++n) {
     const int col = n * 8 + 2 * t;
     const float x0 = empty ? 0.f : o_at(n, 0) * inv, x1 = empty ? 0.f : o_at(n, 1) * inv;
-    if (DV % 2 == 0 && col + 1 < DV) {
+    if (PAIRED && col + 1 < valid_cols) {
       *reinterpret_cast<unsigned*>(orow + col) = pack2<T>(x0, x1);
     } else {
-      if (col < DV) orow[col] = from_float<T>(x0);
-      if (col + 1 < DV) orow[col + 1] = from_float<T>(x1);
+      if (col < valid_cols) orow[col] = from_float<T>(x0);
+      if (col + 1 < valid_cols) orow[col + 1] = from_float<T>(x1);
     }
   }
-  if (t == 0) *lse_out = row_lse<true>(m, sum);
+  if (t == 0 && lse_out != nullptr) *lse_out = row_lse<true>(m, sum);
 }
 
 // True if any block-mask entry overlapping rows [i0, i1) x keys [j0, j1) keeps.
@@ -98,15 +104,21 @@ __device__ __forceinline__ bool block_tile_live(const LogitRules<MT>& r, int i0,
   return __syncthreads_or(any) != 0;
 }
 
-template <typename T, typename MT, class F, int D, int DV, int NW, int BN>
+template <typename T, typename MT, class F, int D, int DV, int NW, int BN, int DVC = DV>
 __device__ void attention_fwd_mma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
     const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
     T* out, float* lse, const int* key_start = nullptr, const int* key_len = nullptr) {
   constexpr int BM = 16 * NW, NTHREADS = 32 * NW;
-  constexpr int DP = round16(D), DVP = round16(DV);
+  // Wide heads (DVC < DV): a block owns DVC of the DV output columns (chunk
+  // blockIdx.x % NC) and recomputes S for them, so its O accumulator fits the
+  // registers; the chunk-0 block writes the lse.
+  constexpr int NC = (DV + DVC - 1) / DVC;
+  constexpr int DP = round16(D), DVP = round16(DVC);
   constexpr int SQ = DP + 8, SV = DVP + 8;  // +8 halves: conflict-free ldmatrix rows
-  constexpr bool VEC = D % 8 == 0 && DV % 8 == 0;
+  constexpr bool VEC = D % 8 == 0 && DV % 8 == 0 && DVC % 8 == 0;
+  // Q fragments stay in registers up to head dim 256; wider Q is re-read from shared memory.
+  constexpr bool Q_IN_REGS = DP <= 256;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* Ks = Qs + BM * SQ;
@@ -118,8 +130,9 @@ __device__ void attention_fwd_mma(
   const int NqTot = ip[kSeqQ], NkTot = ip[kSeqK];
   const int h = blockIdx.y, b = blockIdx.z, hk = h / (Hq / Hkv);
   const Sequence seq = sequence_of<F::Varlen>(b, ip, cu_q, cu_k);
+  const int col_chunk = NC > 1 ? blockIdx.x % NC : 0, dv0 = col_chunk * DVC, dv_valid = min(DVC, DV - dv0);
   // Heaviest (last, under causal) row blocks first.
-  const int i0 = (gridDim.x - 1 - blockIdx.x) * BM;
+  const int i0 = (gridDim.x / NC - 1 - blockIdx.x / NC) * BM;
   if (i0 >= seq.nq) return;
   const int i_end = min(seq.nq, i0 + BM);
   const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
@@ -142,7 +155,7 @@ __device__ void attention_fwd_mma(
   if (jt < hi) load_tile<T, BN, D, SQ, VEC, NTHREADS>(Ks, k + (kv_base + jt) * D, rules.key_hi - jt);
   cp_async_commit();
 
-  unsigned qf[DP / 16][4];
+  unsigned qf[Q_IN_REGS ? DP / 16 : 1][4];
   float o[DVP / 8][4];
 #pragma unroll
   for (int n = 0; n < DVP / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
@@ -150,13 +163,13 @@ __device__ void attention_fwd_mma(
   bool first = true;
 
   while (jt < hi) {
-    load_tile<T, BN, DV, SV, VEC, NTHREADS>(Vs, v + (kv_base + jt) * DV, rules.key_hi - jt);
+    load_tile<T, BN, DVC, SV, VEC, NTHREADS, DV>(Vs, v + (kv_base + jt) * DV + dv0, rules.key_hi - jt, dv_valid);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    if (first) {
+    if (Q_IN_REGS && first) {
 #pragma unroll
-      for (int kk = 0; kk < DP / 16; ++kk)
+      for (int kk = 0; kk < (Q_IN_REGS ? DP / 16 : 0); ++kk)
         ldmatrix_x4(qf[kk], Qs + (warp * 16 + lane % 16) * SQ + kk * 16 + (lane / 16) * 8);
       first = false;
     }
@@ -167,12 +180,18 @@ __device__ void attention_fwd_mma(
     for (int n = 0; n < BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < DP / 16; ++kk) {
+      unsigned qa[4];
+      if constexpr (Q_IN_REGS) {
+        qa[0] = qf[kk][0], qa[1] = qf[kk][1], qa[2] = qf[kk][2], qa[3] = qf[kk][3];
+      } else {
+        ldmatrix_x4(qa, Qs + (warp * 16 + lane % 16) * SQ + kk * 16 + (lane / 16) * 8);
+      }
 #pragma unroll
       for (int np = 0; np < BN / 16; ++np) {
         unsigned bk[4];
         ldmatrix_x4(bk, Ks + (np * 16 + (lane / 16) * 8 + lane % 8) * SQ + kk * 16 + ((lane / 8) % 2) * 8);
-        mma16816<T>(s[2 * np], qf[kk], bk[0], bk[1]);
-        mma16816<T>(s[2 * np + 1], qf[kk], bk[2], bk[3]);
+        mma16816<T>(s[2 * np], qa, bk[0], bk[1]);
+        mma16816<T>(s[2 * np + 1], qa, bk[2], bk[3]);
       }
     }
 
@@ -241,7 +260,7 @@ __device__ void attention_fwd_mma(
     cp_async_wait<1>();
     // V(jt) has landed; a tile that drops keys and holds a NaN or inf in V
     // forms P V exactly (rare): a dropped key's p = 0 must not meet its v.
-    const bool exact = may_drop ? __syncthreads_or(own_tile_nonfinite<T, BN, DV, SV, VEC, NTHREADS>(Vs)) != 0
+    const bool exact = may_drop ? __syncthreads_or(own_tile_nonfinite<T, BN, DVC, SV, VEC, NTHREADS>(Vs)) != 0
                                 : (__syncthreads(), false);
     if (exact) {
       exact_fragment_product<BN / 8, DVP / 8, true>([&](int kb, int c) { return s[kb][c]; }, 0,
@@ -274,8 +293,9 @@ __device__ void attention_fwd_mma(
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int i = i0 + warp * 16 + g + 8 * half;
-    mma_fwd_write_row<T, F, DV>(row_sum[half], row_max[half], sinks, h, i < seq.nq ? out + (q_base + i) * DV : nullptr,
-                                lse + q_base + i, t, [&](int n, int e) { return o[n][2 * half + e]; });
+    mma_fwd_write_row<T, F, DVC, DV % 2 == 0 && DVC % 2 == 0>(
+        row_sum[half], row_max[half], sinks, h, i < seq.nq ? out + (q_base + i) * DV + dv0 : nullptr,
+        col_chunk == 0 ? lse + q_base + i : nullptr, t, [&](int n, int e) { return o[n][2 * half + e]; }, dv_valid);
   }
 }
 

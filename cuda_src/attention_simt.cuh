@@ -40,29 +40,34 @@ __device__ __forceinline__ float dot_exact(const float* a, const float* b, int n
 }
 
 // Rows [0, valid_rows) of a 32-row [*, DIM] global tile into float shared
-// memory [32][PITCH] (zeros past valid_rows). All loads of a thread are
-// issued before the first store, in 16-byte words where the rows allow it:
-// decode streams K/V once, so load latency, not arithmetic, sets its speed.
+// memory [32][PITCH] (zeros past valid_rows). All loads of a batch (up to
+// 16 words a thread, so wide heads do not spill) are issued before its first
+// store, in 16-byte words where the rows allow it: decode streams K/V once,
+// so load latency, not arithmetic, sets its speed.
 template <typename T, int DIM, int PITCH, int NT>
 __device__ __forceinline__ void load_rows_f32(float* dst, const T* src, int valid_rows) {
   constexpr int VW = 16 / sizeof(T);
   if constexpr (DIM % VW == 0) {
     constexpr int CH = DIM / VW, TOTAL = kSimtTile * CH, ITER = (TOTAL + NT - 1) / NT;
-    uint4 regs[ITER];
+    constexpr int BATCH = ITER < 16 ? ITER : 16;
+#pragma unroll 1
+    for (int it0 = 0; it0 < ITER; it0 += BATCH) {
+      uint4 regs[BATCH];
 #pragma unroll
-    for (int it = 0; it < ITER; ++it) {
-      const int c = threadIdx.x + it * NT, row = c / CH;
-      regs[it] = (c < TOTAL && row < valid_rows)
-                     ? *reinterpret_cast<const uint4*>(src + (long)row * DIM + (c % CH) * VW)
-                     : make_uint4(0, 0, 0, 0);
-    }
+      for (int it = 0; it < BATCH; ++it) {
+        const int c = threadIdx.x + (it0 + it) * NT, row = c / CH;
+        regs[it] = (c < TOTAL && row < valid_rows)
+                       ? *reinterpret_cast<const uint4*>(src + (long)row * DIM + (c % CH) * VW)
+                       : make_uint4(0, 0, 0, 0);
+      }
 #pragma unroll
-    for (int it = 0; it < ITER; ++it) {
-      const int c = threadIdx.x + it * NT, row = c / CH;
-      if (c < TOTAL) {
-        const T* e = reinterpret_cast<const T*>(&regs[it]);
+      for (int it = 0; it < BATCH; ++it) {
+        const int c = threadIdx.x + (it0 + it) * NT, row = c / CH;
+        if (c < TOTAL) {
+          const T* e = reinterpret_cast<const T*>(&regs[it]);
 #pragma unroll
-        for (int u = 0; u < VW; ++u) dst[row * PITCH + (c % CH) * VW + u] = to_float(e[u]);
+          for (int u = 0; u < VW; ++u) dst[row * PITCH + (c % CH) * VW + u] = to_float(e[u]);
+        }
       }
     }
   } else {
@@ -291,8 +296,11 @@ __device__ void attention_combine(
   }
 }
 
-__host__ __device__ constexpr int simt_bwd_smem(int d, int dv, int warps) {
-  return 4 * (warps * kSimtTile * (2 * (d + 1) + 2 * (dv + 1)) + d + 2 * dv + warps * kSimtTile);
+// NCH: column chunks of dK/dQ and dV (wide heads; see attention_bwd_simt).
+__host__ __device__ constexpr int simt_bwd_chunk(int d, int nch) { return (d + nch - 1) / nch; }
+__host__ __device__ constexpr int simt_bwd_smem(int d, int dv, int warps, int nch = 1) {
+  return 4 * (warps * kSimtTile * ((d + 1) + (dv + 1) + (simt_bwd_chunk(d, nch) + 1) + (simt_bwd_chunk(dv, nch) + 1)) +
+              d + 2 * dv + warps * kSimtTile);
 }
 
 // FlashAttention-2 backward, scalar: a block owns W*32 keys of one key/value
@@ -301,8 +309,11 @@ __host__ __device__ constexpr int simt_bwd_smem(int d, int dv, int warps) {
 // see its keys. dQ is summed across blocks with float atomics into dq_acc.
 // delta = rowsum(dO * O) - dlse is computed here with the same summation
 // order as dP = dO . V, so a row with a single visible key gets dS = 0
-// exactly (its true value).
-template <typename T, typename MT, class F, int D, int DV, int W, bool HasDlse>
+// exactly (its true value). Wide heads (NCH > 1 chunks, blockIdx.y the
+// chunk): each block still forms every logit and dP from full K and V rows,
+// but accumulates only DC of the D columns of dK and dQ and DVC of the DV
+// columns of dV, so a warp's shared memory fits the block.
+template <typename T, typename MT, class F, int D, int DV, int W, bool HasDlse, int NCH = 1>
 __device__ void attention_bwd_simt(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
     const int* cu_q, const int* cu_k, const int* ip, const float* fp,
@@ -310,11 +321,15 @@ __device__ void attention_bwd_simt(
     float* dq_acc, T* dk, T* dv, const int* key_start = nullptr, const int* key_len = nullptr) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* ks = reinterpret_cast<float*>(smem_raw) + warp * kSimtTile * (2 * (D + 1) + 2 * (DV + 1));
+  constexpr int DC = simt_bwd_chunk(D, NCH), DVC = simt_bwd_chunk(DV, NCH);
+  constexpr int WARP_FLOATS = kSimtTile * ((D + 1) + (DV + 1) + (DC + 1) + (DVC + 1));
+  const int dk0 = NCH > 1 ? blockIdx.y * DC : 0, dv0 = NCH > 1 ? blockIdx.y * DVC : 0;
+  const int dk_n = min(DC, D - dk0), dv_n = min(DVC, DV - dv0);  // this chunk's columns
+  float* ks = reinterpret_cast<float*>(smem_raw) + warp * WARP_FLOATS;
   float* vs = ks + kSimtTile * (D + 1);
-  float* dks = vs + kSimtTile * (DV + 1);
-  float* dvs = dks + kSimtTile * (D + 1);
-  float* qrow = reinterpret_cast<float*>(smem_raw) + W * kSimtTile * (2 * (D + 1) + 2 * (DV + 1));
+  float* dks = vs + kSimtTile * (DV + 1);  // [32][DC + 1]: dK columns dk0..
+  float* dvs = dks + kSimtTile * (DC + 1);  // [32][DVC + 1]: dV columns dv0..
+  float* qrow = reinterpret_cast<float*>(smem_raw) + W * WARP_FLOATS;
   float* dorow = qrow + D;
   float* orow = dorow + DV;
   float* dsw = orow + DV;  // [W][32]
@@ -337,14 +352,10 @@ __device__ void attention_bwd_simt(
   const float scale = fp[kScale];
   const float softcap = fp[kSoftcap];
 
-  for (int d = 0; d < D; ++d) {
-    ks[lane * (D + 1) + d] = key_ok ? to_float(k[(kv_base + j) * D + d]) : 0.f;
-    dks[lane * (D + 1) + d] = 0.f;
-  }
-  for (int d = 0; d < DV; ++d) {
-    vs[lane * (DV + 1) + d] = key_ok ? to_float(v[(kv_base + j) * DV + d]) : 0.f;
-    dvs[lane * (DV + 1) + d] = 0.f;
-  }
+  for (int d = 0; d < D; ++d) ks[lane * (D + 1) + d] = key_ok ? to_float(k[(kv_base + j) * D + d]) : 0.f;
+  for (int d = 0; d < DV; ++d) vs[lane * (DV + 1) + d] = key_ok ? to_float(v[(kv_base + j) * DV + d]) : 0.f;
+  for (int d = 0; d < DC; ++d) dks[lane * (DC + 1) + d] = 0.f;
+  for (int d = 0; d < DVC; ++d) dvs[lane * (DVC + 1) + d] = 0.f;
 
   for (int i = i_lo; i < i_hi; ++i) {
     for (int hg = 0; hg < G; ++hg) {
@@ -377,12 +388,12 @@ __device__ void attention_bwd_simt(
         ds *= 1.f - t * t;
       }
       if (kept) {
-        for (int d = 0; d < DV; ++d) dvs[lane * (DV + 1) + d] += p * dorow[d];
-        for (int d = 0; d < D; ++d) dks[lane * (D + 1) + d] += ds * qrow[d];
+        for (int d = 0; d < dv_n; ++d) dvs[lane * (DVC + 1) + d] += p * dorow[dv0 + d];
+        for (int d = 0; d < dk_n; ++d) dks[lane * (DC + 1) + d] += ds * qrow[dk0 + d];
       }
       dsw[warp * kSimtTile + lane] = ds;
       __syncwarp();
-      for (int d = lane; d < D; d += 32) {
+      for (int d = dk0 + lane; d < dk0 + dk_n; d += 32) {
         float acc = 0.f;
         for (int jj = 0; jj < kSimtTile; ++jj)
           if ((kept_keys >> jj) & 1u) acc += dsw[warp * kSimtTile + jj] * ks[jj * (D + 1) + d];
@@ -392,8 +403,8 @@ __device__ void attention_bwd_simt(
     }
   }
   if (!key_ok) return;
-  for (int d = 0; d < D; ++d) dk[(kv_base + j) * D + d] = from_float<T>(dks[lane * (D + 1) + d] * scale);
-  for (int d = 0; d < DV; ++d) dv[(kv_base + j) * DV + d] = from_float<T>(dvs[lane * (DV + 1) + d]);
+  for (int d = 0; d < dk_n; ++d) dk[(kv_base + j) * D + dk0 + d] = from_float<T>(dks[lane * (DC + 1) + d] * scale);
+  for (int d = 0; d < dv_n; ++d) dv[(kv_base + j) * DV + dv0 + d] = from_float<T>(dvs[lane * (DVC + 1) + d]);
 }
 
 }  // namespace mlx_flash

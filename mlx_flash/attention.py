@@ -118,7 +118,7 @@ def flash_attention(q, k, v, *, scale=None, mask=None, causal=False, window=None
     Args:
       q: `[B, Hq, Nq, D]`; k: `[B, Hkv, Nk, D]`; v: `[B, Hkv, Nk, Dv]` with
         Hq a multiple of Hkv (GQA/MQA), D in 1..576 and Dv in 1..512 on
-        the CPU (1..256 on Metal and CUDA for now), float32/float16/bfloat16.
+        the CPU and CUDA (1..256 on Metal for now), float32/float16/bfloat16.
       scale: logit scale, default `1/sqrt(D)`.
       mask: bool (True = keep) or additive array broadcastable to
         `[B, Hq, Nq, Nk]`.

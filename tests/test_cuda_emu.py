@@ -150,6 +150,107 @@ def test_schedule_does_not_change_results(monkeypatch):
 
 
 # ---------------------------------------------------------------------------
+# Wide heads (Dqk up to 576, Dv up to 512): the forward kernels split V/O
+# columns over blocks, the backward ones dK/dQ/dV columns (cuda.py's
+# _column_chunk, _mma_bwd_chunks, _simt_bwd_config).
+
+def _forward_backward(q, k, v, dout, **options):
+    from mlx_flash._spec import validate_attention
+    from mlx_flash.backends import cuda as cuda_backend
+
+    spec, inputs = validate_attention(q, k, v, **options)
+    with harness.patched_cuda_kernel():
+        out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.cpu)
+        grads = cuda_backend.attention_backward(q, k, v, out, lse, dout, None, spec, inputs, mx.cpu)
+        mx.eval(out, lse, *grads)
+    return out, lse, grads
+
+
+def _check_wide(q, k, v, dout, dtype, options, grads=True):
+    if grads:
+        out, lse, (dq, dk, dv) = _forward_backward(q, k, v, dout, **options)
+    else:
+        out, lse = _forward(q, k, v, **options)
+    want = attention_np(q, k, v, dout=dout, **options)
+    plain = None if dtype == F32 else plain_errors(q, k, v, dout, options, dtype)
+    check_close("out", to_np(out), want, dtype, plain)
+    check_close("lse", to_np(lse), want, mx.float32)
+    if grads:
+        for name, got in (("dq", dq), ("dk", dk), ("dv", dv)):
+            check_close(name, to_np(got), want, dtype, plain)
+
+
+def _path(shape):
+    """'mma' or 'decode' (fp16/bf16) or 'simt' (float32): the forward kernel the backend picks."""
+    from mlx_flash._spec import validate_attention
+    from mlx_flash.backends import cuda as cuda_backend
+
+    B, Hq, Hkv, Nq, Nk, D, Dv, dtype = shape
+    spec, _ = validate_attention(mx.zeros((B, Hq, Nq, D), dtype), mx.zeros((B, Hkv, Nk, D), dtype),
+                                 mx.zeros((B, Hkv, Nk, Dv), dtype))
+    return "simt" if dtype == F32 else "mma" if cuda_backend._uses_mma(spec) else "decode"
+
+
+# (B, Hq, Hkv, Nq, Nk, Dqk, Dv, dtype, forward kernel)
+WIDE_SHAPES = [
+    (1, 2, 1, 17, 17, 576, 512, F16, "mma"),      # 2 V chunks forward, 6 column chunks backward
+    (1, 2, 2, 113, 70, 192, 128, B16, "mma"),     # DeepSeek prefill dims
+    (1, 1, 1, 33, 17, 300, 257, F16, "mma"),      # odd Dv: scalar loads, unpaired stores, ragged chunk
+    (2, 2, 1, 17, 40, 288, 96, B16, "mma"),       # Dqk > 256, Dv < 128
+    (1, 4, 1, 1, 113, 576, 512, F16, "decode"),   # MLA decode: decode kernel (V chunks), SIMT backward
+    (1, 16, 1, 1, 700, 576, 512, B16, "decode"),  # ... keys split over blocks, attention_combine
+    (1, 64, 1, 2, 300, 576, 512, F16, "decode"),  # MLA's many heads: packed (query, head) rows
+    (1, 2, 1, 17, 40, 576, 512, F32, "simt"),     # float32: SIMT forward, backward in 2 column chunks
+    (1, 2, 1, 1, 600, 320, 512, F32, "simt"),     # ... decode split over keys
+]
+
+
+@pytest.mark.parametrize("shape", WIDE_SHAPES, ids=lambda s: "x".join(map(str, s[:7])) + f"-{s[7]}".replace(
+    "mlx.core.", ""))
+def test_wide_heads(shape):
+    B, Hq, Hkv, Nq, Nk, D, Dv, dtype, kernel = shape
+    assert _path(shape[:8]) == kernel
+    gen = rng("cuda-emu-wide", shape[:7], str(dtype))
+    q, k, v = randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype), randn(gen, (B, Hkv, Nk, Dv), dtype)
+    dout = randn(gen, (B, Hq, Nq, Dv), dtype)
+    _check_wide(q, k, v, dout, dtype, {"causal": Nq > 1}, grads=Nq * Hq <= 128)
+
+
+@pytest.mark.parametrize("feature", list(features.FEATURES))
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_wide_head_features(feature, kind):
+    """Every feature on the column-chunked kernels: prefill forward and backward
+    (576/512 on the tensor-core kernels), MLA decode forward (packed rows)."""
+    dtype = B16 if "combined" in feature else F16
+    if kind == "prefill":
+        B, Hq, Hkv, Nq, Nk, D, Dv = 2, 2, 1, 33, 47, 576, 512
+    else:
+        B, Hq, Hkv, Nq, Nk, D, Dv = 2, 32, 1, 2, 300, 576, 512
+    assert _path((B, Hq, Hkv, Nq, Nk, D, Dv, dtype)) == ("mma" if kind == "prefill" else "decode")
+    gen = rng("cuda-emu-wide-feature", feature, kind)
+    q, k, v = randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype), randn(gen, (B, Hkv, Nk, Dv), dtype)
+    dout = randn(gen, (B, Hq, Nq, Dv), dtype)
+    _check_wide(q, k, v, dout, dtype, features.FEATURES[feature](gen, B, Hq, Nq, Nk), grads=kind == "prefill")
+
+
+@pytest.mark.parametrize("dtype", [F16, F32])
+def test_wide_heads_varlen(dtype):
+    lengths = [(1, 300), (0, 4), (17, 17), (2, 40)]
+    H, Hkv, D, Dv = 8, 1, 576, 512
+    gen = rng("cuda-emu-wide-varlen", str(dtype))
+    cu_q = np.concatenate([[0], np.cumsum([a for a, _ in lengths])]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum([b for _, b in lengths])]).astype(np.int32)
+    q = randn(gen, (int(cu_q[-1]), H, D), dtype)
+    k = randn(gen, (int(cu_k[-1]), Hkv, D), dtype)
+    v = randn(gen, (int(cu_k[-1]), Hkv, Dv), dtype)
+    options = {"causal": True, "sinks": randn(gen, (H,)), "softcap": 5.0}
+    out, lse = _forward(q, k, v, varlen=(mx.array(cu_q), mx.array(cu_k)), **options)
+    want = attention_varlen_np(q, k, v, cu_q, cu_k, **options)
+    check_close("out", to_np(out), want, dtype)
+    check_close("lse", to_np(lse), want, mx.float32)
+
+
+# ---------------------------------------------------------------------------
 # Non-finite inputs (the contract of issue 13): cases of cuda_emu/nonfinite_cases.py.
 
 @pytest.mark.parametrize("dtype", [F16, F32], ids=["decode_f16", "simt_f32"])
@@ -176,12 +277,14 @@ def test_nonfinite_inputs(case, dtype):
     assert np.isfinite(want["out"]).any()
 
 
-@pytest.mark.parametrize("kind", [(F16, 64), (F16, 160), (F32, 64)], ids=["mma2_f16", "mma_f16_D160", "simt_f32"])
+@pytest.mark.parametrize("kind", [(F16, 64), (F16, 160), (F32, 64), (F16, 512), (F32, 512)],
+                         ids=["mma2_f16", "mma_f16_D160", "simt_f32", "mma_f16_D512", "simt_f32_D512"])
 @pytest.mark.parametrize("case", PREFILL_CASES)
 def test_nonfinite_forward_backward(case, kind):
     """attention_fwd_mma2 + attention_bwd_mma (fp16, D 64), attention_fwd_mma +
-    attention_bwd_simt (fp16, D 160) and attention_fwd_simt + attention_bwd_simt
-    (float32) follow the non-finite contract, gradients too."""
+    attention_bwd_mma in column chunks (fp16, D 160 and 512: 2 V chunks
+    forward), and attention_fwd_simt + attention_bwd_simt (float32; D 512 in
+    column chunks backward) follow the non-finite contract, gradients too."""
     from mlx_flash._spec import validate_attention
     from mlx_flash.backends import cuda as cuda_backend
 

@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import features
 from cuda_emu import nonfinite_cases
 from mlx_flash.backends import cuda as cuda_backend
 
@@ -73,11 +74,11 @@ def _attention_cases():
                 ("BLOCK_MASK", True), ("VARLEN", False), ("KEY_RANGE", True)]
     for T in (mx.float16, mx.bfloat16):
         dims = [("D", 72), ("DV", 40)]
-        yield ("attention_fwd_mma", T, mx.float32, features + [("SINKS", True)] + dims + [("NW", 4), ("BN", 64)],
-               ("out", "lse"))
+        yield ("attention_fwd_mma", T, mx.float32,
+               features + [("SINKS", True)] + dims + [("NW", 4), ("BN", 64), ("DVC", 40)], ("out", "lse"))
         yield ("attention_fwd_mma2", T, mx.float32, features + [("SINKS", True)] + dims + [("NW", 4), ("BN", 32)],
                ("out", "lse"))
-        yield ("attention_bwd_mma", T, mx.float32, features + dims + [("NW", 4)], ("dq_acc", "dk", "dv"))
+        yield ("attention_bwd_mma", T, mx.float32, features + dims + [("NW", 4), ("NCH", 1)], ("dq_acc", "dk", "dv"))
         # Hopper forward: both schedules, both head dims and key tiles.
         for D, BN, stages, feats in ((128, 128, 3, [f for f in features if f[0] != "BLOCK_MASK"] +
                                       [("BLOCK_MASK", False)]),
@@ -94,10 +95,10 @@ def _attention_cases():
            features + [("SINKS", False), ("D", 40), ("DV", 33), ("W", 8), ("SPLITS", 1)],
            ("out", "lse", "part_o", "part_lse"))
     yield ("attention_bwd_simt", mx.float32, mx.bool_,
-           features + [("D", 33), ("DV", 7), ("W", 2), ("HAS_DLSE", True)], ("dq_acc", "dk", "dv"))
+           features + [("D", 33), ("DV", 7), ("W", 2), ("HAS_DLSE", True), ("NCH", 1)], ("dq_acc", "dk", "dv"))
     yield ("attention_bwd_simt", mx.float16, mx.float16, [(n, False) for n in ("SOFTCAP", "ALIBI", "WINDOW",
            "BLOCK_MASK", "VARLEN", "KEY_RANGE")] + [("MASK_KIND", 0), ("D", 160), ("DV", 160), ("W", 1),
-           ("HAS_DLSE", False)], ("dq_acc", "dk", "dv"))
+           ("HAS_DLSE", False), ("NCH", 1)], ("dq_acc", "dk", "dv"))
 
 
 def _decode_cases():
@@ -110,7 +111,7 @@ def _decode_cases():
               ("BLOCK_MASK", False), ("SINKS", True), ("VARLEN", True), ("KEY_RANGE", False)]
     ranges = plain[:-1] + [("KEY_RANGE", True)]
     tiles = lambda d, dv, stages, split: [("D", d), ("DV", dv), ("NW", 4), ("BN", 16), ("STAGES", stages),
-                                          ("SPLIT", split)]
+                                          ("SPLIT", split), ("DVC", dv)]
     f16, b16 = mx.float16, mx.bfloat16
     yield f16, mx.bool_, plain + tiles(128, 128, 3, True)
     yield f16, mx.bool_, ranges + tiles(128, 128, 3, True)
@@ -124,9 +125,12 @@ def _decode_cases():
     yield b16, mx.bfloat16, varlen + tiles(256, 256, 2, False)
     yield f16, mx.float16, every[:2] + [("MASK_KIND", 2)] + every[3:] + tiles(96, 128, 4, True)
     # Tile variants tools/cuda_decode_check.py sweeps: 8 warps, 32-key warp tiles, 2 warps.
-    yield f16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 8), ("BN", 16), ("STAGES", 2), ("SPLIT", True)]
-    yield b16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 4), ("BN", 32), ("STAGES", 2), ("SPLIT", True)]
-    yield f16, mx.bool_, plain + tiles(64, 64, 4, True)[:2] + [("NW", 2), ("BN", 16), ("STAGES", 4), ("SPLIT", True)]
+    yield f16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 8), ("BN", 16), ("STAGES", 2), ("SPLIT", True),
+                                                                 ("DVC", 128)]
+    yield b16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 4), ("BN", 32), ("STAGES", 2), ("SPLIT", True),
+                                                                 ("DVC", 128)]
+    yield f16, mx.bool_, plain + tiles(64, 64, 4, True)[:2] + [("NW", 2), ("BN", 16), ("STAGES", 4), ("SPLIT", True),
+                                                               ("DVC", 64)]
 
 
 def _combine_cases():
@@ -279,6 +283,71 @@ def test_decode_kernels_compile_without_spills(tmp_path):
     _nvcc_compile(tmp_path, "combine", _prelude(cuda_backend.kernel_headers("attention_combine")) + "\n" + "\n".join(kernels))
 
 
+def _wide_head_cases():
+    """Every kernel a wide-head call (Dqk up to 576, Dv up to 512) can select, with
+    the tiles and column chunks the backend picks: (body, T, MT, template, outputs)."""
+    from mlx_flash._spec import validate_attention
+
+    every = [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 2), ("WINDOW", True), ("BLOCK_MASK", True),
+             ("VARLEN", False)]
+    plain = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 0), ("WINDOW", True), ("BLOCK_MASK", False),
+             ("VARLEN", False)]
+    for (d, dv), T in (((576, 512), mx.float16), ((576, 512), mx.bfloat16), ((192, 128), mx.float16),
+                       ((320, 256), mx.bfloat16), ((288, 96), mx.float16)):
+        dims = [("D", d), ("DV", dv)]
+        for feats in (every, plain):
+            yield ("attention_fwd_mma", T, mx.float32, feats + [("SINKS", True)] + dims + [
+                ("NW", 4), ("BN", 32), ("DVC", cuda_backend._column_chunk(dv))], ("out", "lse"))
+            # As _mma_bwd_config picks: 4 warps without softcap where 64-key tiles fit.
+            nch = cuda_backend._mma_bwd_chunks(d, dv)
+            fits = cuda_backend._mma_bwd_smem(d, dv, 64, 64) <= cuda_backend._MAX_SMEM
+            nw = 4 if nch == 1 or (fits and not dict(feats)["SOFTCAP"]) else 2
+            yield ("attention_bwd_mma", T, mx.float32, feats + dims + [("NW", nw), ("NCH", nch)],
+                   ("dq_acc", "dk", "dv"))
+            spec, _ = validate_attention(mx.ones((1, 16, 1, d), T), mx.ones((1, 1, 4096, d), T),
+                                         mx.ones((1, 1, 4096, dv), T))
+            nw, bn, stages = cuda_backend._decode_config(spec, ())
+            for split in (True, False):
+                yield ("attention_fwd_decode", T, mx.float32, feats + [("SINKS", True)] + dims + [
+                    ("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", split),
+                    ("DVC", cuda_backend._column_chunk(dv))], ("out", "lse", "part_o", "part_lse"))
+    for d, dv in ((576, 512), (33, 511)):
+        for w in (4, 8):
+            yield ("attention_fwd_simt", mx.float32, mx.float32, every + [("SINKS", True), ("D", d), ("DV", dv),
+                   ("W", w), ("SPLITS", 2)], ("out", "lse", "part_o", "part_lse"))
+        nch = 1
+        while cuda_backend._simt_bwd_smem(d, dv, 1, nch) > cuda_backend._MAX_SMEM:
+            nch += 1
+        yield ("attention_bwd_simt", mx.float32, mx.float32, every + [("D", d), ("DV", dv), ("W", 1),
+               ("HAS_DLSE", True), ("NCH", nch)], ("dq_acc", "dk", "dv"))
+    yield ("attention_fwd_simt", mx.float16, mx.bool_, plain + [("SINKS", False), ("D", 570), ("DV", 500),
+           ("W", 8), ("SPLITS", 2)], ("out", "lse", "part_o", "part_lse"))
+
+
+@needs_nvcc
+def test_wide_head_kernels_compile_without_spills(tmp_path):
+    """The kernels and tile plans of head dims past 256 compile as MLX wraps them
+    and keep their accumulators in registers (no ptxas spill)."""
+    units, described = {}, {}
+    for i, (body, T, MT, template, outputs) in enumerate(_wide_head_cases()):
+        name = f"wide{i}_{body}"
+        described[name] = f"{body} {str(T).split('.')[-1]} " + " ".join(f"{k}={v}" for k, v in template[6:])
+        units.setdefault(cuda_backend.kernel_headers(body), []).append(
+            _kernel_text(name, cuda_backend._read(body + ".cu"), _input_dtypes(body, T, MT),
+                         _output_dtypes(outputs, T), [("T", T), ("MT", MT)] + template))
+    spills = []
+    for headers, kernels in units.items():
+        log = _nvcc_compile(tmp_path, "wide_" + headers[-1].removesuffix(".cuh"),
+                            _prelude(headers) + "\n" + "\n".join(kernels), ("-Xptxas", "-v"))
+        usage = ptxas_usage(log)
+        assert len(usage) == len(kernels), log[-2000:]
+        for mangled, (regs, spill_st, spill_ld) in usage.items():
+            name = re.search(r"wide\d+_\w+?(?=E)", mangled).group(0)
+            if spill_st or spill_ld:
+                spills.append(f"{described[name]}: {regs} registers, spills {spill_st}/{spill_ld} bytes")
+    assert not spills, "\n".join(spills)
+
+
 # ---------------------------------------------------------------------------
 # On a CUDA GPU.
 
@@ -351,7 +420,7 @@ def test_decode_split_over_keys(dtype):
 # (dtype, head dim): fp16/bf16 with D 64/128 = wgmma (or mma2) forward and
 # backward; D 256 = the one-tile mma forward and the SIMT backward; float32 = SIMT.
 _GPU_NONFINITE_KINDS = [(mx.float16, 64), (mx.float16, 128), (mx.bfloat16, 128), (mx.float16, 256),
-                        (mx.float32, 64)]
+                        (mx.float32, 64), (mx.float16, 512), (mx.float32, 512)]
 
 
 @needs_cuda
@@ -431,3 +500,35 @@ def test_key_ranges_poisoned_on_gpu(shape, cpu_default_device):
     from cuda_emu.key_range_cases import backend_runner, check_poisoned_case
 
     check_poisoned_case(backend_runner(mx.gpu, emulate=False), shape, mx.float16, grads=shape[3] > 1)
+
+
+# Wide heads with every feature on the GPU (the behaviour suite's wide-head file
+# covers none / causal / window): the tensor-core prefill forward and backward
+# in column chunks, and MLA's decode (packed rows, V chunks, key splits).
+_WIDE_GPU_SHAPES = {"prefill": (2, 2, 1, 113, 70, 576, 512), "decode": (1, 64, 1, 2, 1500, 576, 512)}
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", list(_WIDE_GPU_SHAPES))
+@pytest.mark.parametrize("feature", list(features.FEATURES))
+def test_wide_heads_features_on_gpu(feature, kind):
+    import backends
+    from helpers import check_close, plain_errors, randn, rng, to_np
+    from reference_np import attention_np
+
+    B, Hq, Hkv, Nq, Nk, D, Dv = _WIDE_GPU_SHAPES[kind]
+    dtype = mx.bfloat16 if "combined" in feature else mx.float16
+    gen = rng("cuda-wide-feature", feature, kind)
+    q, k, v = (randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype),
+               randn(gen, (B, Hkv, Nk, Dv), dtype))
+    dout = randn(gen, (B, Hq, Nq, Dv), dtype)
+    options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+    out, lse = backends.forward("cuda", q, k, v, **options)
+    want = attention_np(q, k, v, dout=dout, **options)
+    plain = plain_errors(q, k, v, dout, options, dtype)
+    check_close("out", to_np(out), want, dtype, plain)
+    check_close("lse", to_np(lse), want, mx.float32)
+    if kind == "prefill":
+        grads = backends.gradients("cuda", q, k, v, dout, **options)
+        for name in ("q", "k", "v"):
+            check_close("d" + name, to_np(grads[name]), want, dtype, plain)

@@ -43,6 +43,9 @@ from .._spec import AttentionInputs, AttentionSpec
 
 # The kernels read inputs.key_start / key_len (dispatch.fold_key_ranges is not applied).
 NATIVE_KEY_RANGES = True
+# Head dims the kernels take (the contract's: MLA's 576 / 512). Past 256, the
+# tensor-core kernels split the output columns over blocks (_column_chunk).
+HEAD_DIM_LIMITS = (576, 512)
 
 # Shared memory one block may use on sm_80/sm_90 (227 KiB, less some headroom).
 _MAX_SMEM = 220 * 1024
@@ -230,12 +233,37 @@ def _simt_fwd_smem(d: int, dv: int, warps: int) -> int:
     return 4 * (32 * (d + 1) + 32 * dv + warps * d)
 
 
-def _simt_bwd_warp_smem(d: int, dv: int) -> int:
-    return 4 * 32 * (2 * (d + 1) + 2 * (dv + 1))
+def _simt_bwd_smem(d: int, dv: int, warps: int, nch: int = 1) -> int:
+    """simt_bwd_smem of attention_simt.cuh (nch column chunks of dK/dQ and dV)."""
+    per_warp = 4 * 32 * ((d + 1) + (dv + 1) + (-(-d // nch) + 1) + (-(-dv // nch) + 1))
+    return warps * per_warp + 4 * (d + 2 * dv + 32 * warps)
 
 
-def _simt_bwd_smem(d: int, dv: int, warps: int) -> int:
-    return warps * _simt_bwd_warp_smem(d, dv) + 4 * (d + 2 * dv + 32 * warps)
+# Widest O accumulator (columns) one warp of the forward kernels keeps in
+# registers: a 16-row tile of 256 float columns is 128 registers a thread.
+_MAX_ACC_COLUMNS = 256
+
+
+def _column_chunk(dv: int) -> int:
+    """V/O columns one forward block owns: all of them up to 256; past that
+    equal chunks (multiples of 8, for 16-byte copies), one block each."""
+    if dv <= _MAX_ACC_COLUMNS:
+        return dv
+    chunks = -(-dv // _MAX_ACC_COLUMNS)
+    return -(-(-(-dv // chunks)) // 8) * 8
+
+
+def _mma_bwd_chunks(d: int, dv: int) -> int:
+    """Column chunks of the tensor-core backward: one up to 256 accumulator
+    columns (a warp's dK and dV, 16 keys x D + DV: head dims <= 128), else the
+    fewest whose chunks (DC + DVC columns) stay within 192, which ptxas keeps
+    in registers beside the chunk's S^T, dP^T and softcap fragments."""
+    if _round16(d) + _round16(dv) <= _MAX_ACC_COLUMNS:
+        return 1
+    nch = 2
+    while _round16(-(-d // nch)) + _round16(-(-dv // nch)) > 192:
+        nch += 1
+    return nch
 
 
 def _mma_bwd_smem(d: int, dv: int, bm: int, bn: int) -> int:
@@ -338,7 +366,18 @@ def _max_k(spec: AttentionSpec) -> int:
 
 def _uses_mma(spec: AttentionSpec) -> bool:
     """Tensor cores for fp16/bf16 unless the call is decode-like (few rows per KV head)."""
-    return spec.dtype in (mx.float16, mx.bfloat16) and _max_q(spec) * spec.group_size > 16
+    return spec.dtype in (mx.float16, mx.bfloat16) and _max_q(spec) * spec.group_size > 16 and not _packs_rows(spec)
+
+
+def _packs_rows(spec: AttentionSpec) -> bool:
+    """Wide heads with few queries and many query heads per KV head (MLA's
+    absorbed decode: 1-4 queries, 16-128 heads, one latent KV head) run on the
+    decode kernel, whose 16-row tiles pack (query, head) pairs, where that
+    reads each K/V tile at most half as often as 64-query tiles per head do."""
+    if max(spec.head_dim_qk, spec.head_dim_v) <= 256:
+        return False
+    nq, group = _max_q(spec), spec.group_size
+    return 2 * math.ceil(nq * group / 16) <= group * math.ceil(nq / 64)
 
 
 def _mma_fwd_tiles(spec: AttentionSpec):
@@ -405,10 +444,10 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
         )
         return out, lse
     if _uses_mma(spec):
-        nw, bn, row_blocks, kernel = _mma_fwd_config(spec)
+        nw, bn, blocks, tiles, kernel = _mma_fwd_config(spec)
         out, lse = kernel(
-            inputs=args, template=template + [("NW", nw), ("BN", bn)],
-            grid=(row_blocks * 32 * nw, spec.heads_q, spec.batch), threadgroup=(32 * nw, 1, 1),
+            inputs=args, template=template + list(tiles),
+            grid=(blocks * 32 * nw, spec.heads_q, spec.batch), threadgroup=(32 * nw, 1, 1),
             output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
             stream=stream,
         )
@@ -427,19 +466,21 @@ def _wgmma_fwd_config(spec: AttentionSpec, bn: int, stages: int):
 
 @functools.lru_cache(maxsize=1024)
 def _mma_fwd_config(spec: AttentionSpec):
-    """(warps, key tile, row blocks, kernel) of the tensor-core forward."""
+    """(warps, key tile, blocks along x, tile template, kernel) of the tensor-core
+    forward; past 256 V columns each row block is DVC-column chunks, one block each."""
     nw, bn = _mma_fwd_tiles(spec)
     # Two 16-row tiles per warp (attention_fwd_mma2) for head dims <= 128.
     two_tiles = _FWD_TWO_TILES and max(spec.head_dim_qk, spec.head_dim_v) <= 128
     if two_tiles:
         bn = 32
+    dvc = spec.head_dim_v if two_tiles else _column_chunk(spec.head_dim_v)
     rows_per_block = 16 * nw * (2 if two_tiles else 1)
-    smem = 2 * (rows_per_block * (_round16(spec.head_dim_qk) + 8)) + _mma_fwd_smem(
-        spec.head_dim_qk, spec.head_dim_v, 0, bn)
+    smem = 2 * (rows_per_block * (_round16(spec.head_dim_qk) + 8)) + _mma_fwd_smem(spec.head_dim_qk, dvc, 0, bn)
     body = "attention_fwd_mma2" if two_tiles else "attention_fwd_mma"
     kernel = _kernel(body, _ATTN_INPUTS, ("out", "lse"), smem)
-    row_blocks = math.ceil(_max_q(spec) / rows_per_block)
-    return nw, bn, row_blocks, kernel
+    tiles = (("NW", nw), ("BN", bn)) + (() if two_tiles else (("DVC", dvc),))
+    blocks = math.ceil(_max_q(spec) / rows_per_block) * math.ceil(spec.head_dim_v / dvc)
+    return nw, bn, blocks, tiles, kernel
 
 
 # Shared memory of one SM of an H100/H200 (228 KiB; the driver keeps 1 KiB per block).
@@ -458,11 +499,16 @@ def _decode_smem(d: int, dv: int, nw: int, bn: int, stages: int) -> int:
 
 def _decode_config(spec: AttentionSpec, tuning: tuple):
     """(warps, keys per warp tile, pipeline stages) of attention_fwd_decode: three
-    stages where two blocks still fit an SM (head dims <= 128), else two."""
-    d, dv = spec.head_dim_qk, spec.head_dim_v
+    stages where two blocks still fit an SM (head dims <= 128), else two. Wide
+    heads (one block per SM, K rows of up to 576 dims): two warps, three stages."""
+    d, dv = spec.head_dim_qk, _column_chunk(spec.head_dim_v)
     tuning = dict(tuning)
-    nw, bn = tuning.get("nw", 4), tuning.get("bn", 16)
-    stages = tuning.get("stages", 3 if _decode_smem(d, dv, nw, bn, 3) <= _SM_SMEM // 2 - 1024 else 2)
+    wide = _decode_smem(d, dv, 4, 16, 2) > _SM_SMEM - 1024
+    nw, bn = tuning.get("nw", 2 if wide else 4), tuning.get("bn", 16)
+    if wide:
+        stages = tuning.get("stages", 3 if _decode_smem(d, dv, nw, bn, 3) <= _SM_SMEM - 1024 else 2)
+    else:
+        stages = tuning.get("stages", 3 if _decode_smem(d, dv, nw, bn, 3) <= _SM_SMEM // 2 - 1024 else 2)
     return nw, bn, stages
 
 
@@ -477,7 +523,8 @@ def _effective_keys(spec: AttentionSpec) -> int:
 
 def decode_plan(spec: AttentionSpec):
     """Launch shape of attention_fwd_decode: (warps, keys per warp tile, stages,
-    shared memory bytes, 16-row blocks per KV head, key splits)."""
+    shared memory bytes, blocks along x per KV head (16-row blocks times V
+    column chunks), key splits)."""
     return _decode_plan(spec, tuple(sorted(DECODE_TUNING.items())))
 
 
@@ -485,8 +532,9 @@ def decode_plan(spec: AttentionSpec):
 def _decode_plan(spec: AttentionSpec, tuning: tuple):
     """decode_plan, cached per spec (and per tuning override, for the variant sweep)."""
     nw, bn, stages = _decode_config(spec, tuning)
-    smem = _decode_smem(spec.head_dim_qk, spec.head_dim_v, nw, bn, stages)
-    row_blocks = math.ceil(_max_q(spec) * spec.group_size / 16)
+    dvc = _column_chunk(spec.head_dim_v)
+    smem = _decode_smem(spec.head_dim_qk, dvc, nw, bn, stages)
+    row_blocks = math.ceil(_max_q(spec) * spec.group_size / 16) * math.ceil(spec.head_dim_v / dvc)
     base_blocks = row_blocks * spec.batch * spec.heads_kv
     # Enough blocks to fill every SM as far as shared memory lets them reside,
     # each warp still getting at least two tiles.
@@ -507,7 +555,8 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
     if spec.dtype != mx.float32 and d % 8 == 0 and dv % 8 == 0:
         nw, bn, stages, smem, row_blocks, splits = decode_plan(spec)
         kernel = _kernel("attention_fwd_decode", _ATTN_INPUTS, ("out", "lse", "part_o", "part_lse"), smem)
-        template = template + [("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", splits > 1)]
+        template = template + [("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", splits > 1),
+                               ("DVC", _column_chunk(dv))]
         grid = (row_blocks * 32 * nw, splits, spec.batch * spec.heads_kv)
         threads = 32 * nw
     else:
@@ -564,20 +613,20 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
     args = common[:5] + common[6:] + [dout, lse]  # no sinks: their gradient is formed in attention.py
     template = _feature_template(spec, inputs, with_sinks=False) + [
         ("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
-    if _uses_mma(spec) and max(spec.head_dim_qk, spec.head_dim_v) <= 128:
+    if _uses_mma(spec):
         # delta_i = dO_i . O_i - dlse_i: one row reduction, as in FlashAttention-2.
         delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1, stream=stream)
         if dlse is not None:
             delta = delta - dlse
         if _uses_wgmma(spec, backward=True):
             key_blocks, kernel = _wgmma_bwd_config(spec)
-            nw, extra = 8, []
+            nw, nch, extra = 8, 1, []
         else:
-            nw, key_blocks, kernel = _mma_bwd_config(spec)
-            extra = [("NW", nw)]
+            nw, nch, key_blocks, kernel = _mma_bwd_config(spec)
+            extra = [("NW", nw), ("NCH", nch)]
         dq_acc, dk, dv = kernel(
             inputs=args + [delta] + _key_range_inputs(inputs), template=template + extra,
-            grid=(key_blocks * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
+            grid=(key_blocks * 32 * nw, nch, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
             output_shapes=[tuple(q.shape), tuple(k.shape), tuple(v.shape)],
             output_dtypes=[mx.float32, spec.dtype, spec.dtype],
             init_value=0.0, stream=stream,
@@ -585,10 +634,10 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
     else:
         # Scalar path; delta is formed in the kernel (see attention_bwd_simt).
         args = args + [out, dlse if dlse is not None else _placeholder(mx.float32)] + _key_range_inputs(inputs)
-        warps, key_blocks, kernel = _simt_bwd_config(spec)
+        warps, nch, key_blocks, kernel = _simt_bwd_config(spec)
         dq_acc, dk, dv = kernel(
-            inputs=args, template=template + [("W", warps), ("HAS_DLSE", dlse is not None)],
-            grid=(key_blocks * 32 * warps, 1, spec.batch * spec.heads_kv), threadgroup=(32 * warps, 1, 1),
+            inputs=args, template=template + [("W", warps), ("HAS_DLSE", dlse is not None), ("NCH", nch)],
+            grid=(key_blocks * 32 * warps, nch, spec.batch * spec.heads_kv), threadgroup=(32 * warps, 1, 1),
             output_shapes=[tuple(q.shape), tuple(k.shape), tuple(v.shape)],
             output_dtypes=[mx.float32, spec.dtype, spec.dtype],
             init_value=0.0, stream=stream,
@@ -608,23 +657,33 @@ def _wgmma_bwd_config(spec: AttentionSpec):
 
 @functools.lru_cache(maxsize=1024)
 def _mma_bwd_config(spec: AttentionSpec):
-    """(warps, key blocks, kernel) of the tensor-core backward."""
-    nw = _MMA_BWD_WARPS
-    smem = _mma_bwd_smem(spec.head_dim_qk, spec.head_dim_v, 16 * nw, 16 * nw)
+    """(warps, column chunks, key blocks, kernel) of the tensor-core backward:
+    64 keys and 64-row query tiles a block (16 keys a warp); in column chunks,
+    32 and 32 where the full K, V, Q, dO tiles of 64 do not fit shared memory
+    (141 KB at 576/512 for 32) or softcap's fragments would spill registers."""
+    d, dv = spec.head_dim_qk, spec.head_dim_v
+    nch = _mma_bwd_chunks(d, dv)
+    fits = _mma_bwd_smem(d, dv, 16 * _MMA_BWD_WARPS, 16 * _MMA_BWD_WARPS) <= _MAX_SMEM
+    nw = _MMA_BWD_WARPS if nch == 1 or (fits and not spec.softcap) else 2
+    smem = _mma_bwd_smem(d, dv, 16 * nw, 16 * nw)
     kernel = _kernel("attention_bwd_mma", _BWD_MMA_INPUTS, ("dq_acc", "dk", "dv"), smem)
     key_blocks = math.ceil(_max_k(spec) / (16 * nw))
-    return nw, key_blocks, kernel
+    return nw, nch, key_blocks, kernel
 
 
 @functools.lru_cache(maxsize=1024)
 def _simt_bwd_config(spec: AttentionSpec):
-    """(warps, key blocks, kernel) of the fp32-arithmetic backward."""
-    per_warp = _simt_bwd_warp_smem(spec.head_dim_qk, spec.head_dim_v)
-    warps = max(1, min(4, (_MAX_SMEM - 4096) // per_warp))
-    smem = _simt_bwd_smem(spec.head_dim_qk, spec.head_dim_v, warps)
+    """(warps, column chunks, key blocks, kernel) of the fp32-arithmetic backward:
+    wide heads split dK/dQ and dV columns over blocks until one warp fits."""
+    d, dv = spec.head_dim_qk, spec.head_dim_v
+    nch = 1
+    while _simt_bwd_smem(d, dv, 1, nch) > _MAX_SMEM:
+        nch += 1
+    warps = max([w for w in (1, 2, 3, 4) if _simt_bwd_smem(d, dv, w, nch) <= _MAX_SMEM - 4096] or [1])
+    smem = _simt_bwd_smem(d, dv, warps, nch)
     kernel = _kernel("attention_bwd_simt", _BWD_SIMT_INPUTS, ("dq_acc", "dk", "dv"), smem)
     key_blocks = math.ceil(_max_k(spec) / (32 * warps))
-    return warps, key_blocks, kernel
+    return warps, nch, key_blocks, kernel
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """CUDA benchmark: mlx_flash vs mx.fast SDPA (cuDNN) vs PyTorch SDPA, one run, one card.
 
-    python -m mlx_flash.bench.cuda [--sections fwd,fwdbwd,features,decode,key_ranges,matmul] [--out PATH]
+    python -m mlx_flash.bench.cuda [--sections fwd,fwdbwd,features,decode,key_ranges,matmul,wide_decode,wide_prefill] [--out PATH]
 
 Writes cuda_<card>.json (into --out when it is a directory, the current one by
 default; to --out when it names a .json file) and prints one line per
@@ -296,6 +296,56 @@ def bench_matmul(rec: Recorder):
             print(f"torch matmul skipped: {e}")
 
 
+def _mla_qkv(B, Hq, Hkv, Nq, Nk, D, Dv, dtype):
+    q, k, _ = _qkv(B, Hq, Hkv, Nq, Nk, D, dtype)
+    v = mx.random.normal((B, Hkv, Nk, Dv), key=mx.random.key(7)).astype(dtype)
+    mx.eval(v)
+    return q, k, v
+
+
+def bench_wide_decode(rec: Recorder, dtype=mx.float16):
+    """MLA's absorbed decode (Dqk 576, Dv 512, one latent KV head): one call per
+    eval, 1 and 4 queries, 16 and 128 query heads, 4K and 32K keys."""
+    D, Dv = 576, 512
+    for Hq in (16, 128):
+        for Nk in (4096, 32768):
+            for Nq in (1, 4):
+                q, k, v = _mla_qkv(1, Hq, 1, Nq, Nk, D, Dv, dtype)
+                t_ours, m_ours = time_mlx(lambda: mlx_flash.flash_attention(q, k, v), iters=30)
+                t_fast, m_fast = time_mlx(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5),
+                                          iters=30)
+                kv_bytes = Nk * (D + Dv) * 2
+                rec.add(section="wide_decode", dtype=str(dtype).split(".")[-1], shape=[1, Hq, 1, Nq, Nk, D, Dv],
+                        ours_us=t_ours * 1e6, mx_fast_us=t_fast * 1e6, ratio_vs_mx_fast=t_fast / t_ours,
+                        ours_kv_gbps=kv_bytes / t_ours / 1e9, ours_peak_mib=m_ours, mx_fast_peak_mib=m_fast)
+                del q, k, v
+
+
+def bench_wide_prefill(rec: Recorder, dtype=mx.float16, B=1, H=16, N=4096):
+    """Prefill at wide head dims (DeepSeek's 192/128 and 512/512), forward and
+    forward+backward, causal or not. FLOPs: 2*N^2*(D + Dv) per head forward,
+    2*N^2*(4*D + 3*Dv) forward+backward (halved under causal)."""
+    for D, Dv in ((192, 128), (512, 512)):
+        q, k, v = _mla_qkv(B, H, H, N, N, D, Dv, dtype)
+        for backward in (False, True):
+            for causal in (False, True):
+                mask = "causal" if causal else None
+                flops = 2 * B * H * N * N * ((4 * D + 3 * Dv) if backward else (D + Dv)) * (0.5 if causal else 1.0)
+                ours = lambda a, b, c: mlx_flash.flash_attention(a, b, c, causal=causal)
+                fast = lambda a, b, c: mx.fast.scaled_dot_product_attention(a, b, c, scale=D ** -0.5, mask=mask)
+                if backward:
+                    ours = mx.grad(lambda a, b, c, f=ours: mx.sum(f(a, b, c).astype(mx.float32)), argnums=(0, 1, 2))
+                    fast = mx.grad(lambda a, b, c, f=fast: mx.sum(f(a, b, c).astype(mx.float32)), argnums=(0, 1, 2))
+                t_ours, m_ours = time_mlx(lambda: ours(q, k, v), iters=5)
+                t_fast, m_fast = time_mlx(lambda: fast(q, k, v), iters=5)
+                rec.add(section="wide_fwdbwd" if backward else "wide_fwd", dtype=str(dtype).split(".")[-1],
+                        shape=[B, H, N, D, Dv], causal=causal, ours_ms=t_ours * 1e3,
+                        ours_tflops=flops / t_ours / 1e12, ours_peak_mib=m_ours, mx_fast_ms=t_fast * 1e3,
+                        mx_fast_tflops=flops / t_fast / 1e12, mx_fast_peak_mib=m_fast,
+                        ratio_vs_mx_fast=t_fast / t_ours)
+        del q, k, v
+
+
 SECTIONS = {
     "fwd": lambda r: bench_attention(r, backward=False),
     "fwdbwd": lambda r: bench_attention(r, backward=True),
@@ -303,6 +353,8 @@ SECTIONS = {
     "decode": bench_decode,
     "key_ranges": bench_key_ranges,
     "matmul": bench_matmul,
+    "wide_decode": bench_wide_decode,
+    "wide_prefill": bench_wide_prefill,
 }
 
 
