@@ -289,9 +289,9 @@ def _wide_head_cases():
     from mlx_flash._spec import validate_attention
 
     every = [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 2), ("WINDOW", True), ("BLOCK_MASK", True),
-             ("VARLEN", False)]
+             ("VARLEN", False), ("KEY_RANGE", True)]
     plain = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 0), ("WINDOW", True), ("BLOCK_MASK", False),
-             ("VARLEN", False)]
+             ("VARLEN", False), ("KEY_RANGE", False)]
     for (d, dv), T in (((576, 512), mx.float16), ((576, 512), mx.bfloat16), ((192, 128), mx.float16),
                        ((320, 256), mx.bfloat16), ((288, 96), mx.float16)):
         dims = [("D", d), ("DV", dv)]
@@ -331,7 +331,7 @@ def test_wide_head_kernels_compile_without_spills(tmp_path):
     units, described = {}, {}
     for i, (body, T, MT, template, outputs) in enumerate(_wide_head_cases()):
         name = f"wide{i}_{body}"
-        described[name] = f"{body} {str(T).split('.')[-1]} " + " ".join(f"{k}={v}" for k, v in template[6:])
+        described[name] = f"{body} {str(T).split('.')[-1]} " + " ".join(f"{k}={v}" for k, v in template[7:])
         units.setdefault(cuda_backend.kernel_headers(body), []).append(
             _kernel_text(name, cuda_backend._read(body + ".cu"), _input_dtypes(body, T, MT),
                          _output_dtypes(outputs, T), [("T", T), ("MT", MT)] + template))
