@@ -93,3 +93,14 @@ def test_extreme_range_values(dtype):
     assert np.all(to_np(out)[:2] == 0) and np.all(to_np(lse)[:2] == -np.inf)
     check_close("out", to_np(out), want, dtype)
     check_close("lse", to_np(lse), want, mx.float32)
+
+
+# Wide heads (MLA's 576/512) with key ranges: the column-chunked prefill forward
+# and backward, and the MLA decode (packed rows, V chunks, key splits), where
+# every block of a V/dK chunk bounds its key loop by the same range.
+@pytest.mark.parametrize("case", [((2, 2, 1, 17, 150, 576, 512), F16, True),
+                                  ((2, 16, 1, 1, 700, 576, 512), B16, False)], ids=["prefill", "decode"])
+@pytest.mark.parametrize("feature", ["causal", "combined_causal_softcap_alibi_sinks"])
+def test_wide_heads_with_key_ranges(case, feature):
+    shape, dtype, grads = case
+    check_case(run, shape, dtype, feature, grads=grads)
