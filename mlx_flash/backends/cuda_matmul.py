@@ -2,11 +2,18 @@
 
     out = (dequant(a) * a_scale) @ (dequant(b) * b_scale), fp32 accumulation
 
-Routes (by operand types):
-  * fp8 x fp8: both decoded to fp16 in the kernel (exact), m16n8k16 mma; or
-    the native fp8 mma (m16n8k32 e4m3/e5m2, sm_89+) with MLX_FLASH_CUDA_NATIVE_FP8=1.
-  * fp16/bf16 with fp16/bf16 or fp8 of the same 16-bit type: m16n8k16 mma,
-    fp8 codes decoded exactly to that type inside the kernel.
+Routes (by operand types and shape; `route_of` decides):
+  * "gemv" (any sm_80+ GPU): a 16-bit a with at most 16 rows times an [N, K]
+    b (transpose_b, fp8 codes or the same 16-bit type): cuda_src/matmul_gemv.cuh,
+    bound by reading b once.
+  * "wgmma" (Hopper, sm_90): cuda_src/matmul_wgmma.cuh on warpgroup MMA:
+    fp16/bf16 x the same type, fp8 x fp8 (native k32 fp8 wgmma; a [K, N] b
+    is transposed once first), fp16/bf16 x fp8 (codes decoded in shared memory).
+    Edge tiles are predicated in the kernel (zero-filled loads, masked stores).
+  * "mma" (elsewhere, and fp8 a with a 16-bit b): cuda_src/matmul.cuh,
+    m16n8k16 mma.sync with fp8 codes decoded exactly to fp16/bf16 in the
+    kernel; or the native fp8 mma (m16n8k32, sm_89+) for fp8 x fp8 with
+    MLX_FLASH_CUDA_NATIVE_FP8=1.
   * any float32 operand (or fp16 mixed with bf16): fp8 codes decoded to
     float32 (bit-exact), then MLX's product made float32-exact by operand
     splitting (MLX's CUDA float32 matmul runs in TF32); scales applied after.
@@ -24,6 +31,16 @@ from typing import Optional
 import mlx.core as mx
 
 from . import cuda as _cuda
+
+_WGMMA = os.environ.get("MLX_FLASH_CUDA_MATMUL_WGMMA", "1") == "1"
+# Hopper tile plans: (tile width BN, stages, promotion interval in stages;
+# 0 = the fp8 sums stay in the tensor core's accumulators).
+WGMMA_PLANS = {"f16": (256, 4, 0), "f8": (256, 4, 0), "cvt": (256, 4, 0)}
+# Decode (gemv) route: at most this many rows of a.
+GEMV_MAX_ROWS = 16
+# Tests set this to NaN: outputs start poisoned, so an element a kernel never
+# writes shows (None: outputs start uninitialised, as they should in use).
+POISON = None
 
 _FMT_CODE = {None: 0, "e4m3": 1, "e5m2": 2}
 _INPUTS = ("a", "b", "a_scale", "b_scale", "ip")
@@ -88,10 +105,105 @@ def _pad_axis(x, axis, multiple, stream):
     return mx.pad(x, widths, stream=stream)
 
 
-def matmul2d(a, b, a_scale, b_scale, spec, stream):
+def route_of(a, b, spec) -> str:
+    """Which kernel family computes this product (see the module docstring)."""
     float_types = {x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None}
     if mx.float32 in float_types or len(float_types) > 1:
+        return "float32"
+    if spec.a_fmt is None and spec.transpose_b and spec.M <= GEMV_MAX_ROWS:
+        return "gemv"
+    if _WGMMA and _cuda._is_hopper() and not (spec.a_fmt is not None and spec.b_fmt is None):
+        return "wgmma"
+    return "mma"
+
+
+def _wgmma_kind(spec) -> str:
+    if spec.a_fmt is not None and spec.b_fmt is not None:
+        return "f8"
+    return "cvt" if spec.b_fmt is not None else "f16"
+
+
+def _scale_flags(a_scale, b_scale):
+    return (int(a_scale is not None and a_scale.shape[0] > 1), int(a_scale is not None and a_scale.shape[1] > 1),
+            int(b_scale is not None and b_scale.shape[-1] > 1))
+
+
+def _gemv(a, b, a_scale, b_scale, spec, stream):
+    """M <= 16 rows of a against an [N, K] b: cuda_src/matmul_gemv.cuh."""
+    M, N = spec.M, spec.N
+    a = _pad_axis(a, 2, 16, stream)
+    b = _pad_axis(b, 2, 16, stream)
+    ip = _cuda.const_array((M, N, a.shape[2], int(spec.b_batched)) + _scale_flags(a_scale, b_scale), mx.int32)
+    kernel = _cuda._kernel("matmul_gemv", _INPUTS, ("out",), 0)
+    placeholder = _cuda._placeholder(mx.float32)
+    (out,) = kernel(
+        inputs=[a, b, a_scale if a_scale is not None else placeholder,
+                b_scale if b_scale is not None else placeholder, ip],
+        template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype), ("FB", _FMT_CODE[spec.b_fmt]),
+                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("MT", 1 if M <= 8 else 2)],
+        grid=(math.ceil(N / 16) * 256, 1, spec.batch), threadgroup=(256, 1, 1),
+        output_shapes=[(spec.batch, M, N)], output_dtypes=[spec.out_dtype], init_value=POISON, stream=stream,
+    )
+    return out
+
+
+def wgmma_smem(bn: int, stages: int, convert_b: bool) -> int:
+    """matmul_wgmma_smem() of matmul_wgmma.cuh."""
+    return stages * (128 * 128 + bn * (64 if convert_b else 128)) + (2 * bn * 128 if convert_b else 0) + 1024
+
+
+def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None):
+    """Hopper warpgroup-MMA kernel: cuda_src/matmul_wgmma.cuh."""
+    kind = _wgmma_kind(spec)
+    bn, stages, promote = plan or WGMMA_PLANS[kind]
+    transpose_b = spec.transpose_b
+    if kind == "f8" and not transpose_b:
+        # fp8 wgmma reads b K-major only: one transposed copy of b.
+        b = mx.contiguous(b.swapaxes(-1, -2), stream=stream)
+        transpose_b = True
+    M, N = spec.M, spec.N
+    a = _pad_axis(a, 2, 16, stream)
+    b = _pad_axis(b, 2 if transpose_b else 1, 16, stream)
+    b = _pad_axis(b, 1 if transpose_b else 2, 16, stream)
+    Kp, Np = a.shape[2], (b.shape[1] if transpose_b else b.shape[2])
+    ip = _cuda.const_array((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale), mx.int32)
+    if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
+        b_scale = _pad_axis(b_scale, 2, 16, stream)
+    compute = a.dtype if spec.a_fmt is None else mx.float16
+    kernel = _cuda._kernel("matmul_wgmma", _INPUTS, ("out",), wgmma_smem(bn, stages, kind == "cvt"))
+    placeholder = _cuda._placeholder(mx.float32)
+    tiles = math.ceil(M / 128) * math.ceil(Np / bn)
+    (out,) = kernel(
+        inputs=[a, b, a_scale if a_scale is not None else placeholder,
+                b_scale if b_scale is not None else placeholder, ip],
+        template=[("TA", a.dtype), ("TB", b.dtype), ("C", compute), ("TO", spec.out_dtype),
+                  ("FA", _FMT_CODE[spec.a_fmt]), ("FB", _FMT_CODE[spec.b_fmt]), ("TRANS_B", transpose_b),
+                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("BN", bn), ("STAGES", stages),
+                  ("PROMOTE", promote)],
+        grid=(tiles * 256, 1, spec.batch), threadgroup=(256, 1, 1),
+        output_shapes=[(spec.batch, M, Np)], output_dtypes=[spec.out_dtype], init_value=POISON, stream=stream,
+    )
+    return out if Np == N else out[:, :, :N]
+
+
+def matmul2d(a, b, a_scale, b_scale, spec, stream, route=None, plan=None):
+    """The backend entry (dispatch calls it with the first six); `route` and
+    `plan` (a wgmma (BN, stages, promote)) force a kernel, for tests and benchmarks."""
+    route = route or route_of(a, b, spec)
+    if spec.M == 0 or spec.N == 0:
+        return mx.zeros((spec.batch, spec.M, spec.N), dtype=spec.out_dtype, stream=stream)
+    if route == "float32":
         return _float32_route(a, b, a_scale, b_scale, spec, stream)
+    if route == "gemv":
+        return _gemv(a, b, a_scale, b_scale, spec, stream)
+    if route == "wgmma":
+        return _wgmma(a, b, a_scale, b_scale, spec, stream, plan)
+    return _mma(a, b, a_scale, b_scale, spec, stream)
+
+
+def _mma(a, b, a_scale, b_scale, spec, stream):
+    """The portable tensor-core kernel: cuda_src/matmul.cuh."""
+    float_types = {x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None}
     compute = next(iter(float_types)) if float_types else mx.float16
     M, N, K = spec.M, spec.N, spec.K
     # Every 16-byte chunk wholly inside or outside: K and N to multiples of 16.
@@ -115,7 +227,7 @@ def matmul2d(a, b, a_scale, b_scale, spec, stream):
                   ("TRANS_B", spec.transpose_b), ("AS", a_scale is not None), ("BS", b_scale is not None),
                   ("NATIVE_FP8", _NATIVE_FP8)],
         grid=(math.ceil(Np / _TILE) * 256, math.ceil(M / _TILE), spec.batch), threadgroup=(256, 1, 1),
-        output_shapes=[(spec.batch, M, Np)], output_dtypes=[spec.out_dtype], stream=stream,
+        output_shapes=[(spec.batch, M, Np)], output_dtypes=[spec.out_dtype], init_value=POISON, stream=stream,
     )
     return out if Np == N else out[:, :, :N]
 
@@ -136,7 +248,7 @@ class _Spec:
 
 
 def matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpose_b=False,
-           out_dtype=None, stream=None):
+           out_dtype=None, stream=None, route=None, plan=None):
     """2-D convenience entry for benchmarks and tests: a [M, K], b [K, N] (or [N, K])."""
     M, K = a.shape
     N = b.shape[0] if transpose_b else b.shape[1]
@@ -146,4 +258,4 @@ def matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpos
     spec = _Spec(a_fmt, b_fmt, transpose_b, out_dtype, 1, M, N, K, False)
     a_s = None if a_scale is None else mx.broadcast_to(mx.array(a_scale, mx.float32).reshape(1, -1, 1), (1, M if mx.array(a_scale).size > 1 else 1, 1))
     b_s = None if b_scale is None else mx.array(b_scale, mx.float32).reshape(1, 1, -1)
-    return matmul2d(a[None], b[None], a_s, b_s, spec, stream)[0]
+    return matmul2d(a[None], b[None], a_s, b_s, spec, stream, route, plan)[0]

@@ -1,0 +1,135 @@
+"""matmul2d's CUDA kernel routes, each forced (cuda_matmul.matmul2d(route=...)),
+against float64 of the dequantized operands, outputs poisoned with NaN:
+
+  wgmma  the Hopper kernel (matmul_wgmma.cuh): every mode (16-bit, fp8 x fp8,
+         16-bit x fp8), both b layouts, every tile plan, edge tiles in M, N
+         and K (odd sizes, K = 1), batches, scales;
+  gemv   the few-rows kernel (matmul_gemv.cuh): 1..16 rows, odd N and K,
+         fp8 and 16-bit weights, batched weights, scales.
+
+Run on a CUDA GPU (wgmma cases on sm_90 only); skipped cleanly elsewhere.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from helpers import rng
+from test_matmul import assert_close, make_operand, reference
+
+pytestmark = [pytest.mark.usefixtures("cpu_default_device"),
+              pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()),
+                                 reason="no CUDA GPU visible to MLX")]
+GPU = mx.Device(mx.gpu)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    from mlx_flash.backends import cuda_matmul
+
+    monkeypatch.setattr(cuda_matmul, "POISON", float("nan"))
+
+
+def needs_hopper():
+    from mlx_flash.backends import cuda
+
+    if not cuda._is_hopper():
+        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+
+
+def run_route(route, a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpose_b=False,
+              out_dtype=None, plan=None):
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    spec, a3, b3, sa, sb, lead = validate_matmul(a, b, a_fmt=a_fmt, b_fmt=b_fmt, a_scale=a_scale, b_scale=b_scale,
+                                                 transpose_b=transpose_b, out_dtype=out_dtype)
+    assert route == "wgmma" or cuda_matmul.route_of(a3, b3, spec) == route
+    out = cuda_matmul.matmul2d(a3, b3, sa, sb, spec, GPU, route=route, plan=plan)
+    mx.eval(out)
+    return out.reshape(*lead, spec.M, spec.N)
+
+
+WG_KINDS = [("float16", "float16"), ("bfloat16", "bfloat16"), ("e4m3", "e4m3"), ("e4m3", "e5m2"),
+            ("e5m2", "e4m3"), ("e5m2", "e5m2"), ("float16", "e4m3"), ("bfloat16", "e5m2")]
+
+
+@pytest.mark.parametrize("ka,kb", WG_KINDS)
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (130, 200, 70), (129, 1, 513), (300, 129, 258), (17, 1000, 33)])
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_cuda_wgmma_matches_float64(ka, kb, M, K, N, transpose_b):
+    needs_hopper()
+    gen = rng("wgmma", ka, kb, M, K, N, transpose_b)
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K) if transpose_b else (K, N), kb)
+    sa = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    sb = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+    for out_dtype in (mx.float32, None):
+        out = run_route("wgmma", a, b, a_fmt=a_fmt, b_fmt=b_fmt, a_scale=mx.array(sa), b_scale=mx.array(sb),
+                        transpose_b=transpose_b, out_dtype=out_dtype)
+        assert_close(out, reference(a64, b64, sa, sb, transpose_b=transpose_b), out.dtype, K)
+
+
+# Every tile plan the kernel offers, on a product long in K (fp8 accumulation).
+PLANS = [(256, 4, 0), (128, 6, 0), (128, 4, 0), (128, 6, 1), (128, 6, 2)]
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"bn{p[0]}_st{p[1]}_pr{p[2]}")
+@pytest.mark.parametrize("ka,kb", [("float16", "float16"), ("e4m3", "e4m3"), ("bfloat16", "e4m3")])
+def test_cuda_wgmma_plans_long_k(plan, ka, kb):
+    needs_hopper()
+    if plan[2] and ka != "e4m3":
+        pytest.skip("promotion is for fp8 x fp8")
+    gen = rng("wgmma-plan", plan, ka, kb)
+    M, K, N = 257, 4096, 384
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K), kb)
+    out = run_route("wgmma", a, b, a_fmt=a_fmt, b_fmt=b_fmt, transpose_b=True, out_dtype=mx.float32, plan=plan)
+    assert_close(out, reference(a64, b64, transpose_b=True), mx.float32, K)
+
+
+@pytest.mark.parametrize("b_batched", [False, True])
+@pytest.mark.parametrize("scales", ["tensor", "rows_cols", "batched_rows"])
+def test_cuda_wgmma_batched_and_scales(b_batched, scales):
+    needs_hopper()
+    gen = rng("wgmma-batch", b_batched, scales)
+    lead, M, K, N = (3,), 140, 96, 272
+    for ka, kb in (("float16", "e4m3"), ("e4m3", "e5m2"), ("bfloat16", "bfloat16")):
+        a, a_fmt, a64 = make_operand(gen, lead + (M, K), ka)
+        b, b_fmt, b64 = make_operand(gen, (lead if b_batched else ()) + (N, K), kb)
+        if scales == "tensor":
+            sa, sb = np.float32(1.5), np.float32(0.25)
+        elif scales == "rows_cols":
+            sa, sb = gen.uniform(0.5, 2, (M, 1)).astype(np.float32), gen.uniform(0.5, 2, (1, N)).astype(np.float32)
+        else:
+            sa, sb = gen.uniform(0.5, 2, lead + (M, 1)).astype(np.float32), None
+        out = run_route("wgmma", a, b, a_fmt=a_fmt, b_fmt=b_fmt, transpose_b=True,
+                        a_scale=mx.array(sa), b_scale=None if sb is None else mx.array(sb))
+        assert_close(out, reference(a64, b64, sa, sb, transpose_b=True), out.dtype, K)
+
+
+@pytest.mark.parametrize("M", [1, 2, 7, 8, 9, 16])
+@pytest.mark.parametrize("ka,kb", [("float16", "e4m3"), ("bfloat16", "e5m2"), ("float16", "float16"),
+                                   ("bfloat16", "bfloat16")])
+@pytest.mark.parametrize("K,N", [(1, 1), (45, 17), (1000, 129), (4096, 520)])
+def test_cuda_gemv_matches_float64(M, ka, kb, K, N):
+    gen = rng("gemv", M, ka, kb, K, N)
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K), kb)
+    sa = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    sb = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+    for out_dtype in (mx.float32, None):
+        out = run_route("gemv", a, b, a_fmt=a_fmt, b_fmt=b_fmt, a_scale=mx.array(sa), b_scale=mx.array(sb),
+                        transpose_b=True, out_dtype=out_dtype)
+        assert_close(out, reference(a64, b64, sa, sb, transpose_b=True), out.dtype, K)
+
+
+@pytest.mark.parametrize("b_batched", [False, True])
+def test_cuda_gemv_batched(b_batched):
+    gen = rng("gemv-batch", b_batched)
+    lead, M, K, N = (2, 3), 5, 160, 48
+    a, _, a64 = make_operand(gen, lead + (M, K), "float16")
+    b, b_fmt, b64 = make_operand(gen, (lead if b_batched else ()) + (N, K), "e4m3")
+    sa = gen.uniform(0.5, 2, lead + (M, 1)).astype(np.float32)
+    out = run_route("gemv", a, b, b_fmt=b_fmt, a_scale=mx.array(sa), b_scale=0.5, transpose_b=True)
+    assert_close(out, reference(a64, b64, sa, np.float32(0.5), transpose_b=True), out.dtype, K)
