@@ -14,6 +14,8 @@ plans:  the Hopper kernel's tile plans side by side at 8192^3.
 cache (NVRTC compiles each variant once, whatever the shape).
 Writes matmul_cuda_<card>.json (into --out, a directory; or --out as a .json
 path) and prints one JSON line per measurement.
+
+    python -m mlx_flash.bench.cuda_matmul --plot matmul_cuda_<card>.json   # the PNG next to it
 """
 
 from __future__ import annotations
@@ -232,13 +234,65 @@ def bench_plans(rec: Recorder, n: int = 8192):
                 rec.add(section="plans", case=kind, plan=list(plan), n=n, error=f"{type(e).__name__}: {e}"[:500])
 
 
+def plot(path: str) -> str:
+    """GEMM TFLOP/s per case and size, and decode weight GB/s against the copy bandwidth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        data = json.load(f)
+    rows = [r for r in data["rows"] if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(16, 6))
+    gemm = [r for r in rows if r.get("section") == "gemm"]
+    sizes = sorted({r["n"] for r in gemm})
+    cases = list(dict.fromkeys(r["case"] for r in gemm))
+    width = 0.8 / max(1, len(sizes))
+    ax = axes[0]
+    for i, n in enumerate(sizes):
+        vals = {r["case"]: r["tflops"] for r in gemm if r["n"] == n}
+        ax.bar([j + i * width for j in range(len(cases))], [vals.get(c, 0) for c in cases], width, label=f"{n}^3")
+    ax.set_xticks([j + width * (len(sizes) - 1) / 2 for j in range(len(cases))], cases, rotation=35, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title("n x n x n products")
+    ax.legend()
+    dec = [r for r in rows if r.get("section") == "decode"]
+    ax = axes[1]
+    labels = list(dict.fromkeys(f'M={r["M"]} {r["K"]}x{r["N"]}' for r in dec))
+    dcases = list(dict.fromkeys(r["case"] for r in dec))
+    width = 0.8 / max(1, len(dcases))
+    for i, c in enumerate(dcases):
+        vals = {f'M={r["M"]} {r["K"]}x{r["N"]}': r["weight_gbps"] for r in dec if r["case"] == c}
+        ax.bar([j + i * width for j in range(len(labels))], [vals.get(lab, 0) for lab in labels], width, label=c)
+    copy = [r["gbps"] for r in rows if r.get("section") == "copy"]
+    if copy:
+        ax.axhline(max(copy), color="k", lw=0.8, ls="--", label="plain copy")
+        ax.axhline(0.7 * max(copy), color="gray", lw=0.8, ls=":", label="70% of copy")
+    ax.set_xticks([j + width * (len(dcases) - 1) / 2 for j in range(len(labels))], labels, rotation=35, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("weight GB/s")
+    ax.set_title("decode: M rows x [N, K] weight")
+    ax.legend(fontsize=8)
+    fig.suptitle(f'matmul2d on {data["card"]} (MLX {data["mlx"]}, torch {data.get("torch", "-")}, {data["time"]})')
+    fig.tight_layout()
+    out = os.path.splitext(path)[0] + ".png"
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="gemm,decode")
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--out", default=".")
     parser.add_argument("--warm", action="store_true", help="compile every variant at tiny sizes; time nothing")
+    parser.add_argument("--plot", metavar="JSON", help="plot a results JSON (PNG next to it) and exit")
     args = parser.parse_args(argv)
+    if args.plot:
+        print(f"wrote {plot(args.plot)}")
+        return
     if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         raise SystemExit("mlx_flash.bench.cuda_matmul: MLX sees no CUDA GPU")
     card = card_name()
