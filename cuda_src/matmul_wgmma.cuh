@@ -11,16 +11,16 @@
 // read by tensor cores at once (wgmma_wait<1>), so the ring keeps two stages
 // more than it prefetches.
 //
-// MODE_F16: a and b 16-bit of one type; b [N][K] K-major or [K][N] read
-//           MN-major by wgmma itself (no transpose copy).
-// MODE_F8:  a and b fp8 (any e4m3/e5m2 pair), native k32 wgmma, both
-//           K-major (b [N][K]; the wrapper transposes a [K][N] b once).
-//           PROMOTE > 0: the tensor-core sums of every PROMOTE stages start
-//           from zero and are added to fp32 registers (Hopper's fp8 wgmma
-//           adds with fewer bits than fp32).
-// MODE_CVT: a 16-bit, b fp8: b's raw codes land by cp.async, are decoded
-//           exactly to a's type into one of two swizzled buffers (K-major for
-//           b [N][K], MN-major for [K][N]) while the previous stage's wgmma runs.
+// 16-bit wgmma (k16, type C; NATIVE false): a 16-bit operand lands by cp.async
+//   straight into its swizzled tile (b [N][K] K-major, or [K][N] read MN-major
+//   by wgmma itself, no transpose copy); an fp8 operand lands as raw codes and
+//   is decoded exactly to C into one of two swizzled buffers (A_CVT / B_CVT),
+//   so fp32 accumulation stays exact for every operand combination.
+// Native fp8 wgmma (k32, NATIVE: a and b fp8, any e4m3/e5m2 pair): both
+//   K-major (the wrapper transposes a [K][N] b once). Hopper's fp8 wgmma adds
+//   with a 13-bit mantissa (truncating), so this mode is approximate: with
+//   PROMOTE > 0 the tensor-core sums restart every PROMOTE stages (128 K
+//   each) and are added to fp32 registers (two-level accumulation).
 // The wrapper pads K to a multiple of 16 and N to a multiple of 16 (every
 // 16-byte chunk wholly inside or outside an operand); M is free.
 #pragma once
@@ -38,10 +38,12 @@ enum MatmulWgParam { kWgM = 0, kWgN, kWgK, kWgBBatched, kWgAScaleBatched, kWgASc
 
 constexpr int kWgBM = 128, kWgGroupM = 8;
 
-// Shared memory (bytes) of one block: the stage ring (A + B, B raw codes in
-// MODE_CVT) plus, in MODE_CVT, two decoded B buffers; 1 KiB for alignment.
-__host__ __device__ constexpr int matmul_wgmma_smem(int bn, int stages, bool convert_b) {
-  return stages * (kWgBM * 128 + bn * (convert_b ? 64 : 128)) + (convert_b ? 2 * bn * 128 : 0) + 1024;
+// Shared memory (bytes) of one block: the stage ring (A + B; raw codes of a
+// decoded operand take half a 16-bit tile), two decoded tiles per decoded
+// operand, 1 KiB for alignment.
+__host__ __device__ constexpr int matmul_wgmma_smem(int bn, int stages, bool convert_a, bool convert_b) {
+  return stages * (kWgBM * (convert_a ? 64 : 128) + bn * (convert_b ? 64 : 128)) + (convert_a ? 2 * kWgBM * 128 : 0) +
+         (convert_b ? 2 * bn * 128 : 0) + 1024;
 }
 
 // wgmma operand kind code of wgmma_gemm.cuh: fp8 format, else half / bfloat16.
@@ -51,26 +53,27 @@ template <typename T>
 struct WgKind<T, 0> { static constexpr int value = MmaType<T>::is_bf16 ? 17 : 16; };
 
 template <typename TA, typename TB, typename C, typename TO, int FA, int FB, bool TRANS_B, bool AS, bool BS, int BN,
-          int STAGES, int PROMOTE>
+          int STAGES, int PROMOTE, bool NATIVE>
 __device__ void matmul_wgmma(const TA* a, const TB* b, const float* a_scale, const float* b_scale, const int* ip,
                              TO* out) {
-  constexpr bool F8 = FA != 0 && FB != 0;
-  constexpr bool CVT = FA == 0 && FB != 0;
-  static_assert(!(FA != 0 && FB == 0), "fp8 a with a 16-bit b: not a Hopper path");
-  static_assert(!F8 || TRANS_B, "fp8 wgmma reads b K-major only ([N][K])");
+  static_assert(!NATIVE || (FA != 0 && FB != 0), "native fp8 wgmma: both operands fp8");
+  static_assert(!NATIVE || TRANS_B, "fp8 wgmma reads b K-major only ([N][K])");
   static_assert(BN == 128 || BN == 256, "tile width 128 or 256");
   static_assert(STAGES >= 3, "the ring needs two stages beyond the prefetch");
-  static_assert(F8 || PROMOTE == 0, "promotion is for the fp8 accumulation only");
+  static_assert(NATIVE || PROMOTE == 0, "promotion is for the native fp8 accumulation only");
+  constexpr bool A_CVT = FA != 0 && !NATIVE, B_CVT = FB != 0 && !NATIVE;
   constexpr int NT = 256, PREFETCH = STAGES - 2;
-  constexpr int A_BYTES = kWgBM * 128, B_BYTES = BN * (CVT ? 64 : 128), STAGE_BYTES = A_BYTES + B_BYTES;
-  constexpr int KSTEP = F8 ? 128 : 64;        // K values per stage
-  constexpr int KINST = F8 ? 32 : 16;         // K values per wgmma
-  constexpr int KA = WgKind<TA, FA>::value, KB = CVT ? KA : WgKind<TB, FB>::value;
+  constexpr int A_BYTES = kWgBM * (A_CVT ? 64 : 128), B_BYTES = BN * (B_CVT ? 64 : 128);
+  constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+  constexpr int KSTEP = NATIVE ? 128 : 64;    // K values per stage
+  constexpr int KINST = NATIVE ? 32 : 16;     // K values per wgmma
+  constexpr int KA = NATIVE ? FA : WgKind<C, 0>::value, KB = NATIVE ? FB : KA;
   constexpr int B_MN = TRANS_B ? 0 : 1;       // wgmma reads B MN-major ([K][N])
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* ring = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  unsigned char* bconv = ring + STAGES * STAGE_BYTES;  // MODE_CVT: two decoded B tiles of BN * 128 bytes
+  unsigned char* aconv = ring + STAGES * STAGE_BYTES;            // A_CVT: two decoded [128][64] A tiles
+  unsigned char* bconv = aconv + (A_CVT ? 2 * kWgBM * 128 : 0);  // B_CVT: two decoded B tiles
 
   const int M = ip[kWgM], N = ip[kWgN], K = ip[kWgK];
   const int z = blockIdx.z;
@@ -84,9 +87,19 @@ __device__ void matmul_wgmma(const TA* a, const TB* b, const float* a_scale, con
   const TB* bg = b + (ip[kWgBBatched] ? (long)z * K * N : 0);
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
 
-  // Stage loads. A: [128][128 bytes] K-major, one swizzle atom.
+  // Stage loads. A: [128][128 bytes] K-major, one swizzle atom; raw codes
+  // (A_CVT): [128][64] row-major.
   auto load_a = [&](unsigned char* dst, int k0) {
     constexpr int PER = sizeof(TA) == 1 ? 16 : 8;  // values per 16-byte chunk
+    if constexpr (A_CVT) {
+#pragma unroll
+      for (int it = 0; it < kWgBM * 4 / NT; ++it) {
+        const int c = tid + it * NT, row = c / 4, kv = k0 + (c % 4) * 16;
+        const bool ok = m0 + row < M && kv < K;
+        cp_async16(dst + c * 16, ok ? (const void*)(ag + (long)(m0 + row) * K + kv) : ag, ok);
+      }
+      return;
+    }
 #pragma unroll
     for (int it = 0; it < kWgBM * 8 / NT; ++it) {
       const int c = tid + it * NT, row = c / 8, chunk = c % 8, kv = k0 + chunk * PER;
@@ -97,7 +110,7 @@ __device__ void matmul_wgmma(const TA* a, const TB* b, const float* a_scale, con
   };
   auto load_b = [&](unsigned char* dst, int k0) {
     constexpr int PER = sizeof(TB) == 1 ? 16 : 8;
-    if constexpr (CVT) {  // raw codes, row-major as stored: [BN][64] (TRANS_B) or [64][BN]
+    if constexpr (B_CVT) {  // raw codes, row-major as stored: [BN][64] (TRANS_B) or [64][BN]
       constexpr int ROW_CHUNKS = TRANS_B ? 4 : BN / 16;
 #pragma unroll
       for (int it = 0; it < BN * 4 / NT; ++it) {
@@ -124,7 +137,17 @@ __device__ void matmul_wgmma(const TA* a, const TB* b, const float* a_scale, con
       }
     }
   };
-  // MODE_CVT: raw codes of one stage -> decoded tile in the wgmma layout.
+  // Raw codes of one stage -> decoded tiles in the wgmma layouts.
+  auto convert_a = [&](const unsigned char* raw, unsigned char* dst) {
+#pragma unroll
+    for (int it = 0; it < kWgBM * 4 / NT; ++it) {
+      const int c = tid + it * NT, row = c / 4, chunk = c % 4;
+      uint4 w[2];
+      decode16<C, FA>(*reinterpret_cast<const uint4*>(raw + c * 16), w);
+      *reinterpret_cast<uint4*>(dst + swizzled_offset<kWgBM>(row, 2 * chunk)) = w[0];
+      *reinterpret_cast<uint4*>(dst + swizzled_offset<kWgBM>(row, 2 * chunk + 1)) = w[1];
+    }
+  };
   auto convert_b = [&](const unsigned char* raw, unsigned char* dst) {
     constexpr int ROW_CHUNKS = TRANS_B ? 4 : BN / 16;
 #pragma unroll
@@ -147,7 +170,7 @@ __device__ void matmul_wgmma(const TA* a, const TB* b, const float* a_scale, con
 
   constexpr int R = BN / 2;
   float d[R];        // wgmma accumulators
-  float acc[PROMOTE ? R : 1];  // promoted sums (MODE_F8 with PROMOTE)
+  float acc[PROMOTE ? R : 1];  // promoted sums (NATIVE with PROMOTE)
   if (PROMOTE) {
 #pragma unroll
     for (int i = 0; i < (PROMOTE ? R : 1); ++i) acc[i] = 0.f;
@@ -171,16 +194,25 @@ __device__ void matmul_wgmma(const TA* a, const TB* b, const float* a_scale, con
     __syncthreads();
     if (kt + PREFETCH < ktiles) issue_loads(kt + PREFETCH);
     cp_async_commit();
-    const unsigned char* st = ring + (kt % STAGES) * STAGE_BYTES;
-    const unsigned char* bt = st + A_BYTES;
-    if constexpr (CVT) {
-      unsigned char* dst = bconv + (kt % 2) * (BN * 128);
-      convert_b(bt, dst);
+    const unsigned char* at = ring + (kt % STAGES) * STAGE_BYTES;
+    const unsigned char* bt = at + A_BYTES;
+    if constexpr (A_CVT || B_CVT) {
+      // Decoded tiles alternate between two buffers: the one written here was
+      // last read by the wgmma of stage kt-2, finished before the barrier above.
+      if constexpr (A_CVT) {
+        unsigned char* dst = aconv + (kt % 2) * (kWgBM * 128);
+        convert_a(at, dst);
+        at = dst;
+      }
+      if constexpr (B_CVT) {
+        unsigned char* dst = bconv + (kt % 2) * (BN * 128);
+        convert_b(bt, dst);
+        bt = dst;
+      }
       fence_proxy_async();
       __syncthreads();
-      bt = dst;
     }
-    const unsigned a_addr = smem_addr(st) + wg * 64 * 128, b_addr = smem_addr(bt);
+    const unsigned a_addr = smem_addr(at) + wg * 64 * 128, b_addr = smem_addr(bt);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < KSTEP / KINST; ++kk) {

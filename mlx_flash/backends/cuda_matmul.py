@@ -6,11 +6,17 @@ Routes (by operand types and shape; `route_of` decides):
   * "gemv" (any sm_80+ GPU): a 16-bit a with at most 16 rows times an [N, K]
     b (transpose_b, fp8 codes or the same 16-bit type): cuda_src/matmul_gemv.cuh,
     bound by reading b once.
-  * "wgmma" (Hopper, sm_90): cuda_src/matmul_wgmma.cuh on warpgroup MMA:
-    fp16/bf16 x the same type, fp8 x fp8 (native k32 fp8 wgmma; a [K, N] b
-    is transposed once first), fp16/bf16 x fp8 (codes decoded in shared memory).
-    Edge tiles are predicated in the kernel (zero-filled loads, masked stores).
-  * "mma" (elsewhere, and fp8 a with a 16-bit b): cuda_src/matmul.cuh,
+  * "wgmma" (Hopper, sm_90): cuda_src/matmul_wgmma.cuh on 16-bit warpgroup
+    MMA with fp32 accumulation: fp16/bf16 operands land in shared memory as
+    they are, fp8 codes are decoded there exactly (fp8 x fp8 to fp16). Edge
+    tiles are predicated in the kernel (zero-filled loads, masked stores).
+  * "wgmma_fp8" (Hopper, fp8 x fp8, opt-in: MLX_FLASH_CUDA_FP8_WGMMA=native):
+    the same kernel on native fp8 wgmma (k32, twice the 16-bit rate; a [K, N]
+    b is transposed once first). Hopper's fp8 tensor cores add with a 13-bit
+    mantissa, truncating; the kernel restarts their sums every 128 K and adds
+    them in fp32 (two-level accumulation), so the error stays within
+    2^-8 * (|a| @ |b|), far below fp8's own rounding (2^-4), but not fp32-exact.
+  * "mma" (elsewhere): cuda_src/matmul.cuh,
     m16n8k16 mma.sync with fp8 codes decoded exactly to fp16/bf16 in the
     kernel; or the native fp8 mma (m16n8k32, sm_89+) for fp8 x fp8 with
     MLX_FLASH_CUDA_NATIVE_FP8=1.
@@ -33,9 +39,12 @@ import mlx.core as mx
 from . import cuda as _cuda
 
 _WGMMA = os.environ.get("MLX_FLASH_CUDA_MATMUL_WGMMA", "1") == "1"
-# Hopper tile plans: (tile width BN, stages, promotion interval in stages;
-# 0 = the fp8 sums stay in the tensor core's accumulators).
-WGMMA_PLANS = {"f16": (256, 4, 0), "f8": (256, 4, 0), "cvt": (256, 4, 0)}
+_FP8_NATIVE = os.environ.get("MLX_FLASH_CUDA_FP8_WGMMA", "exact") == "native"
+# Hopper tile plans: (tile width BN, stages, promotion interval in stages of
+# 128 K; 0 = the native fp8 sums stay in the tensor core's accumulators).
+# "f16": 16-bit operands; "cvt": an fp8 operand decoded in shared memory;
+# "native": fp8 x fp8 on fp8 wgmma.
+WGMMA_PLANS = {"f16": (256, 4, 0), "cvt": (256, 4, 0), "native": (128, 6, 1)}
 # Decode (gemv) route: at most this many rows of a.
 GEMV_MAX_ROWS = 16
 # Tests set this to NaN: outputs start poisoned, so an element a kernel never
@@ -112,15 +121,9 @@ def route_of(a, b, spec) -> str:
         return "float32"
     if spec.a_fmt is None and spec.transpose_b and spec.M <= GEMV_MAX_ROWS:
         return "gemv"
-    if _WGMMA and _cuda._is_hopper() and not (spec.a_fmt is not None and spec.b_fmt is None):
-        return "wgmma"
+    if _WGMMA and _cuda._is_hopper():
+        return "wgmma_fp8" if _FP8_NATIVE and spec.a_fmt and spec.b_fmt else "wgmma"
     return "mma"
-
-
-def _wgmma_kind(spec) -> str:
-    if spec.a_fmt is not None and spec.b_fmt is not None:
-        return "f8"
-    return "cvt" if spec.b_fmt is not None else "f16"
 
 
 def _scale_flags(a_scale, b_scale):
@@ -147,17 +150,19 @@ def _gemv(a, b, a_scale, b_scale, spec, stream):
     return out
 
 
-def wgmma_smem(bn: int, stages: int, convert_b: bool) -> int:
+def wgmma_smem(bn: int, stages: int, convert_a: bool, convert_b: bool) -> int:
     """matmul_wgmma_smem() of matmul_wgmma.cuh."""
-    return stages * (128 * 128 + bn * (64 if convert_b else 128)) + (2 * bn * 128 if convert_b else 0) + 1024
+    return (stages * (128 * (64 if convert_a else 128) + bn * (64 if convert_b else 128))
+            + (2 * 128 * 128 if convert_a else 0) + (2 * bn * 128 if convert_b else 0) + 1024)
 
 
-def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None):
+def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     """Hopper warpgroup-MMA kernel: cuda_src/matmul_wgmma.cuh."""
-    kind = _wgmma_kind(spec)
+    native = native and spec.a_fmt is not None and spec.b_fmt is not None
+    kind = "native" if native else ("cvt" if spec.a_fmt or spec.b_fmt else "f16")
     bn, stages, promote = plan or WGMMA_PLANS[kind]
     transpose_b = spec.transpose_b
-    if kind == "f8" and not transpose_b:
+    if native and not transpose_b:
         # fp8 wgmma reads b K-major only: one transposed copy of b.
         b = mx.contiguous(b.swapaxes(-1, -2), stream=stream)
         transpose_b = True
@@ -169,8 +174,10 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None):
     ip = _cuda.const_array((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale), mx.int32)
     if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
         b_scale = _pad_axis(b_scale, 2, 16, stream)
-    compute = a.dtype if spec.a_fmt is None else mx.float16
-    kernel = _cuda._kernel("matmul_wgmma", _INPUTS, ("out",), wgmma_smem(bn, stages, kind == "cvt"))
+    floats = [x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None]
+    compute = floats[0] if floats else mx.float16
+    convert_a, convert_b = bool(spec.a_fmt) and not native, bool(spec.b_fmt) and not native
+    kernel = _cuda._kernel("matmul_wgmma", _INPUTS, ("out",), wgmma_smem(bn, stages, convert_a, convert_b))
     placeholder = _cuda._placeholder(mx.float32)
     tiles = math.ceil(M / 128) * math.ceil(Np / bn)
     (out,) = kernel(
@@ -179,7 +186,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None):
         template=[("TA", a.dtype), ("TB", b.dtype), ("C", compute), ("TO", spec.out_dtype),
                   ("FA", _FMT_CODE[spec.a_fmt]), ("FB", _FMT_CODE[spec.b_fmt]), ("TRANS_B", transpose_b),
                   ("AS", a_scale is not None), ("BS", b_scale is not None), ("BN", bn), ("STAGES", stages),
-                  ("PROMOTE", promote)],
+                  ("PROMOTE", promote if native else 0), ("NATIVE", native)],
         grid=(tiles * 256, 1, spec.batch), threadgroup=(256, 1, 1),
         output_shapes=[(spec.batch, M, Np)], output_dtypes=[spec.out_dtype], init_value=POISON, stream=stream,
     )
@@ -196,8 +203,8 @@ def matmul2d(a, b, a_scale, b_scale, spec, stream, route=None, plan=None):
         return _float32_route(a, b, a_scale, b_scale, spec, stream)
     if route == "gemv":
         return _gemv(a, b, a_scale, b_scale, spec, stream)
-    if route == "wgmma":
-        return _wgmma(a, b, a_scale, b_scale, spec, stream, plan)
+    if route in ("wgmma", "wgmma_fp8"):
+        return _wgmma(a, b, a_scale, b_scale, spec, stream, plan, native=route == "wgmma_fp8")
     return _mma(a, b, a_scale, b_scale, spec, stream)
 
 

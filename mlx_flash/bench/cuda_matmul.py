@@ -97,11 +97,14 @@ def bench_gemm(rec: Recorder, sizes):
             "ours_fp16": (lambda: cm.matmul(a16, b16), mlx_fp16),
             "ours_fp16_bT": (lambda: cm.matmul(a16, b16t, transpose_b=True), mlx_fp16),
             "ours_bf16": (lambda: cm.matmul(a16.astype(mx.bfloat16), b16.astype(mx.bfloat16)), mlx_fp16),
+            "ours_e4m3_native_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                      out_dtype=mx.float16, route="wgmma_fp8"), None),
+            "ours_e4m3_native": (lambda: cm.matmul(a8, b8, a_fmt="e4m3", b_fmt="e4m3", out_dtype=mx.float16,
+                                                   route="wgmma_fp8"), None),
+            "ours_e4m3_x_e5m2_native_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e5m2", transpose_b=True,
+                                                             out_dtype=mx.float16, route="wgmma_fp8"), None),
             "ours_e4m3_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
                                                out_dtype=mx.float16), None),
-            "ours_e4m3": (lambda: cm.matmul(a8, b8, a_fmt="e4m3", b_fmt="e4m3", out_dtype=mx.float16), None),
-            "ours_e4m3_x_e5m2_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e5m2", transpose_b=True,
-                                                      out_dtype=mx.float16), None),
             "ours_fp16_x_e4m3_bT": (lambda: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True), None),
             "ours_fp16_x_e4m3": (lambda: cm.matmul(a16, b8, b_fmt="e4m3"), None),
             "ours_mma_fp16": (lambda: cm.matmul(a16, b16, route="mma"), mlx_fp16),
@@ -121,12 +124,10 @@ def bench_gemm(rec: Recorder, sizes):
                 rec.add(**row)
             except Exception as e:  # noqa: BLE001 (record, go on)
                 rec.add(section="gemm", case=name, n=n, error=f"{type(e).__name__}: {e}"[:500])
-        if "ours_e4m3_bT" in results and "ours_mma_e4m3_bT" in results:
-            rec.add(section="gemm_check", n=n, case="e4m3_wgmma_vs_mma",
-                    rel_diff=rel_diff(results["ours_e4m3_bT"], results["ours_mma_e4m3_bT"]))
-        if "ours_e4m3_bT" in results and "ours_e4m3" in results:
-            rec.add(section="gemm_check", n=n, case="e4m3_bT_vs_b", rel_diff=rel_diff(results["ours_e4m3_bT"],
-                                                                                      results["ours_e4m3"]))
+        for x, y in (("ours_e4m3_bT", "ours_mma_e4m3_bT"), ("ours_e4m3_native_bT", "ours_mma_e4m3_bT"),
+                     ("ours_e4m3_native", "ours_e4m3_native_bT")):
+            if x in results and y in results:
+                rec.add(section="gemm_check", n=n, case=f"{x}_vs_{y}", rel_diff=rel_diff(results[x], results[y]))
         if "ours_fp16_x_e4m3_bT" in results and "ours_mma_e4m3_bT" in results:
             rec.add(section="gemm_check", n=n, case="fp16xe4m3_vs_fp8mma", rel_diff=rel_diff(
                 results["ours_fp16_x_e4m3_bT"], results["ours_mma_e4m3_bT"]))
@@ -139,7 +140,8 @@ def bench_gemm(rec: Recorder, sizes):
             one = torch.ones((), device="cuda")
             scaled = lambda: torch._scaled_mm(ta, tb, scale_a=one, scale_b=one, out_dtype=torch.float16)
             t = time_torch(scaled, reps)
-            ours = cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float16)
+            ours = cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float16,
+                             route="wgmma_fp8")
             diff = rel_diff(ours, mx.array(scaled().float().cpu().numpy()))
             rec.add(section="gemm", case="torch_scaled_mm_e4m3", n=n, ms=t * 1e3, tflops=flops / t / 1e12,
                     ours_rel_diff=diff)
@@ -217,13 +219,13 @@ def bench_plans(rec: Recorder, n: int = 8192):
     mx.eval(a16, b16t, a8, b8t)
     kinds = {
         "fp16_bT": lambda plan: cm.matmul(a16, b16t, transpose_b=True, route="wgmma", plan=plan),
-        "e4m3_bT": lambda plan: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
-                                          out_dtype=mx.float16, route="wgmma", plan=plan),
+        "e4m3_native_bT": lambda plan: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                 out_dtype=mx.float16, route="wgmma_fp8", plan=plan),
         "fp16_x_e4m3_bT": lambda plan: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True, route="wgmma",
                                                  plan=plan),
     }
     plans = {"fp16_bT": [(256, 4, 0), (128, 6, 0), (128, 4, 0)],
-             "e4m3_bT": [(256, 4, 0), (128, 6, 0), (128, 6, 1), (128, 4, 1)],
+             "e4m3_native_bT": [(128, 6, 1), (128, 4, 1), (128, 6, 2), (256, 4, 0)],
              "fp16_x_e4m3_bT": [(256, 4, 0), (128, 6, 0)]}
     for kind, fn in kinds.items():
         for plan in plans[kind]:
