@@ -25,19 +25,30 @@
 
 namespace mlx_flash {
 
-constexpr int kGvWarps = 8, kGvRows = 16, kGvUnroll = 4;
+constexpr int kGvWarps = 8, kGvRows = 16;
 
-// 16 values of b starting at element `off` of a row, as 8 registers of two C values.
-template <typename C, typename TB, int FB>
-__device__ __forceinline__ void gemv_load_b(const TB* row, long off, bool ok, unsigned (&w)[8]) {
-  if constexpr (FB != 0) {
-    const uint4 raw = ok ? __ldg(reinterpret_cast<const uint4*>(row + off)) : make_uint4(0, 0, 0, 0);
-    decode16<C, FB>(raw, reinterpret_cast<uint4(&)[2]>(w));
+// The 16 values of a row from element `off` as stored (16 bytes of fp8 codes,
+// 32 of 16-bit values); zeros where !ok.
+template <typename T>
+struct Piece16 { uint4 v[sizeof(T)]; };
+template <typename T>
+__device__ __forceinline__ Piece16<T> gemv_load(const T* row, long off, bool ok) {
+  Piece16<T> p;
+  const uint4* src = reinterpret_cast<const uint4*>(row + off);
+#pragma unroll
+  for (int i = 0; i < (int)sizeof(T); ++i) p.v[i] = ok ? __ldg(src + i) : make_uint4(0, 0, 0, 0);
+  return p;
+}
+// ... as 8 registers of two C values (fp8 codes decoded exactly).
+template <typename C, int F, typename T>
+__device__ __forceinline__ void gemv_unpack(const Piece16<T>& p, unsigned (&w)[8]) {
+  if constexpr (F != 0) {
+    decode16<C, F>(p.v[0], reinterpret_cast<uint4(&)[2]>(w));
   } else {
-    const uint4* p = reinterpret_cast<const uint4*>(row + off);
-    const uint4 lo = ok ? __ldg(p) : make_uint4(0, 0, 0, 0), hi = ok ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
-    w[0] = lo.x; w[1] = lo.y; w[2] = lo.z; w[3] = lo.w;
-    w[4] = hi.x; w[5] = hi.y; w[6] = hi.z; w[7] = hi.w;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      w[4 * i] = p.v[i].x; w[4 * i + 1] = p.v[i].y; w[4 * i + 2] = p.v[i].z; w[4 * i + 3] = p.v[i].w;
+    }
   }
 }
 
@@ -65,28 +76,38 @@ __device__ void matmul_gemv(const C* a, const TB* b, const float* a_scale, const
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+  // Chunks in flight per warp: 1 KiB of fp8 weight each (2 KiB at 16 bits);
+  // fp8 takes twice as many to keep as many bytes in flight.
+  constexpr int kGvUnroll = (FB != 0 && MT == 1) ? 8 : 4;
 
   const int chunks = (K + 63) / 64;
   for (int c0 = warp; c0 < chunks; c0 += kGvWarps * kGvUnroll) {
     // All loads of kGvUnroll chunks first (bytes in flight), then the math.
-    unsigned w0[kGvUnroll][8], w1[kGvUnroll][8], x[kGvUnroll][MT][8];
+    Piece16<TB> w0[kGvUnroll], w1[kGvUnroll];
+    Piece16<C> x[kGvUnroll][MT];
 #pragma unroll
     for (int u = 0; u < kGvUnroll; ++u) {
       const int k = (c0 + u * kGvWarps) * 64 + 16 * t;
       const bool in = c0 + u * kGvWarps < chunks && k < K;
-      gemv_load_b<C, TB, FB>(brow0, k, in && b_ok0, w0[u]);
-      gemv_load_b<C, TB, FB>(brow1, k, in && b_ok1, w1[u]);
+      w0[u] = gemv_load(brow0, k, in && b_ok0);
+      w1[u] = gemv_load(brow1, k, in && b_ok1);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) gemv_load_b<C, C, 0>(arow[mt], k, in && a_ok[mt], x[u][mt]);
+      for (int mt = 0; mt < MT; ++mt) x[u][mt] = gemv_load(arow[mt], k, in && a_ok[mt]);
     }
 #pragma unroll
-    for (int u = 0; u < kGvUnroll; ++u)
+    for (int u = 0; u < kGvUnroll; ++u) {
+      unsigned wa[8], wb[8], xb[MT][8];
+      gemv_unpack<C, FB>(w0[u], wa);
+      gemv_unpack<C, FB>(w1[u], wb);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) gemv_unpack<C, 0>(x[u][mt], xb[mt]);
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
-        const unsigned af[4] = {w0[u][2 * s], w1[u][2 * s], w0[u][2 * s + 1], w1[u][2 * s + 1]};
+        const unsigned af[4] = {wa[2 * s], wb[2 * s], wa[2 * s + 1], wb[2 * s + 1]};
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) mma16816<C>(acc[mt], af, x[u][mt][2 * s], x[u][mt][2 * s + 1]);
+        for (int mt = 0; mt < MT; ++mt) mma16816<C>(acc[mt], af, xb[mt][2 * s], xb[mt][2 * s + 1]);
       }
+    }
   }
 
   // Partial sums of the 8 warps meet in shared memory; warp 0 finishes.
