@@ -21,6 +21,9 @@
 //   with a 13-bit mantissa (truncating), so this mode is approximate: with
 //   PROMOTE > 0 the tensor-core sums restart every PROMOTE stages (128 K
 //   each) and are added to fp32 registers (two-level accumulation).
+// TMA (16-bit and native fp8 only): stage tiles arrive by the tensor memory
+// accelerator (tma.cuh) instead of per-thread cp.async, issued by one thread
+// and awaited on one mbarrier per stage; the ring and its reuse rule stay.
 // The wrapper pads K to a multiple of 16 and N to a multiple of 16 (every
 // 16-byte chunk wholly inside or outside an operand); M is free.
 #pragma once
@@ -28,6 +31,7 @@
 #include "attention_common.cuh"
 #include "fp8_decode.cuh"
 #include "mma.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 #include "wgmma_gemm.cuh"
 
@@ -53,15 +57,16 @@ template <typename T>
 struct WgKind<T, 0> { static constexpr int value = MmaType<T>::is_bf16 ? 17 : 16; };
 
 template <typename TA, typename TB, typename C, typename TO, int FA, int FB, bool TRANS_B, bool AS, bool BS, int BN,
-          int STAGES, int PROMOTE, bool NATIVE>
+          int STAGES, int PROMOTE, bool NATIVE, bool TMA>
 __device__ void matmul_wgmma(const TA* a, const TB* b, const float* a_scale, const float* b_scale, const int* ip,
-                             TO* out) {
+                             const uint8_t* tmpl, TO* out, uint8_t* tmaps) {
   static_assert(!NATIVE || (FA != 0 && FB != 0), "native fp8 wgmma: both operands fp8");
   static_assert(!NATIVE || TRANS_B, "fp8 wgmma reads b K-major only ([N][K])");
   static_assert(BN == 128 || BN == 256, "tile width 128 or 256");
   static_assert(STAGES >= 3, "the ring needs two stages beyond the prefetch");
   static_assert(NATIVE || PROMOTE == 0, "promotion is for the native fp8 accumulation only");
   constexpr bool A_CVT = FA != 0 && !NATIVE, B_CVT = FB != 0 && !NATIVE;
+  static_assert(!TMA || !(A_CVT || B_CVT), "TMA loads: operands used as stored");
   constexpr int NT = 256, PREFETCH = STAGES - 2;
   constexpr int A_BYTES = kWgBM * (A_CVT ? 64 : 128), B_BYTES = BN * (B_CVT ? 64 : 128);
   constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
@@ -162,6 +167,38 @@ __device__ void matmul_wgmma(const TA* a, const TB* b, const float* a_scale, con
       }
     }
   };
+  // TMA: templates published per block (tma.cuh), one mbarrier per stage.
+  __shared__ __align__(128) unsigned char tm_stage[TMA ? 256 : 16];
+  __shared__ __align__(8) unsigned long long full_bar[STAGES];
+  unsigned char* tm_ws = TMA ? tmaps + ((long)blockIdx.z * gridDim.x + blockIdx.x) * 256 : nullptr;
+  if constexpr (TMA) {
+    if (tid < 32) {
+      const void* const addrs[2] = {ag, bg};
+      tma_publish<2>(tm_stage, tmpl, tm_ws, addrs, lane);
+    }
+    if (tid == 0) {
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s) mbar_init(&full_bar[s], 1);
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (tid == 0) {
+      tma_acquire(tm_ws);
+      tma_acquire(tm_ws + 128);
+    }
+  }
+  auto issue_tma = [&](int kt) {  // one thread
+    unsigned char* st = ring + (kt % STAGES) * STAGE_BYTES;
+    void* bar = &full_bar[kt % STAGES];
+    mbar_expect_tx(bar, STAGE_BYTES);
+    tma_load_2d(st, tm_ws, kt * KSTEP, m0, bar);
+    if (TRANS_B) {
+      tma_load_2d(st + A_BYTES, tm_ws + 128, kt * KSTEP, n0, bar);
+    } else {
+#pragma unroll
+      for (int j = 0; j < BN / 64; ++j) tma_load_2d(st + A_BYTES + j * 64 * 128, tm_ws + 128, n0 + 64 * j, kt * KSTEP, bar);
+    }
+  };
   auto issue_loads = [&](int kt) {
     unsigned char* st = ring + (kt % STAGES) * STAGE_BYTES;
     load_a(st, kt * KSTEP);
@@ -183,17 +220,29 @@ __device__ void matmul_wgmma(const TA* a, const TB* b, const float* a_scale, con
 
 #pragma unroll
   for (int s = 0; s < PREFETCH; ++s) {
-    if (s < ktiles) issue_loads(s);
-    cp_async_commit();
+    if (TMA) {
+      if (tid == 0 && s < ktiles) issue_tma(s);
+    } else {
+      if (s < ktiles) issue_loads(s);
+      cp_async_commit();
+    }
   }
   for (int kt = 0; kt < ktiles; ++kt) {
-    cp_async_wait<PREFETCH - 1>();
-    fence_proxy_async();
+    if constexpr (TMA) {
+      mbar_wait(&full_bar[kt % STAGES], (kt / STAGES) & 1);
+    } else {
+      cp_async_wait<PREFETCH - 1>();
+      fence_proxy_async();
+    }
     // Stage kt landed for every thread; every warpgroup finished the wgmma of
     // stage kt-2, whose buffer the next copies reuse.
     __syncthreads();
-    if (kt + PREFETCH < ktiles) issue_loads(kt + PREFETCH);
-    cp_async_commit();
+    if constexpr (TMA) {
+      if (tid == 0 && kt + PREFETCH < ktiles) issue_tma(kt + PREFETCH);
+    } else {
+      if (kt + PREFETCH < ktiles) issue_loads(kt + PREFETCH);
+      cp_async_commit();
+    }
     const unsigned char* at = ring + (kt % STAGES) * STAGE_BYTES;
     const unsigned char* bt = at + A_BYTES;
     if constexpr (A_CVT || B_CVT) {

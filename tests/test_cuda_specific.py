@@ -182,21 +182,22 @@ def test_matmul_compiles_as_mlx_wraps_it(tmp_path):
 
 
 def _matmul_wgmma_cases():
-    """(TA, TB, C, FA, FB, TRANS_B, BN, STAGES, PROMOTE, NATIVE): every mode, b layout and tile plan."""
+    """(TA, TB, C, FA, FB, TRANS_B, BN, STAGES, PROMOTE, NATIVE, TMA): every mode, b layout, load path and plan."""
     f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
-    yield f16, f16, f16, 0, 0, True, 256, 4, 0, False
-    yield f16, f16, f16, 0, 0, False, 256, 4, 0, False
-    yield b16, b16, b16, 0, 0, False, 128, 6, 0, False
-    yield u8, u8, f16, 1, 1, True, 256, 4, 0, True
-    yield u8, u8, f16, 1, 2, True, 128, 6, 1, True
-    yield u8, u8, f16, 2, 1, True, 128, 4, 2, True
-    yield u8, u8, f16, 2, 2, True, 256, 4, 0, False   # fp8 x fp8 decoded to fp16 (exact)
-    yield u8, u8, f16, 1, 2, False, 256, 4, 0, False
-    yield f16, u8, f16, 0, 1, True, 256, 4, 0, False
-    yield b16, u8, b16, 0, 2, False, 256, 4, 0, False
-    yield f16, u8, f16, 0, 2, False, 128, 6, 0, False
-    yield u8, b16, b16, 1, 0, True, 256, 4, 0, False
-    yield u8, f16, f16, 2, 0, False, 128, 6, 0, False
+    yield f16, f16, f16, 0, 0, True, 256, 4, 0, False, False
+    yield f16, f16, f16, 0, 0, False, 256, 4, 0, False, True
+    yield b16, b16, b16, 0, 0, False, 128, 6, 0, False, False
+    yield b16, b16, b16, 0, 0, True, 256, 4, 0, False, True
+    yield u8, u8, f16, 1, 1, True, 256, 4, 0, True, True
+    yield u8, u8, f16, 1, 2, True, 128, 6, 1, True, False
+    yield u8, u8, f16, 2, 1, True, 128, 4, 2, True, True
+    yield u8, u8, f16, 2, 2, True, 256, 4, 0, False, False   # fp8 x fp8 decoded to fp16 (exact)
+    yield u8, u8, f16, 1, 2, False, 256, 4, 0, False, False
+    yield f16, u8, f16, 0, 1, True, 256, 4, 0, False, False
+    yield b16, u8, b16, 0, 2, False, 256, 4, 0, False, False
+    yield f16, u8, f16, 0, 2, False, 128, 6, 0, False, False
+    yield u8, b16, b16, 1, 0, True, 256, 4, 0, False, False
+    yield u8, f16, f16, 2, 0, False, 128, 6, 0, False, False
 
 
 def _matmul_gemv_cases():
@@ -216,12 +217,13 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
     ins = lambda ta, tb: [("a", ta), ("b", tb), ("a_scale", mx.float32), ("b_scale", mx.float32), ("ip", mx.int32)]
     body = cuda_backend._read("matmul_wgmma.cu")
     kernels = []
-    for i, (ta, tb, c, fa, fb, trans, bn, stages, promote, native) in enumerate(_matmul_wgmma_cases()):
+    for i, (ta, tb, c, fa, fb, trans, bn, stages, promote, native, tma) in enumerate(_matmul_wgmma_cases()):
         to = mx.float32 if fa and fb and i % 2 else c
         template = [("TA", ta), ("TB", tb), ("C", c), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans),
                     ("AS", True), ("BS", i % 2 == 0), ("BN", bn), ("STAGES", stages), ("PROMOTE", promote),
-                    ("NATIVE", native)]
-        kernels.append(_kernel_text(f"wg{i}", body, ins(ta, tb), [("out", to)], template))
+                    ("NATIVE", native), ("TMA", tma)]
+        kernels.append(_kernel_text(f"wg{i}", body, ins(ta, tb) + [("tmpl", mx.uint8)],
+                                    [("out", to), ("tmaps", mx.uint8)], template))
     log = _nvcc_compile(tmp_path, "matmul_wgmma",
                         _prelude(cuda_backend.kernel_headers("matmul_wgmma")) + "\n" + "\n".join(kernels),
                         ("-Xptxas", "-v"))

@@ -92,14 +92,37 @@ def test_cuda_wgmma_matches_float64(ka, kb, M, K, N, transpose_b):
         assert_close(out, reference(a64, b64, sa, sb, transpose_b=transpose_b), out.dtype, K)
 
 
+@pytest.mark.parametrize("ka,kb", [("float16", "float16"), ("bfloat16", "bfloat16"), ("e4m3", "e5m2")])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (130, 200, 70), (300, 1000, 513)])
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_cuda_wgmma_tma_loads(ka, kb, M, K, N, transpose_b):
+    """Stage tiles by TMA (tensor maps encoded on the host, addresses set per
+    block on the device), for the 16-bit and the native fp8 kernel."""
+    needs_hopper()
+    gen = rng("wgmma-tma", ka, kb, M, K, N, transpose_b)
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K) if transpose_b else (K, N), kb)
+    sa = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    if a_fmt:
+        out = run_route("wgmma_fp8", a, b, a_fmt=a_fmt, b_fmt=b_fmt, a_scale=mx.array(sa), transpose_b=transpose_b,
+                        out_dtype=mx.float32, plan=(128, 6, 1, True))
+        assert_within_fp8_accumulation(out, a64, b64, sa, None, transpose_b, mx.float32)
+    else:
+        out = run_route("wgmma", a, b, a_scale=mx.array(sa), transpose_b=transpose_b, out_dtype=mx.float32,
+                        plan=(256, 4, 0, True))
+        assert_close(out, reference(a64, b64, sa, None, transpose_b=transpose_b), mx.float32, K)
+
+
 # Every tile plan of the exact kernel, on a product long in K.
-PLANS = [(256, 4, 0), (128, 6, 0), (128, 4, 0)]
+PLANS = [(256, 4, 0), (128, 6, 0), (128, 4, 0), (256, 4, 0, True)]
 
 
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"bn{p[0]}_st{p[1]}")
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"bn{p[0]}_st{p[1]}{'_tma' if len(p) > 3 else ''}")
 @pytest.mark.parametrize("ka,kb", [("float16", "float16"), ("e4m3", "e4m3"), ("bfloat16", "e4m3")])
 def test_cuda_wgmma_plans_long_k(plan, ka, kb):
     needs_hopper()
+    if len(plan) > 3 and ka != kb:
+        pytest.skip("TMA loads operands used as stored")
     gen = rng("wgmma-plan", plan, ka, kb)
     M, K, N = 257, 4096, 384
     a, a_fmt, a64 = make_operand(gen, (M, K), ka)
@@ -108,7 +131,7 @@ def test_cuda_wgmma_plans_long_k(plan, ka, kb):
     assert_close(out, reference(a64, b64, transpose_b=True), mx.float32, K)
 
 
-NATIVE_PLANS = [(128, 6, 1), (128, 4, 1), (128, 6, 2), (256, 4, 0)]
+NATIVE_PLANS = [(128, 6, 1), (128, 4, 1), (128, 6, 2), (256, 4, 0), (128, 6, 1, True), (128, 6, 2, True)]
 
 
 @pytest.mark.parametrize("ka,kb", FP8_PAIRS)
@@ -127,7 +150,7 @@ def test_cuda_wgmma_fp8_native_within_bound(ka, kb, M, K, N, transpose_b):
         assert_within_fp8_accumulation(out, a64, b64, sa, sb, transpose_b, out_dtype)
 
 
-@pytest.mark.parametrize("plan", NATIVE_PLANS, ids=lambda p: f"bn{p[0]}_st{p[1]}_pr{p[2]}")
+@pytest.mark.parametrize("plan", NATIVE_PLANS, ids=lambda p: f"bn{p[0]}_st{p[1]}_pr{p[2]}{'_tma' if len(p) > 3 else ''}")
 def test_cuda_wgmma_fp8_native_plans_long_k(plan):
     needs_hopper()
     gen = rng("wgmma-fp8-plan", plan)

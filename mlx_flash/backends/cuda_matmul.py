@@ -29,6 +29,8 @@ applies them to the fp32 accumulator.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -44,7 +46,8 @@ _FP8_NATIVE = os.environ.get("MLX_FLASH_CUDA_FP8_WGMMA", "exact") == "native"
 # 128 K; 0 = the native fp8 sums stay in the tensor core's accumulators).
 # "f16": 16-bit operands; "cvt": an fp8 operand decoded in shared memory;
 # "native": fp8 x fp8 on fp8 wgmma.
-WGMMA_PLANS = {"f16": (256, 4, 0), "cvt": (256, 4, 0), "native": (128, 6, 1)}
+# Fourth entry: stage tiles by TMA (16-bit and native fp8) instead of cp.async.
+WGMMA_PLANS = {"f16": (256, 4, 0, False), "cvt": (256, 4, 0, False), "native": (128, 6, 1, False)}
 # Decode (gemv) route: at most this many rows of a.
 GEMV_MAX_ROWS = 16
 # Tests set this to NaN: outputs start poisoned, so an element a kernel never
@@ -53,6 +56,7 @@ POISON = None
 
 _FMT_CODE = {None: 0, "e4m3": 1, "e5m2": 2}
 _INPUTS = ("a", "b", "a_scale", "b_scale", "ip")
+_WGMMA_INPUTS = _INPUTS + ("tmpl",)
 _SMEM = 3 * (128 * 144 + max(128 * 144, 64 * 272))  # matmul_smem() in matmul.cuh
 _TILE = 128
 # fp8 x fp8 through the native fp8 mma.sync (m16n8k32). On Hopper (sm_90) that
@@ -156,11 +160,53 @@ def wgmma_smem(bn: int, stages: int, convert_a: bool, convert_b: bool) -> int:
             + (2 * 128 * 128 if convert_a else 0) + (2 * bn * 128 if convert_b else 0) + 1024)
 
 
+@functools.lru_cache(maxsize=None)
+def _libcuda():
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuInit.restype = ctypes.c_int
+    lib.cuTensorMapEncodeTiled.restype = ctypes.c_int
+    rc = lib.cuInit(0)
+    if rc != 0:
+        raise RuntimeError(f"cuInit failed ({rc})")
+    return lib
+
+
+@functools.lru_cache(maxsize=1024)
+def tensor_map_template(elem_bytes: int, inner: int, outer: int, box_inner: int, box_outer: int) -> bytes:
+    """A 2-D CUtensorMap (128 bytes) for a row-major [outer][inner] operand with
+    128-byte swizzled boxes and zero fill; its address is a placeholder that
+    each block replaces on the device (cuda_src/tma.cuh)."""
+    buf = (ctypes.c_ubyte * 192)()
+    base = (ctypes.addressof(buf) + 63) // 64 * 64  # CUtensorMap is 64-byte aligned
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    rc = _libcuda().cuTensorMapEncodeTiled(
+        ctypes.c_void_p(base), ctypes.c_int(0 if elem_bytes == 1 else 1), u32(2), ctypes.c_void_p(1 << 20),
+        (u64 * 2)(inner, outer), (u64 * 1)(inner * elem_bytes), (u32 * 2)(box_inner, box_outer), (u32 * 2)(1, 1),
+        ctypes.c_int(0), ctypes.c_int(3), ctypes.c_int(2), ctypes.c_int(0))  # no interleave, 128B swizzle, L2 128B
+    if rc != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({rc}) for [{outer}][{inner}] x {elem_bytes} bytes, "
+                           f"box [{box_outer}][{box_inner}]")
+    return bytes((ctypes.c_ubyte * 128).from_address(base))
+
+
+def _tma_templates(a, b, transpose_b, bn):
+    """Templates for a [M][Kp] and b ([Np][Kp], or [Kp][Np] read in 64 x 64 boxes), as one uint8 input."""
+    M, Kp = a.shape[1], a.shape[2]
+    ea, eb = a.dtype.size, b.dtype.size
+    kstep = 128 // ea
+    ta = tensor_map_template(ea, Kp, M, kstep, 128)
+    if transpose_b:
+        tb = tensor_map_template(eb, Kp, b.shape[1], kstep, bn)
+    else:
+        tb = tensor_map_template(eb, b.shape[2], Kp, 64, 64)
+    return _cuda.const_array(tuple(ta + tb), mx.uint8)
+
+
 def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     """Hopper warpgroup-MMA kernel: cuda_src/matmul_wgmma.cuh."""
     native = native and spec.a_fmt is not None and spec.b_fmt is not None
     kind = "native" if native else ("cvt" if spec.a_fmt or spec.b_fmt else "f16")
-    bn, stages, promote = plan or WGMMA_PLANS[kind]
+    bn, stages, promote, tma = (tuple(plan or WGMMA_PLANS[kind]) + (False,))[:4]
     transpose_b = spec.transpose_b
     if native and not transpose_b:
         # fp8 wgmma reads b K-major only: one transposed copy of b.
@@ -177,18 +223,23 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     floats = [x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None]
     compute = floats[0] if floats else mx.float16
     convert_a, convert_b = bool(spec.a_fmt) and not native, bool(spec.b_fmt) and not native
-    kernel = _cuda._kernel("matmul_wgmma", _INPUTS, ("out",), wgmma_smem(bn, stages, convert_a, convert_b))
+    tma = tma and not (convert_a or convert_b)
+    # + 1 KiB: the TMA mbarriers and template staging are static shared memory.
+    kernel = _cuda._kernel("matmul_wgmma", _WGMMA_INPUTS, ("out", "tmaps"),
+                           wgmma_smem(bn, stages, convert_a, convert_b))
     placeholder = _cuda._placeholder(mx.float32)
     tiles = math.ceil(M / 128) * math.ceil(Np / bn)
-    (out,) = kernel(
+    tmpl = _tma_templates(a, b, transpose_b, bn) if tma else _cuda._placeholder(mx.uint8)
+    (out, _) = kernel(
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
-                b_scale if b_scale is not None else placeholder, ip],
+                b_scale if b_scale is not None else placeholder, ip, tmpl],
         template=[("TA", a.dtype), ("TB", b.dtype), ("C", compute), ("TO", spec.out_dtype),
                   ("FA", _FMT_CODE[spec.a_fmt]), ("FB", _FMT_CODE[spec.b_fmt]), ("TRANS_B", transpose_b),
                   ("AS", a_scale is not None), ("BS", b_scale is not None), ("BN", bn), ("STAGES", stages),
-                  ("PROMOTE", promote if native else 0), ("NATIVE", native)],
+                  ("PROMOTE", promote if native else 0), ("NATIVE", native), ("TMA", tma)],
         grid=(tiles * 256, 1, spec.batch), threadgroup=(256, 1, 1),
-        output_shapes=[(spec.batch, M, Np)], output_dtypes=[spec.out_dtype], init_value=POISON, stream=stream,
+        output_shapes=[(spec.batch, M, Np), (spec.batch * tiles * 256 if tma else 1,)],
+        output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,
     )
     return out if Np == N else out[:, :, :N]
 

@@ -97,6 +97,12 @@ def bench_gemm(rec: Recorder, sizes):
             "ours_fp16": (lambda: cm.matmul(a16, b16), mlx_fp16),
             "ours_fp16_bT": (lambda: cm.matmul(a16, b16t, transpose_b=True), mlx_fp16),
             "ours_bf16": (lambda: cm.matmul(a16.astype(mx.bfloat16), b16.astype(mx.bfloat16)), mlx_fp16),
+            "ours_fp16_tma": (lambda: cm.matmul(a16, b16, route="wgmma", plan=(256, 4, 0, True)), mlx_fp16),
+            "ours_fp16_bT_tma": (lambda: cm.matmul(a16, b16t, transpose_b=True, route="wgmma", plan=(256, 4, 0, True)),
+                                 mlx_fp16),
+            "ours_e4m3_native_tma_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                          out_dtype=mx.float16, route="wgmma_fp8",
+                                                          plan=(128, 6, 1, True)), None),
             "ours_e4m3_native_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
                                                       out_dtype=mx.float16, route="wgmma_fp8"), None),
             "ours_e4m3_native": (lambda: cm.matmul(a8, b8, a_fmt="e4m3", b_fmt="e4m3", out_dtype=mx.float16,
@@ -125,6 +131,7 @@ def bench_gemm(rec: Recorder, sizes):
             except Exception as e:  # noqa: BLE001 (record, go on)
                 rec.add(section="gemm", case=name, n=n, error=f"{type(e).__name__}: {e}"[:500])
         for x, y in (("ours_e4m3_bT", "ours_mma_e4m3_bT"), ("ours_e4m3_native_bT", "ours_mma_e4m3_bT"),
+                     ("ours_e4m3_native_tma_bT", "ours_e4m3_native_bT"),
                      ("ours_e4m3_native", "ours_e4m3_native_bT")):
             if x in results and y in results:
                 rec.add(section="gemm_check", n=n, case=f"{x}_vs_{y}", rel_diff=rel_diff(results[x], results[y]))
@@ -224,9 +231,10 @@ def bench_plans(rec: Recorder, n: int = 8192):
         "fp16_x_e4m3_bT": lambda plan: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True, route="wgmma",
                                                  plan=plan),
     }
-    plans = {"fp16_bT": [(256, 4, 0), (128, 6, 0), (128, 4, 0)],
-             "e4m3_native_bT": [(128, 6, 1), (128, 4, 1), (128, 6, 2), (256, 4, 0)],
-             "fp16_x_e4m3_bT": [(256, 4, 0), (128, 6, 0)]}
+    plans = {"fp16_bT": [(256, 4, 0, True), (128, 6, 0, True), (256, 3, 0, True)],
+             "e4m3_native_bT": [(128, 6, 2), (256, 4, 0), (128, 6, 1, True), (128, 6, 2, True), (128, 6, 4, True),
+                                (256, 4, 0, True)],
+             "fp16_x_e4m3_bT": [(128, 4, 0)]}
     for kind, fn in kinds.items():
         for plan in plans[kind]:
             try:
