@@ -6,17 +6,19 @@
 // The product is computed transposed, out^T = b a^T, on m16n8k16 mma.sync:
 // the weight is the A operand (16 rows of b per warp tile) and a the B
 // operand (8 of its rows per n8 tile, MT tiles). Both operands are private
-// to the kernel, so the k order inside a 64-wide chunk is ours to choose:
-// lane (g, t) holds k = 16t .. 16t+15 of the chunk for its rows, and in
-// k-step s its fragment slots {2t, 2t+1, 2t+8, 2t+9} stand for k = 16t + 4s
-// + {0, 1, 2, 3} on both operands alike. Each lane's share of a chunk is then
-// one 16-byte load per row of fp8 codes (two of 16-bit values) and two
-// 16-byte loads per row of a: no shuffles, no shared staging.
+// to the kernel, so the k order inside a chunk is ours to choose: lane (g, t)
+// holds a run of P consecutive k (its "piece": 32 bytes of the weight row,
+// i.e. P = 32 fp8 codes or 16 16-bit values) of its rows, and in k-step s its
+// fragment slots {2t, 2t+1, 2t+8, 2t+9} stand for piece values 4s + {0..3}
+// on both operands alike. A lane's share of a chunk (4P wide) is then two
+// 16-byte loads per weight row and 2P/16 per row of a: no shuffles, no
+// shared staging, whole 128-byte lines of each weight row per warp load.
 //
 // A block of 8 warps owns 16 rows of b (16 output columns); its warps take
-// interleaved 64-wide K chunks and their partial sums meet in shared memory.
-// The wrapper pads K to a multiple of 16 (a chunk's 16-value pieces are
-// wholly inside or outside); rows of b beyond N and of a beyond M read zeros.
+// interleaved chunks and their partial sums meet in shared memory. The
+// wrapper pads K to a multiple of 16 (a lane's piece is wholly inside or
+// outside when P = 16; for P = 32 the two halves are checked apart); rows of
+// b beyond N and of a beyond M read zeros.
 #pragma once
 
 #include "attention_common.cuh"
@@ -25,30 +27,17 @@
 
 namespace mlx_flash {
 
-constexpr int kGvWarps = 8, kGvRows = 16;
+constexpr int kGvWarps = 8, kGvRows = 16, kGvUnroll = 4;
 
-// The 16 values of a row from element `off` as stored (16 bytes of fp8 codes,
-// 32 of 16-bit values); zeros where !ok.
-template <typename T>
-struct Piece16 { uint4 v[sizeof(T)]; };
-template <typename T>
-__device__ __forceinline__ Piece16<T> gemv_load(const T* row, long off, bool ok) {
-  Piece16<T> p;
-  const uint4* src = reinterpret_cast<const uint4*>(row + off);
+// 16-byte words of a row from element `off`, zeros where !ok. The loads are
+// unconditional (from the row's start where !ok) so they can all be in flight
+// before the first use.
+template <int WORDS, typename T>
+__device__ __forceinline__ void gemv_load(uint4 (&v)[WORDS], const T* row, long off, const bool (&ok)[WORDS]) {
 #pragma unroll
-  for (int i = 0; i < (int)sizeof(T); ++i) p.v[i] = ok ? __ldg(src + i) : make_uint4(0, 0, 0, 0);
-  return p;
-}
-// ... as 8 registers of two C values (fp8 codes decoded exactly).
-template <typename C, int F, typename T>
-__device__ __forceinline__ void gemv_unpack(const Piece16<T>& p, unsigned (&w)[8]) {
-  if constexpr (F != 0) {
-    decode16<C, F>(p.v[0], reinterpret_cast<uint4(&)[2]>(w));
-  } else {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      w[4 * i] = p.v[i].x; w[4 * i + 1] = p.v[i].y; w[4 * i + 2] = p.v[i].z; w[4 * i + 3] = p.v[i].w;
-    }
+  for (int i = 0; i < WORDS; ++i) {
+    v[i] = __ldg(reinterpret_cast<const uint4*>(row + (ok[i] ? off : 0)) + (ok[i] ? i : 0));
+    if (!ok[i]) v[i] = make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -56,12 +45,15 @@ __device__ __forceinline__ void gemv_unpack(const Piece16<T>& p, unsigned (&w)[8
 template <typename C, typename TB, typename TO, int FB, bool AS, bool BS, int MT>
 __device__ void matmul_gemv(const C* a, const TB* b, const float* a_scale, const float* b_scale, const int* ip,
                             TO* out) {
+  constexpr int P = 32 / sizeof(TB);      // k values per lane per chunk (a 32-byte piece of a weight row)
+  constexpr int CHUNK = 4 * P;            // k values per chunk
+  constexpr int XW = P * 2 / 16;          // 16-byte words of a's piece
   const int M = ip[0], N = ip[1], K = ip[2];
   const int z = blockIdx.z, n0 = blockIdx.x * kGvRows;
   const C* ag = a + (long)z * M * K;
   const TB* bg = b + (ip[3] ? (long)z * N * K : 0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  // This lane's two rows of b and MT rows of a (clamped in range; zeroed by `ok` flags).
+  // This lane's two rows of b and MT rows of a (clamped in range; zeroed by the ok flags).
   const bool b_ok0 = n0 + g < N, b_ok1 = n0 + g + 8 < N;
   const TB* brow0 = bg + (long)min(n0 + g, N - 1) * K;
   const TB* brow1 = bg + (long)min(n0 + g + 8, N - 1) * K;
@@ -76,36 +68,57 @@ __device__ void matmul_gemv(const C* a, const TB* b, const float* a_scale, const
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-  // Chunks in flight per warp: 1 KiB of fp8 weight each (2 KiB at 16 bits);
-  // fp8 takes twice as many to keep as many bytes in flight.
-  constexpr int kGvUnroll = (FB != 0 && MT == 1) ? 8 : 4;
 
-  const int chunks = (K + 63) / 64;
+  const int chunks = (K + CHUNK - 1) / CHUNK;
   for (int c0 = warp; c0 < chunks; c0 += kGvWarps * kGvUnroll) {
     // All loads of kGvUnroll chunks first (bytes in flight), then the math.
-    Piece16<TB> w0[kGvUnroll], w1[kGvUnroll];
-    Piece16<C> x[kGvUnroll][MT];
+    uint4 w0[kGvUnroll][2], w1[kGvUnroll][2], x[kGvUnroll][MT][XW];
 #pragma unroll
     for (int u = 0; u < kGvUnroll; ++u) {
-      const int k = (c0 + u * kGvWarps) * 64 + 16 * t;
-      const bool in = c0 + u * kGvWarps < chunks && k < K;
-      w0[u] = gemv_load(brow0, k, in && b_ok0);
-      w1[u] = gemv_load(brow1, k, in && b_ok1);
+      const int k = (c0 + u * kGvWarps) * CHUNK + P * t;
+      const bool in = c0 + u * kGvWarps < chunks;
+      // Words of the weight piece: 16 values each (fp8) or 8 (16-bit); K is a multiple of 16.
+      bool wok[2], xok[XW];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) x[u][mt] = gemv_load(arow[mt], k, in && a_ok[mt]);
+      for (int i = 0; i < 2; ++i) wok[i] = in && k + i * (16 / sizeof(TB)) < K;
+#pragma unroll
+      for (int i = 0; i < XW; ++i) xok[i] = in && k + i * 8 < K;
+      bool ok0[2] = {wok[0] && b_ok0, wok[1] && b_ok0}, ok1[2] = {wok[0] && b_ok1, wok[1] && b_ok1};
+      gemv_load<2>(w0[u], brow0, k, ok0);
+      gemv_load<2>(w1[u], brow1, k, ok1);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        bool ok[XW];
+#pragma unroll
+        for (int i = 0; i < XW; ++i) ok[i] = xok[i] && a_ok[mt];
+        gemv_load<XW>(x[u][mt], arow[mt], k, ok);
+      }
     }
 #pragma unroll
     for (int u = 0; u < kGvUnroll; ++u) {
-      unsigned wa[8], wb[8], xb[MT][8];
-      gemv_unpack<C, FB>(w0[u], wa);
-      gemv_unpack<C, FB>(w1[u], wb);
+      // The piece as registers of two C values: P / 2 per weight row, P / 2 per row of a.
+      unsigned wa[P / 2], wb[P / 2];
+      if constexpr (FB != 0) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) gemv_unpack<C, 0>(x[u][mt], xb[mt]);
+        for (int i = 0; i < 2; ++i) {
+          decode16<C, FB>(w0[u][i], reinterpret_cast<uint4(&)[2]>(wa[8 * i]));
+          decode16<C, FB>(w1[u][i], reinterpret_cast<uint4(&)[2]>(wb[8 * i]));
+        }
+      } else {
 #pragma unroll
-      for (int s = 0; s < 4; ++s) {
+        for (int i = 0; i < 2; ++i) {
+          *reinterpret_cast<uint4*>(&wa[4 * i]) = w0[u][i];
+          *reinterpret_cast<uint4*>(&wb[4 * i]) = w1[u][i];
+        }
+      }
+      const unsigned* xr[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) xr[mt] = reinterpret_cast<const unsigned*>(x[u][mt]);
+#pragma unroll
+      for (int s = 0; s < P / 4; ++s) {
         const unsigned af[4] = {wa[2 * s], wb[2 * s], wa[2 * s + 1], wb[2 * s + 1]};
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) mma16816<C>(acc[mt], af, xb[mt][2 * s], xb[mt][2 * s + 1]);
+        for (int mt = 0; mt < MT; ++mt) mma16816<C>(acc[mt], af, xr[mt][2 * s], xr[mt][2 * s + 1]);
       }
     }
   }
