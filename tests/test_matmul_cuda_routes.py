@@ -92,6 +92,10 @@ def test_cuda_wgmma_matches_float64(ka, kb, M, K, N, transpose_b):
         assert_close(out, reference(a64, b64, sa, sb, transpose_b=transpose_b), out.dtype, K)
 
 
+TMA = pytest.mark.xdist_group("tma")  # one pytest-xdist worker runs every TMA case (with --dist loadgroup)
+
+
+@TMA
 @pytest.mark.parametrize("ka,kb", [("float16", "float16"), ("bfloat16", "bfloat16"), ("e4m3", "e5m2")])
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (130, 200, 70), (300, 1000, 513)])
 @pytest.mark.parametrize("transpose_b", [True, False])
@@ -114,7 +118,7 @@ def test_cuda_wgmma_tma_loads(ka, kb, M, K, N, transpose_b):
 
 
 # Every tile plan of the exact kernel, on a product long in K.
-PLANS = [(256, 4, 0), (128, 6, 0), (128, 4, 0), (256, 4, 0, True)]
+PLANS = [(256, 4, 0), (128, 6, 0), (128, 4, 0), pytest.param((256, 4, 0, True), marks=TMA)]
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"bn{p[0]}_st{p[1]}{'_tma' if len(p) > 3 else ''}")
@@ -131,7 +135,8 @@ def test_cuda_wgmma_plans_long_k(plan, ka, kb):
     assert_close(out, reference(a64, b64, transpose_b=True), mx.float32, K)
 
 
-NATIVE_PLANS = [(128, 6, 1), (128, 4, 1), (128, 6, 2), (256, 4, 0), (128, 6, 1, True), (128, 6, 2, True)]
+NATIVE_PLANS = [(128, 6, 1), (128, 4, 1), (128, 6, 2), (256, 4, 0), pytest.param((128, 6, 1, True), marks=TMA),
+                pytest.param((128, 6, 2, True), marks=TMA)]
 
 
 @pytest.mark.parametrize("ka,kb", FP8_PAIRS)

@@ -47,7 +47,7 @@ _FP8_NATIVE = os.environ.get("MLX_FLASH_CUDA_FP8_WGMMA", "exact") == "native"
 # "f16": 16-bit operands; "cvt": an fp8 operand decoded in shared memory;
 # "native": fp8 x fp8 on fp8 wgmma.
 # Fourth entry: stage tiles by TMA (16-bit and native fp8) instead of cp.async.
-WGMMA_PLANS = {"f16": (256, 4, 0, False), "cvt": (256, 4, 0, False), "native": (128, 6, 1, False)}
+WGMMA_PLANS = {"f16": (256, 4, 0, False), "cvt": (256, 4, 0, False), "native": (128, 6, 2, False)}
 # Decode (gemv) route: at most this many rows of a.
 GEMV_MAX_ROWS = 16
 # Tests set this to NaN: outputs start poisoned, so an element a kernel never

@@ -30,6 +30,7 @@ import mlx.core as mx
 from .cuda import Recorder, card_name, slug
 
 GIB = 1024 ** 3
+SKIP_TMA = False  # --skip-tma
 
 
 def time_lazy(make, reps: int, rounds: int = 3) -> float:
@@ -118,6 +119,8 @@ def bench_gemm(rec: Recorder, sizes):
                                                    out_dtype=mx.float16, route="mma"), None),
         }
         results = {}
+        if SKIP_TMA:
+            cases = {k: v for k, v in cases.items() if "tma" not in k}
         for name, (fn, check) in cases.items():
             try:
                 out = fn()
@@ -237,6 +240,8 @@ def bench_plans(rec: Recorder, n: int = 8192):
              "fp16_x_e4m3_bT": [(128, 4, 0)]}
     for kind, fn in kinds.items():
         for plan in plans[kind]:
+            if SKIP_TMA and len(plan) > 3 and plan[3]:
+                continue
             try:
                 t = time_lazy(lambda: fn(plan), 5)
                 rec.add(section="plans", case=kind, plan=list(plan), n=n, ms=t * 1e3, tflops=flops / t / 1e12)
@@ -299,12 +304,19 @@ def main(argv=None):
     parser.add_argument("--out", default=".")
     parser.add_argument("--warm", action="store_true", help="compile every variant at tiny sizes; time nothing")
     parser.add_argument("--plot", metavar="JSON", help="plot a results JSON (PNG next to it) and exit")
+    parser.add_argument("--skip-tma", action="store_true", help="leave out the TMA-loading kernel variants")
+    parser.add_argument("--decode-shapes", default=None,
+                        help="K:N pairs for the decode section, comma separated (default: DECODE_SHAPES)")
     args = parser.parse_args(argv)
     if args.plot:
         print(f"wrote {plot(args.plot)}")
         return
     if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         raise SystemExit("mlx_flash.bench.cuda_matmul: MLX sees no CUDA GPU")
+    global SKIP_TMA
+    SKIP_TMA = args.skip_tma
+    decode_shapes = DECODE_SHAPES if not args.decode_shapes else tuple(
+        tuple(int(v) for v in pair.split(":")) for pair in args.decode_shapes.split(","))
     card = card_name()
     rec = Recorder()
     if args.warm:
@@ -312,25 +324,25 @@ def main(argv=None):
         time_lazy = lambda make, reps, rounds=3: (mx.eval(make()), 1.0)[1]  # noqa: E731
         time_torch = lambda fn, reps, rounds=3: (fn(), 1.0)[1]  # noqa: E731
     sections = {"gemm": lambda: bench_gemm(rec, [256] if args.warm else args.sizes),
-                "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else ()),
+                "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else (decode_shapes,)),
                 "plans": lambda: bench_plans(rec, 256 if args.warm else 8192)}
+    path = args.out if args.out.endswith(".json") else os.path.join(args.out, f"matmul_cuda_{slug(card)}.json")
+    _, torch = _torch()
     for name in args.sections.split(","):
         try:
             sections[name]()
         except Exception as e:  # noqa: BLE001 (record the failure, keep the other sections)
             rec.add(section=name, error=f"{type(e).__name__}: {e}"[:500])
-    result = {"benchmark": "matmul2d on CUDA", "card": card, "mlx": mx.__version__,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rec.rows}
-    _, torch = _torch()
-    if torch is not None:
-        result["torch"] = torch.__version__
-    if args.warm:
-        return
-    path = args.out if args.out.endswith(".json") else os.path.join(args.out, f"matmul_cuda_{slug(card)}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+        if args.warm:
+            continue
+        result = {"benchmark": "matmul2d on CUDA", "card": card, "mlx": mx.__version__,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rec.rows}
+        if torch is not None:
+            result["torch"] = torch.__version__
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:  # after every section: a run cut short keeps what it measured
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
