@@ -62,7 +62,7 @@ FP8_PAIRS = [("e4m3", "e4m3"), ("e4m3", "e5m2"), ("e5m2", "e4m3"), ("e5m2", "e5m
 def assert_within_fp8_accumulation(out, a64, b64, sa, sb, transpose_b, out_dtype):
     """Native fp8 wgmma: Hopper's tensor cores align each k32 group of products
     to the largest and keep 13 mantissa bits (truncating), also when adding to
-    their accumulator; the kernel restarts that sum every 128 K and adds it in
+    their accumulator; the kernel restarts that sum every 128 or 256 K and adds it in
     fp32. Bound: 2^-8 * (|a| @ |b|) (scaled), plus out_dtype's rounding."""
     want = reference(a64, b64, sa, sb, transpose_b=transpose_b)
     absprod = reference(np.abs(a64), np.abs(b64), None if sa is None else np.abs(sa),

@@ -13,7 +13,7 @@ Routes (by operand types and shape; `route_of` decides):
   * "wgmma_fp8" (Hopper, fp8 x fp8, opt-in: MLX_FLASH_CUDA_FP8_WGMMA=native):
     the same kernel on native fp8 wgmma (k32, twice the 16-bit rate; a [K, N]
     b is transposed once first). Hopper's fp8 tensor cores add with a 13-bit
-    mantissa, truncating; the kernel restarts their sums every 128 K and adds
+    mantissa, truncating; the kernel restarts their sums every 256 K and adds
     them in fp32 (two-level accumulation), so the error stays within
     2^-8 * (|a| @ |b|), far below fp8's own rounding (2^-4), but not fp32-exact.
   * "mma" (elsewhere): cuda_src/matmul.cuh,
