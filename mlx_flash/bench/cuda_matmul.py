@@ -10,6 +10,9 @@ decode: M = 1..16 rows times an [N, K] weight (fp8 e4m3 or fp16), GB/s of
         weight bytes read, next to a plain copy's GB/s (bytes read + written)
         measured in the same run; MLX's fp16 matmul of the same shape.
 plans:  the Hopper kernel's tile plans side by side at 8192^3.
+layers: four Llama-3-8B-shaped blocks of projections (no attention) as fp16
+        nn.Linear vs FP8Linear: a decode step's projections (M = 1) and a
+        512-token prefill through the public layers.
 --warm: every case once at a tiny size, nothing timed: fills MLX's kernel
 cache (NVRTC compiles each variant once, whatever the shape).
 Writes matmul_cuda_<card>.json (into --out, a directory; or --out as a .json
@@ -297,6 +300,37 @@ def plot(path: str) -> str:
     return out
 
 
+# (output, input) dims of one Llama-3-8B-shaped block's projections: q, k, v, o, gate, up, down.
+BLOCK_LINEARS = ((4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336))
+
+
+def bench_layers(rec: Recorder, blocks: int = 4, rows=(1, 512)):
+    """A stack of `blocks` blocks of projections (no attention) as nn.Linear in fp16
+    vs mlx_flash.nn.FP8Linear (e4m3, per-channel scales), through the public
+    layers: per-token time at M = 1 (a decode step's projections) and TFLOP/s at
+    prefill M. Each layer gets its own random input, so all run in one eval."""
+    import mlx.nn as nn
+
+    from ..nn import FP8Linear
+
+    fp16, fp8 = [], []
+    for i, (o, k) in enumerate(BLOCK_LINEARS * blocks):
+        lin = nn.Linear(k, o, bias=False)
+        lin.weight = (mx.random.normal((o, k), key=mx.random.key(100 + i)) * 0.02).astype(mx.float16)
+        fp8.append(FP8Linear.from_linear(lin))
+        fp16.append(lin)
+        mx.eval(lin.parameters(), fp8[-1].parameters())
+    weight_bytes16 = sum(2 * o * k for o, k in BLOCK_LINEARS) * blocks
+    flops_per_row = sum(2 * o * k for o, k in BLOCK_LINEARS) * blocks
+    for M in rows:
+        xs = {k: mx.random.normal((M, k), key=mx.random.key(k)).astype(mx.float16) for _, k in BLOCK_LINEARS}
+        mx.eval(list(xs.values()))
+        for name, layers in (("fp16_nn_Linear", fp16), ("FP8Linear_e4m3", fp8)):
+            t = time_lazy(lambda: [layer(xs[layer.weight.shape[1]]) for layer in layers], 10 if M == 1 else 3)
+            rec.add(section="layers", case=name, M=M, blocks=blocks, ms=t * 1e3, tokens_per_s=M / t,
+                    tflops=flops_per_row * M / t / 1e12, weight_gib_fp16=weight_bytes16 / GIB)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="gemm,decode")
@@ -325,7 +359,8 @@ def main(argv=None):
         time_torch = lambda fn, reps, rounds=3: (fn(), 1.0)[1]  # noqa: E731
     sections = {"gemm": lambda: bench_gemm(rec, [256] if args.warm else args.sizes),
                 "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else (decode_shapes,)),
-                "plans": lambda: bench_plans(rec, 256 if args.warm else 8192)}
+                "plans": lambda: bench_plans(rec, 256 if args.warm else 8192),
+                "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512))}
     path = args.out if args.out.endswith(".json") else os.path.join(args.out, f"matmul_cuda_{slug(card)}.json")
     _, torch = _torch()
     for name in args.sections.split(","):
