@@ -16,9 +16,8 @@
 // 16-byte chunk is wholly inside or outside the operand.
 #pragma once
 
-#include <cuda_fp8.h>
-
 #include "attention_common.cuh"
+#include "fp8_decode.cuh"
 #include "mma.cuh"
 
 namespace mlx_flash {
@@ -33,30 +32,6 @@ constexpr int kMmPitchKN = 2 * kMmBN + 16;
 __host__ __device__ constexpr int matmul_smem() {
   // kMmStages x (A [128][144 bytes] + B, the larger of [128][144] and [64][272]).
   return kMmStages * (kMmBM * kMmPitch + (kMmBN * kMmPitch > 64 * kMmPitchKN ? kMmBN * kMmPitch : 64 * kMmPitchKN));
-}
-
-template <int FMT>
-__device__ __forceinline__ __half2 fp8x2_to_half2(unsigned short two) {
-  __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(two, FMT == 1 ? __NV_E4M3 : __NV_E5M2);
-  return __half2(raw);
-}
-
-// 16 fp8 codes -> 16 values of C, as two 16-byte words.
-template <typename C, int FMT>
-__device__ __forceinline__ void decode16(const uint4& raw, uint4 (&outw)[2]) {
-  const unsigned short* pairs = reinterpret_cast<const unsigned short*>(&raw);
-  unsigned* dst = reinterpret_cast<unsigned*>(outw);
-#pragma unroll
-  for (int p = 0; p < 8; ++p) {
-    __half2 h = fp8x2_to_half2<FMT>(pairs[p]);
-    if (MmaType<C>::is_bf16) {
-      float2 f = __half22float2(h);
-      __nv_bfloat162 bb = __float22bfloat162_rn(f);
-      dst[p] = *reinterpret_cast<unsigned*>(&bb);
-    } else {
-      dst[p] = *reinterpret_cast<unsigned*>(&h);
-    }
-  }
 }
 
 template <int FA, int FB>

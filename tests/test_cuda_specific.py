@@ -203,6 +203,71 @@ def test_matmul_compiles_as_mlx_wraps_it(tmp_path):
     _nvcc_compile(tmp_path, "matmul", _prelude(cuda_backend.kernel_headers("matmul")) + "\n" + "\n".join(kernels))
 
 
+def _matmul_wgmma_cases():
+    """(TA, TB, C, FA, FB, TRANS_B, BN, STAGES, PROMOTE, NATIVE, TMA): every mode, b layout, load path and plan."""
+    f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
+    yield f16, f16, f16, 0, 0, True, 256, 4, 0, False, False
+    yield f16, f16, f16, 0, 0, False, 256, 4, 0, False, True
+    yield b16, b16, b16, 0, 0, False, 128, 6, 0, False, False
+    yield b16, b16, b16, 0, 0, True, 256, 4, 0, False, True
+    yield u8, u8, f16, 1, 1, True, 256, 4, 0, True, True
+    yield u8, u8, f16, 1, 2, True, 128, 6, 1, True, False
+    yield u8, u8, f16, 2, 1, True, 128, 4, 2, True, True
+    yield u8, u8, f16, 2, 2, True, 256, 4, 0, False, False   # fp8 x fp8 decoded to fp16 (exact)
+    yield u8, u8, f16, 1, 2, False, 256, 4, 0, False, False
+    yield f16, u8, f16, 0, 1, True, 256, 4, 0, False, False
+    yield b16, u8, b16, 0, 2, False, 256, 4, 0, False, False
+    yield f16, u8, f16, 0, 2, False, 128, 6, 0, False, False
+    yield u8, b16, b16, 1, 0, True, 256, 4, 0, False, False
+    yield u8, f16, f16, 2, 0, False, 128, 6, 0, False, False
+
+
+def _matmul_gemv_cases():
+    """(TA, TB, TO, FB, MT)"""
+    f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
+    yield f16, u8, f16, 1, 1
+    yield b16, u8, b16, 2, 2
+    yield f16, f16, mx.float32, 0, 2
+    yield b16, b16, b16, 0, 1
+
+
+@needs_nvcc
+def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
+    """matmul_wgmma (every mode and plan) and matmul_gemv as MLX wraps them;
+    no spills (the accumulators of a 128 x 256 tile take 128 registers) and
+    no wgmma serialisation warning from ptxas."""
+    ins = lambda ta, tb: [("a", ta), ("b", tb), ("a_scale", mx.float32), ("b_scale", mx.float32), ("ip", mx.int32)]
+    body = cuda_backend._read("matmul_wgmma.cu")
+    kernels = []
+    for i, (ta, tb, c, fa, fb, trans, bn, stages, promote, native, tma) in enumerate(_matmul_wgmma_cases()):
+        to = mx.float32 if fa and fb and i % 2 else c
+        template = [("TA", ta), ("TB", tb), ("C", c), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans),
+                    ("AS", True), ("BS", i % 2 == 0), ("BN", bn), ("STAGES", stages), ("PROMOTE", promote),
+                    ("NATIVE", native), ("TMA", tma)]
+        kernels.append(_kernel_text(f"wg{i}", body, ins(ta, tb) + [("tmpl", mx.uint8)],
+                                    [("out", to), ("tmaps", mx.uint8)], template))
+    log = _nvcc_compile(tmp_path, "matmul_wgmma",
+                        _prelude(cuda_backend.kernel_headers("matmul_wgmma")) + "\n" + "\n".join(kernels),
+                        ("-Xptxas", "-v"))
+    assert "serializ" not in log, log[-3000:]
+    usage = ptxas_usage(log)
+    assert len(usage) == len(kernels), log[-2000:]
+    for name, (regs, spill_st, spill_ld) in usage.items():
+        assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+
+    body = cuda_backend._read("matmul_gemv.cu")
+    kernels = [_kernel_text(f"gemv{i}", body, ins(ta, tb), [("out", to)],
+                            [("TA", ta), ("TB", tb), ("TO", to), ("FB", fb), ("AS", True), ("BS", True), ("MT", mt)])
+               for i, (ta, tb, to, fb, mt) in enumerate(_matmul_gemv_cases())]
+    log = _nvcc_compile(tmp_path, "matmul_gemv",
+                        _prelude(cuda_backend.kernel_headers("matmul_gemv")) + "\n" + "\n".join(kernels),
+                        ("-Xptxas", "-v"))
+    usage = ptxas_usage(log)
+    assert len(usage) == len(kernels), log[-2000:]
+    for name, (regs, spill_st, spill_ld) in usage.items():
+        assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+
+
 @needs_nvcc
 def test_attention_kernels_compile_as_mlx_wraps_them(tmp_path):
     # One translation unit per header set: each kernel sees exactly the header

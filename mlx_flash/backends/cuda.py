@@ -70,6 +70,8 @@ _KERNEL_ROOTS = {
     # attention_bwd_mma.cuh uses load_tile and block_tile_live of attention_fwd_mma.cuh.
     "attention_bwd_mma": ("attention_fwd_mma.cuh", "attention_bwd_mma.cuh"),
     "matmul": ("matmul.cuh",),
+    "matmul_wgmma": ("matmul_wgmma.cuh",),
+    "matmul_gemv": ("matmul_gemv.cuh",),
     # flash_attention_quantized (cuda_quant.py)
     "attention_quant_fwd": ("attention_quant.cuh",),
     "attention_quant_combine": ("attention_quant.cuh",),

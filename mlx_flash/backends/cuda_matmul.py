@@ -2,11 +2,24 @@
 
     out = (dequant(a) * a_scale) @ (dequant(b) * b_scale), fp32 accumulation
 
-Routes (by operand types):
-  * fp8 x fp8: both decoded to fp16 in the kernel (exact), m16n8k16 mma; or
-    the native fp8 mma (m16n8k32 e4m3/e5m2, sm_89+) with MLX_FLASH_CUDA_NATIVE_FP8=1.
-  * fp16/bf16 with fp16/bf16 or fp8 of the same 16-bit type: m16n8k16 mma,
-    fp8 codes decoded exactly to that type inside the kernel.
+Routes (by operand types and shape; `route_of` decides):
+  * "gemv" (any sm_80+ GPU): a 16-bit a with at most 16 rows times an [N, K]
+    b (transpose_b, fp8 codes or the same 16-bit type): cuda_src/matmul_gemv.cuh,
+    bound by reading b once.
+  * "wgmma" (Hopper, sm_90): cuda_src/matmul_wgmma.cuh on 16-bit warpgroup
+    MMA with fp32 accumulation: fp16/bf16 operands land in shared memory as
+    they are, fp8 codes are decoded there exactly (fp8 x fp8 to fp16). Edge
+    tiles are predicated in the kernel (zero-filled loads, masked stores).
+  * "wgmma_fp8" (Hopper, fp8 x fp8, opt-in: MLX_FLASH_CUDA_FP8_WGMMA=native):
+    the same kernel on native fp8 wgmma (k32, twice the 16-bit rate; a [K, N]
+    b is transposed once first). Hopper's fp8 tensor cores add with a 13-bit
+    mantissa, truncating; the kernel restarts their sums every 256 K and adds
+    them in fp32 (two-level accumulation), so the error stays within
+    2^-8 * (|a| @ |b|), far below fp8's own rounding (2^-4), but not fp32-exact.
+  * "mma" (elsewhere): cuda_src/matmul.cuh,
+    m16n8k16 mma.sync with fp8 codes decoded exactly to fp16/bf16 in the
+    kernel; or the native fp8 mma (m16n8k32, sm_89+) for fp8 x fp8 with
+    MLX_FLASH_CUDA_NATIVE_FP8=1.
   * any float32 operand (or fp16 mixed with bf16): fp8 codes decoded to
     float32 (bit-exact), then MLX's product made float32-exact by operand
     splitting (MLX's CUDA float32 matmul runs in TF32); scales applied after.
@@ -16,6 +29,8 @@ applies them to the fp32 accumulator.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -25,8 +40,25 @@ import mlx.core as mx
 
 from . import cuda as _cuda
 
+_WGMMA = os.environ.get("MLX_FLASH_CUDA_MATMUL_WGMMA", "1") == "1"
+_FP8_NATIVE = os.environ.get("MLX_FLASH_CUDA_FP8_WGMMA", "exact") == "native"
+# Hopper tile plans: (tile width BN, stages, promotion interval in stages of
+# 128 K; 0 = the native fp8 sums stay in the tensor core's accumulators).
+# "f16": 16-bit operands; "cvt": an fp8 operand decoded in shared memory;
+# "native": fp8 x fp8 on fp8 wgmma.
+# Fourth entry: stage tiles by TMA (16-bit and native fp8) instead of cp.async
+# (H200: +10% fp16, +16% native fp8 at 8192^3); plans fall back to cp.async
+# where libcuda's tensor-map encoder is unavailable.
+WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (128, 6, 2, True)}
+# Decode (gemv) route: at most this many rows of a.
+GEMV_MAX_ROWS = 16
+# Tests set this to NaN: outputs start poisoned, so an element a kernel never
+# writes shows (None: outputs start uninitialised, as they should in use).
+POISON = None
+
 _FMT_CODE = {None: 0, "e4m3": 1, "e5m2": 2}
 _INPUTS = ("a", "b", "a_scale", "b_scale", "ip")
+_WGMMA_INPUTS = _INPUTS + ("tmpl",)
 _SMEM = 3 * (128 * 144 + max(128 * 144, 64 * 272))  # matmul_smem() in matmul.cuh
 _TILE = 128
 # fp8 x fp8 through the native fp8 mma.sync (m16n8k32). On Hopper (sm_90) that
@@ -88,10 +120,160 @@ def _pad_axis(x, axis, multiple, stream):
     return mx.pad(x, widths, stream=stream)
 
 
-def matmul2d(a, b, a_scale, b_scale, spec, stream):
+def route_of(a, b, spec) -> str:
+    """Which kernel family computes this product (see the module docstring)."""
     float_types = {x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None}
     if mx.float32 in float_types or len(float_types) > 1:
+        return "float32"
+    if spec.a_fmt is None and spec.transpose_b and spec.M <= GEMV_MAX_ROWS:
+        return "gemv"
+    if _WGMMA and _cuda._is_hopper():
+        return "wgmma_fp8" if _FP8_NATIVE and spec.a_fmt and spec.b_fmt else "wgmma"
+    return "mma"
+
+
+def _scale_flags(a_scale, b_scale):
+    return (int(a_scale is not None and a_scale.shape[0] > 1), int(a_scale is not None and a_scale.shape[1] > 1),
+            int(b_scale is not None and b_scale.shape[-1] > 1))
+
+
+def _gemv(a, b, a_scale, b_scale, spec, stream):
+    """M <= 16 rows of a against an [N, K] b: cuda_src/matmul_gemv.cuh."""
+    M, N = spec.M, spec.N
+    a = _pad_axis(a, 2, 16, stream)
+    b = _pad_axis(b, 2, 16, stream)
+    ip = _cuda.const_array((M, N, a.shape[2], int(spec.b_batched)) + _scale_flags(a_scale, b_scale), mx.int32)
+    kernel = _cuda._kernel("matmul_gemv", _INPUTS, ("out",), 0)
+    placeholder = _cuda._placeholder(mx.float32)
+    (out,) = kernel(
+        inputs=[a, b, a_scale if a_scale is not None else placeholder,
+                b_scale if b_scale is not None else placeholder, ip],
+        template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype), ("FB", _FMT_CODE[spec.b_fmt]),
+                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("MT", 1 if M <= 8 else 2)],
+        grid=(math.ceil(N / 16) * 256, 1, spec.batch), threadgroup=(256, 1, 1),
+        output_shapes=[(spec.batch, M, N)], output_dtypes=[spec.out_dtype], init_value=POISON, stream=stream,
+    )
+    return out
+
+
+def wgmma_smem(bn: int, stages: int, convert_a: bool, convert_b: bool) -> int:
+    """matmul_wgmma_smem() of matmul_wgmma.cuh."""
+    return (stages * (128 * (64 if convert_a else 128) + bn * (64 if convert_b else 128))
+            + (2 * 128 * 128 if convert_a else 0) + (2 * bn * 128 if convert_b else 0) + 1024)
+
+
+@functools.lru_cache(maxsize=None)
+def _libcuda():
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuInit.restype = ctypes.c_int
+    lib.cuTensorMapEncodeTiled.restype = ctypes.c_int
+    rc = lib.cuInit(0)
+    if rc != 0:
+        raise RuntimeError(f"cuInit failed ({rc})")
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_available() -> bool:
+    """libcuda's tensor-map encoder loads and initialises (else plans use cp.async)."""
+    try:
+        _libcuda()
+        return True
+    except (OSError, AttributeError, RuntimeError):
+        return False
+
+
+@functools.lru_cache(maxsize=1024)
+def tensor_map_template(elem_bytes: int, inner: int, outer: int, box_inner: int, box_outer: int) -> bytes:
+    """A 2-D CUtensorMap (128 bytes) for a row-major [outer][inner] operand with
+    128-byte swizzled boxes and zero fill; its address is a placeholder that
+    each block replaces on the device (cuda_src/tma.cuh)."""
+    buf = (ctypes.c_ubyte * 192)()
+    base = (ctypes.addressof(buf) + 63) // 64 * 64  # CUtensorMap is 64-byte aligned
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    rc = _libcuda().cuTensorMapEncodeTiled(
+        ctypes.c_void_p(base), ctypes.c_int(0 if elem_bytes == 1 else 1), u32(2), ctypes.c_void_p(1 << 20),
+        (u64 * 2)(inner, outer), (u64 * 1)(inner * elem_bytes), (u32 * 2)(box_inner, box_outer), (u32 * 2)(1, 1),
+        ctypes.c_int(0), ctypes.c_int(3), ctypes.c_int(2), ctypes.c_int(0))  # no interleave, 128B swizzle, L2 128B
+    if rc != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({rc}) for [{outer}][{inner}] x {elem_bytes} bytes, "
+                           f"box [{box_outer}][{box_inner}]")
+    return bytes((ctypes.c_ubyte * 128).from_address(base))
+
+
+def _tma_templates(a, b, transpose_b, bn):
+    """Templates for a [M][Kp] and b ([Np][Kp], or [Kp][Np] read in 64 x 64 boxes), as one uint8 input."""
+    M, Kp = a.shape[1], a.shape[2]
+    ea, eb = a.dtype.size, b.dtype.size
+    kstep = 128 // ea
+    ta = tensor_map_template(ea, Kp, M, kstep, 128)
+    if transpose_b:
+        tb = tensor_map_template(eb, Kp, b.shape[1], kstep, bn)
+    else:
+        tb = tensor_map_template(eb, b.shape[2], Kp, 64, 64)
+    return _cuda.const_array(tuple(ta + tb), mx.uint8)
+
+
+def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
+    """Hopper warpgroup-MMA kernel: cuda_src/matmul_wgmma.cuh."""
+    native = native and spec.a_fmt is not None and spec.b_fmt is not None
+    kind = "native" if native else ("cvt" if spec.a_fmt or spec.b_fmt else "f16")
+    bn, stages, promote, tma = (tuple(plan or WGMMA_PLANS[kind]) + (False,))[:4]
+    transpose_b = spec.transpose_b
+    if native and not transpose_b:
+        # fp8 wgmma reads b K-major only: one transposed copy of b.
+        b = mx.contiguous(b.swapaxes(-1, -2), stream=stream)
+        transpose_b = True
+    M, N = spec.M, spec.N
+    a = _pad_axis(a, 2, 16, stream)
+    b = _pad_axis(b, 2 if transpose_b else 1, 16, stream)
+    b = _pad_axis(b, 1 if transpose_b else 2, 16, stream)
+    Kp, Np = a.shape[2], (b.shape[1] if transpose_b else b.shape[2])
+    ip = _cuda.const_array((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale), mx.int32)
+    if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
+        b_scale = _pad_axis(b_scale, 2, 16, stream)
+    floats = [x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None]
+    compute = floats[0] if floats else mx.float16
+    convert_a, convert_b = bool(spec.a_fmt) and not native, bool(spec.b_fmt) and not native
+    tma = tma and not (convert_a or convert_b) and _tma_available()
+    # + 1 KiB: the TMA mbarriers and template staging are static shared memory.
+    kernel = _cuda._kernel("matmul_wgmma", _WGMMA_INPUTS, ("out", "tmaps"),
+                           wgmma_smem(bn, stages, convert_a, convert_b))
+    placeholder = _cuda._placeholder(mx.float32)
+    tiles = math.ceil(M / 128) * math.ceil(Np / bn)
+    tmpl = _tma_templates(a, b, transpose_b, bn) if tma else _cuda._placeholder(mx.uint8)
+    (out, _) = kernel(
+        inputs=[a, b, a_scale if a_scale is not None else placeholder,
+                b_scale if b_scale is not None else placeholder, ip, tmpl],
+        template=[("TA", a.dtype), ("TB", b.dtype), ("C", compute), ("TO", spec.out_dtype),
+                  ("FA", _FMT_CODE[spec.a_fmt]), ("FB", _FMT_CODE[spec.b_fmt]), ("TRANS_B", transpose_b),
+                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("BN", bn), ("STAGES", stages),
+                  ("PROMOTE", promote if native else 0), ("NATIVE", native), ("TMA", tma)],
+        grid=(tiles * 256, 1, spec.batch), threadgroup=(256, 1, 1),
+        output_shapes=[(spec.batch, M, Np), (spec.batch * tiles * 256 if tma else 1,)],
+        output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,
+    )
+    return out if Np == N else out[:, :, :N]
+
+
+def matmul2d(a, b, a_scale, b_scale, spec, stream, route=None, plan=None):
+    """The backend entry (dispatch calls it with the first six); `route` and
+    `plan` (a wgmma (BN, stages, promote)) force a kernel, for tests and benchmarks."""
+    route = route or route_of(a, b, spec)
+    if spec.M == 0 or spec.N == 0:
+        return mx.zeros((spec.batch, spec.M, spec.N), dtype=spec.out_dtype, stream=stream)
+    if route == "float32":
         return _float32_route(a, b, a_scale, b_scale, spec, stream)
+    if route == "gemv":
+        return _gemv(a, b, a_scale, b_scale, spec, stream)
+    if route in ("wgmma", "wgmma_fp8"):
+        return _wgmma(a, b, a_scale, b_scale, spec, stream, plan, native=route == "wgmma_fp8")
+    return _mma(a, b, a_scale, b_scale, spec, stream)
+
+
+def _mma(a, b, a_scale, b_scale, spec, stream):
+    """The portable tensor-core kernel: cuda_src/matmul.cuh."""
+    float_types = {x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None}
     compute = next(iter(float_types)) if float_types else mx.float16
     M, N, K = spec.M, spec.N, spec.K
     # Every 16-byte chunk wholly inside or outside: K and N to multiples of 16.
@@ -115,7 +297,7 @@ def matmul2d(a, b, a_scale, b_scale, spec, stream):
                   ("TRANS_B", spec.transpose_b), ("AS", a_scale is not None), ("BS", b_scale is not None),
                   ("NATIVE_FP8", _NATIVE_FP8)],
         grid=(math.ceil(Np / _TILE) * 256, math.ceil(M / _TILE), spec.batch), threadgroup=(256, 1, 1),
-        output_shapes=[(spec.batch, M, Np)], output_dtypes=[spec.out_dtype], stream=stream,
+        output_shapes=[(spec.batch, M, Np)], output_dtypes=[spec.out_dtype], init_value=POISON, stream=stream,
     )
     return out if Np == N else out[:, :, :N]
 
@@ -136,7 +318,7 @@ class _Spec:
 
 
 def matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpose_b=False,
-           out_dtype=None, stream=None):
+           out_dtype=None, stream=None, route=None, plan=None):
     """2-D convenience entry for benchmarks and tests: a [M, K], b [K, N] (or [N, K])."""
     M, K = a.shape
     N = b.shape[0] if transpose_b else b.shape[1]
@@ -146,4 +328,4 @@ def matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpos
     spec = _Spec(a_fmt, b_fmt, transpose_b, out_dtype, 1, M, N, K, False)
     a_s = None if a_scale is None else mx.broadcast_to(mx.array(a_scale, mx.float32).reshape(1, -1, 1), (1, M if mx.array(a_scale).size > 1 else 1, 1))
     b_s = None if b_scale is None else mx.array(b_scale, mx.float32).reshape(1, 1, -1)
-    return matmul2d(a[None], b[None], a_s, b_s, spec, stream)[0]
+    return matmul2d(a[None], b[None], a_s, b_s, spec, stream, route, plan)[0]

@@ -57,6 +57,8 @@ inline Strides __emu_strides(const void* p) {
 
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
 
 inline float __int_as_float(int x) {
   float f;

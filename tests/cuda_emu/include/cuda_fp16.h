@@ -7,8 +7,14 @@
 struct __half {
   unsigned short x;
 };
+struct __half2_raw {
+  unsigned short x, y;
+};
 struct __half2 {
   __half x, y;
+  __half2() = default;
+  __half2(__half a, __half b) : x(a), y(b) {}
+  explicit __half2(__half2_raw r) : x{r.x}, y{r.y} {}
 };
 
 inline __half __ushort_as_half(unsigned short x) { return __half{x}; }

@@ -1,0 +1,384 @@
+"""CUDA matmul2d benchmark: ours (each route) vs MLX's matmul, PyTorch fp16 and
+torch._scaled_mm (e4m3), and the decode products against the card's copy
+bandwidth, all in one run on one card.
+
+    python -m mlx_flash.bench.cuda_matmul [--sections gemm,decode,plans] [--sizes 4096 8192] [--out DIR] [--warm]
+
+gemm:   n^3 products (TFLOP/s = 2 n^3 / t), each result checked against a
+        second computation of the same product (relative max difference).
+decode: M = 1..16 rows times an [N, K] weight (fp8 e4m3 or fp16), GB/s of
+        weight bytes read, next to a plain copy's GB/s (bytes read + written)
+        measured in the same run; MLX's fp16 matmul of the same shape.
+plans:  the Hopper kernel's tile plans side by side at 8192^3.
+layers: four Llama-3-8B-shaped blocks of projections (no attention) as fp16
+        nn.Linear vs FP8Linear: a decode step's projections (M = 1) and a
+        512-token prefill through the public layers.
+--warm: every case once at a tiny size, nothing timed: fills MLX's kernel
+cache (NVRTC compiles each variant once, whatever the shape).
+Writes matmul_cuda_<card>.json (into --out, a directory; or --out as a .json
+path) and prints one JSON line per measurement.
+
+    python -m mlx_flash.bench.cuda_matmul --plot matmul_cuda_<card>.json   # the PNG next to it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import mlx.core as mx
+
+from .cuda import Recorder, card_name, slug
+
+GIB = 1024 ** 3
+SKIP_TMA = False  # --skip-tma
+
+
+def time_lazy(make, reps: int, rounds: int = 3) -> float:
+    """Seconds per product: `reps` products built lazily and evaluated together
+    (so launches queue back to back), best of `rounds`."""
+    mx.eval(make())
+    best = float("inf")
+    for _ in range(rounds):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval([make() for _ in range(reps)])
+        mx.synchronize()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def time_torch(fn, reps: int, rounds: int = 3) -> float:
+    import torch
+
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def rel_diff(x, y) -> float:
+    x, y = x.astype(mx.float32), y.astype(mx.float32)
+    return (mx.abs(x - y).max() / (mx.abs(y).max() + 1e-30)).item()
+
+
+def _torch():
+    try:
+        import numpy as np
+        import torch
+
+        return np, torch
+    except ImportError:
+        return None, None
+
+
+def bench_gemm(rec: Recorder, sizes):
+    from ..backends import cuda_matmul as cm
+
+    np, torch = _torch()
+    for n in sizes:
+        flops = 2 * n ** 3
+        reps = min(50, max(3, int(4e13 // flops)))
+        k1, k2 = mx.random.split(mx.random.key(n))
+        a16 = mx.random.normal((n, n), key=k1).astype(mx.float16)
+        b16 = mx.random.normal((n, n), key=k2).astype(mx.float16)
+        a8, b8 = mx.to_fp8(a16), mx.to_fp8(b16)       # e4m3 codes (uint8)
+        b8t = mx.contiguous(b8.T)                     # [N, K]: a Linear weight
+        b16t = mx.contiguous(b16.T)
+        mx.eval(a16, b16, a8, b8, b8t, b16t)
+        mlx_fp16 = a16 @ b16
+        mx.eval(mlx_fp16)
+        cases = {
+            "mlx_fp16": (lambda: a16 @ b16, None),
+            "ours_fp16": (lambda: cm.matmul(a16, b16), mlx_fp16),
+            "ours_fp16_bT": (lambda: cm.matmul(a16, b16t, transpose_b=True), mlx_fp16),
+            "ours_bf16": (lambda: cm.matmul(a16.astype(mx.bfloat16), b16.astype(mx.bfloat16)), mlx_fp16),
+            "ours_fp16_tma": (lambda: cm.matmul(a16, b16, route="wgmma", plan=(256, 4, 0, True)), mlx_fp16),
+            "ours_fp16_bT_tma": (lambda: cm.matmul(a16, b16t, transpose_b=True, route="wgmma", plan=(256, 4, 0, True)),
+                                 mlx_fp16),
+            "ours_e4m3_native_tma_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                          out_dtype=mx.float16, route="wgmma_fp8",
+                                                          plan=(128, 6, 1, True)), None),
+            "ours_e4m3_native_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                      out_dtype=mx.float16, route="wgmma_fp8"), None),
+            "ours_e4m3_native": (lambda: cm.matmul(a8, b8, a_fmt="e4m3", b_fmt="e4m3", out_dtype=mx.float16,
+                                                   route="wgmma_fp8"), None),
+            "ours_e4m3_x_e5m2_native_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e5m2", transpose_b=True,
+                                                             out_dtype=mx.float16, route="wgmma_fp8"), None),
+            "ours_e4m3_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                               out_dtype=mx.float16), None),
+            "ours_fp16_x_e4m3_bT": (lambda: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True), None),
+            "ours_fp16_x_e4m3": (lambda: cm.matmul(a16, b8, b_fmt="e4m3"), None),
+            "ours_mma_fp16": (lambda: cm.matmul(a16, b16, route="mma"), mlx_fp16),
+            "ours_mma_e4m3_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                   out_dtype=mx.float16, route="mma"), None),
+        }
+        results = {}
+        if SKIP_TMA:
+            cases = {k: v for k, v in cases.items() if "tma" not in k}
+        for name, (fn, check) in cases.items():
+            try:
+                out = fn()
+                mx.eval(out)
+                results[name] = out
+                t = time_lazy(fn, reps)
+                row = dict(section="gemm", case=name, n=n, ms=t * 1e3, tflops=flops / t / 1e12)
+                if check is not None:
+                    row["rel_diff_vs_mlx_fp16"] = rel_diff(out, check)
+                rec.add(**row)
+            except Exception as e:  # noqa: BLE001 (record, go on)
+                rec.add(section="gemm", case=name, n=n, error=f"{type(e).__name__}: {e}"[:500])
+        for x, y in (("ours_e4m3_bT", "ours_mma_e4m3_bT"), ("ours_e4m3_native_bT", "ours_mma_e4m3_bT"),
+                     ("ours_e4m3_native_tma_bT", "ours_e4m3_native_bT"),
+                     ("ours_e4m3_native", "ours_e4m3_native_bT")):
+            if x in results and y in results:
+                rec.add(section="gemm_check", n=n, case=f"{x}_vs_{y}", rel_diff=rel_diff(results[x], results[y]))
+        if "ours_fp16_x_e4m3_bT" in results and "ours_fp16_x_e4m3" in results:  # the two b layouts
+            rec.add(section="gemm_check", n=n, case="ours_fp16_x_e4m3_bT_vs_ours_fp16_x_e4m3", rel_diff=rel_diff(
+                results["ours_fp16_x_e4m3_bT"], results["ours_fp16_x_e4m3"]))
+        del results, mlx_fp16
+        if torch is None:
+            continue
+        try:
+            ta = torch.from_numpy(np.array(a8)).cuda().view(torch.float8_e4m3fn)
+            tb = torch.from_numpy(np.array(b8t)).cuda().view(torch.float8_e4m3fn).t()  # column-major [K, N]
+            one = torch.ones((), device="cuda")
+            scaled = lambda: torch._scaled_mm(ta, tb, scale_a=one, scale_b=one, out_dtype=torch.float16)
+            t = time_torch(scaled, reps)
+            ours = cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float16,
+                             route="wgmma_fp8")
+            diff = rel_diff(ours, mx.array(scaled().float().cpu().numpy()))
+            rec.add(section="gemm", case="torch_scaled_mm_e4m3", n=n, ms=t * 1e3, tflops=flops / t / 1e12,
+                    ours_rel_diff=diff)
+            th = torch.from_numpy(np.array(a16)).cuda()
+            tbh = torch.from_numpy(np.array(b16)).cuda()
+            t = time_torch(lambda: th @ tbh, reps)
+            rec.add(section="gemm", case="torch_fp16", n=n, ms=t * 1e3, tflops=flops / t / 1e12)
+            del ta, tb, th, tbh
+        except Exception as e:  # noqa: BLE001
+            rec.add(section="gemm", case="torch", n=n, error=f"{type(e).__name__}: {e}"[:500])
+
+
+def copy_bandwidth(rec: Recorder, nbytes: int = 2 * GIB):
+    """GB/s of a plain device copy (bytes read + written), MLX and PyTorch."""
+    x = mx.random.randint(0, 255, (nbytes // 4,), dtype=mx.int32, key=mx.random.key(0))
+    mx.eval(x)
+    t = time_lazy(lambda: x + 1, 10)
+    best = 2 * nbytes / t / 1e9
+    rec.add(section="copy", case="mlx_add1_int32", bytes=nbytes, gbps=best)
+    del x
+    np, torch = _torch()
+    if torch is not None:
+        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        t = time_torch(lambda: dst.copy_(src), 10)
+        rec.add(section="copy", case="torch_copy", bytes=nbytes, gbps=2 * nbytes / t / 1e9)
+        best = max(best, 2 * nbytes / t / 1e9)
+        del src, dst
+    return best
+
+
+DECODE_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (16384, 16384))
+
+
+def bench_decode(rec: Recorder, shapes=DECODE_SHAPES, copy_bytes: int = 2 * GIB):
+    from ..backends import cuda_matmul as cm
+
+    copy_gbps = copy_bandwidth(rec, copy_bytes)
+    for K, N in shapes:
+        key = mx.random.key(K + N)
+        w16 = (mx.random.normal((N, K), key=key) * 0.02).astype(mx.float16)
+        w8, scale = mx.to_fp8(w16 * 100), mx.full((1, N), 0.01)
+        mx.eval(w16, w8, scale)
+        for M in (1, 4, 16):
+            x = mx.random.normal((M, K), key=mx.random.key(M)).astype(mx.float16)
+            mx.eval(x)
+            reps = min(200, max(20, int(2e10 // (N * K))))
+            cases = {
+                "ours_fp16_x_e4m3": (lambda: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True), N * K),
+                "ours_fp16_x_fp16": (lambda: cm.matmul(x, w16, transpose_b=True), 2 * N * K),
+                "mlx_fp16": (lambda: x @ w16.T, 2 * N * K),
+            }
+            ref = x @ w16.T
+            for name, (fn, wbytes) in cases.items():
+                try:
+                    t = time_lazy(fn, reps)
+                    gbps = wbytes / t / 1e9
+                    row = dict(section="decode", case=name, M=M, K=K, N=N, us=t * 1e6, weight_gbps=gbps,
+                               fraction_of_copy=gbps / copy_gbps, copy_gbps=copy_gbps)
+                    if name != "mlx_fp16":
+                        row["rel_diff_vs_mlx_fp16"] = rel_diff(fn(), ref)
+                    rec.add(**row)
+                except Exception as e:  # noqa: BLE001
+                    rec.add(section="decode", case=name, M=M, K=K, N=N, error=f"{type(e).__name__}: {e}"[:500])
+
+
+def bench_plans(rec: Recorder, n: int = 8192):
+    from ..backends import cuda_matmul as cm
+
+    flops = 2 * n ** 3
+    k1, k2 = mx.random.split(mx.random.key(7))
+    a16 = mx.random.normal((n, n), key=k1).astype(mx.float16)
+    b16t = mx.random.normal((n, n), key=k2).astype(mx.float16)
+    a8, b8t = mx.to_fp8(a16), mx.to_fp8(b16t)
+    mx.eval(a16, b16t, a8, b8t)
+    kinds = {
+        "fp16_bT": lambda plan: cm.matmul(a16, b16t, transpose_b=True, route="wgmma", plan=plan),
+        "e4m3_native_bT": lambda plan: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                 out_dtype=mx.float16, route="wgmma_fp8", plan=plan),
+        "fp16_x_e4m3_bT": lambda plan: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True, route="wgmma",
+                                                 plan=plan),
+    }
+    plans = {"fp16_bT": [(256, 4, 0, True), (128, 6, 0, True), (256, 3, 0, True)],
+             "e4m3_native_bT": [(128, 6, 2), (256, 4, 0), (128, 6, 1, True), (128, 6, 2, True), (128, 6, 4, True),
+                                (256, 4, 0, True)],
+             "fp16_x_e4m3_bT": [(128, 4, 0)]}
+    for kind, fn in kinds.items():
+        for plan in plans[kind]:
+            if SKIP_TMA and len(plan) > 3 and plan[3]:
+                continue
+            try:
+                t = time_lazy(lambda: fn(plan), 5)
+                rec.add(section="plans", case=kind, plan=list(plan), n=n, ms=t * 1e3, tflops=flops / t / 1e12)
+            except Exception as e:  # noqa: BLE001
+                rec.add(section="plans", case=kind, plan=list(plan), n=n, error=f"{type(e).__name__}: {e}"[:500])
+
+
+def plot(path: str) -> str:
+    """GEMM TFLOP/s per case and size, and decode weight GB/s against the copy bandwidth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        data = json.load(f)
+    rows = [r for r in data["rows"] if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(16, 6))
+    gemm = [r for r in rows if r.get("section") == "gemm"]
+    sizes = sorted({r["n"] for r in gemm})
+    cases = list(dict.fromkeys(r["case"] for r in gemm))
+    width = 0.8 / max(1, len(sizes))
+    ax = axes[0]
+    for i, n in enumerate(sizes):
+        vals = {r["case"]: r["tflops"] for r in gemm if r["n"] == n}
+        ax.bar([j + i * width for j in range(len(cases))], [vals.get(c, 0) for c in cases], width, label=f"{n}^3")
+    ax.set_xticks([j + width * (len(sizes) - 1) / 2 for j in range(len(cases))], cases, rotation=35, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title("n x n x n products")
+    ax.legend()
+    dec = [r for r in rows if r.get("section") == "decode"]
+    ax = axes[1]
+    labels = list(dict.fromkeys(f'M={r["M"]} {r["K"]}x{r["N"]}' for r in dec))
+    dcases = list(dict.fromkeys(r["case"] for r in dec))
+    width = 0.8 / max(1, len(dcases))
+    for i, c in enumerate(dcases):
+        vals = {f'M={r["M"]} {r["K"]}x{r["N"]}': r["weight_gbps"] for r in dec if r["case"] == c}
+        ax.bar([j + i * width for j in range(len(labels))], [vals.get(lab, 0) for lab in labels], width, label=c)
+    copy = [r["gbps"] for r in rows if r.get("section") == "copy"]
+    if copy:
+        ax.axhline(max(copy), color="k", lw=0.8, ls="--", label="plain copy")
+        ax.axhline(0.7 * max(copy), color="gray", lw=0.8, ls=":", label="70% of copy")
+    ax.set_xticks([j + width * (len(dcases) - 1) / 2 for j in range(len(labels))], labels, rotation=35, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("weight GB/s")
+    ax.set_title("decode: M rows x [N, K] weight")
+    ax.legend(fontsize=8)
+    fig.suptitle(f'matmul2d on {data["card"]} (MLX {data["mlx"]}, torch {data.get("torch", "-")}, {data["time"]})')
+    fig.tight_layout()
+    out = os.path.splitext(path)[0] + ".png"
+    fig.savefig(out, dpi=110)
+    return out
+
+
+# (output, input) dims of one Llama-3-8B-shaped block's projections: q, k, v, o, gate, up, down.
+BLOCK_LINEARS = ((4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336))
+
+
+def bench_layers(rec: Recorder, blocks: int = 4, rows=(1, 512)):
+    """A stack of `blocks` blocks of projections (no attention) as nn.Linear in fp16
+    vs mlx_flash.nn.FP8Linear (e4m3, per-channel scales), through the public
+    layers: per-token time at M = 1 (a decode step's projections) and TFLOP/s at
+    prefill M. Each layer gets its own random input, so all run in one eval."""
+    import mlx.nn as nn
+
+    from ..nn import FP8Linear
+
+    fp16, fp8 = [], []
+    for i, (o, k) in enumerate(BLOCK_LINEARS * blocks):
+        lin = nn.Linear(k, o, bias=False)
+        lin.weight = (mx.random.normal((o, k), key=mx.random.key(100 + i)) * 0.02).astype(mx.float16)
+        fp8.append(FP8Linear.from_linear(lin))
+        fp16.append(lin)
+        mx.eval(lin.parameters(), fp8[-1].parameters())
+    weight_bytes16 = sum(2 * o * k for o, k in BLOCK_LINEARS) * blocks
+    flops_per_row = sum(2 * o * k for o, k in BLOCK_LINEARS) * blocks
+    for M in rows:
+        xs = {k: mx.random.normal((M, k), key=mx.random.key(k)).astype(mx.float16) for _, k in BLOCK_LINEARS}
+        mx.eval(list(xs.values()))
+        for name, layers in (("fp16_nn_Linear", fp16), ("FP8Linear_e4m3", fp8)):
+            t = time_lazy(lambda: [layer(xs[layer.weight.shape[1]]) for layer in layers], 10 if M == 1 else 3)
+            rec.add(section="layers", case=name, M=M, blocks=blocks, ms=t * 1e3, tokens_per_s=M / t,
+                    tflops=flops_per_row * M / t / 1e12, weight_gib_fp16=weight_bytes16 / GIB)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="gemm,decode")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--warm", action="store_true", help="compile every variant at tiny sizes; time nothing")
+    parser.add_argument("--plot", metavar="JSON", help="plot a results JSON (PNG next to it) and exit")
+    parser.add_argument("--skip-tma", action="store_true", help="leave out the TMA-loading kernel variants")
+    parser.add_argument("--decode-shapes", default=None,
+                        help="K:N pairs for the decode section, comma separated (default: DECODE_SHAPES)")
+    args = parser.parse_args(argv)
+    if args.plot:
+        print(f"wrote {plot(args.plot)}")
+        return
+    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        raise SystemExit("mlx_flash.bench.cuda_matmul: MLX sees no CUDA GPU")
+    global SKIP_TMA
+    SKIP_TMA = args.skip_tma
+    decode_shapes = DECODE_SHAPES if not args.decode_shapes else tuple(
+        tuple(int(v) for v in pair.split(":")) for pair in args.decode_shapes.split(","))
+    card = card_name()
+    rec = Recorder()
+    if args.warm:
+        global time_lazy, time_torch
+        time_lazy = lambda make, reps, rounds=3: (mx.eval(make()), 1.0)[1]  # noqa: E731
+        time_torch = lambda fn, reps, rounds=3: (fn(), 1.0)[1]  # noqa: E731
+    sections = {"gemm": lambda: bench_gemm(rec, [256] if args.warm else args.sizes),
+                "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else (decode_shapes,)),
+                "plans": lambda: bench_plans(rec, 256 if args.warm else 8192),
+                "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512))}
+    path = args.out if args.out.endswith(".json") else os.path.join(args.out, f"matmul_cuda_{slug(card)}.json")
+    _, torch = _torch()
+    for name in args.sections.split(","):
+        try:
+            sections[name]()
+        except Exception as e:  # noqa: BLE001 (record the failure, keep the other sections)
+            rec.add(section=name, error=f"{type(e).__name__}: {e}"[:500])
+        if args.warm:
+            continue
+        result = {"benchmark": "matmul2d on CUDA", "card": card, "mlx": mx.__version__,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rec.rows}
+        if torch is not None:
+            result["torch"] = torch.__version__
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:  # after every section: a run cut short keeps what it measured
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

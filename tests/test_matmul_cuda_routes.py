@@ -1,0 +1,214 @@
+"""matmul2d's CUDA kernel routes, each forced (cuda_matmul.matmul2d(route=...)),
+against float64 of the dequantized operands, outputs poisoned with NaN:
+
+  wgmma      the Hopper kernel (matmul_wgmma.cuh) on 16-bit wgmma, fp8 codes
+             decoded in shared memory: every operand pair, both b layouts,
+             every tile plan, edge tiles in M, N and K (odd sizes, K = 1),
+             batches, scales; fp32-exact like every other route;
+  wgmma_fp8  the same kernel on native fp8 wgmma (opt-in): within the bound
+             its 13-bit tensor-core sums allow, 2^-8 * (|a| @ |b|);
+  gemv   the few-rows kernel (matmul_gemv.cuh): 1..16 rows, odd N and K,
+         fp8 and 16-bit weights, batched weights, scales.
+
+Run on a CUDA GPU (wgmma cases on sm_90 only); skipped cleanly elsewhere.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from helpers import rng
+from test_matmul import assert_close, make_operand, reference
+
+pytestmark = [pytest.mark.usefixtures("cpu_default_device"),
+              pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()),
+                                 reason="no CUDA GPU visible to MLX")]
+GPU = mx.Device(mx.gpu)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    from mlx_flash.backends import cuda_matmul
+
+    monkeypatch.setattr(cuda_matmul, "POISON", float("nan"))
+
+
+def needs_hopper():
+    from mlx_flash.backends import cuda
+
+    if not cuda._is_hopper():
+        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+
+
+def run_route(route, a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpose_b=False,
+              out_dtype=None, plan=None):
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    spec, a3, b3, sa, sb, lead = validate_matmul(a, b, a_fmt=a_fmt, b_fmt=b_fmt, a_scale=a_scale, b_scale=b_scale,
+                                                 transpose_b=transpose_b, out_dtype=out_dtype)
+    assert route.startswith("wgmma") or cuda_matmul.route_of(a3, b3, spec) == route
+    out = cuda_matmul.matmul2d(a3, b3, sa, sb, spec, GPU, route=route, plan=plan)
+    mx.eval(out)
+    return out.reshape(*lead, spec.M, spec.N)
+
+
+WG_KINDS = [("float16", "float16"), ("bfloat16", "bfloat16"), ("e4m3", "e4m3"), ("e4m3", "e5m2"),
+            ("e5m2", "e4m3"), ("e5m2", "e5m2"), ("float16", "e4m3"), ("bfloat16", "e5m2"), ("e4m3", "bfloat16"),
+            ("e5m2", "float16")]
+FP8_PAIRS = [("e4m3", "e4m3"), ("e4m3", "e5m2"), ("e5m2", "e4m3"), ("e5m2", "e5m2")]
+
+
+def assert_within_fp8_accumulation(out, a64, b64, sa, sb, transpose_b, out_dtype):
+    """Native fp8 wgmma: Hopper's tensor cores align each k32 group of products
+    to the largest and keep 13 mantissa bits (truncating), also when adding to
+    their accumulator; the kernel restarts that sum every 128 or 256 K and adds it in
+    fp32. Bound: 2^-8 * (|a| @ |b|) (scaled), plus out_dtype's rounding."""
+    want = reference(a64, b64, sa, sb, transpose_b=transpose_b)
+    absprod = reference(np.abs(a64), np.abs(b64), None if sa is None else np.abs(sa),
+                        None if sb is None else np.abs(sb), transpose_b=transpose_b)
+    got = np.array(out.astype(mx.float32)).astype(np.float64)
+    assert got.shape == want.shape and np.all(np.isfinite(got))
+    rounding = 0 if out_dtype == mx.float32 else np.abs(want) * 2.0 ** -8
+    err = np.abs(got - want)
+    assert np.all(err <= 2.0 ** -8 * absprod + rounding + 1e-30), \
+        f"worst error / |a||b|: {np.max(err / (absprod + 1e-30)):.3g}"
+    return float(np.max(err) / (np.max(np.abs(want)) + 1e-30))
+
+
+@pytest.mark.parametrize("ka,kb", WG_KINDS)
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (130, 200, 70), (129, 1, 513), (300, 129, 258), (17, 1000, 33)])
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_cuda_wgmma_matches_float64(ka, kb, M, K, N, transpose_b):
+    needs_hopper()
+    gen = rng("wgmma", ka, kb, M, K, N, transpose_b)
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K) if transpose_b else (K, N), kb)
+    sa = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    sb = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+    for out_dtype in (mx.float32, None):
+        out = run_route("wgmma", a, b, a_fmt=a_fmt, b_fmt=b_fmt, a_scale=mx.array(sa), b_scale=mx.array(sb),
+                        transpose_b=transpose_b, out_dtype=out_dtype)
+        assert_close(out, reference(a64, b64, sa, sb, transpose_b=transpose_b), out.dtype, K)
+
+
+TMA = pytest.mark.xdist_group("tma")  # one pytest-xdist worker runs every TMA case (with --dist loadgroup)
+
+
+@TMA
+@pytest.mark.parametrize("ka,kb", [("float16", "float16"), ("bfloat16", "bfloat16"), ("e4m3", "e5m2")])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (130, 200, 70), (300, 1000, 513)])
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_cuda_wgmma_tma_loads(ka, kb, M, K, N, transpose_b):
+    """Stage tiles by TMA (tensor maps encoded on the host, addresses set per
+    block on the device), for the 16-bit and the native fp8 kernel."""
+    needs_hopper()
+    gen = rng("wgmma-tma", ka, kb, M, K, N, transpose_b)
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K) if transpose_b else (K, N), kb)
+    sa = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    if a_fmt:
+        out = run_route("wgmma_fp8", a, b, a_fmt=a_fmt, b_fmt=b_fmt, a_scale=mx.array(sa), transpose_b=transpose_b,
+                        out_dtype=mx.float32, plan=(128, 6, 1, True))
+        assert_within_fp8_accumulation(out, a64, b64, sa, None, transpose_b, mx.float32)
+    else:
+        out = run_route("wgmma", a, b, a_scale=mx.array(sa), transpose_b=transpose_b, out_dtype=mx.float32,
+                        plan=(256, 4, 0, True))
+        assert_close(out, reference(a64, b64, sa, None, transpose_b=transpose_b), mx.float32, K)
+
+
+# Every tile plan of the exact kernel, on a product long in K.
+PLANS = [(256, 4, 0), (128, 6, 0), (128, 4, 0), pytest.param((256, 4, 0, True), marks=TMA)]
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"bn{p[0]}_st{p[1]}{'_tma' if len(p) > 3 else ''}")
+@pytest.mark.parametrize("ka,kb", [("float16", "float16"), ("e4m3", "e4m3"), ("bfloat16", "e4m3")])
+def test_cuda_wgmma_plans_long_k(plan, ka, kb):
+    needs_hopper()
+    if len(plan) > 3 and ka != kb:
+        pytest.skip("TMA loads operands used as stored")
+    gen = rng("wgmma-plan", plan, ka, kb)
+    M, K, N = 257, 4096, 384
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K), kb)
+    out = run_route("wgmma", a, b, a_fmt=a_fmt, b_fmt=b_fmt, transpose_b=True, out_dtype=mx.float32, plan=plan)
+    assert_close(out, reference(a64, b64, transpose_b=True), mx.float32, K)
+
+
+NATIVE_PLANS = [(128, 6, 1), (128, 4, 1), (128, 6, 2), (256, 4, 0), pytest.param((128, 6, 1, True), marks=TMA),
+                pytest.param((128, 6, 2, True), marks=TMA)]
+
+
+@pytest.mark.parametrize("ka,kb", FP8_PAIRS)
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (130, 200, 70), (129, 1, 513), (300, 1000, 258)])
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_cuda_wgmma_fp8_native_within_bound(ka, kb, M, K, N, transpose_b):
+    needs_hopper()
+    gen = rng("wgmma-fp8", ka, kb, M, K, N, transpose_b)
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K) if transpose_b else (K, N), kb)
+    sa = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    sb = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+    for out_dtype in (mx.float32, mx.float16):
+        out = run_route("wgmma_fp8", a, b, a_fmt=a_fmt, b_fmt=b_fmt, a_scale=mx.array(sa), b_scale=mx.array(sb),
+                        transpose_b=transpose_b, out_dtype=out_dtype)
+        assert_within_fp8_accumulation(out, a64, b64, sa, sb, transpose_b, out_dtype)
+
+
+@pytest.mark.parametrize("plan", NATIVE_PLANS, ids=lambda p: f"bn{p[0]}_st{p[1]}_pr{p[2]}{'_tma' if len(p) > 3 else ''}")
+def test_cuda_wgmma_fp8_native_plans_long_k(plan):
+    needs_hopper()
+    gen = rng("wgmma-fp8-plan", plan)
+    M, K, N = 257, 8192, 384
+    a, a_fmt, a64 = make_operand(gen, (M, K), "e4m3")
+    b, b_fmt, b64 = make_operand(gen, (N, K), "e4m3")
+    out = run_route("wgmma_fp8", a, b, a_fmt=a_fmt, b_fmt=b_fmt, transpose_b=True, out_dtype=mx.float32, plan=plan)
+    rel = assert_within_fp8_accumulation(out, a64, b64, None, None, True, mx.float32)
+    print(f"native fp8 plan {plan}: max error / max |result| = {rel:.3g}")
+
+
+@pytest.mark.parametrize("b_batched", [False, True])
+@pytest.mark.parametrize("scales", ["tensor", "rows_cols", "batched_rows"])
+def test_cuda_wgmma_batched_and_scales(b_batched, scales):
+    needs_hopper()
+    gen = rng("wgmma-batch", b_batched, scales)
+    lead, M, K, N = (3,), 140, 96, 272
+    for ka, kb in (("float16", "e4m3"), ("e4m3", "e5m2"), ("bfloat16", "bfloat16"), ("e5m2", "float16")):
+        a, a_fmt, a64 = make_operand(gen, lead + (M, K), ka)
+        b, b_fmt, b64 = make_operand(gen, (lead if b_batched else ()) + (N, K), kb)
+        if scales == "tensor":
+            sa, sb = np.float32(1.5), np.float32(0.25)
+        elif scales == "rows_cols":
+            sa, sb = gen.uniform(0.5, 2, (M, 1)).astype(np.float32), gen.uniform(0.5, 2, (1, N)).astype(np.float32)
+        else:
+            sa, sb = gen.uniform(0.5, 2, lead + (M, 1)).astype(np.float32), None
+        out = run_route("wgmma", a, b, a_fmt=a_fmt, b_fmt=b_fmt, transpose_b=True,
+                        a_scale=mx.array(sa), b_scale=None if sb is None else mx.array(sb))
+        assert_close(out, reference(a64, b64, sa, sb, transpose_b=True), out.dtype, K)
+
+
+@pytest.mark.parametrize("M", [1, 2, 7, 8, 9, 16])
+@pytest.mark.parametrize("ka,kb", [("float16", "e4m3"), ("bfloat16", "e5m2"), ("float16", "float16"),
+                                   ("bfloat16", "bfloat16")])
+@pytest.mark.parametrize("K,N", [(1, 1), (45, 17), (1000, 129), (4096, 520)])
+def test_cuda_gemv_matches_float64(M, ka, kb, K, N):
+    gen = rng("gemv", M, ka, kb, K, N)
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K), kb)
+    sa = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    sb = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+    for out_dtype in (mx.float32, None):
+        out = run_route("gemv", a, b, a_fmt=a_fmt, b_fmt=b_fmt, a_scale=mx.array(sa), b_scale=mx.array(sb),
+                        transpose_b=True, out_dtype=out_dtype)
+        assert_close(out, reference(a64, b64, sa, sb, transpose_b=True), out.dtype, K)
+
+
+@pytest.mark.parametrize("b_batched", [False, True])
+def test_cuda_gemv_batched(b_batched):
+    gen = rng("gemv-batch", b_batched)
+    lead, M, K, N = (2, 3), 5, 160, 48
+    a, _, a64 = make_operand(gen, lead + (M, K), "float16")
+    b, b_fmt, b64 = make_operand(gen, (lead if b_batched else ()) + (N, K), "e4m3")
+    sa = gen.uniform(0.5, 2, lead + (M, 1)).astype(np.float32)
+    out = run_route("gemv", a, b, b_fmt=b_fmt, a_scale=mx.array(sa), b_scale=0.5, transpose_b=True)
+    assert_close(out, reference(a64, b64, sa, np.float32(0.5), transpose_b=True), out.dtype, K)
