@@ -165,6 +165,10 @@ __device__ __forceinline__ void exact_fragment_product(PAt p_at, unsigned long l
   }
 }
 
+// A compile-time bool as a value (std::integral_constant without <type_traits>,
+// which NVRTC lacks): selects an instance of a generic lambda.
+template <bool B> struct BoolConst { static constexpr bool value = B; };
+
 // Compile-time feature set of one kernel instance.
 template <bool Softcap_, bool Alibi_, int MaskKind_, bool Window_, bool BlockMask_, bool Sinks_, bool Varlen_>
 struct Features {
