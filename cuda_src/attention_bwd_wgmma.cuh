@@ -23,14 +23,11 @@
 
 namespace mlx_flash {
 
-// Staging of dQ for the bulk reduction: per warp 16 rows of 64 floats, rows
-// padded to 68 floats (16-byte aligned, fewer bank conflicts).
-constexpr int kDqStageStride = 68;
 // Shared memory of the wgmma backward (bytes): K, V [128][D]; Q, dO [64][D]
 // twice; dS^T and P^T [128][64] (P^T written by exact tiles only); lse and
-// delta [64] twice; the dQ staging of 8 warps; 1 KiB alignment slack.
+// delta [64] twice; 1 KiB alignment slack.
 __host__ __device__ constexpr int wgmma_bwd_smem(int d) {
-  return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + 8 * 16 * kDqStageStride * 4 + 1024;
+  return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + 1024;
 }
 
 template <typename T, typename MT, class F, int D>
@@ -51,8 +48,6 @@ __device__ void attention_bwd_wgmma(
   unsigned char* Ps = dSs + DS_BYTES;       // P^T [key][query], swizzled (exact tiles)
   float* lse_s = reinterpret_cast<float*>(Ps + DS_BYTES);  // two stages of BQ
   float* delta_s = lse_s + 2 * BQ;                          // two stages of BQ
-  // This warp's dQ staging: 16 rows x 64 dims, read by the bulk reduction.
-  float* dq_stage = delta_s + 2 * BQ + (threadIdx.x / 32) * 16 * kDqStageStride;
 
   const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -308,27 +303,16 @@ __device__ void attention_bwd_wgmma(
         wgmma_wait<0>();
       }
       wgmma_pin(dq);
-      // Rows warp * 16 + g (+ 8) of this tile, dims 64w + 8n + 2t (+1), staged
-      // in this warp's shared rows, then added to dq_acc by the TMA unit: one
-      // bulk reduction per row (lane r: row warp * 16 + r) instead of 16
-      // vector atomics per thread, asynchronous to the next tile. A lane first
-      // waits until its previous tile's reduction has read the staging.
-      if (lane < 16) bulk_wait_read_all();
-      __syncwarp();
+      // Rows warp * 16 + g (+ 8) of this tile, dims 64w + 8n + 2t (+1).
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        float* srow = dq_stage + (g + 8 * half) * kDqStageStride + 2 * t;
+        const int i = i0 + warp * 16 + g + 8 * half;
+        if (i >= seq.nq) continue;
+        float* row = dq_acc + (q_base + i) * D + wg * 64 + 2 * t;
 #pragma unroll
         for (int n = 0; n < 8; ++n)
-          *reinterpret_cast<float2*>(srow + 8 * n) =
-              make_float2(dq[4 * n + 2 * half] * scale, dq[4 * n + 2 * half + 1] * scale);
-      }
-      fence_proxy_async();
-      __syncwarp();
-      if (lane < 16 && i0 + warp * 16 + lane < seq.nq) {
-        bulk_reduce_add_f32(dq_acc + (q_base + i0 + warp * 16 + lane) * D + wg * 64,
-                            smem_addr(dq_stage + lane * kDqStageStride), 64 * 4);
-        bulk_commit();
+          atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
+                    make_float2(dq[4 * n + 2 * half] * scale, dq[4 * n + 2 * half + 1] * scale));
       }
     }
     wgmma_wait<0>();
@@ -369,7 +353,6 @@ __device__ void attention_bwd_wgmma(
     i0 = in;
   }
   cp_async_wait<0>();
-  if (lane < 16) bulk_wait_all();  // dQ reductions done before the staging goes away
 
   // This thread's two key rows of dK (scaled) and dV.
 #pragma unroll

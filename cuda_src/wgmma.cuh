@@ -45,19 +45,6 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // Generic-proxy writes to shared memory (cp.async, st.shared) made visible to wgmma's async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// Bulk asynchronous reduction (TMA unit): global[gdst..] += shared[src..] as
-// float32, `bytes` a multiple of 16, both addresses 16-byte aligned. Tracked
-// per issuing thread in bulk async-groups: commit, then wait before the
-// shared source is rewritten (.read) or the kernel ends.
-__device__ __forceinline__ void bulk_reduce_add_f32(float* gdst, unsigned smem_src, unsigned bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gdst),
-               "r"(smem_src), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_read_all() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-
 // Pins accumulator registers in place around asynchronous wgmma: the compiler
 // may not move reads or writes of them across this point.
 template <int R>
