@@ -31,12 +31,18 @@ template <typename T, int ROWS, int DIM, int NTHREADS>
 __device__ __forceinline__ void load_tile_swizzled(unsigned char* dst, const T* src, int valid_rows) {
   constexpr int CHUNKS = DIM / 8;
   static_assert(ROWS * CHUNKS % NTHREADS == 0, "tile must split evenly over the threads");
+  static_assert(NTHREADS % CHUNKS == 0 && NTHREADS / CHUNKS % 8 == 0, "whole 8-row swizzle groups per pass");
+  // Pass `it` moves this thread STEP rows down (a multiple of 8): the same
+  // chunk and the same swizzle, so one shared and one global offset serve
+  // every pass (computed once, not per pass: the tile loops reload tiles).
+  constexpr int STEP = NTHREADS / CHUNKS;
+  const int row0 = threadIdx.x / CHUNKS, chunk = threadIdx.x % CHUNKS;
+  unsigned char* d = dst + swizzled_offset<ROWS>(row0, chunk);
+  const T* s = src + row0 * DIM + chunk * 8;
 #pragma unroll
   for (int it = 0; it < ROWS * CHUNKS / NTHREADS; ++it) {
-    const int c = threadIdx.x + it * NTHREADS;
-    const int row = c / CHUNKS, chunk = c % CHUNKS;
-    const bool ok = row < valid_rows;
-    cp_async16(dst + swizzled_offset<ROWS>(row, chunk), ok ? src + (long)row * DIM + chunk * 8 : src, ok);
+    const bool ok = row0 + it * STEP < valid_rows;
+    cp_async16(d + it * STEP * 128, ok ? s + it * STEP * DIM : src, ok);
   }
 }
 
@@ -109,14 +115,16 @@ __device__ __forceinline__ void wg_issue_pv(float (&o)[D / 2], unsigned (&pa)[BN
 // Online softmax of one S tile (rows i_row and i_row + 8 of this thread, keys
 // from jt): logit rules where the tile needs them, running max/sum, O rescaled,
 // P packed into A fragments. Same arithmetic as attention_fwd_mma2.
-template <typename T, typename MT, class F, int D, int BN>
-__device__ __forceinline__ void wg_softmax(float (&s)[BN / 2], float (&o)[D / 2], unsigned (&pa)[BN / 16][4],
-                                           float (&row_max)[2], float (&row_sum)[2], const LogitRules<MT>& rules,
-                                           const Sequence& seq, float scale, int i0, int i_end, int i_row, int jt,
-                                           int t) {
+// kRules: the tile applies the logit rules (and marks dropped pairs); an
+// instance of its own, so tiles without rules carry none of that code (in one
+// instance ptxas merged the marking into every tile: ~130 instructions each).
+template <typename T, typename MT, class F, int D, int BN, bool kRules>
+__device__ __forceinline__ void wg_softmax_tile(float (&s)[BN / 2], float (&o)[D / 2], unsigned (&pa)[BN / 16][4],
+                                                float (&row_max)[2], float (&row_sum)[2], const LogitRules<MT>& rules,
+                                                float scale, int i0, int i_end, int i_row, int jt, int t) {
+  constexpr bool need_rules = kRules;
   const bool check_blocks = F::BlockMask && (i0 / rules.block_q != (i_end - 1) / rules.block_q ||
                                              jt / rules.block_k != (jt + BN - 1) / rules.block_k);
-  const bool need_rules = F::Softcap || F::Alibi || tile_may_drop<F, BN>(rules, seq, i0, i_end, jt);
   unsigned long long drop = 0;  // bit 4n + c: pair (n, c) dropped
 #pragma unroll
   for (int n = 0; n < BN / 8; ++n) {
@@ -174,6 +182,17 @@ __device__ __forceinline__ void wg_softmax(float (&s)[BN / 2], float (&o)[D / 2]
       for (int w = 0; w < 4; ++w)
         pa[kk][w] |= pair_marks((drop >> (8 * kk + 2 * w)) & 1u, (drop >> (8 * kk + 2 * w + 1)) & 1u);
   }
+}
+
+template <typename T, typename MT, class F, int D, int BN>
+__device__ __forceinline__ void wg_softmax(float (&s)[BN / 2], float (&o)[D / 2], unsigned (&pa)[BN / 16][4],
+                                           float (&row_max)[2], float (&row_sum)[2], const LogitRules<MT>& rules,
+                                           const Sequence& seq, float scale, int i0, int i_end, int i_row, int jt,
+                                           int t) {
+  if (F::Softcap || F::Alibi || tile_may_drop<F, BN>(rules, seq, i0, i_end, jt))
+    wg_softmax_tile<T, MT, F, D, BN, true>(s, o, pa, row_max, row_sum, rules, scale, i0, i_end, i_row, jt, t);
+  else
+    wg_softmax_tile<T, MT, F, D, BN, false>(s, o, pa, row_max, row_sum, rules, scale, i0, i_end, i_row, jt, t);
 }
 
 // Barrier 1 over the block's 256 threads; unlike __syncthreads it may be
