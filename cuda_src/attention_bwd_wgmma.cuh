@@ -185,6 +185,7 @@ __device__ void attention_bwd_wgmma(
     // row's lse or dP may be NaN). Two instances: the plain one for tiles that
     // neither apply rules nor run exact (most tiles), and the marking one;
     // one loop with run-time selects costs ptxas the registers it then spills.
+    const float scale_log2 = scale * kLog2e;
     auto p_ds = [&](auto marking) {
       constexpr bool kMarks = decltype(marking)::value;
 #pragma unroll
@@ -193,9 +194,15 @@ __device__ void attention_bwd_wgmma(
         for (int c = 0; c < 4; ++c) {
           const int jj = key_row + (c >= 2 ? 8 : 0);
           const int ii = n * 8 + 2 * t + (c & 1);
+          if (!kMarks) {  // no rules, no marks: P^T = 2^(S^T scale log2(e) - lse) in one FFMA
+            const float p = exp2_ftz(fmaf(st[4 * n + c], scale_log2, -lse_t[ii]));
+            st[4 * n + c] = p;
+            dpt[4 * n + c] = p * (dpt[4 * n + c] - delta_t[ii]);
+            continue;
+          }
           float x = st[4 * n + c] * scale;
           float cap_grad = 1.f;
-          if (kMarks && need_rules) {
+          if (need_rules) {
             float capped = 0.f;
             x = apply_rules<F>(rules, x, i0 + ii, j0 + jj, capped);
             if (F::Softcap) {
@@ -205,11 +212,11 @@ __device__ void attention_bwd_wgmma(
           }
           // A dropped pair: p = dS = -0.0, the mark the exact products read back.
           const bool dropped = kMarks && x == kNegInf;
-          const float p = dropped ? -0.f : exp2f(x * kLog2e - lse_t[ii]);
+          const float p = dropped ? -0.f : exp2_ftz(x * kLog2e - lse_t[ii]);
           st[4 * n + c] = p;
           // Kept: + 0.f turns a -0.0 dS into +0.0, so the mark stays unambiguous.
           const float ds = p * (dpt[4 * n + c] - delta_t[ii]) * cap_grad;
-          dpt[4 * n + c] = dropped ? -0.f : kMarks ? ds + 0.f : ds;
+          dpt[4 * n + c] = dropped ? -0.f : ds + 0.f;
         }
       }
     };

@@ -126,18 +126,21 @@ __device__ __forceinline__ void wg_softmax_tile(float (&s)[BN / 2], float (&o)[D
   const bool check_blocks = F::BlockMask && (i0 / rules.block_q != (i_end - 1) / rules.block_q ||
                                              jt / rules.block_k != (jt + BN - 1) / rules.block_k);
   unsigned long long drop = 0;  // bit 4n + c: pair (n, c) dropped
+  // Logits in the log2 domain: one multiply by scale * log2(e) without rules.
+  const float scale_log2 = scale * kLog2e;
 #pragma unroll
   for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      float x = s[4 * n + c] * scale;
-      if (need_rules) {
-        const int i = i_row + (c >= 2 ? 8 : 0);
-        const int j = jt + n * 8 + 2 * t + (c & 1);
-        float capped = 0.f;
-        x = apply_rules<F, MT, true>(rules, x, i, j, capped, check_blocks);
-        drop |= (x == kNegInf ? 1ull : 0ull) << (4 * n + c);
+      if (!need_rules) {
+        s[4 * n + c] *= scale_log2;
+        continue;
       }
+      const int i = i_row + (c >= 2 ? 8 : 0);
+      const int j = jt + n * 8 + 2 * t + (c & 1);
+      float capped = 0.f;
+      const float x = apply_rules<F, MT, true>(rules, s[4 * n + c] * scale, i, j, capped, check_blocks);
+      drop |= (x == kNegInf ? 1ull : 0ull) << (4 * n + c);
       s[4 * n + c] = x * kLog2e;
     }
   }
@@ -150,12 +153,12 @@ __device__ __forceinline__ void wg_softmax_tile(float (&s)[BN / 2], float (&o)[D
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float new_max = fmaxf(row_max[half], mx);
     const float base = new_max == kNegInf ? 0.f : new_max;
-    const float alpha = exp2f(row_max[half] - base);
+    const float alpha = exp2_ftz(row_max[half] - base);
     float sum = 0.f;
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
-      s[4 * n + 2 * half] = exp2f(s[4 * n + 2 * half] - base);
-      s[4 * n + 2 * half + 1] = exp2f(s[4 * n + 2 * half + 1] - base);
+      s[4 * n + 2 * half] = exp2_ftz(s[4 * n + 2 * half] - base);
+      s[4 * n + 2 * half + 1] = exp2_ftz(s[4 * n + 2 * half + 1] - base);
       sum += s[4 * n + 2 * half] + s[4 * n + 2 * half + 1];
     }
     row_sum[half] = row_sum[half] * alpha + sum;
