@@ -163,10 +163,14 @@ __device__ __forceinline__ void wg_softmax_tile(float (&s)[BN / 2], float (&o)[D
     }
     row_sum[half] = row_sum[half] * alpha + sum;
     row_max[half] = new_max;
+    // Once the row maxima settle, alpha is exactly 1 for every row of the
+    // warp: skip the multiplies (a warp vote, D / 4 multiplies saved).
+    if (!__all_sync(0xffffffffu, alpha == 1.f)) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[4 * n + 2 * half] *= alpha;
-      o[4 * n + 2 * half + 1] *= alpha;
+      for (int n = 0; n < D / 8; ++n) {
+        o[4 * n + 2 * half] *= alpha;
+        o[4 * n + 2 * half + 1] *= alpha;
+      }
     }
   }
 #pragma unroll
