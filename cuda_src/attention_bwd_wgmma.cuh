@@ -24,9 +24,10 @@
 namespace mlx_flash {
 
 // Shared memory of the wgmma backward (bytes): K, V [128][D]; Q, dO [64][D]
-// twice; dS^T [128][64]; lse and delta [64] twice; 1 KiB alignment slack.
+// twice; dS^T and P^T [128][64] (P^T written by exact tiles only); lse and
+// delta [64] twice; 1 KiB alignment slack.
 __host__ __device__ constexpr int wgmma_bwd_smem(int d) {
-  return 2 * (2 * 128 * d + 4 * 64 * d + 128 * 64) + 4 * 4 * 64 + 1024;
+  return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + 1024;
 }
 
 template <typename T, typename MT, class F, int D>
@@ -44,7 +45,8 @@ __device__ void attention_bwd_wgmma(
   unsigned char* Qs = Vs + KV_BYTES;        // two stages
   unsigned char* dOs = Qs + 2 * QT_BYTES;   // two stages
   unsigned char* dSs = dOs + 2 * QT_BYTES;  // dS^T [key][query], swizzled
-  float* lse_s = reinterpret_cast<float*>(dSs + DS_BYTES);  // two stages of BQ
+  unsigned char* Ps = dSs + DS_BYTES;       // P^T [key][query], swizzled (exact tiles)
+  float* lse_s = reinterpret_cast<float*>(Ps + DS_BYTES);  // two stages of BQ
   float* delta_s = lse_s + 2 * BQ;                          // two stages of BQ
 
   const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
@@ -182,32 +184,46 @@ __device__ void attention_bwd_wgmma(
 
     // P^T with the logit rules where the tile needs them, then dS^T; a
     // dropped pair gets p = dS = 0 by selection (its logit is -inf, but the
-    // row's lse or dP may be NaN).
+    // row's lse or dP may be NaN). Two instances: the plain one for tiles that
+    // neither apply rules nor run exact (most tiles), and the marking one;
+    // one loop with run-time selects costs ptxas the registers it then spills.
+    const float scale_log2 = scale * kLog2e;
+    auto p_ds = [&](auto marking) {
+      constexpr bool kMarks = decltype(marking)::value;
 #pragma unroll
-    for (int n = 0; n < BQ / 8; ++n) {
+      for (int n = 0; n < BQ / 8; ++n) {
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int jj = key_row + (c >= 2 ? 8 : 0);
-        const int ii = n * 8 + 2 * t + (c & 1);
-        float x = st[4 * n + c] * scale;
-        float cap_grad = 1.f;
-        if (need_rules) {
-          float capped = 0.f;
-          x = apply_rules<F>(rules, x, i0 + ii, j0 + jj, capped);
-          if (F::Softcap) {
-            const float u = capped / softcap;
-            cap_grad = 1.f - u * u;
+        for (int c = 0; c < 4; ++c) {
+          const int jj = key_row + (c >= 2 ? 8 : 0);
+          const int ii = n * 8 + 2 * t + (c & 1);
+          if (!kMarks) {  // no rules, no marks: P^T = 2^(S^T scale log2(e) - lse) in one FFMA
+            const float p = exp2_ftz(fmaf(st[4 * n + c], scale_log2, -lse_t[ii]));
+            st[4 * n + c] = p;
+            dpt[4 * n + c] = p * (dpt[4 * n + c] - delta_t[ii]);
+            continue;
           }
+          float x = st[4 * n + c] * scale;
+          float cap_grad = 1.f;
+          if (need_rules) {
+            float capped = 0.f;
+            x = apply_rules<F>(rules, x, i0 + ii, j0 + jj, capped);
+            if (F::Softcap) {
+              const float u = capped / softcap;
+              cap_grad = 1.f - u * u;
+            }
+          }
+          // A dropped pair: p = dS = -0.0, the mark the exact products read back.
+          const bool dropped = kMarks && x == kNegInf;
+          const float p = dropped ? -0.f : exp2_ftz(x * kLog2e - lse_t[ii]);
+          st[4 * n + c] = p;
+          // Kept: + 0.f turns a -0.0 dS into +0.0, so the mark stays unambiguous.
+          const float ds = p * (dpt[4 * n + c] - delta_t[ii]) * cap_grad;
+          dpt[4 * n + c] = dropped ? -0.f : ds + 0.f;
         }
-        // A dropped pair: p = dS = -0.0, the mark the exact products read back.
-        const bool dropped = (need_rules || exact) && x == kNegInf;
-        const float p = dropped ? -0.f : exp2f(x * kLog2e - lse_t[ii]);
-        st[4 * n + c] = p;
-        // Kept: +0.0 for a zero dS in exact tiles, so the mark stays unambiguous.
-        const float ds = p * (dpt[4 * n + c] - delta_t[ii]) * cap_grad;
-        dpt[4 * n + c] = dropped ? -0.f : exact && ds == 0.f ? 0.f : ds;
       }
-    }
+    };
+    if (need_rules || exact) p_ds(BoolConst<true>{});
+    else p_ds(BoolConst<false>{});
     // A fragments of P^T and dS^T; dS^T also into shared memory ([key][query],
     // swizzled: read MN-major as the A operand of dQ = dS K).
 #pragma unroll
@@ -226,6 +242,12 @@ __device__ void attention_bwd_wgmma(
       *reinterpret_cast<unsigned*>(dSs + swizzled_offset<BKV>(r1, 2 * kk) + 4 * t) = pd[kk][1];
       *reinterpret_cast<unsigned*>(dSs + swizzled_offset<BKV>(r0, 2 * kk + 1) + 4 * t) = pd[kk][2];
       *reinterpret_cast<unsigned*>(dSs + swizzled_offset<BKV>(r1, 2 * kk + 1) + 4 * t) = pd[kk][3];
+      if (exact) {  // P^T for the exact dV below (read back from shared memory, not registers)
+        *reinterpret_cast<unsigned*>(Ps + swizzled_offset<BKV>(r0, 2 * kk) + 4 * t) = pp[kk][0];
+        *reinterpret_cast<unsigned*>(Ps + swizzled_offset<BKV>(r1, 2 * kk) + 4 * t) = pp[kk][1];
+        *reinterpret_cast<unsigned*>(Ps + swizzled_offset<BKV>(r0, 2 * kk + 1) + 4 * t) = pp[kk][2];
+        *reinterpret_cast<unsigned*>(Ps + swizzled_offset<BKV>(r1, 2 * kk + 1) + 4 * t) = pp[kk][3];
+      }
     }
 
     // dV += P^T dO and dK += dS^T Q: B operands MN-major (LBO: the next 64 dims).
@@ -308,17 +330,30 @@ __device__ void attention_bwd_wgmma(
     wgmma_pin(pp);
     wgmma_pin(pd);
     if (exact) {
-      // dV += P^T dO and dK += dS^T Q exactly, from the packed fragments, after
-      // the pipeline drained: writes to the accumulators while a wgmma is in
-      // flight would make ptxas serialise every wgmma of the kernel.
+      // dV += P^T dO and dK += dS^T Q exactly, after the pipeline drained,
+      // reading P^T and dS^T (marked -0.0 where dropped) back from shared
+      // memory: a product that keeps the packed fragments live, or shuffles
+      // them, next to both accumulators makes ptxas serialise every wgmma of
+      // the kernel (silently: no C7515), which cost the whole backward ~35%.
       const unsigned char* q_tile = Qs + stage * QT_BYTES;
       const unsigned char* do_tile = dOs + stage * QT_BYTES;
-      exact_fragment_product<BQ / 8, D / 8, true>([&](int kb, int c) { return packed_p<T>(pp, kb, c); }, 0,
-                                                  [&](int n, int c) -> float& { return dv_acc[4 * n + c]; },
-                                                  [&](int i, int d) { return swizzled_at<T, BQ>(do_tile, i, d); });
-      exact_fragment_product<BQ / 8, D / 8, true>([&](int kb, int c) { return packed_p<T>(pd, kb, c); }, 0,
-                                                  [&](int n, int c) -> float& { return dk_acc[4 * n + c]; },
-                                                  [&](int i, int d) { return swizzled_at<T, BQ>(q_tile, i, d); });
+#pragma unroll 1
+      for (int i = 0; i < BQ; ++i) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float p = swizzled_at<T, BKV>(Ps, key_row + 8 * half, i);
+          const float ds = swizzled_at<T, BKV>(dSs, key_row + 8 * half, i);
+          const bool keep_p = __float_as_uint(p) != kDroppedBits, keep_ds = __float_as_uint(ds) != kDroppedBits;
+#pragma unroll
+          for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int d = 8 * n + 2 * t + e;
+              if (keep_p) dv_acc[4 * n + 2 * half + e] += p * swizzled_at<T, BQ>(do_tile, i, d);
+              if (keep_ds) dk_acc[4 * n + 2 * half + e] += ds * swizzled_at<T, BQ>(q_tile, i, d);
+            }
+        }
+      }
       wgmma_pin(dv_acc);
       wgmma_pin(dk_acc);
     }

@@ -165,6 +165,10 @@ __device__ __forceinline__ void exact_fragment_product(PAt p_at, unsigned long l
   }
 }
 
+// A compile-time bool as a value (std::integral_constant without <type_traits>,
+// which NVRTC lacks): selects an instance of a generic lambda.
+template <bool B> struct BoolConst { static constexpr bool value = B; };
+
 // Compile-time feature set of one kernel instance.
 // KeyRange_: per-batch valid keys (key_start / key_len inputs); defaulted so
 // kernels without ranges (the quantized ones) name seven flags.

@@ -45,6 +45,16 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // Generic-proxy writes to shared memory (cp.async, st.shared) made visible to wgmma's async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// 2^x as one MUFU.EX2, results below 2^-126 flushed to zero. exp2f keeps them
+// with a compare and two predicated multiplies per call, a fifth of the
+// softmax's instructions here, for values no fp16/bf16 P can hold. Special
+// values as the non-finite contract needs: 2^-inf = +0, 2^+inf = +inf, NaN.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Pins accumulator registers in place around asynchronous wgmma: the compiler
 // may not move reads or writes of them across this point.
 template <int R>

@@ -652,7 +652,7 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
 def _wgmma_bwd_config(spec: AttentionSpec):
     """(key blocks, kernel) of the Hopper backward: 128 keys and 8 warps per block."""
     d = spec.head_dim_qk
-    smem = 2 * (2 * 128 * d + 4 * 64 * d + 128 * 64) + 4 * 4 * 64 + 1024  # wgmma_bwd_smem
+    smem = 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + 1024  # wgmma_bwd_smem
     kernel = _kernel("attention_bwd_wgmma", _BWD_MMA_INPUTS, ("dq_acc", "dk", "dv"), smem)
     return math.ceil(_max_k(spec) / 128), kernel
 
