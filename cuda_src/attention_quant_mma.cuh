@@ -1,22 +1,106 @@
 // Tensor-core forward of flash_attention_quantized for 16-bit q (a prefill
 // chunk: many query rows per head). Each block owns 16 * NW consecutive query
-// rows of one head; per tile of BN keys every thread dequantizes its share of
-// K and V into shared memory as q's dtype (fp32 arithmetic, one rounding, as
+// rows of one head; per tile of BN keys the threads dequantize K and V into
+// shared memory as q's dtype (fp32 arithmetic, one rounding, as
 // mx.dequantize with 16-bit scales rounds), then every warp runs S = Q K^T
 // and O += P V on mma.sync (m16n8k16, fp32 accumulation) with the online
 // softmax between, as attention_fwd_mma.cuh does for float caches.
 //
+// Staging (the kernel would otherwise wait on one dependent load after
+// another): each thread owns whole 32-value chunks of a tile (BITS words,
+// 16-byte loads when the view allows, plus the chunk's one scale and bias).
+// The next tile's raw chunks are loaded into registers before the current
+// tile's S / softmax / P V and only dequantized (16-byte shared stores) after
+// it, so the loads are in flight while the tensor cores work.
+//
 // Non-finite contract: the logit rules turn every dropped (row, key) pair's
 // logit into -inf (whatever K holds); a kept NaN/+inf logit marks its row
 // NaN. P V on tensor cores would multiply a dropped key's v by P = 0, so a
-// tile whose dequantized V holds any non-finite value (rare: a NaN or
-// huge scale) takes an exact element path that selects instead.
+// tile whose dequantized V may hold a non-finite value (rare: a NaN or huge
+// scale) takes an exact element path that selects instead.
 #pragma once
 
 #include "attention_quant.cuh"
 #include "mma.cuh"
 
 namespace mlx_flash {
+
+// One thread's raw share of a K or V tile: CH chunks of 32 values (chunk e =
+// threadIdx.x + u * NT is row e / (D / 32), values 32 * (e % (D / 32)) on).
+template <typename ST, int BITS, int CH>
+struct QuantTileRegs {
+  unsigned w[CH][BITS];
+  ST s[CH], b[CH];
+};
+
+// Loads (no use yet: independent, in flight until dequant_tile) the chunks of
+// keys j0.. of one head; keys at or past `hi` and chunks past the tile read
+// as zero codes with a zero scale and bias (value 0).
+template <int D, int BITS, int GS, int BN, int NT, int CH, typename ST, class SA>
+__device__ __forceinline__ void load_tile(const QuantHead<ST, SA>& m, int j0, int hi,
+                                          QuantTileRegs<ST, BITS, CH>& t) {
+  constexpr int CPR = D / 32;
+  const long wd = m.ws[3];
+#pragma unroll
+  for (int u = 0; u < CH; ++u) {
+    const int e = threadIdx.x + u * NT, r = e / CPR, cb = e % CPR;
+    const long j = j0 + r;
+    if ((CH * NT == BN * CPR || e < BN * CPR) && j < hi) {
+      load_words32<BITS>(m.words(j) + cb * BITS * wd, wd, m.dense, t.w[u]);
+      t.s[u] = m.s[j * m.ss[2] + (cb * 32 / GS) * m.ss[3]];
+      t.b[u] = m.b[j * m.bs[2] + (cb * 32 / GS) * m.bs[3]];
+    } else {
+#pragma unroll
+      for (int i = 0; i < BITS; ++i) t.w[u][i] = 0u;
+      t.s[u] = t.b[u] = from_float<ST>(0.f);
+    }
+  }
+}
+
+// Code e of 32 values as an exact float: the 23-bit mantissa trick (2^23 + code
+// minus 2^23) in place of an int-to-float conversion (a quarter-rate unit).
+template <int BITS>
+__device__ __forceinline__ float code_float(const unsigned (&w)[BITS], int e) {
+  return __uint_as_float(0x4b000000u | code_of<BITS>(w, e)) - 8388608.f;
+}
+
+// Both 16-bit values of a pack2 register finite.
+template <typename T>
+__device__ __forceinline__ bool pair_finite(unsigned x) {
+  constexpr unsigned e = MmaType<T>::is_bf16 ? 0x7f80u : 0x7c00u;
+  return (x & e) != e && ((x >> 16) & e) != e;
+}
+
+// Dequantizes the staged chunks into dst ([BN][DP] of T): fp32 fma, one
+// rounding, 16-byte shared stores. Returns (when CHECK) whether any chunk may
+// hold a non-finite value: the values of a chunk are monotone in the code, so
+// its rounded extremes (codes 0 and 2^BITS - 1) bound them all (a chunk that
+// only could overflow also takes the exact path: slower, still exact).
+template <typename T, bool CHECK, int D, int DP, int BITS, int BN, int NT, int CH, typename ST>
+__device__ __forceinline__ bool dequant_tile(const QuantTileRegs<ST, BITS, CH>& t, T* dst) {
+  constexpr int CPR = D / 32;
+  bool nonfinite = false;
+#pragma unroll
+  for (int u = 0; u < CH; ++u) {
+    const int e = threadIdx.x + u * NT;
+    if (CH * NT == BN * CPR || e < BN * CPR) {
+      const float s = to_float(t.s[u]), b = to_float(t.b[u]);
+      uint4* d = reinterpret_cast<uint4*>(dst + (e / CPR) * DP + 32 * (e % CPR));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        unsigned p[4];
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          const int c = 8 * i + 2 * h;
+          p[h] = pack2<T>(fmaf(s, code_float<BITS>(t.w[u], c), b), fmaf(s, code_float<BITS>(t.w[u], c + 1), b));
+        }
+        d[i] = make_uint4(p[0], p[1], p[2], p[3]);
+      }
+      if (CHECK) nonfinite = nonfinite || !pair_finite<T>(pack2<T>(b, fmaf(s, float((1u << BITS) - 1u), b)));
+    }
+  }
+  return nonfinite;
+}
 
 template <typename T, typename KST, typename VST, typename MT, class F, int D, int DV, int BITS, int GS, int NW,
           int BN, class SA>
@@ -44,19 +128,15 @@ __device__ void attention_quant_fwd_mma(
   const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, nullptr);
   const float scale = fp[kScale];
 
-  // Q tile (rows past the end zero), then each warp's A fragments for all of D.
+  // Q tile (rows past the end zero; the first tile's barrier publishes it).
   const T* q_bh = q + ((long)b * Hq + h) * Nq * D;
   for (int e = threadIdx.x; e < BM * D; e += NT) {
     const int r = e / D, c = e % D;
     q_s[r * DP + c] = i0 + r < Nq ? q_bh[(long)(i0 + r) * D + c] : from_float<T>(0.f);
   }
-  __syncthreads();
-  unsigned qa[KD][4];
-  {
-    const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk) ldmatrix_x4(qa[kk], q_s + row * DP + kk * 16 + (lane >> 4) * 8);
-  }
+  // The warp's A fragments are re-read from q_s every tile (8 ldmatrix a
+  // tile for D = 128), not held: the registers go to the staged next tile.
+  const T* qa_s = q_s + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * DP + (lane >> 4) * 8;
 
   int lo, hi;
   rules.key_range(i0, min(i0 + BM, Nq) - 1, lo, hi);
@@ -72,29 +152,22 @@ __device__ void attention_quant_fwd_mma(
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
 
+  constexpr int CHK = (BN * (D / 32) + NT - 1) / NT, CHV = (BN * (DV / 32) + NT - 1) / NT;
+  QuantTileRegs<KST, BITS, CHK> kt;
+  QuantTileRegs<VST, BITS, CHV> vt;
+  if (lo < hi) {
+    load_tile<D, BITS, GS, BN, NT>(kh, lo, hi, kt);
+    load_tile<DV, BITS, GS, BN, NT>(vh, lo, hi, vt);
+  }
   for (int j0 = lo; j0 < hi; j0 += BN) {
     __syncthreads();  // the previous tile's K and V are consumed
-    bool v_nonfinite = false;
-    for (int e = threadIdx.x; e < BN * (D / 4); e += NT) {
-      const int r = e / (D / 4), c = 4 * (e % (D / 4));
-      float x[4] = {0.f, 0.f, 0.f, 0.f};
-      if (j0 + r < hi) dequant4<BITS, GS>(kh, j0 + r, c, x);
-#pragma unroll
-      for (int u = 0; u < 4; ++u) k_s[r * DP + c + u] = from_float<T>(x[u]);
+    dequant_tile<T, false, D, DP, BITS, BN, NT>(kt, k_s);
+    const bool v_nonfinite = __syncthreads_or(dequant_tile<T, true, DV, DVP, BITS, BN, NT>(vt, v_s));
+    // The next tile's raw words load while this one is computed.
+    if (j0 + BN < hi) {
+      load_tile<D, BITS, GS, BN, NT>(kh, j0 + BN, hi, kt);
+      load_tile<DV, BITS, GS, BN, NT>(vh, j0 + BN, hi, vt);
     }
-    for (int e = threadIdx.x; e < BN * (DV / 4); e += NT) {
-      const int r = e / (DV / 4), c = 4 * (e % (DV / 4));
-      float x[4] = {0.f, 0.f, 0.f, 0.f};
-      if (j0 + r < hi) dequant4<BITS, GS>(vh, j0 + r, c, x);
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const T y = from_float<T>(x[u]);
-        const float z = to_float(y);
-        v_nonfinite = v_nonfinite || z != z || z - z != 0.f;
-        v_s[r * DVP + c + u] = y;
-      }
-    }
-    v_nonfinite = __syncthreads_or(v_nonfinite);
 
     // S = Q K^T for this warp's 16 rows.
     float s[SN][4];
@@ -103,13 +176,16 @@ __device__ void attention_quant_fwd_mma(
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
 #pragma unroll
-    for (int n = 0; n < SN; ++n) {
+    for (int kk = 0; kk < KD; kk += 2) {
+      unsigned qa[2][4];
+      ldmatrix_x4(qa[0], qa_s + kk * 16);
+      ldmatrix_x4(qa[1], qa_s + (kk + 1) * 16);
 #pragma unroll
-      for (int kk = 0; kk < KD; kk += 2) {
+      for (int n = 0; n < SN; ++n) {
         unsigned bf[4];
         ldmatrix_x4(bf, k_s + (n * 8 + (lane & 7)) * DP + kk * 16 + (lane >> 3) * 8);
-        mma16816<T>(s[n], qa[kk], bf[0], bf[1]);
-        mma16816<T>(s[n], qa[kk + 1], bf[2], bf[3]);
+        mma16816<T>(s[n], qa[0], bf[0], bf[1]);
+        mma16816<T>(s[n], qa[1], bf[2], bf[3]);
       }
     }
     // Logit rules; NaN/+inf kept logits mark the row; online softmax.

@@ -265,6 +265,22 @@ def test_mma_features(feature):
 
 
 @emulated
+@pytest.mark.parametrize("tile", [(4, 32), (4, 64), (8, 32)], ids=lambda t: f"{t[0]}warps-{t[1]}keys")
+def test_mma_tiles(tile):
+    """Other block/tile sizes than the default: threads owning two staged
+    chunks (4 x 64, D 128), fewer chunks than threads (D 96), several tiles
+    with a ragged last one, windowed so tiles start mid-range."""
+    nw, bn = tile
+    for key, (Hq, Hkv, Nq, Nk, D, Dv, bits, gs) in (("d128", (4, 2, 70, 150, 128, 128, 4, 64)),
+                                                    ("d96", (2, 1, 33, 101, 96, 64, 3, 32))):
+        gen, q, kq, vq, kd, vd = _case(("mma-tile", nw, bn, key), 1, Hq, Hkv, Nq, Nk, D, Dv, dtype=F16, bits=bits,
+                                       group_size=gs)
+        opts = {"causal": True, "window": (60, 0)}
+        got = _emu(q, kq, vq, bits, gs, tuning={"mma": True, "mma_warps": nw, "mma_bn": bn}, **opts)
+        _check_mma(q, kd, vd, got, F16, opts)
+
+
+@emulated
 def test_mma_nonfinite_value_takes_the_exact_path():
     """A NaN value scale of key j: exactly the rows that keep j (causal) are
     NaN, the others finite and correct (the tile's P.V runs element-wise)."""
@@ -377,10 +393,13 @@ def _compile_cases():
         yield "attention_quant_combine", ("part_o", "part_lse", "sinks", "ip", "ns"), ("out", "lse"), [
             ("T", T), ("DV", 128), ("SINKS", True)]
         if T != mx.float32:
-            for bits, feats, d, dv in ((3, every, 128, 128), (4, causal, 128, 128), (6, causal, 64, 96)):
-                yield "attention_quant_fwd_mma", cq._MMA_INPUTS, ("out", "lse"), [
-                    ("T", T), ("KST", ST), ("VST", ST), ("MT", mx.float32)] + feats + [
-                    ("SINKS", True), ("D", d), ("DV", dv), ("BITS", bits), ("GS", 32), ("NW", 4), ("BN", 64)]
+            # The default tile (8 warps x 64 keys) and the 4 x 32 alternative.
+            for nw, bn in ((cq._MMA_WARPS, cq._MMA_BN), (4, 32)):
+                for bits, feats, d, dv in ((3, every, 128, 128), (4, causal, 128, 128), (8, every, 128, 128),
+                                           (6, causal, 64, 96)):
+                    yield "attention_quant_fwd_mma", cq._MMA_INPUTS, ("out", "lse"), [
+                        ("T", T), ("KST", ST), ("VST", ST), ("MT", mx.float32)] + feats + [
+                        ("SINKS", True), ("D", d), ("DV", dv), ("BITS", bits), ("GS", 32), ("NW", nw), ("BN", bn)]
 
 
 def _dtypes(names, template):

@@ -9,8 +9,11 @@
   attention_quant_combine  ... which this merges (with the sinks)
   attention_quant_fwd_mma  tensor-core forward for 16-bit q with enough query rows
                            to fill the GPU without splitting keys (a prefill
-                           chunk): 64 rows of one head per block, K/V tiles
-                           dequantized into shared memory as q's dtype
+                           chunk): 128 rows of one head per block (8 warps:
+                           each dequantized K/V tile serves twice the rows of
+                           4 warps), K/V tiles dequantized into shared memory
+                           as q's dtype, the next tile's raw words loading
+                           while the current one is computed
   attention_quant_bwd      fused dq-only backward (k, v constants), no atomics
 
 K and V are dequantized in registers as they stream in: no full-precision
@@ -35,7 +38,11 @@ from . import cuda as _cuda
 _FWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "ns")
 _BWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "lse", "delta", "dout")
 _MMA_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "sinks", "ip", "fp")
-_MMA_WARPS, _MMA_BN = 4, 64
+# Tensor-core forward tile: warps per block (16 query rows each) and keys per
+# tile. 8 x 64 holds one staged 32-value chunk of K and of V per thread
+# without spills; 4 warps need BN = 32 for that (tests/test_cuda_quant_emu.py
+# compiles both). TUNING "mma_warps" / "mma_bn" override for GPU sweeps.
+_MMA_WARPS, _MMA_BN = 8, 64
 _SMS = 132  # H100/H200
 _WARPS = 4  # warps per block of the backward (independent warps)
 _FWD_WARPS = 8  # warps per block of the split forward: 8 key chunks merged in the block
@@ -66,21 +73,27 @@ def _dense(x, stream):
     return mx.contiguous(x, stream=stream)
 
 
+def mma_tile() -> tuple:
+    """(warps per block, keys per tile) of attention_quant_fwd_mma."""
+    return TUNING.get("mma_warps", _MMA_WARPS), TUNING.get("mma_bn", _MMA_BN)
+
+
 def uses_mma(qspec) -> bool:
     """The tensor-core forward: 16-bit q, head dims <= 128, and at least one
-    block of 64 query rows per SM (fewer rows: the split SIMT kernel)."""
+    block of query rows per SM (fewer rows: the split SIMT kernel)."""
     spec = qspec.attention
     if spec.dtype not in (mx.float16, mx.bfloat16) or max(spec.head_dim_qk, spec.head_dim_v) > 128:
         return False
     if "mma" in TUNING:
         return bool(TUNING["mma"])
-    return spec.batch * spec.heads_q * math.ceil(spec.seqlen_q / (16 * _MMA_WARPS)) >= _SMS
+    return spec.batch * spec.heads_q * math.ceil(spec.seqlen_q / (16 * mma_tile()[0])) >= _SMS
 
 
 def _mma_smem(d: int, dv: int) -> int:
     """attention_quant_fwd_mma's shared memory: Q, K, V tiles (padded rows) and the exact path's P."""
-    bm = 16 * _MMA_WARPS
-    return 2 * (bm * (d + 8) + _MMA_BN * (d + 8) + _MMA_BN * (dv + 8)) + 4 * bm * _MMA_BN
+    nw, bn = mma_tile()
+    bm = 16 * nw
+    return 2 * (bm * (d + 8) + bn * (d + 8) + bn * (dv + 8)) + 4 * bm * bn
 
 
 def _rows_per_warp(qspec) -> int:
@@ -202,12 +215,13 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
     args = _operands(q, k, v, qspec, inputs, stream)
     kernel = _strided_kernel("attention_quant_fwd_mma", _MMA_INPUTS, ("out", "lse"),
                              _mma_smem(spec.head_dim_qk, spec.head_dim_v))
+    nw, bn = mma_tile()
     template = [x for x in _template(qspec, inputs, k, v, 1) if x[0] not in ("W", "RW")] + [
-        ("SINKS", spec.has_sinks), ("NW", _MMA_WARPS), ("BN", _MMA_BN)]
+        ("SINKS", spec.has_sinks), ("NW", nw), ("BN", bn)]
     out, lse = kernel(
         inputs=args[:9] + [sinks] + args[9:], template=template,
-        grid=(math.ceil(spec.seqlen_q / (16 * _MMA_WARPS)) * 32 * _MMA_WARPS, spec.heads_q, spec.batch),
-        threadgroup=(32 * _MMA_WARPS, 1, 1),
+        grid=(math.ceil(spec.seqlen_q / (16 * nw)) * 32 * nw, spec.heads_q, spec.batch),
+        threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q.shape[:-1]) + (spec.head_dim_v,), tuple(q.shape[:-1])],
         output_dtypes=[spec.dtype, mx.float32], stream=stream,
     )
