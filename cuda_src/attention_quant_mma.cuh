@@ -27,10 +27,36 @@ namespace mlx_flash {
 
 // One thread's raw share of a K or V tile: CH chunks of 32 values (chunk e =
 // threadIdx.x + u * NT is row e / (D / 32), values 32 * (e % (D / 32)) on).
+// A chunk's scale and bias as staged: 16-bit ones packed in one register
+// (the staged tiles are what keep 8-bit tiles of 8 warps from spilling).
+template <typename ST>
+struct StagedScaleBias {
+  ST s, b;
+  __device__ __forceinline__ void set(ST s_, ST b_) { s = s_; b = b_; }
+  __device__ __forceinline__ float scale() const { return to_float(s); }
+  __device__ __forceinline__ float bias() const { return to_float(b); }
+};
+template <typename H>
+struct StagedScaleBias16 {
+  unsigned sb;
+  __device__ __forceinline__ static unsigned bits(H x) { return *reinterpret_cast<const unsigned short*>(&x); }
+  __device__ __forceinline__ static H value(unsigned u) {
+    const unsigned short x = static_cast<unsigned short>(u);
+    return *reinterpret_cast<const H*>(&x);
+  }
+  __device__ __forceinline__ void set(H s_, H b_) { sb = bits(s_) | bits(b_) << 16; }
+  __device__ __forceinline__ float scale() const { return to_float(value(sb & 0xffffu)); }
+  __device__ __forceinline__ float bias() const { return to_float(value(sb >> 16)); }
+};
+template <>
+struct StagedScaleBias<__half> : StagedScaleBias16<__half> {};
+template <>
+struct StagedScaleBias<__nv_bfloat16> : StagedScaleBias16<__nv_bfloat16> {};
+
 template <typename ST, int BITS, int CH>
 struct QuantTileRegs {
   unsigned w[CH][BITS];
-  ST s[CH], b[CH];
+  StagedScaleBias<ST> sb[CH];
 };
 
 // Loads (no use yet: independent, in flight until dequant_tile) the chunks of
@@ -47,12 +73,11 @@ __device__ __forceinline__ void load_tile(const QuantHead<ST, SA>& m, int j0, in
     const long j = j0 + r;
     if ((CH * NT == BN * CPR || e < BN * CPR) && j < hi) {
       load_words32<BITS>(m.words(j) + cb * BITS * wd, wd, m.dense, t.w[u]);
-      t.s[u] = m.s[j * m.ss[2] + (cb * 32 / GS) * m.ss[3]];
-      t.b[u] = m.b[j * m.bs[2] + (cb * 32 / GS) * m.bs[3]];
+      t.sb[u].set(m.s[j * m.ss[2] + (cb * 32 / GS) * m.ss[3]], m.b[j * m.bs[2] + (cb * 32 / GS) * m.bs[3]]);
     } else {
 #pragma unroll
       for (int i = 0; i < BITS; ++i) t.w[u][i] = 0u;
-      t.s[u] = t.b[u] = from_float<ST>(0.f);
+      t.sb[u].set(from_float<ST>(0.f), from_float<ST>(0.f));
     }
   }
 }
@@ -84,7 +109,7 @@ __device__ __forceinline__ bool dequant_tile(const QuantTileRegs<ST, BITS, CH>& 
   for (int u = 0; u < CH; ++u) {
     const int e = threadIdx.x + u * NT;
     if (CH * NT == BN * CPR || e < BN * CPR) {
-      const float s = to_float(t.s[u]), b = to_float(t.b[u]);
+      const float s = t.sb[u].scale(), b = t.sb[u].bias();
       uint4* d = reinterpret_cast<uint4*>(dst + (e / CPR) * DP + 32 * (e % CPR));
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -112,9 +137,9 @@ __device__ void attention_quant_fwd_mma(
   constexpr int SN = BN / 8, ON = DV / 8, KD = D / 16;
   extern __shared__ __align__(16) unsigned char quant_smem[];
   T* q_s = reinterpret_cast<T*>(quant_smem);
-  T* k_s = q_s + BM * DP;
-  T* v_s = k_s + BN * DP;
-  float* p_s = reinterpret_cast<float*>(v_s + BN * DVP);  // [NW][16][BN], the exact P.V path only
+  T* k_s = q_s + BM * DP;      // [2][BN][DP]: two stages
+  T* v_s = k_s + 2 * BN * DP;  // [2][BN][DVP]
+  float* p_s = reinterpret_cast<float*>(v_s + 2 * BN * DVP);  // [NW][16][BN], the exact P.V path only
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], Nq = ip[kSeqQ], Nk = ip[kSeqK];
@@ -155,19 +180,26 @@ __device__ void attention_quant_fwd_mma(
   constexpr int CHK = (BN * (D / 32) + NT - 1) / NT, CHV = (BN * (DV / 32) + NT - 1) / NT;
   QuantTileRegs<KST, BITS, CHK> kt;
   QuantTileRegs<VST, BITS, CHV> vt;
+  // Two shared stages: tile t is computed from stage t % 2 while the warps
+  // that finish it dequantize tile t + 1 into the other (one barrier a tile).
+  bool next_nonfinite = false;
   if (lo < hi) {
     load_tile<D, BITS, GS, BN, NT>(kh, lo, hi, kt);
     load_tile<DV, BITS, GS, BN, NT>(vh, lo, hi, vt);
-  }
-  for (int j0 = lo; j0 < hi; j0 += BN) {
-    __syncthreads();  // the previous tile's K and V are consumed
     dequant_tile<T, false, D, DP, BITS, BN, NT>(kt, k_s);
-    const bool v_nonfinite = __syncthreads_or(dequant_tile<T, true, DV, DVP, BITS, BN, NT>(vt, v_s));
-    // The next tile's raw words load while this one is computed.
-    if (j0 + BN < hi) {
-      load_tile<D, BITS, GS, BN, NT>(kh, j0 + BN, hi, kt);
-      load_tile<DV, BITS, GS, BN, NT>(vh, j0 + BN, hi, vt);
+    next_nonfinite = dequant_tile<T, true, DV, DVP, BITS, BN, NT>(vt, v_s);
+    if (lo + BN < hi) {
+      load_tile<D, BITS, GS, BN, NT>(kh, lo + BN, hi, kt);
+      load_tile<DV, BITS, GS, BN, NT>(vh, lo + BN, hi, vt);
     }
+  }
+  int stage = 0;
+  for (int j0 = lo; j0 < hi; j0 += BN, stage ^= 1) {
+    // This tile's stage is written (and Q, before the first); the other
+    // stage's previous tile is consumed.
+    const bool v_nonfinite = __syncthreads_or(next_nonfinite);
+    const T* k_t = k_s + stage * BN * DP;
+    const T* v_t = v_s + stage * BN * DVP;
 
     // S = Q K^T for this warp's 16 rows.
     float s[SN][4];
@@ -183,7 +215,7 @@ __device__ void attention_quant_fwd_mma(
 #pragma unroll
       for (int n = 0; n < SN; ++n) {
         unsigned bf[4];
-        ldmatrix_x4(bf, k_s + (n * 8 + (lane & 7)) * DP + kk * 16 + (lane >> 3) * 8);
+        ldmatrix_x4(bf, k_t + (n * 8 + (lane & 7)) * DP + kk * 16 + (lane >> 3) * 8);
         mma16816<T>(s[n], qa[0], bf[0], bf[1]);
         mma16816<T>(s[n], qa[1], bf[2], bf[3]);
       }
@@ -249,7 +281,7 @@ __device__ void attention_quant_fwd_mma(
 #pragma unroll
         for (int n = 0; n < ON; n += 2) {
           unsigned bf[4];
-          ldmatrix_x4_trans(bf, v_s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * DVP + n * 8 +
+          ldmatrix_x4_trans(bf, v_t + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * DVP + n * 8 +
                                     (lane >> 4) * 8);
           mma16816<T>(acc[n], pa, bf[0], bf[1]);
           mma16816<T>(acc[n + 1], pa, bf[2], bf[3]);
@@ -267,11 +299,21 @@ __device__ void attention_quant_fwd_mma(
           float o = acc[n][e];
           for (int jj = 0; jj < BN; ++jj) {
             const float p = pw[r * BN + jj];
-            if (p >= 0.f) o = fmaf(p, to_float(v_s[jj * DVP + c]), o);
+            if (p >= 0.f) o = fmaf(p, to_float(v_t[jj * DVP + c]), o);
           }
           acc[n][e] = o;
         }
       __syncwarp();
+    }
+    // The next tile (loaded during this one) into the other stage; the one
+    // after it starts loading.
+    if (j0 + BN < hi) {
+      dequant_tile<T, false, D, DP, BITS, BN, NT>(kt, k_s + (stage ^ 1) * BN * DP);
+      next_nonfinite = dequant_tile<T, true, DV, DVP, BITS, BN, NT>(vt, v_s + (stage ^ 1) * BN * DVP);
+      if (j0 + 2 * BN < hi) {
+        load_tile<D, BITS, GS, BN, NT>(kh, j0 + 2 * BN, hi, kt);
+        load_tile<DV, BITS, GS, BN, NT>(vh, j0 + 2 * BN, hi, vt);
+      }
     }
   }
 

@@ -90,10 +90,11 @@ def uses_mma(qspec) -> bool:
 
 
 def _mma_smem(d: int, dv: int) -> int:
-    """attention_quant_fwd_mma's shared memory: Q, K, V tiles (padded rows) and the exact path's P."""
+    """attention_quant_fwd_mma's shared memory: the Q tile, two stages of K and V
+    tiles (padded rows) and the exact path's P."""
     nw, bn = mma_tile()
     bm = 16 * nw
-    return 2 * (bm * (d + 8) + bn * (d + 8) + bn * (dv + 8)) + 4 * bm * bn
+    return 2 * (bm * (d + 8) + 2 * bn * (d + 8) + 2 * bn * (dv + 8)) + 4 * bm * bn
 
 
 def _rows_per_warp(qspec) -> int:
