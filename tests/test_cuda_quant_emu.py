@@ -269,11 +269,12 @@ def test_mma_features(feature):
 
 
 @emulated
-@pytest.mark.parametrize("tile", [(4, 32), (4, 64), (8, 32)], ids=lambda t: f"{t[0]}warps-{t[1]}keys")
+@pytest.mark.parametrize("tile", [(8, 64), (4, 64), (8, 32)], ids=lambda t: f"{t[0]}warps-{t[1]}keys")
 def test_mma_tiles(tile):
-    """Other block/tile sizes than the default: threads owning two staged
-    chunks (4 x 64, D 128), fewer chunks than threads (D 96), several tiles
-    with a ragged last one, windowed so tiles start mid-range."""
+    """Other block/tile sizes than the small shapes' 4 x 32: the prefill
+    default 8 x 64, threads owning two staged chunks (4 x 64, D 128), fewer
+    chunks than threads (D 96), several tiles with a ragged last one,
+    windowed so tiles start mid-range."""
     nw, bn = tile
     for key, (Hq, Hkv, Nq, Nk, D, Dv, bits, gs) in (("d128", (4, 2, 70, 150, 128, 128, 4, 64)),
                                                     ("d96", (2, 1, 33, 101, 96, 64, 3, 32))):
@@ -282,6 +283,25 @@ def test_mma_tiles(tile):
         opts = {"causal": True, "window": (60, 0)}
         got = _emu(q, kq, vq, bits, gs, tuning={"mma": True, "mma_warps": nw, "mma_bn": bn}, **opts)
         _check_mma(q, kd, vd, got, F16, opts)
+
+
+def test_mma_plan():
+    """8 warps x 64 keys when such blocks fill the SMs (the 2048-query chunk),
+    4 x 32 for smaller chunks, the SIMT split kernel below one 64-row block per SM."""
+    from mlx_flash._quant_spec import validate_attention_quantized
+    from mlx_flash.backends import cuda_quant
+
+    gen = rng("cuda-quant-plan")
+    kq = tuple(mx.quantize(randn(gen, (1, 8, 64, 128), F16), group_size=64, bits=4))
+
+    def plan(nq):
+        q = mx.zeros((1, 32, nq, 128), F16)
+        qspec = validate_attention_quantized(q, kq, kq, bits=4, group_size=64, causal=True)[0]
+        return cuda_quant.uses_mma(qspec), cuda_quant.mma_tile(qspec)
+
+    assert plan(2048) == (True, (8, 64))
+    assert plan(512) == (True, (4, 32))
+    assert plan(200)[0] is False
 
 
 @emulated
