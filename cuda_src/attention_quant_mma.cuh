@@ -151,7 +151,7 @@ __device__ void attention_quant_fwd_mma(
   seq.nq = Nq;
   seq.nk = Nk;
   const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, nullptr);
-  const float scale = fp[kScale];
+  const float scale = fp[kScale], scale_log2 = scale * kLog2e;
 
   // Q tile (rows past the end zero; the first tile's barrier publishes it).
   const T* q_bh = q + ((long)b * Hq + h) * Nq * D;
@@ -169,8 +169,7 @@ __device__ void attention_quant_fwd_mma(
   const QuantHead<VST, SA> vh = quant_head<BITS>(vc, b, kvh);
   // Rows g and g + 8 of this warp's 16.
   const int row_a = i0 + warp * 16 + g, row_b = row_a + 8;
-  float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
-  bool bad[2] = {false, false};
+  float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};  // m in log2 units
   float acc[ON][4];
 #pragma unroll
   for (int n = 0; n < ON; ++n)
@@ -220,29 +219,38 @@ __device__ void attention_quant_fwd_mma(
         mma16816<T>(s[n], qa[1], bf[2], bf[3]);
       }
     }
-    // Logit rules; NaN/+inf kept logits mark the row; online softmax.
+    // Logit rules only where the tile needs them (per-element rules, or a
+    // pair of this warp's rows that may be dropped: the tile crosses the
+    // window/causal edge or the key range's end), then the online softmax in
+    // the log2 domain. A kept NaN / +inf logit needs no flag: its P
+    // (exp2(NaN), exp2(inf - inf)) and so its row's l become NaN, checked at
+    // the end.
+    const int wi0 = i0 + warp * 16, wi1 = min(wi0 + 15, Nq - 1);
+    const bool inside = (rules.left < 0 || j0 >= wi1 + (Nk - Nq) - rules.left) &&
+                        (rules.right < 0 || j0 + BN - 1 <= wi0 + (Nk - Nq) + rules.right);
+    const bool need_rules = F::ElementRules || j0 + BN > hi || !inside;
     float tile_max[2] = {kNegInf, kNegInf};
 #pragma unroll
     for (int n = 0; n < SN; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = e < 2 ? row_a : row_b, j = j0 + n * 8 + 2 * t4 + (e & 1);
-        float capped;
-        float x = j < hi ? apply_rules<F, MT>(rules, scale * s[n][e], i, j, capped) : kNegInf;
-        if (x != x || x == MLXF_QUANT_POS_INF) {
-          bad[e >> 1] = true;
-          x = kNegInf;
+        float x = s[n][e] * scale_log2;
+        if (need_rules) {
+          const int i = e < 2 ? row_a : row_b, j = j0 + n * 8 + 2 * t4 + (e & 1);
+          float capped;
+          x = j < hi ? apply_rules<F, MT>(rules, scale * s[n][e], i, j, capped) * kLog2e : kNegInf;
         }
         s[n][e] = x;
         tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
       }
-    float alpha[2];
+    float alpha[2], base[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float tm = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
       const float m_new = fmaxf(m[r], tm);
-      alpha[r] = m_new == kNegInf ? 1.f : expf(m[r] - m_new);
+      base[r] = m_new == kNegInf ? 0.f : m_new;  // exp2(-inf - base) = 0: no select per element
+      alpha[r] = exp2f(m[r] - base[r]);
       m[r] = m_new;
     }
     float rs[2] = {0.f, 0.f};
@@ -250,8 +258,7 @@ __device__ void attention_quant_fwd_mma(
     for (int n = 0; n < SN; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float mr = m[e >> 1];
-        const float p = s[n][e] == kNegInf ? 0.f : expf(s[n][e] - mr);
+        const float p = exp2f(s[n][e] - base[e >> 1]);
         // The exact path needs to know the dropped pairs: P = -1 marks them.
         if (v_nonfinite) p_s[(warp * 16 + g + (e >> 1) * 8) * BN + n * 8 + 2 * t4 + (e & 1)] =
             s[n][e] == kNegInf ? -1.f : p;
@@ -317,20 +324,20 @@ __device__ void attention_quant_fwd_mma(
     }
   }
 
-  // Sink, normalisation, output (rows past the end are not written).
+  // Sink, normalisation, output (rows past the end are not written). A NaN l
+  // is a kept NaN / +inf logit (a NaN row), as is a NaN / +inf sink.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = r == 0 ? row_a : row_b;
-    bad[r] = bad[r] || __shfl_xor_sync(0xffffffffu, bad[r], 1);
-    bad[r] = bad[r] || __shfl_xor_sync(0xffffffffu, bad[r], 2);
+    bool bad = l[r] != l[r];
     float mr = m[r], lr = l[r], factor = 1.f;
     if (F::Sinks) {
       const float sink = sinks[h];
-      bad[r] = bad[r] || sink != sink || sink == MLXF_QUANT_POS_INF;
-      if (!bad[r] && sink != kNegInf) {
-        const float m_new = fmaxf(mr, sink);
-        factor = mr == kNegInf ? 0.f : expf(mr - m_new);
-        lr = lr * factor + expf(sink - m_new);
+      bad = bad || sink != sink || sink == MLXF_QUANT_POS_INF;
+      if (!bad && sink != kNegInf) {
+        const float sink2 = sink * kLog2e, m_new = fmaxf(mr, sink2);
+        factor = mr == kNegInf ? 0.f : exp2f(mr - m_new);
+        lr = lr * factor + exp2f(sink2 - m_new);
         mr = m_new;
       }
     }
@@ -341,9 +348,9 @@ __device__ void attention_quant_fwd_mma(
       for (int n = 0; n < ON; ++n)
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-          o[n * 8 + 2 * t4 + e] = from_float<T>(bad[r] ? MLXF_QUANT_NAN : acc[n][2 * r + e] * inv);
+          o[n * 8 + 2 * t4 + e] = from_float<T>(bad ? MLXF_QUANT_NAN : acc[n][2 * r + e] * inv);
       if (t4 == 0)
-        lse[((long)b * Hq + h) * Nq + i] = bad[r] ? MLXF_QUANT_NAN : (lr > 0.f ? mr + logf(lr) : kNegInf);
+        lse[((long)b * Hq + h) * Nq + i] = bad ? MLXF_QUANT_NAN : (lr > 0.f ? (mr + log2f(lr)) * kLn2 : kNegInf);
     }
   }
 }

@@ -305,6 +305,34 @@ def test_mma_plan():
 
 
 @emulated
+def test_mma_nonfinite_logits():
+    """A NaN key scale (a NaN logit) reaches exactly the rows that keep the key,
+    also inside tiles that skip the logit rules (causal, keys well before the
+    diagonal); a +inf additive mask entry and a NaN sink make their rows NaN;
+    a row that keeps no key gives 0 and the sink's lse."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 2, 1, 20, 150, 64
+    gen, q, kq, vq, kd, vd = _case(("mma-nan-k",), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4, group_size=32)
+    for j, first_row in ((Nk - Nq + 7, 7), (10, 0)):  # on the diagonal; in a tile every row keeps whole
+        ks = np.array(kq[1].astype(F32))
+        ks[:, :, j] = np.nan
+        got = _emu(q, (kq[0], mx.array(ks).astype(F16), kq[2]), vq, 4, 32, tuning=MMA, causal=True)
+        for i in range(Nq):
+            assert np.all(np.isnan(got["out"][:, :, i])) == (i >= first_row), (j, i)
+            assert np.all(np.isnan(got["lse"][:, :, i])) == (i >= first_row), (j, i)
+            assert i >= first_row or np.all(np.isfinite(got["out"][:, :, i])), (j, i)
+    add = np.zeros((Nq, Nk), np.float32)
+    add[3, 40] = np.inf
+    add[5] = -np.inf
+    got = _emu(q, kq, vq, 4, 32, tuning=MMA, mask=mx.array(add), sinks=mx.array([np.nan, 0.5], mx.float32))
+    assert np.all(np.isnan(got["out"][:, 0])) and np.all(np.isnan(got["lse"][:, 0]))
+    assert np.all(np.isnan(got["out"][:, 1, 3])) and np.isnan(got["lse"][0, 1, 3])
+    # Row 5 keeps no key: out 0, lse the sink's alone.
+    assert np.all(got["out"][:, 1, 5] == 0) and abs(got["lse"][0, 1, 5] - 0.5) < 1e-6
+    rest = [i for i in range(Nq) if i not in (3, 5)]
+    assert np.all(np.isfinite(got["out"][:, 1, rest])) and np.all(np.isfinite(got["lse"][:, 1, rest]))
+
+
+@emulated
 def test_mma_float16_q_over_float32_scales():
     gen, q, kq, vq, kd, vd = _case(("mma-f32-scales",), 1, 4, 2, 50, 90, 64, dtype=F16, scale_dtype=F32, bits=8,
                                    group_size=32)
