@@ -574,3 +574,44 @@ def test_empty_queries_or_keys(nq, nk, backend):
     got = run(q, kq, kq, 4, 32, dout=randn(gen, (1, 2, nq, 32)), backend=backend)
     assert got["out"].shape == (1, 2, nq, 32) and got["lse"].shape == (1, 2, nq) and got["dq"].shape == q.shape
     assert np.all(got["out"] == 0) and np.all(np.isneginf(got["lse"])) and np.all(got["dq"] == 0)
+
+
+# ---- CUDA: the tensor-core prefill kernel forced on moderate sizes ---------------------
+
+_MMA_CASES = {  # bits, group, q dtype, options
+    "4bit_causal": (4, 64, mx.float16, lambda g, Hq, Nq, Nk: {"causal": True}),
+    "8bit_bf16_causal": (8, 64, mx.bfloat16, lambda g, Hq, Nq, Nk: {"causal": True}),
+    "3bit_window_softcap_alibi_sinks": (3, 32, mx.float16, lambda g, Hq, Nq, Nk: {
+        "window": (300, 40), "softcap": 4.0, "alibi_slopes": mx.array(g.uniform(0.01, 0.1, (Hq,)).astype(np.float32)),
+        "sinks": mx.array(g.standard_normal(Hq).astype(np.float32))}),
+    "6bit_bf16_additive_mask": (6, 128, mx.bfloat16, lambda g, Hq, Nq, Nk: {
+        "mask": mx.array(g.standard_normal((1, Hq, Nq, Nk)).astype(np.float32))}),
+    "2bit_bool_mask": (2, 32, mx.float16, lambda g, Hq, Nq, Nk: {"mask": mx.array(g.random((Nq, Nk)) < 0.9)}),
+}
+
+
+@pytest.mark.parametrize("tile", [(8, 64), (4, 32)], ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("case", list(_MMA_CASES))
+def test_cuda_tensor_core_prefill(case, tile, monkeypatch):
+    """attention_quant_fwd_mma on a GPU (its plan picks it for prefill chunks
+    of thousands of rows; forced here on 301 x 1000): both tiles, several
+    tiles per block with a ragged end, every feature family."""
+    import backends
+    from mlx_flash.backends import cuda_quant
+
+    reason = backends.skip_reason("cuda")
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setitem(cuda_quant.TUNING, "mma", True)
+    monkeypatch.setitem(cuda_quant.TUNING, "mma_warps", tile[0])
+    monkeypatch.setitem(cuda_quant.TUNING, "mma_bn", tile[1])
+    bits, gs, dtype, make = _MMA_CASES[case]
+    B, Hq, Hkv, Nq, Nk, D = 1, 8, 2, 301, 1000, 128
+    q, kq, vq, kd, vd = quantized_case(("cuda-mma", case), B, Hq, Hkv, Nq, Nk, D, dtype=dtype, bits=bits,
+                                       group_size=gs)
+    opts = make(rng("cuda-mma-opts", case), Hq, Nq, Nk)
+    got = run(q, kq, vq, bits, gs, backend="cuda", **dict(opts))
+    want = expected(q, kd, vd, **opts)
+    plain = plain_errors(q, kd, vd, mx.ones(q.shape, dtype), opts, dtype)
+    check_close("out", got["out"], want, dtype, plain)
+    assert reference_error("lse", got["lse"], want) < 1e-3

@@ -9,8 +9,12 @@
   attention_quant_combine  ... which this merges (with the sinks)
   attention_quant_fwd_mma  tensor-core forward for 16-bit q with enough query rows
                            to fill the GPU without splitting keys (a prefill
-                           chunk): 64 rows of one head per block, K/V tiles
-                           dequantized into shared memory as q's dtype
+                           chunk): 128 rows of one head per block (8 warps:
+                           each dequantized K/V tile serves twice the rows of
+                           4 warps; 64 rows when that leaves SMs idle), K/V
+                           tiles dequantized into shared memory
+                           as q's dtype, the next tile's raw words loading
+                           while the current one is computed
   attention_quant_bwd      fused dq-only backward (k, v constants), no atomics
 
 K and V are dequantized in registers as they stream in: no full-precision
@@ -35,7 +39,14 @@ from . import cuda as _cuda
 _FWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "ns")
 _BWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "lse", "delta", "dout")
 _MMA_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "sinks", "ip", "fp")
-_MMA_WARPS, _MMA_BN = 4, 64
+# Tensor-core forward tile: warps per block (16 query rows each) and keys per
+# tile. 8 x 64 holds one staged 32-value chunk of K and of V per thread
+# without spills and halves the dequantization per row of 4 warps; chunks too
+# small for a block of 8 warps per SM take 4 x 32 (4 x 64 would spill; both
+# compiled in tests/test_cuda_quant_emu.py). TUNING "mma_warps" / "mma_bn"
+# override for GPU sweeps.
+_MMA_WARPS, _MMA_BN = 8, 64
+_MMA_SMALL = (4, 32)
 _SMS = 132  # H100/H200
 _WARPS = 4  # warps per block of the backward (independent warps)
 _FWD_WARPS = 8  # warps per block of the split forward: 8 key chunks merged in the block
@@ -66,6 +77,16 @@ def _dense(x, stream):
     return mx.contiguous(x, stream=stream)
 
 
+def _mma_blocks(spec, warps: int) -> int:
+    return spec.batch * spec.heads_q * math.ceil(spec.seqlen_q / (16 * warps))
+
+
+def mma_tile(qspec) -> tuple:
+    """(warps per block, keys per tile) of attention_quant_fwd_mma."""
+    nw, bn = (_MMA_WARPS, _MMA_BN) if _mma_blocks(qspec.attention, _MMA_WARPS) >= _SMS else _MMA_SMALL
+    return TUNING.get("mma_warps", nw), TUNING.get("mma_bn", bn)
+
+
 def uses_mma(qspec) -> bool:
     """The tensor-core forward: 16-bit q, head dims <= 128, and at least one
     block of 64 query rows per SM (fewer rows: the split SIMT kernel)."""
@@ -74,13 +95,16 @@ def uses_mma(qspec) -> bool:
         return False
     if "mma" in TUNING:
         return bool(TUNING["mma"])
-    return spec.batch * spec.heads_q * math.ceil(spec.seqlen_q / (16 * _MMA_WARPS)) >= _SMS
+    return _mma_blocks(spec, _MMA_SMALL[0]) >= _SMS
 
 
-def _mma_smem(d: int, dv: int) -> int:
-    """attention_quant_fwd_mma's shared memory: Q, K, V tiles (padded rows) and the exact path's P."""
-    bm = 16 * _MMA_WARPS
-    return 2 * (bm * (d + 8) + _MMA_BN * (d + 8) + _MMA_BN * (dv + 8)) + 4 * bm * _MMA_BN
+def _mma_smem(qspec) -> int:
+    """attention_quant_fwd_mma's shared memory: the Q tile, two stages of K and V
+    tiles (padded rows) and the exact path's P."""
+    nw, bn = mma_tile(qspec)
+    d, dv = qspec.attention.head_dim_qk, qspec.attention.head_dim_v
+    bm = 16 * nw
+    return 2 * (bm * (d + 8) + 2 * bn * (d + 8) + 2 * bn * (dv + 8)) + 4 * bm * bn
 
 
 def _rows_per_warp(qspec) -> int:
@@ -201,13 +225,14 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
     sinks = _dense(inputs.sinks, stream) if inputs.sinks is not None else _cuda._placeholders()[2]
     args = _operands(q, k, v, qspec, inputs, stream)
     kernel = _strided_kernel("attention_quant_fwd_mma", _MMA_INPUTS, ("out", "lse"),
-                             _mma_smem(spec.head_dim_qk, spec.head_dim_v))
+                             _mma_smem(qspec))
+    nw, bn = mma_tile(qspec)
     template = [x for x in _template(qspec, inputs, k, v, 1) if x[0] not in ("W", "RW")] + [
-        ("SINKS", spec.has_sinks), ("NW", _MMA_WARPS), ("BN", _MMA_BN)]
+        ("SINKS", spec.has_sinks), ("NW", nw), ("BN", bn)]
     out, lse = kernel(
         inputs=args[:9] + [sinks] + args[9:], template=template,
-        grid=(math.ceil(spec.seqlen_q / (16 * _MMA_WARPS)) * 32 * _MMA_WARPS, spec.heads_q, spec.batch),
-        threadgroup=(32 * _MMA_WARPS, 1, 1),
+        grid=(math.ceil(spec.seqlen_q / (16 * nw)) * 32 * nw, spec.heads_q, spec.batch),
+        threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q.shape[:-1]) + (spec.head_dim_v,), tuple(q.shape[:-1])],
         output_dtypes=[spec.dtype, mx.float32], stream=stream,
     )

@@ -2,7 +2,7 @@
 mlx-lm's quantized path and vs the unquantized cache, on the CPU or a GPU.
 
     PYTHONPATH=$PWD python -m mlx_flash.bench.quantized_kv [--quick] [--device cpu|gpu] \
-        [--out quantized_kv_<device>.json]
+        [--cases decode prefill_chunk ...] [--out quantized_kv_<device>.json]
 
 `--device gpu` (a CUDA card; the JSON names it) times the GPU cases: decode
 at Nk = 32768 in float16 (4 and 8 bits) against mx.fast SDPA over the fp16
@@ -277,6 +277,8 @@ def main(argv=None):
     parser.add_argument("--cache-views", action="store_true",
                         help="also run each decode case over QuantizedKVCache-style slices (views) vs dense")
     parser.add_argument("--only-cache-views", action="store_true", help="run only the cache-view cases")
+    parser.add_argument("--cases", nargs="+", default=None, metavar="LABEL",
+                        help="run only the cases with these labels (decode, prefill_chunk, prefill_chunk_small)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the results JSON here (default: quantized_kv_<device>_<date>.json in the "
                              "current directory; pass benchmarks/results/... to update the committed file)")
@@ -305,6 +307,8 @@ def main(argv=None):
         result["card"] = card
     for label, nq, nk, bits, dtype, names in cases(args.quick, args.keys, args.prefill_queries,
                                                    args.mlx_lm_prefill_queries, args.device):
+        if args.cases is not None and label not in args.cases:
+            continue
         batch = (20 if nq == 1 else 1) if args.device == "gpu" else 1
         records = []
         if (args.cache_views or args.only_cache_views) and label == "decode" and names == ALL:
