@@ -95,7 +95,7 @@ def test_cuda_wgmma_matches_float64(ka, kb, M, K, N, transpose_b):
 
 
 # One pytest-xdist worker runs every TMA case (with --dist loadgroup); no mark without xdist.
-TMA = pytest.mark.xdist_group("tma") if importlib.util.find_spec("xdist") else pytest.mark.usefixtures()
+TMA = pytest.mark.xdist_group("tma") if importlib.util.find_spec("xdist") else pytest.mark.skipif(False, reason="")
 
 
 @TMA
