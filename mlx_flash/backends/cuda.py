@@ -202,7 +202,7 @@ def _nvrtc_reads_includes() -> bool:
             name="mlx_flash_include_probe", input_names=["x"], output_names=["y"],
             source="y[0] = mlx_flash_probe_twice(x[0]);", header=f'#include "{probe}"\n')
         (y,) = kernel(inputs=[mx.array([1.5], mx.float32)], grid=(1, 1, 1), threadgroup=(1, 1, 1),
-                      output_shapes=[(1,)], output_dtypes=[mx.float32])
+                      output_shapes=[(1,)], output_dtypes=[mx.float32], stream=mx.gpu)
         return y.item() == 3.0
     except Exception:  # any failure (compile, launch): inline headers, as before
         return False
