@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import mlx.core as mx
 
@@ -33,14 +32,10 @@ SHAPES = [((2, 16, 4096, 128), mx.float16)]
 
 
 def time_fn(fn, iters):
-    for _ in range(3):
-        mx.eval(fn())
-    mx.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        mx.eval(fn())
-    mx.synchronize()
-    return (time.perf_counter() - t0) / iters * 1e3
+    """Milliseconds per call, one call per eval (cuda_overhead.latency's rule)."""
+    from cuda_overhead import latency  # tools/ is this script's directory
+
+    return latency(fn, iters) / 1e3
 
 
 def use_sources(src_dir, tag, memo={}):
