@@ -112,19 +112,6 @@ __device__ __forceinline__ unsigned code_of(const unsigned (&w)[BITS], int e) {
   return x & ((1u << BITS) - 1u);
 }
 
-// A code as an exact float: the 23-bit mantissa trick (2^23 + code minus
-// 2^23) in place of an int-to-float conversion, which runs on a quarter-rate
-// unit (the decode kernel's busiest pipe when it converted every value).
-__device__ __forceinline__ float code_to_float(unsigned code) {
-  return __uint_as_float(0x4b000000u | code) - 8388608.f;
-}
-
-// Code e of 32 values as an exact float.
-template <int BITS>
-__device__ __forceinline__ float code_float(const unsigned (&w)[BITS], int e) {
-  return code_to_float(code_of<BITS>(w, e));
-}
-
 // Values c..c+3 (c a multiple of 4) of one token from its row of words w
 // (elements wd apart) and the scale and bias of their group.
 template <int BITS>
@@ -134,7 +121,7 @@ __device__ __forceinline__ void unpack4(const unsigned* w, long wd, int c, float
   if (sh + 4 * BITS > 32) x |= (unsigned long long)w[(i + 1) * wd] << 32;
   x >>= sh;
 #pragma unroll
-  for (int e = 0; e < 4; ++e) out[e] = fmaf(s, code_to_float((unsigned)(x >> (e * BITS)) & ((1u << BITS) - 1u)), b);
+  for (int e = 0; e < 4; ++e) out[e] = fmaf(s, (float)(unsigned)((x >> (e * BITS)) & ((1u << BITS) - 1u)), b);
 }
 
 // Values c..c+3 (c a multiple of 4) of token j, straight from its words.
@@ -203,17 +190,20 @@ struct VStage {
         stage[idx] = j0 + kk < end ? m.words(j0 + kk)[(idx % WPR) * wd] : 0u;
       }
     }
-    float2* sf = reinterpret_cast<float2*>(stage + VS * WPR);
+    float* sf = reinterpret_cast<float*>(stage + VS * WPR);
 #pragma unroll
     for (int i = 0; i < NS; ++i)
-      if (lane + 32 * i < VS * NG) sf[lane + 32 * i] = make_float2(s[i], b[i]);
+      if (lane + 32 * i < VS * NG) {
+        sf[lane + 32 * i] = s[i];
+        sf[VS * NG + lane + 32 * i] = b[i];
+      }
   }
 
-  // Stage layout: words [VS][WPR], then (scale, bias) pairs [VS][NG] (one
-  // 8-byte read per value quad). Values c..c+3 of staged key kk:
+  // Stage layout: words [VS][WPR], then scales [VS][NG], then biases [VS][NG].
+  // Values c..c+3 of staged key kk.
   __device__ __forceinline__ static void values(const unsigned* stage, int kk, int c, float (&out)[4]) {
-    const float2 sb = reinterpret_cast<const float2*>(stage + VS * WPR)[kk * NG + c / GS];
-    unpack4<BITS>(stage + kk * WPR, 1, c, sb.x, sb.y, out);
+    const float* sf = reinterpret_cast<const float*>(stage + VS * WPR);
+    unpack4<BITS>(stage + kk * WPR, 1, c, sf[kk * NG + c / GS], sf[VS * NG + kk * NG + c / GS], out);
   }
 };
 
@@ -233,7 +223,7 @@ __device__ __forceinline__ void quant_row_dots(const QuantHead<ST, SA>& m, long 
     for (int e = 0; e < 32; e += 4) {
       float x[4];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) x[u] = fmaf(s, code_float<BITS>(w, e + u), b);
+      for (int u = 0; u < 4; ++u) x[u] = fmaf(s, (float)code_of<BITS>(w, e + u), b);
 #pragma unroll
       for (int t = 0; t < RW; ++t) {
         const float4 r = *reinterpret_cast<const float4*>(rows + t * D + blk * 32 + e);
@@ -335,8 +325,6 @@ __device__ void attention_quant_fwd(
   QuantWarp<MT, F, RW> w;
   const int Hq = ip[kHeadsQ], Nq = ip[kSeqQ];
   init_warp(w, blockIdx.x / block_splits, ip, fp, mask, alibi);
-  // The stages start 16-byte aligned (cp.async) when W * RW * (D + DV + 2) is a multiple of 4.
-  static_assert(W % 2 == 0, "attention_quant_fwd: an even number of warps per block");
   constexpr int VS = quant_stage_keys(DV, BITS, GS);
   using Stage = VStage<DV, BITS, GS, VS>;
   float* qs = reinterpret_cast<float*>(quant_smem) + warp * RW * D;
@@ -346,8 +334,6 @@ __device__ void attention_quant_fwd(
   float* red_m = red_acc + W * RW * DV;
   float* red_l = red_m + W * RW;
   unsigned* vstage = reinterpret_cast<unsigned*>(red_l + W * RW) + warp * Stage::FLOATS;
-  // Each warp's tile probabilities [32 keys][RW] (after every warp's stage).
-  float* p_s = reinterpret_cast<float*>(red_l + W * RW) + W * Stage::FLOATS + warp * 32 * RW;
   stage_rows<T, D>(w, q, qs, lane);
   const float scale = fp[kScale];
 
@@ -412,17 +398,7 @@ __device__ void attention_quant_fwd(
       }
     }
     // P.V, lane = value columns; a key no row kept is skipped, and a row
-    // that dropped a key never multiplies its v (select, not 0 * v). The
-    // tile's p goes through shared memory (one broadcast read per key) and
-    // the kept flags through one ballot per row, instead of RW + 1 shuffles
-    // per key.
-    unsigned kept_rows[RW], kept_any = 0;
-#pragma unroll
-    for (int t = 0; t < RW; ++t) {
-      kept_rows[t] = __ballot_sync(0xffffffffu, (kept >> t) & 1u);
-      kept_any |= kept_rows[t];
-      p_s[lane * RW + t] = p[t];
-    }
+    // that dropped a key never multiplies its v (select, not 0 * v).
     const int keys = min(32, end - j0);
     for (int sb = 0; sb < keys; sb += VS) {
       if (sb > 0) {  // wider rows: the tile's later stages (VS < 32)
@@ -430,19 +406,15 @@ __device__ void attention_quant_fwd(
         next.issue(vh, j0 + sb, end, lane, vstage);
         next.land(vh, j0 + sb, end, lane, vstage);
       }
-      __syncwarp();  // the stage and p_s are written
+      __syncwarp();
       const int n = min(VS, keys - sb);
       for (int kk = 0; kk < n; ++kk) {
         const int jj = sb + kk;
-        if (((kept_any >> jj) & 1u) == 0) continue;  // warp-uniform
+        const unsigned kj = __shfl_sync(0xffffffffu, kept, jj);
+        if (kj == 0) continue;  // warp-uniform
         float pj[RW];
-        if constexpr (RW == 4) {
-          const float4 x = *reinterpret_cast<const float4*>(p_s + jj * 4);
-          pj[0] = x.x, pj[1] = x.y, pj[2] = x.z, pj[3] = x.w;
-        } else {
 #pragma unroll
-          for (int t = 0; t < RW; ++t) pj[t] = p_s[jj * RW + t];
-        }
+        for (int t = 0; t < RW; ++t) pj[t] = __shfl_sync(0xffffffffu, p[t], jj);
 #pragma unroll
         for (int u = 0; u < NU; ++u) {
           const int c = 4 * (lane + 32 * u);
@@ -451,7 +423,7 @@ __device__ void attention_quant_fwd(
             Stage::values(vstage, kk, c, x);
 #pragma unroll
             for (int t = 0; t < RW; ++t)
-              if ((kept_rows[t] >> jj) & 1u)
+              if ((kj >> t) & 1u)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc[t][u][e] = fmaf(pj[t], x[e], acc[t][u][e]);
           }

@@ -143,9 +143,8 @@ def forward_plan(qspec):
     if "splits" in TUNING:
         splits = TUNING["splits"]
     splits = min(splits, _cuda._MAX_SPLITS)  # attention_combine merges at most this many
-    # Per warp: q rows, merge rows (accumulators, m, l), the V stage, the tile's p.
     smem = 4 * nw * (rw * (spec.head_dim_qk + spec.head_dim_v + 2)
-                     + stage_words(spec.head_dim_v, qspec.bits, qspec.group_size) + 32 * rw)
+                             + stage_words(spec.head_dim_v, qspec.bits, qspec.group_size))
     return rw, groups, splits, smem
 
 
