@@ -23,6 +23,17 @@ def _seed_line() -> str:
     return f"mlx_flash test seed {BASE_SEED}; replay with MLX_FLASH_TEST_SEED={BASE_SEED}"
 
 
+def pytest_configure(config):
+    # pytest-xdist workers are fresh processes that would each draw their own
+    # seed, while the header and summary print the controller's: a failure on
+    # a worker could not be replayed from the log. Workers inherit this
+    # process's environment, so the controller hands its seed down.
+    if not hasattr(config, "workerinput"):
+        from helpers import BASE_SEED
+
+        os.environ["MLX_FLASH_TEST_SEED"] = str(BASE_SEED)
+
+
 def pytest_report_header(config):
     return _seed_line()
 

@@ -1,10 +1,16 @@
-"""matmul2d's few-rows CUDA kernel (cuda_src/matmul_gemv.cuh) run on the CPU
-through the CUDA emulation (tests/cuda_emu), against float64 of the dequantized
-operands, outputs poisoned with NaN. The backend's own wrapper
-(cuda_matmul.matmul2d, route "gemv") pads and launches as on a GPU; only
-mx.fast.cuda_kernel is swapped. This checks the kernel's fragment layout and
-k order, edge rows and the cross-warp sum where no GPU exists; the GPU run of
-tests/test_matmul_cuda_routes.py checks the same on the device.
+"""matmul2d's CUDA kernels run on the CPU through the CUDA emulation
+(tests/cuda_emu), against float64 of the dequantized operands, outputs
+poisoned with NaN. The backend's own wrapper (cuda_matmul.matmul2d) pads and
+launches as on a GPU; only mx.fast.cuda_kernel is swapped.
+
+  gemv   the few-rows kernel (cuda_src/matmul_gemv.cuh): fragment layout and
+         k order, edge rows, the cross-warp sum;
+  wgmma  the Hopper GEMM (cuda_src/matmul_wgmma.cuh), exact and native fp8,
+         on the emulated wgmma (tests/cuda_emu/wgmma_emu.cuh): descriptors and
+         swizzle, K tails, the stage ring, promotion, the epilogue's scales and
+         rounding; not TMA, not the tensor cores' own fp8 rounding.
+
+The GPU run of tests/test_matmul_cuda_routes.py checks the same on the device.
 """
 
 import mlx.core as mx
@@ -46,3 +52,41 @@ def test_gemv_kernel_emulated(M, K, N, ka, kb):
         out = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="gemv")
         mx.eval(out)
     assert_close(out.reshape(2, M, N), reference(a64, b64, sa, sb, transpose_b=True), mx.float32, K)
+
+
+# The Hopper GEMM (cuda_src/matmul_wgmma.cuh) on the emulated wgmma
+# (tests/cuda_emu/wgmma_emu.cuh: descriptors, 128-byte swizzle, late execution
+# at wgmma_wait), loads by cp.async (TMA needs libcuda). Operands hold every
+# finite fp8 code, the smallest multiplied together, at short and long K (K
+# tails inside a k32 / k16 step, more stages than the ring holds, the promotion
+# of native fp8 sums), both b layouts; M and N cross tile edges. The emulated tensor cores
+# sum in fp32, so both routes must be fp32-exact here; float16 results must be
+# the fp32 result rounded once, subnormals included (issue 15).
+@pytest.mark.parametrize("route,plan,ka,kb,K,transpose_b", [
+    ("wgmma_fp8", None, "e4m3", "e5m2", 1, False),     # issue 15's case, default plan (promotion every 2 stages)
+    ("wgmma_fp8", (128, 6, 1), "e5m2", "e5m2", 33, True),
+    ("wgmma_fp8", (256, 4, 0), "e5m2", "e4m3", 700, False),  # 6 stages through a ring of 4
+    ("wgmma_fp8", (128, 4, 1), "e4m3", "e4m3", 300, True),
+    ("wgmma", None, "e4m3", "e5m2", 31, False),         # exact route: fp8 decoded, [K, N] b read MN-major
+    ("wgmma", None, "e5m2", "e4m3", 300, True),          # 5 stages of 64 K through a ring of 4
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_wgmma_kernel_emulated(route, plan, ka, kb, K, transpose_b):
+    from fp8_wgmma_bound import every_code_case
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    a, b, a64, b64, sa, sb = every_code_case(rng("wgmma-emu", route, plan, ka, kb, K, transpose_b), ka, kb, K,
+                                             transpose_b)
+    want = reference(a64, b64, sa, sb, transpose_b=transpose_b)
+    results = {}
+    for out_dtype in (mx.float32, mx.float16):
+        spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, a_fmt=ka, b_fmt=kb, a_scale=mx.array(sa),
+                                                    b_scale=mx.array(sb), transpose_b=transpose_b,
+                                                    out_dtype=out_dtype)
+        with harness.patched_cuda_kernel():
+            out = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route=route, plan=plan)
+            mx.eval(out)
+        assert_close(out[0], want, out_dtype, K)
+        results[out_dtype] = np.array(out[0].astype(mx.float32))
+    # float16 results are the float32 ones rounded once, subnormals included.
+    assert np.array_equal(results[mx.float16], results[mx.float32].astype(np.float16).astype(np.float32))

@@ -6,7 +6,10 @@ against float64 of the dequantized operands, outputs poisoned with NaN:
              every tile plan, edge tiles in M, N and K (odd sizes, K = 1),
              batches, scales; fp32-exact like every other route;
   wgmma_fp8  the same kernel on native fp8 wgmma (opt-in): within the bound
-             its 13-bit tensor-core sums allow, 2^-8 * (|a| @ |b|);
+             its 13-bit tensor-core sums allow, 2^-8 * (|a| @ |b|), plus the
+             output's rounding (tests/fp8_wgmma_bound.py); every product of
+             two fp8 codes, short K (1, 2, 31, 33), memory around the
+             operands poisoned;
   gemv   the few-rows kernel (matmul_gemv.cuh): 1..16 rows, odd N and K,
          fp8 and 16-bit weights, batched weights, scales.
 
@@ -19,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from fp8_wgmma_bound import assert_within_fp8_accumulation, every_code_case
 from helpers import rng
 from test_matmul import assert_close, make_operand, reference
 
@@ -61,23 +65,6 @@ WG_KINDS = [("float16", "float16"), ("bfloat16", "bfloat16"), ("e4m3", "e4m3"), 
 FP8_PAIRS = [("e4m3", "e4m3"), ("e4m3", "e5m2"), ("e5m2", "e4m3"), ("e5m2", "e5m2")]
 
 
-def assert_within_fp8_accumulation(out, a64, b64, sa, sb, transpose_b, out_dtype):
-    """Native fp8 wgmma: Hopper's tensor cores align each k32 group of products
-    to the largest and keep 13 mantissa bits (truncating), also when adding to
-    their accumulator; the kernel restarts that sum every 128 or 256 K and adds it in
-    fp32. Bound: 2^-8 * (|a| @ |b|) (scaled), plus out_dtype's rounding."""
-    want = reference(a64, b64, sa, sb, transpose_b=transpose_b)
-    absprod = reference(np.abs(a64), np.abs(b64), None if sa is None else np.abs(sa),
-                        None if sb is None else np.abs(sb), transpose_b=transpose_b)
-    got = np.array(out.astype(mx.float32)).astype(np.float64)
-    assert got.shape == want.shape and np.all(np.isfinite(got))
-    rounding = 0 if out_dtype == mx.float32 else np.abs(want) * 2.0 ** -8
-    err = np.abs(got - want)
-    assert np.all(err <= 2.0 ** -8 * absprod + rounding + 1e-30), \
-        f"worst error / |a||b|: {np.max(err / (absprod + 1e-30)):.3g}"
-    return float(np.max(err) / (np.max(np.abs(want)) + 1e-30))
-
-
 @pytest.mark.parametrize("ka,kb", WG_KINDS)
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (130, 200, 70), (129, 1, 513), (300, 129, 258), (17, 1000, 33)])
 @pytest.mark.parametrize("transpose_b", [True, False])
@@ -94,8 +81,14 @@ def test_cuda_wgmma_matches_float64(ka, kb, M, K, N, transpose_b):
         assert_close(out, reference(a64, b64, sa, sb, transpose_b=transpose_b), out.dtype, K)
 
 
-# One pytest-xdist worker runs every TMA case (with --dist loadgroup); no mark without xdist.
-TMA = pytest.mark.xdist_group("tma") if importlib.util.find_spec("xdist") else pytest.mark.skipif(False, reason="")
+def xdist_group(name):
+    """Cases of one group run on one pytest-xdist worker (with --dist loadgroup),
+    which then compiles their kernels once; no mark without xdist."""
+    return pytest.mark.xdist_group(name) if importlib.util.find_spec("xdist") else pytest.mark.skipif(False, reason="")
+
+
+# One pytest-xdist worker runs every TMA case.
+TMA = xdist_group("tma")
 
 
 @TMA
@@ -142,7 +135,8 @@ NATIVE_PLANS = [(128, 6, 1), (128, 4, 1), (128, 6, 2), (256, 4, 0), pytest.param
                 pytest.param((128, 6, 2, True), marks=TMA)]
 
 
-@pytest.mark.parametrize("ka,kb", FP8_PAIRS)
+@pytest.mark.parametrize("ka,kb", [pytest.param(*p, marks=xdist_group(f"native_default-{p[0]}-{p[1]}"))
+                                   for p in FP8_PAIRS])
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (130, 200, 70), (129, 1, 513), (300, 1000, 258)])
 @pytest.mark.parametrize("transpose_b", [True, False])
 def test_cuda_wgmma_fp8_native_within_bound(ka, kb, M, K, N, transpose_b):
@@ -156,6 +150,75 @@ def test_cuda_wgmma_fp8_native_within_bound(ka, kb, M, K, N, transpose_b):
         out = run_route("wgmma_fp8", a, b, a_fmt=a_fmt, b_fmt=b_fmt, a_scale=mx.array(sa), b_scale=mx.array(sb),
                         transpose_b=transpose_b, out_dtype=out_dtype)
         assert_within_fp8_accumulation(out, a64, b64, sa, sb, transpose_b, out_dtype)
+
+
+# Both fp8 routes on operands holding every finite code of their format, the
+# smallest multiplied together (float16 results down to its subnormals), short
+# K (each padded to the k32 / k16 step inside one 128-K stage), both b layouts,
+# M and N crossing tile edges. The native route by TMA (the default plan) and
+# by cp.async; the exact route must be fp32-exact as everywhere.
+# (name, route, plan); each (route, plan, pair) is one xdist group, sharing its kernels.
+ROUTE_PLANS = [("native_default", "wgmma_fp8", None), ("native_cp_async", "wgmma_fp8", (128, 6, 1)),
+               ("exact", "wgmma", None)]
+ROUTE_PAIRS = [pytest.param(route, plan, ka, kb, id=f"{name}-{ka}-{kb}", marks=xdist_group(f"{name}-{ka}-{kb}"))
+               for name, route, plan in ROUTE_PLANS for ka, kb in FP8_PAIRS]
+
+
+@pytest.mark.parametrize("route,plan,ka,kb", ROUTE_PAIRS)
+@pytest.mark.parametrize("K", [1, 2, 31, 33])
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_cuda_wgmma_fp8_every_code_short_k(route, plan, ka, kb, K, transpose_b):
+    needs_hopper()
+    a, b, a64, b64, sa, sb = every_code_case(rng("wgmma-fp8-codes", ka, kb, K, transpose_b), ka, kb, K, transpose_b)
+    # The exact route's float16 results are checked elsewhere (test_cuda_wgmma_matches_float64).
+    results = {}
+    for out_dtype in (mx.float32, mx.float16) if route == "wgmma_fp8" else (mx.float32,):
+        out = run_route(route, a, b, a_fmt=ka, b_fmt=kb, a_scale=mx.array(sa), b_scale=mx.array(sb),
+                        transpose_b=transpose_b, out_dtype=out_dtype, plan=plan)
+        if route == "wgmma":
+            assert_close(out, reference(a64, b64, sa, sb, transpose_b=transpose_b), out_dtype, K)
+        else:
+            rel = assert_within_fp8_accumulation(out, a64, b64, sa, sb, transpose_b, out_dtype)
+            print(f"{route} {plan} {ka} x {kb} K={K} {out_dtype}: max error / max |result| = {rel:.3g}")
+        results[out_dtype] = np.array(out.astype(mx.float32))
+    if mx.float16 in results:
+        # The same sums, rounded once to float16 (subnormals included) by the epilogue.
+        assert np.array_equal(results[mx.float16], results[mx.float32].astype(np.float16).astype(np.float32))
+
+
+NAN_CODE = 0x7F  # NaN in e4m3 and in e5m2
+
+
+def poisoned_tail_view(codes: np.ndarray, poison: int, extra: int = 4096) -> mx.array:
+    """`codes` as the front of a larger buffer whose remaining bytes are the
+    NaN code: a kernel reading past the operand's end makes NaN outputs. A
+    leading slice is row-contiguous, so MLX hands the kernel the buffer itself."""
+    flat = np.full(codes.size + extra, poison, dtype=np.uint8)
+    flat[:codes.size] = codes.ravel()
+    return mx.array(flat)[:codes.size].reshape(codes.shape)
+
+
+@pytest.mark.parametrize("route,plan,ka,kb", ROUTE_PAIRS)
+@pytest.mark.parametrize("M,K,N", [(129, 32, 48), (1, 16, 16), (130, 144, 272)])
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_cuda_wgmma_fp8_poisoned_memory_around_operands(route, plan, ka, kb, M, K, N, transpose_b):
+    """K and N multiples of 16, so the wrapper pads nothing and the kernel reads
+    a and b in place (the native route copies a [K, N] b transposed first);
+    every byte after each operand is a NaN code."""
+    needs_hopper()
+    gen = rng("wgmma-fp8-poison", ka, kb, M, K, N, transpose_b)
+    a, _, a64 = make_operand(gen, (M, K), ka)
+    b, _, b64 = make_operand(gen, (N, K) if transpose_b else (K, N), kb)
+    a = poisoned_tail_view(np.array(a), NAN_CODE)
+    b = poisoned_tail_view(np.array(b), NAN_CODE)
+    sa = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    sb = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+    out = run_route(route, a, b, a_fmt=ka, b_fmt=kb, a_scale=mx.array(sa), b_scale=mx.array(sb),
+                    transpose_b=transpose_b, out_dtype=mx.float32, plan=plan)
+    if route == "wgmma":
+        assert_close(out, reference(a64, b64, sa, sb, transpose_b=transpose_b), mx.float32, K)
+    else:
+        assert_within_fp8_accumulation(out, a64, b64, sa, sb, transpose_b, mx.float32)
 
 
 @pytest.mark.parametrize("plan", NATIVE_PLANS, ids=lambda p: f"bn{p[0]}_st{p[1]}_pr{p[2]}{'_tma' if len(p) > 3 else ''}")

@@ -4,7 +4,8 @@
 MLX builds (inputs as `const T*`, outputs as `T*`, template constants at the top
 of the body), with the header mlx_flash passes, compiles it as C++ with
 clang-19 against a small emulation of the CUDA device language
-(include/cuda_emu.h, mma_emu.cuh in place of cuda_src/mma.cuh) and runs the
+(include/cuda_emu.h, mma_emu.cuh in place of cuda_src/mma.cuh, wgmma_emu.cuh
+in place of wgmma.cuh, wgmma_gemm.cuh and tma.cuh) and runs the
 grid on the fiber runtime of the Metal emulation (tests/metal_emu/runtime):
 every CUDA thread a fiber, a block a threadgroup, a warp a SIMD-group.
 
@@ -51,7 +52,9 @@ _NUMPY = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16
           mx.int32: np.int32, mx.uint8: np.uint8, mx.uint32: np.uint32}
 _INCLUDE_LINE = re.compile(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', re.M)
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned\s+char\s+(\w+)\[\];")
-_STATIC_SMEM = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?((?:unsigned\s+)?\w+)\s+(\w+)\s*((?:\[[^\];]+\])+);")
+_STATIC_SMEM = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?((?:(?:unsigned|long)\s+)*\w+)\s+(\w+)\s*((?:\[[^\];]+\])+);")
+# Headers of the Hopper GEMM that wgmma_emu.cuh stands in for (wgmma.cuh first).
+_HOPPER_HEADERS = ("wgmma.cuh", "wgmma_gemm.cuh", "tma.cuh")
 
 
 def unavailable_reason():
@@ -81,6 +84,15 @@ def _emulated_header(header: str) -> str:
         header = header.replace(real_mma, strip(_read(os.path.join(_HERE, "mma_emu.cuh"))))
     elif "mma.sync" in header or "cp.async" in header:
         raise AssertionError("cuda_emu: the header has mma.cuh's PTX in an unexpected form")
+    # The Hopper GEMM's PTX (matmul_wgmma.cuh): wgmma.cuh, its generated
+    # wrappers and tma.cuh, all three replaced by wgmma_emu.cuh.
+    hopper = [cuda_backend._minify(strip(cuda_backend._read(name))) for name in _HOPPER_HEADERS]
+    if all(text in header for text in hopper):
+        header = header.replace(hopper[0], strip(_read(os.path.join(_HERE, "wgmma_emu.cuh"))))
+        for text in hopper[1:]:
+            header = header.replace(text, "")
+    elif "wgmma." in header or "cp.async.bulk" in header:
+        raise AssertionError("cuda_emu: the header has wgmma or TMA PTX in an unexpected form")
     header = _DYNAMIC_SMEM.sub(r"unsigned char* \1 = __emu_dynamic_smem();", header)
     counter = iter(range(1 << 30))
     return _STATIC_SMEM.sub(lambda m: f"auto& {m[2]} = *__emu_shared_array<{m[1]}{m[3]}, {next(counter)}>();",
@@ -168,7 +180,8 @@ class CudaKernel:
         params += [f"  const Strides {n}_strides = __emu_strides(__b[{first + i}]);"
                    for i, n in enumerate(self.strided)]
         header = _emulated_header(self.header)
-        start = "  mlx_flash::emu_thread_start();\n" if "emu_thread_start" in header else ""
+        start = "".join(f"  mlx_flash::{fn}();\n" for fn in ("emu_thread_start", "emu_wgmma_thread_start")
+                        if fn in header)
         return "\n".join([
             '#include "cuda_emu.h"',
             header,
@@ -202,7 +215,8 @@ class CudaKernel:
         for shape, dtype in zip(output_shapes, output_dtypes):
             count = int(np.prod(shape, dtype=np.int64))
             if init_value is not None:
-                keep.append(_to_bytes(mx.full(tuple(shape), init_value, dtype=dtype)).copy())
+                # (mx.full gives float32 for a NaN fill of an integer dtype: cast.)
+                keep.append(_to_bytes(mx.full(tuple(shape), init_value, dtype=dtype).astype(dtype)).copy())
             else:  # unwritten outputs must show: NaN
                 raw = np.full(count * np.dtype(_NUMPY[dtype]).itemsize, 0xFF, dtype=np.uint8)
                 keep.append(raw.view(_NUMPY[dtype]))
