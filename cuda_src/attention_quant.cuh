@@ -1,6 +1,6 @@
 // Attention straight from an affine-quantized K/V cache (mx.quantize's format,
 // mlx-lm's QuantizedKVCache): forward (split over keys, merged by
-// attention_quant_combine) and the fused dq-only backward. SIMT, fp32
+// attention_combine of attention_simt.cuh) and the fused dq-only backward. SIMT, fp32
 // arithmetic, every q dtype; K and V are dequantized in registers as they
 // stream in, never written anywhere in full precision.
 //
@@ -23,6 +23,7 @@
 #pragma once
 
 #include "attention_common.cuh"
+#include "mma.cuh"
 
 namespace mlx_flash {
 
@@ -111,19 +112,100 @@ __device__ __forceinline__ unsigned code_of(const unsigned (&w)[BITS], int e) {
   return x & ((1u << BITS) - 1u);
 }
 
-// Values c..c+3 (c a multiple of 4) of token j, straight from its words.
-template <int BITS, int GS, typename ST, class SA>
-__device__ __forceinline__ void dequant4(const QuantHead<ST, SA>& m, long j, int c, float (&out)[4]) {
-  const unsigned* words = m.words(j);
-  const long wd = m.ws[3];
+// Values c..c+3 (c a multiple of 4) of one token from its row of words w
+// (elements wd apart) and the scale and bias of their group.
+template <int BITS>
+__device__ __forceinline__ void unpack4(const unsigned* w, long wd, int c, float s, float b, float (&out)[4]) {
   const int bit = c * BITS, i = bit >> 5, sh = bit & 31;
-  unsigned long long x = words[i * wd];
-  if (sh + 4 * BITS > 32) x |= (unsigned long long)words[(i + 1) * wd] << 32;
+  unsigned long long x = w[i * wd];
+  if (sh + 4 * BITS > 32) x |= (unsigned long long)w[(i + 1) * wd] << 32;
   x >>= sh;
-  const float s = m.scale(j, c / GS), b = m.bias(j, c / GS);
 #pragma unroll
   for (int e = 0; e < 4; ++e) out[e] = fmaf(s, (float)(unsigned)((x >> (e * BITS)) & ((1u << BITS) - 1u)), b);
 }
+
+// Values c..c+3 (c a multiple of 4) of token j, straight from its words.
+template <int BITS, int GS, typename ST, class SA>
+__device__ __forceinline__ void dequant4(const QuantHead<ST, SA>& m, long j, int c, float (&out)[4]) {
+  unpack4<BITS>(m.words(j), m.ws[3], c, m.scale(j, c / GS), m.bias(j, c / GS), out);
+}
+
+// Keys of V one warp of the forward stages in shared memory at a time: a
+// 32-key tile where its raw words, scales and biases fit in 6 KiB (Dv <= 128
+// at 8 bits), else 8, which keeps a stage's words within 16 registers a lane
+// up to Dv 512 (backends/cuda_quant.py mirrors this).
+__host__ __device__ constexpr int quant_stage_keys(int dv, int bits, int gs) {
+  return (dv * bits / 8 + 8 * (dv / gs)) * 32 <= 6144 ? 32 : 8;
+}
+
+// VS keys of V (tokens j0.., those at or past `end` zero) as raw words,
+// scales and biases in the warp's shared-memory stage. Dense rows (4- and
+// 8-bit, unit stride, aligned) copy their words with cp.async, issued before
+// the tile's K is read so that both wait for memory together and no register
+// holds them; other rows load word by word after q.k. Scales and biases (2
+// bytes each) go through registers. Either way a tile waits for memory once,
+// not once per key.
+template <int DV, int BITS, int GS, int VS>
+struct VStage {
+  static constexpr int WPR = DV * BITS / 32, NG = DV / GS;
+  static constexpr int NS = (VS * NG + 31) / 32;
+  static constexpr int FLOATS = VS * (WPR + 2 * NG);  // shared-memory words of a stage
+  float s[NS], b[NS];
+
+  // Dense rows: the words' cp.async copies (one commit group) and the scales and biases.
+  template <typename ST, class SA>
+  __device__ __forceinline__ void issue(const QuantHead<ST, SA>& m, long j0, long end, int lane, unsigned* stage) {
+    if (BITS % 4 == 0 && m.dense) {
+      constexpr int Q = BITS % 4 == 0 ? WPR / 4 : 1;  // 16-byte chunks of a row
+#pragma unroll
+      for (int i = 0; i < (VS * Q + 31) / 32; ++i) {
+        const int idx = lane + 32 * i, kk = idx / Q;
+        if (idx < VS * Q) {
+          const bool in = j0 + kk < end;
+          cp_async16(stage + 4 * idx, m.words(in ? j0 + kk : j0) + 4 * (idx % Q), in);
+        }
+      }
+      cp_async_commit();
+    }
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      const int idx = lane + 32 * i, kk = idx / NG;
+      const bool in = idx < VS * NG && j0 + kk < end;
+      s[i] = in ? m.scale(j0 + kk, idx % NG) : 0.f;
+      b[i] = in ? m.bias(j0 + kk, idx % NG) : 0.f;
+    }
+  }
+
+  // Completes the stage: waits for the copies (dense) or loads the words
+  // (strided views, 3/5/6 bits), stores the scales and biases.
+  template <typename ST, class SA>
+  __device__ __forceinline__ void land(const QuantHead<ST, SA>& m, long j0, long end, int lane, unsigned* stage) {
+    if (BITS % 4 == 0 && m.dense) {
+      cp_async_wait<0>();
+    } else {
+      const long wd = m.ws[3];
+#pragma unroll 4
+      for (int idx = lane; idx < VS * WPR; idx += 32) {
+        const int kk = idx / WPR;
+        stage[idx] = j0 + kk < end ? m.words(j0 + kk)[(idx % WPR) * wd] : 0u;
+      }
+    }
+    float* sf = reinterpret_cast<float*>(stage + VS * WPR);
+#pragma unroll
+    for (int i = 0; i < NS; ++i)
+      if (lane + 32 * i < VS * NG) {
+        sf[lane + 32 * i] = s[i];
+        sf[VS * NG + lane + 32 * i] = b[i];
+      }
+  }
+
+  // Stage layout: words [VS][WPR], then scales [VS][NG], then biases [VS][NG].
+  // Values c..c+3 of staged key kk.
+  __device__ __forceinline__ static void values(const unsigned* stage, int kk, int c, float (&out)[4]) {
+    const float* sf = reinterpret_cast<const float*>(stage + VS * WPR);
+    unpack4<BITS>(stage + kk * WPR, 1, c, sf[kk * NG + c / GS], sf[VS * NG + kk * NG + c / GS], out);
+  }
+};
 
 // dot[t] += rows[t] . x over the D values of token j (lane = key): rows are
 // RW float rows of shared memory (stride D).
@@ -243,11 +325,15 @@ __device__ void attention_quant_fwd(
   QuantWarp<MT, F, RW> w;
   const int Hq = ip[kHeadsQ], Nq = ip[kSeqQ];
   init_warp(w, blockIdx.x / block_splits, ip, fp, mask, alibi);
+  constexpr int VS = quant_stage_keys(DV, BITS, GS);
+  using Stage = VStage<DV, BITS, GS, VS>;
   float* qs = reinterpret_cast<float*>(quant_smem) + warp * RW * D;
-  // After the key loop: each warp's accumulators [W][RW][DV], then m and l [W][RW].
+  // After the key loop: each warp's accumulators [W][RW][DV], then m and l [W][RW];
+  // then each warp's V stage (quant_fwd_smem in backends/cuda_quant.py).
   float* red_acc = reinterpret_cast<float*>(quant_smem) + W * RW * D;
   float* red_m = red_acc + W * RW * DV;
   float* red_l = red_m + W * RW;
+  unsigned* vstage = reinterpret_cast<unsigned*>(red_l + W * RW) + warp * Stage::FLOATS;
   stage_rows<T, D>(w, q, qs, lane);
   const float scale = fp[kScale];
 
@@ -274,10 +360,19 @@ __device__ void attention_quant_fwd(
 
   for (int j0 = start; j0 < end; j0 += 32) {
     const int j = j0 + lane;
+    // The tile's first V stage is requested before K is read (the previous
+    // tile's reads of the stage ended at its last __syncwarp), so the two wait
+    // for memory together; it is completed after q.k. Rows wider than 256
+    // request it after q.k: their accumulators leave no register to spare.
+    constexpr bool kEarlyStage = DV <= 256;
+    Stage first;
+    if (kEarlyStage) first.issue(vh, j0, end, lane, vstage);
     float dot[RW];
 #pragma unroll
     for (int t = 0; t < RW; ++t) dot[t] = 0.f;
     if (j < end) quant_row_dots<D, BITS, GS, RW>(kh, j, qs, dot);
+    if (!kEarlyStage) first.issue(vh, j0, end, lane, vstage);
+    first.land(vh, j0, end, lane, vstage);
     // Logits; a bit per row that keeps this lane's key.
     float p[RW];
     unsigned kept = 0;
@@ -305,25 +400,36 @@ __device__ void attention_quant_fwd(
     // P.V, lane = value columns; a key no row kept is skipped, and a row
     // that dropped a key never multiplies its v (select, not 0 * v).
     const int keys = min(32, end - j0);
-    for (int jj = 0; jj < keys; ++jj) {
-      const unsigned kj = __shfl_sync(0xffffffffu, kept, jj);
-      if (kj == 0) continue;  // warp-uniform
-      float pj[RW];
+    for (int sb = 0; sb < keys; sb += VS) {
+      if (sb > 0) {  // wider rows: the tile's later stages (VS < 32)
+        Stage next;
+        next.issue(vh, j0 + sb, end, lane, vstage);
+        next.land(vh, j0 + sb, end, lane, vstage);
+      }
+      __syncwarp();
+      const int n = min(VS, keys - sb);
+      for (int kk = 0; kk < n; ++kk) {
+        const int jj = sb + kk;
+        const unsigned kj = __shfl_sync(0xffffffffu, kept, jj);
+        if (kj == 0) continue;  // warp-uniform
+        float pj[RW];
 #pragma unroll
-      for (int t = 0; t < RW; ++t) pj[t] = __shfl_sync(0xffffffffu, p[t], jj);
+        for (int t = 0; t < RW; ++t) pj[t] = __shfl_sync(0xffffffffu, p[t], jj);
 #pragma unroll
-      for (int u = 0; u < NU; ++u) {
-        const int c = 4 * (lane + 32 * u);
-        if (c < DV) {
-          float x[4];
-          dequant4<BITS, GS>(vh, j0 + jj, c, x);
+        for (int u = 0; u < NU; ++u) {
+          const int c = 4 * (lane + 32 * u);
+          if (c < DV) {
+            float x[4];
+            Stage::values(vstage, kk, c, x);
 #pragma unroll
-          for (int t = 0; t < RW; ++t)
-            if ((kj >> t) & 1u)
+            for (int t = 0; t < RW; ++t)
+              if ((kj >> t) & 1u)
 #pragma unroll
-              for (int e = 0; e < 4; ++e) acc[t][u][e] = fmaf(pj[t], x[e], acc[t][u][e]);
+                for (int e = 0; e < 4; ++e) acc[t][u][e] = fmaf(pj[t], x[e], acc[t][u][e]);
+          }
         }
       }
+      __syncwarp();  // every lane's reads of this stage are done before the next store
     }
   }
 
@@ -368,65 +474,6 @@ __device__ void attention_quant_fwd(
     part_o[prow * DV + c] = nan ? MLXF_QUANT_NAN : (ll > 0.f ? o / ll : 0.f);
     if (c == 0) part_lse[prow] = nan ? MLXF_QUANT_NAN : (ll > 0.f ? mm + logf(ll) : kNegInf);
   }
-}
-
-// Merge the splits of each row by their lse, with the sink; one warp per row.
-// A NaN partial lse (a row that met a NaN/+inf logit), a NaN or +inf sink
-// make the row NaN; no kept key and no sink: out 0, lse -inf.
-template <typename T, int DV, bool Sinks>
-__device__ void attention_quant_combine(const float* part_o, const float* part_lse, const float* sinks,
-                                        const int* ip, const int* ns, T* out, float* lse) {
-  constexpr int W = 4;
-  const int lane = threadIdx.x % 32;
-  const long row = (long)blockIdx.x * W + threadIdx.x / 32;
-  const int Hq = ip[kHeadsQ], Nq = ip[kSeqQ];
-  const long rows = (long)ip[kBatch] * Hq * Nq;
-  if (row >= rows) return;
-  const int splits = ns[0];
-  float m = kNegInf;
-  bool nan = false;
-  for (int s = lane; s < splits; s += 32) {
-    const float x = part_lse[s * rows + row];
-    nan = nan || x != x;
-    m = fmaxf(m, x);
-  }
-  m = warp_max(m);
-  nan = __any_sync(0xffffffffu, nan);
-  float sink = kNegInf;
-  if (Sinks) {
-    sink = sinks[(row / Nq) % Hq];
-    nan = nan || sink != sink || sink == MLXF_QUANT_POS_INF;
-    m = fmaxf(m, sink);
-  }
-  if (nan || m == kNegInf) {
-    const float o = nan ? MLXF_QUANT_NAN : 0.f;
-    for (int d = lane; d < DV; d += 32) out[row * DV + d] = from_float<T>(o);
-    if (lane == 0) lse[row] = nan ? MLXF_QUANT_NAN : kNegInf;
-    return;
-  }
-  float denom = 0.f;
-  for (int s = lane; s < splits; s += 32) denom += expf(part_lse[s * rows + row] - m);
-  denom = warp_sum(denom) + (Sinks ? expf(sink - m) : 0.f);
-  const float inv = 1.f / denom;
-  // Splits outer, each lane's columns inner: every load of a split is independent.
-  constexpr int NC = (DV + 31) / 32;
-  float o[NC];
-#pragma unroll
-  for (int u = 0; u < NC; ++u) o[u] = 0.f;
-#pragma unroll 4
-  for (int s = 0; s < splits; ++s) {
-    const float x = part_lse[s * rows + row];
-    if (x == kNegInf) continue;  // an empty split adds nothing
-    const float f = expf(x - m);
-    const float* src = part_o + (s * rows + row) * DV;
-#pragma unroll
-    for (int u = 0; u < NC; ++u)
-      if (lane + 32 * u < DV) o[u] = fmaf(f, src[lane + 32 * u], o[u]);
-  }
-#pragma unroll
-  for (int u = 0; u < NC; ++u)
-    if (lane + 32 * u < DV) out[row * DV + lane + 32 * u] = from_float<T>(o[u] * inv);
-  if (lane == 0) lse[row] = m + logf(denom);
 }
 
 // Backward, dq only (k and v are a constant cache): one warp owns RW rows and

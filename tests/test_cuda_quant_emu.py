@@ -94,6 +94,9 @@ SHAPES = [
     (1, 2, 1, 5, 70, 32, 96, 6, 32),
     (1, 8, 1, 1, 1000, 128, 128, 4, 64),
     (1, 3, 3, 2, 300, 64, 64, 8, 64),
+    # V rows too wide for a 32-key stage: 8-key stages (8-bit 256; 8-bit 512, group 32).
+    (1, 4, 1, 1, 300, 256, 256, 8, 64),
+    (1, 2, 1, 2, 70, 64, 512, 8, 32),
 ]
 
 
@@ -136,7 +139,7 @@ def test_features(feature):
 @pytest.mark.parametrize("splits", [1, 3, 16])
 def test_decode_split_path(splits):
     """GQA decode (4 heads per KV head share a warp), keys split over warps and
-    merged by attention_quant_combine, with sinks (one -inf) and a window that
+    merged by attention_combine, with sinks (one -inf) and a window that
     leaves some splits empty."""
     B, Hq, Hkv, Nq, Nk, D = 1, 8, 2, 1, 1100, 128
     gen, q, kq, vq, kd, vd = _case(("split", splits), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4, group_size=64)
@@ -449,8 +452,11 @@ def _compile_cases():
                     ("D", 128), ("DV", 128), ("BITS", bits), ("GS", 64), ("RW", rw)]
                 yield "attention_quant_fwd", cq._FWD_INPUTS, ("part_o", "part_lse"), tmpl + [("W", cq._FWD_WARPS)]
                 yield "attention_quant_bwd", cq._BWD_INPUTS, ("dq",), tmpl + [("W", cq._WARPS)]
-        yield "attention_quant_combine", ("part_o", "part_lse", "sinks", "ip", "ns"), ("out", "lse"), [
-            ("T", T), ("DV", 128), ("SINKS", True)]
+        # Wide V rows: the forward's 16- and 8-key V stages.
+        for d, dv, bits, gs in ((256, 256, 8, 64), (128, 512, 8, 32), (576, 512, 4, 64)):
+            tmpl = [("T", T), ("KST", ST), ("VST", ST), ("MT", mx.float32)] + every + [
+                ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs), ("RW", 4)]
+            yield "attention_quant_fwd", cq._FWD_INPUTS, ("part_o", "part_lse"), tmpl + [("W", cq._FWD_WARPS)]
         if T != mx.float32:
             # The default tile (8 warps x 64 keys) and the 4 x 32 alternative.
             for nw, bn in ((cq._MMA_WARPS, cq._MMA_BN), (4, 32)):
@@ -470,8 +476,7 @@ def _dtypes(names, template):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("body", ["attention_quant_fwd", "attention_quant_bwd", "attention_quant_combine",
-                                  "attention_quant_fwd_mma"])
+@pytest.mark.parametrize("body", ["attention_quant_fwd", "attention_quant_bwd", "attention_quant_fwd_mma"])
 def test_nvcc_compiles_without_spills(body, tmp_path):
     """Every kernel instance of `body` in one translation unit (as MLX wraps
     each), for sm_90a; ptxas must report no spills."""

@@ -197,7 +197,7 @@ def main():
     for bits, (kq, vq) in quant.items():
         cap = direct_kernels(q, kq, vq, bits, s)
         fwd_k, fwd_kw = cap["attention_quant_fwd"]
-        comb_k, comb_kw = cap["attention_quant_combine"]
+        comb_k, comb_kw = cap["attention_combine"]
         fwd_only = lambda: fwd_k(**fwd_kw)  # noqa: E731
         part = fwd_only()
         mx.eval(part)

@@ -74,7 +74,6 @@ _KERNEL_ROOTS = {
     "matmul_gemv": ("matmul_gemv.cuh",),
     # flash_attention_quantized (cuda_quant.py)
     "attention_quant_fwd": ("attention_quant.cuh",),
-    "attention_quant_combine": ("attention_quant.cuh",),
     "attention_quant_bwd": ("attention_quant.cuh",),
     "attention_quant_fwd_mma": ("attention_quant_mma.cuh",),
 }

@@ -6,7 +6,7 @@
                            step fills the GPU; a block's 8 warps (8 key chunks
                            of the same rows) merge in shared memory and write
                            one normalised partial result and lse per split ...
-  attention_quant_combine  ... which this merges (with the sinks)
+  attention_combine        ... which cuda.py's merge kernel combines (with the sinks)
   attention_quant_fwd_mma  tensor-core forward for 16-bit q with enough query rows
                            to fill the GPU without splitting keys (a prefill
                            chunk): 128 rows of one head per block (8 warps:
@@ -119,6 +119,11 @@ def _mma_smem(qspec) -> int:
     return 2 * (bm * (d + 8) + 2 * bn * (d + 8) + 2 * bn * (dv + 8)) + 4 * bm * bn
 
 
+def fwd_warps() -> int:
+    """Warps per block of the split forward (TUNING "fwd_warps" for GPU sweeps)."""
+    return TUNING.get("fwd_warps", _FWD_WARPS)
+
+
 def _rows_per_warp(qspec) -> int:
     """Rows per warp: all of a decode step's rows per KV head (up to _MAX_RW)."""
     spec = qspec.attention
@@ -135,7 +140,8 @@ def forward_plan(qspec):
     spec = qspec.attention
     rw = _rows_per_warp(qspec)
     groups = math.ceil(spec.seqlen_q * spec.group_size / rw)
-    base = spec.batch * spec.heads_kv * groups * _FWD_WARPS
+    nw = fwd_warps()
+    base = spec.batch * spec.heads_kv * groups * nw
     keys = _cuda._effective_keys(spec)
     target = TUNING.get("target_warps", _TARGET_WARPS)
     # The fp32 partial results stay under an eighth of the quantized cache's
@@ -144,12 +150,25 @@ def forward_plan(qspec):
     cache_bytes = spec.batch * spec.heads_kv * spec.seqlen_k * (spec.head_dim_qk + spec.head_dim_v) * (
         qspec.bits / 8 + 4 / qspec.group_size)
     part_bytes = spec.batch * spec.heads_q * spec.seqlen_q * (spec.head_dim_v + 1) * 4
-    splits = max(1, min(math.ceil(target / base), math.ceil(keys / (_MIN_SPLIT_KEYS * _FWD_WARPS)),
+    splits = max(1, min(math.ceil(target / base), math.ceil(keys / (_MIN_SPLIT_KEYS * nw)),
                         int(cache_bytes // (8 * part_bytes))))
     if "splits" in TUNING:
         splits = TUNING["splits"]
-    smem = 4 * _FWD_WARPS * rw * (spec.head_dim_qk + spec.head_dim_v + 2)
+    splits = min(splits, _cuda._MAX_SPLITS)  # attention_combine merges at most this many
+    smem = 4 * nw * (rw * (spec.head_dim_qk + spec.head_dim_v + 2)
+                             + stage_words(spec.head_dim_v, qspec.bits, qspec.group_size))
     return rw, groups, splits, smem
+
+
+def stage_keys(dv: int, bits: int, group_size: int) -> int:
+    """quant_stage_keys of attention_quant.cuh: V keys a forward warp stages at once."""
+    per_key = dv * bits // 8 + 8 * (dv // group_size)
+    return 32 if 32 * per_key <= 6144 else 8
+
+
+def stage_words(dv: int, bits: int, group_size: int) -> int:
+    """VStage::FLOATS: 4-byte words of one warp's V stage (raw words, scales, biases)."""
+    return stage_keys(dv, bits, group_size) * (dv * bits // 32 + 2 * (dv // group_size))
 
 
 def _template(qspec, inputs: AttentionInputs, k, v, rw, warps=_WARPS):
@@ -196,18 +215,20 @@ def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream)
     args = _operands(q, k, v, qspec, inputs, stream)
     kernel = _strided_kernel("attention_quant_fwd", _FWD_INPUTS, ("part_o", "part_lse"), smem)
     part_o, part_lse = kernel(
-        inputs=args + [ns], template=_template(qspec, inputs, k, v, rw, _FWD_WARPS),
-        grid=(groups * splits * 32 * _FWD_WARPS, 1, spec.batch * spec.heads_kv),
-        threadgroup=(32 * _FWD_WARPS, 1, 1),
+        inputs=args + [ns], template=_template(qspec, inputs, k, v, rw, fwd_warps()),
+        grid=(groups * splits * 32 * fwd_warps(), 1, spec.batch * spec.heads_kv),
+        threadgroup=(32 * fwd_warps(), 1, 1),
         output_shapes=[(splits, rows, dv), (splits, rows)], output_dtypes=[mx.float32, mx.float32],
         stream=stream,
     )
+    # The splits merge in the attention kernels' own attention_combine (one
+    # block per row; same partial layout, lse and non-finite rules).
     sinks = inputs.sinks if inputs.sinks is not None else _cuda._placeholders()[2]
-    combine = _kernel("attention_quant_combine", ("part_o", "part_lse", "sinks", "ip", "ns"), ("out", "lse"), 0)
+    combine = _kernel("attention_combine", ("part_o", "part_lse", "sinks", "ip", "ns"), ("out", "lse"), 0)
     out, lse = combine(
         inputs=[part_o, part_lse, sinks, args[9], ns],
-        template=[("T", spec.dtype), ("DV", dv), ("SINKS", spec.has_sinks)],
-        grid=(math.ceil(rows / 4) * 128, 1, 1), threadgroup=(128, 1, 1),
+        template=[("T", spec.dtype), ("DV", dv), ("SINKS", spec.has_sinks), ("VARLEN", False)],
+        grid=(rows * 128, 1, 1), threadgroup=(128, 1, 1),
         output_shapes=[tuple(q.shape[:-1]) + (dv,), tuple(q.shape[:-1])], output_dtypes=[spec.dtype, mx.float32],
         stream=stream,
     )
