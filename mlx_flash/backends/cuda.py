@@ -459,10 +459,12 @@ _FWD_TWO_TILES = os.environ.get("MLX_FLASH_CUDA_FWD_TWO_TILES", "1") == "1"
 # Forward.
 
 def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
-    out_shape = tuple(q.shape[:-1]) + (spec.head_dim_v,)
     lse_shape = tuple(q.shape[:-1])
+    out_shape = lse_shape + (spec.head_dim_v,)
     args = _forward_inputs(q, k, v, spec, inputs)
     template = list(_forward_template(spec, inputs.mask.dtype if inputs.mask is not None else mx.bool_))
+    if not _uses_mma(spec):  # decode-like or float32 (the Hopper kernels are tensor-core kernels too)
+        return _forward_simt(args, template, spec, out_shape, lse_shape, stream)
     if _uses_wgmma(spec):
         bn, stages, row_blocks, kernel = _wgmma_fwd_config(spec, _WGMMA_BN, _WGMMA_STAGES)
         out, lse = kernel(
@@ -472,16 +474,14 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
             stream=stream,
         )
         return out, lse
-    if _uses_mma(spec):
-        nw, bn, blocks, tiles, kernel = _mma_fwd_config(spec)
-        out, lse = kernel(
-            inputs=args, template=template + list(tiles),
-            grid=(blocks * 32 * nw, spec.heads_q, spec.batch), threadgroup=(32 * nw, 1, 1),
-            output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
-            stream=stream,
-        )
-        return out, lse
-    return _forward_simt(args, template, spec, out_shape, lse_shape, stream)
+    nw, bn, blocks, tiles, kernel = _mma_fwd_config(spec)
+    out, lse = kernel(
+        inputs=args, template=template + list(tiles),
+        grid=(blocks * 32 * nw, spec.heads_q, spec.batch), threadgroup=(32 * nw, 1, 1),
+        output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
+        stream=stream,
+    )
+    return out, lse
 
 
 @functools.lru_cache(maxsize=1024)
