@@ -18,6 +18,8 @@ Stages (each timed alone over the same prepared arguments):
              called directly with the validated spec and inputs
   full       the public call; "rest" = full - the three stages above, i.e.
              mx.custom_function's own per-call cost and the glue between
+The "growing" cases time only the full call, over k/v views one key longer
+every 32 calls (generation with a 32-layer model: one new shape per step).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ CASES = {
     "decode fp16 (1,32:8,1,32768,128)": ("plain", 1, 32, 8, 1, 32768, 128, None, False),
     "decode 4-bit (1,32:8,1,32768,128)": ("quant", 1, 32, 8, 1, 32768, 128, 4, False),
     "decode 8-bit (1,32:8,1,32768,128)": ("quant", 1, 32, 8, 1, 32768, 128, 8, False),
+    # Generation: the cache one key longer every 32 calls (a 32-layer model), k and v
+    # views of a longer buffer: the first layer of a step meets a new shape.
+    "decode fp16 growing, 32 layers": ("plain-grow", 1, 32, 8, 1, 32768, 128, None, False),
+    "decode 4-bit growing, 32 layers": ("quant-grow", 1, 32, 8, 1, 32768, 128, 4, False),
     "prefill fp16 causal (1,32:8,2048,2048,128)": ("plain", 1, 32, 8, 2048, 2048, 128, None, True),
     "prefill 4-bit causal (1,32:8,2048,8192,128)": ("quant", 1, 32, 8, 2048, 8192, 128, 4, True),
 }
@@ -90,13 +96,41 @@ def install_stubs():
     return stub
 
 
-def make_case(name):
+def growing_case(op, q, k, v, bits, s, calls, per_length=32):
+    """Only the full call: views one key longer every `per_length` calls."""
+    nk = k.shape[2] - calls // per_length - 1
+    if op == "quant-grow":
+        k = tuple(mx.quantize(k, group_size=GROUP_SIZE, bits=bits))
+        v = tuple(mx.quantize(v, group_size=GROUP_SIZE, bits=bits))
+        mx.eval(k, v)
+        views = [(tuple(a[:, :, :n] for a in k), tuple(a[:, :, :n] for a in v))
+                 for n in (nk + i // per_length for i in range(calls))]
+        it = iter(views)
+
+        def step():
+            kn, vn = next(it)
+            return mlx_flash.flash_attention_quantized(q, kn, vn, bits=bits, group_size=GROUP_SIZE, scale=s)
+        return {"full": step}
+    mx.eval(k, v)
+    views = [(k[:, :, :n], v[:, :, :n]) for n in (nk + i // per_length for i in range(calls))]
+    it = iter(views)
+
+    def step():
+        kn, vn = next(it)
+        return mlx_flash.flash_attention(q, kn, vn, scale=s)
+    return {"full": step}
+
+
+def make_case(name, calls):
     op, B, Hq, Hkv, Nq, Nk, D, bits, causal = CASES[name]
     keys = mx.random.split(mx.random.key(7), 3)
     q = mx.random.normal((B, Hq, Nq, D), key=keys[0]).astype(mx.float16)
     k = mx.random.normal((B, Hkv, Nk, D), key=keys[1]).astype(mx.float16)
     v = mx.random.normal((B, Hkv, Nk, D), key=keys[2]).astype(mx.float16)
     s = D ** -0.5
+    if op.endswith("grow"):
+        mx.eval(q)
+        return growing_case(op, q, k, v, bits, s, calls)
     if op == "plain":
         mx.eval(q, k, v)
         spec, inputs = validate_attention(q, k, v, scale=s, causal=causal)
@@ -170,7 +204,7 @@ def main():
     print(f"host_cost: {mode}; device {card}; best of {args.repeats} x {args.iters} builds, us per call")
     if args.profile:
         name = next(n for n in CASES if n.startswith(args.profile))
-        fn = make_case(name)["full"]
+        fn = make_case(name, args.iters + 2)["full"]
         fn()
         prof = cProfile.Profile()
         prof.enable()
@@ -191,18 +225,20 @@ def main():
           + ", ".join(f"{n}: {us:.1f}" for n, us in res["custom_function_floor_us"].items()) + ")")
     print(f"{'case':44s} {'valid':>6s} {'disp':>6s} {'backend':>7s} {'rest':>6s} {'full':>6s}  launches")
     for name in CASES:
-        stages = make_case(name)
+        stages = make_case(name, args.iters * args.repeats + 2)
         row = {}
         for stage, fn in stages.items():
             row[stage] = build_us(fn, args.iters, args.repeats)
-        row["rest"] = row["full"] - row["validate"] - row["dispatch"] - row["backend"]
-        if stub:
+        if len(stages) > 1:
+            row["rest"] = row["full"] - row["validate"] - row["dispatch"] - row["backend"]
+        if stub and len(stages) > 1:
             before = _StubKernel.calls
             stages["full"]()
             row["launches"] = _StubKernel.calls - before
         res["cases"][name] = row
-        print(f"{name:44s} {row['validate']:6.1f} {row['dispatch']:6.1f} {row['backend']:7.1f} "
-              f"{row['rest']:6.1f} {row['full']:6.1f}  {row.get('launches', '')}", flush=True)
+        cells = " ".join(f"{row[c]:{w}.1f}" if c in row else f"{'-':>{w}s}"
+                         for c, w in (("validate", 6), ("dispatch", 6), ("backend", 7), ("rest", 6), ("full", 6)))
+        print(f"{name:44s} {cells}  {row.get('launches', '')}", flush=True)
         if args.json:  # after every case: a run cut short still leaves what it measured
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
