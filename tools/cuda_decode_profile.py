@@ -1,6 +1,6 @@
 """Where a CUDA decode call's time goes: Python wrapper, MLX launch, GPU (GPU machine).
 
-    python tools/cuda_decode_profile.py OUT_DIR            # host timings + cProfile
+    python tools/cuda_decode_profile.py OUT_DIR [--sweep]  # host timings + cProfile (+ launch-plan sweep)
     ncu --metrics gpu__time_duration.sum --csv python tools/cuda_decode_profile.py OUT_DIR --kernels
                                                            # GPU time of each kernel
 
@@ -29,12 +29,13 @@ import time
 import mlx.core as mx
 
 import mlx_flash
+import mlx_flash.attention_quantized
 from mlx_flash.backends import cuda_quant as cq
 
 
 def per_call(fn, calls=20, rounds=15):
     mx.eval(fn())
-    build, wall = [], []
+    build, wall, ev = [], [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
         outs = [fn() for _ in range(calls)]
@@ -43,7 +44,33 @@ def per_call(fn, calls=20, rounds=15):
         t2 = time.perf_counter()
         build.append((t1 - t0) / calls)
         wall.append((t2 - t0) / calls)
-    return {"build_us": statistics.median(build) * 1e6, "batched_us": statistics.median(wall) * 1e6}
+        ev.append((t2 - t1) / calls)
+    # eval_us: the eval alone per call, max(MLX's launch cost, GPU time): the
+    # GPU time wherever it is the larger.
+    return {"build_us": statistics.median(build) * 1e6, "batched_us": statistics.median(wall) * 1e6,
+            "eval_us": statistics.median(ev) * 1e6}
+
+
+def sweep(q, quant, s, res):
+    """The quantized forward's launch plan: warps per block x key splits (TUNING)."""
+    res["sweep"] = {}
+    for bits, (kq, vq) in quant.items():
+        fn = lambda kq=kq, vq=vq, bits=bits: mlx_flash.flash_attention_quantized(  # noqa: E731
+            q, kq, vq, bits=bits, group_size=64, scale=s)
+        for nw in (8, 4):
+            for splits in (None, 16, 64, 128):
+                cq.TUNING.clear()
+                cq.TUNING["fwd_warps"] = nw
+                if splits:
+                    cq.TUNING["splits"] = splits
+                cq.forward_plan.cache_clear()
+                name = f"{bits}bit_w{nw}_splits{splits or 'default'}"
+                res["sweep"][name] = dict(per_call(fn), plan=list(cq.forward_plan(
+                    mlx_flash.attention_quantized.validate_attention_quantized(
+                        q, kq, vq, bits=bits, group_size=64)[0])))
+                print("sweep", name, res["sweep"][name], flush=True)
+    cq.TUNING.clear()
+    cq.forward_plan.cache_clear()
 
 
 def setup():
@@ -207,6 +234,8 @@ def main():
                          (f"direct_both_{bits}bit", both)):
             res["calls"][name] = per_call(fn)
             print(name, res["calls"][name], flush=True)
+    if "--sweep" in sys.argv:
+        sweep(q, quant, s, res)
     # cProfile of the wrapper alone (graph building, no eval).
     kq, vq = quant[4]
     fn = calls["flash_quantized_4bit"]
