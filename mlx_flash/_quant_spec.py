@@ -16,10 +16,13 @@ from typing import NamedTuple, Tuple
 
 import mlx.core as mx
 
-from ._spec import FLOAT_DTYPES, AttentionInputs, AttentionSpec, validate_attention
+from ._spec import (FLOAT_DTYPES, VALIDATED_CALLS, AttentionInputs, AttentionSpec, remember_validated,
+                    simple_options_key, validate_attention)
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+_ARRAY = mx.array
+_TRIPLE_TYPES = (tuple, list)
 
 
 class QuantSpec(NamedTuple):
@@ -76,11 +79,52 @@ def _check_triple(name: str, triple, bits: int, group_size: int) -> Tuple[Tuple[
     return (words, scales, biases), (B, H, N, D)
 
 
+def _call_key(q, k, v, bits, group_size, options):
+    """Everything the checks of a call without optional arrays read, or None
+    where the arguments are not plain (arrays, triples, ints) and must go
+    through the checks one by one."""
+    if not (type(k) in _TRIPLE_TYPES and type(v) in _TRIPLE_TYPES and len(k) == 3 and len(v) == 3
+            and type(bits) is int and type(group_size) is int and type(q) is _ARRAY):
+        return None
+    kw, ks, kb = k
+    vw, vs, vb = v
+    if not (type(kw) is _ARRAY and type(ks) is _ARRAY and type(kb) is _ARRAY and type(vw) is _ARRAY
+            and type(vs) is _ARRAY and type(vb) is _ARRAY):
+        return None
+    return ("quantized", bits, group_size, q.shape, q.dtype, kw.shape, kw.dtype, ks.shape, ks.dtype, kb.shape,
+            kb.dtype, vw.shape, vw.dtype, vs.shape, vs.dtype, vb.shape, vb.dtype, options)
+
+
 def validate_attention_quantized(
     q, k, v, *, bits, group_size, scale=None, mask=None, causal=False, window=None, softcap=None,
     alibi_slopes=None, sinks=None,
 ) -> Tuple[QuantSpec, AttentionInputs, tuple, tuple]:
-    """Check a `flash_attention_quantized` call; returns (spec, inputs, k triple, v triple)."""
+    """Check a `flash_attention_quantized` call; returns (spec, inputs, k triple, v triple).
+
+    A call without optional arrays whose arguments passed the checks before
+    (same shapes, dtypes and options: every layer of a decode step) is not
+    checked again (see _spec.remember_validated)."""
+    if mask is None and alibi_slopes is None and sinks is None:
+        options = simple_options_key(scale, causal, window, softcap)
+        key = None if options is None else _call_key(q, k, v, bits, group_size, options)
+        if key is not None:
+            qspec = VALIDATED_CALLS.get(key)
+            if qspec is None:
+                qspec, _, _, _ = _validate_attention_quantized(
+                    q, k, v, bits=bits, group_size=group_size, scale=scale, causal=causal, window=window,
+                    softcap=softcap)
+                remember_validated(key, qspec)
+            return qspec, AttentionInputs(), tuple(k), tuple(v)
+    return _validate_attention_quantized(
+        q, k, v, bits=bits, group_size=group_size, scale=scale, mask=mask, causal=causal, window=window,
+        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+
+
+def _validate_attention_quantized(
+    q, k, v, *, bits, group_size, scale=None, mask=None, causal=False, window=None, softcap=None,
+    alibi_slopes=None, sinks=None,
+) -> Tuple[QuantSpec, AttentionInputs, tuple, tuple]:
+    """Every check of validate_attention_quantized, run on each call."""
     bits = _check_int_choice("bits", bits, SUPPORTED_BITS)
     group_size = _check_int_choice("group_size", group_size, SUPPORTED_GROUP_SIZES)
     if not isinstance(q, mx.array):

@@ -98,9 +98,13 @@ def _differentiable(spec: AttentionSpec, names: tuple, backend_name: str, stream
     return attention
 
 
+# Head dims every backend takes (wider calls ask the backend which it takes).
+_COMMON_HEAD_DIM = min(dispatch.DEFAULT_HEAD_DIM_LIMITS)
+
+
 def _run(q, k, v, spec, inputs, stream):
     name = dispatch.backend_name(stream)
-    if max(spec.head_dim_qk, spec.head_dim_v) > min(dispatch.DEFAULT_HEAD_DIM_LIMITS):
+    if spec.head_dim_qk > _COMMON_HEAD_DIM or spec.head_dim_v > _COMMON_HEAD_DIM:
         # Every backend takes the default widths; only wider calls ask which does.
         dispatch.check_head_dims(spec, name)
     if spec.has_key_range:

@@ -39,7 +39,7 @@ def _differentiable(qspec: QuantSpec, names: tuple, backend_name: str, stream):
     spec = qspec.attention
 
     def rebuild(extras) -> AttentionInputs:
-        return AttentionInputs(**dict(zip(names, extras)))
+        return AttentionInputs(**dict(zip(names, extras))) if names else AttentionInputs()
 
     @mx.custom_function
     def attention(q, kw, ks, kb, vw, vs, vb, *extras):
@@ -113,9 +113,12 @@ def flash_attention_quantized(q, k, v, *, bits, group_size, scale=None, mask=Non
             f"runs on the CPU, Metal and CUDA); pass stream=mx.cpu, or dequantize k and v and call "
             f"flash_attention"
         )
-    names = tuple(n for n in _EXTRA_FIELDS if getattr(inputs, n) is not None)
-    fn = _differentiable(qspec, names, backend, stream)
-    out, lse = fn(q, *k, *v, *[getattr(inputs, n) for n in names])
+    if inputs.mask is None and inputs.alibi is None and inputs.sinks is None:
+        out, lse = _differentiable(qspec, (), backend, stream)(q, *k, *v)  # the usual call: no getattr loops
+    else:
+        names = tuple(n for n in _EXTRA_FIELDS if getattr(inputs, n) is not None)
+        fn = _differentiable(qspec, names, backend, stream)
+        out, lse = fn(q, *k, *v, *[getattr(inputs, n) for n in names])
     return (out, lse) if return_lse else out
 
 

@@ -312,10 +312,32 @@ def _params(spec: AttentionSpec, inputs: AttentionInputs):
     """int32 and float32 parameter blocks (slots of attention_common.cuh)."""
     mask_dims = inputs.mask.shape if inputs.mask is not None else _NO_DIMS
     bm_dims = inputs.block_mask.shape if inputs.block_mask is not None else _NO_DIMS
+    return _param_arrays(spec, mask_dims, bm_dims)
+
+
+@functools.lru_cache(maxsize=4096)
+def _param_arrays(spec: AttentionSpec, mask_dims: tuple, bm_dims: tuple):
+    """_params' arrays, found by one lookup per call (building and hashing the
+    17-slot tuple for const_array cost more than the rest of the lookup)."""
     ip = (spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k,
-          spec.window_left, spec.window_right, spec.block_q, spec.block_k) + mask_dims + bm_dims
+          spec.window_left, spec.window_right, spec.block_q, spec.block_k) + tuple(mask_dims) + tuple(bm_dims)
     fp = (spec.scale, spec.softcap if spec.softcap else 1.0)
     return const_array(ip, mx.int32), const_array(fp, mx.float32)
+
+
+def _has_optional_arrays(inputs: AttentionInputs) -> bool:
+    return not (inputs.mask is None and inputs.alibi is None and inputs.sinks is None and inputs.block_mask is None
+                and inputs.cu_seqlens_q is None and inputs.key_start is None)
+
+
+def _forward_inputs(q, k, v, spec: AttentionSpec, inputs: AttentionInputs) -> list:
+    """_common_inputs + _key_range_inputs: every forward kernel's inputs."""
+    if _has_optional_arrays(inputs):
+        return _common_inputs(q, k, v, spec, inputs) + _key_range_inputs(inputs)
+    # The usual decode call: no optional arrays, every slot a placeholder.
+    ip, fp = _param_arrays(spec, _NO_DIMS, _NO_DIMS)
+    mask, alibi, sinks, bmask, cu_q, cu_k = _placeholders()
+    return [q, k, v, mask, alibi, sinks, bmask, cu_q, cu_k, ip, fp, cu_q, cu_q]
 
 
 def _common_inputs(q, k, v, spec: AttentionSpec, inputs: AttentionInputs):
@@ -342,6 +364,12 @@ def _key_range_inputs(inputs: AttentionInputs) -> list:
 
 def _feature_template(spec: AttentionSpec, inputs: AttentionInputs, with_sinks=True):
     return list(_features(spec, inputs.mask.dtype if inputs.mask is not None else mx.bool_, with_sinks))
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_template(spec: AttentionSpec, mask_dtype) -> tuple:
+    """The forward kernels' common template arguments: features and head dims."""
+    return _features(spec, mask_dtype, True) + (("D", spec.head_dim_qk), ("DV", spec.head_dim_v))
 
 
 _MASK_KINDS = {"none": 0, "bool": 1, "additive": 2}
@@ -431,10 +459,12 @@ _FWD_TWO_TILES = os.environ.get("MLX_FLASH_CUDA_FWD_TWO_TILES", "1") == "1"
 # Forward.
 
 def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
-    out_shape = tuple(q.shape[:-1]) + (spec.head_dim_v,)
     lse_shape = tuple(q.shape[:-1])
-    args = _common_inputs(q, k, v, spec, inputs) + _key_range_inputs(inputs)
-    template = _feature_template(spec, inputs) + [("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
+    out_shape = lse_shape + (spec.head_dim_v,)
+    args = _forward_inputs(q, k, v, spec, inputs)
+    template = list(_forward_template(spec, inputs.mask.dtype if inputs.mask is not None else mx.bool_))
+    if not _uses_mma(spec):  # decode-like or float32 (the Hopper kernels are tensor-core kernels too)
+        return _forward_simt(args, template, spec, out_shape, lse_shape, stream)
     if _uses_wgmma(spec):
         bn, stages, row_blocks, kernel = _wgmma_fwd_config(spec, _WGMMA_BN, _WGMMA_STAGES)
         out, lse = kernel(
@@ -444,16 +474,14 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
             stream=stream,
         )
         return out, lse
-    if _uses_mma(spec):
-        nw, bn, blocks, tiles, kernel = _mma_fwd_config(spec)
-        out, lse = kernel(
-            inputs=args, template=template + list(tiles),
-            grid=(blocks * 32 * nw, spec.heads_q, spec.batch), threadgroup=(32 * nw, 1, 1),
-            output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
-            stream=stream,
-        )
-        return out, lse
-    return _forward_simt(args, template, spec, out_shape, lse_shape, stream)
+    nw, bn, blocks, tiles, kernel = _mma_fwd_config(spec)
+    out, lse = kernel(
+        inputs=args, template=template + list(tiles),
+        grid=(blocks * 32 * nw, spec.heads_q, spec.batch), threadgroup=(32 * nw, 1, 1),
+        output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
+        stream=stream,
+    )
+    return out, lse
 
 
 @functools.lru_cache(maxsize=1024)
@@ -699,13 +727,18 @@ def matmul2d(a, b, a_scale, b_scale, spec, stream):
 # ---------------------------------------------------------------------------
 # Attention over a quantized KV cache lives in its own module (cuda_quant.py).
 
-def quantized_attention_forward(q, k, v, qspec, inputs, stream):
-    from .cuda_quant import quantized_attention_forward as _forward
+@functools.lru_cache(maxsize=None)
+def _quant():
+    """cuda_quant, imported on first use (it imports this module; an import
+    statement per call cost ~1 us of a decode call)."""
+    from . import cuda_quant
 
-    return _forward(q, k, v, qspec, inputs, stream)
+    return cuda_quant
+
+
+def quantized_attention_forward(q, k, v, qspec, inputs, stream):
+    return _quant().quantized_attention_forward(q, k, v, qspec, inputs, stream)
 
 
 def quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs, stream):
-    from .cuda_quant import quantized_attention_backward as _backward
-
-    return _backward(q, k, v, lse, delta, dout, qspec, inputs, stream)
+    return _quant().quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs, stream)

@@ -90,6 +90,18 @@ def mma_tile(qspec) -> tuple:
 def uses_mma(qspec) -> bool:
     """The tensor-core forward: 16-bit q, head dims <= 128, and at least one
     block of 64 query rows per SM (fewer rows: the split SIMT kernel)."""
+    if TUNING:
+        return _uses_mma(qspec)
+    return _uses_mma_default(qspec)
+
+
+@functools.lru_cache(maxsize=1024)
+def _uses_mma_default(qspec) -> bool:
+    """uses_mma without TUNING overrides, once per spec."""
+    return _uses_mma(qspec)
+
+
+def _uses_mma(qspec) -> bool:
     spec = qspec.attention
     if spec.dtype not in (mx.float16, mx.bfloat16) or max(spec.head_dim_qk, spec.head_dim_v) > 128:
         return False
@@ -160,20 +172,29 @@ def stage_words(dv: int, bits: int, group_size: int) -> int:
 
 
 def _template(qspec, inputs: AttentionInputs, k, v, rw, warps=_WARPS):
-    spec = qspec.attention
     mask_dtype = inputs.mask.dtype if inputs.mask is not None else mx.bool_
-    return [
-        ("T", spec.dtype), ("KST", k[1].dtype), ("VST", v[1].dtype), ("MT", mask_dtype),
+    return list(_template_args(qspec, mask_dtype, k[1].dtype, v[1].dtype, rw, warps))
+
+
+@functools.lru_cache(maxsize=1024)
+def _template_args(qspec, mask_dtype, k_scales_dtype, v_scales_dtype, rw, warps) -> tuple:
+    """_template's arguments, built once per (spec, dtypes, tile)."""
+    spec = qspec.attention
+    return (
+        ("T", spec.dtype), ("KST", k_scales_dtype), ("VST", v_scales_dtype), ("MT", mask_dtype),
         ("SOFTCAP", spec.softcap > 0), ("ALIBI", spec.has_alibi), ("MASK_KIND", _cuda._MASK_KINDS[spec.mask_kind]),
         ("WINDOW", spec.has_window), ("D", spec.head_dim_qk), ("DV", spec.head_dim_v),
         ("BITS", qspec.bits), ("GS", qspec.group_size), ("W", warps), ("RW", rw),
-    ]
+    )
 
 
 def _operands(q, k, v, qspec, inputs: AttentionInputs, stream):
     """Inputs of the strided kernels: k and v triples as given, the rest dense."""
-    ip, fp = _cuda._params(qspec.attention, inputs)
     mask, alibi = _cuda._placeholders()[:2]
+    if inputs.mask is None and inputs.alibi is None:
+        ip, fp = _cuda._param_arrays(qspec.attention, _cuda._NO_DIMS, _cuda._NO_DIMS)
+        return [_dense(q, stream), *k, *v, mask, alibi, ip, fp]
+    ip, fp = _cuda._params(qspec.attention, inputs)
     mask = _dense(inputs.mask, stream) if inputs.mask is not None else mask
     alibi = _dense(inputs.alibi, stream) if inputs.alibi is not None else alibi
     return [_dense(q, stream), *k, *v, mask, alibi, ip, fp]

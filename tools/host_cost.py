@@ -1,0 +1,248 @@
+"""Host (graph-building) cost of one CUDA-path call, split into stages, in microseconds.
+
+    python tools/host_cost.py [--stub] [--json OUT.json] [--profile CASE]
+
+On a machine without a CUDA GPU (or with --stub) the kernel objects are
+stubbed (backends.cuda._kernel, backends.cuda_quant._kernel/_strided_kernel
+return a callable that gives mx.zeros of the output shapes) and dispatch
+answers "cuda", so the exact CUDA-path Python runs on the CPU: only MLX's
+own launch work (source assembly and hashing inside mx.fast.cuda_kernel,
+about 2 us a launch on the H200) is missing; the stub hands out outputs made
+once, so its own cost (printed) is next to nothing. On the GPU machine without --stub the real kernels are used.
+Nothing is evaluated in the timed loops (graph building only).
+
+Stages (each timed alone over the same prepared arguments):
+  validate   _spec.validate_attention / _quant_spec.validate_attention_quantized
+  dispatch   backend_name, extras packing, the cached custom_function lookup
+  backend    the CUDA wrapper (attention_forward / quantized_attention_forward)
+             called directly with the validated spec and inputs
+  full       the public call; "rest" = full - the three stages above, i.e.
+             mx.custom_function's own per-call cost and the glue between
+The "growing" cases time only the full call, over k/v views one key longer
+every 32 calls (generation with a 32-layer model: one new shape per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import sys
+import time
+
+import mlx.core as mx
+
+import mlx_flash
+from mlx_flash import attention, attention_quantized, dispatch
+from mlx_flash._quant_spec import validate_attention_quantized
+from mlx_flash._spec import validate_attention
+from mlx_flash.backends import cuda as cb
+from mlx_flash.backends import cuda_quant as cq
+
+# name: (op, B, Hq, Hkv, Nq, Nk, D, bits, causal); fp16, scale given, group size 64.
+CASES = {
+    "decode fp16 (1,32:8,1,32768,128)": ("plain", 1, 32, 8, 1, 32768, 128, None, False),
+    "decode 4-bit (1,32:8,1,32768,128)": ("quant", 1, 32, 8, 1, 32768, 128, 4, False),
+    "decode 8-bit (1,32:8,1,32768,128)": ("quant", 1, 32, 8, 1, 32768, 128, 8, False),
+    # Generation: the cache one key longer every 32 calls (a 32-layer model), k and v
+    # views of a longer buffer: the first layer of a step meets a new shape.
+    "decode fp16 growing, 32 layers": ("plain-grow", 1, 32, 8, 1, 32768, 128, None, False),
+    "decode 4-bit growing, 32 layers": ("quant-grow", 1, 32, 8, 1, 32768, 128, 4, False),
+    "prefill fp16 causal (1,32:8,2048,2048,128)": ("plain", 1, 32, 8, 2048, 2048, 128, None, True),
+    "prefill 4-bit causal (1,32:8,2048,8192,128)": ("quant", 1, 32, 8, 2048, 8192, 128, 4, True),
+}
+GROUP_SIZE = 64
+
+
+class _StubKernel:
+    """Stands in for an mx.fast.cuda_kernel object: zeros of the output shapes,
+    made once per (shapes, dtypes) and handed out again (nothing is evaluated),
+    so the stub costs next to nothing and the numbers are mlx_flash's Python
+    and MLX's graph ops; a real launch adds MLX's own launch work."""
+
+    calls = 0
+
+    def __init__(self):
+        self.outputs = {}
+
+    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
+                 init_value=None, verbose=False, stream=None):
+        _StubKernel.calls += 1
+        key = (tuple(map(tuple, output_shapes)), tuple(output_dtypes))
+        outs = self.outputs.get(key)
+        if outs is None:
+            outs = self.outputs[key] = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return list(outs)
+
+
+def install_stubs():
+    """Stub kernels and a dispatcher that answers 'cuda' after doing its real per-call work."""
+    stub = _StubKernel()
+    cb._kernel = lambda *a, **kw: stub
+    cq._kernel = lambda *a, **kw: stub
+    cq._strided_kernel = lambda *a, **kw: stub
+    for cached in (cb._wgmma_fwd_config, cb._mma_fwd_config, cb._simt_fwd_config, cb._wgmma_bwd_config,
+                   cb._mma_bwd_config, cb._simt_bwd_config):
+        cached.cache_clear()
+    real_device_of = dispatch.device_of
+
+    def backend_name(stream):
+        real_device_of(stream)  # the real per-call work: find the device ...
+        mx.metal.is_available()  # ... and ask which GPU backend exists
+        return "cuda"
+
+    dispatch.backend_name = backend_name
+    return stub
+
+
+def growing_case(op, q, k, v, bits, s, calls, per_length=32):
+    """Only the full call: views one key longer every `per_length` calls."""
+    nk = k.shape[2] - calls // per_length - 1
+    if op == "quant-grow":
+        k = tuple(mx.quantize(k, group_size=GROUP_SIZE, bits=bits))
+        v = tuple(mx.quantize(v, group_size=GROUP_SIZE, bits=bits))
+        mx.eval(k, v)
+        views = [(tuple(a[:, :, :n] for a in k), tuple(a[:, :, :n] for a in v))
+                 for n in (nk + i // per_length for i in range(calls))]
+        it = iter(views)
+
+        def step():
+            kn, vn = next(it)
+            return mlx_flash.flash_attention_quantized(q, kn, vn, bits=bits, group_size=GROUP_SIZE, scale=s)
+        return {"full": step}
+    mx.eval(k, v)
+    views = [(k[:, :, :n], v[:, :, :n]) for n in (nk + i // per_length for i in range(calls))]
+    it = iter(views)
+
+    def step():
+        kn, vn = next(it)
+        return mlx_flash.flash_attention(q, kn, vn, scale=s)
+    return {"full": step}
+
+
+def make_case(name, calls):
+    op, B, Hq, Hkv, Nq, Nk, D, bits, causal = CASES[name]
+    keys = mx.random.split(mx.random.key(7), 3)
+    q = mx.random.normal((B, Hq, Nq, D), key=keys[0]).astype(mx.float16)
+    k = mx.random.normal((B, Hkv, Nk, D), key=keys[1]).astype(mx.float16)
+    v = mx.random.normal((B, Hkv, Nk, D), key=keys[2]).astype(mx.float16)
+    s = D ** -0.5
+    if op.endswith("grow"):
+        mx.eval(q)
+        return growing_case(op, q, k, v, bits, s, calls)
+    if op == "plain":
+        mx.eval(q, k, v)
+        spec, inputs = validate_attention(q, k, v, scale=s, causal=causal)
+        stages = {
+            "validate": lambda: validate_attention(q, k, v, scale=s, causal=causal),
+            "dispatch": lambda: attention._differentiable(spec, attention._pack_extras(inputs)[0],
+                                                          dispatch.backend_name(None), None),
+            "backend": lambda: cb.attention_forward(q, k, v, spec, inputs, None),
+            "full": lambda: mlx_flash.flash_attention(q, k, v, scale=s, causal=causal),
+        }
+        return stages
+    kq = tuple(mx.quantize(k, group_size=GROUP_SIZE, bits=bits))
+    vq = tuple(mx.quantize(v, group_size=GROUP_SIZE, bits=bits))
+    mx.eval(q, kq, vq)
+    qspec, inputs, kt, vt = validate_attention_quantized(q, kq, vq, bits=bits, group_size=GROUP_SIZE, scale=s,
+                                                         causal=causal)
+    return {
+        "validate": lambda: validate_attention_quantized(q, kq, vq, bits=bits, group_size=GROUP_SIZE, scale=s,
+                                                         causal=causal),
+        "dispatch": lambda: attention_quantized._differentiable(qspec, (), dispatch.backend_name(None), None),
+        "backend": lambda: cq.quantized_attention_forward(q, kt, vt, qspec, inputs, None),
+        "full": lambda: mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=GROUP_SIZE,
+                                                            scale=s, causal=causal),
+    }
+
+
+def custom_function_floor(iters: int, repeats: int) -> dict:
+    """What mx.custom_function itself costs per call (flattening, a stop_gradient
+    per output, the CustomTransforms node), for 3 inputs (flash_attention) and
+    7 (flash_attention_quantized): the part of "rest" no Python change removes."""
+    x = mx.zeros((1, 32, 1, 128), mx.float16)
+    outs = (mx.zeros((1, 32, 1, 128), mx.float16), mx.zeros((1, 32, 1), mx.float32))
+
+    @mx.custom_function
+    def fn(*args):
+        return outs
+
+    @fn.vjp
+    def fn_vjp(primals, cotangents, outputs):
+        return primals
+
+    return {n: build_us(lambda n=n: fn(*[x] * n), iters, repeats) for n in (3, 7)}
+
+
+def build_us(fn, iters: int, repeats: int) -> float:
+    """Best of `repeats` means over `iters` graph builds (microseconds per call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        outs = []
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            outs.append(fn())
+        best = min(best, (time.perf_counter() - t0) / iters * 1e6)
+        del outs
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stub", action="store_true", help="stub kernels, force the CUDA backend (no GPU needed)")
+    parser.add_argument("--json", default=None, help="write the numbers here")
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--profile", default=None, help="cProfile the full call of the case with this name prefix")
+    args = parser.parse_args()
+    gpu = hasattr(mx, "cuda") and mx.cuda.is_available()
+    stub = install_stubs() if (args.stub or not gpu) else None
+    mode = "stub kernels, dispatch forced to cuda" if stub else "real CUDA kernels"
+    card = mx.device_info().get("device_name", "cpu") if gpu else "cpu (no GPU)"
+    print(f"host_cost: {mode}; device {card}; best of {args.repeats} x {args.iters} builds, us per call")
+    if args.profile:
+        name = next(n for n in CASES if n.startswith(args.profile))
+        fn = make_case(name, args.iters + 2)["full"]
+        fn()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.iters):
+            fn()
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(30)
+        return
+    res = {"mode": mode, "card": card, "cases": {}}
+    if stub:
+        one = lambda: stub(inputs=[], output_shapes=[(1, 32, 1, 128), (1, 32, 1)],  # noqa: E731
+                           output_dtypes=[mx.float16, mx.float32], grid=(1, 1, 1), threadgroup=(1, 1, 1))
+        res["stub_launch_us"] = build_us(one, args.iters, args.repeats)
+        print(f"{'(one stub launch, 2 outputs)':44s} {res['stub_launch_us']:6.1f}")
+        print("(a real launch adds MLX's work: a trivial mx.fast.cuda_kernel took 2.1 us on the H200)")
+    res["custom_function_floor_us"] = custom_function_floor(args.iters, args.repeats)
+    print("(mx.custom_function with a vjp, forward returning 2 ready arrays, by inputs: "
+          + ", ".join(f"{n}: {us:.1f}" for n, us in res["custom_function_floor_us"].items()) + ")")
+    print(f"{'case':44s} {'valid':>6s} {'disp':>6s} {'backend':>7s} {'rest':>6s} {'full':>6s}  launches")
+    for name in CASES:
+        stages = make_case(name, args.iters * args.repeats + 2)
+        row = {}
+        for stage, fn in stages.items():
+            row[stage] = build_us(fn, args.iters, args.repeats)
+        if len(stages) > 1:
+            row["rest"] = row["full"] - row["validate"] - row["dispatch"] - row["backend"]
+        if stub and len(stages) > 1:
+            before = _StubKernel.calls
+            stages["full"]()
+            row["launches"] = _StubKernel.calls - before
+        res["cases"][name] = row
+        cells = " ".join(f"{row[c]:{w}.1f}" if c in row else f"{'-':>{w}s}"
+                         for c, w in (("validate", 6), ("dispatch", 6), ("backend", 7), ("rest", 6), ("full", 6)))
+        print(f"{name:44s} {cells}  {row.get('launches', '')}", flush=True)
+        if args.json:  # after every case: a run cut short still leaves what it measured
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
