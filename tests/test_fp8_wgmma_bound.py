@@ -43,8 +43,10 @@ def test_correct_kernel_within_bound(ka, kb, transpose_b, K, out_dtype):
     got = correct_kernel(a64, b64, sa, sb, transpose_b, out_dtype)
     excess, _ = fp8_accumulation_excess(got, a64, b64, sa, sb, transpose_b, out_dtype)
     assert np.all(excess <= 0), f"{np.sum(excess > 0)} correctly rounded outputs rejected"
-    if out_dtype == mx.float16:
-        # The case reaches float16's subnormal range, where the floor is needed.
+    if out_dtype == mx.float16 and K == 1:
+        # Every product of two codes (the smallest ones included) reaches
+        # float16's subnormal range, where the floor is needed; longer sums
+        # reach it only for some seeds.
         tiny = np.abs(got[got != 0])
         assert np.min(tiny) < 2.0 ** -14
 
