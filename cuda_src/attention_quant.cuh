@@ -132,8 +132,9 @@ __device__ __forceinline__ void dequant4(const QuantHead<ST, SA>& m, long j, int
 
 // Keys of V one warp of the forward stages in shared memory at a time: a
 // 32-key tile where its raw words, scales and biases fit in 6 KiB (Dv <= 128
-// at 8 bits), else 8, which keeps a stage's words within 16 registers a lane
-// up to Dv 512 (backends/cuda_quant.py mirrors this).
+// at 8 bits), else 8 (at most 5 KiB a warp up to Dv 512; the scales and
+// biases of a stage stay within 2 registers a lane). backends/cuda_quant.py
+// (stage_keys) mirrors this.
 __host__ __device__ constexpr int quant_stage_keys(int dv, int bits, int gs) {
   return (dv * bits / 8 + 8 * (dv / gs)) * 32 <= 6144 ? 32 : 8;
 }
@@ -329,7 +330,10 @@ __device__ void attention_quant_fwd(
   using Stage = VStage<DV, BITS, GS, VS>;
   float* qs = reinterpret_cast<float*>(quant_smem) + warp * RW * D;
   // After the key loop: each warp's accumulators [W][RW][DV], then m and l [W][RW];
-  // then each warp's V stage (quant_fwd_smem in backends/cuda_quant.py).
+  // then each warp's V stage (forward_plan in backends/cuda_quant.py sizes it).
+  // The stages start 16-byte aligned (cp.async) when W * RW * (D + DV + 2)
+  // is a multiple of 4: D and DV are multiples of 32, so W even suffices.
+  static_assert(W % 2 == 0, "attention_quant_fwd: an even number of warps per block");
   float* red_acc = reinterpret_cast<float*>(quant_smem) + W * RW * D;
   float* red_m = red_acc + W * RW * DV;
   float* red_l = red_m + W * RW;
