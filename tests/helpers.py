@@ -95,6 +95,11 @@ def reference_error(name, got, want):
     if isinstance(want, dict):
         mag = want.get("mag_" + name)
         want = want[name]
+    if mag is None and name == "lse":
+        # lse is a sum of O(1) logits (q.k, mask, ALiBi) that can cancel to
+        # near 0: its error scales with those terms, not with its value
+        # (seed 1970057176: lse -0.095 from one key plus an additive mask).
+        return rel_error(got, want, floor=1.0)
     return rel_error(got, want) if mag is None else rel_error(got, want, floor=max(float(np.max(mag, initial=0.0)), 1e-6))
 
 
