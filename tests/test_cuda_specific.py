@@ -478,6 +478,92 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
             assert hgmma >= 12 and waits <= 4, f"{name}: {hgmma} wgmma, {waits} waits (serialised)"
 
 
+def _ws_instances():
+    """Every instance of the warp-specialised forward the backend can build:
+    (MLX's kernel name, T, template)."""
+    from mlx_flash._spec import AttentionSpec
+    from mlx_flash.backends import cuda_fwd_ws
+
+    for T in (mx.float16, mx.bfloat16):
+        for D in (64, 128):
+            for window in (False, True):
+                spec = AttentionSpec(1, 1, 1, 256, 256, D, D, T, D ** -0.5, window_right=0 if window else -1)
+                template = cuda_fwd_ws.template(spec)
+                yield cuda_fwd_ws.mlx_kernel_name(template), T, template
+
+
+def test_ws_forward_declares_each_instance_launch_bound():
+    """The body cannot carry __launch_bounds__, so the header declares each
+    instance (by the name MLX gives it) with the bound; an instance missing
+    there would compile for 255 registers and fail to launch 384 threads."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    header = "".join(cuda_backend._read(h) for h in cuda_backend.kernel_headers("attention_fwd_ws"))
+    declared = {"custom_kernel_mlx_flash_attention_fwd_ws" + m
+                for m in re.findall(r"^MLX_FLASH_WS_DECLARE\((\w+),", header, re.M)}
+    names = {name for name, _, _ in _ws_instances()}
+    assert names == declared
+    assert f"__launch_bounds__({cuda_fwd_ws.THREADS}, 1)" in header
+    assert cuda_fwd_ws.mlx_kernel_name([("BF16", True), ("D", 128), ("WINDOW", False), ("STAGES", 2)]) == \
+        "custom_kernel_mlx_flash_attention_fwd_ws_t_128_f_2"
+
+
+def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
+    """The warp-specialised forward takes plain, causal and window calls with a
+    positive scale; every other feature (and MLX_FLASH_CUDA_FWD_WS=0, and no
+    TMA) keeps the wgmma kernel."""
+    from mlx_flash._spec import AttentionSpec
+    from mlx_flash.backends import cuda_fwd_ws
+
+    monkeypatch.setattr(cuda_fwd_ws, "_tma_available", lambda: True)
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
+    base = AttentionSpec(2, 8, 2, 1024, 1024, 128, 128, mx.float16, 128 ** -0.5)
+    served = [base, base._replace(window_right=0), base._replace(window_left=16, window_right=0),
+              base._replace(window_left=-1, window_right=4), base._replace(dtype=mx.bfloat16, head_dim_qk=64,
+                                                                          head_dim_v=64)]
+    others = [base._replace(softcap=5.0), base._replace(has_alibi=True), base._replace(has_sinks=True),
+              base._replace(mask_kind="bool"), base._replace(mask_kind="additive"),
+              base._replace(has_block_mask=True), base._replace(varlen=True, max_seqlen_q=512, max_seqlen_k=512),
+              base._replace(has_key_range=True), base._replace(scale=-0.1), base._replace(scale=0.0)]
+    assert all(cuda_fwd_ws.serves(s) for s in served)
+    assert not any(cuda_fwd_ws.serves(s) for s in others)
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", False)
+    assert not cuda_fwd_ws.serves(base)
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
+    monkeypatch.setattr(cuda_fwd_ws, "_tma_available", lambda: False)
+    assert not cuda_fwd_ws.serves(base)
+
+
+@needs_nvcc
+def test_ws_forward_compiles_bounded_without_spills(tmp_path):
+    """attention_fwd_ws as MLX wraps it (its MLX names): no spills, the launch
+    bound in force (at most 168 registers at entry for 384 threads, setmaxnreg
+    honoured), and, where cuobjdump exists, its wgmma left asynchronous."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    body = cuda_backend._read("attention_fwd_ws.cu")
+    kernels = []
+    for name, T, template in _ws_instances():
+        inputs = [("q", T), ("k", T), ("v", T), ("ip", mx.int32), ("fp", mx.float32), ("tmpl", mx.uint8)]
+        outputs = [("out", T), ("lse", mx.float32), ("tmaps", mx.uint8)]
+        assert [n for n, _ in inputs] == list(cuda_fwd_ws.INPUTS) and [n for n, _ in outputs] == list(cuda_fwd_ws.OUTPUTS)
+        kernels.append(_kernel_text(name, body, inputs, outputs, template))
+    log = _nvcc_compile(tmp_path, "attention_fwd_ws",
+                        _prelude(cuda_backend.kernel_headers("attention_fwd_ws")) + "\n" + "\n".join(kernels),
+                        flags=("-Xptxas", "-v"))
+    assert "setmaxnreg" not in log, log[-3000:]
+    usage = ptxas_usage(log)
+    assert len(usage) == len(kernels), log[-3000:]
+    for fn, (regs, spill_st, spill_ld) in usage.items():
+        assert (spill_st, spill_ld) == (0, 0), f"{fn}: spills {spill_st}/{spill_ld}"
+        assert regs <= 168, f"{fn}: {regs} registers (launch bound not applied?)"
+    if _cuobjdump() is not None:
+        sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / "attention_fwd_ws.o")], capture_output=True,
+                              text=True, check=True).stdout
+        for fn, (hgmma, waits) in _wgmma_sync_counts(sass).items():
+            assert hgmma >= 12 and waits <= 6, f"{fn}: {hgmma} wgmma, {waits} waits (serialised)"
+
+
 # ---------------------------------------------------------------------------
 # On a CUDA GPU.
 

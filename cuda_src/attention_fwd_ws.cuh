@@ -1,0 +1,382 @@
+// Hopper (sm_90a) FlashAttention forward with warp specialisation, fp16/bf16,
+// head dims 64 and 128 (Dqk = Dv), no mask arrays, no softcap/ALiBi/sinks,
+// dense batches (no varlen, no key ranges); causal and sliding windows come
+// through the logit rules. Every other call runs attention_fwd_wgmma.
+//
+// A block of 384 threads owns BM = 128 query rows of one (batch, head):
+//   * warps 0-7: two consumer warpgroups, 64 rows each (S = Q K^T as a shared x
+//     shared wgmma, online softmax on the fp32 accumulator, O += P V with P
+//     from registers, as in attention_fwd_wgmma.cuh);
+//   * warps 8-11: the producer warpgroup; one lane issues TMA loads (tma.cuh) of
+//     Q once and of the K and V tiles into rings of STAGES buffers each.
+// setmaxnreg moves registers from the producer (24 per thread) to the
+// consumers (240), which hold S, P and O of 64 rows.
+// Each buffer has a "full" mbarrier (the TMA's bytes landed) and an "empty"
+// one (both consumer warpgroups finished their wgmma reading it: one arrive
+// per warpgroup). No block barrier runs after the setup.
+//
+// Inside a consumer warpgroup the softmax of tile t overlaps the P V product of
+// tile t-1: S(t) and O += P(t-1) V(t-1) are issued back to back, the wait
+// for S(t) lets P V run on (wgmma.wait_group 1), the softmax computes the new
+// row maxima and P(t) in place in S's registers, and only after P V finished
+// is O rescaled and P(t) packed into the A fragments P V reads.
+// Key tiles are visited from the last to the first, so under causal or
+// window rules the tiles crossing the diagonal (the ones that need the rules)
+// come first. Logits stay raw until the softmax: one FFMA per element forms
+// scale * log2(e) * s - max (the host routes only scale > 0 here).
+//
+// Registers: the launch bound (384 threads, one block per SM) gives 168 per
+// thread before setmaxnreg; a __launch_bounds__ declaration of each instance MLX builds
+// (the kernel name is MLX's "custom_kernel_" + name + template values) sits
+// at the end of this header, since the body cannot carry attributes.
+#pragma once
+
+#include "attention_fwd_wgmma.cuh"
+#include "tma.cuh"
+
+namespace mlx_flash {
+
+// Whether a kernel's q pointer type is bfloat16 (the BF16 template value,
+// which only tells MLX's kernel names apart, must agree with it).
+template <class P> struct WsIsBf16 { static constexpr bool value = false; };
+template <> struct WsIsBf16<const __nv_bfloat16*> { static constexpr bool value = true; };
+constexpr int kWsTmapBytes = 3 * 128;  // Q, K, V tensor maps per block (the workspace slot)
+
+// Dynamic shared memory of the forward (bytes): Q [128][D], STAGES K and V
+// tiles [BN][D], plus 1 KiB to align the swizzled tiles to 1024 bytes.
+__host__ __device__ constexpr int ws_fwd_smem(int d, int bn, int stages) {
+  return 2 * (128 * d + 2 * stages * bn * d) + 1024;
+}
+
+// Box (inner, row, slab) of a 3-D tensor map into shared memory; completes on `bar`.
+__device__ __forceinline__ void ws_tma_load_3d(void* dst, const void* tmap, int inner, int row, int slab, void* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<unsigned long long>(tmap)), "r"(inner), "r"(row), "r"(slab), "r"(smem_addr(bar))
+      : "memory");
+}
+
+// One arrive (count 1) on an mbarrier of this block.
+__device__ __forceinline__ void ws_mbar_arrive(void* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// Named barrier `id` over one warpgroup (128 threads), returning whether any
+// of them passed `p` true.
+__device__ __forceinline__ bool ws_warpgroup_or(int id, bool p) {
+  unsigned r;
+  asm volatile(
+      "{\n .reg .pred p;\n .reg .pred q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, 128, p;\n"
+      " selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r) : "r"((unsigned)p), "r"(id) : "memory");
+  return r != 0;
+}
+
+// Some 16-byte chunk of a swizzled [ROWS][DIM] tile holds a NaN or inf; the
+// 128 threads of a warpgroup (index `wt`) share the chunks.
+template <typename T, int ROWS, int DIM>
+__device__ __forceinline__ bool ws_chunks_nonfinite(const unsigned char* tile, int wt) {
+  constexpr int CHUNKS = DIM / 8;
+  bool bad = false;
+#pragma unroll 1
+  for (int c = wt; c < ROWS * CHUNKS; c += 128)
+    bad = bad || chunk_nonfinite<T>(tile + swizzled_offset<ROWS>(c / CHUNKS, c % CHUNKS));
+  return bad;
+}
+
+// Online softmax of one S tile without touching O (its P V product of the
+// previous tile may still run): logit rules where the tile needs them
+// (kRules), new row maxima and sums, alpha (O's rescale factor, applied by
+// the caller later) and P in place of S (fp32). `drop` gets bit 4n + c for
+// each dropped pair (kRules), for the exact P V's marks.
+template <typename MT, class F, int BN, bool kRules>
+__device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[2], float (&row_sum)[2],
+                                           float (&alpha)[2], unsigned long long& drop, const LogitRules<MT>& rules,
+                                           float scale, int i_row, int jt, int t) {
+  // Without rules S stays raw: f = scale * log2(e) > 0 folds into the
+  // exponent's FFMA and into the row maximum. With rules S becomes logits in
+  // the log2 domain first (f = 1).
+  const float f = kRules ? 1.f : scale * kLog2e;
+  drop = 0;
+  if (kRules) {
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int i = i_row + (c >= 2 ? 8 : 0);
+        const int j = jt + n * 8 + 2 * t + (c & 1);
+        float capped = 0.f;
+        const float x = apply_rules<F, MT, true>(rules, s[4 * n + c] * scale, i, j, capped, false);
+        drop |= (x == kNegInf ? 1ull : 0ull) << (4 * n + c);
+        s[4 * n + c] = x * kLog2e;
+      }
+    }
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float mx = kNegInf;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float new_max = fmaxf(row_max[half], mx * f);
+    const float base = new_max == kNegInf ? 0.f : new_max;
+    alpha[half] = exp2_ftz(row_max[half] - base);
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+      s[4 * n + 2 * half] = exp2_ftz(fmaf(s[4 * n + 2 * half], f, -base));
+      s[4 * n + 2 * half + 1] = exp2_ftz(fmaf(s[4 * n + 2 * half + 1], f, -base));
+      sum += s[4 * n + 2 * half] + s[4 * n + 2 * half + 1];
+    }
+    row_sum[half] = row_sum[half] * alpha[half] + sum;
+    row_max[half] = new_max;
+  }
+}
+
+// O *= alpha (skipped for a warp whose rows all kept their maxima), then P
+// (fp32, in S's registers) packed into A fragments, dropped pairs marked -0.
+template <typename T, int D, int BN, bool kRules>
+__device__ __forceinline__ void ws_rescale_pack(float (&o)[D / 2], const float (&s)[BN / 2],
+                                                unsigned (&pa)[BN / 16][4], const float (&alpha)[2],
+                                                unsigned long long drop) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (!__all_sync(0xffffffffu, alpha[half] == 1.f)) {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[4 * n + 2 * half] *= alpha[half];
+        o[4 * n + 2 * half + 1] *= alpha[half];
+      }
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+    pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+    pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+    pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+  if (kRules) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+      for (int w = 0; w < 4; ++w)
+        pa[kk][w] |= pair_marks((drop >> (8 * kk + 2 * w)) & 1u, (drop >> (8 * kk + 2 * w + 1)) & 1u);
+  }
+}
+
+// q, k, v: [B, H(kv), N, D]; tmpl: the Q, K, V tensor-map templates (3-D:
+// D, N, B * heads; 128-byte swizzle, boxes of 64 x 128 (Q) or 64 x BN);
+// tmaps: kWsTmapBytes per block, where the block publishes them.
+template <class F, int D, int BN, int STAGES, typename T>
+__device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
+                                 const unsigned char* tmpl, T* out, float* lse, unsigned char* tmaps) {
+  static_assert(D == 64 || D == 128, "warp-specialised forward: head dim 64 or 128");
+  static_assert(BN == 128, "warp-specialised forward: 128-key tiles");
+  static_assert(!F::ElementRules && !F::Sinks && !F::Varlen && !F::KeyRange,
+                "warp-specialised forward: window/causal rules only");
+  using MT = bool;
+  constexpr int BM = 128;
+  constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* Ks = Qs + Q_BYTES;            // STAGES K tiles
+  unsigned char* Vs = Ks + STAGES * KV_BYTES;  // STAGES V tiles
+  __shared__ __align__(128) unsigned char tm_stage[kWsTmapBytes];
+  __shared__ __align__(8) unsigned long long q_full, k_full[STAGES], k_empty[STAGES], v_full[STAGES],
+      v_empty[STAGES];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv];
+  const int h = blockIdx.y, b = blockIdx.z, hk = h / (Hq / Hkv);
+  const Sequence seq = sequence_of<false>(b, ip, nullptr, nullptr);
+  // Row blocks from the last: under causal rules those have the most tiles.
+  const int i0 = (gridDim.x - 1 - blockIdx.x) * BM;
+  const int i_end = min(seq.nq, i0 + BM);
+  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, nullptr, nullptr, nullptr);
+  int lo, hi;
+  rules.key_range(i0, i_end - 1, lo, hi);
+  const int tile0 = lo / BN * BN;
+  const int tiles = hi > tile0 ? (hi - tile0 + BN - 1) / BN : 0;
+  auto tile_start = [&](int t) { return tile0 + (tiles - 1 - t) * BN; };  // last tile first
+
+  unsigned char* tm_ws = tmaps + ((long)(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * kWsTmapBytes;
+  if (warp == 8) {
+    const void* const addrs[3] = {q, k, v};
+    tma_publish<3>(tm_stage, tmpl, tm_ws, addrs, lane);
+    if (lane == 0) {
+      mbar_init(&q_full, 1);
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s) {
+        mbar_init(&k_full[s], 1);
+        mbar_init(&v_full[s], 1);
+        mbar_init(&k_empty[s], 2);
+        mbar_init(&v_empty[s], 2);
+      }
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+  }
+  __syncthreads();
+
+  if (warp >= 8) {  // the producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    if (warp != 8 || lane != 0 || i0 >= seq.nq) return;
+    const unsigned char* tm_q = tm_ws;
+    const unsigned char* tm_k = tm_ws + 128;
+    const unsigned char* tm_v = tm_ws + 256;
+    tma_acquire(tm_q);
+    tma_acquire(tm_k);
+    tma_acquire(tm_v);
+    mbar_expect_tx(&q_full, Q_BYTES);
+#pragma unroll
+    for (int a = 0; a < D / 64; ++a) ws_tma_load_3d(Qs + a * BM * 128, tm_q, a * 64, i0, b * Hq + h, &q_full);
+    const int slab = b * Hkv + hk;
+    for (int t = 0; t < tiles; ++t) {
+      const int st = t % STAGES;
+      const unsigned phase = (t / STAGES) & 1;
+      const int jt = tile_start(t);
+      // A fresh mbarrier counts its phase "before 0" (parity 1) as complete.
+      mbar_wait(&k_empty[st], phase ^ 1);
+      mbar_expect_tx(&k_full[st], KV_BYTES);
+#pragma unroll
+      for (int a = 0; a < D / 64; ++a)
+        ws_tma_load_3d(Ks + st * KV_BYTES + a * BN * 128, tm_k, a * 64, jt, slab, &k_full[st]);
+      mbar_wait(&v_empty[st], phase ^ 1);
+      mbar_expect_tx(&v_full[st], KV_BYTES);
+#pragma unroll
+      for (int a = 0; a < D / 64; ++a)
+        ws_tma_load_3d(Vs + st * KV_BYTES + a * BN * 128, tm_v, a * 64, jt, slab, &v_full[st]);
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  if (i0 >= seq.nq) return;
+
+  // A consumer warpgroup.
+  const int wg = warp / 4, wt = threadIdx.x % 128, g = lane / 4, t4 = lane % 4;
+  const bool signals = wt == 0;  // the thread that arrives for its warpgroup
+  const float scale = fp[kScale];
+  const int i_row = i0 + wg * 64 + (warp % 4) * 16 + g;  // this thread's first row (the other: + 8)
+  const unsigned q_addr = smem_addr(Qs) + wg * 64 * 128;
+  const long q_base = (long)(b * Hq + h) * seq.nq;
+
+  float o[D / 2];
+#pragma unroll
+  for (int r = 0; r < D / 2; ++r) o[r] = 0.f;
+  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f}, alpha[2];
+  float s[BN / 2];
+  unsigned pa[BN / 16][4];
+  unsigned long long drop = 0;
+
+  // The tile needs the logit rules (and, holding a NaN or inf in V, the exact P V).
+  auto needs_rules = [&](int jt) { return tile_may_drop<F, BN>(rules, seq, i0, i_end, jt); };
+  // Softmax of tile t in S's registers (its S landed), O untouched.
+  auto softmax = [&](int jt, bool ruled) {
+    if (ruled)
+      ws_softmax<MT, F, BN, true>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
+    else
+      ws_softmax<MT, F, BN, false>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
+  };
+  auto rescale_pack = [&](bool ruled) {
+    if (ruled)
+      ws_rescale_pack<T, D, BN, true>(o, s, pa, alpha, drop);
+    else
+      ws_rescale_pack<T, D, BN, false>(o, s, pa, alpha, drop);
+  };
+  // Whether the P V of tile t (V landed) must be exact: it drops keys and its V holds a NaN or inf.
+  auto exact_pv = [&](int t, int st) {
+    return needs_rules(tile_start(t)) &&
+           ws_warpgroup_or(2 + wg, ws_chunks_nonfinite<T, BN, D>(Vs + st * KV_BYTES, wt));
+  };
+
+  mbar_wait(&q_full, 0);
+  if (tiles > 0) {
+    mbar_wait(&k_full[0], 0);
+    wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks));
+    wgmma_wait<0>();
+    wgmma_pin(s);
+    if (signals) ws_mbar_arrive(&k_empty[0]);
+    bool ruled = needs_rules(tile_start(0));
+    softmax(tile_start(0), ruled);
+    rescale_pack(ruled);
+    for (int t = 1; t < tiles; ++t) {
+      const int st = t % STAGES, pst = (t - 1) % STAGES;
+      const unsigned ph = (t / STAGES) & 1, pph = ((t - 1) / STAGES) & 1;
+      mbar_wait(&v_full[pst], pph);
+      const bool exact = exact_pv(t - 1, pst);
+      if (exact) wg_exact_pv<T, D, BN>(o, pa, Vs + pst * KV_BYTES);
+      mbar_wait(&k_full[st], ph);
+      wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
+      if (!exact) {
+        wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + pst * KV_BYTES));
+        wgmma_wait<1>();  // S(t) landed; P V of tile t-1 runs on under the softmax
+      } else {
+        wgmma_wait<0>();
+      }
+      wgmma_pin(s);
+      if (signals) ws_mbar_arrive(&k_empty[st]);
+      ruled = needs_rules(tile_start(t));
+      softmax(tile_start(t), ruled);
+      wgmma_wait<0>();
+      wgmma_pin(o);
+      wgmma_pin(pa);
+      if (signals) ws_mbar_arrive(&v_empty[pst]);
+      rescale_pack(ruled);
+    }
+    const int lst = (tiles - 1) % STAGES;
+    mbar_wait(&v_full[lst], ((tiles - 1) / STAGES) & 1);
+    if (exact_pv(tiles - 1, lst)) {
+      wg_exact_pv<T, D, BN>(o, pa, Vs + lst * KV_BYTES);
+    } else {
+      wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + lst * KV_BYTES));
+      wgmma_wait<0>();
+    }
+    wgmma_pin(o);
+    if (signals) ws_mbar_arrive(&v_empty[lst]);
+  }
+
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float sum = row_sum[half];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float m = row_max[half];
+    // 0 if nothing was kept, NaN if a kept logit was NaN or +inf (attention_common.cuh).
+    const float inv = row_out_factor(sum, 1.f);
+    const bool empty = sum == 0.f;
+    const int i = i_row + 8 * half;
+    if (i >= seq.nq) continue;
+    T* orow = out + (q_base + i) * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int col = n * 8 + 2 * t4;
+      *reinterpret_cast<unsigned*>(orow + col) =
+          empty ? 0u : pack2<T>(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
+    }
+    if (t4 == 0) lse[q_base + i] = row_lse<true>(m, sum);
+  }
+}
+
+}  // namespace mlx_flash
+
+// The launch bound of every instance the backend builds (see the top): MLX
+// names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
+// template values (BF16, D, WINDOW, STAGES as _t/_f and numbers), and declares
+// its parameters as below (inputs q, k, v, ip, fp, tmpl; outputs out, lse, tmaps).
+#define MLX_FLASH_WS_DECLARE(SUFFIX, TT)                                                                    \
+  __global__ void __launch_bounds__(384, 1) custom_kernel_mlx_flash_attention_fwd_ws##SUFFIX(            \
+      const TT* q, const TT* k, const TT* v, const int32_t* ip, const float* fp, const uint8_t* tmpl, TT* out, \
+      float* lse, uint8_t* tmaps);
+namespace mlx::core::cu {
+MLX_FLASH_WS_DECLARE(_f_128_f_2, __half)
+MLX_FLASH_WS_DECLARE(_f_128_t_2, __half)
+MLX_FLASH_WS_DECLARE(_t_128_f_2, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_t_2, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_f_64_f_4, __half)
+MLX_FLASH_WS_DECLARE(_f_64_t_4, __half)
+MLX_FLASH_WS_DECLARE(_t_64_f_4, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_t_4, __nv_bfloat16)
+}  // namespace mlx::core::cu
+#undef MLX_FLASH_WS_DECLARE

@@ -1,0 +1,125 @@
+"""The warp-specialised Hopper forward (cuda_src/attention_fwd_ws.cuh): which
+calls it serves, its tensor-map templates and its launch.
+
+It serves fp16/bf16 calls with Dqk = Dv in {64, 128} on sm_90 that carry no
+optional array and no logit rule beyond causal / sliding windows: no mask,
+block mask, softcap, ALiBi, sinks, varlen or key ranges, and a positive
+scale (the kernel folds scale * log2(e) into its exponent and row maxima).
+Every other Hopper call keeps attention_fwd_wgmma (backends/cuda.py). Set
+MLX_FLASH_CUDA_FWD_WS=0 to route every call there.
+
+Q, K and V reach the kernel through TMA: per operand a 3-D tensor map
+(head dim, sequence, batch * heads) whose boxes are 64 head dims by 128 rows
+in the 128-byte-swizzled layout wgmma reads, and whose rows past the
+sequence's end read as zeros. The host encodes them with a placeholder
+address (cuda_matmul's libcuda handle); each block writes the real addresses
+into its slot of the `tmaps` workspace output (cuda_src/tma.cuh).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+
+import mlx.core as mx
+
+from .._spec import AttentionSpec
+from . import cuda as _cuda
+
+THREADS = 384       # two consumer warpgroups + the producer warpgroup
+TMAP_BYTES = 3 * 128  # kWsTmapBytes: Q, K, V maps per block
+ROWS = 128          # query rows per block
+KEYS = 128          # keys per tile
+INPUTS = ("q", "k", "v", "ip", "fp", "tmpl")
+OUTPUTS = ("out", "lse", "tmaps")
+
+_ENABLED = os.environ.get("MLX_FLASH_CUDA_FWD_WS", "1") == "1"
+
+
+def stages(head_dim: int) -> int:
+    """K/V ring depth: two 32 KiB K + V stages at D = 128, four of 16 KiB at D = 64."""
+    return 2 if head_dim == 128 else 4
+
+
+def smem_bytes(head_dim: int) -> int:
+    """ws_fwd_smem() of attention_fwd_ws.cuh."""
+    return 2 * (ROWS * head_dim + 2 * stages(head_dim) * KEYS * head_dim) + 1024
+
+
+def serves(spec: AttentionSpec) -> bool:
+    """Whether the call runs on the warp-specialised kernel (see the module doc)."""
+    return (_ENABLED and spec.softcap == 0 and not spec.has_alibi and spec.mask_kind == "none"
+            and not spec.has_block_mask and not spec.has_sinks and not spec.varlen and not spec.has_key_range
+            and spec.scale > 0 and _tma_available())
+
+
+def _tma_available() -> bool:
+    from .cuda_matmul import _tma_available as available  # cuda_matmul imports cuda: not at import time
+
+    return available()
+
+
+@functools.lru_cache(maxsize=1024)
+def tensor_map_3d(elem_bytes: int, inner: int, rows: int, slabs: int, box_rows: int) -> bytes:
+    """A 3-D CUtensorMap (128 bytes) of a row-major [slabs][rows][inner] operand,
+    boxes of 64 x box_rows x 1 elements, 128-byte swizzle, zero fill out of
+    bounds; a placeholder address that each block replaces."""
+    from .cuda_matmul import _libcuda
+
+    buf = (ctypes.c_ubyte * 192)()
+    base = (ctypes.addressof(buf) + 63) // 64 * 64  # CUtensorMap is 64-byte aligned
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    rc = _libcuda().cuTensorMapEncodeTiled(
+        ctypes.c_void_p(base), ctypes.c_int(1), u32(3), ctypes.c_void_p(1 << 20),  # UINT16 elements
+        (u64 * 3)(inner, rows, slabs), (u64 * 2)(inner * elem_bytes, rows * inner * elem_bytes),
+        (u32 * 3)(64, box_rows, 1), (u32 * 3)(1, 1, 1),
+        ctypes.c_int(0), ctypes.c_int(3), ctypes.c_int(2), ctypes.c_int(0))  # no interleave, 128B swizzle, L2 128B
+    if rc != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({rc}) for [{slabs}][{rows}][{inner}] x {elem_bytes} "
+                           f"bytes, box [1][{box_rows}][64]")
+    return bytes((ctypes.c_ubyte * 128).from_address(base))
+
+
+@functools.lru_cache(maxsize=1024)
+def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int) -> mx.array:
+    """Q, K, V templates as one uint8 input (the kernel's `tmpl`)."""
+    tq = tensor_map_3d(2, d, nq, batch * heads_q, ROWS)
+    tk = tensor_map_3d(2, d, nk, batch * heads_kv, KEYS)
+    return _cuda.const_array(tuple(tq + tk + tk), mx.uint8)  # V has K's shape (Dv = Dqk)
+
+
+def template(spec: AttentionSpec) -> list:
+    """The kernel's template values. Their order and values make MLX's kernel
+    name, which the header's launch-bound declarations spell out: keep them in step."""
+    d = spec.head_dim_qk
+    return [("BF16", spec.dtype == mx.bfloat16), ("D", d), ("WINDOW", spec.has_window), ("STAGES", stages(d))]
+
+
+def mlx_kernel_name(values: list) -> str:
+    """The name MLX's cuda_kernel gives an instance: "custom_kernel_" + our
+    name + each template value (ints as numbers, bools as t / f)."""
+    return "custom_kernel_mlx_flash_attention_fwd_ws" + "".join(
+        "_" + (("t" if v else "f") if isinstance(v, bool) else str(v)) for _, v in values)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(head_dim: int):
+    return _cuda._kernel("attention_fwd_ws", INPUTS, OUTPUTS, smem_bytes(head_dim))
+
+
+def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
+    """(out, lse) of a call that serves() accepts."""
+    d = spec.head_dim_qk
+    row_blocks = math.ceil(spec.seqlen_q / ROWS)
+    ip, fp = _cuda._param_arrays(spec, _cuda._NO_DIMS, _cuda._NO_DIMS)
+    tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d)
+    blocks = row_blocks * spec.heads_q * spec.batch
+    out, lse, _ = _kernel(d)(
+        inputs=[q, k, v, ip, fp, tmpl], template=template(spec),
+        grid=(row_blocks * THREADS, spec.heads_q, spec.batch), threadgroup=(THREADS, 1, 1),
+        output_shapes=[out_shape, lse_shape, (blocks * TMAP_BYTES,)],
+        output_dtypes=[spec.dtype, mx.float32, mx.uint8], stream=stream,
+    )
+    return out, lse
