@@ -170,7 +170,7 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[D / 2], const float (
 // q, k, v: [B, H(kv), N, D]; tmpl: the Q, K, V tensor-map templates (3-D:
 // D, N, B * heads; 128-byte swizzle, boxes of 64 x 128 (Q) or 64 x BN);
 // tmaps: kWsTmapBytes per block, where the block publishes them.
-template <class F, int D, int BN, int STAGES, typename T>
+template <class F, int D, int BN, int STAGES, bool PINGPONG, typename T>
 __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
                                  const unsigned char* tmpl, T* out, float* lse, unsigned char* tmaps) {
   static_assert(D == 64 || D == 128, "warp-specialised forward: head dim 64 or 128");
@@ -291,10 +291,28 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
            ws_warpgroup_or(2 + wg, ws_chunks_nonfinite<T, BN, D>(Vs + st * KV_BYTES, wt));
   };
 
+  // Ping-pong (PINGPONG): the warpgroups take turns issuing their matrix
+  // products, so one's softmax runs while the other's products occupy the
+  // tensor cores. A turn is one named barrier per warpgroup (4 + wg, both
+  // warpgroups counted): a warpgroup syncs on its own before issuing and
+  // arrives on the other's after. Warpgroup 0 goes first (warpgroup 1 arrives
+  // once up front), and warpgroup 1 skips its arrive after its last turn, so
+  // every sync meets exactly one arrive and none is left over at the exit.
+  // Turns: S of tile 0, then S(t) with P V(t-1) for each later tile, then the last P V.
+  auto turn_begin = [&]() {
+    if (PINGPONG) asm volatile("bar.sync %0, 256;\n" ::"r"(4 + wg) : "memory");
+  };
+  auto turn_end = [&](bool last) {
+    if (PINGPONG && !(last && wg == 1)) asm volatile("bar.arrive %0, 256;\n" ::"r"(5 - wg) : "memory");
+  };
+
   mbar_wait(&q_full, 0);
   if (tiles > 0) {
+    if (PINGPONG && wg == 1) asm volatile("bar.arrive 4, 256;\n" ::: "memory");
     mbar_wait(&k_full[0], 0);
+    turn_begin();
     wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks));
+    turn_end(false);
     wgmma_wait<0>();
     wgmma_pin(s);
     if (signals) ws_mbar_arrive(&k_empty[0]);
@@ -308,9 +326,11 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       const bool exact = exact_pv(t - 1, pst);
       if (exact) wg_exact_pv<T, D, BN>(o, pa, Vs + pst * KV_BYTES);
       mbar_wait(&k_full[st], ph);
+      turn_begin();
       wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
+      if (!exact) wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + pst * KV_BYTES));
+      turn_end(false);
       if (!exact) {
-        wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + pst * KV_BYTES));
         wgmma_wait<1>();  // S(t) landed; P V of tile t-1 runs on under the softmax
       } else {
         wgmma_wait<0>();
@@ -327,12 +347,15 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     }
     const int lst = (tiles - 1) % STAGES;
     mbar_wait(&v_full[lst], ((tiles - 1) / STAGES) & 1);
-    if (exact_pv(tiles - 1, lst)) {
+    const bool exact = exact_pv(tiles - 1, lst);
+    turn_begin();
+    if (exact) {
       wg_exact_pv<T, D, BN>(o, pa, Vs + lst * KV_BYTES);
     } else {
       wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + lst * KV_BYTES));
-      wgmma_wait<0>();
     }
+    turn_end(true);
+    wgmma_wait<0>();
     wgmma_pin(o);
     if (signals) ws_mbar_arrive(&v_empty[lst]);
   }
@@ -363,20 +386,28 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
 
 // The launch bound of every instance the backend builds (see the top): MLX
 // names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
-// template values (BF16, D, WINDOW, STAGES as _t/_f and numbers), and declares
+// template values (BF16, D, WINDOW, STAGES, PINGPONG as _t/_f and numbers), and declares
 // its parameters as below (inputs q, k, v, ip, fp, tmpl; outputs out, lse, tmaps).
 #define MLX_FLASH_WS_DECLARE(SUFFIX, TT)                                                                    \
   __global__ void __launch_bounds__(384, 1) custom_kernel_mlx_flash_attention_fwd_ws##SUFFIX(            \
       const TT* q, const TT* k, const TT* v, const int32_t* ip, const float* fp, const uint8_t* tmpl, TT* out, \
       float* lse, uint8_t* tmaps);
 namespace mlx::core::cu {
-MLX_FLASH_WS_DECLARE(_f_128_f_2, __half)
-MLX_FLASH_WS_DECLARE(_f_128_t_2, __half)
-MLX_FLASH_WS_DECLARE(_t_128_f_2, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_t_2, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_f_64_f_4, __half)
-MLX_FLASH_WS_DECLARE(_f_64_t_4, __half)
-MLX_FLASH_WS_DECLARE(_t_64_f_4, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_t_4, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_f_128_f_2_f, __half)
+MLX_FLASH_WS_DECLARE(_f_128_f_2_t, __half)
+MLX_FLASH_WS_DECLARE(_f_128_t_2_f, __half)
+MLX_FLASH_WS_DECLARE(_f_128_t_2_t, __half)
+MLX_FLASH_WS_DECLARE(_f_64_f_4_f, __half)
+MLX_FLASH_WS_DECLARE(_f_64_f_4_t, __half)
+MLX_FLASH_WS_DECLARE(_f_64_t_4_f, __half)
+MLX_FLASH_WS_DECLARE(_f_64_t_4_t, __half)
+MLX_FLASH_WS_DECLARE(_t_128_f_2_f, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_f_2_t, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_t_2_f, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_t_2_t, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_f_4_f, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_f_4_t, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_t_4_f, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_t_4_t, __nv_bfloat16)
 }  // namespace mlx::core::cu
 #undef MLX_FLASH_WS_DECLARE

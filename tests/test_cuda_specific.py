@@ -484,12 +484,17 @@ def _ws_instances():
     from mlx_flash._spec import AttentionSpec
     from mlx_flash.backends import cuda_fwd_ws
 
-    for T in (mx.float16, mx.bfloat16):
-        for D in (64, 128):
-            for window in (False, True):
-                spec = AttentionSpec(1, 1, 1, 256, 256, D, D, T, D ** -0.5, window_right=0 if window else -1)
-                template = cuda_fwd_ws.template(spec)
-                yield cuda_fwd_ws.mlx_kernel_name(template), T, template
+    pingpong = cuda_fwd_ws.PINGPONG
+    try:
+        for T in (mx.float16, mx.bfloat16):
+            for D in (64, 128):
+                for window in (False, True):
+                    for cuda_fwd_ws.PINGPONG in (False, True):
+                        spec = AttentionSpec(1, 1, 1, 256, 256, D, D, T, D ** -0.5, window_right=0 if window else -1)
+                        template = cuda_fwd_ws.template(spec)
+                        yield cuda_fwd_ws.mlx_kernel_name(template), T, template
+    finally:
+        cuda_fwd_ws.PINGPONG = pingpong
 
 
 def test_ws_forward_declares_each_instance_launch_bound():
@@ -504,8 +509,8 @@ def test_ws_forward_declares_each_instance_launch_bound():
     names = {name for name, _, _ in _ws_instances()}
     assert names == declared
     assert f"__launch_bounds__({cuda_fwd_ws.THREADS}, 1)" in header
-    assert cuda_fwd_ws.mlx_kernel_name([("BF16", True), ("D", 128), ("WINDOW", False), ("STAGES", 2)]) == \
-        "custom_kernel_mlx_flash_attention_fwd_ws_t_128_f_2"
+    assert cuda_fwd_ws.mlx_kernel_name([("BF16", True), ("D", 128), ("WINDOW", False), ("STAGES", 2),
+                                        ("PINGPONG", True)]) == "custom_kernel_mlx_flash_attention_fwd_ws_t_128_f_2_t"
 
 
 def test_ws_forward_serves_only_calls_without_extras(monkeypatch):

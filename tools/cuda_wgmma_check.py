@@ -95,7 +95,8 @@ WS_SHAPES = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 
              (1, 2, 2, 129, 129), (1, 8, 1, 64, 1), (1, 2, 2, 1, 300), (2, 2, 1, 2048, 2048)]
 
 
-def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS_FEATURES, shapes=WS_SHAPES):
+def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS_FEATURES, shapes=WS_SHAPES,
+                   both_schedules=False):
     """The warp-specialised forward against float64 and against the wgmma
     kernel (same inputs, MLX_FLASH_CUDA_FWD_WS off), odd sizes, Nq != Nk, GQA,
     causal and windows; the other features (features=None: all of them) are
@@ -134,6 +135,17 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
                             import numpy as np
                             d_out = float(np.max(np.abs(to_np(out).astype(np.float64) - to_np(o2).astype(np.float64))))
                             extra = f" vs wgmma kernel {d_out:.2e}"
+                            if both_schedules:  # the schedules differ in timing only: same bits
+                                ws.PINGPONG = not ws.PINGPONG
+                                try:
+                                    o3, l3 = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
+                                    mx.eval(o3, l3)
+                                finally:
+                                    ws.PINGPONG = not ws.PINGPONG
+                                if not (np.array_equal(to_np(o3), to_np(out)) and
+                                        np.array_equal(to_np(l3), to_np(lse), equal_nan=True)):
+                                    raise AssertionError("ping-pong and overlap-only schedules differ")
+                                extra += ", schedules agree"
                         passed += 1
                         print(f"ok   ws D{D} {dtype} {(B, Hq, Hkv, Nq, Nk)} {name} route={rc.calls}: out {e1:.2e} "
                               f"(plain {plain['out']:.2e}) lse {e2:.2e}{extra}")
@@ -161,10 +173,10 @@ def speed_ws(shapes=((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128)
                 mx.eval(q, k, v)
                 s = D ** -0.5
                 res = {}
-                for label, on in (("ws", True), ("wg3", False)):
-                    ws._ENABLED = on
+                for label, on, pingpong in (("ws", True, True), ("ws_nopp", True, False), ("wg3", False, True)):
+                    ws._ENABLED, ws.PINGPONG = on, pingpong
                     res[label] = time_fn(lambda: mlx_flash.flash_attention(q, k, v, causal=causal, scale=s), iters)
-                ws._ENABLED = True
+                ws._ENABLED, ws.PINGPONG = True, True
                 res["mx.fast"] = time_fn(lambda: mx.fast.scaled_dot_product_attention(
                     q, k, v, scale=s, mask="causal" if causal else None), iters)
                 try:
@@ -345,13 +357,13 @@ def main():
             json.dump(result, f, indent=1)
 
     # Parts run in the order given, the JSON saved after each (a job cut short
-    # keeps what finished): ws:D:f16|bf16 (served features), ws_routes (every
+    # keeps what finished): ws:D:f16|bf16[:pp] (served features; pp: both schedules), ws_routes (every
     # other feature stays off the kernel), speed_ws:D:f16|bf16[:N] (first N shapes).
     for part in parts:
         name, *args = part.split(":")
         t0 = time.perf_counter()
         if name == "ws":
-            p0, f0 = correctness_ws(dims=(int(args[0]),), dtypes=(_DTYPES[args[1]],))
+            p0, f0 = correctness_ws(dims=(int(args[0]),), dtypes=(_DTYPES[args[1]],), both_schedules="pp" in args)
             passed, failed = passed + p0, failed + f0
         elif name == "ws_routes":
             p0, f0 = correctness_ws(dims=(128,), dtypes=(mx.float16,), features=None, shapes=WS_SHAPES[:1])

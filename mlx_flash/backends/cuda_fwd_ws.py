@@ -36,6 +36,9 @@ INPUTS = ("q", "k", "v", "ip", "fp", "tmpl")
 OUTPUTS = ("out", "lse", "tmaps")
 
 _ENABLED = os.environ.get("MLX_FLASH_CUDA_FWD_WS", "1") == "1"
+# The consumer warpgroups take turns issuing their matrix products (ping-pong),
+# on top of each one's softmax / P V overlap; 0 = the overlap alone.
+PINGPONG = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PINGPONG", "1") == "1"
 
 
 def stages(head_dim: int) -> int:
@@ -94,7 +97,8 @@ def template(spec: AttentionSpec) -> list:
     """The kernel's template values. Their order and values make MLX's kernel
     name, which the header's launch-bound declarations spell out: keep them in step."""
     d = spec.head_dim_qk
-    return [("BF16", spec.dtype == mx.bfloat16), ("D", d), ("WINDOW", spec.has_window), ("STAGES", stages(d))]
+    return [("BF16", spec.dtype == mx.bfloat16), ("D", d), ("WINDOW", spec.has_window), ("STAGES", stages(d)),
+            ("PINGPONG", PINGPONG)]
 
 
 def mlx_kernel_name(values: list) -> str:
