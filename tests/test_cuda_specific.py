@@ -484,17 +484,20 @@ def _ws_instances():
     from mlx_flash._spec import AttentionSpec
     from mlx_flash.backends import cuda_fwd_ws
 
-    pingpong = cuda_fwd_ws.PINGPONG
+    pingpong, stages = cuda_fwd_ws.PINGPONG, dict(cuda_fwd_ws.STAGES)
     try:
         for T in (mx.float16, mx.bfloat16):
             for D in (64, 128):
-                for window in (False, True):
-                    for cuda_fwd_ws.PINGPONG in (False, True):
-                        spec = AttentionSpec(1, 1, 1, 256, 256, D, D, T, D ** -0.5, window_right=0 if window else -1)
-                        template = cuda_fwd_ws.template(spec)
-                        yield cuda_fwd_ws.mlx_kernel_name(template), T, template
+                for cuda_fwd_ws.STAGES[D] in cuda_fwd_ws.STAGE_CHOICES[D]:
+                    for window in (False, True):
+                        for cuda_fwd_ws.PINGPONG in (False, True):
+                            spec = AttentionSpec(1, 1, 1, 256, 256, D, D, T, D ** -0.5,
+                                                 window_right=0 if window else -1)
+                            template = cuda_fwd_ws.template(spec)
+                            yield cuda_fwd_ws.mlx_kernel_name(template), T, template
     finally:
         cuda_fwd_ws.PINGPONG = pingpong
+        cuda_fwd_ws.STAGES.update(stages)
 
 
 def test_ws_forward_declares_each_instance_launch_bound():

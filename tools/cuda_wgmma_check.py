@@ -173,10 +173,19 @@ def speed_ws(shapes=((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128)
                 mx.eval(q, k, v)
                 s = D ** -0.5
                 res = {}
-                for label, on, pingpong in (("ws", True, True), ("ws_nopp", True, False), ("wg3", False, True)):
-                    ws._ENABLED, ws.PINGPONG = on, pingpong
-                    res[label] = time_fn(lambda: mlx_flash.flash_attention(q, k, v, causal=causal, scale=s), iters)
-                ws._ENABLED, ws.PINGPONG = True, True
+                default_stages = ws.STAGES[D]
+                deep = max(ws.STAGE_CHOICES[D])
+                for label, on, pingpong, depth in (("ws", True, True, default_stages),
+                                                   ("ws_nopp", True, False, default_stages),
+                                                   (f"ws_s{deep}", True, True, deep), ("wg3", False, True, 2)):
+                    if label == f"ws_s{deep}" and deep == default_stages:
+                        continue
+                    ws._ENABLED, ws.PINGPONG, ws.STAGES[D] = on, pingpong, depth
+                    try:
+                        res[label] = time_fn(lambda: mlx_flash.flash_attention(q, k, v, causal=causal, scale=s), iters)
+                    except Exception as e:  # noqa: BLE001 (a variant that fails to build or launch)
+                        print(f"{label} failed: {e}")
+                ws._ENABLED, ws.PINGPONG, ws.STAGES[D] = True, True, default_stages
                 res["mx.fast"] = time_fn(lambda: mx.fast.scaled_dot_product_attention(
                     q, k, v, scale=s, mask="causal" if causal else None), iters)
                 try:
@@ -191,13 +200,13 @@ def speed_ws(shapes=((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128)
                            **{f"{k}_tflops": flops / v / 1e12 for k, v in res.items()},
                            **{f"ratio_{k}_vs_mx.fast": res["mx.fast"] / v for k, v in res.items()
                               if k != "mx.fast"})
-                if "torch" in res:
+                if "torch" in res and "ws" in res:
                     row["ratio_ws_vs_torch"] = res["torch"] / res["ws"]
                 rows.append(row)
                 print(f"{row['dtype']} {row['shape']} causal={causal}: " + ", ".join(
                     f"{k} {res[k] * 1e3:.3f} ms ({row[k + '_tflops']:.0f} TF/s)" for k in res) +
-                    f"; ws/mx.fast {row['ratio_ws_vs_mx.fast']:.2f}x" +
-                    (f", ws/torch {row['ratio_ws_vs_torch']:.2f}x" if "torch" in res else ""))
+                    f"; ws/mx.fast {row.get('ratio_ws_vs_mx.fast', float('nan')):.2f}x" +
+                    f", ws/torch {row.get('ratio_ws_vs_torch', float('nan')):.2f}x")
     return rows
 
 

@@ -41,9 +41,18 @@ _ENABLED = os.environ.get("MLX_FLASH_CUDA_FWD_WS", "1") == "1"
 PINGPONG = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PINGPONG", "1") == "1"
 
 
+# K/V ring depth per head dim (each stage holds a K and a V tile of 128 keys:
+# 64 KiB at D = 128, 32 KiB at D = 64), and the depths the header declares.
+STAGE_CHOICES = {128: (2, 3), 64: (2, 4)}
+STAGES = {128: int(os.environ.get("MLX_FLASH_CUDA_FWD_WS_STAGES_D128", "2")),
+          64: int(os.environ.get("MLX_FLASH_CUDA_FWD_WS_STAGES_D64", "4"))}
+for _d, _n in STAGES.items():
+    if _n not in STAGE_CHOICES[_d]:
+        raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_STAGES_D{_d}: expected one of {STAGE_CHOICES[_d]}, got {_n}")
+
+
 def stages(head_dim: int) -> int:
-    """K/V ring depth: two 32 KiB K + V stages at D = 128, four of 16 KiB at D = 64."""
-    return 2 if head_dim == 128 else 4
+    return STAGES[head_dim]
 
 
 def smem_bytes(head_dim: int) -> int:
