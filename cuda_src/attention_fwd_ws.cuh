@@ -36,6 +36,32 @@
 
 namespace mlx_flash {
 
+// S = Q K^T over 176-key tiles (the dense D = 128 tile): m64n176k16 wrappers
+// in wgmma.cuh's form (written out by a script: inline PTX names every register).
+template <> struct Wgmma<__half, 176> {
+  // d (+)= A(smem; TRANS_A: MN-major) * B(smem; TRANS_B: MN-major)
+  template <int TRANS_A, int TRANS_B>
+  static __device__ __forceinline__ void ss(float (&d)[88], unsigned long long da, unsigned long long db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n176k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87}, %88, %89, p, 1, 1, %91, %92;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87])
+        : "l"(da), "l"(db), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B));
+  }
+};
+
+template <> struct Wgmma<__nv_bfloat16, 176> {
+  // d (+)= A(smem; TRANS_A: MN-major) * B(smem; TRANS_B: MN-major)
+  template <int TRANS_A, int TRANS_B>
+  static __device__ __forceinline__ void ss(float (&d)[88], unsigned long long da, unsigned long long db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n176k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87}, %88, %89, p, 1, 1, %91, %92;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87])
+        : "l"(da), "l"(db), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B));
+  }
+};
+
 // Whether a kernel's q pointer type is bfloat16 (the BF16 template value,
 // which only tells MLX's kernel names apart, must agree with it).
 template <class P> struct WsIsBf16 { static constexpr bool value = false; };
@@ -88,18 +114,21 @@ __device__ __forceinline__ bool ws_chunks_nonfinite(const unsigned char* tile, i
 // Online softmax of one S tile without touching O (its P V product of the
 // previous tile may still run): logit rules where the tile needs them
 // (kRules), new row maxima and sums, alpha (O's rescale factor, applied by
-// the caller later) and P in place of S (fp32). `drop` gets bit 4n + c for
-// each dropped pair (kRules), for the exact P V's marks.
+// the caller later) and P in place of S (fp32). `drop` gets bit 4n + c (of
+// its 32-bit words) for each dropped pair (kRules), for the exact P V's marks.
+template <int BN> using WsDrop = unsigned[(BN / 2 + 31) / 32];
+
 template <typename MT, class F, int BN, bool kRules>
 __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[2], float (&row_sum)[2],
-                                           float (&alpha)[2], unsigned long long& drop, const LogitRules<MT>& rules,
+                                           float (&alpha)[2], WsDrop<BN>& drop, const LogitRules<MT>& rules,
                                            float scale, int i_row, int jt, int t) {
   // Without rules S stays raw: f = scale * log2(e) > 0 folds into the
   // exponent's FFMA and into the row maximum. With rules S becomes logits in
   // the log2 domain first (f = 1).
   const float f = kRules ? 1.f : scale * kLog2e;
-  drop = 0;
   if (kRules) {
+#pragma unroll
+    for (int w = 0; w < (BN / 2 + 31) / 32; ++w) drop[w] = 0;
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
@@ -108,7 +137,7 @@ __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[
         const int j = jt + n * 8 + 2 * t + (c & 1);
         float capped = 0.f;
         const float x = apply_rules<F, MT, true>(rules, s[4 * n + c] * scale, i, j, capped, false);
-        drop |= (x == kNegInf ? 1ull : 0ull) << (4 * n + c);
+        drop[(4 * n + c) / 32] |= (x == kNegInf ? 1u : 0u) << ((4 * n + c) % 32);
         s[4 * n + c] = x * kLog2e;
       }
     }
@@ -140,7 +169,7 @@ __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[
 template <typename T, int D, int BN, bool kRules>
 __device__ __forceinline__ void ws_rescale_pack(float (&o)[D / 2], const float (&s)[BN / 2],
                                                 unsigned (&pa)[BN / 16][4], const float (&alpha)[2],
-                                                unsigned long long drop) {
+                                                const WsDrop<BN>& drop) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     if (!__all_sync(0xffffffffu, alpha[half] == 1.f)) {
@@ -163,18 +192,20 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[D / 2], const float (
     for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
       for (int w = 0; w < 4; ++w)
-        pa[kk][w] |= pair_marks((drop >> (8 * kk + 2 * w)) & 1u, (drop >> (8 * kk + 2 * w + 1)) & 1u);
+        pa[kk][w] |= pair_marks((drop[(8 * kk + 2 * w) / 32] >> ((8 * kk + 2 * w) % 32)) & 1u,
+                                (drop[(8 * kk + 2 * w) / 32] >> ((8 * kk + 2 * w) % 32 + 1)) & 1u);
   }
 }
 
 // q, k, v: [B, H(kv), N, D]; tmpl: the Q, K, V tensor-map templates (3-D:
 // D, N, B * heads; 128-byte swizzle, boxes of 64 x 128 (Q) or 64 x BN);
+// BN: keys per tile (128; 176 at D = 128, where S, P and O still fit 240 registers);
 // tmaps: kWsTmapBytes per block, where the block publishes them.
 template <class F, int D, int BN, int STAGES, bool PINGPONG, typename T>
 __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
                                  const unsigned char* tmpl, T* out, float* lse, unsigned char* tmaps) {
   static_assert(D == 64 || D == 128, "warp-specialised forward: head dim 64 or 128");
-  static_assert(BN == 128, "warp-specialised forward: 128-key tiles");
+  static_assert(BN == 128 || (BN == 176 && D == 128), "warp-specialised forward: 128-key tiles (176 at D = 128)");
   static_assert(!F::ElementRules && !F::Sinks && !F::Varlen && !F::KeyRange,
                 "warp-specialised forward: window/causal rules only");
   using MT = bool;
@@ -190,10 +221,12 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv];
-  const int h = blockIdx.y, b = blockIdx.z, hk = h / (Hq / Hkv);
+  // Grid: x = (batch, head) pairs, y = row blocks from the last, so the GPU
+  // starts every block of the last row block first: under causal rules those
+  // have the most key tiles (longest first, the short ones fill the tail).
+  const int h = blockIdx.x % Hq, b = blockIdx.x / Hq, hk = h / (Hq / Hkv);
   const Sequence seq = sequence_of<false>(b, ip, nullptr, nullptr);
-  // Row blocks from the last: under causal rules those have the most tiles.
-  const int i0 = (gridDim.x - 1 - blockIdx.x) * BM;
+  const int i0 = (gridDim.y - 1 - blockIdx.y) * BM;
   const int i_end = min(seq.nq, i0 + BM);
   const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, nullptr, nullptr, nullptr);
   int lo, hi;
@@ -202,7 +235,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   const int tiles = hi > tile0 ? (hi - tile0 + BN - 1) / BN : 0;
   auto tile_start = [&](int t) { return tile0 + (tiles - 1 - t) * BN; };  // last tile first
 
-  unsigned char* tm_ws = tmaps + ((long)(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * kWsTmapBytes;
+  unsigned char* tm_ws = tmaps + ((long)blockIdx.y * gridDim.x + blockIdx.x) * kWsTmapBytes;
   if (warp == 8) {
     const void* const addrs[3] = {q, k, v};
     tma_publish<3>(tm_stage, tmpl, tm_ws, addrs, lane);
@@ -268,7 +301,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f}, alpha[2];
   float s[BN / 2];
   unsigned pa[BN / 16][4];
-  unsigned long long drop = 0;
+  WsDrop<BN> drop = {};
 
   // The tile needs the logit rules (and, holding a NaN or inf in V, the exact P V).
   auto needs_rules = [&](int jt) { return tile_may_drop<F, BN>(rules, seq, i0, i_end, jt); };
@@ -386,44 +419,48 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
 
 // The launch bound of every instance the backend builds (see the top): MLX
 // names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
-// template values (BF16, D, WINDOW, STAGES, PINGPONG as _t/_f and numbers), and declares
+// template values (BF16, D, WINDOW, STAGES, PINGPONG, BN as _t/_f and numbers), and declares
 // its parameters as below (inputs q, k, v, ip, fp, tmpl; outputs out, lse, tmaps).
 #define MLX_FLASH_WS_DECLARE(SUFFIX, TT)                                                                    \
   __global__ void __launch_bounds__(384, 1) custom_kernel_mlx_flash_attention_fwd_ws##SUFFIX(            \
       const TT* q, const TT* k, const TT* v, const int32_t* ip, const float* fp, const uint8_t* tmpl, TT* out, \
       float* lse, uint8_t* tmaps);
 namespace mlx::core::cu {
-MLX_FLASH_WS_DECLARE(_f_128_f_2_f, __half)
-MLX_FLASH_WS_DECLARE(_f_128_f_2_t, __half)
-MLX_FLASH_WS_DECLARE(_f_128_t_2_f, __half)
-MLX_FLASH_WS_DECLARE(_f_128_t_2_t, __half)
-MLX_FLASH_WS_DECLARE(_f_128_f_3_f, __half)
-MLX_FLASH_WS_DECLARE(_f_128_f_3_t, __half)
-MLX_FLASH_WS_DECLARE(_f_128_t_3_f, __half)
-MLX_FLASH_WS_DECLARE(_f_128_t_3_t, __half)
-MLX_FLASH_WS_DECLARE(_f_64_f_2_f, __half)
-MLX_FLASH_WS_DECLARE(_f_64_f_2_t, __half)
-MLX_FLASH_WS_DECLARE(_f_64_t_2_f, __half)
-MLX_FLASH_WS_DECLARE(_f_64_t_2_t, __half)
-MLX_FLASH_WS_DECLARE(_f_64_f_4_f, __half)
-MLX_FLASH_WS_DECLARE(_f_64_f_4_t, __half)
-MLX_FLASH_WS_DECLARE(_f_64_t_4_f, __half)
-MLX_FLASH_WS_DECLARE(_f_64_t_4_t, __half)
-MLX_FLASH_WS_DECLARE(_t_128_f_2_f, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_f_2_t, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_t_2_f, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_t_2_t, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_f_3_f, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_f_3_t, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_t_3_f, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_t_3_t, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_f_2_f, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_f_2_t, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_t_2_f, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_t_2_t, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_f_4_f, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_f_4_t, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_t_4_f, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_t_4_t, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_f_128_f_2_f_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_f_2_t_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_t_2_f_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_t_2_t_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_f_3_f_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_f_3_t_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_t_3_f_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_t_3_t_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_f_2_f_176, __half)
+MLX_FLASH_WS_DECLARE(_f_128_f_2_t_176, __half)
+MLX_FLASH_WS_DECLARE(_f_64_f_2_f_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_f_2_t_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_t_2_f_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_t_2_t_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_f_4_f_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_f_4_t_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_t_4_f_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_t_4_t_128, __half)
+MLX_FLASH_WS_DECLARE(_t_128_f_2_f_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_f_2_t_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_t_2_f_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_t_2_t_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_f_3_f_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_f_3_t_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_t_3_f_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_t_3_t_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_f_2_f_176, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_f_2_t_176, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_f_2_f_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_f_2_t_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_t_2_f_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_t_2_t_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_f_4_f_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_f_4_t_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_t_4_f_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_t_4_t_128, __nv_bfloat16)
 }  // namespace mlx::core::cu
 #undef MLX_FLASH_WS_DECLARE

@@ -479,24 +479,30 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
 
 
 def _ws_instances():
-    """Every instance of the warp-specialised forward the backend can build:
-    (MLX's kernel name, T, template)."""
+    """Every instance of the warp-specialised forward the backend can build
+    (over its knobs: ring depth, dense key tile, ping-pong): (MLX's kernel
+    name, T, template)."""
     from mlx_flash._spec import AttentionSpec
     from mlx_flash.backends import cuda_fwd_ws
 
-    pingpong, stages = cuda_fwd_ws.PINGPONG, dict(cuda_fwd_ws.STAGES)
+    knobs = cuda_fwd_ws.PINGPONG, dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128
+    seen = set()
     try:
         for T in (mx.float16, mx.bfloat16):
             for D in (64, 128):
                 for cuda_fwd_ws.STAGES[D] in cuda_fwd_ws.STAGE_CHOICES[D]:
-                    for window in (False, True):
-                        for cuda_fwd_ws.PINGPONG in (False, True):
-                            spec = AttentionSpec(1, 1, 1, 256, 256, D, D, T, D ** -0.5,
-                                                 window_right=0 if window else -1)
-                            template = cuda_fwd_ws.template(spec)
-                            yield cuda_fwd_ws.mlx_kernel_name(template), T, template
+                    for cuda_fwd_ws.KEYS_DENSE_D128 in (128, 176):
+                        for window in (False, True):
+                            for cuda_fwd_ws.PINGPONG in (False, True):
+                                spec = AttentionSpec(1, 1, 1, 256, 256, D, D, T, D ** -0.5,
+                                                     window_right=0 if window else -1)
+                                template = cuda_fwd_ws.template(spec)
+                                name = cuda_fwd_ws.mlx_kernel_name(template)
+                                if name not in seen:
+                                    seen.add(name)
+                                    yield name, T, template
     finally:
-        cuda_fwd_ws.PINGPONG = pingpong
+        cuda_fwd_ws.PINGPONG, stages, cuda_fwd_ws.KEYS_DENSE_D128 = knobs
         cuda_fwd_ws.STAGES.update(stages)
 
 
@@ -513,7 +519,8 @@ def test_ws_forward_declares_each_instance_launch_bound():
     assert names == declared
     assert f"__launch_bounds__({cuda_fwd_ws.THREADS}, 1)" in header
     assert cuda_fwd_ws.mlx_kernel_name([("BF16", True), ("D", 128), ("WINDOW", False), ("STAGES", 2),
-                                        ("PINGPONG", True)]) == "custom_kernel_mlx_flash_attention_fwd_ws_t_128_f_2_t"
+                                        ("PINGPONG", True), ("BN", 176)]) == \
+        "custom_kernel_mlx_flash_attention_fwd_ws_t_128_f_2_t_176"
 
 
 def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
@@ -756,3 +763,47 @@ def test_wide_heads_features_on_gpu(feature, kind):
         grads = backends.gradients("cuda", q, k, v, dout, **options)
         for name in ("q", "k", "v"):
             check_close("d" + name, to_np(grads[name]), want, dtype, plain)
+
+
+# ---------------------------------------------------------------------------
+# The warp-specialised Hopper forward (attention_fwd_ws) on the GPU: the calls
+# it serves reach it (counted), and its out and lse match float64 at odd
+# sizes, Nq != Nk, GQA, causal and windows; both of its schedules.
+
+_WS_GPU_SHAPES = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 8, 1, 64, 1),
+                  (1, 1, 1, 300, 4103)]
+
+
+def _on_hopper():
+    return hasattr(mx, "cuda") and mx.cuda.is_available() and cuda_backend._is_hopper()
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
+@pytest.mark.parametrize("pingpong", [True, False], ids=["pingpong", "overlap"])
+@pytest.mark.parametrize("feature", ["none", "causal", "window_both"])
+@pytest.mark.parametrize("kind", [(mx.float16, 128), (mx.bfloat16, 128), (mx.float16, 64), (mx.bfloat16, 64)],
+                         ids=lambda k: f"{str(k[0]).split('.')[-1]}-D{k[1]}")
+def test_ws_forward_on_gpu(kind, feature, pingpong, monkeypatch):
+    import mlx_flash
+    from helpers import check_close, plain_errors, qkv, randn, rng, to_np
+    from mlx_flash.backends import cuda_fwd_ws
+    from reference_np import attention_np
+
+    dtype, D = kind
+    monkeypatch.setattr(cuda_fwd_ws, "PINGPONG", pingpong)
+    calls = []
+    forward = cuda_fwd_ws.forward
+    monkeypatch.setattr(cuda_fwd_ws, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    for shape in _WS_GPU_SHAPES:
+        B, Hq, Hkv, Nq, Nk = shape
+        gen = rng("ws-gpu", str(dtype), D, feature, shape)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
+        options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+        before = len(calls)
+        out, lse = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
+        mx.eval(out, lse)
+        assert len(calls) == before + 1, f"{shape}: not routed to attention_fwd_ws"
+        want = attention_np(q, k, v, **options)
+        plain = plain_errors(q, k, v, randn(gen, out.shape, dtype), options, dtype)
+        check_close("out", to_np(out), want, dtype, plain)
+        check_close("lse", to_np(lse), want, dtype, plain)

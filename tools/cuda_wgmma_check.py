@@ -158,6 +158,26 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
     return passed, failed
 
 
+def _set_ws_knobs(D, knobs):
+    """Sets cuda_fwd_ws's knobs (enabled, pingpong, stages, keys) for head dim D; returns the old ones."""
+    old = dict(enabled=ws._ENABLED, pingpong=ws.PINGPONG, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128)
+    ws._ENABLED = knobs.get("enabled", old["enabled"])
+    ws.PINGPONG = knobs.get("pingpong", old["pingpong"])
+    ws.STAGES[D] = knobs.get("stages", old["stages"])
+    ws.KEYS_DENSE_D128 = knobs.get("keys", old["keys"])
+    return old
+
+
+def _ws_variants(D, causal):
+    """(label, knobs) timed side by side: the default, each knob changed alone, the wgmma kernel."""
+    out = [("ws", {}), ("ws_nopp", {"pingpong": False})]
+    if D == 128 and not causal:
+        out.append(("ws_k128", {"keys": 176 if ws.KEYS_DENSE_D128 == 128 else 128}))
+    other = [n for n in ws.STAGE_CHOICES[D] if n != ws.STAGES[D]]
+    out += [(f"ws_s{n}", {"stages": n}) for n in other]
+    return out + [("wg3", {"enabled": False})]
+
+
 def speed_ws(shapes=((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128), (4, 16, 1024, 64),
                      (2, 16, 4096, 64), (1, 16, 16384, 64)), dtypes=(mx.float16, mx.bfloat16), iters=10):
     """Forward side by side: the warp-specialised kernel, the wgmma kernel,
@@ -173,19 +193,14 @@ def speed_ws(shapes=((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128)
                 mx.eval(q, k, v)
                 s = D ** -0.5
                 res = {}
-                default_stages = ws.STAGES[D]
-                deep = max(ws.STAGE_CHOICES[D])
-                for label, on, pingpong, depth in (("ws", True, True, default_stages),
-                                                   ("ws_nopp", True, False, default_stages),
-                                                   (f"ws_s{deep}", True, True, deep), ("wg3", False, True, 2)):
-                    if label == f"ws_s{deep}" and deep == default_stages:
-                        continue
-                    ws._ENABLED, ws.PINGPONG, ws.STAGES[D] = on, pingpong, depth
+                for label, knobs in _ws_variants(D, causal):
+                    saved = _set_ws_knobs(D, knobs)
                     try:
                         res[label] = time_fn(lambda: mlx_flash.flash_attention(q, k, v, causal=causal, scale=s), iters)
                     except Exception as e:  # noqa: BLE001 (a variant that fails to build or launch)
                         print(f"{label} failed: {e}")
-                ws._ENABLED, ws.PINGPONG, ws.STAGES[D] = True, True, default_stages
+                    finally:
+                        _set_ws_knobs(D, saved)
                 res["mx.fast"] = time_fn(lambda: mx.fast.scaled_dot_product_attention(
                     q, k, v, scale=s, mask="causal" if causal else None), iters)
                 try:
@@ -347,6 +362,33 @@ def speed_anchor(B=2, H=16, N=4096, D=128, iters=30):
     return rows
 
 
+def prewarm(index, count):
+    """Builds share `index` of `count` of the kernels the ws parts use (every
+    speed_ws variant, fp16/bf16, D 64/128, causal or not, and the wgmma kernel
+    beside it) on a tiny call, so parallel processes fill MLX's on-disk kernel
+    cache (MLX_PTX_CACHE_DIR) before the timed runs."""
+    jobs = []
+    for dtype in (mx.float16, mx.bfloat16):
+        for D in (128, 64):
+            for causal in (False, True):
+                for label, knobs in _ws_variants(D, causal):
+                    jobs.append((dtype, D, causal, label, knobs))
+    done = 0
+    for dtype, D, causal, label, knobs in jobs[index::count]:
+        gen = rng("prewarm", D)
+        q, k, v = qkv(gen, 1, 2, 2, 200, 200, D, dtype=dtype)
+        saved = _set_ws_knobs(D, knobs)
+        try:
+            mx.eval(mlx_flash.flash_attention(q, k, v, causal=causal))
+            done += 1
+            print(f"prewarm {dtype} D{D} causal={causal} {label}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"prewarm {dtype} D{D} causal={causal} {label} failed: {e}")
+        finally:
+            _set_ws_knobs(D, saved)
+    print(f"prewarm {index}/{count}: {done} of {len(jobs[index::count])} built")
+
+
 _DTYPES = {"f16": mx.float16, "bf16": mx.bfloat16}
 _WS_SPEED_SHAPES = {128: ((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128)),
                     64: ((1, 16, 16384, 64), (2, 16, 4096, 64), (4, 16, 1024, 64))}
@@ -366,14 +408,27 @@ def main():
             json.dump(result, f, indent=1)
 
     # Parts run in the order given, the JSON saved after each (a job cut short
-    # keeps what finished): ws:D:f16|bf16[:pp] (served features; pp: both schedules), ws_routes (every
+    # keeps what finished): ws:D:f16|bf16[:pp][:k128][:s3] (served features; pp: both
+    # schedules; k128 / s3: 128-key tiles / three stages instead of the defaults), ws_routes (every
     # other feature stays off the kernel), speed_ws:D:f16|bf16[:N] (first N shapes).
     for part in parts:
         name, *args = part.split(":")
         t0 = time.perf_counter()
         if name == "ws":
-            p0, f0 = correctness_ws(dims=(int(args[0]),), dtypes=(_DTYPES[args[1]],), both_schedules="pp" in args)
+            D = int(args[0])
+            knobs = {}
+            if "k128" in args:
+                knobs["keys"] = 128
+            if "s3" in args:
+                knobs["stages"] = 3
+            saved = _set_ws_knobs(D, knobs)
+            try:
+                p0, f0 = correctness_ws(dims=(D,), dtypes=(_DTYPES[args[1]],), both_schedules="pp" in args)
+            finally:
+                _set_ws_knobs(D, saved)
             passed, failed = passed + p0, failed + f0
+        elif name == "prewarm":
+            prewarm(int(args[0]), int(args[1]))
         elif name == "ws_routes":
             p0, f0 = correctness_ws(dims=(128,), dtypes=(mx.float16,), features=None, shapes=WS_SHAPES[:1])
             passed, failed = passed + p0, failed + f0

@@ -31,7 +31,6 @@ from . import cuda as _cuda
 THREADS = 384       # two consumer warpgroups + the producer warpgroup
 TMAP_BYTES = 3 * 128  # kWsTmapBytes: Q, K, V maps per block
 ROWS = 128          # query rows per block
-KEYS = 128          # keys per tile
 INPUTS = ("q", "k", "v", "ip", "fp", "tmpl")
 OUTPUTS = ("out", "lse", "tmaps")
 
@@ -51,13 +50,26 @@ for _d, _n in STAGES.items():
         raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_STAGES_D{_d}: expected one of {STAGE_CHOICES[_d]}, got {_n}")
 
 
+# Keys per tile: 128, or 176 for D = 128 without windows (fewer, longer
+# iterations; the causal diagonal wants the square tile). The header declares both.
+KEYS_DENSE_D128 = int(os.environ.get("MLX_FLASH_CUDA_FWD_WS_KEYS_D128", "176"))
+if KEYS_DENSE_D128 not in (128, 176):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D128: expected 128 or 176, got {KEYS_DENSE_D128}")
+
+
 def stages(head_dim: int) -> int:
     return STAGES[head_dim]
 
 
-def smem_bytes(head_dim: int) -> int:
+def keys_per_tile(spec: AttentionSpec) -> int:
+    if spec.head_dim_qk == 128 and not spec.has_window and stages(128) == 2:
+        return KEYS_DENSE_D128
+    return 128
+
+
+def smem_bytes(head_dim: int, keys: int) -> int:
     """ws_fwd_smem() of attention_fwd_ws.cuh."""
-    return 2 * (ROWS * head_dim + 2 * stages(head_dim) * KEYS * head_dim) + 1024
+    return 2 * (ROWS * head_dim + 2 * stages(head_dim) * keys * head_dim) + 1024
 
 
 def serves(spec: AttentionSpec) -> bool:
@@ -95,10 +107,10 @@ def tensor_map_3d(elem_bytes: int, inner: int, rows: int, slabs: int, box_rows: 
 
 
 @functools.lru_cache(maxsize=1024)
-def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int) -> mx.array:
+def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int, keys: int) -> mx.array:
     """Q, K, V templates as one uint8 input (the kernel's `tmpl`)."""
     tq = tensor_map_3d(2, d, nq, batch * heads_q, ROWS)
-    tk = tensor_map_3d(2, d, nk, batch * heads_kv, KEYS)
+    tk = tensor_map_3d(2, d, nk, batch * heads_kv, keys)
     return _cuda.const_array(tuple(tq + tk + tk), mx.uint8)  # V has K's shape (Dv = Dqk)
 
 
@@ -107,7 +119,7 @@ def template(spec: AttentionSpec) -> list:
     name, which the header's launch-bound declarations spell out: keep them in step."""
     d = spec.head_dim_qk
     return [("BF16", spec.dtype == mx.bfloat16), ("D", d), ("WINDOW", spec.has_window), ("STAGES", stages(d)),
-            ("PINGPONG", PINGPONG)]
+            ("PINGPONG", PINGPONG), ("BN", keys_per_tile(spec))]
 
 
 def mlx_kernel_name(values: list) -> str:
@@ -118,8 +130,8 @@ def mlx_kernel_name(values: list) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(head_dim: int):
-    return _cuda._kernel("attention_fwd_ws", INPUTS, OUTPUTS, smem_bytes(head_dim))
+def _kernel(smem: int):
+    return _cuda._kernel("attention_fwd_ws", INPUTS, OUTPUTS, smem)
 
 
 def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
@@ -127,11 +139,12 @@ def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
     d = spec.head_dim_qk
     row_blocks = math.ceil(spec.seqlen_q / ROWS)
     ip, fp = _cuda._param_arrays(spec, _cuda._NO_DIMS, _cuda._NO_DIMS)
-    tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d)
+    keys = keys_per_tile(spec)
+    tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, keys)
     blocks = row_blocks * spec.heads_q * spec.batch
-    out, lse, _ = _kernel(d)(
+    out, lse, _ = _kernel(smem_bytes(d, keys))(
         inputs=[q, k, v, ip, fp, tmpl], template=template(spec),
-        grid=(row_blocks * THREADS, spec.heads_q, spec.batch), threadgroup=(THREADS, 1, 1),
+        grid=(spec.batch * spec.heads_q * THREADS, row_blocks, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[out_shape, lse_shape, (blocks * TMAP_BYTES,)],
         output_dtypes=[spec.dtype, mx.float32, mx.uint8], stream=stream,
     )
