@@ -216,31 +216,43 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   unsigned char* Ks = Qs + Q_BYTES;            // STAGES K tiles
   unsigned char* Vs = Ks + STAGES * KV_BYTES;  // STAGES V tiles
   __shared__ __align__(128) unsigned char tm_stage[kWsTmapBytes];
-  __shared__ __align__(8) unsigned long long q_full, k_full[STAGES], k_empty[STAGES], v_full[STAGES],
+  __shared__ __align__(8) unsigned long long q_full, q_empty, k_full[STAGES], k_empty[STAGES], v_full[STAGES],
       v_empty[STAGES];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv];
-  // Grid: x = (batch, head) pairs, y = row blocks from the last, so the GPU
-  // starts every block of the last row block first: under causal rules those
-  // have the most key tiles (longest first, the short ones fill the tail).
-  const int h = blockIdx.x % Hq, b = blockIdx.x / Hq, hk = h / (Hq / Hkv);
-  const Sequence seq = sequence_of<false>(b, ip, nullptr, nullptr);
-  const int i0 = (gridDim.y - 1 - blockIdx.y) * BM;
-  const int i_end = min(seq.nq, i0 + BM);
-  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, h, ip, fp, nullptr, nullptr, nullptr);
-  int lo, hi;
-  rules.key_range(i0, i_end - 1, lo, hi);
-  const int tile0 = lo / BN * BN;
-  const int tiles = hi > tile0 ? (hi - tile0 + BN - 1) / BN : 0;
-  auto tile_start = [&](int t) { return tile0 + (tiles - 1 - t) * BN; };  // last tile first
+  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], heads = ip[kBatch] * Hq;
+  const int nq = ip[kSeqQ], row_blocks = (nq + BM - 1) / BM;
+  // Work items (row block, batch, head), longest first: item w is row block
+  // row_blocks - 1 - w / heads (from the last: under causal rules those have
+  // the most key tiles) of (batch, head) w % heads. A block takes items
+  // blockIdx.x, + gridDim.x, ... (persistent when the grid is smaller than
+  // the work); its K/V ring and barrier phases run on across its items.
+  struct Item {
+    int b, h, i0, i_end, tile0, tiles;
+  };
+  auto item_of = [&](int w, LogitRules<MT>& rules) {
+    Item it;
+    it.h = (w % heads) % Hq;
+    it.b = (w % heads) / Hq;
+    it.i0 = (row_blocks - 1 - w / heads) * BM;
+    it.i_end = min(nq, it.i0 + BM);
+    const Sequence seq = sequence_of<false>(it.b, ip, nullptr, nullptr);
+    rules = make_rules<MT, F>(seq, it.b, it.h, ip, fp, nullptr, nullptr, nullptr);
+    int lo, hi;
+    rules.key_range(it.i0, it.i_end - 1, lo, hi);
+    it.tile0 = lo / BN * BN;
+    it.tiles = hi > it.tile0 ? (hi - it.tile0 + BN - 1) / BN : 0;
+    return it;
+  };
+  const int items = row_blocks * heads;
 
-  unsigned char* tm_ws = tmaps + ((long)blockIdx.y * gridDim.x + blockIdx.x) * kWsTmapBytes;
+  unsigned char* tm_ws = tmaps + (long)blockIdx.x * kWsTmapBytes;
   if (warp == 8) {
     const void* const addrs[3] = {q, k, v};
     tma_publish<3>(tm_stage, tmpl, tm_ws, addrs, lane);
     if (lane == 0) {
       mbar_init(&q_full, 1);
+      mbar_init(&q_empty, 2);
 #pragma unroll
       for (int s = 0; s < STAGES; ++s) {
         mbar_init(&k_full[s], 1);
@@ -255,83 +267,68 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
 
   if (warp >= 8) {  // the producer warpgroup
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
-    if (warp != 8 || lane != 0 || i0 >= seq.nq) return;
+    if (warp != 8 || lane != 0) return;
     const unsigned char* tm_q = tm_ws;
     const unsigned char* tm_k = tm_ws + 128;
     const unsigned char* tm_v = tm_ws + 256;
     tma_acquire(tm_q);
     tma_acquire(tm_k);
     tma_acquire(tm_v);
-    mbar_expect_tx(&q_full, Q_BYTES);
-#pragma unroll
-    for (int a = 0; a < D / 64; ++a) ws_tma_load_3d(Qs + a * BM * 128, tm_q, a * 64, i0, b * Hq + h, &q_full);
-    const int slab = b * Hkv + hk;
-    for (int t = 0; t < tiles; ++t) {
-      const int st = t % STAGES;
-      const unsigned phase = (t / STAGES) & 1;
-      const int jt = tile_start(t);
+    int kv = 0;  // K/V tiles loaded so far (ring position)
+    auto load_k = [&](int jt, int slab) {
+      const int st = kv % STAGES;
       // A fresh mbarrier counts its phase "before 0" (parity 1) as complete.
-      mbar_wait(&k_empty[st], phase ^ 1);
+      mbar_wait(&k_empty[st], ((kv / STAGES) & 1) ^ 1);
       mbar_expect_tx(&k_full[st], KV_BYTES);
 #pragma unroll
       for (int a = 0; a < D / 64; ++a)
         ws_tma_load_3d(Ks + st * KV_BYTES + a * BN * 128, tm_k, a * 64, jt, slab, &k_full[st]);
-      mbar_wait(&v_empty[st], phase ^ 1);
+    };
+    auto load_v = [&](int jt, int slab) {
+      const int st = kv % STAGES;
+      mbar_wait(&v_empty[st], ((kv / STAGES) & 1) ^ 1);
       mbar_expect_tx(&v_full[st], KV_BYTES);
 #pragma unroll
       for (int a = 0; a < D / 64; ++a)
         ws_tma_load_3d(Vs + st * KV_BYTES + a * BN * 128, tm_v, a * 64, jt, slab, &v_full[st]);
+      ++kv;
+    };
+    int n = 0;  // items taken
+    for (int w = blockIdx.x; w < items; w += gridDim.x, ++n) {
+      LogitRules<MT> rules;
+      const Item it = item_of(w, rules);
+      const int slab = it.b * Hkv + it.h / (Hq / Hkv);
+      auto tile_start = [&](int t) { return it.tile0 + (it.tiles - 1 - t) * BN; };  // last tile first
+      // K of the item's first tile before its Q: it may land while the
+      // consumers still finish the previous item, whose Q they hold.
+      if (it.tiles > 0) load_k(tile_start(0), slab);
+      mbar_wait(&q_empty, (n & 1) ^ 1);
+      mbar_expect_tx(&q_full, Q_BYTES);
+#pragma unroll
+      for (int a = 0; a < D / 64; ++a) ws_tma_load_3d(Qs + a * BM * 128, tm_q, a * 64, it.i0, it.b * Hq + it.h, &q_full);
+      for (int t = 0; t < it.tiles; ++t) {
+        if (t > 0) load_k(tile_start(t), slab);
+        load_v(tile_start(t), slab);
+      }
     }
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
-  if (i0 >= seq.nq) return;
 
   // A consumer warpgroup.
   const int wg = warp / 4, wt = threadIdx.x % 128, g = lane / 4, t4 = lane % 4;
   const bool signals = wt == 0;  // the thread that arrives for its warpgroup
   const float scale = fp[kScale];
-  const int i_row = i0 + wg * 64 + (warp % 4) * 16 + g;  // this thread's first row (the other: + 8)
   const unsigned q_addr = smem_addr(Qs) + wg * 64 * 128;
-  const long q_base = (long)(b * Hq + h) * seq.nq;
-
-  float o[D / 2];
-#pragma unroll
-  for (int r = 0; r < D / 2; ++r) o[r] = 0.f;
-  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f}, alpha[2];
-  float s[BN / 2];
-  unsigned pa[BN / 16][4];
-  WsDrop<BN> drop = {};
-
-  // The tile needs the logit rules (and, holding a NaN or inf in V, the exact P V).
-  auto needs_rules = [&](int jt) { return tile_may_drop<F, BN>(rules, seq, i0, i_end, jt); };
-  // Softmax of tile t in S's registers (its S landed), O untouched.
-  auto softmax = [&](int jt, bool ruled) {
-    if (ruled)
-      ws_softmax<MT, F, BN, true>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
-    else
-      ws_softmax<MT, F, BN, false>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
-  };
-  auto rescale_pack = [&](bool ruled) {
-    if (ruled)
-      ws_rescale_pack<T, D, BN, true>(o, s, pa, alpha, drop);
-    else
-      ws_rescale_pack<T, D, BN, false>(o, s, pa, alpha, drop);
-  };
-  // Whether the P V of tile t (V landed) must be exact: it drops keys and its V holds a NaN or inf.
-  auto exact_pv = [&](int t, int st) {
-    return needs_rules(tile_start(t)) &&
-           ws_warpgroup_or(2 + wg, ws_chunks_nonfinite<T, BN, D>(Vs + st * KV_BYTES, wt));
-  };
-
   // Ping-pong (PINGPONG): the warpgroups take turns issuing their matrix
   // products, so one's softmax runs while the other's products occupy the
   // tensor cores. A turn is one named barrier per warpgroup (4 + wg, both
   // warpgroups counted): a warpgroup syncs on its own before issuing and
-  // arrives on the other's after. Warpgroup 0 goes first (warpgroup 1 arrives
-  // once up front), and warpgroup 1 skips its arrive after its last turn, so
-  // every sync meets exactly one arrive and none is left over at the exit.
-  // Turns: S of tile 0, then S(t) with P V(t-1) for each later tile, then the last P V.
+  // arrives on the other's after. In each item warpgroup 0 goes first
+  // (warpgroup 1 arrives once up front) and warpgroup 1 skips its arrive
+  // after its last turn, so every sync meets exactly one arrive and none is
+  // left over. Turns: S of the first tile, then S(t) with P V(t-1) for each
+  // later tile, then the last P V.
   auto turn_begin = [&]() {
     if (PINGPONG) asm volatile("bar.sync %0, 256;\n" ::"r"(4 + wg) : "memory");
   };
@@ -339,79 +336,127 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     if (PINGPONG && !(last && wg == 1)) asm volatile("bar.arrive %0, 256;\n" ::"r"(5 - wg) : "memory");
   };
 
-  mbar_wait(&q_full, 0);
-  if (tiles > 0) {
-    if (PINGPONG && wg == 1) asm volatile("bar.arrive 4, 256;\n" ::: "memory");
-    mbar_wait(&k_full[0], 0);
-    turn_begin();
-    wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks));
-    turn_end(false);
-    wgmma_wait<0>();
-    wgmma_pin(s);
-    if (signals) ws_mbar_arrive(&k_empty[0]);
-    bool ruled = needs_rules(tile_start(0));
-    softmax(tile_start(0), ruled);
-    rescale_pack(ruled);
-    for (int t = 1; t < tiles; ++t) {
-      const int st = t % STAGES, pst = (t - 1) % STAGES;
-      const unsigned ph = (t / STAGES) & 1, pph = ((t - 1) / STAGES) & 1;
-      mbar_wait(&v_full[pst], pph);
-      const bool exact = exact_pv(t - 1, pst);
-      if (exact) wg_exact_pv<T, D, BN>(o, pa, Vs + pst * KV_BYTES);
-      mbar_wait(&k_full[st], ph);
+  float o[D / 2];
+  float row_max[2], row_sum[2], alpha[2];
+  float s[BN / 2];
+  unsigned pa[BN / 16][4];
+  WsDrop<BN> drop = {};
+  int kv = 0;  // K/V tiles consumed so far (ring position)
+  int n = 0;   // items taken
+  for (int w = blockIdx.x; w < items; w += gridDim.x, ++n) {
+    LogitRules<MT> rules;
+    const Item it = item_of(w, rules);
+    const Sequence seq = sequence_of<false>(it.b, ip, nullptr, nullptr);
+    const int i0 = it.i0, i_end = it.i_end, tiles = it.tiles;
+    auto tile_start = [&](int t) { return it.tile0 + (tiles - 1 - t) * BN; };  // last tile first
+    const int i_row = i0 + wg * 64 + (warp % 4) * 16 + g;  // this thread's first row (the other: + 8)
+    const long q_base = (long)(it.b * Hq + it.h) * nq;
+#pragma unroll
+    for (int r = 0; r < D / 2; ++r) o[r] = 0.f;
+    row_max[0] = row_max[1] = kNegInf;
+    row_sum[0] = row_sum[1] = 0.f;
+
+    // The tile needs the logit rules (and, holding a NaN or inf in V, the exact P V).
+    auto needs_rules = [&](int jt) { return tile_may_drop<F, BN>(rules, seq, i0, i_end, jt); };
+    // Softmax of a tile in S's registers (its S landed), O untouched.
+    auto softmax = [&](int jt, bool ruled) {
+      if (ruled)
+        ws_softmax<MT, F, BN, true>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
+      else
+        ws_softmax<MT, F, BN, false>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
+    };
+    auto rescale_pack = [&](bool ruled) {
+      if (ruled)
+        ws_rescale_pack<T, D, BN, true>(o, s, pa, alpha, drop);
+      else
+        ws_rescale_pack<T, D, BN, false>(o, s, pa, alpha, drop);
+    };
+    // Whether the P V of tile t (V landed) must be exact: it drops keys and its V holds a NaN or inf.
+    auto exact_pv = [&](int t, int st) {
+      return needs_rules(tile_start(t)) &&
+             ws_warpgroup_or(2 + wg, ws_chunks_nonfinite<T, BN, D>(Vs + st * KV_BYTES, wt));
+    };
+
+    mbar_wait(&q_full, n & 1);
+    if (tiles > 0) {
+      if (PINGPONG && wg == 1) asm volatile("bar.arrive 4, 256;\n" ::: "memory");
+      const int st0 = kv % STAGES;
+      mbar_wait(&k_full[st0], (kv / STAGES) & 1);
       turn_begin();
-      wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
-      if (!exact) wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + pst * KV_BYTES));
+      wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st0 * KV_BYTES));
       turn_end(false);
-      if (!exact) {
-        wgmma_wait<1>();  // S(t) landed; P V of tile t-1 runs on under the softmax
-      } else {
-        wgmma_wait<0>();
-      }
+      wgmma_wait<0>();
       wgmma_pin(s);
-      if (signals) ws_mbar_arrive(&k_empty[st]);
-      ruled = needs_rules(tile_start(t));
-      softmax(tile_start(t), ruled);
+      if (signals) ws_mbar_arrive(&k_empty[st0]);
+      bool ruled = needs_rules(tile_start(0));
+      softmax(tile_start(0), ruled);
+      rescale_pack(ruled);
+      for (int t = 1; t < tiles; ++t) {
+        const int c = kv + t;  // ring position of tile t (tile t-1: c - 1)
+        const int st = c % STAGES, pst = (c - 1) % STAGES;
+        mbar_wait(&v_full[pst], ((c - 1) / STAGES) & 1);
+        const bool exact = exact_pv(t - 1, pst);
+        if (exact) wg_exact_pv<T, D, BN>(o, pa, Vs + pst * KV_BYTES);
+        mbar_wait(&k_full[st], (c / STAGES) & 1);
+        turn_begin();
+        wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
+        if (!exact) wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + pst * KV_BYTES));
+        turn_end(false);
+        if (!exact) {
+          wgmma_wait<1>();  // S(t) landed; P V of tile t-1 runs on under the softmax
+        } else {
+          wgmma_wait<0>();
+        }
+        wgmma_pin(s);
+        if (signals) ws_mbar_arrive(&k_empty[st]);
+        ruled = needs_rules(tile_start(t));
+        softmax(tile_start(t), ruled);
+        wgmma_wait<0>();
+        wgmma_pin(o);
+        wgmma_pin(pa);
+        if (signals) ws_mbar_arrive(&v_empty[pst]);
+        rescale_pack(ruled);
+      }
+      // Every S of the item is done: Q may be replaced by the next item's.
+      if (signals) ws_mbar_arrive(&q_empty);
+      const int c = kv + tiles - 1, lst = c % STAGES;
+      mbar_wait(&v_full[lst], (c / STAGES) & 1);
+      const bool exact = exact_pv(tiles - 1, lst);
+      turn_begin();
+      if (exact) {
+        wg_exact_pv<T, D, BN>(o, pa, Vs + lst * KV_BYTES);
+      } else {
+        wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + lst * KV_BYTES));
+      }
+      turn_end(true);
       wgmma_wait<0>();
       wgmma_pin(o);
-      wgmma_pin(pa);
-      if (signals) ws_mbar_arrive(&v_empty[pst]);
-      rescale_pack(ruled);
+      if (signals) ws_mbar_arrive(&v_empty[lst]);
+      kv += tiles;
+    } else if (signals) {
+      ws_mbar_arrive(&q_empty);
     }
-    const int lst = (tiles - 1) % STAGES;
-    mbar_wait(&v_full[lst], ((tiles - 1) / STAGES) & 1);
-    const bool exact = exact_pv(tiles - 1, lst);
-    turn_begin();
-    if (exact) {
-      wg_exact_pv<T, D, BN>(o, pa, Vs + lst * KV_BYTES);
-    } else {
-      wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + lst * KV_BYTES));
-    }
-    turn_end(true);
-    wgmma_wait<0>();
-    wgmma_pin(o);
-    if (signals) ws_mbar_arrive(&v_empty[lst]);
-  }
 
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float sum = row_sum[half];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float m = row_max[half];
-    // 0 if nothing was kept, NaN if a kept logit was NaN or +inf (attention_common.cuh).
-    const float inv = row_out_factor(sum, 1.f);
-    const bool empty = sum == 0.f;
-    const int i = i_row + 8 * half;
-    if (i >= seq.nq) continue;
-    T* orow = out + (q_base + i) * D;
+    for (int half = 0; half < 2; ++half) {
+      float sum = row_sum[half];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float m = row_max[half];
+      // 0 if nothing was kept, NaN if a kept logit was NaN or +inf (attention_common.cuh).
+      const float inv = row_out_factor(sum, 1.f);
+      const bool empty = sum == 0.f;
+      const int i = i_row + 8 * half;
+      if (i >= nq) continue;
+      T* orow = out + (q_base + i) * D;
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const int col = n * 8 + 2 * t4;
-      *reinterpret_cast<unsigned*>(orow + col) =
-          empty ? 0u : pack2<T>(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
+      for (int n8 = 0; n8 < D / 8; ++n8) {
+        const int col = n8 * 8 + 2 * t4;
+        *reinterpret_cast<unsigned*>(orow + col) =
+            empty ? 0u : pack2<T>(o[4 * n8 + 2 * half] * inv, o[4 * n8 + 2 * half + 1] * inv);
+      }
+      if (t4 == 0) lse[q_base + i] = row_lse<true>(m, sum);
     }
-    if (t4 == 0) lse[q_base + i] = row_lse<true>(m, sum);
   }
 }
 
@@ -420,11 +465,12 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
 // The launch bound of every instance the backend builds (see the top): MLX
 // names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
 // template values (BF16, D, WINDOW, STAGES, PINGPONG, BN as _t/_f and numbers), and declares
-// its parameters as below (inputs q, k, v, ip, fp, tmpl; outputs out, lse, tmaps).
+// its parameters as below (inputs q, k, v, ip, fp, tmpl; outputs out, lse, tmaps;
+// int and unsigned char are the int32_t and uint8_t MLX writes).
 #define MLX_FLASH_WS_DECLARE(SUFFIX, TT)                                                                    \
   __global__ void __launch_bounds__(384, 1) custom_kernel_mlx_flash_attention_fwd_ws##SUFFIX(            \
-      const TT* q, const TT* k, const TT* v, const int32_t* ip, const float* fp, const uint8_t* tmpl, TT* out, \
-      float* lse, uint8_t* tmaps);
+      const TT* q, const TT* k, const TT* v, const int* ip, const float* fp, const unsigned char* tmpl, TT* out, \
+      float* lse, unsigned char* tmaps);
 namespace mlx::core::cu {
 MLX_FLASH_WS_DECLARE(_f_128_f_2_f_128, __half)
 MLX_FLASH_WS_DECLARE(_f_128_f_2_t_128, __half)

@@ -549,6 +549,21 @@ def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
     assert not cuda_fwd_ws.serves(base)
 
 
+def test_ws_forward_grid(monkeypatch):
+    """Persistent: at most one block per SM (each takes items in steps of the
+    grid); otherwise, or when the SM count is unknown, one block per item."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    monkeypatch.setattr(cuda_fwd_ws, "sm_count", lambda: 132)
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
+    assert [cuda_fwd_ws.blocks_for(n) for n in (1, 131, 132, 133, 4096)] == [1, 131, 132, 132, 132]
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", False)
+    assert cuda_fwd_ws.blocks_for(4096) == 4096
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
+    monkeypatch.setattr(cuda_fwd_ws, "sm_count", lambda: 0)
+    assert cuda_fwd_ws.blocks_for(4096) == 4096
+
+
 @needs_nvcc
 def test_ws_forward_compiles_bounded_without_spills(tmp_path):
     """attention_fwd_ws as MLX wraps it (its MLX names): no spills, the launch
@@ -770,8 +785,10 @@ def test_wide_heads_features_on_gpu(feature, kind):
 # it serves reach it (counted), and its out and lse match float64 at odd
 # sizes, Nq != Nk, GQA, causal and windows; both of its schedules.
 
+# The last: more work items (row blocks x heads) than an H100/H200 has SMs, so
+# persistent blocks take several items each.
 _WS_GPU_SHAPES = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 8, 1, 64, 1),
-                  (1, 1, 1, 300, 4103)]
+                  (1, 1, 1, 300, 4103), (2, 8, 2, 1100, 300)]
 
 
 def _on_hopper():
@@ -779,18 +796,19 @@ def _on_hopper():
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
-@pytest.mark.parametrize("pingpong", [True, False], ids=["pingpong", "overlap"])
+@pytest.mark.parametrize("schedule", ["pingpong", "overlap", "one_block_per_item"])
 @pytest.mark.parametrize("feature", ["none", "causal", "window_both"])
 @pytest.mark.parametrize("kind", [(mx.float16, 128), (mx.bfloat16, 128), (mx.float16, 64), (mx.bfloat16, 64)],
                          ids=lambda k: f"{str(k[0]).split('.')[-1]}-D{k[1]}")
-def test_ws_forward_on_gpu(kind, feature, pingpong, monkeypatch):
+def test_ws_forward_on_gpu(kind, feature, schedule, monkeypatch):
     import mlx_flash
     from helpers import check_close, plain_errors, qkv, randn, rng, to_np
     from mlx_flash.backends import cuda_fwd_ws
     from reference_np import attention_np
 
     dtype, D = kind
-    monkeypatch.setattr(cuda_fwd_ws, "PINGPONG", pingpong)
+    monkeypatch.setattr(cuda_fwd_ws, "PINGPONG", schedule != "overlap")
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", schedule != "one_block_per_item")
     calls = []
     forward = cuda_fwd_ws.forward
     monkeypatch.setattr(cuda_fwd_ws, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))

@@ -92,7 +92,8 @@ class RouteCounter:
 
 
 WS_SHAPES = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 1, 1, 300, 4103),
-             (1, 2, 2, 129, 129), (1, 8, 1, 64, 1), (1, 2, 2, 1, 300), (2, 2, 1, 2048, 2048)]
+             (1, 2, 2, 129, 129), (1, 8, 1, 64, 1), (1, 2, 2, 1, 300), (2, 2, 1, 2048, 2048),
+             (2, 8, 2, 2100, 700)]  # the last: more work items than SMs (persistent blocks take several)
 
 
 def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS_FEATURES, shapes=WS_SHAPES,
@@ -160,7 +161,9 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
 
 def _set_ws_knobs(D, knobs):
     """Sets cuda_fwd_ws's knobs (enabled, pingpong, stages, keys) for head dim D; returns the old ones."""
-    old = dict(enabled=ws._ENABLED, pingpong=ws.PINGPONG, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128)
+    old = dict(enabled=ws._ENABLED, pingpong=ws.PINGPONG, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128,
+               persistent=ws.PERSISTENT)
+    ws.PERSISTENT = knobs.get("persistent", old["persistent"])
     ws._ENABLED = knobs.get("enabled", old["enabled"])
     ws.PINGPONG = knobs.get("pingpong", old["pingpong"])
     ws.STAGES[D] = knobs.get("stages", old["stages"])
@@ -170,7 +173,7 @@ def _set_ws_knobs(D, knobs):
 
 def _ws_variants(D, causal):
     """(label, knobs) timed side by side: the default, each knob changed alone, the wgmma kernel."""
-    out = [("ws", {}), ("ws_nopp", {"pingpong": False})]
+    out = [("ws", {}), ("ws_nopp", {"pingpong": False}), ("ws_grid", {"persistent": not ws.PERSISTENT})]
     if D == 128 and not causal:
         out.append(("ws_k128", {"keys": 176 if ws.KEYS_DENSE_D128 == 128 else 128}))
     other = [n for n in ws.STAGE_CHOICES[D] if n != ws.STAGES[D]]
@@ -408,8 +411,8 @@ def main():
             json.dump(result, f, indent=1)
 
     # Parts run in the order given, the JSON saved after each (a job cut short
-    # keeps what finished): ws:D:f16|bf16[:pp][:k128][:s3] (served features; pp: both
-    # schedules; k128 / s3: 128-key tiles / three stages instead of the defaults), ws_routes (every
+    # keeps what finished): ws:D:f16|bf16[:pp][:k128][:s3][:np] (served features; pp: both
+    # schedules; k128 / s3 / np: 128-key tiles / three stages / one block per item), ws_routes (every
     # other feature stays off the kernel), speed_ws:D:f16|bf16[:N] (first N shapes).
     for part in parts:
         name, *args = part.split(":")
@@ -421,6 +424,8 @@ def main():
                 knobs["keys"] = 128
             if "s3" in args:
                 knobs["stages"] = 3
+            if "np" in args:
+                knobs["persistent"] = False
             saved = _set_ws_knobs(D, knobs)
             try:
                 p0, f0 = correctness_ws(dims=(D,), dtypes=(_DTYPES[args[1]],), both_schedules="pp" in args)

@@ -57,6 +57,33 @@ if KEYS_DENSE_D128 not in (128, 176):
     raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D128: expected 128 or 176, got {KEYS_DENSE_D128}")
 
 
+# Persistent grid: one block per SM, each taking work items (row block, batch,
+# head) longest first in steps of the grid, so one item's epilogue and the next
+# one's first loads overlap and the tensor maps are published once per SM;
+# 0 = one block per item.
+PERSISTENT = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PERSISTENT", "1") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count() -> int:
+    """Multiprocessors of device 0 (MLX's GPU), through libcuda; 0 if unknown."""
+    from .cuda_matmul import _libcuda
+
+    lib, dev, count = _libcuda(), ctypes.c_int(), ctypes.c_int()
+    if lib.cuDeviceGet(ctypes.byref(dev), 0) != 0:
+        return 0
+    if lib.cuDeviceGetAttribute(ctypes.byref(count), 16, dev) != 0:  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+        return 0
+    return count.value
+
+
+def blocks_for(items: int) -> int:
+    """Grid size for `items` work items."""
+    if PERSISTENT and sm_count() > 0:
+        return min(items, sm_count())
+    return items
+
+
 def stages(head_dim: int) -> int:
     return STAGES[head_dim]
 
@@ -141,10 +168,10 @@ def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
     ip, fp = _cuda._param_arrays(spec, _cuda._NO_DIMS, _cuda._NO_DIMS)
     keys = keys_per_tile(spec)
     tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, keys)
-    blocks = row_blocks * spec.heads_q * spec.batch
+    blocks = blocks_for(row_blocks * spec.heads_q * spec.batch)
     out, lse, _ = _kernel(smem_bytes(d, keys))(
         inputs=[q, k, v, ip, fp, tmpl], template=template(spec),
-        grid=(spec.batch * spec.heads_q * THREADS, row_blocks, 1), threadgroup=(THREADS, 1, 1),
+        grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[out_shape, lse_shape, (blocks * TMAP_BYTES,)],
         output_dtypes=[spec.dtype, mx.float32, mx.uint8], stream=stream,
     )
