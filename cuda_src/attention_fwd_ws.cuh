@@ -201,7 +201,7 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[D / 2], const float (
 // D, N, B * heads; 128-byte swizzle, boxes of 64 x 128 (Q) or 64 x BN);
 // BN: keys per tile (128; 176 at D = 128, where S, P and O still fit 240 registers);
 // tmaps: kWsTmapBytes per block, where the block publishes them.
-template <class F, int D, int BN, int STAGES, bool PINGPONG, typename T>
+template <class F, int D, int BN, int STAGES, typename T>
 __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
                                  const unsigned char* tmpl, T* out, float* lse, unsigned char* tmaps) {
   static_assert(D == 64 || D == 128, "warp-specialised forward: head dim 64 or 128");
@@ -320,20 +320,25 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   const bool signals = wt == 0;  // the thread that arrives for its warpgroup
   const float scale = fp[kScale];
   const unsigned q_addr = smem_addr(Qs) + wg * 64 * 128;
-  // Ping-pong (PINGPONG): the warpgroups take turns issuing their matrix
-  // products, so one's softmax runs while the other's products occupy the
-  // tensor cores. A turn is one named barrier per warpgroup (4 + wg, both
-  // warpgroups counted): a warpgroup syncs on its own before issuing and
-  // arrives on the other's after. In each item warpgroup 0 goes first
+  // Ping-pong: the warpgroups take turns issuing their matrix products, so
+  // one's softmax runs while the other's products occupy the tensor cores. A
+  // turn is one named barrier per warpgroup (4 + wg, both warpgroups counted):
+  // a warpgroup syncs on its own before issuing and arrives on the other's
+  // once its S landed (an arrive between the issue and the wait made ptxas
+  // serialise every wgmma of the kernel). In each item warpgroup 0 goes first
   // (warpgroup 1 arrives once up front) and warpgroup 1 skips its arrive
   // after its last turn, so every sync meets exactly one arrive and none is
   // left over. Turns: S of the first tile, then S(t) with P V(t-1) for each
   // later tile, then the last P V.
   auto turn_begin = [&]() {
-    if (PINGPONG) asm volatile("bar.sync %0, 256;\n" ::"r"(4 + wg) : "memory");
+    if (wg == 0) asm volatile("bar.sync 4, 256;\n");
+    else asm volatile("bar.sync 5, 256;\n");
   };
   auto turn_end = [&](bool last) {
-    if (PINGPONG && !(last && wg == 1)) asm volatile("bar.arrive %0, 256;\n" ::"r"(5 - wg) : "memory");
+    if (!(last && wg == 1)) {
+      if (wg == 0) asm volatile("bar.arrive 5, 256;\n");
+      else asm volatile("bar.arrive 4, 256;\n");
+    }
   };
 
   float o[D / 2];
@@ -379,13 +384,13 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
 
     mbar_wait(&q_full, n & 1);
     if (tiles > 0) {
-      if (PINGPONG && wg == 1) asm volatile("bar.arrive 4, 256;\n" ::: "memory");
+      if (wg == 1) asm volatile("bar.arrive 4, 256;\n");
       const int st0 = kv % STAGES;
       mbar_wait(&k_full[st0], (kv / STAGES) & 1);
       turn_begin();
       wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st0 * KV_BYTES));
-      turn_end(false);
       wgmma_wait<0>();
+      turn_end(false);
       wgmma_pin(s);
       if (signals) ws_mbar_arrive(&k_empty[st0]);
       bool ruled = needs_rules(tile_start(0));
@@ -396,17 +401,16 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
         const int st = c % STAGES, pst = (c - 1) % STAGES;
         mbar_wait(&v_full[pst], ((c - 1) / STAGES) & 1);
         const bool exact = exact_pv(t - 1, pst);
-        if (exact) wg_exact_pv<T, D, BN>(o, pa, Vs + pst * KV_BYTES);
         mbar_wait(&k_full[st], (c / STAGES) & 1);
         turn_begin();
         wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
         if (!exact) wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + pst * KV_BYTES));
-        turn_end(false);
         if (!exact) {
           wgmma_wait<1>();  // S(t) landed; P V of tile t-1 runs on under the softmax
         } else {
           wgmma_wait<0>();
         }
+        turn_end(false);
         wgmma_pin(s);
         if (signals) ws_mbar_arrive(&k_empty[st]);
         ruled = needs_rules(tile_start(t));
@@ -414,6 +418,10 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
         wgmma_wait<0>();
         wgmma_pin(o);
         wgmma_pin(pa);
+        // The exact P V of tile t-1 where its products were not issued: after
+        // the wait, where O's registers are written anyway (its rescale); an
+        // exact product anywhere else made ptxas serialise every wgmma.
+        if (exact) wg_exact_pv<T, D, BN>(o, pa, Vs + pst * KV_BYTES);
         if (signals) ws_mbar_arrive(&v_empty[pst]);
         rescale_pack(ruled);
       }
@@ -423,14 +431,12 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       mbar_wait(&v_full[lst], (c / STAGES) & 1);
       const bool exact = exact_pv(tiles - 1, lst);
       turn_begin();
-      if (exact) {
-        wg_exact_pv<T, D, BN>(o, pa, Vs + lst * KV_BYTES);
-      } else {
-        wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + lst * KV_BYTES));
-      }
-      turn_end(true);
+      if (!exact) wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + lst * KV_BYTES));
       wgmma_wait<0>();
+      turn_end(true);
       wgmma_pin(o);
+      wgmma_pin(pa);
+      if (exact) wg_exact_pv<T, D, BN>(o, pa, Vs + lst * KV_BYTES);
       if (signals) ws_mbar_arrive(&v_empty[lst]);
       kv += tiles;
     } else if (signals) {
@@ -464,7 +470,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
 
 // The launch bound of every instance the backend builds (see the top): MLX
 // names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
-// template values (BF16, D, WINDOW, STAGES, PINGPONG, BN as _t/_f and numbers), and declares
+// template values (BF16, D, WINDOW, STAGES, BN as _t/_f and numbers), and declares
 // its parameters as below (inputs q, k, v, ip, fp, tmpl; outputs out, lse, tmaps;
 // int and unsigned char are the int32_t and uint8_t MLX writes).
 #define MLX_FLASH_WS_DECLARE(SUFFIX, TT)                                                                    \
@@ -472,41 +478,23 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       const TT* q, const TT* k, const TT* v, const int* ip, const float* fp, const unsigned char* tmpl, TT* out, \
       float* lse, unsigned char* tmaps);
 namespace mlx::core::cu {
-MLX_FLASH_WS_DECLARE(_f_128_f_2_f_128, __half)
-MLX_FLASH_WS_DECLARE(_f_128_f_2_t_128, __half)
-MLX_FLASH_WS_DECLARE(_f_128_t_2_f_128, __half)
-MLX_FLASH_WS_DECLARE(_f_128_t_2_t_128, __half)
-MLX_FLASH_WS_DECLARE(_f_128_f_3_f_128, __half)
-MLX_FLASH_WS_DECLARE(_f_128_f_3_t_128, __half)
-MLX_FLASH_WS_DECLARE(_f_128_t_3_f_128, __half)
-MLX_FLASH_WS_DECLARE(_f_128_t_3_t_128, __half)
-MLX_FLASH_WS_DECLARE(_f_128_f_2_f_176, __half)
-MLX_FLASH_WS_DECLARE(_f_128_f_2_t_176, __half)
-MLX_FLASH_WS_DECLARE(_f_64_f_2_f_128, __half)
-MLX_FLASH_WS_DECLARE(_f_64_f_2_t_128, __half)
-MLX_FLASH_WS_DECLARE(_f_64_t_2_f_128, __half)
-MLX_FLASH_WS_DECLARE(_f_64_t_2_t_128, __half)
-MLX_FLASH_WS_DECLARE(_f_64_f_4_f_128, __half)
-MLX_FLASH_WS_DECLARE(_f_64_f_4_t_128, __half)
-MLX_FLASH_WS_DECLARE(_f_64_t_4_f_128, __half)
-MLX_FLASH_WS_DECLARE(_f_64_t_4_t_128, __half)
-MLX_FLASH_WS_DECLARE(_t_128_f_2_f_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_f_2_t_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_t_2_f_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_t_2_t_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_f_3_f_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_f_3_t_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_t_3_f_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_t_3_t_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_f_2_f_176, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_f_2_t_176, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_f_2_f_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_f_2_t_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_t_2_f_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_t_2_t_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_f_4_f_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_f_4_t_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_t_4_f_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_t_4_t_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_f_128_f_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_t_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_f_3_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_t_3_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_f_2_176, __half)
+MLX_FLASH_WS_DECLARE(_f_64_f_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_t_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_f_4_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_t_4_128, __half)
+MLX_FLASH_WS_DECLARE(_t_128_f_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_t_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_f_3_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_t_3_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_f_2_176, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_f_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_t_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_f_4_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_t_4_128, __nv_bfloat16)
 }  // namespace mlx::core::cu
 #undef MLX_FLASH_WS_DECLARE

@@ -485,7 +485,7 @@ def _ws_instances():
     from mlx_flash._spec import AttentionSpec
     from mlx_flash.backends import cuda_fwd_ws
 
-    knobs = cuda_fwd_ws.PINGPONG, dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128
+    knobs = dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128
     seen = set()
     try:
         for T in (mx.float16, mx.bfloat16):
@@ -493,16 +493,15 @@ def _ws_instances():
                 for cuda_fwd_ws.STAGES[D] in cuda_fwd_ws.STAGE_CHOICES[D]:
                     for cuda_fwd_ws.KEYS_DENSE_D128 in (128, 176):
                         for window in (False, True):
-                            for cuda_fwd_ws.PINGPONG in (False, True):
-                                spec = AttentionSpec(1, 1, 1, 256, 256, D, D, T, D ** -0.5,
-                                                     window_right=0 if window else -1)
-                                template = cuda_fwd_ws.template(spec)
-                                name = cuda_fwd_ws.mlx_kernel_name(template)
-                                if name not in seen:
-                                    seen.add(name)
-                                    yield name, T, template
+                            spec = AttentionSpec(1, 1, 1, 256, 256, D, D, T, D ** -0.5,
+                                                 window_right=0 if window else -1)
+                            template = cuda_fwd_ws.template(spec)
+                            name = cuda_fwd_ws.mlx_kernel_name(template)
+                            if name not in seen:
+                                seen.add(name)
+                                yield name, T, template
     finally:
-        cuda_fwd_ws.PINGPONG, stages, cuda_fwd_ws.KEYS_DENSE_D128 = knobs
+        stages, cuda_fwd_ws.KEYS_DENSE_D128 = knobs
         cuda_fwd_ws.STAGES.update(stages)
 
 
@@ -519,8 +518,7 @@ def test_ws_forward_declares_each_instance_launch_bound():
     assert names == declared
     assert f"__launch_bounds__({cuda_fwd_ws.THREADS}, 1)" in header
     assert cuda_fwd_ws.mlx_kernel_name([("BF16", True), ("D", 128), ("WINDOW", False), ("STAGES", 2),
-                                        ("PINGPONG", True), ("BN", 176)]) == \
-        "custom_kernel_mlx_flash_attention_fwd_ws_t_128_f_2_t_176"
+                                        ("BN", 176)]) == "custom_kernel_mlx_flash_attention_fwd_ws_t_128_f_2_176"
 
 
 def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
@@ -796,19 +794,18 @@ def _on_hopper():
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
-@pytest.mark.parametrize("schedule", ["pingpong", "overlap", "one_block_per_item"])
+@pytest.mark.parametrize("grid", ["persistent", "one_block_per_item"])
 @pytest.mark.parametrize("feature", ["none", "causal", "window_both"])
 @pytest.mark.parametrize("kind", [(mx.float16, 128), (mx.bfloat16, 128), (mx.float16, 64), (mx.bfloat16, 64)],
                          ids=lambda k: f"{str(k[0]).split('.')[-1]}-D{k[1]}")
-def test_ws_forward_on_gpu(kind, feature, schedule, monkeypatch):
+def test_ws_forward_on_gpu(kind, feature, grid, monkeypatch):
     import mlx_flash
     from helpers import check_close, plain_errors, qkv, randn, rng, to_np
     from mlx_flash.backends import cuda_fwd_ws
     from reference_np import attention_np
 
     dtype, D = kind
-    monkeypatch.setattr(cuda_fwd_ws, "PINGPONG", schedule != "overlap")
-    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", schedule != "one_block_per_item")
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", grid == "persistent")
     calls = []
     forward = cuda_fwd_ws.forward
     monkeypatch.setattr(cuda_fwd_ws, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))

@@ -96,8 +96,7 @@ WS_SHAPES = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 
              (2, 8, 2, 2100, 700)]  # the last: more work items than SMs (persistent blocks take several)
 
 
-def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS_FEATURES, shapes=WS_SHAPES,
-                   both_schedules=False):
+def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS_FEATURES, shapes=WS_SHAPES):
     """The warp-specialised forward against float64 and against the wgmma
     kernel (same inputs, MLX_FLASH_CUDA_FWD_WS off), odd sizes, Nq != Nk, GQA,
     causal and windows; the other features (features=None: all of them) are
@@ -136,17 +135,17 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
                             import numpy as np
                             d_out = float(np.max(np.abs(to_np(out).astype(np.float64) - to_np(o2).astype(np.float64))))
                             extra = f" vs wgmma kernel {d_out:.2e}"
-                            if both_schedules:  # the schedules differ in timing only: same bits
-                                ws.PINGPONG = not ws.PINGPONG
-                                try:
-                                    o3, l3 = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
-                                    mx.eval(o3, l3)
-                                finally:
-                                    ws.PINGPONG = not ws.PINGPONG
-                                if not (np.array_equal(to_np(o3), to_np(out)) and
-                                        np.array_equal(to_np(l3), to_np(lse), equal_nan=True)):
-                                    raise AssertionError("ping-pong and overlap-only schedules differ")
-                                extra += ", schedules agree"
+                            # The grids differ in which block takes an item only: same bits.
+                            ws.PERSISTENT = not ws.PERSISTENT
+                            try:
+                                o3, l3 = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
+                                mx.eval(o3, l3)
+                            finally:
+                                ws.PERSISTENT = not ws.PERSISTENT
+                            if not (np.array_equal(to_np(o3), to_np(out), equal_nan=True) and
+                                    np.array_equal(to_np(l3), to_np(lse), equal_nan=True)):
+                                raise AssertionError("persistent and one-block-per-item grids differ")
+                            extra += ", grids agree"
                         passed += 1
                         print(f"ok   ws D{D} {dtype} {(B, Hq, Hkv, Nq, Nk)} {name} route={rc.calls}: out {e1:.2e} "
                               f"(plain {plain['out']:.2e}) lse {e2:.2e}{extra}")
@@ -160,12 +159,11 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
 
 
 def _set_ws_knobs(D, knobs):
-    """Sets cuda_fwd_ws's knobs (enabled, pingpong, stages, keys) for head dim D; returns the old ones."""
-    old = dict(enabled=ws._ENABLED, pingpong=ws.PINGPONG, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128,
+    """Sets cuda_fwd_ws's knobs (enabled, persistent, stages, keys) for head dim D; returns the old ones."""
+    old = dict(enabled=ws._ENABLED, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128,
                persistent=ws.PERSISTENT)
     ws.PERSISTENT = knobs.get("persistent", old["persistent"])
     ws._ENABLED = knobs.get("enabled", old["enabled"])
-    ws.PINGPONG = knobs.get("pingpong", old["pingpong"])
     ws.STAGES[D] = knobs.get("stages", old["stages"])
     ws.KEYS_DENSE_D128 = knobs.get("keys", old["keys"])
     return old
@@ -173,7 +171,7 @@ def _set_ws_knobs(D, knobs):
 
 def _ws_variants(D, causal):
     """(label, knobs) timed side by side: the default, each knob changed alone, the wgmma kernel."""
-    out = [("ws", {}), ("ws_nopp", {"pingpong": False}), ("ws_grid", {"persistent": not ws.PERSISTENT})]
+    out = [("ws", {}), ("ws_grid", {"persistent": not ws.PERSISTENT})]
     if D == 128 and not causal:
         out.append(("ws_k128", {"keys": 176 if ws.KEYS_DENSE_D128 == 128 else 128}))
     other = [n for n in ws.STAGE_CHOICES[D] if n != ws.STAGES[D]]
@@ -411,8 +409,8 @@ def main():
             json.dump(result, f, indent=1)
 
     # Parts run in the order given, the JSON saved after each (a job cut short
-    # keeps what finished): ws:D:f16|bf16[:pp][:k128][:s3][:np] (served features; pp: both
-    # schedules; k128 / s3 / np: 128-key tiles / three stages / one block per item), ws_routes (every
+    # keeps what finished): ws:D:f16|bf16[:k128][:s3][:np] (served features; k128 / s3 /
+    # np: 128-key tiles / three stages / one block per item instead of the defaults), ws_routes (every
     # other feature stays off the kernel), speed_ws:D:f16|bf16[:N] (first N shapes).
     for part in parts:
         name, *args = part.split(":")
@@ -428,7 +426,7 @@ def main():
                 knobs["persistent"] = False
             saved = _set_ws_knobs(D, knobs)
             try:
-                p0, f0 = correctness_ws(dims=(D,), dtypes=(_DTYPES[args[1]],), both_schedules="pp" in args)
+                p0, f0 = correctness_ws(dims=(D,), dtypes=(_DTYPES[args[1]],))
             finally:
                 _set_ws_knobs(D, saved)
             passed, failed = passed + p0, failed + f0

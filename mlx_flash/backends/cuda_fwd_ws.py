@@ -35,9 +35,6 @@ INPUTS = ("q", "k", "v", "ip", "fp", "tmpl")
 OUTPUTS = ("out", "lse", "tmaps")
 
 _ENABLED = os.environ.get("MLX_FLASH_CUDA_FWD_WS", "1") == "1"
-# The consumer warpgroups take turns issuing their matrix products (ping-pong),
-# on top of each one's softmax / P V overlap; 0 = the overlap alone.
-PINGPONG = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PINGPONG", "1") == "1"
 
 
 # K/V ring depth per head dim (each stage holds a K and a V tile of 128 keys:
@@ -146,7 +143,7 @@ def template(spec: AttentionSpec) -> list:
     name, which the header's launch-bound declarations spell out: keep them in step."""
     d = spec.head_dim_qk
     return [("BF16", spec.dtype == mx.bfloat16), ("D", d), ("WINDOW", spec.has_window), ("STAGES", stages(d)),
-            ("PINGPONG", PINGPONG), ("BN", keys_per_tile(spec))]
+            ("BN", keys_per_tile(spec))]
 
 
 def mlx_kernel_name(values: list) -> str:
