@@ -530,16 +530,22 @@ def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
 
     monkeypatch.setattr(cuda_fwd_ws, "_tma_available", lambda: True)
     monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
+    monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", False)
     base = AttentionSpec(2, 8, 2, 1024, 1024, 128, 128, mx.float16, 128 ** -0.5)
+    unchecked = [base._replace(dtype=mx.bfloat16), base._replace(head_dim_qk=64, head_dim_v=64),
+                 base._replace(dtype=mx.bfloat16, head_dim_qk=64, head_dim_v=64)]
     served = [base, base._replace(window_right=0), base._replace(window_left=16, window_right=0),
-              base._replace(window_left=-1, window_right=4), base._replace(dtype=mx.bfloat16, head_dim_qk=64,
-                                                                          head_dim_v=64)]
+              base._replace(window_left=-1, window_right=4)] + unchecked
     others = [base._replace(softcap=5.0), base._replace(has_alibi=True), base._replace(has_sinks=True),
               base._replace(mask_kind="bool"), base._replace(mask_kind="additive"),
               base._replace(has_block_mask=True), base._replace(varlen=True, max_seqlen_q=512, max_seqlen_k=512),
               base._replace(has_key_range=True), base._replace(scale=-0.1), base._replace(scale=0.0)]
     assert all(cuda_fwd_ws.serves(s) for s in served)
     assert not any(cuda_fwd_ws.serves(s) for s in others)
+    # The default mode: only the cases run on a GPU (fp16, D = 128).
+    monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", True)
+    assert all(cuda_fwd_ws.serves(s) for s in served if s not in unchecked)
+    assert not any(cuda_fwd_ws.serves(s) for s in unchecked + others)
     monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", False)
     assert not cuda_fwd_ws.serves(base)
     monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
@@ -806,6 +812,7 @@ def test_ws_forward_on_gpu(kind, feature, grid, monkeypatch):
 
     dtype, D = kind
     monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", grid == "persistent")
+    monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", False)  # bf16 and D = 64 too
     calls = []
     forward = cuda_fwd_ws.forward
     monkeypatch.setattr(cuda_fwd_ws, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))

@@ -5,8 +5,10 @@ It serves fp16/bf16 calls with Dqk = Dv in {64, 128} on sm_90 that carry no
 optional array and no logit rule beyond causal / sliding windows: no mask,
 block mask, softcap, ALiBi, sinks, varlen or key ranges, and a positive
 scale (the kernel folds scale * log2(e) into its exponent and row maxima).
-Every other Hopper call keeps attention_fwd_wgmma (backends/cuda.py). Set
-MLX_FLASH_CUDA_FWD_WS=0 to route every call there.
+Every other Hopper call keeps attention_fwd_wgmma (backends/cuda.py). By
+default only fp16 at D = 128 (the cases run and timed on a GPU) come here;
+MLX_FLASH_CUDA_FWD_WS=all adds bf16 and D = 64, =0 routes every call to
+attention_fwd_wgmma.
 
 Q, K and V reach the kernel through TMA: per operand a 3-D tensor map
 (head dim, sequence, batch * heads) whose boxes are 64 head dims by 128 rows
@@ -34,7 +36,15 @@ ROWS = 128          # query rows per block
 INPUTS = ("q", "k", "v", "ip", "fp", "tmpl")
 OUTPUTS = ("out", "lse", "tmaps")
 
-_ENABLED = os.environ.get("MLX_FLASH_CUDA_FWD_WS", "1") == "1"
+# Which calls it takes: "1" (default) the cases checked and timed on the GPU
+# (H200: fp16 at D = 128, 1.06-1.43x the wgmma kernel, see docs/cuda.md),
+# "all" every case it can serve (bf16 and D = 64 too: compiled and tested
+# here, not yet run on a GPU), "0" none.
+_MODE = os.environ.get("MLX_FLASH_CUDA_FWD_WS", "1")
+if _MODE not in ("0", "1", "all"):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS: expected 0, 1 or all, got {_MODE!r}")
+_ENABLED = _MODE != "0"
+CHECKED_ONLY = _MODE == "1"
 
 
 # K/V ring depth per head dim (each stage holds a K and a V tile of 128 keys:
@@ -54,11 +64,14 @@ if KEYS_DENSE_D128 not in (128, 176):
     raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D128: expected 128 or 176, got {KEYS_DENSE_D128}")
 
 
-# Persistent grid: one block per SM, each taking work items (row block, batch,
-# head) longest first in steps of the grid, so one item's epilogue and the next
-# one's first loads overlap and the tensor maps are published once per SM;
-# 0 = one block per item.
-PERSISTENT = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PERSISTENT", "1") == "1"
+# Persistent grid (opt-in, =1): one block per SM, each taking work items (row
+# block, batch, head) longest first in steps of the grid, so one item's
+# epilogue and the next one's first loads overlap and the tensor maps are
+# published once per SM. Off by default: on the H200 it was 2-3% faster dense
+# at 8-16K but 7-10% slower causal than one block per item (the hardware's
+# block scheduler balances the causal items better), and blocks taking
+# several items were timed but not yet checked against a reference on a GPU.
+PERSISTENT = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PERSISTENT", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,9 +111,10 @@ def smem_bytes(head_dim: int, keys: int) -> int:
 
 def serves(spec: AttentionSpec) -> bool:
     """Whether the call runs on the warp-specialised kernel (see the module doc)."""
-    return (_ENABLED and spec.softcap == 0 and not spec.has_alibi and spec.mask_kind == "none"
-            and not spec.has_block_mask and not spec.has_sinks and not spec.varlen and not spec.has_key_range
-            and spec.scale > 0 and _tma_available())
+    checked = spec.dtype == mx.float16 and spec.head_dim_qk == 128
+    return (_ENABLED and (checked or not CHECKED_ONLY) and spec.softcap == 0 and not spec.has_alibi
+            and spec.mask_kind == "none" and not spec.has_block_mask and not spec.has_sinks and not spec.varlen
+            and not spec.has_key_range and spec.scale > 0 and _tma_available())
 
 
 def _tma_available() -> bool:
