@@ -478,6 +478,126 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
             assert hgmma >= 12 and waits <= 4, f"{name}: {hgmma} wgmma, {waits} waits (serialised)"
 
 
+def _ws_instances():
+    """Every instance of the warp-specialised forward the backend can build
+    (over its knobs: ring depth, dense key tile, ping-pong): (MLX's kernel
+    name, T, template)."""
+    from mlx_flash._spec import AttentionSpec
+    from mlx_flash.backends import cuda_fwd_ws
+
+    knobs = dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128
+    seen = set()
+    try:
+        for T in (mx.float16, mx.bfloat16):
+            for D in (64, 128):
+                for cuda_fwd_ws.STAGES[D] in cuda_fwd_ws.STAGE_CHOICES[D]:
+                    for cuda_fwd_ws.KEYS_DENSE_D128 in (128, 176):
+                        for window in (False, True):
+                            spec = AttentionSpec(1, 1, 1, 256, 256, D, D, T, D ** -0.5,
+                                                 window_right=0 if window else -1)
+                            template = cuda_fwd_ws.template(spec)
+                            name = cuda_fwd_ws.mlx_kernel_name(template)
+                            if name not in seen:
+                                seen.add(name)
+                                yield name, T, template
+    finally:
+        stages, cuda_fwd_ws.KEYS_DENSE_D128 = knobs
+        cuda_fwd_ws.STAGES.update(stages)
+
+
+def test_ws_forward_declares_each_instance_launch_bound():
+    """The body cannot carry __launch_bounds__, so the header declares each
+    instance (by the name MLX gives it) with the bound; an instance missing
+    there would compile for 255 registers and fail to launch 384 threads."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    header = "".join(cuda_backend._read(h) for h in cuda_backend.kernel_headers("attention_fwd_ws"))
+    declared = {"custom_kernel_mlx_flash_attention_fwd_ws" + m
+                for m in re.findall(r"^MLX_FLASH_WS_DECLARE\((\w+),", header, re.M)}
+    names = {name for name, _, _ in _ws_instances()}
+    assert names == declared
+    assert f"__launch_bounds__({cuda_fwd_ws.THREADS}, 1)" in header
+    assert cuda_fwd_ws.mlx_kernel_name([("BF16", True), ("D", 128), ("WINDOW", False), ("STAGES", 2),
+                                        ("BN", 176)]) == "custom_kernel_mlx_flash_attention_fwd_ws_t_128_f_2_176"
+
+
+def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
+    """The warp-specialised forward takes plain, causal and window calls with a
+    positive scale; every other feature (and MLX_FLASH_CUDA_FWD_WS=0, and no
+    TMA) keeps the wgmma kernel."""
+    from mlx_flash._spec import AttentionSpec
+    from mlx_flash.backends import cuda_fwd_ws
+
+    monkeypatch.setattr(cuda_fwd_ws, "_tma_available", lambda: True)
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
+    monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", False)
+    base = AttentionSpec(2, 8, 2, 1024, 1024, 128, 128, mx.float16, 128 ** -0.5)
+    unchecked = [base._replace(dtype=mx.bfloat16), base._replace(head_dim_qk=64, head_dim_v=64),
+                 base._replace(dtype=mx.bfloat16, head_dim_qk=64, head_dim_v=64)]
+    served = [base, base._replace(window_right=0), base._replace(window_left=16, window_right=0),
+              base._replace(window_left=-1, window_right=4)] + unchecked
+    others = [base._replace(softcap=5.0), base._replace(has_alibi=True), base._replace(has_sinks=True),
+              base._replace(mask_kind="bool"), base._replace(mask_kind="additive"),
+              base._replace(has_block_mask=True), base._replace(varlen=True, max_seqlen_q=512, max_seqlen_k=512),
+              base._replace(has_key_range=True), base._replace(scale=-0.1), base._replace(scale=0.0)]
+    assert all(cuda_fwd_ws.serves(s) for s in served)
+    assert not any(cuda_fwd_ws.serves(s) for s in others)
+    # The default mode: only the cases run on a GPU (fp16, D = 128).
+    monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", True)
+    assert all(cuda_fwd_ws.serves(s) for s in served if s not in unchecked)
+    assert not any(cuda_fwd_ws.serves(s) for s in unchecked + others)
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", False)
+    assert not cuda_fwd_ws.serves(base)
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
+    monkeypatch.setattr(cuda_fwd_ws, "_tma_available", lambda: False)
+    assert not cuda_fwd_ws.serves(base)
+
+
+def test_ws_forward_grid(monkeypatch):
+    """Persistent: at most one block per SM (each takes items in steps of the
+    grid); otherwise, or when the SM count is unknown, one block per item."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    monkeypatch.setattr(cuda_fwd_ws, "sm_count", lambda: 132)
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
+    assert [cuda_fwd_ws.blocks_for(n) for n in (1, 131, 132, 133, 4096)] == [1, 131, 132, 132, 132]
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", False)
+    assert cuda_fwd_ws.blocks_for(4096) == 4096
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
+    monkeypatch.setattr(cuda_fwd_ws, "sm_count", lambda: 0)
+    assert cuda_fwd_ws.blocks_for(4096) == 4096
+
+
+@needs_nvcc
+def test_ws_forward_compiles_bounded_without_spills(tmp_path):
+    """attention_fwd_ws as MLX wraps it (its MLX names): no spills, the launch
+    bound in force (at most 168 registers at entry for 384 threads, setmaxnreg
+    honoured), and, where cuobjdump exists, its wgmma left asynchronous."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    body = cuda_backend._read("attention_fwd_ws.cu")
+    kernels = []
+    for name, T, template in _ws_instances():
+        inputs = [("q", T), ("k", T), ("v", T), ("ip", mx.int32), ("fp", mx.float32), ("tmpl", mx.uint8)]
+        outputs = [("out", T), ("lse", mx.float32), ("tmaps", mx.uint8)]
+        assert [n for n, _ in inputs] == list(cuda_fwd_ws.INPUTS) and [n for n, _ in outputs] == list(cuda_fwd_ws.OUTPUTS)
+        kernels.append(_kernel_text(name, body, inputs, outputs, template))
+    log = _nvcc_compile(tmp_path, "attention_fwd_ws",
+                        _prelude(cuda_backend.kernel_headers("attention_fwd_ws")) + "\n" + "\n".join(kernels),
+                        flags=("-Xptxas", "-v"))
+    assert "setmaxnreg" not in log, log[-3000:]
+    usage = ptxas_usage(log)
+    assert len(usage) == len(kernels), log[-3000:]
+    for fn, (regs, spill_st, spill_ld) in usage.items():
+        assert (spill_st, spill_ld) == (0, 0), f"{fn}: spills {spill_st}/{spill_ld}"
+        assert regs <= 168, f"{fn}: {regs} registers (launch bound not applied?)"
+    if _cuobjdump() is not None:
+        sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / "attention_fwd_ws.o")], capture_output=True,
+                              text=True, check=True).stdout
+        for fn, (hgmma, waits) in _wgmma_sync_counts(sass).items():
+            assert hgmma >= 12 and waits <= 6, f"{fn}: {hgmma} wgmma, {waits} waits (serialised)"
+
+
 # ---------------------------------------------------------------------------
 # On a CUDA GPU.
 
@@ -662,3 +782,50 @@ def test_wide_heads_features_on_gpu(feature, kind):
         grads = backends.gradients("cuda", q, k, v, dout, **options)
         for name in ("q", "k", "v"):
             check_close("d" + name, to_np(grads[name]), want, dtype, plain)
+
+
+# ---------------------------------------------------------------------------
+# The warp-specialised Hopper forward (attention_fwd_ws) on the GPU: the calls
+# it serves reach it (counted), and its out and lse match float64 at odd
+# sizes, Nq != Nk, GQA, causal and windows; both of its schedules.
+
+# The last: more work items (row blocks x heads) than an H100/H200 has SMs, so
+# persistent blocks take several items each.
+_WS_GPU_SHAPES = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 8, 1, 64, 1),
+                  (1, 1, 1, 300, 4103), (2, 8, 2, 1100, 300)]
+
+
+def _on_hopper():
+    return hasattr(mx, "cuda") and mx.cuda.is_available() and cuda_backend._is_hopper()
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
+@pytest.mark.parametrize("grid", ["persistent", "one_block_per_item"])
+@pytest.mark.parametrize("feature", ["none", "causal", "window_both"])
+@pytest.mark.parametrize("kind", [(mx.float16, 128), (mx.bfloat16, 128), (mx.float16, 64), (mx.bfloat16, 64)],
+                         ids=lambda k: f"{str(k[0]).split('.')[-1]}-D{k[1]}")
+def test_ws_forward_on_gpu(kind, feature, grid, monkeypatch):
+    import mlx_flash
+    from helpers import check_close, plain_errors, qkv, randn, rng, to_np
+    from mlx_flash.backends import cuda_fwd_ws
+    from reference_np import attention_np
+
+    dtype, D = kind
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", grid == "persistent")
+    monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", False)  # bf16 and D = 64 too
+    calls = []
+    forward = cuda_fwd_ws.forward
+    monkeypatch.setattr(cuda_fwd_ws, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    for shape in _WS_GPU_SHAPES:
+        B, Hq, Hkv, Nq, Nk = shape
+        gen = rng("ws-gpu", str(dtype), D, feature, shape)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
+        options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+        before = len(calls)
+        out, lse = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
+        mx.eval(out, lse)
+        assert len(calls) == before + 1, f"{shape}: not routed to attention_fwd_ws"
+        want = attention_np(q, k, v, **options)
+        plain = plain_errors(q, k, v, randn(gen, out.shape, dtype), options, dtype)
+        check_close("out", to_np(out), want, dtype, plain)
+        check_close("lse", to_np(lse), want, dtype, plain)

@@ -1,7 +1,10 @@
 """GPU check of the Hopper (wgmma) forward: correctness against float64 and speed.
 
-    python3 tools/cuda_wgmma_check.py [OUT_DIR] [fwd,bwd,speed,speed_bwd,speed_anchor]
+    python3 tools/cuda_wgmma_check.py [OUT_DIR] [ws,speed_ws,fwd,bwd,speed,speed_bwd,speed_anchor]
 
+ws: the warp-specialised forward (attention_fwd_ws) against float64 and the
+wgmma kernel, and its routing; speed_ws: it side by side with the wgmma
+kernel, mx.fast and torch SDPA (the issue-14 shapes).
 Correctness: every feature of tests/features.py at odd shapes, fp16 and bf16,
 head dims 64 and 128, out and lse against the float64 NumPy reference with the
 test suite's tolerance (twice the plain materialised fp16/bf16 error).
@@ -26,6 +29,7 @@ import mlx.core as mx  # noqa: E402
 
 import mlx_flash  # noqa: E402
 from mlx_flash.backends import cuda as cb  # noqa: E402
+from mlx_flash.backends import cuda_fwd_ws as ws  # noqa: E402
 from features import FEATURES  # noqa: E402
 from helpers import check_close, plain_errors, qkv, randn, rng, to_np  # noqa: E402
 from reference_np import attention_np  # noqa: E402
@@ -61,6 +65,180 @@ def correctness(dims=(64, 128), dtypes=(mx.float16, mx.bfloat16), label=""):
                             traceback.print_exc()
     print(f"correctness {label}: {passed} passed, {failed} failed")
     return passed, failed
+
+
+# Features the warp-specialised forward serves (cuda_fwd_ws.serves); every
+# other feature must keep the wgmma kernel.
+WS_FEATURES = ("none", "causal", "window_left", "window_both", "window_right_only")
+
+
+class RouteCounter:
+    """Counts the calls that reach cuda_fwd_ws.forward while installed."""
+
+    def __init__(self):
+        self.calls = 0
+        self._orig = ws.forward
+
+    def __enter__(self):
+        def counted(*args, **kw):
+            self.calls += 1
+            return self._orig(*args, **kw)
+
+        ws.forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        ws.forward = self._orig
+
+
+WS_SHAPES = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 1, 1, 300, 4103),
+             (1, 2, 2, 129, 129), (1, 8, 1, 64, 1), (1, 2, 2, 1, 300), (2, 2, 1, 2048, 2048),
+             (2, 8, 2, 1100, 300)]  # the last: more work items than SMs (persistent blocks take several)
+
+
+def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS_FEATURES, shapes=WS_SHAPES,
+                   compare=True):
+    """The warp-specialised forward against float64 and against the wgmma
+    kernel (same inputs, MLX_FLASH_CUDA_FWD_WS off), odd sizes, Nq != Nk, GQA,
+    causal and windows; the other features (features=None: all of them) are
+    checked to stay off it."""
+    passed = failed = 0
+    for D in dims:
+        for dtype in dtypes:
+            for si, (B, Hq, Hkv, Nq, Nk) in enumerate(shapes):
+                for name, build in FEATURES.items():
+                    served = name in WS_FEATURES
+                    if (features is None and served) or (features is not None and name not in features):
+                        continue
+                    gen = rng("ws", D, str(dtype), si, name)
+                    q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
+                    try:
+                        options = build(gen, B, Hq, Nq, Nk)
+                        with RouteCounter() as rc:
+                            out, lse = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
+                            mx.eval(out, lse)
+                        uses_mma = Nq * (Hq // Hkv) > 16
+                        want_route = served and uses_mma
+                        if (rc.calls > 0) != want_route:
+                            raise AssertionError(f"route: ws kernel called {rc.calls}x, expected {want_route}")
+                        want = attention_np(q, k, v, **options)
+                        plain = plain_errors(q, k, v, randn(gen, out.shape, dtype), options, dtype)
+                        e1 = check_close("out", to_np(out), want, dtype, plain)
+                        e2 = check_close("lse", to_np(lse), want, dtype, plain)
+                        extra = ""
+                        if want_route and compare:
+                            ws._ENABLED = False
+                            try:
+                                o2, l2 = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
+                                mx.eval(o2, l2)
+                            finally:
+                                ws._ENABLED = True
+                            import numpy as np
+                            d_out = float(np.max(np.abs(to_np(out).astype(np.float64) - to_np(o2).astype(np.float64))))
+                            extra = f" vs wgmma kernel {d_out:.2e}"
+                            # The grids differ in which block takes an item only: same bits.
+                            ws.PERSISTENT = not ws.PERSISTENT
+                            try:
+                                o3, l3 = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
+                                mx.eval(o3, l3)
+                            finally:
+                                ws.PERSISTENT = not ws.PERSISTENT
+                            if not (np.array_equal(to_np(o3), to_np(out), equal_nan=True) and
+                                    np.array_equal(to_np(l3), to_np(lse), equal_nan=True)):
+                                raise AssertionError("persistent and one-block-per-item grids differ")
+                            extra += ", grids agree"
+                        passed += 1
+                        print(f"ok   ws D{D} {dtype} {(B, Hq, Hkv, Nq, Nk)} {name} route={rc.calls}: out {e1:.2e} "
+                              f"(plain {plain['out']:.2e}) lse {e2:.2e}{extra}")
+                    except Exception as e:  # noqa: BLE001
+                        failed += 1
+                        print(f"FAIL ws D{D} {dtype} {(B, Hq, Hkv, Nq, Nk)} {name}: {e}")
+                        if failed < 3:
+                            traceback.print_exc()
+    print(f"correctness ws: {passed} passed, {failed} failed")
+    return passed, failed
+
+
+def _set_ws_knobs(D, knobs):
+    """Sets cuda_fwd_ws's knobs (enabled, persistent, stages, keys) for head dim D; returns the old ones."""
+    old = dict(enabled=ws._ENABLED, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128,
+               persistent=ws.PERSISTENT)
+    ws.PERSISTENT = knobs.get("persistent", old["persistent"])
+    ws._ENABLED = knobs.get("enabled", old["enabled"])
+    ws.STAGES[D] = knobs.get("stages", old["stages"])
+    ws.KEYS_DENSE_D128 = knobs.get("keys", old["keys"])
+    return old
+
+
+# Which knob variants speed_ws times beside the default (WS_VARIANTS="k128,s,wg3:f16"
+# style: k128 = the other dense D128 key tile, s = the other ring depths, wg3 =
+# the wgmma kernel; ":f16" limits one to fp16).
+WS_VARIANTS = os.environ.get("WS_VARIANTS", "k128,s,wg3")
+
+
+def _ws_variants(D, causal, dtype=mx.float16):
+    """(label, knobs) timed side by side: the default, each knob changed alone, the wgmma kernel."""
+    wanted = {}
+    for item in WS_VARIANTS.split(","):
+        name, _, only = item.partition(":")
+        if name and (not only or _DTYPES.get(only) == dtype):
+            wanted[name] = True
+    out = [("ws", {}), ("ws_grid", {"persistent": not ws.PERSISTENT})]
+    if D == 128 and not causal and "k128" in wanted:
+        out.append(("ws_k128", {"keys": 176 if ws.KEYS_DENSE_D128 == 128 else 128}))
+    if "s" in wanted:
+        other = [n for n in ws.STAGE_CHOICES[D] if n != ws.STAGES[D]]
+        out += [(f"ws_s{n}", {"stages": n}) for n in other]
+    if "wg3" in wanted:
+        out.append(("wg3", {"enabled": False}))
+    return out
+
+
+def speed_ws(shapes=((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128), (4, 16, 1024, 64),
+                     (2, 16, 4096, 64), (1, 16, 16384, 64)), dtypes=(mx.float16, mx.bfloat16), iters=10):
+    """Forward side by side: the warp-specialised kernel, the wgmma kernel,
+    mx.fast (cuDNN) and torch SDPA, same inputs, one run."""
+    from mlx_flash.bench.cuda import _torch_sdpa, time_torch
+
+    rows = []
+    for dtype in dtypes:
+        for (B, H, N, D) in shapes:
+            for causal in (False, True):
+                gen = rng("speed-ws", B, H, N, D)
+                q, k, v = qkv(gen, B, H, H, N, N, D, dtype=dtype)
+                mx.eval(q, k, v)
+                s = D ** -0.5
+                res = {}
+                for label, knobs in _ws_variants(D, causal, dtype):
+                    saved = _set_ws_knobs(D, knobs)
+                    try:
+                        res[label] = time_fn(lambda: mlx_flash.flash_attention(q, k, v, causal=causal, scale=s), iters)
+                    except Exception as e:  # noqa: BLE001 (a variant that fails to build or launch)
+                        print(f"{label} failed: {e}")
+                    finally:
+                        _set_ws_knobs(D, saved)
+                res["mx.fast"] = time_fn(lambda: mx.fast.scaled_dot_product_attention(
+                    q, k, v, scale=s, mask="causal" if causal else None), iters)
+                try:
+                    run_torch = _torch_sdpa(q, k, v, causal, False)
+                    if run_torch is not None:
+                        res["torch"] = time_torch(run_torch, iters=iters)[0]
+                except Exception as e:  # noqa: BLE001
+                    print(f"torch skipped: {e}")
+                flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+                row = dict(dtype=str(dtype), shape=[B, H, N, D], causal=causal,
+                           **{f"{k}_ms": v * 1e3 for k, v in res.items()},
+                           **{f"{k}_tflops": flops / v / 1e12 for k, v in res.items()},
+                           **{f"ratio_{k}_vs_mx.fast": res["mx.fast"] / v for k, v in res.items()
+                              if k != "mx.fast"})
+                if "torch" in res and "ws" in res:
+                    row["ratio_ws_vs_torch"] = res["torch"] / res["ws"]
+                rows.append(row)
+                print(f"{row['dtype']} {row['shape']} causal={causal}: " + ", ".join(
+                    f"{k} {res[k] * 1e3:.3f} ms ({row[k + '_tflops']:.0f} TF/s)" for k in res) +
+                    f"; ws/mx.fast {row.get('ratio_ws_vs_mx.fast', float('nan')):.2f}x" +
+                    f", ws/torch {row.get('ratio_ws_vs_torch', float('nan')):.2f}x")
+    return rows
 
 
 # label: (use wgmma, stages, key tile)
@@ -200,32 +378,104 @@ def speed_anchor(B=2, H=16, N=4096, D=128, iters=30):
     return rows
 
 
+def prewarm(index, count):
+    """Builds share `index` of `count` of the kernels the ws parts use (every
+    speed_ws variant, fp16/bf16, D 64/128, causal or not, and the wgmma kernel
+    beside it) on a tiny call, so parallel processes fill MLX's on-disk kernel
+    cache (MLX_PTX_CACHE_DIR) before the timed runs."""
+    jobs = []
+    for dtype in (mx.float16, mx.bfloat16):
+        for D in (128, 64):
+            for causal in (False, True):
+                for label, knobs in _ws_variants(D, causal, dtype):
+                    if label != "ws_grid":  # the same kernel as "ws"
+                        jobs.append((dtype, D, causal, label, knobs))
+    done = 0
+    for dtype, D, causal, label, knobs in jobs[index::count]:
+        gen = rng("prewarm", D)
+        q, k, v = qkv(gen, 1, 2, 2, 200, 200, D, dtype=dtype)
+        saved = _set_ws_knobs(D, knobs)
+        try:
+            mx.eval(mlx_flash.flash_attention(q, k, v, causal=causal))
+            done += 1
+            print(f"prewarm {dtype} D{D} causal={causal} {label}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"prewarm {dtype} D{D} causal={causal} {label} failed: {e}")
+        finally:
+            _set_ws_knobs(D, saved)
+    print(f"prewarm {index}/{count}: {done} of {len(jobs[index::count])} built")
+
+
+_DTYPES = {"f16": mx.float16, "bf16": mx.bfloat16}
+_WS_SPEED_SHAPES = {128: ((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128)),
+                    64: ((1, 16, 16384, 64), (2, 16, 4096, 64), (4, 16, 1024, 64))}
+
+
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
     parts = sys.argv[2].split(",") if len(sys.argv) > 2 else ["fwd", "bwd", "speed", "speed_bwd"]
     print("hopper:", cb._is_hopper(), mx.device_info(mx.gpu).get("device_name", ""))
-    result = {}
+    ws.CHECKED_ONLY = False  # exercise every case the warp-specialised kernel can serve (bf16, D = 64 too)
+    result = {"device": mx.device_info(mx.gpu).get("device_name", "")}
     passed = failed = 0
-    if "fwd" in parts:
-        p1, f1 = correctness(label="stages3 ")
-        cb._WGMMA_STAGES = 2
-        p2, f2 = correctness(dims=(128,), dtypes=(mx.float16,), label="stages2 ")
-        cb._WGMMA_STAGES = 3
-        passed, failed = passed + p1 + p2, failed + f1 + f2
-    if "bwd" in parts:
-        p3, f3 = correctness_bwd(dims=(128,), dtypes=(mx.float16,))
-        p4, f4 = correctness_bwd(dims=(64,), dtypes=(mx.bfloat16,))
-        passed, failed = passed + p3 + p4, failed + f3 + f4
-    result.update(passed=passed, failed=failed)
-    if "speed_anchor" in parts:
-        result["speed_anchor"] = speed_anchor()
-    if failed == 0 or os.environ.get("FORCE_SPEED"):
-        if "speed" in parts:
-            result["speed"] = speed()
-        if "speed_bwd" in parts:
-            result["speed_bwd"] = speed_bwd()
-    with open(os.path.join(out_dir, "wgmma_check.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    path = os.path.join(out_dir, "wgmma_check.json")
+
+    def save():
+        result.update(passed=passed, failed=failed)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+    # Parts run in the order given, the JSON saved after each (a job cut short
+    # keeps what finished): ws:D:f16|bf16[:k128][:s3][:np][:nocmp] (served features; k128 / s3 /
+    # np: 128-key tiles / three stages / one block per item instead of the defaults; nocmp:
+    # against float64 only, not the wgmma kernel), ws_routes (every
+    # other feature stays off the kernel), speed_ws:D:f16|bf16[:N] (first N shapes).
+    for part in parts:
+        name, *args = part.split(":")
+        t0 = time.perf_counter()
+        if name == "ws":
+            D = int(args[0])
+            knobs = {}
+            if "k128" in args:
+                knobs["keys"] = 128
+            if "s3" in args:
+                knobs["stages"] = 3
+            if "np" in args:
+                knobs["persistent"] = False
+            saved = _set_ws_knobs(D, knobs)
+            try:
+                p0, f0 = correctness_ws(dims=(D,), dtypes=(_DTYPES[args[1]],), compare="nocmp" not in args)
+            finally:
+                _set_ws_knobs(D, saved)
+            passed, failed = passed + p0, failed + f0
+        elif name == "prewarm":
+            prewarm(int(args[0]), int(args[1]))
+        elif name == "ws_routes":
+            p0, f0 = correctness_ws(dims=(128,), dtypes=(mx.float16,), features=None, shapes=WS_SHAPES[:1])
+            passed, failed = passed + p0, failed + f0
+        elif name == "speed_ws":
+            shapes = _WS_SPEED_SHAPES[int(args[0])][:int(args[2]) if len(args) > 2 else None]
+            result.setdefault("speed_ws", []).extend(speed_ws(shapes=shapes, dtypes=(_DTYPES[args[1]],)))
+        elif name == "fwd":
+            p1, f1 = correctness(label="stages3 ")
+            cb._WGMMA_STAGES = 2
+            p2, f2 = correctness(dims=(128,), dtypes=(mx.float16,), label="stages2 ")
+            cb._WGMMA_STAGES = 3
+            passed, failed = passed + p1 + p2, failed + f1 + f2
+        elif name == "bwd":
+            p3, f3 = correctness_bwd(dims=(128,), dtypes=(mx.float16,))
+            p4, f4 = correctness_bwd(dims=(64,), dtypes=(mx.bfloat16,))
+            passed, failed = passed + p3 + p4, failed + f3 + f4
+        elif name == "speed_anchor":
+            result["speed_anchor"] = speed_anchor()
+        elif name in ("speed", "speed_bwd"):
+            if failed == 0 or os.environ.get("FORCE_SPEED"):
+                result[name] = speed() if name == "speed" else speed_bwd()
+        else:
+            raise SystemExit(f"unknown part {part!r}")
+        print(f"[part {part}: {time.perf_counter() - t0:.1f} s]", flush=True)
+        save()
+    save()
 
 
 if __name__ == "__main__":

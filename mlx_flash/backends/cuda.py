@@ -1,8 +1,10 @@
 """CUDA backend: mx.fast.cuda_kernel wrappers over cuda_src/ (NVRTC inside MLX).
 
 Kernels (cuda_src/):
+  attention_fwd_ws    Hopper (sm_90) forward, warp-specialised (TMA producer warpgroup, two consumer
+                      warpgroups), for the calls without extras beyond causal/windows (cuda_fwd_ws.py)
   attention_fwd_wgmma Hopper (sm_90) forward on warpgroup MMA (fp16/bf16, Dqk = Dv in {64, 128}),
-                      128 query rows per block, ping-pong schedule without block masks
+                      128 query rows per block, ping-pong schedule without block masks: every other call
   attention_bwd_wgmma Hopper fused backward on warpgroup MMA (same cases), 128 keys per block
   attention_fwd_mma2  tensor-core forward (fp16/bf16, head dims <= 128), 32 query rows per warp
   attention_fwd_mma   tensor-core forward (fp16/bf16, any head dim), 16 query rows per warp
@@ -62,6 +64,7 @@ _KERNEL_ROOTS = {
     "attention_fwd_mma": ("attention_fwd_mma.cuh",),
     "attention_fwd_mma2": ("attention_fwd_mma.cuh",),
     "attention_fwd_wgmma": ("attention_fwd_wgmma.cuh",),
+    "attention_fwd_ws": ("attention_fwd_ws.cuh",),
     "attention_bwd_wgmma": ("attention_bwd_wgmma.cuh",),
     "attention_fwd_simt": ("attention_simt.cuh",),
     "attention_fwd_decode": ("attention_decode.cuh",),
@@ -466,6 +469,10 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     if not _uses_mma(spec):  # decode-like or float32 (the Hopper kernels are tensor-core kernels too)
         return _forward_simt(args, template, spec, out_shape, lse_shape, stream)
     if _uses_wgmma(spec):
+        from . import cuda_fwd_ws  # the warp-specialised kernel serves the calls without extras
+
+        if cuda_fwd_ws.serves(spec):
+            return cuda_fwd_ws.forward(q, k, v, spec, out_shape, lse_shape, stream)
         bn, stages, row_blocks, kernel = _wgmma_fwd_config(spec, _WGMMA_BN, _WGMMA_STAGES)
         out, lse = kernel(
             inputs=args, template=template + [("BN", bn), ("STAGES", stages)],

@@ -1,0 +1,500 @@
+// Hopper (sm_90a) FlashAttention forward with warp specialisation, fp16/bf16,
+// head dims 64 and 128 (Dqk = Dv), no mask arrays, no softcap/ALiBi/sinks,
+// dense batches (no varlen, no key ranges); causal and sliding windows come
+// through the logit rules. Every other call runs attention_fwd_wgmma.
+//
+// A block of 384 threads owns BM = 128 query rows of one (batch, head):
+//   * warps 0-7: two consumer warpgroups, 64 rows each (S = Q K^T as a shared x
+//     shared wgmma, online softmax on the fp32 accumulator, O += P V with P
+//     from registers, as in attention_fwd_wgmma.cuh);
+//   * warps 8-11: the producer warpgroup; one lane issues TMA loads (tma.cuh) of
+//     Q once and of the K and V tiles into rings of STAGES buffers each.
+// setmaxnreg moves registers from the producer (24 per thread) to the
+// consumers (240), which hold S, P and O of 64 rows.
+// Each buffer has a "full" mbarrier (the TMA's bytes landed) and an "empty"
+// one (both consumer warpgroups finished their wgmma reading it: one arrive
+// per warpgroup). No block barrier runs after the setup.
+//
+// Inside a consumer warpgroup the softmax of tile t overlaps the P V product of
+// tile t-1: S(t) and O += P(t-1) V(t-1) are issued back to back, the wait
+// for S(t) lets P V run on (wgmma.wait_group 1), the softmax computes the new
+// row maxima and P(t) in place in S's registers, and only after P V finished
+// is O rescaled and P(t) packed into the A fragments P V reads.
+// Key tiles are visited from the last to the first, so under causal or
+// window rules the tiles crossing the diagonal (the ones that need the rules)
+// come first. Logits stay raw until the softmax: one FFMA per element forms
+// scale * log2(e) * s - max (the host routes only scale > 0 here).
+//
+// Registers: the launch bound (384 threads, one block per SM) gives 168 per
+// thread before setmaxnreg; a __launch_bounds__ declaration of each instance MLX builds
+// (the kernel name is MLX's "custom_kernel_" + name + template values) sits
+// at the end of this header, since the body cannot carry attributes.
+#pragma once
+
+#include "attention_fwd_wgmma.cuh"
+#include "tma.cuh"
+
+namespace mlx_flash {
+
+// S = Q K^T over 176-key tiles (the dense D = 128 tile): m64n176k16 wrappers
+// in wgmma.cuh's form (written out by a script: inline PTX names every register).
+template <> struct Wgmma<__half, 176> {
+  // d (+)= A(smem; TRANS_A: MN-major) * B(smem; TRANS_B: MN-major)
+  template <int TRANS_A, int TRANS_B>
+  static __device__ __forceinline__ void ss(float (&d)[88], unsigned long long da, unsigned long long db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n176k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87}, %88, %89, p, 1, 1, %91, %92;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87])
+        : "l"(da), "l"(db), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B));
+  }
+};
+
+template <> struct Wgmma<__nv_bfloat16, 176> {
+  // d (+)= A(smem; TRANS_A: MN-major) * B(smem; TRANS_B: MN-major)
+  template <int TRANS_A, int TRANS_B>
+  static __device__ __forceinline__ void ss(float (&d)[88], unsigned long long da, unsigned long long db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n176k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87}, %88, %89, p, 1, 1, %91, %92;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87])
+        : "l"(da), "l"(db), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B));
+  }
+};
+
+// Whether a kernel's q pointer type is bfloat16 (the BF16 template value,
+// which only tells MLX's kernel names apart, must agree with it).
+template <class P> struct WsIsBf16 { static constexpr bool value = false; };
+template <> struct WsIsBf16<const __nv_bfloat16*> { static constexpr bool value = true; };
+constexpr int kWsTmapBytes = 3 * 128;  // Q, K, V tensor maps per block (the workspace slot)
+
+// Dynamic shared memory of the forward (bytes): Q [128][D], STAGES K and V
+// tiles [BN][D], plus 1 KiB to align the swizzled tiles to 1024 bytes.
+__host__ __device__ constexpr int ws_fwd_smem(int d, int bn, int stages) {
+  return 2 * (128 * d + 2 * stages * bn * d) + 1024;
+}
+
+// Box (inner, row, slab) of a 3-D tensor map into shared memory; completes on `bar`.
+__device__ __forceinline__ void ws_tma_load_3d(void* dst, const void* tmap, int inner, int row, int slab, void* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<unsigned long long>(tmap)), "r"(inner), "r"(row), "r"(slab), "r"(smem_addr(bar))
+      : "memory");
+}
+
+// One arrive (count 1) on an mbarrier of this block.
+__device__ __forceinline__ void ws_mbar_arrive(void* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// Named barrier `id` over one warpgroup (128 threads), returning whether any
+// of them passed `p` true.
+__device__ __forceinline__ bool ws_warpgroup_or(int id, bool p) {
+  unsigned r;
+  asm volatile(
+      "{\n .reg .pred p;\n .reg .pred q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, 128, p;\n"
+      " selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r) : "r"((unsigned)p), "r"(id) : "memory");
+  return r != 0;
+}
+
+// Some 16-byte chunk of a swizzled [ROWS][DIM] tile holds a NaN or inf; the
+// 128 threads of a warpgroup (index `wt`) share the chunks.
+template <typename T, int ROWS, int DIM>
+__device__ __forceinline__ bool ws_chunks_nonfinite(const unsigned char* tile, int wt) {
+  constexpr int CHUNKS = DIM / 8;
+  bool bad = false;
+#pragma unroll 1
+  for (int c = wt; c < ROWS * CHUNKS; c += 128)
+    bad = bad || chunk_nonfinite<T>(tile + swizzled_offset<ROWS>(c / CHUNKS, c % CHUNKS));
+  return bad;
+}
+
+// Online softmax of one S tile without touching O (its P V product of the
+// previous tile may still run): logit rules where the tile needs them
+// (kRules), new row maxima and sums, alpha (O's rescale factor, applied by
+// the caller later) and P in place of S (fp32). `drop` gets bit 4n + c (of
+// its 32-bit words) for each dropped pair (kRules), for the exact P V's marks.
+template <int BN> using WsDrop = unsigned[(BN / 2 + 31) / 32];
+
+template <typename MT, class F, int BN, bool kRules>
+__device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[2], float (&row_sum)[2],
+                                           float (&alpha)[2], WsDrop<BN>& drop, const LogitRules<MT>& rules,
+                                           float scale, int i_row, int jt, int t) {
+  // Without rules S stays raw: f = scale * log2(e) > 0 folds into the
+  // exponent's FFMA and into the row maximum. With rules S becomes logits in
+  // the log2 domain first (f = 1).
+  const float f = kRules ? 1.f : scale * kLog2e;
+  if (kRules) {
+#pragma unroll
+    for (int w = 0; w < (BN / 2 + 31) / 32; ++w) drop[w] = 0;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int i = i_row + (c >= 2 ? 8 : 0);
+        const int j = jt + n * 8 + 2 * t + (c & 1);
+        float capped = 0.f;
+        const float x = apply_rules<F, MT, true>(rules, s[4 * n + c] * scale, i, j, capped, false);
+        drop[(4 * n + c) / 32] |= (x == kNegInf ? 1u : 0u) << ((4 * n + c) % 32);
+        s[4 * n + c] = x * kLog2e;
+      }
+    }
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float mx = kNegInf;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float new_max = fmaxf(row_max[half], mx * f);
+    const float base = new_max == kNegInf ? 0.f : new_max;
+    alpha[half] = exp2_ftz(row_max[half] - base);
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+      s[4 * n + 2 * half] = exp2_ftz(fmaf(s[4 * n + 2 * half], f, -base));
+      s[4 * n + 2 * half + 1] = exp2_ftz(fmaf(s[4 * n + 2 * half + 1], f, -base));
+      sum += s[4 * n + 2 * half] + s[4 * n + 2 * half + 1];
+    }
+    row_sum[half] = row_sum[half] * alpha[half] + sum;
+    row_max[half] = new_max;
+  }
+}
+
+// O *= alpha (skipped for a warp whose rows all kept their maxima), then P
+// (fp32, in S's registers) packed into A fragments, dropped pairs marked -0.
+template <typename T, int D, int BN, bool kRules>
+__device__ __forceinline__ void ws_rescale_pack(float (&o)[D / 2], const float (&s)[BN / 2],
+                                                unsigned (&pa)[BN / 16][4], const float (&alpha)[2],
+                                                const WsDrop<BN>& drop) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (!__all_sync(0xffffffffu, alpha[half] == 1.f)) {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[4 * n + 2 * half] *= alpha[half];
+        o[4 * n + 2 * half + 1] *= alpha[half];
+      }
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+    pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+    pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+    pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+  if (kRules) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+      for (int w = 0; w < 4; ++w)
+        pa[kk][w] |= pair_marks((drop[(8 * kk + 2 * w) / 32] >> ((8 * kk + 2 * w) % 32)) & 1u,
+                                (drop[(8 * kk + 2 * w) / 32] >> ((8 * kk + 2 * w) % 32 + 1)) & 1u);
+  }
+}
+
+// q, k, v: [B, H(kv), N, D]; tmpl: the Q, K, V tensor-map templates (3-D:
+// D, N, B * heads; 128-byte swizzle, boxes of 64 x 128 (Q) or 64 x BN);
+// BN: keys per tile (128; 176 at D = 128, where S, P and O still fit 240 registers);
+// tmaps: kWsTmapBytes per block, where the block publishes them.
+template <class F, int D, int BN, int STAGES, typename T>
+__device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
+                                 const unsigned char* tmpl, T* out, float* lse, unsigned char* tmaps) {
+  static_assert(D == 64 || D == 128, "warp-specialised forward: head dim 64 or 128");
+  static_assert(BN == 128 || (BN == 176 && D == 128), "warp-specialised forward: 128-key tiles (176 at D = 128)");
+  static_assert(!F::ElementRules && !F::Sinks && !F::Varlen && !F::KeyRange,
+                "warp-specialised forward: window/causal rules only");
+  using MT = bool;
+  constexpr int BM = 128;
+  constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* Ks = Qs + Q_BYTES;            // STAGES K tiles
+  unsigned char* Vs = Ks + STAGES * KV_BYTES;  // STAGES V tiles
+  __shared__ __align__(128) unsigned char tm_stage[kWsTmapBytes];
+  __shared__ __align__(8) unsigned long long q_full, q_empty, k_full[STAGES], k_empty[STAGES], v_full[STAGES],
+      v_empty[STAGES];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], heads = ip[kBatch] * Hq;
+  const int nq = ip[kSeqQ], row_blocks = (nq + BM - 1) / BM;
+  // Work items (row block, batch, head), longest first: item w is row block
+  // row_blocks - 1 - w / heads (from the last: under causal rules those have
+  // the most key tiles) of (batch, head) w % heads. A block takes items
+  // blockIdx.x, + gridDim.x, ... (persistent when the grid is smaller than
+  // the work); its K/V ring and barrier phases run on across its items.
+  struct Item {
+    int b, h, i0, i_end, tile0, tiles;
+  };
+  auto item_of = [&](int w, LogitRules<MT>& rules) {
+    Item it;
+    it.h = (w % heads) % Hq;
+    it.b = (w % heads) / Hq;
+    it.i0 = (row_blocks - 1 - w / heads) * BM;
+    it.i_end = min(nq, it.i0 + BM);
+    const Sequence seq = sequence_of<false>(it.b, ip, nullptr, nullptr);
+    rules = make_rules<MT, F>(seq, it.b, it.h, ip, fp, nullptr, nullptr, nullptr);
+    int lo, hi;
+    rules.key_range(it.i0, it.i_end - 1, lo, hi);
+    it.tile0 = lo / BN * BN;
+    it.tiles = hi > it.tile0 ? (hi - it.tile0 + BN - 1) / BN : 0;
+    return it;
+  };
+  const int items = row_blocks * heads;
+
+  unsigned char* tm_ws = tmaps + (long)blockIdx.x * kWsTmapBytes;
+  if (warp == 8) {
+    const void* const addrs[3] = {q, k, v};
+    tma_publish<3>(tm_stage, tmpl, tm_ws, addrs, lane);
+    if (lane == 0) {
+      mbar_init(&q_full, 1);
+      mbar_init(&q_empty, 2);
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s) {
+        mbar_init(&k_full[s], 1);
+        mbar_init(&v_full[s], 1);
+        mbar_init(&k_empty[s], 2);
+        mbar_init(&v_empty[s], 2);
+      }
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+  }
+  __syncthreads();
+
+  if (warp >= 8) {  // the producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    if (warp != 8 || lane != 0) return;
+    const unsigned char* tm_q = tm_ws;
+    const unsigned char* tm_k = tm_ws + 128;
+    const unsigned char* tm_v = tm_ws + 256;
+    tma_acquire(tm_q);
+    tma_acquire(tm_k);
+    tma_acquire(tm_v);
+    int kv = 0;  // K/V tiles loaded so far (ring position)
+    auto load_k = [&](int jt, int slab) {
+      const int st = kv % STAGES;
+      // A fresh mbarrier counts its phase "before 0" (parity 1) as complete.
+      mbar_wait(&k_empty[st], ((kv / STAGES) & 1) ^ 1);
+      mbar_expect_tx(&k_full[st], KV_BYTES);
+#pragma unroll
+      for (int a = 0; a < D / 64; ++a)
+        ws_tma_load_3d(Ks + st * KV_BYTES + a * BN * 128, tm_k, a * 64, jt, slab, &k_full[st]);
+    };
+    auto load_v = [&](int jt, int slab) {
+      const int st = kv % STAGES;
+      mbar_wait(&v_empty[st], ((kv / STAGES) & 1) ^ 1);
+      mbar_expect_tx(&v_full[st], KV_BYTES);
+#pragma unroll
+      for (int a = 0; a < D / 64; ++a)
+        ws_tma_load_3d(Vs + st * KV_BYTES + a * BN * 128, tm_v, a * 64, jt, slab, &v_full[st]);
+      ++kv;
+    };
+    int n = 0;  // items taken
+    for (int w = blockIdx.x; w < items; w += gridDim.x, ++n) {
+      LogitRules<MT> rules;
+      const Item it = item_of(w, rules);
+      const int slab = it.b * Hkv + it.h / (Hq / Hkv);
+      auto tile_start = [&](int t) { return it.tile0 + (it.tiles - 1 - t) * BN; };  // last tile first
+      // K of the item's first tile before its Q: it may land while the
+      // consumers still finish the previous item, whose Q they hold.
+      if (it.tiles > 0) load_k(tile_start(0), slab);
+      mbar_wait(&q_empty, (n & 1) ^ 1);
+      mbar_expect_tx(&q_full, Q_BYTES);
+#pragma unroll
+      for (int a = 0; a < D / 64; ++a) ws_tma_load_3d(Qs + a * BM * 128, tm_q, a * 64, it.i0, it.b * Hq + it.h, &q_full);
+      for (int t = 0; t < it.tiles; ++t) {
+        if (t > 0) load_k(tile_start(t), slab);
+        load_v(tile_start(t), slab);
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+
+  // A consumer warpgroup.
+  const int wg = warp / 4, wt = threadIdx.x % 128, g = lane / 4, t4 = lane % 4;
+  const bool signals = wt == 0;  // the thread that arrives for its warpgroup
+  const float scale = fp[kScale];
+  const unsigned q_addr = smem_addr(Qs) + wg * 64 * 128;
+  // Ping-pong: the warpgroups take turns issuing their matrix products, so
+  // one's softmax runs while the other's products occupy the tensor cores. A
+  // turn is one named barrier per warpgroup (4 + wg, both warpgroups counted):
+  // a warpgroup syncs on its own before issuing and arrives on the other's
+  // once its S landed (an arrive between the issue and the wait made ptxas
+  // serialise every wgmma of the kernel). In each item warpgroup 0 goes first
+  // (warpgroup 1 arrives once up front) and warpgroup 1 skips its arrive
+  // after its last turn, so every sync meets exactly one arrive and none is
+  // left over. Turns: S of the first tile, then S(t) with P V(t-1) for each
+  // later tile, then the last P V.
+  auto turn_begin = [&]() {
+    if (wg == 0) asm volatile("bar.sync 4, 256;\n");
+    else asm volatile("bar.sync 5, 256;\n");
+  };
+  auto turn_end = [&](bool last) {
+    if (!(last && wg == 1)) {
+      if (wg == 0) asm volatile("bar.arrive 5, 256;\n");
+      else asm volatile("bar.arrive 4, 256;\n");
+    }
+  };
+
+  float o[D / 2];
+  float row_max[2], row_sum[2], alpha[2];
+  float s[BN / 2];
+  unsigned pa[BN / 16][4];
+  WsDrop<BN> drop = {};
+  int kv = 0;  // K/V tiles consumed so far (ring position)
+  int n = 0;   // items taken
+  for (int w = blockIdx.x; w < items; w += gridDim.x, ++n) {
+    LogitRules<MT> rules;
+    const Item it = item_of(w, rules);
+    const Sequence seq = sequence_of<false>(it.b, ip, nullptr, nullptr);
+    const int i0 = it.i0, i_end = it.i_end, tiles = it.tiles;
+    auto tile_start = [&](int t) { return it.tile0 + (tiles - 1 - t) * BN; };  // last tile first
+    const int i_row = i0 + wg * 64 + (warp % 4) * 16 + g;  // this thread's first row (the other: + 8)
+    const long q_base = (long)(it.b * Hq + it.h) * nq;
+#pragma unroll
+    for (int r = 0; r < D / 2; ++r) o[r] = 0.f;
+    row_max[0] = row_max[1] = kNegInf;
+    row_sum[0] = row_sum[1] = 0.f;
+
+    // The tile needs the logit rules (and, holding a NaN or inf in V, the exact P V).
+    auto needs_rules = [&](int jt) { return tile_may_drop<F, BN>(rules, seq, i0, i_end, jt); };
+    // Softmax of a tile in S's registers (its S landed), O untouched.
+    auto softmax = [&](int jt, bool ruled) {
+      if (ruled)
+        ws_softmax<MT, F, BN, true>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
+      else
+        ws_softmax<MT, F, BN, false>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
+    };
+    auto rescale_pack = [&](bool ruled) {
+      if (ruled)
+        ws_rescale_pack<T, D, BN, true>(o, s, pa, alpha, drop);
+      else
+        ws_rescale_pack<T, D, BN, false>(o, s, pa, alpha, drop);
+    };
+    // Whether the P V of tile t (V landed) must be exact: it drops keys and its V holds a NaN or inf.
+    auto exact_pv = [&](int t, int st) {
+      return needs_rules(tile_start(t)) &&
+             ws_warpgroup_or(2 + wg, ws_chunks_nonfinite<T, BN, D>(Vs + st * KV_BYTES, wt));
+    };
+
+    mbar_wait(&q_full, n & 1);
+    if (tiles > 0) {
+      if (wg == 1) asm volatile("bar.arrive 4, 256;\n");
+      const int st0 = kv % STAGES;
+      mbar_wait(&k_full[st0], (kv / STAGES) & 1);
+      turn_begin();
+      wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st0 * KV_BYTES));
+      wgmma_wait<0>();
+      turn_end(false);
+      wgmma_pin(s);
+      if (signals) ws_mbar_arrive(&k_empty[st0]);
+      bool ruled = needs_rules(tile_start(0));
+      softmax(tile_start(0), ruled);
+      rescale_pack(ruled);
+      for (int t = 1; t < tiles; ++t) {
+        const int c = kv + t;  // ring position of tile t (tile t-1: c - 1)
+        const int st = c % STAGES, pst = (c - 1) % STAGES;
+        mbar_wait(&v_full[pst], ((c - 1) / STAGES) & 1);
+        const bool exact = exact_pv(t - 1, pst);
+        mbar_wait(&k_full[st], (c / STAGES) & 1);
+        turn_begin();
+        wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
+        if (!exact) wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + pst * KV_BYTES));
+        if (!exact) {
+          wgmma_wait<1>();  // S(t) landed; P V of tile t-1 runs on under the softmax
+        } else {
+          wgmma_wait<0>();
+        }
+        turn_end(false);
+        wgmma_pin(s);
+        if (signals) ws_mbar_arrive(&k_empty[st]);
+        ruled = needs_rules(tile_start(t));
+        softmax(tile_start(t), ruled);
+        wgmma_wait<0>();
+        wgmma_pin(o);
+        wgmma_pin(pa);
+        // The exact P V of tile t-1 where its products were not issued: after
+        // the wait, where O's registers are written anyway (its rescale); an
+        // exact product anywhere else made ptxas serialise every wgmma.
+        if (exact) wg_exact_pv<T, D, BN>(o, pa, Vs + pst * KV_BYTES);
+        if (signals) ws_mbar_arrive(&v_empty[pst]);
+        rescale_pack(ruled);
+      }
+      // Every S of the item is done: Q may be replaced by the next item's.
+      if (signals) ws_mbar_arrive(&q_empty);
+      const int c = kv + tiles - 1, lst = c % STAGES;
+      mbar_wait(&v_full[lst], (c / STAGES) & 1);
+      const bool exact = exact_pv(tiles - 1, lst);
+      turn_begin();
+      if (!exact) wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + lst * KV_BYTES));
+      wgmma_wait<0>();
+      turn_end(true);
+      wgmma_pin(o);
+      wgmma_pin(pa);
+      if (exact) wg_exact_pv<T, D, BN>(o, pa, Vs + lst * KV_BYTES);
+      if (signals) ws_mbar_arrive(&v_empty[lst]);
+      kv += tiles;
+    } else if (signals) {
+      ws_mbar_arrive(&q_empty);
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float sum = row_sum[half];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float m = row_max[half];
+      // 0 if nothing was kept, NaN if a kept logit was NaN or +inf (attention_common.cuh).
+      const float inv = row_out_factor(sum, 1.f);
+      const bool empty = sum == 0.f;
+      const int i = i_row + 8 * half;
+      if (i >= nq) continue;
+      T* orow = out + (q_base + i) * D;
+#pragma unroll
+      for (int n8 = 0; n8 < D / 8; ++n8) {
+        const int col = n8 * 8 + 2 * t4;
+        *reinterpret_cast<unsigned*>(orow + col) =
+            empty ? 0u : pack2<T>(o[4 * n8 + 2 * half] * inv, o[4 * n8 + 2 * half + 1] * inv);
+      }
+      if (t4 == 0) lse[q_base + i] = row_lse<true>(m, sum);
+    }
+  }
+}
+
+}  // namespace mlx_flash
+
+// The launch bound of every instance the backend builds (see the top): MLX
+// names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
+// template values (BF16, D, WINDOW, STAGES, BN as _t/_f and numbers), and declares
+// its parameters as below (inputs q, k, v, ip, fp, tmpl; outputs out, lse, tmaps;
+// int and unsigned char are the int32_t and uint8_t MLX writes).
+#define MLX_FLASH_WS_DECLARE(SUFFIX, TT)                                                                    \
+  __global__ void __launch_bounds__(384, 1) custom_kernel_mlx_flash_attention_fwd_ws##SUFFIX(            \
+      const TT* q, const TT* k, const TT* v, const int* ip, const float* fp, const unsigned char* tmpl, TT* out, \
+      float* lse, unsigned char* tmaps);
+namespace mlx::core::cu {
+MLX_FLASH_WS_DECLARE(_f_128_f_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_t_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_f_3_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_t_3_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_f_2_176, __half)
+MLX_FLASH_WS_DECLARE(_f_64_f_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_t_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_f_4_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_t_4_128, __half)
+MLX_FLASH_WS_DECLARE(_t_128_f_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_t_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_f_3_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_t_3_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_f_2_176, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_f_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_t_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_f_4_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_t_4_128, __nv_bfloat16)
+}  // namespace mlx::core::cu
+#undef MLX_FLASH_WS_DECLARE

@@ -1,0 +1,189 @@
+"""The warp-specialised Hopper forward (cuda_src/attention_fwd_ws.cuh): which
+calls it serves, its tensor-map templates and its launch.
+
+It serves fp16/bf16 calls with Dqk = Dv in {64, 128} on sm_90 that carry no
+optional array and no logit rule beyond causal / sliding windows: no mask,
+block mask, softcap, ALiBi, sinks, varlen or key ranges, and a positive
+scale (the kernel folds scale * log2(e) into its exponent and row maxima).
+Every other Hopper call keeps attention_fwd_wgmma (backends/cuda.py). By
+default only fp16 at D = 128 (the cases run and timed on a GPU) come here;
+MLX_FLASH_CUDA_FWD_WS=all adds bf16 and D = 64, =0 routes every call to
+attention_fwd_wgmma.
+
+Q, K and V reach the kernel through TMA: per operand a 3-D tensor map
+(head dim, sequence, batch * heads) whose boxes are 64 head dims by 128 rows
+in the 128-byte-swizzled layout wgmma reads, and whose rows past the
+sequence's end read as zeros. The host encodes them with a placeholder
+address (cuda_matmul's libcuda handle); each block writes the real addresses
+into its slot of the `tmaps` workspace output (cuda_src/tma.cuh).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+
+import mlx.core as mx
+
+from .._spec import AttentionSpec
+from . import cuda as _cuda
+
+THREADS = 384       # two consumer warpgroups + the producer warpgroup
+TMAP_BYTES = 3 * 128  # kWsTmapBytes: Q, K, V maps per block
+ROWS = 128          # query rows per block
+INPUTS = ("q", "k", "v", "ip", "fp", "tmpl")
+OUTPUTS = ("out", "lse", "tmaps")
+
+# Which calls it takes: "1" (default) the cases checked and timed on the GPU
+# (H200: fp16 at D = 128, 1.06-1.43x the wgmma kernel, see docs/cuda.md),
+# "all" every case it can serve (bf16 and D = 64 too: compiled and tested
+# here, not yet run on a GPU), "0" none.
+_MODE = os.environ.get("MLX_FLASH_CUDA_FWD_WS", "1")
+if _MODE not in ("0", "1", "all"):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS: expected 0, 1 or all, got {_MODE!r}")
+_ENABLED = _MODE != "0"
+CHECKED_ONLY = _MODE == "1"
+
+
+# K/V ring depth per head dim (each stage holds a K and a V tile of 128 keys:
+# 64 KiB at D = 128, 32 KiB at D = 64), and the depths the header declares.
+STAGE_CHOICES = {128: (2, 3), 64: (2, 4)}
+STAGES = {128: int(os.environ.get("MLX_FLASH_CUDA_FWD_WS_STAGES_D128", "2")),
+          64: int(os.environ.get("MLX_FLASH_CUDA_FWD_WS_STAGES_D64", "4"))}
+for _d, _n in STAGES.items():
+    if _n not in STAGE_CHOICES[_d]:
+        raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_STAGES_D{_d}: expected one of {STAGE_CHOICES[_d]}, got {_n}")
+
+
+# Keys per tile: 128, or 176 for D = 128 without windows (fewer, longer
+# iterations; the causal diagonal wants the square tile). The header declares both.
+KEYS_DENSE_D128 = int(os.environ.get("MLX_FLASH_CUDA_FWD_WS_KEYS_D128", "176"))
+if KEYS_DENSE_D128 not in (128, 176):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D128: expected 128 or 176, got {KEYS_DENSE_D128}")
+
+
+# Persistent grid (opt-in, =1): one block per SM, each taking work items (row
+# block, batch, head) longest first in steps of the grid, so one item's
+# epilogue and the next one's first loads overlap and the tensor maps are
+# published once per SM. Off by default: on the H200 it was 2-3% faster dense
+# at 8-16K but 7-10% slower causal than one block per item (the hardware's
+# block scheduler balances the causal items better), and blocks taking
+# several items were timed but not yet checked against a reference on a GPU.
+PERSISTENT = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PERSISTENT", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count() -> int:
+    """Multiprocessors of device 0 (MLX's GPU), through libcuda; 0 if unknown."""
+    from .cuda_matmul import _libcuda
+
+    lib, dev, count = _libcuda(), ctypes.c_int(), ctypes.c_int()
+    if lib.cuDeviceGet(ctypes.byref(dev), 0) != 0:
+        return 0
+    if lib.cuDeviceGetAttribute(ctypes.byref(count), 16, dev) != 0:  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+        return 0
+    return count.value
+
+
+def blocks_for(items: int) -> int:
+    """Grid size for `items` work items."""
+    if PERSISTENT and sm_count() > 0:
+        return min(items, sm_count())
+    return items
+
+
+def stages(head_dim: int) -> int:
+    return STAGES[head_dim]
+
+
+def keys_per_tile(spec: AttentionSpec) -> int:
+    if spec.head_dim_qk == 128 and not spec.has_window and stages(128) == 2:
+        return KEYS_DENSE_D128
+    return 128
+
+
+def smem_bytes(head_dim: int, keys: int) -> int:
+    """ws_fwd_smem() of attention_fwd_ws.cuh."""
+    return 2 * (ROWS * head_dim + 2 * stages(head_dim) * keys * head_dim) + 1024
+
+
+def serves(spec: AttentionSpec) -> bool:
+    """Whether the call runs on the warp-specialised kernel (see the module doc)."""
+    checked = spec.dtype == mx.float16 and spec.head_dim_qk == 128
+    return (_ENABLED and (checked or not CHECKED_ONLY) and spec.softcap == 0 and not spec.has_alibi
+            and spec.mask_kind == "none" and not spec.has_block_mask and not spec.has_sinks and not spec.varlen
+            and not spec.has_key_range and spec.scale > 0 and _tma_available())
+
+
+def _tma_available() -> bool:
+    from .cuda_matmul import _tma_available as available  # cuda_matmul imports cuda: not at import time
+
+    return available()
+
+
+@functools.lru_cache(maxsize=1024)
+def tensor_map_3d(elem_bytes: int, inner: int, rows: int, slabs: int, box_rows: int) -> bytes:
+    """A 3-D CUtensorMap (128 bytes) of a row-major [slabs][rows][inner] operand,
+    boxes of 64 x box_rows x 1 elements, 128-byte swizzle, zero fill out of
+    bounds; a placeholder address that each block replaces."""
+    from .cuda_matmul import _libcuda
+
+    buf = (ctypes.c_ubyte * 192)()
+    base = (ctypes.addressof(buf) + 63) // 64 * 64  # CUtensorMap is 64-byte aligned
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    rc = _libcuda().cuTensorMapEncodeTiled(
+        ctypes.c_void_p(base), ctypes.c_int(1), u32(3), ctypes.c_void_p(1 << 20),  # UINT16 elements
+        (u64 * 3)(inner, rows, slabs), (u64 * 2)(inner * elem_bytes, rows * inner * elem_bytes),
+        (u32 * 3)(64, box_rows, 1), (u32 * 3)(1, 1, 1),
+        ctypes.c_int(0), ctypes.c_int(3), ctypes.c_int(2), ctypes.c_int(0))  # no interleave, 128B swizzle, L2 128B
+    if rc != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({rc}) for [{slabs}][{rows}][{inner}] x {elem_bytes} "
+                           f"bytes, box [1][{box_rows}][64]")
+    return bytes((ctypes.c_ubyte * 128).from_address(base))
+
+
+@functools.lru_cache(maxsize=1024)
+def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int, keys: int) -> mx.array:
+    """Q, K, V templates as one uint8 input (the kernel's `tmpl`)."""
+    tq = tensor_map_3d(2, d, nq, batch * heads_q, ROWS)
+    tk = tensor_map_3d(2, d, nk, batch * heads_kv, keys)
+    return _cuda.const_array(tuple(tq + tk + tk), mx.uint8)  # V has K's shape (Dv = Dqk)
+
+
+def template(spec: AttentionSpec) -> list:
+    """The kernel's template values. Their order and values make MLX's kernel
+    name, which the header's launch-bound declarations spell out: keep them in step."""
+    d = spec.head_dim_qk
+    return [("BF16", spec.dtype == mx.bfloat16), ("D", d), ("WINDOW", spec.has_window), ("STAGES", stages(d)),
+            ("BN", keys_per_tile(spec))]
+
+
+def mlx_kernel_name(values: list) -> str:
+    """The name MLX's cuda_kernel gives an instance: "custom_kernel_" + our
+    name + each template value (ints as numbers, bools as t / f)."""
+    return "custom_kernel_mlx_flash_attention_fwd_ws" + "".join(
+        "_" + (("t" if v else "f") if isinstance(v, bool) else str(v)) for _, v in values)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(smem: int):
+    return _cuda._kernel("attention_fwd_ws", INPUTS, OUTPUTS, smem)
+
+
+def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
+    """(out, lse) of a call that serves() accepts."""
+    d = spec.head_dim_qk
+    row_blocks = math.ceil(spec.seqlen_q / ROWS)
+    ip, fp = _cuda._param_arrays(spec, _cuda._NO_DIMS, _cuda._NO_DIMS)
+    keys = keys_per_tile(spec)
+    tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, keys)
+    blocks = blocks_for(row_blocks * spec.heads_q * spec.batch)
+    out, lse, _ = _kernel(smem_bytes(d, keys))(
+        inputs=[q, k, v, ip, fp, tmpl], template=template(spec),
+        grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[out_shape, lse_shape, (blocks * TMAP_BYTES,)],
+        output_dtypes=[spec.dtype, mx.float32, mx.uint8], stream=stream,
+    )
+    return out, lse
