@@ -223,12 +223,17 @@ def _matmul_wgmma_cases():
 
 
 def _matmul_gemv_cases():
-    """(TA, TB, TO, FB, MT)"""
+    """(TA, TB, TO, FB, MT, W, RT, U, STAGES): each operand kind, both row-tile counts of a, the plans the
+    bench times (register loads and cp.async rings)."""
     f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
-    yield f16, u8, f16, 1, 1
-    yield b16, u8, b16, 2, 2
-    yield f16, f16, mx.float32, 0, 2
-    yield b16, b16, b16, 0, 1
+    yield f16, u8, f16, 1, 1, 8, 1, 4, 0
+    yield b16, u8, b16, 2, 2, 8, 1, 4, 0
+    yield f16, f16, mx.float32, 0, 2, 8, 1, 4, 0
+    yield b16, b16, b16, 0, 1, 8, 1, 4, 0
+    for w, rt, u, st in ((8, 2, 2, 0), (4, 2, 4, 0), (8, 1, 1, 4), (4, 2, 1, 6), (8, 2, 1, 4), (4, 4, 1, 4)):
+        yield f16, u8, f16, 1, 1, w, rt, u, st
+        yield f16, u8, f16, 1, 2, w, rt, u, st
+    yield b16, b16, b16, 0, 2, 4, 2, 1, 6
 
 
 @needs_nvcc
@@ -257,8 +262,9 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
 
     body = cuda_backend._read("matmul_gemv.cu")
     kernels = [_kernel_text(f"gemv{i}", body, ins(ta, tb), [("out", to)],
-                            [("TA", ta), ("TB", tb), ("TO", to), ("FB", fb), ("AS", True), ("BS", True), ("MT", mt)])
-               for i, (ta, tb, to, fb, mt) in enumerate(_matmul_gemv_cases())]
+                            [("TA", ta), ("TB", tb), ("TO", to), ("FB", fb), ("AS", True), ("BS", True), ("MT", mt),
+                             ("W", w), ("RT", rt), ("U", u), ("STAGES", st)])
+               for i, (ta, tb, to, fb, mt, w, rt, u, st) in enumerate(_matmul_gemv_cases())]
     log = _nvcc_compile(tmp_path, "matmul_gemv",
                         _prelude(cuda_backend.kernel_headers("matmul_gemv")) + "\n" + "\n".join(kernels),
                         ("-Xptxas", "-v"))

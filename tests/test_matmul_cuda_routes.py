@@ -269,6 +269,27 @@ def test_cuda_gemv_matches_float64(M, ka, kb, K, N):
         assert_close(out, reference(a64, b64, sa, sb, transpose_b=True), out.dtype, K)
 
 
+# Few-rows plans (cuda_matmul.GEMV_PLAN: W, RT, U, max blocks, STAGES): register
+# loads, cp.async rings of several depths and row tiles, grids capped so that
+# blocks sweep several row groups.
+GEMV_PLANS = [(8, 1, 4, 0, 0), (8, 2, 2, 0, 0), (8, 1, 1, 0, 4), (4, 2, 1, 0, 6), (4, 4, 1, 3, 4), (8, 2, 1, 2, 4),
+              (4, 1, 1, 0, 8)]
+
+
+@pytest.mark.parametrize("plan", GEMV_PLANS, ids=lambda p: "_".join(map(str, p)))
+@pytest.mark.parametrize("M", [1, 9, 16])
+@pytest.mark.parametrize("K,N", [(45, 17), (1000, 129), (4096, 520)])
+def test_cuda_gemv_plans(plan, M, K, N):
+    gen = rng("gemv-plan", plan, M, K, N)
+    for ka, kb in (("float16", "e4m3"), ("bfloat16", "bfloat16")):
+        a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+        b, b_fmt, b64 = make_operand(gen, (N, K), kb)
+        sb = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+        out = run_route("gemv", a, b, a_fmt=a_fmt, b_fmt=b_fmt, b_scale=mx.array(sb), transpose_b=True,
+                        out_dtype=mx.float32, plan=plan)
+        assert_close(out, reference(a64, b64, None, sb, transpose_b=True), mx.float32, K)
+
+
 @pytest.mark.parametrize("b_batched", [False, True])
 def test_cuda_gemv_batched(b_batched):
     gen = rng("gemv-batch", b_batched)

@@ -52,6 +52,12 @@ _FP8_NATIVE = os.environ.get("MLX_FLASH_CUDA_FP8_WGMMA", "exact") == "native"
 WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (128, 6, 2, True)}
 # Decode (gemv) route: at most this many rows of a.
 GEMV_MAX_ROWS = 16
+# Few-rows kernel plan (matmul_gemv.cuh): (warps per block W, row tiles of 16
+# weight rows per warp RT, register chunks per warp U (STAGES = 0), most
+# blocks per call (0: one block per group of 16 RT rows, else a cap with the
+# blocks sweeping the rows), cp.async stages per warp STAGES (0: loads into
+# registers)).
+GEMV_PLAN = (8, 1, 4, 0, 0)
 # Tests set this to NaN: outputs start poisoned, so an element a kernel never
 # writes shows (None: outputs start uninitialised, as they should in use).
 POISON = None
@@ -137,20 +143,55 @@ def _scale_flags(a_scale, b_scale):
             int(b_scale is not None and b_scale.shape[-1] > 1))
 
 
-def _gemv(a, b, a_scale, b_scale, spec, stream):
+def _kernel_object(body: str, inputs: tuple, outputs: tuple, smem: int):
+    """mx.fast.cuda_kernel objects made once per kernel (not per call); keyed
+    by the factory too, so the CUDA emulation's stand-in gets its own."""
+    return _cached_kernel(body, inputs, outputs, smem, mx.fast.cuda_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_kernel(body, inputs, outputs, smem, factory):
+    return _cuda._kernel(body, inputs, outputs, smem)
+
+
+@functools.lru_cache(maxsize=4096)
+def _params(values: tuple, dtype=mx.int32):
+    """A kernel's small parameter array, made once per value (cuda.const_array)."""
+    return _cuda.const_array(values, dtype)
+
+
+_GEMV_MAX_SMEM = 200 * 1024
+
+
+def gemv_smem(warps: int, stages: int, row_tiles: int, a_tiles: int, b_bytes: int) -> int:
+    """matmul_gemv_smem() of matmul_gemv.cuh."""
+    return warps * stages * (row_tiles * 4 + a_tiles * (4 if b_bytes == 1 else 2)) * 32 * 16
+
+
+def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
     """M <= 16 rows of a against an [N, K] b: cuda_src/matmul_gemv.cuh."""
+    warps, row_tiles, unroll, max_blocks, stages = tuple(plan or GEMV_PLAN)
     M, N = spec.M, spec.N
     a = _pad_axis(a, 2, 16, stream)
     b = _pad_axis(b, 2, 16, stream)
-    ip = _cuda.const_array((M, N, a.shape[2], int(spec.b_batched)) + _scale_flags(a_scale, b_scale), mx.int32)
-    kernel = _cuda._kernel("matmul_gemv", _INPUTS, ("out",), 0)
-    placeholder = _cuda._placeholder(mx.float32)
+    ip = _params((M, N, a.shape[2], int(spec.b_batched)) + _scale_flags(a_scale, b_scale))
+    a_tiles = 1 if M <= 8 else 2
+    if stages:  # as many stages as fit the shared memory (two rows of a take more)
+        per_stage = gemv_smem(warps, 1, row_tiles, a_tiles, b.dtype.size)
+        stages = max(2, min(stages, _GEMV_MAX_SMEM // per_stage))
+    kernel = _kernel_object("matmul_gemv", _INPUTS, ("out",),
+                            gemv_smem(warps, stages, row_tiles, a_tiles, b.dtype.size) if stages else 0)
+    placeholder = _params((0,), mx.float32)
+    blocks = math.ceil(N / (16 * row_tiles))
+    if max_blocks:
+        blocks = min(blocks, max_blocks)
     (out,) = kernel(
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
                 b_scale if b_scale is not None else placeholder, ip],
         template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype), ("FB", _FMT_CODE[spec.b_fmt]),
-                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("MT", 1 if M <= 8 else 2)],
-        grid=(math.ceil(N / 16) * 256, 1, spec.batch), threadgroup=(256, 1, 1),
+                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("MT", a_tiles),
+                  ("W", warps), ("RT", row_tiles), ("U", 1 if stages else unroll), ("STAGES", stages)],
+        grid=(blocks * 32 * warps, 1, spec.batch), threadgroup=(32 * warps, 1, 1),
         output_shapes=[(spec.batch, M, N)], output_dtypes=[spec.out_dtype], init_value=POISON, stream=stream,
     )
     return out
@@ -229,7 +270,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     b = _pad_axis(b, 2 if transpose_b else 1, 16, stream)
     b = _pad_axis(b, 1 if transpose_b else 2, 16, stream)
     Kp, Np = a.shape[2], (b.shape[1] if transpose_b else b.shape[2])
-    ip = _cuda.const_array((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale), mx.int32)
+    ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale))
     if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
         b_scale = _pad_axis(b_scale, 2, 16, stream)
     floats = [x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None]
@@ -237,9 +278,9 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     convert_a, convert_b = bool(spec.a_fmt) and not native, bool(spec.b_fmt) and not native
     tma = tma and not (convert_a or convert_b) and _tma_available()
     # + 1 KiB: the TMA mbarriers and template staging are static shared memory.
-    kernel = _cuda._kernel("matmul_wgmma", _WGMMA_INPUTS, ("out", "tmaps"),
-                           wgmma_smem(bn, stages, convert_a, convert_b))
-    placeholder = _cuda._placeholder(mx.float32)
+    kernel = _kernel_object("matmul_wgmma", _WGMMA_INPUTS, ("out", "tmaps"),
+                            wgmma_smem(bn, stages, convert_a, convert_b))
+    placeholder = _params((0,), mx.float32)
     tiles = math.ceil(M / 128) * math.ceil(Np / bn)
     tmpl = _tma_templates(a, b, transpose_b, bn) if tma else _cuda._placeholder(mx.uint8)
     (out, _) = kernel(
@@ -258,14 +299,14 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
 
 def matmul2d(a, b, a_scale, b_scale, spec, stream, route=None, plan=None):
     """The backend entry (dispatch calls it with the first six); `route` and
-    `plan` (a wgmma (BN, stages, promote)) force a kernel, for tests and benchmarks."""
+    `plan` (a wgmma (BN, stages, promote[, tma]) or a gemv GEMV_PLAN) force a kernel, for tests and benchmarks."""
     route = route or route_of(a, b, spec)
     if spec.M == 0 or spec.N == 0:
         return mx.zeros((spec.batch, spec.M, spec.N), dtype=spec.out_dtype, stream=stream)
     if route == "float32":
         return _float32_route(a, b, a_scale, b_scale, spec, stream)
     if route == "gemv":
-        return _gemv(a, b, a_scale, b_scale, spec, stream)
+        return _gemv(a, b, a_scale, b_scale, spec, stream, plan)
     if route in ("wgmma", "wgmma_fp8"):
         return _wgmma(a, b, a_scale, b_scale, spec, stream, plan, native=route == "wgmma_fp8")
     return _mma(a, b, a_scale, b_scale, spec, stream)

@@ -8,7 +8,10 @@ gemm:   n^3 products (TFLOP/s = 2 n^3 / t), each result checked against a
         second computation of the same product (relative max difference).
 decode: M = 1..16 rows times an [N, K] weight (fp8 e4m3 or fp16), GB/s of
         weight bytes read, next to a plain copy's GB/s (bytes read + written)
-        measured in the same run; MLX's fp16 matmul of the same shape.
+        measured in the same run; MLX's fp16 matmul of the same shape;
+        --gemv-plans times the few-rows kernel's plans side by side. Below
+        ~100 us a call is bound by host time (tools/cuda_gemv_kernels.py
+        gives the kernels' own times under Nsight Compute).
 plans:  the Hopper kernel's tile plans side by side at 8192^3.
 layers: four Llama-3-8B-shaped blocks of projections (no attention) as fp16
         nn.Linear vs FP8Linear: a decode step's projections (M = 1) and a
@@ -187,38 +190,53 @@ def copy_bandwidth(rec: Recorder, nbytes: int = 2 * GIB):
 
 
 DECODE_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (16384, 16384))
+DECODE_ROWS = (1, 4, 16)
+# Few-rows kernel plans timed side by side (cuda_matmul.GEMV_PLAN's fields);
+# None = the default plan.
+GEMV_PLANS = (None,)
 
 
-def bench_decode(rec: Recorder, shapes=DECODE_SHAPES, copy_bytes: int = 2 * GIB):
+def _plan_name(plan) -> str:
+    return "default" if plan is None else "_".join(map(str, plan))
+
+
+def bench_decode(rec: Recorder, shapes=DECODE_SHAPES, copy_bytes: int = 2 * GIB, plans=None, rows=DECODE_ROWS):
     from ..backends import cuda_matmul as cm
 
+    plans = plans or GEMV_PLANS
     copy_gbps = copy_bandwidth(rec, copy_bytes)
     for K, N in shapes:
         key = mx.random.key(K + N)
         w16 = (mx.random.normal((N, K), key=key) * 0.02).astype(mx.float16)
         w8, scale = mx.to_fp8(w16 * 100), mx.full((1, N), 0.01)
         mx.eval(w16, w8, scale)
-        for M in (1, 4, 16):
+        for M in rows:
             x = mx.random.normal((M, K), key=mx.random.key(M)).astype(mx.float16)
             mx.eval(x)
             reps = min(200, max(20, int(2e10 // (N * K))))
-            cases = {
-                "ours_fp16_x_e4m3": (lambda: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True), N * K),
-                "ours_fp16_x_fp16": (lambda: cm.matmul(x, w16, transpose_b=True), 2 * N * K),
-                "mlx_fp16": (lambda: x @ w16.T, 2 * N * K),
-            }
+            cases = {}
+            for plan in plans:
+                cases[f"ours_fp16_x_e4m3@{_plan_name(plan)}"] = (
+                    lambda plan=plan: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, plan=plan),
+                    N * K, plan)
+            cases["ours_fp16_x_fp16"] = (lambda: cm.matmul(x, w16, transpose_b=True), 2 * N * K, None)
+            cases["mlx_fp16"] = (lambda: x @ w16.T, 2 * N * K, None)
             ref = x @ w16.T
-            for name, (fn, wbytes) in cases.items():
+            for name, (fn, wbytes, plan) in cases.items():
+                case, _, plan_name = name.partition("@")
                 try:
                     t = time_lazy(fn, reps)
                     gbps = wbytes / t / 1e9
-                    row = dict(section="decode", case=name, M=M, K=K, N=N, us=t * 1e6, weight_gbps=gbps,
+                    row = dict(section="decode", case=case, M=M, K=K, N=N, us=t * 1e6, weight_gbps=gbps,
                                fraction_of_copy=gbps / copy_gbps, copy_gbps=copy_gbps)
-                    if name != "mlx_fp16":
+                    if plan_name:
+                        row["plan"] = plan_name
+                    if case != "mlx_fp16":
                         row["rel_diff_vs_mlx_fp16"] = rel_diff(fn(), ref)
                     rec.add(**row)
                 except Exception as e:  # noqa: BLE001
-                    rec.add(section="decode", case=name, M=M, K=K, N=N, error=f"{type(e).__name__}: {e}"[:500])
+                    rec.add(section="decode", case=case, plan=plan_name, M=M, K=K, N=N,
+                            error=f"{type(e).__name__}: {e}"[:500])
 
 
 def bench_plans(rec: Recorder, n: int = 8192):
@@ -341,6 +359,10 @@ def main(argv=None):
     parser.add_argument("--skip-tma", action="store_true", help="leave out the TMA-loading kernel variants")
     parser.add_argument("--decode-shapes", default=None,
                         help="K:N pairs for the decode section, comma separated (default: DECODE_SHAPES)")
+    parser.add_argument("--decode-rows", default=None, help="M values of the decode section, comma separated")
+    parser.add_argument("--gemv-plans", default=None,
+                        help="few-rows kernel plans W,RT,U,MAXBLOCKS,STAGES separated by ';' ('default': the "
+                             "backend's); the decode section times fp16 x e4m3 with each")
     args = parser.parse_args(argv)
     if args.plot:
         print(f"wrote {plot(args.plot)}")
@@ -351,6 +373,9 @@ def main(argv=None):
     SKIP_TMA = args.skip_tma
     decode_shapes = DECODE_SHAPES if not args.decode_shapes else tuple(
         tuple(int(v) for v in pair.split(":")) for pair in args.decode_shapes.split(","))
+    plans = None if not args.gemv_plans else tuple(
+        None if p == "default" else tuple(int(v) for v in p.split(",")) for p in args.gemv_plans.split(";"))
+    rows = DECODE_ROWS if not args.decode_rows else tuple(int(v) for v in args.decode_rows.split(","))
     card = card_name()
     rec = Recorder()
     if args.warm:
@@ -358,7 +383,8 @@ def main(argv=None):
         time_lazy = lambda make, reps, rounds=3: (mx.eval(make()), 1.0)[1]  # noqa: E731
         time_torch = lambda fn, reps, rounds=3: (fn(), 1.0)[1]  # noqa: E731
     sections = {"gemm": lambda: bench_gemm(rec, [256] if args.warm else args.sizes),
-                "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else (decode_shapes,)),
+                "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else (decode_shapes,),
+                                               plans=plans, rows=(1, 16) if args.warm else rows),
                 "plans": lambda: bench_plans(rec, 256 if args.warm else 8192),
                 "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512))}
     path = args.out if args.out.endswith(".json") else os.path.join(args.out, f"matmul_cuda_{slug(card)}.json")
