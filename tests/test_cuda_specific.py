@@ -222,6 +222,19 @@ def _matmul_wgmma_cases():
     yield u8, f16, f16, 2, 0, False, 128, 6, 0, False, False
 
 
+def _matmul_ws_cases():
+    """(TA, TB, FA, FB, TRANS_B, BN, STAGES, PROMOTE, NATIVE) of the warp-specialised kernel."""
+    f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
+    yield f16, f16, 0, 0, True, 256, 4, 0, False
+    yield f16, f16, 0, 0, False, 256, 4, 0, False
+    yield b16, b16, 0, 0, True, 256, 4, 0, False
+    yield b16, b16, 0, 0, False, 128, 6, 0, False
+    yield u8, u8, 1, 1, True, 128, 6, 2, True
+    yield u8, u8, 1, 2, True, 192, 5, 2, True
+    yield u8, u8, 2, 2, True, 256, 4, 0, True
+    yield u8, u8, 2, 1, True, 192, 4, 1, True
+
+
 def _matmul_gemv_cases():
     """(TA, TB, TO, FB, MT, W, RT, U, STAGES): each operand kind, both row-tile counts of a, the plans the
     bench times (register loads and cp.async rings)."""
@@ -259,6 +272,25 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
     assert len(usage) == len(kernels), log[-2000:]
     for name, (regs, spill_st, spill_ld) in usage.items():
         assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+
+    body = cuda_backend._read("matmul_wgmma_ws.cu")
+    kernels = []
+    for i, (ta, tb, fa, fb, trans, bn, stages, promote, native) in enumerate(_matmul_ws_cases()):
+        to = mx.float32 if i % 2 else (ta if not native else mx.float16)
+        template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans),
+                    ("AS", True), ("BS", i % 2 == 0), ("BN", bn), ("STAGES", stages), ("PROMOTE", promote),
+                    ("NATIVE", native)]
+        kernels.append(_kernel_text(f"ws{i}", body, ins(ta, tb) + [("tmpl", mx.uint8)],
+                                    [("out", to), ("tmaps", mx.uint8)], template))
+    log = _nvcc_compile(tmp_path, "matmul_wgmma_ws",
+                        _prelude(cuda_backend.kernel_headers("matmul_wgmma_ws")) + "\n" + "\n".join(kernels),
+                        ("-Xptxas", "-v"))
+    assert "serializ" not in log and "setmaxnreg" not in log, log[-3000:]
+    usage = ptxas_usage(log)
+    assert len(usage) == len(kernels), log[-2000:]
+    for name, (regs, spill_st, spill_ld) in usage.items():
+        # 168: 384 threads at launch (the launch bounds); setmaxnreg moves registers to the consumers.
+        assert regs <= 168 and spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
 
     body = cuda_backend._read("matmul_gemv.cu")
     kernels = [_kernel_text(f"gemv{i}", body, ins(ta, tb), [("out", to)],

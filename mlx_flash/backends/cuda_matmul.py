@@ -49,6 +49,9 @@ _FP8_NATIVE = os.environ.get("MLX_FLASH_CUDA_FP8_WGMMA", "exact") == "native"
 # Fourth entry: stage tiles by TMA (16-bit and native fp8) instead of cp.async
 # (H200: +10% fp16, +16% native fp8 at 8192^3); plans fall back to cp.async
 # where libcuda's tensor-map encoder is unavailable.
+# Fifth entry: the warp-specialised persistent kernel (matmul_wgmma_ws.cuh:
+# a TMA producer warpgroup, two consumer warpgroups, mbarrier stage ring;
+# TMA plans only).
 WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (128, 6, 2, True)}
 # Decode (gemv) route: at most this many rows of a.
 GEMV_MAX_ROWS = 16
@@ -259,7 +262,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     """Hopper warpgroup-MMA kernel: cuda_src/matmul_wgmma.cuh."""
     native = native and spec.a_fmt is not None and spec.b_fmt is not None
     kind = "native" if native else ("cvt" if spec.a_fmt or spec.b_fmt else "f16")
-    bn, stages, promote, tma = (tuple(plan or WGMMA_PLANS[kind]) + (False,))[:4]
+    bn, stages, promote, tma, ws = (tuple(plan or WGMMA_PLANS[kind]) + (False, False))[:5]
     transpose_b = spec.transpose_b
     if native and not transpose_b:
         # fp8 wgmma reads b K-major only: one transposed copy of b.
@@ -277,6 +280,11 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     compute = floats[0] if floats else mx.float16
     convert_a, convert_b = bool(spec.a_fmt) and not native, bool(spec.b_fmt) and not native
     tma = tma and not (convert_a or convert_b) and _tma_available()
+    if ws and not tma and bn not in (128, 256):
+        bn = 128  # no TMA here: the portable kernel's tile widths
+    if ws and tma:
+        return _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote if native else 0, native,
+                         transpose_b, ip, Np)
     # + 1 KiB: the TMA mbarriers and template staging are static shared memory.
     kernel = _kernel_object("matmul_wgmma", _WGMMA_INPUTS, ("out", "tmaps"),
                             wgmma_smem(bn, stages, convert_a, convert_b))
@@ -295,6 +303,45 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
         output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,
     )
     return out if Np == N else out[:, :, :N]
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count() -> int:
+    """Multiprocessors of device 0 (libcuda), the persistent kernel's grid."""
+    value = ctypes.c_int(0)
+    device = ctypes.c_int(0)
+    lib = _libcuda()
+    if lib.cuDeviceGet(ctypes.byref(device), 0) != 0 or lib.cuDeviceGetAttribute(
+            ctypes.byref(value), 16, device) != 0:  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+        raise RuntimeError("cuDeviceGetAttribute(MULTIPROCESSOR_COUNT) failed")
+    return value.value
+
+
+def ws_smem(bn: int, stages: int) -> int:
+    """matmul_ws_smem() of matmul_wgmma_ws.cuh."""
+    return stages * (128 + bn) * 128 + 1024
+
+
+def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native, transpose_b, ip, Np):
+    """The warp-specialised persistent Hopper kernel: cuda_src/matmul_wgmma_ws.cuh
+    (operands as stored, by TMA; a, b already padded as _wgmma does)."""
+    M = spec.M
+    tiles = math.ceil(M / 128) * math.ceil(Np / bn)
+    blocks = min(tiles, sm_count())
+    kernel = _kernel_object("matmul_wgmma_ws", _WGMMA_INPUTS, ("out", "tmaps"), ws_smem(bn, stages))
+    placeholder = _params((0,), mx.float32)
+    (out, _) = kernel(
+        inputs=[a, b, a_scale if a_scale is not None else placeholder,
+                b_scale if b_scale is not None else placeholder, ip, _tma_templates(a, b, transpose_b, bn)],
+        template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype),
+                  ("FA", _FMT_CODE[spec.a_fmt]), ("FB", _FMT_CODE[spec.b_fmt]), ("TRANS_B", transpose_b),
+                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("BN", bn), ("STAGES", stages),
+                  ("PROMOTE", promote), ("NATIVE", native)],
+        grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
+        output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,)],
+        output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,
+    )
+    return out if Np == spec.N else out[:, :, :spec.N]
 
 
 def matmul2d(a, b, a_scale, b_scale, spec, stream, route=None, plan=None):

@@ -37,6 +37,7 @@ from .cuda import Recorder, card_name, slug
 
 GIB = 1024 ** 3
 SKIP_TMA = False  # --skip-tma
+CASES = None  # --cases: a regular expression the gemm cases' names must match
 
 
 def time_lazy(make, reps: int, rounds: int = 3) -> float:
@@ -107,6 +108,20 @@ def bench_gemm(rec: Recorder, sizes):
             "ours_fp16_tma": (lambda: cm.matmul(a16, b16, route="wgmma", plan=(256, 4, 0, True)), mlx_fp16),
             "ours_fp16_bT_tma": (lambda: cm.matmul(a16, b16t, transpose_b=True, route="wgmma", plan=(256, 4, 0, True)),
                                  mlx_fp16),
+            "ours_fp16_ws": (lambda: cm.matmul(a16, b16, route="wgmma", plan=(256, 4, 0, True, True)), mlx_fp16),
+            "ours_fp16_bT_ws": (lambda: cm.matmul(a16, b16t, transpose_b=True, route="wgmma",
+                                                  plan=(256, 4, 0, True, True)), mlx_fp16),
+            "ours_bf16_ws": (lambda: cm.matmul(a16.astype(mx.bfloat16), b16.astype(mx.bfloat16), route="wgmma",
+                                               plan=(256, 4, 0, True, True)), mlx_fp16),
+            "ours_e4m3_native_ws_bn128_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                               out_dtype=mx.float16, route="wgmma_fp8",
+                                                               plan=(128, 6, 2, True, True)), None),
+            "ours_e4m3_native_ws_bn192_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                               out_dtype=mx.float16, route="wgmma_fp8",
+                                                               plan=(192, 5, 2, True, True)), None),
+            "ours_e4m3_native_ws_bn256_nopromote_bT": (lambda: cm.matmul(
+                a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float16, route="wgmma_fp8",
+                plan=(256, 4, 0, True, True)), None),
             "ours_e4m3_native_tma_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
                                                           out_dtype=mx.float16, route="wgmma_fp8",
                                                           plan=(128, 6, 1, True)), None),
@@ -125,6 +140,8 @@ def bench_gemm(rec: Recorder, sizes):
                                                    out_dtype=mx.float16, route="mma"), None),
         }
         results = {}
+        if CASES is not None:
+            cases = {k: v for k, v in cases.items() if CASES.search(k)}
         if SKIP_TMA:
             cases = {k: v for k, v in cases.items() if "tma" not in k}
         for name, (fn, check) in cases.items():
@@ -139,7 +156,9 @@ def bench_gemm(rec: Recorder, sizes):
                 rec.add(**row)
             except Exception as e:  # noqa: BLE001 (record, go on)
                 rec.add(section="gemm", case=name, n=n, error=f"{type(e).__name__}: {e}"[:500])
-        for x, y in (("ours_e4m3_bT", "ours_mma_e4m3_bT"), ("ours_e4m3_native_bT", "ours_mma_e4m3_bT"),
+        for x, y in (("ours_e4m3_native_ws_bn128_bT", "ours_e4m3_native_tma_bT"),
+                     ("ours_e4m3_native_ws_bn192_bT", "ours_e4m3_native_tma_bT"),
+                     ("ours_e4m3_bT", "ours_mma_e4m3_bT"), ("ours_e4m3_native_bT", "ours_mma_e4m3_bT"),
                      ("ours_e4m3_native_tma_bT", "ours_e4m3_native_bT"),
                      ("ours_e4m3_native", "ours_e4m3_native_bT")):
             if x in results and y in results:
@@ -359,6 +378,7 @@ def main(argv=None):
     parser.add_argument("--skip-tma", action="store_true", help="leave out the TMA-loading kernel variants")
     parser.add_argument("--decode-shapes", default=None,
                         help="K:N pairs for the decode section, comma separated (default: DECODE_SHAPES)")
+    parser.add_argument("--cases", default=None, help="regular expression: only the gemm cases it matches")
     parser.add_argument("--decode-rows", default=None, help="M values of the decode section, comma separated")
     parser.add_argument("--gemv-plans", default=None,
                         help="few-rows kernel plans W,RT,U,MAXBLOCKS,STAGES separated by ';' ('default': the "
@@ -369,8 +389,12 @@ def main(argv=None):
         return
     if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         raise SystemExit("mlx_flash.bench.cuda_matmul: MLX sees no CUDA GPU")
-    global SKIP_TMA
+    global SKIP_TMA, CASES
     SKIP_TMA = args.skip_tma
+    if args.cases:
+        import re
+
+        CASES = re.compile(args.cases)
     decode_shapes = DECODE_SHAPES if not args.decode_shapes else tuple(
         tuple(int(v) for v in pair.split(":")) for pair in args.decode_shapes.split(","))
     plans = None if not args.gemv_plans else tuple(
