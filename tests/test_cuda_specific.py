@@ -467,14 +467,14 @@ def _cuobjdump():
 
 
 def _wgmma_sync_counts(sass):
-    """{function: (HGMMA count, WARPGROUP.DEPBAR count)} of a cuobjdump -sass listing."""
+    """{function: (wgmma count (HGMMA; QGMMA for fp8), WARPGROUP.DEPBAR count)} of a cuobjdump -sass listing."""
     counts, name = {}, None
     for line in sass.splitlines():
         m = re.search(r"Function : (\S+)", line)
         if m:
             name = m.group(1)
             counts[name] = [0, 0]
-        elif name and "HGMMA" in line:
+        elif name and ("HGMMA" in line or "QGMMA" in line):
             counts[name][0] += 1
         elif name and "WARPGROUP.DEPBAR" in line:
             counts[name][1] += 1
@@ -514,6 +514,26 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
         assert len(counts) == len(kernels), sass[:2000]
         for name, (hgmma, waits) in counts.items():
             assert hgmma >= 12 and waits <= 4, f"{name}: {hgmma} wgmma, {waits} waits (serialised)"
+
+    # The warp-specialised matmul: 4 (16-bit) or 4 (fp8 k32) wgmma per stage,
+    # one wait per stage (two with promotion), none between them.
+    ins = lambda ta, tb: [("a", ta), ("b", tb), ("a_scale", mx.float32), ("b_scale", mx.float32), ("ip", mx.int32),
+                          ("tmpl", mx.uint8)]
+    kernels = []
+    for i, (ta, tb, fa, fb, trans, bn, stages, promote, native) in enumerate(_matmul_ws_cases()):
+        to = ta if not native else mx.float16
+        template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans), ("AS", True),
+                    ("BS", True), ("BN", bn), ("STAGES", stages), ("PROMOTE", promote), ("NATIVE", native)]
+        kernels.append(_kernel_text(f"ws{i}", cuda_backend._read("matmul_wgmma_ws.cu"), ins(ta, tb),
+                                    [("out", to), ("tmaps", mx.uint8)], template))
+    _nvcc_compile(tmp_path, "matmul_wgmma_ws",
+                  _prelude(cuda_backend.kernel_headers("matmul_wgmma_ws")) + "\n" + "\n".join(kernels))
+    sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / "matmul_wgmma_ws.o")], capture_output=True,
+                          text=True, check=True).stdout
+    counts = _wgmma_sync_counts(sass)
+    assert len(counts) == len(kernels), sass[:2000]
+    for name, (hgmma, waits) in counts.items():
+        assert hgmma >= 4 and waits <= 4, f"{name}: {hgmma} wgmma, {waits} waits (serialised)"
 
 
 # ---------------------------------------------------------------------------
