@@ -316,6 +316,23 @@ def test_cuda_wgmma_ws_fp8_native_within_bound(plan, ka, kb, M, K, N):
 
 
 @WS
+@pytest.mark.parametrize("ka,kb", [("float16", "e4m3"), ("bfloat16", "e5m2"), ("e4m3", "e5m2"), ("e5m2", "bfloat16")])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (130, 200, 70), (300, 1000, 513)])
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_cuda_wgmma_ws_exact_fp8_decoded_first(ka, kb, M, K, N, transpose_b):
+    """The exact route with a warp-specialised plan: fp8 operands decoded to
+    16-bit first (exact), then the 16-bit kernel: fp32-exact as every route."""
+    needs_hopper()
+    gen = rng("wgmma-ws-cvt", ka, kb, M, K, N, transpose_b)
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K) if transpose_b else (K, N), kb)
+    sb = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+    out = run_route("wgmma", a, b, a_fmt=a_fmt, b_fmt=b_fmt, b_scale=mx.array(sb), transpose_b=transpose_b,
+                    out_dtype=mx.float32, plan=WS_16[0])
+    assert_close(out, reference(a64, b64, None, sb, transpose_b=transpose_b), mx.float32, K)
+
+
+@WS
 @pytest.mark.parametrize("b_batched", [False, True])
 def test_cuda_wgmma_ws_batched_and_scales(b_batched):
     needs_hopper()

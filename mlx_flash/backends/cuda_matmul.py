@@ -264,6 +264,17 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     kind = "native" if native else ("cvt" if spec.a_fmt or spec.b_fmt else "f16")
     bn, stages, promote, tma, ws = (tuple(plan or WGMMA_PLANS[kind]) + (False, False))[:5]
     transpose_b = spec.transpose_b
+    fa, fb = _FMT_CODE[spec.a_fmt], _FMT_CODE[spec.b_fmt]
+    if ws and not native and (fa or fb) and _tma_available():
+        # The warp-specialised kernel takes operands as stored: fp8 codes are
+        # decoded (exactly) to the 16-bit type first, one pass over each.
+        floats = [x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None]
+        compute = floats[0] if floats else mx.float16
+        if fa:
+            a = _decode_fp8(a, spec.a_fmt, compute, stream)
+        if fb:
+            b = _decode_fp8(b, spec.b_fmt, compute, stream)
+        fa = fb = 0
     if native and not transpose_b:
         # fp8 wgmma reads b K-major only: one transposed copy of b.
         b = mx.contiguous(b.swapaxes(-1, -2), stream=stream)
@@ -278,13 +289,13 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
         b_scale = _pad_axis(b_scale, 2, 16, stream)
     floats = [x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None]
     compute = floats[0] if floats else mx.float16
-    convert_a, convert_b = bool(spec.a_fmt) and not native, bool(spec.b_fmt) and not native
+    convert_a, convert_b = bool(fa) and not native, bool(fb) and not native
     tma = tma and not (convert_a or convert_b) and _tma_available()
     if ws and not tma and bn not in (128, 256):
         bn = 128  # no TMA here: the portable kernel's tile widths
     if ws and tma:
         return _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote if native else 0, native,
-                         transpose_b, ip, Np)
+                         transpose_b, ip, Np, fa if native else 0, fb if native else 0)
     # + 1 KiB: the TMA mbarriers and template staging are static shared memory.
     kernel = _kernel_object("matmul_wgmma", _WGMMA_INPUTS, ("out", "tmaps"),
                             wgmma_smem(bn, stages, convert_a, convert_b))
@@ -322,7 +333,7 @@ def ws_smem(bn: int, stages: int) -> int:
     return stages * (128 + bn) * 128 + 1024
 
 
-def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native, transpose_b, ip, Np):
+def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native, transpose_b, ip, Np, fa, fb):
     """The warp-specialised persistent Hopper kernel: cuda_src/matmul_wgmma_ws.cuh
     (operands as stored, by TMA; a, b already padded as _wgmma does)."""
     M = spec.M
@@ -334,7 +345,7 @@ def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native,
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
                 b_scale if b_scale is not None else placeholder, ip, _tma_templates(a, b, transpose_b, bn)],
         template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype),
-                  ("FA", _FMT_CODE[spec.a_fmt]), ("FB", _FMT_CODE[spec.b_fmt]), ("TRANS_B", transpose_b),
+                  ("FA", fa), ("FB", fb), ("TRANS_B", transpose_b),
                   ("AS", a_scale is not None), ("BS", b_scale is not None), ("BN", bn), ("STAGES", stages),
                   ("PROMOTE", promote), ("NATIVE", native)],
         grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),

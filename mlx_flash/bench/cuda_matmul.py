@@ -122,6 +122,8 @@ def bench_gemm(rec: Recorder, sizes):
             "ours_e4m3_native_ws_bn256_nopromote_bT": (lambda: cm.matmul(
                 a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float16, route="wgmma_fp8",
                 plan=(256, 4, 0, True, True)), None),
+            "ours_fp16_x_e4m3_bT_ws": (lambda: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True, route="wgmma",
+                                                         plan=(256, 4, 0, True, True)), None),
             "ours_e4m3_native_tma_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
                                                           out_dtype=mx.float16, route="wgmma_fp8",
                                                           plan=(128, 6, 1, True)), None),
