@@ -57,9 +57,9 @@ WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (1
 GEMV_MAX_ROWS = 16
 # Few-rows kernel plan (matmul_gemv.cuh): (warps per block W, row tiles of 16
 # weight rows per warp RT, register chunks per warp U (STAGES = 0), most
-# blocks per call (0: one block per group of 16 RT rows, else a cap with the
-# blocks sweeping the rows), cp.async stages per warp STAGES (0: loads into
-# registers)).
+# blocks per call (0: one block per group of 16 RT rows; > 0 a cap, < 0 a cap
+# of -value blocks per SM; capped blocks sweep the rows), cp.async stages per
+# warp STAGES (0: loads into registers)).
 GEMV_PLAN = (8, 1, 4, 0, 0)
 # Tests set this to NaN: outputs start poisoned, so an element a kernel never
 # writes shows (None: outputs start uninitialised, as they should in use).
@@ -187,7 +187,7 @@ def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
     placeholder = _params((0,), mx.float32)
     blocks = math.ceil(N / (16 * row_tiles))
     if max_blocks:
-        blocks = min(blocks, max_blocks)
+        blocks = min(blocks, max_blocks if max_blocks > 0 else -max_blocks * sm_count())
     (out,) = kernel(
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
                 b_scale if b_scale is not None else placeholder, ip],
