@@ -318,10 +318,11 @@ def plot(path: str) -> str:
     dec = [r for r in rows if r.get("section") == "decode"]
     ax = axes[1]
     labels = list(dict.fromkeys(f'M={r["M"]} {r["K"]}x{r["N"]}' for r in dec))
-    dcases = list(dict.fromkeys(r["case"] for r in dec))
+    name = lambda r: r["case"] + (f'@{r["plan"]}' if r.get("plan") else "")  # noqa: E731
+    dcases = list(dict.fromkeys(name(r) for r in dec))
     width = 0.8 / max(1, len(dcases))
     for i, c in enumerate(dcases):
-        vals = {f'M={r["M"]} {r["K"]}x{r["N"]}': r["weight_gbps"] for r in dec if r["case"] == c}
+        vals = {f'M={r["M"]} {r["K"]}x{r["N"]}': r["weight_gbps"] for r in dec if name(r) == c}
         ax.bar([j + i * width for j in range(len(labels))], [vals.get(lab, 0) for lab in labels], width, label=c)
     copy = [r["gbps"] for r in rows if r.get("section") == "copy"]
     if copy:
