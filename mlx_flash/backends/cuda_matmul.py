@@ -53,6 +53,11 @@ _FP8_NATIVE = os.environ.get("MLX_FLASH_CUDA_FP8_WGMMA", "exact") == "native"
 # a TMA producer warpgroup, two consumer warpgroups, mbarrier stage ring;
 # TMA plans only).
 WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (128, 6, 2, True)}
+# Default plans on the warp-specialised kernel where TMA is available (None:
+# WGMMA_PLANS). "cvt" only from CVT_WS_MIN_ROWS rows of a: below, decoding the
+# whole fp8 weight first costs more than the product.
+WS_PLANS = {"f16": None, "cvt": None, "native": None}
+CVT_WS_MIN_ROWS = 512
 # Decode (gemv) route: at most this many rows of a.
 GEMV_MAX_ROWS = 16
 # Few-rows kernel plan (matmul_gemv.cuh): (warps per block W, row tiles of 16
@@ -262,7 +267,11 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     """Hopper warpgroup-MMA kernel: cuda_src/matmul_wgmma.cuh."""
     native = native and spec.a_fmt is not None and spec.b_fmt is not None
     kind = "native" if native else ("cvt" if spec.a_fmt or spec.b_fmt else "f16")
-    bn, stages, promote, tma, ws = (tuple(plan or WGMMA_PLANS[kind]) + (False, False))[:5]
+    if plan is None:
+        plan = WGMMA_PLANS[kind]
+        if WS_PLANS[kind] and (kind != "cvt" or spec.M >= CVT_WS_MIN_ROWS) and _tma_available():
+            plan = WS_PLANS[kind]
+    bn, stages, promote, tma, ws = (tuple(plan) + (False, False))[:5]
     transpose_b = spec.transpose_b
     fa, fb = _FMT_CODE[spec.a_fmt], _FMT_CODE[spec.b_fmt]
     if ws and not native and (fa or fb) and _tma_available():
