@@ -211,5 +211,7 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
 // threads, so ptxas keeps the launch count at 168 registers and the
 // setmaxnreg trade is legal). Every __global__ after this point, i.e. the
 // one kernel of this translation unit, gets them.
+#ifdef __CUDA_ARCH__
 #undef __global__
 #define __global__ __location__(global) __launch_bounds__(384, 1)
+#endif

@@ -236,17 +236,23 @@ def _matmul_ws_cases():
 
 
 def _matmul_gemv_cases():
-    """(TA, TB, TO, FB, MT, W, RT, U, STAGES): each operand kind, both row-tile counts of a, the plans the
-    bench times (register loads and cp.async rings)."""
+    """(TA, TB, TO, FB, MT, W, RT, U, STAGES, BOUNDS): each operand kind, both row-tile counts of a, the plans
+    the bench times (register loads with and without launch bounds, cp.async rings)."""
     f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
-    yield f16, u8, f16, 1, 1, 8, 1, 4, 0
-    yield b16, u8, b16, 2, 2, 8, 1, 4, 0
-    yield f16, f16, mx.float32, 0, 2, 8, 1, 4, 0
-    yield b16, b16, b16, 0, 1, 8, 1, 4, 0
+    # The launch-bounded plans: the default (8, 1, 4) for every operand kind,
+    # (8, 1, 8) for fp8 weights (with 16-bit weights and 16 rows it spills).
+    yield f16, u8, f16, 1, 1, 8, 1, 4, 0, 2
+    yield b16, u8, b16, 2, 2, 8, 1, 4, 0, 2
+    yield f16, f16, mx.float32, 0, 2, 8, 1, 4, 0, 2
+    yield b16, b16, b16, 0, 1, 8, 1, 4, 0, 2
+    yield f16, u8, f16, 1, 1, 8, 1, 8, 0, 2
+    yield b16, u8, mx.float32, 2, 2, 8, 1, 8, 0, 2
+    yield f16, u8, f16, 1, 1, 8, 1, 4, 0, 0
+    yield b16, b16, b16, 0, 2, 8, 1, 4, 0, 0
     for w, rt, u, st in ((8, 2, 2, 0), (4, 2, 4, 0), (8, 1, 1, 4), (4, 2, 1, 6), (8, 2, 1, 4), (4, 4, 1, 4)):
-        yield f16, u8, f16, 1, 1, w, rt, u, st
-        yield f16, u8, f16, 1, 2, w, rt, u, st
-    yield b16, b16, b16, 0, 2, 4, 2, 1, 6
+        yield f16, u8, f16, 1, 1, w, rt, u, st, 0
+        yield f16, u8, f16, 1, 2, w, rt, u, st, 0
+    yield b16, b16, b16, 0, 2, 4, 2, 1, 6, 0
 
 
 @needs_nvcc
@@ -293,17 +299,20 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
         assert regs <= 168 and spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
 
     body = cuda_backend._read("matmul_gemv.cu")
-    kernels = [_kernel_text(f"gemv{i}", body, ins(ta, tb), [("out", to)],
-                            [("TA", ta), ("TB", tb), ("TO", to), ("FB", fb), ("AS", True), ("BS", True), ("MT", mt),
-                             ("W", w), ("RT", rt), ("U", u), ("STAGES", st)])
-               for i, (ta, tb, to, fb, mt, w, rt, u, st) in enumerate(_matmul_gemv_cases())]
-    log = _nvcc_compile(tmp_path, "matmul_gemv",
-                        _prelude(cuda_backend.kernel_headers("matmul_gemv")) + "\n" + "\n".join(kernels),
-                        ("-Xptxas", "-v"))
-    usage = ptxas_usage(log)
-    assert len(usage) == len(kernels), log[-2000:]
-    for name, (regs, spill_st, spill_ld) in usage.items():
-        assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+    cases = list(_matmul_gemv_cases())
+    for bounds in sorted({c[-1] for c in cases}):
+        kernels = [_kernel_text(f"gemv{i}", body, ins(ta, tb), [("out", to)],
+                                [("TA", ta), ("TB", tb), ("TO", to), ("FB", fb), ("AS", True), ("BS", True),
+                                 ("MT", mt), ("W", w), ("RT", rt), ("U", u), ("STAGES", st), ("BOUNDS", bd)])
+                   for i, (ta, tb, to, fb, mt, w, rt, u, st, bd) in enumerate(cases) if bd == bounds]
+        headers = cuda_backend.kernel_headers("matmul_gemv") + ((f"matmul_gemv_bounds{bounds}.cuh",) if bounds else ())
+        log = _nvcc_compile(tmp_path, f"matmul_gemv_b{bounds}", _prelude(headers) + "\n" + "\n".join(kernels),
+                            ("-Xptxas", "-v"))
+        usage = ptxas_usage(log)
+        assert len(usage) == len(kernels), log[-2000:]
+        for name, (regs, spill_st, spill_ld) in usage.items():
+            assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+            assert not bounds or regs <= 65536 // (256 * bounds), f"{name}: {regs} registers beyond the bounds"
 
 
 @needs_nvcc
