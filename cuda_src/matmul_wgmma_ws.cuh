@@ -8,7 +8,7 @@
 //   producer (warpgroup 0): gives up registers (setmaxnreg.dec 40); one
 //     thread issues the TMA loads of every stage of every tile into a ring
 //     of STAGES stages. Stage s is refilled once its "empty" mbarrier has
-//     seen all 256 consumer threads release it, and its "full" mbarrier
+//     seen both consumer warpgroups release it, and its "full" mbarrier
 //     counts the bytes that land (expect_tx).
 //   consumers (warpgroups 1, 2): take the registers (setmaxnreg.inc 232);
 //     consumer c owns rows 64c .. 64c + 63 of the tile (m64nBN wgmma from
@@ -62,7 +62,10 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   constexpr int KINST = NATIVE ? 32 : 16;   // K values per wgmma
   constexpr int KA = WsKind<TA, FA>::value, KB = WsKind<TB, FB>::value;
   constexpr int B_MN = TRANS_B ? 0 : 1;
-  constexpr int CONSUMER_THREADS = 256;
+  // A stage is released by one arrival per consumer warpgroup (its first
+  // thread, after wgmma_wait: a warpgroup's wgmma group completes as a whole),
+  // not by all 256 threads (256 arrivals on one barrier per stage).
+  constexpr int CONSUMERS = 2;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* ring = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -93,7 +96,7 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&full_bar[s], 1);
-      mbar_init(&empty_bar[s], CONSUMER_THREADS);
+      mbar_init(&empty_bar[s], CONSUMERS);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -132,6 +135,7 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   // Consumers.
   setmaxnreg_inc<232>();
   const int c = wg - 1, warp = (tid % 128) / 32, g = lane / 4, t = lane % 4;
+  const bool releaser = tid % 128 == 0;
   constexpr int R = BN / 2;
   TO* og = out + (long)z * M * N;
   const float* as_row = AS ? a_scale + (ip[kWgAScaleBatched] ? (long)z * (ip[kWgAScaleRows] ? M : 1) : 0) : nullptr;
@@ -171,11 +175,11 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         wgmma_wait<1>();
       }
       // The previous stage's wgmma has finished reading it: release it.
-      if (kt > 0) mbar_arrive(&empty_bar[(it - 1) % STAGES]);
+      if (kt > 0 && releaser) mbar_arrive(&empty_bar[(it - 1) % STAGES]);
     }
     wgmma_wait<0>();
     wgmma_pin(d);
-    if (ktiles > 0) mbar_arrive(&empty_bar[(it - 1) % STAGES]);
+    if (ktiles > 0 && releaser) mbar_arrive(&empty_bar[(it - 1) % STAGES]);
 
     // Epilogue: d[4j + e] is row 16 warp + g + 8 (e / 2), column 8j + 2t + (e % 2).
 #pragma unroll
