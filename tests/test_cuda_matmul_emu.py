@@ -33,10 +33,17 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(cuda_matmul, "POISON", float("nan"))
 
 
+# Few-rows plans (W, RT, U, max blocks, STAGES): the default (register loads),
+# cp.async rings (short and long, several row tiles), and a capped grid whose
+# blocks sweep several row groups (the ring restarts per group).
+GEMV_PLANS = [None, (2, 1, 1, 0, 3), (2, 2, 1, 1, 2), (1, 4, 2, 2, 0, 2)]
+
+
+@pytest.mark.parametrize("plan", GEMV_PLANS, ids=lambda p: "default" if p is None else "_".join(map(str, p)))
 @pytest.mark.parametrize("M,K,N,ka,kb", [(1, 45, 17, "float16", "e4m3"), (9, 160, 33, "bfloat16", "e5m2"),
                                          (3, 208, 20, "float16", "float16"), (16, 96, 18, "bfloat16", "bfloat16"),
                                          (5, 1, 3, "float16", "e4m3"), (8, 2100, 9, "float16", "e5m2")])
-def test_gemv_kernel_emulated(M, K, N, ka, kb):
+def test_gemv_kernel_emulated(M, K, N, ka, kb, plan):
     from mlx_flash.backends import cuda_matmul
 
     gen = rng("gemv-emu", M, K, N, ka, kb)
@@ -49,7 +56,7 @@ def test_gemv_kernel_emulated(M, K, N, ka, kb):
     spec, a3, b3, sa3, sb3, lead = validate_matmul(a, b, b_fmt=b_fmt, a_scale=mx.array(sa), b_scale=mx.array(sb),
                                                    transpose_b=True, out_dtype=mx.float32)
     with harness.patched_cuda_kernel():
-        out = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="gemv")
+        out = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="gemv", plan=plan)
         mx.eval(out)
     assert_close(out.reshape(2, M, N), reference(a64, b64, sa, sb, transpose_b=True), mx.float32, K)
 

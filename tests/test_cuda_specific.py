@@ -222,13 +222,37 @@ def _matmul_wgmma_cases():
     yield u8, f16, f16, 2, 0, False, 128, 6, 0, False, False
 
 
-def _matmul_gemv_cases():
-    """(TA, TB, TO, FB, MT)"""
+def _matmul_ws_cases():
+    """(TA, TB, FA, FB, TRANS_B, BN, STAGES, PROMOTE, NATIVE) of the warp-specialised kernel."""
     f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
-    yield f16, u8, f16, 1, 1
-    yield b16, u8, b16, 2, 2
-    yield f16, f16, mx.float32, 0, 2
-    yield b16, b16, b16, 0, 1
+    yield f16, f16, 0, 0, True, 256, 4, 0, False
+    yield f16, f16, 0, 0, False, 256, 4, 0, False
+    yield b16, b16, 0, 0, True, 256, 4, 0, False
+    yield b16, b16, 0, 0, False, 128, 6, 0, False
+    yield u8, u8, 1, 1, True, 128, 6, 2, True
+    yield u8, u8, 1, 2, True, 192, 5, 2, True
+    yield u8, u8, 2, 2, True, 256, 4, 0, True
+    yield u8, u8, 2, 1, True, 192, 4, 1, True
+
+
+def _matmul_gemv_cases():
+    """(TA, TB, TO, FB, MT, W, RT, U, STAGES, BOUNDS): each operand kind, both row-tile counts of a, the plans
+    the bench times (register loads with and without launch bounds, cp.async rings)."""
+    f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
+    # The launch-bounded plans: the default (8, 1, 4) for every operand kind,
+    # (8, 1, 8) for fp8 weights (with 16-bit weights and 16 rows it spills).
+    yield f16, u8, f16, 1, 1, 8, 1, 4, 0, 2
+    yield b16, u8, b16, 2, 2, 8, 1, 4, 0, 2
+    yield f16, f16, mx.float32, 0, 2, 8, 1, 4, 0, 2
+    yield b16, b16, b16, 0, 1, 8, 1, 4, 0, 2
+    yield f16, u8, f16, 1, 1, 8, 1, 8, 0, 2
+    yield b16, u8, mx.float32, 2, 2, 8, 1, 8, 0, 2
+    yield f16, u8, f16, 1, 1, 8, 1, 4, 0, 0
+    yield b16, b16, b16, 0, 2, 8, 1, 4, 0, 0
+    for w, rt, u, st in ((8, 2, 2, 0), (4, 2, 4, 0), (8, 1, 1, 4), (4, 2, 1, 6), (8, 2, 1, 4), (4, 4, 1, 4)):
+        yield f16, u8, f16, 1, 1, w, rt, u, st, 0
+        yield f16, u8, f16, 1, 2, w, rt, u, st, 0
+    yield b16, b16, b16, 0, 2, 4, 2, 1, 6, 0
 
 
 @needs_nvcc
@@ -255,17 +279,40 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
     for name, (regs, spill_st, spill_ld) in usage.items():
         assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
 
-    body = cuda_backend._read("matmul_gemv.cu")
-    kernels = [_kernel_text(f"gemv{i}", body, ins(ta, tb), [("out", to)],
-                            [("TA", ta), ("TB", tb), ("TO", to), ("FB", fb), ("AS", True), ("BS", True), ("MT", mt)])
-               for i, (ta, tb, to, fb, mt) in enumerate(_matmul_gemv_cases())]
-    log = _nvcc_compile(tmp_path, "matmul_gemv",
-                        _prelude(cuda_backend.kernel_headers("matmul_gemv")) + "\n" + "\n".join(kernels),
+    body = cuda_backend._read("matmul_wgmma_ws.cu")
+    kernels = []
+    for i, (ta, tb, fa, fb, trans, bn, stages, promote, native) in enumerate(_matmul_ws_cases()):
+        to = mx.float32 if i % 2 else (ta if not native else mx.float16)
+        template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans),
+                    ("AS", True), ("BS", i % 2 == 0), ("BN", bn), ("STAGES", stages), ("PROMOTE", promote),
+                    ("NATIVE", native)]
+        kernels.append(_kernel_text(f"ws{i}", body, ins(ta, tb) + [("tmpl", mx.uint8)],
+                                    [("out", to), ("tmaps", mx.uint8)], template))
+    log = _nvcc_compile(tmp_path, "matmul_wgmma_ws",
+                        _prelude(cuda_backend.kernel_headers("matmul_wgmma_ws")) + "\n" + "\n".join(kernels),
                         ("-Xptxas", "-v"))
+    assert "serializ" not in log and "setmaxnreg" not in log, log[-3000:]
     usage = ptxas_usage(log)
     assert len(usage) == len(kernels), log[-2000:]
     for name, (regs, spill_st, spill_ld) in usage.items():
-        assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+        # 168: 384 threads at launch (the launch bounds); setmaxnreg moves registers to the consumers.
+        assert regs <= 168 and spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+
+    body = cuda_backend._read("matmul_gemv.cu")
+    cases = list(_matmul_gemv_cases())
+    for bounds in sorted({c[-1] for c in cases}):
+        kernels = [_kernel_text(f"gemv{i}", body, ins(ta, tb), [("out", to)],
+                                [("TA", ta), ("TB", tb), ("TO", to), ("FB", fb), ("AS", True), ("BS", True),
+                                 ("MT", mt), ("W", w), ("RT", rt), ("U", u), ("STAGES", st), ("BOUNDS", bd)])
+                   for i, (ta, tb, to, fb, mt, w, rt, u, st, bd) in enumerate(cases) if bd == bounds]
+        headers = cuda_backend.kernel_headers("matmul_gemv") + ((f"matmul_gemv_bounds{bounds}.cuh",) if bounds else ())
+        log = _nvcc_compile(tmp_path, f"matmul_gemv_b{bounds}", _prelude(headers) + "\n" + "\n".join(kernels),
+                            ("-Xptxas", "-v"))
+        usage = ptxas_usage(log)
+        assert len(usage) == len(kernels), log[-2000:]
+        for name, (regs, spill_st, spill_ld) in usage.items():
+            assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+            assert not bounds or regs <= 65536 // (256 * bounds), f"{name}: {regs} registers beyond the bounds"
 
 
 @needs_nvcc
@@ -429,14 +476,14 @@ def _cuobjdump():
 
 
 def _wgmma_sync_counts(sass):
-    """{function: (HGMMA count, WARPGROUP.DEPBAR count)} of a cuobjdump -sass listing."""
+    """{function: (wgmma count (HGMMA; QGMMA for fp8), WARPGROUP.DEPBAR count)} of a cuobjdump -sass listing."""
     counts, name = {}, None
     for line in sass.splitlines():
         m = re.search(r"Function : (\S+)", line)
         if m:
             name = m.group(1)
             counts[name] = [0, 0]
-        elif name and "HGMMA" in line:
+        elif name and ("HGMMA" in line or "QGMMA" in line):
             counts[name][0] += 1
         elif name and "WARPGROUP.DEPBAR" in line:
             counts[name][1] += 1
@@ -476,6 +523,26 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
         assert len(counts) == len(kernels), sass[:2000]
         for name, (hgmma, waits) in counts.items():
             assert hgmma >= 12 and waits <= 4, f"{name}: {hgmma} wgmma, {waits} waits (serialised)"
+
+    # The warp-specialised matmul: 4 (16-bit) or 4 (fp8 k32) wgmma per stage,
+    # one wait per stage (two with promotion), none between them.
+    ins = lambda ta, tb: [("a", ta), ("b", tb), ("a_scale", mx.float32), ("b_scale", mx.float32), ("ip", mx.int32),
+                          ("tmpl", mx.uint8)]
+    kernels = []
+    for i, (ta, tb, fa, fb, trans, bn, stages, promote, native) in enumerate(_matmul_ws_cases()):
+        to = ta if not native else mx.float16
+        template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans), ("AS", True),
+                    ("BS", True), ("BN", bn), ("STAGES", stages), ("PROMOTE", promote), ("NATIVE", native)]
+        kernels.append(_kernel_text(f"ws{i}", cuda_backend._read("matmul_wgmma_ws.cu"), ins(ta, tb),
+                                    [("out", to), ("tmaps", mx.uint8)], template))
+    _nvcc_compile(tmp_path, "matmul_wgmma_ws",
+                  _prelude(cuda_backend.kernel_headers("matmul_wgmma_ws")) + "\n" + "\n".join(kernels))
+    sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / "matmul_wgmma_ws.o")], capture_output=True,
+                          text=True, check=True).stdout
+    counts = _wgmma_sync_counts(sass)
+    assert len(counts) == len(kernels), sass[:2000]
+    for name, (hgmma, waits) in counts.items():
+        assert hgmma >= 4 and waits <= 4, f"{name}: {hgmma} wgmma, {waits} waits (serialised)"
 
 
 def _ws_instances():

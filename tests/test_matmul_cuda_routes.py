@@ -269,6 +269,112 @@ def test_cuda_gemv_matches_float64(M, ka, kb, K, N):
         assert_close(out, reference(a64, b64, sa, sb, transpose_b=True), out.dtype, K)
 
 
+# The warp-specialised persistent kernel (matmul_wgmma_ws.cuh), forced by a
+# plan with its fifth entry set: 16-bit operands both b layouts (exact), fp8
+# pairs on native fp8 wgmma (within the accumulation bound), odd shapes, more
+# tiles than SMs (blocks sweep several tiles, the stage ring runs on across
+# them), batches and scales.
+WS_16 = [(256, 4, 0, True, True), (128, 6, 0, True, True)]
+WS_FP8 = [(128, 6, 2, True, True), (192, 5, 2, True, True)]
+WS = xdist_group("ws")
+
+
+@WS
+@pytest.mark.parametrize("plan", WS_16, ids=lambda p: f"bn{p[0]}_st{p[1]}")
+@pytest.mark.parametrize("ka", ["float16", "bfloat16"])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (130, 200, 70), (300, 1000, 513), (2000, 136, 2100)])
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_cuda_wgmma_ws_16bit_matches_float64(plan, ka, M, K, N, transpose_b):
+    needs_hopper()
+    gen = rng("wgmma-ws", plan, ka, M, K, N, transpose_b)
+    a, _, a64 = make_operand(gen, (M, K), ka)
+    b, _, b64 = make_operand(gen, (N, K) if transpose_b else (K, N), ka)
+    sa = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    sb = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+    for out_dtype in (mx.float32, None):
+        out = run_route("wgmma", a, b, a_scale=mx.array(sa), b_scale=mx.array(sb), transpose_b=transpose_b,
+                        out_dtype=out_dtype, plan=plan)
+        assert_close(out, reference(a64, b64, sa, sb, transpose_b=transpose_b), out.dtype, K)
+
+
+@WS
+@pytest.mark.parametrize("plan", WS_FP8, ids=lambda p: f"bn{p[0]}_st{p[1]}_pr{p[2]}")
+@pytest.mark.parametrize("ka,kb", [("e4m3", "e4m3"), ("e5m2", "e4m3")])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (129, 1, 513), (300, 1000, 258), (257, 4096, 384),
+                                   (2000, 256, 2100)])
+def test_cuda_wgmma_ws_fp8_native_within_bound(plan, ka, kb, M, K, N):
+    needs_hopper()
+    gen = rng("wgmma-ws-fp8", plan, ka, kb, M, K, N)
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K), kb)
+    sa = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    sb = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+    for out_dtype in (mx.float32, mx.float16):
+        out = run_route("wgmma_fp8", a, b, a_fmt=a_fmt, b_fmt=b_fmt, a_scale=mx.array(sa), b_scale=mx.array(sb),
+                        transpose_b=True, out_dtype=out_dtype, plan=plan)
+        assert_within_fp8_accumulation(out, a64, b64, sa, sb, True, out_dtype)
+
+
+@WS
+@pytest.mark.parametrize("ka,kb", [("float16", "e4m3"), ("bfloat16", "e5m2"), ("e4m3", "e5m2"), ("e5m2", "bfloat16")])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (130, 200, 70), (300, 1000, 513)])
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_cuda_wgmma_ws_exact_fp8_decoded_first(ka, kb, M, K, N, transpose_b):
+    """The exact route with a warp-specialised plan: fp8 operands decoded to
+    16-bit first (exact), then the 16-bit kernel: fp32-exact as every route."""
+    needs_hopper()
+    gen = rng("wgmma-ws-cvt", ka, kb, M, K, N, transpose_b)
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K) if transpose_b else (K, N), kb)
+    sb = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+    out = run_route("wgmma", a, b, a_fmt=a_fmt, b_fmt=b_fmt, b_scale=mx.array(sb), transpose_b=transpose_b,
+                    out_dtype=mx.float32, plan=WS_16[0])
+    assert_close(out, reference(a64, b64, None, sb, transpose_b=transpose_b), mx.float32, K)
+
+
+@WS
+@pytest.mark.parametrize("b_batched", [False, True])
+def test_cuda_wgmma_ws_batched_and_scales(b_batched):
+    needs_hopper()
+    gen = rng("wgmma-ws-batch", b_batched)
+    lead, M, K, N = (3,), 140, 96, 272
+    a, _, a64 = make_operand(gen, lead + (M, K), "float16")
+    b, _, b64 = make_operand(gen, (lead if b_batched else ()) + (N, K), "float16")
+    sa = gen.uniform(0.5, 2, lead + (M, 1)).astype(np.float32)
+    out = run_route("wgmma", a, b, transpose_b=True, a_scale=mx.array(sa), b_scale=0.5, plan=WS_16[0])
+    assert_close(out, reference(a64, b64, sa, np.float32(0.5), transpose_b=True), out.dtype, K)
+    a, a_fmt, a64 = make_operand(gen, lead + (M, K), "e4m3")
+    b, b_fmt, b64 = make_operand(gen, (lead if b_batched else ()) + (N, K), "e5m2")
+    out = run_route("wgmma_fp8", a, b, a_fmt=a_fmt, b_fmt=b_fmt, transpose_b=True, a_scale=mx.array(sa),
+                    out_dtype=mx.float32, plan=WS_FP8[0])
+    assert_within_fp8_accumulation(out, a64, b64, sa, None, True, mx.float32)
+
+
+# Few-rows plans (cuda_matmul.GEMV_PLAN: W, RT, U, max blocks, STAGES, launch
+# bounds): register loads with and without launch bounds, cp.async rings of
+# several depths and row tiles, grids capped so that blocks sweep several row
+# groups (also per SM).
+GEMV_PLANS = [(8, 1, 8, 0, 0, 2), (8, 1, 4, -1, 0, 2), (8, 1, 4, 0, 0, 0), (8, 2, 2, 0, 0), (8, 1, 1, 0, 4),
+              (4, 4, 1, 3, 4), (8, 2, 1, 2, 4)]
+
+
+@pytest.mark.parametrize("plan", GEMV_PLANS, ids=lambda p: "_".join(map(str, p)))
+@pytest.mark.parametrize("M", [1, 9, 16])
+@pytest.mark.parametrize("K,N", [(45, 17), (1000, 129), (4096, 520)])
+def test_cuda_gemv_plans(plan, M, K, N):
+    gen = rng("gemv-plan", plan, M, K, N)
+    kinds = (("float16", "e4m3"), ("bfloat16", "bfloat16"))
+    if plan[2] == 8:  # (8, 1, 8): fp8 weights only (16-bit ones spill at 16 rows)
+        kinds = (("float16", "e4m3"), ("bfloat16", "e5m2"))
+    for ka, kb in kinds:
+        a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+        b, b_fmt, b64 = make_operand(gen, (N, K), kb)
+        sb = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+        out = run_route("gemv", a, b, a_fmt=a_fmt, b_fmt=b_fmt, b_scale=mx.array(sb), transpose_b=True,
+                        out_dtype=mx.float32, plan=plan)
+        assert_close(out, reference(a64, b64, None, sb, transpose_b=True), mx.float32, K)
+
+
 @pytest.mark.parametrize("b_batched", [False, True])
 def test_cuda_gemv_batched(b_batched):
     gen = rng("gemv-batch", b_batched)

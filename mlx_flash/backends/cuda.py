@@ -74,6 +74,7 @@ _KERNEL_ROOTS = {
     "attention_bwd_mma": ("attention_fwd_mma.cuh", "attention_bwd_mma.cuh"),
     "matmul": ("matmul.cuh",),
     "matmul_wgmma": ("matmul_wgmma.cuh",),
+    "matmul_wgmma_ws": ("matmul_wgmma_ws.cuh",),
     "matmul_gemv": ("matmul_gemv.cuh",),
     # flash_attention_quantized (cuda_quant.py)
     "attention_quant_fwd": ("attention_quant.cuh",),

@@ -49,9 +49,28 @@ _FP8_NATIVE = os.environ.get("MLX_FLASH_CUDA_FP8_WGMMA", "exact") == "native"
 # Fourth entry: stage tiles by TMA (16-bit and native fp8) instead of cp.async
 # (H200: +10% fp16, +16% native fp8 at 8192^3); plans fall back to cp.async
 # where libcuda's tensor-map encoder is unavailable.
+# Fifth entry: the warp-specialised persistent kernel (matmul_wgmma_ws.cuh:
+# a TMA producer warpgroup, two consumer warpgroups, mbarrier stage ring;
+# TMA plans only).
 WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (128, 6, 2, True)}
+# Default plans on the warp-specialised kernel where TMA is available (None:
+# WGMMA_PLANS). "cvt" only from CVT_WS_MIN_ROWS rows of a: below, decoding the
+# whole fp8 weight first costs more than the product.
+# H200, 8192^3 (two runs): fp16 528-535 TFLOP/s warp-specialised vs 505-544
+# (TMA, one block barrier per stage: even); exact e4m3 x e4m3 562 vs 273 and
+# fp16 x e4m3 552 vs 340 (fp8 decoded first, then the 16-bit kernel); native
+# e4m3 791 vs 718 (BN 128, promoted every 256 K).
+WS_PLANS = {"f16": (256, 4, 0, True, True), "cvt": (256, 4, 0, True, True), "native": (128, 6, 2, True, True)}
+CVT_WS_MIN_ROWS = 512
 # Decode (gemv) route: at most this many rows of a.
 GEMV_MAX_ROWS = 16
+# Few-rows kernel plan (matmul_gemv.cuh): (warps per block W, row tiles of 16
+# weight rows per warp RT, register chunks per warp U (STAGES = 0), most
+# blocks per call (0: one block per group of 16 RT rows; > 0 a cap, < 0 a cap
+# of -value blocks per SM; capped blocks sweep the rows), cp.async stages per
+# warp STAGES (0: loads into registers), launch bounds: blocks per SM the
+# compiler must fit (0: none; 2 or 3: cuda_src/matmul_gemv_bounds<n>.cuh)).
+GEMV_PLAN = (8, 1, 4, 0, 0, 2)
 # Tests set this to NaN: outputs start poisoned, so an element a kernel never
 # writes shows (None: outputs start uninitialised, as they should in use).
 POISON = None
@@ -137,20 +156,61 @@ def _scale_flags(a_scale, b_scale):
             int(b_scale is not None and b_scale.shape[-1] > 1))
 
 
-def _gemv(a, b, a_scale, b_scale, spec, stream):
+def _kernel_object(body: str, inputs: tuple, outputs: tuple, smem: int, extra_headers: tuple = ()):
+    """mx.fast.cuda_kernel objects made once per kernel (not per call); keyed
+    by the factory too, so the CUDA emulation's stand-in gets its own.
+    extra_headers follow the kernel's own (launch bounds)."""
+    return _cached_kernel(body, inputs, outputs, smem, extra_headers, mx.fast.cuda_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_kernel(body, inputs, outputs, smem, extra_headers, factory):
+    headers = _cuda.kernel_headers(body) + tuple(extra_headers) if extra_headers else None
+    return _cuda._kernel(body, inputs, outputs, smem, headers=headers)
+
+
+@functools.lru_cache(maxsize=4096)
+def _params(values: tuple, dtype=mx.int32):
+    """A kernel's small parameter array, made once per value (cuda.const_array)."""
+    return _cuda.const_array(values, dtype)
+
+
+_GEMV_MAX_SMEM = 200 * 1024
+
+
+def gemv_smem(warps: int, stages: int, row_tiles: int, a_tiles: int, b_bytes: int) -> int:
+    """matmul_gemv_smem() of matmul_gemv.cuh."""
+    return warps * stages * (row_tiles * 4 + a_tiles * (4 if b_bytes == 1 else 2)) * 32 * 16
+
+
+def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
     """M <= 16 rows of a against an [N, K] b: cuda_src/matmul_gemv.cuh."""
+    warps, row_tiles, unroll, max_blocks, stages, bounds = (tuple(plan or GEMV_PLAN) + (0,))[:6]
+    if bounds and warps > 8:
+        raise ValueError(f"gemv plan {plan}: launch bounds are for at most 8 warps")
     M, N = spec.M, spec.N
     a = _pad_axis(a, 2, 16, stream)
     b = _pad_axis(b, 2, 16, stream)
-    ip = _cuda.const_array((M, N, a.shape[2], int(spec.b_batched)) + _scale_flags(a_scale, b_scale), mx.int32)
-    kernel = _cuda._kernel("matmul_gemv", _INPUTS, ("out",), 0)
-    placeholder = _cuda._placeholder(mx.float32)
+    ip = _params((M, N, a.shape[2], int(spec.b_batched)) + _scale_flags(a_scale, b_scale))
+    a_tiles = 1 if M <= 8 else 2
+    if stages:  # as many stages as fit the shared memory (two rows of a take more)
+        per_stage = gemv_smem(warps, 1, row_tiles, a_tiles, b.dtype.size)
+        stages = max(2, min(stages, _GEMV_MAX_SMEM // per_stage))
+    kernel = _kernel_object("matmul_gemv", _INPUTS, ("out",),
+                            gemv_smem(warps, stages, row_tiles, a_tiles, b.dtype.size) if stages else 0,
+                            (f"matmul_gemv_bounds{bounds}.cuh",) if bounds else ())
+    placeholder = _params((0,), mx.float32)
+    blocks = math.ceil(N / (16 * row_tiles))
+    if max_blocks:
+        blocks = min(blocks, max_blocks if max_blocks > 0 else -max_blocks * sm_count())
     (out,) = kernel(
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
                 b_scale if b_scale is not None else placeholder, ip],
         template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype), ("FB", _FMT_CODE[spec.b_fmt]),
-                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("MT", 1 if M <= 8 else 2)],
-        grid=(math.ceil(N / 16) * 256, 1, spec.batch), threadgroup=(256, 1, 1),
+                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("MT", a_tiles),
+                  ("W", warps), ("RT", row_tiles), ("U", 1 if stages else unroll), ("STAGES", stages),
+                  ("BOUNDS", bounds)],
+        grid=(blocks * 32 * warps, 1, spec.batch), threadgroup=(32 * warps, 1, 1),
         output_shapes=[(spec.batch, M, N)], output_dtypes=[spec.out_dtype], init_value=POISON, stream=stream,
     )
     return out
@@ -218,8 +278,23 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     """Hopper warpgroup-MMA kernel: cuda_src/matmul_wgmma.cuh."""
     native = native and spec.a_fmt is not None and spec.b_fmt is not None
     kind = "native" if native else ("cvt" if spec.a_fmt or spec.b_fmt else "f16")
-    bn, stages, promote, tma = (tuple(plan or WGMMA_PLANS[kind]) + (False,))[:4]
+    if plan is None:
+        plan = WGMMA_PLANS[kind]
+        if WS_PLANS[kind] and (kind != "cvt" or spec.M >= CVT_WS_MIN_ROWS) and _tma_available():
+            plan = WS_PLANS[kind]
+    bn, stages, promote, tma, ws = (tuple(plan) + (False, False))[:5]
     transpose_b = spec.transpose_b
+    fa, fb = _FMT_CODE[spec.a_fmt], _FMT_CODE[spec.b_fmt]
+    if ws and not native and (fa or fb) and _tma_available():
+        # The warp-specialised kernel takes operands as stored: fp8 codes are
+        # decoded (exactly) to the 16-bit type first, one pass over each.
+        floats = [x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None]
+        compute = floats[0] if floats else mx.float16
+        if fa:
+            a = _decode_fp8(a, spec.a_fmt, compute, stream)
+        if fb:
+            b = _decode_fp8(b, spec.b_fmt, compute, stream)
+        fa = fb = 0
     if native and not transpose_b:
         # fp8 wgmma reads b K-major only: one transposed copy of b.
         b = mx.contiguous(b.swapaxes(-1, -2), stream=stream)
@@ -229,17 +304,22 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     b = _pad_axis(b, 2 if transpose_b else 1, 16, stream)
     b = _pad_axis(b, 1 if transpose_b else 2, 16, stream)
     Kp, Np = a.shape[2], (b.shape[1] if transpose_b else b.shape[2])
-    ip = _cuda.const_array((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale), mx.int32)
+    ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale))
     if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
         b_scale = _pad_axis(b_scale, 2, 16, stream)
     floats = [x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None]
     compute = floats[0] if floats else mx.float16
-    convert_a, convert_b = bool(spec.a_fmt) and not native, bool(spec.b_fmt) and not native
+    convert_a, convert_b = bool(fa) and not native, bool(fb) and not native
     tma = tma and not (convert_a or convert_b) and _tma_available()
+    if ws and not tma and bn not in (128, 256):
+        bn = 128  # no TMA here: the portable kernel's tile widths
+    if ws and tma:
+        return _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote if native else 0, native,
+                         transpose_b, ip, Np, fa if native else 0, fb if native else 0)
     # + 1 KiB: the TMA mbarriers and template staging are static shared memory.
-    kernel = _cuda._kernel("matmul_wgmma", _WGMMA_INPUTS, ("out", "tmaps"),
-                           wgmma_smem(bn, stages, convert_a, convert_b))
-    placeholder = _cuda._placeholder(mx.float32)
+    kernel = _kernel_object("matmul_wgmma", _WGMMA_INPUTS, ("out", "tmaps"),
+                            wgmma_smem(bn, stages, convert_a, convert_b))
+    placeholder = _params((0,), mx.float32)
     tiles = math.ceil(M / 128) * math.ceil(Np / bn)
     tmpl = _tma_templates(a, b, transpose_b, bn) if tma else _cuda._placeholder(mx.uint8)
     (out, _) = kernel(
@@ -256,16 +336,55 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     return out if Np == N else out[:, :, :N]
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count() -> int:
+    """Multiprocessors of device 0 (libcuda), the persistent kernel's grid."""
+    value = ctypes.c_int(0)
+    device = ctypes.c_int(0)
+    lib = _libcuda()
+    if lib.cuDeviceGet(ctypes.byref(device), 0) != 0 or lib.cuDeviceGetAttribute(
+            ctypes.byref(value), 16, device) != 0:  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+        raise RuntimeError("cuDeviceGetAttribute(MULTIPROCESSOR_COUNT) failed")
+    return value.value
+
+
+def ws_smem(bn: int, stages: int) -> int:
+    """matmul_ws_smem() of matmul_wgmma_ws.cuh."""
+    return stages * (128 + bn) * 128 + 1024
+
+
+def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native, transpose_b, ip, Np, fa, fb):
+    """The warp-specialised persistent Hopper kernel: cuda_src/matmul_wgmma_ws.cuh
+    (operands as stored, by TMA; a, b already padded as _wgmma does)."""
+    M = spec.M
+    tiles = math.ceil(M / 128) * math.ceil(Np / bn)
+    blocks = min(tiles, sm_count())
+    kernel = _kernel_object("matmul_wgmma_ws", _WGMMA_INPUTS, ("out", "tmaps"), ws_smem(bn, stages))
+    placeholder = _params((0,), mx.float32)
+    (out, _) = kernel(
+        inputs=[a, b, a_scale if a_scale is not None else placeholder,
+                b_scale if b_scale is not None else placeholder, ip, _tma_templates(a, b, transpose_b, bn)],
+        template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype),
+                  ("FA", fa), ("FB", fb), ("TRANS_B", transpose_b),
+                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("BN", bn), ("STAGES", stages),
+                  ("PROMOTE", promote), ("NATIVE", native)],
+        grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
+        output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,)],
+        output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,
+    )
+    return out if Np == spec.N else out[:, :, :spec.N]
+
+
 def matmul2d(a, b, a_scale, b_scale, spec, stream, route=None, plan=None):
     """The backend entry (dispatch calls it with the first six); `route` and
-    `plan` (a wgmma (BN, stages, promote)) force a kernel, for tests and benchmarks."""
+    `plan` (a wgmma (BN, stages, promote[, tma]) or a gemv GEMV_PLAN) force a kernel, for tests and benchmarks."""
     route = route or route_of(a, b, spec)
     if spec.M == 0 or spec.N == 0:
         return mx.zeros((spec.batch, spec.M, spec.N), dtype=spec.out_dtype, stream=stream)
     if route == "float32":
         return _float32_route(a, b, a_scale, b_scale, spec, stream)
     if route == "gemv":
-        return _gemv(a, b, a_scale, b_scale, spec, stream)
+        return _gemv(a, b, a_scale, b_scale, spec, stream, plan)
     if route in ("wgmma", "wgmma_fp8"):
         return _wgmma(a, b, a_scale, b_scale, spec, stream, plan, native=route == "wgmma_fp8")
     return _mma(a, b, a_scale, b_scale, spec, stream)

@@ -8,7 +8,10 @@ gemm:   n^3 products (TFLOP/s = 2 n^3 / t), each result checked against a
         second computation of the same product (relative max difference).
 decode: M = 1..16 rows times an [N, K] weight (fp8 e4m3 or fp16), GB/s of
         weight bytes read, next to a plain copy's GB/s (bytes read + written)
-        measured in the same run; MLX's fp16 matmul of the same shape.
+        measured in the same run; MLX's fp16 matmul of the same shape;
+        --gemv-plans times the few-rows kernel's plans side by side. Below
+        ~100 us a call is bound by host time (tools/cuda_gemv_kernels.py
+        gives the kernels' own times under Nsight Compute).
 plans:  the Hopper kernel's tile plans side by side at 8192^3.
 layers: four Llama-3-8B-shaped blocks of projections (no attention) as fp16
         nn.Linear vs FP8Linear: a decode step's projections (M = 1) and a
@@ -34,6 +37,7 @@ from .cuda import Recorder, card_name, slug
 
 GIB = 1024 ** 3
 SKIP_TMA = False  # --skip-tma
+CASES = None  # --cases: a regular expression the gemm cases' names must match
 
 
 def time_lazy(make, reps: int, rounds: int = 3) -> float:
@@ -104,6 +108,22 @@ def bench_gemm(rec: Recorder, sizes):
             "ours_fp16_tma": (lambda: cm.matmul(a16, b16, route="wgmma", plan=(256, 4, 0, True)), mlx_fp16),
             "ours_fp16_bT_tma": (lambda: cm.matmul(a16, b16t, transpose_b=True, route="wgmma", plan=(256, 4, 0, True)),
                                  mlx_fp16),
+            "ours_fp16_ws": (lambda: cm.matmul(a16, b16, route="wgmma", plan=(256, 4, 0, True, True)), mlx_fp16),
+            "ours_fp16_bT_ws": (lambda: cm.matmul(a16, b16t, transpose_b=True, route="wgmma",
+                                                  plan=(256, 4, 0, True, True)), mlx_fp16),
+            "ours_bf16_ws": (lambda: cm.matmul(a16.astype(mx.bfloat16), b16.astype(mx.bfloat16), route="wgmma",
+                                               plan=(256, 4, 0, True, True)), mlx_fp16),
+            "ours_e4m3_native_ws_bn128_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                               out_dtype=mx.float16, route="wgmma_fp8",
+                                                               plan=(128, 6, 2, True, True)), None),
+            "ours_e4m3_native_ws_bn192_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                               out_dtype=mx.float16, route="wgmma_fp8",
+                                                               plan=(192, 5, 2, True, True)), None),
+            "ours_e4m3_native_ws_bn256_nopromote_bT": (lambda: cm.matmul(
+                a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float16, route="wgmma_fp8",
+                plan=(256, 4, 0, True, True)), None),
+            "ours_fp16_x_e4m3_bT_ws": (lambda: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True, route="wgmma",
+                                                         plan=(256, 4, 0, True, True)), None),
             "ours_e4m3_native_tma_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
                                                           out_dtype=mx.float16, route="wgmma_fp8",
                                                           plan=(128, 6, 1, True)), None),
@@ -122,6 +142,8 @@ def bench_gemm(rec: Recorder, sizes):
                                                    out_dtype=mx.float16, route="mma"), None),
         }
         results = {}
+        if CASES is not None:
+            cases = {k: v for k, v in cases.items() if CASES.search(k)}
         if SKIP_TMA:
             cases = {k: v for k, v in cases.items() if "tma" not in k}
         for name, (fn, check) in cases.items():
@@ -136,7 +158,9 @@ def bench_gemm(rec: Recorder, sizes):
                 rec.add(**row)
             except Exception as e:  # noqa: BLE001 (record, go on)
                 rec.add(section="gemm", case=name, n=n, error=f"{type(e).__name__}: {e}"[:500])
-        for x, y in (("ours_e4m3_bT", "ours_mma_e4m3_bT"), ("ours_e4m3_native_bT", "ours_mma_e4m3_bT"),
+        for x, y in (("ours_e4m3_native_ws_bn128_bT", "ours_e4m3_native_tma_bT"),
+                     ("ours_e4m3_native_ws_bn192_bT", "ours_e4m3_native_tma_bT"),
+                     ("ours_e4m3_bT", "ours_mma_e4m3_bT"), ("ours_e4m3_native_bT", "ours_mma_e4m3_bT"),
                      ("ours_e4m3_native_tma_bT", "ours_e4m3_native_bT"),
                      ("ours_e4m3_native", "ours_e4m3_native_bT")):
             if x in results and y in results:
@@ -187,38 +211,53 @@ def copy_bandwidth(rec: Recorder, nbytes: int = 2 * GIB):
 
 
 DECODE_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (16384, 16384))
+DECODE_ROWS = (1, 4, 16)
+# Few-rows kernel plans timed side by side (cuda_matmul.GEMV_PLAN's fields);
+# None = the default plan.
+GEMV_PLANS = (None,)
 
 
-def bench_decode(rec: Recorder, shapes=DECODE_SHAPES, copy_bytes: int = 2 * GIB):
+def _plan_name(plan) -> str:
+    return "default" if plan is None else "_".join(map(str, plan))
+
+
+def bench_decode(rec: Recorder, shapes=DECODE_SHAPES, copy_bytes: int = 2 * GIB, plans=None, rows=DECODE_ROWS):
     from ..backends import cuda_matmul as cm
 
+    plans = plans or GEMV_PLANS
     copy_gbps = copy_bandwidth(rec, copy_bytes)
     for K, N in shapes:
         key = mx.random.key(K + N)
         w16 = (mx.random.normal((N, K), key=key) * 0.02).astype(mx.float16)
         w8, scale = mx.to_fp8(w16 * 100), mx.full((1, N), 0.01)
         mx.eval(w16, w8, scale)
-        for M in (1, 4, 16):
+        for M in rows:
             x = mx.random.normal((M, K), key=mx.random.key(M)).astype(mx.float16)
             mx.eval(x)
             reps = min(200, max(20, int(2e10 // (N * K))))
-            cases = {
-                "ours_fp16_x_e4m3": (lambda: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True), N * K),
-                "ours_fp16_x_fp16": (lambda: cm.matmul(x, w16, transpose_b=True), 2 * N * K),
-                "mlx_fp16": (lambda: x @ w16.T, 2 * N * K),
-            }
+            cases = {}
+            for plan in plans:
+                cases[f"ours_fp16_x_e4m3@{_plan_name(plan)}"] = (
+                    lambda plan=plan: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, plan=plan),
+                    N * K, plan)
+            cases["ours_fp16_x_fp16"] = (lambda: cm.matmul(x, w16, transpose_b=True), 2 * N * K, None)
+            cases["mlx_fp16"] = (lambda: x @ w16.T, 2 * N * K, None)
             ref = x @ w16.T
-            for name, (fn, wbytes) in cases.items():
+            for name, (fn, wbytes, plan) in cases.items():
+                case, _, plan_name = name.partition("@")
                 try:
                     t = time_lazy(fn, reps)
                     gbps = wbytes / t / 1e9
-                    row = dict(section="decode", case=name, M=M, K=K, N=N, us=t * 1e6, weight_gbps=gbps,
+                    row = dict(section="decode", case=case, M=M, K=K, N=N, us=t * 1e6, weight_gbps=gbps,
                                fraction_of_copy=gbps / copy_gbps, copy_gbps=copy_gbps)
-                    if name != "mlx_fp16":
+                    if plan_name:
+                        row["plan"] = plan_name
+                    if case != "mlx_fp16":
                         row["rel_diff_vs_mlx_fp16"] = rel_diff(fn(), ref)
                     rec.add(**row)
                 except Exception as e:  # noqa: BLE001
-                    rec.add(section="decode", case=name, M=M, K=K, N=N, error=f"{type(e).__name__}: {e}"[:500])
+                    rec.add(section="decode", case=case, plan=plan_name, M=M, K=K, N=N,
+                            error=f"{type(e).__name__}: {e}"[:500])
 
 
 def bench_plans(rec: Recorder, n: int = 8192):
@@ -279,10 +318,11 @@ def plot(path: str) -> str:
     dec = [r for r in rows if r.get("section") == "decode"]
     ax = axes[1]
     labels = list(dict.fromkeys(f'M={r["M"]} {r["K"]}x{r["N"]}' for r in dec))
-    dcases = list(dict.fromkeys(r["case"] for r in dec))
+    name = lambda r: r["case"] + (f'@{r["plan"]}' if r.get("plan") else "")  # noqa: E731
+    dcases = list(dict.fromkeys(name(r) for r in dec))
     width = 0.8 / max(1, len(dcases))
     for i, c in enumerate(dcases):
-        vals = {f'M={r["M"]} {r["K"]}x{r["N"]}': r["weight_gbps"] for r in dec if r["case"] == c}
+        vals = {f'M={r["M"]} {r["K"]}x{r["N"]}': r["weight_gbps"] for r in dec if name(r) == c}
         ax.bar([j + i * width for j in range(len(labels))], [vals.get(lab, 0) for lab in labels], width, label=c)
     copy = [r["gbps"] for r in rows if r.get("section") == "copy"]
     if copy:
@@ -341,16 +381,28 @@ def main(argv=None):
     parser.add_argument("--skip-tma", action="store_true", help="leave out the TMA-loading kernel variants")
     parser.add_argument("--decode-shapes", default=None,
                         help="K:N pairs for the decode section, comma separated (default: DECODE_SHAPES)")
+    parser.add_argument("--cases", default=None, help="regular expression: only the gemm cases it matches")
+    parser.add_argument("--decode-rows", default=None, help="M values of the decode section, comma separated")
+    parser.add_argument("--gemv-plans", default=None,
+                        help="few-rows kernel plans W,RT,U,MAXBLOCKS,STAGES separated by ';' ('default': the "
+                             "backend's); the decode section times fp16 x e4m3 with each")
     args = parser.parse_args(argv)
     if args.plot:
         print(f"wrote {plot(args.plot)}")
         return
     if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
         raise SystemExit("mlx_flash.bench.cuda_matmul: MLX sees no CUDA GPU")
-    global SKIP_TMA
+    global SKIP_TMA, CASES
     SKIP_TMA = args.skip_tma
+    if args.cases:
+        import re
+
+        CASES = re.compile(args.cases)
     decode_shapes = DECODE_SHAPES if not args.decode_shapes else tuple(
         tuple(int(v) for v in pair.split(":")) for pair in args.decode_shapes.split(","))
+    plans = None if not args.gemv_plans else tuple(
+        None if p == "default" else tuple(int(v) for v in p.split(",")) for p in args.gemv_plans.split(";"))
+    rows = DECODE_ROWS if not args.decode_rows else tuple(int(v) for v in args.decode_rows.split(","))
     card = card_name()
     rec = Recorder()
     if args.warm:
@@ -358,7 +410,8 @@ def main(argv=None):
         time_lazy = lambda make, reps, rounds=3: (mx.eval(make()), 1.0)[1]  # noqa: E731
         time_torch = lambda fn, reps, rounds=3: (fn(), 1.0)[1]  # noqa: E731
     sections = {"gemm": lambda: bench_gemm(rec, [256] if args.warm else args.sizes),
-                "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else (decode_shapes,)),
+                "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else (decode_shapes,),
+                                               plans=plans, rows=(1, 16) if args.warm else rows),
                 "plans": lambda: bench_plans(rec, 256 if args.warm else 8192),
                 "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512))}
     path = args.out if args.out.endswith(".json") else os.path.join(args.out, f"matmul_cuda_{slug(card)}.json")

@@ -1,0 +1,221 @@
+// matmul2d on Hopper (sm_90a), warp-specialised and persistent:
+//   out = (a * a_scale) @ (b * b_scale), operands used as stored (16-bit, or
+//   fp8 codes on native fp8 wgmma), fp32 accumulation in the tensor cores.
+//
+// A block is three warpgroups (384 threads, one block per SM) and stays
+// resident over a sequence of 128 x BN output tiles (tile = blockIdx.x,
+// blockIdx.x + gridDim.x, ...; grouped order as matmul_wgmma.cuh):
+//   producer (warpgroup 0): gives up registers (setmaxnreg.dec 40); one
+//     thread issues the TMA loads of every stage of every tile into a ring
+//     of STAGES stages. Stage s is refilled once its "empty" mbarrier has
+//     seen both consumer warpgroups release it, and its "full" mbarrier
+//     counts the bytes that land (expect_tx).
+//   consumers (warpgroups 1, 2): take the registers (setmaxnreg.inc 232);
+//     consumer c owns rows 64c .. 64c + 63 of the tile (m64nBN wgmma from
+//     shared memory, BN / 2 fp32 accumulators per thread), waits on the
+//     stage's full barrier, issues its wgmma, and releases the previous
+//     stage once wgmma_wait<1> says its reads are done. The epilogue
+//     (scales, rounding, stores from registers) overlaps the producer's
+//     loads of the next tile.
+// No block-wide barrier after the set-up: the stage ring is the only
+// synchronisation. Stage and phase counters run on across tiles.
+// Native fp8 (NATIVE, k32): PROMOTE > 0 restarts the tensor-core sums every
+// PROMOTE stages and adds them to fp32 registers (matmul_wgmma.cuh explains
+// why); BN 128 or 192 leaves room for both register sets.
+// The kernel needs 384 threads of at most 168 registers at launch (for the
+// setmaxnreg trade): matmul_wgmma_ws.cu's launch bounds say so.
+#pragma once
+
+#include "attention_common.cuh"
+#include "matmul_wgmma.cuh"
+#include "mbarrier.cuh"
+#include "mma.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+#include "wgmma_gemm.cuh"
+
+namespace mlx_flash {
+
+// wgmma operand kind of an operand used as stored: its fp8 format, else
+// WgKind's half / bfloat16 code (never instantiated for uint8_t codes).
+template <typename T, int FMT>
+struct WsKind { static constexpr int value = FMT; };
+template <typename T>
+struct WsKind<T, 0> { static constexpr int value = WgKind<T, 0>::value; };
+
+// Dynamic shared memory (bytes): the stage ring and 1 KiB for alignment.
+__host__ __device__ constexpr int matmul_ws_smem(int bn, int stages) { return stages * (kWgBM + bn) * 128 + 1024; }
+
+template <typename TA, typename TB, typename TO, int FA, int FB, bool TRANS_B, bool AS, bool BS, int BN, int STAGES,
+          int PROMOTE, bool NATIVE>
+__device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, const float* b_scale, const int* ip,
+                                const uint8_t* tmpl, TO* out, uint8_t* tmaps) {
+  static_assert(NATIVE == (FA != 0) && NATIVE == (FB != 0), "operands used as stored: 16-bit, or both fp8 (native)");
+  static_assert(!NATIVE || TRANS_B, "fp8 wgmma reads b K-major only ([N][K])");
+  static_assert(BN == 128 || BN == 192 || BN == 256, "tile width 128, 192 or 256");
+  static_assert(TRANS_B || BN % 64 == 0, "an MN-major b tile is whole 64-column boxes");
+  static_assert(NATIVE || PROMOTE == 0, "promotion is for the native fp8 accumulation only");
+  static_assert(PROMOTE == 0 || BN <= 192, "promoted sums and accumulators must fit 232 registers");
+  static_assert(STAGES >= 2, "a ring");
+  constexpr int A_BYTES = kWgBM * 128, B_BYTES = BN * 128, STAGE_BYTES = A_BYTES + B_BYTES;
+  constexpr int KSTEP = NATIVE ? 128 : 64;  // K values per stage
+  constexpr int KINST = NATIVE ? 32 : 16;   // K values per wgmma
+  constexpr int KA = WsKind<TA, FA>::value, KB = WsKind<TB, FB>::value;
+  constexpr int B_MN = TRANS_B ? 0 : 1;
+  // A stage is released by one arrival per consumer warpgroup (its first
+  // thread, after wgmma_wait: a warpgroup's wgmma group completes as a whole),
+  // not by all 256 threads (256 arrivals on one barrier per stage).
+  constexpr int CONSUMERS = 2;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* ring = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  __shared__ __align__(128) unsigned char tm_stage[256];
+  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
+
+  const int M = ip[kWgM], N = ip[kWgN], K = ip[kWgK];
+  const int z = blockIdx.z;
+  const TA* ag = a + (long)z * M * K;
+  const TB* bg = b + (ip[kWgBBatched] ? (long)z * K * N : 0);
+  const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32;
+  const int tiles_m = (M + kWgBM - 1) / kWgBM, tiles_n = (N + BN - 1) / BN, tiles = tiles_m * tiles_n;
+  const int ktiles = (K + KSTEP - 1) / KSTEP;
+  // Grouped tile order: kWgGroupM row tiles sweep the columns together.
+  auto tile_origin = [&](int tile, int& m0, int& n0) {
+    const int group = tile / (kWgGroupM * tiles_n), first_m = group * kWgGroupM;
+    const int group_rows = min(tiles_m - first_m, kWgGroupM), in_group = tile % (kWgGroupM * tiles_n);
+    m0 = (first_m + in_group % group_rows) * kWgBM;
+    n0 = (in_group / group_rows) * BN;
+  };
+
+  unsigned char* tm_ws = tmaps + ((long)blockIdx.z * gridDim.x + blockIdx.x) * 256;
+  if (tid < 32) {
+    const void* const addrs[2] = {ag, bg};
+    tma_publish<2>(tm_stage, tmpl, tm_ws, addrs, lane);
+  }
+  if (tid == 32) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full_bar[s], 1);
+      mbar_init(&empty_bar[s], CONSUMERS);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // Producer.
+    setmaxnreg_dec<40>();
+    if (tid != 0) return;
+    tma_acquire(tm_ws);
+    tma_acquire(tm_ws + 128);
+    int it = 0;  // stages issued by this block, over all its tiles
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      int m0, n0;
+      tile_origin(tile, m0, n0);
+      for (int kt = 0; kt < ktiles; ++kt, ++it) {
+        const int s = it % STAGES;
+        // Round r = it / STAGES of stage s needs round r - 1's release.
+        if (it >= STAGES) mbar_wait(&empty_bar[s], ((it / STAGES) + 1) & 1);
+        unsigned char* st = ring + s * STAGE_BYTES;
+        void* bar = &full_bar[s];
+        mbar_expect_tx(bar, STAGE_BYTES);
+        tma_load_2d(st, tm_ws, kt * KSTEP, m0, bar);
+        if constexpr (TRANS_B) {
+          tma_load_2d(st + A_BYTES, tm_ws + 128, kt * KSTEP, n0, bar);
+        } else {
+#pragma unroll
+          for (int j = 0; j < BN / 64; ++j)
+            tma_load_2d(st + A_BYTES + j * 64 * 128, tm_ws + 128, n0 + 64 * j, kt * KSTEP, bar);
+        }
+      }
+    }
+    return;
+  }
+
+  // Consumers.
+  setmaxnreg_inc<232>();
+  const int c = wg - 1, warp = (tid % 128) / 32, g = lane / 4, t = lane % 4;
+  const bool releaser = tid % 128 == 0;
+  constexpr int R = BN / 2;
+  TO* og = out + (long)z * M * N;
+  const float* as_row = AS ? a_scale + (ip[kWgAScaleBatched] ? (long)z * (ip[kWgAScaleRows] ? M : 1) : 0) : nullptr;
+  int it = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    int m0, n0;
+    tile_origin(tile, m0, n0);
+    float d[R];                  // wgmma accumulators
+    float acc[PROMOTE ? R : 1];  // promoted sums (NATIVE with PROMOTE)
+#pragma unroll
+    for (int i = 0; i < R; ++i) d[i] = 0.f;
+    if (PROMOTE) {
+#pragma unroll
+      for (int i = 0; i < (PROMOTE ? R : 1); ++i) acc[i] = 0.f;
+    }
+    for (int kt = 0; kt < ktiles; ++kt, ++it) {
+      const int s = it % STAGES;
+      mbar_wait(&full_bar[s], (it / STAGES) & 1);
+      const unsigned char* at = ring + s * STAGE_BYTES;
+      const unsigned a_addr = smem_addr(at) + c * 64 * 128, b_addr = smem_addr(at + A_BYTES);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < KSTEP / KINST; ++kk) {
+        const unsigned long long da = wgmma_desc(a_addr + kk * 32, 16, 1024);
+        const unsigned long long db =
+            B_MN ? wgmma_desc(b_addr + kk * 16 * 128, 64 * 128, 1024) : wgmma_desc(b_addr + kk * 32, 16, 1024);
+        const bool first = PROMOTE ? (kt % PROMOTE == 0 && kk == 0) : (kt == 0 && kk == 0);
+        WgmmaSS<KA, KB, BN>::template run<B_MN>(d, da, db, first ? 0 : 1);
+      }
+      wgmma_commit();
+      if (PROMOTE > 0 && (kt % (PROMOTE ? PROMOTE : 1) == (PROMOTE ? PROMOTE : 1) - 1 || kt == ktiles - 1)) {
+        wgmma_wait<0>();
+        wgmma_pin(d);
+#pragma unroll
+        for (int i = 0; i < (PROMOTE ? R : 1); ++i) acc[i] += d[i];
+      } else {
+        wgmma_wait<1>();
+      }
+      // The previous stage's wgmma has finished reading it: release it.
+      if (kt > 0 && releaser) mbar_arrive(&empty_bar[(it - 1) % STAGES]);
+    }
+    wgmma_wait<0>();
+    wgmma_pin(d);
+    if (ktiles > 0 && releaser) mbar_arrive(&empty_bar[(it - 1) % STAGES]);
+
+    // Epilogue: d[4j + e] is row 16 warp + g + 8 (e / 2), column 8j + 2t + (e % 2).
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = m0 + c * 64 + warp * 16 + g + 8 * half;
+      if (row >= M) continue;
+      const float sa = AS ? as_row[ip[kWgAScaleRows] ? row : 0] : 1.f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const int col = n0 + 8 * j + 2 * t;
+        if (col >= N) continue;  // N is even: a pair is wholly in or out
+        float v0 = PROMOTE ? acc[(4 * j + 2 * half) % (PROMOTE ? R : 1)] : d[4 * j + 2 * half];
+        float v1 = PROMOTE ? acc[(4 * j + 2 * half + 1) % (PROMOTE ? R : 1)] : d[4 * j + 2 * half + 1];
+        const float sb0 = BS ? b_scale[ip[kWgBScaleCols] ? col : 0] : 1.f;
+        const float sb1 = BS ? b_scale[ip[kWgBScaleCols] ? col + 1 : 0] : 1.f;
+        v0 = v0 * sa * sb0;
+        v1 = v1 * sa * sb1;
+        TO* dst = og + (long)row * N + col;
+        if constexpr (sizeof(TO) == 4) {
+          *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+        } else {
+          *reinterpret_cast<unsigned*>(dst) = pack2<TO>(v0, v1);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace mlx_flash
+
+// mx.fast.cuda_kernel writes the kernel's declaration itself (after this
+// header), with no way to pass launch bounds; this kernel needs them (384
+// threads, so ptxas keeps the launch count at 168 registers and the
+// setmaxnreg trade is legal). Every __global__ after this point, i.e. the
+// one kernel of this translation unit, gets them.
+#ifdef __CUDA_ARCH__
+#undef __global__
+#define __global__ __location__(global) __launch_bounds__(384, 1)
+#endif
