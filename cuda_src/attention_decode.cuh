@@ -73,15 +73,119 @@ __device__ __forceinline__ bool decode_own_rows_nonfinite(const T* dst, int lane
   return bad;
 }
 
+// Most key splits a split launch may have: the merge keeps each of a block's
+// 16 rows' split weights in shared memory (backends/cuda.py _MAX_SPLITS).
+constexpr int kDecodeMaxSplits = 128;
+
+__host__ __device__ constexpr long decode_pad4(long x) { return (x + 3) / 4 * 4; }
+
+// Words of a split launch's workspace `ws` (float32, zero-filled by MLX):
+// one ticket counter per (row block x column chunk, batch x KV head), then
+// part_lse [splits][NC][total_rows], then part_o [splits][total_rows][DV];
+// each part starts on a 16-byte boundary for the merge's float4 loads.
+__host__ __device__ constexpr long decode_ws_words(long groups, long splits, long nc, long total_rows, long dv) {
+  return decode_pad4(groups) + decode_pad4(splits * nc * total_rows) + splits * total_rows * dv;
+}
+
+// Shared memory the merge uses: the rows' split weights and output factors.
+__host__ __device__ constexpr int decode_merge_splits_smem() {
+  return 4 * (kDecodeRows * kDecodeMaxSplits + kDecodeRows);
+}
+
+// Merge `splits` partial results (normalised rows part_o, their lse at
+// part_lse[s * lse_stride + row]) of the block's nrows rows by their lse,
+// with the sink, into out (columns dv0..dv0 + dv_valid) and lse. Run by the
+// whole block after every split's partial landed. The same arithmetic and
+// non-finite rules as attention_combine (attention_simt.cuh): a split whose
+// lse is -inf kept no key (weight 0, its words never read); a NaN lse carries
+// NaN into the row; a row no split and no sink kept gives 0 and lse -inf.
+template <typename T, int DV, int DVC, int NC, int NW, class QRow, class Head>
+__device__ void decode_merge_splits(const float* part_o, const float* part_lse, const float* sinks, int splits,
+                                    long lse_stride, long total_rows, int nrows, QRow q_row, Head head, int dv0,
+                                    int dv_valid, bool write_lse, T* out, float* lse, float* scratch) {
+  constexpr int NT = 32 * NW, LANE_SPLITS = kDecodeMaxSplits / 32, C4 = DVC / 4;
+  static_assert(DVC % 4 == 0, "decode merge: float4 columns");
+  float* weights = scratch;                             // [16][kDecodeMaxSplits]
+  float* inv = weights + kDecodeRows * kDecodeMaxSplits;  // [16]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Weights: one warp per row, lanes over splits.
+  for (int row = warp; row < nrows; row += NW) {
+    const long qr = q_row(row);
+    float l[LANE_SPLITS];
+    float m = kNegInf;
+    bool nan = false;
+#pragma unroll
+    for (int u = 0; u < LANE_SPLITS; ++u) {
+      const int s = lane + 32 * u;
+      l[u] = s < splits ? __ldcg(part_lse + s * lse_stride + qr) : kNegInf;
+      m = fmaxf(m, l[u]);
+      nan = nan || l[u] != l[u];
+    }
+    m = warp_max(m);
+    nan = __any_sync(0xffffffffu, nan);
+    float sink = kNegInf;
+    if (sinks != nullptr) {
+      sink = sinks[head(row)];
+      m = fmaxf(m, sink);
+      nan = nan || sink != sink;
+    }
+    const bool dropped = m == kNegInf && !nan;  // every key of the row dropped, no sink
+    const float base = m == kNegInf ? 0.f : m;
+    float denom = 0.f;
+#pragma unroll
+    for (int u = 0; u < LANE_SPLITS; ++u) {
+      const int s = lane + 32 * u;
+      const float w = dropped ? 0.f : expf(l[u] - base);
+      if (s < splits) weights[row * kDecodeMaxSplits + s] = w;
+      denom += w;
+    }
+    denom = warp_sum(denom) + (sinks != nullptr && !dropped ? expf(sink - base) : 0.f);
+    if (lane == 0) {
+      inv[row] = dropped ? 0.f : 1.f / denom;
+      if (write_lse) lse[qr] = dropped ? kNegInf : base + logf(denom);
+    }
+  }
+  __syncthreads();
+  // Columns: a thread per float4 of a row, eight splits' loads in flight.
+  for (int it = threadIdx.x; it < nrows * C4; it += NT) {
+    const int row = it / C4, c = (it % C4) * 4;
+    if (NC > 1 && c >= dv_valid) continue;
+    const long qr = q_row(row);
+    const float* wr = weights + row * kDecodeMaxSplits;
+    const float* src = part_o + qr * DV + dv0 + c;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int s0 = 0; s0 < splits; s0 += 8) {
+      float w[8];
+      float4 x[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int s = s0 + u;
+        w[u] = s < splits ? wr[s] : 0.f;
+        x[u] = w[u] != 0.f ? __ldcg(reinterpret_cast<const float4*>(src + s * total_rows * DV))
+                           : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        acc[0] += w[u] * x[u].x, acc[1] += w[u] * x[u].y;
+        acc[2] += w[u] * x[u].z, acc[3] += w[u] * x[u].w;
+      }
+    }
+    const float f = inv[row];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[qr * DV + dv0 + c + e] = from_float<T>(acc[e] * f);
+  }
+}
+
 template <typename T, typename MT, class F, int D, int DV, int NW, int BN, int STAGES, bool SPLIT, int DVC = DV>
 __device__ void attention_fwd_decode(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
     const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
-    T* out, float* lse, float* part_o, float* part_lse, const int* key_start = nullptr,
+    T* out, float* lse, float* ws, const int* key_start = nullptr,
     const int* key_len = nullptr) {
   static_assert(D % 8 == 0 && DV % 8 == 0 && DVC % 8 == 0, "decode kernel: head dims must be multiples of 8");
   static_assert(BN % 16 == 0 && STAGES >= 2, "decode kernel: BN a multiple of 16, at least 2 stages");
   static_assert(decode_merge_smem(DVC, NW) <= decode_fwd_smem(D, DVC, NW, BN, STAGES), "merge scratch");
+  static_assert(!SPLIT || decode_merge_splits_smem() <= decode_fwd_smem(D, DVC, NW, BN, STAGES), "split merge scratch");
   constexpr int BM = kDecodeRows, NT = 32 * NW;
   // Wide heads (DVC < DV): a block owns DVC of the DV output columns (chunk
   // blockIdx.x % NC) and recomputes S for them, so its O accumulator fits the
@@ -307,6 +411,9 @@ __device__ void attention_fwd_decode(
   __syncthreads();
 
   const long total_rows = (long)(F::Varlen ? 1 : ip[kBatch]) * Hq * NqTot;
+  const long groups = (long)gridDim.x * gridDim.z;
+  float* part_lse = ws + decode_pad4(groups);
+  float* part_o = part_lse + decode_pad4((long)splits * NC * total_rows);
   for (int e = threadIdx.x; e < (r_end - r0) * DVC; e += NT) {
     const int row = e / DVC, d = e % DVC;
     if (NC > 1 && d >= dv_valid) continue;
@@ -331,11 +438,33 @@ __device__ void attention_fwd_decode(
       out[qr * DV + dv0 + d] = from_float<T>(sum == 0.f ? 0.f : acc * row_out_factor(sum, alpha));
       if (d == 0 && col_chunk == 0) lse[qr] = row_lse<true>(m, sum);
     } else {
-      // This split's normalised partial row and its lse; attention_combine merges the splits.
-      const long prow = blockIdx.y * total_rows + qr;
-      part_o[prow * DV + dv0 + d] = sum == 0.f ? 0.f : acc * row_out_factor(sum, 1.f);
-      if (d == 0 && col_chunk == 0) part_lse[prow] = row_lse<true>(m, sum);
+      // This split's normalised partial row and its lse (one per column chunk,
+      // so a chunk's merge never waits on another chunk's blocks).
+      part_o[(blockIdx.y * total_rows + qr) * DV + dv0 + d] = sum == 0.f ? 0.f : acc * row_out_factor(sum, 1.f);
+      if (d == 0) part_lse[((long)blockIdx.y * NC + col_chunk) * total_rows + qr] = row_lse<true>(m, sum);
     }
+  }
+  if constexpr (SPLIT) {
+    // The last block of this (row block, column chunk, batch x KV head) to
+    // finish merges every split's partial: its ticket is the group's counter
+    // (MLX zero-fills ws: init_value = 0). The fence orders this block's
+    // partial stores before its ticket; the reader fences again and reads
+    // through L2 (__ldcg), never a stale L1 line.
+    __shared__ int decode_last[1];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned* ticket = reinterpret_cast<unsigned*>(ws) + (long)blockIdx.z * gridDim.x + blockIdx.x;
+      decode_last[0] = atomicAdd(ticket, 1u) == (unsigned)(splits - 1);
+    }
+    __syncthreads();
+    if (!decode_last[0]) return;
+    __threadfence();
+    decode_merge_splits<T, DV, DVC, NC, NW>(
+        part_o, part_lse + (long)col_chunk * total_rows, F::Sinks ? sinks : nullptr, splits, NC * total_rows,
+        total_rows, r_end - r0, [&](int row) { return q_row(r0 + row); },
+        [&](int row) { return hk * G + (r0 + row) % G; }, dv0, dv_valid, col_chunk == 0, out, lse,
+        reinterpret_cast<float*>(smem_raw));
   }
 }
 

@@ -161,7 +161,7 @@ def _input_dtypes(body, T, MT):
 
 
 def _output_dtypes(outputs, T):
-    return [(n, mx.float32 if n in ("lse", "part_o", "part_lse", "dq_acc") else T) for n in outputs]
+    return [(n, mx.float32 if n in ("lse", "part_o", "part_lse", "ws", "dq_acc") else T) for n in outputs]
 
 
 def _matmul_cases():
@@ -330,7 +330,7 @@ def test_decode_kernels_compile_without_spills(tmp_path):
     kernels = []
     for i, (T, MT, template) in enumerate(_decode_cases()):
         kernels.append(_kernel_text(f"decode{i}", decode_body, _input_dtypes("attention_fwd_decode", T, MT),
-                                    _output_dtypes(("out", "lse", "part_o", "part_lse"), T),
+                                    _output_dtypes(("out", "lse", "ws"), T),
                                     [("T", T), ("MT", MT)] + template))
     log = _nvcc_compile(tmp_path, "decode", _prelude(cuda_backend.kernel_headers("attention_fwd_decode")) + "\n" + "\n".join(kernels),
                         ("-Xptxas", "-v"))
@@ -375,7 +375,7 @@ def _wide_head_cases():
             for split in (True, False):
                 yield ("attention_fwd_decode", T, mx.float32, feats + [("SINKS", True)] + dims + [
                     ("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", split),
-                    ("DVC", cuda_backend._column_chunk(dv))], ("out", "lse", "part_o", "part_lse"))
+                    ("DVC", cuda_backend._column_chunk(dv))], ("out", "lse", "ws"))
     for d, dv in ((576, 512), (33, 511)):
         for w in (4, 8):
             yield ("attention_fwd_simt", mx.float32, mx.float32, every + [("SINKS", True), ("D", d), ("DV", dv),

@@ -515,7 +515,7 @@ def _mma_fwd_config(spec: AttentionSpec):
 # Shared memory of one SM of an H100/H200 (228 KiB; the driver keeps 1 KiB per block).
 _SM_SMEM = 228 * 1024
 _SMS = 132
-_MAX_SPLITS = 128  # kMaxSplits of attention_simt.cuh (attention_combine)
+_MAX_SPLITS = 128  # kMaxSplits of attention_simt.cuh (attention_combine), kDecodeMaxSplits of attention_decode.cuh
 # Tile shape of the decode kernel, normally chosen per head dim by _decode_config;
 # tools/cuda_decode_check.py sets these to compare variants on the GPU.
 DECODE_TUNING: dict = {}
@@ -570,29 +570,29 @@ def _decode_plan(spec: AttentionSpec, tuning: tuple):
     per_sm = max(1, min(4, _SM_SMEM // (smem + 1024)))
     keys = _effective_keys(spec)
     splits = max(1, min(_MAX_SPLITS, _SMS * per_sm // base_blocks, math.ceil(keys / (2 * nw * bn))))
+    if "splits" in dict(tuning):
+        splits = max(1, min(_MAX_SPLITS, dict(tuning)["splits"], math.ceil(keys / (nw * bn))))
     # The kernel rounds each split's keys up to whole rounds of nw tiles: drop splits left empty.
     chunk = math.ceil(math.ceil(keys / splits) / (nw * bn)) * nw * bn
     return nw, bn, stages, smem, row_blocks, math.ceil(keys / chunk)
 
 
 def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, stream):
-    """Forward for decode-like 16-bit calls (attention_fwd_decode) and for float32
-    inputs or head dims that are not multiples of 8 (attention_fwd_simt), keys
-    split over blocks and the splits merged by attention_combine."""
-    rows = math.prod(lse_shape)
+    """Forward for decode-like 16-bit calls (attention_fwd_decode, one launch:
+    its last block per row group merges the key splits) and for float32 inputs
+    or head dims that are not multiples of 8 (attention_fwd_simt, keys split
+    over blocks and the splits merged by attention_combine)."""
     d, dv = spec.head_dim_qk, spec.head_dim_v
     if spec.dtype != mx.float32 and d % 8 == 0 and dv % 8 == 0:
-        nw, bn, stages, smem, row_blocks, splits = decode_plan(spec)
-        kernel = _kernel("attention_fwd_decode", _ATTN_INPUTS, ("out", "lse", "part_o", "part_lse"), smem)
-        template = template + [("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", splits > 1),
-                               ("DVC", _column_chunk(dv))]
-        grid = (row_blocks * 32 * nw, splits, spec.batch * spec.heads_kv)
-        threads = 32 * nw
-    else:
-        warps, row_blocks, splits, kernel = _simt_fwd_config(spec)
-        template = template + [("W", warps), ("SPLITS", splits)]
-        grid = (row_blocks * 32 * warps, splits, spec.batch * spec.heads_kv)
-        threads = 32 * warps
+        kernel, template, grid, threads, shapes, dtypes, init = _decode_launch(spec, args[3].dtype, lse_shape)
+        out, lse, _ = kernel(inputs=args, template=template, grid=grid, threadgroup=threads, output_shapes=shapes,
+                             output_dtypes=dtypes, init_value=init, stream=stream)
+        return out, lse
+    rows = math.prod(lse_shape)
+    warps, row_blocks, splits, kernel = _simt_fwd_config(spec)
+    template = template + [("W", warps), ("SPLITS", splits)]
+    grid = (row_blocks * 32 * warps, splits, spec.batch * spec.heads_kv)
+    threads = 32 * warps
     if splits == 1:
         shapes = [out_shape, lse_shape, (1,), (1,)]
     else:
@@ -613,6 +613,39 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
         stream=stream,
     )
     return out, lse
+
+
+def _decode_ws_words(groups: int, splits: int, nc: int, rows: int, dv: int) -> int:
+    """decode_ws_words of attention_decode.cuh: tickets, part_lse, part_o (float32 words)."""
+    pad4 = lambda x: -(-x // 4) * 4  # noqa: E731
+    return pad4(groups) + pad4(splits * nc * rows) + splits * rows * dv
+
+
+def _decode_launch(spec: AttentionSpec, mask_dtype, lse_shape: tuple):
+    """Everything of an attention_fwd_decode launch but its inputs: (kernel,
+    template, grid, threadgroup, output shapes, output dtypes, init value)."""
+    return _decode_launch_cached(spec, mask_dtype, lse_shape, tuple(sorted(DECODE_TUNING.items())) if DECODE_TUNING
+                                 else ())
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_launch_cached(spec: AttentionSpec, mask_dtype, lse_shape: tuple, tuning: tuple):
+    """_decode_launch, built once per call shape (a decode call then costs one lookup here)."""
+    nw, bn, stages, smem, row_blocks, splits = _decode_plan(spec, tuning)
+    dv, dvc = spec.head_dim_v, _column_chunk(spec.head_dim_v)
+    kernel = _kernel("attention_fwd_decode", _ATTN_INPUTS, ("out", "lse", "ws"), smem)
+    template = list(_forward_template(spec, mask_dtype)) + [
+        ("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", splits > 1), ("DVC", dvc)]
+    groups = row_blocks * spec.batch * spec.heads_kv
+    grid = (row_blocks * 32 * nw, splits, spec.batch * spec.heads_kv)
+    out_shape = lse_shape + (dv,)
+    if splits == 1:
+        ws, init = 1, None
+    else:
+        # Zero-filled: the tickets that pick each row group's merging block start at 0.
+        ws, init = _decode_ws_words(groups, splits, -(-dv // dvc), math.prod(lse_shape), dv), 0.0
+    return (kernel, template, grid, (32 * nw, 1, 1), [out_shape, lse_shape, (ws,)],
+            [spec.dtype, mx.float32, mx.float32], init)
 
 
 @functools.lru_cache(maxsize=1024)
