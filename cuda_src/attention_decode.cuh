@@ -22,6 +22,7 @@
 #pragma once
 
 #include "attention_common.cuh"
+#include "bulk_copy.cuh"
 #include "mma.cuh"
 
 namespace mlx_flash {
@@ -176,7 +177,8 @@ __device__ void decode_merge_splits(const float* part_o, const float* part_lse, 
   }
 }
 
-template <typename T, typename MT, class F, int D, int DV, int NW, int BN, int STAGES, bool SPLIT, int DVC = DV>
+template <typename T, typename MT, class F, int D, int DV, int NW, int BN, int STAGES, bool SPLIT, int DVC = DV,
+          bool BULK = false>
 __device__ void attention_fwd_decode(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
     const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
@@ -186,6 +188,7 @@ __device__ void attention_fwd_decode(
   static_assert(BN % 16 == 0 && STAGES >= 2, "decode kernel: BN a multiple of 16, at least 2 stages");
   static_assert(decode_merge_smem(DVC, NW) <= decode_fwd_smem(D, DVC, NW, BN, STAGES), "merge scratch");
   static_assert(!SPLIT || decode_merge_splits_smem() <= decode_fwd_smem(D, DVC, NW, BN, STAGES), "split merge scratch");
+  static_assert(!BULK || (BN == 16 && DVC == DV), "bulk copies: one lane per K or V row of a 16-key tile, whole rows");
   constexpr int BM = kDecodeRows, NT = 32 * NW;
   // Wide heads (DVC < DV): a block owns DVC of the DV output columns (chunk
   // blockIdx.x % NC) and recomputes S for them, so its O accumulator fits the
@@ -218,6 +221,27 @@ __device__ void attention_fwd_decode(
 
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* ring = Qs + BM * SQ + warp * STAGES * STAGE;
+  // BULK: stage s of warp w completes on bars[w * STAGES + s] (tile n is the
+  // (n / STAGES)-th use of its stage: parity (n / STAGES) & 1).
+  __shared__ __align__(8) unsigned long long decode_bars[BULK ? NW * STAGES : 1];
+  if constexpr (BULK) {
+    if (lane == 0) {
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s) bulk_bar_init(&decode_bars[warp * STAGES + s], 1);
+      bulk_bar_init_fence();
+    }
+    // Columns past the head dim (head dims not multiples of 16) are never
+    // copied: zero them once, as the cp.async path's zero-fill does.
+    if constexpr (DP > D || DVP > DVC) {
+      for (int i = lane; i < STAGES * BN; i += 32) {
+        T* row = ring + (i / BN) * STAGE + (i % BN) * SQ;
+        for (int c = D; c < DP; ++c) row[c] = from_float<T>(0.f);
+        row = ring + (i / BN) * STAGE + BN * SQ + (i % BN) * SV;
+        for (int c = DVC; c < DVP; ++c) row[c] = from_float<T>(0.f);
+      }
+    }
+    __syncwarp();
+  }
 
   // The two rows of this lane's accumulator fragments: g and g + 8. Rows past
   // the sequence's last get i >= nq, which apply_rules drops.
@@ -254,15 +278,34 @@ __device__ void attention_fwd_decode(
   auto load_tile = [&](int n) {
     const int j = j_first + n * ROUND;
     T* Ks = ring + (n % STAGES) * STAGE;
-    decode_load_rows<T, BN, D, SQ>(Ks, k + (kv_base + j) * D, k_hi - j, lane);
-    decode_load_rows<T, BN, DVC, SV, DV>(Ks + BN * SQ, v + (kv_base + j) * DV + dv0, k_hi - j, lane, dv_valid);
+    if constexpr (BULK) {
+      // Lanes 0-15: K rows, 16-31: V rows, one bulk copy each; rows past the
+      // split's end (its last tile) are zeroed instead.
+      void* bar = &decode_bars[warp * STAGES + n % STAGES];
+      const int valid = min(k_hi - j, BN), row = lane % 16;
+      if (lane == 0) bulk_bar_expect(bar, (unsigned)(valid * (D + DV) * sizeof(T)));
+      T* dst = lane < 16 ? Ks + row * SQ : Ks + BN * SQ + row * SV;
+      if (row < valid) {
+        const T* src = lane < 16 ? k + (kv_base + j + row) * D : v + (kv_base + j + row) * DV;
+        bulk_copy(dst, src, (unsigned)((lane < 16 ? D : DV) * sizeof(T)), bar);
+      } else {
+        for (int c = 0; c < (lane < 16 ? DP : DVP); c += 8) *reinterpret_cast<uint4*>(dst + c) = make_uint4(0, 0, 0, 0);
+      }
+    } else {
+      decode_load_rows<T, BN, D, SQ>(Ks, k + (kv_base + j) * D, k_hi - j, lane);
+      decode_load_rows<T, BN, DVC, SV, DV>(Ks + BN * SQ, v + (kv_base + j) * DV + dv0, k_hi - j, lane, dv_valid);
+    }
   };
 #pragma unroll
   for (int n = 0; n < STAGES - 1; ++n) {
     if (n < tiles) load_tile(n);
-    cp_async_commit();
+    if constexpr (!BULK) cp_async_commit();
   }
-  cp_async_wait<STAGES - 1>();  // the Q group (the oldest) has landed
+  if constexpr (BULK) {
+    cp_async_wait<0>();  // the Q group
+  } else {
+    cp_async_wait<STAGES - 1>();  // the Q group (the oldest) has landed
+  }
   __syncthreads();
 
   unsigned qf[Q_IN_REGS ? DP / 16 : 1][4];
@@ -278,10 +321,14 @@ __device__ void attention_fwd_decode(
   const int shift = seq.nk - seq.nq;
 
   for (int n = 0; n < tiles; ++n) {
-    cp_async_wait<STAGES - 2>();  // this lane's copies of tile n are done ...
-    __syncwarp();                 // ... and every lane's; all are past tile n - 1
+    if constexpr (BULK) {
+      bulk_bar_wait(&decode_bars[warp * STAGES + n % STAGES], (n / STAGES) & 1);  // tile n landed
+    } else {
+      cp_async_wait<STAGES - 2>();  // this lane's copies of tile n are done ...
+    }
+    __syncwarp();  // ... and every lane's; all are past tile n - 1
     if (n + STAGES - 1 < tiles) load_tile(n + STAGES - 1);  // into tile n - 1's buffer
-    cp_async_commit();
+    if constexpr (!BULK) cp_async_commit();
     const T* Ks = ring + (n % STAGES) * STAGE;
     const T* Vs = Ks + BN * SQ;
     const int j0 = j_first + n * ROUND;

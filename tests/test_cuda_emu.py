@@ -302,3 +302,63 @@ def test_nonfinite_forward_backward(case, kind):
         check_contract(name, to_np(got), want, dtype)
     # The case keeps finite results beside the non-finite ones (what could leak).
     assert np.isfinite(want["out"]).any() and np.isfinite(want["dq"]).any()
+
+
+# ---------------------------------------------------------------------------
+# The split merge inside attention_fwd_decode (the last block of each row group
+# merges every split's partial, picked by an atomic ticket) and the K/V stream
+# by bulk copies (BULK): forced split counts, GQA, features, non-finite inputs.
+
+@pytest.fixture
+def decode_tuning():
+    from mlx_flash.backends import cuda as cuda_backend
+
+    yield cuda_backend.DECODE_TUNING
+    cuda_backend.DECODE_TUNING.clear()
+
+
+# (B, Hq, Hkv, Nq, Nk, D, dtype, launch plan asked (DECODE_TUNING), features)
+MERGE_CASES = [
+    (1, 4, 1, 1, 1, 64, F16, {"splits": 8}, "none"),           # one key: no split to merge
+    (1, 8, 2, 1, 17, 128, B16, {"nw": 1, "splits": 2}, "none"),  # a one-key second split
+    (2, 8, 2, 2, 113, 64, F16, {"nw": 1, "splits": 7}, "combined_causal_softcap_alibi_sinks"),
+    (1, 32, 8, 1, 1023, 128, F16, {"splits": 16}, "combined_blocks_causal_additive"),
+    (1, 16, 2, 2, 1023, 64, F16, {"nw": 1, "splits": 16}, "combined_mask_window_sinks"),
+    (1, 32, 4, 1, 1023, 64, B16, {"nw": 2, "splits": 128}, "sinks"),  # the most splits: 128 weights a row
+    (1, 8, 1, 1, 33000, 64, F16, {}, "none"),                  # the backend's own split count
+]
+
+
+def _case_id(c):
+    return "x".join(map(str, c[:6])) + "-" + "-".join(f"{k}{v}" for k, v in c[7].items()) + f"-{c[8]}"
+
+
+@pytest.mark.parametrize("bulk", [False, True], ids=["cp_async", "bulk"])
+@pytest.mark.parametrize("case", MERGE_CASES, ids=_case_id)
+def test_fused_split_merge(case, bulk, decode_tuning):
+    from mlx_flash._spec import validate_attention
+    from mlx_flash.backends import cuda as cuda_backend
+
+    B, Hq, Hkv, Nq, Nk, D, dtype, plan, feature = case
+    gen = rng("cuda-emu-merge", case[:6], feature)
+    q, k, v = (randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype),
+               randn(gen, (B, Hkv, Nk, D), dtype))
+    options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+    decode_tuning.update(plan, bulk=bulk)
+    spec, _ = validate_attention(q, k, v, **options)
+    splits = cuda_backend.decode_plan(spec)[-1]
+    assert Nk == 1 or splits > 1, "the case must split keys over blocks, so the fused merge runs"
+    _check(q, k, v, dtype, options)
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_nonfinite_inputs_bulk(case, decode_tuning):
+    """The bulk-copy K/V stream keeps the non-finite contract (rows past a
+    split's end zeroed, NaN carried through the merge)."""
+    decode_tuning["bulk"] = True
+    q, k, v, options = decode_case(case, F16)
+    out, lse = _forward(q, k, v, **options)
+    want = attention_np(q, k, v, **options)
+    check_contract("out", to_np(out), want, F16)
+    check_contract("lse", to_np(lse), want, mx.float32)
+    assert np.isfinite(want["out"]).any()

@@ -519,6 +519,8 @@ _MAX_SPLITS = 128  # kMaxSplits of attention_simt.cuh (attention_combine), kDeco
 # Tile shape of the decode kernel, normally chosen per head dim by _decode_config;
 # tools/cuda_decode_check.py sets these to compare variants on the GPU.
 DECODE_TUNING: dict = {}
+# K/V tiles of the decode kernel by bulk copies (the TMA engine) instead of cp.async.
+_DECODE_BULK = os.environ.get("MLX_FLASH_CUDA_DECODE_BULK", "0") == "1"
 
 
 def _decode_smem(d: int, dv: int, nw: int, bn: int, stages: int) -> int:
@@ -634,8 +636,10 @@ def _decode_launch_cached(spec: AttentionSpec, mask_dtype, lse_shape: tuple, tun
     nw, bn, stages, smem, row_blocks, splits = _decode_plan(spec, tuning)
     dv, dvc = spec.head_dim_v, _column_chunk(spec.head_dim_v)
     kernel = _kernel("attention_fwd_decode", _ATTN_INPUTS, ("out", "lse", "ws"), smem)
+    # Bulk (TMA) copies of whole K/V rows: 16-key tiles of whole rows only.
+    bulk = bool(dict(tuning).get("bulk", _DECODE_BULK)) and bn == 16 and dvc == dv
     template = list(_forward_template(spec, mask_dtype)) + [
-        ("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", splits > 1), ("DVC", dvc)]
+        ("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", splits > 1), ("DVC", dvc), ("BULK", bulk)]
     groups = row_blocks * spec.batch * spec.heads_kv
     grid = (row_blocks * 32 * nw, splits, spec.batch * spec.heads_kv)
     out_shape = lse_shape + (dv,)
