@@ -208,15 +208,41 @@ def _nvrtc_reads_includes() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=None, row_contiguous=True):
+def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=None, row_contiguous=True,
+            constants: str = ""):
     """The kernel object of cuda_src/<body>.cu. row_contiguous=False: MLX passes
     inputs as they are (views included) and the kernel reads them through the
-    `<name>_strides` parameters its source names (cuda_quant's caches)."""
+    `<name>_strides` parameters its source names (cuda_quant's caches).
+    constants: template constants written into the source (_template_source),
+    one kernel object per instance, called without `template`."""
+    import hashlib
+
+    name = f"mlx_flash_{body}"
+    if constants:
+        name += "_" + hashlib.sha256(constants.encode()).hexdigest()[:16]
     return mx.fast.cuda_kernel(
-        name=f"mlx_flash_{body}", input_names=list(inputs), output_names=list(outputs),
-        source=_read(body + ".cu"), header=_header_include(tuple(headers or kernel_headers(body))),
+        name=name, input_names=list(inputs), output_names=list(outputs),
+        source=constants + _read(body + ".cu"), header=_header_include(tuple(headers or kernel_headers(body))),
         ensure_row_contiguous=row_contiguous, shared_memory=smem,
     )
+
+
+_CUDA_TYPE_NAMES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.bool_: "bool"}
+
+
+def _template_source(template) -> str:
+    """The lines MLX writes for `template` at the top of a kernel body, written
+    once: a call then hands MLX no template arguments to convert and format
+    (about a microsecond of a decode call's host time)."""
+    lines = []
+    for name, value in template:
+        if isinstance(value, bool):
+            lines.append(f"  constexpr bool {name} = {'true' if value else 'false'};")
+        elif isinstance(value, int):
+            lines.append(f"  constexpr int {name} = {value};")
+        else:
+            lines.append(f"  using {name} = {_CUDA_TYPE_NAMES[value]};")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -586,9 +612,9 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
     over blocks and the splits merged by attention_combine)."""
     d, dv = spec.head_dim_qk, spec.head_dim_v
     if spec.dtype != mx.float32 and d % 8 == 0 and dv % 8 == 0:
-        kernel, template, grid, threads, shapes, dtypes, init = _decode_launch(spec, args[3].dtype, lse_shape)
-        out, lse, _ = kernel(inputs=args, template=template, grid=grid, threadgroup=threads, output_shapes=shapes,
-                             output_dtypes=dtypes, init_value=init, stream=stream)
+        kernel_args, grid, threads, shapes, dtypes, init = _decode_launch(spec, args[3].dtype, lse_shape)
+        out, lse, _ = _kernel(*kernel_args)(inputs=args, grid=grid, threadgroup=threads, output_shapes=shapes,
+                                            output_dtypes=dtypes, init_value=init, stream=stream)
         return out, lse
     rows = math.prod(lse_shape)
     warps, row_blocks, splits, kernel = _simt_fwd_config(spec)
@@ -624,8 +650,9 @@ def _decode_ws_words(groups: int, splits: int, nc: int, rows: int, dv: int) -> i
 
 
 def _decode_launch(spec: AttentionSpec, mask_dtype, lse_shape: tuple):
-    """Everything of an attention_fwd_decode launch but its inputs: (kernel,
-    template, grid, threadgroup, output shapes, output dtypes, init value)."""
+    """Everything of an attention_fwd_decode launch but its inputs: (the
+    arguments of _kernel (template constants in the source), grid,
+    threadgroup, output shapes, output dtypes, init value)."""
     return _decode_launch_cached(spec, mask_dtype, lse_shape, tuple(sorted(DECODE_TUNING.items())) if DECODE_TUNING
                                  else ())
 
@@ -635,7 +662,6 @@ def _decode_launch_cached(spec: AttentionSpec, mask_dtype, lse_shape: tuple, tun
     """_decode_launch, built once per call shape (a decode call then costs one lookup here)."""
     nw, bn, stages, smem, row_blocks, splits = _decode_plan(spec, tuning)
     dv, dvc = spec.head_dim_v, _column_chunk(spec.head_dim_v)
-    kernel = _kernel("attention_fwd_decode", _ATTN_INPUTS, ("out", "lse", "ws"), smem)
     # Bulk (TMA) copies of whole K/V rows: 16-key tiles of whole rows only.
     bulk = bool(dict(tuning).get("bulk", _DECODE_BULK)) and bn == 16 and dvc == dv
     template = list(_forward_template(spec, mask_dtype)) + [
@@ -648,8 +674,10 @@ def _decode_launch_cached(spec: AttentionSpec, mask_dtype, lse_shape: tuple, tun
     else:
         # Zero-filled: the tickets that pick each row group's merging block start at 0.
         ws, init = _decode_ws_words(groups, splits, -(-dv // dvc), math.prod(lse_shape), dv), 0.0
-    return (kernel, template, grid, (32 * nw, 1, 1), [out_shape, lse_shape, (ws,)],
-            [spec.dtype, mx.float32, mx.float32], init)
+    kernel_args = ("attention_fwd_decode", _ATTN_INPUTS, ("out", "lse", "ws"), smem, None, True,
+                   _template_source(template))
+    return (kernel_args, grid, (32 * nw, 1, 1), [out_shape, lse_shape, (ws,)], [spec.dtype, mx.float32, mx.float32],
+            init)
 
 
 @functools.lru_cache(maxsize=1024)
