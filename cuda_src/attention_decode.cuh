@@ -22,7 +22,7 @@
 #pragma once
 
 #include "attention_common.cuh"
-#include "bulk_copy.cuh"
+#include "decode_ptx.cuh"
 #include "mma.cuh"
 
 namespace mlx_flash {
@@ -178,7 +178,7 @@ __device__ void decode_merge_splits(const float* part_o, const float* part_lse, 
 }
 
 template <typename T, typename MT, class F, int D, int DV, int NW, int BN, int STAGES, bool SPLIT, int DVC = DV,
-          bool BULK = false>
+          bool BULK = false, bool KR = false>
 __device__ void attention_fwd_decode(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
     const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
@@ -189,7 +189,13 @@ __device__ void attention_fwd_decode(
   static_assert(decode_merge_smem(DVC, NW) <= decode_fwd_smem(D, DVC, NW, BN, STAGES), "merge scratch");
   static_assert(!SPLIT || decode_merge_splits_smem() <= decode_fwd_smem(D, DVC, NW, BN, STAGES), "split merge scratch");
   static_assert(!BULK || (BN == 16 && DVC == DV), "bulk copies: one lane per K or V row of a 16-key tile, whole rows");
-  constexpr int BM = kDecodeRows, NT = 32 * NW;
+  static_assert(!KR || (BN == 16 && DVC == DV && DV <= 256 && D <= 256), "keys as rows: 16-key tiles, whole rows");
+  // KR ("keys as rows"): the block's rows are at most 8, the N of the mma,
+  // and a 16-key tile is its M: S^T = K Q^T and O^T += V^T P^T, P^T turned
+  // from the S^T accumulator into the B operand by movmatrix. Half the mma
+  // work and half the O registers of 16-row tiles whose rows are mostly
+  // empty (GQA groups of 4-8 heads).
+  constexpr int BM = KR ? 8 : kDecodeRows, NT = 32 * NW;
   // Wide heads (DVC < DV): a block owns DVC of the DV output columns (chunk
   // blockIdx.x % NC) and recomputes S for them, so its O accumulator fits the
   // registers; the chunk-0 block writes the lse.
@@ -199,7 +205,7 @@ __device__ void attention_fwd_decode(
   constexpr int STAGE = BN * (SQ + SV);  // elements of one K + V buffer
   // Q fragments stay in registers up to head dim 128; above, the O
   // accumulator needs the registers and Q is re-read from shared memory.
-  constexpr bool Q_IN_REGS = DP <= 128;
+  constexpr bool Q_IN_REGS = KR || DP <= 128;
   extern __shared__ __align__(16) unsigned char smem_raw[];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -220,7 +226,7 @@ __device__ void attention_fwd_decode(
   const float scale = fp[kScale];
 
   T* Qs = reinterpret_cast<T*>(smem_raw);
-  T* ring = Qs + BM * SQ + warp * STAGES * STAGE;
+  T* ring = Qs + kDecodeRows * SQ + warp * STAGES * STAGE;
   // BULK: stage s of warp w completes on bars[w * STAGES + s] (tile n is the
   // (n / STAGES)-th use of its stage: parity (n / STAGES) & 1).
   __shared__ __align__(8) unsigned long long decode_bars[BULK ? NW * STAGES : 1];
@@ -243,9 +249,10 @@ __device__ void attention_fwd_decode(
     __syncwarp();
   }
 
-  // The two rows of this lane's accumulator fragments: g and g + 8. Rows past
-  // the sequence's last get i >= nq, which apply_rules drops.
-  const int ra = r0 + g, rb = r0 + g + 8;
+  // The two rows of this lane's accumulator fragments: g and g + 8 (KR: its
+  // columns 2t and 2t + 1). Rows past the sequence's last get i >= nq, which
+  // apply_rules drops.
+  const int ra = r0 + (KR ? 2 * t : g), rb = r0 + (KR ? 2 * t + 1 : g + 8);
   const LogitRules<MT> rules_a = make_rules<MT, F>(seq, b, hk * G + ra % G, ip, fp, mask, alibi, bmask,
                                                        key_start, key_len);
   const LogitRules<MT> rules_b = make_rules<MT, F>(seq, b, hk * G + rb % G, ip, fp, mask, alibi, bmask,
@@ -309,14 +316,22 @@ __device__ void attention_fwd_decode(
   __syncthreads();
 
   unsigned qf[Q_IN_REGS ? DP / 16 : 1][4];
-  if constexpr (Q_IN_REGS) {
+  if constexpr (KR) {  // Q^T as B operands: rows 0-7, k-halves 0-7 and 8-15
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) {
+      unsigned r2[2];
+      ldmatrix_x2(r2, Qs + (lane % 8) * SQ + kk * 16 + ((lane / 8) % 2) * 8);
+      qf[kk][0] = r2[0], qf[kk][1] = r2[1];
+    }
+  } else if constexpr (Q_IN_REGS) {
 #pragma unroll
     for (int kk = 0; kk < DP / 16; ++kk) ldmatrix_x4(qf[kk], Qs + (lane % 16) * SQ + kk * 16 + (lane / 16) * 8);
   }
 
-  float o[DVP / 8][4];
+  constexpr int ON = KR ? DVP / 16 : DVP / 8;  // accumulator tiles (KR: O^T, 16 columns of V each)
+  float o[ON][4];
 #pragma unroll
-  for (int n = 0; n < DVP / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  for (int n = 0; n < ON; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
   const int shift = seq.nk - seq.nq;
 
@@ -333,12 +348,19 @@ __device__ void attention_fwd_decode(
     const T* Vs = Ks + BN * SQ;
     const int j0 = j_first + n * ROUND;
 
-    // S = Q K^T: 16 rows x BN keys.
-    float s[BN / 8][4];
+    // S = Q K^T: 16 rows x BN keys (KR: S^T, 16 keys x 8 rows).
+    constexpr int SN = KR ? 1 : BN / 8;
+    float s[SN][4];
 #pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+    for (int nb = 0; nb < SN; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < DP / 16; ++kk) {
+    for (int kk = 0; KR && kk < DP / 16; ++kk) {
+      unsigned ka[4];
+      ldmatrix_x4(ka, Ks + (lane % 16) * SQ + kk * 16 + (lane / 16) * 8);
+      mma16816<T>(s[0], ka, qf[kk][0], qf[kk][1]);
+    }
+#pragma unroll
+    for (int kk = 0; !KR && kk < DP / 16; ++kk) {
       unsigned qa[4];
       if constexpr (Q_IN_REGS) {
         qa[0] = qf[kk][0], qa[1] = qf[kk][1], qa[2] = qf[kk][2], qa[3] = qf[kk][3];
@@ -364,15 +386,18 @@ __device__ void attention_fwd_decode(
     // infinite q or k drops its key in a tile without rules too.
     unsigned drop = 0;
 #pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb) {
+    for (int nb = 0; nb < SN; ++nb) {
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         float x = s[nb][c] * scale;
         if (need_rules) {
-          const int j = j0 + nb * 8 + 2 * t + (c & 1);
+          // Key and row of element c: (KR) keys g, g + 8 and rows ra, rb by
+          // column; else keys by column and rows ra, rb by row.
+          const int j = KR ? j0 + g + 8 * (c >> 1) : j0 + nb * 8 + 2 * t + (c & 1);
+          const bool row_a = KR ? (c & 1) == 0 : c < 2;
           float capped = 0.f;
           x = j >= k_hi ? kNegInf
-              : c < 2 ? apply_rules<F>(rules_a, x, ra / G, j, capped)
+              : row_a ? apply_rules<F>(rules_a, x, ra / G, j, capped)
                       : apply_rules<F>(rules_b, x, rb / G, j, capped);
         }
         drop |= (x == kNegInf ? 1u : 0u) << (4 * nb + c);
@@ -384,39 +409,88 @@ __device__ void attention_fwd_decode(
                        __any_sync(0xffffffffu, decode_own_rows_nonfinite<T, BN, DVC, SV>(Vs, lane));
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
+      // This lane's values of row `half`: (KR) elements half and 2 + half,
+      // the row's other keys in the lanes of other g; else elements 2 half,
+      // 2 half + 1 of every key block, the row's other keys in the quad.
+      auto at = [&](int nb, int e) -> float& { return KR ? s[0][half + 2 * e] : s[nb][2 * half + e]; };
       float mx = kNegInf;
 #pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * half], s[nb][2 * half + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      for (int nb = 0; nb < SN; ++nb) mx = fmaxf(mx, fmaxf(at(nb, 0), at(nb, 1)));
+      if constexpr (KR) {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      } else {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      }
       const float new_max = fmaxf(row_max[half], mx);
       const float base = new_max == kNegInf ? 0.f : new_max;
       const float alpha = exp2f(row_max[half] - base);
       float sum = 0.f;
 #pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb) {
-        s[nb][2 * half] = exp2f(s[nb][2 * half] - base);
-        s[nb][2 * half + 1] = exp2f(s[nb][2 * half + 1] - base);
-        sum += s[nb][2 * half] + s[nb][2 * half + 1];
+      for (int nb = 0; nb < SN; ++nb) {
+        at(nb, 0) = exp2f(at(nb, 0) - base);
+        at(nb, 1) = exp2f(at(nb, 1) - base);
+        sum += at(nb, 0) + at(nb, 1);
       }
-      row_sum[half] = row_sum[half] * alpha + sum;  // this lane's columns; summed over the quad at the end
+      row_sum[half] = row_sum[half] * alpha + sum;  // this lane's keys; summed over the row's lanes at the end
       row_max[half] = new_max;
 #pragma unroll
-      for (int nd = 0; nd < DVP / 8; ++nd) {
-        o[nd][2 * half] *= alpha;
-        o[nd][2 * half + 1] *= alpha;
+      for (int nd = 0; nd < ON; ++nd) {
+        if constexpr (KR) {
+          o[nd][half] *= alpha;
+          o[nd][2 + half] *= alpha;
+        } else {
+          o[nd][2 * half] *= alpha;
+          o[nd][2 * half + 1] *= alpha;
+        }
       }
     }
 
     if (exact) {
-      exact_fragment_product<BN / 8, DVP / 8>([&](int kb, int c) { return s[kb][c]; }, drop,
-                                              [&](int n, int c) -> float& { return o[n][c]; },
-                                              [&](int j, int d) { return to_float(Vs[j * SV + d]); });
+      if constexpr (KR) {
+        // O^T[d][row] += P^T[key][row] V[key][d] over kept pairs only: this
+        // lane's rows 2t, 2t + 1 have their 16 keys in lanes 4g' + t.
+#pragma unroll 1
+        for (int kg = 0; kg < 8; ++kg) {
+          float p[4];
+#pragma unroll
+          for (int c = 0; c < 4; ++c) p[c] = __shfl_sync(0xffffffffu, s[0][c], 4 * kg + t);
+          const unsigned bits = __shfl_sync(0xffffffffu, drop, 4 * kg + t);
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            if ((bits >> c) & 1u) continue;
+            const T* vrow = Vs + (kg + 8 * (c >> 1)) * SV;
+#pragma unroll
+            for (int nd = 0; nd < ON; ++nd) {
+              o[nd][c & 1] += p[c] * to_float(vrow[nd * 16 + g]);
+              o[nd][2 + (c & 1)] += p[c] * to_float(vrow[nd * 16 + g + 8]);
+            }
+          }
+        }
+      } else {
+        exact_fragment_product<BN / 8, DVP / 8>([&](int kb, int c) { return s[kb][c]; }, drop,
+                                                [&](int n, int c) -> float& { return o[n][c]; },
+                                                [&](int j, int d) { return to_float(Vs[j * SV + d]); });
+      }
+      continue;
+    }
+    if constexpr (KR) {
+      // O^T += V^T P^T: P^T's two 8-key halves, transposed into B fragments.
+      const unsigned b0 = movmatrix_trans(pack2<T>(s[0][0], s[0][1]));
+      const unsigned b1 = movmatrix_trans(pack2<T>(s[0][2], s[0][3]));
+#pragma unroll
+      for (int nd = 0; nd < ON; ++nd) {
+        unsigned va[4];
+        ldmatrix_x4_trans(va, Vs + ((lane / 16) * 8 + lane % 8) * SV + nd * 16 + ((lane / 8) % 2) * 8);
+        mma16816<T>(o[nd], va, b0, b1);
+      }
       continue;
     }
     // O += P V, P re-used from the S accumulators as A fragments.
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
+    for (int kk = 0; !KR && kk < BN / 16; ++kk) {
       unsigned pa[4];
       pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
       pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
@@ -442,18 +516,30 @@ __device__ void attention_fwd_decode(
   __syncthreads();
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int row = g + 8 * half;
+    const int row = KR ? 2 * t + half : g + 8 * half;
     float sum = row_sum[half];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    if (t == 0) {
+    if constexpr (KR) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 8);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+    } else {
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    }
+    if ((KR ? g : t) == 0) {
       m_w[warp * BM + row] = row_max[half];
       l_w[warp * BM + row] = sum;
     }
 #pragma unroll
-    for (int nd = 0; nd < DVP / 8; ++nd)
-      *reinterpret_cast<float2*>(o_w + (warp * BM + row) * OS + nd * 8 + 2 * t) =
-          make_float2(o[nd][2 * half], o[nd][2 * half + 1]);
+    for (int nd = 0; nd < ON; ++nd) {
+      if constexpr (KR) {
+        o_w[(warp * BM + row) * OS + nd * 16 + g] = o[nd][half];
+        o_w[(warp * BM + row) * OS + nd * 16 + g + 8] = o[nd][2 + half];
+      } else {
+        *reinterpret_cast<float2*>(o_w + (warp * BM + row) * OS + nd * 8 + 2 * t) =
+            make_float2(o[nd][2 * half], o[nd][2 * half + 1]);
+      }
+    }
   }
   __syncthreads();
 

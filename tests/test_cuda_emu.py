@@ -84,6 +84,18 @@ def test_decode_shapes(shape):
 
 
 @pytest.mark.parametrize("feature", list(features.FEATURES))
+def test_decode_features_kr(feature, decode_tuning):
+    """Every feature on the KR tiles (GQA group of 4, one query: 4 rows per block)."""
+    B, Hq, Hkv, Nq, Nk, D = 2, 8, 2, 1, 300, 64
+    dtype = B16 if "combined" in feature else F16
+    gen = rng("cuda-emu-feature-kr", feature)
+    q, k, v = (randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype),
+               randn(gen, (B, Hkv, Nk, D), dtype))
+    decode_tuning["kr"] = True
+    _check(q, k, v, dtype, features.FEATURES[feature](gen, B, Hq, Nq, Nk))
+
+
+@pytest.mark.parametrize("feature", list(features.FEATURES))
 def test_decode_features(feature):
     B, Hq, Hkv, Nq, Nk, D = 2, 8, 2, 3, 300, 64
     dtype = B16 if "combined" in feature else F16
@@ -333,9 +345,13 @@ def _case_id(c):
     return "x".join(map(str, c[:6])) + "-" + "-".join(f"{k}{v}" for k, v in c[7].items()) + f"-{c[8]}"
 
 
-@pytest.mark.parametrize("bulk", [False, True], ids=["cp_async", "bulk"])
+# K/V stream (cp.async or bulk copies) x tile form (16 rows, or keys as the mma's M: KR).
+FORMS = {"cp_async": {}, "bulk": {"bulk": True}, "kr": {"kr": True}, "kr_bulk": {"kr": True, "bulk": True}}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("case", MERGE_CASES, ids=_case_id)
-def test_fused_split_merge(case, bulk, decode_tuning):
+def test_fused_split_merge(case, form, decode_tuning):
     from mlx_flash._spec import validate_attention
     from mlx_flash.backends import cuda as cuda_backend
 
@@ -344,18 +360,20 @@ def test_fused_split_merge(case, bulk, decode_tuning):
     q, k, v = (randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype),
                randn(gen, (B, Hkv, Nk, D), dtype))
     options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
-    decode_tuning.update(plan, bulk=bulk)
+    decode_tuning.update(plan, **FORMS[form])
     spec, _ = validate_attention(q, k, v, **options)
     splits = cuda_backend.decode_plan(spec)[-1]
     assert Nk == 1 or splits > 1, "the case must split keys over blocks, so the fused merge runs"
     _check(q, k, v, dtype, options)
 
 
+@pytest.mark.parametrize("form", ["bulk", "kr", "kr_bulk"])
 @pytest.mark.parametrize("case", DECODE_CASES)
-def test_nonfinite_inputs_bulk(case, decode_tuning):
-    """The bulk-copy K/V stream keeps the non-finite contract (rows past a
-    split's end zeroed, NaN carried through the merge)."""
-    decode_tuning["bulk"] = True
+def test_nonfinite_inputs_forms(case, form, decode_tuning):
+    """The bulk-copy K/V stream and the KR tiles keep the non-finite contract
+    (rows past a split's end zeroed, exact P V where a dropped key's V is not
+    finite, NaN carried through the merge)."""
+    decode_tuning.update(FORMS[form])
     q, k, v, options = decode_case(case, F16)
     out, lse = _forward(q, k, v, **options)
     want = attention_np(q, k, v, **options)

@@ -110,9 +110,9 @@ def _decode_cases():
     varlen = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 2), ("WINDOW", True),
               ("BLOCK_MASK", False), ("SINKS", True), ("VARLEN", True), ("KEY_RANGE", False)]
     ranges = plain[:-1] + [("KEY_RANGE", True)]
-    tiles = lambda d, dv, stages, split, bulk=False: [("D", d), ("DV", dv), ("NW", 4), ("BN", 16),
-                                                      ("STAGES", stages), ("SPLIT", split), ("DVC", dv),
-                                                      ("BULK", bulk)]
+    tiles = lambda d, dv, stages, split, bulk=False, kr=False: [("D", d), ("DV", dv), ("NW", 4), ("BN", 16),
+                                                                ("STAGES", stages), ("SPLIT", split), ("DVC", dv),
+                                                                ("BULK", bulk), ("KR", kr)]
     f16, b16 = mx.float16, mx.bfloat16
     yield f16, mx.bool_, plain + tiles(128, 128, 3, True)
     yield f16, mx.bool_, ranges + tiles(128, 128, 3, True)
@@ -130,13 +130,19 @@ def _decode_cases():
     yield b16, mx.bool_, every + tiles(128, 128, 3, True, True)
     yield f16, mx.float32, varlen + tiles(72, 40, 3, False, True)
     yield b16, mx.bool_, plain + tiles(64, 64, 4, True, True)
+    # Keys as the mma's M (8-row blocks).
+    yield f16, mx.bool_, plain + tiles(128, 128, 3, True, False, True)
+    yield b16, mx.bool_, plain + tiles(128, 128, 3, True, True, True)
+    yield f16, mx.bool_, every + tiles(128, 128, 3, True, True, True)
+    yield b16, mx.float32, varlen + tiles(72, 40, 3, False, False, True)
+    yield f16, mx.bool_, plain + tiles(256, 256, 2, True, True, True)
     # Tile variants tools/cuda_decode_check.py sweeps: 8 warps, 32-key warp tiles, 2 warps.
     yield f16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 8), ("BN", 16), ("STAGES", 2), ("SPLIT", True),
-                                                                 ("DVC", 128), ("BULK", False)]
+                                                                 ("DVC", 128), ("BULK", False), ("KR", False)]
     yield b16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 4), ("BN", 32), ("STAGES", 2), ("SPLIT", True),
-                                                                 ("DVC", 128), ("BULK", False)]
+                                                                 ("DVC", 128), ("BULK", False), ("KR", False)]
     yield f16, mx.bool_, plain + tiles(64, 64, 4, True)[:2] + [("NW", 2), ("BN", 16), ("STAGES", 4), ("SPLIT", True),
-                                                               ("DVC", 64), ("BULK", False)]
+                                                               ("DVC", 64), ("BULK", False), ("KR", False)]
 
 
 def _combine_cases():
@@ -381,7 +387,7 @@ def _wide_head_cases():
             for split in (True, False):
                 yield ("attention_fwd_decode", T, mx.float32, feats + [("SINKS", True)] + dims + [
                     ("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", split),
-                    ("DVC", cuda_backend._column_chunk(dv)), ("BULK", False)], ("out", "lse", "ws"))
+                    ("DVC", cuda_backend._column_chunk(dv)), ("BULK", False), ("KR", False)], ("out", "lse", "ws"))
     for d, dv in ((576, 512), (33, 511)):
         for w in (4, 8):
             yield ("attention_fwd_simt", mx.float32, mx.float32, every + [("SINKS", True), ("D", d), ("DV", dv),

@@ -547,6 +547,15 @@ _MAX_SPLITS = 128  # kMaxSplits of attention_simt.cuh (attention_combine), kDeco
 DECODE_TUNING: dict = {}
 # K/V tiles of the decode kernel by bulk copies (the TMA engine) instead of cp.async.
 _DECODE_BULK = os.environ.get("MLX_FLASH_CUDA_DECODE_BULK", "0") == "1"
+# Keys as the mma's M (attention_decode.cuh KR) where a block's rows fit its N of 8.
+_DECODE_KR = os.environ.get("MLX_FLASH_CUDA_DECODE_KR", "0") == "1"
+
+
+def _decode_kr(spec: AttentionSpec, tuning: tuple, bn: int) -> bool:
+    """attention_fwd_decode's KR form: at most 8 rows per KV head, 16-key
+    tiles, whole V rows (no column chunks), head dims <= 256."""
+    return (bool(dict(tuning).get("kr", _DECODE_KR)) and _max_q(spec) * spec.group_size <= 8 and bn == 16
+            and max(spec.head_dim_qk, spec.head_dim_v) <= 256)
 
 
 def _decode_smem(d: int, dv: int, nw: int, bn: int, stages: int) -> int:
@@ -591,7 +600,8 @@ def _decode_plan(spec: AttentionSpec, tuning: tuple):
     nw, bn, stages = _decode_config(spec, tuning)
     dvc = _column_chunk(spec.head_dim_v)
     smem = _decode_smem(spec.head_dim_qk, dvc, nw, bn, stages)
-    row_blocks = math.ceil(_max_q(spec) * spec.group_size / 16) * math.ceil(spec.head_dim_v / dvc)
+    rows = 8 if _decode_kr(spec, tuning, bn) else 16  # a block's rows
+    row_blocks = math.ceil(_max_q(spec) * spec.group_size / rows) * math.ceil(spec.head_dim_v / dvc)
     base_blocks = row_blocks * spec.batch * spec.heads_kv
     # Enough blocks to fill every SM as far as shared memory lets them reside,
     # each warp still getting at least two tiles.
@@ -665,7 +675,8 @@ def _decode_launch_cached(spec: AttentionSpec, mask_dtype, lse_shape: tuple, tun
     # Bulk (TMA) copies of whole K/V rows: 16-key tiles of whole rows only.
     bulk = bool(dict(tuning).get("bulk", _DECODE_BULK)) and bn == 16 and dvc == dv
     template = list(_forward_template(spec, mask_dtype)) + [
-        ("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", splits > 1), ("DVC", dvc), ("BULK", bulk)]
+        ("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", splits > 1), ("DVC", dvc), ("BULK", bulk),
+        ("KR", _decode_kr(spec, tuning, bn))]
     groups = row_blocks * spec.batch * spec.heads_kv
     grid = (row_blocks * 32 * nw, splits, spec.batch * spec.heads_kv)
     out_shape = lse_shape + (dv,)

@@ -84,10 +84,10 @@ def _emulated_header(header: str) -> str:
         header = header.replace(real_mma, strip(_read(os.path.join(_HERE, "mma_emu.cuh"))))
     elif "mma.sync" in header or "cp.async" in header:
         raise AssertionError("cuda_emu: the header has mma.cuh's PTX in an unexpected form")
-    # The decode kernel's bulk copies (bulk_copy.cuh).
-    real_bulk = cuda_backend._minify(strip(cuda_backend._read("bulk_copy.cuh")))
-    if real_bulk in header:
-        header = header.replace(real_bulk, strip(_read(os.path.join(_HERE, "bulk_copy_emu.cuh"))))
+    # The decode kernel's own PTX (decode_ptx.cuh: bulk copies, movmatrix).
+    real_decode_ptx = cuda_backend._minify(strip(cuda_backend._read("decode_ptx.cuh")))
+    if real_decode_ptx in header:
+        header = header.replace(real_decode_ptx, strip(_read(os.path.join(_HERE, "decode_ptx_emu.cuh"))))
     # The Hopper GEMM's PTX (matmul_wgmma.cuh): wgmma.cuh, its generated
     # wrappers and tma.cuh, all three replaced by wgmma_emu.cuh.
     hopper = [cuda_backend._minify(strip(cuda_backend._read(name))) for name in _HOPPER_HEADERS]

@@ -1,4 +1,4 @@
-// CUDA emulation (tests/cuda_emu): cuda_src/bulk_copy.cuh in C++.
+// CUDA emulation (tests/cuda_emu): cuda_src/decode_ptx.cuh in C++.
 //
 // A barrier is {phase, expected bytes}; bulk copies are deferred and land
 // when a thread waits on their barrier's current phase, which then checks
@@ -49,6 +49,19 @@ inline void bulk_bar_wait(void* bar, unsigned parity) {
   pending.swap(still);
   if (b.expected != 0) __emu_fail("bulk_bar_wait: the bytes copied are not the bytes expected");
   ++b.phase;
+}
+
+// movmatrix.m8n8.trans.b16: lane 4g + t gets M[2t][g], M[2t + 1][g], where
+// lane 4r + c holds M[r][2c], M[r][2c + 1].
+inline unsigned movmatrix_trans(unsigned a) {
+  EmuExchange e = __emu_simd_exchange(&a, sizeof(a), __LINE__);
+  if (e.active_mask != 0xffffffffu) __emu_fail("movmatrix with an incomplete warp");
+  const unsigned g = e.lane / 4, t = e.lane % 4;
+  auto elem = [&](unsigned r, unsigned c) {  // M[r][c]
+    const unsigned w = __emu_lane_value<unsigned>(e, 4 * r + c / 2);
+    return (c % 2) ? w >> 16 : w & 0xffffu;
+  };
+  return elem(2 * t, g) | (elem(2 * t + 1, g) << 16);
 }
 
 }  // namespace mlx_flash

@@ -1,7 +1,9 @@
-// One-dimensional bulk copies global -> shared (Hopper's TMA engine, no
-// tensor map) completing on an mbarrier: the decode kernel's K/V stream.
-// A bulk copy is one instruction per row however long the row, and the copy
-// engine, not the SM's load/store path, keeps the bytes in flight.
+// PTX only the decode kernel uses (emulated by tests/cuda_emu/decode_ptx_emu.cuh):
+// * one-dimensional bulk copies global -> shared (Hopper's TMA engine, no
+//   tensor map) completing on an mbarrier: the K/V stream's BULK option. A
+//   bulk copy is one instruction per row however long the row, and the copy
+//   engine, not the SM's load/store path, keeps the bytes in flight;
+// * movmatrix: the transpose of an 8x8 16-bit fragment within a warp.
 #pragma once
 
 #include "mma.cuh"
@@ -42,6 +44,15 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned b
           smem_addr(dst)),
       "l"(src), "r"(bytes), "r"(smem_addr(bar))
       : "memory");
+}
+
+// The 8x8 16-bit matrix whose fragment (mma.cuh's layout: lane 4g + t holds
+// row g, columns 2t and 2t + 1) is `a`, transposed: lane 4g + t gets
+// M[2t][g] and M[2t + 1][g]. (sm_75+)
+__device__ __forceinline__ unsigned movmatrix_trans(unsigned a) {
+  unsigned d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+  return d;
 }
 
 }  // namespace mlx_flash
