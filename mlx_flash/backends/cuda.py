@@ -549,6 +549,30 @@ DECODE_TUNING: dict = {}
 _DECODE_BULK = os.environ.get("MLX_FLASH_CUDA_DECODE_BULK", "0") == "1"
 # Keys as the mma's M (attention_decode.cuh KR) where a block's rows fit its N of 8.
 _DECODE_KR = os.environ.get("MLX_FLASH_CUDA_DECODE_KR", "0") == "1"
+_DECODE_PLAN_KEYS = ("nw", "bn", "stages", "splits", "waves", "bulk", "kr")
+
+
+def _parse_decode_plan(text: str) -> dict:
+    """MLX_FLASH_CUDA_DECODE_PLAN, e.g. "nw=2,stages=4,kr=1": launch-plan
+    defaults under DECODE_TUNING (for A/B runs on the GPU machine)."""
+    plan = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in _DECODE_PLAN_KEYS or not value.strip().isdigit():
+            raise ValueError(f"MLX_FLASH_CUDA_DECODE_PLAN: expected name=integer items with names in "
+                             f"{', '.join(_DECODE_PLAN_KEYS)}, got {item!r}")
+        plan[name] = int(value)
+    return plan
+
+
+_DECODE_PLAN_ENV = _parse_decode_plan(os.environ.get("MLX_FLASH_CUDA_DECODE_PLAN", ""))
+
+
+def _decode_tuning() -> tuple:
+    """DECODE_TUNING over MLX_FLASH_CUDA_DECODE_PLAN, as a cache key (() for neither)."""
+    if not DECODE_TUNING and not _DECODE_PLAN_ENV:
+        return ()
+    return tuple(sorted({**_DECODE_PLAN_ENV, **DECODE_TUNING}.items()))
 
 
 def _decode_kr(spec: AttentionSpec, tuning: tuple, bn: int) -> bool:
@@ -591,7 +615,7 @@ def decode_plan(spec: AttentionSpec):
     """Launch shape of attention_fwd_decode: (warps, keys per warp tile, stages,
     shared memory bytes, blocks along x per KV head (16-row blocks times V
     column chunks), key splits)."""
-    return _decode_plan(spec, tuple(sorted(DECODE_TUNING.items())))
+    return _decode_plan(spec, _decode_tuning())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -607,7 +631,8 @@ def _decode_plan(spec: AttentionSpec, tuning: tuple):
     # each warp still getting at least two tiles.
     per_sm = max(1, min(4, _SM_SMEM // (smem + 1024)))
     keys = _effective_keys(spec)
-    splits = max(1, min(_MAX_SPLITS, _SMS * per_sm // base_blocks, math.ceil(keys / (2 * nw * bn))))
+    waves = dict(tuning).get("waves", 1)  # blocks for `waves` times every SM's resident blocks
+    splits = max(1, min(_MAX_SPLITS, _SMS * per_sm * waves // base_blocks, math.ceil(keys / (2 * nw * bn))))
     if "splits" in dict(tuning):
         splits = max(1, min(_MAX_SPLITS, dict(tuning)["splits"], math.ceil(keys / (nw * bn))))
     # The kernel rounds each split's keys up to whole rounds of nw tiles: drop splits left empty.
@@ -663,8 +688,7 @@ def _decode_launch(spec: AttentionSpec, mask_dtype, lse_shape: tuple):
     """Everything of an attention_fwd_decode launch but its inputs: (the
     arguments of _kernel (template constants in the source), grid,
     threadgroup, output shapes, output dtypes, init value)."""
-    return _decode_launch_cached(spec, mask_dtype, lse_shape, tuple(sorted(DECODE_TUNING.items())) if DECODE_TUNING
-                                 else ())
+    return _decode_launch_cached(spec, mask_dtype, lse_shape, _decode_tuning())
 
 
 @functools.lru_cache(maxsize=1024)
