@@ -40,12 +40,10 @@ from mlx_flash.backends import cuda as cb
 SHAPES = {"32:8": (1, 32, 8, 1, 32768, 128), "32:4": (1, 32, 4, 1, 32768, 128)}
 DTYPES = {"fp16": mx.float16, "bf16": mx.bfloat16}
 LAYERS = 32
-SWEEP = [{}, {"bulk": True}, {"splits": 128}, {"bulk": True, "splits": 128}, {"nw": 2, "stages": 4},
-         {"bulk": True, "nw": 2, "stages": 4}, {"bulk": True, "stages": 2}, {"stages": 2}, {"splits": 32},
-         {"bulk": True, "nw": 2, "stages": 4, "splits": 128}, {"nw": 2, "stages": 4, "splits": 128},
-         {"bulk": True, "stages": 4}, {"bulk": True, "nw": 8, "stages": 2}, {"nw": 2, "stages": 3},
-         {"nw": 8, "stages": 2}, {"bn": 32, "stages": 2}, {"stages": 4}, {"splits": 16}, {"splits": 64},
-         {"stages": 2, "splits": 96}]
+# Launch-plan variants (DECODE_TUNING over the defaults; waves in percent).
+SWEEP = [{}, {"waves": 100}, {"kr": 1}, {"kr": 1, "waves": 100}, {"kr": 1, "bulk": 1}, {"bulk": 1},
+         {"kr": 1, "stages": 2}, {"kr": 1, "nw": 8, "stages": 2}, {"kr": 1, "waves": 25}, {"waves": 25}]
+PASSES = 2  # the sweep measures every variant this many times, interleaved, and keeps the best
 
 
 def caches(shape, dtype, n):
@@ -119,11 +117,12 @@ def describe_plan(q, k, v):
     return {"nw": nw, "bn": bn, "stages": stages, "smem": smem, "row_blocks": row_blocks, "splits": splits}
 
 
-def warm(sweep: bool):
+def warm(sweep: bool, dtypes=("fp16", "bf16")):
     """Compile every decode kernel variant the timed run uses, one small call each, in parallel."""
-    jobs = [(d, {}) for d in DTYPES]
+    jobs = [(d, {}) for d in dtypes]
     if sweep:
-        jobs += [("fp16", v) for v in SWEEP if any(k != "splits" for k in v)]
+        jobs += [("fp16", v) for v in SWEEP if any(k not in ("splits", "waves", "tiles") for k in v)]
+        jobs += [("bf16", v) for v in SWEEP[2:5] if "bf16" in dtypes]
     procs = []
     for dname, variant in jobs:
         code = ("import mlx.core as mx, mlx_flash\n"
@@ -147,9 +146,11 @@ def main():
     parser.add_argument("--shapes", default="32:8,32:4")
     parser.add_argument("--dtypes", default="fp16,bf16")
     parser.add_argument("--impls", default="mlx_flash,mx.fast")
+    parser.add_argument("--choice-out", default=None, help="write the best variant as MLX_FLASH_CUDA_DECODE_PLAN text")
+    parser.add_argument("--warm-dtypes", default="fp16,bf16")
     args = parser.parse_args()
     if args.warm:
-        warm(args.sweep)
+        warm(args.sweep, tuple(args.warm_dtypes.split(",")))
         return
     res = {"card": mx.device_info().get("device_name", "?"), "label": args.label, "layers": LAYERS,
            "unit": "us per call", "cases": {}, "sweep": {}}
@@ -184,20 +185,40 @@ def main():
     if args.sweep:
         sets = {sname: caches(SHAPES[sname], mx.float16, LAYERS) for sname in ("32:8", "32:4")}
         fn = impl_fn("mlx_flash", 128 ** -0.5)
-        for variant in SWEEP:
-            for sname in ("32:8", "32:4"):
-                cb.DECODE_TUNING.clear()
-                cb.DECODE_TUNING.update(variant)
-                try:
-                    r = measure(fn, sets[sname], lat_iters=10, step_iters=5)
-                    r.update(check(fn, sets[sname], 128 ** -0.5))
-                    r["plan"] = describe_plan(*sets[sname][0])
-                except Exception as e:  # noqa: BLE001 (a variant that does not build: say so, go on)
-                    r = {"error": str(e)[:300]}
-                res["sweep"][f"{sname} fp16 {json.dumps(variant)}"] = r
-                print(f"sweep {sname} {variant}", json.dumps(r), flush=True)
-                save()
+        for p in range(PASSES):
+            for variant in SWEEP:
+                for sname in ("32:8", "32:4"):
+                    cb.DECODE_TUNING.clear()
+                    cb.DECODE_TUNING.update(variant)
+                    key = f"{sname} fp16 {json.dumps(variant)}"
+                    try:
+                        r = measure(fn, sets[sname], lat_iters=10, step_iters=6)
+                        r.update(check(fn, sets[sname], 128 ** -0.5))
+                        r["plan"] = describe_plan(*sets[sname][0])
+                    except Exception as e:  # noqa: BLE001 (a variant that does not build: say so, go on)
+                        r = {"error": str(e)[:300]}
+                    old = res["sweep"].get(key)
+                    if old is not None and "gpu_us" in old and "gpu_us" in r:  # keep each number's best pass
+                        r = {**r, **{m: min(old[m], r[m]) for m in ("latency_us", "step_us", "build_us", "gpu_us")},
+                             "ok": old["ok"] and r["ok"]}
+                    res["sweep"][key] = r
+                    print(f"sweep pass {p} {sname} {variant}", json.dumps(r), flush=True)
+                    save()
         cb.DECODE_TUNING.clear()
+        # The choice: the least GPU time per call over both shapes among the correct variants.
+        scores = {}
+        for variant in SWEEP:
+            rows = [res["sweep"].get(f"{sname} fp16 {json.dumps(variant)}", {}) for sname in ("32:8", "32:4")]
+            if all("gpu_us" in r and r["ok"] for r in rows):
+                scores[json.dumps(variant)] = sum(r["gpu_us"] for r in rows)
+        if scores:
+            best = json.loads(min(scores, key=scores.get))
+            res["choice"] = {"variant": best, "score_gpu_us": scores[json.dumps(best)], "scores": scores,
+                             "env": ",".join(f"{k}={int(v)}" for k, v in best.items())}
+            print("choice", json.dumps(res["choice"]), flush=True)
+            if args.choice_out:
+                with open(args.choice_out, "w") as f:
+                    f.write(res["choice"]["env"])
     save()
 
 

@@ -94,7 +94,7 @@ def install_stubs():
     cq._kernel = lambda *a, **kw: stub
     cq._strided_kernel = lambda *a, **kw: stub
     for cached in (cb._wgmma_fwd_config, cb._mma_fwd_config, cb._simt_fwd_config, cb._wgmma_bwd_config,
-                   cb._mma_bwd_config, cb._simt_bwd_config):
+                   cb._mma_bwd_config, cb._simt_bwd_config, cb._decode_launch_cached):
         cached.cache_clear()
     real_device_of = dispatch.device_of
 

@@ -258,7 +258,10 @@ def patched_cuda_kernel():
     had = hasattr(mx.fast, "cuda_kernel")
     original = getattr(mx.fast, "cuda_kernel", None)
     mx.fast.cuda_kernel = cuda_kernel
-    cuda_backend._kernel.cache_clear()
+    caches = [cuda_backend._kernel] + [getattr(cuda_backend, n) for n in ("_decode_launch_cached",)
+                                       if hasattr(cuda_backend, n)]  # the decode launch keeps its kernel
+    for cache in caches:
+        cache.cache_clear()
     try:
         yield
     finally:
@@ -266,4 +269,5 @@ def patched_cuda_kernel():
             mx.fast.cuda_kernel = original
         else:
             del mx.fast.cuda_kernel
-        cuda_backend._kernel.cache_clear()
+        for cache in caches:
+            cache.cache_clear()
