@@ -566,14 +566,18 @@ def _parse_decode_plan(text: str) -> dict:
     return plan
 
 
+# The launch plan's measured defaults over the formulas of _decode_config and
+# _decode_plan (H200 sweep, docs/cuda_decode.md), under the environment's plan.
+_DECODE_DEFAULTS: dict = {}
 _DECODE_PLAN_ENV = _parse_decode_plan(os.environ.get("MLX_FLASH_CUDA_DECODE_PLAN", ""))
+_DECODE_BASE_TUNING = tuple(sorted({**_DECODE_DEFAULTS, **_DECODE_PLAN_ENV}.items()))
 
 
 def _decode_tuning() -> tuple:
-    """DECODE_TUNING over MLX_FLASH_CUDA_DECODE_PLAN, as a cache key (() for neither)."""
-    if not DECODE_TUNING and not _DECODE_PLAN_ENV:
-        return ()
-    return tuple(sorted({**_DECODE_PLAN_ENV, **DECODE_TUNING}.items()))
+    """DECODE_TUNING over MLX_FLASH_CUDA_DECODE_PLAN over the defaults, as a cache key."""
+    if not DECODE_TUNING:
+        return _DECODE_BASE_TUNING
+    return tuple(sorted({**_DECODE_DEFAULTS, **_DECODE_PLAN_ENV, **DECODE_TUNING}.items()))
 
 
 def _decode_kr(spec: AttentionSpec, tuning: tuple, bn: int) -> bool:
