@@ -183,7 +183,7 @@ __device__ void attention_fwd_decode(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const float* sinks,
     const bool* bmask, const int* cu_q, const int* cu_k, const int* ip, const float* fp,
     T* out, float* lse, float* ws, const int* key_start = nullptr,
-    const int* key_len = nullptr) {
+    const int* key_len = nullptr, const unsigned* pool_tickets = nullptr) {
   static_assert(D % 8 == 0 && DV % 8 == 0 && DVC % 8 == 0, "decode kernel: head dims must be multiples of 8");
   static_assert(BN % 16 == 0 && STAGES >= 2, "decode kernel: BN a multiple of 16, at least 2 stages");
   static_assert(decode_merge_smem(DVC, NW) <= decode_fwd_smem(D, DVC, NW, BN, STAGES), "merge scratch");
@@ -579,16 +579,22 @@ __device__ void attention_fwd_decode(
   }
   if constexpr (SPLIT) {
     // The last block of this (row block, column chunk, batch x KV head) to
-    // finish merges every split's partial: its ticket is the group's counter
-    // (MLX zero-fills ws: init_value = 0). The fence orders this block's
-    // partial stores before its ticket; the reader fences again and reads
-    // through L2 (__ldcg), never a stale L1 line.
+    // finish merges every split's partial: its ticket is the group's counter,
+    // in ws (zero-filled by MLX: init_value = 0) or, given pool_tickets, in a
+    // region of a zeroed pool that this call alone uses, which the last block
+    // sets back to 0 for a later call (no fill of the outputs). The fence
+    // orders this block's partial stores before its ticket; the reader fences
+    // again and reads through L2 (__ldcg), never a stale L1 line.
     __shared__ int decode_last[1];
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
-      unsigned* ticket = reinterpret_cast<unsigned*>(ws) + (long)blockIdx.z * gridDim.x + blockIdx.x;
-      decode_last[0] = atomicAdd(ticket, 1u) == (unsigned)(splits - 1);
+      const long group = (long)blockIdx.z * gridDim.x + blockIdx.x;
+      unsigned* ticket = pool_tickets != nullptr ? const_cast<unsigned*>(pool_tickets) + group
+                                                 : reinterpret_cast<unsigned*>(ws) + group;
+      const bool last = atomicAdd(ticket, 1u) == (unsigned)(splits - 1);
+      if (last && pool_tickets != nullptr) *ticket = 0u;  // every other block of the group has drawn
+      decode_last[0] = last;
     }
     __syncthreads();
     if (!decode_last[0]) return;

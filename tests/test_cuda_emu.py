@@ -346,7 +346,8 @@ def _case_id(c):
 
 
 # K/V stream (cp.async or bulk copies) x tile form (16 rows, or keys as the mma's M: KR).
-FORMS = {"cp_async": {}, "bulk": {"bulk": True}, "kr": {"kr": True}, "kr_bulk": {"kr": True, "bulk": True}}
+FORMS = {"cp_async": {}, "bulk": {"bulk": True}, "kr": {"kr": True}, "kr_bulk": {"kr": True, "bulk": True},
+         "kr_pool": {"kr": True, "pool": True}}
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -367,7 +368,7 @@ def test_fused_split_merge(case, form, decode_tuning):
     _check(q, k, v, dtype, options)
 
 
-@pytest.mark.parametrize("form", ["bulk", "kr", "kr_bulk"])
+@pytest.mark.parametrize("form", ["bulk", "kr", "kr_bulk", "kr_pool"])
 @pytest.mark.parametrize("case", DECODE_CASES)
 def test_nonfinite_inputs_forms(case, form, decode_tuning):
     """The bulk-copy K/V stream and the KR tiles keep the non-finite contract
@@ -380,3 +381,30 @@ def test_nonfinite_inputs_forms(case, form, decode_tuning):
     check_contract("out", to_np(out), want, F16)
     check_contract("lse", to_np(lse), want, mx.float32)
     assert np.isfinite(want["out"]).any()
+
+
+def test_ticket_pool_regions_are_reset(decode_tuning):
+    """With the ticket pool, calls take consecutive regions of a zeroed array
+    and their groups' last blocks set the tickets back to 0 (the emulation
+    hands the kernel a copy of the region and keeps its bytes after the
+    launch), so a region serves again."""
+    from mlx_flash._spec import validate_attention
+    from mlx_flash.backends import cuda as cuda_backend
+
+    decode_tuning.update(kr=True, pool=True)
+    gen = rng("cuda-emu-pool")
+    q, k, v = randn(gen, (2, 8, 1, 64), F16), randn(gen, (2, 2, 900, 64), F16), randn(gen, (2, 2, 900, 64), F16)
+    spec, inputs = validate_attention(q, k, v)
+    assert cuda_backend.decode_plan(spec)[-1] > 1
+    with harness.patched_cuda_kernel():
+        calls = cuda_backend._TICKET_POOL[2] if cuda_backend._TICKET_POOL else 0
+        out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.cpu)
+        mx.eval(out, lse)
+        launch = cuda_backend._decode_launch(spec, mx.bool_, (2, 8, 1))
+        assert launch[2], "the launch takes its tickets from the pool"
+        after = launch[0].inputs_after["tk"]
+    want = attention_np(q, k, v)
+    check_close("out", to_np(out), want, F16, plain_errors(q, k, v, mx.ones(out.shape, F16), {}, F16))
+    check_close("lse", to_np(lse), want, mx.float32)
+    assert cuda_backend._TICKET_POOL[2] == calls + 1
+    assert not np.any(after), "every ticket set back to 0"

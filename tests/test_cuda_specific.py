@@ -25,7 +25,7 @@ from cuda_emu import nonfinite_cases
 from mlx_flash.backends import cuda as cuda_backend
 
 _CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",
-               mx.bool_: "bool", mx.int32: "int32_t", mx.uint8: "uint8_t"}
+               mx.bool_: "bool", mx.int32: "int32_t", mx.uint8: "uint8_t", mx.uint32: "uint32_t"}
 
 
 def _prelude(headers):
@@ -156,8 +156,11 @@ def _input_dtypes(body, T, MT):
     if body == "attention_combine":
         return list(zip(("part_o", "part_lse", "sinks", "ip", "ns"),
                         (mx.float32, mx.float32, mx.float32, mx.int32, mx.int32)))
-    if body in ("attention_fwd_mma", "attention_fwd_mma2", "attention_fwd_wgmma", "attention_fwd_simt",
-                "attention_fwd_decode"):
+    if body == "attention_fwd_decode":  # and the ticket pool's region (uint32)
+        names, dtypes = cuda_backend._ATTN_INPUTS + ("tk",), (T, T, T, MT, mx.float32, mx.float32, mx.bool_,
+                                                               mx.int32, mx.int32, mx.int32, mx.float32, mx.int32,
+                                                               mx.int32, mx.uint32)
+    elif body in ("attention_fwd_mma", "attention_fwd_mma2", "attention_fwd_wgmma", "attention_fwd_simt"):
         names, dtypes = cuda_backend._ATTN_INPUTS, (T, T, T, MT, mx.float32, mx.float32, mx.bool_,
                                                      mx.int32, mx.int32, mx.int32, mx.float32, mx.int32, mx.int32)
     elif body in ("attention_bwd_mma", "attention_bwd_wgmma"):

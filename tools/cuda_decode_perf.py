@@ -41,8 +41,8 @@ SHAPES = {"32:8": (1, 32, 8, 1, 32768, 128), "32:4": (1, 32, 4, 1, 32768, 128)}
 DTYPES = {"fp16": mx.float16, "bf16": mx.bfloat16}
 LAYERS = 32
 # Launch-plan variants (DECODE_TUNING over the defaults; waves in percent).
-SWEEP = [{}, {"waves": 100}, {"kr": 1}, {"kr": 1, "waves": 100}, {"kr": 1, "bulk": 1}, {"bulk": 1},
-         {"kr": 1, "stages": 2}, {"kr": 1, "nw": 8, "stages": 2}, {"kr": 1, "waves": 25}, {"waves": 25}]
+SWEEP = [{}, {"waves": 100}, {"kr": 1}, {"kr": 1, "pool": 1}, {"pool": 1}, {"kr": 1, "bulk": 1},
+         {"kr": 1, "bulk": 1, "pool": 1}, {"kr": 1, "waves": 100}, {"kr": 1, "stages": 2}, {"kr": 1, "waves": 25}]
 PASSES = 2  # the sweep measures every variant this many times, interleaved, and keeps the best
 
 

@@ -550,7 +550,7 @@ DECODE_TUNING: dict = {}
 _DECODE_BULK = os.environ.get("MLX_FLASH_CUDA_DECODE_BULK", "0") == "1"
 # Keys as the mma's M (attention_decode.cuh KR) where a block's rows fit its N of 8.
 _DECODE_KR = os.environ.get("MLX_FLASH_CUDA_DECODE_KR", "0") == "1"
-_DECODE_PLAN_KEYS = ("nw", "bn", "stages", "splits", "waves", "tiles", "bulk", "kr")
+_DECODE_PLAN_KEYS = ("nw", "bn", "stages", "splits", "waves", "tiles", "bulk", "kr", "pool")
 
 
 def _parse_decode_plan(text: str) -> dict:
@@ -656,8 +656,11 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
     over blocks and the splits merged by attention_combine)."""
     d, dv = spec.head_dim_qk, spec.head_dim_v
     if spec.dtype != mx.float32 and d % 8 == 0 and dv % 8 == 0:
-        kernel, used, grid, threads, shapes, dtypes, init = _decode_launch(spec, args[3].dtype, lse_shape)
-        out, lse, _ = kernel(inputs=list(used(args)), grid=grid, threadgroup=threads, output_shapes=shapes,
+        kernel, used, pool, grid, threads, shapes, dtypes, init = _decode_launch(spec, args[3].dtype, lse_shape)
+        inputs = list(used(args))
+        if pool:
+            inputs.append(_ticket_region())
+        out, lse, _ = kernel(inputs=inputs, grid=grid, threadgroup=threads, output_shapes=shapes,
                              output_dtypes=dtypes, init_value=init, stream=stream)
         return out, lse
     rows = math.prod(lse_shape)
@@ -687,6 +690,31 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
     return out, lse
 
 
+# Ticket pool of split decode calls (the "pool" plan option): each call takes
+# the next of _TICKET_REGIONS regions of a zeroed uint32 array, its groups'
+# last blocks set their tickets back to 0, so no output needs MLX's zero fill
+# (three fill nodes a call). A region is reused _TICKET_REGIONS calls later:
+# a GPU runs at most 128 kernels at once, so two calls never share one.
+_TICKET_REGIONS = 1024
+_TICKET_REGION_WORDS = 1024  # row groups a call may have on the pool (more: ws zero-filled)
+_TICKET_POOL: list = []  # [the array, its region views (made on first use), the call count]
+
+
+def _ticket_region() -> mx.array:
+    """The next region of the ticket pool (a view: no graph node per call)."""
+    if not _TICKET_POOL:
+        pool = mx.zeros((_TICKET_REGIONS * _TICKET_REGION_WORDS,), mx.uint32)
+        mx.eval(pool)
+        _TICKET_POOL.extend([pool, [None] * _TICKET_REGIONS, 0])
+    pool, views, calls = _TICKET_POOL
+    i = calls % _TICKET_REGIONS
+    _TICKET_POOL[2] = calls + 1
+    if views[i] is None:
+        views[i] = pool[i * _TICKET_REGION_WORDS:(i + 1) * _TICKET_REGION_WORDS]
+        mx.eval(views[i])
+    return views[i]
+
+
 def _decode_ws_words(groups: int, splits: int, nc: int, rows: int, dv: int) -> int:
     """decode_ws_words of attention_decode.cuh: tickets, part_lse, part_o (float32 words)."""
     pad4 = lambda x: -(-x // 4) * 4  # noqa: E731
@@ -714,22 +742,26 @@ def _decode_launch_cached(spec: AttentionSpec, mask_dtype, lse_shape: tuple, tun
     groups = row_blocks * spec.batch * spec.heads_kv
     grid = (row_blocks * 32 * nw, splits, spec.batch * spec.heads_kv)
     out_shape = lse_shape + (dv,)
+    pool = splits > 1 and bool(dict(tuning).get("pool", 0)) and groups <= _TICKET_REGION_WORDS
     if splits == 1:
         ws, init = 1, None
     else:
-        # Zero-filled: the tickets that pick each row group's merging block start at 0.
-        ws, init = _decode_ws_words(groups, splits, -(-dv // dvc), math.prod(lse_shape), dv), 0.0
+        # Zero-filled (unless the tickets come from the pool): the tickets that
+        # pick each row group's merging block start at 0.
+        ws, init = _decode_ws_words(groups, splits, -(-dv // dvc), math.prod(lse_shape), dv), None if pool else 0.0
     # Only the inputs the instance reads go to MLX (each costs host time per
     # call); the absent optional ones are null pointers the features never read.
     present = {"mask": spec.mask_kind != "none", "alibi": spec.has_alibi, "sinks": spec.has_sinks,
                "bmask": spec.has_block_mask, "cu_q": spec.varlen, "cu_k": spec.varlen,
                "kstart": spec.has_key_range, "klen": spec.has_key_range}
     used = [i for i, name in enumerate(_ATTN_INPUTS) if present.get(name, True)]
-    absent = "".join(f"  constexpr decltype(nullptr) {name} = nullptr;\n" for name in _ATTN_INPUTS
+    present["tk"] = pool
+    absent = "".join(f"  constexpr decltype(nullptr) {name} = nullptr;\n" for name in _ATTN_INPUTS + ("tk",)
                      if not present.get(name, True))
-    kernel = _kernel("attention_fwd_decode", tuple(_ATTN_INPUTS[i] for i in used), ("out", "lse", "ws"), smem, None,
-                     True, _template_source(template) + absent)
-    return (kernel, operator.itemgetter(*used), grid, (32 * nw, 1, 1), [out_shape, lse_shape, (ws,)],
+    names = tuple(_ATTN_INPUTS[i] for i in used) + (("tk",) if pool else ())
+    kernel = _kernel("attention_fwd_decode", names, ("out", "lse", "ws"), smem, None, True,
+                     _template_source(template) + absent)
+    return (kernel, operator.itemgetter(*used), pool, grid, (32 * nw, 1, 1), [out_shape, lse_shape, (ws,)],
             [spec.dtype, mx.float32, mx.float32], init)
 
 

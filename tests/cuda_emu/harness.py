@@ -147,6 +147,7 @@ def _to_bytes(x: mx.array) -> np.ndarray:
 
 
 _MAX_NDIM = 10  # MLX's Strides: cuda::std::array<int64_t, MAX_NDIM>
+_WRITTEN_INPUTS = ("tk",)
 
 
 def _view_bytes(x: mx.array):
@@ -236,6 +237,9 @@ class CudaKernel:
                                 (ctypes.c_long * 3)(*threadgroup), seed, _SMEM_LIMIT + 4096, 1, error, len(error))
         if status != 0:
             raise RuntimeError(f"cuda_emu: kernel {self.name}: {error.value.decode()}")
+        # Inputs a kernel writes on purpose (the decode kernel's ticket pool
+        # region): their bytes after the launch, for tests to inspect.
+        self.inputs_after = {n: buf.copy() for n, buf in zip(self.input_names, keep) if n in _WRITTEN_INPUTS}
         outs = []
         for buf, shape, dtype in zip(keep[len(inputs):], output_shapes, output_dtypes):
             arr = mx.array(buf.view(_NUMPY[dtype]).reshape(tuple(shape)))
