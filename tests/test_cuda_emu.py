@@ -397,7 +397,7 @@ def test_ticket_pool_regions_are_reset(decode_tuning):
     spec, inputs = validate_attention(q, k, v)
     assert cuda_backend.decode_plan(spec)[-1] > 1
     with harness.patched_cuda_kernel():
-        calls = cuda_backend._TICKET_POOL[2] if cuda_backend._TICKET_POOL else 0
+        calls = cuda_backend._TICKET_POOLS[mx.cpu][2] if mx.cpu in cuda_backend._TICKET_POOLS else 0
         out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.cpu)
         mx.eval(out, lse)
         launch = cuda_backend._decode_launch(spec, mx.bool_, (2, 8, 1))
@@ -406,5 +406,5 @@ def test_ticket_pool_regions_are_reset(decode_tuning):
     want = attention_np(q, k, v)
     check_close("out", to_np(out), want, F16, plain_errors(q, k, v, mx.ones(out.shape, F16), {}, F16))
     check_close("lse", to_np(lse), want, mx.float32)
-    assert cuda_backend._TICKET_POOL[2] == calls + 1
+    assert cuda_backend._TICKET_POOLS[mx.cpu][2] == calls + 1
     assert not np.any(after), "every ticket set back to 0"

@@ -659,7 +659,7 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
         kernel, used, pool, grid, threads, shapes, dtypes, init = _decode_launch(spec, args[3].dtype, lse_shape)
         inputs = list(used(args))
         if pool:
-            inputs.append(_ticket_region())
+            inputs.append(_ticket_region(stream))
         out, lse, _ = kernel(inputs=inputs, grid=grid, threadgroup=threads, output_shapes=shapes,
                              output_dtypes=dtypes, init_value=init, stream=stream)
         return out, lse
@@ -691,26 +691,29 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
 
 
 # Ticket pool of split decode calls (the "pool" plan option): each call takes
-# the next of _TICKET_REGIONS regions of a zeroed uint32 array, its groups'
-# last blocks set their tickets back to 0, so no output needs MLX's zero fill
-# (three fill nodes a call). A region is reused _TICKET_REGIONS calls later:
-# a GPU runs at most 128 kernels at once, so two calls never share one.
+# the next of _TICKET_REGIONS regions of a zeroed uint32 array of its stream,
+# and its groups' last blocks set their tickets back to 0, so no output needs
+# MLX's zero fill (three fill nodes a call). A region serves again
+# _TICKET_REGIONS calls later on that stream; MLX's CUDA graphs hold fewer
+# than 255 nodes and the graphs of one stream run one after the other, so two
+# calls never hold one region at once.
 _TICKET_REGIONS = 1024
 _TICKET_REGION_WORDS = 1024  # row groups a call may have on the pool (more: ws zero-filled)
-_TICKET_POOL: list = []  # [the array, its region views (made on first use), the call count]
+_TICKET_POOLS: dict = {}  # stream -> [the array, its region views (made on first use), the call count]
 
 
-def _ticket_region() -> mx.array:
-    """The next region of the ticket pool (a view: no graph node per call)."""
-    if not _TICKET_POOL:
-        pool = mx.zeros((_TICKET_REGIONS * _TICKET_REGION_WORDS,), mx.uint32)
-        mx.eval(pool)
-        _TICKET_POOL.extend([pool, [None] * _TICKET_REGIONS, 0])
-    pool, views, calls = _TICKET_POOL
+def _ticket_region(stream) -> mx.array:
+    """The stream's next ticket region (a view made once: no graph node per call)."""
+    pool = _TICKET_POOLS.get(stream)
+    if pool is None:
+        array = mx.zeros((_TICKET_REGIONS * _TICKET_REGION_WORDS,), mx.uint32, stream=stream)
+        mx.eval(array)
+        pool = _TICKET_POOLS[stream] = [array, [None] * _TICKET_REGIONS, 0]
+    array, views, calls = pool
     i = calls % _TICKET_REGIONS
-    _TICKET_POOL[2] = calls + 1
+    pool[2] = calls + 1
     if views[i] is None:
-        views[i] = pool[i * _TICKET_REGION_WORDS:(i + 1) * _TICKET_REGION_WORDS]
+        views[i] = array[i * _TICKET_REGION_WORDS:(i + 1) * _TICKET_REGION_WORDS]
         mx.eval(views[i])
     return views[i]
 
