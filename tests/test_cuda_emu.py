@@ -85,13 +85,14 @@ def test_decode_shapes(shape):
 
 @pytest.mark.parametrize("feature", list(features.FEATURES))
 def test_decode_features_kr(feature, decode_tuning):
-    """Every feature on the KR tiles (GQA group of 4, one query: 4 rows per block)."""
+    """Every feature on the KR tiles with the ticket pool (GQA group of 4, one
+    query: 4 rows per block)."""
     B, Hq, Hkv, Nq, Nk, D = 2, 8, 2, 1, 300, 64
     dtype = B16 if "combined" in feature else F16
     gen = rng("cuda-emu-feature-kr", feature)
     q, k, v = (randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype),
                randn(gen, (B, Hkv, Nk, D), dtype))
-    decode_tuning["kr"] = True
+    decode_tuning.update(kr=1, pool=1)  # the default plan, named
     _check(q, k, v, dtype, features.FEATURES[feature](gen, B, Hq, Nq, Nk))
 
 
@@ -346,8 +347,8 @@ def _case_id(c):
 
 
 # K/V stream (cp.async or bulk copies) x tile form (16 rows, or keys as the mma's M: KR).
-FORMS = {"cp_async": {}, "bulk": {"bulk": True}, "kr": {"kr": True}, "kr_bulk": {"kr": True, "bulk": True},
-         "kr_pool": {"kr": True, "pool": True}}
+FORMS = {"cp_async": {"kr": 0, "pool": 0}, "bulk": {"bulk": 1, "kr": 0, "pool": 0}, "kr": {"kr": 1, "pool": 0},
+         "kr_bulk": {"kr": 1, "bulk": 1, "pool": 0}, "kr_pool": {"kr": 1, "pool": 1}}
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -368,7 +369,7 @@ def test_fused_split_merge(case, form, decode_tuning):
     _check(q, k, v, dtype, options)
 
 
-@pytest.mark.parametrize("form", ["bulk", "kr", "kr_bulk", "kr_pool"])
+@pytest.mark.parametrize("form", ["cp_async", "bulk", "kr", "kr_bulk"])
 @pytest.mark.parametrize("case", DECODE_CASES)
 def test_nonfinite_inputs_forms(case, form, decode_tuning):
     """The bulk-copy K/V stream and the KR tiles keep the non-finite contract
