@@ -18,7 +18,10 @@
 // * Each warp keeps its own online softmax (row max / sum in the log2 domain,
 //   as the mma forward) and O accumulator; at the end the warps merge through
 //   shared memory and the block writes either the final row (one split) or
-//   its normalised partial result and lse, which attention_combine merges.
+//   its normalised partial result and lse; the last block of the row group
+//   to finish (an atomic ticket) merges the splits in the same launch.
+// * KR: with at most 8 rows, keys are the mma's M and rows its N (see the
+//   kernel); BULK: K/V rows by bulk copies (decode_ptx.cuh).
 #pragma once
 
 #include "attention_common.cuh"
