@@ -84,6 +84,19 @@ def test_decode_shapes(shape):
 
 
 @pytest.mark.parametrize("feature", list(features.FEATURES))
+def test_decode_features_kr(feature, decode_tuning):
+    """Every feature on the KR tiles with the ticket pool (GQA group of 4, one
+    query: 4 rows per block)."""
+    B, Hq, Hkv, Nq, Nk, D = 2, 8, 2, 1, 300, 64
+    dtype = B16 if "combined" in feature else F16
+    gen = rng("cuda-emu-feature-kr", feature)
+    q, k, v = (randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype),
+               randn(gen, (B, Hkv, Nk, D), dtype))
+    decode_tuning.update(kr=1, pool=1)  # the default plan, named
+    _check(q, k, v, dtype, features.FEATURES[feature](gen, B, Hq, Nq, Nk))
+
+
+@pytest.mark.parametrize("feature", list(features.FEATURES))
 def test_decode_features(feature):
     B, Hq, Hkv, Nq, Nk, D = 2, 8, 2, 3, 300, 64
     dtype = B16 if "combined" in feature else F16
@@ -302,3 +315,97 @@ def test_nonfinite_forward_backward(case, kind):
         check_contract(name, to_np(got), want, dtype)
     # The case keeps finite results beside the non-finite ones (what could leak).
     assert np.isfinite(want["out"]).any() and np.isfinite(want["dq"]).any()
+
+
+# ---------------------------------------------------------------------------
+# The split merge inside attention_fwd_decode (the last block of each row group
+# merges every split's partial, picked by an atomic ticket) and the K/V stream
+# by bulk copies (BULK): forced split counts, GQA, features, non-finite inputs.
+
+@pytest.fixture
+def decode_tuning():
+    from mlx_flash.backends import cuda as cuda_backend
+
+    yield cuda_backend.DECODE_TUNING
+    cuda_backend.DECODE_TUNING.clear()
+
+
+# (B, Hq, Hkv, Nq, Nk, D, dtype, launch plan asked (DECODE_TUNING), features)
+MERGE_CASES = [
+    (1, 4, 1, 1, 1, 64, F16, {"splits": 8}, "none"),           # one key: no split to merge
+    (1, 8, 2, 1, 17, 128, B16, {"nw": 1, "splits": 2}, "none"),  # a one-key second split
+    (2, 8, 2, 2, 113, 64, F16, {"nw": 1, "splits": 7}, "combined_causal_softcap_alibi_sinks"),
+    (1, 32, 8, 1, 1023, 128, F16, {"splits": 16}, "combined_blocks_causal_additive"),
+    (1, 16, 2, 2, 1023, 64, F16, {"nw": 1, "splits": 16}, "combined_mask_window_sinks"),
+    (1, 32, 4, 1, 1023, 64, B16, {"nw": 2, "splits": 128}, "sinks"),  # the most splits: 128 weights a row
+    (1, 8, 1, 1, 33000, 64, F16, {}, "none"),                  # the backend's own split count
+]
+
+
+def _case_id(c):
+    return "x".join(map(str, c[:6])) + "-" + "-".join(f"{k}{v}" for k, v in c[7].items()) + f"-{c[8]}"
+
+
+# K/V stream (cp.async or bulk copies) x tile form (16 rows, or keys as the mma's M: KR).
+FORMS = {"cp_async": {"kr": 0, "pool": 0}, "bulk": {"bulk": 1, "kr": 0, "pool": 0}, "kr": {"kr": 1, "pool": 0},
+         "kr_bulk": {"kr": 1, "bulk": 1, "pool": 0}, "kr_pool": {"kr": 1, "pool": 1}}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("case", MERGE_CASES, ids=_case_id)
+def test_fused_split_merge(case, form, decode_tuning):
+    from mlx_flash._spec import validate_attention
+    from mlx_flash.backends import cuda as cuda_backend
+
+    B, Hq, Hkv, Nq, Nk, D, dtype, plan, feature = case
+    gen = rng("cuda-emu-merge", case[:6], feature)
+    q, k, v = (randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype),
+               randn(gen, (B, Hkv, Nk, D), dtype))
+    options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+    decode_tuning.update(plan, **FORMS[form])
+    spec, _ = validate_attention(q, k, v, **options)
+    splits = cuda_backend.decode_plan(spec)[-1]
+    assert Nk == 1 or splits > 1, "the case must split keys over blocks, so the fused merge runs"
+    _check(q, k, v, dtype, options)
+
+
+@pytest.mark.parametrize("form", ["cp_async", "bulk", "kr", "kr_bulk"])
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_nonfinite_inputs_forms(case, form, decode_tuning):
+    """The bulk-copy K/V stream and the KR tiles keep the non-finite contract
+    (rows past a split's end zeroed, exact P V where a dropped key's V is not
+    finite, NaN carried through the merge)."""
+    decode_tuning.update(FORMS[form])
+    q, k, v, options = decode_case(case, F16)
+    out, lse = _forward(q, k, v, **options)
+    want = attention_np(q, k, v, **options)
+    check_contract("out", to_np(out), want, F16)
+    check_contract("lse", to_np(lse), want, mx.float32)
+    assert np.isfinite(want["out"]).any()
+
+
+def test_ticket_pool_regions_are_reset(decode_tuning):
+    """With the ticket pool, calls take consecutive regions of a zeroed array
+    and their groups' last blocks set the tickets back to 0 (the emulation
+    hands the kernel a copy of the region and keeps its bytes after the
+    launch), so a region serves again."""
+    from mlx_flash._spec import validate_attention
+    from mlx_flash.backends import cuda as cuda_backend
+
+    decode_tuning.update(kr=True, pool=True)
+    gen = rng("cuda-emu-pool")
+    q, k, v = randn(gen, (2, 8, 1, 64), F16), randn(gen, (2, 2, 900, 64), F16), randn(gen, (2, 2, 900, 64), F16)
+    spec, inputs = validate_attention(q, k, v)
+    assert cuda_backend.decode_plan(spec)[-1] > 1
+    with harness.patched_cuda_kernel():
+        calls = cuda_backend._TICKET_POOLS[mx.cpu][2] if mx.cpu in cuda_backend._TICKET_POOLS else 0
+        out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.cpu)
+        mx.eval(out, lse)
+        launch = cuda_backend._decode_launch(spec, mx.bool_, (2, 8, 1))
+        assert launch[2], "the launch takes its tickets from the pool"
+        after = launch[0].inputs_after["tk"]
+    want = attention_np(q, k, v)
+    check_close("out", to_np(out), want, F16, plain_errors(q, k, v, mx.ones(out.shape, F16), {}, F16))
+    check_close("lse", to_np(lse), want, mx.float32)
+    assert cuda_backend._TICKET_POOLS[mx.cpu][2] == calls + 1
+    assert not np.any(after), "every ticket set back to 0"

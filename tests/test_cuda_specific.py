@@ -25,7 +25,7 @@ from cuda_emu import nonfinite_cases
 from mlx_flash.backends import cuda as cuda_backend
 
 _CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",
-               mx.bool_: "bool", mx.int32: "int32_t", mx.uint8: "uint8_t"}
+               mx.bool_: "bool", mx.int32: "int32_t", mx.uint8: "uint8_t", mx.uint32: "uint32_t"}
 
 
 def _prelude(headers):
@@ -110,8 +110,9 @@ def _decode_cases():
     varlen = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 2), ("WINDOW", True),
               ("BLOCK_MASK", False), ("SINKS", True), ("VARLEN", True), ("KEY_RANGE", False)]
     ranges = plain[:-1] + [("KEY_RANGE", True)]
-    tiles = lambda d, dv, stages, split: [("D", d), ("DV", dv), ("NW", 4), ("BN", 16), ("STAGES", stages),
-                                          ("SPLIT", split), ("DVC", dv)]
+    tiles = lambda d, dv, stages, split, bulk=False, kr=False: [("D", d), ("DV", dv), ("NW", 4), ("BN", 16),
+                                                                ("STAGES", stages), ("SPLIT", split), ("DVC", dv),
+                                                                ("BULK", bulk), ("KR", kr)]
     f16, b16 = mx.float16, mx.bfloat16
     yield f16, mx.bool_, plain + tiles(128, 128, 3, True)
     yield f16, mx.bool_, ranges + tiles(128, 128, 3, True)
@@ -124,13 +125,24 @@ def _decode_cases():
     yield f16, mx.float32, varlen + tiles(72, 40, 3, True)
     yield b16, mx.bfloat16, varlen + tiles(256, 256, 2, False)
     yield f16, mx.float16, every[:2] + [("MASK_KIND", 2)] + every[3:] + tiles(96, 128, 4, True)
+    # Bulk (TMA) copies of the K/V rows.
+    yield f16, mx.bool_, plain + tiles(128, 128, 3, True, True)
+    yield b16, mx.bool_, every + tiles(128, 128, 3, True, True)
+    yield f16, mx.float32, varlen + tiles(72, 40, 3, False, True)
+    yield b16, mx.bool_, plain + tiles(64, 64, 4, True, True)
+    # Keys as the mma's M (8-row blocks).
+    yield f16, mx.bool_, plain + tiles(128, 128, 3, True, False, True)
+    yield b16, mx.bool_, plain + tiles(128, 128, 3, True, True, True)
+    yield f16, mx.bool_, every + tiles(128, 128, 3, True, True, True)
+    yield b16, mx.float32, varlen + tiles(72, 40, 3, False, False, True)
+    yield f16, mx.bool_, plain + tiles(256, 256, 2, True, True, True)
     # Tile variants tools/cuda_decode_check.py sweeps: 8 warps, 32-key warp tiles, 2 warps.
     yield f16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 8), ("BN", 16), ("STAGES", 2), ("SPLIT", True),
-                                                                 ("DVC", 128)]
+                                                                 ("DVC", 128), ("BULK", False), ("KR", False)]
     yield b16, mx.bool_, plain + tiles(128, 128, 2, True)[:2] + [("NW", 4), ("BN", 32), ("STAGES", 2), ("SPLIT", True),
-                                                                 ("DVC", 128)]
+                                                                 ("DVC", 128), ("BULK", False), ("KR", False)]
     yield f16, mx.bool_, plain + tiles(64, 64, 4, True)[:2] + [("NW", 2), ("BN", 16), ("STAGES", 4), ("SPLIT", True),
-                                                               ("DVC", 64)]
+                                                               ("DVC", 64), ("BULK", False), ("KR", False)]
 
 
 def _combine_cases():
@@ -144,8 +156,11 @@ def _input_dtypes(body, T, MT):
     if body == "attention_combine":
         return list(zip(("part_o", "part_lse", "sinks", "ip", "ns"),
                         (mx.float32, mx.float32, mx.float32, mx.int32, mx.int32)))
-    if body in ("attention_fwd_mma", "attention_fwd_mma2", "attention_fwd_wgmma", "attention_fwd_simt",
-                "attention_fwd_decode"):
+    if body == "attention_fwd_decode":  # and the ticket pool's region (uint32)
+        names, dtypes = cuda_backend._ATTN_INPUTS + ("tk",), (T, T, T, MT, mx.float32, mx.float32, mx.bool_,
+                                                               mx.int32, mx.int32, mx.int32, mx.float32, mx.int32,
+                                                               mx.int32, mx.uint32)
+    elif body in ("attention_fwd_mma", "attention_fwd_mma2", "attention_fwd_wgmma", "attention_fwd_simt"):
         names, dtypes = cuda_backend._ATTN_INPUTS, (T, T, T, MT, mx.float32, mx.float32, mx.bool_,
                                                      mx.int32, mx.int32, mx.int32, mx.float32, mx.int32, mx.int32)
     elif body in ("attention_bwd_mma", "attention_bwd_wgmma"):
@@ -161,7 +176,7 @@ def _input_dtypes(body, T, MT):
 
 
 def _output_dtypes(outputs, T):
-    return [(n, mx.float32 if n in ("lse", "part_o", "part_lse", "dq_acc") else T) for n in outputs]
+    return [(n, mx.float32 if n in ("lse", "part_o", "part_lse", "ws", "dq_acc") else T) for n in outputs]
 
 
 def _matmul_cases():
@@ -377,7 +392,7 @@ def test_decode_kernels_compile_without_spills(tmp_path):
     kernels = []
     for i, (T, MT, template) in enumerate(_decode_cases()):
         kernels.append(_kernel_text(f"decode{i}", decode_body, _input_dtypes("attention_fwd_decode", T, MT),
-                                    _output_dtypes(("out", "lse", "part_o", "part_lse"), T),
+                                    _output_dtypes(("out", "lse", "ws"), T),
                                     [("T", T), ("MT", MT)] + template))
     log = _nvcc_compile(tmp_path, "decode", _prelude(cuda_backend.kernel_headers("attention_fwd_decode")) + "\n" + "\n".join(kernels),
                         ("-Xptxas", "-v"))
@@ -422,7 +437,7 @@ def _wide_head_cases():
             for split in (True, False):
                 yield ("attention_fwd_decode", T, mx.float32, feats + [("SINKS", True)] + dims + [
                     ("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", split),
-                    ("DVC", cuda_backend._column_chunk(dv))], ("out", "lse", "part_o", "part_lse"))
+                    ("DVC", cuda_backend._column_chunk(dv)), ("BULK", False), ("KR", False)], ("out", "lse", "ws"))
     for d, dv in ((576, 512), (33, 511)):
         for w in (4, 8):
             yield ("attention_fwd_simt", mx.float32, mx.float32, every + [("SINKS", True), ("D", d), ("DV", dv),

@@ -19,7 +19,11 @@ Stages (each timed alone over the same prepared arguments):
   full       the public call; "rest" = full - the three stages above, i.e.
              mx.custom_function's own per-call cost and the glue between
 The "growing" cases time only the full call, over k/v views one key longer
-every 32 calls (generation with a 32-layer model: one new shape per step).
+every 32 calls (generation with a 32-layer model: one new shape per step) or
+at every call. The mx.fast cases time MLX's own SDPA entry point on the same
+arrays (the anchor), the other cases the prefill and backward paths; the
+header sizes each kernel hands MLX are printed first. (This tool replaces
+tools/cuda_host_overhead.py.)
 """
 
 from __future__ import annotations
@@ -49,6 +53,13 @@ CASES = {
     # views of a longer buffer: the first layer of a step meets a new shape.
     "decode fp16 growing, 32 layers": ("plain-grow", 1, 32, 8, 1, 32768, 128, None, False),
     "decode 4-bit growing, 32 layers": ("quant-grow", 1, 32, 8, 1, 32768, 128, 4, False),
+    # The anchor: MLX's own C++ entry point for the same decode call.
+    "mx.fast decode fp16 (1,32:8,1,32768,128)": ("mx.fast", 1, 32, 8, 1, 32768, 128, None, False),
+    "mx.fast decode fp16 growing, 32 layers": ("mx.fast-grow", 1, 32, 8, 1, 32768, 128, None, False),
+    "decode fp16 growing every call": ("plain-grow1", 1, 32, 8, 1, 32768, 128, None, False),
+    "tiny fp16 (1,1,64,64)": ("plain", 1, 1, 1, 64, 64, 64, None, False),
+    "forward fp16 (4,16,1024,64)": ("plain", 4, 16, 16, 1024, 1024, 64, None, False),
+    "forward+backward fp16 (4,16,1024,64)": ("grad", 4, 16, 16, 1024, 1024, 64, None, False),
     "prefill fp16 causal (1,32:8,2048,2048,128)": ("plain", 1, 32, 8, 2048, 2048, 128, None, True),
     "prefill 4-bit causal (1,32:8,2048,8192,128)": ("quant", 1, 32, 8, 2048, 8192, 128, 4, True),
 }
@@ -83,7 +94,7 @@ def install_stubs():
     cq._kernel = lambda *a, **kw: stub
     cq._strided_kernel = lambda *a, **kw: stub
     for cached in (cb._wgmma_fwd_config, cb._mma_fwd_config, cb._simt_fwd_config, cb._wgmma_bwd_config,
-                   cb._mma_bwd_config, cb._simt_bwd_config):
+                   cb._mma_bwd_config, cb._simt_bwd_config, cb._decode_launch_cached):
         cached.cache_clear()
     real_device_of = dispatch.device_of
 
@@ -98,6 +109,8 @@ def install_stubs():
 
 def growing_case(op, q, k, v, bits, s, calls, per_length=32):
     """Only the full call: views one key longer every `per_length` calls."""
+    if op.endswith("grow1"):
+        per_length = 1
     nk = k.shape[2] - calls // per_length - 1
     if op == "quant-grow":
         k = tuple(mx.quantize(k, group_size=GROUP_SIZE, bits=bits))
@@ -117,6 +130,8 @@ def growing_case(op, q, k, v, bits, s, calls, per_length=32):
 
     def step():
         kn, vn = next(it)
+        if op.startswith("mx.fast"):
+            return mx.fast.scaled_dot_product_attention(q, kn, vn, scale=s)
         return mlx_flash.flash_attention(q, kn, vn, scale=s)
     return {"full": step}
 
@@ -128,9 +143,16 @@ def make_case(name, calls):
     k = mx.random.normal((B, Hkv, Nk, D), key=keys[1]).astype(mx.float16)
     v = mx.random.normal((B, Hkv, Nk, D), key=keys[2]).astype(mx.float16)
     s = D ** -0.5
-    if op.endswith("grow"):
+    if "grow" in op:
         mx.eval(q)
         return growing_case(op, q, k, v, bits, s, calls)
+    if op == "mx.fast":
+        mx.eval(q, k, v)
+        return {"full": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=s)}
+    if op == "grad":
+        mx.eval(q, k, v)
+        grad = mx.grad(lambda q, k, v: mlx_flash.flash_attention(q, k, v, scale=s).sum(), argnums=(0, 1, 2))
+        return {"full": lambda: grad(q, k, v)}
     if op == "plain":
         mx.eval(q, k, v)
         spec, inputs = validate_attention(q, k, v, scale=s, causal=causal)
@@ -175,6 +197,14 @@ def custom_function_floor(iters: int, repeats: int) -> dict:
     return {n: build_us(lambda n=n: fn(*[x] * n), iters, repeats) for n in (3, 7)}
 
 
+def header_sizes() -> dict:
+    """Bytes of the header text each kernel hands MLX (minified .cuh files; MLX
+    gets a one-line #include of it where NVRTC can read files)."""
+    return {body: len(cb._header(cb.kernel_headers(body)))
+            for body in ("attention_fwd_decode", "attention_fwd_mma2", "attention_fwd_wgmma", "attention_fwd_simt",
+                         "attention_combine", "attention_bwd_mma", "attention_quant_fwd")}
+
+
 def build_us(fn, iters: int, repeats: int) -> float:
     """Best of `repeats` means over `iters` graph builds (microseconds per call)."""
     fn()
@@ -196,6 +226,7 @@ def main():
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--profile", default=None, help="cProfile the full call of the case with this name prefix")
+    parser.add_argument("--cases", default=None, help="only the cases whose names start with one of these (comma-separated)")
     args = parser.parse_args()
     gpu = hasattr(mx, "cuda") and mx.cuda.is_available()
     stub = install_stubs() if (args.stub or not gpu) else None
@@ -220,11 +251,15 @@ def main():
         res["stub_launch_us"] = build_us(one, args.iters, args.repeats)
         print(f"{'(one stub launch, 2 outputs)':44s} {res['stub_launch_us']:6.1f}")
         print("(a real launch adds MLX's work: a trivial mx.fast.cuda_kernel took 2.1 us on the H200)")
+    res["header_bytes"] = header_sizes()
+    print("header bytes: " + ", ".join(f"{b} {n}" for b, n in res["header_bytes"].items()))
     res["custom_function_floor_us"] = custom_function_floor(args.iters, args.repeats)
     print("(mx.custom_function with a vjp, forward returning 2 ready arrays, by inputs: "
           + ", ".join(f"{n}: {us:.1f}" for n, us in res["custom_function_floor_us"].items()) + ")")
     print(f"{'case':44s} {'valid':>6s} {'disp':>6s} {'backend':>7s} {'rest':>6s} {'full':>6s}  launches")
     for name in CASES:
+        if args.cases and not any(name.startswith(c) for c in args.cases.split(",")):
+            continue
         stages = make_case(name, args.iters * args.repeats + 2)
         row = {}
         for stage, fn in stages.items():

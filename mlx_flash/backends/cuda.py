@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import os
 import re
 
@@ -212,15 +213,41 @@ def _nvrtc_reads_includes() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=None, row_contiguous=True):
+def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=None, row_contiguous=True,
+            constants: str = ""):
     """The kernel object of cuda_src/<body>.cu. row_contiguous=False: MLX passes
     inputs as they are (views included) and the kernel reads them through the
-    `<name>_strides` parameters its source names (cuda_quant's caches)."""
+    `<name>_strides` parameters its source names (cuda_quant's caches).
+    constants: template constants written into the source (_template_source),
+    one kernel object per instance, called without `template`."""
+    import hashlib
+
+    name = f"mlx_flash_{body}"
+    if constants:
+        name += "_" + hashlib.sha256(constants.encode()).hexdigest()[:16]
     return mx.fast.cuda_kernel(
-        name=f"mlx_flash_{body}", input_names=list(inputs), output_names=list(outputs),
-        source=_read(body + ".cu"), header=_header_include(tuple(headers or kernel_headers(body))),
+        name=name, input_names=list(inputs), output_names=list(outputs),
+        source=constants + _read(body + ".cu"), header=_header_include(tuple(headers or kernel_headers(body))),
         ensure_row_contiguous=row_contiguous, shared_memory=smem,
     )
+
+
+_CUDA_TYPE_NAMES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.bool_: "bool"}
+
+
+def _template_source(template) -> str:
+    """The lines MLX writes for `template` at the top of a kernel body, written
+    once: a call then hands MLX no template arguments to convert and format
+    (about a microsecond of a decode call's host time)."""
+    lines = []
+    for name, value in template:
+        if isinstance(value, bool):
+            lines.append(f"  constexpr bool {name} = {'true' if value else 'false'};")
+        elif isinstance(value, int):
+            lines.append(f"  constexpr int {name} = {value};")
+        else:
+            lines.append(f"  using {name} = {_CUDA_TYPE_NAMES[value]};")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -523,10 +550,49 @@ def _mma_fwd_config(spec: AttentionSpec):
 # Shared memory of one SM of an H100/H200 (228 KiB; the driver keeps 1 KiB per block).
 _SM_SMEM = 228 * 1024
 _SMS = 132
-_MAX_SPLITS = 128  # kMaxSplits of attention_simt.cuh (attention_combine)
+_MAX_SPLITS = 128  # kMaxSplits of attention_simt.cuh (attention_combine), kDecodeMaxSplits of attention_decode.cuh
 # Tile shape of the decode kernel, normally chosen per head dim by _decode_config;
 # tools/cuda_decode_check.py sets these to compare variants on the GPU.
 DECODE_TUNING: dict = {}
+_DECODE_PLAN_KEYS = ("nw", "bn", "stages", "splits", "waves", "tiles", "bulk", "kr", "pool")
+
+
+def _parse_decode_plan(text: str) -> dict:
+    """MLX_FLASH_CUDA_DECODE_PLAN, e.g. "nw=2,stages=4,kr=1": launch-plan
+    defaults under DECODE_TUNING (for A/B runs on the GPU machine)."""
+    plan = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in _DECODE_PLAN_KEYS or not value.strip().isdigit():
+            raise ValueError(f"MLX_FLASH_CUDA_DECODE_PLAN: expected name=integer items with names in "
+                             f"{', '.join(_DECODE_PLAN_KEYS)}, got {item!r}")
+        plan[name] = int(value)
+    return plan
+
+
+# The launch plan's measured defaults over the formulas of _decode_config and
+# _decode_plan, under the environment's plan: keys as the mma's M where a
+# block's rows fit 8 (KR) and the ticket pool (no zero fills). H200 sweep,
+# GQA 32:8 and 32:4, 32K keys: 10% less GPU time per call than either alone
+# or neither (docs/cuda_decode.md). Options: bulk (bulk-copy K/V stream),
+# nw / bn / stages (tiles), splits / waves / tiles (split count).
+_DECODE_DEFAULTS: dict = {"kr": 1, "pool": 1}
+_DECODE_PLAN_ENV = _parse_decode_plan(os.environ.get("MLX_FLASH_CUDA_DECODE_PLAN", ""))
+_DECODE_BASE_TUNING = tuple(sorted({**_DECODE_DEFAULTS, **_DECODE_PLAN_ENV}.items()))
+
+
+def _decode_tuning() -> tuple:
+    """DECODE_TUNING over MLX_FLASH_CUDA_DECODE_PLAN over the defaults, as a cache key."""
+    if not DECODE_TUNING:
+        return _DECODE_BASE_TUNING
+    return tuple(sorted({**_DECODE_DEFAULTS, **_DECODE_PLAN_ENV, **DECODE_TUNING}.items()))
+
+
+def _decode_kr(spec: AttentionSpec, tuning: tuple, bn: int) -> bool:
+    """attention_fwd_decode's KR form: at most 8 rows per KV head, 16-key
+    tiles, whole V rows (no column chunks), head dims <= 256."""
+    return (bool(dict(tuning).get("kr", 0)) and _max_q(spec) * spec.group_size <= 8 and bn == 16
+            and max(spec.head_dim_qk, spec.head_dim_v) <= 256)
 
 
 def _decode_smem(d: int, dv: int, nw: int, bn: int, stages: int) -> int:
@@ -562,7 +628,7 @@ def decode_plan(spec: AttentionSpec):
     """Launch shape of attention_fwd_decode: (warps, keys per warp tile, stages,
     shared memory bytes, blocks along x per KV head (16-row blocks times V
     column chunks), key splits)."""
-    return _decode_plan(spec, tuple(sorted(DECODE_TUNING.items())))
+    return _decode_plan(spec, _decode_tuning())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -571,36 +637,45 @@ def _decode_plan(spec: AttentionSpec, tuning: tuple):
     nw, bn, stages = _decode_config(spec, tuning)
     dvc = _column_chunk(spec.head_dim_v)
     smem = _decode_smem(spec.head_dim_qk, dvc, nw, bn, stages)
-    row_blocks = math.ceil(_max_q(spec) * spec.group_size / 16) * math.ceil(spec.head_dim_v / dvc)
+    rows = 8 if _decode_kr(spec, tuning, bn) else 16  # a block's rows
+    row_blocks = math.ceil(_max_q(spec) * spec.group_size / rows) * math.ceil(spec.head_dim_v / dvc)
     base_blocks = row_blocks * spec.batch * spec.heads_kv
-    # Enough blocks to fill every SM as far as shared memory lets them reside,
-    # each warp still getting at least two tiles.
+    # Blocks for half of what every SM could hold at once (about one a SM),
+    # each warp still getting at least two tiles: every split costs its
+    # partial's stores and the merge's reads, and calls queued together (a
+    # model's layers) fill the GPU between them (H200, GQA 32:4, 32K keys:
+    # 32 splits = 128 blocks beat 64 by 20-35% per call in a 32-call step).
     per_sm = max(1, min(4, _SM_SMEM // (smem + 1024)))
     keys = _effective_keys(spec)
-    splits = max(1, min(_MAX_SPLITS, _SMS * per_sm // base_blocks, math.ceil(keys / (2 * nw * bn))))
+    waves = dict(tuning).get("waves", 50) / 100  # percent of the SMs' resident blocks
+    tiles = dict(tuning).get("tiles", 2)
+    splits = max(1, min(_MAX_SPLITS, int(_SMS * per_sm * waves) // base_blocks, math.ceil(keys / (tiles * nw * bn))))
+    if "splits" in dict(tuning):
+        splits = max(1, min(_MAX_SPLITS, dict(tuning)["splits"], math.ceil(keys / (nw * bn))))
     # The kernel rounds each split's keys up to whole rounds of nw tiles: drop splits left empty.
     chunk = math.ceil(math.ceil(keys / splits) / (nw * bn)) * nw * bn
     return nw, bn, stages, smem, row_blocks, math.ceil(keys / chunk)
 
 
 def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, stream):
-    """Forward for decode-like 16-bit calls (attention_fwd_decode) and for float32
-    inputs or head dims that are not multiples of 8 (attention_fwd_simt), keys
-    split over blocks and the splits merged by attention_combine."""
-    rows = math.prod(lse_shape)
+    """Forward for decode-like 16-bit calls (attention_fwd_decode, one launch:
+    its last block per row group merges the key splits) and for float32 inputs
+    or head dims that are not multiples of 8 (attention_fwd_simt, keys split
+    over blocks and the splits merged by attention_combine)."""
     d, dv = spec.head_dim_qk, spec.head_dim_v
     if spec.dtype != mx.float32 and d % 8 == 0 and dv % 8 == 0:
-        nw, bn, stages, smem, row_blocks, splits = decode_plan(spec)
-        kernel = _kernel("attention_fwd_decode", _ATTN_INPUTS, ("out", "lse", "part_o", "part_lse"), smem)
-        template = template + [("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", splits > 1),
-                               ("DVC", _column_chunk(dv))]
-        grid = (row_blocks * 32 * nw, splits, spec.batch * spec.heads_kv)
-        threads = 32 * nw
-    else:
-        warps, row_blocks, splits, kernel = _simt_fwd_config(spec)
-        template = template + [("W", warps), ("SPLITS", splits)]
-        grid = (row_blocks * 32 * warps, splits, spec.batch * spec.heads_kv)
-        threads = 32 * warps
+        kernel, used, pool, grid, threads, shapes, dtypes, init = _decode_launch(spec, args[3].dtype, lse_shape)
+        inputs = list(used(args))
+        if pool:
+            inputs.append(_ticket_region(stream))
+        out, lse, _ = kernel(inputs=inputs, grid=grid, threadgroup=threads, output_shapes=shapes,
+                             output_dtypes=dtypes, init_value=init, stream=stream)
+        return out, lse
+    rows = math.prod(lse_shape)
+    warps, row_blocks, splits, kernel = _simt_fwd_config(spec)
+    template = template + [("W", warps), ("SPLITS", splits)]
+    grid = (row_blocks * 32 * warps, splits, spec.batch * spec.heads_kv)
+    threads = 32 * warps
     if splits == 1:
         shapes = [out_shape, lse_shape, (1,), (1,)]
     else:
@@ -621,6 +696,82 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
         stream=stream,
     )
     return out, lse
+
+
+# Ticket pool of split decode calls (the "pool" plan option): each call takes
+# the next of _TICKET_REGIONS regions of a zeroed uint32 array of its stream,
+# and its groups' last blocks set their tickets back to 0, so no output needs
+# MLX's zero fill (three fill nodes a call). A region serves again
+# _TICKET_REGIONS calls later on that stream; MLX's CUDA graphs hold fewer
+# than 255 nodes and the graphs of one stream run one after the other, so two
+# calls never hold one region at once.
+_TICKET_REGIONS = 1024
+_TICKET_REGION_WORDS = 1024  # row groups a call may have on the pool (more: ws zero-filled)
+_TICKET_POOLS: dict = {}  # stream -> [the array, its region views (made on first use), the call count]
+
+
+def _ticket_region(stream) -> mx.array:
+    """The stream's next ticket region (views made with the pool, all at once:
+    no graph node or eval per call)."""
+    pool = _TICKET_POOLS.get(stream)
+    if pool is None:
+        array = mx.zeros((_TICKET_REGIONS * _TICKET_REGION_WORDS,), mx.uint32, stream=stream)
+        views = [array[i * _TICKET_REGION_WORDS:(i + 1) * _TICKET_REGION_WORDS] for i in range(_TICKET_REGIONS)]
+        mx.eval(array, *views)
+        pool = _TICKET_POOLS[stream] = [array, views, 0]
+    calls = pool[2]
+    pool[2] = calls + 1
+    return pool[1][calls % _TICKET_REGIONS]
+
+
+def _decode_ws_words(groups: int, splits: int, nc: int, rows: int, dv: int) -> int:
+    """decode_ws_words of attention_decode.cuh: tickets, part_lse, part_o (float32 words)."""
+    pad4 = lambda x: -(-x // 4) * 4  # noqa: E731
+    return pad4(groups) + pad4(splits * nc * rows) + splits * rows * dv
+
+
+def _decode_launch(spec: AttentionSpec, mask_dtype, lse_shape: tuple):
+    """Everything of an attention_fwd_decode launch but its inputs: (kernel
+    (template constants in its source), the getter of the inputs it takes
+    from _forward_inputs' list, grid, threadgroup, output shapes, output
+    dtypes, init value)."""
+    return _decode_launch_cached(spec, mask_dtype, lse_shape, _decode_tuning())
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_launch_cached(spec: AttentionSpec, mask_dtype, lse_shape: tuple, tuning: tuple):
+    """_decode_launch, built once per call shape (a decode call then costs one lookup here)."""
+    nw, bn, stages, smem, row_blocks, splits = _decode_plan(spec, tuning)
+    dv, dvc = spec.head_dim_v, _column_chunk(spec.head_dim_v)
+    # Bulk (TMA) copies of whole K/V rows: 16-key tiles of whole rows only.
+    bulk = bool(dict(tuning).get("bulk", 0)) and bn == 16 and dvc == dv
+    template = list(_forward_template(spec, mask_dtype)) + [
+        ("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", splits > 1), ("DVC", dvc), ("BULK", bulk),
+        ("KR", _decode_kr(spec, tuning, bn))]
+    groups = row_blocks * spec.batch * spec.heads_kv
+    grid = (row_blocks * 32 * nw, splits, spec.batch * spec.heads_kv)
+    out_shape = lse_shape + (dv,)
+    pool = splits > 1 and bool(dict(tuning).get("pool", 0)) and groups <= _TICKET_REGION_WORDS
+    if splits == 1:
+        ws, init = 1, None
+    else:
+        # Zero-filled (unless the tickets come from the pool): the tickets that
+        # pick each row group's merging block start at 0.
+        ws, init = _decode_ws_words(groups, splits, -(-dv // dvc), math.prod(lse_shape), dv), None if pool else 0.0
+    # Only the inputs the instance reads go to MLX (each costs host time per
+    # call); the absent optional ones are null pointers the features never read.
+    present = {"mask": spec.mask_kind != "none", "alibi": spec.has_alibi, "sinks": spec.has_sinks,
+               "bmask": spec.has_block_mask, "cu_q": spec.varlen, "cu_k": spec.varlen,
+               "kstart": spec.has_key_range, "klen": spec.has_key_range}
+    used = [i for i, name in enumerate(_ATTN_INPUTS) if present.get(name, True)]
+    present["tk"] = pool
+    absent = "".join(f"  constexpr decltype(nullptr) {name} = nullptr;\n" for name in _ATTN_INPUTS + ("tk",)
+                     if not present.get(name, True))
+    names = tuple(_ATTN_INPUTS[i] for i in used) + (("tk",) if pool else ())
+    kernel = _kernel("attention_fwd_decode", names, ("out", "lse", "ws"), smem, None, True,
+                     _template_source(template) + absent)
+    return (kernel, operator.itemgetter(*used), pool, grid, (32 * nw, 1, 1), [out_shape, lse_shape, (ws,)],
+            [spec.dtype, mx.float32, mx.float32], init)
 
 
 @functools.lru_cache(maxsize=1024)

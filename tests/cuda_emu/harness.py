@@ -84,6 +84,10 @@ def _emulated_header(header: str) -> str:
         header = header.replace(real_mma, strip(_read(os.path.join(_HERE, "mma_emu.cuh"))))
     elif "mma.sync" in header or "cp.async" in header:
         raise AssertionError("cuda_emu: the header has mma.cuh's PTX in an unexpected form")
+    # The decode kernel's own PTX (decode_ptx.cuh: bulk copies, movmatrix).
+    real_decode_ptx = cuda_backend._minify(strip(cuda_backend._read("decode_ptx.cuh")))
+    if real_decode_ptx in header:
+        header = header.replace(real_decode_ptx, strip(_read(os.path.join(_HERE, "decode_ptx_emu.cuh"))))
     # The Hopper GEMM's PTX (matmul_wgmma.cuh): wgmma.cuh, its generated
     # wrappers and tma.cuh, all three replaced by wgmma_emu.cuh.
     hopper = [cuda_backend._minify(strip(cuda_backend._read(name))) for name in _HOPPER_HEADERS]
@@ -143,6 +147,7 @@ def _to_bytes(x: mx.array) -> np.ndarray:
 
 
 _MAX_NDIM = 10  # MLX's Strides: cuda::std::array<int64_t, MAX_NDIM>
+_WRITTEN_INPUTS = ("tk",)
 
 
 def _view_bytes(x: mx.array):
@@ -232,6 +237,9 @@ class CudaKernel:
                                 (ctypes.c_long * 3)(*threadgroup), seed, _SMEM_LIMIT + 4096, 1, error, len(error))
         if status != 0:
             raise RuntimeError(f"cuda_emu: kernel {self.name}: {error.value.decode()}")
+        # Inputs a kernel writes on purpose (the decode kernel's ticket pool
+        # region): their bytes after the launch, for tests to inspect.
+        self.inputs_after = {n: buf.copy() for n, buf in zip(self.input_names, keep) if n in _WRITTEN_INPUTS}
         outs = []
         for buf, shape, dtype in zip(keep[len(inputs):], output_shapes, output_dtypes):
             arr = mx.array(buf.view(_NUMPY[dtype]).reshape(tuple(shape)))
@@ -254,7 +262,10 @@ def patched_cuda_kernel():
     had = hasattr(mx.fast, "cuda_kernel")
     original = getattr(mx.fast, "cuda_kernel", None)
     mx.fast.cuda_kernel = cuda_kernel
-    cuda_backend._kernel.cache_clear()
+    caches = [cuda_backend._kernel] + [getattr(cuda_backend, n) for n in ("_decode_launch_cached",)
+                                       if hasattr(cuda_backend, n)]  # the decode launch keeps its kernel
+    for cache in caches:
+        cache.cache_clear()
     try:
         yield
     finally:
@@ -262,4 +273,5 @@ def patched_cuda_kernel():
             mx.fast.cuda_kernel = original
         else:
             del mx.fast.cuda_kernel
-        cuda_backend._kernel.cache_clear()
+        for cache in caches:
+            cache.cache_clear()

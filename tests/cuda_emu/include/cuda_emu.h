@@ -59,6 +59,12 @@ inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }  // an L2 read: one memory here
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+// Threadgroups run one at a time on an OS thread (each to its end before the
+// next starts), so every store is visible to the blocks that run after it.
+inline void __threadfence() {}
 
 inline float __int_as_float(int x) {
   float f;
