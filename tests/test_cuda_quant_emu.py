@@ -52,6 +52,7 @@ def _emu(q, kq, vq, bits, group_size, dout=None, tuning=None, **options):
     saved = dict(cuda_quant.TUNING)
     cuda_quant.TUNING.update(tuning or {})
     cuda_quant.forward_plan.cache_clear()
+    cuda_quant.decode_plan.cache_clear()
     try:
         with harness.patched_cuda_kernel():
             out, lse = cuda_quant.quantized_attention_forward(q, k, v, qspec, inputs, mx.cpu)
@@ -65,6 +66,7 @@ def _emu(q, kq, vq, bits, group_size, dout=None, tuning=None, **options):
         cuda_quant.TUNING.clear()
         cuda_quant.TUNING.update(saved)
         cuda_quant.forward_plan.cache_clear()
+        cuda_quant.decode_plan.cache_clear()
     return res
 
 
