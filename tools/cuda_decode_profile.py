@@ -8,9 +8,12 @@ For the decode step of issues 14/16 (B 1, GQA 32:8, 1 query, Nk 32768, D 128,
 fp16; 4- and 8-bit group 64 for the quantized op) it times, per call:
   build    graph construction only (Python + MLX's op assembly),
   batched  20 calls queued per eval (a call then costs max(host, GPU)),
-for mx.fast SDPA, flash_attention, flash_attention_quantized, and the
-quantized op's two kernels launched directly with prepared inputs (what is
-left without the Python wrapper). A cProfile of the wrapper (no eval) goes to
+for mx.fast SDPA, flash_attention, flash_attention_quantized (its
+tensor-core decode, attention_quant_decode, and main's SIMT split kernel +
+attention_combine, `*_simt`), mlx-lm's quantized_scaled_dot_product_attention,
+and the quantized op's kernels launched directly with prepared inputs (what
+is left without the Python wrapper). `check` holds each quantized result's
+largest difference from mx.fast SDPA over the dequantized fp16 cache. A cProfile of the wrapper (no eval) goes to
 OUT_DIR/decode_cprofile.txt. With --kernels it only makes three calls of
 each, for a profiler to time the kernels.
 """
@@ -52,25 +55,29 @@ def per_call(fn, calls=20, rounds=15):
 
 
 def sweep(q, quant, s, res):
-    """The quantized forward's launch plan: warps per block x key splits (TUNING)."""
+    """The decode kernel's launch plan: warps per block, prefetch, key splits (TUNING)."""
     res["sweep"] = {}
     for bits, (kq, vq) in quant.items():
         fn = lambda kq=kq, vq=vq, bits=bits: mlx_flash.flash_attention_quantized(  # noqa: E731
             q, kq, vq, bits=bits, group_size=64, scale=s)
-        for nw in (8, 4):
-            for splits in (None, 16, 64, 128):
+        variants = [(4, False), (8, False), (4, True), (2, False)] if bits == 4 else [(4, False), (8, False)]
+        for nw, pf in variants:
+            for splits in (None, 16, 32, 64, 128, 256):
                 cq.TUNING.clear()
-                cq.TUNING["fwd_warps"] = nw
+                cq.TUNING.update(dec_warps=nw, dec_prefetch=pf)
                 if splits:
-                    cq.TUNING["splits"] = splits
-                cq.forward_plan.cache_clear()
-                name = f"{bits}bit_w{nw}_splits{splits or 'default'}"
-                res["sweep"][name] = dict(per_call(fn), plan=list(cq.forward_plan(
-                    mlx_flash.attention_quantized.validate_attention_quantized(
-                        q, kq, vq, bits=bits, group_size=64)[0])))
+                    cq.TUNING["dec_splits"] = splits
+                cq.decode_plan.cache_clear()
+                name = f"{bits}bit_w{nw}_pf{int(pf)}_splits{splits or 'default'}"
+                try:
+                    res["sweep"][name] = dict(per_call(fn, rounds=5), plan=list(cq.decode_plan(
+                        mlx_flash.attention_quantized.validate_attention_quantized(
+                            q, kq, vq, bits=bits, group_size=64)[0])))
+                except Exception as e:  # noqa: BLE001 - recorded, the rest still runs
+                    res["sweep"][name] = {"error": repr(e)[:300]}
                 print("sweep", name, res["sweep"][name], flush=True)
     cq.TUNING.clear()
-    cq.forward_plan.cache_clear()
+    cq.decode_plan.cache_clear()
 
 
 def setup():
@@ -197,10 +204,39 @@ def launch_floor(res):
         print(name, res["calls"][name], flush=True)
 
 
+def simt(fn):
+    """fn with the quantized op routed to main's SIMT split kernel (no tensor-core decode)."""
+    def call():
+        cq.TUNING["decode"] = False
+        try:
+            return fn()
+        finally:
+            cq.TUNING.pop("decode", None)
+    return call
+
+
+def check(q, k, v, quant, s, res):
+    """Largest |difference| of each quantized path from mx.fast over the dequantized fp16 cache."""
+    from mlx_lm.models.base import quantized_scaled_dot_product_attention as lm_qsdpa
+
+    res["check"] = {}
+    for bits, (kq, vq) in quant.items():
+        kd = mx.dequantize(*kq, group_size=64, bits=bits)
+        vd = mx.dequantize(*vq, group_size=64, bits=bits)
+        want = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=s).astype(mx.float32)
+        fn = lambda: mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=64, scale=s)  # noqa: E731
+        for name, got in ((f"decode_{bits}bit", fn()), (f"simt_{bits}bit", simt(fn)()),
+                          (f"mlx_lm_{bits}bit", lm_qsdpa(q, kq, vq, scale=s, mask=None, group_size=64, bits=bits))):
+            res["check"][name] = mx.max(mx.abs(got.astype(mx.float32) - want)).item()
+        print("check", bits, res["check"], flush=True)
+
+
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
     os.makedirs(out_dir, exist_ok=True)
     q, k, v, quant, s = setup()
+    from mlx_lm.models.base import quantized_scaled_dot_product_attention as lm_qsdpa
+
     calls = {
         "mx_fast_fp16": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=s),
         "flash_attention_fp16": lambda: mlx_flash.flash_attention(q, k, v, scale=s),
@@ -209,6 +245,9 @@ def main():
         calls[f"flash_quantized_{bits}bit"] = (
             lambda kq=kq, vq=vq, bits=bits: mlx_flash.flash_attention_quantized(
                 q, kq, vq, bits=bits, group_size=64, scale=s))
+        calls[f"flash_quantized_{bits}bit_simt"] = simt(calls[f"flash_quantized_{bits}bit"])
+        calls[f"mlx_lm_quantized_{bits}bit"] = (
+            lambda kq=kq, vq=vq, bits=bits: lm_qsdpa(q, kq, vq, scale=s, mask=None, group_size=64, bits=bits))
     if "--kernels" in sys.argv:
         for name, fn in calls.items():
             for _ in range(3):
@@ -217,12 +256,41 @@ def main():
         return
     res = {"card": mx.device_info().get("device_name", "?"), "shape": "B1 GQA 32:8 Nq 1 Nk 32768 D128 fp16",
            "calls": {}}
-    launch_floor(res)
+    try:
+        check(q, k, v, quant, s, res)
+    except Exception as e:  # noqa: BLE001 - recorded, the timings still run
+        res["check_error"] = repr(e)[:500]
+        print("check failed", res["check_error"], flush=True)
     for name, fn in calls.items():
         res["calls"][name] = per_call(fn)
         print(name, res["calls"][name], flush=True)
+    _dump(res, out_dir)
+    try:
+        direct(q, quant, s, res)
+    except Exception as e:  # noqa: BLE001 - recorded, the rest still runs
+        res["direct_error"] = repr(e)[:500]
+        print("direct failed", res["direct_error"], flush=True)
+    _dump(res, out_dir)
+    launch_floor(res)
+    if "--sweep" in sys.argv:
+        sweep(q, quant, s, res)
+        _dump(res, out_dir)
+    _profile(calls, out_dir)
+    _dump(res, out_dir)
+
+
+def direct(q, quant, s, res):
+    """The kernels launched directly: the decode's one launch; main's SIMT forward and combine."""
     for bits, (kq, vq) in quant.items():
         cap = direct_kernels(q, kq, vq, bits, s)
+        dec_k, dec_kw = cap["attention_quant_decode"]
+        res["calls"][f"direct_decode_{bits}bit"] = per_call(lambda: dec_k(**dec_kw))  # noqa: B023
+        print(f"direct_decode_{bits}bit", res["calls"][f"direct_decode_{bits}bit"], flush=True)
+        cq.TUNING["decode"] = False
+        try:
+            cap = direct_kernels(q, kq, vq, bits, s)
+        finally:
+            cq.TUNING.pop("decode", None)
         fwd_k, fwd_kw = cap["attention_quant_fwd"]
         comb_k, comb_kw = cap["attention_combine"]
         fwd_only = lambda: fwd_k(**fwd_kw)  # noqa: E731
@@ -234,10 +302,10 @@ def main():
                          (f"direct_both_{bits}bit", both)):
             res["calls"][name] = per_call(fn)
             print(name, res["calls"][name], flush=True)
-    if "--sweep" in sys.argv:
-        sweep(q, quant, s, res)
+
+
+def _profile(calls, out_dir):
     # cProfile of the wrapper alone (graph building, no eval).
-    kq, vq = quant[4]
     fn = calls["flash_quantized_4bit"]
     prof = cProfile.Profile()
     prof.enable()
@@ -248,6 +316,10 @@ def main():
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(35)
     with open(os.path.join(out_dir, "decode_cprofile.txt"), "w") as f:
         f.write(buf.getvalue())
+
+
+def _dump(res, out_dir):
+    """Write what is measured so far (a killed run keeps its numbers)."""
     with open(os.path.join(out_dir, "decode_profile.json"), "w") as f:
         json.dump(res, f, indent=1)
 
