@@ -140,20 +140,25 @@ struct QdShape {
 };
 
 // One 16-key tile's raw operands of a lane: K words of keys g, 8 + g; V words
-// of keys 2t, 2t+1, 8+2t, 9+2t; scales and biases of those four keys.
-template <int D, int DV, int BITS, int GS, typename KST, typename VST>
+// of keys 2t, 2t+1, 8+2t, 9+2t; and NG + NGV of the tile's 32 (NG + NGV)
+// scales and biases, which the warp stages in shared memory as float planes
+// [ks: NG][kb: NG][vs: NGV][vb: NGV] x 16 keys (`stage`): four global loads
+// a lane instead of one per (key, group) it uses, and no registers held for
+// them across the tile.
+template <int D, int DV, int BITS, int GS>
 struct QdTile {
   using S = QdShape<D, DV, BITS, GS>;
+  static constexpr int NSC = S::NG + S::NGV;  // staged values per lane
+  static constexpr int STAGE = 32 * NSC;      // floats of a warp's stage
   unsigned kw[2][S::KW];
   unsigned vw[4][S::VW];
-  KST ks[4][S::NG], kb[4][S::NG];
-  VST vs[4][S::NGV], vb[4][S::NGV];
+  float sc[NSC];
 
   // Keys at or past `end` load key `end - 1` instead (their logits are dropped by rule).
-  template <class SA>
+  template <typename KST, typename VST, class SA>
   __device__ __forceinline__ void load(const QuantHead<KST, SA>& kh, const QuantHead<VST, SA>& vh, int j0, int end,
-                                       int g, int t) {
-    const int last = end - 1;
+                                       int lane) {
+    const int g = lane / 4, t = lane % 4, last = end - 1;
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
       const long j = min(j0 + 8 * n + g, last);
@@ -200,17 +205,29 @@ struct QdTile {
           for (int u = 0; u < S::WV; ++u) vw[e][gi * S::WV + u] = p[u * wd];
         }
       }
-#pragma unroll
-      for (int gi = 0; gi < S::NG; ++gi) {
-        ks[e][gi] = kh.s[j * kh.ss[2] + gi * kh.ss[3]];
-        kb[e][gi] = kh.b[j * kh.bs[2] + gi * kh.bs[3]];
-      }
-#pragma unroll
-      for (int gi = 0; gi < S::NGV; ++gi) {
-        vs[e][gi] = vh.s[j * vh.ss[2] + gi * vh.ss[3]];
-        vb[e][gi] = vh.b[j * vh.bs[2] + gi * vh.bs[3]];
-      }
     }
+    // Stage entry lane + 32 i: row (lane + 32 i) / 16 of the planes, key lane % 16.
+    const long j = min(j0 + lane % 16, last);
+#pragma unroll
+    for (int i = 0; i < NSC; ++i) {
+      const int row = 2 * i + lane / 16;
+      if (row < S::NG) sc[i] = to_float(kh.s[j * kh.ss[2] + row * kh.ss[3]]);
+      else if (row < 2 * S::NG) sc[i] = to_float(kh.b[j * kh.bs[2] + (row - S::NG) * kh.bs[3]]);
+      else if (row < 2 * S::NG + S::NGV) sc[i] = to_float(vh.s[j * vh.ss[2] + (row - 2 * S::NG) * vh.ss[3]]);
+      else sc[i] = to_float(vh.b[j * vh.bs[2] + (row - 2 * S::NG - S::NGV) * vh.bs[3]]);
+    }
+  }
+
+  // The staged scales into the warp's stage (after the previous tile's reads: __syncwarp).
+  __device__ __forceinline__ void stage_scales(float* stage, int lane) const {
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < NSC; ++i) stage[lane + 32 * i] = sc[i];
+    __syncwarp();
+  }
+  // (scale or bias) of keys 2t + 8n and 2t + 8n + 1: plane row `row`.
+  __device__ __forceinline__ static float2 pair(const float* stage, int row, int n, int t) {
+    return *reinterpret_cast<const float2*>(stage + row * 16 + 8 * n + 2 * t);
   }
 };
 
@@ -237,6 +254,9 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   float* red_l = red_m + NW * 8;                        // [NW][8]
   float* red_pb = red_l + NW * 8;                       // [NW][8][NGV]
   int* flag = reinterpret_cast<int*>(red_pb + NW * 8 * S::NGV);
+  using Tile = QdTile<D, DV, BITS, GS>;
+  // Each warp's scale stage, 16-byte aligned after the flag (4 words).
+  float* stage = reinterpret_cast<float*>(flag + 4) + (threadIdx.x / 32) * Tile::STAGE;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], Nq = ip[kSeqQ], Nk = ip[kSeqK];
@@ -295,13 +315,14 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   for (int gi = 0; gi < S::NGV; ++gi) pb[gi] = 0.f;
   bool bad = false;
 
-  QdTile<D, DV, BITS, GS, KST, VST> cur;
+  Tile cur;
   int j0 = start + 16 * warp;
-  if (j0 < end) cur.load(kh, vh, j0, end, g, t);
+  if (j0 < end) cur.load(kh, vh, j0, end, lane);
   for (; j0 < end; j0 += 16 * NW) {
     const int j1 = j0 + 16 * NW;
-    QdTile<D, DV, BITS, GS, KST, VST> nxt;
-    if (PF && j1 < end) nxt.load(kh, vh, j1, end, g, t);
+    cur.stage_scales(stage, lane);
+    Tile nxt;
+    if (PF && j1 < end) nxt.load(kh, vh, j1, end, lane);
 
     // S = Q K^T per group (codes), then scales and biases in fp32.
     float s[2][2];
@@ -325,14 +346,15 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
           mma16816<T>(acc[gi], a, bf[0], bf[1]);
         }
       }
+      float x0 = 0.f, x1 = 0.f;
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float x = 0.f;
-#pragma unroll
-        for (int gi = 0; gi < S::NG; ++gi)
-          x = fmaf(to_float(cur.ks[2 * n + e][gi]), acc[gi][e], fmaf(to_float(cur.kb[2 * n + e][gi]), qsum[gi], x));
-        s[n][e] = x;
+      for (int gi = 0; gi < S::NG; ++gi) {
+        const float2 sk = Tile::pair(stage, gi, n, t), bk = Tile::pair(stage, S::NG + gi, n, t);
+        x0 = fmaf(sk.x, acc[gi][0], fmaf(bk.x, qsum[gi], x0));
+        x1 = fmaf(sk.y, acc[gi][1], fmaf(bk.y, qsum[gi], x1));
       }
+      s[n][0] = x0;
+      s[n][1] = x1;
     }
     // Logits of row g (keys j0 + 8n + 2t + e), the online softmax.
     float tile_max = kNegInf;
@@ -366,10 +388,11 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     for (int gi = 0; gi < S::NGV; ++gi) {
       float x = pb[gi] * alpha;
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          if (kept[n][e]) x = fmaf(p[n][e], to_float(cur.vb[2 * n + e][gi]), x);
+      for (int n = 0; n < 2; ++n) {
+        const float2 bv = Tile::pair(stage, 2 * S::NG + S::NGV + gi, n, t);
+        if (kept[n][0]) x = fmaf(p[n][0], bv.x, x);
+        if (kept[n][1]) x = fmaf(p[n][1], bv.y, x);
+      }
       pb[gi] = x;
     }
     // O^T holds rows 2t, 2t+1: their alphas come from lanes g = 2t, 2t+1.
@@ -384,9 +407,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       unsigned bf[2];
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
-        const float x0 = kept[n][0] ? p[n][0] * to_float(cur.vs[2 * n][gi]) : 0.f;
-        const float x1 = kept[n][1] ? p[n][1] * to_float(cur.vs[2 * n + 1][gi]) : 0.f;
-        bf[n] = pack2<T>(x0, x1);
+        const float2 sv = Tile::pair(stage, 2 * S::NG + gi, n, t);
+        bf[n] = pack2<T>(kept[n][0] ? p[n][0] * sv.x : 0.f, kept[n][1] ? p[n][1] * sv.y : 0.f);
       }
 #pragma unroll
       for (int mm = 0; mm < S::KSG; ++mm) {
@@ -403,7 +425,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       }
     }
     if (PF && j1 < end) cur = nxt;
-    if (!PF && j1 < end) cur.load(kh, vh, j1, end, g, t);
+    if (!PF && j1 < end) cur.load(kh, vh, j1, end, lane);
   }
 
   // Block merge: each warp's (o + bias terms, m, l) through shared memory.

@@ -327,7 +327,7 @@ _DEC_PREFETCH = False  # TUNING "dec_prefetch": load the next tile during the cu
 def uses_decode(qspec) -> bool:
     """The tensor-core decode kernel: 16-bit q (bf16 only over 4-bit codes,
     whose 128 + code is exact), 4- or 8-bit groups spanning 8 words (4-bit:
-    group >= 64), head dims <= 256, at most 8 (query, head) rows per KV head,
+    group >= 64), head dims <= 128 (256 spills), at most 8 (query, head) rows per KV head,
     no mask, ALiBi or block mask. Everything else keeps the kernels above."""
     if "decode" in TUNING:
         return bool(TUNING["decode"]) and _decode_eligible(qspec)
@@ -342,7 +342,7 @@ def _decode_eligible(qspec) -> bool:
         return False
     if spec.dtype == mx.bfloat16 and bits == 8:
         return False
-    if max(spec.head_dim_qk, spec.head_dim_v) > 256 or spec.seqlen_q * spec.group_size > 8:
+    if max(spec.head_dim_qk, spec.head_dim_v) > 128 or spec.seqlen_q * spec.group_size > 8:
         return False
     return spec.mask_kind == "none" and not spec.has_alibi and not getattr(spec, "has_block_mask", False)
 
@@ -363,9 +363,11 @@ def decode_plan(qspec):
     if "dec_splits" in TUNING:
         splits = TUNING["dec_splits"]
     dv, ngv = spec.head_dim_v, spec.head_dim_v // qspec.group_size
-    # red_o [nw][8][dv] (also the last block's [splits][8] weights), red_m, red_l, red_pb, flag.
+    ng = spec.head_dim_qk // qspec.group_size
+    # red_o [nw][8][dv] (also the last block's [splits][8] weights), red_m, red_l,
+    # red_pb, flag (4 words), then each warp's scale stage (QdTile::STAGE floats).
     splits = max(1, min(splits, nw * dv))
-    smem = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv + 4)
+    smem = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv + 4 + nw * 32 * (ng + ngv))
     return nw, splits, smem
 
 
