@@ -396,10 +396,13 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       pb[gi] = x;
     }
     // O^T holds rows 2t, 2t+1: their alphas come from lanes g = 2t, 2t+1.
-    const float a0 = __shfl_sync(0xffffffffu, alpha, 8 * t), a1 = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
+    // Skipped while no row's max moves (most tiles once the max has settled).
+    if (__any_sync(0xffffffffu, alpha != 1.f)) {
+      const float a0 = __shfl_sync(0xffffffffu, alpha, 8 * t), a1 = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
 #pragma unroll
-    for (int m = 0; m < S::MT; ++m) {
-      o[m][0] *= a0, o[m][1] *= a1, o[m][2] *= a0, o[m][3] *= a1;
+      for (int m = 0; m < S::MT; ++m) {
+        o[m][0] *= a0, o[m][1] *= a1, o[m][2] *= a0, o[m][3] *= a1;
+      }
     }
     // O^T += V^T (P scaled by each group's V scales)^T.
 #pragma unroll

@@ -602,6 +602,68 @@ def test_decode_plan():
     assert plan(64, 8, 4096)[1] == 2
 
 
+# ---- the same decode cases on a CUDA GPU (skipped without one) ----------------------
+
+def _gpu_reason():
+    import backends
+
+    return backends.skip_reason("cuda")
+
+
+on_gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+
+
+def _gpu(q, kq, vq, bits, group_size, tuning=None, **options):
+    """out, lse through cuda_quant's wrappers on the GPU (mx.fast.cuda_kernel itself)."""
+    from mlx_flash._quant_spec import validate_attention_quantized
+    from mlx_flash.backends import cuda_quant
+
+    qspec, inputs, k, v = validate_attention_quantized(q, kq, vq, bits=bits, group_size=group_size, **options)
+    saved = dict(cuda_quant.TUNING)
+    cuda_quant.TUNING.update(tuning or {})
+    cuda_quant.decode_plan.cache_clear()
+    try:
+        out, lse = cuda_quant.quantized_attention_forward(q, k, v, qspec, inputs, mx.gpu)
+        mx.eval(out, lse)
+        return {"out": to_np(out), "lse": to_np(lse)}
+    finally:
+        cuda_quant.TUNING.clear()
+        cuda_quant.TUNING.update(saved)
+        cuda_quant.decode_plan.cache_clear()
+
+
+@on_gpu
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_shapes_gpu(shape):
+    B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
+    gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
+                                   bits=bits, group_size=gs)
+    for pf in (False, True):
+        got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits,
+                                                "dec_prefetch": pf})
+        _check_decode(q, kd, vd, got, dtype, {})
+
+
+@on_gpu
+@pytest.mark.parametrize("feature", list(DECODE_FEATURES))
+def test_decode_features_gpu(feature):
+    B, Hq, Hkv, Nq, Nk, D = 1, 8, 2, 2, 3000, 128
+    gen, q, kq, vq, kd, vd = _case(("decode-feature-gpu", feature), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=8,
+                                   group_size=64)
+    opts = DECODE_FEATURES[feature](gen, Hq)
+    got = _gpu(q, kq, vq, 8, 64, **opts)
+    _check_decode(q, kd, vd, got, F16, opts)
+
+
+@on_gpu
+def test_decode_long_context_gpu():
+    """The benchmark's shape (GQA 32:8, Nk 32768, 4-bit) with the default plan: every split merged."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 32, 8, 1, 32768, 128
+    gen, q, kq, vq, kd, vd = _case(("decode-long-gpu",), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4, group_size=64)
+    got = _gpu(q, kq, vq, 4, 64)
+    _check_decode(q, kd, vd, got, F16, {})
+
+
 # ---- nvcc compile check (as MLX wraps each kernel), no spills -----------------------
 
 def _compile_cases():

@@ -271,10 +271,10 @@ def main():
         res["direct_error"] = repr(e)[:500]
         print("direct failed", res["direct_error"], flush=True)
     _dump(res, out_dir)
-    launch_floor(res)
     if "--sweep" in sys.argv:
         sweep(q, quant, s, res)
         _dump(res, out_dir)
+    launch_floor(res)
     _profile(calls, out_dir)
     _dump(res, out_dir)
 
