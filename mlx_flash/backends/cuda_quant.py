@@ -316,7 +316,8 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # Warps per block (interleaved 16-key tiles of one KV head's split, merged in
 # shared memory) and blocks to aim for: a few per SM, every split at least
 # _DEC_MIN_TILES tiles per warp. TUNING "dec_warps" / "dec_splits" / "decode"
-# override for GPU sweeps (call decode_plan.cache_clear() after).
+# override for GPU sweeps (call decode_plan.cache_clear() after; the launch
+# cache keys on TUNING itself).
 _DEC_WARPS = 4
 _DEC_BLOCKS_PER_SM = 4
 _DEC_MIN_TILES = 4
@@ -378,22 +379,28 @@ def decode_scratch_floats(qspec, splits: int) -> int:
     return pairs * splits * 8 * (spec.head_dim_v + 2) + pairs
 
 
-def _forward_decode(q, k, v, qspec, inputs: AttentionInputs, stream):
+@functools.lru_cache(maxsize=1024)
+def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
+    """Everything of a decode launch but its inputs, once per (spec, shapes, dtypes, TUNING)."""
     spec = qspec.attention
     nw, splits, smem = decode_plan(qspec)
-    args = _operands(q, k, v, qspec, inputs, stream)  # q, 6 cache arrays, mask, alibi, ip, fp
-    sinks = _dense(inputs.sinks, stream) if inputs.sinks is not None else _cuda._placeholders()[2]
-    ns = _cuda.const_array((splits,), mx.int32)
-    kernel = _strided_kernel("attention_quant_decode", _DEC_INPUTS, ("out", "lse", "scratch"), smem)
-    template = [("T", spec.dtype), ("KST", k[1].dtype), ("VST", v[1].dtype), ("SOFTCAP", spec.softcap > 0),
+    template = [("T", spec.dtype), ("KST", k_scales_dtype), ("VST", v_scales_dtype), ("SOFTCAP", spec.softcap > 0),
                 ("WINDOW", spec.has_window), ("SINKS", spec.has_sinks), ("D", spec.head_dim_qk),
                 ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("NW", nw),
                 ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH)))]
-    out, lse, _ = kernel(
-        inputs=args[:7] + [sinks, args[9], args[10], ns], template=template,
-        grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
-        output_shapes=[tuple(q.shape[:-1]) + (spec.head_dim_v,), tuple(q.shape[:-1]),
+    return dict(
+        template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
+        output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
                        (decode_scratch_floats(qspec, splits),)],
-        output_dtypes=[spec.dtype, mx.float32, mx.float32], init_value=0, stream=stream,
-    )
+        output_dtypes=[spec.dtype, mx.float32, mx.float32], init_value=0,
+    ), _cuda.const_array((splits,), mx.int32), smem
+
+
+def _forward_decode(q, k, v, qspec, inputs: AttentionInputs, stream):
+    launch, ns, smem = _decode_launch(qspec, tuple(q.shape), k[1].dtype, v[1].dtype,
+                                      tuple(TUNING.items()) if TUNING else ())
+    args = _operands(q, k, v, qspec, inputs, stream)  # q, 6 cache arrays, mask, alibi, ip, fp
+    sinks = _dense(inputs.sinks, stream) if inputs.sinks is not None else _cuda._placeholders()[2]
+    kernel = _strided_kernel("attention_quant_decode", _DEC_INPUTS, ("out", "lse", "scratch"), smem)
+    out, lse, _ = kernel(inputs=args[:7] + [sinks, args[9], args[10], ns], stream=stream, **launch)
     return out, lse
