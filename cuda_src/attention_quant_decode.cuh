@@ -57,6 +57,7 @@ __device__ __forceinline__ unsigned qd_sub2(unsigned x, unsigned y) {
   return r;
 }
 __device__ __forceinline__ float qd_load_cg(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ float4 qd_load_cg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 __device__ __forceinline__ void qd_fence() { __threadfence(); }
 #else
 inline unsigned qd_perm(unsigned a, unsigned b, unsigned sel) {
@@ -81,6 +82,7 @@ inline unsigned qd_sub2(unsigned x, unsigned y) {
   return r;
 }
 inline float qd_load_cg(const float* p) { return *p; }
+inline float4 qd_load_cg4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 inline void qd_fence() {}
 struct alignas(8) uint2 {
   unsigned x, y;
@@ -459,7 +461,6 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   }
   __syncthreads();
 
-  const long total_rows = (long)ip[kBatch] * Hq * Nq;
   float* part = scratch + ((long)bh * splits + split) * qd_part_floats<DV>();
   unsigned* counters = reinterpret_cast<unsigned*>(scratch + (long)ip[kBatch] * Hkv * splits * qd_part_floats<DV>());
   for (int e = threadIdx.x; e < 8 * DV; e += 32 * NW) {
@@ -535,19 +536,30 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     }
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < nrows * DV; e += 32 * NW) {
-    const int r = e / DV, c = e % DV;
+  // Four columns a thread, every split's float4 of them summed with eight
+  // loads in flight (an empty split holds zeros: no branch; a NaN in a split
+  // whose weight underflowed still reaches the row, as IEEE would have it).
+  constexpr int C4 = DV / 4;
+  for (int e = threadIdx.x; e < nrows * C4; e += 32 * NW) {
+    const int r = e / C4, c = 4 * (e % C4);
     const float inv = red_m[r];
-    float acc = 0.f;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (inv == inv) {
+      const float* src = parts + r * DV + c;
+#pragma unroll 8
       for (int sp = 0; sp < splits; ++sp) {
         const float f = wts[sp * 8 + r];
-        if (f != 0.f) acc = fmaf(qd_load_cg(parts + (long)sp * qd_part_floats<DV>() + r * DV + c), f, acc);
+        const float4 x = qd_load_cg4(src + (long)sp * qd_part_floats<DV>());
+        acc[0] = fmaf(x.x, f, acc[0]);
+        acc[1] = fmaf(x.y, f, acc[1]);
+        acc[2] = fmaf(x.z, f, acc[2]);
+        acc[3] = fmaf(x.w, f, acc[3]);
       }
     }
-    out[q_row(r) * DV + c] = from_float<T>(inv == inv ? acc * inv : MLXF_QUANT_NAN);
+    T* dst = out + q_row(r) * DV + c;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) dst[k] = from_float<T>(inv == inv ? acc[k] * inv : MLXF_QUANT_NAN);
   }
-  (void)total_rows;
 }
 
 }  // namespace mlx_flash
