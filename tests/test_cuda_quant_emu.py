@@ -741,7 +741,7 @@ def test_nvcc_compiles_without_spills(body, tmp_path):
         finally:
             tcs._CUDA_TYPES.clear()
             tcs._CUDA_TYPES.update(saved)
-    log = tcs._nvcc_compile(tmp_path, body, tcs._prelude(cuda_quant.kernel_headers(body)) + "\n" + "\n".join(kernels),
+    log = tcs._nvcc_compile(tmp_path, body, tcs._prelude(tcs.cuda_backend.kernel_headers(body)) + "\n" + "\n".join(kernels),
                             flags=("-Xptxas", "-v"))
     usage = tcs.ptxas_usage(log)
     assert len(usage) == len(kernels), log[-2000:]

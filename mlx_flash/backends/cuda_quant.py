@@ -68,32 +68,9 @@ TUNING: dict = {}
 _MAX_RW = 4
 
 
-# Headers of the kernels cuda.py's _KERNEL_ROOTS does not list (this module's own).
-_OWN_ROOTS = {"attention_quant_decode": ("attention_quant_decode.cuh",)}
-
-
-@functools.lru_cache(maxsize=None)
-def kernel_headers(body: str) -> tuple:
-    """The .cuh files kernel `body` needs, each after the ones it includes."""
-    if body not in _OWN_ROOTS:
-        return _cuda.kernel_headers(body)
-    order = []
-
-    def visit(name):
-        if name not in order:
-            for dep in _cuda._LOCAL_INCLUDE.findall(_cuda._read(name)):
-                visit(dep)
-            order.append(name)
-
-    for root in _OWN_ROOTS[body]:
-        visit(root)
-    return tuple(order)
-
-
 def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, row_contiguous=True):
-    """cuda.py's kernel cache; the headers come from its _KERNEL_ROOTS entry (or _OWN_ROOTS)."""
-    headers = kernel_headers(body) if body in _OWN_ROOTS else None
-    return _cuda._kernel(body, inputs, outputs, smem, headers, row_contiguous)
+    """cuda.py's kernel cache; the headers come from its _KERNEL_ROOTS entry."""
+    return _cuda._kernel(body, inputs, outputs, smem, None, row_contiguous)
 
 
 def _strided_kernel(body: str, inputs: tuple, outputs: tuple, smem: int):
