@@ -571,6 +571,19 @@ def test_decode_nonfinite():
 
 
 @emulated
+def test_decode_no_keys():
+    """No key at all: out 0 and lse -inf; with sinks, out 0 and lse = the sink."""
+    gen, q, kq, vq, _, _ = _case(("decode-empty",), 1, 8, 2, 1, 5, 128, dtype=F16, bits=4, group_size=64)
+    kq, vq = (tuple(x[:, :, :0] for x in t) for t in (kq, vq))
+    assert _uses_decode(q, kq, vq, 4, 64)
+    got = _emu(q, kq, vq, 4, 64, tuning=DECODE)
+    assert np.all(got["out"] == 0) and np.all(got["lse"] == -np.inf)
+    sinks = randn(gen, (8,))
+    got = _emu(q, kq, vq, 4, 64, tuning=DECODE, sinks=sinks)
+    assert np.all(got["out"] == 0) and np.allclose(got["lse"][0, :, 0], np.asarray(sinks))
+
+
+@emulated
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_decode_strided_cache_views(layout):
     """The decode kernel reads views in place (word-by-word where not dense)."""
