@@ -204,6 +204,34 @@ def launch_floor(res):
         print(name, res["calls"][name], flush=True)
 
 
+def _quantized_matmul_attention(q, kq, vq, scale, group_size, bits):
+    """mlx-lm's quantized path, algorithm for algorithm (its
+    quantized_scaled_dot_product_attention without a mask: scores by
+    mx.quantized_matmul against the K triple, a precise softmax over the
+    materialised scores, mx.quantized_matmul against the V triple), for a
+    machine where mlx-lm is not installed."""
+    B, Hq, L, D = q.shape
+    Hkv = kq[0].shape[1]
+    G = Hq // Hkv
+    qs = (q * scale).reshape(B, Hkv, G, L, D)
+    kk = tuple(mx.expand_dims(x, 2) for x in kq)
+    vv = tuple(mx.expand_dims(x, 2) for x in vq)
+    scores = mx.quantized_matmul(qs, *kk, transpose=True, group_size=group_size, bits=bits)
+    p = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(p, *vv, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, Hq, L, -1)
+
+
+def mlx_lm_path():
+    """(name, fn(q, kq, vq, scale, group_size, bits)): mlx-lm's own function, or its algorithm re-expressed."""
+    try:
+        from mlx_lm.models.base import quantized_scaled_dot_product_attention as f
+    except ImportError:
+        return "mlx_lm_algorithm", _quantized_matmul_attention
+    return "mlx_lm", lambda q, kq, vq, scale, group_size, bits: f(
+        mx.array(q), kq, vq, scale=scale, mask=None, group_size=group_size, bits=bits)
+
+
 def simt(fn):
     """fn with the quantized op routed to main's SIMT split kernel (no tensor-core decode)."""
     def call():
@@ -217,8 +245,7 @@ def simt(fn):
 
 def check(q, k, v, quant, s, res):
     """Largest |difference| of each quantized path from mx.fast over the dequantized fp16 cache."""
-    from mlx_lm.models.base import quantized_scaled_dot_product_attention as lm_qsdpa
-
+    lm_name, lm_qsdpa = mlx_lm_path()
     res["check"] = {}
     for bits, (kq, vq) in quant.items():
         kd = mx.dequantize(*kq, group_size=64, bits=bits)
@@ -226,7 +253,7 @@ def check(q, k, v, quant, s, res):
         want = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=s).astype(mx.float32)
         fn = lambda: mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=64, scale=s)  # noqa: E731
         for name, got in ((f"decode_{bits}bit", fn()), (f"simt_{bits}bit", simt(fn)()),
-                          (f"mlx_lm_{bits}bit", lm_qsdpa(q, kq, vq, scale=s, mask=None, group_size=64, bits=bits))):
+                          (f"{lm_name}_{bits}bit", lm_qsdpa(q, kq, vq, s, 64, bits))):
             res["check"][name] = mx.max(mx.abs(got.astype(mx.float32) - want)).item()
         print("check", bits, res["check"], flush=True)
 
@@ -235,8 +262,7 @@ def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
     os.makedirs(out_dir, exist_ok=True)
     q, k, v, quant, s = setup()
-    from mlx_lm.models.base import quantized_scaled_dot_product_attention as lm_qsdpa
-
+    lm_name, lm_qsdpa = mlx_lm_path()
     calls = {
         "mx_fast_fp16": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=s),
         "flash_attention_fp16": lambda: mlx_flash.flash_attention(q, k, v, scale=s),
@@ -246,8 +272,8 @@ def main():
             lambda kq=kq, vq=vq, bits=bits: mlx_flash.flash_attention_quantized(
                 q, kq, vq, bits=bits, group_size=64, scale=s))
         calls[f"flash_quantized_{bits}bit_simt"] = simt(calls[f"flash_quantized_{bits}bit"])
-        calls[f"mlx_lm_quantized_{bits}bit"] = (
-            lambda kq=kq, vq=vq, bits=bits: lm_qsdpa(q, kq, vq, scale=s, mask=None, group_size=64, bits=bits))
+        calls[f"{lm_name}_quantized_{bits}bit"] = (
+            lambda kq=kq, vq=vq, bits=bits: lm_qsdpa(q, kq, vq, s, 64, bits))
     if "--kernels" in sys.argv:
         for name, fn in calls.items():
             for _ in range(3):
