@@ -287,7 +287,11 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   // and each group's sum of q (for the K biases), reduced over the four lanes t.
   const bool row_ok = g < nrows;
   const T* qr = q + q_row(row_ok ? g : 0) * D;
-  unsigned qa[S::KS][2];
+  // Head dims over 128: Q's fragments live in the warp's shared memory
+  // (registers go to the accumulators and codes; 256 would spill otherwise).
+  constexpr bool QS = D > 128;
+  unsigned qa[QS ? 1 : S::KS][2];
+  uint2* qsm = reinterpret_cast<uint2*>(reinterpret_cast<float*>(flag + 4) + NW * Tile::STAGE) + warp * S::KS * 32;
   float qsum[S::NG];
 #pragma unroll
   for (int gi = 0; gi < S::NG; ++gi) {
@@ -297,12 +301,15 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       const int d = S::k_dim(gi, t, p);
       const float x0 = row_ok ? to_float(qr[d]) : 0.f, x1 = row_ok ? to_float(qr[d + S::k_step]) : 0.f;
       acc += x0 + x1;
-      qa[gi * S::KSG + p / 2][p % 2] = pack2<T>(x0, x1);
+      const unsigned x = pack2<T>(x0, x1);
+      if (QS) reinterpret_cast<unsigned*>(qsm + (gi * S::KSG + p / 2) * 32 + lane)[p % 2] = x;
+      else qa[QS ? 0 : gi * S::KSG + p / 2][p % 2] = x;
     }
     acc += __shfl_xor_sync(0xffffffffu, acc, 1);
     acc += __shfl_xor_sync(0xffffffffu, acc, 2);
     qsum[gi] = acc;
   }
+  if (QS) __syncwarp();
 
   const QuantHead<KST, SA> kh = quant_head<BITS>(kc, b, kvh);
   const QuantHead<VST, SA> vh = quant_head<BITS>(vc, b, kvh);
@@ -344,7 +351,13 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
             constexpr int PPW = 16 / BITS;
             bf[h] = C::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
           }
-          const unsigned a[4] = {qa[gi * S::KSG + kk][0], 0u, qa[gi * S::KSG + kk][1], 0u};
+          unsigned a[4] = {0u, 0u, 0u, 0u};
+          if (QS) {
+            const uint2 f = qsm[(gi * S::KSG + kk) * 32 + lane];
+            a[0] = f.x, a[2] = f.y;
+          } else {
+            a[0] = qa[QS ? 0 : gi * S::KSG + kk][0], a[2] = qa[QS ? 0 : gi * S::KSG + kk][1];
+          }
           mma16816<T>(acc[gi], a, bf[0], bf[1]);
         }
       }

@@ -476,6 +476,8 @@ DECODE_SHAPES = [
     (1, 8, 2, 2, 77, 128, 64, 4, 64, B16, 8, 2),
     (1, 2, 1, 3, 200, 128, 128, 8, 128, F16, 4, 7),
     (2, 6, 2, 2, 129, 64, 64, 4, 64, B16, 2, 16),
+    (1, 8, 4, 1, 333, 256, 256, 4, 64, B16, 4, 3),
+    (1, 4, 1, 2, 97, 256, 128, 8, 64, F16, 2, 2),
 ]
 
 
@@ -529,8 +531,10 @@ def test_decode_routing():
         _, q3, k3, v3, _, _ = _case(("decode-route", bits, gs), 1, 4, 1, 1, 20, 64, dtype=dtype, bits=bits,
                                     group_size=gs)
         assert not _uses_decode(q3, k3, v3, bits, gs), (bits, gs, dtype)
-    _, q4, k4, v4, _, _ = _case(("decode-route-wide",), 1, 2, 1, 1, 20, 256, dtype=F16, bits=4, group_size=64)
-    assert not _uses_decode(q4, k4, v4, 4, 64)                                   # head dim > 128
+    _, q4, k4, v4, _, _ = _case(("decode-route-wide",), 1, 2, 1, 1, 20, 512, dtype=F16, bits=4, group_size=64)
+    assert not _uses_decode(q4, k4, v4, 4, 64)                                   # head dim > 256
+    _, q5, k5, v5, _, _ = _case(("decode-route-wide8",), 1, 2, 1, 1, 20, 256, dtype=F16, bits=8, group_size=64)
+    assert not _uses_decode(q5, k5, v5, 8, 64)                                   # 8-bit Dv 256 (spills)
 
 
 @emulated
@@ -713,7 +717,7 @@ def _decode_compile_cases():
     for T in (mx.float16, mx.bfloat16):
         for ST in (T, mx.float32):
             for bits, gs, d, dv in ((4, 64, 128, 128), (4, 128, 128, 128), (8, 32, 128, 64), (8, 64, 128, 128),
-                                    (4, 64, 64, 64), (8, 128, 128, 128)):
+                                    (4, 64, 64, 64), (8, 128, 128, 128), (4, 64, 256, 256), (8, 64, 256, 128)):
                 if T == mx.bfloat16 and bits == 8:
                     continue
                 for feats in ((False, False, False), (True, True, True)):

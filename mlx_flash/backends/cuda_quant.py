@@ -305,7 +305,7 @@ _DEC_PREFETCH = False  # TUNING "dec_prefetch": load the next tile during the cu
 def uses_decode(qspec) -> bool:
     """The tensor-core decode kernel: 16-bit q (bf16 only over 4-bit codes,
     whose 128 + code is exact), 4- or 8-bit groups spanning 8 words (4-bit:
-    group >= 64), head dims <= 128 (256 spills), at most 8 (query, head) rows per KV head,
+    group >= 64), head dims <= 256 (8-bit: Dv <= 128; wider spills), at most 8 (query, head) rows per KV head,
     no mask, ALiBi or block mask. Everything else keeps the kernels above."""
     if "decode" in TUNING:
         return bool(TUNING["decode"]) and _decode_eligible(qspec)
@@ -320,7 +320,7 @@ def _decode_eligible(qspec) -> bool:
         return False
     if spec.dtype == mx.bfloat16 and bits == 8:
         return False
-    if max(spec.head_dim_qk, spec.head_dim_v) > 128 or spec.seqlen_q * spec.group_size > 8:
+    if max(spec.head_dim_qk, spec.head_dim_v) > 256 or bits * spec.head_dim_v > 1024 or spec.seqlen_q * spec.group_size > 8:
         return False
     return spec.mask_kind == "none" and not spec.has_alibi and not getattr(spec, "has_block_mask", False)
 
@@ -345,7 +345,8 @@ def decode_plan(qspec):
     # red_o [nw][8][dv] (also the last block's [splits][8] weights), red_m, red_l,
     # red_pb, flag (4 words), then each warp's scale stage (QdTile::STAGE floats).
     splits = max(1, min(splits, nw * dv))
-    smem = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv + 4 + nw * 32 * (ng + ngv))
+    qfrag = nw * 64 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 else 0  # Q's fragments (D > 128)
+    smem = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv + 4 + nw * 32 * (ng + ngv) + qfrag)
     return nw, splits, smem
 
 
