@@ -13,7 +13,8 @@ tensor-core decode, attention_quant_decode, and main's SIMT split kernel +
 attention_combine, `*_simt`), mlx-lm's quantized_scaled_dot_product_attention,
 and the quantized op's kernels launched directly with prepared inputs (what
 is left without the Python wrapper). `check` holds each quantized result's
-largest difference from mx.fast SDPA over the dequantized fp16 cache. A cProfile of the wrapper (no eval) goes to
+largest difference from mx.fast SDPA over the dequantized fp16 cache;
+`first_call_s` the first call of each (NVRTC compilation included). A cProfile of the wrapper (no eval) goes to
 OUT_DIR/decode_cprofile.txt. With --kernels it only makes three calls of
 each, for a profiler to time the kernels.
 """
@@ -60,9 +61,9 @@ def sweep(q, quant, s, res):
     for bits, (kq, vq) in quant.items():
         fn = lambda kq=kq, vq=vq, bits=bits: mlx_flash.flash_attention_quantized(  # noqa: E731
             q, kq, vq, bits=bits, group_size=64, scale=s)
-        variants = [(4, False), (8, False), (4, True), (2, False)] if bits == 4 else [(4, False), (8, False)]
+        variants = [(4, False), (4, True), (8, False)] if bits == 4 else [(4, False)]
         for nw, pf in variants:
-            for splits in (None, 16, 32, 64, 128, 256):
+            for splits in (None, 16, 32, 64, 128, 256) if (nw, pf) == (4, False) else (None, 32, 128):
                 cq.TUNING.clear()
                 cq.TUNING.update(dec_warps=nw, dec_prefetch=pf)
                 if splits:
@@ -243,21 +244,6 @@ def simt(fn):
     return call
 
 
-def check(q, k, v, quant, s, res):
-    """Largest |difference| of each quantized path from mx.fast over the dequantized fp16 cache."""
-    lm_name, lm_qsdpa = mlx_lm_path()
-    res["check"] = {}
-    for bits, (kq, vq) in quant.items():
-        kd = mx.dequantize(*kq, group_size=64, bits=bits)
-        vd = mx.dequantize(*vq, group_size=64, bits=bits)
-        want = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=s).astype(mx.float32)
-        fn = lambda: mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=64, scale=s)  # noqa: E731
-        for name, got in ((f"decode_{bits}bit", fn()), (f"simt_{bits}bit", simt(fn)()),
-                          (f"{lm_name}_{bits}bit", lm_qsdpa(q, kq, vq, s, 64, bits))):
-            res["check"][name] = mx.max(mx.abs(got.astype(mx.float32) - want)).item()
-        print("check", bits, res["check"], flush=True)
-
-
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
     os.makedirs(out_dir, exist_ok=True)
@@ -281,15 +267,36 @@ def main():
             mx.synchronize()
         return
     res = {"card": mx.device_info().get("device_name", "?"), "shape": "B1 GQA 32:8 Nq 1 Nk 32768 D128 fp16",
-           "calls": {}}
-    try:
-        check(q, k, v, quant, s, res)
-    except Exception as e:  # noqa: BLE001 - recorded, the timings still run
-        res["check_error"] = repr(e)[:500]
-        print("check failed", res["check_error"], flush=True)
-    for name, fn in calls.items():
+           "calls": {}, "check": {}, "first_call_s": {}}
+    # Most important first (each first call compiles its kernels with NVRTC,
+    # seconds each): the JSON is rewritten after every measurement.
+    order = ["mx_fast_fp16", "flash_quantized_4bit", f"{lm_name}_quantized_4bit", "flash_quantized_8bit",
+             f"{lm_name}_quantized_8bit", "flash_quantized_4bit_simt", "flash_quantized_8bit_simt",
+             "flash_attention_fp16"]
+    wants = {}
+    for name in order:
+        fn = calls[name]
+        t0 = time.perf_counter()
+        try:
+            got = fn()
+            mx.eval(got)
+        except Exception as e:  # noqa: BLE001 - recorded, the rest still runs
+            res["calls"][name] = {"error": repr(e)[:300]}
+            print(name, res["calls"][name], flush=True)
+            continue
+        res["first_call_s"][name] = time.perf_counter() - t0
+        bits = 4 if "4bit" in name else 8 if "8bit" in name else None
+        if bits is not None:  # against mx.fast over the dequantized fp16 cache
+            if bits not in wants:
+                kq, vq = quant[bits]
+                kd = mx.dequantize(*kq, group_size=64, bits=bits)
+                vd = mx.dequantize(*vq, group_size=64, bits=bits)
+                wants[bits] = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=s).astype(mx.float32)
+            res["check"][name] = mx.max(mx.abs(got.astype(mx.float32) - wants[bits])).item()
         res["calls"][name] = per_call(fn)
-        print(name, res["calls"][name], flush=True)
+        print(name, res["calls"][name], "first call", round(res["first_call_s"][name], 2), "s",
+              "max |diff| vs mx.fast(dequantized)", res["check"].get(name), flush=True)
+        _dump(res, out_dir)
     _dump(res, out_dir)
     try:
         direct(q, quant, s, res)
