@@ -1,6 +1,6 @@
 """Where a CUDA decode call's time goes: Python wrapper, MLX launch, GPU (GPU machine).
 
-    python tools/cuda_decode_profile.py OUT_DIR [--sweep]  # host timings + cProfile (+ launch-plan sweep)
+    python tools/cuda_decode_profile.py OUT_DIR [--sweep] [--no-lm]  # host timings + cProfile (+ launch-plan sweep)
     ncu --metrics gpu__time_duration.sum --csv python tools/cuda_decode_profile.py OUT_DIR --kernels
                                                            # GPU time of each kernel
 
@@ -273,6 +273,8 @@ def main():
     order = ["mx_fast_fp16", "flash_quantized_4bit", f"{lm_name}_quantized_4bit", "flash_quantized_8bit",
              f"{lm_name}_quantized_8bit", "flash_quantized_4bit_simt", "flash_quantized_8bit_simt",
              "flash_attention_fp16"]
+    if "--no-lm" in sys.argv:  # mlx-lm's algorithm compiles for tens of seconds on its first call
+        order = [n for n in order if "mlx_lm" not in n]
     wants = {}
     for name in order:
         fn = calls[name]
