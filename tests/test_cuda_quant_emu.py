@@ -52,6 +52,7 @@ def _emu(q, kq, vq, bits, group_size, dout=None, tuning=None, **options):
     saved = dict(cuda_quant.TUNING)
     cuda_quant.TUNING.update(tuning or {})
     cuda_quant.forward_plan.cache_clear()
+    cuda_quant.decode_plan.cache_clear()
     try:
         with harness.patched_cuda_kernel():
             out, lse = cuda_quant.quantized_attention_forward(q, k, v, qspec, inputs, mx.cpu)
@@ -65,6 +66,7 @@ def _emu(q, kq, vq, bits, group_size, dout=None, tuning=None, **options):
         cuda_quant.TUNING.clear()
         cuda_quant.TUNING.update(saved)
         cuda_quant.forward_plan.cache_clear()
+        cuda_quant.decode_plan.cache_clear()
     return res
 
 
@@ -438,6 +440,247 @@ def test_mma_strided_cache_views(layout):
     _check_mma(q, kd, vd, _emu(q, kv, vv, 4, 32, tuning=MMA, causal=True), F16, {"causal": True})
 
 
+# ---- the tensor-core decode (attention_quant_decode; 16-bit q, G * Nq <= 8) -----------
+
+DECODE = {"decode": True}
+
+
+def _check_decode(q, kd, vd, got, dtype, opts, lse=True):
+    """out against the float64 reference (with the plain fp16/bf16 computation's
+    error as yardstick), lse within 1e-3 relative (the kernel's scales are
+    applied in fp32; only q.k's products of codes pass the tensor cores)."""
+    want = attention_np(q, kd, vd, **opts)
+    plain = plain_errors(q, kd.astype(dtype), vd.astype(dtype), mx.ones(got["out"].shape, dtype), opts, dtype)
+    _check(got, want, dtype, plain, names=("out",))
+    if lse:
+        assert reference_error("lse", got["lse"], want) < 1e-3
+
+
+def _uses_decode(q, kq, vq, bits, gs, **opts):
+    from mlx_flash._quant_spec import validate_attention_quantized
+    from mlx_flash.backends import cuda_quant
+
+    return cuda_quant.uses_decode(validate_attention_quantized(q, kq, vq, bits=bits, group_size=gs, **opts)[0])
+
+
+# (B, Hq, Hkv, Nq, Nk, D, Dv, bits, group, dtype, warps, splits): one key, odd
+# key counts (a partial last tile, splits of unequal length, empty splits),
+# GQA 4:1 and 8:1, MQA, two or three queries per row group, Dv != D, every
+# group size the kernel takes, bf16 over 4-bit codes, 1/2/4/8 warps per block.
+DECODE_SHAPES = [
+    (1, 4, 1, 1, 1, 64, 64, 4, 64, F16, 4, 1),
+    (1, 8, 2, 1, 17, 128, 128, 4, 64, F16, 4, 3),
+    (2, 8, 2, 1, 113, 128, 128, 8, 64, F16, 2, 2),
+    (1, 8, 1, 1, 1023, 128, 128, 4, 128, F16, 4, 5),
+    (1, 4, 4, 1, 300, 64, 128, 8, 32, F16, 1, 4),
+    (1, 8, 2, 2, 77, 128, 64, 4, 64, B16, 8, 2),
+    (1, 2, 1, 3, 200, 128, 128, 8, 128, F16, 4, 7),
+    (2, 6, 2, 2, 129, 64, 64, 4, 64, B16, 2, 16),
+    (1, 8, 4, 1, 333, 256, 256, 4, 64, B16, 4, 3),
+    (1, 4, 1, 2, 97, 256, 128, 8, 64, F16, 2, 2),
+]
+
+
+@emulated
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_shapes(shape):
+    B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
+    gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
+                                   bits=bits, group_size=gs)
+    assert _uses_decode(q, kq, vq, bits, gs)
+    got = _emu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits})
+    _check_decode(q, kd, vd, got, dtype, {})
+
+
+DECODE_FEATURES = {
+    "causal": lambda g, Hq: {"causal": True},
+    "window": lambda g, Hq: {"window": (40, 0)},
+    "softcap": lambda g, Hq: {"softcap": 2.0},
+    "sinks": lambda g, Hq: {"sinks": mx.array(np.r_[g.standard_normal(Hq - 1), -np.inf].astype(np.float32))},
+    "combined": lambda g, Hq: {"window": (60, 2), "softcap": 3.0,
+                               "sinks": mx.array(g.standard_normal(Hq).astype(np.float32))},
+}
+
+
+@emulated
+@pytest.mark.parametrize("feature", list(DECODE_FEATURES))
+def test_decode_features(feature):
+    """Two queries per row group (causal bottom-right, a window that empties
+    some splits), softcap, sinks (one -inf)."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 8, 2, 2, 150, 128
+    gen, q, kq, vq, kd, vd = _case(("decode-feature", feature), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4,
+                                   group_size=64)
+    opts = DECODE_FEATURES[feature](gen, Hq)
+    assert _uses_decode(q, kq, vq, 4, 64, **opts)
+    got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5}, **opts)
+    _check_decode(q, kd, vd, got, F16, opts)
+
+
+@emulated
+def test_decode_routing():
+    """The decode kernel takes exactly its cases; the rest keep main's kernels."""
+    gen, q, kq, vq, _, _ = _case(("decode-route",), 1, 8, 2, 1, 40, 128, dtype=F16, bits=4, group_size=64)
+    assert _uses_decode(q, kq, vq, 4, 64)
+    assert _uses_decode(q, kq, vq, 4, 64, softcap=1.0, causal=True)
+    assert not _uses_decode(q.astype(F32), kq, vq, 4, 64)                       # fp32 q
+    assert not _uses_decode(q, kq, vq, 4, 64, mask=mx.ones((1, 40), mx.bool_))  # masks
+    assert not _uses_decode(q, kq, vq, 4, 64, alibi_slopes=mx.ones((8,)))       # ALiBi
+    q2 = mx.concatenate([q, q, q], axis=2)
+    assert not _uses_decode(q2, kq, vq, 4, 64)                                   # 12 rows per KV head
+    for bits, gs, dtype in ((4, 32, F16), (3, 64, F16), (8, 64, B16), (6, 64, F16)):
+        _, q3, k3, v3, _, _ = _case(("decode-route", bits, gs), 1, 4, 1, 1, 20, 64, dtype=dtype, bits=bits,
+                                    group_size=gs)
+        assert not _uses_decode(q3, k3, v3, bits, gs), (bits, gs, dtype)
+    _, q4, k4, v4, _, _ = _case(("decode-route-wide",), 1, 2, 1, 1, 20, 512, dtype=F16, bits=4, group_size=64)
+    assert not _uses_decode(q4, k4, v4, 4, 64)                                   # head dim > 256
+    _, q5, k5, v5, _, _ = _case(("decode-route-wide8",), 1, 2, 1, 1, 20, 256, dtype=F16, bits=8, group_size=64)
+    assert not _uses_decode(q5, k5, v5, 8, 64)                                   # 8-bit Dv 256 (spills)
+
+
+@emulated
+def test_decode_nonfinite():
+    """A NaN scale of key j reaches exactly the rows that keep j (K's: the
+    logit; V's: the output); a NaN key a window drops, the last key (read
+    again for a partial tile's padding) included, leaks nowhere; a NaN sink
+    makes its head's rows NaN."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 1, 2, 51, 64
+    gen, q, kq, vq, kd, vd = _case(("decode-nan",), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4, group_size=64)
+    tuning = {**DECODE, "dec_splits": 3}
+    j = Nk - 1  # seen by query 1 only (causal, bottom-right); also the padding's stand-in
+    for which in ("k", "v"):
+        t = kq if which == "k" else vq
+        sc = np.array(t[1])
+        sc[:, :, j] = np.nan
+        bad = (t[0], mx.array(sc), t[2])
+        kk, vv = (bad, vq) if which == "k" else (kq, bad)
+        got = _emu(q, kk, vv, 4, 64, tuning=tuning, causal=True)
+        assert np.all(np.isnan(got["out"][:, :, 1])), which
+        assert np.all(np.isfinite(got["out"][:, :, 0])) and np.all(np.isfinite(got["lse"][:, :, 0])), which
+        if which == "k":
+            assert np.all(np.isnan(got["lse"][:, :, 1]))
+    # Keys 0..9 NaN (K and V), outside every row's window: nothing leaks.
+    ks, vs = np.array(kq[1]), np.array(vq[1])
+    ks[:, :, :10] = np.nan
+    vs[:, :, :10] = np.nan
+    kk, vv = (kq[0], mx.array(ks), kq[2]), (vq[0], mx.array(vs), vq[2])
+    opts = {"window": (30, 0)}
+    got = _emu(q, kk, vv, 4, 64, tuning=tuning, **opts)
+    _check_decode(q, kd, vd, got, F16, opts)
+    # NaN sink: head 0's rows NaN, the others as the reference.
+    sinks = mx.array([np.nan, 0.3, -1.0, 2.0], mx.float32)
+    got = _emu(q, kq, vq, 4, 64, tuning=tuning, sinks=sinks)
+    assert np.all(np.isnan(got["out"][:, 0])) and np.all(np.isnan(got["lse"][:, 0]))
+    want = attention_np(q, kd, vd, sinks=sinks)
+    assert np.allclose(got["out"][:, 1:], np.asarray(want["out"])[:, 1:], atol=2e-3)
+
+
+@emulated
+def test_decode_no_keys():
+    """No key at all: out 0 and lse -inf; with sinks, out 0 and lse = the sink."""
+    gen, q, kq, vq, _, _ = _case(("decode-empty",), 1, 8, 2, 1, 5, 128, dtype=F16, bits=4, group_size=64)
+    kq, vq = (tuple(x[:, :, :0] for x in t) for t in (kq, vq))
+    assert _uses_decode(q, kq, vq, 4, 64)
+    got = _emu(q, kq, vq, 4, 64, tuning=DECODE)
+    assert np.all(got["out"] == 0) and np.all(got["lse"] == -np.inf)
+    sinks = randn(gen, (8,))
+    got = _emu(q, kq, vq, 4, 64, tuning=DECODE, sinks=sinks)
+    assert np.all(got["out"] == 0) and np.allclose(got["lse"][0, :, 0], np.asarray(sinks))
+
+
+@emulated
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_decode_strided_cache_views(layout):
+    """The decode kernel reads views in place (word-by-word where not dense)."""
+    B, Hq, Hkv, Nq, Nk, D = 2, 8, 2, 1, 90, 128
+    for bits in (4, 8):
+        gen, q, kq, vq, kd, vd = _case(("decode-strided", layout, bits), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=bits,
+                                       group_size=64)
+        if layout == "batch_broadcast":
+            kq, vq, kd, vd = _first_batch_for_all(kq, vq, kd, vd)
+        kv, vv = _views(gen, kq, vq, layout)
+        got = _emu(q, kv, vv, bits, 64, tuning={**DECODE, "dec_splits": 2})
+        _check_decode(q, kd, vd, got, F16, {})
+
+
+@emulated
+def test_decode_plan():
+    """Splits fill the GPU (a few blocks per SM) but keep whole tiles per warp."""
+    from mlx_flash._quant_spec import validate_attention_quantized
+    from mlx_flash.backends import cuda_quant as cq
+
+    def plan(B, Hkv, Nk):
+        gen, q, kq, vq, _, _ = _case(("decode-plan", B, Hkv, Nk), B, 4 * Hkv, Hkv, 1, Nk, 64, dtype=F16)
+        cq.decode_plan.cache_clear()
+        return cq.decode_plan(validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0])
+
+    nw, splits, _ = plan(1, 8, 32768)
+    assert splits * 8 >= cq._SMS * 2 and 32768 / splits >= 16 * nw * cq._DEC_MIN_TILES
+    assert plan(1, 1, 20)[1] == 1
+    assert plan(64, 8, 4096)[1] == 2
+
+
+# ---- the same decode cases on a CUDA GPU (skipped without one) ----------------------
+
+def _gpu_reason():
+    import backends
+
+    return backends.skip_reason("cuda")
+
+
+on_gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+
+
+def _gpu(q, kq, vq, bits, group_size, tuning=None, **options):
+    """out, lse through cuda_quant's wrappers on the GPU (mx.fast.cuda_kernel itself)."""
+    from mlx_flash._quant_spec import validate_attention_quantized
+    from mlx_flash.backends import cuda_quant
+
+    qspec, inputs, k, v = validate_attention_quantized(q, kq, vq, bits=bits, group_size=group_size, **options)
+    saved = dict(cuda_quant.TUNING)
+    cuda_quant.TUNING.update(tuning or {})
+    cuda_quant.decode_plan.cache_clear()
+    try:
+        out, lse = cuda_quant.quantized_attention_forward(q, k, v, qspec, inputs, mx.gpu)
+        mx.eval(out, lse)
+        return {"out": to_np(out), "lse": to_np(lse)}
+    finally:
+        cuda_quant.TUNING.clear()
+        cuda_quant.TUNING.update(saved)
+        cuda_quant.decode_plan.cache_clear()
+
+
+@on_gpu
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_shapes_gpu(shape):
+    B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
+    gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
+                                   bits=bits, group_size=gs)
+    for pf in (False, True):
+        got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits,
+                                                "dec_prefetch": pf})
+        _check_decode(q, kd, vd, got, dtype, {})
+
+
+@on_gpu
+@pytest.mark.parametrize("feature", list(DECODE_FEATURES))
+def test_decode_features_gpu(feature):
+    B, Hq, Hkv, Nq, Nk, D = 1, 8, 2, 2, 3000, 128
+    gen, q, kq, vq, kd, vd = _case(("decode-feature-gpu", feature), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=8,
+                                   group_size=64)
+    opts = DECODE_FEATURES[feature](gen, Hq)
+    got = _gpu(q, kq, vq, 8, 64, **opts)
+    _check_decode(q, kd, vd, got, F16, opts)
+
+
+@on_gpu
+def test_decode_long_context_gpu():
+    """The benchmark's shape (GQA 32:8, Nk 32768, 4-bit) with the default plan: every split merged."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 32, 8, 1, 32768, 128
+    gen, q, kq, vq, kd, vd = _case(("decode-long-gpu",), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4, group_size=64)
+    got = _gpu(q, kq, vq, 4, 64)
+    _check_decode(q, kd, vd, got, F16, {})
+
+
 # ---- nvcc compile check (as MLX wraps each kernel), no spills -----------------------
 
 def _compile_cases():
@@ -467,16 +710,36 @@ def _compile_cases():
                         ("SINKS", True), ("D", d), ("DV", dv), ("BITS", bits), ("GS", 32), ("NW", nw), ("BN", bn)]
 
 
+def _decode_compile_cases():
+    from mlx_flash.backends import cuda_quant as cq
+
+    outs = ("out", "lse", "scratch")
+    for T in (mx.float16, mx.bfloat16):
+        for ST in (T, mx.float32):
+            for bits, gs, d, dv in ((4, 64, 128, 128), (4, 128, 128, 128), (8, 32, 128, 64), (8, 64, 128, 128),
+                                    (4, 64, 64, 64), (8, 128, 128, 128), (4, 64, 256, 256), (8, 64, 256, 128)):
+                if T == mx.bfloat16 and bits == 8:
+                    continue
+                for feats in ((False, False, False), (True, True, True)):
+                    for pf in ((False, True) if bits == 4 and d == 128 else (False,)):
+                        yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
+                            ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
+                            ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
+                            ("NW", cq._DEC_WARPS), ("PF", pf)]
+
+
 def _dtypes(names, template):
     t = dict(template)
     table = {"q": t.get("T"), "dout": t.get("T"), "kw": mx.uint32, "vw": mx.uint32, "ks": t.get("KST"),
              "kb": t.get("KST"), "vs": t.get("VST"), "vb": t.get("VST"), "mask": t.get("MT"), "ip": mx.int32,
-             "ns": mx.int32, "out": t.get("T"), "dq": t.get("T"), "sinks": mx.float32, "alibi": mx.float32}
+             "ns": mx.int32, "out": t.get("T"), "dq": t.get("T"), "sinks": mx.float32, "alibi": mx.float32,
+             "scratch": mx.float32}
     return [(n, table.get(n, mx.float32)) for n in names]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("body", ["attention_quant_fwd", "attention_quant_bwd", "attention_quant_fwd_mma"])
+@pytest.mark.parametrize("body", ["attention_quant_fwd", "attention_quant_bwd", "attention_quant_fwd_mma",
+                                  "attention_quant_decode"])
 def test_nvcc_compiles_without_spills(body, tmp_path):
     """Every kernel instance of `body` in one translation unit (as MLX wraps
     each), for sm_90a; ptxas must report no spills."""
@@ -485,7 +748,8 @@ def test_nvcc_compiles_without_spills(body, tmp_path):
 
     types = {**tcs._CUDA_TYPES, mx.uint32: "uint32_t"}
     kernels = []
-    for n, (name, inputs, outputs, template) in enumerate(c for c in _compile_cases() if c[0] == body):
+    cases = _decode_compile_cases() if body == "attention_quant_decode" else _compile_cases()
+    for n, (name, inputs, outputs, template) in enumerate(c for c in cases if c[0] == body):
         saved = dict(tcs._CUDA_TYPES)
         tcs._CUDA_TYPES.update(types)
         try:

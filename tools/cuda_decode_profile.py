@@ -1,6 +1,6 @@
 """Where a CUDA decode call's time goes: Python wrapper, MLX launch, GPU (GPU machine).
 
-    python tools/cuda_decode_profile.py OUT_DIR [--sweep]  # host timings + cProfile (+ launch-plan sweep)
+    python tools/cuda_decode_profile.py OUT_DIR [--sweep] [--no-lm]  # host timings + cProfile (+ launch-plan sweep)
     ncu --metrics gpu__time_duration.sum --csv python tools/cuda_decode_profile.py OUT_DIR --kernels
                                                            # GPU time of each kernel
 
@@ -8,9 +8,13 @@ For the decode step of issues 14/16 (B 1, GQA 32:8, 1 query, Nk 32768, D 128,
 fp16; 4- and 8-bit group 64 for the quantized op) it times, per call:
   build    graph construction only (Python + MLX's op assembly),
   batched  20 calls queued per eval (a call then costs max(host, GPU)),
-for mx.fast SDPA, flash_attention, flash_attention_quantized, and the
-quantized op's two kernels launched directly with prepared inputs (what is
-left without the Python wrapper). A cProfile of the wrapper (no eval) goes to
+for mx.fast SDPA, flash_attention, flash_attention_quantized (its
+tensor-core decode, attention_quant_decode, and main's SIMT split kernel +
+attention_combine, `*_simt`), mlx-lm's quantized_scaled_dot_product_attention,
+and the quantized op's kernels launched directly with prepared inputs (what
+is left without the Python wrapper). `check` holds each quantized result's
+largest difference from mx.fast SDPA over the dequantized fp16 cache;
+`first_call_s` the first call of each (NVRTC compilation included). A cProfile of the wrapper (no eval) goes to
 OUT_DIR/decode_cprofile.txt. With --kernels it only makes three calls of
 each, for a profiler to time the kernels.
 """
@@ -52,25 +56,29 @@ def per_call(fn, calls=20, rounds=15):
 
 
 def sweep(q, quant, s, res):
-    """The quantized forward's launch plan: warps per block x key splits (TUNING)."""
+    """The decode kernel's launch plan: warps per block, prefetch, key splits (TUNING)."""
     res["sweep"] = {}
     for bits, (kq, vq) in quant.items():
         fn = lambda kq=kq, vq=vq, bits=bits: mlx_flash.flash_attention_quantized(  # noqa: E731
             q, kq, vq, bits=bits, group_size=64, scale=s)
-        for nw in (8, 4):
-            for splits in (None, 16, 64, 128):
+        variants = [(4, False), (4, True), (8, False)] if bits == 4 else [(4, False)]
+        for nw, pf in variants:
+            for splits in (None, 16, 32, 64, 128, 256) if (nw, pf) == (4, False) else (None, 32, 128):
                 cq.TUNING.clear()
-                cq.TUNING["fwd_warps"] = nw
+                cq.TUNING.update(dec_warps=nw, dec_prefetch=pf)
                 if splits:
-                    cq.TUNING["splits"] = splits
-                cq.forward_plan.cache_clear()
-                name = f"{bits}bit_w{nw}_splits{splits or 'default'}"
-                res["sweep"][name] = dict(per_call(fn), plan=list(cq.forward_plan(
-                    mlx_flash.attention_quantized.validate_attention_quantized(
-                        q, kq, vq, bits=bits, group_size=64)[0])))
+                    cq.TUNING["dec_splits"] = splits
+                cq.decode_plan.cache_clear()
+                name = f"{bits}bit_w{nw}_pf{int(pf)}_splits{splits or 'default'}"
+                try:
+                    res["sweep"][name] = dict(per_call(fn, rounds=5), plan=list(cq.decode_plan(
+                        mlx_flash.attention_quantized.validate_attention_quantized(
+                            q, kq, vq, bits=bits, group_size=64)[0])))
+                except Exception as e:  # noqa: BLE001 - recorded, the rest still runs
+                    res["sweep"][name] = {"error": repr(e)[:300]}
                 print("sweep", name, res["sweep"][name], flush=True)
     cq.TUNING.clear()
-    cq.forward_plan.cache_clear()
+    cq.decode_plan.cache_clear()
 
 
 def setup():
@@ -197,10 +205,50 @@ def launch_floor(res):
         print(name, res["calls"][name], flush=True)
 
 
+def _quantized_matmul_attention(q, kq, vq, scale, group_size, bits):
+    """mlx-lm's quantized path, algorithm for algorithm (its
+    quantized_scaled_dot_product_attention without a mask: scores by
+    mx.quantized_matmul against the K triple, a precise softmax over the
+    materialised scores, mx.quantized_matmul against the V triple), for a
+    machine where mlx-lm is not installed."""
+    B, Hq, L, D = q.shape
+    Hkv = kq[0].shape[1]
+    G = Hq // Hkv
+    qs = (q * scale).reshape(B, Hkv, G, L, D)
+    kk = tuple(mx.expand_dims(x, 2) for x in kq)
+    vv = tuple(mx.expand_dims(x, 2) for x in vq)
+    scores = mx.quantized_matmul(qs, *kk, transpose=True, group_size=group_size, bits=bits)
+    p = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(p, *vv, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, Hq, L, -1)
+
+
+def mlx_lm_path():
+    """(name, fn(q, kq, vq, scale, group_size, bits)): mlx-lm's own function, or its algorithm re-expressed."""
+    try:
+        from mlx_lm.models.base import quantized_scaled_dot_product_attention as f
+    except ImportError:
+        return "mlx_lm_algorithm", _quantized_matmul_attention
+    return "mlx_lm", lambda q, kq, vq, scale, group_size, bits: f(
+        mx.array(q), kq, vq, scale=scale, mask=None, group_size=group_size, bits=bits)
+
+
+def simt(fn):
+    """fn with the quantized op routed to main's SIMT split kernel (no tensor-core decode)."""
+    def call():
+        cq.TUNING["decode"] = False
+        try:
+            return fn()
+        finally:
+            cq.TUNING.pop("decode", None)
+    return call
+
+
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
     os.makedirs(out_dir, exist_ok=True)
     q, k, v, quant, s = setup()
+    lm_name, lm_qsdpa = mlx_lm_path()
     calls = {
         "mx_fast_fp16": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=s),
         "flash_attention_fp16": lambda: mlx_flash.flash_attention(q, k, v, scale=s),
@@ -209,6 +257,9 @@ def main():
         calls[f"flash_quantized_{bits}bit"] = (
             lambda kq=kq, vq=vq, bits=bits: mlx_flash.flash_attention_quantized(
                 q, kq, vq, bits=bits, group_size=64, scale=s))
+        calls[f"flash_quantized_{bits}bit_simt"] = simt(calls[f"flash_quantized_{bits}bit"])
+        calls[f"{lm_name}_quantized_{bits}bit"] = (
+            lambda kq=kq, vq=vq, bits=bits: lm_qsdpa(q, kq, vq, s, 64, bits))
     if "--kernels" in sys.argv:
         for name, fn in calls.items():
             for _ in range(3):
@@ -216,13 +267,65 @@ def main():
             mx.synchronize()
         return
     res = {"card": mx.device_info().get("device_name", "?"), "shape": "B1 GQA 32:8 Nq 1 Nk 32768 D128 fp16",
-           "calls": {}}
-    launch_floor(res)
-    for name, fn in calls.items():
+           "calls": {}, "check": {}, "first_call_s": {}}
+    # Most important first (each first call compiles its kernels with NVRTC,
+    # seconds each): the JSON is rewritten after every measurement.
+    order = ["mx_fast_fp16", "flash_quantized_4bit", f"{lm_name}_quantized_4bit", "flash_quantized_8bit",
+             f"{lm_name}_quantized_8bit", "flash_quantized_4bit_simt", "flash_quantized_8bit_simt",
+             "flash_attention_fp16"]
+    if "--no-lm" in sys.argv:  # mlx-lm's algorithm compiles for tens of seconds on its first call
+        order = [n for n in order if "mlx_lm" not in n]
+    wants = {}
+    for name in order:
+        fn = calls[name]
+        t0 = time.perf_counter()
+        try:
+            got = fn()
+            mx.eval(got)
+        except Exception as e:  # noqa: BLE001 - recorded, the rest still runs
+            res["calls"][name] = {"error": repr(e)[:300]}
+            print(name, res["calls"][name], flush=True)
+            continue
+        res["first_call_s"][name] = time.perf_counter() - t0
+        bits = 4 if "4bit" in name else 8 if "8bit" in name else None
+        if bits is not None:  # against mx.fast over the dequantized fp16 cache
+            if bits not in wants:
+                kq, vq = quant[bits]
+                kd = mx.dequantize(*kq, group_size=64, bits=bits)
+                vd = mx.dequantize(*vq, group_size=64, bits=bits)
+                wants[bits] = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=s).astype(mx.float32)
+            res["check"][name] = mx.max(mx.abs(got.astype(mx.float32) - wants[bits])).item()
         res["calls"][name] = per_call(fn)
-        print(name, res["calls"][name], flush=True)
+        print(name, res["calls"][name], "first call", round(res["first_call_s"][name], 2), "s",
+              "max |diff| vs mx.fast(dequantized)", res["check"].get(name), flush=True)
+        _dump(res, out_dir)
+    _dump(res, out_dir)
+    try:
+        direct(q, quant, s, res)
+    except Exception as e:  # noqa: BLE001 - recorded, the rest still runs
+        res["direct_error"] = repr(e)[:500]
+        print("direct failed", res["direct_error"], flush=True)
+    _dump(res, out_dir)
+    if "--sweep" in sys.argv:
+        sweep(q, quant, s, res)
+        _dump(res, out_dir)
+    launch_floor(res)
+    _profile(calls, out_dir)
+    _dump(res, out_dir)
+
+
+def direct(q, quant, s, res):
+    """The kernels launched directly: the decode's one launch; main's SIMT forward and combine."""
     for bits, (kq, vq) in quant.items():
         cap = direct_kernels(q, kq, vq, bits, s)
+        dec_k, dec_kw = cap["attention_quant_decode"]
+        res["calls"][f"direct_decode_{bits}bit"] = per_call(lambda: dec_k(**dec_kw))  # noqa: B023
+        print(f"direct_decode_{bits}bit", res["calls"][f"direct_decode_{bits}bit"], flush=True)
+        cq.TUNING["decode"] = False
+        try:
+            cap = direct_kernels(q, kq, vq, bits, s)
+        finally:
+            cq.TUNING.pop("decode", None)
         fwd_k, fwd_kw = cap["attention_quant_fwd"]
         comb_k, comb_kw = cap["attention_combine"]
         fwd_only = lambda: fwd_k(**fwd_kw)  # noqa: E731
@@ -234,10 +337,10 @@ def main():
                          (f"direct_both_{bits}bit", both)):
             res["calls"][name] = per_call(fn)
             print(name, res["calls"][name], flush=True)
-    if "--sweep" in sys.argv:
-        sweep(q, quant, s, res)
+
+
+def _profile(calls, out_dir):
     # cProfile of the wrapper alone (graph building, no eval).
-    kq, vq = quant[4]
     fn = calls["flash_quantized_4bit"]
     prof = cProfile.Profile()
     prof.enable()
@@ -248,6 +351,10 @@ def main():
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(35)
     with open(os.path.join(out_dir, "decode_cprofile.txt"), "w") as f:
         f.write(buf.getvalue())
+
+
+def _dump(res, out_dir):
+    """Write what is measured so far (a killed run keeps its numbers)."""
     with open(os.path.join(out_dir, "decode_profile.json"), "w") as f:
         json.dump(res, f, indent=1)
 

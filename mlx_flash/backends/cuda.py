@@ -81,6 +81,7 @@ _KERNEL_ROOTS = {
     "attention_quant_fwd": ("attention_quant.cuh",),
     "attention_quant_bwd": ("attention_quant.cuh",),
     "attention_quant_fwd_mma": ("attention_quant_mma.cuh",),
+    "attention_quant_decode": ("attention_quant_decode.cuh",),
 }
 _LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
 

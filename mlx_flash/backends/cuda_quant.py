@@ -16,6 +16,11 @@
                            as q's dtype, the next tile's raw words loading
                            while the current one is computed
   attention_quant_bwd      fused dq-only backward (k, v constants), no atomics
+  attention_quant_decode   tensor-core decode (attention_quant_decode.cuh): a
+                           few rows per KV head (G * Nq <= 8), 16-bit q, 4-/8-bit
+                           cache, no mask/ALiBi; codes on mma.sync, scales in
+                           fp32; splits merged by the last block in the same
+                           launch (one launch per call, no attention_combine)
 
 K and V are dequantized in registers as they stream in: no full-precision
 copy exists. Nor a copy of the quantized cache: these kernels are built with
@@ -38,6 +43,7 @@ from . import cuda as _cuda
 
 _FWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "ns")
 _BWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "lse", "delta", "dout")
+_DEC_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "sinks", "ip", "fp", "ns")
 _MMA_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "sinks", "ip", "fp")
 # Tensor-core forward tile: warps per block (16 query rows each) and keys per
 # tile. 8 x 64 holds one staged 32-value chunk of K and of V per thread
@@ -206,6 +212,8 @@ def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream)
     if q.size == 0:  # no query rows: nothing to launch (and no plan: its sizes divide by the rows)
         return (mx.zeros(tuple(q.shape[:-1]) + (spec.head_dim_v,), spec.dtype, stream=stream),
                 mx.zeros(tuple(q.shape[:-1]), mx.float32, stream=stream))
+    if uses_decode(qspec):
+        return _forward_decode(q, k, v, qspec, inputs, stream)
     if uses_mma(qspec):
         return _forward_mma(q, k, v, qspec, inputs, stream)
     rw, groups, splits, smem = forward_plan(qspec)
@@ -278,4 +286,99 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
         output_shapes=[tuple(q.shape[:-1]) + (spec.head_dim_v,), tuple(q.shape[:-1])],
         output_dtypes=[spec.dtype, mx.float32], stream=stream,
     )
+    return out, lse
+
+
+# ---- tensor-core decode (attention_quant_decode.cuh) ---------------------------------
+# Warps per block (interleaved 16-key tiles of one KV head's split, merged in
+# shared memory) and blocks to aim for: a few per SM, every split at least
+# _DEC_MIN_TILES tiles per warp. TUNING "dec_warps" / "dec_splits" / "decode"
+# override for GPU sweeps (call decode_plan.cache_clear() after; the launch
+# cache keys on TUNING itself).
+_DEC_WARPS = 4
+_DEC_BLOCKS_PER_SM = 4
+_DEC_MIN_TILES = 4
+_DEC_MAX_SPLITS = 256
+_DEC_PREFETCH = False  # TUNING "dec_prefetch": load the next tile during the current one
+
+
+def uses_decode(qspec) -> bool:
+    """The tensor-core decode kernel: 16-bit q (bf16 only over 4-bit codes,
+    whose 128 + code is exact), 4- or 8-bit groups spanning 8 words (4-bit:
+    group >= 64), head dims <= 256 (8-bit: Dv <= 128; wider spills), at most 8 (query, head) rows per KV head,
+    no mask, ALiBi or block mask. Everything else keeps the kernels above."""
+    if "decode" in TUNING:
+        return bool(TUNING["decode"]) and _decode_eligible(qspec)
+    return _decode_eligible(qspec)
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_eligible(qspec) -> bool:
+    spec = qspec.attention
+    bits, gs = qspec.bits, qspec.group_size
+    if spec.dtype not in (mx.float16, mx.bfloat16) or bits not in (4, 8) or bits * gs < 256:
+        return False
+    if spec.dtype == mx.bfloat16 and bits == 8:
+        return False
+    if max(spec.head_dim_qk, spec.head_dim_v) > 256 or bits * spec.head_dim_v > 1024 or spec.seqlen_q * spec.group_size > 8:
+        return False
+    return spec.mask_kind == "none" and not spec.has_alibi and not getattr(spec, "has_block_mask", False)
+
+
+def decode_warps() -> int:
+    return TUNING.get("dec_warps", _DEC_WARPS)
+
+
+@functools.lru_cache(maxsize=1024)
+def decode_plan(qspec):
+    """(warps per block, splits per (batch, KV head), shared memory bytes)."""
+    spec = qspec.attention
+    nw = decode_warps()
+    pairs = spec.batch * spec.heads_kv
+    keys = _cuda._effective_keys(spec)
+    splits = max(1, min(math.ceil(_SMS * _DEC_BLOCKS_PER_SM / pairs),
+                        math.ceil(keys / (16 * nw * _DEC_MIN_TILES)), _DEC_MAX_SPLITS))
+    if "dec_splits" in TUNING:
+        splits = TUNING["dec_splits"]
+    dv, ngv = spec.head_dim_v, spec.head_dim_v // qspec.group_size
+    ng = spec.head_dim_qk // qspec.group_size
+    # red_o [nw][8][dv] (also the last block's [splits][8] weights), red_m, red_l,
+    # red_pb, flag (4 words), then each warp's scale stage (QdTile::STAGE floats).
+    splits = max(1, min(splits, nw * dv))
+    qfrag = nw * 64 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 else 0  # Q's fragments (D > 128)
+    smem = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv + 4 + nw * 32 * (ng + ngv) + qfrag)
+    return nw, splits, smem
+
+
+def decode_scratch_floats(qspec, splits: int) -> int:
+    """Floats of the decode's scratch output: 8 * (Dv + 2) per (batch, KV head, split), then a counter per pair."""
+    spec = qspec.attention
+    pairs = spec.batch * spec.heads_kv
+    return pairs * splits * 8 * (spec.head_dim_v + 2) + pairs
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
+    """Everything of a decode launch but its inputs, once per (spec, shapes, dtypes, TUNING)."""
+    spec = qspec.attention
+    nw, splits, smem = decode_plan(qspec)
+    template = [("T", spec.dtype), ("KST", k_scales_dtype), ("VST", v_scales_dtype), ("SOFTCAP", spec.softcap > 0),
+                ("WINDOW", spec.has_window), ("SINKS", spec.has_sinks), ("D", spec.head_dim_qk),
+                ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("NW", nw),
+                ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH)))]
+    return dict(
+        template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
+        output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
+                       (decode_scratch_floats(qspec, splits),)],
+        output_dtypes=[spec.dtype, mx.float32, mx.float32], init_value=0,
+    ), _cuda.const_array((splits,), mx.int32), smem
+
+
+def _forward_decode(q, k, v, qspec, inputs: AttentionInputs, stream):
+    launch, ns, smem = _decode_launch(qspec, tuple(q.shape), k[1].dtype, v[1].dtype,
+                                      tuple(TUNING.items()) if TUNING else ())
+    args = _operands(q, k, v, qspec, inputs, stream)  # q, 6 cache arrays, mask, alibi, ip, fp
+    sinks = _dense(inputs.sinks, stream) if inputs.sinks is not None else _cuda._placeholders()[2]
+    kernel = _strided_kernel("attention_quant_decode", _DEC_INPUTS, ("out", "lse", "scratch"), smem)
+    out, lse, _ = kernel(inputs=args[:7] + [sinks, args[9], args[10], ns], stream=stream, **launch)
     return out, lse

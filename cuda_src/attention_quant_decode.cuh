@@ -1,0 +1,578 @@
+// Decode over an affine-quantized K/V cache on tensor cores, one launch:
+// attention_quant_decode. The common decode step (a few query rows per KV
+// head: GQA heads x queries <= 8, 16-bit q, 4- or 8-bit cache, no mask or
+// ALiBi) is bound by the bytes of the cache, not by arithmetic, once the
+// arithmetic per byte is small; main's SIMT kernel (attention_quant.cuh) spends
+// ~130 instructions per 4-bit key row per row group and is instruction-bound.
+//
+// Both products run on mma.sync m16n8k16 with the CODES (exact small integers
+// in q's 16-bit type) as operands; scales and biases are applied in fp32
+// outside the tensor cores, per quantization group:
+//   q . k_j     = sum_g s_g(j) (q_g . c_g(j)) + b_g(j) sum(q_g)
+//   sum_j p_j v_j[c] = sum_j (p_j s_g(j)) c_j[c] + sum_j p_j b_g(j)   (c in group g)
+// so every k-step of S = Q K^T lies inside one group (its own accumulator),
+// and every 16-column m-tile of O^T = V^T P^T lies inside one group (its B
+// operand is P scaled by that group's scales). A code becomes a 16-bit value
+// by two or three integer/16-bit ops: its bits OR the exponent of 1024 (fp16)
+// or 128 (bf16), minus that constant (exact).
+//
+// Head dims are PERMUTED, consistently: q.k sums over d, so lane t (= lane % 4)
+// of a K row owns whole words of each group (its B fragments), and Q's A
+// fragments are loaded in the same order; lane g (= lane / 4) of a V row owns
+// a contiguous run of GS/8 columns of each group, and the output is stored
+// through the same map. Every cache word is loaded by exactly one lane.
+//
+// Layout (one warp, rows r < 8 = i * G + h: query i, group head h):
+//   S  = Q K^T   A = Q (rows 8..15 zero), B = K^T codes: lane (g, t) holds
+//                keys g and 8 + g of a 16-key tile; C: (row g, keys 2t, 2t+1,
+//                8 + 2t, 9 + 2t)
+//   O^T = V^T P^T  A = V^T codes: lane (g, t) holds keys 2t, 2t+1, 8 + 2t,
+//                9 + 2t at its columns; B = P^T scaled, straight from S's C
+//                fragment (no shuffle); C: (columns of lane g, rows 2t, 2t+1)
+//
+// Work split: grid (splits, 1, B * Hkv); a block's NW warps take interleaved
+// 16-key tiles of the block's key range, merge in shared memory and write one
+// unnormalised partial (o, m, l) per row to `scratch`; the last block of a
+// (batch, KV head) to finish (an atomic counter in the zero-filled scratch)
+// merges every split with the sink and writes out and lse. One launch.
+//
+// Non-finite contract (ARCHITECTURE.md): codes are finite, so only scales and
+// biases carry NaN/inf. A dropped key contributes by select, never by
+// multiplying (its P entry and bias term are 0 whatever its scales); a kept
+// NaN/+inf logit makes its row NaN; NaN scales of kept V keys reach O by IEEE.
+#pragma once
+
+#include "attention_quant.cuh"
+
+namespace mlx_flash {
+
+// ---- bit helpers (PTX on the GPU; plain C++ in the CPU emulation) -------------
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+__device__ __forceinline__ unsigned qd_perm(unsigned a, unsigned b, unsigned sel) { return __byte_perm(a, b, sel); }
+template <bool BF16>
+__device__ __forceinline__ unsigned qd_sub2(unsigned x, unsigned y) {
+  unsigned r;
+  if (BF16) asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(y));
+  else asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(y));
+  return r;
+}
+__device__ __forceinline__ float qd_load_cg(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ float4 qd_load_cg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ void qd_fence() { __threadfence(); }
+#else
+inline unsigned qd_perm(unsigned a, unsigned b, unsigned sel) {
+  const unsigned long long x = (unsigned long long)b << 32 | a;
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= (unsigned)((x >> (8 * ((sel >> (4 * i)) & 7u))) & 0xffu) << (8 * i);
+  return r;
+}
+template <bool BF16>
+inline float qd_half_bits(unsigned h) {
+  if (BF16) return __uint_as_float(h << 16);
+  return __half2float(__ushort_as_half((unsigned short)h));
+}
+template <bool BF16>
+inline unsigned qd_sub2(unsigned x, unsigned y) {
+  unsigned r = 0;
+  for (int i = 0; i < 2; ++i) {
+    const float d = qd_half_bits<BF16>((x >> (16 * i)) & 0xffffu) - qd_half_bits<BF16>((y >> (16 * i)) & 0xffffu);
+    const unsigned bits = BF16 ? (__float_as_uint(d) >> 16) : (unsigned)__float2half_rn(d).x;  // exact here
+    r |= bits << (16 * i);
+  }
+  return r;
+}
+inline float qd_load_cg(const float* p) { return *p; }
+inline float4 qd_load_cg4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+inline void qd_fence() {}
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+#endif
+
+// Codes as 16-bit values: MAGIC | code is 1024 + code (fp16) or 128 + code
+// (bf16, codes < 128); subtracting MAGIC is exact.
+template <typename T>
+struct QdCodes {
+  static constexpr bool BF16 = MmaType<T>::is_bf16;
+  static constexpr unsigned MAGIC = BF16 ? 0x43004300u : 0x64006400u;
+  static constexpr unsigned MAGIC_BYTE = BF16 ? 0x43434343u : 0x64646464u;
+  __device__ __forceinline__ static unsigned fix(unsigned x) { return qd_sub2<BF16>(x, MAGIC); }
+  // Same-key pair p of a word (K): 4-bit nibbles (p, p + 4), p < 4; 8-bit bytes (p, p + 2), p < 2.
+  template <int BITS>
+  __device__ __forceinline__ static unsigned same(unsigned w, int p) {
+    if (BITS == 4) return fix(((w >> (4 * p)) & 0x000f000fu) | MAGIC);
+    return fix(qd_perm(w, MAGIC_BYTE, p == 0 ? 0x4240u : 0x4341u));
+  }
+  // Cross-key pair: code n of word a (low half) and of word b (high half).
+  template <int BITS>
+  __device__ __forceinline__ static unsigned cross(unsigned a, unsigned b, int n) {
+    if (BITS == 4) {
+      const unsigned y = qd_perm(a, b, n < 4 ? 0x5410u : 0x7632u);
+      return fix(((y >> (4 * (n & 3))) & 0x000f000fu) | MAGIC);
+    }
+    const unsigned y = qd_perm(a, b, (unsigned)(n | (n << 4) | ((4 + n) << 8) | ((4 + n) << 12)));
+    return fix((y & 0x00ff00ffu) | MAGIC);
+  }
+};
+
+// Shapes of one instance. Words per group WG; K: WK words per lane t per
+// group (pairs of the lane: GS / 8 per group, two per k-step); V: WV words
+// per lane g per group (GS / 8 columns, two per m-tile).
+template <int D, int DV, int BITS, int GS>
+struct QdShape {
+  static_assert(BITS == 4 || BITS == 8, "attention_quant_decode: 4- or 8-bit caches");
+  static_assert(BITS * GS >= 256, "attention_quant_decode: a group must span 8 words (4-bit: GS >= 64)");
+  static_assert(D % GS == 0 && DV % GS == 0, "attention_quant_decode: head dims are whole groups");
+  static constexpr int NG = D / GS, NGV = DV / GS;
+  static constexpr int WG = GS * BITS / 32;
+  static constexpr int WK = WG / 4, WV = WG / 8;
+  static constexpr int CPW = 32 / BITS;        // codes per word
+  static constexpr int KS = D / 16;            // k-steps of S
+  static constexpr int KSG = GS / 16;          // k-steps (and m-tiles) per group
+  static constexpr int MT = DV / 16;           // m-tiles of O^T
+  static constexpr int KW = NG * WK;           // K words per lane per key
+  static constexpr int VW = NGV * WV;          // V words per lane per key
+  // d of lane t's pair p (0 .. GS/8 - 1) of group gi; the pair is (d, d + step).
+  __host__ __device__ static constexpr int k_dim(int gi, int t, int p) {
+    return (gi * WG + t * WK + p / (16 / BITS)) * CPW + (p % (16 / BITS));
+  }
+  static constexpr int k_step = BITS == 4 ? 4 : 2;
+  // Column of lane g's value v (0 .. GS/8 - 1) of group gi.
+  __host__ __device__ static constexpr int v_col(int gi, int g, int v) { return gi * GS + g * (GS / 8) + v; }
+};
+
+// One 16-key tile's raw operands of a lane: K words of keys g, 8 + g; V words
+// of keys 2t, 2t+1, 8+2t, 9+2t; and NG + NGV of the tile's 32 (NG + NGV)
+// scales and biases, which the warp stages in shared memory as float planes
+// [ks: NG][kb: NG][vs: NGV][vb: NGV] x 16 keys (`stage`): four global loads
+// a lane instead of one per (key, group) it uses, and no registers held for
+// them across the tile.
+template <int D, int DV, int BITS, int GS>
+struct QdTile {
+  using S = QdShape<D, DV, BITS, GS>;
+  static constexpr int NSC = S::NG + S::NGV;  // staged values per lane
+  static constexpr int STAGE = 32 * NSC;      // floats of a warp's stage
+  unsigned kw[2][S::KW];
+  unsigned vw[4][S::VW];
+  float sc[NSC];
+
+  // Keys at or past `end` load key `end - 1` instead (their logits are dropped by rule).
+  template <typename KST, typename VST, class SA>
+  __device__ __forceinline__ void load(const QuantHead<KST, SA>& kh, const QuantHead<VST, SA>& vh, int j0, int end,
+                                       int lane) {
+    const int g = lane / 4, t = lane % 4, last = end - 1;
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      const long j = min(j0 + 8 * n + g, last);
+      const unsigned* w = kh.words(j);
+      const long wd = kh.ws[3];
+#pragma unroll
+      for (int gi = 0; gi < S::NG; ++gi) {
+        const unsigned* p = w + (gi * S::WG + t * S::WK) * wd;
+        if (S::WK % 4 == 0 && kh.dense) {
+#pragma unroll
+          for (int u = 0; u < S::WK; u += 4) {
+            const uint4 x = *reinterpret_cast<const uint4*>(p + u);
+            kw[n][gi * S::WK + u] = x.x, kw[n][gi * S::WK + u + 1] = x.y;
+            kw[n][gi * S::WK + u + 2] = x.z, kw[n][gi * S::WK + u + 3] = x.w;
+          }
+        } else if (S::WK % 2 == 0 && kh.dense) {
+#pragma unroll
+          for (int u = 0; u < S::WK; u += 2) {
+            const uint2 x = *reinterpret_cast<const uint2*>(p + u);
+            kw[n][gi * S::WK + u] = x.x, kw[n][gi * S::WK + u + 1] = x.y;
+          }
+        } else {
+#pragma unroll
+          for (int u = 0; u < S::WK; ++u) kw[n][gi * S::WK + u] = p[u * wd];
+        }
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const long j = min(j0 + 2 * t + (e & 1) + 8 * (e >> 1), last);
+      const unsigned* w = vh.words(j);
+      const long wd = vh.ws[3];
+#pragma unroll
+      for (int gi = 0; gi < S::NGV; ++gi) {
+        const unsigned* p = w + (gi * S::WG + g * S::WV) * wd;
+        if (S::WV % 2 == 0 && vh.dense) {
+#pragma unroll
+          for (int u = 0; u < S::WV; u += 2) {
+            const uint2 x = *reinterpret_cast<const uint2*>(p + u);
+            vw[e][gi * S::WV + u] = x.x, vw[e][gi * S::WV + u + 1] = x.y;
+          }
+        } else {
+#pragma unroll
+          for (int u = 0; u < S::WV; ++u) vw[e][gi * S::WV + u] = p[u * wd];
+        }
+      }
+    }
+    // Stage entry lane + 32 i: row (lane + 32 i) / 16 of the planes, key lane % 16.
+    const long j = min(j0 + lane % 16, last);
+#pragma unroll
+    for (int i = 0; i < NSC; ++i) {
+      const int row = 2 * i + lane / 16;
+      if (row < S::NG) sc[i] = to_float(kh.s[j * kh.ss[2] + row * kh.ss[3]]);
+      else if (row < 2 * S::NG) sc[i] = to_float(kh.b[j * kh.bs[2] + (row - S::NG) * kh.bs[3]]);
+      else if (row < 2 * S::NG + S::NGV) sc[i] = to_float(vh.s[j * vh.ss[2] + (row - 2 * S::NG) * vh.ss[3]]);
+      else sc[i] = to_float(vh.b[j * vh.bs[2] + (row - 2 * S::NG - S::NGV) * vh.bs[3]]);
+    }
+  }
+
+  // The staged scales into the warp's stage (after the previous tile's reads: __syncwarp).
+  __device__ __forceinline__ void stage_scales(float* stage, int lane) const {
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < NSC; ++i) stage[lane + 32 * i] = sc[i];
+    __syncwarp();
+  }
+  // (scale or bias) of keys 2t + 8n and 2t + 8n + 1: plane row `row`.
+  __device__ __forceinline__ static float2 pair(const float* stage, int row, int n, int t) {
+    return *reinterpret_cast<const float2*>(stage + row * 16 + 8 * n + 2 * t);
+  }
+};
+
+// Partial results of one (batch, KV head, split): 8 rows of o [8][DV], then m [8], l [8].
+template <int DV>
+__host__ __device__ constexpr int qd_part_floats() {
+  return 8 * (DV + 2);
+}
+
+// PF: the next tile's operands load while the current one is computed
+// (registers for two tiles) instead of after it.
+template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
+          bool PF, class SA>
+__device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
+                                       const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
+                                       float* lse, float* scratch) {
+  using S = QdShape<D, DV, BITS, GS>;
+  using C = QdCodes<T>;
+  static_assert(!(MmaType<T>::is_bf16 && BITS == 8), "attention_quant_decode: 8-bit codes exceed bf16's exact 128 + code");
+  static_assert(F::MaskKind == 0 && !F::Alibi, "attention_quant_decode: no mask or ALiBi (routed elsewhere)");
+  extern __shared__ __align__(16) unsigned char quant_smem[];
+  float* red_o = reinterpret_cast<float*>(quant_smem);  // [NW][8][DV]
+  float* red_m = red_o + NW * 8 * DV;                   // [NW][8]
+  float* red_l = red_m + NW * 8;                        // [NW][8]
+  float* red_pb = red_l + NW * 8;                       // [NW][8][NGV]
+  int* flag = reinterpret_cast<int*>(red_pb + NW * 8 * S::NGV);
+  using Tile = QdTile<D, DV, BITS, GS>;
+  // Each warp's scale stage, 16-byte aligned after the flag (4 words).
+  float* stage = reinterpret_cast<float*>(flag + 4) + (threadIdx.x / 32) * Tile::STAGE;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], Nq = ip[kSeqQ], Nk = ip[kSeqK];
+  const int G = Hq / Hkv, nrows = G * Nq;
+  const int bh = blockIdx.z, b = bh / Hkv, kvh = bh % Hkv;
+  const int splits = ns[0], split = blockIdx.x;
+  const float scale = fp[kScale];
+
+  Sequence seq;
+  seq.tensor_batch = b;
+  seq.q_start = seq.k_start = 0;
+  seq.nq = Nq;
+  seq.nk = Nk;
+  const LogitRules<bool> rules = make_rules<bool, F>(seq, b, kvh * G, ip, fp, nullptr, nullptr, nullptr);
+  auto query_of = [&](int r) { return r / G; };
+  auto q_row = [&](int r) { return ((long)b * Hq + kvh * G + r % G) * Nq + r / G; };  // row of [B, Hq, Nq]
+
+  // Keys this block's rows can see, split into `splits` chunks of whole 16-key tiles.
+  int lo, hi;
+  rules.key_range(0, query_of(nrows - 1), lo, hi);
+  hi = max(hi, lo);
+  const int chunk = ((hi - lo + splits - 1) / splits + 15) / 16 * 16;
+  const int start = lo + split * chunk, end = min(hi, start + chunk);
+
+  // Q as A fragments (row g; pairs 2kk and 2kk+1 of lane t), rows >= nrows zero,
+  // and each group's sum of q (for the K biases), reduced over the four lanes t.
+  const bool row_ok = g < nrows;
+  const T* qr = q + q_row(row_ok ? g : 0) * D;
+  // Head dims over 128: Q's fragments live in the warp's shared memory
+  // (registers go to the accumulators and codes; 256 would spill otherwise).
+  constexpr bool QS = D > 128;
+  unsigned qa[QS ? 1 : S::KS][2];
+  uint2* qsm = reinterpret_cast<uint2*>(reinterpret_cast<float*>(flag + 4) + NW * Tile::STAGE) + warp * S::KS * 32;
+  float qsum[S::NG];
+#pragma unroll
+  for (int gi = 0; gi < S::NG; ++gi) {
+    float acc = 0.f;
+#pragma unroll
+    for (int p = 0; p < GS / 8; ++p) {
+      const int d = S::k_dim(gi, t, p);
+      const float x0 = row_ok ? to_float(qr[d]) : 0.f, x1 = row_ok ? to_float(qr[d + S::k_step]) : 0.f;
+      acc += x0 + x1;
+      const unsigned x = pack2<T>(x0, x1);
+      if (QS) reinterpret_cast<unsigned*>(qsm + (gi * S::KSG + p / 2) * 32 + lane)[p % 2] = x;
+      else qa[QS ? 0 : gi * S::KSG + p / 2][p % 2] = x;
+    }
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    qsum[gi] = acc;
+  }
+  if (QS) __syncwarp();
+
+  const QuantHead<KST, SA> kh = quant_head<BITS>(kc, b, kvh);
+  const QuantHead<VST, SA> vh = quant_head<BITS>(vc, b, kvh);
+
+  float o[S::MT][4];  // O^T: (columns of lane g, rows 2t, 2t+1)
+#pragma unroll
+  for (int m = 0; m < S::MT; ++m)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[m][e] = 0.f;
+  float m_row = kNegInf, l_row = 0.f, pb[S::NGV];  // row g: max, lane-partial sum, bias terms
+#pragma unroll
+  for (int gi = 0; gi < S::NGV; ++gi) pb[gi] = 0.f;
+  bool bad = false;
+
+  Tile cur;
+  int j0 = start + 16 * warp;
+  if (j0 < end) cur.load(kh, vh, j0, end, lane);
+  for (; j0 < end; j0 += 16 * NW) {
+    const int j1 = j0 + 16 * NW;
+    cur.stage_scales(stage, lane);
+    Tile nxt;
+    if (PF && j1 < end) nxt.load(kh, vh, j1, end, lane);
+
+    // S = Q K^T per group (codes), then scales and biases in fp32.
+    float s[2][2];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      float acc[S::NG][4];
+#pragma unroll
+      for (int gi = 0; gi < S::NG; ++gi) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[gi][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < S::KSG; ++kk) {
+          unsigned bf[2];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int p = 2 * kk + h;  // pair of the lane within the group
+            constexpr int PPW = 16 / BITS;
+            bf[h] = C::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
+          }
+          unsigned a[4] = {0u, 0u, 0u, 0u};
+          if (QS) {
+            const uint2 f = qsm[(gi * S::KSG + kk) * 32 + lane];
+            a[0] = f.x, a[2] = f.y;
+          } else {
+            a[0] = qa[QS ? 0 : gi * S::KSG + kk][0], a[2] = qa[QS ? 0 : gi * S::KSG + kk][1];
+          }
+          mma16816<T>(acc[gi], a, bf[0], bf[1]);
+        }
+      }
+      float x0 = 0.f, x1 = 0.f;
+#pragma unroll
+      for (int gi = 0; gi < S::NG; ++gi) {
+        const float2 sk = Tile::pair(stage, gi, n, t), bk = Tile::pair(stage, S::NG + gi, n, t);
+        x0 = fmaf(sk.x, acc[gi][0], fmaf(bk.x, qsum[gi], x0));
+        x1 = fmaf(sk.y, acc[gi][1], fmaf(bk.y, qsum[gi], x1));
+      }
+      s[n][0] = x0;
+      s[n][1] = x1;
+    }
+    // Logits of row g (keys j0 + 8n + 2t + e), the online softmax.
+    float tile_max = kNegInf;
+    bool kept[2][2];
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = j0 + 8 * n + 2 * t + e;
+        float capped, x = kNegInf;
+        if (row_ok && j < end) x = apply_rules<F, bool>(rules, scale * s[n][e], query_of(g), j, capped);
+        const bool nonfinite = x != x || x == MLXF_QUANT_POS_INF;
+        bad = bad || nonfinite;
+        if (nonfinite) x = kNegInf;
+        kept[n][e] = x != kNegInf;
+        s[n][e] = x;
+        tile_max = fmaxf(tile_max, x);
+      }
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float m_new = fmaxf(m_row, tile_max);
+    const float alpha = m_new == kNegInf ? 1.f : __expf(m_row - m_new);
+    float p[2][2];
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) p[n][e] = kept[n][e] ? __expf(s[n][e] - m_new) : 0.f;
+    m_row = m_new;
+    l_row = l_row * alpha + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+#pragma unroll
+    for (int gi = 0; gi < S::NGV; ++gi) {
+      float x = pb[gi] * alpha;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const float2 bv = Tile::pair(stage, 2 * S::NG + S::NGV + gi, n, t);
+        if (kept[n][0]) x = fmaf(p[n][0], bv.x, x);
+        if (kept[n][1]) x = fmaf(p[n][1], bv.y, x);
+      }
+      pb[gi] = x;
+    }
+    // O^T holds rows 2t, 2t+1: their alphas come from lanes g = 2t, 2t+1.
+    // Skipped while no row's max moves (most tiles once the max has settled).
+    if (__any_sync(0xffffffffu, alpha != 1.f)) {
+      const float a0 = __shfl_sync(0xffffffffu, alpha, 8 * t), a1 = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
+#pragma unroll
+      for (int m = 0; m < S::MT; ++m) {
+        o[m][0] *= a0, o[m][1] *= a1, o[m][2] *= a0, o[m][3] *= a1;
+      }
+    }
+    // O^T += V^T (P scaled by each group's V scales)^T.
+#pragma unroll
+    for (int gi = 0; gi < S::NGV; ++gi) {
+      unsigned bf[2];
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const float2 sv = Tile::pair(stage, 2 * S::NG + gi, n, t);
+        bf[n] = pack2<T>(kept[n][0] ? p[n][0] * sv.x : 0.f, kept[n][1] ? p[n][1] * sv.y : 0.f);
+      }
+#pragma unroll
+      for (int mm = 0; mm < S::KSG; ++mm) {
+        // a[0] (col v = 2mm, keys 2t, 2t+1), a[1] (v = 2mm + 1), a[2]/a[3] keys 8 + 2t, 9 + 2t.
+        unsigned a[4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            const int v = 2 * mm + h, wi = gi * S::WV + v / S::CPW;
+            a[h + 2 * n] = C::template cross<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW);
+          }
+        mma16816<T>(o[gi * S::KSG + mm], a, bf[0], bf[1]);
+      }
+    }
+    if (PF && j1 < end) cur = nxt;
+    if (!PF && j1 < end) cur.load(kh, vh, j1, end, lane);
+  }
+
+  // Block merge: each warp's (o + bias terms, m, l) through shared memory.
+  l_row += __shfl_xor_sync(0xffffffffu, l_row, 1);
+  l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
+#pragma unroll
+  for (int gi = 0; gi < S::NGV; ++gi) {
+    pb[gi] += __shfl_xor_sync(0xffffffffu, pb[gi], 1);
+    pb[gi] += __shfl_xor_sync(0xffffffffu, pb[gi], 2);
+  }
+  // Row g is bad when any lane t of it met a non-finite logit.
+  bad = ((__ballot_sync(0xffffffffu, bad) >> (4 * g)) & 0xfu) != 0;
+  float* wo = red_o + warp * 8 * DV;
+#pragma unroll
+  for (int m = 0; m < S::MT; ++m) {
+    const int gi = m / S::KSG, v = 2 * (m % S::KSG);
+    const int c = S::v_col(gi, g, v);
+    wo[(2 * t) * DV + c] = o[m][0];
+    wo[(2 * t + 1) * DV + c] = o[m][1];
+    wo[(2 * t) * DV + c + 1] = o[m][2];
+    wo[(2 * t + 1) * DV + c + 1] = o[m][3];
+  }
+  if (t == 0) {
+    red_m[warp * 8 + g] = bad ? MLXF_QUANT_NAN : m_row;
+    red_l[warp * 8 + g] = l_row;
+#pragma unroll
+    for (int gi = 0; gi < S::NGV; ++gi) red_pb[(warp * 8 + g) * S::NGV + gi] = pb[gi];
+  }
+  __syncthreads();
+
+  float* part = scratch + ((long)bh * splits + split) * qd_part_floats<DV>();
+  unsigned* counters = reinterpret_cast<unsigned*>(scratch + (long)ip[kBatch] * Hkv * splits * qd_part_floats<DV>());
+  for (int e = threadIdx.x; e < 8 * DV; e += 32 * NW) {
+    const int r = e / DV, c = e % DV;
+    float mm = kNegInf;
+    bool nan = false;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      const float x = red_m[w * 8 + r];
+      nan = nan || x != x;
+      mm = fmaxf(mm, x);
+    }
+    float acc = 0.f, ll = 0.f;
+    if (!nan && mm != kNegInf) {
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        const float x = red_m[w * 8 + r];
+        if (x == kNegInf) continue;  // a warp that kept no key of this row holds nothing
+        const float f = __expf(x - mm);
+        ll = fmaf(red_l[w * 8 + r], f, ll);
+        acc = fmaf(red_o[(w * 8 + r) * DV + c] + red_pb[(w * 8 + r) * S::NGV + c / GS], f, acc);
+      }
+    }
+    part[r * DV + c] = acc;
+    if (c == 0) {
+      part[8 * DV + r] = nan ? MLXF_QUANT_NAN : mm;
+      part[8 * DV + 8 + r] = ll;
+    }
+  }
+
+  // The last block of this (batch, KV head) merges every split: every
+  // thread's partial writes are fenced before the block's count goes up.
+  qd_fence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned done = atomicAdd(counters + bh, 1u);
+    *flag = done == (unsigned)(splits - 1);
+  }
+  __syncthreads();
+  if (!*flag) return;
+  qd_fence();
+  const float* parts = scratch + (long)bh * splits * qd_part_floats<DV>();
+  float* wts = red_o;  // [splits][8] weights, reusing the merge area (its reads are done)
+  // Per row: max over the splits (and the sink), NaN if any split is NaN.
+  for (int r = warp; r < 8; r += NW) {
+    float mm = kNegInf;
+    bool nan = false;
+    for (int sp = lane; sp < splits; sp += 32) {
+      const float x = qd_load_cg(parts + (long)sp * qd_part_floats<DV>() + 8 * DV + r);
+      nan = nan || x != x;
+      mm = fmaxf(mm, x);
+    }
+    mm = warp_max(mm);
+    nan = __any_sync(0xffffffffu, nan);
+    float sink = kNegInf;
+    if (SINKS && r < nrows) {
+      sink = sinks[kvh * G + r % G];
+      nan = nan || sink != sink;
+      mm = fmaxf(mm, sink);
+    }
+    const float base = mm == kNegInf ? 0.f : mm;
+    float den = 0.f;
+    for (int sp = lane; sp < splits; sp += 32) {
+      const float x = qd_load_cg(parts + (long)sp * qd_part_floats<DV>() + 8 * DV + r);
+      const float f = x == kNegInf ? 0.f : __expf(x - base);
+      wts[sp * 8 + r] = f;
+      den = fmaf(qd_load_cg(parts + (long)sp * qd_part_floats<DV>() + 8 * DV + 8 + r), f, den);
+    }
+    den = warp_sum(den) + (SINKS ? __expf(sink - base) : 0.f);
+    if (lane == 0) {
+      red_m[r] = nan ? MLXF_QUANT_NAN : (den > 0.f ? 1.f / den : 0.f);  // scale of the row, NaN for a bad row
+      if (r < nrows) lse[q_row(r)] = nan ? MLXF_QUANT_NAN : (den > 0.f ? base + logf(den) : kNegInf);
+    }
+  }
+  __syncthreads();
+  // Four columns a thread, every split's float4 of them summed with eight
+  // loads in flight (an empty split holds zeros: no branch; a NaN in a split
+  // whose weight underflowed still reaches the row, as IEEE would have it).
+  constexpr int C4 = DV / 4;
+  for (int e = threadIdx.x; e < nrows * C4; e += 32 * NW) {
+    const int r = e / C4, c = 4 * (e % C4);
+    const float inv = red_m[r];
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    if (inv == inv) {
+      const float* src = parts + r * DV + c;
+#pragma unroll 8
+      for (int sp = 0; sp < splits; ++sp) {
+        const float f = wts[sp * 8 + r];
+        const float4 x = qd_load_cg4(src + (long)sp * qd_part_floats<DV>());
+        acc[0] = fmaf(x.x, f, acc[0]);
+        acc[1] = fmaf(x.y, f, acc[1]);
+        acc[2] = fmaf(x.z, f, acc[2]);
+        acc[3] = fmaf(x.w, f, acc[3]);
+      }
+    }
+    T* dst = out + q_row(r) * DV + c;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) dst[k] = from_float<T>(inv == inv ? acc[k] * inv : MLXF_QUANT_NAN);
+  }
+}
+
+}  // namespace mlx_flash
