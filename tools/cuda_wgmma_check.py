@@ -415,7 +415,11 @@ def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
     parts = sys.argv[2].split(",") if len(sys.argv) > 2 else ["fwd", "bwd", "speed", "speed_bwd"]
     print("hopper:", cb._is_hopper(), mx.device_info(mx.gpu).get("device_name", ""))
-    ws.CHECKED_ONLY = False  # exercise every case the warp-specialised kernel can serve (bf16, D = 64 too)
+    # Exercise every case the warp-specialised kernel can serve (bf16, D = 64 too),
+    # whatever MLX_FLASH_CUDA_FWD_WS says (it is opt-in; the "wg3" variant and the
+    # comparisons switch it off explicitly).
+    ws._ENABLED = True
+    ws.CHECKED_ONLY = False
     result = {"device": mx.device_info(mx.gpu).get("device_name", "")}
     passed = failed = 0
     path = os.path.join(out_dir, "wgmma_check.json")
