@@ -894,7 +894,7 @@ def test_ws_forward_on_gpu(kind, feature, grid, monkeypatch):
 
     dtype, D = kind
     monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", grid == "persistent")
-    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)  # opt-in by default (MLX_FLASH_CUDA_FWD_WS)
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)  # whatever MLX_FLASH_CUDA_FWD_WS says
     monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", False)  # bf16 and D = 64 too
     calls = []
     forward = cuda_fwd_ws.forward

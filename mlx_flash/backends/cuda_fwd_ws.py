@@ -6,7 +6,7 @@ optional array and no logit rule beyond causal / sliding windows: no mask,
 block mask, softcap, ALiBi, sinks, varlen or key ranges, and a positive
 scale (the kernel folds scale * log2(e) into its exponent and row maxima).
 Every other Hopper call keeps attention_fwd_wgmma (backends/cuda.py). By
-default only fp16 at D = 128 (the cases run and timed on a GPU) come here;
+default only fp16 at D = 128 (the cases timed on a GPU) come here;
 MLX_FLASH_CUDA_FWD_WS=all adds bf16 and D = 64, =0 routes every call to
 attention_fwd_wgmma.
 
@@ -36,13 +36,14 @@ ROWS = 128          # query rows per block
 INPUTS = ("q", "k", "v", "ip", "fp", "tmpl")
 OUTPUTS = ("out", "lse", "tmaps")
 
-# Which calls it takes: "0" (default) none; "1" the cases timed on the GPU
+# Which calls it takes: "0" none; "1" (default) the cases timed on the GPU
 # (H200: fp16 at D = 128, 1.06-1.43x the wgmma kernel, see docs/cuda.md);
-# "all" every case it can serve (bf16 and D = 64 too: compiled and tested
-# here, not yet run on a GPU). Opt-in until tools/cuda_fwd_ws_check.sh passes
-# on a GPU: the final kernel ran only a 17 x 17 check there (its earlier form
-# passed 31 cases), too little to route every fp16 forward through it.
-_MODE = os.environ.get("MLX_FLASH_CUDA_FWD_WS", "0")
+# "all" every case it can serve (bf16 and D = 64 too). tools/cuda_fwd_ws_check.sh
+# passed on the H200 on 2026-12-04 with "all" (72 GPU tests against float64:
+# fp16/bf16, D 64/128, dense/causal/windows, odd N, Nq != Nk, GQA, both grids,
+# non-finite inputs), so "1" is the default; bf16 and D = 64 stay behind "all"
+# until they are timed against the wgmma kernel.
+_MODE = os.environ.get("MLX_FLASH_CUDA_FWD_WS", "1")
 if _MODE not in ("0", "1", "all"):
     raise ValueError(f"MLX_FLASH_CUDA_FWD_WS: expected 0, 1 or all, got {_MODE!r}")
 _ENABLED = _MODE != "0"
