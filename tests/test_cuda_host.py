@@ -28,6 +28,14 @@ needs_host = pytest.mark.skipif(HOST is None, reason="mlx_flash._cuda_host is no
 ON_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not (ON_CUDA and HOST is not None), reason="needs a CUDA GPU and _cuda_host")
 
+try:
+    from mlx_flash import _ext  # noqa: F401 (the CPU backend: not built on the GPU machine)
+
+    HAS_CPU_BACKEND = True
+except ImportError:
+    HAS_CPU_BACKEND = False
+needs_cpu_backend = pytest.mark.skipif(not HAS_CPU_BACKEND, reason="needs the CPU backend (mlx_flash._ext)")
+
 _ATTN_DEFAULTS = dict(scale=None, mask=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
                       block_mask=None, block_size=None, key_start=None, key_len=None, return_lse=False, stream=None)
 
@@ -110,6 +118,7 @@ def test_key_refuses_what_it_cannot_judge_exactly(fresh_host):
 
 
 @needs_host
+@needs_cpu_backend
 def test_call_without_noted_launches_stays_python(fresh_host, monkeypatch):
     """A call served without noted CUDA launches (here: the CPU backend) is
     recorded as "always Python": its result is the Python path's, the next
@@ -129,6 +138,7 @@ def test_call_without_noted_launches_stays_python(fresh_host, monkeypatch):
 
 
 @needs_host
+@needs_cpu_backend
 def test_refusal_reason_is_reported(fresh_host):
     gen = rng("host-refusal")
     q, k, v = (randn(gen, (1, 2, 5, 32), mx.float32) for _ in range(3))
