@@ -273,7 +273,45 @@ std::unordered_map<std::string, mx::fast::CustomKernelFunction>& kernels() {
   return *map;
 }
 
+// A Python callable standing in for a kernel object (tests on machines
+// without CUDA: tests/test_cuda_host.py registers fakes that compute with
+// MLX ops), called as mx.fast.cuda_kernel's objects are.
+mx::fast::CustomKernelFunction python_kernel(nb::handle callable) {
+  auto fn = std::make_shared<PyRef>(callable);
+  return [fn](const std::vector<mx::array>& inputs, const std::vector<mx::Shape>& shapes,
+              const std::vector<mx::Dtype>& dtypes, std::tuple<int, int, int> grid,
+              std::tuple<int, int, int> threadgroup,
+              std::vector<std::pair<std::string, mx::fast::TemplateArg>> template_args, std::optional<float> init,
+              bool, mx::StreamOrDevice stream) {
+    nb::gil_scoped_acquire gil;
+    nb::list py_shapes, py_template;
+    for (const auto& shape : shapes) {
+      nb::list dims;
+      for (auto d : shape) dims.append(d);
+      py_shapes.append(nb::tuple(dims));
+    }
+    for (const auto& [name, value] : template_args) {
+      nb::object v = std::visit([](const auto& x) { return nb::cast(x); }, value);
+      py_template.append(nb::make_tuple(name, v));
+    }
+    nb::object py_stream = nb::none();
+    if (auto* s = std::get_if<mx::Stream>(&stream)) py_stream = nb::cast(*s);
+    if (auto* d = std::get_if<mx::Device>(&stream)) py_stream = nb::cast(*d);
+    nb::dict kw;
+    kw["inputs"] = nb::cast(inputs);
+    kw["output_shapes"] = py_shapes;
+    kw["output_dtypes"] = nb::cast(dtypes);
+    kw["grid"] = nb::cast(grid);
+    kw["threadgroup"] = nb::cast(threadgroup);
+    kw["template"] = template_args.empty() ? nb::object(nb::none()) : nb::object(py_template);
+    kw["init_value"] = nb::cast(init);
+    kw["stream"] = py_stream;
+    return nb::cast<std::vector<mx::array>>(fn->handle()(**kw));
+  };
+}
+
 mx::fast::CustomKernelFunction kernel_for(nb::handle spec) {
+  if (!PyTuple_Check(spec.ptr()) && PyCallable_Check(spec.ptr())) return python_kernel(spec);
   auto [name, input_names, output_names, source, header, row_contiguous, smem] =
       nb::cast<std::tuple<std::string, std::vector<std::string>, std::vector<std::string>, std::string, std::string,
                           bool, int>>(spec);

@@ -152,6 +152,136 @@ def test_refusal_reason_is_reported(fresh_host):
 
 
 # ---------------------------------------------------------------------------
+# The CUDA path on the CPU: fake kernels that compute with MLX ops.
+
+class _FakeKernel:
+    """Stands in for every CUDA kernel object: each output is a function of
+    every input's values (weighted by position) and of the launch shape, so
+    a replay that wires an input, a constant or the launch differently gives
+    other numbers. Registered as its own spec: the extension calls it back."""
+
+    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None, init_value=None,
+                 verbose=False, stream=None):
+        total = mx.array(float(sum(grid) + 3 * sum(threadgroup) + 7 * len(template or ()) + (init_value or 0)))
+        for i, x in enumerate(inputs):
+            total = total + (i + 1) * mx.sum(mx.sin(x.astype(mx.float32)), stream=stream)
+        return [mx.broadcast_to((total + j).astype(d), tuple(s)) for j, (s, d) in
+                enumerate(zip(output_shapes, output_dtypes))]
+
+
+@pytest.fixture
+def fake_cuda(fresh_host, monkeypatch):
+    """dispatch answers "cuda", the CUDA wrappers get _FakeKernel objects, and
+    both entry points ask the extension (as on a CUDA machine)."""
+    from mlx_flash import dispatch
+    from mlx_flash.backends import cuda as cb
+    from mlx_flash.backends import cuda_quant as cq
+
+    fake = _FakeKernel()
+    monkeypatch.setitem(cuda_host.KERNEL_SPECS, id(fake), fake)
+    monkeypatch.setattr(cb, "_kernel", lambda *a, **kw: fake)
+    monkeypatch.setattr(cq, "_kernel", lambda *a, **kw: fake)
+    monkeypatch.setattr(cq, "_strided_kernel", lambda *a, **kw: fake)
+    monkeypatch.setattr(dispatch, "backend_name", lambda stream: "cuda")
+    monkeypatch.setattr(attention, "_HOST", HOST)
+    monkeypatch.setattr(attention_quantized, "_HOST", HOST)
+    monkeypatch.setattr(cb, "_TICKET_POOLS", {})
+    cached = (cb._wgmma_fwd_config, cb._mma_fwd_config, cb._simt_fwd_config, cb._wgmma_bwd_config,
+              cb._mma_bwd_config, cb._simt_bwd_config, cb._decode_launch_cached, cq._decode_launch,
+              attention._functions, attention_quantized._functions)
+    for c in cached:
+        c.cache_clear()
+    yield cb
+    for c in cached:
+        c.cache_clear()
+
+
+FAKE_CASES = {
+    "fp16 32:8": (mx.float16, 32, 8, 1, 4099, 128, {}),
+    "bf16 causal lse": (mx.bfloat16, 8, 2, 2, 517, 64, dict(causal=True, return_lse=True)),
+    "fp16 window sinks": (mx.float16, 16, 4, 1, 2049, 128, dict(window=(300, 0), sinks="f32")),
+    "fp16 unsplit": (mx.float16, 4, 2, 1, 1, 64, dict(scale=0.3)),
+}
+
+
+@needs_host
+@pytest.mark.parametrize("case", list(FAKE_CASES))
+def test_replay_on_fake_kernels_matches_python_path(fake_cuda, case):
+    dtype, hq, hkv, nq, nk, d, options = FAKE_CASES[case]
+    gen = rng("host-fake", case)
+    q, k, v = randn(gen, (1, hq, nq, d), dtype), randn(gen, (1, hkv, nk, d), dtype), randn(gen, (1, hkv, nk, d), dtype)
+    options = dict(options)
+    if options.get("sinks") == "f32":
+        options["sinks"] = randn(gen, (hq,), mx.float32)
+    call = lambda: mlx_flash.flash_attention(q, k, v, **options)  # noqa: E731
+    want, first, replayed = _both_paths(call)
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)
+    # New values under the same key: the replay reads them (not the recorded call's).
+    q2 = randn(gen, q.shape, dtype)
+    HOST.set_enabled(False)
+    want2 = mlx_flash.flash_attention(q2, k, v, **options)
+    HOST.set_enabled(True)
+    got2 = mlx_flash.flash_attention(q2, k, v, **options)
+    _assert_identical(want2, got2)
+    assert not np.array_equal(np.array((want2[0] if isinstance(want2, tuple) else want2).astype(mx.float32)),
+                              np.array((want[0] if isinstance(want, tuple) else want).astype(mx.float32)))
+    # A changed option is another key: recorded anew, not replayed.
+    hits = HOST.stats()[0]
+    mx.eval(mlx_flash.flash_attention(q, k, v, **dict(options, softcap=5.0)))
+    assert HOST.stats()[0] == hits
+
+
+@needs_host
+def test_replay_on_fake_kernels_gradients_and_ticket_pool(fake_cuda):
+    cb = fake_cuda
+    gen = rng("host-fake-grad")
+    q, k, v = randn(gen, (1, 32, 1, 128), mx.float16), randn(gen, (1, 8, 8192, 128), mx.float16), randn(
+        gen, (1, 8, 8192, 128), mx.float16)
+    sinks = randn(gen, (32,), mx.float32)
+    spec, _ = attention.validate_attention(q, k, v)
+    assert cb.decode_plan(spec)[-1] > 1  # a split call: it takes a ticket region
+    grad = mx.grad(lambda q, sinks: mlx_flash.flash_attention(q, k, v, sinks=sinks).astype(mx.float32).sum(),
+                   argnums=(0, 1))
+    want, first, replayed = _both_paths(lambda: grad(q, sinks))
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)
+    pool = cb._TICKET_POOLS[None]
+    start = pool[2]
+    outs = [mlx_flash.flash_attention(q, k, v) for _ in range(6)]  # one recorded (a new key), five replayed
+    assert pool[2] == start + 6
+    HOST.set_enabled(False)
+    mlx_flash.flash_attention(q, k, v)
+    assert pool[2] == start + 7  # the Python path counts on from where the replays left it
+    HOST.set_enabled(True)
+    _assert_identical(outs[0], outs[-1])
+
+
+@needs_host
+@pytest.mark.parametrize("bits", [4, 8])
+def test_replay_on_fake_kernels_quantized_decode(fake_cuda, bits):
+    gen = rng("host-fake-quant", bits)
+    q = randn(gen, (1, 32, 1, 128), mx.float16)
+    kq = mx.quantize(randn(gen, (1, 8, 1000, 128), mx.float16), group_size=64, bits=bits)
+    vq = mx.quantize(randn(gen, (1, 8, 1000, 128), mx.float16), group_size=64, bits=bits)
+    sinks = randn(gen, (32,), mx.float32)
+    for options in ({}, dict(sinks=sinks, return_lse=True)):
+        call = lambda: mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=64, **options)  # noqa: E731
+        want, first, replayed = _both_paths(call)
+        _assert_identical(want, first)
+        _assert_identical(want, replayed)
+    # A view of the cache (mlx-lm's keys[..., :offset, :]) replays through the same key
+    # as any array of its shape; gradients to q.
+    kv = tuple(a[:, :, :700] for a in kq)
+    vv = tuple(a[:, :, :700] for a in vq)
+    qgrad = mx.grad(lambda q: mlx_flash.flash_attention_quantized(q, kv, vv, bits=bits, group_size=64).astype(
+        mx.float32).sum())
+    want, first, replayed = _both_paths(lambda: qgrad(q))
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)
+
+
+# ---------------------------------------------------------------------------
 # On a CUDA GPU.
 
 def _both_paths(call):
