@@ -75,6 +75,8 @@ struct Key {
   std::string bytes;
   bool ok = true;
 
+  Key() { bytes.reserve(512); }
+
   void word(int64_t w) { bytes.append(reinterpret_cast<const char*>(&w), sizeof(w)); }
 
   // An array slot: its shape and dtype (strides are never read by the Python
