@@ -221,7 +221,7 @@ struct Launch {
 // the Python path).
 struct TicketPool {
   std::shared_ptr<PyRef> list;
-  std::vector<mx::array> regions;
+  std::shared_ptr<std::vector<mx::array>> regions;  // the list's views (made once with the pool, never changed)
 
   mx::array next() const {
     PyObject* l = list->obj;
@@ -229,7 +229,7 @@ struct TicketPool {
     PyObject* next = PyLong_FromLongLong(calls + 1);
     if (next == nullptr) throw nb::python_error();
     PyList_SetItem(l, 2, next);  // steals next, drops the old count
-    return regions[calls % static_cast<long long>(regions.size())];
+    return (*regions)[calls % static_cast<long long>(regions->size())];
   }
 };
 
@@ -407,6 +407,7 @@ Source classify(const mx::array& a, const std::vector<mx::array>& primals,
 
 struct Table {
   std::unordered_map<std::string, std::shared_ptr<Record>> records;
+  std::vector<TicketPool> pools;  // one per stream (the pools hold their lists: their addresses stay theirs)
   std::shared_ptr<PyRef> tuning;  // list of dicts (DECODE_TUNING, cuda_quant.TUNING): replay only while all empty
   bool enabled = true;
   size_t hits = 0, misses = 0;
@@ -417,7 +418,9 @@ Table& table() {
   return *t;
 }
 
-constexpr size_t kMaxRecords = 4096;
+// Bounded: a growing cache (one new key per generation step) would otherwise keep
+// every old key's record, and Python objects of each (the vjp closures) for the GC to scan.
+constexpr size_t kMaxRecords = 1024;
 
 bool tuning_is_default() {
   auto& t = table();
@@ -450,6 +453,19 @@ nb::object lookup_and_run(Key& key, const std::vector<nb::handle>& slots, bool r
   auto outs = r.function(primals);
   if (return_lse) return nb::make_tuple(nb::cast(std::move(outs[0])), nb::cast(std::move(outs[1])));
   return nb::cast(std::move(outs[0]));
+}
+
+// The pool of this Python list, its region views converted once (1024 of
+// them: converting them per record cost 40 us).
+TicketPool ticket_pool(nb::handle list) {
+  auto& pools = table().pools;
+  for (const auto& p : pools) {
+    if (p.list->obj == list.ptr()) return p;
+  }
+  TicketPool tp{std::make_shared<PyRef>(list), std::make_shared<std::vector<mx::array>>()};
+  for (nb::handle v : nb::borrow<nb::list>(list)[1]) tp.regions->push_back(nb::cast<mx::array>(v));
+  pools.push_back(tp);
+  return tp;
 }
 
 // The forward's (out, lse) and the custom function's inputs, read off the
@@ -505,11 +521,8 @@ std::string record(nb::bytes key_bytes, std::vector<nb::object> slots, std::tupl
     for (const auto& p : primals) find_id(primals, p.id());  // refuses an array passed twice
     std::optional<mx::array> pool_region;
     if (!pool.is_none()) {
-      auto list = nb::borrow<nb::list>(pool[0]);
       pool_region = nb::cast<mx::array>(pool[1]);
-      TicketPool tp{std::make_shared<PyRef>(list), {}};
-      for (nb::handle v : list[1]) tp.regions.push_back(nb::cast<mx::array>(v));
-      plan->pool = std::move(tp);
+      plan->pool = ticket_pool(pool[0]);
     }
     if (launches.size() == 0) throw Refusal{"no kernel launch noted"};
     std::vector<std::vector<mx::array>> outputs;
@@ -661,7 +674,12 @@ NB_MODULE(_cuda_host, m) {
       "set_enabled", [](bool on) { table().enabled = on; }, "Switch replay (and recording) on or off.");
   m.def("enabled", []() { return table().enabled; });
   m.def(
-      "clear", []() { table().records.clear(); }, "Forget every record (the kernels stay cached).");
+      "clear",
+      []() {
+        table().records.clear();
+        table().pools.clear();
+      },
+      "Forget every record (the kernels stay cached).");
   m.def(
       "stats",
       []() {
