@@ -154,6 +154,16 @@ struct Key {
     }
   }
 
+  // The device's default stream (none, e.g. a GPU on a CPU-only MLX: the
+  // Python path gives the error).
+  void default_stream(const mx::Device& d) {
+    try {
+      word(mx::default_stream(d).index);
+    } catch (const std::exception&) {
+      ok = false;
+    }
+  }
+
   // stream=: None (the default device, which picks the backend), a Stream or a Device.
   void stream(nb::handle h) {
     if (h.is_none()) {
@@ -161,6 +171,7 @@ struct Key {
       word(0);
       word(static_cast<int64_t>(d.type));
       word(d.index);
+      default_stream(d);  // where the Python path's nodes go (a replayed kernel node keeps it)
     } else if (nb::isinstance<mx::Stream>(h)) {
       auto s = nb::cast<mx::Stream>(h);
       word(1);
@@ -172,9 +183,12 @@ struct Key {
       word(2);
       word(static_cast<int64_t>(d.type));
       word(d.index);
+      default_stream(d);
     } else if (nb::isinstance<mx::Device::DeviceType>(h)) {  // mx.cpu / mx.gpu
+      auto type = nb::cast<mx::Device::DeviceType>(h);
       word(3);
-      word(static_cast<int64_t>(nb::cast<mx::Device::DeviceType>(h)));
+      word(static_cast<int64_t>(type));
+      default_stream(mx::Device(type));
     } else {
       ok = false;
     }
@@ -205,6 +219,12 @@ struct Source {
 };
 
 struct Launch {
+  // The Python path's CustomKernel primitive, given to every replayed node:
+  // its eval reads only its own state (name, source, launch shape), so the
+  // nodes are the Python path's without MLX assembling the kernel source per
+  // call. Null: `kernel` builds each node (MLX_FLASH_CUDA_HOST_KERNEL=1, and
+  // the Python stand-ins of the tests).
+  std::shared_ptr<mx::Primitive> primitive;
   mx::fast::CustomKernelFunction kernel;
   std::vector<Source> inputs;
   std::vector<mx::Shape> output_shapes;
@@ -262,8 +282,12 @@ std::vector<mx::array> run_launches(const Plan& r, const std::vector<mx::array>&
         case Source::LaunchOutput: inputs.push_back(results[s.index][s.output]); break;
       }
     }
-    results.push_back(l.kernel(inputs, l.output_shapes, l.output_dtypes, l.grid, l.threadgroup, l.template_args,
-                               l.init_value, false, l.stream));
+    if (l.primitive) {
+      results.push_back(mx::array::make_arrays(l.output_shapes, l.output_dtypes, l.primitive, inputs));
+    } else {
+      results.push_back(l.kernel(inputs, l.output_shapes, l.output_dtypes, l.grid, l.threadgroup, l.template_args,
+                                 l.init_value, false, l.stream));
+    }
   }
   return {results[r.out_launch][r.out_index], results[r.lse_launch][r.lse_index]};
 }
@@ -410,6 +434,7 @@ struct Table {
   std::vector<TicketPool> pools;  // one per stream (the pools hold their lists: their addresses stay theirs)
   std::shared_ptr<PyRef> tuning;  // list of dicts (DECODE_TUNING, cuda_quant.TUNING): replay only while all empty
   bool enabled = true;
+  bool reuse_primitives = true;  // false: every replay calls mx::fast::cuda_kernel (MLX_FLASH_CUDA_HOST_KERNEL=1)
   size_t hits = 0, misses = 0;
 };
 
@@ -528,9 +553,28 @@ std::string record(nb::bytes key_bytes, std::vector<nb::object> slots, std::tupl
     std::vector<std::vector<mx::array>> outputs;
     for (nb::handle item : launches) {
       auto l = nb::borrow<nb::tuple>(item);
-      if (l[0].is_none()) throw Refusal{"a kernel object cuda.py's _kernel did not make"};
+      auto launch_outputs = nb::cast<std::vector<mx::array>>(l[2]);
+      std::vector<mx::array> launch_inputs;
+      for (nb::handle x : l[1]) launch_inputs.push_back(nb::cast<mx::array>(x));
       Launch launch;
-      launch.kernel = kernel_for(l[0]);
+      const mx::array& first = launch_outputs.at(0);
+      if (t.reuse_primitives && first.has_primitive() && std::strcmp(first.primitive().name(), "CustomKernel") == 0) {
+        // The node mx.fast.cuda_kernel made: its outputs are siblings, its inputs the noted ones.
+        for (const auto& o : launch_outputs) {
+          if (!o.has_primitive() || o.primitive_id() != first.primitive_id()) {
+            throw Refusal{"a launch whose outputs are not one kernel node's"};
+          }
+        }
+        const auto& node_inputs = first.inputs();
+        if (node_inputs.size() != launch_inputs.size()) throw Refusal{"a kernel node with other inputs than noted"};
+        for (size_t i = 0; i < node_inputs.size(); ++i) {
+          if (node_inputs[i].id() != launch_inputs[i].id()) throw Refusal{"a kernel node with other inputs than noted"};
+        }
+        launch.primitive = first.primitive_ptr();
+      } else {
+        if (l[0].is_none()) throw Refusal{"a kernel object cuda.py's _kernel did not make"};
+        launch.kernel = kernel_for(l[0]);
+      }
       launch.stream = stream_of(l[9]);
       launch.template_args = template_args(l[3]);
       launch.grid = nb::cast<std::tuple<int, int, int>>(l[4]);
@@ -542,10 +586,10 @@ std::string record(nb::bytes key_bytes, std::vector<nb::object> slots, std::tupl
       }
       for (nb::handle d : l[7]) launch.output_dtypes.push_back(nb::cast<mx::Dtype>(d));
       launch.init_value = nb::cast<std::optional<float>>(l[8]);
-      for (nb::handle x : l[1]) {
-        launch.inputs.push_back(classify(nb::cast<mx::array>(x), primals, outputs, pool_region, launch.stream));
+      for (const auto& x : launch_inputs) {
+        launch.inputs.push_back(classify(x, primals, outputs, pool_region, launch.stream));
       }
-      outputs.push_back(nb::cast<std::vector<mx::array>>(l[2]));
+      outputs.push_back(std::move(launch_outputs));
       plan->launches.push_back(std::move(launch));
     }
     auto find_output = [&](const mx::array& a, int& launch, int& index) {
@@ -673,6 +717,10 @@ NB_MODULE(_cuda_host, m) {
   m.def(
       "set_enabled", [](bool on) { table().enabled = on; }, "Switch replay (and recording) on or off.");
   m.def("enabled", []() { return table().enabled; });
+  m.def(
+      "set_reuse_primitives", [](bool on) { table().reuse_primitives = on; },
+      "Replay kernel launches by sharing the Python path's kernel node primitive (default), or through "
+      "mx::fast::cuda_kernel per call; applies to records made after.");
   m.def(
       "clear",
       []() {

@@ -77,8 +77,10 @@ def test_key_holds_every_option_shape_and_dtype(fresh_host):
         "alibi": dict(alibi_slopes=mx.ones((4,), mx.float32)), "sinks": dict(sinks=mx.zeros((4,), mx.float32)),
         "block_mask": dict(block_mask=mx.ones((1, 1, 1, 1), mx.bool_)), "block_size": dict(block_size=(16, 16)),
         "key_start": dict(key_start=mx.zeros((1,), mx.int32)), "key_len": dict(key_len=mx.ones((1,), mx.int32)),
-        "return_lse": dict(return_lse=True), "stream": dict(stream=mx.Device(mx.cpu, 0)), "stream kind": dict(stream=mx.gpu),
+        "return_lse": dict(return_lse=True), "stream": dict(stream=mx.Device(mx.cpu, 0)),
     }
+    if ON_CUDA:
+        variants["stream kind"] = dict(stream=mx.gpu)
     keys = {name: _attention_key(q, k, v, **dict(dict(stream=mx.cpu), **opts)) for name, opts in variants.items()}
     for name, key in keys.items():
         assert isinstance(key, bytes) and key != base, name
@@ -104,6 +106,8 @@ def test_key_refuses_what_it_cannot_judge_exactly(fresh_host):
     assert _attention_key(np.zeros((1, 2, 3, 32), np.float32), k, v, stream=mx.cpu) is None
     assert _attention_key(q, k, v, return_lse=1, stream=mx.cpu) is None
     assert _attention_key(q, k, v, stream="gpu") is None
+    if not ON_CUDA:  # no GPU stream to run on: the Python path says so
+        assert _attention_key(q, k, v, stream=mx.gpu) is None
     # The quantized entry: k and v must be triples of arrays.
     wq = mx.quantize(randn(gen, (1, 2, 64, 64), mx.float16), group_size=64, bits=4)
     args = (4, 64, None, None, False, None, None, None, None, False, mx.cpu)
@@ -356,6 +360,27 @@ def test_replay_is_bit_identical_quantized_decode(fresh_host, monkeypatch, bits,
     want, first, replayed = _both_paths(call)
     _assert_identical(want, first)
     _assert_identical(want, replayed)
+
+
+@needs_cuda
+def test_replay_through_cuda_kernel_calls_is_bit_identical(fresh_host, monkeypatch):
+    """MLX_FLASH_CUDA_HOST_KERNEL=1's form: each replay calls mx::fast::cuda_kernel
+    (kernel objects rebuilt from KERNEL_SPECS) instead of sharing the node's primitive."""
+    monkeypatch.setattr(attention, "_HOST", HOST)
+    monkeypatch.setattr(attention_quantized, "_HOST", HOST)
+    HOST.set_reuse_primitives(False)
+    try:
+        gen = rng("host-kernel-calls")
+        q, k, v = randn(gen, (1, 32, 1, 128), mx.float16), randn(gen, (1, 8, 5000, 128), mx.float16), randn(
+            gen, (1, 8, 5000, 128), mx.float16)
+        want, first, replayed = _both_paths(lambda: mlx_flash.flash_attention(q, k, v, return_lse=True))
+        _assert_identical(want, replayed)
+        kq, vq = mx.quantize(k, group_size=64, bits=4), mx.quantize(v, group_size=64, bits=4)
+        want, first, replayed = _both_paths(
+            lambda: mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64, return_lse=True))
+        _assert_identical(want, replayed)
+    finally:
+        HOST.set_reuse_primitives(True)
 
 
 @needs_cuda

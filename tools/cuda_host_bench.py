@@ -11,7 +11,9 @@ The decode step of issues 14/16 (B 1, 1 query, Nk 32768, D 128, GQA 32:8 and
            building and eval in series, per call,
 for mx.fast SDPA (the anchor, fp16/bf16 caches), flash_attention and
 flash_attention_quantized with the replay ("replay") and with the extension
-switched off ("python": the Python path, same kernels). Every replayed result
+switched off ("python": the Python path, same kernels); "replay_kernel" is the
+replay through mx::fast::cuda_kernel per call (MLX_FLASH_CUDA_HOST_KERNEL=1)
+instead of sharing the recorded kernel node's primitive. Every replayed result
 is checked bit for bit against the Python path's, and the JSON names the card.
 """
 
@@ -30,6 +32,7 @@ from mlx_flash.backends import cuda_host
 
 HOST = cuda_host.HOST
 N_K, D, LAYERS = 32768, 128, 32
+MODES = ("python", "replay", "replay_kernel")
 
 
 def per_call(fn, calls=20, rounds=15):
@@ -59,8 +62,11 @@ def step(fns, rounds=10):
     return statistics.median(times) * 1e6
 
 
-def set_replay(on: bool):
-    HOST.set_enabled(on)
+def set_replay(mode):
+    """"python" (extension off), "replay" (kernel nodes share the recorded
+    primitive) or "replay_kernel" (mx::fast::cuda_kernel per replayed call)."""
+    HOST.set_enabled(mode != "python")
+    HOST.set_reuse_primitives(mode != "replay_kernel")
     HOST.clear()
 
 
@@ -91,15 +97,15 @@ def main():
             row["mx.fast"] = per_call(lambda: mx.fast.scaled_dot_product_attention(qd, k0, v0, scale=s))
             row["mx.fast"]["step_us"] = step([lambda k=k, v=v: mx.fast.scaled_dot_product_attention(
                 qd, k, v, scale=s) for k, v in cd])
-            for mode in ("python", "replay"):
-                set_replay(mode == "replay")
+            for mode in MODES:
+                set_replay(mode)
                 row[mode] = per_call(lambda: mlx_flash.flash_attention(qd, k0, v0, scale=s))
                 row[mode]["step_us"] = step([lambda k=k, v=v: mlx_flash.flash_attention(qd, k, v, scale=s)
                                              for k, v in cd])
                 row[mode]["stats"] = cuda_host.stats()
-            set_replay(False)
+            set_replay("python")
             want = mlx_flash.flash_attention(qd, k0, v0, scale=s, return_lse=True)
-            set_replay(True)
+            set_replay("replay")
             got = [mlx_flash.flash_attention(qd, k0, v0, scale=s, return_lse=True) for _ in range(2)]
             mx.eval(want, got)
             res["identical"][name] = all(bool(mx.array_equal(w, g[i], equal_nan=True))
@@ -116,16 +122,16 @@ def main():
             mx.eval(quant)
             kq, vq = quant[0]
             row = {}
-            for mode in ("python", "replay"):
-                set_replay(mode == "replay")
+            for mode in MODES:
+                set_replay(mode)
                 row[mode] = per_call(lambda: mlx_flash.flash_attention_quantized(
                     q, kq, vq, bits=bits, group_size=64, scale=s))
                 row[mode]["step_us"] = step([lambda k=k, v=v: mlx_flash.flash_attention_quantized(
                     q, k, v, bits=bits, group_size=64, scale=s) for k, v in quant])
                 row[mode]["stats"] = cuda_host.stats()
-            set_replay(False)
+            set_replay("python")
             want = mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=64, scale=s, return_lse=True)
-            set_replay(True)
+            set_replay("replay")
             got = [mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=64, scale=s, return_lse=True)
                    for _ in range(2)]
             mx.eval(want, got)

@@ -83,6 +83,11 @@ ACTIVE = HOST if HOST is not None and _cuda_available() else None
 _TUNING_SET = False
 
 if HOST is not None:
+    # Replayed kernel nodes share the Python path's CustomKernel primitive (same
+    # name, source and launch shape; MLX assembles no source per call), or with
+    # MLX_FLASH_CUDA_HOST_KERNEL=1 are built by mx::fast::cuda_kernel per call
+    # from the kernel object's creation arguments (KERNEL_SPECS): same node state.
+    HOST.set_reuse_primitives(os.environ.get("MLX_FLASH_CUDA_HOST_KERNEL", "0") != "1")
     atexit.register(HOST.clear)  # records hold Python objects: drop them while Python runs
 
 
