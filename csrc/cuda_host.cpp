@@ -5,15 +5,16 @@
 // the kernel call) costs 15-50 us of host time, and queued calls run at
 // max(host, GPU). The Python path stays the one that decides everything: the
 // first call of a kind runs it while mlx_flash/backends/cuda_host.py notes
-// each kernel launch (kernel object, inputs, launch shape), and `record`
-// below turns that into a Record under a key of everything the Python path
-// read (array types, shapes and dtypes, option values and types, the
-// stream or default device). A later call with the same key is built here
-// in C++: the same kernel text through mx::fast::cuda_kernel, the same
-// inputs (the caller's arrays, the same mx::contiguous nodes, the very
-// constant arrays the Python path made, the next ticket-pool region), inside
-// mx::custom_vjp whose vjp calls the Python path's own backward. Same
-// kernels, same inputs, same graph: bit-identical results.
+// each kernel launch, and `record` below reads the graph it built (the kernel
+// nodes, the stop_gradient and CustomTransforms nodes of mx.custom_function)
+// into a Plan, under a key of everything the Python path read (array types,
+// shapes and dtypes, option values and types, the stream or default device
+// and stream). A later call with the same key gets the same graph built in
+// C++: the same nodes with the Python path's own primitives (kernel name,
+// source and launch shape; the custom function's Python forward and vjp) over
+// the same inputs (the caller's arrays, the same mx::contiguous nodes, the
+// very constant arrays the Python path made, the next ticket-pool region).
+// Same kernels, same inputs, same transforms: bit-identical results.
 //
 // NB_DOMAIN mlx (CMakeLists.txt) shares MLX's nanobind type registry, so
 // mx.array, mx.Stream and mx.Device cross the boundary as themselves.
@@ -253,18 +254,26 @@ struct TicketPool {
   }
 };
 
-// How a recorded call builds its graph (shared by the record and, through
-// the custom function's closures, by every graph built from it).
+// How a recorded call builds its graph: the kernel nodes, then the nodes
+// mx.custom_function made around them, stop_gradient of out and lse and
+// the CustomTransforms node over (primals, both), each with the Python
+// path's own primitive. Their evaluation and transforms read only the
+// primitive's state (CustomTransforms: the Python forward and vjp of the
+// custom function, without arrays), so every replayed call gets the Python
+// path's graph, gradients through its own vjp included.
 struct Plan {
   std::vector<Launch> launches;
   int out_launch = 0, out_index = 0, lse_launch = 0, lse_index = 0;
   std::optional<TicketPool> pool;
+  std::shared_ptr<mx::Primitive> stop_out, stop_lse, custom_transforms;
+  std::vector<mx::Shape> shapes;  // out, lse
+  std::vector<mx::Dtype> dtypes;
 };
 
 struct Record {
   bool replayable = false;  // false: this key always takes the Python path
   std::vector<int> primal_slots;  // primal j = the call's array slot primal_slots[j]
-  std::function<std::vector<mx::array>(const std::vector<mx::array>&)> function;  // custom_vjp(forward, vjp)
+  std::shared_ptr<Plan> plan;
 };
 
 std::vector<mx::array> run_launches(const Plan& r, const std::vector<mx::array>& primals) {
@@ -290,6 +299,14 @@ std::vector<mx::array> run_launches(const Plan& r, const std::vector<mx::array>&
     }
   }
   return {results[r.out_launch][r.out_index], results[r.lse_launch][r.lse_index]};
+}
+
+// The custom function's outputs (out, lse) of a replayed call.
+std::vector<mx::array> replay(const Plan& p, std::vector<mx::array> primals) {
+  auto forward = run_launches(p, primals);
+  primals.push_back(mx::array(p.shapes[0], p.dtypes[0], p.stop_out, {std::move(forward[0])}));
+  primals.push_back(mx::array(p.shapes[1], p.dtypes[1], p.stop_lse, {std::move(forward[1])}));
+  return mx::array::make_arrays(p.shapes, p.dtypes, p.custom_transforms, primals);
 }
 
 // Kernel objects, one per distinct creation (the Python path's _kernel cache
@@ -475,7 +492,7 @@ nb::object lookup_and_run(Key& key, const std::vector<nb::handle>& slots, bool r
   std::vector<mx::array> primals;
   primals.reserve(r.primal_slots.size());
   for (int slot : r.primal_slots) primals.push_back(as_array(slots[slot]));
-  auto outs = r.function(primals);
+  auto outs = replay(*r.plan, std::move(primals));
   if (return_lse) return nb::make_tuple(nb::cast(std::move(outs[0])), nb::cast(std::move(outs[1])));
   return nb::cast(std::move(outs[0]));
 }
@@ -497,21 +514,26 @@ TicketPool ticket_pool(nb::handle list) {
 // graph of the outputs `mx.custom_function` returned: a CustomTransforms node
 // over (primals..., stop_gradient(out), stop_gradient(lse)).
 void unwrap_custom_function(const mx::array& out, const mx::array& lse, std::vector<mx::array>& primals,
-                            mx::array& forward_out, mx::array& forward_lse) {
+                            mx::array& forward_out, mx::array& forward_lse, Plan& plan) {
   if (!out.has_primitive() || std::strcmp(out.primitive().name(), "CustomTransforms") != 0 ||
-      !lse.has_primitive() || lse.primitive_id() != out.primitive_id() || out.inputs().size() < 2) {
+      !lse.has_primitive() || lse.primitive_id() != out.primitive_id() || out.inputs().size() < 2 ||
+      out.siblings().size() != 1 || out.status() != mx::array::Status::unscheduled) {
     throw Refusal{"the result is not the two outputs of one custom function"};
   }
   const auto& inputs = out.inputs();
   primals.assign(inputs.begin(), inputs.end() - 2);
-  auto forward_result = [](const mx::array& x) {
+  auto forward_result = [](const mx::array& x, std::shared_ptr<mx::Primitive>& stop) {
     if (!x.has_primitive() || std::strcmp(x.primitive().name(), "StopGradient") != 0 || x.inputs().size() != 1) {
       throw Refusal{"a custom-function output that is not stop_gradient(forward result)"};
     }
+    stop = x.primitive_ptr();
     return x.inputs()[0];
   };
-  forward_out = forward_result(inputs[inputs.size() - 2]);
-  forward_lse = forward_result(inputs[inputs.size() - 1]);
+  forward_out = forward_result(inputs[inputs.size() - 2], plan.stop_out);
+  forward_lse = forward_result(inputs[inputs.size() - 1], plan.stop_lse);
+  plan.custom_transforms = out.primitive_ptr();
+  plan.shapes = {out.shape(), lse.shape()};
+  plan.dtypes = {out.dtype(), lse.dtype()};
 }
 
 // The record of a call the Python path just ran, from what cuda_host.py noted.
@@ -520,12 +542,11 @@ void unwrap_custom_function(const mx::array& out, const mx::array& lse, std::vec
 //   result     (out, lse) as the custom function returned them
 //   launches   [(kernel spec, inputs, outputs, template, grid, threadgroup,
 //                 output_shapes, output_dtypes, init_value, stream)] in call order
-//   vjp        the custom function's Python vjp: vjp(primals, cotangents, outputs)
 //   pool       (the ticket pool list, the region it gave) or None
 // Returns "" when the call is recorded, else why not (the key then always
 // takes the Python path).
 std::string record(nb::bytes key_bytes, std::vector<nb::object> slots, std::tuple<mx::array, mx::array> result,
-                   nb::list launches, nb::object vjp, nb::object pool) {
+                   nb::list launches, nb::object pool) {
   auto& t = table();
   if (t.records.size() >= kMaxRecords) t.records.clear();
   std::string key(key_bytes.c_str(), key_bytes.size());
@@ -535,7 +556,7 @@ std::string record(nb::bytes key_bytes, std::vector<nb::object> slots, std::tupl
   try {
     std::vector<mx::array> primals;
     mx::array forward_out(0.0f), forward_lse(0.0f);
-    unwrap_custom_function(std::get<0>(result), std::get<1>(result), primals, forward_out, forward_lse);
+    unwrap_custom_function(std::get<0>(result), std::get<1>(result), primals, forward_out, forward_lse, *plan);
     std::vector<mx::array> slot_arrays;  // the caller's arrays (an empty array where a slot is None)
     for (auto& s : slots) slot_arrays.push_back(is_array(s) ? as_array(s) : mx::array(0.0f));
     for (const auto& p : primals) {
@@ -611,25 +632,7 @@ std::string record(nb::bytes key_bytes, std::vector<nb::object> slots, std::tupl
   } catch (const Refusal& r) {
     return r.reason;
   }
-  auto vjp_ref = std::make_shared<PyRef>(vjp);
-  auto forward = [plan](const std::vector<mx::array>& primals) { return run_launches(*plan, primals); };
-  auto backward = [vjp_ref](const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
-                            const std::vector<mx::array>& outputs) {
-    nb::gil_scoped_acquire gil;
-    auto as_tuple = [](const std::vector<mx::array>& xs) {
-      nb::list l;
-      for (const auto& x : xs) l.append(nb::cast(x));
-      return nb::tuple(l);
-    };
-    // As mx.custom_function calls it: the primals, cotangents and outputs as tuples.
-    nb::object grads = vjp_ref->handle()(as_tuple(primals), as_tuple(cotangents), as_tuple(outputs));
-    std::vector<mx::array> out;
-    for (nb::handle g : grads) {
-      if (!g.is_none()) out.push_back(nb::cast<mx::array>(g));
-    }
-    return out;
-  };
-  rec->function = mx::custom_vjp(forward, backward);
+  rec->plan = plan;
   rec->replayable = true;
   return "";
 }
@@ -707,7 +710,7 @@ NB_MODULE(_cuda_host, m) {
       "flash_attention_quantized's counterpart of attention() (k and v each a (data, scales, biases) triple).");
 
   m.def("record", &record, nb::arg("key"), nb::arg("slots"), nb::arg("result"), nb::arg("launches"),
-        nb::arg("vjp"), nb::arg("pool").none(), "Record the Python path's launches of a missed key (see csrc/cuda_host.cpp); returns "
+        nb::arg("pool").none(), "Record the Python path's launches of a missed key (see csrc/cuda_host.cpp); returns "
                            "'' when recorded, else why not.");
 
   m.def(

@@ -66,14 +66,9 @@ def _additive_mask_grad(q, k, v, lse, dout, delta, spec, inputs):
     return ds.astype(mask.dtype)
 
 
+@functools.lru_cache(maxsize=256)
 def _differentiable(spec: AttentionSpec, names: tuple, backend_name: str, stream):
     """One custom_function per (spec, present extras, backend, stream)."""
-    return _functions(spec, names, backend_name, stream)[0]
-
-
-@functools.lru_cache(maxsize=256)
-def _functions(spec: AttentionSpec, names: tuple, backend_name: str, stream):
-    """(the custom_function, its vjp): cuda_host records the vjp with a call."""
     backend = dispatch.backend_for_name(backend_name)
 
     def rebuild(extras) -> AttentionInputs:
@@ -83,6 +78,7 @@ def _functions(spec: AttentionSpec, names: tuple, backend_name: str, stream):
     def attention(q, k, v, *extras):
         return backend.attention_forward(q, k, v, spec, rebuild(extras), stream)
 
+    @attention.vjp
     def attention_vjp(primals, cotangents, outputs):
         q, k, v, *extras = primals
         dout, dlse = cotangents
@@ -100,8 +96,7 @@ def _functions(spec: AttentionSpec, names: tuple, backend_name: str, stream):
                 grads.append(mx.zeros_like(x))
         return (dq, dk, dv, *grads)
 
-    attention.vjp(attention_vjp)  # (returns the custom function: the plain vjp is kept for cuda_host)
-    return attention, attention_vjp
+    return attention
 
 
 # Head dims every backend takes (wider calls ask the backend which it takes).
@@ -110,11 +105,11 @@ _COMMON_HEAD_DIM = min(dispatch.DEFAULT_HEAD_DIM_LIMITS)
 
 def _run(q, k, v, spec, inputs, stream):
     key, extras = _function_key(spec, inputs, stream)
-    return _functions(*key)[0](q, k, v, *extras)
+    return _differentiable(*key)(q, k, v, *extras)
 
 
 def _function_key(spec, inputs, stream):
-    """(the _functions key of a validated call, the custom function's optional inputs)."""
+    """(the _differentiable key of a validated call, the custom function's optional inputs)."""
     name = dispatch.backend_name(stream)
     if spec.head_dim_qk > _COMMON_HEAD_DIM or spec.head_dim_v > _COMMON_HEAD_DIM:
         # Every backend takes the default widths; only wider calls ask which does.
@@ -177,9 +172,9 @@ def flash_attention(q, k, v, *, scale=None, mask=None, causal=False, window=None
         out, lse = _run(q, k, v, spec, inputs, stream)
     else:  # first call of its key: the Python path, recorded
         fkey, extras = _function_key(spec, inputs, stream)
-        fn, vjp = _functions(*fkey)
+        fn = _differentiable(*fkey)
         out, lse, _ = cuda_host.recorded(key, [q, k, v, mask, alibi_slopes, sinks, block_mask, key_start, key_len],
-                                         lambda: fn(q, k, v, *extras), vjp)
+                                         lambda: fn(q, k, v, *extras))
     return (out, lse) if return_lse else out
 
 

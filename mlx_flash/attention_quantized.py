@@ -33,14 +33,9 @@ def dequantize_kv(triple, qspec: QuantSpec, dtype=None):
     return x if dtype is None else x.astype(dtype)
 
 
+@functools.lru_cache(maxsize=256)
 def _differentiable(qspec: QuantSpec, names: tuple, backend_name: str, stream):
     """One custom_function per (spec, present extras, backend, stream)."""
-    return _functions(qspec, names, backend_name, stream)[0]
-
-
-@functools.lru_cache(maxsize=256)
-def _functions(qspec: QuantSpec, names: tuple, backend_name: str, stream):
-    """(the custom_function, its vjp): cuda_host records the vjp with a call."""
     backend = dispatch.backend_for_name(backend_name)
     spec = qspec.attention
 
@@ -51,6 +46,7 @@ def _functions(qspec: QuantSpec, names: tuple, backend_name: str, stream):
     def attention(q, kw, ks, kb, vw, vs, vb, *extras):
         return backend.quantized_attention_forward(q, (kw, ks, kb), (vw, vs, vb), qspec, rebuild(extras), stream)
 
+    @attention.vjp
     def attention_vjp(primals, cotangents, outputs):
         q, kw, ks, kb, vw, vs, vb, *extras = primals
         dout, dlse = cotangents
@@ -75,8 +71,7 @@ def _functions(qspec: QuantSpec, names: tuple, backend_name: str, stream):
         constants = [mx.zeros_like(a) for a in (kw, ks, kb, vw, vs, vb)]
         return (dq, *constants, *grads)
 
-    attention.vjp(attention_vjp)  # (returns the custom function: the plain vjp is kept for cuda_host)
-    return attention, attention_vjp
+    return attention
 
 
 # The C++ record/replay of repeated CUDA calls (backends/cuda_host.py), or None.
@@ -136,11 +131,11 @@ def flash_attention_quantized(q, k, v, *, bits, group_size, scale=None, mask=Non
     else:
         names = tuple(n for n in _EXTRA_FIELDS if getattr(inputs, n) is not None)
         extras = [getattr(inputs, n) for n in names]
-    fn, vjp = _functions(qspec, names, backend, stream)
+    fn = _differentiable(qspec, names, backend, stream)
     if key is None:
         out, lse = fn(q, *k, *v, *extras)
     else:  # first call of its key: the Python path, recorded
-        out, lse, _ = cuda_host.recorded(key, slots, lambda: fn(q, *k, *v, *extras), vjp)
+        out, lse, _ = cuda_host.recorded(key, slots, lambda: fn(q, *k, *v, *extras))
     return (out, lse) if return_lse else out
 
 

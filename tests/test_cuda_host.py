@@ -147,11 +147,11 @@ def test_refusal_reason_is_reported(fresh_host):
     gen = rng("host-refusal")
     q, k, v = (randn(gen, (1, 2, 5, 32), mx.float32) for _ in range(3))
     key = _attention_key(q, k, v, stream=mx.cpu)
-    fn, vjp = attention._functions(*attention._function_key(*attention.validate_attention(q, k, v), mx.cpu)[0])
-    out, lse, reason = cuda_host.recorded(key, [q, k, v] + [None] * 6, lambda: fn(q, k, v), vjp)
+    fn = attention._differentiable(*attention._function_key(*attention.validate_attention(q, k, v), mx.cpu)[0])
+    out, lse, reason = cuda_host.recorded(key, [q, k, v] + [None] * 6, lambda: fn(q, k, v))
     assert "no kernel launch" in reason
     # Outputs that are not one custom function's: refused before anything else.
-    reason = HOST.record(key, [q, k, v] + [None] * 6, (q, k), [], vjp, None)
+    reason = HOST.record(key, [q, k, v] + [None] * 6, (q, k), [], None)
     assert "custom function" in reason
 
 
@@ -192,7 +192,7 @@ def fake_cuda(fresh_host, monkeypatch):
     monkeypatch.setattr(cb, "_TICKET_POOLS", {})
     cached = (cb._wgmma_fwd_config, cb._mma_fwd_config, cb._simt_fwd_config, cb._wgmma_bwd_config,
               cb._mma_bwd_config, cb._simt_bwd_config, cb._decode_launch_cached, cq._decode_launch,
-              attention._functions, attention_quantized._functions)
+              attention._differentiable, attention_quantized._differentiable)
     for c in cached:
         c.cache_clear()
     yield cb

@@ -8,13 +8,15 @@ kernel call) costs 15-50 us of host time per call on the H200, more than the
 the call:
 
 * a *hit* (a call whose key was recorded: same array shapes and dtypes, same
-  option values and types, same stream or default device) is built in C++:
-  the same kernel text and launch shape through mx::fast::cuda_kernel, the
-  same inputs (the caller's arrays, the same mx.contiguous nodes, the very
-  constant arrays the Python path made, the ticket pool's next region) inside
-  mx::custom_vjp, whose vjp is the Python path's own backward. Same graph,
-  bit-identical results, no validation (a hit has the shapes, dtypes and
-  options of a call that passed it; values are never validated);
+  option values and types, same stream or default device and stream) gets
+  the recorded call's graph built in C++: the kernel nodes with the Python
+  path's kernel primitives (same name, source, launch shape), over the same
+  inputs (the caller's arrays, the same mx.contiguous nodes, the very constant
+  arrays the Python path made, the ticket pool's next region), inside the
+  custom function's own stop_gradient and CustomTransforms primitives (its
+  Python vjp gives the gradients). Same graph, bit-identical results, no
+  validation (a hit has the shapes, dtypes and options of a call that passed
+  it; values are never validated);
 * a *miss* runs the Python path while the launch sites note what they launch
   (`note_launch`, `note_ticket_region`), then `record` stores the call. A
   call whose forward is not exactly noted launches over caller arrays and
@@ -91,12 +93,11 @@ if HOST is not None:
     atexit.register(HOST.clear)  # records hold Python objects: drop them while Python runs
 
 
-def recorded(key, slots, run, vjp):
+def recorded(key, slots, run):
     """Run the Python path (`run()` -> (out, lse) of the custom function) for a
     missed call and record it under `key`. `slots` are the call's array
-    arguments in the extension's order; `vjp` is the Python vjp of the
-    custom function that ran. Returns (out, lse) and why the call is not
-    replayable ("" when it is)."""
+    arguments in the extension's order. Returns (out, lse) and why the call is
+    not replayable ("" when it is)."""
     global RECORDING, _TICKET, _TUNING_SET
     if not _TUNING_SET:  # here, not at import: cuda.py and cuda_quant.py import this module
         HOST.set_tuning(_tuning_dicts())
@@ -108,7 +109,7 @@ def recorded(key, slots, run, vjp):
     finally:
         RECORDING, _TICKET = None, None
     try:
-        reason = HOST.record(key, slots, (out, lse), launches, vjp, ticket)
+        reason = HOST.record(key, slots, (out, lse), launches, ticket)
     except Exception as error:  # noqa: BLE001 (an argument the record cannot take: the key stays Python's)
         reason = f"{type(error).__name__}: {error}"
     return out, lse, reason
