@@ -70,6 +70,59 @@ def set_replay(mode):
     HOST.clear()
 
 
+def build_only(fn, calls=2000, rounds=5):
+    """Graph building alone, best of `rounds` means (microseconds per call)."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        outs = []
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            outs.append(fn())
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        del outs
+    return best
+
+
+def breakdown(res):
+    """Where a replayed call's host time goes (fp16 decode 32:8, 4K keys):
+    the public call, the extension's entry alone, its key alone, and MLX's
+    own floors (a trivial mx.fast.cuda_kernel call, mx.custom_function)."""
+    q = mx.random.normal((1, 32, 1, D)).astype(mx.float16)
+    k, v = (mx.random.normal((1, 8, 4096, D)).astype(mx.float16) for _ in range(2))
+    mx.eval(q, k, v)
+    set_replay("replay")
+    args = (q, k, v, 0.088, None, False, None, None, None, None, None, None, None, None, False, None)
+    row = {"flash_attention (replayed)": build_only(lambda: mlx_flash.flash_attention(q, k, v, scale=0.088)),
+           "extension entry alone (replayed)": build_only(lambda: HOST.attention(*args))}
+    neg = (q, k, v, 0.5, None, False, None, None, None, None, None, None, None, None, False, None)
+    HOST.record(HOST.attention(*neg), [q, k, v] + [None] * 6, (q, k), [], None)  # refused: key cost alone
+    row["key + lookup alone"] = build_only(lambda: HOST.attention(*neg))
+    set_replay("replay_kernel")
+    row["flash_attention (replayed through cuda_kernel)"] = build_only(
+        lambda: mlx_flash.flash_attention(q, k, v, scale=0.088))
+    set_replay("python")
+    row["flash_attention (python path)"] = build_only(lambda: mlx_flash.flash_attention(q, k, v, scale=0.088),
+                                                      calls=500)
+    trivial = mx.fast.cuda_kernel(name="hostc_trivial", input_names=["x"], output_names=["y"], source="y[0] = x[0];")
+    x = mx.zeros((1,), mx.float32)
+    row["mx.fast.cuda_kernel trivial call"] = build_only(lambda: trivial(
+        inputs=[x], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)], output_dtypes=[mx.float32]))
+
+    @mx.custom_function
+    def fn(a, b, c):
+        return x, x
+
+    @fn.vjp
+    def fn_vjp(primals, cotangents, outputs):
+        return primals
+
+    row["mx.custom_function, 3 inputs"] = build_only(lambda: fn(q, k, v), calls=500)
+    row["mx.fast SDPA"] = build_only(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.088))
+    res["breakdown_us"] = row
+    print("breakdown", json.dumps(row), flush=True)
+
+
 def main():
     out_path = sys.argv[1]
     info = mx.device_info(mx.gpu)
@@ -78,6 +131,8 @@ def main():
     print("device", res["device"], "extension", HOST is not None, flush=True)
     # The entry points use the extension only where cuda_host found a CUDA GPU at import.
     assert attention._HOST is HOST and attention_quantized._HOST is HOST, "replay not active"
+    breakdown(res)
+    dump(res, out_path)
     gen = mx.random.key(0)
     for hkv in (8, 4):
         keys = mx.random.split(gen, 3 * LAYERS + 1)
