@@ -45,7 +45,8 @@ namespace mx = mlx::core;
 namespace {
 
 // A Python reference that may outlive the interpreter inside an MLX graph
-// (the vjp callback of an array kept to the end): dropped only while Python runs.
+// (a ticket pool's list, a test's stand-in kernel, held by a replayed node
+// kept to the end): dropped only while Python runs.
 struct PyRef {
   PyObject* obj = nullptr;
   explicit PyRef(nb::handle h) : obj(h.ptr()) { Py_XINCREF(obj); }
@@ -461,7 +462,8 @@ Table& table() {
 }
 
 // Bounded: a growing cache (one new key per generation step) would otherwise keep
-// every old key's record, and Python objects of each (the vjp closures) for the GC to scan.
+// every old key's record, and what each keeps alive (the custom function's
+// Python closures, through its CustomTransforms primitive) for the GC to scan.
 constexpr size_t kMaxRecords = 1024;
 
 bool tuning_is_default() {
