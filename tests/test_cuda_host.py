@@ -162,15 +162,22 @@ class _FakeKernel:
     """Stands in for every CUDA kernel object: each output is a function of
     every input's values (weighted by position) and of the launch shape, so
     a replay that wires an input, a constant or the launch differently gives
-    other numbers. Registered as its own spec: the extension calls it back."""
+    other numbers; an output of q's shape (out) also holds sin(q) element by
+    element, so new q values show in any dtype. Registered as its own spec:
+    the extension calls it back."""
 
     def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None, init_value=None,
                  verbose=False, stream=None):
-        total = mx.array(float(sum(grid) + 3 * sum(threadgroup) + 7 * len(template or ()) + (init_value or 0)))
+        total = mx.array(1e-3 * (sum(grid) + 3 * sum(threadgroup) + 7 * len(template or ()) + (init_value or 0)))
         for i, x in enumerate(inputs):
-            total = total + (i + 1) * mx.sum(mx.sin(x.astype(mx.float32)), stream=stream)
-        return [mx.broadcast_to((total + j).astype(d), tuple(s)) for j, (s, d) in
-                enumerate(zip(output_shapes, output_dtypes))]
+            total = total + (i + 1) * mx.mean(mx.sin(x.astype(mx.float32)), stream=stream)
+        outputs = []
+        for j, (s, d) in enumerate(zip(output_shapes, output_dtypes)):
+            value = total + j
+            if tuple(s) == tuple(inputs[0].shape):
+                value = value + mx.sin(inputs[0].astype(mx.float32))
+            outputs.append(mx.broadcast_to(value, tuple(s)).astype(d))
+        return outputs
 
 
 @pytest.fixture
