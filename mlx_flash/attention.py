@@ -14,6 +14,7 @@ import functools
 import mlx.core as mx
 
 from . import dispatch
+from .backends import cuda_host
 from ._spec import AttentionInputs, AttentionSpec, validate_attention, validate_attention_varlen
 from .reference import attention_logits
 
@@ -103,6 +104,12 @@ _COMMON_HEAD_DIM = min(dispatch.DEFAULT_HEAD_DIM_LIMITS)
 
 
 def _run(q, k, v, spec, inputs, stream):
+    key, extras = _function_key(spec, inputs, stream)
+    return _differentiable(*key)(q, k, v, *extras)
+
+
+def _function_key(spec, inputs, stream):
+    """(the _differentiable key of a validated call, the custom function's optional inputs)."""
     name = dispatch.backend_name(stream)
     if spec.head_dim_qk > _COMMON_HEAD_DIM or spec.head_dim_v > _COMMON_HEAD_DIM:
         # Every backend takes the default widths; only wider calls ask which does.
@@ -110,8 +117,11 @@ def _run(q, k, v, spec, inputs, stream):
     if spec.has_key_range:
         spec, inputs = dispatch.fold_key_ranges(spec, inputs, dispatch.backend_for_name(name))
     names, extras = _pack_extras(inputs)
-    fn = _differentiable(spec, names, name, stream)
-    return fn(q, k, v, *extras)
+    return (spec, names, name, stream), extras
+
+
+# The C++ record/replay of repeated CUDA calls (backends/cuda_host.py), or None.
+_HOST = cuda_host.ACTIVE
 
 
 def flash_attention(q, k, v, *, scale=None, mask=None, causal=False, window=None, softcap=None,
@@ -147,12 +157,24 @@ def flash_attention(q, k, v, *, scale=None, mask=None, causal=False, window=None
     Returns:
       `out` `[B, Hq, Nq, Dv]` in q's dtype, or `(out, lse)`.
     """
+    key = None
+    if _HOST is not None:  # a repeated call is built in C++ (backends/cuda_host.py)
+        key = _HOST.attention(q, k, v, scale, mask, causal, window, softcap, alibi_slopes, sinks, block_mask,
+                              block_size, key_start, key_len, return_lse, stream)
+        if key is not None and key.__class__ is not bytes:
+            return key
     spec, inputs = validate_attention(
         q, k, v, scale=scale, mask=mask, causal=causal, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes, sinks=sinks, block_mask=block_mask, block_size=block_size,
         key_start=key_start, key_len=key_len,
     )
-    out, lse = _run(q, k, v, spec, inputs, stream)
+    if key is None:
+        out, lse = _run(q, k, v, spec, inputs, stream)
+    else:  # first call of its key: the Python path, recorded
+        fkey, extras = _function_key(spec, inputs, stream)
+        fn = _differentiable(*fkey)
+        out, lse, _ = cuda_host.recorded(key, [q, k, v, mask, alibi_slopes, sinks, block_mask, key_start, key_len],
+                                         lambda: fn(q, k, v, *extras))
     return (out, lse) if return_lse else out
 
 

@@ -19,6 +19,7 @@ import functools
 import mlx.core as mx
 
 from . import dispatch
+from .backends import cuda_host
 from ._quant_spec import QuantSpec, validate_attention_quantized
 from ._spec import AttentionInputs
 from .attention import _additive_mask_grad, _row_delta, _sinks_grad
@@ -73,6 +74,10 @@ def _differentiable(qspec: QuantSpec, names: tuple, backend_name: str, stream):
     return attention
 
 
+# The C++ record/replay of repeated CUDA calls (backends/cuda_host.py), or None.
+_HOST = cuda_host.ACTIVE
+
+
 def flash_attention_quantized(q, k, v, *, bits, group_size, scale=None, mask=None, causal=False,
                               window=None, softcap=None, alibi_slopes=None, sinks=None,
                               return_lse=False, stream=None):
@@ -102,6 +107,14 @@ def flash_attention_quantized(q, k, v, *, bits, group_size, scale=None, mask=Non
 
     Backends: CPU, Metal and CUDA.
     """
+    key = None
+    if _HOST is not None:  # a repeated call is built in C++ (backends/cuda_host.py)
+        key = _HOST.attention_quantized(q, k, v, bits, group_size, scale, mask, causal, window, softcap,
+                                        alibi_slopes, sinks, return_lse, stream)
+        if key is not None and key.__class__ is not bytes:
+            return key
+        if key is not None:
+            slots = [q, *k, *v, mask, alibi_slopes, sinks]  # the extension checked k and v are triples
     qspec, inputs, k, v = validate_attention_quantized(
         q, k, v, bits=bits, group_size=group_size, scale=scale, mask=mask, causal=causal,
         window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
@@ -114,11 +127,15 @@ def flash_attention_quantized(q, k, v, *, bits, group_size, scale=None, mask=Non
             f"flash_attention"
         )
     if inputs.mask is None and inputs.alibi is None and inputs.sinks is None:
-        out, lse = _differentiable(qspec, (), backend, stream)(q, *k, *v)  # the usual call: no getattr loops
+        names, extras = (), ()  # the usual call: no getattr loops
     else:
         names = tuple(n for n in _EXTRA_FIELDS if getattr(inputs, n) is not None)
-        fn = _differentiable(qspec, names, backend, stream)
-        out, lse = fn(q, *k, *v, *[getattr(inputs, n) for n in names])
+        extras = [getattr(inputs, n) for n in names]
+    fn = _differentiable(qspec, names, backend, stream)
+    if key is None:
+        out, lse = fn(q, *k, *v, *extras)
+    else:  # first call of its key: the Python path, recorded
+        out, lse, _ = cuda_host.recorded(key, slots, lambda: fn(q, *k, *v, *extras))
     return (out, lse) if return_lse else out
 
 

@@ -18,6 +18,9 @@ Stages (each timed alone over the same prepared arguments):
              called directly with the validated spec and inputs
   full       the public call; "rest" = full - the three stages above, i.e.
              mx.custom_function's own per-call cost and the glue between
+Where the C++ replay serves calls (mlx_flash._cuda_host on a CUDA GPU,
+backends/cuda_host.py), each case also says which path its full call took
+("replay" or "python") and times the full call with the replay switched off.
 The "growing" cases time only the full call, over k/v views one key longer
 every 32 calls (generation with a 32-layer model: one new shape per step) or
 at every call. The mx.fast cases time MLX's own SDPA entry point on the same
@@ -42,6 +45,7 @@ from mlx_flash import attention, attention_quantized, dispatch
 from mlx_flash._quant_spec import validate_attention_quantized
 from mlx_flash._spec import validate_attention
 from mlx_flash.backends import cuda as cb
+from mlx_flash.backends import cuda_host
 from mlx_flash.backends import cuda_quant as cq
 
 # name: (op, B, Hq, Hkv, Nq, Nk, D, bits, causal); fp16, scale given, group size 64.
@@ -244,7 +248,10 @@ def main():
         prof.disable()
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(30)
         return
-    res = {"mode": mode, "card": card, "cases": {}}
+    host = cuda_host.ACTIVE  # the C++ replay, where it serves calls (a CUDA GPU and the extension)
+    res = {"mode": mode, "card": card, "cases": {}, "replay": host is not None}
+    print("C++ replay (mlx_flash._cuda_host): " + ("on; 'full' is the call as users get it, 'python' the same "
+                                                 "call with the replay off" if host is not None else "off"))
     if stub:
         one = lambda: stub(inputs=[], output_shapes=[(1, 32, 1, 128), (1, 32, 1)],  # noqa: E731
                            output_dtypes=[mx.float16, mx.float32], grid=(1, 1, 1), threadgroup=(1, 1, 1))
@@ -260,10 +267,20 @@ def main():
     for name in CASES:
         if args.cases and not any(name.startswith(c) for c in args.cases.split(",")):
             continue
-        stages = make_case(name, args.iters * args.repeats + 2)
+        # (Growing cases hand out one view per call: enough for the replay-off timing too.)
+        stages = make_case(name, (args.iters * args.repeats + 2) * (2 if host is not None else 1) + 1)
         row = {}
         for stage, fn in stages.items():
             row[stage] = build_us(fn, args.iters, args.repeats)
+        if host is not None and name.split()[0] not in ("mx.fast",):
+            # Which path served the full call (the C++ replay of backends/cuda_host.py
+            # or the Python path), and the full call with the replay switched off.
+            hits = host.stats()[0]
+            stages["full"]()
+            row["path"] = "replay" if host.stats()[0] > hits else "python"
+            host.set_enabled(False)
+            row["full_python"] = build_us(stages["full"], args.iters, args.repeats)
+            host.set_enabled(True)
         if len(stages) > 1:
             row["rest"] = row["full"] - row["validate"] - row["dispatch"] - row["backend"]
         if stub and len(stages) > 1:
@@ -273,6 +290,8 @@ def main():
         res["cases"][name] = row
         cells = " ".join(f"{row[c]:{w}.1f}" if c in row else f"{'-':>{w}s}"
                          for c, w in (("validate", 6), ("dispatch", 6), ("backend", 7), ("rest", 6), ("full", 6)))
+        if "path" in row:
+            cells += f"  [{row['path']}; python path {row['full_python']:.1f}]"
         print(f"{name:44s} {cells}  {row.get('launches', '')}", flush=True)
         if args.json:  # after every case: a run cut short still leaves what it measured
             with open(args.json, "w") as f:

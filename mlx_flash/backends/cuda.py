@@ -43,6 +43,7 @@ import mlx.core as mx
 
 from .._sources import read_source
 from .._spec import AttentionInputs, AttentionSpec
+from . import cuda_host as _host
 
 # The kernels read inputs.key_start / key_len (dispatch.fold_key_ranges is not applied).
 NATIVE_KEY_RANGES = True
@@ -226,11 +227,14 @@ def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=None, r
     name = f"mlx_flash_{body}"
     if constants:
         name += "_" + hashlib.sha256(constants.encode()).hexdigest()[:16]
-    return mx.fast.cuda_kernel(
-        name=name, input_names=list(inputs), output_names=list(outputs),
-        source=constants + _read(body + ".cu"), header=_header_include(tuple(headers or kernel_headers(body))),
-        ensure_row_contiguous=row_contiguous, shared_memory=smem,
+    spec = (name, list(inputs), list(outputs), constants + _read(body + ".cu"),
+            _header_include(tuple(headers or kernel_headers(body))), row_contiguous, smem)
+    kernel = mx.fast.cuda_kernel(
+        name=spec[0], input_names=spec[1], output_names=spec[2], source=spec[3], header=spec[4],
+        ensure_row_contiguous=spec[5], shared_memory=spec[6],
     )
+    _host.KERNEL_SPECS[id(kernel)] = spec  # what a recorded launch of it is rebuilt from (cuda_host.py)
+    return kernel
 
 
 _CUDA_TYPE_NAMES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.bool_: "bool"}
@@ -669,9 +673,11 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
         inputs = list(used(args))
         if pool:
             inputs.append(_ticket_region(stream))
-        out, lse, _ = kernel(inputs=inputs, grid=grid, threadgroup=threads, output_shapes=shapes,
-                             output_dtypes=dtypes, init_value=init, stream=stream)
-        return out, lse
+        outputs = kernel(inputs=inputs, grid=grid, threadgroup=threads, output_shapes=shapes,
+                         output_dtypes=dtypes, init_value=init, stream=stream)
+        if _host.RECORDING is not None:  # a call cuda_host.py will replay: note the launch
+            _host.note_launch(kernel, inputs, outputs, stream, None, grid, threads, shapes, dtypes, init)
+        return outputs[0], outputs[1]
     rows = math.prod(lse_shape)
     warps, row_blocks, splits, kernel = _simt_fwd_config(spec)
     template = template + [("W", warps), ("SPLITS", splits)]
@@ -721,8 +727,11 @@ def _ticket_region(stream) -> mx.array:
         mx.eval(array, *views)
         pool = _TICKET_POOLS[stream] = [array, views, 0]
     calls = pool[2]
-    pool[2] = calls + 1
-    return pool[1][calls % _TICKET_REGIONS]
+    pool[2] = calls + 1  # csrc/cuda_host.cpp's TicketPool::next does the same on a replayed call
+    region = pool[1][calls % _TICKET_REGIONS]
+    if _host.RECORDING is not None:
+        _host.note_ticket_region(pool, region)
+    return region
 
 
 def _decode_ws_words(groups: int, splits: int, nc: int, rows: int, dv: int) -> int:

@@ -380,5 +380,8 @@ def _forward_decode(q, k, v, qspec, inputs: AttentionInputs, stream):
     args = _operands(q, k, v, qspec, inputs, stream)  # q, 6 cache arrays, mask, alibi, ip, fp
     sinks = _dense(inputs.sinks, stream) if inputs.sinks is not None else _cuda._placeholders()[2]
     kernel = _strided_kernel("attention_quant_decode", _DEC_INPUTS, ("out", "lse", "scratch"), smem)
-    out, lse, _ = kernel(inputs=args[:7] + [sinks, args[9], args[10], ns], stream=stream, **launch)
-    return out, lse
+    inputs = args[:7] + [sinks, args[9], args[10], ns]
+    outputs = kernel(inputs=inputs, stream=stream, **launch)
+    if _cuda._host.RECORDING is not None:  # a call cuda_host.py will replay: note the launch
+        _cuda._host.note_launch(kernel, inputs, outputs, stream, **launch)
+    return outputs[0], outputs[1]

@@ -1,0 +1,123 @@
+"""Record and replay of CUDA launches: a repeated decode call built in C++.
+
+A decode step calls attention once per layer with the same shapes and
+options; the Python path (validation, plan lookups, mx.custom_function, the
+kernel call) costs 15-50 us of host time per call on the H200, more than the
+~50 us kernel where calls are queued. With the extension
+`mlx_flash._cuda_host` (csrc/cuda_host.cpp) the entry points first ask it for
+the call:
+
+* a *hit* (a call whose key was recorded: same array shapes and dtypes, same
+  option values and types, same stream or default device and stream) gets
+  the recorded call's graph built in C++: the kernel nodes with the Python
+  path's kernel primitives (same name, source, launch shape), over the same
+  inputs (the caller's arrays, the same mx.contiguous nodes, the very constant
+  arrays the Python path made, the ticket pool's next region), inside the
+  custom function's own stop_gradient and CustomTransforms primitives (its
+  Python vjp gives the gradients). Same graph, bit-identical results, no
+  validation (a hit has the shapes, dtypes and options of a call that passed
+  it; values are never validated);
+* a *miss* runs the Python path while the launch sites note what they launch
+  (`note_launch`, `note_ticket_region`), then `record` stores the call. A
+  call whose forward is not exactly noted launches over caller arrays and
+  constants (a prefill kernel without a hook, a dtype cast in validation, the
+  same array passed twice, ...) is stored as "always Python";
+* without the extension (macOS, a build with -DMLXF_CUDA_HOST=OFF, or
+  MLX_FLASH_CUDA_HOST=0) every call takes the Python path: the same kernels
+  and the same numbers, only slower to build.
+
+Replay is off while cuda.DECODE_TUNING or cuda_quant.TUNING hold overrides
+(tuning sweeps change plans without changing keys).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+
+try:
+    if os.environ.get("MLX_FLASH_CUDA_HOST", "1") == "0":
+        raise ImportError("MLX_FLASH_CUDA_HOST=0")
+    from .. import _cuda_host as HOST
+except ImportError:  # not built (macOS, MLXF_CUDA_HOST=OFF) or switched off: the Python path
+    HOST = None
+
+# Creation arguments of every kernel object cuda.py's _kernel made, by id():
+# (name, input names, output names, source, header, ensure_row_contiguous, shared memory).
+# The objects live in _kernel's cache for the process, so their ids stay theirs.
+KERNEL_SPECS: dict = {}
+
+# While a missed call runs the Python path: the launches noted so far, and
+# the ticket pool region taken (None otherwise).
+RECORDING = None
+_TICKET = None
+
+
+def note_launch(kernel, inputs, outputs, stream, template=None, grid=None, threadgroup=None, output_shapes=None,
+                output_dtypes=None, init_value=None):
+    """Called by a launch site right after `kernel(...)` while RECORDING is not None."""
+    RECORDING.append((KERNEL_SPECS.get(id(kernel)), list(inputs), list(outputs),
+                      None if template is None else list(template), tuple(grid), tuple(threadgroup),
+                      [tuple(s) for s in output_shapes], list(output_dtypes), init_value, stream))
+
+
+def note_ticket_region(pool, region):
+    """Called by cuda._ticket_region while RECORDING is not None."""
+    global _TICKET
+    _TICKET = (pool, region)
+
+
+def _tuning_dicts() -> list:
+    from . import cuda, cuda_quant
+
+    return [cuda.DECODE_TUNING, cuda_quant.TUNING]
+
+
+def _cuda_available() -> bool:
+    import mlx.core as mx
+
+    return hasattr(mx, "cuda") and mx.cuda.is_available()
+
+
+# The entry points (attention.py, attention_quantized.py) ask the extension
+# only where MLX has a CUDA GPU: elsewhere nothing would ever be recorded.
+ACTIVE = HOST if HOST is not None and _cuda_available() else None
+_TUNING_SET = False
+
+if HOST is not None:
+    # Replayed kernel nodes share the Python path's CustomKernel primitive (same
+    # name, source and launch shape; MLX assembles no source per call), or with
+    # MLX_FLASH_CUDA_HOST_KERNEL=1 are built by mx::fast::cuda_kernel per call
+    # from the kernel object's creation arguments (KERNEL_SPECS): same node state.
+    HOST.set_reuse_primitives(os.environ.get("MLX_FLASH_CUDA_HOST_KERNEL", "0") != "1")
+    atexit.register(HOST.clear)  # records hold Python objects: drop them while Python runs
+
+
+def recorded(key, slots, run):
+    """Run the Python path (`run()` -> (out, lse) of the custom function) for a
+    missed call and record it under `key`. `slots` are the call's array
+    arguments in the extension's order. Returns (out, lse) and why the call is
+    not replayable ("" when it is)."""
+    global RECORDING, _TICKET, _TUNING_SET
+    if not _TUNING_SET:  # here, not at import: cuda.py and cuda_quant.py import this module
+        HOST.set_tuning(_tuning_dicts())
+        _TUNING_SET = True
+    RECORDING, _TICKET = [], None
+    try:
+        out, lse = run()
+        launches, ticket = RECORDING, _TICKET
+    finally:
+        RECORDING, _TICKET = None, None
+    try:
+        reason = HOST.record(key, slots, (out, lse), launches, ticket)
+    except Exception as error:  # noqa: BLE001 (an argument the record cannot take: the key stays Python's)
+        reason = f"{type(error).__name__}: {error}"
+    return out, lse, reason
+
+
+def stats() -> dict:
+    """Hits, misses and records so far (for tools/host_cost.py); empty without the extension."""
+    if HOST is None:
+        return {}
+    hits, misses, records, replayable = HOST.stats()
+    return {"hits": hits, "misses": misses, "records": records, "replayable": replayable}

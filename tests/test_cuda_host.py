@@ -1,0 +1,462 @@
+"""The C++ record/replay of repeated CUDA calls (mlx_flash._cuda_host, backends/cuda_host.py).
+
+* Everywhere the extension is built (every Linux build): the call key has
+  every argument the Python path reads (a change of any option, dtype or
+  shape is another key; arguments the key cannot judge exactly go the Python
+  way), and a call the Python path serves without noted launches (the CPU
+  backend here) is stored as "always Python" and still gives its result.
+* On a CUDA GPU: a replayed call gives bit-identical outputs (and lse, and
+  gradients) to the Python path for fp16/bf16 decode (GQA, odd Nk, causal,
+  window, sinks, return_lse) and the quantized decode (4/8-bit), really
+  replays (hit counts), and advances the decode ticket pool exactly as the
+  Python path does.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_flash
+from helpers import randn, rng
+from mlx_flash import attention, attention_quantized
+from mlx_flash.backends import cuda_host
+
+HOST = cuda_host.HOST
+needs_host = pytest.mark.skipif(HOST is None, reason="mlx_flash._cuda_host is not built")
+ON_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not (ON_CUDA and HOST is not None), reason="needs a CUDA GPU and _cuda_host")
+
+try:
+    from mlx_flash import _ext  # noqa: F401 (the CPU backend: not built on the GPU machine)
+
+    HAS_CPU_BACKEND = True
+except ImportError:
+    HAS_CPU_BACKEND = False
+needs_cpu_backend = pytest.mark.skipif(not HAS_CPU_BACKEND, reason="needs the CPU backend (mlx_flash._ext)")
+
+_ATTN_DEFAULTS = dict(scale=None, mask=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
+                      block_mask=None, block_size=None, key_start=None, key_len=None, return_lse=False, stream=None)
+
+
+def _attention_key(q, k, v, **options):
+    """What the extension answers for a call it has no record of: the key bytes (or None)."""
+    o = {**_ATTN_DEFAULTS, **options}
+    return HOST.attention(q, k, v, o["scale"], o["mask"], o["causal"], o["window"], o["softcap"], o["alibi_slopes"],
+                          o["sinks"], o["block_mask"], o["block_size"], o["key_start"], o["key_len"],
+                          o["return_lse"], o["stream"])
+
+
+@pytest.fixture
+def fresh_host():
+    """The extension with no records, switched on; every record dropped again after."""
+    HOST.clear()
+    HOST.set_enabled(True)
+    yield HOST
+    HOST.clear()
+    HOST.set_enabled(True)
+
+
+@needs_host
+def test_key_holds_every_option_shape_and_dtype(fresh_host):
+    gen = rng("host-key")
+    q, k, v = (randn(gen, s, mx.float16) for s in ((1, 4, 1, 64), (1, 2, 17, 64), (1, 2, 17, 64)))
+    base = _attention_key(q, k, v, stream=mx.cpu)
+    assert isinstance(base, bytes)
+    assert _attention_key(q, k, v, stream=mx.cpu) == base  # same call, same key
+    # Other arrays of the same shapes and dtypes: the same key (that is what replays).
+    q2, k2, v2 = (randn(gen, x.shape, mx.float16) for x in (q, k, v))
+    assert _attention_key(q2, k2, v2, stream=mx.cpu) == base
+    mask = mx.ones((1, 1, 1, 17), mx.bool_)
+    variants = {
+        "scale": dict(scale=0.5), "scale value": dict(scale=0.25), "causal": dict(causal=True),
+        "window": dict(window=(4, None)), "window right": dict(window=(4, 0)), "softcap": dict(softcap=30.0),
+        "mask": dict(mask=mask), "mask dtype": dict(mask=mask.astype(mx.float16)),
+        "mask shape": dict(mask=mx.ones((1, 4, 1, 17), mx.bool_)),
+        "alibi": dict(alibi_slopes=mx.ones((4,), mx.float32)), "sinks": dict(sinks=mx.zeros((4,), mx.float32)),
+        "block_mask": dict(block_mask=mx.ones((1, 1, 1, 1), mx.bool_)), "block_size": dict(block_size=(16, 16)),
+        "key_start": dict(key_start=mx.zeros((1,), mx.int32)), "key_len": dict(key_len=mx.ones((1,), mx.int32)),
+        "return_lse": dict(return_lse=True), "stream": dict(stream=mx.Device(mx.cpu, 0)),
+    }
+    if ON_CUDA:
+        variants["stream kind"] = dict(stream=mx.gpu)
+    keys = {name: _attention_key(q, k, v, **dict(dict(stream=mx.cpu), **opts)) for name, opts in variants.items()}
+    for name, key in keys.items():
+        assert isinstance(key, bytes) and key != base, name
+    assert len(set(keys.values())) == len(keys), "two different options gave one key"
+    # Shapes and dtypes of q, k, v.
+    assert _attention_key(q.astype(mx.bfloat16), k.astype(mx.bfloat16), v.astype(mx.bfloat16), stream=mx.cpu) != base
+    k18, v18 = (randn(gen, (1, 2, 18, 64), mx.float16) for _ in range(2))
+    assert _attention_key(q, k18, v18, stream=mx.cpu) != base
+    assert _attention_key(q, k, v[..., :32], stream=mx.cpu) != base
+
+
+@needs_host
+def test_key_refuses_what_it_cannot_judge_exactly(fresh_host):
+    """Values the checks could tell apart from equal-comparing ones (1 vs 1.0,
+    1 vs True), non-array inputs and odd containers go the Python way (None)."""
+    gen = rng("host-key-odd")
+    q, k, v = (randn(gen, (1, 2, 3, 32), mx.float32) for _ in range(3))
+    assert _attention_key(q, k, v, scale=1, stream=mx.cpu) is None
+    assert _attention_key(q, k, v, causal=1, stream=mx.cpu) is None
+    assert _attention_key(q, k, v, window=[2, 2], stream=mx.cpu) is None
+    assert _attention_key(q, k, v, window=(2.0, 2), stream=mx.cpu) is None
+    assert _attention_key(q, k, v, softcap=np.float32(3.0), stream=mx.cpu) is None
+    assert _attention_key(np.zeros((1, 2, 3, 32), np.float32), k, v, stream=mx.cpu) is None
+    assert _attention_key(q, k, v, return_lse=1, stream=mx.cpu) is None
+    assert _attention_key(q, k, v, stream="gpu") is None
+    if not ON_CUDA:  # no GPU stream to run on: the Python path says so
+        assert _attention_key(q, k, v, stream=mx.gpu) is None
+    # The quantized entry: k and v must be triples of arrays.
+    wq = mx.quantize(randn(gen, (1, 2, 64, 64), mx.float16), group_size=64, bits=4)
+    args = (4, 64, None, None, False, None, None, None, None, False, mx.cpu)
+    assert isinstance(HOST.attention_quantized(q, wq, wq, *args), bytes)
+    assert isinstance(HOST.attention_quantized(q, list(wq), list(wq), *args), bytes)
+    assert HOST.attention_quantized(q, wq[:2], wq, *args) is None
+    assert HOST.attention_quantized(q, wq, (wq[0], wq[1], None), *args) is None
+    assert HOST.attention_quantized(q, wq, wq, 4.0, *args[1:]) is None
+    assert HOST.attention_quantized(q, wq, wq, 4, 64, None, None, False, None, None, None, None, False,
+                                    mx.cpu) != HOST.attention_quantized(q, wq, wq, 8, 64, None, None, False, None,
+                                                                        None, None, None, False, mx.cpu)
+
+
+@needs_host
+@needs_cpu_backend
+def test_call_without_noted_launches_stays_python(fresh_host, monkeypatch):
+    """A call served without noted CUDA launches (here: the CPU backend) is
+    recorded as "always Python": its result is the Python path's, the next
+    call of its key is answered None (no second recording attempt)."""
+    monkeypatch.setattr(attention, "_HOST", HOST)
+    gen = rng("host-cpu-call")
+    q, k, v = (randn(gen, (1, 2, 5, 32), mx.float32) for _ in range(3))
+    want = attention._run(q, k, v, *attention.validate_attention(q, k, v), mx.cpu)[0]
+    got = mlx_flash.flash_attention(q, k, v, stream=mx.cpu)
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+    hits, misses, records, replayable = HOST.stats()
+    assert records == 1 and replayable == 0
+    assert _attention_key(q, k, v, stream=mx.cpu) is None
+    again = mlx_flash.flash_attention(q, k, v, stream=mx.cpu)
+    np.testing.assert_array_equal(np.array(again), np.array(want))
+    assert HOST.stats()[0] == hits  # no replay
+
+
+@needs_host
+@needs_cpu_backend
+def test_refusal_reason_is_reported(fresh_host):
+    gen = rng("host-refusal")
+    q, k, v = (randn(gen, (1, 2, 5, 32), mx.float32) for _ in range(3))
+    key = _attention_key(q, k, v, stream=mx.cpu)
+    fn = attention._differentiable(*attention._function_key(*attention.validate_attention(q, k, v), mx.cpu)[0])
+    out, lse, reason = cuda_host.recorded(key, [q, k, v] + [None] * 6, lambda: fn(q, k, v))
+    assert "no kernel launch" in reason
+    # Outputs that are not one custom function's: refused before anything else.
+    reason = HOST.record(key, [q, k, v] + [None] * 6, (q, k), [], None)
+    assert "custom function" in reason
+
+
+# ---------------------------------------------------------------------------
+# The CUDA path on the CPU: fake kernels that compute with MLX ops.
+
+class _FakeKernel:
+    """Stands in for every CUDA kernel object: each output is a function of
+    every input's values (weighted by position) and of the launch shape, so
+    a replay that wires an input, a constant or the launch differently gives
+    other numbers; an output of q's shape (out) also holds sin(q) element by
+    element, so new q values show in any dtype. Registered as its own spec:
+    the extension calls it back."""
+
+    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None, init_value=None,
+                 verbose=False, stream=None):
+        total = mx.array(1e-3 * (sum(grid) + 3 * sum(threadgroup) + 7 * len(template or ()) + (init_value or 0)))
+        for i, x in enumerate(inputs):
+            total = total + (i + 1) * mx.mean(mx.sin(x.astype(mx.float32)), stream=stream)
+        outputs = []
+        for j, (s, d) in enumerate(zip(output_shapes, output_dtypes)):
+            value = total + j
+            if tuple(s) == tuple(inputs[0].shape):
+                value = value + mx.sin(inputs[0].astype(mx.float32))
+            outputs.append(mx.broadcast_to(value, tuple(s)).astype(d))
+        return outputs
+
+
+@pytest.fixture
+def fake_cuda(fresh_host, monkeypatch):
+    """dispatch answers "cuda", the CUDA wrappers get _FakeKernel objects, and
+    both entry points ask the extension (as on a CUDA machine)."""
+    from mlx_flash import dispatch
+    from mlx_flash.backends import cuda as cb
+    from mlx_flash.backends import cuda_quant as cq
+
+    fake = _FakeKernel()
+    monkeypatch.setitem(cuda_host.KERNEL_SPECS, id(fake), fake)
+    monkeypatch.setattr(cb, "_kernel", lambda *a, **kw: fake)
+    monkeypatch.setattr(cq, "_kernel", lambda *a, **kw: fake)
+    monkeypatch.setattr(cq, "_strided_kernel", lambda *a, **kw: fake)
+    monkeypatch.setattr(dispatch, "backend_name", lambda stream: "cuda")
+    monkeypatch.setattr(attention, "_HOST", HOST)
+    monkeypatch.setattr(attention_quantized, "_HOST", HOST)
+    monkeypatch.setattr(cb, "_TICKET_POOLS", {})
+    cached = (cb._wgmma_fwd_config, cb._mma_fwd_config, cb._simt_fwd_config, cb._wgmma_bwd_config,
+              cb._mma_bwd_config, cb._simt_bwd_config, cb._decode_launch_cached, cq._decode_launch,
+              attention._differentiable, attention_quantized._differentiable)
+    for c in cached:
+        c.cache_clear()
+    yield cb
+    for c in cached:
+        c.cache_clear()
+
+
+FAKE_CASES = {
+    "fp16 32:8": (mx.float16, 32, 8, 1, 4099, 128, {}),
+    "bf16 causal lse": (mx.bfloat16, 8, 2, 2, 517, 64, dict(causal=True, return_lse=True)),
+    "fp16 window sinks": (mx.float16, 16, 4, 1, 2049, 128, dict(window=(300, 0), sinks="f32")),
+    "fp16 unsplit": (mx.float16, 4, 2, 1, 1, 64, dict(scale=0.3)),
+}
+
+
+@needs_host
+@pytest.mark.parametrize("case", list(FAKE_CASES))
+def test_replay_on_fake_kernels_matches_python_path(fake_cuda, case):
+    dtype, hq, hkv, nq, nk, d, options = FAKE_CASES[case]
+    gen = rng("host-fake", case)
+    q, k, v = randn(gen, (1, hq, nq, d), dtype), randn(gen, (1, hkv, nk, d), dtype), randn(gen, (1, hkv, nk, d), dtype)
+    options = dict(options)
+    if options.get("sinks") == "f32":
+        options["sinks"] = randn(gen, (hq,), mx.float32)
+    call = lambda: mlx_flash.flash_attention(q, k, v, **options)  # noqa: E731
+    want, first, replayed = _both_paths(call)
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)
+    # New values under the same key: the replay reads them (not the recorded call's).
+    q2 = randn(gen, q.shape, dtype)
+    HOST.set_enabled(False)
+    want2 = mlx_flash.flash_attention(q2, k, v, **options)
+    HOST.set_enabled(True)
+    got2 = mlx_flash.flash_attention(q2, k, v, **options)
+    _assert_identical(want2, got2)
+    assert not np.array_equal(np.array((want2[0] if isinstance(want2, tuple) else want2).astype(mx.float32)),
+                              np.array((want[0] if isinstance(want, tuple) else want).astype(mx.float32)))
+    # A changed option is another key: recorded anew, not replayed.
+    hits = HOST.stats()[0]
+    mx.eval(mlx_flash.flash_attention(q, k, v, **dict(options, softcap=5.0)))
+    assert HOST.stats()[0] == hits
+
+
+@needs_host
+def test_replay_on_fake_kernels_gradients_and_ticket_pool(fake_cuda):
+    cb = fake_cuda
+    gen = rng("host-fake-grad")
+    q, k, v = randn(gen, (1, 32, 1, 128), mx.float16), randn(gen, (1, 8, 8192, 128), mx.float16), randn(
+        gen, (1, 8, 8192, 128), mx.float16)
+    sinks = randn(gen, (32,), mx.float32)
+    spec, _ = attention.validate_attention(q, k, v)
+    assert cb.decode_plan(spec)[-1] > 1  # a split call: it takes a ticket region
+    grad = mx.grad(lambda q, sinks: mlx_flash.flash_attention(q, k, v, sinks=sinks).astype(mx.float32).sum(),
+                   argnums=(0, 1))
+    want, first, replayed = _both_paths(lambda: grad(q, sinks))
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)
+    pool = cb._TICKET_POOLS[None]
+    start = pool[2]
+    outs = [mlx_flash.flash_attention(q, k, v) for _ in range(6)]  # one recorded (a new key), five replayed
+    assert pool[2] == start + 6
+    HOST.set_enabled(False)
+    mlx_flash.flash_attention(q, k, v)
+    assert pool[2] == start + 7  # the Python path counts on from where the replays left it
+    HOST.set_enabled(True)
+    _assert_identical(outs[0], outs[-1])
+
+
+@needs_host
+@pytest.mark.parametrize("bits", [4, 8])
+def test_replay_on_fake_kernels_quantized_decode(fake_cuda, bits):
+    gen = rng("host-fake-quant", bits)
+    q = randn(gen, (1, 32, 1, 128), mx.float16)
+    kq = mx.quantize(randn(gen, (1, 8, 1000, 128), mx.float16), group_size=64, bits=bits)
+    vq = mx.quantize(randn(gen, (1, 8, 1000, 128), mx.float16), group_size=64, bits=bits)
+    sinks = randn(gen, (32,), mx.float32)
+    for options in ({}, dict(sinks=sinks, return_lse=True)):
+        call = lambda: mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=64, **options)  # noqa: E731
+        want, first, replayed = _both_paths(call)
+        _assert_identical(want, first)
+        _assert_identical(want, replayed)
+    # A view of the cache (mlx-lm's keys[..., :offset, :]) replays through the same key
+    # as any array of its shape; gradients to q.
+    kv = tuple(a[:, :, :700] for a in kq)
+    vv = tuple(a[:, :, :700] for a in vq)
+    qgrad = mx.grad(lambda q: mlx_flash.flash_attention_quantized(q, kv, vv, bits=bits, group_size=64).astype(
+        mx.float32).sum())
+    want, first, replayed = _both_paths(lambda: qgrad(q))
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)
+
+
+# ---------------------------------------------------------------------------
+# On a CUDA GPU.
+
+def _both_paths(call):
+    """(Python path's result, the recording call's, a replayed call's), all evaluated."""
+    HOST.set_enabled(False)
+    want = call()
+    mx.eval(want)
+    HOST.set_enabled(True)
+    first = call()
+    hits = HOST.stats()[0]
+    replayed = call()
+    assert HOST.stats()[0] == hits + 1, "the second call was not replayed"
+    mx.eval(first, replayed)
+    return want, first, replayed
+
+
+def _assert_identical(want, got):
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    assert len(want) == len(got)
+    for w, g in zip(want, got):
+        assert w.dtype == g.dtype and w.shape == g.shape
+        w, g = np.array(w.astype(mx.float32)), np.array(g.astype(mx.float32))
+        np.testing.assert_array_equal(g, w)  # bit for bit (NaN where NaN)
+
+
+DECODE_CASES = {
+    "fp16 32:8 Nk 4099": (mx.float16, 32, 8, 1, 4099, 128, {}),
+    "bf16 32:4 Nk 1023": (mx.bfloat16, 32, 4, 1, 1023, 128, {}),
+    "fp16 causal 2 queries": (mx.float16, 8, 2, 2, 517, 64, dict(causal=True)),
+    "fp16 window": (mx.float16, 16, 4, 1, 2049, 128, dict(window=(300, 0))),
+    "bf16 sinks lse": (mx.bfloat16, 8, 8, 1, 777, 128, dict(sinks="f32", return_lse=True)),
+    "fp16 softcap scale lse": (mx.float16, 4, 1, 1, 33, 64, dict(softcap=20.0, scale=0.1, return_lse=True)),
+    "fp16 Nk 1": (mx.float16, 4, 2, 1, 1, 64, {}),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_replay_is_bit_identical_decode(fresh_host, monkeypatch, case):
+    monkeypatch.setattr(attention, "_HOST", HOST)
+    dtype, hq, hkv, nq, nk, d, options = DECODE_CASES[case]
+    gen = rng("host-decode", case)
+    q, k, v = randn(gen, (1, hq, nq, d), dtype), randn(gen, (1, hkv, nk, d), dtype), randn(gen, (1, hkv, nk, d), dtype)
+    options = dict(options)
+    if options.get("sinks") == "f32":
+        options["sinks"] = randn(gen, (hq,), mx.float32)
+    want, first, replayed = _both_paths(lambda: mlx_flash.flash_attention(q, k, v, **options))
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)
+    # Other arrays of the same key replay too, with their own values.
+    q2 = randn(gen, q.shape, dtype)
+    HOST.set_enabled(False)
+    want2 = mlx_flash.flash_attention(q2, k, v, **options)
+    HOST.set_enabled(True)
+    _assert_identical(want2, mlx_flash.flash_attention(q2, k, v, **options))
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("options", [{}, dict(return_lse=True, sinks="f32", window=(1000, 0))], ids=["plain", "features"])
+def test_replay_is_bit_identical_quantized_decode(fresh_host, monkeypatch, bits, options):
+    monkeypatch.setattr(attention_quantized, "_HOST", HOST)
+    gen = rng("host-quant", bits, len(options))
+    q = randn(gen, (1, 32, 1, 128), mx.float16)
+    kq = mx.quantize(randn(gen, (1, 8, 3001, 128), mx.float16), group_size=64, bits=bits)
+    vq = mx.quantize(randn(gen, (1, 8, 3001, 128), mx.float16), group_size=64, bits=bits)
+    options = dict(options)
+    if options.get("sinks") == "f32":
+        options["sinks"] = randn(gen, (32,), mx.float32)
+    call = lambda: mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=64, **options)  # noqa: E731
+    want, first, replayed = _both_paths(call)
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)
+
+
+@needs_cuda
+def test_replay_through_cuda_kernel_calls_is_bit_identical(fresh_host, monkeypatch):
+    """MLX_FLASH_CUDA_HOST_KERNEL=1's form: each replay calls mx::fast::cuda_kernel
+    (kernel objects rebuilt from KERNEL_SPECS) instead of sharing the node's primitive."""
+    monkeypatch.setattr(attention, "_HOST", HOST)
+    monkeypatch.setattr(attention_quantized, "_HOST", HOST)
+    HOST.set_reuse_primitives(False)
+    try:
+        gen = rng("host-kernel-calls")
+        q, k, v = randn(gen, (1, 32, 1, 128), mx.float16), randn(gen, (1, 8, 5000, 128), mx.float16), randn(
+            gen, (1, 8, 5000, 128), mx.float16)
+        want, first, replayed = _both_paths(lambda: mlx_flash.flash_attention(q, k, v, return_lse=True))
+        _assert_identical(want, replayed)
+        kq, vq = mx.quantize(k, group_size=64, bits=4), mx.quantize(v, group_size=64, bits=4)
+        want, first, replayed = _both_paths(
+            lambda: mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64, return_lse=True))
+        _assert_identical(want, replayed)
+    finally:
+        HOST.set_reuse_primitives(True)
+
+
+@needs_cuda
+def test_replay_gradients_equal_python_path(fresh_host, monkeypatch):
+    monkeypatch.setattr(attention, "_HOST", HOST)
+    monkeypatch.setattr(attention_quantized, "_HOST", HOST)
+    gen = rng("host-grad")
+    q, k, v = randn(gen, (1, 8, 1, 128), mx.float16), randn(gen, (1, 2, 301, 128), mx.float16), randn(
+        gen, (1, 2, 301, 128), mx.float16)
+    sinks = randn(gen, (8,), mx.float32)
+    dout = randn(gen, (1, 8, 1, 128), mx.float16)
+
+    def loss(q, k, v, sinks):
+        out, lse = mlx_flash.flash_attention(q, k, v, sinks=sinks, return_lse=True)
+        return (out.astype(mx.float32) * dout.astype(mx.float32)).sum() + lse.sum()
+
+    grad = mx.grad(loss, argnums=(0, 1, 2, 3))
+    want, first, replayed = _both_paths(lambda: grad(q, k, v, sinks))
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)
+    # The quantized op: gradients to q.
+    kq = mx.quantize(k, group_size=64, bits=4)
+    vq = mx.quantize(v, group_size=64, bits=4)
+    qgrad = mx.grad(lambda q: mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64).astype(
+        mx.float32).sum())
+    want, first, replayed = _both_paths(lambda: qgrad(q))
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)
+
+
+@needs_cuda
+def test_replay_advances_the_ticket_pool_like_the_python_path(fresh_host, monkeypatch):
+    from mlx_flash.backends import cuda
+
+    monkeypatch.setattr(attention, "_HOST", HOST)
+    gen = rng("host-pool")
+    q, k, v = randn(gen, (1, 32, 1, 128), mx.float16), randn(gen, (1, 8, 8192, 128), mx.float16), randn(
+        gen, (1, 8, 8192, 128), mx.float16)
+    spec, _ = attention.validate_attention(q, k, v)
+    assert cuda.decode_plan(spec)[-1] > 1, "the case must split keys (the pool serves split calls)"
+    HOST.set_enabled(False)
+    want = mlx_flash.flash_attention(q, k, v)
+    pool = cuda._TICKET_POOLS[None]
+    HOST.set_enabled(True)
+    start = pool[2]
+    outs = [mlx_flash.flash_attention(q, k, v) for _ in range(5)]  # one recorded, four replayed
+    assert pool[2] == start + 5
+    assert HOST.stats()[0] >= 4
+    mx.eval(outs)
+    for out in outs:
+        _assert_identical(want, out)
+    # Many more calls than regions: every region is reset by its call's last block.
+    outs = [mlx_flash.flash_attention(q, k, v) for _ in range(cuda._TICKET_REGIONS + 3)]
+    mx.eval(outs)
+    _assert_identical(want, outs[-1])
+    assert not np.array(pool[0]).any()
+
+
+@needs_cuda
+def test_tuning_overrides_take_the_python_path(fresh_host, monkeypatch):
+    from mlx_flash.backends import cuda
+
+    monkeypatch.setattr(attention, "_HOST", HOST)
+    gen = rng("host-tuning")
+    q, k, v = randn(gen, (1, 8, 1, 64), mx.float16), randn(gen, (1, 2, 999, 64), mx.float16), randn(
+        gen, (1, 2, 999, 64), mx.float16)
+    mx.eval(mlx_flash.flash_attention(q, k, v), mlx_flash.flash_attention(q, k, v))
+    hits = HOST.stats()[0]
+    monkeypatch.setitem(cuda.DECODE_TUNING, "splits", 3)
+    assert _attention_key(q, k, v) is None
+    mx.eval(mlx_flash.flash_attention(q, k, v))
+    assert HOST.stats()[0] == hits
