@@ -36,6 +36,10 @@ import mlx.core as mx
 from .cuda import Recorder, card_name, slug
 
 GIB = 1024 ** 3
+# Native fp8 plans on clusters of two timed in the gemm section
+# (BN, stages, promotion interval in 128 K, TMA, warp-specialised, cluster).
+NATIVE_CLUSTER_PLANS = ((128, 6, 2, True, True, 2), (128, 7, 4, True, True, 2), (192, 5, 2, True, True, 2),
+                        (192, 5, 4, True, True, 2), (256, 4, 0, True, True, 2))
 SKIP_TMA = False  # --skip-tma
 CASES = None  # --cases: a regular expression the gemm cases' names must match
 
@@ -124,6 +128,17 @@ def bench_gemm(rec: Recorder, sizes):
                 plan=(256, 4, 0, True, True)), None),
             "ours_fp16_x_e4m3_bT_ws": (lambda: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True, route="wgmma",
                                                          plan=(256, 4, 0, True, True)), None),
+            # Clusters of two blocks sharing b by TMA multicast (sixth plan entry).
+            "ours_fp16_ws_c2": (lambda: cm.matmul(a16, b16, route="wgmma", plan=(256, 4, 0, True, True, 2)),
+                                mlx_fp16),
+            "ours_fp16_bT_ws_c2": (lambda: cm.matmul(a16, b16t, transpose_b=True, route="wgmma",
+                                                     plan=(256, 4, 0, True, True, 2)), mlx_fp16),
+            "ours_fp16_x_e4m3_bT_ws_c2": (lambda: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True, route="wgmma",
+                                                            plan=(256, 4, 0, True, True, 2)), None),
+            **{f"ours_e4m3_native_ws_bn{p[0]}_st{p[1]}_pr{p[2]}_c2_bT": (
+                lambda p=p: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float16,
+                                      route="wgmma_fp8", plan=p), None)
+               for p in NATIVE_CLUSTER_PLANS},
             "ours_e4m3_native_tma_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
                                                           out_dtype=mx.float16, route="wgmma_fp8",
                                                           plan=(128, 6, 1, True)), None),
@@ -158,7 +173,9 @@ def bench_gemm(rec: Recorder, sizes):
                 rec.add(**row)
             except Exception as e:  # noqa: BLE001 (record, go on)
                 rec.add(section="gemm", case=name, n=n, error=f"{type(e).__name__}: {e}"[:500])
-        for x, y in (("ours_e4m3_native_ws_bn128_bT", "ours_e4m3_native_tma_bT"),
+        native_c2 = [k for k in results if k.startswith("ours_e4m3_native_ws_") and k.endswith("_c2_bT")]
+        for x, y in tuple((k, "ours_e4m3_native_ws_bn128_bT") for k in native_c2) + (
+                     ("ours_e4m3_native_ws_bn128_bT", "ours_e4m3_native_tma_bT"),
                      ("ours_e4m3_native_ws_bn192_bT", "ours_e4m3_native_tma_bT"),
                      ("ours_e4m3_bT", "ours_mma_e4m3_bT"), ("ours_e4m3_native_bT", "ours_mma_e4m3_bT"),
                      ("ours_e4m3_native_tma_bT", "ours_e4m3_native_bT"),
@@ -405,6 +422,14 @@ def main(argv=None):
     rows = DECODE_ROWS if not args.decode_rows else tuple(int(v) for v in args.decode_rows.split(","))
     card = card_name()
     rec = Recorder()
+    try:
+        from ..backends import cuda_matmul as cm
+
+        rec.add(section="device", sm_count=cm.sm_count(),
+                max_active_clusters_of_2={f"bn{bn}_st{st}": cm.max_active_clusters(2, cm.ws_smem(bn, st))
+                                          for bn, st in ((256, 4), (128, 6), (192, 5), (128, 7))})
+    except Exception as e:  # noqa: BLE001
+        rec.add(section="device", error=f"{type(e).__name__}: {e}"[:500])
     if args.warm:
         global time_lazy, time_torch
         time_lazy = lambda make, reps, rounds=3: (mx.eval(make()), 1.0)[1]  # noqa: E731
