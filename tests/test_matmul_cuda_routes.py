@@ -353,7 +353,7 @@ def test_cuda_wgmma_ws_exact_fp8_decoded_first(ka, kb, M, K, N, transpose_b):
 
 @WS
 @pytest.mark.parametrize("b_batched", [False, True])
-@pytest.mark.parametrize("cluster", [1, 2])
+@pytest.mark.parametrize("cluster", [1, 2], ids=["c1", "c2"])
 def test_cuda_wgmma_ws_batched_and_scales(b_batched, cluster):
     needs_hopper()
     gen = rng("wgmma-ws-batch", b_batched, cluster)
