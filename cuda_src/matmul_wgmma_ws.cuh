@@ -21,7 +21,9 @@
 // synchronisation. Stage and phase counters run on across tiles.
 // Native fp8 (NATIVE, k32): PROMOTE > 0 restarts the tensor-core sums every
 // PROMOTE stages and adds them to fp32 registers (matmul_wgmma.cuh explains
-// why); BN 128 or 192 leaves room for both register sets.
+// why); BN 128 or 192 leaves room for both register sets. ACC2 (BN 128):
+// two tensor-core accumulator sets alternate between promotion intervals, so
+// a consumer adds one while the tensor cores fill the other.
 // Clusters (CLUSTER = 2, matmul_cluster.cuh): the two blocks of a cluster
 // take vertically adjacent tiles (rows m0 and m0 + 128, same columns) in
 // step; each loads its own a tile and half of the shared b tile, multicast
@@ -57,7 +59,7 @@ struct WsKind<T, 0> { static constexpr int value = WgKind<T, 0>::value; };
 __host__ __device__ constexpr int matmul_ws_smem(int bn, int stages) { return stages * (kWgBM + bn) * 128 + 1024; }
 
 template <typename TA, typename TB, typename TO, int FA, int FB, bool TRANS_B, bool AS, bool BS, int BN, int STAGES,
-          int PROMOTE, bool NATIVE, int CLUSTER>
+          int PROMOTE, bool NATIVE, int CLUSTER, bool ACC2>
 __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, const float* b_scale, const int* ip,
                                 const uint8_t* tmpl, TO* out, uint8_t* tmaps) {
   static_assert(NATIVE == (FA != 0) && NATIVE == (FB != 0), "operands used as stored: 16-bit, or both fp8 (native)");
@@ -68,6 +70,7 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   static_assert(PROMOTE == 0 || BN <= 192, "promoted sums and accumulators must fit 232 registers");
   static_assert(STAGES >= 2, "a ring");
   static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of one or two blocks");
+  static_assert(!ACC2 || (PROMOTE > 0 && BN == 128), "two accumulator sets and the sums fit 232 registers at BN 128");
   static_assert(CLUSTER == 1 || !TRANS_B || (BN / CLUSTER) % 8 == 0, "b halves are whole swizzle atoms");
   constexpr int A_BYTES = kWgBM * 128, B_BYTES = BN * 128, STAGE_BYTES = A_BYTES + B_BYTES;
   constexpr int KSTEP = NATIVE ? 128 : 64;  // K values per stage
@@ -205,6 +208,7 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
     int m0, n0;
     tile_origin(unit, m0, n0);
     float d[R];                  // wgmma accumulators
+    float d2[ACC2 ? R : 1];      // ACC2: the second set (odd promotion intervals)
     float acc[PROMOTE ? R : 1];  // promoted sums (NATIVE with PROMOTE)
 #pragma unroll
     for (int i = 0; i < R; ++i) d[i] = 0.f;
@@ -224,10 +228,34 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         const unsigned long long db =
             B_MN ? wgmma_desc(b_addr + kk * 16 * 128, 64 * 128, 1024) : wgmma_desc(b_addr + kk * 32, 16, 1024);
         const bool first = PROMOTE ? (kt % PROMOTE == 0 && kk == 0) : (kt == 0 && kk == 0);
-        WgmmaSS<KA, KB, BN>::template run<B_MN>(d, da, db, first ? 0 : 1);
+        if constexpr (ACC2) {
+          if ((kt / PROMOTE) & 1)
+            WgmmaSS<KA, KB, BN>::template run<B_MN>(d2, da, db, first ? 0 : 1);
+          else
+            WgmmaSS<KA, KB, BN>::template run<B_MN>(d, da, db, first ? 0 : 1);
+        } else {
+          WgmmaSS<KA, KB, BN>::template run<B_MN>(d, da, db, first ? 0 : 1);
+        }
       }
       wgmma_commit();
-      if (PROMOTE > 0 && (kt % (PROMOTE ? PROMOTE : 1) == (PROMOTE ? PROMOTE : 1) - 1 || kt == ktiles - 1)) {
+      if constexpr (ACC2) {
+        // Promotion intervals alternate between d and d2: once the first
+        // stage of an interval is issued, wgmma_wait<1> says the previous
+        // interval (the other set) is complete; it is added while the tensor
+        // cores work on, instead of waiting for them to drain (wgmma_wait<0>).
+        wgmma_wait<1>();
+        if (kt > 0 && kt % PROMOTE == 0) {
+          if ((kt / PROMOTE) & 1) {
+            wgmma_pin(d);
+#pragma unroll
+            for (int i = 0; i < R; ++i) acc[i] += d[i];
+          } else {
+            wgmma_pin(d2);
+#pragma unroll
+            for (int i = 0; i < R; ++i) acc[i] += d2[i];
+          }
+        }
+      } else if (PROMOTE > 0 && (kt % (PROMOTE ? PROMOTE : 1) == (PROMOTE ? PROMOTE : 1) - 1 || kt == ktiles - 1)) {
         wgmma_wait<0>();
         wgmma_pin(d);
 #pragma unroll
@@ -240,6 +268,18 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
     }
     wgmma_wait<0>();
     wgmma_pin(d);
+    if constexpr (ACC2) {  // the last interval's set
+      wgmma_pin(d2);
+      if (ktiles > 0) {
+        if (((ktiles - 1) / PROMOTE) & 1) {
+#pragma unroll
+          for (int i = 0; i < R; ++i) acc[i] += d2[i];
+        } else {
+#pragma unroll
+          for (int i = 0; i < R; ++i) acc[i] += d[i];
+        }
+      }
+    }
     if (ktiles > 0) release((it - 1) % STAGES);
 
     // Epilogue: d[4j + e] is row 16 warp + g + 8 (e / 2), column 8j + 2t + (e % 2).

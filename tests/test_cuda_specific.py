@@ -238,23 +238,26 @@ def _matmul_wgmma_cases():
 
 
 def _matmul_ws_cases():
-    """(TA, TB, FA, FB, TRANS_B, BN, STAGES, PROMOTE, NATIVE, CLUSTER) of the warp-specialised kernel."""
+    """(TA, TB, FA, FB, TRANS_B, BN, STAGES, PROMOTE, NATIVE, CLUSTER, ACC2) of the warp-specialised kernel."""
     f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
-    yield f16, f16, 0, 0, True, 256, 4, 0, False, 1
-    yield f16, f16, 0, 0, False, 256, 4, 0, False, 1
-    yield b16, b16, 0, 0, True, 256, 4, 0, False, 1
-    yield b16, b16, 0, 0, False, 128, 6, 0, False, 1
-    yield u8, u8, 1, 1, True, 128, 6, 2, True, 1
-    yield u8, u8, 1, 2, True, 192, 5, 2, True, 1
-    yield u8, u8, 2, 2, True, 256, 4, 0, True, 1
-    yield u8, u8, 2, 1, True, 192, 4, 1, True, 1
+    yield f16, f16, 0, 0, True, 256, 4, 0, False, 1, False
+    yield f16, f16, 0, 0, False, 256, 4, 0, False, 1, False
+    yield b16, b16, 0, 0, True, 256, 4, 0, False, 1, False
+    yield b16, b16, 0, 0, False, 128, 6, 0, False, 1, False
+    yield u8, u8, 1, 1, True, 128, 6, 2, True, 1, False
+    yield u8, u8, 1, 2, True, 192, 5, 2, True, 1, False
+    yield u8, u8, 2, 2, True, 256, 4, 0, True, 1, False
+    yield u8, u8, 2, 1, True, 192, 4, 1, True, 1, False
     # Clusters of two blocks sharing b by TMA multicast.
-    yield f16, f16, 0, 0, True, 256, 4, 0, False, 2
-    yield f16, f16, 0, 0, False, 256, 4, 0, False, 2
-    yield b16, b16, 0, 0, False, 128, 6, 0, False, 2
-    yield u8, u8, 1, 1, True, 128, 6, 2, True, 2
-    yield u8, u8, 1, 2, True, 192, 5, 4, True, 2
-    yield u8, u8, 2, 1, True, 256, 4, 0, True, 2
+    yield f16, f16, 0, 0, True, 256, 4, 0, False, 2, False
+    yield f16, f16, 0, 0, False, 256, 4, 0, False, 2, False
+    yield b16, b16, 0, 0, False, 128, 6, 0, False, 2, False
+    yield u8, u8, 1, 1, True, 128, 6, 2, True, 2, False
+    yield u8, u8, 1, 2, True, 192, 5, 4, True, 2, False
+    yield u8, u8, 2, 1, True, 256, 4, 0, True, 2, False
+    # Two accumulator sets alternating between promotion intervals.
+    yield u8, u8, 1, 1, True, 128, 6, 2, True, 2, True
+    yield u8, u8, 2, 1, True, 128, 7, 4, True, 1, True
 
 
 def _ws_compile_groups(make_kernel):
@@ -265,7 +268,7 @@ def _ws_compile_groups(make_kernel):
     for cluster in (1, 2):
         headers = cuda_backend.kernel_headers("matmul_wgmma_ws") + (
             ("matmul_wgmma_ws_cluster2.cuh",) if cluster == 2 else ())
-        kernels = [make_kernel(i, case) for i, case in cases if case[-1] == cluster]
+        kernels = [make_kernel(i, case) for i, case in cases if case[9] == cluster]
         yield f"matmul_wgmma_ws_c{cluster}", headers, kernels
 
 
@@ -316,11 +319,11 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
     body = cuda_backend._read("matmul_wgmma_ws.cu")
 
     def ws_kernel(i, case):
-        ta, tb, fa, fb, trans, bn, stages, promote, native, cluster = case
+        ta, tb, fa, fb, trans, bn, stages, promote, native, cluster, acc2 = case
         to = mx.float32 if i % 2 else (ta if not native else mx.float16)
         template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans),
                     ("AS", True), ("BS", i % 2 == 0), ("BN", bn), ("STAGES", stages), ("PROMOTE", promote),
-                    ("NATIVE", native), ("CLUSTER", cluster)]
+                    ("NATIVE", native), ("CLUSTER", cluster), ("ACC2", acc2)]
         return _kernel_text(f"ws{i}", body, ins(ta, tb) + [("tmpl", mx.uint8)], [("out", to), ("tmaps", mx.uint8)],
                             template)
 
@@ -565,11 +568,11 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
     ins = lambda ta, tb: [("a", ta), ("b", tb), ("a_scale", mx.float32), ("b_scale", mx.float32), ("ip", mx.int32),
                           ("tmpl", mx.uint8)]
     def ws_kernel(i, case):
-        ta, tb, fa, fb, trans, bn, stages, promote, native, cluster = case
+        ta, tb, fa, fb, trans, bn, stages, promote, native, cluster, acc2 = case
         to = ta if not native else mx.float16
         template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans), ("AS", True),
                     ("BS", True), ("BN", bn), ("STAGES", stages), ("PROMOTE", promote), ("NATIVE", native),
-                    ("CLUSTER", cluster)]
+                    ("CLUSTER", cluster), ("ACC2", acc2)]
         return _kernel_text(f"ws{i}", cuda_backend._read("matmul_wgmma_ws.cu"), ins(ta, tb),
                             [("out", to), ("tmaps", mx.uint8)], template)
 

@@ -275,14 +275,17 @@ def test_cuda_gemv_matches_float64(M, ka, kb, K, N):
 # tiles than SMs (blocks sweep several tiles, the stage ring runs on across
 # them), batches and scales. Plans with a sixth entry 2 run clusters of two
 # blocks sharing b by TMA multicast (a unit's second tile below M, b halves
-# beyond N: the odd shapes cover both).
+# beyond N: the odd shapes cover both); a seventh entry True alternates two
+# accumulator sets between the native sums' promotion intervals.
 WS_16 = [(256, 4, 0, True, True), (128, 6, 0, True, True), (256, 4, 0, True, True, 2)]
-WS_FP8 = [(128, 6, 2, True, True), (192, 5, 2, True, True), (128, 6, 2, True, True, 2), (192, 5, 4, True, True, 2)]
+WS_FP8 = [(128, 6, 2, True, True), (192, 5, 2, True, True), (128, 6, 2, True, True, 2), (192, 5, 4, True, True, 2),
+          (128, 7, 4, True, True, 2, True)]
 WS = xdist_group("ws")
 
 
 def ws_id(plan):
-    return f"bn{plan[0]}_st{plan[1]}_pr{plan[2]}" + (f"_c{plan[5]}" if len(plan) > 5 else "")
+    return (f"bn{plan[0]}_st{plan[1]}_pr{plan[2]}" + (f"_c{plan[5]}" if len(plan) > 5 else "")
+            + ("_acc2" if len(plan) > 6 and plan[6] else ""))
 
 
 @WS

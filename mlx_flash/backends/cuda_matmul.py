@@ -52,7 +52,8 @@ _FP8_NATIVE = os.environ.get("MLX_FLASH_CUDA_FP8_WGMMA", "exact") == "native"
 # Fifth entry: the warp-specialised persistent kernel (matmul_wgmma_ws.cuh:
 # a TMA producer warpgroup, two consumer warpgroups, mbarrier stage ring;
 # TMA plans only). Sixth: its cluster size (1, or 2: two blocks share the b
-# tile by TMA multicast, matmul_cluster.cuh).
+# tile by TMA multicast, matmul_cluster.cuh). Seventh (native fp8, BN 128):
+# two tensor-core accumulator sets alternating between promotion intervals.
 WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (128, 6, 2, True)}
 # Default plans on the warp-specialised kernel where TMA is available (None:
 # WGMMA_PLANS). "cvt" only from CVT_WS_MIN_ROWS rows of a: below, decoding the
@@ -284,7 +285,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
         plan = WGMMA_PLANS[kind]
         if WS_PLANS[kind] and (kind != "cvt" or spec.M >= CVT_WS_MIN_ROWS) and _tma_available():
             plan = WS_PLANS[kind]
-    bn, stages, promote, tma, ws, cluster = (tuple(plan) + (False, False, 1))[:6]
+    bn, stages, promote, tma, ws, cluster, acc2 = (tuple(plan) + (False, False, 1, False))[:7]
     transpose_b = spec.transpose_b
     fa, fb = _FMT_CODE[spec.a_fmt], _FMT_CODE[spec.b_fmt]
     if ws and not native and (fa or fb) and _tma_available():
@@ -317,7 +318,8 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
         bn = 128  # no TMA here: the portable kernel's tile widths
     if ws and tma:
         return _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote if native else 0, native,
-                         transpose_b, ip, Np, fa if native else 0, fb if native else 0, cluster)
+                         transpose_b, ip, Np, fa if native else 0, fb if native else 0, cluster,
+                         acc2 and native)
     # + 1 KiB: the TMA mbarriers and template staging are static shared memory.
     kernel = _kernel_object("matmul_wgmma", _WGMMA_INPUTS, ("out", "tmaps"),
                             wgmma_smem(bn, stages, convert_a, convert_b))
@@ -356,11 +358,14 @@ def ws_smem(bn: int, stages: int) -> int:
 
 
 def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native, transpose_b, ip, Np, fa, fb,
-              cluster=1):
+              cluster=1, acc2=False):
     """The warp-specialised persistent Hopper kernel: cuda_src/matmul_wgmma_ws.cuh
     (operands as stored, by TMA; a, b already padded as _wgmma does)."""
     if cluster not in (1, 2):
         raise ValueError(f"warp-specialised plan: cluster must be 1 or 2, got {cluster}")
+    if acc2 and not (promote and bn == 128):
+        raise ValueError(f"warp-specialised plan: two accumulator sets need BN 128 and promotion, got BN {bn}, "
+                         f"promotion {promote}")
     M = spec.M
     units = math.ceil(M / (128 * cluster)) * math.ceil(Np / bn)
     # Persistent: at most as many clusters as can be resident at once (a
@@ -377,7 +382,7 @@ def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native,
         template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype),
                   ("FA", fa), ("FB", fb), ("TRANS_B", transpose_b),
                   ("AS", a_scale is not None), ("BS", b_scale is not None), ("BN", bn), ("STAGES", stages),
-                  ("PROMOTE", promote), ("NATIVE", native), ("CLUSTER", cluster)],
+                  ("PROMOTE", promote), ("NATIVE", native), ("CLUSTER", cluster), ("ACC2", bool(acc2))],
         grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
         output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,)],
         output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,

@@ -38,8 +38,10 @@ from .cuda import Recorder, card_name, slug
 GIB = 1024 ** 3
 # Native fp8 plans on clusters of two timed in the gemm section
 # (BN, stages, promotion interval in 128 K, TMA, warp-specialised, cluster).
+# A seventh entry True: two accumulator sets alternating between promotion intervals.
 NATIVE_CLUSTER_PLANS = ((128, 6, 2, True, True, 2), (128, 7, 4, True, True, 2), (192, 5, 2, True, True, 2),
-                        (192, 5, 4, True, True, 2), (256, 4, 0, True, True, 2))
+                        (192, 5, 4, True, True, 2), (256, 4, 0, True, True, 2), (128, 6, 2, True, True, 2, True),
+                        (128, 7, 4, True, True, 2, True))
 SKIP_TMA = False  # --skip-tma
 CASES = None  # --cases: a regular expression the gemm cases' names must match
 
@@ -135,7 +137,7 @@ def bench_gemm(rec: Recorder, sizes):
                                                      plan=(256, 4, 0, True, True, 2)), mlx_fp16),
             "ours_fp16_x_e4m3_bT_ws_c2": (lambda: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True, route="wgmma",
                                                             plan=(256, 4, 0, True, True, 2)), None),
-            **{f"ours_e4m3_native_ws_bn{p[0]}_st{p[1]}_pr{p[2]}_c2_bT": (
+            **{f"ours_e4m3_native_ws_bn{p[0]}_st{p[1]}_pr{p[2]}{'_acc2' if p[6:7] == (True,) else ''}_c2_bT": (
                 lambda p=p: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float16,
                                       route="wgmma_fp8", plan=p), None)
                for p in NATIVE_CLUSTER_PLANS},
