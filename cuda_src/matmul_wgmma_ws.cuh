@@ -189,7 +189,9 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   // Consumers.
   setmaxnreg_inc<232>();
   const int c = wg - 1, warp = (tid % 128) / 32, g = lane / 4, t = lane % 4;
-  const bool releaser = tid % 128 == 0;
+  // Thread r < CLUSTER of each consumer warpgroup releases stages in block r
+  // of the cluster (the arrivals go out side by side, one lane each).
+  const bool releaser = tid % 128 < CLUSTER;
   constexpr int R = BN / 2;
   TO* og = out + (long)z * M * N;
   const float* as_row = AS ? a_scale + (ip[kWgAScaleBatched] ? (long)z * (ip[kWgAScaleRows] ? M : 1) : 0) : nullptr;
@@ -197,8 +199,7 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   auto release = [&](int stage) {
     if (!releaser) return;
     if constexpr (CLUSTER > 1) {
-#pragma unroll
-      for (int r = 0; r < CLUSTER; ++r) mbar_arrive_cluster(&empty_bar[stage], r);
+      mbar_arrive_cluster(&empty_bar[stage], tid % 128);
     } else {
       mbar_arrive(&empty_bar[stage]);
     }

@@ -272,6 +272,22 @@ def _ws_compile_groups(make_kernel):
         yield f"matmul_wgmma_ws_c{cluster}", headers, kernels
 
 
+def test_matmul_hopper_plans_unpack_by_position():
+    """A plan's optional entries keep their defaults by position: a five-entry
+    (warp-specialised) plan runs without clusters (a bug once padded it with
+    the TMA default, False, as its cluster size)."""
+    from mlx_flash.backends.cuda_matmul import unpack_plan
+
+    assert unpack_plan((128, 6, 2)) == (128, 6, 2, False, False, 1, False)
+    assert unpack_plan((256, 4, 0, True)) == (256, 4, 0, True, False, 1, False)
+    assert unpack_plan((256, 4, 0, True, True)) == (256, 4, 0, True, True, 1, False)
+    assert unpack_plan((256, 4, 0, True, True, 2)) == (256, 4, 0, True, True, 2, False)
+    assert unpack_plan((128, 7, 4, True, True, 2, True)) == (128, 7, 4, True, True, 2, True)
+    for bad in ((128, 6), (128, 6, 2, True, True, 2, True, 0)):
+        with pytest.raises(ValueError, match="3 to 7 entries"):
+            unpack_plan(bad)
+
+
 def _matmul_gemv_cases():
     """(TA, TB, TO, FB, MT, W, RT, U, STAGES, BOUNDS): each operand kind, both row-tile counts of a, the plans
     the bench times (register loads with and without launch bounds, cp.async rings)."""

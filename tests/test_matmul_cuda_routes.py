@@ -278,8 +278,8 @@ def test_cuda_gemv_matches_float64(M, ka, kb, K, N):
 # beyond N: the odd shapes cover both); a seventh entry True alternates two
 # accumulator sets between the native sums' promotion intervals.
 WS_16 = [(256, 4, 0, True, True), (128, 6, 0, True, True), (256, 4, 0, True, True, 2)]
-WS_FP8 = [(128, 6, 2, True, True), (192, 5, 2, True, True), (128, 6, 2, True, True, 2), (192, 5, 4, True, True, 2),
-          (128, 7, 4, True, True, 2, True)]
+WS_FP8 = [(128, 6, 2, True, True), (192, 5, 2, True, True), (128, 6, 2, True, True, 2), (192, 5, 2, True, True, 2),
+          (192, 5, 4, True, True, 2), (128, 7, 4, True, True, 2, True)]
 WS = xdist_group("ws")
 
 

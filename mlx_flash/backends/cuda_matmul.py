@@ -63,6 +63,15 @@ WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (1
 # fp16 x e4m3 552 vs 340 (fp8 decoded first, then the 16-bit kernel); native
 # e4m3 791 vs 718 (BN 128, promoted every 256 K).
 WS_PLANS = {"f16": (256, 4, 0, True, True), "cvt": (256, 4, 0, True, True), "native": (128, 6, 2, True, True)}
+# MLX_FLASH_CUDA_MATMUL_CLUSTER=2: the default warp-specialised plans on
+# clusters of two blocks sharing b (TMA multicast); "native" takes
+# WS_NATIVE_CLUSTER_PLAN then.
+WS_CLUSTER = int(os.environ.get("MLX_FLASH_CUDA_MATMUL_CLUSTER", "1"))
+WS_NATIVE_CLUSTER_PLAN = (192, 5, 2, True, True, 2)
+if WS_CLUSTER == 2:
+    WS_PLANS = {"f16": WS_PLANS["f16"] + (2,), "cvt": WS_PLANS["cvt"] + (2,), "native": WS_NATIVE_CLUSTER_PLAN}
+elif WS_CLUSTER != 1:
+    raise ValueError(f"MLX_FLASH_CUDA_MATMUL_CLUSTER must be 1 or 2, got {WS_CLUSTER}")
 CVT_WS_MIN_ROWS = 512
 # Decode (gemv) route: at most this many rows of a.
 GEMV_MAX_ROWS = 16
@@ -277,6 +286,19 @@ def _tma_templates(a, b, transpose_b, bn):
     return _cuda.const_array(tuple(ta + tb), mx.uint8)
 
 
+# Defaults of a Hopper plan's optional entries (TMA, warp-specialised, cluster, two accumulator sets).
+_PLAN_DEFAULTS = (False, False, 1, False)
+
+
+def unpack_plan(plan) -> tuple:
+    """(BN, stages, promote, tma, ws, cluster, acc2) of a Hopper plan of 3 to 7
+    entries, the missing ones at their defaults."""
+    plan = tuple(plan)
+    if not 3 <= len(plan) <= 7:
+        raise ValueError(f"a Hopper plan has 3 to 7 entries (BN, stages, promote[, tma, ws, cluster, acc2]), got {plan}")
+    return plan + _PLAN_DEFAULTS[len(plan) - 3:]
+
+
 def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     """Hopper warpgroup-MMA kernel: cuda_src/matmul_wgmma.cuh."""
     native = native and spec.a_fmt is not None and spec.b_fmt is not None
@@ -285,7 +307,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
         plan = WGMMA_PLANS[kind]
         if WS_PLANS[kind] and (kind != "cvt" or spec.M >= CVT_WS_MIN_ROWS) and _tma_available():
             plan = WS_PLANS[kind]
-    bn, stages, promote, tma, ws, cluster, acc2 = (tuple(plan) + (False, False, 1, False))[:7]
+    bn, stages, promote, tma, ws, cluster, acc2 = unpack_plan(plan)
     transpose_b = spec.transpose_b
     fa, fb = _FMT_CODE[spec.a_fmt], _FMT_CODE[spec.b_fmt]
     if ws and not native and (fa or fb) and _tma_available():
