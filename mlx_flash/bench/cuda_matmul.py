@@ -39,9 +39,8 @@ GIB = 1024 ** 3
 # Native fp8 plans on clusters of two timed in the gemm section
 # (BN, stages, promotion interval in 128 K, TMA, warp-specialised, cluster).
 # A seventh entry True: two accumulator sets alternating between promotion intervals.
-NATIVE_CLUSTER_PLANS = ((128, 6, 2, True, True, 2), (128, 7, 4, True, True, 2), (192, 5, 2, True, True, 2),
-                        (192, 5, 4, True, True, 2), (256, 4, 0, True, True, 2), (128, 6, 2, True, True, 2, True),
-                        (128, 7, 4, True, True, 2, True))
+NATIVE_CLUSTER_PLANS = ((128, 6, 2, True, True, 2), (192, 5, 2, True, True, 2), (192, 5, 4, True, True, 2),
+                        (256, 4, 0, True, True, 2), (128, 6, 2, True, True, 2, True), (128, 7, 4, True, True, 2, True))
 SKIP_TMA = False  # --skip-tma
 CASES = None  # --cases: a regular expression the gemm cases' names must match
 
