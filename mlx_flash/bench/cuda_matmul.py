@@ -43,6 +43,7 @@ NATIVE_CLUSTER_PLANS = ((128, 6, 2, True, True, 2), (192, 5, 2, True, True, 2), 
                         (256, 4, 0, True, True, 2), (128, 6, 2, True, True, 2, True), (128, 7, 4, True, True, 2, True))
 SKIP_TMA = False  # --skip-tma
 CASES = None  # --cases: a regular expression the gemm cases' names must match
+CHECKPOINT = None  # main's JSON writer: called after each gemm size, so a run cut short keeps those
 
 
 def time_lazy(make, reps: int, rounds: int = 3) -> float:
@@ -188,6 +189,8 @@ def bench_gemm(rec: Recorder, sizes):
                 results["ours_fp16_x_e4m3_bT"], results["ours_fp16_x_e4m3"]))
         del results, mlx_fp16
         if torch is None:
+            if CHECKPOINT is not None:
+                CHECKPOINT()
             continue
         try:
             ta = torch.from_numpy(np.array(a8)).cuda().view(torch.float8_e4m3fn)
@@ -207,6 +210,8 @@ def bench_gemm(rec: Recorder, sizes):
             del ta, tb, th, tbh
         except Exception as e:  # noqa: BLE001
             rec.add(section="gemm", case="torch", n=n, error=f"{type(e).__name__}: {e}"[:500])
+        if CHECKPOINT is not None:
+            CHECKPOINT()
 
 
 def copy_bandwidth(rec: Recorder, nbytes: int = 2 * GIB):
@@ -442,21 +447,26 @@ def main(argv=None):
                 "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512))}
     path = args.out if args.out.endswith(".json") else os.path.join(args.out, f"matmul_cuda_{slug(card)}.json")
     _, torch = _torch()
-    for name in args.sections.split(","):
-        try:
-            sections[name]()
-        except Exception as e:  # noqa: BLE001 (record the failure, keep the other sections)
-            rec.add(section=name, error=f"{type(e).__name__}: {e}"[:500])
-        if args.warm:
-            continue
+
+    def write():
         result = {"benchmark": "matmul2d on CUDA", "card": card, "mlx": mx.__version__,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rec.rows}
         if torch is not None:
             result["torch"] = torch.__version__
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:  # after every section: a run cut short keeps what it measured
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {path}")
+
+    global CHECKPOINT
+    CHECKPOINT = None if args.warm else write
+    for name in args.sections.split(","):
+        try:
+            sections[name]()
+        except Exception as e:  # noqa: BLE001 (record the failure, keep the other sections)
+            rec.add(section=name, error=f"{type(e).__name__}: {e}"[:500])
+        if not args.warm:
+            write()  # after every section: a run cut short keeps what it measured
 
 
 if __name__ == "__main__":
