@@ -43,6 +43,7 @@ NATIVE_CLUSTER_PLANS = ((128, 6, 2, True, True, 2), (192, 5, 2, True, True, 2), 
                         (256, 4, 0, True, True, 2), (128, 6, 2, True, True, 2, True), (128, 7, 4, True, True, 2, True))
 SKIP_TMA = False  # --skip-tma
 CASES = None  # --cases: a regular expression the gemm cases' names must match
+START = time.perf_counter()  # rows note when they were measured (seconds since import)
 CHECKPOINT = None  # main's JSON writer: called after each gemm size, so a run cut short keeps those
 
 
@@ -169,7 +170,8 @@ def bench_gemm(rec: Recorder, sizes):
                 mx.eval(out)
                 results[name] = out
                 t = time_lazy(fn, reps)
-                row = dict(section="gemm", case=name, n=n, ms=t * 1e3, tflops=flops / t / 1e12)
+                row = dict(section="gemm", case=name, n=n, ms=t * 1e3, tflops=flops / t / 1e12,
+                           at_s=round(time.perf_counter() - START, 1))
                 if check is not None:
                     row["rel_diff_vs_mlx_fp16"] = rel_diff(out, check)
                 rec.add(**row)
