@@ -288,8 +288,13 @@ def ws_id(plan):
             + ("_acc2" if len(plan) > 6 and plan[6] else ""))
 
 
-@WS
-@pytest.mark.parametrize("plan", WS_16, ids=ws_id)
+def ws_plans(plans, kind):
+    """One xdist group per plan: its cases share a worker, which compiles each
+    of the plan's kernels once, and the plans spread over the workers."""
+    return [pytest.param(p, id=ws_id(p), marks=xdist_group(f"ws-{kind}-{ws_id(p)}")) for p in plans]
+
+
+@pytest.mark.parametrize("plan", ws_plans(WS_16, "16"))
 @pytest.mark.parametrize("ka", ["float16", "bfloat16"])
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (130, 200, 70), (300, 1000, 513), (2000, 136, 2100)])
 @pytest.mark.parametrize("transpose_b", [True, False])
@@ -306,8 +311,7 @@ def test_cuda_wgmma_ws_16bit_matches_float64(plan, ka, M, K, N, transpose_b):
         assert_close(out, reference(a64, b64, sa, sb, transpose_b=transpose_b), out.dtype, K)
 
 
-@WS
-@pytest.mark.parametrize("plan", WS_FP8, ids=ws_id)
+@pytest.mark.parametrize("plan", ws_plans(WS_FP8, "fp8"))
 @pytest.mark.parametrize("ka,kb", [("e4m3", "e4m3"), ("e5m2", "e4m3")])
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (129, 1, 513), (300, 1000, 258), (257, 4096, 384),
                                    (2000, 256, 2100)])
