@@ -40,10 +40,10 @@ __device__ __forceinline__ void cluster_sync() {
 // block `rank` of the cluster (the block itself included). Release at CTA
 // scope (the default), as for a local arrival: it only has to order this
 // thread's earlier wgmma reads of the stage (complete after wgmma_wait)
-// before the refill. The first version released at cluster scope (a
-// cluster-wide fence of every earlier memory operation of the thread) and
-// ran 25-30 % slower than the kernel without clusters on the H200, about
-// 1000 cycles more per stage.
+// before the refill. The first version released at cluster scope and ran
+// 25-30 % slower than the kernel without clusters on the H200 (about 1000
+// cycles more per stage); with this one the cluster kernel is as fast or a
+// little faster (docs/matmul.md).
 __device__ __forceinline__ void mbar_arrive_cluster(void* bar, unsigned rank) {
   asm volatile(
       "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
