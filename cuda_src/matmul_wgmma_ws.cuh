@@ -21,13 +21,25 @@
 // synchronisation. Stage and phase counters run on across tiles.
 // Native fp8 (NATIVE, k32): PROMOTE > 0 restarts the tensor-core sums every
 // PROMOTE stages and adds them to fp32 registers (matmul_wgmma.cuh explains
-// why); BN 128 or 192 leaves room for both register sets.
+// why); BN 128 or 192 leaves room for both register sets. ACC2 (BN 128):
+// two tensor-core accumulator sets alternate between promotion intervals, so
+// a consumer adds one while the tensor cores fill the other.
+// Clusters (CLUSTER = 2, matmul_cluster.cuh): the two blocks of a cluster
+// take vertically adjacent tiles (rows m0 and m0 + 128, same columns) in
+// step; each loads its own a tile and half of the shared b tile, multicast
+// into both blocks, so b crosses L2 once per cluster. A stage is then
+// refilled only when the consumers of both blocks released it (each releaser
+// arrives on the stage's empty barrier in both blocks), and a block leaves
+// only after its producer saw every stage released (later arrivals from the
+// other block would land in a finished block's shared memory).
 // The kernel needs 384 threads of at most 168 registers at launch (for the
-// setmaxnreg trade): matmul_wgmma_ws.cu's launch bounds say so.
+// setmaxnreg trade): matmul_wgmma_ws.cu's launch bounds say so; a cluster
+// launch needs __cluster_dims__ (matmul_wgmma_ws_cluster2.cuh).
 #pragma once
 
 #include "attention_common.cuh"
 #include "matmul_wgmma.cuh"
+#include "matmul_cluster.cuh"
 #include "mbarrier.cuh"
 #include "mma.cuh"
 #include "tma.cuh"
@@ -47,7 +59,7 @@ struct WsKind<T, 0> { static constexpr int value = WgKind<T, 0>::value; };
 __host__ __device__ constexpr int matmul_ws_smem(int bn, int stages) { return stages * (kWgBM + bn) * 128 + 1024; }
 
 template <typename TA, typename TB, typename TO, int FA, int FB, bool TRANS_B, bool AS, bool BS, int BN, int STAGES,
-          int PROMOTE, bool NATIVE>
+          int PROMOTE, bool NATIVE, int CLUSTER, bool ACC2>
 __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, const float* b_scale, const int* ip,
                                 const uint8_t* tmpl, TO* out, uint8_t* tmaps) {
   static_assert(NATIVE == (FA != 0) && NATIVE == (FB != 0), "operands used as stored: 16-bit, or both fp8 (native)");
@@ -57,6 +69,9 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   static_assert(NATIVE || PROMOTE == 0, "promotion is for the native fp8 accumulation only");
   static_assert(PROMOTE == 0 || BN <= 192, "promoted sums and accumulators must fit 232 registers");
   static_assert(STAGES >= 2, "a ring");
+  static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of one or two blocks");
+  static_assert(!ACC2 || (PROMOTE > 0 && BN == 128), "two accumulator sets and the sums fit 232 registers at BN 128");
+  static_assert(CLUSTER == 1 || !TRANS_B || (BN / CLUSTER) % 8 == 0, "b halves are whole swizzle atoms");
   constexpr int A_BYTES = kWgBM * 128, B_BYTES = BN * 128, STAGE_BYTES = A_BYTES + B_BYTES;
   constexpr int KSTEP = NATIVE ? 128 : 64;  // K values per stage
   constexpr int KINST = NATIVE ? 32 : 16;   // K values per wgmma
@@ -66,6 +81,10 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   // thread, after wgmma_wait: a warpgroup's wgmma group completes as a whole),
   // not by all 256 threads (256 arrivals on one barrier per stage).
   constexpr int CONSUMERS = 2;
+  // Rows of the shared b tile each block of a cluster loads (TRANS_B), and
+  // where its part lands; MN-major b: block r loads the 64-column boxes j
+  // with j % CLUSTER == r.
+  constexpr int B_ROWS = BN / CLUSTER;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* ring = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -77,13 +96,19 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   const TA* ag = a + (long)z * M * K;
   const TB* bg = b + (ip[kWgBBatched] ? (long)z * K * N : 0);
   const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32;
-  const int tiles_m = (M + kWgBM - 1) / kWgBM, tiles_n = (N + BN - 1) / BN, tiles = tiles_m * tiles_n;
+  // Work units: CLUSTER vertically adjacent 128 x BN tiles (one per block of
+  // a cluster; a unit's last tile may lie wholly below M).
+  constexpr int UM = kWgBM * CLUSTER, GROUP = kWgGroupM / CLUSTER;
+  const int units_m = (M + UM - 1) / UM, tiles_n = (N + BN - 1) / BN, units = units_m * tiles_n;
   const int ktiles = (K + KSTEP - 1) / KSTEP;
-  // Grouped tile order: kWgGroupM row tiles sweep the columns together.
-  auto tile_origin = [&](int tile, int& m0, int& n0) {
-    const int group = tile / (kWgGroupM * tiles_n), first_m = group * kWgGroupM;
-    const int group_rows = min(tiles_m - first_m, kWgGroupM), in_group = tile % (kWgGroupM * tiles_n);
-    m0 = (first_m + in_group % group_rows) * kWgBM;
+  const int rank = CLUSTER > 1 ? (int)cluster_ctarank() : 0;
+  const int first_unit = CLUSTER > 1 ? (int)cluster_id_x() : blockIdx.x;
+  const int unit_step = CLUSTER > 1 ? (int)cluster_count_x() : gridDim.x;
+  // Grouped order: GROUP unit rows (kWgGroupM tile rows) sweep the columns together.
+  auto tile_origin = [&](int unit, int& m0, int& n0) {
+    const int group = unit / (GROUP * tiles_n), first_m = group * GROUP;
+    const int group_rows = min(units_m - first_m, GROUP), in_group = unit % (GROUP * tiles_n);
+    m0 = (first_m + in_group % group_rows) * UM + rank * kWgBM;
     n0 = (in_group / group_rows) * BN;
   };
 
@@ -96,11 +121,16 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&full_bar[s], 1);
-      mbar_init(&empty_bar[s], CONSUMERS);
+      mbar_init(&empty_bar[s], CONSUMERS * CLUSTER);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (CLUSTER > 1) {
+    if (cluster_nctarank() != CLUSTER) __trap();  // launched without the cluster header
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
 
   if (wg == 0) {
     // Producer.
@@ -109,9 +139,12 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
     tma_acquire(tm_ws);
     tma_acquire(tm_ws + 128);
     int it = 0;  // stages issued by this block, over all its tiles
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    for (int unit = first_unit; unit < units; unit += unit_step) {
       int m0, n0;
-      tile_origin(tile, m0, n0);
+      tile_origin(unit, m0, n0);
+      // A unit's second tile wholly below M: load a's last tile instead (the
+      // consumers store nothing of it), b's half is still the other block's.
+      const int a_row = m0 < M ? m0 : m0 - kWgBM;
       for (int kt = 0; kt < ktiles; ++kt, ++it) {
         const int s = it % STAGES;
         // Round r = it / STAGES of stage s needs round r - 1's release.
@@ -119,8 +152,23 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         unsigned char* st = ring + s * STAGE_BYTES;
         void* bar = &full_bar[s];
         mbar_expect_tx(bar, STAGE_BYTES);
-        tma_load_2d(st, tm_ws, kt * KSTEP, m0, bar);
-        if constexpr (TRANS_B) {
+        tma_load_2d(st, tm_ws, kt * KSTEP, a_row, bar);
+        if constexpr (CLUSTER > 1) {
+          constexpr unsigned short ALL = (1u << CLUSTER) - 1;
+          // A part wholly beyond N is loaded from row / column 0 instead:
+          // its output columns are never stored.
+          if constexpr (TRANS_B) {
+            const int b_row = n0 + rank * B_ROWS;
+            tma_load_2d_multicast(st + A_BYTES + rank * B_ROWS * 128, tm_ws + 128, kt * KSTEP, b_row < N ? b_row : 0,
+                                  bar, ALL);
+          } else {
+#pragma unroll
+            for (int j = 0; j < BN / 64; ++j)
+              if (j % CLUSTER == rank)
+                tma_load_2d_multicast(st + A_BYTES + j * 64 * 128, tm_ws + 128, n0 + 64 * j < N ? n0 + 64 * j : 0,
+                                      kt * KSTEP, bar, ALL);
+          }
+        } else if constexpr (TRANS_B) {
           tma_load_2d(st + A_BYTES, tm_ws + 128, kt * KSTEP, n0, bar);
         } else {
 #pragma unroll
@@ -129,21 +177,39 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         }
       }
     }
+    if constexpr (CLUSTER > 1) {
+      // Wait until every stage's last round is released by both blocks: no
+      // arrival from the other block may come after this block has left.
+      for (int i = it; i < it + STAGES; ++i)
+        if (i >= STAGES) mbar_wait(&empty_bar[i % STAGES], ((i / STAGES) + 1) & 1);
+    }
     return;
   }
 
   // Consumers.
   setmaxnreg_inc<232>();
   const int c = wg - 1, warp = (tid % 128) / 32, g = lane / 4, t = lane % 4;
-  const bool releaser = tid % 128 == 0;
+  // Thread r < CLUSTER of each consumer warpgroup releases stages in block r
+  // of the cluster (the arrivals go out side by side, one lane each).
+  const bool releaser = tid % 128 < CLUSTER;
   constexpr int R = BN / 2;
   TO* og = out + (long)z * M * N;
   const float* as_row = AS ? a_scale + (ip[kWgAScaleBatched] ? (long)z * (ip[kWgAScaleRows] ? M : 1) : 0) : nullptr;
+  // Releases a stage: one arrival per consumer warpgroup in every block of the cluster.
+  auto release = [&](int stage) {
+    if (!releaser) return;
+    if constexpr (CLUSTER > 1) {
+      mbar_arrive_cluster(&empty_bar[stage], tid % 128);
+    } else {
+      mbar_arrive(&empty_bar[stage]);
+    }
+  };
   int it = 0;
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  for (int unit = first_unit; unit < units; unit += unit_step) {
     int m0, n0;
-    tile_origin(tile, m0, n0);
+    tile_origin(unit, m0, n0);
     float d[R];                  // wgmma accumulators
+    float d2[ACC2 ? R : 1];      // ACC2: the second set (odd promotion intervals)
     float acc[PROMOTE ? R : 1];  // promoted sums (NATIVE with PROMOTE)
 #pragma unroll
     for (int i = 0; i < R; ++i) d[i] = 0.f;
@@ -163,10 +229,34 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         const unsigned long long db =
             B_MN ? wgmma_desc(b_addr + kk * 16 * 128, 64 * 128, 1024) : wgmma_desc(b_addr + kk * 32, 16, 1024);
         const bool first = PROMOTE ? (kt % PROMOTE == 0 && kk == 0) : (kt == 0 && kk == 0);
-        WgmmaSS<KA, KB, BN>::template run<B_MN>(d, da, db, first ? 0 : 1);
+        if constexpr (ACC2) {
+          if ((kt / PROMOTE) & 1)
+            WgmmaSS<KA, KB, BN>::template run<B_MN>(d2, da, db, first ? 0 : 1);
+          else
+            WgmmaSS<KA, KB, BN>::template run<B_MN>(d, da, db, first ? 0 : 1);
+        } else {
+          WgmmaSS<KA, KB, BN>::template run<B_MN>(d, da, db, first ? 0 : 1);
+        }
       }
       wgmma_commit();
-      if (PROMOTE > 0 && (kt % (PROMOTE ? PROMOTE : 1) == (PROMOTE ? PROMOTE : 1) - 1 || kt == ktiles - 1)) {
+      if constexpr (ACC2) {
+        // Promotion intervals alternate between d and d2: once the first
+        // stage of an interval is issued, wgmma_wait<1> says the previous
+        // interval (the other set) is complete; it is added while the tensor
+        // cores work on, instead of waiting for them to drain (wgmma_wait<0>).
+        wgmma_wait<1>();
+        if (kt > 0 && kt % PROMOTE == 0) {
+          if ((kt / PROMOTE) & 1) {
+            wgmma_pin(d);
+#pragma unroll
+            for (int i = 0; i < R; ++i) acc[i] += d[i];
+          } else {
+            wgmma_pin(d2);
+#pragma unroll
+            for (int i = 0; i < R; ++i) acc[i] += d2[i];
+          }
+        }
+      } else if (PROMOTE > 0 && (kt % (PROMOTE ? PROMOTE : 1) == (PROMOTE ? PROMOTE : 1) - 1 || kt == ktiles - 1)) {
         wgmma_wait<0>();
         wgmma_pin(d);
 #pragma unroll
@@ -175,11 +265,23 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         wgmma_wait<1>();
       }
       // The previous stage's wgmma has finished reading it: release it.
-      if (kt > 0 && releaser) mbar_arrive(&empty_bar[(it - 1) % STAGES]);
+      if (kt > 0) release((it - 1) % STAGES);
     }
     wgmma_wait<0>();
     wgmma_pin(d);
-    if (ktiles > 0 && releaser) mbar_arrive(&empty_bar[(it - 1) % STAGES]);
+    if constexpr (ACC2) {  // the last interval's set
+      wgmma_pin(d2);
+      if (ktiles > 0) {
+        if (((ktiles - 1) / PROMOTE) & 1) {
+#pragma unroll
+          for (int i = 0; i < R; ++i) acc[i] += d2[i];
+        } else {
+#pragma unroll
+          for (int i = 0; i < R; ++i) acc[i] += d[i];
+        }
+      }
+    }
+    if (ktiles > 0) release((it - 1) % STAGES);
 
     // Epilogue: d[4j + e] is row 16 warp + g + 8 (e / 2), column 8j + 2t + (e % 2).
 #pragma unroll

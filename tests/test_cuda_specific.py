@@ -238,16 +238,54 @@ def _matmul_wgmma_cases():
 
 
 def _matmul_ws_cases():
-    """(TA, TB, FA, FB, TRANS_B, BN, STAGES, PROMOTE, NATIVE) of the warp-specialised kernel."""
+    """(TA, TB, FA, FB, TRANS_B, BN, STAGES, PROMOTE, NATIVE, CLUSTER, ACC2) of the warp-specialised kernel."""
     f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
-    yield f16, f16, 0, 0, True, 256, 4, 0, False
-    yield f16, f16, 0, 0, False, 256, 4, 0, False
-    yield b16, b16, 0, 0, True, 256, 4, 0, False
-    yield b16, b16, 0, 0, False, 128, 6, 0, False
-    yield u8, u8, 1, 1, True, 128, 6, 2, True
-    yield u8, u8, 1, 2, True, 192, 5, 2, True
-    yield u8, u8, 2, 2, True, 256, 4, 0, True
-    yield u8, u8, 2, 1, True, 192, 4, 1, True
+    yield f16, f16, 0, 0, True, 256, 4, 0, False, 1, False
+    yield f16, f16, 0, 0, False, 256, 4, 0, False, 1, False
+    yield b16, b16, 0, 0, True, 256, 4, 0, False, 1, False
+    yield b16, b16, 0, 0, False, 128, 6, 0, False, 1, False
+    yield u8, u8, 1, 1, True, 128, 6, 2, True, 1, False
+    yield u8, u8, 1, 2, True, 192, 5, 2, True, 1, False
+    yield u8, u8, 2, 2, True, 256, 4, 0, True, 1, False
+    yield u8, u8, 2, 1, True, 192, 4, 1, True, 1, False
+    # Clusters of two blocks sharing b by TMA multicast.
+    yield f16, f16, 0, 0, True, 256, 4, 0, False, 2, False
+    yield f16, f16, 0, 0, False, 256, 4, 0, False, 2, False
+    yield b16, b16, 0, 0, False, 128, 6, 0, False, 2, False
+    yield u8, u8, 1, 1, True, 128, 6, 2, True, 2, False
+    yield u8, u8, 1, 2, True, 192, 5, 4, True, 2, False
+    yield u8, u8, 2, 1, True, 256, 4, 0, True, 2, False
+    # Two accumulator sets alternating between promotion intervals.
+    yield u8, u8, 1, 1, True, 128, 6, 2, True, 2, True
+    yield u8, u8, 2, 1, True, 128, 7, 4, True, 1, True
+
+
+def _ws_compile_groups(make_kernel):
+    """The warp-specialised cases as compile units per cluster size (the
+    cluster header sets __cluster_dims__ for every kernel after it):
+    (unit name, headers, kernel texts)."""
+    cases = list(enumerate(_matmul_ws_cases()))
+    for cluster in (1, 2):
+        headers = cuda_backend.kernel_headers("matmul_wgmma_ws") + (
+            ("matmul_wgmma_ws_cluster2.cuh",) if cluster == 2 else ())
+        kernels = [make_kernel(i, case) for i, case in cases if case[9] == cluster]
+        yield f"matmul_wgmma_ws_c{cluster}", headers, kernels
+
+
+def test_matmul_hopper_plans_unpack_by_position():
+    """A plan's optional entries keep their defaults by position: a five-entry
+    (warp-specialised) plan runs without clusters (a bug once padded it with
+    the TMA default, False, as its cluster size)."""
+    from mlx_flash.backends.cuda_matmul import unpack_plan
+
+    assert unpack_plan((128, 6, 2)) == (128, 6, 2, False, False, 1, False)
+    assert unpack_plan((256, 4, 0, True)) == (256, 4, 0, True, False, 1, False)
+    assert unpack_plan((256, 4, 0, True, True)) == (256, 4, 0, True, True, 1, False)
+    assert unpack_plan((256, 4, 0, True, True, 2)) == (256, 4, 0, True, True, 2, False)
+    assert unpack_plan((128, 7, 4, True, True, 2, True)) == (128, 7, 4, True, True, 2, True)
+    for bad in ((128, 6), (128, 6, 2, True, True, 2, True, 0)):
+        with pytest.raises(ValueError, match="3 to 7 entries"):
+            unpack_plan(bad)
 
 
 def _matmul_gemv_cases():
@@ -295,23 +333,25 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
         assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
 
     body = cuda_backend._read("matmul_wgmma_ws.cu")
-    kernels = []
-    for i, (ta, tb, fa, fb, trans, bn, stages, promote, native) in enumerate(_matmul_ws_cases()):
+
+    def ws_kernel(i, case):
+        ta, tb, fa, fb, trans, bn, stages, promote, native, cluster, acc2 = case
         to = mx.float32 if i % 2 else (ta if not native else mx.float16)
         template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans),
                     ("AS", True), ("BS", i % 2 == 0), ("BN", bn), ("STAGES", stages), ("PROMOTE", promote),
-                    ("NATIVE", native)]
-        kernels.append(_kernel_text(f"ws{i}", body, ins(ta, tb) + [("tmpl", mx.uint8)],
-                                    [("out", to), ("tmaps", mx.uint8)], template))
-    log = _nvcc_compile(tmp_path, "matmul_wgmma_ws",
-                        _prelude(cuda_backend.kernel_headers("matmul_wgmma_ws")) + "\n" + "\n".join(kernels),
-                        ("-Xptxas", "-v"))
-    assert "serializ" not in log and "setmaxnreg" not in log, log[-3000:]
-    usage = ptxas_usage(log)
-    assert len(usage) == len(kernels), log[-2000:]
-    for name, (regs, spill_st, spill_ld) in usage.items():
-        # 168: 384 threads at launch (the launch bounds); setmaxnreg moves registers to the consumers.
-        assert regs <= 168 and spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+                    ("NATIVE", native), ("CLUSTER", cluster), ("ACC2", acc2)]
+        return _kernel_text(f"ws{i}", body, ins(ta, tb) + [("tmpl", mx.uint8)], [("out", to), ("tmaps", mx.uint8)],
+                            template)
+
+    for unit, headers, kernels in _ws_compile_groups(ws_kernel):
+        log = _nvcc_compile(tmp_path, unit, _prelude(headers) + "\n" + "\n".join(kernels), ("-Xptxas", "-v"))
+        assert "serializ" not in log and "setmaxnreg" not in log, log[-3000:]
+        usage = ptxas_usage(log)
+        assert len(usage) == len(kernels), log[-2000:]
+        for name, (regs, spill_st, spill_ld) in usage.items():
+            # 168: 384 threads at launch (the launch bounds); setmaxnreg moves registers to the consumers.
+            assert regs <= 168 and spill_st == 0 and spill_ld == 0, \
+                f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
 
     body = cuda_backend._read("matmul_gemv.cu")
     cases = list(_matmul_gemv_cases())
@@ -543,21 +583,23 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
     # one wait per stage (two with promotion), none between them.
     ins = lambda ta, tb: [("a", ta), ("b", tb), ("a_scale", mx.float32), ("b_scale", mx.float32), ("ip", mx.int32),
                           ("tmpl", mx.uint8)]
-    kernels = []
-    for i, (ta, tb, fa, fb, trans, bn, stages, promote, native) in enumerate(_matmul_ws_cases()):
+    def ws_kernel(i, case):
+        ta, tb, fa, fb, trans, bn, stages, promote, native, cluster, acc2 = case
         to = ta if not native else mx.float16
         template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans), ("AS", True),
-                    ("BS", True), ("BN", bn), ("STAGES", stages), ("PROMOTE", promote), ("NATIVE", native)]
-        kernels.append(_kernel_text(f"ws{i}", cuda_backend._read("matmul_wgmma_ws.cu"), ins(ta, tb),
-                                    [("out", to), ("tmaps", mx.uint8)], template))
-    _nvcc_compile(tmp_path, "matmul_wgmma_ws",
-                  _prelude(cuda_backend.kernel_headers("matmul_wgmma_ws")) + "\n" + "\n".join(kernels))
-    sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / "matmul_wgmma_ws.o")], capture_output=True,
-                          text=True, check=True).stdout
-    counts = _wgmma_sync_counts(sass)
-    assert len(counts) == len(kernels), sass[:2000]
-    for name, (hgmma, waits) in counts.items():
-        assert hgmma >= 4 and waits <= 4, f"{name}: {hgmma} wgmma, {waits} waits (serialised)"
+                    ("BS", True), ("BN", bn), ("STAGES", stages), ("PROMOTE", promote), ("NATIVE", native),
+                    ("CLUSTER", cluster), ("ACC2", acc2)]
+        return _kernel_text(f"ws{i}", cuda_backend._read("matmul_wgmma_ws.cu"), ins(ta, tb),
+                            [("out", to), ("tmaps", mx.uint8)], template)
+
+    for unit, headers, kernels in _ws_compile_groups(ws_kernel):
+        _nvcc_compile(tmp_path, unit, _prelude(headers) + "\n" + "\n".join(kernels))
+        sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / f"{unit}.o")], capture_output=True,
+                              text=True, check=True).stdout
+        counts = _wgmma_sync_counts(sass)
+        assert len(counts) == len(kernels), sass[:2000]
+        for name, (hgmma, waits) in counts.items():
+            assert hgmma >= 4 and waits <= 4, f"{name}: {hgmma} wgmma, {waits} waits (serialised)"
 
 
 def _ws_instances():

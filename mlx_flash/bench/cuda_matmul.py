@@ -36,8 +36,15 @@ import mlx.core as mx
 from .cuda import Recorder, card_name, slug
 
 GIB = 1024 ** 3
+# Native fp8 plans on clusters of two timed in the gemm section
+# (BN, stages, promotion interval in 128 K, TMA, warp-specialised, cluster).
+# A seventh entry True: two accumulator sets alternating between promotion intervals.
+NATIVE_CLUSTER_PLANS = ((128, 6, 2, True, True, 2), (192, 5, 2, True, True, 2), (192, 5, 4, True, True, 2),
+                        (256, 4, 0, True, True, 2), (128, 6, 2, True, True, 2, True), (128, 7, 4, True, True, 2, True))
 SKIP_TMA = False  # --skip-tma
 CASES = None  # --cases: a regular expression the gemm cases' names must match
+START = time.perf_counter()  # rows note when they were measured (seconds since import)
+CHECKPOINT = None  # main's JSON writer: called after each gemm size, so a run cut short keeps those
 
 
 def time_lazy(make, reps: int, rounds: int = 3) -> float:
@@ -124,6 +131,17 @@ def bench_gemm(rec: Recorder, sizes):
                 plan=(256, 4, 0, True, True)), None),
             "ours_fp16_x_e4m3_bT_ws": (lambda: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True, route="wgmma",
                                                          plan=(256, 4, 0, True, True)), None),
+            # Clusters of two blocks sharing b by TMA multicast (sixth plan entry).
+            "ours_fp16_ws_c2": (lambda: cm.matmul(a16, b16, route="wgmma", plan=(256, 4, 0, True, True, 2)),
+                                mlx_fp16),
+            "ours_fp16_bT_ws_c2": (lambda: cm.matmul(a16, b16t, transpose_b=True, route="wgmma",
+                                                     plan=(256, 4, 0, True, True, 2)), mlx_fp16),
+            "ours_fp16_x_e4m3_bT_ws_c2": (lambda: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True, route="wgmma",
+                                                            plan=(256, 4, 0, True, True, 2)), None),
+            **{f"ours_e4m3_native_ws_bn{p[0]}_st{p[1]}_pr{p[2]}{'_acc2' if p[6:7] == (True,) else ''}_c2_bT": (
+                lambda p=p: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float16,
+                                      route="wgmma_fp8", plan=p), None)
+               for p in NATIVE_CLUSTER_PLANS},
             "ours_e4m3_native_tma_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
                                                           out_dtype=mx.float16, route="wgmma_fp8",
                                                           plan=(128, 6, 1, True)), None),
@@ -152,13 +170,16 @@ def bench_gemm(rec: Recorder, sizes):
                 mx.eval(out)
                 results[name] = out
                 t = time_lazy(fn, reps)
-                row = dict(section="gemm", case=name, n=n, ms=t * 1e3, tflops=flops / t / 1e12)
+                row = dict(section="gemm", case=name, n=n, ms=t * 1e3, tflops=flops / t / 1e12,
+                           at_s=round(time.perf_counter() - START, 1))
                 if check is not None:
                     row["rel_diff_vs_mlx_fp16"] = rel_diff(out, check)
                 rec.add(**row)
             except Exception as e:  # noqa: BLE001 (record, go on)
                 rec.add(section="gemm", case=name, n=n, error=f"{type(e).__name__}: {e}"[:500])
-        for x, y in (("ours_e4m3_native_ws_bn128_bT", "ours_e4m3_native_tma_bT"),
+        native_c2 = [k for k in results if k.startswith("ours_e4m3_native_ws_") and k.endswith("_c2_bT")]
+        for x, y in tuple((k, "ours_e4m3_native_ws_bn128_bT") for k in native_c2) + (
+                     ("ours_e4m3_native_ws_bn128_bT", "ours_e4m3_native_tma_bT"),
                      ("ours_e4m3_native_ws_bn192_bT", "ours_e4m3_native_tma_bT"),
                      ("ours_e4m3_bT", "ours_mma_e4m3_bT"), ("ours_e4m3_native_bT", "ours_mma_e4m3_bT"),
                      ("ours_e4m3_native_tma_bT", "ours_e4m3_native_bT"),
@@ -170,6 +191,8 @@ def bench_gemm(rec: Recorder, sizes):
                 results["ours_fp16_x_e4m3_bT"], results["ours_fp16_x_e4m3"]))
         del results, mlx_fp16
         if torch is None:
+            if CHECKPOINT is not None:
+                CHECKPOINT()
             continue
         try:
             ta = torch.from_numpy(np.array(a8)).cuda().view(torch.float8_e4m3fn)
@@ -189,6 +212,8 @@ def bench_gemm(rec: Recorder, sizes):
             del ta, tb, th, tbh
         except Exception as e:  # noqa: BLE001
             rec.add(section="gemm", case="torch", n=n, error=f"{type(e).__name__}: {e}"[:500])
+        if CHECKPOINT is not None:
+            CHECKPOINT()
 
 
 def copy_bandwidth(rec: Recorder, nbytes: int = 2 * GIB):
@@ -405,6 +430,14 @@ def main(argv=None):
     rows = DECODE_ROWS if not args.decode_rows else tuple(int(v) for v in args.decode_rows.split(","))
     card = card_name()
     rec = Recorder()
+    try:
+        from ..backends import cuda_matmul as cm
+
+        rec.add(section="device", sm_count=cm.sm_count(),
+                max_active_clusters_of_2={f"bn{bn}_st{st}": cm.max_active_clusters(2, cm.ws_smem(bn, st))
+                                          for bn, st in ((256, 4), (128, 6), (192, 5), (128, 7))})
+    except Exception as e:  # noqa: BLE001
+        rec.add(section="device", error=f"{type(e).__name__}: {e}"[:500])
     if args.warm:
         global time_lazy, time_torch
         time_lazy = lambda make, reps, rounds=3: (mx.eval(make()), 1.0)[1]  # noqa: E731
@@ -416,21 +449,26 @@ def main(argv=None):
                 "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512))}
     path = args.out if args.out.endswith(".json") else os.path.join(args.out, f"matmul_cuda_{slug(card)}.json")
     _, torch = _torch()
-    for name in args.sections.split(","):
-        try:
-            sections[name]()
-        except Exception as e:  # noqa: BLE001 (record the failure, keep the other sections)
-            rec.add(section=name, error=f"{type(e).__name__}: {e}"[:500])
-        if args.warm:
-            continue
+
+    def write():
         result = {"benchmark": "matmul2d on CUDA", "card": card, "mlx": mx.__version__,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rec.rows}
         if torch is not None:
             result["torch"] = torch.__version__
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:  # after every section: a run cut short keeps what it measured
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {path}")
+
+    global CHECKPOINT
+    CHECKPOINT = None if args.warm else write
+    for name in args.sections.split(","):
+        try:
+            sections[name]()
+        except Exception as e:  # noqa: BLE001 (record the failure, keep the other sections)
+            rec.add(section=name, error=f"{type(e).__name__}: {e}"[:500])
+        if not args.warm:
+            write()  # after every section: a run cut short keeps what it measured
 
 
 if __name__ == "__main__":
