@@ -66,7 +66,9 @@ template <> struct Wgmma<__nv_bfloat16, 176> {
 // which only tells MLX's kernel names apart, must agree with it).
 template <class P> struct WsIsBf16 { static constexpr bool value = false; };
 template <> struct WsIsBf16<const __nv_bfloat16*> { static constexpr bool value = true; };
-constexpr int kWsTmapBytes = 3 * 128;  // Q, K, V tensor maps per block (the workspace slot)
+// Q, K, V tensor maps per block (the workspace slot); the `tmpl` input holds
+// their three templates, then the work order's heads per section (int32).
+constexpr int kWsTmapBytes = 3 * 128;
 
 // Dynamic shared memory of the forward (bytes): Q [128][D], STAGES K and V
 // tiles [BN][D], plus 1 KiB to align the swizzled tiles to 1024 bytes.
@@ -198,7 +200,8 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[D / 2], const float (
 }
 
 // q, k, v: [B, H(kv), N, D]; tmpl: the Q, K, V tensor-map templates (3-D:
-// D, N, B * heads; 128-byte swizzle, boxes of 64 x 128 (Q) or 64 x BN);
+// D, N, B * heads; 128-byte swizzle, boxes of 64 x 128 (Q) or 64 x BN) and
+// the heads per section of the work order (16 bytes);
 // BN: keys per tile (128; 176 at D = 128, where S, P and O still fit 240 registers);
 // tmaps: kWsTmapBytes per block, where the block publishes them.
 template <class F, int D, int BN, int STAGES, typename T>
@@ -222,19 +225,27 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], heads = ip[kBatch] * Hq;
   const int nq = ip[kSeqQ], row_blocks = (nq + BM - 1) / BM;
-  // Work items (row block, batch, head), longest first: item w is row block
-  // row_blocks - 1 - w / heads (from the last: under causal rules those have
-  // the most key tiles) of (batch, head) w % heads. A block takes items
-  // blockIdx.x, + gridDim.x, ... (persistent when the grid is smaller than
-  // the work); its K/V ring and barrier phases run on across its items.
+  // Work items (row block, batch, head). The heads (batch-major) are cut
+  // into sections of `group` heads (the host sizes them so that a section's
+  // K and V stay in L2); a section's items come before the next section's,
+  // and inside one the row blocks run from the last (under causal rules the
+  // longest) to the first, the section's heads taking turns. group = 1: one
+  // head after the other, so the blocks resident at once share its K and V.
+  // A block takes items blockIdx.x, + gridDim.x, ... (persistent when the
+  // grid is smaller than the work); its K/V ring and barrier phases run on
+  // across its items.
   struct Item {
     int b, h, i0, i_end, tile0, tiles;
   };
+  const int group = reinterpret_cast<const int*>(tmpl + kWsTmapBytes)[0];
   auto item_of = [&](int w, LogitRules<MT>& rules) {
     Item it;
-    it.h = (w % heads) % Hq;
-    it.b = (w % heads) / Hq;
-    it.i0 = (row_blocks - 1 - w / heads) * BM;
+    const int section = w / (group * row_blocks), first = section * group;
+    const int size = min(group, heads - first), local = w - first * row_blocks;
+    const int bh = first + local % size;
+    it.h = bh % Hq;
+    it.b = bh / Hq;
+    it.i0 = (row_blocks - 1 - local / size) * BM;
     it.i_end = min(nq, it.i0 + BM);
     const Sequence seq = sequence_of<false>(it.b, ip, nullptr, nullptr);
     rules = make_rules<MT, F>(seq, it.b, it.h, ip, fp, nullptr, nullptr, nullptr);

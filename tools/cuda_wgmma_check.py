@@ -160,9 +160,11 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
 
 
 def _set_ws_knobs(D, knobs):
-    """Sets cuda_fwd_ws's knobs (enabled, persistent, stages, keys) for head dim D; returns the old ones."""
+    """Sets cuda_fwd_ws's knobs (enabled, persistent, stages, keys, group: heads
+    per section of the work order, None = sized by L2) for head dim D; returns the old ones."""
     old = dict(enabled=ws._ENABLED, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128,
-               persistent=ws.PERSISTENT)
+               persistent=ws.PERSISTENT, group=ws.HEAD_GROUP)
+    ws.HEAD_GROUP = knobs.get("group", old["group"])
     ws.PERSISTENT = knobs.get("persistent", old["persistent"])
     ws._ENABLED = knobs.get("enabled", old["enabled"])
     ws.STAGES[D] = knobs.get("stages", old["stages"])
@@ -239,6 +241,146 @@ def speed_ws(shapes=((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128)
                     f"; ws/mx.fast {row.get('ratio_ws_vs_mx.fast', float('nan')):.2f}x" +
                     f", ws/torch {row.get('ratio_ws_vs_torch', float('nan')):.2f}x")
     return rows
+
+
+def _time_queued(fn, iters=10):
+    """Seconds per call with `iters` calls queued in one eval (the GPU runs them
+    back to back: kernel throughput without the host's per-call sync)."""
+    mx.eval(fn())
+    mx.synchronize()
+    t0 = time.perf_counter()
+    mx.eval([fn() for _ in range(iters)])
+    mx.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def _torch_events(q_shape, dtype, causal, iters=10):
+    """torch SDPA on its own random inputs: seconds per call, timed with CUDA
+    events over `iters` queued calls (None without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    tdt = torch.float16 if dtype == mx.float16 else torch.bfloat16
+    q, k, v = (torch.randn(q_shape, device="cuda", dtype=tdt) for _ in range(3))
+    run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    for _ in range(3):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+SWEEP_SHAPES = {128: ((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128)),
+                64: ((1, 16, 16384, 64), (2, 16, 4096, 64), (4, 16, 1024, 64))}
+
+
+def sweep(D, dtype, knob_sets, shapes=None, iters=10):
+    """Forward timings of the warp-specialised kernel under each knob set (a
+    label: knobs dict, as _set_ws_knobs takes), beside mx.fast and torch SDPA,
+    at the issue-14 shapes of head dim D: per call with one eval each (as
+    mlx_flash.bench.cuda times) and with `iters` calls queued in one eval
+    (kernel throughput); torch with CUDA events. Inputs from mx.random (the
+    speed does not depend on the values, only on their not being zeros)."""
+    rows = []
+    for (B, H, N, _) in shapes or SWEEP_SHAPES[D]:
+        for causal in (False, True):
+            q, k, v = (mx.random.normal((B, H, N, D)).astype(dtype) for _ in range(3))
+            mx.eval(q, k, v)
+            s = D ** -0.5
+            flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+            res = {}
+            for label, knobs in knob_sets.items():
+                if "keys" in knobs and (causal or D != 128):
+                    continue  # the dense D = 128 key tile only
+                saved = _set_ws_knobs(D, knobs)
+                try:
+                    fn = lambda: mlx_flash.flash_attention(q, k, v, causal=causal, scale=s)
+                    res[label] = (time_fn(fn, iters), _time_queued(fn, iters))
+                except Exception as e:  # noqa: BLE001 (a variant that fails to build or launch)
+                    print(f"{label} failed: {e}")
+                finally:
+                    _set_ws_knobs(D, saved)
+            fast = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=s, mask="causal" if causal else None)
+            res["mx.fast"] = (time_fn(fast, iters), _time_queued(fast, iters))
+            t = _torch_events((B, H, N, D), dtype, causal, iters)
+            if t is not None:
+                res["torch"] = (t, t)
+            row = dict(dtype=str(dtype), shape=[B, H, N, D], causal=causal,
+                       **{f"{k}_ms": v[0] * 1e3 for k, v in res.items()},
+                       **{f"{k}_queued_ms": v[1] * 1e3 for k, v in res.items()},
+                       **{f"{k}_tflops": flops / v[0] / 1e12 for k, v in res.items()},
+                       **{f"{k}_queued_tflops": flops / v[1] / 1e12 for k, v in res.items()})
+            rows.append(row)
+            print(f"{str(dtype).split('.')[-1]} {[B, H, N, D]} causal={int(causal)}: " + ", ".join(
+                f"{k} {flops / v[0] / 1e12:.0f}/{flops / v[1] / 1e12:.0f}" for k, v in res.items()) +
+                "  (TF/s per-call-eval/queued)", flush=True)
+    return rows
+
+
+def sweep_plan():
+    """SWEEP_PLAN="D:f16|bf16:label=knob~value/knob~value,label2=...;..." as
+    {(D, dtype name): {label: knobs}} (knobs: persistent, enabled (0/1), stages, keys,
+    group (a count or auto); "ws=" is the default)."""
+    plan = {}
+    for entry in filter(None, os.environ.get("SWEEP_PLAN", "").split(";")):
+        d, dt, sets = entry.split(":")
+        knob_sets = {}
+        for spec in sets.split(","):
+            label, _, kv = spec.partition("=")
+            knobs = {}
+            for item in filter(None, kv.split("/")):
+                key, _, val = item.partition("~")
+                if key == "group":
+                    knobs[key] = None if val == "auto" else int(val)
+                else:
+                    knobs[key] = val == "1" if key in ("persistent", "enabled") else int(val)
+            knob_sets[label] = knobs
+        plan[(int(d), dt)] = knob_sets
+    return plan
+
+
+def build_share(index, count):
+    """Builds share `index` of `count` of the distinct kernels SWEEP_PLAN times
+    (tiny calls), so parallel processes fill MLX's on-disk kernel cache."""
+    jobs, seen = [], set()
+    for (D, dt), knob_sets in sweep_plan().items():
+        for causal in (False, True):
+            for label, knobs in knob_sets.items():
+                if "keys" in knobs and (causal or D != 128):
+                    continue
+                saved = _set_ws_knobs(D, knobs)
+                spec_key = (D, dt, causal, ws._ENABLED, ws.STAGES[D], ws.KEYS_DENSE_D128 if D == 128 and not causal else 0)
+                _set_ws_knobs(D, saved)
+                if spec_key not in seen:
+                    seen.add(spec_key)
+                    jobs.append((D, dt, causal, label, knobs))
+    for D, dt, causal, label, knobs in jobs[index::count]:
+        q, k, v = (mx.random.normal((1, 2, 200, D)).astype(_DTYPES[dt]) for _ in range(3))
+        saved = _set_ws_knobs(D, knobs)
+        t0 = time.perf_counter()
+        try:
+            mx.eval(mlx_flash.flash_attention(q, k, v, causal=causal))
+            print(f"built {dt} D{D} causal={int(causal)} {label} in {time.perf_counter() - t0:.1f} s", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"build {dt} D{D} causal={int(causal)} {label} failed: {e}", flush=True)
+        finally:
+            _set_ws_knobs(D, saved)
+    print(f"build {index}/{count}: {len(jobs[index::count])} of {len(jobs)}")
+
+
+def probe(B, H, N, D, causal, dtype):
+    causal = bool(causal)
+    """One call of the routed forward (for ncu: one launch per probe)."""
+    q, k, v = (mx.random.normal((B, H, N, D)).astype(dtype) for _ in range(3))
+    mx.eval(q, k, v)
+    mx.eval(mlx_flash.flash_attention(q, k, v, causal=causal))
+    mx.synchronize()
 
 
 # label: (use wgmma, stages, key tile)
@@ -452,6 +594,13 @@ def main():
             finally:
                 _set_ws_knobs(D, saved)
             passed, failed = passed + p0, failed + f0
+        elif name == "sweep":  # sweep:D:f16|bf16 (its plan from SWEEP_PLAN)
+            D, dt = int(args[0]), args[1]
+            result.setdefault("sweep", []).extend(sweep(D, _DTYPES[dt], sweep_plan()[(D, dt)]))
+        elif name == "build":  # build:i:n: share i of n of the kernels SWEEP_PLAN times
+            build_share(int(args[0]), int(args[1]))
+        elif name == "probe":  # probe:B:H:N:D:causal:f16|bf16
+            probe(*(int(a) for a in args[:5]), _DTYPES[args[5]])
         elif name == "prewarm":
             prewarm(int(args[0]), int(args[1]))
         elif name == "ws_routes":

@@ -32,6 +32,7 @@ from . import cuda as _cuda
 
 THREADS = 384       # two consumer warpgroups + the producer warpgroup
 TMAP_BYTES = 3 * 128  # kWsTmapBytes: Q, K, V maps per block
+TMPL_BYTES = TMAP_BYTES + 16  # the `tmpl` input: the three map templates, then the heads per section (int32)
 ROWS = 128          # query rows per block
 INPUTS = ("q", "k", "v", "ip", "fp", "tmpl")
 OUTPUTS = ("out", "lse", "tmaps")
@@ -75,6 +76,27 @@ if KEYS_DENSE_D128 not in (128, 176):
 # block scheduler balances the causal items better), and blocks taking
 # several items were timed but not yet checked against a reference on a GPU.
 PERSISTENT = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PERSISTENT", "0") == "1"
+
+
+# Work order: the heads are cut into sections whose K and V fit in L2 together
+# (L2_BUDGET bytes of it), and a section's row blocks (longest first) come
+# before the next section's, so the blocks resident at once read the same K/V
+# tiles. MLX_FLASH_CUDA_FWD_WS_HEAD_GROUP=n fixes the heads per section
+# instead (0: all heads in one section, longest row blocks of every head first).
+L2_BUDGET = 24 << 20
+_HEAD_GROUP = os.environ.get("MLX_FLASH_CUDA_FWD_WS_HEAD_GROUP", "auto")
+if _HEAD_GROUP != "auto" and not _HEAD_GROUP.isdigit():
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_HEAD_GROUP: expected auto or a count of heads, got {_HEAD_GROUP!r}")
+HEAD_GROUP = None if _HEAD_GROUP == "auto" else int(_HEAD_GROUP)
+
+
+def heads_per_section(batch: int, heads_q: int, heads_kv: int, nk: int, d: int) -> int:
+    """Heads (of batch * heads_q) per section of the work order."""
+    heads = batch * heads_q
+    if HEAD_GROUP is not None:
+        return heads if HEAD_GROUP == 0 else min(HEAD_GROUP, heads)
+    kv_head_bytes = 2 * nk * d * 2  # K and V of one KV head, 16-bit
+    return max(1, min(heads, L2_BUDGET // kv_head_bytes * (heads_q // heads_kv)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,11 +170,13 @@ def tensor_map_3d(elem_bytes: int, inner: int, rows: int, slabs: int, box_rows: 
 
 
 @functools.lru_cache(maxsize=1024)
-def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int, keys: int) -> mx.array:
-    """Q, K, V templates as one uint8 input (the kernel's `tmpl`)."""
+def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int, keys: int,
+               group: int) -> mx.array:
+    """Q, K, V templates and the heads per section as one uint8 input (the kernel's `tmpl`)."""
     tq = tensor_map_3d(2, d, nq, batch * heads_q, ROWS)
     tk = tensor_map_3d(2, d, nk, batch * heads_kv, keys)
-    return _cuda.const_array(tuple(tq + tk + tk), mx.uint8)  # V has K's shape (Dv = Dqk)
+    tmpl = tq + tk + tk + group.to_bytes(4, "little")  # V has K's shape (Dv = Dqk)
+    return _cuda.const_array(tuple(tmpl.ljust(TMPL_BYTES, b"\0")), mx.uint8)
 
 
 def template(spec: AttentionSpec) -> list:
@@ -181,7 +205,8 @@ def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
     row_blocks = math.ceil(spec.seqlen_q / ROWS)
     ip, fp = _cuda._param_arrays(spec, _cuda._NO_DIMS, _cuda._NO_DIMS)
     keys = keys_per_tile(spec)
-    tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, keys)
+    group = heads_per_section(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_k, d)
+    tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, keys, group)
     blocks = blocks_for(row_blocks * spec.heads_q * spec.batch)
     out, lse, _ = _kernel(smem_bytes(d, keys))(
         inputs=[q, k, v, ip, fp, tmpl], template=template(spec),
