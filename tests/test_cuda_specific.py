@@ -650,6 +650,25 @@ def test_ws_forward_grid(monkeypatch):
     assert cuda_fwd_ws.blocks_for(4096) == 4096
 
 
+def test_ws_forward_head_sections(monkeypatch):
+    """The work order's sections hold as many heads as keep their K and V
+    within the L2 budget (GQA heads sharing a KV head count once), at least
+    one and at most all; MLX_FLASH_CUDA_FWD_WS_HEAD_GROUP fixes the count (0: all heads)."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    monkeypatch.setattr(cuda_fwd_ws, "HEAD_GROUP", None)
+    per_head = 2 * 4096 * 128 * 2  # K and V of one head at Nk = 4096, D = 128
+    assert cuda_fwd_ws.heads_per_section(2, 16, 16, 4096, 128) == cuda_fwd_ws.L2_BUDGET // per_head
+    assert cuda_fwd_ws.heads_per_section(1, 64, 16, 4096, 128) == 4 * (cuda_fwd_ws.L2_BUDGET // per_head)
+    assert cuda_fwd_ws.heads_per_section(1, 16, 16, 1 << 20, 128) == 1
+    assert cuda_fwd_ws.heads_per_section(4, 16, 16, 1024, 64) == 64
+    monkeypatch.setattr(cuda_fwd_ws, "HEAD_GROUP", 0)
+    assert cuda_fwd_ws.heads_per_section(2, 16, 16, 4096, 128) == 32
+    monkeypatch.setattr(cuda_fwd_ws, "HEAD_GROUP", 5)
+    assert cuda_fwd_ws.heads_per_section(2, 16, 16, 4096, 128) == 5
+    assert cuda_fwd_ws.heads_per_section(1, 2, 2, 4096, 128) == 2
+
+
 @needs_nvcc
 def test_ws_forward_compiles_bounded_without_spills(tmp_path):
     """attention_fwd_ws as MLX wraps it (its MLX names): no spills, the launch
@@ -894,6 +913,9 @@ def test_ws_forward_on_gpu(kind, feature, grid, monkeypatch):
 
     dtype, D = kind
     monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", grid == "persistent")
+    # The persistent grid walks the work order in sections of 3 heads (the
+    # last one shorter where the heads do not divide); the other, L2-sized ones.
+    monkeypatch.setattr(cuda_fwd_ws, "HEAD_GROUP", 3 if grid == "persistent" else None)
     monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)  # whatever MLX_FLASH_CUDA_FWD_WS says
     monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", False)  # bf16 and D = 64 too
     calls = []
