@@ -254,6 +254,15 @@ def _time_queued(fn, iters=10):
     return (time.perf_counter() - t0) / iters
 
 
+def _build_us(fn, calls=20):
+    """Host microseconds to build one call's graph (no eval)."""
+    t0 = time.perf_counter()
+    outs = [fn() for _ in range(calls)]
+    t = (time.perf_counter() - t0) / calls * 1e6
+    del outs
+    return t
+
+
 def _torch_events(q_shape, dtype, causal, iters=10):
     """torch SDPA on its own random inputs: seconds per call, timed with CUDA
     events over `iters` queued calls (None without torch)."""
@@ -294,7 +303,7 @@ def sweep(D, dtype, knob_sets, shapes=None, iters=10):
             mx.eval(q, k, v)
             s = D ** -0.5
             flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
-            res = {}
+            res, build_us = {}, {}
             for label, knobs in knob_sets.items():
                 if "keys" in knobs and (causal or D != 128):
                     continue  # the dense D = 128 key tile only
@@ -302,12 +311,15 @@ def sweep(D, dtype, knob_sets, shapes=None, iters=10):
                 try:
                     fn = lambda: mlx_flash.flash_attention(q, k, v, causal=causal, scale=s)
                     res[label] = (time_fn(fn, iters), _time_queued(fn, iters))
+                    if label == "ws":
+                        build_us[label] = _build_us(fn)
                 except Exception as e:  # noqa: BLE001 (a variant that fails to build or launch)
                     print(f"{label} failed: {e}")
                 finally:
                     _set_ws_knobs(D, saved)
             fast = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=s, mask="causal" if causal else None)
             res["mx.fast"] = (time_fn(fast, iters), _time_queued(fast, iters))
+            build_us["mx.fast"] = _build_us(fast)
             t = _torch_events((B, H, N, D), dtype, causal, iters)
             if t is not None:
                 res["torch"] = (t, t)
@@ -315,11 +327,13 @@ def sweep(D, dtype, knob_sets, shapes=None, iters=10):
                        **{f"{k}_ms": v[0] * 1e3 for k, v in res.items()},
                        **{f"{k}_queued_ms": v[1] * 1e3 for k, v in res.items()},
                        **{f"{k}_tflops": flops / v[0] / 1e12 for k, v in res.items()},
-                       **{f"{k}_queued_tflops": flops / v[1] / 1e12 for k, v in res.items()})
+                       **{f"{k}_queued_tflops": flops / v[1] / 1e12 for k, v in res.items()},
+                       **{f"{k}_graph_build_us": v for k, v in build_us.items()})
             rows.append(row)
             print(f"{str(dtype).split('.')[-1]} {[B, H, N, D]} causal={int(causal)}: " + ", ".join(
                 f"{k} {flops / v[0] / 1e12:.0f}/{flops / v[1] / 1e12:.0f}" for k, v in res.items()) +
-                "  (TF/s per-call-eval/queued)", flush=True)
+                "  (TF/s per-call-eval/queued); graph build us " +
+                ", ".join(f"{k} {v:.0f}" for k, v in build_us.items()), flush=True)
     return rows
 
 
