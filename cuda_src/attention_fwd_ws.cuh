@@ -66,9 +66,36 @@ template <> struct Wgmma<__nv_bfloat16, 176> {
 // which only tells MLX's kernel names apart, must agree with it).
 template <class P> struct WsIsBf16 { static constexpr bool value = false; };
 template <> struct WsIsBf16<const __nv_bfloat16*> { static constexpr bool value = true; };
-// Q, K, V tensor maps per block (the workspace slot); the `tmpl` input holds
-// their three templates, then the work order's heads per section (int32).
+// Q, K, V tensor maps per block; the `tmpl` input holds their three
+// templates, then two int32: the work order's heads per section and the trace
+// switch. A block's workspace slot: its maps, then its trace (ws_trace).
 constexpr int kWsTmapBytes = 3 * 128;
+constexpr int kWsSlotBytes = kWsTmapBytes + 128;
+
+// Timeline of a block for profiling, where the host switched it on (tmpl's
+// second int): u64 `slot` of the block's trace gets `value`. The switch is
+// read from memory at each call, so no register stays live for it.
+__device__ __forceinline__ void ws_trace(const unsigned char* tmpl, unsigned char* tmaps, int slot,
+                                         unsigned long long value) {
+  if (reinterpret_cast<const int*>(tmpl + kWsTmapBytes)[1] != 0)
+    reinterpret_cast<unsigned long long*>(tmaps + (long)blockIdx.x * kWsSlotBytes + kWsTmapBytes)[slot] = value;
+}
+__device__ __forceinline__ unsigned long long ws_globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ unsigned ws_smid() {
+  unsigned id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+// Trace slots: what happened when (clock64 of the block's first consumer
+// thread, globaltimer where named; the others of the first item only).
+enum WsTrace {
+  kTrSm, kTrEntryNs, kTrEntry, kTrSetup, kTrQ, kTrLoopEnd, kTrEpilogueEnd, kTrEpilogueEndNs, kTrExit, kTrExitNs,
+  kTrItems
+};
 
 // Dynamic shared memory of the forward (bytes): Q [128][D], STAGES K and V
 // tiles [BN][D], plus 1 KiB to align the swizzled tiles to 1024 bytes.
@@ -203,7 +230,7 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[D / 2], const float (
 // D, N, B * heads; 128-byte swizzle, boxes of 64 x 128 (Q) or 64 x BN) and
 // the heads per section of the work order (16 bytes);
 // BN: keys per tile (128; 176 at D = 128, where S, P and O still fit 240 registers);
-// tmaps: kWsTmapBytes per block, where the block publishes them.
+// tmaps: kWsSlotBytes per block, where the block publishes them (and its trace).
 template <class F, int D, int BN, int STAGES, typename T>
 __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
                                  const unsigned char* tmpl, T* out, float* lse, unsigned char* tmaps) {
@@ -257,7 +284,12 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   };
   const int items = row_blocks * heads;
 
-  unsigned char* tm_ws = tmaps + (long)blockIdx.x * kWsTmapBytes;
+  unsigned char* tm_ws = tmaps + (long)blockIdx.x * kWsSlotBytes;
+  if (threadIdx.x == 0) {
+    ws_trace(tmpl, tmaps, kTrEntry, clock64());
+    ws_trace(tmpl, tmaps, kTrEntryNs, ws_globaltimer());
+    ws_trace(tmpl, tmaps, kTrSm, ws_smid());
+  }
   if (warp == 8) {
     const void* const addrs[3] = {q, k, v};
     tma_publish<3>(tm_stage, tmpl, tm_ws, addrs, lane);
@@ -325,6 +357,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  if (threadIdx.x == 0) ws_trace(tmpl, tmaps, kTrSetup, clock64());
 
   // A consumer warpgroup.
   const int wg = warp / 4, wt = threadIdx.x % 128, g = lane / 4, t4 = lane % 4;
@@ -394,6 +427,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     };
 
     mbar_wait(&q_full, n & 1);
+    if (threadIdx.x == 0 && n == 0) ws_trace(tmpl, tmaps, kTrQ, clock64());
     if (tiles > 0) {
       if (wg == 1) asm volatile("bar.arrive 4, 256;\n");
       const int st0 = kv % STAGES;
@@ -450,6 +484,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       if (exact) wg_exact_pv<T, D, BN>(o, pa, Vs + lst * KV_BYTES);
       if (signals) ws_mbar_arrive(&v_empty[lst]);
       kv += tiles;
+      if (threadIdx.x == 0 && n == 0) ws_trace(tmpl, tmaps, kTrLoopEnd, clock64());
     } else if (signals) {
       ws_mbar_arrive(&q_empty);
     }
@@ -474,6 +509,15 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       }
       if (t4 == 0) lse[q_base + i] = row_lse<true>(m, sum);
     }
+    if (threadIdx.x == 0 && n == 0) {
+      ws_trace(tmpl, tmaps, kTrEpilogueEnd, clock64());
+      ws_trace(tmpl, tmaps, kTrEpilogueEndNs, ws_globaltimer());
+    }
+  }
+  if (threadIdx.x == 0) {
+    ws_trace(tmpl, tmaps, kTrExit, clock64());
+    ws_trace(tmpl, tmaps, kTrExitNs, ws_globaltimer());
+    ws_trace(tmpl, tmaps, kTrItems, n);
   }
 }
 

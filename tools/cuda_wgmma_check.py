@@ -388,6 +388,54 @@ def build_share(index, count):
     print(f"build {index}/{count}: {len(jobs[index::count])} of {len(jobs)}")
 
 
+# cuda_fwd_ws's trace slots (the kernel's WsTrace), u64 each after the tensor maps.
+_TRACE_SLOTS = ("sm", "entry_ns", "entry", "setup", "q", "loop_end", "epilogue_end", "epilogue_end_ns", "exit",
+                "exit_ns", "items")
+
+
+def trace(B, H, N, D, causal, dtype, persistent, out_dir):
+    """One traced call of the warp-specialised forward: where a block's time
+    goes (setup, Q wait, main loop, epilogue of its first item, in us at the
+    SM clock) and how busy the SMs stay (block spans over the kernel's span)."""
+    import numpy as np
+
+    causal = bool(causal)
+    q, k, v = (mx.random.normal((B, H, N, D)).astype(dtype) for _ in range(3))
+    mx.eval(q, k, v)
+    saved = _set_ws_knobs(D, {"persistent": bool(persistent)})
+    try:
+        mx.eval(mlx_flash.flash_attention(q, k, v, causal=causal))  # warm
+        ws.TRACE = []
+        mx.eval(mlx_flash.flash_attention(q, k, v, causal=causal))
+        work = ws.TRACE[-1]
+        mx.eval(work)
+    finally:
+        ws.TRACE = None
+        _set_ws_knobs(D, saved)
+    raw = np.array(work).view(np.uint64).reshape(-1, ws.SLOT_BYTES // 8)[:, ws.TMAP_BYTES // 8:]
+    tr = {name: raw[:, i].astype(np.float64) for i, name in enumerate(_TRACE_SLOTS)}
+    t0 = tr["entry_ns"].min()
+    span_us = (tr["exit_ns"].max() - t0) / 1e3
+    ghz = np.median((tr["exit"] - tr["entry"]) / np.maximum(tr["exit_ns"] - tr["entry_ns"], 1))
+    us = lambda a, b: (tr[b] - tr[a]) / ghz / 1e3
+    parts = {"setup": us("entry", "setup"), "q_wait": us("setup", "q"), "main_loop": us("q", "loop_end"),
+             "epilogue": us("loop_end", "epilogue_end"), "block": us("entry", "exit")}
+    sms = tr["sm"].astype(int)
+    busy = np.bincount(sms, weights=(tr["exit_ns"] - tr["entry_ns"]) / 1e3) / span_us
+    busy = busy[np.bincount(sms) > 0]
+    first_wave = np.sort(tr["entry_ns"] - t0)[:min(len(sms), 132)] / 1e3
+    summary = dict(shape=[B, H, N, D], causal=causal, dtype=str(dtype), persistent=bool(persistent),
+                   blocks=int(len(sms)), sms=int(len(busy)), span_us=span_us, sm_ghz=float(ghz),
+                   sm_busy_mean=float(busy.mean()), sm_busy_min=float(busy.min()),
+                   first_wave_entry_us_max=float(first_wave.max()),
+                   **{f"{k}_us_mean": float(v.mean()) for k, v in parts.items()},
+                   **{f"{k}_us_max": float(v.max()) for k, v in parts.items()})
+    print("trace " + json.dumps(summary), flush=True)
+    np.save(os.path.join(out_dir, f"trace_{B}x{H}x{N}x{D}_{'causal' if causal else 'dense'}_"
+                                  f"{'p' if persistent else 'g'}.npy"), raw)
+    return summary
+
+
 def probe(B, H, N, D, causal, dtype):
     causal = bool(causal)
     """One call of the routed forward (for ncu: one launch per probe)."""
@@ -613,6 +661,9 @@ def main():
             result.setdefault("sweep", []).extend(sweep(D, _DTYPES[dt], sweep_plan()[(D, dt)]))
         elif name == "build":  # build:i:n: share i of n of the kernels SWEEP_PLAN times
             build_share(int(args[0]), int(args[1]))
+        elif name == "trace":  # trace:B:H:N:D:causal:f16|bf16:persistent(0/1)
+            result.setdefault("trace", []).append(
+                trace(*(int(a) for a in args[:5]), _DTYPES[args[5]], int(args[6]), out_dir))
         elif name == "probe":  # probe:B:H:N:D:causal:f16|bf16
             probe(*(int(a) for a in args[:5]), _DTYPES[args[5]])
         elif name == "prewarm":

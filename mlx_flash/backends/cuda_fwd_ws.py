@@ -32,7 +32,8 @@ from . import cuda as _cuda
 
 THREADS = 384       # two consumer warpgroups + the producer warpgroup
 TMAP_BYTES = 3 * 128  # kWsTmapBytes: Q, K, V maps per block
-TMPL_BYTES = TMAP_BYTES + 16  # the `tmpl` input: the three map templates, then the heads per section (int32)
+SLOT_BYTES = TMAP_BYTES + 128  # kWsSlotBytes: a block's workspace (its maps, then its trace)
+TMPL_BYTES = TMAP_BYTES + 16  # the `tmpl` input: the three map templates, heads per section, trace switch (int32)
 ROWS = 128          # query rows per block
 INPUTS = ("q", "k", "v", "ip", "fp", "tmpl")
 OUTPUTS = ("out", "lse", "tmaps")
@@ -76,6 +77,11 @@ if KEYS_DENSE_D128 not in (128, 176):
 # block scheduler balances the causal items better), and blocks taking
 # several items were timed but not yet checked against a reference on a GPU.
 PERSISTENT = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PERSISTENT", "0") == "1"
+
+# Profiling: a list here makes each call record its blocks' timelines (the
+# kernel's WsTrace slots) and append its workspace output (uint8, SLOT_BYTES
+# per block) to the list; tools/cuda_wgmma_check.py's `trace` part reads them.
+TRACE = None
 
 
 # Work order: the heads are cut into sections whose K and V fit in L2 together
@@ -171,11 +177,11 @@ def tensor_map_3d(elem_bytes: int, inner: int, rows: int, slabs: int, box_rows: 
 
 @functools.lru_cache(maxsize=1024)
 def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int, keys: int,
-               group: int) -> mx.array:
-    """Q, K, V templates and the heads per section as one uint8 input (the kernel's `tmpl`)."""
+               group: int, trace: bool) -> mx.array:
+    """Q, K, V templates, the heads per section and the trace switch as one uint8 input (the kernel's `tmpl`)."""
     tq = tensor_map_3d(2, d, nq, batch * heads_q, ROWS)
     tk = tensor_map_3d(2, d, nk, batch * heads_kv, keys)
-    tmpl = tq + tk + tk + group.to_bytes(4, "little")  # V has K's shape (Dv = Dqk)
+    tmpl = tq + tk + tk + group.to_bytes(4, "little") + int(trace).to_bytes(4, "little")  # V has K's shape
     return _cuda.const_array(tuple(tmpl.ljust(TMPL_BYTES, b"\0")), mx.uint8)
 
 
@@ -206,12 +212,15 @@ def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
     ip, fp = _cuda._param_arrays(spec, _cuda._NO_DIMS, _cuda._NO_DIMS)
     keys = keys_per_tile(spec)
     group = heads_per_section(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_k, d)
-    tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, keys, group)
+    tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, keys, group,
+                      TRACE is not None)
     blocks = blocks_for(row_blocks * spec.heads_q * spec.batch)
-    out, lse, _ = _kernel(smem_bytes(d, keys))(
+    out, lse, workspace = _kernel(smem_bytes(d, keys))(
         inputs=[q, k, v, ip, fp, tmpl], template=template(spec),
         grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[out_shape, lse_shape, (blocks * TMAP_BYTES,)],
+        output_shapes=[out_shape, lse_shape, (blocks * SLOT_BYTES,)],
         output_dtypes=[spec.dtype, mx.float32, mx.uint8], stream=stream,
     )
+    if TRACE is not None:
+        TRACE.append(workspace)
     return out, lse
