@@ -67,8 +67,9 @@ template <> struct Wgmma<__nv_bfloat16, 176> {
 template <class P> struct WsIsBf16 { static constexpr bool value = false; };
 template <> struct WsIsBf16<const __nv_bfloat16*> { static constexpr bool value = true; };
 // Q, K, V tensor maps per block; the `tmpl` input holds their three
-// templates, then two int32: the work order's heads per section and the trace
-// switch. A block's workspace slot: its maps, then its trace (ws_trace).
+// templates, then three int32: the work order's heads per section, the trace
+// switch and the dynamic schedule's switch. A block's workspace slot: its
+// maps, then its trace (ws_trace).
 constexpr int kWsTmapBytes = 3 * 128;
 constexpr int kWsSlotBytes = kWsTmapBytes + 128;
 
@@ -231,9 +232,12 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[D / 2], const float (
 // the heads per section of the work order (16 bytes);
 // BN: keys per tile (128; 176 at D = 128, where S, P and O still fit 240 registers);
 // tmaps: kWsSlotBytes per block, where the block publishes them (and its trace).
+// tk: two zeroed uint32 tickets (the dynamic schedule's item counter and its
+// count of finished blocks; the last block to finish zeroes both again).
 template <class F, int D, int BN, int STAGES, typename T>
 __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
-                                 const unsigned char* tmpl, T* out, float* lse, unsigned char* tmaps) {
+                                 const unsigned char* tmpl, const unsigned* tk, T* out, float* lse,
+                                 unsigned char* tmaps) {
   static_assert(D == 64 || D == 128, "warp-specialised forward: head dim 64 or 128");
   static_assert(BN == 128 || (BN == 176 && D == 128), "warp-specialised forward: 128-key tiles (176 at D = 128)");
   static_assert(!F::ElementRules && !F::Sinks && !F::Varlen && !F::KeyRange,
@@ -248,6 +252,9 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   __shared__ __align__(128) unsigned char tm_stage[kWsTmapBytes];
   __shared__ __align__(8) unsigned long long q_full, q_empty, k_full[STAGES], k_empty[STAGES], v_full[STAGES],
       v_empty[STAGES];
+  // The item whose Q the producer loads next (-1: none left); written before
+  // q_full's arrive (release), read after its wait (acquire).
+  __shared__ int next_item;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], heads = ip[kBatch] * Hq;
@@ -258,9 +265,11 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   // and inside one the row blocks run from the last (under causal rules the
   // longest) to the first, the section's heads taking turns. group = 1: one
   // head after the other, so the blocks resident at once share its K and V.
-  // A block takes items blockIdx.x, + gridDim.x, ... (persistent when the
-  // grid is smaller than the work); its K/V ring and barrier phases run on
-  // across its items.
+  // A block takes item blockIdx.x first, then (persistent, when the grid is
+  // smaller than the work) + gridDim.x, ..., or under the dynamic schedule
+  // the next unclaimed one (an atomic ticket); its producer tells the
+  // consumers each item through `next_item`. Its K/V ring and barrier phases
+  // run on across its items.
   struct Item {
     int b, h, i0, i_end, tile0, tiles;
   };
@@ -336,8 +345,10 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
         ws_tma_load_3d(Vs + st * KV_BYTES + a * BN * 128, tm_v, a * 64, jt, slab, &v_full[st]);
       ++kv;
     };
+    const bool dynamic = reinterpret_cast<const int*>(tmpl + kWsTmapBytes)[2] != 0;
+    unsigned* tickets = const_cast<unsigned*>(tk);
     int n = 0;  // items taken
-    for (int w = blockIdx.x; w < items; w += gridDim.x, ++n) {
+    for (int w = blockIdx.x; w < items; ++n) {
       LogitRules<MT> rules;
       const Item it = item_of(w, rules);
       const int slab = it.b * Hkv + it.h / (Hq / Hkv);
@@ -346,13 +357,25 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       // consumers still finish the previous item, whose Q they hold.
       if (it.tiles > 0) load_k(tile_start(0), slab);
       mbar_wait(&q_empty, (n & 1) ^ 1);
+      *reinterpret_cast<volatile int*>(&next_item) = w;
       mbar_expect_tx(&q_full, Q_BYTES);
 #pragma unroll
       for (int a = 0; a < D / 64; ++a) ws_tma_load_3d(Qs + a * BM * 128, tm_q, a * 64, it.i0, it.b * Hq + it.h, &q_full);
+      // The next item, claimed now so that the atomic's latency hides under this one's loads.
+      const int next = dynamic ? gridDim.x + atomicAdd(tickets, 1u) : w + gridDim.x;
       for (int t = 0; t < it.tiles; ++t) {
         if (t > 0) load_k(tile_start(t), slab);
         load_v(tile_start(t), slab);
       }
+      w = next;
+    }
+    // No item left: the consumers' last q_full phase carries -1.
+    mbar_wait(&q_empty, (n & 1) ^ 1);
+    *reinterpret_cast<volatile int*>(&next_item) = -1;
+    ws_mbar_arrive(&q_full);
+    if (dynamic && atomicAdd(tickets + 1, 1u) == gridDim.x - 1) {  // every block is past its last claim
+      tickets[0] = 0;
+      tickets[1] = 0;
     }
     return;
   }
@@ -391,8 +414,18 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   unsigned pa[BN / 16][4];
   WsDrop<BN> drop = {};
   int kv = 0;  // K/V tiles consumed so far (ring position)
-  int n = 0;   // items taken
-  for (int w = blockIdx.x; w < items; w += gridDim.x, ++n) {
+  for (int n = 0;; ++n) {  // n: items taken
+    mbar_wait(&q_full, n & 1);
+    const int w = *reinterpret_cast<volatile int*>(&next_item);
+    if (w < 0) {
+      if (threadIdx.x == 0) {
+        ws_trace(tmpl, tmaps, kTrExit, clock64());
+        ws_trace(tmpl, tmaps, kTrExitNs, ws_globaltimer());
+        ws_trace(tmpl, tmaps, kTrItems, n);
+      }
+      return;
+    }
+    if (threadIdx.x == 0 && n == 0) ws_trace(tmpl, tmaps, kTrQ, clock64());
     LogitRules<MT> rules;
     const Item it = item_of(w, rules);
     const Sequence seq = sequence_of<false>(it.b, ip, nullptr, nullptr);
@@ -426,8 +459,6 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
              ws_warpgroup_or(2 + wg, ws_chunks_nonfinite<T, BN, D>(Vs + st * KV_BYTES, wt));
     };
 
-    mbar_wait(&q_full, n & 1);
-    if (threadIdx.x == 0 && n == 0) ws_trace(tmpl, tmaps, kTrQ, clock64());
     if (tiles > 0) {
       if (wg == 1) asm volatile("bar.arrive 4, 256;\n");
       const int st0 = kv % STAGES;
@@ -514,11 +545,6 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       ws_trace(tmpl, tmaps, kTrEpilogueEndNs, ws_globaltimer());
     }
   }
-  if (threadIdx.x == 0) {
-    ws_trace(tmpl, tmaps, kTrExit, clock64());
-    ws_trace(tmpl, tmaps, kTrExitNs, ws_globaltimer());
-    ws_trace(tmpl, tmaps, kTrItems, n);
-  }
 }
 
 }  // namespace mlx_flash
@@ -526,12 +552,12 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
 // The launch bound of every instance the backend builds (see the top): MLX
 // names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
 // template values (BF16, D, WINDOW, STAGES, BN as _t/_f and numbers), and declares
-// its parameters as below (inputs q, k, v, ip, fp, tmpl; outputs out, lse, tmaps;
-// int and unsigned char are the int32_t and uint8_t MLX writes).
+// its parameters as below (inputs q, k, v, ip, fp, tmpl, tk; outputs out, lse, tmaps;
+// int, unsigned char and unsigned are the int32_t, uint8_t and uint32_t MLX writes).
 #define MLX_FLASH_WS_DECLARE(SUFFIX, TT)                                                                    \
   __global__ void __launch_bounds__(384, 1) custom_kernel_mlx_flash_attention_fwd_ws##SUFFIX(            \
-      const TT* q, const TT* k, const TT* v, const int* ip, const float* fp, const unsigned char* tmpl, TT* out, \
-      float* lse, unsigned char* tmaps);
+      const TT* q, const TT* k, const TT* v, const int* ip, const float* fp, const unsigned char* tmpl,       \
+      const unsigned* tk, TT* out, float* lse, unsigned char* tmaps);
 namespace mlx::core::cu {
 MLX_FLASH_WS_DECLARE(_f_128_f_2_128, __half)
 MLX_FLASH_WS_DECLARE(_f_128_t_2_128, __half)

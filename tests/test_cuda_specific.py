@@ -679,7 +679,8 @@ def test_ws_forward_compiles_bounded_without_spills(tmp_path):
     body = cuda_backend._read("attention_fwd_ws.cu")
     kernels = []
     for name, T, template in _ws_instances():
-        inputs = [("q", T), ("k", T), ("v", T), ("ip", mx.int32), ("fp", mx.float32), ("tmpl", mx.uint8)]
+        inputs = [("q", T), ("k", T), ("v", T), ("ip", mx.int32), ("fp", mx.float32), ("tmpl", mx.uint8),
+                  ("tk", mx.uint32)]
         outputs = [("out", T), ("lse", mx.float32), ("tmaps", mx.uint8)]
         assert [n for n, _ in inputs] == list(cuda_fwd_ws.INPUTS) and [n for n, _ in outputs] == list(cuda_fwd_ws.OUTPUTS)
         kernels.append(_kernel_text(name, body, inputs, outputs, template))

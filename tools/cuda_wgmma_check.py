@@ -160,10 +160,11 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
 
 
 def _set_ws_knobs(D, knobs):
-    """Sets cuda_fwd_ws's knobs (enabled, persistent, stages, keys, group: heads
-    per section of the work order, None = sized by L2) for head dim D; returns the old ones."""
+    """Sets cuda_fwd_ws's knobs (enabled, persistent, dynamic, stages, keys, group:
+    heads per section of the work order, None = sized by L2) for head dim D; returns the old ones."""
     old = dict(enabled=ws._ENABLED, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128,
-               persistent=ws.PERSISTENT, group=ws.HEAD_GROUP)
+               persistent=ws.PERSISTENT, dynamic=ws.DYNAMIC, group=ws.HEAD_GROUP)
+    ws.DYNAMIC = knobs.get("dynamic", old["dynamic"])
     ws.HEAD_GROUP = knobs.get("group", old["group"])
     ws.PERSISTENT = knobs.get("persistent", old["persistent"])
     ws._ENABLED = knobs.get("enabled", old["enabled"])
@@ -339,7 +340,7 @@ def sweep(D, dtype, knob_sets, shapes=None, iters=10):
 
 def sweep_plan():
     """SWEEP_PLAN="D:f16|bf16:label=knob~value/knob~value,label2=...;..." as
-    {(D, dtype name): {label: knobs}} (knobs: persistent, enabled (0/1), stages, keys,
+    {(D, dtype name): {label: knobs}} (knobs: persistent, dynamic, enabled (0/1), stages, keys,
     group (a count or auto); "ws=" is the default)."""
     plan = {}
     for entry in filter(None, os.environ.get("SWEEP_PLAN", "").split(";")):
@@ -353,7 +354,7 @@ def sweep_plan():
                 if key == "group":
                     knobs[key] = None if val == "auto" else int(val)
                 else:
-                    knobs[key] = val == "1" if key in ("persistent", "enabled") else int(val)
+                    knobs[key] = val == "1" if key in ("persistent", "dynamic", "enabled") else int(val)
             knob_sets[label] = knobs
         plan[(int(d), dt)] = knob_sets
     return plan

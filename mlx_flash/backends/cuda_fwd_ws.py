@@ -33,9 +33,9 @@ from . import cuda as _cuda
 THREADS = 384       # two consumer warpgroups + the producer warpgroup
 TMAP_BYTES = 3 * 128  # kWsTmapBytes: Q, K, V maps per block
 SLOT_BYTES = TMAP_BYTES + 128  # kWsSlotBytes: a block's workspace (its maps, then its trace)
-TMPL_BYTES = TMAP_BYTES + 16  # the `tmpl` input: the three map templates, heads per section, trace switch (int32)
+TMPL_BYTES = TMAP_BYTES + 16  # `tmpl`: the three map templates; heads per section, trace and dynamic switches (int32)
 ROWS = 128          # query rows per block
-INPUTS = ("q", "k", "v", "ip", "fp", "tmpl")
+INPUTS = ("q", "k", "v", "ip", "fp", "tmpl", "tk")
 OUTPUTS = ("out", "lse", "tmaps")
 
 # Which calls it takes: "0" none; "1" (default) the cases timed on the GPU
@@ -77,6 +77,10 @@ if KEYS_DENSE_D128 not in (128, 176):
 # block scheduler balances the causal items better), and blocks taking
 # several items were timed but not yet checked against a reference on a GPU.
 PERSISTENT = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PERSISTENT", "0") == "1"
+# Persistent blocks claim their next item with an atomic ticket (the stream's
+# ticket pool, backends/cuda.py) instead of striding by the grid, so blocks
+# that drew short (causal) items take more of them.
+DYNAMIC = os.environ.get("MLX_FLASH_CUDA_FWD_WS_DYNAMIC", "1") == "1"
 
 # Profiling: a list here makes each call record its blocks' timelines (the
 # kernel's WsTrace slots) and append its workspace output (uint8, SLOT_BYTES
@@ -177,11 +181,12 @@ def tensor_map_3d(elem_bytes: int, inner: int, rows: int, slabs: int, box_rows: 
 
 @functools.lru_cache(maxsize=1024)
 def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int, keys: int,
-               group: int, trace: bool) -> mx.array:
-    """Q, K, V templates, the heads per section and the trace switch as one uint8 input (the kernel's `tmpl`)."""
+               group: int, trace: bool, dynamic: bool) -> mx.array:
+    """Q, K, V templates, the heads per section, the trace and dynamic-schedule
+    switches as one uint8 input (the kernel's `tmpl`)."""
     tq = tensor_map_3d(2, d, nq, batch * heads_q, ROWS)
     tk = tensor_map_3d(2, d, nk, batch * heads_kv, keys)
-    tmpl = tq + tk + tk + group.to_bytes(4, "little") + int(trace).to_bytes(4, "little")  # V has K's shape
+    tmpl = tq + tk + tk + b"".join(int(x).to_bytes(4, "little") for x in (group, trace, dynamic))  # V has K's shape
     return _cuda.const_array(tuple(tmpl.ljust(TMPL_BYTES, b"\0")), mx.uint8)
 
 
@@ -212,11 +217,14 @@ def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
     ip, fp = _cuda._param_arrays(spec, _cuda._NO_DIMS, _cuda._NO_DIMS)
     keys = keys_per_tile(spec)
     group = heads_per_section(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_k, d)
+    items = row_blocks * spec.heads_q * spec.batch
+    blocks = blocks_for(items)
+    dynamic = DYNAMIC and blocks < items
     tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, keys, group,
-                      TRACE is not None)
-    blocks = blocks_for(row_blocks * spec.heads_q * spec.batch)
+                      TRACE is not None, dynamic)
+    tickets = _cuda._ticket_region(stream) if dynamic else _cuda._placeholder(mx.uint32)
     out, lse, workspace = _kernel(smem_bytes(d, keys))(
-        inputs=[q, k, v, ip, fp, tmpl], template=template(spec),
+        inputs=[q, k, v, ip, fp, tmpl, tickets], template=template(spec),
         grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[out_shape, lse_shape, (blocks * SLOT_BYTES,)],
         output_dtypes=[spec.dtype, mx.float32, mx.uint8], stream=stream,
