@@ -174,9 +174,23 @@ __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[
   }
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float mx = kNegInf;
+    // 128-key tiles: four running maxima, a dependency chain a quarter as
+    // long (the same value: fmaxf ignores NaN in any order); 176-key tiles
+    // have no registers to spare for them.
+    float mx;
+    if constexpr (BN <= 128) {
+      float m4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
 #pragma unroll
-    for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
+      for (int n = 0; n < BN / 8; ++n) {
+        m4[2 * (n & 1)] = fmaxf(m4[2 * (n & 1)], s[4 * n + 2 * half]);
+        m4[2 * (n & 1) + 1] = fmaxf(m4[2 * (n & 1) + 1], s[4 * n + 2 * half + 1]);
+      }
+      mx = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
+    } else {
+      mx = kNegInf;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
+    }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float new_max = fmaxf(row_max[half], mx * f);
