@@ -389,6 +389,8 @@ def build_share(index, count):
     print(f"build {index}/{count}: {len(jobs[index::count])} of {len(jobs)}")
 
 
+_READ_BACK = []  # workspaces read on the host (see trace)
+
 # cuda_fwd_ws's trace slots (the kernel's WsTrace), u64 each after the tensor maps.
 _TRACE_SLOTS = ("sm", "entry_ns", "entry", "setup", "q", "loop_end", "epilogue_end", "epilogue_end_ns", "exit",
                 "exit_ns", "items")
@@ -414,6 +416,11 @@ def trace(B, H, N, D, causal, dtype, persistent, out_dir):
         ws.TRACE = None
         _set_ws_knobs(D, saved)
     raw = np.array(work).view(np.uint64).reshape(-1, ws.SLOT_BYTES // 8)[:, ws.TMAP_BYTES // 8:]
+    # Reading it moved its pages to the host (MLX's memory is managed); kept
+    # alive, it cannot come back from MLX's cache as a later call's output,
+    # whose first GPU writes would then fault the pages back (on the H200 a
+    # ~110 us stall of every block writing there: the first persistent traces).
+    _READ_BACK.append(work)
     tr = {name: raw[:, i].astype(np.float64) for i, name in enumerate(_TRACE_SLOTS)}
     t0 = tr["entry_ns"].min()
     span_us = (tr["exit_ns"].max() - t0) / 1e3
