@@ -418,8 +418,10 @@ def trace(B, H, N, D, causal, dtype, persistent, out_dir):
     raw = np.array(work).view(np.uint64).reshape(-1, ws.SLOT_BYTES // 8)[:, ws.TMAP_BYTES // 8:]
     # Reading it moved its pages to the host (MLX's memory is managed); kept
     # alive, it cannot come back from MLX's cache as a later call's output,
-    # whose first GPU writes would then fault the pages back (on the H200 a
-    # ~110 us stall of every block writing there: the first persistent traces).
+    # whose first GPU writes would fault the pages back. The first H200 run
+    # read them and freed them: its persistent traces, taken next, show every
+    # block stalled ~110 us in its first epilogue until one common instant,
+    # and the freed workspace had exactly the size of the next lse output.
     _READ_BACK.append(work)
     tr = {name: raw[:, i].astype(np.float64) for i, name in enumerate(_TRACE_SLOTS)}
     t0 = tr["entry_ns"].min()
