@@ -141,6 +141,48 @@ __device__ __forceinline__ bool ws_chunks_nonfinite(const unsigned char* tile, i
   return bad;
 }
 
+// A wgmma shared-memory descriptor (wgmma_desc: 128-byte swizzle, the given
+// strides) of `base_addr`, `offset` bytes on: consecutive k-steps differ only
+// in the low word's address field, and shared addresses stay below 256 KB, so
+// each k-step adds a constant to one word formed once per tile (wgmma_desc per
+// k-step cost ~7 dependent integer instructions per operand).
+struct WsDesc {
+  unsigned lo, hi;
+  __device__ __forceinline__ WsDesc(unsigned base_addr, unsigned lbo_bytes, unsigned sbo_bytes) {
+    const unsigned long long d = wgmma_desc(base_addr, lbo_bytes, sbo_bytes);
+    lo = (unsigned)d;
+    hi = (unsigned)(d >> 32);
+  }
+  __device__ __forceinline__ unsigned long long at(unsigned offset) const {
+    return ((unsigned long long)hi << 32) | (lo + (offset >> 4));
+  }
+};
+
+// S = Q K^T issued (not waited) over D / 16 k-steps (wg_issue_s's operands
+// and order; descriptors from WsDesc).
+template <typename T, int D, int BN>
+__device__ __forceinline__ void ws_issue_s(float (&s)[BN / 2], unsigned q_addr, unsigned k_addr) {
+  const WsDesc qd(q_addr, 16, 1024), kd(k_addr, 16, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    Wgmma<T, BN>::template ss<0, 0>(s, qd.at((kk / 4) * (128 * 128) + (kk % 4) * 32),
+                                    kd.at((kk / 4) * (BN * 128) + (kk % 4) * 32), kk > 0);
+  wgmma_commit();
+}
+
+// O += P V issued (not waited) over BN / 16 k-steps (wg_issue_pv's, descriptors from WsDesc).
+template <typename T, int D, int BN>
+__device__ __forceinline__ void ws_issue_pv(float (&o)[D / 2], unsigned (&pa)[BN / 16][4], unsigned v_addr) {
+  wgmma_pin(o);
+  wgmma_pin(pa);
+  const WsDesc vd(v_addr, BN * 128, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) Wgmma<T, D>::template rs<1>(o, pa[kk], vd.at(kk * 16 * 128), 1);
+  wgmma_commit();
+}
+
 // Online softmax of one S tile without touching O (its P V product of the
 // previous tile may still run): logit rules where the tile needs them
 // (kRules), new row maxima and sums, alpha (O's rescale factor, applied by
@@ -478,7 +520,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       const int st0 = kv % STAGES;
       mbar_wait(&k_full[st0], (kv / STAGES) & 1);
       turn_begin();
-      wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st0 * KV_BYTES));
+      ws_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st0 * KV_BYTES));
       wgmma_wait<0>();
       turn_end(false);
       wgmma_pin(s);
@@ -493,8 +535,8 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
         const bool exact = exact_pv(t - 1, pst);
         mbar_wait(&k_full[st], (c / STAGES) & 1);
         turn_begin();
-        wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
-        if (!exact) wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + pst * KV_BYTES));
+        ws_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
+        if (!exact) ws_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + pst * KV_BYTES));
         if (!exact) {
           wgmma_wait<1>();  // S(t) landed; P V of tile t-1 runs on under the softmax
         } else {
@@ -521,7 +563,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       mbar_wait(&v_full[lst], (c / STAGES) & 1);
       const bool exact = exact_pv(tiles - 1, lst);
       turn_begin();
-      if (!exact) wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + lst * KV_BYTES));
+      if (!exact) ws_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + lst * KV_BYTES));
       wgmma_wait<0>();
       turn_end(true);
       wgmma_pin(o);
