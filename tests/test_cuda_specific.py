@@ -614,17 +614,19 @@ def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
     monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
     monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", False)
     base = AttentionSpec(2, 8, 2, 1024, 1024, 128, 128, mx.float16, 128 ** -0.5)
-    unchecked = [base._replace(dtype=mx.bfloat16), base._replace(head_dim_qk=64, head_dim_v=64),
+    # D = 64 below MIN_KEYS_D64 keys: the wgmma kernel by default (it timed faster there).
+    unchecked = [base._replace(head_dim_qk=64, head_dim_v=64),
                  base._replace(dtype=mx.bfloat16, head_dim_qk=64, head_dim_v=64)]
+    long_d64 = [u._replace(seqlen_k=cuda_fwd_ws.MIN_KEYS_D64) for u in unchecked]
     served = [base, base._replace(window_right=0), base._replace(window_left=16, window_right=0),
-              base._replace(window_left=-1, window_right=4)] + unchecked
+              base._replace(window_left=-1, window_right=4), base._replace(dtype=mx.bfloat16)] + unchecked + long_d64
     others = [base._replace(softcap=5.0), base._replace(has_alibi=True), base._replace(has_sinks=True),
               base._replace(mask_kind="bool"), base._replace(mask_kind="additive"),
               base._replace(has_block_mask=True), base._replace(varlen=True, max_seqlen_q=512, max_seqlen_k=512),
               base._replace(has_key_range=True), base._replace(scale=-0.1), base._replace(scale=0.0)]
     assert all(cuda_fwd_ws.serves(s) for s in served)
     assert not any(cuda_fwd_ws.serves(s) for s in others)
-    # The default mode: only the cases run on a GPU (fp16, D = 128).
+    # The default mode: the cases timed faster than the wgmma kernel (D = 128; D = 64 with enough keys).
     monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", True)
     assert all(cuda_fwd_ws.serves(s) for s in served if s not in unchecked)
     assert not any(cuda_fwd_ws.serves(s) for s in unchecked + others)
@@ -636,8 +638,9 @@ def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
 
 
 def test_ws_forward_grid(monkeypatch):
-    """Persistent: at most one block per SM (each takes items in steps of the
-    grid); otherwise, or when the SM count is unknown, one block per item."""
+    """Persistent: at most one block per SM (each takes items one after the
+    other); otherwise, or when the SM count is unknown, one block per item;
+    by default persistent at D = 64 only."""
     from mlx_flash.backends import cuda_fwd_ws
 
     monkeypatch.setattr(cuda_fwd_ws, "sm_count", lambda: 132)
@@ -645,6 +648,9 @@ def test_ws_forward_grid(monkeypatch):
     assert [cuda_fwd_ws.blocks_for(n) for n in (1, 131, 132, 133, 4096)] == [1, 131, 132, 132, 132]
     monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", False)
     assert cuda_fwd_ws.blocks_for(4096) == 4096
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", None)
+    assert (cuda_fwd_ws.blocks_for(4096, 64), cuda_fwd_ws.blocks_for(4096, 128)) == (132, 4096)
     monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
     monkeypatch.setattr(cuda_fwd_ws, "sm_count", lambda: 0)
     assert cuda_fwd_ws.blocks_for(4096) == 4096

@@ -137,12 +137,13 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
                             d_out = float(np.max(np.abs(to_np(out).astype(np.float64) - to_np(o2).astype(np.float64))))
                             extra = f" vs wgmma kernel {d_out:.2e}"
                             # The grids differ in which block takes an item only: same bits.
-                            ws.PERSISTENT = not ws.PERSISTENT
+                            saved_grid = ws.PERSISTENT
+                            ws.PERSISTENT = not ws.persistent(D)
                             try:
                                 o3, l3 = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
                                 mx.eval(o3, l3)
                             finally:
-                                ws.PERSISTENT = not ws.PERSISTENT
+                                ws.PERSISTENT = saved_grid
                             if not (np.array_equal(to_np(o3), to_np(out), equal_nan=True) and
                                     np.array_equal(to_np(l3), to_np(lse), equal_nan=True)):
                                 raise AssertionError("persistent and one-block-per-item grids differ")
@@ -186,7 +187,7 @@ def _ws_variants(D, causal, dtype=mx.float16):
         name, _, only = item.partition(":")
         if name and (not only or _DTYPES.get(only) == dtype):
             wanted[name] = True
-    out = [("ws", {}), ("ws_grid", {"persistent": not ws.PERSISTENT})]
+    out = [("ws", {}), ("ws_grid", {"persistent": not ws.persistent(D)})]
     if D == 128 and not causal and "k128" in wanted:
         out.append(("ws_k128", {"keys": 176 if ws.KEYS_DENSE_D128 == 128 else 128}))
     if "s" in wanted:
@@ -287,7 +288,7 @@ def _torch_events(q_shape, dtype, causal, iters=10):
 
 
 SWEEP_SHAPES = {128: ((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128)),
-                64: ((1, 16, 16384, 64), (2, 16, 4096, 64), (4, 16, 1024, 64))}
+                64: ((1, 16, 16384, 64), (2, 16, 4096, 64), (4, 16, 2048, 64), (4, 16, 1024, 64))}
 
 
 def sweep(D, dtype, knob_sets, shapes=None, iters=10):

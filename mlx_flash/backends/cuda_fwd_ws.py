@@ -38,18 +38,18 @@ ROWS = 128          # query rows per block
 INPUTS = ("q", "k", "v", "ip", "fp", "tmpl", "tk")
 OUTPUTS = ("out", "lse", "tmaps")
 
-# Which calls it takes: "0" none; "1" (default) the cases timed on the GPU
-# (H200: fp16 at D = 128, 1.06-1.43x the wgmma kernel, see docs/cuda.md);
-# "all" every case it can serve (bf16 and D = 64 too). tools/cuda_fwd_ws_check.sh
-# passed on the H200 on 2026-12-04 with "all" (72 GPU tests against float64:
-# fp16/bf16, D 64/128, dense/causal/windows, odd N, Nq != Nk, GQA, both grids,
-# non-finite inputs), so "1" is the default; bf16 and D = 64 stay behind "all"
-# until they are timed against the wgmma kernel.
+# Which calls it takes: "0" none; "1" (default) the cases where it timed
+# faster than the wgmma kernel on the H200 (2026-12-04, docs/cuda.md): fp16
+# and bf16 at D = 128 (1.3-1.5x), and at D = 64 from MIN_KEYS_D64 keys on
+# (1.06-1.26x at 4-16K; at 1K keys it ran 0.65x, its items too short for its
+# fixed cost per item); "all" every case it can serve. Each of these passed
+# test_ws_forward_on_gpu against float64 on the H200.
 _MODE = os.environ.get("MLX_FLASH_CUDA_FWD_WS", "1")
 if _MODE not in ("0", "1", "all"):
     raise ValueError(f"MLX_FLASH_CUDA_FWD_WS: expected 0, 1 or all, got {_MODE!r}")
 _ENABLED = _MODE != "0"
 CHECKED_ONLY = _MODE == "1"
+MIN_KEYS_D64 = 2048
 
 
 # K/V ring depth per head dim (each stage holds a K and a V tile of 128 keys:
@@ -69,14 +69,17 @@ if KEYS_DENSE_D128 not in (128, 176):
     raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D128: expected 128 or 176, got {KEYS_DENSE_D128}")
 
 
-# Persistent grid (opt-in, =1): one block per SM, each taking work items (row
-# block, batch, head) longest first in steps of the grid, so one item's
-# epilogue and the next one's first loads overlap and the tensor maps are
-# published once per SM. Off by default: on the H200 it was 2-3% faster dense
-# at 8-16K but 7-10% slower causal than one block per item (the hardware's
-# block scheduler balances the causal items better), and blocks taking
-# several items were timed but not yet checked against a reference on a GPU.
-PERSISTENT = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PERSISTENT", "0") == "1"
+# Persistent grid: one block per SM taking work items (sections of heads, the
+# longest row blocks first in each) one after the other, so an item's epilogue
+# and the next one's first loads overlap and the tensor maps are published
+# once per SM; =1 everywhere, =0 one block per item, auto (default) as below.
+_PERSISTENT = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PERSISTENT", "auto")
+if _PERSISTENT not in ("0", "1", "auto"):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_PERSISTENT: expected 0, 1 or auto, got {_PERSISTENT!r}")
+PERSISTENT = None if _PERSISTENT == "auto" else _PERSISTENT == "1"
+# "auto": persistent at D = 64, whose short items it ran 1-30% faster on the
+# H200 (2026-12-04), one block per item at D = 128 (+-8% either way there).
+PERSISTENT_HEAD_DIMS = (64,)
 # Persistent blocks claim their next item with an atomic ticket (the stream's
 # ticket pool, backends/cuda.py) instead of striding by the grid, so blocks
 # that drew short (causal) items take more of them.
@@ -122,9 +125,13 @@ def sm_count() -> int:
     return count.value
 
 
-def blocks_for(items: int) -> int:
+def persistent(head_dim: int) -> bool:
+    return head_dim in PERSISTENT_HEAD_DIMS if PERSISTENT is None else PERSISTENT
+
+
+def blocks_for(items: int, head_dim: int = 128) -> int:
     """Grid size for `items` work items."""
-    if PERSISTENT and sm_count() > 0:
+    if persistent(head_dim) and sm_count() > 0:
         return min(items, sm_count())
     return items
 
@@ -146,7 +153,7 @@ def smem_bytes(head_dim: int, keys: int) -> int:
 
 def serves(spec: AttentionSpec) -> bool:
     """Whether the call runs on the warp-specialised kernel (see the module doc)."""
-    checked = spec.dtype == mx.float16 and spec.head_dim_qk == 128
+    checked = spec.head_dim_qk == 128 or spec.seqlen_k >= MIN_KEYS_D64
     return (_ENABLED and (checked or not CHECKED_ONLY) and spec.softcap == 0 and not spec.has_alibi
             and spec.mask_kind == "none" and not spec.has_block_mask and not spec.has_sinks and not spec.varlen
             and not spec.has_key_range and spec.scale > 0 and _tma_available())
@@ -218,7 +225,7 @@ def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
     keys = keys_per_tile(spec)
     group = heads_per_section(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_k, d)
     items = row_blocks * spec.heads_q * spec.batch
-    blocks = blocks_for(items)
+    blocks = blocks_for(items, d)
     dynamic = DYNAMIC and blocks < items
     tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, keys, group,
                       TRACE is not None, dynamic)
