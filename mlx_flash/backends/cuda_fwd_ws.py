@@ -6,9 +6,9 @@ optional array and no logit rule beyond causal / sliding windows: no mask,
 block mask, softcap, ALiBi, sinks, varlen or key ranges, and a positive
 scale (the kernel folds scale * log2(e) into its exponent and row maxima).
 Every other Hopper call keeps attention_fwd_wgmma (backends/cuda.py). By
-default only fp16 at D = 128 (the cases timed on a GPU) come here;
-MLX_FLASH_CUDA_FWD_WS=all adds bf16 and D = 64, =0 routes every call to
-attention_fwd_wgmma.
+default fp16/bf16 at D = 128, and at D = 64 with at least MIN_KEYS_D64 keys,
+come here (where it timed faster); MLX_FLASH_CUDA_FWD_WS=all adds the short
+D = 64 calls, =0 routes every call to attention_fwd_wgmma.
 
 Q, K and V reach the kernel through TMA: per operand a 3-D tensor map
 (head dim, sequence, batch * heads) whose boxes are 64 head dims by 128 rows
