@@ -66,7 +66,37 @@ template <> struct Wgmma<__nv_bfloat16, 176> {
 // which only tells MLX's kernel names apart, must agree with it).
 template <class P> struct WsIsBf16 { static constexpr bool value = false; };
 template <> struct WsIsBf16<const __nv_bfloat16*> { static constexpr bool value = true; };
-constexpr int kWsTmapBytes = 3 * 128;  // Q, K, V tensor maps per block (the workspace slot)
+// Q, K, V tensor maps per block; the `tmpl` input holds their three
+// templates, then three int32: the work order's heads per section, the trace
+// switch and the dynamic schedule's switch. A block's workspace slot: its
+// maps, then its trace (ws_trace).
+constexpr int kWsTmapBytes = 3 * 128;
+constexpr int kWsSlotBytes = kWsTmapBytes + 128;
+
+// Timeline of a block for profiling, where the host switched it on (tmpl's
+// second int): u64 `slot` of the block's trace gets `value`. The switch is
+// read from memory at each call, so no register stays live for it.
+__device__ __forceinline__ void ws_trace(const unsigned char* tmpl, unsigned char* tmaps, int slot,
+                                         unsigned long long value) {
+  if (reinterpret_cast<const int*>(tmpl + kWsTmapBytes)[1] != 0)
+    reinterpret_cast<unsigned long long*>(tmaps + (long)blockIdx.x * kWsSlotBytes + kWsTmapBytes)[slot] = value;
+}
+__device__ __forceinline__ unsigned long long ws_globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ unsigned ws_smid() {
+  unsigned id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+// Trace slots: what happened when (clock64 of the block's first consumer
+// thread, globaltimer where named; the others of the first item only).
+enum WsTrace {
+  kTrSm, kTrEntryNs, kTrEntry, kTrSetup, kTrQ, kTrLoopEnd, kTrEpilogueEnd, kTrEpilogueEndNs, kTrExit, kTrExitNs,
+  kTrItems
+};
 
 // Dynamic shared memory of the forward (bytes): Q [128][D], STAGES K and V
 // tiles [BN][D], plus 1 KiB to align the swizzled tiles to 1024 bytes.
@@ -111,6 +141,48 @@ __device__ __forceinline__ bool ws_chunks_nonfinite(const unsigned char* tile, i
   return bad;
 }
 
+// A wgmma shared-memory descriptor (wgmma_desc: 128-byte swizzle, the given
+// strides) of `base_addr`, `offset` bytes on: consecutive k-steps differ only
+// in the low word's address field, and shared addresses stay below 256 KB, so
+// each k-step adds a constant to one word formed once per tile (wgmma_desc per
+// k-step cost ~7 dependent integer instructions per operand).
+struct WsDesc {
+  unsigned lo, hi;
+  __device__ __forceinline__ WsDesc(unsigned base_addr, unsigned lbo_bytes, unsigned sbo_bytes) {
+    const unsigned long long d = wgmma_desc(base_addr, lbo_bytes, sbo_bytes);
+    lo = (unsigned)d;
+    hi = (unsigned)(d >> 32);
+  }
+  __device__ __forceinline__ unsigned long long at(unsigned offset) const {
+    return ((unsigned long long)hi << 32) | (lo + (offset >> 4));
+  }
+};
+
+// S = Q K^T issued (not waited) over D / 16 k-steps (wg_issue_s's operands
+// and order; descriptors from WsDesc).
+template <typename T, int D, int BN>
+__device__ __forceinline__ void ws_issue_s(float (&s)[BN / 2], unsigned q_addr, unsigned k_addr) {
+  const WsDesc qd(q_addr, 16, 1024), kd(k_addr, 16, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    Wgmma<T, BN>::template ss<0, 0>(s, qd.at((kk / 4) * (128 * 128) + (kk % 4) * 32),
+                                    kd.at((kk / 4) * (BN * 128) + (kk % 4) * 32), kk > 0);
+  wgmma_commit();
+}
+
+// O += P V issued (not waited) over BN / 16 k-steps (wg_issue_pv's, descriptors from WsDesc).
+template <typename T, int D, int BN>
+__device__ __forceinline__ void ws_issue_pv(float (&o)[D / 2], unsigned (&pa)[BN / 16][4], unsigned v_addr) {
+  wgmma_pin(o);
+  wgmma_pin(pa);
+  const WsDesc vd(v_addr, BN * 128, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) Wgmma<T, D>::template rs<1>(o, pa[kk], vd.at(kk * 16 * 128), 1);
+  wgmma_commit();
+}
+
 // Online softmax of one S tile without touching O (its P V product of the
 // previous tile may still run): logit rules where the tile needs them
 // (kRules), new row maxima and sums, alpha (O's rescale factor, applied by
@@ -144,9 +216,23 @@ __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[
   }
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float mx = kNegInf;
+    // 128-key tiles: four running maxima, a dependency chain a quarter as
+    // long (the same value: fmaxf ignores NaN in any order); 176-key tiles
+    // have no registers to spare for them.
+    float mx;
+    if constexpr (BN <= 128) {
+      float m4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
 #pragma unroll
-    for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
+      for (int n = 0; n < BN / 8; ++n) {
+        m4[2 * (n & 1)] = fmaxf(m4[2 * (n & 1)], s[4 * n + 2 * half]);
+        m4[2 * (n & 1) + 1] = fmaxf(m4[2 * (n & 1) + 1], s[4 * n + 2 * half + 1]);
+      }
+      mx = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
+    } else {
+      mx = kNegInf;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
+    }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float new_max = fmaxf(row_max[half], mx * f);
@@ -198,12 +284,16 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[D / 2], const float (
 }
 
 // q, k, v: [B, H(kv), N, D]; tmpl: the Q, K, V tensor-map templates (3-D:
-// D, N, B * heads; 128-byte swizzle, boxes of 64 x 128 (Q) or 64 x BN);
+// D, N, B * heads; 128-byte swizzle, boxes of 64 x 128 (Q) or 64 x BN) and
+// the heads per section of the work order (16 bytes);
 // BN: keys per tile (128; 176 at D = 128, where S, P and O still fit 240 registers);
-// tmaps: kWsTmapBytes per block, where the block publishes them.
+// tmaps: kWsSlotBytes per block, where the block publishes them (and its trace).
+// tk: two zeroed uint32 tickets (the dynamic schedule's item counter and its
+// count of finished blocks; the last block to finish zeroes both again).
 template <class F, int D, int BN, int STAGES, typename T>
 __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
-                                 const unsigned char* tmpl, T* out, float* lse, unsigned char* tmaps) {
+                                 const unsigned char* tmpl, const unsigned* tk, T* out, float* lse,
+                                 unsigned char* tmaps) {
   static_assert(D == 64 || D == 128, "warp-specialised forward: head dim 64 or 128");
   static_assert(BN == 128 || (BN == 176 && D == 128), "warp-specialised forward: 128-key tiles (176 at D = 128)");
   static_assert(!F::ElementRules && !F::Sinks && !F::Varlen && !F::KeyRange,
@@ -218,23 +308,36 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   __shared__ __align__(128) unsigned char tm_stage[kWsTmapBytes];
   __shared__ __align__(8) unsigned long long q_full, q_empty, k_full[STAGES], k_empty[STAGES], v_full[STAGES],
       v_empty[STAGES];
+  // The item whose Q the producer loads next (-1: none left); written before
+  // q_full's arrive (release), read after its wait (acquire).
+  __shared__ int next_item;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], heads = ip[kBatch] * Hq;
   const int nq = ip[kSeqQ], row_blocks = (nq + BM - 1) / BM;
-  // Work items (row block, batch, head), longest first: item w is row block
-  // row_blocks - 1 - w / heads (from the last: under causal rules those have
-  // the most key tiles) of (batch, head) w % heads. A block takes items
-  // blockIdx.x, + gridDim.x, ... (persistent when the grid is smaller than
-  // the work); its K/V ring and barrier phases run on across its items.
+  // Work items (row block, batch, head). The heads (batch-major) are cut
+  // into sections of `group` heads (the host sizes them so that a section's
+  // K and V stay in L2); a section's items come before the next section's,
+  // and inside one the row blocks run from the last (under causal rules the
+  // longest) to the first, the section's heads taking turns. group = 1: one
+  // head after the other, so the blocks resident at once share its K and V.
+  // A block takes item blockIdx.x first, then (persistent, when the grid is
+  // smaller than the work) + gridDim.x, ..., or under the dynamic schedule
+  // the next unclaimed one (an atomic ticket); its producer tells the
+  // consumers each item through `next_item`. Its K/V ring and barrier phases
+  // run on across its items.
   struct Item {
     int b, h, i0, i_end, tile0, tiles;
   };
+  const int group = reinterpret_cast<const int*>(tmpl + kWsTmapBytes)[0];
   auto item_of = [&](int w, LogitRules<MT>& rules) {
     Item it;
-    it.h = (w % heads) % Hq;
-    it.b = (w % heads) / Hq;
-    it.i0 = (row_blocks - 1 - w / heads) * BM;
+    const int section = w / (group * row_blocks), first = section * group;
+    const int size = min(group, heads - first), local = w - first * row_blocks;
+    const int bh = first + local % size;
+    it.h = bh % Hq;
+    it.b = bh / Hq;
+    it.i0 = (row_blocks - 1 - local / size) * BM;
     it.i_end = min(nq, it.i0 + BM);
     const Sequence seq = sequence_of<false>(it.b, ip, nullptr, nullptr);
     rules = make_rules<MT, F>(seq, it.b, it.h, ip, fp, nullptr, nullptr, nullptr);
@@ -246,7 +349,12 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   };
   const int items = row_blocks * heads;
 
-  unsigned char* tm_ws = tmaps + (long)blockIdx.x * kWsTmapBytes;
+  unsigned char* tm_ws = tmaps + (long)blockIdx.x * kWsSlotBytes;
+  if (threadIdx.x == 0) {
+    ws_trace(tmpl, tmaps, kTrEntry, clock64());
+    ws_trace(tmpl, tmaps, kTrEntryNs, ws_globaltimer());
+    ws_trace(tmpl, tmaps, kTrSm, ws_smid());
+  }
   if (warp == 8) {
     const void* const addrs[3] = {q, k, v};
     tma_publish<3>(tm_stage, tmpl, tm_ws, addrs, lane);
@@ -293,8 +401,10 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
         ws_tma_load_3d(Vs + st * KV_BYTES + a * BN * 128, tm_v, a * 64, jt, slab, &v_full[st]);
       ++kv;
     };
+    const bool dynamic = reinterpret_cast<const int*>(tmpl + kWsTmapBytes)[2] != 0;
+    unsigned* tickets = const_cast<unsigned*>(tk);
     int n = 0;  // items taken
-    for (int w = blockIdx.x; w < items; w += gridDim.x, ++n) {
+    for (int w = blockIdx.x; w < items; ++n) {
       LogitRules<MT> rules;
       const Item it = item_of(w, rules);
       const int slab = it.b * Hkv + it.h / (Hq / Hkv);
@@ -303,17 +413,30 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       // consumers still finish the previous item, whose Q they hold.
       if (it.tiles > 0) load_k(tile_start(0), slab);
       mbar_wait(&q_empty, (n & 1) ^ 1);
+      *reinterpret_cast<volatile int*>(&next_item) = w;
       mbar_expect_tx(&q_full, Q_BYTES);
 #pragma unroll
       for (int a = 0; a < D / 64; ++a) ws_tma_load_3d(Qs + a * BM * 128, tm_q, a * 64, it.i0, it.b * Hq + it.h, &q_full);
+      // The next item, claimed now so that the atomic's latency hides under this one's loads.
+      const int next = dynamic ? gridDim.x + atomicAdd(tickets, 1u) : w + gridDim.x;
       for (int t = 0; t < it.tiles; ++t) {
         if (t > 0) load_k(tile_start(t), slab);
         load_v(tile_start(t), slab);
       }
+      w = next;
+    }
+    // No item left: the consumers' last q_full phase carries -1.
+    mbar_wait(&q_empty, (n & 1) ^ 1);
+    *reinterpret_cast<volatile int*>(&next_item) = -1;
+    ws_mbar_arrive(&q_full);
+    if (dynamic && atomicAdd(tickets + 1, 1u) == gridDim.x - 1) {  // every block is past its last claim
+      tickets[0] = 0;
+      tickets[1] = 0;
     }
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  if (threadIdx.x == 0) ws_trace(tmpl, tmaps, kTrSetup, clock64());
 
   // A consumer warpgroup.
   const int wg = warp / 4, wt = threadIdx.x % 128, g = lane / 4, t4 = lane % 4;
@@ -347,8 +470,18 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   unsigned pa[BN / 16][4];
   WsDrop<BN> drop = {};
   int kv = 0;  // K/V tiles consumed so far (ring position)
-  int n = 0;   // items taken
-  for (int w = blockIdx.x; w < items; w += gridDim.x, ++n) {
+  for (int n = 0;; ++n) {  // n: items taken
+    mbar_wait(&q_full, n & 1);
+    const int w = *reinterpret_cast<volatile int*>(&next_item);
+    if (w < 0) {
+      if (threadIdx.x == 0) {
+        ws_trace(tmpl, tmaps, kTrExit, clock64());
+        ws_trace(tmpl, tmaps, kTrExitNs, ws_globaltimer());
+        ws_trace(tmpl, tmaps, kTrItems, n);
+      }
+      return;
+    }
+    if (threadIdx.x == 0 && n == 0) ws_trace(tmpl, tmaps, kTrQ, clock64());
     LogitRules<MT> rules;
     const Item it = item_of(w, rules);
     const Sequence seq = sequence_of<false>(it.b, ip, nullptr, nullptr);
@@ -382,13 +515,12 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
              ws_warpgroup_or(2 + wg, ws_chunks_nonfinite<T, BN, D>(Vs + st * KV_BYTES, wt));
     };
 
-    mbar_wait(&q_full, n & 1);
     if (tiles > 0) {
       if (wg == 1) asm volatile("bar.arrive 4, 256;\n");
       const int st0 = kv % STAGES;
       mbar_wait(&k_full[st0], (kv / STAGES) & 1);
       turn_begin();
-      wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st0 * KV_BYTES));
+      ws_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st0 * KV_BYTES));
       wgmma_wait<0>();
       turn_end(false);
       wgmma_pin(s);
@@ -403,8 +535,8 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
         const bool exact = exact_pv(t - 1, pst);
         mbar_wait(&k_full[st], (c / STAGES) & 1);
         turn_begin();
-        wg_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
-        if (!exact) wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + pst * KV_BYTES));
+        ws_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
+        if (!exact) ws_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + pst * KV_BYTES));
         if (!exact) {
           wgmma_wait<1>();  // S(t) landed; P V of tile t-1 runs on under the softmax
         } else {
@@ -431,7 +563,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       mbar_wait(&v_full[lst], (c / STAGES) & 1);
       const bool exact = exact_pv(tiles - 1, lst);
       turn_begin();
-      if (!exact) wg_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + lst * KV_BYTES));
+      if (!exact) ws_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + lst * KV_BYTES));
       wgmma_wait<0>();
       turn_end(true);
       wgmma_pin(o);
@@ -439,6 +571,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       if (exact) wg_exact_pv<T, D, BN>(o, pa, Vs + lst * KV_BYTES);
       if (signals) ws_mbar_arrive(&v_empty[lst]);
       kv += tiles;
+      if (threadIdx.x == 0 && n == 0) ws_trace(tmpl, tmaps, kTrLoopEnd, clock64());
     } else if (signals) {
       ws_mbar_arrive(&q_empty);
     }
@@ -463,6 +596,10 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       }
       if (t4 == 0) lse[q_base + i] = row_lse<true>(m, sum);
     }
+    if (threadIdx.x == 0 && n == 0) {
+      ws_trace(tmpl, tmaps, kTrEpilogueEnd, clock64());
+      ws_trace(tmpl, tmaps, kTrEpilogueEndNs, ws_globaltimer());
+    }
   }
 }
 
@@ -471,12 +608,12 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
 // The launch bound of every instance the backend builds (see the top): MLX
 // names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
 // template values (BF16, D, WINDOW, STAGES, BN as _t/_f and numbers), and declares
-// its parameters as below (inputs q, k, v, ip, fp, tmpl; outputs out, lse, tmaps;
-// int and unsigned char are the int32_t and uint8_t MLX writes).
+// its parameters as below (inputs q, k, v, ip, fp, tmpl, tk; outputs out, lse, tmaps;
+// int, unsigned char and unsigned are the int32_t, uint8_t and uint32_t MLX writes).
 #define MLX_FLASH_WS_DECLARE(SUFFIX, TT)                                                                    \
   __global__ void __launch_bounds__(384, 1) custom_kernel_mlx_flash_attention_fwd_ws##SUFFIX(            \
-      const TT* q, const TT* k, const TT* v, const int* ip, const float* fp, const unsigned char* tmpl, TT* out, \
-      float* lse, unsigned char* tmaps);
+      const TT* q, const TT* k, const TT* v, const int* ip, const float* fp, const unsigned char* tmpl,       \
+      const unsigned* tk, TT* out, float* lse, unsigned char* tmaps);
 namespace mlx::core::cu {
 MLX_FLASH_WS_DECLARE(_f_128_f_2_128, __half)
 MLX_FLASH_WS_DECLARE(_f_128_t_2_128, __half)

@@ -656,17 +656,19 @@ def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
     monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
     monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", False)
     base = AttentionSpec(2, 8, 2, 1024, 1024, 128, 128, mx.float16, 128 ** -0.5)
-    unchecked = [base._replace(dtype=mx.bfloat16), base._replace(head_dim_qk=64, head_dim_v=64),
+    # D = 64 below MIN_KEYS_D64 keys: the wgmma kernel by default (it timed faster there).
+    unchecked = [base._replace(head_dim_qk=64, head_dim_v=64),
                  base._replace(dtype=mx.bfloat16, head_dim_qk=64, head_dim_v=64)]
+    long_d64 = [u._replace(seqlen_k=cuda_fwd_ws.MIN_KEYS_D64) for u in unchecked]
     served = [base, base._replace(window_right=0), base._replace(window_left=16, window_right=0),
-              base._replace(window_left=-1, window_right=4)] + unchecked
+              base._replace(window_left=-1, window_right=4), base._replace(dtype=mx.bfloat16)] + unchecked + long_d64
     others = [base._replace(softcap=5.0), base._replace(has_alibi=True), base._replace(has_sinks=True),
               base._replace(mask_kind="bool"), base._replace(mask_kind="additive"),
               base._replace(has_block_mask=True), base._replace(varlen=True, max_seqlen_q=512, max_seqlen_k=512),
               base._replace(has_key_range=True), base._replace(scale=-0.1), base._replace(scale=0.0)]
     assert all(cuda_fwd_ws.serves(s) for s in served)
     assert not any(cuda_fwd_ws.serves(s) for s in others)
-    # The default mode: only the cases run on a GPU (fp16, D = 128).
+    # The default mode: the cases timed faster than the wgmma kernel (D = 128; D = 64 with enough keys).
     monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", True)
     assert all(cuda_fwd_ws.serves(s) for s in served if s not in unchecked)
     assert not any(cuda_fwd_ws.serves(s) for s in unchecked + others)
@@ -678,8 +680,9 @@ def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
 
 
 def test_ws_forward_grid(monkeypatch):
-    """Persistent: at most one block per SM (each takes items in steps of the
-    grid); otherwise, or when the SM count is unknown, one block per item."""
+    """Persistent: at most one block per SM (each takes items one after the
+    other); otherwise, or when the SM count is unknown, one block per item;
+    by default persistent at D = 64 only."""
     from mlx_flash.backends import cuda_fwd_ws
 
     monkeypatch.setattr(cuda_fwd_ws, "sm_count", lambda: 132)
@@ -688,8 +691,30 @@ def test_ws_forward_grid(monkeypatch):
     monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", False)
     assert cuda_fwd_ws.blocks_for(4096) == 4096
     monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", None)
+    assert (cuda_fwd_ws.blocks_for(4096, 64), cuda_fwd_ws.blocks_for(4096, 128)) == (132, 4096)
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
     monkeypatch.setattr(cuda_fwd_ws, "sm_count", lambda: 0)
     assert cuda_fwd_ws.blocks_for(4096) == 4096
+
+
+def test_ws_forward_head_sections(monkeypatch):
+    """The work order's sections hold as many heads as keep their K and V
+    within the L2 budget (GQA heads sharing a KV head count once), at least
+    one and at most all; MLX_FLASH_CUDA_FWD_WS_HEAD_GROUP fixes the count (0: all heads)."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    monkeypatch.setattr(cuda_fwd_ws, "HEAD_GROUP", None)
+    per_head = 2 * 4096 * 128 * 2  # K and V of one head at Nk = 4096, D = 128
+    assert cuda_fwd_ws.heads_per_section(2, 16, 16, 4096, 128) == cuda_fwd_ws.L2_BUDGET // per_head
+    assert cuda_fwd_ws.heads_per_section(1, 64, 16, 4096, 128) == 4 * (cuda_fwd_ws.L2_BUDGET // per_head)
+    assert cuda_fwd_ws.heads_per_section(1, 16, 16, 1 << 20, 128) == 1
+    assert cuda_fwd_ws.heads_per_section(4, 16, 16, 1024, 64) == 64
+    monkeypatch.setattr(cuda_fwd_ws, "HEAD_GROUP", 0)
+    assert cuda_fwd_ws.heads_per_section(2, 16, 16, 4096, 128) == 32
+    monkeypatch.setattr(cuda_fwd_ws, "HEAD_GROUP", 5)
+    assert cuda_fwd_ws.heads_per_section(2, 16, 16, 4096, 128) == 5
+    assert cuda_fwd_ws.heads_per_section(1, 2, 2, 4096, 128) == 2
 
 
 @needs_nvcc
@@ -702,7 +727,8 @@ def test_ws_forward_compiles_bounded_without_spills(tmp_path):
     body = cuda_backend._read("attention_fwd_ws.cu")
     kernels = []
     for name, T, template in _ws_instances():
-        inputs = [("q", T), ("k", T), ("v", T), ("ip", mx.int32), ("fp", mx.float32), ("tmpl", mx.uint8)]
+        inputs = [("q", T), ("k", T), ("v", T), ("ip", mx.int32), ("fp", mx.float32), ("tmpl", mx.uint8),
+                  ("tk", mx.uint32)]
         outputs = [("out", T), ("lse", mx.float32), ("tmaps", mx.uint8)]
         assert [n for n, _ in inputs] == list(cuda_fwd_ws.INPUTS) and [n for n, _ in outputs] == list(cuda_fwd_ws.OUTPUTS)
         kernels.append(_kernel_text(name, body, inputs, outputs, template))
@@ -936,6 +962,9 @@ def test_ws_forward_on_gpu(kind, feature, grid, monkeypatch):
 
     dtype, D = kind
     monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", grid == "persistent")
+    # The persistent grid walks the work order in sections of 3 heads (the
+    # last one shorter where the heads do not divide); the other, L2-sized ones.
+    monkeypatch.setattr(cuda_fwd_ws, "HEAD_GROUP", 3 if grid == "persistent" else None)
     monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)  # whatever MLX_FLASH_CUDA_FWD_WS says
     monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", False)  # bf16 and D = 64 too
     calls = []

@@ -137,12 +137,13 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
                             d_out = float(np.max(np.abs(to_np(out).astype(np.float64) - to_np(o2).astype(np.float64))))
                             extra = f" vs wgmma kernel {d_out:.2e}"
                             # The grids differ in which block takes an item only: same bits.
-                            ws.PERSISTENT = not ws.PERSISTENT
+                            saved_grid = ws.PERSISTENT
+                            ws.PERSISTENT = not ws.persistent(D)
                             try:
                                 o3, l3 = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
                                 mx.eval(o3, l3)
                             finally:
-                                ws.PERSISTENT = not ws.PERSISTENT
+                                ws.PERSISTENT = saved_grid
                             if not (np.array_equal(to_np(o3), to_np(out), equal_nan=True) and
                                     np.array_equal(to_np(l3), to_np(lse), equal_nan=True)):
                                 raise AssertionError("persistent and one-block-per-item grids differ")
@@ -160,9 +161,12 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
 
 
 def _set_ws_knobs(D, knobs):
-    """Sets cuda_fwd_ws's knobs (enabled, persistent, stages, keys) for head dim D; returns the old ones."""
+    """Sets cuda_fwd_ws's knobs (enabled, persistent, dynamic, stages, keys, group:
+    heads per section of the work order, None = sized by L2) for head dim D; returns the old ones."""
     old = dict(enabled=ws._ENABLED, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128,
-               persistent=ws.PERSISTENT)
+               persistent=ws.PERSISTENT, dynamic=ws.DYNAMIC, group=ws.HEAD_GROUP)
+    ws.DYNAMIC = knobs.get("dynamic", old["dynamic"])
+    ws.HEAD_GROUP = knobs.get("group", old["group"])
     ws.PERSISTENT = knobs.get("persistent", old["persistent"])
     ws._ENABLED = knobs.get("enabled", old["enabled"])
     ws.STAGES[D] = knobs.get("stages", old["stages"])
@@ -183,7 +187,7 @@ def _ws_variants(D, causal, dtype=mx.float16):
         name, _, only = item.partition(":")
         if name and (not only or _DTYPES.get(only) == dtype):
             wanted[name] = True
-    out = [("ws", {}), ("ws_grid", {"persistent": not ws.PERSISTENT})]
+    out = [("ws", {}), ("ws_grid", {"persistent": not ws.persistent(D)})]
     if D == 128 and not causal and "k128" in wanted:
         out.append(("ws_k128", {"keys": 176 if ws.KEYS_DENSE_D128 == 128 else 128}))
     if "s" in wanted:
@@ -239,6 +243,217 @@ def speed_ws(shapes=((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128)
                     f"; ws/mx.fast {row.get('ratio_ws_vs_mx.fast', float('nan')):.2f}x" +
                     f", ws/torch {row.get('ratio_ws_vs_torch', float('nan')):.2f}x")
     return rows
+
+
+def _time_queued(fn, iters=10):
+    """Seconds per call with `iters` calls queued in one eval (the GPU runs them
+    back to back: kernel throughput without the host's per-call sync)."""
+    mx.eval(fn())
+    mx.synchronize()
+    t0 = time.perf_counter()
+    mx.eval([fn() for _ in range(iters)])
+    mx.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def _build_us(fn, calls=20):
+    """Host microseconds to build one call's graph (no eval)."""
+    t0 = time.perf_counter()
+    outs = [fn() for _ in range(calls)]
+    t = (time.perf_counter() - t0) / calls * 1e6
+    del outs
+    return t
+
+
+def _torch_events(q_shape, dtype, causal, iters=10):
+    """torch SDPA on its own random inputs: seconds per call, timed with CUDA
+    events over `iters` queued calls (None without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    tdt = torch.float16 if dtype == mx.float16 else torch.bfloat16
+    q, k, v = (torch.randn(q_shape, device="cuda", dtype=tdt) for _ in range(3))
+    run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    for _ in range(3):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+SWEEP_SHAPES = {128: ((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128)),
+                64: ((1, 16, 16384, 64), (2, 16, 4096, 64), (4, 16, 2048, 64), (4, 16, 1024, 64))}
+
+
+def sweep(D, dtype, knob_sets, shapes=None, iters=10):
+    """Forward timings of the warp-specialised kernel under each knob set (a
+    label: knobs dict, as _set_ws_knobs takes), beside mx.fast and torch SDPA,
+    at the issue-14 shapes of head dim D: per call with one eval each (as
+    mlx_flash.bench.cuda times) and with `iters` calls queued in one eval
+    (kernel throughput); torch with CUDA events. Inputs from mx.random (the
+    speed does not depend on the values, only on their not being zeros)."""
+    rows = []
+    for (B, H, N, _) in shapes or SWEEP_SHAPES[D]:
+        for causal in (False, True):
+            q, k, v = (mx.random.normal((B, H, N, D)).astype(dtype) for _ in range(3))
+            mx.eval(q, k, v)
+            s = D ** -0.5
+            flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+            res, build_us = {}, {}
+            for label, knobs in knob_sets.items():
+                if "keys" in knobs and (causal or D != 128):
+                    continue  # the dense D = 128 key tile only
+                saved = _set_ws_knobs(D, knobs)
+                try:
+                    fn = lambda: mlx_flash.flash_attention(q, k, v, causal=causal, scale=s)
+                    res[label] = (time_fn(fn, iters), _time_queued(fn, iters))
+                    if label == "ws":
+                        build_us[label] = _build_us(fn)
+                except Exception as e:  # noqa: BLE001 (a variant that fails to build or launch)
+                    print(f"{label} failed: {e}")
+                finally:
+                    _set_ws_knobs(D, saved)
+            fast = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=s, mask="causal" if causal else None)
+            res["mx.fast"] = (time_fn(fast, iters), _time_queued(fast, iters))
+            build_us["mx.fast"] = _build_us(fast)
+            t = _torch_events((B, H, N, D), dtype, causal, iters)
+            if t is not None:
+                res["torch"] = (t, t)
+            row = dict(dtype=str(dtype), shape=[B, H, N, D], causal=causal,
+                       **{f"{k}_ms": v[0] * 1e3 for k, v in res.items()},
+                       **{f"{k}_queued_ms": v[1] * 1e3 for k, v in res.items()},
+                       **{f"{k}_tflops": flops / v[0] / 1e12 for k, v in res.items()},
+                       **{f"{k}_queued_tflops": flops / v[1] / 1e12 for k, v in res.items()},
+                       **{f"{k}_graph_build_us": v for k, v in build_us.items()})
+            rows.append(row)
+            print(f"{str(dtype).split('.')[-1]} {[B, H, N, D]} causal={int(causal)}: " + ", ".join(
+                f"{k} {flops / v[0] / 1e12:.0f}/{flops / v[1] / 1e12:.0f}" for k, v in res.items()) +
+                "  (TF/s per-call-eval/queued); graph build us " +
+                ", ".join(f"{k} {v:.0f}" for k, v in build_us.items()), flush=True)
+    return rows
+
+
+def sweep_plan():
+    """SWEEP_PLAN="D:f16|bf16:label=knob~value/knob~value,label2=...;..." as
+    {(D, dtype name): {label: knobs}} (knobs: persistent, dynamic, enabled (0/1), stages, keys,
+    group (a count or auto); "ws=" is the default)."""
+    plan = {}
+    for entry in filter(None, os.environ.get("SWEEP_PLAN", "").split(";")):
+        d, dt, sets = entry.split(":")
+        knob_sets = {}
+        for spec in sets.split(","):
+            label, _, kv = spec.partition("=")
+            knobs = {}
+            for item in filter(None, kv.split("/")):
+                key, _, val = item.partition("~")
+                if key == "group":
+                    knobs[key] = None if val == "auto" else int(val)
+                else:
+                    knobs[key] = val == "1" if key in ("persistent", "dynamic", "enabled") else int(val)
+            knob_sets[label] = knobs
+        plan[(int(d), dt)] = knob_sets
+    return plan
+
+
+def build_share(index, count):
+    """Builds share `index` of `count` of the distinct kernels SWEEP_PLAN times
+    (tiny calls), so parallel processes fill MLX's on-disk kernel cache."""
+    jobs, seen = [], set()
+    for (D, dt), knob_sets in sweep_plan().items():
+        for causal in (False, True):
+            for label, knobs in knob_sets.items():
+                if "keys" in knobs and (causal or D != 128):
+                    continue
+                saved = _set_ws_knobs(D, knobs)
+                spec_key = (D, dt, causal, ws._ENABLED, ws.STAGES[D], ws.KEYS_DENSE_D128 if D == 128 and not causal else 0)
+                _set_ws_knobs(D, saved)
+                if spec_key not in seen:
+                    seen.add(spec_key)
+                    jobs.append((D, dt, causal, label, knobs))
+    for D, dt, causal, label, knobs in jobs[index::count]:
+        q, k, v = (mx.random.normal((1, 2, 200, D)).astype(_DTYPES[dt]) for _ in range(3))
+        saved = _set_ws_knobs(D, knobs)
+        t0 = time.perf_counter()
+        try:
+            mx.eval(mlx_flash.flash_attention(q, k, v, causal=causal))
+            print(f"built {dt} D{D} causal={int(causal)} {label} in {time.perf_counter() - t0:.1f} s", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"build {dt} D{D} causal={int(causal)} {label} failed: {e}", flush=True)
+        finally:
+            _set_ws_knobs(D, saved)
+    print(f"build {index}/{count}: {len(jobs[index::count])} of {len(jobs)}")
+
+
+_READ_BACK = []  # workspaces read on the host (see trace)
+
+# cuda_fwd_ws's trace slots (the kernel's WsTrace), u64 each after the tensor maps.
+_TRACE_SLOTS = ("sm", "entry_ns", "entry", "setup", "q", "loop_end", "epilogue_end", "epilogue_end_ns", "exit",
+                "exit_ns", "items")
+
+
+def trace(B, H, N, D, causal, dtype, persistent, out_dir):
+    """One traced call of the warp-specialised forward: where a block's time
+    goes (setup, Q wait, main loop, epilogue of its first item, in us at the
+    SM clock) and how busy the SMs stay (block spans over the kernel's span)."""
+    import numpy as np
+
+    causal = bool(causal)
+    q, k, v = (mx.random.normal((B, H, N, D)).astype(dtype) for _ in range(3))
+    mx.eval(q, k, v)
+    saved = _set_ws_knobs(D, {"persistent": bool(persistent)})
+    try:
+        mx.eval(mlx_flash.flash_attention(q, k, v, causal=causal))  # warm
+        ws.TRACE = []
+        mx.eval(mlx_flash.flash_attention(q, k, v, causal=causal))
+        work = ws.TRACE[-1]
+        mx.eval(work)
+    finally:
+        ws.TRACE = None
+        _set_ws_knobs(D, saved)
+    raw = np.array(work).view(np.uint64).reshape(-1, ws.SLOT_BYTES // 8)[:, ws.TMAP_BYTES // 8:]
+    # Reading it moved its pages to the host (MLX's memory is managed); kept
+    # alive, it cannot come back from MLX's cache as a later call's output,
+    # whose first GPU writes would fault the pages back. The first H200 run
+    # read them and freed them: its persistent traces, taken next, show every
+    # block stalled ~110 us in its first epilogue until one common instant,
+    # and the freed workspace had exactly the size of the next lse output.
+    _READ_BACK.append(work)
+    tr = {name: raw[:, i].astype(np.float64) for i, name in enumerate(_TRACE_SLOTS)}
+    t0 = tr["entry_ns"].min()
+    span_us = (tr["exit_ns"].max() - t0) / 1e3
+    ghz = np.median((tr["exit"] - tr["entry"]) / np.maximum(tr["exit_ns"] - tr["entry_ns"], 1))
+    us = lambda a, b: (tr[b] - tr[a]) / ghz / 1e3
+    parts = {"setup": us("entry", "setup"), "q_wait": us("setup", "q"), "main_loop": us("q", "loop_end"),
+             "epilogue": us("loop_end", "epilogue_end"), "block": us("entry", "exit")}
+    sms = tr["sm"].astype(int)
+    busy = np.bincount(sms, weights=(tr["exit_ns"] - tr["entry_ns"]) / 1e3) / span_us
+    busy = busy[np.bincount(sms) > 0]
+    first_wave = np.sort(tr["entry_ns"] - t0)[:min(len(sms), 132)] / 1e3
+    summary = dict(shape=[B, H, N, D], causal=causal, dtype=str(dtype), persistent=bool(persistent),
+                   blocks=int(len(sms)), sms=int(len(busy)), span_us=span_us, sm_ghz=float(ghz),
+                   sm_busy_mean=float(busy.mean()), sm_busy_min=float(busy.min()),
+                   first_wave_entry_us_max=float(first_wave.max()),
+                   **{f"{k}_us_mean": float(v.mean()) for k, v in parts.items()},
+                   **{f"{k}_us_max": float(v.max()) for k, v in parts.items()})
+    print("trace " + json.dumps(summary), flush=True)
+    np.save(os.path.join(out_dir, f"trace_{B}x{H}x{N}x{D}_{'causal' if causal else 'dense'}_"
+                                  f"{'p' if persistent else 'g'}.npy"), raw)
+    return summary
+
+
+def probe(B, H, N, D, causal, dtype):
+    causal = bool(causal)
+    """One call of the routed forward (for ncu: one launch per probe)."""
+    q, k, v = (mx.random.normal((B, H, N, D)).astype(dtype) for _ in range(3))
+    mx.eval(q, k, v)
+    mx.eval(mlx_flash.flash_attention(q, k, v, causal=causal))
+    mx.synchronize()
 
 
 # label: (use wgmma, stages, key tile)
@@ -452,6 +667,16 @@ def main():
             finally:
                 _set_ws_knobs(D, saved)
             passed, failed = passed + p0, failed + f0
+        elif name == "sweep":  # sweep:D:f16|bf16 (its plan from SWEEP_PLAN)
+            D, dt = int(args[0]), args[1]
+            result.setdefault("sweep", []).extend(sweep(D, _DTYPES[dt], sweep_plan()[(D, dt)]))
+        elif name == "build":  # build:i:n: share i of n of the kernels SWEEP_PLAN times
+            build_share(int(args[0]), int(args[1]))
+        elif name == "trace":  # trace:B:H:N:D:causal:f16|bf16:persistent(0/1)
+            result.setdefault("trace", []).append(
+                trace(*(int(a) for a in args[:5]), _DTYPES[args[5]], int(args[6]), out_dir))
+        elif name == "probe":  # probe:B:H:N:D:causal:f16|bf16
+            probe(*(int(a) for a in args[:5]), _DTYPES[args[5]])
         elif name == "prewarm":
             prewarm(int(args[0]), int(args[1]))
         elif name == "ws_routes":

@@ -6,9 +6,9 @@ optional array and no logit rule beyond causal / sliding windows: no mask,
 block mask, softcap, ALiBi, sinks, varlen or key ranges, and a positive
 scale (the kernel folds scale * log2(e) into its exponent and row maxima).
 Every other Hopper call keeps attention_fwd_wgmma (backends/cuda.py). By
-default only fp16 at D = 128 (the cases timed on a GPU) come here;
-MLX_FLASH_CUDA_FWD_WS=all adds bf16 and D = 64, =0 routes every call to
-attention_fwd_wgmma.
+default fp16/bf16 at D = 128, and at D = 64 with at least MIN_KEYS_D64 keys,
+come here (where it timed faster); MLX_FLASH_CUDA_FWD_WS=all adds the short
+D = 64 calls, =0 routes every call to attention_fwd_wgmma.
 
 Q, K and V reach the kernel through TMA: per operand a 3-D tensor map
 (head dim, sequence, batch * heads) whose boxes are 64 head dims by 128 rows
@@ -32,22 +32,24 @@ from . import cuda as _cuda
 
 THREADS = 384       # two consumer warpgroups + the producer warpgroup
 TMAP_BYTES = 3 * 128  # kWsTmapBytes: Q, K, V maps per block
+SLOT_BYTES = TMAP_BYTES + 128  # kWsSlotBytes: a block's workspace (its maps, then its trace)
+TMPL_BYTES = TMAP_BYTES + 16  # `tmpl`: the three map templates; heads per section, trace and dynamic switches (int32)
 ROWS = 128          # query rows per block
-INPUTS = ("q", "k", "v", "ip", "fp", "tmpl")
+INPUTS = ("q", "k", "v", "ip", "fp", "tmpl", "tk")
 OUTPUTS = ("out", "lse", "tmaps")
 
-# Which calls it takes: "0" none; "1" (default) the cases timed on the GPU
-# (H200: fp16 at D = 128, 1.06-1.43x the wgmma kernel, see docs/cuda.md);
-# "all" every case it can serve (bf16 and D = 64 too). tools/cuda_fwd_ws_check.sh
-# passed on the H200 on 2026-12-04 with "all" (72 GPU tests against float64:
-# fp16/bf16, D 64/128, dense/causal/windows, odd N, Nq != Nk, GQA, both grids,
-# non-finite inputs), so "1" is the default; bf16 and D = 64 stay behind "all"
-# until they are timed against the wgmma kernel.
+# Which calls it takes: "0" none; "1" (default) the cases where it timed
+# faster than the wgmma kernel on the H200 (2026-12-04, docs/cuda.md): fp16
+# and bf16 at D = 128 (1.3-1.5x), and at D = 64 from MIN_KEYS_D64 keys on
+# (1.06-1.26x at 4-16K; at 1K keys it ran 0.65x, its items too short for its
+# fixed cost per item); "all" every case it can serve. Each of these passed
+# test_ws_forward_on_gpu against float64 on the H200.
 _MODE = os.environ.get("MLX_FLASH_CUDA_FWD_WS", "1")
 if _MODE not in ("0", "1", "all"):
     raise ValueError(f"MLX_FLASH_CUDA_FWD_WS: expected 0, 1 or all, got {_MODE!r}")
 _ENABLED = _MODE != "0"
 CHECKED_ONLY = _MODE == "1"
+MIN_KEYS_D64 = 2048
 
 
 # K/V ring depth per head dim (each stage holds a K and a V tile of 128 keys:
@@ -67,14 +69,47 @@ if KEYS_DENSE_D128 not in (128, 176):
     raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D128: expected 128 or 176, got {KEYS_DENSE_D128}")
 
 
-# Persistent grid (opt-in, =1): one block per SM, each taking work items (row
-# block, batch, head) longest first in steps of the grid, so one item's
-# epilogue and the next one's first loads overlap and the tensor maps are
-# published once per SM. Off by default: on the H200 it was 2-3% faster dense
-# at 8-16K but 7-10% slower causal than one block per item (the hardware's
-# block scheduler balances the causal items better), and blocks taking
-# several items were timed but not yet checked against a reference on a GPU.
-PERSISTENT = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PERSISTENT", "0") == "1"
+# Persistent grid: one block per SM taking work items (sections of heads, the
+# longest row blocks first in each) one after the other, so an item's epilogue
+# and the next one's first loads overlap and the tensor maps are published
+# once per SM; =1 everywhere, =0 one block per item, auto (default) as below.
+_PERSISTENT = os.environ.get("MLX_FLASH_CUDA_FWD_WS_PERSISTENT", "auto")
+if _PERSISTENT not in ("0", "1", "auto"):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_PERSISTENT: expected 0, 1 or auto, got {_PERSISTENT!r}")
+PERSISTENT = None if _PERSISTENT == "auto" else _PERSISTENT == "1"
+# "auto": persistent at D = 64, whose short items it ran 1-30% faster on the
+# H200 (2026-12-04), one block per item at D = 128 (+-8% either way there).
+PERSISTENT_HEAD_DIMS = (64,)
+# Persistent blocks claim their next item with an atomic ticket (the stream's
+# ticket pool, backends/cuda.py) instead of striding by the grid, so blocks
+# that drew short (causal) items take more of them.
+DYNAMIC = os.environ.get("MLX_FLASH_CUDA_FWD_WS_DYNAMIC", "1") == "1"
+
+# Profiling: a list here makes each call record its blocks' timelines (the
+# kernel's WsTrace slots) and append its workspace output (uint8, SLOT_BYTES
+# per block) to the list; tools/cuda_wgmma_check.py's `trace` part reads them.
+TRACE = None
+
+
+# Work order: the heads are cut into sections whose K and V fit in L2 together
+# (L2_BUDGET bytes of it), and a section's row blocks (longest first) come
+# before the next section's, so the blocks resident at once read the same K/V
+# tiles. MLX_FLASH_CUDA_FWD_WS_HEAD_GROUP=n fixes the heads per section
+# instead (0: all heads in one section, longest row blocks of every head first).
+L2_BUDGET = 24 << 20
+_HEAD_GROUP = os.environ.get("MLX_FLASH_CUDA_FWD_WS_HEAD_GROUP", "auto")
+if _HEAD_GROUP != "auto" and not _HEAD_GROUP.isdigit():
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_HEAD_GROUP: expected auto or a count of heads, got {_HEAD_GROUP!r}")
+HEAD_GROUP = None if _HEAD_GROUP == "auto" else int(_HEAD_GROUP)
+
+
+def heads_per_section(batch: int, heads_q: int, heads_kv: int, nk: int, d: int) -> int:
+    """Heads (of batch * heads_q) per section of the work order."""
+    heads = batch * heads_q
+    if HEAD_GROUP is not None:
+        return heads if HEAD_GROUP == 0 else min(HEAD_GROUP, heads)
+    kv_head_bytes = 2 * nk * d * 2  # K and V of one KV head, 16-bit
+    return max(1, min(heads, L2_BUDGET // kv_head_bytes * (heads_q // heads_kv)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,9 +125,13 @@ def sm_count() -> int:
     return count.value
 
 
-def blocks_for(items: int) -> int:
+def persistent(head_dim: int) -> bool:
+    return head_dim in PERSISTENT_HEAD_DIMS if PERSISTENT is None else PERSISTENT
+
+
+def blocks_for(items: int, head_dim: int = 128) -> int:
     """Grid size for `items` work items."""
-    if PERSISTENT and sm_count() > 0:
+    if persistent(head_dim) and sm_count() > 0:
         return min(items, sm_count())
     return items
 
@@ -114,7 +153,7 @@ def smem_bytes(head_dim: int, keys: int) -> int:
 
 def serves(spec: AttentionSpec) -> bool:
     """Whether the call runs on the warp-specialised kernel (see the module doc)."""
-    checked = spec.dtype == mx.float16 and spec.head_dim_qk == 128
+    checked = spec.head_dim_qk == 128 or spec.seqlen_k >= MIN_KEYS_D64
     return (_ENABLED and (checked or not CHECKED_ONLY) and spec.softcap == 0 and not spec.has_alibi
             and spec.mask_kind == "none" and not spec.has_block_mask and not spec.has_sinks and not spec.varlen
             and not spec.has_key_range and spec.scale > 0 and _tma_available())
@@ -148,11 +187,14 @@ def tensor_map_3d(elem_bytes: int, inner: int, rows: int, slabs: int, box_rows: 
 
 
 @functools.lru_cache(maxsize=1024)
-def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int, keys: int) -> mx.array:
-    """Q, K, V templates as one uint8 input (the kernel's `tmpl`)."""
+def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int, keys: int,
+               group: int, trace: bool, dynamic: bool) -> mx.array:
+    """Q, K, V templates, the heads per section, the trace and dynamic-schedule
+    switches as one uint8 input (the kernel's `tmpl`)."""
     tq = tensor_map_3d(2, d, nq, batch * heads_q, ROWS)
     tk = tensor_map_3d(2, d, nk, batch * heads_kv, keys)
-    return _cuda.const_array(tuple(tq + tk + tk), mx.uint8)  # V has K's shape (Dv = Dqk)
+    tmpl = tq + tk + tk + b"".join(int(x).to_bytes(4, "little") for x in (group, trace, dynamic))  # V has K's shape
+    return _cuda.const_array(tuple(tmpl.ljust(TMPL_BYTES, b"\0")), mx.uint8)
 
 
 def template(spec: AttentionSpec) -> list:
@@ -181,12 +223,19 @@ def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
     row_blocks = math.ceil(spec.seqlen_q / ROWS)
     ip, fp = _cuda._param_arrays(spec, _cuda._NO_DIMS, _cuda._NO_DIMS)
     keys = keys_per_tile(spec)
-    tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, keys)
-    blocks = blocks_for(row_blocks * spec.heads_q * spec.batch)
-    out, lse, _ = _kernel(smem_bytes(d, keys))(
-        inputs=[q, k, v, ip, fp, tmpl], template=template(spec),
+    group = heads_per_section(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_k, d)
+    items = row_blocks * spec.heads_q * spec.batch
+    blocks = blocks_for(items, d)
+    dynamic = DYNAMIC and blocks < items
+    tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, keys, group,
+                      TRACE is not None, dynamic)
+    tickets = _cuda._ticket_region(stream) if dynamic else _cuda._placeholder(mx.uint32)
+    out, lse, workspace = _kernel(smem_bytes(d, keys))(
+        inputs=[q, k, v, ip, fp, tmpl, tickets], template=template(spec),
         grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[out_shape, lse_shape, (blocks * TMAP_BYTES,)],
+        output_shapes=[out_shape, lse_shape, (blocks * SLOT_BYTES,)],
         output_dtypes=[spec.dtype, mx.float32, mx.uint8], stream=stream,
     )
+    if TRACE is not None:
+        TRACE.append(workspace)
     return out, lse
