@@ -141,6 +141,45 @@ struct QdShape {
   __host__ __device__ static constexpr int v_col(int gi, int g, int v) { return gi * GS + g * (GS / 8) + v; }
 };
 
+// A warp's ring of raw 16-key tiles (STAGES slots) in shared memory: each
+// slot holds the tile's K rows, V rows, then its K scales, K biases, V
+// scales, V biases ([16 keys][groups] each), byte for byte as in the cache.
+// Every segment is a multiple of 16 bytes, so a tile of rows that lie
+// contiguously in the cache (any slice along the tokens) arrives by 16-byte
+// cp.async copies; tiles STAGES - 1 ahead are in flight while one is computed.
+template <typename KST, typename VST, int D, int DV, int BITS, int GS>
+struct QdRing {
+  using S = QdShape<D, DV, BITS, GS>;
+  static constexpr int KWR = D * BITS / 32, VWR = DV * BITS / 32;  // words per K / V row
+  static constexpr int KSB = 16 * S::NG * (int)sizeof(KST), VSB = 16 * S::NGV * (int)sizeof(VST);
+  static constexpr int V_OFF = 16 * 4 * KWR;
+  static constexpr int KS_OFF = V_OFF + 16 * 4 * VWR;
+  static constexpr int KB_OFF = KS_OFF + KSB;
+  static constexpr int VS_OFF = KB_OFF + KSB;
+  static constexpr int VB_OFF = VS_OFF + VSB;
+  static constexpr int SLOT = VB_OFF + VSB;  // bytes of one slot
+  static_assert(KWR % 4 == 0 && VWR % 4 == 0 && KSB % 16 == 0 && VSB % 16 == 0, "QdRing: 16-byte segments");
+};
+
+// One segment (16 rows of ROWB bytes, row r of the tile at key j0 + r) into a
+// ring slot: 16-byte cp.async copies when the rows are contiguous, aligned and
+// all before `end`; otherwise element by element (keys past `end` read key
+// end - 1, dropped by rule), synchronously. E: the element type, `at(j, i)`
+// the element i of key j's row in the cache.
+template <typename E, int ROWE, class At>
+__device__ __forceinline__ void qd_fill_segment(unsigned char* dst, const E* row0, bool contiguous, int j0, int end,
+                                                int lane, At at) {
+  constexpr int BYTES = 16 * ROWE * (int)sizeof(E);
+  if (contiguous && j0 + 16 <= end && (reinterpret_cast<unsigned long long>(row0) & 15) == 0) {
+#pragma unroll
+    for (int c = lane; c < BYTES / 16; c += 32)
+      cp_async16(dst + 16 * c, reinterpret_cast<const unsigned char*>(row0) + 16 * c, true);
+  } else {
+    E* d = reinterpret_cast<E*>(dst);
+    for (int e = lane; e < 16 * ROWE; e += 32) d[e] = at(min(j0 + e / ROWE, end - 1), e % ROWE);
+  }
+}
+
 // One 16-key tile's raw operands of a lane: K words of keys g, 8 + g; V words
 // of keys 2t, 2t+1, 8+2t, 9+2t; and NG + NGV of the tile's 32 (NG + NGV)
 // scales and biases, which the warp stages in shared memory as float planes
@@ -220,6 +259,59 @@ struct QdTile {
     }
   }
 
+  // The same operands from a raw tile in the warp's ring (QdRing): the tile's
+  // K and V rows and its four scale/bias planes as the cache stores them.
+  template <typename KST, typename VST>
+  __device__ __forceinline__ void load_ring(const unsigned char* slot, int lane) {
+    using R = QdRing<KST, VST, D, DV, BITS, GS>;
+    const int g = lane / 4, t = lane % 4;
+    const unsigned* kr = reinterpret_cast<const unsigned*>(slot);
+    const unsigned* vr = reinterpret_cast<const unsigned*>(slot + R::V_OFF);
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int gi = 0; gi < S::NG; ++gi) {
+        const unsigned* p = kr + (8 * n + g) * R::KWR + gi * S::WG + t * S::WK;
+#pragma unroll
+        for (int u = 0; u < S::WK; u += (S::WK % 2 == 0 ? 2 : 1)) {
+          if (S::WK % 2 == 0) {
+            const uint2 x = *reinterpret_cast<const uint2*>(p + u);
+            kw[n][gi * S::WK + u] = x.x, kw[n][gi * S::WK + u + 1] = x.y;
+          } else {
+            kw[n][gi * S::WK + u] = p[u];
+          }
+        }
+      }
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+#pragma unroll
+      for (int gi = 0; gi < S::NGV; ++gi) {
+        const unsigned* p = vr + (2 * t + (e & 1) + 8 * (e >> 1)) * R::VWR + gi * S::WG + g * S::WV;
+#pragma unroll
+        for (int u = 0; u < S::WV; u += (S::WV % 2 == 0 ? 2 : 1)) {
+          if (S::WV % 2 == 0) {
+            const uint2 x = *reinterpret_cast<const uint2*>(p + u);
+            vw[e][gi * S::WV + u] = x.x, vw[e][gi * S::WV + u + 1] = x.y;
+          } else {
+            vw[e][gi * S::WV + u] = p[u];
+          }
+        }
+      }
+    const KST* ks = reinterpret_cast<const KST*>(slot + R::KS_OFF);
+    const KST* kb = reinterpret_cast<const KST*>(slot + R::KB_OFF);
+    const VST* vs = reinterpret_cast<const VST*>(slot + R::VS_OFF);
+    const VST* vb = reinterpret_cast<const VST*>(slot + R::VB_OFF);
+    const int key = lane % 16;
+#pragma unroll
+    for (int i = 0; i < NSC; ++i) {
+      const int row = 2 * i + lane / 16;
+      if (row < S::NG) sc[i] = to_float(ks[key * S::NG + row]);
+      else if (row < 2 * S::NG) sc[i] = to_float(kb[key * S::NG + row - S::NG]);
+      else if (row < 2 * S::NG + S::NGV) sc[i] = to_float(vs[key * S::NGV + row - 2 * S::NG]);
+      else sc[i] = to_float(vb[key * S::NGV + row - 2 * S::NG - S::NGV]);
+    }
+  }
+
   // The staged scales into the warp's stage (after the previous tile's reads: __syncwarp).
   __device__ __forceinline__ void stage_scales(float* stage, int lane) const {
     __syncwarp();
@@ -241,11 +333,16 @@ __host__ __device__ constexpr int qd_part_floats() {
 
 // PF: the next tile's operands load while the current one is computed
 // (registers for two tiles) instead of after it.
+// STAGES > 0: tiles stream through each warp's ring (QdRing) instead (PF unused).
+// POOL: the tickets that pick each (batch, KV head)'s merging block come from
+// `tk` (a zeroed region of cuda.py's ticket pool this call alone holds; the
+// last block sets its ticket back to 0), so no output needs MLX's zero fill;
+// otherwise they follow the partials in `scratch` (zero-filled).
 template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
-          bool PF, class SA>
+          bool PF, int STAGES, bool POOL, class SA>
 __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
                                        const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
-                                       float* lse, float* scratch) {
+                                       float* lse, float* scratch, const unsigned* tk) {
   using S = QdShape<D, DV, BITS, GS>;
   using C = QdCodes<T>;
   static_assert(!(MmaType<T>::is_bf16 && BITS == 8), "attention_quant_decode: 8-bit codes exceed bf16's exact 128 + code");
@@ -324,14 +421,58 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   for (int gi = 0; gi < S::NGV; ++gi) pb[gi] = 0.f;
   bool bad = false;
 
+  // The warp's ring (STAGES > 0), 16-byte aligned after Q's fragments.
+  using Ring = QdRing<KST, VST, D, DV, BITS, GS>;
+  unsigned char* ring = reinterpret_cast<unsigned char*>(reinterpret_cast<uint2*>(reinterpret_cast<float*>(flag + 4) +
+                                                                                 NW * Tile::STAGE) +
+                                                        (QS ? NW * S::KS * 32 : 0)) +
+                        (STAGES > 0 ? warp * STAGES * Ring::SLOT : 0);
+  // Rows of each array lie contiguously along the tokens (any token slice of a dense cache).
+  const bool kw_rows = kh.ws[3] == 1 && kh.ws[2] == Ring::KWR, vw_rows = vh.ws[3] == 1 && vh.ws[2] == Ring::VWR;
+  const bool ks_rows = kh.ss[3] == 1 && kh.ss[2] == S::NG, kb_rows = kh.bs[3] == 1 && kh.bs[2] == S::NG;
+  const bool vs_rows = vh.ss[3] == 1 && vh.ss[2] == S::NGV, vb_rows = vh.bs[3] == 1 && vh.bs[2] == S::NGV;
+  // Tile i of this warp (keys start + 16 (warp + NW i) ...) into its slot; one commit group each, empty past the end.
+  auto issue = [&](int i) {
+    const int jt = start + 16 * (warp + NW * i);
+    if (jt < end) {
+      unsigned char* slot = ring + (i % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
+      qd_fill_segment<unsigned, Ring::KWR>(slot, kh.words(jt), kw_rows, jt, end, lane,
+                                           [&](long j, int i2) { return kh.words(j)[i2 * kh.ws[3]]; });
+      qd_fill_segment<unsigned, Ring::VWR>(slot + Ring::V_OFF, vh.words(jt), vw_rows, jt, end, lane,
+                                           [&](long j, int i2) { return vh.words(j)[i2 * vh.ws[3]]; });
+      qd_fill_segment<KST, S::NG>(slot + Ring::KS_OFF, kh.s + jt * kh.ss[2], ks_rows, jt, end, lane,
+                                  [&](long j, int i2) { return kh.s[j * kh.ss[2] + i2 * kh.ss[3]]; });
+      qd_fill_segment<KST, S::NG>(slot + Ring::KB_OFF, kh.b + jt * kh.bs[2], kb_rows, jt, end, lane,
+                                  [&](long j, int i2) { return kh.b[j * kh.bs[2] + i2 * kh.bs[3]]; });
+      qd_fill_segment<VST, S::NGV>(slot + Ring::VS_OFF, vh.s + jt * vh.ss[2], vs_rows, jt, end, lane,
+                                   [&](long j, int i2) { return vh.s[j * vh.ss[2] + i2 * vh.ss[3]]; });
+      qd_fill_segment<VST, S::NGV>(slot + Ring::VB_OFF, vh.b + jt * vh.bs[2], vb_rows, jt, end, lane,
+                                   [&](long j, int i2) { return vh.b[j * vh.bs[2] + i2 * vh.bs[3]]; });
+    }
+    cp_async_commit();
+  };
+
   Tile cur;
   int j0 = start + 16 * warp;
-  if (j0 < end) cur.load(kh, vh, j0, end, lane);
-  for (; j0 < end; j0 += 16 * NW) {
+  if (STAGES > 0) {
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  } else if (j0 < end) {
+    cur.load(kh, vh, j0, end, lane);
+  }
+  for (int it = 0; j0 < end; j0 += 16 * NW, ++it) {
     const int j1 = j0 + 16 * NW;
+    if (STAGES > 0) {
+      // This lane's copies of tile `it` have landed; the warp barrier shows
+      // every lane's (and that every lane is done reading the slot refilled next).
+      cp_async_wait<(STAGES > 1 ? STAGES - 2 : 0)>();
+      __syncwarp();
+      cur.template load_ring<KST, VST>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
+      issue(it + STAGES - 1);
+    }
     cur.stage_scales(stage, lane);
     Tile nxt;
-    if (PF && j1 < end) nxt.load(kh, vh, j1, end, lane);
+    if (STAGES == 0 && PF && j1 < end) nxt.load(kh, vh, j1, end, lane);
 
     // S = Q K^T per group (codes), then scales and biases in fp32.
     float s[2][2];
@@ -442,8 +583,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
         mma16816<T>(o[gi * S::KSG + mm], a, bf[0], bf[1]);
       }
     }
-    if (PF && j1 < end) cur = nxt;
-    if (!PF && j1 < end) cur.load(kh, vh, j1, end, lane);
+    if (STAGES == 0 && PF && j1 < end) cur = nxt;
+    if (STAGES == 0 && !PF && j1 < end) cur.load(kh, vh, j1, end, lane);
   }
 
   // Block merge: each warp's (o + bias terms, m, l) through shared memory.
@@ -475,7 +616,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   __syncthreads();
 
   float* part = scratch + ((long)bh * splits + split) * qd_part_floats<DV>();
-  unsigned* counters = reinterpret_cast<unsigned*>(scratch + (long)ip[kBatch] * Hkv * splits * qd_part_floats<DV>());
+  unsigned* counters = POOL ? const_cast<unsigned*>(tk)
+                            : reinterpret_cast<unsigned*>(scratch + (long)ip[kBatch] * Hkv * splits * qd_part_floats<DV>());
   for (int e = threadIdx.x; e < 8 * DV; e += 32 * NW) {
     const int r = e / DV, c = e % DV;
     float mm = kNegInf;
@@ -511,6 +653,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   if (threadIdx.x == 0) {
     const unsigned done = atomicAdd(counters + bh, 1u);
     *flag = done == (unsigned)(splits - 1);
+    // Every other block of the group has drawn its ticket: the pool's region is clean for its next call.
+    if (POOL && done == (unsigned)(splits - 1)) counters[bh] = 0u;
   }
   __syncthreads();
   if (!*flag) return;

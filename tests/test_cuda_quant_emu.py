@@ -488,8 +488,10 @@ def test_decode_shapes(shape):
     gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
                                    bits=bits, group_size=gs)
     assert _uses_decode(q, kq, vq, bits, gs)
-    got = _emu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits})
-    _check_decode(q, kd, vd, got, dtype, {})
+    # The ring (2 and 4 stages; tickets from the pool) and main's register path (zero-filled tickets).
+    for extra in ({}, {"dec_stages": 2}, {"dec_stages": 0, "dec_pool": False}):
+        got = _emu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits, **extra})
+        _check_decode(q, kd, vd, got, dtype, {})
 
 
 DECODE_FEATURES = {
@@ -613,10 +615,13 @@ def test_decode_plan():
         cq.decode_plan.cache_clear()
         return cq.decode_plan(validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0])
 
-    nw, splits, _ = plan(1, 8, 32768)
-    assert splits * 8 >= cq._SMS * 2 and 32768 / splits >= 16 * nw * cq._DEC_MIN_TILES
+    nw, splits, smem, stages = plan(1, 8, 32768)
+    # One wave: every block resident at once, at least two blocks a SM, whole tiles per warp.
+    assert cq._SMS * 2 <= splits * 8 <= cq._SMS * cq._DEC_BLOCKS_PER_SM
+    assert 32768 / splits >= 16 * nw * cq._DEC_MIN_TILES
+    assert stages >= 2 and cq._DEC_BLOCKS_PER_SM * (smem + 1024) <= cq._SM_SMEM
     assert plan(1, 1, 20)[1] == 1
-    assert plan(64, 8, 4096)[1] == 2
+    assert plan(64, 8, 4096)[1] == 1
 
 
 # ---- the same decode cases on a CUDA GPU (skipped without one) ----------------------
@@ -655,9 +660,9 @@ def test_decode_shapes_gpu(shape):
     B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
     gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
                                    bits=bits, group_size=gs)
-    for pf in (False, True):
-        got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits,
-                                                "dec_prefetch": pf})
+    # The ring (pool tickets) and main's register path (zero-filled tickets), with and without its prefetch.
+    for extra in ({}, {"dec_stages": 0, "dec_pool": False}, {"dec_stages": 0, "dec_prefetch": True}):
+        got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
 
@@ -721,11 +726,14 @@ def _decode_compile_cases():
                 if T == mx.bfloat16 and bits == 8:
                     continue
                 for feats in ((False, False, False), (True, True, True)):
-                    for pf in ((False, True) if bits == 4 and d == 128 else (False,)):
+                    # The ring (the default) and main's register path, with and without its prefetch.
+                    paths = [(False, cq._DEC_STAGES, True)] + [(pf, 0, False) for pf in (
+                        (False, True) if bits == 4 and d == 128 else (False,))]
+                    for pf, stages, pool in paths:
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
                             ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
-                            ("NW", cq._DEC_WARPS), ("PF", pf)]
+                            ("NW", cq._DEC_WARPS), ("PF", pf), ("STAGES", stages), ("POOL", pool)]
 
 
 def _dtypes(names, template):
@@ -733,7 +741,7 @@ def _dtypes(names, template):
     table = {"q": t.get("T"), "dout": t.get("T"), "kw": mx.uint32, "vw": mx.uint32, "ks": t.get("KST"),
              "kb": t.get("KST"), "vs": t.get("VST"), "vb": t.get("VST"), "mask": t.get("MT"), "ip": mx.int32,
              "ns": mx.int32, "out": t.get("T"), "dq": t.get("T"), "sinks": mx.float32, "alibi": mx.float32,
-             "scratch": mx.float32}
+             "scratch": mx.float32, "tk": mx.uint32}
     return [(n, table.get(n, mx.float32)) for n in names]
 
 

@@ -43,7 +43,7 @@ from . import cuda as _cuda
 
 _FWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "ns")
 _BWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "lse", "delta", "dout")
-_DEC_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "sinks", "ip", "fp", "ns")
+_DEC_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "sinks", "ip", "fp", "ns", "tk")
 _MMA_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "sinks", "ip", "fp")
 # Tensor-core forward tile: warps per block (16 query rows each) and keys per
 # tile. 8 x 64 holds one staged 32-value chunk of K and of V per thread
@@ -291,15 +291,22 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 
 # ---- tensor-core decode (attention_quant_decode.cuh) ---------------------------------
 # Warps per block (interleaved 16-key tiles of one KV head's split, merged in
-# shared memory) and blocks to aim for: a few per SM, every split at least
-# _DEC_MIN_TILES tiles per warp. TUNING "dec_warps" / "dec_splits" / "decode"
-# override for GPU sweeps (call decode_plan.cache_clear() after; the launch
-# cache keys on TUNING itself).
+# shared memory). Each warp streams its tiles through a ring of _DEC_STAGES
+# shared-memory slots by cp.async (three tiles in flight while one is
+# computed); splits give every resident block slot of the GPU one block (one
+# wave: _DEC_BLOCKS_PER_SM blocks of 4 warps fit an SM by registers), every
+# split at least _DEC_MIN_TILES tiles per warp. TUNING "dec_warps" /
+# "dec_splits" / "dec_stages" (0: main's register path, "dec_prefetch" its
+# one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" / "decode" override
+# for GPU sweeps (call decode_plan.cache_clear() after; the launch cache keys
+# on TUNING itself).
 _DEC_WARPS = 4
-_DEC_BLOCKS_PER_SM = 4
+_DEC_BLOCKS_PER_SM = 3
 _DEC_MIN_TILES = 4
 _DEC_MAX_SPLITS = 256
-_DEC_PREFETCH = False  # TUNING "dec_prefetch": load the next tile during the current one
+_DEC_STAGES = 4
+_DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next tile during the current one
+_SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
 
 def uses_decode(qspec) -> bool:
@@ -329,25 +336,45 @@ def decode_warps() -> int:
     return TUNING.get("dec_warps", _DEC_WARPS)
 
 
+def decode_ring_slot(qspec, scale_bytes: int) -> int:
+    """QdRing::SLOT: one raw 16-key tile (K rows, V rows, four scale/bias planes)."""
+    spec = qspec.attention
+    ng, ngv = spec.head_dim_qk // qspec.group_size, spec.head_dim_v // qspec.group_size
+    rows = 16 * (spec.head_dim_qk + spec.head_dim_v) * qspec.bits // 8
+    return rows + 2 * 16 * (ng + ngv) * scale_bytes
+
+
 @functools.lru_cache(maxsize=1024)
-def decode_plan(qspec):
-    """(warps per block, splits per (batch, KV head), shared memory bytes)."""
+def decode_plan(qspec, scale_bytes: int = 2):
+    """(warps per block, splits per (batch, KV head), shared memory bytes, ring
+    stages) for scales of `scale_bytes` bytes (2: fp16/bf16, 4: fp32)."""
     spec = qspec.attention
     nw = decode_warps()
     pairs = spec.batch * spec.heads_kv
     keys = _cuda._effective_keys(spec)
-    splits = max(1, min(math.ceil(_SMS * _DEC_BLOCKS_PER_SM / pairs),
-                        math.ceil(keys / (16 * nw * _DEC_MIN_TILES)), _DEC_MAX_SPLITS))
-    if "dec_splits" in TUNING:
-        splits = TUNING["dec_splits"]
+    per_sm = TUNING.get("dec_blocks_per_sm", _DEC_BLOCKS_PER_SM)
     dv, ngv = spec.head_dim_v, spec.head_dim_v // qspec.group_size
     ng = spec.head_dim_qk // qspec.group_size
     # red_o [nw][8][dv] (also the last block's [splits][8] weights), red_m, red_l,
-    # red_pb, flag (4 words), then each warp's scale stage (QdTile::STAGE floats).
-    splits = max(1, min(splits, nw * dv))
-    qfrag = nw * 64 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 else 0  # Q's fragments (D > 128)
-    smem = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv + 4 + nw * 32 * (ng + ngv) + qfrag)
-    return nw, splits, smem
+    # red_pb, flag (4 words), then each warp's scale stage (QdTile::STAGE
+    # floats), Q's fragments (D > 128), each warp's ring.
+    qfrag = nw * 64 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 else 0
+    base = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv + 4 + nw * 32 * (ng + ngv) + qfrag)
+    slot = decode_ring_slot(qspec, scale_bytes)
+    stages = TUNING.get("dec_stages", _DEC_STAGES)
+    # As many stages (down to 2) as keep per_sm blocks on an SM.
+    while stages > 2 and per_sm * (base + nw * stages * slot + 1024) > _SM_SMEM:
+        stages -= 1
+    smem = base + nw * stages * slot
+    if stages > 0:  # one wave of resident blocks
+        splits = max(1, min((_SMS * per_sm) // pairs, math.ceil(keys / (16 * nw * _DEC_MIN_TILES)), _DEC_MAX_SPLITS))
+    else:
+        splits = max(1, min(math.ceil(_SMS * 4 / pairs), math.ceil(keys / (16 * nw * _DEC_MIN_TILES)),
+                            _DEC_MAX_SPLITS))
+    if "dec_splits" in TUNING:
+        splits = TUNING["dec_splits"]
+    splits = max(1, min(splits, nw * dv))  # the merge's [splits][8] weights fit red_o
+    return nw, splits, smem, stages
 
 
 def decode_scratch_floats(qspec, splits: int) -> int:
@@ -357,20 +384,27 @@ def decode_scratch_floats(qspec, splits: int) -> int:
     return pairs * splits * 8 * (spec.head_dim_v + 2) + pairs
 
 
+def _decode_pool(qspec) -> bool:
+    """Tickets from cuda.py's pool (no zero fill) when the call's pairs fit a region."""
+    spec = qspec.attention
+    return bool(TUNING.get("dec_pool", True)) and spec.batch * spec.heads_kv <= _cuda._TICKET_REGION_WORDS
+
+
 @functools.lru_cache(maxsize=1024)
 def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
     """Everything of a decode launch but its inputs, once per (spec, shapes, dtypes, TUNING)."""
     spec = qspec.attention
-    nw, splits, smem = decode_plan(qspec)
+    nw, splits, smem, stages = decode_plan(qspec, max(k_scales_dtype.size, v_scales_dtype.size))
+    pool = _decode_pool(qspec)
     template = [("T", spec.dtype), ("KST", k_scales_dtype), ("VST", v_scales_dtype), ("SOFTCAP", spec.softcap > 0),
                 ("WINDOW", spec.has_window), ("SINKS", spec.has_sinks), ("D", spec.head_dim_qk),
                 ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("NW", nw),
-                ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH)))]
+                ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool)]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
                        (decode_scratch_floats(qspec, splits),)],
-        output_dtypes=[spec.dtype, mx.float32, mx.float32], init_value=0,
+        output_dtypes=[spec.dtype, mx.float32, mx.float32], init_value=None if pool else 0,
     ), _cuda.const_array((splits,), mx.int32), smem
 
 
@@ -379,6 +413,8 @@ def _forward_decode(q, k, v, qspec, inputs: AttentionInputs, stream):
                                       tuple(TUNING.items()) if TUNING else ())
     args = _operands(q, k, v, qspec, inputs, stream)  # q, 6 cache arrays, mask, alibi, ip, fp
     sinks = _dense(inputs.sinks, stream) if inputs.sinks is not None else _cuda._placeholders()[2]
+    # The ticket region (read only when the template's POOL is set).
+    tk = _cuda._ticket_region(stream)
     kernel = _strided_kernel("attention_quant_decode", _DEC_INPUTS, ("out", "lse", "scratch"), smem)
-    out, lse, _ = kernel(inputs=args[:7] + [sinks, args[9], args[10], ns], stream=stream, **launch)
+    out, lse, _ = kernel(inputs=args[:7] + [sinks, args[9], args[10], ns, tk], stream=stream, **launch)
     return out, lse
