@@ -161,22 +161,44 @@ struct QdRing {
   static_assert(KWR % 4 == 0 && VWR % 4 == 0 && KSB % 16 == 0 && VSB % 16 == 0, "QdRing: 16-byte segments");
 };
 
+// K and V rows are stored swizzled: 16-byte chunk c of row r at chunk c ^
+// qd_swizzle(r). A fragment read (K: rows g = 0..7, V: rows 2t + const)
+// touches the same chunks of rows that share banks (rows of 64 bytes: two a
+// 128-byte line; 128 bytes: one); the XOR spreads them over the line, so a
+// read takes the fewest shared-memory wavefronts its bytes need (4-bit D 128:
+// 2 instead of 4).
+template <int CPR>  // chunks per row (a power of two)
+__host__ __device__ constexpr int qd_swizzle(int r) {
+  return (r / (CPR >= 8 ? 1 : 8 / CPR)) % CPR;
+}
+// Word w of row r (ROWW words) in a swizzled segment.
+template <int ROWW>
+__host__ __device__ constexpr int qd_word(int r, int w) {
+  return r * ROWW + (((w / 4) ^ qd_swizzle<ROWW / 4>(r)) * 4) + w % 4;
+}
+
 // One segment (16 rows of ROWB bytes, row r of the tile at key j0 + r) into a
 // ring slot: 16-byte cp.async copies when the rows are contiguous, aligned and
 // all before `end`; otherwise element by element (keys past `end` read key
 // end - 1, dropped by rule), synchronously. E: the element type, `at(j, i)`
 // the element i of key j's row in the cache.
-template <typename E, int ROWE, class At>
+// SWZ: code rows (E = unsigned), stored swizzled (qd_word).
+template <typename E, int ROWE, bool SWZ, class At>
 __device__ __forceinline__ void qd_fill_segment(unsigned char* dst, const E* row0, bool contiguous, int j0, int end,
                                                 int lane, At at) {
-  constexpr int BYTES = 16 * ROWE * (int)sizeof(E);
+  constexpr int BYTES = 16 * ROWE * (int)sizeof(E), CPR = ROWE * (int)sizeof(E) / 16;
   if (contiguous && j0 + 16 <= end && (reinterpret_cast<unsigned long long>(row0) & 15) == 0) {
 #pragma unroll
-    for (int c = lane; c < BYTES / 16; c += 32)
-      cp_async16(dst + 16 * c, reinterpret_cast<const unsigned char*>(row0) + 16 * c, true);
+    for (int c = lane; c < BYTES / 16; c += 32) {
+      const int to = SWZ ? (c / CPR) * CPR + ((c % CPR) ^ qd_swizzle<CPR>(c / CPR)) : c;
+      cp_async16(dst + 16 * to, reinterpret_cast<const unsigned char*>(row0) + 16 * c, true);
+    }
   } else {
     E* d = reinterpret_cast<E*>(dst);
-    for (int e = lane; e < 16 * ROWE; e += 32) d[e] = at(min(j0 + e / ROWE, end - 1), e % ROWE);
+    for (int e = lane; e < 16 * ROWE; e += 32) {
+      const int r = e / ROWE, w = e % ROWE;
+      d[SWZ ? qd_word<ROWE>(r, w) : e] = at(min(j0 + r, end - 1), w);
+    }
   }
 }
 
@@ -271,14 +293,19 @@ struct QdTile {
     for (int n = 0; n < 2; ++n)
 #pragma unroll
       for (int gi = 0; gi < S::NG; ++gi) {
-        const unsigned* p = kr + (8 * n + g) * R::KWR + gi * S::WG + t * S::WK;
+        // The lane's WK words: whole 16-byte chunks (or aligned parts of one).
 #pragma unroll
-        for (int u = 0; u < S::WK; u += (S::WK % 2 == 0 ? 2 : 1)) {
-          if (S::WK % 2 == 0) {
-            const uint2 x = *reinterpret_cast<const uint2*>(p + u);
+        for (int u = 0; u < S::WK; u += (S::WK % 4 == 0 ? 4 : S::WK % 2 == 0 ? 2 : 1)) {
+          const unsigned* p = kr + qd_word<R::KWR>(8 * n + g, gi * S::WG + t * S::WK + u);
+          if (S::WK % 4 == 0) {
+            const uint4 x = *reinterpret_cast<const uint4*>(p);
+            kw[n][gi * S::WK + u] = x.x, kw[n][gi * S::WK + u + 1] = x.y;
+            kw[n][gi * S::WK + u + 2] = x.z, kw[n][gi * S::WK + u + 3] = x.w;
+          } else if (S::WK % 2 == 0) {
+            const uint2 x = *reinterpret_cast<const uint2*>(p);
             kw[n][gi * S::WK + u] = x.x, kw[n][gi * S::WK + u + 1] = x.y;
           } else {
-            kw[n][gi * S::WK + u] = p[u];
+            kw[n][gi * S::WK + u] = *p;
           }
         }
       }
@@ -286,14 +313,18 @@ struct QdTile {
     for (int e = 0; e < 4; ++e)
 #pragma unroll
       for (int gi = 0; gi < S::NGV; ++gi) {
-        const unsigned* p = vr + (2 * t + (e & 1) + 8 * (e >> 1)) * R::VWR + gi * S::WG + g * S::WV;
 #pragma unroll
-        for (int u = 0; u < S::WV; u += (S::WV % 2 == 0 ? 2 : 1)) {
-          if (S::WV % 2 == 0) {
-            const uint2 x = *reinterpret_cast<const uint2*>(p + u);
+        for (int u = 0; u < S::WV; u += (S::WV % 4 == 0 ? 4 : S::WV % 2 == 0 ? 2 : 1)) {
+          const unsigned* p = vr + qd_word<R::VWR>(2 * t + (e & 1) + 8 * (e >> 1), gi * S::WG + g * S::WV + u);
+          if (S::WV % 4 == 0) {
+            const uint4 x = *reinterpret_cast<const uint4*>(p);
+            vw[e][gi * S::WV + u] = x.x, vw[e][gi * S::WV + u + 1] = x.y;
+            vw[e][gi * S::WV + u + 2] = x.z, vw[e][gi * S::WV + u + 3] = x.w;
+          } else if (S::WV % 2 == 0) {
+            const uint2 x = *reinterpret_cast<const uint2*>(p);
             vw[e][gi * S::WV + u] = x.x, vw[e][gi * S::WV + u + 1] = x.y;
           } else {
-            vw[e][gi * S::WV + u] = p[u];
+            vw[e][gi * S::WV + u] = *p;
           }
         }
       }
@@ -380,13 +411,55 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   const int chunk = ((hi - lo + splits - 1) / splits + 15) / 16 * 16;
   const int start = lo + split * chunk, end = min(hi, start + chunk);
 
+  const QuantHead<KST, SA> kh = quant_head<BITS>(kc, b, kvh);
+  const QuantHead<VST, SA> vh = quant_head<BITS>(vc, b, kvh);
+  // Head dims over 128: Q's fragments live in the warp's shared memory
+  // (registers go to the accumulators and codes; 256 would spill otherwise).
+  constexpr bool QS = D > 128;
+  static_assert(STAGES != 1, "attention_quant_decode: a ring needs two stages (0: no ring)");
+
+  // The warp's ring (STAGES > 0), 16-byte aligned after Q's fragments.
+  using Ring = QdRing<KST, VST, D, DV, BITS, GS>;
+  unsigned char* ring = reinterpret_cast<unsigned char*>(reinterpret_cast<uint2*>(reinterpret_cast<float*>(flag + 4) +
+                                                                                 NW * Tile::STAGE) +
+                                                        (QS ? NW * S::KS * 32 : 0)) +
+                        (STAGES > 0 ? warp * STAGES * Ring::SLOT : 0);
+  // Rows of each array lie contiguously along the tokens (any token slice of a dense cache).
+  const bool kw_rows = kh.ws[3] == 1 && kh.ws[2] == Ring::KWR, vw_rows = vh.ws[3] == 1 && vh.ws[2] == Ring::VWR;
+  const bool ks_rows = kh.ss[3] == 1 && kh.ss[2] == S::NG, kb_rows = kh.bs[3] == 1 && kh.bs[2] == S::NG;
+  const bool vs_rows = vh.ss[3] == 1 && vh.ss[2] == S::NGV, vb_rows = vh.bs[3] == 1 && vh.bs[2] == S::NGV;
+  // Tile i of this warp (keys start + 16 (warp + NW i) ...) into its slot; one commit group each, empty past the end.
+  auto issue = [&](int i) {
+    const int jt = start + 16 * (warp + NW * i);
+    if (jt < end) {
+      unsigned char* slot = ring + (i % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
+      qd_fill_segment<unsigned, Ring::KWR, true>(slot, kh.words(jt), kw_rows, jt, end, lane,
+                                           [&](long j, int i2) { return kh.words(j)[i2 * kh.ws[3]]; });
+      qd_fill_segment<unsigned, Ring::VWR, true>(slot + Ring::V_OFF, vh.words(jt), vw_rows, jt, end, lane,
+                                           [&](long j, int i2) { return vh.words(j)[i2 * vh.ws[3]]; });
+      qd_fill_segment<KST, S::NG, false>(slot + Ring::KS_OFF, kh.s + jt * kh.ss[2], ks_rows, jt, end, lane,
+                                  [&](long j, int i2) { return kh.s[j * kh.ss[2] + i2 * kh.ss[3]]; });
+      qd_fill_segment<KST, S::NG, false>(slot + Ring::KB_OFF, kh.b + jt * kh.bs[2], kb_rows, jt, end, lane,
+                                  [&](long j, int i2) { return kh.b[j * kh.bs[2] + i2 * kh.bs[3]]; });
+      qd_fill_segment<VST, S::NGV, false>(slot + Ring::VS_OFF, vh.s + jt * vh.ss[2], vs_rows, jt, end, lane,
+                                   [&](long j, int i2) { return vh.s[j * vh.ss[2] + i2 * vh.ss[3]]; });
+      qd_fill_segment<VST, S::NGV, false>(slot + Ring::VB_OFF, vh.b + jt * vh.bs[2], vb_rows, jt, end, lane,
+                                   [&](long j, int i2) { return vh.b[j * vh.bs[2] + i2 * vh.bs[3]]; });
+    }
+    cp_async_commit();
+  };
+
+  // The ring's first STAGES - 1 tiles are requested before Q is read (its loads wait together).
+  int j0 = start + 16 * warp;
+  if (STAGES > 0) {
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  }
+
   // Q as A fragments (row g; pairs 2kk and 2kk+1 of lane t), rows >= nrows zero,
   // and each group's sum of q (for the K biases), reduced over the four lanes t.
   const bool row_ok = g < nrows;
   const T* qr = q + q_row(row_ok ? g : 0) * D;
-  // Head dims over 128: Q's fragments live in the warp's shared memory
-  // (registers go to the accumulators and codes; 256 would spill otherwise).
-  constexpr bool QS = D > 128;
   unsigned qa[QS ? 1 : S::KS][2];
   uint2* qsm = reinterpret_cast<uint2*>(reinterpret_cast<float*>(flag + 4) + NW * Tile::STAGE) + warp * S::KS * 32;
   float qsum[S::NG];
@@ -408,9 +481,6 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   }
   if (QS) __syncwarp();
 
-  const QuantHead<KST, SA> kh = quant_head<BITS>(kc, b, kvh);
-  const QuantHead<VST, SA> vh = quant_head<BITS>(vc, b, kvh);
-
   float o[S::MT][4];  // O^T: (columns of lane g, rows 2t, 2t+1)
 #pragma unroll
   for (int m = 0; m < S::MT; ++m)
@@ -421,45 +491,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   for (int gi = 0; gi < S::NGV; ++gi) pb[gi] = 0.f;
   bool bad = false;
 
-  // The warp's ring (STAGES > 0), 16-byte aligned after Q's fragments.
-  using Ring = QdRing<KST, VST, D, DV, BITS, GS>;
-  unsigned char* ring = reinterpret_cast<unsigned char*>(reinterpret_cast<uint2*>(reinterpret_cast<float*>(flag + 4) +
-                                                                                 NW * Tile::STAGE) +
-                                                        (QS ? NW * S::KS * 32 : 0)) +
-                        (STAGES > 0 ? warp * STAGES * Ring::SLOT : 0);
-  // Rows of each array lie contiguously along the tokens (any token slice of a dense cache).
-  const bool kw_rows = kh.ws[3] == 1 && kh.ws[2] == Ring::KWR, vw_rows = vh.ws[3] == 1 && vh.ws[2] == Ring::VWR;
-  const bool ks_rows = kh.ss[3] == 1 && kh.ss[2] == S::NG, kb_rows = kh.bs[3] == 1 && kh.bs[2] == S::NG;
-  const bool vs_rows = vh.ss[3] == 1 && vh.ss[2] == S::NGV, vb_rows = vh.bs[3] == 1 && vh.bs[2] == S::NGV;
-  // Tile i of this warp (keys start + 16 (warp + NW i) ...) into its slot; one commit group each, empty past the end.
-  auto issue = [&](int i) {
-    const int jt = start + 16 * (warp + NW * i);
-    if (jt < end) {
-      unsigned char* slot = ring + (i % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
-      qd_fill_segment<unsigned, Ring::KWR>(slot, kh.words(jt), kw_rows, jt, end, lane,
-                                           [&](long j, int i2) { return kh.words(j)[i2 * kh.ws[3]]; });
-      qd_fill_segment<unsigned, Ring::VWR>(slot + Ring::V_OFF, vh.words(jt), vw_rows, jt, end, lane,
-                                           [&](long j, int i2) { return vh.words(j)[i2 * vh.ws[3]]; });
-      qd_fill_segment<KST, S::NG>(slot + Ring::KS_OFF, kh.s + jt * kh.ss[2], ks_rows, jt, end, lane,
-                                  [&](long j, int i2) { return kh.s[j * kh.ss[2] + i2 * kh.ss[3]]; });
-      qd_fill_segment<KST, S::NG>(slot + Ring::KB_OFF, kh.b + jt * kh.bs[2], kb_rows, jt, end, lane,
-                                  [&](long j, int i2) { return kh.b[j * kh.bs[2] + i2 * kh.bs[3]]; });
-      qd_fill_segment<VST, S::NGV>(slot + Ring::VS_OFF, vh.s + jt * vh.ss[2], vs_rows, jt, end, lane,
-                                   [&](long j, int i2) { return vh.s[j * vh.ss[2] + i2 * vh.ss[3]]; });
-      qd_fill_segment<VST, S::NGV>(slot + Ring::VB_OFF, vh.b + jt * vh.bs[2], vb_rows, jt, end, lane,
-                                   [&](long j, int i2) { return vh.b[j * vh.bs[2] + i2 * vh.bs[3]]; });
-    }
-    cp_async_commit();
-  };
-
   Tile cur;
-  int j0 = start + 16 * warp;
-  if (STAGES > 0) {
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i) issue(i);
-  } else if (j0 < end) {
-    cur.load(kh, vh, j0, end, lane);
-  }
+  if (STAGES == 0 && j0 < end) cur.load(kh, vh, j0, end, lane);
   for (int it = 0; j0 < end; j0 += 16 * NW, ++it) {
     const int j1 = j0 + 16 * NW;
     if (STAGES > 0) {
@@ -693,7 +726,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     }
   }
   __syncthreads();
-  // Four columns a thread, every split's float4 of them summed with eight
+  // Four columns a thread, every split's float4 of them summed with sixteen
   // loads in flight (an empty split holds zeros: no branch; a NaN in a split
   // whose weight underflowed still reaches the row, as IEEE would have it).
   constexpr int C4 = DV / 4;
@@ -703,7 +736,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (inv == inv) {
       const float* src = parts + r * DV + c;
-#pragma unroll 8
+#pragma unroll 16
       for (int sp = 0; sp < splits; ++sp) {
         const float f = wts[sp * 8 + r];
         const float4 x = qd_load_cg4(src + (long)sp * qd_part_floats<DV>());
