@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cuda_decode_profile as prof  # noqa: E402
 
 import mlx_flash  # noqa: E402
+import mlx_flash.attention_quantized  # noqa: E402,F401
 from mlx_flash.backends import cuda_quant as cq  # noqa: E402
 
 # (name, bits, TUNING): the routed default first, then what it is measured against.
@@ -33,15 +34,17 @@ VARIANTS = [
     ("main_plan", 4, {"dec_stages": 0, "dec_pool": False, "dec_blocks_per_sm": 4}),
     ("ring_default", 8, {}),
     ("main_plan", 8, {"dec_stages": 0, "dec_pool": False, "dec_blocks_per_sm": 4}),
-    ("ring_nopool", 4, {"dec_pool": False}),
     ("ring_splits33", 4, {"dec_splits": 33}),
     ("ring_splits66", 4, {"dec_splits": 66}),
-    ("ring_splits99", 4, {"dec_splits": 99}),
     ("ring_splits24", 4, {"dec_splits": 24}),
+    ("ring_splits16", 4, {"dec_splits": 16}),
+    ("ring_nopool", 4, {"dec_pool": False}),
     ("ring_stages2", 4, {"dec_stages": 2}),
+    ("ring_w8", 4, {"dec_warps": 8, "dec_blocks_per_sm": 1}),
+    ("ring_w6", 4, {"dec_warps": 6, "dec_blocks_per_sm": 2}),
+    ("ring_w3", 4, {"dec_warps": 3, "dec_blocks_per_sm": 4}),
+    ("ring_splits33", 8, {"dec_splits": 33}),
     ("ring_stages3", 4, {"dec_stages": 3}),
-    ("ring_w8_splits24", 4, {"dec_warps": 8, "dec_splits": 24}),
-    ("ring_w2_splits99", 4, {"dec_warps": 2, "dec_splits": 99}),
     ("regs_pool_splits49", 4, {"dec_stages": 0, "dec_splits": 49}),
 ]
 
