@@ -169,7 +169,7 @@ struct QdRing {
 // 2 instead of 4).
 template <int CPR>  // chunks per row (a power of two)
 __host__ __device__ constexpr int qd_swizzle(int r) {
-  return (r / (CPR >= 8 ? 1 : 8 / CPR)) % CPR;
+  return CPR <= 1 ? 0 : (r / (CPR >= 8 ? 1 : 8 / (CPR > 0 ? CPR : 1))) % (CPR > 0 ? CPR : 1);
 }
 // Word w of row r (ROWW words) in a swizzled segment.
 template <int ROWW>
@@ -186,7 +186,7 @@ __host__ __device__ constexpr int qd_word(int r, int w) {
 template <typename E, int ROWE, bool SWZ, class At>
 __device__ __forceinline__ void qd_fill_segment(unsigned char* dst, const E* row0, bool contiguous, int j0, int end,
                                                 int lane, At at) {
-  constexpr int BYTES = 16 * ROWE * (int)sizeof(E), CPR = ROWE * (int)sizeof(E) / 16;
+  constexpr int BYTES = 16 * ROWE * (int)sizeof(E), CPR = SWZ ? ROWE * (int)sizeof(E) / 16 : 1;
   if (contiguous && j0 + 16 <= end && (reinterpret_cast<unsigned long long>(row0) & 15) == 0) {
 #pragma unroll
     for (int c = lane; c < BYTES / 16; c += 32) {
