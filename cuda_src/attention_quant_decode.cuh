@@ -56,6 +56,12 @@ __device__ __forceinline__ unsigned qd_sub2(unsigned x, unsigned y) {
   else asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(y));
   return r;
 }
+// x * y + z on fp16 pairs (exact where used: (1024 + 16 c) / 16 - 64).
+__device__ __forceinline__ unsigned qd_fma2_f16(unsigned x, unsigned y, unsigned z) {
+  unsigned r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(x), "r"(y), "r"(z));
+  return r;
+}
 __device__ __forceinline__ float qd_load_cg(const float* p) { return __ldcg(p); }
 __device__ __forceinline__ float4 qd_load_cg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 __device__ __forceinline__ void qd_fence() { __threadfence(); }
@@ -81,6 +87,15 @@ inline unsigned qd_sub2(unsigned x, unsigned y) {
   }
   return r;
 }
+inline unsigned qd_fma2_f16(unsigned x, unsigned y, unsigned z) {
+  unsigned r = 0;
+  for (int i = 0; i < 2; ++i) {
+    const float d = qd_half_bits<false>((x >> (16 * i)) & 0xffffu) * qd_half_bits<false>((y >> (16 * i)) & 0xffffu) +
+                    qd_half_bits<false>((z >> (16 * i)) & 0xffffu);
+    r |= (unsigned)__float2half_rn(d).x << (16 * i);  // exact here
+  }
+  return r;
+}
 inline float qd_load_cg(const float* p) { return *p; }
 inline float4 qd_load_cg4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 inline void qd_fence() {}
@@ -98,18 +113,23 @@ struct QdCodes {
   static constexpr unsigned MAGIC_BYTE = BF16 ? 0x43434343u : 0x64646464u;
   __device__ __forceinline__ static unsigned fix(unsigned x) { return qd_sub2<BF16>(x, MAGIC); }
   // Same-key pair p of a word (K): 4-bit nibbles (p, p + 4), p < 4; 8-bit bytes (p, p + 2), p < 2.
+  // fp16, 4-bit: the odd nibbles of each byte stay in place, 16 c over the
+  // magic's 1024, and one fma (x / 16 - 64) replaces the shift and subtract:
+  // two ops a pair for p = 0, 1 and a shared shift for p = 2, 3.
   template <int BITS>
   __device__ __forceinline__ static unsigned same(unsigned w, int p) {
+    if (BITS == 4 && !BF16) {
+      const unsigned x = p >= 2 ? w >> 8 : w;
+      if (p % 2 == 0) return fix((x & 0x000f000fu) | MAGIC);
+      return qd_fma2_f16((x & 0x00f000f0u) | MAGIC, 0x2c002c00u, 0xd400d400u);  // 1/16, -64
+    }
     if (BITS == 4) return fix(((w >> (4 * p)) & 0x000f000fu) | MAGIC);
     return fix(qd_perm(w, MAGIC_BYTE, p == 0 ? 0x4240u : 0x4341u));
   }
   // Cross-key pair: code n of word a (low half) and of word b (high half).
   template <int BITS>
   __device__ __forceinline__ static unsigned cross(unsigned a, unsigned b, int n) {
-    if (BITS == 4) {
-      const unsigned y = qd_perm(a, b, n < 4 ? 0x5410u : 0x7632u);
-      return fix(((y >> (4 * (n & 3))) & 0x000f000fu) | MAGIC);
-    }
+    if (BITS == 4) return same<4>(qd_perm(a, b, n < 4 ? 0x5410u : 0x7632u), n & 3);
     const unsigned y = qd_perm(a, b, (unsigned)(n | (n << 4) | ((4 + n) << 8) | ((4 + n) << 12)));
     return fix((y & 0x00ff00ffu) | MAGIC);
   }
