@@ -428,6 +428,9 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   int lo, hi;
   rules.key_range(0, query_of(nrows - 1), lo, hi);
   hi = max(hi, lo);
+  // Tiles start on multiples of 16 keys (aligned rows for the ring's
+  // 16-byte copies under a window too); the keys added are dropped by rule.
+  if (lo < hi) lo &= ~15;
   const int chunk = ((hi - lo + splits - 1) / splits + 15) / 16 * 16;
   const int start = lo + split * chunk, end = min(hi, start + chunk);
 
