@@ -189,7 +189,8 @@ struct QdRing {
 // 2 instead of 4).
 template <int CPR>  // chunks per row (a power of two)
 __host__ __device__ constexpr int qd_swizzle(int r) {
-  return CPR <= 1 ? 0 : (r / (CPR >= 8 ? 1 : 8 / (CPR > 0 ? CPR : 1))) % (CPR > 0 ? CPR : 1);
+  // Unsigned: shifts and masks for the compiler, and the row terms that drop out visible.
+  return CPR <= 1 ? 0 : (int)(((unsigned)r / (CPR >= 8 ? 1u : 8u / (CPR > 0 ? CPR : 1))) % (CPR > 0 ? CPR : 1));
 }
 // Word w of row r (ROWW words) in a swizzled segment.
 template <int ROWW>
@@ -303,12 +304,14 @@ struct QdTile {
 
   // The same operands from a raw tile in the warp's ring (QdRing): the tile's
   // K and V rows and its four scale/bias planes as the cache stores them.
-  template <typename KST, typename VST>
+  // PART 0: K words and the scales (before S), 1: V words (before P.V; fewer registers live at once).
+  template <typename KST, typename VST, int PART>
   __device__ __forceinline__ void load_ring(const unsigned char* slot, int lane) {
     using R = QdRing<KST, VST, D, DV, BITS, GS>;
     const int g = lane / 4, t = lane % 4;
     const unsigned* kr = reinterpret_cast<const unsigned*>(slot);
     const unsigned* vr = reinterpret_cast<const unsigned*>(slot + R::V_OFF);
+    if (PART == 0) {
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -316,7 +319,11 @@ struct QdTile {
         // The lane's WK words: whole 16-byte chunks (or aligned parts of one).
 #pragma unroll
         for (int u = 0; u < S::WK; u += (S::WK % 4 == 0 ? 4 : S::WK % 2 == 0 ? 2 : 1)) {
-          const unsigned* p = kr + qd_word<R::KWR>(8 * n + g, gi * S::WG + t * S::WK + u);
+          // Row 8n + g's swizzle is g's for rows of up to 8 chunks.
+          constexpr int KC = R::KWR / 4;
+          const int w = gi * S::WG + t * S::WK + u;
+          const int x = qd_swizzle<KC>(KC <= 8 ? g : 8 * n + g) << 2;
+          const unsigned* p = kr + (8 * n + g) * R::KWR + ((w & ~3) ^ x) + (w & 3);
           if (S::WK % 4 == 0) {
             const uint4 x = *reinterpret_cast<const uint4*>(p);
             kw[n][gi * S::WK + u] = x.x, kw[n][gi * S::WK + u + 1] = x.y;
@@ -329,13 +336,19 @@ struct QdTile {
           }
         }
       }
+    }
+    if (PART == 1) {
 #pragma unroll
     for (int e = 0; e < 4; ++e)
 #pragma unroll
       for (int gi = 0; gi < S::NGV; ++gi) {
 #pragma unroll
         for (int u = 0; u < S::WV; u += (S::WV % 4 == 0 ? 4 : S::WV % 2 == 0 ? 2 : 1)) {
-          const unsigned* p = vr + qd_word<R::VWR>(2 * t + (e & 1) + 8 * (e >> 1), gi * S::WG + g * S::WV + u);
+          // Row 2t + (e & 1) + 8 (e >> 1)'s swizzle is 2t's for rows of up to 4 chunks.
+          constexpr int VC = R::VWR / 4;
+          const int r = 2 * t + (e & 1) + 8 * (e >> 1), w = gi * S::WG + g * S::WV + u;
+          const int x = qd_swizzle<VC>(VC <= 4 ? 2 * t : r) << 2;
+          const unsigned* p = vr + r * R::VWR + ((w & ~3) ^ x) + (w & 3);
           if (S::WV % 4 == 0) {
             const uint4 x = *reinterpret_cast<const uint4*>(p);
             vw[e][gi * S::WV + u] = x.x, vw[e][gi * S::WV + u + 1] = x.y;
@@ -348,6 +361,8 @@ struct QdTile {
           }
         }
       }
+    }
+    if (PART == 1) return;
     const KST* ks = reinterpret_cast<const KST*>(slot + R::KS_OFF);
     const KST* kb = reinterpret_cast<const KST*>(slot + R::KB_OFF);
     const VST* vs = reinterpret_cast<const VST*>(slot + R::VS_OFF);
@@ -523,7 +538,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       // every lane's (and that every lane is done reading the slot refilled next).
       cp_async_wait<(STAGES > 1 ? STAGES - 2 : 0)>();
       __syncwarp();
-      cur.template load_ring<KST, VST>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
+      cur.template load_ring<KST, VST, 0>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
       issue(it + STAGES - 1);
     }
     cur.stage_scales(stage, lane);
@@ -616,7 +631,9 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
         o[m][0] *= a0, o[m][1] *= a1, o[m][2] *= a0, o[m][3] *= a1;
       }
     }
-    // O^T += V^T (P scaled by each group's V scales)^T.
+    // O^T += V^T (P scaled by each group's V scales)^T. The ring's V words
+    // now (the slot is refilled only after the next iteration's barrier).
+    if (STAGES > 0) cur.template load_ring<KST, VST, 1>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
 #pragma unroll
     for (int gi = 0; gi < S::NGV; ++gi) {
       unsigned bf[2];
