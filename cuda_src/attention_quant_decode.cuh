@@ -413,15 +413,21 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   using C = QdCodes<T>;
   static_assert(!(MmaType<T>::is_bf16 && BITS == 8), "attention_quant_decode: 8-bit codes exceed bf16's exact 128 + code");
   static_assert(F::MaskKind == 0 && !F::Alibi, "attention_quant_decode: no mask or ALiBi (routed elsewhere)");
+  // Shared memory (qd_smem_bytes): flag (4 words), each warp's scale stage,
+  // Q's fragments (QS), then the rings, which the end-of-loop merge areas
+  // red_* overlay once every warp has left the loop.
   extern __shared__ __align__(16) unsigned char quant_smem[];
-  float* red_o = reinterpret_cast<float*>(quant_smem);  // [NW][8][DV]
-  float* red_m = red_o + NW * 8 * DV;                   // [NW][8]
-  float* red_l = red_m + NW * 8;                        // [NW][8]
-  float* red_pb = red_l + NW * 8;                       // [NW][8][NGV]
-  int* flag = reinterpret_cast<int*>(red_pb + NW * 8 * S::NGV);
+  int* flag = reinterpret_cast<int*>(quant_smem);
   using Tile = QdTile<D, DV, BITS, GS>;
   // Each warp's scale stage, 16-byte aligned after the flag (4 words).
   float* stage = reinterpret_cast<float*>(flag + 4) + (threadIdx.x / 32) * Tile::STAGE;
+  constexpr bool QS = D > 128 || STAGES > 0;  // see qsm below
+  unsigned char* shared_end = reinterpret_cast<unsigned char*>(reinterpret_cast<float*>(flag + 4) + NW * Tile::STAGE) +
+                              (QS ? NW * S::KS * 32 * 8 : 0);
+  float* red_o = reinterpret_cast<float*>(shared_end);  // [NW][8][DV]
+  float* red_m = red_o + NW * 8 * DV;                   // [NW][8]
+  float* red_l = red_m + NW * 8;                        // [NW][8]
+  float* red_pb = red_l + NW * 8;                       // [NW][8][NGV]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], Nq = ip[kSeqQ], Nk = ip[kSeqK];
@@ -451,17 +457,14 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
 
   const QuantHead<KST, SA> kh = quant_head<BITS>(kc, b, kvh);
   const QuantHead<VST, SA> vh = quant_head<BITS>(vc, b, kvh);
-  // Head dims over 128: Q's fragments live in the warp's shared memory
-  // (registers go to the accumulators and codes; 256 would spill otherwise).
-  constexpr bool QS = D > 128;
+  // QS: Q's fragments live in the warp's shared memory, read once a k-step
+  // for both key halves: head dims over 128 (256 would spill otherwise) and
+  // the ring (114 registers instead of 134 at 4-bit D 128: 4 blocks an SM, not 3).
   static_assert(STAGES != 1, "attention_quant_decode: a ring needs two stages (0: no ring)");
 
   // The warp's ring (STAGES > 0), 16-byte aligned after Q's fragments.
   using Ring = QdRing<KST, VST, D, DV, BITS, GS>;
-  unsigned char* ring = reinterpret_cast<unsigned char*>(reinterpret_cast<uint2*>(reinterpret_cast<float*>(flag + 4) +
-                                                                                 NW * Tile::STAGE) +
-                                                        (QS ? NW * S::KS * 32 : 0)) +
-                        (STAGES > 0 ? warp * STAGES * Ring::SLOT : 0);
+  unsigned char* ring = shared_end + (STAGES > 0 ? warp * STAGES * Ring::SLOT : 0);
   // Rows of each array lie contiguously along the tokens (any token slice of a dense cache).
   const bool kw_rows = kh.ws[3] == 1 && kh.ws[2] == Ring::KWR, vw_rows = vh.ws[3] == 1 && vh.ws[2] == Ring::VWR;
   const bool ks_rows = kh.ss[3] == 1 && kh.ss[2] == S::NG, kb_rows = kh.bs[3] == 1 && kh.bs[2] == S::NG;
@@ -545,24 +548,19 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     Tile nxt;
     if (STAGES == 0 && PF && j1 < end) nxt.load(kh, vh, j1, end, lane);
 
-    // S = Q K^T per group (codes), then scales and biases in fp32.
+    // S = Q K^T per group (codes), then scales and biases in fp32. Both
+    // 8-key halves n take each Q fragment (one shared-memory read with QS).
     float s[2][2];
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      float acc[S::NG][4];
+    {
+      float acc[2][S::NG][4];
 #pragma unroll
       for (int gi = 0; gi < S::NG; ++gi) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[gi][e] = 0.f;
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[n][gi][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < S::KSG; ++kk) {
-          unsigned bf[2];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int p = 2 * kk + h;  // pair of the lane within the group
-            constexpr int PPW = 16 / BITS;
-            bf[h] = C::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
-          }
           unsigned a[4] = {0u, 0u, 0u, 0u};
           if (QS) {
             const uint2 f = qsm[(gi * S::KSG + kk) * 32 + lane];
@@ -570,18 +568,31 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
           } else {
             a[0] = qa[QS ? 0 : gi * S::KSG + kk][0], a[2] = qa[QS ? 0 : gi * S::KSG + kk][1];
           }
-          mma16816<T>(acc[gi], a, bf[0], bf[1]);
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            unsigned bf[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int p = 2 * kk + h;  // pair of the lane within the group
+              constexpr int PPW = 16 / BITS;
+              bf[h] = C::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
+            }
+            mma16816<T>(acc[n][gi], a, bf[0], bf[1]);
+          }
         }
       }
-      float x0 = 0.f, x1 = 0.f;
 #pragma unroll
-      for (int gi = 0; gi < S::NG; ++gi) {
-        const float2 sk = Tile::pair(stage, gi, n, t), bk = Tile::pair(stage, S::NG + gi, n, t);
-        x0 = fmaf(sk.x, acc[gi][0], fmaf(bk.x, qsum[gi], x0));
-        x1 = fmaf(sk.y, acc[gi][1], fmaf(bk.y, qsum[gi], x1));
+      for (int n = 0; n < 2; ++n) {
+        float x0 = 0.f, x1 = 0.f;
+#pragma unroll
+        for (int gi = 0; gi < S::NG; ++gi) {
+          const float2 sk = Tile::pair(stage, gi, n, t), bk = Tile::pair(stage, S::NG + gi, n, t);
+          x0 = fmaf(sk.x, acc[n][gi][0], fmaf(bk.x, qsum[gi], x0));
+          x1 = fmaf(sk.y, acc[n][gi][1], fmaf(bk.y, qsum[gi], x1));
+        }
+        s[n][0] = x0;
+        s[n][1] = x1;
       }
-      s[n][0] = x0;
-      s[n][1] = x1;
     }
     // Logits of row g (keys j0 + 8n + 2t + e), the online softmax.
     float tile_max = kNegInf;
@@ -660,7 +671,9 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     if (STAGES == 0 && !PF && j1 < end) cur.load(kh, vh, j1, end, lane);
   }
 
-  // Block merge: each warp's (o + bias terms, m, l) through shared memory.
+  // Block merge: each warp's (o + bias terms, m, l) through shared memory,
+  // over the rings: every warp must be done with its ring first.
+  if (STAGES > 0) __syncthreads();
   l_row += __shfl_xor_sync(0xffffffffu, l_row, 1);
   l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
 #pragma unroll

@@ -294,14 +294,15 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # shared memory). Each warp streams its tiles through a ring of _DEC_STAGES
 # shared-memory slots by cp.async (three tiles in flight while one is
 # computed); splits give every resident block slot of the GPU one block (one
-# wave: _DEC_BLOCKS_PER_SM blocks of 4 warps fit an SM by registers), every
+# wave: _DEC_BLOCKS_PER_SM blocks of 4 warps fit an SM by registers: 114 a
+# thread at 4-bit D 128, Q's fragments in shared memory), every
 # split at least _DEC_MIN_TILES tiles per warp. TUNING "dec_warps" /
 # "dec_splits" / "dec_stages" (0: main's register path, "dec_prefetch" its
 # one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" / "decode" override
 # for GPU sweeps (call decode_plan.cache_clear() after; the launch cache keys
 # on TUNING itself).
 _DEC_WARPS = 4
-_DEC_BLOCKS_PER_SM = 3
+_DEC_BLOCKS_PER_SM = 4
 _DEC_MIN_TILES = 4
 _DEC_MAX_SPLITS = 256
 _DEC_STAGES = 4
@@ -352,20 +353,24 @@ def decode_plan(qspec, scale_bytes: int = 2):
     nw = decode_warps()
     pairs = spec.batch * spec.heads_kv
     keys = _cuda._effective_keys(spec)
-    per_sm = TUNING.get("dec_blocks_per_sm", _DEC_BLOCKS_PER_SM)
+    # Head dims over 128 take 155-168 registers a thread: three blocks of 4 warps.
+    wide = max(spec.head_dim_qk, spec.head_dim_v) > 128
+    per_sm = TUNING.get("dec_blocks_per_sm", _DEC_BLOCKS_PER_SM - 1 if wide else _DEC_BLOCKS_PER_SM)
     dv, ngv = spec.head_dim_v, spec.head_dim_v // qspec.group_size
     ng = spec.head_dim_qk // qspec.group_size
-    # red_o [nw][8][dv] (also the last block's [splits][8] weights), red_m, red_l,
-    # red_pb, flag (4 words), then each warp's scale stage (QdTile::STAGE
-    # floats), Q's fragments (D > 128), each warp's ring.
-    qfrag = nw * 64 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 else 0
-    base = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv + 4 + nw * 32 * (ng + ngv) + qfrag)
-    slot = decode_ring_slot(qspec, scale_bytes)
+    # The flag (4 words), each warp's scale stage (QdTile::STAGE floats), Q's
+    # fragments (D > 128 or a ring: 8 bytes a lane a k-step), then the rings,
+    # overlaid after the loop by red_o [nw][8][dv] (also the last block's
+    # [splits][8] weights), red_m, red_l, red_pb.
     stages = TUNING.get("dec_stages", _DEC_STAGES)
+    qfrag = nw * 256 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 or stages > 0 else 0
+    base = 16 + 4 * nw * 32 * (ng + ngv) + qfrag
+    red = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv)
+    slot = decode_ring_slot(qspec, scale_bytes)
     # As many stages (down to 2) as keep per_sm blocks on an SM.
-    while stages > 2 and per_sm * (base + nw * stages * slot + 1024) > _SM_SMEM:
+    while stages > 2 and per_sm * (base + max(red, nw * stages * slot) + 1024) > _SM_SMEM:
         stages -= 1
-    smem = base + nw * stages * slot
+    smem = base + max(red, nw * stages * slot)
     if stages > 0:  # one wave of resident blocks
         splits = max(1, min((_SMS * per_sm) // pairs, math.ceil(keys / (16 * nw * _DEC_MIN_TILES)), _DEC_MAX_SPLITS))
     else:
