@@ -104,6 +104,18 @@ struct alignas(8) uint2 {
 };
 #endif
 
+#if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)
+
+inline const void*& qd_emu_base() { static thread_local const void* b = nullptr; return b; }
+inline void qd_check(const void* base, const void* p, long n, const char* what) {
+  if (base == nullptr) base = qd_emu_base();
+  const long off = (const char*)p - (const char*)base;
+  if (off < 0 || off + n > (long)__emu_dynamic_smem_bytes) { __builtin_printf("QDCHECK %s off %ld n %ld size %ld\n", what, off, n, (long)__emu_dynamic_smem_bytes); __emu_fail(what); }
+}
+#define QD_CHECK(b, p, n, w) qd_check(b, p, n, w)
+#else
+#define QD_CHECK(b, p, n, w)
+#endif
 // Codes as 16-bit values: MAGIC | code is 1024 + code (fp16) or 128 + code
 // (bf16, codes < 128); subtracting MAGIC is exact.
 template <typename T>
@@ -212,12 +224,14 @@ __device__ __forceinline__ void qd_fill_segment(unsigned char* dst, const E* row
 #pragma unroll
     for (int c = lane; c < BYTES / 16; c += 32) {
       const int to = SWZ ? (c / CPR) * CPR + ((c % CPR) ^ qd_swizzle<CPR>(c / CPR)) : c;
+      QD_CHECK(nullptr, dst + 16 * to, 16, "cpasync");
       cp_async16(dst + 16 * to, reinterpret_cast<const unsigned char*>(row0) + 16 * c, true);
     }
   } else {
     E* d = reinterpret_cast<E*>(dst);
     for (int e = lane; e < 16 * ROWE; e += 32) {
       const int r = e / ROWE, w = e % ROWE;
+      QD_CHECK(nullptr, &d[SWZ ? qd_word<ROWE>(r, w) : e], sizeof(E), "fallback");
       d[SWZ ? qd_word<ROWE>(r, w) : e] = at(min(j0 + r, end - 1), w);
     }
   }
@@ -324,6 +338,7 @@ struct QdTile {
           const int w = gi * S::WG + t * S::WK + u;
           const int x = qd_swizzle<KC>(KC <= 8 ? g : 8 * n + g) << 2;
           const unsigned* p = kr + (8 * n + g) * R::KWR + ((w & ~3) ^ x) + (w & 3);
+          QD_CHECK(nullptr, p, 4 * (S::WK % 4 == 0 ? 4 : S::WK % 2 == 0 ? 2 : 1), "kread");
           if (S::WK % 4 == 0) {
             const uint4 x = *reinterpret_cast<const uint4*>(p);
             kw[n][gi * S::WK + u] = x.x, kw[n][gi * S::WK + u + 1] = x.y;
@@ -349,6 +364,7 @@ struct QdTile {
           const int r = 2 * t + (e & 1) + 8 * (e >> 1), w = gi * S::WG + g * S::WV + u;
           const int x = qd_swizzle<VC>(VC <= 4 ? 2 * t : r) << 2;
           const unsigned* p = vr + r * R::VWR + ((w & ~3) ^ x) + (w & 3);
+          QD_CHECK(nullptr, p, 4 * (S::WV % 4 == 0 ? 4 : S::WV % 2 == 0 ? 2 : 1), "vread");
           if (S::WV % 4 == 0) {
             const uint4 x = *reinterpret_cast<const uint4*>(p);
             vw[e][gi * S::WV + u] = x.x, vw[e][gi * S::WV + u + 1] = x.y;
@@ -382,7 +398,7 @@ struct QdTile {
   __device__ __forceinline__ void stage_scales(float* stage, int lane) const {
     __syncwarp();
 #pragma unroll
-    for (int i = 0; i < NSC; ++i) stage[lane + 32 * i] = sc[i];
+    for (int i = 0; i < NSC; ++i) { QD_CHECK(nullptr, &stage[lane + 32 * i], 4, "stage"); stage[lane + 32 * i] = sc[i]; }
     __syncwarp();
   }
   // (scale or bias) of keys 2t + 8n and 2t + 8n + 1: plane row `row`.
@@ -418,6 +434,9 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   // red_* overlay once every warp has left the loop.
   extern __shared__ __align__(16) unsigned char quant_smem[];
   int* flag = reinterpret_cast<int*>(quant_smem);
+#if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)
+  qd_emu_base() = quant_smem;
+#endif
   using Tile = QdTile<D, DV, BITS, GS>;
   // Each warp's scale stage, 16-byte aligned after the flag (4 words).
   float* stage = reinterpret_cast<float*>(flag + 4) + (threadIdx.x / 32) * Tile::STAGE;
@@ -433,7 +452,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], Nq = ip[kSeqQ], Nk = ip[kSeqK];
   const int G = Hq / Hkv, nrows = G * Nq;
   const int bh = blockIdx.z, b = bh / Hkv, kvh = bh % Hkv;
-  const int splits = ns[0], split = blockIdx.x;
+  // ns[1]: GPU diagnostics of the ring (bit 0: every copy synchronous; bit 1: drain every tile's copies).
+  const int splits = ns[0], split = blockIdx.x, ring_debug = ns[1];
   const float scale = fp[kScale];
 
   Sequence seq;
@@ -474,17 +494,17 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     const int jt = start + 16 * (warp + NW * i);
     if (jt < end) {
       unsigned char* slot = ring + (i % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
-      qd_fill_segment<unsigned, Ring::KWR, true>(slot, kh.words(jt), kw_rows, jt, end, lane,
+      qd_fill_segment<unsigned, Ring::KWR, true>(slot, kh.words(jt), kw_rows && !(ring_debug & 1), jt, end, lane,
                                            [&](long j, int i2) { return kh.words(j)[i2 * kh.ws[3]]; });
-      qd_fill_segment<unsigned, Ring::VWR, true>(slot + Ring::V_OFF, vh.words(jt), vw_rows, jt, end, lane,
+      qd_fill_segment<unsigned, Ring::VWR, true>(slot + Ring::V_OFF, vh.words(jt), vw_rows && !(ring_debug & 1), jt, end, lane,
                                            [&](long j, int i2) { return vh.words(j)[i2 * vh.ws[3]]; });
-      qd_fill_segment<KST, S::NG, false>(slot + Ring::KS_OFF, kh.s + jt * kh.ss[2], ks_rows, jt, end, lane,
+      qd_fill_segment<KST, S::NG, false>(slot + Ring::KS_OFF, kh.s + jt * kh.ss[2], ks_rows && !(ring_debug & 1), jt, end, lane,
                                   [&](long j, int i2) { return kh.s[j * kh.ss[2] + i2 * kh.ss[3]]; });
-      qd_fill_segment<KST, S::NG, false>(slot + Ring::KB_OFF, kh.b + jt * kh.bs[2], kb_rows, jt, end, lane,
+      qd_fill_segment<KST, S::NG, false>(slot + Ring::KB_OFF, kh.b + jt * kh.bs[2], kb_rows && !(ring_debug & 1), jt, end, lane,
                                   [&](long j, int i2) { return kh.b[j * kh.bs[2] + i2 * kh.bs[3]]; });
-      qd_fill_segment<VST, S::NGV, false>(slot + Ring::VS_OFF, vh.s + jt * vh.ss[2], vs_rows, jt, end, lane,
+      qd_fill_segment<VST, S::NGV, false>(slot + Ring::VS_OFF, vh.s + jt * vh.ss[2], vs_rows && !(ring_debug & 1), jt, end, lane,
                                    [&](long j, int i2) { return vh.s[j * vh.ss[2] + i2 * vh.ss[3]]; });
-      qd_fill_segment<VST, S::NGV, false>(slot + Ring::VB_OFF, vh.b + jt * vh.bs[2], vb_rows, jt, end, lane,
+      qd_fill_segment<VST, S::NGV, false>(slot + Ring::VB_OFF, vh.b + jt * vh.bs[2], vb_rows && !(ring_debug & 1), jt, end, lane,
                                    [&](long j, int i2) { return vh.b[j * vh.bs[2] + i2 * vh.bs[3]]; });
     }
     cp_async_commit();
@@ -539,7 +559,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     if (STAGES > 0) {
       // This lane's copies of tile `it` have landed; the warp barrier shows
       // every lane's (and that every lane is done reading the slot refilled next).
-      cp_async_wait<(STAGES > 1 ? STAGES - 2 : 0)>();
+      if (ring_debug & 2) cp_async_wait<0>();
+      else cp_async_wait<(STAGES > 1 ? STAGES - 2 : 0)>();
       __syncwarp();
       cur.template load_ring<KST, VST, 0>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
       issue(it + STAGES - 1);
@@ -688,6 +709,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   for (int m = 0; m < S::MT; ++m) {
     const int gi = m / S::KSG, v = 2 * (m % S::KSG);
     const int c = S::v_col(gi, g, v);
+    QD_CHECK(nullptr, &wo[(2 * t + 1) * DV + c + 1], 4, "wo");
     wo[(2 * t) * DV + c] = o[m][0];
     wo[(2 * t + 1) * DV + c] = o[m][1];
     wo[(2 * t) * DV + c + 1] = o[m][2];

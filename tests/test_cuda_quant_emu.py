@@ -488,8 +488,8 @@ def test_decode_shapes(shape):
     gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
                                    bits=bits, group_size=gs)
     assert _uses_decode(q, kq, vq, bits, gs)
-    # The ring (2 and 4 stages; tickets from the pool) and main's register path (zero-filled tickets).
-    for extra in ({}, {"dec_stages": 2}, {"dec_stages": 0, "dec_pool": False}):
+    # The register path (tickets from the pool; zero-filled tickets), the ring (2 and 4 stages).
+    for extra in ({}, {"dec_stages": 0, "dec_pool": False}, {"dec_stages": 2}, {"dec_stages": 4}):
         got = _emu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
@@ -615,13 +615,20 @@ def test_decode_plan():
         cq.decode_plan.cache_clear()
         return cq.decode_plan(validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0])
 
+    # One wave: every block resident at once (the register path: 3 an SM; the ring: 4), whole tiles per warp.
     nw, splits, smem, stages = plan(1, 8, 32768)
-    # One wave: every block resident at once, at least two blocks a SM, whole tiles per warp.
-    assert cq._SMS * 2 <= splits * 8 <= cq._SMS * cq._DEC_BLOCKS_PER_SM
+    assert stages == cq._DEC_STAGES == 0 and splits == cq._SMS * 3 // 8
     assert 32768 / splits >= 16 * nw * cq._DEC_MIN_TILES
-    assert stages >= 2 and cq._DEC_BLOCKS_PER_SM * (smem + 1024) <= cq._SM_SMEM
     assert plan(1, 1, 20)[1] == 1
     assert plan(64, 8, 4096)[1] == 1
+    cq.TUNING["dec_stages"] = cq._DEC_RING_STAGES
+    try:
+        nw, splits, smem, stages = plan(1, 8, 32768)
+    finally:
+        cq.TUNING.pop("dec_stages")
+        cq.decode_plan.cache_clear()
+    assert splits == cq._SMS * cq._DEC_BLOCKS_PER_SM // 8
+    assert stages >= 2 and cq._DEC_BLOCKS_PER_SM * (smem + 1024) <= cq._SM_SMEM
 
 
 # ---- the same decode cases on a CUDA GPU (skipped without one) ----------------------
@@ -660,10 +667,24 @@ def test_decode_shapes_gpu(shape):
     B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
     gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
                                    bits=bits, group_size=gs)
-    # The ring (pool tickets) and main's register path (zero-filled tickets), with and without its prefetch.
-    for extra in ({}, {"dec_stages": 0, "dec_pool": False}, {"dec_stages": 0, "dec_prefetch": True}):
+    # The register path (pool tickets; zero-filled tickets with its prefetch).
+    for extra in ({}, {"dec_stages": 0, "dec_pool": False, "dec_prefetch": True}):
         got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
+
+
+@on_gpu
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_ring_gpu(shape):
+    """The ring (not routed: run it in a process of its own, a fault is sticky)."""
+    from mlx_flash.backends import cuda_quant as cq
+
+    B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
+    gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
+                                   bits=bits, group_size=gs)
+    got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits,
+                                            "dec_stages": cq._DEC_RING_STAGES})
+    _check_decode(q, kd, vd, got, dtype, {})
 
 
 @on_gpu
@@ -727,7 +748,7 @@ def _decode_compile_cases():
                     continue
                 for feats in ((False, False, False), (True, True, True)):
                     # The ring (the default) and main's register path, with and without its prefetch.
-                    paths = [(False, cq._DEC_STAGES, True)] + [(pf, 0, False) for pf in (
+                    paths = [(False, cq._DEC_RING_STAGES, True), (False, 0, True)] + [(pf, 0, False) for pf in (
                         (False, True) if bits == 4 and d == 128 else (False,))]
                     for pf, stages, pool in paths:
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [

@@ -305,7 +305,12 @@ _DEC_WARPS = 4
 _DEC_BLOCKS_PER_SM = 4
 _DEC_MIN_TILES = 4
 _DEC_MAX_SPLITS = 256
-_DEC_STAGES = 4
+# Ring stages; 0: main's register path, the default until the ring runs on a
+# GPU (H200, round 1 of issue 16's second pass: every ring launch with more
+# tiles per warp than stages failed with an illegal address; the CPU
+# emulation, bounds-checked, passes). TUNING "dec_stages" selects it.
+_DEC_STAGES = 0
+_DEC_RING_STAGES = 4
 _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next tile during the current one
 _SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
@@ -353,8 +358,10 @@ def decode_plan(qspec, scale_bytes: int = 2):
     nw = decode_warps()
     pairs = spec.batch * spec.heads_kv
     keys = _cuda._effective_keys(spec)
-    # Head dims over 128 take 155-168 registers a thread: three blocks of 4 warps.
-    wide = max(spec.head_dim_qk, spec.head_dim_v) > 128
+    stages = TUNING.get("dec_stages", _DEC_STAGES)
+    # The ring: 114-128 registers a thread (4 blocks of 4 warps an SM); head
+    # dims over 128 155-168, and main's register path 136-150: three.
+    wide = max(spec.head_dim_qk, spec.head_dim_v) > 128 or stages == 0
     per_sm = TUNING.get("dec_blocks_per_sm", _DEC_BLOCKS_PER_SM - 1 if wide else _DEC_BLOCKS_PER_SM)
     dv, ngv = spec.head_dim_v, spec.head_dim_v // qspec.group_size
     ng = spec.head_dim_qk // qspec.group_size
@@ -362,7 +369,6 @@ def decode_plan(qspec, scale_bytes: int = 2):
     # fragments (D > 128 or a ring: 8 bytes a lane a k-step), then the rings,
     # overlaid after the loop by red_o [nw][8][dv] (also the last block's
     # [splits][8] weights), red_m, red_l, red_pb.
-    stages = TUNING.get("dec_stages", _DEC_STAGES)
     qfrag = nw * 256 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 or stages > 0 else 0
     base = 16 + 4 * nw * 32 * (ng + ngv) + qfrag
     red = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv)
@@ -371,11 +377,8 @@ def decode_plan(qspec, scale_bytes: int = 2):
     while stages > 2 and per_sm * (base + max(red, nw * stages * slot) + 1024) > _SM_SMEM:
         stages -= 1
     smem = base + max(red, nw * stages * slot)
-    if stages > 0:  # one wave of resident blocks
-        splits = max(1, min((_SMS * per_sm) // pairs, math.ceil(keys / (16 * nw * _DEC_MIN_TILES)), _DEC_MAX_SPLITS))
-    else:
-        splits = max(1, min(math.ceil(_SMS * 4 / pairs), math.ceil(keys / (16 * nw * _DEC_MIN_TILES)),
-                            _DEC_MAX_SPLITS))
+    # One wave of resident blocks (main launched 4 a SM of which 3 fit: 1.33 waves).
+    splits = max(1, min((_SMS * per_sm) // pairs, math.ceil(keys / (16 * nw * _DEC_MIN_TILES)), _DEC_MAX_SPLITS))
     if "dec_splits" in TUNING:
         splits = TUNING["dec_splits"]
     splits = max(1, min(splits, nw * dv))  # the merge's [splits][8] weights fit red_o
@@ -410,7 +413,7 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
                        (decode_scratch_floats(qspec, splits),)],
         output_dtypes=[spec.dtype, mx.float32, mx.float32], init_value=None if pool else 0,
-    ), _cuda.const_array((splits,), mx.int32), smem
+    ), _cuda.const_array((splits, TUNING.get("dec_ring_debug", 0)), mx.int32), smem
 
 
 def _forward_decode(q, k, v, qspec, inputs: AttentionInputs, stream):
