@@ -31,25 +31,27 @@ from mlx_flash.backends import cuda_quant as cq  # noqa: E402
 # (name, bits, TUNING): the routed default first, then what it is measured against.
 VARIANTS = [
     ("default", 4, {}),
-    ("main_plan", 4, {"dec_stages": 0, "dec_pool": False, "dec_blocks_per_sm": 4}),
     ("default", 8, {}),
-    ("main_plan", 8, {"dec_stages": 0, "dec_pool": False, "dec_blocks_per_sm": 4}),
-    ("regs_nopool", 4, {"dec_pool": False}),
-    ("regs_splits16", 4, {"dec_splits": 16}),
+    ("main_plan", 4, {"dec_stages": 0, "dec_pool": False, "dec_splits": 66}),
+    ("regs_splits8", 4, {"dec_splits": 8}),
+    ("regs_splits12", 4, {"dec_splits": 12}),
+    ("regs_splits24", 4, {"dec_splits": 24}),
     ("regs_splits33", 4, {"dec_splits": 33}),
-    ("regs_splits66", 4, {"dec_splits": 66}),
-    ("regs_splits99", 4, {"dec_splits": 99}),
-    ("regs_prefetch", 4, {"dec_prefetch": True}),
     ("regs_splits33", 8, {"dec_splits": 33}),
-    ("regs_w8_splits16", 4, {"dec_warps": 8, "dec_splits": 16}),
+    ("regs_splits24", 8, {"dec_splits": 24}),
+    # The ring last (a fault would be sticky for the rest of the process).
+    ("ring_splits16", 4, {"dec_stages": 4, "dec_splits": 16}),
+    ("ring_splits24", 4, {"dec_stages": 4, "dec_splits": 24}),
+    ("ring_splits33", 4, {"dec_stages": 4, "dec_splits": 33}),
+    ("ring_splits66", 4, {"dec_stages": 4, "dec_splits": 66}),
+    ("ring_splits8", 4, {"dec_stages": 4, "dec_splits": 8}),
+    ("ring_splits16", 8, {"dec_stages": 4, "dec_splits": 16}),
+    ("ring_splits33", 8, {"dec_stages": 4, "dec_splits": 33}),
+    ("ring_splits16_stages2", 4, {"dec_stages": 2, "dec_splits": 16}),
 ]
-# The ring (not routed: round 1 faulted on the H200); each in a process of its own (--only).
 RING_VARIANTS = [
     ("ring", 4, {"dec_stages": 4}),
     ("ring_sync", 4, {"dec_stages": 4, "dec_ring_debug": 1}),
-    ("ring_drain", 4, {"dec_stages": 4, "dec_ring_debug": 2}),
-    ("ring_stages2", 4, {"dec_stages": 2}),
-    ("ring", 8, {"dec_stages": 4}),
 ]
 
 

@@ -359,10 +359,14 @@ def decode_plan(qspec, scale_bytes: int = 2):
     pairs = spec.batch * spec.heads_kv
     keys = _cuda._effective_keys(spec)
     stages = TUNING.get("dec_stages", _DEC_STAGES)
-    # The ring: 114-128 registers a thread (4 blocks of 4 warps an SM); head
-    # dims over 128 155-168, and main's register path 136-150: three.
-    wide = max(spec.head_dim_qk, spec.head_dim_v) > 128 or stages == 0
-    per_sm = TUNING.get("dec_blocks_per_sm", _DEC_BLOCKS_PER_SM - 1 if wide else _DEC_BLOCKS_PER_SM)
+    # Blocks per SM the splits aim for. The register path: one (H200, 4-bit,
+    # Nk 32768, GQA 32:8: 16 splits 52 us, 33 splits 53 us, 49 68-84 us, 66
+    # 89 us, 99 109 us a call: every split past one block an SM costs more
+    # than the warps it adds save). The ring: 4 blocks of 4 warps fit an SM
+    # (114-128 registers; head dims over 128: 155-168, three).
+    wide = max(spec.head_dim_qk, spec.head_dim_v) > 128
+    per_sm = TUNING.get("dec_blocks_per_sm", 1 if stages == 0 else _DEC_BLOCKS_PER_SM - 1 if wide
+                        else _DEC_BLOCKS_PER_SM)
     dv, ngv = spec.head_dim_v, spec.head_dim_v // qspec.group_size
     ng = spec.head_dim_qk // qspec.group_size
     # The flag (4 words), each warp's scale stage (QdTile::STAGE floats), Q's
@@ -377,7 +381,7 @@ def decode_plan(qspec, scale_bytes: int = 2):
     while stages > 2 and per_sm * (base + max(red, nw * stages * slot) + 1024) > _SM_SMEM:
         stages -= 1
     smem = base + max(red, nw * stages * slot)
-    # One wave of resident blocks (main launched 4 a SM of which 3 fit: 1.33 waves).
+    # At most one wave of resident blocks (main launched 4 an SM of which 3 fit: 1.33 waves).
     splits = max(1, min((_SMS * per_sm) // pairs, math.ceil(keys / (16 * nw * _DEC_MIN_TILES)), _DEC_MAX_SPLITS))
     if "dec_splits" in TUNING:
         splits = TUNING["dec_splits"]
