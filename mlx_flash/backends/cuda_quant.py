@@ -291,24 +291,25 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 
 # ---- tensor-core decode (attention_quant_decode.cuh) ---------------------------------
 # Warps per block (interleaved 16-key tiles of one KV head's split, merged in
-# shared memory). Each warp streams its tiles through a ring of _DEC_STAGES
-# shared-memory slots by cp.async (three tiles in flight while one is
-# computed); splits give every resident block slot of the GPU one block (one
-# wave: _DEC_BLOCKS_PER_SM blocks of 4 warps fit an SM by registers: 114 a
-# thread at 4-bit D 128, Q's fragments in shared memory), every
-# split at least _DEC_MIN_TILES tiles per warp. TUNING "dec_warps" /
-# "dec_splits" / "dec_stages" (0: main's register path, "dec_prefetch" its
-# one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" / "decode" override
-# for GPU sweeps (call decode_plan.cache_clear() after; the launch cache keys
-# on TUNING itself).
+# shared memory). Two ways to feed them: main's register path (each tile's
+# words loaded into registers, the default) and the ring (_DEC_RING_STAGES
+# shared-memory slots per warp filled by cp.async, tiles in flight while one
+# is computed; 114 registers at 4-bit D 128, 4 blocks an SM). Splits: one
+# block an SM for the register path (H200: more blocks cost more than they
+# save), one wave of _DEC_BLOCKS_PER_SM for the ring; every split at least
+# _DEC_MIN_TILES tiles per warp. Tickets from cuda.py's pool (no zero fill).
+# TUNING "dec_warps" / "dec_splits" / "dec_stages" (0: the register path,
+# "dec_prefetch" its one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" /
+# "dec_ring_debug" / "decode" override for GPU sweeps (call
+# decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
 _DEC_BLOCKS_PER_SM = 4
 _DEC_MIN_TILES = 4
 _DEC_MAX_SPLITS = 256
-# Ring stages; 0: main's register path, the default until the ring runs on a
-# GPU (H200, round 1 of issue 16's second pass: every ring launch with more
-# tiles per warp than stages failed with an illegal address; the CPU
-# emulation, bounds-checked, passes). TUNING "dec_stages" selects it.
+# Ring stages of the default (0: the register path). The ring runs clean on
+# the H200 now (memcheck, its GPU tests) but was not faster where measured
+# (66 splits: 74 us a call against the register path's 52 us at 16);
+# TUNING "dec_stages" selects it.
 _DEC_STAGES = 0
 _DEC_RING_STAGES = 4
 _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next tile during the current one
