@@ -48,6 +48,8 @@ VARIANTS = [
     ("ring_splits16", 8, {"dec_stages": 4, "dec_splits": 16}),
     ("ring_splits33", 8, {"dec_stages": 4, "dec_splits": 33}),
     ("ring_splits16_stages2", 4, {"dec_stages": 2, "dec_splits": 16}),
+    ("ring_w8_splits16", 4, {"dec_stages": 4, "dec_warps": 8, "dec_splits": 16}),
+    ("regs_w2_splits33", 4, {"dec_warps": 2, "dec_splits": 33}),
 ]
 RING_VARIANTS = [
     ("ring", 4, {"dec_stages": 4}),
