@@ -307,8 +307,8 @@ _DEC_BLOCKS_PER_SM = 4
 _DEC_MIN_TILES = 4
 _DEC_MAX_SPLITS = 256
 # Ring stages of the default (0: the register path). The ring runs clean on
-# the H200 now (memcheck, its GPU tests) but was not faster where measured
-# (66 splits: 74 us a call against the register path's 52 us at 16);
+# the H200 (memcheck, its GPU tests) but does not beat the register path at
+# the routed splits (16: 54.8 vs 52.6 us a call; docs/quantized_kv.md);
 # TUNING "dec_stages" selects it.
 _DEC_STAGES = 0
 _DEC_RING_STAGES = 4
