@@ -56,6 +56,12 @@ __device__ __forceinline__ unsigned qd_sub2(unsigned x, unsigned y) {
   else asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(y));
   return r;
 }
+// x * y + z on fp16 pairs (exact where used: (1024 + 16 c) / 16 - 64).
+__device__ __forceinline__ unsigned qd_fma2_f16(unsigned x, unsigned y, unsigned z) {
+  unsigned r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(x), "r"(y), "r"(z));
+  return r;
+}
 __device__ __forceinline__ float qd_load_cg(const float* p) { return __ldcg(p); }
 __device__ __forceinline__ float4 qd_load_cg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 __device__ __forceinline__ void qd_fence() { __threadfence(); }
@@ -81,6 +87,15 @@ inline unsigned qd_sub2(unsigned x, unsigned y) {
   }
   return r;
 }
+inline unsigned qd_fma2_f16(unsigned x, unsigned y, unsigned z) {
+  unsigned r = 0;
+  for (int i = 0; i < 2; ++i) {
+    const float d = qd_half_bits<false>((x >> (16 * i)) & 0xffffu) * qd_half_bits<false>((y >> (16 * i)) & 0xffffu) +
+                    qd_half_bits<false>((z >> (16 * i)) & 0xffffu);
+    r |= (unsigned)__float2half_rn(d).x << (16 * i);  // exact here
+  }
+  return r;
+}
 inline float qd_load_cg(const float* p) { return *p; }
 inline float4 qd_load_cg4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 inline void qd_fence() {}
@@ -89,6 +104,18 @@ struct alignas(8) uint2 {
 };
 #endif
 
+#if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)
+
+inline const void*& qd_emu_base() { static thread_local const void* b = nullptr; return b; }
+inline void qd_check(const void* base, const void* p, long n, const char* what) {
+  if (base == nullptr) base = qd_emu_base();
+  const long off = (const char*)p - (const char*)base;
+  if (off < 0 || off + n > (long)__emu_dynamic_smem_bytes) { __builtin_printf("QDCHECK %s off %ld n %ld size %ld\n", what, off, n, (long)__emu_dynamic_smem_bytes); __emu_fail(what); }
+}
+#define QD_CHECK(b, p, n, w) qd_check(b, p, n, w)
+#else
+#define QD_CHECK(b, p, n, w)
+#endif
 // Codes as 16-bit values: MAGIC | code is 1024 + code (fp16) or 128 + code
 // (bf16, codes < 128); subtracting MAGIC is exact.
 template <typename T>
@@ -98,18 +125,23 @@ struct QdCodes {
   static constexpr unsigned MAGIC_BYTE = BF16 ? 0x43434343u : 0x64646464u;
   __device__ __forceinline__ static unsigned fix(unsigned x) { return qd_sub2<BF16>(x, MAGIC); }
   // Same-key pair p of a word (K): 4-bit nibbles (p, p + 4), p < 4; 8-bit bytes (p, p + 2), p < 2.
+  // fp16, 4-bit: the odd nibbles of each byte stay in place, 16 c over the
+  // magic's 1024, and one fma (x / 16 - 64) replaces the shift and subtract:
+  // two ops a pair for p = 0, 1 and a shared shift for p = 2, 3.
   template <int BITS>
   __device__ __forceinline__ static unsigned same(unsigned w, int p) {
+    if (BITS == 4 && !BF16) {
+      const unsigned x = p >= 2 ? w >> 8 : w;
+      if (p % 2 == 0) return fix((x & 0x000f000fu) | MAGIC);
+      return qd_fma2_f16((x & 0x00f000f0u) | MAGIC, 0x2c002c00u, 0xd400d400u);  // 1/16, -64
+    }
     if (BITS == 4) return fix(((w >> (4 * p)) & 0x000f000fu) | MAGIC);
     return fix(qd_perm(w, MAGIC_BYTE, p == 0 ? 0x4240u : 0x4341u));
   }
   // Cross-key pair: code n of word a (low half) and of word b (high half).
   template <int BITS>
   __device__ __forceinline__ static unsigned cross(unsigned a, unsigned b, int n) {
-    if (BITS == 4) {
-      const unsigned y = qd_perm(a, b, n < 4 ? 0x5410u : 0x7632u);
-      return fix(((y >> (4 * (n & 3))) & 0x000f000fu) | MAGIC);
-    }
+    if (BITS == 4) return same<4>(qd_perm(a, b, n < 4 ? 0x5410u : 0x7632u), n & 3);
     const unsigned y = qd_perm(a, b, (unsigned)(n | (n << 4) | ((4 + n) << 8) | ((4 + n) << 12)));
     return fix((y & 0x00ff00ffu) | MAGIC);
   }
@@ -140,6 +172,70 @@ struct QdShape {
   // Column of lane g's value v (0 .. GS/8 - 1) of group gi.
   __host__ __device__ static constexpr int v_col(int gi, int g, int v) { return gi * GS + g * (GS / 8) + v; }
 };
+
+// A warp's ring of raw 16-key tiles (STAGES slots) in shared memory: each
+// slot holds the tile's K rows, V rows, then its K scales, K biases, V
+// scales, V biases ([16 keys][groups] each), byte for byte as in the cache.
+// Every segment is a multiple of 16 bytes, so a tile of rows that lie
+// contiguously in the cache (any slice along the tokens) arrives by 16-byte
+// cp.async copies; tiles STAGES - 1 ahead are in flight while one is computed.
+template <typename KST, typename VST, int D, int DV, int BITS, int GS>
+struct QdRing {
+  using S = QdShape<D, DV, BITS, GS>;
+  static constexpr int KWR = D * BITS / 32, VWR = DV * BITS / 32;  // words per K / V row
+  static constexpr int KSB = 16 * S::NG * (int)sizeof(KST), VSB = 16 * S::NGV * (int)sizeof(VST);
+  static constexpr int V_OFF = 16 * 4 * KWR;
+  static constexpr int KS_OFF = V_OFF + 16 * 4 * VWR;
+  static constexpr int KB_OFF = KS_OFF + KSB;
+  static constexpr int VS_OFF = KB_OFF + KSB;
+  static constexpr int VB_OFF = VS_OFF + VSB;
+  static constexpr int SLOT = VB_OFF + VSB;  // bytes of one slot
+  static_assert(KWR % 4 == 0 && VWR % 4 == 0 && KSB % 16 == 0 && VSB % 16 == 0, "QdRing: 16-byte segments");
+};
+
+// K and V rows are stored swizzled: 16-byte chunk c of row r at chunk c ^
+// qd_swizzle(r). A fragment read (K: rows g = 0..7, V: rows 2t + const)
+// touches the same chunks of rows that share banks (rows of 64 bytes: two a
+// 128-byte line; 128 bytes: one); the XOR spreads them over the line, so a
+// read takes the fewest shared-memory wavefronts its bytes need (4-bit D 128:
+// 2 instead of 4).
+template <int CPR>  // chunks per row (a power of two)
+__host__ __device__ constexpr int qd_swizzle(int r) {
+  // Unsigned: shifts and masks for the compiler, and the row terms that drop out visible.
+  return CPR <= 1 ? 0 : (int)(((unsigned)r / (CPR >= 8 ? 1u : 8u / (CPR > 0 ? CPR : 1))) % (CPR > 0 ? CPR : 1));
+}
+// Word w of row r (ROWW words) in a swizzled segment.
+template <int ROWW>
+__host__ __device__ constexpr int qd_word(int r, int w) {
+  return r * ROWW + (((w / 4) ^ qd_swizzle<ROWW / 4>(r)) * 4) + w % 4;
+}
+
+// One segment (16 rows of ROWB bytes, row r of the tile at key j0 + r) into a
+// ring slot: 16-byte cp.async copies when the rows are contiguous, aligned and
+// all before `end`; otherwise element by element (keys past `end` read key
+// end - 1, dropped by rule), synchronously. E: the element type, `at(j, i)`
+// the element i of key j's row in the cache.
+// SWZ: code rows (E = unsigned), stored swizzled (qd_word).
+template <typename E, int ROWE, bool SWZ, class At>
+__device__ __forceinline__ void qd_fill_segment(unsigned char* dst, const E* row0, bool contiguous, int j0, int end,
+                                                int lane, At at) {
+  constexpr int BYTES = 16 * ROWE * (int)sizeof(E), CPR = SWZ ? ROWE * (int)sizeof(E) / 16 : 1;
+  if (contiguous && j0 + 16 <= end && (reinterpret_cast<unsigned long long>(row0) & 15) == 0) {
+#pragma unroll
+    for (int c = lane; c < BYTES / 16; c += 32) {
+      const int to = SWZ ? (c / CPR) * CPR + ((c % CPR) ^ qd_swizzle<CPR>(c / CPR)) : c;
+      QD_CHECK(nullptr, dst + 16 * to, 16, "cpasync");
+      cp_async16(dst + 16 * to, reinterpret_cast<const unsigned char*>(row0) + 16 * c, true);
+    }
+  } else {
+    E* d = reinterpret_cast<E*>(dst);
+    for (int e = lane; e < 16 * ROWE; e += 32) {
+      const int r = e / ROWE, w = e % ROWE;
+      QD_CHECK(nullptr, &d[SWZ ? qd_word<ROWE>(r, w) : e], sizeof(E), "fallback");
+      d[SWZ ? qd_word<ROWE>(r, w) : e] = at(min(j0 + r, end - 1), w);
+    }
+  }
+}
 
 // One 16-key tile's raw operands of a lane: K words of keys g, 8 + g; V words
 // of keys 2t, 2t+1, 8+2t, 9+2t; and NG + NGV of the tile's 32 (NG + NGV)
@@ -220,11 +316,89 @@ struct QdTile {
     }
   }
 
+  // The same operands from a raw tile in the warp's ring (QdRing): the tile's
+  // K and V rows and its four scale/bias planes as the cache stores them.
+  // PART 0: K words and the scales (before S), 1: V words (before P.V; fewer registers live at once).
+  template <typename KST, typename VST, int PART>
+  __device__ __forceinline__ void load_ring(const unsigned char* slot, int lane) {
+    using R = QdRing<KST, VST, D, DV, BITS, GS>;
+    const int g = lane / 4, t = lane % 4;
+    const unsigned* kr = reinterpret_cast<const unsigned*>(slot);
+    const unsigned* vr = reinterpret_cast<const unsigned*>(slot + R::V_OFF);
+    if (PART == 0) {
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int gi = 0; gi < S::NG; ++gi) {
+        // The lane's WK words: whole 16-byte chunks (or aligned parts of one).
+#pragma unroll
+        for (int u = 0; u < S::WK; u += (S::WK % 4 == 0 ? 4 : S::WK % 2 == 0 ? 2 : 1)) {
+          // Row 8n + g's swizzle is g's for rows of up to 8 chunks.
+          constexpr int KC = R::KWR / 4;
+          const int w = gi * S::WG + t * S::WK + u;
+          const int x = qd_swizzle<KC>(KC <= 8 ? g : 8 * n + g) << 2;
+          const unsigned* p = kr + (8 * n + g) * R::KWR + ((w & ~3) ^ x) + (w & 3);
+          QD_CHECK(nullptr, p, 4 * (S::WK % 4 == 0 ? 4 : S::WK % 2 == 0 ? 2 : 1), "kread");
+          if (S::WK % 4 == 0) {
+            const uint4 x = *reinterpret_cast<const uint4*>(p);
+            kw[n][gi * S::WK + u] = x.x, kw[n][gi * S::WK + u + 1] = x.y;
+            kw[n][gi * S::WK + u + 2] = x.z, kw[n][gi * S::WK + u + 3] = x.w;
+          } else if (S::WK % 2 == 0) {
+            const uint2 x = *reinterpret_cast<const uint2*>(p);
+            kw[n][gi * S::WK + u] = x.x, kw[n][gi * S::WK + u + 1] = x.y;
+          } else {
+            kw[n][gi * S::WK + u] = *p;
+          }
+        }
+      }
+    }
+    if (PART == 1) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+#pragma unroll
+      for (int gi = 0; gi < S::NGV; ++gi) {
+#pragma unroll
+        for (int u = 0; u < S::WV; u += (S::WV % 4 == 0 ? 4 : S::WV % 2 == 0 ? 2 : 1)) {
+          // Row 2t + (e & 1) + 8 (e >> 1)'s swizzle is 2t's for rows of up to 4 chunks.
+          constexpr int VC = R::VWR / 4;
+          const int r = 2 * t + (e & 1) + 8 * (e >> 1), w = gi * S::WG + g * S::WV + u;
+          const int x = qd_swizzle<VC>(VC <= 4 ? 2 * t : r) << 2;
+          const unsigned* p = vr + r * R::VWR + ((w & ~3) ^ x) + (w & 3);
+          QD_CHECK(nullptr, p, 4 * (S::WV % 4 == 0 ? 4 : S::WV % 2 == 0 ? 2 : 1), "vread");
+          if (S::WV % 4 == 0) {
+            const uint4 x = *reinterpret_cast<const uint4*>(p);
+            vw[e][gi * S::WV + u] = x.x, vw[e][gi * S::WV + u + 1] = x.y;
+            vw[e][gi * S::WV + u + 2] = x.z, vw[e][gi * S::WV + u + 3] = x.w;
+          } else if (S::WV % 2 == 0) {
+            const uint2 x = *reinterpret_cast<const uint2*>(p);
+            vw[e][gi * S::WV + u] = x.x, vw[e][gi * S::WV + u + 1] = x.y;
+          } else {
+            vw[e][gi * S::WV + u] = *p;
+          }
+        }
+      }
+    }
+    if (PART == 1) return;
+    const KST* ks = reinterpret_cast<const KST*>(slot + R::KS_OFF);
+    const KST* kb = reinterpret_cast<const KST*>(slot + R::KB_OFF);
+    const VST* vs = reinterpret_cast<const VST*>(slot + R::VS_OFF);
+    const VST* vb = reinterpret_cast<const VST*>(slot + R::VB_OFF);
+    const int key = lane % 16;
+#pragma unroll
+    for (int i = 0; i < NSC; ++i) {
+      const int row = 2 * i + lane / 16;
+      if (row < S::NG) sc[i] = to_float(ks[key * S::NG + row]);
+      else if (row < 2 * S::NG) sc[i] = to_float(kb[key * S::NG + row - S::NG]);
+      else if (row < 2 * S::NG + S::NGV) sc[i] = to_float(vs[key * S::NGV + row - 2 * S::NG]);
+      else sc[i] = to_float(vb[key * S::NGV + row - 2 * S::NG - S::NGV]);
+    }
+  }
+
   // The staged scales into the warp's stage (after the previous tile's reads: __syncwarp).
   __device__ __forceinline__ void stage_scales(float* stage, int lane) const {
     __syncwarp();
 #pragma unroll
-    for (int i = 0; i < NSC; ++i) stage[lane + 32 * i] = sc[i];
+    for (int i = 0; i < NSC; ++i) { QD_CHECK(nullptr, &stage[lane + 32 * i], 4, "stage"); stage[lane + 32 * i] = sc[i]; }
     __syncwarp();
   }
   // (scale or bias) of keys 2t + 8n and 2t + 8n + 1: plane row `row`.
@@ -241,30 +415,45 @@ __host__ __device__ constexpr int qd_part_floats() {
 
 // PF: the next tile's operands load while the current one is computed
 // (registers for two tiles) instead of after it.
+// STAGES > 0: tiles stream through each warp's ring (QdRing) instead (PF unused).
+// POOL: the tickets that pick each (batch, KV head)'s merging block come from
+// `tk` (a zeroed region of cuda.py's ticket pool this call alone holds; the
+// last block sets its ticket back to 0), so no output needs MLX's zero fill;
+// otherwise they follow the partials in `scratch` (zero-filled).
 template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
-          bool PF, class SA>
+          bool PF, int STAGES, bool POOL, class SA>
 __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
                                        const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
-                                       float* lse, float* scratch) {
+                                       float* lse, float* scratch, const unsigned* tk) {
   using S = QdShape<D, DV, BITS, GS>;
   using C = QdCodes<T>;
   static_assert(!(MmaType<T>::is_bf16 && BITS == 8), "attention_quant_decode: 8-bit codes exceed bf16's exact 128 + code");
   static_assert(F::MaskKind == 0 && !F::Alibi, "attention_quant_decode: no mask or ALiBi (routed elsewhere)");
+  // Shared memory (qd_smem_bytes): flag (4 words), each warp's scale stage,
+  // Q's fragments (QS), then the rings, which the end-of-loop merge areas
+  // red_* overlay once every warp has left the loop.
   extern __shared__ __align__(16) unsigned char quant_smem[];
-  float* red_o = reinterpret_cast<float*>(quant_smem);  // [NW][8][DV]
-  float* red_m = red_o + NW * 8 * DV;                   // [NW][8]
-  float* red_l = red_m + NW * 8;                        // [NW][8]
-  float* red_pb = red_l + NW * 8;                       // [NW][8][NGV]
-  int* flag = reinterpret_cast<int*>(red_pb + NW * 8 * S::NGV);
+  int* flag = reinterpret_cast<int*>(quant_smem);
+#if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)
+  qd_emu_base() = quant_smem;
+#endif
   using Tile = QdTile<D, DV, BITS, GS>;
   // Each warp's scale stage, 16-byte aligned after the flag (4 words).
   float* stage = reinterpret_cast<float*>(flag + 4) + (threadIdx.x / 32) * Tile::STAGE;
+  constexpr bool QS = D > 128 || STAGES > 0;  // see qsm below
+  unsigned char* shared_end = reinterpret_cast<unsigned char*>(reinterpret_cast<float*>(flag + 4) + NW * Tile::STAGE) +
+                              (QS ? NW * S::KS * 32 * 8 : 0);
+  float* red_o = reinterpret_cast<float*>(shared_end);  // [NW][8][DV]
+  float* red_m = red_o + NW * 8 * DV;                   // [NW][8]
+  float* red_l = red_m + NW * 8;                        // [NW][8]
+  float* red_pb = red_l + NW * 8;                       // [NW][8][NGV]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], Nq = ip[kSeqQ], Nk = ip[kSeqK];
   const int G = Hq / Hkv, nrows = G * Nq;
   const int bh = blockIdx.z, b = bh / Hkv, kvh = bh % Hkv;
-  const int splits = ns[0], split = blockIdx.x;
+  // ns[1]: GPU diagnostics of the ring (bit 0: every copy synchronous; bit 1: drain every tile's copies).
+  const int splits = ns[0], split = blockIdx.x, ring_debug = ns[1];
   const float scale = fp[kScale];
 
   Sequence seq;
@@ -280,16 +469,58 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   int lo, hi;
   rules.key_range(0, query_of(nrows - 1), lo, hi);
   hi = max(hi, lo);
+  // Tiles start on multiples of 16 keys (aligned rows for the ring's
+  // 16-byte copies under a window too); the keys added are dropped by rule.
+  if (lo < hi) lo &= ~15;
   const int chunk = ((hi - lo + splits - 1) / splits + 15) / 16 * 16;
   const int start = lo + split * chunk, end = min(hi, start + chunk);
+
+  const QuantHead<KST, SA> kh = quant_head<BITS>(kc, b, kvh);
+  const QuantHead<VST, SA> vh = quant_head<BITS>(vc, b, kvh);
+  // QS: Q's fragments live in the warp's shared memory, read once a k-step
+  // for both key halves: head dims over 128 (256 would spill otherwise) and
+  // the ring (114 registers instead of 134 at 4-bit D 128: 4 blocks an SM, not 3).
+  static_assert(STAGES != 1, "attention_quant_decode: a ring needs two stages (0: no ring)");
+
+  // The warp's ring (STAGES > 0), 16-byte aligned after Q's fragments.
+  using Ring = QdRing<KST, VST, D, DV, BITS, GS>;
+  unsigned char* ring = shared_end + (STAGES > 0 ? warp * STAGES * Ring::SLOT : 0);
+  // Rows of each array lie contiguously along the tokens (any token slice of a dense cache).
+  const bool kw_rows = kh.ws[3] == 1 && kh.ws[2] == Ring::KWR, vw_rows = vh.ws[3] == 1 && vh.ws[2] == Ring::VWR;
+  const bool ks_rows = kh.ss[3] == 1 && kh.ss[2] == S::NG, kb_rows = kh.bs[3] == 1 && kh.bs[2] == S::NG;
+  const bool vs_rows = vh.ss[3] == 1 && vh.ss[2] == S::NGV, vb_rows = vh.bs[3] == 1 && vh.bs[2] == S::NGV;
+  // Tile i of this warp (keys start + 16 (warp + NW i) ...) into its slot; one commit group each, empty past the end.
+  auto issue = [&](int i) {
+    const int jt = start + 16 * (warp + NW * i);
+    if (jt < end) {
+      unsigned char* slot = ring + (i % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
+      qd_fill_segment<unsigned, Ring::KWR, true>(slot, kh.words(jt), kw_rows && !(ring_debug & 1), jt, end, lane,
+                                           [&](long j, int i2) { return kh.words(j)[i2 * kh.ws[3]]; });
+      qd_fill_segment<unsigned, Ring::VWR, true>(slot + Ring::V_OFF, vh.words(jt), vw_rows && !(ring_debug & 1), jt, end, lane,
+                                           [&](long j, int i2) { return vh.words(j)[i2 * vh.ws[3]]; });
+      qd_fill_segment<KST, S::NG, false>(slot + Ring::KS_OFF, kh.s + jt * kh.ss[2], ks_rows && !(ring_debug & 1), jt, end, lane,
+                                  [&](long j, int i2) { return kh.s[j * kh.ss[2] + i2 * kh.ss[3]]; });
+      qd_fill_segment<KST, S::NG, false>(slot + Ring::KB_OFF, kh.b + jt * kh.bs[2], kb_rows && !(ring_debug & 1), jt, end, lane,
+                                  [&](long j, int i2) { return kh.b[j * kh.bs[2] + i2 * kh.bs[3]]; });
+      qd_fill_segment<VST, S::NGV, false>(slot + Ring::VS_OFF, vh.s + jt * vh.ss[2], vs_rows && !(ring_debug & 1), jt, end, lane,
+                                   [&](long j, int i2) { return vh.s[j * vh.ss[2] + i2 * vh.ss[3]]; });
+      qd_fill_segment<VST, S::NGV, false>(slot + Ring::VB_OFF, vh.b + jt * vh.bs[2], vb_rows && !(ring_debug & 1), jt, end, lane,
+                                   [&](long j, int i2) { return vh.b[j * vh.bs[2] + i2 * vh.bs[3]]; });
+    }
+    cp_async_commit();
+  };
+
+  // The ring's first STAGES - 1 tiles are requested before Q is read (its loads wait together).
+  int j0 = start + 16 * warp;
+  if (STAGES > 0) {
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  }
 
   // Q as A fragments (row g; pairs 2kk and 2kk+1 of lane t), rows >= nrows zero,
   // and each group's sum of q (for the K biases), reduced over the four lanes t.
   const bool row_ok = g < nrows;
   const T* qr = q + q_row(row_ok ? g : 0) * D;
-  // Head dims over 128: Q's fragments live in the warp's shared memory
-  // (registers go to the accumulators and codes; 256 would spill otherwise).
-  constexpr bool QS = D > 128;
   unsigned qa[QS ? 1 : S::KS][2];
   uint2* qsm = reinterpret_cast<uint2*>(reinterpret_cast<float*>(flag + 4) + NW * Tile::STAGE) + warp * S::KS * 32;
   float qsum[S::NG];
@@ -311,9 +542,6 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   }
   if (QS) __syncwarp();
 
-  const QuantHead<KST, SA> kh = quant_head<BITS>(kc, b, kvh);
-  const QuantHead<VST, SA> vh = quant_head<BITS>(vc, b, kvh);
-
   float o[S::MT][4];  // O^T: (columns of lane g, rows 2t, 2t+1)
 #pragma unroll
   for (int m = 0; m < S::MT; ++m)
@@ -325,32 +553,35 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   bool bad = false;
 
   Tile cur;
-  int j0 = start + 16 * warp;
-  if (j0 < end) cur.load(kh, vh, j0, end, lane);
-  for (; j0 < end; j0 += 16 * NW) {
+  if (STAGES == 0 && j0 < end) cur.load(kh, vh, j0, end, lane);
+  for (int it = 0; j0 < end; j0 += 16 * NW, ++it) {
     const int j1 = j0 + 16 * NW;
+    if (STAGES > 0) {
+      // This lane's copies of tile `it` have landed; the warp barrier shows
+      // every lane's (and that every lane is done reading the slot refilled next).
+      if (ring_debug & 2) cp_async_wait<0>();
+      else cp_async_wait<(STAGES > 1 ? STAGES - 2 : 0)>();
+      __syncwarp();
+      cur.template load_ring<KST, VST, 0>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
+      issue(it + STAGES - 1);
+    }
     cur.stage_scales(stage, lane);
     Tile nxt;
-    if (PF && j1 < end) nxt.load(kh, vh, j1, end, lane);
+    if (STAGES == 0 && PF && j1 < end) nxt.load(kh, vh, j1, end, lane);
 
-    // S = Q K^T per group (codes), then scales and biases in fp32.
+    // S = Q K^T per group (codes), then scales and biases in fp32. Both
+    // 8-key halves n take each Q fragment (one shared-memory read with QS).
     float s[2][2];
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      float acc[S::NG][4];
+    {
+      float acc[2][S::NG][4];
 #pragma unroll
       for (int gi = 0; gi < S::NG; ++gi) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[gi][e] = 0.f;
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[n][gi][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < S::KSG; ++kk) {
-          unsigned bf[2];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int p = 2 * kk + h;  // pair of the lane within the group
-            constexpr int PPW = 16 / BITS;
-            bf[h] = C::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
-          }
           unsigned a[4] = {0u, 0u, 0u, 0u};
           if (QS) {
             const uint2 f = qsm[(gi * S::KSG + kk) * 32 + lane];
@@ -358,18 +589,31 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
           } else {
             a[0] = qa[QS ? 0 : gi * S::KSG + kk][0], a[2] = qa[QS ? 0 : gi * S::KSG + kk][1];
           }
-          mma16816<T>(acc[gi], a, bf[0], bf[1]);
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            unsigned bf[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int p = 2 * kk + h;  // pair of the lane within the group
+              constexpr int PPW = 16 / BITS;
+              bf[h] = C::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
+            }
+            mma16816<T>(acc[n][gi], a, bf[0], bf[1]);
+          }
         }
       }
-      float x0 = 0.f, x1 = 0.f;
 #pragma unroll
-      for (int gi = 0; gi < S::NG; ++gi) {
-        const float2 sk = Tile::pair(stage, gi, n, t), bk = Tile::pair(stage, S::NG + gi, n, t);
-        x0 = fmaf(sk.x, acc[gi][0], fmaf(bk.x, qsum[gi], x0));
-        x1 = fmaf(sk.y, acc[gi][1], fmaf(bk.y, qsum[gi], x1));
+      for (int n = 0; n < 2; ++n) {
+        float x0 = 0.f, x1 = 0.f;
+#pragma unroll
+        for (int gi = 0; gi < S::NG; ++gi) {
+          const float2 sk = Tile::pair(stage, gi, n, t), bk = Tile::pair(stage, S::NG + gi, n, t);
+          x0 = fmaf(sk.x, acc[n][gi][0], fmaf(bk.x, qsum[gi], x0));
+          x1 = fmaf(sk.y, acc[n][gi][1], fmaf(bk.y, qsum[gi], x1));
+        }
+        s[n][0] = x0;
+        s[n][1] = x1;
       }
-      s[n][0] = x0;
-      s[n][1] = x1;
     }
     // Logits of row g (keys j0 + 8n + 2t + e), the online softmax.
     float tile_max = kNegInf;
@@ -419,7 +663,9 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
         o[m][0] *= a0, o[m][1] *= a1, o[m][2] *= a0, o[m][3] *= a1;
       }
     }
-    // O^T += V^T (P scaled by each group's V scales)^T.
+    // O^T += V^T (P scaled by each group's V scales)^T. The ring's V words
+    // now (the slot is refilled only after the next iteration's barrier).
+    if (STAGES > 0) cur.template load_ring<KST, VST, 1>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
 #pragma unroll
     for (int gi = 0; gi < S::NGV; ++gi) {
       unsigned bf[2];
@@ -442,11 +688,13 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
         mma16816<T>(o[gi * S::KSG + mm], a, bf[0], bf[1]);
       }
     }
-    if (PF && j1 < end) cur = nxt;
-    if (!PF && j1 < end) cur.load(kh, vh, j1, end, lane);
+    if (STAGES == 0 && PF && j1 < end) cur = nxt;
+    if (STAGES == 0 && !PF && j1 < end) cur.load(kh, vh, j1, end, lane);
   }
 
-  // Block merge: each warp's (o + bias terms, m, l) through shared memory.
+  // Block merge: each warp's (o + bias terms, m, l) through shared memory,
+  // over the rings: every warp must be done with its ring first.
+  if (STAGES > 0) __syncthreads();
   l_row += __shfl_xor_sync(0xffffffffu, l_row, 1);
   l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
 #pragma unroll
@@ -461,6 +709,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   for (int m = 0; m < S::MT; ++m) {
     const int gi = m / S::KSG, v = 2 * (m % S::KSG);
     const int c = S::v_col(gi, g, v);
+    QD_CHECK(nullptr, &wo[(2 * t + 1) * DV + c + 1], 4, "wo");
     wo[(2 * t) * DV + c] = o[m][0];
     wo[(2 * t + 1) * DV + c] = o[m][1];
     wo[(2 * t) * DV + c + 1] = o[m][2];
@@ -475,7 +724,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   __syncthreads();
 
   float* part = scratch + ((long)bh * splits + split) * qd_part_floats<DV>();
-  unsigned* counters = reinterpret_cast<unsigned*>(scratch + (long)ip[kBatch] * Hkv * splits * qd_part_floats<DV>());
+  unsigned* counters = POOL ? const_cast<unsigned*>(tk)
+                            : reinterpret_cast<unsigned*>(scratch + (long)ip[kBatch] * Hkv * splits * qd_part_floats<DV>());
   for (int e = threadIdx.x; e < 8 * DV; e += 32 * NW) {
     const int r = e / DV, c = e % DV;
     float mm = kNegInf;
@@ -511,6 +761,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   if (threadIdx.x == 0) {
     const unsigned done = atomicAdd(counters + bh, 1u);
     *flag = done == (unsigned)(splits - 1);
+    // Every other block of the group has drawn its ticket: the pool's region is clean for its next call.
+    if (POOL && done == (unsigned)(splits - 1)) counters[bh] = 0u;
   }
   __syncthreads();
   if (!*flag) return;
@@ -549,7 +801,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     }
   }
   __syncthreads();
-  // Four columns a thread, every split's float4 of them summed with eight
+  // Four columns a thread, every split's float4 of them summed with sixteen
   // loads in flight (an empty split holds zeros: no branch; a NaN in a split
   // whose weight underflowed still reaches the row, as IEEE would have it).
   constexpr int C4 = DV / 4;
@@ -559,7 +811,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (inv == inv) {
       const float* src = parts + r * DV + c;
-#pragma unroll 8
+#pragma unroll 16
       for (int sp = 0; sp < splits; ++sp) {
         const float f = wts[sp * 8 + r];
         const float4 x = qd_load_cg4(src + (long)sp * qd_part_floats<DV>());

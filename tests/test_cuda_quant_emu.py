@@ -488,8 +488,10 @@ def test_decode_shapes(shape):
     gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
                                    bits=bits, group_size=gs)
     assert _uses_decode(q, kq, vq, bits, gs)
-    got = _emu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits})
-    _check_decode(q, kd, vd, got, dtype, {})
+    # The register path (tickets from the pool; zero-filled tickets), the ring (2 and 4 stages).
+    for extra in ({}, {"dec_stages": 0, "dec_pool": False}, {"dec_stages": 2}, {"dec_stages": 4}):
+        got = _emu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits, **extra})
+        _check_decode(q, kd, vd, got, dtype, {})
 
 
 DECODE_FEATURES = {
@@ -613,10 +615,20 @@ def test_decode_plan():
         cq.decode_plan.cache_clear()
         return cq.decode_plan(validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0])
 
-    nw, splits, _ = plan(1, 8, 32768)
-    assert splits * 8 >= cq._SMS * 2 and 32768 / splits >= 16 * nw * cq._DEC_MIN_TILES
+    # The register path: one block an SM; the ring: one wave of 4 an SM; whole tiles per warp.
+    nw, splits, smem, stages = plan(1, 8, 32768)
+    assert stages == cq._DEC_STAGES == 0 and splits == cq._SMS // 8
+    assert 32768 / splits >= 16 * nw * cq._DEC_MIN_TILES
     assert plan(1, 1, 20)[1] == 1
-    assert plan(64, 8, 4096)[1] == 2
+    assert plan(64, 8, 4096)[1] == 1
+    cq.TUNING["dec_stages"] = cq._DEC_RING_STAGES
+    try:
+        nw, splits, smem, stages = plan(1, 8, 32768)
+    finally:
+        cq.TUNING.pop("dec_stages")
+        cq.decode_plan.cache_clear()
+    assert splits == cq._SMS * cq._DEC_BLOCKS_PER_SM // 8
+    assert stages >= 2 and cq._DEC_BLOCKS_PER_SM * (smem + 1024) <= cq._SM_SMEM
 
 
 # ---- the same decode cases on a CUDA GPU (skipped without one) ----------------------
@@ -655,10 +667,24 @@ def test_decode_shapes_gpu(shape):
     B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
     gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
                                    bits=bits, group_size=gs)
-    for pf in (False, True):
-        got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits,
-                                                "dec_prefetch": pf})
+    # The register path (pool tickets; zero-filled tickets with its prefetch).
+    for extra in ({}, {"dec_stages": 0, "dec_pool": False, "dec_prefetch": True}):
+        got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
+
+
+@on_gpu
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_ring_gpu(shape):
+    """The ring (not routed: run it in a process of its own, a fault is sticky)."""
+    from mlx_flash.backends import cuda_quant as cq
+
+    B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
+    gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
+                                   bits=bits, group_size=gs)
+    got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits,
+                                            "dec_stages": cq._DEC_RING_STAGES})
+    _check_decode(q, kd, vd, got, dtype, {})
 
 
 @on_gpu
@@ -673,11 +699,13 @@ def test_decode_features_gpu(feature):
 
 
 @on_gpu
-def test_decode_long_context_gpu():
-    """The benchmark's shape (GQA 32:8, Nk 32768, 4-bit) with the default plan: every split merged."""
+@pytest.mark.parametrize("path", ["regs", "ring_path"])
+def test_decode_long_context_gpu(path):
+    """The benchmark's shape (GQA 32:8, Nk 32768, 4-bit) with the default plan
+    (and the ring's): every split merged."""
     B, Hq, Hkv, Nq, Nk, D = 1, 32, 8, 1, 32768, 128
     gen, q, kq, vq, kd, vd = _case(("decode-long-gpu",), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4, group_size=64)
-    got = _gpu(q, kq, vq, 4, 64)
+    got = _gpu(q, kq, vq, 4, 64, tuning={"dec_stages": 4} if path == "ring_path" else None)
     _check_decode(q, kd, vd, got, F16, {})
 
 
@@ -721,11 +749,14 @@ def _decode_compile_cases():
                 if T == mx.bfloat16 and bits == 8:
                     continue
                 for feats in ((False, False, False), (True, True, True)):
-                    for pf in ((False, True) if bits == 4 and d == 128 else (False,)):
+                    # The ring (the default) and main's register path, with and without its prefetch.
+                    paths = [(False, cq._DEC_RING_STAGES, True), (False, 0, True)] + [(pf, 0, False) for pf in (
+                        (False, True) if bits == 4 and d == 128 else (False,))]
+                    for pf, stages, pool in paths:
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
                             ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
-                            ("NW", cq._DEC_WARPS), ("PF", pf)]
+                            ("NW", cq._DEC_WARPS), ("PF", pf), ("STAGES", stages), ("POOL", pool)]
 
 
 def _dtypes(names, template):
@@ -733,7 +764,7 @@ def _dtypes(names, template):
     table = {"q": t.get("T"), "dout": t.get("T"), "kw": mx.uint32, "vw": mx.uint32, "ks": t.get("KST"),
              "kb": t.get("KST"), "vs": t.get("VST"), "vb": t.get("VST"), "mask": t.get("MT"), "ip": mx.int32,
              "ns": mx.int32, "out": t.get("T"), "dq": t.get("T"), "sinks": mx.float32, "alibi": mx.float32,
-             "scratch": mx.float32}
+             "scratch": mx.float32, "tk": mx.uint32}
     return [(n, table.get(n, mx.float32)) for n in names]
 
 

@@ -43,7 +43,7 @@ from . import cuda as _cuda
 
 _FWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "ns")
 _BWD_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "ip", "fp", "lse", "delta", "dout")
-_DEC_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "sinks", "ip", "fp", "ns")
+_DEC_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "sinks", "ip", "fp", "ns", "tk")
 _MMA_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "alibi", "sinks", "ip", "fp")
 # Tensor-core forward tile: warps per block (16 query rows each) and keys per
 # tile. 8 x 64 holds one staged 32-value chunk of K and of V per thread
@@ -291,15 +291,29 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 
 # ---- tensor-core decode (attention_quant_decode.cuh) ---------------------------------
 # Warps per block (interleaved 16-key tiles of one KV head's split, merged in
-# shared memory) and blocks to aim for: a few per SM, every split at least
-# _DEC_MIN_TILES tiles per warp. TUNING "dec_warps" / "dec_splits" / "decode"
-# override for GPU sweeps (call decode_plan.cache_clear() after; the launch
-# cache keys on TUNING itself).
+# shared memory). Two ways to feed them: main's register path (each tile's
+# words loaded into registers, the default) and the ring (_DEC_RING_STAGES
+# shared-memory slots per warp filled by cp.async, tiles in flight while one
+# is computed; 114 registers at 4-bit D 128, 4 blocks an SM). Splits: one
+# block an SM for the register path (H200: more blocks cost more than they
+# save), one wave of _DEC_BLOCKS_PER_SM for the ring; every split at least
+# _DEC_MIN_TILES tiles per warp. Tickets from cuda.py's pool (no zero fill).
+# TUNING "dec_warps" / "dec_splits" / "dec_stages" (0: the register path,
+# "dec_prefetch" its one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" /
+# "dec_ring_debug" / "decode" override for GPU sweeps (call
+# decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
 _DEC_BLOCKS_PER_SM = 4
 _DEC_MIN_TILES = 4
 _DEC_MAX_SPLITS = 256
-_DEC_PREFETCH = False  # TUNING "dec_prefetch": load the next tile during the current one
+# Ring stages of the default (0: the register path). The ring runs clean on
+# the H200 (memcheck, its GPU tests) but does not beat the register path at
+# the routed splits (16: 54.8 vs 52.6 us a call; docs/quantized_kv.md);
+# TUNING "dec_stages" selects it.
+_DEC_STAGES = 0
+_DEC_RING_STAGES = 4
+_DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next tile during the current one
+_SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
 
 def uses_decode(qspec) -> bool:
@@ -329,25 +343,51 @@ def decode_warps() -> int:
     return TUNING.get("dec_warps", _DEC_WARPS)
 
 
+def decode_ring_slot(qspec, scale_bytes: int) -> int:
+    """QdRing::SLOT: one raw 16-key tile (K rows, V rows, four scale/bias planes)."""
+    spec = qspec.attention
+    ng, ngv = spec.head_dim_qk // qspec.group_size, spec.head_dim_v // qspec.group_size
+    rows = 16 * (spec.head_dim_qk + spec.head_dim_v) * qspec.bits // 8
+    return rows + 2 * 16 * (ng + ngv) * scale_bytes
+
+
 @functools.lru_cache(maxsize=1024)
-def decode_plan(qspec):
-    """(warps per block, splits per (batch, KV head), shared memory bytes)."""
+def decode_plan(qspec, scale_bytes: int = 2):
+    """(warps per block, splits per (batch, KV head), shared memory bytes, ring
+    stages) for scales of `scale_bytes` bytes (2: fp16/bf16, 4: fp32)."""
     spec = qspec.attention
     nw = decode_warps()
     pairs = spec.batch * spec.heads_kv
     keys = _cuda._effective_keys(spec)
-    splits = max(1, min(math.ceil(_SMS * _DEC_BLOCKS_PER_SM / pairs),
-                        math.ceil(keys / (16 * nw * _DEC_MIN_TILES)), _DEC_MAX_SPLITS))
-    if "dec_splits" in TUNING:
-        splits = TUNING["dec_splits"]
+    stages = TUNING.get("dec_stages", _DEC_STAGES)
+    # Blocks per SM the splits aim for. The register path: one (H200, 4-bit,
+    # Nk 32768, GQA 32:8: 16 splits 52 us, 33 splits 53 us, 49 68-84 us, 66
+    # 89 us, 99 109 us a call: every split past one block an SM costs more
+    # than the warps it adds save). The ring: 4 blocks of 4 warps fit an SM
+    # (114-128 registers; head dims over 128: 155-168, three).
+    wide = max(spec.head_dim_qk, spec.head_dim_v) > 128
+    per_sm = TUNING.get("dec_blocks_per_sm", 1 if stages == 0 else _DEC_BLOCKS_PER_SM - 1 if wide
+                        else _DEC_BLOCKS_PER_SM)
     dv, ngv = spec.head_dim_v, spec.head_dim_v // qspec.group_size
     ng = spec.head_dim_qk // qspec.group_size
-    # red_o [nw][8][dv] (also the last block's [splits][8] weights), red_m, red_l,
-    # red_pb, flag (4 words), then each warp's scale stage (QdTile::STAGE floats).
-    splits = max(1, min(splits, nw * dv))
-    qfrag = nw * 64 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 else 0  # Q's fragments (D > 128)
-    smem = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv + 4 + nw * 32 * (ng + ngv) + qfrag)
-    return nw, splits, smem
+    # The flag (4 words), each warp's scale stage (QdTile::STAGE floats), Q's
+    # fragments (D > 128 or a ring: 8 bytes a lane a k-step), then the rings,
+    # overlaid after the loop by red_o [nw][8][dv] (also the last block's
+    # [splits][8] weights), red_m, red_l, red_pb.
+    qfrag = nw * 256 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 or stages > 0 else 0
+    base = 16 + 4 * nw * 32 * (ng + ngv) + qfrag
+    red = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv)
+    slot = decode_ring_slot(qspec, scale_bytes)
+    # As many stages (down to 2) as keep per_sm blocks on an SM.
+    while stages > 2 and per_sm * (base + max(red, nw * stages * slot) + 1024) > _SM_SMEM:
+        stages -= 1
+    smem = base + max(red, nw * stages * slot)
+    # At most one wave of resident blocks (main launched 4 an SM of which 3 fit: 1.33 waves).
+    splits = max(1, min((_SMS * per_sm) // pairs, math.ceil(keys / (16 * nw * _DEC_MIN_TILES)), _DEC_MAX_SPLITS))
+    if "dec_splits" in TUNING:
+        splits = TUNING["dec_splits"]
+    splits = max(1, min(splits, nw * dv))  # the merge's [splits][8] weights fit red_o
+    return nw, splits, smem, stages
 
 
 def decode_scratch_floats(qspec, splits: int) -> int:
@@ -357,21 +397,28 @@ def decode_scratch_floats(qspec, splits: int) -> int:
     return pairs * splits * 8 * (spec.head_dim_v + 2) + pairs
 
 
+def _decode_pool(qspec) -> bool:
+    """Tickets from cuda.py's pool (no zero fill) when the call's pairs fit a region."""
+    spec = qspec.attention
+    return bool(TUNING.get("dec_pool", True)) and spec.batch * spec.heads_kv <= _cuda._TICKET_REGION_WORDS
+
+
 @functools.lru_cache(maxsize=1024)
 def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
     """Everything of a decode launch but its inputs, once per (spec, shapes, dtypes, TUNING)."""
     spec = qspec.attention
-    nw, splits, smem = decode_plan(qspec)
+    nw, splits, smem, stages = decode_plan(qspec, max(k_scales_dtype.size, v_scales_dtype.size))
+    pool = _decode_pool(qspec)
     template = [("T", spec.dtype), ("KST", k_scales_dtype), ("VST", v_scales_dtype), ("SOFTCAP", spec.softcap > 0),
                 ("WINDOW", spec.has_window), ("SINKS", spec.has_sinks), ("D", spec.head_dim_qk),
                 ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("NW", nw),
-                ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH)))]
+                ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool)]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
                        (decode_scratch_floats(qspec, splits),)],
-        output_dtypes=[spec.dtype, mx.float32, mx.float32], init_value=0,
-    ), _cuda.const_array((splits,), mx.int32), smem
+        output_dtypes=[spec.dtype, mx.float32, mx.float32], init_value=None if pool else 0,
+    ), _cuda.const_array((splits, TUNING.get("dec_ring_debug", 0)), mx.int32), smem
 
 
 def _forward_decode(q, k, v, qspec, inputs: AttentionInputs, stream):
@@ -379,8 +426,10 @@ def _forward_decode(q, k, v, qspec, inputs: AttentionInputs, stream):
                                       tuple(TUNING.items()) if TUNING else ())
     args = _operands(q, k, v, qspec, inputs, stream)  # q, 6 cache arrays, mask, alibi, ip, fp
     sinks = _dense(inputs.sinks, stream) if inputs.sinks is not None else _cuda._placeholders()[2]
+    # The ticket region (read only when the template's POOL is set).
+    tk = _cuda._ticket_region(stream)
     kernel = _strided_kernel("attention_quant_decode", _DEC_INPUTS, ("out", "lse", "scratch"), smem)
-    inputs = args[:7] + [sinks, args[9], args[10], ns]
+    inputs = args[:7] + [sinks, args[9], args[10], ns, tk]
     outputs = kernel(inputs=inputs, stream=stream, **launch)
     if _cuda._host.RECORDING is not None:  # a call cuda_host.py will replay: note the launch
         _cuda._host.note_launch(kernel, inputs, outputs, stream, **launch)
