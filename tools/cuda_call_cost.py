@@ -12,28 +12,15 @@ rebuilds and hashes per call cost. Outputs are checked against mx.fast.
 
 import json
 import os
-import statistics
 import sys
-import time
 
 import mlx.core as mx
 
 import mlx_flash
 from mlx_flash.backends import cuda as cuda_backend
 
-
-def per_call(fn, calls=20, rounds=15):
-    mx.eval(fn())
-    build, wall = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        outs = [fn() for _ in range(calls)]
-        t1 = time.perf_counter()
-        mx.eval(outs)
-        t2 = time.perf_counter()
-        build.append((t1 - t0) / calls)
-        wall.append((t2 - t0) / calls)
-    return statistics.median(build) * 1e6, statistics.median(wall) * 1e6
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuda_decode_profile import per_call  # noqa: E402  (20 calls queued per eval)
 
 
 def main():
@@ -60,7 +47,8 @@ def main():
     for name, fn in calls.items():
         want = ref_q if "quantized" in name else ref
         err = mx.max(mx.abs(fn().astype(mx.float32) - want)).item()
-        build_us, wall_us = per_call(fn)
+        timing = per_call(fn)
+        build_us, wall_us = timing["build_us"], timing["batched_us"]
         result["calls"][name] = {"host_build_us": build_us, "per_call_us": wall_us, "max_abs_err": err}
         print(f"{name:32s} host {build_us:7.1f} us  per call {wall_us:7.1f} us  err {err:.2e}", flush=True)
     if len(sys.argv) > 1:

@@ -20,6 +20,7 @@ is checked bit for bit against the Python path's, and the JSON names the card.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -30,25 +31,12 @@ import mlx_flash
 from mlx_flash import attention, attention_quantized
 from mlx_flash.backends import cuda_host
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuda_decode_profile import per_call  # noqa: E402  (20 calls queued per eval: build, batched, eval)
+
 HOST = cuda_host.HOST
 N_K, D, LAYERS = 32768, 128, 32
 MODES = ("python", "replay", "replay_kernel")
-
-
-def per_call(fn, calls=20, rounds=15):
-    mx.eval(fn())
-    build, wall, ev = [], [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        outs = [fn() for _ in range(calls)]
-        t1 = time.perf_counter()
-        mx.eval(outs)
-        t2 = time.perf_counter()
-        build.append((t1 - t0) / calls)
-        wall.append((t2 - t0) / calls)
-        ev.append((t2 - t1) / calls)
-    return {"build_us": statistics.median(build) * 1e6, "batched_us": statistics.median(wall) * 1e6,
-            "eval_us": statistics.median(ev) * 1e6}
 
 
 def step(fns, rounds=10):
