@@ -429,8 +429,8 @@ def _forward_decode(q, k, v, qspec, inputs: AttentionInputs, stream):
     # The ticket region (read only when the template's POOL is set).
     tk = _cuda._ticket_region(stream)
     kernel = _strided_kernel("attention_quant_decode", _DEC_INPUTS, ("out", "lse", "scratch"), smem)
-    inputs = args[:7] + [sinks, args[9], args[10], ns, tk]
-    outputs = kernel(inputs=inputs, stream=stream, **launch)
+    kernel_inputs = args[:7] + [sinks, args[9], args[10], ns, tk]
+    outputs = kernel(inputs=kernel_inputs, stream=stream, **launch)
     if _cuda._host.RECORDING is not None:  # a call cuda_host.py will replay: note the launch
-        _cuda._host.note_launch(kernel, inputs, outputs, stream, **launch)
+        _cuda._host.note_launch(kernel, kernel_inputs, outputs, stream, **launch)
     return outputs[0], outputs[1]
