@@ -207,6 +207,11 @@ def fake_cuda(fresh_host, monkeypatch):
         c.cache_clear()
 
 
+def _decode_qkv(gen, hq, hkv, nq, nk, d, dtype):
+    """Fresh q [1, hq, nq, d] and k, v [1, hkv, nk, d]."""
+    return randn(gen, (1, hq, nq, d), dtype), randn(gen, (1, hkv, nk, d), dtype), randn(gen, (1, hkv, nk, d), dtype)
+
+
 FAKE_CASES = {
     "fp16 32:8": (mx.float16, 32, 8, 1, 4099, 128, {}),
     "bf16 causal lse": (mx.bfloat16, 8, 2, 2, 517, 64, dict(causal=True, return_lse=True)),
@@ -220,7 +225,7 @@ FAKE_CASES = {
 def test_replay_on_fake_kernels_matches_python_path(fake_cuda, case):
     dtype, hq, hkv, nq, nk, d, options = FAKE_CASES[case]
     gen = rng("host-fake", case)
-    q, k, v = randn(gen, (1, hq, nq, d), dtype), randn(gen, (1, hkv, nk, d), dtype), randn(gen, (1, hkv, nk, d), dtype)
+    q, k, v = _decode_qkv(gen, hq, hkv, nq, nk, d, dtype)
     options = dict(options)
     if options.get("sinks") == "f32":
         options["sinks"] = randn(gen, (hq,), mx.float32)
@@ -247,8 +252,7 @@ def test_replay_on_fake_kernels_matches_python_path(fake_cuda, case):
 def test_replay_on_fake_kernels_gradients_and_ticket_pool(fake_cuda):
     cb = fake_cuda
     gen = rng("host-fake-grad")
-    q, k, v = randn(gen, (1, 32, 1, 128), mx.float16), randn(gen, (1, 8, 8192, 128), mx.float16), randn(
-        gen, (1, 8, 8192, 128), mx.float16)
+    q, k, v = _decode_qkv(gen, 32, 8, 1, 8192, 128, mx.float16)
     sinks = randn(gen, (32,), mx.float32)
     spec, _ = attention.validate_attention(q, k, v)
     assert cb.decode_plan(spec)[-1] > 1  # a split call: it takes a ticket region
@@ -336,7 +340,7 @@ def test_replay_is_bit_identical_decode(fresh_host, monkeypatch, case):
     monkeypatch.setattr(attention, "_HOST", HOST)
     dtype, hq, hkv, nq, nk, d, options = DECODE_CASES[case]
     gen = rng("host-decode", case)
-    q, k, v = randn(gen, (1, hq, nq, d), dtype), randn(gen, (1, hkv, nk, d), dtype), randn(gen, (1, hkv, nk, d), dtype)
+    q, k, v = _decode_qkv(gen, hq, hkv, nq, nk, d, dtype)
     options = dict(options)
     if options.get("sinks") == "f32":
         options["sinks"] = randn(gen, (hq,), mx.float32)
@@ -378,8 +382,7 @@ def test_replay_through_cuda_kernel_calls_is_bit_identical(fresh_host, monkeypat
     HOST.set_reuse_primitives(False)
     try:
         gen = rng("host-kernel-calls")
-        q, k, v = randn(gen, (1, 32, 1, 128), mx.float16), randn(gen, (1, 8, 5000, 128), mx.float16), randn(
-            gen, (1, 8, 5000, 128), mx.float16)
+        q, k, v = _decode_qkv(gen, 32, 8, 1, 5000, 128, mx.float16)
         want, first, replayed = _both_paths(lambda: mlx_flash.flash_attention(q, k, v, return_lse=True))
         _assert_identical(want, replayed)
         kq, vq = mx.quantize(k, group_size=64, bits=4), mx.quantize(v, group_size=64, bits=4)
@@ -395,8 +398,7 @@ def test_replay_gradients_equal_python_path(fresh_host, monkeypatch):
     monkeypatch.setattr(attention, "_HOST", HOST)
     monkeypatch.setattr(attention_quantized, "_HOST", HOST)
     gen = rng("host-grad")
-    q, k, v = randn(gen, (1, 8, 1, 128), mx.float16), randn(gen, (1, 2, 301, 128), mx.float16), randn(
-        gen, (1, 2, 301, 128), mx.float16)
+    q, k, v = _decode_qkv(gen, 8, 2, 1, 301, 128, mx.float16)
     sinks = randn(gen, (8,), mx.float32)
     dout = randn(gen, (1, 8, 1, 128), mx.float16)
 
@@ -424,8 +426,7 @@ def test_replay_advances_the_ticket_pool_like_the_python_path(fresh_host, monkey
 
     monkeypatch.setattr(attention, "_HOST", HOST)
     gen = rng("host-pool")
-    q, k, v = randn(gen, (1, 32, 1, 128), mx.float16), randn(gen, (1, 8, 8192, 128), mx.float16), randn(
-        gen, (1, 8, 8192, 128), mx.float16)
+    q, k, v = _decode_qkv(gen, 32, 8, 1, 8192, 128, mx.float16)
     spec, _ = attention.validate_attention(q, k, v)
     assert cuda.decode_plan(spec)[-1] > 1, "the case must split keys (the pool serves split calls)"
     HOST.set_enabled(False)
@@ -452,8 +453,7 @@ def test_tuning_overrides_take_the_python_path(fresh_host, monkeypatch):
 
     monkeypatch.setattr(attention, "_HOST", HOST)
     gen = rng("host-tuning")
-    q, k, v = randn(gen, (1, 8, 1, 64), mx.float16), randn(gen, (1, 2, 999, 64), mx.float16), randn(
-        gen, (1, 2, 999, 64), mx.float16)
+    q, k, v = _decode_qkv(gen, 8, 2, 1, 999, 64, mx.float16)
     mx.eval(mlx_flash.flash_attention(q, k, v), mlx_flash.flash_attention(q, k, v))
     hits = HOST.stats()[0]
     monkeypatch.setitem(cuda.DECODE_TUNING, "splits", 3)
