@@ -146,16 +146,8 @@ def main():
                 row[mode]["step_us"] = step([lambda k=k, v=v: mlx_flash.flash_attention(qd, k, v, scale=s)
                                              for k, v in cd])
                 row[mode]["stats"] = cuda_host.stats()
-            set_replay("python")
-            want = mlx_flash.flash_attention(qd, k0, v0, scale=s, return_lse=True)
-            set_replay("replay")
-            got = [mlx_flash.flash_attention(qd, k0, v0, scale=s, return_lse=True) for _ in range(2)]
-            mx.eval(want, got)
-            res["identical"][name] = all(bool(mx.array_equal(w, g[i], equal_nan=True))
-                                         for g in got for i, w in enumerate(want))
-            res["cases"][name] = row
-            print(name, json.dumps(row), "identical", res["identical"][name], flush=True)
-            dump(res, out_path)
+            finish_case(res, name, row, lambda: mlx_flash.flash_attention(qd, k0, v0, scale=s, return_lse=True),
+                        out_path)
         if hkv != 8:
             continue
         for bits in (4, 8):
@@ -172,19 +164,24 @@ def main():
                 row[mode]["step_us"] = step([lambda k=k, v=v: mlx_flash.flash_attention_quantized(
                     q, k, v, bits=bits, group_size=64, scale=s) for k, v in quant])
                 row[mode]["stats"] = cuda_host.stats()
-            set_replay("python")
-            want = mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=64, scale=s, return_lse=True)
-            set_replay("replay")
-            got = [mlx_flash.flash_attention_quantized(q, kq, vq, bits=bits, group_size=64, scale=s, return_lse=True)
-                   for _ in range(2)]
-            mx.eval(want, got)
-            res["identical"][name] = all(bool(mx.array_equal(w, g[i], equal_nan=True))
-                                         for g in got for i, w in enumerate(want))
-            res["cases"][name] = row
-            print(name, json.dumps(row), "identical", res["identical"][name], flush=True)
-            dump(res, out_path)
+            finish_case(res, name, row, lambda: mlx_flash.flash_attention_quantized(  # noqa: B023
+                q, kq, vq, bits=bits, group_size=64, scale=s, return_lse=True), out_path)
             del quant
         del caches
+    dump(res, out_path)
+
+
+def finish_case(res, name, row, call, out_path):
+    """Whether replayed calls equal the Python path's bit for bit (`call` returns (out, lse)),
+    then the case's row stored, printed and written."""
+    set_replay("python")
+    want = call()
+    set_replay("replay")
+    got = [call() for _ in range(2)]
+    mx.eval(want, got)
+    res["identical"][name] = all(bool(mx.array_equal(w, g[i], equal_nan=True)) for g in got for i, w in enumerate(want))
+    res["cases"][name] = row
+    print(name, json.dumps(row), "identical", res["identical"][name], flush=True)
     dump(res, out_path)
 
 
