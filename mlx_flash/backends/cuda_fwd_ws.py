@@ -83,7 +83,10 @@ PERSISTENT_HEAD_DIMS = (64,)
 # Persistent blocks claim their next item with an atomic ticket (the stream's
 # ticket pool, backends/cuda.py) instead of striding by the grid, so blocks
 # that drew short (causal) items take more of them.
-DYNAMIC = os.environ.get("MLX_FLASH_CUDA_FWD_WS_DYNAMIC", "1") == "1"
+_DYNAMIC = os.environ.get("MLX_FLASH_CUDA_FWD_WS_DYNAMIC", "1")
+if _DYNAMIC not in ("0", "1"):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_DYNAMIC: expected 0 or 1, got {_DYNAMIC!r}")
+DYNAMIC = _DYNAMIC == "1"
 
 # Profiling: a list here makes each call record its blocks' timelines (the
 # kernel's WsTrace slots) and append its workspace output (uint8, SLOT_BYTES

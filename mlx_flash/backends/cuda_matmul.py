@@ -68,12 +68,13 @@ WS_PLANS = {"f16": (256, 4, 0, True, True), "cvt": (256, 4, 0, True, True), "nat
 # WS_NATIVE_CLUSTER_PLAN then. H200, 8192^3: fp16 553 vs 514 TFLOP/s with a
 # [K, N] b, 532 vs 531 with [N, K]; native e4m3 791 vs 786. Opt-in: with it
 # the default-route tests had 6 unexplained failures in 138 (docs/matmul.md).
-WS_CLUSTER = int(os.environ.get("MLX_FLASH_CUDA_MATMUL_CLUSTER", "1"))
+_WS_CLUSTER = os.environ.get("MLX_FLASH_CUDA_MATMUL_CLUSTER", "1")
+if _WS_CLUSTER not in ("1", "2"):
+    raise ValueError(f"MLX_FLASH_CUDA_MATMUL_CLUSTER must be 1 or 2, got {_WS_CLUSTER!r}")
+WS_CLUSTER = int(_WS_CLUSTER)
 WS_NATIVE_CLUSTER_PLAN = (128, 6, 2, True, True, 2)
 if WS_CLUSTER == 2:
     WS_PLANS = {"f16": WS_PLANS["f16"] + (2,), "cvt": WS_PLANS["cvt"] + (2,), "native": WS_NATIVE_CLUSTER_PLAN}
-elif WS_CLUSTER != 1:
-    raise ValueError(f"MLX_FLASH_CUDA_MATMUL_CLUSTER must be 1 or 2, got {WS_CLUSTER}")
 CVT_WS_MIN_ROWS = 512
 # Decode (gemv) route: at most this many rows of a.
 GEMV_MAX_ROWS = 16
