@@ -1,6 +1,8 @@
 """Where a CUDA decode call's time goes: Python wrapper, MLX launch, GPU (GPU machine).
 
     python tools/cuda_decode_profile.py OUT_DIR [--sweep] [--no-lm]  # host timings + cProfile (+ launch-plan sweep)
+    python tools/cuda_decode_profile.py OUT_DIR --step [--bits 4,8] [--plans JSON] [--no-lm] [--fp16-ours]
+                                                           # a 32-layer decode step, plans side by side
     ncu --metrics gpu__time_duration.sum --csv python tools/cuda_decode_profile.py OUT_DIR --kernels
                                                            # GPU time of each kernel
 
@@ -35,6 +37,112 @@ import mlx.core as mx
 import mlx_flash
 import mlx_flash.attention_quantized
 from mlx_flash.backends import cuda_quant as cq
+
+
+def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=False, rounds=9, nk=32768):
+    """A model's decode step: `layers` distinct caches (each layer its own K/V,
+    so no call finds its cache in L2 from the call before: 38 MB of 4-bit
+    cache per layer, 134 MB fp16), one call per layer, then one eval. Per
+    call: eval_us (the eval of the step / layers: the GPU time where it
+    exceeds MLX's launch cost) and step_us (graph build + eval / layers).
+    `plans`: {name: TUNING dict} for the quantized decode, timed side by side
+    with mx.fast SDPA over the fp16 caches (and mlx-lm's quantized path with
+    `lm`: its first call compiles for tens of seconds)."""
+    B, Hq, Hkv, Nk, D = 1, 32, 8, nk, 128
+    s = D ** -0.5
+    q = mx.random.normal((B, Hq, 1, D), key=mx.random.key(7)).astype(mx.float16)
+    fp16 = []
+    for i in range(layers):
+        kk, kv = mx.random.split(mx.random.key(1000 + i))
+        fp16.append((mx.random.normal((B, Hkv, Nk, D), key=kk).astype(mx.float16),
+                     mx.random.normal((B, Hkv, Nk, D), key=kv).astype(mx.float16)))
+        mx.eval(fp16[-1])
+    quant = {bits: [] for bits in bits_list}
+    for bits in bits_list:
+        for k, v in fp16:
+            quant[bits].append((tuple(mx.quantize(k, group_size=64, bits=bits)),
+                                tuple(mx.quantize(v, group_size=64, bits=bits))))
+            mx.eval(quant[bits][-1])
+    res = {"card": mx.device_info().get("device_name", "?"),
+           "shape": f"B1 GQA 32:8 Nq 1 Nk {Nk} D128 fp16 q, group 64, {layers} layers (distinct caches) a step",
+           "step": {}, "check": {}, "first_call_s": {}, "plans": {n: dict(t) for n, t in plans.items()}}
+    path = os.path.join(out_dir, "decode_step.json")
+
+    def dump():
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
+    def run(name, fn, want=None):
+        t0 = time.perf_counter()
+        try:
+            got = fn(0)
+            mx.eval(got)
+        except Exception as e:  # noqa: BLE001 - recorded, the rest still runs
+            res["step"][name] = {"error": repr(e)[:300]}
+            print("step", name, res["step"][name], flush=True)
+            dump()
+            return
+        res["first_call_s"][name] = time.perf_counter() - t0
+        if want is not None:
+            res["check"][name] = mx.max(mx.abs(got.astype(mx.float32) - want)).item()
+        build, ev, step = [], [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            outs = [fn(i) for i in range(layers)]
+            t1 = time.perf_counter()
+            mx.eval(outs)
+            t2 = time.perf_counter()
+            build.append((t1 - t0) / layers)
+            ev.append((t2 - t1) / layers)
+            step.append((t2 - t0) / layers)
+        res["step"][name] = {"build_us": statistics.median(build) * 1e6, "eval_us": statistics.median(ev) * 1e6,
+                             "step_us": statistics.median(step) * 1e6, "eval_min_us": min(ev) * 1e6}
+        print("step", name, {k: round(x, 1) for k, x in res["step"][name].items()}, "first call",
+              round(res["first_call_s"][name], 2), "s max |diff|", res["check"].get(name), flush=True)
+        dump()
+
+    run("mx_fast_fp16", lambda i: mx.fast.scaled_dot_product_attention(q, *fp16[i], scale=s))
+    wants = {}
+    for bits in bits_list:
+        kq, vq = quant[bits][0]
+        kd = mx.dequantize(*kq, group_size=64, bits=bits)
+        vd = mx.dequantize(*vq, group_size=64, bits=bits)
+        wants[bits] = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=s).astype(mx.float32)
+        mx.eval(wants[bits])
+    for pname, tuning in plans.items():
+        for bits in bits_list:
+            cq.TUNING.clear()
+            cq.TUNING.update(tuning)
+            cq.decode_plan.cache_clear()
+            try:
+                run(f"quant_{bits}bit_{pname}", lambda i, bits=bits: mlx_flash.flash_attention_quantized(
+                    q, *quant[bits][i], bits=bits, group_size=64, scale=s), wants[bits])
+                spec = mlx_flash.attention_quantized.validate_attention_quantized(
+                    q, *quant[bits][0], bits=bits, group_size=64)[0]
+                res["step"].get(f"quant_{bits}bit_{pname}", {})["plan"] = list(cq.decode_plan(spec))
+            finally:
+                cq.TUNING.clear()
+                cq.decode_plan.cache_clear()
+    dump()
+    if ours_fp16:
+        run("flash_attention_fp16", lambda i: mlx_flash.flash_attention(q, *fp16[i], scale=s))
+    if lm:
+        lm_name, lm_qsdpa = mlx_lm_path()
+        for bits in bits_list:
+            run(f"{lm_name}_quantized_{bits}bit", lambda i, bits=bits: lm_qsdpa(
+                q, *quant[bits][i], s, 64, bits), wants[bits])
+    base = res["step"].get("mx_fast_fp16", {}).get("eval_us")
+    lm_name = mlx_lm_path()[0]
+    for name, r in res["step"].items():
+        if base and "eval_us" in r and name.startswith("quant_"):
+            r["speedup_eval_vs_mx_fast_fp16"] = base / r["eval_us"]
+            r["speedup_step_vs_mx_fast_fp16"] = res["step"]["mx_fast_fp16"]["step_us"] / r["step_us"]
+            bits = name.split("_")[1].replace("bit", "")
+            lmr = res["step"].get(f"{lm_name}_quantized_{bits}bit", {})
+            if "step_us" in lmr:
+                r["speedup_step_vs_mlx_lm"] = lmr["step_us"] / r["step_us"]
+    dump()
+    return res
 
 
 def per_call(fn, calls=20, rounds=15):
@@ -247,6 +355,14 @@ def simt(fn):
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
     os.makedirs(out_dir, exist_ok=True)
+    if "--step" in sys.argv:
+        args = sys.argv
+        bits = tuple(int(b) for b in args[args.index("--bits") + 1].split(",")) if "--bits" in args else (4,)
+        plans = json.loads(args[args.index("--plans") + 1]) if "--plans" in args else {"default": {}}
+        opt = lambda name, d: int(args[args.index(name) + 1]) if name in args else d  # noqa: E731
+        step_bench(out_dir, plans, bits, layers=opt("--layers", 32), lm="--no-lm" not in args,
+                   ours_fp16="--fp16-ours" in args, nk=opt("--nk", 32768))
+        return
     q, k, v, quant, s = setup()
     lm_name, lm_qsdpa = mlx_lm_path()
     calls = {
