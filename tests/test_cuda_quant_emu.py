@@ -514,8 +514,9 @@ def test_decode_features(feature):
                                    group_size=64)
     opts = DECODE_FEATURES[feature](gen, Hq)
     assert _uses_decode(q, kq, vq, 4, 64, **opts)
-    got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5}, **opts)
-    _check_decode(q, kd, vd, got, F16, opts)
+    for stages in (0, 4):  # the register path and the ring
+        got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_stages": stages}, **opts)
+        _check_decode(q, kd, vd, got, F16, opts)
 
 
 @emulated
@@ -600,8 +601,10 @@ def test_decode_strided_cache_views(layout):
         if layout == "batch_broadcast":
             kq, vq, kd, vd = _first_batch_for_all(kq, vq, kd, vd)
         kv, vv = _views(gen, kq, vq, layout)
-        got = _emu(q, kv, vv, bits, 64, tuning={**DECODE, "dec_splits": 2})
-        _check_decode(q, kd, vd, got, F16, {})
+        # The register path and the ring (its dense cursor where the view allows, main's copies otherwise).
+        for stages in (0, 4):
+            got = _emu(q, kv, vv, bits, 64, tuning={**DECODE, "dec_splits": 2, "dec_stages": stages})
+            _check_decode(q, kd, vd, got, F16, {})
 
 
 @emulated
@@ -698,14 +701,26 @@ def test_decode_features_gpu(feature):
     _check_decode(q, kd, vd, got, F16, opts)
 
 
+# Launch plans of the decode measured side by side (tools/cuda_decode_profile.py --step):
+# the register path (the old default) and rings of 4-8 stages at 8-16 warps an SM.
+LONG_PLANS = {
+    "regs": {"dec_stages": 0},
+    "ring_path": {"dec_stages": 4},
+    "ring_w8x2": {"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2},
+    "ring_w8x1_s8": {"dec_stages": 8, "dec_warps": 8, "dec_blocks_per_sm": 1},
+    "ring_w16x1": {"dec_stages": 4, "dec_warps": 16, "dec_blocks_per_sm": 1},
+}
+
+
 @on_gpu
-@pytest.mark.parametrize("path", ["regs", "ring_path"])
-def test_decode_long_context_gpu(path):
-    """The benchmark's shape (GQA 32:8, Nk 32768, 4-bit) with the default plan
-    (and the ring's): every split merged."""
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("path", list(LONG_PLANS))
+def test_decode_long_context_gpu(path, bits):
+    """The benchmark's shape (GQA 32:8, Nk 32768, 4- and 8-bit) with each
+    plan: every split merged."""
     B, Hq, Hkv, Nq, Nk, D = 1, 32, 8, 1, 32768, 128
-    gen, q, kq, vq, kd, vd = _case(("decode-long-gpu",), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4, group_size=64)
-    got = _gpu(q, kq, vq, 4, 64, tuning={"dec_stages": 4} if path == "ring_path" else None)
+    gen, q, kq, vq, kd, vd = _case(("decode-long-gpu",), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=bits, group_size=64)
+    got = _gpu(q, kq, vq, bits, 64, tuning=LONG_PLANS[path])
     _check_decode(q, kd, vd, got, F16, {})
 
 
