@@ -489,56 +489,10 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   const bool kw_rows = kh.ws[3] == 1 && kh.ws[2] == Ring::KWR, vw_rows = vh.ws[3] == 1 && vh.ws[2] == Ring::VWR;
   const bool ks_rows = kh.ss[3] == 1 && kh.ss[2] == S::NG, kb_rows = kh.bs[3] == 1 && kh.bs[2] == S::NG;
   const bool vs_rows = vh.ss[3] == 1 && vh.ss[2] == S::NGV, vb_rows = vh.bs[3] == 1 && vh.bs[2] == S::NGV;
-  // The dense cursor: when all six arrays are row-contiguous with 16-byte
-  // aligned heads (every cache mx.quantize or QuantizedKVCache makes), tile
-  // jt's segments start jt * (constant row bytes) past each head's base
-  // (jt is a multiple of 16: whole 16-byte chunks), so a full tile is
-  // requested by cp.async alone: no strided 64-bit address arithmetic and
-  // no per-segment checks each tile (main's path, below, for the rest).
-  const unsigned char* kw0 = reinterpret_cast<const unsigned char*>(kh.words(0));
-  const unsigned char* vw0 = reinterpret_cast<const unsigned char*>(vh.words(0));
-  const unsigned char* ks0 = reinterpret_cast<const unsigned char*>(kh.s);
-  const unsigned char* kb0 = reinterpret_cast<const unsigned char*>(kh.b);
-  const unsigned char* vs0 = reinterpret_cast<const unsigned char*>(vh.s);
-  const unsigned char* vb0 = reinterpret_cast<const unsigned char*>(vh.b);
-  const bool ring_fast = STAGES > 0 && !(ring_debug & 1) && kw_rows && vw_rows && ks_rows && kb_rows && vs_rows &&
-                         vb_rows && ((reinterpret_cast<unsigned long long>(kw0) | reinterpret_cast<unsigned long long>(vw0) |
-                                      reinterpret_cast<unsigned long long>(ks0) | reinterpret_cast<unsigned long long>(kb0) |
-                                      reinterpret_cast<unsigned long long>(vs0) | reinterpret_cast<unsigned long long>(vb0)) &
-                                     15) == 0;
   // Tile i of this warp (keys start + 16 (warp + NW i) ...) into its slot; one commit group each, empty past the end.
   auto issue = [&](int i) {
     const int jt = start + 16 * (warp + NW * i);
-    if (ring_fast && jt + 16 <= end) {
-      unsigned char* slot = ring + (i % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
-      constexpr int KC = 16 * Ring::KWR / 4, VC = 16 * Ring::VWR / 4;  // 16-byte chunks of the K / V rows
-      constexpr int KCPR = Ring::KWR / 4, VCPR = Ring::VWR / 4;
-      const unsigned char* kr = kw0 + (long)jt * (4 * Ring::KWR);
-      const unsigned char* vr = vw0 + (long)jt * (4 * Ring::VWR);
-#pragma unroll
-      for (int c = lane; c < KC; c += 32) {
-        const int to = (c / KCPR) * KCPR + ((c % KCPR) ^ qd_swizzle<KCPR>(c / KCPR));
-        QD_CHECK(nullptr, slot + 16 * to, 16, "cpasync-k");
-        cp_async16(slot + 16 * to, kr + 16 * c, true);
-      }
-#pragma unroll
-      for (int c = lane; c < VC; c += 32) {
-        const int to = (c / VCPR) * VCPR + ((c % VCPR) ^ qd_swizzle<VCPR>(c / VCPR));
-        QD_CHECK(nullptr, slot + Ring::V_OFF + 16 * to, 16, "cpasync-v");
-        cp_async16(slot + Ring::V_OFF + 16 * to, vr + 16 * c, true);
-      }
-      // The four scale/bias planes lie back to back in the slot: chunk c of them.
-      constexpr int CK = Ring::KSB / 16, CV = Ring::VSB / 16;
-#pragma unroll
-      for (int c = lane; c < 2 * (CK + CV); c += 32) {
-        const unsigned char* src = c < CK ? ks0 + (long)jt * Ring::KSB / 16 + 16 * c
-                                 : c < 2 * CK ? kb0 + (long)jt * Ring::KSB / 16 + 16 * (c - CK)
-                                 : c < 2 * CK + CV ? vs0 + (long)jt * Ring::VSB / 16 + 16 * (c - 2 * CK)
-                                 : vb0 + (long)jt * Ring::VSB / 16 + 16 * (c - 2 * CK - CV);
-        QD_CHECK(nullptr, slot + Ring::KS_OFF + 16 * c, 16, "cpasync-s");
-        cp_async16(slot + Ring::KS_OFF + 16 * c, src, true);
-      }
-    } else if (jt < end) {
+    if (jt < end) {
       unsigned char* slot = ring + (i % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
       qd_fill_segment<unsigned, Ring::KWR, true>(slot, kh.words(jt), kw_rows && !(ring_debug & 1), jt, end, lane,
                                            [&](long j, int i2) { return kh.words(j)[i2 * kh.ws[3]]; });

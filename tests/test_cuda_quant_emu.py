@@ -632,6 +632,28 @@ def test_decode_plan():
         cq.decode_plan.cache_clear()
     assert splits == cq._SMS * cq._DEC_BLOCKS_PER_SM // 8
     assert stages >= 2 and cq._DEC_BLOCKS_PER_SM * (smem + 1024) <= cq._SM_SMEM
+    # The ring's blocks an SM within its registers: 8 warps of 4-bit D 128 two an
+    # SM; 8-bit, 4 warps three; 16 warps of 8-bit do not fit (an error naming the setting).
+    gen, q, kq, vq, _, _ = _case(("decode-plan-regs",), 1, 32, 8, 1, 32768, 128, dtype=F16, bits=8)
+    q8 = validate_attention_quantized(q, kq, vq, bits=8, group_size=64)[0]
+    gen, q, kq, vq, _, _ = _case(("decode-plan-regs4",), 1, 32, 8, 1, 32768, 128, dtype=F16, bits=4)
+    q4 = validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0]
+    for qs, tuning, want in ((q4, {"dec_warps": 8}, cq._SMS * 2 // 8), (q8, {}, cq._SMS * 3 // 8),
+                             (q4, {"dec_warps": 16}, cq._SMS // 8)):
+        cq.TUNING.update(dec_stages=4, **tuning)
+        cq.decode_plan.cache_clear()
+        try:
+            assert cq.decode_plan(qs)[1] == want, tuning
+        finally:
+            cq.TUNING.clear()
+            cq.decode_plan.cache_clear()
+    cq.TUNING.update(dec_stages=4, dec_warps=16)
+    try:
+        with pytest.raises(ValueError, match="dec_warps"):
+            cq.decode_plan(q8)
+    finally:
+        cq.TUNING.clear()
+        cq.decode_plan.cache_clear()
 
 
 # ---- the same decode cases on a CUDA GPU (skipped without one) ----------------------
@@ -709,6 +731,7 @@ LONG_PLANS = {
     "ring_w8x2": {"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2},
     "ring_w8x1_s8": {"dec_stages": 8, "dec_warps": 8, "dec_blocks_per_sm": 1},
     "ring_w16x1": {"dec_stages": 4, "dec_warps": 16, "dec_blocks_per_sm": 1},
+    "ring_w4x2_s8": {"dec_stages": 8, "dec_blocks_per_sm": 2},
 }
 
 
@@ -720,6 +743,10 @@ def test_decode_long_context_gpu(path, bits):
     plan: every split merged."""
     B, Hq, Hkv, Nq, Nk, D = 1, 32, 8, 1, 32768, 128
     gen, q, kq, vq, kd, vd = _case(("decode-long-gpu",), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=bits, group_size=64)
+    if bits == 8 and path == "ring_w16x1":  # 512 threads x 136 registers: more than an SM holds
+        with pytest.raises(ValueError, match="dec_warps"):
+            _gpu(q, kq, vq, bits, 64, tuning=LONG_PLANS[path])
+        return
     got = _gpu(q, kq, vq, bits, 64, tuning=LONG_PLANS[path])
     _check_decode(q, kd, vd, got, F16, {})
 
@@ -765,13 +792,16 @@ def _decode_compile_cases():
                     continue
                 for feats in ((False, False, False), (True, True, True)):
                     # The ring (the default) and main's register path, with and without its prefetch.
-                    paths = [(False, cq._DEC_RING_STAGES, True), (False, 0, True)] + [(pf, 0, False) for pf in (
-                        (False, True) if bits == 4 and d == 128 else (False,))]
-                    for pf, stages, pool in paths:
+                    # (prefetch, stages, pool, warps)
+                    paths = [(False, cq._DEC_RING_STAGES, True, cq._DEC_WARPS), (False, 0, True, cq._DEC_WARPS)] + [
+                        (pf, 0, False, cq._DEC_WARPS) for pf in ((False, True) if bits == 4 and d == 128 else (False,))]
+                    if d == 128 and gs == 64 and ST == T:  # the wider plans the GPU sweeps measure
+                        paths += [(False, 8, True, 8), (False, 4, True, 16)]
+                    for pf, stages, pool, nw in paths:
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
                             ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
-                            ("NW", cq._DEC_WARPS), ("PF", pf), ("STAGES", stages), ("POOL", pool)]
+                            ("NW", nw), ("PF", pf), ("STAGES", stages), ("POOL", pool)]
 
 
 def _dtypes(names, template):
@@ -810,3 +840,13 @@ def test_nvcc_compiles_without_spills(body, tmp_path):
     assert len(usage) == len(kernels), log[-2000:]
     for name, (regs, spill_st, spill_ld) in usage.items():
         assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+    if body == "attention_quant_decode":
+        # The ring's registers within the bound decode_plan sizes its blocks an SM by.
+        cases = [c for c in _decode_compile_cases()]
+        for n, (_, _, _, template) in enumerate(cases):
+            t = dict(template)
+            if t["STAGES"] == 0:
+                continue
+            regs = next(u[0] for k, u in usage.items() if f"{body}_{n}E" in k)
+            bound = cuda_quant.ring_regs_bound(t["BITS"], max(t["D"], t["DV"]), t["SOFTCAP"] or t["WINDOW"] or t["SINKS"])
+            assert regs <= bound, (t, regs, bound)

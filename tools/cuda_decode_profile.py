@@ -1,7 +1,7 @@
 """Where a CUDA decode call's time goes: Python wrapper, MLX launch, GPU (GPU machine).
 
     python tools/cuda_decode_profile.py OUT_DIR [--sweep] [--no-lm]  # host timings + cProfile (+ launch-plan sweep)
-    python tools/cuda_decode_profile.py OUT_DIR --step [--bits 4,8] [--plans JSON] [--no-lm] [--fp16-ours]
+    python tools/cuda_decode_profile.py OUT_DIR --step [--bits 4,8] [--plans JSON] [--no-lm] [--fp16-ours] [--tag T]
                                                            # a 32-layer decode step, plans side by side
     ncu --metrics gpu__time_duration.sum --csv python tools/cuda_decode_profile.py OUT_DIR --kernels
                                                            # GPU time of each kernel
@@ -39,7 +39,8 @@ import mlx_flash.attention_quantized
 from mlx_flash.backends import cuda_quant as cq
 
 
-def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=False, rounds=9, nk=32768):
+def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=False, rounds=9, nk=32768,
+               tag=""):
     """A model's decode step: `layers` distinct caches (each layer its own K/V,
     so no call finds its cache in L2 from the call before: 38 MB of 4-bit
     cache per layer, 134 MB fp16), one call per layer, then one eval. Per
@@ -66,7 +67,7 @@ def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=Fa
     res = {"card": mx.device_info().get("device_name", "?"),
            "shape": f"B1 GQA 32:8 Nq 1 Nk {Nk} D128 fp16 q, group 64, {layers} layers (distinct caches) a step",
            "step": {}, "check": {}, "first_call_s": {}, "plans": {n: dict(t) for n, t in plans.items()}}
-    path = os.path.join(out_dir, "decode_step.json")
+    path = os.path.join(out_dir, f"decode_step{'_' + tag if tag else ''}.json")
 
     def dump():
         with open(path, "w") as f:
@@ -361,7 +362,8 @@ def main():
         plans = json.loads(args[args.index("--plans") + 1]) if "--plans" in args else {"default": {}}
         opt = lambda name, d: int(args[args.index(name) + 1]) if name in args else d  # noqa: E731
         step_bench(out_dir, plans, bits, layers=opt("--layers", 32), lm="--no-lm" not in args,
-                   ours_fp16="--fp16-ours" in args, nk=opt("--nk", 32768))
+                   ours_fp16="--fp16-ours" in args, nk=opt("--nk", 32768),
+                   tag=args[args.index("--tag") + 1] if "--tag" in args else "")
         return
     q, k, v, quant, s = setup()
     lm_name, lm_qsdpa = mlx_lm_path()

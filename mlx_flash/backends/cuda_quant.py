@@ -339,6 +339,28 @@ def _decode_eligible(qspec) -> bool:
     return spec.mask_kind == "none" and not spec.has_alibi and not getattr(spec, "has_block_mask", False)
 
 
+_SM_REGS = 65536  # registers of an SM (H100/H200)
+
+
+def decode_ring_regs(qspec) -> int:
+    """Registers a thread of the ring (STAGES > 0) uses at most, by ptxas for
+    sm_90a (tests/test_cuda_quant_emu.py checks every compiled instance
+    against this): 4-bit head dims <= 128 124 (128 with softcap, window or
+    sinks), 8-bit 136, head dims over 128 up to 168."""
+    spec = qspec.attention
+    return ring_regs_bound(qspec.bits, max(spec.head_dim_qk, spec.head_dim_v),
+                           spec.softcap > 0 or spec.has_window or spec.has_sinks)
+
+
+def ring_regs_bound(bits: int, head_dim: int, features: bool) -> int:
+    """decode_ring_regs from the template's terms (the larger head dim; softcap, window or sinks)."""
+    if head_dim > 128:
+        return 168
+    if bits == 8:
+        return 144
+    return 136 if features else 128
+
+
 def decode_warps() -> int:
     return TUNING.get("dec_warps", _DEC_WARPS)
 
@@ -365,9 +387,13 @@ def decode_plan(qspec, scale_bytes: int = 2):
     # 89 us, 99 109 us a call: every split past one block an SM costs more
     # than the warps it adds save). The ring: 4 blocks of 4 warps fit an SM
     # (114-128 registers; head dims over 128: 155-168, three).
-    wide = max(spec.head_dim_qk, spec.head_dim_v) > 128
-    per_sm = TUNING.get("dec_blocks_per_sm", 1 if stages == 0 else _DEC_BLOCKS_PER_SM - 1 if wide
-                        else _DEC_BLOCKS_PER_SM)
+    # The ring's blocks an SM are also bounded by its registers
+    # (decode_ring_regs, checked against ptxas by the compile test).
+    ring_fit = _SM_REGS // (32 * nw * decode_ring_regs(qspec))
+    if stages > 0 and ring_fit < 1:
+        raise ValueError(f"cuda_quant TUNING['dec_warps'] = {nw}: a ring block of {32 * nw} threads at up to "
+                         f"{decode_ring_regs(qspec)} registers each does not fit an SM's {_SM_REGS} registers")
+    per_sm = TUNING.get("dec_blocks_per_sm", 1 if stages == 0 else min(_DEC_BLOCKS_PER_SM, ring_fit))
     dv, ngv = spec.head_dim_v, spec.head_dim_v // qspec.group_size
     ng = spec.head_dim_qk // qspec.group_size
     # The flag (4 words), each warp's scale stage (QdTile::STAGE floats), Q's
