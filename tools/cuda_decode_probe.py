@@ -82,7 +82,7 @@ def _layers(n_layers, bits, hkv=8, nk=32768, d=128, gs=64):
     return caches
 
 
-def probe(out_dir, bits=4, n_layers=32, configs=None, rounds=7):
+def probe(out_dir, bits=4, n_layers=32, configs=None, rounds=5):
     os.makedirs(out_dir, exist_ok=True)
     hkv, nk, d, gs = 8, 32768, 128, 64
     wr = d * bits // 32
