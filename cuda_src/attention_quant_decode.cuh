@@ -407,6 +407,30 @@ struct QdTile {
   }
 };
 
+// A ring slot filled element by element through the strides (views the
+// dense cursor cannot take, the partial last tile of a split; keys at or
+// past `end` read key end - 1, dropped by rule), synchronously. Never
+// inlined: kept out of the tile loop, whose registers it would otherwise
+// raise from ~124 to ~165 (fewer blocks an SM for every call).
+template <typename KST, typename VST, int D, int DV, int BITS, int GS, class SA>
+__device__ __attribute__((noinline)) void qd_fill_slow(unsigned char* slot, const QuantHead<KST, SA>& kh,
+                                                       const QuantHead<VST, SA>& vh, int jt, int end, int lane) {
+  using Ring = QdRing<KST, VST, D, DV, BITS, GS>;
+  using S = QdShape<D, DV, BITS, GS>;
+  qd_fill_segment<unsigned, Ring::KWR, true>(slot, kh.words(jt), false, jt, end, lane,
+                                             [&](long j, int i2) { return kh.words(j)[i2 * kh.ws[3]]; });
+  qd_fill_segment<unsigned, Ring::VWR, true>(slot + Ring::V_OFF, vh.words(jt), false, jt, end, lane,
+                                             [&](long j, int i2) { return vh.words(j)[i2 * vh.ws[3]]; });
+  qd_fill_segment<KST, S::NG, false>(slot + Ring::KS_OFF, kh.s, false, jt, end, lane,
+                                     [&](long j, int i2) { return kh.s[j * kh.ss[2] + i2 * kh.ss[3]]; });
+  qd_fill_segment<KST, S::NG, false>(slot + Ring::KB_OFF, kh.b, false, jt, end, lane,
+                                     [&](long j, int i2) { return kh.b[j * kh.bs[2] + i2 * kh.bs[3]]; });
+  qd_fill_segment<VST, S::NGV, false>(slot + Ring::VS_OFF, vh.s, false, jt, end, lane,
+                                      [&](long j, int i2) { return vh.s[j * vh.ss[2] + i2 * vh.ss[3]]; });
+  qd_fill_segment<VST, S::NGV, false>(slot + Ring::VB_OFF, vh.b, false, jt, end, lane,
+                                      [&](long j, int i2) { return vh.b[j * vh.bs[2] + i2 * vh.bs[3]]; });
+}
+
 // Partial results of one (batch, KV head, split): 8 rows of o [8][DV], then m [8], l [8].
 template <int DV>
 __host__ __device__ constexpr int qd_part_floats() {
@@ -489,10 +513,65 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   const bool kw_rows = kh.ws[3] == 1 && kh.ws[2] == Ring::KWR, vw_rows = vh.ws[3] == 1 && vh.ws[2] == Ring::VWR;
   const bool ks_rows = kh.ss[3] == 1 && kh.ss[2] == S::NG, kb_rows = kh.bs[3] == 1 && kh.bs[2] == S::NG;
   const bool vs_rows = vh.ss[3] == 1 && vh.ss[2] == S::NGV, vb_rows = vh.bs[3] == 1 && vh.bs[2] == S::NGV;
+  // The dense cursor: when all six arrays are row-contiguous with 16-byte
+  // aligned heads (every cache mx.quantize or QuantizedKVCache makes), tile
+  // jt's segments start jt * (constant row bytes) past each head's base
+  // (jt is a multiple of 16: whole 16-byte chunks), so a full tile is
+  // requested by cp.async alone: no strided 64-bit address arithmetic and
+  // no per-segment checks each tile. Head dims <= 128 (CURSOR); the rest of
+  // those tiles (views, a split's partial last tile) go through qd_fill_slow,
+  // out of line. Wider heads keep main's per-segment copies.
+  const unsigned char* kw0 = reinterpret_cast<const unsigned char*>(kh.words(0));
+  const unsigned char* vw0 = reinterpret_cast<const unsigned char*>(vh.words(0));
+  const unsigned char* ks0 = reinterpret_cast<const unsigned char*>(kh.s);
+  const unsigned char* kb0 = reinterpret_cast<const unsigned char*>(kh.b);
+  const unsigned char* vs0 = reinterpret_cast<const unsigned char*>(vh.s);
+  const unsigned char* vb0 = reinterpret_cast<const unsigned char*>(vh.b);
+  constexpr bool CURSOR = D <= 128 && DV <= 128;
+  const bool ring_fast = STAGES > 0 && !(ring_debug & 1) && kw_rows && vw_rows && ks_rows && kb_rows && vs_rows &&
+                         vb_rows && ((reinterpret_cast<unsigned long long>(kw0) | reinterpret_cast<unsigned long long>(vw0) |
+                                      reinterpret_cast<unsigned long long>(ks0) | reinterpret_cast<unsigned long long>(kb0) |
+                                      reinterpret_cast<unsigned long long>(vs0) | reinterpret_cast<unsigned long long>(vb0)) &
+                                     15) == 0;
   // Tile i of this warp (keys start + 16 (warp + NW i) ...) into its slot; one commit group each, empty past the end.
   auto issue = [&](int i) {
     const int jt = start + 16 * (warp + NW * i);
-    if (jt < end) {
+    if (CURSOR && ring_fast && jt + 16 <= end) {
+      unsigned char* slot = ring + (i % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
+      constexpr int KC = 16 * Ring::KWR / 4, VC = 16 * Ring::VWR / 4;  // 16-byte chunks of the K / V rows
+      constexpr int KCPR = Ring::KWR / 4, VCPR = Ring::VWR / 4;
+      const unsigned char* kr = reinterpret_cast<const unsigned char*>(kh.w) + (long)jt * (4 * Ring::KWR);
+      const unsigned char* vr = reinterpret_cast<const unsigned char*>(vh.w) + (long)jt * (4 * Ring::VWR);
+#pragma unroll
+      for (int c = lane; c < KC; c += 32) {
+        const int to = (c / KCPR) * KCPR + ((c % KCPR) ^ qd_swizzle<KCPR>(c / KCPR));
+        QD_CHECK(nullptr, slot + 16 * to, 16, "cpasync-k");
+        cp_async16(slot + 16 * to, kr + 16 * c, true);
+      }
+#pragma unroll
+      for (int c = lane; c < VC; c += 32) {
+        const int to = (c / VCPR) * VCPR + ((c % VCPR) ^ qd_swizzle<VCPR>(c / VCPR));
+        QD_CHECK(nullptr, slot + Ring::V_OFF + 16 * to, 16, "cpasync-v");
+        cp_async16(slot + Ring::V_OFF + 16 * to, vr + 16 * c, true);
+      }
+      // The four scale/bias planes lie back to back in the slot: chunk c of them.
+      constexpr int CK = Ring::KSB / 16, CV = Ring::VSB / 16;
+#pragma unroll
+      for (int c = lane; c < 2 * (CK + CV); c += 32) {
+        const unsigned char* src = c < CK ? reinterpret_cast<const unsigned char*>(kh.s) + (long)jt * Ring::KSB / 16 + 16 * c
+                                 : c < 2 * CK ? reinterpret_cast<const unsigned char*>(kh.b) + (long)jt * Ring::KSB / 16 + 16 * (c - CK)
+                                 : c < 2 * CK + CV ? reinterpret_cast<const unsigned char*>(vh.s) + (long)jt * Ring::VSB / 16 + 16 * (c - 2 * CK)
+                                 : reinterpret_cast<const unsigned char*>(vh.b) + (long)jt * Ring::VSB / 16 + 16 * (c - 2 * CK - CV);
+        QD_CHECK(nullptr, slot + Ring::KS_OFF + 16 * c, 16, "cpasync-s");
+        cp_async16(slot + Ring::KS_OFF + 16 * c, src, true);
+      }
+    } else if (CURSOR && jt < end) {
+      qd_fill_slow<KST, VST, D, DV, BITS, GS>(ring + (i % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, kh, vh, jt, end,
+                                             lane);
+    } else if (jt < end) {
+      // Head dims over 128: main's copies, segment by segment (cp.async where
+      // the segment's rows allow; the cursor's unrolled chunks would raise
+      // the registers from ~160 to 185-220).
       unsigned char* slot = ring + (i % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
       qd_fill_segment<unsigned, Ring::KWR, true>(slot, kh.words(jt), kw_rows && !(ring_debug & 1), jt, end, lane,
                                            [&](long j, int i2) { return kh.words(j)[i2 * kh.ws[3]]; });

@@ -813,6 +813,29 @@ def _dtypes(names, template):
     return [(n, table.get(n, mx.float32)) for n in names]
 
 
+def _ptxas_usage_with_calls(log):
+    """{kernel: (registers, spill store bytes, spill load bytes)} where kernels
+    call non-inlined functions (the decode ring's slow fill): ptxas reports
+    each callee's properties on their own lines; a spill anywhere counts
+    (against the last kernel named)."""
+    import re
+
+    usage, name = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            name = m.group(1)
+            usage[name] = [None, 0, 0]
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and name:
+            usage[name][1] += int(m.group(1))
+            usage[name][2] += int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            usage[name][0] = int(m.group(1))
+    return usage
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("body", ["attention_quant_fwd", "attention_quant_bwd", "attention_quant_fwd_mma",
                                   "attention_quant_decode"])
@@ -836,7 +859,7 @@ def test_nvcc_compiles_without_spills(body, tmp_path):
             tcs._CUDA_TYPES.update(saved)
     log = tcs._nvcc_compile(tmp_path, body, tcs._prelude(tcs.cuda_backend.kernel_headers(body)) + "\n" + "\n".join(kernels),
                             flags=("-Xptxas", "-v"))
-    usage = tcs.ptxas_usage(log)
+    usage = tcs.ptxas_usage(log) if body != "attention_quant_decode" else _ptxas_usage_with_calls(log)
     assert len(usage) == len(kernels), log[-2000:]
     for name, (regs, spill_st, spill_ld) in usage.items():
         assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"

@@ -345,8 +345,8 @@ _SM_REGS = 65536  # registers of an SM (H100/H200)
 def decode_ring_regs(qspec) -> int:
     """Registers a thread of the ring (STAGES > 0) uses at most, by ptxas for
     sm_90a (tests/test_cuda_quant_emu.py checks every compiled instance
-    against this): 4-bit head dims <= 128 124 (128 with softcap, window or
-    sinks), 8-bit 136, head dims over 128 up to 168."""
+    against this): 4-bit head dims <= 128 118-121, 8-bit 136-147, head dims
+    over 128 up to 160."""
     spec = qspec.attention
     return ring_regs_bound(qspec.bits, max(spec.head_dim_qk, spec.head_dim_v),
                            spec.softcap > 0 or spec.has_window or spec.has_sinks)
@@ -357,8 +357,8 @@ def ring_regs_bound(bits: int, head_dim: int, features: bool) -> int:
     if head_dim > 128:
         return 168
     if bits == 8:
-        return 144
-    return 136 if features else 128
+        return 152
+    return 128
 
 
 def decode_warps() -> int:
