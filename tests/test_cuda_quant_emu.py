@@ -618,10 +618,18 @@ def test_decode_plan():
         cq.decode_plan.cache_clear()
         return cq.decode_plan(validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0])
 
-    # The register path: one block an SM; the ring: one wave of 4 an SM; whole tiles per warp.
+    # The routed ring at 4 bits (D <= 128): 8 warps, two blocks an SM; whole tiles per warp.
     nw, splits, smem, stages = plan(1, 8, 32768)
-    assert stages == cq._DEC_STAGES == 0 and splits == cq._SMS // 8
+    assert (nw, stages) == (cq._DEC_RING_WARPS, cq._DEC_RING_STAGES) and splits == cq._SMS * 2 // 8
+    assert 2 * (smem + 1024) <= cq._SM_SMEM
     assert 32768 / splits >= 16 * nw * cq._DEC_MIN_TILES
+    # The register path: one block of 4 warps an SM (TUNING, or 8-bit below).
+    cq.TUNING["dec_stages"] = 0
+    try:
+        nw, splits, smem, stages = plan(1, 8, 32768)
+    finally:
+        cq.TUNING.pop("dec_stages")
+    assert (nw, stages) == (cq._DEC_WARPS, 0) and splits == cq._SMS // 8
     assert plan(1, 1, 20)[1] == 1
     assert plan(64, 8, 4096)[1] == 1
     cq.TUNING["dec_stages"] = cq._DEC_RING_STAGES
@@ -638,6 +646,8 @@ def test_decode_plan():
     q8 = validate_attention_quantized(q, kq, vq, bits=8, group_size=64)[0]
     gen, q, kq, vq, _, _ = _case(("decode-plan-regs4",), 1, 32, 8, 1, 32768, 128, dtype=F16, bits=4)
     q4 = validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0]
+    cq.decode_plan.cache_clear()
+    assert cq.decode_plan(q8)[3] == 0 and cq.decode_plan(q8)[0] == cq._DEC_WARPS  # 8-bit: the register path
     for qs, tuning, want in ((q4, {"dec_warps": 8}, cq._SMS * 2 // 8), (q8, {}, cq._SMS * 3 // 8),
                              (q4, {"dec_warps": 16}, cq._SMS // 8)):
         cq.TUNING.update(dec_stages=4, **tuning)
@@ -713,19 +723,22 @@ def test_decode_ring_gpu(shape):
 
 
 @on_gpu
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("feature", list(DECODE_FEATURES))
-def test_decode_features_gpu(feature):
+def test_decode_features_gpu(feature, bits):
+    """The routed plans (4-bit: the ring, 8-bit: the register path) with each feature."""
     B, Hq, Hkv, Nq, Nk, D = 1, 8, 2, 2, 3000, 128
-    gen, q, kq, vq, kd, vd = _case(("decode-feature-gpu", feature), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=8,
+    gen, q, kq, vq, kd, vd = _case(("decode-feature-gpu", feature), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=bits,
                                    group_size=64)
     opts = DECODE_FEATURES[feature](gen, Hq)
-    got = _gpu(q, kq, vq, 8, 64, **opts)
+    got = _gpu(q, kq, vq, bits, 64, **opts)
     _check_decode(q, kd, vd, got, F16, opts)
 
 
 # Launch plans of the decode measured side by side (tools/cuda_decode_profile.py --step):
 # the register path (the old default) and rings of 4-8 stages at 8-16 warps an SM.
 LONG_PLANS = {
+    "default": {},
     "regs": {"dec_stages": 0},
     "ring_path": {"dec_stages": 4},
     "ring_w8x2": {"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2},
@@ -795,7 +808,9 @@ def _decode_compile_cases():
                     # (prefetch, stages, pool, warps)
                     paths = [(False, cq._DEC_RING_STAGES, True, cq._DEC_WARPS), (False, 0, True, cq._DEC_WARPS)] + [
                         (pf, 0, False, cq._DEC_WARPS) for pf in ((False, True) if bits == 4 and d == 128 else (False,))]
-                    if d == 128 and gs == 64 and ST == T:  # the wider plans the GPU sweeps measure
+                    # The routed ring (8 warps) and the wider plans the GPU sweeps measure.
+                    paths += [(False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS)]
+                    if d == 128 and gs == 64 and ST == T:
                         paths += [(False, 8, True, 8), (False, 4, True, 16)]
                     for pf, stages, pool, nw in paths:
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [

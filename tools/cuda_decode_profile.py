@@ -1,6 +1,7 @@
 """Where a CUDA decode call's time goes: Python wrapper, MLX launch, GPU (GPU machine).
 
     python tools/cuda_decode_profile.py OUT_DIR [--sweep] [--no-lm]  # host timings + cProfile (+ launch-plan sweep)
+    ncu ... python tools/cuda_decode_profile.py OUT_DIR --kernels-step [--plans JSON]  # each plan's kernel, 4/8-bit
     python tools/cuda_decode_profile.py OUT_DIR --step [--bits 4,8] [--plans JSON] [--no-lm] [--fp16-ours] [--tag T]
                                                            # a 32-layer decode step, plans side by side
     ncu --metrics gpu__time_duration.sum --csv python tools/cuda_decode_profile.py OUT_DIR --kernels
@@ -356,6 +357,25 @@ def simt(fn):
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
     os.makedirs(out_dir, exist_ok=True)
+    if "--kernels-step" in sys.argv:  # for a profiler: each plan's kernel (and mx.fast's) a few times, one layer
+        args = sys.argv
+        plans = json.loads(args[args.index("--plans") + 1]) if "--plans" in args else {"default": {}}
+        q, k, v, quant, s = setup()
+        for _ in range(2):
+            mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=s))
+        for name, tuning in plans.items():
+            for bits in (4, 8):
+                cq.TUNING.clear()
+                cq.TUNING.update(tuning)
+                cq.decode_plan.cache_clear()
+                for _ in range(2):
+                    mx.eval(mlx_flash.flash_attention_quantized(q, *quant[bits], bits=bits, group_size=64, scale=s))
+                mx.synchronize()
+                print("kernels-step", name, bits, "plan", cq.decode_plan(
+                    mlx_flash.attention_quantized.validate_attention_quantized(q, *quant[bits], bits=bits,
+                                                                               group_size=64)[0]), flush=True)
+        cq.TUNING.clear()
+        return
     if "--step" in sys.argv:
         args = sys.argv
         bits = tuple(int(b) for b in args[args.index("--bits") + 1].split(",")) if "--bits" in args else (4,)

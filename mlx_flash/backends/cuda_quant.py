@@ -292,12 +292,14 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # ---- tensor-core decode (attention_quant_decode.cuh) ---------------------------------
 # Warps per block (interleaved 16-key tiles of one KV head's split, merged in
 # shared memory). Two ways to feed them: main's register path (each tile's
-# words loaded into registers, the default) and the ring (_DEC_RING_STAGES
-# shared-memory slots per warp filled by cp.async, tiles in flight while one
-# is computed; 114 registers at 4-bit D 128, 4 blocks an SM). Splits: one
-# block an SM for the register path (H200: more blocks cost more than they
-# save), one wave of _DEC_BLOCKS_PER_SM for the ring; every split at least
-# _DEC_MIN_TILES tiles per warp. Tickets from cuda.py's pool (no zero fill).
+# words loaded into registers; one tile in flight a warp) and the ring
+# (_DEC_RING_STAGES shared-memory slots per warp filled by cp.async, tiles in
+# flight while one is computed; 118-121 registers at 4-bit D 128). Which one
+# a call takes: decode_default_stages. Splits: one block an SM for the
+# register path (H200: more blocks cost more than they save), one wave of as
+# many blocks as the ring's registers and shared memory allow (at most
+# _DEC_BLOCKS_PER_SM); every split at least _DEC_MIN_TILES tiles per warp.
+# Tickets from cuda.py's pool (no zero fill).
 # TUNING "dec_warps" / "dec_splits" / "dec_stages" (0: the register path,
 # "dec_prefetch" its one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" /
 # "dec_ring_debug" / "decode" override for GPU sweeps (call
@@ -306,11 +308,17 @@ _DEC_WARPS = 4
 _DEC_BLOCKS_PER_SM = 4
 _DEC_MIN_TILES = 4
 _DEC_MAX_SPLITS = 256
-# Ring stages of the default (0: the register path). The ring runs clean on
-# the H200 (memcheck, its GPU tests) but does not beat the register path at
-# the routed splits (16: 54.8 vs 52.6 us a call; docs/quantized_kv.md);
-# TUNING "dec_stages" selects it.
-_DEC_STAGES = 0
+# The routed plan. The ring (4 stages, _DEC_RING_WARPS warps a block) where
+# two such blocks fit an SM's registers (4-bit codes, head dims <= 128: 16
+# warps an SM, 3 tiles in flight each); the register path (_DEC_WARPS, one
+# block an SM) elsewhere. H200, 32-layer step at Nk 32768, GQA 32:8, 4-bit
+# (round A of session 7, benchmarks/results/cuda_quant_decode_nvidia_h200_s7.json):
+# ring 8 warps x 2 blocks 46.6 us a call (eval), the register path 50.3,
+# ring 4 x 4 81.2, 16 x 1 52.2; 8-bit: ring 8 x 1 47.6, register path 46.2.
+# _DEC_ROUTE_RING = False (or TUNING "dec_stages": 0) keeps the register path everywhere.
+_DEC_ROUTE_RING = True
+_DEC_RING_WARPS = 8
+_DEC_STAGES = 0  # stages where the ring is not routed (0: the register path)
 _DEC_RING_STAGES = 4
 _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next tile during the current one
 _SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
@@ -361,8 +369,13 @@ def ring_regs_bound(bits: int, head_dim: int, features: bool) -> int:
     return 128
 
 
-def decode_warps() -> int:
-    return TUNING.get("dec_warps", _DEC_WARPS)
+def decode_default_stages(qspec) -> int:
+    """Ring stages of the routed plan: _DEC_RING_STAGES where two blocks of
+    _DEC_RING_WARPS warps fit an SM's registers, _DEC_STAGES (the register
+    path) elsewhere."""
+    if _DEC_ROUTE_RING and _SM_REGS // (32 * _DEC_RING_WARPS * decode_ring_regs(qspec)) >= 2:
+        return _DEC_RING_STAGES
+    return _DEC_STAGES
 
 
 def decode_ring_slot(qspec, scale_bytes: int) -> int:
@@ -378,10 +391,11 @@ def decode_plan(qspec, scale_bytes: int = 2):
     """(warps per block, splits per (batch, KV head), shared memory bytes, ring
     stages) for scales of `scale_bytes` bytes (2: fp16/bf16, 4: fp32)."""
     spec = qspec.attention
-    nw = decode_warps()
+    stages = TUNING.get("dec_stages", decode_default_stages(qspec))
+    # The routed ring's warps; TUNING's rings (a "dec_stages" entry) keep _DEC_WARPS unless "dec_warps" is given.
+    nw = TUNING.get("dec_warps", _DEC_RING_WARPS if stages > 0 and "dec_stages" not in TUNING else _DEC_WARPS)
     pairs = spec.batch * spec.heads_kv
     keys = _cuda._effective_keys(spec)
-    stages = TUNING.get("dec_stages", _DEC_STAGES)
     # Blocks per SM the splits aim for. The register path: one (H200, 4-bit,
     # Nk 32768, GQA 32:8: 16 splits 52 us, 33 splits 53 us, 49 68-84 us, 66
     # 89 us, 99 109 us a call: every split past one block an SM costs more
