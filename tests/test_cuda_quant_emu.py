@@ -618,18 +618,21 @@ def test_decode_plan():
         cq.decode_plan.cache_clear()
         return cq.decode_plan(validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0])
 
-    # The routed ring at 4 bits (D <= 128): 8 warps, two blocks an SM; whole tiles per warp.
+    # The routed register path: one block of 4 warps an SM; whole tiles per warp.
     nw, splits, smem, stages = plan(1, 8, 32768)
-    assert (nw, stages) == (cq._DEC_RING_WARPS, cq._DEC_RING_STAGES) and splits == cq._SMS * 2 // 8
-    assert 2 * (smem + 1024) <= cq._SM_SMEM
+    assert (nw, stages) == (cq._DEC_WARPS, 0) and splits == cq._SMS // 8
     assert 32768 / splits >= 16 * nw * cq._DEC_MIN_TILES
-    # The register path: one block of 4 warps an SM (TUNING, or 8-bit below).
-    cq.TUNING["dec_stages"] = 0
+    # With _DEC_ROUTE_RING, the ring at 4 bits (D <= 128): 8 warps, two blocks an SM.
+    saved = cq._DEC_ROUTE_RING
+    cq._DEC_ROUTE_RING = True
     try:
         nw, splits, smem, stages = plan(1, 8, 32768)
     finally:
-        cq.TUNING.pop("dec_stages")
-    assert (nw, stages) == (cq._DEC_WARPS, 0) and splits == cq._SMS // 8
+        cq._DEC_ROUTE_RING = saved
+        cq.decode_plan.cache_clear()
+    assert (nw, stages) == (cq._DEC_RING_WARPS, cq._DEC_RING_STAGES) and splits == cq._SMS * 2 // 8
+    assert 2 * (smem + 1024) <= cq._SM_SMEM
+    assert 32768 / splits >= 16 * nw * cq._DEC_MIN_TILES
     assert plan(1, 1, 20)[1] == 1
     assert plan(64, 8, 4096)[1] == 1
     cq.TUNING["dec_stages"] = cq._DEC_RING_STAGES
@@ -647,7 +650,12 @@ def test_decode_plan():
     gen, q, kq, vq, _, _ = _case(("decode-plan-regs4",), 1, 32, 8, 1, 32768, 128, dtype=F16, bits=4)
     q4 = validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0]
     cq.decode_plan.cache_clear()
-    assert cq.decode_plan(q8)[3] == 0 and cq.decode_plan(q8)[0] == cq._DEC_WARPS  # 8-bit: the register path
+    cq._DEC_ROUTE_RING = True
+    try:  # 8-bit keeps the register path even where the ring is routed
+        assert cq.decode_plan(q8)[3] == 0 and cq.decode_plan(q8)[0] == cq._DEC_WARPS
+    finally:
+        cq._DEC_ROUTE_RING = saved
+        cq.decode_plan.cache_clear()
     for qs, tuning, want in ((q4, {"dec_warps": 8}, cq._SMS * 2 // 8), (q8, {}, cq._SMS * 3 // 8),
                              (q4, {"dec_warps": 16}, cq._SMS // 8)):
         cq.TUNING.update(dec_stages=4, **tuning)
@@ -726,13 +734,16 @@ def test_decode_ring_gpu(shape):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("feature", list(DECODE_FEATURES))
 def test_decode_features_gpu(feature, bits):
-    """The routed plans (4-bit: the ring, 8-bit: the register path) with each feature."""
+    """The routed plan with each feature, 4- and 8-bit, and the ring (4-bit) as _DEC_ROUTE_RING routes it."""
     B, Hq, Hkv, Nq, Nk, D = 1, 8, 2, 2, 3000, 128
     gen, q, kq, vq, kd, vd = _case(("decode-feature-gpu", feature), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=bits,
                                    group_size=64)
     opts = DECODE_FEATURES[feature](gen, Hq)
     got = _gpu(q, kq, vq, bits, 64, **opts)
     _check_decode(q, kd, vd, got, F16, opts)
+    if bits == 4:
+        got = _gpu(q, kq, vq, bits, 64, tuning={"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2}, **opts)
+        _check_decode(q, kd, vd, got, F16, opts)
 
 
 # Launch plans of the decode measured side by side (tools/cuda_decode_profile.py --step):

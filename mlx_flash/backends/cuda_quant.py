@@ -308,15 +308,17 @@ _DEC_WARPS = 4
 _DEC_BLOCKS_PER_SM = 4
 _DEC_MIN_TILES = 4
 _DEC_MAX_SPLITS = 256
-# The routed plan. The ring (4 stages, _DEC_RING_WARPS warps a block) where
-# two such blocks fit an SM's registers (4-bit codes, head dims <= 128: 16
-# warps an SM, 3 tiles in flight each); the register path (_DEC_WARPS, one
-# block an SM) elsewhere. H200, 32-layer step at Nk 32768, GQA 32:8, 4-bit
-# (round A of session 7, benchmarks/results/cuda_quant_decode_nvidia_h200_s7.json):
-# ring 8 warps x 2 blocks 46.6 us a call (eval), the register path 50.3,
-# ring 4 x 4 81.2, 16 x 1 52.2; 8-bit: ring 8 x 1 47.6, register path 46.2.
-# _DEC_ROUTE_RING = False (or TUNING "dec_stages": 0) keeps the register path everywhere.
-_DEC_ROUTE_RING = True
+# The routed plan: the register path (_DEC_WARPS, one block an SM). With
+# _DEC_ROUTE_RING the ring (4 stages, _DEC_RING_WARPS warps a block) takes the
+# calls where two such blocks fit an SM's registers (4-bit codes, head dims
+# <= 128: 16 warps an SM, 3 tiles in flight each). Not routed: on the H200
+# (session 7, benchmarks/results/cuda_quant_decode_nvidia_h200_s7.json;
+# 32-layer step at Nk 32768, GQA 32:8, 4-bit, eval per call) it won round A
+# (46.6 us against 50.3) and lost round B (57.5 and 53.5 against 47.3 and
+# 47.3); under ncu it takes 55.3 us at 15 % of DRAM throughput, stalled on
+# shared-memory results (short scoreboard, 60 % of its stalls). TUNING
+# "dec_stages" > 0 (or _DEC_ROUTE_RING = True) selects it.
+_DEC_ROUTE_RING = False
 _DEC_RING_WARPS = 8
 _DEC_STAGES = 0  # stages where the ring is not routed (0: the register path)
 _DEC_RING_STAGES = 4
