@@ -83,8 +83,18 @@ GEMV_MAX_ROWS = 16
 # blocks per call (0: one block per group of 16 RT rows; > 0 a cap, < 0 a cap
 # of -value blocks per SM; capped blocks sweep the rows), cp.async stages per
 # warp STAGES (0: loads into registers), launch bounds: blocks per SM the
-# compiler must fit (0: none; 2 or 3: cuda_src/matmul_gemv_bounds<n>.cuh)).
+# compiler must fit (0: none; 2 or 3: cuda_src/matmul_gemv_bounds<n>.cuh),
+# whole-sector layout SECTOR (1: each load instruction reads whole 32-byte
+# sectors of the weight rows, gemv_wk in matmul_gemv.cuh; 0 or absent: each
+# lane's 32 bytes are one run, read as two half-sector instructions)).
 GEMV_PLAN = (8, 1, 4, 0, 0, 2)
+# MLX_FLASH_CUDA_GEMV_SECTOR=1: the default plan with the whole-sector layout.
+# Opt-in until the GPU route tests pass with it.
+_GEMV_SECTOR = os.environ.get("MLX_FLASH_CUDA_GEMV_SECTOR", "0")
+if _GEMV_SECTOR not in ("0", "1"):
+    raise ValueError(f"MLX_FLASH_CUDA_GEMV_SECTOR must be 0 or 1, got {_GEMV_SECTOR!r}")
+if _GEMV_SECTOR == "1":
+    GEMV_PLAN = GEMV_PLAN + (1,)
 # Tests set this to NaN: outputs start poisoned, so an element a kernel never
 # writes shows (None: outputs start uninitialised, as they should in use).
 POISON = None
@@ -199,7 +209,12 @@ def gemv_smem(warps: int, stages: int, row_tiles: int, a_tiles: int, b_bytes: in
 
 def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
     """M <= 16 rows of a against an [N, K] b: cuda_src/matmul_gemv.cuh."""
-    warps, row_tiles, unroll, max_blocks, stages, bounds = (tuple(plan or GEMV_PLAN) + (0,))[:6]
+    plan = tuple(plan or GEMV_PLAN)
+    if not 5 <= len(plan) <= 7:
+        raise ValueError(f"a gemv plan has 5 to 7 entries (W, RT, U, max blocks, STAGES[, bounds, sector]), got {plan}")
+    warps, row_tiles, unroll, max_blocks, stages, bounds, sector = (plan + (0, 0))[:7]
+    if sector not in (0, 1):
+        raise ValueError(f"gemv plan {plan}: sector must be 0 or 1, got {sector}")
     if bounds and warps > 8:
         raise ValueError(f"gemv plan {plan}: launch bounds are for at most 8 warps")
     M, N = spec.M, spec.N
@@ -223,7 +238,7 @@ def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
         template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype), ("FB", _FMT_CODE[spec.b_fmt]),
                   ("AS", a_scale is not None), ("BS", b_scale is not None), ("MT", a_tiles),
                   ("W", warps), ("RT", row_tiles), ("U", 1 if stages else unroll), ("STAGES", stages),
-                  ("BOUNDS", bounds)],
+                  ("BOUNDS", bounds), ("SECTOR", bool(sector))],
         grid=(blocks * 32 * warps, 1, spec.batch), threadgroup=(32 * warps, 1, 1),
         output_shapes=[(spec.batch, M, N)], output_dtypes=[spec.out_dtype], init_value=POISON, stream=stream,
     )
