@@ -152,6 +152,11 @@ def bench_gemm(rec: Recorder, sizes):
             "ours_fp16_ws": (lambda: cm.matmul(a16, b16, route="wgmma", plan=(256, 4, 0, True, True)), mlx_fp16),
             "ours_fp16_bT_ws": (lambda: cm.matmul(a16, b16t, transpose_b=True, route="wgmma",
                                                   plan=(256, 4, 0, True, True)), mlx_fp16),
+            # 128-wide tiles: twice the tiles of 256, so a smaller product's last wave is less empty.
+            "ours_fp16_ws_bn128": (lambda: cm.matmul(a16, b16, route="wgmma", plan=(128, 6, 0, True, True)),
+                                   mlx_fp16),
+            "ours_fp16_bT_ws_bn128": (lambda: cm.matmul(a16, b16t, transpose_b=True, route="wgmma",
+                                                        plan=(128, 6, 0, True, True)), mlx_fp16),
             "ours_bf16_ws": (lambda: cm.matmul(a16.astype(mx.bfloat16), b16.astype(mx.bfloat16), route="wgmma",
                                                plan=(256, 4, 0, True, True)), mlx_fp16),
             "ours_e4m3_native_ws_bn128_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
