@@ -196,8 +196,10 @@ def test_cuda_fp8linear_matches_float64(rows, dtype):
             y = layer(x)
             mx.eval(y)
         ref = _layer_reference(layer, x)
-        plain = np.array((x.astype(mx.float32) @ layer.dequantized_weight().T + layer.bias).astype(dtype)
-                         .astype(mx.float32), dtype=np.float64)
+        # The plain materialised computation in the layer's dtype: the
+        # dequantized weight in `dtype`, MLX's matmul, the bias added in `dtype`.
+        plain = (x @ layer.dequantized_weight(dtype).T) + layer.bias.astype(dtype)
+        plain = np.array(plain.astype(mx.float32), dtype=np.float64)
         err, plain_err = np.abs(np.array(y.astype(mx.float32)) - ref).max(), np.abs(plain - ref).max()
         assert y.dtype == dtype and np.all(np.isfinite(np.array(y.astype(mx.float32))))
         assert err <= 2 * plain_err + 1e-6, (err, plain_err)
