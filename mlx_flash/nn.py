@@ -40,11 +40,14 @@ def _forward(x, weight, scale, bias, fmt):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_forward(fmt: str, has_bias: bool, stream):
+def _compiled_forward(fmt: str, has_bias: bool, stream: str):
     """One compiled forward per (format, bias present, default stream): a
     trace holds the backend and stream matmul2d chose while tracing, so a
     call under another default device or stream gets its own; mx.compile
-    itself keys its traces by shape and dtype."""
+    itself keys its traces by shape and dtype. `stream` is the stream's
+    str(): mx.default_stream returns a new object per call whose hash is its
+    identity, so keying by the object missed every time (a new compiled
+    function, traced anew, on every call)."""
     if has_bias:
         return mx.compile(lambda x, weight, scale, bias: _forward(x, weight, scale, bias, fmt))
     return mx.compile(lambda x, weight, scale: _forward(x, weight, scale, None, fmt))
@@ -114,7 +117,7 @@ class FP8Linear(nn.Module):
         rows = x.size // x.shape[-1] if x.ndim and x.shape[-1] else 0
         if _COMPILE == "1" and 0 < rows <= COMPILE_MAX_ROWS:
             args = (x, self.weight, self.scale) + ((bias,) if bias is not None else ())
-            stream = mx.default_stream(mx.default_device())
+            stream = str(mx.default_stream(mx.default_device()))
             return _compiled_forward(self.fmt, bias is not None, stream)(*args)
         return _forward(x, self.weight, self.scale, bias, self.fmt)
 

@@ -205,3 +205,21 @@ def test_cuda_fp8linear_matches_float64(rows, dtype):
         assert err <= 2 * plain_err + 1e-6, (err, plain_err)
     finally:
         cuda_matmul.POISON = old
+
+
+def test_compiled_few_rows_path_traces_once(monkeypatch):
+    """Repeated decode-shaped calls replay one trace (a cache key that
+    missed, e.g. a stream object hashed by identity, retraced every call:
+    slower than not compiling at all)."""
+    import mlx_flash.nn as fnn
+
+    traces = []
+    forward = fnn._forward
+    monkeypatch.setattr(fnn, "_forward", lambda *args: traces.append(1) or forward(*args))
+    fnn._compiled_forward.cache_clear()
+    layer = FP8Linear.from_linear(nn.Linear(32, 16, bias=False))
+    x = mx.random.normal((1, 32)).astype(mx.float16)
+    for _ in range(5):
+        mx.eval(layer(x))
+    assert len(traces) == 1
+    fnn._compiled_forward.cache_clear()
