@@ -293,14 +293,22 @@ def tensor_map_template(elem_bytes: int, inner: int, outer: int, box_inner: int,
 def _tma_templates(a, b, transpose_b, bn):
     """Templates for a [M][Kp] and b ([Np][Kp] in boxes of bn rows, or [Kp][Np] read in 64 x 64 boxes), as one
     uint8 input."""
-    M, Kp = a.shape[1], a.shape[2]
-    ea, eb = a.dtype.size, b.dtype.size
+    return _tma_template_array(a.dtype.size, a.shape[1], a.shape[2], b.dtype.size, b.shape[1], b.shape[2],
+                               bool(transpose_b), bn)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tma_template_array(ea, M, Kp, eb, b1, b2, transpose_b, bn):
+    """_tma_templates' array, made once per shape: the kernels only read it
+    (each block copies it and writes its own addresses into the copy), and a
+    fresh host-written array per call costs an evaluation and a page
+    migration on first GPU touch (cuda.const_array)."""
     kstep = 128 // ea
     ta = tensor_map_template(ea, Kp, M, kstep, 128)
     if transpose_b:
-        tb = tensor_map_template(eb, Kp, b.shape[1], kstep, bn)
+        tb = tensor_map_template(eb, Kp, b1, kstep, bn)
     else:
-        tb = tensor_map_template(eb, b.shape[2], Kp, 64, 64)
+        tb = tensor_map_template(eb, b2, Kp, 64, 64)
     return _cuda.const_array(tuple(ta + tb), mx.uint8)
 
 
@@ -365,7 +373,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
                             wgmma_smem(bn, stages, convert_a, convert_b))
     placeholder = _params((0,), mx.float32)
     tiles = math.ceil(M / 128) * math.ceil(Np / bn)
-    tmpl = _tma_templates(a, b, transpose_b, bn) if tma else _cuda._placeholder(mx.uint8)
+    tmpl = _tma_templates(a, b, transpose_b, bn) if tma else _params((0,), mx.uint8)
     (out, _) = kernel(
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
                 b_scale if b_scale is not None else placeholder, ip, tmpl],
@@ -514,14 +522,11 @@ def _mma(a, b, a_scale, b_scale, spec, stream):
     b = _pad_axis(b, 2 if spec.transpose_b else 1, 16, stream)
     b = _pad_axis(b, 1 if spec.transpose_b else 2, 16, stream)
     Kp, Np = a.shape[2], (b.shape[1] if spec.transpose_b else b.shape[2])
-    ip = _cuda.const_array((M, Np, Kp, int(spec.b_batched),
-                            int(a_scale is not None and a_scale.shape[0] > 1),
-                            int(a_scale is not None and a_scale.shape[1] > 1),
-                            int(b_scale is not None and b_scale.shape[-1] > 1)), mx.int32)
+    ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale))
     if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
         b_scale = _pad_axis(b_scale, 2, 16, stream)
     kernel = _cuda._kernel("matmul", _INPUTS, ("out",), _SMEM)
-    placeholder = _cuda._placeholder(mx.float32)
+    placeholder = _params((0,), mx.float32)
     (out,) = kernel(
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
                 b_scale if b_scale is not None else placeholder, ip],
