@@ -278,10 +278,11 @@ def copy_bandwidth(rec: Recorder, nbytes: int = 2 * GIB):
 DECODE_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (16384, 16384))
 DECODE_ROWS = (1, 4, 16)
 # Few-rows kernel plans timed side by side (cuda_matmul.GEMV_PLAN's fields);
-# None = the default plan. The second: the default plan with the
-# whole-sector weight layout (seventh entry 1); the third also with batches
-# of 8 chunks' loads (fp8 weights only: 16-bit ones spill at 16 rows).
-GEMV_PLANS = (None, (8, 1, 4, 0, 0, 2, 1), (8, 1, 8, 0, 0, 2, 1))
+# None = the default plan (the whole-sector layout). The second: the
+# half-sector layout (the default before session 7); the third whole-sector
+# with batches of 8 chunks' loads (fp8 weights only: 16-bit ones spill at 16
+# rows).
+GEMV_PLANS = (None, (8, 1, 4, 0, 0, 2), (8, 1, 8, 0, 0, 2, 1))
 
 
 def _plan_name(plan) -> str:
