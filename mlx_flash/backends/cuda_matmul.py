@@ -65,9 +65,10 @@ WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (1
 WS_PLANS = {"f16": (256, 4, 0, True, True), "cvt": (256, 4, 0, True, True), "native": (128, 6, 2, True, True)}
 # MLX_FLASH_CUDA_MATMUL_CLUSTER=2: the default warp-specialised plans on
 # clusters of two blocks sharing b (TMA multicast); "native" takes
-# WS_NATIVE_CLUSTER_PLAN then. H200, 8192^3: fp16 553 vs 514 TFLOP/s with a
-# [K, N] b, 532 vs 531 with [N, K]; native e4m3 791 vs 786. Opt-in: with it
-# the default-route tests had 6 unexplained failures in 138 (docs/matmul.md).
+# WS_NATIVE_CLUSTER_PLAN then. H200, 8192^3 (session 7): fp16 742 vs 719
+# TFLOP/s with a [K, N] b, 724 vs 703 with [N, K]. Opt-in: with it and MLX's
+# CUDA graphs on, the default-route tests fail (5 of 138 in session 7, whole
+# outputs wrong); with MLX_USE_CUDA_GRAPHS=0 all 138 pass (docs/matmul.md).
 _WS_CLUSTER = os.environ.get("MLX_FLASH_CUDA_MATMUL_CLUSTER", "1")
 if _WS_CLUSTER not in ("1", "2"):
     raise ValueError(f"MLX_FLASH_CUDA_MATMUL_CLUSTER must be 1 or 2, got {_WS_CLUSTER!r}")
