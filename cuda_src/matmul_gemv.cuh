@@ -13,6 +13,8 @@
 // on both operands alike. A lane's share of a chunk (4P wide) is then two
 // 16-byte loads per weight row and 2P/16 per row of a: no shuffles, no
 // shared staging, whole 128-byte lines of each weight row per warp load.
+// (SECTOR = 1 places the piece's two words 64 bytes apart instead, so that
+// each load instruction reads whole 32-byte sectors: gemv_wk below.)
 //
 // Tuning (template arguments, measured on the H200 by bench.cuda_matmul):
 //   W   warps per block; they take interleaved chunks of K and their partial
@@ -68,11 +70,24 @@ __device__ __forceinline__ uint4 gemv_load_word(const void* p, bool ok) {
 #endif
 }
 
-// WORDS 16-byte words of a row from element `off`, zeros where !ok (no load issued there).
-template <int WORDS, bool STREAM, typename T>
-__device__ __forceinline__ void gemv_load(uint4 (&v)[WORDS], const T* row, long off, const bool (&ok)[WORDS]) {
-#pragma unroll
-  for (int i = 0; i < WORDS; ++i) v[i] = gemv_load_word<STREAM>(reinterpret_cast<const uint4*>(row + off) + i, ok[i]);
+// Where lane t's words lie in a chunk (element offsets from the chunk's
+// start; E values per 16-byte word of the weight). SECTOR = 0: the lane's
+// piece is one run of 32 bytes, word i at 2Et + Ei, so one load instruction
+// (word i of all lanes) reads half of every 32-byte sector of the rows and the
+// second instruction the other half: two L2 requests per sector (the first
+// cannot leave the sector in L1: the weight streams with L1::no_allocate).
+// SECTOR = 1: word i at Et + 4Ei, so the four lanes of a row read 64
+// contiguous bytes per instruction, two whole sectors, each requested once.
+// The piece's k order is ours (both operands are the kernel's own
+// registers): a's words follow the weight's, word j under weight word
+// j / (E / 8), so gemv_chunk_math is the same for both layouts.
+template <int E, bool SECTOR>
+__device__ __forceinline__ int gemv_wk(int t, int i) {
+  return SECTOR ? E * t + 4 * E * i : 2 * E * t + E * i;
+}
+template <int E, bool SECTOR>
+__device__ __forceinline__ int gemv_xk(int t, int j) {
+  return gemv_wk<E, SECTOR>(t, j / (E / 8)) + 8 * (j % (E / 8));
 }
 
 // a: [batch, M, K] (C); b: [batch or 1, N, K]; out [batch, M, N].
@@ -116,12 +131,14 @@ __device__ __forceinline__ void gemv_chunk_math(float (&acc)[RT][MT][4], const u
   }
 }
 
-template <typename C, typename TB, typename TO, int FB, bool AS, bool BS, int MT, int W, int RT, int U, int STAGES>
+template <typename C, typename TB, typename TO, int FB, bool AS, bool BS, int MT, int W, int RT, int U, int STAGES,
+          bool SECTOR = false>
 __device__ void matmul_gemv(const C* a, const TB* b, const float* a_scale, const float* b_scale, const int* ip,
                             TO* out) {
   constexpr int P = 32 / sizeof(TB);      // k values per lane per chunk (a 32-byte piece of a weight row)
   constexpr int CHUNK = 4 * P;            // k values per chunk
   constexpr int XW = P * 2 / 16;          // 16-byte words of a's piece
+  constexpr int E = 16 / sizeof(TB);      // weight values per 16-byte word
   constexpr int ROWS = 16 * RT;           // weight rows (output columns) per row group
   constexpr int SLOTS = RT * MT * 4;      // accumulator slots per lane
   const int M = ip[0], N = ip[1], K = ip[2];
@@ -171,14 +188,14 @@ __device__ void matmul_gemv(const C* a, const TB* b, const float* a_scale, const
       const int mine = warp < chunks ? (chunks - warp + W - 1) / W : 0;
       auto issue = [&](int j) {
         uint4* st = ring + (j % STAGES) * STAGE_WORDS * 32;
-        const int k = (warp + j * W) * CHUNK + P * t;
+        const int kc = (warp + j * W) * CHUNK;
 #pragma unroll
         for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
           for (int h = 0; h < 2; ++h)
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-              const int kw = k + i * (16 / (int)sizeof(TB));
+              const int kw = kc + gemv_wk<E, SECTOR>(t, i);
               const bool ok = b_ok[rt][h] && kw < K;
               cp_async16(st + ((rt * 2 + h) * 2 + i) * 32, ok ? (const void*)(brow[rt][h] + kw) : bg, ok);
             }
@@ -186,8 +203,9 @@ __device__ void matmul_gemv(const C* a, const TB* b, const float* a_scale, const
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
           for (int i = 0; i < XW; ++i) {
-            const bool ok = a_ok[mt] && k + i * 8 < K;
-            cp_async16(st + (RT * 4 + mt * XW + i) * 32, ok ? (const void*)(arow[mt] + k + i * 8) : ag, ok);
+            const int kx = kc + gemv_xk<E, SECTOR>(t, i);
+            const bool ok = a_ok[mt] && kx < K;
+            cp_async16(st + (RT * 4 + mt * XW + i) * 32, ok ? (const void*)(arow[mt] + kx) : ag, ok);
           }
       };
 #pragma unroll
@@ -222,28 +240,32 @@ __device__ void matmul_gemv(const C* a, const TB* b, const float* a_scale, const
         uint4 w[U][RT][2][2], x[U][MT][XW];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const int k = (c0 + u * W) * CHUNK + P * t;
+          const int kc = (c0 + u * W) * CHUNK;
           const bool in = c0 + u * W < chunks;
-          // Words of the weight piece: 16 values each (fp8) or 8 (16-bit); K is a multiple of 16.
+          // Words of the weight piece: E values each; K is a multiple of 16, so a word is wholly in or out.
+          int kw[2], kx[XW];
           bool wok[2], xok[XW];
 #pragma unroll
-          for (int i = 0; i < 2; ++i) wok[i] = in && k + i * (16 / (int)sizeof(TB)) < K;
+          for (int i = 0; i < 2; ++i) {
+            kw[i] = kc + gemv_wk<E, SECTOR>(t, i);
+            wok[i] = in && kw[i] < K;
+          }
 #pragma unroll
-          for (int i = 0; i < XW; ++i) xok[i] = in && k + i * 8 < K;
+          for (int i = 0; i < XW; ++i) {
+            kx[i] = kc + gemv_xk<E, SECTOR>(t, i);
+            xok[i] = in && kx[i] < K;
+          }
 #pragma unroll
           for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              bool ok[2] = {wok[0] && b_ok[rt][h], wok[1] && b_ok[rt][h]};
-              gemv_load<2, true>(w[u][rt][h], brow[rt][h], k, ok);
-            }
+            for (int h = 0; h < 2; ++h)
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            bool ok[XW];
+              for (int i = 0; i < 2; ++i)
+                w[u][rt][h][i] = gemv_load_word<true>(brow[rt][h] + kw[i], wok[i] && b_ok[rt][h]);
 #pragma unroll
-            for (int i = 0; i < XW; ++i) ok[i] = xok[i] && a_ok[mt];
-            gemv_load<XW, false>(x[u][mt], arow[mt], k, ok);
-          }
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < XW; ++i) x[u][mt][i] = gemv_load_word<false>(arow[mt] + kx[i], xok[i] && a_ok[mt]);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) gemv_chunk_math<C, FB, P, MT, RT, XW>(acc, w[u], x[u]);

@@ -11,7 +11,9 @@ LoRA train on top of it. `convert_to_fp8(model)` swaps a model's
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +23,34 @@ from . import fp8
 from .matmul import matmul2d
 
 _FROZEN = ("weight", "scale")
+# Inputs with at most this many rows (a decode step) run matmul2d through
+# mx.compile: a decode step's product takes tens of microseconds on a GPU,
+# about what matmul2d's Python (argument checks, dispatch, the kernel
+# wrapper) costs per call; a compiled call traces that once per shape and
+# replays the graph. MLX_FLASH_FP8LINEAR_COMPILE=0 turns it off.
+COMPILE_MAX_ROWS = 16
+_COMPILE = os.environ.get("MLX_FLASH_FP8LINEAR_COMPILE", "1")
+if _COMPILE not in ("0", "1"):
+    raise ValueError(f"MLX_FLASH_FP8LINEAR_COMPILE must be 0 or 1, got {_COMPILE!r}")
+
+
+def _forward(x, weight, scale, bias, fmt):
+    y = matmul2d(x, weight, b_fmt=fmt, b_scale=scale.reshape(1, -1), transpose_b=True, out_dtype=x.dtype)
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_forward(fmt: str, has_bias: bool, stream: str):
+    """One compiled forward per (format, bias present, default stream): a
+    trace holds the backend and stream matmul2d chose while tracing, so a
+    call under another default device or stream gets its own; mx.compile
+    itself keys its traces by shape and dtype. `stream` is the stream's
+    str(): mx.default_stream returns a new object per call whose hash is its
+    identity, so keying by the object missed every time (a new compiled
+    function, traced anew, on every call)."""
+    if has_bias:
+        return mx.compile(lambda x, weight, scale, bias: _forward(x, weight, scale, bias, fmt))
+    return mx.compile(lambda x, weight, scale: _forward(x, weight, scale, None, fmt))
 
 
 class FP8Linear(nn.Module):
@@ -83,11 +113,13 @@ class FP8Linear(nn.Module):
         return f"input_dims={in_dims}, output_dims={out_dims}, bias={'bias' in self}, fmt={self.fmt}"
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = matmul2d(x, self.weight, b_fmt=self.fmt, b_scale=self.scale.reshape(1, -1), transpose_b=True,
-                     out_dtype=x.dtype)
-        if "bias" in self:
-            y = y + self.bias.astype(y.dtype)
-        return y
+        bias = self.bias if "bias" in self else None
+        rows = x.size // x.shape[-1] if x.ndim and x.shape[-1] else 0
+        if _COMPILE == "1" and 0 < rows <= COMPILE_MAX_ROWS:
+            args = (x, self.weight, self.scale) + ((bias,) if bias is not None else ())
+            stream = str(mx.default_stream(mx.default_device()))
+            return _compiled_forward(self.fmt, bias is not None, stream)(*args)
+        return _forward(x, self.weight, self.scale, bias, self.fmt)
 
 
 def convert_to_fp8(model: nn.Module, fmt: str = "e4m3", per_channel: bool = True, predicate=None) -> nn.Module:

@@ -356,10 +356,13 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
     body = cuda_backend._read("matmul_gemv.cu")
     cases = list(_matmul_gemv_cases())
     for bounds in sorted({c[-1] for c in cases}):
-        kernels = [_kernel_text(f"gemv{i}", body, ins(ta, tb), [("out", to)],
+        # Each case in both weight layouts (SECTOR: whole-sector loads, cuda_matmul.GEMV_PLAN's 7th entry).
+        kernels = [_kernel_text(f"gemv{i}_s{int(sector)}", body, ins(ta, tb), [("out", to)],
                                 [("TA", ta), ("TB", tb), ("TO", to), ("FB", fb), ("AS", True), ("BS", True),
-                                 ("MT", mt), ("W", w), ("RT", rt), ("U", u), ("STAGES", st), ("BOUNDS", bd)])
-                   for i, (ta, tb, to, fb, mt, w, rt, u, st, bd) in enumerate(cases) if bd == bounds]
+                                 ("MT", mt), ("W", w), ("RT", rt), ("U", u), ("STAGES", st), ("BOUNDS", bd),
+                                 ("SECTOR", sector)])
+                   for i, (ta, tb, to, fb, mt, w, rt, u, st, bd) in enumerate(cases) if bd == bounds
+                   for sector in (False, True)]
         headers = cuda_backend.kernel_headers("matmul_gemv") + ((f"matmul_gemv_bounds{bounds}.cuh",) if bounds else ())
         log = _nvcc_compile(tmp_path, f"matmul_gemv_b{bounds}", _prelude(headers) + "\n" + "\n".join(kernels),
                             ("-Xptxas", "-v"))

@@ -141,3 +141,85 @@ def test_convert_with_predicate_and_mlp_training():
 def test_from_linear_rejects_other_modules():
     with pytest.raises(TypeError, match="linear"):
         FP8Linear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+def _layer_reference(layer, x):
+    """float64 of x @ (decode(W) * scale)^T + bias."""
+    w = np.array(layer.dequantized_weight(), dtype=np.float64)
+    ref = np.array(x.astype(mx.float32), dtype=np.float64) @ w.T
+    if "bias" in layer:
+        ref = ref + np.array(layer.bias.astype(mx.float32), dtype=np.float64)
+    return ref
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_few_rows_path_matches_plain_call(bias, monkeypatch):
+    """Inputs of <= COMPILE_MAX_ROWS rows go through mx.compile: same values
+    and gradients as the plain call, bad input still an error naming it."""
+    import mlx_flash.nn as fnn
+
+    mx.random.seed(3)
+    layer = FP8Linear.from_linear(nn.Linear(45, 19, bias=bias))
+    for shape in ((1, 45), (7, 45), (2, 8, 45), (17, 45)):
+        x = mx.random.normal(shape).astype(mx.float16)
+        compiled = layer(x)
+        gc = mx.grad(lambda inp: mx.sum(layer(inp).astype(mx.float32) ** 2))(x)
+        monkeypatch.setattr(fnn, "_COMPILE", "0")
+        plain = layer(x)
+        gp = mx.grad(lambda inp: mx.sum(layer(inp).astype(mx.float32) ** 2))(x)
+        monkeypatch.setattr(fnn, "_COMPILE", "1")
+        assert compiled.shape == shape[:-1] + (19,) and compiled.dtype == mx.float16
+        assert np.array_equal(np.array(compiled), np.array(plain)), shape
+        assert np.array_equal(np.array(gc), np.array(gp)), shape
+        np.testing.assert_allclose(np.array(compiled.astype(mx.float32)), _layer_reference(layer, x),
+                                   rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="b|K|inner"):
+        layer(mx.zeros((3, 44), dtype=mx.float16))
+
+
+@pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="no CUDA GPU visible to MLX")
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 300])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_cuda_fp8linear_matches_float64(rows, dtype):
+    """FP8Linear on the GPU, decode rows (compiled, the gemv route) and
+    prefill rows, against float64 of the dequantized weight; outputs of the
+    kernels poisoned (NaN) so an unwritten element shows."""
+    from mlx_flash.backends import cuda_matmul
+
+    old = cuda_matmul.POISON
+    cuda_matmul.POISON = float("nan")
+    try:
+        mx.random.seed(rows)
+        with mx.stream(mx.gpu):
+            layer = FP8Linear.from_linear(nn.Linear(1000, 129))
+            x = mx.random.normal((rows, 1000)).astype(dtype)
+            y = layer(x)
+            mx.eval(y)
+        ref = _layer_reference(layer, x)
+        # The plain materialised computation in the layer's dtype: the
+        # dequantized weight in `dtype`, MLX's matmul, the bias added in `dtype`.
+        plain = (x @ layer.dequantized_weight(dtype).T) + layer.bias.astype(dtype)
+        plain = np.array(plain.astype(mx.float32), dtype=np.float64)
+        err, plain_err = np.abs(np.array(y.astype(mx.float32)) - ref).max(), np.abs(plain - ref).max()
+        assert y.dtype == dtype and np.all(np.isfinite(np.array(y.astype(mx.float32))))
+        assert err <= 2 * plain_err + 1e-6, (err, plain_err)
+    finally:
+        cuda_matmul.POISON = old
+
+
+def test_compiled_few_rows_path_traces_once(monkeypatch):
+    """Repeated decode-shaped calls replay one trace (a cache key that
+    missed, e.g. a stream object hashed by identity, retraced every call:
+    slower than not compiling at all)."""
+    import mlx_flash.nn as fnn
+
+    traces = []
+    forward = fnn._forward
+    monkeypatch.setattr(fnn, "_forward", lambda *args: traces.append(1) or forward(*args))
+    fnn._compiled_forward.cache_clear()
+    layer = FP8Linear.from_linear(nn.Linear(32, 16, bias=False))
+    x = mx.random.normal((1, 32)).astype(mx.float16)
+    for _ in range(5):
+        mx.eval(layer(x))
+    assert len(traces) == 1
+    fnn._compiled_forward.cache_clear()

@@ -65,9 +65,10 @@ WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (1
 WS_PLANS = {"f16": (256, 4, 0, True, True), "cvt": (256, 4, 0, True, True), "native": (128, 6, 2, True, True)}
 # MLX_FLASH_CUDA_MATMUL_CLUSTER=2: the default warp-specialised plans on
 # clusters of two blocks sharing b (TMA multicast); "native" takes
-# WS_NATIVE_CLUSTER_PLAN then. H200, 8192^3: fp16 553 vs 514 TFLOP/s with a
-# [K, N] b, 532 vs 531 with [N, K]; native e4m3 791 vs 786. Opt-in: with it
-# the default-route tests had 6 unexplained failures in 138 (docs/matmul.md).
+# WS_NATIVE_CLUSTER_PLAN then. H200, 8192^3 (session 7): fp16 742 vs 719
+# TFLOP/s with a [K, N] b, 724 vs 703 with [N, K]. Opt-in: with it and MLX's
+# CUDA graphs on, the default-route tests fail (5 of 138 in session 7, whole
+# outputs wrong); with MLX_USE_CUDA_GRAPHS=0 all 138 pass (docs/matmul.md).
 _WS_CLUSTER = os.environ.get("MLX_FLASH_CUDA_MATMUL_CLUSTER", "1")
 if _WS_CLUSTER not in ("1", "2"):
     raise ValueError(f"MLX_FLASH_CUDA_MATMUL_CLUSTER must be 1 or 2, got {_WS_CLUSTER!r}")
@@ -83,8 +84,21 @@ GEMV_MAX_ROWS = 16
 # blocks per call (0: one block per group of 16 RT rows; > 0 a cap, < 0 a cap
 # of -value blocks per SM; capped blocks sweep the rows), cp.async stages per
 # warp STAGES (0: loads into registers), launch bounds: blocks per SM the
-# compiler must fit (0: none; 2 or 3: cuda_src/matmul_gemv_bounds<n>.cuh)).
-GEMV_PLAN = (8, 1, 4, 0, 0, 2)
+# compiler must fit (0: none; 2 or 3: cuda_src/matmul_gemv_bounds<n>.cuh),
+# whole-sector layout SECTOR (1: each load instruction reads whole 32-byte
+# sectors of the weight rows, gemv_wk in matmul_gemv.cuh; 0 or absent: each
+# lane's 32 bytes are one run, read as two half-sector instructions)).
+# The whole-sector layout is the default: H200 (benchmarks/results/
+# matmul_cuda_nvidia_h200_s7.json, weight bytes against a plain copy's 4225
+# GB/s in the same run): M = 16 x a 16384^2 e4m3 weight 0.78 of the copy vs
+# 0.57 with the half-sector one (8192^2: 0.66 vs 0.49), M = 1 even (0.88).
+# MLX_FLASH_CUDA_GEMV_SECTOR=0 restores the half-sector layout.
+GEMV_PLAN = (8, 1, 4, 0, 0, 2, 1)
+_GEMV_SECTOR = os.environ.get("MLX_FLASH_CUDA_GEMV_SECTOR", "1")
+if _GEMV_SECTOR not in ("0", "1"):
+    raise ValueError(f"MLX_FLASH_CUDA_GEMV_SECTOR must be 0 or 1, got {_GEMV_SECTOR!r}")
+if _GEMV_SECTOR == "0":
+    GEMV_PLAN = GEMV_PLAN[:6]
 # Tests set this to NaN: outputs start poisoned, so an element a kernel never
 # writes shows (None: outputs start uninitialised, as they should in use).
 POISON = None
@@ -199,7 +213,12 @@ def gemv_smem(warps: int, stages: int, row_tiles: int, a_tiles: int, b_bytes: in
 
 def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
     """M <= 16 rows of a against an [N, K] b: cuda_src/matmul_gemv.cuh."""
-    warps, row_tiles, unroll, max_blocks, stages, bounds = (tuple(plan or GEMV_PLAN) + (0,))[:6]
+    plan = tuple(plan or GEMV_PLAN)
+    if not 5 <= len(plan) <= 7:
+        raise ValueError(f"a gemv plan has 5 to 7 entries (W, RT, U, max blocks, STAGES[, bounds, sector]), got {plan}")
+    warps, row_tiles, unroll, max_blocks, stages, bounds, sector = (plan + (0, 0))[:7]
+    if sector not in (0, 1):
+        raise ValueError(f"gemv plan {plan}: sector must be 0 or 1, got {sector}")
     if bounds and warps > 8:
         raise ValueError(f"gemv plan {plan}: launch bounds are for at most 8 warps")
     M, N = spec.M, spec.N
@@ -223,7 +242,7 @@ def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
         template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype), ("FB", _FMT_CODE[spec.b_fmt]),
                   ("AS", a_scale is not None), ("BS", b_scale is not None), ("MT", a_tiles),
                   ("W", warps), ("RT", row_tiles), ("U", 1 if stages else unroll), ("STAGES", stages),
-                  ("BOUNDS", bounds)],
+                  ("BOUNDS", bounds), ("SECTOR", bool(sector))],
         grid=(blocks * 32 * warps, 1, spec.batch), threadgroup=(32 * warps, 1, 1),
         output_shapes=[(spec.batch, M, N)], output_dtypes=[spec.out_dtype], init_value=POISON, stream=stream,
     )
@@ -278,14 +297,22 @@ def tensor_map_template(elem_bytes: int, inner: int, outer: int, box_inner: int,
 def _tma_templates(a, b, transpose_b, bn):
     """Templates for a [M][Kp] and b ([Np][Kp] in boxes of bn rows, or [Kp][Np] read in 64 x 64 boxes), as one
     uint8 input."""
-    M, Kp = a.shape[1], a.shape[2]
-    ea, eb = a.dtype.size, b.dtype.size
+    return _tma_template_array(a.dtype.size, a.shape[1], a.shape[2], b.dtype.size, b.shape[1], b.shape[2],
+                               bool(transpose_b), bn)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tma_template_array(ea, M, Kp, eb, b1, b2, transpose_b, bn):
+    """_tma_templates' array, made once per shape: the kernels only read it
+    (each block copies it and writes its own addresses into the copy), and a
+    fresh host-written array per call costs an evaluation and a page
+    migration on first GPU touch (cuda.const_array)."""
     kstep = 128 // ea
     ta = tensor_map_template(ea, Kp, M, kstep, 128)
     if transpose_b:
-        tb = tensor_map_template(eb, Kp, b.shape[1], kstep, bn)
+        tb = tensor_map_template(eb, Kp, b1, kstep, bn)
     else:
-        tb = tensor_map_template(eb, b.shape[2], Kp, 64, 64)
+        tb = tensor_map_template(eb, b2, Kp, 64, 64)
     return _cuda.const_array(tuple(ta + tb), mx.uint8)
 
 
@@ -350,7 +377,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
                             wgmma_smem(bn, stages, convert_a, convert_b))
     placeholder = _params((0,), mx.float32)
     tiles = math.ceil(M / 128) * math.ceil(Np / bn)
-    tmpl = _tma_templates(a, b, transpose_b, bn) if tma else _cuda._placeholder(mx.uint8)
+    tmpl = _tma_templates(a, b, transpose_b, bn) if tma else _params((0,), mx.uint8)
     (out, _) = kernel(
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
                 b_scale if b_scale is not None else placeholder, ip, tmpl],
@@ -499,14 +526,11 @@ def _mma(a, b, a_scale, b_scale, spec, stream):
     b = _pad_axis(b, 2 if spec.transpose_b else 1, 16, stream)
     b = _pad_axis(b, 1 if spec.transpose_b else 2, 16, stream)
     Kp, Np = a.shape[2], (b.shape[1] if spec.transpose_b else b.shape[2])
-    ip = _cuda.const_array((M, Np, Kp, int(spec.b_batched),
-                            int(a_scale is not None and a_scale.shape[0] > 1),
-                            int(a_scale is not None and a_scale.shape[1] > 1),
-                            int(b_scale is not None and b_scale.shape[-1] > 1)), mx.int32)
+    ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale))
     if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
         b_scale = _pad_axis(b_scale, 2, 16, stream)
     kernel = _cuda._kernel("matmul", _INPUTS, ("out",), _SMEM)
-    placeholder = _cuda._placeholder(mx.float32)
+    placeholder = _params((0,), mx.float32)
     (out,) = kernel(
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
                 b_scale if b_scale is not None else placeholder, ip],
@@ -546,4 +570,7 @@ def matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpos
     spec = _Spec(a_fmt, b_fmt, transpose_b, out_dtype, 1, M, N, K, False)
     a_s = None if a_scale is None else mx.broadcast_to(mx.array(a_scale, mx.float32).reshape(1, -1, 1), (1, M if mx.array(a_scale).size > 1 else 1, 1))
     b_s = None if b_scale is None else mx.array(b_scale, mx.float32).reshape(1, 1, -1)
-    return matmul2d(a[None], b[None], a_s, b_s, spec, stream, route, plan)[0]
+    # reshape, not [0]: indexing the batch axis gathers the whole output into
+    # a new array (0.42 ms of copying at 8192^2 fp16 on the H200); a reshape
+    # of the contiguous [1, M, N] result is free.
+    return matmul2d(a[None], b[None], a_s, b_s, spec, stream, route, plan).reshape(M, N)

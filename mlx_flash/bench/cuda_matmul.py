@@ -6,6 +6,9 @@ bandwidth, all in one run on one card.
 
 gemm:   n^3 products (TFLOP/s = 2 n^3 / t), each result checked against a
         second computation of the same product (relative max difference).
+llama:  (opt-in) greedy generation tokens/s of random Llama-3.2-1B/3B-shaped
+        mlx-lm models, fp16 vs FP8Linear (needs mlx_lm importable; its
+        package __init__ is bypassed, so no transformers).
 decode: M = 1..16 rows times an [N, K] weight (fp8 e4m3 or fp16), GB/s of
         weight bytes read, next to a plain copy's GB/s (bytes read + written)
         measured in the same run; MLX's fp16 matmul of the same shape;
@@ -49,16 +52,47 @@ CHECKPOINT = None  # main's JSON writer: called after each gemm size, so a run c
 
 def time_lazy(make, reps: int, rounds: int = 3) -> float:
     """Seconds per product: `reps` products built lazily and evaluated together
-    (so launches queue back to back), best of `rounds`."""
+    (so launches queue back to back), best of `rounds`. The graphs are built
+    before the clock starts: building them is Python host work (argument
+    checks, padding, tensor-map templates) that a model pays once per call
+    too, but counting it here charged our wrapper's host time to the kernel
+    while MLX's own matmul builds in microseconds. Only the evaluation is
+    timed, for MLX's matmul and ours alike."""
     mx.eval(make())
     best = float("inf")
     for _ in range(rounds):
+        graphs = [make() for _ in range(reps)]
         mx.synchronize()
         t0 = time.perf_counter()
-        mx.eval([make() for _ in range(reps)])
+        mx.eval(graphs)
         mx.synchronize()
         best = min(best, (time.perf_counter() - t0) / reps)
+        del graphs
     return best
+
+
+def gpu_clocks() -> dict:
+    """SM clock (MHz) and power draw (W) now, from nvidia-smi: the H200 runs
+    under a 700 W cap and lowers its clock under sustained tensor-core load,
+    so each timed case records the clock it ran at ({} where nvidia-smi is
+    missing)."""
+    import subprocess
+
+    try:
+        line = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,power.limit",
+                               "--format=csv,noheader,nounits", "-i", "0"],
+                              capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        sm, draw, limit = (v.strip() for v in line.split(","))
+        return {"sm_mhz": float(sm), "power_w": float(draw), "power_limit_w": float(limit)}
+    except Exception:  # noqa: BLE001 (no nvidia-smi: the row just has no clocks)
+        return {}
+
+
+def time_lazy_clocked(make, reps: int, rounds: int = 3):
+    """time_lazy, plus the SM clock and power read right after the timed
+    rounds (while the card is still at its loaded clock)."""
+    t = time_lazy(make, reps, rounds)
+    return t, gpu_clocks()
 
 
 def time_torch(fn, reps: int, rounds: int = 3) -> float:
@@ -118,6 +152,11 @@ def bench_gemm(rec: Recorder, sizes):
             "ours_fp16_ws": (lambda: cm.matmul(a16, b16, route="wgmma", plan=(256, 4, 0, True, True)), mlx_fp16),
             "ours_fp16_bT_ws": (lambda: cm.matmul(a16, b16t, transpose_b=True, route="wgmma",
                                                   plan=(256, 4, 0, True, True)), mlx_fp16),
+            # 128-wide tiles: twice the tiles of 256, so a smaller product's last wave is less empty.
+            "ours_fp16_ws_bn128": (lambda: cm.matmul(a16, b16, route="wgmma", plan=(128, 6, 0, True, True)),
+                                   mlx_fp16),
+            "ours_fp16_bT_ws_bn128": (lambda: cm.matmul(a16, b16t, transpose_b=True, route="wgmma",
+                                                        plan=(128, 6, 0, True, True)), mlx_fp16),
             "ours_bf16_ws": (lambda: cm.matmul(a16.astype(mx.bfloat16), b16.astype(mx.bfloat16), route="wgmma",
                                                plan=(256, 4, 0, True, True)), mlx_fp16),
             "ours_e4m3_native_ws_bn128_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
@@ -169,9 +208,9 @@ def bench_gemm(rec: Recorder, sizes):
                 out = fn()
                 mx.eval(out)
                 results[name] = out
-                t = time_lazy(fn, reps)
+                t, clocks = time_lazy_clocked(fn, reps)
                 row = dict(section="gemm", case=name, n=n, ms=t * 1e3, tflops=flops / t / 1e12,
-                           at_s=round(time.perf_counter() - START, 1))
+                           at_s=round(time.perf_counter() - START, 1), **clocks)
                 if check is not None:
                     row["rel_diff_vs_mlx_fp16"] = rel_diff(out, check)
                 rec.add(**row)
@@ -200,15 +239,16 @@ def bench_gemm(rec: Recorder, sizes):
             one = torch.ones((), device="cuda")
             scaled = lambda: torch._scaled_mm(ta, tb, scale_a=one, scale_b=one, out_dtype=torch.float16)
             t = time_torch(scaled, reps)
+            clocks = gpu_clocks()
             ours = cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float16,
                              route="wgmma_fp8")
             diff = rel_diff(ours, mx.array(scaled().float().cpu().numpy()))
             rec.add(section="gemm", case="torch_scaled_mm_e4m3", n=n, ms=t * 1e3, tflops=flops / t / 1e12,
-                    ours_rel_diff=diff)
+                    ours_rel_diff=diff, **clocks)
             th = torch.from_numpy(np.array(a16)).cuda()
             tbh = torch.from_numpy(np.array(b16)).cuda()
             t = time_torch(lambda: th @ tbh, reps)
-            rec.add(section="gemm", case="torch_fp16", n=n, ms=t * 1e3, tflops=flops / t / 1e12)
+            rec.add(section="gemm", case="torch_fp16", n=n, ms=t * 1e3, tflops=flops / t / 1e12, **gpu_clocks())
             del ta, tb, th, tbh
         except Exception as e:  # noqa: BLE001
             rec.add(section="gemm", case="torch", n=n, error=f"{type(e).__name__}: {e}"[:500])
@@ -238,8 +278,11 @@ def copy_bandwidth(rec: Recorder, nbytes: int = 2 * GIB):
 DECODE_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (16384, 16384))
 DECODE_ROWS = (1, 4, 16)
 # Few-rows kernel plans timed side by side (cuda_matmul.GEMV_PLAN's fields);
-# None = the default plan.
-GEMV_PLANS = (None,)
+# None = the default plan (the whole-sector layout). The second: the
+# half-sector layout (the default before session 7); the third whole-sector
+# with batches of 8 chunks' loads (fp8 weights only: 16-bit ones spill at 16
+# rows).
+GEMV_PLANS = (None, (8, 1, 4, 0, 0, 2), (8, 1, 8, 0, 0, 2, 1))
 
 
 def _plan_name(plan) -> str:
@@ -271,10 +314,10 @@ def bench_decode(rec: Recorder, shapes=DECODE_SHAPES, copy_bytes: int = 2 * GIB,
             for name, (fn, wbytes, plan) in cases.items():
                 case, _, plan_name = name.partition("@")
                 try:
-                    t = time_lazy(fn, reps)
+                    t, clocks = time_lazy_clocked(fn, reps)
                     gbps = wbytes / t / 1e9
                     row = dict(section="decode", case=case, M=M, K=K, N=N, us=t * 1e6, weight_gbps=gbps,
-                               fraction_of_copy=gbps / copy_gbps, copy_gbps=copy_gbps)
+                               fraction_of_copy=gbps / copy_gbps, copy_gbps=copy_gbps, **clocks)
                     if plan_name:
                         row["plan"] = plan_name
                     if case != "mlx_fp16":
@@ -396,6 +439,95 @@ def bench_layers(rec: Recorder, blocks: int = 4, rows=(1, 512)):
                     tflops=flops_per_row * M / t / 1e12, weight_gib_fp16=weight_bytes16 / GIB)
 
 
+# Llama-3.2-shaped random models (mlx-lm's llama.Model, tied embeddings).
+LLAMA_CONFIGS = {
+    "llama_1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                     vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "llama_3b": dict(model_type="llama", hidden_size=3072, num_hidden_layers=28, intermediate_size=8192,
+                     num_attention_heads=24, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                     vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+}
+
+
+def _mlx_lm_llama():
+    """mlx_lm.models.llama and .cache without mlx_lm's package __init__ (it
+    imports transformers, which the GPU machine lacks): the package is
+    registered as a bare namespace over its directory first."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    if "mlx_lm" not in sys.modules:
+        spec = importlib.util.find_spec("mlx_lm")
+        if spec is None:
+            raise ImportError("mlx_lm is not importable (put mlx-lm's package directory on PYTHONPATH)")
+        pkg = types.ModuleType("mlx_lm")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["mlx_lm"] = pkg
+    return importlib.import_module("mlx_lm.models.llama"), importlib.import_module("mlx_lm.models.cache")
+
+
+def bench_llama(rec: Recorder, models=("llama_1b", "llama_3b"), prompt: int = 128, tokens: int = 64):
+    """Greedy generation tokens/s of a random-weight mlx-lm Llama in fp16 vs
+    the same model with every nn.Linear as FP8Linear (e4m3, per-channel
+    scales), decoded the way mlx-lm's generate_step does (next token's graph
+    built and queued with mx.async_eval before the current one is read).
+    FP8Linear's compiled few-rows path on and off."""
+    from .. import nn as fnn
+
+    llama, cache_mod = _mlx_lm_llama()
+
+    def generate(model):
+        cache = cache_mod.make_prompt_cache(model)
+        toks = mx.random.randint(0, 1000, (1, prompt), key=mx.random.key(1))
+        y = mx.argmax(model(toks, cache=cache)[:, -1], axis=-1)
+        mx.eval(y)
+
+        def step(y):
+            return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+
+        t0 = time.perf_counter()
+        y = step(y)
+        mx.async_eval(y)
+        out = []
+        for _ in range(tokens - 1):
+            nxt = step(y)
+            mx.async_eval(nxt)
+            out.append(y.item())
+            y = nxt
+        out.append(y.item())
+        return tokens / (time.perf_counter() - t0), out
+
+    for name in models:
+        cfg = LLAMA_CONFIGS[name]
+        model = llama.Model(llama.ModelArgs.from_dict(cfg))
+        model.set_dtype(mx.float16)
+        mx.eval(model.parameters())
+        generate(model)  # warm: kernels compiled, caches sized
+        fp16_tps, fp16_toks = max(generate(model) for _ in range(2))
+        rec.add(section="llama", case="fp16", model=name, prompt=prompt, tokens=tokens, tokens_per_s=fp16_tps,
+                **gpu_clocks())
+        fnn.convert_to_fp8(model)
+        mx.eval(model.parameters())
+        mx.clear_cache()
+        for compiled in ("1", "0"):
+            old = fnn._COMPILE
+            fnn._COMPILE = compiled
+            try:
+                generate(model)
+                tps, toks = max(generate(model) for _ in range(2))
+            finally:
+                fnn._COMPILE = old
+            same = sum(a == b for a, b in zip(toks, fp16_toks))
+            rec.add(section="llama", case="fp8_e4m3" + ("" if compiled == "1" else "_uncompiled"), model=name,
+                    prompt=prompt, tokens=tokens, tokens_per_s=tps, vs_fp16=tps / fp16_tps,
+                    greedy_tokens_equal_to_fp16=same, **gpu_clocks())
+        del model
+        mx.clear_cache()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="gemm,decode")
@@ -446,7 +578,8 @@ def main(argv=None):
                 "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else (decode_shapes,),
                                                plans=plans, rows=(1, 16) if args.warm else rows),
                 "plans": lambda: bench_plans(rec, 256 if args.warm else 8192),
-                "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512))}
+                "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512)),
+                "llama": lambda: bench_llama(rec)}
     path = args.out if args.out.endswith(".json") else os.path.join(args.out, f"matmul_cuda_{slug(card)}.json")
     _, torch = _torch()
 
