@@ -624,6 +624,12 @@ def _ws_instances():
                             if name not in seen:
                                 seen.add(name)
                                 yield name, T, template
+            # The wide heads: one tile plan per (Dqk, Dv).
+            for D, DV in cuda_fwd_ws.WIDE_PAIRS:
+                for window in (False, True):
+                    spec = AttentionSpec(1, 1, 1, 256, 256, D, DV, T, D ** -0.5, window_right=0 if window else -1)
+                    template = cuda_fwd_ws.template(spec)
+                    yield cuda_fwd_ws.mlx_kernel_name(template), T, template
     finally:
         stages, cuda_fwd_ws.KEYS_DENSE_D128 = knobs
         cuda_fwd_ws.STAGES.update(stages)
@@ -641,8 +647,8 @@ def test_ws_forward_declares_each_instance_launch_bound():
     names = {name for name, _, _ in _ws_instances()}
     assert names == declared
     assert f"__launch_bounds__({cuda_fwd_ws.THREADS}, 1)" in header
-    assert cuda_fwd_ws.mlx_kernel_name([("BF16", True), ("D", 128), ("WINDOW", False), ("STAGES", 2),
-                                        ("BN", 176)]) == "custom_kernel_mlx_flash_attention_fwd_ws_t_128_f_2_176"
+    assert cuda_fwd_ws.mlx_kernel_name([("BF16", True), ("D", 128), ("DV", 128), ("WINDOW", False), ("STAGES", 2),
+                                        ("BN", 176)]) == "custom_kernel_mlx_flash_attention_fwd_ws_t_128_128_f_2_176"
 
 
 def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
@@ -677,6 +683,39 @@ def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
     monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
     monkeypatch.setattr(cuda_fwd_ws, "_tma_available", lambda: False)
     assert not cuda_fwd_ws.serves(base)
+
+
+def test_ws_forward_serves_wide_heads(monkeypatch):
+    """Wide heads (96, 192, 256, 192 / 128; fp16/bf16): the pairs in WIDE_CHECKED
+    by default, every pair under MLX_FLASH_CUDA_FWD_WS_WIDE=all (or the
+    unchecked mode MLX_FLASH_CUDA_FWD_WS=all), none under =0; other head dims,
+    float32 and extras never; always one block per item."""
+    from mlx_flash._spec import AttentionSpec
+    from mlx_flash.backends import cuda_fwd_ws
+
+    monkeypatch.setattr(cuda_fwd_ws, "_tma_available", lambda: True)
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
+    monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", True)
+    monkeypatch.setattr(cuda_fwd_ws, "WIDE_CHECKED", ((256, 256),))
+    spec = lambda d, dv, **kw: AttentionSpec(1, 4, 2, 1000, 1000, d, dv, mx.float16, d ** -0.5)._replace(**kw)
+    pairs = [spec(d, dv) for d, dv in cuda_fwd_ws.WIDE_PAIRS]
+    never = [spec(160, 160), spec(256, 128), spec(128, 192), spec(512, 512), spec(256, 256, dtype=mx.float32),
+             spec(256, 256, softcap=5.0), spec(192, 128, has_sinks=True), spec(96, 96, mask_kind="bool")]
+    for mode, want in (("auto", [p.head_dim_qk == 256 for p in pairs]), ("all", [True] * 4), ("0", [False] * 4)):
+        monkeypatch.setattr(cuda_fwd_ws, "WIDE_MODE", mode)
+        assert [cuda_fwd_ws.serves(p) for p in pairs] == want, mode
+        assert not any(cuda_fwd_ws.serves(s) for s in never), mode
+    monkeypatch.setattr(cuda_fwd_ws, "WIDE_MODE", "auto")
+    monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", False)
+    assert all(cuda_fwd_ws.serves(p) for p in pairs)
+    assert all(cuda_fwd_ws.serves(p._replace(window_right=0, dtype=mx.bfloat16)) for p in pairs)
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
+    assert all(not cuda_fwd_ws.persistent(d) for d in (96, 192, 256)) and cuda_fwd_ws.persistent(128)
+    # Tiles: 80 keys at D 256 (64 under rules), 96 at D 192, 128 at Dv 128 and D 96; within 227 KiB.
+    assert [cuda_fwd_ws.keys_per_tile(p) for p in pairs] == [128, 96, 80, 128]
+    assert cuda_fwd_ws.keys_per_tile(spec(256, 256, window_right=0)) == 64
+    for p in pairs:
+        assert cuda_fwd_ws.smem_bytes(p.head_dim_qk, cuda_fwd_ws.keys_per_tile(p), p.head_dim_v) <= 227 * 1024
 
 
 def test_ws_forward_grid(monkeypatch):
