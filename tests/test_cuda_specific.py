@@ -1022,3 +1022,70 @@ def test_ws_forward_on_gpu(kind, feature, grid, monkeypatch):
         plain = plain_errors(q, k, v, randn(gen, out.shape, dtype), options, dtype)
         check_close("out", to_np(out), want, dtype, plain)
         check_close("lse", to_np(lse), want, dtype, plain)
+
+
+# Wide heads on the warp-specialised forward: (Dqk, Dv) of cuda_fwd_ws.WIDE_PAIRS,
+# fp16/bf16, one block per item (their only grid), out and lse poisoned with NaN
+# first, so a row or column the kernel leaves unwritten fails. Shapes: odd sizes,
+# Nq != Nk both ways, GQA, a row block past the keys, several tiles with a tail.
+_WS_WIDE_SHAPES = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 1, 1, 300, 4103),
+                   (2, 3, 1, 257, 700)]
+_WS_WIDE_KINDS = [(dt, d, dv) for d, dv in ((256, 256), (192, 192), (192, 128), (96, 96))
+                  for dt in (mx.float16, mx.bfloat16)]
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
+@pytest.mark.parametrize("feature", ["none", "causal", "window_both", "window_left", "window_right_only"])
+@pytest.mark.parametrize("kind", _WS_WIDE_KINDS, ids=lambda k: f"{str(k[0]).split('.')[-1]}-D{k[1]}-{k[2]}")
+def test_ws_wide_forward_on_gpu(kind, feature, monkeypatch):
+    import mlx_flash
+    from helpers import check_close, plain_errors, qkv, randn, rng, to_np
+    from mlx_flash.backends import cuda_fwd_ws
+    from reference_np import attention_np
+
+    dtype, D, Dv = kind
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
+    monkeypatch.setattr(cuda_fwd_ws, "WIDE_MODE", "all")  # whatever WIDE_CHECKED holds
+    monkeypatch.setattr(cuda_fwd_ws, "POISON_OUTPUTS", True)
+    calls = []
+    forward = cuda_fwd_ws.forward
+    monkeypatch.setattr(cuda_fwd_ws, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    for shape in _WS_WIDE_SHAPES:
+        B, Hq, Hkv, Nq, Nk = shape
+        gen = rng("ws-wide-gpu", str(dtype), D, Dv, feature, shape)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype)
+        options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+        before = len(calls)
+        out, lse = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
+        mx.eval(out, lse)
+        assert len(calls) == before + 1, f"{shape}: not routed to attention_fwd_ws"
+        want = attention_np(q, k, v, **options)
+        plain = plain_errors(q, k, v, randn(gen, out.shape, dtype), options, dtype)
+        check_close("out", to_np(out), want, dtype, plain)
+        check_close("lse", to_np(lse), want, dtype, plain)
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
+@pytest.mark.parametrize("pair", [(256, 256), (192, 128), (96, 96)], ids=lambda p: f"D{p[0]}-{p[1]}")
+@pytest.mark.parametrize("case", nonfinite_cases.PREFILL_CASES)
+def test_ws_wide_nonfinite_on_gpu(case, pair, monkeypatch):
+    """The non-finite contract (issue 13) on the wide instances, forward only
+    (the backward of these heads is another kernel's)."""
+    from mlx_flash._spec import validate_attention
+    from mlx_flash.backends import cuda_fwd_ws
+    from reference_np import attention_np
+
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
+    monkeypatch.setattr(cuda_fwd_ws, "WIDE_MODE", "all")
+    D, Dv = pair
+    q, k, v, do, options = nonfinite_cases.prefill_case(case, mx.float16, D=D, size="small")
+    if Dv != D:
+        v = v[..., :Dv]
+    spec, inputs = validate_attention(q, k, v, **options)
+    if not cuda_fwd_ws.serves(spec):
+        pytest.skip("a case with extras: not the warp-specialised kernel's")
+    out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.gpu)
+    mx.eval(out, lse)
+    want = attention_np(q, k, v, **options)
+    nonfinite_cases.check_contract("out", np.array(out.astype(mx.float32)), want, mx.float16)
+    nonfinite_cases.check_contract("lse", np.array(lse), want, mx.float32)
