@@ -313,9 +313,9 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
                                  unsigned char* tmaps) {
   static_assert(((D == 64 || D == 96 || D == 128 || D == 192 || D == 256) && DV == D) || (D == 192 && DV == 128),
                 "warp-specialised forward: head dims 64, 96, 128, 192, 256 (Dqk = Dv) or 192 / 128");
-  static_assert(BN == 128 || (BN == 176 && D <= 128 && DV <= 128) || (BN == 96 && DV == 192) ||
+  static_assert(BN == 128 || (BN == 176 && D <= 128 && DV <= 128) || ((BN == 96 || BN == 112) && DV == 192) ||
                     ((BN == 80 || BN == 64) && DV == 256),
-                "warp-specialised forward: 128-key tiles (176 up to D = 128, 96 at Dv 192, 80 or 64 at Dv 256)");
+                "warp-specialised forward: 128-key tiles (176 up to D = 128, 96 / 112 at Dv 192, 80 / 64 at Dv 256)");
   static_assert(ws_fwd_smem(D, DV, BN, STAGES) <= 227 * 1024, "warp-specialised forward: shared memory");
   static_assert(!F::ElementRules && !F::Sinks && !F::Varlen && !F::KeyRange,
                 "warp-specialised forward: window/causal rules only");
@@ -649,8 +649,10 @@ MLX_FLASH_WS_DECLARE(_f_128_128_f_3_128, __half)
 MLX_FLASH_WS_DECLARE(_f_128_128_t_3_128, __half)
 MLX_FLASH_WS_DECLARE(_f_96_96_f_2_128, __half)
 MLX_FLASH_WS_DECLARE(_f_96_96_t_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_96_96_f_2_176, __half)
 MLX_FLASH_WS_DECLARE(_f_192_192_f_2_96, __half)
 MLX_FLASH_WS_DECLARE(_f_192_192_t_2_96, __half)
+MLX_FLASH_WS_DECLARE(_f_192_192_f_2_112, __half)
 MLX_FLASH_WS_DECLARE(_f_256_256_f_2_80, __half)
 MLX_FLASH_WS_DECLARE(_f_256_256_t_2_64, __half)
 MLX_FLASH_WS_DECLARE(_f_192_128_f_2_128, __half)
@@ -666,8 +668,10 @@ MLX_FLASH_WS_DECLARE(_t_128_128_f_3_128, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_128_128_t_3_128, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_96_96_f_2_128, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_96_96_t_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_96_96_f_2_176, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_192_192_f_2_96, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_192_192_t_2_96, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_192_192_f_2_112, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_256_256_f_2_80, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_256_256_t_2_64, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_192_128_f_2_128, __nv_bfloat16)

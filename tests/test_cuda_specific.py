@@ -624,12 +624,20 @@ def _ws_instances():
                             if name not in seen:
                                 seen.add(name)
                                 yield name, T, template
-            # The wide heads: one tile plan per (Dqk, Dv).
+            # The wide heads: a tile plan per (Dqk, Dv), dense and windowed,
+            # and the dense tiles MLX_FLASH_CUDA_FWD_WS_KEYS_D96 / _D192 choose.
+            wide_keys = dict(cuda_fwd_ws.WIDE_KEYS)
             for D, DV in cuda_fwd_ws.WIDE_PAIRS:
-                for window in (False, True):
-                    spec = AttentionSpec(1, 1, 1, 256, 256, D, DV, T, D ** -0.5, window_right=0 if window else -1)
-                    template = cuda_fwd_ws.template(spec)
-                    yield cuda_fwd_ws.mlx_kernel_name(template), T, template
+                for keys in cuda_fwd_ws._KEY_CHOICES.get(D if D == DV else 0, (wide_keys[(D, DV)],)):
+                    cuda_fwd_ws.WIDE_KEYS[(D, DV)] = keys
+                    for window in (False, True):
+                        spec = AttentionSpec(1, 1, 1, 256, 256, D, DV, T, D ** -0.5, window_right=0 if window else -1)
+                        template = cuda_fwd_ws.template(spec)
+                        name = cuda_fwd_ws.mlx_kernel_name(template)
+                        if name not in seen:
+                            seen.add(name)
+                            yield name, T, template
+                cuda_fwd_ws.WIDE_KEYS.update(wide_keys)
     finally:
         stages, cuda_fwd_ws.KEYS_DENSE_D128 = knobs
         cuda_fwd_ws.STAGES.update(stages)

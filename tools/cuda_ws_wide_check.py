@@ -2,13 +2,14 @@
 192 / 128): kernel builds in parallel processes, then its timing.
 
     python3 tools/cuda_ws_wide_check.py build I N   # share I of N of the kernels (tiny calls)
-    python3 tools/cuda_ws_wide_check.py bench OUT.json [CASES]   # bench.cuda's wide_heads section
+    python3 tools/cuda_ws_wide_check.py bench OUT.json [CASES [ws_only]]   # bench.cuda's wide_heads section
 
 build fills MLX's on-disk kernel cache (MLX_PTX_CACHE_DIR, fresh per run:
 MLX keys it by kernel name only) with every wide ws instance (fp16/bf16,
 dense / windowed) and the attention_fwd_mma instances the benchmark times
 beside them, so the tests and timings that follow load rather than compile.
-CASES: indices into bench.cuda.WIDE_HEADS_CASES, comma-separated (default all).
+CASES: indices into bench.cuda.WIDE_HEADS_CASES, comma-separated (default all);
+ws_only: time the ws kernel alone (a tile variant chosen by cuda_fwd_ws's knobs).
 """
 
 from __future__ import annotations
@@ -60,13 +61,13 @@ def _card() -> str:
     return name
 
 
-def bench(path: str, cases: str | None):
+def bench(path: str, cases: str | None, others: bool = True):
     from mlx_flash.bench import cuda as bc
 
     chosen = None if not cases else [bc.WIDE_HEADS_CASES[int(i)] for i in cases.split(",")]
     rec = bc.Recorder()
     try:
-        bc.bench_wide_heads(rec, cases=chosen)
+        bc.bench_wide_heads(rec, cases=chosen, others=others)
     finally:
         with open(path, "w") as f:
             json.dump({"card": _card(), "mlx": mx.__version__,
@@ -78,4 +79,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "build":
         build(int(sys.argv[2]), int(sys.argv[3]))
     else:
-        bench(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
+        bench(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None, "ws_only" not in sys.argv[4:])

@@ -2,8 +2,8 @@
 fp32 accumulators) the warp-specialised forward needs at wide heads, as
 specialisations of wgmma.cuh's Wgmma<T, N>:
 
-  N = 80, 96   S = Q K^T key tiles (D 256: 80 keys, D 192: 96), both operands
-               from shared memory (ss);
+  N = 80, 96, 112   S = Q K^T key tiles (D 256: 80 keys, D 192: 96 or 112),
+               both operands from shared memory (ss);
   N = 96, 192, 256   O += P V with N = Dv (P from registers: rs).
 
     python tools/gen_wgmma_wide.py
@@ -69,7 +69,7 @@ def rs(t: str, n: int) -> str:
 
 
 # N: which forms each width needs (80 and 96 as key tiles, 96 / 192 / 256 as Dv).
-SHAPES = {80: (ss,), 96: (ss, rs), 192: (rs,), 256: (rs,)}
+SHAPES = {80: (ss,), 96: (ss, rs), 112: (ss,), 192: (rs,), 256: (rs,)}
 
 
 def main():

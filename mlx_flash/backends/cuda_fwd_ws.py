@@ -59,11 +59,19 @@ MIN_KEYS_D64 = 2048
 # accumulator (Dv / 2 fp32 per consumer thread) leaves room for S (BN / 2)
 # and P (BN / 4) within 240 registers at these; shared memory (Q, two K and V
 # tiles) stays within 227 KiB at two stages.
+# MLX_FLASH_CUDA_FWD_WS_KEYS_D96 / _D192 choose the dense tile at D 96 (128 or
+# 176) and D 192 (96 or 112) for timing runs.
+_KEY_CHOICES = {96: (128, 176), 192: (96, 112)}
 WIDE_KEYS = {(96, 96): 128, (192, 192): 96, (256, 256): 80, (192, 128): 128}
+for _d, _choices in _KEY_CHOICES.items():
+    _n = os.environ.get(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D{_d}", str(WIDE_KEYS[(_d, _d)]))
+    if _n not in tuple(map(str, _choices)):
+        raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D{_d}: expected one of {_choices}, got {_n!r}")
+    WIDE_KEYS[(_d, _d)] = int(_n)
 # Under causal / window rules the softmax also keeps the tile's drop bits and
 # the exact P V path is compiled in: at D = 256 an 80-key tile spilled (16 bytes)
 # there, a 64-key one does not.
-WIDE_KEYS_WINDOW = {**WIDE_KEYS, (256, 256): 64}
+WIDE_KEYS_WINDOW = {(96, 96): 128, (192, 192): 96, (256, 256): 64, (192, 128): 128}
 WIDE_PAIRS = tuple(WIDE_KEYS)
 WIDE_STAGES = 2
 # The wide pairs routed here by default: those whose float64 checks passed on

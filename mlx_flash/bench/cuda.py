@@ -361,12 +361,13 @@ def _wide_route(mode):
     return old
 
 
-def bench_wide_heads(rec: Recorder, B=1, H=16, N=8192, cases=None, iters=10):
+def bench_wide_heads(rec: Recorder, B=1, H=16, N=8192, cases=None, iters=10, others=True):
     """Forward at wide heads, (1, 16, 8192, D): the warp-specialised Hopper
     kernel (attention_fwd_ws) side by side with the route it replaces
     (attention_fwd_mma), mx.fast SDPA and torch SDPA, same inputs, one run.
     FLOPs 2*B*H*N^2*(Dqk + Dv), halved under causal. ws_calls counts the
-    calls that reached attention_fwd_ws in the ws timing (the route check)."""
+    calls that reached attention_fwd_ws in the ws timing (the route check).
+    others=False: the ws kernel alone (tile variants, cuda_fwd_ws's knobs)."""
     from mlx_flash.backends import cuda_fwd_ws
 
     for (D, Dv), dname, causal in cases or WIDE_HEADS_CASES:
@@ -375,7 +376,9 @@ def bench_wide_heads(rec: Recorder, B=1, H=16, N=8192, cases=None, iters=10):
         flops = 2 * B * H * N * N * (D + Dv) * (0.5 if causal else 1.0)
         mask = "causal" if causal else None
         ours = lambda: mlx_flash.flash_attention(q, k, v, causal=causal)
-        row = dict(section="wide_heads", dtype=dname, shape=[B, H, N, D, Dv], causal=causal)
+        row = dict(section="wide_heads", dtype=dname, shape=[B, H, N, D, Dv], causal=causal,
+                   ws_keys=cuda_fwd_ws.keys_per_tile(cuda_fwd_ws.AttentionSpec(
+                       B, H, H, N, N, D, Dv, dtype, D ** -0.5, window_right=0 if causal else -1)))
         calls = []
         forward = cuda_fwd_ws.forward
         cuda_fwd_ws.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
@@ -383,6 +386,9 @@ def bench_wide_heads(rec: Recorder, B=1, H=16, N=8192, cases=None, iters=10):
         try:
             t_ws, m_ws = time_mlx(ours, iters=iters)
             row.update(ws_ms=t_ws * 1e3, ws_tflops=flops / t_ws / 1e12, ws_peak_mib=m_ws, ws_calls=len(calls))
+            if not others:
+                rec.add(**row)
+                continue
             _wide_route("0")
             t_old, m_old = time_mlx(ours, iters=iters)
             row.update(old_route_ms=t_old * 1e3, old_route_tflops=flops / t_old / 1e12, ratio_vs_old_route=t_old / t_ws)
