@@ -65,14 +65,18 @@ def bench(path: str, cases: str | None, others: bool = True):
     from mlx_flash.bench import cuda as bc
 
     chosen = None if not cases else [bc.WIDE_HEADS_CASES[int(i)] for i in cases.split(",")]
-    rec = bc.Recorder()
-    try:
-        bc.bench_wide_heads(rec, cases=chosen, others=others)
-    finally:
-        with open(path, "w") as f:
-            json.dump({"card": _card(), "mlx": mx.__version__,
-                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rec.rows}, f, indent=1)
-        print(f"wrote {path}")
+    card = _card()
+
+    class Saving(bc.Recorder):
+        """Rewrites the JSON after every row: a job killed at its time limit keeps what it measured."""
+
+        def add(self, **row):
+            super().add(**row)
+            with open(path, "w") as f:
+                json.dump({"card": card, "mlx": mx.__version__,
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": self.rows}, f, indent=1)
+
+    bc.bench_wide_heads(Saving(), cases=chosen, others=others)
 
 
 if __name__ == "__main__":
