@@ -1,7 +1,7 @@
 """GPU check of the warp-specialised forward at wide heads (96, 192, 256,
 192 / 128): kernel builds in parallel processes, then its timing.
 
-    python3 tools/cuda_ws_wide_check.py build I N   # share I of N of the kernels (tiny calls)
+    python3 tools/cuda_ws_wide_check.py build I N [J,K,..]   # share I of N of the kernels (tiny calls), or jobs J, K
     python3 tools/cuda_ws_wide_check.py bench OUT.json [CASES [ws_only]]   # bench.cuda's wide_heads section
 
 build fills MLX's on-disk kernel cache (MLX_PTX_CACHE_DIR, fresh per run:
@@ -28,10 +28,13 @@ import mlx_flash  # noqa: E402
 from mlx_flash.backends import cuda_fwd_ws as ws  # noqa: E402
 
 
-def build(index: int, count: int):
+def build(index: int, count: int, only: str | None = None):
+    """Builds share `index` of `count` of the jobs (dtype, pair, causal, route),
+    pair-major, or with `only` the listed job indices (comma-separated)."""
     jobs = [(dt, pair, causal, mode) for pair in ws.WIDE_PAIRS for dt in (mx.float16, mx.bfloat16)
             for causal in (False, True) for mode in ("all", "0")]
-    for dt, (d, dv), causal, mode in jobs[index::count]:
+    chosen = [jobs[int(i)] for i in only.split(",")] if only else jobs[index::count]
+    for dt, (d, dv), causal, mode in chosen:
         ws.WIDE_MODE = mode
         q = mx.random.normal((1, 2, 200, d)).astype(dt)
         k = mx.random.normal((1, 2, 200, d)).astype(dt)
@@ -81,6 +84,6 @@ def bench(path: str, cases: str | None, others: bool = True):
 
 if __name__ == "__main__":
     if sys.argv[1] == "build":
-        build(int(sys.argv[2]), int(sys.argv[3]))
+        build(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
     else:
         bench(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None, "ws_only" not in sys.argv[4:])
