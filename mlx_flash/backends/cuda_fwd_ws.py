@@ -77,8 +77,8 @@ WIDE_STAGES = 2
 # The wide pairs routed here by default: those whose float64 checks passed on
 # the H200 (2026-12-04 round A: test_ws_wide_forward_on_gpu 40/40, fp16 and
 # bf16, dense / causal / windows; non-finite 15/15) and that timed faster
-# than attention_fwd_mma, the route they replace (1.95-2.6x at N = 8192,
-# docs/cuda.md, benchmarks/results/cuda_wide_heads_ws_nvidia_h200.json).
+# than attention_fwd_mma, the route they replace (1.95-2.85x at N = 8192 in
+# rounds A and B, docs/cuda.md, benchmarks/results/cuda_wide_heads_ws_nvidia_h200.json).
 WIDE_CHECKED: tuple = ((256, 256), (192, 192), (192, 128), (96, 96))
 _WIDE = os.environ.get("MLX_FLASH_CUDA_FWD_WS_WIDE", "auto")
 if _WIDE not in ("0", "auto", "all"):
