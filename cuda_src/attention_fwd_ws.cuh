@@ -1,5 +1,6 @@
 // Hopper (sm_90a) FlashAttention forward with warp specialisation, fp16/bf16,
-// head dims 64 and 128 (Dqk = Dv), no mask arrays, no softcap/ALiBi/sinks,
+// head dims 64 and 128 (Dqk = Dv) and the wide heads 96, 192, 256 and
+// Dqk 192 / Dv 128 (DeepSeek-style), no mask arrays, no softcap/ALiBi/sinks,
 // dense batches (no varlen, no key ranges); causal and sliding windows come
 // through the logit rules. Every other call runs attention_fwd_wgmma.
 //
@@ -25,6 +26,16 @@
 // come first. Logits stay raw until the softmax: one FFMA per element forms
 // scale * log2(e) * s - max (the host routes only scale > 0 here).
 //
+// Wide heads: every [rows][dim] tile in shared memory is ceil(dim / 64)
+// swizzled 64-column blocks (the layout wgmma.cuh describes), each loaded by
+// its own TMA box; at D = 96 the second block's last 32 columns are the TMA's
+// zero fill and no product reads them. The O accumulator (Dv / 2 fp32 per
+// thread) grows with the head, so the key tile shrinks to keep S (BN / 2) and
+// P (BN / 4) beside it within the consumers' 240 registers: 80 keys at
+// D = 256 (64 under causal / window rules, whose drop bits need registers
+// too), 96 at D = 192, 128 at Dv 128 or 96. wgmma_wide.cuh holds the
+// m64nN shapes this takes.
+//
 // Registers: the launch bound (384 threads, one block per SM) gives 168 per
 // thread before setmaxnreg; a __launch_bounds__ declaration of each instance MLX builds
 // (the kernel name is MLX's "custom_kernel_" + name + template values) sits
@@ -33,6 +44,7 @@
 
 #include "attention_fwd_wgmma.cuh"
 #include "tma.cuh"
+#include "wgmma_wide.cuh"
 
 namespace mlx_flash {
 
@@ -98,10 +110,13 @@ enum WsTrace {
   kTrItems
 };
 
-// Dynamic shared memory of the forward (bytes): Q [128][D], STAGES K and V
-// tiles [BN][D], plus 1 KiB to align the swizzled tiles to 1024 bytes.
-__host__ __device__ constexpr int ws_fwd_smem(int d, int bn, int stages) {
-  return 2 * (128 * d + 2 * stages * bn * d) + 1024;
+// Columns of a head dim in shared memory: whole 64-column swizzle blocks.
+__host__ __device__ constexpr int ws_cols(int d) { return (d + 63) / 64 * 64; }
+// Dynamic shared memory of the forward (bytes): Q [128][D], STAGES K tiles
+// [BN][D] and V tiles [BN][DV] (columns rounded up to 64), plus 1 KiB to
+// align the swizzled tiles to 1024 bytes.
+__host__ __device__ constexpr int ws_fwd_smem(int d, int dv, int bn, int stages) {
+  return 2 * (128 * ws_cols(d) + stages * bn * (ws_cols(d) + ws_cols(dv))) + 1024;
 }
 
 // Box (inner, row, slab) of a 3-D tensor map into shared memory; completes on `bar`.
@@ -171,15 +186,16 @@ __device__ __forceinline__ void ws_issue_s(float (&s)[BN / 2], unsigned q_addr, 
   wgmma_commit();
 }
 
-// O += P V issued (not waited) over BN / 16 k-steps (wg_issue_pv's, descriptors from WsDesc).
-template <typename T, int D, int BN>
-__device__ __forceinline__ void ws_issue_pv(float (&o)[D / 2], unsigned (&pa)[BN / 16][4], unsigned v_addr) {
+// O += P V issued (not waited) over BN / 16 k-steps (wg_issue_pv's, descriptors
+// from WsDesc); DV: V's columns, the wgmma's N (96 reads one and a half blocks).
+template <typename T, int DV, int BN>
+__device__ __forceinline__ void ws_issue_pv(float (&o)[DV / 2], unsigned (&pa)[BN / 16][4], unsigned v_addr) {
   wgmma_pin(o);
   wgmma_pin(pa);
   const WsDesc vd(v_addr, BN * 128, 1024);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) Wgmma<T, D>::template rs<1>(o, pa[kk], vd.at(kk * 16 * 128), 1);
+  for (int kk = 0; kk < BN / 16; ++kk) Wgmma<T, DV>::template rs<1>(o, pa[kk], vd.at(kk * 16 * 128), 1);
   wgmma_commit();
 }
 
@@ -252,15 +268,15 @@ __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[
 
 // O *= alpha (skipped for a warp whose rows all kept their maxima), then P
 // (fp32, in S's registers) packed into A fragments, dropped pairs marked -0.
-template <typename T, int D, int BN, bool kRules>
-__device__ __forceinline__ void ws_rescale_pack(float (&o)[D / 2], const float (&s)[BN / 2],
+template <typename T, int DV, int BN, bool kRules>
+__device__ __forceinline__ void ws_rescale_pack(float (&o)[DV / 2], const float (&s)[BN / 2],
                                                 unsigned (&pa)[BN / 16][4], const float (&alpha)[2],
                                                 const WsDrop<BN>& drop) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     if (!__all_sync(0xffffffffu, alpha[half] == 1.f)) {
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
+      for (int n = 0; n < DV / 8; ++n) {
         o[4 * n + 2 * half] *= alpha[half];
         o[4 * n + 2 * half + 1] *= alpha[half];
       }
@@ -283,28 +299,35 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[D / 2], const float (
   }
 }
 
-// q, k, v: [B, H(kv), N, D]; tmpl: the Q, K, V tensor-map templates (3-D:
-// D, N, B * heads; 128-byte swizzle, boxes of 64 x 128 (Q) or 64 x BN) and
-// the heads per section of the work order (16 bytes);
-// BN: keys per tile (128; 176 at D = 128, where S, P and O still fit 240 registers);
+// q, k: [B, H(kv), N, D], v: [B, Hkv, N, DV]; tmpl: the Q, K, V tensor-map
+// templates (3-D: D or DV, N, B * heads; 128-byte swizzle, boxes of 64 x 128
+// (Q) or 64 x BN) and the heads per section of the work order (16 bytes);
+// BN: keys per tile (128; 176 at D = 128, where S, P and O still fit 240
+// registers; 80 at D = 256 and 96 at D = 192, see the top);
 // tmaps: kWsSlotBytes per block, where the block publishes them (and its trace).
 // tk: two zeroed uint32 tickets (the dynamic schedule's item counter and its
 // count of finished blocks; the last block to finish zeroes both again).
-template <class F, int D, int BN, int STAGES, typename T>
+template <class F, int D, int DV, int BN, int STAGES, typename T>
 __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
                                  const unsigned char* tmpl, const unsigned* tk, T* out, float* lse,
                                  unsigned char* tmaps) {
-  static_assert(D == 64 || D == 128, "warp-specialised forward: head dim 64 or 128");
-  static_assert(BN == 128 || (BN == 176 && D == 128), "warp-specialised forward: 128-key tiles (176 at D = 128)");
+  static_assert(((D == 64 || D == 96 || D == 128 || D == 192 || D == 256) && DV == D) || (D == 192 && DV == 128),
+                "warp-specialised forward: head dims 64, 96, 128, 192, 256 (Dqk = Dv) or 192 / 128");
+  static_assert(BN == 128 || (BN == 176 && D <= 128 && DV <= 128) || ((BN == 96 || BN == 112) && DV == 192) ||
+                    ((BN == 80 || BN == 64) && DV == 256),
+                "warp-specialised forward: 128-key tiles (176 up to D = 128, 96 / 112 at Dv 192, 80 / 64 at Dv 256)");
+  static_assert(ws_fwd_smem(D, DV, BN, STAGES) <= 227 * 1024, "warp-specialised forward: shared memory");
   static_assert(!F::ElementRules && !F::Sinks && !F::Varlen && !F::KeyRange,
                 "warp-specialised forward: window/causal rules only");
   using MT = bool;
   constexpr int BM = 128;
-  constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
+  // Whole 64-column blocks of each operand (TMA boxes of 64 columns).
+  constexpr int QK_BLOCKS = ws_cols(D) / 64, V_BLOCKS = ws_cols(DV) / 64;
+  constexpr int Q_BYTES = BM * ws_cols(D) * 2, KV_BYTES = BN * ws_cols(D) * 2, V_BYTES = BN * ws_cols(DV) * 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* Ks = Qs + Q_BYTES;            // STAGES K tiles
-  unsigned char* Vs = Ks + STAGES * KV_BYTES;  // STAGES V tiles
+  unsigned char* Vs = Ks + STAGES * KV_BYTES;  // STAGES V tiles (V_BYTES each)
   __shared__ __align__(128) unsigned char tm_stage[kWsTmapBytes];
   __shared__ __align__(8) unsigned long long q_full, q_empty, k_full[STAGES], k_empty[STAGES], v_full[STAGES],
       v_empty[STAGES];
@@ -389,16 +412,16 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       mbar_wait(&k_empty[st], ((kv / STAGES) & 1) ^ 1);
       mbar_expect_tx(&k_full[st], KV_BYTES);
 #pragma unroll
-      for (int a = 0; a < D / 64; ++a)
+      for (int a = 0; a < QK_BLOCKS; ++a)
         ws_tma_load_3d(Ks + st * KV_BYTES + a * BN * 128, tm_k, a * 64, jt, slab, &k_full[st]);
     };
     auto load_v = [&](int jt, int slab) {
       const int st = kv % STAGES;
       mbar_wait(&v_empty[st], ((kv / STAGES) & 1) ^ 1);
-      mbar_expect_tx(&v_full[st], KV_BYTES);
+      mbar_expect_tx(&v_full[st], V_BYTES);
 #pragma unroll
-      for (int a = 0; a < D / 64; ++a)
-        ws_tma_load_3d(Vs + st * KV_BYTES + a * BN * 128, tm_v, a * 64, jt, slab, &v_full[st]);
+      for (int a = 0; a < V_BLOCKS; ++a)
+        ws_tma_load_3d(Vs + st * V_BYTES + a * BN * 128, tm_v, a * 64, jt, slab, &v_full[st]);
       ++kv;
     };
     const bool dynamic = reinterpret_cast<const int*>(tmpl + kWsTmapBytes)[2] != 0;
@@ -416,7 +439,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       *reinterpret_cast<volatile int*>(&next_item) = w;
       mbar_expect_tx(&q_full, Q_BYTES);
 #pragma unroll
-      for (int a = 0; a < D / 64; ++a) ws_tma_load_3d(Qs + a * BM * 128, tm_q, a * 64, it.i0, it.b * Hq + it.h, &q_full);
+      for (int a = 0; a < QK_BLOCKS; ++a) ws_tma_load_3d(Qs + a * BM * 128, tm_q, a * 64, it.i0, it.b * Hq + it.h, &q_full);
       // The next item, claimed now so that the atomic's latency hides under this one's loads.
       const int next = dynamic ? gridDim.x + atomicAdd(tickets, 1u) : w + gridDim.x;
       for (int t = 0; t < it.tiles; ++t) {
@@ -464,7 +487,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     }
   };
 
-  float o[D / 2];
+  float o[DV / 2];
   float row_max[2], row_sum[2], alpha[2];
   float s[BN / 2];
   unsigned pa[BN / 16][4];
@@ -490,7 +513,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     const int i_row = i0 + wg * 64 + (warp % 4) * 16 + g;  // this thread's first row (the other: + 8)
     const long q_base = (long)(it.b * Hq + it.h) * nq;
 #pragma unroll
-    for (int r = 0; r < D / 2; ++r) o[r] = 0.f;
+    for (int r = 0; r < DV / 2; ++r) o[r] = 0.f;
     row_max[0] = row_max[1] = kNegInf;
     row_sum[0] = row_sum[1] = 0.f;
 
@@ -505,14 +528,14 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     };
     auto rescale_pack = [&](bool ruled) {
       if (ruled)
-        ws_rescale_pack<T, D, BN, true>(o, s, pa, alpha, drop);
+        ws_rescale_pack<T, DV, BN, true>(o, s, pa, alpha, drop);
       else
-        ws_rescale_pack<T, D, BN, false>(o, s, pa, alpha, drop);
+        ws_rescale_pack<T, DV, BN, false>(o, s, pa, alpha, drop);
     };
     // Whether the P V of tile t (V landed) must be exact: it drops keys and its V holds a NaN or inf.
     auto exact_pv = [&](int t, int st) {
       return needs_rules(tile_start(t)) &&
-             ws_warpgroup_or(2 + wg, ws_chunks_nonfinite<T, BN, D>(Vs + st * KV_BYTES, wt));
+             ws_warpgroup_or(2 + wg, ws_chunks_nonfinite<T, BN, DV>(Vs + st * V_BYTES, wt));
     };
 
     if (tiles > 0) {
@@ -536,7 +559,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
         mbar_wait(&k_full[st], (c / STAGES) & 1);
         turn_begin();
         ws_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
-        if (!exact) ws_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + pst * KV_BYTES));
+        if (!exact) ws_issue_pv<T, DV, BN>(o, pa, smem_addr(Vs + pst * V_BYTES));
         if (!exact) {
           wgmma_wait<1>();  // S(t) landed; P V of tile t-1 runs on under the softmax
         } else {
@@ -553,7 +576,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
         // The exact P V of tile t-1 where its products were not issued: after
         // the wait, where O's registers are written anyway (its rescale); an
         // exact product anywhere else made ptxas serialise every wgmma.
-        if (exact) wg_exact_pv<T, D, BN>(o, pa, Vs + pst * KV_BYTES);
+        if (exact) wg_exact_pv<T, DV, BN>(o, pa, Vs + pst * V_BYTES);
         if (signals) ws_mbar_arrive(&v_empty[pst]);
         rescale_pack(ruled);
       }
@@ -563,12 +586,12 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       mbar_wait(&v_full[lst], (c / STAGES) & 1);
       const bool exact = exact_pv(tiles - 1, lst);
       turn_begin();
-      if (!exact) ws_issue_pv<T, D, BN>(o, pa, smem_addr(Vs + lst * KV_BYTES));
+      if (!exact) ws_issue_pv<T, DV, BN>(o, pa, smem_addr(Vs + lst * V_BYTES));
       wgmma_wait<0>();
       turn_end(true);
       wgmma_pin(o);
       wgmma_pin(pa);
-      if (exact) wg_exact_pv<T, D, BN>(o, pa, Vs + lst * KV_BYTES);
+      if (exact) wg_exact_pv<T, DV, BN>(o, pa, Vs + lst * V_BYTES);
       if (signals) ws_mbar_arrive(&v_empty[lst]);
       kv += tiles;
       if (threadIdx.x == 0 && n == 0) ws_trace(tmpl, tmaps, kTrLoopEnd, clock64());
@@ -587,9 +610,9 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       const bool empty = sum == 0.f;
       const int i = i_row + 8 * half;
       if (i >= nq) continue;
-      T* orow = out + (q_base + i) * D;
+      T* orow = out + (q_base + i) * DV;
 #pragma unroll
-      for (int n8 = 0; n8 < D / 8; ++n8) {
+      for (int n8 = 0; n8 < DV / 8; ++n8) {
         const int col = n8 * 8 + 2 * t4;
         *reinterpret_cast<unsigned*>(orow + col) =
             empty ? 0u : pack2<T>(o[4 * n8 + 2 * half] * inv, o[4 * n8 + 2 * half + 1] * inv);
@@ -607,7 +630,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
 
 // The launch bound of every instance the backend builds (see the top): MLX
 // names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
-// template values (BF16, D, WINDOW, STAGES, BN as _t/_f and numbers), and declares
+// template values (BF16, D, DV, WINDOW, STAGES, BN as _t/_f and numbers), and declares
 // its parameters as below (inputs q, k, v, ip, fp, tmpl, tk; outputs out, lse, tmaps;
 // int, unsigned char and unsigned are the int32_t, uint8_t and uint32_t MLX writes).
 #define MLX_FLASH_WS_DECLARE(SUFFIX, TT)                                                                    \
@@ -615,23 +638,43 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       const TT* q, const TT* k, const TT* v, const int* ip, const float* fp, const unsigned char* tmpl,       \
       const unsigned* tk, TT* out, float* lse, unsigned char* tmaps);
 namespace mlx::core::cu {
-MLX_FLASH_WS_DECLARE(_f_128_f_2_128, __half)
-MLX_FLASH_WS_DECLARE(_f_128_t_2_128, __half)
-MLX_FLASH_WS_DECLARE(_f_128_f_3_128, __half)
-MLX_FLASH_WS_DECLARE(_f_128_t_3_128, __half)
-MLX_FLASH_WS_DECLARE(_f_128_f_2_176, __half)
-MLX_FLASH_WS_DECLARE(_f_64_f_2_128, __half)
-MLX_FLASH_WS_DECLARE(_f_64_t_2_128, __half)
-MLX_FLASH_WS_DECLARE(_f_64_f_4_128, __half)
-MLX_FLASH_WS_DECLARE(_f_64_t_4_128, __half)
-MLX_FLASH_WS_DECLARE(_t_128_f_2_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_t_2_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_f_3_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_t_3_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_128_f_2_176, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_f_2_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_t_2_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_f_4_128, __nv_bfloat16)
-MLX_FLASH_WS_DECLARE(_t_64_t_4_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_f_64_64_f_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_t_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_f_4_128, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_t_4_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_128_f_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_128_t_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_128_f_2_176, __half)
+MLX_FLASH_WS_DECLARE(_f_128_128_f_3_128, __half)
+MLX_FLASH_WS_DECLARE(_f_128_128_t_3_128, __half)
+MLX_FLASH_WS_DECLARE(_f_96_96_f_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_96_96_t_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_96_96_f_2_176, __half)
+MLX_FLASH_WS_DECLARE(_f_192_192_f_2_96, __half)
+MLX_FLASH_WS_DECLARE(_f_192_192_t_2_96, __half)
+MLX_FLASH_WS_DECLARE(_f_192_192_f_2_112, __half)
+MLX_FLASH_WS_DECLARE(_f_256_256_f_2_80, __half)
+MLX_FLASH_WS_DECLARE(_f_256_256_t_2_64, __half)
+MLX_FLASH_WS_DECLARE(_f_192_128_f_2_128, __half)
+MLX_FLASH_WS_DECLARE(_f_192_128_t_2_128, __half)
+MLX_FLASH_WS_DECLARE(_t_64_64_f_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_t_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_f_4_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_128_f_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_128_t_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_128_f_2_176, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_128_f_3_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_128_t_3_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_96_96_f_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_96_96_t_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_96_96_f_2_176, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_192_192_f_2_96, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_192_192_t_2_96, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_192_192_f_2_112, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_256_256_f_2_80, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_256_256_t_2_64, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_192_128_f_2_128, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_192_128_t_2_128, __nv_bfloat16)
 }  // namespace mlx::core::cu
 #undef MLX_FLASH_WS_DECLARE

@@ -627,6 +627,20 @@ def _ws_instances():
                             if name not in seen:
                                 seen.add(name)
                                 yield name, T, template
+            # The wide heads: a tile plan per (Dqk, Dv), dense and windowed,
+            # and the dense tiles MLX_FLASH_CUDA_FWD_WS_KEYS_D96 / _D192 choose.
+            wide_keys = dict(cuda_fwd_ws.WIDE_KEYS)
+            for D, DV in cuda_fwd_ws.WIDE_PAIRS:
+                for keys in cuda_fwd_ws._KEY_CHOICES.get(D if D == DV else 0, (wide_keys[(D, DV)],)):
+                    cuda_fwd_ws.WIDE_KEYS[(D, DV)] = keys
+                    for window in (False, True):
+                        spec = AttentionSpec(1, 1, 1, 256, 256, D, DV, T, D ** -0.5, window_right=0 if window else -1)
+                        template = cuda_fwd_ws.template(spec)
+                        name = cuda_fwd_ws.mlx_kernel_name(template)
+                        if name not in seen:
+                            seen.add(name)
+                            yield name, T, template
+                cuda_fwd_ws.WIDE_KEYS.update(wide_keys)
     finally:
         stages, cuda_fwd_ws.KEYS_DENSE_D128 = knobs
         cuda_fwd_ws.STAGES.update(stages)
@@ -644,8 +658,8 @@ def test_ws_forward_declares_each_instance_launch_bound():
     names = {name for name, _, _ in _ws_instances()}
     assert names == declared
     assert f"__launch_bounds__({cuda_fwd_ws.THREADS}, 1)" in header
-    assert cuda_fwd_ws.mlx_kernel_name([("BF16", True), ("D", 128), ("WINDOW", False), ("STAGES", 2),
-                                        ("BN", 176)]) == "custom_kernel_mlx_flash_attention_fwd_ws_t_128_f_2_176"
+    assert cuda_fwd_ws.mlx_kernel_name([("BF16", True), ("D", 128), ("DV", 128), ("WINDOW", False), ("STAGES", 2),
+                                        ("BN", 176)]) == "custom_kernel_mlx_flash_attention_fwd_ws_t_128_128_f_2_176"
 
 
 def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
@@ -680,6 +694,39 @@ def test_ws_forward_serves_only_calls_without_extras(monkeypatch):
     monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
     monkeypatch.setattr(cuda_fwd_ws, "_tma_available", lambda: False)
     assert not cuda_fwd_ws.serves(base)
+
+
+def test_ws_forward_serves_wide_heads(monkeypatch):
+    """Wide heads (96, 192, 256, 192 / 128; fp16/bf16): the pairs in WIDE_CHECKED
+    by default, every pair under MLX_FLASH_CUDA_FWD_WS_WIDE=all (or the
+    unchecked mode MLX_FLASH_CUDA_FWD_WS=all), none under =0; other head dims,
+    float32 and extras never; always one block per item."""
+    from mlx_flash._spec import AttentionSpec
+    from mlx_flash.backends import cuda_fwd_ws
+
+    monkeypatch.setattr(cuda_fwd_ws, "_tma_available", lambda: True)
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
+    monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", True)
+    monkeypatch.setattr(cuda_fwd_ws, "WIDE_CHECKED", ((256, 256),))
+    spec = lambda d, dv, **kw: AttentionSpec(1, 4, 2, 1000, 1000, d, dv, mx.float16, d ** -0.5)._replace(**kw)
+    pairs = [spec(d, dv) for d, dv in cuda_fwd_ws.WIDE_PAIRS]
+    never = [spec(160, 160), spec(256, 128), spec(128, 192), spec(512, 512), spec(256, 256, dtype=mx.float32),
+             spec(256, 256, softcap=5.0), spec(192, 128, has_sinks=True), spec(96, 96, mask_kind="bool")]
+    for mode, want in (("auto", [p.head_dim_qk == 256 for p in pairs]), ("all", [True] * 4), ("0", [False] * 4)):
+        monkeypatch.setattr(cuda_fwd_ws, "WIDE_MODE", mode)
+        assert [cuda_fwd_ws.serves(p) for p in pairs] == want, mode
+        assert not any(cuda_fwd_ws.serves(s) for s in never), mode
+    monkeypatch.setattr(cuda_fwd_ws, "WIDE_MODE", "auto")
+    monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", False)
+    assert all(cuda_fwd_ws.serves(p) for p in pairs)
+    assert all(cuda_fwd_ws.serves(p._replace(window_right=0, dtype=mx.bfloat16)) for p in pairs)
+    monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
+    assert all(not cuda_fwd_ws.persistent(d) for d in (96, 192, 256)) and cuda_fwd_ws.persistent(128)
+    # Tiles: 80 keys at D 256 (64 under rules), 96 at D 192, 128 at Dv 128 and D 96; within 227 KiB.
+    assert [cuda_fwd_ws.keys_per_tile(p) for p in pairs] == [128, 96, 80, 128]
+    assert cuda_fwd_ws.keys_per_tile(spec(256, 256, window_right=0)) == 64
+    for p in pairs:
+        assert cuda_fwd_ws.smem_bytes(p.head_dim_qk, cuda_fwd_ws.keys_per_tile(p), p.head_dim_v) <= 227 * 1024
 
 
 def test_ws_forward_grid(monkeypatch):
@@ -986,3 +1033,70 @@ def test_ws_forward_on_gpu(kind, feature, grid, monkeypatch):
         plain = plain_errors(q, k, v, randn(gen, out.shape, dtype), options, dtype)
         check_close("out", to_np(out), want, dtype, plain)
         check_close("lse", to_np(lse), want, dtype, plain)
+
+
+# Wide heads on the warp-specialised forward: (Dqk, Dv) of cuda_fwd_ws.WIDE_PAIRS,
+# fp16/bf16, one block per item (their only grid), out and lse poisoned with NaN
+# first, so a row or column the kernel leaves unwritten fails. Shapes: odd sizes,
+# Nq != Nk both ways, GQA, a row block past the keys, several tiles with a tail.
+_WS_WIDE_SHAPES = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 1, 1, 300, 4103),
+                   (2, 3, 1, 257, 700)]
+_WS_WIDE_KINDS = [(dt, d, dv) for d, dv in ((256, 256), (192, 192), (192, 128), (96, 96))
+                  for dt in (mx.float16, mx.bfloat16)]
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
+@pytest.mark.parametrize("feature", ["none", "causal", "window_both", "window_left", "window_right_only"])
+@pytest.mark.parametrize("kind", _WS_WIDE_KINDS, ids=lambda k: f"{str(k[0]).split('.')[-1]}-D{k[1]}-{k[2]}")
+def test_ws_wide_forward_on_gpu(kind, feature, monkeypatch):
+    import mlx_flash
+    from helpers import check_close, plain_errors, qkv, randn, rng, to_np
+    from mlx_flash.backends import cuda_fwd_ws
+    from reference_np import attention_np
+
+    dtype, D, Dv = kind
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
+    monkeypatch.setattr(cuda_fwd_ws, "WIDE_MODE", "all")  # whatever WIDE_CHECKED holds
+    monkeypatch.setattr(cuda_fwd_ws, "POISON_OUTPUTS", True)
+    calls = []
+    forward = cuda_fwd_ws.forward
+    monkeypatch.setattr(cuda_fwd_ws, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    for shape in _WS_WIDE_SHAPES:
+        B, Hq, Hkv, Nq, Nk = shape
+        gen = rng("ws-wide-gpu", str(dtype), D, Dv, feature, shape)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype)
+        options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+        before = len(calls)
+        out, lse = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
+        mx.eval(out, lse)
+        assert len(calls) == before + 1, f"{shape}: not routed to attention_fwd_ws"
+        want = attention_np(q, k, v, **options)
+        plain = plain_errors(q, k, v, randn(gen, out.shape, dtype), options, dtype)
+        check_close("out", to_np(out), want, dtype, plain)
+        check_close("lse", to_np(lse), want, dtype, plain)
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
+@pytest.mark.parametrize("pair", [(256, 256), (192, 128), (96, 96)], ids=lambda p: f"D{p[0]}-{p[1]}")
+@pytest.mark.parametrize("case", nonfinite_cases.PREFILL_CASES)
+def test_ws_wide_nonfinite_on_gpu(case, pair, monkeypatch):
+    """The non-finite contract (issue 13) on the wide instances, forward only
+    (the backward of these heads is another kernel's)."""
+    from mlx_flash._spec import validate_attention
+    from mlx_flash.backends import cuda_fwd_ws
+    from reference_np import attention_np
+
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
+    monkeypatch.setattr(cuda_fwd_ws, "WIDE_MODE", "all")
+    D, Dv = pair
+    q, k, v, do, options = nonfinite_cases.prefill_case(case, mx.float16, D=D, size="small")
+    if Dv != D:
+        v = v[..., :Dv]
+    spec, inputs = validate_attention(q, k, v, **options)
+    if not cuda_fwd_ws.serves(spec):
+        pytest.skip("a case with extras: not the warp-specialised kernel's")
+    out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.gpu)
+    mx.eval(out, lse)
+    want = attention_np(q, k, v, **options)
+    nonfinite_cases.check_contract("out", np.array(out.astype(mx.float32)), want, mx.float16)
+    nonfinite_cases.check_contract("lse", np.array(lse), want, mx.float32)

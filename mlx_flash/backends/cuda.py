@@ -485,6 +485,13 @@ def _uses_wgmma(spec: AttentionSpec, backward: bool = False) -> bool:
             and spec.head_dim_qk in (64, 128) and _is_hopper())
 
 
+def _uses_ws(spec: AttentionSpec) -> bool:
+    """Hopper calls the warp-specialised forward may take (cuda_fwd_ws.serves
+    decides): the wgmma kernel's, and the wide heads (96, 192, 256, 192 / 128)
+    that would otherwise run on attention_fwd_mma."""
+    return _WGMMA and _uses_mma(spec) and _is_hopper()
+
+
 # Warps of the mma forward for head dims <= 128, and whether each warp takes
 # two 16-row tiles (attention_fwd_mma2) instead of one.
 _FWD_WARPS = int(os.environ.get("MLX_FLASH_CUDA_FWD_WARPS", "4"))
@@ -501,11 +508,12 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     template = list(_forward_template(spec, inputs.mask.dtype if inputs.mask is not None else mx.bool_))
     if not _uses_mma(spec):  # decode-like or float32 (the Hopper kernels are tensor-core kernels too)
         return _forward_simt(args, template, spec, out_shape, lse_shape, stream)
-    if _uses_wgmma(spec):
+    if _uses_ws(spec):
         from . import cuda_fwd_ws  # the warp-specialised kernel serves the calls without extras
 
         if cuda_fwd_ws.serves(spec):
             return cuda_fwd_ws.forward(q, k, v, spec, out_shape, lse_shape, stream)
+    if _uses_wgmma(spec):
         bn, stages, row_blocks, kernel = _wgmma_fwd_config(spec, _WGMMA_BN, _WGMMA_STAGES)
         out, lse = kernel(
             inputs=args, template=template + [("BN", bn), ("STAGES", stages)],

@@ -1,19 +1,22 @@
 """The warp-specialised Hopper forward (cuda_src/attention_fwd_ws.cuh): which
 calls it serves, its tensor-map templates and its launch.
 
-It serves fp16/bf16 calls with Dqk = Dv in {64, 128} on sm_90 that carry no
+It serves fp16/bf16 calls with Dqk = Dv in {64, 128} on sm_90, and the wide
+heads (Dqk, Dv) in WIDE_PAIRS (96, 192, 256 and DeepSeek's 192 / 128), that carry no
 optional array and no logit rule beyond causal / sliding windows: no mask,
 block mask, softcap, ALiBi, sinks, varlen or key ranges, and a positive
 scale (the kernel folds scale * log2(e) into its exponent and row maxima).
 Every other Hopper call keeps attention_fwd_wgmma (backends/cuda.py). By
 default fp16/bf16 at D = 128, and at D = 64 with at least MIN_KEYS_D64 keys,
 come here (where it timed faster); MLX_FLASH_CUDA_FWD_WS=all adds the short
-D = 64 calls, =0 routes every call to attention_fwd_wgmma.
+D = 64 calls, =0 routes every call to attention_fwd_wgmma. Wide heads: the
+pairs in WIDE_CHECKED by default, MLX_FLASH_CUDA_FWD_WS_WIDE=all every pair
+of WIDE_PAIRS, =0 none (they keep attention_fwd_mma).
 
 Q, K and V reach the kernel through TMA: per operand a 3-D tensor map
 (head dim, sequence, batch * heads) whose boxes are 64 head dims by 128 rows
-in the 128-byte-swizzled layout wgmma reads, and whose rows past the
-sequence's end read as zeros. The host encodes them with a placeholder
+(BN for K and V) in the 128-byte-swizzled layout wgmma reads, and whose rows
+past the sequence's end (and columns past a head dim of 96) read as zeros. The host encodes them with a placeholder
 address (cuda_matmul's libcuda handle); each block writes the real addresses
 into its slot of the `tmaps` workspace output (cuda_src/tma.cuh).
 """
@@ -52,6 +55,41 @@ CHECKED_ONLY = _MODE == "1"
 MIN_KEYS_D64 = 2048
 
 
+# Wide heads (Dqk, Dv) the kernel takes, each with its key tile: the O
+# accumulator (Dv / 2 fp32 per consumer thread) leaves room for S (BN / 2)
+# and P (BN / 4) within 240 registers at these; shared memory (Q, two K and V
+# tiles) stays within 227 KiB at two stages.
+# MLX_FLASH_CUDA_FWD_WS_KEYS_D96 / _D192 choose the dense tile at D 96 (128 or
+# 176) and D 192 (96 or 112) for timing runs.
+_KEY_CHOICES = {96: (128, 176), 192: (96, 112)}
+WIDE_KEYS = {(96, 96): 128, (192, 192): 96, (256, 256): 80, (192, 128): 128}
+for _d, _choices in _KEY_CHOICES.items():
+    _n = os.environ.get(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D{_d}", str(WIDE_KEYS[(_d, _d)]))
+    if _n not in tuple(map(str, _choices)):
+        raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D{_d}: expected one of {_choices}, got {_n!r}")
+    WIDE_KEYS[(_d, _d)] = int(_n)
+# Under causal / window rules the softmax also keeps the tile's drop bits and
+# the exact P V path is compiled in: at D = 256 an 80-key tile spilled (16 bytes)
+# there, a 64-key one does not.
+WIDE_KEYS_WINDOW = {(96, 96): 128, (192, 192): 96, (256, 256): 64, (192, 128): 128}
+WIDE_PAIRS = tuple(WIDE_KEYS)
+WIDE_STAGES = 2
+# The wide pairs routed here by default: those whose float64 checks passed on
+# the H200 (2026-12-04 round A: test_ws_wide_forward_on_gpu 40/40, fp16 and
+# bf16, dense / causal / windows; non-finite 15/15) and that timed faster
+# than attention_fwd_mma, the route they replace (1.95-2.85x at N = 8192 in
+# rounds A and B, docs/cuda.md, benchmarks/results/cuda_wide_heads_ws_nvidia_h200.json).
+WIDE_CHECKED: tuple = ((256, 256), (192, 192), (192, 128), (96, 96))
+_WIDE = os.environ.get("MLX_FLASH_CUDA_FWD_WS_WIDE", "auto")
+if _WIDE not in ("0", "auto", "all"):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_WIDE: expected 0, auto or all, got {_WIDE!r}")
+WIDE_MODE = _WIDE
+
+
+def wide(spec: AttentionSpec) -> bool:
+    return (spec.head_dim_qk, spec.head_dim_v) in WIDE_KEYS
+
+
 # K/V ring depth per head dim (each stage holds a K and a V tile of 128 keys:
 # 64 KiB at D = 128, 32 KiB at D = 64), and the depths the header declares.
 STAGE_CHOICES = {128: (2, 3), 64: (2, 4)}
@@ -87,6 +125,11 @@ _DYNAMIC = os.environ.get("MLX_FLASH_CUDA_FWD_WS_DYNAMIC", "1")
 if _DYNAMIC not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_DYNAMIC: expected 0 or 1, got {_DYNAMIC!r}")
 DYNAMIC = _DYNAMIC == "1"
+
+# Tests: True fills out and lse with NaN before the kernel runs, so a row or
+# column it leaves unwritten fails the float64 check instead of passing on
+# whatever the allocator held.
+POISON_OUTPUTS = False
 
 # Profiling: a list here makes each call record its blocks' timelines (the
 # kernel's WsTrace slots) and append its workspace output (uint8, SLOT_BYTES
@@ -129,6 +172,10 @@ def sm_count() -> int:
 
 
 def persistent(head_dim: int) -> bool:
+    # Wide heads: one block per item whatever the setting (a persistent run
+    # once showed an unexplained bit mismatch there; their items are long).
+    if head_dim not in STAGES:
+        return False
     return head_dim in PERSISTENT_HEAD_DIMS if PERSISTENT is None else PERSISTENT
 
 
@@ -140,24 +187,40 @@ def blocks_for(items: int, head_dim: int = 128) -> int:
 
 
 def stages(head_dim: int) -> int:
-    return STAGES[head_dim]
+    return STAGES.get(head_dim, WIDE_STAGES)
 
 
 def keys_per_tile(spec: AttentionSpec) -> int:
+    if wide(spec):
+        return (WIDE_KEYS_WINDOW if spec.has_window else WIDE_KEYS)[(spec.head_dim_qk, spec.head_dim_v)]
     if spec.head_dim_qk == 128 and not spec.has_window and stages(128) == 2:
         return KEYS_DENSE_D128
     return 128
 
 
-def smem_bytes(head_dim: int, keys: int) -> int:
+def _cols(d: int) -> int:
+    return -(-d // 64) * 64  # ws_cols: whole 64-column swizzle blocks
+
+
+def smem_bytes(head_dim: int, keys: int, head_dim_v: int | None = None) -> int:
     """ws_fwd_smem() of attention_fwd_ws.cuh."""
-    return 2 * (ROWS * head_dim + 2 * stages(head_dim) * keys * head_dim) + 1024
+    dv = head_dim if head_dim_v is None else head_dim_v
+    return 2 * (ROWS * _cols(head_dim) + stages(head_dim) * keys * (_cols(head_dim) + _cols(dv))) + 1024
+
+
+def _head_dims_served(spec: AttentionSpec) -> bool:
+    pair = (spec.head_dim_qk, spec.head_dim_v)
+    if pair in ((64, 64), (128, 128)):
+        return spec.head_dim_qk == 128 or spec.seqlen_k >= MIN_KEYS_D64 or not CHECKED_ONLY
+    if pair in WIDE_KEYS:
+        return WIDE_MODE == "all" or (WIDE_MODE == "auto" and (pair in WIDE_CHECKED or not CHECKED_ONLY))
+    return False
 
 
 def serves(spec: AttentionSpec) -> bool:
     """Whether the call runs on the warp-specialised kernel (see the module doc)."""
-    checked = spec.head_dim_qk == 128 or spec.seqlen_k >= MIN_KEYS_D64
-    return (_ENABLED and (checked or not CHECKED_ONLY) and spec.softcap == 0 and not spec.has_alibi
+    return (_ENABLED and spec.dtype in (mx.float16, mx.bfloat16) and _head_dims_served(spec)
+            and spec.softcap == 0 and not spec.has_alibi
             and spec.mask_kind == "none" and not spec.has_block_mask and not spec.has_sinks and not spec.varlen
             and not spec.has_key_range and spec.scale > 0 and _tma_available())
 
@@ -190,13 +253,14 @@ def tensor_map_3d(elem_bytes: int, inner: int, rows: int, slabs: int, box_rows: 
 
 
 @functools.lru_cache(maxsize=1024)
-def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int, keys: int,
+def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int, dv: int, keys: int,
                group: int, trace: bool, dynamic: bool) -> mx.array:
     """Q, K, V templates, the heads per section, the trace and dynamic-schedule
     switches as one uint8 input (the kernel's `tmpl`)."""
     tq = tensor_map_3d(2, d, nq, batch * heads_q, ROWS)
     tk = tensor_map_3d(2, d, nk, batch * heads_kv, keys)
-    tmpl = tq + tk + tk + b"".join(int(x).to_bytes(4, "little") for x in (group, trace, dynamic))  # V has K's shape
+    tv = tk if dv == d else tensor_map_3d(2, dv, nk, batch * heads_kv, keys)
+    tmpl = tq + tk + tv + b"".join(int(x).to_bytes(4, "little") for x in (group, trace, dynamic))
     return _cuda.const_array(tuple(tmpl.ljust(TMPL_BYTES, b"\0")), mx.uint8)
 
 
@@ -204,8 +268,8 @@ def template(spec: AttentionSpec) -> list:
     """The kernel's template values. Their order and values make MLX's kernel
     name, which the header's launch-bound declarations spell out: keep them in step."""
     d = spec.head_dim_qk
-    return [("BF16", spec.dtype == mx.bfloat16), ("D", d), ("WINDOW", spec.has_window), ("STAGES", stages(d)),
-            ("BN", keys_per_tile(spec))]
+    return [("BF16", spec.dtype == mx.bfloat16), ("D", d), ("DV", spec.head_dim_v), ("WINDOW", spec.has_window),
+            ("STAGES", stages(d)), ("BN", keys_per_tile(spec))]
 
 
 def mlx_kernel_name(values: list) -> str:
@@ -222,22 +286,23 @@ def _kernel(smem: int):
 
 def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
     """(out, lse) of a call that serves() accepts."""
-    d = spec.head_dim_qk
+    d, dv = spec.head_dim_qk, spec.head_dim_v
     row_blocks = math.ceil(spec.seqlen_q / ROWS)
     ip, fp = _cuda._param_arrays(spec, _cuda._NO_DIMS, _cuda._NO_DIMS)
     keys = keys_per_tile(spec)
-    group = heads_per_section(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_k, d)
+    group = heads_per_section(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_k, (d + dv) // 2)
     items = row_blocks * spec.heads_q * spec.batch
     blocks = blocks_for(items, d)
     dynamic = DYNAMIC and blocks < items
-    tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, keys, group,
+    tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, dv, keys, group,
                       TRACE is not None, dynamic)
     tickets = _cuda._ticket_region(stream) if dynamic else _cuda._placeholder(mx.uint32)
-    out, lse, workspace = _kernel(smem_bytes(d, keys))(
+    out, lse, workspace = _kernel(smem_bytes(d, keys, dv))(
         inputs=[q, k, v, ip, fp, tmpl, tickets], template=template(spec),
         grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[out_shape, lse_shape, (blocks * SLOT_BYTES,)],
-        output_dtypes=[spec.dtype, mx.float32, mx.uint8], stream=stream,
+        output_dtypes=[spec.dtype, mx.float32, mx.uint8], init_value=float("nan") if POISON_OUTPUTS else None,
+        stream=stream,
     )
     if TRACE is not None:
         TRACE.append(workspace)

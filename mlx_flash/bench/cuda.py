@@ -1,6 +1,6 @@
 """CUDA benchmark: mlx_flash vs mx.fast SDPA (cuDNN) vs PyTorch SDPA, one run, one card.
 
-    python -m mlx_flash.bench.cuda [--sections fwd,fwdbwd,features,decode,key_ranges,matmul,wide_decode,wide_prefill] [--out PATH]
+    python -m mlx_flash.bench.cuda [--sections fwd,fwdbwd,features,decode,key_ranges,matmul,wide_decode,wide_prefill,wide_heads] [--out PATH]
 
 Writes cuda_<card>.json (into --out when it is a directory, the current one by
 default; to --out when it names a .json file) and prints one line per
@@ -346,6 +346,85 @@ def bench_wide_prefill(rec: Recorder, dtype=mx.float16, B=1, H=16, N=4096):
         del q, k, v
 
 
+# Wide heads on Hopper (issue 14): (Dqk, Dv) and dtypes, the most telling first.
+WIDE_HEADS_CASES = [((256, 256), "float16", False), ((192, 192), "float16", False), ((192, 128), "float16", False),
+                    ((256, 256), "float16", True), ((96, 96), "float16", False), ((256, 256), "bfloat16", False),
+                    ((192, 192), "float16", True), ((192, 128), "float16", True), ((96, 96), "float16", True)]
+
+
+def _wide_route(mode):
+    """Sets the wide-head route (cuda_fwd_ws.WIDE_MODE: "all" = the
+    warp-specialised forward, "0" = the route before it) and returns the old one."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    old, cuda_fwd_ws.WIDE_MODE = cuda_fwd_ws.WIDE_MODE, mode
+    return old
+
+
+def _torch_sdpa_random(q_shape, k_shape, v_shape, dtype, causal):
+    """A timing closure for torch SDPA on random inputs of these shapes made on
+    the GPU (copying MLX's through the host cost seconds a row at N = 8192)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    tdt = {mx.float16: torch.float16, mx.bfloat16: torch.bfloat16}[dtype]
+    tq, tk, tv = (torch.randn(s, device="cuda", dtype=tdt) for s in (q_shape, k_shape, v_shape))
+    return lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+
+def bench_wide_heads(rec: Recorder, B=1, H=16, N=8192, cases=None, iters=10, others=True):
+    """Forward at wide heads, (1, 16, 8192, D): the warp-specialised Hopper
+    kernel (attention_fwd_ws) side by side with the route it replaces
+    (attention_fwd_mma), mx.fast SDPA and torch SDPA, same inputs, one run.
+    FLOPs 2*B*H*N^2*(Dqk + Dv), halved under causal. ws_calls counts the
+    calls that reached attention_fwd_ws in the ws timing (the route check).
+    others=False: the ws kernel alone (tile variants, cuda_fwd_ws's knobs)."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    for (D, Dv), dname, causal in cases or WIDE_HEADS_CASES:
+        dtype = DTYPES[dname]
+        q, k, v = _mla_qkv(B, H, H, N, N, D, Dv, dtype)
+        flops = 2 * B * H * N * N * (D + Dv) * (0.5 if causal else 1.0)
+        mask = "causal" if causal else None
+        ours = lambda: mlx_flash.flash_attention(q, k, v, causal=causal)
+        row = dict(section="wide_heads", dtype=dname, shape=[B, H, N, D, Dv], causal=causal,
+                   ws_keys=cuda_fwd_ws.keys_per_tile(cuda_fwd_ws.AttentionSpec(
+                       B, H, H, N, N, D, Dv, dtype, D ** -0.5, window_right=0 if causal else -1)))
+        calls = []
+        forward = cuda_fwd_ws.forward
+        cuda_fwd_ws.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
+        old = _wide_route("all")
+        try:
+            t_ws, m_ws = time_mlx(ours, iters=iters)
+            row.update(ws_ms=t_ws * 1e3, ws_tflops=flops / t_ws / 1e12, ws_peak_mib=m_ws, ws_calls=len(calls))
+            if not others:
+                rec.add(**row)
+                continue
+            _wide_route("0")
+            t_old, m_old = time_mlx(ours, iters=iters)
+            row.update(old_route_ms=t_old * 1e3, old_route_tflops=flops / t_old / 1e12, ratio_vs_old_route=t_old / t_ws)
+        finally:
+            _wide_route(old)
+            cuda_fwd_ws.forward = forward
+        try:
+            t_fast, m_fast = time_mlx(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5,
+                                                                                   mask=mask), iters=iters)
+            row.update(mx_fast_ms=t_fast * 1e3, mx_fast_tflops=flops / t_fast / 1e12, mx_fast_peak_mib=m_fast,
+                       ratio_vs_mx_fast=t_fast / t_ws)
+        except Exception as e:  # noqa: BLE001 (record it, keep the others)
+            row.update(mx_fast_error=f"{type(e).__name__}: {e}")
+        try:
+            run_torch = _torch_sdpa_random(q.shape, k.shape, v.shape, dtype, causal)
+            if run_torch is not None:
+                t_torch, m_torch = time_torch(run_torch, iters=iters)
+                row.update(torch_ms=t_torch * 1e3, torch_tflops=flops / t_torch / 1e12, ratio_vs_torch=t_torch / t_ws)
+        except Exception as e:  # noqa: BLE001
+            row.update(torch_error=f"{type(e).__name__}: {e}")
+        rec.add(**row)
+        del q, k, v
+
+
 SECTIONS = {
     "fwd": lambda r: bench_attention(r, backward=False),
     "fwdbwd": lambda r: bench_attention(r, backward=True),
@@ -355,6 +434,7 @@ SECTIONS = {
     "matmul": bench_matmul,
     "wide_decode": bench_wide_decode,
     "wide_prefill": bench_wide_prefill,
+    "wide_heads": bench_wide_heads,
 }
 
 
