@@ -87,6 +87,10 @@ def _attention_cases():
                    feats + [("SINKS", True), ("D", D), ("DV", D), ("BN", BN), ("STAGES", stages)], ("out", "lse"))
         for D in (64, 128):
             yield ("attention_bwd_wgmma", T, mx.float32, features + [("D", D), ("DV", D)], ("dq_acc", "dk", "dv"))
+    # delta = rowsum(dO * O) - dlse: 16-byte chunks (8, 16 and 32 threads a row) and element by element.
+    for T, dv, has_dlse in ((mx.float16, 128, False), (mx.bfloat16, 64, True), (mx.float16, 40, True),
+                            (mx.bfloat16, 7, False), (mx.float16, 512, True)):
+        yield ("attention_bwd_delta", T, None, [("DV", dv), ("HAS_DLSE", has_dlse)], ("delta",))
     yield ("attention_fwd_simt", mx.float32, mx.bool_,
            [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 1), ("WINDOW", True), ("BLOCK_MASK", True),
             ("VARLEN", True), ("KEY_RANGE", False), ("SINKS", True), ("D", 33), ("DV", 7), ("W", 4), ("SPLITS", 3)],
@@ -156,6 +160,8 @@ def _input_dtypes(body, T, MT):
     if body == "attention_combine":
         return list(zip(("part_o", "part_lse", "sinks", "ip", "ns"),
                         (mx.float32, mx.float32, mx.float32, mx.int32, mx.int32)))
+    if body == "attention_bwd_delta":
+        return [("dout", T), ("out", T), ("dlse", mx.float32), ("n", mx.int32)]
     if body == "attention_fwd_decode":  # and the ticket pool's region (uint32)
         names, dtypes = cuda_backend._ATTN_INPUTS + ("tk",), (T, T, T, MT, mx.float32, mx.float32, mx.bool_,
                                                                mx.int32, mx.int32, mx.int32, mx.float32, mx.int32,
@@ -176,7 +182,7 @@ def _input_dtypes(body, T, MT):
 
 
 def _output_dtypes(outputs, T):
-    return [(n, mx.float32 if n in ("lse", "part_o", "part_lse", "ws", "dq_acc") else T) for n in outputs]
+    return [(n, mx.float32 if n in ("lse", "part_o", "part_lse", "ws", "dq_acc", "delta") else T) for n in outputs]
 
 
 def _matmul_cases():

@@ -14,6 +14,7 @@ Kernels (cuda_src/):
                       with head dims not multiples of 8), likewise split ...
   attention_combine   ... whose partial results this merges by lse
   attention_bwd_mma   tensor-core fused backward (fp16/bf16), dQ by atomics
+  attention_bwd_delta delta = rowsum(dO * O) - dlse, the row term both tensor-core backwards read
   attention_bwd_simt  fp32-arithmetic fused backward (float32 inputs)
 
 Every kernel receives the same inputs: q, k, v, the optional arrays (a
@@ -68,6 +69,7 @@ _KERNEL_ROOTS = {
     "attention_fwd_wgmma": ("attention_fwd_wgmma.cuh",),
     "attention_fwd_ws": ("attention_fwd_ws.cuh",),
     "attention_bwd_wgmma": ("attention_bwd_wgmma.cuh",),
+    "attention_bwd_delta": ("attention_bwd_delta.cuh",),
     "attention_fwd_simt": ("attention_simt.cuh",),
     "attention_fwd_decode": ("attention_decode.cuh",),
     "attention_combine": ("attention_simt.cuh",),
@@ -812,10 +814,7 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
     template = _feature_template(spec, inputs, with_sinks=False) + [
         ("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
     if _uses_mma(spec):
-        # delta_i = dO_i . O_i - dlse_i: one row reduction, as in FlashAttention-2.
-        delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1, stream=stream)
-        if dlse is not None:
-            delta = delta - dlse
+        delta = _bwd_delta(dout, out, dlse, spec, stream)
         if _uses_wgmma(spec, backward=True):
             key_blocks, kernel = _wgmma_bwd_config(spec)
             nw, nch, extra = 8, 1, []
@@ -842,6 +841,45 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
         )
     dq = dq_acc if spec.dtype == mx.float32 else dq_acc.astype(spec.dtype, stream=stream)
     return dq, dk, dv
+
+
+_DELTA_THREADS = 256
+
+
+def _bwd_delta(dout, out, dlse, spec: AttentionSpec, stream):
+    """delta_i = dO_i . O_i - dlse_i (float32, out's shape without its last
+    axis): one row reduction, as in FlashAttention-2, by attention_bwd_delta
+    in one launch (was four MLX ops through float32 copies of dO and O)."""
+    dv = spec.head_dim_v
+    rows = math.prod(out.shape[:-1])
+    if dout.shape != out.shape or out.shape[-1] != dv:
+        raise ValueError(f"attention backward: dout shape {tuple(dout.shape)} must match out {tuple(out.shape)} "
+                         f"(last axis {dv})")
+    kernel, tpr = _delta_kernel()
+    has_dlse = dlse is not None
+    if has_dlse:
+        if math.prod(dlse.shape) != rows:
+            raise ValueError(f"attention backward: dlse shape {tuple(dlse.shape)} must match {tuple(out.shape[:-1])}")
+        dlse = dlse.astype(mx.float32, stream=stream)
+    per_block = _DELTA_THREADS // tpr(dv)
+    (delta,) = kernel(
+        inputs=[dout, out, dlse if has_dlse else _placeholder(mx.float32), const_array((rows,), mx.int32)],
+        template=[("T", spec.dtype), ("DV", dv), ("HAS_DLSE", has_dlse)],
+        grid=(max(1, -(-rows // per_block)) * _DELTA_THREADS, 1, 1), threadgroup=(_DELTA_THREADS, 1, 1),
+        output_shapes=[tuple(out.shape[:-1])], output_dtypes=[mx.float32], stream=stream)
+    return delta
+
+
+@functools.lru_cache(maxsize=None)
+def _delta_kernel():
+    """(attention_bwd_delta, threads per row of head dim dv: DeltaShape of attention_bwd_delta.cuh)."""
+    def tpr(dv):
+        if dv % 8:
+            return 32
+        chunks = dv // 8
+        return 32 if chunks > 16 else 16 if chunks > 8 else 8
+
+    return _kernel("attention_bwd_delta", ("dout", "out", "dlse", "n"), ("delta",), 0), tpr
 
 
 @functools.lru_cache(maxsize=1024)
