@@ -11,8 +11,11 @@
 //   dQ = dS K                           shared x shared: dS^T from shared memory
 //                                       read MN-major, K read MN-major; warpgroup
 //                                       w forms dims 64w..64w+63 of the BQ rows
-// and adds dQ to a float32 accumulator with vector atomics. The next query
-// tile's Q, dO, lse and delta load (cp.async) while the current one is used.
+// and adds dQ to a float32 accumulator: with vector atomics, or (DQ_BULK)
+// staged in shared memory and added by bulk async reductions, one per row
+// of each warp's 16 x 64 part. The next query tile's Q, dO, lse and delta
+// load (cp.async) while the current one is used. delta = rowsum(dO * O) comes
+// from attention_bwd_delta.
 #pragma once
 
 #include "attention_common.cuh"
@@ -23,14 +26,38 @@
 
 namespace mlx_flash {
 
+// Rows of a warp's dQ staging part (DQ_BULK), in floats: 64 dims + 4, so the
+// fragment rows g = 0..7 start 4 banks apart and a warp's float2 stores meet
+// no bank conflict (rows of 64 floats would put all eight on the same banks).
+constexpr int kBwdDqPitch = 64 + 4;
+
 // Shared memory of the wgmma backward (bytes): K, V [128][D]; Q, dO [64][D]
 // twice; dS^T and P^T [128][64] (P^T written by exact tiles only); lse and
-// delta [64] twice; 1 KiB alignment slack.
-__host__ __device__ constexpr int wgmma_bwd_smem(int d) {
-  return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + 1024;
+// delta [64] twice; with dq_bulk, dQ staging [16][kBwdDqPitch] floats for each
+// warp that forms dQ (8 at D 128, 4 at D 64); 1 KiB alignment slack.
+__host__ __device__ constexpr int wgmma_bwd_smem(int d, bool dq_bulk = false) {
+  return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 +
+         (dq_bulk ? (d / 64) * 4 * 16 * kBwdDqPitch * 4 : 0) + 1024;
 }
 
-template <typename T, typename MT, class F, int D>
+// 4-byte cp.async (lse and delta rows; .ca: the 4-byte form has no .cg).
+__device__ __forceinline__ void bwd_cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+
+// dst[0, bytes) += src[0, bytes) (float32, in L2) by the bulk copy engine, as
+// one bulk async-group operation; src 16-byte aligned, bytes a multiple of 16.
+__device__ __forceinline__ void bwd_bulk_reduce_add_f32(float* dst, const void* src, int bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+               "r"(smem_addr(src)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bwd_bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// This thread's bulk operations have finished reading shared memory (the staging may be rewritten).
+__device__ __forceinline__ void bwd_bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// ... and have completed.
+__device__ __forceinline__ void bwd_bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+template <typename T, typename MT, class F, int D, bool DQ_BULK>
 __device__ void attention_bwd_wgmma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
     const int* cu_q, const int* cu_k, const int* ip, const float* fp,
@@ -48,6 +75,8 @@ __device__ void attention_bwd_wgmma(
   unsigned char* Ps = dSs + DS_BYTES;       // P^T [key][query], swizzled (exact tiles)
   float* lse_s = reinterpret_cast<float*>(Ps + DS_BYTES);  // two stages of BQ
   float* delta_s = lse_s + 2 * BQ;                          // two stages of BQ
+  // DQ_BULK: this warp's dQ staging, [16 rows][kBwdDqPitch] floats (16-byte aligned).
+  float* dq_stage = delta_s + 2 * BQ + (threadIdx.x / 32) * 16 * kBwdDqPitch;
 
   const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -92,11 +121,27 @@ __device__ void attention_bwd_wgmma(
     const int valid = min(seq.nq, i0 + BQ) - i0;
     load_tile_swizzled<T, BQ, D, NTHREADS>(Qs + stage * QT_BYTES, q + (q_base + i0) * D, valid);
     load_tile_swizzled<T, BQ, D, NTHREADS>(dOs + stage * QT_BYTES, dout + (q_base + i0) * D, valid);
-    for (int r = threadIdx.x; r < BQ; r += NTHREADS) {
-      const float l = r < valid ? lse[q_base + i0 + r] : kNegInf;
-      // +inf makes P = 0 for rows past the end and for fully masked rows.
-      lse_s[stage * BQ + r] = l == kNegInf ? __int_as_float(0x7f800000) : l * kLog2e;
-      delta_s[stage * BQ + r] = r < valid ? delta[q_base + i0 + r] : 0.f;
+    // lse and delta by cp.async too (a plain load here would hold the thread
+    // until it returns, in front of the tile's work); thread r stages row r
+    // and converts its lse itself once landed (stage_lse), before the barrier
+    // that publishes the tile. Rows past the end: +inf lse (P = 0), delta 0.
+    if (threadIdx.x < BQ) {
+      const int r = threadIdx.x;
+      if (r < valid) {
+        bwd_cp_async4(lse_s + stage * BQ + r, lse + q_base + i0 + r);
+        bwd_cp_async4(delta_s + stage * BQ + r, delta + q_base + i0 + r);
+      } else {
+        lse_s[stage * BQ + r] = __int_as_float(0x7f800000);
+        delta_s[stage * BQ + r] = 0.f;
+      }
+    }
+  };
+  // Row threadIdx.x's staged lse, once its copy landed: lse log2(e), and +inf
+  // for a fully masked row's -inf (P = 0); rows past the end hold +inf already.
+  auto stage_lse = [&](int i0, int stage) {
+    if (threadIdx.x < BQ && i0 + (int)threadIdx.x < seq.nq) {
+      float& l = lse_s[stage * BQ + threadIdx.x];
+      l = l == kNegInf ? __int_as_float(0x7f800000) : l * kLog2e;
     }
   };
 
@@ -116,6 +161,10 @@ __device__ void attention_bwd_wgmma(
 
   while (hg < G) {
     cp_async_wait<0>();
+    stage_lse(i0, stage);
+    // DQ_BULK: the previous tile's reductions have read this warp's staging
+    // (the barrier below then frees it for every lane).
+    if (DQ_BULK) bwd_bulk_wait_read();
     fence_proxy_async();
     const int i_end = min(seq.nq, i0 + BQ);
     const bool inside_window =
@@ -162,6 +211,9 @@ __device__ void attention_bwd_wgmma(
     // per tile: the first k-step overwrites them, so nothing is carried over.
     float st[BQ / 2], dpt[BQ / 2];
     unsigned pp[BQ / 16][4], pd[BQ / 16][4];
+    // Descriptors formed per k-step from 32-bit addresses (ptxas folds the
+    // constant fields): 64-bit descriptors formed once and offset instead
+    // kept live cost the softcap + rules instance 92/160 bytes of spills.
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -251,6 +303,9 @@ __device__ void attention_bwd_wgmma(
     }
 
     // dV += P^T dO and dK += dS^T Q: B operands MN-major (LBO: the next 64 dims).
+    // Three groups in order: dV, then (after the barrier that publishes dS^T)
+    // dQ, then dK; waiting for all but the last lets dQ's stores run while
+    // the dK products still do.
     wgmma_pin(dv_acc);
     wgmma_pin(dk_acc);
     wgmma_pin(pp);
@@ -260,9 +315,6 @@ __device__ void attention_bwd_wgmma(
 #pragma unroll
       for (int kk = 0; kk < BQ / 16; ++kk)
         Wgmma<T, D>::template rs<1>(dv_acc, pp[kk], wgmma_desc(do_addr + kk * 16 * 128, BQ * 128, 1024), 1);
-#pragma unroll
-      for (int kk = 0; kk < BQ / 16; ++kk)
-        Wgmma<T, D>::template rs<1>(dk_acc, pd[kk], wgmma_desc(q_addr + kk * 16 * 128, BQ * 128, 1024), 1);
       wgmma_commit();
     }
 
@@ -299,9 +351,9 @@ __device__ void attention_bwd_wgmma(
           atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
                     make_float2(dqx[4 * n + 2 * half] * scale, dqx[4 * n + 2 * half + 1] * scale));
       }
-    } else if (D == 128 || wg == 0) {
+    } else if (!exact) {
       float dq[BQ / 2];
-      {
+      if (D == 128 || wg == 0) {
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BKV / 16; ++kk)
@@ -309,19 +361,45 @@ __device__ void attention_bwd_wgmma(
                                           wgmma_desc(k_addr + wg * (BKV * 128) + kk * 16 * 128, BKV * 128, 1024),
                                           kk > 0);
         wgmma_commit();
-        wgmma_wait<0>();
       }
-      wgmma_pin(dq);
-      // Rows warp * 16 + g (+ 8) of this tile, dims 64w + 8n + 2t (+1).
+      wgmma_fence();
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int i = i0 + warp * 16 + g + 8 * half;
-        if (i >= seq.nq) continue;
-        float* row = dq_acc + (q_base + i) * D + wg * 64 + 2 * t;
+      for (int kk = 0; kk < BQ / 16; ++kk)
+        Wgmma<T, D>::template rs<1>(dk_acc, pd[kk], wgmma_desc(q_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+      wgmma_commit();
+      if (D == 128 || wg == 0) {
+        wgmma_wait<1>();  // dV and dQ done; dK may still run
+        wgmma_pin(dq);
+        // Rows warp * 16 + g (+ 8) of this tile, dims 64w + 8n + 2t (+1).
+        if (DQ_BULK) {
+          // Into this warp's staging (rows g, g + 8 of its 16), then lane r < 16
+          // adds staged row r to dQ's row (64 floats at dims 64w) by one bulk
+          // reduction: 16 operations a warp instead of 256 float2 atomics.
 #pragma unroll
-        for (int n = 0; n < 8; ++n)
-          atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
-                    make_float2(dq[4 * n + 2 * half] * scale, dq[4 * n + 2 * half + 1] * scale));
+          for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+              *reinterpret_cast<float2*>(dq_stage + (g + 8 * half) * kBwdDqPitch + 8 * n + 2 * t) =
+                  make_float2(dq[4 * n + 2 * half] * scale, dq[4 * n + 2 * half + 1] * scale);
+          fence_proxy_async();  // the stores, visible to the bulk copies' async proxy
+          __syncwarp();
+          const int i = i0 + warp * 16 + lane;
+          if (lane < 16 && i < seq.nq) {
+            bwd_bulk_reduce_add_f32(dq_acc + (q_base + i) * D + wg * 64, dq_stage + lane * kBwdDqPitch, 64 * 4);
+            bwd_bulk_commit();
+          }
+        } else {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int i = i0 + warp * 16 + g + 8 * half;
+            if (i >= seq.nq) continue;
+            float* row = dq_acc + (q_base + i) * D + wg * 64 + 2 * t;
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+              atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
+                        make_float2(dq[4 * n + 2 * half] * scale, dq[4 * n + 2 * half + 1] * scale));
+          }
+        }
       }
     }
     wgmma_wait<0>();
@@ -362,6 +440,8 @@ __device__ void attention_bwd_wgmma(
     i0 = in;
   }
   cp_async_wait<0>();
+  // DQ_BULK: the last reductions complete before the block's shared memory goes.
+  if (DQ_BULK) bwd_bulk_wait();
 
   // This thread's two key rows of dK (scaled) and dV.
 #pragma unroll

@@ -806,6 +806,10 @@ _BWD_SIMT_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip
 _BWD_MMA_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip", "fp", "dout", "lse",
                    "delta") + _KEY_RANGE_INPUTS
 _MMA_BWD_WARPS = 4
+# Hopper backward's dQ: 0 = float2 atomics per fragment; 1 = staged per warp in
+# shared memory and added by bulk async reductions, a row a lane
+# (attention_bwd_wgmma.cuh). Opt-in until checked against float64 on an H200.
+_BWD_DQ_BULK = _env_choice("MLX_FLASH_BWD_DQ_BULK", 0, (0, 1))
 
 
 def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
@@ -816,8 +820,9 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
     if _uses_mma(spec):
         delta = _bwd_delta(dout, out, dlse, spec, stream)
         if _uses_wgmma(spec, backward=True):
-            key_blocks, kernel = _wgmma_bwd_config(spec)
-            nw, nch, extra = 8, 1, []
+            bulk = bool(_BWD_DQ_BULK)
+            key_blocks, kernel = _wgmma_bwd_config(spec, bulk)
+            nw, nch, extra = 8, 1, [("DQ_BULK", bulk)]
         else:
             nw, nch, key_blocks, kernel = _mma_bwd_config(spec)
             extra = [("NW", nw), ("NCH", nch)]
@@ -882,11 +887,18 @@ def _delta_kernel():
     return _kernel("attention_bwd_delta", ("dout", "out", "dlse", "n"), ("delta",), 0), tpr
 
 
+def _wgmma_bwd_smem(d: int, dq_bulk: bool) -> int:
+    """wgmma_bwd_smem of attention_bwd_wgmma.cuh: K, V, two stages of Q and dO,
+    dS^T and P^T, lse and delta, dQ staging (dq_bulk: 16 rows of 64 + 4 floats
+    for each warp forming dQ) and alignment slack."""
+    staging = (d // 64) * 4 * 16 * (64 + 4) * 4 if dq_bulk else 0
+    return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + staging + 1024
+
+
 @functools.lru_cache(maxsize=1024)
-def _wgmma_bwd_config(spec: AttentionSpec):
+def _wgmma_bwd_config(spec: AttentionSpec, dq_bulk: bool = False):
     """(key blocks, kernel) of the Hopper backward: 128 keys and 8 warps per block."""
-    d = spec.head_dim_qk
-    smem = 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + 1024  # wgmma_bwd_smem
+    smem = _wgmma_bwd_smem(spec.head_dim_qk, dq_bulk)
     kernel = _kernel("attention_bwd_wgmma", _BWD_MMA_INPUTS, ("dq_acc", "dk", "dv"), smem)
     return math.ceil(_max_k(spec) / 128), kernel
 

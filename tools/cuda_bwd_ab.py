@@ -1,0 +1,186 @@
+"""GPU check and A/B timing of the Hopper (wgmma) backward.
+
+    python3 tools/cuda_bwd_ab.py check SHARE NSHARES DTYPE D   (float16|bfloat16, 64|128)
+    python3 tools/cuda_bwd_ab.py warm DTYPE D
+    python3 tools/cuda_bwd_ab.py time OUT.json [iters]
+
+check: dq, dk, dv of flash_attention's vjp against the float64 NumPy
+reference (tests/reference_np.py) with the suite's tolerance (twice the plain
+materialised fp16/bf16 error), every feature of tests/features.py at odd
+shapes, GQA and Nq != Nk; share SHARE of NSHARES of the cases (parallel
+processes each compile a share of the kernel instances). The dQ route is
+whatever MLX_FLASH_BWD_DQ_BULK says. Prints one line a case and a summary
+line "check ...: P passed, F failed".
+warm: builds the kernels `time` runs for one dtype and head dim (both dQ
+routes) on a small call, so parallel processes fill MLX_PTX_CACHE_DIR first.
+time: forward + backward (mx.grad of a sum) per call, one call per eval, of
+mlx_flash with dQ by atomics (bulk0) and by bulk reductions (bulk1), of
+mx.fast.scaled_dot_product_attention (cuDNN) in the same process, and of
+torch SDPA (CUDA events over queued calls) at the issue-14 shapes, causal
+and not, fp16 and bf16; writes OUT.json as it goes (a job cut short keeps
+what finished).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import mlx.core as mx  # noqa: E402
+
+import mlx_flash  # noqa: E402
+from mlx_flash.backends import cuda as cb  # noqa: E402
+
+SHAPES = [(1, 16, 8192, 128), (2, 16, 4096, 128), (4, 16, 1024, 64)]
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def check(share, nshares, dtype, D):
+    from features import FEATURES
+    from helpers import check_close, plain_errors, qkv, randn, rng, to_np
+    from reference_np import attention_np
+
+    # (B, Hq, Hkv, Nq, Nk): tiny, GQA with Nq << Nk, Nq >> Nk (MQA), a partial last tile.
+    shapes = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 2, 2, 129, 300)]
+    cases = [(si, name) for si in range(len(shapes)) for name in FEATURES
+             if si <= 1 or name in ("none", "causal", "combined_everything", "block_sparse", "softcap")]
+    passed = failed = 0
+    label = f"D{D} {dtype} bulk={cb._BWD_DQ_BULK}"
+    for ci, (si, name) in enumerate(cases):
+        if ci % nshares != share:
+            continue
+        B, Hq, Hkv, Nq, Nk = shapes[si]
+        gen = rng("wgmma-bwd", D, str(dtype), si, name)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
+        try:
+            options = FEATURES[name](gen, B, Hq, Nq, Nk)
+            dout = randn(gen, (B, Hq, Nq, D), dtype)
+            _, grads = mx.vjp(lambda a, b, c: [mlx_flash.flash_attention(a, b, c, **options)], [q, k, v], [dout])
+            mx.eval(grads)
+            want = attention_np(q, k, v, dout=dout, **options)
+            plain = plain_errors(q, k, v, dout, options, dtype)
+            errs = [check_close(n, to_np(g), want, dtype, plain) for n, g in zip(("dq", "dk", "dv"), grads)]
+            passed += 1
+            print(f"ok   {label} {shapes[si]} {name}: " +
+                  " ".join(f"{n} {e:.2e} (plain {plain[n]:.2e})" for n, e in zip(("dq", "dk", "dv"), errs)), flush=True)
+        except Exception as e:  # noqa: BLE001
+            failed += 1
+            print(f"FAIL {label} {shapes[si]} {name}: {e}", flush=True)
+            if failed < 3:
+                traceback.print_exc()
+    print(f"check {label} share {share}/{nshares}: {passed} passed, {failed} failed", flush=True)
+    return failed
+
+
+def _grad(causal, s, fast):
+    if fast:
+        f = lambda a, b, c: mx.fast.scaled_dot_product_attention(  # noqa: E731
+            a, b, c, scale=s, mask="causal" if causal else None)
+    else:
+        f = lambda a, b, c: mlx_flash.flash_attention(a, b, c, causal=causal, scale=s)  # noqa: E731
+    return mx.grad(lambda a, b, c: mx.sum(f(a, b, c).astype(mx.float32)), argnums=(0, 1, 2))
+
+
+def warm(dtype, D):
+    q, k, v = (mx.random.normal((1, 2, 256, D)).astype(dtype) for _ in range(3))
+    for bulk in (0, 1):
+        cb._BWD_DQ_BULK = bulk
+        for causal in (False, True):
+            mx.eval(_grad(causal, D ** -0.5, False)(q, k, v))
+    print(f"warm {dtype} D{D} done", flush=True)
+
+
+def time_fn(fn, iters):
+    """Milliseconds per call, one call per eval after warm-ups."""
+    for _ in range(3):
+        mx.eval(fn())
+    mx.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        mx.eval(fn())
+    mx.synchronize()
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+def torch_fwdbwd_ms(shape, dtype, causal, iters):
+    """torch SDPA forward + backward on its own random inputs (CUDA events), or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    tdt = torch.float16 if dtype == mx.float16 else torch.bfloat16
+    q, k, v = (torch.randn(shape, device="cuda", dtype=tdt, requires_grad=True) for _ in range(3))
+    g = torch.randn(shape, device="cuda", dtype=tdt)
+
+    def run():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.autograd.grad(out, (q, k, v), g)
+
+    for _ in range(3):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def time_all(out, iters):
+    device = mx.device_info(mx.gpu).get("device_name", "")
+    result = {"device": device, "what": "forward + backward ms per call (mx.grad of a sum; one call per eval)",
+              "routes": {"bulk0": "dQ by float2 atomics", "bulk1": "dQ by cp.reduce.async.bulk (MLX_FLASH_BWD_DQ_BULK=1)"},
+              "rows": []}
+    for dtype in (mx.float16, mx.bfloat16):
+        for shape in SHAPES:
+            B, H, N, D = shape
+            q, k, v = (mx.random.normal(shape).astype(dtype) for _ in range(3))
+            mx.eval(q, k, v)
+            s = D ** -0.5
+            for causal in (False, True):
+                res = {}
+                for bulk in (0, 1):
+                    cb._BWD_DQ_BULK = bulk
+                    g = _grad(causal, s, False)
+                    res[f"bulk{bulk}"] = time_fn(lambda: g(q, k, v), iters)
+                cb._BWD_DQ_BULK = 0
+                g = _grad(causal, s, True)
+                res["mx.fast"] = time_fn(lambda: g(q, k, v), iters)
+                t = torch_fwdbwd_ms(shape, dtype, causal, iters)
+                if t is not None:
+                    res["torch"] = t
+                row = dict(dtype=str(dtype).split(".")[-1], shape=list(shape), causal=causal,
+                           **{f"{k}_ms": round(v, 4) for k, v in res.items()},
+                           **{f"bulk{b}_vs_mx.fast": round(res["mx.fast"] / res[f"bulk{b}"], 3) for b in (0, 1)},
+                           **({f"bulk{b}_vs_torch": round(res["torch"] / res[f"bulk{b}"], 3) for b in (0, 1)}
+                              if "torch" in res else {}))
+                result["rows"].append(row)
+                print(f"time {row['dtype']} {shape} causal={causal}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items())
+                      + f" | bulk0 {row['bulk0_vs_mx.fast']:.2f}x bulk1 {row['bulk1_vs_mx.fast']:.2f}x mx.fast", flush=True)
+                with open(out, "w") as f:
+                    json.dump(result, f, indent=1)
+
+
+def main():
+    mode = sys.argv[1]
+    print("device:", mx.device_info(mx.gpu).get("device_name", ""), "hopper:", cb._is_hopper(), flush=True)
+    if mode == "check":
+        sys.exit(1 if check(int(sys.argv[2]), int(sys.argv[3]), DTYPES[sys.argv[4]], int(sys.argv[5])) else 0)
+    elif mode == "warm":
+        warm(DTYPES[sys.argv[2]], int(sys.argv[3]))
+    elif mode == "time":
+        time_all(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 20)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main()
