@@ -18,13 +18,19 @@ mlx_flash with dQ by atomics (bulk0) and by bulk reductions (bulk1), of
 mx.fast.scaled_dot_product_attention (cuDNN) in the same process, and of
 torch SDPA (CUDA events over queued calls) at the issue-14 shapes, causal
 and not, fp16 and bf16; writes OUT.json as it goes (a job cut short keeps
-what finished).
+what finished). With BWD_BEFORE_DIR set (a folder holding an older
+attention_bwd_wgmma.cu and .cuh, e.g. main's), also "before": that kernel
+(under its own MLX name) with delta formed by MLX ops, as the backend did
+before attention_bwd_delta, in the same process.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -93,7 +99,41 @@ def warm(dtype, D):
         cb._BWD_DQ_BULK = bulk
         for causal in (False, True):
             mx.eval(_grad(causal, D ** -0.5, False)(q, k, v))
+    cb._BWD_DQ_BULK = 0
+    if os.environ.get("BWD_BEFORE_DIR"):
+        saved = cb._wgmma_bwd_config, cb._bwd_delta
+        cb._wgmma_bwd_config, cb._bwd_delta = before_route(os.environ["BWD_BEFORE_DIR"])
+        try:
+            for causal in (False, True):
+                mx.eval(_grad(causal, D ** -0.5, False)(q, k, v))
+        finally:
+            cb._wgmma_bwd_config, cb._bwd_delta = saved
     print(f"warm {dtype} D{D} done", flush=True)
+
+
+def _mlx_delta(dout, out, dlse, spec, stream):
+    """delta as the backend formed it before attention_bwd_delta (four MLX ops)."""
+    delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1, stream=stream)
+    return delta if dlse is None else delta - dlse
+
+
+def before_route(before_dir):
+    """(config, delta) replacing cb._wgmma_bwd_config and cb._bwd_delta with
+    the older kernel of before_dir (dQ by atomics) and the MLX-op delta."""
+    read = lambda name: open(os.path.join(before_dir, name)).read()  # noqa: E731
+
+    @functools.lru_cache(maxsize=None)
+    def config(spec, dq_bulk=False):
+        names = cb.kernel_headers("attention_bwd_wgmma")
+        text = "\n".join(read(n) if n == "attention_bwd_wgmma.cuh" else cb._read(n) for n in names)
+        header = cb._minify(re.sub(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', "", text, flags=re.M))
+        kernel = mx.fast.cuda_kernel(
+            name="mlx_flash_attention_bwd_wgmma_before", input_names=list(cb._BWD_MMA_INPUTS),
+            output_names=["dq_acc", "dk", "dv"], source=read("attention_bwd_wgmma.cu"), header=header,
+            ensure_row_contiguous=True, shared_memory=cb._wgmma_bwd_smem(spec.head_dim_qk, False))
+        return math.ceil(cb._max_k(spec) / 128), kernel
+
+    return config, _mlx_delta
 
 
 def time_fn(fn, iters):
@@ -137,7 +177,8 @@ def torch_fwdbwd_ms(shape, dtype, causal, iters):
 def time_all(out, iters):
     device = mx.device_info(mx.gpu).get("device_name", "")
     result = {"device": device, "what": "forward + backward ms per call (mx.grad of a sum; one call per eval)",
-              "routes": {"bulk0": "dQ by float2 atomics", "bulk1": "dQ by cp.reduce.async.bulk (MLX_FLASH_BWD_DQ_BULK=1)"},
+              "routes": {"bulk0": "dQ by float2 atomics", "bulk1": "dQ by cp.reduce.async.bulk (MLX_FLASH_BWD_DQ_BULK=1)",
+                         "before": "the backward before these changes (BWD_BEFORE_DIR's kernel, delta by MLX ops)"},
               "rows": []}
     for dtype in (mx.float16, mx.bfloat16):
         for shape in SHAPES:
@@ -152,6 +193,14 @@ def time_all(out, iters):
                     g = _grad(causal, s, False)
                     res[f"bulk{bulk}"] = time_fn(lambda: g(q, k, v), iters)
                 cb._BWD_DQ_BULK = 0
+                if os.environ.get("BWD_BEFORE_DIR"):
+                    saved = cb._wgmma_bwd_config, cb._bwd_delta
+                    cb._wgmma_bwd_config, cb._bwd_delta = before_route(os.environ["BWD_BEFORE_DIR"])
+                    try:
+                        g = _grad(causal, s, False)
+                        res["before"] = time_fn(lambda: g(q, k, v), iters)
+                    finally:
+                        cb._wgmma_bwd_config, cb._bwd_delta = saved
                 g = _grad(causal, s, True)
                 res["mx.fast"] = time_fn(lambda: g(q, k, v), iters)
                 t = torch_fwdbwd_ms(shape, dtype, causal, iters)
