@@ -92,7 +92,8 @@ __device__ void attention_bwd_wgmma(
   const float softcap = fp[kSoftcap];
   const int key_row = wg * 64 + warp * 16 + g;  // this thread's first key within the block (other: + 8)
 
-  LogitRules<MT> rules = make_rules<MT, F>(seq, b, hk * G, ip, fp, mask, alibi, bmask, key_start, key_len);
+  // Head-independent parts (key range, window) for the block; p_ds forms each head's own.
+  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, hk * G, ip, fp, mask, alibi, bmask, key_start, key_len);
   int qlo, qhi;
   rules.query_range(j0, j_end - 1, qlo, qhi);
   // No query sees these keys (all outside the key range, or the window's):
@@ -201,7 +202,6 @@ __device__ void attention_bwd_wgmma(
     cp_async_commit();
 
     const int h = hk * G + hg;
-    rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
     const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
     const unsigned q_addr = smem_addr(Qs + stage * QT_BYTES), do_addr = smem_addr(dOs + stage * QT_BYTES);
     const float* lse_t = lse_s + stage * BQ;
@@ -242,6 +242,9 @@ __device__ void attention_bwd_wgmma(
     const float scale_log2 = scale * kLog2e;
     auto p_ds = [&](auto marking) {
       constexpr bool kMarks = decltype(marking)::value;
+      // This head's rules, formed here rather than before the S^T and dP^T
+      // products: live only in this loop, not beside those accumulators.
+      const LogitRules<MT> hr = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
 #pragma unroll
       for (int n = 0; n < BQ / 8; ++n) {
 #pragma unroll
@@ -258,7 +261,7 @@ __device__ void attention_bwd_wgmma(
           float cap_grad = 1.f;
           if (need_rules) {
             float capped = 0.f;
-            x = apply_rules<F>(rules, x, i0 + ii, j0 + jj, capped);
+            x = apply_rules<F>(hr, x, i0 + ii, j0 + jj, capped);
             if (F::Softcap) {
               const float u = capped / softcap;
               cap_grad = 1.f - u * u;
