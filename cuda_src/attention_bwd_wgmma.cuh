@@ -57,7 +57,7 @@ __device__ __forceinline__ void bwd_bulk_wait_read() { asm volatile("cp.async.bu
 // ... and have completed.
 __device__ __forceinline__ void bwd_bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
-template <typename T, typename MT, class F, int D, bool DQ_BULK>
+template <typename T, typename MT, class F, int D, bool DQ_BULK, bool HEADS_FIRST>
 __device__ void attention_bwd_wgmma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
     const int* cu_q, const int* cu_k, const int* ip, const float* fp,
@@ -82,9 +82,21 @@ __device__ void attention_bwd_wgmma(
   const int g = lane / 4, t = lane % 4;
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], G = Hq / Hkv;
   const int NqTot = ip[kSeqQ], NkTot = ip[kSeqK];
-  const int b = blockIdx.z / Hkv, hk = blockIdx.z % Hkv;
+  // Blocks launch blockIdx.x fastest: by default a head's key blocks are
+  // adjacent (they share the head's Q and dO in L2). HEADS_FIRST walks the
+  // launch index key block by key block instead, every head's block kb
+  // before any head's kb + 1: with causal (or a window) the first key blocks
+  // see the most query tiles, so the longest blocks start first and the
+  // short ones fill the last wave.
+  int key_block = blockIdx.x, bh = blockIdx.z;
+  if (HEADS_FIRST) {
+    const int launch = blockIdx.z * gridDim.x + blockIdx.x;
+    key_block = launch / gridDim.z;
+    bh = launch % gridDim.z;
+  }
+  const int b = bh / Hkv, hk = bh % Hkv;
   const Sequence seq = sequence_of<F::Varlen>(b, ip, cu_q, cu_k);
-  const int j0 = blockIdx.x * BKV;
+  const int j0 = key_block * BKV;
   if (j0 >= seq.nk) return;
   const int j_end = min(seq.nk, j0 + BKV);
   const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;

@@ -86,7 +86,7 @@ def _attention_cases():
             yield ("attention_fwd_wgmma", T, mx.float32,
                    feats + [("SINKS", True), ("D", D), ("DV", D), ("BN", BN), ("STAGES", stages)], ("out", "lse"))
         for D in (64, 128):
-            yield ("attention_bwd_wgmma", T, mx.float32, features + [("D", D), ("DV", D), ("DQ_BULK", D == 128)],
+            yield ("attention_bwd_wgmma", T, mx.float32, features + [("D", D), ("DV", D), ("DQ_BULK", D == 128), ("HEADS_FIRST", D == 64)],
                    ("dq_acc", "dk", "dv"))
     # delta = rowsum(dO * O) - dlse: 16-byte chunks (8, 16 and 32 threads a row) and element by element.
     for T, dv, has_dlse in ((mx.float16, 128, False), (mx.bfloat16, 64, True), (mx.float16, 40, True),
@@ -534,7 +534,7 @@ def _hopper_bwd_cases():
         for D in (64, 128):
             for feats in (plain, causal, softcap, every):
                 for bulk in (False, True):
-                    yield T, feats + [("D", D), ("DV", D), ("DQ_BULK", bulk)]
+                    yield T, feats + [("D", D), ("DV", D), ("DQ_BULK", bulk), ("HEADS_FIRST", bulk)]
 
 
 @needs_nvcc
@@ -605,7 +605,8 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
                         template += [("SINKS", False), ("D", D), ("DV", D), ("BN", 128), ("STAGES", 3)]
                         outputs = ("out", "lse")
                     else:
-                        template += [("D", D), ("DV", D), ("DQ_BULK", bool(len(kernels) % 2))]
+                        template += [("D", D), ("DV", D), ("DQ_BULK", bool(len(kernels) % 2)),
+                                     ("HEADS_FIRST", bool(len(kernels) % 2))]
                         outputs = ("dq_acc", "dk", "dv")
                     kernels.append(_kernel_text(f"{body}_{len(kernels)}", cuda_backend._read(body + ".cu"),
                                                 _input_dtypes(body, T, mx.bool_), _output_dtypes(outputs, T),
@@ -1025,15 +1026,17 @@ def test_ws_forward_on_gpu(kind, feature, grid, monkeypatch):
 
 
 def test_hopper_backward_dq_bulk_setting(monkeypatch):
-    """MLX_FLASH_BWD_DQ_BULK takes 0 or 1 (any other value is an error naming
-    it); the bulk route's staging fits the block's shared memory."""
-    for value, want in (("0", 0), ("1", 1)):
-        monkeypatch.setenv("MLX_FLASH_BWD_DQ_BULK", value)
-        assert cuda_backend._env_choice("MLX_FLASH_BWD_DQ_BULK", 0, (0, 1)) == want
-    for bad in ("2", "yes", ""):
-        monkeypatch.setenv("MLX_FLASH_BWD_DQ_BULK", bad)
-        with pytest.raises(ValueError, match="MLX_FLASH_BWD_DQ_BULK: expected one of 0, 1"):
-            cuda_backend._env_choice("MLX_FLASH_BWD_DQ_BULK", 0, (0, 1))
+    """MLX_FLASH_BWD_DQ_BULK and MLX_FLASH_BWD_HEADS_FIRST take 0 or 1 (any
+    other value is an error naming the variable); the bulk route's staging
+    fits the block's shared memory."""
+    for name in ("MLX_FLASH_BWD_DQ_BULK", "MLX_FLASH_BWD_HEADS_FIRST"):
+        for value, want in (("0", 0), ("1", 1)):
+            monkeypatch.setenv(name, value)
+            assert cuda_backend._env_choice(name, 0, (0, 1)) == want
+        for bad in ("2", "yes", ""):
+            monkeypatch.setenv(name, bad)
+            with pytest.raises(ValueError, match=f"{name}: expected one of 0, 1"):
+                cuda_backend._env_choice(name, 0, (0, 1))
     for d in (64, 128):
         # 16 rows of 64 + 4 floats for each warp forming dQ (all 8 at D 128, warpgroup 0's 4 at D 64).
         assert cuda_backend._wgmma_bwd_smem(d, True) - cuda_backend._wgmma_bwd_smem(d, False) == (d // 64) * 4 * 16 * 68 * 4
@@ -1043,18 +1046,20 @@ def test_hopper_backward_dq_bulk_setting(monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("feature", ["none", "causal", "window_both", "combined_everything", "block_sparse"])
 @pytest.mark.parametrize("kind", ["float16-D128", "bfloat16-D64"])
-@pytest.mark.parametrize("bulk", [0, 1])
-def test_hopper_backward_dq_routes_on_gpu(bulk, kind, feature, monkeypatch):
+@pytest.mark.parametrize("bulk,heads_first", [(0, 0), (1, 0), (0, 1)])
+def test_hopper_backward_dq_routes_on_gpu(bulk, heads_first, kind, feature, monkeypatch):
     """dq, dk, dv against float64 with dQ by atomics and by bulk reductions
-    (MLX_FLASH_BWD_DQ_BULK), GQA with Nq != Nk both ways and partial tiles."""
+    (MLX_FLASH_BWD_DQ_BULK) and in both block orders (MLX_FLASH_BWD_HEADS_FIRST),
+    GQA with Nq != Nk both ways and partial tiles."""
     import mlx_flash
     from helpers import check_close, plain_errors, qkv, randn, rng, to_np
     from reference_np import attention_np
 
     monkeypatch.setattr(cuda_backend, "_BWD_DQ_BULK", bulk)
+    monkeypatch.setattr(cuda_backend, "_BWD_HEADS_FIRST", heads_first)
     dtype, D = getattr(mx, kind.split("-")[0]), int(kind.split("D")[1])
     for B, Hq, Hkv, Nq, Nk in ((2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 2, 2, 129, 300)):
-        gen = rng("hopper-bwd-dq", bulk, kind, feature, Nq)
+        gen = rng("hopper-bwd-dq", bulk, heads_first, kind, feature, Nq)
         q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
         options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
         dout = randn(gen, (B, Hq, Nq, D), dtype)

@@ -1,20 +1,22 @@
 """GPU check and A/B timing of the Hopper (wgmma) backward.
 
     python3 tools/cuda_bwd_ab.py check SHARE NSHARES DTYPE D   (float16|bfloat16, 64|128)
-    python3 tools/cuda_bwd_ab.py warm DTYPE D
+    python3 tools/cuda_bwd_ab.py warm DTYPE D CAUSAL(0|1)
     python3 tools/cuda_bwd_ab.py time OUT.json [iters]
 
 check: dq, dk, dv of flash_attention's vjp against the float64 NumPy
 reference (tests/reference_np.py) with the suite's tolerance (twice the plain
 materialised fp16/bf16 error), every feature of tests/features.py at odd
 shapes, GQA and Nq != Nk; share SHARE of NSHARES of the cases (parallel
-processes each compile a share of the kernel instances). The dQ route is
-whatever MLX_FLASH_BWD_DQ_BULK says. Prints one line a case and a summary
-line "check ...: P passed, F failed".
-warm: builds the kernels `time` runs for one dtype and head dim (both dQ
-routes) on a small call, so parallel processes fill MLX_PTX_CACHE_DIR first.
+processes each compile a share of the kernel instances). The dQ route and
+block order are whatever MLX_FLASH_BWD_DQ_BULK and MLX_FLASH_BWD_HEADS_FIRST
+say. Prints one line a case and a summary line "check ...: P passed, F failed".
+warm: builds the kernels `time` runs for one dtype, head dim and causal
+flag (every route) on a small call, so parallel processes fill
+MLX_PTX_CACHE_DIR first.
 time: forward + backward (mx.grad of a sum) per call, one call per eval, of
-mlx_flash with dQ by atomics (bulk0) and by bulk reductions (bulk1), of
+mlx_flash on each route (VARIANTS: dQ by atomics or bulk reductions, key
+blocks of a head adjacent or heads first), of
 mx.fast.scaled_dot_product_attention (cuDNN) in the same process, and of
 torch SDPA (CUDA events over queued calls) at the issue-14 shapes, causal
 and not, fp16 and bf16; writes OUT.json as it goes (a job cut short keeps
@@ -44,6 +46,12 @@ import mlx_flash  # noqa: E402
 from mlx_flash.backends import cuda as cb  # noqa: E402
 
 SHAPES = [(1, 16, 8192, 128), (2, 16, 4096, 128), (4, 16, 1024, 64)]
+# route name: (cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST)
+VARIANTS = {"bulk0": (0, 0), "bulk1": (1, 0), "hf0": (0, 1), "hf1": (1, 1)}
+
+
+def set_route(name):
+    cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST = VARIANTS[name]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -57,7 +65,7 @@ def check(share, nshares, dtype, D):
     cases = [(si, name) for si in range(len(shapes)) for name in FEATURES
              if si <= 1 or name in ("none", "causal", "combined_everything", "block_sparse", "softcap")]
     passed = failed = 0
-    label = f"D{D} {dtype} bulk={cb._BWD_DQ_BULK}"
+    label = f"D{D} {dtype} bulk={cb._BWD_DQ_BULK} heads_first={cb._BWD_HEADS_FIRST}"
     for ci, (si, name) in enumerate(cases):
         if ci % nshares != share:
             continue
@@ -93,22 +101,20 @@ def _grad(causal, s, fast):
     return mx.grad(lambda a, b, c: mx.sum(f(a, b, c).astype(mx.float32)), argnums=(0, 1, 2))
 
 
-def warm(dtype, D):
+def warm(dtype, D, causal):
     q, k, v = (mx.random.normal((1, 2, 256, D)).astype(dtype) for _ in range(3))
-    for bulk in (0, 1):
-        cb._BWD_DQ_BULK = bulk
-        for causal in (False, True):
-            mx.eval(_grad(causal, D ** -0.5, False)(q, k, v))
-    cb._BWD_DQ_BULK = 0
+    for name in VARIANTS:
+        set_route(name)
+        mx.eval(_grad(causal, D ** -0.5, False)(q, k, v))
+    set_route("bulk0")
     if os.environ.get("BWD_BEFORE_DIR"):
         saved = cb._wgmma_bwd_config, cb._bwd_delta
         cb._wgmma_bwd_config, cb._bwd_delta = before_route(os.environ["BWD_BEFORE_DIR"])
         try:
-            for causal in (False, True):
-                mx.eval(_grad(causal, D ** -0.5, False)(q, k, v))
+            mx.eval(_grad(causal, D ** -0.5, False)(q, k, v))
         finally:
             cb._wgmma_bwd_config, cb._bwd_delta = saved
-    print(f"warm {dtype} D{D} done", flush=True)
+    print(f"warm {dtype} D{D} causal={causal} done", flush=True)
 
 
 def _mlx_delta(dout, out, dlse, spec, stream):
@@ -177,7 +183,10 @@ def torch_fwdbwd_ms(shape, dtype, causal, iters):
 def time_all(out, iters):
     device = mx.device_info(mx.gpu).get("device_name", "")
     result = {"device": device, "what": "forward + backward ms per call (mx.grad of a sum; one call per eval)",
-              "routes": {"bulk0": "dQ by float2 atomics", "bulk1": "dQ by cp.reduce.async.bulk (MLX_FLASH_BWD_DQ_BULK=1)",
+              "routes": {"bulk0": "dQ by float2 atomics (default)",
+                         "bulk1": "dQ by cp.reduce.async.bulk (MLX_FLASH_BWD_DQ_BULK=1)",
+                         "hf0": "bulk0 with heads-first block order (MLX_FLASH_BWD_HEADS_FIRST=1)",
+                         "hf1": "bulk1 with heads-first block order",
                          "before": "the backward before these changes (BWD_BEFORE_DIR's kernel, delta by MLX ops)"},
               "rows": []}
     for dtype in (mx.float16, mx.bfloat16):
@@ -188,11 +197,11 @@ def time_all(out, iters):
             s = D ** -0.5
             for causal in (False, True):
                 res = {}
-                for bulk in (0, 1):
-                    cb._BWD_DQ_BULK = bulk
+                for name in VARIANTS:
+                    set_route(name)
                     g = _grad(causal, s, False)
-                    res[f"bulk{bulk}"] = time_fn(lambda: g(q, k, v), iters)
-                cb._BWD_DQ_BULK = 0
+                    res[name] = time_fn(lambda: g(q, k, v), iters)
+                set_route("bulk0")
                 if os.environ.get("BWD_BEFORE_DIR"):
                     saved = cb._wgmma_bwd_config, cb._bwd_delta
                     cb._wgmma_bwd_config, cb._bwd_delta = before_route(os.environ["BWD_BEFORE_DIR"])
@@ -208,12 +217,12 @@ def time_all(out, iters):
                     res["torch"] = t
                 row = dict(dtype=str(dtype).split(".")[-1], shape=list(shape), causal=causal,
                            **{f"{k}_ms": round(v, 4) for k, v in res.items()},
-                           **{f"bulk{b}_vs_mx.fast": round(res["mx.fast"] / res[f"bulk{b}"], 3) for b in (0, 1)},
-                           **({f"bulk{b}_vs_torch": round(res["torch"] / res[f"bulk{b}"], 3) for b in (0, 1)}
+                           **{f"{n}_vs_mx.fast": round(res["mx.fast"] / res[n], 3) for n in VARIANTS},
+                           **({f"{n}_vs_torch": round(res["torch"] / res[n], 3) for n in VARIANTS}
                               if "torch" in res else {}))
                 result["rows"].append(row)
                 print(f"time {row['dtype']} {shape} causal={causal}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items())
-                      + f" | bulk0 {row['bulk0_vs_mx.fast']:.2f}x bulk1 {row['bulk1_vs_mx.fast']:.2f}x mx.fast", flush=True)
+                      + " | vs mx.fast " + " ".join(f"{n} {row[n + '_vs_mx.fast']:.2f}x" for n in VARIANTS), flush=True)
                 with open(out, "w") as f:
                     json.dump(result, f, indent=1)
 
@@ -224,7 +233,7 @@ def main():
     if mode == "check":
         sys.exit(1 if check(int(sys.argv[2]), int(sys.argv[3]), DTYPES[sys.argv[4]], int(sys.argv[5])) else 0)
     elif mode == "warm":
-        warm(DTYPES[sys.argv[2]], int(sys.argv[3]))
+        warm(DTYPES[sys.argv[2]], int(sys.argv[3]), bool(int(sys.argv[4])))
     elif mode == "time":
         time_all(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 20)
     else:
