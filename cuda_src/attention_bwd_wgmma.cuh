@@ -318,9 +318,13 @@ __device__ void attention_bwd_wgmma(
     }
 
     // dV += P^T dO and dK += dS^T Q: B operands MN-major (LBO: the next 64 dims).
-    // Three groups in order: dV, then (after the barrier that publishes dS^T)
-    // dQ, then dK; waiting for all but the last lets dQ's stores run while
-    // the dK products still do.
+    // D = 128 (kDkLast): three groups in order, dV, then (after the barrier
+    // that publishes dS^T) dQ, then dK; waiting for all but the last lets
+    // dQ's stores run while the dK products still do. D = 64, where only
+    // warpgroup 0 forms dQ: dV and dK first, as one group; issuing dK after
+    // a dQ that one warpgroup skips made ptxas serialise every wgmma of the
+    // kernel (a wait after each: 24 of 24).
+    constexpr bool kDkLast = D == 128;
     wgmma_pin(dv_acc);
     wgmma_pin(dk_acc);
     wgmma_pin(pp);
@@ -330,6 +334,11 @@ __device__ void attention_bwd_wgmma(
 #pragma unroll
       for (int kk = 0; kk < BQ / 16; ++kk)
         Wgmma<T, D>::template rs<1>(dv_acc, pp[kk], wgmma_desc(do_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+      if (!kDkLast) {
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; ++kk)
+          Wgmma<T, D>::template rs<1>(dk_acc, pd[kk], wgmma_desc(q_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+      }
       wgmma_commit();
     }
 
@@ -377,13 +386,17 @@ __device__ void attention_bwd_wgmma(
                                           kk > 0);
         wgmma_commit();
       }
-      wgmma_fence();
+      if (kDkLast) {
+        wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BQ / 16; ++kk)
-        Wgmma<T, D>::template rs<1>(dk_acc, pd[kk], wgmma_desc(q_addr + kk * 16 * 128, BQ * 128, 1024), 1);
-      wgmma_commit();
+        for (int kk = 0; kk < BQ / 16; ++kk)
+          Wgmma<T, D>::template rs<1>(dk_acc, pd[kk], wgmma_desc(q_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+        wgmma_commit();
+      }
       if (D == 128 || wg == 0) {
-        wgmma_wait<1>();  // dV and dQ done; dK may still run
+        // D = 128: dV and dQ done, dK may still run; D = 64: all done.
+        if (kDkLast) wgmma_wait<1>();
+        else wgmma_wait<0>();
         wgmma_pin(dq);
         // Rows warp * 16 + g (+ 8) of this tile, dims 64w + 8n + 2t (+1).
         if (DQ_BULK) {
