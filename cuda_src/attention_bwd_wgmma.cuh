@@ -234,6 +234,7 @@ __device__ void attention_bwd_wgmma(
       Wgmma<T, BQ>::template ss<0, 0>(st, wgmma_desc(k_addr + a_off, 16, 1024), wgmma_desc(q_addr + b_off, 16, 1024),
                                       kk > 0);
     }
+    wgmma_commit();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const unsigned a_off = (kk / 4) * (BKV * 128) + wg * 64 * 128 + (kk % 4) * 32;
@@ -242,6 +243,19 @@ __device__ void attention_bwd_wgmma(
                                       wgmma_desc(do_addr + b_off, 16, 1024), kk > 0);
     }
     wgmma_commit();
+    const float scale_log2 = scale * kLog2e;
+    // Tiles without rules or marks (most): P^T = 2^(S^T scale log2(e) - lse)
+    // as soon as S^T is done, while the dP^T products still run.
+    const bool plain = !(need_rules || exact);
+    wgmma_wait<1>();
+    wgmma_pin(st);
+    if (plain) {
+#pragma unroll
+      for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          st[4 * n + c] = exp2_ftz(fmaf(st[4 * n + c], scale_log2, -lse_t[n * 8 + 2 * t + (c & 1)]));
+    }
     wgmma_wait<0>();
     wgmma_pin(st);
     wgmma_pin(dpt);
@@ -251,7 +265,6 @@ __device__ void attention_bwd_wgmma(
     // row's lse or dP may be NaN). Two instances: the plain one for tiles that
     // neither apply rules nor run exact (most tiles), and the marking one;
     // one loop with run-time selects costs ptxas the registers it then spills.
-    const float scale_log2 = scale * kLog2e;
     auto p_ds = [&](auto marking) {
       constexpr bool kMarks = decltype(marking)::value;
       // This head's rules, formed here rather than before the S^T and dP^T
@@ -263,10 +276,8 @@ __device__ void attention_bwd_wgmma(
         for (int c = 0; c < 4; ++c) {
           const int jj = key_row + (c >= 2 ? 8 : 0);
           const int ii = n * 8 + 2 * t + (c & 1);
-          if (!kMarks) {  // no rules, no marks: P^T = 2^(S^T scale log2(e) - lse) in one FFMA
-            const float p = exp2_ftz(fmaf(st[4 * n + c], scale_log2, -lse_t[ii]));
-            st[4 * n + c] = p;
-            dpt[4 * n + c] = p * (dpt[4 * n + c] - delta_t[ii]);
+          if (!kMarks) {  // no rules, no marks: st holds P^T already
+            dpt[4 * n + c] = st[4 * n + c] * (dpt[4 * n + c] - delta_t[ii]);
             continue;
           }
           float x = st[4 * n + c] * scale;
@@ -289,8 +300,8 @@ __device__ void attention_bwd_wgmma(
         }
       }
     };
-    if (need_rules || exact) p_ds(BoolConst<true>{});
-    else p_ds(BoolConst<false>{});
+    if (plain) p_ds(BoolConst<false>{});
+    else p_ds(BoolConst<true>{});
     // A fragments of P^T and dS^T; dS^T also into shared memory ([key][query],
     // swizzled: read MN-major as the A operand of dQ = dS K).
 #pragma unroll

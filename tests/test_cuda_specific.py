@@ -1026,17 +1026,25 @@ def test_ws_forward_on_gpu(kind, feature, grid, monkeypatch):
 
 
 def test_hopper_backward_dq_bulk_setting(monkeypatch):
-    """MLX_FLASH_BWD_DQ_BULK and MLX_FLASH_BWD_HEADS_FIRST take 0 or 1 (any
-    other value is an error naming the variable); the bulk route's staging
-    fits the block's shared memory."""
-    for name in ("MLX_FLASH_BWD_DQ_BULK", "MLX_FLASH_BWD_HEADS_FIRST"):
-        for value, want in (("0", 0), ("1", 1)):
-            monkeypatch.setenv(name, value)
-            assert cuda_backend._env_choice(name, 0, (0, 1)) == want
+    """MLX_FLASH_BWD_DQ_BULK takes 0 or 1, MLX_FLASH_BWD_HEADS_FIRST -1 (by
+    the call), 0 or 1 (any other value is an error naming the variable); the
+    bulk route's staging fits the block's shared memory."""
+    for name, allowed in (("MLX_FLASH_BWD_DQ_BULK", (0, 1)), ("MLX_FLASH_BWD_HEADS_FIRST", (-1, 0, 1))):
+        for value in allowed:
+            monkeypatch.setenv(name, str(value))
+            assert cuda_backend._env_choice(name, 0, allowed) == value
         for bad in ("2", "yes", ""):
             monkeypatch.setenv(name, bad)
-            with pytest.raises(ValueError, match=f"{name}: expected one of 0, 1"):
-                cuda_backend._env_choice(name, 0, (0, 1))
+            with pytest.raises(ValueError, match=f"{name}: expected one of {', '.join(map(str, allowed))}"):
+                cuda_backend._env_choice(name, 0, allowed)
+    # Block order: heads first under causal or a window unless the setting says otherwise.
+    from mlx_flash._spec import AttentionSpec
+
+    dense = AttentionSpec(1, 2, 2, 256, 256, 128, 128, mx.float16, 0.1)
+    causal = AttentionSpec(1, 2, 2, 256, 256, 128, 128, mx.float16, 0.1, window_right=0)
+    for setting, want in ((-1, (False, True)), (0, (False, False)), (1, (True, True))):
+        monkeypatch.setattr(cuda_backend, "_BWD_HEADS_FIRST", setting)
+        assert (cuda_backend._bwd_heads_first(dense), cuda_backend._bwd_heads_first(causal)) == want
     for d in (64, 128):
         # 16 rows of 64 + 4 floats for each warp forming dQ (all 8 at D 128, warpgroup 0's 4 at D 64).
         assert cuda_backend._wgmma_bwd_smem(d, True) - cuda_backend._wgmma_bwd_smem(d, False) == (d // 64) * 4 * 16 * 68 * 4
@@ -1046,7 +1054,7 @@ def test_hopper_backward_dq_bulk_setting(monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("feature", ["none", "causal", "window_both", "combined_everything", "block_sparse"])
 @pytest.mark.parametrize("kind", ["float16-D128", "bfloat16-D64"])
-@pytest.mark.parametrize("bulk,heads_first", [(0, 0), (1, 0), (0, 1)])
+@pytest.mark.parametrize("bulk,heads_first", [(0, -1), (1, -1), (0, 0), (0, 1)])
 def test_hopper_backward_dq_routes_on_gpu(bulk, heads_first, kind, feature, monkeypatch):
     """dq, dk, dv against float64 with dQ by atomics and by bulk reductions
     (MLX_FLASH_BWD_DQ_BULK) and in both block orders (MLX_FLASH_BWD_HEADS_FIRST),

@@ -1,22 +1,22 @@
 """GPU check and A/B timing of the Hopper (wgmma) backward.
 
-    python3 tools/cuda_bwd_ab.py check SHARE NSHARES DTYPE D   (float16|bfloat16, 64|128)
+    python3 tools/cuda_bwd_ab.py check DTYPE D FEATURE[,FEATURE...]   (float16|bfloat16, 64|128)
     python3 tools/cuda_bwd_ab.py warm DTYPE D CAUSAL(0|1)
     python3 tools/cuda_bwd_ab.py time OUT.json [iters]
 
 check: dq, dk, dv of flash_attention's vjp against the float64 NumPy
 reference (tests/reference_np.py) with the suite's tolerance (twice the plain
-materialised fp16/bf16 error), every feature of tests/features.py at odd
-shapes, GQA and Nq != Nk; share SHARE of NSHARES of the cases (parallel
-processes each compile a share of the kernel instances). The dQ route and
-block order are whatever MLX_FLASH_BWD_DQ_BULK and MLX_FLASH_BWD_HEADS_FIRST
-say. Prints one line a case and a summary line "check ...: P passed, F failed".
+materialised fp16/bf16 error), the named features of tests/features.py (all:
+every one) at odd shapes, GQA and Nq != Nk (a process per feature or two:
+NVRTC compiling each instance dominates). The dQ route and block order are
+whatever MLX_FLASH_BWD_DQ_BULK and MLX_FLASH_BWD_HEADS_FIRST say. Prints one
+line a case and a summary line "check ...: P passed, F failed".
 warm: builds the kernels `time` runs for one dtype, head dim and causal
 flag (every route) on a small call, so parallel processes fill
 MLX_PTX_CACHE_DIR first.
 time: forward + backward (mx.grad of a sum) per call, one call per eval, of
-mlx_flash on each route (VARIANTS: dQ by atomics or bulk reductions, key
-blocks of a head adjacent or heads first), of
+mlx_flash on each route (VARIANTS: the default, dQ by bulk reductions, and
+under causal the head-adjacent block order), of
 mx.fast.scaled_dot_product_attention (cuDNN) in the same process, and of
 torch SDPA (CUDA events over queued calls) at the issue-14 shapes, causal
 and not, fp16 and bf16; writes OUT.json as it goes (a job cut short keeps
@@ -46,8 +46,13 @@ import mlx_flash  # noqa: E402
 from mlx_flash.backends import cuda as cb  # noqa: E402
 
 SHAPES = [(1, 16, 8192, 128), (2, 16, 4096, 128), (4, 16, 1024, 64)]
-# route name: (cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST)
-VARIANTS = {"bulk0": (0, 0), "bulk1": (1, 0), "hf0": (0, 1), "hf1": (1, 1)}
+# route name: (cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST); "order0" (head-adjacent
+# blocks) is timed only where the default order differs (causal).
+VARIANTS = {"new": (0, -1), "bulk1": (1, -1), "order0": (0, 0)}
+
+
+def _variants(causal):
+    return [n for n in VARIANTS if causal or n != "order0"]
 
 
 def set_route(name):
@@ -55,20 +60,18 @@ def set_route(name):
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def check(share, nshares, dtype, D):
+def check(dtype, D, features):
     from features import FEATURES
     from helpers import check_close, plain_errors, qkv, randn, rng, to_np
     from reference_np import attention_np
 
     # (B, Hq, Hkv, Nq, Nk): tiny, GQA with Nq << Nk, Nq >> Nk (MQA), a partial last tile.
     shapes = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 2, 2, 129, 300)]
-    cases = [(si, name) for si in range(len(shapes)) for name in FEATURES
-             if si <= 1 or name in ("none", "causal", "combined_everything", "block_sparse", "softcap")]
+    names = list(FEATURES) if features == "all" else features.split(",")
+    cases = [(si, name) for name in names for si in range(len(shapes))]
     passed = failed = 0
     label = f"D{D} {dtype} bulk={cb._BWD_DQ_BULK} heads_first={cb._BWD_HEADS_FIRST}"
-    for ci, (si, name) in enumerate(cases):
-        if ci % nshares != share:
-            continue
+    for si, name in cases:
         B, Hq, Hkv, Nq, Nk = shapes[si]
         gen = rng("wgmma-bwd", D, str(dtype), si, name)
         q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
@@ -88,7 +91,7 @@ def check(share, nshares, dtype, D):
             print(f"FAIL {label} {shapes[si]} {name}: {e}", flush=True)
             if failed < 3:
                 traceback.print_exc()
-    print(f"check {label} share {share}/{nshares}: {passed} passed, {failed} failed", flush=True)
+    print(f"check {label} {features}: {passed} passed, {failed} failed", flush=True)
     return failed
 
 
@@ -102,11 +105,13 @@ def _grad(causal, s, fast):
 
 
 def warm(dtype, D, causal):
-    q, k, v = (mx.random.normal((1, 2, 256, D)).astype(dtype) for _ in range(3))
-    for name in VARIANTS:
+    # One head at the timed lengths: the forward's route depends on the key count.
+    N = max(s[2] for s in SHAPES if s[3] == D)
+    q, k, v = (mx.random.normal((1, 1, N, D)).astype(dtype) for _ in range(3))
+    for name in _variants(causal):
         set_route(name)
         mx.eval(_grad(causal, D ** -0.5, False)(q, k, v))
-    set_route("bulk0")
+    set_route("new")
     if os.environ.get("BWD_BEFORE_DIR"):
         saved = cb._wgmma_bwd_config, cb._bwd_delta
         cb._wgmma_bwd_config, cb._bwd_delta = before_route(os.environ["BWD_BEFORE_DIR"])
@@ -183,10 +188,9 @@ def torch_fwdbwd_ms(shape, dtype, causal, iters):
 def time_all(out, iters):
     device = mx.device_info(mx.gpu).get("device_name", "")
     result = {"device": device, "what": "forward + backward ms per call (mx.grad of a sum; one call per eval)",
-              "routes": {"bulk0": "dQ by float2 atomics (default)",
-                         "bulk1": "dQ by cp.reduce.async.bulk (MLX_FLASH_BWD_DQ_BULK=1)",
-                         "hf0": "bulk0 with heads-first block order (MLX_FLASH_BWD_HEADS_FIRST=1)",
-                         "hf1": "bulk1 with heads-first block order",
+              "routes": {"new": "default: dQ by float2 atomics, heads-first block order under causal",
+                         "bulk1": "dQ by cp.reduce.async.bulk (MLX_FLASH_BWD_DQ_BULK=1), default order",
+                         "order0": "dQ by atomics, a head's key blocks adjacent (MLX_FLASH_BWD_HEADS_FIRST=0)",
                          "before": "the backward before these changes (BWD_BEFORE_DIR's kernel, delta by MLX ops)"},
               "rows": []}
     for dtype in (mx.float16, mx.bfloat16):
@@ -197,11 +201,11 @@ def time_all(out, iters):
             s = D ** -0.5
             for causal in (False, True):
                 res = {}
-                for name in VARIANTS:
+                for name in _variants(causal):
                     set_route(name)
                     g = _grad(causal, s, False)
                     res[name] = time_fn(lambda: g(q, k, v), iters)
-                set_route("bulk0")
+                set_route("new")
                 if os.environ.get("BWD_BEFORE_DIR"):
                     saved = cb._wgmma_bwd_config, cb._bwd_delta
                     cb._wgmma_bwd_config, cb._bwd_delta = before_route(os.environ["BWD_BEFORE_DIR"])
@@ -217,12 +221,13 @@ def time_all(out, iters):
                     res["torch"] = t
                 row = dict(dtype=str(dtype).split(".")[-1], shape=list(shape), causal=causal,
                            **{f"{k}_ms": round(v, 4) for k, v in res.items()},
-                           **{f"{n}_vs_mx.fast": round(res["mx.fast"] / res[n], 3) for n in VARIANTS},
-                           **({f"{n}_vs_torch": round(res["torch"] / res[n], 3) for n in VARIANTS}
+                           **{f"{n}_vs_mx.fast": round(res["mx.fast"] / res[n], 3) for n in _variants(causal)},
+                           **({f"{n}_vs_torch": round(res["torch"] / res[n], 3) for n in _variants(causal)}
                               if "torch" in res else {}))
                 result["rows"].append(row)
                 print(f"time {row['dtype']} {shape} causal={causal}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items())
-                      + " | vs mx.fast " + " ".join(f"{n} {row[n + '_vs_mx.fast']:.2f}x" for n in VARIANTS), flush=True)
+                      + " | vs mx.fast " + " ".join(f"{n} {row[n + '_vs_mx.fast']:.2f}x" for n in _variants(causal))
+                      + (f" | new vs torch {row['new_vs_torch']:.2f}x" if "torch" in res else ""), flush=True)
                 with open(out, "w") as f:
                     json.dump(result, f, indent=1)
 
@@ -231,7 +236,7 @@ def main():
     mode = sys.argv[1]
     print("device:", mx.device_info(mx.gpu).get("device_name", ""), "hopper:", cb._is_hopper(), flush=True)
     if mode == "check":
-        sys.exit(1 if check(int(sys.argv[2]), int(sys.argv[3]), DTYPES[sys.argv[4]], int(sys.argv[5])) else 0)
+        sys.exit(1 if check(DTYPES[sys.argv[2]], int(sys.argv[3]), sys.argv[4]) else 0)
     elif mode == "warm":
         warm(DTYPES[sys.argv[2]], int(sys.argv[3]), bool(int(sys.argv[4])))
     elif mode == "time":
