@@ -1037,14 +1037,15 @@ def test_hopper_backward_dq_bulk_setting(monkeypatch):
             monkeypatch.setenv(name, bad)
             with pytest.raises(ValueError, match=f"{name}: expected one of {', '.join(map(str, allowed))}"):
                 cuda_backend._env_choice(name, 0, allowed)
-    # Block order: heads first under causal or a window unless the setting says otherwise.
+    # Block order: heads first under causal or a window from 4096 keys, unless the setting says otherwise.
     from mlx_flash._spec import AttentionSpec
 
-    dense = AttentionSpec(1, 2, 2, 256, 256, 128, 128, mx.float16, 0.1)
-    causal = AttentionSpec(1, 2, 2, 256, 256, 128, 128, mx.float16, 0.1, window_right=0)
-    for setting, want in ((-1, (False, True)), (0, (False, False)), (1, (True, True))):
+    dense = AttentionSpec(1, 2, 2, 4096, 4096, 128, 128, mx.float16, 0.1)
+    causal = AttentionSpec(1, 2, 2, 4096, 4096, 128, 128, mx.float16, 0.1, window_right=0)
+    short = AttentionSpec(1, 2, 2, 1024, 1024, 64, 64, mx.float16, 0.1, window_right=0)
+    for setting, want in ((-1, (False, True, False)), (0, (False, False, False)), (1, (True, True, True))):
         monkeypatch.setattr(cuda_backend, "_BWD_HEADS_FIRST", setting)
-        assert (cuda_backend._bwd_heads_first(dense), cuda_backend._bwd_heads_first(causal)) == want
+        assert tuple(map(cuda_backend._bwd_heads_first, (dense, causal, short))) == want
     for d in (64, 128):
         # 16 rows of 64 + 4 floats for each warp forming dQ (all 8 at D 128, warpgroup 0's 4 at D 64).
         assert cuda_backend._wgmma_bwd_smem(d, True) - cuda_backend._wgmma_bwd_smem(d, False) == (d // 64) * 4 * 16 * 68 * 4

@@ -813,14 +813,20 @@ _BWD_DQ_BULK = _env_choice("MLX_FLASH_BWD_DQ_BULK", 0, (0, 1))
 # Hopper backward's block order: 0 = a head's key blocks adjacent (they share
 # its Q and dO in L2); 1 = key block by key block over the heads, so under
 # causal or a window the longest blocks (the first key blocks, which see the
-# most query tiles) start first. Unset: 1 with a window or causal, else 0
-# (H200 fp16 fwd+bwd, causal: 3.18 -> 3.00 ms at (1,16,8192,128), 2.21 ->
-# 2.00 ms at (2,16,4096,128); non-causal within noise).
+# most query tiles) start first. Unset (-1): 1 with a window or causal and
+# at least _BWD_HEADS_FIRST_KEYS keys, else 0. H200 fp16 fwd+bwd, causal
+# (benchmarks/results/cuda_bwd_nvidia_h200*.json): 3.18 -> 3.00 and 3.185 ->
+# 3.19 ms at (1,16,8192,128), 2.21 -> 2.00 and 2.15 -> 2.05 ms at
+# (2,16,4096,128); at (4,16,1024,64) 0.58 -> 0.66 ms (8 key blocks a head:
+# no long tail to shorten), so short sequences keep the adjacent order.
 _BWD_HEADS_FIRST = _env_choice("MLX_FLASH_BWD_HEADS_FIRST", -1, (-1, 0, 1))
+_BWD_HEADS_FIRST_KEYS = 4096
 
 
 def _bwd_heads_first(spec: AttentionSpec) -> bool:
-    return spec.has_window if _BWD_HEADS_FIRST == -1 else bool(_BWD_HEADS_FIRST)
+    if _BWD_HEADS_FIRST == -1:
+        return spec.has_window and _max_k(spec) >= _BWD_HEADS_FIRST_KEYS
+    return bool(_BWD_HEADS_FIRST)
 
 
 def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
