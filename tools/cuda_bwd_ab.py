@@ -20,7 +20,8 @@ under causal the head-adjacent block order), of
 mx.fast.scaled_dot_product_attention (cuDNN) in the same process, and of
 torch SDPA (CUDA events over queued calls) at the issue-14 shapes, causal
 and not, fp16 and bf16; writes OUT.json as it goes (a job cut short keeps
-what finished). With BWD_BEFORE_DIR set (a folder holding an older
+what finished). BWD_AB_ROWS picks rows ("dtype:B,H,N,D;..."; default: fp16
+then bf16 at SHAPES). With BWD_BEFORE_DIR set (a folder holding an older
 attention_bwd_wgmma.cu and .cuh, e.g. main's), also "before": that kernel
 (under its own MLX name) with delta formed by MLX ops, as the backend did
 before attention_bwd_delta, in the same process.
@@ -106,7 +107,7 @@ def _grad(causal, s, fast):
 
 def warm(dtype, D, causal):
     # One head at the timed lengths: the forward's route depends on the key count.
-    N = max(s[2] for s in SHAPES if s[3] == D)
+    N = max(s[2] for _, s in _rows() if s[3] == D)
     q, k, v = (mx.random.normal((1, 1, N, D)).astype(dtype) for _ in range(3))
     for name in _variants(causal):
         set_route(name)
@@ -185,51 +186,57 @@ def torch_fwdbwd_ms(shape, dtype, causal, iters):
     return start.elapsed_time(end) / iters
 
 
+def _rows():
+    spec = os.environ.get("BWD_AB_ROWS")
+    if not spec:
+        return [(dtype, shape) for dtype in (mx.float16, mx.bfloat16) for shape in SHAPES]
+    return [(DTYPES[r.split(":")[0]], tuple(int(x) for x in r.split(":")[1].split(","))) for r in spec.split(";")]
+
+
 def time_all(out, iters):
     device = mx.device_info(mx.gpu).get("device_name", "")
     result = {"device": device, "what": "forward + backward ms per call (mx.grad of a sum; one call per eval)",
-              "routes": {"new": "default: dQ by float2 atomics, heads-first block order under causal",
+              "routes": {"new": "default: dQ by float2 atomics, heads-first block order under causal from 4096 keys",
                          "bulk1": "dQ by cp.reduce.async.bulk (MLX_FLASH_BWD_DQ_BULK=1), default order",
                          "order0": "dQ by atomics, a head's key blocks adjacent (MLX_FLASH_BWD_HEADS_FIRST=0)",
                          "before": "the backward before these changes (BWD_BEFORE_DIR's kernel, delta by MLX ops)"},
               "rows": []}
-    for dtype in (mx.float16, mx.bfloat16):
-        for shape in SHAPES:
-            B, H, N, D = shape
-            q, k, v = (mx.random.normal(shape).astype(dtype) for _ in range(3))
-            mx.eval(q, k, v)
-            s = D ** -0.5
-            for causal in (False, True):
-                res = {}
-                for name in _variants(causal):
-                    set_route(name)
+    for dtype, shape in _rows():
+        B, H, N, D = shape
+        q, k, v = (mx.random.normal(shape).astype(dtype) for _ in range(3))
+        mx.eval(q, k, v)
+        s = D ** -0.5
+        for causal in (False, True):
+            res = {}
+            for name in _variants(causal):
+                set_route(name)
+                g = _grad(causal, s, False)
+                res[name] = time_fn(lambda: g(q, k, v), iters)
+            set_route("new")
+            if os.environ.get("BWD_BEFORE_DIR"):
+                saved = cb._wgmma_bwd_config, cb._bwd_delta
+                cb._wgmma_bwd_config, cb._bwd_delta = before_route(os.environ["BWD_BEFORE_DIR"])
+                try:
                     g = _grad(causal, s, False)
-                    res[name] = time_fn(lambda: g(q, k, v), iters)
-                set_route("new")
-                if os.environ.get("BWD_BEFORE_DIR"):
-                    saved = cb._wgmma_bwd_config, cb._bwd_delta
-                    cb._wgmma_bwd_config, cb._bwd_delta = before_route(os.environ["BWD_BEFORE_DIR"])
-                    try:
-                        g = _grad(causal, s, False)
-                        res["before"] = time_fn(lambda: g(q, k, v), iters)
-                    finally:
-                        cb._wgmma_bwd_config, cb._bwd_delta = saved
-                g = _grad(causal, s, True)
-                res["mx.fast"] = time_fn(lambda: g(q, k, v), iters)
-                t = torch_fwdbwd_ms(shape, dtype, causal, iters)
-                if t is not None:
-                    res["torch"] = t
-                row = dict(dtype=str(dtype).split(".")[-1], shape=list(shape), causal=causal,
-                           **{f"{k}_ms": round(v, 4) for k, v in res.items()},
-                           **{f"{n}_vs_mx.fast": round(res["mx.fast"] / res[n], 3) for n in _variants(causal)},
-                           **({f"{n}_vs_torch": round(res["torch"] / res[n], 3) for n in _variants(causal)}
-                              if "torch" in res else {}))
-                result["rows"].append(row)
-                print(f"time {row['dtype']} {shape} causal={causal}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items())
-                      + " | vs mx.fast " + " ".join(f"{n} {row[n + '_vs_mx.fast']:.2f}x" for n in _variants(causal))
-                      + (f" | new vs torch {row['new_vs_torch']:.2f}x" if "torch" in res else ""), flush=True)
-                with open(out, "w") as f:
-                    json.dump(result, f, indent=1)
+                    res["before"] = time_fn(lambda: g(q, k, v), iters)
+                finally:
+                    cb._wgmma_bwd_config, cb._bwd_delta = saved
+            g = _grad(causal, s, True)
+            res["mx.fast"] = time_fn(lambda: g(q, k, v), iters)
+            t = torch_fwdbwd_ms(shape, dtype, causal, iters)
+            if t is not None:
+                res["torch"] = t
+            row = dict(dtype=str(dtype).split(".")[-1], shape=list(shape), causal=causal,
+                       **{f"{k}_ms": round(v, 4) for k, v in res.items()},
+                       **{f"{n}_vs_mx.fast": round(res["mx.fast"] / res[n], 3) for n in _variants(causal)},
+                       **({f"{n}_vs_torch": round(res["torch"] / res[n], 3) for n in _variants(causal)}
+                          if "torch" in res else {}))
+            result["rows"].append(row)
+            print(f"time {row['dtype']} {shape} causal={causal}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items())
+                  + " | vs mx.fast " + " ".join(f"{n} {row[n + '_vs_mx.fast']:.2f}x" for n in _variants(causal))
+                  + (f" | new vs torch {row['new_vs_torch']:.2f}x" if "torch" in res else ""), flush=True)
+            with open(out, "w") as f:
+                json.dump(result, f, indent=1)
 
 
 def main():
