@@ -1052,6 +1052,16 @@ def test_hopper_backward_dq_bulk_setting(monkeypatch):
         assert cuda_backend._wgmma_bwd_smem(d, True) <= cuda_backend._MAX_SMEM
 
 
+def test_delta_threads_per_row_match_the_kernel():
+    """attention_bwd_delta's threads a row (DeltaShape::kTpr), which the launch's
+    rows per block are computed from: 16-byte chunks 8 / 16 / 32 threads wide,
+    32 element by element where Dv is not a multiple of 8."""
+    text = cuda_backend._read("attention_bwd_delta.cuh")
+    assert "kChunks > 16 ? 32 : kChunks > 8 ? 16 : 8" in text and "!kVec ? 32" in text
+    want = {8: 8, 40: 8, 64: 8, 72: 16, 128: 16, 136: 32, 256: 32, 512: 32, 7: 32, 33: 32, 500: 32}
+    assert {dv: cuda_backend._delta_threads_per_row(dv) for dv in want} == want
+
+
 @needs_cuda
 @pytest.mark.parametrize("feature", ["none", "causal", "window_both", "combined_everything", "block_sparse"])
 @pytest.mark.parametrize("kind", ["float16-D128", "bfloat16-D64"])

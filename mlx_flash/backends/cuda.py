@@ -808,7 +808,9 @@ _BWD_MMA_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip"
 _MMA_BWD_WARPS = 4
 # Hopper backward's dQ: 0 = float2 atomics per fragment; 1 = staged per warp in
 # shared memory and added by bulk async reductions, a row a lane
-# (attention_bwd_wgmma.cuh). Opt-in until checked against float64 on an H200.
+# (attention_bwd_wgmma.cuh). Checked against float64 on an H200 (60/60, and the
+# non-finite tests at D 64) but not faster there (fwd+bwd 5.55 vs 5.21 ms at
+# (1,16,8192,128) fp16; D 64 at 1024 keys within run-to-run noise): opt-in.
 _BWD_DQ_BULK = _env_choice("MLX_FLASH_BWD_DQ_BULK", 0, (0, 1))
 # Hopper backward's block order: 0 = a head's key blocks adjacent (they share
 # its Q and dO in L2); 1 = key block by key block over the heads, so under
@@ -877,13 +879,15 @@ def _bwd_delta(dout, out, dlse, spec: AttentionSpec, stream):
     if dout.shape != out.shape or out.shape[-1] != dv:
         raise ValueError(f"attention backward: dout shape {tuple(dout.shape)} must match out {tuple(out.shape)} "
                          f"(last axis {dv})")
-    kernel, tpr = _delta_kernel()
     has_dlse = dlse is not None
     if has_dlse:
         if math.prod(dlse.shape) != rows:
             raise ValueError(f"attention backward: dlse shape {tuple(dlse.shape)} must match {tuple(out.shape[:-1])}")
         dlse = dlse.astype(mx.float32, stream=stream)
-    per_block = _DELTA_THREADS // tpr(dv)
+    per_block = _DELTA_THREADS // _delta_threads_per_row(dv)
+    # _kernel is looked up per call (it caches the object): a kernel held here
+    # would outlive a test's stand-in for _kernel (tests/test_cuda_host.py).
+    kernel = _kernel("attention_bwd_delta", ("dout", "out", "dlse", "n"), ("delta",), 0)
     (delta,) = kernel(
         inputs=[dout, out, dlse if has_dlse else _placeholder(mx.float32), const_array((rows,), mx.int32)],
         template=[("T", spec.dtype), ("DV", dv), ("HAS_DLSE", has_dlse)],
@@ -892,16 +896,13 @@ def _bwd_delta(dout, out, dlse, spec: AttentionSpec, stream):
     return delta
 
 
-@functools.lru_cache(maxsize=None)
-def _delta_kernel():
-    """(attention_bwd_delta, threads per row of head dim dv: DeltaShape of attention_bwd_delta.cuh)."""
-    def tpr(dv):
-        if dv % 8:
-            return 32
-        chunks = dv // 8
-        return 32 if chunks > 16 else 16 if chunks > 8 else 8
-
-    return _kernel("attention_bwd_delta", ("dout", "out", "dlse", "n"), ("delta",), 0), tpr
+def _delta_threads_per_row(dv: int) -> int:
+    """DeltaShape<DV>::kTpr of attention_bwd_delta.cuh: 8 up to 64 columns, 16 up
+    to 128, else 32, for 16-byte chunks; 32 where Dv is not a multiple of 8."""
+    if dv % 8:
+        return 32
+    chunks = dv // 8
+    return 32 if chunks > 16 else 16 if chunks > 8 else 8
 
 
 def _wgmma_bwd_smem(d: int, dq_bulk: bool) -> int:
