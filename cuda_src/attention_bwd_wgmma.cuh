@@ -11,8 +11,11 @@
 //   dQ = dS K                           shared x shared: dS^T from shared memory
 //                                       read MN-major, K read MN-major; warpgroup
 //                                       w forms dims 64w..64w+63 of the BQ rows
-// and adds dQ to a float32 accumulator with vector atomics. The next query
-// tile's Q, dO, lse and delta load (cp.async) while the current one is used.
+// and adds dQ to a float32 accumulator: with vector atomics, or (DQ_BULK)
+// staged in shared memory and added by bulk async reductions, one per row
+// of each warp's 16 x 64 part. The next query tile's Q, dO, lse and delta
+// load (cp.async) while the current one is used. delta = rowsum(dO * O) comes
+// from attention_bwd_delta.
 #pragma once
 
 #include "attention_common.cuh"
@@ -23,14 +26,38 @@
 
 namespace mlx_flash {
 
+// Rows of a warp's dQ staging part (DQ_BULK), in floats: 64 dims + 4, so the
+// fragment rows g = 0..7 start 4 banks apart and a warp's float2 stores meet
+// no bank conflict (rows of 64 floats would put all eight on the same banks).
+constexpr int kBwdDqPitch = 64 + 4;
+
 // Shared memory of the wgmma backward (bytes): K, V [128][D]; Q, dO [64][D]
 // twice; dS^T and P^T [128][64] (P^T written by exact tiles only); lse and
-// delta [64] twice; 1 KiB alignment slack.
-__host__ __device__ constexpr int wgmma_bwd_smem(int d) {
-  return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + 1024;
+// delta [64] twice; with dq_bulk, dQ staging [16][kBwdDqPitch] floats for each
+// warp that forms dQ (8 at D 128, 4 at D 64); 1 KiB alignment slack.
+__host__ __device__ constexpr int wgmma_bwd_smem(int d, bool dq_bulk = false) {
+  return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 +
+         (dq_bulk ? (d / 64) * 4 * 16 * kBwdDqPitch * 4 : 0) + 1024;
 }
 
-template <typename T, typename MT, class F, int D>
+// 4-byte cp.async (lse and delta rows; .ca: the 4-byte form has no .cg).
+__device__ __forceinline__ void bwd_cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+
+// dst[0, bytes) += src[0, bytes) (float32, in L2) by the bulk copy engine, as
+// one bulk async-group operation; src 16-byte aligned, bytes a multiple of 16.
+__device__ __forceinline__ void bwd_bulk_reduce_add_f32(float* dst, const void* src, int bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+               "r"(smem_addr(src)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bwd_bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// This thread's bulk operations have finished reading shared memory (the staging may be rewritten).
+__device__ __forceinline__ void bwd_bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// ... and have completed.
+__device__ __forceinline__ void bwd_bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+template <typename T, typename MT, class F, int D, bool DQ_BULK, bool HEADS_FIRST>
 __device__ void attention_bwd_wgmma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
     const int* cu_q, const int* cu_k, const int* ip, const float* fp,
@@ -48,14 +75,28 @@ __device__ void attention_bwd_wgmma(
   unsigned char* Ps = dSs + DS_BYTES;       // P^T [key][query], swizzled (exact tiles)
   float* lse_s = reinterpret_cast<float*>(Ps + DS_BYTES);  // two stages of BQ
   float* delta_s = lse_s + 2 * BQ;                          // two stages of BQ
+  // DQ_BULK: this warp's dQ staging, [16 rows][kBwdDqPitch] floats (16-byte aligned).
+  float* dq_stage = delta_s + 2 * BQ + (threadIdx.x / 32) * 16 * kBwdDqPitch;
 
   const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], G = Hq / Hkv;
   const int NqTot = ip[kSeqQ], NkTot = ip[kSeqK];
-  const int b = blockIdx.z / Hkv, hk = blockIdx.z % Hkv;
+  // Blocks launch blockIdx.x fastest: by default a head's key blocks are
+  // adjacent (they share the head's Q and dO in L2). HEADS_FIRST walks the
+  // launch index key block by key block instead, every head's block kb
+  // before any head's kb + 1: with causal (or a window) the first key blocks
+  // see the most query tiles, so the longest blocks start first and the
+  // short ones fill the last wave.
+  int key_block = blockIdx.x, bh = blockIdx.z;
+  if (HEADS_FIRST) {
+    const int launch = blockIdx.z * gridDim.x + blockIdx.x;
+    key_block = launch / gridDim.z;
+    bh = launch % gridDim.z;
+  }
+  const int b = bh / Hkv, hk = bh % Hkv;
   const Sequence seq = sequence_of<F::Varlen>(b, ip, cu_q, cu_k);
-  const int j0 = blockIdx.x * BKV;
+  const int j0 = key_block * BKV;
   if (j0 >= seq.nk) return;
   const int j_end = min(seq.nk, j0 + BKV);
   const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
@@ -63,7 +104,8 @@ __device__ void attention_bwd_wgmma(
   const float softcap = fp[kSoftcap];
   const int key_row = wg * 64 + warp * 16 + g;  // this thread's first key within the block (other: + 8)
 
-  LogitRules<MT> rules = make_rules<MT, F>(seq, b, hk * G, ip, fp, mask, alibi, bmask, key_start, key_len);
+  // Head-independent parts (key range, window) for the block; p_ds forms each head's own.
+  const LogitRules<MT> rules = make_rules<MT, F>(seq, b, hk * G, ip, fp, mask, alibi, bmask, key_start, key_len);
   int qlo, qhi;
   rules.query_range(j0, j_end - 1, qlo, qhi);
   // No query sees these keys (all outside the key range, or the window's):
@@ -92,11 +134,27 @@ __device__ void attention_bwd_wgmma(
     const int valid = min(seq.nq, i0 + BQ) - i0;
     load_tile_swizzled<T, BQ, D, NTHREADS>(Qs + stage * QT_BYTES, q + (q_base + i0) * D, valid);
     load_tile_swizzled<T, BQ, D, NTHREADS>(dOs + stage * QT_BYTES, dout + (q_base + i0) * D, valid);
-    for (int r = threadIdx.x; r < BQ; r += NTHREADS) {
-      const float l = r < valid ? lse[q_base + i0 + r] : kNegInf;
-      // +inf makes P = 0 for rows past the end and for fully masked rows.
-      lse_s[stage * BQ + r] = l == kNegInf ? __int_as_float(0x7f800000) : l * kLog2e;
-      delta_s[stage * BQ + r] = r < valid ? delta[q_base + i0 + r] : 0.f;
+    // lse and delta by cp.async too (a plain load here would hold the thread
+    // until it returns, in front of the tile's work); thread r stages row r
+    // and converts its lse itself once landed (stage_lse), before the barrier
+    // that publishes the tile. Rows past the end: +inf lse (P = 0), delta 0.
+    if (threadIdx.x < BQ) {
+      const int r = threadIdx.x;
+      if (r < valid) {
+        bwd_cp_async4(lse_s + stage * BQ + r, lse + q_base + i0 + r);
+        bwd_cp_async4(delta_s + stage * BQ + r, delta + q_base + i0 + r);
+      } else {
+        lse_s[stage * BQ + r] = __int_as_float(0x7f800000);
+        delta_s[stage * BQ + r] = 0.f;
+      }
+    }
+  };
+  // Row threadIdx.x's staged lse, once its copy landed: lse log2(e), and +inf
+  // for a fully masked row's -inf (P = 0); rows past the end hold +inf already.
+  auto stage_lse = [&](int i0, int stage) {
+    if (threadIdx.x < BQ && i0 + (int)threadIdx.x < seq.nq) {
+      float& l = lse_s[stage * BQ + threadIdx.x];
+      l = l == kNegInf ? __int_as_float(0x7f800000) : l * kLog2e;
     }
   };
 
@@ -116,6 +174,10 @@ __device__ void attention_bwd_wgmma(
 
   while (hg < G) {
     cp_async_wait<0>();
+    stage_lse(i0, stage);
+    // DQ_BULK: the previous tile's reductions have read this warp's staging
+    // (the barrier below then frees it for every lane).
+    if (DQ_BULK) bwd_bulk_wait_read();
     fence_proxy_async();
     const int i_end = min(seq.nq, i0 + BQ);
     const bool inside_window =
@@ -152,7 +214,6 @@ __device__ void attention_bwd_wgmma(
     cp_async_commit();
 
     const int h = hk * G + hg;
-    rules = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
     const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
     const unsigned q_addr = smem_addr(Qs + stage * QT_BYTES), do_addr = smem_addr(dOs + stage * QT_BYTES);
     const float* lse_t = lse_s + stage * BQ;
@@ -162,6 +223,9 @@ __device__ void attention_bwd_wgmma(
     // per tile: the first k-step overwrites them, so nothing is carried over.
     float st[BQ / 2], dpt[BQ / 2];
     unsigned pp[BQ / 16][4], pd[BQ / 16][4];
+    // Descriptors formed per k-step from 32-bit addresses (ptxas folds the
+    // constant fields): 64-bit descriptors formed once and offset instead
+    // kept live cost the softcap + rules instance 92/160 bytes of spills.
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -170,6 +234,7 @@ __device__ void attention_bwd_wgmma(
       Wgmma<T, BQ>::template ss<0, 0>(st, wgmma_desc(k_addr + a_off, 16, 1024), wgmma_desc(q_addr + b_off, 16, 1024),
                                       kk > 0);
     }
+    wgmma_commit();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const unsigned a_off = (kk / 4) * (BKV * 128) + wg * 64 * 128 + (kk % 4) * 32;
@@ -178,6 +243,19 @@ __device__ void attention_bwd_wgmma(
                                       wgmma_desc(do_addr + b_off, 16, 1024), kk > 0);
     }
     wgmma_commit();
+    const float scale_log2 = scale * kLog2e;
+    // Tiles without rules or marks (most): P^T = 2^(S^T scale log2(e) - lse)
+    // as soon as S^T is done, while the dP^T products still run.
+    const bool plain = !(need_rules || exact);
+    wgmma_wait<1>();
+    wgmma_pin(st);
+    if (plain) {
+#pragma unroll
+      for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          st[4 * n + c] = exp2_ftz(fmaf(st[4 * n + c], scale_log2, -lse_t[n * 8 + 2 * t + (c & 1)]));
+    }
     wgmma_wait<0>();
     wgmma_pin(st);
     wgmma_pin(dpt);
@@ -187,26 +265,26 @@ __device__ void attention_bwd_wgmma(
     // row's lse or dP may be NaN). Two instances: the plain one for tiles that
     // neither apply rules nor run exact (most tiles), and the marking one;
     // one loop with run-time selects costs ptxas the registers it then spills.
-    const float scale_log2 = scale * kLog2e;
     auto p_ds = [&](auto marking) {
       constexpr bool kMarks = decltype(marking)::value;
+      // This head's rules, formed here rather than before the S^T and dP^T
+      // products: live only in this loop, not beside those accumulators.
+      const LogitRules<MT> hr = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
 #pragma unroll
       for (int n = 0; n < BQ / 8; ++n) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int jj = key_row + (c >= 2 ? 8 : 0);
           const int ii = n * 8 + 2 * t + (c & 1);
-          if (!kMarks) {  // no rules, no marks: P^T = 2^(S^T scale log2(e) - lse) in one FFMA
-            const float p = exp2_ftz(fmaf(st[4 * n + c], scale_log2, -lse_t[ii]));
-            st[4 * n + c] = p;
-            dpt[4 * n + c] = p * (dpt[4 * n + c] - delta_t[ii]);
+          if (!kMarks) {  // no rules, no marks: st holds P^T already
+            dpt[4 * n + c] = st[4 * n + c] * (dpt[4 * n + c] - delta_t[ii]);
             continue;
           }
           float x = st[4 * n + c] * scale;
           float cap_grad = 1.f;
           if (need_rules) {
             float capped = 0.f;
-            x = apply_rules<F>(rules, x, i0 + ii, j0 + jj, capped);
+            x = apply_rules<F>(hr, x, i0 + ii, j0 + jj, capped);
             if (F::Softcap) {
               const float u = capped / softcap;
               cap_grad = 1.f - u * u;
@@ -222,8 +300,8 @@ __device__ void attention_bwd_wgmma(
         }
       }
     };
-    if (need_rules || exact) p_ds(BoolConst<true>{});
-    else p_ds(BoolConst<false>{});
+    if (plain) p_ds(BoolConst<false>{});
+    else p_ds(BoolConst<true>{});
     // A fragments of P^T and dS^T; dS^T also into shared memory ([key][query],
     // swizzled: read MN-major as the A operand of dQ = dS K).
 #pragma unroll
@@ -251,6 +329,13 @@ __device__ void attention_bwd_wgmma(
     }
 
     // dV += P^T dO and dK += dS^T Q: B operands MN-major (LBO: the next 64 dims).
+    // D = 128 (kDkLast): three groups in order, dV, then (after the barrier
+    // that publishes dS^T) dQ, then dK; waiting for all but the last lets
+    // dQ's stores run while the dK products still do. D = 64, where only
+    // warpgroup 0 forms dQ: dV and dK first, as one group; issuing dK after
+    // a dQ that one warpgroup skips made ptxas serialise every wgmma of the
+    // kernel (a wait after each: 24 of 24).
+    constexpr bool kDkLast = D == 128;
     wgmma_pin(dv_acc);
     wgmma_pin(dk_acc);
     wgmma_pin(pp);
@@ -260,9 +345,11 @@ __device__ void attention_bwd_wgmma(
 #pragma unroll
       for (int kk = 0; kk < BQ / 16; ++kk)
         Wgmma<T, D>::template rs<1>(dv_acc, pp[kk], wgmma_desc(do_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+      if (!kDkLast) {
 #pragma unroll
-      for (int kk = 0; kk < BQ / 16; ++kk)
-        Wgmma<T, D>::template rs<1>(dk_acc, pd[kk], wgmma_desc(q_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+        for (int kk = 0; kk < BQ / 16; ++kk)
+          Wgmma<T, D>::template rs<1>(dk_acc, pd[kk], wgmma_desc(q_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+      }
       wgmma_commit();
     }
 
@@ -299,9 +386,9 @@ __device__ void attention_bwd_wgmma(
           atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
                     make_float2(dqx[4 * n + 2 * half] * scale, dqx[4 * n + 2 * half + 1] * scale));
       }
-    } else if (D == 128 || wg == 0) {
+    } else if (!exact) {
       float dq[BQ / 2];
-      {
+      if (D == 128 || wg == 0) {
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BKV / 16; ++kk)
@@ -309,19 +396,49 @@ __device__ void attention_bwd_wgmma(
                                           wgmma_desc(k_addr + wg * (BKV * 128) + kk * 16 * 128, BKV * 128, 1024),
                                           kk > 0);
         wgmma_commit();
-        wgmma_wait<0>();
       }
-      wgmma_pin(dq);
-      // Rows warp * 16 + g (+ 8) of this tile, dims 64w + 8n + 2t (+1).
+      if (kDkLast) {
+        wgmma_fence();
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int i = i0 + warp * 16 + g + 8 * half;
-        if (i >= seq.nq) continue;
-        float* row = dq_acc + (q_base + i) * D + wg * 64 + 2 * t;
+        for (int kk = 0; kk < BQ / 16; ++kk)
+          Wgmma<T, D>::template rs<1>(dk_acc, pd[kk], wgmma_desc(q_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+        wgmma_commit();
+      }
+      if (D == 128 || wg == 0) {
+        // D = 128: dV and dQ done, dK may still run; D = 64: all done.
+        if (kDkLast) wgmma_wait<1>();
+        else wgmma_wait<0>();
+        wgmma_pin(dq);
+        // Rows warp * 16 + g (+ 8) of this tile, dims 64w + 8n + 2t (+1).
+        if (DQ_BULK) {
+          // Into this warp's staging (rows g, g + 8 of its 16), then lane r < 16
+          // adds staged row r to dQ's row (64 floats at dims 64w) by one bulk
+          // reduction: 16 operations a warp instead of 256 float2 atomics.
 #pragma unroll
-        for (int n = 0; n < 8; ++n)
-          atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
-                    make_float2(dq[4 * n + 2 * half] * scale, dq[4 * n + 2 * half + 1] * scale));
+          for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+              *reinterpret_cast<float2*>(dq_stage + (g + 8 * half) * kBwdDqPitch + 8 * n + 2 * t) =
+                  make_float2(dq[4 * n + 2 * half] * scale, dq[4 * n + 2 * half + 1] * scale);
+          fence_proxy_async();  // the stores, visible to the bulk copies' async proxy
+          __syncwarp();
+          const int i = i0 + warp * 16 + lane;
+          if (lane < 16 && i < seq.nq) {
+            bwd_bulk_reduce_add_f32(dq_acc + (q_base + i) * D + wg * 64, dq_stage + lane * kBwdDqPitch, 64 * 4);
+            bwd_bulk_commit();
+          }
+        } else {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int i = i0 + warp * 16 + g + 8 * half;
+            if (i >= seq.nq) continue;
+            float* row = dq_acc + (q_base + i) * D + wg * 64 + 2 * t;
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+              atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
+                        make_float2(dq[4 * n + 2 * half] * scale, dq[4 * n + 2 * half + 1] * scale));
+          }
+        }
       }
     }
     wgmma_wait<0>();
@@ -362,6 +479,8 @@ __device__ void attention_bwd_wgmma(
     i0 = in;
   }
   cp_async_wait<0>();
+  // DQ_BULK: the last reductions complete before the block's shared memory goes.
+  if (DQ_BULK) bwd_bulk_wait();
 
   // This thread's two key rows of dK (scaled) and dV.
 #pragma unroll

@@ -86,7 +86,12 @@ def _attention_cases():
             yield ("attention_fwd_wgmma", T, mx.float32,
                    feats + [("SINKS", True), ("D", D), ("DV", D), ("BN", BN), ("STAGES", stages)], ("out", "lse"))
         for D in (64, 128):
-            yield ("attention_bwd_wgmma", T, mx.float32, features + [("D", D), ("DV", D)], ("dq_acc", "dk", "dv"))
+            yield ("attention_bwd_wgmma", T, mx.float32, features + [("D", D), ("DV", D), ("DQ_BULK", D == 128), ("HEADS_FIRST", D == 64)],
+                   ("dq_acc", "dk", "dv"))
+    # delta = rowsum(dO * O) - dlse: 16-byte chunks (8, 16 and 32 threads a row) and element by element.
+    for T, dv, has_dlse in ((mx.float16, 128, False), (mx.bfloat16, 64, True), (mx.float16, 40, True),
+                            (mx.bfloat16, 7, False), (mx.float16, 512, True)):
+        yield ("attention_bwd_delta", T, None, [("DV", dv), ("HAS_DLSE", has_dlse)], ("delta",))
     yield ("attention_fwd_simt", mx.float32, mx.bool_,
            [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 1), ("WINDOW", True), ("BLOCK_MASK", True),
             ("VARLEN", True), ("KEY_RANGE", False), ("SINKS", True), ("D", 33), ("DV", 7), ("W", 4), ("SPLITS", 3)],
@@ -156,6 +161,8 @@ def _input_dtypes(body, T, MT):
     if body == "attention_combine":
         return list(zip(("part_o", "part_lse", "sinks", "ip", "ns"),
                         (mx.float32, mx.float32, mx.float32, mx.int32, mx.int32)))
+    if body == "attention_bwd_delta":
+        return [("dout", T), ("out", T), ("dlse", mx.float32), ("n", mx.int32)]
     if body == "attention_fwd_decode":  # and the ticket pool's region (uint32)
         names, dtypes = cuda_backend._ATTN_INPUTS + ("tk",), (T, T, T, MT, mx.float32, mx.float32, mx.bool_,
                                                                mx.int32, mx.int32, mx.int32, mx.float32, mx.int32,
@@ -176,7 +183,7 @@ def _input_dtypes(body, T, MT):
 
 
 def _output_dtypes(outputs, T):
-    return [(n, mx.float32 if n in ("lse", "part_o", "part_lse", "ws", "dq_acc") else T) for n in outputs]
+    return [(n, mx.float32 if n in ("lse", "part_o", "part_lse", "ws", "dq_acc", "delta") else T) for n in outputs]
 
 
 def _matmul_cases():
@@ -518,6 +525,38 @@ def test_wide_head_kernels_compile_without_spills(tmp_path):
     assert not spills, "\n".join(spills)
 
 
+def _hopper_bwd_cases():
+    """attention_bwd_wgmma instances: fp16/bf16, D 64/128, plain, causal and every feature at once."""
+    plain = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 0), ("WINDOW", False), ("BLOCK_MASK", False),
+             ("VARLEN", False), ("KEY_RANGE", False)]
+    causal = [(n, True if n == "WINDOW" else v) for n, v in plain]
+    every = [("SOFTCAP", True), ("ALIBI", True), ("MASK_KIND", 2), ("WINDOW", True), ("BLOCK_MASK", True),
+             ("VARLEN", True), ("KEY_RANGE", True)]
+    softcap = [(n, True if n == "SOFTCAP" else v) for n, v in plain]
+    for T in (mx.float16, mx.bfloat16):
+        for D in (64, 128):
+            for feats in (plain, causal, softcap, every):
+                for bulk in (False, True):
+                    yield T, feats + [("D", D), ("DV", D), ("DQ_BULK", bulk), ("HEADS_FIRST", bulk)]
+
+
+@needs_nvcc
+def test_hopper_backward_compiles_without_spills(tmp_path):
+    """Every attention_bwd_wgmma instance keeps its dK, dV accumulators and
+    fragments in registers: a spill there is local-memory traffic in the
+    kernel's inner loop (the softcap instance once spilled 72/104 bytes)."""
+    body = cuda_backend._read("attention_bwd_wgmma.cu")
+    kernels = [_kernel_text(f"hbwd{i}", body, _input_dtypes("attention_bwd_wgmma", T, mx.float32),
+                            _output_dtypes(("dq_acc", "dk", "dv"), T), [("T", T), ("MT", mx.float32)] + template)
+               for i, (T, template) in enumerate(_hopper_bwd_cases())]
+    log = _nvcc_compile(tmp_path, "hopper_bwd", _prelude(cuda_backend.kernel_headers("attention_bwd_wgmma")) +
+                        "\n" + "\n".join(kernels), ("-Xptxas", "-v"))
+    usage = ptxas_usage(log)
+    assert len(usage) == len(kernels), log[-2000:]
+    spills = [f"{name}: {regs} registers, spills {st}/{ld} bytes" for name, (regs, st, ld) in usage.items() if st or ld]
+    assert not spills, "\n".join(spills)
+
+
 def _cuobjdump():
     """cuobjdump from PATH or from the nvidia-cuda-cuobjdump wheel, if either is there."""
     found = shutil.which("cuobjdump")
@@ -569,7 +608,8 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
                         template += [("SINKS", False), ("D", D), ("DV", D), ("BN", 128), ("STAGES", 3)]
                         outputs = ("out", "lse")
                     else:
-                        template += [("D", D), ("DV", D)]
+                        template += [("D", D), ("DV", D), ("DQ_BULK", bool(len(kernels) % 2)),
+                                     ("HEADS_FIRST", bool(len(kernels) % 2))]
                         outputs = ("dq_acc", "dk", "dv")
                     kernels.append(_kernel_text(f"{body}_{len(kernels)}", cuda_backend._read(body + ".cu"),
                                                 _input_dtypes(body, T, mx.bool_), _output_dtypes(outputs, T),
@@ -1100,3 +1140,67 @@ def test_ws_wide_nonfinite_on_gpu(case, pair, monkeypatch):
     want = attention_np(q, k, v, **options)
     nonfinite_cases.check_contract("out", np.array(out.astype(mx.float32)), want, mx.float16)
     nonfinite_cases.check_contract("lse", np.array(lse), want, mx.float32)
+
+
+def test_hopper_backward_dq_bulk_setting(monkeypatch):
+    """MLX_FLASH_BWD_DQ_BULK takes 0 or 1, MLX_FLASH_BWD_HEADS_FIRST -1 (by
+    the call), 0 or 1 (any other value is an error naming the variable); the
+    bulk route's staging fits the block's shared memory."""
+    for name, allowed in (("MLX_FLASH_BWD_DQ_BULK", (0, 1)), ("MLX_FLASH_BWD_HEADS_FIRST", (-1, 0, 1))):
+        for value in allowed:
+            monkeypatch.setenv(name, str(value))
+            assert cuda_backend._env_choice(name, 0, allowed) == value
+        for bad in ("2", "yes", ""):
+            monkeypatch.setenv(name, bad)
+            with pytest.raises(ValueError, match=f"{name}: expected one of {', '.join(map(str, allowed))}"):
+                cuda_backend._env_choice(name, 0, allowed)
+    # Block order: heads first under causal or a window from 4096 keys, unless the setting says otherwise.
+    from mlx_flash._spec import AttentionSpec
+
+    dense = AttentionSpec(1, 2, 2, 4096, 4096, 128, 128, mx.float16, 0.1)
+    causal = AttentionSpec(1, 2, 2, 4096, 4096, 128, 128, mx.float16, 0.1, window_right=0)
+    short = AttentionSpec(1, 2, 2, 1024, 1024, 64, 64, mx.float16, 0.1, window_right=0)
+    for setting, want in ((-1, (False, True, False)), (0, (False, False, False)), (1, (True, True, True))):
+        monkeypatch.setattr(cuda_backend, "_BWD_HEADS_FIRST", setting)
+        assert tuple(map(cuda_backend._bwd_heads_first, (dense, causal, short))) == want
+    for d in (64, 128):
+        # 16 rows of 64 + 4 floats for each warp forming dQ (all 8 at D 128, warpgroup 0's 4 at D 64).
+        assert cuda_backend._wgmma_bwd_smem(d, True) - cuda_backend._wgmma_bwd_smem(d, False) == (d // 64) * 4 * 16 * 68 * 4
+        assert cuda_backend._wgmma_bwd_smem(d, True) <= cuda_backend._MAX_SMEM
+
+
+def test_delta_threads_per_row_match_the_kernel():
+    """attention_bwd_delta's threads a row (DeltaShape::kTpr), which the launch's
+    rows per block are computed from: 16-byte chunks 8 / 16 / 32 threads wide,
+    32 element by element where Dv is not a multiple of 8."""
+    text = cuda_backend._read("attention_bwd_delta.cuh")
+    assert "kChunks > 16 ? 32 : kChunks > 8 ? 16 : 8" in text and "!kVec ? 32" in text
+    want = {8: 8, 40: 8, 64: 8, 72: 16, 128: 16, 136: 32, 256: 32, 512: 32, 7: 32, 33: 32, 500: 32}
+    assert {dv: cuda_backend._delta_threads_per_row(dv) for dv in want} == want
+
+
+@needs_cuda
+@pytest.mark.parametrize("feature", ["none", "causal", "window_both", "combined_everything", "block_sparse"])
+@pytest.mark.parametrize("kind", ["float16-D128", "bfloat16-D64"])
+@pytest.mark.parametrize("bulk,heads_first", [(0, -1), (1, -1), (0, 0), (0, 1)])
+def test_hopper_backward_dq_routes_on_gpu(bulk, heads_first, kind, feature, monkeypatch):
+    """dq, dk, dv against float64 with dQ by atomics and by bulk reductions
+    (MLX_FLASH_BWD_DQ_BULK) and in both block orders (MLX_FLASH_BWD_HEADS_FIRST),
+    GQA with Nq != Nk both ways and partial tiles."""
+    import mlx_flash
+    from helpers import check_close, plain_errors, qkv, randn, rng, to_np
+    from reference_np import attention_np
+
+    monkeypatch.setattr(cuda_backend, "_BWD_DQ_BULK", bulk)
+    monkeypatch.setattr(cuda_backend, "_BWD_HEADS_FIRST", heads_first)
+    dtype, D = getattr(mx, kind.split("-")[0]), int(kind.split("D")[1])
+    for B, Hq, Hkv, Nq, Nk in ((2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 2, 2, 129, 300)):
+        gen = rng("hopper-bwd-dq", bulk, heads_first, kind, feature, Nq)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
+        options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+        dout = randn(gen, (B, Hq, Nq, D), dtype)
+        _, grads = mx.vjp(lambda a, b, c: [mlx_flash.flash_attention(a, b, c, **options)], [q, k, v], [dout])
+        want = attention_np(q, k, v, dout=dout, **options)
+        plain = plain_errors(q, k, v, dout, options, dtype)
+        for name, g in zip(("dq", "dk", "dv"), grads):
+            check_close(name, to_np(g), want, dtype, plain)

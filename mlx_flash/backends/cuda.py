@@ -14,6 +14,7 @@ Kernels (cuda_src/):
                       with head dims not multiples of 8), likewise split ...
   attention_combine   ... whose partial results this merges by lse
   attention_bwd_mma   tensor-core fused backward (fp16/bf16), dQ by atomics
+  attention_bwd_delta delta = rowsum(dO * O) - dlse, the row term both tensor-core backwards read
   attention_bwd_simt  fp32-arithmetic fused backward (float32 inputs)
 
 Every kernel receives the same inputs: q, k, v, the optional arrays (a
@@ -68,6 +69,7 @@ _KERNEL_ROOTS = {
     "attention_fwd_wgmma": ("attention_fwd_wgmma.cuh",),
     "attention_fwd_ws": ("attention_fwd_ws.cuh",),
     "attention_bwd_wgmma": ("attention_bwd_wgmma.cuh",),
+    "attention_bwd_delta": ("attention_bwd_delta.cuh",),
     "attention_fwd_simt": ("attention_simt.cuh",),
     "attention_fwd_decode": ("attention_decode.cuh",),
     "attention_combine": ("attention_simt.cuh",),
@@ -812,6 +814,29 @@ _BWD_SIMT_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip
 _BWD_MMA_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip", "fp", "dout", "lse",
                    "delta") + _KEY_RANGE_INPUTS
 _MMA_BWD_WARPS = 4
+# Hopper backward's dQ: 0 = float2 atomics per fragment; 1 = staged per warp in
+# shared memory and added by bulk async reductions, a row a lane
+# (attention_bwd_wgmma.cuh). Checked against float64 on an H200 (60/60, and the
+# non-finite tests at D 64) but not faster there (fwd+bwd 5.55 vs 5.21 ms at
+# (1,16,8192,128) fp16; D 64 at 1024 keys within run-to-run noise): opt-in.
+_BWD_DQ_BULK = _env_choice("MLX_FLASH_BWD_DQ_BULK", 0, (0, 1))
+# Hopper backward's block order: 0 = a head's key blocks adjacent (they share
+# its Q and dO in L2); 1 = key block by key block over the heads, so under
+# causal or a window the longest blocks (the first key blocks, which see the
+# most query tiles) start first. Unset (-1): 1 with a window or causal and
+# at least _BWD_HEADS_FIRST_KEYS keys, else 0. H200 fp16 fwd+bwd, causal
+# (benchmarks/results/cuda_bwd_nvidia_h200*.json): 3.18 -> 3.00 and 3.185 ->
+# 3.19 ms at (1,16,8192,128), 2.21 -> 2.00 and 2.15 -> 2.05 ms at
+# (2,16,4096,128); at (4,16,1024,64) 0.58 -> 0.66 ms (8 key blocks a head:
+# no long tail to shorten), so short sequences keep the adjacent order.
+_BWD_HEADS_FIRST = _env_choice("MLX_FLASH_BWD_HEADS_FIRST", -1, (-1, 0, 1))
+_BWD_HEADS_FIRST_KEYS = 4096
+
+
+def _bwd_heads_first(spec: AttentionSpec) -> bool:
+    if _BWD_HEADS_FIRST == -1:
+        return spec.has_window and _max_k(spec) >= _BWD_HEADS_FIRST_KEYS
+    return bool(_BWD_HEADS_FIRST)
 
 
 def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
@@ -820,13 +845,11 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
     template = _feature_template(spec, inputs, with_sinks=False) + [
         ("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
     if _uses_mma(spec):
-        # delta_i = dO_i . O_i - dlse_i: one row reduction, as in FlashAttention-2.
-        delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1, stream=stream)
-        if dlse is not None:
-            delta = delta - dlse
+        delta = _bwd_delta(dout, out, dlse, spec, stream)
         if _uses_wgmma(spec, backward=True):
-            key_blocks, kernel = _wgmma_bwd_config(spec)
-            nw, nch, extra = 8, 1, []
+            bulk = bool(_BWD_DQ_BULK)
+            key_blocks, kernel = _wgmma_bwd_config(spec, bulk)
+            nw, nch, extra = 8, 1, [("DQ_BULK", bulk), ("HEADS_FIRST", _bwd_heads_first(spec))]
         else:
             nw, nch, key_blocks, kernel = _mma_bwd_config(spec)
             extra = [("NW", nw), ("NCH", nch)]
@@ -852,11 +875,56 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
     return dq, dk, dv
 
 
+_DELTA_THREADS = 256
+
+
+def _bwd_delta(dout, out, dlse, spec: AttentionSpec, stream):
+    """delta_i = dO_i . O_i - dlse_i (float32, out's shape without its last
+    axis): one row reduction, as in FlashAttention-2, by attention_bwd_delta
+    in one launch (was four MLX ops through float32 copies of dO and O)."""
+    dv = spec.head_dim_v
+    rows = math.prod(out.shape[:-1])
+    if dout.shape != out.shape or out.shape[-1] != dv:
+        raise ValueError(f"attention backward: dout shape {tuple(dout.shape)} must match out {tuple(out.shape)} "
+                         f"(last axis {dv})")
+    has_dlse = dlse is not None
+    if has_dlse:
+        if math.prod(dlse.shape) != rows:
+            raise ValueError(f"attention backward: dlse shape {tuple(dlse.shape)} must match {tuple(out.shape[:-1])}")
+        dlse = dlse.astype(mx.float32, stream=stream)
+    per_block = _DELTA_THREADS // _delta_threads_per_row(dv)
+    # _kernel is looked up per call (it caches the object): a kernel held here
+    # would outlive a test's stand-in for _kernel (tests/test_cuda_host.py).
+    kernel = _kernel("attention_bwd_delta", ("dout", "out", "dlse", "n"), ("delta",), 0)
+    (delta,) = kernel(
+        inputs=[dout, out, dlse if has_dlse else _placeholder(mx.float32), const_array((rows,), mx.int32)],
+        template=[("T", spec.dtype), ("DV", dv), ("HAS_DLSE", has_dlse)],
+        grid=(max(1, -(-rows // per_block)) * _DELTA_THREADS, 1, 1), threadgroup=(_DELTA_THREADS, 1, 1),
+        output_shapes=[tuple(out.shape[:-1])], output_dtypes=[mx.float32], stream=stream)
+    return delta
+
+
+def _delta_threads_per_row(dv: int) -> int:
+    """DeltaShape<DV>::kTpr of attention_bwd_delta.cuh: 8 up to 64 columns, 16 up
+    to 128, else 32, for 16-byte chunks; 32 where Dv is not a multiple of 8."""
+    if dv % 8:
+        return 32
+    chunks = dv // 8
+    return 32 if chunks > 16 else 16 if chunks > 8 else 8
+
+
+def _wgmma_bwd_smem(d: int, dq_bulk: bool) -> int:
+    """wgmma_bwd_smem of attention_bwd_wgmma.cuh: K, V, two stages of Q and dO,
+    dS^T and P^T, lse and delta, dQ staging (dq_bulk: 16 rows of 64 + 4 floats
+    for each warp forming dQ) and alignment slack."""
+    staging = (d // 64) * 4 * 16 * (64 + 4) * 4 if dq_bulk else 0
+    return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + staging + 1024
+
+
 @functools.lru_cache(maxsize=1024)
-def _wgmma_bwd_config(spec: AttentionSpec):
+def _wgmma_bwd_config(spec: AttentionSpec, dq_bulk: bool = False):
     """(key blocks, kernel) of the Hopper backward: 128 keys and 8 warps per block."""
-    d = spec.head_dim_qk
-    smem = 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + 1024  # wgmma_bwd_smem
+    smem = _wgmma_bwd_smem(spec.head_dim_qk, dq_bulk)
     kernel = _kernel("attention_bwd_wgmma", _BWD_MMA_INPUTS, ("dq_acc", "dk", "dv"), smem)
     return math.ceil(_max_k(spec) / 128), kernel
 
