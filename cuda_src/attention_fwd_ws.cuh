@@ -199,6 +199,41 @@ __device__ __forceinline__ void ws_issue_pv(float (&o)[DV / 2], unsigned (&pa)[B
   wgmma_commit();
 }
 
+// 2^x on the FMA pipe (FlashAttention-4's idea): at D = 64 a consumer runs
+// as many exponentials (MUFU, 16 per SM per clock) as its products take
+// tensor-core time, so moving part of them to the FMA pipes (128 lanes per
+// clock) shortens the softmax. x = j + f with j = round(x) by the 1.5 * 2^23
+// trick (t's low mantissa bits hold j), 2^f by a degree-4 fit on
+// [-0.5, 0.5] (relative error 5.4e-6, float32 Horner; ex2.approx's is ~2e-7;
+// both far below a 16-bit P's rounding), times 2^j built in the exponent
+// field. max.NaN clamps x at -127 (-inf, and anything ex2.approx.ftz flushes,
+// give 2^j's field 0: exactly 0) and keeps a NaN, which the product keeps.
+// Only x <= ~0 reaches it (logits minus their row maximum).
+__device__ __forceinline__ float ws_exp2_poly(float x) {
+  float xc;
+  asm("max.NaN.f32 %0, %1, 0fC2FE0000;\n" : "=f"(xc) : "f"(x));  // max(x, -127), NaN kept
+  const float t = xc + 12582912.f;  // 1.5 * 2^23: round to nearest, j in the low bits
+  const float j = t - 12582912.f;
+  const float f = xc - j;
+  float p = fmaf(0.00955411046743393f, f, 0.05587037652730942f);
+  p = fmaf(p, f, 0.2402469664812088f);
+  p = fmaf(p, f, 0.6931280493736267f);
+  p = fmaf(p, f, 0.999999463558197f);
+  // bits(t) = 0x4B400000 + j: (bits(t) - 0x4B400000 + 127) << 23 is 2^j (0 at j = -127).
+  const float two_j = __uint_as_float((__float_as_uint(t) << 23) + ((0u - 0x4B400000u + 127u) << 23));
+  return p * two_j;
+}
+
+// Whether n8 block n of a tile's S takes ws_exp2_poly instead of ex2
+// (EXP2POLY of every 4 blocks; 0: none, the default instances).
+template <int POLY>
+__device__ __forceinline__ float ws_exp2(float x, int n) {
+  if constexpr (POLY > 0) {
+    if (n % 4 < POLY) return ws_exp2_poly(x);
+  }
+  return exp2_ftz(x);
+}
+
 // Online softmax of one S tile without touching O (its P V product of the
 // previous tile may still run): logit rules where the tile needs them
 // (kRules), new row maxima and sums, alpha (O's rescale factor, applied by
@@ -206,7 +241,7 @@ __device__ __forceinline__ void ws_issue_pv(float (&o)[DV / 2], unsigned (&pa)[B
 // its 32-bit words) for each dropped pair (kRules), for the exact P V's marks.
 template <int BN> using WsDrop = unsigned[(BN / 2 + 31) / 32];
 
-template <typename MT, class F, int BN, bool kRules>
+template <typename MT, class F, int BN, bool kRules, int POLY = 0>
 __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[2], float (&row_sum)[2],
                                            float (&alpha)[2], WsDrop<BN>& drop, const LogitRules<MT>& rules,
                                            float scale, int i_row, int jt, int t) {
@@ -257,8 +292,8 @@ __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[
     float sum = 0.f;
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
-      s[4 * n + 2 * half] = exp2_ftz(fmaf(s[4 * n + 2 * half], f, -base));
-      s[4 * n + 2 * half + 1] = exp2_ftz(fmaf(s[4 * n + 2 * half + 1], f, -base));
+      s[4 * n + 2 * half] = ws_exp2<POLY>(fmaf(s[4 * n + 2 * half], f, -base), n);
+      s[4 * n + 2 * half + 1] = ws_exp2<POLY>(fmaf(s[4 * n + 2 * half + 1], f, -base), n);
       sum += s[4 * n + 2 * half] + s[4 * n + 2 * half + 1];
     }
     row_sum[half] = row_sum[half] * alpha[half] + sum;
@@ -307,7 +342,7 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[DV / 2], const float 
 // tmaps: kWsSlotBytes per block, where the block publishes them (and its trace).
 // tk: two zeroed uint32 tickets (the dynamic schedule's item counter and its
 // count of finished blocks; the last block to finish zeroes both again).
-template <class F, int D, int DV, int BN, int STAGES, typename T>
+template <class F, int D, int DV, int BN, int STAGES, int POLY, typename T>
 __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
                                  const unsigned char* tmpl, const unsigned* tk, T* out, float* lse,
                                  unsigned char* tmaps) {
@@ -317,6 +352,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
                     ((BN == 80 || BN == 64) && DV == 256),
                 "warp-specialised forward: 128-key tiles (176 up to D = 128, 96 / 112 at Dv 192, 80 / 64 at Dv 256)");
   static_assert(ws_fwd_smem(D, DV, BN, STAGES) <= 227 * 1024, "warp-specialised forward: shared memory");
+  static_assert(POLY >= 0 && POLY <= 4, "warp-specialised forward: EXP2POLY counts n8 blocks of every 4");
   static_assert(!F::ElementRules && !F::Sinks && !F::Varlen && !F::KeyRange,
                 "warp-specialised forward: window/causal rules only");
   using MT = bool;
@@ -522,9 +558,9 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     // Softmax of a tile in S's registers (its S landed), O untouched.
     auto softmax = [&](int jt, bool ruled) {
       if (ruled)
-        ws_softmax<MT, F, BN, true>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
+        ws_softmax<MT, F, BN, true, POLY>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
       else
-        ws_softmax<MT, F, BN, false>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
+        ws_softmax<MT, F, BN, false, POLY>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
     };
     auto rescale_pack = [&](bool ruled) {
       if (ruled)
@@ -628,6 +664,11 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
 
 }  // namespace mlx_flash
 
+// The polynomial share of the exponentials (ws_exp2): instances built without
+// an EXP2POLY template value (every default one) find this one, 0; a body's
+// own constexpr EXP2POLY (the opt-in instances) hides it.
+constexpr int EXP2POLY = 0;
+
 // The launch bound of every instance the backend builds (see the top): MLX
 // names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
 // template values (BF16, D, DV, WINDOW, STAGES, BN as _t/_f and numbers), and declares
@@ -676,5 +717,14 @@ MLX_FLASH_WS_DECLARE(_t_256_256_f_2_80, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_256_256_t_2_64, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_192_128_f_2_128, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_192_128_t_2_128, __nv_bfloat16)
+// Opt-in: part of the exponentials on the FMA pipes (MLX_FLASH_CUDA_FWD_WS_EXP2_POLY_D64).
+MLX_FLASH_WS_DECLARE(_f_64_64_f_4_128_1, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_t_4_128_1, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_f_4_128_2, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_t_4_128_2, __half)
+MLX_FLASH_WS_DECLARE(_t_64_64_f_4_128_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_f_4_128_2, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128_2, __nv_bfloat16)
 }  // namespace mlx::core::cu
 #undef MLX_FLASH_WS_DECLARE

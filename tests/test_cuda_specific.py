@@ -652,21 +652,24 @@ def _ws_instances():
     from mlx_flash._spec import AttentionSpec
     from mlx_flash.backends import cuda_fwd_ws
 
-    knobs = dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128
+    knobs = dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128, dict(cuda_fwd_ws.EXP2_POLY)
     seen = set()
     try:
         for T in (mx.float16, mx.bfloat16):
             for D in (64, 128):
-                for cuda_fwd_ws.STAGES[D] in cuda_fwd_ws.STAGE_CHOICES[D]:
-                    for cuda_fwd_ws.KEYS_DENSE_D128 in (128, 176):
-                        for window in (False, True):
-                            spec = AttentionSpec(1, 1, 1, 256, 256, D, D, T, D ** -0.5,
-                                                 window_right=0 if window else -1)
-                            template = cuda_fwd_ws.template(spec)
-                            name = cuda_fwd_ws.mlx_kernel_name(template)
-                            if name not in seen:
-                                seen.add(name)
-                                yield name, T, template
+                for poly in cuda_fwd_ws.EXP2_POLY_CHOICES if D in cuda_fwd_ws.EXP2_POLY else (0,):
+                    if D in cuda_fwd_ws.EXP2_POLY:
+                        cuda_fwd_ws.EXP2_POLY[D] = poly
+                    for cuda_fwd_ws.STAGES[D] in cuda_fwd_ws.STAGE_CHOICES[D]:
+                        for cuda_fwd_ws.KEYS_DENSE_D128 in (128, 176):
+                            for window in (False, True):
+                                spec = AttentionSpec(1, 1, 1, 256, 256, D, D, T, D ** -0.5,
+                                                     window_right=0 if window else -1)
+                                template = cuda_fwd_ws.template(spec)
+                                name = cuda_fwd_ws.mlx_kernel_name(template)
+                                if name not in seen:
+                                    seen.add(name)
+                                    yield name, T, template
             # The wide heads: a tile plan per (Dqk, Dv), dense and windowed,
             # and the dense tiles MLX_FLASH_CUDA_FWD_WS_KEYS_D96 / _D192 choose.
             wide_keys = dict(cuda_fwd_ws.WIDE_KEYS)
@@ -682,8 +685,9 @@ def _ws_instances():
                             yield name, T, template
                 cuda_fwd_ws.WIDE_KEYS.update(wide_keys)
     finally:
-        stages, cuda_fwd_ws.KEYS_DENSE_D128 = knobs
+        stages, cuda_fwd_ws.KEYS_DENSE_D128, poly = knobs
         cuda_fwd_ws.STAGES.update(stages)
+        cuda_fwd_ws.EXP2_POLY.update(poly)
 
 
 def test_ws_forward_declares_each_instance_launch_bound():

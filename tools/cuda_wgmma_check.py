@@ -161,10 +161,12 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
 
 
 def _set_ws_knobs(D, knobs):
-    """Sets cuda_fwd_ws's knobs (enabled, persistent, dynamic, stages, keys, group:
+    """Sets cuda_fwd_ws's knobs (enabled, persistent, dynamic, stages, keys, poly (EXP2_POLY), group:
     heads per section of the work order, None = sized by L2) for head dim D; returns the old ones."""
     old = dict(enabled=ws._ENABLED, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128,
-               persistent=ws.PERSISTENT, dynamic=ws.DYNAMIC, group=ws.HEAD_GROUP)
+               persistent=ws.PERSISTENT, dynamic=ws.DYNAMIC, group=ws.HEAD_GROUP, poly=ws.EXP2_POLY.get(D, 0))
+    if D in ws.EXP2_POLY:
+        ws.EXP2_POLY[D] = knobs.get("poly", old["poly"])
     ws.DYNAMIC = knobs.get("dynamic", old["dynamic"])
     ws.HEAD_GROUP = knobs.get("group", old["group"])
     ws.PERSISTENT = knobs.get("persistent", old["persistent"])
@@ -371,7 +373,8 @@ def build_share(index, count):
                 if "keys" in knobs and (causal or D != 128):
                     continue
                 saved = _set_ws_knobs(D, knobs)
-                spec_key = (D, dt, causal, ws._ENABLED, ws.STAGES[D], ws.KEYS_DENSE_D128 if D == 128 and not causal else 0)
+                spec_key = (D, dt, causal, ws._ENABLED, ws.STAGES[D], ws.KEYS_DENSE_D128 if D == 128 and not causal else 0,
+                            ws.EXP2_POLY.get(D, 0))
                 _set_ws_knobs(D, saved)
                 if spec_key not in seen:
                     seen.add(spec_key)
@@ -645,8 +648,8 @@ def main():
             json.dump(result, f, indent=1)
 
     # Parts run in the order given, the JSON saved after each (a job cut short
-    # keeps what finished): ws:D:f16|bf16[:k128][:s3][:np][:nocmp] (served features; k128 / s3 /
-    # np: 128-key tiles / three stages / one block per item instead of the defaults; nocmp:
+    # keeps what finished): ws:D:f16|bf16[:k128][:s3][:np][:polyN][:nocmp] (served features; k128 / s3 /
+    # polyN: EXP2_POLY N; np: 128-key tiles / three stages / one block per item instead of the defaults; nocmp:
     # against float64 only, not the wgmma kernel), ws_routes (every
     # other feature stays off the kernel), speed_ws:D:f16|bf16[:N] (first N shapes).
     for part in parts:
@@ -661,15 +664,19 @@ def main():
                 knobs["stages"] = 3
             if "np" in args:
                 knobs["persistent"] = False
+            for a in args:
+                if a.startswith("poly"):
+                    knobs["poly"] = int(a[4:])
             saved = _set_ws_knobs(D, knobs)
             try:
                 p0, f0 = correctness_ws(dims=(D,), dtypes=(_DTYPES[args[1]],), compare="nocmp" not in args)
             finally:
                 _set_ws_knobs(D, saved)
             passed, failed = passed + p0, failed + f0
-        elif name == "sweep":  # sweep:D:f16|bf16 (its plan from SWEEP_PLAN)
+        elif name == "sweep":  # sweep:D:f16|bf16[:i.j.k] (its plan from SWEEP_PLAN; optionally SWEEP_SHAPES[D][i], [j], [k])
             D, dt = int(args[0]), args[1]
-            result.setdefault("sweep", []).extend(sweep(D, _DTYPES[dt], sweep_plan()[(D, dt)]))
+            shapes = [SWEEP_SHAPES[D][int(i)] for i in args[2].split(".")] if len(args) > 2 else None
+            result.setdefault("sweep", []).extend(sweep(D, _DTYPES[dt], sweep_plan()[(D, dt)], shapes=shapes))
         elif name == "build":  # build:i:n: share i of n of the kernels SWEEP_PLAN times
             build_share(int(args[0]), int(args[1]))
         elif name == "trace":  # trace:B:H:N:D:causal:f16|bf16:persistent(0/1)

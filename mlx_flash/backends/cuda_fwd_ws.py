@@ -107,6 +107,30 @@ if KEYS_DENSE_D128 not in (128, 176):
     raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D128: expected 128 or 176, got {KEYS_DENSE_D128}")
 
 
+# Opt-in (timing only until its GPU check): n of every 4 columns of eight
+# keys take 2^x on the FMA pipes (ws_exp2_poly) instead of the MUFU's ex2,
+# at D = 64 (the exp-bound head dim; at D = 128 the 176-key tile spilled
+# with it); MLX_FLASH_CUDA_FWD_WS_EXP2_POLY_D64=n (0, 1 or 2). 0 (the default)
+# builds the unchanged kernels. The instances exist at the default ring
+# depth (the header declares them).
+EXP2_POLY_CHOICES = (0, 1, 2)
+EXP2_POLY = {}
+for _d in (64,):
+    _v = os.environ.get(f"MLX_FLASH_CUDA_FWD_WS_EXP2_POLY_D{_d}", "0")
+    if _v not in tuple(map(str, EXP2_POLY_CHOICES)):
+        raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_EXP2_POLY_D{_d}: expected one of {EXP2_POLY_CHOICES}, got {_v!r}")
+    EXP2_POLY[_d] = int(_v)
+_DEFAULT_STAGES = {128: 2, 64: 4}
+
+
+def exp2_poly(spec: AttentionSpec) -> int:
+    """The EXP2POLY template value of a call (0: the default kernel)."""
+    d = spec.head_dim_qk
+    if wide(spec) or d not in EXP2_POLY or stages(d) != _DEFAULT_STAGES[d]:
+        return 0
+    return EXP2_POLY[d]
+
+
 # Persistent grid: one block per SM taking work items (sections of heads, the
 # longest row blocks first in each) one after the other, so an item's epilogue
 # and the next one's first loads overlap and the tensor maps are published
@@ -268,8 +292,11 @@ def template(spec: AttentionSpec) -> list:
     """The kernel's template values. Their order and values make MLX's kernel
     name, which the header's launch-bound declarations spell out: keep them in step."""
     d = spec.head_dim_qk
-    return [("BF16", spec.dtype == mx.bfloat16), ("D", d), ("DV", spec.head_dim_v), ("WINDOW", spec.has_window),
-            ("STAGES", stages(d)), ("BN", keys_per_tile(spec))]
+    values = [("BF16", spec.dtype == mx.bfloat16), ("D", d), ("DV", spec.head_dim_v), ("WINDOW", spec.has_window),
+              ("STAGES", stages(d)), ("BN", keys_per_tile(spec))]
+    poly = exp2_poly(spec)
+    # Only where set: the default instances keep their names (and their code).
+    return values + [("EXP2POLY", poly)] if poly else values
 
 
 def mlx_kernel_name(values: list) -> str:
