@@ -267,11 +267,11 @@ __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[
   }
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    // 128-key tiles: four running maxima, a dependency chain a quarter as
-    // long (the same value: fmaxf ignores NaN in any order); 176-key tiles
-    // have no registers to spare for them.
+    // 128-key tiles (and 192, which only D = 64 takes): four running maxima,
+    // a dependency chain a quarter as long (the same value: fmaxf ignores NaN
+    // in any order); 176-key tiles have no registers to spare for them.
     float mx;
-    if constexpr (BN <= 128) {
+    if constexpr (BN <= 128 || BN == 192) {
       float m4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n) {
@@ -279,6 +279,12 @@ __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[
         m4[2 * (n & 1) + 1] = fmaxf(m4[2 * (n & 1) + 1], s[4 * n + 2 * half + 1]);
       }
       mx = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
+    } else if constexpr (BN <= 160) {
+      // 144 / 160-key tiles: two chains (the registers 176 keys leave none for).
+      float m2[2] = {kNegInf, kNegInf};
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) m2[n & 1] = fmaxf(m2[n & 1], fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
+      mx = fmaxf(m2[0], m2[1]);
     } else {
       mx = kNegInf;
 #pragma unroll
@@ -348,9 +354,10 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
                                  unsigned char* tmaps) {
   static_assert(((D == 64 || D == 96 || D == 128 || D == 192 || D == 256) && DV == D) || (D == 192 && DV == 128),
                 "warp-specialised forward: head dims 64, 96, 128, 192, 256 (Dqk = Dv) or 192 / 128");
-  static_assert(BN == 128 || (BN == 176 && D <= 128 && DV <= 128) || ((BN == 96 || BN == 112) && DV == 192) ||
+  static_assert(BN == 128 || ((BN == 144 || BN == 160 || BN == 176) && D <= 128 && DV <= 128) ||
+                    (BN == 192 && D == 64 && DV == 64) || ((BN == 96 || BN == 112) && DV == 192) ||
                     ((BN == 80 || BN == 64) && DV == 256),
-                "warp-specialised forward: 128-key tiles (176 up to D = 128, 96 / 112 at Dv 192, 80 / 64 at Dv 256)");
+                "warp-specialised forward: 128-key tiles (144 / 160 / 176 up to D = 128, 192 at D = 64, 96 / 112 at Dv 192, 80 / 64 at Dv 256)");
   static_assert(ws_fwd_smem(D, DV, BN, STAGES) <= 227 * 1024, "warp-specialised forward: shared memory");
   static_assert(POLY >= 0 && POLY <= 4, "warp-specialised forward: EXP2POLY counts n8 blocks of every 4");
   static_assert(!F::ElementRules && !F::Sinks && !F::Varlen && !F::KeyRange,
@@ -726,5 +733,19 @@ MLX_FLASH_WS_DECLARE(_t_64_64_f_4_128_1, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128_1, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_64_64_f_4_128_2, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128_2, __nv_bfloat16)
+// Opt-in dense key tiles at D = 64 (MLX_FLASH_CUDA_FWD_WS_KEYS_D64=192), with the polynomial exp2 too.
+MLX_FLASH_WS_DECLARE(_f_64_64_f_2_192, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_f_4_192, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_f_4_192_1, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_f_4_192_2, __half)
+MLX_FLASH_WS_DECLARE(_t_64_64_f_2_192, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_f_4_192, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_f_4_192_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_f_4_192_2, __nv_bfloat16)
+// Opt-in dense key tiles at D = 128 (MLX_FLASH_CUDA_FWD_WS_KEYS_D128=144 or 160).
+MLX_FLASH_WS_DECLARE(_f_128_128_f_2_144, __half)
+MLX_FLASH_WS_DECLARE(_f_128_128_f_2_160, __half)
+MLX_FLASH_WS_DECLARE(_t_128_128_f_2_144, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_128_f_2_160, __nv_bfloat16)
 }  // namespace mlx::core::cu
 #undef MLX_FLASH_WS_DECLARE

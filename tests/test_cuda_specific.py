@@ -652,7 +652,7 @@ def _ws_instances():
     from mlx_flash._spec import AttentionSpec
     from mlx_flash.backends import cuda_fwd_ws
 
-    knobs = dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128, dict(cuda_fwd_ws.EXP2_POLY)
+    knobs = dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128, dict(cuda_fwd_ws.EXP2_POLY), cuda_fwd_ws.KEYS_DENSE_D64
     seen = set()
     try:
         for T in (mx.float16, mx.bfloat16):
@@ -661,7 +661,8 @@ def _ws_instances():
                     if D in cuda_fwd_ws.EXP2_POLY:
                         cuda_fwd_ws.EXP2_POLY[D] = poly
                     for cuda_fwd_ws.STAGES[D] in cuda_fwd_ws.STAGE_CHOICES[D]:
-                        for cuda_fwd_ws.KEYS_DENSE_D128 in (128, 176):
+                        for cuda_fwd_ws.KEYS_DENSE_D128, cuda_fwd_ws.KEYS_DENSE_D64 in (
+                                [(k, 128) for k in cuda_fwd_ws.KEYS_D128_CHOICES] + [(176, 192)]):
                             for window in (False, True):
                                 spec = AttentionSpec(1, 1, 1, 256, 256, D, D, T, D ** -0.5,
                                                      window_right=0 if window else -1)
@@ -685,7 +686,7 @@ def _ws_instances():
                             yield name, T, template
                 cuda_fwd_ws.WIDE_KEYS.update(wide_keys)
     finally:
-        stages, cuda_fwd_ws.KEYS_DENSE_D128, poly = knobs
+        stages, cuda_fwd_ws.KEYS_DENSE_D128, poly, cuda_fwd_ws.KEYS_DENSE_D64 = knobs
         cuda_fwd_ws.STAGES.update(stages)
         cuda_fwd_ws.EXP2_POLY.update(poly)
 

@@ -163,7 +163,7 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
 def _set_ws_knobs(D, knobs):
     """Sets cuda_fwd_ws's knobs (enabled, persistent, dynamic, stages, keys, poly (EXP2_POLY), group:
     heads per section of the work order, None = sized by L2) for head dim D; returns the old ones."""
-    old = dict(enabled=ws._ENABLED, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128,
+    old = dict(enabled=ws._ENABLED, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128 if D == 128 else ws.KEYS_DENSE_D64,
                persistent=ws.PERSISTENT, dynamic=ws.DYNAMIC, group=ws.HEAD_GROUP, poly=ws.EXP2_POLY.get(D, 0))
     if D in ws.EXP2_POLY:
         ws.EXP2_POLY[D] = knobs.get("poly", old["poly"])
@@ -172,7 +172,10 @@ def _set_ws_knobs(D, knobs):
     ws.PERSISTENT = knobs.get("persistent", old["persistent"])
     ws._ENABLED = knobs.get("enabled", old["enabled"])
     ws.STAGES[D] = knobs.get("stages", old["stages"])
-    ws.KEYS_DENSE_D128 = knobs.get("keys", old["keys"])
+    if D == 128:
+        ws.KEYS_DENSE_D128 = knobs.get("keys", old["keys"])
+    elif D == 64:
+        ws.KEYS_DENSE_D64 = knobs.get("keys", old["keys"])
     return old
 
 
@@ -309,8 +312,8 @@ def sweep(D, dtype, knob_sets, shapes=None, iters=10):
             flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
             res, build_us = {}, {}
             for label, knobs in knob_sets.items():
-                if "keys" in knobs and (causal or D != 128):
-                    continue  # the dense D = 128 key tile only
+                if "keys" in knobs and (causal or D not in (64, 128)):
+                    continue  # the dense D = 64 / 128 key tiles only
                 saved = _set_ws_knobs(D, knobs)
                 try:
                     fn = lambda: mlx_flash.flash_attention(q, k, v, causal=causal, scale=s)
@@ -370,10 +373,10 @@ def build_share(index, count):
     for (D, dt), knob_sets in sweep_plan().items():
         for causal in (False, True):
             for label, knobs in knob_sets.items():
-                if "keys" in knobs and (causal or D != 128):
+                if "keys" in knobs and (causal or D not in (64, 128)):
                     continue
                 saved = _set_ws_knobs(D, knobs)
-                spec_key = (D, dt, causal, ws._ENABLED, ws.STAGES[D], ws.KEYS_DENSE_D128 if D == 128 and not causal else 0,
+                spec_key = (D, dt, causal, ws._ENABLED, ws.STAGES[D], (ws.KEYS_DENSE_D128 if D == 128 else ws.KEYS_DENSE_D64) if not causal else 0,
                             ws.EXP2_POLY.get(D, 0))
                 _set_ws_knobs(D, saved)
                 if spec_key not in seen:

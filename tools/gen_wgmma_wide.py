@@ -2,7 +2,8 @@
 fp32 accumulators) the warp-specialised forward needs at wide heads, as
 specialisations of wgmma.cuh's Wgmma<T, N>:
 
-  N = 80, 96, 112   S = Q K^T key tiles (D 256: 80 keys, D 192: 96 or 112),
+  N = 80, 96, 112   S = Q K^T key tiles (D 256: 80 keys, D 192: 96 or 112;
+               144 and 160 at D 128, 192 at D 64, opt-in),
                both operands from shared memory (ss);
   N = 96, 192, 256   O += P V with N = Dv (P from registers: rs).
 
@@ -68,8 +69,10 @@ def rs(t: str, n: int) -> str:
 """
 
 
-# N: which forms each width needs (80 and 96 as key tiles, 96 / 192 / 256 as Dv).
-SHAPES = {80: (ss,), 96: (ss, rs), 112: (ss,), 192: (rs,), 256: (rs,)}
+# N: which forms each width needs (80 and 96 as key tiles, 96 / 192 / 256 as Dv;
+# 144 and 160: the opt-in dense key tiles at D = 128, MLX_FLASH_CUDA_FWD_WS_KEYS_D128;
+# 192 as a key tile: the opt-in one at D = 64, MLX_FLASH_CUDA_FWD_WS_KEYS_D64).
+SHAPES = {80: (ss,), 96: (ss, rs), 112: (ss,), 144: (ss,), 160: (ss,), 192: (ss, rs), 256: (rs,)}
 
 
 def main():

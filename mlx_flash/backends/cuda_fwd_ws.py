@@ -102,9 +102,21 @@ for _d, _n in STAGES.items():
 
 # Keys per tile: 128, or 176 for D = 128 without windows (fewer, longer
 # iterations; the causal diagonal wants the square tile). The header declares both.
-KEYS_DENSE_D128 = int(os.environ.get("MLX_FLASH_CUDA_FWD_WS_KEYS_D128", "176"))
-if KEYS_DENSE_D128 not in (128, 176):
-    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D128: expected 128 or 176, got {KEYS_DENSE_D128}")
+# 144 and 160 (opt-in, timing only until checked on the GPU): 12 or 24 fewer
+# registers of S and P than 176, room for the softmax's parallel chains.
+KEYS_D128_CHOICES = (128, 144, 160, 176)
+_keys = os.environ.get("MLX_FLASH_CUDA_FWD_WS_KEYS_D128", "176")
+if _keys not in tuple(map(str, KEYS_D128_CHOICES)):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D128: expected one of {KEYS_D128_CHOICES}, got {_keys!r}")
+KEYS_DENSE_D128 = int(_keys)
+# D = 64 (opt-in, timing only until checked on the GPU): 192-key dense tiles,
+# 1.5x the work per tile for the same barriers and turn hand-offs
+# (registers: O 32 + S 96 + P 48 per thread).
+KEYS_D64_CHOICES = (128, 192)
+_keys = os.environ.get("MLX_FLASH_CUDA_FWD_WS_KEYS_D64", "128")
+if _keys not in tuple(map(str, KEYS_D64_CHOICES)):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_KEYS_D64: expected one of {KEYS_D64_CHOICES}, got {_keys!r}")
+KEYS_DENSE_D64 = int(_keys)
 
 
 # Opt-in (timing only until its GPU check): n of every 4 columns of eight
@@ -219,6 +231,8 @@ def keys_per_tile(spec: AttentionSpec) -> int:
         return (WIDE_KEYS_WINDOW if spec.has_window else WIDE_KEYS)[(spec.head_dim_qk, spec.head_dim_v)]
     if spec.head_dim_qk == 128 and not spec.has_window and stages(128) == 2:
         return KEYS_DENSE_D128
+    if spec.head_dim_qk == 64 and not spec.has_window:
+        return KEYS_DENSE_D64
     return 128
 
 
