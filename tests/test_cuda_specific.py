@@ -1147,6 +1147,88 @@ def test_ws_wide_nonfinite_on_gpu(case, pair, monkeypatch):
     nonfinite_cases.check_contract("lse", np.array(lse), want, mx.float32)
 
 
+# The opt-in variants of the narrow warp-specialised forward (not routed by
+# default): the polynomial exp2 at D = 64 (cuda_fwd_ws.EXP2_POLY) and the
+# other dense key tiles (KEYS_DENSE_D64 / _D128), each against float64 with
+# outputs poisoned, at the odd shapes above (GQA, Nq != Nk both ways, items
+# past the SM count), dense, causal and windowed (the key tiles only change
+# dense calls); and the non-finite contract on the polynomial, whose NaN and
+# -inf handling is its own.
+_WS_VARIANTS = {"poly1": {"poly": 1}, "poly2": {"poly": 2}, "k192": {"keys64": 192},
+                "k192p1": {"keys64": 192, "poly": 1}, "k160": {"keys128": 160}, "k144": {"keys128": 144}}
+
+
+def _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs):
+    monkeypatch.setattr(cuda_fwd_ws, "_ENABLED", True)
+    monkeypatch.setattr(cuda_fwd_ws, "CHECKED_ONLY", False)
+    monkeypatch.setitem(cuda_fwd_ws.EXP2_POLY, 64, knobs.get("poly", 0))
+    monkeypatch.setattr(cuda_fwd_ws, "KEYS_DENSE_D64", knobs.get("keys64", 128))
+    monkeypatch.setattr(cuda_fwd_ws, "KEYS_DENSE_D128", knobs.get("keys128", 176))
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
+@pytest.mark.parametrize("feature", ["none", "causal", "window_both"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("variant", list(_WS_VARIANTS))
+def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
+    import mlx_flash
+    from helpers import check_close, plain_errors, qkv, randn, rng, to_np
+    from mlx_flash.backends import cuda_fwd_ws
+    from reference_np import attention_np
+
+    knobs = _WS_VARIANTS[variant]
+    D = 128 if "keys128" in knobs else 64
+    if feature != "none" and "poly" not in knobs:
+        pytest.skip("the key tile variants change dense calls only")
+    _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs)
+    monkeypatch.setattr(cuda_fwd_ws, "POISON_OUTPUTS", True)
+    names = []
+    forward = cuda_fwd_ws.forward
+    monkeypatch.setattr(cuda_fwd_ws, "forward", lambda q, k, v, spec, *a, **kw: names.append(
+        cuda_fwd_ws.mlx_kernel_name(cuda_fwd_ws.template(spec))) or forward(q, k, v, spec, *a, **kw))
+    for shape in _WS_GPU_SHAPES:
+        B, Hq, Hkv, Nq, Nk = shape
+        gen = rng("ws-variant-gpu", variant, str(dtype), feature, shape)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
+        options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+        before = len(names)
+        out, lse = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
+        mx.eval(out, lse)
+        assert len(names) == before + 1, f"{shape}: not routed to attention_fwd_ws"
+        # The variant's own instance ran (EXP2POLY / key tile in its name).
+        if "poly" in knobs:
+            assert names[-1].endswith(f"_{knobs['poly']}"), names[-1]
+        if feature == "none":
+            assert f"_{knobs.get('keys64', knobs.get('keys128', 128))}" in names[-1], names[-1]
+        want = attention_np(q, k, v, **options)
+        plain = plain_errors(q, k, v, randn(gen, out.shape, dtype), options, dtype)
+        check_close("out", to_np(out), want, dtype, plain)
+        check_close("lse", to_np(lse), want, dtype, plain)
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
+@pytest.mark.parametrize("variant", ["poly1", "poly2"])
+@pytest.mark.parametrize("case", nonfinite_cases.PREFILL_CASES)
+def test_ws_variant_nonfinite_on_gpu(case, variant, monkeypatch):
+    """The non-finite contract (issue 13) through the polynomial exp2 (NaN
+    kept, -inf giving 0), forward only."""
+    from mlx_flash._spec import validate_attention
+    from mlx_flash.backends import cuda_fwd_ws
+    from reference_np import attention_np
+
+    _set_ws_variant(monkeypatch, cuda_fwd_ws, _WS_VARIANTS[variant])
+    q, k, v, do, options = nonfinite_cases.prefill_case(case, mx.float16, D=64, size="large")
+    spec, inputs = validate_attention(q, k, v, **options)
+    if not cuda_fwd_ws.serves(spec):
+        pytest.skip("a case with extras: not the warp-specialised kernel's")
+    assert cuda_fwd_ws.exp2_poly(spec) == _WS_VARIANTS[variant]["poly"]
+    out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.gpu)
+    mx.eval(out, lse)
+    want = attention_np(q, k, v, **options)
+    nonfinite_cases.check_contract("out", np.array(out.astype(mx.float32)), want, mx.float16)
+    nonfinite_cases.check_contract("lse", np.array(lse), want, mx.float32)
+
+
 def test_hopper_backward_dq_bulk_setting(monkeypatch):
     """MLX_FLASH_BWD_DQ_BULK takes 0 or 1, MLX_FLASH_BWD_HEADS_FIRST -1 (by
     the call), 0 or 1 (any other value is an error naming the variable); the
