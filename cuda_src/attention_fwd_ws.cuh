@@ -115,8 +115,8 @@ __host__ __device__ constexpr int ws_cols(int d) { return (d + 63) / 64 * 64; }
 // Dynamic shared memory of the forward (bytes): Q [128][D], STAGES K tiles
 // [BN][D] and V tiles [BN][DV] (columns rounded up to 64), plus 1 KiB to
 // align the swizzled tiles to 1024 bytes.
-__host__ __device__ constexpr int ws_fwd_smem(int d, int dv, int bn, int stages) {
-  return 2 * (128 * ws_cols(d) + stages * bn * (ws_cols(d) + ws_cols(dv))) + 1024;
+__host__ __device__ constexpr int ws_fwd_smem(int d, int dv, int bn, int stages, int bm = 128) {
+  return 2 * (bm * ws_cols(d) + stages * bn * (ws_cols(d) + ws_cols(dv))) + 1024;
 }
 
 // Box (inner, row, slab) of a 3-D tensor map into shared memory; completes on `bar`.
@@ -132,6 +132,10 @@ __device__ __forceinline__ void ws_tma_load_3d(void* dst, const void* tmap, int 
 __device__ __forceinline__ void ws_mbar_arrive(void* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
+
+// The turn barrier of consumer warpgroup w (three warpgroups: 4, 5, 7; 6 is
+// warpgroup 2's ws_warpgroup_or, 2 and 3 the others').
+__device__ __forceinline__ unsigned ws_turn_bar(int w) { return w < 2 ? 4 + w : 7; }
 
 // Named barrier `id` over one warpgroup (128 threads), returning whether any
 // of them passed `p` true.
@@ -175,13 +179,13 @@ struct WsDesc {
 
 // S = Q K^T issued (not waited) over D / 16 k-steps (wg_issue_s's operands
 // and order; descriptors from WsDesc).
-template <typename T, int D, int BN>
+template <typename T, int D, int BN, int BM = 128>
 __device__ __forceinline__ void ws_issue_s(float (&s)[BN / 2], unsigned q_addr, unsigned k_addr) {
   const WsDesc qd(q_addr, 16, 1024), kd(k_addr, 16, 1024);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
-    Wgmma<T, BN>::template ss<0, 0>(s, qd.at((kk / 4) * (128 * 128) + (kk % 4) * 32),
+    Wgmma<T, BN>::template ss<0, 0>(s, qd.at((kk / 4) * (BM * 128) + (kk % 4) * 32),
                                     kd.at((kk / 4) * (BN * 128) + (kk % 4) * 32), kk > 0);
   wgmma_commit();
 }
@@ -348,22 +352,26 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[DV / 2], const float 
 // tmaps: kWsSlotBytes per block, where the block publishes them (and its trace).
 // tk: two zeroed uint32 tickets (the dynamic schedule's item counter and its
 // count of finished blocks; the last block to finish zeroes both again).
-template <class F, int D, int DV, int BN, int STAGES, int POLY, typename T>
+template <class F, int D, int DV, int BN, int STAGES, int POLY, int NWG, typename T>
 __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
                                  const unsigned char* tmpl, const unsigned* tk, T* out, float* lse,
                                  unsigned char* tmaps) {
   static_assert(((D == 64 || D == 96 || D == 128 || D == 192 || D == 256) && DV == D) || (D == 192 && DV == 128),
                 "warp-specialised forward: head dims 64, 96, 128, 192, 256 (Dqk = Dv) or 192 / 128");
   static_assert(BN == 128 || ((BN == 144 || BN == 160 || BN == 176) && D <= 128 && DV <= 128) ||
-                    (BN == 192 && D == 64 && DV == 64) || ((BN == 96 || BN == 112) && DV == 192) ||
+                    (BN == 192 && D == 64 && DV == 64) || ((BN == 96 || BN == 64) && D == 64 && NWG == 3) ||
+                    ((BN == 96 || BN == 112) && DV == 192) ||
                     ((BN == 80 || BN == 64) && DV == 256),
                 "warp-specialised forward: 128-key tiles (144 / 160 / 176 up to D = 128, 192 at D = 64, 96 / 112 at Dv 192, 80 / 64 at Dv 256)");
-  static_assert(ws_fwd_smem(D, DV, BN, STAGES) <= 227 * 1024, "warp-specialised forward: shared memory");
+  static_assert(ws_fwd_smem(D, DV, BN, STAGES, 64 * NWG) <= 227 * 1024, "warp-specialised forward: shared memory");
   static_assert(POLY >= 0 && POLY <= 4, "warp-specialised forward: EXP2POLY counts n8 blocks of every 4");
   static_assert(!F::ElementRules && !F::Sinks && !F::Varlen && !F::KeyRange,
                 "warp-specialised forward: window/causal rules only");
+  static_assert(NWG == 2 || (NWG == 3 && D == 64 && DV == 64),
+                "warp-specialised forward: two consumer warpgroups, or three at D = 64");
   using MT = bool;
-  constexpr int BM = 128;
+  constexpr int BM = 64 * NWG;  // query rows per block: 64 per consumer warpgroup
+  constexpr int PRODUCER_WARP = 4 * NWG;
   // Whole 64-column blocks of each operand (TMA boxes of 64 columns).
   constexpr int QK_BLOCKS = ws_cols(D) / 64, V_BLOCKS = ws_cols(DV) / 64;
   constexpr int Q_BYTES = BM * ws_cols(D) * 2, KV_BYTES = BN * ws_cols(D) * 2, V_BYTES = BN * ws_cols(DV) * 2;
@@ -421,27 +429,27 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     ws_trace(tmpl, tmaps, kTrEntryNs, ws_globaltimer());
     ws_trace(tmpl, tmaps, kTrSm, ws_smid());
   }
-  if (warp == 8) {
+  if (warp == PRODUCER_WARP) {
     const void* const addrs[3] = {q, k, v};
     tma_publish<3>(tm_stage, tmpl, tm_ws, addrs, lane);
     if (lane == 0) {
       mbar_init(&q_full, 1);
-      mbar_init(&q_empty, 2);
+      mbar_init(&q_empty, NWG);
 #pragma unroll
       for (int s = 0; s < STAGES; ++s) {
         mbar_init(&k_full[s], 1);
         mbar_init(&v_full[s], 1);
-        mbar_init(&k_empty[s], 2);
-        mbar_init(&v_empty[s], 2);
+        mbar_init(&k_empty[s], NWG);
+        mbar_init(&v_empty[s], NWG);
       }
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
   }
   __syncthreads();
 
-  if (warp >= 8) {  // the producer warpgroup
+  if (warp >= PRODUCER_WARP) {  // the producer warpgroup
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
-    if (warp != 8 || lane != 0) return;
+    if (warp != PRODUCER_WARP || lane != 0) return;
     const unsigned char* tm_q = tm_ws;
     const unsigned char* tm_k = tm_ws + 128;
     const unsigned char* tm_v = tm_ws + 256;
@@ -501,14 +509,17 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     }
     return;
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  // Two consumer warpgroups take 240 registers each; three (512 threads)
+  // 160: 3 x 128 x 160 + 128 x 24 = 64512 of the SM's 65536.
+  if constexpr (NWG == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  else asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n" ::: "memory");
   if (threadIdx.x == 0) ws_trace(tmpl, tmaps, kTrSetup, clock64());
 
   // A consumer warpgroup.
   const int wg = warp / 4, wt = threadIdx.x % 128, g = lane / 4, t4 = lane % 4;
   const bool signals = wt == 0;  // the thread that arrives for its warpgroup
   const float scale = fp[kScale];
-  const unsigned q_addr = smem_addr(Qs) + wg * 64 * 128;
+  const unsigned q_addr = smem_addr(Qs) + wg * 64 * 128;  // this warpgroup's 64 rows of each Q block
   // Ping-pong: the warpgroups take turns issuing their matrix products, so
   // one's softmax runs while the other's products occupy the tensor cores. A
   // turn is one named barrier per warpgroup (4 + wg, both warpgroups counted):
@@ -519,14 +530,25 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   // after its last turn, so every sync meets exactly one arrive and none is
   // left over. Turns: S of the first tile, then S(t) with P V(t-1) for each
   // later tile, then the last P V.
+  // Three warpgroups take turns in a cycle 0, 1, 2 the same way: warpgroup w
+  // syncs on barrier ws_turn_bar(w) and arrives on the next one's; the last
+  // one arrives up front and skips its arrive after its last turn.
   auto turn_begin = [&]() {
-    if (wg == 0) asm volatile("bar.sync 4, 256;\n");
-    else asm volatile("bar.sync 5, 256;\n");
+    if constexpr (NWG == 2) {
+      if (wg == 0) asm volatile("bar.sync 4, 256;\n");
+      else asm volatile("bar.sync 5, 256;\n");
+    } else {
+      asm volatile("bar.sync %0, 256;\n" ::"r"(ws_turn_bar(wg)));
+    }
   };
   auto turn_end = [&](bool last) {
-    if (!(last && wg == 1)) {
-      if (wg == 0) asm volatile("bar.arrive 5, 256;\n");
-      else asm volatile("bar.arrive 4, 256;\n");
+    if constexpr (NWG == 2) {
+      if (!(last && wg == 1)) {
+        if (wg == 0) asm volatile("bar.arrive 5, 256;\n");
+        else asm volatile("bar.arrive 4, 256;\n");
+      }
+    } else {
+      if (!(last && wg == NWG - 1)) asm volatile("bar.arrive %0, 256;\n" ::"r"(ws_turn_bar((wg + 1) % NWG)));
     }
   };
 
@@ -578,15 +600,19 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     // Whether the P V of tile t (V landed) must be exact: it drops keys and its V holds a NaN or inf.
     auto exact_pv = [&](int t, int st) {
       return needs_rules(tile_start(t)) &&
-             ws_warpgroup_or(2 + wg, ws_chunks_nonfinite<T, BN, DV>(Vs + st * V_BYTES, wt));
+             ws_warpgroup_or(wg < 2 ? 2 + wg : 6, ws_chunks_nonfinite<T, BN, DV>(Vs + st * V_BYTES, wt));
     };
 
     if (tiles > 0) {
-      if (wg == 1) asm volatile("bar.arrive 4, 256;\n");
+      if constexpr (NWG == 2) {
+        if (wg == 1) asm volatile("bar.arrive 4, 256;\n");
+      } else {
+        if (wg == NWG - 1) asm volatile("bar.arrive %0, 256;\n" ::"r"(ws_turn_bar(0)));
+      }
       const int st0 = kv % STAGES;
       mbar_wait(&k_full[st0], (kv / STAGES) & 1);
       turn_begin();
-      ws_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st0 * KV_BYTES));
+      ws_issue_s<T, D, BN, BM>(s, q_addr, smem_addr(Ks + st0 * KV_BYTES));
       wgmma_wait<0>();
       turn_end(false);
       wgmma_pin(s);
@@ -601,7 +627,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
         const bool exact = exact_pv(t - 1, pst);
         mbar_wait(&k_full[st], (c / STAGES) & 1);
         turn_begin();
-        ws_issue_s<T, D, BN>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
+        ws_issue_s<T, D, BN, BM>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
         if (!exact) ws_issue_pv<T, DV, BN>(o, pa, smem_addr(Vs + pst * V_BYTES));
         if (!exact) {
           wgmma_wait<1>();  // S(t) landed; P V of tile t-1 runs on under the softmax
@@ -675,6 +701,8 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
 // an EXP2POLY template value (every default one) find this one, 0; a body's
 // own constexpr EXP2POLY (the opt-in instances) hides it.
 constexpr int EXP2POLY = 0;
+// Consumer warpgroups: 2, unless an instance's WARPGROUPS says 3.
+constexpr int WARPGROUPS = 2;
 
 // The launch bound of every instance the backend builds (see the top): MLX
 // names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
@@ -749,3 +777,25 @@ MLX_FLASH_WS_DECLARE(_t_128_128_f_2_144, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_128_128_f_2_160, __nv_bfloat16)
 }  // namespace mlx::core::cu
 #undef MLX_FLASH_WS_DECLARE
+
+// Three consumer warpgroups (opt-in at D = 64, MLX_FLASH_CUDA_FWD_WS_WG3_D64):
+// 512 threads; their names carry EXP2POLY and WARPGROUPS after the tile.
+#define MLX_FLASH_WS3_DECLARE(SUFFIX, TT)                                                                   \
+  __global__ void __launch_bounds__(512, 1) custom_kernel_mlx_flash_attention_fwd_ws##SUFFIX(            \
+      const TT* q, const TT* k, const TT* v, const int* ip, const float* fp, const unsigned char* tmpl,       \
+      const unsigned* tk, TT* out, float* lse, unsigned char* tmaps);
+namespace mlx::core::cu {
+MLX_FLASH_WS3_DECLARE(_f_64_64_f_4_96_0_3, __half)
+MLX_FLASH_WS3_DECLARE(_f_64_64_f_4_96_1_3, __half)
+MLX_FLASH_WS3_DECLARE(_f_64_64_f_4_96_2_3, __half)
+MLX_FLASH_WS3_DECLARE(_f_64_64_t_4_64_0_3, __half)
+MLX_FLASH_WS3_DECLARE(_f_64_64_t_4_64_1_3, __half)
+MLX_FLASH_WS3_DECLARE(_f_64_64_t_4_64_2_3, __half)
+MLX_FLASH_WS3_DECLARE(_t_64_64_f_4_96_0_3, __nv_bfloat16)
+MLX_FLASH_WS3_DECLARE(_t_64_64_f_4_96_1_3, __nv_bfloat16)
+MLX_FLASH_WS3_DECLARE(_t_64_64_f_4_96_2_3, __nv_bfloat16)
+MLX_FLASH_WS3_DECLARE(_t_64_64_t_4_64_0_3, __nv_bfloat16)
+MLX_FLASH_WS3_DECLARE(_t_64_64_t_4_64_1_3, __nv_bfloat16)
+MLX_FLASH_WS3_DECLARE(_t_64_64_t_4_64_2_3, __nv_bfloat16)
+}  // namespace mlx::core::cu
+#undef MLX_FLASH_WS3_DECLARE

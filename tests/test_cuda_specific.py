@@ -652,12 +652,14 @@ def _ws_instances():
     from mlx_flash._spec import AttentionSpec
     from mlx_flash.backends import cuda_fwd_ws
 
-    knobs = dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128, dict(cuda_fwd_ws.EXP2_POLY), cuda_fwd_ws.KEYS_DENSE_D64
+    knobs = (dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128, dict(cuda_fwd_ws.EXP2_POLY), cuda_fwd_ws.KEYS_DENSE_D64,
+             cuda_fwd_ws.WG3_D64)
     seen = set()
     try:
         for T in (mx.float16, mx.bfloat16):
             for D in (64, 128):
-                for poly in cuda_fwd_ws.EXP2_POLY_CHOICES if D in cuda_fwd_ws.EXP2_POLY else (0,):
+                for poly, cuda_fwd_ws.WG3_D64 in [(p, w) for p in cuda_fwd_ws.EXP2_POLY_CHOICES for w in (False, True)
+                                                  ] if D in cuda_fwd_ws.EXP2_POLY else [(0, False)]:
                     if D in cuda_fwd_ws.EXP2_POLY:
                         cuda_fwd_ws.EXP2_POLY[D] = poly
                     for cuda_fwd_ws.STAGES[D] in cuda_fwd_ws.STAGE_CHOICES[D]:
@@ -686,7 +688,7 @@ def _ws_instances():
                             yield name, T, template
                 cuda_fwd_ws.WIDE_KEYS.update(wide_keys)
     finally:
-        stages, cuda_fwd_ws.KEYS_DENSE_D128, poly, cuda_fwd_ws.KEYS_DENSE_D64 = knobs
+        stages, cuda_fwd_ws.KEYS_DENSE_D128, poly, cuda_fwd_ws.KEYS_DENSE_D64, cuda_fwd_ws.WG3_D64 = knobs
         cuda_fwd_ws.STAGES.update(stages)
         cuda_fwd_ws.EXP2_POLY.update(poly)
 
@@ -699,7 +701,7 @@ def test_ws_forward_declares_each_instance_launch_bound():
 
     header = "".join(cuda_backend._read(h) for h in cuda_backend.kernel_headers("attention_fwd_ws"))
     declared = {"custom_kernel_mlx_flash_attention_fwd_ws" + m
-                for m in re.findall(r"^MLX_FLASH_WS_DECLARE\((\w+),", header, re.M)}
+                for m in re.findall(r"^MLX_FLASH_WS3?_DECLARE\((\w+),", header, re.M)}
     names = {name for name, _, _ in _ws_instances()}
     assert names == declared
     assert f"__launch_bounds__({cuda_fwd_ws.THREADS}, 1)" in header
@@ -772,6 +774,44 @@ def test_ws_forward_serves_wide_heads(monkeypatch):
     assert cuda_fwd_ws.keys_per_tile(spec(256, 256, window_right=0)) == 64
     for p in pairs:
         assert cuda_fwd_ws.smem_bytes(p.head_dim_qk, cuda_fwd_ws.keys_per_tile(p), p.head_dim_v) <= 227 * 1024
+
+
+def test_ws_forward_variant_settings(monkeypatch):
+    """The opt-in variants of the narrow forward: which instance a call gets
+    under each (template values, key tile, rows, shared memory), defaults
+    untouched; each setting's bad values fail naming the variable."""
+    import os
+    import sys
+
+    from mlx_flash._spec import AttentionSpec
+    from mlx_flash.backends import cuda_fwd_ws as ws
+
+    dense = AttentionSpec(1, 2, 2, 4096, 4096, 64, 64, mx.float16, 0.125)
+    causal = dense._replace(window_right=0)
+    d128 = AttentionSpec(1, 2, 2, 4096, 4096, 128, 128, mx.bfloat16, 0.125)
+    # Defaults: no EXP2POLY / WARPGROUPS values, the old names and tiles.
+    assert ws.EXP2_POLY == {64: 0} and not ws.WG3_D64 and ws.KEYS_DENSE_D64 == 128 and ws.KEYS_DENSE_D128 == 176
+    assert [n for n, _ in ws.template(dense)] == ["BF16", "D", "DV", "WINDOW", "STAGES", "BN"]
+    assert ws.mlx_kernel_name(ws.template(dense)).endswith("_f_64_64_f_4_128")
+    assert ws.warpgroups(dense) == 2 and ws.keys_per_tile(d128) == 176
+    monkeypatch.setitem(ws.EXP2_POLY, 64, 1)
+    monkeypatch.setattr(ws, "KEYS_DENSE_D64", 192)
+    assert ws.mlx_kernel_name(ws.template(dense)).endswith("_f_64_64_f_4_192_1")
+    assert ws.mlx_kernel_name(ws.template(causal)).endswith("_f_64_64_t_4_128_1")
+    assert ws.exp2_poly(d128) == 0  # D = 64 only
+    monkeypatch.setattr(ws, "WG3_D64", True)
+    assert ws.warpgroups(dense) == 3 and ws.warpgroups(d128) == 2
+    assert ws.mlx_kernel_name(ws.template(dense)).endswith("_f_64_64_f_4_96_1_3")
+    assert ws.mlx_kernel_name(ws.template(causal)).endswith("_f_64_64_t_4_64_1_3")
+    assert ws.smem_bytes(64, 96, 64, rows=192) <= 227 * 1024
+    monkeypatch.setitem(ws.STAGES, 64, 2)  # the variants exist at the default ring depth only
+    assert ws.warpgroups(dense) == 2 and ws.exp2_poly(dense) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_FLASH_CUDA_FWD_WS")}
+    for name, bad in (("MLX_FLASH_CUDA_FWD_WS_EXP2_POLY_D64", "3"), ("MLX_FLASH_CUDA_FWD_WS_WG3_D64", "yes"),
+                      ("MLX_FLASH_CUDA_FWD_WS_KEYS_D64", "96"), ("MLX_FLASH_CUDA_FWD_WS_KEYS_D128", "192")):
+        result = subprocess.run([sys.executable, "-c", "import mlx_flash.backends.cuda_fwd_ws"], capture_output=True,
+                                text=True, timeout=120, env={**env, name: bad})
+        assert result.returncode != 0 and name in result.stderr and "ValueError" in result.stderr, result.stderr[-500:]
 
 
 def test_ws_forward_grid(monkeypatch):
@@ -1155,7 +1195,8 @@ def test_ws_wide_nonfinite_on_gpu(case, pair, monkeypatch):
 # dense calls); and the non-finite contract on the polynomial, whose NaN and
 # -inf handling is its own.
 _WS_VARIANTS = {"poly1": {"poly": 1}, "poly2": {"poly": 2}, "k192": {"keys64": 192},
-                "k192p1": {"keys64": 192, "poly": 1}, "k160": {"keys128": 160}, "k144": {"keys128": 144}}
+                "k192p1": {"keys64": 192, "poly": 1}, "k160": {"keys128": 160}, "k144": {"keys128": 144},
+                "wg3": {"wg3": True}, "wg3p1": {"wg3": True, "poly": 1}}
 
 
 def _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs):
@@ -1164,6 +1205,7 @@ def _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs):
     monkeypatch.setitem(cuda_fwd_ws.EXP2_POLY, 64, knobs.get("poly", 0))
     monkeypatch.setattr(cuda_fwd_ws, "KEYS_DENSE_D64", knobs.get("keys64", 128))
     monkeypatch.setattr(cuda_fwd_ws, "KEYS_DENSE_D128", knobs.get("keys128", 176))
+    monkeypatch.setattr(cuda_fwd_ws, "WG3_D64", knobs.get("wg3", False))
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
@@ -1178,14 +1220,14 @@ def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
 
     knobs = _WS_VARIANTS[variant]
     D = 128 if "keys128" in knobs else 64
-    if feature != "none" and "poly" not in knobs:
+    if feature != "none" and "poly" not in knobs and "wg3" not in knobs:
         pytest.skip("the key tile variants change dense calls only")
     _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs)
     monkeypatch.setattr(cuda_fwd_ws, "POISON_OUTPUTS", True)
     names = []
     forward = cuda_fwd_ws.forward
     monkeypatch.setattr(cuda_fwd_ws, "forward", lambda q, k, v, spec, *a, **kw: names.append(
-        cuda_fwd_ws.mlx_kernel_name(cuda_fwd_ws.template(spec))) or forward(q, k, v, spec, *a, **kw))
+        dict(cuda_fwd_ws.template(spec))) or forward(q, k, v, spec, *a, **kw))
     for shape in _WS_GPU_SHAPES:
         B, Hq, Hkv, Nq, Nk = shape
         gen = rng("ws-variant-gpu", variant, str(dtype), feature, shape)
@@ -1195,11 +1237,12 @@ def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
         out, lse = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
         mx.eval(out, lse)
         assert len(names) == before + 1, f"{shape}: not routed to attention_fwd_ws"
-        # The variant's own instance ran (EXP2POLY / key tile in its name).
-        if "poly" in knobs:
-            assert names[-1].endswith(f"_{knobs['poly']}"), names[-1]
-        if feature == "none":
-            assert f"_{knobs.get('keys64', knobs.get('keys128', 128))}" in names[-1], names[-1]
+        # The variant's own instance ran (its template values).
+        got = names[-1]
+        assert got.get("EXP2POLY", 0) == knobs.get("poly", 0), got
+        assert got.get("WARPGROUPS", 2) == (3 if knobs.get("wg3") else 2), got
+        if feature == "none" and "wg3" not in knobs:
+            assert got["BN"] == knobs.get("keys64", knobs.get("keys128", 128)), got
         want = attention_np(q, k, v, **options)
         plain = plain_errors(q, k, v, randn(gen, out.shape, dtype), options, dtype)
         check_close("out", to_np(out), want, dtype, plain)
@@ -1207,7 +1250,7 @@ def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
-@pytest.mark.parametrize("variant", ["poly1", "poly2"])
+@pytest.mark.parametrize("variant", ["poly1", "poly2", "wg3p1"])
 @pytest.mark.parametrize("case", nonfinite_cases.PREFILL_CASES)
 def test_ws_variant_nonfinite_on_gpu(case, variant, monkeypatch):
     """The non-finite contract (issue 13) through the polynomial exp2 (NaN

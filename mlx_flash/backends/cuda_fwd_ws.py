@@ -135,6 +135,23 @@ for _d in (64,):
 _DEFAULT_STAGES = {128: 2, 64: 4}
 
 
+# Opt-in (timing only until its GPU check): three consumer warpgroups at
+# D = 64 (192 query rows per block, 512 threads, 160 registers per consumer
+# thread): each K/V tile serves 1.5x the rows and the exponentials spread
+# over 12 warps. MLX_FLASH_CUDA_FWD_WS_WG3_D64=1; at the default ring depth.
+_WG3 = os.environ.get("MLX_FLASH_CUDA_FWD_WS_WG3_D64", "0")
+if _WG3 not in ("0", "1"):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_WG3_D64: expected 0 or 1, got {_WG3!r}")
+WG3_D64 = _WG3 == "1"
+
+
+def warpgroups(spec: AttentionSpec) -> int:
+    """Consumer warpgroups of the call's instance (64 query rows each)."""
+    if WG3_D64 and spec.head_dim_qk == 64 and spec.head_dim_v == 64 and stages(64) == _DEFAULT_STAGES[64]:
+        return 3
+    return 2
+
+
 def exp2_poly(spec: AttentionSpec) -> int:
     """The EXP2POLY template value of a call (0: the default kernel)."""
     d = spec.head_dim_qk
@@ -231,6 +248,10 @@ def keys_per_tile(spec: AttentionSpec) -> int:
         return (WIDE_KEYS_WINDOW if spec.has_window else WIDE_KEYS)[(spec.head_dim_qk, spec.head_dim_v)]
     if spec.head_dim_qk == 128 and not spec.has_window and stages(128) == 2:
         return KEYS_DENSE_D128
+    if warpgroups(spec) == 3:
+        # 160 registers per consumer thread: S, P and O fit at 96 keys dense,
+        # 64 under causal / window rules (their drop bits; 96 spilled there).
+        return 64 if spec.has_window else 96
     if spec.head_dim_qk == 64 and not spec.has_window:
         return KEYS_DENSE_D64
     return 128
@@ -240,10 +261,10 @@ def _cols(d: int) -> int:
     return -(-d // 64) * 64  # ws_cols: whole 64-column swizzle blocks
 
 
-def smem_bytes(head_dim: int, keys: int, head_dim_v: int | None = None) -> int:
+def smem_bytes(head_dim: int, keys: int, head_dim_v: int | None = None, rows: int = ROWS) -> int:
     """ws_fwd_smem() of attention_fwd_ws.cuh."""
     dv = head_dim if head_dim_v is None else head_dim_v
-    return 2 * (ROWS * _cols(head_dim) + stages(head_dim) * keys * (_cols(head_dim) + _cols(dv))) + 1024
+    return 2 * (rows * _cols(head_dim) + stages(head_dim) * keys * (_cols(head_dim) + _cols(dv))) + 1024
 
 
 def _head_dims_served(spec: AttentionSpec) -> bool:
@@ -292,10 +313,10 @@ def tensor_map_3d(elem_bytes: int, inner: int, rows: int, slabs: int, box_rows: 
 
 @functools.lru_cache(maxsize=1024)
 def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int, dv: int, keys: int,
-               group: int, trace: bool, dynamic: bool) -> mx.array:
+               group: int, trace: bool, dynamic: bool, rows: int = ROWS) -> mx.array:
     """Q, K, V templates, the heads per section, the trace and dynamic-schedule
     switches as one uint8 input (the kernel's `tmpl`)."""
-    tq = tensor_map_3d(2, d, nq, batch * heads_q, ROWS)
+    tq = tensor_map_3d(2, d, nq, batch * heads_q, rows)
     tk = tensor_map_3d(2, d, nk, batch * heads_kv, keys)
     tv = tk if dv == d else tensor_map_3d(2, dv, nk, batch * heads_kv, keys)
     tmpl = tq + tk + tv + b"".join(int(x).to_bytes(4, "little") for x in (group, trace, dynamic))
@@ -310,6 +331,8 @@ def template(spec: AttentionSpec) -> list:
               ("STAGES", stages(d)), ("BN", keys_per_tile(spec))]
     poly = exp2_poly(spec)
     # Only where set: the default instances keep their names (and their code).
+    if warpgroups(spec) == 3:
+        return values + [("EXP2POLY", poly), ("WARPGROUPS", 3)]
     return values + [("EXP2POLY", poly)] if poly else values
 
 
@@ -328,7 +351,9 @@ def _kernel(smem: int):
 def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
     """(out, lse) of a call that serves() accepts."""
     d, dv = spec.head_dim_qk, spec.head_dim_v
-    row_blocks = math.ceil(spec.seqlen_q / ROWS)
+    nwg = warpgroups(spec)
+    rows, threads = 64 * nwg, 128 * (nwg + 1)
+    row_blocks = math.ceil(spec.seqlen_q / rows)
     ip, fp = _cuda._param_arrays(spec, _cuda._NO_DIMS, _cuda._NO_DIMS)
     keys = keys_per_tile(spec)
     group = heads_per_section(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_k, (d + dv) // 2)
@@ -336,11 +361,11 @@ def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
     blocks = blocks_for(items, d)
     dynamic = DYNAMIC and blocks < items
     tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, dv, keys, group,
-                      TRACE is not None, dynamic)
+                      TRACE is not None, dynamic, rows)
     tickets = _cuda._ticket_region(stream) if dynamic else _cuda._placeholder(mx.uint32)
-    out, lse, workspace = _kernel(smem_bytes(d, keys, dv))(
+    out, lse, workspace = _kernel(smem_bytes(d, keys, dv, rows))(
         inputs=[q, k, v, ip, fp, tmpl, tickets], template=template(spec),
-        grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
         output_shapes=[out_shape, lse_shape, (blocks * SLOT_BYTES,)],
         output_dtypes=[spec.dtype, mx.float32, mx.uint8], init_value=float("nan") if POISON_OUTPUTS else None,
         stream=stream,
