@@ -245,7 +245,7 @@ __device__ __forceinline__ float ws_exp2(float x, int n) {
 // its 32-bit words) for each dropped pair (kRules), for the exact P V's marks.
 template <int BN> using WsDrop = unsigned[(BN / 2 + 31) / 32];
 
-template <typename MT, class F, int BN, bool kRules, int POLY = 0>
+template <typename MT, class F, int BN, bool kRules, int POLY = 0, int CH = 1>
 __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[2], float (&row_sum)[2],
                                            float (&alpha)[2], WsDrop<BN>& drop, const LogitRules<MT>& rules,
                                            float scale, int i_row, int jt, int t) {
@@ -283,8 +283,9 @@ __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[
         m4[2 * (n & 1) + 1] = fmaxf(m4[2 * (n & 1) + 1], s[4 * n + 2 * half + 1]);
       }
       mx = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
-    } else if constexpr (BN <= 160) {
-      // 144 / 160-key tiles: two chains (the registers 176 keys leave none for).
+    } else if constexpr (BN <= 160 || CH == 2) {
+      // 144 / 160-key tiles: two chains (the registers 176 keys leave none
+      // for, unless CHAINS = 2 asks for them).
       float m2[2] = {kNegInf, kNegInf};
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n) m2[n & 1] = fmaxf(m2[n & 1], fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
@@ -299,14 +300,15 @@ __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[
     const float new_max = fmaxf(row_max[half], mx * f);
     const float base = new_max == kNegInf ? 0.f : new_max;
     alpha[half] = exp2_ftz(row_max[half] - base);
-    float sum = 0.f;
+    // CH = 2: two partial sums, a dependency chain half as long.
+    float sum[CH] = {};
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
       s[4 * n + 2 * half] = ws_exp2<POLY>(fmaf(s[4 * n + 2 * half], f, -base), n);
       s[4 * n + 2 * half + 1] = ws_exp2<POLY>(fmaf(s[4 * n + 2 * half + 1], f, -base), n);
-      sum += s[4 * n + 2 * half] + s[4 * n + 2 * half + 1];
+      sum[n % CH] += s[4 * n + 2 * half] + s[4 * n + 2 * half + 1];
     }
-    row_sum[half] = row_sum[half] * alpha[half] + sum;
+    row_sum[half] = row_sum[half] * alpha[half] + (CH == 2 ? sum[0] + sum[CH - 1] : sum[0]);
     row_max[half] = new_max;
   }
 }
@@ -352,7 +354,7 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[DV / 2], const float 
 // tmaps: kWsSlotBytes per block, where the block publishes them (and its trace).
 // tk: two zeroed uint32 tickets (the dynamic schedule's item counter and its
 // count of finished blocks; the last block to finish zeroes both again).
-template <class F, int D, int DV, int BN, int STAGES, int POLY, int NWG, typename T>
+template <class F, int D, int DV, int BN, int STAGES, int POLY, int NWG, int CH, typename T>
 __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
                                  const unsigned char* tmpl, const unsigned* tk, T* out, float* lse,
                                  unsigned char* tmaps) {
@@ -365,6 +367,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
                 "warp-specialised forward: 128-key tiles (144 / 160 / 176 up to D = 128, 192 at D = 64, 96 / 112 at Dv 192, 80 / 64 at Dv 256)");
   static_assert(ws_fwd_smem(D, DV, BN, STAGES, 64 * NWG) <= 227 * 1024, "warp-specialised forward: shared memory");
   static_assert(POLY >= 0 && POLY <= 4, "warp-specialised forward: EXP2POLY counts n8 blocks of every 4");
+  static_assert(CH == 1 || CH == 2, "warp-specialised forward: CHAINS is 1 or 2");
   static_assert(!F::ElementRules && !F::Sinks && !F::Varlen && !F::KeyRange,
                 "warp-specialised forward: window/causal rules only");
   static_assert(NWG == 2 || (NWG == 3 && D == 64 && DV == 64),
@@ -587,9 +590,9 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     // Softmax of a tile in S's registers (its S landed), O untouched.
     auto softmax = [&](int jt, bool ruled) {
       if (ruled)
-        ws_softmax<MT, F, BN, true, POLY>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
+        ws_softmax<MT, F, BN, true, POLY, CH>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
       else
-        ws_softmax<MT, F, BN, false, POLY>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
+        ws_softmax<MT, F, BN, false, POLY, CH>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
     };
     auto rescale_pack = [&](bool ruled) {
       if (ruled)
@@ -703,6 +706,8 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
 constexpr int EXP2POLY = 0;
 // Consumer warpgroups: 2, unless an instance's WARPGROUPS says 3.
 constexpr int WARPGROUPS = 2;
+// Row max / sum chains of the 176-key softmax: 1, unless an instance's CHAINS says 2.
+constexpr int CHAINS = 1;
 
 // The launch bound of every instance the backend builds (see the top): MLX
 // names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
@@ -761,6 +766,9 @@ MLX_FLASH_WS_DECLARE(_t_64_64_f_4_128_1, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128_1, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_64_64_f_4_128_2, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128_2, __nv_bfloat16)
+// Opt-in two max / sum chains at the 176-key tile (MLX_FLASH_CUDA_FWD_WS_CHAINS_D128=2).
+MLX_FLASH_WS_DECLARE(_f_128_128_f_2_176_0_2_2, __half)
+MLX_FLASH_WS_DECLARE(_t_128_128_f_2_176_0_2_2, __nv_bfloat16)
 // Opt-in dense key tiles at D = 64 (MLX_FLASH_CUDA_FWD_WS_KEYS_D64=192), with the polynomial exp2 too.
 MLX_FLASH_WS_DECLARE(_f_64_64_f_2_192, __half)
 MLX_FLASH_WS_DECLARE(_f_64_64_f_4_192, __half)

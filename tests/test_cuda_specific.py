@@ -653,13 +653,14 @@ def _ws_instances():
     from mlx_flash.backends import cuda_fwd_ws
 
     knobs = (dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128, dict(cuda_fwd_ws.EXP2_POLY), cuda_fwd_ws.KEYS_DENSE_D64,
-             cuda_fwd_ws.WG3_D64)
+             cuda_fwd_ws.WG3_D64, cuda_fwd_ws.CHAINS_D128)
     seen = set()
     try:
         for T in (mx.float16, mx.bfloat16):
             for D in (64, 128):
-                for poly, cuda_fwd_ws.WG3_D64 in [(p, w) for p in cuda_fwd_ws.EXP2_POLY_CHOICES for w in (False, True)
-                                                  ] if D in cuda_fwd_ws.EXP2_POLY else [(0, False)]:
+                variants = ([(p, w, 1) for p in cuda_fwd_ws.EXP2_POLY_CHOICES for w in (False, True)]
+                            if D in cuda_fwd_ws.EXP2_POLY else [(0, False, c) for c in (1, 2)])
+                for poly, cuda_fwd_ws.WG3_D64, cuda_fwd_ws.CHAINS_D128 in variants:
                     if D in cuda_fwd_ws.EXP2_POLY:
                         cuda_fwd_ws.EXP2_POLY[D] = poly
                     for cuda_fwd_ws.STAGES[D] in cuda_fwd_ws.STAGE_CHOICES[D]:
@@ -688,7 +689,8 @@ def _ws_instances():
                             yield name, T, template
                 cuda_fwd_ws.WIDE_KEYS.update(wide_keys)
     finally:
-        stages, cuda_fwd_ws.KEYS_DENSE_D128, poly, cuda_fwd_ws.KEYS_DENSE_D64, cuda_fwd_ws.WG3_D64 = knobs
+        (stages, cuda_fwd_ws.KEYS_DENSE_D128, poly, cuda_fwd_ws.KEYS_DENSE_D64, cuda_fwd_ws.WG3_D64,
+         cuda_fwd_ws.CHAINS_D128) = knobs
         cuda_fwd_ws.STAGES.update(stages)
         cuda_fwd_ws.EXP2_POLY.update(poly)
 
@@ -791,9 +793,13 @@ def test_ws_forward_variant_settings(monkeypatch):
     d128 = AttentionSpec(1, 2, 2, 4096, 4096, 128, 128, mx.bfloat16, 0.125)
     # Defaults: no EXP2POLY / WARPGROUPS values, the old names and tiles.
     assert ws.EXP2_POLY == {64: 0} and not ws.WG3_D64 and ws.KEYS_DENSE_D64 == 128 and ws.KEYS_DENSE_D128 == 176
+    assert ws.CHAINS_D128 == 1
     assert [n for n, _ in ws.template(dense)] == ["BF16", "D", "DV", "WINDOW", "STAGES", "BN"]
     assert ws.mlx_kernel_name(ws.template(dense)).endswith("_f_64_64_f_4_128")
-    assert ws.warpgroups(dense) == 2 and ws.keys_per_tile(d128) == 176
+    assert ws.warpgroups(dense) == 2 and ws.keys_per_tile(d128) == 176 and ws.chains(d128) == 1
+    monkeypatch.setattr(ws, "CHAINS_D128", 2)
+    assert ws.mlx_kernel_name(ws.template(d128)).endswith("_t_128_128_f_2_176_0_2_2")
+    assert ws.chains(d128._replace(window_right=0)) == 1 and ws.chains(dense) == 1
     monkeypatch.setitem(ws.EXP2_POLY, 64, 1)
     monkeypatch.setattr(ws, "KEYS_DENSE_D64", 192)
     assert ws.mlx_kernel_name(ws.template(dense)).endswith("_f_64_64_f_4_192_1")
@@ -808,7 +814,8 @@ def test_ws_forward_variant_settings(monkeypatch):
     assert ws.warpgroups(dense) == 2 and ws.exp2_poly(dense) == 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_FLASH_CUDA_FWD_WS")}
     for name, bad in (("MLX_FLASH_CUDA_FWD_WS_EXP2_POLY_D64", "3"), ("MLX_FLASH_CUDA_FWD_WS_WG3_D64", "yes"),
-                      ("MLX_FLASH_CUDA_FWD_WS_KEYS_D64", "96"), ("MLX_FLASH_CUDA_FWD_WS_KEYS_D128", "192")):
+                      ("MLX_FLASH_CUDA_FWD_WS_KEYS_D64", "96"), ("MLX_FLASH_CUDA_FWD_WS_KEYS_D128", "192"),
+                      ("MLX_FLASH_CUDA_FWD_WS_CHAINS_D128", "4")):
         result = subprocess.run([sys.executable, "-c", "import mlx_flash.backends.cuda_fwd_ws"], capture_output=True,
                                 text=True, timeout=120, env={**env, name: bad})
         assert result.returncode != 0 and name in result.stderr and "ValueError" in result.stderr, result.stderr[-500:]
@@ -1196,7 +1203,7 @@ def test_ws_wide_nonfinite_on_gpu(case, pair, monkeypatch):
 # -inf handling is its own.
 _WS_VARIANTS = {"poly1": {"poly": 1}, "poly2": {"poly": 2}, "k192": {"keys64": 192},
                 "k192p1": {"keys64": 192, "poly": 1}, "k160": {"keys128": 160}, "k144": {"keys128": 144},
-                "wg3": {"wg3": True}, "wg3p1": {"wg3": True, "poly": 1}}
+                "wg3": {"wg3": True}, "wg3p1": {"wg3": True, "poly": 1}, "ch2": {"chains": 2}}
 
 
 def _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs):
@@ -1206,6 +1213,7 @@ def _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs):
     monkeypatch.setattr(cuda_fwd_ws, "KEYS_DENSE_D64", knobs.get("keys64", 128))
     monkeypatch.setattr(cuda_fwd_ws, "KEYS_DENSE_D128", knobs.get("keys128", 176))
     monkeypatch.setattr(cuda_fwd_ws, "WG3_D64", knobs.get("wg3", False))
+    monkeypatch.setattr(cuda_fwd_ws, "CHAINS_D128", knobs.get("chains", 1))
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
@@ -1219,7 +1227,7 @@ def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
     from reference_np import attention_np
 
     knobs = _WS_VARIANTS[variant]
-    D = 128 if "keys128" in knobs else 64
+    D = 128 if "keys128" in knobs or "chains" in knobs else 64
     if feature != "none" and "poly" not in knobs and "wg3" not in knobs:
         pytest.skip("the key tile variants change dense calls only")
     _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs)
@@ -1241,8 +1249,9 @@ def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
         got = names[-1]
         assert got.get("EXP2POLY", 0) == knobs.get("poly", 0), got
         assert got.get("WARPGROUPS", 2) == (3 if knobs.get("wg3") else 2), got
+        assert got.get("CHAINS", 1) == (knobs.get("chains", 1) if feature == "none" else 1), got
         if feature == "none" and "wg3" not in knobs:
-            assert got["BN"] == knobs.get("keys64", knobs.get("keys128", 128)), got
+            assert got["BN"] == knobs.get("keys64", knobs.get("keys128", 176 if D == 128 else 128)), got
         want = attention_np(q, k, v, **options)
         plain = plain_errors(q, k, v, randn(gen, out.shape, dtype), options, dtype)
         check_close("out", to_np(out), want, dtype, plain)

@@ -161,12 +161,13 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
 
 
 def _set_ws_knobs(D, knobs):
-    """Sets cuda_fwd_ws's knobs (enabled, persistent, dynamic, stages, keys, poly (EXP2_POLY), wg3 (WG3_D64), group:
+    """Sets cuda_fwd_ws's knobs (enabled, persistent, dynamic, stages, keys, poly (EXP2_POLY), wg3 (WG3_D64), chains (CHAINS_D128), group:
     heads per section of the work order, None = sized by L2) for head dim D; returns the old ones."""
     old = dict(enabled=ws._ENABLED, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128 if D == 128 else ws.KEYS_DENSE_D64,
                persistent=ws.PERSISTENT, dynamic=ws.DYNAMIC, group=ws.HEAD_GROUP, poly=ws.EXP2_POLY.get(D, 0),
-               wg3=ws.WG3_D64)
+               wg3=ws.WG3_D64, chains=ws.CHAINS_D128)
     ws.WG3_D64 = knobs.get("wg3", old["wg3"])
+    ws.CHAINS_D128 = knobs.get("chains", old["chains"])
     if D in ws.EXP2_POLY:
         ws.EXP2_POLY[D] = knobs.get("poly", old["poly"])
     ws.DYNAMIC = knobs.get("dynamic", old["dynamic"])
@@ -379,7 +380,7 @@ def build_share(index, count):
                     continue
                 saved = _set_ws_knobs(D, knobs)
                 spec_key = (D, dt, causal, ws._ENABLED, ws.STAGES[D], (ws.KEYS_DENSE_D128 if D == 128 else ws.KEYS_DENSE_D64) if not causal else 0,
-                            ws.EXP2_POLY.get(D, 0), ws.WG3_D64)
+                            ws.EXP2_POLY.get(D, 0), ws.WG3_D64, ws.CHAINS_D128)
                 _set_ws_knobs(D, saved)
                 if spec_key not in seen:
                     seen.add(spec_key)

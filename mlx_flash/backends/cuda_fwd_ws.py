@@ -145,6 +145,22 @@ if _WG3 not in ("0", "1"):
 WG3_D64 = _WG3 == "1"
 
 
+# Opt-in (timing only until its GPU check): two row-max and two row-sum
+# chains in the softmax of the 176-key D = 128 tile (one each by default,
+# for registers; ptxas fits two without spills). MLX_FLASH_CUDA_FWD_WS_CHAINS_D128=2.
+_CHAINS = os.environ.get("MLX_FLASH_CUDA_FWD_WS_CHAINS_D128", "1")
+if _CHAINS not in ("1", "2"):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_CHAINS_D128: expected 1 or 2, got {_CHAINS!r}")
+CHAINS_D128 = int(_CHAINS)
+
+
+def chains(spec: AttentionSpec) -> int:
+    """The CHAINS template value of a call (1: the default kernel)."""
+    if CHAINS_D128 == 2 and spec.head_dim_qk == 128 and not wide(spec) and keys_per_tile(spec) == 176:
+        return 2
+    return 1
+
+
 def warpgroups(spec: AttentionSpec) -> int:
     """Consumer warpgroups of the call's instance (64 query rows each)."""
     if WG3_D64 and spec.head_dim_qk == 64 and spec.head_dim_v == 64 and stages(64) == _DEFAULT_STAGES[64]:
@@ -333,6 +349,8 @@ def template(spec: AttentionSpec) -> list:
     # Only where set: the default instances keep their names (and their code).
     if warpgroups(spec) == 3:
         return values + [("EXP2POLY", poly), ("WARPGROUPS", 3)]
+    if chains(spec) == 2:
+        return values + [("EXP2POLY", poly), ("WARPGROUPS", 2), ("CHAINS", 2)]
     return values + [("EXP2POLY", poly)] if poly else values
 
 
