@@ -4,7 +4,9 @@
 // dense batches (no varlen, no key ranges); causal and sliding windows come
 // through the logit rules. Every other call runs attention_fwd_wgmma.
 //
-// A block of 384 threads owns BM = 128 query rows of one (batch, head):
+// A block of 384 threads owns BM = 128 query rows of one (batch, head)
+// (WARPGROUPS = 3, D = 64 only: 512 threads, 192 rows, three consumer
+// warpgroups taking turns in a cycle, warps 12-15 the producer):
 //   * warps 0-7: two consumer warpgroups, 64 rows each (S = Q K^T as a shared x
 //     shared wgmma, online softmax on the fp32 accumulator, O += P V with P
 //     from registers, as in attention_fwd_wgmma.cuh);

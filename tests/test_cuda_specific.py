@@ -658,7 +658,7 @@ def _ws_instances():
     try:
         for T in (mx.float16, mx.bfloat16):
             for D in (64, 128):
-                variants = ([(p, w, 1) for p in cuda_fwd_ws.EXP2_POLY_CHOICES for w in (False, True)]
+                variants = ([(p, w, 1) for p in cuda_fwd_ws.EXP2_POLY_CHOICES for w in ("0", "1")]
                             if D in cuda_fwd_ws.EXP2_POLY else [(0, False, c) for c in (1, 2)])
                 for poly, cuda_fwd_ws.WG3_D64, cuda_fwd_ws.CHAINS_D128 in variants:
                     if D in cuda_fwd_ws.EXP2_POLY:
@@ -791,12 +791,16 @@ def test_ws_forward_variant_settings(monkeypatch):
     dense = AttentionSpec(1, 2, 2, 4096, 4096, 64, 64, mx.float16, 0.125)
     causal = dense._replace(window_right=0)
     d128 = AttentionSpec(1, 2, 2, 4096, 4096, 128, 128, mx.bfloat16, 0.125)
-    # Defaults: no EXP2POLY / WARPGROUPS values, the old names and tiles.
-    assert ws.EXP2_POLY == {64: 0} and not ws.WG3_D64 and ws.KEYS_DENSE_D64 == 128 and ws.KEYS_DENSE_D128 == 176
+    # Defaults: three consumer warpgroups for dense D = 64 calls only; elsewhere
+    # no EXP2POLY / WARPGROUPS values, the old names and tiles.
+    assert ws.EXP2_POLY == {64: 0} and ws.WG3_D64 == "auto" and ws.KEYS_DENSE_D64 == 128 and ws.KEYS_DENSE_D128 == 176
     assert ws.CHAINS_D128 == 1
-    assert [n for n, _ in ws.template(dense)] == ["BF16", "D", "DV", "WINDOW", "STAGES", "BN"]
-    assert ws.mlx_kernel_name(ws.template(dense)).endswith("_f_64_64_f_4_128")
-    assert ws.warpgroups(dense) == 2 and ws.keys_per_tile(d128) == 176 and ws.chains(d128) == 1
+    assert ws.mlx_kernel_name(ws.template(dense)).endswith("_f_64_64_f_4_96_0_3") and ws.warpgroups(dense) == 3
+    assert [n for n, _ in ws.template(causal)] == ["BF16", "D", "DV", "WINDOW", "STAGES", "BN"]
+    assert ws.mlx_kernel_name(ws.template(causal)).endswith("_f_64_64_t_4_128") and ws.warpgroups(causal) == 2
+    assert ws.keys_per_tile(d128) == 176 and ws.chains(d128) == 1 and ws.warpgroups(d128) == 2
+    monkeypatch.setattr(ws, "WG3_D64", "0")
+    assert ws.mlx_kernel_name(ws.template(dense)).endswith("_f_64_64_f_4_128") and ws.warpgroups(dense) == 2
     monkeypatch.setattr(ws, "CHAINS_D128", 2)
     assert ws.mlx_kernel_name(ws.template(d128)).endswith("_t_128_128_f_2_176_0_2_2")
     assert ws.chains(d128._replace(window_right=0)) == 1 and ws.chains(dense) == 1
@@ -805,7 +809,7 @@ def test_ws_forward_variant_settings(monkeypatch):
     assert ws.mlx_kernel_name(ws.template(dense)).endswith("_f_64_64_f_4_192_1")
     assert ws.mlx_kernel_name(ws.template(causal)).endswith("_f_64_64_t_4_128_1")
     assert ws.exp2_poly(d128) == 0  # D = 64 only
-    monkeypatch.setattr(ws, "WG3_D64", True)
+    monkeypatch.setattr(ws, "WG3_D64", "1")
     assert ws.warpgroups(dense) == 3 and ws.warpgroups(d128) == 2
     assert ws.mlx_kernel_name(ws.template(dense)).endswith("_f_64_64_f_4_96_1_3")
     assert ws.mlx_kernel_name(ws.template(causal)).endswith("_f_64_64_t_4_64_1_3")
@@ -1081,10 +1085,10 @@ def test_wide_heads_features_on_gpu(feature, kind):
 # it serves reach it (counted), and its out and lse match float64 at odd
 # sizes, Nq != Nk, GQA, causal and windows; both of its schedules.
 
-# The last: more work items (row blocks x heads) than an H100/H200 has SMs, so
-# persistent blocks take several items each.
+# The last two: more work items (row blocks x heads) than an H100/H200 has SMs,
+# so persistent blocks take several items each (128-row and 192-row blocks).
 _WS_GPU_SHAPES = [(1, 2, 2, 17, 17), (2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 8, 1, 64, 1),
-                  (1, 1, 1, 300, 4103), (2, 8, 2, 1100, 300)]
+                  (1, 1, 1, 300, 4103), (2, 8, 2, 1100, 300), (2, 8, 2, 1700, 300)]
 
 
 def _on_hopper():
@@ -1212,7 +1216,7 @@ def _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs):
     monkeypatch.setitem(cuda_fwd_ws.EXP2_POLY, 64, knobs.get("poly", 0))
     monkeypatch.setattr(cuda_fwd_ws, "KEYS_DENSE_D64", knobs.get("keys64", 128))
     monkeypatch.setattr(cuda_fwd_ws, "KEYS_DENSE_D128", knobs.get("keys128", 176))
-    monkeypatch.setattr(cuda_fwd_ws, "WG3_D64", knobs.get("wg3", False))
+    monkeypatch.setattr(cuda_fwd_ws, "WG3_D64", "1" if knobs.get("wg3") else "0")
     monkeypatch.setattr(cuda_fwd_ws, "CHAINS_D128", knobs.get("chains", 1))
 
 
@@ -1259,7 +1263,7 @@ def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
-@pytest.mark.parametrize("variant", ["poly1", "poly2", "wg3p1"])
+@pytest.mark.parametrize("variant", ["poly1", "poly2", "wg3", "wg3p1"])
 @pytest.mark.parametrize("case", nonfinite_cases.PREFILL_CASES)
 def test_ws_variant_nonfinite_on_gpu(case, variant, monkeypatch):
     """The non-finite contract (issue 13) through the polynomial exp2 (NaN
@@ -1273,7 +1277,7 @@ def test_ws_variant_nonfinite_on_gpu(case, variant, monkeypatch):
     spec, inputs = validate_attention(q, k, v, **options)
     if not cuda_fwd_ws.serves(spec):
         pytest.skip("a case with extras: not the warp-specialised kernel's")
-    assert cuda_fwd_ws.exp2_poly(spec) == _WS_VARIANTS[variant]["poly"]
+    assert cuda_fwd_ws.exp2_poly(spec) == _WS_VARIANTS[variant].get("poly", 0)
     out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.gpu)
     mx.eval(out, lse)
     want = attention_np(q, k, v, **options)

@@ -363,7 +363,8 @@ def sweep_plan():
                 if key == "group":
                     knobs[key] = None if val == "auto" else int(val)
                 else:
-                    knobs[key] = val == "1" if key in ("persistent", "dynamic", "enabled", "wg3") else int(val)
+                    knobs[key] = (val == "1" if key in ("persistent", "dynamic", "enabled")
+                                  else val if key == "wg3" else int(val))
             knob_sets[label] = knobs
         plan[(int(d), dt)] = knob_sets
     return plan
@@ -674,7 +675,9 @@ def main():
                 if a.startswith("poly"):
                     knobs["poly"] = int(a[4:])
             if "wg3" in args:
-                knobs["wg3"] = True
+                knobs["wg3"] = "1"
+            if "wg2" in args:
+                knobs["wg3"] = "0"
             saved = _set_ws_knobs(D, knobs)
             try:
                 p0, f0 = correctness_ws(dims=(D,), dtypes=(_DTYPES[args[1]],), compare="nocmp" not in args)

@@ -11,7 +11,9 @@ default fp16/bf16 at D = 128, and at D = 64 with at least MIN_KEYS_D64 keys,
 come here (where it timed faster); MLX_FLASH_CUDA_FWD_WS=all adds the short
 D = 64 calls, =0 routes every call to attention_fwd_wgmma. Wide heads: the
 pairs in WIDE_CHECKED by default, MLX_FLASH_CUDA_FWD_WS_WIDE=all every pair
-of WIDE_PAIRS, =0 none (they keep attention_fwd_mma).
+of WIDE_PAIRS, =0 none (they keep attention_fwd_mma). Dense D = 64 calls
+run its three-warpgroup instances (WG3_D64); the opt-in variants below
+(EXP2_POLY, KEYS_DENSE_D64 / _D128, CHAINS_D128) are for timing runs.
 
 Q, K and V reach the kernel through TMA: per operand a 3-D tensor map
 (head dim, sequence, batch * heads) whose boxes are 64 head dims by 128 rows
@@ -135,14 +137,18 @@ for _d in (64,):
 _DEFAULT_STAGES = {128: 2, 64: 4}
 
 
-# Opt-in (timing only until its GPU check): three consumer warpgroups at
-# D = 64 (192 query rows per block, 512 threads, 160 registers per consumer
-# thread): each K/V tile serves 1.5x the rows and the exponentials spread
-# over 12 warps. MLX_FLASH_CUDA_FWD_WS_WG3_D64=1; at the default ring depth.
-_WG3 = os.environ.get("MLX_FLASH_CUDA_FWD_WS_WG3_D64", "0")
-if _WG3 not in ("0", "1"):
-    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_WG3_D64: expected 0 or 1, got {_WG3!r}")
-WG3_D64 = _WG3 == "1"
+# Three consumer warpgroups at D = 64 (192 query rows per block, 512
+# threads, 160 registers per consumer thread, 96-key dense tiles, 64 under
+# causal / window rules): each K/V tile serves 1.5x the rows and the
+# exponentials spread over 12 warps. MLX_FLASH_CUDA_FWD_WS_WG3_D64: "auto"
+# (default) for dense calls, where it timed 1.12-1.15x the two-warpgroup
+# kernel on the H200 (2026-12-04 round B, fp16 16K and 4K, queued; docs/cuda.md)
+# and passed the float64 and non-finite checks there; under causal / window
+# rules it ran 0.76-0.96x, so those keep two warpgroups. "1" every D = 64
+# call, "0" none. At the default ring depth only.
+WG3_D64 = os.environ.get("MLX_FLASH_CUDA_FWD_WS_WG3_D64", "auto")
+if WG3_D64 not in ("0", "1", "auto"):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_WG3_D64: expected 0, 1 or auto, got {WG3_D64!r}")
 
 
 # Opt-in (timing only until its GPU check): two row-max and two row-sum
@@ -163,7 +169,8 @@ def chains(spec: AttentionSpec) -> int:
 
 def warpgroups(spec: AttentionSpec) -> int:
     """Consumer warpgroups of the call's instance (64 query rows each)."""
-    if WG3_D64 and spec.head_dim_qk == 64 and spec.head_dim_v == 64 and stages(64) == _DEFAULT_STAGES[64]:
+    if (spec.head_dim_qk == 64 and spec.head_dim_v == 64 and stages(64) == _DEFAULT_STAGES[64]
+            and (WG3_D64 == "1" or (WG3_D64 == "auto" and not spec.has_window))):
         return 3
     return 2
 
