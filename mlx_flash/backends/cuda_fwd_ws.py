@@ -142,8 +142,9 @@ _DEFAULT_STAGES = {128: 2, 64: 4}
 # causal / window rules): each K/V tile serves 1.5x the rows and the
 # exponentials spread over 12 warps. MLX_FLASH_CUDA_FWD_WS_WG3_D64: "auto"
 # (default) for dense calls, where it timed 1.12-1.15x the two-warpgroup
-# kernel on the H200 (2026-12-04 round B, fp16 16K and 4K, queued; docs/cuda.md)
-# and passed the float64 and non-finite checks there; under causal / window
+# kernel on the H200 (2026-12-04 round B, fp16 16K and 4K, queued; round C
+# 1.03-1.14x fp16 and bf16; docs/cuda.md) and passed the float64 and
+# non-finite checks in both rounds; under causal / window
 # rules it ran 0.76-0.96x, so those keep two warpgroups. "1" every D = 64
 # call, "0" none. At the default ring depth only.
 WG3_D64 = os.environ.get("MLX_FLASH_CUDA_FWD_WS_WG3_D64", "auto")
