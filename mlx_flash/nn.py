@@ -32,6 +32,16 @@ COMPILE_MAX_ROWS = 16
 _COMPILE = os.environ.get("MLX_FLASH_FP8LINEAR_COMPILE", "1")
 if _COMPILE not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_FP8LINEAR_COMPILE must be 0 or 1, got {_COMPILE!r}")
+# MLX_FLASH_FP8LINEAR_PATH=direct (opt-in; default "matmul2d"): on MLX's CUDA
+# backend, a call of at most COMPILE_MAX_ROWS rows whose K is a multiple of
+# 16 is one kernel node over the layer's own arrays
+# (cuda_matmul.linear_few_rows) inside a custom function whose vjp is
+# matmul2d's; matmul2d's graph for the same product has about seven nodes
+# (reshapes, the kernel, the custom function's node), and MLX's evaluation
+# loop visits each. Same kernel and plan, so the same numbers.
+_PATH = os.environ.get("MLX_FLASH_FP8LINEAR_PATH", "matmul2d")
+if _PATH not in ("matmul2d", "direct"):
+    raise ValueError(f"MLX_FLASH_FP8LINEAR_PATH must be 'matmul2d' or 'direct', got {_PATH!r}")
 
 
 def _forward(x, weight, scale, bias, fmt):
@@ -51,6 +61,42 @@ def _compiled_forward(fmt: str, has_bias: bool, stream: str):
     if has_bias:
         return mx.compile(lambda x, weight, scale, bias: _forward(x, weight, scale, bias, fmt))
     return mx.compile(lambda x, weight, scale: _forward(x, weight, scale, None, fmt))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_available() -> bool:
+    return hasattr(mx, "cuda") and mx.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_matmul():
+    from .backends import cuda_matmul
+
+    return cuda_matmul
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_function(fmt: str, has_bias: bool):
+    """The direct path's differentiable call, one per (format, bias present):
+    forward one kernel (plus the bias add), vjp through matmul2d's."""
+    cuda_matmul = _cuda_matmul()
+
+    @mx.custom_function
+    def linear(x, weight, scale, *bias):
+        y = cuda_matmul.linear_few_rows(x, weight, scale, fmt)
+        return y + bias[0].astype(y.dtype) if has_bias else y
+
+    @linear.vjp
+    def linear_vjp(primals, cotangent, output):
+        x, weight, scale, *bias = primals
+        _, (dx,) = mx.vjp(lambda x: _forward(x, weight, scale, None, fmt), [x], [cotangent])
+        grads = (dx, mx.zeros_like(weight), mx.zeros_like(scale))
+        if has_bias:
+            g = cotangent.reshape(-1, cotangent.shape[-1]).astype(mx.float32).sum(axis=0)
+            grads += (g.astype(bias[0].dtype),)
+        return grads
+
+    return linear
 
 
 class FP8Linear(nn.Module):
@@ -114,6 +160,10 @@ class FP8Linear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         bias = self.bias if "bias" in self else None
+        if _PATH == "direct" and mx.default_device() == mx.gpu and _cuda_available():
+            if _cuda_matmul().linear_few_rows_supported(x, self.weight):
+                args = (x, self.weight, self.scale) + ((bias,) if bias is not None else ())
+                return _direct_function(self.fmt, bias is not None)(*args)
         rows = x.size // x.shape[-1] if x.ndim and x.shape[-1] else 0
         if _COMPILE == "1" and 0 < rows <= COMPILE_MAX_ROWS:
             args = (x, self.weight, self.scale) + ((bias,) if bias is not None else ())

@@ -574,3 +574,87 @@ def matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpos
     # a new array (0.42 ms of copying at 8192^2 fp16 on the H200); a reshape
     # of the contiguous [1, M, N] result is free.
     return matmul2d(a[None], b[None], a_s, b_s, spec, stream, route, plan).reshape(M, N)
+
+
+# ---------------------------------------------------------------------------
+# FP8Linear's few-rows call as one kernel node (nn.FP8Linear, opt-in:
+# MLX_FLASH_FP8LINEAR_PATH=direct).
+#
+# A decode step calls each layer once with the same shapes, and generation
+# on a fast GPU is bound by host time: graph building plus MLX's evaluation
+# loop, which visits every node of the graph (views included). matmul2d's
+# graph for `x @ W^T * s` holds reshapes of x, W and the scale, the kernel,
+# the custom function's node and the output's reshape; nn.Linear's holds a
+# transpose view and one addmm. This entry hands the kernel the caller's own
+# arrays (x [..., K] row-contiguous, the weight [N, K], the scale [N, 1] or
+# [1, 1]: the kernel reads flat offsets, so no reshape is needed) and declares
+# the output [..., N] directly: one node. The template is written into the
+# kernel source once per instance (cuda._template_source), so a call hands MLX
+# no template arguments to format.
+
+def linear_few_rows_supported(x, weight) -> bool:
+    """Whether `linear_few_rows` takes this x ([..., K], 1..GEMV_MAX_ROWS rows of
+    fp16/bf16) and weight ([N, K] uint8 fp8 codes, K a multiple of 16: the
+    kernel reads whole 16-byte words, and padding would add nodes)."""
+    if x.ndim == 0 or x.dtype not in (mx.float16, mx.bfloat16) or weight.ndim != 2 or weight.dtype != mx.uint8:
+        return False
+    K = x.shape[-1]
+    rows = x.size // K if K else 0
+    return K == weight.shape[1] and K % 16 == 0 and 0 < rows <= GEMV_MAX_ROWS and weight.shape[0] > 0
+
+
+_TEMPLATE_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.uint8: "uint8_t"}
+
+
+def _template_source(template) -> str:
+    """The template arguments as constants at the top of the kernel body (what
+    MLX would write for them per call; cuda._template_source, with uint8)."""
+    lines = []
+    for name, value in template:
+        if isinstance(value, bool):
+            lines.append(f"  constexpr bool {name} = {'true' if value else 'false'};")
+        elif isinstance(value, int):
+            lines.append(f"  constexpr int {name} = {value};")
+        else:
+            lines.append(f"  using {name} = {_TEMPLATE_TYPES[value]};")
+    return "\n".join(lines) + "\n"
+
+
+@functools.lru_cache(maxsize=256)
+def _linear_launch(dtype, fmt: str, per_channel: bool, rows: int, N: int, K: int, plan: tuple, factory):
+    """(kernel, ip, placeholder, grid, threadgroup) of one few-rows linear
+    instance: made once per shape and kept (keyed by the kernel factory too,
+    so the CUDA emulation's stand-in gets its own)."""
+    warps, row_tiles, unroll, max_blocks, stages, bounds, sector = (tuple(plan) + (0, 0))[:7]
+    if stages:
+        raise ValueError(f"gemv plan {plan}: the direct linear path takes register plans only (STAGES 0)")
+    a_tiles = 1 if rows <= 8 else 2
+    template = [("TA", dtype), ("TB", mx.uint8), ("TO", dtype), ("FB", _FMT_CODE[fmt]), ("AS", False),
+                ("BS", True), ("MT", a_tiles), ("W", warps), ("RT", row_tiles), ("U", unroll), ("STAGES", 0),
+                ("BOUNDS", bounds), ("SECTOR", bool(sector))]
+    headers = _cuda.kernel_headers("matmul_gemv") + ((f"matmul_gemv_bounds{bounds}.cuh",) if bounds else ())
+    kernel = _cuda._kernel("matmul_gemv", _INPUTS, ("out",), 0, headers=headers,
+                           constants=_template_source(template))
+    ip = _params((rows, N, K, 0, 0, 0, int(per_channel)))
+    blocks = math.ceil(N / (16 * row_tiles))
+    if max_blocks:
+        blocks = min(blocks, max_blocks if max_blocks > 0 else -max_blocks * sm_count())
+    return kernel, ip, _params((0,), mx.float32), (blocks * 32 * warps, 1, 1), (32 * warps, 1, 1)
+
+
+def linear_few_rows(x, weight, scale, fmt: str, stream=None, plan=None):
+    """`x @ (decode(weight) * scale)^T` in x's dtype as one kernel node:
+    x [..., K] (fp16/bf16, at most GEMV_MAX_ROWS rows), weight [N, K] fp8
+    codes, scale float32 with N or 1 values (per output channel or per
+    tensor). The caller checks `linear_few_rows_supported` first."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    rows = x.size // K
+    if scale.dtype != mx.float32 or scale.size not in (1, N):
+        raise ValueError(f"scale: expected float32 with 1 or {N} values, got {scale.dtype} {tuple(scale.shape)}")
+    kernel, ip, placeholder, grid, threads = _linear_launch(x.dtype, fmt, scale.size > 1, rows, N, K,
+                                                            tuple(plan or GEMV_PLAN), getattr(mx.fast, "cuda_kernel", None))
+    (out,) = kernel(inputs=[x, weight, placeholder, scale, ip], grid=grid, threadgroup=threads,
+                    output_shapes=[x.shape[:-1] + (N,)], output_dtypes=[x.dtype], init_value=POISON,
+                    stream=stream)
+    return out
