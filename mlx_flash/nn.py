@@ -99,6 +99,18 @@ def _direct_function(fmt: str, has_bias: bool):
     return linear
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_direct(fmt: str, has_bias: bool, stream: str):
+    """The direct path through mx.compile (with MLX_FLASH_FP8LINEAR_COMPILE=1,
+    the default): a call replays the traced kernel and custom-function nodes
+    in C++ instead of running the Python forward (the kernel wrapper's
+    shape checks and MLX's kernel-call assembly); keyed as _compiled_forward."""
+    return mx.compile(_direct_function(fmt, has_bias))
+
+
+_HALF_TYPES = (mx.float16, mx.bfloat16)
+
+
 class FP8Linear(nn.Module):
     """`y = x @ (dequant(weight) * scale)^T + bias` with an fp8 weight.
 
@@ -160,9 +172,13 @@ class FP8Linear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         bias = self.bias if "bias" in self else None
-        if _PATH == "direct" and mx.default_device() == mx.gpu and _cuda_available():
-            if _cuda_matmul().linear_few_rows_supported(x, self.weight):
-                args = (x, self.weight, self.scale) + ((bias,) if bias is not None else ())
+        if _PATH == "direct" and x.dtype in _HALF_TYPES and mx.default_device() == mx.gpu and _cuda_available():
+            weight = self.weight
+            if _cuda_matmul().linear_few_rows_supported(x, weight):
+                args = (x, weight, self.scale) if bias is None else (x, weight, self.scale, bias)
+                if _COMPILE == "1":
+                    stream = str(mx.default_stream(mx.default_device()))
+                    return _compiled_direct(self.fmt, bias is not None, stream)(*args)
                 return _direct_function(self.fmt, bias is not None)(*args)
         rows = x.size // x.shape[-1] if x.ndim and x.shape[-1] else 0
         if _COMPILE == "1" and 0 < rows <= COMPILE_MAX_ROWS:

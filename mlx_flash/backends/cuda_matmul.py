@@ -595,14 +595,18 @@ def matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpos
 def linear_few_rows_supported(x, weight) -> bool:
     """Whether `linear_few_rows` takes this x ([..., K], 1..GEMV_MAX_ROWS rows of
     fp16/bf16) and weight ([N, K] uint8 fp8 codes, K a multiple of 16: the
-    kernel reads whole 16-byte words, and padding would add nodes)."""
-    if x.ndim == 0 or x.dtype not in (mx.float16, mx.bfloat16) or weight.ndim != 2 or weight.dtype != mx.uint8:
+    kernel reads whole 16-byte words, and padding would add nodes). Called per
+    layer call: few property reads."""
+    shape, wshape = x.shape, weight.shape
+    if not shape or len(wshape) != 2 or shape[-1] != wshape[1] or shape[-1] % 16 or not wshape[0]:
         return False
-    K = x.shape[-1]
-    rows = x.size // K if K else 0
-    return K == weight.shape[1] and K % 16 == 0 and 0 < rows <= GEMV_MAX_ROWS and weight.shape[0] > 0
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    return 0 < rows <= GEMV_MAX_ROWS and x.dtype in _HALF_TYPES and weight.dtype == mx.uint8
 
 
+_HALF_TYPES = (mx.float16, mx.bfloat16)
 _TEMPLATE_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.uint8: "uint8_t"}
 
 
