@@ -450,7 +450,8 @@ def bench_calls(rec: Recorder, blocks: int = 16, steps: int = 40):
     blocks of projections (q, k, v, o, gate, up, down; residual adds, a gated
     MLP and an rms_norm between, as the model's dataflow), M = 1, through
     fp16 nn.Linear and FP8Linear on each of its few-rows paths (matmul2d
-    compiled, the default; direct, MLX_FLASH_FP8LINEAR_PATH=direct). Per call:
+    compiled, the default; direct, MLX_FLASH_FP8LINEAR_PATH=direct, compiled
+    and not; the direct kernel without its custom function). Per call:
     build_us (graph building alone), eval_us (mx.eval of the built graph
     alone: MLX's evaluation loop plus the GPU), step_us (generation's
     pattern: each step built and queued with mx.async_eval while the previous
@@ -493,12 +494,13 @@ def bench_calls(rec: Recorder, blocks: int = 16, steps: int = 40):
         def __call__(self, h):
             return cm.linear_few_rows(h, self.layer.weight, self.layer.scale, self.layer.fmt)
 
-    variants = (("fp16_nn_Linear", fp16, None), ("FP8Linear_matmul2d", fp8, "matmul2d"),
-                ("FP8Linear_direct", fp8, "direct"), ("direct_kernel_no_custom_function", [NoGrad(f) for f in fp8],
-                                                      None))
+    variants = (("fp16_nn_Linear", fp16, None, "1"), ("FP8Linear_matmul2d", fp8, "matmul2d", "1"),
+                ("FP8Linear_direct", fp8, "direct", "1"), ("FP8Linear_direct_uncompiled", fp8, "direct", "0"),
+                ("direct_kernel_no_custom_function", [NoGrad(f) for f in fp8], None, "1"))
     outs = {}
-    for name, layers, path in variants:
-        old = fnn._PATH
+    for name, layers, path, compiled in variants:
+        old = fnn._PATH, fnn._COMPILE
+        fnn._COMPILE = compiled
         if path:
             fnn._PATH = path
         try:
@@ -534,7 +536,7 @@ def bench_calls(rec: Recorder, blocks: int = 16, steps: int = 40):
         except Exception as e:  # noqa: BLE001
             rec.add(section="calls", case=name, error=f"{type(e).__name__}: {e}"[:500])
         finally:
-            fnn._PATH = old
+            fnn._PATH, fnn._COMPILE = old
 
 
 # Llama-3.2-shaped random models (mlx-lm's llama.Model, tied embeddings).
