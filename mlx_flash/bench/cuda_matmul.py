@@ -16,6 +16,11 @@ decode: M = 1..16 rows times an [N, K] weight (fp8 e4m3 or fp16), GB/s of
         ~100 us a call is bound by host time (tools/cuda_gemv_kernels.py
         gives the kernels' own times under Nsight Compute).
 plans:  the Hopper kernel's tile plans side by side at 8192^3.
+calls:  (opt-in) where a decode step's time goes per projection call: graph
+        building, evaluation and the pipelined step, fp16 nn.Linear vs
+        FP8Linear's few-rows paths (Llama-1B-shaped projections, M = 1).
+fp8err: (opt-in) native fp8 wgmma's distance from fp32 accumulation per
+        promotion interval, against float64, then each plan's TFLOP/s.
 layers: four Llama-3-8B-shaped blocks of projections (no attention) as fp16
         nn.Linear vs FP8Linear: a decode step's projections (M = 1) and a
         512-token prefill through the public layers.
@@ -361,6 +366,56 @@ def bench_plans(rec: Recorder, n: int = 8192):
                 rec.add(section="plans", case=kind, plan=list(plan), n=n, error=f"{type(e).__name__}: {e}"[:500])
 
 
+# Native fp8 plans whose accumulation error the fp8err section measures:
+# (BN, stages, promotion interval in stages of 128 K, TMA, warp-specialised).
+FP8ERR_PLANS = ((128, 6, 2, True, True), (128, 6, 1, True, True), (256, 4, 0, True, True))
+
+
+def bench_fp8err(rec: Recorder, ks=(1024, 8192), m: int = 256, plans=FP8ERR_PLANS, time_n: int = 8192):
+    """How far native fp8 wgmma sums are from fp32 accumulation, per promotion
+    interval: e4m3 x e4m3 (codes of normal values) against float64 of the
+    decoded operands; rel_err = max |out - ref| / max |ref| (the tests' fp32
+    bound is 1e-6 sqrt(K) + 1e-7; the project's rule 1e-4) and
+    bound_ratio = max |out - ref| / (|a| @ |b|) (the route's tested bound is
+    2^-8). The exact route (fp8 decoded to fp16 in the kernel, fp32 sums) is
+    the control. Then TFLOP/s of each plan at time_n^3."""
+    import numpy as np
+
+    from .. import fp8 as fp8mod
+    from ..backends import cuda_matmul as cm
+
+    table = fp8mod.decode_table("e4m3").astype(np.float64)
+    for K in ks:
+        ka, kb = mx.random.split(mx.random.key(K))
+        a8 = mx.to_fp8(mx.random.normal((m, K), key=ka))
+        b8 = mx.to_fp8(mx.random.normal((m, K), key=kb))
+        mx.eval(a8, b8)
+        a64, b64 = table[np.array(a8)], table[np.array(b8)]
+        ref = a64 @ b64.T
+        absref = np.abs(a64) @ np.abs(b64).T
+        runs = [("exact_wgmma", "wgmma", None)] + [("native", "wgmma_fp8", p) for p in plans]
+        for case, route, plan in runs:
+            try:
+                out = cm.matmul(a8, b8, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float32,
+                                route=route, plan=plan)
+                err = np.abs(np.array(out, dtype=np.float64) - ref)
+                rec.add(section="fp8err", case=case, plan=None if plan is None else list(plan), M=m, N=m, K=K,
+                        rel_err=float(err.max() / np.abs(ref).max()), bound_ratio=float((err / absref).max()),
+                        fp32_test_tol=1e-6 * K ** 0.5 + 1e-7)
+            except Exception as e:  # noqa: BLE001
+                rec.add(section="fp8err", case=case, plan=None if plan is None else list(plan), K=K,
+                        error=f"{type(e).__name__}: {e}"[:500])
+    if time_n:
+        a8 = mx.to_fp8(mx.random.normal((time_n, time_n), key=mx.random.key(1)))
+        b8 = mx.to_fp8(mx.random.normal((time_n, time_n), key=mx.random.key(2)))
+        mx.eval(a8, b8)
+        for plan in plans:
+            t, clocks = time_lazy_clocked(lambda: cm.matmul(a8, b8, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                            out_dtype=mx.float16, route="wgmma_fp8", plan=plan), 5)
+            rec.add(section="fp8err", case="native_speed", plan=list(plan), n=time_n,
+                    tflops=2 * time_n ** 3 / t / 1e12, **clocks)
+
+
 def plot(path: str) -> str:
     """GEMM TFLOP/s per case and size, and decode weight GB/s against the copy bandwidth."""
     import matplotlib
@@ -686,6 +741,8 @@ def main(argv=None):
                 "plans": lambda: bench_plans(rec, 256 if args.warm else 8192),
                 "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512)),
                 "llama": lambda: bench_llama(rec, tuple(args.llama_models.split(","))),
+                "fp8err": lambda: bench_fp8err(rec, (256,) if args.warm else (1024, 8192), 128 if args.warm else 256,
+                                               time_n=0 if args.warm else 8192),
                 "calls": lambda: bench_calls(rec, 1 if args.warm else 16, 2 if args.warm else 40)}
     path = args.out if args.out.endswith(".json") else os.path.join(args.out, f"matmul_cuda_{slug(card)}.json")
     _, torch = _torch()
