@@ -99,6 +99,25 @@ if _GEMV_SECTOR not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_CUDA_GEMV_SECTOR must be 0 or 1, got {_GEMV_SECTOR!r}")
 if _GEMV_SECTOR == "0":
     GEMV_PLAN = GEMV_PLAN[:6]
+# The plan for 9-16 rows of a (two n8 tiles of a per mma, MT = 2). Every block
+# reads all M rows of a (from L2) for its 16 RT weight rows: at 16 rows that
+# is 2 bytes of a per weight byte with RT = 1 (fp8), so the L2 traffic, not
+# the weight stream, bounds the call; RT = 2 halves it.
+# MLX_FLASH_CUDA_GEMV_PLAN_MT2="W,RT,U,MAXBLOCKS,STAGES,BOUNDS,SECTOR" sets it.
+GEMV_PLAN_MT2 = GEMV_PLAN
+_PLAN_MT2 = os.environ.get("MLX_FLASH_CUDA_GEMV_PLAN_MT2")
+if _PLAN_MT2:
+    try:
+        GEMV_PLAN_MT2 = tuple(int(v) for v in _PLAN_MT2.split(","))
+    except ValueError:
+        raise ValueError(f"MLX_FLASH_CUDA_GEMV_PLAN_MT2 must be comma-separated integers, got {_PLAN_MT2!r}") from None
+    if not 5 <= len(GEMV_PLAN_MT2) <= 7:
+        raise ValueError(f"MLX_FLASH_CUDA_GEMV_PLAN_MT2 needs 5 to 7 entries, got {_PLAN_MT2!r}")
+
+
+def gemv_plan(rows: int) -> tuple:
+    """The default few-rows plan for `rows` rows of a."""
+    return GEMV_PLAN if rows <= 8 else GEMV_PLAN_MT2
 # Tests set this to NaN: outputs start poisoned, so an element a kernel never
 # writes shows (None: outputs start uninitialised, as they should in use).
 POISON = None
@@ -213,7 +232,7 @@ def gemv_smem(warps: int, stages: int, row_tiles: int, a_tiles: int, b_bytes: in
 
 def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
     """M <= 16 rows of a against an [N, K] b: cuda_src/matmul_gemv.cuh."""
-    plan = tuple(plan or GEMV_PLAN)
+    plan = tuple(plan or gemv_plan(spec.M))
     if not 5 <= len(plan) <= 7:
         raise ValueError(f"a gemv plan has 5 to 7 entries (W, RT, U, max blocks, STAGES[, bounds, sector]), got {plan}")
     warps, row_tiles, unroll, max_blocks, stages, bounds, sector = (plan + (0, 0))[:7]
@@ -657,7 +676,7 @@ def linear_few_rows(x, weight, scale, fmt: str, stream=None, plan=None):
     if scale.dtype != mx.float32 or scale.size not in (1, N):
         raise ValueError(f"scale: expected float32 with 1 or {N} values, got {scale.dtype} {tuple(scale.shape)}")
     kernel, ip, placeholder, grid, threads = _linear_launch(x.dtype, fmt, scale.size > 1, rows, N, K,
-                                                            tuple(plan or GEMV_PLAN), getattr(mx.fast, "cuda_kernel", None))
+                                                            tuple(plan or gemv_plan(rows)), getattr(mx.fast, "cuda_kernel", None))
     (out,) = kernel(inputs=[x, weight, placeholder, scale, ip], grid=grid, threadgroup=threads,
                     output_shapes=[x.shape[:-1] + (N,)], output_dtypes=[x.dtype], init_value=POISON,
                     stream=stream)

@@ -313,8 +313,10 @@ def bench_decode(rec: Recorder, shapes=DECODE_SHAPES, copy_bytes: int = 2 * GIB,
                 cases[f"ours_fp16_x_e4m3@{_plan_name(plan)}"] = (
                     lambda plan=plan: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, plan=plan),
                     N * K, plan)
-            # FP8Linear's direct path (one kernel node, the default plan; nn.MLX_FLASH_FP8LINEAR_PATH=direct).
-            cases["ours_direct_fp16_x_e4m3"] = (lambda: cm.linear_few_rows(x, w8, scale, "e4m3"), N * K, None)
+            # FP8Linear's direct path (one kernel node; nn.MLX_FLASH_FP8LINEAR_PATH), with each plan.
+            for plan in plans:
+                cases[f"ours_direct_fp16_x_e4m3@{_plan_name(plan)}"] = (
+                    lambda plan=plan: cm.linear_few_rows(x, w8, scale, "e4m3", plan=plan), N * K, plan)
             cases["ours_fp16_x_fp16"] = (lambda: cm.matmul(x, w16, transpose_b=True), 2 * N * K, None)
             cases["mlx_fp16"] = (lambda: x @ w16.T, 2 * N * K, None)
             ref = x @ w16.T
