@@ -99,12 +99,16 @@ if _GEMV_SECTOR not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_CUDA_GEMV_SECTOR must be 0 or 1, got {_GEMV_SECTOR!r}")
 if _GEMV_SECTOR == "0":
     GEMV_PLAN = GEMV_PLAN[:6]
-# The plan for 9-16 rows of a (two n8 tiles of a per mma, MT = 2). Every block
-# reads all M rows of a (from L2) for its 16 RT weight rows: at 16 rows that
-# is 2 bytes of a per weight byte with RT = 1 (fp8), so the L2 traffic, not
-# the weight stream, bounds the call; RT = 2 halves it.
+# The plan for 9-16 rows of a (two n8 tiles of a per mma, MT = 2) against an
+# fp8 weight. Every block reads all M rows of a (from L2) for its 16 RT weight
+# rows: at 16 rows that is 2 bytes of a per weight byte with RT = 1, so the L2
+# traffic, not the weight stream, bounds the call; RT = 2 halves it. H200
+# (benchmarks/results/matmul_cuda_nvidia_h200_s8.json, M = 16, FP8Linear's
+# direct call): 8192^2 e4m3 19.7 us (0.79 of a plain copy) vs 21.8 with the
+# RT = 1 plan, 4096^2 6.4 vs 8.2 us; through matmul2d 20.6 vs 23.3 (two runs
+# agree). 16-bit weights keep GEMV_PLAN (not measured with RT = 2).
 # MLX_FLASH_CUDA_GEMV_PLAN_MT2="W,RT,U,MAXBLOCKS,STAGES,BOUNDS,SECTOR" sets it.
-GEMV_PLAN_MT2 = GEMV_PLAN
+GEMV_PLAN_MT2 = (8, 2, 1, 0, 0, 2, 1) if _GEMV_SECTOR == "1" else GEMV_PLAN
 _PLAN_MT2 = os.environ.get("MLX_FLASH_CUDA_GEMV_PLAN_MT2")
 if _PLAN_MT2:
     try:
@@ -115,9 +119,9 @@ if _PLAN_MT2:
         raise ValueError(f"MLX_FLASH_CUDA_GEMV_PLAN_MT2 needs 5 to 7 entries, got {_PLAN_MT2!r}")
 
 
-def gemv_plan(rows: int) -> tuple:
+def gemv_plan(rows: int, fp8_weight: bool = True) -> tuple:
     """The default few-rows plan for `rows` rows of a."""
-    return GEMV_PLAN if rows <= 8 else GEMV_PLAN_MT2
+    return GEMV_PLAN_MT2 if rows > 8 and fp8_weight else GEMV_PLAN
 # Tests set this to NaN: outputs start poisoned, so an element a kernel never
 # writes shows (None: outputs start uninitialised, as they should in use).
 POISON = None
@@ -232,7 +236,7 @@ def gemv_smem(warps: int, stages: int, row_tiles: int, a_tiles: int, b_bytes: in
 
 def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
     """M <= 16 rows of a against an [N, K] b: cuda_src/matmul_gemv.cuh."""
-    plan = tuple(plan or gemv_plan(spec.M))
+    plan = tuple(plan or gemv_plan(spec.M, spec.b_fmt is not None))
     if not 5 <= len(plan) <= 7:
         raise ValueError(f"a gemv plan has 5 to 7 entries (W, RT, U, max blocks, STAGES[, bounds, sector]), got {plan}")
     warps, row_tiles, unroll, max_blocks, stages, bounds, sector = (plan + (0, 0))[:7]
