@@ -41,8 +41,8 @@ if _COMPILE not in ("0", "1"):
 # custom function's node) and MLX's evaluation loop visits each. Same kernel
 # and plan, so bit-identical results (tested on the H200). H200, 16
 # Llama-1B-shaped blocks of projections at M = 1 (bench.cuda_matmul calls):
-# 13.7 us per call in a pipelined step vs 17.4 through matmul2d (fp16
-# nn.Linear: 8.6).
+# 8.9 us per call in a pipelined step vs 11.3 through matmul2d (fp16
+# nn.Linear: 6.7; benchmarks/results/matmul_cuda_nvidia_h200_s8.json).
 _PATH = os.environ.get("MLX_FLASH_FP8LINEAR_PATH", "direct")
 if _PATH not in ("matmul2d", "direct"):
     raise ValueError(f"MLX_FLASH_FP8LINEAR_PATH must be 'matmul2d' or 'direct', got {_PATH!r}")
