@@ -32,6 +32,20 @@ COMPILE_MAX_ROWS = 16
 _COMPILE = os.environ.get("MLX_FLASH_FP8LINEAR_COMPILE", "1")
 if _COMPILE not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_FP8LINEAR_COMPILE must be 0 or 1, got {_COMPILE!r}")
+# The few-rows path on MLX's CUDA backend ("direct", the default;
+# MLX_FLASH_FP8LINEAR_PATH=matmul2d for the general call): a call of at most
+# COMPILE_MAX_ROWS fp16/bf16 rows whose K is a multiple of 16 is one kernel
+# node over the layer's own arrays (cuda_matmul.linear_few_rows) inside a
+# custom function whose vjp is matmul2d's, compiled as above. matmul2d's graph
+# for the same product has about seven nodes (reshapes, the kernel, the
+# custom function's node) and MLX's evaluation loop visits each. Same kernel
+# and plan, so bit-identical results (tested on the H200). H200, 16
+# Llama-1B-shaped blocks of projections at M = 1 (bench.cuda_matmul calls):
+# 8.9 us per call in a pipelined step vs 11.3 through matmul2d (fp16
+# nn.Linear: 6.7; benchmarks/results/matmul_cuda_nvidia_h200_s8.json).
+_PATH = os.environ.get("MLX_FLASH_FP8LINEAR_PATH", "direct")
+if _PATH not in ("matmul2d", "direct"):
+    raise ValueError(f"MLX_FLASH_FP8LINEAR_PATH must be 'matmul2d' or 'direct', got {_PATH!r}")
 
 
 def _forward(x, weight, scale, bias, fmt):
@@ -51,6 +65,70 @@ def _compiled_forward(fmt: str, has_bias: bool, stream: str):
     if has_bias:
         return mx.compile(lambda x, weight, scale, bias: _forward(x, weight, scale, bias, fmt))
     return mx.compile(lambda x, weight, scale: _forward(x, weight, scale, None, fmt))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_available() -> bool:
+    return hasattr(mx, "cuda") and mx.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_matmul():
+    from .backends import cuda_matmul
+
+    return cuda_matmul
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_function(fmt: str, has_bias: bool):
+    """The direct path's differentiable call, one per (format, bias present):
+    forward one kernel (plus the bias add), vjp through matmul2d's."""
+    cuda_matmul = _cuda_matmul()
+
+    @mx.custom_function
+    def linear(x, weight, scale, *bias):
+        y = cuda_matmul.linear_few_rows(x, weight, scale, fmt)
+        return y + bias[0].astype(y.dtype) if has_bias else y
+
+    @linear.vjp
+    def linear_vjp(primals, cotangent, output):
+        x, weight, scale, *bias = primals
+        _, (dx,) = mx.vjp(lambda x: _forward(x, weight, scale, None, fmt), [x], [cotangent])
+        grads = (dx, mx.zeros_like(weight), mx.zeros_like(scale))
+        if has_bias:
+            g = cotangent.reshape(-1, cotangent.shape[-1]).astype(mx.float32).sum(axis=0)
+            grads += (g.astype(bias[0].dtype),)
+        return grads
+
+    return linear
+
+
+# Compiled direct-path functions per (format, bias present): a list of
+# (stream, function) pairs, the stream compared with == (index and device;
+# cheaper per call than formatting its str() as _compiled_forward's key).
+_DIRECT_TRACES: dict = {}
+
+
+def _compiled_direct(fmt: str, has_bias: bool, stream):
+    """The direct path through mx.compile (with MLX_FLASH_FP8LINEAR_COMPILE=1,
+    the default): a call replays the traced kernel and custom-function nodes
+    in C++ instead of running the Python forward (the kernel wrapper's shape
+    checks, the custom function's Python, MLX's kernel-call assembly: ~10 us a
+    call on the H200's host). One per default stream, as _compiled_forward."""
+    entries = _DIRECT_TRACES.get((fmt, has_bias))
+    if entries:
+        for known, fn in entries:
+            if known == stream:
+                return fn
+    fn = mx.compile(_direct_function(fmt, has_bias))
+    _DIRECT_TRACES.setdefault((fmt, has_bias), []).append((stream, fn))
+    return fn
+
+
+_compiled_direct.cache_clear = _DIRECT_TRACES.clear
+
+
+_HALF_TYPES = (mx.float16, mx.bfloat16)
 
 
 class FP8Linear(nn.Module):
@@ -113,13 +191,22 @@ class FP8Linear(nn.Module):
         return f"input_dims={in_dims}, output_dims={out_dims}, bias={'bias' in self}, fmt={self.fmt}"
 
     def __call__(self, x: mx.array) -> mx.array:
-        bias = self.bias if "bias" in self else None
+        # Module is a dict: item access skips Module.__getattr__ (~0.5 us a read).
+        bias = self["bias"] if "bias" in self else None
+        weight, scale = self["weight"], self["scale"]
+        if _PATH == "direct" and x.dtype in _HALF_TYPES:
+            device = mx.default_device()
+            if device == mx.gpu and _cuda_available() and _cuda_matmul().linear_few_rows_supported(x, weight):
+                args = (x, weight, scale) if bias is None else (x, weight, scale, bias)
+                if _COMPILE == "1":
+                    return _compiled_direct(self.fmt, bias is not None, mx.default_stream(device))(*args)
+                return _direct_function(self.fmt, bias is not None)(*args)
         rows = x.size // x.shape[-1] if x.ndim and x.shape[-1] else 0
         if _COMPILE == "1" and 0 < rows <= COMPILE_MAX_ROWS:
-            args = (x, self.weight, self.scale) + ((bias,) if bias is not None else ())
+            args = (x, weight, scale) + ((bias,) if bias is not None else ())
             stream = str(mx.default_stream(mx.default_device()))
             return _compiled_forward(self.fmt, bias is not None, stream)(*args)
-        return _forward(x, self.weight, self.scale, bias, self.fmt)
+        return _forward(x, weight, scale, bias, self.fmt)
 
 
 def convert_to_fp8(model: nn.Module, fmt: str = "e4m3", per_channel: bool = True, predicate=None) -> nn.Module:

@@ -99,3 +99,76 @@ def test_wgmma_kernel_emulated(route, plan, ka, kb, K, transpose_b):
         results[out_dtype] = np.array(out[0].astype(mx.float32))
     # float16 results are the float32 ones rounded once, subnormals included.
     assert np.array_equal(results[mx.float16], results[mx.float32].astype(np.float16).astype(np.float32))
+
+
+# FP8Linear's opt-in direct path (MLX_FLASH_FP8LINEAR_PATH=direct): the gemv
+# kernel over the layer's own arrays (x [..., K], weight [N, K], scale [N, 1]
+# or [1, 1]; no reshapes), emulated: against float64 of the dequantized
+# weight, bit-identical to the same kernel reached through matmul2d, and its
+# gradients (matmul2d's vjp) equal to the matmul2d path's.
+@pytest.mark.parametrize("shape,N,dtype,bias,per_channel", [
+    ((1, 48), 17, mx.float16, True, True), ((2, 3, 160), 33, mx.bfloat16, False, True),
+    ((16, 32), 9, mx.float16, True, False), ((1, 1, 2048), 40, mx.bfloat16, True, True)])
+def test_fp8linear_direct_path_emulated(shape, N, dtype, bias, per_channel, monkeypatch):
+    import mlx.nn as nn
+
+    import mlx_flash.nn as fnn
+    from mlx_flash.backends import cuda_matmul
+
+    gen = rng("fp8linear-direct", shape, N, str(dtype), bias, per_channel)
+    K = shape[-1]
+    lin = nn.Linear(K, N, bias=bias)
+    lin.weight = mx.array(gen.standard_normal((N, K)).astype(np.float32) * 0.1)
+    if bias:
+        lin.bias = mx.array(gen.standard_normal((N,)).astype(np.float32)).astype(dtype)
+    layer = fnn.FP8Linear.from_linear(lin, per_channel=per_channel)
+    x = mx.array(gen.standard_normal(shape).astype(np.float32)).astype(dtype)
+    assert cuda_matmul.linear_few_rows_supported(x, layer.weight)
+    args = (x, layer.weight, layer.scale) + ((layer.bias,) if bias else ())
+    loss = lambda f: lambda inp: mx.sum(f(inp).astype(mx.float32) ** 2)  # noqa: E731
+    with harness.patched_cuda_kernel():
+        cuda_matmul._linear_launch.cache_clear()
+        fnn._direct_function.cache_clear()
+        direct = fnn._direct_function("e4m3", bias)
+        y = direct(*args)
+        g = mx.grad(loss(lambda inp: direct(inp, *args[1:])))(x)
+        mx.eval(y, g)
+        # The same kernel through matmul2d (route gemv, the default plan) on the emulation.
+        spec_out = cuda_matmul.matmul(x.reshape(-1, K), layer.weight, b_fmt="e4m3",
+                                      b_scale=layer.scale.reshape(-1) if per_channel else layer.scale.reshape(()),
+                                      transpose_b=True, stream=mx.cpu, route="gemv").reshape(y.shape)
+        if bias:
+            spec_out = spec_out + layer.bias.astype(dtype)
+        mx.eval(spec_out)
+    cuda_matmul._linear_launch.cache_clear()
+    fnn._direct_function.cache_clear()
+    assert y.shape == shape[:-1] + (N,) and y.dtype == dtype
+    assert np.array_equal(np.array(y.astype(mx.float32)), np.array(spec_out.astype(mx.float32)))
+    w64 = np.array(layer.dequantized_weight(), dtype=np.float64)
+    ref = np.array(x.astype(mx.float32), dtype=np.float64) @ w64.T
+    if not bias:
+        assert_close(y, ref, dtype, K)
+    else:  # the bias is added after the product's rounding, as the matmul2d path and nn.Linear in dtype do
+        ref = ref + np.array(layer.bias.astype(mx.float32), dtype=np.float64)
+        plain = (x @ layer.dequantized_weight(dtype).T) + layer.bias.astype(dtype)
+        plain_err = np.abs(np.array(plain.astype(mx.float32), dtype=np.float64) - ref).max()
+        assert np.abs(np.array(y.astype(mx.float32), dtype=np.float64) - ref).max() <= 2 * plain_err + 1e-6
+    # Gradient: the matmul2d path's own (CPU backend).
+    monkeypatch.setattr(fnn, "_COMPILE", "0")
+    g_ref = mx.grad(loss(layer))(x)
+    np.testing.assert_allclose(np.array(g.astype(mx.float32)), np.array(g_ref.astype(mx.float32)), rtol=1e-2,
+                               atol=1e-2 * float(mx.abs(g_ref.astype(mx.float32)).max()))
+
+
+def test_fp8linear_direct_path_support_checks():
+    from mlx_flash.backends import cuda_matmul
+
+    w = mx.zeros((8, 32), mx.uint8)
+    ok = cuda_matmul.linear_few_rows_supported
+    assert ok(mx.zeros((1, 32), mx.float16), w) and ok(mx.zeros((2, 8, 32), mx.bfloat16), w)
+    assert not ok(mx.zeros((17, 32), mx.float16), w)      # more rows than the few-rows kernel takes
+    assert not ok(mx.zeros((1, 32), mx.float32), w)       # float32: matmul2d's float32 route
+    assert not ok(mx.zeros((1, 24), mx.float16), mx.zeros((8, 24), mx.uint8))  # K not a multiple of 16
+    assert not ok(mx.zeros((0, 32), mx.float16), w)
+    with pytest.raises(ValueError, match="scale"):
+        cuda_matmul.linear_few_rows(mx.zeros((1, 32), mx.float16), w, mx.ones((3, 1)), "e4m3")

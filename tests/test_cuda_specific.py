@@ -306,6 +306,9 @@ def _matmul_gemv_cases():
     yield f16, f16, mx.float32, 0, 2, 8, 1, 4, 0, 2
     yield b16, b16, b16, 0, 1, 8, 1, 4, 0, 2
     yield f16, u8, f16, 1, 1, 8, 1, 8, 0, 2
+    # GEMV_PLAN_MT2, the default for 9-16 rows against fp8 weights.
+    yield f16, u8, f16, 1, 2, 8, 2, 1, 0, 2
+    yield b16, u8, mx.float32, 2, 2, 8, 2, 1, 0, 2
     yield b16, u8, mx.float32, 2, 2, 8, 1, 8, 0, 2
     yield f16, u8, f16, 1, 1, 8, 1, 4, 0, 0
     yield b16, b16, b16, 0, 2, 8, 1, 4, 0, 0

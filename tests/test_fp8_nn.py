@@ -223,3 +223,45 @@ def test_compiled_few_rows_path_traces_once(monkeypatch):
         mx.eval(layer(x))
     assert len(traces) == 1
     fnn._compiled_forward.cache_clear()
+
+
+@pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="no CUDA GPU visible to MLX")
+@pytest.mark.parametrize("shape,N,dtype,bias,per_channel,compiled", [
+    ((1, 1, 2048), 512, mx.float16, False, True, "1"), ((16, 1008), 129, mx.bfloat16, True, True, "1"),
+    ((3, 5, 96), 33, mx.float16, True, False, "0"), ((2, 1, 4096), 2048, mx.bfloat16, False, True, "0")])
+def test_cuda_fp8linear_direct_path(shape, N, dtype, bias, per_channel, compiled, monkeypatch):
+    """MLX_FLASH_FP8LINEAR_PATH=direct on the GPU, through mx.compile and not:
+    the same kernel as the matmul2d path (bit-identical outputs, outputs
+    poisoned with NaN), within twice the plain computation's error of
+    float64, gradients as matmul2d's."""
+    import mlx_flash.nn as fnn
+    from mlx_flash.backends import cuda_matmul
+
+    monkeypatch.setattr(cuda_matmul, "POISON", float("nan"))
+    monkeypatch.setattr(fnn, "_COMPILE", compiled)
+    fnn._compiled_direct.cache_clear()  # traces made before the poison
+    fnn._compiled_forward.cache_clear()
+    mx.random.seed(N)
+    layer = FP8Linear.from_linear(nn.Linear(shape[-1], N, bias=bias), per_channel=per_channel)
+    x = mx.random.normal(shape).astype(dtype)
+    loss = lambda inp: mx.sum(layer(inp).astype(mx.float32) ** 2)  # noqa: E731
+    with mx.stream(mx.gpu):
+        monkeypatch.setattr(fnn, "_PATH", "direct")
+        y, g = layer(x), mx.grad(loss)(x)
+        mx.eval(y, g)
+        monkeypatch.setattr(fnn, "_PATH", "matmul2d")
+        y2, g2 = layer(x), mx.grad(loss)(x)
+        mx.eval(y2, g2)
+    fnn._compiled_direct.cache_clear()
+    fnn._compiled_forward.cache_clear()
+    assert y.shape == shape[:-1] + (N,) and y.dtype == dtype
+    f32 = lambda a: np.array(a.astype(mx.float32))  # noqa: E731
+    assert np.all(np.isfinite(f32(y)))
+    assert np.array_equal(f32(y), f32(y2))
+    assert np.array_equal(f32(g), f32(g2))
+    ref = _layer_reference(layer, x)
+    plain = x @ layer.dequantized_weight(dtype).T
+    if bias:
+        plain = plain + layer.bias.astype(dtype)
+    plain_err = np.abs(np.array(f32(plain), dtype=np.float64) - ref).max()
+    assert np.abs(f32(y) - ref).max() <= 2 * plain_err + 1e-6

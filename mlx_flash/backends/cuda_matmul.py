@@ -99,6 +99,29 @@ if _GEMV_SECTOR not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_CUDA_GEMV_SECTOR must be 0 or 1, got {_GEMV_SECTOR!r}")
 if _GEMV_SECTOR == "0":
     GEMV_PLAN = GEMV_PLAN[:6]
+# The plan for 9-16 rows of a (two n8 tiles of a per mma, MT = 2) against an
+# fp8 weight. Every block reads all M rows of a (from L2) for its 16 RT weight
+# rows: at 16 rows that is 2 bytes of a per weight byte with RT = 1, so the L2
+# traffic, not the weight stream, bounds the call; RT = 2 halves it. H200
+# (benchmarks/results/matmul_cuda_nvidia_h200_s8.json, M = 16, FP8Linear's
+# direct call): 8192^2 e4m3 19.7 us (0.79 of a plain copy) vs 21.8 with the
+# RT = 1 plan, 4096^2 6.4 vs 8.2 us; through matmul2d 20.6 vs 23.3 (two runs
+# agree). 16-bit weights keep GEMV_PLAN (not measured with RT = 2).
+# MLX_FLASH_CUDA_GEMV_PLAN_MT2="W,RT,U,MAXBLOCKS,STAGES,BOUNDS,SECTOR" sets it.
+GEMV_PLAN_MT2 = (8, 2, 1, 0, 0, 2, 1) if _GEMV_SECTOR == "1" else GEMV_PLAN
+_PLAN_MT2 = os.environ.get("MLX_FLASH_CUDA_GEMV_PLAN_MT2")
+if _PLAN_MT2:
+    try:
+        GEMV_PLAN_MT2 = tuple(int(v) for v in _PLAN_MT2.split(","))
+    except ValueError:
+        raise ValueError(f"MLX_FLASH_CUDA_GEMV_PLAN_MT2 must be comma-separated integers, got {_PLAN_MT2!r}") from None
+    if not 5 <= len(GEMV_PLAN_MT2) <= 7:
+        raise ValueError(f"MLX_FLASH_CUDA_GEMV_PLAN_MT2 needs 5 to 7 entries, got {_PLAN_MT2!r}")
+
+
+def gemv_plan(rows: int, fp8_weight: bool = True) -> tuple:
+    """The default few-rows plan for `rows` rows of a."""
+    return GEMV_PLAN_MT2 if rows > 8 and fp8_weight else GEMV_PLAN
 # Tests set this to NaN: outputs start poisoned, so an element a kernel never
 # writes shows (None: outputs start uninitialised, as they should in use).
 POISON = None
@@ -213,7 +236,7 @@ def gemv_smem(warps: int, stages: int, row_tiles: int, a_tiles: int, b_bytes: in
 
 def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
     """M <= 16 rows of a against an [N, K] b: cuda_src/matmul_gemv.cuh."""
-    plan = tuple(plan or GEMV_PLAN)
+    plan = tuple(plan or gemv_plan(spec.M, spec.b_fmt is not None))
     if not 5 <= len(plan) <= 7:
         raise ValueError(f"a gemv plan has 5 to 7 entries (W, RT, U, max blocks, STAGES[, bounds, sector]), got {plan}")
     warps, row_tiles, unroll, max_blocks, stages, bounds, sector = (plan + (0, 0))[:7]
@@ -574,3 +597,91 @@ def matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpos
     # a new array (0.42 ms of copying at 8192^2 fp16 on the H200); a reshape
     # of the contiguous [1, M, N] result is free.
     return matmul2d(a[None], b[None], a_s, b_s, spec, stream, route, plan).reshape(M, N)
+
+
+# ---------------------------------------------------------------------------
+# FP8Linear's few-rows call as one kernel node (nn.FP8Linear, opt-in:
+# MLX_FLASH_FP8LINEAR_PATH=direct).
+#
+# A decode step calls each layer once with the same shapes, and generation
+# on a fast GPU is bound by host time: graph building plus MLX's evaluation
+# loop, which visits every node of the graph (views included). matmul2d's
+# graph for `x @ W^T * s` holds reshapes of x, W and the scale, the kernel,
+# the custom function's node and the output's reshape; nn.Linear's holds a
+# transpose view and one addmm. This entry hands the kernel the caller's own
+# arrays (x [..., K] row-contiguous, the weight [N, K], the scale [N, 1] or
+# [1, 1]: the kernel reads flat offsets, so no reshape is needed) and declares
+# the output [..., N] directly: one node. The template is written into the
+# kernel source once per instance (cuda._template_source), so a call hands MLX
+# no template arguments to format.
+
+def linear_few_rows_supported(x, weight) -> bool:
+    """Whether `linear_few_rows` takes this x ([..., K], 1..GEMV_MAX_ROWS rows of
+    fp16/bf16) and weight ([N, K] uint8 fp8 codes, K a multiple of 16: the
+    kernel reads whole 16-byte words, and padding would add nodes). Called per
+    layer call: few property reads."""
+    shape, wshape = x.shape, weight.shape
+    if not shape or len(wshape) != 2 or shape[-1] != wshape[1] or shape[-1] % 16 or not wshape[0]:
+        return False
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    return 0 < rows <= GEMV_MAX_ROWS and x.dtype in _HALF_TYPES and weight.dtype == mx.uint8
+
+
+_HALF_TYPES = (mx.float16, mx.bfloat16)
+_TEMPLATE_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.uint8: "uint8_t"}
+
+
+def _template_source(template) -> str:
+    """The template arguments as constants at the top of the kernel body (what
+    MLX would write for them per call; cuda._template_source, with uint8)."""
+    lines = []
+    for name, value in template:
+        if isinstance(value, bool):
+            lines.append(f"  constexpr bool {name} = {'true' if value else 'false'};")
+        elif isinstance(value, int):
+            lines.append(f"  constexpr int {name} = {value};")
+        else:
+            lines.append(f"  using {name} = {_TEMPLATE_TYPES[value]};")
+    return "\n".join(lines) + "\n"
+
+
+@functools.lru_cache(maxsize=256)
+def _linear_launch(dtype, fmt: str, per_channel: bool, rows: int, N: int, K: int, plan: tuple, factory):
+    """(kernel, ip, placeholder, grid, threadgroup) of one few-rows linear
+    instance: made once per shape and kept (keyed by the kernel factory too,
+    so the CUDA emulation's stand-in gets its own)."""
+    warps, row_tiles, unroll, max_blocks, stages, bounds, sector = (tuple(plan) + (0, 0))[:7]
+    if stages:
+        raise ValueError(f"gemv plan {plan}: the direct linear path takes register plans only (STAGES 0)")
+    a_tiles = 1 if rows <= 8 else 2
+    template = [("TA", dtype), ("TB", mx.uint8), ("TO", dtype), ("FB", _FMT_CODE[fmt]), ("AS", False),
+                ("BS", True), ("MT", a_tiles), ("W", warps), ("RT", row_tiles), ("U", unroll), ("STAGES", 0),
+                ("BOUNDS", bounds), ("SECTOR", bool(sector))]
+    headers = _cuda.kernel_headers("matmul_gemv") + ((f"matmul_gemv_bounds{bounds}.cuh",) if bounds else ())
+    kernel = _cuda._kernel("matmul_gemv", _INPUTS, ("out",), 0, headers=headers,
+                           constants=_template_source(template))
+    ip = _params((rows, N, K, 0, 0, 0, int(per_channel)))
+    blocks = math.ceil(N / (16 * row_tiles))
+    if max_blocks:
+        blocks = min(blocks, max_blocks if max_blocks > 0 else -max_blocks * sm_count())
+    return kernel, ip, _params((0,), mx.float32), (blocks * 32 * warps, 1, 1), (32 * warps, 1, 1)
+
+
+def linear_few_rows(x, weight, scale, fmt: str, stream=None, plan=None):
+    """`x @ (decode(weight) * scale)^T` in x's dtype as one kernel node:
+    x [..., K] (fp16/bf16, at most GEMV_MAX_ROWS rows), weight [N, K] fp8
+    codes, scale float32 with N or 1 values (per output channel or per
+    tensor). The caller checks `linear_few_rows_supported` first."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    rows = x.size // K
+    if scale.dtype != mx.float32 or scale.size not in (1, N):
+        raise ValueError(f"scale: expected float32 with 1 or {N} values, got {scale.dtype} {tuple(scale.shape)}")
+    kernel, ip, placeholder, grid, threads = _linear_launch(x.dtype, fmt, scale.size > 1, rows, N, K,
+                                                            tuple(plan or gemv_plan(rows)), getattr(mx.fast, "cuda_kernel", None))
+    (out,) = kernel(inputs=[x, weight, placeholder, scale, ip], grid=grid, threadgroup=threads,
+                    output_shapes=[x.shape[:-1] + (N,)], output_dtypes=[x.dtype], init_value=POISON,
+                    stream=stream)
+    return out

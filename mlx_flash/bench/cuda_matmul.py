@@ -16,6 +16,11 @@ decode: M = 1..16 rows times an [N, K] weight (fp8 e4m3 or fp16), GB/s of
         ~100 us a call is bound by host time (tools/cuda_gemv_kernels.py
         gives the kernels' own times under Nsight Compute).
 plans:  the Hopper kernel's tile plans side by side at 8192^3.
+calls:  (opt-in) where a decode step's time goes per projection call: graph
+        building, evaluation and the pipelined step, fp16 nn.Linear vs
+        FP8Linear's few-rows paths (Llama-1B-shaped projections, M = 1).
+fp8err: (opt-in) native fp8 wgmma's distance from fp32 accumulation per
+        promotion interval, against float64, then each plan's TFLOP/s.
 layers: four Llama-3-8B-shaped blocks of projections (no attention) as fp16
         nn.Linear vs FP8Linear: a decode step's projections (M = 1) and a
         512-token prefill through the public layers.
@@ -308,6 +313,10 @@ def bench_decode(rec: Recorder, shapes=DECODE_SHAPES, copy_bytes: int = 2 * GIB,
                 cases[f"ours_fp16_x_e4m3@{_plan_name(plan)}"] = (
                     lambda plan=plan: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, plan=plan),
                     N * K, plan)
+            # FP8Linear's direct path (one kernel node; nn.MLX_FLASH_FP8LINEAR_PATH), with each plan.
+            for plan in plans:
+                cases[f"ours_direct_fp16_x_e4m3@{_plan_name(plan)}"] = (
+                    lambda plan=plan: cm.linear_few_rows(x, w8, scale, "e4m3", plan=plan), N * K, plan)
             cases["ours_fp16_x_fp16"] = (lambda: cm.matmul(x, w16, transpose_b=True), 2 * N * K, None)
             cases["mlx_fp16"] = (lambda: x @ w16.T, 2 * N * K, None)
             ref = x @ w16.T
@@ -357,6 +366,56 @@ def bench_plans(rec: Recorder, n: int = 8192):
                 rec.add(section="plans", case=kind, plan=list(plan), n=n, ms=t * 1e3, tflops=flops / t / 1e12)
             except Exception as e:  # noqa: BLE001
                 rec.add(section="plans", case=kind, plan=list(plan), n=n, error=f"{type(e).__name__}: {e}"[:500])
+
+
+# Native fp8 plans whose accumulation error the fp8err section measures:
+# (BN, stages, promotion interval in stages of 128 K, TMA, warp-specialised).
+FP8ERR_PLANS = ((128, 6, 2, True, True), (128, 6, 1, True, True), (256, 4, 0, True, True))
+
+
+def bench_fp8err(rec: Recorder, ks=(1024, 8192), m: int = 256, plans=FP8ERR_PLANS, time_n: int = 8192):
+    """How far native fp8 wgmma sums are from fp32 accumulation, per promotion
+    interval: e4m3 x e4m3 (codes of normal values) against float64 of the
+    decoded operands; rel_err = max |out - ref| / max |ref| (the tests' fp32
+    bound is 1e-6 sqrt(K) + 1e-7; the project's rule 1e-4) and
+    bound_ratio = max |out - ref| / (|a| @ |b|) (the route's tested bound is
+    2^-8). The exact route (fp8 decoded to fp16 in the kernel, fp32 sums) is
+    the control. Then TFLOP/s of each plan at time_n^3."""
+    import numpy as np
+
+    from .. import fp8 as fp8mod
+    from ..backends import cuda_matmul as cm
+
+    table = fp8mod.decode_table("e4m3").astype(np.float64)
+    for K in ks:
+        ka, kb = mx.random.split(mx.random.key(K))
+        a8 = mx.to_fp8(mx.random.normal((m, K), key=ka))
+        b8 = mx.to_fp8(mx.random.normal((m, K), key=kb))
+        mx.eval(a8, b8)
+        a64, b64 = table[np.array(a8)], table[np.array(b8)]
+        ref = a64 @ b64.T
+        absref = np.abs(a64) @ np.abs(b64).T
+        runs = [("exact_wgmma", "wgmma", None)] + [("native", "wgmma_fp8", p) for p in plans]
+        for case, route, plan in runs:
+            try:
+                out = cm.matmul(a8, b8, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float32,
+                                route=route, plan=plan)
+                err = np.abs(np.array(out, dtype=np.float64) - ref)
+                rec.add(section="fp8err", case=case, plan=None if plan is None else list(plan), M=m, N=m, K=K,
+                        rel_err=float(err.max() / np.abs(ref).max()), bound_ratio=float((err / absref).max()),
+                        fp32_test_tol=1e-6 * K ** 0.5 + 1e-7)
+            except Exception as e:  # noqa: BLE001
+                rec.add(section="fp8err", case=case, plan=None if plan is None else list(plan), K=K,
+                        error=f"{type(e).__name__}: {e}"[:500])
+    if time_n:
+        a8 = mx.to_fp8(mx.random.normal((time_n, time_n), key=mx.random.key(1)))
+        b8 = mx.to_fp8(mx.random.normal((time_n, time_n), key=mx.random.key(2)))
+        mx.eval(a8, b8)
+        for plan in plans:
+            t, clocks = time_lazy_clocked(lambda: cm.matmul(a8, b8, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                            out_dtype=mx.float16, route="wgmma_fp8", plan=plan), 5)
+            rec.add(section="fp8err", case="native_speed", plan=list(plan), n=time_n,
+                    tflops=2 * time_n ** 3 / t / 1e12, **clocks)
 
 
 def plot(path: str) -> str:
@@ -439,6 +498,104 @@ def bench_layers(rec: Recorder, blocks: int = 4, rows=(1, 512)):
                     tflops=flops_per_row * M / t / 1e12, weight_gib_fp16=weight_bytes16 / GIB)
 
 
+# A Llama-3.2-1B block's projections (out, in): q, k, v, o, gate, up, down.
+LLAMA_1B_LINEARS = ((2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192))
+
+
+def bench_calls(rec: Recorder, blocks: int = 16, steps: int = 40):
+    """Where a decode step's time goes, per projection call: 16 Llama-1B-shaped
+    blocks of projections (q, k, v, o, gate, up, down; residual adds, a gated
+    MLP and an rms_norm between, as the model's dataflow), M = 1, through
+    fp16 nn.Linear and FP8Linear on each of its few-rows paths (matmul2d
+    compiled, the default; direct, MLX_FLASH_FP8LINEAR_PATH=direct, compiled
+    and not; the direct kernel without its custom function). Per call:
+    build_us (graph building alone), eval_us (mx.eval of the built graph
+    alone: MLX's evaluation loop plus the GPU), step_us (generation's
+    pattern: each step built and queued with mx.async_eval while the previous
+    one is read back). The direct path's outputs are compared with the
+    default path's (same kernel: bit-identical)."""
+    import mlx.nn as nn
+
+    from .. import nn as fnn
+
+    norm_w = mx.ones((2048,), mx.float16)
+    fp16 = []
+    for i, (o, k) in enumerate(LLAMA_1B_LINEARS * blocks):
+        lin = nn.Linear(k, o, bias=False)
+        lin.weight = (mx.random.normal((o, k), key=mx.random.key(300 + i)) * 0.02).astype(mx.float16)
+        fp16.append(lin)
+    fp8 = [fnn.FP8Linear.from_linear(lin) for lin in fp16]
+    mx.eval([lin.parameters() for lin in fp16 + fp8])
+    calls = len(fp16)
+
+    def step(layers, h):
+        side = []
+        for b in range(blocks):
+            q, k, v, o, g, u, d = layers[7 * b:7 * b + 7]
+            side += [k(h), v(h)]
+            h2 = h + o(q(h))
+            h = mx.fast.rms_norm(h2 + d(nn.silu(g(h2)) * u(h2)), norm_w, 1e-5)
+        return [h] + side
+
+    x = mx.random.normal((1, 2048), key=mx.random.key(7)).astype(mx.float16)
+    mx.eval(x)
+    from ..backends import cuda_matmul as cm
+
+    class NoGrad:
+        """The direct path's kernel alone, no custom function (not differentiable):
+        what the custom function's node costs, measured."""
+
+        def __init__(self, layer):
+            self.layer = layer
+
+        def __call__(self, h):
+            return cm.linear_few_rows(h, self.layer.weight, self.layer.scale, self.layer.fmt)
+
+    variants = (("fp16_nn_Linear", fp16, None, "1"), ("FP8Linear_matmul2d", fp8, "matmul2d", "1"),
+                ("FP8Linear_direct", fp8, "direct", "1"), ("FP8Linear_direct_uncompiled", fp8, "direct", "0"),
+                ("direct_kernel_no_custom_function", [NoGrad(f) for f in fp8], None, "1"))
+    outs = {}
+    for name, layers, path, compiled in variants:
+        old = fnn._PATH, fnn._COMPILE
+        fnn._COMPILE = compiled
+        if path:
+            fnn._PATH = path
+        try:
+            outs[name] = step(layers, x)[0]
+            mx.eval(outs[name])
+            best = {"build_us": float("inf"), "eval_us": float("inf"), "step_us": float("inf")}
+            for _ in range(3):
+                mx.synchronize()
+                t0 = time.perf_counter()
+                graph = step(layers, x)
+                t1 = time.perf_counter()
+                mx.eval(graph)
+                mx.synchronize()
+                t2 = time.perf_counter()
+                best["build_us"] = min(best["build_us"], (t1 - t0) / calls * 1e6)
+                best["eval_us"] = min(best["eval_us"], (t2 - t1) / calls * 1e6)
+                h = x
+                t0 = time.perf_counter()
+                cur = step(layers, h)
+                mx.async_eval(cur)
+                for _ in range(steps - 1):
+                    nxt = step(layers, cur[0])
+                    mx.async_eval(nxt)
+                    mx.eval(cur)
+                    cur = nxt
+                mx.eval(cur)
+                best["step_us"] = min(best["step_us"], (time.perf_counter() - t0) / steps / calls * 1e6)
+            row = dict(section="calls", case=name, calls_per_step=calls, blocks=blocks, **best, **gpu_clocks())
+            if name.startswith(("FP8Linear_direct", "direct_")):
+                row["max_abs_diff_vs_matmul2d_path"] = mx.abs(
+                    outs[name].astype(mx.float32) - outs["FP8Linear_matmul2d"].astype(mx.float32)).max().item()
+            rec.add(**row)
+        except Exception as e:  # noqa: BLE001
+            rec.add(section="calls", case=name, error=f"{type(e).__name__}: {e}"[:500])
+        finally:
+            fnn._PATH, fnn._COMPILE = old
+
+
 # Llama-3.2-shaped random models (mlx-lm's llama.Model, tied embeddings).
 LLAMA_CONFIGS = {
     "llama_1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
@@ -469,12 +626,14 @@ def _mlx_lm_llama():
     return importlib.import_module("mlx_lm.models.llama"), importlib.import_module("mlx_lm.models.cache")
 
 
-def bench_llama(rec: Recorder, models=("llama_1b", "llama_3b"), prompt: int = 128, tokens: int = 64):
+def bench_llama(rec: Recorder, models=("llama_1b", "llama_3b"), prompt: int = 128, tokens: int = 64,
+                uncompiled: bool = False):
     """Greedy generation tokens/s of a random-weight mlx-lm Llama in fp16 vs
     the same model with every nn.Linear as FP8Linear (e4m3, per-channel
     scales), decoded the way mlx-lm's generate_step does (next token's graph
     built and queued with mx.async_eval before the current one is read).
-    FP8Linear's compiled few-rows path on and off."""
+    FP8Linear's few-rows paths side by side (uncompiled=True adds matmul2d
+    without mx.compile)."""
     from .. import nn as fnn
 
     llama, cache_mod = _mlx_lm_llama()
@@ -512,16 +671,19 @@ def bench_llama(rec: Recorder, models=("llama_1b", "llama_3b"), prompt: int = 12
         fnn.convert_to_fp8(model)
         mx.eval(model.parameters())
         mx.clear_cache()
-        for compiled in ("1", "0"):
-            old = fnn._COMPILE
-            fnn._COMPILE = compiled
+        # FP8Linear's few-rows paths: matmul2d compiled (the default), the
+        # direct kernel node (MLX_FLASH_FP8LINEAR_PATH=direct), matmul2d uncompiled.
+        for case, path, compiled in (("fp8_e4m3", "matmul2d", "1"), ("fp8_e4m3_direct", "direct", "1"),
+                                     ("fp8_e4m3_uncompiled", "matmul2d", "0"))[:3 if uncompiled else 2]:
+            old = fnn._COMPILE, fnn._PATH
+            fnn._COMPILE, fnn._PATH = compiled, path
             try:
                 generate(model)
                 tps, toks = max(generate(model) for _ in range(2))
             finally:
-                fnn._COMPILE = old
+                fnn._COMPILE, fnn._PATH = old
             same = sum(a == b for a, b in zip(toks, fp16_toks))
-            rec.add(section="llama", case="fp8_e4m3" + ("" if compiled == "1" else "_uncompiled"), model=name,
+            rec.add(section="llama", case=case, model=name,
                     prompt=prompt, tokens=tokens, tokens_per_s=tps, vs_fp16=tps / fp16_tps,
                     greedy_tokens_equal_to_fp16=same, **gpu_clocks())
         del model
@@ -543,6 +705,7 @@ def main(argv=None):
     parser.add_argument("--gemv-plans", default=None,
                         help="few-rows kernel plans W,RT,U,MAXBLOCKS,STAGES separated by ';' ('default': the "
                              "backend's); the decode section times fp16 x e4m3 with each")
+    parser.add_argument("--llama-models", default="llama_1b,llama_3b", help="models of the llama section")
     args = parser.parse_args(argv)
     if args.plot:
         print(f"wrote {plot(args.plot)}")
@@ -579,7 +742,10 @@ def main(argv=None):
                                                plans=plans, rows=(1, 16) if args.warm else rows),
                 "plans": lambda: bench_plans(rec, 256 if args.warm else 8192),
                 "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512)),
-                "llama": lambda: bench_llama(rec)}
+                "llama": lambda: bench_llama(rec, tuple(args.llama_models.split(","))),
+                "fp8err": lambda: bench_fp8err(rec, (256,) if args.warm else (1024, 8192), 128 if args.warm else 256,
+                                               time_n=0 if args.warm else 8192),
+                "calls": lambda: bench_calls(rec, 1 if args.warm else 16, 2 if args.warm else 40)}
     path = args.out if args.out.endswith(".json") else os.path.join(args.out, f"matmul_cuda_{slug(card)}.json")
     _, torch = _torch()
 
