@@ -62,6 +62,19 @@ __device__ __forceinline__ unsigned qd_fma2_f16(unsigned x, unsigned y, unsigned
   asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(x), "r"(y), "r"(z));
   return r;
 }
+// (x & M) | C in one LOP3 (C++'s `(x & M) | C` compiles to two: SASS LOP3 takes one immediate).
+template <unsigned M, unsigned C>
+__device__ __forceinline__ unsigned qd_and_or(unsigned x) {
+  unsigned r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(x), "n"(M), "n"(C));
+  return r;
+}
+// The warp's 8x8 16-bit matrix (lane L: row L / 4, columns 2 (L % 4), +1) transposed, in registers.
+__device__ __forceinline__ unsigned qd_movt(unsigned x) {
+  unsigned r;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(r) : "r"(x));
+  return r;
+}
 __device__ __forceinline__ float qd_load_cg(const float* p) { return __ldcg(p); }
 __device__ __forceinline__ float4 qd_load_cg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 __device__ __forceinline__ void qd_fence() { __threadfence(); }
@@ -96,6 +109,16 @@ inline unsigned qd_fma2_f16(unsigned x, unsigned y, unsigned z) {
   }
   return r;
 }
+template <unsigned M, unsigned C>
+inline unsigned qd_and_or(unsigned x) { return (x & M) | C; }
+inline unsigned qd_movt(unsigned x) {
+  EmuExchange e = __emu_simd_exchange(&x, sizeof(x), __LINE__);
+  if (e.active_mask != 0xffffffffu) __emu_fail("movmatrix with an incomplete warp");
+  const unsigned g = e.lane / 4, t = e.lane % 4;
+  // Element (r, c) of the matrix is half c % 2 of lane 4 r + c / 2.
+  auto el = [&](unsigned r, unsigned c) { return (__emu_lane_value<unsigned>(e, 4 * r + c / 2) >> (16 * (c % 2))) & 0xffffu; };
+  return el(2 * t, g) | (el(2 * t + 1, g) << 16);
+}
 inline float qd_load_cg(const float* p) { return *p; }
 inline float4 qd_load_cg4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 inline void qd_fence() {}
@@ -118,7 +141,8 @@ inline void qd_check(const void* base, const void* p, long n, const char* what) 
 #endif
 // Codes as 16-bit values: MAGIC | code is 1024 + code (fp16) or 128 + code
 // (bf16, codes < 128); subtracting MAGIC is exact.
-template <typename T>
+// LOP: the mask-and-magic of a code pair as one LOP3 (qd_and_or); the same values.
+template <typename T, bool LOP = false>
 struct QdCodes {
   static constexpr bool BF16 = MmaType<T>::is_bf16;
   static constexpr unsigned MAGIC = BF16 ? 0x43004300u : 0x64006400u;
@@ -132,10 +156,11 @@ struct QdCodes {
   __device__ __forceinline__ static unsigned same(unsigned w, int p) {
     if (BITS == 4 && !BF16) {
       const unsigned x = p >= 2 ? w >> 8 : w;
-      if (p % 2 == 0) return fix((x & 0x000f000fu) | MAGIC);
-      return qd_fma2_f16((x & 0x00f000f0u) | MAGIC, 0x2c002c00u, 0xd400d400u);  // 1/16, -64
+      if (p % 2 == 0) return fix(LOP ? qd_and_or<0x000f000fu, MAGIC>(x) : (x & 0x000f000fu) | MAGIC);
+      return qd_fma2_f16(LOP ? qd_and_or<0x00f000f0u, MAGIC>(x) : (x & 0x00f000f0u) | MAGIC, 0x2c002c00u,
+                         0xd400d400u);  // 1/16, -64
     }
-    if (BITS == 4) return fix(((w >> (4 * p)) & 0x000f000fu) | MAGIC);
+    if (BITS == 4) return fix(LOP ? qd_and_or<0x000f000fu, MAGIC>(w >> (4 * p)) : ((w >> (4 * p)) & 0x000f000fu) | MAGIC);
     return fix(qd_perm(w, MAGIC_BYTE, p == 0 ? 0x4240u : 0x4341u));
   }
   // Cross-key pair: code n of word a (low half) and of word b (high half).
@@ -143,7 +168,7 @@ struct QdCodes {
   __device__ __forceinline__ static unsigned cross(unsigned a, unsigned b, int n) {
     if (BITS == 4) return same<4>(qd_perm(a, b, n < 4 ? 0x5410u : 0x7632u), n & 3);
     const unsigned y = qd_perm(a, b, (unsigned)(n | (n << 4) | ((4 + n) << 8) | ((4 + n) << 12)));
-    return fix((y & 0x00ff00ffu) | MAGIC);
+    return fix(LOP ? qd_and_or<0x00ff00ffu, MAGIC>(y) : (y & 0x00ff00ffu) | MAGIC);
   }
 };
 
@@ -318,14 +343,15 @@ struct QdTile {
 
   // The same operands from a raw tile in the warp's ring (QdRing): the tile's
   // K and V rows and its four scale/bias planes as the cache stores them.
-  // PART 0: K words and the scales (before S), 1: V words (before P.V; fewer registers live at once).
+  // PART 0: K words and the scales (before S), 1: V words (before P.V; fewer registers live at once),
+  // 2: K words only (KEYS_M reads the scales straight from the slot).
   template <typename KST, typename VST, int PART>
   __device__ __forceinline__ void load_ring(const unsigned char* slot, int lane) {
     using R = QdRing<KST, VST, D, DV, BITS, GS>;
     const int g = lane / 4, t = lane % 4;
     const unsigned* kr = reinterpret_cast<const unsigned*>(slot);
     const unsigned* vr = reinterpret_cast<const unsigned*>(slot + R::V_OFF);
-    if (PART == 0) {
+    if (PART != 1) {
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -378,7 +404,7 @@ struct QdTile {
         }
       }
     }
-    if (PART == 1) return;
+    if (PART != 0) return;
     const KST* ks = reinterpret_cast<const KST*>(slot + R::KS_OFF);
     const KST* kb = reinterpret_cast<const KST*>(slot + R::KB_OFF);
     const VST* vs = reinterpret_cast<const VST*>(slot + R::VS_OFF);
@@ -445,7 +471,7 @@ __host__ __device__ constexpr int qd_part_floats() {
 // last block sets its ticket back to 0), so no output needs MLX's zero fill;
 // otherwise they follow the partials in `scratch` (zero-filled).
 template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
-          bool PF, int STAGES, bool POOL, class SA>
+          bool PF, int STAGES, bool POOL, bool KEYS_M, class SA>
 __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
                                        const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
                                        float* lse, float* scratch, const unsigned* tk) {
@@ -633,6 +659,23 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
 
   // Row g's query, once (an integer division, ~20 instructions, per logit otherwise).
   const int qi = query_of(g);
+  // KEYS_M: this lane's rows are 2t, 2t+1 (S^T's and O^T's columns): their
+  // queries, validity, q sums (from lanes 4 (2t + r)) and softmax state; m2
+  // is the same on every lane g, l2 and pb2 are partial over the lanes g.
+  int qi2[2];
+  bool rok[2], bad2[2] = {false, false};
+  float qs2[S::NG][2], m2[2] = {kNegInf, kNegInf}, l2[2] = {0.f, 0.f}, pb2[2][S::NGV];
+  if (KEYS_M) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      rok[r] = 2 * t + r < nrows;
+      qi2[r] = query_of(2 * t + r);
+#pragma unroll
+      for (int gi = 0; gi < S::NG; ++gi) qs2[gi][r] = __shfl_sync(0xffffffffu, qsum[gi], 4 * (2 * t + r));
+#pragma unroll
+      for (int gi = 0; gi < S::NGV; ++gi) pb2[r][gi] = 0.f;
+    }
+  }
   Tile cur;
   if (STAGES == 0 && j0 < end) cur.load(kh, vh, j0, end, lane);
   for (int it = 0; j0 < end; j0 += 16 * NW, ++it) {
@@ -643,13 +686,142 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       if (ring_debug & 2) cp_async_wait<0>();
       else cp_async_wait<(STAGES > 1 ? STAGES - 2 : 0)>();
       __syncwarp();
-      cur.template load_ring<KST, VST, 0>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
+      cur.template load_ring<KST, VST, KEYS_M ? 2 : 0>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
       issue(it + STAGES - 1);
     }
-    cur.stage_scales(stage, lane);
+    if (!(KEYS_M && STAGES > 0)) cur.stage_scales(stage, lane);
     Tile nxt;
     if (STAGES == 0 && PF && j1 < end) nxt.load(kh, vh, j1, end, lane);
 
+    if (KEYS_M) {
+      // S^T = K Q^T: the tile's 16 keys on the mma's M (every row used; Q's
+      // rows on N, 8), half the mma of S = Q K^T, whose M rows 8..15 are
+      // zero; K's codes are the A fragment, made in place, and Q's pair the
+      // B fragment as loaded (no register copies to build operand quads).
+      // C: (key g, rows 2t, 2t+1), (key g + 8, rows 2t, 2t+1).
+      using C2 = QdCodes<T, true>;
+      const unsigned char* slot = ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
+      // Plane `row` ([ks: NG][kb: NG][vs: NGV][vb: NGV]) at the tile's key
+      // `key`: the ring's slot as the cache stores it (no stage round trip),
+      // the register path's stage otherwise.
+      auto scl = [&](int row, int key) -> float {
+        if (STAGES > 0) {
+          if (row < S::NG) return to_float(reinterpret_cast<const KST*>(slot + Ring::KS_OFF)[key * S::NG + row]);
+          if (row < 2 * S::NG)
+            return to_float(reinterpret_cast<const KST*>(slot + Ring::KB_OFF)[key * S::NG + row - S::NG]);
+          if (row < 2 * S::NG + S::NGV)
+            return to_float(reinterpret_cast<const VST*>(slot + Ring::VS_OFF)[key * S::NGV + row - 2 * S::NG]);
+          return to_float(reinterpret_cast<const VST*>(slot + Ring::VB_OFF)[key * S::NGV + row - 2 * S::NG - S::NGV]);
+        }
+        return stage[row * 16 + key];
+      };
+      float acc[S::NG][4];
+#pragma unroll
+      for (int gi = 0; gi < S::NG; ++gi) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[gi][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < S::KSG; ++kk) {
+          unsigned b0, b1;
+          if (QS) {
+            const uint2 f = qsm[(gi * S::KSG + kk) * 32 + lane];
+            b0 = f.x, b1 = f.y;
+          } else {
+            b0 = qa[QS ? 0 : gi * S::KSG + kk][0], b1 = qa[QS ? 0 : gi * S::KSG + kk][1];
+          }
+          // a[n + 2h]: key g + 8n, the lane's pair 2kk + h.
+          unsigned a[4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+              const int p = 2 * kk + h;
+              constexpr int PPW = 16 / BITS;
+              a[n + 2 * h] = C2::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
+            }
+          mma16816<T>(acc[gi], a, b0, b1);
+        }
+      }
+      // Logits x[r][k] of row 2t + r, key g + 8k; the online softmax per row.
+      float x2[2][2], mx[2];
+      bool kp[2][2];
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        float y0 = 0.f, y1 = 0.f;
+#pragma unroll
+        for (int gi = 0; gi < S::NG; ++gi) {
+          const float sk = scl(gi, g + 8 * k), bk = scl(S::NG + gi, g + 8 * k);
+          y0 = fmaf(sk, acc[gi][2 * k], fmaf(bk, qs2[gi][0], y0));
+          y1 = fmaf(sk, acc[gi][2 * k + 1], fmaf(bk, qs2[gi][1], y1));
+        }
+        x2[0][k] = y0, x2[1][k] = y1;
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = kNegInf;
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const int j = j0 + g + 8 * k;
+          float capped, x = kNegInf;
+          if (rok[r] && j < end) x = apply_rules<F, bool>(rules, scale * x2[r][k], qi2[r], j, capped);
+          const bool nonfinite = x != x || x == MLXF_QUANT_POS_INF;
+          bad2[r] = bad2[r] || nonfinite;
+          if (nonfinite) x = kNegInf;
+          kp[r][k] = x != kNegInf;
+          x2[r][k] = x;
+          mx[r] = fmaxf(mx[r], x);
+        }
+#pragma unroll
+        for (int off = 4; off < 32; off *= 2) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], off));
+      }
+      float al[2], pp[2][2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float mn = fmaxf(m2[r], mx[r]);
+        al[r] = mn == kNegInf ? 1.f : __expf(m2[r] - mn);
+#pragma unroll
+        for (int k = 0; k < 2; ++k) pp[r][k] = kp[r][k] ? __expf(x2[r][k] - mn) : 0.f;
+        m2[r] = mn;
+        l2[r] = l2[r] * al[r] + (pp[r][0] + pp[r][1]);
+      }
+#pragma unroll
+      for (int gi = 0; gi < S::NGV; ++gi) {
+        const float bv0 = scl(2 * S::NG + S::NGV + gi, g), bv1 = scl(2 * S::NG + S::NGV + gi, g + 8);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float x = pb2[r][gi] * al[r];
+          if (kp[r][0]) x = fmaf(pp[r][0], bv0, x);
+          if (kp[r][1]) x = fmaf(pp[r][1], bv1, x);
+          pb2[r][gi] = x;
+        }
+      }
+      // O^T's rows 2t, 2t+1 are this lane's own: no shuffle for the alphas.
+      if (__any_sync(0xffffffffu, al[0] != 1.f || al[1] != 1.f)) {
+#pragma unroll
+        for (int m = 0; m < S::MT; ++m) o[m][0] *= al[0], o[m][1] *= al[1], o[m][2] *= al[0], o[m][3] *= al[1];
+      }
+      if (STAGES > 0) cur.template load_ring<KST, VST, 1>(slot, lane);
+#pragma unroll
+      for (int gi = 0; gi < S::NGV; ++gi) {
+        // P scaled by the group's V scales as 8x8 blocks [key g (+8)][rows
+        // 2t, 2t+1], transposed in registers to P^T's B fragments [row g][keys 2t, 2t+1 (+8)].
+        const float sv0 = scl(2 * S::NG + gi, g), sv1 = scl(2 * S::NG + gi, g + 8);
+        const unsigned b0 = qd_movt(pack2<T>(kp[0][0] ? pp[0][0] * sv0 : 0.f, kp[1][0] ? pp[1][0] * sv0 : 0.f));
+        const unsigned b1 = qd_movt(pack2<T>(kp[0][1] ? pp[0][1] * sv1 : 0.f, kp[1][1] ? pp[1][1] * sv1 : 0.f));
+#pragma unroll
+        for (int mm = 0; mm < S::KSG; ++mm) {
+          unsigned a[4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+              const int v = 2 * mm + h, wi = gi * S::WV + v / S::CPW;
+              a[h + 2 * n] = C2::template cross<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW);
+            }
+          mma16816<T>(o[gi * S::KSG + mm], a, b0, b1);
+        }
+      }
+    } else {
     // S = Q K^T per group (codes), then scales and biases in fp32. Both
     // 8-key halves n take each Q fragment (one shared-memory read with QS).
     float s[2][2];
@@ -769,6 +941,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
         mma16816<T>(o[gi * S::KSG + mm], a, bf[0], bf[1]);
       }
     }
+    }  // KEYS_M
     if (STAGES == 0 && PF && j1 < end) cur = nxt;
     if (STAGES == 0 && !PF && j1 < end) cur.load(kh, vh, j1, end, lane);
   }
@@ -776,6 +949,19 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   // Block merge: each warp's (o + bias terms, m, l) through shared memory,
   // over the rings: every warp must be done with its ring first.
   if (STAGES > 0) __syncthreads();
+  if (KEYS_M) {
+    // Rows 2t, 2t+1: sums over the lanes g; bad when any lane g of the row met a non-finite logit.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int off = 4; off < 32; off *= 2) {
+        l2[r] += __shfl_xor_sync(0xffffffffu, l2[r], off);
+#pragma unroll
+        for (int gi = 0; gi < S::NGV; ++gi) pb2[r][gi] += __shfl_xor_sync(0xffffffffu, pb2[r][gi], off);
+      }
+      bad2[r] = (__ballot_sync(0xffffffffu, bad2[r]) & (0x11111111u << t)) != 0;
+    }
+  } else {
   l_row += __shfl_xor_sync(0xffffffffu, l_row, 1);
   l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
 #pragma unroll
@@ -785,6 +971,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   }
   // Row g is bad when any lane t of it met a non-finite logit.
   bad = ((__ballot_sync(0xffffffffu, bad) >> (4 * g)) & 0xfu) != 0;
+  }
   float* wo = red_o + warp * 8 * DV;
 #pragma unroll
   for (int m = 0; m < S::MT; ++m) {
@@ -796,7 +983,18 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     wo[(2 * t) * DV + c + 1] = o[m][2];
     wo[(2 * t + 1) * DV + c + 1] = o[m][3];
   }
-  if (t == 0) {
+  if (KEYS_M) {
+    if (g == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp * 8 + 2 * t + r;
+        red_m[row] = bad2[r] ? MLXF_QUANT_NAN : m2[r];
+        red_l[row] = l2[r];
+#pragma unroll
+        for (int gi = 0; gi < S::NGV; ++gi) red_pb[row * S::NGV + gi] = pb2[r][gi];
+      }
+    }
+  } else if (t == 0) {
     red_m[warp * 8 + g] = bad ? MLXF_QUANT_NAN : m_row;
     red_l[warp * 8 + g] = l_row;
 #pragma unroll

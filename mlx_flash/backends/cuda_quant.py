@@ -302,7 +302,7 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # Tickets from cuda.py's pool (no zero fill).
 # TUNING "dec_warps" / "dec_splits" / "dec_stages" (0: the register path,
 # "dec_prefetch" its one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" /
-# "dec_ring_debug" / "decode" override for GPU sweeps (call
+# "dec_ring_debug" / "dec_keys_m" / "decode" override for GPU sweeps (call
 # decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
 _DEC_BLOCKS_PER_SM = 4
@@ -323,6 +323,11 @@ _DEC_RING_WARPS = 8
 _DEC_STAGES = 0  # stages where the ring is not routed (0: the register path)
 _DEC_RING_STAGES = 4
 _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next tile during the current one
+# TUNING "dec_keys_m": S^T = K Q^T (the tile's keys on the mma's M, P^T's
+# fragments transposed by movmatrix) with one-LOP3 code conversion; the ring
+# reads its scales straight from the slot. Half the mma and no operand-quad
+# copies of S = Q K^T. Opt-in until measured on a GPU.
+_DEC_KEYS_M = False
 _SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
 
@@ -454,7 +459,8 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
     template = [("T", spec.dtype), ("KST", k_scales_dtype), ("VST", v_scales_dtype), ("SOFTCAP", spec.softcap > 0),
                 ("WINDOW", spec.has_window), ("SINKS", spec.has_sinks), ("D", spec.head_dim_qk),
                 ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("NW", nw),
-                ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool)]
+                ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool),
+                ("KEYS_M", bool(TUNING.get("dec_keys_m", _DEC_KEYS_M)))]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
