@@ -139,6 +139,34 @@ inline void qd_check(const void* base, const void* p, long n, const char* what) 
 #else
 #define QD_CHECK(b, p, n, w)
 #endif
+// The N scales (or biases) of tile key `key` in a ring slot's plane ([16 keys][N], as the cache stores them):
+// 16-bit pairs by one 32-bit load (the plane and the row are 4-byte aligned).
+template <typename ST>
+struct QdBits;
+template <>
+struct QdBits<__half> {
+  __device__ __forceinline__ static float f(unsigned h) { return __half2float(__ushort_as_half((unsigned short)h)); }
+};
+template <>
+struct QdBits<__nv_bfloat16> {
+  __device__ __forceinline__ static float f(unsigned h) { return __uint_as_float(h << 16); }
+};
+template <typename ST, int N>
+__device__ __forceinline__ void qd_plane_row(const unsigned char* plane, int key, float (&out)[N]) {
+  const ST* p = reinterpret_cast<const ST*>(plane) + key * N;
+  if constexpr (sizeof(ST) == 2 && N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      QD_CHECK(nullptr, p + 2 * i, 4, "plane");
+      const unsigned w = reinterpret_cast<const unsigned*>(p)[i];
+      out[2 * i] = QdBits<ST>::f(w & 0xffffu), out[2 * i + 1] = QdBits<ST>::f(w >> 16);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = to_float(p[i]);
+  }
+}
+
 // Codes as 16-bit values: MAGIC | code is 1024 + code (fp16) or 128 + code
 // (bf16, codes < 128); subtracting MAGIC is exact.
 // LOP: the mask-and-magic of a code pair as one LOP3 (qd_and_or); the same values.
@@ -704,16 +732,20 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       // Plane `row` ([ks: NG][kb: NG][vs: NGV][vb: NGV]) at the tile's key
       // `key`: the ring's slot as the cache stores it (no stage round trip),
       // the register path's stage otherwise.
-      auto scl = [&](int row, int key) -> float {
-        if (STAGES > 0) {
-          if (row < S::NG) return to_float(reinterpret_cast<const KST*>(slot + Ring::KS_OFF)[key * S::NG + row]);
-          if (row < 2 * S::NG)
-            return to_float(reinterpret_cast<const KST*>(slot + Ring::KB_OFF)[key * S::NG + row - S::NG]);
-          if (row < 2 * S::NG + S::NGV)
-            return to_float(reinterpret_cast<const VST*>(slot + Ring::VS_OFF)[key * S::NGV + row - 2 * S::NG]);
-          return to_float(reinterpret_cast<const VST*>(slot + Ring::VB_OFF)[key * S::NGV + row - 2 * S::NG - S::NGV]);
+      // Every group's value of one plane at one key (ks, kb: NG; vs, vb: NGV).
+      auto kplane = [&](int which, int key, float (&out)[S::NG]) {
+        if (STAGES > 0) qd_plane_row<KST, S::NG>(slot + (which ? Ring::KB_OFF : Ring::KS_OFF), key, out);
+        else {
+#pragma unroll
+          for (int gi = 0; gi < S::NG; ++gi) out[gi] = stage[(which * S::NG + gi) * 16 + key];
         }
-        return stage[row * 16 + key];
+      };
+      auto vplane = [&](int which, int key, float (&out)[S::NGV]) {
+        if (STAGES > 0) qd_plane_row<VST, S::NGV>(slot + (which ? Ring::VB_OFF : Ring::VS_OFF), key, out);
+        else {
+#pragma unroll
+          for (int gi = 0; gi < S::NGV; ++gi) out[gi] = stage[(2 * S::NG + which * S::NGV + gi) * 16 + key];
+        }
       };
       float acc[S::NG][4];
 #pragma unroll
@@ -747,12 +779,13 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       bool kp[2][2];
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
-        float y0 = 0.f, y1 = 0.f;
+        float y0 = 0.f, y1 = 0.f, sk[S::NG], bk[S::NG];
+        kplane(0, g + 8 * k, sk);
+        kplane(1, g + 8 * k, bk);
 #pragma unroll
         for (int gi = 0; gi < S::NG; ++gi) {
-          const float sk = scl(gi, g + 8 * k), bk = scl(S::NG + gi, g + 8 * k);
-          y0 = fmaf(sk, acc[gi][2 * k], fmaf(bk, qs2[gi][0], y0));
-          y1 = fmaf(sk, acc[gi][2 * k + 1], fmaf(bk, qs2[gi][1], y1));
+          y0 = fmaf(sk[gi], acc[gi][2 * k], fmaf(bk[gi], qs2[gi][0], y0));
+          y1 = fmaf(sk[gi], acc[gi][2 * k + 1], fmaf(bk[gi], qs2[gi][1], y1));
         }
         x2[0][k] = y0, x2[1][k] = y1;
       }
@@ -771,43 +804,60 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
           x2[r][k] = x;
           mx[r] = fmaxf(mx[r], x);
         }
-#pragma unroll
-        for (int off = 4; off < 32; off *= 2) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], off));
       }
-      float al[2], pp[2][2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float mn = fmaxf(m2[r], mx[r]);
-        al[r] = mn == kNegInf ? 1.f : __expf(m2[r] - mn);
-#pragma unroll
-        for (int k = 0; k < 2; ++k) pp[r][k] = kp[r][k] ? __expf(x2[r][k] - mn) : 0.f;
-        m2[r] = mn;
-        l2[r] = l2[r] * al[r] + (pp[r][0] + pp[r][1]);
-      }
-#pragma unroll
-      for (int gi = 0; gi < S::NGV; ++gi) {
-        const float bv0 = scl(2 * S::NG + S::NGV + gi, g), bv1 = scl(2 * S::NG + S::NGV + gi, g + 8);
+      // The row maxima move only when some lane's logit passes them (a few
+      // tiles of a row once its max has settled): then the maxima over the
+      // lanes g and the rescale; otherwise no shuffle, exp or multiply.
+      // O^T's rows 2t, 2t+1 are this lane's own: no shuffle for the alphas.
+      if (__any_sync(0xffffffffu, mx[0] > m2[0] || mx[1] > m2[1])) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          float x = pb2[r][gi] * al[r];
-          if (kp[r][0]) x = fmaf(pp[r][0], bv0, x);
-          if (kp[r][1]) x = fmaf(pp[r][1], bv1, x);
-          pb2[r][gi] = x;
+#pragma unroll
+          for (int off = 4; off < 32; off *= 2) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], off));
+          const float mn = fmaxf(m2[r], mx[r]);
+          const float al = mn == kNegInf ? 1.f : __expf(m2[r] - mn);
+          m2[r] = mn;
+          l2[r] *= al;
+#pragma unroll
+          for (int gi = 0; gi < S::NGV; ++gi) pb2[r][gi] *= al;
+#pragma unroll
+          for (int m = 0; m < S::MT; ++m) o[m][r] *= al, o[m][2 + r] *= al;
         }
       }
-      // O^T's rows 2t, 2t+1 are this lane's own: no shuffle for the alphas.
-      if (__any_sync(0xffffffffu, al[0] != 1.f || al[1] != 1.f)) {
+      float pp[2][2];
 #pragma unroll
-        for (int m = 0; m < S::MT; ++m) o[m][0] *= al[0], o[m][1] *= al[1], o[m][2] *= al[0], o[m][3] *= al[1];
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) pp[r][k] = kp[r][k] ? __expf(x2[r][k] - m2[r]) : 0.f;
+        l2[r] += pp[r][0] + pp[r][1];
+      }
+      {
+        float bv0[S::NGV], bv1[S::NGV];
+        vplane(1, g, bv0);
+        vplane(1, g + 8, bv1);
+#pragma unroll
+        for (int gi = 0; gi < S::NGV; ++gi) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float x = pb2[r][gi];
+            if (kp[r][0]) x = fmaf(pp[r][0], bv0[gi], x);
+            if (kp[r][1]) x = fmaf(pp[r][1], bv1[gi], x);
+            pb2[r][gi] = x;
+          }
+        }
       }
       if (STAGES > 0) cur.template load_ring<KST, VST, 1>(slot, lane);
+      float sv0[S::NGV], sv1[S::NGV];
+      vplane(0, g, sv0);
+      vplane(0, g + 8, sv1);
 #pragma unroll
       for (int gi = 0; gi < S::NGV; ++gi) {
         // P scaled by the group's V scales as 8x8 blocks [key g (+8)][rows
         // 2t, 2t+1], transposed in registers to P^T's B fragments [row g][keys 2t, 2t+1 (+8)].
-        const float sv0 = scl(2 * S::NG + gi, g), sv1 = scl(2 * S::NG + gi, g + 8);
-        const unsigned b0 = qd_movt(pack2<T>(kp[0][0] ? pp[0][0] * sv0 : 0.f, kp[1][0] ? pp[1][0] * sv0 : 0.f));
-        const unsigned b1 = qd_movt(pack2<T>(kp[0][1] ? pp[0][1] * sv1 : 0.f, kp[1][1] ? pp[1][1] * sv1 : 0.f));
+        const unsigned b0 =
+            qd_movt(pack2<T>(kp[0][0] ? pp[0][0] * sv0[gi] : 0.f, kp[1][0] ? pp[1][0] * sv0[gi] : 0.f));
+        const unsigned b1 =
+            qd_movt(pack2<T>(kp[0][1] ? pp[0][1] * sv1[gi] : 0.f, kp[1][1] ? pp[1][1] * sv1[gi] : 0.f));
 #pragma unroll
         for (int mm = 0; mm < S::KSG; ++mm) {
           unsigned a[4];
