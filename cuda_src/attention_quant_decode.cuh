@@ -198,6 +198,20 @@ struct QdCodes {
     const unsigned y = qd_perm(a, b, (unsigned)(n | (n << 4) | ((4 + n) << 8) | ((4 + n) << 12)));
     return fix(LOP ? qd_and_or<0x00ff00ffu, MAGIC>(y) : (y & 0x00ff00ffu) | MAGIC);
   }
+  // K's fp16 codes with the magic kept (no subtraction; the caller takes
+  // the offset out in fp32): 1024 + c, and 1024 + 16 c for 4-bit odd pairs
+  // (p % 2 == 1: the nibble stays in place). bf16: the exact codes. (V's
+  // codes too would need P's sums a group: 18 more registers, the ring's
+  // second block an SM lost.)
+  template <int BITS>
+  __device__ __forceinline__ static unsigned same_raw(unsigned w, int p) {
+    if (BF16) return same<BITS>(w, p);
+    if (BITS == 4) {
+      const unsigned x = p >= 2 ? w >> 8 : w;
+      return p % 2 == 0 ? qd_and_or<0x000f000fu, MAGIC>(x) : qd_and_or<0x00f000f0u, MAGIC>(x);
+    }
+    return qd_perm(w, MAGIC_BYTE, p == 0 ? 0x4240u : 0x4341u);
+  }
 };
 
 // Shapes of one instance. Words per group WG; K: WK words per lane t per
@@ -499,7 +513,7 @@ __host__ __device__ constexpr int qd_part_floats() {
 // last block sets its ticket back to 0), so no output needs MLX's zero fill;
 // otherwise they follow the partials in `scratch` (zero-filled).
 template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
-          bool PF, int STAGES, bool POOL, bool KEYS_M, class SA>
+          bool PF, int STAGES, bool POOL, int KEYS_M, class SA>
 __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
                                        const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
                                        float* lse, float* scratch, const unsigned* tk) {
@@ -656,22 +670,33 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   const T* qr = q + q_row(row_ok ? g : 0) * D;
   unsigned qa[QS ? 1 : S::KS][2];
   uint2* qsm = reinterpret_cast<uint2*>(reinterpret_cast<float*>(flag + 4) + NW * Tile::STAGE) + warp * S::KS * 32;
-  float qsum[S::NG];
+  // RAW (KEYS_M 2, fp16): K's codes keep the magic (1024 + c; 4-bit odd
+  // pairs 1024 + 16 c, their q fragments / 16, exact but for subnormals), so
+  // S^T holds q.c + 1024 (sum of the fragments): `qoff`, taken out in fp32.
+  constexpr bool RAW = KEYS_M == 2 && !MmaType<T>::is_bf16;
+  float qsum[S::NG], qoff[S::NG];
 #pragma unroll
   for (int gi = 0; gi < S::NG; ++gi) {
-    float acc = 0.f;
+    float acc = 0.f, off = 0.f;
 #pragma unroll
     for (int p = 0; p < GS / 8; ++p) {
       const int d = S::k_dim(gi, t, p);
       const float x0 = row_ok ? to_float(qr[d]) : 0.f, x1 = row_ok ? to_float(qr[d + S::k_step]) : 0.f;
       acc += x0 + x1;
-      const unsigned x = pack2<T>(x0, x1);
+      const float f = RAW && BITS == 4 && p % 2 == 1 ? 0.0625f : 1.f;
+      const unsigned x = pack2<T>(x0 * f, x1 * f);
+      if (RAW) off += QdBits<T>::f(x & 0xffffu) + QdBits<T>::f(x >> 16);
       if (QS) reinterpret_cast<unsigned*>(qsm + (gi * S::KSG + p / 2) * 32 + lane)[p % 2] = x;
       else qa[QS ? 0 : gi * S::KSG + p / 2][p % 2] = x;
     }
     acc += __shfl_xor_sync(0xffffffffu, acc, 1);
     acc += __shfl_xor_sync(0xffffffffu, acc, 2);
     qsum[gi] = acc;
+    if (RAW) {
+      off += __shfl_xor_sync(0xffffffffu, off, 1);
+      off += __shfl_xor_sync(0xffffffffu, off, 2);
+    }
+    qoff[gi] = 1024.f * off;
   }
   if (QS) __syncwarp();
 
@@ -692,14 +717,17 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   // is the same on every lane g, l2 and pb2 are partial over the lanes g.
   int qi2[2];
   bool rok[2], bad2[2] = {false, false};
-  float qs2[S::NG][2], m2[2] = {kNegInf, kNegInf}, l2[2] = {0.f, 0.f}, pb2[2][S::NGV];
+  float qs2[S::NG][2], qo2[S::NG][2], m2[2] = {kNegInf, kNegInf}, l2[2] = {0.f, 0.f}, pb2[2][S::NGV];
   if (KEYS_M) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       rok[r] = 2 * t + r < nrows;
       qi2[r] = query_of(2 * t + r);
 #pragma unroll
-      for (int gi = 0; gi < S::NG; ++gi) qs2[gi][r] = __shfl_sync(0xffffffffu, qsum[gi], 4 * (2 * t + r));
+      for (int gi = 0; gi < S::NG; ++gi) {
+        qs2[gi][r] = __shfl_sync(0xffffffffu, qsum[gi], 4 * (2 * t + r));
+        qo2[gi][r] = RAW ? __shfl_sync(0xffffffffu, qoff[gi], 4 * (2 * t + r)) : 0.f;
+      }
 #pragma unroll
       for (int gi = 0; gi < S::NGV; ++gi) pb2[r][gi] = 0.f;
     }
@@ -769,7 +797,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
             for (int n = 0; n < 2; ++n) {
               const int p = 2 * kk + h;
               constexpr int PPW = 16 / BITS;
-              a[n + 2 * h] = C2::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
+              a[n + 2 * h] = RAW ? C2::template same_raw<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW)
+                                 : C2::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
             }
           mma16816<T>(acc[gi], a, b0, b1);
         }
@@ -784,8 +813,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
         kplane(1, g + 8 * k, bk);
 #pragma unroll
         for (int gi = 0; gi < S::NG; ++gi) {
-          y0 = fmaf(sk[gi], acc[gi][2 * k], fmaf(bk[gi], qs2[gi][0], y0));
-          y1 = fmaf(sk[gi], acc[gi][2 * k + 1], fmaf(bk[gi], qs2[gi][1], y1));
+          y0 = fmaf(sk[gi], RAW ? acc[gi][2 * k] - qo2[gi][0] : acc[gi][2 * k], fmaf(bk[gi], qs2[gi][0], y0));
+          y1 = fmaf(sk[gi], RAW ? acc[gi][2 * k + 1] - qo2[gi][1] : acc[gi][2 * k + 1], fmaf(bk[gi], qs2[gi][1], y1));
         }
         x2[0][k] = y0, x2[1][k] = y1;
       }

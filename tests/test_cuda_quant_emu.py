@@ -490,7 +490,7 @@ def test_decode_shapes(shape):
     assert _uses_decode(q, kq, vq, bits, gs)
     # The register path (tickets from the pool; zero-filled tickets), the ring (2 and 4 stages), KEYS_M on both.
     for extra in ({}, {"dec_stages": 0, "dec_pool": False}, {"dec_stages": 2}, {"dec_stages": 4},
-                  {"dec_keys_m": True}, {"dec_stages": 2, "dec_keys_m": True}):
+                  {"dec_keys_m": True}, {"dec_stages": 2, "dec_keys_m": True}, {"dec_stages": 4, "dec_keys_m": 2}):
         got = _emu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
@@ -515,7 +515,7 @@ def test_decode_features(feature):
                                    group_size=64)
     opts = DECODE_FEATURES[feature](gen, Hq)
     assert _uses_decode(q, kq, vq, 4, 64, **opts)
-    for stages, keys_m in ((0, False), (4, False), (0, True), (4, True)):  # the register path and the ring
+    for stages, keys_m in ((0, False), (4, False), (0, True), (4, True), (4, 2)):  # the register path and the ring
         got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_stages": stages, "dec_keys_m": keys_m},
                    **opts)
         _check_decode(q, kd, vd, got, F16, opts)
@@ -543,8 +543,8 @@ def test_decode_routing():
 
 
 @emulated
-@pytest.mark.parametrize("extra", [{}, {"dec_keys_m": True}, {"dec_stages": 4, "dec_keys_m": True}],
-                         ids=["default", "keys_m", "ring_keys_m"])
+@pytest.mark.parametrize("extra", [{}, {"dec_keys_m": True}, {"dec_stages": 4, "dec_keys_m": True},
+                                   {"dec_keys_m": 2}], ids=["default", "keys_m", "ring_keys_m", "keys_m_raw"])
 def test_decode_nonfinite(extra):
     """A NaN scale of key j reaches exactly the rows that keep j (K's: the
     logit; V's: the output); a NaN key a window drops, the last key (read
@@ -724,11 +724,11 @@ def test_decode_shapes_gpu(shape):
 @on_gpu
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_decode_keys_m_gpu(shape):
-    """KEYS_M (S^T = K Q^T, movmatrix) on the register path and on the ring."""
+    """KEYS_M (S^T = K Q^T, movmatrix) on the register path and on the ring (and K's raw codes, KEYS_M 2)."""
     B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
     gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
                                    bits=bits, group_size=gs)
-    for extra in ({"dec_stages": 0}, {"dec_stages": 4}):
+    for extra in ({"dec_stages": 0}, {"dec_stages": 4}, {"dec_stages": 4, "dec_keys_m": 2}):
         got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits,
                                                 "dec_keys_m": True, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
@@ -779,6 +779,7 @@ LONG_PLANS = {
     "ring_w4x2_s8": {"dec_stages": 8, "dec_blocks_per_sm": 2},
     "regs_km": {"dec_stages": 0, "dec_keys_m": True},
     "ring_w8x2_km": {"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2, "dec_keys_m": True},
+    "ring_w8x2_km2": {"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2, "dec_keys_m": 2},
 }
 
 
@@ -847,8 +848,9 @@ def _decode_compile_cases():
                     if d == 128 and gs == 64 and ST == T:
                         paths += [(False, 8, True, 8), (False, 4, True, 16)]
                     # KEYS_M (S^T = K Q^T) on the ring and on the register path.
-                    paths = [p + (False,) for p in paths] + [
-                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, True), (False, 0, True, cq._DEC_WARPS, True)]
+                    paths = [p + (0,) for p in paths] + [
+                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 1), (False, 0, True, cq._DEC_WARPS, 1),
+                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 2)]
                     for pf, stages, pool, nw, keys_m in paths:
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),

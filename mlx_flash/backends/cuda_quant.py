@@ -326,8 +326,10 @@ _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next
 # TUNING "dec_keys_m": S^T = K Q^T (the tile's keys on the mma's M, P^T's
 # fragments transposed by movmatrix) with one-LOP3 code conversion; the ring
 # reads its scales straight from the slot. Half the mma and no operand-quad
-# copies of S = Q K^T. Opt-in until measured on a GPU.
-_DEC_KEYS_M = False
+# copies of S = Q K^T. 2: also K's fp16 codes with their magic kept
+# (1024 + c: one op a code pair fewer), the offset (1024 sum(q)) taken out
+# in fp32. Opt-in until measured on a GPU.
+_DEC_KEYS_M = 0
 _SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
 
@@ -460,7 +462,7 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
                 ("WINDOW", spec.has_window), ("SINKS", spec.has_sinks), ("D", spec.head_dim_qk),
                 ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("NW", nw),
                 ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool),
-                ("KEYS_M", bool(TUNING.get("dec_keys_m", _DEC_KEYS_M)))]
+                ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M)))]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
