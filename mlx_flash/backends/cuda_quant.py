@@ -366,11 +366,15 @@ def decode_ring_regs(qspec) -> int:
     over 128 up to 160."""
     spec = qspec.attention
     return ring_regs_bound(qspec.bits, max(spec.head_dim_qk, spec.head_dim_v),
-                           spec.softcap > 0 or spec.has_window or spec.has_sinks)
+                           spec.softcap > 0 or spec.has_window or spec.has_sinks,
+                           int(TUNING.get("dec_keys_m", _DEC_KEYS_M)))
 
 
-def ring_regs_bound(bits: int, head_dim: int, features: bool) -> int:
-    """decode_ring_regs from the template's terms (the larger head dim; softcap, window or sinks)."""
+def ring_regs_bound(bits: int, head_dim: int, features: bool, keys_m: int = 0) -> int:
+    """decode_ring_regs from the template's terms (the larger head dim; softcap, window or sinks; KEYS_M,
+    whose rings take up to 134 (4-bit with features), 155 (8-bit) and 170 (head dims over 128) under nvcc 13)."""
+    if keys_m:
+        return 176 if head_dim > 128 else 160 if bits == 8 else 136 if features else 128
     if head_dim > 128:
         return 168
     if bits == 8:
