@@ -328,7 +328,10 @@ _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next
 # reads its scales straight from the slot. Half the mma and no operand-quad
 # copies of S = Q K^T. 2: also K's fp16 codes with their magic kept
 # (1024 + c: one op a code pair fewer), the offset (1024 sum(q)) taken out
-# in fp32. Opt-in until measured on a GPU.
+# in fp32. Not routed: on the H200 (session 8, cuda_quant_decode_nvidia_h200_s8.json)
+# 11-14 % fewer instructions but no time outside the run-to-run spread; the
+# ring with it compiles to 138 registers under MLX's NVRTC (nvcc 13: 120), so
+# two blocks of 8 warps do not fit an SM and it runs in two waves.
 _DEC_KEYS_M = 0
 _SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
