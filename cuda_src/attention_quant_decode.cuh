@@ -62,6 +62,19 @@ __device__ __forceinline__ unsigned qd_fma2_f16(unsigned x, unsigned y, unsigned
   asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(x), "r"(y), "r"(z));
   return r;
 }
+// (x & M) | C in one LOP3 (C++'s `(x & M) | C` compiles to two: SASS LOP3 takes one immediate).
+template <unsigned M, unsigned C>
+__device__ __forceinline__ unsigned qd_and_or(unsigned x) {
+  unsigned r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(x), "n"(M), "n"(C));
+  return r;
+}
+// The warp's 8x8 16-bit matrix (lane L: row L / 4, columns 2 (L % 4), +1) transposed, in registers.
+__device__ __forceinline__ unsigned qd_movt(unsigned x) {
+  unsigned r;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(r) : "r"(x));
+  return r;
+}
 __device__ __forceinline__ float qd_load_cg(const float* p) { return __ldcg(p); }
 __device__ __forceinline__ float4 qd_load_cg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 __device__ __forceinline__ void qd_fence() { __threadfence(); }
@@ -96,6 +109,16 @@ inline unsigned qd_fma2_f16(unsigned x, unsigned y, unsigned z) {
   }
   return r;
 }
+template <unsigned M, unsigned C>
+inline unsigned qd_and_or(unsigned x) { return (x & M) | C; }
+inline unsigned qd_movt(unsigned x) {
+  EmuExchange e = __emu_simd_exchange(&x, sizeof(x), __LINE__);
+  if (e.active_mask != 0xffffffffu) __emu_fail("movmatrix with an incomplete warp");
+  const unsigned g = e.lane / 4, t = e.lane % 4;
+  // Element (r, c) of the matrix is half c % 2 of lane 4 r + c / 2.
+  auto el = [&](unsigned r, unsigned c) { return (__emu_lane_value<unsigned>(e, 4 * r + c / 2) >> (16 * (c % 2))) & 0xffffu; };
+  return el(2 * t, g) | (el(2 * t + 1, g) << 16);
+}
 inline float qd_load_cg(const float* p) { return *p; }
 inline float4 qd_load_cg4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 inline void qd_fence() {}
@@ -116,9 +139,38 @@ inline void qd_check(const void* base, const void* p, long n, const char* what) 
 #else
 #define QD_CHECK(b, p, n, w)
 #endif
+// The N scales (or biases) of tile key `key` in a ring slot's plane ([16 keys][N], as the cache stores them):
+// 16-bit pairs by one 32-bit load (the plane and the row are 4-byte aligned).
+template <typename ST>
+struct QdBits;
+template <>
+struct QdBits<__half> {
+  __device__ __forceinline__ static float f(unsigned h) { return __half2float(__ushort_as_half((unsigned short)h)); }
+};
+template <>
+struct QdBits<__nv_bfloat16> {
+  __device__ __forceinline__ static float f(unsigned h) { return __uint_as_float(h << 16); }
+};
+template <typename ST, int N>
+__device__ __forceinline__ void qd_plane_row(const unsigned char* plane, int key, float (&out)[N]) {
+  const ST* p = reinterpret_cast<const ST*>(plane) + key * N;
+  if constexpr (sizeof(ST) == 2 && N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      QD_CHECK(nullptr, p + 2 * i, 4, "plane");
+      const unsigned w = reinterpret_cast<const unsigned*>(p)[i];
+      out[2 * i] = QdBits<ST>::f(w & 0xffffu), out[2 * i + 1] = QdBits<ST>::f(w >> 16);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = to_float(p[i]);
+  }
+}
+
 // Codes as 16-bit values: MAGIC | code is 1024 + code (fp16) or 128 + code
 // (bf16, codes < 128); subtracting MAGIC is exact.
-template <typename T>
+// LOP: the mask-and-magic of a code pair as one LOP3 (qd_and_or); the same values.
+template <typename T, bool LOP = false>
 struct QdCodes {
   static constexpr bool BF16 = MmaType<T>::is_bf16;
   static constexpr unsigned MAGIC = BF16 ? 0x43004300u : 0x64006400u;
@@ -132,10 +184,11 @@ struct QdCodes {
   __device__ __forceinline__ static unsigned same(unsigned w, int p) {
     if (BITS == 4 && !BF16) {
       const unsigned x = p >= 2 ? w >> 8 : w;
-      if (p % 2 == 0) return fix((x & 0x000f000fu) | MAGIC);
-      return qd_fma2_f16((x & 0x00f000f0u) | MAGIC, 0x2c002c00u, 0xd400d400u);  // 1/16, -64
+      if (p % 2 == 0) return fix(LOP ? qd_and_or<0x000f000fu, MAGIC>(x) : (x & 0x000f000fu) | MAGIC);
+      return qd_fma2_f16(LOP ? qd_and_or<0x00f000f0u, MAGIC>(x) : (x & 0x00f000f0u) | MAGIC, 0x2c002c00u,
+                         0xd400d400u);  // 1/16, -64
     }
-    if (BITS == 4) return fix(((w >> (4 * p)) & 0x000f000fu) | MAGIC);
+    if (BITS == 4) return fix(LOP ? qd_and_or<0x000f000fu, MAGIC>(w >> (4 * p)) : ((w >> (4 * p)) & 0x000f000fu) | MAGIC);
     return fix(qd_perm(w, MAGIC_BYTE, p == 0 ? 0x4240u : 0x4341u));
   }
   // Cross-key pair: code n of word a (low half) and of word b (high half).
@@ -143,7 +196,21 @@ struct QdCodes {
   __device__ __forceinline__ static unsigned cross(unsigned a, unsigned b, int n) {
     if (BITS == 4) return same<4>(qd_perm(a, b, n < 4 ? 0x5410u : 0x7632u), n & 3);
     const unsigned y = qd_perm(a, b, (unsigned)(n | (n << 4) | ((4 + n) << 8) | ((4 + n) << 12)));
-    return fix((y & 0x00ff00ffu) | MAGIC);
+    return fix(LOP ? qd_and_or<0x00ff00ffu, MAGIC>(y) : (y & 0x00ff00ffu) | MAGIC);
+  }
+  // K's fp16 codes with the magic kept (no subtraction; the caller takes
+  // the offset out in fp32): 1024 + c, and 1024 + 16 c for 4-bit odd pairs
+  // (p % 2 == 1: the nibble stays in place). bf16: the exact codes. (V's
+  // codes too would need P's sums a group: 18 more registers, the ring's
+  // second block an SM lost.)
+  template <int BITS>
+  __device__ __forceinline__ static unsigned same_raw(unsigned w, int p) {
+    if (BF16) return same<BITS>(w, p);
+    if (BITS == 4) {
+      const unsigned x = p >= 2 ? w >> 8 : w;
+      return p % 2 == 0 ? qd_and_or<0x000f000fu, MAGIC>(x) : qd_and_or<0x00f000f0u, MAGIC>(x);
+    }
+    return qd_perm(w, MAGIC_BYTE, p == 0 ? 0x4240u : 0x4341u);
   }
 };
 
@@ -318,14 +385,15 @@ struct QdTile {
 
   // The same operands from a raw tile in the warp's ring (QdRing): the tile's
   // K and V rows and its four scale/bias planes as the cache stores them.
-  // PART 0: K words and the scales (before S), 1: V words (before P.V; fewer registers live at once).
+  // PART 0: K words and the scales (before S), 1: V words (before P.V; fewer registers live at once),
+  // 2: K words only (KEYS_M reads the scales straight from the slot).
   template <typename KST, typename VST, int PART>
   __device__ __forceinline__ void load_ring(const unsigned char* slot, int lane) {
     using R = QdRing<KST, VST, D, DV, BITS, GS>;
     const int g = lane / 4, t = lane % 4;
     const unsigned* kr = reinterpret_cast<const unsigned*>(slot);
     const unsigned* vr = reinterpret_cast<const unsigned*>(slot + R::V_OFF);
-    if (PART == 0) {
+    if (PART != 1) {
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -378,7 +446,7 @@ struct QdTile {
         }
       }
     }
-    if (PART == 1) return;
+    if (PART != 0) return;
     const KST* ks = reinterpret_cast<const KST*>(slot + R::KS_OFF);
     const KST* kb = reinterpret_cast<const KST*>(slot + R::KB_OFF);
     const VST* vs = reinterpret_cast<const VST*>(slot + R::VS_OFF);
@@ -445,7 +513,7 @@ __host__ __device__ constexpr int qd_part_floats() {
 // last block sets its ticket back to 0), so no output needs MLX's zero fill;
 // otherwise they follow the partials in `scratch` (zero-filled).
 template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
-          bool PF, int STAGES, bool POOL, class SA>
+          bool PF, int STAGES, bool POOL, int KEYS_M, class SA>
 __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
                                        const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
                                        float* lse, float* scratch, const unsigned* tk) {
@@ -602,22 +670,33 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   const T* qr = q + q_row(row_ok ? g : 0) * D;
   unsigned qa[QS ? 1 : S::KS][2];
   uint2* qsm = reinterpret_cast<uint2*>(reinterpret_cast<float*>(flag + 4) + NW * Tile::STAGE) + warp * S::KS * 32;
-  float qsum[S::NG];
+  // RAW (KEYS_M 2, fp16): K's codes keep the magic (1024 + c; 4-bit odd
+  // pairs 1024 + 16 c, their q fragments / 16, exact but for subnormals), so
+  // S^T holds q.c + 1024 (sum of the fragments): `qoff`, taken out in fp32.
+  constexpr bool RAW = KEYS_M == 2 && !MmaType<T>::is_bf16;
+  float qsum[S::NG], qoff[S::NG];
 #pragma unroll
   for (int gi = 0; gi < S::NG; ++gi) {
-    float acc = 0.f;
+    float acc = 0.f, off = 0.f;
 #pragma unroll
     for (int p = 0; p < GS / 8; ++p) {
       const int d = S::k_dim(gi, t, p);
       const float x0 = row_ok ? to_float(qr[d]) : 0.f, x1 = row_ok ? to_float(qr[d + S::k_step]) : 0.f;
       acc += x0 + x1;
-      const unsigned x = pack2<T>(x0, x1);
+      const float f = RAW && BITS == 4 && p % 2 == 1 ? 0.0625f : 1.f;
+      const unsigned x = pack2<T>(x0 * f, x1 * f);
+      if (RAW) off += QdBits<T>::f(x & 0xffffu) + QdBits<T>::f(x >> 16);
       if (QS) reinterpret_cast<unsigned*>(qsm + (gi * S::KSG + p / 2) * 32 + lane)[p % 2] = x;
       else qa[QS ? 0 : gi * S::KSG + p / 2][p % 2] = x;
     }
     acc += __shfl_xor_sync(0xffffffffu, acc, 1);
     acc += __shfl_xor_sync(0xffffffffu, acc, 2);
     qsum[gi] = acc;
+    if (RAW) {
+      off += __shfl_xor_sync(0xffffffffu, off, 1);
+      off += __shfl_xor_sync(0xffffffffu, off, 2);
+    }
+    qoff[gi] = 1024.f * off;
   }
   if (QS) __syncwarp();
 
@@ -633,6 +712,26 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
 
   // Row g's query, once (an integer division, ~20 instructions, per logit otherwise).
   const int qi = query_of(g);
+  // KEYS_M: this lane's rows are 2t, 2t+1 (S^T's and O^T's columns): their
+  // queries, validity, q sums (from lanes 4 (2t + r)) and softmax state; m2
+  // is the same on every lane g, l2 and pb2 are partial over the lanes g.
+  int qi2[2];
+  bool rok[2], bad2[2] = {false, false};
+  float qs2[S::NG][2], qo2[S::NG][2], m2[2] = {kNegInf, kNegInf}, l2[2] = {0.f, 0.f}, pb2[2][S::NGV];
+  if (KEYS_M) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      rok[r] = 2 * t + r < nrows;
+      qi2[r] = query_of(2 * t + r);
+#pragma unroll
+      for (int gi = 0; gi < S::NG; ++gi) {
+        qs2[gi][r] = __shfl_sync(0xffffffffu, qsum[gi], 4 * (2 * t + r));
+        qo2[gi][r] = RAW ? __shfl_sync(0xffffffffu, qoff[gi], 4 * (2 * t + r)) : 0.f;
+      }
+#pragma unroll
+      for (int gi = 0; gi < S::NGV; ++gi) pb2[r][gi] = 0.f;
+    }
+  }
   Tile cur;
   if (STAGES == 0 && j0 < end) cur.load(kh, vh, j0, end, lane);
   for (int it = 0; j0 < end; j0 += 16 * NW, ++it) {
@@ -643,13 +742,165 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       if (ring_debug & 2) cp_async_wait<0>();
       else cp_async_wait<(STAGES > 1 ? STAGES - 2 : 0)>();
       __syncwarp();
-      cur.template load_ring<KST, VST, 0>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
+      cur.template load_ring<KST, VST, KEYS_M ? 2 : 0>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
       issue(it + STAGES - 1);
     }
-    cur.stage_scales(stage, lane);
+    if (!(KEYS_M && STAGES > 0)) cur.stage_scales(stage, lane);
     Tile nxt;
     if (STAGES == 0 && PF && j1 < end) nxt.load(kh, vh, j1, end, lane);
 
+    if (KEYS_M) {
+      // S^T = K Q^T: the tile's 16 keys on the mma's M (every row used; Q's
+      // rows on N, 8), half the mma of S = Q K^T, whose M rows 8..15 are
+      // zero; K's codes are the A fragment, made in place, and Q's pair the
+      // B fragment as loaded (no register copies to build operand quads).
+      // C: (key g, rows 2t, 2t+1), (key g + 8, rows 2t, 2t+1).
+      using C2 = QdCodes<T, true>;
+      const unsigned char* slot = ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
+      // Plane `row` ([ks: NG][kb: NG][vs: NGV][vb: NGV]) at the tile's key
+      // `key`: the ring's slot as the cache stores it (no stage round trip),
+      // the register path's stage otherwise.
+      // Every group's value of one plane at one key (ks, kb: NG; vs, vb: NGV).
+      auto kplane = [&](int which, int key, float (&out)[S::NG]) {
+        if (STAGES > 0) qd_plane_row<KST, S::NG>(slot + (which ? Ring::KB_OFF : Ring::KS_OFF), key, out);
+        else {
+#pragma unroll
+          for (int gi = 0; gi < S::NG; ++gi) out[gi] = stage[(which * S::NG + gi) * 16 + key];
+        }
+      };
+      auto vplane = [&](int which, int key, float (&out)[S::NGV]) {
+        if (STAGES > 0) qd_plane_row<VST, S::NGV>(slot + (which ? Ring::VB_OFF : Ring::VS_OFF), key, out);
+        else {
+#pragma unroll
+          for (int gi = 0; gi < S::NGV; ++gi) out[gi] = stage[(2 * S::NG + which * S::NGV + gi) * 16 + key];
+        }
+      };
+      float acc[S::NG][4];
+#pragma unroll
+      for (int gi = 0; gi < S::NG; ++gi) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[gi][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < S::KSG; ++kk) {
+          unsigned b0, b1;
+          if (QS) {
+            const uint2 f = qsm[(gi * S::KSG + kk) * 32 + lane];
+            b0 = f.x, b1 = f.y;
+          } else {
+            b0 = qa[QS ? 0 : gi * S::KSG + kk][0], b1 = qa[QS ? 0 : gi * S::KSG + kk][1];
+          }
+          // a[n + 2h]: key g + 8n, the lane's pair 2kk + h.
+          unsigned a[4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+              const int p = 2 * kk + h;
+              constexpr int PPW = 16 / BITS;
+              a[n + 2 * h] = RAW ? C2::template same_raw<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW)
+                                 : C2::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
+            }
+          mma16816<T>(acc[gi], a, b0, b1);
+        }
+      }
+      // Logits x[r][k] of row 2t + r, key g + 8k; the online softmax per row.
+      float x2[2][2], mx[2];
+      bool kp[2][2];
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        float y0 = 0.f, y1 = 0.f, sk[S::NG], bk[S::NG];
+        kplane(0, g + 8 * k, sk);
+        kplane(1, g + 8 * k, bk);
+#pragma unroll
+        for (int gi = 0; gi < S::NG; ++gi) {
+          y0 = fmaf(sk[gi], RAW ? acc[gi][2 * k] - qo2[gi][0] : acc[gi][2 * k], fmaf(bk[gi], qs2[gi][0], y0));
+          y1 = fmaf(sk[gi], RAW ? acc[gi][2 * k + 1] - qo2[gi][1] : acc[gi][2 * k + 1], fmaf(bk[gi], qs2[gi][1], y1));
+        }
+        x2[0][k] = y0, x2[1][k] = y1;
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = kNegInf;
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const int j = j0 + g + 8 * k;
+          float capped, x = kNegInf;
+          if (rok[r] && j < end) x = apply_rules<F, bool>(rules, scale * x2[r][k], qi2[r], j, capped);
+          const bool nonfinite = x != x || x == MLXF_QUANT_POS_INF;
+          bad2[r] = bad2[r] || nonfinite;
+          if (nonfinite) x = kNegInf;
+          kp[r][k] = x != kNegInf;
+          x2[r][k] = x;
+          mx[r] = fmaxf(mx[r], x);
+        }
+      }
+      // The row maxima move only when some lane's logit passes them (a few
+      // tiles of a row once its max has settled): then the maxima over the
+      // lanes g and the rescale; otherwise no shuffle, exp or multiply.
+      // O^T's rows 2t, 2t+1 are this lane's own: no shuffle for the alphas.
+      if (__any_sync(0xffffffffu, mx[0] > m2[0] || mx[1] > m2[1])) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+          for (int off = 4; off < 32; off *= 2) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], off));
+          const float mn = fmaxf(m2[r], mx[r]);
+          const float al = mn == kNegInf ? 1.f : __expf(m2[r] - mn);
+          m2[r] = mn;
+          l2[r] *= al;
+#pragma unroll
+          for (int gi = 0; gi < S::NGV; ++gi) pb2[r][gi] *= al;
+#pragma unroll
+          for (int m = 0; m < S::MT; ++m) o[m][r] *= al, o[m][2 + r] *= al;
+        }
+      }
+      float pp[2][2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) pp[r][k] = kp[r][k] ? __expf(x2[r][k] - m2[r]) : 0.f;
+        l2[r] += pp[r][0] + pp[r][1];
+      }
+      {
+        float bv0[S::NGV], bv1[S::NGV];
+        vplane(1, g, bv0);
+        vplane(1, g + 8, bv1);
+#pragma unroll
+        for (int gi = 0; gi < S::NGV; ++gi) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float x = pb2[r][gi];
+            if (kp[r][0]) x = fmaf(pp[r][0], bv0[gi], x);
+            if (kp[r][1]) x = fmaf(pp[r][1], bv1[gi], x);
+            pb2[r][gi] = x;
+          }
+        }
+      }
+      if (STAGES > 0) cur.template load_ring<KST, VST, 1>(slot, lane);
+      float sv0[S::NGV], sv1[S::NGV];
+      vplane(0, g, sv0);
+      vplane(0, g + 8, sv1);
+#pragma unroll
+      for (int gi = 0; gi < S::NGV; ++gi) {
+        // P scaled by the group's V scales as 8x8 blocks [key g (+8)][rows
+        // 2t, 2t+1], transposed in registers to P^T's B fragments [row g][keys 2t, 2t+1 (+8)].
+        const unsigned b0 =
+            qd_movt(pack2<T>(kp[0][0] ? pp[0][0] * sv0[gi] : 0.f, kp[1][0] ? pp[1][0] * sv0[gi] : 0.f));
+        const unsigned b1 =
+            qd_movt(pack2<T>(kp[0][1] ? pp[0][1] * sv1[gi] : 0.f, kp[1][1] ? pp[1][1] * sv1[gi] : 0.f));
+#pragma unroll
+        for (int mm = 0; mm < S::KSG; ++mm) {
+          unsigned a[4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+              const int v = 2 * mm + h, wi = gi * S::WV + v / S::CPW;
+              a[h + 2 * n] = C2::template cross<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW);
+            }
+          mma16816<T>(o[gi * S::KSG + mm], a, b0, b1);
+        }
+      }
+    } else {
     // S = Q K^T per group (codes), then scales and biases in fp32. Both
     // 8-key halves n take each Q fragment (one shared-memory read with QS).
     float s[2][2];
@@ -769,6 +1020,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
         mma16816<T>(o[gi * S::KSG + mm], a, bf[0], bf[1]);
       }
     }
+    }  // KEYS_M
     if (STAGES == 0 && PF && j1 < end) cur = nxt;
     if (STAGES == 0 && !PF && j1 < end) cur.load(kh, vh, j1, end, lane);
   }
@@ -776,6 +1028,19 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   // Block merge: each warp's (o + bias terms, m, l) through shared memory,
   // over the rings: every warp must be done with its ring first.
   if (STAGES > 0) __syncthreads();
+  if (KEYS_M) {
+    // Rows 2t, 2t+1: sums over the lanes g; bad when any lane g of the row met a non-finite logit.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int off = 4; off < 32; off *= 2) {
+        l2[r] += __shfl_xor_sync(0xffffffffu, l2[r], off);
+#pragma unroll
+        for (int gi = 0; gi < S::NGV; ++gi) pb2[r][gi] += __shfl_xor_sync(0xffffffffu, pb2[r][gi], off);
+      }
+      bad2[r] = (__ballot_sync(0xffffffffu, bad2[r]) & (0x11111111u << t)) != 0;
+    }
+  } else {
   l_row += __shfl_xor_sync(0xffffffffu, l_row, 1);
   l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
 #pragma unroll
@@ -785,6 +1050,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   }
   // Row g is bad when any lane t of it met a non-finite logit.
   bad = ((__ballot_sync(0xffffffffu, bad) >> (4 * g)) & 0xfu) != 0;
+  }
   float* wo = red_o + warp * 8 * DV;
 #pragma unroll
   for (int m = 0; m < S::MT; ++m) {
@@ -796,7 +1062,18 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     wo[(2 * t) * DV + c + 1] = o[m][2];
     wo[(2 * t + 1) * DV + c + 1] = o[m][3];
   }
-  if (t == 0) {
+  if (KEYS_M) {
+    if (g == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp * 8 + 2 * t + r;
+        red_m[row] = bad2[r] ? MLXF_QUANT_NAN : m2[r];
+        red_l[row] = l2[r];
+#pragma unroll
+        for (int gi = 0; gi < S::NGV; ++gi) red_pb[row * S::NGV + gi] = pb2[r][gi];
+      }
+    }
+  } else if (t == 0) {
     red_m[warp * 8 + g] = bad ? MLXF_QUANT_NAN : m_row;
     red_l[warp * 8 + g] = l_row;
 #pragma unroll

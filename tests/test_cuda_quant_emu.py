@@ -488,8 +488,9 @@ def test_decode_shapes(shape):
     gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
                                    bits=bits, group_size=gs)
     assert _uses_decode(q, kq, vq, bits, gs)
-    # The register path (tickets from the pool; zero-filled tickets), the ring (2 and 4 stages).
-    for extra in ({}, {"dec_stages": 0, "dec_pool": False}, {"dec_stages": 2}, {"dec_stages": 4}):
+    # The register path (tickets from the pool; zero-filled tickets), the ring (2 and 4 stages), KEYS_M on both.
+    for extra in ({}, {"dec_stages": 0, "dec_pool": False}, {"dec_stages": 2}, {"dec_stages": 4},
+                  {"dec_keys_m": True}, {"dec_stages": 2, "dec_keys_m": True}, {"dec_stages": 4, "dec_keys_m": 2}):
         got = _emu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
@@ -514,8 +515,9 @@ def test_decode_features(feature):
                                    group_size=64)
     opts = DECODE_FEATURES[feature](gen, Hq)
     assert _uses_decode(q, kq, vq, 4, 64, **opts)
-    for stages in (0, 4):  # the register path and the ring
-        got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_stages": stages}, **opts)
+    for stages, keys_m in ((0, False), (4, False), (0, True), (4, True), (4, 2)):  # the register path and the ring
+        got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_stages": stages, "dec_keys_m": keys_m},
+                   **opts)
         _check_decode(q, kd, vd, got, F16, opts)
 
 
@@ -541,14 +543,16 @@ def test_decode_routing():
 
 
 @emulated
-def test_decode_nonfinite():
+@pytest.mark.parametrize("extra", [{}, {"dec_keys_m": True}, {"dec_stages": 4, "dec_keys_m": True},
+                                   {"dec_keys_m": 2}], ids=["default", "keys_m", "ring_keys_m", "keys_m_raw"])
+def test_decode_nonfinite(extra):
     """A NaN scale of key j reaches exactly the rows that keep j (K's: the
     logit; V's: the output); a NaN key a window drops, the last key (read
     again for a partial tile's padding) included, leaks nowhere; a NaN sink
     makes its head's rows NaN."""
     B, Hq, Hkv, Nq, Nk, D = 1, 4, 1, 2, 51, 64
     gen, q, kq, vq, kd, vd = _case(("decode-nan",), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4, group_size=64)
-    tuning = {**DECODE, "dec_splits": 3}
+    tuning = {**DECODE, "dec_splits": 3, **extra}
     j = Nk - 1  # seen by query 1 only (causal, bottom-right); also the padding's stand-in
     for which in ("k", "v"):
         t = kq if which == "k" else vq
@@ -602,8 +606,9 @@ def test_decode_strided_cache_views(layout):
             kq, vq, kd, vd = _first_batch_for_all(kq, vq, kd, vd)
         kv, vv = _views(gen, kq, vq, layout)
         # The register path and the ring (its dense cursor where the view allows, main's copies otherwise).
-        for stages in (0, 4):
-            got = _emu(q, kv, vv, bits, 64, tuning={**DECODE, "dec_splits": 2, "dec_stages": stages})
+        for stages, keys_m in ((0, False), (4, False), (4, True)):
+            got = _emu(q, kv, vv, bits, 64, tuning={**DECODE, "dec_splits": 2, "dec_stages": stages,
+                                                    "dec_keys_m": keys_m})
             _check_decode(q, kd, vd, got, F16, {})
 
 
@@ -718,6 +723,19 @@ def test_decode_shapes_gpu(shape):
 
 @on_gpu
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_keys_m_gpu(shape):
+    """KEYS_M (S^T = K Q^T, movmatrix) on the register path and on the ring (and K's raw codes, KEYS_M 2)."""
+    B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
+    gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
+                                   bits=bits, group_size=gs)
+    for extra in ({"dec_stages": 0}, {"dec_stages": 4}, {"dec_stages": 4, "dec_keys_m": 2}):
+        got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits,
+                                                "dec_keys_m": True, **extra})
+        _check_decode(q, kd, vd, got, dtype, {})
+
+
+@on_gpu
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_decode_ring_gpu(shape):
     """The ring (not routed: run it in a process of its own, a fault is sticky)."""
     from mlx_flash.backends import cuda_quant as cq
@@ -744,6 +762,9 @@ def test_decode_features_gpu(feature, bits):
     if bits == 4:
         got = _gpu(q, kq, vq, bits, 64, tuning={"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2}, **opts)
         _check_decode(q, kd, vd, got, F16, opts)
+    for extra in ({"dec_stages": 0}, {"dec_stages": 4}):  # KEYS_M, both paths
+        got = _gpu(q, kq, vq, bits, 64, tuning={"dec_keys_m": True, **extra}, **opts)
+        _check_decode(q, kd, vd, got, F16, opts)
 
 
 # Launch plans of the decode measured side by side (tools/cuda_decode_profile.py --step):
@@ -756,6 +777,9 @@ LONG_PLANS = {
     "ring_w8x1_s8": {"dec_stages": 8, "dec_warps": 8, "dec_blocks_per_sm": 1},
     "ring_w16x1": {"dec_stages": 4, "dec_warps": 16, "dec_blocks_per_sm": 1},
     "ring_w4x2_s8": {"dec_stages": 8, "dec_blocks_per_sm": 2},
+    "regs_km": {"dec_stages": 0, "dec_keys_m": True},
+    "ring_w8x2_km": {"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2, "dec_keys_m": True},
+    "ring_w8x2_km2": {"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2, "dec_keys_m": 2},
 }
 
 
@@ -823,11 +847,15 @@ def _decode_compile_cases():
                     paths += [(False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS)]
                     if d == 128 and gs == 64 and ST == T:
                         paths += [(False, 8, True, 8), (False, 4, True, 16)]
-                    for pf, stages, pool, nw in paths:
+                    # KEYS_M (S^T = K Q^T) on the ring and on the register path.
+                    paths = [p + (0,) for p in paths] + [
+                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 1), (False, 0, True, cq._DEC_WARPS, 1),
+                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 2)]
+                    for pf, stages, pool, nw, keys_m in paths:
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
                             ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
-                            ("NW", nw), ("PF", pf), ("STAGES", stages), ("POOL", pool)]
+                            ("NW", nw), ("PF", pf), ("STAGES", stages), ("POOL", pool), ("KEYS_M", keys_m)]
 
 
 def _dtypes(names, template):
@@ -892,10 +920,15 @@ def test_nvcc_compiles_without_spills(body, tmp_path):
     if body == "attention_quant_decode":
         # The ring's registers within the bound decode_plan sizes its blocks an SM by.
         cases = [c for c in _decode_compile_cases()]
+        over = []
         for n, (_, _, _, template) in enumerate(cases):
             t = dict(template)
             if t["STAGES"] == 0:
                 continue
             regs = next(u[0] for k, u in usage.items() if f"{body}_{n}E" in k)
-            bound = cuda_quant.ring_regs_bound(t["BITS"], max(t["D"], t["DV"]), t["SOFTCAP"] or t["WINDOW"] or t["SINKS"])
-            assert regs <= bound, (t, regs, bound)
+            bound = cuda_quant.ring_regs_bound(t["BITS"], max(t["D"], t["DV"]), t["SOFTCAP"] or t["WINDOW"] or t["SINKS"],
+                                               t["KEYS_M"])
+            if regs > bound:
+                over.append((str(t["T"]), str(t["KST"]), t["BITS"], t["GS"], t["D"], t["DV"], t["SOFTCAP"], t["NW"],
+                             t["KEYS_M"], regs, bound))
+        assert not over, str(over)

@@ -1,7 +1,7 @@
 """Where a CUDA decode call's time goes: Python wrapper, MLX launch, GPU (GPU machine).
 
     python tools/cuda_decode_profile.py OUT_DIR [--sweep] [--no-lm]  # host timings + cProfile (+ launch-plan sweep)
-    ncu ... python tools/cuda_decode_profile.py OUT_DIR --kernels-step [--plans JSON]  # each plan's kernel, 4/8-bit
+    ncu ... python tools/cuda_decode_profile.py OUT_DIR --kernels-step [--plans JSON] [--bits 4,8]  # each plan's kernel
     python tools/cuda_decode_profile.py OUT_DIR --step [--bits 4,8] [--plans JSON] [--no-lm | --lm-first] [--fp16-ours] [--tag T]
                                                            # a 32-layer decode step, plans side by side
     ncu --metrics gpu__time_duration.sum --csv python tools/cuda_decode_profile.py OUT_DIR --kernels
@@ -378,7 +378,8 @@ def main():
         for _ in range(2):
             mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=s))
         for name, tuning in plans.items():
-            for bits in (4, 8):
+            for bits in (tuple(int(b) for b in args[args.index("--bits") + 1].split(",")) if "--bits" in args
+                         else (4, 8)):
                 cq.TUNING.clear()
                 cq.TUNING.update(tuning)
                 cq.decode_plan.cache_clear()

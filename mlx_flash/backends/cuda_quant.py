@@ -302,7 +302,7 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # Tickets from cuda.py's pool (no zero fill).
 # TUNING "dec_warps" / "dec_splits" / "dec_stages" (0: the register path,
 # "dec_prefetch" its one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" /
-# "dec_ring_debug" / "decode" override for GPU sweeps (call
+# "dec_ring_debug" / "dec_keys_m" / "decode" override for GPU sweeps (call
 # decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
 _DEC_BLOCKS_PER_SM = 4
@@ -323,6 +323,16 @@ _DEC_RING_WARPS = 8
 _DEC_STAGES = 0  # stages where the ring is not routed (0: the register path)
 _DEC_RING_STAGES = 4
 _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next tile during the current one
+# TUNING "dec_keys_m": S^T = K Q^T (the tile's keys on the mma's M, P^T's
+# fragments transposed by movmatrix) with one-LOP3 code conversion; the ring
+# reads its scales straight from the slot. Half the mma and no operand-quad
+# copies of S = Q K^T. 2: also K's fp16 codes with their magic kept
+# (1024 + c: one op a code pair fewer), the offset (1024 sum(q)) taken out
+# in fp32. Not routed: on the H200 (session 8, cuda_quant_decode_nvidia_h200_s8.json)
+# 11-14 % fewer instructions but no time outside the run-to-run spread; the
+# ring with it compiles to 138 registers under MLX's NVRTC (nvcc 13: 120), so
+# two blocks of 8 warps do not fit an SM and it runs in two waves.
+_DEC_KEYS_M = 0
 _SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
 
@@ -359,11 +369,15 @@ def decode_ring_regs(qspec) -> int:
     over 128 up to 160."""
     spec = qspec.attention
     return ring_regs_bound(qspec.bits, max(spec.head_dim_qk, spec.head_dim_v),
-                           spec.softcap > 0 or spec.has_window or spec.has_sinks)
+                           spec.softcap > 0 or spec.has_window or spec.has_sinks,
+                           int(TUNING.get("dec_keys_m", _DEC_KEYS_M)))
 
 
-def ring_regs_bound(bits: int, head_dim: int, features: bool) -> int:
-    """decode_ring_regs from the template's terms (the larger head dim; softcap, window or sinks)."""
+def ring_regs_bound(bits: int, head_dim: int, features: bool, keys_m: int = 0) -> int:
+    """decode_ring_regs from the template's terms (the larger head dim; softcap, window or sinks; KEYS_M,
+    whose rings take up to 134 (4-bit with features), 155 (8-bit) and 170 (head dims over 128) under nvcc 13)."""
+    if keys_m:
+        return 176 if head_dim > 128 else 160 if bits == 8 else 136 if features else 128
     if head_dim > 128:
         return 168
     if bits == 8:
@@ -454,7 +468,8 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
     template = [("T", spec.dtype), ("KST", k_scales_dtype), ("VST", v_scales_dtype), ("SOFTCAP", spec.softcap > 0),
                 ("WINDOW", spec.has_window), ("SINKS", spec.has_sinks), ("D", spec.head_dim_qk),
                 ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("NW", nw),
-                ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool)]
+                ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool),
+                ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M)))]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
