@@ -4,7 +4,7 @@
     python3 tools/cuda_bwd_ab.py warm DTYPE D CAUSAL(0|1)
     python3 tools/cuda_bwd_ab.py time OUT.json [iters]
     python3 tools/cuda_bwd_ab.py bwdonly OUT.json [iters]
-    ncu ... python3 tools/cuda_bwd_ab.py one DTYPE B,H,N,D CAUSAL(0|1) WHICH(ours|fast)
+    ncu ... python3 tools/cuda_bwd_ab.py one DTYPE B,H,N,D CAUSAL(0|1) WHICH(fast|new|ws|...)
 
 check: dq, dk, dv of flash_attention's vjp against the float64 NumPy
 reference (tests/reference_np.py) with the suite's tolerance (twice the plain
@@ -34,7 +34,7 @@ kept) so that clock drift hits all three alike.
 one: warms, then runs one forward + backward between cudaProfilerStart and
 Stop (through torch), for `ncu --profile-from-start off` to measure every
 kernel of exactly that call (ours: delta, backward, dQ conversion; fast:
-cuDNN's).
+cuDNN's); WHICH a route name of VARIANTS, or fast.
 """
 
 from __future__ import annotations
@@ -57,9 +57,10 @@ import mlx_flash  # noqa: E402
 from mlx_flash.backends import cuda as cb  # noqa: E402
 
 SHAPES = [(1, 16, 8192, 128), (2, 16, 4096, 128), (4, 16, 1024, 64)]
-# route name: (cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST); "order0" (head-adjacent
-# blocks) is timed only where the default order differs (causal).
-VARIANTS = {"new": (0, -1), "bulk1": (1, -1), "order0": (0, 0)}
+# route name: (cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST, cb._BWD_WS); "order0"
+# (head-adjacent blocks) is timed only where the default order differs
+# (causal); "ws": the warp-specialised backward (MLX_FLASH_BWD_WS=1).
+VARIANTS = {"new": (0, -1, 0), "bulk1": (1, -1, 0), "order0": (0, 0, 0), "ws": (0, -1, 1)}
 
 
 def _variants(causal):
@@ -67,7 +68,7 @@ def _variants(causal):
 
 
 def set_route(name):
-    cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST = VARIANTS[name]
+    cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST, cb._BWD_WS = VARIANTS[name]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -81,7 +82,16 @@ def check(dtype, D, features):
     names = list(FEATURES) if features == "all" else features.split(",")
     cases = [(si, name) for name in names for si in range(len(shapes))]
     passed = failed = 0
-    label = f"D{D} {dtype} bulk={cb._BWD_DQ_BULK} heads_first={cb._BWD_HEADS_FIRST}"
+    label = f"D{D} {dtype} bulk={cb._BWD_DQ_BULK} heads_first={cb._BWD_HEADS_FIRST} ws={cb._BWD_WS}"
+    # Count the warp-specialised launches: a check of that route must reach it.
+    ws_calls = [0]
+    ws_launch = cb._backward_ws
+
+    def counted(*a, **kw):
+        ws_calls[0] += 1
+        return ws_launch(*a, **kw)
+
+    cb._backward_ws = counted
     for si, name in cases:
         B, Hq, Hkv, Nq, Nk = shapes[si]
         gen = rng("wgmma-bwd", D, str(dtype), si, name)
@@ -102,7 +112,7 @@ def check(dtype, D, features):
             print(f"FAIL {label} {shapes[si]} {name}: {e}", flush=True)
             if failed < 3:
                 traceback.print_exc()
-    print(f"check {label} {features}: {passed} passed, {failed} failed", flush=True)
+    print(f"check {label} {features}: {passed} passed, {failed} failed, {ws_calls[0]} ws launches", flush=True)
     return failed
 
 
@@ -284,9 +294,12 @@ def torch_fwd_ms(shape, dtype, causal, iters):
 def bwd_only(out, iters):
     device = mx.device_info(mx.gpu).get("device_name", "")
     reps = int(os.environ.get("BWD_AB_REPS", "3"))
+    # Our routes to time (VARIANTS names; default: the default route only).
+    routes = os.environ.get("BWD_AB_ROUTES", "new").split(",")
     result = {"device": device,
               "what": "backward alone = (forward + backward) - forward, ms per call (one call per eval; torch "
-                      "by CUDA events), median of BWD_AB_REPS alternating repetitions; ours = the default route",
+                      "by CUDA events), median of BWD_AB_REPS alternating repetitions; new = our default route, "
+                      "ws = MLX_FLASH_BWD_WS=1",
               "rows": []}
     for dtype, shape in _rows():
         B, H, N, D = shape
@@ -294,16 +307,19 @@ def bwd_only(out, iters):
         mx.eval(q, k, v)
         s = D ** -0.5
         for causal in (False, True):
-            set_route("new")
             fns = {}
-            for name, fast in (("ours", False), ("mx.fast", True)):
-                f, g = _fwd(causal, s, fast), _grad(causal, s, fast)
-                fns[name] = (lambda f=f: f(q, k, v), lambda g=g: g(q, k, v))
-            samples = {f"{n}_{w}": [] for n in ("ours", "mx.fast", "torch") for w in ("fwd", "fwdbwd")}
+            for name in routes:
+                f, g = _fwd(causal, s, False), _grad(causal, s, False)
+                fns[name] = (lambda f=f: f(q, k, v), lambda g=g: g(q, k, v), name)
+            f, g = _fwd(causal, s, True), _grad(causal, s, True)
+            fns["mx.fast"] = (lambda f=f: f(q, k, v), lambda g=g: g(q, k, v), "new")
+            samples = {f"{n}_{w}": [] for n in list(fns) + ["torch"] for w in ("fwd", "fwdbwd")}
             for _ in range(reps):
-                for name, (f, g) in fns.items():
+                for name, (f, g, route) in fns.items():
+                    set_route(route)
                     samples[f"{name}_fwd"].append(time_fn(f, iters))
                     samples[f"{name}_fwdbwd"].append(time_fn(g, iters))
+                set_route("new")
                 tf, tb = torch_fwd_ms(shape, dtype, causal, iters), torch_fwdbwd_ms(shape, dtype, causal, iters)
                 if tf is not None:
                     samples["torch_fwd"].append(tf)
@@ -311,19 +327,20 @@ def bwd_only(out, iters):
             med = {k: sorted(v)[len(v) // 2] for k, v in samples.items() if v}
             row = dict(dtype=str(dtype).split(".")[-1], shape=list(shape), causal=causal,
                        **{f"{k}_ms": round(v, 4) for k, v in med.items()})
-            names = [n for n in ("ours", "mx.fast", "torch") if f"{n}_fwd" in med]
+            names = [n for n in list(fns) + ["torch"] if f"{n}_fwd" in med]
             for n in names:
                 row[f"{n}_bwd_ms"] = round(med[f"{n}_fwdbwd"] - med[f"{n}_fwd"], 4)
-            for n in names[1:]:
-                row[f"ours_bwd_vs_{n}"] = round(row[f"{n}_bwd_ms"] / row["ours_bwd_ms"], 3)
-                row[f"ours_fwdbwd_vs_{n}"] = round(med[f"{n}_fwdbwd"] / med["ours_fwdbwd"], 3)
-                row[f"ours_fwd_vs_{n}"] = round(med[f"{n}_fwd"] / med["ours_fwd"], 3)
+            refs = [n for n in ("mx.fast", "torch") if n in names]
+            for r in routes:
+                for n in refs:
+                    row[f"{r}_bwd_vs_{n}"] = round(row[f"{n}_bwd_ms"] / row[f"{r}_bwd_ms"], 3)
+                    row[f"{r}_fwdbwd_vs_{n}"] = round(med[f"{n}_fwdbwd"] / med[f"{r}_fwdbwd"], 3)
             result["rows"].append(row)
             print(f"bwdonly {row['dtype']} {shape} causal={causal}: "
                   + " ".join(f"{n} fwd {med[n + '_fwd']:.3f} bwd {row[n + '_bwd_ms']:.3f}" for n in names)
-                  + " | ours bwd vs " + " ".join(f"{n} {row['ours_bwd_vs_' + n]:.2f}x" for n in names[1:])
-                  + " | fwdbwd vs " + " ".join(f"{n} {row['ours_fwdbwd_vs_' + n]:.2f}x" for n in names[1:]),
-                  flush=True)
+                  + " | bwd vs " + " ".join(f"{r}/{n} {row[f'{r}_bwd_vs_{n}']:.2f}x" for r in routes for n in refs)
+                  + " | fwdbwd vs " + " ".join(f"{r}/{n} {row[f'{r}_fwdbwd_vs_{n}']:.2f}x" for r in routes
+                                               for n in refs), flush=True)
             with open(out, "w") as f:
                 json.dump(result, f, indent=1)
 
@@ -332,6 +349,8 @@ def one(dtype, shape, causal, which):
     import torch
 
     q, k, v = (mx.random.normal(shape).astype(dtype) for _ in range(3))
+    if which in VARIANTS:
+        set_route(which)
     g = _grad(causal, shape[3] ** -0.5, which == "fast")
     for _ in range(3):
         mx.eval(g(q, k, v))

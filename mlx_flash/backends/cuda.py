@@ -69,6 +69,7 @@ _KERNEL_ROOTS = {
     "attention_fwd_wgmma": ("attention_fwd_wgmma.cuh",),
     "attention_fwd_ws": ("attention_fwd_ws.cuh",),
     "attention_bwd_wgmma": ("attention_bwd_wgmma.cuh",),
+    "attention_bwd_ws": ("attention_bwd_ws.cuh",),
     "attention_bwd_delta": ("attention_bwd_delta.cuh",),
     "attention_fwd_simt": ("attention_simt.cuh",),
     "attention_fwd_decode": ("attention_decode.cuh",),
@@ -839,12 +840,61 @@ def _bwd_heads_first(spec: AttentionSpec) -> bool:
     return bool(_BWD_HEADS_FIRST)
 
 
+# Warp-specialised Hopper backward (attention_bwd_ws.cuh: a producer warp
+# streams Q, dO, lse and delta through a ring of _BWD_WS_STAGES buffers, the two
+# consumer warpgroups never wait on their own loads): 1 = route the calls it
+# serves (_bwd_ws_serves) there. Opt-in until the H200 shows it faster.
+_BWD_WS = _env_choice("MLX_FLASH_BWD_WS", 0, (0, 1))
+# Ring buffers: 3 fit shared memory at D 128 (195 KiB); with 2 the fp16 D 128
+# dense instance spilled 4 bytes (nvcc 13, ptxas -v).
+_BWD_WS_STAGES = 3
+
+
+def _bwd_ws_serves(spec: AttentionSpec) -> bool:
+    """The calls attention_bwd_ws takes: fp16/bf16 on Hopper, Dqk = Dv in {64,
+    128}, dense batches, causal / window rules only (sinks too: the backward
+    reads their effect through lse alone)."""
+    return (bool(_BWD_WS) and _uses_wgmma(spec, backward=True) and spec.head_dim_qk in (64, 128)
+            and spec.softcap == 0 and not spec.has_alibi and spec.mask_kind == "none"
+            and not spec.has_block_mask and not spec.varlen and not spec.has_key_range)
+
+
+def _bwd_ws_kernel(stages: int):
+    # One kernel object for both head dims: shared memory of D 128, the larger.
+    return _kernel("attention_bwd_ws", ("q", "k", "v", "ip", "fp", "dout", "lse", "delta"),
+                   ("dq_acc", "dk", "dv"), _bwd_ws_smem(128, stages))
+
+
+def _bwd_ws_smem(d: int, stages: int) -> int:
+    """bwd_ws_smem of attention_bwd_ws.cuh: K, V, STAGES buffers of Q, dO, lse
+    and delta, dS^T and P^T, 2 STAGES mbarriers, alignment slack."""
+    return 2 * (2 * 128 * d + stages * 2 * 64 * d + 2 * 128 * 64) + stages * 2 * 64 * 4 + stages * 2 * 8 + 1024
+
+
+def _backward_ws(q, k, v, lse, dout, delta, spec: AttentionSpec, inputs: AttentionInputs, stream):
+    ip, fp = _params(spec, inputs)
+    stages = _BWD_WS_STAGES
+    kernel = _bwd_ws_kernel(stages)
+    return kernel(
+        inputs=[q, k, v, ip, fp, dout, lse, delta],
+        template=[("BF16", spec.dtype == mx.bfloat16), ("D", spec.head_dim_qk), ("WINDOW", spec.has_window),
+                  ("STAGES", stages), ("HEADS_FIRST", _bwd_heads_first(spec))],
+        grid=(math.ceil(_max_k(spec) / 128) * 384, 1, spec.batch * spec.heads_kv), threadgroup=(384, 1, 1),
+        output_shapes=[tuple(q.shape), tuple(k.shape), tuple(v.shape)],
+        output_dtypes=[mx.float32, spec.dtype, spec.dtype],
+        init_value=0.0, stream=stream,
+    )
+
+
 def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
     common = _common_inputs(q, k, v, spec, inputs)
     args = common[:5] + common[6:] + [dout, lse]  # no sinks: their gradient is formed in attention.py
     template = _feature_template(spec, inputs, with_sinks=False) + [
         ("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
-    if _uses_mma(spec):
+    if _uses_mma(spec) and _bwd_ws_serves(spec):
+        delta = _bwd_delta(dout, out, dlse, spec, stream)
+        dq_acc, dk, dv = _backward_ws(q, k, v, lse, dout, delta, spec, inputs, stream)
+    elif _uses_mma(spec):
         delta = _bwd_delta(dout, out, dlse, spec, stream)
         if _uses_wgmma(spec, backward=True):
             bulk = bool(_BWD_DQ_BULK)
