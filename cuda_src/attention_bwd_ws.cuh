@@ -34,11 +34,31 @@
 
 namespace mlx_flash {
 
+// Row pitch of the dQ staging (DQW), in floats: D + 8, so that the rows g =
+// 0..3 of a half-warp's float2 stores start 8 banks apart (D + 4 would put
+// rows g and g + 1 two float2 apart: a two-way conflict).
+__host__ __device__ constexpr int bwd_ws_dq_pitch(int d) { return d + 8; }
+
 // Shared memory of the warp-specialised backward (bytes): K, V [128][D];
 // STAGES buffers of Q and dO [64][D] and of lse and delta [64]; dS^T and P^T
-// [128][64]; 2 STAGES mbarriers; 1 KiB alignment slack.
-__host__ __device__ constexpr int bwd_ws_smem(int d, int stages) {
-  return 2 * (2 * 128 * d + stages * 2 * 64 * d + 2 * 128 * 64) + stages * 2 * 64 * 4 + stages * 2 * 8 + 1024;
+// [128][64]; 2 STAGES + 2 mbarriers; with dqw, the dQ staging [64][pitch]
+// floats; 1 KiB alignment slack.
+__host__ __device__ constexpr int bwd_ws_smem(int d, int stages, bool dqw = false) {
+  return 2 * (2 * 128 * d + stages * 2 * 64 * d + 2 * 128 * 64) + stages * 2 * 64 * 4 + (stages * 2 + 2) * 8 +
+         (dqw ? 64 * bwd_ws_dq_pitch(d) * 4 + 16 : 0) + 1024;
+}
+
+// Stages a warp's 16 x 64 part of a query tile's dQ (times scale) in the
+// [64][pitch] float tile `stage` (the fragment layout of bwd_dq_atomic_add:
+// rows row, row + 8 of the tile, dims col + 8n + e).
+template <int D>
+__device__ __forceinline__ void bwd_ws_dq_stage(float* stage, int row, int col, const float (&acc)[32], float scale) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half)
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+      *reinterpret_cast<float2*>(stage + (row + 8 * half) * bwd_ws_dq_pitch(D) + col + 8 * n) =
+          make_float2(acc[4 * n + 2 * half] * scale, acc[4 * n + 2 * half + 1] * scale);
 }
 
 // The element type of a kernel's q pointer, and whether it is bfloat16 (the
@@ -84,7 +104,7 @@ __device__ __forceinline__ void bwd_ws_load_q_tile(unsigned char* dst, const T* 
   }
 }
 
-template <typename T, class F, int D, int STAGES, bool HEADS_FIRST>
+template <typename T, class F, int D, int STAGES, bool HEADS_FIRST, bool DQW>
 __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp, const T* dout,
                                  const float* lse, const float* delta, float* dq_acc, T* dk, T* dv) {
   static_assert(D == 64 || D == 128, "warp-specialised backward: head dim 64 or 128");
@@ -93,6 +113,10 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
   using MT = float;  // no mask
   constexpr int BKV = 128, BQ = 64, NTHREADS = 256;  // NTHREADS: the consumers
   constexpr int KV_BYTES = BKV * D * 2, QT_BYTES = BQ * D * 2, DS_BYTES = BKV * BQ * 2;
+  // setmaxnreg counts (2 x 128 x consumer + 128 x producer <= 64 Ki): the dQ
+  // writer's loop spilled at 24 (8-28 bytes), so DQW gives the producer
+  // warpgroup 40 and the consumers 232.
+  constexpr int kProducerRegs = DQW ? 40 : 24, kConsumerRegs = DQW ? 232 : 240;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* Ks = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* Vs = Ks + KV_BYTES;
@@ -104,6 +128,12 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
   float* delta_s = lse_s + STAGES * BQ;                     // STAGES x BQ
   unsigned long long* full = reinterpret_cast<unsigned long long*>(delta_s + STAGES * BQ);
   unsigned long long* empty = full + STAGES;
+  // DQW: dQ staged by the consumers, added to global memory by warp 9.
+  unsigned long long* dq_full = empty + STAGES;  // 256 arrivals: the tile's dQ is staged
+  unsigned long long* dq_empty = dq_full + 1;    // 32: warp 9's reductions have read it
+  // 16-byte aligned for the bulk copies (the offset is a multiple of 16 at
+  // 2 and 3 buffers; rounded up anyway, within the smem's 16 spare bytes).
+  float* dq_stage = reinterpret_cast<float*>((reinterpret_cast<unsigned long long>(dq_empty + 1) + 15) & ~15ull);
 
   const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -141,12 +171,36 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
       mbar_init(&full[s], 64);
       mbar_init(&empty[s], NTHREADS);
     }
+    mbar_init(dq_full, NTHREADS);
+    mbar_init(dq_empty, 32);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();  // the only block-wide barrier: the mbarriers exist
 
   if (wg == 2) {
-    setmaxnreg_dec<24>();
+    setmaxnreg_dec<kProducerRegs>();
+    if (DQW && warp == 1) {
+      // dQ writer: each staged tile added to the float32 dQ by bulk async
+      // reductions (the copy engine's adds in L2), a row a lane op; the
+      // staging is handed back once they have read it.
+#pragma unroll 1
+      for (int n = 0; n < tiles; ++n) {
+        mbar_wait(dq_full, n & 1);
+        const int hg = n / per_head, i0 = first_i0 + (n % per_head) * BQ;
+        const long q_base = (long)(seq.tensor_batch * Hq + hk * G + hg) * NqTot + seq.q_start;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = lane + 32 * half;
+          if (i0 + r < seq.nq)
+            bwd_bulk_reduce_add_f32(dq_acc + (q_base + i0 + r) * D, dq_stage + r * bwd_ws_dq_pitch(D), D * 4);
+        }
+        bwd_bulk_commit();
+        bwd_bulk_wait_read();
+        mbar_arrive(dq_empty);
+      }
+      bwd_bulk_wait();  // complete before the block's shared memory goes
+      return;
+    }
     if (warp != 0) return;
 #pragma unroll 1
     for (int n = 0; n < tiles; ++n) {
@@ -178,7 +232,7 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
     cp_async_wait<0>();
     return;
   }
-  setmaxnreg_inc<240>();
+  setmaxnreg_inc<kConsumerRegs>();
 
   load_tile_swizzled<T, BKV, D, NTHREADS>(Ks, k + (kv_base + j0) * D, j_end - j0);
   load_tile_swizzled<T, BKV, D, NTHREADS>(Vs, v + (kv_base + j0) * D, j_end - j0);
@@ -392,7 +446,12 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
               dqx[4 * n + 2 * half + e] += ds * swizzled_at<T, BKV>(Ks, j, wg * 64 + 8 * n + 2 * t + e);
         }
       }
-      bwd_dq_atomic_add<D>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dqx, scale);
+      if (DQW) {
+        mbar_wait(dq_empty, (n & 1) ^ 1);
+        bwd_ws_dq_stage<D>(dq_stage, warp * 16 + g, wg * 64 + 2 * t, dqx, scale);
+      } else {
+        bwd_dq_atomic_add<D>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dqx, scale);
+      }
     } else if (!exact) {
       float dq[BQ / 2];
       if (D == 128 || wg == 0) {
@@ -416,8 +475,17 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
         if (kDkLast) wgmma_wait<1>();
         else wgmma_wait<0>();
         wgmma_pin(dq);
-        bwd_dq_atomic_add<D>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dq, scale);
+        if (DQW) {
+          mbar_wait(dq_empty, (n & 1) ^ 1);  // warp 9 has read the previous tile's staging
+          bwd_ws_dq_stage<D>(dq_stage, warp * 16 + g, wg * 64 + 2 * t, dq, scale);
+        } else {
+          bwd_dq_atomic_add<D>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dq, scale);
+        }
       }
+    }
+    if (DQW) {  // every consumer thread, staged or not (D 64: warpgroup 1 forms no dQ)
+      fence_proxy_async();  // the staged rows, visible to the bulk copies' async proxy
+      mbar_arrive(dq_full);
     }
     wgmma_wait<0>();
     wgmma_pin(dv_acc);
@@ -476,21 +544,24 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
 
 // The launch bound of every instance the backend builds (see the top): MLX
 // names a kernel "custom_kernel_mlx_flash_attention_bwd_ws" followed by its
-// template values (BF16, D, WINDOW, STAGES, HEADS_FIRST as _t/_f and numbers)
+// template values (BF16, D, WINDOW, STAGES, HEADS_FIRST, DQW as _t/_f and numbers)
 // and declares its parameters as below (inputs q, k, v, ip, fp, dout, lse,
 // delta; outputs dq_acc, dk, dv).
 #define MLX_FLASH_BWD_WS_DECLARE(SUFFIX, TT)                                                                \
   __global__ void __launch_bounds__(384, 1) custom_kernel_mlx_flash_attention_bwd_ws##SUFFIX(            \
       const TT* q, const TT* k, const TT* v, const int* ip, const float* fp, const TT* dout,                 \
       const float* lse, const float* delta, float* dq_acc, TT* dk, TT* dv);
-#define MLX_FLASH_BWD_WS_DECLARE_D(B, TT, D)                                                               \
-  MLX_FLASH_BWD_WS_DECLARE(_##B##_##D##_f_3_f, TT) MLX_FLASH_BWD_WS_DECLARE(_##B##_##D##_f_3_t, TT)        \
-  MLX_FLASH_BWD_WS_DECLARE(_##B##_##D##_t_3_f, TT) MLX_FLASH_BWD_WS_DECLARE(_##B##_##D##_t_3_t, TT)
+// (STAGES, DQW) pairs the backend uses: (3, f) and (2, t).
+#define MLX_FLASH_BWD_WS_DECLARE_W(B, TT, D, W)                                                            \
+  MLX_FLASH_BWD_WS_DECLARE(_##B##_##D##_##W##_3_f_f, TT) MLX_FLASH_BWD_WS_DECLARE(_##B##_##D##_##W##_3_t_f, TT) \
+  MLX_FLASH_BWD_WS_DECLARE(_##B##_##D##_##W##_2_f_t, TT) MLX_FLASH_BWD_WS_DECLARE(_##B##_##D##_##W##_2_t_t, TT)
+#define MLX_FLASH_BWD_WS_DECLARE_D(B, TT, D) MLX_FLASH_BWD_WS_DECLARE_W(B, TT, D, f) MLX_FLASH_BWD_WS_DECLARE_W(B, TT, D, t)
 namespace mlx::core::cu {
 MLX_FLASH_BWD_WS_DECLARE_D(f, __half, 64)
 MLX_FLASH_BWD_WS_DECLARE_D(f, __half, 128)
 MLX_FLASH_BWD_WS_DECLARE_D(t, __nv_bfloat16, 64)
 MLX_FLASH_BWD_WS_DECLARE_D(t, __nv_bfloat16, 128)
 }  // namespace mlx::core::cu
+#undef MLX_FLASH_BWD_WS_DECLARE_W
 #undef MLX_FLASH_BWD_WS_DECLARE_D
 #undef MLX_FLASH_BWD_WS_DECLARE

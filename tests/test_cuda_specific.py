@@ -1212,15 +1212,15 @@ def _hopper_bwd_ws_kernels():
     body = cuda_backend._read("attention_bwd_ws.cu")
     for T in (mx.float16, mx.bfloat16):
         for D in (64, 128):
-            for window in (False, True):
-                bf, w = "t" if T == mx.bfloat16 else "f", "t" if window else "f"
-                stages = cuda_backend._BWD_WS_STAGES
-                name = f"custom_kernel_mlx_flash_attention_bwd_ws_{bf}_{D}_{w}_{stages}_{w}"
+            for window, dqw in ((False, False), (True, False), (False, True), (True, True)):
+                bf, w, dw = ("t" if x else "f" for x in (T == mx.bfloat16, window, dqw))
+                stages = cuda_backend._BWD_WS_STAGES[dqw]
+                name = f"custom_kernel_mlx_flash_attention_bwd_ws_{bf}_{D}_{w}_{stages}_{w}_{dw}"
                 ins = list(zip(("q", "k", "v", "ip", "fp", "dout", "lse", "delta"),
                                (T, T, T, mx.int32, mx.float32, T, mx.float32, mx.float32)))
                 yield name, _kernel_text(name, body, ins, _output_dtypes(("dq_acc", "dk", "dv"), T),
                                          [("BF16", T == mx.bfloat16), ("D", D), ("WINDOW", window),
-                                          ("STAGES", stages), ("HEADS_FIRST", window)])
+                                          ("STAGES", stages), ("HEADS_FIRST", window), ("DQW", dqw)])
 
 
 @needs_nvcc
@@ -1233,8 +1233,9 @@ def test_hopper_backward_ws_compiles_without_spills(tmp_path):
                         "\n" + "\n".join(kernels.values()), ("-Xptxas", "-v"))
     usage = ptxas_usage(log)
     assert len(usage) == len(kernels), log[-2000:]
-    for mangled, (regs, spill_st, spill_ld) in usage.items():
-        assert regs <= 168 and not spill_st and not spill_ld, f"{mangled}: {regs} registers, spills {spill_st}/{spill_ld}"
+    bad = [f"{name}: {regs} registers, spills {st}/{ld}" for name, (regs, st, ld) in usage.items()
+           if regs > 168 or st or ld]
+    assert not bad, "\n".join(bad)
     if _cuobjdump() is not None:
         sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / "hopper_bwd_ws.o")], capture_output=True,
                               text=True, check=True).stdout
@@ -1269,17 +1270,21 @@ def test_hopper_backward_ws_setting(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_BWD_WS", 1)
     assert all(map(cuda_backend._bwd_ws_serves, served))
     assert not any(map(cuda_backend._bwd_ws_serves, not_served))
-    # Its shared memory (3 buffers at D 128) fits the block's.
-    assert cuda_backend._bwd_ws_smem(128, cuda_backend._BWD_WS_STAGES) <= cuda_backend._MAX_SMEM
+    # Its shared memory (D 128: 3 buffers, or 2 and the dQ staging) fits the block's.
+    for dqw in (False, True):
+        assert cuda_backend._bwd_ws_smem(128, cuda_backend._BWD_WS_STAGES[dqw], dqw) <= cuda_backend._MAX_SMEM
+    monkeypatch.setenv("MLX_FLASH_BWD_WS_DQ", "1")
+    assert cuda_backend._env_choice("MLX_FLASH_BWD_WS_DQ", 0, (0, 1)) == 1
 
 
 @needs_cuda
 @pytest.mark.parametrize("feature", ["none", "causal", "window_both", "window_left", "sinks"])
 @pytest.mark.parametrize("kind", ["float16-D128", "bfloat16-D128", "float16-D64", "bfloat16-D64"])
-def test_hopper_backward_ws_on_gpu(kind, feature, monkeypatch):
-    """dq, dk, dv of the warp-specialised backward (MLX_FLASH_BWD_WS=1)
-    against float64: GQA with Nq != Nk both ways, partial tiles; every call
-    must reach the kernel."""
+@pytest.mark.parametrize("dqw", [0, 1])
+def test_hopper_backward_ws_on_gpu(dqw, kind, feature, monkeypatch):
+    """dq, dk, dv of the warp-specialised backward (MLX_FLASH_BWD_WS=1), dQ by
+    atomics and by the writer warp (MLX_FLASH_BWD_WS_DQ), against float64: GQA
+    with Nq != Nk both ways, partial tiles; every call must reach the kernel."""
     import mlx_flash
     from helpers import check_close, plain_errors, qkv, randn, rng, to_np
     from reference_np import attention_np
@@ -1287,13 +1292,14 @@ def test_hopper_backward_ws_on_gpu(kind, feature, monkeypatch):
     if not cuda_backend._is_hopper():
         pytest.skip("the warp-specialised backward is Hopper's")
     monkeypatch.setattr(cuda_backend, "_BWD_WS", 1)
+    monkeypatch.setattr(cuda_backend, "_BWD_WS_DQ", dqw)
     launches = []
     launch = cuda_backend._backward_ws
     monkeypatch.setattr(cuda_backend, "_backward_ws", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
     dtype, D = getattr(mx, kind.split("-")[0]), int(kind.split("D")[1])
     shapes = ((2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 2, 2, 129, 300))
     for B, Hq, Hkv, Nq, Nk in shapes:
-        gen = rng("hopper-bwd-ws", kind, feature, Nq)
+        gen = rng("hopper-bwd-ws", dqw, kind, feature, Nq)
         q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
         options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
         dout = randn(gen, (B, Hq, Nq, D), dtype)

@@ -845,9 +845,13 @@ def _bwd_heads_first(spec: AttentionSpec) -> bool:
 # consumer warpgroups never wait on their own loads): 1 = route the calls it
 # serves (_bwd_ws_serves) there. Opt-in until the H200 shows it faster.
 _BWD_WS = _env_choice("MLX_FLASH_BWD_WS", 0, (0, 1))
-# Ring buffers: 3 fit shared memory at D 128 (195 KiB); with 2 the fp16 D 128
-# dense instance spilled 4 bytes (nvcc 13, ptxas -v).
-_BWD_WS_STAGES = 3
+# Its dQ: 0 = float2 atomics from the consumers; 1 = staged in shared memory
+# by the consumers and added by warp 9 with bulk async reductions (as
+# FlashAttention 3 does), which takes the atomics off the consumers' path.
+_BWD_WS_DQ = _env_choice("MLX_FLASH_BWD_WS_DQ", 0, (0, 1))
+# Ring buffers: 3 fit shared memory at D 128 (195 KiB) beside the rest; with
+# the dQ staging (34 KiB at D 128), 2.
+_BWD_WS_STAGES = {False: 3, True: 2}
 
 
 def _bwd_ws_serves(spec: AttentionSpec) -> bool:
@@ -859,26 +863,29 @@ def _bwd_ws_serves(spec: AttentionSpec) -> bool:
             and not spec.has_block_mask and not spec.varlen and not spec.has_key_range)
 
 
-def _bwd_ws_kernel(stages: int):
+def _bwd_ws_kernel(dqw: bool):
     # One kernel object for both head dims: shared memory of D 128, the larger.
     return _kernel("attention_bwd_ws", ("q", "k", "v", "ip", "fp", "dout", "lse", "delta"),
-                   ("dq_acc", "dk", "dv"), _bwd_ws_smem(128, stages))
+                   ("dq_acc", "dk", "dv"), _bwd_ws_smem(128, _BWD_WS_STAGES[dqw], dqw))
 
 
-def _bwd_ws_smem(d: int, stages: int) -> int:
+def _bwd_ws_smem(d: int, stages: int, dqw: bool = False) -> int:
     """bwd_ws_smem of attention_bwd_ws.cuh: K, V, STAGES buffers of Q, dO, lse
-    and delta, dS^T and P^T, 2 STAGES mbarriers, alignment slack."""
-    return 2 * (2 * 128 * d + stages * 2 * 64 * d + 2 * 128 * 64) + stages * 2 * 64 * 4 + stages * 2 * 8 + 1024
+    and delta, dS^T and P^T, 2 STAGES + 2 mbarriers, with dqw the dQ staging
+    (64 rows of D + 8 floats, 16 bytes for its alignment), alignment slack."""
+    return (2 * (2 * 128 * d + stages * 2 * 64 * d + 2 * 128 * 64) + stages * 2 * 64 * 4 + (stages * 2 + 2) * 8
+            + (64 * (d + 8) * 4 + 16 if dqw else 0) + 1024)
 
 
 def _backward_ws(q, k, v, lse, dout, delta, spec: AttentionSpec, inputs: AttentionInputs, stream):
     ip, fp = _params(spec, inputs)
-    stages = _BWD_WS_STAGES
-    kernel = _bwd_ws_kernel(stages)
+    dqw = bool(_BWD_WS_DQ)
+    stages = _BWD_WS_STAGES[dqw]
+    kernel = _bwd_ws_kernel(dqw)
     return kernel(
         inputs=[q, k, v, ip, fp, dout, lse, delta],
         template=[("BF16", spec.dtype == mx.bfloat16), ("D", spec.head_dim_qk), ("WINDOW", spec.has_window),
-                  ("STAGES", stages), ("HEADS_FIRST", _bwd_heads_first(spec))],
+                  ("STAGES", stages), ("HEADS_FIRST", _bwd_heads_first(spec)), ("DQW", dqw)],
         grid=(math.ceil(_max_k(spec) / 128) * 384, 1, spec.batch * spec.heads_kv), threadgroup=(384, 1, 1),
         output_shapes=[tuple(q.shape), tuple(k.shape), tuple(v.shape)],
         output_dtypes=[mx.float32, spec.dtype, spec.dtype],
