@@ -57,18 +57,20 @@ import mlx_flash  # noqa: E402
 from mlx_flash.backends import cuda as cb  # noqa: E402
 
 SHAPES = [(1, 16, 8192, 128), (2, 16, 4096, 128), (4, 16, 1024, 64)]
-# route name: (cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST, cb._BWD_WS); "order0"
-# (head-adjacent blocks) is timed only where the default order differs
-# (causal); "ws": the warp-specialised backward (MLX_FLASH_BWD_WS=1).
-VARIANTS = {"new": (0, -1, 0), "bulk1": (1, -1, 0), "order0": (0, 0, 0), "ws": (0, -1, 1)}
+# route name: (cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST, cb._BWD_WS, cb._BWD_WS_DQ);
+# "order0" (head-adjacent blocks) is timed only where the default order
+# differs (causal); "ws": the warp-specialised backward (MLX_FLASH_BWD_WS=1),
+# "wsdq": with its dQ writer warp (MLX_FLASH_BWD_WS_DQ=1).
+VARIANTS = {"new": (0, -1, 0, 0), "bulk1": (1, -1, 0, 0), "order0": (0, 0, 0, 0), "ws": (0, -1, 1, 0),
+            "wsdq": (0, -1, 1, 1)}
 
 
 def _variants(causal):
-    return [n for n in VARIANTS if causal or n != "order0"]
+    return [n for n in VARIANTS if (causal or n != "order0") and not n.startswith("ws")]
 
 
 def set_route(name):
-    cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST, cb._BWD_WS = VARIANTS[name]
+    cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST, cb._BWD_WS, cb._BWD_WS_DQ = VARIANTS[name]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -82,7 +84,8 @@ def check(dtype, D, features):
     names = list(FEATURES) if features == "all" else features.split(",")
     cases = [(si, name) for name in names for si in range(len(shapes))]
     passed = failed = 0
-    label = f"D{D} {dtype} bulk={cb._BWD_DQ_BULK} heads_first={cb._BWD_HEADS_FIRST} ws={cb._BWD_WS}"
+    label = (f"D{D} {dtype} bulk={cb._BWD_DQ_BULK} heads_first={cb._BWD_HEADS_FIRST} ws={cb._BWD_WS} "
+             f"ws_dq={cb._BWD_WS_DQ}")
     # Count the warp-specialised launches: a check of that route must reach it.
     ws_calls = [0]
     ws_launch = cb._backward_ws
@@ -131,9 +134,7 @@ def warm(dtype, D, causal):
     q, k, v = (mx.random.normal((1, 1, N, D)).astype(dtype) for _ in range(3))
     # BWD_AB_WARM_ROUTES: a comma list of the routes to build (default: all).
     only = os.environ.get("BWD_AB_WARM_ROUTES")
-    for name in _variants(causal):
-        if only and name not in only.split(","):
-            continue
+    for name in only.split(",") if only else _variants(causal):
         set_route(name)
         mx.eval(_grad(causal, D ** -0.5, False)(q, k, v))
     set_route("new")
