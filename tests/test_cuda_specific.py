@@ -1309,3 +1309,30 @@ def test_hopper_backward_ws_on_gpu(dqw, kind, feature, monkeypatch):
         for name, g in zip(("dq", "dk", "dv"), grads):
             check_close(name, to_np(g), want, dtype, plain)
     assert len(launches) == len(shapes)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dqw", [0, 1])
+@pytest.mark.parametrize("kind", [(mx.float16, 128), (mx.bfloat16, 64)], ids=["float16-D128", "bfloat16-D64"])
+@pytest.mark.parametrize("case", nonfinite_cases.PREFILL_CASES)
+def test_hopper_backward_ws_nonfinite_on_gpu(case, kind, dqw, monkeypatch):
+    """The non-finite contract (issue 13) on the warp-specialised backward
+    (its exact tiles), both dQ routes; cases with extras it does not serve skip."""
+    from mlx_flash._spec import validate_attention
+    from reference_np import attention_np
+
+    if not cuda_backend._is_hopper():
+        pytest.skip("the warp-specialised backward is Hopper's")
+    monkeypatch.setattr(cuda_backend, "_BWD_WS", 1)
+    monkeypatch.setattr(cuda_backend, "_BWD_WS_DQ", dqw)
+    dtype, D = kind
+    q, k, v, do, options = nonfinite_cases.prefill_case(case, dtype, D=D, size="small")
+    spec, inputs = validate_attention(q, k, v, **options)
+    if not cuda_backend._bwd_ws_serves(spec):
+        pytest.skip("a feature the warp-specialised backward does not serve")
+    out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.gpu)
+    dq, dk, dv = cuda_backend.attention_backward(q, k, v, out, lse, do, None, spec, inputs, mx.gpu)
+    mx.eval(dq, dk, dv)
+    want = attention_np(q, k, v, dout=do, **options)
+    for name, got in (("dq", dq), ("dk", dk), ("dv", dv)):
+        nonfinite_cases.check_contract(name, np.array(got.astype(mx.float32)), want, dtype)
