@@ -8,20 +8,24 @@
 //   * warps 0-7: two consumer warpgroups (keys 64w..64w+63), exactly the
 //     products of attention_bwd_wgmma; K and V load once at the start;
 //   * warp 8: the producer; it streams each query tile's Q and dO (cp.async,
-//     swizzled) and its lse (as lse log2(e), +inf for -inf) and delta rows
-//     into a ring of STAGES buffers, ahead of the consumers by up to
-//     STAGES - 1 tiles. Warps 9-11 have no work and leave.
+//     swizzled) and its lse and delta rows (4-byte cp.async) into a ring of
+//     STAGES buffers, ahead of the consumers by up to STAGES - 1 tiles;
+//   * warp 9, with DQW (MLX_FLASH_BWD_WS_DQ=1): the dQ writer (below);
+//     the other producer warps have no work and leave.
 // Each ring buffer has a "full" mbarrier (64 arrivals: the producer lanes'
 // cp.async completions, counted by cp.async.mbarrier.arrive.noinc, and their
-// plain arrivals after storing lse and delta) and an "empty" one (256: every
-// consumer thread, once its warpgroup's products reading the buffer retired).
-// The consumers never wait on a load they issued, and never on a block-wide
-// barrier: their two per-tile barriers (the exact-tile vote, which also frees
-// dS^T, and the one that publishes dS^T to dQ's product) are named barriers
-// over the 256 consumer threads.
+// plain arrivals after storing the rows past the end) and an "empty" one (8:
+// one a consumer warp, once its reads of the buffer are done). The consumers
+// convert lse (lse log2(e), +inf for -inf) before their first barrier of the
+// tile, as attention_bwd_wgmma does. They never wait on a load they issued,
+// and never on a block-wide barrier: their two per-tile barriers (the
+// exact-tile vote, which also frees dS^T, and the one that publishes dS^T to
+// dQ's product) are named barriers over the 256 consumer threads.
 // setmaxnreg moves registers from the producer warpgroup (24) to the
 // consumers (240): the D 128 tile work needs about as many as the 256-thread
-// kernel had (255). dQ is added with the same float2 atomics.
+// kernel had (255). dQ is added with the same float2 atomics, or (DQW) staged
+// in shared memory by the consumers and added by warp 9 with bulk async
+// reductions, as FlashAttention 3 does.
 //
 // Registers: the launch bound (384 threads, one block per SM) gives 168 per
 // thread before setmaxnreg; a __launch_bounds__ declaration of each instance
@@ -129,7 +133,7 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
   unsigned long long* full = reinterpret_cast<unsigned long long*>(delta_s + STAGES * BQ);
   unsigned long long* empty = full + STAGES;
   // DQW: dQ staged by the consumers, added to global memory by warp 9.
-  unsigned long long* dq_full = empty + STAGES;  // 256 arrivals: the tile's dQ is staged
+  unsigned long long* dq_full = empty + STAGES;  // 8 arrivals (a consumer warp each): the tile's dQ is staged
   unsigned long long* dq_empty = dq_full + 1;    // 32: warp 9's reductions have read it
   // 16-byte aligned for the bulk copies (the offset is a multiple of 16 at
   // 2 and 3 buffers; rounded up anyway, within the smem's 16 spare bytes).
@@ -169,9 +173,9 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&full[s], 64);
-      mbar_init(&empty[s], NTHREADS);
+      mbar_init(&empty[s], NTHREADS / 32);
     }
-    mbar_init(dq_full, NTHREADS);
+    mbar_init(dq_full, NTHREADS / 32);
     mbar_init(dq_empty, 32);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -212,22 +216,23 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
       const int valid = min(seq.nq, i0 + BQ) - i0;
       bwd_ws_load_q_tile<T, D>(Qs + s * QT_BYTES, q + (q_base + i0) * D, valid, lane);
       bwd_ws_load_q_tile<T, D>(dOs + s * QT_BYTES, dout + (q_base + i0) * D, valid, lane);
-      bwd_ws_cp_async_arrive(&full[s]);
-      // lse (as lse log2(e); +inf for a fully masked row's -inf, and for rows
-      // past the end: P = 0) and delta (0 past the end), two rows a lane.
+      // lse and delta rows by cp.async too, two a lane (plain loads held this
+      // warp for their latency every tile, which, with the consumers' dQ
+      // atomics in L2, cost more than a tile); the consumers convert lse
+      // (stage_lse). Rows past the end: +inf lse (P = 0), delta 0.
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = lane + 32 * half;
-        float l = __int_as_float(0x7f800000), dl = 0.f;
         if (r < valid) {
-          l = lse[q_base + i0 + r];
-          l = l == kNegInf ? __int_as_float(0x7f800000) : l * kLog2e;
-          dl = delta[q_base + i0 + r];
+          bwd_cp_async4(lse_s + s * BQ + r, lse + q_base + i0 + r);
+          bwd_cp_async4(delta_s + s * BQ + r, delta + q_base + i0 + r);
+        } else {
+          lse_s[s * BQ + r] = __int_as_float(0x7f800000);
+          delta_s[s * BQ + r] = 0.f;
         }
-        lse_s[s * BQ + r] = l;
-        delta_s[s * BQ + r] = dl;
       }
-      mbar_arrive(&full[s]);
+      bwd_ws_cp_async_arrive(&full[s]);
+      mbar_arrive(&full[s]);  // (after the stores of the rows past the end)
     }
     cp_async_wait<0>();
     return;
@@ -253,6 +258,13 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
     if (n == 0) cp_async_wait<0>();  // K and V (published by the first tile's vote below)
     mbar_wait(&full[stage], (n / STAGES) & 1);
     fence_proxy_async();  // the landed tiles, visible to wgmma's async proxy
+    // Row threadIdx.x's lse as lse log2(e), +inf for a fully masked row's
+    // -inf (P = 0); rows past the end hold +inf already. Published to the
+    // other consumers by the vote barrier below, before any of them reads it.
+    if (threadIdx.x < BQ && i0 + (int)threadIdx.x < seq.nq) {
+      float& l = lse_s[stage * BQ + threadIdx.x];
+      l = l == kNegInf ? __int_as_float(0x7f800000) : l * kLog2e;
+    }
     const int i_end = min(seq.nq, i0 + BQ);
     const bool inside_window =
         (rules.left < 0 || j0 >= i_end - 1 + shift - rules.left) &&
@@ -483,9 +495,10 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
         }
       }
     }
-    if (DQW) {  // every consumer thread, staged or not (D 64: warpgroup 1 forms no dQ)
+    if (DQW) {  // every consumer warp, staged or not (D 64: warpgroup 1 forms no dQ)
       fence_proxy_async();  // the staged rows, visible to the bulk copies' async proxy
-      mbar_arrive(dq_full);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(dq_full);
     }
     wgmma_wait<0>();
     wgmma_pin(dv_acc);
@@ -520,8 +533,11 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
       wgmma_pin(dv_acc);
       wgmma_pin(dk_acc);
     }
-    // This warpgroup's products reading the buffer retired (wgmma_wait<0> above).
-    mbar_arrive(&empty[stage]);
+    // This warp's reads of the buffer are done (its warpgroup's products
+    // retired at wgmma_wait<0> above; the exact path's loads before it): one
+    // arrival a warp, not 256 single-thread arrivals on one word.
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[stage]);
   }
 
   // This thread's two key rows of dK (scaled) and dV.
