@@ -1246,18 +1246,19 @@ def test_hopper_backward_ws_compiles_without_spills(tmp_path):
 
 
 def test_hopper_backward_ws_setting(monkeypatch):
-    """MLX_FLASH_BWD_WS takes 0 or 1 (another value is an error naming it);
-    with it on, the warp-specialised backward serves fp16/bf16 Dqk = Dv in
-    {64, 128} dense or windowed calls on Hopper, and nothing with a mask,
-    block mask, softcap, ALiBi, varlen or key range."""
+    """MLX_FLASH_BWD_WS takes -1, 0 or 1 (another value is an error naming it);
+    with 1, the warp-specialised backward serves fp16/bf16 Dqk = Dv in {64,
+    128} dense or windowed calls on Hopper, and nothing with a mask, block
+    mask, softcap, ALiBi, varlen or key range; unset (-1), those at D 128 with
+    at least 4096 keys."""
     from mlx_flash._spec import AttentionSpec
 
-    for value in (0, 1):
+    for value in (-1, 0, 1):
         monkeypatch.setenv("MLX_FLASH_BWD_WS", str(value))
-        assert cuda_backend._env_choice("MLX_FLASH_BWD_WS", 0, (0, 1)) == value
+        assert cuda_backend._env_choice("MLX_FLASH_BWD_WS", -1, (-1, 0, 1)) == value
     monkeypatch.setenv("MLX_FLASH_BWD_WS", "2")
-    with pytest.raises(ValueError, match="MLX_FLASH_BWD_WS: expected one of 0, 1"):
-        cuda_backend._env_choice("MLX_FLASH_BWD_WS", 0, (0, 1))
+    with pytest.raises(ValueError, match="MLX_FLASH_BWD_WS: expected one of -1, 0, 1"):
+        cuda_backend._env_choice("MLX_FLASH_BWD_WS", -1, (-1, 0, 1))
     monkeypatch.setattr(cuda_backend, "_is_hopper", lambda: True)
     spec = lambda **kw: AttentionSpec(1, 4, 2, 300, 4096, kw.pop("d", 128), kw.pop("dv", 128),  # noqa: E731
                                       kw.pop("dtype", mx.float16), 0.1, **kw)
@@ -1270,6 +1271,11 @@ def test_hopper_backward_ws_setting(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_BWD_WS", 1)
     assert all(map(cuda_backend._bwd_ws_serves, served))
     assert not any(map(cuda_backend._bwd_ws_serves, not_served))
+    # By the call: D 128 from 4096 keys only.
+    monkeypatch.setattr(cuda_backend, "_BWD_WS", -1)
+    assert [cuda_backend._bwd_ws_serves(x) for x in served] == [True, True, True, False, True]
+    short = AttentionSpec(1, 4, 2, 300, 4095, 128, 128, mx.float16, 0.1)
+    assert not cuda_backend._bwd_ws_serves(short) and not any(map(cuda_backend._bwd_ws_serves, not_served))
     # Its shared memory (D 128: 3 buffers, or 2 and the dQ staging) fits the block's.
     for dqw in (False, True):
         assert cuda_backend._bwd_ws_smem(128, cuda_backend._BWD_WS_STAGES[dqw], dqw) <= cuda_backend._MAX_SMEM
@@ -1336,3 +1342,35 @@ def test_hopper_backward_ws_nonfinite_on_gpu(case, kind, dqw, monkeypatch):
     want = attention_np(q, k, v, dout=do, **options)
     for name, got in (("dq", dq), ("dk", dk), ("dv", dv)):
         nonfinite_cases.check_contract(name, np.array(got.astype(mx.float32)), want, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("feature", ["none", "causal", "window_both"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
+def test_hopper_backward_default_route_long_keys_on_gpu(dtype, feature, monkeypatch):
+    """The default backward route at head dim 128 from 4096 keys: the
+    warp-specialised kernel with its dQ writer, against float64 (GQA, Nq != Nk
+    both ways, partial tiles)."""
+    import mlx_flash
+    from helpers import check_close, plain_errors, qkv, randn, rng, to_np
+    from reference_np import attention_np
+
+    if not cuda_backend._is_hopper():
+        pytest.skip("the warp-specialised backward is Hopper's")
+    monkeypatch.setattr(cuda_backend, "_BWD_WS", -1)
+    monkeypatch.setattr(cuda_backend, "_BWD_WS_DQ", 1)
+    launches = []
+    launch = cuda_backend._backward_ws
+    monkeypatch.setattr(cuda_backend, "_backward_ws", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    shapes = ((1, 4, 2, 200, 4100), (1, 2, 1, 4097, 4097))
+    for B, Hq, Hkv, Nq, Nk in shapes:
+        gen = rng("hopper-bwd-default-long", str(dtype), feature, Nq)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, 128, dtype=dtype)
+        options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+        dout = randn(gen, (B, Hq, Nq, 128), dtype)
+        _, grads = mx.vjp(lambda a, b, c: [mlx_flash.flash_attention(a, b, c, **options)], [q, k, v], [dout])
+        want = attention_np(q, k, v, dout=dout, **options)
+        plain = plain_errors(q, k, v, dout, options, dtype)
+        for name, g in zip(("dq", "dk", "dv"), grads):
+            check_close(name, to_np(g), want, dtype, plain)
+    assert len(launches) == len(shapes)

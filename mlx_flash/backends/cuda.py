@@ -842,23 +842,30 @@ def _bwd_heads_first(spec: AttentionSpec) -> bool:
 
 # Warp-specialised Hopper backward (attention_bwd_ws.cuh: a producer warp
 # streams Q, dO, lse and delta through a ring of _BWD_WS_STAGES buffers, the two
-# consumer warpgroups never wait on their own loads): 1 = route the calls it
-# serves (_bwd_ws_serves) there. Opt-in until the H200 shows it faster.
-_BWD_WS = _env_choice("MLX_FLASH_BWD_WS", 0, (0, 1))
-# Its dQ: 0 = float2 atomics from the consumers; 1 = staged in shared memory
-# by the consumers and added by warp 9 with bulk async reductions (as
-# FlashAttention 3 does), which takes the atomics off the consumers' path.
-_BWD_WS_DQ = _env_choice("MLX_FLASH_BWD_WS_DQ", 0, (0, 1))
+# consumer warpgroups never wait on their own loads): 1 = every call it serves
+# (_bwd_ws_serves); 0 = none; unset (-1) = the calls it serves at head dim 128
+# with at least _BWD_WS_KEYS keys, with its dQ writer (H200, backward alone at
+# (1,16,8192,128) fp16 dense: 3.79 ms against 3.99 for attention_bwd_wgmma,
+# benchmarks/results/cuda_bwd_nvidia_h200_s8_round_b.json).
+_BWD_WS = _env_choice("MLX_FLASH_BWD_WS", -1, (-1, 0, 1))
+_BWD_WS_KEYS = 4096
+# Its dQ: 0 = float2 atomics from the consumers; 1 (default) = staged in shared
+# memory by the consumers and added by warp 9 with bulk async reductions (as
+# FlashAttention 3 does), which takes the atomics off the consumers' path
+# (H200, (1,16,8192,128) fp16 dense: 3.79 ms against 5.00 with the atomics).
+_BWD_WS_DQ = _env_choice("MLX_FLASH_BWD_WS_DQ", 1, (0, 1))
 # Ring buffers: 3 fit shared memory at D 128 (195 KiB) beside the rest; with
 # the dQ staging (34 KiB at D 128), 2.
 _BWD_WS_STAGES = {False: 3, True: 2}
 
 
 def _bwd_ws_serves(spec: AttentionSpec) -> bool:
-    """The calls attention_bwd_ws takes: fp16/bf16 on Hopper, Dqk = Dv in {64,
-    128}, dense batches, causal / window rules only (sinks too: the backward
-    reads their effect through lse alone)."""
-    return (bool(_BWD_WS) and _uses_wgmma(spec, backward=True) and spec.head_dim_qk in (64, 128)
+    """The calls attention_bwd_ws takes (see _BWD_WS): fp16/bf16 on Hopper,
+    Dqk = Dv in {64, 128}, dense batches, causal / window rules only (sinks
+    too: the backward reads their effect through lse alone)."""
+    if _BWD_WS == 0 or (_BWD_WS == -1 and (spec.head_dim_qk != 128 or _max_k(spec) < _BWD_WS_KEYS)):
+        return False
+    return (_uses_wgmma(spec, backward=True) and spec.head_dim_qk in (64, 128)
             and spec.softcap == 0 and not spec.has_alibi and spec.mask_kind == "none"
             and not spec.has_block_mask and not spec.varlen and not spec.has_key_range)
 
