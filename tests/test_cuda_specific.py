@@ -1249,16 +1249,16 @@ def test_hopper_backward_ws_setting(monkeypatch):
     """MLX_FLASH_BWD_WS takes -1, 0 or 1 (another value is an error naming it);
     with 1, the warp-specialised backward serves fp16/bf16 Dqk = Dv in {64,
     128} dense or windowed calls on Hopper, and nothing with a mask, block
-    mask, softcap, ALiBi, varlen or key range; unset (-1), those at D 128 with
-    at least 4096 keys."""
+    mask, softcap, ALiBi, varlen or key range; with -1, those at D 128 with at
+    least 4096 keys; unset (0), nothing."""
     from mlx_flash._spec import AttentionSpec
 
     for value in (-1, 0, 1):
         monkeypatch.setenv("MLX_FLASH_BWD_WS", str(value))
-        assert cuda_backend._env_choice("MLX_FLASH_BWD_WS", -1, (-1, 0, 1)) == value
+        assert cuda_backend._env_choice("MLX_FLASH_BWD_WS", 0, (-1, 0, 1)) == value
     monkeypatch.setenv("MLX_FLASH_BWD_WS", "2")
     with pytest.raises(ValueError, match="MLX_FLASH_BWD_WS: expected one of -1, 0, 1"):
-        cuda_backend._env_choice("MLX_FLASH_BWD_WS", -1, (-1, 0, 1))
+        cuda_backend._env_choice("MLX_FLASH_BWD_WS", 0, (-1, 0, 1))
     monkeypatch.setattr(cuda_backend, "_is_hopper", lambda: True)
     spec = lambda **kw: AttentionSpec(1, 4, 2, 300, 4096, kw.pop("d", 128), kw.pop("dv", 128),  # noqa: E731
                                       kw.pop("dtype", mx.float16), 0.1, **kw)
@@ -1271,7 +1271,7 @@ def test_hopper_backward_ws_setting(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_BWD_WS", 1)
     assert all(map(cuda_backend._bwd_ws_serves, served))
     assert not any(map(cuda_backend._bwd_ws_serves, not_served))
-    # By the call: D 128 from 4096 keys only.
+    # -1: D 128 from 4096 keys only.
     monkeypatch.setattr(cuda_backend, "_BWD_WS", -1)
     assert [cuda_backend._bwd_ws_serves(x) for x in served] == [True, True, True, False, True]
     short = AttentionSpec(1, 4, 2, 300, 4095, 128, 128, mx.float16, 0.1)
@@ -1347,10 +1347,10 @@ def test_hopper_backward_ws_nonfinite_on_gpu(case, kind, dqw, monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("feature", ["none", "causal", "window_both"])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
-def test_hopper_backward_default_route_long_keys_on_gpu(dtype, feature, monkeypatch):
-    """The default backward route at head dim 128 from 4096 keys: the
-    warp-specialised kernel with its dQ writer, against float64 (GQA, Nq != Nk
-    both ways, partial tiles)."""
+def test_hopper_backward_ws_long_keys_on_gpu(dtype, feature, monkeypatch):
+    """MLX_FLASH_BWD_WS=-1 (the warp-specialised kernel at head dim 128 from
+    4096 keys) with its default dQ writer, against float64: GQA, partial tiles,
+    Nq != Nk (few queries keep the float64 reference quick)."""
     import mlx_flash
     from helpers import check_close, plain_errors, qkv, randn, rng, to_np
     from reference_np import attention_np
@@ -1362,7 +1362,7 @@ def test_hopper_backward_default_route_long_keys_on_gpu(dtype, feature, monkeypa
     launches = []
     launch = cuda_backend._backward_ws
     monkeypatch.setattr(cuda_backend, "_backward_ws", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
-    shapes = ((1, 4, 2, 200, 4100), (1, 2, 1, 4097, 4097))
+    shapes = ((1, 4, 2, 200, 4100), (1, 2, 1, 257, 4097))
     for B, Hq, Hkv, Nq, Nk in shapes:
         gen = rng("hopper-bwd-default-long", str(dtype), feature, Nq)
         q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, 128, dtype=dtype)

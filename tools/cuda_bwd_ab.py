@@ -61,13 +61,14 @@ SHAPES = [(1, 16, 8192, 128), (2, 16, 4096, 128), (4, 16, 1024, 64)]
 # "new": attention_bwd_wgmma (its default settings); "order0" (head-adjacent
 # blocks) is timed only where the default order differs (causal); "ws": the
 # warp-specialised backward (MLX_FLASH_BWD_WS=1) with dQ by atomics, "wsdq":
-# with its dQ writer warp; "default": the backend's default route.
+# with its dQ writer warp; "ws128": MLX_FLASH_BWD_WS=-1 (ws with the dQ
+# writer at D 128 from 4096 keys, else attention_bwd_wgmma).
 VARIANTS = {"new": (0, -1, 0, 0), "bulk1": (1, -1, 0, 0), "order0": (0, 0, 0, 0), "ws": (0, -1, 1, 0),
-            "wsdq": (0, -1, 1, 1), "default": (0, -1, -1, 1)}
+            "wsdq": (0, -1, 1, 1), "ws128": (0, -1, -1, 1)}
 
 
 def _variants(causal):
-    return [n for n in VARIANTS if (causal or n != "order0") and not n.startswith("ws") and n != "default"]
+    return [n for n in VARIANTS if (causal or n != "order0") and not n.startswith("ws")]
 
 
 def set_route(name):

@@ -843,11 +843,13 @@ def _bwd_heads_first(spec: AttentionSpec) -> bool:
 # Warp-specialised Hopper backward (attention_bwd_ws.cuh: a producer warp
 # streams Q, dO, lse and delta through a ring of _BWD_WS_STAGES buffers, the two
 # consumer warpgroups never wait on their own loads): 1 = every call it serves
-# (_bwd_ws_serves); 0 = none; unset (-1) = the calls it serves at head dim 128
-# with at least _BWD_WS_KEYS keys, with its dQ writer (H200, backward alone at
-# (1,16,8192,128) fp16 dense: 3.79 ms against 3.99 for attention_bwd_wgmma,
-# benchmarks/results/cuda_bwd_nvidia_h200_s8_round_b.json).
-_BWD_WS = _env_choice("MLX_FLASH_BWD_WS", -1, (-1, 0, 1))
+# (_bwd_ws_serves); -1 = those at head dim 128 with at least _BWD_WS_KEYS keys;
+# 0 (default) = none. Opt-in: with its dQ writer it was 5% faster than
+# attention_bwd_wgmma in the one H200 run that timed it (backward alone,
+# (1,16,8192,128) fp16 dense: 3.79 against 3.99 ms,
+# benchmarks/results/cuda_bwd_nvidia_h200_s8_round_b.json), within run-to-run
+# noise, and causal, 4096 keys and bf16 were not timed on it.
+_BWD_WS = _env_choice("MLX_FLASH_BWD_WS", 0, (-1, 0, 1))
 _BWD_WS_KEYS = 4096
 # Its dQ: 0 = float2 atomics from the consumers; 1 (default) = staged in shared
 # memory by the consumers and added by warp 9 with bulk async reductions (as
