@@ -57,6 +57,26 @@ __device__ __forceinline__ void bwd_bulk_wait_read() { asm volatile("cp.async.bu
 // ... and have completed.
 __device__ __forceinline__ void bwd_bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
+// Adds a warp's 16 x 64 part of a query tile's dQ (times scale) to the float32
+// accumulator dq_head ([rows][D] of one head) with float2 atomics: acc holds
+// the m64n64 fragment of rows `row` and row + 8 (4n + 2 half + e: dims
+// col + 8n + e), as both the wgmma dQ and the exact tiles' dQ lay it out.
+// Rows at or past nq (a partial last tile) are skipped.
+template <int D>
+__device__ __forceinline__ void bwd_dq_atomic_add(float* dq_head, int row, int nq, int col, const float (&acc)[32],
+                                                  float scale) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = row + 8 * half;
+    if (i >= nq) continue;
+    float* dst = dq_head + (long)i * D + col;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+      atomicAdd(reinterpret_cast<float2*>(dst + 8 * n),
+                make_float2(acc[4 * n + 2 * half] * scale, acc[4 * n + 2 * half + 1] * scale));
+  }
+}
+
 template <typename T, typename MT, class F, int D, bool DQ_BULK, bool HEADS_FIRST>
 __device__ void attention_bwd_wgmma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
@@ -376,16 +396,7 @@ __device__ void attention_bwd_wgmma(
               dqx[4 * n + 2 * half + e] += ds * swizzled_at<T, BKV>(Ks, j, wg * 64 + 8 * n + 2 * t + e);
         }
       }
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int i = i0 + warp * 16 + g + 8 * half;
-        if (i >= seq.nq) continue;
-        float* row = dq_acc + (q_base + i) * D + wg * 64 + 2 * t;
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-          atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
-                    make_float2(dqx[4 * n + 2 * half] * scale, dqx[4 * n + 2 * half + 1] * scale));
-      }
+      bwd_dq_atomic_add<D>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dqx, scale);
     } else if (!exact) {
       float dq[BQ / 2];
       if (D == 128 || wg == 0) {
@@ -428,16 +439,7 @@ __device__ void attention_bwd_wgmma(
             bwd_bulk_commit();
           }
         } else {
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int i = i0 + warp * 16 + g + 8 * half;
-            if (i >= seq.nq) continue;
-            float* row = dq_acc + (q_base + i) * D + wg * 64 + 2 * t;
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-              atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
-                        make_float2(dq[4 * n + 2 * half] * scale, dq[4 * n + 2 * half + 1] * scale));
-          }
+          bwd_dq_atomic_add<D>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dq, scale);
         }
       }
     }

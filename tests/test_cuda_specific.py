@@ -1350,3 +1350,173 @@ def test_hopper_backward_dq_routes_on_gpu(bulk, heads_first, kind, feature, monk
         plain = plain_errors(q, k, v, dout, options, dtype)
         for name, g in zip(("dq", "dk", "dv"), grads):
             check_close(name, to_np(g), want, dtype, plain)
+
+
+def _hopper_bwd_ws_kernels():
+    """attention_bwd_ws instances the backend builds (fp16/bf16, D 64/128,
+    dense and windowed), under the names whose launch bounds the header declares."""
+    body = cuda_backend._read("attention_bwd_ws.cu")
+    for T in (mx.float16, mx.bfloat16):
+        for D in (64, 128):
+            for window, dqw in ((False, False), (True, False), (False, True), (True, True)):
+                bf, w, dw = ("t" if x else "f" for x in (T == mx.bfloat16, window, dqw))
+                stages = cuda_backend._BWD_WS_STAGES[dqw]
+                name = f"custom_kernel_mlx_flash_attention_bwd_ws_{bf}_{D}_{w}_{stages}_{w}_{dw}"
+                ins = list(zip(("q", "k", "v", "ip", "fp", "dout", "lse", "delta"),
+                               (T, T, T, mx.int32, mx.float32, T, mx.float32, mx.float32)))
+                yield name, _kernel_text(name, body, ins, _output_dtypes(("dq_acc", "dk", "dv"), T),
+                                         [("BF16", T == mx.bfloat16), ("D", D), ("WINDOW", window),
+                                          ("STAGES", stages), ("HEADS_FIRST", window), ("DQW", dqw)])
+
+
+@needs_nvcc
+def test_hopper_backward_ws_compiles_without_spills(tmp_path):
+    """The warp-specialised backward: every instance builds under its launch
+    bound (384 threads: 168 registers before setmaxnreg) without spills and,
+    where cuobjdump exists, keeps its wgmma asynchronous (a handful of waits)."""
+    kernels = dict(_hopper_bwd_ws_kernels())
+    log = _nvcc_compile(tmp_path, "hopper_bwd_ws", _prelude(cuda_backend.kernel_headers("attention_bwd_ws")) +
+                        "\n" + "\n".join(kernels.values()), ("-Xptxas", "-v"))
+    usage = ptxas_usage(log)
+    assert len(usage) == len(kernels), log[-2000:]
+    bad = [f"{name}: {regs} registers, spills {st}/{ld}" for name, (regs, st, ld) in usage.items()
+           if regs > 168 or st or ld]
+    assert not bad, "\n".join(bad)
+    if _cuobjdump() is not None:
+        sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / "hopper_bwd_ws.o")], capture_output=True,
+                              text=True, check=True).stdout
+        counts = _wgmma_sync_counts(sass)
+        assert len(counts) == len(kernels), sass[:2000]
+        for name, (hgmma, waits) in counts.items():
+            assert hgmma >= 12 and waits <= 4, f"{name}: {hgmma} wgmma, {waits} waits (serialised)"
+
+
+def test_hopper_backward_ws_setting(monkeypatch):
+    """MLX_FLASH_BWD_WS takes -1, 0 or 1 (another value is an error naming it);
+    with 1, the warp-specialised backward serves fp16/bf16 Dqk = Dv in {64,
+    128} dense or windowed calls on Hopper, and nothing with a mask, block
+    mask, softcap, ALiBi, varlen or key range; with -1, those at D 128 with at
+    least 4096 keys; unset (0), nothing."""
+    from mlx_flash._spec import AttentionSpec
+
+    for value in (-1, 0, 1):
+        monkeypatch.setenv("MLX_FLASH_BWD_WS", str(value))
+        assert cuda_backend._env_choice("MLX_FLASH_BWD_WS", 0, (-1, 0, 1)) == value
+    monkeypatch.setenv("MLX_FLASH_BWD_WS", "2")
+    with pytest.raises(ValueError, match="MLX_FLASH_BWD_WS: expected one of -1, 0, 1"):
+        cuda_backend._env_choice("MLX_FLASH_BWD_WS", 0, (-1, 0, 1))
+    monkeypatch.setattr(cuda_backend, "_is_hopper", lambda: True)
+    spec = lambda **kw: AttentionSpec(1, 4, 2, 300, 4096, kw.pop("d", 128), kw.pop("dv", 128),  # noqa: E731
+                                      kw.pop("dtype", mx.float16), 0.1, **kw)
+    served = [spec(), spec(window_right=0), spec(window_left=64, window_right=0), spec(d=64, dv=64),
+              spec(dtype=mx.bfloat16)]
+    not_served = [spec(softcap=30.0), spec(mask_kind="additive"), spec(has_block_mask=True), spec(has_alibi=True),
+                  spec(d=96, dv=96), spec(dtype=mx.float32)]
+    monkeypatch.setattr(cuda_backend, "_BWD_WS", 0)
+    assert not any(map(cuda_backend._bwd_ws_serves, served))
+    monkeypatch.setattr(cuda_backend, "_BWD_WS", 1)
+    assert all(map(cuda_backend._bwd_ws_serves, served))
+    assert not any(map(cuda_backend._bwd_ws_serves, not_served))
+    # -1: D 128 from 4096 keys only.
+    monkeypatch.setattr(cuda_backend, "_BWD_WS", -1)
+    assert [cuda_backend._bwd_ws_serves(x) for x in served] == [True, True, True, False, True]
+    short = AttentionSpec(1, 4, 2, 300, 4095, 128, 128, mx.float16, 0.1)
+    assert not cuda_backend._bwd_ws_serves(short) and not any(map(cuda_backend._bwd_ws_serves, not_served))
+    # Its shared memory (D 128: 3 buffers, or 2 and the dQ staging) fits the block's.
+    for dqw in (False, True):
+        assert cuda_backend._bwd_ws_smem(128, cuda_backend._BWD_WS_STAGES[dqw], dqw) <= cuda_backend._MAX_SMEM
+    monkeypatch.setenv("MLX_FLASH_BWD_WS_DQ", "1")
+    assert cuda_backend._env_choice("MLX_FLASH_BWD_WS_DQ", 0, (0, 1)) == 1
+
+
+@needs_cuda
+@pytest.mark.parametrize("feature", ["none", "causal", "window_both", "window_left", "sinks"])
+@pytest.mark.parametrize("kind", ["float16-D128", "bfloat16-D128", "float16-D64", "bfloat16-D64"])
+@pytest.mark.parametrize("dqw", [0, 1])
+def test_hopper_backward_ws_on_gpu(dqw, kind, feature, monkeypatch):
+    """dq, dk, dv of the warp-specialised backward (MLX_FLASH_BWD_WS=1), dQ by
+    atomics and by the writer warp (MLX_FLASH_BWD_WS_DQ), against float64: GQA
+    with Nq != Nk both ways, partial tiles; every call must reach the kernel."""
+    import mlx_flash
+    from helpers import check_close, plain_errors, qkv, randn, rng, to_np
+    from reference_np import attention_np
+
+    if not cuda_backend._is_hopper():
+        pytest.skip("the warp-specialised backward is Hopper's")
+    monkeypatch.setattr(cuda_backend, "_BWD_WS", 1)
+    monkeypatch.setattr(cuda_backend, "_BWD_WS_DQ", dqw)
+    launches = []
+    launch = cuda_backend._backward_ws
+    monkeypatch.setattr(cuda_backend, "_backward_ws", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    dtype, D = getattr(mx, kind.split("-")[0]), int(kind.split("D")[1])
+    shapes = ((2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 2, 2, 129, 300))
+    for B, Hq, Hkv, Nq, Nk in shapes:
+        gen = rng("hopper-bwd-ws", dqw, kind, feature, Nq)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
+        options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+        dout = randn(gen, (B, Hq, Nq, D), dtype)
+        _, grads = mx.vjp(lambda a, b, c: [mlx_flash.flash_attention(a, b, c, **options)], [q, k, v], [dout])
+        want = attention_np(q, k, v, dout=dout, **options)
+        plain = plain_errors(q, k, v, dout, options, dtype)
+        for name, g in zip(("dq", "dk", "dv"), grads):
+            check_close(name, to_np(g), want, dtype, plain)
+    assert len(launches) == len(shapes)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dqw", [0, 1])
+@pytest.mark.parametrize("kind", [(mx.float16, 128), (mx.bfloat16, 64)], ids=["float16-D128", "bfloat16-D64"])
+@pytest.mark.parametrize("case", nonfinite_cases.PREFILL_CASES)
+def test_hopper_backward_ws_nonfinite_on_gpu(case, kind, dqw, monkeypatch):
+    """The non-finite contract (issue 13) on the warp-specialised backward
+    (its exact tiles), both dQ routes; cases with extras it does not serve skip."""
+    from mlx_flash._spec import validate_attention
+    from reference_np import attention_np
+
+    if not cuda_backend._is_hopper():
+        pytest.skip("the warp-specialised backward is Hopper's")
+    monkeypatch.setattr(cuda_backend, "_BWD_WS", 1)
+    monkeypatch.setattr(cuda_backend, "_BWD_WS_DQ", dqw)
+    dtype, D = kind
+    q, k, v, do, options = nonfinite_cases.prefill_case(case, dtype, D=D, size="small")
+    spec, inputs = validate_attention(q, k, v, **options)
+    if not cuda_backend._bwd_ws_serves(spec):
+        pytest.skip("a feature the warp-specialised backward does not serve")
+    out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.gpu)
+    dq, dk, dv = cuda_backend.attention_backward(q, k, v, out, lse, do, None, spec, inputs, mx.gpu)
+    mx.eval(dq, dk, dv)
+    want = attention_np(q, k, v, dout=do, **options)
+    for name, got in (("dq", dq), ("dk", dk), ("dv", dv)):
+        nonfinite_cases.check_contract(name, np.array(got.astype(mx.float32)), want, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("feature", ["none", "causal", "window_both"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
+def test_hopper_backward_ws_long_keys_on_gpu(dtype, feature, monkeypatch):
+    """MLX_FLASH_BWD_WS=-1 (the warp-specialised kernel at head dim 128 from
+    4096 keys) with its default dQ writer, against float64: GQA, partial tiles,
+    Nq != Nk (few queries keep the float64 reference quick)."""
+    import mlx_flash
+    from helpers import check_close, plain_errors, qkv, randn, rng, to_np
+    from reference_np import attention_np
+
+    if not cuda_backend._is_hopper():
+        pytest.skip("the warp-specialised backward is Hopper's")
+    monkeypatch.setattr(cuda_backend, "_BWD_WS", -1)
+    monkeypatch.setattr(cuda_backend, "_BWD_WS_DQ", 1)
+    launches = []
+    launch = cuda_backend._backward_ws
+    monkeypatch.setattr(cuda_backend, "_backward_ws", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    shapes = ((1, 4, 2, 200, 4100), (1, 2, 1, 257, 4097))
+    for B, Hq, Hkv, Nq, Nk in shapes:
+        gen = rng("hopper-bwd-default-long", str(dtype), feature, Nq)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, 128, dtype=dtype)
+        options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+        dout = randn(gen, (B, Hq, Nq, 128), dtype)
+        _, grads = mx.vjp(lambda a, b, c: [mlx_flash.flash_attention(a, b, c, **options)], [q, k, v], [dout])
+        want = attention_np(q, k, v, dout=dout, **options)
+        plain = plain_errors(q, k, v, dout, options, dtype)
+        for name, g in zip(("dq", "dk", "dv"), grads):
+            check_close(name, to_np(g), want, dtype, plain)
+    assert len(launches) == len(shapes)

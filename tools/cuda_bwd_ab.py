@@ -3,6 +3,8 @@
     python3 tools/cuda_bwd_ab.py check DTYPE D FEATURE[,FEATURE...]   (float16|bfloat16, 64|128)
     python3 tools/cuda_bwd_ab.py warm DTYPE D CAUSAL(0|1)
     python3 tools/cuda_bwd_ab.py time OUT.json [iters]
+    python3 tools/cuda_bwd_ab.py bwdonly OUT.json [iters]
+    ncu ... python3 tools/cuda_bwd_ab.py one DTYPE B,H,N,D CAUSAL(0|1) WHICH(fast|new|ws|...)
 
 check: dq, dk, dv of flash_attention's vjp against the float64 NumPy
 reference (tests/reference_np.py) with the suite's tolerance (twice the plain
@@ -25,6 +27,14 @@ then bf16 at SHAPES). With BWD_BEFORE_DIR set (a folder holding an older
 attention_bwd_wgmma.cu and .cuh, e.g. main's), also "before": that kernel
 (under its own MLX name) with delta formed by MLX ops, as the backend did
 before attention_bwd_delta, in the same process.
+bwdonly: the backward alone, as (forward + backward) - forward per call for
+mlx_flash, mx.fast (cuDNN) and torch SDPA, each timed in the same process,
+alternating the three per repetition (BWD_AB_REPS, default 3; the median is
+kept) so that clock drift hits all three alike.
+one: warms, then runs one forward + backward between cudaProfilerStart and
+Stop (through torch), for `ncu --profile-from-start off` to measure every
+kernel of exactly that call (ours: delta, backward, dQ conversion; fast:
+cuDNN's); WHICH a route name of VARIANTS, or fast.
 """
 
 from __future__ import annotations
@@ -47,17 +57,22 @@ import mlx_flash  # noqa: E402
 from mlx_flash.backends import cuda as cb  # noqa: E402
 
 SHAPES = [(1, 16, 8192, 128), (2, 16, 4096, 128), (4, 16, 1024, 64)]
-# route name: (cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST); "order0" (head-adjacent
-# blocks) is timed only where the default order differs (causal).
-VARIANTS = {"new": (0, -1), "bulk1": (1, -1), "order0": (0, 0)}
+# route name: (cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST, cb._BWD_WS, cb._BWD_WS_DQ);
+# "new": attention_bwd_wgmma (its default settings); "order0" (head-adjacent
+# blocks) is timed only where the default order differs (causal); "ws": the
+# warp-specialised backward (MLX_FLASH_BWD_WS=1) with dQ by atomics, "wsdq":
+# with its dQ writer warp; "ws128": MLX_FLASH_BWD_WS=-1 (ws with the dQ
+# writer at D 128 from 4096 keys, else attention_bwd_wgmma).
+VARIANTS = {"new": (0, -1, 0, 0), "bulk1": (1, -1, 0, 0), "order0": (0, 0, 0, 0), "ws": (0, -1, 1, 0),
+            "wsdq": (0, -1, 1, 1), "ws128": (0, -1, -1, 1)}
 
 
 def _variants(causal):
-    return [n for n in VARIANTS if causal or n != "order0"]
+    return [n for n in VARIANTS if (causal or n != "order0") and not n.startswith("ws")]
 
 
 def set_route(name):
-    cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST = VARIANTS[name]
+    cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST, cb._BWD_WS, cb._BWD_WS_DQ = VARIANTS[name]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -71,7 +86,17 @@ def check(dtype, D, features):
     names = list(FEATURES) if features == "all" else features.split(",")
     cases = [(si, name) for name in names for si in range(len(shapes))]
     passed = failed = 0
-    label = f"D{D} {dtype} bulk={cb._BWD_DQ_BULK} heads_first={cb._BWD_HEADS_FIRST}"
+    label = (f"D{D} {dtype} bulk={cb._BWD_DQ_BULK} heads_first={cb._BWD_HEADS_FIRST} ws={cb._BWD_WS} "
+             f"ws_dq={cb._BWD_WS_DQ}")
+    # Count the warp-specialised launches: a check of that route must reach it.
+    ws_calls = [0]
+    ws_launch = cb._backward_ws
+
+    def counted(*a, **kw):
+        ws_calls[0] += 1
+        return ws_launch(*a, **kw)
+
+    cb._backward_ws = counted
     for si, name in cases:
         B, Hq, Hkv, Nq, Nk = shapes[si]
         gen = rng("wgmma-bwd", D, str(dtype), si, name)
@@ -92,7 +117,7 @@ def check(dtype, D, features):
             print(f"FAIL {label} {shapes[si]} {name}: {e}", flush=True)
             if failed < 3:
                 traceback.print_exc()
-    print(f"check {label} {features}: {passed} passed, {failed} failed", flush=True)
+    print(f"check {label} {features}: {passed} passed, {failed} failed, {ws_calls[0]} ws launches", flush=True)
     return failed
 
 
@@ -109,7 +134,9 @@ def warm(dtype, D, causal):
     # One head at the timed lengths: the forward's route depends on the key count.
     N = max(s[2] for _, s in _rows() if s[3] == D)
     q, k, v = (mx.random.normal((1, 1, N, D)).astype(dtype) for _ in range(3))
-    for name in _variants(causal):
+    # BWD_AB_WARM_ROUTES: a comma list of the routes to build (default: all).
+    only = os.environ.get("BWD_AB_WARM_ROUTES")
+    for name in only.split(",") if only else _variants(causal):
         set_route(name)
         mx.eval(_grad(causal, D ** -0.5, False)(q, k, v))
     set_route("new")
@@ -239,6 +266,105 @@ def time_all(out, iters):
                 json.dump(result, f, indent=1)
 
 
+def _fwd(causal, s, fast):
+    if fast:
+        return lambda a, b, c: mx.fast.scaled_dot_product_attention(a, b, c, scale=s,
+                                                                    mask="causal" if causal else None)
+    return lambda a, b, c: mlx_flash.flash_attention(a, b, c, causal=causal, scale=s)
+
+
+def torch_fwd_ms(shape, dtype, causal, iters):
+    """torch SDPA forward alone (no grad), CUDA events, or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    tdt = torch.float16 if dtype == mx.float16 else torch.bfloat16
+    q, k, v = (torch.randn(shape, device="cuda", dtype=tdt) for _ in range(3))
+    run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+    for _ in range(3):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def bwd_only(out, iters):
+    device = mx.device_info(mx.gpu).get("device_name", "")
+    reps = int(os.environ.get("BWD_AB_REPS", "3"))
+    # Our routes to time (VARIANTS names; default: the default route only).
+    routes = os.environ.get("BWD_AB_ROUTES", "new").split(",")
+    result = {"device": device,
+              "what": "backward alone = (forward + backward) - forward, ms per call (one call per eval; torch "
+                      "by CUDA events), median of BWD_AB_REPS alternating repetitions; new = our default route, "
+                      "ws = MLX_FLASH_BWD_WS=1",
+              "rows": []}
+    for dtype, shape in _rows():
+        B, H, N, D = shape
+        q, k, v = (mx.random.normal(shape).astype(dtype) for _ in range(3))
+        mx.eval(q, k, v)
+        s = D ** -0.5
+        for causal in (False, True):
+            fns = {}
+            for name in routes:
+                f, g = _fwd(causal, s, False), _grad(causal, s, False)
+                fns[name] = (lambda f=f: f(q, k, v), lambda g=g: g(q, k, v), name)
+            f, g = _fwd(causal, s, True), _grad(causal, s, True)
+            fns["mx.fast"] = (lambda f=f: f(q, k, v), lambda g=g: g(q, k, v), "new")
+            samples = {f"{n}_{w}": [] for n in list(fns) + ["torch"] for w in ("fwd", "fwdbwd")}
+            for _ in range(reps):
+                for name, (f, g, route) in fns.items():
+                    set_route(route)
+                    samples[f"{name}_fwd"].append(time_fn(f, iters))
+                    samples[f"{name}_fwdbwd"].append(time_fn(g, iters))
+                set_route("new")
+                tf, tb = torch_fwd_ms(shape, dtype, causal, iters), torch_fwdbwd_ms(shape, dtype, causal, iters)
+                if tf is not None:
+                    samples["torch_fwd"].append(tf)
+                    samples["torch_fwdbwd"].append(tb)
+            med = {k: sorted(v)[len(v) // 2] for k, v in samples.items() if v}
+            row = dict(dtype=str(dtype).split(".")[-1], shape=list(shape), causal=causal,
+                       **{f"{k}_ms": round(v, 4) for k, v in med.items()})
+            names = [n for n in list(fns) + ["torch"] if f"{n}_fwd" in med]
+            for n in names:
+                row[f"{n}_bwd_ms"] = round(med[f"{n}_fwdbwd"] - med[f"{n}_fwd"], 4)
+            refs = [n for n in ("mx.fast", "torch") if n in names]
+            for r in routes:
+                for n in refs:
+                    row[f"{r}_bwd_vs_{n}"] = round(row[f"{n}_bwd_ms"] / row[f"{r}_bwd_ms"], 3)
+                    row[f"{r}_fwdbwd_vs_{n}"] = round(med[f"{n}_fwdbwd"] / med[f"{r}_fwdbwd"], 3)
+            result["rows"].append(row)
+            print(f"bwdonly {row['dtype']} {shape} causal={causal}: "
+                  + " ".join(f"{n} fwd {med[n + '_fwd']:.3f} bwd {row[n + '_bwd_ms']:.3f}" for n in names)
+                  + " | bwd vs " + " ".join(f"{r}/{n} {row[f'{r}_bwd_vs_{n}']:.2f}x" for r in routes for n in refs)
+                  + " | fwdbwd vs " + " ".join(f"{r}/{n} {row[f'{r}_fwdbwd_vs_{n}']:.2f}x" for r in routes
+                                               for n in refs), flush=True)
+            with open(out, "w") as f:
+                json.dump(result, f, indent=1)
+
+
+def one(dtype, shape, causal, which):
+    import torch
+
+    q, k, v = (mx.random.normal(shape).astype(dtype) for _ in range(3))
+    if which in VARIANTS:
+        set_route(which)
+    g = _grad(causal, shape[3] ** -0.5, which == "fast")
+    for _ in range(3):
+        mx.eval(g(q, k, v))
+    mx.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    mx.eval(g(q, k, v))
+    mx.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    print(f"one {dtype} {shape} causal={causal} {which} done", flush=True)
+
+
 def main():
     mode = sys.argv[1]
     print("device:", mx.device_info(mx.gpu).get("device_name", ""), "hopper:", cb._is_hopper(), flush=True)
@@ -246,6 +372,10 @@ def main():
         sys.exit(1 if check(DTYPES[sys.argv[2]], int(sys.argv[3]), sys.argv[4]) else 0)
     elif mode == "warm":
         warm(DTYPES[sys.argv[2]], int(sys.argv[3]), bool(int(sys.argv[4])))
+    elif mode == "bwdonly":
+        bwd_only(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 20)
+    elif mode == "one":
+        one(DTYPES[sys.argv[2]], tuple(int(x) for x in sys.argv[3].split(",")), bool(int(sys.argv[4])), sys.argv[5])
     elif mode == "time":
         time_all(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 20)
     else:

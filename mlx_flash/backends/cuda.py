@@ -69,6 +69,7 @@ _KERNEL_ROOTS = {
     "attention_fwd_wgmma": ("attention_fwd_wgmma.cuh",),
     "attention_fwd_ws": ("attention_fwd_ws.cuh",),
     "attention_bwd_wgmma": ("attention_bwd_wgmma.cuh",),
+    "attention_bwd_ws": ("attention_bwd_ws.cuh",),
     "attention_bwd_delta": ("attention_bwd_delta.cuh",),
     "attention_fwd_simt": ("attention_simt.cuh",),
     "attention_fwd_decode": ("attention_decode.cuh",),
@@ -839,12 +840,77 @@ def _bwd_heads_first(spec: AttentionSpec) -> bool:
     return bool(_BWD_HEADS_FIRST)
 
 
+# Warp-specialised Hopper backward (attention_bwd_ws.cuh: a producer warp
+# streams Q, dO, lse and delta through a ring of _BWD_WS_STAGES buffers, the two
+# consumer warpgroups never wait on their own loads): 1 = every call it serves
+# (_bwd_ws_serves); -1 = those at head dim 128 with at least _BWD_WS_KEYS keys;
+# 0 (default) = none. Opt-in: with its dQ writer it was 5% faster than
+# attention_bwd_wgmma in the one H200 run that timed it (backward alone,
+# (1,16,8192,128) fp16 dense: 3.79 against 3.99 ms,
+# benchmarks/results/cuda_bwd_nvidia_h200_s8_round_b.json), within run-to-run
+# noise, and causal, 4096 keys and bf16 were not timed on it.
+_BWD_WS = _env_choice("MLX_FLASH_BWD_WS", 0, (-1, 0, 1))
+_BWD_WS_KEYS = 4096
+# Its dQ: 0 = float2 atomics from the consumers; 1 (default) = staged in shared
+# memory by the consumers and added by warp 9 with bulk async reductions (as
+# FlashAttention 3 does), which takes the atomics off the consumers' path
+# (H200, (1,16,8192,128) fp16 dense: 3.79 ms against 5.00 with the atomics).
+_BWD_WS_DQ = _env_choice("MLX_FLASH_BWD_WS_DQ", 1, (0, 1))
+# Ring buffers: 3 fit shared memory at D 128 (195 KiB) beside the rest; with
+# the dQ staging (34 KiB at D 128), 2.
+_BWD_WS_STAGES = {False: 3, True: 2}
+
+
+def _bwd_ws_serves(spec: AttentionSpec) -> bool:
+    """The calls attention_bwd_ws takes (see _BWD_WS): fp16/bf16 on Hopper,
+    Dqk = Dv in {64, 128}, dense batches, causal / window rules only (sinks
+    too: the backward reads their effect through lse alone)."""
+    if _BWD_WS == 0 or (_BWD_WS == -1 and (spec.head_dim_qk != 128 or _max_k(spec) < _BWD_WS_KEYS)):
+        return False
+    return (_uses_wgmma(spec, backward=True) and spec.head_dim_qk in (64, 128)
+            and spec.softcap == 0 and not spec.has_alibi and spec.mask_kind == "none"
+            and not spec.has_block_mask and not spec.varlen and not spec.has_key_range)
+
+
+def _bwd_ws_kernel(dqw: bool):
+    # One kernel object for both head dims: shared memory of D 128, the larger.
+    return _kernel("attention_bwd_ws", ("q", "k", "v", "ip", "fp", "dout", "lse", "delta"),
+                   ("dq_acc", "dk", "dv"), _bwd_ws_smem(128, _BWD_WS_STAGES[dqw], dqw))
+
+
+def _bwd_ws_smem(d: int, stages: int, dqw: bool = False) -> int:
+    """bwd_ws_smem of attention_bwd_ws.cuh: K, V, STAGES buffers of Q, dO, lse
+    and delta, dS^T and P^T, 2 STAGES + 2 mbarriers, with dqw the dQ staging
+    (64 rows of D + 8 floats, 16 bytes for its alignment), alignment slack."""
+    return (2 * (2 * 128 * d + stages * 2 * 64 * d + 2 * 128 * 64) + stages * 2 * 64 * 4 + (stages * 2 + 2) * 8
+            + (64 * (d + 8) * 4 + 16 if dqw else 0) + 1024)
+
+
+def _backward_ws(q, k, v, lse, dout, delta, spec: AttentionSpec, inputs: AttentionInputs, stream):
+    ip, fp = _params(spec, inputs)
+    dqw = bool(_BWD_WS_DQ)
+    stages = _BWD_WS_STAGES[dqw]
+    kernel = _bwd_ws_kernel(dqw)
+    return kernel(
+        inputs=[q, k, v, ip, fp, dout, lse, delta],
+        template=[("BF16", spec.dtype == mx.bfloat16), ("D", spec.head_dim_qk), ("WINDOW", spec.has_window),
+                  ("STAGES", stages), ("HEADS_FIRST", _bwd_heads_first(spec)), ("DQW", dqw)],
+        grid=(math.ceil(_max_k(spec) / 128) * 384, 1, spec.batch * spec.heads_kv), threadgroup=(384, 1, 1),
+        output_shapes=[tuple(q.shape), tuple(k.shape), tuple(v.shape)],
+        output_dtypes=[mx.float32, spec.dtype, spec.dtype],
+        init_value=0.0, stream=stream,
+    )
+
+
 def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
     common = _common_inputs(q, k, v, spec, inputs)
     args = common[:5] + common[6:] + [dout, lse]  # no sinks: their gradient is formed in attention.py
     template = _feature_template(spec, inputs, with_sinks=False) + [
         ("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
-    if _uses_mma(spec):
+    if _uses_mma(spec) and _bwd_ws_serves(spec):
+        delta = _bwd_delta(dout, out, dlse, spec, stream)
+        dq_acc, dk, dv = _backward_ws(q, k, v, lse, dout, delta, spec, inputs, stream)
+    elif _uses_mma(spec):
         delta = _bwd_delta(dout, out, dlse, spec, stream)
         if _uses_wgmma(spec, backward=True):
             bulk = bool(_BWD_DQ_BULK)
