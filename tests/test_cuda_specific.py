@@ -1176,7 +1176,7 @@ def test_ws_wide_forward_on_gpu(kind, feature, monkeypatch):
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
-@pytest.mark.parametrize("pair", [(256, 256), (192, 128), (96, 96)], ids=lambda p: f"D{p[0]}-{p[1]}")
+@pytest.mark.parametrize("pair", [(256, 256), (192, 192), (192, 128), (96, 96)], ids=lambda p: f"D{p[0]}-{p[1]}")
 @pytest.mark.parametrize("case", nonfinite_cases.PREFILL_CASES)
 def test_ws_wide_nonfinite_on_gpu(case, pair, monkeypatch):
     """The non-finite contract (issue 13) on the wide instances, forward only
