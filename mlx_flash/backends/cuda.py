@@ -240,7 +240,9 @@ def _kernel(body: str, inputs: tuple, outputs: tuple, smem: int, headers=None, r
     return kernel
 
 
-_CUDA_TYPE_NAMES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.bool_: "bool"}
+# uint8: the fp8 codes of matmul2d's kernels (cuda_matmul writes its templates here too).
+_CUDA_TYPE_NAMES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.bool_: "bool",
+                    mx.uint8: "uint8_t"}
 
 
 def _template_source(template) -> str:

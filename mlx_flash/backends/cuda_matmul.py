@@ -630,21 +630,6 @@ def linear_few_rows_supported(x, weight) -> bool:
 
 
 _HALF_TYPES = (mx.float16, mx.bfloat16)
-_TEMPLATE_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.uint8: "uint8_t"}
-
-
-def _template_source(template) -> str:
-    """The template arguments as constants at the top of the kernel body (what
-    MLX would write for them per call; cuda._template_source, with uint8)."""
-    lines = []
-    for name, value in template:
-        if isinstance(value, bool):
-            lines.append(f"  constexpr bool {name} = {'true' if value else 'false'};")
-        elif isinstance(value, int):
-            lines.append(f"  constexpr int {name} = {value};")
-        else:
-            lines.append(f"  using {name} = {_TEMPLATE_TYPES[value]};")
-    return "\n".join(lines) + "\n"
 
 
 @functools.lru_cache(maxsize=256)
@@ -661,7 +646,7 @@ def _linear_launch(dtype, fmt: str, per_channel: bool, rows: int, N: int, K: int
                 ("BOUNDS", bounds), ("SECTOR", bool(sector))]
     headers = _cuda.kernel_headers("matmul_gemv") + ((f"matmul_gemv_bounds{bounds}.cuh",) if bounds else ())
     kernel = _cuda._kernel("matmul_gemv", _INPUTS, ("out",), 0, headers=headers,
-                           constants=_template_source(template))
+                           constants=_cuda._template_source(template))
     ip = _params((rows, N, K, 0, 0, 0, int(per_channel)))
     blocks = math.ceil(N / (16 * row_tiles))
     if max_blocks:
