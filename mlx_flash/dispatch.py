@@ -61,6 +61,13 @@ def device_of(stream) -> mx.Device:
     raise TypeError(f"stream: expected None, an mx.Stream, mx.Device or mx.cpu/mx.gpu, got {type(stream).__name__}")
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_available() -> bool:
+    """Whether this MLX has a CUDA GPU; asked once, as it cannot change within a
+    process (FP8Linear asks it on every call)."""
+    return hasattr(mx, "cuda") and mx.cuda.is_available()
+
+
 def backend_name(stream) -> str:
     """'cpu', 'metal' or 'cuda' for the device the call runs on."""
     device = device_of(stream)
@@ -68,7 +75,7 @@ def backend_name(stream) -> str:
         return "cpu"
     if mx.metal.is_available():
         return "metal"
-    if hasattr(mx, "cuda") and mx.cuda.is_available():
+    if cuda_available():
         return "cuda"
     raise RuntimeError(f"mlx_flash: no backend for device {device}")
 

@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from . import fp8
+from .dispatch import cuda_available
 from .matmul import matmul2d
 
 _FROZEN = ("weight", "scale")
@@ -65,11 +66,6 @@ def _compiled_forward(fmt: str, has_bias: bool, stream: str):
     if has_bias:
         return mx.compile(lambda x, weight, scale, bias: _forward(x, weight, scale, bias, fmt))
     return mx.compile(lambda x, weight, scale: _forward(x, weight, scale, None, fmt))
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_available() -> bool:
-    return hasattr(mx, "cuda") and mx.cuda.is_available()
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,7 +192,7 @@ class FP8Linear(nn.Module):
         weight, scale = self["weight"], self["scale"]
         if _PATH == "direct" and x.dtype in _HALF_TYPES:
             device = mx.default_device()
-            if device == mx.gpu and _cuda_available() and _cuda_matmul().linear_few_rows_supported(x, weight):
+            if device == mx.gpu and cuda_available() and _cuda_matmul().linear_few_rows_supported(x, weight):
                 args = (x, weight, scale) if bias is None else (x, weight, scale, bias)
                 if _COMPILE == "1":
                     return _compiled_direct(self.fmt, bias is not None, mx.default_stream(device))(*args)
