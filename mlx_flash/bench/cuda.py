@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
@@ -22,7 +21,7 @@ import time
 import mlx.core as mx
 
 import mlx_flash
-from mlx_flash import reference
+from mlx_flash import dispatch, reference
 
 ANCHOR_SHAPES = [(4, 16, 1024, 64), (2, 16, 4096, 128), (1, 16, 8192, 128), (1, 16, 16384, 128)]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -449,7 +448,7 @@ def main(argv=None):
     parser.add_argument("--out", default=".",
                         help="results JSON file, or a directory for cuda_<card>.json (default the current directory)")
     args = parser.parse_args(argv)
-    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+    if not dispatch.cuda_available():
         raise SystemExit("mlx_flash.bench.cuda: MLX sees no CUDA GPU")
     card = card_name()
     rec = Recorder()

@@ -41,6 +41,7 @@ import time
 
 import mlx.core as mx
 
+from .. import dispatch
 from .cuda import Recorder, card_name, slug
 
 GIB = 1024 ** 3
@@ -710,7 +711,7 @@ def main(argv=None):
     if args.plot:
         print(f"wrote {plot(args.plot)}")
         return
-    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+    if not dispatch.cuda_available():
         raise SystemExit("mlx_flash.bench.cuda_matmul: MLX sees no CUDA GPU")
     global SKIP_TMA, CASES
     SKIP_TMA = args.skip_tma

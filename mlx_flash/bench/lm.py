@@ -37,6 +37,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 import mlx_flash
+from mlx_flash import dispatch
 
 from . import common
 
@@ -360,7 +361,7 @@ def main(argv=None):
     if args.device == "gpu":
         from .cuda import card_name, slug
 
-        if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        if not dispatch.cuda_available():
             raise SystemExit("--device gpu: no CUDA GPU visible to MLX")
         tag = slug(card_name())
     out = args.out if args.out is not None else Path(f"lm_{tag}_{common.today()}.json")

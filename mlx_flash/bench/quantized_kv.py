@@ -50,6 +50,7 @@ from pathlib import Path
 import mlx.core as mx
 
 import mlx_flash
+from mlx_flash import dispatch
 
 from .common import (MLX_MEMORY_METHOD, TIMING_RULE, TimingPolicy, fmt_bytes, fmt_time,
                      machine_info, mlx_extra_peak, now_iso, time_interleaved, today, write_json)
@@ -287,7 +288,7 @@ def main(argv=None):
     if args.device == "gpu":
         from .cuda import card_name, slug
 
-        if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        if not dispatch.cuda_available():
             raise SystemExit("--device gpu: no CUDA GPU visible to MLX")
         card = card_name()
         tag = slug(card)

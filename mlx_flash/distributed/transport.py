@@ -32,6 +32,8 @@ import functools
 
 import mlx.core as mx
 
+from .. import dispatch
+
 
 @functools.lru_cache(maxsize=None)
 def comm_stream(device_type):
@@ -143,7 +145,7 @@ class Gather:
     def __init__(self, group, device_type):
         self.group = group
         self.rank, self.size = group.rank(), group.size()
-        self.reduce_scatter = device_type == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+        self.reduce_scatter = device_type == mx.gpu and dispatch.cuda_available()
 
     def gather(self, x):
         """[W, *x.shape]: every rank's x, by rank."""
