@@ -45,7 +45,6 @@ import math
 import os
 import re
 import sys
-import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +54,8 @@ import mlx.core as mx  # noqa: E402
 
 import mlx_flash  # noqa: E402
 from mlx_flash.backends import cuda as cb  # noqa: E402
+
+import gpu_timing  # noqa: E402  (tools/, beside this file)
 
 SHAPES = [(1, 16, 8192, 128), (2, 16, 4096, 128), (4, 16, 1024, 64)]
 # route name: (cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST, cb._BWD_WS, cb._BWD_WS_DQ);
@@ -177,40 +178,13 @@ def before_route(before_dir):
 
 def time_fn(fn, iters):
     """Milliseconds per call, one call per eval after warm-ups."""
-    for _ in range(3):
-        mx.eval(fn())
-    mx.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        mx.eval(fn())
-    mx.synchronize()
-    return (time.perf_counter() - t0) / iters * 1e3
+    return gpu_timing.mlx_seconds(fn, iters) * 1e3
 
 
 def torch_fwdbwd_ms(shape, dtype, causal, iters):
     """torch SDPA forward + backward on its own random inputs (CUDA events), or None without torch."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    tdt = torch.float16 if dtype == mx.float16 else torch.bfloat16
-    q, k, v = (torch.randn(shape, device="cuda", dtype=tdt, requires_grad=True) for _ in range(3))
-    g = torch.randn(shape, device="cuda", dtype=tdt)
-
-    def run():
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        torch.autograd.grad(out, (q, k, v), g)
-
-    for _ in range(3):
-        run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    t = gpu_timing.torch_sdpa_seconds(shape, dtype, causal, iters, backward=True)
+    return None if t is None else t * 1e3
 
 
 def _rows():
@@ -275,23 +249,8 @@ def _fwd(causal, s, fast):
 
 def torch_fwd_ms(shape, dtype, causal, iters):
     """torch SDPA forward alone (no grad), CUDA events, or None without torch."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    tdt = torch.float16 if dtype == mx.float16 else torch.bfloat16
-    q, k, v = (torch.randn(shape, device="cuda", dtype=tdt) for _ in range(3))
-    run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
-    for _ in range(3):
-        run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    t = gpu_timing.torch_sdpa_seconds(shape, dtype, causal, iters)
+    return None if t is None else t * 1e3
 
 
 def bwd_only(out, iters):

@@ -30,6 +30,8 @@ import mlx.core as mx  # noqa: E402
 import mlx_flash  # noqa: E402
 from mlx_flash.backends import cuda as cb  # noqa: E402
 from mlx_flash.backends import cuda_fwd_ws as ws  # noqa: E402
+
+import gpu_timing  # noqa: E402  (tools/, beside this file)
 from features import FEATURES  # noqa: E402
 from helpers import check_close, plain_errors, qkv, randn, rng, to_np  # noqa: E402
 from reference_np import attention_np  # noqa: E402
@@ -276,23 +278,7 @@ def _build_us(fn, calls=20):
 def _torch_events(q_shape, dtype, causal, iters=10):
     """torch SDPA on its own random inputs: seconds per call, timed with CUDA
     events over `iters` queued calls (None without torch)."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    tdt = torch.float16 if dtype == mx.float16 else torch.bfloat16
-    q, k, v = (torch.randn(q_shape, device="cuda", dtype=tdt) for _ in range(3))
-    run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    for _ in range(3):
-        run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
+    return gpu_timing.torch_sdpa_seconds(q_shape, dtype, causal, iters)
 
 
 SWEEP_SHAPES = {128: ((1, 16, 16384, 128), (2, 16, 4096, 128), (1, 16, 8192, 128)),
@@ -535,14 +521,8 @@ def speed_bwd():
 
 
 def time_fn(fn, iters=20):
-    for _ in range(3):
-        mx.eval(fn())
-    mx.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        mx.eval(fn())
-    mx.synchronize()
-    return (time.perf_counter() - t0) / iters
+    """Seconds per call, one call per eval after warm-ups."""
+    return gpu_timing.mlx_seconds(fn, iters)
 
 
 def speed():
