@@ -37,6 +37,9 @@ class MatmulSpec:
     N: int
     K: int
     b_batched: bool  # b has its own batch dim (else one b for every batch entry)
+    # fp8 x fp8 only: the caller allows the tensor cores' own fp8 accumulation
+    # (within 2^-8 (|a| @ |b|)) where a backend has it, instead of fp32-exact sums.
+    fast_accumulation: bool = False
 
 
 def _dtype_name(t) -> str:
@@ -80,7 +83,7 @@ def _check_scale(name: str, s, allowed: Tuple[tuple, ...], described: str):
 
 
 def validate_matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpose_b=False,
-                    out_dtype=None):
+                    out_dtype=None, fast_accumulation=False):
     """Checks a matmul2d call; returns (spec, a3, b3, a_scale3, b_scale3, lead_shape)."""
     _check_operand("a", a, a_fmt)
     _check_operand("b", b, b_fmt)
@@ -90,6 +93,13 @@ def validate_matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None,
         raise ValueError(f"b: expected shape [K, N] or [..., K, N], got {tuple(b.shape)}")
     if not isinstance(transpose_b, bool):
         raise TypeError(f"transpose_b: expected a bool, got {type(transpose_b).__name__}")
+    if not isinstance(fast_accumulation, bool):
+        raise TypeError(f"fast_accumulation: expected a bool, got {type(fast_accumulation).__name__}")
+    if fast_accumulation and (a_fmt is None or b_fmt is None):
+        # Only fp8 x fp8 products have a faster, inexact accumulation; saying
+        # nothing would let a caller believe another product took it.
+        raise ValueError(f"fast_accumulation: applies to fp8 x fp8 products (a_fmt and b_fmt both set), "
+                         f"got a_fmt={a_fmt!r}, b_fmt={b_fmt!r}")
     lead = tuple(a.shape[:-2])
     M, K = a.shape[-2], a.shape[-1]
     if transpose_b:
@@ -125,7 +135,7 @@ def validate_matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None,
     b_scale = _check_scale("b_scale", b_scale, ((), (1,), (1, 1), (1, N)), f"() or [1, N] = (1, {N})")
 
     spec = MatmulSpec(a_fmt=a_fmt, b_fmt=b_fmt, transpose_b=transpose_b, out_dtype=out_dtype,
-                      batch=batch, M=M, N=N, K=K, b_batched=b_batched)
+                      batch=batch, M=M, N=N, K=K, b_batched=b_batched, fast_accumulation=fast_accumulation)
     a3 = a.reshape(batch, M, K)
     b3 = b.reshape((batch if b_batched else 1,) + tuple(b.shape[-2:]))
     if a_scale is not None:

@@ -101,6 +101,31 @@ def test_wgmma_kernel_emulated(route, plan, ka, kb, K, transpose_b):
     assert np.array_equal(results[mx.float16], results[mx.float32].astype(np.float16).astype(np.float32))
 
 
+
+def test_fast_accumulation_routes_to_the_native_kernel_emulated(monkeypatch):
+    """The public option on an (emulated) Hopper: fast_accumulation=True picks
+    the native fp8 kernel by itself (no forced route, no process-wide switch)
+    and the default call the exact one; both run here (the emulated tensor
+    cores sum in fp32, so both are fp32-exact)."""
+    from fp8_wgmma_bound import every_code_case
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda, cuda_matmul
+
+    monkeypatch.setattr(cuda, "_is_hopper", lambda: True)
+    monkeypatch.setattr(cuda_matmul, "_FP8_NATIVE", False)
+    a, b, a64, b64, sa, sb = every_code_case(rng("fast-accumulation-emu"), "e4m3", "e5m2", 67, True)
+    want = reference(a64, b64, sa, sb, transpose_b=True)
+    for fast, route in ((True, "wgmma_fp8"), (False, "wgmma")):
+        spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, a_fmt="e4m3", b_fmt="e5m2", a_scale=mx.array(sa),
+                                                    b_scale=mx.array(sb), transpose_b=True, out_dtype=mx.float32,
+                                                    fast_accumulation=fast)
+        assert cuda_matmul.route_of(a3, b3, spec) == route
+        with harness.patched_cuda_kernel():
+            out = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu)
+            mx.eval(out)
+        assert_close(out[0], want, mx.float32, 67)
+
+
 # FP8Linear's opt-in direct path (MLX_FLASH_FP8LINEAR_PATH=direct): the gemv
 # kernel over the layer's own arrays (x [..., K], weight [N, K], scale [N, 1]
 # or [1, 1]; no reshapes), emulated: against float64 of the dequantized

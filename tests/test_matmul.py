@@ -305,6 +305,10 @@ def _bad(**kw):
     (_bad(a=mx.ones((8,))), ValueError, "a:"),
     (_bad(out_dtype=mx.int32), TypeError, "out_dtype"),
     (_bad(transpose_b=1), TypeError, "transpose_b"),
+    (_bad(fast_accumulation=1), TypeError, "fast_accumulation"),
+    (_bad(fast_accumulation=True), ValueError, "fast_accumulation"),  # float operands: no such accumulation
+    (_bad(b=mx.zeros((8, 3), dtype=mx.uint8), b_fmt="e4m3", fast_accumulation=True), ValueError,
+     "fast_accumulation"),  # fp8 weight, float activations: neither
 ])
 def test_bad_input(call, error, words):
     with pytest.raises(error, match=words):
@@ -331,6 +335,37 @@ def test_every_fp8_code_decodes_exactly_in_the_kernel(backend, fmt, side):
     assert np.array_equal(np.isnan(got), np.isnan(want))
     keep = ~np.isnan(want)
     assert np.array_equal(got[keep], want[keep])  # exact (a sum from 0 turns -0 into +0)
+
+
+@pytest.mark.parametrize("ka,kb", [("e4m3", "e4m3"), ("e5m2", "e4m3")])
+def test_fast_accumulation_is_exact_where_the_backend_has_no_fast_one(backend, ka, kb):
+    """fast_accumulation=True only allows the tensor cores' fp8 sums (CUDA on
+    Hopper); on this backend the product stays fp32-exact: bit-identical to the
+    default call, and within the float64 reference's fp32 tolerance."""
+    gen = np.random.default_rng(hash((ka, kb)) % 2**32)
+    M, K, N = 17, 113, 9
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K), kb)
+    sa = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    args = dict(a_fmt=a_fmt, b_fmt=b_fmt, a_scale=mx.array(sa), transpose_b=True, out_dtype=mx.float32)
+    fast = matmul(backend, a, b, fast_accumulation=True, **args)
+    if backend == "cuda" and _cuda_route(a, b, fast_accumulation=True, **args) == "wgmma_fp8":
+        from fp8_wgmma_bound import assert_within_fp8_accumulation
+
+        # Hopper: the call took the tensor cores' fp8 sums, as allowed.
+        assert_within_fp8_accumulation(fast, a64, b64, sa, None, True, mx.float32)
+        return
+    plain = matmul(backend, a, b, **args)
+    assert np.array_equal(np.array(fast), np.array(plain))
+    assert_close(fast, reference(a64, b64, sa, None, transpose_b=True), mx.float32, K)
+
+
+def _cuda_route(a, b, **kw):
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    spec, a3, b3, *_ = validate_matmul(a, b, **kw)
+    return cuda_matmul.route_of(a3, b3, spec)
 
 
 def test_metal_wrapper_builds_through_the_factory():

@@ -22,6 +22,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import mlx_flash
+
 from fp8_wgmma_bound import assert_within_fp8_accumulation, every_code_case
 from helpers import rng
 from test_matmul import assert_close, make_operand, reference
@@ -150,6 +152,32 @@ def test_cuda_wgmma_fp8_native_within_bound(ka, kb, M, K, N, transpose_b):
         out = run_route("wgmma_fp8", a, b, a_fmt=a_fmt, b_fmt=b_fmt, a_scale=mx.array(sa), b_scale=mx.array(sb),
                         transpose_b=transpose_b, out_dtype=out_dtype)
         assert_within_fp8_accumulation(out, a64, b64, sa, sb, transpose_b, out_dtype)
+
+
+
+@pytest.mark.parametrize("ka,kb", FP8_PAIRS)
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_cuda_fast_accumulation_takes_the_native_route(ka, kb, transpose_b):
+    """matmul2d(..., fast_accumulation=True), the public way to the native fp8
+    kernel: routed there on Hopper without the process-wide switch, within
+    the fp8 accumulation bound; the default call stays on the exact route."""
+    needs_hopper()
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    gen = rng("fast-accumulation", ka, kb, transpose_b)
+    M, K, N = 257, 1000, 130
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, b_fmt, b64 = make_operand(gen, (N, K) if transpose_b else (K, N), kb)
+    sb = gen.uniform(0.5, 2.0, (1, N)).astype(np.float32)
+    args = dict(a_fmt=a_fmt, b_fmt=b_fmt, b_scale=mx.array(sb), transpose_b=transpose_b, out_dtype=mx.float16)
+    routes = {}
+    for fast in (False, True):
+        spec, a3, b3, *_ = validate_matmul(a, b, fast_accumulation=fast, **args)
+        routes[fast] = cuda_matmul.route_of(a3, b3, spec)
+    assert routes == {False: "wgmma_fp8" if cuda_matmul._FP8_NATIVE else "wgmma", True: "wgmma_fp8"}
+    out = mlx_flash.matmul2d(a, b, fast_accumulation=True, stream=GPU, **args)
+    assert_within_fp8_accumulation(out, a64, b64, None, sb, transpose_b, mx.float16)
 
 
 # Both fp8 routes on operands holding every finite code of their format, the

@@ -10,7 +10,8 @@ Routes (by operand types and shape; `route_of` decides):
     MMA with fp32 accumulation: fp16/bf16 operands land in shared memory as
     they are, fp8 codes are decoded there exactly (fp8 x fp8 to fp16). Edge
     tiles are predicated in the kernel (zero-filled loads, masked stores).
-  * "wgmma_fp8" (Hopper, fp8 x fp8, opt-in: MLX_FLASH_CUDA_FP8_WGMMA=native):
+  * "wgmma_fp8" (Hopper, fp8 x fp8, opt-in: matmul2d(..., fast_accumulation=True)
+    per call, or MLX_FLASH_CUDA_FP8_WGMMA=native for every fp8 x fp8 call):
     the same kernel on native fp8 wgmma (k32, twice the 16-bit rate; a [K, N]
     b is transposed once first). Hopper's fp8 tensor cores add with a 13-bit
     mantissa, truncating; the kernel restarts their sums every 256 K and adds
@@ -198,7 +199,8 @@ def route_of(a, b, spec) -> str:
     if spec.a_fmt is None and spec.transpose_b and spec.M <= GEMV_MAX_ROWS:
         return "gemv"
     if _WGMMA and _cuda._is_hopper():
-        return "wgmma_fp8" if _FP8_NATIVE and spec.a_fmt and spec.b_fmt else "wgmma"
+        native = _FP8_NATIVE or spec.fast_accumulation  # the process-wide switch, or the call's own
+        return "wgmma_fp8" if native and spec.a_fmt and spec.b_fmt else "wgmma"
     return "mma"
 
 
