@@ -181,7 +181,7 @@ struct Logits {
     }
     if (feat & (FEAT_MASK_BOOL | FEAT_MASK_ADD)) {
       // 32-bit: every offset lies inside the mask, which the wrapper keeps
-      // below 2^31 elements (_broadcast_strides).
+      // below 2^31 elements (metal_buffers.broadcast_strides).
       const int at = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3];
       // Only float conversions: MT is bool, float, half or bfloat.
       if (feat & FEAT_MASK_ADD) {

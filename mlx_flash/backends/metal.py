@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .. import _sources
+from . import metal_buffers
 from .._spec import AttentionInputs, AttentionSpec
 # Tile sizes: Python mirrors of the headers' constexpr rules (docs/metal.md).
 from .metal_tiles import Tiles, d_blocks, fwd_q_in_tg, fwd_tg_bytes, tile_sizes  # noqa: F401
@@ -61,7 +62,7 @@ NATIVE_KEY_RANGES = True
 
 # Inputs with fewer elements than this are passed by MLX in the `constant`
 # address space; the kernels take `device` pointers, so tiny arrays are padded.
-_MIN_DEVICE_ELEMS = 8
+_MIN_DEVICE_ELEMS = metal_buffers.MIN_DEVICE_ELEMS
 
 # Decode path: at most this many query rows (one simdgroup), split over keys.
 _DECODE_MAX_Q = 8
@@ -204,37 +205,25 @@ def _features(spec: AttentionSpec) -> int:
     return feat
 
 
-def _broadcast_strides(name: str, a) -> list:
-    """Row-major strides of `a`, 0 on dims of size 1 (they broadcast)."""
-    if a is None:
-        return [0, 0, 0, 0]
-    if a.size > 2**31 - 1:
-        raise ValueError(
-            f"{name}: {a.size} elements exceed the Metal kernels' 32-bit indexing (2^31 - 1); "
-            f"pass it with size-1 (broadcast) dimensions where it does not vary"
-        )
-    strides, step = [], 1
-    for n in reversed(a.shape):
-        strides.append(0 if n == 1 else step)
-        step *= n
-    return strides[::-1]
-
-
 def _int_params(spec: AttentionSpec, inputs: AttentionInputs, tiles_per_split=0, num_splits=1) -> mx.array:
+    return _int_param_array(spec, _shape(inputs.mask), _shape(inputs.block_mask), tiles_per_split, num_splits)
+
+
+def _int_param_array(spec: AttentionSpec, mask_shape, block_mask_shape, tiles_per_split, num_splits) -> mx.array:
     # Layout: mlxf::IntParam.
-    values = [
+    values = (
         spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k,
         spec.window_left, spec.window_right, spec.block_q, spec.block_k,
-        *_broadcast_strides("mask", inputs.mask), *_broadcast_strides("block_mask", inputs.block_mask),
+        *metal_buffers.broadcast_strides("mask", mask_shape),
+        *metal_buffers.broadcast_strides("block_mask", block_mask_shape),
         tiles_per_split, num_splits,
-    ]
-    return mx.array(values, dtype=mx.int32)
+    )
+    return metal_buffers.int_params(values)
 
 
 def _float_params(spec: AttentionSpec) -> mx.array:
     # Layout: mlxf::FloatParam, padded to the device-buffer minimum.
-    values = [spec.scale, spec.softcap] + [0.0] * (_MIN_DEVICE_ELEMS - 2)
-    return mx.array(values, dtype=mx.float32)
+    return metal_buffers.float_params((spec.scale, spec.softcap))
 
 
 def _device_buffer(a):
@@ -249,13 +238,16 @@ def _device_buffer(a):
 def _optional(a, dtype):
     """An optional input, or a placeholder of `dtype` that the kernel never reads."""
     if a is None:
-        return mx.zeros((_MIN_DEVICE_ELEMS,), dtype=dtype)
+        return metal_buffers.placeholder(dtype)
     return _device_buffer(a)
 
 
 def _common_inputs(inputs: AttentionInputs):
     """mask, alibi, block_mask, cu_q, cu_k, key_start, key_len in kernel order
     (placeholders where absent)."""
+    if (inputs.mask is None and inputs.alibi is None and inputs.block_mask is None and inputs.cu_seqlens_q is None
+            and inputs.cu_seqlens_k is None and inputs.key_start is None and inputs.key_len is None):
+        return _no_inputs()  # the usual call: the same seven placeholders
     return (
         _optional(inputs.mask, mx.float32),
         _optional(inputs.alibi, mx.float32),
@@ -265,6 +257,13 @@ def _common_inputs(inputs: AttentionInputs):
         _optional(inputs.key_start, mx.int32),
         _optional(inputs.key_len, mx.int32),
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _no_inputs():
+    """_common_inputs of a call without optional arrays."""
+    f32, i32 = metal_buffers.placeholder(mx.float32), metal_buffers.placeholder(mx.int32)
+    return (f32, f32, metal_buffers.placeholder(mx.bool_), i32, i32, i32, i32)
 
 
 def _max_len_q(spec):
@@ -363,75 +362,110 @@ def forward_tiles(spec: AttentionSpec, itemsize: int) -> Tiles:
     return tiles
 
 
-def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
-    tiles = forward_tiles(spec, q.dtype.size)
+@dataclass(frozen=True)
+class _Dispatch:
+    """One kernel launch of a call, all but its input arrays (see _forward_plan)."""
+
+    name: str
+    template: tuple
+    grid: tuple
+    threadgroup: tuple
+    output_shapes: tuple
+    output_dtypes: tuple
+
+    def __call__(self, ins, stream):
+        return _call(self.name, ins, list(self.template), self.grid, self.threadgroup,
+                     [list(s) for s in self.output_shapes], list(self.output_dtypes), stream)
+
+
+def _shape(a):
+    return None if a is None else tuple(a.shape)
+
+
+@functools.lru_cache(maxsize=512)
+def _forward_plan(spec: AttentionSpec, dtype, q_batch: int, q_rows: int, mask_shape, block_mask_shape,
+                  gpu_cores: int):
+    """(forward launch, combine launch or None, iparams, fparams) of a forward
+    call: everything but its arrays depends only on these arguments, and a
+    decode step repeats them once per layer, so they are worked out once.
+    The module's tuning constants (_DECODE_*, _CAUSAL_MAX_FWD_BK) are read
+    when a configuration is first planned: a tool that changes them clears
+    the plans (`_forward_plan.cache_clear()`)."""
+    tiles = forward_tiles(spec, dtype.size)
     feat = _features(spec)
-    mask, alibi, block_mask, cu_q, cu_k, key_start, key_len = _common_inputs(inputs)
-    sinks = _optional(inputs.sinks, mx.float32)
-    fparams = _float_params(spec)
-    out_shape = [q.shape[0], spec.heads_q, q.shape[2], spec.head_dim_v]
+    out_shape = (q_batch, spec.heads_q, q_rows, spec.head_dim_v)  # varlen: [1, H, total, Dv]
     lse_shape = out_shape[:3]
-    launch = _forward_launch(spec, tiles, gpu_core_count())
+    launch = _forward_launch(spec, tiles, gpu_cores)
     decode = launch.splits > 1
     if decode:
         feat |= FEAT_SPLIT | (FEAT_PACK_GQA if launch.pack_gqa else 0)
-        shapes, out_dtypes = [[launch.splits] + out_shape, [launch.splits] + lse_shape], [mx.float32] * 2
+        shapes, out_dtypes = ((launch.splits,) + out_shape, (launch.splits,) + lse_shape), (mx.float32,) * 2
     else:
-        shapes, out_dtypes = [out_shape, lse_shape], [q.dtype, mx.float32]
-    iparams = _int_params(spec, inputs, launch.tiles_per_split, launch.splits)
-    template = [("T", q.dtype), ("DQK", spec.head_dim_qk), ("DV", spec.head_dim_v), ("NSG", launch.nsg),
-                ("BK", tiles.fwd_bk), ("FEAT", feat)]
-    out, lse = _call(
-        "attention_fwd", [q, k, v, mask, alibi, sinks, block_mask, cu_q, cu_k, key_start, key_len, iparams, fparams],
-        template, grid=(32 * launch.nsg * launch.row_blocks, spec.batch * launch.heads, launch.splits * launch.v_blocks),
-        threadgroup=(32 * launch.nsg, 1, 1), output_shapes=shapes, output_dtypes=out_dtypes, stream=stream,
-    )
-    if not decode:
+        shapes, out_dtypes = (out_shape, lse_shape), (dtype, mx.float32)
+    iparams = _int_param_array(spec, mask_shape, block_mask_shape, launch.tiles_per_split, launch.splits)
+    forward = _Dispatch(
+        "attention_fwd", (("T", dtype), ("DQK", spec.head_dim_qk), ("DV", spec.head_dim_v), ("NSG", launch.nsg),
+                          ("BK", tiles.fwd_bk), ("FEAT", feat)),
+        (32 * launch.nsg * launch.row_blocks, spec.batch * launch.heads, launch.splits * launch.v_blocks),
+        (32 * launch.nsg, 1, 1), shapes, out_dtypes)
+    combine = None
+    if decode:
+        rows = math.prod(lse_shape)
+        combine = _Dispatch("attention_combine", (("T", dtype), ("DV", spec.head_dim_v), ("FEAT", feat)),
+                            (32 * rows, 1, 1), (32, 1, 1), (out_shape, lse_shape), (dtype, mx.float32))
+    return forward, combine, iparams, _float_params(spec)
+
+
+def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
+    forward, combine, iparams, fparams = _forward_plan(spec, q.dtype, q.shape[0], q.shape[2], _shape(inputs.mask),
+                                                       _shape(inputs.block_mask), gpu_core_count())
+    mask, alibi, block_mask, cu_q, cu_k, key_start, key_len = _common_inputs(inputs)
+    sinks = _optional(inputs.sinks, mx.float32)
+    out, lse = forward([q, k, v, mask, alibi, sinks, block_mask, cu_q, cu_k, key_start, key_len, iparams, fparams],
+                       stream)
+    if combine is None:
         return out, lse
+    return combine([out, lse, sinks, iparams, fparams], stream)
+
+
+@functools.lru_cache(maxsize=512)
+def _backward_plan(spec: AttentionSpec, dtype, q_shape, k_shape, v_shape, lse_shape, has_dlse: bool, mask_shape,
+                   block_mask_shape):
+    """(delta, dK/dV and dQ launches, iparams, fparams) of a backward call (see _forward_plan)."""
+    tiles = tile_sizes(spec.head_dim_qk, spec.head_dim_v, dtype.size)
+    feat = _features(spec) & ~FEAT_SINKS  # the saved lse already holds the sinks
     rows = math.prod(lse_shape)
-    template = [("T", q.dtype), ("DV", spec.head_dim_v), ("FEAT", feat)]
-    return _call(
-        "attention_combine", [out, lse, sinks, iparams, fparams], template,
-        grid=(32 * rows, 1, 1), threadgroup=(32, 1, 1), output_shapes=[out_shape, lse_shape],
-        output_dtypes=[q.dtype, mx.float32], stream=stream,
-    )
+    nsg = _DELTA_NSG
+    delta = _Dispatch(
+        "attention_bwd_delta", (("T", dtype), ("DV", spec.head_dim_v), ("NSG", nsg), ("HAS_DLSE", has_dlse),
+                                ("FEAT", feat)),
+        (32 * nsg * -(-rows // (8 * nsg)), 1, 1), (32 * nsg, 1, 1), (lse_shape,), (mx.float32,))
+    dims = (("T", dtype), ("DQK", spec.head_dim_qk), ("DV", spec.head_dim_v))
+    nsg = tiles.dkdv_nsg
+    dkdv = _Dispatch(
+        "attention_bwd_dkdv", dims + (("NSG", nsg), ("BQB", tiles.dkdv_bq), ("FEAT", feat)),
+        (32 * nsg * -(-_max_len_k(spec) // (8 * nsg)), spec.batch * spec.heads_kv, 1), (32 * nsg, 1, 1),
+        (k_shape, v_shape), (dtype, dtype))
+    nsg = tiles.fwd_nsg
+    dq = _Dispatch(
+        "attention_bwd_dq", dims + (("NSG", nsg), ("BK", tiles.dq_bk), ("FEAT", feat)),
+        (32 * nsg * -(-_max_len_q(spec) // (8 * nsg)), spec.batch * spec.heads_q, d_blocks(spec.head_dim_qk)),
+        (32 * nsg, 1, 1), (q_shape,), (dtype,))
+    iparams = _int_param_array(spec, mask_shape, block_mask_shape, 0, 1)
+    return delta, dkdv, dq, iparams, _float_params(spec)
 
 
 def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
-    tiles = tile_sizes(spec.head_dim_qk, spec.head_dim_v, q.dtype.size)
-    feat = _features(spec) & ~FEAT_SINKS  # the saved lse already holds the sinks
+    delta_launch, dkdv, dq_launch, iparams, fparams = _backward_plan(
+        spec, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(lse.shape), dlse is not None,
+        _shape(inputs.mask), _shape(inputs.block_mask))
     mask, alibi, block_mask, cu_q, cu_k, key_start, key_len = _common_inputs(inputs)
-    iparams, fparams = _int_params(spec, inputs), _float_params(spec)
     dout = dout.astype(q.dtype)
-    lse_shape = list(lse.shape)
-    rows = math.prod(lse_shape)
-    nsg = _DELTA_NSG
-    (delta,) = _call(
-        "attention_bwd_delta", [out, dout, _optional(dlse, mx.float32), iparams, fparams],
-        [("T", q.dtype), ("DV", spec.head_dim_v), ("NSG", nsg), ("HAS_DLSE", dlse is not None),
-         ("FEAT", feat)],
-        grid=(32 * nsg * -(-rows // (8 * nsg)), 1, 1), threadgroup=(32 * nsg, 1, 1),
-        output_shapes=[lse_shape], output_dtypes=[mx.float32], stream=stream,
-    )
+    (delta,) = delta_launch([out, dout, _optional(dlse, mx.float32), iparams, fparams], stream)
     grad_inputs = [q, k, v, dout, lse, delta, mask, alibi, block_mask, cu_q, cu_k, key_start, key_len,
                    iparams, fparams]
-    dims = [("T", q.dtype), ("DQK", spec.head_dim_qk), ("DV", spec.head_dim_v)]
-    nsg = tiles.dkdv_nsg
-    dk, dv = _call(
-        "attention_bwd_dkdv", grad_inputs,
-        dims + [("NSG", nsg), ("BQB", tiles.dkdv_bq), ("FEAT", feat)],
-        grid=(32 * nsg * -(-_max_len_k(spec) // (8 * nsg)), spec.batch * spec.heads_kv, 1),
-        threadgroup=(32 * nsg, 1, 1), output_shapes=[list(k.shape), list(v.shape)],
-        output_dtypes=[q.dtype, q.dtype], stream=stream,
-    )
-    nsg = tiles.fwd_nsg
-    (dq,) = _call(
-        "attention_bwd_dq", grad_inputs,
-        dims + [("NSG", nsg), ("BK", tiles.dq_bk), ("FEAT", feat)],
-        grid=(32 * nsg * -(-_max_len_q(spec) // (8 * nsg)), spec.batch * spec.heads_q, d_blocks(spec.head_dim_qk)),
-        threadgroup=(32 * nsg, 1, 1), output_shapes=[list(q.shape)], output_dtypes=[q.dtype],
-        stream=stream,
-    )
+    dk, dv = dkdv(grad_inputs, stream)
+    (dq,) = dq_launch(grad_inputs, stream)
     return dq, dk, dv
 
 # matmul2d's Metal wrapper lives in its own module; the backend interface is per module.

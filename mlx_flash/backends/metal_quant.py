@@ -26,6 +26,7 @@ import math
 import mlx.core as mx
 
 from .. import _sources
+from . import metal_buffers
 from .._spec import AttentionInputs
 
 # Feature bits: keep in sync with mlxq::QFeature in metal_src/attention_quant.h.
@@ -58,7 +59,7 @@ TILE_NSG = 4
 # may use): one fp32 K-or-V tile plus the logits of every simdgroup.
 _TILE_BUDGET = 24 * 1024
 
-_MIN_DEVICE_ELEMS = 8  # smaller inputs are passed in the constant address space
+_MIN_DEVICE_ELEMS = metal_buffers.MIN_DEVICE_ELEMS  # smaller inputs are passed in the constant address space
 
 _ARGS = "threadgroup_position_in_grid, simdgroup_index_in_threadgroup, thread_index_in_simdgroup"
 _QUANT = ("kw", "ks", "kb", "vw", "vs", "vb")
@@ -125,16 +126,25 @@ _BODIES = {
 }
 
 
-def _factory():
-    from . import metal  # its factory: mx.fast.metal_kernel, or the tests' harness
+def _metal():
+    """backends.metal (imported on first use: it imports this module at its end)."""
+    global _METAL_MODULE
+    if _METAL_MODULE is None:
+        from . import metal
 
-    return metal._factory()
+        _METAL_MODULE = metal
+    return _METAL_MODULE
+
+
+_METAL_MODULE = None
+
+
+def _factory():
+    return _metal()._factory()  # its factory: mx.fast.metal_kernel, or the tests' harness
 
 
 def _poison() -> bool:
-    from . import metal
-
-    return metal.POISON_OUTPUTS
+    return _metal().POISON_OUTPUTS
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,33 +174,26 @@ def _features(spec) -> int:
     return feat
 
 
-def _mask_strides(mask) -> list:
-    """Row-major strides of the mask, 0 on broadcast (size-1) dims."""
-    if mask is None:
-        return [0, 0, 0, 0]
-    if mask.size > 2**31 - 1:
-        raise ValueError(f"mask: {mask.size} elements exceed the Metal kernels' 32-bit indexing (2^31 - 1)")
-    strides, step = [], 1
-    for n in reversed(mask.shape):
-        strides.append(0 if n == 1 else step)
-        step *= n
-    return strides[::-1]
-
-
 def _int_params(spec, inputs, keys_per_split=0, num_splits=1) -> mx.array:
+    return _int_param_array(spec, _mask_shape(inputs.mask), keys_per_split, num_splits)
+
+
+def _int_param_array(spec, mask_shape, keys_per_split, num_splits) -> mx.array:
     # Layout: mlxq::QIntParam.
-    values = [spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k,
-              spec.window_left, spec.window_right, *_mask_strides(inputs.mask), keys_per_split, num_splits]
-    return mx.array(values, dtype=mx.int32)
+    values = (spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k,
+              spec.window_left, spec.window_right, *metal_buffers.broadcast_strides("mask", mask_shape), keys_per_split, num_splits)
+    return metal_buffers.int_params(values)
 
 
 def _float_params(spec) -> mx.array:
-    return mx.array([spec.scale, spec.softcap or 0.0] + [0.0] * (_MIN_DEVICE_ELEMS - 2), dtype=mx.float32)
+    return metal_buffers.float_params((spec.scale, spec.softcap or 0.0))
 
 
 def _device_buffer(a):
     """A contiguous input of at least 8 elements (smaller ones would arrive
     in the constant address space; kernels index explicitly, so padding is fine)."""
+    if metal_buffers.is_constant(a):  # placeholders and parameters: contiguous already
+        return a
     if a.size >= _MIN_DEVICE_ELEMS:
         return mx.contiguous(a)
     flat = a.reshape(-1)
@@ -207,7 +210,7 @@ def _cache_buffer(a):
 
 
 def _optional(a, dtype):
-    return mx.zeros((_MIN_DEVICE_ELEMS,), dtype=dtype) if a is None else _device_buffer(a)
+    return metal_buffers.placeholder(dtype) if a is None else _device_buffer(a)
 
 
 def _rows(spec) -> int:
@@ -248,8 +251,12 @@ def _call(name, ins, template, grid, output_shapes, output_dtypes, stream, threa
 
 
 def _static_template(q, k, qspec, mask):
+    return _template(qspec, q.dtype, k[1].dtype, mask.dtype)
+
+
+def _template(qspec, dtype, scale_dtype, mask_dtype):
     spec = qspec.attention
-    return [("T", q.dtype), ("ST", k[1].dtype), ("MT", mask.dtype), ("DQK", spec.head_dim_qk),
+    return [("T", dtype), ("ST", scale_dtype), ("MT", mask_dtype), ("DQK", spec.head_dim_qk),
             ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("R", _rows(spec)), ("NSG", NSG)]
 
 
@@ -295,31 +302,48 @@ def quantized_attention_forward(q, k, v, qspec, inputs: AttentionInputs, stream)
     if _use_tiles(spec):
         out, lse = _tiled_forward(q, k, v, qspec, inputs, stream, out_shape)
         return out, lse
+    mask = _optional(inputs.mask, mx.float32)
+    alibi, sinks = _optional(inputs.alibi, mx.float32), _optional(inputs.sinks, mx.float32)
+    forward, combine, iparams, fparams = _streaming_plan(qspec, q.dtype, k[1].dtype, mask.dtype,
+                                                         _mask_shape(inputs.mask))
+    out, lse, o_part, ml_part = _call("quant_attention_fwd", [q, *k, *v, mask, alibi, sinks, iparams, fparams],
+                                      stream=stream, **forward)
+    if combine is None:
+        return out, lse
+    return _call("quant_attention_combine", [o_part, ml_part, sinks, iparams, fparams], stream=stream, **combine)
+
+
+def _mask_shape(mask):
+    return None if mask is None else tuple(mask.shape)
+
+
+@functools.lru_cache(maxsize=512)
+def _streaming_plan(qspec, dtype, scale_dtype, mask_dtype, mask_shape):
+    """(forward launch, combine launch or None, iparams, fparams) of the
+    streaming forward: all but the arrays depends only on these arguments, and
+    a decode step repeats them once per layer, so they are worked out once
+    (ROWS, NSG and the SPLIT_* constants are read then: a tool that changes
+    them calls `_streaming_plan.cache_clear()`)."""
+    spec = qspec.attention
+    out_shape = [spec.batch, spec.heads_q, spec.seqlen_q, spec.head_dim_v]
+    lse_shape = out_shape[:3]
     feat = _features(spec)
     splits, per = _splits(spec)
     if splits > 1:
         feat |= QF_SPLIT
-    mask = _optional(inputs.mask, mx.float32)
-    alibi, sinks = _optional(inputs.alibi, mx.float32), _optional(inputs.sinks, mx.float32)
-    iparams, fparams = _int_params(spec, inputs, per, splits), _float_params(spec)
+    iparams = _int_param_array(spec, mask_shape, per, splits)
     rows = math.prod(lse_shape)
     # The unused outputs of each mode are minimal placeholders.
     part_shapes = [[splits, rows, spec.head_dim_v], [splits, rows, 2]] if splits > 1 else [[8], [8]]
     shapes = ([out_shape, lse_shape] if splits == 1 else [[8], [8]]) + part_shapes
-    out, lse, o_part, ml_part = _call(
-        "quant_attention_fwd", [q, *k, *v, mask, alibi, sinks, iparams, fparams],
-        _static_template(q, k, qspec, mask) + [("FEAT", feat)],
-        grid=(32 * NSG * _row_blocks(spec), spec.batch * spec.heads_kv, splits), threadgroup=(32 * NSG, 1, 1),
-        output_shapes=shapes, output_dtypes=[q.dtype, mx.float32, mx.float32, mx.float32], stream=stream,
-    )
-    if splits == 1:
-        return out, lse
-    return _call(
-        "quant_attention_combine", [o_part, ml_part, sinks, iparams, fparams],
-        [("T", q.dtype), ("DV", spec.head_dim_v), ("FEAT", feat)], grid=(32 * rows, 1, 1),
-        threadgroup=(32, 1, 1), output_shapes=[out_shape, lse_shape], output_dtypes=[q.dtype, mx.float32],
-        stream=stream,
-    )
+    forward = dict(template=_template(qspec, dtype, scale_dtype, mask_dtype) + [("FEAT", feat)],
+                   grid=(32 * NSG * _row_blocks(spec), spec.batch * spec.heads_kv, splits),
+                   threadgroup=(32 * NSG, 1, 1), output_shapes=shapes,
+                   output_dtypes=[dtype, mx.float32, mx.float32, mx.float32])
+    combine = None if splits == 1 else dict(
+        template=[("T", dtype), ("DV", spec.head_dim_v), ("FEAT", feat)], grid=(32 * rows, 1, 1),
+        threadgroup=(32, 1, 1), output_shapes=[out_shape, lse_shape], output_dtypes=[dtype, mx.float32])
+    return forward, combine, iparams, _float_params(spec)
 
 
 def quantized_attention_backward(q, k, v, lse, delta, dout, qspec, inputs: AttentionInputs, stream):
