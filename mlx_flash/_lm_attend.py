@@ -89,7 +89,10 @@ def _backend_present(name: str) -> bool:
 def promoted_dtype(*dtypes):
     """The float dtype MLX promotes these to (float16 with bfloat16 is float32)."""
     first = dtypes[0]
-    return first if all(d == first for d in dtypes) else mx.float32
+    for d in dtypes:
+        if d != first:
+            return mx.float32
+    return first
 
 
 def _mask_reason(mask, shape) -> str | None:
@@ -116,6 +119,42 @@ def unsupported_reason(queries, keys, values, cache, scale, mask) -> str | None:
     """
     if hasattr(cache, "bits"):
         return _quantized_reason(queries, keys, cache, scale, mask)
+    key = _call_key(queries, keys, values, scale, mask)
+    if key is None:
+        return _float_reason(queries, keys, values, scale, mask)
+    reason = _REASONS.get(key, _UNKNOWN)
+    if reason is _UNKNOWN:
+        reason = _float_reason(queries, keys, values, scale, mask)
+        if len(_REASONS) >= _MAX_REASONS:
+            _REASONS.clear()
+        _REASONS[key] = reason
+    return reason
+
+
+# The answer of _float_reason depends only on what _call_key holds: every
+# layer of a decode step (and every step of a static cache) asks the same
+# question, so it is answered once (~3 us of checks a call otherwise).
+_REASONS: dict = {}
+_MAX_REASONS = 1024
+_UNKNOWN = object()
+
+
+def _call_key(queries, keys, values, scale, mask):
+    """What the float checks read of a call, or None where they read more
+    (a mask of another kind than None, a string, a description or an array)."""
+    if queries.__class__ is not mx.array or keys.__class__ is not mx.array or values.__class__ is not mx.array:
+        return None
+    if mask is None or isinstance(mask, (str, CausalMaskDescription)):
+        mask_key = mask if mask is None or isinstance(mask, str) else CausalMaskDescription
+    elif mask.__class__ is mx.array:
+        mask_key = (tuple(mask.shape), mask.dtype)
+    else:
+        return None
+    return (tuple(queries.shape), tuple(keys.shape), tuple(values.shape), queries.dtype, keys.dtype, values.dtype,
+            scale.__class__, mask_key, dispatch.backend_name(None))
+
+
+def _float_reason(queries, keys, values, scale, mask) -> str | None:
     if not all(isinstance(a, mx.array) for a in (queries, keys, values)):
         return "non-array queries/keys/values"
     if queries.ndim != 4 or keys.ndim != 4 or values.ndim != 4:
@@ -185,12 +224,14 @@ def fused(queries, keys, values, *, scale, mask, sinks=None, softcap=None, cache
             options = {"mask": as_array(mask)}
         return flash_attention_quantized(queries, keys, values, bits=cache.bits, group_size=cache.group_size,
                                          scale=float(scale), sinks=sinks, softcap=softcap, **options)
-    dtype = promoted_dtype(queries.dtype, keys.dtype, values.dtype)
+    qd, kd, vd = queries.dtype, keys.dtype, values.dtype
+    dtype = qd if qd == kd and qd == vd else promoted_dtype(qd, kd, vd)
     options = _mask_arguments(mask, queries.shape[2], keys.shape[2])
     additive = options.get("mask")
     if additive is not None and additive.dtype != mx.bool_ and promoted_dtype(additive.dtype, dtype) != dtype:
         raise ValueError(f"[scaled_dot_product_attention] Mask type must promote to output type {dtype}.")
-    queries, keys, values = (a if a.dtype == dtype else a.astype(dtype) for a in (queries, keys, values))
+    if dtype != qd or dtype != kd or dtype != vd:  # mixed dtypes: computed in the promoted one, as MLX does
+        queries, keys, values = (a if a.dtype == dtype else a.astype(dtype) for a in (queries, keys, values))
     return flash_attention(queries, keys, values, scale=float(scale), sinks=sinks, softcap=softcap, **options)
 
 

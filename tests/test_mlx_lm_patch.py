@@ -482,6 +482,29 @@ def test_unsupported_reason_accepts_mlx_lm_masks():
     assert ok(mx.ones((3, 9), mx.bool_)).startswith("mask shape")
 
 
+
+def test_unsupported_reason_remembers_answers_per_call_shape(monkeypatch):
+    """The answers are cached per (shapes, dtypes, scale type, mask kind,
+    backend): asked again, in any order, each call gets what the checks
+    themselves say, and a change of backend is another question."""
+    from mlx_flash import dispatch
+
+    q, k = mx.zeros((2, 4, 3, 8)), mx.zeros((2, 2, 10, 8))
+    calls = [(q, k, k, 0.3, None), (q, k, k, 0.3, "causal"), (q, k, k, 0.3, "sliding"),
+             (q, k, k, 0.3, mx.ones((3, 10), mx.bool_)), (q, k, k, 0.3, mx.ones((3, 9), mx.bool_)),
+             (q, k, k, 0.3, mx.ones((3, 10), mx.int32)), (q, k, k, "0.3", None), (q, k, k, 1, None),
+             (q, mx.zeros((2, 3, 10, 8)), k, 0.3, None), (q, k.astype(mx.int32), k, 0.3, None),
+             (mx.zeros((2, 4, 3, 640)), mx.zeros((2, 2, 10, 640)), mx.zeros((2, 2, 10, 640)), 0.3, None)]
+    direct = [_lm_attend._float_reason(a, b, c, s, m) for a, b, c, s, m in calls]
+    assert direct[0] is None and direct[2] == "mask string 'sliding'" and direct[6] == "scale of type str"
+    for order in (calls, calls[::-1], calls):
+        got = [_lm_attend.unsupported_reason(a, b, c, None, s, m) for a, b, c, s, m in order]
+        assert got == (direct if order is calls else direct[::-1])
+    monkeypatch.setattr(dispatch, "backend_name", lambda stream: "metal")
+    wide = calls[-1]
+    assert _lm_attend.unsupported_reason(wide[0], wide[1], wide[2], None, 0.3, None) == \
+        _lm_attend._float_reason(*wide)
+
 # ---------------------------------------------------------------- examples and benchmark
 
 def test_benchmark_functions_small():
