@@ -13,6 +13,7 @@ import pytest
 
 import mlx_flash
 from mlx_flash import fp8
+import helpers
 import matmul_backends
 from matmul_backends import matmul
 
@@ -75,7 +76,7 @@ def assert_close(out, ref, out_dtype, k):
 
 @pytest.mark.parametrize("ka,kb", list(itertools.product(TYPES, TYPES)))
 def test_every_operand_type_combination(backend, ka, kb):
-    rng = np.random.default_rng(hash((ka, kb)) % 2**32)
+    rng = helpers.rng("every-operand-type", ka, kb)  # the session seed (str hashes differ per process)
     M, K, N = 19, 45, 37
     a, a_fmt, a64 = make_operand(rng, (M, K), ka)
     b, b_fmt, b64 = make_operand(rng, (K, N), kb)
@@ -342,7 +343,7 @@ def test_fast_accumulation_is_exact_where_the_backend_has_no_fast_one(backend, k
     """fast_accumulation=True only allows the tensor cores' fp8 sums (CUDA on
     Hopper); on this backend the product stays fp32-exact: bit-identical to the
     default call, and within the float64 reference's fp32 tolerance."""
-    gen = np.random.default_rng(hash((ka, kb)) % 2**32)
+    gen = helpers.rng("fast-accumulation", ka, kb)
     M, K, N = 17, 113, 9
     a, a_fmt, a64 = make_operand(gen, (M, K), ka)
     b, b_fmt, b64 = make_operand(gen, (N, K), kb)
