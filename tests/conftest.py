@@ -52,6 +52,20 @@ def pytest_runtest_makereport(item, call):
         report.sections.append(("mlx_flash test seed", _seed_line()))
 
 
+@pytest.fixture(autouse=True)
+def _mlx_random_from_the_session_seed(request):
+    """MLX's global PRNG starts from the clock, so a test that draws with
+    mx.random (model weights, inputs) saw new numbers on every run and its
+    failure could not be replayed. Each test now starts it from the session
+    seed and its own id: the same draws for the same seed, on every worker."""
+    import zlib
+
+    import mlx.core as mx
+    from helpers import BASE_SEED
+
+    mx.random.seed((BASE_SEED * 1_000_003 + zlib.crc32(request.node.nodeid.encode())) % 2**32)
+
+
 @pytest.fixture
 def cpu_default_device():
     """Runs a test with the CPU as MLX's default device.
