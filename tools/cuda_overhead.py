@@ -18,16 +18,12 @@ import mlx.core as mx
 import mlx_flash
 from mlx_flash.backends import cuda as cb
 
+import gpu_timing  # noqa: E402  (tools/, beside this file)
+
 
 def latency(fn, iters=60):
-    for _ in range(3):
-        mx.eval(fn())
-    mx.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        mx.eval(fn())
-    mx.synchronize()
-    return (time.perf_counter() - t0) / iters * 1e6
+    """Microseconds per call, one call per eval after warm-ups."""
+    return gpu_timing.mlx_seconds(fn, iters) * 1e6
 
 
 def per_call_batched(fn, n=20, iters=10):
