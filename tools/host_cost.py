@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import json
 import pstats
 import sys
@@ -66,6 +67,18 @@ CASES = {
     "forward+backward fp16 (4,16,1024,64)": ("grad", 4, 16, 16, 1024, 1024, 64, None, False),
     "prefill fp16 causal (1,32:8,2048,2048,128)": ("plain", 1, 32, 8, 2048, 2048, 128, None, True),
     "prefill 4-bit causal (1,32:8,2048,8192,128)": ("quant", 1, 32, 8, 2048, 8192, 128, 4, True),
+    # The warp-specialised forward (cuda_fwd_ws.py): D 64 at 1K keys is routed
+    # there only with MLX_FLASH_CUDA_FWD_WS=all (the case sets it for its run);
+    # D 128 is its default route. fwd+bwd: the graph of mx.vjp (building only).
+    "forward fp16 ws (4,16,1024,64)": ("plain-ws", 4, 16, 16, 1024, 1024, 64, None, False),
+    "forward+backward fp16 ws (4,16,1024,64)": ("vjp-ws", 4, 16, 16, 1024, 1024, 64, None, False),
+    "forward fp16 (1,16,8192,128)": ("plain", 1, 16, 16, 8192, 8192, 128, None, False),
+    # FP8Linear's direct few-rows path (compiled, the default) next to
+    # nn.Linear on the same fp16 input: (op, M, K, N) in the B / Nq / D slots.
+    "FP8Linear M=1 (4096x4096)": ("fp8linear", 1, 0, 0, 1, 0, 4096, None, False),
+    "nn.Linear M=1 (4096x4096)": ("linear", 1, 0, 0, 1, 0, 4096, None, False),
+    "FP8Linear M=16 (4096x4096)": ("fp8linear", 1, 0, 0, 16, 0, 4096, None, False),
+    "nn.Linear M=16 (4096x4096)": ("linear", 1, 0, 0, 16, 0, 4096, None, False),
 }
 GROUP_SIZE = 64
 
@@ -100,6 +113,28 @@ def install_stubs():
     for cached in (cb._wgmma_fwd_config, cb._mma_fwd_config, cb._simt_fwd_config, cb._wgmma_bwd_config,
                    cb._mma_bwd_config, cb._simt_bwd_config, cb._decode_launch_cached):
         cached.cache_clear()
+    # The H200's routes: Hopper (wgmma, the warp-specialised forward), TMA
+    # (tensor maps made once per shape through libcuda, here fixed bytes) and
+    # 132 SMs (persistent grids).
+    from mlx_flash.backends import cuda_fwd_ws, cuda_matmul
+
+    cb._is_hopper = lambda: True
+    cuda_matmul._tma_available = lambda: True
+    cuda_fwd_ws.sm_count = lambda: 132
+    cuda_matmul.sm_count = lambda: 132
+    cuda_fwd_ws.tensor_map_3d = functools.lru_cache(maxsize=1024)(lambda *a: bytes(128))
+    for cached in ("_templates", "_launch"):
+        if hasattr(getattr(cuda_fwd_ws, cached, None), "cache_clear"):
+            getattr(cuda_fwd_ws, cached).cache_clear()
+    # FP8Linear's direct path asks for a CUDA GPU as the default device: the
+    # CPU device stands in (nn.py's own `mx` name, a copy of the module's
+    # attributes with gpu = cpu: lookups cost as before).
+    import types
+
+    import mlx_flash.nn as fnn
+    fnn.mx = types.SimpleNamespace(**{n: getattr(mx, n) for n in dir(mx) if not n.startswith("__")})
+    fnn.mx.gpu = mx.cpu
+    fnn.cuda_available = lambda: True
     real_device_of = dispatch.device_of
 
     def backend_name(stream):
@@ -140,8 +175,34 @@ def growing_case(op, q, k, v, bits, s, calls, per_length=32):
     return {"full": step}
 
 
+def linear_case(op, M, K):
+    """FP8Linear (direct few-rows path) or nn.Linear, K x K, fp16 input of M rows."""
+    import mlx.nn as nn
+
+    from mlx_flash.nn import FP8Linear
+
+    x = mx.random.normal((1, M, K), key=mx.random.key(3)).astype(mx.float16)
+    layer = nn.Linear(K, K, bias=False)
+    layer.set_dtype(mx.float16)
+    if op == "fp8linear":
+        layer = FP8Linear.from_linear(layer)
+    mx.eval(x, layer.parameters())
+    return {"full": lambda: layer(x)}
+
+
+def ws_all(on: bool):
+    """Route D 64 at 1K keys to the warp-specialised forward (MLX_FLASH_CUDA_FWD_WS=all) or not."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    cuda_fwd_ws.CHECKED_ONLY = not on
+
+
 def make_case(name, calls):
     op, B, Hq, Hkv, Nq, Nk, D, bits, causal = CASES[name]
+    if op in ("fp8linear", "linear"):
+        return linear_case(op, Nq, D)
+    ws_all(op.endswith("-ws"))
+    op = op.removesuffix("-ws")
     keys = mx.random.split(mx.random.key(7), 3)
     q = mx.random.normal((B, Hq, Nq, D), key=keys[0]).astype(mx.float16)
     k = mx.random.normal((B, Hkv, Nk, D), key=keys[1]).astype(mx.float16)
@@ -153,6 +214,12 @@ def make_case(name, calls):
     if op == "mx.fast":
         mx.eval(q, k, v)
         return {"full": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=s)}
+    if op == "vjp":
+        mx.eval(q, k, v)
+        cot = mx.zeros((B, Hq, Nq, D), mx.float16)
+        mx.eval(cot)
+        vjp = lambda: mx.vjp(lambda q, k, v: mlx_flash.flash_attention(q, k, v, scale=s), [q, k, v], [cot])  # noqa: E731
+        return {"full": vjp}
     if op == "grad":
         mx.eval(q, k, v)
         grad = mx.grad(lambda q, k, v: mlx_flash.flash_attention(q, k, v, scale=s).sum(), argnums=(0, 1, 2))

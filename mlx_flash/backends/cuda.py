@@ -506,18 +506,28 @@ _FWD_TWO_TILES = os.environ.get("MLX_FLASH_CUDA_FWD_TWO_TILES", "1") == "1"
 # ---------------------------------------------------------------------------
 # Forward.
 
+@functools.lru_cache(maxsize=None)
+def _fwd_ws():
+    """cuda_fwd_ws, imported on first use (it imports this module), then one
+    cached call instead of an import statement per forward call."""
+    from . import cuda_fwd_ws
+
+    return cuda_fwd_ws
+
+
 def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
     lse_shape = tuple(q.shape[:-1])
     out_shape = lse_shape + (spec.head_dim_v,)
+    mma = _uses_mma(spec)  # False: decode-like or float32 (the Hopper kernels are tensor-core kernels too)
+    if mma and _WGMMA and _is_hopper():  # _uses_ws(spec), _uses_mma known
+        cuda_fwd_ws = _fwd_ws()  # the warp-specialised kernel serves the calls without extras
+        if cuda_fwd_ws.serves(spec):
+            # Before the other kernels' argument lists: this launch takes none of them.
+            return cuda_fwd_ws.forward(q, k, v, spec, out_shape, lse_shape, stream)
     args = _forward_inputs(q, k, v, spec, inputs)
     template = list(_forward_template(spec, inputs.mask.dtype if inputs.mask is not None else mx.bool_))
-    if not _uses_mma(spec):  # decode-like or float32 (the Hopper kernels are tensor-core kernels too)
+    if not mma:
         return _forward_simt(args, template, spec, out_shape, lse_shape, stream)
-    if _uses_ws(spec):
-        from . import cuda_fwd_ws  # the warp-specialised kernel serves the calls without extras
-
-        if cuda_fwd_ws.serves(spec):
-            return cuda_fwd_ws.forward(q, k, v, spec, out_shape, lse_shape, stream)
     if _uses_wgmma(spec):
         bn, stages, row_blocks, kernel = _wgmma_fwd_config(spec, _WGMMA_BN, _WGMMA_STAGES)
         out, lse = kernel(
