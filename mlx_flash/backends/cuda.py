@@ -530,21 +530,18 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
         return _forward_simt(args, template, spec, out_shape, lse_shape, stream)
     if _uses_wgmma(spec):
         bn, stages, row_blocks, kernel = _wgmma_fwd_config(spec, _WGMMA_BN, _WGMMA_STAGES)
-        out, lse = kernel(
-            inputs=args, template=template + [("BN", bn), ("STAGES", stages)],
-            grid=(row_blocks * 256, spec.heads_q, spec.batch), threadgroup=(256, 1, 1),
-            output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
-            stream=stream,
-        )
-        return out, lse
-    nw, bn, blocks, tiles, kernel = _mma_fwd_config(spec)
-    out, lse = kernel(
-        inputs=args, template=template + list(tiles),
-        grid=(blocks * 32 * nw, spec.heads_q, spec.batch), threadgroup=(32 * nw, 1, 1),
-        output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
-        stream=stream,
-    )
-    return out, lse
+        template += [("BN", bn), ("STAGES", stages)]
+        grid, threads = (row_blocks * 256, spec.heads_q, spec.batch), (256, 1, 1)
+    else:
+        nw, bn, blocks, tiles, kernel = _mma_fwd_config(spec)
+        template += list(tiles)
+        grid, threads = (blocks * 32 * nw, spec.heads_q, spec.batch), (32 * nw, 1, 1)
+    shapes, dtypes = [out_shape, lse_shape], [spec.dtype, mx.float32]
+    outputs = kernel(inputs=args, template=template, grid=grid, threadgroup=threads, output_shapes=shapes,
+                     output_dtypes=dtypes, stream=stream)
+    if _host.RECORDING is not None and _host.PREFILL:  # opt-in: cuda_host.py replays the call
+        _host.note_launch(kernel, args, outputs, stream, template, grid, threads, shapes, dtypes, None)
+    return outputs[0], outputs[1]
 
 
 @functools.lru_cache(maxsize=1024)

@@ -402,13 +402,15 @@ def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
     tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, dv, keys, group,
                       TRACE is not None, dynamic, rows)
     tickets = _cuda._ticket_region(stream) if dynamic else _cuda._placeholder(mx.uint32)
-    out, lse, workspace = _kernel(smem_bytes(d, keys, dv, rows))(
-        inputs=[q, k, v, ip, fp, tmpl, tickets], template=template(spec, nwg, keys),
-        grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
-        output_shapes=[out_shape, lse_shape, (blocks * SLOT_BYTES,)],
-        output_dtypes=[spec.dtype, mx.float32, mx.uint8], init_value=float("nan") if POISON_OUTPUTS else None,
-        stream=stream,
-    )
+    kernel, inputs = _kernel(smem_bytes(d, keys, dv, rows)), [q, k, v, ip, fp, tmpl, tickets]
+    values = template(spec, nwg, keys)
+    grid, tg = (blocks * threads, 1, 1), (threads, 1, 1)
+    shapes, dtypes = [out_shape, lse_shape, (blocks * SLOT_BYTES,)], [spec.dtype, mx.float32, mx.uint8]
+    init = float("nan") if POISON_OUTPUTS else None
+    outputs = kernel(inputs=inputs, template=values, grid=grid, threadgroup=tg, output_shapes=shapes,
+                     output_dtypes=dtypes, init_value=init, stream=stream)
     if TRACE is not None:
-        TRACE.append(workspace)
-    return out, lse
+        TRACE.append(outputs[2])
+    elif _cuda._host.RECORDING is not None and _cuda._host.PREFILL:  # opt-in: cuda_host.py replays the call
+        _cuda._host.note_launch(kernel, inputs, outputs, stream, values, grid, tg, shapes, dtypes, init)
+    return outputs[0], outputs[1]
