@@ -1,6 +1,7 @@
 """Host (graph-building) cost of one CUDA-path call, split into stages, in microseconds.
 
     python tools/host_cost.py [--stub] [--json OUT.json] [--profile CASE]
+    python tools/host_cost.py --compare BEFORE_DIR ROUNDS OUT.json [--stub ...]
 
 On a machine without a CUDA GPU (or with --stub) the kernel objects are
 stubbed (backends.cuda._kernel, backends.cuda_quant._kernel/_strided_kernel
@@ -290,7 +291,68 @@ def build_us(fn, iters: int, repeats: int) -> float:
     return best
 
 
+def compare(before: str, rounds: int, out: str, argv: list) -> None:
+    """Before/after, interleaved: `rounds` times this tool on the package in
+    `before` (a directory holding an mlx_flash/) and then on this tree's, each
+    in its own process; per case and stage the minimum over the rounds (each
+    already a best-of-N mean) is kept, written to `out` with the machine named."""
+    import os
+    import platform
+    import subprocess
+    import tempfile
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for side, root in (("before", before), ("after", here)):
+                path = os.path.join(tmp, f"{side}{r}.json")
+                env = dict(os.environ, PYTHONPATH=root)
+                subprocess.run([sys.executable, os.path.abspath(__file__), "--json", path] + argv, env=env,
+                               check=True, stdout=subprocess.DEVNULL)
+                with open(path) as f:
+                    runs[side].append(json.load(f))
+    best = {}
+    for side, results in runs.items():
+        best[side] = {}
+        for res in results:
+            for name, row in res["cases"].items():
+                cell = best[side].setdefault(name, {})
+                for stage, us in row.items():
+                    if isinstance(us, float) and stage != "rest":
+                        cell[stage] = round(min(cell.get(stage, float("inf")), us), 2)
+        for row in best[side].values():
+            if all(s in row for s in ("full", "validate", "dispatch", "backend")):
+                row["rest"] = round(row["full"] - row["validate"] - row["dispatch"] - row["backend"], 2)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import mlx.core as mx
+
+    result = {
+        "tool": "tools/host_cost.py --compare (" + " ".join(argv) + ")",
+        "machine": f"{cpu}, {os.cpu_count()} cores (shared); python {platform.python_version()}, mlx {mx.__version__}",
+        "method": f"min over {rounds} interleaved rounds (before = {before}, after = this tree) of best-of-N means "
+                  "of graph builds, us per call",
+        "mode": runs["after"][0]["mode"],
+        "before": best["before"], "after": best["after"],
+    }
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{'case':44s} {'before':>7s} {'after':>7s}  (full call, us)")
+    for name, row in best["after"].items():
+        print(f"{name:44s} {best['before'].get(name, {}).get('full', float('nan')):7.2f} {row['full']:7.2f}")
+
+
 def main():
+    if "--compare" in sys.argv:  # --compare BEFORE_DIR ROUNDS OUT.json [other options for each run]
+        i = sys.argv.index("--compare")
+        before, rounds, out = sys.argv[i + 1:i + 4]
+        compare(before, int(rounds), out, sys.argv[1:i] + sys.argv[i + 4:])
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--stub", action="store_true", help="stub kernels, force the CUDA backend (no GPU needed)")
     parser.add_argument("--json", default=None, help="write the numbers here")
@@ -298,6 +360,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--profile", default=None, help="cProfile the full call of the case with this name prefix")
     parser.add_argument("--cases", default=None, help="only the cases whose names start with one of these (comma-separated)")
+    parser.add_argument("--replay", action="store_true",
+                        help="with --stub: the C++ record/replay on (prefill forwards too, as with "
+                             "MLX_FLASH_CUDA_HOST_PREFILL=1); its kernel nodes call the stub back through Python, "
+                             "where a real replay shares the kernel's primitive: an upper bound")
     args = parser.parse_args()
     gpu = hasattr(mx, "cuda") and mx.cuda.is_available()
     stub = install_stubs() if (args.stub or not gpu) else None
@@ -316,6 +382,13 @@ def main():
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(30)
         return
     host = cuda_host.ACTIVE  # the C++ replay, where it serves calls (a CUDA GPU and the extension)
+    if args.replay:
+        if not (stub and cuda_host.HOST is not None and hasattr(cuda_host, "PREFILL")):
+            sys.exit("--replay needs --stub, the extension mlx_flash._cuda_host and cuda_host.PREFILL")
+        host = cuda_host.HOST
+        cuda_host.KERNEL_SPECS[id(stub)] = stub  # record the stub's launches; replay calls it back
+        cuda_host.PREFILL = True
+        attention._HOST = attention_quantized._HOST = host
     res = {"mode": mode, "card": card, "cases": {}, "replay": host is not None}
     print("C++ replay (mlx_flash._cuda_host): " + ("on; 'full' is the call as users get it, 'python' the same "
                                                  "call with the replay off" if host is not None else "off"))
