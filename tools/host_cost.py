@@ -219,7 +219,8 @@ def make_case(name, calls):
         mx.eval(q, k, v)
         cot = mx.zeros((B, Hq, Nq, D), mx.float16)
         mx.eval(cot)
-        vjp = lambda: mx.vjp(lambda q, k, v: mlx_flash.flash_attention(q, k, v, scale=s), [q, k, v], [cot])  # noqa: E731
+        def vjp():
+            return mx.vjp(lambda q, k, v: mlx_flash.flash_attention(q, k, v, scale=s), [q, k, v], [cot])
         return {"full": vjp}
     if op == "grad":
         mx.eval(q, k, v)
