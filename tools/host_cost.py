@@ -6,7 +6,9 @@
 On a machine without a CUDA GPU (or with --stub) the kernel objects are
 stubbed (backends.cuda._kernel, backends.cuda_quant._kernel/_strided_kernel
 return a callable that gives mx.zeros of the output shapes) and dispatch
-answers "cuda", so the exact CUDA-path Python runs on the CPU: only MLX's
+answers "cuda" (on an H200's routes: Hopper, TMA with fixed tensor-map bytes,
+132 SMs; FP8Linear's direct path sees the CPU device as its GPU), so the
+exact CUDA-path Python runs on the CPU: only MLX's
 own launch work (source assembly and hashing inside mx.fast.cuda_kernel,
 about 2 us a launch on the H200) is missing; the stub hands out outputs made
 once, so its own cost (printed) is next to nothing. On the GPU machine without --stub the real kernels are used.
@@ -28,6 +30,12 @@ at every call. The mx.fast cases time MLX's own SDPA entry point on the same
 arrays (the anchor), the other cases the prefill and backward paths; the
 header sizes each kernel hands MLX are printed first. (This tool replaces
 tools/cuda_host_overhead.py.)
+
+--compare BEFORE_DIR ROUNDS OUT.json runs this tool ROUNDS times on the
+package in BEFORE_DIR and on this tree's, interleaved, each in its own
+process, and keeps per case the minimum (benchmarks/results/host_cost_cpu_stub_s9.json).
+--replay (with --stub) switches the C++ replay on over the stubs, prefill
+forwards included: the replayed node calls the stub back, an upper bound.
 """
 
 from __future__ import annotations
