@@ -126,6 +126,22 @@ _compiled_direct.cache_clear = _DIRECT_TRACES.clear
 
 _HALF_TYPES = (mx.float16, mx.bfloat16)
 
+# Whether the direct path takes an (x shape, x dtype, weight shape, weight
+# dtype): linear_few_rows_supported's answer (a function of these alone), kept
+# (one lookup a call instead of its property reads and comparisons).
+_DIRECT_SHAPES: dict = {}
+_DIRECT_SHAPES_MAX = 4096
+
+
+def _direct_takes(x, weight) -> bool:
+    key = (x.shape, x.dtype, weight.shape, weight.dtype)
+    ok = _DIRECT_SHAPES.get(key)
+    if ok is None:
+        if len(_DIRECT_SHAPES) >= _DIRECT_SHAPES_MAX:
+            _DIRECT_SHAPES.clear()
+        ok = _DIRECT_SHAPES[key] = x.dtype in _HALF_TYPES and _cuda_matmul().linear_few_rows_supported(x, weight)
+    return ok
+
 
 class FP8Linear(nn.Module):
     """`y = x @ (dequant(weight) * scale)^T + bias` with an fp8 weight.
@@ -190,9 +206,9 @@ class FP8Linear(nn.Module):
         # Module is a dict: item access skips Module.__getattr__ (~0.5 us a read).
         bias = self["bias"] if "bias" in self else None
         weight, scale = self["weight"], self["scale"]
-        if _PATH == "direct" and x.dtype in _HALF_TYPES:
+        if _PATH == "direct":
             device = mx.default_device()
-            if device == mx.gpu and cuda_available() and _cuda_matmul().linear_few_rows_supported(x, weight):
+            if device == mx.gpu and cuda_available() and _direct_takes(x, weight):
                 args = (x, weight, scale) if bias is None else (x, weight, scale, bias)
                 if _COMPILE == "1":
                     return _compiled_direct(self.fmt, bias is not None, mx.default_stream(device))(*args)

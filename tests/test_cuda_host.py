@@ -460,3 +460,125 @@ def test_tuning_overrides_take_the_python_path(fresh_host, monkeypatch):
     assert _attention_key(q, k, v) is None
     mx.eval(mlx_flash.flash_attention(q, k, v))
     assert HOST.stats()[0] == hits
+
+
+# ---------------------------------------------------------------------------
+# Opt-in replay of the tensor-core forwards (cuda_host.PREFILL,
+# MLX_FLASH_CUDA_HOST_PREFILL=1): prefill and training calls.
+
+# (dtype, Hq, Hkv, Nq, Nk, D, options, route): the warp-specialised forward
+# (D 64 from cuda_fwd_ws.MIN_KEYS_D64 keys: persistent, dynamic tickets),
+# attention_fwd_wgmma (D 64, fewer keys) and, off Hopper, attention_fwd_mma.
+PREFILL_CASES = {
+    "ws D128 causal lse": (mx.float16, 4, 2, 150, 333, 128, dict(causal=True, return_lse=True), "ws"),
+    "ws D64 long keys bf16": (mx.bfloat16, 2, 2, 70, 2100, 64, {}, "ws"),
+    "wgmma D64 window": (mx.float16, 2, 1, 130, 200, 64, dict(window=(50, 0)), "wgmma"),
+    "mma D96 GQA": (mx.float16, 4, 2, 40, 77, 96, dict(scale=0.2), "mma"),
+}
+
+
+def _prefill_call(case, gen):
+    dtype, hq, hkv, nq, nk, d, options, route = PREFILL_CASES[case]
+    q = randn(gen, (1, hq, nq, d), dtype)
+    k, v = randn(gen, (1, hkv, nk, d), dtype), randn(gen, (1, hkv, nk, d), dtype)
+    return q, k, v, options, route
+
+
+def _route_of(q, k, v, options):
+    from mlx_flash.backends import cuda as cb
+    from mlx_flash.backends import cuda_fwd_ws
+
+    spec, _ = attention.validate_attention(q, k, v, **{n: x for n, x in options.items() if n != "return_lse"})
+    return "ws" if cb._uses_ws(spec) and cuda_fwd_ws.serves(spec) else "wgmma" if cb._uses_wgmma(spec) else "mma"
+
+
+@pytest.fixture
+def fake_prefill(fake_cuda, monkeypatch):
+    """fake_cuda with the opt-in on and the ws forward's defaults, TMA and an
+    SM count stubbed (the tensor maps are fixed bytes here)."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    monkeypatch.setattr(cuda_host, "PREFILL", True)
+    for name, value in (("_ENABLED", True), ("CHECKED_ONLY", True), ("PERSISTENT", None), ("DYNAMIC", True),
+                        ("HEAD_GROUP", None), ("TRACE", None), ("POISON_OUTPUTS", False)):
+        monkeypatch.setattr(cuda_fwd_ws, name, value)
+    monkeypatch.setattr(cuda_fwd_ws, "_tma_available", lambda: True)
+    monkeypatch.setattr(cuda_fwd_ws, "sm_count", lambda: 4)
+    monkeypatch.setattr(cuda_fwd_ws, "tensor_map_3d", lambda *a: bytes(range(128)))
+    for c in (cuda_fwd_ws._templates, cuda_fwd_ws._kernel):
+        c.cache_clear()
+    yield fake_cuda
+    for c in (cuda_fwd_ws._templates, cuda_fwd_ws._kernel):
+        c.cache_clear()
+
+
+@needs_host
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_prefill_replay_on_fake_kernels_matches_python_path(fake_prefill, monkeypatch, case):
+    monkeypatch.setattr(fake_prefill, "_is_hopper", lambda: PREFILL_CASES[case][-1] != "mma")
+    gen = rng("host-fake-prefill", case)
+    q, k, v, options, route = _prefill_call(case, gen)
+    assert _route_of(q, k, v, options) == route
+    call = lambda: mlx_flash.flash_attention(q, k, v, **options)  # noqa: E731
+    want, first, replayed = _both_paths(call)
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)
+    q2 = randn(gen, q.shape, q.dtype)  # new values, same key: the replay reads them
+    HOST.set_enabled(False)
+    want2 = mlx_flash.flash_attention(q2, k, v, **options)
+    HOST.set_enabled(True)
+    _assert_identical(want2, mlx_flash.flash_attention(q2, k, v, **options))
+    # Gradients through a replayed forward (the custom function's Python vjp).
+    first_output = (lambda r: r[0]) if options.get("return_lse") else (lambda r: r)  # noqa: E731
+    grad = mx.grad(lambda q, k, v: first_output(mlx_flash.flash_attention(q, k, v, **options)).astype(
+        mx.float32).sum(), argnums=(0, 1, 2))
+    want, first, replayed = _both_paths(lambda: grad(q, k, v))
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)
+
+
+@needs_host
+def test_prefill_stays_python_without_the_opt_in(fake_prefill, monkeypatch):
+    monkeypatch.setattr(cuda_host, "PREFILL", False)
+    monkeypatch.setattr(fake_prefill, "_is_hopper", lambda: True)
+    q, k, v, options, _ = _prefill_call("ws D128 causal lse", rng("host-fake-prefill-off"))
+    first = mlx_flash.flash_attention(q, k, v, **options)
+    assert _attention_key(q, k, v, **options) is None  # recorded as "always Python"
+    hits = HOST.stats()[0]
+    _assert_identical(first, mlx_flash.flash_attention(q, k, v, **options))
+    assert HOST.stats()[0] == hits
+
+
+GPU_PREFILL_CASES = {
+    "fp16 (4,16,1024,64)": (mx.float16, 16, 16, 1024, 1024, 64, {}),  # wgmma by default; ws with FWD_WS=all
+    "ws fp16 D128 8K causal lse": (mx.float16, 16, 16, 1000, 8192, 128, dict(causal=True, return_lse=True)),
+    "ws bf16 D64 4K GQA": (mx.bfloat16, 16, 4, 777, 4096, 64, {}),
+    "ws fp16 D128 window": (mx.float16, 8, 8, 513, 2049, 128, dict(window=(256, 0))),
+    "fp16 D96": (mx.float16, 8, 8, 300, 700, 96, {}),  # ws (a checked wide pair)
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", list(GPU_PREFILL_CASES))
+def test_prefill_replay_is_bit_identical_on_gpu(fresh_host, monkeypatch, case):
+    """With the opt-in: out, lse and gradients of replayed prefill calls equal the Python path's bit for bit."""
+    monkeypatch.setattr(attention, "_HOST", HOST)
+    monkeypatch.setattr(cuda_host, "PREFILL", True)
+    dtype, hq, hkv, nq, nk, d, options = GPU_PREFILL_CASES[case]
+    gen = rng("host-prefill", case)
+    q = randn(gen, (4 if nq == 1024 else 1, hq, nq, d), dtype)
+    k, v = (randn(gen, (q.shape[0], hkv, nk, d), dtype) for _ in range(2))
+    options = dict(options, return_lse=True)
+    want, first, replayed = _both_paths(lambda: mlx_flash.flash_attention(q, k, v, **options))
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)
+    dout = randn(gen, want[0].shape, dtype)
+
+    def loss(q, k, v):
+        out, lse = mlx_flash.flash_attention(q, k, v, **options)
+        return (out.astype(mx.float32) * dout.astype(mx.float32)).sum() + lse.sum()
+
+    grad = mx.grad(loss, argnums=(0, 1, 2))
+    want, first, replayed = _both_paths(lambda: grad(q, k, v))
+    _assert_identical(want, first)
+    _assert_identical(want, replayed)

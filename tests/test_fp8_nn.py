@@ -265,3 +265,23 @@ def test_cuda_fp8linear_direct_path(shape, N, dtype, bias, per_channel, compiled
         plain = plain + layer.bias.astype(dtype)
     plain_err = np.abs(np.array(f32(plain), dtype=np.float64) - ref).max()
     assert np.abs(f32(y) - ref).max() <= 2 * plain_err + 1e-6
+
+
+def test_direct_path_shape_cache_answers_as_the_check():
+    """FP8Linear's cached "does the direct path take this call" equals
+    linear_few_rows_supported (and the float16/bfloat16 check) on each key, asked twice."""
+    import mlx_flash.nn as fnn
+    from mlx_flash.backends import cuda_matmul
+
+    fnn._DIRECT_SHAPES.clear()
+    w, w24 = mx.zeros((8, 32), mx.uint8), mx.zeros((8, 24), mx.uint8)
+    cases = [(mx.zeros((1, 32), mx.float16), w), (mx.zeros((2, 8, 32), mx.bfloat16), w),
+             (mx.zeros((17, 32), mx.float16), w), (mx.zeros((1, 32), mx.float32), w),
+             (mx.zeros((1, 24), mx.float16), w24), (mx.zeros((0, 32), mx.float16), w),
+             (mx.zeros((1, 32), mx.float16), w.astype(mx.int8))]
+    for _ in range(2):
+        for x, weight in cases:
+            want = x.dtype in (mx.float16, mx.bfloat16) and cuda_matmul.linear_few_rows_supported(x, weight)
+            assert fnn._direct_takes(x, weight) == want, (x.shape, x.dtype, weight.shape, weight.dtype)
+    assert len(fnn._DIRECT_SHAPES) == len(cases)
+    fnn._DIRECT_SHAPES.clear()

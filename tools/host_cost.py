@@ -1,11 +1,14 @@
 """Host (graph-building) cost of one CUDA-path call, split into stages, in microseconds.
 
     python tools/host_cost.py [--stub] [--json OUT.json] [--profile CASE]
+    python tools/host_cost.py --compare BEFORE_DIR ROUNDS OUT.json [--stub ...]
 
 On a machine without a CUDA GPU (or with --stub) the kernel objects are
 stubbed (backends.cuda._kernel, backends.cuda_quant._kernel/_strided_kernel
 return a callable that gives mx.zeros of the output shapes) and dispatch
-answers "cuda", so the exact CUDA-path Python runs on the CPU: only MLX's
+answers "cuda" (on an H200's routes: Hopper, TMA with fixed tensor-map bytes,
+132 SMs; FP8Linear's direct path sees the CPU device as its GPU), so the
+exact CUDA-path Python runs on the CPU: only MLX's
 own launch work (source assembly and hashing inside mx.fast.cuda_kernel,
 about 2 us a launch on the H200) is missing; the stub hands out outputs made
 once, so its own cost (printed) is next to nothing. On the GPU machine without --stub the real kernels are used.
@@ -27,12 +30,19 @@ at every call. The mx.fast cases time MLX's own SDPA entry point on the same
 arrays (the anchor), the other cases the prefill and backward paths; the
 header sizes each kernel hands MLX are printed first. (This tool replaces
 tools/cuda_host_overhead.py.)
+
+--compare BEFORE_DIR ROUNDS OUT.json runs this tool ROUNDS times on the
+package in BEFORE_DIR and on this tree's, interleaved, each in its own
+process, and keeps per case the minimum (benchmarks/results/host_cost_cpu_stub_s9.json).
+--replay (with --stub) switches the C++ replay on over the stubs, prefill
+forwards included: the replayed node calls the stub back, an upper bound.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import json
 import pstats
 import sys
@@ -66,6 +76,18 @@ CASES = {
     "forward+backward fp16 (4,16,1024,64)": ("grad", 4, 16, 16, 1024, 1024, 64, None, False),
     "prefill fp16 causal (1,32:8,2048,2048,128)": ("plain", 1, 32, 8, 2048, 2048, 128, None, True),
     "prefill 4-bit causal (1,32:8,2048,8192,128)": ("quant", 1, 32, 8, 2048, 8192, 128, 4, True),
+    # The warp-specialised forward (cuda_fwd_ws.py): D 64 at 1K keys is routed
+    # there only with MLX_FLASH_CUDA_FWD_WS=all (the case sets it for its run);
+    # D 128 is its default route. fwd+bwd: the graph of mx.vjp (building only).
+    "forward fp16 ws (4,16,1024,64)": ("plain-ws", 4, 16, 16, 1024, 1024, 64, None, False),
+    "forward+backward fp16 ws (4,16,1024,64)": ("vjp-ws", 4, 16, 16, 1024, 1024, 64, None, False),
+    "forward fp16 (1,16,8192,128)": ("plain", 1, 16, 16, 8192, 8192, 128, None, False),
+    # FP8Linear's direct few-rows path (compiled, the default) next to
+    # nn.Linear on the same fp16 input: (op, M, K, N) in the B / Nq / D slots.
+    "FP8Linear M=1 (4096x4096)": ("fp8linear", 1, 0, 0, 1, 0, 4096, None, False),
+    "nn.Linear M=1 (4096x4096)": ("linear", 1, 0, 0, 1, 0, 4096, None, False),
+    "FP8Linear M=16 (4096x4096)": ("fp8linear", 1, 0, 0, 16, 0, 4096, None, False),
+    "nn.Linear M=16 (4096x4096)": ("linear", 1, 0, 0, 16, 0, 4096, None, False),
 }
 GROUP_SIZE = 64
 
@@ -100,6 +122,28 @@ def install_stubs():
     for cached in (cb._wgmma_fwd_config, cb._mma_fwd_config, cb._simt_fwd_config, cb._wgmma_bwd_config,
                    cb._mma_bwd_config, cb._simt_bwd_config, cb._decode_launch_cached):
         cached.cache_clear()
+    # The H200's routes: Hopper (wgmma, the warp-specialised forward), TMA
+    # (tensor maps made once per shape through libcuda, here fixed bytes) and
+    # 132 SMs (persistent grids).
+    from mlx_flash.backends import cuda_fwd_ws, cuda_matmul
+
+    cb._is_hopper = lambda: True
+    cuda_matmul._tma_available = lambda: True
+    cuda_fwd_ws.sm_count = lambda: 132
+    cuda_matmul.sm_count = lambda: 132
+    cuda_fwd_ws.tensor_map_3d = functools.lru_cache(maxsize=1024)(lambda *a: bytes(128))
+    for cached in ("_templates", "_launch"):
+        if hasattr(getattr(cuda_fwd_ws, cached, None), "cache_clear"):
+            getattr(cuda_fwd_ws, cached).cache_clear()
+    # FP8Linear's direct path asks for a CUDA GPU as the default device: the
+    # CPU device stands in (nn.py's own `mx` name, a copy of the module's
+    # attributes with gpu = cpu: lookups cost as before).
+    import types
+
+    import mlx_flash.nn as fnn
+    fnn.mx = types.SimpleNamespace(**{n: getattr(mx, n) for n in dir(mx) if not n.startswith("__")})
+    fnn.mx.gpu = mx.cpu
+    fnn.cuda_available = lambda: True
     real_device_of = dispatch.device_of
 
     def backend_name(stream):
@@ -140,8 +184,34 @@ def growing_case(op, q, k, v, bits, s, calls, per_length=32):
     return {"full": step}
 
 
+def linear_case(op, M, K):
+    """FP8Linear (direct few-rows path) or nn.Linear, K x K, fp16 input of M rows."""
+    import mlx.nn as nn
+
+    from mlx_flash.nn import FP8Linear
+
+    x = mx.random.normal((1, M, K), key=mx.random.key(3)).astype(mx.float16)
+    layer = nn.Linear(K, K, bias=False)
+    layer.set_dtype(mx.float16)
+    if op == "fp8linear":
+        layer = FP8Linear.from_linear(layer)
+    mx.eval(x, layer.parameters())
+    return {"full": lambda: layer(x)}
+
+
+def ws_all(on: bool):
+    """Route D 64 at 1K keys to the warp-specialised forward (MLX_FLASH_CUDA_FWD_WS=all) or not."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    cuda_fwd_ws.CHECKED_ONLY = not on
+
+
 def make_case(name, calls):
     op, B, Hq, Hkv, Nq, Nk, D, bits, causal = CASES[name]
+    if op in ("fp8linear", "linear"):
+        return linear_case(op, Nq, D)
+    ws_all(op.endswith("-ws"))
+    op = op.removesuffix("-ws")
     keys = mx.random.split(mx.random.key(7), 3)
     q = mx.random.normal((B, Hq, Nq, D), key=keys[0]).astype(mx.float16)
     k = mx.random.normal((B, Hkv, Nk, D), key=keys[1]).astype(mx.float16)
@@ -153,6 +223,13 @@ def make_case(name, calls):
     if op == "mx.fast":
         mx.eval(q, k, v)
         return {"full": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=s)}
+    if op == "vjp":
+        mx.eval(q, k, v)
+        cot = mx.zeros((B, Hq, Nq, D), mx.float16)
+        mx.eval(cot)
+        def vjp():
+            return mx.vjp(lambda q, k, v: mlx_flash.flash_attention(q, k, v, scale=s), [q, k, v], [cot])
+        return {"full": vjp}
     if op == "grad":
         mx.eval(q, k, v)
         grad = mx.grad(lambda q, k, v: mlx_flash.flash_attention(q, k, v, scale=s).sum(), argnums=(0, 1, 2))
@@ -223,7 +300,68 @@ def build_us(fn, iters: int, repeats: int) -> float:
     return best
 
 
+def compare(before: str, rounds: int, out: str, argv: list) -> None:
+    """Before/after, interleaved: `rounds` times this tool on the package in
+    `before` (a directory holding an mlx_flash/) and then on this tree's, each
+    in its own process; per case and stage the minimum over the rounds (each
+    already a best-of-N mean) is kept, written to `out` with the machine named."""
+    import os
+    import platform
+    import subprocess
+    import tempfile
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for side, root in (("before", before), ("after", here)):
+                path = os.path.join(tmp, f"{side}{r}.json")
+                env = dict(os.environ, PYTHONPATH=root)
+                subprocess.run([sys.executable, os.path.abspath(__file__), "--json", path] + argv, env=env,
+                               check=True, stdout=subprocess.DEVNULL)
+                with open(path) as f:
+                    runs[side].append(json.load(f))
+    best = {}
+    for side, results in runs.items():
+        best[side] = {}
+        for res in results:
+            for name, row in res["cases"].items():
+                cell = best[side].setdefault(name, {})
+                for stage, us in row.items():
+                    if isinstance(us, float) and stage != "rest":
+                        cell[stage] = round(min(cell.get(stage, float("inf")), us), 2)
+        for row in best[side].values():
+            if all(s in row for s in ("full", "validate", "dispatch", "backend")):
+                row["rest"] = round(row["full"] - row["validate"] - row["dispatch"] - row["backend"], 2)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import mlx.core as mx
+
+    result = {
+        "tool": "tools/host_cost.py --compare (" + " ".join(argv) + ")",
+        "machine": f"{cpu}, {os.cpu_count()} cores (shared); python {platform.python_version()}, mlx {mx.__version__}",
+        "method": f"min over {rounds} interleaved rounds (before = {before}, after = this tree) of best-of-N means "
+                  "of graph builds, us per call",
+        "mode": runs["after"][0]["mode"],
+        "before": best["before"], "after": best["after"],
+    }
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{'case':44s} {'before':>7s} {'after':>7s}  (full call, us)")
+    for name, row in best["after"].items():
+        print(f"{name:44s} {best['before'].get(name, {}).get('full', float('nan')):7.2f} {row['full']:7.2f}")
+
+
 def main():
+    if "--compare" in sys.argv:  # --compare BEFORE_DIR ROUNDS OUT.json [other options for each run]
+        i = sys.argv.index("--compare")
+        before, rounds, out = sys.argv[i + 1:i + 4]
+        compare(before, int(rounds), out, sys.argv[1:i] + sys.argv[i + 4:])
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--stub", action="store_true", help="stub kernels, force the CUDA backend (no GPU needed)")
     parser.add_argument("--json", default=None, help="write the numbers here")
@@ -231,6 +369,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--profile", default=None, help="cProfile the full call of the case with this name prefix")
     parser.add_argument("--cases", default=None, help="only the cases whose names start with one of these (comma-separated)")
+    parser.add_argument("--replay", action="store_true",
+                        help="with --stub: the C++ record/replay on (prefill forwards too, as with "
+                             "MLX_FLASH_CUDA_HOST_PREFILL=1); its kernel nodes call the stub back through Python, "
+                             "where a real replay shares the kernel's primitive: an upper bound")
     args = parser.parse_args()
     gpu = hasattr(mx, "cuda") and mx.cuda.is_available()
     stub = install_stubs() if (args.stub or not gpu) else None
@@ -249,6 +391,13 @@ def main():
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(30)
         return
     host = cuda_host.ACTIVE  # the C++ replay, where it serves calls (a CUDA GPU and the extension)
+    if args.replay:
+        if not (stub and cuda_host.HOST is not None and hasattr(cuda_host, "PREFILL")):
+            sys.exit("--replay needs --stub, the extension mlx_flash._cuda_host and cuda_host.PREFILL")
+        host = cuda_host.HOST
+        cuda_host.KERNEL_SPECS[id(stub)] = stub  # record the stub's launches; replay calls it back
+        cuda_host.PREFILL = True
+        attention._HOST = attention_quantized._HOST = host
     res = {"mode": mode, "card": card, "cases": {}, "replay": host is not None}
     print("C++ replay (mlx_flash._cuda_host): " + ("on; 'full' is the call as users get it, 'python' the same "
                                                  "call with the replay off" if host is not None else "off"))

@@ -506,35 +506,42 @@ _FWD_TWO_TILES = os.environ.get("MLX_FLASH_CUDA_FWD_TWO_TILES", "1") == "1"
 # ---------------------------------------------------------------------------
 # Forward.
 
+@functools.lru_cache(maxsize=None)
+def _fwd_ws():
+    """cuda_fwd_ws, imported on first use (it imports this module), then one
+    cached call instead of an import statement per forward call."""
+    from . import cuda_fwd_ws
+
+    return cuda_fwd_ws
+
+
 def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, stream):
     lse_shape = tuple(q.shape[:-1])
     out_shape = lse_shape + (spec.head_dim_v,)
+    mma = _uses_mma(spec)  # False: decode-like or float32 (the Hopper kernels are tensor-core kernels too)
+    if mma and _WGMMA and _is_hopper():  # _uses_ws(spec), _uses_mma known
+        cuda_fwd_ws = _fwd_ws()  # the warp-specialised kernel serves the calls without extras
+        if cuda_fwd_ws.serves(spec):
+            # Before the other kernels' argument lists: this launch takes none of them.
+            return cuda_fwd_ws.forward(q, k, v, spec, out_shape, lse_shape, stream)
     args = _forward_inputs(q, k, v, spec, inputs)
     template = list(_forward_template(spec, inputs.mask.dtype if inputs.mask is not None else mx.bool_))
-    if not _uses_mma(spec):  # decode-like or float32 (the Hopper kernels are tensor-core kernels too)
+    if not mma:
         return _forward_simt(args, template, spec, out_shape, lse_shape, stream)
-    if _uses_ws(spec):
-        from . import cuda_fwd_ws  # the warp-specialised kernel serves the calls without extras
-
-        if cuda_fwd_ws.serves(spec):
-            return cuda_fwd_ws.forward(q, k, v, spec, out_shape, lse_shape, stream)
     if _uses_wgmma(spec):
         bn, stages, row_blocks, kernel = _wgmma_fwd_config(spec, _WGMMA_BN, _WGMMA_STAGES)
-        out, lse = kernel(
-            inputs=args, template=template + [("BN", bn), ("STAGES", stages)],
-            grid=(row_blocks * 256, spec.heads_q, spec.batch), threadgroup=(256, 1, 1),
-            output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
-            stream=stream,
-        )
-        return out, lse
-    nw, bn, blocks, tiles, kernel = _mma_fwd_config(spec)
-    out, lse = kernel(
-        inputs=args, template=template + list(tiles),
-        grid=(blocks * 32 * nw, spec.heads_q, spec.batch), threadgroup=(32 * nw, 1, 1),
-        output_shapes=[out_shape, lse_shape], output_dtypes=[spec.dtype, mx.float32],
-        stream=stream,
-    )
-    return out, lse
+        template += [("BN", bn), ("STAGES", stages)]
+        grid, threads = (row_blocks * 256, spec.heads_q, spec.batch), (256, 1, 1)
+    else:
+        nw, bn, blocks, tiles, kernel = _mma_fwd_config(spec)
+        template += list(tiles)
+        grid, threads = (blocks * 32 * nw, spec.heads_q, spec.batch), (32 * nw, 1, 1)
+    shapes, dtypes = [out_shape, lse_shape], [spec.dtype, mx.float32]
+    outputs = kernel(inputs=args, template=template, grid=grid, threadgroup=threads, output_shapes=shapes,
+                     output_dtypes=dtypes, stream=stream)
+    if _host.RECORDING is not None and _host.PREFILL:  # opt-in: cuda_host.py replays the call
+        _host.note_launch(kernel, args, outputs, stream, template, grid, threads, shapes, dtypes, None)
+    return outputs[0], outputs[1]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -622,7 +629,12 @@ def _decode_config(spec: AttentionSpec, tuning: tuple):
     """(warps, keys per warp tile, pipeline stages) of attention_fwd_decode: three
     stages where two blocks still fit an SM (head dims <= 128), else two. Wide
     heads (one block per SM, K rows of up to 576 dims): two warps, three stages."""
-    d, dv = spec.head_dim_qk, _column_chunk(spec.head_dim_v)
+    return _decode_tiles(spec.head_dim_qk, _column_chunk(spec.head_dim_v), tuning)
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_tiles(d: int, dv: int, tuning: tuple):
+    """_decode_config of head dims (d, dv chunk): the same for every key count."""
     tuning = dict(tuning)
     wide = _decode_smem(d, dv, 4, 16, 2) > _SM_SMEM - 1024
     nw, bn = tuning.get("nw", 2 if wide else 4), tuning.get("bn", 16)
@@ -665,11 +677,12 @@ def _decode_plan(spec: AttentionSpec, tuning: tuple):
     # 32 splits = 128 blocks beat 64 by 20-35% per call in a 32-call step).
     per_sm = max(1, min(4, _SM_SMEM // (smem + 1024)))
     keys = _effective_keys(spec)
-    waves = dict(tuning).get("waves", 50) / 100  # percent of the SMs' resident blocks
-    tiles = dict(tuning).get("tiles", 2)
+    options = dict(tuning)
+    waves = options.get("waves", 50) / 100  # percent of the SMs' resident blocks
+    tiles = options.get("tiles", 2)
     splits = max(1, min(_MAX_SPLITS, int(_SMS * per_sm * waves) // base_blocks, math.ceil(keys / (tiles * nw * bn))))
-    if "splits" in dict(tuning):
-        splits = max(1, min(_MAX_SPLITS, dict(tuning)["splits"], math.ceil(keys / (nw * bn))))
+    if "splits" in options:
+        splits = max(1, min(_MAX_SPLITS, options["splits"], math.ceil(keys / (nw * bn))))
     # The kernel rounds each split's keys up to whole rounds of nw tiles: drop splits left empty.
     chunk = math.ceil(math.ceil(keys / splits) / (nw * bn)) * nw * bn
     return nw, bn, stages, smem, row_blocks, math.ceil(keys / chunk)
@@ -763,8 +776,27 @@ def _decode_launch(spec: AttentionSpec, mask_dtype, lse_shape: tuple):
 
 @functools.lru_cache(maxsize=1024)
 def _decode_launch_cached(spec: AttentionSpec, mask_dtype, lse_shape: tuple, tuning: tuple):
-    """_decode_launch, built once per call shape (a decode call then costs one lookup here)."""
-    nw, bn, stages, smem, row_blocks, splits = _decode_plan(spec, tuning)
+    """_decode_launch, built once per call shape (a decode call then costs one
+    lookup here). A new shape (a growing KV cache meets one a step) works out
+    its plan; the rest, the same for every key count of one plan, comes from
+    _decode_launch_of_plan's cache. The kernel object is looked up here, not
+    kept there: this cache is the one the CUDA emulation clears."""
+    plan = _decode_plan(spec, tuning)
+    names, smem, source, used, pool, grid, threads, shapes, dtypes, init = _decode_launch_of_plan(
+        spec._replace(seqlen_k=0, max_seqlen_k=0), mask_dtype, lse_shape, tuning, plan)
+    kernel = _kernel("attention_fwd_decode", names, ("out", "lse", "ws"), smem, None, True, source)
+    return kernel, used, pool, grid, threads, shapes, dtypes, init
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_launch_of_plan(spec: AttentionSpec, mask_dtype, lse_shape: tuple, tuning: tuple, plan: tuple):
+    """What an attention_fwd_decode launch takes but its kernel object and
+    inputs: (input names, shared memory, template source, the getter of its
+    inputs from _forward_inputs' list, pool, grid, threadgroup, output
+    shapes, output dtypes, init value). A function of the plan and of the
+    spec without its key count (the caller zeroes seqlen_k / max_seqlen_k:
+    nothing here reads them)."""
+    nw, bn, stages, smem, row_blocks, splits = plan
     dv, dvc = spec.head_dim_v, _column_chunk(spec.head_dim_v)
     # Bulk (TMA) copies of whole K/V rows: 16-key tiles of whole rows only.
     bulk = bool(dict(tuning).get("bulk", 0)) and bn == 16 and dvc == dv
@@ -791,10 +823,8 @@ def _decode_launch_cached(spec: AttentionSpec, mask_dtype, lse_shape: tuple, tun
     absent = "".join(f"  constexpr decltype(nullptr) {name} = nullptr;\n" for name in _ATTN_INPUTS + ("tk",)
                      if not present.get(name, True))
     names = tuple(_ATTN_INPUTS[i] for i in used) + (("tk",) if pool else ())
-    kernel = _kernel("attention_fwd_decode", names, ("out", "lse", "ws"), smem, None, True,
-                     _template_source(template) + absent)
-    return (kernel, operator.itemgetter(*used), pool, grid, (32 * nw, 1, 1), [out_shape, lse_shape, (ws,)],
-            [spec.dtype, mx.float32, mx.float32], init)
+    return (names, smem, _template_source(template) + absent, operator.itemgetter(*used), pool, grid,
+            (32 * nw, 1, 1), [out_shape, lse_shape, (ws,)], [spec.dtype, mx.float32, mx.float32], init)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -909,10 +939,11 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
     args = common[:5] + common[6:] + [dout, lse]  # no sinks: their gradient is formed in attention.py
     template = _feature_template(spec, inputs, with_sinks=False) + [
         ("D", spec.head_dim_qk), ("DV", spec.head_dim_v)]
-    if _uses_mma(spec) and _bwd_ws_serves(spec):
+    mma = _uses_mma(spec)
+    if mma and _bwd_ws_serves(spec):
         delta = _bwd_delta(dout, out, dlse, spec, stream)
         dq_acc, dk, dv = _backward_ws(q, k, v, lse, dout, delta, spec, inputs, stream)
-    elif _uses_mma(spec):
+    elif mma:
         delta = _bwd_delta(dout, out, dlse, spec, stream)
         if _uses_wgmma(spec, backward=True):
             bulk = bool(_BWD_DQ_BULK)

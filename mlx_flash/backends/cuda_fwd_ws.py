@@ -161,9 +161,11 @@ if _CHAINS not in ("1", "2"):
 CHAINS_D128 = int(_CHAINS)
 
 
-def chains(spec: AttentionSpec) -> int:
-    """The CHAINS template value of a call (1: the default kernel)."""
-    if CHAINS_D128 == 2 and spec.head_dim_qk == 128 and not wide(spec) and keys_per_tile(spec) == 176:
+def chains(spec: AttentionSpec, keys: int | None = None) -> int:
+    """The CHAINS template value of a call (1: the default kernel); `keys`:
+    keys_per_tile(spec) where the caller has it."""
+    if CHAINS_D128 == 2 and spec.head_dim_qk == 128 and not wide(spec) and (
+            keys_per_tile(spec) if keys is None else keys) == 176:
         return 2
     return 1
 
@@ -267,12 +269,13 @@ def stages(head_dim: int) -> int:
     return STAGES.get(head_dim, WIDE_STAGES)
 
 
-def keys_per_tile(spec: AttentionSpec) -> int:
+def keys_per_tile(spec: AttentionSpec, nwg: int | None = None) -> int:
+    """Keys per K/V tile; `nwg`: warpgroups(spec) where the caller has it."""
     if wide(spec):
         return (WIDE_KEYS_WINDOW if spec.has_window else WIDE_KEYS)[(spec.head_dim_qk, spec.head_dim_v)]
     if spec.head_dim_qk == 128 and not spec.has_window and stages(128) == 2:
         return KEYS_DENSE_D128
-    if warpgroups(spec) == 3:
+    if (warpgroups(spec) if nwg is None else nwg) == 3:
         # 160 registers per consumer thread: S, P and O fit at 96 keys dense,
         # 64 under causal / window rules (their drop bits; 96 spilled there).
         return 64 if spec.has_window else 96
@@ -309,9 +312,16 @@ def serves(spec: AttentionSpec) -> bool:
 
 
 def _tma_available() -> bool:
-    from .cuda_matmul import _tma_available as available  # cuda_matmul imports cuda: not at import time
+    return _cuda_matmul()._tma_available()
 
-    return available()
+
+@functools.lru_cache(maxsize=None)
+def _cuda_matmul():
+    """cuda_matmul, imported on first use (it imports cuda, which imports this
+    module lazily): one cached call per forward instead of an import statement."""
+    from . import cuda_matmul
+
+    return cuda_matmul
 
 
 @functools.lru_cache(maxsize=1024)
@@ -347,17 +357,20 @@ def _templates(batch: int, heads_q: int, heads_kv: int, nq: int, nk: int, d: int
     return _cuda.const_array(tuple(tmpl.ljust(TMPL_BYTES, b"\0")), mx.uint8)
 
 
-def template(spec: AttentionSpec) -> list:
+def template(spec: AttentionSpec, nwg: int | None = None, keys: int | None = None) -> list:
     """The kernel's template values. Their order and values make MLX's kernel
-    name, which the header's launch-bound declarations spell out: keep them in step."""
+    name, which the header's launch-bound declarations spell out: keep them in step.
+    `nwg`, `keys`: warpgroups(spec) and keys_per_tile(spec) where the caller has them."""
     d = spec.head_dim_qk
+    nwg = warpgroups(spec) if nwg is None else nwg
+    keys = keys_per_tile(spec, nwg) if keys is None else keys
     values = [("BF16", spec.dtype == mx.bfloat16), ("D", d), ("DV", spec.head_dim_v), ("WINDOW", spec.has_window),
-              ("STAGES", stages(d)), ("BN", keys_per_tile(spec))]
+              ("STAGES", stages(d)), ("BN", keys)]
     poly = exp2_poly(spec)
     # Only where set: the default instances keep their names (and their code).
-    if warpgroups(spec) == 3:
+    if nwg == 3:
         return values + [("EXP2POLY", poly), ("WARPGROUPS", 3)]
-    if chains(spec) == 2:
+    if chains(spec, keys) == 2:
         return values + [("EXP2POLY", poly), ("WARPGROUPS", 2), ("CHAINS", 2)]
     return values + [("EXP2POLY", poly)] if poly else values
 
@@ -381,7 +394,7 @@ def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
     rows, threads = 64 * nwg, 128 * (nwg + 1)
     row_blocks = math.ceil(spec.seqlen_q / rows)
     ip, fp = _cuda._param_arrays(spec, _cuda._NO_DIMS, _cuda._NO_DIMS)
-    keys = keys_per_tile(spec)
+    keys = keys_per_tile(spec, nwg)
     group = heads_per_section(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_k, (d + dv) // 2)
     items = row_blocks * spec.heads_q * spec.batch
     blocks = blocks_for(items, d)
@@ -389,13 +402,15 @@ def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
     tmpl = _templates(spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k, d, dv, keys, group,
                       TRACE is not None, dynamic, rows)
     tickets = _cuda._ticket_region(stream) if dynamic else _cuda._placeholder(mx.uint32)
-    out, lse, workspace = _kernel(smem_bytes(d, keys, dv, rows))(
-        inputs=[q, k, v, ip, fp, tmpl, tickets], template=template(spec),
-        grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
-        output_shapes=[out_shape, lse_shape, (blocks * SLOT_BYTES,)],
-        output_dtypes=[spec.dtype, mx.float32, mx.uint8], init_value=float("nan") if POISON_OUTPUTS else None,
-        stream=stream,
-    )
+    kernel, inputs = _kernel(smem_bytes(d, keys, dv, rows)), [q, k, v, ip, fp, tmpl, tickets]
+    values = template(spec, nwg, keys)
+    grid, tg = (blocks * threads, 1, 1), (threads, 1, 1)
+    shapes, dtypes = [out_shape, lse_shape, (blocks * SLOT_BYTES,)], [spec.dtype, mx.float32, mx.uint8]
+    init = float("nan") if POISON_OUTPUTS else None
+    outputs = kernel(inputs=inputs, template=values, grid=grid, threadgroup=tg, output_shapes=shapes,
+                     output_dtypes=dtypes, init_value=init, stream=stream)
     if TRACE is not None:
-        TRACE.append(workspace)
-    return out, lse
+        TRACE.append(outputs[2])
+    elif _cuda._host.RECORDING is not None and _cuda._host.PREFILL:  # opt-in: cuda_host.py replays the call
+        _cuda._host.note_launch(kernel, inputs, outputs, stream, values, grid, tg, shapes, dtypes, init)
+    return outputs[0], outputs[1]

@@ -42,6 +42,19 @@ try:
 except ImportError:  # not built (macOS, MLXF_CUDA_HOST=OFF) or switched off: the Python path
     HOST = None
 
+# Opt-in (MLX_FLASH_CUDA_HOST_PREFILL=1; not yet checked on a GPU): the
+# tensor-core forwards (the warp-specialised, wgmma and mma kernels of
+# prefill and training calls) note their launch too, so their repeated calls
+# replay like decode calls. Off (the default), those calls note nothing and
+# their keys are stored "always Python". A recorded forward replays with the
+# plan it was recorded with: the module settings its launch read
+# (cuda_fwd_ws's knobs, POISON_OUTPUTS) must not change while it is on, and
+# cuda_fwd_ws.TRACE calls are never noted.
+_PREFILL = os.environ.get("MLX_FLASH_CUDA_HOST_PREFILL", "0")
+if _PREFILL not in ("0", "1"):
+    raise ValueError(f"MLX_FLASH_CUDA_HOST_PREFILL: expected 0 or 1, got {_PREFILL!r}")
+PREFILL = _PREFILL == "1"
+
 # Creation arguments of every kernel object cuda.py's _kernel made, by id():
 # (name, input names, output names, source, header, ensure_row_contiguous, shared memory).
 # The objects live in _kernel's cache for the process, so their ids stay theirs.
