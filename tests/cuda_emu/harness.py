@@ -35,11 +35,14 @@ import ctypes
 import hashlib
 import os
 import re
+import struct
 
 import mlx.core as mx
 import numpy as np
 
 from metal_emu import harness as _metal
+
+from . import ptx_asm
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _INCLUDE = os.path.join(_HERE, "include")
@@ -52,7 +55,7 @@ _NUMPY = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16
           mx.int32: np.int32, mx.uint8: np.uint8, mx.uint32: np.uint32}
 _INCLUDE_LINE = re.compile(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', re.M)
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned\s+char\s+(\w+)\[\];")
-_STATIC_SMEM = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?((?:(?:unsigned|long)\s+)*\w+)\s+(\w+)\s*((?:\[[^\];]+\])+);")
+_STATIC_SMEM = re.compile(r"(?<!extern )__shared__\s+(?:__align__\(\d+\)\s+)?((?:(?:unsigned|long)\s+)*\w+)\s+([^;()]+);")
 # Headers of the Hopper GEMM that wgmma_emu.cuh stands in for (wgmma.cuh first).
 _HOPPER_HEADERS = ("wgmma.cuh", "wgmma_gemm.cuh", "tma.cuh")
 
@@ -95,12 +98,28 @@ def _emulated_header(header: str) -> str:
         header = header.replace(hopper[0], strip(_read(os.path.join(_HERE, "wgmma_emu.cuh"))))
         for text in hopper[1:]:
             header = header.replace(text, "")
-    elif "wgmma." in header or "cp.async.bulk" in header:
-        raise AssertionError("cuda_emu: the header has wgmma or TMA PTX in an unexpected form")
-    header = _DYNAMIC_SMEM.sub(r"unsigned char* \1 = __emu_dynamic_smem();", header)
+    elif re.search(r"\basm\b", header):
+        # The Hopper attention kernels (attention_fwd_ws.cuh, attention_bwd_*.cuh):
+        # their inline PTX, wherever it stands, rewritten into hopper_emu.cuh's calls.
+        header = _read(os.path.join(_HERE, "hopper_emu.cuh")) + "\n" + ptx_asm.translate(header)
+    return _shared_declarations(header)
+
+
+def _shared_declarations(text: str) -> str:
+    """extern __shared__ and __shared__ declarations turned into runtime allocations."""
+    text = _DYNAMIC_SMEM.sub(r"unsigned char* \1 = __emu_dynamic_smem();", text)
     counter = iter(range(1 << 30))
-    return _STATIC_SMEM.sub(lambda m: f"auto& {m[2]} = *__emu_shared_array<{m[1]}{m[3]}, {next(counter)}>();",
-                            header)
+
+    def declare(m):
+        lines = []
+        for item in m[2].split(","):  # one allocation per declarator (`T a, b[4];`)
+            d = re.fullmatch(r"\s*(\w+)\s*((?:\[[^\]]+\])*)\s*", item)
+            if not d:
+                raise AssertionError(f"cuda_emu: __shared__ declaration not understood: {m[0]!r}")
+            lines.append(f"auto& {d[1]} = *__emu_shared_array<{m[1]}{d[2]}, {next(counter)}>();")
+        return " ".join(lines)
+
+    return _STATIC_SMEM.sub(declare, text)
 
 
 def _template_line(name, value):
@@ -185,8 +204,11 @@ class CudaKernel:
         params += [f"  const Strides {n}_strides = __emu_strides(__b[{first + i}]);"
                    for i, n in enumerate(self.strided)]
         header = _emulated_header(self.header)
-        start = "".join(f"  mlx_flash::{fn}();\n" for fn in ("emu_thread_start", "emu_wgmma_thread_start")
-                        if fn in header)
+        start = "".join(f"  mlx_flash::{fn}();\n" for fn in ("emu_thread_start", "emu_wgmma_thread_start",
+                                                            "emu_hopper_thread_start") if fn in header)
+        source = ptx_asm.translate(self.source) if re.search(r"\basm\b", self.source) else self.source
+        if re.search(r"\basm\b", header + source):
+            raise AssertionError("cuda_emu: inline PTX left after the emulation's rewrite")
         return "\n".join([
             '#include "cuda_emu.h"',
             header,
@@ -194,7 +216,7 @@ class CudaKernel:
             'extern "C" void __emu_thread(void** __b) {',
             start + "\n".join(params),
             "\n".join(_template_line(n, v) for n, v in (template or [])),
-            _DYNAMIC_SMEM.sub(r"unsigned char* \1 = __emu_dynamic_smem();", self.source),
+            _shared_declarations(source),
             "}",
             'extern "C" int emu_launch(void** buffers, const unsigned long* bytes, const char* const* names,',
             "                          int count, const long* grid, const long* group, unsigned long long seed,",
@@ -273,5 +295,48 @@ def patched_cuda_kernel():
             mx.fast.cuda_kernel = original
         else:
             del mx.fast.cuda_kernel
+        for cache in caches:
+            cache.cache_clear()
+
+
+# The emulation's tensor map (hopper_emu.cuh's TensorMap): tag, rank, element
+# bytes, swizzle bytes, global address (written by each block), dims, byte
+# strides of dims 1 and 2, box; 128 bytes like a CUtensorMap.
+_TENSOR_MAP = struct.Struct("<IIIIQ3Q2Q3II")
+_TENSOR_MAP_TAG = 0x4D54554D
+
+
+def tensor_map_3d(elem_bytes: int, inner: int, rows: int, slabs: int, box_rows: int) -> bytes:
+    """cuda_fwd_ws.tensor_map_3d's map (row-major [slabs][rows][inner], boxes of
+    64 x box_rows x 1, 128-byte swizzle, zero fill) in the emulation's encoding."""
+    row_bytes = inner * elem_bytes
+    return _TENSOR_MAP.pack(_TENSOR_MAP_TAG, 3, elem_bytes, 128, 0, inner, rows, slabs, row_bytes, rows * row_bytes,
+                            64, box_rows, 1, 0).ljust(128, b"\0")
+
+
+@contextlib.contextmanager
+def patched_hopper(sm_count: int = 3):
+    """patched_cuda_kernel, and what an H100/H200 gives the CUDA wrappers: sm_90,
+    TMA (tensor maps in the emulation's encoding instead of libcuda's) and
+    `sm_count` multiprocessors (few: persistent blocks take several items).
+    The wrappers' routing is theirs: a call goes where it would on the GPU."""
+    from mlx_flash.backends import cuda as cuda_backend
+    from mlx_flash.backends import cuda_fwd_ws, cuda_matmul
+
+    swaps = [(cuda_backend, "_is_hopper", lambda: True), (cuda_matmul, "_tma_available", lambda: True),
+             (cuda_fwd_ws, "tensor_map_3d", tensor_map_3d), (cuda_fwd_ws, "sm_count", lambda: sm_count)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
+    caches = [cuda_fwd_ws._kernel, cuda_fwd_ws._templates] + [
+        getattr(cuda_backend, n) for n in ("_bwd_ws_kernel",) if hasattr(getattr(cuda_backend, n), "cache_clear")]
+    for cache in caches:
+        cache.cache_clear()
+    try:
+        for module, name, value in swaps:
+            setattr(module, name, value)
+        with patched_cuda_kernel():
+            yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
         for cache in caches:
             cache.cache_clear()
