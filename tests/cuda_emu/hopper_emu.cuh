@@ -91,18 +91,17 @@ inline void warp_wait(unsigned long long key, F&& done, const char* what) {
 }
 
 // ---------------------------------------------------------------------------
-// Block state: named barriers and in-flight bulk copies, reset when the
-// block's thread 0 starts (every thread starts before any passes its first
-// __syncthreads, and none of this is used before that).
+// Block state: named barriers, in the runtime's per-block memory (zeroed
+// when each block starts, before any of its threads runs).
 
-struct Pending;
 struct BlockState {
   unsigned count[16], gen[16];
   int red[16], red_result[16];
+  int started;  // set by the block's first user (tma_queue: drop what a failed block left)
 };
 inline BlockState& block() {
-  static thread_local BlockState s;
-  return s;
+  static char key;
+  return *static_cast<BlockState*>(__emu_threadgroup_alloc(&key, sizeof(BlockState), 0));
 }
 
 inline void named_barrier(unsigned id, unsigned count, bool wait) {
@@ -203,6 +202,11 @@ struct TmaQueue {
 };
 inline TmaQueue& tma_queue() {
   static thread_local TmaQueue q;
+  BlockState& b = block();
+  if (!b.started) {
+    b.started = 1;
+    q.count = 0;
+  }
   return q;
 }
 inline unsigned swizzle128(unsigned addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
@@ -491,9 +495,5 @@ inline void emu_hopper_thread_start() {
   q.count = q.committed = 0;
   emu_hopper::BulkQueue& b = emu_hopper::bulk_queue();
   b.count = b.committed = 0;
-  if (__emu_attrs()->thread_index_in_threadgroup == 0) {
-    emu_hopper::block() = emu_hopper::BlockState{};
-    emu_hopper::tma_queue().count = 0;
-  }
 }
 }  // namespace mlx_flash
