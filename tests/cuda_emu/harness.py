@@ -30,6 +30,7 @@ threads that the cooperative schedule happens to order correctly.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import hashlib
@@ -184,6 +185,11 @@ def _view_bytes(x: mx.array):
     return raw, np.array(strides, np.int64)
 
 
+# (kernel name, template values) of every launch, newest last: tests check
+# which kernel a wrapper's routing chose.
+LAUNCHES: collections.deque = collections.deque(maxlen=256)
+
+
 class CudaKernel:
     """Mirror of the object `mx.fast.cuda_kernel` returns."""
 
@@ -231,6 +237,7 @@ class CudaKernel:
         if self.shared_memory > _SMEM_LIMIT:
             raise ValueError(f"cuda_emu: {self.name} asks for {self.shared_memory} bytes of shared memory")
         inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
+        LAUNCHES.append((self.name, dict(template or [])))
         lib = _library(self.translation_unit(inputs, template, output_dtypes))
         if self.ensure_row_contiguous:
             keep = [_to_bytes(x) for x in inputs]

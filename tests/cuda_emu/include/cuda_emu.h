@@ -163,6 +163,22 @@ inline V atomicAdd(V* p, V x) {  // fibers of one OS thread never interleave ins
   return old;
 }
 
+// sm_90's vector atomics (float2 / float4 adds, each element on its own).
+inline float2 atomicAdd(float2* p, float2 x) {
+  const float2 old = *p;
+  p->x += x.x;
+  p->y += x.y;
+  return old;
+}
+inline float4 atomicAdd(float4* p, float4 x) {
+  const float4 old = *p;
+  p->x += x.x;
+  p->y += x.y;
+  p->z += x.z;
+  p->w += x.w;
+  return old;
+}
+
 // Dynamic shared memory of the launch (the harness defines __emu_dynamic_smem_bytes).
 extern const unsigned long __emu_dynamic_smem_bytes;
 inline unsigned char* __emu_dynamic_smem() {
