@@ -36,8 +36,7 @@
 #include <cstring>
 
 namespace mlx_flash {
-template <int N>
-inline void cp_async_wait();  // mma_emu.cuh
+inline void emu_cp_async_land_all();  // mma_emu.cuh
 inline unsigned smem_addr(const void* p) { return __emu_smem_window(p); }
 inline void emu_hopper_thread_start();
 }  // namespace mlx_flash
@@ -272,7 +271,7 @@ inline unsigned mbar_try_wait(unsigned addr, unsigned parity) {
 
 // cp.async.mbarrier.arrive.noinc: an arrive once the thread's cp.async copies landed.
 inline void cp_async_mbar_arrive_noinc(unsigned bar) {
-  mlx_flash::cp_async_wait<0>();
+  mlx_flash::emu_cp_async_land_all();
   mbar_arrive(bar, 0);
 }
 // cp.async.ca of 4 bytes: lands at once (only the bwd's small rows use it).

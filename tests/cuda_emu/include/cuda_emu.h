@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 
 #include "emu_abi.h"
@@ -202,11 +203,17 @@ inline __EmuSharedRegion* __emu_shared_regions() {
 inline void __emu_register_shared(const void* p, unsigned long bytes) {
   static thread_local unsigned next;
   __EmuSharedRegion* r = __emu_shared_regions();
-  for (unsigned i = 0; i < __kEmuSlots; ++i)
-    if (r[i].p == p) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  bool known = false;
+  for (unsigned i = 0; i < __kEmuSlots; ++i) {
+    if (r[i].p == c) {
       r[i].bytes = bytes;
-      return;
+      known = true;
+    } else if (r[i].p && r[i].p < c + bytes && c < r[i].p + r[i].bytes) {
+      r[i].p = nullptr;  // an earlier launch's array where this one lives now
     }
+  }
+  if (known) return;
   if (bytes > __kEmuSlotBytes) __emu_fail("cuda_emu: a static __shared__ array over 64 KiB");
   r[next % __kEmuSlots] = __EmuSharedRegion{static_cast<const unsigned char*>(p), bytes};  // oldest out
   ++next;
@@ -236,7 +243,12 @@ inline unsigned char* __emu_smem_pointer(unsigned addr, unsigned bytes) {
   }
   const unsigned slot = (addr - __kEmuStaticBase) / __kEmuSlotBytes, off = (addr - __kEmuStaticBase) % __kEmuSlotBytes;
   const __EmuSharedRegion* r = __emu_shared_regions();
-  if (slot >= __kEmuSlots || !r[slot].p || off + (unsigned long)bytes > r[slot].bytes)
-    __emu_fail("cuda_emu: a shared-memory address outside every shared array");
+  if (slot >= __kEmuSlots || !r[slot].p || off + (unsigned long)bytes > r[slot].bytes) {
+    static thread_local char message[160];
+    std::snprintf(message, sizeof(message),
+                  "cuda_emu: shared-memory address 0x%x (%u bytes) outside every shared array (slot %u: %lu bytes)",
+                  addr, bytes, slot, slot < __kEmuSlots ? r[slot].bytes : 0ul);
+    __emu_fail(message);
+  }
   return const_cast<unsigned char*>(r[slot].p) + off;
 }
