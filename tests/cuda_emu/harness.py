@@ -131,9 +131,14 @@ def _template_line(name, value):
     return f"  using {name} = {_C_TYPES[value]};"
 
 
+def _include_text() -> str:
+    """include/'s headers (the translation unit #includes them: part of a build's key)."""
+    return "".join(_read(os.path.join(_INCLUDE, n)) for n in sorted(os.listdir(_INCLUDE)) if n.endswith(".h"))
+
+
 def _library(cpp: str):
     _, tag = _metal._toolchain()
-    key = hashlib.sha256((tag + "\0cuda_emu\0" + cpp).encode()).hexdigest()[:24]
+    key = hashlib.sha256((tag + "\0cuda_emu\0" + _include_text() + cpp).encode()).hexdigest()[:24]
     if key in _metal._LIBRARIES:
         return _metal._LIBRARIES[key]
     runtime = _metal._runtime_library()
