@@ -160,6 +160,34 @@ def test_wgmma_backward(case, hopper_defaults):
         check_close(name, to_np(got), want, dtype)
 
 
+# The opt-in warp-specialised backward (MLX_FLASH_BWD_WS=1: attention_bwd_ws),
+# its dQ by the bulk-reduction writer warp (MLX_FLASH_BWD_WS_DQ=1, default) or atomics.
+BACKWARD_WS = [
+    (1, 2, 1, 150, 200, 64, F16, {}, 1),
+    (1, 2, 1, 150, 200, 128, B16, {"causal": True}, 1),
+    (2, 2, 2, 97, 260, 64, B16, {"window": (60, 10)}, 0),
+    (1, 4, 2, 130, 140, 128, F16, {"causal": True}, 0),
+]
+
+
+@pytest.mark.parametrize("case", BACKWARD_WS, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}".replace(
+    "mlx.core.", "") + "-" + ("_".join(c[7]) or "dense") + f"-dqw{c[8]}")
+def test_ws_backward(case, hopper_defaults, monkeypatch):
+    from mlx_flash.backends import cuda as cuda_backend
+
+    B, Hq, Hkv, Nq, Nk, D, dtype, options, dqw = case
+    monkeypatch.setattr(cuda_backend, "_BWD_WS", 1)
+    monkeypatch.setattr(cuda_backend, "_BWD_WS_DQ", dqw)
+    hopper_defaults.CHECKED_ONLY = False
+    q, k, v, do = _inputs("bwd-ws", B, Hq, Hkv, Nq, Nk, D, D, dtype)
+    results, launches = _run(q, k, v, options, dout=do)
+    assert _kernel_of(launches, "attention_bwd_ws")["DQW"] == bool(dqw)
+    _check_forward(q, k, v, options, dtype, results)
+    want = attention_np(q, k, v, dout=do, **options)
+    for name, got in zip(("dq", "dk", "dv"), results[2:]):
+        check_close(name, to_np(got), want, dtype)
+
+
 # The forward's opt-in settings (module values the MLX_FLASH_CUDA_FWD_WS_*
 # variables set at import): (attribute, value, D, options, instance key/values).
 OPT_IN = [
@@ -195,24 +223,28 @@ def test_ws_forward_opt_in(setting, hopper_defaults):
 
 @pytest.mark.parametrize("case", PREFILL_CASES)
 @pytest.mark.parametrize("D", [64, 128])
-def test_nonfinite_forward(case, D, hopper_defaults):
-    """The non-finite contract through the Hopper forward routes (the ws kernel
-    for causal / dense cases, attention_fwd_wgmma for masks and softcap)."""
+def test_nonfinite_forward_backward(case, D, hopper_defaults):
+    """The non-finite contract through the Hopper routes: the ws forward for
+    causal / dense cases, attention_fwd_wgmma for masks and softcap, then
+    attention_bwd_wgmma (gradients too)."""
     from mlx_flash.backends import cuda_fwd_ws
 
     hopper_defaults.CHECKED_ONLY = False
-    q, k, v, _, options = prefill_case(case, F16, D=D)
-    results, launches = _run(q, k, v, options)
-    names = {n for n, _ in launches}
+    q, k, v, do, options = prefill_case(case, F16, D=D)
+    results, launches = _run(q, k, v, options, dout=do)
+    names = {n for n, _ in launches} - {"mlx_flash_attention_bwd_wgmma", "mlx_flash_attention_bwd_delta"}
     from mlx_flash._spec import validate_attention
 
     spec, _ = validate_attention(q, k, v, **options)
     with harness.patched_hopper():
         ws = cuda_fwd_ws.serves(spec)
     assert names == {"mlx_flash_attention_fwd_ws" if ws else "mlx_flash_attention_fwd_wgmma"}
-    want = attention_np(q, k, v, **options)
+    _kernel_of(launches, "attention_bwd_wgmma")
+    want = attention_np(q, k, v, dout=do, **options)
     check_contract("out", to_np(results[0]), want, F16)
     check_contract("lse", to_np(results[1]), want, mx.float32)
+    for name, got in zip(("dq", "dk", "dv"), results[2:]):
+        check_contract(name, to_np(got), want, F16)
 
 
 def test_deadlock_fails_the_launch(hopper_defaults, monkeypatch):
