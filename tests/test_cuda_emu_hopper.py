@@ -259,3 +259,39 @@ def test_deadlock_fails_the_launch(hopper_defaults, monkeypatch):
         "mbar_arrive((smem_addr(bar)), (bytes))", "mbar_arrive((smem_addr(bar)), 2 * (bytes))"))
     with pytest.raises(RuntimeError, match="deadlock: an mbarrier wait"):
         _run(q, k, v, {})
+
+
+@pytest.mark.parametrize("tma_early", [False, True])
+def test_forward_with_tma_landing_at_issue(tma_early, hopper_defaults, monkeypatch):
+    """The same results whether TMA bytes land at issue or at the first poll
+    of their barrier (each catches a different ordering mistake)."""
+    monkeypatch.setattr(harness, "TMA_EARLY", tma_early)
+    q, k, v, _ = _inputs("early", 1, 2, 1, 140, 900, 128, 128, B16)
+    results, launches = _run(q, k, v, {"causal": True, "window": (500, 0)})
+    _kernel_of(launches, "attention_fwd_ws")
+    _check_forward(q, k, v, {"causal": True, "window": (500, 0)}, B16, results)
+
+
+def test_race_on_an_operand_in_flight_fails(hopper_defaults, monkeypatch):
+    """A consumer that hands a V buffer back (v_empty) before its P V wgmma
+    finished lets the producer's next TMA load overwrite the operand in
+    flight: the emulated wgmma sees its shared memory change and fails."""
+    from cuda_emu import ptx_asm
+
+    original = ptx_asm.translate
+    release = "if (signals) ws_mbar_arrive(&v_empty[pst]);\n"
+
+    def racy(text):
+        text = original(text)
+        if "attention_fwd_ws(" not in text:
+            return text
+        late = release + "rescale_pack(ruled);"
+        early = "softmax(tile_start(t), ruled);\nwgmma_wait<0>();"
+        assert text.count(late) == 1 and text.count(early) == 1
+        return text.replace(late, "rescale_pack(ruled);").replace(early, release + early)
+
+    monkeypatch.setattr(ptx_asm, "translate", racy)
+    monkeypatch.setattr(harness, "TMA_EARLY", True)
+    q, k, v, _ = _inputs("race", 1, 1, 1, 64, 900, 128, 128, F16)
+    with pytest.raises(RuntimeError, match="changed before its wgmma_wait"):
+        _run(q, k, v, {})

@@ -102,7 +102,8 @@ def _emulated_header(header: str) -> str:
     elif re.search(r"\basm\b", header):
         # The Hopper attention kernels (attention_fwd_ws.cuh, attention_bwd_*.cuh):
         # their inline PTX, wherever it stands, rewritten into hopper_emu.cuh's calls.
-        header = _read(os.path.join(_HERE, "hopper_emu.cuh")) + "\n" + ptx_asm.translate(header)
+        header = (f"#define EMU_TMA_EARLY {int(TMA_EARLY)}\n" + _read(os.path.join(_HERE, "hopper_emu.cuh")) + "\n"
+                  + ptx_asm.translate(header))
     return _shared_declarations(header)
 
 
@@ -189,6 +190,10 @@ def _view_bytes(x: mx.array):
     strides = [s // itemsize for s in view.strides] + [0] * (_MAX_NDIM - view.ndim)
     return raw, np.array(strides, np.int64)
 
+
+# Hopper TMA loads write their bytes at issue (True) instead of when their
+# barrier is first polled (hopper_emu.cuh, tma_land).
+TMA_EARLY = False
 
 # (kernel name, template values) of every launch, newest last: tests check
 # which kernel a wrapper's routing chose.

@@ -21,8 +21,9 @@
 //   for several rounds) fails the launch with a message instead of hanging.
 // * Named barriers: bar.sync / bar.arrive / bar.red.or with an id and a
 //   thread count, counted per thread (every lane of a warp takes part).
-// * wgmma (SS and RS, any m64nNk16 for 16-bit inputs): executed late, when its
-//   thread waits for its commit group. Until then the shared-memory bytes it
+// * wgmma (SS and RS, any m64nNk16 for 16-bit inputs): executed late, for the
+//   whole warpgroup, when one of its threads waits for the group (after all
+//   128 committed it, as the hardware starts it once all four warps issued it). Until then the shared-memory bytes it
 //   reads and its A registers (RS) must stay as they were at issue, else the
 //   launch fails (the kernel overwrote an operand in flight); its accumulator
 //   reads as NaN while in flight (a kernel that reads it early sees NaN).
@@ -210,7 +211,19 @@ inline TmaQueue& tma_queue() {
 }
 inline unsigned swizzle128(unsigned addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
 
+#ifndef EMU_TMA_EARLY
+#define EMU_TMA_EARLY 0
+#endif
+// Where a load's bytes are written: at issue (EMU_TMA_EARLY: harness.TMA_EARLY,
+// to catch a producer overwriting a buffer that an in-flight wgmma still
+// reads), or when its barrier is first polled (the default: a consumer that
+// reads before its wait reads poison). Its bytes count at the poll either way.
+inline void tma_write(const TmaLoad& l);
 inline void tma_land(const TmaLoad& l) {
+  if (!EMU_TMA_EARLY) tma_write(l);
+  mbar_complete_tx(l.bar, l.map.box[0] * l.map.elem_bytes * l.map.box[1] * l.map.box[2]);
+}
+inline void tma_write(const TmaLoad& l) {
   const TensorMap& m = l.map;
   const unsigned eb = m.elem_bytes, row_bytes = m.box[0] * eb;
   if (m.swizzle == 128 && row_bytes != 128) __emu_fail("TMA: a 128-byte swizzle with a box row that is not 128 bytes");
@@ -230,7 +243,6 @@ inline void tma_land(const TmaLoad& l) {
         else
           std::memset(dst + at, 0, eb);  // out of bounds: zero fill, as the tensor map asks
       }
-  mbar_complete_tx(l.bar, bytes);
 }
 
 inline void tma_load(unsigned dst, const void* tmap, int c0, int c1, int c2, unsigned bar) {
@@ -247,6 +259,7 @@ inline void tma_load(unsigned dst, const void* tmap, int c0, int c1, int c2, uns
   mbar_load(bar);  // initialised
   TmaQueue& q = tma_queue();
   if (q.count == 256) __emu_fail("more than 256 TMA loads in flight");
+  if (EMU_TMA_EARLY) tma_write(l);
   q.loads[q.count++] = l;
 }
 
@@ -362,6 +375,7 @@ struct Op {
   unsigned quad[4][4];     // RS: A registers of the thread's quad (its rows' k values)
   unsigned long long da, db, hash;
   int acc, ta, tb, group;
+  unsigned tid;            // the issuing thread (index in the block)
   bool saved;              // the first in-flight op on d: d's values kept in `keep`
   float keep[kMaxN / 2];
 };
@@ -369,15 +383,16 @@ struct OpQueue {
   Op ops[kMaxOps];
   int count = 0, committed = 0;
 };
-inline OpQueue& op_queue() {
+inline OpQueue& op_queue(unsigned tid) {
   static thread_local OpQueue queues[kMaxThreads];
-  return queues[__emu_attrs()->thread_index_in_threadgroup];
+  return queues[tid];
 }
+inline OpQueue& op_queue() { return op_queue(__emu_attrs()->thread_index_in_threadgroup); }
 
 // Reads (check: hashes) this thread's operands; computes d unless check.
 template <int KIND, int N>
 inline void wgmma_exec(Op& op, bool check) {
-  const int tid = int(__emu_attrs()->thread_index_in_threadgroup) % 128;
+  const int tid = int(op.tid) % 128;
   const int warp = tid / 32, g = (tid % 32) / 4, t = tid % 4;
   unsigned long long h = 1469598103934665603ull;
   auto mix = [&](unsigned short v) { h = (h ^ v) * 1099511628211ull; };
@@ -440,6 +455,7 @@ inline void wgmma(float* d, const unsigned* a, unsigned long long da, unsigned l
   op.ta = ta;
   op.tb = tb;
   op.group = q.committed;
+  op.tid = __emu_attrs()->thread_index_in_threadgroup;
   if (a) {  // the warp's A fragments, as the instruction reads them at issue
     std::memcpy(op.a_own, a, sizeof(op.a_own));
     struct Regs {
@@ -464,19 +480,40 @@ inline void wgmma(float* d, const unsigned* a, unsigned long long da, unsigned l
   wgmma_exec<KIND, N>(op, true);
   ++q.count;
 }
-inline void wgmma_commit() { ++op_queue().committed; }
+inline void wgmma_commit() {
+  ++__emu_progress();
+  ++op_queue().committed;
+}
+// wgmma.wait_group n: the thread's groups but the last n complete. A group is
+// the warpgroup's: its products run once all four warps issued and committed
+// it, and are done for all 128 threads when any of them returns from a wait
+// on it (one thread may then release the operands' buffers for everyone). So
+// the wait holds until the whole warpgroup committed the group, then runs
+// every thread's part of it, each reading its operands now.
 inline void wgmma_wait(int n) {
-  OpQueue& q = op_queue();
-  int kept = 0;
-  for (int i = 0; i < q.count; ++i) {
-    if (q.ops[i].group >= q.committed - n) {
-      if (kept != i) q.ops[kept] = q.ops[i];
-      ++kept;
-      continue;
+  const unsigned me = __emu_attrs()->thread_index_in_threadgroup, first = me / 128 * 128;
+  const int target = op_queue(me).committed - n;
+  bool pending = false;
+  for (int i = 0; i < op_queue(me).count; ++i) pending |= op_queue(me).ops[i].group < target;
+  if (!pending) return;
+  warp_wait((0x5767ull << 40) | unsigned(target), [&] {
+    for (unsigned t = first; t < first + 128; ++t)
+      if (op_queue(t).committed < target) return false;
+    return true;
+  }, "deadlock: a wgmma_wait on a group that the rest of its warpgroup never commits");
+  for (unsigned t = first; t < first + 128; ++t) {
+    OpQueue& q = op_queue(t);
+    int kept = 0;
+    for (int i = 0; i < q.count; ++i) {
+      if (q.ops[i].group >= target) {
+        if (kept != i) q.ops[kept] = q.ops[i];
+        ++kept;
+        continue;
+      }
+      q.ops[i].exec(q.ops[i], false);
     }
-    q.ops[i].exec(q.ops[i], false);
+    q.count = kept;
   }
-  q.count = kept;
 }
 
 inline float ex2_ftz(float x) {
