@@ -56,7 +56,7 @@ _NUMPY = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16
           mx.int32: np.int32, mx.uint8: np.uint8, mx.uint32: np.uint32}
 _INCLUDE_LINE = re.compile(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', re.M)
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned\s+char\s+(\w+)\[\];")
-_STATIC_SMEM = re.compile(r"(?<!extern )__shared__\s+(?:__align__\(\d+\)\s+)?((?:(?:unsigned|long)\s+)*\w+)\s+([^;()]+);")
+_STATIC_SMEM = re.compile(r"(?<!extern )__shared__\s+(?:__align__\(\d+\)\s+)?((?:(?:unsigned|long)\s+)*\w+)\s+((?:[^;()\[]|\[[^\];]+\])+);")
 # Headers of the Hopper GEMM that wgmma_emu.cuh stands in for (wgmma.cuh first).
 _HOPPER_HEADERS = ("wgmma.cuh", "wgmma_gemm.cuh", "tma.cuh")
 
@@ -114,7 +114,7 @@ def _shared_declarations(text: str) -> str:
 
     def declare(m):
         lines = []
-        for item in m[2].split(","):  # one allocation per declarator (`T a, b[4];`)
+        for item in re.split(r",(?![^\[]*\])", m[2]):  # one allocation per declarator (`T a, b[4];`)
             d = re.fullmatch(r"\s*(\w+)\s*((?:\[[^\]]+\])*)\s*", item)
             if not d:
                 raise AssertionError(f"cuda_emu: __shared__ declaration not understood: {m[0]!r}")
