@@ -213,7 +213,7 @@ def test_ws_forward_opt_in(setting, hopper_defaults):
     if name == "KEYS_DENSE_D64":
         hopper_defaults.WG3_D64 = "0"  # the 192-key tile is a two-warpgroup instance
     hopper_defaults.CHECKED_ONLY = False
-    dtype = B16 if len(name) % 2 else F16
+    dtype = B16 if OPT_IN.index(setting) % 2 else F16  # both dtypes across the settings
     q, k, v, _ = _inputs("opt-" + name, 1, 2, 1, 140, 333, D, D, dtype)
     results, launches = _run(q, k, v, options)
     t = _kernel_of(launches, "attention_fwd_ws")
@@ -295,3 +295,13 @@ def test_race_on_an_operand_in_flight_fails(hopper_defaults, monkeypatch):
     q, k, v, _ = _inputs("race", 1, 1, 1, 64, 900, 128, 128, F16)
     with pytest.raises(RuntimeError, match="changed before its wgmma_wait"):
         _run(q, k, v, {})
+
+
+def test_unknown_ptx_fails_loudly():
+    """PTX the emulation does not know stops the build with its text, never runs as a no-op."""
+    from cuda_emu import ptx_asm
+
+    with pytest.raises(AssertionError, match="no emulation for the PTX 'brkpt;'"):
+        ptx_asm.translate('if (x) asm volatile("brkpt;\\n" ::: "memory");')
+    assert ptx_asm.translate('asm volatile("bar.sync 1, 256;\\n" ::: "memory");') == (
+        "do { ::emu_hopper::named_barrier(1, 256, true); } while (0);")
