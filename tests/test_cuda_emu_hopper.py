@@ -203,10 +203,14 @@ OPT_IN = [
     ("PERSISTENT", False, 64, {}, {"WARPGROUPS": 3}),
     ("DYNAMIC", False, 64, {"causal": True}, {"WINDOW": True}),
     ("HEAD_GROUP", 1, 128, {}, {"BN": 176}),
+    ("STAGES", {128: 2, 64: 2}, 64, {}, {"STAGES": 2, "BN": 128}),
+    ("WIDE_KEYS", {(96, 96): 176, (192, 192): 96, (256, 256): 80, (192, 128): 128}, 96, {}, {"BN": 176}),
+    ("WIDE_KEYS", {(96, 96): 128, (192, 192): 112, (256, 256): 80, (192, 128): 128}, 192, {}, {"BN": 112}),
 ]
 
 
-@pytest.mark.parametrize("setting", OPT_IN, ids=lambda s: f"{s[0]}={s[1]}-D{s[2]}" + "".join("-" + k for k in s[3]))
+@pytest.mark.parametrize("setting", OPT_IN, ids=lambda s: f"{s[0]}-D{s[2]}-" + "_".join(f"{k}{v}" for k, v in s[4].items())
+                         + "".join("-" + k for k in s[3]))
 def test_ws_forward_opt_in(setting, hopper_defaults):
     name, value, D, options, expect = setting
     setattr(hopper_defaults, name, value)
