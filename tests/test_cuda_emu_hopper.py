@@ -101,7 +101,7 @@ def _kernel_of(launches, body):
 # Odd sizes, Nq != Nk, partial row blocks and key tiles, several blocks and
 # items per persistent block (three SMs), GQA and MHA.
 FORWARD = [
-    (1, 2, 1, 200, 2100, 64, 64, F16, {}, (False, 96, 3)),          # default D 64 route (>= 2048 keys)
+    (1, 1, 1, 100, 2100, 64, 64, F16, {}, (False, 96, 3)),          # default D 64 route (>= 2048 keys)
     (2, 2, 2, 197, 301, 64, 64, B16, {}, (False, 96, 3)),
     (2, 2, 1, 150, 140, 64, 64, F16, {"causal": True}, (True, 128, 2)),
     (1, 4, 2, 130, 257, 64, 64, B16, {"window": (70, 20)}, (True, 128, 2)),
