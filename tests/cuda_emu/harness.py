@@ -22,6 +22,13 @@ heuristics, kernel chaining) run unchanged on a machine without a GPU:
     with patched_cuda_kernel():
         out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.cpu)
 
+The Hopper attention kernels (attention_fwd_ws.cuh, attention_fwd_wgmma.cuh,
+attention_bwd_wgmma.cuh, attention_bwd_ws.cuh) keep their text: ptx_asm.py
+rewrites their inline PTX into hopper_emu.cuh's emulation (TMA, mbarriers,
+named barriers, wgmma SS / RS). `patched_hopper()` adds what an H200 gives the
+wrappers (sm_90, TMA with tensor maps in the emulation's encoding, an SM
+count), so they route as there.
+
 Shared memory and unwritten outputs are poisoned (NaN bytes); cp.async
 copies land only when their thread waits for them; ready fibers run in a
 seeded random order. What it cannot show: timing, and races between

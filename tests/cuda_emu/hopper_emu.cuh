@@ -15,16 +15,19 @@
 //   tensormap.replace writes the address field, cp_fenceproxy copies the map.
 //   A tile load (2-D / 3-D box, 128-byte swizzle, out-of-bounds elements zero,
 //   the whole box's bytes counted) lands late: when a thread first polls its
-//   mbarrier, so a reader that skips the wait reads poison, not the tile.
-// * Spin-waits (mbarrier polls, bar.sync) yield their fiber; a wait that no
-//   thread of the block can end any more (every thread waits, nothing moved
-//   for several rounds) fails the launch with a message instead of hanging.
+//   mbarrier, so a reader that skips the wait reads poison, not the tile
+//   (EMU_TMA_EARLY: its bytes are written at issue, counted at the poll).
+// * Spin-waits (mbarrier polls, bar.sync, a wgmma wait for the rest of its
+//   warpgroup) yield their fiber; the lanes of a warp leave a wait together;
+//   a wait that no thread of the block can end any more (every thread waits,
+//   nothing moved for 16 rounds) fails the launch with a message instead of hanging.
 // * Named barriers: bar.sync / bar.arrive / bar.red.or with an id and a
 //   thread count, counted per thread (every lane of a warp takes part).
 // * wgmma (SS and RS, any m64nNk16 for 16-bit inputs): executed late, for the
 //   whole warpgroup, when one of its threads waits for the group (after all
-//   128 committed it, as the hardware starts it once all four warps issued it). Until then the shared-memory bytes it
-//   reads and its A registers (RS) must stay as they were at issue, else the
+//   128 committed it: the hardware starts it once all four warps issued it).
+//   Until then the shared-memory bytes it reads and its A registers (RS)
+//   must stay as they were at issue, else the
 //   launch fails (the kernel overwrote an operand in flight); its accumulator
 //   reads as NaN while in flight (a kernel that reads it early sees NaN).
 //   Products are summed in fp32 in k order: no model of the tensor cores'
