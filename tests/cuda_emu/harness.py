@@ -22,6 +22,13 @@ heuristics, kernel chaining) run unchanged on a machine without a GPU:
     with patched_cuda_kernel():
         out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.cpu)
 
+The Hopper attention kernels (attention_fwd_ws.cuh, attention_fwd_wgmma.cuh,
+attention_bwd_wgmma.cuh, attention_bwd_ws.cuh) keep their text: ptx_asm.py
+rewrites their inline PTX into hopper_emu.cuh's emulation (TMA, mbarriers,
+named barriers, wgmma SS / RS). `patched_hopper()` adds what an H200 gives the
+wrappers (sm_90, TMA with tensor maps in the emulation's encoding, an SM
+count), so they route as there.
+
 Shared memory and unwritten outputs are poisoned (NaN bytes); cp.async
 copies land only when their thread waits for them; ready fibers run in a
 seeded random order. What it cannot show: timing, and races between
@@ -30,16 +37,20 @@ threads that the cooperative schedule happens to order correctly.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import hashlib
 import os
 import re
+import struct
 
 import mlx.core as mx
 import numpy as np
 
 from metal_emu import harness as _metal
+
+from . import ptx_asm
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _INCLUDE = os.path.join(_HERE, "include")
@@ -52,9 +63,11 @@ _NUMPY = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16
           mx.int32: np.int32, mx.uint8: np.uint8, mx.uint32: np.uint32}
 _INCLUDE_LINE = re.compile(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', re.M)
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned\s+char\s+(\w+)\[\];")
-_STATIC_SMEM = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?((?:(?:unsigned|long)\s+)*\w+)\s+(\w+)\s*((?:\[[^\];]+\])+);")
+_STATIC_SMEM = re.compile(r"(?<!extern )__shared__\s+(?:__align__\(\d+\)\s+)?((?:(?:unsigned|long)\s+)*\w+)\s+((?:[^;()\[]|\[[^\];]+\])+);")
 # Headers of the Hopper GEMM that wgmma_emu.cuh stands in for (wgmma.cuh first).
 _HOPPER_HEADERS = ("wgmma.cuh", "wgmma_gemm.cuh", "tma.cuh")
+# PTX of the Hopper attention kernels (ptx_asm.py rewrites it, hopper_emu.cuh runs it).
+_HOPPER_MARKERS = ("wgmma.", "mbarrier.", "cp.async.bulk", "setmaxnreg", "bar.sync")
 
 
 def unavailable_reason():
@@ -78,6 +91,7 @@ def _emulated_header(header: str) -> str:
     if included:  # the backend's one-line #include of its saved header: emulate the text itself
         header = _read(included[1])
     strip = lambda text: _INCLUDE_LINE.sub("", text)
+    original = header  # the kernel's own text (the emulation's headers below mention PTX in comments)
     # The backend hands MLX minified headers (cuda_backend._header): match mma.cuh in that form.
     real_mma = cuda_backend._minify(strip(cuda_backend._read("mma.cuh")))
     if real_mma in header:
@@ -95,12 +109,29 @@ def _emulated_header(header: str) -> str:
         header = header.replace(hopper[0], strip(_read(os.path.join(_HERE, "wgmma_emu.cuh"))))
         for text in hopper[1:]:
             header = header.replace(text, "")
-    elif "wgmma." in header or "cp.async.bulk" in header:
-        raise AssertionError("cuda_emu: the header has wgmma or TMA PTX in an unexpected form")
-    header = _DYNAMIC_SMEM.sub(r"unsigned char* \1 = __emu_dynamic_smem();", header)
+    elif any(marker in original for marker in _HOPPER_MARKERS):
+        # The Hopper attention kernels (attention_fwd_ws.cuh, attention_bwd_*.cuh):
+        # their inline PTX, wherever it stands, rewritten into hopper_emu.cuh's calls.
+        header = (f"#define EMU_TMA_EARLY {int(TMA_EARLY)}\n" + _read(os.path.join(_HERE, "hopper_emu.cuh")) + "\n"
+                  + ptx_asm.translate(header))
+    return _shared_declarations(header)
+
+
+def _shared_declarations(text: str) -> str:
+    """extern __shared__ and __shared__ declarations turned into runtime allocations."""
+    text = _DYNAMIC_SMEM.sub(r"unsigned char* \1 = __emu_dynamic_smem();", text)
     counter = iter(range(1 << 30))
-    return _STATIC_SMEM.sub(lambda m: f"auto& {m[2]} = *__emu_shared_array<{m[1]}{m[3]}, {next(counter)}>();",
-                            header)
+
+    def declare(m):
+        lines = []
+        for item in re.split(r",(?![^\[]*\])", m[2]):  # one allocation per declarator (`T a, b[4];`)
+            d = re.fullmatch(r"\s*(\w+)\s*((?:\[[^\]]+\])*)\s*", item)
+            if not d:
+                raise AssertionError(f"cuda_emu: __shared__ declaration not understood: {m[0]!r}")
+            lines.append(f"auto& {d[1]} = *__emu_shared_array<{m[1]}{d[2]}, {next(counter)}>();")
+        return " ".join(lines)
+
+    return _STATIC_SMEM.sub(declare, text)
 
 
 def _template_line(name, value):
@@ -111,9 +142,14 @@ def _template_line(name, value):
     return f"  using {name} = {_C_TYPES[value]};"
 
 
+def _include_text() -> str:
+    """include/'s headers (the translation unit #includes them: part of a build's key)."""
+    return "".join(_read(os.path.join(_INCLUDE, n)) for n in sorted(os.listdir(_INCLUDE)) if n.endswith(".h"))
+
+
 def _library(cpp: str):
     _, tag = _metal._toolchain()
-    key = hashlib.sha256((tag + "\0cuda_emu\0" + cpp).encode()).hexdigest()[:24]
+    key = hashlib.sha256((tag + "\0cuda_emu\0" + _include_text() + cpp).encode()).hexdigest()[:24]
     if key in _metal._LIBRARIES:
         return _metal._LIBRARIES[key]
     runtime = _metal._runtime_library()
@@ -165,6 +201,15 @@ def _view_bytes(x: mx.array):
     return raw, np.array(strides, np.int64)
 
 
+# Hopper TMA loads write their bytes at issue (True) instead of when their
+# barrier is first polled (hopper_emu.cuh, tma_land).
+TMA_EARLY = False
+
+# (kernel name, template values) of every launch, newest last: tests check
+# which kernel a wrapper's routing chose.
+LAUNCHES: collections.deque = collections.deque(maxlen=256)
+
+
 class CudaKernel:
     """Mirror of the object `mx.fast.cuda_kernel` returns."""
 
@@ -185,8 +230,9 @@ class CudaKernel:
         params += [f"  const Strides {n}_strides = __emu_strides(__b[{first + i}]);"
                    for i, n in enumerate(self.strided)]
         header = _emulated_header(self.header)
-        start = "".join(f"  mlx_flash::{fn}();\n" for fn in ("emu_thread_start", "emu_wgmma_thread_start")
-                        if fn in header)
+        start = "".join(f"  mlx_flash::{fn}();\n" for fn in ("emu_thread_start", "emu_wgmma_thread_start",
+                                                            "emu_hopper_thread_start") if fn in header)
+        source = ptx_asm.translate(self.source) if "namespace emu_hopper" in header else self.source
         return "\n".join([
             '#include "cuda_emu.h"',
             header,
@@ -194,7 +240,7 @@ class CudaKernel:
             'extern "C" void __emu_thread(void** __b) {',
             start + "\n".join(params),
             "\n".join(_template_line(n, v) for n, v in (template or [])),
-            _DYNAMIC_SMEM.sub(r"unsigned char* \1 = __emu_dynamic_smem();", self.source),
+            _shared_declarations(source),
             "}",
             'extern "C" int emu_launch(void** buffers, const unsigned long* bytes, const char* const* names,',
             "                          int count, const long* grid, const long* group, unsigned long long seed,",
@@ -209,6 +255,7 @@ class CudaKernel:
         if self.shared_memory > _SMEM_LIMIT:
             raise ValueError(f"cuda_emu: {self.name} asks for {self.shared_memory} bytes of shared memory")
         inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
+        LAUNCHES.append((self.name, dict(template or [])))
         lib = _library(self.translation_unit(inputs, template, output_dtypes))
         if self.ensure_row_contiguous:
             keep = [_to_bytes(x) for x in inputs]
@@ -273,5 +320,48 @@ def patched_cuda_kernel():
             mx.fast.cuda_kernel = original
         else:
             del mx.fast.cuda_kernel
+        for cache in caches:
+            cache.cache_clear()
+
+
+# The emulation's tensor map (hopper_emu.cuh's TensorMap): tag, rank, element
+# bytes, swizzle bytes, global address (written by each block), dims, byte
+# strides of dims 1 and 2, box; 128 bytes like a CUtensorMap.
+_TENSOR_MAP = struct.Struct("<IIIIQ3Q2Q3II")
+_TENSOR_MAP_TAG = 0x4D54554D
+
+
+def tensor_map_3d(elem_bytes: int, inner: int, rows: int, slabs: int, box_rows: int) -> bytes:
+    """cuda_fwd_ws.tensor_map_3d's map (row-major [slabs][rows][inner], boxes of
+    64 x box_rows x 1, 128-byte swizzle, zero fill) in the emulation's encoding."""
+    row_bytes = inner * elem_bytes
+    return _TENSOR_MAP.pack(_TENSOR_MAP_TAG, 3, elem_bytes, 128, 0, inner, rows, slabs, row_bytes, rows * row_bytes,
+                            64, box_rows, 1, 0).ljust(128, b"\0")
+
+
+@contextlib.contextmanager
+def patched_hopper(sm_count: int = 3):
+    """patched_cuda_kernel, and what an H100/H200 gives the CUDA wrappers: sm_90,
+    TMA (tensor maps in the emulation's encoding instead of libcuda's) and
+    `sm_count` multiprocessors (few: persistent blocks take several items).
+    The wrappers' routing is theirs: a call goes where it would on the GPU."""
+    from mlx_flash.backends import cuda as cuda_backend
+    from mlx_flash.backends import cuda_fwd_ws, cuda_matmul
+
+    swaps = [(cuda_backend, "_is_hopper", lambda: True), (cuda_matmul, "_tma_available", lambda: True),
+             (cuda_fwd_ws, "tensor_map_3d", tensor_map_3d), (cuda_fwd_ws, "sm_count", lambda: sm_count)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
+    caches = [cuda_fwd_ws._kernel, cuda_fwd_ws._templates] + [
+        getattr(cuda_backend, n) for n in ("_bwd_ws_kernel",) if hasattr(getattr(cuda_backend, n), "cache_clear")]
+    for cache in caches:
+        cache.cache_clear()
+    try:
+        for module, name, value in swaps:
+            setattr(module, name, value)
+        with patched_cuda_kernel():
+            yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
         for cache in caches:
             cache.cache_clear()

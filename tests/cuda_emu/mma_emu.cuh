@@ -50,6 +50,17 @@ inline void cp_async_wait() {
   q.pending.swap(still);
 }
 
+// Every copy the thread issued, committed or not, lands now (cp.async.mbarrier.arrive:
+// the arrive waits for all of the thread's earlier cp.async).
+inline void emu_cp_async_land_all() {
+  EmuCopyQueue& q = emu_copy_queue();
+  for (const EmuCopy& c : q.pending) {
+    if (c.valid) std::memcpy(c.dst, c.src, 16);
+    else std::memset(c.dst, 0, 16);
+  }
+  q.pending.clear();
+}
+
 inline unsigned emu_bits16(const void* row, int col) {
   unsigned short v;
   std::memcpy(&v, static_cast<const unsigned char*>(row) + 2 * col, 2);

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 
 #include "emu_abi.h"
@@ -21,6 +22,7 @@
 #define __global__
 #define __forceinline__ inline
 #define __align__(n) alignas(n)
+#define __launch_bounds__(...)
 
 using std::max;
 using std::min;
@@ -84,7 +86,25 @@ inline float __uint_as_float(unsigned u) {
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 
-#define __syncthreads() __emu_threadgroup_barrier(__LINE__)
+// Progress of the block: every synchronisation point a thread reaches counts
+// one, so that an emulated spin-wait (hopper_emu.cuh: mbarriers, named
+// barriers) can tell a wait that others will end from one that nothing can.
+inline unsigned long long& __emu_progress() {
+  static thread_local unsigned long long count;
+  return count;
+}
+inline EmuExchange __emu_counted_exchange(const void* payload, unsigned nbytes, unsigned site) {
+  ++__emu_progress();
+  return __emu_simd_exchange(payload, nbytes, site);
+}
+// (A spin-wait calls the runtime's own, uncounted: `(__emu_simd_exchange)(...)`.)
+#define __emu_simd_exchange(payload, nbytes, site) __emu_counted_exchange(payload, nbytes, site)
+inline void __emu_counted_barrier(unsigned site) {
+  ++__emu_progress();
+  __emu_threadgroup_barrier(site);
+}
+#define __syncthreads() __emu_counted_barrier(__LINE__)
+inline long long clock64() { return (long long)__emu_progress(); }
 
 // A warp-wide exchange of one value; every lane gets every lane's value.
 template <typename V>
@@ -112,6 +132,13 @@ inline int __any_sync(unsigned, int p) {
     if (e.active_mask >> l & 1u) any |= __emu_lane_value<int>(e, l) != 0;
   return any;
 }
+inline int __all_sync(unsigned, int p) {
+  EmuExchange e = __emu_simd_exchange(&p, sizeof(int), __LINE__);
+  int all = 1;
+  for (unsigned l = 0; l < 32; ++l)
+    if (e.active_mask >> l & 1u) all &= __emu_lane_value<int>(e, l) != 0;
+  return all;
+}
 inline unsigned __ballot_sync(unsigned, int p) {
   EmuExchange e = __emu_simd_exchange(&p, sizeof(int), __LINE__);
   unsigned bits = 0;
@@ -137,15 +164,91 @@ inline V atomicAdd(V* p, V x) {  // fibers of one OS thread never interleave ins
   return old;
 }
 
+// sm_90's vector atomics (float2 / float4 adds, each element on its own).
+inline float2 atomicAdd(float2* p, float2 x) {
+  const float2 old = *p;
+  p->x += x.x;
+  p->y += x.y;
+  return old;
+}
+inline float4 atomicAdd(float4* p, float4 x) {
+  const float4 old = *p;
+  p->x += x.x;
+  p->y += x.y;
+  p->z += x.z;
+  p->w += x.w;
+  return old;
+}
+
 // Dynamic shared memory of the launch (the harness defines __emu_dynamic_smem_bytes).
 extern const unsigned long __emu_dynamic_smem_bytes;
 inline unsigned char* __emu_dynamic_smem() {
   static char key;
   return static_cast<unsigned char*>(__emu_threadgroup_alloc(&key, __emu_dynamic_smem_bytes, 0xFF));
 }
+// The shared window (addresses as smem_addr / cvta.to.shared give them):
+// dynamic shared memory at [0, its size), each static __shared__ array in a
+// 64 KiB slot from 0x40000 on. The Hopper emulation (hopper_emu.cuh) maps
+// the 32-bit addresses that mbarriers, TMA and wgmma descriptors carry back
+// to memory through it.
+struct __EmuSharedRegion {
+  const unsigned char* p;
+  unsigned long bytes;
+};
+constexpr unsigned __kEmuStaticBase = 0x40000u, __kEmuSlotBytes = 0x10000u, __kEmuSlots = 64;
+inline __EmuSharedRegion* __emu_shared_regions() {
+  static thread_local __EmuSharedRegion regions[__kEmuSlots];
+  return regions;
+}
+inline void __emu_register_shared(const void* p, unsigned long bytes) {
+  static thread_local unsigned next;
+  __EmuSharedRegion* r = __emu_shared_regions();
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  bool known = false;
+  for (unsigned i = 0; i < __kEmuSlots; ++i) {
+    if (r[i].p == c) {
+      r[i].bytes = bytes;
+      known = true;
+    } else if (r[i].p && r[i].p < c + bytes && c < r[i].p + r[i].bytes) {
+      r[i].p = nullptr;  // an earlier launch's array where this one lives now
+    }
+  }
+  if (known) return;
+  if (bytes > __kEmuSlotBytes) __emu_fail("cuda_emu: a static __shared__ array over 64 KiB");
+  r[next % __kEmuSlots] = __EmuSharedRegion{static_cast<const unsigned char*>(p), bytes};  // oldest out
+  ++next;
+}
 // Static __shared__ arrays (the harness rewrites their declarations to this).
 template <typename A, int KEY>
 inline A* __emu_shared_array() {
   static char key;
-  return static_cast<A*>(__emu_threadgroup_alloc(&key, sizeof(A), 0xFF));
+  A* a = static_cast<A*>(__emu_threadgroup_alloc(&key, sizeof(A), 0xFF));
+  __emu_register_shared(a, sizeof(A));
+  return a;
+}
+inline unsigned __emu_smem_window(const void* p) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  const unsigned char* dyn = __emu_dynamic_smem();
+  if (c >= dyn && c < dyn + __emu_dynamic_smem_bytes) return unsigned(c - dyn);
+  const __EmuSharedRegion* r = __emu_shared_regions();
+  for (unsigned i = 0; i < __kEmuSlots; ++i)
+    if (r[i].p && c >= r[i].p && c < r[i].p + r[i].bytes) return __kEmuStaticBase + i * __kEmuSlotBytes + unsigned(c - r[i].p);
+  __emu_fail("cuda_emu: a shared-memory address of memory that is not shared");
+  return 0;
+}
+inline unsigned char* __emu_smem_pointer(unsigned addr, unsigned bytes) {
+  if (addr < __kEmuStaticBase) {
+    if (addr + (unsigned long)bytes > __emu_dynamic_smem_bytes) __emu_fail("cuda_emu: access past the end of dynamic shared memory");
+    return __emu_dynamic_smem() + addr;
+  }
+  const unsigned slot = (addr - __kEmuStaticBase) / __kEmuSlotBytes, off = (addr - __kEmuStaticBase) % __kEmuSlotBytes;
+  const __EmuSharedRegion* r = __emu_shared_regions();
+  if (slot >= __kEmuSlots || !r[slot].p || off + (unsigned long)bytes > r[slot].bytes) {
+    static thread_local char message[160];
+    std::snprintf(message, sizeof(message),
+                  "cuda_emu: shared-memory address 0x%x (%u bytes) outside every shared array (slot %u: %lu bytes)",
+                  addr, bytes, slot, slot < __kEmuSlots ? r[slot].bytes : 0ul);
+    __emu_fail(message);
+  }
+  return const_cast<unsigned char*>(r[slot].p) + off;
 }
