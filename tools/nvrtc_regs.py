@@ -227,6 +227,11 @@ class _Recorder:
         return [mx.zeros(tuple(s), d) for s, d in zip(output_shapes, output_dtypes)]
 
 
+class _FakeLibcuda:
+    def __getattr__(self, name):
+        return lambda *args: 0  # CUDA_SUCCESS
+
+
 @contextlib.contextmanager
 def recording(hopper=True):
     """Within the block mx.fast.cuda_kernel records launches (into the yielded
@@ -242,18 +247,36 @@ def recording(hopper=True):
         return _Recorder((name, list(input_names), list(output_names), source, header, ensure_row_contiguous,
                           shared_memory), launches)
 
+    from mlx_flash.backends import cuda_matmul as cm
+
     saved_hopper, saved_reads = cb._is_hopper, cb._nvrtc_reads_includes
+    saved_tma, saved_libcuda = cm._tma_available, cm._libcuda
     mx.fast.cuda_kernel = cuda_kernel
+    # TMA's routes too: a tensor map is launch data, not code (its encoder answers "done", the bytes stay zero).
+    cm._tma_available = lambda: True
+    cm._libcuda = lambda: _FakeLibcuda()
     cb._is_hopper = lambda: hopper
     # As on the GPU: the header goes as one #include of its saved file (NVRTC reads it by absolute path).
     cb._nvrtc_reads_includes = lambda: True
-    caches = [cb._kernel, cb._header_include] + [getattr(cb, n) for n in ("_decode_launch_cached",) if hasattr(cb, n)]
+    # Every cache of the CUDA modules (kernel objects, launch plans, tensor maps): cleared on the way in and
+    # out, so no recorder leaks into later calls and no real kernel into the recording.
+    import importlib
+    import pkgutil
+
+    import mlx_flash.backends as backends
+
+    caches = []
+    for info in pkgutil.iter_modules(backends.__path__):
+        if info.name.startswith("cuda"):
+            mod = importlib.import_module(f"mlx_flash.backends.{info.name}")
+            caches += [f for f in vars(mod).values() if callable(getattr(f, "cache_clear", None))]
     for c in caches:
         c.cache_clear()
     try:
         yield launches
     finally:
         cb._is_hopper, cb._nvrtc_reads_includes = saved_hopper, saved_reads
+        cm._tma_available, cm._libcuda = saved_tma, saved_libcuda
         if had:
             mx.fast.cuda_kernel = original
         else:
@@ -404,13 +427,16 @@ def measure(launch: Launch, headers: dict, with_nvcc=False) -> dict:
 
 # ---- the cases: the wrappers' own calls ----------------------------------------------
 
-def _quant_decode(tuning, B=1, Hq=32, Hkv=8, Nk=2048, D=128, bits=4, gs=64, dtype=mx.float16, **opts):
+def _quant_decode(tuning, B=1, Hq=32, Hkv=8, Nk=2048, D=128, bits=4, gs=64, dtype=mx.float16, scale_dtype=None,
+                  **opts):
     from mlx_flash._quant_spec import validate_attention_quantized
     from mlx_flash.backends import cuda_quant
 
     q = mx.zeros((B, Hq, 1, D), dtype)
     k = mx.zeros((B, Hkv, Nk, D), dtype)
     kq = tuple(mx.quantize(k, group_size=gs, bits=bits))
+    if scale_dtype is not None:
+        kq = (kq[0],) + tuple(x.astype(scale_dtype) for x in kq[1:])
     qspec, inputs, kk, vv = validate_attention_quantized(q, kq, kq, bits=bits, group_size=gs, **opts)
     saved = dict(cuda_quant.TUNING)
     cuda_quant.TUNING.update(tuning)
@@ -449,14 +475,22 @@ def _matmul(M, K, N, dtype=mx.float16, b_fmt=None, **kw):
 
 def ring_cases():
     """The quantized decode's ring as its plan launches it (the benchmark's shape:
-    GQA 32:8, 4-bit, D 128, fp16): 8 warps a block, plain and KEYS_M 1 / 2."""
+    GQA 32:8, 4-bit, D 128, fp16): 8 warps a block (the 16-warps-an-SM design),
+    plain, KEYS_M 1 / 2, with features, bf16, fp32 scales, 4 and 16 warps, 8-bit."""
     ring = {"decode": True, "dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2}
+    feats = dict(softcap=2.0, window=(64, 0), sinks=mx.zeros((32,)))
     yield "qdec ring w8 (fp16 4-bit D128)", lambda: _quant_decode(ring)
     yield "qdec ring w8 keys_m1", lambda: _quant_decode({**ring, "dec_keys_m": 1})
     yield "qdec ring w8 keys_m2", lambda: _quant_decode({**ring, "dec_keys_m": 2})
-    yield "qdec ring w8 keys_m1 softcap+window+sinks", lambda: _quant_decode(
-        {**ring, "dec_keys_m": 1}, softcap=2.0, window=(64, 0), sinks=mx.zeros((32,)))
+    yield "qdec ring w8 softcap+window+sinks", lambda: _quant_decode(ring, **feats)
+    yield "qdec ring w8 keys_m1 softcap+window+sinks", lambda: _quant_decode({**ring, "dec_keys_m": 1}, **feats)
+    yield "qdec ring w8 bf16 gs128", lambda: _quant_decode(ring, dtype=mx.bfloat16, gs=128)
+    yield "qdec ring w8 fp32 scales", lambda: _quant_decode(ring, scale_dtype=mx.float32)
+    yield "qdec ring w4 (dec_stages 4)", lambda: _quant_decode({"decode": True, "dec_stages": 4})
+    yield "qdec ring w16", lambda: _quant_decode({"decode": True, "dec_stages": 4, "dec_warps": 16,
+                                                  "dec_blocks_per_sm": 1})
     yield "qdec ring w8 8-bit", lambda: _quant_decode(ring, bits=8)
+    yield "qdec ring w8 D256", lambda: _quant_decode({**ring, "dec_blocks_per_sm": 1}, D=256, Hq=8, Hkv=2)
 
 
 def routed_cases():
@@ -466,6 +500,8 @@ def routed_cases():
     yield "fwd D64 fp16", lambda: _attention(1, 8, 8, 1024, 1024, 64, f16)
     yield "fwd D128 bf16 causal", lambda: _attention(1, 8, 8, 1024, 1024, 128, b16, causal=True)
     yield "fwd D128 fp16 softcap", lambda: _attention(1, 8, 8, 1024, 1024, 128, f16, softcap=30.0)
+    yield "fwd D128 fp16", lambda: _attention(1, 8, 8, 1024, 1024, 128, f16)
+    yield "fwd D192 fp16", lambda: _attention(1, 8, 8, 1024, 1024, 192, f16)
     yield "fwd D96 fp16", lambda: _attention(1, 8, 8, 1024, 1024, 96, f16)
     yield "fwd D256 bf16", lambda: _attention(1, 8, 8, 1024, 1024, 256, b16)
     yield "decode D128 fp16 GQA 32:8", lambda: _attention(1, 32, 8, 1, 8192, 128, f16)
@@ -480,6 +516,7 @@ def routed_cases():
     yield "qdec routed fp16 4-bit D256", lambda: _quant_decode({}, D=256, Hq=8, Hkv=2)
     yield "matmul fp16 4096^2", lambda: _matmul(4096, 4096, 4096)
     yield "gemv fp16 M1", lambda: _matmul(1, 4096, 4096)
+    yield "gemv fp16 M16", lambda: _matmul(16, 4096, 4096)
     yield "gemv fp8 weight M1", lambda: _matmul(1, 4096, 4096, b_fmt="e4m3")
     yield "matmul fp8 weight M4096", lambda: _matmul(4096, 4096, 4096, b_fmt="e4m3")
 
