@@ -294,7 +294,7 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # shared memory). Two ways to feed them: main's register path (each tile's
 # words loaded into registers; one tile in flight a warp) and the ring
 # (_DEC_RING_STAGES shared-memory slots per warp filled by cp.async, tiles in
-# flight while one is computed; 118-121 registers at 4-bit D 128). Which one
+# flight while one is computed; at most 128 registers at 4-bit D 128: ring_bounded). Which one
 # a call takes: decode_default_stages. Splits: one block an SM for the
 # register path (H200: more blocks cost more than they save), one wave of as
 # many blocks as the ring's registers and shared memory allow (at most
@@ -330,8 +330,10 @@ _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next
 # (1024 + c: one op a code pair fewer), the offset (1024 sum(q)) taken out
 # in fp32. Not routed: on the H200 (session 8, cuda_quant_decode_nvidia_h200_s8.json)
 # 11-14 % fewer instructions but no time outside the run-to-run spread; the
-# ring with it compiles to 138 registers under MLX's NVRTC (nvcc 13: 120), so
-# two blocks of 8 warps do not fit an SM and it runs in two waves.
+# ring with KEYS_M 2 took 138 registers under MLX's NVRTC (nvcc 13: 120), so
+# two blocks of 8 warps did not fit an SM and it ran in two waves. KEYS_M 1's
+# ring now declares 128 (ring_bounded); KEYS_M 2's spills at 128 and keeps one
+# block of 8 warps an SM.
 _DEC_KEYS_M = 0
 _SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
