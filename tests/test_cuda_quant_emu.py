@@ -481,17 +481,25 @@ DECODE_SHAPES = [
 ]
 
 
+def _decode_case(shape):
+    """A DECODE_SHAPES case (the same inputs emulated and on the GPU): q, the
+    quantized and dequantized caches, bits, group size, dtype, and the TUNING
+    of its launch (the decode kernel, its warps and splits)."""
+    B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
+    _, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
+                                 bits=bits, group_size=gs)
+    return q, kq, vq, kd, vd, bits, gs, dtype, {**DECODE, "dec_warps": warps, "dec_splits": splits}
+
+
 @emulated
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_decode_shapes(shape):
-    B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
-    gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
-                                   bits=bits, group_size=gs)
+    q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
     assert _uses_decode(q, kq, vq, bits, gs)
     # The register path (tickets from the pool; zero-filled tickets), the ring (2 and 4 stages), KEYS_M on both.
     for extra in ({}, {"dec_stages": 0, "dec_pool": False}, {"dec_stages": 2}, {"dec_stages": 4},
                   {"dec_keys_m": True}, {"dec_stages": 2, "dec_keys_m": True}, {"dec_stages": 4, "dec_keys_m": 2}):
-        got = _emu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits, **extra})
+        got = _emu(q, kq, vq, bits, gs, tuning={**plan, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
 
@@ -677,6 +685,39 @@ def test_decode_plan():
     finally:
         cq.TUNING.clear()
         cq.decode_plan.cache_clear()
+    # KEYS_M 2's ring declares no bound (128 spills under NVRTC): one block of 8 warps an SM.
+    cq.TUNING.update(dec_stages=4, dec_warps=8, dec_keys_m=2)
+    try:
+        assert cq.decode_plan(q4)[1] == cq._SMS // 8
+    finally:
+        cq.TUNING.clear()
+        cq.decode_plan.cache_clear()
+
+
+def test_decode_ring_bound_header():
+    """The bounded ring's kernel (and only it) gets the header that ends with
+    __maxnreg__(_RING_MAXNREG), the bound its plan sizes blocks by; the same
+    kernel text otherwise."""
+    import re
+
+    from mlx_flash.backends import cuda as cb
+    from mlx_flash.backends import cuda_quant as cq
+
+    def header_text(kernel):
+        included = re.search(r'#include "([^"]+)"', kernel.header)
+        return open(included[1]).read() if included else kernel.header
+
+    assert cq.ring_bounded(4, 128, True, 0) and cq.ring_bounded(4, 64, False, 1)
+    assert not any(cq.ring_bounded(*t) for t in ((8, 128, False, 0), (4, 256, False, 0), (4, 128, True, 1),
+                                                  (4, 128, False, 2)))
+    assert all(cq.ring_regs_bound(*t) == cq._RING_MAXNREG for t in ((4, 128, True, 0), (4, 128, False, 1)))
+    with harness.patched_cuda_kernel():
+        bounded, plain = cq._decode_kernel(4096, True), cq._decode_kernel(4096, False)
+        default = cb._kernel("attention_quant_decode", cq._DEC_INPUTS, ("out", "lse", "scratch"), 4096, None, False)
+    bound = f"__maxnreg__({cq._RING_MAXNREG})"
+    assert bound in header_text(bounded) and bound not in header_text(plain)
+    assert header_text(plain) == header_text(default) and bounded.source == plain.source
+    assert header_text(bounded).startswith(header_text(plain))
 
 
 # ---- the same decode cases on a CUDA GPU (skipped without one) ----------------------
@@ -712,12 +753,10 @@ def _gpu(q, kq, vq, bits, group_size, tuning=None, **options):
 @on_gpu
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_decode_shapes_gpu(shape):
-    B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
-    gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
-                                   bits=bits, group_size=gs)
+    q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
     # The register path (pool tickets; zero-filled tickets with its prefetch).
     for extra in ({}, {"dec_stages": 0, "dec_pool": False, "dec_prefetch": True}):
-        got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits, **extra})
+        got = _gpu(q, kq, vq, bits, gs, tuning={**plan, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
 
@@ -725,12 +764,9 @@ def test_decode_shapes_gpu(shape):
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_decode_keys_m_gpu(shape):
     """KEYS_M (S^T = K Q^T, movmatrix) on the register path and on the ring (and K's raw codes, KEYS_M 2)."""
-    B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
-    gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
-                                   bits=bits, group_size=gs)
+    q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
     for extra in ({"dec_stages": 0}, {"dec_stages": 4}, {"dec_stages": 4, "dec_keys_m": 2}):
-        got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits,
-                                                "dec_keys_m": True, **extra})
+        got = _gpu(q, kq, vq, bits, gs, tuning={**plan, "dec_keys_m": True, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
 
@@ -740,11 +776,8 @@ def test_decode_ring_gpu(shape):
     """The ring (not routed: run it in a process of its own, a fault is sticky)."""
     from mlx_flash.backends import cuda_quant as cq
 
-    B, Hq, Hkv, Nq, Nk, D, Dv, bits, gs, dtype, warps, splits = shape
-    gen, q, kq, vq, kd, vd = _case(("decode",) + shape[:9] + (str(dtype),), B, Hq, Hkv, Nq, Nk, D, Dv, dtype=dtype,
-                                   bits=bits, group_size=gs)
-    got = _gpu(q, kq, vq, bits, gs, tuning={**DECODE, "dec_warps": warps, "dec_splits": splits,
-                                            "dec_stages": cq._DEC_RING_STAGES})
+    q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
+    got = _gpu(q, kq, vq, bits, gs, tuning={**plan, "dec_stages": cq._DEC_RING_STAGES})
     _check_decode(q, kd, vd, got, dtype, {})
 
 
@@ -906,8 +939,15 @@ def test_nvcc_compiles_without_spills(body, tmp_path):
         saved = dict(tcs._CUDA_TYPES)
         tcs._CUDA_TYPES.update(types)
         try:
-            kernels.append(tcs._kernel_text(f"{body}_{n}", tcs.cuda_backend._read(body + ".cu"),
-                                            _dtypes(inputs, template), _dtypes(outputs, template), template))
+            text = tcs._kernel_text(f"{body}_{n}", tcs.cuda_backend._read(body + ".cu"),
+                                    _dtypes(inputs, template), _dtypes(outputs, template), template)
+            t = dict(template)
+            if body == "attention_quant_decode" and t["STAGES"] > 0 and cuda_quant.ring_bounded(
+                    t["BITS"], max(t["D"], t["DV"]), t["SOFTCAP"] or t["WINDOW"] or t["SINKS"], t["KEYS_M"]):
+                # The bounded ring's header ends with its bound, for this one kernel (MLX compiles each alone).
+                text = (tcs.cuda_backend._read(cuda_quant._RING_BOUND_HEADER) + "\n" + text +
+                        "\n#undef __global__\n#define __global__ __attribute__((global))\n")
+            kernels.append(text)
         finally:
             tcs._CUDA_TYPES.clear()
             tcs._CUDA_TYPES.update(saved)

@@ -294,7 +294,7 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # shared memory). Two ways to feed them: main's register path (each tile's
 # words loaded into registers; one tile in flight a warp) and the ring
 # (_DEC_RING_STAGES shared-memory slots per warp filled by cp.async, tiles in
-# flight while one is computed; 118-121 registers at 4-bit D 128). Which one
+# flight while one is computed; at most 128 registers at 4-bit D 128: ring_bounded). Which one
 # a call takes: decode_default_stages. Splits: one block an SM for the
 # register path (H200: more blocks cost more than they save), one wave of as
 # many blocks as the ring's registers and shared memory allow (at most
@@ -330,8 +330,10 @@ _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next
 # (1024 + c: one op a code pair fewer), the offset (1024 sum(q)) taken out
 # in fp32. Not routed: on the H200 (session 8, cuda_quant_decode_nvidia_h200_s8.json)
 # 11-14 % fewer instructions but no time outside the run-to-run spread; the
-# ring with it compiles to 138 registers under MLX's NVRTC (nvcc 13: 120), so
-# two blocks of 8 warps do not fit an SM and it runs in two waves.
+# ring with KEYS_M 2 took 138 registers under MLX's NVRTC (nvcc 13: 120), so
+# two blocks of 8 warps did not fit an SM and it ran in two waves. KEYS_M 1's
+# ring now declares 128 (ring_bounded); KEYS_M 2's spills at 128 and keeps one
+# block of 8 warps an SM.
 _DEC_KEYS_M = 0
 _SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
@@ -362,27 +364,47 @@ def _decode_eligible(qspec) -> bool:
 _SM_REGS = 65536  # registers of an SM (H100/H200)
 
 
-def decode_ring_regs(qspec) -> int:
-    """Registers a thread of the ring (STAGES > 0) uses at most, by ptxas for
-    sm_90a (tests/test_cuda_quant_emu.py checks every compiled instance
-    against this): 4-bit head dims <= 128 118-121, 8-bit 136-147, head dims
-    over 128 up to 160."""
+# The ring's register bound: attention_quant_ring_bound.cuh gives the kernel
+# __maxnreg__(_RING_MAXNREG) where ring_bounded says so, so that 16 warps (two
+# blocks of 8) fit an SM under MLX's NVRTC too, which unbounded took the ring
+# to 126-138 registers where nvcc 13 gives 118-120 (tools/nvrtc_regs.py); the
+# plan sizes blocks from this declared bound. Unbounded rings (8-bit, head
+# dims over 128, KEYS_M with softcap / window / sinks, KEYS_M 2, which spills
+# 8 bytes at 128 under NVRTC) keep ring_regs_bound's counts, the larger of
+# nvcc's and NVRTC's (the compile tests check both).
+_RING_MAXNREG = 128
+_RING_BOUND_HEADER = "attention_quant_ring_bound.cuh"
+
+
+def _ring_terms(qspec) -> tuple:
     spec = qspec.attention
-    return ring_regs_bound(qspec.bits, max(spec.head_dim_qk, spec.head_dim_v),
-                           spec.softcap > 0 or spec.has_window or spec.has_sinks,
-                           int(TUNING.get("dec_keys_m", _DEC_KEYS_M)))
+    return (qspec.bits, max(spec.head_dim_qk, spec.head_dim_v), spec.softcap > 0 or spec.has_window or spec.has_sinks,
+            int(TUNING.get("dec_keys_m", _DEC_KEYS_M)))
+
+
+def decode_ring_regs(qspec) -> int:
+    """Registers a thread of the ring (STAGES > 0) takes at most: the bound it
+    declares (_RING_MAXNREG) where ring_bounded, else ring_regs_bound's count."""
+    return ring_regs_bound(*_ring_terms(qspec))
+
+
+def ring_bounded(bits: int, head_dim: int, features: bool, keys_m: int = 0) -> bool:
+    """Whether the ring's kernel declares __maxnreg__(_RING_MAXNREG): 4-bit codes, head dims <= 128, KEYS_M 0
+    (any features) or 1 (none)."""
+    if bits != 4 or head_dim > 128:
+        return False
+    return keys_m == 0 or (keys_m == 1 and not features)
 
 
 def ring_regs_bound(bits: int, head_dim: int, features: bool, keys_m: int = 0) -> int:
-    """decode_ring_regs from the template's terms (the larger head dim; softcap, window or sinks; KEYS_M,
-    whose rings take up to 134 (4-bit with features), 155 (8-bit) and 170 (head dims over 128) under nvcc 13)."""
+    """decode_ring_regs from the template's terms (the larger head dim; softcap, window or sinks; KEYS_M).
+    Unbounded rings, the most nvcc 13 or MLX's NVRTC 13 gives: KEYS_M up to 136 (4-bit with features) and
+    144 (KEYS_M 2), 160 (8-bit), 176 (head dims over 128); without KEYS_M 152 (8-bit), 168 (over 128)."""
+    if ring_bounded(bits, head_dim, features, keys_m):
+        return _RING_MAXNREG
     if keys_m:
-        return 176 if head_dim > 128 else 160 if bits == 8 else 136 if features else 128
-    if head_dim > 128:
-        return 168
-    if bits == 8:
-        return 152
-    return 128
+        return 176 if head_dim > 128 else 160 if bits == 8 else 144 if keys_m == 2 else 136
+    return 168 if head_dim > 128 else 152
 
 
 def decode_default_stages(qspec) -> int:
@@ -418,7 +440,7 @@ def decode_plan(qspec, scale_bytes: int = 2):
     # than the warps it adds save). The ring: 4 blocks of 4 warps fit an SM
     # (114-128 registers; head dims over 128: 155-168, three).
     # The ring's blocks an SM are also bounded by its registers
-    # (decode_ring_regs, checked against ptxas by the compile test).
+    # (decode_ring_regs: the bound it declares, or the compilers' count).
     ring_fit = _SM_REGS // (32 * nw * decode_ring_regs(qspec))
     if stages > 0 and ring_fit < 1:
         raise ValueError(f"cuda_quant TUNING['dec_warps'] = {nw}: a ring block of {32 * nw} threads at up to "
@@ -475,17 +497,24 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
                        (decode_scratch_floats(qspec, splits),)],
         output_dtypes=[spec.dtype, mx.float32, mx.float32], init_value=None if pool else 0,
-    ), _cuda.const_array((splits, TUNING.get("dec_ring_debug", 0)), mx.int32), smem
+    ), _cuda.const_array((splits, TUNING.get("dec_ring_debug", 0)), mx.int32), smem, \
+        stages > 0 and ring_bounded(*_ring_terms(qspec))
+
+
+def _decode_kernel(smem: int, bounded: bool):
+    """The decode's kernel object; a bounded ring's header ends with its register bound (ring_bounded)."""
+    headers = _cuda.kernel_headers("attention_quant_decode") + ((_RING_BOUND_HEADER,) if bounded else ())
+    return _cuda._kernel("attention_quant_decode", _DEC_INPUTS, ("out", "lse", "scratch"), smem, headers, False)
 
 
 def _forward_decode(q, k, v, qspec, inputs: AttentionInputs, stream):
-    launch, ns, smem = _decode_launch(qspec, tuple(q.shape), k[1].dtype, v[1].dtype,
-                                      tuple(TUNING.items()) if TUNING else ())
+    launch, ns, smem, bounded = _decode_launch(qspec, tuple(q.shape), k[1].dtype, v[1].dtype,
+                                               tuple(TUNING.items()) if TUNING else ())
     args = _operands(q, k, v, qspec, inputs, stream)  # q, 6 cache arrays, mask, alibi, ip, fp
     sinks = _dense(inputs.sinks, stream) if inputs.sinks is not None else _cuda._placeholders()[2]
     # The ticket region (read only when the template's POOL is set).
     tk = _cuda._ticket_region(stream)
-    kernel = _strided_kernel("attention_quant_decode", _DEC_INPUTS, ("out", "lse", "scratch"), smem)
+    kernel = _decode_kernel(smem, bounded)
     kernel_inputs = args[:7] + [sinks, args[9], args[10], ns, tk]
     outputs = kernel(inputs=kernel_inputs, stream=stream, **launch)
     if _cuda._host.RECORDING is not None:  # a call cuda_host.py will replay: note the launch
