@@ -85,7 +85,8 @@ def _differentiable(spec: MatmulSpec, has_a_scale: bool, has_b_scale: bool, back
 
 def matmul2d(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpose_b=False,
              out_dtype=None, fast_accumulation=False, stream=None):
-    """`(dequant(a) * a_scale) @ (dequant(b) * b_scale)`, fp32 accumulation.
+    """`(dequant(a) * a_scale) @ (dequant(b) * b_scale)`, fp32 accumulation
+    (unless an fp8 x fp8 call allows `fast_accumulation`).
 
     Args:
       a: `[..., M, K]`, float32/float16/bfloat16, or uint8 fp8 codes with
