@@ -33,6 +33,8 @@ from mlx_flash._quant_spec import validate_attention_quantized
 from mlx_flash._spec import validate_attention
 from mlx_flash.backends import metal, metal_quant
 
+from host_cost import _StubKernel  # tools/, beside this file: zeros of the output shapes, made once
+
 # name: (B, Hq, Hkv, Nq, Nk, D, bits, causal); fp16, scale given, group size 64.
 CASES = {
     "decode fp16 (1,32:8,1,4096,128)": (1, 32, 8, 1, 4096, 128, None, False),
@@ -43,24 +45,8 @@ CASES = {
 GROUP_SIZE = 64
 
 
-class _Stub:
-    """Stands in for an mx.fast.metal_kernel object: zeros of the output
-    shapes, made once per (shapes, dtypes) and handed out again."""
-
-    def __init__(self):
-        self.outputs = {}
-
-    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
-                 init_value=None, verbose=False, stream=None):
-        key = (tuple(map(tuple, output_shapes)), tuple(output_dtypes))
-        outs = self.outputs.get(key)
-        if outs is None:
-            outs = self.outputs[key] = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
-        return list(outs)
-
-
 def install_stubs():
-    stub = _Stub()
+    stub = _StubKernel()  # takes mx.fast.metal_kernel's launch arguments too
     factory = lambda **kw: stub  # noqa: E731
     metal.set_kernel_factory(factory)  # metal_quant builds through metal's factory too
     real_device_of = dispatch.device_of
