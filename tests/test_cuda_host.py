@@ -561,7 +561,7 @@ GPU_PREFILL_CASES = {
 @needs_cuda
 @pytest.mark.parametrize("case", list(GPU_PREFILL_CASES))
 def test_prefill_replay_is_bit_identical_on_gpu(fresh_host, monkeypatch, case):
-    """With the opt-in: out, lse and gradients of replayed prefill calls equal the Python path's bit for bit."""
+    """With the opt-in: out, lse, dk and dv of replayed prefill calls equal the Python path's bit for bit, dq up to the order of its atomic adds."""
     monkeypatch.setattr(attention, "_HOST", HOST)
     monkeypatch.setattr(cuda_host, "PREFILL", True)
     dtype, hq, hkv, nq, nk, d, options = GPU_PREFILL_CASES[case]
@@ -580,5 +580,28 @@ def test_prefill_replay_is_bit_identical_on_gpu(fresh_host, monkeypatch, case):
 
     grad = mx.grad(loss, argnums=(0, 1, 2))
     want, first, replayed = _both_paths(lambda: grad(q, k, v))
-    _assert_identical(want, first)
-    _assert_identical(want, replayed)
+    # dQ is summed over key blocks by float32 atomics, whose order differs
+    # from run to run: two Python-path runs differ in dq's last bit too (the
+    # H200, session 10: up to 1 ulp of the dtype at 0.002-0.025% of
+    # elements). dK and dV are written once per key block: bit for bit.
+    _assert_within_atomic_order(want[0], first[0])
+    _assert_within_atomic_order(want[0], replayed[0])
+    _assert_identical(want[1:], first[1:])
+    _assert_identical(want[1:], replayed[1:])
+
+
+def _assert_within_atomic_order(want, got):
+    """got equals want up to the rounding that a different order of float32
+    atomic adds leaves after the cast to want's dtype: 2 ulps of the dtype at
+    each element's magnitude, plus 2 ulps at a thousandth of the largest
+    (a sum that cancels), and NaN exactly where want has NaN."""
+    assert want.dtype == got.dtype and want.shape == got.shape
+    eps = {mx.float16: 2.0 ** -10, mx.bfloat16: 2.0 ** -7, mx.float32: 2.0 ** -23}[want.dtype]
+    w, g = np.array(want.astype(mx.float32)), np.array(got.astype(mx.float32))
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+    finite = np.isfinite(w)
+    np.testing.assert_array_equal(g[~finite & ~np.isnan(w)], w[~finite & ~np.isnan(w)])
+    scale = np.abs(w[finite]).max(initial=0.0)
+    bound = 2 * eps * (np.abs(w[finite]) + 1e-3 * scale)
+    excess = np.abs(g[finite] - w[finite]) - bound
+    assert excess.max(initial=-1.0) <= 0, f"{int((excess > 0).sum())} elements past the atomic-order bound"
