@@ -212,6 +212,16 @@ struct QdCodes {
     }
     return qd_perm(w, MAGIC_BYTE, p == 0 ? 0x4240u : 0x4341u);
   }
+  // V's cross-key pair with the magic kept (FOLD, fp16): 1024 + c, and
+  // 1024 + 16 c for 4-bit odd n (the nibble stays in place); one op fewer a
+  // pair than cross. The caller adds -1024 P' by one more mma a tile and
+  // divides the odd columns by 16 at the end. bf16: the exact codes.
+  template <int BITS>
+  __device__ __forceinline__ static unsigned cross_raw(unsigned a, unsigned b, int n) {
+    if (BF16) return cross<BITS>(a, b, n);
+    if (BITS == 4) return same_raw<4>(qd_perm(a, b, n < 4 ? 0x5410u : 0x7632u), n & 3);
+    return qd_and_or<0x00ff00ffu, MAGIC>(qd_perm(a, b, (unsigned)(n | (n << 4) | ((4 + n) << 8) | ((4 + n) << 12))));
+  }
 };
 
 // Shapes of one instance. Words per group WG; K: WK words per lane t per
@@ -513,7 +523,7 @@ __host__ __device__ constexpr int qd_part_floats() {
 // last block sets its ticket back to 0), so no output needs MLX's zero fill;
 // otherwise they follow the partials in `scratch` (zero-filled).
 template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
-          bool PF, int STAGES, bool POOL, int KEYS_M, class SA>
+          bool PF, int STAGES, bool POOL, int KEYS_M, bool FOLD, class SA>
 __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
                                        const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
                                        float* lse, float* scratch, const unsigned* tk) {
@@ -673,7 +683,14 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   // RAW (KEYS_M 2, fp16): K's codes keep the magic (1024 + c; 4-bit odd
   // pairs 1024 + 16 c, their q fragments / 16, exact but for subnormals), so
   // S^T holds q.c + 1024 (sum of the fragments): `qoff`, taken out in fp32.
-  constexpr bool RAW = KEYS_M == 2 && !MmaType<T>::is_bf16;
+  // FOLD (fp16): the codes of BOTH K and V keep their magic, so a code
+  // costs only its mask-and-magic LOP3 (scales and biases are already out of
+  // the per-code work, above): K's as RAW; V's (RAWV) by cross_raw, whose
+  // 1024 P' one more mma a m-tile takes out (A = -1024, exact products, in
+  // the tile's own accumulation, so the offset never grows with the keys).
+  constexpr bool RAW = (KEYS_M == 2 || FOLD) && !MmaType<T>::is_bf16;
+  constexpr bool RAWV = FOLD && !MmaType<T>::is_bf16;
+  constexpr unsigned NEG_MAGIC = 0xe400e400u;  // fp16 -1024 twice
   float qsum[S::NG], qoff[S::NG];
 #pragma unroll
   for (int gi = 0; gi < S::NG; ++gi) {
@@ -895,9 +912,14 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
 #pragma unroll
             for (int n = 0; n < 2; ++n) {
               const int v = 2 * mm + h, wi = gi * S::WV + v / S::CPW;
-              a[h + 2 * n] = C2::template cross<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW);
+              a[h + 2 * n] = RAWV ? C2::template cross_raw<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW)
+                                  : C2::template cross<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW);
             }
           mma16816<T>(o[gi * S::KSG + mm], a, b0, b1);
+          if (RAWV) {
+            unsigned neg[4] = {NEG_MAGIC, NEG_MAGIC, NEG_MAGIC, NEG_MAGIC};
+            mma16816<T>(o[gi * S::KSG + mm], neg, b0, b1);
+          }
         }
       }
     } else {
@@ -928,7 +950,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
             for (int h = 0; h < 2; ++h) {
               const int p = 2 * kk + h;  // pair of the lane within the group
               constexpr int PPW = 16 / BITS;
-              bf[h] = C::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
+              bf[h] = RAW ? C::template same_raw<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW)
+                          : C::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
             }
             mma16816<T>(acc[n][gi], a, bf[0], bf[1]);
           }
@@ -940,8 +963,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
 #pragma unroll
         for (int gi = 0; gi < S::NG; ++gi) {
           const float2 sk = Tile::pair(stage, gi, n, t), bk = Tile::pair(stage, S::NG + gi, n, t);
-          x0 = fmaf(sk.x, acc[n][gi][0], fmaf(bk.x, qsum[gi], x0));
-          x1 = fmaf(sk.y, acc[n][gi][1], fmaf(bk.y, qsum[gi], x1));
+          x0 = fmaf(sk.x, RAW ? acc[n][gi][0] - qoff[gi] : acc[n][gi][0], fmaf(bk.x, qsum[gi], x0));
+          x1 = fmaf(sk.y, RAW ? acc[n][gi][1] - qoff[gi] : acc[n][gi][1], fmaf(bk.y, qsum[gi], x1));
         }
         s[n][0] = x0;
         s[n][1] = x1;
@@ -1015,9 +1038,14 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
 #pragma unroll
           for (int n = 0; n < 2; ++n) {
             const int v = 2 * mm + h, wi = gi * S::WV + v / S::CPW;
-            a[h + 2 * n] = C::template cross<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW);
+            a[h + 2 * n] = RAWV ? C::template cross_raw<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW)
+                                : C::template cross<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW);
           }
         mma16816<T>(o[gi * S::KSG + mm], a, bf[0], bf[1]);
+        if (RAWV) {
+          unsigned neg[4] = {NEG_MAGIC, NEG_MAGIC, NEG_MAGIC, NEG_MAGIC};
+          mma16816<T>(o[gi * S::KSG + mm], neg, bf[0], bf[1]);
+        }
       }
     }
     }  // KEYS_M
@@ -1052,6 +1080,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   bad = ((__ballot_sync(0xffffffffu, bad) >> (4 * g)) & 0xfu) != 0;
   }
   float* wo = red_o + warp * 8 * DV;
+  // RAWV, 4-bit: the odd columns' codes were 16 c (exact power-of-two scale).
+  constexpr float ODD = RAWV && BITS == 4 ? 0.0625f : 1.f;
 #pragma unroll
   for (int m = 0; m < S::MT; ++m) {
     const int gi = m / S::KSG, v = 2 * (m % S::KSG);
@@ -1059,8 +1089,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     QD_CHECK(nullptr, &wo[(2 * t + 1) * DV + c + 1], 4, "wo");
     wo[(2 * t) * DV + c] = o[m][0];
     wo[(2 * t + 1) * DV + c] = o[m][1];
-    wo[(2 * t) * DV + c + 1] = o[m][2];
-    wo[(2 * t + 1) * DV + c + 1] = o[m][3];
+    wo[(2 * t) * DV + c + 1] = o[m][2] * ODD;
+    wo[(2 * t + 1) * DV + c + 1] = o[m][3] * ODD;
   }
   if (KEYS_M) {
     if (g == 0) {

@@ -496,9 +496,11 @@ def _decode_case(shape):
 def test_decode_shapes(shape):
     q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
     assert _uses_decode(q, kq, vq, bits, gs)
-    # The register path (tickets from the pool; zero-filled tickets), the ring (2 and 4 stages), KEYS_M on both.
+    # The register path (tickets from the pool; zero-filled tickets), the ring (2 and 4 stages), KEYS_M on both,
+    # FOLD (codes with their magic kept) on the register path, with and without KEYS_M.
     for extra in ({}, {"dec_stages": 0, "dec_pool": False}, {"dec_stages": 2}, {"dec_stages": 4},
-                  {"dec_keys_m": True}, {"dec_stages": 2, "dec_keys_m": True}, {"dec_stages": 4, "dec_keys_m": 2}):
+                  {"dec_keys_m": True}, {"dec_stages": 2, "dec_keys_m": True}, {"dec_stages": 4, "dec_keys_m": 2},
+                  {"dec_stages": 0, "dec_fold": True}, {"dec_stages": 0, "dec_fold": True, "dec_keys_m": True}):
         got = _emu(q, kq, vq, bits, gs, tuning={**plan, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
@@ -523,9 +525,11 @@ def test_decode_features(feature):
                                    group_size=64)
     opts = DECODE_FEATURES[feature](gen, Hq)
     assert _uses_decode(q, kq, vq, 4, 64, **opts)
-    for stages, keys_m in ((0, False), (4, False), (0, True), (4, True), (4, 2)):  # the register path and the ring
-        got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_stages": stages, "dec_keys_m": keys_m},
-                   **opts)
+    # The register path and the ring; FOLD on the register path.
+    for stages, keys_m, fold in ((0, False, False), (4, False, False), (0, True, False), (4, True, False),
+                                 (4, 2, False), (0, False, True), (0, True, True)):
+        got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_stages": stages, "dec_keys_m": keys_m,
+                                             "dec_fold": fold}, **opts)
         _check_decode(q, kd, vd, got, F16, opts)
 
 
@@ -552,7 +556,9 @@ def test_decode_routing():
 
 @emulated
 @pytest.mark.parametrize("extra", [{}, {"dec_keys_m": True}, {"dec_stages": 4, "dec_keys_m": True},
-                                   {"dec_keys_m": 2}], ids=["default", "keys_m", "ring_keys_m", "keys_m_raw"])
+                                   {"dec_keys_m": 2}, {"dec_stages": 0, "dec_fold": True},
+                                   {"dec_stages": 0, "dec_fold": True, "dec_keys_m": True}],
+                         ids=["default", "keys_m", "ring_keys_m", "keys_m_raw", "fold", "fold_keys_m"])
 def test_decode_nonfinite(extra):
     """A NaN scale of key j reaches exactly the rows that keep j (K's: the
     logit; V's: the output); a NaN key a window drops, the last key (read
@@ -614,9 +620,9 @@ def test_decode_strided_cache_views(layout):
             kq, vq, kd, vd = _first_batch_for_all(kq, vq, kd, vd)
         kv, vv = _views(gen, kq, vq, layout)
         # The register path and the ring (its dense cursor where the view allows, main's copies otherwise).
-        for stages, keys_m in ((0, False), (4, False), (4, True)):
+        for stages, keys_m, fold in ((0, False, False), (4, False, False), (4, True, False), (0, False, True)):
             got = _emu(q, kv, vv, bits, 64, tuning={**DECODE, "dec_splits": 2, "dec_stages": stages,
-                                                    "dec_keys_m": keys_m})
+                                                    "dec_keys_m": keys_m, "dec_fold": fold})
             _check_decode(q, kd, vd, got, F16, {})
 
 
@@ -772,6 +778,16 @@ def test_decode_keys_m_gpu(shape):
 
 @on_gpu
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_fold_gpu(shape):
+    """FOLD (K's and V's codes with their magic kept) on the register path, with and without KEYS_M."""
+    q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
+    for extra in ({}, {"dec_keys_m": True}, {"dec_pool": False, "dec_prefetch": True}):
+        got = _gpu(q, kq, vq, bits, gs, tuning={**plan, "dec_stages": 0, "dec_fold": True, **extra})
+        _check_decode(q, kd, vd, got, dtype, {})
+
+
+@on_gpu
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_decode_ring_gpu(shape):
     """The ring (not routed: run it in a process of its own, a fault is sticky)."""
     from mlx_flash.backends import cuda_quant as cq
@@ -798,6 +814,9 @@ def test_decode_features_gpu(feature, bits):
     for extra in ({"dec_stages": 0}, {"dec_stages": 4}):  # KEYS_M, both paths
         got = _gpu(q, kq, vq, bits, 64, tuning={"dec_keys_m": True, **extra}, **opts)
         _check_decode(q, kd, vd, got, F16, opts)
+    for extra in ({}, {"dec_keys_m": True}):  # FOLD (the register path)
+        got = _gpu(q, kq, vq, bits, 64, tuning={"dec_stages": 0, "dec_fold": True, **extra}, **opts)
+        _check_decode(q, kd, vd, got, F16, opts)
 
 
 # Launch plans of the decode measured side by side (tools/cuda_decode_profile.py --step):
@@ -813,6 +832,8 @@ LONG_PLANS = {
     "regs_km": {"dec_stages": 0, "dec_keys_m": True},
     "ring_w8x2_km": {"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2, "dec_keys_m": True},
     "ring_w8x2_km2": {"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2, "dec_keys_m": 2},
+    "regs_fold": {"dec_stages": 0, "dec_fold": True},
+    "regs_fold_km": {"dec_stages": 0, "dec_fold": True, "dec_keys_m": True},
 }
 
 
@@ -881,14 +902,20 @@ def _decode_compile_cases():
                     if d == 128 and gs == 64 and ST == T:
                         paths += [(False, 8, True, 8), (False, 4, True, 16)]
                     # KEYS_M (S^T = K Q^T) on the ring and on the register path.
-                    paths = [p + (0,) for p in paths] + [
-                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 1), (False, 0, True, cq._DEC_WARPS, 1),
-                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 2)]
-                    for pf, stages, pool, nw, keys_m in paths:
+                    paths = [p + (0, False) for p in paths] + [
+                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 1, False),
+                        (False, 0, True, cq._DEC_WARPS, 1, False),
+                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 2, False)]
+                    # FOLD (fp16 only: bf16's instance is the plain one) on the register path, with KEYS_M at D 128.
+                    if T == mx.float16 and ST == T:
+                        paths += [(False, 0, True, cq._DEC_WARPS, 0, True)] + (
+                            [(False, 0, True, cq._DEC_WARPS, 1, True)] if d == 128 else [])
+                    for pf, stages, pool, nw, keys_m, fold in paths:
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
                             ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
-                            ("NW", nw), ("PF", pf), ("STAGES", stages), ("POOL", pool), ("KEYS_M", keys_m)]
+                            ("NW", nw), ("PF", pf), ("STAGES", stages), ("POOL", pool), ("KEYS_M", keys_m),
+                            ("FOLD", fold)]
 
 
 def _dtypes(names, template):
