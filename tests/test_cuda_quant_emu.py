@@ -497,10 +497,11 @@ def test_decode_shapes(shape):
     q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
     assert _uses_decode(q, kq, vq, bits, gs)
     # The register path (tickets from the pool; zero-filled tickets), the ring (2 and 4 stages), KEYS_M on both,
-    # FOLD (codes with their magic kept) on the register path, with and without KEYS_M.
+    # FOLD (codes with their magic kept) on the register path, with and without KEYS_M (and L2 prefetches).
     for extra in ({}, {"dec_stages": 0, "dec_pool": False}, {"dec_stages": 2}, {"dec_stages": 4},
                   {"dec_keys_m": True}, {"dec_stages": 2, "dec_keys_m": True}, {"dec_stages": 4, "dec_keys_m": 2},
-                  {"dec_stages": 0, "dec_fold": True}, {"dec_stages": 0, "dec_fold": True, "dec_keys_m": True}):
+                  {"dec_stages": 0, "dec_fold": True},
+                  {"dec_stages": 0, "dec_fold": True, "dec_keys_m": True, "dec_l2pf": 3}):
         got = _emu(q, kq, vq, bits, gs, tuning={**plan, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
@@ -526,10 +527,10 @@ def test_decode_features(feature):
     opts = DECODE_FEATURES[feature](gen, Hq)
     assert _uses_decode(q, kq, vq, 4, 64, **opts)
     # The register path and the ring; FOLD on the register path.
-    for stages, keys_m, fold in ((0, False, False), (4, False, False), (0, True, False), (4, True, False),
-                                 (4, 2, False), (0, False, True), (0, True, True)):
+    for stages, keys_m, fold, l2pf in ((0, False, False, 0), (4, False, False, 0), (0, True, False, 0),
+                                       (4, True, False, 0), (4, 2, False, 0), (0, False, True, 2), (0, True, True, 0)):
         got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_stages": stages, "dec_keys_m": keys_m,
-                                             "dec_fold": fold}, **opts)
+                                             "dec_fold": fold, "dec_l2pf": l2pf}, **opts)
         _check_decode(q, kd, vd, got, F16, opts)
 
 
@@ -620,9 +621,10 @@ def test_decode_strided_cache_views(layout):
             kq, vq, kd, vd = _first_batch_for_all(kq, vq, kd, vd)
         kv, vv = _views(gen, kq, vq, layout)
         # The register path and the ring (its dense cursor where the view allows, main's copies otherwise).
+        # FOLD with L2 prefetches (which only a dense cache takes).
         for stages, keys_m, fold in ((0, False, False), (4, False, False), (4, True, False), (0, False, True)):
             got = _emu(q, kv, vv, bits, 64, tuning={**DECODE, "dec_splits": 2, "dec_stages": stages,
-                                                    "dec_keys_m": keys_m, "dec_fold": fold})
+                                                    "dec_keys_m": keys_m, "dec_fold": fold, "dec_l2pf": 2 * fold})
             _check_decode(q, kd, vd, got, F16, {})
 
 
@@ -779,9 +781,9 @@ def test_decode_keys_m_gpu(shape):
 @on_gpu
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_decode_fold_gpu(shape):
-    """FOLD (K's and V's codes with their magic kept) on the register path, with and without KEYS_M."""
+    """FOLD (K's and V's codes with their magic kept) on the register path, with and without KEYS_M; L2 prefetches."""
     q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
-    for extra in ({}, {"dec_keys_m": True}, {"dec_pool": False, "dec_prefetch": True}):
+    for extra in ({}, {"dec_keys_m": True}, {"dec_pool": False, "dec_prefetch": True}, {"dec_l2pf": 4}):
         got = _gpu(q, kq, vq, bits, gs, tuning={**plan, "dec_stages": 0, "dec_fold": True, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
@@ -814,7 +816,7 @@ def test_decode_features_gpu(feature, bits):
     for extra in ({"dec_stages": 0}, {"dec_stages": 4}):  # KEYS_M, both paths
         got = _gpu(q, kq, vq, bits, 64, tuning={"dec_keys_m": True, **extra}, **opts)
         _check_decode(q, kd, vd, got, F16, opts)
-    for extra in ({}, {"dec_keys_m": True}):  # FOLD (the register path)
+    for extra in ({}, {"dec_keys_m": True}, {"dec_fold": False, "dec_l2pf": 4}):  # FOLD, L2 prefetches (register path)
         got = _gpu(q, kq, vq, bits, 64, tuning={"dec_stages": 0, "dec_fold": True, **extra}, **opts)
         _check_decode(q, kd, vd, got, F16, opts)
 
@@ -834,6 +836,8 @@ LONG_PLANS = {
     "ring_w8x2_km2": {"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2, "dec_keys_m": 2},
     "regs_fold": {"dec_stages": 0, "dec_fold": True},
     "regs_fold_km": {"dec_stages": 0, "dec_fold": True, "dec_keys_m": True},
+    "regs_l2pf4": {"dec_stages": 0, "dec_l2pf": 4},
+    "regs_fold_l2pf4": {"dec_stages": 0, "dec_fold": True, "dec_l2pf": 4},
 }
 
 
@@ -902,20 +906,22 @@ def _decode_compile_cases():
                     if d == 128 and gs == 64 and ST == T:
                         paths += [(False, 8, True, 8), (False, 4, True, 16)]
                     # KEYS_M (S^T = K Q^T) on the ring and on the register path.
-                    paths = [p + (0, False) for p in paths] + [
-                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 1, False),
-                        (False, 0, True, cq._DEC_WARPS, 1, False),
-                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 2, False)]
-                    # FOLD (fp16 only: bf16's instance is the plain one) on the register path, with KEYS_M at D 128.
+                    paths = [p + (0, False, 0) for p in paths] + [
+                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 1, False, 0),
+                        (False, 0, True, cq._DEC_WARPS, 1, False, 0),
+                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 2, False, 0)]
+                    # FOLD (fp16 only: bf16's instance is the plain one) on the register path, with KEYS_M
+                    # and L2 prefetches at D 128.
                     if T == mx.float16 and ST == T:
-                        paths += [(False, 0, True, cq._DEC_WARPS, 0, True)] + (
-                            [(False, 0, True, cq._DEC_WARPS, 1, True)] if d == 128 else [])
-                    for pf, stages, pool, nw, keys_m, fold in paths:
+                        paths += [(False, 0, True, cq._DEC_WARPS, 0, True, 0)] + (
+                            [(False, 0, True, cq._DEC_WARPS, 1, True, 0), (False, 0, True, cq._DEC_WARPS, 0, True, 4),
+                             (False, 0, True, cq._DEC_WARPS, 0, False, 4)] if d == 128 else [])
+                    for pf, stages, pool, nw, keys_m, fold, l2pf in paths:
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
                             ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
                             ("NW", nw), ("PF", pf), ("STAGES", stages), ("POOL", pool), ("KEYS_M", keys_m),
-                            ("FOLD", fold)]
+                            ("FOLD", fold), ("L2PF", l2pf)]
 
 
 def _dtypes(names, template):

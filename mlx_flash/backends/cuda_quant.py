@@ -302,7 +302,7 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # Tickets from cuda.py's pool (no zero fill).
 # TUNING "dec_warps" / "dec_splits" / "dec_stages" (0: the register path,
 # "dec_prefetch" its one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" /
-# "dec_ring_debug" / "dec_keys_m" / "dec_fold" / "decode" override for GPU sweeps (call
+# "dec_ring_debug" / "dec_keys_m" / "dec_fold" / "dec_l2pf" / "decode" override for GPU sweeps (call
 # decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
 _DEC_BLOCKS_PER_SM = 4
@@ -343,6 +343,12 @@ _DEC_KEYS_M = 0
 # fp16 q only (bf16 keeps its exact codes); the register path only (a ring's
 # register bound was never measured with it). Not routed: no card run yet.
 _DEC_FOLD = False
+# TUNING "dec_l2pf": the register path requests its tile that many tiles
+# ahead into L2 (cp.async.bulk.prefetch, six segments of a dense cache a tile,
+# one warp instruction), so that more than one tile's bytes a warp are in
+# flight (the register path's 4 warps an SM, one tile each, cover a small
+# part of DRAM's latency). 0: off. The register path only. Not routed: no card run yet.
+_DEC_L2PF = 0
 _SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
 
@@ -438,9 +444,10 @@ def decode_plan(qspec, scale_bytes: int = 2):
     stages) for scales of `scale_bytes` bytes (2: fp16/bf16, 4: fp32)."""
     spec = qspec.attention
     stages = TUNING.get("dec_stages", decode_default_stages(qspec))
-    if TUNING.get("dec_fold", _DEC_FOLD) and stages > 0:
-        raise ValueError(f"cuda_quant TUNING['dec_fold'] is for the register path; dec_stages = {stages} (a ring) "
-                         "was given or routed")
+    for key, default in (("dec_fold", _DEC_FOLD), ("dec_l2pf", _DEC_L2PF)):
+        if TUNING.get(key, default) and stages > 0:
+            raise ValueError(f"cuda_quant TUNING['{key}'] is for the register path; dec_stages = {stages} (a ring) "
+                             "was given or routed")
     # The routed ring's warps; TUNING's rings (a "dec_stages" entry) keep _DEC_WARPS unless "dec_warps" is given.
     nw = TUNING.get("dec_warps", _DEC_RING_WARPS if stages > 0 and "dec_stages" not in TUNING else _DEC_WARPS)
     pairs = spec.batch * spec.heads_kv
@@ -503,7 +510,7 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
                 ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("NW", nw),
                 ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool),
                 ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M))),
-                ("FOLD", bool(TUNING.get("dec_fold", _DEC_FOLD)))]
+                ("FOLD", bool(TUNING.get("dec_fold", _DEC_FOLD))), ("L2PF", int(TUNING.get("dec_l2pf", _DEC_L2PF)))]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
