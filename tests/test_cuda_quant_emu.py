@@ -702,6 +702,27 @@ def test_decode_plan():
         cq.decode_plan.cache_clear()
 
 
+def test_decode_register_options():
+    """FOLD and L2PF are the register path's: asked of a ring, an error naming the setting; off on a ring."""
+    from mlx_flash.backends import cuda_quant as cq
+
+    saved = dict(cq.TUNING)
+    try:
+        cq.TUNING.clear()
+        assert cq.decode_register_options(4) == (False, 0)
+        for key in ("dec_fold", "dec_l2pf"):
+            cq.TUNING.clear()
+            cq.TUNING.update({key: 1, "dec_stages": 4})
+            with pytest.raises(ValueError, match=key):
+                cq.decode_register_options(4)
+        cq.TUNING.clear()
+        cq.TUNING.update(dec_fold=1, dec_l2pf=4)
+        assert cq.decode_register_options(0) == (True, 4)
+    finally:
+        cq.TUNING.clear()
+        cq.TUNING.update(saved)
+
+
 def test_decode_ring_bound_header():
     """The bounded ring's kernel (and only it) gets the header that ends with
     __maxnreg__(_RING_MAXNREG), the bound its plan sizes blocks by; the same

@@ -430,6 +430,17 @@ def decode_default_stages(qspec) -> int:
     return _DEC_STAGES
 
 
+def decode_register_options(stages: int) -> tuple:
+    """(FOLD, L2PF) of a launch with `stages` ring stages: TUNING's "dec_fold" / "dec_l2pf" where given
+    (a ring with either set is an error), else _DEC_FOLD / _DEC_L2PF on the register path and off on a ring."""
+    for key in ("dec_fold", "dec_l2pf"):
+        if TUNING.get(key) and stages > 0:
+            raise ValueError(f"cuda_quant TUNING['{key}'] is for the register path; dec_stages = {stages} (a ring) "
+                             "was given or routed")
+    fold = TUNING.get("dec_fold", _DEC_FOLD if stages == 0 else False)
+    return bool(fold), int(TUNING.get("dec_l2pf", _DEC_L2PF if stages == 0 else 0))
+
+
 def decode_ring_slot(qspec, scale_bytes: int) -> int:
     """QdRing::SLOT: one raw 16-key tile (K rows, V rows, four scale/bias planes)."""
     spec = qspec.attention
@@ -444,10 +455,7 @@ def decode_plan(qspec, scale_bytes: int = 2):
     stages) for scales of `scale_bytes` bytes (2: fp16/bf16, 4: fp32)."""
     spec = qspec.attention
     stages = TUNING.get("dec_stages", decode_default_stages(qspec))
-    for key, default in (("dec_fold", _DEC_FOLD), ("dec_l2pf", _DEC_L2PF)):
-        if TUNING.get(key, default) and stages > 0:
-            raise ValueError(f"cuda_quant TUNING['{key}'] is for the register path; dec_stages = {stages} (a ring) "
-                             "was given or routed")
+    decode_register_options(stages)  # a ring with FOLD / L2PF asked for: the error, before anything is built
     # The routed ring's warps; TUNING's rings (a "dec_stages" entry) keep _DEC_WARPS unless "dec_warps" is given.
     nw = TUNING.get("dec_warps", _DEC_RING_WARPS if stages > 0 and "dec_stages" not in TUNING else _DEC_WARPS)
     pairs = spec.batch * spec.heads_kv
@@ -505,12 +513,13 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
     spec = qspec.attention
     nw, splits, smem, stages = decode_plan(qspec, max(k_scales_dtype.size, v_scales_dtype.size))
     pool = _decode_pool(qspec)
+    fold, l2pf = decode_register_options(stages)
     template = [("T", spec.dtype), ("KST", k_scales_dtype), ("VST", v_scales_dtype), ("SOFTCAP", spec.softcap > 0),
                 ("WINDOW", spec.has_window), ("SINKS", spec.has_sinks), ("D", spec.head_dim_qk),
                 ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("NW", nw),
                 ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool),
                 ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M))),
-                ("FOLD", bool(TUNING.get("dec_fold", _DEC_FOLD))), ("L2PF", int(TUNING.get("dec_l2pf", _DEC_L2PF)))]
+                ("FOLD", fold), ("L2PF", l2pf)]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
