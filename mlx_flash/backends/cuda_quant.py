@@ -346,8 +346,8 @@ _DEC_KEYS_M = 0
 # instructions, no time outside the routed plan's spread (ncu: slower).
 _DEC_FOLD = False
 # TUNING "dec_l2pf": the register path requests its tile that many tiles
-# ahead into L2 (cp.async.bulk.prefetch, six segments of a dense cache a tile,
-# one warp instruction), so that more than one tile's bytes a warp are in
+# ahead into L2 (prefetch.global.L2, a 128-byte line a lane of a dense cache's
+# segments: one warp instruction a tile at 4-bit D 128), so that more than one tile's bytes a warp are in
 # flight (the register path's 4 warps an SM, one tile each, cover a small
 # part of DRAM's latency). 0: off. The register path only. Not routed: on the
 # H200 (session 10) L2 hits 16 -> 39 % and no time gained: a tile does not
