@@ -78,6 +78,10 @@ __device__ __forceinline__ unsigned qd_movt(unsigned x) {
 __device__ __forceinline__ float qd_load_cg(const float* p) { return __ldcg(p); }
 __device__ __forceinline__ float4 qd_load_cg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 __device__ __forceinline__ void qd_fence() { __threadfence(); }
+// The L2 line holding p, requested (a hint: nothing waits on it). Per lane:
+// the bulk form (cp.async.bulk.prefetch) takes a uniform address, which
+// lanes with different segments would serialise.
+__device__ __forceinline__ void qd_prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 #else
 inline unsigned qd_perm(unsigned a, unsigned b, unsigned sel) {
   const unsigned long long x = (unsigned long long)b << 32 | a;
@@ -122,6 +126,8 @@ inline unsigned qd_movt(unsigned x) {
 inline float qd_load_cg(const float* p) { return *p; }
 inline float4 qd_load_cg4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 inline void qd_fence() {}
+// A hint; the emulation reads the byte, so a line outside the cache would show under a sanitizer.
+inline void qd_prefetch_l2(const void* p) { (void)*static_cast<const volatile unsigned char*>(p); }
 struct alignas(8) uint2 {
   unsigned x, y;
 };
@@ -211,6 +217,16 @@ struct QdCodes {
       return p % 2 == 0 ? qd_and_or<0x000f000fu, MAGIC>(x) : qd_and_or<0x00f000f0u, MAGIC>(x);
     }
     return qd_perm(w, MAGIC_BYTE, p == 0 ? 0x4240u : 0x4341u);
+  }
+  // V's cross-key pair with the magic kept (FOLD, fp16): 1024 + c, and
+  // 1024 + 16 c for 4-bit odd n (the nibble stays in place); one op fewer a
+  // pair than cross. The caller adds -1024 P' by one more mma a tile and
+  // divides the odd columns by 16 at the end. bf16: the exact codes.
+  template <int BITS>
+  __device__ __forceinline__ static unsigned cross_raw(unsigned a, unsigned b, int n) {
+    if (BF16) return cross<BITS>(a, b, n);
+    if (BITS == 4) return same_raw<4>(qd_perm(a, b, n < 4 ? 0x5410u : 0x7632u), n & 3);
+    return qd_and_or<0x00ff00ffu, MAGIC>(qd_perm(a, b, (unsigned)(n | (n << 4) | ((4 + n) << 8) | ((4 + n) << 12))));
   }
 };
 
@@ -513,7 +529,7 @@ __host__ __device__ constexpr int qd_part_floats() {
 // last block sets its ticket back to 0), so no output needs MLX's zero fill;
 // otherwise they follow the partials in `scratch` (zero-filled).
 template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
-          bool PF, int STAGES, bool POOL, int KEYS_M, class SA>
+          bool PF, int STAGES, bool POOL, int KEYS_M, bool FOLD, int L2PF, class SA>
 __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
                                        const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
                                        float* lse, float* scratch, const unsigned* tk) {
@@ -573,6 +589,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   // for both key halves: head dims over 128 (256 would spill otherwise) and
   // the ring (114 registers instead of 134 at 4-bit D 128: 4 blocks an SM, not 3).
   static_assert(STAGES != 1, "attention_quant_decode: a ring needs two stages (0: no ring)");
+  static_assert(L2PF == 0 || STAGES == 0, "attention_quant_decode: L2PF is for the register path");
 
   // The warp's ring (STAGES > 0), 16-byte aligned after Q's fragments.
   using Ring = QdRing<KST, VST, D, DV, BITS, GS>;
@@ -657,6 +674,45 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     cp_async_commit();
   };
 
+  // L2PF > 0 (the register path, a dense cache): the warp's tile L2PF
+  // tiles ahead is requested into L2, a 128-byte line a lane (K rows, V
+  // rows, four scale planes: contiguous segments of a dense cache; 4-bit D
+  // 128: 24 lines, one warp instruction a tile); the registers' loads then
+  // wait on L2, not on DRAM.
+  // The register path has one tile of loads in flight a warp and one warp a
+  // scheduler: too few bytes in flight to cover DRAM's latency (12 % of its
+  // throughput under ncu). Only whole tiles within the split (inside the cache).
+  const bool l2_fast = L2PF > 0 && kw_rows && vw_rows && ks_rows && kb_rows && vs_rows && vb_rows &&
+                       ((reinterpret_cast<unsigned long long>(kw0) | reinterpret_cast<unsigned long long>(vw0) |
+                         reinterpret_cast<unsigned long long>(ks0) | reinterpret_cast<unsigned long long>(kb0) |
+                         reinterpret_cast<unsigned long long>(vs0) | reinterpret_cast<unsigned long long>(vb0)) & 15) == 0;
+  // Line e (< PF_LINES) of the tile at key jt (a multiple of 16, jt + 16 <= end): the K rows' KL
+  // lines, the V rows' VL, then PL lines of each scale plane (the last covering its end: a plane
+  // may straddle a line; a line requested twice costs nothing more).
+  constexpr int KL = (16 * 4 * Ring::KWR + 127) / 128, VL = (16 * 4 * Ring::VWR + 127) / 128;
+  constexpr int PLK = Ring::KSB / 128 + 1, PLV = Ring::VSB / 128 + 1;
+  constexpr int PF_LINES = KL + VL + 2 * PLK + 2 * PLV;
+  auto prefetch_line = [&](int jt, int e) {
+    const unsigned char* p;
+    if (e < KL) p = kw0 + (long)jt * (4 * Ring::KWR) + min(128 * e, 16 * 4 * Ring::KWR - 1);
+    else if (e < KL + VL) p = vw0 + (long)jt * (4 * Ring::VWR) + min(128 * (e - KL), 16 * 4 * Ring::VWR - 1);
+    else if (e < KL + VL + 2 * PLK) {
+      const int x = e - KL - VL;
+      p = (x < PLK ? ks0 : kb0) + (long)jt * (Ring::KSB / 16) + min(128 * (x % PLK), Ring::KSB - 1);
+    } else {
+      const int x = e - KL - VL - 2 * PLK;
+      p = (x < PLV ? vs0 : vb0) + (long)jt * (Ring::VSB / 16) + min(128 * (x % PLV), Ring::VSB - 1);
+    }
+    qd_prefetch_l2(p);
+  };
+  if (L2PF > 0 && l2_fast) {
+    // The warp's tiles 1 .. L2PF - 1 at once (tile 0's loads are issued next).
+    for (int e = lane; e < PF_LINES * (L2PF - 1); e += 32) {
+      const int jt = start + 16 * (warp + NW * (1 + e / PF_LINES));
+      if (jt + 16 <= end) prefetch_line(jt, e % PF_LINES);
+    }
+  }
+
   // The ring's first STAGES - 1 tiles are requested before Q is read (its loads wait together).
   int j0 = start + 16 * warp;
   if (STAGES > 0) {
@@ -673,7 +729,14 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   // RAW (KEYS_M 2, fp16): K's codes keep the magic (1024 + c; 4-bit odd
   // pairs 1024 + 16 c, their q fragments / 16, exact but for subnormals), so
   // S^T holds q.c + 1024 (sum of the fragments): `qoff`, taken out in fp32.
-  constexpr bool RAW = KEYS_M == 2 && !MmaType<T>::is_bf16;
+  // FOLD (fp16): the codes of BOTH K and V keep their magic, so a code
+  // costs only its mask-and-magic LOP3 (scales and biases are already out of
+  // the per-code work, above): K's as RAW; V's (RAWV) by cross_raw, whose
+  // 1024 P' one more mma a m-tile takes out (A = -1024, exact products, in
+  // the tile's own accumulation, so the offset never grows with the keys).
+  constexpr bool RAW = (KEYS_M == 2 || FOLD) && !MmaType<T>::is_bf16;
+  constexpr bool RAWV = FOLD && !MmaType<T>::is_bf16;
+  constexpr unsigned NEG_MAGIC = 0xe400e400u;  // fp16 -1024 twice
   float qsum[S::NG], qoff[S::NG];
 #pragma unroll
   for (int gi = 0; gi < S::NG; ++gi) {
@@ -744,6 +807,13 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       __syncwarp();
       cur.template load_ring<KST, VST, KEYS_M ? 2 : 0>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
       issue(it + STAGES - 1);
+    }
+    if (L2PF > 0 && l2_fast) {
+      const int jp = j0 + 16 * NW * L2PF;
+      if (jp + 16 <= end) {
+#pragma unroll
+        for (int e = lane; e < PF_LINES; e += 32) prefetch_line(jp, e);
+      }
     }
     if (!(KEYS_M && STAGES > 0)) cur.stage_scales(stage, lane);
     Tile nxt;
@@ -895,9 +965,14 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
 #pragma unroll
             for (int n = 0; n < 2; ++n) {
               const int v = 2 * mm + h, wi = gi * S::WV + v / S::CPW;
-              a[h + 2 * n] = C2::template cross<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW);
+              a[h + 2 * n] = RAWV ? C2::template cross_raw<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW)
+                                  : C2::template cross<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW);
             }
           mma16816<T>(o[gi * S::KSG + mm], a, b0, b1);
+          if (RAWV) {
+            unsigned neg[4] = {NEG_MAGIC, NEG_MAGIC, NEG_MAGIC, NEG_MAGIC};
+            mma16816<T>(o[gi * S::KSG + mm], neg, b0, b1);
+          }
         }
       }
     } else {
@@ -928,7 +1003,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
             for (int h = 0; h < 2; ++h) {
               const int p = 2 * kk + h;  // pair of the lane within the group
               constexpr int PPW = 16 / BITS;
-              bf[h] = C::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
+              bf[h] = RAW ? C::template same_raw<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW)
+                          : C::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
             }
             mma16816<T>(acc[n][gi], a, bf[0], bf[1]);
           }
@@ -940,8 +1016,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
 #pragma unroll
         for (int gi = 0; gi < S::NG; ++gi) {
           const float2 sk = Tile::pair(stage, gi, n, t), bk = Tile::pair(stage, S::NG + gi, n, t);
-          x0 = fmaf(sk.x, acc[n][gi][0], fmaf(bk.x, qsum[gi], x0));
-          x1 = fmaf(sk.y, acc[n][gi][1], fmaf(bk.y, qsum[gi], x1));
+          x0 = fmaf(sk.x, RAW ? acc[n][gi][0] - qoff[gi] : acc[n][gi][0], fmaf(bk.x, qsum[gi], x0));
+          x1 = fmaf(sk.y, RAW ? acc[n][gi][1] - qoff[gi] : acc[n][gi][1], fmaf(bk.y, qsum[gi], x1));
         }
         s[n][0] = x0;
         s[n][1] = x1;
@@ -1015,9 +1091,14 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
 #pragma unroll
           for (int n = 0; n < 2; ++n) {
             const int v = 2 * mm + h, wi = gi * S::WV + v / S::CPW;
-            a[h + 2 * n] = C::template cross<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW);
+            a[h + 2 * n] = RAWV ? C::template cross_raw<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW)
+                                : C::template cross<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW);
           }
         mma16816<T>(o[gi * S::KSG + mm], a, bf[0], bf[1]);
+        if (RAWV) {
+          unsigned neg[4] = {NEG_MAGIC, NEG_MAGIC, NEG_MAGIC, NEG_MAGIC};
+          mma16816<T>(o[gi * S::KSG + mm], neg, bf[0], bf[1]);
+        }
       }
     }
     }  // KEYS_M
@@ -1052,6 +1133,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   bad = ((__ballot_sync(0xffffffffu, bad) >> (4 * g)) & 0xfu) != 0;
   }
   float* wo = red_o + warp * 8 * DV;
+  // RAWV, 4-bit: the odd columns' codes were 16 c (exact power-of-two scale).
+  constexpr float ODD = RAWV && BITS == 4 ? 0.0625f : 1.f;
 #pragma unroll
   for (int m = 0; m < S::MT; ++m) {
     const int gi = m / S::KSG, v = 2 * (m % S::KSG);
@@ -1059,8 +1142,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     QD_CHECK(nullptr, &wo[(2 * t + 1) * DV + c + 1], 4, "wo");
     wo[(2 * t) * DV + c] = o[m][0];
     wo[(2 * t + 1) * DV + c] = o[m][1];
-    wo[(2 * t) * DV + c + 1] = o[m][2];
-    wo[(2 * t + 1) * DV + c + 1] = o[m][3];
+    wo[(2 * t) * DV + c + 1] = o[m][2] * ODD;
+    wo[(2 * t + 1) * DV + c + 1] = o[m][3] * ODD;
   }
   if (KEYS_M) {
     if (g == 0) {

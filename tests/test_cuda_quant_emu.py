@@ -496,9 +496,12 @@ def _decode_case(shape):
 def test_decode_shapes(shape):
     q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
     assert _uses_decode(q, kq, vq, bits, gs)
-    # The register path (tickets from the pool; zero-filled tickets), the ring (2 and 4 stages), KEYS_M on both.
+    # The register path (tickets from the pool; zero-filled tickets), the ring (2 and 4 stages), KEYS_M on both,
+    # FOLD (codes with their magic kept) on the register path, with and without KEYS_M (and L2 prefetches).
     for extra in ({}, {"dec_stages": 0, "dec_pool": False}, {"dec_stages": 2}, {"dec_stages": 4},
-                  {"dec_keys_m": True}, {"dec_stages": 2, "dec_keys_m": True}, {"dec_stages": 4, "dec_keys_m": 2}):
+                  {"dec_keys_m": True}, {"dec_stages": 2, "dec_keys_m": True}, {"dec_stages": 4, "dec_keys_m": 2},
+                  {"dec_stages": 0, "dec_fold": True},
+                  {"dec_stages": 0, "dec_fold": True, "dec_keys_m": True, "dec_l2pf": 3}):
         got = _emu(q, kq, vq, bits, gs, tuning={**plan, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
@@ -523,9 +526,11 @@ def test_decode_features(feature):
                                    group_size=64)
     opts = DECODE_FEATURES[feature](gen, Hq)
     assert _uses_decode(q, kq, vq, 4, 64, **opts)
-    for stages, keys_m in ((0, False), (4, False), (0, True), (4, True), (4, 2)):  # the register path and the ring
-        got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_stages": stages, "dec_keys_m": keys_m},
-                   **opts)
+    # The register path and the ring; FOLD on the register path.
+    for stages, keys_m, fold, l2pf in ((0, False, False, 0), (4, False, False, 0), (0, True, False, 0),
+                                       (4, True, False, 0), (4, 2, False, 0), (0, False, True, 2), (0, True, True, 0)):
+        got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_stages": stages, "dec_keys_m": keys_m,
+                                             "dec_fold": fold, "dec_l2pf": l2pf}, **opts)
         _check_decode(q, kd, vd, got, F16, opts)
 
 
@@ -552,7 +557,9 @@ def test_decode_routing():
 
 @emulated
 @pytest.mark.parametrize("extra", [{}, {"dec_keys_m": True}, {"dec_stages": 4, "dec_keys_m": True},
-                                   {"dec_keys_m": 2}], ids=["default", "keys_m", "ring_keys_m", "keys_m_raw"])
+                                   {"dec_keys_m": 2}, {"dec_stages": 0, "dec_fold": True},
+                                   {"dec_stages": 0, "dec_fold": True, "dec_keys_m": True}],
+                         ids=["default", "keys_m", "ring_keys_m", "keys_m_raw", "fold", "fold_keys_m"])
 def test_decode_nonfinite(extra):
     """A NaN scale of key j reaches exactly the rows that keep j (K's: the
     logit; V's: the output); a NaN key a window drops, the last key (read
@@ -614,9 +621,10 @@ def test_decode_strided_cache_views(layout):
             kq, vq, kd, vd = _first_batch_for_all(kq, vq, kd, vd)
         kv, vv = _views(gen, kq, vq, layout)
         # The register path and the ring (its dense cursor where the view allows, main's copies otherwise).
-        for stages, keys_m in ((0, False), (4, False), (4, True)):
+        # FOLD with L2 prefetches (which only a dense cache takes).
+        for stages, keys_m, fold in ((0, False, False), (4, False, False), (4, True, False), (0, False, True)):
             got = _emu(q, kv, vv, bits, 64, tuning={**DECODE, "dec_splits": 2, "dec_stages": stages,
-                                                    "dec_keys_m": keys_m})
+                                                    "dec_keys_m": keys_m, "dec_fold": fold, "dec_l2pf": 2 * fold})
             _check_decode(q, kd, vd, got, F16, {})
 
 
@@ -692,6 +700,27 @@ def test_decode_plan():
     finally:
         cq.TUNING.clear()
         cq.decode_plan.cache_clear()
+
+
+def test_decode_register_options():
+    """FOLD and L2PF are the register path's: asked of a ring, an error naming the setting; off on a ring."""
+    from mlx_flash.backends import cuda_quant as cq
+
+    saved = dict(cq.TUNING)
+    try:
+        cq.TUNING.clear()
+        assert cq.decode_register_options(4) == (False, 0)
+        for key in ("dec_fold", "dec_l2pf"):
+            cq.TUNING.clear()
+            cq.TUNING.update({key: 1, "dec_stages": 4})
+            with pytest.raises(ValueError, match=key):
+                cq.decode_register_options(4)
+        cq.TUNING.clear()
+        cq.TUNING.update(dec_fold=1, dec_l2pf=4)
+        assert cq.decode_register_options(0) == (True, 4)
+    finally:
+        cq.TUNING.clear()
+        cq.TUNING.update(saved)
 
 
 def test_decode_ring_bound_header():
@@ -772,6 +801,16 @@ def test_decode_keys_m_gpu(shape):
 
 @on_gpu
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_fold_gpu(shape):
+    """FOLD (K's and V's codes with their magic kept) on the register path, with and without KEYS_M; L2 prefetches."""
+    q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
+    for extra in ({}, {"dec_keys_m": True}, {"dec_pool": False, "dec_prefetch": True}, {"dec_l2pf": 4}):
+        got = _gpu(q, kq, vq, bits, gs, tuning={**plan, "dec_stages": 0, "dec_fold": True, **extra})
+        _check_decode(q, kd, vd, got, dtype, {})
+
+
+@on_gpu
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_decode_ring_gpu(shape):
     """The ring (not routed: run it in a process of its own, a fault is sticky)."""
     from mlx_flash.backends import cuda_quant as cq
@@ -798,6 +837,9 @@ def test_decode_features_gpu(feature, bits):
     for extra in ({"dec_stages": 0}, {"dec_stages": 4}):  # KEYS_M, both paths
         got = _gpu(q, kq, vq, bits, 64, tuning={"dec_keys_m": True, **extra}, **opts)
         _check_decode(q, kd, vd, got, F16, opts)
+    for extra in ({}, {"dec_keys_m": True}, {"dec_fold": False, "dec_l2pf": 4}):  # FOLD, L2 prefetches (register path)
+        got = _gpu(q, kq, vq, bits, 64, tuning={"dec_stages": 0, "dec_fold": True, **extra}, **opts)
+        _check_decode(q, kd, vd, got, F16, opts)
 
 
 # Launch plans of the decode measured side by side (tools/cuda_decode_profile.py --step):
@@ -813,6 +855,10 @@ LONG_PLANS = {
     "regs_km": {"dec_stages": 0, "dec_keys_m": True},
     "ring_w8x2_km": {"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2, "dec_keys_m": True},
     "ring_w8x2_km2": {"dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2, "dec_keys_m": 2},
+    "regs_fold": {"dec_stages": 0, "dec_fold": True},
+    "regs_fold_km": {"dec_stages": 0, "dec_fold": True, "dec_keys_m": True},
+    "regs_l2pf4": {"dec_stages": 0, "dec_l2pf": 4},
+    "regs_fold_l2pf4": {"dec_stages": 0, "dec_fold": True, "dec_l2pf": 4},
 }
 
 
@@ -861,7 +907,10 @@ def _compile_cases():
                         ("SINKS", True), ("D", d), ("DV", dv), ("BITS", bits), ("GS", 32), ("NW", nw), ("BN", bn)]
 
 
-def _decode_compile_cases():
+def _decode_compile_cases(opt_in=False):
+    """The decode's instances; opt_in: only FOLD / L2PF's (register path), compiled in a translation unit of
+    their own: in one unit with the others they moved nvcc's registers for 8-bit rings that do not use
+    them (139-142 alone, 157-166 in the unit), an artefact of the single unit (MLX compiles each kernel alone)."""
     from mlx_flash.backends import cuda_quant as cq
 
     outs = ("out", "lse", "scratch")
@@ -881,14 +930,24 @@ def _decode_compile_cases():
                     if d == 128 and gs == 64 and ST == T:
                         paths += [(False, 8, True, 8), (False, 4, True, 16)]
                     # KEYS_M (S^T = K Q^T) on the ring and on the register path.
-                    paths = [p + (0,) for p in paths] + [
-                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 1), (False, 0, True, cq._DEC_WARPS, 1),
-                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 2)]
-                    for pf, stages, pool, nw, keys_m in paths:
+                    paths = [p + (0, False, 0) for p in paths] + [
+                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 1, False, 0),
+                        (False, 0, True, cq._DEC_WARPS, 1, False, 0),
+                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 2, False, 0)]
+                    # FOLD (fp16 only: bf16's instance is the plain one) on the register path, with KEYS_M
+                    # and L2 prefetches at D 128.
+                    if opt_in:
+                        paths = []
+                    if opt_in and T == mx.float16 and ST == T:
+                        paths += [(False, 0, True, cq._DEC_WARPS, 0, True, 0)] + (
+                            [(False, 0, True, cq._DEC_WARPS, 1, True, 0), (False, 0, True, cq._DEC_WARPS, 0, True, 4),
+                             (False, 0, True, cq._DEC_WARPS, 0, False, 4)] if d == dv == 128 and gs == 64 else [])
+                    for pf, stages, pool, nw, keys_m, fold, l2pf in paths:
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
                             ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
-                            ("NW", nw), ("PF", pf), ("STAGES", stages), ("POOL", pool), ("KEYS_M", keys_m)]
+                            ("NW", nw), ("PF", pf), ("STAGES", stages), ("POOL", pool), ("KEYS_M", keys_m),
+                            ("FOLD", fold), ("L2PF", l2pf)]
 
 
 def _dtypes(names, template):
@@ -925,7 +984,7 @@ def _ptxas_usage_with_calls(log):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("body", ["attention_quant_fwd", "attention_quant_bwd", "attention_quant_fwd_mma",
-                                  "attention_quant_decode"])
+                                  "attention_quant_decode", "attention_quant_decode-opt_in"])
 def test_nvcc_compiles_without_spills(body, tmp_path):
     """Every kernel instance of `body` in one translation unit (as MLX wraps
     each), for sm_90a; ptxas must report no spills."""
@@ -934,7 +993,8 @@ def test_nvcc_compiles_without_spills(body, tmp_path):
 
     types = {**tcs._CUDA_TYPES, mx.uint32: "uint32_t"}
     kernels = []
-    cases = _decode_compile_cases() if body == "attention_quant_decode" else _compile_cases()
+    body, opt_in = body.split("-")[0], body.endswith("-opt_in")
+    cases = list(_decode_compile_cases(opt_in)) if body == "attention_quant_decode" else _compile_cases()
     for n, (name, inputs, outputs, template) in enumerate(c for c in cases if c[0] == body):
         saved = dict(tcs._CUDA_TYPES)
         tcs._CUDA_TYPES.update(types)
@@ -959,7 +1019,6 @@ def test_nvcc_compiles_without_spills(body, tmp_path):
         assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
     if body == "attention_quant_decode":
         # The ring's registers within the bound decode_plan sizes its blocks an SM by.
-        cases = [c for c in _decode_compile_cases()]
         over = []
         for n, (_, _, _, template) in enumerate(cases):
             t = dict(template)

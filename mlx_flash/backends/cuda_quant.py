@@ -302,7 +302,7 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # Tickets from cuda.py's pool (no zero fill).
 # TUNING "dec_warps" / "dec_splits" / "dec_stages" (0: the register path,
 # "dec_prefetch" its one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" /
-# "dec_ring_debug" / "dec_keys_m" / "decode" override for GPU sweeps (call
+# "dec_ring_debug" / "dec_keys_m" / "dec_fold" / "dec_l2pf" / "decode" override for GPU sweeps (call
 # decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
 _DEC_BLOCKS_PER_SM = 4
@@ -335,6 +335,24 @@ _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next
 # ring now declares 128 (ring_bounded); KEYS_M 2's spills at 128 and keeps one
 # block of 8 warps an SM.
 _DEC_KEYS_M = 0
+# TUNING "dec_fold": the codes of K and V both keep their fp16 magic (1024 + c;
+# 4-bit odd positions 1024 + 16 c), so a code costs one LOP3: K's offset
+# (1024 sum(q)) leaves in fp32 as KEYS_M 2's does, V's (1024 P') by one more
+# mma an m-tile (A = -1024), odd columns / 16 at the end. Scales and biases
+# were already outside the per-code work (S per group, P scaled per V group).
+# fp16 q only (bf16 keeps its exact codes); the register path only (a ring's
+# register bound was never measured with it). Not routed: on the H200
+# (session 10, cuda_quant_decode_nvidia_h200_s10.json) 13.5 % fewer
+# instructions, no time outside the routed plan's spread (ncu: slower).
+_DEC_FOLD = False
+# TUNING "dec_l2pf": the register path requests its tile that many tiles
+# ahead into L2 (prefetch.global.L2, a 128-byte line a lane of a dense cache's
+# segments: one warp instruction a tile at 4-bit D 128), so that more than one tile's bytes a warp are in
+# flight (the register path's 4 warps an SM, one tile each, cover a small
+# part of DRAM's latency). 0: off. The register path only. Not routed: on the
+# H200 (session 10) L2 hits 16 -> 39 % and no time gained: a tile does not
+# wait on DRAM's latency.
+_DEC_L2PF = 0
 _SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
 
@@ -416,6 +434,17 @@ def decode_default_stages(qspec) -> int:
     return _DEC_STAGES
 
 
+def decode_register_options(stages: int) -> tuple:
+    """(FOLD, L2PF) of a launch with `stages` ring stages: TUNING's "dec_fold" / "dec_l2pf" where given
+    (a ring with either set is an error), else _DEC_FOLD / _DEC_L2PF on the register path and off on a ring."""
+    for key in ("dec_fold", "dec_l2pf"):
+        if TUNING.get(key) and stages > 0:
+            raise ValueError(f"cuda_quant TUNING['{key}'] is for the register path; dec_stages = {stages} (a ring) "
+                             "was given or routed")
+    fold = TUNING.get("dec_fold", _DEC_FOLD if stages == 0 else False)
+    return bool(fold), int(TUNING.get("dec_l2pf", _DEC_L2PF if stages == 0 else 0))
+
+
 def decode_ring_slot(qspec, scale_bytes: int) -> int:
     """QdRing::SLOT: one raw 16-key tile (K rows, V rows, four scale/bias planes)."""
     spec = qspec.attention
@@ -430,6 +459,7 @@ def decode_plan(qspec, scale_bytes: int = 2):
     stages) for scales of `scale_bytes` bytes (2: fp16/bf16, 4: fp32)."""
     spec = qspec.attention
     stages = TUNING.get("dec_stages", decode_default_stages(qspec))
+    decode_register_options(stages)  # a ring with FOLD / L2PF asked for: the error, before anything is built
     # The routed ring's warps; TUNING's rings (a "dec_stages" entry) keep _DEC_WARPS unless "dec_warps" is given.
     nw = TUNING.get("dec_warps", _DEC_RING_WARPS if stages > 0 and "dec_stages" not in TUNING else _DEC_WARPS)
     pairs = spec.batch * spec.heads_kv
@@ -487,11 +517,13 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
     spec = qspec.attention
     nw, splits, smem, stages = decode_plan(qspec, max(k_scales_dtype.size, v_scales_dtype.size))
     pool = _decode_pool(qspec)
+    fold, l2pf = decode_register_options(stages)
     template = [("T", spec.dtype), ("KST", k_scales_dtype), ("VST", v_scales_dtype), ("SOFTCAP", spec.softcap > 0),
                 ("WINDOW", spec.has_window), ("SINKS", spec.has_sinks), ("D", spec.head_dim_qk),
                 ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("NW", nw),
                 ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool),
-                ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M)))]
+                ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M))),
+                ("FOLD", fold), ("L2PF", l2pf)]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
