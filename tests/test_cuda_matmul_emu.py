@@ -37,8 +37,9 @@ def poisoned_outputs(monkeypatch):
 # cp.async rings (short and long, several row tiles), and a capped grid whose
 # blocks sweep several row groups (the ring restarts per group).
 # Each also with the whole-sector layout (seventh entry 1, the default's).
+# (16, 2, 1, 0, 0, 1, 1): sixteen warps a block (K split sixteen ways; launch bounds 1).
 GEMV_PLANS = [None, (2, 1, 1, 0, 3), (2, 2, 1, 1, 2), (1, 4, 2, 2, 0, 2), (8, 1, 4, 0, 0, 2), (2, 1, 1, 0, 3, 0, 1),
-              (2, 2, 1, 1, 2, 0, 1), (1, 4, 2, 2, 0, 2, 1)]
+              (2, 2, 1, 1, 2, 0, 1), (1, 4, 2, 2, 0, 2, 1), (16, 2, 1, 0, 0, 1, 1)]
 
 
 @pytest.mark.parametrize("plan", GEMV_PLANS, ids=lambda p: "default" if p is None else "_".join(map(str, p)))

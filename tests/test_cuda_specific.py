@@ -295,6 +295,23 @@ def test_matmul_hopper_plans_unpack_by_position():
             unpack_plan(bad)
 
 
+def test_gemv_plan_launch_bounds_are_checked():
+    """A few-rows plan names launch bounds that exist (matmul_gemv_bounds<n>.cuh)
+    and fit its block: 1 for up to 16 warps, 2 and 3 for up to 8; both the
+    matmul2d route and the direct linear path check before building a kernel."""
+    from mlx_flash.backends.cuda_matmul import _check_gemv_bounds, linear_few_rows
+
+    for warps, bounds in ((16, 1), (8, 2), (8, 3), (4, 3), (16, 0), (32, 0)):
+        _check_gemv_bounds((warps, 1, 1, 0, 0, bounds), warps, bounds)
+    for warps, bounds, match in ((16, 2, "at most 8 warps"), (32, 1, "at most 16 warps"), (8, 4, "0 \\(none\\), 1, 2 or 3"),
+                                 (8, -1, "0 \\(none\\), 1, 2 or 3")):
+        with pytest.raises(ValueError, match=match):
+            _check_gemv_bounds((warps, 1, 1, 0, 0, bounds), warps, bounds)
+    x, w = mx.zeros((1, 32), mx.float16), mx.zeros((16, 32), mx.uint8)
+    with pytest.raises(ValueError, match="launch bounds 2 are for at most 8 warps"):
+        linear_few_rows(x, w, mx.ones((1,)), "e4m3", plan=(16, 1, 1, 0, 0, 2, 1))
+
+
 def _matmul_gemv_cases():
     """(TA, TB, TO, FB, MT, W, RT, U, STAGES, BOUNDS): each operand kind, both row-tile counts of a, the plans
     the bench times (register loads with and without launch bounds, cp.async rings)."""
@@ -310,6 +327,9 @@ def _matmul_gemv_cases():
     yield f16, u8, f16, 1, 2, 8, 2, 1, 0, 2
     yield b16, u8, mx.float32, 2, 2, 8, 2, 1, 0, 2
     yield b16, u8, mx.float32, 2, 2, 8, 1, 8, 0, 2
+    # Sixteen warps a block under launch bounds 1 (512 threads: 128 registers).
+    yield f16, u8, f16, 1, 2, 16, 2, 1, 0, 1
+    yield b16, u8, b16, 2, 1, 16, 2, 1, 0, 1
     yield f16, u8, f16, 1, 1, 8, 1, 4, 0, 0
     yield b16, b16, b16, 0, 2, 8, 1, 4, 0, 0
     for w, rt, u, st in ((8, 2, 2, 0), (4, 2, 4, 0), (8, 1, 1, 4), (4, 2, 1, 6), (8, 2, 1, 4), (4, 4, 1, 4)):
@@ -380,7 +400,8 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
         assert len(usage) == len(kernels), log[-2000:]
         for name, (regs, spill_st, spill_ld) in usage.items():
             assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
-            assert not bounds or regs <= 65536 // (256 * bounds), f"{name}: {regs} registers beyond the bounds"
+            threads = 512 if bounds == 1 else 256  # matmul_gemv_bounds<n>.cuh
+            assert not bounds or regs <= 65536 // (threads * bounds), f"{name}: {regs} registers beyond the bounds"
 
 
 @needs_nvcc

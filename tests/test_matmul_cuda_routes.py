@@ -412,9 +412,10 @@ def test_cuda_wgmma_ws_batched_and_scales(b_batched, cluster):
 # groups (also per SM).
 # A seventh entry 1: the whole-sector weight layout (register loads and cp.async;
 # the default plan has it); (8, 1, 4, 0, 0, 2) is MLX_FLASH_CUDA_GEMV_SECTOR=0's.
+# (16, 2, 1, 0, 0, 1, 1): sixteen warps a block under launch bounds 1 (512 threads).
 GEMV_PLANS = [(8, 1, 8, 0, 0, 2), (8, 1, 4, -1, 0, 2), (8, 1, 4, 0, 0, 0), (8, 2, 2, 0, 0), (8, 1, 1, 0, 4),
               (4, 4, 1, 3, 4), (8, 2, 1, 2, 4), (8, 1, 4, 0, 0, 2), (8, 1, 4, -1, 0, 2, 1), (8, 2, 2, 0, 0, 0, 1),
-              (8, 1, 1, 0, 4, 0, 1), (8, 1, 8, 0, 0, 2, 1)]
+              (8, 1, 1, 0, 4, 0, 1), (8, 1, 8, 0, 0, 2, 1), (16, 2, 1, 0, 0, 1, 1)]
 
 
 @pytest.mark.parametrize("plan", GEMV_PLANS, ids=lambda p: "_".join(map(str, p)))

@@ -236,6 +236,15 @@ def gemv_smem(warps: int, stages: int, row_tiles: int, a_tiles: int, b_bytes: in
     return warps * stages * (row_tiles * 4 + a_tiles * (4 if b_bytes == 1 else 2)) * 32 * 16
 
 
+def _check_gemv_bounds(plan, warps: int, bounds: int):
+    """Launch bounds: matmul_gemv_bounds<n>.cuh, n blocks per SM; 1 is for
+    blocks of up to 16 warps (512 threads), 2 and 3 for up to 8."""
+    if bounds not in (0, 1, 2, 3):
+        raise ValueError(f"gemv plan {plan}: launch bounds must be 0 (none), 1, 2 or 3 blocks per SM, got {bounds}")
+    if bounds and warps > (16 if bounds == 1 else 8):
+        raise ValueError(f"gemv plan {plan}: launch bounds {bounds} are for at most {16 if bounds == 1 else 8} warps")
+
+
 def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
     """M <= 16 rows of a against an [N, K] b: cuda_src/matmul_gemv.cuh."""
     plan = tuple(plan or gemv_plan(spec.M, spec.b_fmt is not None))
@@ -244,8 +253,7 @@ def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
     warps, row_tiles, unroll, max_blocks, stages, bounds, sector = (plan + (0, 0))[:7]
     if sector not in (0, 1):
         raise ValueError(f"gemv plan {plan}: sector must be 0 or 1, got {sector}")
-    if bounds and warps > 8:
-        raise ValueError(f"gemv plan {plan}: launch bounds are for at most 8 warps")
+    _check_gemv_bounds(plan, warps, bounds)
     M, N = spec.M, spec.N
     a = _pad_axis(a, 2, 16, stream)
     b = _pad_axis(b, 2, 16, stream)
@@ -642,6 +650,7 @@ def _linear_launch(dtype, fmt: str, per_channel: bool, rows: int, N: int, K: int
     warps, row_tiles, unroll, max_blocks, stages, bounds, sector = (tuple(plan) + (0, 0))[:7]
     if stages:
         raise ValueError(f"gemv plan {plan}: the direct linear path takes register plans only (STAGES 0)")
+    _check_gemv_bounds(plan, warps, bounds)
     a_tiles = 1 if rows <= 8 else 2
     template = [("TA", dtype), ("TB", mx.uint8), ("TO", dtype), ("FB", _FMT_CODE[fmt]), ("AS", False),
                 ("BS", True), ("MT", a_tiles), ("W", warps), ("RT", row_tiles), ("U", unroll), ("STAGES", 0),
