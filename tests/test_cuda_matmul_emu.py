@@ -135,11 +135,16 @@ def test_fast_accumulation_routes_to_the_native_kernel_emulated(monkeypatch):
 @pytest.mark.parametrize("shape,N,dtype,bias,per_channel", [
     ((1, 48), 17, mx.float16, True, True), ((2, 3, 160), 33, mx.bfloat16, False, True),
     ((16, 32), 9, mx.float16, True, False), ((1, 1, 2048), 40, mx.bfloat16, True, True)])
-def test_fp8linear_direct_path_emulated(shape, N, dtype, bias, per_channel, monkeypatch):
+@pytest.mark.parametrize("wide", ["0", "1"])
+def test_fp8linear_direct_path_emulated(shape, N, dtype, bias, per_channel, wide, monkeypatch):
+    """wide "1": MLX_FLASH_CUDA_GEMV_WIDE's sixteen-warp plan (every N here is small)."""
     import mlx.nn as nn
 
     import mlx_flash.nn as fnn
     from mlx_flash.backends import cuda_matmul
+
+    monkeypatch.setattr(cuda_matmul, "GEMV_WIDE", wide)
+    monkeypatch.setattr(cuda_matmul, "sm_count", lambda: 132)
 
     gen = rng("fp8linear-direct", shape, N, str(dtype), bias, per_channel)
     K = shape[-1]

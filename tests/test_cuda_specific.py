@@ -312,6 +312,30 @@ def test_gemv_plan_launch_bounds_are_checked():
         linear_few_rows(x, w, mx.ones((1,)), "e4m3", plan=(16, 1, 1, 0, 0, 2, 1))
 
 
+def test_gemv_wide_plan_only_for_small_fp8_weights(monkeypatch):
+    """MLX_FLASH_CUDA_GEMV_WIDE=1: sixteen warps (launch bounds 1) only where
+    the default plan's row groups give no more blocks than SMs, fp8 weights
+    only; off (the default), every plan is the default one."""
+    from mlx_flash.backends import cuda_matmul as cm
+
+    monkeypatch.setattr(cm, "sm_count", lambda: 132)
+    monkeypatch.setattr(cm, "GEMV_PLAN", (8, 1, 4, 0, 0, 2, 1))
+    monkeypatch.setattr(cm, "GEMV_PLAN_MT2", (8, 2, 1, 0, 0, 2, 1))
+    for wide in ("0", "1"):
+        monkeypatch.setattr(cm, "GEMV_WIDE", wide)
+        assert cm.gemv_plan(16, True, 16384) == (8, 2, 1, 0, 0, 2, 1)
+        assert cm.gemv_plan(1, True, 4096) == (8, 1, 4, 0, 0, 2, 1)  # 256 blocks
+        assert cm.gemv_plan(16, False, 4096) == (8, 1, 4, 0, 0, 2, 1)  # 16-bit weight
+        assert cm.gemv_plan(16, True) == (8, 2, 1, 0, 0, 2, 1)  # N unknown
+        small = (16, 2, 1, 0, 0, 1, 1) if wide == "1" else (8, 2, 1, 0, 0, 2, 1)
+        assert cm.gemv_plan(16, True, 4096) == small  # 128 blocks
+        assert cm.gemv_plan(9, True, 4224) == small  # 132 blocks
+        assert cm.gemv_plan(9, True, 4225) == (8, 2, 1, 0, 0, 2, 1)  # 133
+        assert cm.gemv_plan(1, True, 2048) == ((16, 1, 4, 0, 0, 1, 1) if wide == "1" else (8, 1, 4, 0, 0, 2, 1))
+    monkeypatch.setattr(cm, "GEMV_PLAN_MT2", (8, 2, 1, -1, 0, 2, 1))  # a capped grid stays as it is
+    assert cm.gemv_plan(16, True, 4096) == (8, 2, 1, -1, 0, 2, 1)
+
+
 def _matmul_gemv_cases():
     """(TA, TB, TO, FB, MT, W, RT, U, STAGES, BOUNDS): each operand kind, both row-tile counts of a, the plans
     the bench times (register loads with and without launch bounds, cp.async rings)."""
@@ -330,6 +354,7 @@ def _matmul_gemv_cases():
     # Sixteen warps a block under launch bounds 1 (512 threads: 128 registers).
     yield f16, u8, f16, 1, 2, 16, 2, 1, 0, 1
     yield b16, u8, b16, 2, 1, 16, 2, 1, 0, 1
+    yield f16, u8, f16, 1, 1, 16, 1, 4, 0, 1
     yield f16, u8, f16, 1, 1, 8, 1, 4, 0, 0
     yield b16, b16, b16, 0, 2, 8, 1, 4, 0, 0
     for w, rt, u, st in ((8, 2, 2, 0), (4, 2, 4, 0), (8, 1, 1, 4), (4, 2, 1, 6), (8, 2, 1, 4), (4, 4, 1, 4)):

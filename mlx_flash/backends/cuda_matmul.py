@@ -120,9 +120,26 @@ if _PLAN_MT2:
         raise ValueError(f"MLX_FLASH_CUDA_GEMV_PLAN_MT2 needs 5 to 7 entries, got {_PLAN_MT2!r}")
 
 
-def gemv_plan(rows: int, fp8_weight: bool = True) -> tuple:
-    """The default few-rows plan for `rows` rows of a."""
-    return GEMV_PLAN_MT2 if rows > 8 and fp8_weight else GEMV_PLAN
+# Small fp8 weights (opt-in, MLX_FLASH_CUDA_GEMV_WIDE=1; not yet timed on a
+# card): when a plan's row groups give no more blocks than there are SMs
+# (N <= 16 RT SMs, e.g. 4096 rows at 9-16 rows of a: 128 blocks of 8 warps on
+# 132 SMs), each SM runs one block and each warp waits on K / (128 W) chunks
+# in turn: at K 4096 and 8 warps that is 4 round trips to memory for a 16 MB
+# weight. Sixteen warps a block (launch bounds 1: 512 threads, 128 registers)
+# halve each warp's chain and double the bytes in flight per SM.
+GEMV_WIDE = os.environ.get("MLX_FLASH_CUDA_GEMV_WIDE", "0")
+if GEMV_WIDE not in ("0", "1"):
+    raise ValueError(f"MLX_FLASH_CUDA_GEMV_WIDE must be 0 or 1, got {GEMV_WIDE!r}")
+
+
+def gemv_plan(rows: int, fp8_weight: bool = True, N: int = 0) -> tuple:
+    """The default few-rows plan for `rows` rows of a against N weight rows
+    (N = 0: whatever N)."""
+    plan = GEMV_PLAN_MT2 if rows > 8 and fp8_weight else GEMV_PLAN
+    if (GEMV_WIDE == "1" and fp8_weight and N and plan[0] == 8 and plan[3] == 0 and plan[4] == 0
+            and math.ceil(N / (16 * plan[1])) <= sm_count()):
+        plan = (16,) + tuple(plan[1:5]) + (1,) + tuple(plan[6:])
+    return plan
 # Tests set this to NaN: outputs start poisoned, so an element a kernel never
 # writes shows (None: outputs start uninitialised, as they should in use).
 POISON = None
@@ -247,7 +264,7 @@ def _check_gemv_bounds(plan, warps: int, bounds: int):
 
 def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
     """M <= 16 rows of a against an [N, K] b: cuda_src/matmul_gemv.cuh."""
-    plan = tuple(plan or gemv_plan(spec.M, spec.b_fmt is not None))
+    plan = tuple(plan or gemv_plan(spec.M, spec.b_fmt is not None, spec.N))
     if not 5 <= len(plan) <= 7:
         raise ValueError(f"a gemv plan has 5 to 7 entries (W, RT, U, max blocks, STAGES[, bounds, sector]), got {plan}")
     warps, row_tiles, unroll, max_blocks, stages, bounds, sector = (plan + (0, 0))[:7]
@@ -676,7 +693,7 @@ def linear_few_rows(x, weight, scale, fmt: str, stream=None, plan=None):
     if scale.dtype != mx.float32 or scale.size not in (1, N):
         raise ValueError(f"scale: expected float32 with 1 or {N} values, got {scale.dtype} {tuple(scale.shape)}")
     kernel, ip, placeholder, grid, threads = _linear_launch(x.dtype, fmt, scale.size > 1, rows, N, K,
-                                                            tuple(plan or gemv_plan(rows)), getattr(mx.fast, "cuda_kernel", None))
+                                                            tuple(plan or gemv_plan(rows, True, N)), getattr(mx.fast, "cuda_kernel", None))
     (out,) = kernel(inputs=[x, weight, placeholder, scale, ip], grid=grid, threadgroup=threads,
                     output_shapes=[x.shape[:-1] + (N,)], output_dtypes=[x.dtype], init_value=POISON,
                     stream=stream)
