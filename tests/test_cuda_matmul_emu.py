@@ -203,3 +203,42 @@ def test_fp8linear_direct_path_support_checks():
     assert not ok(mx.zeros((0, 32), mx.float16), w)
     with pytest.raises(ValueError, match="scale"):
         cuda_matmul.linear_few_rows(mx.zeros((1, 32), mx.float16), w, mx.ones((3, 1)), "e4m3")
+
+
+# Hopper's fp8 wgmma sums truncate (matmul_wgmma.cuh explains); the emulation
+# models that on request (harness.FP8_ACCUM_BITS, wgmma_emu.cuh), and
+# tools/fp8_accum_model.py is the same model in numpy, fitted to the card.
+@pytest.mark.parametrize("plan,K,bits", [((128, 4, 1), 700, 13), ((128, 4, 2), 520, 13), ((256, 4, 0), 300, 13),
+                                         ((128, 4, 1), 260, 14)],
+                         ids=lambda v: "_".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_native_promotion_matches_the_accumulation_model_emulated(plan, K, bits, monkeypatch):
+    """Under the model, the emulated native kernel is bit-identical to the
+    numpy model with the plan's promotion interval (sums restarted every
+    PROMOTE stages of 128 K, added to fp32 registers in order; a K tail's
+    zero-filled instructions included), and within the route's tested bound."""
+    import os
+    import sys
+
+    from fp8_wgmma_bound import assert_within_fp8_accumulation
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import fp8_accum_model
+
+    monkeypatch.setattr(harness, "FP8_ACCUM_BITS", bits)
+    gen = rng("fp8-accum-model", plan, K, bits)
+    M, N = 70, 40
+    a = mx.to_fp8(mx.array(gen.standard_normal((M, K)).astype(np.float32)))
+    b = mx.to_fp8(mx.array(gen.standard_normal((N, K)).astype(np.float32)))
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                out_dtype=mx.float32)
+    with harness.patched_cuda_kernel():
+        out = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma_fp8", plan=plan)
+        mx.eval(out)
+    model = fp8_accum_model.native(np.array(a), np.array(b), plan[2], bits)
+    got = np.array(out[0])
+    assert np.array_equal(got, model), np.abs(got - model).max()
+    a64, b64 = fp8_accum_model.E4M3[np.array(a)], fp8_accum_model.E4M3[np.array(b)]
+    assert not np.array_equal(got, (a64 @ b64.T).astype(np.float32))  # the model did truncate
+    assert_within_fp8_accumulation(out[0], a64, b64, None, None, True, mx.float32)

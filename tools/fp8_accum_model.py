@@ -34,6 +34,15 @@ def _decode_e4m3():
 E4M3 = _decode_e4m3()
 
 
+def decode(codes, fmt):
+    """float64 values of fp8 codes ("e4m3" here; "e5m2" from mlx_flash.fp8)."""
+    if fmt == "e4m3":
+        return E4M3[codes]
+    from mlx_flash import fp8
+
+    return fp8.decode_table(fmt).astype(np.float64)[codes]
+
+
 def _cut(x, ulp):
     """x toward zero to a multiple of ulp (elementwise, float64 exact)."""
     return np.trunc(x / ulp) * ulp
@@ -49,12 +58,16 @@ def wgmma_k32(acc, prods, bits, cut_acc=True):
     return s + (_cut(acc, ulp) if cut_acc else acc)
 
 
-def native(a_codes, b_codes, promote, bits, cut_acc=True):
-    """out [M, N] float32 of the native route's model: a [M, K], b [N, K]."""
-    a, b = E4M3[a_codes], E4M3[b_codes]
+def native(a_codes, b_codes, promote, bits, cut_acc=True, a_fmt="e4m3", b_fmt="e4m3"):
+    """out [M, N] float32 of the native route's model: a [M, K], b [N, K] codes."""
+    a, b = decode(a_codes, a_fmt), decode(b_codes, b_fmt)
     M, K = a.shape
     N = b.shape[0]
-    inst = (K + 31) // 32
+    # The kernels run whole stages of 128 K (4 instructions), zeros past K:
+    # those instructions still align (and may cut) the accumulator.
+    pad = -K % 128
+    a, b = np.pad(a, ((0, 0), (0, pad))), np.pad(b, ((0, 0), (0, pad)))
+    inst = (K + pad) // 32
     per = promote * 4 if promote else inst
     total = np.zeros((M, N), np.float32)
     d = np.zeros((M, N))

@@ -106,7 +106,8 @@ def _emulated_header(header: str) -> str:
     # wrappers and tma.cuh, all three replaced by wgmma_emu.cuh.
     hopper = [cuda_backend._minify(strip(cuda_backend._read(name))) for name in _HOPPER_HEADERS]
     if all(text in header for text in hopper):
-        header = header.replace(hopper[0], strip(_read(os.path.join(_HERE, "wgmma_emu.cuh"))))
+        model = f"#define EMU_FP8_ACCUM_BITS {int(FP8_ACCUM_BITS)}\n#define EMU_FP8_ACCUM_CUT_ACC {int(FP8_ACCUM_CUT_ACC)}\n"
+        header = header.replace(hopper[0], model + strip(_read(os.path.join(_HERE, "wgmma_emu.cuh"))))
         for text in hopper[1:]:
             header = header.replace(text, "")
     elif any(marker in original for marker in _HOPPER_MARKERS):
@@ -204,6 +205,12 @@ def _view_bytes(x: mx.array):
 # Hopper TMA loads write their bytes at issue (True) instead of when their
 # barrier is first polled (hopper_emu.cuh, tma_land).
 TMA_EARLY = False
+# The Hopper GEMM's fp8 wgmma (wgmma_emu.cuh): 0 sums in fp32; > 0 models
+# Hopper's truncating fp8 accumulation with that many fraction bits below the
+# largest term's exponent (the running accumulator cut too unless
+# FP8_ACCUM_CUT_ACC is False); tools/fp8_accum_model.py is the same in numpy.
+FP8_ACCUM_BITS = 0
+FP8_ACCUM_CUT_ACC = True
 
 # (kernel name, template values) of every launch, newest last: tests check
 # which kernel a wrapper's routing chose.

@@ -9,8 +9,9 @@
 // its thread waits for its commit group (wgmma_wait), as the tensor cores may
 // read shared memory until then; the bytes it reads must be the same at issue
 // and then (else the launch fails: the kernel overwrote an operand in flight). Products are summed in
-// fp32 exactly as given (no model of Hopper's 13-bit fp8 accumulation): the
-// emulation checks where data goes, not the tensor cores' rounding.
+// fp32 exactly as given by default (the emulation checks where data goes, not
+// the tensor cores' rounding); harness.FP8_ACCUM_BITS switches fp8 wgmma to a
+// model of Hopper's truncating accumulation (below).
 // TMA is not emulated (its tensor maps come from libcuda, absent here; the
 // wrapper then plans cp.async loads); calling it fails the launch.
 #pragma once
@@ -118,10 +119,56 @@ inline unsigned long long emu_wgmma_operand_hash(unsigned long long da, unsigned
   return h;
 }
 
+// A model of Hopper's fp8 accumulation (harness.FP8_ACCUM_BITS > 0; 0, the
+// default, sums in fp32): per output, the k32 instruction's 32 products
+// (exact) and the running accumulator are aligned to the largest exponent
+// among them, each cut toward zero to EMU_FP8_ACCUM_BITS fraction bits below
+// it (the accumulator too unless EMU_FP8_ACCUM_CUT_ACC is 0), and summed
+// exactly. tools/fp8_accum_model.py is the same model in numpy, fitted to the
+// card's results; a term that is not finite leaves the plain fp32 sum.
+#ifndef EMU_FP8_ACCUM_BITS
+#define EMU_FP8_ACCUM_BITS 0
+#endif
+#ifndef EMU_FP8_ACCUM_CUT_ACC
+#define EMU_FP8_ACCUM_CUT_ACC 1
+#endif
+inline float emu_fp8_truncating_sum(float acc, const double* prods, int count) {
+  double top = std::fabs(double(acc));
+  float plain = acc;
+  for (int k = 0; k < count; ++k) {
+    if (!std::isfinite(prods[k])) {
+      for (int j = 0; j < count; ++j) plain += float(prods[j]);
+      return plain;
+    }
+    top = std::fmax(top, std::fabs(prods[k]));
+  }
+  if (!std::isfinite(double(acc))) {
+    for (int j = 0; j < count; ++j) plain += float(prods[j]);
+    return plain;
+  }
+  if (top == 0.0) return 0.f;
+  int e2;
+  std::frexp(top, &e2);  // top = f 2^e2, f in [0.5, 1): its exponent is e2 - 1
+  const double ulp = std::ldexp(1.0, e2 - 1 - EMU_FP8_ACCUM_BITS);
+  double sum = EMU_FP8_ACCUM_CUT_ACC ? std::trunc(double(acc) / ulp) * ulp : double(acc);
+  for (int k = 0; k < count; ++k) sum += std::trunc(prods[k] / ulp) * ulp;
+  return float(sum);
+}
+
 // d (+)= A (64 x K, K-major) * B (K x BN; B_MN: MN-major, else K-major [BN][K])
-// for this thread's accumulator fragment (layout of wgmma.cuh), summed in fp32.
+// for this thread's accumulator fragment (layout of wgmma.cuh), summed in fp32
+// (fp8 operands under EMU_FP8_ACCUM_BITS: the model above).
 template <int KA, int KB, int BN, int B_MN>
 inline void emu_wgmma_exec(float* d, unsigned long long da, unsigned long long db, int accumulate) {
+  if constexpr ((KA == 1 || KA == 2) && EMU_FP8_ACCUM_BITS > 0) {
+    static thread_local double prods[BN / 2][32];
+    int count[BN / 2] = {};
+    emu_wgmma_visit<KA, BN, B_MN>(da, db, [&](int i, unsigned a, unsigned b) {
+      prods[i][count[i]++] = double(emu_operand<KA>(a)) * double(emu_operand<KB>(b));
+    });
+    for (int i = 0; i < BN / 2; ++i) d[i] = emu_fp8_truncating_sum(accumulate ? d[i] : 0.f, prods[i], count[i]);
+    return;
+  }
   float sum[BN / 2];
   for (int i = 0; i < BN / 2; ++i) sum[i] = accumulate ? d[i] : 0.f;
   emu_wgmma_visit<KA, BN, B_MN>(da, db, [&](int i, unsigned a, unsigned b) {
