@@ -6,9 +6,10 @@ launches as on a GPU; only mx.fast.cuda_kernel is swapped.
   gemv   the few-rows kernel (cuda_src/matmul_gemv.cuh): fragment layout and
          k order, edge rows, the cross-warp sum;
   wgmma  the Hopper GEMM (cuda_src/matmul_wgmma.cuh), exact and native fp8,
-         on the emulated wgmma (tests/cuda_emu/wgmma_emu.cuh): descriptors and
-         swizzle, K tails, the stage ring, promotion, the epilogue's scales and
-         rounding; not TMA, not the tensor cores' own fp8 rounding.
+         its inline PTX run by the Hopper emulation (tests/cuda_emu/ptx_asm.py,
+         hopper_emu.cuh): descriptors and swizzle, K tails, the stage ring,
+         promotion, the epilogue's scales and rounding; the tensor cores' own
+         fp8 rounding only as a model, on request (harness.FP8_ACCUM_BITS).
 
 The GPU run of tests/test_matmul_cuda_routes.py checks the same on the device.
 """
@@ -65,8 +66,8 @@ def test_gemv_kernel_emulated(M, K, N, ka, kb, plan):
 
 
 # The Hopper GEMM (cuda_src/matmul_wgmma.cuh) on the emulated wgmma
-# (tests/cuda_emu/wgmma_emu.cuh: descriptors, 128-byte swizzle, late execution
-# at wgmma_wait), loads by cp.async (TMA needs libcuda). Operands hold every
+# (tests/cuda_emu/hopper_emu.cuh: descriptors, 128-byte swizzle, late execution
+# at wgmma_wait), loads by cp.async (patched_cuda_kernel: no tensor maps). Operands hold every
 # finite fp8 code, the smallest multiplied together, at short and long K (K
 # tails inside a k32 / k16 step, more stages than the ring holds, the promotion
 # of native fp8 sums), both b layouts; M and N cross tile edges. The emulated tensor cores
@@ -206,7 +207,7 @@ def test_fp8linear_direct_path_support_checks():
 
 
 # Hopper's fp8 wgmma sums truncate (matmul_wgmma.cuh explains); the emulation
-# models that on request (harness.FP8_ACCUM_BITS, wgmma_emu.cuh), and
+# models that on request (harness.FP8_ACCUM_BITS, hopper_emu.cuh), and
 # tools/fp8_accum_model.py is the same model in numpy, fitted to the card.
 @pytest.mark.parametrize("plan,K,bits", [((128, 4, 1), 700, 13), ((128, 4, 2), 520, 13), ((256, 4, 0), 300, 13),
                                          ((128, 4, 1), 260, 14)],
@@ -242,3 +243,44 @@ def test_native_promotion_matches_the_accumulation_model_emulated(plan, K, bits,
     a64, b64 = fp8_accum_model.E4M3[np.array(a)], fp8_accum_model.E4M3[np.array(b)]
     assert not np.array_equal(got, (a64 @ b64.T).astype(np.float32))  # the model did truncate
     assert_within_fp8_accumulation(out[0], a64, b64, None, None, True, mx.float32)
+
+
+# The TMA-loading GEMM plans, and the warp-specialised persistent kernel (the
+# default route on Hopper: a TMA producer warpgroup, two consumer warpgroups,
+# an mbarrier stage ring), on the emulated H200 (harness.patched_hopper: TMA
+# with the emulation's tensor maps, 3 SMs, so persistent blocks take several
+# tiles). Every finite fp8 code in the operands, M and N across tile edges.
+@pytest.mark.parametrize("route,plan,ka,kb,K,transpose_b", [
+    ("wgmma", (256, 4, 0, True), "float16", "float16", 200, False),        # TMA, [K, N] b read MN-major
+    ("wgmma", (256, 4, 0, True, True), "bfloat16", "bfloat16", 300, True),  # ws, the 16-bit default
+    ("wgmma", (256, 4, 0, True, True), "e4m3", "e5m2", 130, False),  # ws exact fp8: decoded first, then 16-bit
+    ("wgmma_fp8", (128, 6, 1, True), "e4m3", "e4m3", 300, True),             # native, TMA
+    ("wgmma_fp8", (128, 6, 2, True, True), "e5m2", "e4m3", 700, True),       # native ws, the default plan
+    ("wgmma_fp8", (256, 4, 0, True, True), "e4m3", "e5m2", 33, False),       # native ws, b transposed first
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_wgmma_tma_and_ws_kernels_emulated(route, plan, ka, kb, K, transpose_b):
+    from fp8_wgmma_bound import every_code_case
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    gen = rng("wgmma-tma-emu", route, plan, ka, kb, K, transpose_b)
+    if ka.startswith("e"):
+        a, b, a64, b64, sa, sb = every_code_case(gen, ka, kb, K, transpose_b)
+        a_fmt, b_fmt = ka, kb
+    else:
+        M, N = 130, 260
+        a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+        b, b_fmt, b64 = make_operand(gen, (N, K) if transpose_b else (K, N), kb)
+        sa, sb = None, None
+    want = reference(a64, b64, sa, sb, transpose_b=transpose_b)
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, a_fmt=a_fmt, b_fmt=b_fmt,
+                                                a_scale=None if sa is None else mx.array(sa),
+                                                b_scale=None if sb is None else mx.array(sb),
+                                                transpose_b=transpose_b, out_dtype=mx.float32)
+    harness.LAUNCHES.clear()
+    with harness.patched_hopper():
+        out = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route=route, plan=plan)
+        mx.eval(out)
+    kernel = "mlx_flash_matmul_wgmma_ws" if len(plan) > 4 else "mlx_flash_matmul_wgmma"
+    assert kernel in [name for name, _ in harness.LAUNCHES], list(harness.LAUNCHES)
+    assert_close(out[0], want, mx.float32, K)
