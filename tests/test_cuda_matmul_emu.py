@@ -210,12 +210,15 @@ def test_fp8linear_direct_path_support_checks():
 # models that on request (harness.FP8_ACCUM_BITS, hopper_emu.cuh), and
 # tools/fp8_accum_model.py is the same model in numpy, fitted to the card.
 @pytest.mark.parametrize("plan,K,bits", [((128, 4, 1), 700, 13), ((128, 4, 2), 520, 13), ((256, 4, 0), 300, 13),
-                                         ((128, 4, 1), 260, 14)],
+                                         ((128, 4, 1), 260, 14), ((128, 6, 2, True, True), 600, 13),
+                                         ((128, 6, -1, True, True), 700, 13), ((128, 6, -2, True, True), 330, 13),
+                                         ((192, 5, -1, True, True), 200, 14)],
                          ids=lambda v: "_".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_native_promotion_matches_the_accumulation_model_emulated(plan, K, bits, monkeypatch):
     """Under the model, the emulated native kernel is bit-identical to the
     numpy model with the plan's promotion interval (sums restarted every
-    PROMOTE stages of 128 K, added to fp32 registers in order; a K tail's
+    PROMOTE stages of 128 K, or every -PROMOTE instructions on the
+    warp-specialised kernel, added to fp32 registers in order; a K tail's
     zero-filled instructions included), and within the route's tested bound."""
     import os
     import sys
@@ -234,7 +237,8 @@ def test_native_promotion_matches_the_accumulation_model_emulated(plan, K, bits,
     b = mx.to_fp8(mx.array(gen.standard_normal((N, K)).astype(np.float32)))
     spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
                                                 out_dtype=mx.float32)
-    with harness.patched_cuda_kernel():
+    # Warp-specialised plans (five entries) need TMA: the emulated H200.
+    with harness.patched_hopper() if len(plan) > 4 else harness.patched_cuda_kernel():
         out = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma_fp8", plan=plan)
         mx.eval(out)
     model = fp8_accum_model.native(np.array(a), np.array(b), plan[2], bits)

@@ -265,6 +265,11 @@ def _matmul_ws_cases():
     # Two accumulator sets alternating between promotion intervals.
     yield u8, u8, 1, 1, True, 128, 6, 2, True, 2, True
     yield u8, u8, 2, 1, True, 128, 7, 4, True, 1, True
+    # Promotion every instruction / every two (MLX_FLASH_CUDA_FP8_PROMOTE_K 32 / 64).
+    yield u8, u8, 1, 1, True, 128, 6, -1, True, 1, False
+    yield u8, u8, 1, 2, True, 128, 6, -2, True, 1, False
+    yield u8, u8, 2, 1, True, 128, 6, -1, True, 2, False
+    yield u8, u8, 1, 1, True, 192, 5, -1, True, 1, False
 
 
 def _ws_compile_groups(make_kernel):
@@ -293,6 +298,21 @@ def test_matmul_hopper_plans_unpack_by_position():
     for bad in ((128, 6), (128, 6, 2, True, True, 2, True, 0)):
         with pytest.raises(ValueError, match="3 to 7 entries"):
             unpack_plan(bad)
+
+
+def test_native_promotion_by_instruction_is_checked():
+    """Promotion every one or two instructions (a negative third plan entry,
+    MLX_FLASH_CUDA_FP8_PROMOTE_K 32 / 64) exists only on the warp-specialised
+    TMA kernel at BN 128 or 192: any other plan says so before building a kernel."""
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    a = mx.zeros((4, 64), mx.uint8)
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, a, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True)
+    for plan in ((128, 6, -1), (128, 6, -1, True), (256, 4, -1, True, True), (128, 6, -3, True, True),
+                 (128, 6, -1, True, True, 1, True)):
+        with pytest.raises(ValueError, match="promotion every"):
+            cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma_fp8", plan=plan)
 
 
 def test_gemv_plan_launch_bounds_are_checked():

@@ -304,10 +304,12 @@ def test_cuda_gemv_matches_float64(M, ka, kb, K, N):
 # them), batches and scales. Plans with a sixth entry 2 run clusters of two
 # blocks sharing b by TMA multicast (a unit's second tile below M, b halves
 # beyond N: the odd shapes cover both); a seventh entry True alternates two
-# accumulator sets between the native sums' promotion intervals.
+# accumulator sets between the native sums' promotion intervals; a negative
+# third entry promotes every one or two k32 instructions.
 WS_16 = [(256, 4, 0, True, True), (128, 6, 0, True, True), (256, 4, 0, True, True, 2)]
 WS_FP8 = [(128, 6, 2, True, True), (192, 5, 2, True, True), (128, 6, 2, True, True, 2), (192, 5, 2, True, True, 2),
-          (192, 5, 4, True, True, 2), (128, 7, 4, True, True, 2, True)]
+          (192, 5, 4, True, True, 2), (128, 7, 4, True, True, 2, True), (128, 6, -1, True, True),
+          (128, 6, -2, True, True, 2), (192, 5, -1, True, True)]
 WS = xdist_group("ws")
 
 

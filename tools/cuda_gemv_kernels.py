@@ -102,7 +102,8 @@ def parse(csv_path, segments_path, out_path):
     with open(csv_path) as f:
         lines = [line for line in f if line.startswith('"')]
     rows = list(csv.DictReader(lines))
-    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6,  # older ncu
+             "ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}
     seg = -1
     totals, counts = {}, {}
     for r in rows:

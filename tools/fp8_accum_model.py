@@ -10,8 +10,9 @@ exponent among them, each cut to BITS fraction bits below that exponent
 fp32). DeepSeek-V3's report ("around 14 bits") and SageAttention2 (a 13-bit
 mantissa) describe this; which BITS, and whether the accumulator itself is
 cut, is what the fit tells. Promotion (the kernels' PROMOTE, in stages of
-128 K = 4 instructions) restarts the accumulator and adds it to fp32 sums
-with round-to-nearest float32 adds, as the kernels do.
+128 K = 4 instructions; PROMOTE < 0: every -PROMOTE instructions) restarts
+the accumulator and adds it to fp32 sums with round-to-nearest float32 adds,
+as the kernels do.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def native(a_codes, b_codes, promote, bits, cut_acc=True, a_fmt="e4m3", b_fmt="e
     pad = -K % 128
     a, b = np.pad(a, ((0, 0), (0, pad))), np.pad(b, ((0, 0), (0, pad)))
     inst = (K + pad) // 32
-    per = promote * 4 if promote else inst
+    per = promote * 4 if promote > 0 else (-promote if promote < 0 else inst)  # instructions per interval
     total = np.zeros((M, N), np.float32)
     d = np.zeros((M, N))
     for i in range(inst):

@@ -78,6 +78,20 @@ WS_NATIVE_CLUSTER_PLAN = (128, 6, 2, True, True, 2)
 if WS_CLUSTER == 2:
     WS_PLANS = {"f16": WS_PLANS["f16"] + (2,), "cvt": WS_PLANS["cvt"] + (2,), "native": WS_NATIVE_CLUSTER_PLAN}
 CVT_WS_MIN_ROWS = 512
+# The native fp8 route's promotion interval (opt-in, not yet timed on a card):
+# MLX_FLASH_CUDA_FP8_PROMOTE_K = K values the tensor cores sum (truncating,
+# 13-14 bits) before the sums go to fp32 registers: 256 (the default plans'
+# PROMOTE 2), 128 (PROMOTE 1, DeepGEMM's and CUTLASS's interval), 64 or 32
+# (PROMOTE -2 / -1: every two instructions or every one, the warp-specialised
+# kernel at BN 128 or 192 only). tools/fp8_accum_model.py models the error of each.
+_FP8_PROMOTE_K = os.environ.get("MLX_FLASH_CUDA_FP8_PROMOTE_K", "256")
+_PROMOTE_OF_K = {"32": -1, "64": -2, "128": 1, "256": 2}
+if _FP8_PROMOTE_K not in _PROMOTE_OF_K:
+    raise ValueError(f"MLX_FLASH_CUDA_FP8_PROMOTE_K must be one of 32, 64, 128, 256, got {_FP8_PROMOTE_K!r}")
+if _FP8_PROMOTE_K != "256":
+    _p = _PROMOTE_OF_K[_FP8_PROMOTE_K]
+    WS_PLANS = dict(WS_PLANS, native=WS_PLANS["native"][:2] + (_p,) + WS_PLANS["native"][3:])
+    WGMMA_PLANS = dict(WGMMA_PLANS, native=WGMMA_PLANS["native"][:2] + (_p,) + WGMMA_PLANS["native"][3:])
 # Decode (gemv) route: at most this many rows of a.
 GEMV_MAX_ROWS = 16
 # Few-rows kernel plan (matmul_gemv.cuh): (warps per block W, row tiles of 16
@@ -388,6 +402,11 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
         if WS_PLANS[kind] and (kind != "cvt" or spec.M >= CVT_WS_MIN_ROWS) and _tma_available():
             plan = WS_PLANS[kind]
     bn, stages, promote, tma, ws, cluster, acc2 = unpack_plan(plan)
+    if native and promote < 0 and not (promote in (-1, -2) and ws and tma and bn in (128, 192) and not acc2
+                                       and _tma_available()):
+        raise ValueError(f"Hopper plan {tuple(plan)}: promotion every {-promote} instruction(s) (promote -1 or -2) "
+                         "needs the warp-specialised TMA kernel at BN 128 or 192 without acc2 "
+                         "(MLX_FLASH_CUDA_FP8_PROMOTE_K 32 or 64 is for the warp-specialised route)")
     transpose_b = spec.transpose_b
     fa, fb = _FMT_CODE[spec.a_fmt], _FMT_CODE[spec.b_fmt]
     if ws and not native and (fa or fb) and _tma_available():
@@ -607,6 +626,9 @@ class _Spec:
     N: int
     K: int
     b_batched: bool
+    # MatmulSpec's too: route_of reads it (without it every fp8 x fp8 call
+    # here without a forced route failed with an AttributeError).
+    fast_accumulation: bool = False
 
 
 def matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpose_b=False,

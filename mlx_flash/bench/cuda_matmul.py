@@ -395,8 +395,10 @@ def bench_plans(rec: Recorder, n: int = 8192):
 # Native fp8 plans whose accumulation error the fp8err section measures:
 # (BN, stages, promotion interval in stages of 128 K, TMA, warp-specialised).
 # PROMOTE 1 restarts the tensor-core sums every 4 k32 instructions (DeepGEMM's
-# interval), 2 every 8 (the route's default), 0 never.
-FP8ERR_PLANS = ((128, 6, 1, True, True), (128, 6, 2, True, True), (256, 4, 0, True, True))
+# interval), 2 every 8 (the route's default), 0 never, -1 / -2 every
+# instruction / every two (MLX_FLASH_CUDA_FP8_PROMOTE_K 32 / 64).
+FP8ERR_PLANS = ((128, 6, -1, True, True), (192, 5, -1, True, True), (128, 6, -2, True, True),
+                (128, 6, 1, True, True), (128, 6, 2, True, True), (256, 4, 0, True, True))
 FP8ERR_DISTS = ("normal", "positive")
 
 
