@@ -309,7 +309,7 @@ def test_cuda_gemv_matches_float64(M, ka, kb, K, N):
 WS_16 = [(256, 4, 0, True, True), (128, 6, 0, True, True), (256, 4, 0, True, True, 2)]
 WS_FP8 = [(128, 6, 2, True, True), (192, 5, 2, True, True), (128, 6, 2, True, True, 2), (192, 5, 2, True, True, 2),
           (192, 5, 4, True, True, 2), (128, 7, 4, True, True, 2, True), (128, 6, -1, True, True),
-          (128, 6, -2, True, True, 2), (192, 5, -1, True, True)]
+          (128, 6, -2, True, True, 2), (192, 5, -1, True, True), (128, 6, 1, True, True)]
 WS = xdist_group("ws")
 
 
