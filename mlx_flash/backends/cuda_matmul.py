@@ -14,7 +14,7 @@ Routes (by operand types and shape; `route_of` decides):
     per call, or MLX_FLASH_CUDA_FP8_WGMMA=native for every fp8 x fp8 call):
     the same kernel on native fp8 wgmma (k32, twice the 16-bit rate; a [K, N]
     b is transposed once first). Hopper's fp8 tensor cores add with a 13-bit
-    mantissa, truncating; the kernel restarts their sums every 256 K and adds
+    mantissa, truncating; the kernel restarts their sums every 128 K and adds
     them in fp32 (two-level accumulation), so the error stays within
     2^-8 * (|a| @ |b|), far below fp8's own rounding (2^-4), but not fp32-exact.
   * "mma" (elsewhere): cuda_src/matmul.cuh,
@@ -78,13 +78,17 @@ WS_NATIVE_CLUSTER_PLAN = (128, 6, 2, True, True, 2)
 if WS_CLUSTER == 2:
     WS_PLANS = {"f16": WS_PLANS["f16"] + (2,), "cvt": WS_PLANS["cvt"] + (2,), "native": WS_NATIVE_CLUSTER_PLAN}
 CVT_WS_MIN_ROWS = 512
-# The native fp8 route's promotion interval (opt-in, not yet timed on a card):
-# MLX_FLASH_CUDA_FP8_PROMOTE_K = K values the tensor cores sum (truncating,
-# 13-14 bits) before the sums go to fp32 registers: 256 (the default plans'
-# PROMOTE 2), 128 (PROMOTE 1, DeepGEMM's and CUTLASS's interval), 64 or 32
-# (PROMOTE -2 / -1: every two instructions or every one, the warp-specialised
-# kernel at BN 128 or 192 only). tools/fp8_accum_model.py models the error of each.
-_FP8_PROMOTE_K = os.environ.get("MLX_FLASH_CUDA_FP8_PROMOTE_K", "256")
+# The native fp8 route's promotion interval: MLX_FLASH_CUDA_FP8_PROMOTE_K =
+# K values the tensor cores sum (truncating, 13 bits) before the sums go to
+# fp32 registers. 128 (PROMOTE 1), the default since session 10: cuBLAS's
+# fp8 "fp32 accumulation" (torch._scaled_mm(use_fast_accum=False)) promotes
+# there too, and on the H200 our errors equal its to every digit printed
+# (benchmarks/results/matmul_cuda_nvidia_h200_s10.json), at 1099 vs 1131
+# TFLOP/s for 256 (8192^3). 256 (PROMOTE 2, the plans' literal value below,
+# the default before); 64 or 32 (PROMOTE -2 / -1, opt-in, not yet timed:
+# every two instructions or every one, the warp-specialised kernel at BN 128
+# or 192 only). tools/fp8_accum_model.py models the error of each.
+_FP8_PROMOTE_K = os.environ.get("MLX_FLASH_CUDA_FP8_PROMOTE_K", "128")
 _PROMOTE_OF_K = {"32": -1, "64": -2, "128": 1, "256": 2}
 if _FP8_PROMOTE_K not in _PROMOTE_OF_K:
     raise ValueError(f"MLX_FLASH_CUDA_FP8_PROMOTE_K must be one of 32, 64, 128, 256, got {_FP8_PROMOTE_K!r}")
