@@ -23,7 +23,11 @@
 // PROMOTE stages and adds them to fp32 registers (matmul_wgmma.cuh explains
 // why); BN 128 or 192 leaves room for both register sets. ACC2 (BN 128):
 // two tensor-core accumulator sets alternate between promotion intervals, so
-// a consumer adds one while the tensor cores fill the other.
+// a consumer adds one while the tensor cores fill the other. PROMOTE < 0
+// (BN 128 or 192): promotion every -PROMOTE k32 instructions (1 or 2), each
+// interval committed and waited for before its sums are added (the other
+// consumer warpgroup keeps the tensor cores busy meanwhile): the tensor
+// cores' truncating fp8 sums then span 32 or 64 products instead of 256.
 // Clusters (CLUSTER = 2, matmul_cluster.cuh): the two blocks of a cluster
 // take vertically adjacent tiles (rows m0 and m0 + 128, same columns) in
 // step; each loads its own a tile and half of the shared b tile, multicast
@@ -68,6 +72,8 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   static_assert(TRANS_B || BN % 64 == 0, "an MN-major b tile is whole 64-column boxes");
   static_assert(NATIVE || PROMOTE == 0, "promotion is for the native fp8 accumulation only");
   static_assert(PROMOTE == 0 || BN <= 192, "promoted sums and accumulators must fit 232 registers");
+  static_assert(PROMOTE >= 0 || ((PROMOTE == -1 || PROMOTE == -2) && BN <= 192 && !ACC2),
+                "promotion every 1 or 2 instructions, one accumulator set");
   static_assert(STAGES >= 2, "a ring");
   static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of one or two blocks");
   static_assert(!ACC2 || (PROMOTE > 0 && BN == 128), "two accumulator sets and the sums fit 232 registers at BN 128");
@@ -228,6 +234,23 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         const unsigned long long da = wgmma_desc(a_addr + kk * 32, 16, 1024);
         const unsigned long long db =
             B_MN ? wgmma_desc(b_addr + kk * 16 * 128, 64 * 128, 1024) : wgmma_desc(b_addr + kk * 32, 16, 1024);
+        if constexpr (PROMOTE < 0) {
+          // Interval of -PROMOTE instructions: a fresh tensor-core sum,
+          // committed, waited for and added to the fp32 sums before the next
+          // (two alternating sets would let ptxas serialise every wgmma:
+          // C7514, reads of accumulators inside the pipeline).
+          constexpr int PI = PROMOTE < 0 ? -PROMOTE : 1;
+          WgmmaSS<KA, KB, BN>::template run<B_MN>(d, da, db, kk % PI == 0 ? 0 : 1);
+          if (kk % PI == PI - 1) {
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_pin(d);
+#pragma unroll
+            for (int i = 0; i < R; ++i) acc[i] += d[i];
+            wgmma_fence();  // the next interval's wgmma overwrite d
+          }
+          continue;
+        }
         const bool first = PROMOTE ? (kt % PROMOTE == 0 && kk == 0) : (kt == 0 && kk == 0);
         if constexpr (ACC2) {
           if ((kt / PROMOTE) & 1)
@@ -238,8 +261,10 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
           WgmmaSS<KA, KB, BN>::template run<B_MN>(d, da, db, first ? 0 : 1);
         }
       }
-      wgmma_commit();
-      if constexpr (ACC2) {
+      if constexpr (PROMOTE < 0) {
+        // Every interval was committed, waited for and added above.
+      } else if constexpr (ACC2) {
+        wgmma_commit();
         // Promotion intervals alternate between d and d2: once the first
         // stage of an interval is issued, wgmma_wait<1> says the previous
         // interval (the other set) is complete; it is added while the tensor
@@ -256,12 +281,15 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
             for (int i = 0; i < R; ++i) acc[i] += d2[i];
           }
         }
-      } else if (PROMOTE > 0 && (kt % (PROMOTE ? PROMOTE : 1) == (PROMOTE ? PROMOTE : 1) - 1 || kt == ktiles - 1)) {
+      } else if (PROMOTE > 0 && (kt % (PROMOTE > 0 ? PROMOTE : 1) == (PROMOTE > 0 ? PROMOTE : 1) - 1 ||
+                                 kt == ktiles - 1)) {
+        wgmma_commit();
         wgmma_wait<0>();
         wgmma_pin(d);
 #pragma unroll
         for (int i = 0; i < (PROMOTE ? R : 1); ++i) acc[i] += d[i];
       } else {
+        wgmma_commit();
         wgmma_wait<1>();
       }
       // The previous stage's wgmma has finished reading it: release it.

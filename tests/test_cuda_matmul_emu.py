@@ -6,9 +6,10 @@ launches as on a GPU; only mx.fast.cuda_kernel is swapped.
   gemv   the few-rows kernel (cuda_src/matmul_gemv.cuh): fragment layout and
          k order, edge rows, the cross-warp sum;
   wgmma  the Hopper GEMM (cuda_src/matmul_wgmma.cuh), exact and native fp8,
-         on the emulated wgmma (tests/cuda_emu/wgmma_emu.cuh): descriptors and
-         swizzle, K tails, the stage ring, promotion, the epilogue's scales and
-         rounding; not TMA, not the tensor cores' own fp8 rounding.
+         its inline PTX run by the Hopper emulation (tests/cuda_emu/ptx_asm.py,
+         hopper_emu.cuh): descriptors and swizzle, K tails, the stage ring,
+         promotion, the epilogue's scales and rounding; the tensor cores' own
+         fp8 rounding only as a model, on request (harness.FP8_ACCUM_BITS).
 
 The GPU run of tests/test_matmul_cuda_routes.py checks the same on the device.
 """
@@ -37,8 +38,9 @@ def poisoned_outputs(monkeypatch):
 # cp.async rings (short and long, several row tiles), and a capped grid whose
 # blocks sweep several row groups (the ring restarts per group).
 # Each also with the whole-sector layout (seventh entry 1, the default's).
+# (16, 2, 1, 0, 0, 1, 1): sixteen warps a block (K split sixteen ways; launch bounds 1).
 GEMV_PLANS = [None, (2, 1, 1, 0, 3), (2, 2, 1, 1, 2), (1, 4, 2, 2, 0, 2), (8, 1, 4, 0, 0, 2), (2, 1, 1, 0, 3, 0, 1),
-              (2, 2, 1, 1, 2, 0, 1), (1, 4, 2, 2, 0, 2, 1)]
+              (2, 2, 1, 1, 2, 0, 1), (1, 4, 2, 2, 0, 2, 1), (16, 2, 1, 0, 0, 1, 1)]
 
 
 @pytest.mark.parametrize("plan", GEMV_PLANS, ids=lambda p: "default" if p is None else "_".join(map(str, p)))
@@ -64,8 +66,8 @@ def test_gemv_kernel_emulated(M, K, N, ka, kb, plan):
 
 
 # The Hopper GEMM (cuda_src/matmul_wgmma.cuh) on the emulated wgmma
-# (tests/cuda_emu/wgmma_emu.cuh: descriptors, 128-byte swizzle, late execution
-# at wgmma_wait), loads by cp.async (TMA needs libcuda). Operands hold every
+# (tests/cuda_emu/hopper_emu.cuh: descriptors, 128-byte swizzle, late execution
+# at wgmma_wait), loads by cp.async (patched_cuda_kernel: no tensor maps). Operands hold every
 # finite fp8 code, the smallest multiplied together, at short and long K (K
 # tails inside a k32 / k16 step, more stages than the ring holds, the promotion
 # of native fp8 sums), both b layouts; M and N cross tile edges. The emulated tensor cores
@@ -134,11 +136,16 @@ def test_fast_accumulation_routes_to_the_native_kernel_emulated(monkeypatch):
 @pytest.mark.parametrize("shape,N,dtype,bias,per_channel", [
     ((1, 48), 17, mx.float16, True, True), ((2, 3, 160), 33, mx.bfloat16, False, True),
     ((16, 32), 9, mx.float16, True, False), ((1, 1, 2048), 40, mx.bfloat16, True, True)])
-def test_fp8linear_direct_path_emulated(shape, N, dtype, bias, per_channel, monkeypatch):
+@pytest.mark.parametrize("wide", ["0", "1"])
+def test_fp8linear_direct_path_emulated(shape, N, dtype, bias, per_channel, wide, monkeypatch):
+    """wide "1": MLX_FLASH_CUDA_GEMV_WIDE's sixteen-warp plan (every N here is small)."""
     import mlx.nn as nn
 
     import mlx_flash.nn as fnn
     from mlx_flash.backends import cuda_matmul
+
+    monkeypatch.setattr(cuda_matmul, "GEMV_WIDE", wide)
+    monkeypatch.setattr(cuda_matmul, "sm_count", lambda: 132)
 
     gen = rng("fp8linear-direct", shape, N, str(dtype), bias, per_channel)
     K = shape[-1]
@@ -197,3 +204,87 @@ def test_fp8linear_direct_path_support_checks():
     assert not ok(mx.zeros((0, 32), mx.float16), w)
     with pytest.raises(ValueError, match="scale"):
         cuda_matmul.linear_few_rows(mx.zeros((1, 32), mx.float16), w, mx.ones((3, 1)), "e4m3")
+
+
+# Hopper's fp8 wgmma sums truncate (matmul_wgmma.cuh explains); the emulation
+# models that on request (harness.FP8_ACCUM_BITS, hopper_emu.cuh), and
+# tools/fp8_accum_model.py is the same model in numpy, fitted to the card.
+@pytest.mark.parametrize("plan,K,bits", [((128, 4, 1), 700, 13), ((128, 4, 2), 520, 13), ((256, 4, 0), 300, 13),
+                                         ((128, 4, 1), 260, 14), ((128, 6, 2, True, True), 600, 13),
+                                         ((128, 6, -1, True, True), 700, 13), ((128, 6, -2, True, True), 330, 13),
+                                         ((192, 5, -1, True, True), 200, 14)],
+                         ids=lambda v: "_".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_native_promotion_matches_the_accumulation_model_emulated(plan, K, bits, monkeypatch):
+    """Under the model, the emulated native kernel is bit-identical to the
+    numpy model with the plan's promotion interval (sums restarted every
+    PROMOTE stages of 128 K, or every -PROMOTE instructions on the
+    warp-specialised kernel, added to fp32 registers in order; a K tail's
+    zero-filled instructions included), and within the route's tested bound."""
+    import os
+    import sys
+
+    from fp8_wgmma_bound import assert_within_fp8_accumulation
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import fp8_accum_model
+
+    monkeypatch.setattr(harness, "FP8_ACCUM_BITS", bits)
+    gen = rng("fp8-accum-model", plan, K, bits)
+    M, N = 70, 40
+    a = mx.to_fp8(mx.array(gen.standard_normal((M, K)).astype(np.float32)))
+    b = mx.to_fp8(mx.array(gen.standard_normal((N, K)).astype(np.float32)))
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                out_dtype=mx.float32)
+    # Warp-specialised plans (five entries) need TMA: the emulated H200.
+    with harness.patched_hopper() if len(plan) > 4 else harness.patched_cuda_kernel():
+        out = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma_fp8", plan=plan)
+        mx.eval(out)
+    model = fp8_accum_model.native(np.array(a), np.array(b), plan[2], bits)
+    got = np.array(out[0])
+    assert np.array_equal(got, model), np.abs(got - model).max()
+    a64, b64 = fp8_accum_model.E4M3[np.array(a)], fp8_accum_model.E4M3[np.array(b)]
+    assert not np.array_equal(got, (a64 @ b64.T).astype(np.float32))  # the model did truncate
+    assert_within_fp8_accumulation(out[0], a64, b64, None, None, True, mx.float32)
+
+
+# The TMA-loading GEMM plans, and the warp-specialised persistent kernel (the
+# default route on Hopper: a TMA producer warpgroup, two consumer warpgroups,
+# an mbarrier stage ring), on the emulated H200 (harness.patched_hopper: TMA
+# with the emulation's tensor maps, 3 SMs, so persistent blocks take several
+# tiles). Every finite fp8 code in the operands, M and N across tile edges.
+@pytest.mark.parametrize("route,plan,ka,kb,K,transpose_b", [
+    ("wgmma", (256, 4, 0, True), "float16", "float16", 200, False),        # TMA, [K, N] b read MN-major
+    ("wgmma", (256, 4, 0, True, True), "bfloat16", "bfloat16", 300, True),  # ws, the 16-bit default
+    ("wgmma", (256, 4, 0, True, True), "e4m3", "e5m2", 130, False),  # ws exact fp8: decoded first, then 16-bit
+    ("wgmma_fp8", (128, 6, 1, True), "e4m3", "e4m3", 300, True),             # native, TMA
+    ("wgmma_fp8", (128, 6, 2, True, True), "e5m2", "e4m3", 700, True),       # native ws, the default plan
+    ("wgmma_fp8", (256, 4, 0, True, True), "e4m3", "e5m2", 33, False),       # native ws, b transposed first
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_wgmma_tma_and_ws_kernels_emulated(route, plan, ka, kb, K, transpose_b):
+    from fp8_wgmma_bound import every_code_case
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    gen = rng("wgmma-tma-emu", route, plan, ka, kb, K, transpose_b)
+    if ka.startswith("e"):
+        a, b, a64, b64, sa, sb = every_code_case(gen, ka, kb, K, transpose_b)
+        a_fmt, b_fmt = ka, kb
+    else:
+        M, N = 130, 260
+        a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+        b, b_fmt, b64 = make_operand(gen, (N, K) if transpose_b else (K, N), kb)
+        sa, sb = None, None
+    want = reference(a64, b64, sa, sb, transpose_b=transpose_b)
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, a_fmt=a_fmt, b_fmt=b_fmt,
+                                                a_scale=None if sa is None else mx.array(sa),
+                                                b_scale=None if sb is None else mx.array(sb),
+                                                transpose_b=transpose_b, out_dtype=mx.float32)
+    harness.LAUNCHES.clear()
+    with harness.patched_hopper():
+        out = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route=route, plan=plan)
+        mx.eval(out)
+    kernel = "mlx_flash_matmul_wgmma_ws" if len(plan) > 4 else "mlx_flash_matmul_wgmma"
+    assert kernel in [name for name, _ in harness.LAUNCHES], list(harness.LAUNCHES)
+    assert_close(out[0], want, mx.float32, K)

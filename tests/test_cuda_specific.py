@@ -265,6 +265,11 @@ def _matmul_ws_cases():
     # Two accumulator sets alternating between promotion intervals.
     yield u8, u8, 1, 1, True, 128, 6, 2, True, 2, True
     yield u8, u8, 2, 1, True, 128, 7, 4, True, 1, True
+    # Promotion every instruction / every two (MLX_FLASH_CUDA_FP8_PROMOTE_K 32 / 64).
+    yield u8, u8, 1, 1, True, 128, 6, -1, True, 1, False
+    yield u8, u8, 1, 2, True, 128, 6, -2, True, 1, False
+    yield u8, u8, 2, 1, True, 128, 6, -1, True, 2, False
+    yield u8, u8, 1, 1, True, 192, 5, -1, True, 1, False
 
 
 def _ws_compile_groups(make_kernel):
@@ -295,6 +300,62 @@ def test_matmul_hopper_plans_unpack_by_position():
             unpack_plan(bad)
 
 
+def test_native_promotion_by_instruction_is_checked():
+    """Promotion every one or two instructions (a negative third plan entry,
+    MLX_FLASH_CUDA_FP8_PROMOTE_K 32 / 64) exists only on the warp-specialised
+    TMA kernel at BN 128 or 192: any other plan says so before building a kernel."""
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    a = mx.zeros((4, 64), mx.uint8)
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, a, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True)
+    for plan in ((128, 6, -1), (128, 6, -1, True), (256, 4, -1, True, True), (128, 6, -3, True, True),
+                 (128, 6, -1, True, True, 1, True)):
+        with pytest.raises(ValueError, match="promotion every"):
+            cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma_fp8", plan=plan)
+
+
+def test_gemv_plan_launch_bounds_are_checked():
+    """A few-rows plan names launch bounds that exist (matmul_gemv_bounds<n>.cuh)
+    and fit its block: 1 for up to 16 warps, 2 and 3 for up to 8; both the
+    matmul2d route and the direct linear path check before building a kernel."""
+    from mlx_flash.backends.cuda_matmul import _check_gemv_bounds, linear_few_rows
+
+    for warps, bounds in ((16, 1), (8, 2), (8, 3), (4, 3), (16, 0), (32, 0)):
+        _check_gemv_bounds((warps, 1, 1, 0, 0, bounds), warps, bounds)
+    for warps, bounds, match in ((16, 2, "at most 8 warps"), (32, 1, "at most 16 warps"), (8, 4, "0 \\(none\\), 1, 2 or 3"),
+                                 (8, -1, "0 \\(none\\), 1, 2 or 3")):
+        with pytest.raises(ValueError, match=match):
+            _check_gemv_bounds((warps, 1, 1, 0, 0, bounds), warps, bounds)
+    x, w = mx.zeros((1, 32), mx.float16), mx.zeros((16, 32), mx.uint8)
+    with pytest.raises(ValueError, match="launch bounds 2 are for at most 8 warps"):
+        linear_few_rows(x, w, mx.ones((1,)), "e4m3", plan=(16, 1, 1, 0, 0, 2, 1))
+
+
+def test_gemv_wide_plan_only_for_small_fp8_weights(monkeypatch):
+    """MLX_FLASH_CUDA_GEMV_WIDE=1: sixteen warps (launch bounds 1) only where
+    the default plan's row groups give no more blocks than SMs, fp8 weights
+    only; off (the default), every plan is the default one."""
+    from mlx_flash.backends import cuda_matmul as cm
+
+    monkeypatch.setattr(cm, "sm_count", lambda: 132)
+    monkeypatch.setattr(cm, "GEMV_PLAN", (8, 1, 4, 0, 0, 2, 1))
+    monkeypatch.setattr(cm, "GEMV_PLAN_MT2", (8, 2, 1, 0, 0, 2, 1))
+    for wide in ("0", "1"):
+        monkeypatch.setattr(cm, "GEMV_WIDE", wide)
+        assert cm.gemv_plan(16, True, 16384) == (8, 2, 1, 0, 0, 2, 1)
+        assert cm.gemv_plan(1, True, 4096) == (8, 1, 4, 0, 0, 2, 1)  # 256 blocks
+        assert cm.gemv_plan(16, False, 4096) == (8, 1, 4, 0, 0, 2, 1)  # 16-bit weight
+        assert cm.gemv_plan(16, True) == (8, 2, 1, 0, 0, 2, 1)  # N unknown
+        small = (16, 2, 1, 0, 0, 1, 1) if wide == "1" else (8, 2, 1, 0, 0, 2, 1)
+        assert cm.gemv_plan(16, True, 4096) == small  # 128 blocks
+        assert cm.gemv_plan(9, True, 4224) == small  # 132 blocks
+        assert cm.gemv_plan(9, True, 4225) == (8, 2, 1, 0, 0, 2, 1)  # 133
+        assert cm.gemv_plan(1, True, 2048) == ((16, 1, 4, 0, 0, 1, 1) if wide == "1" else (8, 1, 4, 0, 0, 2, 1))
+    monkeypatch.setattr(cm, "GEMV_PLAN_MT2", (8, 2, 1, -1, 0, 2, 1))  # a capped grid stays as it is
+    assert cm.gemv_plan(16, True, 4096) == (8, 2, 1, -1, 0, 2, 1)
+
+
 def _matmul_gemv_cases():
     """(TA, TB, TO, FB, MT, W, RT, U, STAGES, BOUNDS): each operand kind, both row-tile counts of a, the plans
     the bench times (register loads with and without launch bounds, cp.async rings)."""
@@ -310,6 +371,10 @@ def _matmul_gemv_cases():
     yield f16, u8, f16, 1, 2, 8, 2, 1, 0, 2
     yield b16, u8, mx.float32, 2, 2, 8, 2, 1, 0, 2
     yield b16, u8, mx.float32, 2, 2, 8, 1, 8, 0, 2
+    # Sixteen warps a block under launch bounds 1 (512 threads: 128 registers).
+    yield f16, u8, f16, 1, 2, 16, 2, 1, 0, 1
+    yield b16, u8, b16, 2, 1, 16, 2, 1, 0, 1
+    yield f16, u8, f16, 1, 1, 16, 1, 4, 0, 1
     yield f16, u8, f16, 1, 1, 8, 1, 4, 0, 0
     yield b16, b16, b16, 0, 2, 8, 1, 4, 0, 0
     for w, rt, u, st in ((8, 2, 2, 0), (4, 2, 4, 0), (8, 1, 1, 4), (4, 2, 1, 6), (8, 2, 1, 4), (4, 4, 1, 4)):
@@ -380,7 +445,8 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
         assert len(usage) == len(kernels), log[-2000:]
         for name, (regs, spill_st, spill_ld) in usage.items():
             assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
-            assert not bounds or regs <= 65536 // (256 * bounds), f"{name}: {regs} registers beyond the bounds"
+            threads = 512 if bounds == 1 else 256  # matmul_gemv_bounds<n>.cuh
+            assert not bounds or regs <= 65536 // (threads * bounds), f"{name}: {regs} registers beyond the bounds"
 
 
 @needs_nvcc

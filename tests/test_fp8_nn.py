@@ -229,15 +229,18 @@ def test_compiled_few_rows_path_traces_once(monkeypatch):
 @pytest.mark.parametrize("shape,N,dtype,bias,per_channel,compiled", [
     ((1, 1, 2048), 512, mx.float16, False, True, "1"), ((16, 1008), 129, mx.bfloat16, True, True, "1"),
     ((3, 5, 96), 33, mx.float16, True, False, "0"), ((2, 1, 4096), 2048, mx.bfloat16, False, True, "0")])
-def test_cuda_fp8linear_direct_path(shape, N, dtype, bias, per_channel, compiled, monkeypatch):
+@pytest.mark.parametrize("wide", ["0", "1"])
+def test_cuda_fp8linear_direct_path(shape, N, dtype, bias, per_channel, compiled, wide, monkeypatch):
     """MLX_FLASH_FP8LINEAR_PATH=direct on the GPU, through mx.compile and not:
     the same kernel as the matmul2d path (bit-identical outputs, outputs
     poisoned with NaN), within twice the plain computation's error of
-    float64, gradients as matmul2d's."""
+    float64, gradients as matmul2d's. wide "1": MLX_FLASH_CUDA_GEMV_WIDE's
+    sixteen-warp plans (every N here is small enough for them)."""
     import mlx_flash.nn as fnn
     from mlx_flash.backends import cuda_matmul
 
     monkeypatch.setattr(cuda_matmul, "POISON", float("nan"))
+    monkeypatch.setattr(cuda_matmul, "GEMV_WIDE", wide)
     monkeypatch.setattr(fnn, "_COMPILE", compiled)
     fnn._compiled_direct.cache_clear()  # traces made before the poison
     fnn._compiled_forward.cache_clear()

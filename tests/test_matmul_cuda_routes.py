@@ -304,10 +304,12 @@ def test_cuda_gemv_matches_float64(M, ka, kb, K, N):
 # them), batches and scales. Plans with a sixth entry 2 run clusters of two
 # blocks sharing b by TMA multicast (a unit's second tile below M, b halves
 # beyond N: the odd shapes cover both); a seventh entry True alternates two
-# accumulator sets between the native sums' promotion intervals.
+# accumulator sets between the native sums' promotion intervals; a negative
+# third entry promotes every one or two k32 instructions.
 WS_16 = [(256, 4, 0, True, True), (128, 6, 0, True, True), (256, 4, 0, True, True, 2)]
 WS_FP8 = [(128, 6, 2, True, True), (192, 5, 2, True, True), (128, 6, 2, True, True, 2), (192, 5, 2, True, True, 2),
-          (192, 5, 4, True, True, 2), (128, 7, 4, True, True, 2, True)]
+          (192, 5, 4, True, True, 2), (128, 7, 4, True, True, 2, True), (128, 6, -1, True, True),
+          (128, 6, -2, True, True, 2), (192, 5, -1, True, True), (128, 6, 1, True, True)]
 WS = xdist_group("ws")
 
 
@@ -412,9 +414,10 @@ def test_cuda_wgmma_ws_batched_and_scales(b_batched, cluster):
 # groups (also per SM).
 # A seventh entry 1: the whole-sector weight layout (register loads and cp.async;
 # the default plan has it); (8, 1, 4, 0, 0, 2) is MLX_FLASH_CUDA_GEMV_SECTOR=0's.
+# (16, 2, 1, 0, 0, 1, 1): sixteen warps a block under launch bounds 1 (512 threads).
 GEMV_PLANS = [(8, 1, 8, 0, 0, 2), (8, 1, 4, -1, 0, 2), (8, 1, 4, 0, 0, 0), (8, 2, 2, 0, 0), (8, 1, 1, 0, 4),
               (4, 4, 1, 3, 4), (8, 2, 1, 2, 4), (8, 1, 4, 0, 0, 2), (8, 1, 4, -1, 0, 2, 1), (8, 2, 2, 0, 0, 0, 1),
-              (8, 1, 1, 0, 4, 0, 1), (8, 1, 8, 0, 0, 2, 1)]
+              (8, 1, 1, 0, 4, 0, 1), (8, 1, 8, 0, 0, 2, 1), (16, 2, 1, 0, 0, 1, 1)]
 
 
 @pytest.mark.parametrize("plan", GEMV_PLANS, ids=lambda p: "_".join(map(str, p)))

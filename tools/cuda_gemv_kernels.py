@@ -6,6 +6,8 @@ the host (~30 us per call) for every weight below ~64 MB. GPU machine:
         python tools/cuda_gemv_kernels.py run OUT/segments.json [--plans "8,1,4,0,0;8,1,1,0,4"]
     python tools/cuda_gemv_kernels.py parse OUT/ncu.csv OUT/segments.json OUT/gemv_kernels.json
 
+GEMV_SHAPES (K:N pairs, comma separated) and GEMV_ROWS narrow the run.
+
 `run` makes REPS calls of each case, each call evaluated alone, with a marker
 kernel before every case; `parse` attributes each profiled kernel to the case
 its last marker began and writes the mean time per call (all kernels of a
@@ -25,6 +27,11 @@ import time
 
 SHAPES = ((16384, 16384), (4096, 14336), (14336, 4096), (4096, 4096), (8192, 8192))
 ROWS = (1, 16)
+# GEMV_SHAPES="4096:4096,14336:4096" (K:N pairs) and GEMV_ROWS="1,16" narrow a run.
+if os.environ.get("GEMV_SHAPES"):
+    SHAPES = tuple(tuple(int(v) for v in pair.split(":")) for pair in os.environ["GEMV_SHAPES"].split(","))
+if os.environ.get("GEMV_ROWS"):
+    ROWS = tuple(int(v) for v in os.environ["GEMV_ROWS"].split(","))
 REPS = 1
 # Stop starting new shapes after this many seconds (the profiled run must
 # end by itself for ncu to write its report).
@@ -95,7 +102,8 @@ def parse(csv_path, segments_path, out_path):
     with open(csv_path) as f:
         lines = [line for line in f if line.startswith('"')]
     rows = list(csv.DictReader(lines))
-    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6,  # older ncu
+             "ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}
     seg = -1
     totals, counts = {}, {}
     for r in rows:

@@ -14,7 +14,7 @@ Routes (by operand types and shape; `route_of` decides):
     per call, or MLX_FLASH_CUDA_FP8_WGMMA=native for every fp8 x fp8 call):
     the same kernel on native fp8 wgmma (k32, twice the 16-bit rate; a [K, N]
     b is transposed once first). Hopper's fp8 tensor cores add with a 13-bit
-    mantissa, truncating; the kernel restarts their sums every 256 K and adds
+    mantissa, truncating; the kernel restarts their sums every 128 K and adds
     them in fp32 (two-level accumulation), so the error stays within
     2^-8 * (|a| @ |b|), far below fp8's own rounding (2^-4), but not fp32-exact.
   * "mma" (elsewhere): cuda_src/matmul.cuh,
@@ -78,6 +78,24 @@ WS_NATIVE_CLUSTER_PLAN = (128, 6, 2, True, True, 2)
 if WS_CLUSTER == 2:
     WS_PLANS = {"f16": WS_PLANS["f16"] + (2,), "cvt": WS_PLANS["cvt"] + (2,), "native": WS_NATIVE_CLUSTER_PLAN}
 CVT_WS_MIN_ROWS = 512
+# The native fp8 route's promotion interval: MLX_FLASH_CUDA_FP8_PROMOTE_K =
+# K values the tensor cores sum (truncating, 13 bits) before the sums go to
+# fp32 registers. 128 (PROMOTE 1), the default since session 10: cuBLAS's
+# fp8 "fp32 accumulation" (torch._scaled_mm(use_fast_accum=False)) promotes
+# there too, and on the H200 our errors equal its to every digit printed
+# (benchmarks/results/matmul_cuda_nvidia_h200_s10.json), at 1099 vs 1131
+# TFLOP/s for 256 (8192^3). 256 (PROMOTE 2, the plans' literal value below,
+# the default before); 64 or 32 (PROMOTE -2 / -1, opt-in, not yet timed:
+# every two instructions or every one, the warp-specialised kernel at BN 128
+# or 192 only). tools/fp8_accum_model.py models the error of each.
+_FP8_PROMOTE_K = os.environ.get("MLX_FLASH_CUDA_FP8_PROMOTE_K", "128")
+_PROMOTE_OF_K = {"32": -1, "64": -2, "128": 1, "256": 2}
+if _FP8_PROMOTE_K not in _PROMOTE_OF_K:
+    raise ValueError(f"MLX_FLASH_CUDA_FP8_PROMOTE_K must be one of 32, 64, 128, 256, got {_FP8_PROMOTE_K!r}")
+if _FP8_PROMOTE_K != "256":
+    _p = _PROMOTE_OF_K[_FP8_PROMOTE_K]
+    WS_PLANS = dict(WS_PLANS, native=WS_PLANS["native"][:2] + (_p,) + WS_PLANS["native"][3:])
+    WGMMA_PLANS = dict(WGMMA_PLANS, native=WGMMA_PLANS["native"][:2] + (_p,) + WGMMA_PLANS["native"][3:])
 # Decode (gemv) route: at most this many rows of a.
 GEMV_MAX_ROWS = 16
 # Few-rows kernel plan (matmul_gemv.cuh): (warps per block W, row tiles of 16
@@ -120,9 +138,26 @@ if _PLAN_MT2:
         raise ValueError(f"MLX_FLASH_CUDA_GEMV_PLAN_MT2 needs 5 to 7 entries, got {_PLAN_MT2!r}")
 
 
-def gemv_plan(rows: int, fp8_weight: bool = True) -> tuple:
-    """The default few-rows plan for `rows` rows of a."""
-    return GEMV_PLAN_MT2 if rows > 8 and fp8_weight else GEMV_PLAN
+# Small fp8 weights (opt-in, MLX_FLASH_CUDA_GEMV_WIDE=1; not yet timed on a
+# card): when a plan's row groups give no more blocks than there are SMs
+# (N <= 16 RT SMs, e.g. 4096 rows at 9-16 rows of a: 128 blocks of 8 warps on
+# 132 SMs), each SM runs one block and each warp waits on K / (128 W) chunks
+# in turn: at K 4096 and 8 warps that is 4 round trips to memory for a 16 MB
+# weight. Sixteen warps a block (launch bounds 1: 512 threads, 128 registers)
+# halve each warp's chain and double the bytes in flight per SM.
+GEMV_WIDE = os.environ.get("MLX_FLASH_CUDA_GEMV_WIDE", "0")
+if GEMV_WIDE not in ("0", "1"):
+    raise ValueError(f"MLX_FLASH_CUDA_GEMV_WIDE must be 0 or 1, got {GEMV_WIDE!r}")
+
+
+def gemv_plan(rows: int, fp8_weight: bool = True, N: int = 0) -> tuple:
+    """The default few-rows plan for `rows` rows of a against N weight rows
+    (N = 0: whatever N)."""
+    plan = GEMV_PLAN_MT2 if rows > 8 and fp8_weight else GEMV_PLAN
+    if (GEMV_WIDE == "1" and fp8_weight and N and plan[0] == 8 and plan[3] == 0 and plan[4] == 0
+            and math.ceil(N / (16 * plan[1])) <= sm_count()):
+        plan = (16,) + tuple(plan[1:5]) + (1,) + tuple(plan[6:])
+    return plan
 # Tests set this to NaN: outputs start poisoned, so an element a kernel never
 # writes shows (None: outputs start uninitialised, as they should in use).
 POISON = None
@@ -236,16 +271,24 @@ def gemv_smem(warps: int, stages: int, row_tiles: int, a_tiles: int, b_bytes: in
     return warps * stages * (row_tiles * 4 + a_tiles * (4 if b_bytes == 1 else 2)) * 32 * 16
 
 
+def _check_gemv_bounds(plan, warps: int, bounds: int):
+    """Launch bounds: matmul_gemv_bounds<n>.cuh, n blocks per SM; 1 is for
+    blocks of up to 16 warps (512 threads), 2 and 3 for up to 8."""
+    if bounds not in (0, 1, 2, 3):
+        raise ValueError(f"gemv plan {plan}: launch bounds must be 0 (none), 1, 2 or 3 blocks per SM, got {bounds}")
+    if bounds and warps > (16 if bounds == 1 else 8):
+        raise ValueError(f"gemv plan {plan}: launch bounds {bounds} are for at most {16 if bounds == 1 else 8} warps")
+
+
 def _gemv(a, b, a_scale, b_scale, spec, stream, plan=None):
     """M <= 16 rows of a against an [N, K] b: cuda_src/matmul_gemv.cuh."""
-    plan = tuple(plan or gemv_plan(spec.M, spec.b_fmt is not None))
+    plan = tuple(plan or gemv_plan(spec.M, spec.b_fmt is not None, spec.N))
     if not 5 <= len(plan) <= 7:
         raise ValueError(f"a gemv plan has 5 to 7 entries (W, RT, U, max blocks, STAGES[, bounds, sector]), got {plan}")
     warps, row_tiles, unroll, max_blocks, stages, bounds, sector = (plan + (0, 0))[:7]
     if sector not in (0, 1):
         raise ValueError(f"gemv plan {plan}: sector must be 0 or 1, got {sector}")
-    if bounds and warps > 8:
-        raise ValueError(f"gemv plan {plan}: launch bounds are for at most 8 warps")
+    _check_gemv_bounds(plan, warps, bounds)
     M, N = spec.M, spec.N
     a = _pad_axis(a, 2, 16, stream)
     b = _pad_axis(b, 2, 16, stream)
@@ -363,6 +406,11 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
         if WS_PLANS[kind] and (kind != "cvt" or spec.M >= CVT_WS_MIN_ROWS) and _tma_available():
             plan = WS_PLANS[kind]
     bn, stages, promote, tma, ws, cluster, acc2 = unpack_plan(plan)
+    if native and promote < 0 and not (promote in (-1, -2) and ws and tma and bn in (128, 192) and not acc2
+                                       and _tma_available()):
+        raise ValueError(f"Hopper plan {tuple(plan)}: promotion every {-promote} instruction(s) (promote -1 or -2) "
+                         "needs the warp-specialised TMA kernel at BN 128 or 192 without acc2 "
+                         "(MLX_FLASH_CUDA_FP8_PROMOTE_K 32 or 64 is for the warp-specialised route)")
     transpose_b = spec.transpose_b
     fa, fb = _FMT_CODE[spec.a_fmt], _FMT_CODE[spec.b_fmt]
     if ws and not native and (fa or fb) and _tma_available():
@@ -582,6 +630,9 @@ class _Spec:
     N: int
     K: int
     b_batched: bool
+    # MatmulSpec's too: route_of reads it (without it every fp8 x fp8 call
+    # here without a forced route failed with an AttributeError).
+    fast_accumulation: bool = False
 
 
 def matmul(a, b, *, a_fmt=None, b_fmt=None, a_scale=None, b_scale=None, transpose_b=False,
@@ -642,6 +693,7 @@ def _linear_launch(dtype, fmt: str, per_channel: bool, rows: int, N: int, K: int
     warps, row_tiles, unroll, max_blocks, stages, bounds, sector = (tuple(plan) + (0, 0))[:7]
     if stages:
         raise ValueError(f"gemv plan {plan}: the direct linear path takes register plans only (STAGES 0)")
+    _check_gemv_bounds(plan, warps, bounds)
     a_tiles = 1 if rows <= 8 else 2
     template = [("TA", dtype), ("TB", mx.uint8), ("TO", dtype), ("FB", _FMT_CODE[fmt]), ("AS", False),
                 ("BS", True), ("MT", a_tiles), ("W", warps), ("RT", row_tiles), ("U", unroll), ("STAGES", 0),
@@ -667,7 +719,7 @@ def linear_few_rows(x, weight, scale, fmt: str, stream=None, plan=None):
     if scale.dtype != mx.float32 or scale.size not in (1, N):
         raise ValueError(f"scale: expected float32 with 1 or {N} values, got {scale.dtype} {tuple(scale.shape)}")
     kernel, ip, placeholder, grid, threads = _linear_launch(x.dtype, fmt, scale.size > 1, rows, N, K,
-                                                            tuple(plan or gemv_plan(rows)), getattr(mx.fast, "cuda_kernel", None))
+                                                            tuple(plan or gemv_plan(rows, True, N)), getattr(mx.fast, "cuda_kernel", None))
     (out,) = kernel(inputs=[x, weight, placeholder, scale, ip], grid=grid, threadgroup=threads,
                     output_shapes=[x.shape[:-1] + (N,)], output_dtypes=[x.dtype], init_value=POISON,
                     stream=stream)

@@ -19,8 +19,12 @@ plans:  the Hopper kernel's tile plans side by side at 8192^3.
 calls:  (opt-in) where a decode step's time goes per projection call: graph
         building, evaluation and the pipelined step, fp16 nn.Linear vs
         FP8Linear's few-rows paths (Llama-1B-shaped projections, M = 1).
-fp8err: (opt-in) native fp8 wgmma's distance from fp32 accumulation per
-        promotion interval, against float64, then each plan's TFLOP/s.
+fp8err: (opt-in) e4m3 x e4m3 against float64 of the decoded operands, on the
+        same operands: our exact route, fast_accumulation, the native route
+        per promotion interval, torch._scaled_mm with use_fast_accum False
+        and True, and an fp32 matmul (issue 15: what cuBLAS's "fp32
+        accumulation" is on Hopper).
+fp8speed: (opt-in) TFLOP/s of those products, ours and _scaled_mm.
 layers: four Llama-3-8B-shaped blocks of projections (no attention) as fp16
         nn.Linear vs FP8Linear: a decode step's projections (M = 1) and a
         512-token prefill through the public layers.
@@ -300,6 +304,25 @@ def bench_decode(rec: Recorder, shapes=DECODE_SHAPES, copy_bytes: int = 2 * GIB,
 
     plans = plans or GEMV_PLANS
     copy_gbps = copy_bandwidth(rec, copy_bytes)
+    # The per-call floor under the same timer: an MLX op on 16 values, and the
+    # direct call on a weight of 32 rows (one block: launch plus one block's
+    # latency through K), so a small weight's time splits into fixed and
+    # streaming parts.
+    tiny = mx.zeros((16,), mx.int32)
+    mx.eval(tiny)
+    rec.add(section="decode_floor", case="mlx_add1_16_int32", us=time_lazy(lambda: tiny + 1, 200) * 1e6)
+    for K in sorted({k for k, _ in shapes}):
+        w_one = mx.to_fp8(mx.random.normal((32, K), key=mx.random.key(3)))
+        scale_one = mx.full((1, 32), 0.01)
+        for M in rows:
+            x = mx.random.normal((M, K), key=mx.random.key(M)).astype(mx.float16)
+            mx.eval(w_one, scale_one, x)
+            try:
+                us = time_lazy(lambda: cm.linear_few_rows(x, w_one, scale_one, "e4m3"), 200) * 1e6
+                rec.add(section="decode_floor", case="ours_direct_one_block", M=M, K=K, N=32, us=us)
+            except Exception as e:  # noqa: BLE001
+                rec.add(section="decode_floor", case="ours_direct_one_block", M=M, K=K, N=32,
+                        error=f"{type(e).__name__}: {e}"[:500])
     for K, N in shapes:
         key = mx.random.key(K + N)
         w16 = (mx.random.normal((N, K), key=key) * 0.02).astype(mx.float16)
@@ -371,52 +394,140 @@ def bench_plans(rec: Recorder, n: int = 8192):
 
 # Native fp8 plans whose accumulation error the fp8err section measures:
 # (BN, stages, promotion interval in stages of 128 K, TMA, warp-specialised).
-FP8ERR_PLANS = ((128, 6, 2, True, True), (128, 6, 1, True, True), (256, 4, 0, True, True))
+# PROMOTE 1 restarts the tensor-core sums every 4 k32 instructions (DeepGEMM's
+# interval), 2 every 8 (the route's default), 0 never, -1 / -2 every
+# instruction / every two (MLX_FLASH_CUDA_FP8_PROMOTE_K 32 / 64).
+FP8ERR_PLANS = ((128, 6, -1, True, True), (192, 5, -1, True, True), (128, 6, -2, True, True),
+                (128, 6, 1, True, True), (128, 6, 2, True, True), (256, 4, 0, True, True))
+FP8ERR_DISTS = ("normal", "positive")
 
 
-def bench_fp8err(rec: Recorder, ks=(1024, 8192), m: int = 256, plans=FP8ERR_PLANS, time_n: int = 8192):
-    """How far native fp8 wgmma sums are from fp32 accumulation, per promotion
-    interval: e4m3 x e4m3 (codes of normal values) against float64 of the
-    decoded operands; rel_err = max |out - ref| / max |ref| (the tests' fp32
-    bound is 1e-6 sqrt(K) + 1e-7; the project's rule 1e-4) and
-    bound_ratio = max |out - ref| / (|a| @ |b|) (the route's tested bound is
-    2^-8). The exact route (fp8 decoded to fp16 in the kernel, fp32 sums) is
-    the control. Then TFLOP/s of each plan at time_n^3."""
-    import numpy as np
+def _fp8_operands(shape, key, dist):
+    """e4m3 codes of normal draws ("positive": their absolute values, so every
+    partial sum grows one way and a truncating accumulator's error adds up)."""
+    x = mx.random.normal(shape, key=key)
+    return mx.to_fp8(mx.abs(x) if dist == "positive" else x)
 
-    from .. import fp8 as fp8mod
+
+def _fp8_error_row(out, ref, absref, torch):
+    """Distances of `out` from the float64 product `ref` (torch, on the card):
+    rel_err = max |err| / max |ref|; rms_rel = ||err|| / ||ref||;
+    bound_ratio = max |err| / (|a| @ |b|) (the native route's tested bound is
+    2^-8); toward_zero = mean(-err * sign(ref)) / mean |ref| (> 0: sums land
+    nearer zero than they should, the mark of truncation)."""
+    err = out.to(torch.float64) - ref
+    return dict(rel_err=float(err.abs().max() / ref.abs().max()),
+                rms_rel=float(err.norm() / ref.norm()),
+                bound_ratio=float((err.abs() / absref.clamp_min(1e-300)).max()),
+                toward_zero=float((-err * ref.sign()).mean() / ref.abs().mean()),
+                nonfinite=int((~torch.isfinite(out)).sum()))
+
+
+def bench_fp8err(rec: Recorder, ks=(4096, 8192), m: int = 4096, plans=FP8ERR_PLANS, dists=FP8ERR_DISTS):
+    """Issue 15 (A): what "fp32 accumulation" of e4m3 x e4m3 means on Hopper.
+    On the same random e4m3 operands ([m, K] x [m, K]^T, float32 results),
+    the distance from float64 of the decoded operands of: matmul2d's default
+    (exact) route, matmul2d(..., fast_accumulation=True), the native route
+    with each promotion interval in `plans`, torch._scaled_mm with
+    use_fast_accum False and True (cuBLAS), and torch's float32 matmul of the
+    decoded operands (TF32 off: plain fp32 accumulation, the control).
+    fp32_test_tol is the tests' fp32 bound, 1e-6 sqrt(K) + 1e-7. Errors
+    only (no timing): fp8speed times the same products."""
+    import mlx_flash
     from ..backends import cuda_matmul as cm
 
-    table = fp8mod.decode_table("e4m3").astype(np.float64)
-    for K in ks:
-        ka, kb = mx.random.split(mx.random.key(K))
-        a8 = mx.to_fp8(mx.random.normal((m, K), key=ka))
-        b8 = mx.to_fp8(mx.random.normal((m, K), key=kb))
+    np, torch = _torch()
+    if torch is None:
+        raise RuntimeError("fp8err needs torch (float64 reference and torch._scaled_mm on the card)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    one = torch.ones((), device="cuda")
+    for dist in dists:
+        for K in ks:
+            ka, kb = mx.random.split(mx.random.key(K + (1 if dist == "positive" else 0)))
+            a8, b8 = _fp8_operands((m, K), ka, dist), _fp8_operands((m, K), kb, dist)
+            mx.eval(a8, b8)
+            ta = torch.from_numpy(np.array(a8)).cuda().view(torch.float8_e4m3fn)
+            tb = torch.from_numpy(np.array(b8)).cuda().view(torch.float8_e4m3fn)
+            a64, b64 = ta.float().double(), tb.float().double()
+            ref = a64 @ b64.T
+            absref = a64.abs() @ b64.abs().T
+            base = dict(section="fp8err", dist=dist, M=m, N=m, K=K, fp32_test_tol=1e-6 * K ** 0.5 + 1e-7)
+            runs = {
+                "ours_exact_default": lambda: mlx_flash.matmul2d(a8, b8, a_fmt="e4m3", b_fmt="e4m3",
+                                                                 transpose_b=True, out_dtype=mx.float32),
+                "ours_fast_accumulation": lambda: mlx_flash.matmul2d(
+                    a8, b8, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float32,
+                    fast_accumulation=True),
+                **{f"ours_native_bn{p[0]}_promote{p[2]}": (lambda p=p: cm.matmul(
+                    a8, b8, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float32, route="wgmma_fp8",
+                    plan=p)) for p in plans},
+            }
+            for case, fn in runs.items():
+                try:
+                    out = torch.from_numpy(np.array(fn(), copy=True)).cuda()
+                    rec.add(**base, case=case, **_fp8_error_row(out, ref, absref, torch))
+                except Exception as e:  # noqa: BLE001
+                    rec.add(**base, case=case, error=f"{type(e).__name__}: {e}"[:500])
+            torch_runs = {
+                "torch_scaled_mm_fast_accum_false": lambda: torch._scaled_mm(
+                    ta, tb.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=False),
+                "torch_scaled_mm_fast_accum_true": lambda: torch._scaled_mm(
+                    ta, tb.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=True),
+                "torch_fp32_of_decoded": lambda: a64.float() @ b64.float().T,
+            }
+            for case, fn in torch_runs.items():
+                try:
+                    rec.add(**base, case=case, **_fp8_error_row(fn(), ref, absref, torch))
+                except Exception as e:  # noqa: BLE001
+                    rec.add(**base, case=case, error=f"{type(e).__name__}: {e}"[:500])
+            del ta, tb, a64, b64, ref, absref
+            torch.cuda.empty_cache()
+
+
+def bench_fp8speed(rec: Recorder, shapes=((4096, 4096, 8192), (8192, 8192, 8192)), plans=FP8ERR_PLANS):
+    """TFLOP/s of the fp8err section's products (e4m3 x e4m3, b as [N, K],
+    float16 results), ours and torch._scaled_mm side by side in one process."""
+    import mlx_flash
+    from ..backends import cuda_matmul as cm
+
+    np, torch = _torch()
+    for M, N, K in shapes:
+        flops = 2 * M * N * K
+        reps = min(50, max(5, int(4e13 // flops)))
+        ka, kb = mx.random.split(mx.random.key(M + K))
+        a8, b8 = _fp8_operands((M, K), ka, "normal"), _fp8_operands((N, K), kb, "normal")
         mx.eval(a8, b8)
-        a64, b64 = table[np.array(a8)], table[np.array(b8)]
-        ref = a64 @ b64.T
-        absref = np.abs(a64) @ np.abs(b64).T
-        runs = [("exact_wgmma", "wgmma", None)] + [("native", "wgmma_fp8", p) for p in plans]
-        for case, route, plan in runs:
+        cases = {
+            "ours_exact_default": lambda: mlx_flash.matmul2d(a8, b8, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                             out_dtype=mx.float16),
+            "ours_fast_accumulation": lambda: mlx_flash.matmul2d(a8, b8, a_fmt="e4m3", b_fmt="e4m3",
+                                                                 transpose_b=True, out_dtype=mx.float16,
+                                                                 fast_accumulation=True),
+            **{f"ours_native_bn{p[0]}_promote{p[2]}": (lambda p=p: cm.matmul(
+                a8, b8, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float16, route="wgmma_fp8",
+                plan=p)) for p in plans},
+        }
+        for case, fn in cases.items():
             try:
-                out = cm.matmul(a8, b8, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float32,
-                                route=route, plan=plan)
-                err = np.abs(np.array(out, dtype=np.float64) - ref)
-                rec.add(section="fp8err", case=case, plan=None if plan is None else list(plan), M=m, N=m, K=K,
-                        rel_err=float(err.max() / np.abs(ref).max()), bound_ratio=float((err / absref).max()),
-                        fp32_test_tol=1e-6 * K ** 0.5 + 1e-7)
+                t, clocks = time_lazy_clocked(fn, reps)
+                rec.add(section="fp8speed", case=case, M=M, N=N, K=K, ms=t * 1e3, tflops=flops / t / 1e12, **clocks)
             except Exception as e:  # noqa: BLE001
-                rec.add(section="fp8err", case=case, plan=None if plan is None else list(plan), K=K,
+                rec.add(section="fp8speed", case=case, M=M, N=N, K=K, error=f"{type(e).__name__}: {e}"[:500])
+        if torch is None:
+            continue
+        ta = torch.from_numpy(np.array(a8)).cuda().view(torch.float8_e4m3fn)
+        tb = torch.from_numpy(np.array(b8)).cuda().view(torch.float8_e4m3fn).t()  # column-major [K, N]
+        one = torch.ones((), device="cuda")
+        for fast in (False, True):
+            try:
+                t = time_torch(lambda: torch._scaled_mm(ta, tb, scale_a=one, scale_b=one, out_dtype=torch.float16,
+                                                        use_fast_accum=fast), reps)
+                rec.add(section="fp8speed", case=f"torch_scaled_mm_fast_accum_{str(fast).lower()}", M=M, N=N, K=K,
+                        ms=t * 1e3, tflops=flops / t / 1e12, **gpu_clocks())
+            except Exception as e:  # noqa: BLE001
+                rec.add(section="fp8speed", case=f"torch_scaled_mm_fast_accum_{str(fast).lower()}", M=M, N=N, K=K,
                         error=f"{type(e).__name__}: {e}"[:500])
-    if time_n:
-        a8 = mx.to_fp8(mx.random.normal((time_n, time_n), key=mx.random.key(1)))
-        b8 = mx.to_fp8(mx.random.normal((time_n, time_n), key=mx.random.key(2)))
-        mx.eval(a8, b8)
-        for plan in plans:
-            t, clocks = time_lazy_clocked(lambda: cm.matmul(a8, b8, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
-                                                            out_dtype=mx.float16, route="wgmma_fp8", plan=plan), 5)
-            rec.add(section="fp8err", case="native_speed", plan=list(plan), n=time_n,
-                    tflops=2 * time_n ** 3 / t / 1e12, **clocks)
+        del ta, tb
 
 
 def plot(path: str) -> str:
@@ -744,8 +855,9 @@ def main(argv=None):
                 "plans": lambda: bench_plans(rec, 256 if args.warm else 8192),
                 "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512)),
                 "llama": lambda: bench_llama(rec, tuple(args.llama_models.split(","))),
-                "fp8err": lambda: bench_fp8err(rec, (256,) if args.warm else (1024, 8192), 128 if args.warm else 256,
-                                               time_n=0 if args.warm else 8192),
+                "fp8err": lambda: bench_fp8err(rec, (256,) if args.warm else (4096, 8192), 128 if args.warm else 4096),
+                "fp8speed": lambda: bench_fp8speed(rec, ((256, 256, 256),) if args.warm else
+                                                   ((4096, 4096, 8192), (8192, 8192, 8192))),
                 "calls": lambda: bench_calls(rec, 1 if args.warm else 16, 2 if args.warm else 40)}
     path = args.out if args.out.endswith(".json") else os.path.join(args.out, f"matmul_cuda_{slug(card)}.json")
     _, torch = _torch()

@@ -4,8 +4,7 @@
 MLX builds (inputs as `const T*`, outputs as `T*`, template constants at the top
 of the body), with the header mlx_flash passes, compiles it as C++ with
 clang-19 against a small emulation of the CUDA device language
-(include/cuda_emu.h, mma_emu.cuh in place of cuda_src/mma.cuh, wgmma_emu.cuh
-in place of wgmma.cuh, wgmma_gemm.cuh and tma.cuh) and runs the
+(include/cuda_emu.h, mma_emu.cuh in place of cuda_src/mma.cuh) and runs the
 grid on the fiber runtime of the Metal emulation (tests/metal_emu/runtime):
 every CUDA thread a fiber, a block a threadgroup, a warp a SIMD-group.
 
@@ -22,10 +21,11 @@ heuristics, kernel chaining) run unchanged on a machine without a GPU:
     with patched_cuda_kernel():
         out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.cpu)
 
-The Hopper attention kernels (attention_fwd_ws.cuh, attention_fwd_wgmma.cuh,
-attention_bwd_wgmma.cuh, attention_bwd_ws.cuh) keep their text: ptx_asm.py
-rewrites their inline PTX into hopper_emu.cuh's emulation (TMA, mbarriers,
-named barriers, wgmma SS / RS). `patched_hopper()` adds what an H200 gives the
+The Hopper kernels (the GEMM matmul_wgmma.cuh / matmul_wgmma_ws.cuh, and
+attention_fwd_ws.cuh, attention_fwd_wgmma.cuh, attention_bwd_wgmma.cuh,
+attention_bwd_ws.cuh) keep their text: ptx_asm.py rewrites their inline PTX
+into hopper_emu.cuh's emulation (TMA, mbarriers, named barriers, wgmma SS / RS,
+16-bit and fp8 kinds). `patched_hopper()` adds what an H200 gives the
 wrappers (sm_90, TMA with tensor maps in the emulation's encoding, an SM
 count), so they route as there.
 
@@ -64,9 +64,7 @@ _NUMPY = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16
 _INCLUDE_LINE = re.compile(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', re.M)
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned\s+char\s+(\w+)\[\];")
 _STATIC_SMEM = re.compile(r"(?<!extern )__shared__\s+(?:__align__\(\d+\)\s+)?((?:(?:unsigned|long)\s+)*\w+)\s+((?:[^;()\[]|\[[^\];]+\])+);")
-# Headers of the Hopper GEMM that wgmma_emu.cuh stands in for (wgmma.cuh first).
-_HOPPER_HEADERS = ("wgmma.cuh", "wgmma_gemm.cuh", "tma.cuh")
-# PTX of the Hopper attention kernels (ptx_asm.py rewrites it, hopper_emu.cuh runs it).
+# PTX of the Hopper kernels (ptx_asm.py rewrites it, hopper_emu.cuh runs it).
 _HOPPER_MARKERS = ("wgmma.", "mbarrier.", "cp.async.bulk", "setmaxnreg", "bar.sync")
 
 
@@ -102,18 +100,13 @@ def _emulated_header(header: str) -> str:
     real_decode_ptx = cuda_backend._minify(strip(cuda_backend._read("decode_ptx.cuh")))
     if real_decode_ptx in header:
         header = header.replace(real_decode_ptx, strip(_read(os.path.join(_HERE, "decode_ptx_emu.cuh"))))
-    # The Hopper GEMM's PTX (matmul_wgmma.cuh): wgmma.cuh, its generated
-    # wrappers and tma.cuh, all three replaced by wgmma_emu.cuh.
-    hopper = [cuda_backend._minify(strip(cuda_backend._read(name))) for name in _HOPPER_HEADERS]
-    if all(text in header for text in hopper):
-        header = header.replace(hopper[0], strip(_read(os.path.join(_HERE, "wgmma_emu.cuh"))))
-        for text in hopper[1:]:
-            header = header.replace(text, "")
-    elif any(marker in original for marker in _HOPPER_MARKERS):
-        # The Hopper attention kernels (attention_fwd_ws.cuh, attention_bwd_*.cuh):
-        # their inline PTX, wherever it stands, rewritten into hopper_emu.cuh's calls.
-        header = (f"#define EMU_TMA_EARLY {int(TMA_EARLY)}\n" + _read(os.path.join(_HERE, "hopper_emu.cuh")) + "\n"
-                  + ptx_asm.translate(header))
+    if any(marker in original for marker in _HOPPER_MARKERS):
+        # The Hopper kernels (the GEMM matmul_wgmma*.cuh, attention_fwd_ws.cuh,
+        # attention_bwd_*.cuh): their inline PTX, wherever it stands, rewritten
+        # into hopper_emu.cuh's calls.
+        header = (f"#define EMU_TMA_EARLY {int(TMA_EARLY)}\n#define EMU_FP8_ACCUM_BITS {int(FP8_ACCUM_BITS)}\n"
+                  f"#define EMU_FP8_ACCUM_CUT_ACC {int(FP8_ACCUM_CUT_ACC)}\n"
+                  + _read(os.path.join(_HERE, "hopper_emu.cuh")) + "\n" + ptx_asm.translate(header))
     return _shared_declarations(header)
 
 
@@ -204,6 +197,12 @@ def _view_bytes(x: mx.array):
 # Hopper TMA loads write their bytes at issue (True) instead of when their
 # barrier is first polled (hopper_emu.cuh, tma_land).
 TMA_EARLY = False
+# fp8 wgmma (hopper_emu.cuh): 0 sums in fp32; > 0 models
+# Hopper's truncating fp8 accumulation with that many fraction bits below the
+# largest term's exponent (the running accumulator cut too unless
+# FP8_ACCUM_CUT_ACC is False); tools/fp8_accum_model.py is the same in numpy.
+FP8_ACCUM_BITS = 0
+FP8_ACCUM_CUT_ACC = True
 
 # (kernel name, template values) of every launch, newest last: tests check
 # which kernel a wrapper's routing chose.
@@ -230,8 +229,7 @@ class CudaKernel:
         params += [f"  const Strides {n}_strides = __emu_strides(__b[{first + i}]);"
                    for i, n in enumerate(self.strided)]
         header = _emulated_header(self.header)
-        start = "".join(f"  mlx_flash::{fn}();\n" for fn in ("emu_thread_start", "emu_wgmma_thread_start",
-                                                            "emu_hopper_thread_start") if fn in header)
+        start = "".join(f"  mlx_flash::{fn}();\n" for fn in ("emu_thread_start", "emu_hopper_thread_start") if fn in header)
         source = ptx_asm.translate(self.source) if "namespace emu_hopper" in header else self.source
         return "\n".join([
             '#include "cuda_emu.h"',
@@ -339,6 +337,13 @@ def tensor_map_3d(elem_bytes: int, inner: int, rows: int, slabs: int, box_rows: 
                             64, box_rows, 1, 0).ljust(128, b"\0")
 
 
+def tensor_map_2d(elem_bytes: int, inner: int, outer: int, box_inner: int, box_outer: int) -> bytes:
+    """cuda_matmul.tensor_map_template's map (row-major [outer][inner], boxes of
+    box_inner x box_outer, 128-byte swizzle, zero fill) in the emulation's encoding."""
+    return _TENSOR_MAP.pack(_TENSOR_MAP_TAG, 2, elem_bytes, 128, 0, inner, outer, 1, inner * elem_bytes,
+                            inner * outer * elem_bytes, box_inner, box_outer, 1, 0).ljust(128, b"\0")
+
+
 @contextlib.contextmanager
 def patched_hopper(sm_count: int = 3):
     """patched_cuda_kernel, and what an H100/H200 gives the CUDA wrappers: sm_90,
@@ -349,9 +354,10 @@ def patched_hopper(sm_count: int = 3):
     from mlx_flash.backends import cuda_fwd_ws, cuda_matmul
 
     swaps = [(cuda_backend, "_is_hopper", lambda: True), (cuda_matmul, "_tma_available", lambda: True),
-             (cuda_fwd_ws, "tensor_map_3d", tensor_map_3d), (cuda_fwd_ws, "sm_count", lambda: sm_count)]
+             (cuda_fwd_ws, "tensor_map_3d", tensor_map_3d), (cuda_fwd_ws, "sm_count", lambda: sm_count),
+             (cuda_matmul, "tensor_map_template", tensor_map_2d), (cuda_matmul, "sm_count", lambda: sm_count)]
     saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
-    caches = [cuda_fwd_ws._kernel, cuda_fwd_ws._templates] + [
+    caches = [cuda_fwd_ws._kernel, cuda_fwd_ws._templates, cuda_matmul._tma_template_array] + [
         getattr(cuda_backend, n) for n in ("_bwd_ws_kernel",) if hasattr(getattr(cuda_backend, n), "cache_clear")]
     for cache in caches:
         cache.cache_clear()

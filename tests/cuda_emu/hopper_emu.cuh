@@ -30,14 +30,21 @@
 //   must stay as they were at issue, else the
 //   launch fails (the kernel overwrote an operand in flight); its accumulator
 //   reads as NaN while in flight (a kernel that reads it early sees NaN).
+//   16-bit (k16) and fp8 (k32, the GEMM's mixed e4m3 / e5m2 pairs) kinds.
 //   Products are summed in fp32 in k order: no model of the tensor cores'
-//   own rounding.
-// * setmaxnreg, fences: no-ops. %globaltimer and %smid read 0.
+//   own rounding, unless EMU_FP8_ACCUM_BITS asks for one of fp8 sums (below).
+// * Clusters (the GEMM's matmul_cluster.cuh) of one block only: its rank is 0,
+//   the cluster barrier is the block's; multicast fails the launch.
+// * setmaxnreg, fences: no-ops. %globaltimer and %smid read 0. __trap fails
+//   the launch.
 // * Bulk copies (bwd): cp.reduce.async.bulk add.f32 runs at its bulk wait.
 #pragma once
 
 #include <cmath>
 #include <cstring>
+#include <cuda_fp8.h>  // fp8 wgmma operands (the GEMM)
+
+inline void __trap() { __emu_fail("__trap"); }
 
 namespace mlx_flash {
 inline void emu_cp_async_land_all();  // mma_emu.cuh
@@ -166,6 +173,12 @@ inline void mbar_arrive(unsigned addr, unsigned expect_tx) {
   if (m.pending == 0) __emu_fail("mbarrier: an arrive on a phase whose arrivals are all in");
   --m.pending;
   mbar_store(addr, m);
+}
+// An arrival on the mbarrier at `addr` in block `rank` of the cluster: the
+// emulation runs clusters of one block, so only rank 0 (the block itself).
+inline void cluster_arrive(unsigned addr, unsigned rank) {
+  if (rank != 0) __emu_fail("an arrival on another block of a cluster: clusters of two are not emulated");
+  mbar_arrive(addr, 0u);
 }
 inline void mbar_complete_tx(unsigned addr, unsigned bytes) {
   ++__emu_progress();
@@ -344,17 +357,28 @@ inline Desc desc(unsigned long long d) {
   return Desc{unsigned(d & 0x3FFF) << 4, unsigned((d >> 16) & 0x3FFF) << 4, unsigned((d >> 32) & 0x3FFF) << 4};
 }
 // Byte address of element (row = M or N index, k) of a K-major operand, or
-// (k, mn) of an MN-major one (64-element atoms of 128 bytes along MN).
+// (k, mn) of an MN-major one (atoms of 128 bytes along MN); BYTES per element.
+template <int BYTES = 2>
 inline unsigned k_major(const Desc& D, int row, int k) {
-  return swizzle128(D.start + unsigned(row / 8) * D.sbo + unsigned(row % 8) * 128 + unsigned(k * 2));
+  return swizzle128(D.start + unsigned(row / 8) * D.sbo + unsigned(row % 8) * 128 + unsigned(k * BYTES));
 }
+template <int BYTES = 2>
 inline unsigned mn_major(const Desc& D, int k, int mn) {
-  return swizzle128(D.start + unsigned(mn / 64) * D.lbo + unsigned(k / 8) * D.sbo + unsigned(k % 8) * 128 +
-                    unsigned((mn % 64) * 2));
+  constexpr int PER = 128 / BYTES;
+  return swizzle128(D.start + unsigned(mn / PER) * D.lbo + unsigned(k / 8) * D.sbo + unsigned(k % 8) * 128 +
+                    unsigned((mn % PER) * BYTES));
 }
+// Operand kinds (the GEMM's wgmma_gemm.cuh numbering): 1 e4m3, 2 e5m2 (one
+// byte, k32), 16 half, 17 bfloat16 (two bytes, k16).
+template <int KIND>
+constexpr int kind_bytes() { return KIND == 1 || KIND == 2 ? 1 : 2; }
 template <int KIND>
 inline float value(unsigned short bits) {
-  if constexpr (KIND == 16) {
+  if constexpr (KIND == 1 || KIND == 2) {
+    __half h;
+    h.x = __emu_fp8_to_half_bits((unsigned char)bits, KIND == 1 ? __NV_E4M3 : __NV_E5M2);
+    return __half2float(h);
+  } else if constexpr (KIND == 16) {
     __half h;
     h.x = bits;
     return __half2float(h);
@@ -362,11 +386,48 @@ inline float value(unsigned short bits) {
     return __uint_as_float(unsigned(bits) << 16);
   }
 }
-inline unsigned short smem16(unsigned addr) {
-  unsigned short v;
-  if (addr + 2 > __emu_dynamic_smem_bytes) __emu_fail("wgmma operand outside dynamic shared memory");
-  std::memcpy(&v, __emu_dynamic_smem() + addr, 2);
+template <int BYTES = 2>
+inline unsigned short smem_element(unsigned addr) {
+  unsigned short v = 0;
+  if (addr + BYTES > __emu_dynamic_smem_bytes) __emu_fail("wgmma operand outside dynamic shared memory");
+  std::memcpy(&v, __emu_dynamic_smem() + addr, BYTES);
   return v;
+}
+inline unsigned short smem16(unsigned addr) { return smem_element<2>(addr); }
+
+// Hopper's fp8 accumulation, modelled on request (harness.FP8_ACCUM_BITS > 0;
+// 0, the default, sums in fp32 like the 16-bit kinds): per output, the k32
+// instruction's products (exact) and the running accumulator are aligned to
+// the largest exponent among them, each cut toward zero to
+// EMU_FP8_ACCUM_BITS fraction bits below it (the accumulator too unless
+// EMU_FP8_ACCUM_CUT_ACC is 0), and summed exactly. tools/fp8_accum_model.py
+// is the same model in numpy, fitted to the card's results; a term that is
+// not finite leaves the plain fp32 sum.
+#ifndef EMU_FP8_ACCUM_BITS
+#define EMU_FP8_ACCUM_BITS 0
+#endif
+#ifndef EMU_FP8_ACCUM_CUT_ACC
+#define EMU_FP8_ACCUM_CUT_ACC 1
+#endif
+inline float fp8_truncating_sum(float acc, const float* a, const float* b, int count) {
+  double top = std::fabs(double(acc)), prods[32];
+  bool finite = std::isfinite(acc);
+  for (int k = 0; k < count; ++k) {
+    prods[k] = double(a[k]) * double(b[k]);
+    finite = finite && std::isfinite(prods[k]);
+    top = std::fmax(top, std::fabs(prods[k]));
+  }
+  if (!finite) {
+    for (int k = 0; k < count; ++k) acc += a[k] * b[k];
+    return acc;
+  }
+  if (top == 0.0) return 0.f;
+  int e2;
+  std::frexp(top, &e2);  // top = f 2^e2, f in [0.5, 1): its exponent is e2 - 1
+  const double ulp = std::ldexp(1.0, e2 - 1 - EMU_FP8_ACCUM_BITS);
+  double sum = EMU_FP8_ACCUM_CUT_ACC ? std::trunc(double(acc) / ulp) * ulp : double(acc);
+  for (int k = 0; k < count; ++k) sum += std::trunc(prods[k] / ulp) * ulp;
+  return float(sum);
 }
 
 constexpr int kMaxOps = 48, kMaxN = 256;
@@ -393,36 +454,43 @@ inline OpQueue& op_queue(unsigned tid) {
 inline OpQueue& op_queue() { return op_queue(__emu_attrs()->thread_index_in_threadgroup); }
 
 // Reads (check: hashes) this thread's operands; computes d unless check.
-template <int KIND, int N>
+// KA, KB: the operands' kinds (equal but for the GEMM's mixed fp8 pairs).
+template <int KA, int KB, int N>
 inline void wgmma_exec(Op& op, bool check) {
+  static_assert(kind_bytes<KA>() == kind_bytes<KB>(), "wgmma: both operands are 8-bit or both 16-bit");
+  constexpr int BYTES = kind_bytes<KA>(), K = 32 / BYTES;
   const int tid = int(op.tid) % 128;
   const int warp = tid / 32, g = (tid % 32) / 4, t = tid % 4;
   unsigned long long h = 1469598103934665603ull;
   auto mix = [&](unsigned short v) { h = (h ^ v) * 1099511628211ull; };
-  float A[2][16], B[N / 4][16];
+  float A[2][K], B[N / 4][K];
   if (!op.a) {
     const Desc D = desc(op.da);
     for (int r = 0; r < 2; ++r)
-      for (int k = 0; k < 16; ++k) {
+      for (int k = 0; k < K; ++k) {
         const int row = 16 * warp + g + 8 * r;
-        const unsigned short v = smem16(op.ta ? mn_major(D, k, row) : k_major(D, row, k));
+        const unsigned short v = smem_element<BYTES>(op.ta ? mn_major<BYTES>(D, k, row) : k_major<BYTES>(D, row, k));
         mix(v);
-        A[r][k] = value<KIND>(v);
+        A[r][k] = value<KA>(v);
       }
   } else {  // the m16n8k16 A layout per warp: (row, k) in lane 4 (row % 8) + (k % 8) / 2
-    for (int r = 0; r < 2; ++r)
-      for (int k = 0; k < 16; ++k) {
-        const unsigned reg = op.quad[(k % 8) / 2][r + (k >= 8 ? 2 : 0)];
-        A[r][k] = value<KIND>((unsigned short)(k % 2 ? reg >> 16 : reg & 0xFFFFu));
-      }
+    if constexpr (BYTES == 2) {
+      for (int r = 0; r < 2; ++r)
+        for (int k = 0; k < K; ++k) {
+          const unsigned reg = op.quad[(k % 8) / 2][r + (k >= 8 ? 2 : 0)];
+          A[r][k] = value<KA>((unsigned short)(k % 2 ? reg >> 16 : reg & 0xFFFFu));
+        }
+    } else {
+      __emu_fail("wgmma RS: only 16-bit A registers are emulated");
+    }
   }
   const Desc D = desc(op.db);
   for (int c = 0; c < N / 4; ++c)
-    for (int k = 0; k < 16; ++k) {
+    for (int k = 0; k < K; ++k) {
       const int col = 8 * (c / 2) + 2 * t + (c % 2);
-      const unsigned short v = smem16(op.tb ? mn_major(D, k, col) : k_major(D, col, k));
+      const unsigned short v = smem_element<BYTES>(op.tb ? mn_major<BYTES>(D, k, col) : k_major<BYTES>(D, col, k));
       mix(v);
-      B[c][k] = value<KIND>(v);
+      B[c][k] = value<KB>(v);
     }
   if (check) {
     op.hash = h;
@@ -437,19 +505,23 @@ inline void wgmma_exec(Op& op, bool check) {
       float sum = op.acc ? op.d[4 * j + c] : 0.f;
       const float* a = A[c / 2];
       const float* b = B[2 * j + (c % 2)];
-      for (int k = 0; k < 16; ++k) sum += a[k] * b[k];
+      if constexpr (BYTES == 1 && EMU_FP8_ACCUM_BITS > 0) {
+        sum = fp8_truncating_sum(sum, a, b, K);
+      } else {
+        for (int k = 0; k < K; ++k) sum += a[k] * b[k];
+      }
       op.d[4 * j + c] = sum;
     }
 }
 
-template <int KIND, int N>
+template <int KA, int KB, int N>
 inline void wgmma(float* d, const unsigned* a, unsigned long long da, unsigned long long db, int acc, int ta, int tb) {
   static_assert(N % 8 == 0 && N <= kMaxN, "wgmma: N");
   ++__emu_progress();
   OpQueue& q = op_queue();
   if (q.count == kMaxOps) __emu_fail("more than 48 wgmma in flight in one thread");
   Op& op = q.ops[q.count];
-  op.exec = &wgmma_exec<KIND, N>;
+  op.exec = &wgmma_exec<KA, KB, N>;
   op.d = d;
   op.a = a;
   op.da = da;
@@ -480,7 +552,7 @@ inline void wgmma(float* d, const unsigned* a, unsigned long long da, unsigned l
     std::memcpy(op.keep, d, sizeof(float) * (N / 2));
     for (int i = 0; i < N / 2; ++i) d[i] = std::nanf("");  // in flight: reading it is a race
   }
-  wgmma_exec<KIND, N>(op, true);
+  wgmma_exec<KA, KB, N>(op, true);
   ++q.count;
 }
 inline void wgmma_commit() {

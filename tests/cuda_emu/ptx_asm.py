@@ -16,6 +16,9 @@ from __future__ import annotations
 import re
 
 _ASM = re.compile(r"\basm\s*(?:volatile\s*)?\(")
+# wgmma operand kinds as hopper_emu.cuh numbers them (wgmma_gemm.cuh's numbering).
+_KINDS = {"e4m3": 1, "e5m2": 2, "f16": 16, "bf16": 17}
+_FP8_KINDS = ("e4m3", "e5m2")
 _STRING = re.compile(r'"((?:\\.|[^"\\])*)"')
 
 
@@ -98,12 +101,15 @@ def _statement(template: str, outs: list, ins: list) -> str:
         if t.startswith(noop):
             return ";"
     if "wgmma.mma_async" in t:
-        m = re.search(r"m64n(\d+)k16\.f32\.(bf16|f16)\.(?:bf16|f16) \{[^}]*\}, (\{[^}]*\}|%\d+), (%\d+), p, 1, 1(.*);", t)
+        m = re.search(r"m64n(\d+)k(16|32)\.f32\.(bf16|f16|e4m3|e5m2)\.(bf16|f16|e4m3|e5m2) \{[^}]*\}, "
+                      r"(\{[^}]*\}|%\d+), (%\d+), p, 1, 1(.*);", t)
         pred = re.search(r"setp\.ne\.b32 p, (%\d+), 0", t)
-        if not m or not pred:
+        if not m or not pred or (m[2] == "32") != (m[3] in _FP8_KINDS) or (m[3] in _FP8_KINDS) != (m[4] in _FP8_KINDS):
             raise AssertionError(f"cuda_emu: wgmma not understood: {t!r}")
-        n, kind, a, b, rest = int(m[1]), 17 if m[2] == "bf16" else 16, m[3], m[4], m[5]
-        trans = [op(x) for x in re.findall(r"%\d+|\b\d+\b", rest)]
+        n, ka, kb, a, b, rest = int(m[1]), _KINDS[m[3]], _KINDS[m[4]], m[5], m[6], m[7]
+        kind = f"{ka}, {kb}"
+        # 16-bit kinds: transpose immediates for A and B follow the scales; fp8 has none (K-major only).
+        trans = [op(x) for x in re.findall(r"%\d+|\b\d+\b", rest)] or ["0", "0"]
         d = re.match(r"(.*)\[0\]$", outs[0][1])
         if not d or len(outs) != n // 2:
             raise AssertionError(f"cuda_emu: wgmma accumulator operands not understood: {outs[0]!r}")
@@ -128,6 +134,18 @@ def _statement(template: str, outs: list, ins: list) -> str:
     if "%%globaltimer" in t or "%%smid" in t:
         (y,) = args(r"mov\.u\d+ (%\d+), %%")
         return f"{y} = 0;"
+    # Clusters (matmul_cluster.cuh) of one block: the block is its own cluster.
+    for reg, value in (("%%cluster_ctarank", "0u"), ("%%cluster_nctarank", "1u"), ("%%clusterid.x", "blockIdx.x"),
+                       ("%%nclusterid.x", "gridDim.x")):
+        if t == f"mov.u32 %0, {reg};":
+            return f"{op('%0')} = {value};"
+    if t == "barrier.cluster.arrive.release.aligned; barrier.cluster.wait.acquire.aligned;":
+        return "__syncthreads();"
+    if "mapa.shared::cluster.u32" in t and "mbarrier.arrive.shared::cluster.b64" in t:
+        bar, rank = args(r"mapa\.shared::cluster\.u32 remote, (%\d+), (%\d+);")
+        return f"{E}cluster_arrive({bar}, {rank});"
+    if t.startswith("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast"):
+        return '__emu_fail("TMA multicast (clusters of two blocks) is not emulated");'
     if t.startswith("bar.sync") or t.startswith("bar.arrive"):
         kind, bar, count = args(r"bar\.(sync|arrive) (\S+), (\S+);")
         return f"{E}named_barrier({bar}, {count}, {'true' if kind == 'sync' else 'false'});"
