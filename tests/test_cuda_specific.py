@@ -650,16 +650,16 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
 
 def _ws_instances():
     """Every instance of the warp-specialised forward the backend can build
-    (over its knobs: ring depth, dense key tile, ping-pong): (MLX's kernel
+    (over its knobs: ring depth, dense key tile, ping-pong, O's rescale): (MLX's kernel
     name, T, template)."""
     from mlx_flash._spec import AttentionSpec
     from mlx_flash.backends import cuda_fwd_ws
 
     knobs = (dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128, dict(cuda_fwd_ws.EXP2_POLY), cuda_fwd_ws.KEYS_DENSE_D64,
-             cuda_fwd_ws.WG3_D64, cuda_fwd_ws.CHAINS_D128)
+             cuda_fwd_ws.WG3_D64, cuda_fwd_ws.CHAINS_D128, cuda_fwd_ws.RESCALE_EARLY)
     seen = set()
     try:
-        for T in (mx.float16, mx.bfloat16):
+        for T, cuda_fwd_ws.RESCALE_EARLY in ((T, r) for r in (False, True) for T in (mx.float16, mx.bfloat16)):
             for D in (64, 128):
                 variants = ([(p, w, 1) for p in cuda_fwd_ws.EXP2_POLY_CHOICES for w in ("0", "1")]
                             if D in cuda_fwd_ws.EXP2_POLY else [(0, False, c) for c in (1, 2)])
@@ -693,7 +693,7 @@ def _ws_instances():
                 cuda_fwd_ws.WIDE_KEYS.update(wide_keys)
     finally:
         (stages, cuda_fwd_ws.KEYS_DENSE_D128, poly, cuda_fwd_ws.KEYS_DENSE_D64, cuda_fwd_ws.WG3_D64,
-         cuda_fwd_ws.CHAINS_D128) = knobs
+         cuda_fwd_ws.CHAINS_D128, cuda_fwd_ws.RESCALE_EARLY) = knobs
         cuda_fwd_ws.STAGES.update(stages)
         cuda_fwd_ws.EXP2_POLY.update(poly)
 
