@@ -22,7 +22,9 @@
 // tile t-1: S(t) and O += P(t-1) V(t-1) are issued back to back, the wait
 // for S(t) lets P V run on (wgmma.wait_group 1), the softmax computes the new
 // row maxima and P(t) in place in S's registers, and only after P V finished
-// is O rescaled and P(t) packed into the A fragments P V reads.
+// is O rescaled and P(t) packed into the A fragments P V reads. (RESCALE = 1,
+// opt-in: O's rescale waits for the next turn, between S(t+1)'s issue and
+// P V(t)'s, as FlashAttention-3 orders it.)
 // Key tiles are visited from the last to the first, so under causal or
 // window rules the tiles crossing the diagonal (the ones that need the rules)
 // come first. Logits stay raw until the softmax: one FFMA per element forms
