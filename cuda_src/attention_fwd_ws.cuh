@@ -369,7 +369,7 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[DV / 2], const float 
 // tmaps: kWsSlotBytes per block, where the block publishes them (and its trace).
 // tk: two zeroed uint32 tickets (the dynamic schedule's item counter and its
 // count of finished blocks; the last block to finish zeroes both again).
-template <class F, int D, int DV, int BN, int STAGES, int POLY, int NWG, int CH, int EARLY, typename T>
+template <class F, int D, int DV, int BN, int STAGES, int POLY, int NWG, int CH, int EARLY, int TURNS, typename T>
 __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
                                  const unsigned char* tmpl, const unsigned* tk, T* out, float* lse,
                                  unsigned char* tmaps) {
@@ -384,6 +384,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   static_assert(POLY >= 0 && POLY <= 4, "warp-specialised forward: EXP2POLY counts n8 blocks of every 4");
   static_assert(CH == 1 || CH == 2, "warp-specialised forward: CHAINS is 1 or 2");
   static_assert(EARLY == 0 || EARLY == 1, "warp-specialised forward: RESCALE is 0 or 1");
+  static_assert(TURNS == 0 || TURNS == 1, "warp-specialised forward: TURNS is 0 or 1");
   static_assert(!F::ElementRules && !F::Sinks && !F::Varlen && !F::KeyRange,
                 "warp-specialised forward: window/causal rules only");
   static_assert(NWG == 2 || (NWG == 3 && D == 64 && DV == 64),
@@ -552,6 +553,13 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   // Three warpgroups take turns in a cycle 0, 1, 2 the same way: warpgroup w
   // syncs on barrier ws_turn_bar(w) and arrives on the next one's; the last
   // one arrives up front and skips its arrive after its last turn.
+  // TURNS = 1 (opt-in): the cycle runs on across a block's items instead of
+  // starting again in each: the last warpgroup arrives up front once, before
+  // the first item, and after every turn, its last one included, so warpgroup
+  // 0 issues the next item's first S as soon as the last warpgroup issued its
+  // last P V, not after that one's epilogue too (the persistent grid's items
+  // meet without the tensor cores idling through an epilogue). The one arrive
+  // left over at the end is taken by warpgroup 0's sync before it exits.
   auto turn_begin = [&]() {
     if constexpr (NWG == 2) {
       if (wg == 0) asm volatile("bar.sync 4, 256;\n");
@@ -562,14 +570,23 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   };
   auto turn_end = [&](bool last) {
     if constexpr (NWG == 2) {
-      if (!(last && wg == 1)) {
+      if (TURNS || !(last && wg == 1)) {
         if (wg == 0) asm volatile("bar.arrive 5, 256;\n");
         else asm volatile("bar.arrive 4, 256;\n");
       }
     } else {
-      if (!(last && wg == NWG - 1)) asm volatile("bar.arrive %0, 256;\n" ::"r"(ws_turn_bar((wg + 1) % NWG)));
+      if (TURNS || !(last && wg == NWG - 1)) asm volatile("bar.arrive %0, 256;\n" ::"r"(ws_turn_bar((wg + 1) % NWG)));
     }
   };
+  // The last warpgroup's arrive up front: once a block (TURNS), or once an item.
+  auto turn_prime = [&]() {
+    if constexpr (NWG == 2) {
+      if (wg == 1) asm volatile("bar.arrive 4, 256;\n");
+    } else {
+      if (wg == NWG - 1) asm volatile("bar.arrive %0, 256;\n" ::"r"(ws_turn_bar(0)));
+    }
+  };
+  if constexpr (TURNS) turn_prime();
 
   float o[DV / 2];
   float row_max[2], row_sum[2], alpha[2];
@@ -581,6 +598,9 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     mbar_wait(&q_full, n & 1);
     const int w = *reinterpret_cast<volatile int*>(&next_item);
     if (w < 0) {
+      if constexpr (TURNS) {
+        if (wg == 0) turn_begin();  // the last warpgroup's last arrive
+      }
       if (threadIdx.x == 0) {
         ws_trace(tmpl, tmaps, kTrExit, clock64());
         ws_trace(tmpl, tmaps, kTrExitNs, ws_globaltimer());
@@ -641,11 +661,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     };
 
     if (tiles > 0) {
-      if constexpr (NWG == 2) {
-        if (wg == 1) asm volatile("bar.arrive 4, 256;\n");
-      } else {
-        if (wg == NWG - 1) asm volatile("bar.arrive %0, 256;\n" ::"r"(ws_turn_bar(0)));
-      }
+      if constexpr (!TURNS) turn_prime();
       const int st0 = kv % STAGES;
       mbar_wait(&k_full[st0], (kv / STAGES) & 1);
       turn_begin();
@@ -747,6 +763,9 @@ constexpr int CHAINS = 1;
 // O's rescale after the softmax (0), unless an instance's RESCALE says 1:
 // inside the next turn, under S's product (MLX_FLASH_CUDA_FWD_WS_RESCALE=early).
 constexpr int RESCALE = 0;
+// Turns started again in each item (0), unless an instance's TURNS says 1:
+// one cycle across the block's items (MLX_FLASH_CUDA_FWD_WS_TURNS=continuous).
+constexpr int TURNS = 0;
 
 // The launch bound of every instance the backend builds (see the top): MLX
 // names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
@@ -830,6 +849,19 @@ MLX_FLASH_WS_DECLARE(_f_64_64_t_4_128_0_2_1_1, __half)
 MLX_FLASH_WS_DECLARE(_t_128_128_f_2_176_0_2_1_1, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_128_128_t_2_128_0_2_1_1, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128_0_2_1_1, __nv_bfloat16)
+// Opt-in turns across items (MLX_FLASH_CUDA_FWD_WS_TURNS=continuous), with either rescale order.
+MLX_FLASH_WS_DECLARE(_f_128_128_f_2_176_0_2_1_0_1, __half)
+MLX_FLASH_WS_DECLARE(_f_128_128_f_2_176_0_2_1_1_1, __half)
+MLX_FLASH_WS_DECLARE(_f_128_128_t_2_128_0_2_1_0_1, __half)
+MLX_FLASH_WS_DECLARE(_f_128_128_t_2_128_0_2_1_1_1, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_t_4_128_0_2_1_0_1, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_t_4_128_0_2_1_1_1, __half)
+MLX_FLASH_WS_DECLARE(_t_128_128_f_2_176_0_2_1_0_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_128_f_2_176_0_2_1_1_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_128_t_2_128_0_2_1_0_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_128_t_2_128_0_2_1_1_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128_0_2_1_0_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128_0_2_1_1_1, __nv_bfloat16)
 }  // namespace mlx::core::cu
 #undef MLX_FLASH_WS_DECLARE
 
@@ -855,5 +887,10 @@ MLX_FLASH_WS3_DECLARE(_t_64_64_t_4_64_2_3, __nv_bfloat16)
 // Opt-in O rescale inside the turn on the default dense D 64 route.
 MLX_FLASH_WS3_DECLARE(_f_64_64_f_4_96_0_3_1_1, __half)
 MLX_FLASH_WS3_DECLARE(_t_64_64_f_4_96_0_3_1_1, __nv_bfloat16)
+// Opt-in turns across items, with either rescale order.
+MLX_FLASH_WS3_DECLARE(_f_64_64_f_4_96_0_3_1_0_1, __half)
+MLX_FLASH_WS3_DECLARE(_f_64_64_f_4_96_0_3_1_1_1, __half)
+MLX_FLASH_WS3_DECLARE(_t_64_64_f_4_96_0_3_1_0_1, __nv_bfloat16)
+MLX_FLASH_WS3_DECLARE(_t_64_64_f_4_96_0_3_1_1_1, __nv_bfloat16)
 }  // namespace mlx::core::cu
 #undef MLX_FLASH_WS3_DECLARE

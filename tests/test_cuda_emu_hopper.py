@@ -51,6 +51,7 @@ def hopper_defaults(monkeypatch):
                         ("STAGES", {128: 2, 64: 4}), ("KEYS_DENSE_D128", 176), ("KEYS_DENSE_D64", 128),
                         ("EXP2_POLY", {64: 0}), ("WG3_D64", "auto"), ("CHAINS_D128", 1), ("PERSISTENT", None),
                         ("DYNAMIC", True), ("HEAD_GROUP", None), ("TRACE", None), ("RESCALE_EARLY", False),
+                        ("TURNS_CONTINUOUS", False),
                         ("WIDE_KEYS", {(96, 96): 128, (192, 192): 96, (256, 256): 80, (192, 128): 128})):
         monkeypatch.setattr(ws, name, value)
     monkeypatch.setattr(cuda_backend, "_BWD_WS", 0)
@@ -246,6 +247,31 @@ def test_ws_forward_rescale_early_is_bit_identical(case, hopper_defaults):
     for name, a, b in zip(("out", "lse"), default, early):
         assert np.array_equal(to_np(a), to_np(b), equal_nan=True), name
     _check_forward(q, k, v, options, dtype, early)
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["late", "early"])
+@pytest.mark.parametrize("case", [c for c in FORWARD if c[5] in (64, 128)],
+                         ids=lambda c: "x".join(map(str, c[:7])) + f"-{c[7]}".replace("mlx.core.", "")
+                         + "-" + ("_".join(c[8]) or "dense"))
+def test_ws_forward_turns_continuous_is_bit_identical(case, early, hopper_defaults):
+    """MLX_FLASH_CUDA_FWD_WS_TURNS=continuous (the warpgroups' turns run on
+    across a persistent block's items; here three SMs, so blocks take several
+    items) only reorders when each warpgroup issues: out and lse equal the
+    default kernel's bit for bit, with either rescale order."""
+    B, Hq, Hkv, Nq, Nk, D, Dv, dtype, options, instance = case
+    q, k, v, _ = _inputs("fwd", B, Hq, Hkv, Nq, Nk, D, Dv, dtype)
+    hopper_defaults.CHECKED_ONLY = False
+    hopper_defaults.PERSISTENT = True
+    default, launches = _run(q, k, v, options)
+    assert _kernel_of(launches, "attention_fwd_ws").get("TURNS") is None
+    hopper_defaults.TURNS_CONTINUOUS = True
+    hopper_defaults.RESCALE_EARLY = early
+    turns, launches = _run(q, k, v, options)
+    t = _kernel_of(launches, "attention_fwd_ws")
+    assert (t["WINDOW"], t["BN"], t.get("WARPGROUPS", 2), t["RESCALE"], t["TURNS"]) == instance + (int(early), 1)
+    for name, a, b in zip(("out", "lse"), default, turns):
+        assert np.array_equal(to_np(a), to_np(b), equal_nan=True), name
+    _check_forward(q, k, v, options, dtype, turns)
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES)

@@ -650,16 +650,17 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
 
 def _ws_instances():
     """Every instance of the warp-specialised forward the backend can build
-    (over its knobs: ring depth, dense key tile, ping-pong, O's rescale): (MLX's kernel
+    (over its knobs: ring depth, dense key tile, ping-pong, O's rescale, turns): (MLX's kernel
     name, T, template)."""
     from mlx_flash._spec import AttentionSpec
     from mlx_flash.backends import cuda_fwd_ws
 
     knobs = (dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128, dict(cuda_fwd_ws.EXP2_POLY), cuda_fwd_ws.KEYS_DENSE_D64,
-             cuda_fwd_ws.WG3_D64, cuda_fwd_ws.CHAINS_D128, cuda_fwd_ws.RESCALE_EARLY)
+             cuda_fwd_ws.WG3_D64, cuda_fwd_ws.CHAINS_D128, cuda_fwd_ws.RESCALE_EARLY, cuda_fwd_ws.TURNS_CONTINUOUS)
     seen = set()
     try:
-        for T, cuda_fwd_ws.RESCALE_EARLY in ((T, r) for r in (False, True) for T in (mx.float16, mx.bfloat16)):
+        for T, cuda_fwd_ws.RESCALE_EARLY, cuda_fwd_ws.TURNS_CONTINUOUS in (
+                (T, r, c) for r in (False, True) for c in (False, True) for T in (mx.float16, mx.bfloat16)):
             for D in (64, 128):
                 variants = ([(p, w, 1) for p in cuda_fwd_ws.EXP2_POLY_CHOICES for w in ("0", "1")]
                             if D in cuda_fwd_ws.EXP2_POLY else [(0, False, c) for c in (1, 2)])
@@ -693,7 +694,7 @@ def _ws_instances():
                 cuda_fwd_ws.WIDE_KEYS.update(wide_keys)
     finally:
         (stages, cuda_fwd_ws.KEYS_DENSE_D128, poly, cuda_fwd_ws.KEYS_DENSE_D64, cuda_fwd_ws.WG3_D64,
-         cuda_fwd_ws.CHAINS_D128, cuda_fwd_ws.RESCALE_EARLY) = knobs
+         cuda_fwd_ws.CHAINS_D128, cuda_fwd_ws.RESCALE_EARLY, cuda_fwd_ws.TURNS_CONTINUOUS) = knobs
         cuda_fwd_ws.STAGES.update(stages)
         cuda_fwd_ws.EXP2_POLY.update(poly)
 
@@ -1212,7 +1213,9 @@ _WS_VARIANTS = {"poly1": {"poly": 1}, "poly2": {"poly": 2}, "k192": {"keys64": 1
                 "k192p1": {"keys64": 192, "poly": 1}, "k160": {"keys128": 160}, "k144": {"keys128": 144},
                 "wg3": {"wg3": True}, "wg3p1": {"wg3": True, "poly": 1}, "ch2": {"chains": 2},
                 # O's rescale inside the next turn (RESCALE_EARLY) on the default routes: bit-identical to them.
-                "early64": {"early": True, "wg3": "auto"}, "early128": {"early": True, "d": 128}}
+                "early64": {"early": True, "wg3": "auto"}, "early128": {"early": True, "d": 128},
+                # Turns run on across a persistent block's items (TURNS_CONTINUOUS): bit-identical too.
+                "turns64": {"turns": True, "wg3": "auto"}, "turns128": {"turns": True, "d": 128, "persistent": True}}
 
 
 def _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs):
@@ -1225,6 +1228,9 @@ def _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs):
     monkeypatch.setattr(cuda_fwd_ws, "WG3_D64", wg3 if wg3 == "auto" else "1" if wg3 else "0")
     monkeypatch.setattr(cuda_fwd_ws, "CHAINS_D128", knobs.get("chains", 1))
     monkeypatch.setattr(cuda_fwd_ws, "RESCALE_EARLY", knobs.get("early", False))
+    monkeypatch.setattr(cuda_fwd_ws, "TURNS_CONTINUOUS", knobs.get("turns", False))
+    if "persistent" in knobs:
+        monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", knobs["persistent"])
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
@@ -1239,7 +1245,7 @@ def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
 
     knobs = _WS_VARIANTS[variant]
     D = 128 if "keys128" in knobs or "chains" in knobs or knobs.get("d") == 128 else 64
-    if feature != "none" and "poly" not in knobs and "wg3" not in knobs and "early" not in knobs:
+    if feature != "none" and not {"poly", "wg3", "early", "turns"} & set(knobs):
         pytest.skip("the key tile variants change dense calls only")
     _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs)
     monkeypatch.setattr(cuda_fwd_ws, "POISON_OUTPUTS", True)
@@ -1263,14 +1269,17 @@ def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
         assert got.get("WARPGROUPS", 2) == (3 if wg3 is True or (wg3 == "auto" and feature == "none") else 2), got
         assert got.get("CHAINS", 1) == (knobs.get("chains", 1) if feature == "none" else 1), got
         assert got.get("RESCALE", 0) == (1 if knobs.get("early") else 0), got
+        assert got.get("TURNS", 0) == (1 if knobs.get("turns") else 0), got
         if feature == "none" and "wg3" not in knobs:
             assert got["BN"] == knobs.get("keys64", knobs.get("keys128", 176 if D == 128 else 128)), got
-        if knobs.get("early"):  # the same multiplies on the same O as the default order: the same bits
+        if knobs.get("early") or knobs.get("turns"):  # the same arithmetic as the default kernel: the same bits
             monkeypatch.setattr(cuda_fwd_ws, "RESCALE_EARLY", False)
+            monkeypatch.setattr(cuda_fwd_ws, "TURNS_CONTINUOUS", False)
             base_out, base_lse = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
             mx.eval(base_out, base_lse)
-            monkeypatch.setattr(cuda_fwd_ws, "RESCALE_EARLY", True)
-            assert names[-1].get("RESCALE", 0) == 0
+            monkeypatch.setattr(cuda_fwd_ws, "RESCALE_EARLY", knobs.get("early", False))
+            monkeypatch.setattr(cuda_fwd_ws, "TURNS_CONTINUOUS", knobs.get("turns", False))
+            assert names[-1].get("RESCALE", 0) == 0 and names[-1].get("TURNS", 0) == 0
             assert np.array_equal(to_np(out), to_np(base_out), equal_nan=True), f"{shape}: out differs from the default"
             assert np.array_equal(to_np(lse), to_np(base_lse), equal_nan=True), f"{shape}: lse differs from the default"
         want = attention_np(q, k, v, **options)
@@ -1280,7 +1289,7 @@ def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
-@pytest.mark.parametrize("variant", ["poly1", "poly2", "wg3", "wg3p1", "early64", "early128"])
+@pytest.mark.parametrize("variant", ["poly1", "poly2", "wg3", "wg3p1", "early64", "early128", "turns64", "turns128"])
 @pytest.mark.parametrize("case", nonfinite_cases.PREFILL_CASES)
 def test_ws_variant_nonfinite_on_gpu(case, variant, monkeypatch):
     """The non-finite contract (issue 13) through the polynomial exp2 (NaN
@@ -1296,9 +1305,10 @@ def test_ws_variant_nonfinite_on_gpu(case, variant, monkeypatch):
     if not cuda_fwd_ws.serves(spec):
         pytest.skip("a case with extras: not the warp-specialised kernel's")
     assert cuda_fwd_ws.exp2_poly(spec) == _WS_VARIANTS[variant].get("poly", 0)
-    if "early" in _WS_VARIANTS[variant]:
-        nwg = cuda_fwd_ws.warpgroups(spec)
-        assert cuda_fwd_ws.rescale_early(spec, nwg, cuda_fwd_ws.keys_per_tile(spec, nwg))
+    nwg = cuda_fwd_ws.warpgroups(spec)
+    keys = cuda_fwd_ws.keys_per_tile(spec, nwg)
+    assert cuda_fwd_ws.rescale_early(spec, nwg, keys) == ("early" in _WS_VARIANTS[variant])
+    assert cuda_fwd_ws.turns_continuous(spec, nwg, keys) == ("turns" in _WS_VARIANTS[variant])
     out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.gpu)
     mx.eval(out, lse)
     want = attention_np(q, k, v, **options)
