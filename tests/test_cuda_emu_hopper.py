@@ -249,10 +249,15 @@ def test_ws_forward_rescale_early_is_bit_identical(case, hopper_defaults):
     _check_forward(q, k, v, options, dtype, early)
 
 
-@pytest.mark.parametrize("early", [False, True], ids=["late", "early"])
-@pytest.mark.parametrize("case", [c for c in FORWARD if c[5] in (64, 128)],
-                         ids=lambda c: "x".join(map(str, c[:7])) + f"-{c[7]}".replace("mlx.core.", "")
-                         + "-" + ("_".join(c[8]) or "dense"))
+# Every default D 64 / 128 route with the default rescale order, and one
+# dense and one ruled route with the early one.
+_TURNS_CASES = ([(c, False) for c in FORWARD if c[5] in (64, 128)]
+                + [(FORWARD[0], True), (FORWARD[5], True)])
+
+
+@pytest.mark.parametrize("case,early", _TURNS_CASES, ids=lambda c: (
+    "x".join(map(str, c[:7])) + f"-{c[7]}".replace("mlx.core.", "") + "-" + ("_".join(c[8]) or "dense"))
+    if isinstance(c, tuple) else ("early" if c else "late"))
 def test_ws_forward_turns_continuous_is_bit_identical(case, early, hopper_defaults):
     """MLX_FLASH_CUDA_FWD_WS_TURNS=continuous (the warpgroups' turns run on
     across a persistent block's items; here three SMs, so blocks take several
