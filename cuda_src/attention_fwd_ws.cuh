@@ -22,7 +22,9 @@
 // tile t-1: S(t) and O += P(t-1) V(t-1) are issued back to back, the wait
 // for S(t) lets P V run on (wgmma.wait_group 1), the softmax computes the new
 // row maxima and P(t) in place in S's registers, and only after P V finished
-// is O rescaled and P(t) packed into the A fragments P V reads.
+// is O rescaled and P(t) packed into the A fragments P V reads. (RESCALE = 1,
+// opt-in: O's rescale waits for the next turn, between S(t+1)'s issue and
+// P V(t)'s, as FlashAttention-3 orders it.)
 // Key tiles are visited from the last to the first, so under causal or
 // window rules the tiles crossing the diagonal (the ones that need the rules)
 // come first. Logits stay raw until the softmax: one FFMA per element forms
@@ -315,15 +317,12 @@ __device__ __forceinline__ void ws_softmax(float (&s)[BN / 2], float (&row_max)[
   }
 }
 
-// O *= alpha (skipped for a warp whose rows all kept their maxima), then P
-// (fp32, in S's registers) packed into A fragments, dropped pairs marked -0.
-template <typename T, int DV, int BN, bool kRules>
-__device__ __forceinline__ void ws_rescale_pack(float (&o)[DV / 2], const float (&s)[BN / 2],
-                                                unsigned (&pa)[BN / 16][4], const float (&alpha)[2],
-                                                const WsDrop<BN>& drop) {
+// O *= alpha (SKIP: skipped for a warp whose rows all kept their maxima).
+template <int DV, bool SKIP = true>
+__device__ __forceinline__ void ws_rescale(float (&o)[DV / 2], const float (&alpha)[2]) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    if (!__all_sync(0xffffffffu, alpha[half] == 1.f)) {
+    if (!SKIP || !__all_sync(0xffffffffu, alpha[half] == 1.f)) {
 #pragma unroll
       for (int n = 0; n < DV / 8; ++n) {
         o[4 * n + 2 * half] *= alpha[half];
@@ -331,6 +330,11 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[DV / 2], const float 
       }
     }
   }
+}
+
+// P (fp32, in S's registers) packed into A fragments, dropped pairs marked -0.
+template <typename T, int BN, bool kRules>
+__device__ __forceinline__ void ws_pack(const float (&s)[BN / 2], unsigned (&pa)[BN / 16][4], const WsDrop<BN>& drop) {
 #pragma unroll
   for (int kk = 0; kk < BN / 16; ++kk) {
     pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
@@ -348,6 +352,15 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[DV / 2], const float 
   }
 }
 
+// O *= alpha, then P packed (the default order: both after the softmax).
+template <typename T, int DV, int BN, bool kRules>
+__device__ __forceinline__ void ws_rescale_pack(float (&o)[DV / 2], const float (&s)[BN / 2],
+                                                unsigned (&pa)[BN / 16][4], const float (&alpha)[2],
+                                                const WsDrop<BN>& drop) {
+  ws_rescale<DV>(o, alpha);
+  ws_pack<T, BN, kRules>(s, pa, drop);
+}
+
 // q, k: [B, H(kv), N, D], v: [B, Hkv, N, DV]; tmpl: the Q, K, V tensor-map
 // templates (3-D: D or DV, N, B * heads; 128-byte swizzle, boxes of 64 x 128
 // (Q) or 64 x BN) and the heads per section of the work order (16 bytes);
@@ -356,7 +369,7 @@ __device__ __forceinline__ void ws_rescale_pack(float (&o)[DV / 2], const float 
 // tmaps: kWsSlotBytes per block, where the block publishes them (and its trace).
 // tk: two zeroed uint32 tickets (the dynamic schedule's item counter and its
 // count of finished blocks; the last block to finish zeroes both again).
-template <class F, int D, int DV, int BN, int STAGES, int POLY, int NWG, int CH, typename T>
+template <class F, int D, int DV, int BN, int STAGES, int POLY, int NWG, int CH, int EARLY, int TURNS, typename T>
 __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* ip, const float* fp,
                                  const unsigned char* tmpl, const unsigned* tk, T* out, float* lse,
                                  unsigned char* tmaps) {
@@ -370,6 +383,8 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   static_assert(ws_fwd_smem(D, DV, BN, STAGES, 64 * NWG) <= 227 * 1024, "warp-specialised forward: shared memory");
   static_assert(POLY >= 0 && POLY <= 4, "warp-specialised forward: EXP2POLY counts n8 blocks of every 4");
   static_assert(CH == 1 || CH == 2, "warp-specialised forward: CHAINS is 1 or 2");
+  static_assert(EARLY == 0 || EARLY == 1, "warp-specialised forward: RESCALE is 0 or 1");
+  static_assert(TURNS == 0 || TURNS == 1, "warp-specialised forward: TURNS is 0 or 1");
   static_assert(!F::ElementRules && !F::Sinks && !F::Varlen && !F::KeyRange,
                 "warp-specialised forward: window/causal rules only");
   static_assert(NWG == 2 || (NWG == 3 && D == 64 && DV == 64),
@@ -538,6 +553,13 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   // Three warpgroups take turns in a cycle 0, 1, 2 the same way: warpgroup w
   // syncs on barrier ws_turn_bar(w) and arrives on the next one's; the last
   // one arrives up front and skips its arrive after its last turn.
+  // TURNS = 1 (opt-in): the cycle runs on across a block's items instead of
+  // starting again in each: the last warpgroup arrives up front once, before
+  // the first item, and after every turn, its last one included, so warpgroup
+  // 0 issues the next item's first S as soon as the last warpgroup issued its
+  // last P V, not after that one's epilogue too (the persistent grid's items
+  // meet without the tensor cores idling through an epilogue). The one arrive
+  // left over at the end is taken by warpgroup 0's sync before it exits.
   auto turn_begin = [&]() {
     if constexpr (NWG == 2) {
       if (wg == 0) asm volatile("bar.sync 4, 256;\n");
@@ -548,14 +570,23 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   };
   auto turn_end = [&](bool last) {
     if constexpr (NWG == 2) {
-      if (!(last && wg == 1)) {
+      if (TURNS || !(last && wg == 1)) {
         if (wg == 0) asm volatile("bar.arrive 5, 256;\n");
         else asm volatile("bar.arrive 4, 256;\n");
       }
     } else {
-      if (!(last && wg == NWG - 1)) asm volatile("bar.arrive %0, 256;\n" ::"r"(ws_turn_bar((wg + 1) % NWG)));
+      if (TURNS || !(last && wg == NWG - 1)) asm volatile("bar.arrive %0, 256;\n" ::"r"(ws_turn_bar((wg + 1) % NWG)));
     }
   };
+  // The last warpgroup's arrive up front: once a block (TURNS), or once an item.
+  auto turn_prime = [&]() {
+    if constexpr (NWG == 2) {
+      if (wg == 1) asm volatile("bar.arrive 4, 256;\n");
+    } else {
+      if (wg == NWG - 1) asm volatile("bar.arrive %0, 256;\n" ::"r"(ws_turn_bar(0)));
+    }
+  };
+  if constexpr (TURNS) turn_prime();
 
   float o[DV / 2];
   float row_max[2], row_sum[2], alpha[2];
@@ -567,6 +598,9 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     mbar_wait(&q_full, n & 1);
     const int w = *reinterpret_cast<volatile int*>(&next_item);
     if (w < 0) {
+      if constexpr (TURNS) {
+        if (wg == 0) turn_begin();  // the last warpgroup's last arrive
+      }
       if (threadIdx.x == 0) {
         ws_trace(tmpl, tmaps, kTrExit, clock64());
         ws_trace(tmpl, tmaps, kTrExitNs, ws_globaltimer());
@@ -596,11 +630,29 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       else
         ws_softmax<MT, F, BN, false, POLY, CH>(s, row_max, row_sum, alpha, drop, rules, scale, i_row, jt, t4);
     };
+    // After a softmax: O *= alpha and P packed, or (EARLY) P packed only, O's
+    // rescale left to early_rescale.
     auto rescale_pack = [&](bool ruled) {
-      if (ruled)
-        ws_rescale_pack<T, DV, BN, true>(o, s, pa, alpha, drop);
-      else
-        ws_rescale_pack<T, DV, BN, false>(o, s, pa, alpha, drop);
+      if constexpr (EARLY) {
+        if (ruled)
+          ws_pack<T, BN, true>(s, pa, drop);
+        else
+          ws_pack<T, BN, false>(s, pa, drop);
+      } else {
+        if (ruled)
+          ws_rescale_pack<T, DV, BN, true>(o, s, pa, alpha, drop);
+        else
+          ws_rescale_pack<T, DV, BN, false>(o, s, pa, alpha, drop);
+      }
+    };
+    // EARLY (FlashAttention-3's order): O *= alpha of the last softmax inside
+    // the turn, after S(t) was issued and before P V(t-1) is: the multiplies
+    // run while S(t) occupies the tensor cores, off the path from one
+    // softmax to the next turn. O is in no product then (P V(t-2) was waited
+    // for), and the same multiplies meet the same O as in the default order,
+    // so the results are bit-identical.
+    auto early_rescale = [&]() {
+      if constexpr (EARLY) ws_rescale<DV, false>(o, alpha);
     };
     // Whether the P V of tile t (V landed) must be exact: it drops keys and its V holds a NaN or inf.
     auto exact_pv = [&](int t, int st) {
@@ -609,11 +661,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
     };
 
     if (tiles > 0) {
-      if constexpr (NWG == 2) {
-        if (wg == 1) asm volatile("bar.arrive 4, 256;\n");
-      } else {
-        if (wg == NWG - 1) asm volatile("bar.arrive %0, 256;\n" ::"r"(ws_turn_bar(0)));
-      }
+      if constexpr (!TURNS) turn_prime();
       const int st0 = kv % STAGES;
       mbar_wait(&k_full[st0], (kv / STAGES) & 1);
       turn_begin();
@@ -633,6 +681,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
         mbar_wait(&k_full[st], (c / STAGES) & 1);
         turn_begin();
         ws_issue_s<T, D, BN, BM>(s, q_addr, smem_addr(Ks + st * KV_BYTES));
+        early_rescale();
         if (!exact) ws_issue_pv<T, DV, BN>(o, pa, smem_addr(Vs + pst * V_BYTES));
         if (!exact) {
           wgmma_wait<1>();  // S(t) landed; P V of tile t-1 runs on under the softmax
@@ -660,6 +709,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
       mbar_wait(&v_full[lst], (c / STAGES) & 1);
       const bool exact = exact_pv(tiles - 1, lst);
       turn_begin();
+      early_rescale();
       if (!exact) ws_issue_pv<T, DV, BN>(o, pa, smem_addr(Vs + lst * V_BYTES));
       wgmma_wait<0>();
       turn_end(true);
@@ -710,6 +760,12 @@ constexpr int EXP2POLY = 0;
 constexpr int WARPGROUPS = 2;
 // Row max / sum chains of the 176-key softmax: 1, unless an instance's CHAINS says 2.
 constexpr int CHAINS = 1;
+// O's rescale after the softmax (0), unless an instance's RESCALE says 1:
+// inside the next turn, under S's product (MLX_FLASH_CUDA_FWD_WS_RESCALE=early).
+constexpr int RESCALE = 0;
+// Turns started again in each item (0), unless an instance's TURNS says 1:
+// one cycle across the block's items (MLX_FLASH_CUDA_FWD_WS_TURNS=continuous).
+constexpr int TURNS = 0;
 
 // The launch bound of every instance the backend builds (see the top): MLX
 // names a kernel "custom_kernel_mlx_flash_attention_fwd_ws" followed by its
@@ -785,6 +841,27 @@ MLX_FLASH_WS_DECLARE(_f_128_128_f_2_144, __half)
 MLX_FLASH_WS_DECLARE(_f_128_128_f_2_160, __half)
 MLX_FLASH_WS_DECLARE(_t_128_128_f_2_144, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_128_128_f_2_160, __nv_bfloat16)
+// Opt-in O rescale inside the turn (MLX_FLASH_CUDA_FWD_WS_RESCALE=early) on
+// the default two-warpgroup routes: D 128 dense / ruled, D 64 ruled.
+MLX_FLASH_WS_DECLARE(_f_128_128_f_2_176_0_2_1_1, __half)
+MLX_FLASH_WS_DECLARE(_f_128_128_t_2_128_0_2_1_1, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_t_4_128_0_2_1_1, __half)
+MLX_FLASH_WS_DECLARE(_t_128_128_f_2_176_0_2_1_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_128_t_2_128_0_2_1_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128_0_2_1_1, __nv_bfloat16)
+// Opt-in turns across items (MLX_FLASH_CUDA_FWD_WS_TURNS=continuous), with either rescale order.
+MLX_FLASH_WS_DECLARE(_f_128_128_f_2_176_0_2_1_0_1, __half)
+MLX_FLASH_WS_DECLARE(_f_128_128_f_2_176_0_2_1_1_1, __half)
+MLX_FLASH_WS_DECLARE(_f_128_128_t_2_128_0_2_1_0_1, __half)
+MLX_FLASH_WS_DECLARE(_f_128_128_t_2_128_0_2_1_1_1, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_t_4_128_0_2_1_0_1, __half)
+MLX_FLASH_WS_DECLARE(_f_64_64_t_4_128_0_2_1_1_1, __half)
+MLX_FLASH_WS_DECLARE(_t_128_128_f_2_176_0_2_1_0_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_128_f_2_176_0_2_1_1_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_128_t_2_128_0_2_1_0_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_128_128_t_2_128_0_2_1_1_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128_0_2_1_0_1, __nv_bfloat16)
+MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128_0_2_1_1_1, __nv_bfloat16)
 }  // namespace mlx::core::cu
 #undef MLX_FLASH_WS_DECLARE
 
@@ -807,5 +884,13 @@ MLX_FLASH_WS3_DECLARE(_t_64_64_f_4_96_2_3, __nv_bfloat16)
 MLX_FLASH_WS3_DECLARE(_t_64_64_t_4_64_0_3, __nv_bfloat16)
 MLX_FLASH_WS3_DECLARE(_t_64_64_t_4_64_1_3, __nv_bfloat16)
 MLX_FLASH_WS3_DECLARE(_t_64_64_t_4_64_2_3, __nv_bfloat16)
+// Opt-in O rescale inside the turn on the default dense D 64 route.
+MLX_FLASH_WS3_DECLARE(_f_64_64_f_4_96_0_3_1_1, __half)
+MLX_FLASH_WS3_DECLARE(_t_64_64_f_4_96_0_3_1_1, __nv_bfloat16)
+// Opt-in turns across items, with either rescale order.
+MLX_FLASH_WS3_DECLARE(_f_64_64_f_4_96_0_3_1_0_1, __half)
+MLX_FLASH_WS3_DECLARE(_f_64_64_f_4_96_0_3_1_1_1, __half)
+MLX_FLASH_WS3_DECLARE(_t_64_64_f_4_96_0_3_1_0_1, __nv_bfloat16)
+MLX_FLASH_WS3_DECLARE(_t_64_64_f_4_96_0_3_1_1_1, __nv_bfloat16)
 }  // namespace mlx::core::cu
 #undef MLX_FLASH_WS3_DECLARE

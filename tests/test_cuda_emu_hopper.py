@@ -50,7 +50,8 @@ def hopper_defaults(monkeypatch):
     for name, value in (("POISON_OUTPUTS", True), ("_ENABLED", True), ("CHECKED_ONLY", True), ("WIDE_MODE", "auto"),
                         ("STAGES", {128: 2, 64: 4}), ("KEYS_DENSE_D128", 176), ("KEYS_DENSE_D64", 128),
                         ("EXP2_POLY", {64: 0}), ("WG3_D64", "auto"), ("CHAINS_D128", 1), ("PERSISTENT", None),
-                        ("DYNAMIC", True), ("HEAD_GROUP", None), ("TRACE", None),
+                        ("DYNAMIC", True), ("HEAD_GROUP", None), ("TRACE", None), ("RESCALE_EARLY", False),
+                        ("TURNS_CONTINUOUS", False),
                         ("WIDE_KEYS", {(96, 96): 128, (192, 192): 96, (256, 256): 80, (192, 128): 128})):
         monkeypatch.setattr(ws, name, value)
     monkeypatch.setattr(cuda_backend, "_BWD_WS", 0)
@@ -206,6 +207,8 @@ OPT_IN = [
     ("STAGES", {128: 2, 64: 2}, 64, {}, {"STAGES": 2, "BN": 128}),
     ("WIDE_KEYS", {(96, 96): 176, (192, 192): 96, (256, 256): 80, (192, 128): 128}, 96, {}, {"BN": 176}),
     ("WIDE_KEYS", {(96, 96): 128, (192, 192): 112, (256, 256): 80, (192, 128): 128}, 192, {}, {"BN": 112}),
+    ("RESCALE_EARLY", True, 128, {"causal": True}, {"BN": 128, "RESCALE": 1}),
+    ("RESCALE_EARLY", True, 64, {"window": (90, 30)}, {"WINDOW": True, "WARPGROUPS": 2, "RESCALE": 1}),
 ]
 
 
@@ -223,6 +226,73 @@ def test_ws_forward_opt_in(setting, hopper_defaults):
     t = _kernel_of(launches, "attention_fwd_ws")
     assert {key: t.get(key) for key in expect} == expect
     _check_forward(q, k, v, options, dtype, results)
+
+
+@pytest.mark.parametrize("case", [c for c in FORWARD if c[5] in (64, 128)],
+                         ids=lambda c: "x".join(map(str, c[:7])) + f"-{c[7]}".replace("mlx.core.", "")
+                         + "-" + ("_".join(c[8]) or "dense"))
+def test_ws_forward_rescale_early_is_bit_identical(case, hopper_defaults):
+    """MLX_FLASH_CUDA_FWD_WS_RESCALE=early moves O's rescale into the next
+    turn on every default D 64 / 128 route: the same multiplies on the same
+    O, so out and lse equal the default kernel's bit for bit (and float64)."""
+    B, Hq, Hkv, Nq, Nk, D, Dv, dtype, options, instance = case
+    q, k, v, _ = _inputs("fwd", B, Hq, Hkv, Nq, Nk, D, Dv, dtype)
+    hopper_defaults.CHECKED_ONLY = False
+    default, launches = _run(q, k, v, options)
+    assert _kernel_of(launches, "attention_fwd_ws").get("RESCALE") is None
+    hopper_defaults.RESCALE_EARLY = True
+    early, launches = _run(q, k, v, options)
+    t = _kernel_of(launches, "attention_fwd_ws")
+    assert (t["WINDOW"], t["BN"], t.get("WARPGROUPS", 2), t["RESCALE"]) == instance + (1,)
+    for name, a, b in zip(("out", "lse"), default, early):
+        assert np.array_equal(to_np(a), to_np(b), equal_nan=True), name
+    _check_forward(q, k, v, options, dtype, early)
+
+
+# Every default D 64 / 128 route with the default rescale order, and one
+# dense and one ruled route with the early one.
+_TURNS_CASES = ([(c, False) for c in FORWARD if c[5] in (64, 128)]
+                + [(FORWARD[0], True), (FORWARD[5], True)])
+
+
+@pytest.mark.parametrize("case,early", _TURNS_CASES, ids=lambda c: (
+    "x".join(map(str, c[:7])) + f"-{c[7]}".replace("mlx.core.", "") + "-" + ("_".join(c[8]) or "dense"))
+    if isinstance(c, tuple) else ("early" if c else "late"))
+def test_ws_forward_turns_continuous_is_bit_identical(case, early, hopper_defaults):
+    """MLX_FLASH_CUDA_FWD_WS_TURNS=continuous (the warpgroups' turns run on
+    across a persistent block's items; here three SMs, so blocks take several
+    items) only reorders when each warpgroup issues: out and lse equal the
+    default kernel's bit for bit, with either rescale order."""
+    B, Hq, Hkv, Nq, Nk, D, Dv, dtype, options, instance = case
+    q, k, v, _ = _inputs("fwd", B, Hq, Hkv, Nq, Nk, D, Dv, dtype)
+    hopper_defaults.CHECKED_ONLY = False
+    hopper_defaults.PERSISTENT = True
+    default, launches = _run(q, k, v, options)
+    assert _kernel_of(launches, "attention_fwd_ws").get("TURNS") is None
+    hopper_defaults.TURNS_CONTINUOUS = True
+    hopper_defaults.RESCALE_EARLY = early
+    turns, launches = _run(q, k, v, options)
+    t = _kernel_of(launches, "attention_fwd_ws")
+    assert (t["WINDOW"], t["BN"], t.get("WARPGROUPS", 2), t["RESCALE"], t["TURNS"]) == instance + (int(early), 1)
+    for name, a, b in zip(("out", "lse"), default, turns):
+        assert np.array_equal(to_np(a), to_np(b), equal_nan=True), name
+    _check_forward(q, k, v, options, dtype, turns)
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES)
+@pytest.mark.parametrize("D", [64, 128])
+def test_nonfinite_forward_rescale_early(case, D, hopper_defaults):
+    """The non-finite contract through the early-rescale instances (fp16),
+    several key tiles a row block, so the moved rescale runs in the loop."""
+    hopper_defaults.CHECKED_ONLY = False
+    hopper_defaults.RESCALE_EARLY = True
+    q, k, v, _, options = prefill_case(case, F16, D=D, size="large")  # several key tiles: the main loop
+    results, launches = _run(q, k, v, options)
+    if any(name == "mlx_flash_attention_fwd_ws" for name, _ in launches):
+        assert _kernel_of(launches, "attention_fwd_ws")["RESCALE"] == 1
+    want = attention_np(q, k, v, **options)
+    check_contract("out", to_np(results[0]), want, F16)
+    check_contract("lse", to_np(results[1]), want, mx.float32)
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES)

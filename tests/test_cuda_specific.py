@@ -716,16 +716,17 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
 
 def _ws_instances():
     """Every instance of the warp-specialised forward the backend can build
-    (over its knobs: ring depth, dense key tile, ping-pong): (MLX's kernel
+    (over its knobs: ring depth, dense key tile, ping-pong, O's rescale, turns): (MLX's kernel
     name, T, template)."""
     from mlx_flash._spec import AttentionSpec
     from mlx_flash.backends import cuda_fwd_ws
 
     knobs = (dict(cuda_fwd_ws.STAGES), cuda_fwd_ws.KEYS_DENSE_D128, dict(cuda_fwd_ws.EXP2_POLY), cuda_fwd_ws.KEYS_DENSE_D64,
-             cuda_fwd_ws.WG3_D64, cuda_fwd_ws.CHAINS_D128)
+             cuda_fwd_ws.WG3_D64, cuda_fwd_ws.CHAINS_D128, cuda_fwd_ws.RESCALE_EARLY, cuda_fwd_ws.TURNS_CONTINUOUS)
     seen = set()
     try:
-        for T in (mx.float16, mx.bfloat16):
+        for T, cuda_fwd_ws.RESCALE_EARLY, cuda_fwd_ws.TURNS_CONTINUOUS in (
+                (T, r, c) for r in (False, True) for c in (False, True) for T in (mx.float16, mx.bfloat16)):
             for D in (64, 128):
                 variants = ([(p, w, 1) for p in cuda_fwd_ws.EXP2_POLY_CHOICES for w in ("0", "1")]
                             if D in cuda_fwd_ws.EXP2_POLY else [(0, False, c) for c in (1, 2)])
@@ -759,7 +760,7 @@ def _ws_instances():
                 cuda_fwd_ws.WIDE_KEYS.update(wide_keys)
     finally:
         (stages, cuda_fwd_ws.KEYS_DENSE_D128, poly, cuda_fwd_ws.KEYS_DENSE_D64, cuda_fwd_ws.WG3_D64,
-         cuda_fwd_ws.CHAINS_D128) = knobs
+         cuda_fwd_ws.CHAINS_D128, cuda_fwd_ws.RESCALE_EARLY, cuda_fwd_ws.TURNS_CONTINUOUS) = knobs
         cuda_fwd_ws.STAGES.update(stages)
         cuda_fwd_ws.EXP2_POLY.update(poly)
 
@@ -1276,7 +1277,11 @@ def test_ws_wide_nonfinite_on_gpu(case, pair, monkeypatch):
 # -inf handling is its own.
 _WS_VARIANTS = {"poly1": {"poly": 1}, "poly2": {"poly": 2}, "k192": {"keys64": 192},
                 "k192p1": {"keys64": 192, "poly": 1}, "k160": {"keys128": 160}, "k144": {"keys128": 144},
-                "wg3": {"wg3": True}, "wg3p1": {"wg3": True, "poly": 1}, "ch2": {"chains": 2}}
+                "wg3": {"wg3": True}, "wg3p1": {"wg3": True, "poly": 1}, "ch2": {"chains": 2},
+                # O's rescale inside the next turn (RESCALE_EARLY) on the default routes: bit-identical to them.
+                "early64": {"early": True, "wg3": "auto"}, "early128": {"early": True, "d": 128},
+                # Turns run on across a persistent block's items (TURNS_CONTINUOUS): bit-identical too.
+                "turns64": {"turns": True, "wg3": "auto"}, "turns128": {"turns": True, "d": 128, "persistent": True}}
 
 
 def _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs):
@@ -1285,8 +1290,13 @@ def _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs):
     monkeypatch.setitem(cuda_fwd_ws.EXP2_POLY, 64, knobs.get("poly", 0))
     monkeypatch.setattr(cuda_fwd_ws, "KEYS_DENSE_D64", knobs.get("keys64", 128))
     monkeypatch.setattr(cuda_fwd_ws, "KEYS_DENSE_D128", knobs.get("keys128", 176))
-    monkeypatch.setattr(cuda_fwd_ws, "WG3_D64", "1" if knobs.get("wg3") else "0")
+    wg3 = knobs.get("wg3")
+    monkeypatch.setattr(cuda_fwd_ws, "WG3_D64", wg3 if wg3 == "auto" else "1" if wg3 else "0")
     monkeypatch.setattr(cuda_fwd_ws, "CHAINS_D128", knobs.get("chains", 1))
+    monkeypatch.setattr(cuda_fwd_ws, "RESCALE_EARLY", knobs.get("early", False))
+    monkeypatch.setattr(cuda_fwd_ws, "TURNS_CONTINUOUS", knobs.get("turns", False))
+    if "persistent" in knobs:
+        monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", knobs["persistent"])
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
@@ -1300,8 +1310,8 @@ def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
     from reference_np import attention_np
 
     knobs = _WS_VARIANTS[variant]
-    D = 128 if "keys128" in knobs or "chains" in knobs else 64
-    if feature != "none" and "poly" not in knobs and "wg3" not in knobs:
+    D = 128 if "keys128" in knobs or "chains" in knobs or knobs.get("d") == 128 else 64
+    if feature != "none" and not {"poly", "wg3", "early", "turns"} & set(knobs):
         pytest.skip("the key tile variants change dense calls only")
     _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs)
     monkeypatch.setattr(cuda_fwd_ws, "POISON_OUTPUTS", True)
@@ -1321,10 +1331,23 @@ def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
         # The variant's own instance ran (its template values).
         got = names[-1]
         assert got.get("EXP2POLY", 0) == knobs.get("poly", 0), got
-        assert got.get("WARPGROUPS", 2) == (3 if knobs.get("wg3") else 2), got
+        wg3 = knobs.get("wg3")
+        assert got.get("WARPGROUPS", 2) == (3 if wg3 is True or (wg3 == "auto" and feature == "none") else 2), got
         assert got.get("CHAINS", 1) == (knobs.get("chains", 1) if feature == "none" else 1), got
+        assert got.get("RESCALE", 0) == (1 if knobs.get("early") else 0), got
+        assert got.get("TURNS", 0) == (1 if knobs.get("turns") else 0), got
         if feature == "none" and "wg3" not in knobs:
             assert got["BN"] == knobs.get("keys64", knobs.get("keys128", 176 if D == 128 else 128)), got
+        if knobs.get("early") or knobs.get("turns"):  # the same arithmetic as the default kernel: the same bits
+            monkeypatch.setattr(cuda_fwd_ws, "RESCALE_EARLY", False)
+            monkeypatch.setattr(cuda_fwd_ws, "TURNS_CONTINUOUS", False)
+            base_out, base_lse = mlx_flash.flash_attention(q, k, v, return_lse=True, **options)
+            mx.eval(base_out, base_lse)
+            monkeypatch.setattr(cuda_fwd_ws, "RESCALE_EARLY", knobs.get("early", False))
+            monkeypatch.setattr(cuda_fwd_ws, "TURNS_CONTINUOUS", knobs.get("turns", False))
+            assert names[-1].get("RESCALE", 0) == 0 and names[-1].get("TURNS", 0) == 0
+            assert np.array_equal(to_np(out), to_np(base_out), equal_nan=True), f"{shape}: out differs from the default"
+            assert np.array_equal(to_np(lse), to_np(base_lse), equal_nan=True), f"{shape}: lse differs from the default"
         want = attention_np(q, k, v, **options)
         plain = plain_errors(q, k, v, randn(gen, out.shape, dtype), options, dtype)
         check_close("out", to_np(out), want, dtype, plain)
@@ -1332,21 +1355,26 @@ def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
-@pytest.mark.parametrize("variant", ["poly1", "poly2", "wg3", "wg3p1"])
+@pytest.mark.parametrize("variant", ["poly1", "poly2", "wg3", "wg3p1", "early64", "early128", "turns64", "turns128"])
 @pytest.mark.parametrize("case", nonfinite_cases.PREFILL_CASES)
 def test_ws_variant_nonfinite_on_gpu(case, variant, monkeypatch):
     """The non-finite contract (issue 13) through the polynomial exp2 (NaN
-    kept, -inf giving 0), forward only."""
+    kept, -inf giving 0) and the early rescale, forward only."""
     from mlx_flash._spec import validate_attention
     from mlx_flash.backends import cuda_fwd_ws
     from reference_np import attention_np
 
     _set_ws_variant(monkeypatch, cuda_fwd_ws, _WS_VARIANTS[variant])
-    q, k, v, do, options = nonfinite_cases.prefill_case(case, mx.float16, D=64, size="large")
+    D = _WS_VARIANTS[variant].get("d", 64)
+    q, k, v, do, options = nonfinite_cases.prefill_case(case, mx.float16, D=D, size="large")
     spec, inputs = validate_attention(q, k, v, **options)
     if not cuda_fwd_ws.serves(spec):
         pytest.skip("a case with extras: not the warp-specialised kernel's")
     assert cuda_fwd_ws.exp2_poly(spec) == _WS_VARIANTS[variant].get("poly", 0)
+    nwg = cuda_fwd_ws.warpgroups(spec)
+    keys = cuda_fwd_ws.keys_per_tile(spec, nwg)
+    assert cuda_fwd_ws.rescale_early(spec, nwg, keys) == ("early" in _WS_VARIANTS[variant])
+    assert cuda_fwd_ws.turns_continuous(spec, nwg, keys) == ("turns" in _WS_VARIANTS[variant])
     out, lse = cuda_backend.attention_forward(q, k, v, spec, inputs, mx.gpu)
     mx.eval(out, lse)
     want = attention_np(q, k, v, **options)

@@ -163,11 +163,14 @@ def correctness_ws(dims=(128, 64), dtypes=(mx.float16, mx.bfloat16), features=WS
 
 
 def _set_ws_knobs(D, knobs):
-    """Sets cuda_fwd_ws's knobs (enabled, persistent, dynamic, stages, keys, poly (EXP2_POLY), wg3 (WG3_D64), chains (CHAINS_D128), group:
+    """Sets cuda_fwd_ws's knobs (enabled, persistent, dynamic, stages, keys, poly (EXP2_POLY), wg3 (WG3_D64), chains (CHAINS_D128),
+    early (RESCALE_EARLY), turns (TURNS_CONTINUOUS), group:
     heads per section of the work order, None = sized by L2) for head dim D; returns the old ones."""
     old = dict(enabled=ws._ENABLED, stages=ws.STAGES[D], keys=ws.KEYS_DENSE_D128 if D == 128 else ws.KEYS_DENSE_D64,
                persistent=ws.PERSISTENT, dynamic=ws.DYNAMIC, group=ws.HEAD_GROUP, poly=ws.EXP2_POLY.get(D, 0),
-               wg3=ws.WG3_D64, chains=ws.CHAINS_D128)
+               wg3=ws.WG3_D64, chains=ws.CHAINS_D128, early=ws.RESCALE_EARLY, turns=ws.TURNS_CONTINUOUS)
+    ws.RESCALE_EARLY = knobs.get("early", old["early"])
+    ws.TURNS_CONTINUOUS = knobs.get("turns", old["turns"])
     ws.WG3_D64 = knobs.get("wg3", old["wg3"])
     ws.CHAINS_D128 = knobs.get("chains", old["chains"])
     if D in ws.EXP2_POLY:
@@ -335,7 +338,7 @@ def sweep(D, dtype, knob_sets, shapes=None, iters=10):
 
 def sweep_plan():
     """SWEEP_PLAN="D:f16|bf16:label=knob~value/knob~value,label2=...;..." as
-    {(D, dtype name): {label: knobs}} (knobs: persistent, dynamic, enabled (0/1), stages, keys,
+    {(D, dtype name): {label: knobs}} (knobs: persistent, dynamic, enabled, early, turns (0/1), stages, keys,
     group (a count or auto); "ws=" is the default)."""
     plan = {}
     for entry in filter(None, os.environ.get("SWEEP_PLAN", "").split(";")):
@@ -349,7 +352,7 @@ def sweep_plan():
                 if key == "group":
                     knobs[key] = None if val == "auto" else int(val)
                 else:
-                    knobs[key] = (val == "1" if key in ("persistent", "dynamic", "enabled")
+                    knobs[key] = (val == "1" if key in ("persistent", "dynamic", "enabled", "early", "turns")
                                   else val if key == "wg3" else int(val))
             knob_sets[label] = knobs
         plan[(int(d), dt)] = knob_sets
@@ -367,7 +370,7 @@ def build_share(index, count):
                     continue
                 saved = _set_ws_knobs(D, knobs)
                 spec_key = (D, dt, causal, ws._ENABLED, ws.STAGES[D], (ws.KEYS_DENSE_D128 if D == 128 else ws.KEYS_DENSE_D64) if not causal else 0,
-                            ws.EXP2_POLY.get(D, 0), ws.WG3_D64, ws.CHAINS_D128)
+                            ws.EXP2_POLY.get(D, 0), ws.WG3_D64, ws.CHAINS_D128, ws.RESCALE_EARLY, ws.TURNS_CONTINUOUS)
                 _set_ws_knobs(D, saved)
                 if spec_key not in seen:
                     seen.add(spec_key)

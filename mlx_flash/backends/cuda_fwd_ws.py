@@ -13,7 +13,8 @@ D = 64 calls, =0 routes every call to attention_fwd_wgmma. Wide heads: the
 pairs in WIDE_CHECKED by default, MLX_FLASH_CUDA_FWD_WS_WIDE=all every pair
 of WIDE_PAIRS, =0 none (they keep attention_fwd_mma). Dense D = 64 calls
 run its three-warpgroup instances (WG3_D64); the opt-in variants below
-(EXP2_POLY, KEYS_DENSE_D64 / _D128, CHAINS_D128) are for timing runs.
+(EXP2_POLY, KEYS_DENSE_D64 / _D128, CHAINS_D128, RESCALE_EARLY,
+TURNS_CONTINUOUS) are for timing runs.
 
 Q, K and V reach the kernel through TMA: per operand a 3-D tensor map
 (head dim, sequence, batch * heads) whose boxes are 64 head dims by 128 rows
@@ -159,6 +160,54 @@ _CHAINS = os.environ.get("MLX_FLASH_CUDA_FWD_WS_CHAINS_D128", "1")
 if _CHAINS not in ("1", "2"):
     raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_CHAINS_D128: expected 1 or 2, got {_CHAINS!r}")
 CHAINS_D128 = int(_CHAINS)
+
+
+# Opt-in (timing only until its GPU check): O's rescale by the new row maxima
+# moved from after the softmax into the next turn, after S's product is
+# issued and before P V's (FlashAttention-3's order), off the consumer's path
+# from one softmax to its next turn; bit-identical results.
+# MLX_FLASH_CUDA_FWD_WS_RESCALE=early on the default routes' instances (D 128
+# dense 176 / ruled 128 keys, D 64 dense on three warpgroups and ruled on
+# two, at the default ring depths); "late" (default) builds the unchanged kernels.
+_RESCALE = os.environ.get("MLX_FLASH_CUDA_FWD_WS_RESCALE", "late")
+if _RESCALE not in ("late", "early"):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_RESCALE: expected late or early, got {_RESCALE!r}")
+RESCALE_EARLY = _RESCALE == "early"
+
+# Opt-in (timing only until its GPU check): the consumer warpgroups' turns run
+# on across a persistent block's items (TURNS 1) instead of starting again in
+# each, so the first warpgroup issues an item's first S once the last one
+# issued the previous item's last P V, not after its epilogue too.
+# MLX_FLASH_CUDA_FWD_WS_TURNS=continuous on the same instances as the early
+# rescale (with either order); "item" (default) builds the unchanged kernels.
+_TURNS = os.environ.get("MLX_FLASH_CUDA_FWD_WS_TURNS", "item")
+if _TURNS not in ("item", "continuous"):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_TURNS: expected item or continuous, got {_TURNS!r}")
+TURNS_CONTINUOUS = _TURNS == "continuous"
+
+
+def rescale_early(spec: AttentionSpec, nwg: int, keys: int) -> bool:
+    """Whether the call's instance rescales O early (RESCALE 1): the setting is
+    on and the call runs one of the default routes' instances."""
+    return RESCALE_EARLY and _default_instance(spec, nwg, keys)
+
+
+def turns_continuous(spec: AttentionSpec, nwg: int, keys: int) -> bool:
+    """Whether the call's instance runs its turns across items (TURNS 1)."""
+    return TURNS_CONTINUOUS and _default_instance(spec, nwg, keys)
+
+
+def _default_instance(spec: AttentionSpec, nwg: int, keys: int) -> bool:
+    """The call runs one of the default routes' instances (those the RESCALE
+    and TURNS variants exist for)."""
+    if wide(spec) or exp2_poly(spec) or chains(spec, keys) != 1:
+        return False
+    d = spec.head_dim_qk
+    if stages(d) != _DEFAULT_STAGES.get(d):
+        return False
+    if d == 128:
+        return keys == (128 if spec.has_window else 176)
+    return (nwg, keys, spec.has_window) in ((3, 96, False), (2, 128, True))
 
 
 def chains(spec: AttentionSpec, keys: int | None = None) -> int:
@@ -368,6 +417,10 @@ def template(spec: AttentionSpec, nwg: int | None = None, keys: int | None = Non
               ("STAGES", stages(d)), ("BN", keys)]
     poly = exp2_poly(spec)
     # Only where set: the default instances keep their names (and their code).
+    early, turns = rescale_early(spec, nwg, keys), turns_continuous(spec, nwg, keys)
+    if early or turns:
+        values = values + [("EXP2POLY", 0), ("WARPGROUPS", nwg), ("CHAINS", 1), ("RESCALE", int(early))]
+        return values + [("TURNS", 1)] if turns else values
     if nwg == 3:
         return values + [("EXP2POLY", poly), ("WARPGROUPS", 3)]
     if chains(spec, keys) == 2:
