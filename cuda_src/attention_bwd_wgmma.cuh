@@ -77,13 +77,13 @@ __device__ __forceinline__ void bwd_dq_atomic_add(float* dq_head, int row, int n
   }
 }
 
-// DV_EARLY (opt-in, MLX_FLASH_BWD_DV_EARLY; instances without softcap): P^T
-// is formed and dV += P^T dO issued as soon as S^T is done, while dP^T's
-// products still run, so the tensor cores have dV to work on under the dS^T
-// arithmetic, its packing and stores and the barrier before dQ; by default
-// they idle there (dV is issued after dS^T). The same operations in the same
-// order per accumulator: the results are the default's, bit for bit.
-// (Softcap's dS^T needs each pair's capped logit, gone once P^T is formed.)
+// DV_EARLY (opt-in, MLX_FLASH_BWD_DV_EARLY): dV += P^T dO is issued as soon
+// as P^T and dS^T are formed, so the tensor cores have it to work on while
+// dS^T is packed and stored and the block waits at the barrier before dQ; by
+// default they idle there (dV is issued after the dS^T stores). The same
+// operations in the same order per accumulator: the default's bits. (Issuing
+// dV earlier still, before dS^T is formed, either spilled under NVRTC at
+// D 128 or, with a second issue site, made ptxas serialise every wgmma.)
 template <typename T, typename MT, class F, int D, bool DQ_BULK, bool HEADS_FIRST, bool DV_EARLY = false>
 __device__ void attention_bwd_wgmma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
@@ -91,7 +91,7 @@ __device__ void attention_bwd_wgmma(
     const T* dout, const float* lse, const float* delta,
     float* dq_acc, T* dk, T* dv, const int* key_start = nullptr, const int* key_len = nullptr) {
   static_assert(D == 64 || D == 128, "wgmma backward: head dim 64 or 128");
-  constexpr bool kEarly = DV_EARLY && !F::Softcap;
+  constexpr bool kEarly = DV_EARLY;
   constexpr int BKV = 128, BQ = 64, NTHREADS = 256;
   constexpr int KV_BYTES = BKV * D * 2, QT_BYTES = BQ * D * 2, DS_BYTES = BKV * BQ * 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -324,18 +324,15 @@ __device__ void attention_bwd_wgmma(
         for (int c = 0; c < 4; ++c)
           st[4 * n + c] = exp2_ftz(fmaf(st[4 * n + c], scale_log2, -lse_t[n * 8 + 2 * t + (c & 1)]));
     }
+    wgmma_wait<0>();
+    wgmma_pin(st);
+    wgmma_pin(dpt);
+
+    if (plain) p_ds(BoolConst<false>{});
+    else p_ds(BoolConst<true>{});
     if constexpr (kEarly) {
-      // P^T's A fragments, packed once here (one definition for every tile),
-      // then dV, unless the tile is exact. Plain tiles form dS^T below, while
-      // dV runs.
-      if (!plain) {
-        // Tiles with rules or marks: P^T and dS^T together, once dP^T is done
-        // (apart, the rules' registers beside dP^T's in flight spilled at D 128).
-        wgmma_wait<0>();
-        wgmma_pin(st);
-        wgmma_pin(dpt);
-        p_ds(BoolConst<true>{});
-      }
+      // P^T's A fragments, then dV (unless the tile is exact), before dS^T is
+      // packed and stored and the barrier before dQ.
 #pragma unroll
       for (int kk = 0; kk < BQ / 16; ++kk) {
         pp[kk][0] = pack2<T>(st[8 * kk + 0], st[8 * kk + 1]);
@@ -351,18 +348,8 @@ __device__ void attention_bwd_wgmma(
         for (int kk = 0; kk < BQ / 16; ++kk)
           Wgmma<T, D>::template rs<1>(dv_acc, pp[kk], wgmma_desc(do_addr + kk * 16 * 128, BQ * 128, 1024), 1);
         wgmma_commit();
-        wgmma_wait<1>();  // dP^T done; dV may run on
-      } else {
-        wgmma_wait<0>();
       }
-    } else {
-      wgmma_wait<0>();
     }
-    wgmma_pin(st);
-    wgmma_pin(dpt);
-
-    if (plain) p_ds(BoolConst<false>{});
-    else if constexpr (!kEarly) p_ds(BoolConst<true>{});  // (kEarly: formed above)
     // A fragments of P^T and dS^T; dS^T also into shared memory ([key][query],
     // swizzled: read MN-major as the A operand of dQ = dS K).
 #pragma unroll

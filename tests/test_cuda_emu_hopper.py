@@ -161,11 +161,11 @@ def test_wgmma_backward(case, hopper_defaults):
         check_close(name, to_np(got), want, dtype)
 
 
-# The opt-in early dV of attention_bwd_wgmma (MLX_FLASH_BWD_DV_EARLY=1): plain
-# tiles issue dV += P^T dO before dP^T is waited on; tiles with rules or marks
-# keep the default order, so dense, causal (diagonal tiles mark, the rest are
-# plain), windows, GQA and the non-finite cases (exact tiles) all meet here.
-BACKWARD_DV_EARLY = BACKWARD + [(1, 4, 2, 130, 300, 128, F16, {}), (2, 2, 1, 200, 97, 64, F16, {"causal": True})]
+# The opt-in early dV of attention_bwd_wgmma (MLX_FLASH_BWD_DV_EARLY=1): dV +=
+# P^T dO issued before dS^T is packed and stored (exact tiles keep their
+# scalar products): dense, causal, windows, GQA and the non-finite cases.
+BACKWARD_DV_EARLY = BACKWARD + [(1, 4, 2, 130, 300, 128, F16, {}), (2, 2, 1, 200, 97, 64, F16, {"causal": True}),
+                                 (1, 2, 1, 100, 150, 128, B16, {"softcap": 20.0})]
 
 
 @pytest.mark.parametrize("case", BACKWARD_DV_EARLY, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}".replace(
@@ -193,8 +193,8 @@ def test_wgmma_backward_dv_early(case, hopper_defaults, monkeypatch):
 
 @pytest.mark.parametrize("case", ["nan_v_causal", "inf_k", "masked_rows_nan", "nan_dout_causal"])
 def test_nonfinite_backward_dv_early(case, hopper_defaults, monkeypatch):
-    """The non-finite contract with the early dV (D 128): exact tiles keep the
-    default order beside plain tiles that take the early one."""
+    """The non-finite contract with the early dV (D 128): exact tiles (no
+    wgmma dV) beside tiles that issue it early."""
     from mlx_flash.backends import cuda as cuda_backend
 
     monkeypatch.setattr(cuda_backend, "_BWD_DV_EARLY", 1)

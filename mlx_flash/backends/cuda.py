@@ -853,9 +853,9 @@ _MMA_BWD_WARPS = 4
 # non-finite tests at D 64) but not faster there (fwd+bwd 5.55 vs 5.21 ms at
 # (1,16,8192,128) fp16; D 64 at 1024 keys within run-to-run noise): opt-in.
 _BWD_DQ_BULK = _env_choice("MLX_FLASH_BWD_DQ_BULK", 0, (0, 1))
-# Hopper backward's dV: 0 = issued after dS^T, beside dK; 1 = issued as soon
-# as P^T is formed in tiles without rules or marks, so it runs under the dS^T
-# arithmetic and the barrier before dQ (attention_bwd_wgmma.cuh, DV_EARLY).
+# Hopper backward's dV: 0 = issued after dS^T is packed and stored; 1 = as
+# soon as P^T and dS^T are formed, so it runs under those stores and the
+# barrier before dQ (attention_bwd_wgmma.cuh, DV_EARLY; the same bits).
 # Opt-in until timed on a card.
 _BWD_DV_EARLY = _env_choice("MLX_FLASH_BWD_DV_EARLY", 0, (0, 1))
 # Hopper backward's block order: 0 = a head's key blocks adjacent (they share
