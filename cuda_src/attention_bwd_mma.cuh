@@ -36,10 +36,14 @@ __device__ void attention_bwd_mma(
   // tiles of shared memory): those columns are past D (DV) and never written.
   constexpr int DC = round16((D + NCH - 1) / NCH), DVC = round16((DV + NCH - 1) / NCH);
   const int dk0 = NCH > 1 ? blockIdx.y * DC : 0, dv0 = NCH > 1 ? blockIdx.y * DVC : 0;
-  // Unrolling of the S^T and dP^T k-loops: whole up to head dim 128; beyond,
-  // fully unrolled loops hoist fragment loads into registers the chunk's
-  // accumulators need (ptxas spills), so they unroll by 4.
-  constexpr int KU = NCH > 1 ? 4 : 64;
+  // Unrolling of the S^T and dP^T k-loops. Fully unrolled, the compiler
+  // hoists the K/V and Q/dO fragment loads of every k-step into registers the
+  // accumulators need: past head dim 64 MLX's NVRTC (sm_90a) then spills at
+  // 255 registers (D 96: 254 regs, 8 bytes; causal 12, softcap 44; nvcc did
+  // not), so those unroll by 2 (D 96: 248 / 244 / 255, no spills;
+  // tools/nvrtc_regs.py). Column chunks (wide heads) unroll by 4 for the same
+  // reason beside their accumulators.
+  constexpr int KU = NCH > 1 ? 4 : DP <= 64 ? 64 : 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* Ks = reinterpret_cast<T*>(smem_raw);
   T* Vs = Ks + BN * SQ;

@@ -77,13 +77,21 @@ __device__ __forceinline__ void bwd_dq_atomic_add(float* dq_head, int row, int n
   }
 }
 
-template <typename T, typename MT, class F, int D, bool DQ_BULK, bool HEADS_FIRST>
+// DV_EARLY (opt-in, MLX_FLASH_BWD_DV_EARLY): dV += P^T dO is issued as soon
+// as P^T and dS^T are formed, so the tensor cores have it to work on while
+// dS^T is packed and stored and the block waits at the barrier before dQ; by
+// default they idle there (dV is issued after the dS^T stores). The same
+// operations in the same order per accumulator: the default's bits. (Issuing
+// dV earlier still, before dS^T is formed, either spilled under NVRTC at
+// D 128 or, with a second issue site, made ptxas serialise every wgmma.)
+template <typename T, typename MT, class F, int D, bool DQ_BULK, bool HEADS_FIRST, bool DV_EARLY = false>
 __device__ void attention_bwd_wgmma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
     const int* cu_q, const int* cu_k, const int* ip, const float* fp,
     const T* dout, const float* lse, const float* delta,
     float* dq_acc, T* dk, T* dv, const int* key_start = nullptr, const int* key_len = nullptr) {
   static_assert(D == 64 || D == 128, "wgmma backward: head dim 64 or 128");
+  constexpr bool kEarly = DV_EARLY;
   constexpr int BKV = 128, BQ = 64, NTHREADS = 256;
   constexpr int KV_BYTES = BKV * D * 2, QT_BYTES = BQ * D * 2, DS_BYTES = BKV * BQ * 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -263,23 +271,6 @@ __device__ void attention_bwd_wgmma(
                                       wgmma_desc(do_addr + b_off, 16, 1024), kk > 0);
     }
     wgmma_commit();
-    const float scale_log2 = scale * kLog2e;
-    // Tiles without rules or marks (most): P^T = 2^(S^T scale log2(e) - lse)
-    // as soon as S^T is done, while the dP^T products still run.
-    const bool plain = !(need_rules || exact);
-    wgmma_wait<1>();
-    wgmma_pin(st);
-    if (plain) {
-#pragma unroll
-      for (int n = 0; n < BQ / 8; ++n)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          st[4 * n + c] = exp2_ftz(fmaf(st[4 * n + c], scale_log2, -lse_t[n * 8 + 2 * t + (c & 1)]));
-    }
-    wgmma_wait<0>();
-    wgmma_pin(st);
-    wgmma_pin(dpt);
-
     // P^T with the logit rules where the tile needs them, then dS^T; a
     // dropped pair gets p = dS = 0 by selection (its logit is -inf, but the
     // row's lse or dP may be NaN). Two instances: the plain one for tiles that
@@ -320,16 +311,55 @@ __device__ void attention_bwd_wgmma(
         }
       }
     };
+    const float scale_log2 = scale * kLog2e;
+    // Tiles without rules or marks (most): P^T = 2^(S^T scale log2(e) - lse)
+    // as soon as S^T is done, while the dP^T products still run.
+    const bool plain = !(need_rules || exact);
+    wgmma_wait<1>();
+    wgmma_pin(st);
+    if (plain) {
+#pragma unroll
+      for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          st[4 * n + c] = exp2_ftz(fmaf(st[4 * n + c], scale_log2, -lse_t[n * 8 + 2 * t + (c & 1)]));
+    }
+    wgmma_wait<0>();
+    wgmma_pin(st);
+    wgmma_pin(dpt);
+
     if (plain) p_ds(BoolConst<false>{});
     else p_ds(BoolConst<true>{});
+    if constexpr (kEarly) {
+      // P^T's A fragments, then dV (unless the tile is exact), before dS^T is
+      // packed and stored and the barrier before dQ.
+#pragma unroll
+      for (int kk = 0; kk < BQ / 16; ++kk) {
+        pp[kk][0] = pack2<T>(st[8 * kk + 0], st[8 * kk + 1]);
+        pp[kk][1] = pack2<T>(st[8 * kk + 2], st[8 * kk + 3]);
+        pp[kk][2] = pack2<T>(st[8 * kk + 4], st[8 * kk + 5]);
+        pp[kk][3] = pack2<T>(st[8 * kk + 6], st[8 * kk + 7]);
+      }
+      wgmma_pin(dv_acc);
+      wgmma_pin(pp);
+      if (!exact) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; ++kk)
+          Wgmma<T, D>::template rs<1>(dv_acc, pp[kk], wgmma_desc(do_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+        wgmma_commit();
+      }
+    }
     // A fragments of P^T and dS^T; dS^T also into shared memory ([key][query],
     // swizzled: read MN-major as the A operand of dQ = dS K).
 #pragma unroll
     for (int kk = 0; kk < BQ / 16; ++kk) {
-      pp[kk][0] = pack2<T>(st[8 * kk + 0], st[8 * kk + 1]);
-      pp[kk][1] = pack2<T>(st[8 * kk + 2], st[8 * kk + 3]);
-      pp[kk][2] = pack2<T>(st[8 * kk + 4], st[8 * kk + 5]);
-      pp[kk][3] = pack2<T>(st[8 * kk + 6], st[8 * kk + 7]);
+      if constexpr (!kEarly) {  // (kEarly: packed above)
+        pp[kk][0] = pack2<T>(st[8 * kk + 0], st[8 * kk + 1]);
+        pp[kk][1] = pack2<T>(st[8 * kk + 2], st[8 * kk + 3]);
+        pp[kk][2] = pack2<T>(st[8 * kk + 4], st[8 * kk + 5]);
+        pp[kk][3] = pack2<T>(st[8 * kk + 6], st[8 * kk + 7]);
+      }
       pd[kk][0] = pack2<T>(dpt[8 * kk + 0], dpt[8 * kk + 1]);
       pd[kk][1] = pack2<T>(dpt[8 * kk + 2], dpt[8 * kk + 3]);
       pd[kk][2] = pack2<T>(dpt[8 * kk + 4], dpt[8 * kk + 5]);
@@ -356,15 +386,20 @@ __device__ void attention_bwd_wgmma(
     // a dQ that one warpgroup skips made ptxas serialise every wgmma of the
     // kernel (a wait after each: 24 of 24).
     constexpr bool kDkLast = D == 128;
-    wgmma_pin(dv_acc);
+    if constexpr (!kEarly) {  // (kEarly: dV may be in flight; a pin reads to ptxas as a write, serialising wgmma)
+      wgmma_pin(dv_acc);
+      wgmma_pin(pp);
+    }
     wgmma_pin(dk_acc);
-    wgmma_pin(pp);
     wgmma_pin(pd);
-    if (!exact) {  // (exact tiles: below, once no wgmma is in flight)
+    // (kEarly: dV issued already; at D 128 nothing is left for this group.)
+    if (!exact && !(kEarly && kDkLast)) {  // (exact tiles: below, once no wgmma is in flight)
       wgmma_fence();
+      if constexpr (!kEarly) {
 #pragma unroll
-      for (int kk = 0; kk < BQ / 16; ++kk)
-        Wgmma<T, D>::template rs<1>(dv_acc, pp[kk], wgmma_desc(do_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+        for (int kk = 0; kk < BQ / 16; ++kk)
+          Wgmma<T, D>::template rs<1>(dv_acc, pp[kk], wgmma_desc(do_addr + kk * 16 * 128, BQ * 128, 1024), 1);
+      }
       if (!kDkLast) {
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; ++kk)

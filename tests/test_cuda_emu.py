@@ -229,6 +229,26 @@ def test_wide_heads(shape):
     _check_wide(q, k, v, dout, dtype, {"causal": Nq > 1}, grads=Nq * Hq <= 128)
 
 
+# Head dims past 64 in one chunk: attention_bwd_mma's k-loops unroll by 2
+# (D 80: an odd count of 16-column steps, the remainder iteration).
+MID_SHAPES = [
+    (2, 4, 2, 70, 113, 96, 96, F16, {"causal": True}),
+    (1, 2, 1, 33, 47, 80, 80, B16, {"softcap": 5.0, "window": (20, 3)}),
+    (1, 2, 2, 65, 64, 112, 112, F16, {}),
+]
+
+
+@pytest.mark.parametrize("shape", MID_SHAPES, ids=lambda s: "x".join(map(str, s[:7])) + f"-{s[7]}".replace(
+    "mlx.core.", ""))
+def test_mid_head_backward(shape):
+    B, Hq, Hkv, Nq, Nk, D, Dv, dtype, options = shape
+    assert _path(shape[:8]) == "mma"
+    gen = rng("cuda-emu-mid", shape[:7], str(dtype))
+    q, k, v = randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype), randn(gen, (B, Hkv, Nk, Dv), dtype)
+    dout = randn(gen, (B, Hq, Nq, Dv), dtype)
+    _check_wide(q, k, v, dout, dtype, options)
+
+
 @pytest.mark.parametrize("feature", list(features.FEATURES))
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
 def test_wide_head_features(feature, kind):

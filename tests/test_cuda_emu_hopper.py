@@ -55,6 +55,7 @@ def hopper_defaults(monkeypatch):
                         ("WIDE_KEYS", {(96, 96): 128, (192, 192): 96, (256, 256): 80, (192, 128): 128})):
         monkeypatch.setattr(ws, name, value)
     monkeypatch.setattr(cuda_backend, "_BWD_WS", 0)
+    monkeypatch.setattr(cuda_backend, "_BWD_DV_EARLY", 0)
     monkeypatch.setattr(cuda_backend, "_WGMMA", True)
     monkeypatch.setattr(cuda_backend, "_WGMMA_BWD", True)
     return ws
@@ -159,6 +160,52 @@ def test_wgmma_backward(case, hopper_defaults):
     want = attention_np(q, k, v, dout=do, **options)
     for name, got in zip(("dq", "dk", "dv"), results[2:]):
         check_close(name, to_np(got), want, dtype)
+
+
+# The opt-in early dV of attention_bwd_wgmma (MLX_FLASH_BWD_DV_EARLY=1): dV +=
+# P^T dO issued before dS^T is packed and stored (exact tiles keep their
+# scalar products): dense, causal, windows, GQA and the non-finite cases.
+BACKWARD_DV_EARLY = BACKWARD + [(1, 4, 2, 130, 300, 128, F16, {}), (2, 2, 1, 200, 97, 64, F16, {"causal": True}),
+                                 (1, 2, 1, 100, 150, 128, B16, {"softcap": 20.0})]
+
+
+@pytest.mark.parametrize("case", BACKWARD_DV_EARLY, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}".replace(
+    "mlx.core.", "") + "-" + ("_".join(c[7]) or "dense"))
+def test_wgmma_backward_dv_early(case, hopper_defaults, monkeypatch):
+    from mlx_flash.backends import cuda as cuda_backend
+
+    B, Hq, Hkv, Nq, Nk, D, dtype, options = case
+    monkeypatch.setattr(cuda_backend, "_BWD_DV_EARLY", 1)
+    hopper_defaults.CHECKED_ONLY = False
+    q, k, v, do = _inputs("bwd-dv-early", B, Hq, Hkv, Nq, Nk, D, D, dtype)
+    results, launches = _run(q, k, v, options, dout=do)
+    assert _kernel_of(launches, "attention_bwd_wgmma")["DV_EARLY"] is True
+    want = attention_np(q, k, v, dout=do, **options)
+    for name, got in zip(("dq", "dk", "dv"), results[2:]):
+        check_close(name, to_np(got), want, dtype)
+    # The same operations per accumulator in the same order: the default's bits
+    # (dQ's atomics are added in one order by the emulation's schedule too).
+    monkeypatch.setattr(cuda_backend, "_BWD_DV_EARLY", 0)
+    default, launches = _run(q, k, v, options, dout=do)
+    assert _kernel_of(launches, "attention_bwd_wgmma")["DV_EARLY"] is False
+    for name, a, b in zip(("dq", "dk", "dv"), results[2:], default[2:]):
+        assert np.array_equal(to_np(a), to_np(b), equal_nan=True), name
+
+
+@pytest.mark.parametrize("case", ["nan_v_causal", "inf_k", "masked_rows_nan", "nan_dout_causal"])
+def test_nonfinite_backward_dv_early(case, hopper_defaults, monkeypatch):
+    """The non-finite contract with the early dV (D 128): exact tiles (no
+    wgmma dV) beside tiles that issue it early."""
+    from mlx_flash.backends import cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "_BWD_DV_EARLY", 1)
+    hopper_defaults.CHECKED_ONLY = False
+    q, k, v, do, options = prefill_case(case, F16, D=128)
+    results, launches = _run(q, k, v, options, dout=do)
+    assert _kernel_of(launches, "attention_bwd_wgmma")["DV_EARLY"] is True
+    want = attention_np(q, k, v, dout=do, **options)
+    for name, got in zip(("dq", "dk", "dv"), results[2:]):
+        check_contract(name, to_np(got), want, F16)
 
 
 # The opt-in warp-specialised backward (MLX_FLASH_BWD_WS=1: attention_bwd_ws),

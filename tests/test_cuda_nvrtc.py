@@ -62,7 +62,13 @@ def test_ring_bound_under_nvrtc(case):
 
 
 # A finding of the survey (docs/cuda_decode.md): mending it changes a default route's code (needs a card).
-_KNOWN_SPILLS = {"bwd D96 fp16": "attention_bwd_mma D 96 spills 8 bytes under NVRTC (254 registers; nvcc 244)"}
+# (D 96 spilled 8 bytes, causal 12, softcap 44, until its k-loops unrolled by 2.)
+_KNOWN_SPILLS = {"bwd D112 fp16 softcap": "attention_bwd_mma D 112 with softcap spills under NVRTC at 255 registers "
+                                          "whatever the k-loops' unrolling (needs a column split or 2 warps)",
+                 # (session 10) the Hopper backward with one logit rule alone; nvcc spills too (24 / 64 bytes),
+                 # though not in the compile test's every-feature instance.
+                 "bwd D128 bf16 bool mask": "attention_bwd_wgmma D 128 with a bool mask spills 48 bytes under NVRTC",
+                 "bwd D128 fp16 alibi": "attention_bwd_wgmma D 128 with ALiBi spills 56/72 bytes under NVRTC"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c[0], marks=pytest.mark.xfail(strict=True, reason=_KNOWN_SPILLS[c[0]]))

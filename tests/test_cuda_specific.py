@@ -86,7 +86,8 @@ def _attention_cases():
             yield ("attention_fwd_wgmma", T, mx.float32,
                    feats + [("SINKS", True), ("D", D), ("DV", D), ("BN", BN), ("STAGES", stages)], ("out", "lse"))
         for D in (64, 128):
-            yield ("attention_bwd_wgmma", T, mx.float32, features + [("D", D), ("DV", D), ("DQ_BULK", D == 128), ("HEADS_FIRST", D == 64)],
+            yield ("attention_bwd_wgmma", T, mx.float32, features + [("D", D), ("DV", D), ("DQ_BULK", D == 128), ("HEADS_FIRST", D == 64),
+                                                                          ("DV_EARLY", D == 64)],
                    ("dq_acc", "dk", "dv"))
     # delta = rowsum(dO * O) - dlse: 16-byte chunks (8, 16 and 32 threads a row) and element by element.
     for T, dv, has_dlse in ((mx.float16, 128, False), (mx.bfloat16, 64, True), (mx.float16, 40, True),
@@ -605,8 +606,10 @@ def _hopper_bwd_cases():
     for T in (mx.float16, mx.bfloat16):
         for D in (64, 128):
             for feats in (plain, causal, softcap, every):
-                for bulk in (False, True):
-                    yield T, feats + [("D", D), ("DV", D), ("DQ_BULK", bulk), ("HEADS_FIRST", bulk)]
+                # The default, bulk dQ, and dV issued early (MLX_FLASH_BWD_DV_EARLY).
+                for bulk, dv_early in ((False, False), (True, False), (False, True)):
+                    yield T, feats + [("D", D), ("DV", D), ("DQ_BULK", bulk), ("HEADS_FIRST", bulk),
+                                      ("DV_EARLY", dv_early)]
 
 
 @needs_nvcc
@@ -678,7 +681,8 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
                         outputs = ("out", "lse")
                     else:
                         template += [("D", D), ("DV", D), ("DQ_BULK", bool(len(kernels) % 2)),
-                                     ("HEADS_FIRST", bool(len(kernels) % 2))]
+                                     ("HEADS_FIRST", bool(len(kernels) % 2)),
+                                     ("DV_EARLY", T == mx.bfloat16)]  # (bf16: the early dV)
                         outputs = ("dq_acc", "dk", "dv")
                     kernels.append(_kernel_text(f"{body}_{len(kernels)}", cuda_backend._read(body + ".cu"),
                                                 _input_dtypes(body, T, mx.bool_), _output_dtypes(outputs, T),
@@ -1386,7 +1390,8 @@ def test_hopper_backward_dq_bulk_setting(monkeypatch):
     """MLX_FLASH_BWD_DQ_BULK takes 0 or 1, MLX_FLASH_BWD_HEADS_FIRST -1 (by
     the call), 0 or 1 (any other value is an error naming the variable); the
     bulk route's staging fits the block's shared memory."""
-    for name, allowed in (("MLX_FLASH_BWD_DQ_BULK", (0, 1)), ("MLX_FLASH_BWD_HEADS_FIRST", (-1, 0, 1))):
+    for name, allowed in (("MLX_FLASH_BWD_DQ_BULK", (0, 1)), ("MLX_FLASH_BWD_HEADS_FIRST", (-1, 0, 1)),
+                          ("MLX_FLASH_BWD_DV_EARLY", (0, 1))):
         for value in allowed:
             monkeypatch.setenv(name, str(value))
             assert cuda_backend._env_choice(name, 0, allowed) == value
@@ -1444,6 +1449,68 @@ def test_hopper_backward_dq_routes_on_gpu(bulk, heads_first, kind, feature, monk
         plain = plain_errors(q, k, v, dout, options, dtype)
         for name, g in zip(("dq", "dk", "dv"), grads):
             check_close(name, to_np(g), want, dtype, plain)
+
+
+@needs_cuda
+@pytest.mark.parametrize("feature", ["none", "causal", "window_both", "combined_everything", "block_sparse",
+                                     "bool_mask", "alibi"])
+@pytest.mark.parametrize("kind", ["float16-D128", "bfloat16-D64", "bfloat16-D128"])
+def test_hopper_backward_dv_early_on_gpu(kind, feature, monkeypatch):
+    """MLX_FLASH_BWD_DV_EARLY=1: dq, dk, dv against float64 (GQA, Nq != Nk both
+    ways, partial tiles), and dk, dv bit for bit the default's (the same
+    operations in the same order; dq's atomics land in any order)."""
+    import mlx_flash
+    from helpers import check_close, plain_errors, qkv, randn, rng, to_np
+    from reference_np import attention_np
+
+    if not cuda_backend._is_hopper():
+        pytest.skip("attention_bwd_wgmma is Hopper's")
+    dtype, D = getattr(mx, kind.split("-")[0]), int(kind.split("D")[1])
+    for B, Hq, Hkv, Nq, Nk in ((2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 2, 2, 129, 300)):
+        gen = rng("hopper-bwd-dv-early", kind, feature, Nq)
+        q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
+        options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+        dout = randn(gen, (B, Hq, Nq, D), dtype)
+        grads = {}
+        for early in (1, 0):
+            monkeypatch.setattr(cuda_backend, "_BWD_DV_EARLY", early)
+            _, g = mx.vjp(lambda a, b, c: [mlx_flash.flash_attention(a, b, c, **options)], [q, k, v], [dout])
+            grads[early] = [to_np(x) for x in g]
+        want = attention_np(q, k, v, dout=dout, **options)
+        plain = plain_errors(q, k, v, dout, options, dtype)
+        for name, g in zip(("dq", "dk", "dv"), grads[1]):
+            check_close(name, g, want, dtype, plain)
+        for name, a, b in zip(("dk", "dv"), grads[1][1:], grads[0][1:]):
+            assert np.array_equal(a, b, equal_nan=True), (name, B, Hq, Hkv, Nq, Nk)
+
+
+# Head dims past 64 on attention_bwd_mma in one chunk (its k-loops unroll by 2
+# there: NVRTC spilled at D 96 fully unrolled), every feature at D 96.
+_MID_GPU = [(96, f) for f in features.FEATURES] + [(d, f) for d in (80, 112) for f in ("none", "causal", "softcap")]
+
+
+@needs_cuda
+@pytest.mark.parametrize("D,feature", _MID_GPU, ids=lambda x: str(x))
+def test_mid_head_backward_on_gpu(D, feature):
+    import backends
+    from helpers import check_close, plain_errors, randn, rng, to_np
+    from reference_np import attention_np
+    from mlx_flash._spec import validate_attention
+
+    B, Hq, Hkv, Nq, Nk = 2, 4, 2, 113, 70
+    dtype = mx.bfloat16 if "combined" in feature else mx.float16
+    gen = rng("cuda-mid-bwd", D, feature)
+    q, k, v = (randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype),
+               randn(gen, (B, Hkv, Nk, D), dtype))
+    dout = randn(gen, (B, Hq, Nq, D), dtype)
+    options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+    spec, _ = validate_attention(q, k, v, **options)
+    assert cuda_backend._uses_mma(spec) and not cuda_backend._uses_wgmma(spec, backward=True)
+    want = attention_np(q, k, v, dout=dout, **options)
+    plain = plain_errors(q, k, v, dout, options, dtype)
+    grads = backends.gradients("cuda", q, k, v, dout, **options)
+    for name in ("q", "k", "v"):
+        check_close("d" + name, to_np(grads[name]), want, dtype, plain)
 
 
 def _hopper_bwd_ws_kernels():

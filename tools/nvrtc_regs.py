@@ -509,6 +509,13 @@ def routed_cases():
     yield "bwd D64 fp16", lambda: _attention(1, 8, 8, 1024, 1024, 64, f16, backward=True)
     yield "bwd D128 bf16 causal", lambda: _attention(1, 8, 8, 1024, 1024, 128, b16, backward=True, causal=True)
     yield "bwd D96 fp16", lambda: _attention(1, 8, 8, 1024, 1024, 96, f16, backward=True)
+    yield "bwd D96 bf16 causal", lambda: _attention(1, 8, 8, 1024, 1024, 96, b16, backward=True, causal=True)
+    yield "bwd D96 fp16 softcap", lambda: _attention(1, 8, 8, 1024, 1024, 96, f16, backward=True, softcap=30.0)
+    yield "bwd D112 fp16 softcap", lambda: _attention(1, 8, 8, 1024, 1024, 112, f16, backward=True, softcap=30.0)
+    yield "bwd D128 bf16 bool mask", lambda: _attention(1, 8, 8, 1024, 1024, 128, b16, backward=True,
+                                                        mask=mx.zeros((1024, 1024), mx.bool_))
+    yield "bwd D128 fp16 alibi", lambda: _attention(1, 8, 8, 1024, 1024, 128, f16, backward=True,
+                                                    alibi_slopes=mx.ones((8,)))
     yield "qdec routed fp16 4-bit D128", lambda: _quant_decode({})
     yield "qdec routed fp16 8-bit D128", lambda: _quant_decode({}, bits=8)
     yield "qdec routed bf16 4-bit D128 features", lambda: _quant_decode(

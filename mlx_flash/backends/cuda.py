@@ -853,6 +853,11 @@ _MMA_BWD_WARPS = 4
 # non-finite tests at D 64) but not faster there (fwd+bwd 5.55 vs 5.21 ms at
 # (1,16,8192,128) fp16; D 64 at 1024 keys within run-to-run noise): opt-in.
 _BWD_DQ_BULK = _env_choice("MLX_FLASH_BWD_DQ_BULK", 0, (0, 1))
+# Hopper backward's dV: 0 = issued after dS^T is packed and stored; 1 = as
+# soon as P^T and dS^T are formed, so it runs under those stores and the
+# barrier before dQ (attention_bwd_wgmma.cuh, DV_EARLY; the same bits).
+# Opt-in until timed on a card.
+_BWD_DV_EARLY = _env_choice("MLX_FLASH_BWD_DV_EARLY", 0, (0, 1))
 # Hopper backward's block order: 0 = a head's key blocks adjacent (they share
 # its Q and dO in L2); 1 = key block by key block over the heads, so under
 # causal or a window the longest blocks (the first key blocks, which see the
@@ -948,7 +953,8 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
         if _uses_wgmma(spec, backward=True):
             bulk = bool(_BWD_DQ_BULK)
             key_blocks, kernel = _wgmma_bwd_config(spec, bulk)
-            nw, nch, extra = 8, 1, [("DQ_BULK", bulk), ("HEADS_FIRST", _bwd_heads_first(spec))]
+            nw, nch, extra = 8, 1, [("DQ_BULK", bulk), ("HEADS_FIRST", _bwd_heads_first(spec)),
+                                    ("DV_EARLY", bool(_BWD_DV_EARLY))]
         else:
             nw, nch, key_blocks, kernel = _mma_bwd_config(spec)
             extra = [("NW", nw), ("NCH", nch)]
