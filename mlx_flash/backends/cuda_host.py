@@ -42,7 +42,7 @@ try:
 except ImportError:  # not built (macOS, MLXF_CUDA_HOST=OFF) or switched off: the Python path
     HOST = None
 
-# Opt-in (MLX_FLASH_CUDA_HOST_PREFILL=1; not yet checked on a GPU): the
+# Opt-in (MLX_FLASH_CUDA_HOST_PREFILL=1; bit-identical forwards on the H200, docs/cuda_decode.md): the
 # tensor-core forwards (the warp-specialised, wgmma and mma kernels of
 # prefill and training calls) note their launch too, so their repeated calls
 # replay like decode calls. Off (the default), those calls note nothing and
