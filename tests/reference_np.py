@@ -158,6 +158,11 @@ def attention_np(q, k, v, *, scale=None, mask=None, causal=False, window=None, s
             sink = _f64(sinks)[None, :, None]
             psink = np.exp(sink - lse)
             res["dsinks"] = -np.where(sink == -np.inf, 0.0, psink * delta).sum(axis=(0, 2))
+            # delta_i = dO_i . O_i cancels; its rounding scales with the sum of
+            # |dO_i| |O_i| (bf16 out, seed 325211505: dsinks judged against its
+            # own cancelled value failed by 0.0178 > 0.0156, the kernels agreeing).
+            delta_mag = (np.abs(do) * np.abs(out)).sum(-1)
+            res["mag_dsinks"] = _finite_mag(np.where(sink == -np.inf, 0.0, psink * delta_mag)).sum(axis=(0, 2))
     return res
 
 
@@ -175,7 +180,7 @@ def attention_varlen_np(q, k, v, cu_q, cu_k, *, alibi_slopes=None, dout=None, dl
     dl = None if dlse is None else _f64(dlse)
     keys = ("out", "lse", "dq", "dk", "dv", "mag_out", "mag_dq", "mag_dk", "mag_dv")
     parts = {key: [] for key in keys}
-    dsinks = 0.0
+    dsinks = mag_dsinks = 0.0
     for b in range(len(cu_q) - 1):
         sq, sk = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
         t = lambda x, s: x[s].transpose(1, 0, 2)[None]
@@ -194,10 +199,12 @@ def attention_varlen_np(q, k, v, cu_q, cu_k, *, alibi_slopes=None, dout=None, dl
                 parts[key].append(x.transpose(1, 0, 2) if x.ndim == 3 else x)
         if "dsinks" in r:
             dsinks = dsinks + r["dsinks"]
+            mag_dsinks = mag_dsinks + r["mag_dsinks"]
     res = {}
     for key in keys:
         if parts[key]:
             res[key] = np.concatenate(parts[key], axis=1 if key == "lse" else 0)
     if do is not None and options.get("sinks") is not None:
         res["dsinks"] = dsinks
+        res["mag_dsinks"] = mag_dsinks
     return res
