@@ -708,6 +708,7 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
         return _kernel_text(f"ws{i}", cuda_backend._read("matmul_wgmma_ws.cu"), ins(ta, tb),
                             [("out", to), ("tmaps", mx.uint8)], template)
 
+    ws_cases = list(_matmul_ws_cases())
     for unit, headers, kernels in _ws_compile_groups(ws_kernel):
         _nvcc_compile(tmp_path, unit, _prelude(headers) + "\n" + "\n".join(kernels))
         sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / f"{unit}.o")], capture_output=True,
@@ -715,7 +716,12 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
         counts = _wgmma_sync_counts(sass)
         assert len(counts) == len(kernels), sass[:2000]
         for name, (hgmma, waits) in counts.items():
-            assert hgmma >= 4 and waits <= 4, f"{name}: {hgmma} wgmma, {waits} waits (serialised)"
+            # Promotion every one or two instructions (PROMOTE -1 / -2) waits
+            # after each interval by design (the other consumer warpgroup keeps
+            # the tensor cores busy): one wait an interval, one more at the end.
+            promote = ws_cases[int(re.search(r"\d+ws(\d+)E", name).group(1))][7]
+            limit = 4 if promote >= 0 else hgmma // -promote + 1
+            assert hgmma >= 4 and waits <= limit, f"{name}: {hgmma} wgmma, {waits} waits (serialised)"
 
 
 def _ws_instances():
