@@ -451,6 +451,7 @@ struct Table {
   std::unordered_map<std::string, std::shared_ptr<Record>> records;
   std::vector<TicketPool> pools;  // one per stream (the pools hold their lists: their addresses stay theirs)
   std::shared_ptr<PyRef> tuning;  // list of dicts (DECODE_TUNING, cuda_quant.TUNING): replay only while all empty
+  std::shared_ptr<PyRef> epoch;   // [int]: cuda_host.SETTINGS_EPOCH, bumped by every change of a module setting
   bool enabled = true;
   bool reuse_primitives = true;  // false: every replay calls mx::fast::cuda_kernel (MLX_FLASH_CUDA_HOST_KERNEL=1)
   size_t hits = 0, misses = 0;
@@ -477,12 +478,22 @@ bool tuning_is_default() {
   return true;
 }
 
+// The settings generation a key is made under: a call recorded before a module
+// setting changed (cuda_fwd_ws's plan knobs, POISON_OUTPUTS, PREFILL, ...) is
+// another key after it, so it is recorded anew, never replayed with the old plan.
+int64_t settings_epoch() {
+  auto& t = table();
+  if (!t.epoch || PyList_GET_SIZE(t.epoch->obj) != 1) return 0;
+  return PyLong_AsLongLong(PyList_GET_ITEM(t.epoch->obj, 0));
+}
+
 // The replay of a recorded call, or the key (bytes) when the Python path must
 // run and may be recorded, or None when it must run and is never recorded.
 nb::object lookup_and_run(Key& key, const std::vector<nb::handle>& slots, bool return_lse, const char* kind) {
   auto& t = table();
   if (!key.ok || !t.enabled || !tuning_is_default()) return nb::none();
   key.bytes.append(kind);
+  key.word(settings_epoch());
   auto it = t.records.find(key.bytes);
   if (it == t.records.end()) {
     ++t.misses;
@@ -719,6 +730,13 @@ NB_MODULE(_cuda_host, m) {
       "set_tuning",
       [](nb::list dicts) { table().tuning = std::make_shared<PyRef>(dicts); },
       "The tuning dicts (DECODE_TUNING, cuda_quant.TUNING): calls replay only while all are empty.");
+  m.def(
+      "set_settings_epoch",
+      [](nb::list epoch) {
+        if (epoch.size() != 1 || !PyLong_Check(epoch[0].ptr())) throw nb::value_error("expected a list of one int");
+        table().epoch = std::make_shared<PyRef>(epoch);
+      },
+      "cuda_host.SETTINGS_EPOCH ([int]): every key holds its value, so a changed setting makes new keys.");
   m.def(
       "set_enabled", [](bool on) { table().enabled = on; }, "Switch replay (and recording) on or off.");
   m.def("enabled", []() { return table().enabled; });

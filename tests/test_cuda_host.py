@@ -549,6 +549,60 @@ def test_prefill_stays_python_without_the_opt_in(fake_prefill, monkeypatch):
     assert HOST.stats()[0] == hits
 
 
+
+@needs_host
+@pytest.mark.parametrize("change", ["attribute", "plan dict", "poison"])
+def test_prefill_settings_change_makes_a_new_key(fake_prefill, monkeypatch, change):
+    """A recorded ws forward is not replayed after a cuda_fwd_ws setting
+    changes: the call is recorded anew and gives the new plan's numbers."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    monkeypatch.setattr(fake_prefill, "_is_hopper", lambda: True)
+    gen = rng("host-fake-prefill-settings", change)
+    q, k, v, options, route = _prefill_call("ws D128 causal lse", gen)
+    assert _route_of(q, k, v, options) == route == "ws"
+    call = lambda: mlx_flash.flash_attention(q, k, v, **options)  # noqa: E731
+    old, first, replayed = _both_paths(call)
+    _assert_identical(old, replayed)
+    hits, misses = HOST.stats()[:2]
+    if change == "attribute":  # the persistent grid: another launch shape
+        monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
+    elif change == "plan dict":  # the same dict object, changed in place
+        monkeypatch.setitem(cuda_fwd_ws.STAGES, 128, 3)
+    else:
+        monkeypatch.setattr(cuda_fwd_ws, "POISON_OUTPUTS", True)
+    for c in (cuda_fwd_ws._templates, cuda_fwd_ws._kernel):
+        c.cache_clear()
+    got = call()
+    mx.eval(got)
+    assert HOST.stats()[:2] == (hits, misses + 1)  # a miss (a new key), not a replay
+    HOST.set_enabled(False)
+    want = call()
+    HOST.set_enabled(True)
+    _assert_identical(want, got)
+    _assert_identical(want, call())  # the new record replays
+    assert HOST.stats()[0] == hits + 1
+    if change == "attribute":  # the fake kernels' numbers follow the launch shape
+        assert not np.array_equal(np.array(want[0].astype(mx.float32)), np.array(old[0].astype(mx.float32)))
+
+
+@needs_host
+def test_settings_watch_keeps_module_behaviour(fresh_host):
+    """The watched modules and dicts read and compare as before; a module
+    rebinding or a dict change bumps the epoch, a read does not."""
+    from mlx_flash.backends import cuda_fwd_ws
+
+    cuda_host.watch_settings()
+    epoch = cuda_host.SETTINGS_EPOCH[0]
+    assert cuda_fwd_ws.STAGES == {128: cuda_fwd_ws.STAGES[128], 64: cuda_fwd_ws.STAGES[64]}
+    assert isinstance(cuda_fwd_ws.STAGES, dict) and cuda_fwd_ws.RESCALE_EARLY in (True, False)
+    assert cuda_host.SETTINGS_EPOCH[0] == epoch
+    old = cuda_fwd_ws.STAGES.pop(64)
+    cuda_fwd_ws.STAGES[64] = old
+    cuda_fwd_ws.RESCALE_EARLY = cuda_fwd_ws.RESCALE_EARLY
+    assert cuda_host.SETTINGS_EPOCH[0] == epoch + 3
+
+
 GPU_PREFILL_CASES = {
     "fp16 (4,16,1024,64)": (mx.float16, 16, 16, 1024, 1024, 64, {}),  # wgmma by default; ws with FWD_WS=all
     "ws fp16 D128 8K causal lse": (mx.float16, 16, 16, 1000, 8192, 128, dict(causal=True, return_lse=True)),

@@ -27,13 +27,18 @@ the call:
   and the same numbers, only slower to build.
 
 Replay is off while cuda.DECODE_TUNING or cuda_quant.TUNING hold overrides
-(tuning sweeps change plans without changing keys).
+(tuning sweeps change plans without changing keys). Every other module
+setting the plans read (the attributes of cuda, cuda_fwd_ws, cuda_quant and
+this module, and cuda_fwd_ws's plan dicts) is watched: any assignment bumps
+SETTINGS_EPOCH, which every key holds, so a call recorded under the old
+settings is another key and is recorded anew.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import types
 
 try:
     if os.environ.get("MLX_FLASH_CUDA_HOST", "1") == "0":
@@ -80,6 +85,71 @@ def note_ticket_region(pool, region):
     _TICKET = (pool, region)
 
 
+# The settings generation every key holds (csrc/cuda_host.cpp reads it per call).
+SETTINGS_EPOCH = [0]
+
+
+def _bump():
+    SETTINGS_EPOCH[0] += 1
+
+
+class _WatchedModule(types.ModuleType):
+    """A settings module whose attribute assignments (module.X = ...,
+    monkeypatch.setattr) bump SETTINGS_EPOCH. The modules never rebind their
+    own settings (`global` writes would bypass this)."""
+
+    def __setattr__(self, name, value):
+        _bump()
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        _bump()
+        super().__delattr__(name)
+
+
+class _WatchedDict(dict):
+    """A plan dict (cuda_fwd_ws.STAGES, ...) whose changes bump SETTINGS_EPOCH."""
+
+    def _changing(method):  # noqa: N805 (a decorator inside the class body)
+        def changed(self, *args, **kwargs):
+            _bump()
+            return method(self, *args, **kwargs)
+
+        return changed
+
+    __setitem__ = _changing(dict.__setitem__)
+    __delitem__ = _changing(dict.__delitem__)
+    __ior__ = _changing(dict.__ior__)
+    update = _changing(dict.update)
+    pop = _changing(dict.pop)
+    popitem = _changing(dict.popitem)
+    clear = _changing(dict.clear)
+    setdefault = _changing(dict.setdefault)
+    del _changing
+
+
+# The modules whose settings the recorded plans read, with their mutable plan dicts.
+_WATCHED = {"mlx_flash.backends.cuda": (),
+            "mlx_flash.backends.cuda_fwd_ws": ("WIDE_KEYS", "WIDE_KEYS_WINDOW", "STAGES", "EXP2_POLY"),
+            "mlx_flash.backends.cuda_quant": (),
+            __name__: ()}
+
+
+def watch_settings():
+    """Make the settings modules bump SETTINGS_EPOCH on every change (once,
+    before the first record: a change before any record needs no new key)."""
+    import importlib
+
+    for name, dicts in _WATCHED.items():
+        module = importlib.import_module(name)
+        for d in dicts:
+            if not isinstance(getattr(module, d), _WatchedDict):
+                setattr(module, d, _WatchedDict(getattr(module, d)))
+        if not isinstance(module, _WatchedModule):
+            module.__class__ = _WatchedModule
+    HOST.set_settings_epoch(SETTINGS_EPOCH)
+
+
 def _tuning_dicts() -> list:
     from . import cuda, cuda_quant
 
@@ -114,6 +184,7 @@ def recorded(key, slots, run):
     global RECORDING, _TICKET, _TUNING_SET
     if not _TUNING_SET:  # here, not at import: cuda.py and cuda_quant.py import this module
         HOST.set_tuning(_tuning_dicts())
+        watch_settings()
         _TUNING_SET = True
     RECORDING, _TICKET = [], None
     try:
