@@ -1,20 +1,38 @@
-"""Which of the remaining causes gives the warp-specialised matmul's NaN?
+"""Which cause gives the warp-specialised matmul's NaN of session 10?
 
 Session 10's route suite (`pytest -n 6`, H200 shared with another process)
 had 17 outputs of cuda_src/matmul_wgmma_ws.cuh (plans bn256_st4_pr0 and
 bn128_st6_pr0 for 16-bit, bn128_st6_pr2 and bn192_st5_pr2 for native fp8)
-holding the test's NaN poison in the last column(s) of the last row(s); the
-same cases passed alone and in the CPU emulation. docs/matmul.md ("The ws
-NaN of session 10") lists what reading the kernel and the wrapper ruled out;
-this script separates what is left. GPU machine, about 100 s (the first
-phase compiles the kernels into a shared PTX cache):
+holding the test's NaN poison in the bottom-right tile; the same cases passed
+alone and in the CPU emulation. docs/matmul.md ("The ws NaN of session 10")
+has the analysis. Every failing case had an odd persistent grid (1, 9 or 15
+blocks; the last block owns the bottom-right tile), every passing case at
+those shapes an even one, and the suite ran the opt-in cluster plans
+(__cluster_dims__(2, 1, 1)) between the plain ones in one process. The
+suspected cause is MLX's CUDA-graph reuse: one cached graph exec per graph
+topology, cudaGraphExecUpdate()d to the next graph of the same shape; a
+kernel node that keeps a cluster kernel's cluster shape when updated to a
+plain kernel runs an odd grid in clusters of two and drops its last block.
+The cluster matmul is gone since session 11, so our kernels no longer mix.
+GPU machine, about 110 s (the replay phases compile the kernels into a
+shared PTX cache):
 
-    python3 tools/ws_matmul_nan_probe.py OUT.json
+    python3 tools/ws_matmul_nan_probe.py OUT.json [--phases a,b,...]
 
-It replays the failing workers' order of calls (the tests' cases in
-collection order, each called with a float32 output and then the default,
-as test_matmul_cuda_routes.py does) with outputs poisoned by a finite
-sentinel (-7680, exact in fp16, bf16 and fp32) instead of NaN, in phases:
+Phases (default cluster_carry,alone,load,nograph,keep_tmaps):
+
+  cluster_carry  the mechanism alone: tiny plain kernels of 1, 3, 9 blocks
+               before and after a tiny __cluster_dims__(2, 1, 1) kernel,
+               each its own evaluation, with MLX's graphs on and then off
+               (MLX_USE_CUDA_GRAPHS=0); reports the blocks that never ran.
+               Missing blocks after the cluster kernel with graphs on and
+               none with graphs off confirm the cause (MLX's, to report
+               upstream; nothing of ours launches clusters now).
+
+The other phases replay the failing workers' order of calls (the tests'
+cases in collection order, a float32 output first, as
+test_matmul_cuda_routes.py calls them; no cluster plans now) with outputs
+poisoned by a finite sentinel (-7680, exact in fp16, bf16 and fp32):
 
   alone        one process, nothing else on the GPU (round B's setting);
   load         four replay processes at once and a fifth running large
@@ -23,31 +41,21 @@ sentinel (-7680, exact in fp16, bf16 and fp32) instead of NaN, in phases:
   keep_tmaps   as load, every call's tensor-map workspace kept alive, so no
                workspace address (and no tensor map the TMA unit may have
                cached at it) is ever reused by a later call;
-  gpu_default  as load, with the GPU as the default device (the slice and
-               the reshape of the output then run on the GPU stream, no
+  gpu_default  (not by default) as load, the GPU the default device (the
+               slice and reshape of the output on the GPU stream, no
                GPU-to-CPU fence inside the call's evaluation).
 
 Each bad output is classified: `sentinel` elements were never written by
 the kernel (or read before it finished), `nonfinite` ones were computed as
 NaN/Inf, `far` ones are finite but off by more than 5% of max|ref|. For a
 bad output the script synchronises, waits 50 ms and reads the same array
-again: bad elements that are then right were read before the kernel had
-written them (an ordering bug between the GPU stream and the reader, not
-the kernel); elements still holding the sentinel were never written. It
-also names the tiles and the persistent blocks that own the bad elements.
-
-Reading the verdicts:
-  * bad in load, clean alone, re-read clean        -> reader ordering
-    (MLX fence / event or our slice), not the kernel;
-  * bad, re-read still sentinel, gone in keep_tmaps -> a stale tensor map
-    at a reused workspace address (the TMA unit read an old descriptor);
-  * bad, re-read still sentinel, also in keep_tmaps -> the kernel skipped
-    the tile (a block that never stored, or exited early);
-  * nonfinite, no sentinel                           -> operands read wrong
-    (stale shared memory, a stage refilled too early);
-  * gone in nograph only                             -> CUDA-graph update;
-  * gone in gpu_default only                         -> the CPU-stream
-    reader of a GPU output (cross-device fence).
+again (elements right on the re-read were read before they were written:
+an ordering bug of the reader, not the kernel), and names the tiles and
+the persistent blocks that own the bad elements. With the cause above the
+replay phases are clean; bad outputs there (sentinel in a last block's
+tile) would mean another cause: gone in keep_tmaps -> a stale tensor map
+at a reused workspace address; gone in nograph -> another graph-update
+fault; nonfinite without sentinel -> operands read wrong.
 """
 
 from __future__ import annotations
@@ -183,6 +191,58 @@ def replay(mode: str, repeats: int) -> dict:
     return report
 
 
+# A kernel that records which blocks ran; the same body with __cluster_dims__
+# (2, 1, 1) given by a header, as the removed cluster matmul did (mx.fast.
+# cuda_kernel launches take no cluster attribute).
+_BLOCKS_BODY = "if (threadIdx.x == 0) out[blockIdx.x] = (float)blockIdx.x + x[0];"
+_CLUSTER_HEADER = ("#ifdef __CUDA_ARCH__\n#undef __global__\n"
+                   "#define __global__ __location__(global) __cluster_dims__(2, 1, 1)\n#endif\n")
+
+
+def cluster_carry() -> dict:
+    """The suspected cause: MLX keeps one CUDA-graph exec per graph topology
+    and cudaGraphExecUpdate()s it with the next graph of the same shape; if a
+    kernel node built for a __cluster_dims__ kernel keeps its cluster shape
+    when updated to a plain kernel, a plain launch of an odd grid runs in
+    clusters of two and its last block (all of it, at one block) never runs.
+    Every failing case of session 10 had an odd persistent grid (1, 9 or 15
+    blocks: its last block owns the bottom-right tile), every passing one at
+    those shapes an even grid, and the route tests ran the cluster plans
+    between the plain ones. Here: plain kernels of 1, 3 and 9 blocks before
+    and after a cluster kernel of 2, each in its own evaluation (the same
+    graph topology: the poison fill and the kernel)."""
+    import mlx.core as mx
+    import numpy as np
+
+    mx.set_default_device(mx.gpu)
+    x = mx.zeros((1,), mx.float32)
+    mx.eval(x)
+    plain = mx.fast.cuda_kernel(name="ws_nan_probe_plain", input_names=["x"], output_names=["out"],
+                                source=_BLOCKS_BODY)
+    clustered = mx.fast.cuda_kernel(name="ws_nan_probe_cluster2", input_names=["x"], output_names=["out"],
+                                    source=_BLOCKS_BODY, header=_CLUSTER_HEADER)
+
+    def launch(kernel, blocks):
+        (out,) = kernel(inputs=[x], grid=(32 * blocks, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(blocks,)],
+                        output_dtypes=[mx.float32], init_value=SENTINEL)
+        mx.eval(out)
+        got = np.array(out)
+        return [int(i) for i in np.nonzero(got != np.arange(blocks))[0]]  # blocks that did not run
+
+    steps = []
+    for kernel, name, blocks in ((plain, "plain", 1), (plain, "plain", 3), (plain, "plain", 9),
+                                 (clustered, "cluster2", 2), (plain, "plain", 1), (plain, "plain", 3),
+                                 (plain, "plain", 9), (plain, "plain", 2), (clustered, "cluster2", 4),
+                                 (plain, "plain", 9)):
+        try:
+            steps.append({"kernel": name, "blocks": blocks, "missing": launch(kernel, blocks)})
+        except Exception as e:  # a launch error is an answer too
+            steps.append({"kernel": name, "blocks": blocks, "error": repr(e)[:300]})
+            break
+    return {"mode": "cluster_carry", "steps": steps,
+            "plain_after_cluster_missing_blocks": sum(len(s.get("missing", [])) for s in steps[4:] if s["kernel"] == "plain")}
+
+
 def hog(seconds: float):
     """Large matmuls back to back on the GPU (round A's neighbour process)."""
     import mlx.core as mx
@@ -198,8 +258,16 @@ def main(argv):
         if argv[1] == "hog":
             hog(float(argv[2]))
             return
+        if argv[1] == "cluster_carry":
+            print(json.dumps(cluster_carry()))
+            return
         print(json.dumps(replay(argv[1], int(argv[2]))))
         return
+    phases = "cluster_carry,alone,load,nograph,keep_tmaps"
+    if "--phases" in argv:
+        i = argv.index("--phases")
+        phases = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
     out_path = argv[0] if argv else "ws_nan_probe.json"
     env = dict(os.environ)
     env.setdefault("MLX_PTX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ws_nan_probe_ptx"))
@@ -232,12 +300,29 @@ def main(argv):
               flush=True)
         return summary
 
-    import mlx.core as mx
-    result = {"device": mx.device_info() if hasattr(mx, "device_info") else None, "phases": []}
-    result["phases"].append(run_phase("alone", 1, 1, False))  # also fills the PTX cache
-    for mode, extra in (("load", None), ("nograph", {"MLX_USE_CUDA_GRAPHS": "0"}), ("keep_tmaps", None),
-                        ("gpu_default", None)):
-        result["phases"].append(run_phase(mode, 4, 1, True, extra))
+    def run_carry(extra_env):
+        penv = dict(env, **extra_env)
+        done = subprocess.run(me + ["cluster_carry"], env=penv, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        report = json.loads(lines[-1]) if lines else {"rc": done.returncode, "stderr": done.stderr[-2000:]}
+        report["env"] = extra_env
+        print(f"cluster_carry {extra_env or 'graphs on'}: "
+              + "; ".join(f"{s['kernel']} x{s['blocks']}: " + (f"missing {s['missing']}" if "missing" in s
+                                                                else s.get("error", "?"))
+                          for s in report.get("steps", [])) + (f" {report}" if "steps" not in report else ""),
+              flush=True)
+        return report
+
+    result = {"phases": []}
+    for mode in phases.split(","):
+        if mode == "cluster_carry":
+            result["phases"].append(run_carry({}))
+            result["phases"].append(run_carry({"MLX_USE_CUDA_GRAPHS": "0"}))
+        elif mode == "alone":
+            result["phases"].append(run_phase("alone", 1, 1, False))  # also fills the PTX cache
+        else:
+            extra = {"MLX_USE_CUDA_GRAPHS": "0"} if mode == "nograph" else None
+            result["phases"].append(run_phase(mode, 4, 1, True, extra))
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print("wrote", out_path)
