@@ -14,12 +14,13 @@ topology, cudaGraphExecUpdate()d to the next graph of the same shape; a
 kernel node that keeps a cluster kernel's cluster shape when updated to a
 plain kernel runs an odd grid in clusters of two and drops its last block.
 The cluster matmul is gone since session 11, so our kernels no longer mix.
-GPU machine, about 110 s (the replay phases compile the kernels into a
-shared PTX cache):
+GPU machine:
 
     python3 tools/ws_matmul_nan_probe.py OUT.json [--phases a,b,...]
 
-Phases (default cluster_carry,alone,load,nograph,keep_tmaps):
+The default phase, cluster_carry, takes about 10 s; the replay phases
+(alone,load,nograph,keep_tmaps,gpu_default) about 100 s more (the first
+compiles 24 kernels into a PTX cache the others share):
 
   cluster_carry  the mechanism alone: tiny plain kernels of 1, 3, 9 blocks
                before and after a tiny __cluster_dims__(2, 1, 1) kernel,
@@ -263,7 +264,7 @@ def main(argv):
             return
         print(json.dumps(replay(argv[1], int(argv[2]))))
         return
-    phases = "cluster_carry,alone,load,nograph,keep_tmaps"
+    phases = "cluster_carry"
     if "--phases" in argv:
         i = argv.index("--phases")
         phases = argv[i + 1]
