@@ -12,7 +12,11 @@ those shapes an even one, and the suite ran the opt-in cluster plans
 suspected cause is MLX's CUDA-graph reuse: one cached graph exec per graph
 topology, cudaGraphExecUpdate()d to the next graph of the same shape; a
 kernel node that keeps a cluster kernel's cluster shape when updated to a
-plain kernel runs an odd grid in clusters of two and drops its last block.
+plain kernel runs an odd grid in clusters of two and drops its last block
+(ml-explore/mlx PR #2813: "thread block cluster dimensions are not correctly
+updated by cudaGraphExecUpdate"; MLX guards captured subgraphs' cluster
+attribute, not a raw mx.fast.cuda_kernel node whose kernel has compile-time
+__cluster_dims__).
 The cluster matmul is gone since session 11, so our kernels no longer mix.
 GPU machine:
 
