@@ -290,6 +290,22 @@ def test_matmul_hopper_plans_unpack_by_position():
             unpack_plan(bad)
 
 
+def test_no_kernel_has_a_compile_time_cluster_shape():
+    """No kernel of ours may carry a compile-time cluster shape (__cluster_dims__,
+    .reqnctapercluster). MLX builds an mx.fast.cuda_kernel launch as a plain
+    CUDA-graph kernel node and updates cached graph execs across kernels of the
+    same graph shape; cudaGraphExecUpdate does not update cluster dimensions
+    (ml-explore/mlx PR #2813), so a cluster kernel left plain kernels launched
+    after it in clusters of two, dropping an odd grid's last block: session 10's
+    NaN tiles of the warp-specialised matmul (docs/matmul.md)."""
+    from mlx_flash._sources import source_dir
+
+    offenders = [path.name for path in sorted(source_dir("cuda_src").glob("*.cu*"))
+                 if re.search(r"__cluster_dims__|reqnctapercluster|cudaLaunchAttributeClusterDimension",
+                              path.read_text())]
+    assert not offenders, offenders
+
+
 def test_native_promotion_by_instruction_is_checked():
     """Promotion every one or two instructions (a negative third plan entry,
     MLX_FLASH_CUDA_FP8_PROMOTE_K 32 / 64) exists only on the warp-specialised
