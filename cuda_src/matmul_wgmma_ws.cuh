@@ -28,22 +28,14 @@
 // interval committed and waited for before its sums are added (the other
 // consumer warpgroup keeps the tensor cores busy meanwhile): the tensor
 // cores' truncating fp8 sums then span 32 or 64 products instead of 256.
-// Clusters (CLUSTER = 2, matmul_cluster.cuh): the two blocks of a cluster
-// take vertically adjacent tiles (rows m0 and m0 + 128, same columns) in
-// step; each loads its own a tile and half of the shared b tile, multicast
-// into both blocks, so b crosses L2 once per cluster. A stage is then
-// refilled only when the consumers of both blocks released it (each releaser
-// arrives on the stage's empty barrier in both blocks), and a block leaves
-// only after its producer saw every stage released (later arrivals from the
-// other block would land in a finished block's shared memory).
 // The kernel needs 384 threads of at most 168 registers at launch (for the
-// setmaxnreg trade): matmul_wgmma_ws.cu's launch bounds say so; a cluster
-// launch needs __cluster_dims__ (matmul_wgmma_ws_cluster2.cuh).
+// setmaxnreg trade): matmul_wgmma_ws.cu's launch bounds say so. (Clusters of
+// two blocks sharing b by TMA multicast were tried in sessions 5-7 and never
+// won on the card; removed in session 11, docs/matmul.md.)
 #pragma once
 
 #include "attention_common.cuh"
 #include "matmul_wgmma.cuh"
-#include "matmul_cluster.cuh"
 #include "mbarrier.cuh"
 #include "mma.cuh"
 #include "tma.cuh"
@@ -63,7 +55,7 @@ struct WsKind<T, 0> { static constexpr int value = WgKind<T, 0>::value; };
 __host__ __device__ constexpr int matmul_ws_smem(int bn, int stages) { return stages * (kWgBM + bn) * 128 + 1024; }
 
 template <typename TA, typename TB, typename TO, int FA, int FB, bool TRANS_B, bool AS, bool BS, int BN, int STAGES,
-          int PROMOTE, bool NATIVE, int CLUSTER, bool ACC2>
+          int PROMOTE, bool NATIVE, bool ACC2>
 __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, const float* b_scale, const int* ip,
                                 const uint8_t* tmpl, TO* out, uint8_t* tmaps) {
   static_assert(NATIVE == (FA != 0) && NATIVE == (FB != 0), "operands used as stored: 16-bit, or both fp8 (native)");
@@ -75,9 +67,7 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   static_assert(PROMOTE >= 0 || ((PROMOTE == -1 || PROMOTE == -2) && BN <= 192 && !ACC2),
                 "promotion every 1 or 2 instructions, one accumulator set");
   static_assert(STAGES >= 2, "a ring");
-  static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of one or two blocks");
   static_assert(!ACC2 || (PROMOTE > 0 && BN == 128), "two accumulator sets and the sums fit 232 registers at BN 128");
-  static_assert(CLUSTER == 1 || !TRANS_B || (BN / CLUSTER) % 8 == 0, "b halves are whole swizzle atoms");
   constexpr int A_BYTES = kWgBM * 128, B_BYTES = BN * 128, STAGE_BYTES = A_BYTES + B_BYTES;
   constexpr int KSTEP = NATIVE ? 128 : 64;  // K values per stage
   constexpr int KINST = NATIVE ? 32 : 16;   // K values per wgmma
@@ -87,10 +77,6 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   // thread, after wgmma_wait: a warpgroup's wgmma group completes as a whole),
   // not by all 256 threads (256 arrivals on one barrier per stage).
   constexpr int CONSUMERS = 2;
-  // Rows of the shared b tile each block of a cluster loads (TRANS_B), and
-  // where its part lands; MN-major b: block r loads the 64-column boxes j
-  // with j % CLUSTER == r.
-  constexpr int B_ROWS = BN / CLUSTER;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* ring = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -102,19 +88,14 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   const TA* ag = a + (long)z * M * K;
   const TB* bg = b + (ip[kWgBBatched] ? (long)z * K * N : 0);
   const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32;
-  // Work units: CLUSTER vertically adjacent 128 x BN tiles (one per block of
-  // a cluster; a unit's last tile may lie wholly below M).
-  constexpr int UM = kWgBM * CLUSTER, GROUP = kWgGroupM / CLUSTER;
-  const int units_m = (M + UM - 1) / UM, tiles_n = (N + BN - 1) / BN, units = units_m * tiles_n;
+  // Work units: 128 x BN output tiles; block b takes units b, b + gridDim.x, ...
+  const int units_m = (M + kWgBM - 1) / kWgBM, tiles_n = (N + BN - 1) / BN, units = units_m * tiles_n;
   const int ktiles = (K + KSTEP - 1) / KSTEP;
-  const int rank = CLUSTER > 1 ? (int)cluster_ctarank() : 0;
-  const int first_unit = CLUSTER > 1 ? (int)cluster_id_x() : blockIdx.x;
-  const int unit_step = CLUSTER > 1 ? (int)cluster_count_x() : gridDim.x;
-  // Grouped order: GROUP unit rows (kWgGroupM tile rows) sweep the columns together.
+  // Grouped order: kWgGroupM tile rows sweep the columns together.
   auto tile_origin = [&](int unit, int& m0, int& n0) {
-    const int group = unit / (GROUP * tiles_n), first_m = group * GROUP;
-    const int group_rows = min(units_m - first_m, GROUP), in_group = unit % (GROUP * tiles_n);
-    m0 = (first_m + in_group % group_rows) * UM + rank * kWgBM;
+    const int group = unit / (kWgGroupM * tiles_n), first_m = group * kWgGroupM;
+    const int group_rows = min(units_m - first_m, kWgGroupM), in_group = unit % (kWgGroupM * tiles_n);
+    m0 = (first_m + in_group % group_rows) * kWgBM;
     n0 = (in_group / group_rows) * BN;
   };
 
@@ -127,16 +108,11 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&full_bar[s], 1);
-      mbar_init(&empty_bar[s], CONSUMERS * CLUSTER);
+      mbar_init(&empty_bar[s], CONSUMERS);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  if constexpr (CLUSTER > 1) {
-    if (cluster_nctarank() != CLUSTER) __trap();  // launched without the cluster header
-    cluster_sync();
-  } else {
-    __syncthreads();
-  }
+  __syncthreads();
 
   if (wg == 0) {
     // Producer.
@@ -145,12 +121,9 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
     tma_acquire(tm_ws);
     tma_acquire(tm_ws + 128);
     int it = 0;  // stages issued by this block, over all its tiles
-    for (int unit = first_unit; unit < units; unit += unit_step) {
+    for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
       int m0, n0;
       tile_origin(unit, m0, n0);
-      // A unit's second tile wholly below M: load a's last tile instead (the
-      // consumers store nothing of it), b's half is still the other block's.
-      const int a_row = m0 < M ? m0 : m0 - kWgBM;
       for (int kt = 0; kt < ktiles; ++kt, ++it) {
         const int s = it % STAGES;
         // Round r = it / STAGES of stage s needs round r - 1's release.
@@ -158,23 +131,8 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         unsigned char* st = ring + s * STAGE_BYTES;
         void* bar = &full_bar[s];
         mbar_expect_tx(bar, STAGE_BYTES);
-        tma_load_2d(st, tm_ws, kt * KSTEP, a_row, bar);
-        if constexpr (CLUSTER > 1) {
-          constexpr unsigned short ALL = (1u << CLUSTER) - 1;
-          // A part wholly beyond N is loaded from row / column 0 instead:
-          // its output columns are never stored.
-          if constexpr (TRANS_B) {
-            const int b_row = n0 + rank * B_ROWS;
-            tma_load_2d_multicast(st + A_BYTES + rank * B_ROWS * 128, tm_ws + 128, kt * KSTEP, b_row < N ? b_row : 0,
-                                  bar, ALL);
-          } else {
-#pragma unroll
-            for (int j = 0; j < BN / 64; ++j)
-              if (j % CLUSTER == rank)
-                tma_load_2d_multicast(st + A_BYTES + j * 64 * 128, tm_ws + 128, n0 + 64 * j < N ? n0 + 64 * j : 0,
-                                      kt * KSTEP, bar, ALL);
-          }
-        } else if constexpr (TRANS_B) {
+        tma_load_2d(st, tm_ws, kt * KSTEP, m0, bar);
+        if constexpr (TRANS_B) {
           tma_load_2d(st + A_BYTES, tm_ws + 128, kt * KSTEP, n0, bar);
         } else {
 #pragma unroll
@@ -183,35 +141,22 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         }
       }
     }
-    if constexpr (CLUSTER > 1) {
-      // Wait until every stage's last round is released by both blocks: no
-      // arrival from the other block may come after this block has left.
-      for (int i = it; i < it + STAGES; ++i)
-        if (i >= STAGES) mbar_wait(&empty_bar[i % STAGES], ((i / STAGES) + 1) & 1);
-    }
     return;
   }
 
   // Consumers.
   setmaxnreg_inc<232>();
   const int c = wg - 1, warp = (tid % 128) / 32, g = lane / 4, t = lane % 4;
-  // Thread r < CLUSTER of each consumer warpgroup releases stages in block r
-  // of the cluster (the arrivals go out side by side, one lane each).
-  const bool releaser = tid % 128 < CLUSTER;
+  const bool releaser = tid % 128 == 0;  // one arrival per consumer warpgroup
   constexpr int R = BN / 2;
   TO* og = out + (long)z * M * N;
   const float* as_row = AS ? a_scale + (ip[kWgAScaleBatched] ? (long)z * (ip[kWgAScaleRows] ? M : 1) : 0) : nullptr;
-  // Releases a stage: one arrival per consumer warpgroup in every block of the cluster.
+  // Releases a stage: one arrival per consumer warpgroup.
   auto release = [&](int stage) {
-    if (!releaser) return;
-    if constexpr (CLUSTER > 1) {
-      mbar_arrive_cluster(&empty_bar[stage], tid % 128);
-    } else {
-      mbar_arrive(&empty_bar[stage]);
-    }
+    if (releaser) mbar_arrive(&empty_bar[stage]);
   };
   int it = 0;
-  for (int unit = first_unit; unit < units; unit += unit_step) {
+  for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
     int m0, n0;
     tile_origin(unit, m0, n0);
     float d[R];                  // wgmma accumulators

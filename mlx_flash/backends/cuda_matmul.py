@@ -52,9 +52,8 @@ _FP8_NATIVE = os.environ.get("MLX_FLASH_CUDA_FP8_WGMMA", "exact") == "native"
 # where libcuda's tensor-map encoder is unavailable.
 # Fifth entry: the warp-specialised persistent kernel (matmul_wgmma_ws.cuh:
 # a TMA producer warpgroup, two consumer warpgroups, mbarrier stage ring;
-# TMA plans only). Sixth: its cluster size (1, or 2: two blocks share the b
-# tile by TMA multicast, matmul_cluster.cuh). Seventh (native fp8, BN 128):
-# two tensor-core accumulator sets alternating between promotion intervals.
+# TMA plans only). Sixth (native fp8, BN 128, warp-specialised): two
+# tensor-core accumulator sets alternating between promotion intervals.
 WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (128, 6, 2, True)}
 # Default plans on the warp-specialised kernel where TMA is available (None:
 # WGMMA_PLANS). "cvt" only from CVT_WS_MIN_ROWS rows of a: below, decoding the
@@ -64,19 +63,13 @@ WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (1
 # fp16 x e4m3 552 vs 340 (fp8 decoded first, then the 16-bit kernel); native
 # e4m3 791 vs 718 (BN 128, promoted every 256 K).
 WS_PLANS = {"f16": (256, 4, 0, True, True), "cvt": (256, 4, 0, True, True), "native": (128, 6, 2, True, True)}
-# MLX_FLASH_CUDA_MATMUL_CLUSTER=2: the default warp-specialised plans on
-# clusters of two blocks sharing b (TMA multicast); "native" takes
-# WS_NATIVE_CLUSTER_PLAN then. H200, 8192^3 (session 7): fp16 742 vs 719
-# TFLOP/s with a [K, N] b, 724 vs 703 with [N, K]. Opt-in: with it and MLX's
-# CUDA graphs on, the default-route tests fail (5 of 138 in session 7, whole
-# outputs wrong); with MLX_USE_CUDA_GRAPHS=0 all 138 pass (docs/matmul.md).
-_WS_CLUSTER = os.environ.get("MLX_FLASH_CUDA_MATMUL_CLUSTER", "1")
-if _WS_CLUSTER not in ("1", "2"):
-    raise ValueError(f"MLX_FLASH_CUDA_MATMUL_CLUSTER must be 1 or 2, got {_WS_CLUSTER!r}")
-WS_CLUSTER = int(_WS_CLUSTER)
-WS_NATIVE_CLUSTER_PLAN = (128, 6, 2, True, True, 2)
-if WS_CLUSTER == 2:
-    WS_PLANS = {"f16": WS_PLANS["f16"] + (2,), "cvt": WS_PLANS["cvt"] + (2,), "native": WS_NATIVE_CLUSTER_PLAN}
+# The opt-in clusters of two blocks (MLX_FLASH_CUDA_MATMUL_CLUSTER=2) were
+# removed in session 11 (they never won on the card, and with MLX's CUDA
+# graphs they broke the plain kernels launched after them: docs/matmul.md);
+# a leftover setting is an error, not silently ignored.
+if os.environ.get("MLX_FLASH_CUDA_MATMUL_CLUSTER", "1") != "1":
+    raise ValueError("MLX_FLASH_CUDA_MATMUL_CLUSTER: the cluster matmul was removed (session 11); unset it, got "
+                     f"{os.environ['MLX_FLASH_CUDA_MATMUL_CLUSTER']!r}")
 CVT_WS_MIN_ROWS = 512
 # The native fp8 route's promotion interval: MLX_FLASH_CUDA_FP8_PROMOTE_K =
 # K values the tensor cores sum (truncating, 13 bits) before the sums go to
@@ -384,17 +377,22 @@ def _tma_template_array(ea, M, Kp, eb, b1, b2, transpose_b, bn):
     return _cuda.const_array(tuple(ta + tb), mx.uint8)
 
 
-# Defaults of a Hopper plan's optional entries (TMA, warp-specialised, cluster, two accumulator sets).
-_PLAN_DEFAULTS = (False, False, 1, False)
+# Defaults of a Hopper plan's optional entries (TMA, warp-specialised, two accumulator sets).
+_PLAN_DEFAULTS = (False, False, False)
 
 
 def unpack_plan(plan) -> tuple:
-    """(BN, stages, promote, tma, ws, cluster, acc2) of a Hopper plan of 3 to 7
+    """(BN, stages, promote, tma, ws, acc2) of a Hopper plan of 3 to 6
     entries, the missing ones at their defaults."""
     plan = tuple(plan)
-    if not 3 <= len(plan) <= 7:
-        raise ValueError(f"a Hopper plan has 3 to 7 entries (BN, stages, promote[, tma, ws, cluster, acc2]), got {plan}")
-    return plan + _PLAN_DEFAULTS[len(plan) - 3:]
+    if not 3 <= len(plan) <= 6:
+        raise ValueError(f"a Hopper plan has 3 to 6 entries (BN, stages, promote[, tma, ws, acc2]), got {plan}")
+    plan = plan + _PLAN_DEFAULTS[len(plan) - 3:]
+    if not all(isinstance(x, bool) for x in plan[3:]):
+        # A session 10 plan's sixth entry was the cluster size (2: removed).
+        raise ValueError(f"a Hopper plan's tma, ws and acc2 entries are True or False, got {plan} "
+                         "(the cluster-size entry was removed in session 11)")
+    return plan
 
 
 def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
@@ -405,7 +403,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
         plan = WGMMA_PLANS[kind]
         if WS_PLANS[kind] and (kind != "cvt" or spec.M >= CVT_WS_MIN_ROWS) and _tma_available():
             plan = WS_PLANS[kind]
-    bn, stages, promote, tma, ws, cluster, acc2 = unpack_plan(plan)
+    bn, stages, promote, tma, ws, acc2 = unpack_plan(plan)
     if native and promote < 0 and not (promote in (-1, -2) and ws and tma and bn in (128, 192) and not acc2
                                        and _tma_available()):
         raise ValueError(f"Hopper plan {tuple(plan)}: promotion every {-promote} instruction(s) (promote -1 or -2) "
@@ -443,8 +441,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
         bn = 128  # no TMA here: the portable kernel's tile widths
     if ws and tma:
         return _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote if native else 0, native,
-                         transpose_b, ip, Np, fa if native else 0, fb if native else 0, cluster,
-                         acc2 and native)
+                         transpose_b, ip, Np, fa if native else 0, fb if native else 0, acc2 and native)
     # + 1 KiB: the TMA mbarriers and template staging are static shared memory.
     kernel = _kernel_object("matmul_wgmma", _WGMMA_INPUTS, ("out", "tmaps"),
                             wgmma_smem(bn, stages, convert_a, convert_b))
@@ -483,95 +480,32 @@ def ws_smem(bn: int, stages: int) -> int:
 
 
 def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native, transpose_b, ip, Np, fa, fb,
-              cluster=1, acc2=False):
+              acc2=False):
     """The warp-specialised persistent Hopper kernel: cuda_src/matmul_wgmma_ws.cuh
     (operands as stored, by TMA; a, b already padded as _wgmma does)."""
-    if cluster not in (1, 2):
-        raise ValueError(f"warp-specialised plan: cluster must be 1 or 2, got {cluster}")
     if acc2 and not (promote and bn == 128):
         raise ValueError(f"warp-specialised plan: two accumulator sets need BN 128 and promotion, got BN {bn}, "
                          f"promotion {promote}")
     M = spec.M
-    units = math.ceil(M / (128 * cluster)) * math.ceil(Np / bn)
-    # Persistent: at most as many clusters as can be resident at once (a
-    # cluster that had to wait for a free pair of SMs would run its share
-    # of the tiles after everyone else).
-    blocks = cluster * min(units, max_active_clusters(cluster, ws_smem(bn, stages)))
-    headers = ("matmul_wgmma_ws_cluster2.cuh",) if cluster == 2 else ()
-    kernel = _kernel_object("matmul_wgmma_ws", _WGMMA_INPUTS, ("out", "tmaps"), ws_smem(bn, stages), headers)
+    units = math.ceil(M / 128) * math.ceil(Np / bn)
+    # Persistent: one block per SM at most (one fits an SM: 384 threads, the
+    # stage ring), so every block is resident and takes its share of tiles.
+    blocks = min(units, sm_count())
+    kernel = _kernel_object("matmul_wgmma_ws", _WGMMA_INPUTS, ("out", "tmaps"), ws_smem(bn, stages))
     placeholder = _params((0,), mx.float32)
     (out, _) = kernel(
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
                 b_scale if b_scale is not None else placeholder, ip,
-                _tma_templates(a, b, transpose_b, bn // cluster if transpose_b else bn)],
+                _tma_templates(a, b, transpose_b, bn)],
         template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype),
                   ("FA", fa), ("FB", fb), ("TRANS_B", transpose_b),
                   ("AS", a_scale is not None), ("BS", b_scale is not None), ("BN", bn), ("STAGES", stages),
-                  ("PROMOTE", promote), ("NATIVE", native), ("CLUSTER", cluster), ("ACC2", bool(acc2))],
+                  ("PROMOTE", promote), ("NATIVE", native), ("ACC2", bool(acc2))],
         grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
         output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,)],
         output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,
     )
     return out if Np == spec.N else out[:, :, :spec.N]
-
-
-# A kernel with the warp-specialised matmul's shape (384 threads, a cluster of
-# two) for the driver's cluster occupancy query: which blocks fit where
-# depends only on the block shape, its shared memory and the cluster.
-_CLUSTER_PROBE_PTX = b"""
-.version 8.0
-.target sm_90a
-.address_size 64
-.visible .entry mlx_flash_cluster_probe() .maxntid 384, 1, 1 .reqnctapercluster 2, 1, 1 { ret; }
-"""
-
-
-class _LaunchConfig(ctypes.Structure):
-    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
-                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
-                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p), ("attrs", ctypes.c_void_p),
-                ("numAttrs", ctypes.c_uint)]
-
-
-@functools.lru_cache(maxsize=None)
-def max_active_clusters(cluster: int, smem: int) -> int:
-    """Clusters of `cluster` warp-specialised matmul blocks (384 threads, `smem`
-    bytes of dynamic shared memory) resident at once on device 0
-    (cuOccupancyMaxActiveClusters on a probe kernel of that shape); the SM
-    count / cluster where the query is unavailable."""
-    fallback = sm_count() // cluster
-    if cluster != 2:
-        return fallback
-    lib = _libcuda()
-    device, ctx, module, func = ctypes.c_int(0), ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
-    count = ctypes.c_int(0)
-    try:
-        if lib.cuDeviceGet(ctypes.byref(device), 0) or lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device):
-            return fallback
-        try:
-            if lib.cuCtxPushCurrent_v2(ctx):
-                return fallback
-            try:
-                if lib.cuModuleLoadData(ctypes.byref(module), ctypes.c_char_p(_CLUSTER_PROBE_PTX)):
-                    return fallback
-                try:
-                    if lib.cuModuleGetFunction(ctypes.byref(func), module, b"mlx_flash_cluster_probe"):
-                        return fallback
-                    # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
-                    if lib.cuFuncSetAttribute(func, ctypes.c_int(8), ctypes.c_int(smem)):
-                        return fallback
-                    config = _LaunchConfig(cluster * sm_count(), 1, 1, 384, 1, 1, smem, None, None, 0)
-                    if lib.cuOccupancyMaxActiveClusters(ctypes.byref(count), func, ctypes.byref(config)):
-                        return fallback
-                finally:
-                    lib.cuModuleUnload(module)
-            finally:
-                lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
-        finally:
-            lib.cuDevicePrimaryCtxRelease_v2(device)
-    except AttributeError:
-        return fallback
-    return count.value if count.value > 0 else fallback
 
 
 def matmul2d(a, b, a_scale, b_scale, spec, stream, route=None, plan=None):

@@ -52,11 +52,10 @@ from .. import dispatch
 from .cuda import Recorder, card_name, slug
 
 GIB = 1024 ** 3
-# Native fp8 plans on clusters of two timed in the gemm section
-# (BN, stages, promotion interval in 128 K, TMA, warp-specialised, cluster).
-# A seventh entry True: two accumulator sets alternating between promotion intervals.
-NATIVE_CLUSTER_PLANS = ((128, 6, 2, True, True, 2), (192, 5, 2, True, True, 2), (192, 5, 4, True, True, 2),
-                        (256, 4, 0, True, True, 2), (128, 6, 2, True, True, 2, True), (128, 7, 4, True, True, 2, True))
+# Native fp8 plans with two accumulator sets alternating between promotion
+# intervals, timed in the gemm section (BN, stages, promotion interval in
+# 128 K, TMA, warp-specialised, acc2).
+NATIVE_ACC2_PLANS = ((128, 6, 2, True, True, True), (128, 7, 4, True, True, True))
 SKIP_TMA = False  # --skip-tma
 CASES = None  # --cases: a regular expression the gemm cases' names must match
 START = time.perf_counter()  # rows note when they were measured (seconds since import)
@@ -183,17 +182,10 @@ def bench_gemm(rec: Recorder, sizes):
                 plan=(256, 4, 0, True, True)), None),
             "ours_fp16_x_e4m3_bT_ws": (lambda: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True, route="wgmma",
                                                          plan=(256, 4, 0, True, True)), None),
-            # Clusters of two blocks sharing b by TMA multicast (sixth plan entry).
-            "ours_fp16_ws_c2": (lambda: cm.matmul(a16, b16, route="wgmma", plan=(256, 4, 0, True, True, 2)),
-                                mlx_fp16),
-            "ours_fp16_bT_ws_c2": (lambda: cm.matmul(a16, b16t, transpose_b=True, route="wgmma",
-                                                     plan=(256, 4, 0, True, True, 2)), mlx_fp16),
-            "ours_fp16_x_e4m3_bT_ws_c2": (lambda: cm.matmul(a16, b8t, b_fmt="e4m3", transpose_b=True, route="wgmma",
-                                                            plan=(256, 4, 0, True, True, 2)), None),
-            **{f"ours_e4m3_native_ws_bn{p[0]}_st{p[1]}_pr{p[2]}{'_acc2' if p[6:7] == (True,) else ''}_c2_bT": (
+            **{f"ours_e4m3_native_ws_bn{p[0]}_st{p[1]}_pr{p[2]}_acc2_bT": (
                 lambda p=p: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float16,
                                       route="wgmma_fp8", plan=p), None)
-               for p in NATIVE_CLUSTER_PLANS},
+               for p in NATIVE_ACC2_PLANS},
             "ours_e4m3_native_tma_bT": (lambda: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
                                                           out_dtype=mx.float16, route="wgmma_fp8",
                                                           plan=(128, 6, 1, True)), None),
@@ -229,8 +221,8 @@ def bench_gemm(rec: Recorder, sizes):
                 rec.add(**row)
             except Exception as e:  # noqa: BLE001 (record, go on)
                 rec.add(section="gemm", case=name, n=n, error=f"{type(e).__name__}: {e}"[:500])
-        native_c2 = [k for k in results if k.startswith("ours_e4m3_native_ws_") and k.endswith("_c2_bT")]
-        for x, y in tuple((k, "ours_e4m3_native_ws_bn128_bT") for k in native_c2) + (
+        native_acc2 = [k for k in results if k.startswith("ours_e4m3_native_ws_") and k.endswith("_acc2_bT")]
+        for x, y in tuple((k, "ours_e4m3_native_ws_bn128_bT") for k in native_acc2) + (
                      ("ours_e4m3_native_ws_bn128_bT", "ours_e4m3_native_tma_bT"),
                      ("ours_e4m3_native_ws_bn192_bT", "ours_e4m3_native_tma_bT"),
                      ("ours_e4m3_bT", "ours_mma_e4m3_bT"), ("ours_e4m3_native_bT", "ours_mma_e4m3_bT"),
@@ -891,9 +883,7 @@ def main(argv=None):
     try:
         from ..backends import cuda_matmul as cm
 
-        rec.add(section="device", sm_count=cm.sm_count(),
-                max_active_clusters_of_2={f"bn{bn}_st{st}": cm.max_active_clusters(2, cm.ws_smem(bn, st))
-                                          for bn, st in ((256, 4), (128, 6), (192, 5), (128, 7))})
+        rec.add(section="device", sm_count=cm.sm_count())
     except Exception as e:  # noqa: BLE001
         rec.add(section="device", error=f"{type(e).__name__}: {e}"[:500])
     if args.warm:

@@ -33,8 +33,6 @@
 //   16-bit (k16) and fp8 (k32, the GEMM's mixed e4m3 / e5m2 pairs) kinds.
 //   Products are summed in fp32 in k order: no model of the tensor cores'
 //   own rounding, unless EMU_FP8_ACCUM_BITS asks for one of fp8 sums (below).
-// * Clusters (the GEMM's matmul_cluster.cuh) of one block only: its rank is 0,
-//   the cluster barrier is the block's; multicast fails the launch.
 // * setmaxnreg, fences: no-ops. %globaltimer and %smid read 0. __trap fails
 //   the launch.
 // * Bulk copies (bwd): cp.reduce.async.bulk add.f32 runs at its bulk wait.
@@ -173,12 +171,6 @@ inline void mbar_arrive(unsigned addr, unsigned expect_tx) {
   if (m.pending == 0) __emu_fail("mbarrier: an arrive on a phase whose arrivals are all in");
   --m.pending;
   mbar_store(addr, m);
-}
-// An arrival on the mbarrier at `addr` in block `rank` of the cluster: the
-// emulation runs clusters of one block, so only rank 0 (the block itself).
-inline void cluster_arrive(unsigned addr, unsigned rank) {
-  if (rank != 0) __emu_fail("an arrival on another block of a cluster: clusters of two are not emulated");
-  mbar_arrive(addr, 0u);
 }
 inline void mbar_complete_tx(unsigned addr, unsigned bytes) {
   ++__emu_progress();

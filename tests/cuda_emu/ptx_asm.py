@@ -134,18 +134,6 @@ def _statement(template: str, outs: list, ins: list) -> str:
     if "%%globaltimer" in t or "%%smid" in t:
         (y,) = args(r"mov\.u\d+ (%\d+), %%")
         return f"{y} = 0;"
-    # Clusters (matmul_cluster.cuh) of one block: the block is its own cluster.
-    for reg, value in (("%%cluster_ctarank", "0u"), ("%%cluster_nctarank", "1u"), ("%%clusterid.x", "blockIdx.x"),
-                       ("%%nclusterid.x", "gridDim.x")):
-        if t == f"mov.u32 %0, {reg};":
-            return f"{op('%0')} = {value};"
-    if t == "barrier.cluster.arrive.release.aligned; barrier.cluster.wait.acquire.aligned;":
-        return "__syncthreads();"
-    if "mapa.shared::cluster.u32" in t and "mbarrier.arrive.shared::cluster.b64" in t:
-        bar, rank = args(r"mapa\.shared::cluster\.u32 remote, (%\d+), (%\d+);")
-        return f"{E}cluster_arrive({bar}, {rank});"
-    if t.startswith("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast"):
-        return '__emu_fail("TMA multicast (clusters of two blocks) is not emulated");'
     if t.startswith("bar.sync") or t.startswith("bar.arrive"):
         kind, bar, count = args(r"bar\.(sync|arrive) (\S+), (\S+);")
         return f"{E}named_barrier({bar}, {count}, {'true' if kind == 'sync' else 'false'});"
