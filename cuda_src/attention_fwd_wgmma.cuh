@@ -25,6 +25,17 @@ __host__ __device__ constexpr int wgmma_fwd_smem(int d, int bn, int stages) {
   return 2 * (128 * d + 2 * stages * bn * d) + 1024;
 }
 
+// The A fragment of k-step kk (16 keys) of a register-A wgmma, packed from
+// an fp32 accumulator tile in wgmma's C layout (P of the forward, P^T and
+// dS^T of the backward): four pairs of 16-bit values.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_a_fragment(unsigned (&a)[4], const float (&acc)[N], int kk) {
+  a[0] = pack2<T>(acc[8 * kk + 0], acc[8 * kk + 1]);
+  a[1] = pack2<T>(acc[8 * kk + 2], acc[8 * kk + 3]);
+  a[2] = pack2<T>(acc[8 * kk + 4], acc[8 * kk + 5]);
+  a[3] = pack2<T>(acc[8 * kk + 6], acc[8 * kk + 7]);
+}
+
 // Rows [0, valid_rows) of a row-major [*, DIM] global tile into a swizzled
 // [ROWS][DIM] shared tile (wgmma.cuh) with cp.async; missing rows are zeros.
 template <typename T, int ROWS, int DIM, int NTHREADS>
@@ -174,12 +185,7 @@ __device__ __forceinline__ void wg_softmax_tile(float (&s)[BN / 2], float (&o)[D
     }
   }
 #pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
-    pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-    pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-    pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-    pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-  }
+  for (int kk = 0; kk < BN / 16; ++kk) wgmma_a_fragment<T>(pa[kk], s, kk);
   // A dropped pair's p (+0) becomes -0, its mark for wg_exact_pv; the mma
   // path multiplies it the same.
   if (need_rules) {

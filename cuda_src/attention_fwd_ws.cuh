@@ -336,12 +336,7 @@ __device__ __forceinline__ void ws_rescale(float (&o)[DV / 2], const float (&alp
 template <typename T, int BN, bool kRules>
 __device__ __forceinline__ void ws_pack(const float (&s)[BN / 2], unsigned (&pa)[BN / 16][4], const WsDrop<BN>& drop) {
 #pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
-    pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-    pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-    pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-    pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-  }
+  for (int kk = 0; kk < BN / 16; ++kk) wgmma_a_fragment<T>(pa[kk], s, kk);
   if (kRules) {
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
