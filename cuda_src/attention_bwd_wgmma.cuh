@@ -67,6 +67,29 @@ __device__ __forceinline__ void bwd_bulk_wait_read() { asm volatile("cp.async.bu
 // ... and have completed.
 __device__ __forceinline__ void bwd_bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
+// Rows [0, valid_rows) of a query tile's Q and dO into their swizzled
+// [ROWS][DIM] shared tiles with cp.async, as load_tile_swizzled does each
+// (same chunks, same passes), but both at once from one 32-bit element
+// offset a pass, formed from the thread index where it is used. The tile
+// loop reloads Q and dO every tile; with load_tile_swizzled the compiler
+// kept each pass's 64-bit global offset live across the loop, and at D 128
+// with a mask or ALiBi NVRTC spilled them (48-72 bytes).
+template <typename T, int ROWS, int DIM, int NTHREADS>
+__device__ __forceinline__ void bwd_load_q_do(unsigned char* q_dst, unsigned char* do_dst, const T* q_src,
+                                              const T* do_src, int valid_rows) {
+  constexpr int CHUNKS = DIM / 8, STEP = NTHREADS / CHUNKS;
+  static_assert(ROWS * CHUNKS % NTHREADS == 0 && STEP % 8 == 0, "as load_tile_swizzled");
+  const int row0 = threadIdx.x / CHUNKS, chunk = threadIdx.x % CHUNKS;
+  const unsigned sh = swizzled_offset<ROWS>(row0, chunk);
+#pragma unroll
+  for (int it = 0; it < ROWS * CHUNKS / NTHREADS; ++it) {
+    const bool ok = row0 + it * STEP < valid_rows;
+    const unsigned off = ok ? (unsigned)((row0 + it * STEP) * DIM + chunk * 8) : 0u;
+    cp_async16(q_dst + sh + it * STEP * 128, q_src + off, ok);
+    cp_async16(do_dst + sh + it * STEP * 128, do_src + off, ok);
+  }
+}
+
 // Adds a warp's 16 x 64 part of a query tile's dQ (times scale) to the float32
 // accumulator dq_head ([rows][D] of one head) with float2 atomics: acc holds
 // the m64n64 fragment of rows `row` and row + 8 (4n + 2 half + e: dims
@@ -137,7 +160,17 @@ __device__ void attention_bwd_wgmma(
   const int j0 = key_block * BKV;
   if (j0 >= seq.nk) return;
   const int j_end = min(seq.nk, j0 + BKV);
-  const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
+  // Row index of this head's first key (K, V, dK, dV rows of D): 32 bits, as
+  // a row count of B * Hkv * Nk < 2^31 holds for any tensor a GPU can hold
+  // (2^31 rows of D >= 64 halves are 256 GiB); kept 64-bit, it was one of the
+  // values NVRTC spilled at D 128 beside a mask's or ALiBi's terms.
+  const int kv_row = (seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
+  // The dK / dV writes after the tile loop read kv_row back from shared
+  // memory rather than hold it in a register through the loop (D 128 with
+  // ALiBi: NVRTC spilled it, the last 4 bytes). Every thread stores the same
+  // value and reads back its own store.
+  __shared__ int kv_row_s;
+  kv_row_s = kv_row;
   const float scale = fp[kScale];
   const float softcap = fp[kSoftcap];
   const int key_row = wg * 64 + warp * 16 + g;  // this thread's first key within the block (other: + 8)
@@ -149,8 +182,8 @@ __device__ void attention_bwd_wgmma(
   // No query sees these keys (all outside the key range, or the window's):
   // dK = dV = 0, as the outputs start, and K, V are never loaded.
   if (qlo >= qhi) return;
-  load_tile_swizzled<T, BKV, D, NTHREADS>(Ks, k + (kv_base + j0) * D, j_end - j0);
-  load_tile_swizzled<T, BKV, D, NTHREADS>(Vs, v + (kv_base + j0) * D, j_end - j0);
+  load_tile_swizzled<T, BKV, D, NTHREADS>(Ks, k + (long)(kv_row + j0) * D, j_end - j0);
+  load_tile_swizzled<T, BKV, D, NTHREADS>(Vs, v + (long)(kv_row + j0) * D, j_end - j0);
   const int shift = seq.nk - seq.nq;
   const int first_i0 = qlo / BQ * BQ;
 
@@ -170,8 +203,8 @@ __device__ void attention_bwd_wgmma(
   auto load_tile_q = [&](int hg, int i0, int stage) {
     const long q_base = (long)(seq.tensor_batch * Hq + hk * G + hg) * NqTot + seq.q_start;
     const int valid = min(seq.nq, i0 + BQ) - i0;
-    load_tile_swizzled<T, BQ, D, NTHREADS>(Qs + stage * QT_BYTES, q + (q_base + i0) * D, valid);
-    load_tile_swizzled<T, BQ, D, NTHREADS>(dOs + stage * QT_BYTES, dout + (q_base + i0) * D, valid);
+    bwd_load_q_do<T, BQ, D, NTHREADS>(Qs + stage * QT_BYTES, dOs + stage * QT_BYTES, q + (q_base + i0) * D,
+                                      dout + (q_base + i0) * D, valid);
     // lse and delta by cp.async too (a plain load here would hold the thread
     // until it returns, in front of the tile's work); thread r stages row r
     // and converts its lse itself once landed (stage_lse), before the barrier
@@ -207,8 +240,11 @@ __device__ void attention_bwd_wgmma(
   cp_async_commit();
   int stage = 0;
   const unsigned k_addr = smem_addr(Ks), v_addr = smem_addr(Vs), ds_addr = smem_addr(dSs);
-  bool k_bad = false;  // this thread's K chunks hold a NaN or inf (checked once they landed)
-  bool k_checked = false;
+  // This thread's K chunks hold a NaN or inf, checked once they landed: the
+  // first tile's wait would wait for them anyway (K, V and its Q, dO are one
+  // group), and checked here no "checked yet" flag is carried through the loop.
+  cp_async_wait<0>();
+  const bool k_bad = hg < G && own_swizzled_nonfinite<T, BKV, D, NTHREADS>(Ks);
 
   while (hg < G) {
     cp_async_wait<0>();
@@ -224,10 +260,6 @@ __device__ void attention_bwd_wgmma(
     // may_drop: some pair of the tile may be dropped (not softcap / ALiBi alone).
     const bool may_drop = F::MaskKind != 0 || F::BlockMask || tile_cuts_keys<F>(rules, j0, j0 + BKV) || !inside_window;
     const bool need_rules = F::ElementRules || may_drop;
-    if (!k_checked) {
-      k_bad = own_swizzled_nonfinite<T, BKV, D, NTHREADS>(Ks);
-      k_checked = true;
-    }
     // This tile visible; the previous tile's buffers and dS^T are free. A tile
     // that drops pairs and holds a NaN or inf in K, Q or dO forms dV, dK and
     // dQ exactly (rare): a dropped pair's zero p or dS must not meet those
@@ -252,6 +284,10 @@ __device__ void attention_bwd_wgmma(
     cp_async_commit();
 
     const int h = hk * G + hg;
+    // ALiBi: this head's slope, read with the tile's other per-head values so
+    // that only the float is live at the logit rule, not its index terms
+    // (NVRTC spilled those at D 128).
+    const float slope_h = F::Alibi ? alibi[b * Hq + h] : 0.f;
     const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
     const unsigned q_addr = smem_addr(Qs + stage * QT_BYTES), do_addr = smem_addr(dOs + stage * QT_BYTES);
     const float* lse_t = lse_s + stage * BQ;
@@ -290,7 +326,8 @@ __device__ void attention_bwd_wgmma(
       constexpr bool kMarks = decltype(marking)::value;
       // This head's rules, formed here rather than before the S^T and dP^T
       // products: live only in this loop, not beside those accumulators.
-      const LogitRules<MT> hr = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
+      LogitRules<MT> hr = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
+      if (F::Alibi) hr.slope = slope_h;
 #pragma unroll
       for (int n = 0; n < BQ / 8; ++n) {
 #pragma unroll
@@ -517,12 +554,13 @@ __device__ void attention_bwd_wgmma(
   if (DQ_BULK) bwd_bulk_wait();
 
   // This thread's two key rows of dK (scaled) and dV.
+  const int kv_row_out = *static_cast<volatile int*>(&kv_row_s);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int j = j0 + key_row + 8 * half;
     if (j >= seq.nk) continue;
-    T* dk_row = dk + (kv_base + j) * D + 2 * t;
-    T* dv_row = dv + (kv_base + j) * D + 2 * t;
+    T* dk_row = dk + (long)(kv_row_out + j) * D + 2 * t;
+    T* dv_row = dv + (long)(kv_row_out + j) * D + 2 * t;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       *reinterpret_cast<unsigned*>(dk_row + 8 * n) =
