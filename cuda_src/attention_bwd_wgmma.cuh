@@ -11,9 +11,9 @@
 //   dQ = dS K                           shared x shared: dS^T from shared memory
 //                                       read MN-major, K read MN-major; warpgroup
 //                                       w forms dims 64w..64w+63 of the BQ rows
-// and adds dQ to a float32 accumulator: with vector atomics, or (DQ_BULK)
-// staged in shared memory and added by bulk async reductions, one per row
-// of each warp's 16 x 64 part. The next query tile's Q, dO, lse and delta
+// and adds dQ to a float32 accumulator with vector atomics (a bulk-reduction
+// dQ, staged per warp, lost on the H200 and was removed: docs/cuda.md). The
+// next query tile's Q, dO, lse and delta
 // load (cp.async) while the current one is used. delta = rowsum(dO * O) comes
 // from attention_bwd_delta.
 #pragma once
@@ -25,11 +25,6 @@
 #include "attention_fwd_wgmma.cuh"
 
 namespace mlx_flash {
-
-// Rows of a warp's dQ staging part (DQ_BULK), in floats: 64 dims + 4, so the
-// fragment rows g = 0..7 start 4 banks apart and a warp's float2 stores meet
-// no bank conflict (rows of 64 floats would put all eight on the same banks).
-constexpr int kBwdDqPitch = 64 + 4;
 
 // The A fragment of k-step kk (16 keys) for a register-A wgmma, packed from
 // a [keys][16 cols] accumulator tile of fp32 (P^T or dS^T): four pairs.
@@ -43,11 +38,9 @@ __device__ __forceinline__ void bwd_a_fragment(unsigned (&a)[4], const float (&a
 
 // Shared memory of the wgmma backward (bytes): K, V [128][D]; Q, dO [64][D]
 // twice; dS^T and P^T [128][64] (P^T written by exact tiles only); lse and
-// delta [64] twice; with dq_bulk, dQ staging [16][kBwdDqPitch] floats for each
-// warp that forms dQ (8 at D 128, 4 at D 64); 1 KiB alignment slack.
-__host__ __device__ constexpr int wgmma_bwd_smem(int d, bool dq_bulk = false) {
-  return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 +
-         (dq_bulk ? (d / 64) * 4 * 16 * kBwdDqPitch * 4 : 0) + 1024;
+// delta [64] twice; 1 KiB alignment slack.
+__host__ __device__ constexpr int wgmma_bwd_smem(int d) {
+  return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + 1024;
 }
 
 // 4-byte cp.async (lse and delta rows; .ca: the 4-byte form has no .cg).
@@ -55,6 +48,7 @@ __device__ __forceinline__ void bwd_cp_async4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
 }
 
+// (The bulk reductions below are attention_bwd_ws's dQ writer's.)
 // dst[0, bytes) += src[0, bytes) (float32, in L2) by the bulk copy engine, as
 // one bulk async-group operation; src 16-byte aligned, bytes a multiple of 16.
 __device__ __forceinline__ void bwd_bulk_reduce_add_f32(float* dst, const void* src, int bytes) {
@@ -117,7 +111,7 @@ __device__ __forceinline__ void bwd_dq_atomic_add(float* dq_head, int row, int n
 // operations in the same order per accumulator: the default's bits. (Issuing
 // dV earlier still, before dS^T is formed, either spilled under NVRTC at
 // D 128 or, with a second issue site, made ptxas serialise every wgmma.)
-template <typename T, typename MT, class F, int D, bool DQ_BULK, bool HEADS_FIRST, bool DV_EARLY = false>
+template <typename T, typename MT, class F, int D, bool HEADS_FIRST, bool DV_EARLY = false>
 __device__ void attention_bwd_wgmma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
     const int* cu_q, const int* cu_k, const int* ip, const float* fp,
@@ -136,8 +130,6 @@ __device__ void attention_bwd_wgmma(
   unsigned char* Ps = dSs + DS_BYTES;       // P^T [key][query], swizzled (exact tiles)
   float* lse_s = reinterpret_cast<float*>(Ps + DS_BYTES);  // two stages of BQ
   float* delta_s = lse_s + 2 * BQ;                          // two stages of BQ
-  // DQ_BULK: this warp's dQ staging, [16 rows][kBwdDqPitch] floats (16-byte aligned).
-  float* dq_stage = delta_s + 2 * BQ + (threadIdx.x / 32) * 16 * kBwdDqPitch;
 
   const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -249,9 +241,6 @@ __device__ void attention_bwd_wgmma(
   while (hg < G) {
     cp_async_wait<0>();
     stage_lse(i0, stage);
-    // DQ_BULK: the previous tile's reductions have read this warp's staging
-    // (the barrier below then frees it for every lane).
-    if (DQ_BULK) bwd_bulk_wait_read();
     fence_proxy_async();
     const int i_end = min(seq.nq, i0 + BQ);
     const bool inside_window =
@@ -490,26 +479,7 @@ __device__ void attention_bwd_wgmma(
         else wgmma_wait<0>();
         wgmma_pin(dq);
         // Rows warp * 16 + g (+ 8) of this tile, dims 64w + 8n + 2t (+1).
-        if (DQ_BULK) {
-          // Into this warp's staging (rows g, g + 8 of its 16), then lane r < 16
-          // adds staged row r to dQ's row (64 floats at dims 64w) by one bulk
-          // reduction: 16 operations a warp instead of 256 float2 atomics.
-#pragma unroll
-          for (int half = 0; half < 2; ++half)
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-              *reinterpret_cast<float2*>(dq_stage + (g + 8 * half) * kBwdDqPitch + 8 * n + 2 * t) =
-                  make_float2(dq[4 * n + 2 * half] * scale, dq[4 * n + 2 * half + 1] * scale);
-          fence_proxy_async();  // the stores, visible to the bulk copies' async proxy
-          __syncwarp();
-          const int i = i0 + warp * 16 + lane;
-          if (lane < 16 && i < seq.nq) {
-            bwd_bulk_reduce_add_f32(dq_acc + (q_base + i) * D + wg * 64, dq_stage + lane * kBwdDqPitch, 64 * 4);
-            bwd_bulk_commit();
-          }
-        } else {
-          bwd_dq_atomic_add<D>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dq, scale);
-        }
+        bwd_dq_atomic_add<D>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dq, scale);
       }
     }
     wgmma_wait<0>();
@@ -550,8 +520,6 @@ __device__ void attention_bwd_wgmma(
     i0 = in;
   }
   cp_async_wait<0>();
-  // DQ_BULK: the last reductions complete before the block's shared memory goes.
-  if (DQ_BULK) bwd_bulk_wait();
 
   // This thread's two key rows of dK (scaled) and dV.
   const int kv_row_out = *static_cast<volatile int*>(&kv_row_s);
