@@ -159,10 +159,10 @@ __device__ void attention_bwd_wgmma(
   const int kv_row = (seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
   // The dK / dV writes after the tile loop read kv_row back from shared
   // memory rather than hold it in a register through the loop (D 128 with
-  // ALiBi: NVRTC spilled it, the last 4 bytes). Every thread stores the same
-  // value and reads back its own store.
+  // ALiBi: NVRTC spilled it, the last 4 bytes); published by the barrier
+  // before those writes.
   __shared__ int kv_row_s;
-  kv_row_s = kv_row;
+  if (threadIdx.x == 0) kv_row_s = kv_row;
   const float scale = fp[kScale];
   const float softcap = fp[kSoftcap];
   const int key_row = wg * 64 + warp * 16 + g;  // this thread's first key within the block (other: + 8)
@@ -522,6 +522,7 @@ __device__ void attention_bwd_wgmma(
   cp_async_wait<0>();
 
   // This thread's two key rows of dK (scaled) and dV.
+  __syncthreads();  // kv_row_s (once a block)
   const int kv_row_out = *static_cast<volatile int*>(&kv_row_s);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
