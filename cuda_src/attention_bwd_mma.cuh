@@ -160,7 +160,11 @@ __device__ void attention_bwd_mma(
           float x = s[n][c] * scale;
           if (need_rules) {
             float capped = 0.f;
-            x = apply_rules<F>(rules, x, i0 + ii, j0 + jj, capped);
+            // The forward's fast tanh (attention_fwd_mma / wgmma / ws), so P
+            // is recomputed from the logits its lse summed. (tanhf's branches
+            // and polynomial, unrolled over the tile, made NVRTC spill at D 112
+            // with softcap: 50/64 bytes at 255 registers; now 254, none.)
+            x = apply_rules<F, MT, true>(rules, x, i0 + ii, j0 + jj, capped);
             if (F::Softcap) {
               const float u = capped / softcap;
               cap_grad[F::Softcap ? n : 0][c] = 1.f - u * u;

@@ -11,9 +11,9 @@
 //   dQ = dS K                           shared x shared: dS^T from shared memory
 //                                       read MN-major, K read MN-major; warpgroup
 //                                       w forms dims 64w..64w+63 of the BQ rows
-// and adds dQ to a float32 accumulator: with vector atomics, or (DQ_BULK)
-// staged in shared memory and added by bulk async reductions, one per row
-// of each warp's 16 x 64 part. The next query tile's Q, dO, lse and delta
+// and adds dQ to a float32 accumulator with vector atomics (a bulk-reduction
+// dQ, staged per warp, lost on the H200 and was removed: docs/cuda.md). The
+// next query tile's Q, dO, lse and delta
 // load (cp.async) while the current one is used. delta = rowsum(dO * O) comes
 // from attention_bwd_delta.
 #pragma once
@@ -25,11 +25,6 @@
 #include "attention_fwd_wgmma.cuh"
 
 namespace mlx_flash {
-
-// Rows of a warp's dQ staging part (DQ_BULK), in floats: 64 dims + 4, so the
-// fragment rows g = 0..7 start 4 banks apart and a warp's float2 stores meet
-// no bank conflict (rows of 64 floats would put all eight on the same banks).
-constexpr int kBwdDqPitch = 64 + 4;
 
 // The A fragment of k-step kk (16 keys) for a register-A wgmma, packed from
 // a [keys][16 cols] accumulator tile of fp32 (P^T or dS^T): four pairs.
@@ -43,11 +38,9 @@ __device__ __forceinline__ void bwd_a_fragment(unsigned (&a)[4], const float (&a
 
 // Shared memory of the wgmma backward (bytes): K, V [128][D]; Q, dO [64][D]
 // twice; dS^T and P^T [128][64] (P^T written by exact tiles only); lse and
-// delta [64] twice; with dq_bulk, dQ staging [16][kBwdDqPitch] floats for each
-// warp that forms dQ (8 at D 128, 4 at D 64); 1 KiB alignment slack.
-__host__ __device__ constexpr int wgmma_bwd_smem(int d, bool dq_bulk = false) {
-  return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 +
-         (dq_bulk ? (d / 64) * 4 * 16 * kBwdDqPitch * 4 : 0) + 1024;
+// delta [64] twice; 1 KiB alignment slack.
+__host__ __device__ constexpr int wgmma_bwd_smem(int d) {
+  return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + 1024;
 }
 
 // 4-byte cp.async (lse and delta rows; .ca: the 4-byte form has no .cg).
@@ -55,6 +48,7 @@ __device__ __forceinline__ void bwd_cp_async4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
 }
 
+// (The bulk reductions below are attention_bwd_ws's dQ writer's.)
 // dst[0, bytes) += src[0, bytes) (float32, in L2) by the bulk copy engine, as
 // one bulk async-group operation; src 16-byte aligned, bytes a multiple of 16.
 __device__ __forceinline__ void bwd_bulk_reduce_add_f32(float* dst, const void* src, int bytes) {
@@ -66,6 +60,29 @@ __device__ __forceinline__ void bwd_bulk_commit() { asm volatile("cp.async.bulk.
 __device__ __forceinline__ void bwd_bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 // ... and have completed.
 __device__ __forceinline__ void bwd_bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+// Rows [0, valid_rows) of a query tile's Q and dO into their swizzled
+// [ROWS][DIM] shared tiles with cp.async, as load_tile_swizzled does each
+// (same chunks, same passes), but both at once from one 32-bit element
+// offset a pass, formed from the thread index where it is used. The tile
+// loop reloads Q and dO every tile; with load_tile_swizzled the compiler
+// kept each pass's 64-bit global offset live across the loop, and at D 128
+// with a mask or ALiBi NVRTC spilled them (48-72 bytes).
+template <typename T, int ROWS, int DIM, int NTHREADS>
+__device__ __forceinline__ void bwd_load_q_do(unsigned char* q_dst, unsigned char* do_dst, const T* q_src,
+                                              const T* do_src, int valid_rows) {
+  constexpr int CHUNKS = DIM / 8, STEP = NTHREADS / CHUNKS;
+  static_assert(ROWS * CHUNKS % NTHREADS == 0 && STEP % 8 == 0, "as load_tile_swizzled");
+  const int row0 = threadIdx.x / CHUNKS, chunk = threadIdx.x % CHUNKS;
+  const unsigned sh = swizzled_offset<ROWS>(row0, chunk);
+#pragma unroll
+  for (int it = 0; it < ROWS * CHUNKS / NTHREADS; ++it) {
+    const bool ok = row0 + it * STEP < valid_rows;
+    const unsigned off = ok ? (unsigned)((row0 + it * STEP) * DIM + chunk * 8) : 0u;
+    cp_async16(q_dst + sh + it * STEP * 128, q_src + off, ok);
+    cp_async16(do_dst + sh + it * STEP * 128, do_src + off, ok);
+  }
+}
 
 // Adds a warp's 16 x 64 part of a query tile's dQ (times scale) to the float32
 // accumulator dq_head ([rows][D] of one head) with float2 atomics: acc holds
@@ -94,7 +111,7 @@ __device__ __forceinline__ void bwd_dq_atomic_add(float* dq_head, int row, int n
 // operations in the same order per accumulator: the default's bits. (Issuing
 // dV earlier still, before dS^T is formed, either spilled under NVRTC at
 // D 128 or, with a second issue site, made ptxas serialise every wgmma.)
-template <typename T, typename MT, class F, int D, bool DQ_BULK, bool HEADS_FIRST, bool DV_EARLY = false>
+template <typename T, typename MT, class F, int D, bool HEADS_FIRST, bool DV_EARLY = false>
 __device__ void attention_bwd_wgmma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
     const int* cu_q, const int* cu_k, const int* ip, const float* fp,
@@ -113,8 +130,6 @@ __device__ void attention_bwd_wgmma(
   unsigned char* Ps = dSs + DS_BYTES;       // P^T [key][query], swizzled (exact tiles)
   float* lse_s = reinterpret_cast<float*>(Ps + DS_BYTES);  // two stages of BQ
   float* delta_s = lse_s + 2 * BQ;                          // two stages of BQ
-  // DQ_BULK: this warp's dQ staging, [16 rows][kBwdDqPitch] floats (16-byte aligned).
-  float* dq_stage = delta_s + 2 * BQ + (threadIdx.x / 32) * 16 * kBwdDqPitch;
 
   const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -137,7 +152,17 @@ __device__ void attention_bwd_wgmma(
   const int j0 = key_block * BKV;
   if (j0 >= seq.nk) return;
   const int j_end = min(seq.nk, j0 + BKV);
-  const long kv_base = (long)(seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
+  // Row index of this head's first key (K, V, dK, dV rows of D): 32 bits, as
+  // a row count of B * Hkv * Nk < 2^31 holds for any tensor a GPU can hold
+  // (2^31 rows of D >= 64 halves are 256 GiB); kept 64-bit, it was one of the
+  // values NVRTC spilled at D 128 beside a mask's or ALiBi's terms.
+  const int kv_row = (seq.tensor_batch * Hkv + hk) * NkTot + seq.k_start;
+  // The dK / dV writes after the tile loop read kv_row back from shared
+  // memory rather than hold it in a register through the loop (D 128 with
+  // ALiBi: NVRTC spilled it, the last 4 bytes); published by the barrier
+  // before those writes.
+  __shared__ int kv_row_s;
+  if (threadIdx.x == 0) kv_row_s = kv_row;
   const float scale = fp[kScale];
   const float softcap = fp[kSoftcap];
   const int key_row = wg * 64 + warp * 16 + g;  // this thread's first key within the block (other: + 8)
@@ -149,8 +174,8 @@ __device__ void attention_bwd_wgmma(
   // No query sees these keys (all outside the key range, or the window's):
   // dK = dV = 0, as the outputs start, and K, V are never loaded.
   if (qlo >= qhi) return;
-  load_tile_swizzled<T, BKV, D, NTHREADS>(Ks, k + (kv_base + j0) * D, j_end - j0);
-  load_tile_swizzled<T, BKV, D, NTHREADS>(Vs, v + (kv_base + j0) * D, j_end - j0);
+  load_tile_swizzled<T, BKV, D, NTHREADS>(Ks, k + (long)(kv_row + j0) * D, j_end - j0);
+  load_tile_swizzled<T, BKV, D, NTHREADS>(Vs, v + (long)(kv_row + j0) * D, j_end - j0);
   const int shift = seq.nk - seq.nq;
   const int first_i0 = qlo / BQ * BQ;
 
@@ -170,8 +195,8 @@ __device__ void attention_bwd_wgmma(
   auto load_tile_q = [&](int hg, int i0, int stage) {
     const long q_base = (long)(seq.tensor_batch * Hq + hk * G + hg) * NqTot + seq.q_start;
     const int valid = min(seq.nq, i0 + BQ) - i0;
-    load_tile_swizzled<T, BQ, D, NTHREADS>(Qs + stage * QT_BYTES, q + (q_base + i0) * D, valid);
-    load_tile_swizzled<T, BQ, D, NTHREADS>(dOs + stage * QT_BYTES, dout + (q_base + i0) * D, valid);
+    bwd_load_q_do<T, BQ, D, NTHREADS>(Qs + stage * QT_BYTES, dOs + stage * QT_BYTES, q + (q_base + i0) * D,
+                                      dout + (q_base + i0) * D, valid);
     // lse and delta by cp.async too (a plain load here would hold the thread
     // until it returns, in front of the tile's work); thread r stages row r
     // and converts its lse itself once landed (stage_lse), before the barrier
@@ -207,15 +232,15 @@ __device__ void attention_bwd_wgmma(
   cp_async_commit();
   int stage = 0;
   const unsigned k_addr = smem_addr(Ks), v_addr = smem_addr(Vs), ds_addr = smem_addr(dSs);
-  bool k_bad = false;  // this thread's K chunks hold a NaN or inf (checked once they landed)
-  bool k_checked = false;
+  // This thread's K chunks hold a NaN or inf, checked once they landed: the
+  // first tile's wait would wait for them anyway (K, V and its Q, dO are one
+  // group), and checked here no "checked yet" flag is carried through the loop.
+  cp_async_wait<0>();
+  const bool k_bad = hg < G && own_swizzled_nonfinite<T, BKV, D, NTHREADS>(Ks);
 
   while (hg < G) {
     cp_async_wait<0>();
     stage_lse(i0, stage);
-    // DQ_BULK: the previous tile's reductions have read this warp's staging
-    // (the barrier below then frees it for every lane).
-    if (DQ_BULK) bwd_bulk_wait_read();
     fence_proxy_async();
     const int i_end = min(seq.nq, i0 + BQ);
     const bool inside_window =
@@ -224,10 +249,6 @@ __device__ void attention_bwd_wgmma(
     // may_drop: some pair of the tile may be dropped (not softcap / ALiBi alone).
     const bool may_drop = F::MaskKind != 0 || F::BlockMask || tile_cuts_keys<F>(rules, j0, j0 + BKV) || !inside_window;
     const bool need_rules = F::ElementRules || may_drop;
-    if (!k_checked) {
-      k_bad = own_swizzled_nonfinite<T, BKV, D, NTHREADS>(Ks);
-      k_checked = true;
-    }
     // This tile visible; the previous tile's buffers and dS^T are free. A tile
     // that drops pairs and holds a NaN or inf in K, Q or dO forms dV, dK and
     // dQ exactly (rare): a dropped pair's zero p or dS must not meet those
@@ -252,6 +273,10 @@ __device__ void attention_bwd_wgmma(
     cp_async_commit();
 
     const int h = hk * G + hg;
+    // ALiBi: this head's slope, read with the tile's other per-head values so
+    // that only the float is live at the logit rule, not its index terms
+    // (NVRTC spilled those at D 128).
+    const float slope_h = F::Alibi ? alibi[b * Hq + h] : 0.f;
     const long q_base = (long)(seq.tensor_batch * Hq + h) * NqTot + seq.q_start;
     const unsigned q_addr = smem_addr(Qs + stage * QT_BYTES), do_addr = smem_addr(dOs + stage * QT_BYTES);
     const float* lse_t = lse_s + stage * BQ;
@@ -290,7 +315,8 @@ __device__ void attention_bwd_wgmma(
       constexpr bool kMarks = decltype(marking)::value;
       // This head's rules, formed here rather than before the S^T and dP^T
       // products: live only in this loop, not beside those accumulators.
-      const LogitRules<MT> hr = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
+      LogitRules<MT> hr = make_rules<MT, F>(seq, b, h, ip, fp, mask, alibi, bmask, key_start, key_len);
+      if (F::Alibi) hr.slope = slope_h;
 #pragma unroll
       for (int n = 0; n < BQ / 8; ++n) {
 #pragma unroll
@@ -453,26 +479,7 @@ __device__ void attention_bwd_wgmma(
         else wgmma_wait<0>();
         wgmma_pin(dq);
         // Rows warp * 16 + g (+ 8) of this tile, dims 64w + 8n + 2t (+1).
-        if (DQ_BULK) {
-          // Into this warp's staging (rows g, g + 8 of its 16), then lane r < 16
-          // adds staged row r to dQ's row (64 floats at dims 64w) by one bulk
-          // reduction: 16 operations a warp instead of 256 float2 atomics.
-#pragma unroll
-          for (int half = 0; half < 2; ++half)
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-              *reinterpret_cast<float2*>(dq_stage + (g + 8 * half) * kBwdDqPitch + 8 * n + 2 * t) =
-                  make_float2(dq[4 * n + 2 * half] * scale, dq[4 * n + 2 * half + 1] * scale);
-          fence_proxy_async();  // the stores, visible to the bulk copies' async proxy
-          __syncwarp();
-          const int i = i0 + warp * 16 + lane;
-          if (lane < 16 && i < seq.nq) {
-            bwd_bulk_reduce_add_f32(dq_acc + (q_base + i) * D + wg * 64, dq_stage + lane * kBwdDqPitch, 64 * 4);
-            bwd_bulk_commit();
-          }
-        } else {
-          bwd_dq_atomic_add<D>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dq, scale);
-        }
+        bwd_dq_atomic_add<D>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dq, scale);
       }
     }
     wgmma_wait<0>();
@@ -513,16 +520,16 @@ __device__ void attention_bwd_wgmma(
     i0 = in;
   }
   cp_async_wait<0>();
-  // DQ_BULK: the last reductions complete before the block's shared memory goes.
-  if (DQ_BULK) bwd_bulk_wait();
 
   // This thread's two key rows of dK (scaled) and dV.
+  __syncthreads();  // kv_row_s (once a block)
+  const int kv_row_out = *static_cast<volatile int*>(&kv_row_s);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int j = j0 + key_row + 8 * half;
     if (j >= seq.nk) continue;
-    T* dk_row = dk + (kv_base + j) * D + 2 * t;
-    T* dv_row = dv + (kv_base + j) * D + 2 * t;
+    T* dk_row = dk + (long)(kv_row_out + j) * D + 2 * t;
+    T* dv_row = dv + (long)(kv_row_out + j) * D + 2 * t;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       *reinterpret_cast<unsigned*>(dk_row + 8 * n) =

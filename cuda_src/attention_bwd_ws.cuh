@@ -388,14 +388,8 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
     // swizzled: read MN-major as the A operand of dQ = dS K).
 #pragma unroll
     for (int kk = 0; kk < BQ / 16; ++kk) {
-      pp[kk][0] = pack2<T>(st[8 * kk + 0], st[8 * kk + 1]);
-      pp[kk][1] = pack2<T>(st[8 * kk + 2], st[8 * kk + 3]);
-      pp[kk][2] = pack2<T>(st[8 * kk + 4], st[8 * kk + 5]);
-      pp[kk][3] = pack2<T>(st[8 * kk + 6], st[8 * kk + 7]);
-      pd[kk][0] = pack2<T>(dpt[8 * kk + 0], dpt[8 * kk + 1]);
-      pd[kk][1] = pack2<T>(dpt[8 * kk + 2], dpt[8 * kk + 3]);
-      pd[kk][2] = pack2<T>(dpt[8 * kk + 4], dpt[8 * kk + 5]);
-      pd[kk][3] = pack2<T>(dpt[8 * kk + 6], dpt[8 * kk + 7]);
+      bwd_a_fragment<T>(pp[kk], st, kk);  // (attention_bwd_wgmma.cuh: the same packing)
+      bwd_a_fragment<T>(pd[kk], dpt, kk);
       // Query columns 16kk + 2t (+1) and 16kk + 8 + 2t (+1): chunks 2kk and 2kk + 1.
       const int r0 = key_row, r1 = key_row + 8;
       *reinterpret_cast<unsigned*>(dSs + swizzled_offset<BKV>(r0, 2 * kk) + 4 * t) = pd[kk][0];

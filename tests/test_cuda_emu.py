@@ -235,6 +235,8 @@ MID_SHAPES = [
     (2, 4, 2, 70, 113, 96, 96, F16, {"causal": True}),
     (1, 2, 1, 33, 47, 80, 80, B16, {"softcap": 5.0, "window": (20, 3)}),
     (1, 2, 2, 65, 64, 112, 112, F16, {}),
+    # The NVRTC survey's "bwd D112 fp16 softcap" instance (its fast tanh, as the forward's).
+    (1, 2, 1, 70, 90, 112, 112, F16, {"softcap": 20.0}),
 ]
 
 

@@ -162,6 +162,26 @@ def test_wgmma_backward(case, hopper_defaults):
         check_close(name, to_np(got), want, dtype)
 
 
+# attention_bwd_wgmma at D 128 with one logit rule alone, as the NVRTC survey's
+# "bwd D128 bf16 bool mask" / "fp16 alibi" instances (tests/test_cuda_nvrtc.py):
+# the instances whose register pressure the 32-bit Q / dO offsets relieve.
+@pytest.mark.parametrize("rule", ["bool_mask", "alibi"])
+def test_wgmma_backward_d128_rules(rule, hopper_defaults):
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 130, 201, 128
+    dtype = B16 if rule == "bool_mask" else F16
+    hopper_defaults.CHECKED_ONLY = False
+    q, k, v, do = _inputs("bwd-rules-" + rule, B, Hq, Hkv, Nq, Nk, D, D, dtype)
+    gen = rng("cuda-emu-hopper-rules", rule)
+    options = ({"mask": mx.array(gen.random((B, Hq, Nq, Nk)) < 0.7)} if rule == "bool_mask" else
+               {"alibi_slopes": mx.array(gen.uniform(0.01, 0.2, (Hq,)), mx.float32)})
+    results, launches = _run(q, k, v, options, dout=do)
+    _kernel_of(launches, "attention_bwd_wgmma")
+    _check_forward(q, k, v, options, dtype, results)
+    want = attention_np(q, k, v, dout=do, **options)
+    for name, got in zip(("dq", "dk", "dv"), results[2:]):
+        check_close(name, to_np(got), want, dtype)
+
+
 # The opt-in early dV of attention_bwd_wgmma (MLX_FLASH_BWD_DV_EARLY=1): dV +=
 # P^T dO issued before dS^T is packed and stored (exact tiles keep their
 # scalar products): dense, causal, windows, GQA and the non-finite cases.

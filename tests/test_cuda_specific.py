@@ -86,7 +86,7 @@ def _attention_cases():
             yield ("attention_fwd_wgmma", T, mx.float32,
                    feats + [("SINKS", True), ("D", D), ("DV", D), ("BN", BN), ("STAGES", stages)], ("out", "lse"))
         for D in (64, 128):
-            yield ("attention_bwd_wgmma", T, mx.float32, features + [("D", D), ("DV", D), ("DQ_BULK", D == 128), ("HEADS_FIRST", D == 64),
+            yield ("attention_bwd_wgmma", T, mx.float32, features + [("D", D), ("DV", D), ("HEADS_FIRST", D == 64),
                                                                           ("DV_EARLY", D == 64)],
                    ("dq_acc", "dk", "dv"))
     # delta = rowsum(dO * O) - dlse: 16-byte chunks (8, 16 and 32 threads a row) and element by element.
@@ -601,7 +601,11 @@ def test_wide_head_kernels_compile_without_spills(tmp_path):
 
 
 def _hopper_bwd_cases():
-    """attention_bwd_wgmma instances: fp16/bf16, D 64/128, plain, causal and every feature at once."""
+    """(T, MT, template) of attention_bwd_wgmma instances: fp16/bf16, D 64/128,
+    plain, causal, softcap and every feature at once, each in both block
+    orders or with the early dV; at D 128 a bool mask alone and ALiBi alone
+    (they spilled under both compilers until session 11, while the
+    every-feature instance did not)."""
     plain = [("SOFTCAP", False), ("ALIBI", False), ("MASK_KIND", 0), ("WINDOW", False), ("BLOCK_MASK", False),
              ("VARLEN", False), ("KEY_RANGE", False)]
     causal = [(n, True if n == "WINDOW" else v) for n, v in plain]
@@ -611,10 +615,14 @@ def _hopper_bwd_cases():
     for T in (mx.float16, mx.bfloat16):
         for D in (64, 128):
             for feats in (plain, causal, softcap, every):
-                # The default, bulk dQ, and dV issued early (MLX_FLASH_BWD_DV_EARLY).
-                for bulk, dv_early in ((False, False), (True, False), (False, True)):
-                    yield T, feats + [("D", D), ("DV", D), ("DQ_BULK", bulk), ("HEADS_FIRST", bulk),
-                                      ("DV_EARLY", dv_early)]
+                # The default, the other block order, and dV issued early (MLX_FLASH_BWD_DV_EARLY).
+                for heads_first, dv_early in ((False, False), (True, False), (False, True)):
+                    yield T, mx.float32, feats + [("D", D), ("DV", D), ("HEADS_FIRST", heads_first),
+                                                  ("DV_EARLY", dv_early)]
+        bool_mask = [(n, 1 if n == "MASK_KIND" else v) for n, v in plain]
+        alibi = [(n, True if n == "ALIBI" else v) for n, v in plain]
+        for MT, feats in ((mx.bool_, bool_mask), (mx.float32, alibi)):
+            yield T, MT, feats + [("D", 128), ("DV", 128), ("HEADS_FIRST", False), ("DV_EARLY", False)]
 
 
 @needs_nvcc
@@ -623,9 +631,9 @@ def test_hopper_backward_compiles_without_spills(tmp_path):
     fragments in registers: a spill there is local-memory traffic in the
     kernel's inner loop (the softcap instance once spilled 72/104 bytes)."""
     body = cuda_backend._read("attention_bwd_wgmma.cu")
-    kernels = [_kernel_text(f"hbwd{i}", body, _input_dtypes("attention_bwd_wgmma", T, mx.float32),
-                            _output_dtypes(("dq_acc", "dk", "dv"), T), [("T", T), ("MT", mx.float32)] + template)
-               for i, (T, template) in enumerate(_hopper_bwd_cases())]
+    kernels = [_kernel_text(f"hbwd{i}", body, _input_dtypes("attention_bwd_wgmma", T, MT),
+                            _output_dtypes(("dq_acc", "dk", "dv"), T), [("T", T), ("MT", MT)] + template)
+               for i, (T, MT, template) in enumerate(_hopper_bwd_cases())]
     log = _nvcc_compile(tmp_path, "hopper_bwd", _prelude(cuda_backend.kernel_headers("attention_bwd_wgmma")) +
                         "\n" + "\n".join(kernels), ("-Xptxas", "-v"))
     usage = ptxas_usage(log)
@@ -685,8 +693,7 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
                         template += [("SINKS", False), ("D", D), ("DV", D), ("BN", 128), ("STAGES", 3)]
                         outputs = ("out", "lse")
                     else:
-                        template += [("D", D), ("DV", D), ("DQ_BULK", bool(len(kernels) % 2)),
-                                     ("HEADS_FIRST", bool(len(kernels) % 2)),
+                        template += [("D", D), ("DV", D), ("HEADS_FIRST", bool(len(kernels) % 2)),
                                      ("DV_EARLY", T == mx.bfloat16)]  # (bf16: the early dV)
                         outputs = ("dq_acc", "dk", "dv")
                     kernels.append(_kernel_text(f"{body}_{len(kernels)}", cuda_backend._read(body + ".cu"),
@@ -1397,12 +1404,11 @@ def test_ws_variant_nonfinite_on_gpu(case, variant, monkeypatch):
     nonfinite_cases.check_contract("lse", np.array(lse), want, mx.float32)
 
 
-def test_hopper_backward_dq_bulk_setting(monkeypatch):
-    """MLX_FLASH_BWD_DQ_BULK takes 0 or 1, MLX_FLASH_BWD_HEADS_FIRST -1 (by
-    the call), 0 or 1 (any other value is an error naming the variable); the
-    bulk route's staging fits the block's shared memory."""
-    for name, allowed in (("MLX_FLASH_BWD_DQ_BULK", (0, 1)), ("MLX_FLASH_BWD_HEADS_FIRST", (-1, 0, 1)),
-                          ("MLX_FLASH_BWD_DV_EARLY", (0, 1))):
+def test_hopper_backward_settings(monkeypatch):
+    """MLX_FLASH_BWD_HEADS_FIRST takes -1 (by the call), 0 or 1,
+    MLX_FLASH_BWD_DV_EARLY 0 or 1 (any other value is an error naming the
+    variable)."""
+    for name, allowed in (("MLX_FLASH_BWD_HEADS_FIRST", (-1, 0, 1)), ("MLX_FLASH_BWD_DV_EARLY", (0, 1))):
         for value in allowed:
             monkeypatch.setenv(name, str(value))
             assert cuda_backend._env_choice(name, 0, allowed) == value
@@ -1419,10 +1425,6 @@ def test_hopper_backward_dq_bulk_setting(monkeypatch):
     for setting, want in ((-1, (False, True, False)), (0, (False, False, False)), (1, (True, True, True))):
         monkeypatch.setattr(cuda_backend, "_BWD_HEADS_FIRST", setting)
         assert tuple(map(cuda_backend._bwd_heads_first, (dense, causal, short))) == want
-    for d in (64, 128):
-        # 16 rows of 64 + 4 floats for each warp forming dQ (all 8 at D 128, warpgroup 0's 4 at D 64).
-        assert cuda_backend._wgmma_bwd_smem(d, True) - cuda_backend._wgmma_bwd_smem(d, False) == (d // 64) * 4 * 16 * 68 * 4
-        assert cuda_backend._wgmma_bwd_smem(d, True) <= cuda_backend._MAX_SMEM
 
 
 def test_delta_threads_per_row_match_the_kernel():
@@ -1438,20 +1440,18 @@ def test_delta_threads_per_row_match_the_kernel():
 @needs_cuda
 @pytest.mark.parametrize("feature", ["none", "causal", "window_both", "combined_everything", "block_sparse"])
 @pytest.mark.parametrize("kind", ["float16-D128", "bfloat16-D64"])
-@pytest.mark.parametrize("bulk,heads_first", [(0, -1), (1, -1), (0, 0), (0, 1)])
-def test_hopper_backward_dq_routes_on_gpu(bulk, heads_first, kind, feature, monkeypatch):
-    """dq, dk, dv against float64 with dQ by atomics and by bulk reductions
-    (MLX_FLASH_BWD_DQ_BULK) and in both block orders (MLX_FLASH_BWD_HEADS_FIRST),
-    GQA with Nq != Nk both ways and partial tiles."""
+@pytest.mark.parametrize("heads_first", [-1, 0, 1])
+def test_hopper_backward_dq_routes_on_gpu(heads_first, kind, feature, monkeypatch):
+    """dq, dk, dv against float64 in both block orders (MLX_FLASH_BWD_HEADS_FIRST;
+    -1: by the call), GQA with Nq != Nk both ways and partial tiles."""
     import mlx_flash
     from helpers import check_close, plain_errors, qkv, randn, rng, to_np
     from reference_np import attention_np
 
-    monkeypatch.setattr(cuda_backend, "_BWD_DQ_BULK", bulk)
     monkeypatch.setattr(cuda_backend, "_BWD_HEADS_FIRST", heads_first)
     dtype, D = getattr(mx, kind.split("-")[0]), int(kind.split("D")[1])
     for B, Hq, Hkv, Nq, Nk in ((2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 2, 2, 129, 300)):
-        gen = rng("hopper-bwd-dq", bulk, heads_first, kind, feature, Nq)
+        gen = rng("hopper-bwd-dq", 0, heads_first, kind, feature, Nq)  # (0: the inputs of the atomics' cases before)
         q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
         options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
         dout = randn(gen, (B, Hq, Nq, D), dtype)
@@ -1517,6 +1517,35 @@ def test_mid_head_backward_on_gpu(D, feature):
     options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
     spec, _ = validate_attention(q, k, v, **options)
     assert cuda_backend._uses_mma(spec) and not cuda_backend._uses_wgmma(spec, backward=True)
+    want = attention_np(q, k, v, dout=dout, **options)
+    plain = plain_errors(q, k, v, dout, options, dtype)
+    grads = backends.gradients("cuda", q, k, v, dout, **options)
+    for name in ("q", "k", "v"):
+        check_close("d" + name, to_np(grads[name]), want, dtype, plain)
+
+
+# attention_bwd_wgmma at D 128 with one logit rule alone: the instances whose
+# NVRTC spills session 11 mended (32-bit Q / dO offsets, K checked before the
+# tile loop, the ALiBi slope read per tile, kv_row read back from shared memory).
+@needs_cuda
+@pytest.mark.parametrize("feature", ["bool_mask", "alibi", "additive_mask", "none"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_hopper_backward_d128_rules_on_gpu(feature, dtype):
+    import backends
+    from helpers import check_close, plain_errors, randn, rng, to_np
+    from reference_np import attention_np
+    from mlx_flash._spec import validate_attention
+
+    B, Hq, Hkv, Nq, Nk, D = 2, 4, 2, 113, 300, 128
+    dtype = getattr(mx, dtype)
+    gen = rng("cuda-hopper-bwd-rules", feature, str(dtype))
+    q, k, v = (randn(gen, (B, Hq, Nq, D), dtype), randn(gen, (B, Hkv, Nk, D), dtype),
+               randn(gen, (B, Hkv, Nk, D), dtype))
+    dout = randn(gen, (B, Hq, Nq, D), dtype)
+    options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
+    spec, _ = validate_attention(q, k, v, **options)
+    if not cuda_backend._uses_wgmma(spec, backward=True):
+        pytest.skip("attention_bwd_wgmma needs a Hopper GPU")
     want = attention_np(q, k, v, dout=dout, **options)
     plain = plain_errors(q, k, v, dout, options, dtype)
     grads = backends.gradients("cuda", q, k, v, dout, **options)

@@ -10,14 +10,14 @@ check: dq, dk, dv of flash_attention's vjp against the float64 NumPy
 reference (tests/reference_np.py) with the suite's tolerance (twice the plain
 materialised fp16/bf16 error), the named features of tests/features.py (all:
 every one) at odd shapes, GQA and Nq != Nk (a process per feature or two:
-NVRTC compiling each instance dominates). The dQ route and block order are
-whatever MLX_FLASH_BWD_DQ_BULK and MLX_FLASH_BWD_HEADS_FIRST say. Prints one
+NVRTC compiling each instance dominates). The block order is whatever
+MLX_FLASH_BWD_HEADS_FIRST says. Prints one
 line a case and a summary line "check ...: P passed, F failed".
 warm: builds the kernels `time` runs for one dtype, head dim and causal
 flag (every route) on a small call, so parallel processes fill
 MLX_PTX_CACHE_DIR first.
 time: forward + backward (mx.grad of a sum) per call, one call per eval, of
-mlx_flash on each route (VARIANTS: the default, dQ by bulk reductions, and
+mlx_flash on each route (VARIANTS: the default, the early dV, and
 under causal the head-adjacent block order), of
 mx.fast.scaled_dot_product_attention (cuDNN) in the same process, and of
 torch SDPA (CUDA events over queued calls) at the issue-14 shapes, causal
@@ -58,15 +58,16 @@ from mlx_flash.backends import cuda as cb  # noqa: E402
 import gpu_timing  # noqa: E402  (tools/, beside this file)
 
 SHAPES = [(1, 16, 8192, 128), (2, 16, 4096, 128), (4, 16, 1024, 64)]
-# route name: (cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST, cb._BWD_WS, cb._BWD_WS_DQ, cb._BWD_DV_EARLY);
+# route name: (cb._BWD_HEADS_FIRST, cb._BWD_WS, cb._BWD_WS_DQ, cb._BWD_DV_EARLY);
 # "new": attention_bwd_wgmma (its default settings); "order0" (head-adjacent
 # blocks) is timed only where the default order differs (causal); "ws": the
 # warp-specialised backward (MLX_FLASH_BWD_WS=1) with dQ by atomics, "wsdq":
 # with its dQ writer warp; "ws128": MLX_FLASH_BWD_WS=-1 (ws with the dQ
 # writer at D 128 from 4096 keys, else attention_bwd_wgmma); "dvearly":
-# attention_bwd_wgmma with MLX_FLASH_BWD_DV_EARLY=1.
-VARIANTS = {"new": (0, -1, 0, 0, 0), "bulk1": (1, -1, 0, 0, 0), "order0": (0, 0, 0, 0, 0), "ws": (0, -1, 1, 0, 0),
-            "wsdq": (0, -1, 1, 1, 0), "ws128": (0, -1, -1, 1, 0), "dvearly": (0, -1, 0, 0, 1)}
+# attention_bwd_wgmma with MLX_FLASH_BWD_DV_EARLY=1. (The bulk-reduction dQ,
+# "bulk1", lost and was removed in session 11.)
+VARIANTS = {"new": (-1, 0, 0, 0), "order0": (0, 0, 0, 0), "ws": (-1, 1, 0, 0),
+            "wsdq": (-1, 1, 1, 0), "ws128": (-1, -1, 1, 0), "dvearly": (-1, 0, 0, 1)}
 
 
 def _variants(causal):
@@ -74,7 +75,7 @@ def _variants(causal):
 
 
 def set_route(name):
-    cb._BWD_DQ_BULK, cb._BWD_HEADS_FIRST, cb._BWD_WS, cb._BWD_WS_DQ, cb._BWD_DV_EARLY = VARIANTS[name]
+    cb._BWD_HEADS_FIRST, cb._BWD_WS, cb._BWD_WS_DQ, cb._BWD_DV_EARLY = VARIANTS[name]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -88,7 +89,7 @@ def check(dtype, D, features):
     names = list(FEATURES) if features == "all" else features.split(",")
     cases = [(si, name) for name in names for si in range(len(shapes))]
     passed = failed = 0
-    label = (f"D{D} {dtype} bulk={cb._BWD_DQ_BULK} heads_first={cb._BWD_HEADS_FIRST} ws={cb._BWD_WS} "
+    label = (f"D{D} {dtype} heads_first={cb._BWD_HEADS_FIRST} ws={cb._BWD_WS} "
              f"ws_dq={cb._BWD_WS_DQ} dv_early={cb._BWD_DV_EARLY}")
     # Count the warp-specialised launches: a check of that route must reach it.
     ws_calls = [0]
@@ -164,14 +165,14 @@ def before_route(before_dir):
     read = lambda name: open(os.path.join(before_dir, name)).read()  # noqa: E731
 
     @functools.lru_cache(maxsize=None)
-    def config(spec, dq_bulk=False):
+    def config(spec):
         names = cb.kernel_headers("attention_bwd_wgmma")
         text = "\n".join(read(n) if n == "attention_bwd_wgmma.cuh" else cb._read(n) for n in names)
         header = cb._minify(re.sub(r'^\s*(#pragma once|#include\s+"[^"]+")\s*$', "", text, flags=re.M))
         kernel = mx.fast.cuda_kernel(
             name="mlx_flash_attention_bwd_wgmma_before", input_names=list(cb._BWD_MMA_INPUTS),
             output_names=["dq_acc", "dk", "dv"], source=read("attention_bwd_wgmma.cu"), header=header,
-            ensure_row_contiguous=True, shared_memory=cb._wgmma_bwd_smem(spec.head_dim_qk, False))
+            ensure_row_contiguous=True, shared_memory=cb._wgmma_bwd_smem(spec.head_dim_qk))
         return math.ceil(cb._max_k(spec) / 128), kernel
 
     return config, _mlx_delta
@@ -199,7 +200,6 @@ def time_all(out, iters):
     device = mx.device_info(mx.gpu).get("device_name", "")
     result = {"device": device, "what": "forward + backward ms per call (mx.grad of a sum; one call per eval)",
               "routes": {"new": "default: dQ by float2 atomics, heads-first block order under causal from 4096 keys",
-                         "bulk1": "dQ by cp.reduce.async.bulk (MLX_FLASH_BWD_DQ_BULK=1), default order",
                          "order0": "dQ by atomics, a head's key blocks adjacent (MLX_FLASH_BWD_HEADS_FIRST=0)",
                          "before": "the backward before these changes (BWD_BEFORE_DIR's kernel, delta by MLX ops)"},
               "rows": []}

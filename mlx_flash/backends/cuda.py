@@ -847,12 +847,6 @@ _BWD_SIMT_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip
 _BWD_MMA_INPUTS = ("q", "k", "v", "mask", "alibi", "bmask", "cu_q", "cu_k", "ip", "fp", "dout", "lse",
                    "delta") + _KEY_RANGE_INPUTS
 _MMA_BWD_WARPS = 4
-# Hopper backward's dQ: 0 = float2 atomics per fragment; 1 = staged per warp in
-# shared memory and added by bulk async reductions, a row a lane
-# (attention_bwd_wgmma.cuh). Checked against float64 on an H200 (60/60, and the
-# non-finite tests at D 64) but not faster there (fwd+bwd 5.55 vs 5.21 ms at
-# (1,16,8192,128) fp16; D 64 at 1024 keys within run-to-run noise): opt-in.
-_BWD_DQ_BULK = _env_choice("MLX_FLASH_BWD_DQ_BULK", 0, (0, 1))
 # Hopper backward's dV: 0 = issued after dS^T is packed and stored; 1 = as
 # soon as P^T and dS^T are formed, so it runs under those stores and the
 # barrier before dQ (attention_bwd_wgmma.cuh, DV_EARLY; the same bits).
@@ -951,10 +945,8 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
     elif mma:
         delta = _bwd_delta(dout, out, dlse, spec, stream)
         if _uses_wgmma(spec, backward=True):
-            bulk = bool(_BWD_DQ_BULK)
-            key_blocks, kernel = _wgmma_bwd_config(spec, bulk)
-            nw, nch, extra = 8, 1, [("DQ_BULK", bulk), ("HEADS_FIRST", _bwd_heads_first(spec)),
-                                    ("DV_EARLY", bool(_BWD_DV_EARLY))]
+            key_blocks, kernel = _wgmma_bwd_config(spec)
+            nw, nch, extra = 8, 1, [("HEADS_FIRST", _bwd_heads_first(spec)), ("DV_EARLY", bool(_BWD_DV_EARLY))]
         else:
             nw, nch, key_blocks, kernel = _mma_bwd_config(spec)
             extra = [("NW", nw), ("NCH", nch)]
@@ -1018,18 +1010,16 @@ def _delta_threads_per_row(dv: int) -> int:
     return 32 if chunks > 16 else 16 if chunks > 8 else 8
 
 
-def _wgmma_bwd_smem(d: int, dq_bulk: bool) -> int:
+def _wgmma_bwd_smem(d: int) -> int:
     """wgmma_bwd_smem of attention_bwd_wgmma.cuh: K, V, two stages of Q and dO,
-    dS^T and P^T, lse and delta, dQ staging (dq_bulk: 16 rows of 64 + 4 floats
-    for each warp forming dQ) and alignment slack."""
-    staging = (d // 64) * 4 * 16 * (64 + 4) * 4 if dq_bulk else 0
-    return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + staging + 1024
+    dS^T and P^T, lse and delta, and alignment slack."""
+    return 2 * (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) + 4 * 4 * 64 + 1024
 
 
 @functools.lru_cache(maxsize=1024)
-def _wgmma_bwd_config(spec: AttentionSpec, dq_bulk: bool = False):
+def _wgmma_bwd_config(spec: AttentionSpec):
     """(key blocks, kernel) of the Hopper backward: 128 keys and 8 warps per block."""
-    smem = _wgmma_bwd_smem(spec.head_dim_qk, dq_bulk)
+    smem = _wgmma_bwd_smem(spec.head_dim_qk)
     kernel = _kernel("attention_bwd_wgmma", _BWD_MMA_INPUTS, ("dq_acc", "dk", "dv"), smem)
     return math.ceil(_max_k(spec) / 128), kernel
 
