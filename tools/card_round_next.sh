@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The next card session's checks, in the order they matter, as two device
+# calls of under 600 s each (the device tool's limit per command). Written in
+# session 11, which had no card: every change below was proven on the CPU
+# (emulation, nvcc/NVRTC) and waits for these runs.
+#
+#     . .device/rest/env.sh && OUT=$OUT bash tools/card_round_next.sh a    # correctness (~520 s)
+#     . .device/rest/env.sh && OUT=$OUT bash tools/card_round_next.sh b    # timings (~560 s)
+#
+# Part a: correctness of what changed default kernels or could be a default
+# bug, then the opt-in variants waiting to be routed. Part b: side-by-side
+# timings, each against mx.fast (cuDNN) or MLX in the same process. Each step
+# has its own time limit, so one that hangs costs only its share; every log
+# lands in $OUT/<step>.txt and its last line is echoed.
+set -u
+PART=${1:?usage: card_round_next.sh a|b}
+OUT=${OUT:?set OUT to the folder results go to}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
+
+step() {  # step NAME SECONDS CMD...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s) $(date +%T)"
+  timeout -k 5 "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  echo "   rc $? $(date +%T): $(tail -1 "$OUT/$name.txt" | cut -c1-200)"
+}
+
+if [ "$PART" = a ]; then
+  # 1. Session 10's NaN on the warp-specialised matmul (a default route):
+  #    the probe tells whether a cluster kernel's cached CUDA graph exec loses
+  #    plain kernels' blocks (docs/matmul.md); the cluster kernels are gone,
+  #    so the route suite, under six processes, must now pass.
+  step ws_nan_probe 40 python3 tools/ws_matmul_nan_probe.py "$OUT/ws_nan_probe.json"
+  step ws_routes 150 python3 -m pytest -q -p no:cacheprovider -n 6 tests/test_matmul_cuda_routes.py \
+    -k "ws_16bit or ws_fp8_native or session10"
+  # 2. The backward kernels whose source changed for the NVRTC spills (D 128
+  #    bool mask / ALiBi on the Hopper backward, D 112 softcap's fast tanh),
+  #    the D 96 unroll of session 10 and the early dV.
+  step bwd_changed 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda_specific.py \
+    -k "hopper_backward_d128_rules_on_gpu or mid_head_backward_on_gpu or dv_early_on_gpu or (hopper_backward_ws_on_gpu and causal and D128)"
+  # 3. The C++ replay: decode and the opt-in prefill (keys now hold the settings epoch).
+  step host_replay 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_host.py -k gpu
+  # 4. Opt-in variants waiting for their card run: the quantized decode's
+  #    TILES 2, the forward's early rescale / continuous turns.
+  step quant_tiles 60 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda_quant_tiles.py -k gpu
+  step fwd_variants 60 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_cuda_specific.py \
+    -k "ws_variant_forward_on_gpu and (turns128 or turns64 or early64)"
+elif [ "$PART" = b ]; then
+  # 5. Issue 16: TILES 2 against the routed decode and mx.fast, alternated (~120 s).
+  step quant_tiles_ab 150 bash tools/cuda_tiles_check.sh "$OUT/tiles"
+  # 6. Issue 14: the host-bound (4,16,1024,64) with the prefill replay off and on.
+  step small_prefill_off 70 env MLX_FLASH_CUDA_HOST_PREFILL=0 python3 tools/cuda_small_prefill.py "$OUT/small_prefill.json"
+  step small_prefill_on 70 env MLX_FLASH_CUDA_HOST_PREFILL=1 python3 tools/cuda_small_prefill.py "$OUT/small_prefill.json"
+  # 7. Issue 14: the backward after the spill changes, beside mx.fast and torch
+  #    (for a same-run A/B with session 10's kernel, put f496bce's
+  #    cuda_src/attention_bwd_wgmma.cu and .cuh in a folder of the carried
+  #    tree and export BWD_BEFORE_DIR=that folder before calling this).
+  step bwd_time 110 env BWD_AB_ROWS="float16:1,16,8192,128;float16:2,16,4096,128" \
+    python3 tools/cuda_bwd_ab.py time "$OUT/bwd_time.json"
+  # 8. Issue 15: fp8-weight decode over weights that do not fit in L2, beside the copy bandwidth.
+  step mm_decode_stream 120 python3 -m mlx_flash.bench.cuda_matmul --sections decode_stream \
+    --decode-shapes 4096:4096,4096:14336,8192:8192 --out "$OUT/mm_decode_stream.json"
+else
+  echo "card_round_next.sh: PART must be a or b, got $PART" >&2
+  exit 2
+fi
