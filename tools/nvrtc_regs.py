@@ -473,26 +473,6 @@ def _matmul(M, K, N, dtype=mx.float16, b_fmt=None, **kw):
     cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu)
 
 
-def ring_cases():
-    """The quantized decode's ring as its plan launches it (the benchmark's shape:
-    GQA 32:8, 4-bit, D 128, fp16): 8 warps a block (the 16-warps-an-SM design),
-    plain, KEYS_M 1 / 2, with features, bf16, fp32 scales, 4 and 16 warps, 8-bit."""
-    ring = {"decode": True, "dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2}
-    feats = dict(softcap=2.0, window=(64, 0), sinks=mx.zeros((32,)))
-    yield "qdec ring w8 (fp16 4-bit D128)", lambda: _quant_decode(ring)
-    yield "qdec ring w8 keys_m1", lambda: _quant_decode({**ring, "dec_keys_m": 1})
-    yield "qdec ring w8 keys_m2", lambda: _quant_decode({**ring, "dec_keys_m": 2})
-    yield "qdec ring w8 softcap+window+sinks", lambda: _quant_decode(ring, **feats)
-    yield "qdec ring w8 keys_m1 softcap+window+sinks", lambda: _quant_decode({**ring, "dec_keys_m": 1}, **feats)
-    yield "qdec ring w8 bf16 gs128", lambda: _quant_decode(ring, dtype=mx.bfloat16, gs=128)
-    yield "qdec ring w8 fp32 scales", lambda: _quant_decode(ring, scale_dtype=mx.float32)
-    yield "qdec ring w4 (dec_stages 4)", lambda: _quant_decode({"decode": True, "dec_stages": 4})
-    yield "qdec ring w16", lambda: _quant_decode({"decode": True, "dec_stages": 4, "dec_warps": 16,
-                                                  "dec_blocks_per_sm": 1})
-    yield "qdec ring w8 8-bit", lambda: _quant_decode(ring, bits=8)
-    yield "qdec ring w8 D256", lambda: _quant_decode({**ring, "dec_blocks_per_sm": 1}, D=256, Hq=8, Hkv=2)
-
-
 def routed_cases():
     """Default-routed instances (no TUNING): Hopper attention forward (ws / wgmma /
     mma), decode, backward, quantized decode, matmul and gemv."""
@@ -558,7 +538,7 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--set", choices=("ring", "routed", "all"), default="all")
+    p.add_argument("--set", choices=("routed", "all"), default="all")
     p.add_argument("--nvcc", action="store_true", help="also compile each text with nvcc")
     p.add_argument("--only", default="", help="cases whose label contains this")
     p.add_argument("--jobs", type=int, default=2)
@@ -567,8 +547,7 @@ def main(argv=None):
     if reason:
         sys.exit(f"nvrtc_regs: {reason}")
     headers = mlx_device_headers()
-    cases = (list(ring_cases()) if args.set in ("ring", "all") else []) + (
-        list(routed_cases()) if args.set in ("routed", "all") else [])
+    cases = list(routed_cases())
     cases = [c for c in cases if args.only in c[0]]
     items = collect(cases)
     print(f"NVRTC {'.'.join(map(str, nvrtc_version()))}, {ARCH}; MLX device headers from {os.environ['MLX_SRC']}")
