@@ -43,3 +43,12 @@ def test_routed_no_spills_under_nvrtc(case):
     """Every default-routed instance the tool reaches compiles under NVRTC without spills."""
     for label, ln, r in _measure([c for c in nr.routed_cases() if c[0] == case]):
         assert (r["spill_st"], r["spill_ld"]) == (0, 0), (label, ln.name, r)
+
+
+@pytest.mark.parametrize("case", [c[0] for c in nr.tiles_cases()])
+def test_decode_tiles_no_spills_under_nvrtc(case):
+    """The quantized decode's opt-in TILES 2 (up to 248 registers under nvcc) compiles under NVRTC without
+    spills; one block of 4 warps an SM, as the register path's plan assumes, fits at any count up to 255."""
+    for label, ln, r in _measure([c for c in nr.tiles_cases() if c[0] == case]):
+        assert dict(ln.template)["TILES"] == 2, label
+        assert (r["spill_st"], r["spill_ld"], r["local"]) == (0, 0, 0), (label, r)

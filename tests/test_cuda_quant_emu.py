@@ -862,7 +862,7 @@ def _compile_cases():
 
 
 def _decode_compile_cases(opt_in=False):
-    """The decode's instances; opt_in: only FOLD / L2PF's (register path), compiled in a translation unit of
+    """The decode's instances; opt_in: only FOLD / L2PF's / TILES 2's (register path), compiled in a translation unit of
     their own: in one unit with the others they moved nvcc's registers for 8-bit rings that do not use
     them (139-142 alone, 157-166 in the unit), an artefact of the single unit (MLX compiles each kernel alone)."""
     from mlx_flash.backends import cuda_quant as cq
@@ -884,24 +884,32 @@ def _decode_compile_cases(opt_in=False):
                     if d == 128 and gs == 64 and ST == T:
                         paths += [(False, 8, True, 8), (False, 4, True, 16)]
                     # KEYS_M (S^T = K Q^T) on the ring and on the register path.
-                    paths = [p + (0, False, 0) for p in paths] + [
-                        (False, 4, True, 8, 1, False, 0),
-                        (False, 0, True, cq._DEC_WARPS, 1, False, 0),
-                        (False, 4, True, 8, 2, False, 0)]
+                    paths = [p + (0, False, 0, 1) for p in paths] + [
+                        (False, 4, True, 8, 1, False, 0, 1),
+                        (False, 0, True, cq._DEC_WARPS, 1, False, 0, 1),
+                        (False, 4, True, 8, 2, False, 0, 1)]
                     # FOLD (fp16 only: bf16's instance is the plain one) on the register path, with KEYS_M
                     # and L2 prefetches at D 128.
                     if opt_in:
                         paths = []
                     if opt_in and T == mx.float16 and ST == T:
-                        paths += [(False, 0, True, cq._DEC_WARPS, 0, True, 0)] + (
-                            [(False, 0, True, cq._DEC_WARPS, 1, True, 0), (False, 0, True, cq._DEC_WARPS, 0, True, 4),
-                             (False, 0, True, cq._DEC_WARPS, 0, False, 4)] if d == dv == 128 and gs == 64 else [])
-                    for pf, stages, pool, nw, keys_m, fold, l2pf in paths:
+                        paths += [(False, 0, True, cq._DEC_WARPS, 0, True, 0, 1)] + (
+                            [(False, 0, True, cq._DEC_WARPS, 1, True, 0, 1), (False, 0, True, cq._DEC_WARPS, 0, True, 4, 1),
+                             (False, 0, True, cq._DEC_WARPS, 0, False, 4, 1)] if d == dv == 128 and gs == 64 else [])
+                    # TILES 2 (two tiles a warp an iteration; register path, head dims <= 128): every such shape,
+                    # dtype and scale type, with FOLD (fp16) and the one-tile prefetch (4-bit D 128).
+                    if opt_in and max(d, dv) <= 128:
+                        paths += [(False, 0, True, cq._DEC_WARPS, 0, False, 0, 2)]
+                        if T == mx.float16:
+                            paths += [(False, 0, True, cq._DEC_WARPS, 0, True, 0, 2)]
+                        if bits == 4 and d == dv == 128 and gs == 64 and ST == T:
+                            paths += [(True, 0, False, cq._DEC_WARPS, 0, False, 0, 2)]
+                    for pf, stages, pool, nw, keys_m, fold, l2pf, tiles in paths:
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
                             ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
                             ("NW", nw), ("PF", pf), ("STAGES", stages), ("POOL", pool), ("KEYS_M", keys_m),
-                            ("FOLD", fold), ("L2PF", l2pf)]
+                            ("FOLD", fold), ("L2PF", l2pf), ("TILES", tiles)]
 
 
 def _dtypes(names, template):

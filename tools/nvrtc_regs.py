@@ -473,6 +473,22 @@ def _matmul(M, K, N, dtype=mx.float16, b_fmt=None, **kw):
     cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu)
 
 
+def tiles_cases():
+    """The quantized decode's opt-in TILES 2 (TUNING "dec_tiles": two tiles a warp an iteration, register path)
+    at the benchmark's shape (GQA 32:8, D 128, fp16) and its neighbours: plain, with features, 8-bit, bf16,
+    fp32 scales, FOLD, the one-tile prefetch. Up to 248 registers under nvcc: NVRTC must not spill."""
+    tiles = {"decode": True, "dec_tiles": 2}
+    feats = dict(softcap=2.0, window=(64, 0), sinks=mx.zeros((32,)))
+    yield "qdec tiles2 fp16 4-bit D128", lambda: _quant_decode(tiles)
+    yield "qdec tiles2 fp16 4-bit D128 features", lambda: _quant_decode(tiles, **feats)
+    yield "qdec tiles2 fp16 8-bit D128", lambda: _quant_decode(tiles, bits=8)
+    yield "qdec tiles2 fp16 8-bit D128 features", lambda: _quant_decode(tiles, bits=8, **feats)
+    yield "qdec tiles2 bf16 4-bit D128 features", lambda: _quant_decode(tiles, dtype=mx.bfloat16, **feats)
+    yield "qdec tiles2 fp32 scales", lambda: _quant_decode(tiles, scale_dtype=mx.float32)
+    yield "qdec tiles2 fold", lambda: _quant_decode({**tiles, "dec_fold": True})
+    yield "qdec tiles2 prefetch", lambda: _quant_decode({**tiles, "dec_prefetch": True, "dec_pool": False})
+
+
 def routed_cases():
     """Default-routed instances (no TUNING): Hopper attention forward (ws / wgmma /
     mma), decode, backward, quantized decode, matmul and gemv."""
@@ -527,7 +543,7 @@ def collect(cases) -> list:
 
 
 def _template_brief(ln: Launch) -> str:
-    keep = ("D", "DV", "BITS", "GS", "NW", "STAGES", "KEYS_M", "BN", "W", "SPLIT", "BULK", "KR")
+    keep = ("D", "DV", "BITS", "GS", "NW", "STAGES", "KEYS_M", "TILES", "BN", "W", "SPLIT", "BULK", "KR")
     t = [f"{n}={v}" for n, v in ln.template if n in keep]
     consts = re.findall(r"constexpr (?:int|bool) (\w+) = (\w+);", ln.body.split("\n\n")[0])
     t += [f"{n}={v}" for n, v in consts if n in keep]
@@ -538,7 +554,7 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--set", choices=("routed", "all"), default="all")
+    p.add_argument("--set", choices=("routed", "tiles", "all"), default="all")
     p.add_argument("--nvcc", action="store_true", help="also compile each text with nvcc")
     p.add_argument("--only", default="", help="cases whose label contains this")
     p.add_argument("--jobs", type=int, default=2)
@@ -547,7 +563,8 @@ def main(argv=None):
     if reason:
         sys.exit(f"nvrtc_regs: {reason}")
     headers = mlx_device_headers()
-    cases = list(routed_cases())
+    cases = (list(routed_cases()) if args.set in ("routed", "all") else []) + (
+        list(tiles_cases()) if args.set in ("tiles", "all") else [])
     cases = [c for c in cases if args.only in c[0]]
     items = collect(cases)
     print(f"NVRTC {'.'.join(map(str, nvrtc_version()))}, {ARCH}; MLX device headers from {os.environ['MLX_SRC']}")

@@ -5,7 +5,7 @@
 Compiles attention_quant_decode's register-path instance of the benchmark
 shape (fp16 q and scales, group 64, D 128, 4 warps) as the compile tests wrap
 it (tests/test_cuda_specific.py's _kernel_text), for KEYS_M 0/1/2, FOLD and
-L2PF, with nvcc for sm_90a, and counts the instructions of the tile loop: the
+L2PF and TILES (tiles a warp takes an iteration), with nvcc for sm_90a, and counts the instructions of the tile loop: the
 smallest backward branch enclosing every HMMA. Prints registers, spills, the
 loop's size and its instruction mix. cuobjdump comes from PATH, CUDA_HOME or
 the nvidia-cuda-cuobjdump wheel.
@@ -29,7 +29,9 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import mlx.core as mx  # noqa: E402
 
-VARIANTS = [(0, False, 0), (0, True, 0), (0, False, 8), (0, True, 8), (1, False, 0), (1, True, 0), (2, False, 0)]
+# (KEYS_M, FOLD, L2PF, TILES)
+VARIANTS = [(0, False, 0, 1), (0, True, 0, 1), (0, False, 8, 1), (0, True, 8, 1), (1, False, 0, 1), (1, True, 0, 1),
+            (2, False, 0, 1), (0, False, 0, 2), (0, True, 0, 2)]
 MIX = ("HMMA", "LOP3", "HADD2", "HFMA2", "PRMT", "SHF", "FFMA", "FADD", "FMUL", "LDS", "LDG", "STS", "SHFL", "MUFU",
        "CCTL")
 
@@ -62,6 +64,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--out", default=None, help="keep the sources, cubins and SASS here")
+    p.add_argument("--only", default="", help="variants whose name contains this")
     args = p.parse_args(argv)
     import test_cuda_quant_emu as tq
     import test_cuda_specific as tcs
@@ -71,12 +74,15 @@ def main(argv=None):
     out = pathlib.Path(args.out or tempfile.mkdtemp(prefix="qdec_sass_"))
     out.mkdir(parents=True, exist_ok=True)
     dump = cuobjdump()
-    for keys_m, fold, l2pf in VARIANTS:
+    for keys_m, fold, l2pf, tiles in VARIANTS:
         T = mx.float16
         template = [("T", T), ("KST", T), ("VST", T), ("SOFTCAP", False), ("WINDOW", False), ("SINKS", False),
                     ("D", 128), ("DV", 128), ("BITS", args.bits), ("GS", 64), ("NW", 4), ("PF", False),
-                    ("STAGES", 0), ("POOL", True), ("KEYS_M", keys_m), ("FOLD", fold), ("L2PF", l2pf)]
-        name = f"keys_m{keys_m}_fold{int(fold)}_l2pf{l2pf}"
+                    ("STAGES", 0), ("POOL", True), ("KEYS_M", keys_m), ("FOLD", fold), ("L2PF", l2pf),
+                    ("TILES", tiles)]
+        name = f"keys_m{keys_m}_fold{int(fold)}_l2pf{l2pf}" + (f"_tiles{tiles}" if tiles > 1 else "")
+        if args.only not in name:
+            continue
         text = tcs._kernel_text(name, tcs.cuda_backend._read("attention_quant_decode.cu"),
                                 tq._dtypes(cq._DEC_INPUTS, template), tq._dtypes(("out", "lse", "scratch"), template),
                                 template)
@@ -92,6 +98,7 @@ def main(argv=None):
         ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", s).split()[0].split(".")[0] for s in body)
         print(name, "registers", re.findall(r"Used (\d+) registers", r.stderr)[0], "spill bytes",
               sum(map(int, re.findall(r"(\d+) bytes spill stores", r.stderr))), "loop", len(body),
+              "(keys an iteration:", 16 * tiles, ")",
               {k: ops[k] for k in MIX if ops[k]}, flush=True)
 
 

@@ -301,7 +301,7 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # Tickets from cuda.py's pool (no zero fill).
 # TUNING "dec_warps" / "dec_splits" / "dec_stages" (0: the register path,
 # "dec_prefetch" its one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" /
-# "dec_ring_debug" / "dec_keys_m" / "dec_fold" / "dec_l2pf" / "decode" override for GPU sweeps (call
+# "dec_ring_debug" / "dec_keys_m" / "dec_fold" / "dec_l2pf" / "dec_tiles" / "decode" override for GPU sweeps (call
 # decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
 _DEC_BLOCKS_PER_SM = 4
@@ -342,6 +342,17 @@ _DEC_FOLD = False
 # H200 (session 10) L2 hits 16 -> 39 % and no time gained: a tile does not
 # wait on DRAM's latency.
 _DEC_L2PF = 0
+# TUNING "dec_tiles" (issue 16): the register path takes that many of a
+# warp's interleaved 16-key tiles an iteration as one softmax step (their
+# loads issued together, their S mma chains, code conversions and exps
+# independent; max / sum / rescale once per iteration), so that its one warp
+# a scheduler has independent instructions while a tile's results are
+# pending: session 10 found each warp's chain of dependent steps, not
+# instructions or DRAM latency, setting the time. 1: main's loop. The
+# register path's S = Q K^T only (no ring, KEYS_M or L2PF); FOLD and the
+# one-tile prefetch (dec_prefetch, then TILES tiles ahead) combine with it.
+# Not routed: proven in the CPU emulation only, never timed on a card.
+_DEC_TILES = 1
 _SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
 
@@ -404,6 +415,21 @@ def decode_register_options(stages: int) -> tuple:
     return bool(fold), int(TUNING.get("dec_l2pf", _DEC_L2PF if stages == 0 else 0))
 
 
+def decode_tiles(qspec, stages: int, keys_m: int, l2pf: int) -> int:
+    """Tiles a warp takes an iteration (TUNING "dec_tiles", else _DEC_TILES): 1 or 2 (4 spills: 4-bit D 128
+    under nvcc, 255 registers and 88 bytes); 2 only on the register path without KEYS_M or L2PF, head dims
+    <= 128 (D 256: 250-255 registers, 8-bit spills); an error naming the setting otherwise."""
+    tiles = TUNING.get("dec_tiles", _DEC_TILES)
+    if isinstance(tiles, bool) or tiles not in (1, 2):
+        raise ValueError(f"cuda_quant TUNING['dec_tiles'] must be 1 or 2, got {tiles!r}")
+    head_dim = max(qspec.attention.head_dim_qk, qspec.attention.head_dim_v)
+    if tiles > 1 and (stages > 0 or keys_m or l2pf or head_dim > 128):
+        raise ValueError(f"cuda_quant TUNING['dec_tiles'] = {tiles} is for the register path's S = Q K^T at head "
+                         f"dims <= 128; dec_stages = {stages}, dec_keys_m = {keys_m}, dec_l2pf = {l2pf}, head dim "
+                         f"{head_dim} were given or routed")
+    return int(tiles)
+
+
 def decode_ring_slot(qspec, scale_bytes: int) -> int:
     """QdRing::SLOT: one raw 16-key tile (K rows, V rows, four scale/bias planes)."""
     spec = qspec.attention
@@ -418,7 +444,8 @@ def decode_plan(qspec, scale_bytes: int = 2):
     stages) for scales of `scale_bytes` bytes (2: fp16/bf16, 4: fp32)."""
     spec = qspec.attention
     stages = TUNING.get("dec_stages", _DEC_STAGES)
-    decode_register_options(stages)  # a ring with FOLD / L2PF asked for: the error, before anything is built
+    # A ring with FOLD / L2PF, or TILES where it does not apply, asked for: the error, before anything is built.
+    tiles = decode_tiles(qspec, stages, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), decode_register_options(stages)[1])
     nw = TUNING.get("dec_warps", _DEC_WARPS)
     pairs = spec.batch * spec.heads_kv
     keys = _cuda._effective_keys(spec)
@@ -435,12 +462,12 @@ def decode_plan(qspec, scale_bytes: int = 2):
     per_sm = TUNING.get("dec_blocks_per_sm", 1 if stages == 0 else min(_DEC_BLOCKS_PER_SM, ring_fit))
     dv, ngv = spec.head_dim_v, spec.head_dim_v // qspec.group_size
     ng = spec.head_dim_qk // qspec.group_size
-    # The flag (4 words), each warp's scale stage (QdTile::STAGE floats), Q's
+    # The flag (4 words), each warp's scale stages (QdTile::STAGE floats, one a tile of an iteration), Q's
     # fragments (D > 128 or a ring: 8 bytes a lane a k-step), then the rings,
     # overlaid after the loop by red_o [nw][8][dv] (also the last block's
     # [splits][8] weights), red_m, red_l, red_pb.
     qfrag = nw * 256 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 or stages > 0 else 0
-    base = 16 + 4 * nw * 32 * (ng + ngv) + qfrag
+    base = 16 + 4 * nw * 32 * (ng + ngv) * tiles + qfrag
     red = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv)
     slot = decode_ring_slot(qspec, scale_bytes)
     # As many stages (down to 2) as keep per_sm blocks on an SM.
@@ -480,7 +507,8 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
                 ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("NW", nw),
                 ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool),
                 ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M))),
-                ("FOLD", fold), ("L2PF", l2pf)]
+                ("FOLD", fold), ("L2PF", l2pf),
+                ("TILES", decode_tiles(qspec, stages, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), l2pf))]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
