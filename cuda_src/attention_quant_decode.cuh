@@ -157,6 +157,16 @@ template <>
 struct QdBits<__nv_bfloat16> {
   __device__ __forceinline__ static float f(unsigned h) { return __uint_as_float(h << 16); }
 };
+template <>
+struct QdBits<float> {
+  __device__ __forceinline__ static float f(unsigned h) { return __uint_as_float(h); }
+};
+// Element i of a scale / bias array as its raw bits (16-bit types zero-extended), no conversion.
+template <typename ST>
+__device__ __forceinline__ unsigned qd_raw(const ST* p, long i) {
+  if constexpr (sizeof(ST) == 2) return reinterpret_cast<const unsigned short*>(p)[i];
+  else return reinterpret_cast<const unsigned*>(p)[i];
+}
 template <typename ST, int N>
 __device__ __forceinline__ void qd_plane_row(const unsigned char* plane, int key, float (&out)[N]) {
   const ST* p = reinterpret_cast<const ST*>(plane) + key * N;
@@ -326,7 +336,14 @@ __device__ __forceinline__ void qd_fill_segment(unsigned char* dst, const E* row
 // [ks: NG][kb: NG][vs: NGV][vb: NGV] x 16 keys (`stage`): four global loads
 // a lane instead of one per (key, group) it uses, and no registers held for
 // them across the tile.
-template <int D, int DV, int BITS, int GS>
+// LATE: the scales and biases stay raw bits (in `sc`, as float bit patterns) until stage_scales
+// converts them, so that nothing uses a tile's loads where they are issued
+// (the register path's next tile, loaded at the end of an iteration, is
+// then first waited on by the next iteration's stage: one wait for all of
+// an iteration's tiles, and with PF none before the current tile's work).
+// Converted in load() (main), the first scale's conversion waits on DRAM
+// right after the loads are issued.
+template <int D, int DV, int BITS, int GS, bool LATE = false>
 struct QdTile {
   using S = QdShape<D, DV, BITS, GS>;
   static constexpr int NSC = S::NG + S::NGV;  // staged values per lane
@@ -392,7 +409,12 @@ struct QdTile {
 #pragma unroll
     for (int i = 0; i < NSC; ++i) {
       const int row = 2 * i + lane / 16;
-      if (row < S::NG) sc[i] = to_float(kh.s[j * kh.ss[2] + row * kh.ss[3]]);
+      if (LATE) {
+        if (row < S::NG) sc[i] = __uint_as_float(qd_raw(kh.s, j * kh.ss[2] + row * kh.ss[3]));
+        else if (row < 2 * S::NG) sc[i] = __uint_as_float(qd_raw(kh.b, j * kh.bs[2] + (row - S::NG) * kh.bs[3]));
+        else if (row < 2 * S::NG + S::NGV) sc[i] = __uint_as_float(qd_raw(vh.s, j * vh.ss[2] + (row - 2 * S::NG) * vh.ss[3]));
+        else sc[i] = __uint_as_float(qd_raw(vh.b, j * vh.bs[2] + (row - 2 * S::NG - S::NGV) * vh.bs[3]));
+      } else if (row < S::NG) sc[i] = to_float(kh.s[j * kh.ss[2] + row * kh.ss[3]]);
       else if (row < 2 * S::NG) sc[i] = to_float(kh.b[j * kh.bs[2] + (row - S::NG) * kh.bs[3]]);
       else if (row < 2 * S::NG + S::NGV) sc[i] = to_float(vh.s[j * vh.ss[2] + (row - 2 * S::NG) * vh.ss[3]]);
       else sc[i] = to_float(vh.b[j * vh.bs[2] + (row - 2 * S::NG - S::NGV) * vh.bs[3]]);
@@ -479,10 +501,15 @@ struct QdTile {
   }
 
   // The staged scales into the warp's stage (after the previous tile's reads: __syncwarp).
+  // LATE: converted here (entries i < NG are K's: rows 2i + lane / 16 < 2 NG).
+  template <typename KST, typename VST>
   __device__ __forceinline__ void stage_scales(float* stage, int lane) const {
     __syncwarp();
 #pragma unroll
-    for (int i = 0; i < NSC; ++i) { QD_CHECK(nullptr, &stage[lane + 32 * i], 4, "stage"); stage[lane + 32 * i] = sc[i]; }
+    for (int i = 0; i < NSC; ++i) {
+      QD_CHECK(nullptr, &stage[lane + 32 * i], 4, "stage");
+      stage[lane + 32 * i] = !LATE ? sc[i] : i < S::NG ? QdBits<KST>::f(__float_as_uint(sc[i])) : QdBits<VST>::f(__float_as_uint(sc[i]));
+    }
     __syncwarp();
   }
   // (scale or bias) of keys 2t + 8n and 2t + 8n + 1: plane row `row`.
@@ -537,7 +564,7 @@ __host__ __device__ constexpr int qd_part_floats() {
 // last block sets its ticket back to 0), so no output needs MLX's zero fill;
 // otherwise they follow the partials in `scratch` (zero-filled).
 template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
-          bool PF, int STAGES, bool POOL, int KEYS_M, bool FOLD, int L2PF, int TILES, class SA>
+          bool PF, int STAGES, bool POOL, int KEYS_M, bool FOLD, int L2PF, int TILES, bool LATE, class SA>
 __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
                                        const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
                                        float* lse, float* scratch, const unsigned* tk) {
@@ -553,7 +580,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
 #if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)
   qd_emu_base() = quant_smem;
 #endif
-  using Tile = QdTile<D, DV, BITS, GS>;
+  using Tile = QdTile<D, DV, BITS, GS, LATE>;
   // Each warp's scale stages (one a tile of an iteration), 16-byte aligned after the flag (4 words).
   float* stage = reinterpret_cast<float*>(flag + 4) + (threadIdx.x / 32) * TILES * Tile::STAGE;
   constexpr bool QS = D > 128 || STAGES > 0;  // see qsm below
@@ -598,6 +625,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   // the ring (114 registers instead of 134 at 4-bit D 128: 4 blocks an SM, not 3).
   static_assert(STAGES != 1, "attention_quant_decode: a ring needs two stages (0: no ring)");
   static_assert(L2PF == 0 || STAGES == 0, "attention_quant_decode: L2PF is for the register path");
+  static_assert(!LATE || STAGES == 0, "attention_quant_decode: LATE is for the register path");
   static_assert(TILES >= 1 && (TILES == 1 || (STAGES == 0 && KEYS_M == 0 && L2PF == 0)),
                 "attention_quant_decode: TILES > 1 is for the register path's S = Q K^T (no ring, KEYS_M or L2PF)");
 
@@ -833,7 +861,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     }
     if (!(KEYS_M && STAGES > 0)) {
 #pragma unroll
-      for (int u = 0; u < TILES; ++u) tiles[u].stage_scales(stage + u * Tile::STAGE, lane);
+      for (int u = 0; u < TILES; ++u) tiles[u].template stage_scales<KST, VST>(stage + u * Tile::STAGE, lane);
     }
     Tile nxt[TILES];
     if (STAGES == 0 && PF && j1 < end) {

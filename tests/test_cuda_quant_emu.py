@@ -904,12 +904,20 @@ def _decode_compile_cases(opt_in=False):
                             paths += [(False, 0, True, cq._DEC_WARPS, 0, True, 0, 2)]
                         if bits == 4 and d == dv == 128 and gs == 64 and ST == T:
                             paths += [(True, 0, False, cq._DEC_WARPS, 0, False, 0, 2)]
-                    for pf, stages, pool, nw, keys_m, fold, l2pf, tiles in paths:
+                    # LATE (raw scales until staged): TILES 1 and 2, with the prefetch at 4-bit D 128.
+                    late_paths = []
+                    if opt_in and max(d, dv) <= 128:
+                        late_paths = [(False, 0, True, cq._DEC_WARPS, 0, False, 0, t2) for t2 in (1, 2)]
+                        if bits == 4 and d == dv == 128 and gs == 64 and ST == T:
+                            late_paths += [(True, 0, False, cq._DEC_WARPS, 0, False, 0, 2),
+                                           (True, 0, False, cq._DEC_WARPS, 0, False, 0, 1)]
+                    for pf, stages, pool, nw, keys_m, fold, l2pf, tiles, late in (
+                            [p + (False,) for p in paths] + [p + (True,) for p in late_paths]):
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
                             ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
                             ("NW", nw), ("PF", pf), ("STAGES", stages), ("POOL", pool), ("KEYS_M", keys_m),
-                            ("FOLD", fold), ("L2PF", l2pf), ("TILES", tiles)]
+                            ("FOLD", fold), ("L2PF", l2pf), ("TILES", tiles), ("LATE", late)]
 
 
 def _dtypes(names, template):

@@ -1,6 +1,7 @@
 """The quantized decode's opt-in TILES 2 (cuda_quant TUNING "dec_tiles"; issue 16):
 the register path takes two of a warp's interleaved 16-key tiles an iteration
-as one softmax step. Run on the CPU through the CUDA emulation against the
+as one softmax step; and LATE ("dec_late_scales"): a tile's scales stay raw
+bits until staged, so no load is waited on where it is issued. Run on the CPU through the CUDA emulation against the
 float64 reference (test_cuda_quant_emu.py's cases and yardsticks), and on a
 CUDA GPU where there is one (skipped otherwise). TILES 1 (the default) is
 main's loop; where a warp has a single tile, TILES 2 must give its bits.
@@ -19,7 +20,12 @@ TILES = {"dec_tiles": 2}
 # three queries a row group, Dv != D, every group size, bf16, 1-8 warps.
 SHAPES = [s for s in DECODE_SHAPES if max(s[5], s[6]) <= 128]
 # The one-tile prefetch (dec_prefetch) then loads both next tiles during the current pair.
-EXTRAS = {"plain": {}, "fold": {"dec_fold": True}, "prefetch": {"dec_prefetch": True, "dec_pool": False}}
+PREFETCH = {"dec_prefetch": True, "dec_pool": False}
+LATE = {"dec_late_scales": True}
+EXTRAS = {"plain": {}, "fold": {"dec_fold": True}, "prefetch_late": {**PREFETCH, **LATE}, "prefetch": PREFETCH,
+          "late": LATE, "tiles1_late": {"dec_tiles": 1, **LATE}, "tiles1_prefetch_late": {"dec_tiles": 1, **PREFETCH, **LATE}}
+# Variants every shape runs; the rest alternate between shapes (CI time).
+EVERY = ("plain", "fold", "prefetch_late")
 
 
 @emulated
@@ -27,9 +33,8 @@ EXTRAS = {"plain": {}, "fold": {"dec_fold": True}, "prefetch": {"dec_prefetch": 
 def test_decode_tiles_shapes(shape):
     q, kq, vq, kd, vd, bits, gs, dtype, plan = tq._decode_case(shape)
     assert tq._uses_decode(q, kq, vq, bits, gs)
-    # The prefetch on every other shape (CI time).
-    for name, extra in EXTRAS.items():
-        if name == "prefetch" and SHAPES.index(shape) % 2:
+    for k, (name, extra) in enumerate(EXTRAS.items()):
+        if name not in EVERY and (k + SHAPES.index(shape)) % 2:
             continue
         got = tq._emu(q, kq, vq, bits, gs, tuning={**plan, **TILES, **extra})
         tq._check_decode(q, kd, vd, got, dtype, {})
@@ -45,13 +50,14 @@ def test_decode_tiles_features(feature, bits):
     gen, q, kq, vq, kd, vd = tq._case(("decode-tiles-feature", feature, bits), B, Hq, Hkv, Nq, Nk, D, dtype=F16,
                                       bits=bits, group_size=64)
     opts = DECODE_FEATURES[feature](gen, Hq)
-    for extra in ({"dec_splits": 3}, {"dec_splits": 2, "dec_fold": True}):
+    for extra in ({"dec_splits": 3}, {"dec_splits": 2, "dec_fold": True, **PREFETCH, **LATE}):
         got = tq._emu(q, kq, vq, bits, 64, tuning={**DECODE, **TILES, **extra}, **opts)
         tq._check_decode(q, kd, vd, got, F16, opts)
 
 
 @emulated
-@pytest.mark.parametrize("extra", [{}, {"dec_fold": True}], ids=["plain", "fold"])
+@pytest.mark.parametrize("extra", [{}, {"dec_fold": True}, {**PREFETCH, **LATE}, {"dec_tiles": 1, **LATE}],
+                         ids=["plain", "fold", "prefetch_late", "tiles1_late"])
 def test_decode_tiles_nonfinite(extra):
     """test_cuda_quant_emu's non-finite contract (NaN scales of one key reach
     exactly the rows that keep it; dropped NaN keys, the padding's stand-in
@@ -70,8 +76,9 @@ def test_decode_tiles_strided_cache_views(layout):
         if layout == "batch_broadcast":
             kq, vq, kd, vd = tq._first_batch_for_all(kq, vq, kd, vd)
         kv, vv = tq._views(gen, kq, vq, layout)
-        got = tq._emu(q, kv, vv, bits, 64, tuning={**DECODE, **TILES, "dec_splits": 2})
-        tq._check_decode(q, kd, vd, got, F16, {})
+        for extra in ({}, LATE):
+            got = tq._emu(q, kv, vv, bits, 64, tuning={**DECODE, **TILES, "dec_splits": 2, **extra})
+            tq._check_decode(q, kd, vd, got, F16, {})
 
 
 @emulated
@@ -89,6 +96,24 @@ def test_decode_tiles_one_tile_bit_identical(opts):
     for name in ("out", "lse"):
         assert np.array_equal(one[name], two[name]), name
     tq._check_decode(q, kd, vd, two, F16, opts)
+
+
+@emulated
+@pytest.mark.parametrize("scales", [F16, tq.F32], ids=["fp16_scales", "fp32_scales"])
+def test_decode_late_scales_bit_identical(scales):
+    """LATE converts the same scale bits, later: out and lse are bit for bit
+    those of main's conversion at load, with TILES 1 and 2 and the prefetch
+    (211 keys, 3 splits: partial tiles, a pair's second tile past the end)."""
+    gen, q, kq, vq, kd, vd = tq._case(("decode-late", str(scales)), 1, 8, 2, 2, 211, 128, dtype=F16, bits=4,
+                                      group_size=64, scale_dtype=scales)
+    opts = {"softcap": 2.0, "window": (150, 0)}
+    for tiles in (1, 2):
+        plan = {**DECODE, "dec_splits": 3, "dec_tiles": tiles, **PREFETCH}
+        main = tq._emu(q, kq, vq, 4, 64, tuning=plan, **opts)
+        late = tq._emu(q, kq, vq, 4, 64, tuning={**plan, **LATE}, **opts)
+        for name in ("out", "lse"):
+            assert np.array_equal(main[name], late[name]), (tiles, name)
+        tq._check_decode(q, kd, vd, late, F16, opts)
 
 
 def test_decode_tiles_options():
@@ -123,6 +148,12 @@ def test_decode_tiles_options():
         cq.decode_plan.cache_clear()
         with pytest.raises(ValueError, match="dec_tiles"):
             cq.decode_plan(q128)
+        cq.TUNING.clear()
+        assert cq._DEC_LATE_SCALES is False and cq.decode_late_scales(0) is False  # not routed
+        cq.TUNING.update(LATE)
+        assert cq.decode_late_scales(0) is True
+        with pytest.raises(ValueError, match="dec_late_scales"):
+            cq.decode_late_scales(4)
     finally:
         cq.TUNING.clear()
         cq.TUNING.update(saved)
@@ -162,7 +193,7 @@ def test_decode_tiles_features_gpu(feature, bits):
     gen, q, kq, vq, kd, vd = tq._case(("decode-tiles-feature-gpu", feature), B, Hq, Hkv, Nq, Nk, D, dtype=F16,
                                       bits=bits, group_size=64)
     opts = DECODE_FEATURES[feature](gen, Hq)
-    for extra in ({}, {"dec_fold": True}):
+    for extra in ({}, {"dec_fold": True}, {**PREFETCH, **LATE}, {"dec_tiles": 1, **PREFETCH, **LATE}):
         got = tq._gpu(q, kq, vq, bits, 64, tuning={**TILES, **extra}, **opts)
         tq._check_decode(q, kd, vd, got, F16, opts)
 
@@ -170,7 +201,8 @@ def test_decode_tiles_features_gpu(feature, bits):
 @on_gpu
 @pytest.mark.parametrize("bits", [4, 8])
 def test_decode_tiles_long_context_gpu(bits):
-    """Issue 16's shape (GQA 32:8, Nk 32768, D 128) with the routed plan's splits: every split merged."""
+    """Issue 16's shape (GQA 32:8, Nk 32768, D 128) with the routed plan's splits: every split merged; every
+    TILES / LATE / prefetch variant."""
     B, Hq, Hkv, Nq, Nk, D = 1, 32, 8, 1, 32768, 128
     gen, q, kq, vq, kd, vd = tq._case(("decode-long-gpu",), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=bits, group_size=64)
     for extra in EXTRAS.values():

@@ -476,7 +476,8 @@ def _matmul(M, K, N, dtype=mx.float16, b_fmt=None, **kw):
 def tiles_cases():
     """The quantized decode's opt-in TILES 2 (TUNING "dec_tiles": two tiles a warp an iteration, register path)
     at the benchmark's shape (GQA 32:8, D 128, fp16) and its neighbours: plain, with features, 8-bit, bf16,
-    fp32 scales, FOLD, the one-tile prefetch. Up to 248 registers under nvcc: NVRTC must not spill."""
+    fp32 scales, FOLD, the one-tile prefetch, LATE (dec_late_scales; also at TILES 1). Up to 248 registers under
+    nvcc: NVRTC must not spill."""
     tiles = {"decode": True, "dec_tiles": 2}
     feats = dict(softcap=2.0, window=(64, 0), sinks=mx.zeros((32,)))
     yield "qdec tiles2 fp16 4-bit D128", lambda: _quant_decode(tiles)
@@ -487,6 +488,10 @@ def tiles_cases():
     yield "qdec tiles2 fp32 scales", lambda: _quant_decode(tiles, scale_dtype=mx.float32)
     yield "qdec tiles2 fold", lambda: _quant_decode({**tiles, "dec_fold": True})
     yield "qdec tiles2 prefetch", lambda: _quant_decode({**tiles, "dec_prefetch": True, "dec_pool": False})
+    late = {"dec_late_scales": True, "dec_prefetch": True, "dec_pool": False}
+    yield "qdec tiles2 prefetch late", lambda: _quant_decode({**tiles, **late})
+    yield "qdec tiles2 prefetch late 8-bit features", lambda: _quant_decode({**tiles, **late}, bits=8, **feats)
+    yield "qdec tiles1 prefetch late", lambda: _quant_decode({"decode": True, **late})
 
 
 def routed_cases():

@@ -29,9 +29,9 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import mlx.core as mx  # noqa: E402
 
-# (KEYS_M, FOLD, L2PF, TILES)
+# (KEYS_M, FOLD, L2PF, TILES; TILES < 0: LATE with |TILES|)
 VARIANTS = [(0, False, 0, 1), (0, True, 0, 1), (0, False, 8, 1), (0, True, 8, 1), (1, False, 0, 1), (1, True, 0, 1),
-            (2, False, 0, 1), (0, False, 0, 2), (0, True, 0, 2)]
+            (2, False, 0, 1), (0, False, 0, 2), (0, True, 0, 2), (0, False, 0, -1), (0, False, 0, -2)]
 MIX = ("HMMA", "LOP3", "HADD2", "HFMA2", "PRMT", "SHF", "FFMA", "FADD", "FMUL", "LDS", "LDG", "STS", "SHFL", "MUFU",
        "CCTL")
 
@@ -75,12 +75,14 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     dump = cuobjdump()
     for keys_m, fold, l2pf, tiles in VARIANTS:
+        late, tiles = tiles < 0, abs(tiles)  # negative: LATE (raw scales until staged)
         T = mx.float16
         template = [("T", T), ("KST", T), ("VST", T), ("SOFTCAP", False), ("WINDOW", False), ("SINKS", False),
                     ("D", 128), ("DV", 128), ("BITS", args.bits), ("GS", 64), ("NW", 4), ("PF", False),
                     ("STAGES", 0), ("POOL", True), ("KEYS_M", keys_m), ("FOLD", fold), ("L2PF", l2pf),
-                    ("TILES", tiles)]
-        name = f"keys_m{keys_m}_fold{int(fold)}_l2pf{l2pf}" + (f"_tiles{tiles}" if tiles > 1 else "")
+                    ("TILES", tiles), ("LATE", late)]
+        name = f"keys_m{keys_m}_fold{int(fold)}_l2pf{l2pf}" + (f"_tiles{tiles}" if tiles > 1 else "") + (
+            "_late" if late else "")
         if args.only not in name:
             continue
         text = tcs._kernel_text(name, tcs.cuda_backend._read("attention_quant_decode.cu"),

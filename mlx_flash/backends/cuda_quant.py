@@ -301,7 +301,7 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # Tickets from cuda.py's pool (no zero fill).
 # TUNING "dec_warps" / "dec_splits" / "dec_stages" (0: the register path,
 # "dec_prefetch" its one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" /
-# "dec_ring_debug" / "dec_keys_m" / "dec_fold" / "dec_l2pf" / "dec_tiles" / "decode" override for GPU sweeps (call
+# "dec_ring_debug" / "dec_keys_m" / "dec_fold" / "dec_l2pf" / "dec_tiles" / "dec_late_scales" / "decode" override for GPU sweeps (call
 # decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
 _DEC_BLOCKS_PER_SM = 4
@@ -353,6 +353,15 @@ _DEC_L2PF = 0
 # one-tile prefetch (dec_prefetch, then TILES tiles ahead) combine with it.
 # Not routed: proven in the CPU emulation only, never timed on a card.
 _DEC_TILES = 1
+# TUNING "dec_late_scales" (template LATE): the register path keeps a tile's
+# scales and biases as raw bits until it stages them, converting them there.
+# Converted at load (main), the first conversion waits on DRAM right after
+# the tile's loads are issued (the end of the iteration, or with
+# dec_prefetch the start of the current tile's work), so every iteration
+# exposes a whole load latency on its one warp a scheduler (a static
+# in-order model of the routed SASS: ~540 of its ~1600 cycles a tile).
+# Not routed: never timed on a card.
+_DEC_LATE_SCALES = False
 _SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
 
@@ -430,6 +439,16 @@ def decode_tiles(qspec, stages: int, keys_m: int, l2pf: int) -> int:
     return int(tiles)
 
 
+def decode_late_scales(stages: int) -> bool:
+    """LATE (TUNING "dec_late_scales", else _DEC_LATE_SCALES): the register path only (an error naming the
+    setting where a ring is asked for with it)."""
+    late = bool(TUNING.get("dec_late_scales", _DEC_LATE_SCALES))
+    if late and stages > 0:
+        raise ValueError(f"cuda_quant TUNING['dec_late_scales'] is for the register path; dec_stages = {stages} "
+                         "(a ring) was given")
+    return late
+
+
 def decode_ring_slot(qspec, scale_bytes: int) -> int:
     """QdRing::SLOT: one raw 16-key tile (K rows, V rows, four scale/bias planes)."""
     spec = qspec.attention
@@ -446,6 +465,7 @@ def decode_plan(qspec, scale_bytes: int = 2):
     stages = TUNING.get("dec_stages", _DEC_STAGES)
     # A ring with FOLD / L2PF, or TILES where it does not apply, asked for: the error, before anything is built.
     tiles = decode_tiles(qspec, stages, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), decode_register_options(stages)[1])
+    decode_late_scales(stages)
     nw = TUNING.get("dec_warps", _DEC_WARPS)
     pairs = spec.batch * spec.heads_kv
     keys = _cuda._effective_keys(spec)
@@ -508,7 +528,8 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
                 ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool),
                 ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M))),
                 ("FOLD", fold), ("L2PF", l2pf),
-                ("TILES", decode_tiles(qspec, stages, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), l2pf))]
+                ("TILES", decode_tiles(qspec, stages, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), l2pf)),
+                ("LATE", decode_late_scales(stages))]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
