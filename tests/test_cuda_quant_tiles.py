@@ -28,12 +28,17 @@ EXTRAS = {"plain": {}, "fold": {"dec_fold": True}, "prefetch_late": {**PREFETCH,
 EVERY = ("plain", "fold", "prefetch_late")
 
 
+def _extras(bits):
+    """EXTRAS a cache of `bits` takes: TILES 2 with the prefetch is 4-bit only (8-bit spills)."""
+    return {n: e for n, e in EXTRAS.items() if bits == 4 or "prefetch" not in n or e.get("dec_tiles") == 1}
+
+
 @emulated
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_decode_tiles_shapes(shape):
     q, kq, vq, kd, vd, bits, gs, dtype, plan = tq._decode_case(shape)
     assert tq._uses_decode(q, kq, vq, bits, gs)
-    for k, (name, extra) in enumerate(EXTRAS.items()):
+    for k, (name, extra) in enumerate(_extras(bits).items()):
         if name not in EVERY and (k + SHAPES.index(shape)) % 2:
             continue
         got = tq._emu(q, kq, vq, bits, gs, tuning={**plan, **TILES, **extra})
@@ -50,7 +55,7 @@ def test_decode_tiles_features(feature, bits):
     gen, q, kq, vq, kd, vd = tq._case(("decode-tiles-feature", feature, bits), B, Hq, Hkv, Nq, Nk, D, dtype=F16,
                                       bits=bits, group_size=64)
     opts = DECODE_FEATURES[feature](gen, Hq)
-    for extra in ({"dec_splits": 3}, {"dec_splits": 2, "dec_fold": True, **PREFETCH, **LATE}):
+    for extra in ({"dec_splits": 3}, {"dec_splits": 2, "dec_fold": True, **(PREFETCH if bits == 4 else {}), **LATE}):
         got = tq._emu(q, kq, vq, bits, 64, tuning={**DECODE, **TILES, **extra}, **opts)
         tq._check_decode(q, kd, vd, got, F16, opts)
 
@@ -148,6 +153,13 @@ def test_decode_tiles_options():
         cq.decode_plan.cache_clear()
         with pytest.raises(ValueError, match="dec_tiles"):
             cq.decode_plan(q128)
+        _, q, kq, vq, _, _ = tq._case(("decode-tiles-options-8",), 1, 8, 2, 1, 64, 128, dtype=F16, bits=8)
+        q8 = validate_attention_quantized(q, kq, vq, bits=8, group_size=64)[0]
+        cq.TUNING.clear()
+        cq.TUNING.update(TILES, **PREFETCH)
+        assert cq.decode_tiles(q128, 0, 0, 0) == 2
+        with pytest.raises(ValueError, match="dec_prefetch"):
+            cq.decode_tiles(q8, 0, 0, 0)
         cq.TUNING.clear()
         assert cq._DEC_LATE_SCALES is False and cq.decode_late_scales(0) is False  # not routed
         cq.TUNING.update(LATE)
@@ -180,7 +192,7 @@ def test_decode_tiles_routing_every_bits():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_decode_tiles_gpu(shape):
     q, kq, vq, kd, vd, bits, gs, dtype, plan = tq._decode_case(shape)
-    for extra in EXTRAS.values():
+    for extra in _extras(bits).values():
         got = tq._gpu(q, kq, vq, bits, gs, tuning={**plan, **TILES, **extra})
         tq._check_decode(q, kd, vd, got, dtype, {})
 
@@ -193,7 +205,7 @@ def test_decode_tiles_features_gpu(feature, bits):
     gen, q, kq, vq, kd, vd = tq._case(("decode-tiles-feature-gpu", feature), B, Hq, Hkv, Nq, Nk, D, dtype=F16,
                                       bits=bits, group_size=64)
     opts = DECODE_FEATURES[feature](gen, Hq)
-    for extra in ({}, {"dec_fold": True}, {**PREFETCH, **LATE}, {"dec_tiles": 1, **PREFETCH, **LATE}):
+    for extra in ({}, {"dec_fold": True}, LATE if bits == 8 else {**PREFETCH, **LATE}, {"dec_tiles": 1, **PREFETCH, **LATE}):
         got = tq._gpu(q, kq, vq, bits, 64, tuning={**TILES, **extra}, **opts)
         tq._check_decode(q, kd, vd, got, F16, opts)
 
@@ -205,6 +217,6 @@ def test_decode_tiles_long_context_gpu(bits):
     TILES / LATE / prefetch variant."""
     B, Hq, Hkv, Nq, Nk, D = 1, 32, 8, 1, 32768, 128
     gen, q, kq, vq, kd, vd = tq._case(("decode-long-gpu",), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=bits, group_size=64)
-    for extra in EXTRAS.values():
+    for extra in _extras(bits).values():
         got = tq._gpu(q, kq, vq, bits, 64, tuning={**TILES, **extra})
         tq._check_decode(q, kd, vd, got, F16, {})

@@ -490,7 +490,7 @@ def tiles_cases():
     yield "qdec tiles2 prefetch", lambda: _quant_decode({**tiles, "dec_prefetch": True, "dec_pool": False})
     late = {"dec_late_scales": True, "dec_prefetch": True, "dec_pool": False}
     yield "qdec tiles2 prefetch late", lambda: _quant_decode({**tiles, **late})
-    yield "qdec tiles2 prefetch late 8-bit features", lambda: _quant_decode({**tiles, **late}, bits=8, **feats)
+    yield "qdec tiles2 late 8-bit features", lambda: _quant_decode({**tiles, "dec_late_scales": True}, bits=8, **feats)
     yield "qdec tiles1 prefetch late", lambda: _quant_decode({"decode": True, **late})
 
 

@@ -427,7 +427,8 @@ def decode_register_options(stages: int) -> tuple:
 def decode_tiles(qspec, stages: int, keys_m: int, l2pf: int) -> int:
     """Tiles a warp takes an iteration (TUNING "dec_tiles", else _DEC_TILES): 1 or 2 (4 spills: 4-bit D 128
     under nvcc, 255 registers and 88 bytes); 2 only on the register path without KEYS_M or L2PF, head dims
-    <= 128 (D 256: 250-255 registers, 8-bit spills); an error naming the setting otherwise."""
+    <= 128 (D 256: 250-255 registers, 8-bit spills), and with the prefetch (dec_prefetch) 4-bit only (8-bit
+    with features spills 56 bytes at 255, nvcc and NVRTC); an error naming the setting otherwise."""
     tiles = TUNING.get("dec_tiles", _DEC_TILES)
     if isinstance(tiles, bool) or tiles not in (1, 2):
         raise ValueError(f"cuda_quant TUNING['dec_tiles'] must be 1 or 2, got {tiles!r}")
@@ -436,6 +437,9 @@ def decode_tiles(qspec, stages: int, keys_m: int, l2pf: int) -> int:
         raise ValueError(f"cuda_quant TUNING['dec_tiles'] = {tiles} is for the register path's S = Q K^T at head "
                          f"dims <= 128; dec_stages = {stages}, dec_keys_m = {keys_m}, dec_l2pf = {l2pf}, head dim "
                          f"{head_dim} were given or routed")
+    if tiles > 1 and qspec.bits != 4 and TUNING.get("dec_prefetch", _DEC_PREFETCH):
+        raise ValueError(f"cuda_quant TUNING['dec_tiles'] = {tiles} with 'dec_prefetch' is for 4-bit codes "
+                         f"({qspec.bits}-bit spills)")
     return int(tiles)
 
 
