@@ -157,6 +157,16 @@ template <>
 struct QdBits<__nv_bfloat16> {
   __device__ __forceinline__ static float f(unsigned h) { return __uint_as_float(h << 16); }
 };
+template <>
+struct QdBits<float> {
+  __device__ __forceinline__ static float f(unsigned h) { return __uint_as_float(h); }
+};
+// Element i of a scale / bias array as its raw bits (16-bit types zero-extended), no conversion.
+template <typename ST>
+__device__ __forceinline__ unsigned qd_raw(const ST* p, long i) {
+  if constexpr (sizeof(ST) == 2) return reinterpret_cast<const unsigned short*>(p)[i];
+  else return reinterpret_cast<const unsigned*>(p)[i];
+}
 template <typename ST, int N>
 __device__ __forceinline__ void qd_plane_row(const unsigned char* plane, int key, float (&out)[N]) {
   const ST* p = reinterpret_cast<const ST*>(plane) + key * N;
@@ -326,7 +336,14 @@ __device__ __forceinline__ void qd_fill_segment(unsigned char* dst, const E* row
 // [ks: NG][kb: NG][vs: NGV][vb: NGV] x 16 keys (`stage`): four global loads
 // a lane instead of one per (key, group) it uses, and no registers held for
 // them across the tile.
-template <int D, int DV, int BITS, int GS>
+// LATE: the scales and biases stay raw bits (in `sc`, as float bit patterns) until stage_scales
+// converts them, so that nothing uses a tile's loads where they are issued
+// (the register path's next tile, loaded at the end of an iteration, is
+// then first waited on by the next iteration's stage: one wait for all of
+// an iteration's tiles, and with PF none before the current tile's work).
+// Converted in load() (main), the first scale's conversion waits on DRAM
+// right after the loads are issued.
+template <int D, int DV, int BITS, int GS, bool LATE = false>
 struct QdTile {
   using S = QdShape<D, DV, BITS, GS>;
   static constexpr int NSC = S::NG + S::NGV;  // staged values per lane
@@ -392,7 +409,12 @@ struct QdTile {
 #pragma unroll
     for (int i = 0; i < NSC; ++i) {
       const int row = 2 * i + lane / 16;
-      if (row < S::NG) sc[i] = to_float(kh.s[j * kh.ss[2] + row * kh.ss[3]]);
+      if (LATE) {
+        if (row < S::NG) sc[i] = __uint_as_float(qd_raw(kh.s, j * kh.ss[2] + row * kh.ss[3]));
+        else if (row < 2 * S::NG) sc[i] = __uint_as_float(qd_raw(kh.b, j * kh.bs[2] + (row - S::NG) * kh.bs[3]));
+        else if (row < 2 * S::NG + S::NGV) sc[i] = __uint_as_float(qd_raw(vh.s, j * vh.ss[2] + (row - 2 * S::NG) * vh.ss[3]));
+        else sc[i] = __uint_as_float(qd_raw(vh.b, j * vh.bs[2] + (row - 2 * S::NG - S::NGV) * vh.bs[3]));
+      } else if (row < S::NG) sc[i] = to_float(kh.s[j * kh.ss[2] + row * kh.ss[3]]);
       else if (row < 2 * S::NG) sc[i] = to_float(kh.b[j * kh.bs[2] + (row - S::NG) * kh.bs[3]]);
       else if (row < 2 * S::NG + S::NGV) sc[i] = to_float(vh.s[j * vh.ss[2] + (row - 2 * S::NG) * vh.ss[3]]);
       else sc[i] = to_float(vh.b[j * vh.bs[2] + (row - 2 * S::NG - S::NGV) * vh.bs[3]]);
@@ -479,10 +501,15 @@ struct QdTile {
   }
 
   // The staged scales into the warp's stage (after the previous tile's reads: __syncwarp).
+  // LATE: converted here (entries i < NG are K's: rows 2i + lane / 16 < 2 NG).
+  template <typename KST, typename VST>
   __device__ __forceinline__ void stage_scales(float* stage, int lane) const {
     __syncwarp();
 #pragma unroll
-    for (int i = 0; i < NSC; ++i) { QD_CHECK(nullptr, &stage[lane + 32 * i], 4, "stage"); stage[lane + 32 * i] = sc[i]; }
+    for (int i = 0; i < NSC; ++i) {
+      QD_CHECK(nullptr, &stage[lane + 32 * i], 4, "stage");
+      stage[lane + 32 * i] = !LATE ? sc[i] : i < S::NG ? QdBits<KST>::f(__float_as_uint(sc[i])) : QdBits<VST>::f(__float_as_uint(sc[i]));
+    }
     __syncwarp();
   }
   // (scale or bias) of keys 2t + 8n and 2t + 8n + 1: plane row `row`.
@@ -524,12 +551,20 @@ __host__ __device__ constexpr int qd_part_floats() {
 // PF: the next tile's operands load while the current one is computed
 // (registers for two tiles) instead of after it.
 // STAGES > 0: tiles stream through each warp's ring (QdRing) instead (PF unused).
+// TILES (register path, S = Q K^T; opt-in): a warp takes TILES of its
+// interleaved 16-key tiles an iteration (keys j0 + 16 NW u, u < TILES) as one
+// softmax step: their loads are issued together and their S mma chains, code
+// conversions and exps are independent, so the scheduler has instructions to
+// issue while one tile's results are pending (one warp a scheduler leaves no
+// other warp to hide a dependent chain behind); the max / sum / rescale and
+// their shuffles are paid once per TILES tiles. Each tile has its own scale
+// stage. TILES 1: main's loop.
 // POOL: the tickets that pick each (batch, KV head)'s merging block come from
 // `tk` (a zeroed region of cuda.py's ticket pool this call alone holds; the
 // last block sets its ticket back to 0), so no output needs MLX's zero fill;
 // otherwise they follow the partials in `scratch` (zero-filled).
 template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
-          bool PF, int STAGES, bool POOL, int KEYS_M, bool FOLD, int L2PF, class SA>
+          bool PF, int STAGES, bool POOL, int KEYS_M, bool FOLD, int L2PF, int TILES, bool LATE, class SA>
 __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
                                        const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
                                        float* lse, float* scratch, const unsigned* tk) {
@@ -545,11 +580,11 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
 #if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)
   qd_emu_base() = quant_smem;
 #endif
-  using Tile = QdTile<D, DV, BITS, GS>;
-  // Each warp's scale stage, 16-byte aligned after the flag (4 words).
-  float* stage = reinterpret_cast<float*>(flag + 4) + (threadIdx.x / 32) * Tile::STAGE;
+  using Tile = QdTile<D, DV, BITS, GS, LATE>;
+  // Each warp's scale stages (one a tile of an iteration), 16-byte aligned after the flag (4 words).
+  float* stage = reinterpret_cast<float*>(flag + 4) + (threadIdx.x / 32) * TILES * Tile::STAGE;
   constexpr bool QS = D > 128 || STAGES > 0;  // see qsm below
-  unsigned char* shared_end = reinterpret_cast<unsigned char*>(reinterpret_cast<float*>(flag + 4) + NW * Tile::STAGE) +
+  unsigned char* shared_end = reinterpret_cast<unsigned char*>(reinterpret_cast<float*>(flag + 4) + NW * TILES * Tile::STAGE) +
                               (QS ? NW * S::KS * 32 * 8 : 0);
   float* red_o = reinterpret_cast<float*>(shared_end);  // [NW][8][DV]
   float* red_m = red_o + NW * 8 * DV;                   // [NW][8]
@@ -590,6 +625,9 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   // the ring (114 registers instead of 134 at 4-bit D 128: 4 blocks an SM, not 3).
   static_assert(STAGES != 1, "attention_quant_decode: a ring needs two stages (0: no ring)");
   static_assert(L2PF == 0 || STAGES == 0, "attention_quant_decode: L2PF is for the register path");
+  static_assert(!LATE || STAGES == 0, "attention_quant_decode: LATE is for the register path");
+  static_assert(TILES >= 1 && (TILES == 1 || (STAGES == 0 && KEYS_M == 0 && L2PF == 0)),
+                "attention_quant_decode: TILES > 1 is for the register path's S = Q K^T (no ring, KEYS_M or L2PF)");
 
   // The warp's ring (STAGES > 0), 16-byte aligned after Q's fragments.
   using Ring = QdRing<KST, VST, D, DV, BITS, GS>;
@@ -725,7 +763,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   const bool row_ok = g < nrows;
   const T* qr = q + q_row(row_ok ? g : 0) * D;
   unsigned qa[QS ? 1 : S::KS][2];
-  uint2* qsm = reinterpret_cast<uint2*>(reinterpret_cast<float*>(flag + 4) + NW * Tile::STAGE) + warp * S::KS * 32;
+  uint2* qsm = reinterpret_cast<uint2*>(reinterpret_cast<float*>(flag + 4) + NW * TILES * Tile::STAGE) + warp * S::KS * 32;
   // RAW (KEYS_M 2, fp16): K's codes keep the magic (1024 + c; 4-bit odd
   // pairs 1024 + 16 c, their q fragments / 16, exact but for subnormals), so
   // S^T holds q.c + 1024 (sum of the fragments): `qoff`, taken out in fp32.
@@ -795,10 +833,16 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       for (int gi = 0; gi < S::NGV; ++gi) pb2[r][gi] = 0.f;
     }
   }
-  Tile cur;
-  if (STAGES == 0 && j0 < end) cur.load(kh, vh, j0, end, lane);
-  for (int it = 0; j0 < end; j0 += 16 * NW, ++it) {
-    const int j1 = j0 + 16 * NW;
+  // The iteration's tiles (cur: the first; the ring and KEYS_M take only it).
+  // Tiles past `end` (the last iteration's) load key end - 1; their keys are dropped by rule.
+  Tile tiles[TILES];
+  Tile& cur = tiles[0];
+  if (STAGES == 0 && j0 < end) {
+#pragma unroll
+    for (int u = 0; u < TILES; ++u) tiles[u].load(kh, vh, j0 + 16 * NW * u, end, lane);
+  }
+  for (int it = 0; j0 < end; j0 += 16 * NW * TILES, ++it) {
+    const int j1 = j0 + 16 * NW * TILES;
     if (STAGES > 0) {
       // This lane's copies of tile `it` have landed; the warp barrier shows
       // every lane's (and that every lane is done reading the slot refilled next).
@@ -815,9 +859,15 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
         for (int e = lane; e < PF_LINES; e += 32) prefetch_line(jp, e);
       }
     }
-    if (!(KEYS_M && STAGES > 0)) cur.stage_scales(stage, lane);
-    Tile nxt;
-    if (STAGES == 0 && PF && j1 < end) nxt.load(kh, vh, j1, end, lane);
+    if (!(KEYS_M && STAGES > 0)) {
+#pragma unroll
+      for (int u = 0; u < TILES; ++u) tiles[u].template stage_scales<KST, VST>(stage + u * Tile::STAGE, lane);
+    }
+    Tile nxt[TILES];
+    if (STAGES == 0 && PF && j1 < end) {
+#pragma unroll
+      for (int u = 0; u < TILES; ++u) nxt[u].load(kh, vh, j1 + 16 * NW * u, end, lane);
+    }
 
     if (KEYS_M) {
       // S^T = K Q^T: the tile's 16 keys on the mma's M (every row used; Q's
@@ -977,16 +1027,19 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       }
     } else {
     // S = Q K^T per group (codes), then scales and biases in fp32. Both
-    // 8-key halves n take each Q fragment (one shared-memory read with QS).
-    float s[2][2];
+    // 8-key halves n of every tile u take each Q fragment (one shared-memory
+    // read with QS); the tiles' mma chains are independent.
+    float s[TILES][2][2];
     {
-      float acc[2][S::NG][4];
+      float acc[TILES][2][S::NG][4];
 #pragma unroll
       for (int gi = 0; gi < S::NG; ++gi) {
 #pragma unroll
-        for (int n = 0; n < 2; ++n)
+        for (int u = 0; u < TILES; ++u)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[n][gi][e] = 0.f;
+          for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[u][n][gi][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < S::KSG; ++kk) {
           unsigned a[4] = {0u, 0u, 0u, 0u};
@@ -997,69 +1050,83 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
             a[0] = qa[QS ? 0 : gi * S::KSG + kk][0], a[2] = qa[QS ? 0 : gi * S::KSG + kk][1];
           }
 #pragma unroll
-          for (int n = 0; n < 2; ++n) {
-            unsigned bf[2];
+          for (int u = 0; u < TILES; ++u)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int p = 2 * kk + h;  // pair of the lane within the group
-              constexpr int PPW = 16 / BITS;
-              bf[h] = RAW ? C::template same_raw<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW)
-                          : C::template same<BITS>(cur.kw[n][gi * S::WK + p / PPW], p % PPW);
+            for (int n = 0; n < 2; ++n) {
+              unsigned bf[2];
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const int p = 2 * kk + h;  // pair of the lane within the group
+                constexpr int PPW = 16 / BITS;
+                bf[h] = RAW ? C::template same_raw<BITS>(tiles[u].kw[n][gi * S::WK + p / PPW], p % PPW)
+                            : C::template same<BITS>(tiles[u].kw[n][gi * S::WK + p / PPW], p % PPW);
+              }
+              mma16816<T>(acc[u][n][gi], a, bf[0], bf[1]);
             }
-            mma16816<T>(acc[n][gi], a, bf[0], bf[1]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < TILES; ++u)
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const float* st = stage + u * Tile::STAGE;
+          float x0 = 0.f, x1 = 0.f;
+#pragma unroll
+          for (int gi = 0; gi < S::NG; ++gi) {
+            const float2 sk = Tile::pair(st, gi, n, t), bk = Tile::pair(st, S::NG + gi, n, t);
+            x0 = fmaf(sk.x, RAW ? acc[u][n][gi][0] - qoff[gi] : acc[u][n][gi][0], fmaf(bk.x, qsum[gi], x0));
+            x1 = fmaf(sk.y, RAW ? acc[u][n][gi][1] - qoff[gi] : acc[u][n][gi][1], fmaf(bk.y, qsum[gi], x1));
           }
+          s[u][n][0] = x0;
+          s[u][n][1] = x1;
         }
-      }
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        float x0 = 0.f, x1 = 0.f;
-#pragma unroll
-        for (int gi = 0; gi < S::NG; ++gi) {
-          const float2 sk = Tile::pair(stage, gi, n, t), bk = Tile::pair(stage, S::NG + gi, n, t);
-          x0 = fmaf(sk.x, RAW ? acc[n][gi][0] - qoff[gi] : acc[n][gi][0], fmaf(bk.x, qsum[gi], x0));
-          x1 = fmaf(sk.y, RAW ? acc[n][gi][1] - qoff[gi] : acc[n][gi][1], fmaf(bk.y, qsum[gi], x1));
-        }
-        s[n][0] = x0;
-        s[n][1] = x1;
-      }
     }
-    // Logits of row g (keys j0 + 8n + 2t + e), the online softmax.
+    // Logits of row g (keys j0 + 16 NW u + 8n + 2t + e), the online softmax
+    // (one step for the iteration's TILES tiles).
     float tile_max = kNegInf;
-    bool kept[2][2];
+    bool kept[TILES][2][2];
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
+    for (int u = 0; u < TILES; ++u)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int j = j0 + 8 * n + 2 * t + e;
-        float capped, x = kNegInf;
-        if (row_ok && j < end) x = apply_rules<F, bool>(rules, scale * s[n][e], qi, j, capped);
-        const bool nonfinite = x != x || x == MLXF_QUANT_POS_INF;
-        bad = bad || nonfinite;
-        if (nonfinite) x = kNegInf;
-        kept[n][e] = x != kNegInf;
-        s[n][e] = x;
-        tile_max = fmaxf(tile_max, x);
-      }
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = j0 + 16 * NW * u + 8 * n + 2 * t + e;
+          float capped, x = kNegInf;
+          if (row_ok && j < end) x = apply_rules<F, bool>(rules, scale * s[u][n][e], qi, j, capped);
+          const bool nonfinite = x != x || x == MLXF_QUANT_POS_INF;
+          bad = bad || nonfinite;
+          if (nonfinite) x = kNegInf;
+          kept[u][n][e] = x != kNegInf;
+          s[u][n][e] = x;
+          tile_max = fmaxf(tile_max, x);
+        }
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
     const float m_new = fmaxf(m_row, tile_max);
     const float alpha = m_new == kNegInf ? 1.f : __expf(m_row - m_new);
-    float p[2][2];
+    float p[TILES][2][2];
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
+    for (int u = 0; u < TILES; ++u)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) p[n][e] = kept[n][e] ? __expf(s[n][e] - m_new) : 0.f;
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) p[u][n][e] = kept[u][n][e] ? __expf(s[u][n][e] - m_new) : 0.f;
     m_row = m_new;
-    l_row = l_row * alpha + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+    l_row = l_row * alpha + (p[0][0][0] + p[0][0][1]) + (p[0][1][0] + p[0][1][1]);  // TILES 1: main's sum, bit for bit
+#pragma unroll
+    for (int u = 1; u < TILES; ++u) l_row += (p[u][0][0] + p[u][0][1]) + (p[u][1][0] + p[u][1][1]);
 #pragma unroll
     for (int gi = 0; gi < S::NGV; ++gi) {
       float x = pb[gi] * alpha;
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const float2 bv = Tile::pair(stage, 2 * S::NG + S::NGV + gi, n, t);
-        if (kept[n][0]) x = fmaf(p[n][0], bv.x, x);
-        if (kept[n][1]) x = fmaf(p[n][1], bv.y, x);
-      }
+      for (int u = 0; u < TILES; ++u)
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const float2 bv = Tile::pair(stage + u * Tile::STAGE, 2 * S::NG + S::NGV + gi, n, t);
+          if (kept[u][n][0]) x = fmaf(p[u][n][0], bv.x, x);
+          if (kept[u][n][1]) x = fmaf(p[u][n][1], bv.y, x);
+        }
       pb[gi] = x;
     }
     // O^T holds rows 2t, 2t+1: their alphas come from lanes g = 2t, 2t+1.
@@ -1071,16 +1138,19 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
         o[m][0] *= a0, o[m][1] *= a1, o[m][2] *= a0, o[m][3] *= a1;
       }
     }
-    // O^T += V^T (P scaled by each group's V scales)^T. The ring's V words
-    // now (the slot is refilled only after the next iteration's barrier).
+    // O^T += V^T (P scaled by each group's V scales)^T, tile by tile (an
+    // m-tile's two mma of one iteration are S::MT mma apart). The ring's V
+    // words now (the slot is refilled only after the next iteration's barrier).
     if (STAGES > 0) cur.template load_ring<KST, VST, 1>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
+#pragma unroll
+    for (int u = 0; u < TILES; ++u)
 #pragma unroll
     for (int gi = 0; gi < S::NGV; ++gi) {
       unsigned bf[2];
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
-        const float2 sv = Tile::pair(stage, 2 * S::NG + gi, n, t);
-        bf[n] = pack2<T>(kept[n][0] ? p[n][0] * sv.x : 0.f, kept[n][1] ? p[n][1] * sv.y : 0.f);
+        const float2 sv = Tile::pair(stage + u * Tile::STAGE, 2 * S::NG + gi, n, t);
+        bf[n] = pack2<T>(kept[u][n][0] ? p[u][n][0] * sv.x : 0.f, kept[u][n][1] ? p[u][n][1] * sv.y : 0.f);
       }
 #pragma unroll
       for (int mm = 0; mm < S::KSG; ++mm) {
@@ -1091,8 +1161,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
 #pragma unroll
           for (int n = 0; n < 2; ++n) {
             const int v = 2 * mm + h, wi = gi * S::WV + v / S::CPW;
-            a[h + 2 * n] = RAWV ? C::template cross_raw<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW)
-                                : C::template cross<BITS>(cur.vw[2 * n][wi], cur.vw[2 * n + 1][wi], v % S::CPW);
+            a[h + 2 * n] = RAWV ? C::template cross_raw<BITS>(tiles[u].vw[2 * n][wi], tiles[u].vw[2 * n + 1][wi], v % S::CPW)
+                                : C::template cross<BITS>(tiles[u].vw[2 * n][wi], tiles[u].vw[2 * n + 1][wi], v % S::CPW);
           }
         mma16816<T>(o[gi * S::KSG + mm], a, bf[0], bf[1]);
         if (RAWV) {
@@ -1102,8 +1172,11 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       }
     }
     }  // KEYS_M
-    if (STAGES == 0 && PF && j1 < end) cur = nxt;
-    if (STAGES == 0 && !PF && j1 < end) cur.load(kh, vh, j1, end, lane);
+#pragma unroll
+    for (int u = 0; u < TILES; ++u) {
+      if (STAGES == 0 && PF && j1 < end) tiles[u] = nxt[u];
+      if (STAGES == 0 && !PF && j1 < end) tiles[u].load(kh, vh, j1 + 16 * NW * u, end, lane);
+    }
   }
 
   // Block merge: each warp's (o + bias terms, m, l) through shared memory,

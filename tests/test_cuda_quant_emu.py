@@ -643,20 +643,9 @@ def test_decode_plan():
     nw, splits, smem, stages = plan(1, 8, 32768)
     assert (nw, stages) == (cq._DEC_WARPS, 0) and splits == cq._SMS // 8
     assert 32768 / splits >= 16 * nw * cq._DEC_MIN_TILES
-    # With _DEC_ROUTE_RING, the ring at 4 bits (D <= 128): 8 warps, two blocks an SM.
-    saved = cq._DEC_ROUTE_RING
-    cq._DEC_ROUTE_RING = True
-    try:
-        nw, splits, smem, stages = plan(1, 8, 32768)
-    finally:
-        cq._DEC_ROUTE_RING = saved
-        cq.decode_plan.cache_clear()
-    assert (nw, stages) == (cq._DEC_RING_WARPS, cq._DEC_RING_STAGES) and splits == cq._SMS * 2 // 8
-    assert 2 * (smem + 1024) <= cq._SM_SMEM
-    assert 32768 / splits >= 16 * nw * cq._DEC_MIN_TILES
     assert plan(1, 1, 20)[1] == 1
     assert plan(64, 8, 4096)[1] == 1
-    cq.TUNING["dec_stages"] = cq._DEC_RING_STAGES
+    cq.TUNING["dec_stages"] = 4
     try:
         nw, splits, smem, stages = plan(1, 8, 32768)
     finally:
@@ -670,13 +659,6 @@ def test_decode_plan():
     q8 = validate_attention_quantized(q, kq, vq, bits=8, group_size=64)[0]
     gen, q, kq, vq, _, _ = _case(("decode-plan-regs4",), 1, 32, 8, 1, 32768, 128, dtype=F16, bits=4)
     q4 = validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0]
-    cq.decode_plan.cache_clear()
-    cq._DEC_ROUTE_RING = True
-    try:  # 8-bit keeps the register path even where the ring is routed
-        assert cq.decode_plan(q8)[3] == 0 and cq.decode_plan(q8)[0] == cq._DEC_WARPS
-    finally:
-        cq._DEC_ROUTE_RING = saved
-        cq.decode_plan.cache_clear()
     for qs, tuning, want in ((q4, {"dec_warps": 8}, cq._SMS * 2 // 8), (q8, {}, cq._SMS * 3 // 8),
                              (q4, {"dec_warps": 16}, cq._SMS // 8)):
         cq.TUNING.update(dec_stages=4, **tuning)
@@ -693,7 +675,7 @@ def test_decode_plan():
     finally:
         cq.TUNING.clear()
         cq.decode_plan.cache_clear()
-    # KEYS_M 2's ring declares no bound (128 spills under NVRTC): one block of 8 warps an SM.
+    # KEYS_M 2's ring (144 registers): one block of 8 warps an SM.
     cq.TUNING.update(dec_stages=4, dec_warps=8, dec_keys_m=2)
     try:
         assert cq.decode_plan(q4)[1] == cq._SMS // 8
@@ -721,32 +703,6 @@ def test_decode_register_options():
     finally:
         cq.TUNING.clear()
         cq.TUNING.update(saved)
-
-
-def test_decode_ring_bound_header():
-    """The bounded ring's kernel (and only it) gets the header that ends with
-    __maxnreg__(_RING_MAXNREG), the bound its plan sizes blocks by; the same
-    kernel text otherwise."""
-    import re
-
-    from mlx_flash.backends import cuda as cb
-    from mlx_flash.backends import cuda_quant as cq
-
-    def header_text(kernel):
-        included = re.search(r'#include "([^"]+)"', kernel.header)
-        return open(included[1]).read() if included else kernel.header
-
-    assert cq.ring_bounded(4, 128, True, 0) and cq.ring_bounded(4, 64, False, 1)
-    assert not any(cq.ring_bounded(*t) for t in ((8, 128, False, 0), (4, 256, False, 0), (4, 128, True, 1),
-                                                  (4, 128, False, 2)))
-    assert all(cq.ring_regs_bound(*t) == cq._RING_MAXNREG for t in ((4, 128, True, 0), (4, 128, False, 1)))
-    with harness.patched_cuda_kernel():
-        bounded, plain = cq._decode_kernel(4096, True), cq._decode_kernel(4096, False)
-        default = cb._kernel("attention_quant_decode", cq._DEC_INPUTS, ("out", "lse", "scratch"), 4096, None, False)
-    bound = f"__maxnreg__({cq._RING_MAXNREG})"
-    assert bound in header_text(bounded) and bound not in header_text(plain)
-    assert header_text(plain) == header_text(default) and bounded.source == plain.source
-    assert header_text(bounded).startswith(header_text(plain))
 
 
 # ---- the same decode cases on a CUDA GPU (skipped without one) ----------------------
@@ -813,10 +769,8 @@ def test_decode_fold_gpu(shape):
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_decode_ring_gpu(shape):
     """The ring (not routed: run it in a process of its own, a fault is sticky)."""
-    from mlx_flash.backends import cuda_quant as cq
-
     q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
-    got = _gpu(q, kq, vq, bits, gs, tuning={**plan, "dec_stages": cq._DEC_RING_STAGES})
+    got = _gpu(q, kq, vq, bits, gs, tuning={**plan, "dec_stages": 4})
     _check_decode(q, kd, vd, got, dtype, {})
 
 
@@ -824,7 +778,7 @@ def test_decode_ring_gpu(shape):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("feature", list(DECODE_FEATURES))
 def test_decode_features_gpu(feature, bits):
-    """The routed plan with each feature, 4- and 8-bit, and the ring (4-bit) as _DEC_ROUTE_RING routes it."""
+    """The routed plan with each feature, 4- and 8-bit, and the opt-in ring (4-bit, 8 warps)."""
     B, Hq, Hkv, Nq, Nk, D = 1, 8, 2, 2, 3000, 128
     gen, q, kq, vq, kd, vd = _case(("decode-feature-gpu", feature), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=bits,
                                    group_size=64)
@@ -908,7 +862,7 @@ def _compile_cases():
 
 
 def _decode_compile_cases(opt_in=False):
-    """The decode's instances; opt_in: only FOLD / L2PF's (register path), compiled in a translation unit of
+    """The decode's instances; opt_in: only FOLD / L2PF's / TILES 2's (register path), compiled in a translation unit of
     their own: in one unit with the others they moved nvcc's registers for 8-bit rings that do not use
     them (139-142 alone, 157-166 in the unit), an artefact of the single unit (MLX compiles each kernel alone)."""
     from mlx_flash.backends import cuda_quant as cq
@@ -923,31 +877,50 @@ def _decode_compile_cases(opt_in=False):
                 for feats in ((False, False, False), (True, True, True)):
                     # The ring (the default) and main's register path, with and without its prefetch.
                     # (prefetch, stages, pool, warps)
-                    paths = [(False, cq._DEC_RING_STAGES, True, cq._DEC_WARPS), (False, 0, True, cq._DEC_WARPS)] + [
+                    paths = [(False, 4, True, cq._DEC_WARPS), (False, 0, True, cq._DEC_WARPS)] + [
                         (pf, 0, False, cq._DEC_WARPS) for pf in ((False, True) if bits == 4 and d == 128 else (False,))]
-                    # The routed ring (8 warps) and the wider plans the GPU sweeps measure.
-                    paths += [(False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS)]
+                    # The ring of 8 warps and the wider plans the GPU sweeps measure.
+                    paths += [(False, 4, True, 8)]
                     if d == 128 and gs == 64 and ST == T:
                         paths += [(False, 8, True, 8), (False, 4, True, 16)]
                     # KEYS_M (S^T = K Q^T) on the ring and on the register path.
-                    paths = [p + (0, False, 0) for p in paths] + [
-                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 1, False, 0),
-                        (False, 0, True, cq._DEC_WARPS, 1, False, 0),
-                        (False, cq._DEC_RING_STAGES, True, cq._DEC_RING_WARPS, 2, False, 0)]
+                    paths = [p + (0, False, 0, 1) for p in paths] + [
+                        (False, 4, True, 8, 1, False, 0, 1),
+                        (False, 0, True, cq._DEC_WARPS, 1, False, 0, 1),
+                        (False, 4, True, 8, 2, False, 0, 1)]
                     # FOLD (fp16 only: bf16's instance is the plain one) on the register path, with KEYS_M
                     # and L2 prefetches at D 128.
                     if opt_in:
                         paths = []
                     if opt_in and T == mx.float16 and ST == T:
-                        paths += [(False, 0, True, cq._DEC_WARPS, 0, True, 0)] + (
-                            [(False, 0, True, cq._DEC_WARPS, 1, True, 0), (False, 0, True, cq._DEC_WARPS, 0, True, 4),
-                             (False, 0, True, cq._DEC_WARPS, 0, False, 4)] if d == dv == 128 and gs == 64 else [])
-                    for pf, stages, pool, nw, keys_m, fold, l2pf in paths:
+                        paths += [(False, 0, True, cq._DEC_WARPS, 0, True, 0, 1)] + (
+                            [(False, 0, True, cq._DEC_WARPS, 1, True, 0, 1), (False, 0, True, cq._DEC_WARPS, 0, True, 4, 1),
+                             (False, 0, True, cq._DEC_WARPS, 0, False, 4, 1)] if d == dv == 128 and gs == 64 else [])
+                    # TILES 2 (two tiles a warp an iteration; register path) and LATE at the benchmark's D 128,
+                    # group 64, 4- and 8-bit, scales of q's type (CI time; every shape, dtype and scale type
+                    # <= 128 passed once, 172 instances, and took fewer registers), with FOLD (fp16) and the
+                    # prefetch (4-bit).
+                    new = opt_in and ST == T and (d, dv, gs) == (128, 128, 64)
+                    if new:
+                        paths += [(False, 0, True, cq._DEC_WARPS, 0, False, 0, 2)]
+                        if T == mx.float16:
+                            paths += [(False, 0, True, cq._DEC_WARPS, 0, True, 0, 2)]
+                        if bits == 4 and d == dv == 128 and gs == 64 and ST == T:
+                            paths += [(True, 0, False, cq._DEC_WARPS, 0, False, 0, 2)]
+                    # LATE (raw scales until staged): TILES 1 and 2, with the prefetch at 4-bit D 128.
+                    late_paths = []
+                    if new:
+                        late_paths = [(False, 0, True, cq._DEC_WARPS, 0, False, 0, t2) for t2 in (1, 2)]
+                        if bits == 4 and d == dv == 128 and gs == 64 and ST == T:
+                            late_paths += [(True, 0, False, cq._DEC_WARPS, 0, False, 0, 2),
+                                           (True, 0, False, cq._DEC_WARPS, 0, False, 0, 1)]
+                    for pf, stages, pool, nw, keys_m, fold, l2pf, tiles, late in (
+                            [p + (False,) for p in paths] + [p + (True,) for p in late_paths]):
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
                             ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
                             ("NW", nw), ("PF", pf), ("STAGES", stages), ("POOL", pool), ("KEYS_M", keys_m),
-                            ("FOLD", fold), ("L2PF", l2pf)]
+                            ("FOLD", fold), ("L2PF", l2pf), ("TILES", tiles), ("LATE", late)]
 
 
 def _dtypes(names, template):
@@ -999,15 +972,8 @@ def test_nvcc_compiles_without_spills(body, tmp_path):
         saved = dict(tcs._CUDA_TYPES)
         tcs._CUDA_TYPES.update(types)
         try:
-            text = tcs._kernel_text(f"{body}_{n}", tcs.cuda_backend._read(body + ".cu"),
-                                    _dtypes(inputs, template), _dtypes(outputs, template), template)
-            t = dict(template)
-            if body == "attention_quant_decode" and t["STAGES"] > 0 and cuda_quant.ring_bounded(
-                    t["BITS"], max(t["D"], t["DV"]), t["SOFTCAP"] or t["WINDOW"] or t["SINKS"], t["KEYS_M"]):
-                # The bounded ring's header ends with its bound, for this one kernel (MLX compiles each alone).
-                text = (tcs.cuda_backend._read(cuda_quant._RING_BOUND_HEADER) + "\n" + text +
-                        "\n#undef __global__\n#define __global__ __attribute__((global))\n")
-            kernels.append(text)
+            kernels.append(tcs._kernel_text(f"{body}_{n}", tcs.cuda_backend._read(body + ".cu"),
+                                            _dtypes(inputs, template), _dtypes(outputs, template), template))
         finally:
             tcs._CUDA_TYPES.clear()
             tcs._CUDA_TYPES.update(saved)
@@ -1025,7 +991,7 @@ def test_nvcc_compiles_without_spills(body, tmp_path):
             if t["STAGES"] == 0:
                 continue
             regs = next(u[0] for k, u in usage.items() if f"{body}_{n}E" in k)
-            bound = cuda_quant.ring_regs_bound(t["BITS"], max(t["D"], t["DV"]), t["SOFTCAP"] or t["WINDOW"] or t["SINKS"],
+            bound = cuda_quant.ring_regs(t["BITS"], max(t["D"], t["DV"]), t["SOFTCAP"] or t["WINDOW"] or t["SINKS"],
                                                t["KEYS_M"])
             if regs > bound:
                 over.append((str(t["T"]), str(t["KST"]), t["BITS"], t["GS"], t["D"], t["DV"], t["SOFTCAP"], t["NW"],

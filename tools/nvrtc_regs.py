@@ -473,24 +473,25 @@ def _matmul(M, K, N, dtype=mx.float16, b_fmt=None, **kw):
     cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu)
 
 
-def ring_cases():
-    """The quantized decode's ring as its plan launches it (the benchmark's shape:
-    GQA 32:8, 4-bit, D 128, fp16): 8 warps a block (the 16-warps-an-SM design),
-    plain, KEYS_M 1 / 2, with features, bf16, fp32 scales, 4 and 16 warps, 8-bit."""
-    ring = {"decode": True, "dec_stages": 4, "dec_warps": 8, "dec_blocks_per_sm": 2}
+def tiles_cases():
+    """The quantized decode's opt-in TILES 2 (TUNING "dec_tiles": two tiles a warp an iteration, register path)
+    at the benchmark's shape (GQA 32:8, D 128, fp16) and its neighbours: plain, with features, 8-bit, bf16,
+    fp32 scales, FOLD, the one-tile prefetch, LATE (dec_late_scales; also at TILES 1). Up to 248 registers under
+    nvcc: NVRTC must not spill."""
+    tiles = {"decode": True, "dec_tiles": 2}
     feats = dict(softcap=2.0, window=(64, 0), sinks=mx.zeros((32,)))
-    yield "qdec ring w8 (fp16 4-bit D128)", lambda: _quant_decode(ring)
-    yield "qdec ring w8 keys_m1", lambda: _quant_decode({**ring, "dec_keys_m": 1})
-    yield "qdec ring w8 keys_m2", lambda: _quant_decode({**ring, "dec_keys_m": 2})
-    yield "qdec ring w8 softcap+window+sinks", lambda: _quant_decode(ring, **feats)
-    yield "qdec ring w8 keys_m1 softcap+window+sinks", lambda: _quant_decode({**ring, "dec_keys_m": 1}, **feats)
-    yield "qdec ring w8 bf16 gs128", lambda: _quant_decode(ring, dtype=mx.bfloat16, gs=128)
-    yield "qdec ring w8 fp32 scales", lambda: _quant_decode(ring, scale_dtype=mx.float32)
-    yield "qdec ring w4 (dec_stages 4)", lambda: _quant_decode({"decode": True, "dec_stages": 4})
-    yield "qdec ring w16", lambda: _quant_decode({"decode": True, "dec_stages": 4, "dec_warps": 16,
-                                                  "dec_blocks_per_sm": 1})
-    yield "qdec ring w8 8-bit", lambda: _quant_decode(ring, bits=8)
-    yield "qdec ring w8 D256", lambda: _quant_decode({**ring, "dec_blocks_per_sm": 1}, D=256, Hq=8, Hkv=2)
+    yield "qdec tiles2 fp16 4-bit D128", lambda: _quant_decode(tiles)
+    yield "qdec tiles2 fp16 4-bit D128 features", lambda: _quant_decode(tiles, **feats)
+    yield "qdec tiles2 fp16 8-bit D128", lambda: _quant_decode(tiles, bits=8)
+    yield "qdec tiles2 fp16 8-bit D128 features", lambda: _quant_decode(tiles, bits=8, **feats)
+    yield "qdec tiles2 bf16 4-bit D128 features", lambda: _quant_decode(tiles, dtype=mx.bfloat16, **feats)
+    yield "qdec tiles2 fp32 scales", lambda: _quant_decode(tiles, scale_dtype=mx.float32)
+    yield "qdec tiles2 fold", lambda: _quant_decode({**tiles, "dec_fold": True})
+    yield "qdec tiles2 prefetch", lambda: _quant_decode({**tiles, "dec_prefetch": True, "dec_pool": False})
+    late = {"dec_late_scales": True, "dec_prefetch": True, "dec_pool": False}
+    yield "qdec tiles2 prefetch late", lambda: _quant_decode({**tiles, **late})
+    yield "qdec tiles2 late 8-bit features", lambda: _quant_decode({**tiles, "dec_late_scales": True}, bits=8, **feats)
+    yield "qdec tiles1 prefetch late", lambda: _quant_decode({"decode": True, **late})
 
 
 def routed_cases():
@@ -547,7 +548,7 @@ def collect(cases) -> list:
 
 
 def _template_brief(ln: Launch) -> str:
-    keep = ("D", "DV", "BITS", "GS", "NW", "STAGES", "KEYS_M", "BN", "W", "SPLIT", "BULK", "KR")
+    keep = ("D", "DV", "BITS", "GS", "NW", "STAGES", "KEYS_M", "TILES", "BN", "W", "SPLIT", "BULK", "KR")
     t = [f"{n}={v}" for n, v in ln.template if n in keep]
     consts = re.findall(r"constexpr (?:int|bool) (\w+) = (\w+);", ln.body.split("\n\n")[0])
     t += [f"{n}={v}" for n, v in consts if n in keep]
@@ -558,7 +559,7 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--set", choices=("ring", "routed", "all"), default="all")
+    p.add_argument("--set", choices=("routed", "tiles", "all"), default="all")
     p.add_argument("--nvcc", action="store_true", help="also compile each text with nvcc")
     p.add_argument("--only", default="", help="cases whose label contains this")
     p.add_argument("--jobs", type=int, default=2)
@@ -567,8 +568,8 @@ def main(argv=None):
     if reason:
         sys.exit(f"nvrtc_regs: {reason}")
     headers = mlx_device_headers()
-    cases = (list(ring_cases()) if args.set in ("ring", "all") else []) + (
-        list(routed_cases()) if args.set in ("routed", "all") else [])
+    cases = (list(routed_cases()) if args.set in ("routed", "all") else []) + (
+        list(tiles_cases()) if args.set in ("tiles", "all") else [])
     cases = [c for c in cases if args.only in c[0]]
     items = collect(cases)
     print(f"NVRTC {'.'.join(map(str, nvrtc_version()))}, {ARCH}; MLX device headers from {os.environ['MLX_SRC']}")

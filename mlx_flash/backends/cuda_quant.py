@@ -293,35 +293,27 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # Warps per block (interleaved 16-key tiles of one KV head's split, merged in
 # shared memory). Two ways to feed them: main's register path (each tile's
 # words loaded into registers; one tile in flight a warp) and the ring
-# (_DEC_RING_STAGES shared-memory slots per warp filled by cp.async, tiles in
-# flight while one is computed; at most 128 registers at 4-bit D 128: ring_bounded). Which one
-# a call takes: decode_default_stages. Splits: one block an SM for the
+# (STAGES shared-memory slots per warp filled by cp.async, tiles in
+# flight while one is computed; opt-in, TUNING "dec_stages"). Splits: one block an SM for the
 # register path (H200: more blocks cost more than they save), one wave of as
 # many blocks as the ring's registers and shared memory allow (at most
 # _DEC_BLOCKS_PER_SM); every split at least _DEC_MIN_TILES tiles per warp.
 # Tickets from cuda.py's pool (no zero fill).
 # TUNING "dec_warps" / "dec_splits" / "dec_stages" (0: the register path,
 # "dec_prefetch" its one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" /
-# "dec_ring_debug" / "dec_keys_m" / "dec_fold" / "dec_l2pf" / "decode" override for GPU sweeps (call
+# "dec_ring_debug" / "dec_keys_m" / "dec_fold" / "dec_l2pf" / "dec_tiles" / "dec_late_scales" / "decode" override for GPU sweeps (call
 # decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
 _DEC_BLOCKS_PER_SM = 4
 _DEC_MIN_TILES = 4
 _DEC_MAX_SPLITS = 256
-# The routed plan: the register path (_DEC_WARPS, one block an SM). With
-# _DEC_ROUTE_RING the ring (4 stages, _DEC_RING_WARPS warps a block) takes the
-# calls where two such blocks fit an SM's registers (4-bit codes, head dims
-# <= 128: 16 warps an SM, 3 tiles in flight each). Not routed: on the H200
-# (session 7, benchmarks/results/cuda_quant_decode_nvidia_h200_s7.json;
-# 32-layer step at Nk 32768, GQA 32:8, 4-bit, eval per call) it won round A
-# (46.6 us against 50.3) and lost round B (57.5 and 53.5 against 47.3 and
-# 47.3); under ncu it takes 55.3 us at 15 % of DRAM throughput, stalled on
-# shared-memory results (short scoreboard, 60 % of its stalls). TUNING
-# "dec_stages" > 0 (or _DEC_ROUTE_RING = True) selects it.
-_DEC_ROUTE_RING = False
-_DEC_RING_WARPS = 8
-_DEC_STAGES = 0  # stages where the ring is not routed (0: the register path)
-_DEC_RING_STAGES = 4
+# The routed plan: the register path (_DEC_WARPS, one block an SM). The ring
+# (TUNING "dec_stages" > 0) is opt-in: on the H200 it lost to the register
+# path in sessions 7-10 (session 7: 46.6-57.5 us against 47.3-50.3 in the
+# 32-layer step at Nk 32768, GQA 32:8, 4-bit; session 10, bounded to 128
+# registers so that two 8-warp blocks fit an SM: 55.3 against 38.2 us,
+# benchmarks/results/cuda_quant_decode_ring_bound_nvidia_h200_s10.json).
+_DEC_STAGES = 0  # 0: the register path
 _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next tile during the current one
 # TUNING "dec_keys_m": S^T = K Q^T (the tile's keys on the mma's M, P^T's
 # fragments transposed by movmatrix) with one-LOP3 code conversion; the ring
@@ -331,17 +323,14 @@ _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next
 # in fp32. Not routed: on the H200 (session 8, cuda_quant_decode_nvidia_h200_s8.json)
 # 11-14 % fewer instructions but no time outside the run-to-run spread; the
 # ring with KEYS_M 2 took 138 registers under MLX's NVRTC (nvcc 13: 120), so
-# two blocks of 8 warps did not fit an SM and it ran in two waves. KEYS_M 1's
-# ring now declares 128 (ring_bounded); KEYS_M 2's spills at 128 and keeps one
-# block of 8 warps an SM.
+# two blocks of 8 warps did not fit an SM and it ran in two waves.
 _DEC_KEYS_M = 0
 # TUNING "dec_fold": the codes of K and V both keep their fp16 magic (1024 + c;
 # 4-bit odd positions 1024 + 16 c), so a code costs one LOP3: K's offset
 # (1024 sum(q)) leaves in fp32 as KEYS_M 2's does, V's (1024 P') by one more
 # mma an m-tile (A = -1024), odd columns / 16 at the end. Scales and biases
 # were already outside the per-code work (S per group, P scaled per V group).
-# fp16 q only (bf16 keeps its exact codes); the register path only (a ring's
-# register bound was never measured with it). Not routed: on the H200
+# fp16 q only (bf16 keeps its exact codes); the register path only. Not routed: on the H200
 # (session 10, cuda_quant_decode_nvidia_h200_s10.json) 13.5 % fewer
 # instructions, no time outside the routed plan's spread (ncu: slower).
 _DEC_FOLD = False
@@ -353,6 +342,26 @@ _DEC_FOLD = False
 # H200 (session 10) L2 hits 16 -> 39 % and no time gained: a tile does not
 # wait on DRAM's latency.
 _DEC_L2PF = 0
+# TUNING "dec_tiles" (issue 16): the register path takes that many of a
+# warp's interleaved 16-key tiles an iteration as one softmax step (their
+# loads issued together, their S mma chains, code conversions and exps
+# independent; max / sum / rescale once per iteration), so that its one warp
+# a scheduler has independent instructions while a tile's results are
+# pending: session 10 found each warp's chain of dependent steps, not
+# instructions or DRAM latency, setting the time. 1: main's loop. The
+# register path's S = Q K^T only (no ring, KEYS_M or L2PF); FOLD and the
+# one-tile prefetch (dec_prefetch, then TILES tiles ahead) combine with it.
+# Not routed: proven in the CPU emulation only, never timed on a card.
+_DEC_TILES = 1
+# TUNING "dec_late_scales" (template LATE): the register path keeps a tile's
+# scales and biases as raw bits until it stages them, converting them there.
+# Converted at load (main), the first conversion waits on DRAM right after
+# the tile's loads are issued (the end of the iteration, or with
+# dec_prefetch the start of the current tile's work), so every iteration
+# exposes a whole load latency on its one warp a scheduler (a static
+# in-order model of the routed SASS: ~540 of its ~1600 cycles a tile).
+# Not routed: never timed on a card.
+_DEC_LATE_SCALES = False
 _SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
 
@@ -382,56 +391,26 @@ def _decode_eligible(qspec) -> bool:
 _SM_REGS = 65536  # registers of an SM (H100/H200)
 
 
-# The ring's register bound: attention_quant_ring_bound.cuh gives the kernel
-# __maxnreg__(_RING_MAXNREG) where ring_bounded says so, so that 16 warps (two
-# blocks of 8) fit an SM under MLX's NVRTC too, which unbounded took the ring
-# to 126-138 registers where nvcc 13 gives 118-120 (tools/nvrtc_regs.py); the
-# plan sizes blocks from this declared bound. Unbounded rings (8-bit, head
-# dims over 128, KEYS_M with softcap / window / sinks, KEYS_M 2, which spills
-# 8 bytes at 128 under NVRTC) keep ring_regs_bound's counts, the larger of
-# nvcc's and NVRTC's (the compile tests check both).
-_RING_MAXNREG = 128
-_RING_BOUND_HEADER = "attention_quant_ring_bound.cuh"
-
-
-def _ring_terms(qspec) -> tuple:
-    spec = qspec.attention
-    return (qspec.bits, max(spec.head_dim_qk, spec.head_dim_v), spec.softcap > 0 or spec.has_window or spec.has_sinks,
-            int(TUNING.get("dec_keys_m", _DEC_KEYS_M)))
-
-
 def decode_ring_regs(qspec) -> int:
-    """Registers a thread of the ring (STAGES > 0) takes at most: the bound it
-    declares (_RING_MAXNREG) where ring_bounded, else ring_regs_bound's count."""
-    return ring_regs_bound(*_ring_terms(qspec))
+    """Registers a thread of the opt-in ring (STAGES > 0) takes at most (ring_regs); it sizes the ring's blocks
+    an SM."""
+    spec = qspec.attention
+    return ring_regs(qspec.bits, max(spec.head_dim_qk, spec.head_dim_v),
+                     spec.softcap > 0 or spec.has_window or spec.has_sinks, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)))
 
 
-def ring_bounded(bits: int, head_dim: int, features: bool, keys_m: int = 0) -> bool:
-    """Whether the ring's kernel declares __maxnreg__(_RING_MAXNREG): 4-bit codes, head dims <= 128, KEYS_M 0
-    (any features) or 1 (none)."""
-    if bits != 4 or head_dim > 128:
-        return False
-    return keys_m == 0 or (keys_m == 1 and not features)
-
-
-def ring_regs_bound(bits: int, head_dim: int, features: bool, keys_m: int = 0) -> int:
-    """decode_ring_regs from the template's terms (the larger head dim; softcap, window or sinks; KEYS_M).
-    Unbounded rings, the most nvcc 13 or MLX's NVRTC 13 gives: KEYS_M up to 136 (4-bit with features) and
-    144 (KEYS_M 2), 160 (8-bit), 176 (head dims over 128); without KEYS_M 152 (8-bit), 168 (over 128)."""
-    if ring_bounded(bits, head_dim, features, keys_m):
-        return _RING_MAXNREG
-    if keys_m:
-        return 176 if head_dim > 128 else 160 if bits == 8 else 144 if keys_m == 2 else 136
-    return 168 if head_dim > 128 else 152
-
-
-def decode_default_stages(qspec) -> int:
-    """Ring stages of the routed plan: _DEC_RING_STAGES where two blocks of
-    _DEC_RING_WARPS warps fit an SM's registers, _DEC_STAGES (the register
-    path) elsewhere."""
-    if _DEC_ROUTE_RING and _SM_REGS // (32 * _DEC_RING_WARPS * decode_ring_regs(qspec)) >= 2:
-        return _DEC_RING_STAGES
-    return _DEC_STAGES
+def ring_regs(bits: int, head_dim: int, features: bool, keys_m: int = 0) -> int:
+    """decode_ring_regs from the template's terms (the larger head dim; softcap, window or sinks; KEYS_M): the
+    larger of nvcc 13's and MLX's NVRTC 13's counts (the nvcc compile test checks its side). 4-bit, head dims
+    <= 128: 128 plain (NVRTC 126), 136 with KEYS_M 1 or features (NVRTC 132-136), 144 with KEYS_M 2 (138);
+    8-bit 152 (KEYS_M: 160); head dims over 128: 168 (176)."""
+    if head_dim > 128:
+        return 176 if keys_m else 168
+    if bits == 8:
+        return 160 if keys_m else 152
+    if keys_m == 2:
+        return 144
+    return 136 if keys_m or features else 128
 
 
 def decode_register_options(stages: int) -> tuple:
@@ -443,6 +422,35 @@ def decode_register_options(stages: int) -> tuple:
                              "was given or routed")
     fold = TUNING.get("dec_fold", _DEC_FOLD if stages == 0 else False)
     return bool(fold), int(TUNING.get("dec_l2pf", _DEC_L2PF if stages == 0 else 0))
+
+
+def decode_tiles(qspec, stages: int, keys_m: int, l2pf: int) -> int:
+    """Tiles a warp takes an iteration (TUNING "dec_tiles", else _DEC_TILES): 1 or 2 (4 spills: 4-bit D 128
+    under nvcc, 255 registers and 88 bytes); 2 only on the register path without KEYS_M or L2PF, head dims
+    <= 128 (D 256: 250-255 registers, 8-bit spills), and with the prefetch (dec_prefetch) 4-bit only (8-bit
+    with features spills 56 bytes at 255, nvcc and NVRTC); an error naming the setting otherwise."""
+    tiles = TUNING.get("dec_tiles", _DEC_TILES)
+    if isinstance(tiles, bool) or tiles not in (1, 2):
+        raise ValueError(f"cuda_quant TUNING['dec_tiles'] must be 1 or 2, got {tiles!r}")
+    head_dim = max(qspec.attention.head_dim_qk, qspec.attention.head_dim_v)
+    if tiles > 1 and (stages > 0 or keys_m or l2pf or head_dim > 128):
+        raise ValueError(f"cuda_quant TUNING['dec_tiles'] = {tiles} is for the register path's S = Q K^T at head "
+                         f"dims <= 128; dec_stages = {stages}, dec_keys_m = {keys_m}, dec_l2pf = {l2pf}, head dim "
+                         f"{head_dim} were given or routed")
+    if tiles > 1 and qspec.bits != 4 and TUNING.get("dec_prefetch", _DEC_PREFETCH):
+        raise ValueError(f"cuda_quant TUNING['dec_tiles'] = {tiles} with 'dec_prefetch' is for 4-bit codes "
+                         f"({qspec.bits}-bit spills)")
+    return int(tiles)
+
+
+def decode_late_scales(stages: int) -> bool:
+    """LATE (TUNING "dec_late_scales", else _DEC_LATE_SCALES): the register path only (an error naming the
+    setting where a ring is asked for with it)."""
+    late = bool(TUNING.get("dec_late_scales", _DEC_LATE_SCALES))
+    if late and stages > 0:
+        raise ValueError(f"cuda_quant TUNING['dec_late_scales'] is for the register path; dec_stages = {stages} "
+                         "(a ring) was given")
+    return late
 
 
 def decode_ring_slot(qspec, scale_bytes: int) -> int:
@@ -458,10 +466,11 @@ def decode_plan(qspec, scale_bytes: int = 2):
     """(warps per block, splits per (batch, KV head), shared memory bytes, ring
     stages) for scales of `scale_bytes` bytes (2: fp16/bf16, 4: fp32)."""
     spec = qspec.attention
-    stages = TUNING.get("dec_stages", decode_default_stages(qspec))
-    decode_register_options(stages)  # a ring with FOLD / L2PF asked for: the error, before anything is built
-    # The routed ring's warps; TUNING's rings (a "dec_stages" entry) keep _DEC_WARPS unless "dec_warps" is given.
-    nw = TUNING.get("dec_warps", _DEC_RING_WARPS if stages > 0 and "dec_stages" not in TUNING else _DEC_WARPS)
+    stages = TUNING.get("dec_stages", _DEC_STAGES)
+    # A ring with FOLD / L2PF, or TILES where it does not apply, asked for: the error, before anything is built.
+    tiles = decode_tiles(qspec, stages, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), decode_register_options(stages)[1])
+    decode_late_scales(stages)
+    nw = TUNING.get("dec_warps", _DEC_WARPS)
     pairs = spec.batch * spec.heads_kv
     keys = _cuda._effective_keys(spec)
     # Blocks per SM the splits aim for. The register path: one (H200, 4-bit,
@@ -469,8 +478,7 @@ def decode_plan(qspec, scale_bytes: int = 2):
     # 89 us, 99 109 us a call: every split past one block an SM costs more
     # than the warps it adds save). The ring: 4 blocks of 4 warps fit an SM
     # (114-128 registers; head dims over 128: 155-168, three).
-    # The ring's blocks an SM are also bounded by its registers
-    # (decode_ring_regs: the bound it declares, or the compilers' count).
+    # The ring's blocks an SM are also bounded by its registers (decode_ring_regs).
     ring_fit = _SM_REGS // (32 * nw * decode_ring_regs(qspec))
     if stages > 0 and ring_fit < 1:
         raise ValueError(f"cuda_quant TUNING['dec_warps'] = {nw}: a ring block of {32 * nw} threads at up to "
@@ -478,12 +486,12 @@ def decode_plan(qspec, scale_bytes: int = 2):
     per_sm = TUNING.get("dec_blocks_per_sm", 1 if stages == 0 else min(_DEC_BLOCKS_PER_SM, ring_fit))
     dv, ngv = spec.head_dim_v, spec.head_dim_v // qspec.group_size
     ng = spec.head_dim_qk // qspec.group_size
-    # The flag (4 words), each warp's scale stage (QdTile::STAGE floats), Q's
+    # The flag (4 words), each warp's scale stages (QdTile::STAGE floats, one a tile of an iteration), Q's
     # fragments (D > 128 or a ring: 8 bytes a lane a k-step), then the rings,
     # overlaid after the loop by red_o [nw][8][dv] (also the last block's
     # [splits][8] weights), red_m, red_l, red_pb.
     qfrag = nw * 256 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 or stages > 0 else 0
-    base = 16 + 4 * nw * 32 * (ng + ngv) + qfrag
+    base = 16 + 4 * nw * 32 * (ng + ngv) * tiles + qfrag
     red = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv)
     slot = decode_ring_slot(qspec, scale_bytes)
     # As many stages (down to 2) as keep per_sm blocks on an SM.
@@ -523,30 +531,31 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
                 ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("NW", nw),
                 ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool),
                 ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M))),
-                ("FOLD", fold), ("L2PF", l2pf)]
+                ("FOLD", fold), ("L2PF", l2pf),
+                ("TILES", decode_tiles(qspec, stages, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), l2pf)),
+                ("LATE", decode_late_scales(stages))]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
                        (decode_scratch_floats(qspec, splits),)],
         output_dtypes=[spec.dtype, mx.float32, mx.float32], init_value=None if pool else 0,
-    ), _cuda.const_array((splits, TUNING.get("dec_ring_debug", 0)), mx.int32), smem, \
-        stages > 0 and ring_bounded(*_ring_terms(qspec))
+    ), _cuda.const_array((splits, TUNING.get("dec_ring_debug", 0)), mx.int32), smem
 
 
-def _decode_kernel(smem: int, bounded: bool):
-    """The decode's kernel object; a bounded ring's header ends with its register bound (ring_bounded)."""
-    headers = _cuda.kernel_headers("attention_quant_decode") + ((_RING_BOUND_HEADER,) if bounded else ())
-    return _cuda._kernel("attention_quant_decode", _DEC_INPUTS, ("out", "lse", "scratch"), smem, headers, False)
+def _decode_kernel(smem: int):
+    """The decode's kernel object."""
+    return _cuda._kernel("attention_quant_decode", _DEC_INPUTS, ("out", "lse", "scratch"), smem,
+                         _cuda.kernel_headers("attention_quant_decode"), False)
 
 
 def _forward_decode(q, k, v, qspec, inputs: AttentionInputs, stream):
-    launch, ns, smem, bounded = _decode_launch(qspec, tuple(q.shape), k[1].dtype, v[1].dtype,
-                                               tuple(TUNING.items()) if TUNING else ())
+    launch, ns, smem = _decode_launch(qspec, tuple(q.shape), k[1].dtype, v[1].dtype,
+                                      tuple(TUNING.items()) if TUNING else ())
     args = _operands(q, k, v, qspec, inputs, stream)  # q, 6 cache arrays, mask, alibi, ip, fp
     sinks = _dense(inputs.sinks, stream) if inputs.sinks is not None else _cuda._placeholders()[2]
     # The ticket region (read only when the template's POOL is set).
     tk = _cuda._ticket_region(stream)
-    kernel = _decode_kernel(smem, bounded)
+    kernel = _decode_kernel(smem)
     kernel_inputs = args[:7] + [sinks, args[9], args[10], ns, tk]
     outputs = kernel(inputs=kernel_inputs, stream=stream, **launch)
     if _cuda._host.RECORDING is not None:  # a call cuda_host.py will replay: note the launch
