@@ -41,13 +41,14 @@ if [ "$PART" = a ]; then
     -k "hopper_backward_d128_rules_on_gpu or mid_head_backward_on_gpu or dv_early_on_gpu or (hopper_backward_ws_on_gpu and causal and D128)"
   # 3. The C++ replay: decode and the opt-in prefill (keys now hold the settings epoch).
   step host_replay 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_host.py -k gpu
-  # 4. Opt-in variants waiting for their card run: the quantized decode's
-  #    TILES 2, the forward's early rescale / continuous turns.
-  step quant_tiles 60 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda_quant_tiles.py -k gpu
+  # 4. Opt-in variants waiting for their card run: the forward's early
+  #    rescale / continuous turns (the quantized decode's TILES / LATE are
+  #    checked by part b's tools/cuda_tiles_check.sh before it times them).
   step fwd_variants 60 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_cuda_specific.py \
     -k "ws_variant_forward_on_gpu and (turns128 or turns64 or early64)"
 elif [ "$PART" = b ]; then
-  # 5. Issue 16: TILES 2 against the routed decode and mx.fast, alternated (~120 s).
+  # 5. Issue 16: TILES 2 (+ prefetch + LATE scales) against the routed decode
+  #    and mx.fast, alternated, after their GPU tests at the timed shape (~120 s).
   step quant_tiles_ab 150 bash tools/cuda_tiles_check.sh "$OUT/tiles"
   # 6. Issue 14: the host-bound (4,16,1024,64) with the prefill replay off and on.
   step small_prefill_off 70 env MLX_FLASH_CUDA_HOST_PREFILL=0 python3 tools/cuda_small_prefill.py "$OUT/small_prefill.json"
