@@ -26,16 +26,6 @@
 
 namespace mlx_flash {
 
-// The A fragment of k-step kk (16 keys) for a register-A wgmma, packed from
-// a [keys][16 cols] accumulator tile of fp32 (P^T or dS^T): four pairs.
-template <typename T, int N>
-__device__ __forceinline__ void bwd_a_fragment(unsigned (&a)[4], const float (&acc)[N], int kk) {
-  a[0] = pack2<T>(acc[8 * kk + 0], acc[8 * kk + 1]);
-  a[1] = pack2<T>(acc[8 * kk + 2], acc[8 * kk + 3]);
-  a[2] = pack2<T>(acc[8 * kk + 4], acc[8 * kk + 5]);
-  a[3] = pack2<T>(acc[8 * kk + 6], acc[8 * kk + 7]);
-}
-
 // Shared memory of the wgmma backward (bytes): K, V [128][D]; Q, dO [64][D]
 // twice; dS^T and P^T [128][64] (P^T written by exact tiles only); lse and
 // delta [64] twice; 1 KiB alignment slack.
@@ -370,7 +360,7 @@ __device__ void attention_bwd_wgmma(
       // P^T's A fragments, then dV (unless the tile is exact), before dS^T is
       // packed and stored and the barrier before dQ.
 #pragma unroll
-      for (int kk = 0; kk < BQ / 16; ++kk) bwd_a_fragment<T>(pp[kk], st, kk);
+      for (int kk = 0; kk < BQ / 16; ++kk) wgmma_a_fragment<T>(pp[kk], st, kk);
       wgmma_pin(dv_acc);
       wgmma_pin(pp);
       if (!exact) {
@@ -385,8 +375,8 @@ __device__ void attention_bwd_wgmma(
     // swizzled: read MN-major as the A operand of dQ = dS K).
 #pragma unroll
     for (int kk = 0; kk < BQ / 16; ++kk) {
-      if constexpr (!kEarly) bwd_a_fragment<T>(pp[kk], st, kk);  // (kEarly: packed above)
-      bwd_a_fragment<T>(pd[kk], dpt, kk);
+      if constexpr (!kEarly) wgmma_a_fragment<T>(pp[kk], st, kk);  // (kEarly: packed above)
+      wgmma_a_fragment<T>(pd[kk], dpt, kk);
       // Query columns 16kk + 2t (+1) and 16kk + 8 + 2t (+1): chunks 2kk and 2kk + 1.
       const int r0 = key_row, r1 = key_row + 8;
       *reinterpret_cast<unsigned*>(dSs + swizzled_offset<BKV>(r0, 2 * kk) + 4 * t) = pd[kk][0];

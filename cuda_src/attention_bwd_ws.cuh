@@ -388,8 +388,8 @@ __device__ void attention_bwd_ws(const T* q, const T* k, const T* v, const int* 
     // swizzled: read MN-major as the A operand of dQ = dS K).
 #pragma unroll
     for (int kk = 0; kk < BQ / 16; ++kk) {
-      bwd_a_fragment<T>(pp[kk], st, kk);  // (attention_bwd_wgmma.cuh: the same packing)
-      bwd_a_fragment<T>(pd[kk], dpt, kk);
+      wgmma_a_fragment<T>(pp[kk], st, kk);  // (attention_fwd_wgmma.cuh)
+      wgmma_a_fragment<T>(pd[kk], dpt, kk);
       // Query columns 16kk + 2t (+1) and 16kk + 8 + 2t (+1): chunks 2kk and 2kk + 1.
       const int r0 = key_row, r1 = key_row + 8;
       *reinterpret_cast<unsigned*>(dSs + swizzled_offset<BKV>(r0, 2 * kk) + 4 * t) = pd[kk][0];
