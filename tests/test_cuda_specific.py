@@ -1303,7 +1303,9 @@ _WS_VARIANTS = {"poly1": {"poly": 1}, "poly2": {"poly": 2}, "k192": {"keys64": 1
                 # O's rescale inside the next turn (RESCALE_EARLY) on the default routes: bit-identical to them.
                 "early64": {"early": True, "wg3": "auto"}, "early128": {"early": True, "d": 128},
                 # Turns run on across a persistent block's items (TURNS_CONTINUOUS): bit-identical too.
-                "turns64": {"turns": True, "wg3": "auto"}, "turns128": {"turns": True, "d": 128, "persistent": True}}
+                "turns64": {"turns": True, "wg3": "auto"}, "turns128": {"turns": True, "d": 128, "persistent": True},
+                # D 64's candidate default: both (session 10's round A, 1.02-1.08x on every row).
+                "both64": {"turns": True, "early": True, "wg3": "auto"}}
 
 
 def _set_ws_variant(monkeypatch, cuda_fwd_ws, knobs):
@@ -1377,7 +1379,8 @@ def test_ws_variant_forward_on_gpu(variant, dtype, feature, monkeypatch):
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (sm_90) visible to MLX")
-@pytest.mark.parametrize("variant", ["poly1", "poly2", "wg3", "wg3p1", "early64", "early128", "turns64", "turns128"])
+@pytest.mark.parametrize("variant", ["poly1", "poly2", "wg3", "wg3p1", "early64", "early128", "turns64", "turns128",
+                                     "both64"])
 @pytest.mark.parametrize("case", nonfinite_cases.PREFILL_CASES)
 def test_ws_variant_nonfinite_on_gpu(case, variant, monkeypatch):
     """The non-finite contract (issue 13) through the polynomial exp2 (NaN

@@ -44,8 +44,10 @@ if [ "$PART" = a ]; then
   # 4. Opt-in variants waiting for their card run: the forward's early
   #    rescale / continuous turns (the quantized decode's TILES / LATE are
   #    checked by part b's tools/cuda_tiles_check.sh before it times them).
-  step fwd_variants 60 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_cuda_specific.py \
-    -k "ws_variant_forward_on_gpu and (turns128 or turns64 or early64)"
+  #    D 128's candidate is the persistent grid with turns across items
+  #    (turns128), D 64's the turns with the early rescale (both64).
+  step fwd_variants 120 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_cuda_specific.py \
+    -k "ws_variant and (turns128 or both64)"
 elif [ "$PART" = b ]; then
   # 5. Issue 16: TILES 2 (+ prefetch + LATE scales) against the routed decode
   #    and mx.fast, alternated, after their GPU tests at the timed shape (~120 s).
