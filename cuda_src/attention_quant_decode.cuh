@@ -145,8 +145,7 @@ inline void qd_check(const void* base, const void* p, long n, const char* what) 
 #else
 #define QD_CHECK(b, p, n, w)
 #endif
-// The N scales (or biases) of tile key `key` in a ring slot's plane ([16 keys][N], as the cache stores them):
-// 16-bit pairs by one 32-bit load (the plane and the row are 4-byte aligned).
+// A scale's raw bits (16-bit types zero-extended) as a float: LATE's conversion at stage time, RAW's offsets.
 template <typename ST>
 struct QdBits;
 template <>
@@ -167,22 +166,6 @@ __device__ __forceinline__ unsigned qd_raw(const ST* p, long i) {
   if constexpr (sizeof(ST) == 2) return reinterpret_cast<const unsigned short*>(p)[i];
   else return reinterpret_cast<const unsigned*>(p)[i];
 }
-template <typename ST, int N>
-__device__ __forceinline__ void qd_plane_row(const unsigned char* plane, int key, float (&out)[N]) {
-  const ST* p = reinterpret_cast<const ST*>(plane) + key * N;
-  if constexpr (sizeof(ST) == 2 && N % 2 == 0) {
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) {
-      QD_CHECK(nullptr, p + 2 * i, 4, "plane");
-      const unsigned w = reinterpret_cast<const unsigned*>(p)[i];
-      out[2 * i] = QdBits<ST>::f(w & 0xffffu), out[2 * i + 1] = QdBits<ST>::f(w >> 16);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = to_float(p[i]);
-  }
-}
-
 // Codes as 16-bit values: MAGIC | code is 1024 + code (fp16) or 128 + code
 // (bf16, codes < 128); subtracting MAGIC is exact.
 // LOP: the mask-and-magic of a code pair as one LOP3 (qd_and_or); the same values.
@@ -217,8 +200,7 @@ struct QdCodes {
   // K's fp16 codes with the magic kept (no subtraction; the caller takes
   // the offset out in fp32): 1024 + c, and 1024 + 16 c for 4-bit odd pairs
   // (p % 2 == 1: the nibble stays in place). bf16: the exact codes. (V's
-  // codes too would need P's sums a group: 18 more registers, the ring's
-  // second block an SM lost.)
+  // codes too would need P's sums a group: 18 more registers.)
   template <int BITS>
   __device__ __forceinline__ static unsigned same_raw(unsigned w, int p) {
     if (BF16) return same<BITS>(w, p);
@@ -266,69 +248,15 @@ struct QdShape {
   __host__ __device__ static constexpr int v_col(int gi, int g, int v) { return gi * GS + g * (GS / 8) + v; }
 };
 
-// A warp's ring of raw 16-key tiles (STAGES slots) in shared memory: each
-// slot holds the tile's K rows, V rows, then its K scales, K biases, V
-// scales, V biases ([16 keys][groups] each), byte for byte as in the cache.
-// Every segment is a multiple of 16 bytes, so a tile of rows that lie
-// contiguously in the cache (any slice along the tokens) arrives by 16-byte
-// cp.async copies; tiles STAGES - 1 ahead are in flight while one is computed.
+// Sizes of a 16-key tile's segments in a dense cache: K and V rows (words
+// a row), K and V scale planes (bytes of 16 keys' [groups] rows): L2PF's line
+// map and the row-contiguity checks.
 template <typename KST, typename VST, int D, int DV, int BITS, int GS>
-struct QdRing {
+struct QdRows {
   using S = QdShape<D, DV, BITS, GS>;
   static constexpr int KWR = D * BITS / 32, VWR = DV * BITS / 32;  // words per K / V row
   static constexpr int KSB = 16 * S::NG * (int)sizeof(KST), VSB = 16 * S::NGV * (int)sizeof(VST);
-  static constexpr int V_OFF = 16 * 4 * KWR;
-  static constexpr int KS_OFF = V_OFF + 16 * 4 * VWR;
-  static constexpr int KB_OFF = KS_OFF + KSB;
-  static constexpr int VS_OFF = KB_OFF + KSB;
-  static constexpr int VB_OFF = VS_OFF + VSB;
-  static constexpr int SLOT = VB_OFF + VSB;  // bytes of one slot
-  static_assert(KWR % 4 == 0 && VWR % 4 == 0 && KSB % 16 == 0 && VSB % 16 == 0, "QdRing: 16-byte segments");
 };
-
-// K and V rows are stored swizzled: 16-byte chunk c of row r at chunk c ^
-// qd_swizzle(r). A fragment read (K: rows g = 0..7, V: rows 2t + const)
-// touches the same chunks of rows that share banks (rows of 64 bytes: two a
-// 128-byte line; 128 bytes: one); the XOR spreads them over the line, so a
-// read takes the fewest shared-memory wavefronts its bytes need (4-bit D 128:
-// 2 instead of 4).
-template <int CPR>  // chunks per row (a power of two)
-__host__ __device__ constexpr int qd_swizzle(int r) {
-  // Unsigned: shifts and masks for the compiler, and the row terms that drop out visible.
-  return CPR <= 1 ? 0 : (int)(((unsigned)r / (CPR >= 8 ? 1u : 8u / (CPR > 0 ? CPR : 1))) % (CPR > 0 ? CPR : 1));
-}
-// Word w of row r (ROWW words) in a swizzled segment.
-template <int ROWW>
-__host__ __device__ constexpr int qd_word(int r, int w) {
-  return r * ROWW + (((w / 4) ^ qd_swizzle<ROWW / 4>(r)) * 4) + w % 4;
-}
-
-// One segment (16 rows of ROWB bytes, row r of the tile at key j0 + r) into a
-// ring slot: 16-byte cp.async copies when the rows are contiguous, aligned and
-// all before `end`; otherwise element by element (keys past `end` read key
-// end - 1, dropped by rule), synchronously. E: the element type, `at(j, i)`
-// the element i of key j's row in the cache.
-// SWZ: code rows (E = unsigned), stored swizzled (qd_word).
-template <typename E, int ROWE, bool SWZ, class At>
-__device__ __forceinline__ void qd_fill_segment(unsigned char* dst, const E* row0, bool contiguous, int j0, int end,
-                                                int lane, At at) {
-  constexpr int BYTES = 16 * ROWE * (int)sizeof(E), CPR = SWZ ? ROWE * (int)sizeof(E) / 16 : 1;
-  if (contiguous && j0 + 16 <= end && (reinterpret_cast<unsigned long long>(row0) & 15) == 0) {
-#pragma unroll
-    for (int c = lane; c < BYTES / 16; c += 32) {
-      const int to = SWZ ? (c / CPR) * CPR + ((c % CPR) ^ qd_swizzle<CPR>(c / CPR)) : c;
-      QD_CHECK(nullptr, dst + 16 * to, 16, "cpasync");
-      cp_async16(dst + 16 * to, reinterpret_cast<const unsigned char*>(row0) + 16 * c, true);
-    }
-  } else {
-    E* d = reinterpret_cast<E*>(dst);
-    for (int e = lane; e < 16 * ROWE; e += 32) {
-      const int r = e / ROWE, w = e % ROWE;
-      QD_CHECK(nullptr, &d[SWZ ? qd_word<ROWE>(r, w) : e], sizeof(E), "fallback");
-      d[SWZ ? qd_word<ROWE>(r, w) : e] = at(min(j0 + r, end - 1), w);
-    }
-  }
-}
 
 // One 16-key tile's raw operands of a lane: K words of keys g, 8 + g; V words
 // of keys 2t, 2t+1, 8+2t, 9+2t; and NG + NGV of the tile's 32 (NG + NGV)
@@ -421,85 +349,6 @@ struct QdTile {
     }
   }
 
-  // The same operands from a raw tile in the warp's ring (QdRing): the tile's
-  // K and V rows and its four scale/bias planes as the cache stores them.
-  // PART 0: K words and the scales (before S), 1: V words (before P.V; fewer registers live at once),
-  // 2: K words only (KEYS_M reads the scales straight from the slot).
-  template <typename KST, typename VST, int PART>
-  __device__ __forceinline__ void load_ring(const unsigned char* slot, int lane) {
-    using R = QdRing<KST, VST, D, DV, BITS, GS>;
-    const int g = lane / 4, t = lane % 4;
-    const unsigned* kr = reinterpret_cast<const unsigned*>(slot);
-    const unsigned* vr = reinterpret_cast<const unsigned*>(slot + R::V_OFF);
-    if (PART != 1) {
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int gi = 0; gi < S::NG; ++gi) {
-        // The lane's WK words: whole 16-byte chunks (or aligned parts of one).
-#pragma unroll
-        for (int u = 0; u < S::WK; u += (S::WK % 4 == 0 ? 4 : S::WK % 2 == 0 ? 2 : 1)) {
-          // Row 8n + g's swizzle is g's for rows of up to 8 chunks.
-          constexpr int KC = R::KWR / 4;
-          const int w = gi * S::WG + t * S::WK + u;
-          const int x = qd_swizzle<KC>(KC <= 8 ? g : 8 * n + g) << 2;
-          const unsigned* p = kr + (8 * n + g) * R::KWR + ((w & ~3) ^ x) + (w & 3);
-          QD_CHECK(nullptr, p, 4 * (S::WK % 4 == 0 ? 4 : S::WK % 2 == 0 ? 2 : 1), "kread");
-          if (S::WK % 4 == 0) {
-            const uint4 x = *reinterpret_cast<const uint4*>(p);
-            kw[n][gi * S::WK + u] = x.x, kw[n][gi * S::WK + u + 1] = x.y;
-            kw[n][gi * S::WK + u + 2] = x.z, kw[n][gi * S::WK + u + 3] = x.w;
-          } else if (S::WK % 2 == 0) {
-            const uint2 x = *reinterpret_cast<const uint2*>(p);
-            kw[n][gi * S::WK + u] = x.x, kw[n][gi * S::WK + u + 1] = x.y;
-          } else {
-            kw[n][gi * S::WK + u] = *p;
-          }
-        }
-      }
-    }
-    if (PART == 1) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-#pragma unroll
-      for (int gi = 0; gi < S::NGV; ++gi) {
-#pragma unroll
-        for (int u = 0; u < S::WV; u += (S::WV % 4 == 0 ? 4 : S::WV % 2 == 0 ? 2 : 1)) {
-          // Row 2t + (e & 1) + 8 (e >> 1)'s swizzle is 2t's for rows of up to 4 chunks.
-          constexpr int VC = R::VWR / 4;
-          const int r = 2 * t + (e & 1) + 8 * (e >> 1), w = gi * S::WG + g * S::WV + u;
-          const int x = qd_swizzle<VC>(VC <= 4 ? 2 * t : r) << 2;
-          const unsigned* p = vr + r * R::VWR + ((w & ~3) ^ x) + (w & 3);
-          QD_CHECK(nullptr, p, 4 * (S::WV % 4 == 0 ? 4 : S::WV % 2 == 0 ? 2 : 1), "vread");
-          if (S::WV % 4 == 0) {
-            const uint4 x = *reinterpret_cast<const uint4*>(p);
-            vw[e][gi * S::WV + u] = x.x, vw[e][gi * S::WV + u + 1] = x.y;
-            vw[e][gi * S::WV + u + 2] = x.z, vw[e][gi * S::WV + u + 3] = x.w;
-          } else if (S::WV % 2 == 0) {
-            const uint2 x = *reinterpret_cast<const uint2*>(p);
-            vw[e][gi * S::WV + u] = x.x, vw[e][gi * S::WV + u + 1] = x.y;
-          } else {
-            vw[e][gi * S::WV + u] = *p;
-          }
-        }
-      }
-    }
-    if (PART != 0) return;
-    const KST* ks = reinterpret_cast<const KST*>(slot + R::KS_OFF);
-    const KST* kb = reinterpret_cast<const KST*>(slot + R::KB_OFF);
-    const VST* vs = reinterpret_cast<const VST*>(slot + R::VS_OFF);
-    const VST* vb = reinterpret_cast<const VST*>(slot + R::VB_OFF);
-    const int key = lane % 16;
-#pragma unroll
-    for (int i = 0; i < NSC; ++i) {
-      const int row = 2 * i + lane / 16;
-      if (row < S::NG) sc[i] = to_float(ks[key * S::NG + row]);
-      else if (row < 2 * S::NG) sc[i] = to_float(kb[key * S::NG + row - S::NG]);
-      else if (row < 2 * S::NG + S::NGV) sc[i] = to_float(vs[key * S::NGV + row - 2 * S::NG]);
-      else sc[i] = to_float(vb[key * S::NGV + row - 2 * S::NG - S::NGV]);
-    }
-  }
-
   // The staged scales into the warp's stage (after the previous tile's reads: __syncwarp).
   // LATE: converted here (entries i < NG are K's: rows 2i + lane / 16 < 2 NG).
   template <typename KST, typename VST>
@@ -518,30 +367,6 @@ struct QdTile {
   }
 };
 
-// A ring slot filled element by element through the strides (views the
-// dense cursor cannot take, the partial last tile of a split; keys at or
-// past `end` read key end - 1, dropped by rule), synchronously. Never
-// inlined: kept out of the tile loop, whose registers it would otherwise
-// raise from ~124 to ~165 (fewer blocks an SM for every call).
-template <typename KST, typename VST, int D, int DV, int BITS, int GS, class SA>
-__device__ __attribute__((noinline)) void qd_fill_slow(unsigned char* slot, const QuantHead<KST, SA>& kh,
-                                                       const QuantHead<VST, SA>& vh, int jt, int end, int lane) {
-  using Ring = QdRing<KST, VST, D, DV, BITS, GS>;
-  using S = QdShape<D, DV, BITS, GS>;
-  qd_fill_segment<unsigned, Ring::KWR, true>(slot, kh.words(jt), false, jt, end, lane,
-                                             [&](long j, int i2) { return kh.words(j)[i2 * kh.ws[3]]; });
-  qd_fill_segment<unsigned, Ring::VWR, true>(slot + Ring::V_OFF, vh.words(jt), false, jt, end, lane,
-                                             [&](long j, int i2) { return vh.words(j)[i2 * vh.ws[3]]; });
-  qd_fill_segment<KST, S::NG, false>(slot + Ring::KS_OFF, kh.s, false, jt, end, lane,
-                                     [&](long j, int i2) { return kh.s[j * kh.ss[2] + i2 * kh.ss[3]]; });
-  qd_fill_segment<KST, S::NG, false>(slot + Ring::KB_OFF, kh.b, false, jt, end, lane,
-                                     [&](long j, int i2) { return kh.b[j * kh.bs[2] + i2 * kh.bs[3]]; });
-  qd_fill_segment<VST, S::NGV, false>(slot + Ring::VS_OFF, vh.s, false, jt, end, lane,
-                                      [&](long j, int i2) { return vh.s[j * vh.ss[2] + i2 * vh.ss[3]]; });
-  qd_fill_segment<VST, S::NGV, false>(slot + Ring::VB_OFF, vh.b, false, jt, end, lane,
-                                      [&](long j, int i2) { return vh.b[j * vh.bs[2] + i2 * vh.bs[3]]; });
-}
-
 // Partial results of one (batch, KV head, split): 8 rows of o [8][DV], then m [8], l [8].
 template <int DV>
 __host__ __device__ constexpr int qd_part_floats() {
@@ -550,7 +375,6 @@ __host__ __device__ constexpr int qd_part_floats() {
 
 // PF: the next tile's operands load while the current one is computed
 // (registers for two tiles) instead of after it.
-// STAGES > 0: tiles stream through each warp's ring (QdRing) instead (PF unused).
 // TILES (register path, S = Q K^T; opt-in): a warp takes TILES of its
 // interleaved 16-key tiles an iteration (keys j0 + 16 NW u, u < TILES) as one
 // softmax step: their loads are issued together and their S mma chains, code
@@ -564,7 +388,7 @@ __host__ __device__ constexpr int qd_part_floats() {
 // last block sets its ticket back to 0), so no output needs MLX's zero fill;
 // otherwise they follow the partials in `scratch` (zero-filled).
 template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
-          bool PF, int STAGES, bool POOL, int KEYS_M, bool FOLD, int L2PF, int TILES, bool LATE, class SA>
+          bool PF, bool POOL, int KEYS_M, bool FOLD, int L2PF, int TILES, bool LATE, class SA>
 __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
                                        const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
                                        float* lse, float* scratch, const unsigned* tk) {
@@ -573,8 +397,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   static_assert(!(MmaType<T>::is_bf16 && BITS == 8), "attention_quant_decode: 8-bit codes exceed bf16's exact 128 + code");
   static_assert(F::MaskKind == 0 && !F::Alibi, "attention_quant_decode: no mask or ALiBi (routed elsewhere)");
   // Shared memory (qd_smem_bytes): flag (4 words), each warp's scale stage,
-  // Q's fragments (QS), then the rings, which the end-of-loop merge areas
-  // red_* overlay once every warp has left the loop.
+  // Q's fragments (QS), then the end-of-loop merge areas red_*.
   extern __shared__ __align__(16) unsigned char quant_smem[];
   int* flag = reinterpret_cast<int*>(quant_smem);
 #if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)
@@ -583,7 +406,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   using Tile = QdTile<D, DV, BITS, GS, LATE>;
   // Each warp's scale stages (one a tile of an iteration), 16-byte aligned after the flag (4 words).
   float* stage = reinterpret_cast<float*>(flag + 4) + (threadIdx.x / 32) * TILES * Tile::STAGE;
-  constexpr bool QS = D > 128 || STAGES > 0;  // see qsm below
+  constexpr bool QS = D > 128;  // see qsm below
   unsigned char* shared_end = reinterpret_cast<unsigned char*>(reinterpret_cast<float*>(flag + 4) + NW * TILES * Tile::STAGE) +
                               (QS ? NW * S::KS * 32 * 8 : 0);
   float* red_o = reinterpret_cast<float*>(shared_end);  // [NW][8][DV]
@@ -595,8 +418,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   const int Hq = ip[kHeadsQ], Hkv = ip[kHeadsKv], Nq = ip[kSeqQ], Nk = ip[kSeqK];
   const int G = Hq / Hkv, nrows = G * Nq;
   const int bh = blockIdx.z, b = bh / Hkv, kvh = bh % Hkv;
-  // ns[1]: GPU diagnostics of the ring (bit 0: every copy synchronous; bit 1: drain every tile's copies).
-  const int splits = ns[0], split = blockIdx.x, ring_debug = ns[1];
+  const int splits = ns[0], split = blockIdx.x;
   const float scale = fp[kScale];
 
   Sequence seq;
@@ -612,8 +434,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   int lo, hi;
   rules.key_range(0, query_of(nrows - 1), lo, hi);
   hi = max(hi, lo);
-  // Tiles start on multiples of 16 keys (aligned rows for the ring's
-  // 16-byte copies under a window too); the keys added are dropped by rule.
+  // Tiles start on multiples of 16 keys (L2PF's line map takes whole 16-key
+  // segments of the cache, under a window too); the keys added are dropped by rule.
   if (lo < hi) lo &= ~15;
   const int chunk = ((hi - lo + splits - 1) / splits + 15) / 16 * 16;
   const int start = lo + split * chunk, end = min(hi, start + chunk);
@@ -621,97 +443,24 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   const QuantHead<KST, SA> kh = quant_head<BITS>(kc, b, kvh);
   const QuantHead<VST, SA> vh = quant_head<BITS>(vc, b, kvh);
   // QS: Q's fragments live in the warp's shared memory, read once a k-step
-  // for both key halves: head dims over 128 (256 would spill otherwise) and
-  // the ring (114 registers instead of 134 at 4-bit D 128: 4 blocks an SM, not 3).
-  static_assert(STAGES != 1, "attention_quant_decode: a ring needs two stages (0: no ring)");
-  static_assert(L2PF == 0 || STAGES == 0, "attention_quant_decode: L2PF is for the register path");
-  static_assert(!LATE || STAGES == 0, "attention_quant_decode: LATE is for the register path");
-  static_assert(TILES >= 1 && (TILES == 1 || (STAGES == 0 && KEYS_M == 0 && L2PF == 0)),
-                "attention_quant_decode: TILES > 1 is for the register path's S = Q K^T (no ring, KEYS_M or L2PF)");
+  // for both key halves: head dims over 128 (256 would spill otherwise).
+  static_assert(TILES >= 1 && (TILES == 1 || (KEYS_M == 0 && L2PF == 0)),
+                "attention_quant_decode: TILES > 1 is for S = Q K^T (no KEYS_M or L2PF)");
 
-  // The warp's ring (STAGES > 0), 16-byte aligned after Q's fragments.
-  using Ring = QdRing<KST, VST, D, DV, BITS, GS>;
-  unsigned char* ring = shared_end + (STAGES > 0 ? warp * STAGES * Ring::SLOT : 0);
+  using Rows = QdRows<KST, VST, D, DV, BITS, GS>;
   // Rows of each array lie contiguously along the tokens (any token slice of a dense cache).
-  const bool kw_rows = kh.ws[3] == 1 && kh.ws[2] == Ring::KWR, vw_rows = vh.ws[3] == 1 && vh.ws[2] == Ring::VWR;
+  const bool kw_rows = kh.ws[3] == 1 && kh.ws[2] == Rows::KWR, vw_rows = vh.ws[3] == 1 && vh.ws[2] == Rows::VWR;
   const bool ks_rows = kh.ss[3] == 1 && kh.ss[2] == S::NG, kb_rows = kh.bs[3] == 1 && kh.bs[2] == S::NG;
   const bool vs_rows = vh.ss[3] == 1 && vh.ss[2] == S::NGV, vb_rows = vh.bs[3] == 1 && vh.bs[2] == S::NGV;
-  // The dense cursor: when all six arrays are row-contiguous with 16-byte
-  // aligned heads (every cache mx.quantize or QuantizedKVCache makes), tile
-  // jt's segments start jt * (constant row bytes) past each head's base
-  // (jt is a multiple of 16: whole 16-byte chunks), so a full tile is
-  // requested by cp.async alone: no strided 64-bit address arithmetic and
-  // no per-segment checks each tile. Head dims <= 128 (CURSOR); the rest of
-  // those tiles (views, a split's partial last tile) go through qd_fill_slow,
-  // out of line. Wider heads keep main's per-segment copies.
+  // Each array's base: with row-contiguous arrays and 16-byte aligned heads
+  // (every cache mx.quantize or QuantizedKVCache makes), tile jt's segments
+  // start jt * (constant row bytes) past them (L2PF's line addresses).
   const unsigned char* kw0 = reinterpret_cast<const unsigned char*>(kh.words(0));
   const unsigned char* vw0 = reinterpret_cast<const unsigned char*>(vh.words(0));
   const unsigned char* ks0 = reinterpret_cast<const unsigned char*>(kh.s);
   const unsigned char* kb0 = reinterpret_cast<const unsigned char*>(kh.b);
   const unsigned char* vs0 = reinterpret_cast<const unsigned char*>(vh.s);
   const unsigned char* vb0 = reinterpret_cast<const unsigned char*>(vh.b);
-  constexpr bool CURSOR = D <= 128 && DV <= 128;
-  const bool ring_fast = STAGES > 0 && !(ring_debug & 1) && kw_rows && vw_rows && ks_rows && kb_rows && vs_rows &&
-                         vb_rows && ((reinterpret_cast<unsigned long long>(kw0) | reinterpret_cast<unsigned long long>(vw0) |
-                                      reinterpret_cast<unsigned long long>(ks0) | reinterpret_cast<unsigned long long>(kb0) |
-                                      reinterpret_cast<unsigned long long>(vs0) | reinterpret_cast<unsigned long long>(vb0)) &
-                                     15) == 0;
-  // Tile i of this warp (keys start + 16 (warp + NW i) ...) into its slot; one commit group each, empty past the end.
-  auto issue = [&](int i) {
-    const int jt = start + 16 * (warp + NW * i);
-    if (CURSOR && ring_fast && jt + 16 <= end) {
-      unsigned char* slot = ring + (i % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
-      constexpr int KC = 16 * Ring::KWR / 4, VC = 16 * Ring::VWR / 4;  // 16-byte chunks of the K / V rows
-      constexpr int KCPR = Ring::KWR / 4, VCPR = Ring::VWR / 4;
-      const unsigned char* kr = reinterpret_cast<const unsigned char*>(kh.w) + (long)jt * (4 * Ring::KWR);
-      const unsigned char* vr = reinterpret_cast<const unsigned char*>(vh.w) + (long)jt * (4 * Ring::VWR);
-#pragma unroll
-      for (int c = lane; c < KC; c += 32) {
-        const int to = (c / KCPR) * KCPR + ((c % KCPR) ^ qd_swizzle<KCPR>(c / KCPR));
-        QD_CHECK(nullptr, slot + 16 * to, 16, "cpasync-k");
-        cp_async16(slot + 16 * to, kr + 16 * c, true);
-      }
-#pragma unroll
-      for (int c = lane; c < VC; c += 32) {
-        const int to = (c / VCPR) * VCPR + ((c % VCPR) ^ qd_swizzle<VCPR>(c / VCPR));
-        QD_CHECK(nullptr, slot + Ring::V_OFF + 16 * to, 16, "cpasync-v");
-        cp_async16(slot + Ring::V_OFF + 16 * to, vr + 16 * c, true);
-      }
-      // The four scale/bias planes lie back to back in the slot: chunk c of them.
-      constexpr int CK = Ring::KSB / 16, CV = Ring::VSB / 16;
-#pragma unroll
-      for (int c = lane; c < 2 * (CK + CV); c += 32) {
-        const unsigned char* src = c < CK ? reinterpret_cast<const unsigned char*>(kh.s) + (long)jt * Ring::KSB / 16 + 16 * c
-                                 : c < 2 * CK ? reinterpret_cast<const unsigned char*>(kh.b) + (long)jt * Ring::KSB / 16 + 16 * (c - CK)
-                                 : c < 2 * CK + CV ? reinterpret_cast<const unsigned char*>(vh.s) + (long)jt * Ring::VSB / 16 + 16 * (c - 2 * CK)
-                                 : reinterpret_cast<const unsigned char*>(vh.b) + (long)jt * Ring::VSB / 16 + 16 * (c - 2 * CK - CV);
-        QD_CHECK(nullptr, slot + Ring::KS_OFF + 16 * c, 16, "cpasync-s");
-        cp_async16(slot + Ring::KS_OFF + 16 * c, src, true);
-      }
-    } else if (CURSOR && jt < end) {
-      qd_fill_slow<KST, VST, D, DV, BITS, GS>(ring + (i % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, kh, vh, jt, end,
-                                             lane);
-    } else if (jt < end) {
-      // Head dims over 128: main's copies, segment by segment (cp.async where
-      // the segment's rows allow; the cursor's unrolled chunks would raise
-      // the registers from ~160 to 185-220).
-      unsigned char* slot = ring + (i % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
-      qd_fill_segment<unsigned, Ring::KWR, true>(slot, kh.words(jt), kw_rows && !(ring_debug & 1), jt, end, lane,
-                                           [&](long j, int i2) { return kh.words(j)[i2 * kh.ws[3]]; });
-      qd_fill_segment<unsigned, Ring::VWR, true>(slot + Ring::V_OFF, vh.words(jt), vw_rows && !(ring_debug & 1), jt, end, lane,
-                                           [&](long j, int i2) { return vh.words(j)[i2 * vh.ws[3]]; });
-      qd_fill_segment<KST, S::NG, false>(slot + Ring::KS_OFF, kh.s + jt * kh.ss[2], ks_rows && !(ring_debug & 1), jt, end, lane,
-                                  [&](long j, int i2) { return kh.s[j * kh.ss[2] + i2 * kh.ss[3]]; });
-      qd_fill_segment<KST, S::NG, false>(slot + Ring::KB_OFF, kh.b + jt * kh.bs[2], kb_rows && !(ring_debug & 1), jt, end, lane,
-                                  [&](long j, int i2) { return kh.b[j * kh.bs[2] + i2 * kh.bs[3]]; });
-      qd_fill_segment<VST, S::NGV, false>(slot + Ring::VS_OFF, vh.s + jt * vh.ss[2], vs_rows && !(ring_debug & 1), jt, end, lane,
-                                   [&](long j, int i2) { return vh.s[j * vh.ss[2] + i2 * vh.ss[3]]; });
-      qd_fill_segment<VST, S::NGV, false>(slot + Ring::VB_OFF, vh.b + jt * vh.bs[2], vb_rows && !(ring_debug & 1), jt, end, lane,
-                                   [&](long j, int i2) { return vh.b[j * vh.bs[2] + i2 * vh.bs[3]]; });
-    }
-    cp_async_commit();
-  };
-
   // L2PF > 0 (the register path, a dense cache): the warp's tile L2PF
   // tiles ahead is requested into L2, a 128-byte line a lane (K rows, V
   // rows, four scale planes: contiguous segments of a dense cache; 4-bit D
@@ -727,19 +476,19 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   // Line e (< PF_LINES) of the tile at key jt (a multiple of 16, jt + 16 <= end): the K rows' KL
   // lines, the V rows' VL, then PL lines of each scale plane (the last covering its end: a plane
   // may straddle a line; a line requested twice costs nothing more).
-  constexpr int KL = (16 * 4 * Ring::KWR + 127) / 128, VL = (16 * 4 * Ring::VWR + 127) / 128;
-  constexpr int PLK = Ring::KSB / 128 + 1, PLV = Ring::VSB / 128 + 1;
+  constexpr int KL = (16 * 4 * Rows::KWR + 127) / 128, VL = (16 * 4 * Rows::VWR + 127) / 128;
+  constexpr int PLK = Rows::KSB / 128 + 1, PLV = Rows::VSB / 128 + 1;
   constexpr int PF_LINES = KL + VL + 2 * PLK + 2 * PLV;
   auto prefetch_line = [&](int jt, int e) {
     const unsigned char* p;
-    if (e < KL) p = kw0 + (long)jt * (4 * Ring::KWR) + min(128 * e, 16 * 4 * Ring::KWR - 1);
-    else if (e < KL + VL) p = vw0 + (long)jt * (4 * Ring::VWR) + min(128 * (e - KL), 16 * 4 * Ring::VWR - 1);
+    if (e < KL) p = kw0 + (long)jt * (4 * Rows::KWR) + min(128 * e, 16 * 4 * Rows::KWR - 1);
+    else if (e < KL + VL) p = vw0 + (long)jt * (4 * Rows::VWR) + min(128 * (e - KL), 16 * 4 * Rows::VWR - 1);
     else if (e < KL + VL + 2 * PLK) {
       const int x = e - KL - VL;
-      p = (x < PLK ? ks0 : kb0) + (long)jt * (Ring::KSB / 16) + min(128 * (x % PLK), Ring::KSB - 1);
+      p = (x < PLK ? ks0 : kb0) + (long)jt * (Rows::KSB / 16) + min(128 * (x % PLK), Rows::KSB - 1);
     } else {
       const int x = e - KL - VL - 2 * PLK;
-      p = (x < PLV ? vs0 : vb0) + (long)jt * (Ring::VSB / 16) + min(128 * (x % PLV), Ring::VSB - 1);
+      p = (x < PLV ? vs0 : vb0) + (long)jt * (Rows::VSB / 16) + min(128 * (x % PLV), Rows::VSB - 1);
     }
     qd_prefetch_l2(p);
   };
@@ -751,12 +500,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     }
   }
 
-  // The ring's first STAGES - 1 tiles are requested before Q is read (its loads wait together).
   int j0 = start + 16 * warp;
-  if (STAGES > 0) {
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i) issue(i);
-  }
 
   // Q as A fragments (row g; pairs 2kk and 2kk+1 of lane t), rows >= nrows zero,
   // and each group's sum of q (for the K biases), reduced over the four lanes t.
@@ -833,25 +577,16 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       for (int gi = 0; gi < S::NGV; ++gi) pb2[r][gi] = 0.f;
     }
   }
-  // The iteration's tiles (cur: the first; the ring and KEYS_M take only it).
+  // The iteration's tiles (cur: the first; KEYS_M takes only it).
   // Tiles past `end` (the last iteration's) load key end - 1; their keys are dropped by rule.
   Tile tiles[TILES];
   Tile& cur = tiles[0];
-  if (STAGES == 0 && j0 < end) {
+  if (j0 < end) {
 #pragma unroll
     for (int u = 0; u < TILES; ++u) tiles[u].load(kh, vh, j0 + 16 * NW * u, end, lane);
   }
-  for (int it = 0; j0 < end; j0 += 16 * NW * TILES, ++it) {
+  for (; j0 < end; j0 += 16 * NW * TILES) {
     const int j1 = j0 + 16 * NW * TILES;
-    if (STAGES > 0) {
-      // This lane's copies of tile `it` have landed; the warp barrier shows
-      // every lane's (and that every lane is done reading the slot refilled next).
-      if (ring_debug & 2) cp_async_wait<0>();
-      else cp_async_wait<(STAGES > 1 ? STAGES - 2 : 0)>();
-      __syncwarp();
-      cur.template load_ring<KST, VST, KEYS_M ? 2 : 0>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
-      issue(it + STAGES - 1);
-    }
     if (L2PF > 0 && l2_fast) {
       const int jp = j0 + 16 * NW * L2PF;
       if (jp + 16 <= end) {
@@ -859,12 +594,10 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
         for (int e = lane; e < PF_LINES; e += 32) prefetch_line(jp, e);
       }
     }
-    if (!(KEYS_M && STAGES > 0)) {
 #pragma unroll
-      for (int u = 0; u < TILES; ++u) tiles[u].template stage_scales<KST, VST>(stage + u * Tile::STAGE, lane);
-    }
+    for (int u = 0; u < TILES; ++u) tiles[u].template stage_scales<KST, VST>(stage + u * Tile::STAGE, lane);
     Tile nxt[TILES];
-    if (STAGES == 0 && PF && j1 < end) {
+    if (PF && j1 < end) {
 #pragma unroll
       for (int u = 0; u < TILES; ++u) nxt[u].load(kh, vh, j1 + 16 * NW * u, end, lane);
     }
@@ -876,24 +609,15 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       // B fragment as loaded (no register copies to build operand quads).
       // C: (key g, rows 2t, 2t+1), (key g + 8, rows 2t, 2t+1).
       using C2 = QdCodes<T, true>;
-      const unsigned char* slot = ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT;
-      // Plane `row` ([ks: NG][kb: NG][vs: NGV][vb: NGV]) at the tile's key
-      // `key`: the ring's slot as the cache stores it (no stage round trip),
-      // the register path's stage otherwise.
-      // Every group's value of one plane at one key (ks, kb: NG; vs, vb: NGV).
+      // Every group's value of one plane ([ks: NG][kb: NG][vs: NGV][vb: NGV])
+      // at the tile's key `key`, from the warp's stage (ks, kb: NG; vs, vb: NGV).
       auto kplane = [&](int which, int key, float (&out)[S::NG]) {
-        if (STAGES > 0) qd_plane_row<KST, S::NG>(slot + (which ? Ring::KB_OFF : Ring::KS_OFF), key, out);
-        else {
 #pragma unroll
-          for (int gi = 0; gi < S::NG; ++gi) out[gi] = stage[(which * S::NG + gi) * 16 + key];
-        }
+        for (int gi = 0; gi < S::NG; ++gi) out[gi] = stage[(which * S::NG + gi) * 16 + key];
       };
       auto vplane = [&](int which, int key, float (&out)[S::NGV]) {
-        if (STAGES > 0) qd_plane_row<VST, S::NGV>(slot + (which ? Ring::VB_OFF : Ring::VS_OFF), key, out);
-        else {
 #pragma unroll
-          for (int gi = 0; gi < S::NGV; ++gi) out[gi] = stage[(2 * S::NG + which * S::NGV + gi) * 16 + key];
-        }
+        for (int gi = 0; gi < S::NGV; ++gi) out[gi] = stage[(2 * S::NG + which * S::NGV + gi) * 16 + key];
       };
       float acc[S::NG][4];
 #pragma unroll
@@ -995,7 +719,6 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
           }
         }
       }
-      if (STAGES > 0) cur.template load_ring<KST, VST, 1>(slot, lane);
       float sv0[S::NGV], sv1[S::NGV];
       vplane(0, g, sv0);
       vplane(0, g + 8, sv1);
@@ -1139,9 +862,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
       }
     }
     // O^T += V^T (P scaled by each group's V scales)^T, tile by tile (an
-    // m-tile's two mma of one iteration are S::MT mma apart). The ring's V
-    // words now (the slot is refilled only after the next iteration's barrier).
-    if (STAGES > 0) cur.template load_ring<KST, VST, 1>(ring + (it % (STAGES > 0 ? STAGES : 1)) * Ring::SLOT, lane);
+    // m-tile's two mma of one iteration are S::MT mma apart).
 #pragma unroll
     for (int u = 0; u < TILES; ++u)
 #pragma unroll
@@ -1174,14 +895,12 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     }  // KEYS_M
 #pragma unroll
     for (int u = 0; u < TILES; ++u) {
-      if (STAGES == 0 && PF && j1 < end) tiles[u] = nxt[u];
-      if (STAGES == 0 && !PF && j1 < end) tiles[u].load(kh, vh, j1 + 16 * NW * u, end, lane);
+      if (PF && j1 < end) tiles[u] = nxt[u];
+      if (!PF && j1 < end) tiles[u].load(kh, vh, j1 + 16 * NW * u, end, lane);
     }
   }
 
-  // Block merge: each warp's (o + bias terms, m, l) through shared memory,
-  // over the rings: every warp must be done with its ring first.
-  if (STAGES > 0) __syncthreads();
+  // Block merge: each warp's (o + bias terms, m, l) through shared memory.
   if (KEYS_M) {
     // Rows 2t, 2t+1: sums over the lanes g; bad when any lane g of the row met a non-finite logit.
 #pragma unroll

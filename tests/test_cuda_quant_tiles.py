@@ -134,22 +134,22 @@ def test_decode_tiles_options():
     saved = dict(cq.TUNING)
     try:
         cq.TUNING.clear()
-        assert cq._DEC_TILES == 1 and cq.decode_tiles(q128, 0, 0, 0) == 1  # not routed
+        assert cq._DEC_TILES == 1 and cq.decode_tiles(q128, 0, 0) == 1  # not routed
         cq.decode_plan.cache_clear()
         smem1 = cq.decode_plan(q128)[2]
         cq.TUNING.update(TILES)
-        assert cq.decode_tiles(q128, 0, 0, 0) == 2
+        assert cq.decode_tiles(q128, 0, 0) == 2
         cq.decode_plan.cache_clear()
         # One more scale stage a warp: 32 lanes x (NG + NGV) floats.
         assert cq.decode_plan(q128)[2] == smem1 + 4 * cq._DEC_WARPS * 32 * (128 // 64 + 128 // 64)
-        for args in ((q128, 4, 0, 0), (q128, 0, 1, 0), (q128, 0, 0, 2), (q256, 0, 0, 0)):
+        for args in ((q128, 1, 0), (q128, 2, 0), (q128, 0, 2), (q256, 0, 0)):
             with pytest.raises(ValueError, match="dec_tiles"):
                 cq.decode_tiles(*args)
         for bad in (3, 0, True, "2"):
             cq.TUNING["dec_tiles"] = bad
             with pytest.raises(ValueError, match="dec_tiles"):
-                cq.decode_tiles(q128, 0, 0, 0)
-        cq.TUNING.update(dec_tiles=2, dec_stages=4)  # asked of a ring: the error before anything is built
+                cq.decode_tiles(q128, 0, 0)
+        cq.TUNING.update(dec_tiles=2, dec_keys_m=1)  # asked with KEYS_M: the error before anything is built
         cq.decode_plan.cache_clear()
         with pytest.raises(ValueError, match="dec_tiles"):
             cq.decode_plan(q128)
@@ -157,15 +157,13 @@ def test_decode_tiles_options():
         q8 = validate_attention_quantized(q, kq, vq, bits=8, group_size=64)[0]
         cq.TUNING.clear()
         cq.TUNING.update(TILES, **PREFETCH)
-        assert cq.decode_tiles(q128, 0, 0, 0) == 2
+        assert cq.decode_tiles(q128, 0, 0) == 2
         with pytest.raises(ValueError, match="dec_prefetch"):
-            cq.decode_tiles(q8, 0, 0, 0)
+            cq.decode_tiles(q8, 0, 0)
         cq.TUNING.clear()
-        assert cq._DEC_LATE_SCALES is False and cq.decode_late_scales(0) is False  # not routed
+        assert cq._DEC_LATE_SCALES is False and cq.decode_late_scales() is False  # not routed
         cq.TUNING.update(LATE)
-        assert cq.decode_late_scales(0) is True
-        with pytest.raises(ValueError, match="dec_late_scales"):
-            cq.decode_late_scales(4)
+        assert cq.decode_late_scales() is True
     finally:
         cq.TUNING.clear()
         cq.TUNING.update(saved)

@@ -5,8 +5,8 @@
 
 The decode step of issue 16 (B 1, GQA 32:8, 1 query, Nk 32768, D 128, fp16
 q, 4- and 8-bit group 64): mx.fast SDPA over the fp16 cache, then
-attention_quant_decode under cuda_quant.TUNING variants (ring stages, splits,
-warps, blocks per SM, ticket pool; stages 0 = main's register path). Per
+attention_quant_decode under cuda_quant.TUNING variants (splits, warps,
+blocks per SM, ticket pool; the shared-memory ring's were removed with it). Per
 variant: per-call times as tools/cuda_decode_profile.py takes them and the
 largest difference from mx.fast over the dequantized cache. Every result is
 written to OUT_DIR/decode_sweep.json as it comes (a killed run keeps them).
@@ -32,28 +32,14 @@ from mlx_flash.backends import cuda_quant as cq  # noqa: E402
 VARIANTS = [
     ("default", 4, {}),
     ("default", 8, {}),
-    ("main_plan", 4, {"dec_stages": 0, "dec_pool": False, "dec_splits": 66}),
+    ("main_plan", 4, {"dec_pool": False, "dec_splits": 66}),
     ("regs_splits8", 4, {"dec_splits": 8}),
     ("regs_splits12", 4, {"dec_splits": 12}),
     ("regs_splits24", 4, {"dec_splits": 24}),
     ("regs_splits33", 4, {"dec_splits": 33}),
     ("regs_splits33", 8, {"dec_splits": 33}),
     ("regs_splits24", 8, {"dec_splits": 24}),
-    # The ring last (a fault would be sticky for the rest of the process).
-    ("ring_splits16", 4, {"dec_stages": 4, "dec_splits": 16}),
-    ("ring_splits24", 4, {"dec_stages": 4, "dec_splits": 24}),
-    ("ring_splits33", 4, {"dec_stages": 4, "dec_splits": 33}),
-    ("ring_splits66", 4, {"dec_stages": 4, "dec_splits": 66}),
-    ("ring_splits8", 4, {"dec_stages": 4, "dec_splits": 8}),
-    ("ring_splits16", 8, {"dec_stages": 4, "dec_splits": 16}),
-    ("ring_splits33", 8, {"dec_stages": 4, "dec_splits": 33}),
-    ("ring_splits16_stages2", 4, {"dec_stages": 2, "dec_splits": 16}),
-    ("ring_w8_splits16", 4, {"dec_stages": 4, "dec_warps": 8, "dec_splits": 16}),
     ("regs_w2_splits33", 4, {"dec_warps": 2, "dec_splits": 33}),
-]
-RING_VARIANTS = [
-    ("ring", 4, {"dec_stages": 4}),
-    ("ring_sync", 4, {"dec_stages": 4, "dec_ring_debug": 1}),
 ]
 
 
@@ -66,7 +52,7 @@ def main():
     rounds = 5
     if "--only" in sys.argv:
         want = sys.argv[sys.argv.index("--only") + 1]
-        for name, bits, tuning in VARIANTS + RING_VARIANTS:
+        for name, bits, tuning in VARIANTS:
             if f"{name}_{bits}bit" == want:
                 kq, vq = quant[bits]
                 cq.TUNING.update(tuning)

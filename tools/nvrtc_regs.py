@@ -3,7 +3,7 @@
 MLX 0.32.x compiles an mx.fast.cuda_kernel at its first launch with NVRTC
 (mlx/backend/cuda/custom_kernel.cpp builds the source; jit_module.cpp
 compiles it). nvcc, which the compile tests use, can allocate registers
-differently for the same kernel (the quantized decode's ring: 138 under
+differently for the same kernel (the quantized decode's ring, since removed: 138 under
 NVRTC on the H200, 120 under nvcc 13), and the launch plans size blocks by
 registers. This tool reproduces MLX's compile offline:
 

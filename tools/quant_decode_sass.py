@@ -141,7 +141,7 @@ def main(argv=None):
         T = mx.float16
         template = [("T", T), ("KST", T), ("VST", T), ("SOFTCAP", False), ("WINDOW", False), ("SINKS", False),
                     ("D", 128), ("DV", 128), ("BITS", args.bits), ("GS", 64), ("NW", 4), ("PF", pf),
-                    ("STAGES", 0), ("POOL", not pf), ("KEYS_M", keys_m), ("FOLD", fold), ("L2PF", l2pf),
+                    ("POOL", not pf), ("KEYS_M", keys_m), ("FOLD", fold), ("L2PF", l2pf),
                     ("TILES", tiles), ("LATE", late)]
         name = f"keys_m{keys_m}_fold{int(fold)}_l2pf{l2pf}" + (f"_tiles{tiles}" if tiles > 1 else "") + (
             "_late" if late else "") + ("_pf" if pf else "")

@@ -291,46 +291,36 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 
 # ---- tensor-core decode (attention_quant_decode.cuh) ---------------------------------
 # Warps per block (interleaved 16-key tiles of one KV head's split, merged in
-# shared memory). Two ways to feed them: main's register path (each tile's
-# words loaded into registers; one tile in flight a warp) and the ring
-# (STAGES shared-memory slots per warp filled by cp.async, tiles in
-# flight while one is computed; opt-in, TUNING "dec_stages"). Splits: one block an SM for the
-# register path (H200: more blocks cost more than they save), one wave of as
-# many blocks as the ring's registers and shared memory allow (at most
-# _DEC_BLOCKS_PER_SM); every split at least _DEC_MIN_TILES tiles per warp.
+# shared memory), each tile's words loaded into registers (one tile in flight
+# a warp). Splits: one block an SM (H200: more blocks cost more than they
+# save); every split at least _DEC_MIN_TILES tiles per warp.
 # Tickets from cuda.py's pool (no zero fill).
-# TUNING "dec_warps" / "dec_splits" / "dec_stages" (0: the register path,
-# "dec_prefetch" its one-tile prefetch) / "dec_blocks_per_sm" / "dec_pool" /
-# "dec_ring_debug" / "dec_keys_m" / "dec_fold" / "dec_l2pf" / "dec_tiles" / "dec_late_scales" / "decode" override for GPU sweeps (call
+# TUNING "dec_warps" / "dec_splits" / "dec_prefetch" (the one-tile prefetch) /
+# "dec_blocks_per_sm" / "dec_pool" / "dec_keys_m" / "dec_fold" / "dec_l2pf" /
+# "dec_tiles" / "dec_late_scales" / "decode" override for GPU sweeps (call
 # decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
-_DEC_BLOCKS_PER_SM = 4
 _DEC_MIN_TILES = 4
 _DEC_MAX_SPLITS = 256
-# The routed plan: the register path (_DEC_WARPS, one block an SM). The ring
-# (TUNING "dec_stages" > 0) is opt-in: on the H200 it lost to the register
-# path in sessions 7-10 (session 7: 46.6-57.5 us against 47.3-50.3 in the
-# 32-layer step at Nk 32768, GQA 32:8, 4-bit; session 10, bounded to 128
-# registers so that two 8-warp blocks fit an SM: 55.3 against 38.2 us,
-# benchmarks/results/cuda_quant_decode_ring_bound_nvidia_h200_s10.json).
-_DEC_STAGES = 0  # 0: the register path
+# The opt-in shared-memory ring (TUNING "dec_stages" > 0: STAGES slots a warp
+# filled by cp.async) was removed in session 12: on the H200 it lost to the
+# register path in sessions 7-10 (docs/cuda_decode.md); a leftover setting is
+# an error, not silently ignored.
+_DEC_REMOVED = {"dec_stages": "the shared-memory ring", "dec_ring_debug": "the shared-memory ring's diagnostics"}
 _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next tile during the current one
 # TUNING "dec_keys_m": S^T = K Q^T (the tile's keys on the mma's M, P^T's
-# fragments transposed by movmatrix) with one-LOP3 code conversion; the ring
-# reads its scales straight from the slot. Half the mma and no operand-quad
+# fragments transposed by movmatrix) with one-LOP3 code conversion. Half the mma and no operand-quad
 # copies of S = Q K^T. 2: also K's fp16 codes with their magic kept
 # (1024 + c: one op a code pair fewer), the offset (1024 sum(q)) taken out
 # in fp32. Not routed: on the H200 (session 8, cuda_quant_decode_nvidia_h200_s8.json)
-# 11-14 % fewer instructions but no time outside the run-to-run spread; the
-# ring with KEYS_M 2 took 138 registers under MLX's NVRTC (nvcc 13: 120), so
-# two blocks of 8 warps did not fit an SM and it ran in two waves.
+# 11-14 % fewer instructions but no time outside the run-to-run spread.
 _DEC_KEYS_M = 0
 # TUNING "dec_fold": the codes of K and V both keep their fp16 magic (1024 + c;
 # 4-bit odd positions 1024 + 16 c), so a code costs one LOP3: K's offset
 # (1024 sum(q)) leaves in fp32 as KEYS_M 2's does, V's (1024 P') by one more
 # mma an m-tile (A = -1024), odd columns / 16 at the end. Scales and biases
 # were already outside the per-code work (S per group, P scaled per V group).
-# fp16 q only (bf16 keeps its exact codes); the register path only. Not routed: on the H200
+# fp16 q only (bf16 keeps its exact codes). Not routed: on the H200
 # (session 10, cuda_quant_decode_nvidia_h200_s10.json) 13.5 % fewer
 # instructions, no time outside the routed plan's spread (ncu: slower).
 _DEC_FOLD = False
@@ -338,7 +328,7 @@ _DEC_FOLD = False
 # ahead into L2 (prefetch.global.L2, a 128-byte line a lane of a dense cache's
 # segments: one warp instruction a tile at 4-bit D 128), so that more than one tile's bytes a warp are in
 # flight (the register path's 4 warps an SM, one tile each, cover a small
-# part of DRAM's latency). 0: off. The register path only. Not routed: on the
+# part of DRAM's latency). 0: off. Not routed: on the
 # H200 (session 10) L2 hits 16 -> 39 % and no time gained: a tile does not
 # wait on DRAM's latency.
 _DEC_L2PF = 0
@@ -349,7 +339,7 @@ _DEC_L2PF = 0
 # a scheduler has independent instructions while a tile's results are
 # pending: session 10 found each warp's chain of dependent steps, not
 # instructions or DRAM latency, setting the time. 1: main's loop. The
-# register path's S = Q K^T only (no ring, KEYS_M or L2PF); FOLD and the
+# register path's S = Q K^T only (no KEYS_M or L2PF); FOLD and the
 # one-tile prefetch (dec_prefetch, then TILES tiles ahead) combine with it.
 # Not routed: proven in the CPU emulation only, never timed on a card.
 _DEC_TILES = 1
@@ -362,7 +352,6 @@ _DEC_TILES = 1
 # in-order model of the routed SASS: ~540 of its ~1600 cycles a tile).
 # Not routed: never timed on a card.
 _DEC_LATE_SCALES = False
-_SM_SMEM = 227 * 1024  # shared memory of an SM a kernel may use (H100/H200)
 
 
 def uses_decode(qspec) -> bool:
@@ -388,122 +377,70 @@ def _decode_eligible(qspec) -> bool:
     return spec.mask_kind == "none" and not spec.has_alibi and not getattr(spec, "has_block_mask", False)
 
 
-_SM_REGS = 65536  # registers of an SM (H100/H200)
+def decode_removed_tuning() -> None:
+    """A ValueError naming any TUNING key of a removed decode variant (_DEC_REMOVED)."""
+    for key, what in _DEC_REMOVED.items():
+        if key in TUNING:
+            raise ValueError(f"cuda_quant TUNING[{key!r}]: {what} was removed in session 12 (it lost to the register "
+                             f"path on the H200 in sessions 7-10); remove the key, got {TUNING[key]!r}")
 
 
-def decode_ring_regs(qspec) -> int:
-    """Registers a thread of the opt-in ring (STAGES > 0) takes at most (ring_regs); it sizes the ring's blocks
-    an SM."""
-    spec = qspec.attention
-    return ring_regs(qspec.bits, max(spec.head_dim_qk, spec.head_dim_v),
-                     spec.softcap > 0 or spec.has_window or spec.has_sinks, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)))
+def decode_register_options() -> tuple:
+    """(FOLD, L2PF) of a launch: TUNING's "dec_fold" / "dec_l2pf" where given, else _DEC_FOLD / _DEC_L2PF."""
+    return bool(TUNING.get("dec_fold", _DEC_FOLD)), int(TUNING.get("dec_l2pf", _DEC_L2PF))
 
 
-def ring_regs(bits: int, head_dim: int, features: bool, keys_m: int = 0) -> int:
-    """decode_ring_regs from the template's terms (the larger head dim; softcap, window or sinks; KEYS_M): the
-    larger of nvcc 13's and MLX's NVRTC 13's counts (the nvcc compile test checks its side). 4-bit, head dims
-    <= 128: 128 plain (NVRTC 126), 136 with KEYS_M 1 or features (NVRTC 132-136), 144 with KEYS_M 2 (138);
-    8-bit 152 (KEYS_M: 160); head dims over 128: 168 (176)."""
-    if head_dim > 128:
-        return 176 if keys_m else 168
-    if bits == 8:
-        return 160 if keys_m else 152
-    if keys_m == 2:
-        return 144
-    return 136 if keys_m or features else 128
-
-
-def decode_register_options(stages: int) -> tuple:
-    """(FOLD, L2PF) of a launch with `stages` ring stages: TUNING's "dec_fold" / "dec_l2pf" where given
-    (a ring with either set is an error), else _DEC_FOLD / _DEC_L2PF on the register path and off on a ring."""
-    for key in ("dec_fold", "dec_l2pf"):
-        if TUNING.get(key) and stages > 0:
-            raise ValueError(f"cuda_quant TUNING['{key}'] is for the register path; dec_stages = {stages} (a ring) "
-                             "was given or routed")
-    fold = TUNING.get("dec_fold", _DEC_FOLD if stages == 0 else False)
-    return bool(fold), int(TUNING.get("dec_l2pf", _DEC_L2PF if stages == 0 else 0))
-
-
-def decode_tiles(qspec, stages: int, keys_m: int, l2pf: int) -> int:
+def decode_tiles(qspec, keys_m: int, l2pf: int) -> int:
     """Tiles a warp takes an iteration (TUNING "dec_tiles", else _DEC_TILES): 1 or 2 (4 spills: 4-bit D 128
-    under nvcc, 255 registers and 88 bytes); 2 only on the register path without KEYS_M or L2PF, head dims
+    under nvcc, 255 registers and 88 bytes); 2 only without KEYS_M or L2PF, head dims
     <= 128 (D 256: 250-255 registers, 8-bit spills), and with the prefetch (dec_prefetch) 4-bit only (8-bit
     with features spills 56 bytes at 255, nvcc and NVRTC); an error naming the setting otherwise."""
     tiles = TUNING.get("dec_tiles", _DEC_TILES)
     if isinstance(tiles, bool) or tiles not in (1, 2):
         raise ValueError(f"cuda_quant TUNING['dec_tiles'] must be 1 or 2, got {tiles!r}")
     head_dim = max(qspec.attention.head_dim_qk, qspec.attention.head_dim_v)
-    if tiles > 1 and (stages > 0 or keys_m or l2pf or head_dim > 128):
-        raise ValueError(f"cuda_quant TUNING['dec_tiles'] = {tiles} is for the register path's S = Q K^T at head "
-                         f"dims <= 128; dec_stages = {stages}, dec_keys_m = {keys_m}, dec_l2pf = {l2pf}, head dim "
-                         f"{head_dim} were given or routed")
+    if tiles > 1 and (keys_m or l2pf or head_dim > 128):
+        raise ValueError(f"cuda_quant TUNING['dec_tiles'] = {tiles} is for S = Q K^T at head dims <= 128; "
+                         f"dec_keys_m = {keys_m}, dec_l2pf = {l2pf}, head dim {head_dim} were given or routed")
     if tiles > 1 and qspec.bits != 4 and TUNING.get("dec_prefetch", _DEC_PREFETCH):
         raise ValueError(f"cuda_quant TUNING['dec_tiles'] = {tiles} with 'dec_prefetch' is for 4-bit codes "
                          f"({qspec.bits}-bit spills)")
     return int(tiles)
 
 
-def decode_late_scales(stages: int) -> bool:
-    """LATE (TUNING "dec_late_scales", else _DEC_LATE_SCALES): the register path only (an error naming the
-    setting where a ring is asked for with it)."""
-    late = bool(TUNING.get("dec_late_scales", _DEC_LATE_SCALES))
-    if late and stages > 0:
-        raise ValueError(f"cuda_quant TUNING['dec_late_scales'] is for the register path; dec_stages = {stages} "
-                         "(a ring) was given")
-    return late
-
-
-def decode_ring_slot(qspec, scale_bytes: int) -> int:
-    """QdRing::SLOT: one raw 16-key tile (K rows, V rows, four scale/bias planes)."""
-    spec = qspec.attention
-    ng, ngv = spec.head_dim_qk // qspec.group_size, spec.head_dim_v // qspec.group_size
-    rows = 16 * (spec.head_dim_qk + spec.head_dim_v) * qspec.bits // 8
-    return rows + 2 * 16 * (ng + ngv) * scale_bytes
+def decode_late_scales() -> bool:
+    """LATE (TUNING "dec_late_scales", else _DEC_LATE_SCALES)."""
+    return bool(TUNING.get("dec_late_scales", _DEC_LATE_SCALES))
 
 
 @functools.lru_cache(maxsize=1024)
-def decode_plan(qspec, scale_bytes: int = 2):
-    """(warps per block, splits per (batch, KV head), shared memory bytes, ring
-    stages) for scales of `scale_bytes` bytes (2: fp16/bf16, 4: fp32)."""
+def decode_plan(qspec):
+    """(warps per block, splits per (batch, KV head), shared memory bytes)."""
+    decode_removed_tuning()
     spec = qspec.attention
-    stages = TUNING.get("dec_stages", _DEC_STAGES)
-    # A ring with FOLD / L2PF, or TILES where it does not apply, asked for: the error, before anything is built.
-    tiles = decode_tiles(qspec, stages, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), decode_register_options(stages)[1])
-    decode_late_scales(stages)
+    # TILES where it does not apply: the error, before anything is built.
+    tiles = decode_tiles(qspec, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), decode_register_options()[1])
     nw = TUNING.get("dec_warps", _DEC_WARPS)
     pairs = spec.batch * spec.heads_kv
     keys = _cuda._effective_keys(spec)
-    # Blocks per SM the splits aim for. The register path: one (H200, 4-bit,
-    # Nk 32768, GQA 32:8: 16 splits 52 us, 33 splits 53 us, 49 68-84 us, 66
-    # 89 us, 99 109 us a call: every split past one block an SM costs more
-    # than the warps it adds save). The ring: 4 blocks of 4 warps fit an SM
-    # (114-128 registers; head dims over 128: 155-168, three).
-    # The ring's blocks an SM are also bounded by its registers (decode_ring_regs).
-    ring_fit = _SM_REGS // (32 * nw * decode_ring_regs(qspec))
-    if stages > 0 and ring_fit < 1:
-        raise ValueError(f"cuda_quant TUNING['dec_warps'] = {nw}: a ring block of {32 * nw} threads at up to "
-                         f"{decode_ring_regs(qspec)} registers each does not fit an SM's {_SM_REGS} registers")
-    per_sm = TUNING.get("dec_blocks_per_sm", 1 if stages == 0 else min(_DEC_BLOCKS_PER_SM, ring_fit))
+    # Blocks per SM the splits aim for: one (H200, 4-bit, Nk 32768, GQA 32:8:
+    # 16 splits 52 us, 33 splits 53 us, 49 68-84 us, 66 89 us, 99 109 us a
+    # call: every split past one block an SM costs more than the warps it adds save).
+    per_sm = TUNING.get("dec_blocks_per_sm", 1)
     dv, ngv = spec.head_dim_v, spec.head_dim_v // qspec.group_size
     ng = spec.head_dim_qk // qspec.group_size
     # The flag (4 words), each warp's scale stages (QdTile::STAGE floats, one a tile of an iteration), Q's
-    # fragments (D > 128 or a ring: 8 bytes a lane a k-step), then the rings,
-    # overlaid after the loop by red_o [nw][8][dv] (also the last block's
+    # fragments (D > 128: 8 bytes a lane a k-step), then red_o [nw][8][dv] (also the last block's
     # [splits][8] weights), red_m, red_l, red_pb.
-    qfrag = nw * 256 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 or stages > 0 else 0
+    qfrag = nw * 256 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 else 0
     base = 16 + 4 * nw * 32 * (ng + ngv) * tiles + qfrag
-    red = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv)
-    slot = decode_ring_slot(qspec, scale_bytes)
-    # As many stages (down to 2) as keep per_sm blocks on an SM.
-    while stages > 2 and per_sm * (base + max(red, nw * stages * slot) + 1024) > _SM_SMEM:
-        stages -= 1
-    smem = base + max(red, nw * stages * slot)
+    smem = base + 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv)
     # At most one wave of resident blocks (main launched 4 an SM of which 3 fit: 1.33 waves).
     splits = max(1, min((_SMS * per_sm) // pairs, math.ceil(keys / (16 * nw * _DEC_MIN_TILES)), _DEC_MAX_SPLITS))
     if "dec_splits" in TUNING:
         splits = TUNING["dec_splits"]
     splits = max(1, min(splits, nw * dv))  # the merge's [splits][8] weights fit red_o
-    return nw, splits, smem, stages
+    return nw, splits, smem
 
 
 def decode_scratch_floats(qspec, splits: int) -> int:
@@ -523,23 +460,24 @@ def _decode_pool(qspec) -> bool:
 def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
     """Everything of a decode launch but its inputs, once per (spec, shapes, dtypes, TUNING)."""
     spec = qspec.attention
-    nw, splits, smem, stages = decode_plan(qspec, max(k_scales_dtype.size, v_scales_dtype.size))
+    decode_removed_tuning()
+    nw, splits, smem = decode_plan(qspec)
     pool = _decode_pool(qspec)
-    fold, l2pf = decode_register_options(stages)
+    fold, l2pf = decode_register_options()
     template = [("T", spec.dtype), ("KST", k_scales_dtype), ("VST", v_scales_dtype), ("SOFTCAP", spec.softcap > 0),
                 ("WINDOW", spec.has_window), ("SINKS", spec.has_sinks), ("D", spec.head_dim_qk),
                 ("DV", spec.head_dim_v), ("BITS", qspec.bits), ("GS", qspec.group_size), ("NW", nw),
-                ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("STAGES", stages), ("POOL", pool),
+                ("PF", bool(TUNING.get("dec_prefetch", _DEC_PREFETCH))), ("POOL", pool),
                 ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M))),
                 ("FOLD", fold), ("L2PF", l2pf),
-                ("TILES", decode_tiles(qspec, stages, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), l2pf)),
-                ("LATE", decode_late_scales(stages))]
+                ("TILES", decode_tiles(qspec, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), l2pf)),
+                ("LATE", decode_late_scales())]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
                        (decode_scratch_floats(qspec, splits),)],
         output_dtypes=[spec.dtype, mx.float32, mx.float32], init_value=None if pool else 0,
-    ), _cuda.const_array((splits, TUNING.get("dec_ring_debug", 0)), mx.int32), smem
+    ), _cuda.const_array((splits,), mx.int32), smem
 
 
 def _decode_kernel(smem: int):
