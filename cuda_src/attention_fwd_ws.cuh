@@ -23,8 +23,8 @@
 // for S(t) lets P V run on (wgmma.wait_group 1), the softmax computes the new
 // row maxima and P(t) in place in S's registers, and only after P V finished
 // is O rescaled and P(t) packed into the A fragments P V reads. (RESCALE = 1,
-// opt-in: O's rescale waits for the next turn, between S(t+1)'s issue and
-// P V(t)'s, as FlashAttention-3 orders it.)
+// the default at D = 64: O's rescale waits for the next turn, between
+// S(t+1)'s issue and P V(t)'s, as FlashAttention-3 orders it.)
 // Key tiles are visited from the last to the first, so under causal or
 // window rules the tiles crossing the diagonal (the ones that need the rules)
 // come first. Logits stay raw until the softmax: one FFMA per element forms
@@ -548,7 +548,7 @@ __device__ void attention_fwd_ws(const T* q, const T* k, const T* v, const int* 
   // Three warpgroups take turns in a cycle 0, 1, 2 the same way: warpgroup w
   // syncs on barrier ws_turn_bar(w) and arrives on the next one's; the last
   // one arrives up front and skips its arrive after its last turn.
-  // TURNS = 1 (opt-in): the cycle runs on across a block's items instead of
+  // TURNS = 1 (the default instances'): the cycle runs on across a block's items instead of
   // starting again in each: the last warpgroup arrives up front once, before
   // the first item, and after every turn, its last one included, so warpgroup
   // 0 issues the next item's first S as soon as the last warpgroup issued its
@@ -756,10 +756,10 @@ constexpr int WARPGROUPS = 2;
 // Row max / sum chains of the 176-key softmax: 1, unless an instance's CHAINS says 2.
 constexpr int CHAINS = 1;
 // O's rescale after the softmax (0), unless an instance's RESCALE says 1:
-// inside the next turn, under S's product (MLX_FLASH_CUDA_FWD_WS_RESCALE=early).
+// inside the next turn, under S's product (MLX_FLASH_CUDA_FWD_WS_RESCALE).
 constexpr int RESCALE = 0;
 // Turns started again in each item (0), unless an instance's TURNS says 1:
-// one cycle across the block's items (MLX_FLASH_CUDA_FWD_WS_TURNS=continuous).
+// one cycle across the block's items (MLX_FLASH_CUDA_FWD_WS_TURNS).
 constexpr int TURNS = 0;
 
 // The launch bound of every instance the backend builds (see the top): MLX
@@ -836,15 +836,15 @@ MLX_FLASH_WS_DECLARE(_f_128_128_f_2_144, __half)
 MLX_FLASH_WS_DECLARE(_f_128_128_f_2_160, __half)
 MLX_FLASH_WS_DECLARE(_t_128_128_f_2_144, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_128_128_f_2_160, __nv_bfloat16)
-// Opt-in O rescale inside the turn (MLX_FLASH_CUDA_FWD_WS_RESCALE=early) on
-// the default two-warpgroup routes: D 128 dense / ruled, D 64 ruled.
+// O rescale inside the turn (MLX_FLASH_CUDA_FWD_WS_RESCALE) on the default
+// two-warpgroup routes: D 128 dense / ruled, D 64 ruled.
 MLX_FLASH_WS_DECLARE(_f_128_128_f_2_176_0_2_1_1, __half)
 MLX_FLASH_WS_DECLARE(_f_128_128_t_2_128_0_2_1_1, __half)
 MLX_FLASH_WS_DECLARE(_f_64_64_t_4_128_0_2_1_1, __half)
 MLX_FLASH_WS_DECLARE(_t_128_128_f_2_176_0_2_1_1, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_128_128_t_2_128_0_2_1_1, __nv_bfloat16)
 MLX_FLASH_WS_DECLARE(_t_64_64_t_4_128_0_2_1_1, __nv_bfloat16)
-// Opt-in turns across items (MLX_FLASH_CUDA_FWD_WS_TURNS=continuous), with either rescale order.
+// Turns across items (MLX_FLASH_CUDA_FWD_WS_TURNS; the default routes), with either rescale order.
 MLX_FLASH_WS_DECLARE(_f_128_128_f_2_176_0_2_1_0_1, __half)
 MLX_FLASH_WS_DECLARE(_f_128_128_f_2_176_0_2_1_1_1, __half)
 MLX_FLASH_WS_DECLARE(_f_128_128_t_2_128_0_2_1_0_1, __half)
@@ -879,10 +879,10 @@ MLX_FLASH_WS3_DECLARE(_t_64_64_f_4_96_2_3, __nv_bfloat16)
 MLX_FLASH_WS3_DECLARE(_t_64_64_t_4_64_0_3, __nv_bfloat16)
 MLX_FLASH_WS3_DECLARE(_t_64_64_t_4_64_1_3, __nv_bfloat16)
 MLX_FLASH_WS3_DECLARE(_t_64_64_t_4_64_2_3, __nv_bfloat16)
-// Opt-in O rescale inside the turn on the default dense D 64 route.
+// O rescale inside the turn on the default dense D 64 route.
 MLX_FLASH_WS3_DECLARE(_f_64_64_f_4_96_0_3_1_1, __half)
 MLX_FLASH_WS3_DECLARE(_t_64_64_f_4_96_0_3_1_1, __nv_bfloat16)
-// Opt-in turns across items, with either rescale order.
+// Turns across items (the default routes), with either rescale order.
 MLX_FLASH_WS3_DECLARE(_f_64_64_f_4_96_0_3_1_0_1, __half)
 MLX_FLASH_WS3_DECLARE(_f_64_64_f_4_96_0_3_1_1_1, __half)
 MLX_FLASH_WS3_DECLARE(_t_64_64_f_4_96_0_3_1_0_1, __nv_bfloat16)

@@ -50,8 +50,8 @@ def hopper_defaults(monkeypatch):
     for name, value in (("POISON_OUTPUTS", True), ("_ENABLED", True), ("CHECKED_ONLY", True), ("WIDE_MODE", "auto"),
                         ("STAGES", {128: 2, 64: 4}), ("KEYS_DENSE_D128", 176), ("KEYS_DENSE_D64", 128),
                         ("EXP2_POLY", {64: 0}), ("WG3_D64", "auto"), ("CHAINS_D128", 1), ("PERSISTENT", None),
-                        ("DYNAMIC", True), ("HEAD_GROUP", None), ("TRACE", None), ("RESCALE_EARLY", False),
-                        ("TURNS_CONTINUOUS", False),
+                        ("DYNAMIC", True), ("HEAD_GROUP", None), ("TRACE", None), ("RESCALE_EARLY", None),
+                        ("TURNS_CONTINUOUS", True),
                         ("WIDE_KEYS", {(96, 96): 128, (192, 192): 96, (256, 256): 80, (192, 128): 128})):
         monkeypatch.setattr(ws, name, value)
     monkeypatch.setattr(cuda_backend, "_BWD_WS", 0)
@@ -126,6 +126,8 @@ def test_ws_forward(case, hopper_defaults):
     results, launches = _run(q, k, v, options)
     t = _kernel_of(launches, "attention_fwd_ws")
     assert (t["WINDOW"], t["BN"], t.get("WARPGROUPS", 2)) == instance
+    if D in (64, 128):  # the default turns across items, and the early rescale at D 64
+        assert (t["TURNS"], t["RESCALE"]) == (1, int(D == 64))
     _check_forward(q, k, v, options, dtype, results)
 
 
@@ -276,6 +278,9 @@ OPT_IN = [
     ("WIDE_KEYS", {(96, 96): 128, (192, 192): 112, (256, 256): 80, (192, 128): 128}, 192, {}, {"BN": 112}),
     ("RESCALE_EARLY", True, 128, {"causal": True}, {"BN": 128, "RESCALE": 1}),
     ("RESCALE_EARLY", True, 64, {"window": (90, 30)}, {"WINDOW": True, "WARPGROUPS": 2, "RESCALE": 1}),
+    ("RESCALE_EARLY", False, 64, {"causal": True}, {"RESCALE": 0, "TURNS": 1}),   # =late
+    ("TURNS_CONTINUOUS", False, 64, {}, {"RESCALE": 1, "TURNS": None}),        # =item
+    ("TURNS_CONTINUOUS", False, 128, {}, {"BN": 176, "RESCALE": None, "TURNS": None}),
 ]
 
 
@@ -305,6 +310,7 @@ def test_ws_forward_rescale_early_is_bit_identical(case, hopper_defaults):
     B, Hq, Hkv, Nq, Nk, D, Dv, dtype, options, instance = case
     q, k, v, _ = _inputs("fwd", B, Hq, Hkv, Nq, Nk, D, Dv, dtype)
     hopper_defaults.CHECKED_ONLY = False
+    hopper_defaults.RESCALE_EARLY = hopper_defaults.TURNS_CONTINUOUS = False  # the old kernel
     default, launches = _run(q, k, v, options)
     assert _kernel_of(launches, "attention_fwd_ws").get("RESCALE") is None
     hopper_defaults.RESCALE_EARLY = True
@@ -334,6 +340,7 @@ def test_ws_forward_turns_continuous_is_bit_identical(case, early, hopper_defaul
     q, k, v, _ = _inputs("fwd", B, Hq, Hkv, Nq, Nk, D, Dv, dtype)
     hopper_defaults.CHECKED_ONLY = False
     hopper_defaults.PERSISTENT = True
+    hopper_defaults.RESCALE_EARLY = hopper_defaults.TURNS_CONTINUOUS = False  # the old kernel
     default, launches = _run(q, k, v, options)
     assert _kernel_of(launches, "attention_fwd_ws").get("TURNS") is None
     hopper_defaults.TURNS_CONTINUOUS = True

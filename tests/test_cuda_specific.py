@@ -887,6 +887,18 @@ def test_ws_forward_variant_settings(monkeypatch):
     # no EXP2POLY / WARPGROUPS values, the old names and tiles.
     assert ws.EXP2_POLY == {64: 0} and ws.WG3_D64 == "auto" and ws.KEYS_DENSE_D64 == 128 and ws.KEYS_DENSE_D128 == 176
     assert ws.CHAINS_D128 == 1
+    # The default rescale (early at D = 64) and turns (across items), as the
+    # settings' defaults give them whatever the caller's environment says.
+    monkeypatch.setattr(ws, "RESCALE_EARLY", None)
+    monkeypatch.setattr(ws, "TURNS_CONTINUOUS", True)
+    assert ws.mlx_kernel_name(ws.template(dense)).endswith("_f_64_64_f_4_96_0_3_1_1_1")
+    assert ws.mlx_kernel_name(ws.template(causal)).endswith("_f_64_64_t_4_128_0_2_1_1_1")
+    assert ws.mlx_kernel_name(ws.template(d128)).endswith("_t_128_128_f_2_176_0_2_1_0_1")
+    monkeypatch.setattr(ws, "RESCALE_EARLY", True)
+    assert ws.mlx_kernel_name(ws.template(d128)).endswith("_t_128_128_f_2_176_0_2_1_1_1")
+    # =late / =item: the old kernels.
+    monkeypatch.setattr(ws, "RESCALE_EARLY", False)
+    monkeypatch.setattr(ws, "TURNS_CONTINUOUS", False)
     assert ws.mlx_kernel_name(ws.template(dense)).endswith("_f_64_64_f_4_96_0_3") and ws.warpgroups(dense) == 3
     assert [n for n, _ in ws.template(causal)] == ["BF16", "D", "DV", "WINDOW", "STAGES", "BN"]
     assert ws.mlx_kernel_name(ws.template(causal)).endswith("_f_64_64_t_4_128") and ws.warpgroups(causal) == 2
@@ -911,7 +923,8 @@ def test_ws_forward_variant_settings(monkeypatch):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_FLASH_CUDA_FWD_WS")}
     for name, bad in (("MLX_FLASH_CUDA_FWD_WS_EXP2_POLY_D64", "3"), ("MLX_FLASH_CUDA_FWD_WS_WG3_D64", "yes"),
                       ("MLX_FLASH_CUDA_FWD_WS_KEYS_D64", "96"), ("MLX_FLASH_CUDA_FWD_WS_KEYS_D128", "192"),
-                      ("MLX_FLASH_CUDA_FWD_WS_CHAINS_D128", "4")):
+                      ("MLX_FLASH_CUDA_FWD_WS_CHAINS_D128", "4"), ("MLX_FLASH_CUDA_FWD_WS_RESCALE", "1"),
+                      ("MLX_FLASH_CUDA_FWD_WS_TURNS", "0")):
         result = subprocess.run([sys.executable, "-c", "import mlx_flash.backends.cuda_fwd_ws"], capture_output=True,
                                 text=True, timeout=120, env={**env, name: bad})
         assert result.returncode != 0 and name in result.stderr and "ValueError" in result.stderr, result.stderr[-500:]
@@ -920,7 +933,7 @@ def test_ws_forward_variant_settings(monkeypatch):
 def test_ws_forward_grid(monkeypatch):
     """Persistent: at most one block per SM (each takes items one after the
     other); otherwise, or when the SM count is unknown, one block per item;
-    by default persistent at D = 64 only."""
+    by default persistent at D = 64 and 128 (not the wide heads)."""
     from mlx_flash.backends import cuda_fwd_ws
 
     monkeypatch.setattr(cuda_fwd_ws, "sm_count", lambda: 132)
@@ -930,7 +943,8 @@ def test_ws_forward_grid(monkeypatch):
     assert cuda_fwd_ws.blocks_for(4096) == 4096
     monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
     monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", None)
-    assert (cuda_fwd_ws.blocks_for(4096, 64), cuda_fwd_ws.blocks_for(4096, 128)) == (132, 4096)
+    assert (cuda_fwd_ws.blocks_for(4096, 64), cuda_fwd_ws.blocks_for(4096, 128)) == (132, 132)
+    assert cuda_fwd_ws.blocks_for(4096, 256) == 4096
     monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
     monkeypatch.setattr(cuda_fwd_ws, "sm_count", lambda: 0)
     assert cuda_fwd_ws.blocks_for(4096) == 4096
@@ -1304,7 +1318,7 @@ _WS_VARIANTS = {"poly1": {"poly": 1}, "poly2": {"poly": 2}, "k192": {"keys64": 1
                 "early64": {"early": True, "wg3": "auto"}, "early128": {"early": True, "d": 128},
                 # Turns run on across a persistent block's items (TURNS_CONTINUOUS): bit-identical too.
                 "turns64": {"turns": True, "wg3": "auto"}, "turns128": {"turns": True, "d": 128, "persistent": True},
-                # D 64's candidate default: both (session 10's round A, 1.02-1.08x on every row).
+                # D 64's default since session 12: both (session 10's round A, 1.02-1.08x on every row).
                 "both64": {"turns": True, "early": True, "wg3": "auto"}}
 
 

@@ -13,8 +13,8 @@ D = 64 calls, =0 routes every call to attention_fwd_wgmma. Wide heads: the
 pairs in WIDE_CHECKED by default, MLX_FLASH_CUDA_FWD_WS_WIDE=all every pair
 of WIDE_PAIRS, =0 none (they keep attention_fwd_mma). Dense D = 64 calls
 run its three-warpgroup instances (WG3_D64); the opt-in variants below
-(EXP2_POLY, KEYS_DENSE_D64 / _D128, CHAINS_D128, RESCALE_EARLY,
-TURNS_CONTINUOUS) are for timing runs.
+(EXP2_POLY, KEYS_DENSE_D64 / _D128, CHAINS_D128) are for timing runs;
+RESCALE_EARLY and TURNS_CONTINUOUS are on by default where they timed faster.
 
 Q, K and V reach the kernel through TMA: per operand a 3-D tensor map
 (head dim, sequence, batch * heads) whose boxes are 64 head dims by 128 rows
@@ -162,34 +162,42 @@ if _CHAINS not in ("1", "2"):
 CHAINS_D128 = int(_CHAINS)
 
 
-# Opt-in (timing only until its GPU check): O's rescale by the new row maxima
-# moved from after the softmax into the next turn, after S's product is
-# issued and before P V's (FlashAttention-3's order), off the consumer's path
-# from one softmax to its next turn; bit-identical results.
-# MLX_FLASH_CUDA_FWD_WS_RESCALE=early on the default routes' instances (D 128
-# dense 176 / ruled 128 keys, D 64 dense on three warpgroups and ruled on
-# two, at the default ring depths); "late" (default) builds the unchanged kernels.
-_RESCALE = os.environ.get("MLX_FLASH_CUDA_FWD_WS_RESCALE", "late")
-if _RESCALE not in ("late", "early"):
-    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_RESCALE: expected late or early, got {_RESCALE!r}")
-RESCALE_EARLY = _RESCALE == "early"
+# O's rescale by the new row maxima moved from after the softmax into the
+# next turn, after S's product is issued and before P V's (FlashAttention-3's
+# order), off the consumer's path from one softmax to its next turn;
+# bit-identical results. MLX_FLASH_CUDA_FWD_WS_RESCALE: "auto" (default) at
+# D = 64, where it timed 1.02-1.08x alone and, with the continuous turns below,
+# 1.02-1.08x the old route on every row (H200, session 10 round A, fp16 and
+# bf16, 4K / 16K, dense and causal; benchmarks/results/cuda_fwd_ws_nvidia_h200_s10.json);
+# at D = 128 it timed 0.95-1.05x (noise), so not there. "early" at both (the
+# default routes' instances: D 128 dense 176 / ruled 128 keys, D 64 dense on
+# three warpgroups and ruled on two, at the default ring depths), "late" at none.
+_RESCALE = os.environ.get("MLX_FLASH_CUDA_FWD_WS_RESCALE", "auto")
+if _RESCALE not in ("auto", "late", "early"):
+    raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_RESCALE: expected auto, late or early, got {_RESCALE!r}")
+RESCALE_EARLY = None if _RESCALE == "auto" else _RESCALE == "early"  # None: D 64 only
+RESCALE_EARLY_HEAD_DIMS = (64,)
 
-# Opt-in (timing only until its GPU check): the consumer warpgroups' turns run
-# on across a persistent block's items (TURNS 1) instead of starting again in
-# each, so the first warpgroup issues an item's first S once the last one
-# issued the previous item's last P V, not after its epilogue too.
-# MLX_FLASH_CUDA_FWD_WS_TURNS=continuous on the same instances as the early
-# rescale (with either order); "item" (default) builds the unchanged kernels.
-_TURNS = os.environ.get("MLX_FLASH_CUDA_FWD_WS_TURNS", "item")
+# The consumer warpgroups' turns run on across a persistent block's items
+# (TURNS 1) instead of starting again in each, so the first warpgroup issues
+# an item's first S once the last one issued the previous item's last P V,
+# not after its epilogue too; bit-identical results.
+# MLX_FLASH_CUDA_FWD_WS_TURNS: "continuous" (default; the persistent grid
+# with them timed 1.01-1.10x the old D 128 route, fp16, and 0.99-1.04x alone
+# at D 64, session 10 round A) on the same instances as the early rescale;
+# "item" builds the old kernels.
+_TURNS = os.environ.get("MLX_FLASH_CUDA_FWD_WS_TURNS", "continuous")
 if _TURNS not in ("item", "continuous"):
     raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_TURNS: expected item or continuous, got {_TURNS!r}")
 TURNS_CONTINUOUS = _TURNS == "continuous"
 
 
 def rescale_early(spec: AttentionSpec, nwg: int, keys: int) -> bool:
-    """Whether the call's instance rescales O early (RESCALE 1): the setting is
-    on and the call runs one of the default routes' instances."""
-    return RESCALE_EARLY and _default_instance(spec, nwg, keys)
+    """Whether the call's instance rescales O early (RESCALE 1): the setting
+    asks for it at the call's head dim and the call runs one of the default
+    routes' instances."""
+    on = spec.head_dim_qk in RESCALE_EARLY_HEAD_DIMS if RESCALE_EARLY is None else RESCALE_EARLY
+    return on and _default_instance(spec, nwg, keys)
 
 
 def turns_continuous(spec: AttentionSpec, nwg: int, keys: int) -> bool:
@@ -244,8 +252,10 @@ if _PERSISTENT not in ("0", "1", "auto"):
     raise ValueError(f"MLX_FLASH_CUDA_FWD_WS_PERSISTENT: expected 0, 1 or auto, got {_PERSISTENT!r}")
 PERSISTENT = None if _PERSISTENT == "auto" else _PERSISTENT == "1"
 # "auto": persistent at D = 64, whose short items it ran 1-30% faster on the
-# H200 (2026-12-04), one block per item at D = 128 (+-8% either way there).
-PERSISTENT_HEAD_DIMS = (64,)
+# H200 (2026-12-04), and at D = 128 since session 10 (round A, interleaved
+# A/B: 1.00-1.06x one block per item on all ten fp16 / bf16 rows, 1.01-1.10x
+# with the continuous turns; it had timed +-8% in single runs before).
+PERSISTENT_HEAD_DIMS = (64, 128)
 # Persistent blocks claim their next item with an atomic ticket (the stream's
 # ticket pool, backends/cuda.py) instead of striding by the grid, so blocks
 # that drew short (causal) items take more of them.
@@ -464,6 +474,6 @@ def forward(q, k, v, spec: AttentionSpec, out_shape, lse_shape, stream):
                      output_dtypes=dtypes, init_value=init, stream=stream)
     if TRACE is not None:
         TRACE.append(outputs[2])
-    elif _cuda._host.RECORDING is not None and _cuda._host.PREFILL:  # opt-in: cuda_host.py replays the call
+    elif _cuda._host.RECORDING is not None and _cuda._host.PREFILL:  # cuda_host.py replays the call (the default)
         _cuda._host.note_launch(kernel, inputs, outputs, stream, values, grid, tg, shapes, dtypes, init)
     return outputs[0], outputs[1]
