@@ -23,6 +23,7 @@ import pytest
 import features
 from cuda_emu import nonfinite_cases
 from mlx_flash.backends import cuda as cuda_backend
+from mlx_flash.backends import cuda_matmul
 
 _CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",
                mx.bool_: "bool", mx.int32: "int32_t", mx.uint8: "uint8_t", mx.uint32: "uint32_t"}
@@ -49,6 +50,9 @@ def _kernel_text(name, body, inputs, outputs, template):
     params += [f"    {_CUDA_TYPES[d]}* {n}" for n, d in outputs]
     src.append(",\n".join(params) + ") {")
     for n, val in template:
+        if isinstance(val, int) and not isinstance(val, bool) and val < 0:
+            raise AssertionError(f"{name}: template {n} = {val}: MLX names the kernel after its template values "
+                                 "and NVRTC cannot look up a name holding a minus sign")
         if isinstance(val, bool):
             src.append(f"  constexpr bool {n} = {'true' if val else 'false'};")
         elif isinstance(val, int):
@@ -419,8 +423,8 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
         ta, tb, fa, fb, trans, bn, stages, promote, native, acc2 = case
         to = mx.float32 if i % 2 else (ta if not native else mx.float16)
         template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans),
-                    ("AS", True), ("BS", i % 2 == 0), ("BN", bn), ("STAGES", stages), ("PROMOTE", promote),
-                    ("NATIVE", native), ("ACC2", acc2)]
+                    ("AS", True), ("BS", i % 2 == 0), ("BN", bn), ("STAGES", stages)]
+        template += cuda_matmul.promote_template(promote) + [("NATIVE", native), ("ACC2", acc2)]
         return _kernel_text(f"ws{i}", body, ins(ta, tb) + [("tmpl", mx.uint8)], [("out", to), ("tmaps", mx.uint8)],
                             template)
 
@@ -715,8 +719,8 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
         ta, tb, fa, fb, trans, bn, stages, promote, native, acc2 = case
         to = ta if not native else mx.float16
         template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans), ("AS", True),
-                    ("BS", True), ("BN", bn), ("STAGES", stages), ("PROMOTE", promote), ("NATIVE", native),
-                    ("ACC2", acc2)]
+                    ("BS", True), ("BN", bn), ("STAGES", stages)]
+        template += cuda_matmul.promote_template(promote) + [("NATIVE", native), ("ACC2", acc2)]
         return _kernel_text(f"ws{i}", cuda_backend._read("matmul_wgmma_ws.cu"), ins(ta, tb),
                             [("out", to), ("tmaps", mx.uint8)], template)
 

@@ -479,6 +479,16 @@ def ws_smem(bn: int, stages: int) -> int:
     return stages * (128 + bn) * 128 + 1024
 
 
+def promote_template(promote: int) -> list:
+    """The warp-specialised kernel's promotion as template constants, both
+    non-negative: PROMOTE (every that many stages) and PROMOTE_INSTR (every
+    that many k32 instructions: the plan's promote -1 / -2). MLX names a
+    custom kernel after its template values, and NVRTC's name lookup fails on
+    a name holding "-1" (the card said so in session 12), so no template value
+    may be negative."""
+    return [("PROMOTE", max(promote, 0)), ("PROMOTE_INSTR", max(-promote, 0))]
+
+
 def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native, transpose_b, ip, Np, fa, fb,
               acc2=False):
     """The warp-specialised persistent Hopper kernel: cuda_src/matmul_wgmma_ws.cuh
@@ -499,8 +509,8 @@ def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native,
                 _tma_templates(a, b, transpose_b, bn)],
         template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype),
                   ("FA", fa), ("FB", fb), ("TRANS_B", transpose_b),
-                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("BN", bn), ("STAGES", stages),
-                  ("PROMOTE", promote), ("NATIVE", native), ("ACC2", bool(acc2))],
+                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("BN", bn), ("STAGES", stages)]
+        + promote_template(promote) + [("NATIVE", native), ("ACC2", bool(acc2))],
         grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
         output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,)],
         output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,

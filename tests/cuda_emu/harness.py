@@ -253,6 +253,11 @@ class CudaKernel:
         if self.shared_memory > _SMEM_LIMIT:
             raise ValueError(f"cuda_emu: {self.name} asks for {self.shared_memory} bytes of shared memory")
         inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
+        for n, v in template or []:
+            # MLX names the kernel after its template values; NVRTC's lookup of
+            # a name holding "-1" fails on the card (session 12), so none may be negative.
+            if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+                raise ValueError(f"cuda_emu: {self.name}: template {n} = {v} is negative")
         LAUNCHES.append((self.name, dict(template or [])))
         lib = _library(self.translation_unit(inputs, template, output_dtypes))
         if self.ensure_row_contiguous:
