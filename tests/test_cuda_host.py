@@ -463,8 +463,8 @@ def test_tuning_overrides_take_the_python_path(fresh_host, monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# Opt-in replay of the tensor-core forwards (cuda_host.PREFILL,
-# MLX_FLASH_CUDA_HOST_PREFILL=1): prefill and training calls.
+# Replay of the tensor-core forwards (cuda_host.PREFILL, on by default;
+# MLX_FLASH_CUDA_HOST_PREFILL=0 turns it off): prefill and training calls.
 
 # (dtype, Hq, Hkv, Nq, Nk, D, options, route): the warp-specialised forward
 # (D 64 from cuda_fwd_ws.MIN_KEYS_D64 keys: persistent, dynamic tickets),
@@ -565,8 +565,8 @@ def test_prefill_settings_change_makes_a_new_key(fake_prefill, monkeypatch, chan
     old, first, replayed = _both_paths(call)
     _assert_identical(old, replayed)
     hits, misses = HOST.stats()[:2]
-    if change == "attribute":  # the persistent grid: another launch shape
-        monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", True)
+    if change == "attribute":  # the other grid (persistent or one block per item): another launch shape
+        monkeypatch.setattr(cuda_fwd_ws, "PERSISTENT", not cuda_fwd_ws.persistent(128))
     elif change == "plan dict":  # the same dict object, changed in place
         monkeypatch.setitem(cuda_fwd_ws.STAGES, 128, 3)
     else:
@@ -595,7 +595,7 @@ def test_settings_watch_keeps_module_behaviour(fresh_host):
     cuda_host.watch_settings()
     epoch = cuda_host.SETTINGS_EPOCH[0]
     assert cuda_fwd_ws.STAGES == {128: cuda_fwd_ws.STAGES[128], 64: cuda_fwd_ws.STAGES[64]}
-    assert isinstance(cuda_fwd_ws.STAGES, dict) and cuda_fwd_ws.RESCALE_EARLY in (True, False)
+    assert isinstance(cuda_fwd_ws.STAGES, dict) and cuda_fwd_ws.RESCALE_EARLY in (True, False, None)
     assert cuda_host.SETTINGS_EPOCH[0] == epoch
     old = cuda_fwd_ws.STAGES.pop(64)
     cuda_fwd_ws.STAGES[64] = old

@@ -539,7 +539,7 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     shapes, dtypes = [out_shape, lse_shape], [spec.dtype, mx.float32]
     outputs = kernel(inputs=args, template=template, grid=grid, threadgroup=threads, output_shapes=shapes,
                      output_dtypes=dtypes, stream=stream)
-    if _host.RECORDING is not None and _host.PREFILL:  # opt-in: cuda_host.py replays the call
+    if _host.RECORDING is not None and _host.PREFILL:  # cuda_host.py replays the call (the default)
         _host.note_launch(kernel, args, outputs, stream, template, grid, threads, shapes, dtypes, None)
     return outputs[0], outputs[1]
 
