@@ -13,7 +13,7 @@
 # has its own time limit, so one that hangs costs only its share; every log
 # lands in $OUT/<step>.txt and its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b}
+PART=${1:?usage: card_round_next.sh a|b|c}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -64,7 +64,21 @@ elif [ "$PART" = b ]; then
   # 8. Issue 15: fp8-weight decode over weights that do not fit in L2, beside the copy bandwidth.
   step mm_decode_stream 120 python3 -m mlx_flash.bench.cuda_matmul --sections decode_stream \
     --decode-shapes 4096:4096,4096:14336,8192:8192 --out "$OUT/mm_decode_stream.json"
+elif [ "$PART" = c ]; then
+  # Session 12's follow-up (after a and b ran on an H100): the opt-in fp8
+  # plans promoting every 1 / 2 instructions, whose kernel names held "-1"
+  # (NVRTC's name lookup failed; now PROMOTE_INSTR); the ws forward's new
+  # defaults (D 128 persistent with turns across items, D 64 turns + early
+  # rescale) through the GPU tests, then timed against the old kernels and
+  # mx.fast; the backward beside mx.fast and torch.
+  step ws_fp8_promote_instr 90 python3 -m pytest -q -p no:cacheprovider -n 6 tests/test_matmul_cuda_routes.py \
+    -k "ws_fp8_native and (pr-1 or pr-2)"
+  step ws_fwd_defaults 150 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_cuda_specific.py -k "ws_forward_on_gpu"
+  step ws_fwd_ab 150 env SWEEP_PLAN="128:f16:ws=,old=persistent~0/turns~0/early~0;64:f16:ws=,old=turns~0/early~0" \
+    python3 tools/cuda_fwd_ws_ab.py "$OUT/ws_fwd_ab.json" 128:f16:0.1 64:f16:0.1 --rounds 3
+  step bwd_time 110 env BWD_AB_ROWS="float16:1,16,8192,128;float16:2,16,4096,128" \
+    python3 tools/cuda_bwd_ab.py time "$OUT/bwd_time.json"
 else
-  echo "card_round_next.sh: PART must be a or b, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b or c, got $PART" >&2
   exit 2
 fi
