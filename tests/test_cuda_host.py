@@ -494,13 +494,14 @@ def _route_of(q, k, v, options):
 
 @pytest.fixture
 def fake_prefill(fake_cuda, monkeypatch):
-    """fake_cuda with the opt-in on and the ws forward's defaults, TMA and an
+    """fake_cuda with the prefill replay on and the ws forward's defaults, TMA and an
     SM count stubbed (the tensor maps are fixed bytes here)."""
     from mlx_flash.backends import cuda_fwd_ws
 
     monkeypatch.setattr(cuda_host, "PREFILL", True)
     for name, value in (("_ENABLED", True), ("CHECKED_ONLY", True), ("PERSISTENT", None), ("DYNAMIC", True),
-                        ("HEAD_GROUP", None), ("TRACE", None), ("POISON_OUTPUTS", False)):
+                        ("HEAD_GROUP", None), ("TRACE", None), ("POISON_OUTPUTS", False), ("RESCALE_EARLY", None),
+                        ("TURNS_CONTINUOUS", True)):
         monkeypatch.setattr(cuda_fwd_ws, name, value)
     monkeypatch.setattr(cuda_fwd_ws, "_tma_available", lambda: True)
     monkeypatch.setattr(cuda_fwd_ws, "sm_count", lambda: 4)
@@ -538,7 +539,7 @@ def test_prefill_replay_on_fake_kernels_matches_python_path(fake_prefill, monkey
 
 
 @needs_host
-def test_prefill_stays_python_without_the_opt_in(fake_prefill, monkeypatch):
+def test_prefill_stays_python_when_switched_off(fake_prefill, monkeypatch):
     monkeypatch.setattr(cuda_host, "PREFILL", False)
     monkeypatch.setattr(fake_prefill, "_is_hopper", lambda: True)
     q, k, v, options, _ = _prefill_call("ws D128 causal lse", rng("host-fake-prefill-off"))
