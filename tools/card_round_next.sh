@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# The next card session's checks, in the order they matter, as two device
-# calls of under 600 s each (the device tool's limit per command). Written in
-# session 11, which had no card: every change below was proven on the CPU
-# (emulation, nvcc/NVRTC) and waits for these runs.
+# Card checks, each part one device call of under 600 s (the device tool's
+# limit per command). Parts a and b were written in session 11 (no card) and
+# ran on an H100 in session 12 (results in docs/cuda.md, docs/matmul.md,
+# docs/cuda_decode.md); part c is what session 12 could not run before its
+# card was taken back, and is the next card session's first call:
 #
-#     . .device/rest/env.sh && OUT=$OUT bash tools/card_round_next.sh a    # correctness (~520 s)
-#     . .device/rest/env.sh && OUT=$OUT bash tools/card_round_next.sh b    # timings (~560 s)
+#     . .device/rest/env.sh && bash tools/install_cuda_host.sh && OUT=$OUT bash tools/card_round_next.sh c
+#     . .device/rest/env.sh && OUT=$OUT bash tools/card_round_next.sh a    # correctness (~400 s on the H100)
+#     . .device/rest/env.sh && OUT=$OUT bash tools/card_round_next.sh b    # timings
 #
 # Part a: correctness of what changed default kernels or could be a default
 # bug, then the opt-in variants waiting to be routed. Part b: side-by-side
-# timings, each against mx.fast (cuDNN) or MLX in the same process. Each step
-# has its own time limit, so one that hangs costs only its share; every log
-# lands in $OUT/<step>.txt and its last line is echoed.
+# timings, each against mx.fast (cuDNN) or MLX in the same process (b's
+# quant_tiles_ab step needed more than its 150 s on the H100: give it a call
+# of its own; bwd_time without BWD_BEFORE_DIR, whose older kernel no longer
+# builds against today's headers). Each step has its own time limit, so one
+# that hangs costs only its share; every log lands in $OUT/<step>.txt and
+# its last line is echoed.
 set -u
 PART=${1:?usage: card_round_next.sh a|b|c}
 OUT=${OUT:?set OUT to the folder results go to}
@@ -37,7 +42,7 @@ if [ "$PART" = a ]; then
   # 2. The backward kernels whose source changed for the NVRTC spills (D 128
   #    bool mask / ALiBi on the Hopper backward, D 112 softcap's fast tanh),
   #    the D 96 unroll of session 10 and the early dV.
-  step bwd_changed 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda_specific.py \
+  step bwd_changed 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda_specific.py \
     -k "hopper_backward_d128_rules_on_gpu or mid_head_backward_on_gpu or dv_early_on_gpu or (hopper_backward_ws_on_gpu and causal and D128)"
   # 3. The C++ replay: decode and the opt-in prefill (keys now hold the settings epoch).
   step host_replay 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_host.py -k gpu
