@@ -52,8 +52,16 @@ __device__ __forceinline__ unsigned qd_perm(unsigned a, unsigned b, unsigned sel
 template <bool BF16>
 __device__ __forceinline__ unsigned qd_sub2(unsigned x, unsigned y) {
   unsigned r;
-  if (BF16) asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(y));
-  else asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(y));
+  if (BF16) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    // sub.bf16x2 needs sm_90; x - y as fma(y, -1, x): one rounding, the same bits.
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(y), "r"(0xBF80BF80u), "r"(x));
+#else
+    asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(y));
+#endif
+  } else {
+    asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(y));
+  }
   return r;
 }
 // x * y + z on fp16 pairs (exact where used: (1024 + 16 c) / 16 - 64).

@@ -203,12 +203,14 @@ def _matmul_cases():
                ("FB", fb), ("TRANS_B", trans), ("AS", True), ("BS", fa == 1), ("NATIVE_FP8", native)]
 
 
-def _nvcc_compile(tmp_path, name, source, flags=()):
+def _nvcc_compile(tmp_path, name, source, flags=(), arch="90a"):
+    """nvcc -c of `source`; returns ptxas' log. arch: the card's compute
+    capability ("90a" as MLX's NVRTC targets Hopper: wgmma needs the "a"
+    features; "80" / "89" for the routes an A100 / L40 takes)."""
     path = tmp_path / f"{name}.cu"
     path.write_text(source)
     result = subprocess.run(
-        # compute_90a as MLX's NVRTC targets Hopper (wgmma needs the "a" features).
-        ["nvcc", "-gencode", "arch=compute_90a,code=sm_90a", "-std=c++17", *flags, "-c", "-o",
+        ["nvcc", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-std=c++17", *flags, "-c", "-o",
          str(tmp_path / f"{name}.o"), str(path)],
         capture_output=True, text=True,
     )
