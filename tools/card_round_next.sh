@@ -79,6 +79,10 @@ elif [ "$PART" = c ]; then
   step ws_fp8_promote_instr 90 python3 -m pytest -q -p no:cacheprovider -n 6 tests/test_matmul_cuda_routes.py \
     -k "ws_fp8_native and (pr-1 or pr-2)"
   step ws_fwd_defaults 150 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_cuda_specific.py -k "ws_forward_on_gpu"
+  # The prefill replay (now default) over the D 128 forward, persistent with tickets since session 12.
+  step host_replay 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_host.py -k gpu
+  # The bf16 quantized decode's sm < 90 branch is proven only on an A100 / L40; on Hopper a regression check.
+  step quant_decode_shapes 120 python3 -m pytest -q -p no:cacheprovider -n 6 tests/test_cuda_quant_emu.py -k decode_shapes_gpu
   step ws_fwd_ab 150 env SWEEP_PLAN="128:f16:ws=,old=persistent~0/turns~0/early~0;64:f16:ws=,old=turns~0/early~0" \
     python3 tools/cuda_fwd_ws_ab.py "$OUT/ws_fwd_ab.json" 128:f16:0.1 64:f16:0.1 --rounds 3
   step bwd_time 110 env BWD_AB_ROWS="float16:1,16,8192,128;float16:2,16,4096,128" \
