@@ -2,10 +2,12 @@
 # Card checks, each part one device call of under 600 s (the device tool's
 # limit per command). Parts a and b were written in session 11 (no card) and
 # ran on an H100 in session 12 (results in docs/cuda.md, docs/matmul.md,
-# docs/cuda_decode.md); part c is what session 12 could not run before its
-# card was taken back, and is the next card session's first call:
+# docs/cuda_decode.md); parts c (correctness, <= 420 s) and d (timings,
+# <= 260 s) are what session 12 could not run before its card was taken
+# back, and are the next card session's first calls:
 #
 #     . .device/rest/env.sh && bash tools/install_cuda_host.sh && OUT=$OUT bash tools/card_round_next.sh c
+#     . .device/rest/env.sh && OUT=$OUT bash tools/card_round_next.sh d
 #     . .device/rest/env.sh && OUT=$OUT bash tools/card_round_next.sh a    # correctness (~400 s on the H100)
 #     . .device/rest/env.sh && OUT=$OUT bash tools/card_round_next.sh b    # timings
 #
@@ -18,7 +20,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c}
+PART=${1:?usage: card_round_next.sh a|b|c|d}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -61,9 +63,8 @@ elif [ "$PART" = b ]; then
   step small_prefill_off 70 env MLX_FLASH_CUDA_HOST_PREFILL=0 python3 tools/cuda_small_prefill.py "$OUT/small_prefill.json"
   step small_prefill_on 70 env MLX_FLASH_CUDA_HOST_PREFILL=1 python3 tools/cuda_small_prefill.py "$OUT/small_prefill.json"
   # 7. Issue 14: the backward after the spill changes, beside mx.fast and torch
-  #    (for a same-run A/B with session 10's kernel, put f496bce's
-  #    cuda_src/attention_bwd_wgmma.cu and .cuh in a folder of the carried
-  #    tree and export BWD_BEFORE_DIR=that folder before calling this).
+  #    (BWD_BEFORE_DIR with f496bce's kernel failed to build in session 12:
+  #    its template no longer matches today's wrapper).
   step bwd_time 110 env BWD_AB_ROWS="float16:1,16,8192,128;float16:2,16,4096,128" \
     python3 tools/cuda_bwd_ab.py time "$OUT/bwd_time.json"
   # 8. Issue 15: fp8-weight decode over weights that do not fit in L2, beside the copy bandwidth.
@@ -74,8 +75,7 @@ elif [ "$PART" = c ]; then
   # plans promoting every 1 / 2 instructions, whose kernel names held "-1"
   # (NVRTC's name lookup failed; now PROMOTE_INSTR); the ws forward's new
   # defaults (D 128 persistent with turns across items, D 64 turns + early
-  # rescale) through the GPU tests, then timed against the old kernels and
-  # mx.fast; the backward beside mx.fast and torch.
+  # rescale) through the GPU tests; the prefill replay; the quantized decode.
   step ws_fp8_promote_instr 90 python3 -m pytest -q -p no:cacheprovider -n 6 tests/test_matmul_cuda_routes.py \
     -k "ws_fp8_native and (pr-1 or pr-2)"
   step ws_fwd_defaults 150 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_cuda_specific.py -k "ws_forward_on_gpu"
@@ -83,11 +83,14 @@ elif [ "$PART" = c ]; then
   step host_replay 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_host.py -k gpu
   # The bf16 quantized decode's sm < 90 branch is proven only on an A100 / L40; on Hopper a regression check.
   step quant_decode_shapes 120 python3 -m pytest -q -p no:cacheprovider -n 6 tests/test_cuda_quant_emu.py -k decode_shapes_gpu
+elif [ "$PART" = d ]; then
+  # Session 12's follow-up timings: the ws forward's new defaults against the
+  # old kernels and mx.fast, same card, then the backward beside mx.fast and torch.
   step ws_fwd_ab 150 env SWEEP_PLAN="128:f16:ws=,old=persistent~0/turns~0/early~0;64:f16:ws=,old=turns~0/early~0" \
     python3 tools/cuda_fwd_ws_ab.py "$OUT/ws_fwd_ab.json" 128:f16:0.1 64:f16:0.1 --rounds 3
   step bwd_time 110 env BWD_AB_ROWS="float16:1,16,8192,128;float16:2,16,4096,128" \
     python3 tools/cuda_bwd_ab.py time "$OUT/bwd_time.json"
 else
-  echo "card_round_next.sh: PART must be a, b or c, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, c or d, got $PART" >&2
   exit 2
 fi
