@@ -31,8 +31,6 @@ import test_cuda_specific as tcs
 from mlx_flash.backends import cuda_matmul
 
 _HOPPER_ONLY = ("attention_fwd_wgmma", "attention_bwd_wgmma")
-_MM_INS = lambda ta, tb: [("a", ta), ("b", tb), ("a_scale", mx.float32), ("b_scale", mx.float32),
-                          ("ip", mx.int32)]
 
 
 def _attention_units(arch):
@@ -94,26 +92,16 @@ def _quant_units(arch):
 def _matmul_units(arch):
     body = tcs.cuda_backend._read("matmul.cu")
     # NATIVE_FP8 (mma.sync m16n8k32 on fp8) exists from sm_89; MLX_FLASH_CUDA_NATIVE_FP8=1 only.
-    kernels = [tcs._kernel_text(f"mm{i}", body, _MM_INS(t["TA"], t["TB"]), [("out", t["TO"])], template)
+    kernels = [tcs._kernel_text(f"mm{i}", body, tcs.matmul_inputs(t["TA"], t["TB"]), [("out", t["TO"])], template)
                for i, template in enumerate(tcs._matmul_cases())
                for t in [dict(template)] if arch != "80" or not t["NATIVE_FP8"]]
     yield "matmul", tcs.cuda_backend.kernel_headers("matmul"), kernels
-    body = tcs.cuda_backend._read("matmul_gemv.cu")
     # The default plans only (GEMV_PLAN, GEMV_PLAN_MT2: W, RT, U, STAGES, BOUNDS); the others are the bench's or
     # MLX_FLASH_CUDA_GEMV_WIDE's. Of those, on sm_80 (nvcc 13.0) fp8 weights spill at (8, 1, 8, bounds 2) 1564 /
     # 1360 bytes, (16, 2, 1, bounds 1) 248 / 144 and (4, 2, 4, no bounds, 9-16 rows) 752 / 520.
     plans = {(p[0], p[1], p[2], p[4], p[5]) for p in (cuda_matmul.GEMV_PLAN, cuda_matmul.GEMV_PLAN_MT2)}
-    cases = [c for c in tcs._matmul_gemv_cases() if c[5:] in plans]
-    for bounds in sorted({c[-1] for c in cases}):
-        kernels = [tcs._kernel_text(f"gemv{i}_s{int(sector)}", body, _MM_INS(ta, tb), [("out", to)],
-                                    [("TA", ta), ("TB", tb), ("TO", to), ("FB", fb), ("AS", True), ("BS", True),
-                                     ("MT", mt), ("W", w), ("RT", rt), ("U", u), ("STAGES", st), ("BOUNDS", bd),
-                                     ("SECTOR", sector)])
-                   for i, (ta, tb, to, fb, mt, w, rt, u, st, bd) in enumerate(cases) if bd == bounds
-                   for sector in (False, True)]
-        headers = tcs.cuda_backend.kernel_headers("matmul_gemv") + (
-            (f"matmul_gemv_bounds{bounds}.cuh",) if bounds else ())
-        yield f"matmul_gemv_b{bounds}", headers, kernels
+    for unit, _, headers, kernels in tcs.gemv_units([c for c in tcs._matmul_gemv_cases() if c[5:] in plans]):
+        yield unit, headers, kernels
 
 
 _GROUPS = {"attention": _attention_units, "decode": _decode_units, "quant": _quant_units, "matmul": _matmul_units}

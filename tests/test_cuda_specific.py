@@ -227,7 +227,7 @@ def test_matmul_compiles_as_mlx_wraps_it(tmp_path):
     kernels = []
     for i, template in enumerate(_matmul_cases()):
         t = dict(template)
-        ins = [("a", t["TA"]), ("b", t["TB"]), ("a_scale", mx.float32), ("b_scale", mx.float32), ("ip", mx.int32)]
+        ins = matmul_inputs(t["TA"], t["TB"])
         kernels.append(_kernel_text(f"mm{i}", body, ins, [("out", t["TO"])], template))
     _nvcc_compile(tmp_path, "matmul", _prelude(cuda_backend.kernel_headers("matmul")) + "\n" + "\n".join(kernels))
 
@@ -395,12 +395,33 @@ def _matmul_gemv_cases():
     yield b16, b16, b16, 0, 2, 4, 2, 1, 6, 0
 
 
+def matmul_inputs(ta, tb):
+    """The inputs of matmul.cu, matmul_gemv.cu and the wgmma matmuls (these add tmpl)."""
+    return [("a", ta), ("b", tb), ("a_scale", mx.float32), ("b_scale", mx.float32), ("ip", mx.int32)]
+
+
+def gemv_units(cases):
+    """(unit name, launch bounds, headers, kernel texts) of matmul_gemv per
+    launch-bounds header: each case of _matmul_gemv_cases in both weight
+    layouts (SECTOR: whole-sector loads, cuda_matmul.GEMV_PLAN's 7th entry)."""
+    body = cuda_backend._read("matmul_gemv.cu")
+    for bounds in sorted({c[-1] for c in cases}):
+        kernels = [_kernel_text(f"gemv{i}_s{int(sector)}", body, matmul_inputs(ta, tb), [("out", to)],
+                                [("TA", ta), ("TB", tb), ("TO", to), ("FB", fb), ("AS", True), ("BS", True),
+                                 ("MT", mt), ("W", w), ("RT", rt), ("U", u), ("STAGES", st), ("BOUNDS", bd),
+                                 ("SECTOR", sector)])
+                   for i, (ta, tb, to, fb, mt, w, rt, u, st, bd) in enumerate(cases) if bd == bounds
+                   for sector in (False, True)]
+        headers = cuda_backend.kernel_headers("matmul_gemv") + ((f"matmul_gemv_bounds{bounds}.cuh",) if bounds else ())
+        yield f"matmul_gemv_b{bounds}", bounds, headers, kernels
+
+
 @needs_nvcc
 def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
     """matmul_wgmma (every mode and plan) and matmul_gemv as MLX wraps them;
     no spills (the accumulators of a 128 x 256 tile take 128 registers) and
     no wgmma serialisation warning from ptxas."""
-    ins = lambda ta, tb: [("a", ta), ("b", tb), ("a_scale", mx.float32), ("b_scale", mx.float32), ("ip", mx.int32)]
+    ins = matmul_inputs
     body = cuda_backend._read("matmul_wgmma.cu")
     kernels = []
     for i, (ta, tb, c, fa, fb, trans, bn, stages, promote, native, tma) in enumerate(_matmul_wgmma_cases()):
@@ -440,19 +461,8 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
             assert regs <= 168 and spill_st == 0 and spill_ld == 0, \
                 f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
 
-    body = cuda_backend._read("matmul_gemv.cu")
-    cases = list(_matmul_gemv_cases())
-    for bounds in sorted({c[-1] for c in cases}):
-        # Each case in both weight layouts (SECTOR: whole-sector loads, cuda_matmul.GEMV_PLAN's 7th entry).
-        kernels = [_kernel_text(f"gemv{i}_s{int(sector)}", body, ins(ta, tb), [("out", to)],
-                                [("TA", ta), ("TB", tb), ("TO", to), ("FB", fb), ("AS", True), ("BS", True),
-                                 ("MT", mt), ("W", w), ("RT", rt), ("U", u), ("STAGES", st), ("BOUNDS", bd),
-                                 ("SECTOR", sector)])
-                   for i, (ta, tb, to, fb, mt, w, rt, u, st, bd) in enumerate(cases) if bd == bounds
-                   for sector in (False, True)]
-        headers = cuda_backend.kernel_headers("matmul_gemv") + ((f"matmul_gemv_bounds{bounds}.cuh",) if bounds else ())
-        log = _nvcc_compile(tmp_path, f"matmul_gemv_b{bounds}", _prelude(headers) + "\n" + "\n".join(kernels),
-                            ("-Xptxas", "-v"))
+    for unit, bounds, headers, kernels in gemv_units(list(_matmul_gemv_cases())):
+        log = _nvcc_compile(tmp_path, unit, _prelude(headers) + "\n" + "\n".join(kernels), ("-Xptxas", "-v"))
         usage = ptxas_usage(log)
         assert len(usage) == len(kernels), log[-2000:]
         for name, (regs, spill_st, spill_ld) in usage.items():
@@ -715,8 +725,7 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
 
     # The warp-specialised matmul: 4 (16-bit) or 4 (fp8 k32) wgmma per stage,
     # one wait per stage (two with promotion), none between them.
-    ins = lambda ta, tb: [("a", ta), ("b", tb), ("a_scale", mx.float32), ("b_scale", mx.float32), ("ip", mx.int32),
-                          ("tmpl", mx.uint8)]
+    ins = lambda ta, tb: matmul_inputs(ta, tb) + [("tmpl", mx.uint8)]
     def ws_kernel(i, case):
         ta, tb, fa, fb, trans, bn, stages, promote, native, acc2 = case
         to = ta if not native else mx.float16
