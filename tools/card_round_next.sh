@@ -20,7 +20,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -90,7 +90,24 @@ elif [ "$PART" = d ]; then
     python3 tools/cuda_fwd_ws_ab.py "$OUT/ws_fwd_ab.json" 128:f16:0.1 64:f16:0.1 --rounds 3
   step bwd_time 110 env BWD_AB_ROWS="float16:1,16,8192,128;float16:2,16,4096,128" \
     python3 tools/cuda_bwd_ab.py time "$OUT/bwd_time.json"
+elif [ "$PART" = e ]; then
+  # Session 13 (after c and d ran on an H100): where the two DRAM-bound
+  # decodes lose time. Issue 15: FP8Linear's direct call over weights from
+  # DRAM with more loads in flight (U 8; 16 warps; 3 blocks an SM; RT 2),
+  # 4 passes over the weight set per eval. Issue 16: the quantized decode's
+  # register path with 8 warps a block (two a scheduler, same splits) and
+  # Nsight Compute's stall reasons and per-instruction samples of the routed
+  # kernel and the 8-warp one (the chain of dependent steps, session 10).
+  step mm_stream_plans 150 python3 -m mlx_flash.bench.cuda_matmul --sections decode_stream \
+    --decode-shapes 4096:4096,4096:14336,8192:8192 --stream-cycles 4 \
+    --gemv-plans "default;8,1,8,0,0,2,1;16,1,4,0,0,1,1;8,1,4,0,0,3,1;4,1,8,0,0,3,1;8,2,4,0,0,2,1" \
+    --out "$OUT/mm_stream_plans.json"
+  step quant_warps 120 python3 tools/cuda_decode_profile.py "$OUT/quant" --step --bits 4 --no-lm --tag warps --plans \
+    '{"routed": {}, "w8": {"dec_warps": 8}, "w8_s8": {"dec_warps": 8, "dec_splits": 8}, "w2_s33": {"dec_warps": 2, "dec_splits": 33}, "routed_b": {}, "w8_b": {"dec_warps": 8}}'
+  step quant_ncu 150 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section SourceCounters --section MemoryWorkloadAnalysis -k regex:attention_quant_decode -c 4 \
+    python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 --plans '{"routed": {}, "w8": {"dec_warps": 8}}'
 else
-  echo "card_round_next.sh: PART must be a, b, c or d, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, c, d or e, got $PART" >&2
   exit 2
 fi

@@ -357,7 +357,7 @@ def bench_decode(rec: Recorder, shapes=DECODE_SHAPES, copy_bytes: int = 2 * GIB,
 
 
 def bench_decode_stream(rec: Recorder, shapes=DECODE_SHAPES, rows=(1, 16), stream_bytes: int = GIB // 2,
-                        copy_bytes: int = 2 * GIB):
+                        copy_bytes: int = 2 * GIB, plans=None, cycles: int = 4):
     """The decode products over many distinct weights, so every weight byte
     comes from DRAM: `decode` reads one weight per case, which a 4096^2 fp8
     weight (16 MiB) serves from L2 (50 MiB) after the first call. Here each
@@ -366,7 +366,11 @@ def bench_decode_stream(rec: Recorder, shapes=DECODE_SHAPES, rows=(1, 16), strea
     that), each read once per timed round (reps = the count), next to the
     copy bandwidth measured in the same run: issue 15's ">= 70% of the
     card's measured memory bandwidth" for fp8 weights, and its "close to 2x
-    the same product with fp16 weights"."""
+    the same product with fp16 weights". `plans` (few-rows plans, None the
+    backend's) time FP8Linear's direct call once each; `cycles` passes over
+    the weight set per timed eval (more calls per eval: the eval's own fixed
+    cost, ~10-20 us, spread thinner; still every weight from DRAM, 0.5 GiB
+    against a 50 MiB L2)."""
     import itertools
 
     from ..backends import cuda_matmul as cm
@@ -385,21 +389,27 @@ def bench_decode_stream(rec: Recorder, shapes=DECODE_SHAPES, rows=(1, 16), strea
         for M in rows:
             x = mx.random.normal((M, K), key=mx.random.key(M)).astype(mx.float16)
             mx.eval(x)
-            cases = {"ours_direct_fp16_x_e4m3": (lambda w: cm.linear_few_rows(x, w, scale, "e4m3"), w8s, N * K),
-                     "ours_fp16_x_e4m3": (lambda w: cm.matmul(x, w, b_fmt="e4m3", b_scale=scale, transpose_b=True),
+            cases = {}
+            for plan in plans or (None,):
+                name = "ours_direct_fp16_x_e4m3" + ("" if plan is None else "@" + _plan_name(plan))
+                cases[name] = (lambda w, plan=plan: cm.linear_few_rows(x, w, scale, "e4m3", plan=plan), w8s, N * K)
+            cases.update({"ours_fp16_x_e4m3": (lambda w: cm.matmul(x, w, b_fmt="e4m3", b_scale=scale,
+                                                                    transpose_b=True),
                                           w8s, N * K),
                      "ours_fp16_x_fp16": (lambda w: cm.matmul(x, w, transpose_b=True), w16s, 2 * N * K),
-                     "mlx_fp16": (lambda w: x @ w.T, w16s, 2 * N * K)}
-            for case, (fn, weights, wbytes) in cases.items():
+                     "mlx_fp16": (lambda w: x @ w.T, w16s, 2 * N * K)})
+            for name, (fn, weights, wbytes) in cases.items():
+                case, _, plan_name = name.partition("@")
+                extra = {"plan": plan_name} if plan_name else {}
                 try:
                     cycle = itertools.cycle(weights)
-                    t, clocks = time_lazy_clocked(lambda fn=fn, cycle=cycle: fn(next(cycle)), count)
+                    t, clocks = time_lazy_clocked(lambda fn=fn, cycle=cycle: fn(next(cycle)), count * cycles)
                     gbps = wbytes / t / 1e9
-                    rec.add(section="decode_stream", case=case, M=M, K=K, N=N, weights=count,
+                    rec.add(section="decode_stream", case=case, **extra, M=M, K=K, N=N, weights=count, cycles=cycles,
                             weight_set_gib=count * wbytes / GIB, us=t * 1e6, weight_gbps=gbps,
                             fraction_of_copy=gbps / copy_gbps, copy_gbps=copy_gbps, **clocks)
                 except Exception as e:  # noqa: BLE001
-                    rec.add(section="decode_stream", case=case, M=M, K=K, N=N,
+                    rec.add(section="decode_stream", case=case, **extra, M=M, K=K, N=N,
                             error=f"{type(e).__name__}: {e}"[:500])
         del w16s, w8s
 
@@ -858,8 +868,12 @@ def main(argv=None):
     parser.add_argument("--cases", default=None, help="regular expression: only the gemm cases it matches")
     parser.add_argument("--decode-rows", default=None, help="M values of the decode section, comma separated")
     parser.add_argument("--gemv-plans", default=None,
-                        help="few-rows kernel plans W,RT,U,MAXBLOCKS,STAGES separated by ';' ('default': the "
-                             "backend's); the decode section times fp16 x e4m3 with each")
+                        help="few-rows kernel plans W,RT,U,MAXBLOCKS,STAGES[,BOUNDS,SECTOR] separated by ';' "
+                             "('default': the backend's); decode times fp16 x e4m3 with each, "
+                             "decode_stream FP8Linear's direct call")
+    parser.add_argument("--stream-cycles", type=int, default=4,
+                        help="decode_stream: passes over the weight set per timed eval (1 was session 12's: "
+                             "8-32 calls an eval, whose fixed cost then counted as a few us a call)")
     parser.add_argument("--llama-models", default="llama_1b,llama_3b", help="models of the llama section")
     args = parser.parse_args(argv)
     if args.plot:
@@ -896,7 +910,8 @@ def main(argv=None):
                 "decode_stream": lambda: bench_decode_stream(rec, ((256, 256),) if args.warm else decode_shapes,
                                                              (1,) if args.warm else (1, 16),
                                                              1 << 20 if args.warm else GIB // 2,
-                                                             1 << 20 if args.warm else 2 * GIB),
+                                                             1 << 20 if args.warm else 2 * GIB,
+                                                             plans=plans, cycles=args.stream_cycles),
                 "plans": lambda: bench_plans(rec, 256 if args.warm else 8192),
                 "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512)),
                 "llama": lambda: bench_llama(rec, tuple(args.llama_models.split(","))),
