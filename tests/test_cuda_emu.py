@@ -406,6 +406,28 @@ def test_nonfinite_inputs_forms(case, form, decode_tuning):
     assert np.isfinite(want["out"]).any()
 
 
+@pytest.mark.parametrize("cc", [(8, 0), (8, 9)])
+def test_bulk_decode_opt_in_names_the_capability_it_needs(cc, decode_tuning, monkeypatch):
+    """The decode's bulk K/V copies (MLX_FLASH_CUDA_DECODE_PLAN bulk=1) use
+    cp.async.bulk, which GPUs before sm_90 lack: a ValueError naming the
+    setting, not NVRTC's compile error. The emulation (no capability) and
+    Hopper run it (test_fused_split_merge's bulk forms)."""
+    from mlx_flash.backends import cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "compute_capability", lambda: cc)
+    cuda_backend._decode_launch_of_plan.cache_clear()  # launches made under other capabilities
+    decode_tuning.update(FORMS["bulk"])
+    gen = rng("cuda-emu-bulk-cc", cc)
+    q, k, v = randn(gen, (1, 8, 1, 64), F16), randn(gen, (1, 2, 300, 64), F16), randn(gen, (1, 2, 300, 64), F16)
+    try:
+        with pytest.raises(ValueError, match=rf"bulk=1.*9\.0 or later; this GPU is {cc[0]}\.{cc[1]}"):
+            _forward(q, k, v)
+        decode_tuning.pop("bulk")
+        _check(q, k, v, F16, {})  # the cp.async stream: no capability needed beyond sm_80
+    finally:
+        cuda_backend._decode_launch_of_plan.cache_clear()
+
+
 def test_ticket_pool_regions_are_reset(decode_tuning):
     """With the ticket pool, calls take consecutive regions of a zeroed array
     and their groups' last blocks set the tickets back to 0 (the emulation

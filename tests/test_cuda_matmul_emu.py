@@ -344,3 +344,38 @@ def test_ws_session10_nan_shapes_emulated(family, plan):
                 assert_close(out[0], reference(a64, b64, sa, sb, transpose_b=transpose_b), mx.float32, K)
             else:
                 assert_within_fp8_accumulation(out[0], a64, b64, sa, sb, True, mx.float32)
+
+
+class _ReachedKernel(Exception):
+    """Raised by a stand-in for cuda._kernel: the wrapper got past its checks."""
+
+
+@pytest.mark.parametrize("cc,raises", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)])
+def test_native_fp8_opt_in_names_the_capability_it_needs(cc, raises, monkeypatch):
+    """MLX_FLASH_CUDA_NATIVE_FP8=1 on a GPU without fp8 mma.sync (before sm_89):
+    a ValueError naming the setting and both capabilities, before NVRTC is
+    asked to compile m16n8k32 e4m3 (its compile error named neither). Where
+    the GPU has it, or where one operand is a float (no fp8 mma), the wrapper
+    goes on to make its kernel (the emulation cannot compile the fp8 mma:
+    tests/test_cuda_non_hopper_compile.py compiles it with nvcc for sm_89)."""
+    from mlx_flash.backends import cuda as cuda_backend
+    from mlx_flash.backends import cuda_matmul
+
+    def reached(*args, **kwargs):
+        raise _ReachedKernel
+
+    monkeypatch.setattr(cuda_matmul, "_NATIVE_FP8", True)
+    monkeypatch.setattr(cuda_backend, "compute_capability", lambda: cc)
+    monkeypatch.setattr(cuda_backend, "_kernel", reached)
+    gen = rng("native-fp8-cc", cc)
+    a, a_fmt, _ = make_operand(gen, (19, 40), "e4m3")
+    b, b_fmt, _ = make_operand(gen, (40, 23), "e5m2")
+    f = mx.array(gen.standard_normal((19, 40)).astype(np.float16))
+    if raises:
+        with pytest.raises(ValueError, match=rf"MLX_FLASH_CUDA_NATIVE_FP8=1.*8\.9 or later.*is {cc[0]}\.{cc[1]}"):
+            cuda_matmul.matmul(a, b, a_fmt=a_fmt, b_fmt=b_fmt, route="mma")
+    else:
+        with pytest.raises(_ReachedKernel):
+            cuda_matmul.matmul(a, b, a_fmt=a_fmt, b_fmt=b_fmt, route="mma")
+    with pytest.raises(_ReachedKernel):
+        cuda_matmul.matmul(f, b, b_fmt=b_fmt, route="mma")

@@ -458,13 +458,29 @@ def _mma_fwd_tiles(spec: AttentionSpec):
 
 
 @functools.lru_cache(maxsize=None)
-def _is_hopper() -> bool:
-    """True on sm_90 (H100/H200), the only architecture with wgmma."""
+def compute_capability():
+    """(major, minor) of the CUDA GPU, or None where MLX reports none (no
+    CUDA GPU: the CPU machines that run the kernels in emulation)."""
     try:
         info = mx.device_info(mx.gpu)
-        return (int(info["compute_capability_major"]), int(info["compute_capability_minor"])) == (9, 0)
-    except Exception:  # noqa: BLE001 (no such query in this MLX: keep the portable kernels)
-        return False
+        return int(info["compute_capability_major"]), int(info["compute_capability_minor"])
+    except Exception:  # noqa: BLE001 (no such query in this MLX, or no GPU)
+        return None
+
+
+def _is_hopper() -> bool:
+    """True on sm_90 (H100/H200), the only architecture with wgmma."""
+    return compute_capability() == (9, 0)
+
+
+def require_capability(setting: str, needed: tuple, what: str):
+    """An opt-in setting whose instructions the GPU lacks: a ValueError
+    naming it, instead of NVRTC's compile error at the first call. Nothing
+    is checked where no GPU reports a capability (emulation)."""
+    cc = compute_capability()
+    if cc is not None and cc < needed:
+        raise ValueError(f"{setting}: {what} needs compute capability {needed[0]}.{needed[1]} or later; "
+                         f"this GPU is {cc[0]}.{cc[1]} (unset it)")
 
 
 _WGMMA = os.environ.get("MLX_FLASH_CUDA_WGMMA", "1") == "1"
@@ -800,6 +816,9 @@ def _decode_launch_of_plan(spec: AttentionSpec, mask_dtype, lse_shape: tuple, tu
     dv, dvc = spec.head_dim_v, _column_chunk(spec.head_dim_v)
     # Bulk (TMA) copies of whole K/V rows: 16-key tiles of whole rows only.
     bulk = bool(dict(tuning).get("bulk", 0)) and bn == 16 and dvc == dv
+    if bulk:
+        require_capability("MLX_FLASH_CUDA_DECODE_PLAN bulk=1 (or DECODE_TUNING['bulk'])", (9, 0),
+                           "the bulk copy of K/V rows (cp.async.bulk with mbarriers)")
     template = list(_forward_template(spec, mask_dtype)) + [
         ("NW", nw), ("BN", bn), ("STAGES", stages), ("SPLIT", splits > 1), ("DVC", dvc), ("BULK", bulk),
         ("KR", _decode_kr(spec, tuning, bn))]

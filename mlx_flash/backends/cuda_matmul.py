@@ -131,8 +131,11 @@ if _PLAN_MT2:
         raise ValueError(f"MLX_FLASH_CUDA_GEMV_PLAN_MT2 needs 5 to 7 entries, got {_PLAN_MT2!r}")
 
 
-# Small fp8 weights (opt-in, MLX_FLASH_CUDA_GEMV_WIDE=1; not yet timed on a
-# card): when a plan's row groups give no more blocks than there are SMs
+# Small fp8 weights (opt-in, MLX_FLASH_CUDA_GEMV_WIDE=1; its own plan not yet
+# timed on a card. A sixteen-warp plan for every shape, (16, 1, 4, 0, 0, 1, 1),
+# was slower than the default everywhere in session 13 (H100, weights from
+# DRAM: 0.50-0.74 of the copy against 0.70-0.85;
+# benchmarks/results/cuda_matmul_decode_stream_nvidia_h100_s13.json)): when a plan's row groups give no more blocks than there are SMs
 # (N <= 16 RT SMs, e.g. 4096 rows at 9-16 rows of a: 128 blocks of 8 warps on
 # 132 SMs), each SM runs one block and each warp waits on K / (128 W) chunks
 # in turn: at K 4096 and 8 warps that is 4 round trips to memory for a 16 MB
@@ -546,6 +549,9 @@ def _mma(a, b, a_scale, b_scale, spec, stream):
     ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale))
     if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
         b_scale = _pad_axis(b_scale, 2, 16, stream)
+    if _NATIVE_FP8 and spec.a_fmt and spec.b_fmt:
+        _cuda.require_capability("MLX_FLASH_CUDA_NATIVE_FP8=1", (8, 9),
+                                 "the native fp8 mma.sync (m16n8k32 with e4m3/e5m2 operands)")
     kernel = _cuda._kernel("matmul", _INPUTS, ("out",), _SMEM)
     placeholder = _params((0,), mx.float32)
     (out,) = kernel(
