@@ -20,7 +20,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e|f}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -107,7 +107,28 @@ elif [ "$PART" = e ]; then
   step quant_ncu 150 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SourceCounters --section MemoryWorkloadAnalysis -k regex:attention_quant_decode -c 4 \
     python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 --plans '{"routed": {}, "w8": {"dec_warps": 8}}'
+elif [ "$PART" = f ]; then
+  # Session 13's question for issue 14 (no card was left to ask it): the ws
+  # forward is 0.87x mx.fast at (1,16,16384,128) but 0.75x at (2,16,4096,128)
+  # (old / new kernels alike), as if each item (128 query rows) paid ~7 key
+  # tiles of fixed cost. Nsight of ours and cuDNN's at both shapes (and D 64
+  # causal, the worst row at 0.58x): SM active cycles against elapsed (tail,
+  # imbalance), per-scheduler issue rate and stall reasons, tensor pipe use.
+  ncu_fwd() {  # NAME REGEX ARGS...
+    local name=$1 regex=$2
+    shift 2
+    step "ncu_$name" 100 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section ComputeWorkloadAnalysis --section SchedulerStats -k "regex:$regex" -c 1 python3 tools/cuda_probe.py "$@"
+  }
+  ncu_fwd ws_4k_d128 attention_fwd_ws 2 16 16 4096 4096 128 0 float16
+  ncu_fwd ws_16k_d128 attention_fwd_ws 1 16 16 16384 16384 128 0 float16
+  ncu_fwd ws_4k_d64_causal attention_fwd_ws 2 16 16 4096 4096 64 1 float16
+  PROBE_MXFAST=1 ncu_fwd cudnn_4k_d128 "[Ss]dpa|[Ff]mha|[Ff]lash|[Aa]ttn|cudnn" 2 16 16 4096 4096 128 0 float16
+  PROBE_MXFAST=1 ncu_fwd cudnn_16k_d128 "[Ss]dpa|[Ff]mha|[Ff]lash|[Aa]ttn|cudnn" 1 16 16 16384 16384 128 0 float16
+  PROBE_MXFAST=1 ncu_fwd cudnn_4k_d64_causal "[Ss]dpa|[Ff]mha|[Ff]lash|[Aa]ttn|cudnn" 2 16 16 4096 4096 64 1 float16
+  grep -H -E "^  [a-z_]|Duration|Elapsed Cycles|SM Active Cycles|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Achieved Active Warps|Registers Per|Grid Size|Block Size|Tensor \(FP\)|Waves Per SM" \
+    "$OUT"/ncu_*.txt > "$OUT/ncu_fwd_summary.txt"
 else
-  echo "card_round_next.sh: PART must be a, b, c, d or e, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, c, d, e or f, got $PART" >&2
   exit 2
 fi
