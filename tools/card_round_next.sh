@@ -128,6 +128,11 @@ elif [ "$PART" = f ]; then
   PROBE_MXFAST=1 ncu_fwd cudnn_4k_d64_causal "[Ss]dpa|[Ff]mha|[Ff]lash|[Aa]ttn|cudnn" 2 16 16 4096 4096 64 1 float16
   grep -H -E "^  [a-z_]|Duration|Elapsed Cycles|SM Active Cycles|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Achieved Active Warps|Registers Per|Grid Size|Block Size|Tensor \(FP\)|Waves Per SM" \
     "$OUT"/ncu_*.txt > "$OUT/ncu_fwd_summary.txt"
+  # Issue 16: which SASS loads of the routed quantized decode make its 17 %
+  # excess global sectors and its load stalls (per-instruction source page).
+  step quant_ncu_sass 60 ncu --section SourceCounters --section WarpStateStats --page source --print-source sass --csv \
+    -k regex:attention_quant_decode -c 1 python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 \
+    --plans '{"routed": {}}'
 else
   echo "card_round_next.sh: PART must be a, b, c, d, e or f, got $PART" >&2
   exit 2
