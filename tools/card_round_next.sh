@@ -121,10 +121,10 @@ elif [ "$PART" = f ]; then
       --section ComputeWorkloadAnalysis --section SchedulerStats -k "regex:$regex" -c 1 python3 tools/cuda_probe.py "$@"
   }
   ncu_fwd ws_4k_d128 attention_fwd_ws 2 16 16 4096 4096 128 0 float16
-  ncu_fwd ws_16k_d128 attention_fwd_ws 1 16 16 16384 16384 128 0 float16
-  ncu_fwd ws_4k_d64_causal attention_fwd_ws 2 16 16 4096 4096 64 1 float16
   PROBE_MXFAST=1 ncu_fwd cudnn_4k_d128 "[Ss]dpa|[Ff]mha|[Ff]lash|[Aa]ttn|cudnn" 2 16 16 4096 4096 128 0 float16
+  ncu_fwd ws_16k_d128 attention_fwd_ws 1 16 16 16384 16384 128 0 float16
   PROBE_MXFAST=1 ncu_fwd cudnn_16k_d128 "[Ss]dpa|[Ff]mha|[Ff]lash|[Aa]ttn|cudnn" 1 16 16 16384 16384 128 0 float16
+  ncu_fwd ws_4k_d64_causal attention_fwd_ws 2 16 16 4096 4096 64 1 float16
   PROBE_MXFAST=1 ncu_fwd cudnn_4k_d64_causal "[Ss]dpa|[Ff]mha|[Ff]lash|[Aa]ttn|cudnn" 2 16 16 4096 4096 64 1 float16
   grep -H -E "^  [a-z_]|Duration|Elapsed Cycles|SM Active Cycles|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Achieved Active Warps|Registers Per|Grid Size|Block Size|Tensor \(FP\)|Waves Per SM" \
     "$OUT"/ncu_*.txt > "$OUT/ncu_fwd_summary.txt"
