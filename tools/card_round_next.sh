@@ -108,7 +108,9 @@ elif [ "$PART" = e ]; then
     --section SourceCounters --section MemoryWorkloadAnalysis -k regex:attention_quant_decode -c 4 \
     python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 --plans '{"routed": {}, "w8": {"dec_warps": 8}}'
 elif [ "$PART" = f ]; then
-  # Session 13's question for issue 14 (no card was left to ask it): the ws
+  # Session 13's question for issue 14 (session 13 ran these same ncu
+  # commands inline at the end of its card time; docs/cuda.md has the answer:
+  # not a tail, longer issue gaps in the softmax; rerun after a change): the ws
   # forward is 0.87x mx.fast at (1,16,16384,128) but 0.75x at (2,16,4096,128)
   # (old / new kernels alike), as if each item (128 query rows) paid ~7 key
   # tiles of fixed cost. Nsight of ours and cuDNN's at both shapes (and D 64
