@@ -393,11 +393,10 @@ def bench_decode_stream(rec: Recorder, shapes=DECODE_SHAPES, rows=(1, 16), strea
             for plan in plans or (None,):
                 name = "ours_direct_fp16_x_e4m3" + ("" if plan is None else "@" + _plan_name(plan))
                 cases[name] = (lambda w, plan=plan: cm.linear_few_rows(x, w, scale, "e4m3", plan=plan), w8s, N * K)
-            cases.update({"ours_fp16_x_e4m3": (lambda w: cm.matmul(x, w, b_fmt="e4m3", b_scale=scale,
-                                                                    transpose_b=True),
-                                          w8s, N * K),
-                     "ours_fp16_x_fp16": (lambda w: cm.matmul(x, w, transpose_b=True), w16s, 2 * N * K),
-                     "mlx_fp16": (lambda w: x @ w.T, w16s, 2 * N * K)})
+            cases["ours_fp16_x_e4m3"] = (
+                lambda w: cm.matmul(x, w, b_fmt="e4m3", b_scale=scale, transpose_b=True), w8s, N * K)
+            cases["ours_fp16_x_fp16"] = (lambda w: cm.matmul(x, w, transpose_b=True), w16s, 2 * N * K)
+            cases["mlx_fp16"] = (lambda w: x @ w.T, w16s, 2 * N * K)
             for name, (fn, weights, wbytes) in cases.items():
                 case, _, plan_name = name.partition("@")
                 extra = {"plan": plan_name} if plan_name else {}
