@@ -133,8 +133,9 @@ if _PLAN_MT2:
 
 # Small fp8 weights (opt-in, MLX_FLASH_CUDA_GEMV_WIDE=1; its own plan not yet
 # timed on a card. A sixteen-warp plan for every shape, (16, 1, 4, 0, 0, 1, 1),
-# was slower than the default everywhere in session 13: H100, weights from
-# DRAM, 0.50-0.74 of the copy against 0.70-0.85,
+# was no better than the default in session 13 (H100, weights from DRAM: 0.84
+# of the copy against 0.82 at 8192^2 M = 1, slower elsewhere, down to 0.50
+# against 0.70 at 4096^2 M = 16;
 # benchmarks/results/cuda_matmul_decode_stream_nvidia_h100_s13.json).
 # When a plan's row groups give no more blocks than there are SMs
 # (N <= 16 RT SMs, e.g. 4096 rows at 9-16 rows of a: 128 blocks of 8 warps on
