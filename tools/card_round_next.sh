@@ -96,8 +96,8 @@ elif [ "$PART" = e ]; then
   # DRAM with more loads in flight (U 8; 16 warps; 3 blocks an SM; RT 2),
   # 4 passes over the weight set per eval. Issue 16: the quantized decode's
   # register path with 8 warps a block (two a scheduler, same splits) and
-  # Nsight Compute's stall reasons and per-instruction samples of the routed
-  # kernel and the 8-warp one (the chain of dependent steps, session 10).
+  # Nsight Compute's sections (stall reasons, occupancy, memory) for the
+  # routed kernel and the 8-warp one (part f has the per-SASS page).
   step mm_stream_plans 150 python3 -m mlx_flash.bench.cuda_matmul --sections decode_stream \
     --decode-shapes 4096:4096,4096:14336,8192:8192 --stream-cycles 4 \
     --gemv-plans "default;8,1,8,0,0,2,1;16,1,4,0,0,1,1;8,1,4,0,0,3,1;4,1,8,0,0,3,1;8,2,4,0,0,2,1" \
@@ -108,14 +108,14 @@ elif [ "$PART" = e ]; then
     --section SourceCounters --section MemoryWorkloadAnalysis -k regex:attention_quant_decode -c 4 \
     python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 --plans '{"routed": {}, "w8": {"dec_warps": 8}}'
 elif [ "$PART" = f ]; then
-  # Session 13's question for issue 14 (session 13 ran these same ncu
+  # Issue 14's forward beside cuDNN under Nsight (session 13 ran these
   # commands inline at the end of its card time; docs/cuda.md has the answer:
-  # not a tail, longer issue gaps in the softmax; rerun after a change): the ws
-  # forward is 0.87x mx.fast at (1,16,16384,128) but 0.75x at (2,16,4096,128)
-  # (old / new kernels alike), as if each item (128 query rows) paid ~7 key
-  # tiles of fixed cost. Nsight of ours and cuDNN's at both shapes (and D 64
-  # causal, the worst row at 0.58x): SM active cycles against elapsed (tail,
-  # imbalance), per-scheduler issue rate and stall reasons, tensor pipe use.
+  # the SMs are busy as long as cuDNN's, ours waits longer between issues, in
+  # the softmax's chains). Rerun after a forward change: D 128 at 4K and 16K,
+  # D 64 causal at 4K (the worst row), SM active cycles against elapsed,
+  # issue rate, stall reasons, tensor pipe use; then per-SASS stall samples
+  # of ours at 4K and of the routed quantized decode (issue 16), summarised
+  # by tools/ncu_sass_summary.py.
   ncu_fwd() {  # NAME REGEX ARGS...
     local name=$1 regex=$2
     shift 2
@@ -130,10 +130,16 @@ elif [ "$PART" = f ]; then
   PROBE_MXFAST=1 ncu_fwd cudnn_4k_d64_causal "[Ss]dpa|[Ff]mha|[Ff]lash|[Aa]ttn|cudnn" 2 16 16 4096 4096 64 1 float16
   grep -H -E "^  [a-z_]|Duration|Elapsed Cycles|SM Active Cycles|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Achieved Active Warps|Registers Per|Grid Size|Block Size|Tensor \(FP\)|Waves Per SM" \
     "$OUT"/ncu_*.txt > "$OUT/ncu_fwd_summary.txt"
-  # Issue 16: which SASS loads of the routed quantized decode make its 17 %
-  # excess global sectors and its load stalls (per-instruction source page).
-  step quant_ncu_sass 60 ncu --section SourceCounters --section WarpStateStats --page source --print-source sass --csv \
-    -k regex:attention_quant_decode -c 1 python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 \
+  page() {  # NAME REGEX CMD...: Nsight's per-SASS source page as CSV, then its summary
+    local name=$1 regex=$2
+    shift 2
+    step "sass_$name" 60 ncu --section SourceCounters --section WarpStateStats --page source --print-source sass --csv \
+      -k "regex:$regex" -c 1 "$@"
+    mv "$OUT/sass_$name.txt" "$OUT/sass_$name.csv"
+    python3 tools/ncu_sass_summary.py "$OUT/sass_$name.csv" > "$OUT/sass_$name.summary.txt"
+  }
+  page ws_4k_d128 attention_fwd_ws python3 tools/cuda_probe.py 2 16 16 4096 4096 128 0 float16
+  page quant_decode attention_quant_decode python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 \
     --plans '{"routed": {}}'
 else
   echo "card_round_next.sh: PART must be a, b, c, d, e or f, got $PART" >&2
