@@ -269,6 +269,9 @@ struct Plan {
   std::shared_ptr<mx::Primitive> stop_out, stop_lse, custom_transforms;
   std::vector<mx::Shape> shapes;  // out, lse
   std::vector<mx::Dtype> dtypes;
+  // The forward's out and lse have the custom function's shapes and dtypes
+  // (checked at record), so an untraced replay may return them themselves.
+  bool short_ok = false;
 };
 
 struct Record {
@@ -302,9 +305,28 @@ std::vector<mx::array> run_launches(const Plan& r, const std::vector<mx::array>&
   return {results[r.out_launch][r.out_index], results[r.lse_launch][r.lse_index]};
 }
 
+// Whether a replay may skip the custom function's nodes: only where no
+// primal is a tracer, i.e. no vjp, jvp, vmap or compile trace is following
+// this call's inputs (MLX's own test, `array::is_tracer`: the array was
+// made under a transformation that is still running, or the graph is kept).
+// Outside every trace nothing can ask the call for a gradient, so the
+// stop_gradient and CustomTransforms nodes only cost host time (built,
+// evaluated, destroyed: three of a decode call's four nodes); inside one the
+// full graph keeps the custom vjp.
+bool untraced(const std::vector<mx::array>& primals) {
+  for (const auto& a : primals) {
+    if (a.is_tracer()) return false;
+  }
+  return true;
+}
+
 // The custom function's outputs (out, lse) of a replayed call.
-std::vector<mx::array> replay(const Plan& p, std::vector<mx::array> primals) {
+std::vector<mx::array> replay(const Plan& p, std::vector<mx::array> primals, bool allow_short, size_t& shorts) {
   auto forward = run_launches(p, primals);
+  if (allow_short && p.short_ok && untraced(primals)) {
+    ++shorts;
+    return forward;  // the very arrays stop_gradient and CustomTransforms would pass through
+  }
   primals.push_back(mx::array(p.shapes[0], p.dtypes[0], p.stop_out, {std::move(forward[0])}));
   primals.push_back(mx::array(p.shapes[1], p.dtypes[1], p.stop_lse, {std::move(forward[1])}));
   return mx::array::make_arrays(p.shapes, p.dtypes, p.custom_transforms, primals);
@@ -454,7 +476,8 @@ struct Table {
   std::shared_ptr<PyRef> epoch;   // [int]: cuda_host.SETTINGS_EPOCH, bumped by every change of a module setting
   bool enabled = true;
   bool reuse_primitives = true;  // false: every replay calls mx::fast::cuda_kernel (MLX_FLASH_CUDA_HOST_KERNEL=1)
-  size_t hits = 0, misses = 0;
+  bool short_graph = true;  // false: every replay builds the custom function's nodes (MLX_FLASH_CUDA_HOST_SHORT=0)
+  size_t hits = 0, misses = 0, shorts = 0;
 };
 
 Table& table() {
@@ -505,7 +528,7 @@ nb::object lookup_and_run(Key& key, const std::vector<nb::handle>& slots, bool r
   std::vector<mx::array> primals;
   primals.reserve(r.primal_slots.size());
   for (int slot : r.primal_slots) primals.push_back(as_array(slots[slot]));
-  auto outs = replay(*r.plan, std::move(primals));
+  auto outs = replay(*r.plan, std::move(primals), t.short_graph, t.shorts);
   if (return_lse) return nb::make_tuple(nb::cast(std::move(outs[0])), nb::cast(std::move(outs[1])));
   return nb::cast(std::move(outs[0]));
 }
@@ -547,6 +570,8 @@ void unwrap_custom_function(const mx::array& out, const mx::array& lse, std::vec
   plan.custom_transforms = out.primitive_ptr();
   plan.shapes = {out.shape(), lse.shape()};
   plan.dtypes = {out.dtype(), lse.dtype()};
+  plan.short_ok = forward_out.shape() == out.shape() && forward_out.dtype() == out.dtype() &&
+                  forward_lse.shape() == lse.shape() && forward_lse.dtype() == lse.dtype();
 }
 
 // The record of a call the Python path just ran, from what cuda_host.py noted.
@@ -740,6 +765,14 @@ NB_MODULE(_cuda_host, m) {
   m.def(
       "set_enabled", [](bool on) { table().enabled = on; }, "Switch replay (and recording) on or off.");
   m.def("enabled", []() { return table().enabled; });
+  m.def(
+      "set_short_graph", [](bool on) { table().short_graph = on; },
+      "Let untraced replays return the kernel's out and lse without the custom function's stop_gradient and "
+      "CustomTransforms nodes (default), or build them on every replay.");
+  m.def(
+      "short_graph_stats",
+      []() { return nb::make_tuple(table().shorts, table().short_graph); },
+      "(replays returned without the custom function's nodes, the switch).");
   m.def(
       "set_reuse_primitives", [](bool on) { table().reuse_primitives = on; },
       "Replay kernel launches by sharing the Python path's kernel node primitive (default), or through "

@@ -296,6 +296,80 @@ def test_replay_on_fake_kernels_quantized_decode(fake_cuda, bits):
     _assert_identical(want, replayed)
 
 
+def _short_replays():
+    return HOST.short_graph_stats()[0]
+
+
+def _check_short_graph(call, grad_call, compiled_call):
+    """An untraced replay leaves out the custom function's nodes (one more short
+    replay) with the Python path's values; a replay under mx.grad or inside
+    an mx.compile trace keeps them (no short replay) with the Python path's
+    gradients and values; MLX_FLASH_CUDA_HOST_SHORT=0's switch keeps them
+    everywhere. `compiled_call` must trace anew each time (a new function)."""
+    want, first, replayed = _both_paths(call)  # recorded, then one replay (untraced)
+    _assert_identical(want, replayed)
+    shorts = _short_replays()
+    _assert_identical(want, call())
+    assert _short_replays() == shorts + 1, "an untraced replay built the custom function's nodes"
+    for traced in (grad_call, compiled_call):
+        HOST.set_enabled(False)
+        want_traced = traced()
+        mx.eval(want_traced)
+        HOST.set_enabled(True)
+        mx.eval(traced())  # records the key the traced call makes, if it is new
+        shorts, hits = _short_replays(), HOST.stats()[0]
+        got = traced()
+        assert HOST.stats()[0] > hits, "the traced call was not replayed"
+        assert _short_replays() == shorts, "a traced replay left out the custom function's nodes"
+        _assert_identical(want_traced, got)
+    HOST.set_short_graph(False)
+    try:
+        shorts = _short_replays()
+        _assert_identical(want, call())
+        assert _short_replays() == shorts
+    finally:
+        HOST.set_short_graph(True)
+
+
+@needs_host
+def test_untraced_replay_leaves_out_the_custom_function_nodes_on_fake_kernels(fake_cuda):
+    gen = rng("host-fake-short")
+    q, k, v = _decode_qkv(gen, 32, 8, 1, 2051, 128, mx.float16)
+    sinks = randn(gen, (32,), mx.float32)
+    w = randn(gen, (1, 32, 1, 128), mx.float32)
+    call = lambda: mlx_flash.flash_attention(q, k, v, sinks=sinks, return_lse=True)  # noqa: E731
+    grad = mx.grad(lambda q, sinks: (mlx_flash.flash_attention(q, k, v, sinks=sinks).astype(mx.float32) * w).sum(),
+                   argnums=(0, 1))
+    # A new function each time: mx.compile traces (and so calls attention) once per function.
+    compiled = lambda: mx.compile(lambda q: mlx_flash.flash_attention(q, k, v, sinks=sinks, return_lse=True))(q)  # noqa: E731
+    _check_short_graph(call, lambda: grad(q, sinks), compiled)
+    kq = mx.quantize(k, group_size=64, bits=4)
+    vq = mx.quantize(v, group_size=64, bits=4)
+    qcall = lambda: mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64)  # noqa: E731
+    qgrad = mx.grad(lambda q: (mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64).astype(
+        mx.float32) * w).sum())
+    qcompiled = lambda: mx.compile(lambda q: mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64))(q)  # noqa: E731
+    _check_short_graph(qcall, lambda: qgrad(q), qcompiled)
+
+
+@needs_host
+def test_untraced_inputs_inside_a_trace_replay_short(fake_cuda):
+    """A call inside mx.grad whose arrays are all outside the trace (a closure's)
+    cannot carry a gradient: it replays short, and the traced parts still get
+    theirs."""
+    gen = rng("host-fake-closure")
+    q, k, v = _decode_qkv(gen, 8, 2, 1, 999, 64, mx.float16)
+    x = randn(gen, (1, 8, 1, 64), mx.float32)
+    mx.eval(mlx_flash.flash_attention(q, k, v), mlx_flash.flash_attention(q, k, v))  # recorded and replayed
+    HOST.set_enabled(False)
+    want_out = mlx_flash.flash_attention(q, k, v).astype(mx.float32)
+    HOST.set_enabled(True)
+    shorts = _short_replays()
+    grad = mx.grad(lambda x: (x * mlx_flash.flash_attention(q, k, v).astype(mx.float32)).sum())(x)
+    assert _short_replays() == shorts + 1
+    _assert_identical(want_out, grad)
+
+
 # ---------------------------------------------------------------------------
 # On a CUDA GPU.
 
@@ -418,6 +492,29 @@ def test_replay_gradients_equal_python_path(fresh_host, monkeypatch):
     want, first, replayed = _both_paths(lambda: qgrad(q))
     _assert_identical(want, first)
     _assert_identical(want, replayed)
+
+
+@needs_cuda
+def test_untraced_replay_is_short_and_bit_identical_on_gpu(fresh_host, monkeypatch):
+    monkeypatch.setattr(attention, "_HOST", HOST)
+    monkeypatch.setattr(attention_quantized, "_HOST", HOST)
+    gen = rng("host-short-gpu")
+    q, k, v = _decode_qkv(gen, 32, 8, 1, 4099, 128, mx.float16)
+    sinks = randn(gen, (32,), mx.float32)
+    w = randn(gen, (1, 32, 1, 128), mx.float32)
+    call = lambda: mlx_flash.flash_attention(q, k, v, sinks=sinks, return_lse=True)  # noqa: E731
+    grad = mx.grad(lambda q, sinks: (mlx_flash.flash_attention(q, k, v, sinks=sinks).astype(mx.float32) * w).sum(),
+                   argnums=(0, 1))
+    # A new function each time: mx.compile traces (and so calls attention) once per function.
+    compiled = lambda: mx.compile(lambda q: mlx_flash.flash_attention(q, k, v, sinks=sinks, return_lse=True))(q)  # noqa: E731
+    _check_short_graph(call, lambda: grad(q, sinks), compiled)
+    kq = mx.quantize(k, group_size=64, bits=4)
+    vq = mx.quantize(v, group_size=64, bits=4)
+    qcall = lambda: mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64)  # noqa: E731
+    qgrad = mx.grad(lambda q: (mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64).astype(
+        mx.float32) * w).sum())
+    qcompiled = lambda: mx.compile(lambda q: mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64))(q)  # noqa: E731
+    _check_short_graph(qcall, lambda: qgrad(q), qcompiled)
 
 
 @needs_cuda

@@ -14,7 +14,10 @@ the call:
   inputs (the caller's arrays, the same mx.contiguous nodes, the very constant
   arrays the Python path made, the ticket pool's next region), inside the
   custom function's own stop_gradient and CustomTransforms primitives (its
-  Python vjp gives the gradients). Same graph, bit-identical results, no
+  Python vjp gives the gradients); where no input is a tracer (no grad,
+  vmap or compile follows the call) those three nodes are left out and the
+  kernel's out and lse are returned (MLX_FLASH_CUDA_HOST_SHORT=0 keeps
+  them). Same kernels, bit-identical results, no
   validation (a hit has the shapes, dtypes and options of a call that passed
   it; values are never validated);
 * a *miss* runs the Python path while the launch sites note what they launch
@@ -177,6 +180,11 @@ if HOST is not None:
     # MLX_FLASH_CUDA_HOST_KERNEL=1 are built by mx::fast::cuda_kernel per call
     # from the kernel object's creation arguments (KERNEL_SPECS): same node state.
     HOST.set_reuse_primitives(os.environ.get("MLX_FLASH_CUDA_HOST_KERNEL", "0") != "1")
+    # An untraced replay (no primal is a tracer: no grad, vmap or compile is
+    # following the call) returns the kernel's out and lse without the custom
+    # function's three nodes (MLX_FLASH_CUDA_HOST_SHORT=0 keeps them); a
+    # traced one builds them, so gradients still run the custom vjp.
+    HOST.set_short_graph(os.environ.get("MLX_FLASH_CUDA_HOST_SHORT", "1") != "0")
     atexit.register(HOST.clear)  # records hold Python objects: drop them while Python runs
 
 
@@ -208,4 +216,6 @@ def stats() -> dict:
     if HOST is None:
         return {}
     hits, misses, records, replayable = HOST.stats()
-    return {"hits": hits, "misses": misses, "records": records, "replayable": replayable}
+    shorts, short_on = HOST.short_graph_stats()
+    return {"hits": hits, "misses": misses, "records": records, "replayable": replayable, "short_replays": shorts,
+            "short_graph": short_on}
