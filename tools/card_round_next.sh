@@ -20,7 +20,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e|f}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -141,7 +141,20 @@ elif [ "$PART" = f ]; then
   page ws_4k_d128 attention_fwd_ws python3 tools/cuda_probe.py 2 16 16 4096 4096 128 0 float16
   page quant_decode attention_quant_decode python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 \
     --plans '{"routed": {}}'
+elif [ "$PART" = g ]; then
+  # Session 14: the C++ replay's short graph (untraced calls without the
+  # custom function's nodes): its GPU tests (bit-identical to the full graph
+  # and the Python path; traced calls keep the nodes), then both forms beside
+  # mx.fast in interleaved rounds: the 32-layer decode step (fp16 and 4-bit)
+  # and the host-bound (4,16,1024,64) prefill.
+  step host_replay 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_host.py -k "gpu or short or traced"
+  step short_graph_ab 240 python3 tools/cuda_short_graph_ab.py "$OUT/short_graph_ab.json"
+  # Issue 14: the persistent D 128 forward's clock trace (first item's setup,
+  # Q wait, loop and epilogue; each block's span and items), 4K and 16K:
+  # whether a fixed cost per item explains the 4K rows' larger gap to cuDNN.
+  step fwd_trace 120 python3 tools/cuda_wgmma_check.py "$OUT" \
+    trace:2:16:4096:128:0:f16:1,trace:1:16:16384:128:0:f16:1,trace:2:16:4096:128:1:f16:1
 else
-  echo "card_round_next.sh: PART must be a, b, c, d, e or f, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, c, d, e, f or g, got $PART" >&2
   exit 2
 fi
