@@ -149,6 +149,14 @@ elif [ "$PART" = g ]; then
   # and the host-bound (4,16,1024,64) prefill.
   step host_replay 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_host.py -k "gpu or short or traced"
   step short_graph_ab 240 python3 tools/cuda_short_graph_ab.py "$OUT/short_graph_ab.json"
+  # The decode step with its calls chained (each layer's query the last one's
+  # output, as in a model: one kernel at a time, none overlapping), routed
+  # and wider quantized-decode plans (more blocks / warps in flight), our fp16
+  # decode and mx.fast beside them.
+  step quant_chain 240 python3 tools/cuda_decode_profile.py "$OUT/quant" --step --chain --bits 4 --no-lm \
+    --fp16-ours --tag chain --plans '{"routed": {}, "s33": {"dec_splits": 33}, "s49": {"dec_splits": 49},
+    "w8": {"dec_warps": 8}, "w2_s66": {"dec_warps": 2, "dec_splits": 66}, "w2_s99": {"dec_warps": 2, "dec_splits": 99},
+    "pf": {"dec_prefetch": true}, "pf_s33": {"dec_prefetch": true, "dec_splits": 33}}'
   # Issue 14: the persistent D 128 forward's clock trace (first item's setup,
   # Q wait, loop and epilogue; each block's span and items), 4K and 16K:
   # whether a fixed cost per item explains the 4K rows' larger gap to cuDNN.

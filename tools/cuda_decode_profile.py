@@ -3,7 +3,8 @@
     python tools/cuda_decode_profile.py OUT_DIR [--sweep] [--no-lm]  # host timings + cProfile (+ launch-plan sweep)
     ncu ... python tools/cuda_decode_profile.py OUT_DIR --kernels-step [--plans JSON] [--bits 4,8]  # each plan's kernel
     python tools/cuda_decode_profile.py OUT_DIR --step [--bits 4,8] [--plans JSON] [--no-lm | --lm-first] [--fp16-ours] [--tag T]
-                                                           # a 32-layer decode step, plans side by side
+                 [--chain]                                 # a 32-layer decode step, plans side by side
+                                                           # (--chain: each layer's query is the last one's output)
     ncu --metrics gpu__time_duration.sum --csv python tools/cuda_decode_profile.py OUT_DIR --kernels
                                                            # GPU time of each kernel
 
@@ -41,12 +42,18 @@ from mlx_flash.backends import cuda_quant as cq
 
 
 def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=False, rounds=9, nk=32768,
-               tag=""):
+               tag="", chain=False):
     """A model's decode step: `layers` distinct caches (each layer its own K/V,
     so no call finds its cache in L2 from the call before: 38 MB of 4-bit
     cache per layer, 134 MB fp16), one call per layer, then one eval. Per
     call: eval_us (the eval of the step / layers: the GPU time where it
     exceeds MLX's launch cost) and step_us (graph build + eval / layers).
+    The calls of a step are independent unless `chain`: then each layer's
+    query is the previous layer's output (same shape and dtype), so the
+    kernels run one after the other as in a model, where the next layer's
+    query depends on this one's output. Independent calls MLX may run
+    concurrently in its CUDA graph, which fills the SMs that one
+    low-occupancy kernel leaves idle: throughput, not a model's step.
     `plans`: {name: TUNING dict} for the quantized decode, timed side by side
     with mx.fast SDPA over the fp16 caches (and mlx-lm's quantized path with
     `lm`: its first call compiles for tens of seconds)."""
@@ -69,6 +76,7 @@ def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=Fa
            "shape": f"B1 GQA 32:8 Nq 1 Nk {Nk} D128 fp16 q, group 64, {layers} layers (distinct caches) a step",
            "step": {}, "check": {}, "first_call_s": {}, "plans": {n: dict(t) for n, t in plans.items()}}
     path = os.path.join(out_dir, f"decode_step{'_' + tag if tag else ''}.json")
+    res["chain"] = chain
 
     def dump():
         with open(path, "w") as f:
@@ -90,7 +98,13 @@ def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=Fa
         build, ev, step = [], [], []
         for _ in range(rounds):
             t0 = time.perf_counter()
-            outs = [fn(i) for i in range(layers)]
+            if chain:
+                x = q
+                for i in range(layers):
+                    x = fn(i, x)
+                outs = [x]
+            else:
+                outs = [fn(i) for i in range(layers)]
             t1 = time.perf_counter()
             mx.eval(outs)
             t2 = time.perf_counter()
@@ -111,7 +125,7 @@ def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=Fa
               round(res["first_call_s"][name], 2), "s max |diff|", res["check"].get(name), flush=True)
         dump()
 
-    run("mx_fast_fp16", lambda i: mx.fast.scaled_dot_product_attention(q, *fp16[i], scale=s))
+    run("mx_fast_fp16", lambda i, q=q: mx.fast.scaled_dot_product_attention(q, *fp16[i], scale=s))
     wants = {}
     for bits in bits_list:
         kq, vq = quant[bits][0]
@@ -123,7 +137,7 @@ def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=Fa
     def run_lm():
         lm_name, lm_qsdpa = mlx_lm_path()
         for bits in bits_list:
-            run(f"{lm_name}_quantized_{bits}bit", lambda i, bits=bits: lm_qsdpa(
+            run(f"{lm_name}_quantized_{bits}bit", lambda i, q=q, bits=bits: lm_qsdpa(
                 q, *quant[bits][i], s, 64, bits), wants[bits])
 
     if lm == "first":  # its first call compiles for tens of seconds: measured before the plans
@@ -134,7 +148,7 @@ def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=Fa
             cq.TUNING.update(tuning)
             cq.decode_plan.cache_clear()
             try:
-                run(f"quant_{bits}bit_{pname}", lambda i, bits=bits: mlx_flash.flash_attention_quantized(
+                run(f"quant_{bits}bit_{pname}", lambda i, q=q, bits=bits: mlx_flash.flash_attention_quantized(
                     q, *quant[bits][i], bits=bits, group_size=64, scale=s), wants[bits])
                 spec = mlx_flash.attention_quantized.validate_attention_quantized(
                     q, *quant[bits][0], bits=bits, group_size=64)[0]
@@ -144,7 +158,7 @@ def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=Fa
                 cq.decode_plan.cache_clear()
     dump()
     if ours_fp16:
-        run("flash_attention_fp16", lambda i: mlx_flash.flash_attention(q, *fp16[i], scale=s))
+        run("flash_attention_fp16", lambda i, q=q: mlx_flash.flash_attention(q, *fp16[i], scale=s))
     if lm and lm != "first":
         run_lm()
     base = res["step"].get("mx_fast_fp16", {}).get("eval_us")
@@ -399,7 +413,7 @@ def main():
         step_bench(out_dir, plans, bits, layers=opt("--layers", 32),
                    lm="first" if "--lm-first" in args else "--no-lm" not in args,
                    ours_fp16="--fp16-ours" in args, nk=opt("--nk", 32768),
-                   tag=args[args.index("--tag") + 1] if "--tag" in args else "")
+                   tag=args[args.index("--tag") + 1] if "--tag" in args else "", chain="--chain" in args)
         return
     q, k, v, quant, s = setup()
     lm_name, lm_qsdpa = mlx_lm_path()

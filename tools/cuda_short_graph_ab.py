@@ -12,7 +12,10 @@ alike), on:
 * the decode step of issues 14 / 16: B 1, GQA 32:8, 1 query, Nk 32768, D 128,
   fp16 q, `layers` distinct caches (one call a layer, then one eval):
   flash_attention over the fp16 caches and flash_attention_quantized over
-  4-bit group-64 caches, beside mx.fast over the fp16 caches;
+  4-bit group-64 caches, beside mx.fast over the fp16 caches; the calls
+  independent (MLX may run them concurrently in its CUDA graph) and
+  *chained* (each layer's query is the previous layer's output, so the
+  kernels run one after another, as in a model);
 * the host-bound prefill of issue 14: (4, 16, 1024, 64) fp16 forward, ten
   calls queued per eval.
 
@@ -61,38 +64,46 @@ def main():
     pq, pk, pv = (mx.random.normal((4, 16, 1024, 64), key=mx.random.key(50 + j)).astype(mx.float16) for j in range(3))
     mx.eval(pq, pk, pv)
 
-    # (name, one call of layer i, calls a step, uses the replay)
+    # name: (mx.fast's call of layer i with query x, ours, calls a step, chained)
+    fast = lambda i, x: mx.fast.scaled_dot_product_attention(x, *fp16[i], scale=s)  # noqa: E731
+    ours16 = lambda i, x: mlx_flash.flash_attention(x, *fp16[i], scale=s)  # noqa: E731
+    ours4 = lambda i, x: mlx_flash.flash_attention_quantized(x, *quant[i], bits=4, group_size=64, scale=s)  # noqa: E731
     cases = {
-        "decode_fp16": (lambda i: mx.fast.scaled_dot_product_attention(q, *fp16[i], scale=s),
-                        lambda i: mlx_flash.flash_attention(q, *fp16[i], scale=s), L),
-        "decode_quant4": (lambda i: mx.fast.scaled_dot_product_attention(q, *fp16[i], scale=s),
-                          lambda i: mlx_flash.flash_attention_quantized(q, *quant[i], bits=4, group_size=64, scale=s),
-                          L),
-        "prefill_4x16x1024x64": (lambda i: mx.fast.scaled_dot_product_attention(pq, pk, pv, scale=0.125),
-                                 lambda i: mlx_flash.flash_attention(pq, pk, pv, scale=0.125), 10),
+        "decode_fp16": (fast, ours16, L, False),
+        "decode_quant4": (fast, ours4, L, False),
+        "decode_fp16_chained": (fast, ours16, L, True),
+        "decode_quant4_chained": (fast, ours4, L, True),
+        "prefill_4x16x1024x64": (lambda i, x: mx.fast.scaled_dot_product_attention(pq, pk, pv, scale=0.125),
+                                 lambda i, x: mlx_flash.flash_attention(pq, pk, pv, scale=0.125), 10, False),
     }
     res = {"card": mx.device_info().get("device_name", "?"), "mlx": mx.__version__,
            "shape": f"decode: B1 GQA 32:8 Nq 1 Nk {Nk} D128 fp16 q, {L} layers (distinct caches) a step; "
                     "prefill: (4,16,1024,64) fp16, 10 calls queued a step",
            "rounds": args.rounds, "check": {}, "cases": {}}
 
-    def step(fn, calls):
+    def step(fn, calls, chained):
         t0 = time.perf_counter()
-        outs = [fn(i) for i in range(calls)]
+        if chained:  # each layer's query is the previous layer's output: the kernels run in series
+            x = q
+            for i in range(calls):
+                x = fn(i, x)
+            outs = [x]
+        else:
+            outs = [fn(i, q) for i in range(calls)]
         t1 = time.perf_counter()
         mx.eval(outs)
         t2 = time.perf_counter()
         return (t1 - t0) / calls, (t2 - t1) / calls, (t2 - t0) / calls
 
-    for name, (anchor, ours, calls) in cases.items():
+    for name, (anchor, ours, calls, chained) in cases.items():
         # Warm-up and the bit-for-bit check: record, then a full and a short replay of layer 0.
-        mx.eval(anchor(0), ours(0))
+        mx.eval(anchor(0, q), ours(0, q))
         host.set_short_graph(False)
-        full = ours(0)
+        full = ours(0, q)
         mx.eval(full)
         shorts = host.short_graph_stats()[0]
         host.set_short_graph(True)
-        short = ours(0)
+        short = ours(0, q)
         mx.eval(short)
         took_short = host.short_graph_stats()[0] - shorts
         same = bool(np.array_equal(np.array(full.astype(mx.float32)), np.array(short.astype(mx.float32)),
@@ -101,10 +112,10 @@ def main():
         print(name, res["check"][name], flush=True)
         samples = {"mx_fast": [], "short": [], "full": []}
         for _ in range(args.rounds):
-            samples["mx_fast"].append(step(anchor, calls))
+            samples["mx_fast"].append(step(anchor, calls, chained))
             for form in ("short", "full"):
                 host.set_short_graph(form == "short")
-                samples[form].append(step(ours, calls))
+                samples[form].append(step(ours, calls, chained))
         host.set_short_graph(True)
         out = {}
         for form, xs in samples.items():
