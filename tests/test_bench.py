@@ -204,3 +204,27 @@ def test_skipped_anchor_says_why(tmp_path, monkeypatch, capsys):
 def test_torch_missing_reason(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails as if not installed
     assert cpu_attention._torch_missing.__wrapped__() == "torch is not installed (pip install 'mlx_flash[bench]')"
+
+
+def test_cuda_bench_chained_decode_feeds_each_output_to_the_next_call():
+    """The chained decode step (a model's: each layer's query is the previous
+    layer's output) really threads the outputs; its rows carry both step forms."""
+    import mlx.core as mx
+
+    cuda = pytest.importorskip("mlx_flash.bench.cuda")
+    seen = []
+
+    def call(x, kc, vc):
+        seen.append(x)
+        return x + kc.sum() + vc.sum()
+
+    q = mx.array([1.0])
+    caches = [(mx.array([float(i)]), mx.array([10.0 * i])) for i in range(1, 4)]
+    out = cuda._chained(call, q, caches)
+    assert seen[0] is q and seen[1] is not q and len(seen) == 3
+    assert out.item() == 1.0 + sum(11.0 * i for i in range(1, 4))
+    rec = cuda.Recorder()
+    cuda.bench_decode(rec, B=1, Hq=4, Hkv=2, Nk=67, D=32, layers=3)
+    for row in rec.rows:
+        assert row["ours_chained_us_per_call"] > 0 and row["mx_fast_chained_us_per_call"] > 0
+        assert row["chained_ratio_vs_mx_fast"] > 0

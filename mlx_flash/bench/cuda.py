@@ -177,9 +177,22 @@ def bench_features(rec: Recorder, N=8192, B=1, H=16, D=128):
                 speedup_vs_reference=t_ref / t_ours, max_abs_diff=err)
 
 
+def _chained(call, q, caches):
+    """A model's decode step: each layer's query is the previous layer's output
+    (same shape and dtype), so the calls run one after another as in a model.
+    Independent calls of one eval may run concurrently in MLX's CUDA graph,
+    which a model's layers cannot."""
+    x = q
+    for kc, vc in caches:
+        x = call(x, kc, vc)
+    return x
+
+
 def bench_decode(rec: Recorder, B=1, Hq=32, Hkv=4, Nk=32768, D=128, layers=32):
-    """One decode step: latency of a single call per eval, and the per-call time
-    of `layers` calls on distinct K/V caches in one eval (a model's decode step)."""
+    """One decode step: latency of a single call per eval, the per-call time
+    of `layers` independent calls on distinct K/V caches in one eval, and of
+    `layers` chained calls (each query the previous output: a model's decode
+    step, one kernel at a time)."""
     for dname, dtype in DTYPES.items():
         q, k, v = _qkv(B, Hq, Hkv, 1, Nk, D, dtype)
         caches = [_qkv(B, Hq, Hkv, 1, Nk, D, dtype, seed=i + 1)[1:] for i in range(layers)]
@@ -191,13 +204,18 @@ def bench_decode(rec: Recorder, B=1, Hq=32, Hkv=4, Nk=32768, D=128, layers=32):
         t_fast, m_fast = time_mlx(fast, iters=50)
         s_ours, _ = time_mlx(ours_step, iters=10)
         s_fast, _ = time_mlx(fast_step, iters=10)
+        c_ours, _ = time_mlx(lambda: _chained(mlx_flash.flash_attention, q, caches), iters=10)
+        c_fast, _ = time_mlx(lambda: _chained(lambda x, kc, vc: mx.fast.scaled_dot_product_attention(
+            x, kc, vc, scale=D ** -0.5), q, caches), iters=10)
         kv_bytes = 2 * B * Hkv * Nk * D * 2
         rec.add(section="decode", dtype=dname, shape=[B, Hq, Hkv, 1, Nk, D], ours_us=t_ours * 1e6,
                 ours_gbps=kv_bytes / t_ours / 1e9, mx_fast_us=t_fast * 1e6, ratio_vs_mx_fast=t_fast / t_ours,
                 ours_peak_mib=m_ours, mx_fast_peak_mib=m_fast,
                 step_layers=layers, ours_step_us_per_call=s_ours / layers * 1e6,
                 mx_fast_step_us_per_call=s_fast / layers * 1e6, step_ratio_vs_mx_fast=s_fast / s_ours,
-                ours_step_gbps=kv_bytes * layers / s_ours / 1e9)
+                ours_step_gbps=kv_bytes * layers / s_ours / 1e9,
+                ours_chained_us_per_call=c_ours / layers * 1e6, mx_fast_chained_us_per_call=c_fast / layers * 1e6,
+                chained_ratio_vs_mx_fast=c_fast / c_ours)
         del caches
 
 
