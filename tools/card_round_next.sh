@@ -20,7 +20,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -149,8 +149,11 @@ elif [ "$PART" = g ]; then
   # and the host-bound (4,16,1024,64) prefill.
   step host_replay 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_host.py -k "gpu or short or traced"
   step short_graph_ab 240 python3 tools/cuda_short_graph_ab.py "$OUT/short_graph_ab.json"
-  # The decode step with its calls chained (each layer's query the last one's
-  # output, as in a model: one kernel at a time, none overlapping), routed
+elif [ "$PART" = h ]; then
+  # Session 14, after g on the same warm machine (that call's environment:
+  # . tools/device_env.sh). The decode step with its calls chained (each
+  # layer's query the last one's output, as in a model: one kernel at a
+  # time, none overlapping), routed
   # and wider quantized-decode plans (more blocks / warps in flight), our fp16
   # decode and mx.fast beside them.
   step quant_chain 240 python3 tools/cuda_decode_profile.py "$OUT/quant" --step --chain --bits 4 --no-lm \
@@ -163,6 +166,6 @@ elif [ "$PART" = g ]; then
   step fwd_trace 120 python3 tools/cuda_wgmma_check.py "$OUT" \
     trace:2:16:4096:128:0:f16:1,trace:1:16:16384:128:0:f16:1,trace:2:16:4096:128:1:f16:1
 else
-  echo "card_round_next.sh: PART must be a, b, c, d, e, f or g, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, c, d, e, f, g or h, got $PART" >&2
   exit 2
 fi
