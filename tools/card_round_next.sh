@@ -157,7 +157,8 @@ elif [ "$PART" = h ]; then
   # and wider quantized-decode plans (more blocks / warps in flight), our fp16
   # decode and mx.fast beside them.
   step quant_chain 240 python3 tools/cuda_decode_profile.py "$OUT/quant" --step --chain --bits 4 --no-lm \
-    --fp16-ours --tag chain --plans '{"routed": {}, "s33": {"dec_splits": 33}, "s49": {"dec_splits": 49},
+    --fp16-plans '{"routed": {}, "waves100": {"waves": 100}, "splits64": {"splits": 64}, "splits128": {"splits": 128}}' \
+    --tag chain --plans '{"routed": {}, "s33": {"dec_splits": 33}, "s49": {"dec_splits": 49},
     "w8": {"dec_warps": 8}, "w2_s66": {"dec_warps": 2, "dec_splits": 66}, "w2_s99": {"dec_warps": 2, "dec_splits": 99},
     "pf": {"dec_prefetch": true}, "pf_s33": {"dec_prefetch": true, "dec_splits": 33}}'
   # Issue 14: the persistent D 128 forward's clock trace (first item's setup,

@@ -3,7 +3,7 @@
     python tools/cuda_decode_profile.py OUT_DIR [--sweep] [--no-lm]  # host timings + cProfile (+ launch-plan sweep)
     ncu ... python tools/cuda_decode_profile.py OUT_DIR --kernels-step [--plans JSON] [--bits 4,8]  # each plan's kernel
     python tools/cuda_decode_profile.py OUT_DIR --step [--bits 4,8] [--plans JSON] [--no-lm | --lm-first] [--fp16-ours] [--tag T]
-                 [--chain]                                 # a 32-layer decode step, plans side by side
+                 [--chain] [--fp16-plans JSON]             # a 32-layer decode step, plans side by side
                                                            # (--chain: each layer's query is the last one's output)
     ncu --metrics gpu__time_duration.sum --csv python tools/cuda_decode_profile.py OUT_DIR --kernels
                                                            # GPU time of each kernel
@@ -158,7 +158,17 @@ def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=Fa
                 cq.decode_plan.cache_clear()
     dump()
     if ours_fp16:
-        run("flash_attention_fp16", lambda i, q=q: mlx_flash.flash_attention(q, *fp16[i], scale=s))
+        # ours_fp16: True (the routed plan) or {name: cuda.DECODE_TUNING dict} (plans; {} the routed one).
+        from mlx_flash.backends import cuda as cb
+
+        for pname, tuning in (ours_fp16 if isinstance(ours_fp16, dict) else {"": {}}).items():
+            cb.DECODE_TUNING.clear()
+            cb.DECODE_TUNING.update(tuning)
+            try:
+                run("flash_attention_fp16" + (f"_{pname}" if pname else ""),
+                    lambda i, q=q: mlx_flash.flash_attention(q, *fp16[i], scale=s))
+            finally:
+                cb.DECODE_TUNING.clear()
     if lm and lm != "first":
         run_lm()
     base = res["step"].get("mx_fast_fp16", {}).get("eval_us")
@@ -412,7 +422,8 @@ def main():
         opt = lambda name, d: int(args[args.index(name) + 1]) if name in args else d  # noqa: E731
         step_bench(out_dir, plans, bits, layers=opt("--layers", 32),
                    lm="first" if "--lm-first" in args else "--no-lm" not in args,
-                   ours_fp16="--fp16-ours" in args, nk=opt("--nk", 32768),
+                   ours_fp16=(json.loads(args[args.index("--fp16-plans") + 1]) if "--fp16-plans" in args
+                              else "--fp16-ours" in args), nk=opt("--nk", 32768),
                    tag=args[args.index("--tag") + 1] if "--tag" in args else "", chain="--chain" in args)
         return
     q, k, v, quant, s = setup()
