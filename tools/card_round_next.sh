@@ -147,8 +147,8 @@ elif [ "$PART" = g ]; then
   # and the Python path; traced calls keep the nodes), then both forms beside
   # mx.fast in interleaved rounds: the 32-layer decode step (fp16 and 4-bit)
   # and the host-bound (4,16,1024,64) prefill.
-  step host_replay 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_host.py -k "gpu or short or traced"
-  step short_graph_ab 240 python3 tools/cuda_short_graph_ab.py "$OUT/short_graph_ab.json"
+  step host_replay 110 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda_host.py -k "gpu or short or traced"
+  step short_graph_ab 200 python3 tools/cuda_short_graph_ab.py "$OUT/short_graph_ab.json" --rounds 9
 elif [ "$PART" = h ]; then
   # Session 14, after g on the same warm machine (that call's environment:
   # . tools/device_env.sh). The decode step with its calls chained (each
