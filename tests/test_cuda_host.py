@@ -50,12 +50,15 @@ def _attention_key(q, k, v, **options):
 
 @pytest.fixture
 def fresh_host():
-    """The extension with no records, switched on; every record dropped again after."""
+    """The extension with no records, switched on, untraced replays short; every record dropped again after."""
     HOST.clear()
     HOST.set_enabled(True)
+    short = HOST.short_graph_stats()[1]
+    HOST.set_short_graph(True)  # the default, whatever MLX_FLASH_CUDA_HOST_SHORT the caller set
     yield HOST
     HOST.clear()
     HOST.set_enabled(True)
+    HOST.set_short_graph(short)
 
 
 @needs_host
@@ -368,6 +371,28 @@ def test_untraced_inputs_inside_a_trace_replay_short(fake_cuda):
     grad = mx.grad(lambda x: (x * mlx_flash.flash_attention(q, k, v).astype(mx.float32)).sum())(x)
     assert _short_replays() == shorts + 1
     _assert_identical(want_out, grad)
+
+
+@needs_host
+@pytest.mark.parametrize("value, want", [("0", "False"), ("1", "True"), ("2", "ValueError"), ("yes", "ValueError")])
+def test_short_graph_switch_from_the_environment(value, want):
+    """MLX_FLASH_CUDA_HOST_SHORT: 0 keeps the custom function's nodes on every
+    replay, 1 (the default) leaves them out of untraced ones; anything else is
+    an error naming the variable, at import."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from mlx_flash.backends import cuda_host\n"
+            "print(cuda_host.HOST.short_graph_stats()[1])")
+    env = {**os.environ, "MLX_FLASH_CUDA_HOST_SHORT": value}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if want == "ValueError":
+        assert run.returncode != 0
+        assert "MLX_FLASH_CUDA_HOST_SHORT: expected 0 or 1" in run.stderr and repr(value) in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == want
 
 
 # ---------------------------------------------------------------------------

@@ -67,6 +67,11 @@ if _PREFILL not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_CUDA_HOST_PREFILL: expected 0 or 1, got {_PREFILL!r}")
 PREFILL = _PREFILL == "1"
 
+# Untraced replays without the custom function's nodes (see set_short_graph below).
+_SHORT = os.environ.get("MLX_FLASH_CUDA_HOST_SHORT", "1")
+if _SHORT not in ("0", "1"):
+    raise ValueError(f"MLX_FLASH_CUDA_HOST_SHORT: expected 0 or 1, got {_SHORT!r}")
+
 # Creation arguments of every kernel object cuda.py's _kernel made, by id():
 # (name, input names, output names, source, header, ensure_row_contiguous, shared memory).
 # The objects live in _kernel's cache for the process, so their ids stay theirs.
@@ -184,7 +189,7 @@ if HOST is not None:
     # following the call) returns the kernel's out and lse without the custom
     # function's three nodes (MLX_FLASH_CUDA_HOST_SHORT=0 keeps them); a
     # traced one builds them, so gradients still run the custom vjp.
-    HOST.set_short_graph(os.environ.get("MLX_FLASH_CUDA_HOST_SHORT", "1") != "0")
+    HOST.set_short_graph(_SHORT == "1")
     atexit.register(HOST.clear)  # records hold Python objects: drop them while Python runs
 
 
