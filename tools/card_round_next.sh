@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Card checks, each part one device call of under 600 s (the device tool's
-# limit per command). Parts a and b were written in session 11 (no card) and
+# limit per command). Parts g and h (session 14: the replay's short graph, the
+# chained decode step and its plans, the forward's clock trace) never got a
+# card in session 14 and are the next card session's first calls:
+#
+#     . .device/rest/env.sh && bash tools/install_cuda_host.sh && OUT=$OUT bash tools/card_round_next.sh g
+#     . tools/device_env.sh && OUT=$OUT bash tools/card_round_next.sh h
+# Parts a and b were written in session 11 (no card) and
 # ran on an H100 in session 12 (results in docs/cuda.md, docs/matmul.md,
 # docs/cuda_decode.md); parts c (correctness, <= 420 s) and d (timings,
 # <= 260 s) are what session 12 could not run before its card was taken
