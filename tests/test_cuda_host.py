@@ -334,10 +334,10 @@ def _check_short_graph(call, grad_call, compiled_call):
         HOST.set_short_graph(True)
 
 
-@needs_host
-def test_untraced_replay_leaves_out_the_custom_function_nodes_on_fake_kernels(fake_cuda):
-    gen = rng("host-fake-short")
-    q, k, v = _decode_qkv(gen, 32, 8, 1, 2051, 128, mx.float16)
+def _short_graph_cases(gen, nk):
+    """_check_short_graph over flash_attention (sinks, lse) and the 4-bit
+    quantized op at a 32:8 decode of `nk` keys: plain, under mx.grad, in mx.compile."""
+    q, k, v = _decode_qkv(gen, 32, 8, 1, nk, 128, mx.float16)
     sinks = randn(gen, (32,), mx.float32)
     w = randn(gen, (1, 32, 1, 128), mx.float32)
     call = lambda: mlx_flash.flash_attention(q, k, v, sinks=sinks, return_lse=True)  # noqa: E731
@@ -353,6 +353,11 @@ def test_untraced_replay_leaves_out_the_custom_function_nodes_on_fake_kernels(fa
         mx.float32) * w).sum())
     qcompiled = lambda: mx.compile(lambda q: mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64))(q)  # noqa: E731
     _check_short_graph(qcall, lambda: qgrad(q), qcompiled)
+
+
+@needs_host
+def test_untraced_replay_leaves_out_the_custom_function_nodes_on_fake_kernels(fake_cuda):
+    _short_graph_cases(rng("host-fake-short"), 2051)
 
 
 @needs_host
@@ -523,23 +528,7 @@ def test_replay_gradients_equal_python_path(fresh_host, monkeypatch):
 def test_untraced_replay_is_short_and_bit_identical_on_gpu(fresh_host, monkeypatch):
     monkeypatch.setattr(attention, "_HOST", HOST)
     monkeypatch.setattr(attention_quantized, "_HOST", HOST)
-    gen = rng("host-short-gpu")
-    q, k, v = _decode_qkv(gen, 32, 8, 1, 4099, 128, mx.float16)
-    sinks = randn(gen, (32,), mx.float32)
-    w = randn(gen, (1, 32, 1, 128), mx.float32)
-    call = lambda: mlx_flash.flash_attention(q, k, v, sinks=sinks, return_lse=True)  # noqa: E731
-    grad = mx.grad(lambda q, sinks: (mlx_flash.flash_attention(q, k, v, sinks=sinks).astype(mx.float32) * w).sum(),
-                   argnums=(0, 1))
-    # A new function each time: mx.compile traces (and so calls attention) once per function.
-    compiled = lambda: mx.compile(lambda q: mlx_flash.flash_attention(q, k, v, sinks=sinks, return_lse=True))(q)  # noqa: E731
-    _check_short_graph(call, lambda: grad(q, sinks), compiled)
-    kq = mx.quantize(k, group_size=64, bits=4)
-    vq = mx.quantize(v, group_size=64, bits=4)
-    qcall = lambda: mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64)  # noqa: E731
-    qgrad = mx.grad(lambda q: (mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64).astype(
-        mx.float32) * w).sum())
-    qcompiled = lambda: mx.compile(lambda q: mlx_flash.flash_attention_quantized(q, kq, vq, bits=4, group_size=64))(q)  # noqa: E731
-    _check_short_graph(qcall, lambda: qgrad(q), qcompiled)
+    _short_graph_cases(rng("host-short-gpu"), 4099)
 
 
 @needs_cuda
