@@ -214,13 +214,12 @@ def test_cuda_bench_chained_decode_feeds_each_output_to_the_next_call():
     cuda = pytest.importorskip("mlx_flash.bench.cuda")
     seen = []
 
-    def call(x, kc, vc):
+    def call(i, x):
         seen.append(x)
-        return x + kc.sum() + vc.sum()
+        return x + 11.0 * (i + 1)
 
     q = mx.array([1.0])
-    caches = [(mx.array([float(i)]), mx.array([10.0 * i])) for i in range(1, 4)]
-    out = cuda._chained(call, q, caches)
+    out = cuda.chained_step(call, q, 3)
     assert seen[0] is q and seen[1] is not q and len(seen) == 3
     assert out.item() == 1.0 + sum(11.0 * i for i in range(1, 4))
     rec = cuda.Recorder()

@@ -39,6 +39,7 @@ import mlx.core as mx
 import mlx_flash
 import mlx_flash.attention_quantized
 from mlx_flash.backends import cuda_quant as cq
+from mlx_flash.bench.cuda import chained_step
 
 
 def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=False, rounds=9, nk=32768,
@@ -99,10 +100,7 @@ def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=Fa
         for _ in range(rounds):
             t0 = time.perf_counter()
             if chain:
-                x = q
-                for i in range(layers):
-                    x = fn(i, x)
-                outs = [x]
+                outs = [chained_step(fn, q, layers)]
             else:
                 outs = [fn(i) for i in range(layers)]
             t1 = time.perf_counter()

@@ -38,6 +38,7 @@ import numpy as np
 
 import mlx_flash
 from mlx_flash.backends import cuda_host
+from mlx_flash.bench.cuda import chained_step
 
 
 def main():
@@ -84,10 +85,7 @@ def main():
     def step(fn, calls, chained):
         t0 = time.perf_counter()
         if chained:  # each layer's query is the previous layer's output: the kernels run in series
-            x = q
-            for i in range(calls):
-                x = fn(i, x)
-            outs = [x]
+            outs = [chained_step(fn, q, calls)]
         else:
             outs = [fn(i, q) for i in range(calls)]
         t1 = time.perf_counter()

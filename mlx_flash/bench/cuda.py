@@ -177,14 +177,15 @@ def bench_features(rec: Recorder, N=8192, B=1, H=16, D=128):
                 speedup_vs_reference=t_ref / t_ours, max_abs_diff=err)
 
 
-def _chained(call, q, caches):
-    """A model's decode step: each layer's query is the previous layer's output
-    (same shape and dtype), so the calls run one after another as in a model.
-    Independent calls of one eval may run concurrently in MLX's CUDA graph,
-    which a model's layers cannot."""
+def chained_step(call, q, layers):
+    """A model's decode step: `call(i, x)` is layer i's attention over query x,
+    and each layer's query is the previous layer's output (same shape and
+    dtype), so the calls run one after another as in a model. Independent
+    calls of one eval may run concurrently in MLX's CUDA graph, which a
+    model's layers cannot. Returns the last layer's output."""
     x = q
-    for kc, vc in caches:
-        x = call(x, kc, vc)
+    for i in range(layers):
+        x = call(i, x)
     return x
 
 
@@ -204,9 +205,10 @@ def bench_decode(rec: Recorder, B=1, Hq=32, Hkv=4, Nk=32768, D=128, layers=32):
         t_fast, m_fast = time_mlx(fast, iters=50)
         s_ours, _ = time_mlx(ours_step, iters=10)
         s_fast, _ = time_mlx(fast_step, iters=10)
-        c_ours, _ = time_mlx(lambda: _chained(mlx_flash.flash_attention, q, caches), iters=10)
-        c_fast, _ = time_mlx(lambda: _chained(lambda x, kc, vc: mx.fast.scaled_dot_product_attention(
-            x, kc, vc, scale=D ** -0.5), q, caches), iters=10)
+        c_ours, _ = time_mlx(lambda: chained_step(lambda i, x: mlx_flash.flash_attention(x, *caches[i]), q, layers),
+                             iters=10)
+        c_fast, _ = time_mlx(lambda: chained_step(lambda i, x: mx.fast.scaled_dot_product_attention(
+            x, *caches[i], scale=D ** -0.5), q, layers), iters=10)
         kv_bytes = 2 * B * Hkv * Nk * D * 2
         rec.add(section="decode", dtype=dname, shape=[B, Hq, Hkv, 1, Nk, D], ours_us=t_ours * 1e6,
                 ours_gbps=kv_bytes / t_ours / 1e9, mx_fast_us=t_fast * 1e6, ratio_vs_mx_fast=t_fast / t_ours,
