@@ -634,9 +634,9 @@ def test_decode_plan():
         cq.decode_plan.cache_clear()
         return cq.decode_plan(validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0])
 
-    # One block of 4 warps an SM; whole tiles per warp.
+    # One wave of the 4-warp blocks that fit an SM (3); whole tiles per warp.
     nw, splits, smem = plan(1, 8, 32768)
-    assert nw == cq._DEC_WARPS and splits == cq._SMS // 8
+    assert nw == cq._DEC_WARPS and splits == cq._SMS * (cq._DEC_RESIDENT_WARPS["narrow"] // nw) // 8 == 49
     assert 32768 / splits >= 16 * nw * cq._DEC_MIN_TILES
     # The flag, 4 warps' scale stages (D 64, group 64: 2 planes of 32 lanes), the merge areas ([4][8][64] o,
     # m, l, the V bias terms).

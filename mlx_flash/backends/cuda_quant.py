@@ -292,14 +292,27 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # ---- tensor-core decode (attention_quant_decode.cuh) ---------------------------------
 # Warps per block (interleaved 16-key tiles of one KV head's split, merged in
 # shared memory), each tile's words loaded into registers (one tile in flight
-# a warp). Splits: one block an SM (H200: more blocks cost more than they
-# save); every split at least _DEC_MIN_TILES tiles per warp.
+# a warp). Splits: one wave of the blocks that fit an SM (_DEC_RESIDENT_WARPS);
+# every split at least _DEC_MIN_TILES tiles per warp.
 # Tickets from cuda.py's pool (no zero fill).
 # TUNING "dec_warps" / "dec_splits" / "dec_prefetch" (the one-tile prefetch) /
 # "dec_blocks_per_sm" / "dec_pool" / "dec_keys_m" / "dec_fold" / "dec_l2pf" /
 # "dec_tiles" / "dec_late_scales" / "decode" override for GPU sweeps (call
 # decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
+# Splits: one wave of the blocks that fit an SM. Registers a thread under
+# MLX's NVRTC (tools/nvrtc_regs.py --only qdec, sm_90a): D 128 137 (4-bit)
+# to 162 (8-bit), 3 blocks of 4 warps an SM; D 256 184 and TILES 2 170-248,
+# 2 blocks. Measured with a model's chained step (each layer's query the
+# last one's output, so one kernel at a time), 4-bit, GQA 32:8, Nk 32768:
+# H100 (benchmarks/results/cuda_quant_decode_chain_nvidia_h100_s15.json)
+# 16 splits (one block an SM, sessions 7-14's default) 71.5-71.8 us a call,
+# 33 64.0, 49 (3 an SM) 61.4-61.8, 66 82.4, 99 83.3, 132 93.4: a second,
+# partial wave costs more than the warps it adds; H200 (..._h200_s15.json)
+# 4-bit 16 / 33 / 49 splits 81.2 / 75.3 / 73.9-77.6, 8-bit 106.3 / 96.6 /
+# 77.7-83.3. Sessions 7-14 chose one block an SM on steps whose 32 calls
+# were independent and ran concurrently (docs/cuda_decode.md, session 14).
+_DEC_RESIDENT_WARPS = {"narrow": 12, "wide": 8}  # D <= 128 and TILES 1 / D 256 or TILES 2
 _DEC_MIN_TILES = 4
 _DEC_MAX_SPLITS = 256
 # The opt-in shared-memory ring (TUNING "dec_stages" > 0: STAGES slots a warp
@@ -423,10 +436,9 @@ def decode_plan(qspec):
     nw = TUNING.get("dec_warps", _DEC_WARPS)
     pairs = spec.batch * spec.heads_kv
     keys = _cuda._effective_keys(spec)
-    # Blocks per SM the splits aim for: one (H200, 4-bit, Nk 32768, GQA 32:8:
-    # 16 splits 52 us, 33 splits 53 us, 49 68-84 us, 66 89 us, 99 109 us a
-    # call: every split past one block an SM costs more than the warps it adds save).
-    per_sm = TUNING.get("dec_blocks_per_sm", 1)
+    # Blocks per SM the splits aim for (_DEC_RESIDENT_WARPS's measurements).
+    warps_sm = _DEC_RESIDENT_WARPS["wide" if spec.head_dim_qk > 128 or tiles > 1 else "narrow"]
+    per_sm = TUNING.get("dec_blocks_per_sm", max(1, warps_sm // nw))
     dv, ngv = spec.head_dim_v, spec.head_dim_v // qspec.group_size
     ng = spec.head_dim_qk // qspec.group_size
     # The flag (4 words), each warp's scale stages (QdTile::STAGE floats, one a tile of an iteration), Q's
