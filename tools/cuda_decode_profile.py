@@ -3,7 +3,7 @@
     python tools/cuda_decode_profile.py OUT_DIR [--sweep] [--no-lm]  # host timings + cProfile (+ launch-plan sweep)
     ncu ... python tools/cuda_decode_profile.py OUT_DIR --kernels-step [--plans JSON] [--bits 4,8]  # each plan's kernel
     python tools/cuda_decode_profile.py OUT_DIR --step [--bits 4,8] [--plans JSON] [--no-lm | --lm-first] [--fp16-ours] [--tag T]
-                 [--chain] [--fp16-plans JSON]             # a 32-layer decode step, plans side by side
+                 [--chain] [--fp16-plans JSON] [--hkv 8]   # a 32-layer decode step, plans side by side
                                                            # (--chain: each layer's query is the last one's output)
     ncu --metrics gpu__time_duration.sum --csv python tools/cuda_decode_profile.py OUT_DIR --kernels
                                                            # GPU time of each kernel
@@ -43,7 +43,7 @@ from mlx_flash.bench.cuda import chained_step
 
 
 def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=False, rounds=9, nk=32768,
-               tag="", chain=False):
+               tag="", chain=False, hkv=8):
     """A model's decode step: `layers` distinct caches (each layer its own K/V,
     so no call finds its cache in L2 from the call before: 38 MB of 4-bit
     cache per layer, 134 MB fp16), one call per layer, then one eval. Per
@@ -57,8 +57,9 @@ def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=Fa
     low-occupancy kernel leaves idle: throughput, not a model's step.
     `plans`: {name: TUNING dict} for the quantized decode, timed side by side
     with mx.fast SDPA over the fp16 caches (and mlx-lm's quantized path with
-    `lm`: its first call compiles for tens of seconds)."""
-    B, Hq, Hkv, Nk, D = 1, 32, 8, nk, 128
+    `lm`: its first call compiles for tens of seconds). `hkv`: KV heads
+    (32 query heads)."""
+    B, Hq, Hkv, Nk, D = 1, 32, hkv, nk, 128
     s = D ** -0.5
     q = mx.random.normal((B, Hq, 1, D), key=mx.random.key(7)).astype(mx.float16)
     fp16 = []
@@ -74,7 +75,7 @@ def step_bench(out_dir, plans, bits_list=(4,), layers=32, lm=False, ours_fp16=Fa
                                 tuple(mx.quantize(v, group_size=64, bits=bits))))
             mx.eval(quant[bits][-1])
     res = {"card": mx.device_info().get("device_name", "?"),
-           "shape": f"B1 GQA 32:8 Nq 1 Nk {Nk} D128 fp16 q, group 64, {layers} layers (distinct caches) a step",
+           "shape": f"B1 GQA 32:{Hkv} Nq 1 Nk {Nk} D128 fp16 q, group 64, {layers} layers (distinct caches) a step",
            "step": {}, "check": {}, "first_call_s": {}, "plans": {n: dict(t) for n, t in plans.items()}}
     path = os.path.join(out_dir, f"decode_step{'_' + tag if tag else ''}.json")
     res["chain"] = chain
@@ -422,7 +423,8 @@ def main():
                    lm="first" if "--lm-first" in args else "--no-lm" not in args,
                    ours_fp16=(json.loads(args[args.index("--fp16-plans") + 1]) if "--fp16-plans" in args
                               else "--fp16-ours" in args), nk=opt("--nk", 32768),
-                   tag=args[args.index("--tag") + 1] if "--tag" in args else "", chain="--chain" in args)
+                   tag=args[args.index("--tag") + 1] if "--tag" in args else "", chain="--chain" in args,
+                   hkv=opt("--hkv", 8))
         return
     q, k, v, quant, s = setup()
     lm_name, lm_qsdpa = mlx_lm_path()
