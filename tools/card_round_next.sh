@@ -26,7 +26,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -148,31 +148,77 @@ elif [ "$PART" = f ]; then
   page quant_decode attention_quant_decode python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 \
     --plans '{"routed": {}}'
 elif [ "$PART" = g ]; then
-  # Session 14: the C++ replay's short graph (untraced calls without the
-  # custom function's nodes): its GPU tests (bit-identical to the full graph
-  # and the Python path; traced calls keep the nodes), then both forms beside
-  # mx.fast in interleaved rounds: the 32-layer decode step (fp16 and 4-bit)
-  # and the host-bound (4,16,1024,64) prefill.
+  # Session 14's queue, reordered in session 15 (starts keep failing: the
+  # measurement that decides the decode defaults goes first).
+  # The C++ replay's short graph (untraced calls without the custom
+  # function's nodes): its GPU tests (bit-identical to the full graph and the
+  # Python path; traced calls keep the nodes).
   step host_replay 110 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda_host.py -k "gpu or short or traced"
-  step short_graph_ab 200 python3 tools/cuda_short_graph_ab.py "$OUT/short_graph_ab.json" --rounds 9
-elif [ "$PART" = h ]; then
-  # Session 14, after g on the same warm machine (that call's environment:
-  # . tools/device_env.sh). The decode step with its calls chained (each
-  # layer's query the last one's output, as in a model: one kernel at a
-  # time, none overlapping), routed
-  # and wider quantized-decode plans (more blocks / warps in flight), our fp16
-  # decode and mx.fast beside them.
-  step quant_chain 240 python3 tools/cuda_decode_profile.py "$OUT/quant" --step --chain --bits 4 --no-lm \
+  # The decode step with its calls chained (each layer's query the last
+  # one's output, as in a model: one kernel at a time, none overlapping),
+  # routed and wider quantized-decode plans (more blocks / warps in flight;
+  # 137 registers a thread: 3 blocks of 4 warps an SM, 7 of 2 warps, so s49
+  # is one full wave of 4-warp blocks, s99 two, w2_s115 one of 2-warp blocks;
+  # plans that differ only in splits share one compiled kernel), our fp16
+  # decode's plans and mx.fast beside them.
+  step quant_chain 330 python3 tools/cuda_decode_profile.py "$OUT/quant" --step --chain --bits 4 --no-lm \
     --fp16-plans '{"routed": {}, "waves100": {"waves": 100}, "splits64": {"splits": 64}, "splits128": {"splits": 128}}' \
     --tag chain --plans '{"routed": {}, "s33": {"dec_splits": 33}, "s49": {"dec_splits": 49},
-    "w8": {"dec_warps": 8}, "w2_s66": {"dec_warps": 2, "dec_splits": 66}, "w2_s99": {"dec_warps": 2, "dec_splits": 99},
-    "pf": {"dec_prefetch": true}, "pf_s33": {"dec_prefetch": true, "dec_splits": 33}}'
+    "s66": {"dec_splits": 66}, "s99": {"dec_splits": 99}, "s132": {"dec_splits": 132},
+    "w8": {"dec_warps": 8}, "w2_s99": {"dec_warps": 2, "dec_splits": 99}, "w2_s115": {"dec_warps": 2, "dec_splits": 115},
+    "pf_s49": {"dec_prefetch": true, "dec_splits": 49}}'
+elif [ "$PART" = h ]; then
+  # After g on the same warm machine (that call's environment:
+  # . tools/device_env.sh). Both forms of the replay beside mx.fast in
+  # interleaved rounds: the 32-layer decode step (fp16 and 4-bit,
+  # independent and chained) and the host-bound (4,16,1024,64) prefill.
+  step short_graph_ab 200 python3 tools/cuda_short_graph_ab.py "$OUT/short_graph_ab.json" --rounds 9
   # Issue 14: the persistent D 128 forward's clock trace (first item's setup,
   # Q wait, loop and epilogue; each block's span and items), 4K and 16K:
   # whether a fixed cost per item explains the 4K rows' larger gap to cuDNN.
   step fwd_trace 120 python3 tools/cuda_wgmma_check.py "$OUT" \
     trace:2:16:4096:128:0:f16:1,trace:1:16:16384:128:0:f16:1,trace:2:16:4096:128:1:f16:1
+elif [ "$PART" = i ]; then
+  # Session 15, after g and h: the quantized decode's new default (one wave
+  # of 3 blocks an SM, 49 splits at GQA 32:8) checked and re-timed chained at
+  # 4 and 8 bits beside the old (pb1) and pb2; the fixed short-graph test
+  # (gradients compared up to the atomics' sum order); the quantized op's GPU
+  # tests at the new plan; Nsight on one call of the old and new plans; the
+  # CUDA bench's decode rows (chained columns).
+  step host_replay 80 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda_host.py -k "gpu or short or traced"
+  step quant_chain_bits 120 python3 tools/cuda_decode_profile.py "$OUT/quant" --step --chain --bits 4,8 --no-lm \
+    --tag chain_bits --plans '{"routed": {}, "pb1": {"dec_blocks_per_sm": 1}, "pb2": {"dec_blocks_per_sm": 2}, "routed_b": {}}'
+  step quant_gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_attention_quantized.py -k cuda
+  step quant_ncu 100 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats -k regex:attention_quant_decode -c 4 \
+    python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 --plans '{"routed": {}, "pb1": {"dec_blocks_per_sm": 1}}'
+  step bench_decode 100 python3 -m mlx_flash.bench.cuda --sections decode --out "$OUT/bench_decode.json"
+elif [ "$PART" = j ]; then
+  # Session 15, after i: the quantized op's GPU tests with the memory test's
+  # warm-up call (the ticket pool's one-time 4 MiB), then what a chained
+  # step costs besides its kernels: tools/cuda_chain_floor.py plain, then
+  # under Nsight Systems (its kernel summary: each kernel's GPU time).
+  step quant_gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_attention_quantized.py -k cuda
+  step chain_floor 120 python3 tools/cuda_chain_floor.py "$OUT/chain_floor.json"
+  NSYS=$(command -v nsys || ls /opt/nvidia/nsight-systems*/bin/nsys /usr/local/cuda*/bin/nsys 2>/dev/null | head -1)
+  if [ -n "$NSYS" ]; then
+    step chain_nsys 150 "$NSYS" profile -o /tmp/chain --force-overwrite true --stats=true \
+      python3 tools/cuda_chain_floor.py /tmp/chain_floor_nsys.json --rounds 3
+  else
+    echo "no nsys" > "$OUT/chain_nsys.txt"
+  fi
+elif [ "$PART" = k ]; then
+  # Session 15, after j: our fp16 decode's plans chained at GQA 32:4 (where
+  # the bench's chained step gave 0.88-0.91x mx.fast on the H200) and 32:8,
+  # and the quantized decode's new default at 32:4 (99 splits) beside 1 and
+  # 2 blocks an SM.
+  for hkv in 4 8; do
+    step "fp16_chain_hkv$hkv" 150 python3 tools/cuda_decode_profile.py "$OUT/quant" --step --chain --bits 4 --no-lm \
+      --hkv $hkv --tag "chain_hkv$hkv" --plans '{"routed": {}, "pb1": {"dec_blocks_per_sm": 1}, "pb2": {"dec_blocks_per_sm": 2}}' \
+      --fp16-plans '{"routed": {}, "waves25": {"waves": 25}, "waves100": {"waves": 100}, "waves200": {"waves": 200},
+      "splits8": {"splits": 8}, "splits16": {"splits": 16}, "splits24": {"splits": 24}, "routed_b": {}}'
+  done
 else
-  echo "card_round_next.sh: PART must be a, b, c, d, e, f, g or h, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, c, d, e, f, g, h, i, j or k, got $PART" >&2
   exit 2
 fi
