@@ -26,7 +26,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -218,7 +218,16 @@ elif [ "$PART" = k ]; then
       --fp16-plans '{"routed": {}, "waves25": {"waves": 25}, "waves100": {"waves": 100}, "waves200": {"waves": 200},
       "splits8": {"splits": 8}, "splits16": {"splits": 16}, "splits24": {"splits": 24}, "routed_b": {}}'
   done
+elif [ "$PART" = l ]; then
+  # Session 15: the quantized decode's stall reasons (cycles a warp waits
+  # per issued instruction, by reason) at the default 49 splits, with the
+  # prefetch (the next tile's loads a tile earlier) beside it, real clocks.
+  step quant_stalls 150 ncu --clock-control none --section WarpStateStats --section SourceCounters \
+    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+    -k regex:attention_quant_decode -c 4 \
+    python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 --plans '{"routed": {}, "pf": {"dec_prefetch": true}}'
 else
-  echo "card_round_next.sh: PART must be a, b, c, d, e, f, g, h, i, j or k, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, c, d, e, f, g, h, i, j, k or l, got $PART" >&2
   exit 2
 fi
