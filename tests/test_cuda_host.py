@@ -422,13 +422,18 @@ def _both_paths(call):
     return want, first, replayed
 
 
-def _assert_identical(want, got):
+def _result_pairs(want, got):
+    """(dtype, want, got) of each output, as float32 NumPy arrays, after checking count, dtypes and shapes."""
     want = want if isinstance(want, (tuple, list)) else (want,)
     got = got if isinstance(got, (tuple, list)) else (got,)
     assert len(want) == len(got)
     for w, g in zip(want, got):
         assert w.dtype == g.dtype and w.shape == g.shape
-        w, g = np.array(w.astype(mx.float32)), np.array(g.astype(mx.float32))
+        yield w.dtype, np.array(w.astype(mx.float32)), np.array(g.astype(mx.float32))
+
+
+def _assert_identical(want, got):
+    for _, w, g in _result_pairs(want, got):
         np.testing.assert_array_equal(g, w)  # bit for bit (NaN where NaN)
 
 
@@ -441,15 +446,9 @@ def _assert_same_but_for_sum_order(want, got):
     within one rounding of its dtype plus a float32 sum's reordering error,
     1e-5 of the array's largest magnitude (far above 2^-23 times the few
     thousand terms of a row's sum, far below any wrong result)."""
-    want = want if isinstance(want, (tuple, list)) else (want,)
-    got = got if isinstance(got, (tuple, list)) else (got,)
-    assert len(want) == len(got)
-    for w, g in zip(want, got):
-        assert w.dtype == g.dtype and w.shape == g.shape
-        eps = _EPS[w.dtype]
-        w, g = np.array(w.astype(mx.float32)), np.array(g.astype(mx.float32))
+    for dtype, w, g in _result_pairs(want, got):
         assert np.array_equal(np.isnan(w), np.isnan(g))
-        tol = eps * np.abs(w) + 1e-5 * np.nanmax(np.abs(w))
+        tol = _EPS[dtype] * np.abs(w) + 1e-5 * np.nanmax(np.abs(w))
         bad = ~(np.abs(g - w) <= tol) & ~np.isnan(w)
         assert not bad.any(), f"{bad.sum()} elements differ by more than the sum order explains: " \
             f"max |diff| {np.nanmax(np.abs(g - w))}"

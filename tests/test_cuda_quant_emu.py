@@ -643,8 +643,8 @@ def test_decode_plan():
     assert smem == 16 + 4 * 4 * 32 * 2 + 4 * (4 * 8 * 64 + 2 * 4 * 8 + 4 * 8 * 1)
     assert plan(1, 1, 20)[1] == 1
     assert plan(64, 8, 4096)[1] == 1
-    # D 256 (184 registers under NVRTC): 2 blocks of 4 warps an SM, one wave.
-    gen, q, kq, vq, _, _ = _case(("decode-plan", 256), 1, 32, 8, 1, 32768, 256, dtype=F16)
+    # D 256 (184 registers under NVRTC): 2 blocks of 4 warps an SM, one wave (16384 keys: not capped by tiles).
+    gen, q, kq, vq, _, _ = _case(("decode-plan", 256), 1, 32, 8, 1, 16384, 256, dtype=F16)
     cq.decode_plan.cache_clear()
     assert cq.decode_plan(validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0])[1] == cq._SMS * 2 // 8
 
