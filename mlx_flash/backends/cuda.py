@@ -323,16 +323,41 @@ _KEY_RANGE_INPUTS = ("kstart", "klen")
 _ATTN_INPUTS = ("q", "k", "v", "mask", "alibi", "sinks", "bmask", "cu_q", "cu_k", "ip", "fp") + _KEY_RANGE_INPUTS
 
 
+# MLX's CUDA allocator (0.32.x, allocator.cpp) serves every array of at most
+# 8 bytes from one managed-memory pool advised AccessedBy the GPU: the pool's
+# pages stay in host memory, where the CPU writes small arrays (scalars),
+# and every GPU read of them crosses PCIe. A kernel whose blocks start by
+# reading such an array (the scale in `fp`, the splits in `ns`) waits on it:
+# session 16 measured the 4-bit decode kernel at Nk 512 taking 46 us with
+# them there and 15 us without (Nsight Compute, H100), and at Nk 32768 64-68
+# against 35 us. So const_array pads every array to more than 8 bytes (the
+# values a kernel reads come first; the padding is zeros) and, where the
+# default device is a GPU, makes it there, in device memory.
+_SMALL_POOL_BYTES = 8
+
+
 @functools.lru_cache(maxsize=4096)
 def const_array(values: tuple, dtype) -> mx.array:
-    """A small constant array, made once per value and kept.
+    """A small constant array, made once per value and kept, in device memory.
 
     MLX's CUDA allocator hands host-written arrays to the GPU through
     unified memory: a fresh one per call costs a page migration on first
-    GPU touch (tens of microseconds each), more than a decode kernel runs.
+    GPU touch (tens of microseconds each), more than a decode kernel runs;
+    and arrays of at most 8 bytes share a pool that stays in host memory
+    (above). The array holds `values`, then zeros until it spans more than 8 bytes.
     """
-    array = mx.array(list(values), dtype=dtype)
+    vals = list(values)
+    while len(vals) * dtype.size <= _SMALL_POOL_BYTES:
+        vals.append(0)
+    host = mx.array(vals, dtype=dtype)
+    if mx.default_device() != mx.gpu:
+        mx.eval(host)
+        return host
+    # Made by a GPU op, so MLX allocates it on the GPU stream: device memory (cudaMallocAsync), never migrated.
+    array = mx.zeros(host.shape, dtype, stream=mx.gpu) + host if dtype != mx.bool_ else mx.logical_or(
+        mx.zeros(host.shape, dtype, stream=mx.gpu), host)
     mx.eval(array)
+    del host
     return array
 
 

@@ -1,0 +1,49 @@
+"""The CUDA backend's constant arrays (backends/cuda.py const_array) stay out of MLX's small pool.
+
+MLX's CUDA allocator serves arrays of at most 8 bytes from one managed pool
+that stays in host memory, so a kernel reading one (the scale in `fp`, the
+splits in `ns`) waits on PCIe each launch (session 16: the 4-bit decode
+kernel 46 -> 15 us at Nk 512 once they left it; docs/cuda_decode.md). Every
+constant array a kernel takes must span more than 8 bytes and hold its
+values first. Runs everywhere (the arrays are built the same on the CPU).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_flash._quant_spec import validate_attention_quantized
+from mlx_flash.backends import cuda, cuda_quant
+
+SMALL = cuda._SMALL_POOL_BYTES
+
+
+@pytest.mark.parametrize("values, dtype", [((7,), mx.int32), ((1.5, -2.0), mx.float32), ((0,), mx.bool_),
+                                           ((3, 4), mx.uint8), ((1.0,), mx.float32), (tuple(range(17)), mx.int32)])
+def test_const_array_spans_more_than_the_small_pool(values, dtype):
+    a = cuda.const_array(values, dtype)
+    assert a.nbytes > SMALL and a.dtype == dtype
+    got = np.array(a)
+    np.testing.assert_array_equal(got[:len(values)], np.array(values).astype(got.dtype))
+    assert not got[len(values):].any()  # the padding is zeros
+    assert cuda.const_array(values, dtype) is a  # made once, kept
+
+
+def test_every_constant_input_of_the_decode_spans_more_than_the_small_pool():
+    """Parameter blocks, placeholders and the quantized decode's split count (ns)."""
+    from mlx_flash._spec import validate_attention
+
+    q = mx.zeros((1, 8, 1, 64), mx.float16)
+    k = mx.zeros((1, 2, 40, 64), mx.float16)
+    spec, _ = validate_attention(q, k, k)
+    ip, fp = cuda._param_arrays(spec, cuda._NO_DIMS, cuda._NO_DIMS)
+    arrays = [ip, fp, *cuda._placeholders()]
+    kq = tuple(mx.quantize(mx.ones((1, 2, 40, 64), mx.float16), group_size=64, bits=4))
+    qspec = validate_attention_quantized(q, kq, kq, bits=4, group_size=64)[0]
+    _, ns, _ = cuda_quant._decode_launch(qspec, tuple(q.shape), kq[1].dtype, kq[1].dtype, ())
+    arrays.append(ns)
+    for a in arrays:
+        assert a.nbytes > SMALL, (a.shape, a.dtype)
+    assert float(fp[0]) == pytest.approx(64 ** -0.5) and int(ns[0]) == cuda_quant.decode_plan(qspec)[1]
