@@ -357,104 +357,6 @@ struct QdTile {
     }
   }
 
-  // RING: load()'s words, scales and biases of a tile (the same lanes, keys
-  // and clamp: keys at or past `end` copy key end - 1), copied by cp.async
-  // into the lane's own places of a warp's ring slot and read back after the
-  // wait: no registers held while a tile is in flight, so RING - 1 tiles a
-  // warp are. Slot layout [unit][lane][the unit's words] (a unit: KU words
-  // of a K row, VU of a V row, or one 4-byte word of a scale plane), so a
-  // warp's read of a unit is one conflict-free shared load a lane. A 16-bit
-  // scale comes with its 4-byte word's other half (the same key's next row
-  // of the plane): ring_ok asks for rows of an even count of entries.
-  static constexpr int KU = S::WK < 4 ? S::WK : 4, VU = S::WV < 4 ? S::WV : 4;  // words a copy
-  static constexpr int RING_V = 32 * 2 * S::KW, RING_S = RING_V + 32 * 4 * S::VW;
-  static constexpr int SLOT = RING_S + 32 * NSC;  // words of a warp's slot
-  template <typename W>
-  __device__ __forceinline__ static const unsigned* plane_word(const W* p, long i) {
-    return reinterpret_cast<const unsigned*>(reinterpret_cast<unsigned long long>(p + i) & ~3ull);
-  }
-  template <typename KST, typename VST, class SA>
-  __device__ __forceinline__ static void copy(const QuantHead<KST, SA>& kh, const QuantHead<VST, SA>& vh, int j0,
-                                              int end, int lane, unsigned* slot) {
-    const int g = lane / 4, t = lane % 4, last = end - 1;
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      const unsigned* w = kh.words(min(j0 + 8 * n + g, last));
-#pragma unroll
-      for (int gi = 0; gi < S::NG; ++gi)
-#pragma unroll
-        for (int c = 0; c < S::WK / KU; ++c)
-          cp_async_bytes<4 * KU>(slot + 32 * KU * ((n * S::NG + gi) * (S::WK / KU) + c) + lane * KU,
-                                 w + gi * S::WG + t * S::WK + c * KU);
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const unsigned* w = vh.words(min(j0 + 2 * t + (e & 1) + 8 * (e >> 1), last));
-#pragma unroll
-      for (int gi = 0; gi < S::NGV; ++gi)
-#pragma unroll
-        for (int c = 0; c < S::WV / VU; ++c)
-          cp_async_bytes<4 * VU>(slot + RING_V + 32 * VU * ((e * S::NGV + gi) * (S::WV / VU) + c) + lane * VU,
-                                 w + gi * S::WG + g * S::WV + c * VU);
-    }
-    const long j = min(j0 + lane % 16, last);
-#pragma unroll
-    for (int i = 0; i < NSC; ++i) {
-      const int row = 2 * i + lane / 16;
-      const unsigned* src = row < S::NG ? plane_word(kh.s, j * kh.ss[2] + row)
-                            : row < 2 * S::NG ? plane_word(kh.b, j * kh.bs[2] + row - S::NG)
-                            : row < 2 * S::NG + S::NGV ? plane_word(vh.s, j * vh.ss[2] + row - 2 * S::NG)
-                                                       : plane_word(vh.b, j * vh.bs[2] + row - 2 * S::NG - S::NGV);
-      cp_async_bytes<4>(slot + RING_S + 32 * i + lane, src);
-    }
-  }
-  // The lane's copies of a landed slot into kw, vw and sc (converted; the
-  // 16-bit entry is the word's half lane / 16: rows 2i + lane / 16 of planes
-  // starting at even rows).
-  template <typename KST, typename VST>
-  __device__ __forceinline__ void read(const unsigned* slot, int lane) {
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int gi = 0; gi < S::NG; ++gi)
-#pragma unroll
-        for (int c = 0; c < S::WK / KU; ++c)
-          read_unit<KU>(slot + 32 * KU * ((n * S::NG + gi) * (S::WK / KU) + c) + lane * KU,
-                        &kw[n][gi * S::WK + c * KU]);
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-#pragma unroll
-      for (int gi = 0; gi < S::NGV; ++gi)
-#pragma unroll
-        for (int c = 0; c < S::WV / VU; ++c)
-          read_unit<VU>(slot + RING_V + 32 * VU * ((e * S::NGV + gi) * (S::WV / VU) + c) + lane * VU,
-                        &vw[e][gi * S::WV + c * VU]);
-#pragma unroll
-    for (int i = 0; i < NSC; ++i) {
-      QD_CHECK(nullptr, &slot[RING_S + 32 * i + lane], 4, "ring read");
-      const unsigned x = slot[RING_S + 32 * i + lane];
-      const bool k = i < S::NG;  // rows 2i + lane / 16 < 2 NG: K's planes
-      if (k ? sizeof(KST) == 4 : sizeof(VST) == 4) sc[i] = __uint_as_float(x);
-      else {
-        const unsigned h = lane / 16 ? x >> 16 : x & 0xffffu;
-        sc[i] = k ? QdBits<KST>::f(h) : QdBits<VST>::f(h);
-      }
-    }
-  }
-  template <int N>
-  __device__ __forceinline__ static void read_unit(const unsigned* p, unsigned* w) {
-    QD_CHECK(nullptr, p, 4 * N, "ring read");
-    if (N == 4) {
-      const uint4 x = *reinterpret_cast<const uint4*>(p);
-      w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w;
-    } else if (N == 2) {
-      const uint2 x = *reinterpret_cast<const uint2*>(p);
-      w[0] = x.x, w[1] = x.y;
-    } else {
-      w[0] = p[0];
-    }
-  }
-
   // The staged scales into the warp's stage (after the previous tile's reads: __syncwarp).
   // LATE: converted here (entries i < NG are K's: rows 2i + lane / 16 < 2 NG).
   template <typename KST, typename VST>
@@ -489,21 +391,12 @@ __host__ __device__ constexpr int qd_part_floats() {
 // other warp to hide a dependent chain behind); the max / sum / rescale and
 // their shuffles are paid once per TILES tiles. Each tile has its own scale
 // stage. TILES 1: main's loop.
-// RING (>= 2; 0 off): the register path's tiles come through a ring of RING
-// cp.async slots a warp (QdTile::copy / read), RING - 1 tiles ahead of the
-// one computed: session 16 measured, chained (one kernel at a time, as a
-// model's layers run), that the routed loop's one tile of loads in flight a
-// warp alone takes ~48 us of the ~50 us kernel at GQA 32:8, Nk 32768, 4-bit
-// (tools/cuda_quant_load_probe.py: two tiles in flight 17 us). Only where
-// the copies are plain (ring_ok: dense K / V rows, scale planes with
-// contiguous rows of an even count of 16-bit entries, 4-byte aligned); the
-// register loads otherwise. TILES 1 without PF, LATE, KEYS_M or L2PF.
 // POOL: the tickets that pick each (batch, KV head)'s merging block come from
 // `tk` (a zeroed region of cuda.py's ticket pool this call alone holds; the
 // last block sets its ticket back to 0), so no output needs MLX's zero fill;
 // otherwise they follow the partials in `scratch` (zero-filled).
 template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
-          bool PF, bool POOL, int KEYS_M, bool FOLD, int L2PF, int TILES, bool LATE, int RING, class SA>
+          bool PF, bool POOL, int KEYS_M, bool FOLD, int L2PF, int TILES, bool LATE, class SA>
 __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
                                        const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
                                        float* lse, float* scratch, const unsigned* tk) {
@@ -561,8 +454,6 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   // for both key halves: head dims over 128 (256 would spill otherwise).
   static_assert(TILES >= 1 && (TILES == 1 || (KEYS_M == 0 && L2PF == 0)),
                 "attention_quant_decode: TILES > 1 is for S = Q K^T (no KEYS_M or L2PF)");
-  static_assert(RING == 0 || (RING >= 2 && TILES == 1 && !PF && !LATE && KEYS_M == 0 && L2PF == 0),
-                "attention_quant_decode: RING is for the plain register path (TILES 1, no PF, LATE, KEYS_M or L2PF)");
 
   using Rows = QdRows<KST, VST, D, DV, BITS, GS>;
   // Rows of each array lie contiguously along the tokens (any token slice of a dense cache).
@@ -698,37 +589,12 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   // Tiles past `end` (the last iteration's) load key end - 1; their keys are dropped by rule.
   Tile tiles[TILES];
   Tile& cur = tiles[0];
-  // The ring's slots (RING): this warp's, over the merge areas (unused until the loop ends).
-  unsigned* ring = reinterpret_cast<unsigned*>(shared_end) + warp * RING * Tile::SLOT;
-  auto aligned4 = [](const void* p) { return (reinterpret_cast<unsigned long long>(p) & 3) == 0; };
-  const bool ring_ok =
-      RING > 0 && kh.dense && vh.dense && kh.ss[3] == 1 && kh.bs[3] == 1 && vh.ss[3] == 1 && vh.bs[3] == 1 &&
-      (sizeof(KST) == 4 || (S::NG % 2 == 0 && kh.ss[2] % 2 == 0 && kh.bs[2] % 2 == 0 && aligned4(kh.s) && aligned4(kh.b))) &&
-      (sizeof(VST) == 4 || (S::NGV % 2 == 0 && vh.ss[2] % 2 == 0 && vh.bs[2] % 2 == 0 && aligned4(vh.s) && aligned4(vh.b)));
-  int slot_now = 0;  // ring slot of the iteration's tile
-  if (RING > 0 && ring_ok) {
-    // Tiles 0 .. RING - 2 of the warp, a commit group each (empty past the end).
-#pragma unroll
-    for (int r = 0; r + 1 < RING; ++r) {
-      if (j0 + 16 * NW * r < end) Tile::copy(kh, vh, j0 + 16 * NW * r, end, lane, ring + r * Tile::SLOT);
-      cp_async_commit();
-    }
-  } else if (j0 < end) {
+  if (j0 < end) {
 #pragma unroll
     for (int u = 0; u < TILES; ++u) tiles[u].load(kh, vh, j0 + 16 * NW * u, end, lane);
   }
   for (; j0 < end; j0 += 16 * NW * TILES) {
     const int j1 = j0 + 16 * NW * TILES;
-    if (RING > 0 && ring_ok) {
-      // The tile RING - 1 ahead into the slot the last iteration read (its
-      // values are in registers, used), then this tile's group landed.
-      const int ahead = j0 + 16 * NW * (RING - 1), slot_ahead = slot_now == 0 ? RING - 1 : slot_now - 1;
-      if (ahead < end) Tile::copy(kh, vh, ahead, end, lane, ring + slot_ahead * Tile::SLOT);
-      cp_async_commit();
-      cp_async_wait<(RING > 0 ? RING - 1 : 0)>();
-      cur.template read<KST, VST>(ring + slot_now * Tile::SLOT, lane);
-      slot_now = slot_now + 1 == RING ? 0 : slot_now + 1;
-    }
     if (L2PF > 0 && l2_fast) {
       const int jp = j0 + 16 * NW * L2PF;
       if (jp + 16 <= end) {
@@ -1038,13 +904,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
 #pragma unroll
     for (int u = 0; u < TILES; ++u) {
       if (PF && j1 < end) tiles[u] = nxt[u];
-      if (!PF && !(RING > 0 && ring_ok) && j1 < end) tiles[u].load(kh, vh, j1 + 16 * NW * u, end, lane);
+      if (!PF && j1 < end) tiles[u].load(kh, vh, j1 + 16 * NW * u, end, lane);
     }
-  }
-  // RING: the merge areas below overlay every warp's slots.
-  if (RING > 0) {
-    cp_async_wait<0>();
-    __syncthreads();
   }
 
   // Block merge: each warp's (o + bias terms, m, l) through shared memory.

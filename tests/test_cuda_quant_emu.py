@@ -504,80 +504,6 @@ def test_decode_shapes(shape):
         _check_decode(q, kd, vd, got, dtype, {})
 
 
-def _ring_copies(D, Dv, gs, scales_bits=16):
-    """Whether the ring's copies apply (the kernel's ring_ok) to a dense cache from mx.quantize: 16-bit scale
-    planes need an even count of groups a row (a lane's 4-byte word holds its entry and the next)."""
-    return scales_bits == 32 or ((D // gs) % 2 == 0 and (Dv // gs) % 2 == 0)
-
-
-@emulated
-@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_decode_ring(shape):
-    """RING (cp.async slots a warp, RING - 1 tiles ahead): the same results as the reference with 2, 3 and 4
-    slots (FOLD with 4 at fp16), pool or zero-filled tickets; the copies happen exactly where ring_ok holds
-    (emulated cp.async lands only at its thread's wait: a slot read early reads poison)."""
-    q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
-    D, Dv = shape[5], shape[6]
-    for extra in ({"dec_ring": 3}, {"dec_ring": 2, "dec_pool": False}, {"dec_ring": 4, "dec_fold": dtype == F16}):
-        got = _emu(q, kq, vq, bits, gs, tuning={**plan, **extra})
-        _check_decode(q, kd, vd, got, dtype, {})
-        assert (harness.LAST_CP_ASYNC_BYTES > 0) == _ring_copies(D, Dv, gs), (extra, harness.LAST_CP_ASYNC_BYTES)
-    got = _emu(q, kq, vq, bits, gs, tuning=plan)
-    assert harness.LAST_CP_ASYNC_BYTES == 0  # the routed register path issues no cp.async
-
-
-@emulated
-@pytest.mark.parametrize("bits", [4, 8])
-def test_decode_ring_fp32_scales(bits):
-    """fp32 scales and biases (4-byte entries: the ring copies them at any group count, D / group 1 here)."""
-    B, Hq, Hkv, Nq, Nk, D = 1, 8, 2, 1, 211, 128
-    gen, q, kq, vq, kd, vd = _case(("decode-ring-f32", bits), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=bits,
-                                   group_size=128)
-    f32 = lambda t: (t[0], t[1].astype(mx.float32), t[2].astype(mx.float32))
-    kq, vq = f32(kq), f32(vq)
-    got = _emu(q, kq, vq, bits, 128, tuning={**DECODE, "dec_splits": 3, "dec_ring": 3})
-    _check_decode(q, kd, vd, got, F16, {})
-    assert harness.LAST_CP_ASYNC_BYTES > 0
-
-
-def test_decode_ring_setting():
-    """TUNING dec_ring: 0 or 2..8, the plain register path only; an error naming the setting otherwise. The
-    slots overlay the merge areas: shared memory is the larger of the two."""
-    from mlx_flash._quant_spec import validate_attention_quantized
-    from mlx_flash.backends import cuda_quant as cq
-
-    gen, q, kq, vq, _, _ = _case(("decode-ring-setting",), 1, 32, 8, 1, 4096, 128, dtype=F16)
-    qspec = validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0]
-    saved = dict(cq.TUNING)
-    try:
-        for bad in (1, 9, True, 2.0, "3"):
-            cq.TUNING.clear()
-            cq.TUNING["dec_ring"] = bad
-            with pytest.raises(ValueError, match=r"TUNING\['dec_ring'\] must be 0 or 2 to 8"):
-                cq.decode_ring(qspec)
-        for clash in ({"dec_tiles": 2}, {"dec_prefetch": True}, {"dec_late_scales": True}, {"dec_keys_m": 2},
-                      {"dec_l2pf": 4}):
-            cq.TUNING.clear()
-            cq.TUNING.update(dec_ring=3, **clash)
-            with pytest.raises(ValueError, match=r"dec_ring'\] = 3 is for the plain register path.*" + list(clash)[0]):
-                cq.decode_ring(qspec)
-        cq.TUNING.clear()
-        cq.TUNING.update(dec_ring=4, dec_tiles=1, dec_fold=True)
-        assert cq.decode_ring(qspec) == 4
-        cq.decode_plan.cache_clear()
-        nw, splits, smem = cq.decode_plan(qspec)
-        # 4-bit D 128 group 64: a slot is 32 lanes x (8 K words, 8 V words, 4 scale words).
-        assert cq.decode_ring_slot_words(qspec) == 32 * 20
-        assert smem == 16 + 4 * nw * 32 * 4 + 4 * nw * 4 * 32 * 20
-        cq.TUNING.clear()
-        cq.decode_plan.cache_clear()
-        assert cq.decode_plan(qspec)[2] == 16 + 4 * nw * 32 * 4 + 4 * (nw * 8 * 128 + 2 * nw * 8 + nw * 8 * 2)
-    finally:
-        cq.TUNING.clear()
-        cq.TUNING.update(saved)
-        cq.decode_plan.cache_clear()
-
-
 DECODE_FEATURES = {
     "causal": lambda g, Hq: {"causal": True},
     "window": lambda g, Hq: {"window": (40, 0)},
@@ -602,9 +528,6 @@ def test_decode_features(feature):
     for keys_m, fold, l2pf in ((False, False, 0), (True, False, 0), (2, False, 0), (False, True, 2), (True, True, 0)):
         got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_keys_m": keys_m, "dec_fold": fold,
                                              "dec_l2pf": l2pf}, **opts)
-        _check_decode(q, kd, vd, got, F16, opts)
-    for ring in (2, 3):  # the ring (cp.async slots), 1 and 2 tiles ahead
-        got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_ring": ring}, **opts)
         _check_decode(q, kd, vd, got, F16, opts)
 
 
@@ -631,8 +554,8 @@ def test_decode_routing():
 
 @emulated
 @pytest.mark.parametrize("extra", [{}, {"dec_keys_m": True}, {"dec_keys_m": 2}, {"dec_fold": True},
-                                   {"dec_fold": True, "dec_keys_m": True}, {"dec_ring": 3}],
-                         ids=["default", "keys_m", "keys_m_raw", "fold", "fold_keys_m", "ring"])
+                                   {"dec_fold": True, "dec_keys_m": True}],
+                         ids=["default", "keys_m", "keys_m_raw", "fold", "fold_keys_m"])
 def test_decode_nonfinite(extra):
     """A NaN scale of key j reaches exactly the rows that keep j (K's: the
     logit; V's: the output); a NaN key a window drops, the last key (read
@@ -698,9 +621,6 @@ def test_decode_strided_cache_views(layout):
             got = _emu(q, kv, vv, bits, 64, tuning={**DECODE, "dec_splits": 2, "dec_keys_m": keys_m, "dec_fold": fold,
                                                     "dec_l2pf": 2 * fold})
             _check_decode(q, kd, vd, got, F16, {})
-        # The ring: copies where the view keeps K / V rows dense and scale rows contiguous, register loads otherwise.
-        got = _emu(q, kv, vv, bits, 64, tuning={**DECODE, "dec_splits": 2, "dec_ring": 3})
-        _check_decode(q, kd, vd, got, F16, {})
 
 
 @emulated
@@ -806,8 +726,7 @@ def _gpu(q, kq, vq, bits, group_size, tuning=None, **options):
 def test_decode_shapes_gpu(shape):
     q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
     # The register path (pool tickets; zero-filled tickets with its prefetch).
-    for extra in ({}, {"dec_pool": False, "dec_prefetch": True}, {"dec_ring": 3}, {"dec_ring": 2, "dec_pool": False},
-                  {"dec_ring": 4, "dec_fold": dtype == F16}):
+    for extra in ({}, {"dec_pool": False, "dec_prefetch": True}):
         got = _gpu(q, kq, vq, bits, gs, tuning={**plan, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
@@ -848,9 +767,6 @@ def test_decode_features_gpu(feature, bits):
     for extra in ({}, {"dec_keys_m": True}, {"dec_fold": False, "dec_l2pf": 4}):  # FOLD, L2 prefetches
         got = _gpu(q, kq, vq, bits, 64, tuning={"dec_fold": True, **extra}, **opts)
         _check_decode(q, kd, vd, got, F16, opts)
-    for ring in (2, 3):
-        got = _gpu(q, kq, vq, bits, 64, tuning={"dec_ring": ring}, **opts)
-        _check_decode(q, kd, vd, got, F16, opts)
 
 
 # Launch plans of the decode measured side by side (tools/cuda_decode_profile.py --step):
@@ -862,8 +778,6 @@ LONG_PLANS = {
     "regs_fold_km": {"dec_fold": True, "dec_keys_m": True},
     "regs_l2pf4": {"dec_l2pf": 4},
     "regs_fold_l2pf4": {"dec_fold": True, "dec_l2pf": 4},
-    "ring3": {"dec_ring": 3},
-    "ring4": {"dec_ring": 4},
 }
 
 
@@ -952,21 +866,13 @@ def _decode_compile_cases(opt_in=False):
                         late_paths = [(False, True, W, 0, False, 0, t2) for t2 in (1, 2)]
                         if bits == 4:
                             late_paths += [(True, False, W, 0, False, 0, 2), (True, False, W, 0, False, 0, 1)]
-                    # RING (cp.async slots a warp): 3 at every shape and scale type, 2 and 4 at the benchmark's.
-                    ring_paths = []
-                    if opt_in:
-                        ring_paths = [(False, True, W, 0, False, 0, 1, False, 3)]
-                        if (d, dv, gs) == (128, 128, 64) and ST == T:
-                            ring_paths += [(False, True, W, 0, False, 0, 1, False, r) for r in (2, 4)]
-                            if T == mx.float16:
-                                ring_paths += [(False, True, W, 0, True, 0, 1, False, 3)]
-                    for pf, pool, nw, keys_m, fold, l2pf, tiles, late, ring in (
-                            [p + (False, 0) for p in paths] + [p + (True, 0) for p in late_paths] + ring_paths):
+                    for pf, pool, nw, keys_m, fold, l2pf, tiles, late in (
+                            [p + (False,) for p in paths] + [p + (True,) for p in late_paths]):
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
                             ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
                             ("NW", nw), ("PF", pf), ("POOL", pool), ("KEYS_M", keys_m),
-                            ("FOLD", fold), ("L2PF", l2pf), ("TILES", tiles), ("LATE", late), ("RING", ring)]
+                            ("FOLD", fold), ("L2PF", l2pf), ("TILES", tiles), ("LATE", late)]
 
 
 def _dtypes(names, template):

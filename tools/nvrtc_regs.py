@@ -492,14 +492,6 @@ def tiles_cases():
     yield "qdec tiles2 prefetch late", lambda: _quant_decode({**tiles, **late})
     yield "qdec tiles2 late 8-bit features", lambda: _quant_decode({**tiles, "dec_late_scales": True}, bits=8, **feats)
     yield "qdec tiles1 prefetch late", lambda: _quant_decode({"decode": True, **late})
-    # The ring (session 16): cp.async slots a warp, RING - 1 tiles ahead.
-    for ring in (2, 3, 4):
-        yield f"qdec ring{ring} fp16 4-bit D128", lambda ring=ring: _quant_decode({"dec_ring": ring})
-    yield "qdec ring3 fp16 8-bit D128", lambda: _quant_decode({"dec_ring": 3}, bits=8)
-    yield "qdec ring3 bf16 4-bit D128 features", lambda: _quant_decode(
-        {"dec_ring": 3}, dtype=mx.bfloat16, softcap=2.0, window=(64, 0), sinks=mx.zeros((32,)))
-    yield "qdec ring3 fp16 4-bit D256", lambda: _quant_decode({"dec_ring": 3}, D=256, Hq=8, Hkv=2)
-    yield "qdec ring3 fold", lambda: _quant_decode({"dec_ring": 3, "dec_fold": True})
 
 
 def routed_cases():

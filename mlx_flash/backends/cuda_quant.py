@@ -297,7 +297,7 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # Tickets from cuda.py's pool (no zero fill).
 # TUNING "dec_warps" / "dec_splits" / "dec_prefetch" (the one-tile prefetch) /
 # "dec_blocks_per_sm" / "dec_pool" / "dec_keys_m" / "dec_fold" / "dec_l2pf" /
-# "dec_tiles" / "dec_late_scales" / "dec_ring" / "decode" override for GPU sweeps (call
+# "dec_tiles" / "dec_late_scales" / "decode" override for GPU sweeps (call
 # decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
 # Splits: one wave of the blocks that fit an SM. Registers a thread under
@@ -365,14 +365,6 @@ _DEC_TILES = 1
 # in-order model of the routed SASS: ~540 of its ~1600 cycles a tile).
 # Not routed: never timed on a card.
 _DEC_LATE_SCALES = False
-# TUNING "dec_ring" (template RING, issue 16): the register path's tiles come
-# through a ring of that many cp.async slots a warp (2-8; 0 off), RING - 1
-# tiles in flight a warp instead of one. Session 16 (H100, chained,
-# tools/cuda_quant_load_probe.py): the routed loop's loads alone, one tile
-# in flight a warp, take 55 us a call; two in flight 24. TILES 1 without
-# the prefetch, LATE, KEYS_M or L2PF; caches whose copies are not plain (the
-# kernel's ring_ok) keep the register loads.
-_DEC_RING = 0
 
 
 def uses_decode(qspec) -> bool:
@@ -429,29 +421,6 @@ def decode_tiles(qspec, keys_m: int, l2pf: int) -> int:
     return int(tiles)
 
 
-def decode_ring(qspec) -> int:
-    """RING (TUNING "dec_ring", else _DEC_RING): 0, or 2 to 8 slots a warp; an error naming the setting
-    where it does not apply (TILES 2, the prefetch, LATE, KEYS_M, L2PF)."""
-    ring = TUNING.get("dec_ring", _DEC_RING)
-    if isinstance(ring, bool) or not isinstance(ring, int) or not (ring == 0 or 2 <= ring <= 8):
-        raise ValueError(f"cuda_quant TUNING['dec_ring'] must be 0 or 2 to 8 slots, got {ring!r}")
-    if ring:
-        clash = {k: TUNING[k] for k in ("dec_tiles", "dec_prefetch", "dec_late_scales", "dec_keys_m", "dec_l2pf")
-                 if TUNING.get(k) and not (k == "dec_tiles" and TUNING[k] == 1)}
-        if clash:
-            raise ValueError(f"cuda_quant TUNING['dec_ring'] = {ring} is for the plain register path; {clash} "
-                             "were given")
-    return int(ring)
-
-
-def decode_ring_slot_words(qspec) -> int:
-    """QdTile::SLOT: 32-bit words of one warp's ring slot."""
-    spec = qspec.attention
-    wg = qspec.group_size * qspec.bits // 32
-    ng, ngv = spec.head_dim_qk // qspec.group_size, spec.head_dim_v // qspec.group_size
-    return 32 * (2 * ng * (wg // 4) + 4 * ngv * (wg // 8) + ng + ngv)
-
-
 def decode_late_scales() -> bool:
     """LATE (TUNING "dec_late_scales", else _DEC_LATE_SCALES)."""
     return bool(TUNING.get("dec_late_scales", _DEC_LATE_SCALES))
@@ -477,9 +446,7 @@ def decode_plan(qspec):
     # [splits][8] weights), red_m, red_l, red_pb.
     qfrag = nw * 256 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 else 0
     base = 16 + 4 * nw * 32 * (ng + ngv) * tiles + qfrag
-    # The ring's slots (RING) overlay the merge areas.
-    red = 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv)
-    smem = base + max(red, 4 * nw * decode_ring(qspec) * decode_ring_slot_words(qspec))
+    smem = base + 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv)
     # At most one wave of resident blocks (main launched 4 an SM of which 3 fit: 1.33 waves).
     splits = max(1, min((_SMS * per_sm) // pairs, math.ceil(keys / (16 * nw * _DEC_MIN_TILES)), _DEC_MAX_SPLITS))
     if "dec_splits" in TUNING:
@@ -516,7 +483,7 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
                 ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M))),
                 ("FOLD", fold), ("L2PF", l2pf),
                 ("TILES", decode_tiles(qspec, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), l2pf)),
-                ("LATE", decode_late_scales()), ("RING", decode_ring(qspec))]
+                ("LATE", decode_late_scales())]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),

@@ -169,10 +169,6 @@ def _library(cpp: str):
     return lib
 
 
-# Bytes the last emulated launch copied with cp.async (0 for kernels without mma.cuh).
-LAST_CP_ASYNC_BYTES = 0
-
-
 def _to_bytes(x: mx.array) -> np.ndarray:
     if x.dtype == mx.bfloat16:
         x = x.view(mx.uint16)
@@ -287,16 +283,10 @@ class CudaKernel:
         names = (ctypes.c_char_p * n)(*[s.encode() for s in buffer_names])
         error = ctypes.create_string_buffer(4096)
         seed = int(os.environ.get("CUDA_EMU_SEED", "0")) if seed is None else seed
-        take = getattr(lib, "emu_cp_async_bytes_take", None)  # kernels with mma.cuh: cp.async's byte count
-        if take is not None:
-            take.restype = ctypes.c_long
-            take()
         status = lib.emu_launch(array, sizes, names, n, (ctypes.c_long * 3)(*grid),
                                 (ctypes.c_long * 3)(*threadgroup), seed, _SMEM_LIMIT + 4096, 1, error, len(error))
         if status != 0:
             raise RuntimeError(f"cuda_emu: kernel {self.name}: {error.value.decode()}")
-        global LAST_CP_ASYNC_BYTES
-        LAST_CP_ASYNC_BYTES = take() if take is not None else 0
         # Inputs a kernel writes on purpose (the decode kernel's ticket pool
         # region): their bytes after the launch, for tests to inspect.
         self.inputs_after = {n: buf.copy() for n, buf in zip(self.input_names, keep) if n in _WRITTEN_INPUTS}

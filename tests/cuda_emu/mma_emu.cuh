@@ -6,7 +6,6 @@
 // waiting for it reads poison, not the data.
 #pragma once
 
-#include <atomic>
 #include <vector>
 
 namespace mlx_flash {
@@ -16,18 +15,11 @@ struct EmuCopy {
   const void* src;
   bool valid;
   int group;
-  int bytes;
 };
 struct EmuCopyQueue {
   std::vector<EmuCopy> pending;
   int committed = 0;
 };
-// Bytes the kernel's threads asked cp.async to copy since the last launch began (emu_cp_async_bytes_take):
-// the tests' evidence that a path which may fall back to plain loads did copy.
-inline std::atomic<long>& emu_cp_async_bytes() {
-  static std::atomic<long> n{0};
-  return n;
-}
 inline EmuCopyQueue& emu_copy_queue() {
   static thread_local EmuCopyQueue queues[1024];
   return queues[__emu_attrs()->thread_index_in_threadgroup];
@@ -40,17 +32,7 @@ inline void emu_thread_start() {
 
 inline void cp_async16(void* dst, const void* src, bool valid) {
   EmuCopyQueue& q = emu_copy_queue();
-  q.pending.push_back(EmuCopy{dst, src, valid, q.committed, 16});
-  emu_cp_async_bytes() += valid ? 16 : 0;
-}
-template <int N>
-inline void cp_async_bytes(void* dst, const void* src) {
-  static_assert(N == 4 || N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
-  if ((reinterpret_cast<unsigned long long>(src) | reinterpret_cast<unsigned long long>(dst)) % N != 0)
-    __emu_fail("cp.async: a copy not aligned to its size");
-  EmuCopyQueue& q = emu_copy_queue();
-  q.pending.push_back(EmuCopy{dst, src, true, q.committed, N});
-  emu_cp_async_bytes() += N;
+  q.pending.push_back(EmuCopy{dst, src, valid, q.committed});
 }
 inline void cp_async_commit() { ++emu_copy_queue().committed; }
 template <int N>
@@ -59,8 +41,8 @@ inline void cp_async_wait() {
   std::vector<EmuCopy> still;
   for (const EmuCopy& c : q.pending) {
     if (c.group < q.committed - N) {
-      if (c.valid) std::memcpy(c.dst, c.src, c.bytes);
-      else std::memset(c.dst, 0, c.bytes);
+      if (c.valid) std::memcpy(c.dst, c.src, 16);
+      else std::memset(c.dst, 0, 16);
     } else {
       still.push_back(c);
     }
@@ -73,8 +55,8 @@ inline void cp_async_wait() {
 inline void emu_cp_async_land_all() {
   EmuCopyQueue& q = emu_copy_queue();
   for (const EmuCopy& c : q.pending) {
-    if (c.valid) std::memcpy(c.dst, c.src, c.bytes);
-    else std::memset(c.dst, 0, c.bytes);
+    if (c.valid) std::memcpy(c.dst, c.src, 16);
+    else std::memset(c.dst, 0, 16);
   }
   q.pending.clear();
 }
@@ -161,5 +143,3 @@ template <> inline unsigned pack2<__nv_bfloat16>(float lo, float hi) {
 }
 
 }  // namespace mlx_flash
-
-extern "C" long emu_cp_async_bytes_take() { return mlx_flash::emu_cp_async_bytes().exchange(0); }
