@@ -539,8 +539,10 @@ def test_replay_gradients_equal_python_path(fresh_host, monkeypatch):
 
     grad = mx.grad(loss, argnums=(0, 1, 2, 3))
     want, first, replayed = _both_paths(lambda: grad(q, k, v, sinks))
-    _assert_identical(want, first)
-    _assert_identical(want, replayed)
+    # dQ (and the sinks') sums come from float32 atomics, whose order varies run to run: an H100 run of
+    # session 16 had 2 of 1024 fp16 dq elements one rounding apart between two Python-path-equal calls.
+    _assert_same_but_for_sum_order(want, first)
+    _assert_same_but_for_sum_order(want, replayed)
     # The quantized op: gradients to q.
     kq = mx.quantize(k, group_size=64, bits=4)
     vq = mx.quantize(v, group_size=64, bits=4)

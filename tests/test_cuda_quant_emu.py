@@ -504,6 +504,26 @@ def test_decode_shapes(shape):
         _check_decode(q, kd, vd, got, dtype, {})
 
 
+@emulated
+@pytest.mark.parametrize("splits, warps", [(40, 4), (70, 4), (45, 2), (33, 8)])
+def test_decode_merge_of_many_splits(splits, warps):
+    """The last block's merge (lanes over the splits, rows over the warps): more than 32 and 64 splits (some
+    empty: a window), 2 and 8 warps, with sinks (one -inf) and lse; then a NaN V scale in one split reaches
+    exactly its KV head's rows."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 8, 2, 1, 1200, 128
+    gen, q, kq, vq, kd, vd = _case(("decode-many-splits", splits, warps), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4,
+                                   group_size=64)
+    opts = {"window": (900, 0), "sinks": mx.array(np.r_[gen.standard_normal(Hq - 1), -np.inf].astype(np.float32))}
+    tuning = {**DECODE, "dec_splits": splits, "dec_warps": warps}
+    got = _emu(q, kq, vq, 4, 64, tuning=tuning, **opts)
+    _check_decode(q, kd, vd, got, F16, opts)
+    vs = np.array(vq[1])
+    vs[:, 1, Nk - 5] = np.nan  # KV head 1's last split: its four query heads
+    got = _emu(q, kq, (vq[0], mx.array(vs), vq[2]), 4, 64, tuning=tuning, **opts)
+    assert np.all(np.isnan(got["out"][:, 4:])) and np.all(np.isfinite(got["out"][:, :4]))
+    assert np.all(np.isfinite(got["lse"]))
+
+
 DECODE_FEATURES = {
     "causal": lambda g, Hq: {"causal": True},
     "window": lambda g, Hq: {"window": (40, 0)},
