@@ -684,10 +684,11 @@ def test_decode_register_options():
         cq.TUNING.update(saved)
 
 
-@pytest.mark.parametrize("key", ["dec_stages", "dec_ring_debug"])
+@pytest.mark.parametrize("key", ["dec_stages", "dec_ring_debug", "dec_ring"])
 def test_decode_removed_ring_setting(key):
-    """The shared-memory ring's settings (removed in session 12) are an error naming the key, at any value
-    (0 too), from the plan and from a launch whose plan is already cached: never silently ignored."""
+    """The rings' settings (the shared-memory ring removed in session 12, the per-lane cp.async ring in
+    session 16) are an error naming the key, at any value (0 too), from the plan and from a launch whose plan
+    is already cached: never silently ignored."""
     from mlx_flash._quant_spec import validate_attention_quantized
     from mlx_flash.backends import cuda_quant as cq
 

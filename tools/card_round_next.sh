@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Card checks, each part one device call of under 600 s (the device tool's
-# limit per command). Parts g and h (session 14: the replay's short graph, the
+# limit per command). Session 16 ran parts m-r on an H100 (results under
+# benchmarks/results/*_s16*, docs/cuda_decode.md "Session 16"); parts n, o
+# and p time the per-lane cp.async ring (TUNING dec_ring), removed since:
+# they now stop at its ValueError. Part r timed a restructured last-block
+# merge that was not kept (the routed kernel measured 38.0-38.6 us against
+# 35.5-36.3); rerunning it times today's merge. Parts g and h (session 14: the replay's short graph, the
 # chained decode step and its plans, the forward's clock trace) never got a
 # card in session 14 and are the next card session's first calls:
 #
@@ -26,7 +31,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -227,7 +232,91 @@ elif [ "$PART" = l ]; then
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
     -k regex:attention_quant_decode -c 4 \
     python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 --plans '{"routed": {}, "pf": {"dec_prefetch": true}}'
+elif [ "$PART" = m ]; then
+  # Session 16: the opt-in register-path variants CHAINED at the routed 49
+  # splits (sessions 10-13 timed them only on the concurrent step, at 16
+  # splits): the prefetch with LATE scales (the prefetch alone converts its
+  # scales as they load, so it waits on DRAM at once), L2 prefetch 2/4/8
+  # tiles ahead, KEYS_M 2; then the stall reasons of routed vs two of them.
+  step quant_chain_variants 240 python3 tools/cuda_decode_profile.py "$OUT/quant" --step --chain --bits 4 --no-lm \
+    --tag chain_variants --plans '{"routed": {}, "pf_late": {"dec_prefetch": true, "dec_late_scales": true},
+    "l2pf2": {"dec_l2pf": 2}, "l2pf4": {"dec_l2pf": 4}, "l2pf8": {"dec_l2pf": 8}, "keys_m2": {"dec_keys_m": 2},
+    "keys_m2_l2pf4": {"dec_keys_m": 2, "dec_l2pf": 4}, "late": {"dec_late_scales": true}, "routed_b": {},
+    "pf_late_b": {"dec_prefetch": true, "dec_late_scales": true}, "l2pf4_b": {"dec_l2pf": 4}}'
+  step quant_chain_variants8 120 python3 tools/cuda_decode_profile.py "$OUT/quant" --step --chain --bits 8 --no-lm \
+    --tag chain_variants8 --plans '{"routed": {}, "pf_late": {"dec_prefetch": true, "dec_late_scales": true},
+    "l2pf4": {"dec_l2pf": 4}, "routed_b": {}}'
+  step quant_stalls 150 ncu --clock-control none --section WarpStateStats --section SchedulerStats \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+    -k regex:attention_quant_decode -c 6 \
+    python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 \
+    --plans '{"routed": {}, "pf_late": {"dec_prefetch": true, "dec_late_scales": true}, "l2pf4": {"dec_l2pf": 4}}'
+elif [ "$PART" = n ]; then
+  # Session 16, after m and tools/cuda_quant_load_probe.py (one tile of
+  # loads in flight a warp alone costs 55 us a chained call, two 24): the
+  # ring (cp.async slots a warp, RING - 1 tiles ahead) checked on the GPU,
+  # then timed chained beside the routed plan and mx.fast.
+  step ring_gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda_quant_emu.py \
+    -k "(decode_shapes_gpu or decode_features_gpu or (decode_long_context_gpu and (ring or default)))"
+  step ring_chain 200 python3 tools/cuda_decode_profile.py "$OUT/quant" --step --chain --bits 4 --no-lm \
+    --tag chain_ring --plans '{"routed": {}, "ring2": {"dec_ring": 2}, "ring3": {"dec_ring": 3},
+    "ring4": {"dec_ring": 4}, "ring3_fold": {"dec_ring": 3, "dec_fold": true}, "routed_b": {},
+    "ring3_b": {"dec_ring": 3}, "ring4_b": {"dec_ring": 4}}'
+  step ring_chain8 100 python3 tools/cuda_decode_profile.py "$OUT/quant" --step --chain --bits 8 --no-lm \
+    --tag chain_ring8 --plans '{"routed": {}, "ring3": {"dec_ring": 3}, "ring3_pb2": {"dec_ring": 3, "dec_blocks_per_sm": 2}, "routed_b": {}}'
+elif [ "$PART" = o ]; then
+  # Session 16, after n (whose plan-after-plan timings drifted: the routed
+  # plan 63 then 94 us a call in one run): the ring against the routed plan
+  # INTERLEAVED (every round runs each plan once), then each plan's kernel
+  # alone under Nsight Compute (GPU time, load waits, instructions).
+  step ring_ab 200 python3 tools/cuda_quant_load_probe.py "$OUT/ring_ab.json" --rounds 15 --ab \
+    '{"routed": {}, "ring2": {"dec_ring": 2}, "ring3": {"dec_ring": 3}, "ring4": {"dec_ring": 4},
+    "pf_late": {"dec_prefetch": true, "dec_late_scales": true}}'
+  step ring_ncu 150 ncu --clock-control none --metrics \
+    gpu__time_duration.sum,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,smsp__inst_executed.sum,smsp__warps_issue_stalled_barrier_per_warp_active.pct \
+    -k regex:attention_quant_decode -c 8 \
+    python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 \
+    --plans '{"routed": {}, "ring2": {"dec_ring": 2}, "ring3": {"dec_ring": 3}, "ring4": {"dec_ring": 4}}'
+elif [ "$PART" = p ]; then
+  # Session 16, after the small-pool fix (const_array: every constant array
+  # over 8 bytes, in device memory): the quantized decode's kernel alone
+  # (routed, the ring) and chained, interleaved; then the CUDA bench's decode
+  # and forward rows and the fp8-weight decode beside their anchors.
+  step fix_ncu 150 ncu --clock-control none --metrics gpu__time_duration.sum,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio \
+    -k regex:attention_quant_decode -c 8 \
+    python3 tools/cuda_decode_profile.py "$OUT/quant" --kernels-step --bits 4 \
+    --plans '{"routed": {}, "ring2": {"dec_ring": 2}, "ring3": {"dec_ring": 3}, "ring4": {"dec_ring": 4}}'
+  step fix_ab4 150 python3 tools/cuda_quant_load_probe.py "$OUT/fix_ab4.json" --rounds 15 --ab \
+    '{"routed": {}, "ring2": {"dec_ring": 2}, "ring3": {"dec_ring": 3}, "ring4": {"dec_ring": 4}}'
+  step fix_ab8 100 python3 tools/cuda_quant_load_probe.py "$OUT/fix_ab8.json" --rounds 15 --bits 8 --ab \
+    '{"routed": {}, "ring3": {"dec_ring": 3}}'
+  step bench_decode 120 python3 -m mlx_flash.bench.cuda --sections decode --out "$OUT/bench_decode.json"
+  step bench_fwd 150 python3 -m mlx_flash.bench.cuda --sections fwd --out "$OUT/bench_fwd.json"
+elif [ "$PART" = q ]; then
+  # Session 16, after the small-pool fix: the loop now sets the time (load
+  # waits 0.3-1.5 cycles an instruction): the opt-in variants that issue fewer
+  # instructions (FOLD, KEYS_M 1/2) and those that overlap more (LATE, the
+  # prefetch, TILES 2), kernel alone at Nk 512 (fixed cost) and 32768, then
+  # chained and interleaved.
+  PLANS='{"routed": {}, "fold": {"dec_fold": true}, "keys_m1": {"dec_keys_m": 1}, "keys_m2": {"dec_keys_m": 2},
+    "fold_keys_m1": {"dec_fold": true, "dec_keys_m": 1}, "late": {"dec_late_scales": true},
+    "pf_late": {"dec_prefetch": true, "dec_late_scales": true}, "tiles2": {"dec_tiles": 2}}'
+  step variants_ncu 200 ncu --clock-control none --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
+    -k regex:attention_quant_decode python3 tools/cuda_quant_nk_sweep.py 512,32768 --plans "$PLANS"
+  step variants_ab 200 python3 tools/cuda_quant_load_probe.py "$OUT/variants_ab.json" --rounds 15 --ab "$PLANS"
+elif [ "$PART" = r ]; then
+  # Session 16, after the last block's merge took its (m, l) in one round trip
+  # (rows in pairs, lanes over splits), 25 partial loads in flight, and the
+  # splits from the grid: kernel alone at Nk 512 / 32768 (routed, KEYS_M 1/2),
+  # chained and interleaved, then the decode's GPU tests and the replay's.
+  PLANS='{"routed": {}, "keys_m1": {"dec_keys_m": 1}, "keys_m2": {"dec_keys_m": 2}}'
+  step merge_ncu 100 ncu --clock-control none --metrics gpu__time_duration.sum,sm__cycles_active.avg,sm__cycles_active.max \
+    -k regex:attention_quant_decode python3 tools/cuda_quant_nk_sweep.py 512,32768 --plans "$PLANS"
+  step merge_ab 120 python3 tools/cuda_quant_load_probe.py "$OUT/merge_ab.json" --rounds 15 --ab "$PLANS"
+  step merge_ab8 100 python3 tools/cuda_quant_load_probe.py "$OUT/merge_ab8.json" --rounds 15 --bits 8 --ab "$PLANS"
+  step decode_gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda_quant_emu.py \
+    tests/test_cuda_host.py -k "(decode and gpu) or test_cuda_host"
 else
-  echo "card_round_next.sh: PART must be a, b, c, d, e, f, g, h, i, j, k or l, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q or r, got $PART" >&2
   exit 2
 fi
