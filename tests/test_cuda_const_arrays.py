@@ -47,3 +47,18 @@ def test_every_constant_input_of_the_decode_spans_more_than_the_small_pool():
     for a in arrays:
         assert a.nbytes > SMALL, (a.shape, a.dtype)
     assert float(fp[0]) == pytest.approx(64 ** -0.5) and int(ns[0]) == cuda_quant.decode_plan(qspec)[1]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1), (1, 2, 1)])
+def test_small_scales_leave_the_pool(shape):
+    """matmul2d's and FP8Linear's scales of 8 bytes or less (per tensor) reach the kernels as views of a
+    padded array made on the call's stream; larger ones pass untouched."""
+    from mlx_flash.backends import cuda_matmul
+
+    s = mx.array(np.arange(1, 1 + np.prod(shape), dtype=np.float32).reshape(shape))
+    got = cuda_matmul._out_of_small_pool(s, mx.cpu)
+    assert got is not s and got.shape == s.shape and got.dtype == s.dtype
+    np.testing.assert_array_equal(np.array(got), np.array(s))
+    big = mx.ones((1, 1, 3), mx.float32)
+    assert cuda_matmul._out_of_small_pool(big, mx.cpu) is big
+    assert cuda_matmul._out_of_small_pool(None, mx.cpu) is None

@@ -31,7 +31,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -316,7 +316,14 @@ elif [ "$PART" = r ]; then
   step merge_ab8 100 python3 tools/cuda_quant_load_probe.py "$OUT/merge_ab8.json" --rounds 15 --bits 8 --ab "$PLANS"
   step decode_gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda_quant_emu.py \
     tests/test_cuda_host.py -k "(decode and gpu) or test_cuda_host"
+elif [ "$PART" = s ]; then
+  # Session 16: per-tensor fp8 scales out of MLX's host-resident small pool
+  # (cuda_matmul._out_of_small_pool), chained decode products before / after,
+  # then matmul2d's and FP8Linear's GPU tests.
+  step small_scale_ab 100 python3 tools/cuda_small_scale_ab.py "$OUT/small_scale_ab.json" --rounds 15
+  step matmul_gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_matmul.py tests/test_fp8_nn.py \
+    tests/test_cuda_const_arrays.py -k "cuda or gpu or const or small"
 else
-  echo "card_round_next.sh: PART must be a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q or r, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r or s, got $PART" >&2
   exit 2
 fi
