@@ -53,12 +53,27 @@ def test_every_constant_input_of_the_decode_spans_more_than_the_small_pool():
 def test_small_scales_leave_the_pool(shape):
     """matmul2d's and FP8Linear's scales of 8 bytes or less (per tensor) reach the kernels as views of a
     padded array made on the call's stream; larger ones pass untouched."""
-    from mlx_flash.backends import cuda_matmul
-
     s = mx.array(np.arange(1, 1 + np.prod(shape), dtype=np.float32).reshape(shape))
-    got = cuda_matmul._out_of_small_pool(s, mx.cpu)
+    got = cuda.out_of_small_pool(s, mx.cpu)
     assert got is not s and got.shape == s.shape and got.dtype == s.dtype
     np.testing.assert_array_equal(np.array(got), np.array(s))
     big = mx.ones((1, 1, 3), mx.float32)
-    assert cuda_matmul._out_of_small_pool(big, mx.cpu) is big
-    assert cuda_matmul._out_of_small_pool(None, mx.cpu) is None
+    assert cuda.out_of_small_pool(big, mx.cpu) is big
+    assert cuda.out_of_small_pool(None, mx.cpu) is None
+
+
+def test_small_optional_inputs_leave_the_pool():
+    """Key ranges at batch 1 and 2 (int32: 4 and 8 bytes), sinks of two heads and cu_seqlens of one sequence
+    reach the kernels as padded views with their values; a batch of 3 passes as it is."""
+    from mlx_flash._spec import AttentionInputs
+
+    for arr in (mx.array([5], mx.int32), mx.array([0, 3], mx.int32), mx.array([0.5, -1.0], mx.float32)):
+        got = cuda.out_of_small_pool(arr)
+        assert got is not arr and got.dtype == arr.dtype and got.shape == arr.shape
+        np.testing.assert_array_equal(np.array(got), np.array(arr))
+    fields = dict.fromkeys(AttentionInputs.__dataclass_fields__)
+    inputs = AttentionInputs(**{**fields, "key_start": mx.array([1, 2], mx.int32),
+                                "key_len": mx.array([7, 9, 11], mx.int32)})
+    start, length = cuda._key_range_inputs(inputs)
+    assert start is not inputs.key_start and np.array(start).tolist() == [1, 2]
+    assert length is inputs.key_len

@@ -5,7 +5,10 @@
 # and p time the per-lane cp.async ring (TUNING dec_ring), removed since:
 # they now stop at its ValueError. Part r timed a restructured last-block
 # merge that was not kept (the routed kernel measured 38.0-38.6 us against
-# 35.5-36.3); rerunning it times today's merge. Parts g and h (session 14: the replay's short graph, the
+# 35.5-36.3); rerunning it times today's merge. Part s is the next card
+# session's first call:
+#
+#     . .device/rest/env.sh && bash tools/install_cuda_host.sh && OUT=$OUT bash tools/card_round_next.sh s Parts g and h (session 14: the replay's short graph, the
 # chained decode step and its plans, the forward's clock trace) never got a
 # card in session 14 and are the next card session's first calls:
 #
@@ -317,12 +320,17 @@ elif [ "$PART" = r ]; then
   step decode_gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda_quant_emu.py \
     tests/test_cuda_host.py -k "(decode and gpu) or test_cuda_host"
 elif [ "$PART" = s ]; then
-  # Session 16: per-tensor fp8 scales out of MLX's host-resident small pool
-  # (cuda_matmul._out_of_small_pool), chained decode products before / after,
-  # then matmul2d's and FP8Linear's GPU tests.
+  # Session 16 (queued: its device time ran out): per-tensor fp8 scales out
+  # of MLX's host-resident small pool (cuda.out_of_small_pool), chained decode
+  # products before / after, then matmul2d's, FP8Linear's and the attention's
+  # small optional inputs' GPU tests.
   step small_scale_ab 100 python3 tools/cuda_small_scale_ab.py "$OUT/small_scale_ab.json" --rounds 15
   step matmul_gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_matmul.py tests/test_fp8_nn.py \
     tests/test_cuda_const_arrays.py -k "cuda or gpu or const or small"
+  # The attention's small optional inputs (key ranges / cu_seqlens at batch 1-2, sinks, ALiBi of 1-2 heads)
+  # through cuda.out_of_small_pool: their GPU tests.
+  step small_inputs_gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_attention_key_ranges.py \
+    tests/test_attention_values.py -k "cuda and (key or varlen or sinks or alibi)"
 else
   echo "card_round_next.sh: PART must be a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r or s, got $PART" >&2
   exit 2

@@ -4,11 +4,11 @@
 
 MLX 0.32 keeps arrays of at most 8 bytes (a per-tensor float32 scale) in a
 managed pool that stays in host memory; matmul2d's kernels read a scale in
-every output element's thread. cuda_matmul._out_of_small_pool (session 16)
+every output element's thread. cuda.out_of_small_pool (session 16)
 hands the kernels a padded device copy instead. This times, interleaved
 round by round, 32 chained fp16 x e4m3 decode products (M 1, N = K 4096,
 each call's x the last output) with: a per-tensor scale through today's
-path ("per_tensor"), the same with _out_of_small_pool bypassed
+path ("per_tensor"), the same with out_of_small_pool bypassed
 ("per_tensor_in_pool", the old behaviour), and a per-channel scale
 ("per_channel", 16 KiB: never in the pool); then FP8Linear(per_channel=False)
 and (per_channel=True) layers chained the same way.
@@ -26,7 +26,7 @@ import mlx.nn as nn
 
 import mlx_flash
 import mlx_flash.nn
-from mlx_flash.backends import cuda_matmul
+from mlx_flash.backends import cuda as cuda_backend
 
 
 def main():
@@ -44,20 +44,20 @@ def main():
     lin_t = [mlx_flash.nn.FP8Linear.from_linear(nn.Linear(N, N, bias=False), per_channel=False) for _ in range(8)]
     lin_c = [mlx_flash.nn.FP8Linear.from_linear(nn.Linear(N, N, bias=False), per_channel=True) for _ in range(8)]
     mx.eval(x0, weights, per_tensor, per_channel, [m.parameters() for m in lin_t + lin_c])
-    real = cuda_matmul._out_of_small_pool
+    real = cuda_backend.out_of_small_pool
 
     def chain(scale, bypass=False):
-        cuda_matmul._out_of_small_pool = (lambda s, stream: s) if bypass else real
+        cuda_backend.out_of_small_pool = (lambda s, stream=None: s) if bypass else real
         try:
             x = x0
             for w in weights:
                 x = mlx_flash.matmul2d(x, w, b_fmt="e4m3", b_scale=scale, transpose_b=True)
             return x
         finally:
-            cuda_matmul._out_of_small_pool = real
+            cuda_backend.out_of_small_pool = real
 
     def layers_chain(mods, bypass=False):
-        cuda_matmul._out_of_small_pool = (lambda s, stream: s) if bypass else real
+        cuda_backend.out_of_small_pool = (lambda s, stream=None: s) if bypass else real
         try:
             x = x0
             for _ in range(4):
@@ -65,7 +65,7 @@ def main():
                     x = m(x)
             return x
         finally:
-            cuda_matmul._out_of_small_pool = real
+            cuda_backend.out_of_small_pool = real
 
     plans = {"per_tensor": lambda: chain(per_tensor), "per_tensor_in_pool": lambda: chain(per_tensor, True),
              "per_channel": lambda: chain(per_channel),

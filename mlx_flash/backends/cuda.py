@@ -361,6 +361,17 @@ def const_array(values: tuple, dtype) -> mx.array:
     return array
 
 
+def out_of_small_pool(x, stream=None):
+    """`x` as a view of a device array of more than 8 bytes, where `x` itself has 8 bytes or less (a caller's
+    per-tensor scale, key ranges or cu_seqlens at batch 1-2, sinks of one or two heads): such arrays sit in
+    MLX's host-resident small pool (above), and a kernel's warps reading them would each wait on PCIe.
+    The copy is one more small op a call; larger arrays and None pass as they are."""
+    if x is None or x.nbytes > _SMALL_POOL_BYTES:
+        return x
+    padded = mx.concatenate([x.reshape(-1), mx.zeros((16,), x.dtype, stream=stream)], stream=stream)
+    return padded[:x.size].reshape(x.shape)
+
+
 def _placeholder(dtype):
     return const_array((0,), dtype)
 
@@ -409,14 +420,15 @@ def _forward_inputs(q, k, v, spec: AttentionSpec, inputs: AttentionInputs) -> li
 def _common_inputs(q, k, v, spec: AttentionSpec, inputs: AttentionInputs):
     ip, fp = _params(spec, inputs)
     mask, alibi, sinks, bmask, cu_q, cu_k = _placeholders()
+    small = out_of_small_pool
     return [
         q, k, v,
-        inputs.mask if inputs.mask is not None else mask,
-        inputs.alibi if inputs.alibi is not None else alibi,
-        inputs.sinks if inputs.sinks is not None else sinks,
-        inputs.block_mask if inputs.block_mask is not None else bmask,
-        inputs.cu_seqlens_q if inputs.cu_seqlens_q is not None else cu_q,
-        inputs.cu_seqlens_k if inputs.cu_seqlens_k is not None else cu_k,
+        small(inputs.mask) if inputs.mask is not None else mask,
+        small(inputs.alibi) if inputs.alibi is not None else alibi,
+        small(inputs.sinks) if inputs.sinks is not None else sinks,
+        small(inputs.block_mask) if inputs.block_mask is not None else bmask,
+        small(inputs.cu_seqlens_q) if inputs.cu_seqlens_q is not None else cu_q,
+        small(inputs.cu_seqlens_k) if inputs.cu_seqlens_k is not None else cu_k,
         ip, fp,
     ]
 
@@ -425,7 +437,7 @@ def _key_range_inputs(inputs: AttentionInputs) -> list:
     """key_start and key_len (int32 [B]), or placeholders where the call has none."""
     if inputs.key_start is None:
         return [_placeholder(mx.int32)] * 2
-    return [inputs.key_start, inputs.key_len]
+    return [out_of_small_pool(inputs.key_start), out_of_small_pool(inputs.key_len)]
 
 
 def _feature_template(spec: AttentionSpec, inputs: AttentionInputs, with_sinks=True):

@@ -523,22 +523,12 @@ def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native,
     return out if Np == spec.N else out[:, :, :spec.N]
 
 
-def _out_of_small_pool(scale, stream):
-    """`scale` as a view of a device array of more than 8 bytes, where it has 8 bytes or less (a per-tensor
-    float32 scale): MLX 0.32 keeps such arrays in a managed pool that stays in host memory
-    (backends/cuda.py, const_array), and every output element's thread reads its scale, so each warp of the
-    kernel would wait on PCIe. The copy is one more small op a call; larger scales pass as they are."""
-    if scale is None or scale.nbytes > _cuda._SMALL_POOL_BYTES:
-        return scale
-    padded = mx.concatenate([scale.reshape(-1), mx.zeros((4,), scale.dtype, stream=stream)], stream=stream)
-    return padded[:scale.size].reshape(scale.shape)
-
-
 def matmul2d(a, b, a_scale, b_scale, spec, stream, route=None, plan=None):
     """The backend entry (dispatch calls it with the first six); `route` and
     `plan` (a wgmma (BN, stages, promote[, tma]) or a gemv GEMV_PLAN) force a kernel, for tests and benchmarks."""
     route = route or route_of(a, b, spec)
-    a_scale, b_scale = _out_of_small_pool(a_scale, stream), _out_of_small_pool(b_scale, stream)
+    # A per-tensor scale (4 bytes) out of MLX's host-resident small pool: every output element's thread reads it.
+    a_scale, b_scale = _cuda.out_of_small_pool(a_scale, stream), _cuda.out_of_small_pool(b_scale, stream)
     if spec.M == 0 or spec.N == 0:
         return mx.zeros((spec.batch, spec.M, spec.N), dtype=spec.out_dtype, stream=stream)
     if route == "float32":
@@ -682,7 +672,7 @@ def linear_few_rows(x, weight, scale, fmt: str, stream=None, plan=None):
     rows = x.size // K
     if scale.dtype != mx.float32 or scale.size not in (1, N):
         raise ValueError(f"scale: expected float32 with 1 or {N} values, got {scale.dtype} {tuple(scale.shape)}")
-    scale = _out_of_small_pool(scale, stream)
+    scale = _cuda.out_of_small_pool(scale, stream)
     kernel, ip, placeholder, grid, threads = _linear_launch(x.dtype, fmt, scale.size > 1, rows, N, K,
                                                             tuple(plan or gemv_plan(rows, True, N)), getattr(mx.fast, "cuda_kernel", None))
     (out,) = kernel(inputs=[x, weight, placeholder, scale, ip], grid=grid, threadgroup=threads,
