@@ -396,7 +396,7 @@ __host__ __device__ constexpr int qd_part_floats() {
 // last block sets its ticket back to 0), so no output needs MLX's zero fill;
 // otherwise they follow the partials in `scratch` (zero-filled).
 template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
-          bool PF, bool POOL, int KEYS_M, bool FOLD, int L2PF, int TILES, bool LATE, class SA>
+          bool PF, bool POOL, int KEYS_M, bool FOLD, int L2PF, int TILES, bool LATE, bool QSF, class SA>
 __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
                                        const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
                                        float* lse, float* scratch, const unsigned* tk) {
@@ -414,7 +414,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   using Tile = QdTile<D, DV, BITS, GS, LATE>;
   // Each warp's scale stages (one a tile of an iteration), 16-byte aligned after the flag (4 words).
   float* stage = reinterpret_cast<float*>(flag + 4) + (threadIdx.x / 32) * TILES * Tile::STAGE;
-  constexpr bool QS = D > 128;  // see qsm below
+  constexpr bool QS = D > 128 || QSF;  // see qsm below
   unsigned char* shared_end = reinterpret_cast<unsigned char*>(reinterpret_cast<float*>(flag + 4) + NW * TILES * Tile::STAGE) +
                               (QS ? NW * S::KS * 32 * 8 : 0);
   float* red_o = reinterpret_cast<float*>(shared_end);  // [NW][8][DV]
@@ -451,7 +451,10 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   const QuantHead<KST, SA> kh = quant_head<BITS>(kc, b, kvh);
   const QuantHead<VST, SA> vh = quant_head<BITS>(vc, b, kvh);
   // QS: Q's fragments live in the warp's shared memory, read once a k-step
-  // for both key halves: head dims over 128 (256 would spill otherwise).
+  // for both key halves: head dims over 128 (256 would spill otherwise), and
+  // with QSF (opt-in) at any head dim: the 4-bit D 128 instance then takes
+  // 108 registers under MLX's NVRTC instead of 137, so four 4-warp blocks
+  // fit an SM instead of three (session 16, not yet timed on a card).
   static_assert(TILES >= 1 && (TILES == 1 || (KEYS_M == 0 && L2PF == 0)),
                 "attention_quant_decode: TILES > 1 is for S = Q K^T (no KEYS_M or L2PF)");
 

@@ -502,6 +502,11 @@ def test_decode_shapes(shape):
                   {"dec_fold": True, "dec_keys_m": True, "dec_l2pf": 3}):
         got = _emu(q, kq, vq, bits, gs, tuning={**plan, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
+    # Q's fragments in shared memory (QSF), alone, with KEYS_M 2 and with FOLD.
+    for extra in ({"dec_q_shared": True}, {"dec_q_shared": True, "dec_keys_m": 2},
+                  {"dec_q_shared": True, "dec_fold": True, "dec_pool": False}):
+        got = _emu(q, kq, vq, bits, gs, tuning={**plan, **extra})
+        _check_decode(q, kd, vd, got, dtype, {})
 
 
 @emulated
@@ -549,6 +554,8 @@ def test_decode_features(feature):
         got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_keys_m": keys_m, "dec_fold": fold,
                                              "dec_l2pf": l2pf}, **opts)
         _check_decode(q, kd, vd, got, F16, opts)
+    got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_q_shared": True}, **opts)  # QSF
+    _check_decode(q, kd, vd, got, F16, opts)
 
 
 @emulated
@@ -574,8 +581,8 @@ def test_decode_routing():
 
 @emulated
 @pytest.mark.parametrize("extra", [{}, {"dec_keys_m": True}, {"dec_keys_m": 2}, {"dec_fold": True},
-                                   {"dec_fold": True, "dec_keys_m": True}],
-                         ids=["default", "keys_m", "keys_m_raw", "fold", "fold_keys_m"])
+                                   {"dec_fold": True, "dec_keys_m": True}, {"dec_q_shared": True}],
+                         ids=["default", "keys_m", "keys_m_raw", "fold", "fold_keys_m", "q_shared"])
 def test_decode_nonfinite(extra):
     """A NaN scale of key j reaches exactly the rows that keep j (K's: the
     logit; V's: the output); a NaN key a window drops, the last key (read
@@ -641,6 +648,8 @@ def test_decode_strided_cache_views(layout):
             got = _emu(q, kv, vv, bits, 64, tuning={**DECODE, "dec_splits": 2, "dec_keys_m": keys_m, "dec_fold": fold,
                                                     "dec_l2pf": 2 * fold})
             _check_decode(q, kd, vd, got, F16, {})
+        got = _emu(q, kv, vv, bits, 64, tuning={**DECODE, "dec_splits": 2, "dec_q_shared": True})
+        _check_decode(q, kd, vd, got, F16, {})
 
 
 @emulated
@@ -667,6 +676,21 @@ def test_decode_plan():
     gen, q, kq, vq, _, _ = _case(("decode-plan", 256), 1, 32, 8, 1, 16384, 256, dtype=F16)
     cq.decode_plan.cache_clear()
     assert cq.decode_plan(validate_attention_quantized(q, kq, vq, bits=4, group_size=64)[0])[1] == cq._SMS * 2 // 8
+    # QSF (Q's fragments in shared memory, 108 registers at 4-bit D 128): 4 blocks an SM, one wave; the
+    # fragments (8 bytes a lane a k-step) before the merge areas. 8-bit (146 registers) keeps 3.
+    saved = dict(cq.TUNING)
+    try:
+        cq.TUNING["dec_q_shared"] = True
+        nw, splits, smem = plan(1, 8, 32768)
+        assert splits == cq._SMS * (cq._DEC_RESIDENT_WARPS["q_shared"] // nw) // 8 == 66
+        assert smem == 16 + 4 * 4 * 32 * 2 + 4 * 256 * (64 // 16) + 4 * (4 * 8 * 64 + 2 * 4 * 8 + 4 * 8 * 1)
+        gen, q, kq, vq, _, _ = _case(("decode-plan", "q_shared", 8), 1, 32, 8, 1, 32768, 128, dtype=F16, bits=8)
+        cq.decode_plan.cache_clear()
+        assert cq.decode_plan(validate_attention_quantized(q, kq, vq, bits=8, group_size=64)[0])[1] == 49
+    finally:
+        cq.TUNING.clear()
+        cq.TUNING.update(saved)
+        cq.decode_plan.cache_clear()
 
 
 def test_decode_register_options():
@@ -747,7 +771,8 @@ def _gpu(q, kq, vq, bits, group_size, tuning=None, **options):
 def test_decode_shapes_gpu(shape):
     q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
     # The register path (pool tickets; zero-filled tickets with its prefetch).
-    for extra in ({}, {"dec_pool": False, "dec_prefetch": True}):
+    for extra in ({}, {"dec_pool": False, "dec_prefetch": True}, {"dec_q_shared": True},
+                  {"dec_q_shared": True, "dec_keys_m": 2}):
         got = _gpu(q, kq, vq, bits, gs, tuning={**plan, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
@@ -788,6 +813,8 @@ def test_decode_features_gpu(feature, bits):
     for extra in ({}, {"dec_keys_m": True}, {"dec_fold": False, "dec_l2pf": 4}):  # FOLD, L2 prefetches
         got = _gpu(q, kq, vq, bits, 64, tuning={"dec_fold": True, **extra}, **opts)
         _check_decode(q, kd, vd, got, F16, opts)
+    got = _gpu(q, kq, vq, bits, 64, tuning={"dec_q_shared": True}, **opts)  # QSF
+    _check_decode(q, kd, vd, got, F16, opts)
 
 
 # Launch plans of the decode measured side by side (tools/cuda_decode_profile.py --step):
@@ -799,6 +826,8 @@ LONG_PLANS = {
     "regs_fold_km": {"dec_fold": True, "dec_keys_m": True},
     "regs_l2pf4": {"dec_l2pf": 4},
     "regs_fold_l2pf4": {"dec_fold": True, "dec_l2pf": 4},
+    "q_shared": {"dec_q_shared": True},
+    "q_shared_km2": {"dec_q_shared": True, "dec_keys_m": 2},
 }
 
 
@@ -887,13 +916,21 @@ def _decode_compile_cases(opt_in=False):
                         late_paths = [(False, True, W, 0, False, 0, t2) for t2 in (1, 2)]
                         if bits == 4:
                             late_paths += [(True, False, W, 0, False, 0, 2), (True, False, W, 0, False, 0, 1)]
-                    for pf, pool, nw, keys_m, fold, l2pf, tiles, late in (
-                            [p + (False,) for p in paths] + [p + (True,) for p in late_paths]):
+                    # QSF (Q's fragments in shared memory at D <= 128): every shape and scale type of 128 or
+                    # less, plain and with KEYS_M 2 / FOLD at the benchmark's.
+                    qsf_paths = []
+                    if opt_in and d <= 128:
+                        qsf_paths = [(False, True, W, 0, False, 0, 1, False)]
+                        if (d, dv, gs) == (128, 128, 64) and ST == T and T == mx.float16:
+                            qsf_paths += [(False, True, W, 2, False, 0, 1, False), (False, True, W, 0, True, 0, 1, False)]
+                    for pf, pool, nw, keys_m, fold, l2pf, tiles, late, qsf in (
+                            [p + (False, False) for p in paths] + [p + (True, False) for p in late_paths] +
+                            [p + (True,) for p in qsf_paths]):
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
                             ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
                             ("NW", nw), ("PF", pf), ("POOL", pool), ("KEYS_M", keys_m),
-                            ("FOLD", fold), ("L2PF", l2pf), ("TILES", tiles), ("LATE", late)]
+                            ("FOLD", fold), ("L2PF", l2pf), ("TILES", tiles), ("LATE", late), ("QSF", qsf)]
 
 
 def _dtypes(names, template):

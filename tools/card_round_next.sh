@@ -5,10 +5,11 @@
 # and p time the per-lane cp.async ring (TUNING dec_ring), removed since:
 # they now stop at its ValueError. Part r timed a restructured last-block
 # merge that was not kept (the routed kernel measured 38.0-38.6 us against
-# 35.5-36.3); rerunning it times today's merge. Part s is the next card
-# session's first call:
+# 35.5-36.3); rerunning it times today's merge. Parts s and t are the next
+# card session's first calls:
 #
-#     . .device/rest/env.sh && bash tools/install_cuda_host.sh && OUT=$OUT bash tools/card_round_next.sh s Parts g and h (session 14: the replay's short graph, the
+#     . .device/rest/env.sh && bash tools/install_cuda_host.sh && OUT=$OUT bash tools/card_round_next.sh s
+#     . tools/device_env.sh && OUT=$OUT bash tools/card_round_next.sh t Parts g and h (session 14: the replay's short graph, the
 # chained decode step and its plans, the forward's clock trace) never got a
 # card in session 14 and are the next card session's first calls:
 #
@@ -34,7 +35,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -331,7 +332,22 @@ elif [ "$PART" = s ]; then
   # through cuda.out_of_small_pool: their GPU tests.
   step small_inputs_gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_attention_key_ranges.py \
     tests/test_attention_values.py -k "cuda and (key or varlen or sinks or alibi)"
+elif [ "$PART" = t ]; then
+  # Session 16 (queued): Q's fragments in shared memory at D 128 (TUNING
+  # dec_q_shared, template QSF: 108 registers under NVRTC, four blocks an SM,
+  # 66 splits at GQA 32:8) -- GPU tests, then the kernel alone (Nk 512 /
+  # 32768) and chained, interleaved, beside the routed plan, KEYS_M 2 and FOLD.
+  step qs_gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda_quant_emu.py \
+    -k "(decode_shapes_gpu or decode_features_gpu or (decode_long_context_gpu and (q_shared or default)))"
+  PLANS='{"routed": {}, "q_shared": {"dec_q_shared": true}, "q_shared_km2": {"dec_q_shared": true, "dec_keys_m": 2},
+    "q_shared_fold": {"dec_q_shared": true, "dec_fold": true}, "keys_m2": {"dec_keys_m": 2},
+    "q_shared_pb3": {"dec_q_shared": true, "dec_blocks_per_sm": 3}}'
+  step qs_ncu 150 ncu --clock-control none --metrics gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
+    -k regex:attention_quant_decode python3 tools/cuda_quant_nk_sweep.py 512,32768 --plans "$PLANS"
+  step qs_ab 150 python3 tools/cuda_quant_load_probe.py "$OUT/qs_ab.json" --rounds 15 --ab "$PLANS"
+  step qs_ab8 100 python3 tools/cuda_quant_load_probe.py "$OUT/qs_ab8.json" --rounds 15 --bits 8 --ab \
+    '{"routed": {}, "q_shared": {"dec_q_shared": true}}'
 else
-  echo "card_round_next.sh: PART must be a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r or s, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r, s or t, got $PART" >&2
   exit 2
 fi

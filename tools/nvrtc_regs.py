@@ -492,6 +492,19 @@ def tiles_cases():
     yield "qdec tiles2 prefetch late", lambda: _quant_decode({**tiles, **late})
     yield "qdec tiles2 late 8-bit features", lambda: _quant_decode({**tiles, "dec_late_scales": True}, bits=8, **feats)
     yield "qdec tiles1 prefetch late", lambda: _quant_decode({"decode": True, **late})
+    # Q's fragments in shared memory at D <= 128 (QSF, session 16): four blocks an SM need <= 128 at 4-bit.
+    qs = {"dec_q_shared": True}
+    yield "qdec q_shared fp16 4-bit D128", lambda: _quant_decode(qs)
+    yield "qdec q_shared fp16 4-bit D128 features", lambda: _quant_decode(
+        qs, softcap=2.0, window=(64, 0), sinks=mx.zeros((32,)))
+    yield "qdec q_shared bf16 4-bit D128 features", lambda: _quant_decode(
+        qs, dtype=mx.bfloat16, softcap=2.0, window=(64, 0), sinks=mx.zeros((32,)))
+    yield "qdec q_shared fp16 4-bit D64", lambda: _quant_decode(qs, D=64)
+    yield "qdec q_shared fp16 4-bit D128 group 128", lambda: _quant_decode(qs, gs=128)
+    yield "qdec q_shared fp32 scales", lambda: _quant_decode(qs, scale_dtype=mx.float32)
+    yield "qdec q_shared keys_m2", lambda: _quant_decode({**qs, "dec_keys_m": 2})
+    yield "qdec q_shared fold", lambda: _quant_decode({**qs, "dec_fold": True})
+    yield "qdec q_shared fp16 8-bit D128", lambda: _quant_decode(qs, bits=8)
 
 
 def routed_cases():

@@ -142,7 +142,7 @@ def main(argv=None):
         template = [("T", T), ("KST", T), ("VST", T), ("SOFTCAP", False), ("WINDOW", False), ("SINKS", False),
                     ("D", 128), ("DV", 128), ("BITS", args.bits), ("GS", 64), ("NW", 4), ("PF", pf),
                     ("POOL", not pf), ("KEYS_M", keys_m), ("FOLD", fold), ("L2PF", l2pf),
-                    ("TILES", tiles), ("LATE", late)]
+                    ("TILES", tiles), ("LATE", late), ("QSF", False)]
         name = f"keys_m{keys_m}_fold{int(fold)}_l2pf{l2pf}" + (f"_tiles{tiles}" if tiles > 1 else "") + (
             "_late" if late else "") + ("_pf" if pf else "")
         if args.only not in name:

@@ -297,7 +297,7 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # Tickets from cuda.py's pool (no zero fill).
 # TUNING "dec_warps" / "dec_splits" / "dec_prefetch" (the one-tile prefetch) /
 # "dec_blocks_per_sm" / "dec_pool" / "dec_keys_m" / "dec_fold" / "dec_l2pf" /
-# "dec_tiles" / "dec_late_scales" / "decode" override for GPU sweeps (call
+# "dec_tiles" / "dec_late_scales" / "dec_q_shared" / "decode" override for GPU sweeps (call
 # decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
 # Splits: one wave of the blocks that fit an SM. Registers a thread under
@@ -312,7 +312,9 @@ _DEC_WARPS = 4
 # 4-bit 16 / 33 / 49 splits 81.2 / 75.3 / 73.9-77.6, 8-bit 106.3 / 96.6 /
 # 77.7-83.3. Sessions 7-14 chose one block an SM on steps whose 32 calls
 # were independent and ran concurrently (docs/cuda_decode.md, session 14).
-_DEC_RESIDENT_WARPS = {"narrow": 12, "wide": 8}  # D <= 128 and TILES 1 / D 256 or TILES 2
+# D <= 128 and TILES 1 / D 256 or TILES 2 / 4-bit D <= 128 TILES 1 with Q's fragments in shared memory
+# (TUNING "dec_q_shared": 108-110 registers under NVRTC, four 4-warp blocks an SM).
+_DEC_RESIDENT_WARPS = {"narrow": 12, "wide": 8, "q_shared": 16}
 _DEC_MIN_TILES = 4
 _DEC_MAX_SPLITS = 256
 # The opt-in shared-memory ring (TUNING "dec_stages" > 0: STAGES slots a warp
@@ -427,6 +429,24 @@ def decode_tiles(qspec, keys_m: int, l2pf: int) -> int:
     return int(tiles)
 
 
+# TUNING "dec_q_shared" (template QSF, issue 16): Q's fragments in the
+# warp's shared memory at head dims <= 128 too (as at 256), read once a
+# k-step; the 4-bit D 128 instance takes 108 registers under MLX's NVRTC
+# (routed 137; bf16 with features 110; 8-bit 146), so the plan fills one
+# wave of four blocks an SM (66 splits at GQA 32:8) instead of three.
+# Session 16 found the loop (not memory) setting the kernel's time once the
+# constant arrays left host memory; more warps an SM is the lever it
+# points to. Not routed: never timed on a card (tools/card_round_next.sh t).
+_DEC_Q_SHARED = False
+
+
+def decode_q_shared(qspec) -> bool:
+    """QSF: TUNING "dec_q_shared" (else _DEC_Q_SHARED) at head dims <= 128; over 128 Q's fragments are in shared
+    memory anyway, and the template keeps False (one instance)."""
+    spec = qspec.attention
+    return bool(TUNING.get("dec_q_shared", _DEC_Q_SHARED)) and spec.head_dim_qk <= 128
+
+
 def decode_late_scales() -> bool:
     """LATE (TUNING "dec_late_scales", else _DEC_LATE_SCALES)."""
     return bool(TUNING.get("dec_late_scales", _DEC_LATE_SCALES))
@@ -442,15 +462,19 @@ def decode_plan(qspec):
     nw = TUNING.get("dec_warps", _DEC_WARPS)
     pairs = spec.batch * spec.heads_kv
     keys = _cuda._effective_keys(spec)
-    # Blocks per SM the splits aim for (_DEC_RESIDENT_WARPS's measurements).
-    warps_sm = _DEC_RESIDENT_WARPS["wide" if spec.head_dim_qk > 128 or tiles > 1 else "narrow"]
+    # Blocks per SM the splits aim for (_DEC_RESIDENT_WARPS's register counts).
+    q_shared = decode_q_shared(qspec)
+    if q_shared and qspec.bits == 4 and tiles == 1:
+        warps_sm = _DEC_RESIDENT_WARPS["q_shared"]
+    else:
+        warps_sm = _DEC_RESIDENT_WARPS["wide" if spec.head_dim_qk > 128 or tiles > 1 else "narrow"]
     per_sm = TUNING.get("dec_blocks_per_sm", max(1, warps_sm // nw))
     dv, ngv = spec.head_dim_v, spec.head_dim_v // qspec.group_size
     ng = spec.head_dim_qk // qspec.group_size
     # The flag (4 words), each warp's scale stages (QdTile::STAGE floats, one a tile of an iteration), Q's
-    # fragments (D > 128: 8 bytes a lane a k-step), then red_o [nw][8][dv] (also the last block's
+    # fragments (D > 128 or QSF: 8 bytes a lane a k-step), then red_o [nw][8][dv] (also the last block's
     # [splits][8] weights), red_m, red_l, red_pb.
-    qfrag = nw * 256 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 else 0
+    qfrag = nw * 256 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 or q_shared else 0
     base = 16 + 4 * nw * 32 * (ng + ngv) * tiles + qfrag
     smem = base + 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv)
     # At most one wave of resident blocks (main launched 4 an SM of which 3 fit: 1.33 waves).
@@ -489,7 +513,7 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
                 ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M))),
                 ("FOLD", fold), ("L2PF", l2pf),
                 ("TILES", decode_tiles(qspec, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), l2pf)),
-                ("LATE", decode_late_scales())]
+                ("LATE", decode_late_scales()), ("QSF", decode_q_shared(qspec))]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
