@@ -62,18 +62,12 @@ def test_small_scales_leave_the_pool(shape):
     assert cuda.out_of_small_pool(None, mx.cpu) is None
 
 
-def test_small_optional_inputs_leave_the_pool():
-    """Key ranges at batch 1 and 2 (int32: 4 and 8 bytes), sinks of two heads and cu_seqlens of one sequence
-    reach the kernels as padded views with their values; a batch of 3 passes as it is."""
+def test_small_caller_arrays_of_a_recorded_call_pass_as_given():
+    """Key ranges at batch 2 (8 bytes) reach the attention kernels as the caller's arrays: a padded copy would
+    be an input computed in the call, which the C++ replay refuses (csrc/cuda_host.cpp)."""
     from mlx_flash._spec import AttentionInputs
 
-    for arr in (mx.array([5], mx.int32), mx.array([0, 3], mx.int32), mx.array([0.5, -1.0], mx.float32)):
-        got = cuda.out_of_small_pool(arr)
-        assert got is not arr and got.dtype == arr.dtype and got.shape == arr.shape
-        np.testing.assert_array_equal(np.array(got), np.array(arr))
     fields = dict.fromkeys(AttentionInputs.__dataclass_fields__)
-    inputs = AttentionInputs(**{**fields, "key_start": mx.array([1, 2], mx.int32),
-                                "key_len": mx.array([7, 9, 11], mx.int32)})
+    inputs = AttentionInputs(**{**fields, "key_start": mx.array([1, 2], mx.int32), "key_len": mx.array([7, 9], mx.int32)})
     start, length = cuda._key_range_inputs(inputs)
-    assert start is not inputs.key_start and np.array(start).tolist() == [1, 2]
-    assert length is inputs.key_len
+    assert start is inputs.key_start and length is inputs.key_len

@@ -323,15 +323,10 @@ elif [ "$PART" = r ]; then
 elif [ "$PART" = s ]; then
   # Session 16 (queued: its device time ran out): per-tensor fp8 scales out
   # of MLX's host-resident small pool (cuda.out_of_small_pool), chained decode
-  # products before / after, then matmul2d's, FP8Linear's and the attention's
-  # small optional inputs' GPU tests.
+  # products before / after, then matmul2d's and FP8Linear's GPU tests.
   step small_scale_ab 100 python3 tools/cuda_small_scale_ab.py "$OUT/small_scale_ab.json" --rounds 15
   step matmul_gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_matmul.py tests/test_fp8_nn.py \
     tests/test_cuda_const_arrays.py -k "cuda or gpu or const or small"
-  # The attention's small optional inputs (key ranges / cu_seqlens at batch 1-2, sinks, ALiBi of 1-2 heads)
-  # through cuda.out_of_small_pool: their GPU tests.
-  step small_inputs_gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_attention_key_ranges.py \
-    tests/test_attention_values.py -k "cuda and (key or varlen or sinks or alibi)"
 elif [ "$PART" = t ]; then
   # Session 16 (queued): Q's fragments in shared memory at D 128 (TUNING
   # dec_q_shared, template QSF: 108 registers under NVRTC, four blocks an SM,

@@ -363,9 +363,9 @@ def const_array(values: tuple, dtype) -> mx.array:
 
 def out_of_small_pool(x, stream=None):
     """`x` as a view of a device array of more than 8 bytes, where `x` itself has 8 bytes or less (a caller's
-    per-tensor scale, key ranges or cu_seqlens at batch 1-2, sinks of one or two heads): such arrays sit in
-    MLX's host-resident small pool (above), and a kernel's warps reading them would each wait on PCIe.
-    The copy is one more small op a call; larger arrays and None pass as they are."""
+    per-tensor matmul scale): such arrays sit in MLX's host-resident small pool (above), and a kernel's warps
+    reading them would each wait on PCIe. The copy is one more small op a call; larger arrays and None pass
+    as they are. Not for arguments of calls the C++ replay records (a computed input refuses the record)."""
     if x is None or x.nbytes > _SMALL_POOL_BYTES:
         return x
     padded = mx.concatenate([x.reshape(-1), mx.zeros((16,), x.dtype, stream=stream)], stream=stream)
@@ -420,15 +420,19 @@ def _forward_inputs(q, k, v, spec: AttentionSpec, inputs: AttentionInputs) -> li
 def _common_inputs(q, k, v, spec: AttentionSpec, inputs: AttentionInputs):
     ip, fp = _params(spec, inputs)
     mask, alibi, sinks, bmask, cu_q, cu_k = _placeholders()
-    small = out_of_small_pool
+    # A caller's array of 8 bytes or less here (key ranges or cu_seqlens at batch 1-2, sinks or ALiBi of one or
+    # two heads) stays in MLX's host-resident small pool: a padded copy (out_of_small_pool) would be an input
+    # computed in the call, which the C++ replay refuses (csrc/cuda_host.cpp, classify), putting those calls
+    # back on the Python path's 16-46 us of host cost. Which costs more is not measured yet (docs/cuda_decode.md,
+    # session 16).
     return [
         q, k, v,
-        small(inputs.mask) if inputs.mask is not None else mask,
-        small(inputs.alibi) if inputs.alibi is not None else alibi,
-        small(inputs.sinks) if inputs.sinks is not None else sinks,
-        small(inputs.block_mask) if inputs.block_mask is not None else bmask,
-        small(inputs.cu_seqlens_q) if inputs.cu_seqlens_q is not None else cu_q,
-        small(inputs.cu_seqlens_k) if inputs.cu_seqlens_k is not None else cu_k,
+        inputs.mask if inputs.mask is not None else mask,
+        inputs.alibi if inputs.alibi is not None else alibi,
+        inputs.sinks if inputs.sinks is not None else sinks,
+        inputs.block_mask if inputs.block_mask is not None else bmask,
+        inputs.cu_seqlens_q if inputs.cu_seqlens_q is not None else cu_q,
+        inputs.cu_seqlens_k if inputs.cu_seqlens_k is not None else cu_k,
         ip, fp,
     ]
 
@@ -437,7 +441,7 @@ def _key_range_inputs(inputs: AttentionInputs) -> list:
     """key_start and key_len (int32 [B]), or placeholders where the call has none."""
     if inputs.key_start is None:
         return [_placeholder(mx.int32)] * 2
-    return [out_of_small_pool(inputs.key_start), out_of_small_pool(inputs.key_len)]
+    return [inputs.key_start, inputs.key_len]  # at batch 1-2 in the small pool: see _common_inputs
 
 
 def _feature_template(spec: AttentionSpec, inputs: AttentionInputs, with_sinks=True):
