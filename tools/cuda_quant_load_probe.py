@@ -111,6 +111,20 @@ TRIVIAL = r"""
 """
 
 
+def layer_caches(layers, Hkv, Nk, D, bits):
+    """Each layer's quantized K / V triples (group 64) and the fp16 caches they came from (fixed keys)."""
+    caches, fp16 = [], []
+    for i in range(layers):
+        kk, kv = mx.random.split(mx.random.key(500 + i))
+        k = mx.random.normal((1, Hkv, Nk, D), key=kk).astype(mx.float16)
+        v = mx.random.normal((1, Hkv, Nk, D), key=kv).astype(mx.float16)
+        kq, vq = mx.quantize(k, group_size=64, bits=bits), mx.quantize(v, group_size=64, bits=bits)
+        mx.eval(kq, vq, k, v)
+        caches.append((tuple(kq), tuple(vq)))
+        fp16.append((k, v))
+    return caches, fp16
+
+
 def ab(path, plans, rounds, bits=4):
     """The quantized decode's plans (TUNING dicts) chained over 32 layers, INTERLEAVED: each round runs
     every plan's step once, in turn, so that drifts of the card or of MLX's caches over a run fall on every
@@ -121,15 +135,7 @@ def ab(path, plans, rounds, bits=4):
 
     layers, Hkv, Nk, D = 32, 8, 32768, 128
     q = mx.random.normal((1, 32, 1, D), key=mx.random.key(3)).astype(mx.float16)
-    caches, fp16 = [], []
-    for i in range(layers):
-        kk, kv = mx.random.split(mx.random.key(500 + i))
-        k = mx.random.normal((1, Hkv, Nk, D), key=kk).astype(mx.float16)
-        v = mx.random.normal((1, Hkv, Nk, D), key=kv).astype(mx.float16)
-        kq, vq = mx.quantize(k, group_size=64, bits=bits), mx.quantize(v, group_size=64, bits=bits)
-        mx.eval(kq, vq, k, v)
-        caches.append((tuple(kq), tuple(vq)))
-        fp16.append((k, v))
+    caches, fp16 = layer_caches(layers, Hkv, Nk, D, bits)
 
     def step(name):
         x = q
@@ -178,15 +184,7 @@ def main():
     import mlx_flash
 
     layers, Hkv, Nk, D, splits = 32, 8, 32768, 128, 49
-    caches = []
-    fp = []
-    for i in range(layers):
-        kk, kv = mx.random.split(mx.random.key(500 + i))
-        k = mx.random.normal((1, Hkv, Nk, D), key=kk).astype(mx.float16)
-        v = mx.random.normal((1, Hkv, Nk, D), key=kv).astype(mx.float16)
-        kq, vq = mx.quantize(k, group_size=64, bits=4), mx.quantize(v, group_size=64, bits=4)
-        mx.eval(kq, vq)
-        caches.append((tuple(kq), tuple(vq)))
+    caches, _ = layer_caches(layers, Hkv, Nk, D, 4)
     probe = mx.fast.cuda_kernel(name="qd_load_probe", input_names=["kw", "ks", "kb", "vw", "vs", "vb", "dep"],
                                 output_names=["out"], source=SOURCE)
     trivial = mx.fast.cuda_kernel(name="qd_trivial_chain", input_names=["dep"], output_names=["out"], source=TRIVIAL)

@@ -354,10 +354,9 @@ def const_array(values: tuple, dtype) -> mx.array:
         mx.eval(host)
         return host
     # Made by a GPU op, so MLX allocates it on the GPU stream: device memory (cudaMallocAsync), never migrated.
-    array = mx.zeros(host.shape, dtype, stream=mx.gpu) + host if dtype != mx.bool_ else mx.logical_or(
-        mx.zeros(host.shape, dtype, stream=mx.gpu), host)
+    zeros = mx.zeros(host.shape, dtype, stream=mx.gpu)
+    array = mx.logical_or(zeros, host) if dtype == mx.bool_ else zeros + host
     mx.eval(array)
-    del host
     return array
 
 

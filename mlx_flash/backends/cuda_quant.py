@@ -321,11 +321,10 @@ _DEC_MAX_SPLITS = 256
 # filled by cp.async) was removed in session 12: on the H200 it lost to the
 # register path in sessions 7-10 (docs/cuda_decode.md); a leftover setting is
 # an error, not silently ignored.
+_RING12 = "removed in session 12 (it lost to the register path on the H200 in sessions 7-10)"
 _DEC_REMOVED = {
-    "dec_stages": "the shared-memory ring was removed in session 12 (it lost to the register path on the H200 in "
-                  "sessions 7-10)",
-    "dec_ring_debug": "the shared-memory ring's diagnostics were removed in session 12 (it lost to the register "
-                      "path on the H200 in sessions 7-10)",
+    "dec_stages": f"the shared-memory ring was {_RING12}",
+    "dec_ring_debug": f"the shared-memory ring's diagnostics were {_RING12}",
     "dec_ring": "the per-lane cp.async ring was removed in session 16 (no faster than the register path on an "
                 "H100: 35.6-37.8 against 35.8-37.2 us a kernel)",
 }
