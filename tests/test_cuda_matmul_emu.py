@@ -65,6 +65,39 @@ def test_gemv_kernel_emulated(M, K, N, ka, kb, plan):
     assert_close(out.reshape(2, M, N), reference(a64, b64, sa, sb, transpose_b=True), mx.float32, K)
 
 
+# Per-tensor scales (a's also per batch) on the few-rows kernel: thread 0 of a
+# block reads them once and hands them on in shared memory (they may sit in
+# MLX's host-resident small pool). Plans: the default, a ring, a capped grid
+# whose blocks sweep several row groups (the shared value reused), 16 warps.
+@pytest.mark.parametrize("plan", [None, (2, 1, 1, 0, 3), (1, 4, 2, 2, 0, 2), (16, 2, 1, 0, 0, 1, 1)],
+                         ids=lambda p: "default" if p is None else "_".join(map(str, p)))
+@pytest.mark.parametrize("a_shape,b_shape", [((), ()), ((2, 1, 1), (1, 1)), ((2, 5, 1), ()), ((), (1, 70))],
+                         ids=["tensor", "batch_tensor", "rows_tensor", "tensor_cols"])
+def test_gemv_per_tensor_scales_emulated(a_shape, b_shape, plan):
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    M, K, N = 5, 96, 70
+    gen = rng("gemv-emu-scales", a_shape, b_shape)
+    a, _, a64 = make_operand(gen, (2, M, K), "float16")
+    b, b_fmt, b64 = make_operand(gen, (N, K), "e4m3")
+    sa = gen.uniform(0.5, 2, a_shape).astype(np.float32)
+    sb = gen.uniform(0.5, 2, b_shape).astype(np.float32)
+
+    def run(sa, sb):
+        spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, b_fmt=b_fmt, a_scale=mx.array(sa), b_scale=mx.array(sb),
+                                                    transpose_b=True, out_dtype=mx.float32)
+        with harness.patched_cuda_kernel():
+            out = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="gemv", plan=plan)
+            mx.eval(out)
+        return np.array(out).reshape(2, M, N)
+
+    out = run(sa, sb)
+    assert_close(mx.array(out), reference(a64, b64, sa, sb, transpose_b=True), mx.float32, K)
+    if not b_shape:  # a NaN per-tensor b scale reaches every output, and nothing else does
+        assert np.all(np.isnan(run(sa, np.float32(np.nan))))
+
+
 # The Hopper GEMM (cuda_src/matmul_wgmma.cuh) on the emulated wgmma
 # (tests/cuda_emu/hopper_emu.cuh: descriptors, 128-byte swizzle, late execution
 # at wgmma_wait), loads by cp.async (patched_cuda_kernel: no tensor maps). Operands hold every
