@@ -227,3 +227,28 @@ def test_cuda_bench_chained_decode_feeds_each_output_to_the_next_call():
     for row in rec.rows:
         assert row["ours_chained_us_per_call"] > 0 and row["mx_fast_chained_us_per_call"] > 0
         assert row["chained_ratio_vs_mx_fast"] > 0
+
+
+def test_cuda_bench_times_contenders_in_turn():
+    """time_interleaved runs every contender once a round, in turn (so that a
+    drift of the card falls on all alike), and reports each one's median and
+    peak memory."""
+    import mlx.core as mx
+
+    cuda = pytest.importorskip("mlx_flash.bench.cuda")
+    order = []
+
+    def contender(name, n):
+        def fn():
+            order.append(name)
+            return mx.ones((n,)) * 2.0
+        return fn
+
+    got = cuda.time_interleaved({"a": ("mlx", contender("a", 1 << 16)), "b": ("mlx", contender("b", 4))},
+                                rounds=3, per_round=2)
+    # Warm-up: 2 calls + 1 for the peak each, then the rounds alternate.
+    assert order == ["a"] * 3 + ["b"] * 3 + (["a"] * 2 + ["b"] * 2) * 3
+    assert set(got) == {"a", "b"}
+    for seconds, peak in got.values():
+        assert seconds > 0 and peak > 0
+    assert got["a"][1] >= got["b"][1]

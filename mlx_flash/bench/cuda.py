@@ -68,6 +68,51 @@ def time_torch(fn, warmup=2, iters=10):
     return (time.perf_counter() - t0) / iters, torch.cuda.max_memory_allocated() / MIB
 
 
+def time_interleaved(contenders: dict, rounds=9, per_round=5):
+    """{name: (median seconds per call, peak MiB)} of contenders timed round by
+    round in turn, so that the card's clock and cache drifts over a run fall on
+    all of them alike (session 16 saw one plan read 63 and 94 us a call at the
+    two ends of a run timed plan after plan). A contender is ("mlx", fn) with
+    fn returning arrays, or ("torch", fn); each round times per_round calls."""
+    import statistics
+
+    def sync(kind):
+        if kind == "torch":
+            import torch
+
+            torch.cuda.synchronize()
+        else:
+            mx.synchronize()
+
+    def run(kind, fn, n):
+        for _ in range(n):
+            out = fn()
+            if kind == "mlx":
+                mx.eval(out)
+        sync(kind)
+
+    peaks = {}
+    for name, (kind, fn) in contenders.items():  # warm-up (compiles), then the peak of one call
+        run(kind, fn, 2)
+        if kind == "torch":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            run(kind, fn, 1)
+            peaks[name] = torch.cuda.max_memory_allocated() / MIB
+        else:
+            mx.reset_peak_memory()
+            run(kind, fn, 1)
+            peaks[name] = mx.get_peak_memory() / MIB
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, (kind, fn) in contenders.items():
+            t0 = time.perf_counter()
+            run(kind, fn, per_round)
+            times[name].append((time.perf_counter() - t0) / per_round)
+    return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
+
+
 def attn_flops(B, H, Nq, Nk, D, causal):
     return 4 * B * H * Nq * Nk * D * (0.5 if causal else 1.0)
 
@@ -132,15 +177,19 @@ def bench_attention(rec: Recorder, backward: bool):
                     run_ours, run_fast = (lambda: ours(q, k, v)), (lambda: fast(q, k, v))
                 else:
                     run_ours, run_fast = ours, fast
-                t_ours, m_ours = time_mlx(run_ours)
-                t_fast, m_fast = time_mlx(run_fast)
+                contenders = {"ours": ("mlx", run_ours), "mx_fast": ("mlx", run_fast)}
+                run_torch = _torch_sdpa(q, k, v, causal, backward)
+                if run_torch is not None:
+                    contenders["torch"] = ("torch", run_torch)
+                timed = time_interleaved(contenders)
+                (t_ours, m_ours), (t_fast, m_fast) = timed["ours"], timed["mx_fast"]
                 row = dict(section="fwdbwd" if backward else "fwd", dtype=dname, shape=[B, H, N, D], causal=causal,
+                           timing="interleaved, median of 9 rounds of 5 calls",
                            ours_ms=t_ours * 1e3, ours_tflops=flops / t_ours / 1e12, ours_peak_mib=m_ours,
                            mx_fast_ms=t_fast * 1e3, mx_fast_tflops=flops / t_fast / 1e12, mx_fast_peak_mib=m_fast,
                            ratio_vs_mx_fast=t_fast / t_ours)
-                run_torch = _torch_sdpa(q, k, v, causal, backward)
-                if run_torch is not None:
-                    t_torch, m_torch = time_torch(run_torch)
+                if "torch" in timed:
+                    t_torch, m_torch = timed["torch"]
                     row.update(torch_ms=t_torch * 1e3, torch_tflops=flops / t_torch / 1e12,
                                torch_peak_mib=m_torch, ratio_vs_torch=t_torch / t_ours)
                 rec.add(**row)
