@@ -35,7 +35,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -342,7 +342,27 @@ elif [ "$PART" = t ]; then
   step qs_ab 150 python3 tools/cuda_quant_load_probe.py "$OUT/qs_ab.json" --rounds 15 --ab "$PLANS"
   step qs_ab8 100 python3 tools/cuda_quant_load_probe.py "$OUT/qs_ab8.json" --rounds 15 --bits 8 --ab \
     '{"routed": {}, "q_shared": {"dec_q_shared": true}}'
+elif [ "$PART" = u ]; then
+  # Session 17: the few-rows product reads a per-tensor scale once, at its
+  # start (matmul_gemv.cuh gemv_load_scale): the scale left in MLX's small
+  # pool ("per_tensor_in_pool") against the padded copy and per-channel; then
+  # the decode's acquire-release ticket (TUNING dec_release, template REL):
+  # GPU tests, kernel alone, chained 4- and 8-bit beside routed.
+  step small_scale_ab 100 python3 tools/cuda_small_scale_ab.py "$OUT/small_scale_ab.json" --rounds 15
+  step matmul_gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_matmul.py tests/test_fp8_nn.py \
+    tests/test_cuda_const_arrays.py -k "cuda or gpu or const or small"
+  step rel_gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_cuda_quant_emu.py \
+    -k "decode_shapes_gpu or decode_features_gpu or (decode_long_context_gpu and (release or default))"
+  PLANS='{"routed": {}, "release": {"dec_release": true}, "release_km2": {"dec_release": true, "dec_keys_m": 2}}'
+  step rel_ncu 120 ncu --clock-control none --metrics gpu__time_duration.sum \
+    -k regex:attention_quant_decode python3 tools/cuda_quant_nk_sweep.py 512,32768 --plans "$PLANS"
+  step rel_ab 150 python3 tools/cuda_quant_load_probe.py "$OUT/rel_ab.json" --rounds 21 --ab "$PLANS"
+  step rel_ab8 100 python3 tools/cuda_quant_load_probe.py "$OUT/rel_ab8.json" --rounds 15 --bits 8 --ab \
+    '{"routed": {}, "release": {"dec_release": true}}'
+elif [ "$PART" = v ]; then
+  # Session 17 (issue 14): the forward and forward+backward bench on one card, ours beside mx.fast and torch.
+  step bench_fwd 560 python3 -m mlx_flash.bench.cuda --sections fwd,fwdbwd --out "$OUT/cuda_fwd_fwdbwd.json"
 else
-  echo "card_round_next.sh: PART must be a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r, s or t, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., t, u or v, got $PART" >&2
   exit 2
 fi

@@ -297,7 +297,7 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # Tickets from cuda.py's pool (no zero fill).
 # TUNING "dec_warps" / "dec_splits" / "dec_prefetch" (the one-tile prefetch) /
 # "dec_blocks_per_sm" / "dec_pool" / "dec_keys_m" / "dec_fold" / "dec_l2pf" /
-# "dec_tiles" / "dec_late_scales" / "dec_q_shared" / "decode" override for GPU sweeps (call
+# "dec_tiles" / "dec_late_scales" / "dec_q_shared" / "dec_release" / "decode" override for GPU sweeps (call
 # decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
 # Splits: one wave of the blocks that fit an SM. Registers a thread under
@@ -435,8 +435,24 @@ def decode_tiles(qspec, keys_m: int, l2pf: int) -> int:
 # wave of four blocks an SM (66 splits at GQA 32:8) instead of three.
 # Session 16 found the loop (not memory) setting the kernel's time once the
 # constant arrays left host memory; more warps an SM is the lever it
-# points to. Not routed: never timed on a card (tools/card_round_next.sh t).
+# points to. Not routed: on the H100 (session 17, tools/card_round_next.sh t,
+# benchmarks/results/cuda_quant_decode_q_shared_nvidia_h100_s17.json) the
+# kernel at Nk 32768 took 39.1-39.6 us against routed 35.7-36.5, and the
+# chained step ran 1.23x mx.fast against routed 1.42x (8-bit 1.11x / 1.19x):
+# the fourth block an SM did not pay for the fragments' shared-memory reads.
 _DEC_Q_SHARED = False
+
+# TUNING "dec_release" (template REL, issue 16): the merge's ticket as one
+# acquire-release atomic of thread 0 after a __syncthreads, in place of every
+# thread's __threadfence before the ticket and again in the merging block.
+# Session 16's per-block trace put ~3.5 us in the epilogue (partials, fence,
+# ticket). Not routed until timed on a card (tools/card_round_next.sh u).
+_DEC_RELEASE = False
+
+
+def decode_release() -> bool:
+    """REL (TUNING "dec_release", else _DEC_RELEASE)."""
+    return bool(TUNING.get("dec_release", _DEC_RELEASE))
 
 
 def decode_q_shared(qspec) -> bool:
@@ -512,7 +528,8 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
                 ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M))),
                 ("FOLD", fold), ("L2PF", l2pf),
                 ("TILES", decode_tiles(qspec, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), l2pf)),
-                ("LATE", decode_late_scales()), ("QSF", decode_q_shared(qspec))]
+                ("LATE", decode_late_scales()), ("QSF", decode_q_shared(qspec)),
+                ("REL", decode_release())]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
