@@ -35,7 +35,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -362,7 +362,23 @@ elif [ "$PART" = u ]; then
 elif [ "$PART" = v ]; then
   # Session 17 (issue 14): the forward and forward+backward bench on one card, ours beside mx.fast and torch.
   step bench_fwd 560 python3 -m mlx_flash.bench.cuda --sections fwd,fwdbwd --out "$OUT/cuda_fwd_fwdbwd.json"
+elif [ "$PART" = w ]; then
+  # Session 17: the few-rows kernel reading a per-tensor scale with one thread
+  # a block (cf52303): GPU tests; chained products beside the package before
+  # it (f12c875, carried as .device/s17old), run old / new / old / new; then
+  # the decode's splits after session 16's fix (session 15 chose 49 while every
+  # block still read its constants over PCIe), interleaved, 4-bit.
+  step matmul_gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_matmul.py tests/test_fp8_nn.py \
+    tests/test_matmul_cuda_routes.py -k "cuda or gpu or small"
+  for r in 1 2; do
+    step small_scale_old$r 100 env PYTHONPATH="$PWD/.device/s17old:$PYTHONPATH" python3 tools/cuda_small_scale_ab.py \
+      "$OUT/small_scale_old$r.json" --rounds 11
+    step small_scale_new$r 100 python3 tools/cuda_small_scale_ab.py "$OUT/small_scale_new$r.json" --rounds 11
+  done
+  step splits_ab 200 python3 tools/cuda_quant_load_probe.py "$OUT/splits_ab.json" --rounds 21 --ab \
+    '{"routed": {}, "s33": {"dec_splits": 33}, "s40": {"dec_splits": 40}, "s57": {"dec_splits": 57},
+      "s66": {"dec_splits": 66}, "s82": {"dec_splits": 82}}'
 else
-  echo "card_round_next.sh: PART must be a, b, ..., t, u or v, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., u, v or w, got $PART" >&2
   exit 2
 fi
