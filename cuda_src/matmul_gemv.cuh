@@ -70,24 +70,6 @@ __device__ __forceinline__ uint4 gemv_load_word(const void* p, bool ok) {
 #endif
 }
 
-// A per-tensor scale, read by one thread a block at the kernel's start. A
-// scale of 8 bytes or less sits in MLX 0.32's host-resident small pool (see
-// cuda.py's const_array), and every read of it crosses PCIe: read by every
-// output's thread beside its use (the compiler cannot hoist it above the
-// output stores it might alias), the reads cost a 4096-column decode product
-// ~13 us (H100, session 17); a padded device copy cost as much (the copy's
-// own nodes). Issued first (asm volatile keeps it before the weight loads),
-// its latency passes under the main loop; shared memory hands it on.
-__device__ __forceinline__ float gemv_load_scale(const float* p) {
-#ifdef __CUDA_ARCH__
-  float v;
-  asm volatile("ld.global.f32 %0, [%1];\n" : "=f"(v) : "l"(p));
-  return v;
-#else
-  return *p;
-#endif
-}
-
 // Where lane t's words lie in a chunk (element offsets from the chunk's
 // start; E values per 16-byte word of the weight). SECTOR = 0: the lane's
 // piece is one run of 32 bytes, word i at 2Et + Ei, so one load instruction
@@ -165,13 +147,6 @@ __device__ void matmul_gemv(const C* a, const TB* b, const float* a_scale, const
   const TB* bg = b + (ip[3] ? (long)z * N * K : 0);
   TO* og = out + (long)z * M * N;
   const float* as_rows = AS ? a_scale + (ip[4] ? (long)z * (ip[5] ? M : 1) : 0) : nullptr;
-  // Per-tensor scales (a's per batch too): thread 0 reads them (gemv_load_scale), one_scale holds them.
-  __shared__ float one_scale[2];
-  float as_one = 1.f, bs_one = 1.f;
-  if (threadIdx.x == 0) {
-    if (AS && !ip[5]) as_one = gemv_load_scale(as_rows);
-    if (BS && !ip[6]) bs_one = gemv_load_scale(b_scale);
-  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   // This lane's MT rows of a (clamped in range; never loaded where !a_ok).
   const C* arow[MT];
@@ -305,10 +280,6 @@ __device__ void matmul_gemv(const C* a, const TB* b, const float* a_scale, const
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) part[warp][(rt * MT + mt) * 4 + e][lane] = acc[rt][mt][e];
-    if (threadIdx.x == 0) {  // after the main loop, so that thread 0 waited on the scales' reads only now
-      one_scale[0] = as_one;
-      one_scale[1] = bs_one;
-    }
     __syncthreads();
     for (int slot = warp; slot < SLOTS; slot += W) {
       float v = 0.f;
@@ -318,8 +289,8 @@ __device__ void matmul_gemv(const C* a, const TB* b, const float* a_scale, const
       // C fragment: row (of b) g + 8 (e / 2), column (row of a) 2t + (e % 2).
       const int n = n0 + 16 * rt + g + 8 * (e / 2), m = 8 * mt + 2 * t + (e % 2);
       if (n >= N || m >= M) continue;
-      if (AS) v *= ip[5] ? as_rows[m] : one_scale[0];
-      if (BS) v *= ip[6] ? b_scale[n] : one_scale[1];
+      if (AS) v *= as_rows[ip[5] ? m : 0];
+      if (BS) v *= b_scale[ip[6] ? n : 0];
       og[(long)m * N + n] = from_float<TO>(v);
     }
     __syncthreads();  // part is reused by the next row group

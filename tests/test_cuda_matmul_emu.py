@@ -65,10 +65,10 @@ def test_gemv_kernel_emulated(M, K, N, ka, kb, plan):
     assert_close(out.reshape(2, M, N), reference(a64, b64, sa, sb, transpose_b=True), mx.float32, K)
 
 
-# Per-tensor scales (a's also per batch) on the few-rows kernel: thread 0 of a
-# block reads them once and hands them on in shared memory (they may sit in
-# MLX's host-resident small pool). Plans: the default, a ring, a capped grid
-# whose blocks sweep several row groups (the shared value reused), 16 warps.
+# Per-tensor scales (a's also per batch), alone and beside per-row / per-column
+# ones, on the few-rows kernel (matmul2d hands it padded copies of scales of 8
+# bytes or less: cuda.out_of_small_pool). Plans: the default, a ring, a capped
+# grid whose blocks sweep several row groups, 16 warps.
 @pytest.mark.parametrize("plan", [None, (2, 1, 1, 0, 3), (1, 4, 2, 2, 0, 2), (16, 2, 1, 0, 0, 1, 1)],
                          ids=lambda p: "default" if p is None else "_".join(map(str, p)))
 @pytest.mark.parametrize("a_shape,b_shape", [((), ()), ((2, 1, 1), (1, 1)), ((2, 5, 1), ()), ((), (1, 70))],

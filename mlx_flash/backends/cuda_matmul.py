@@ -527,15 +527,14 @@ def matmul2d(a, b, a_scale, b_scale, spec, stream, route=None, plan=None):
     """The backend entry (dispatch calls it with the first six); `route` and
     `plan` (a wgmma (BN, stages, promote[, tma]) or a gemv GEMV_PLAN) force a kernel, for tests and benchmarks."""
     route = route or route_of(a, b, spec)
+    # A per-tensor scale (4 bytes) out of MLX's host-resident small pool: every output element's thread reads it.
+    a_scale, b_scale = _cuda.out_of_small_pool(a_scale, stream), _cuda.out_of_small_pool(b_scale, stream)
     if spec.M == 0 or spec.N == 0:
         return mx.zeros((spec.batch, spec.M, spec.N), dtype=spec.out_dtype, stream=stream)
-    if route == "gemv":  # one thread a block reads a per-tensor scale (matmul_gemv.cuh's gemv_load_scale)
-        return _gemv(a, b, a_scale, b_scale, spec, stream, plan)
-    # A per-tensor scale (4 bytes) out of MLX's host-resident small pool: every output element's thread reads
-    # it here; the copy's nodes cost little beside a product of this size.
-    a_scale, b_scale = _cuda.out_of_small_pool(a_scale, stream), _cuda.out_of_small_pool(b_scale, stream)
     if route == "float32":
         return _float32_route(a, b, a_scale, b_scale, spec, stream)
+    if route == "gemv":
+        return _gemv(a, b, a_scale, b_scale, spec, stream, plan)
     if route in ("wgmma", "wgmma_fp8"):
         return _wgmma(a, b, a_scale, b_scale, spec, stream, plan, native=route == "wgmma_fp8")
     return _mma(a, b, a_scale, b_scale, spec, stream)
@@ -673,7 +672,7 @@ def linear_few_rows(x, weight, scale, fmt: str, stream=None, plan=None):
     rows = x.size // K
     if scale.dtype != mx.float32 or scale.size not in (1, N):
         raise ValueError(f"scale: expected float32 with 1 or {N} values, got {scale.dtype} {tuple(scale.shape)}")
-    # A per-tensor scale stays where it is (maybe MLX's host-resident small pool): one thread a block reads it.
+    scale = _cuda.out_of_small_pool(scale, stream)
     kernel, ip, placeholder, grid, threads = _linear_launch(x.dtype, fmt, scale.size > 1, rows, N, K,
                                                             tuple(plan or gemv_plan(rows, True, N)), getattr(mx.fast, "cuda_kernel", None))
     (out,) = kernel(inputs=[x, weight, placeholder, scale, ip], grid=grid, threadgroup=threads,
