@@ -86,16 +86,6 @@ __device__ __forceinline__ unsigned qd_movt(unsigned x) {
 __device__ __forceinline__ float qd_load_cg(const float* p) { return __ldcg(p); }
 __device__ __forceinline__ float4 qd_load_cg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 __device__ __forceinline__ void qd_fence() { __threadfence(); }
-// The merge's ticket with acquire-release semantics at GPU scope (REL):
-// after a __syncthreads, one thread's release makes the whole block's
-// partial stores visible before the count goes up (the pattern of CUTLASS's
-// grid barrier), and its acquire, passed on by the next __syncthreads, makes
-// the other blocks' partials visible to the merging block: no per-thread fence.
-__device__ __forceinline__ unsigned qd_ticket_acq_rel(unsigned* p) {
-  unsigned old;
-  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n" : "=r"(old) : "l"(p) : "memory");
-  return old;
-}
 // The L2 line holding p, requested (a hint: nothing waits on it). Per lane:
 // the bulk form (cp.async.bulk.prefetch) takes a uniform address, which
 // lanes with different segments would serialise.
@@ -144,7 +134,6 @@ inline unsigned qd_movt(unsigned x) {
 inline float qd_load_cg(const float* p) { return *p; }
 inline float4 qd_load_cg4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 inline void qd_fence() {}
-inline unsigned qd_ticket_acq_rel(unsigned* p) { return atomicAdd(p, 1u); }
 // A hint; the emulation reads the byte, so a line outside the cache would show under a sanitizer.
 inline void qd_prefetch_l2(const void* p) { (void)*static_cast<const volatile unsigned char*>(p); }
 struct alignas(8) uint2 {
@@ -407,7 +396,7 @@ __host__ __device__ constexpr int qd_part_floats() {
 // last block sets its ticket back to 0), so no output needs MLX's zero fill;
 // otherwise they follow the partials in `scratch` (zero-filled).
 template <typename T, typename KST, typename VST, class F, bool SINKS, int D, int DV, int BITS, int GS, int NW,
-          bool PF, bool POOL, int KEYS_M, bool FOLD, int L2PF, int TILES, bool LATE, bool QSF, bool REL, class SA>
+          bool PF, bool POOL, int KEYS_M, bool FOLD, int L2PF, int TILES, bool LATE, bool QSF, class SA>
 __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc, const QuantCache<VST, SA>& vc,
                                        const float* sinks, const int* ip, const float* fp, const int* ns, T* out,
                                        float* lse, float* scratch, const unsigned* tk) {
@@ -1010,19 +999,18 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   }
 
   // The last block of this (batch, KV head) merges every split: every
-  // thread's partial writes are fenced before the block's count goes up
-  // (REL: one acquire-release ticket instead of every thread's fences).
-  if constexpr (!REL) qd_fence();
+  // thread's partial writes are fenced before the block's count goes up.
+  qd_fence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned done = REL ? qd_ticket_acq_rel(counters + bh) : atomicAdd(counters + bh, 1u);
+    const unsigned done = atomicAdd(counters + bh, 1u);
     *flag = done == (unsigned)(splits - 1);
     // Every other block of the group has drawn its ticket: the pool's region is clean for its next call.
     if (POOL && done == (unsigned)(splits - 1)) counters[bh] = 0u;
   }
   __syncthreads();
   if (!*flag) return;
-  if constexpr (!REL) qd_fence();
+  qd_fence();
   const float* parts = scratch + (long)bh * splits * qd_part_floats<DV>();
   float* wts = red_o;  // [splits][8] weights, reusing the merge area (its reads are done)
   // Per row: max over the splits (and the sink), NaN if any split is NaN.

@@ -507,16 +507,11 @@ def test_decode_shapes(shape):
                   {"dec_q_shared": True, "dec_fold": True, "dec_pool": False}):
         got = _emu(q, kq, vq, bits, gs, tuning={**plan, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
-    # The merge's ticket as one acquire-release atomic (REL), pooled and zero-filled tickets.
-    for extra in ({"dec_release": True}, {"dec_release": True, "dec_pool": False}):
-        got = _emu(q, kq, vq, bits, gs, tuning={**plan, **extra})
-        _check_decode(q, kd, vd, got, dtype, {})
 
 
 @emulated
-@pytest.mark.parametrize("release", [False, True], ids=["fence", "release"])
 @pytest.mark.parametrize("splits, warps", [(40, 4), (70, 4), (45, 2), (33, 8)])
-def test_decode_merge_of_many_splits(splits, warps, release):
+def test_decode_merge_of_many_splits(splits, warps):
     """The last block's merge (lanes over the splits, rows over the warps): more than 32 and 64 splits (some
     empty: a window), 2 and 8 warps, with sinks (one -inf) and lse; then a NaN V scale in one split reaches
     exactly its KV head's rows."""
@@ -524,7 +519,7 @@ def test_decode_merge_of_many_splits(splits, warps, release):
     gen, q, kq, vq, kd, vd = _case(("decode-many-splits", splits, warps), B, Hq, Hkv, Nq, Nk, D, dtype=F16, bits=4,
                                    group_size=64)
     opts = {"window": (900, 0), "sinks": mx.array(np.r_[gen.standard_normal(Hq - 1), -np.inf].astype(np.float32))}
-    tuning = {**DECODE, "dec_splits": splits, "dec_warps": warps, "dec_release": release}
+    tuning = {**DECODE, "dec_splits": splits, "dec_warps": warps}
     got = _emu(q, kq, vq, 4, 64, tuning=tuning, **opts)
     _check_decode(q, kd, vd, got, F16, opts)
     vs = np.array(vq[1])
@@ -561,8 +556,6 @@ def test_decode_features(feature):
         _check_decode(q, kd, vd, got, F16, opts)
     got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_q_shared": True}, **opts)  # QSF
     _check_decode(q, kd, vd, got, F16, opts)
-    got = _emu(q, kq, vq, 4, 64, tuning={**DECODE, "dec_splits": 5, "dec_release": True}, **opts)  # REL
-    _check_decode(q, kd, vd, got, F16, opts)
 
 
 @emulated
@@ -588,9 +581,8 @@ def test_decode_routing():
 
 @emulated
 @pytest.mark.parametrize("extra", [{}, {"dec_keys_m": True}, {"dec_keys_m": 2}, {"dec_fold": True},
-                                   {"dec_fold": True, "dec_keys_m": True}, {"dec_q_shared": True},
-                                   {"dec_release": True}],
-                         ids=["default", "keys_m", "keys_m_raw", "fold", "fold_keys_m", "q_shared", "release"])
+                                   {"dec_fold": True, "dec_keys_m": True}, {"dec_q_shared": True}],
+                         ids=["default", "keys_m", "keys_m_raw", "fold", "fold_keys_m", "q_shared"])
 def test_decode_nonfinite(extra):
     """A NaN scale of key j reaches exactly the rows that keep j (K's: the
     logit; V's: the output); a NaN key a window drops, the last key (read
@@ -716,10 +708,10 @@ def test_decode_register_options():
         cq.TUNING.update(saved)
 
 
-@pytest.mark.parametrize("key", ["dec_stages", "dec_ring_debug", "dec_ring"])
-def test_decode_removed_ring_setting(key):
-    """The rings' settings (the shared-memory ring removed in session 12, the per-lane cp.async ring in
-    session 16) are an error naming the key, at any value (0 too), from the plan and from a launch whose plan
+@pytest.mark.parametrize("key", ["dec_stages", "dec_ring_debug", "dec_ring", "dec_release"])
+def test_decode_removed_setting(key):
+    """Removed variants' settings (the shared-memory ring removed in session 12, the per-lane cp.async ring in
+    session 16, the acquire-release merge ticket in session 17) are an error naming the key, at any value (0 too), from the plan and from a launch whose plan
     is already cached: never silently ignored."""
     from mlx_flash._quant_spec import validate_attention_quantized
     from mlx_flash.backends import cuda_quant as cq
@@ -780,8 +772,7 @@ def test_decode_shapes_gpu(shape):
     q, kq, vq, kd, vd, bits, gs, dtype, plan = _decode_case(shape)
     # The register path (pool tickets; zero-filled tickets with its prefetch).
     for extra in ({}, {"dec_pool": False, "dec_prefetch": True}, {"dec_q_shared": True},
-                  {"dec_q_shared": True, "dec_keys_m": 2}, {"dec_release": True},
-                  {"dec_release": True, "dec_pool": False}):
+                  {"dec_q_shared": True, "dec_keys_m": 2}):
         got = _gpu(q, kq, vq, bits, gs, tuning={**plan, **extra})
         _check_decode(q, kd, vd, got, dtype, {})
 
@@ -824,8 +815,6 @@ def test_decode_features_gpu(feature, bits):
         _check_decode(q, kd, vd, got, F16, opts)
     got = _gpu(q, kq, vq, bits, 64, tuning={"dec_q_shared": True}, **opts)  # QSF
     _check_decode(q, kd, vd, got, F16, opts)
-    got = _gpu(q, kq, vq, bits, 64, tuning={"dec_release": True}, **opts)  # REL
-    _check_decode(q, kd, vd, got, F16, opts)
 
 
 # Launch plans of the decode measured side by side (tools/cuda_decode_profile.py --step):
@@ -839,7 +828,6 @@ LONG_PLANS = {
     "regs_fold_l2pf4": {"dec_fold": True, "dec_l2pf": 4},
     "q_shared": {"dec_q_shared": True},
     "q_shared_km2": {"dec_q_shared": True, "dec_keys_m": 2},
-    "release": {"dec_release": True},
 }
 
 
@@ -935,22 +923,14 @@ def _decode_compile_cases(opt_in=False):
                         qsf_paths = [(False, True, W, 0, False, 0, 1, False)]
                         if (d, dv, gs) == (128, 128, 64) and ST == T and T == mx.float16:
                             qsf_paths += [(False, True, W, 2, False, 0, 1, False), (False, True, W, 0, True, 0, 1, False)]
-                    # REL (the merge's ticket as one acquire-release atomic): the benchmark's shape, pooled
-                    # tickets or not.
-                    rel_paths = []
-                    if new:
-                        rel_paths = [(False, True, W, 0, False, 0, 1, False, False),
-                                     (False, False, W, 0, False, 0, 1, False, False)]
-                    for pf, pool, nw, keys_m, fold, l2pf, tiles, late, qsf, rel in (
-                            [p + (False, False, False) for p in paths] +
-                            [p + (True, False, False) for p in late_paths] +
-                            [p + (True, False) for p in qsf_paths] + [p[:8] + (True,) for p in rel_paths]):
+                    for pf, pool, nw, keys_m, fold, l2pf, tiles, late, qsf in (
+                            [p + (False, False) for p in paths] + [p + (True, False) for p in late_paths] +
+                            [p + (True,) for p in qsf_paths]):
                         yield "attention_quant_decode", cq._DEC_INPUTS, outs, [
                             ("T", T), ("KST", ST), ("VST", ST), ("SOFTCAP", feats[0]), ("WINDOW", feats[1]),
                             ("SINKS", feats[2]), ("D", d), ("DV", dv), ("BITS", bits), ("GS", gs),
                             ("NW", nw), ("PF", pf), ("POOL", pool), ("KEYS_M", keys_m),
-                            ("FOLD", fold), ("L2PF", l2pf), ("TILES", tiles), ("LATE", late), ("QSF", qsf),
-                            ("REL", rel)]
+                            ("FOLD", fold), ("L2PF", l2pf), ("TILES", tiles), ("LATE", late), ("QSF", qsf)]
 
 
 def _dtypes(names, template):

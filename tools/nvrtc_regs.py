@@ -505,9 +505,6 @@ def tiles_cases():
     yield "qdec q_shared keys_m2", lambda: _quant_decode({**qs, "dec_keys_m": 2})
     yield "qdec q_shared fold", lambda: _quant_decode({**qs, "dec_fold": True})
     yield "qdec q_shared fp16 8-bit D128", lambda: _quant_decode(qs, bits=8)
-    # The merge's ticket as one acquire-release atomic (REL, session 17): registers as routed.
-    yield "qdec release fp16 4-bit D128", lambda: _quant_decode({"dec_release": True})
-    yield "qdec release fp16 8-bit D128", lambda: _quant_decode({"dec_release": True}, bits=8)
 
 
 def routed_cases():

@@ -297,7 +297,7 @@ def _forward_mma(q, k, v, qspec, inputs: AttentionInputs, stream):
 # Tickets from cuda.py's pool (no zero fill).
 # TUNING "dec_warps" / "dec_splits" / "dec_prefetch" (the one-tile prefetch) /
 # "dec_blocks_per_sm" / "dec_pool" / "dec_keys_m" / "dec_fold" / "dec_l2pf" /
-# "dec_tiles" / "dec_late_scales" / "dec_q_shared" / "dec_release" / "decode" override for GPU sweeps (call
+# "dec_tiles" / "dec_late_scales" / "dec_q_shared" / "decode" override for GPU sweeps (call
 # decode_plan.cache_clear() after; the launch cache keys on TUNING itself).
 _DEC_WARPS = 4
 # Splits: one wave of the blocks that fit an SM. Registers a thread under
@@ -327,6 +327,8 @@ _DEC_REMOVED = {
     "dec_ring_debug": f"the shared-memory ring's diagnostics were {_RING12}",
     "dec_ring": "the per-lane cp.async ring was removed in session 16 (no faster than the register path on an "
                 "H100: 35.6-37.8 against 35.8-37.2 us a kernel)",
+    "dec_release": "the acquire-release merge ticket was removed in session 17 (3002043; on an H100 the kernel "
+                   "alone 35.3-35.8 against 35.7-35.8 us, chained 48.8 against 46.5 us a call)",
 }
 _DEC_PREFETCH = False  # TUNING "dec_prefetch": the register path loads the next tile during the current one
 # TUNING "dec_keys_m": S^T = K Q^T (the tile's keys on the mma's M, P^T's
@@ -442,18 +444,6 @@ def decode_tiles(qspec, keys_m: int, l2pf: int) -> int:
 # the fourth block an SM did not pay for the fragments' shared-memory reads.
 _DEC_Q_SHARED = False
 
-# TUNING "dec_release" (template REL, issue 16): the merge's ticket as one
-# acquire-release atomic of thread 0 after a __syncthreads, in place of every
-# thread's __threadfence before the ticket and again in the merging block.
-# Session 16's per-block trace put ~3.5 us in the epilogue (partials, fence,
-# ticket). Not routed until timed on a card (tools/card_round_next.sh u).
-_DEC_RELEASE = False
-
-
-def decode_release() -> bool:
-    """REL (TUNING "dec_release", else _DEC_RELEASE)."""
-    return bool(TUNING.get("dec_release", _DEC_RELEASE))
-
 
 def decode_q_shared(qspec) -> bool:
     """QSF: TUNING "dec_q_shared" (else _DEC_Q_SHARED) at head dims <= 128; over 128 Q's fragments are in shared
@@ -528,8 +518,7 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
                 ("KEYS_M", int(TUNING.get("dec_keys_m", _DEC_KEYS_M))),
                 ("FOLD", fold), ("L2PF", l2pf),
                 ("TILES", decode_tiles(qspec, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), l2pf)),
-                ("LATE", decode_late_scales()), ("QSF", decode_q_shared(qspec)),
-                ("REL", decode_release())]
+                ("LATE", decode_late_scales()), ("QSF", decode_q_shared(qspec))]
     return dict(
         template=template, grid=(splits * 32 * nw, 1, spec.batch * spec.heads_kv), threadgroup=(32 * nw, 1, 1),
         output_shapes=[tuple(q_shape[:-1]) + (spec.head_dim_v,), tuple(q_shape[:-1]),
