@@ -252,3 +252,21 @@ def test_cuda_bench_times_contenders_in_turn():
     for seconds, peak in got.values():
         assert seconds > 0 and peak > 0
     assert got["a"][1] >= got["b"][1]
+
+
+def test_cuda_plot_draws_only_the_sections_a_run_holds(tmp_path):
+    """A run of some sections (fwd and fwdbwd only) plots those panels; a run with nothing to plot is an error
+    naming the file."""
+    pytest.importorskip("matplotlib")
+    from mlx_flash.bench import cuda_plot
+
+    row = dict(dtype="float16", shape=[1, 2, 64, 32], causal=False, ours_tflops=1.0, mx_fast_tflops=2.0,
+               torch_tflops=3.0)
+    data = {"card": "test card", "mlx": "0", "rows": [dict(row, section="fwd"), dict(row, section="fwdbwd")]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    out = cuda_plot.plot(str(path))
+    assert out == str(tmp_path / "run.png") and (tmp_path / "run.png").stat().st_size > 1000
+    path.write_text(json.dumps({**data, "rows": [{"section": "decode"}]}))
+    with pytest.raises(ValueError, match="run.json: no fwd"):
+        cuda_plot.plot(str(path))
