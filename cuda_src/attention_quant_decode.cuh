@@ -970,7 +970,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   float* part = scratch + ((long)bh * splits + split) * qd_part_floats<DV>();
   unsigned* counters = POOL ? const_cast<unsigned*>(tk)
                             : reinterpret_cast<unsigned*>(scratch + (long)ip[kBatch] * Hkv * splits * qd_part_floats<DV>());
-  for (int e = threadIdx.x; e < 8 * DV; e += 32 * NW) {
+  // Only the block's nrows real rows (4 of the 8 at GQA 4:1): the others are never merged or read.
+  for (int e = threadIdx.x; e < nrows * DV; e += 32 * NW) {
     const int r = e / DV, c = e % DV;
     float mm = kNegInf;
     bool nan = false;
@@ -1013,8 +1014,8 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
   qd_fence();
   const float* parts = scratch + (long)bh * splits * qd_part_floats<DV>();
   float* wts = red_o;  // [splits][8] weights, reusing the merge area (its reads are done)
-  // Per row: max over the splits (and the sink), NaN if any split is NaN.
-  for (int r = warp; r < 8; r += NW) {
+  // Per real row: max over the splits (and the sink), NaN if any split is NaN.
+  for (int r = warp; r < nrows; r += NW) {
     float mm = kNegInf;
     bool nan = false;
     for (int sp = lane; sp < splits; sp += 32) {
@@ -1025,7 +1026,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     mm = warp_max(mm);
     nan = __any_sync(0xffffffffu, nan);
     float sink = kNegInf;
-    if (SINKS && r < nrows) {
+    if (SINKS) {
       sink = sinks[kvh * G + r % G];
       nan = nan || sink != sink;
       mm = fmaxf(mm, sink);
@@ -1041,7 +1042,7 @@ __device__ void attention_quant_decode(const T* q, const QuantCache<KST, SA>& kc
     den = warp_sum(den) + (SINKS ? __expf(sink - base) : 0.f);
     if (lane == 0) {
       red_m[r] = nan ? MLXF_QUANT_NAN : (den > 0.f ? 1.f / den : 0.f);  // scale of the row, NaN for a bad row
-      if (r < nrows) lse[q_row(r)] = nan ? MLXF_QUANT_NAN : (den > 0.f ? base + logf(den) : kNegInf);
+      lse[q_row(r)] = nan ? MLXF_QUANT_NAN : (den > 0.f ? base + logf(den) : kNegInf);
     }
   }
   __syncthreads();

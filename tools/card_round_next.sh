@@ -35,7 +35,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -378,7 +378,20 @@ elif [ "$PART" = w ]; then
   step splits_ab 200 python3 tools/cuda_quant_load_probe.py "$OUT/splits_ab.json" --rounds 21 --ab \
     '{"routed": {}, "s33": {"dec_splits": 33}, "s40": {"dec_splits": 40}, "s57": {"dec_splits": 57},
       "s66": {"dec_splits": 66}, "s82": {"dec_splits": 82}}'
+elif [ "$PART" = x ]; then
+  # Session 17: the decode's partials and merge over the block's real rows only
+  # (4 of 8 at GQA 32:8): GPU tests, the kernel alone, chained 4- and 8-bit;
+  # then the chained step's GPU timeline (CUPTI through torch.profiler): gaps
+  # between kernels against the kernels' own time, ours and mx.fast.
+  step dec_gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_cuda_quant_emu.py \
+    -k "decode_shapes_gpu or decode_features_gpu or decode_keys_m_gpu or (decode_long_context_gpu and default)"
+  step dec_ncu 90 ncu --clock-control none --metrics gpu__time_duration.sum \
+    -k regex:attention_quant_decode python3 tools/cuda_quant_nk_sweep.py 512,32768 --plans '{"routed": {}}'
+  step dec_ab 120 python3 tools/cuda_quant_load_probe.py "$OUT/dec_ab.json" --rounds 21 --ab \
+    '{"routed": {}, "keys_m2": {"dec_keys_m": 2}}'
+  step dec_ab8 90 python3 tools/cuda_quant_load_probe.py "$OUT/dec_ab8.json" --rounds 15 --bits 8 --ab '{"routed": {}}'
+  step timeline 150 python3 tools/cuda_chain_timeline.py "$OUT/timeline.json"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., u, v or w, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., w or x, got $PART" >&2
   exit 2
 fi
