@@ -35,7 +35,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -391,7 +391,12 @@ elif [ "$PART" = x ]; then
     '{"routed": {}, "keys_m2": {"dec_keys_m": 2}}'
   step dec_ab8 90 python3 tools/cuda_quant_load_probe.py "$OUT/dec_ab8.json" --rounds 15 --bits 8 --ab '{"routed": {}}'
   step timeline 150 python3 tools/cuda_chain_timeline.py "$OUT/timeline.json"
+elif [ "$PART" = y ]; then
+  # Session 17 (issue 16): the decode inside a model-like step (projections, and an MLP), 4- and 8-bit,
+  # against mx.fast over the fp16 cache; the attention's cost = a chain less its projections-only chain.
+  step in_model4 200 python3 tools/cuda_decode_in_model.py "$OUT/in_model4.json" --rounds 21
+  step in_model8 200 python3 tools/cuda_decode_in_model.py "$OUT/in_model8.json" --rounds 15 --bits 8
 else
-  echo "card_round_next.sh: PART must be a, b, ..., w or x, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., x or y, got $PART" >&2
   exit 2
 fi
