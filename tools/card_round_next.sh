@@ -35,7 +35,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y}
+PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -396,7 +396,12 @@ elif [ "$PART" = y ]; then
   # against mx.fast over the fp16 cache; the attention's cost = a chain less its projections-only chain.
   step in_model4 200 python3 tools/cuda_decode_in_model.py "$OUT/in_model4.json" --rounds 21
   step in_model8 200 python3 tools/cuda_decode_in_model.py "$OUT/in_model8.json" --rounds 15 --bits 8
+elif [ "$PART" = z ]; then
+  # Session 17 (issue 16): the quantized-cache bench on the card (ours, mx.fast over fp16, mlx-lm's quantized
+  # path, side by side), then the model-like step again (a second run of part y's 4-bit case).
+  step qkv_bench 330 python3 -m mlx_flash.bench.quantized_kv --device gpu --out "$OUT/quantized_kv_gpu.json"
+  step in_model4b 150 python3 tools/cuda_decode_in_model.py "$OUT/in_model4b.json" --rounds 31
 else
-  echo "card_round_next.sh: PART must be a, b, ..., x or y, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y or z, got $PART" >&2
   exit 2
 fi
