@@ -1,30 +1,15 @@
 #!/usr/bin/env bash
 # Card checks, each part one device call of under 600 s (the device tool's
-# limit per command). Session 16 ran parts m-r on an H100 (results under
-# benchmarks/results/*_s16*, docs/cuda_decode.md "Session 16"); parts n, o
-# and p time the per-lane cp.async ring (TUNING dec_ring), removed since:
-# they now stop at its ValueError. Part r timed a restructured last-block
-# merge that was not kept (the routed kernel measured 38.0-38.6 us against
-# 35.5-36.3); rerunning it times today's merge. Parts s and t are the next
-# card session's first calls:
+# limit per command). Every part is the record of a round that ran (results
+# under benchmarks/results/*_sNN*, write-ups in docs/cuda_decode.md,
+# docs/cuda.md and docs/matmul.md): parts a-l sessions 11-15,
+# m-r session 16 (n, o and p time the cp.async ring, removed since: they stop
+# at its ValueError; r a merge not kept), s-z session 17. A card session:
 #
-#     . .device/rest/env.sh && bash tools/install_cuda_host.sh && OUT=$OUT bash tools/card_round_next.sh s
-#     . tools/device_env.sh && OUT=$OUT bash tools/card_round_next.sh t Parts g and h (session 14: the replay's short graph, the
-# chained decode step and its plans, the forward's clock trace) never got a
-# card in session 14 and are the next card session's first calls:
-#
-#     . .device/rest/env.sh && bash tools/install_cuda_host.sh && OUT=$OUT bash tools/card_round_next.sh g
-#     . tools/device_env.sh && OUT=$OUT bash tools/card_round_next.sh h
-# Parts a and b were written in session 11 (no card) and
-# ran on an H100 in session 12 (results in docs/cuda.md, docs/matmul.md,
-# docs/cuda_decode.md); parts c (correctness, <= 420 s) and d (timings,
-# <= 260 s) are what session 12 could not run before its card was taken
-# back, and are the next card session's first calls:
-#
-#     . .device/rest/env.sh && bash tools/install_cuda_host.sh && OUT=$OUT bash tools/card_round_next.sh c
-#     . .device/rest/env.sh && OUT=$OUT bash tools/card_round_next.sh d
-#     . .device/rest/env.sh && OUT=$OUT bash tools/card_round_next.sh a    # correctness (~400 s on the H100)
-#     . .device/rest/env.sh && OUT=$OUT bash tools/card_round_next.sh b    # timings
+#     call 1 (carry .device/first): mkdir -p /root/mlxcuda && cp .device/first/part.aa /root/mlxcuda/
+#     call 2 (carry .device/rest):  bash .device/rest/install.sh >/dev/null 2>&1; . .device/rest/env.sh &&
+#                                   bash tools/install_cuda_host.sh >/dev/null 2>&1; OUT=$OUT bash tools/card_round_next.sh PART
+#     later calls, machine warm:    . tools/device_env.sh && OUT=$OUT bash tools/card_round_next.sh PART
 #
 # Part a: correctness of what changed default kernels or could be a default
 # bug, then the opt-in variants waiting to be routed. Part b: side-by-side
@@ -347,7 +332,9 @@ elif [ "$PART" = u ]; then
   # start (matmul_gemv.cuh gemv_load_scale): the scale left in MLX's small
   # pool ("per_tensor_in_pool") against the padded copy and per-channel; then
   # the decode's acquire-release ticket (TUNING dec_release, template REL):
-  # GPU tests, kernel alone, chained 4- and 8-bit beside routed.
+  # GPU tests, kernel alone, chained 4- and 8-bit beside routed. (A record:
+  # that kernel read was never committed, and REL was removed in c092ea9, so
+  # its plans now raise.)
   step small_scale_ab 100 python3 tools/cuda_small_scale_ab.py "$OUT/small_scale_ab.json" --rounds 15
   step matmul_gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_matmul.py tests/test_fp8_nn.py \
     tests/test_cuda_const_arrays.py -k "cuda or gpu or const or small"
@@ -367,7 +354,8 @@ elif [ "$PART" = w ]; then
   # a block (cf52303): GPU tests; chained products beside the package before
   # it (f12c875, carried as .device/s17old), run old / new / old / new; then
   # the decode's splits after session 16's fix (session 15 chose 49 while every
-  # block still read its constants over PCIe), interleaved, 4-bit.
+  # block still read its constants over PCIe), interleaved, 4-bit. (A record:
+  # be439ff reverted cf52303, so "new" is the old code again.)
   step matmul_gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_matmul.py tests/test_fp8_nn.py \
     tests/test_matmul_cuda_routes.py -k "cuda or gpu or small"
   for r in 1 2; do
@@ -398,7 +386,8 @@ elif [ "$PART" = y ]; then
   step in_model8 200 python3 tools/cuda_decode_in_model.py "$OUT/in_model8.json" --rounds 15 --bits 8
 elif [ "$PART" = z ]; then
   # Session 17 (issue 16): the quantized-cache bench on the card (ours, mx.fast over fp16, mlx-lm's quantized
-  # path, side by side), then the model-like step again (a second run of part y's 4-bit case).
+  # path, side by side), then the model-like step again (a second run of part y's 4-bit case). mlx-lm's
+  # rows need mlx_lm importable: session 17 carried its models/base.py alone as .device/mlxlm_shim.
   step qkv_bench 330 python3 -m mlx_flash.bench.quantized_kv --device gpu --out "$OUT/quantized_kv_gpu.json"
   step in_model4b 150 python3 tools/cuda_decode_in_model.py "$OUT/in_model4b.json" --rounds 31
 else
