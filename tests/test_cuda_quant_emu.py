@@ -711,8 +711,8 @@ def test_decode_register_options():
 @pytest.mark.parametrize("key", ["dec_stages", "dec_ring_debug", "dec_ring", "dec_release"])
 def test_decode_removed_setting(key):
     """Removed variants' settings (the shared-memory ring removed in session 12, the per-lane cp.async ring in
-    session 16, the acquire-release merge ticket in session 17) are an error naming the key, at any value (0 too), from the plan and from a launch whose plan
-    is already cached: never silently ignored."""
+    session 16, the acquire-release merge ticket in session 17) are an error naming the key, at any value (0
+    too), from the plan and from a launch whose plan is already cached: never silently ignored."""
     from mlx_flash._quant_spec import validate_attention_quantized
     from mlx_flash.backends import cuda_quant as cq
 

@@ -74,8 +74,8 @@ def main():
         row = {"wall_us_per_layer": wall / layers * 1e6, "gpu_span_us_per_layer": span / layers,
                "kernels": len(kernels), "median_gap_us": statistics.median(gaps) if gaps else None,
                "sum_gaps_us_per_layer": sum(gaps) / layers if gaps else None,
-               "by_kernel": {n: {"count": len(d), "median_us": statistics.median(d), "sum_us_per_layer": sum(d) / layers}
-                             for n, d in by_name.items()}}
+               "by_kernel": {n: {"count": len(d), "median_us": statistics.median(d),
+                                 "sum_us_per_layer": sum(d) / layers} for n, d in by_name.items()}}
         res["steps"][name] = row
         print(name, json.dumps({k: v for k, v in row.items() if k != "by_kernel"}), flush=True)
         for n, d in row["by_kernel"].items():
