@@ -30,9 +30,7 @@ def main():
     from torch.profiler import ProfilerActivity, profile
 
     sys.path.insert(0, "tools")
-    from cuda_quant_load_probe import layer_caches
-
-    import mlx_flash
+    from cuda_quant_load_probe import chained_step, layer_caches
 
     Hkv, Nk, D = 8, 32768, 128
     q = mx.random.normal((1, 32, 1, D), key=mx.random.key(3)).astype(mx.float16)
@@ -40,16 +38,10 @@ def main():
     torch.zeros(1, device="cuda")  # CUDA context and CUPTI ready before the profiler starts
 
     def ours():
-        x = q
-        for i in range(layers):
-            x = mlx_flash.flash_attention_quantized(x, caches[i][0], caches[i][1], bits=bits, group_size=64)
-        return x
+        return chained_step("ours", q, caches, fp16, bits)
 
     def fast():
-        x = q
-        for i in range(layers):
-            x = mx.fast.scaled_dot_product_attention(x, *fp16[i], scale=D ** -0.5)
-        return x
+        return chained_step("mx_fast", q, caches, fp16, bits)
 
     res = {"card": mx.device_info().get("device_name", "?"), "layers": layers, "bits": bits,
            "shape": f"B1 GQA 32:8 Nk {Nk} D {D}, group 64", "steps": {}}

@@ -4,7 +4,7 @@
 
 tools/cuda_quant_load_probe.py --ab chains 32 attention calls and nothing else. MLX then records
 most of the step into one CUDA graph before the GPU starts (on an H100 a graph closes at 100 nodes
-or 1000 MB of inputs: 4-bit caches take ~26 layers to fill it, fp16 caches ~7), so the step's wall
+or 1000 MB of inputs: 4-bit caches take ~27 layers to fill it, fp16 caches ~7), so the step's wall
 time adds the host's encoding (~14 us a node) to the GPU's, and more of it for us than for mx.fast.
 A model's step has other nodes between its attention calls. Here each of 32 layers is
 `x -> q = x Wq -> attention(q, layer's cache) -> x = a Wo` ("proj": two fp16 4096 x 4096
@@ -23,6 +23,7 @@ import sys
 import time
 
 import mlx.core as mx
+import mlx.nn as nn
 
 
 def main():
@@ -43,9 +44,9 @@ def main():
     def weight(shape, i):
         return (mx.random.normal(shape, key=mx.random.key(900 + i)) * shape[0] ** -0.5).astype(mx.float16)
 
-    wq = [weight((E, E), 4 * i) for i in range(layers)]
-    wo = [weight((E, E), 4 * i + 1) for i in range(layers)]
-    mlp = [(weight((E, F), 4 * i + 2), weight((E, F), 4 * i + 3), weight((F, E), 4 * i + 99)) for i in range(layers)]
+    wq = [weight((E, E), 5 * i) for i in range(layers)]
+    wo = [weight((E, E), 5 * i + 1) for i in range(layers)]
+    mlp = [(weight((E, F), 5 * i + 2), weight((E, F), 5 * i + 3), weight((F, E), 5 * i + 4)) for i in range(layers)]
     mx.eval(wq, wo, mlp)
     x0 = (mx.random.normal((1, E), key=mx.random.key(5)) * 0.5).astype(mx.float16)
 
@@ -63,11 +64,8 @@ def main():
             x = attend(kind, q, i).reshape(1, E) @ wo[i]
             if variant == "mlp":
                 g, u, d = mlp[i]
-                x = x + (nn_silu(x @ g) * (x @ u)) @ d
+                x = x + (nn.silu(x @ g) * (x @ u)) @ d
         return x
-
-    def nn_silu(v):
-        return v * mx.sigmoid(v)
 
     names = [(v, k) for v in ("proj", "mlp") for k in ("proj_only", "ours", "mx_fast")]
     times = {f"{v}/{k}": [] for v, k in names}
@@ -84,7 +82,7 @@ def main():
             times[f"{v}/{k}"].append((time.perf_counter() - t0) / layers * 1e6)
     med = {n: statistics.median(t) for n, t in times.items()}
     res = {"card": mx.device_info().get("device_name", "?"), "bits": bits, "rounds": rounds,
-           "shape": f"32 layers; GQA 32:8, Nk {Nk}, D {D}, {bits}-bit group 64; projections {E} x {E} fp16"
+           "shape": f"{layers} layers; GQA 32:8, Nk {Nk}, D {D}, {bits}-bit group 64; projections {E} x {E} fp16"
                     f" (mlp: also {E} x {F} x 2 and {F} x {E})",
            "us_per_layer": times, "median_us_per_layer": med, "attention_us_per_layer": {}, "ratio_vs_mx_fast": {}}
     for v in ("proj", "mlp"):

@@ -125,12 +125,25 @@ def layer_caches(layers, Hkv, Nk, D, bits):
     return caches, fp16
 
 
+def chained_step(kind, q, caches, fp16, bits):
+    """A model's decode step of attention alone: each layer's query the last layer's output. kind "ours":
+    flash_attention_quantized over the quantized triples; "mx_fast": mx.fast SDPA over the fp16 caches."""
+    import mlx_flash
+
+    x = q
+    for i, (kq, vq) in enumerate(caches):
+        if kind == "mx_fast":
+            x = mx.fast.scaled_dot_product_attention(x, *fp16[i], scale=q.shape[-1] ** -0.5)
+        else:
+            x = mlx_flash.flash_attention_quantized(x, kq, vq, bits=bits, group_size=64)
+    return x
+
+
 def ab(path, plans, rounds, bits=4):
     """The quantized decode's plans (TUNING dicts) chained over 32 layers, INTERLEAVED: each round runs
     every plan's step once, in turn, so that drifts of the card or of MLX's caches over a run fall on every
     plan alike (session 16: the same routed plan measured 63 and 94 us a call at the two ends of one
     plan-after-plan run). mx.fast over the fp16 caches is one of the plans ("mx_fast")."""
-    import mlx_flash
     from mlx_flash.backends import cuda_quant as cq
 
     layers, Hkv, Nk, D = 32, 8, 32768, 128
@@ -138,17 +151,11 @@ def ab(path, plans, rounds, bits=4):
     caches, fp16 = layer_caches(layers, Hkv, Nk, D, bits)
 
     def step(name):
-        x = q
-        if name == "mx_fast":
-            for i in range(layers):
-                x = mx.fast.scaled_dot_product_attention(x, *fp16[i], scale=D ** -0.5)
-            return x
-        cq.TUNING.clear()
-        cq.TUNING.update(plans[name])
-        cq.decode_plan.cache_clear()
-        for i in range(layers):
-            x = mlx_flash.flash_attention_quantized(x, caches[i][0], caches[i][1], bits=bits, group_size=64)
-        return x
+        if name != "mx_fast":
+            cq.TUNING.clear()
+            cq.TUNING.update(plans[name])
+            cq.decode_plan.cache_clear()
+        return chained_step("mx_fast" if name == "mx_fast" else "ours", q, caches, fp16, bits)
 
     names = ["mx_fast"] + list(plans)
     res = {"card": mx.device_info().get("device_name", "?"), "bits": bits, "plans": plans,
