@@ -270,3 +270,62 @@ def test_cuda_plot_draws_only_the_sections_a_run_holds(tmp_path):
     path.write_text(json.dumps({**data, "rows": [{"section": "decode"}]}))
     with pytest.raises(ValueError, match="run.json: no fwd"):
         cuda_plot.plot(str(path))
+
+
+def test_cuda_matmul_bench_steady_time_leaves_out_the_start_up():
+    """time_steady's difference of two batches drops what a batch pays once
+    (session 10's 4096^3 rows held MLX's first graph recording in every
+    call's share); interleave samples every case in turn and keeps going
+    past one that raises."""
+    cm = pytest.importorskip("mlx_flash.bench.cuda_matmul")
+    clock = [0.0]
+    cm_time = cm.time.perf_counter
+
+    def prepare(n):
+        def run():
+            clock[0] += 5.0 + 0.25 * n  # a fixed start-up of 5 s, then 0.25 s a call
+        return run
+
+    try:
+        cm.time.perf_counter = lambda: clock[0]
+        assert cm.time_steady(prepare, 4, 20) == pytest.approx(0.25)
+    finally:
+        cm.time.perf_counter = cm_time
+    with pytest.raises(ValueError, match="small < large"):
+        cm.time_steady(prepare, 8, 8)
+    order = []
+
+    def sample(name, call):
+        order.append(name)
+        return call()
+
+    def broken():
+        raise RuntimeError("no kernel")
+
+    got = cm.interleave({"a": lambda: 1.0, "bad": broken, "b": lambda: 2.0}, 3, sample)
+    assert order == ["a", "bad", "b", "a", "b", "a", "b"]
+    assert got["a"] == [1.0] * 3 and got["b"] == [2.0] * 3
+    assert isinstance(got["bad"], RuntimeError)
+
+
+def test_cuda_matmul_bench_targets_on_the_cpu():
+    """The targets section runs end to end where MLX has no GPU (its torch and
+    CUPTI rows need one): every case of ours checked against float32 of its
+    operands, a ratio row per pair."""
+    import json
+
+    cm = pytest.importorskip("mlx_flash.bench.cuda_matmul")
+    from mlx_flash.bench.cuda import Recorder
+
+    rec = Recorder()
+    cm.bench_targets(rec, [17], rounds=2)
+    rows = {r["case"]: r for r in rec.rows if r["section"] == "targets"}
+    assert {"mlx_fp16", "ours_fp16", "ours_e4m3_fast", "ours_e4m3_fast_rowcol_scales_bf16"} <= set(rows)
+    for name, row in rows.items():
+        assert "error" not in row, row
+        assert row["ms"] > 0 and len(row["ms_rounds"]) == 2
+        if name.startswith("ours"):
+            assert row["rel_diff_vs_fp32"] < 1e-2, row
+    ratios = [r for r in rec.rows if r["section"] == "targets_ratio"]
+    assert {r["case"] for r in ratios} >= {"ours_fp16_vs_mlx_fp16"}
+    json.dumps(rec.rows)

@@ -4,7 +4,8 @@
 # under benchmarks/results/*_sNN*, write-ups in docs/cuda_decode.md,
 # docs/cuda.md and docs/matmul.md): parts a-l sessions 11-15,
 # m-r session 16 (n, o and p time the cp.async ring, removed since: they stop
-# at its ValueError; r a merge not kept), s-z session 17. A card session:
+# at its ValueError; r a merge not kept), s-z session 17, s18a-s18c session 18.
+# A card session:
 #
 #     call 1 (carry .device/first): mkdir -p /root/mlxcuda && cp .device/first/part.aa /root/mlxcuda/
 #     call 2 (carry .device/rest):  bash .device/rest/install.sh >/dev/null 2>&1; . .device/rest/env.sh &&
@@ -20,7 +21,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|s18b|s18c}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -390,7 +391,27 @@ elif [ "$PART" = z ]; then
   # rows need mlx_lm importable: session 17 carried its models/base.py alone as .device/mlxlm_shim.
   step qkv_bench 330 python3 -m mlx_flash.bench.quantized_kv --device gpu --out "$OUT/quantized_kv_gpu.json"
   step in_model4b 150 python3 tools/cuda_decode_in_model.py "$OUT/in_model4b.json" --rounds 31
+elif [ "$PART" = s18a ]; then
+  # Session 18 (issue 15): the targets' products through the public matmul2d beside MLX's matmul and
+  # torch._scaled_mm, timed in turn with the queue full and under CUPTI (bench section "targets"); then
+  # FP8Linear generation tokens/s in mlx-lm Llamas of 1B and 8B shape (carry .device/mlxlm_full too).
+  step targets 330 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
+    --out "$OUT/matmul_targets.json"
+  step llama 200 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
+    --sections llama --llama-models llama_1b,llama_8b --out "$OUT/matmul_llama.json"
+elif [ "$PART" = s18b ]; then
+  # Session 18 (issue 15): the whole matmul suite on the card, first half: every CUDA case of the
+  # public-API tests, FP8Linear, the fp8 formats and bound, LoRA over fp8 layers (mlx-lm), the
+  # matmul's constant arrays, and the few-rows (gemv) routes. -v: a cut-short log still lists each result.
+  step matmul_suite_1a 250 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m pytest -v \
+    -p no:cacheprovider -n 14 tests/test_fp8_nn.py tests/test_fp8.py tests/test_fp8_wgmma_bound.py \
+    tests/test_mlx_lm_lora_fp8.py tests/test_cuda_const_arrays.py
+  step matmul_suite_1b 120 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_matmul.py -k cuda
+  step matmul_suite_1c 200 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k gemv
+elif [ "$PART" = s18c ]; then
+  # Session 18 (issue 15): the second half, every Hopper (wgmma) case of the route suite.
+  step matmul_suite_2 570 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y or z, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a, s18b or s18c, got $PART" >&2
   exit 2
 fi

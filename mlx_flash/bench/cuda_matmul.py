@@ -6,6 +6,10 @@ bandwidth, all in one run on one card.
 
 gemm:   n^3 products (TFLOP/s = 2 n^3 / t), each result checked against a
         second computation of the same product (relative max difference).
+targets: (opt-in) issue 15's products through the public matmul2d beside
+        their anchors (MLX's matmul, torch._scaled_mm), timed in turn with
+        the queue full, and each case's GPU time a call through CUPTI;
+        ours / anchor ratios per pair (TARGET_PAIRS).
 llama:  (opt-in) greedy generation tokens/s of random Llama-3.2-1B/3B-shaped
         mlx-lm models, fp16 vs FP8Linear (needs mlx_lm importable; its
         package __init__ is bypassed, so no transformers).
@@ -582,6 +586,242 @@ def bench_fp8speed(rec: Recorder, shapes=((4096, 4096, 8192), (8192, 8192, 8192)
         del ta, tb
 
 
+def time_steady(prepare, small: int, large: int) -> float:
+    """Seconds per call with the queue full: `prepare(n)` returns a callable
+    that runs n calls and blocks until they are done (for MLX, graphs built
+    beforehand and evaluated together; for torch, n launches and a
+    synchronize). The difference of a large and a small batch, over the
+    difference of their sizes, leaves out what a batch pays once however
+    long it is: the host's recording of MLX's first CUDA graph before the GPU
+    starts (MLX closes a graph at 100 nodes or 1000 MB of inputs, so at 4096^2
+    operands ~30 products are recorded before the first runs) and the
+    synchronize. Session 10's 4096^3 rows, one batch of 50 timed whole, held
+    that start-up in every call's share."""
+    if not 0 < small < large:
+        raise ValueError(f"time_steady: expected 0 < small < large, got {small}, {large}")
+    took = []
+    for n in (small, large):
+        run = prepare(n)
+        t0 = time.perf_counter()
+        run()
+        took.append(time.perf_counter() - t0)
+        del run
+    return (took[1] - took[0]) / (large - small)
+
+
+def interleave(calls: dict, rounds: int, sample) -> dict:
+    """{name: [seconds, ...]}: `sample(name, call)` for every call in turn,
+    `rounds` times, so that a drift of the card's clock over the run falls on
+    all of them alike (session 17: timing one case after the other drifted by
+    up to 1.5x). A call that raises is recorded as its exception and left out
+    of the later rounds."""
+    got = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            if isinstance(got[name], BaseException):
+                continue
+            try:
+                got[name].append(sample(name, call))
+            except Exception as e:  # noqa: BLE001 (one case failing must not lose the others)
+                got[name] = e
+    return got
+
+
+def _mlx_batch(make):
+    """prepare(n) for time_steady: n graphs of `make` built, then one eval."""
+    def prepare(n):
+        graphs = [make() for _ in range(n)]
+        mx.synchronize()
+        return lambda: (mx.eval(graphs), mx.synchronize())
+    return prepare
+
+
+def _torch_batch(fn, torch):
+    def prepare(n):
+        torch.cuda.synchronize()
+
+        def run():
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        return run
+    return prepare
+
+
+def gpu_time_per_call(prepare, n: int, torch) -> dict:
+    """The GPU's own time of one call, through CUPTI (torch.profiler records
+    MLX's kernels as well as torch's): the durations of every kernel, copy
+    and fill of n calls, summed, over n; and the kernels by name. What a call
+    costs the card, whatever the host around it does."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = prepare(n)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+              and e.time_range.end > e.time_range.start]
+    by_name = {}
+    for e in events:
+        by_name.setdefault(e.name[:100], []).append(e.time_range.end - e.time_range.start)
+    total = sum(sum(d) for d in by_name.values())
+    return {"gpu_us_per_call": total / n,
+            "gpu_kernels": {k: {"count": len(d), "us": sum(d) / len(d)} for k, d in by_name.items()}}
+
+
+# Issue 15's products: each of ours against its anchor in the same run, as
+# (ours, anchor) case names of bench_targets.
+TARGET_PAIRS = (("ours_fp16", "mlx_fp16"), ("ours_bf16", "mlx_bf16"), ("ours_fp16_x_e4m3_bT", "mlx_fp16"),
+                ("ours_e4m3_fast", "torch_scaled_mm_fast_accum_false"),
+                ("ours_e4m3_x_e5m2_fast", "torch_scaled_mm_fast_accum_false"),
+                ("ours_e4m3_fast_rowcol_scales_bf16", "torch_scaled_mm_rowwise_bf16"),
+                ("ours_e4m3_exact", "torch_scaled_mm_fast_accum_false"),
+                ("torch_scaled_mm_fast_accum_false", "mlx_fp16"))
+
+
+# Native fp8 plans timed beside the routed one (BN, stages, promotion in
+# stages of 128 K, TMA, warp-specialised): more and fewer stages, the wider
+# tile, promotion every 256 K.
+TARGET_NATIVE_PLANS = ((128, 7, 1, True, True), (128, 4, 1, True, True), (192, 5, 1, True, True),
+                       (128, 6, 2, True, True))
+
+
+def bench_targets(rec: Recorder, sizes, rounds: int = 5, profile_calls: int = 8, native_plans=TARGET_NATIVE_PLANS):
+    """Issue 15's targets at n^3, one run: ours through the public
+    `mlx_flash.matmul2d` (its default routes: fp16, bf16, fp16 x e4m3 weight
+    (FP8Linear's prefill), e4m3 x e4m3 exact, `fast_accumulation=True` (the
+    native fp8 wgmma, promotion every 128 K as cuBLAS), e4m3 x e5m2, per-row
+    x per-column scales) beside MLX's matmul and torch (fp16 matmul,
+    `_scaled_mm` with fast accumulation off and on, row-wise scales).
+    Every case is timed in turn, `rounds` times (time_steady: queue full,
+    start-up left out), then once under CUPTI for the GPU's own time a call.
+    A "ratio" row per pair of TARGET_PAIRS gives ours / anchor in TFLOP/s,
+    by wall and by GPU time. `native_plans` are timed too (the backend's
+    wrapper, not the public call), each against _scaled_mm."""
+    import mlx_flash
+    from .. import fp8
+    from ..backends import cuda_matmul as cm
+
+    np, torch = _torch()
+    on_gpu = torch is not None and dispatch.cuda_available()
+    for n in sizes:
+        flops = 2 * n ** 3
+        large = min(96, max(8, int(2e13 // flops)))
+        small = max(2, large // 4)
+        k1, k2 = mx.random.split(mx.random.key(n + 15))
+        a16 = mx.random.normal((n, n), key=k1).astype(mx.float16)
+        b16 = mx.random.normal((n, n), key=k2).astype(mx.float16)
+        abf, bbf = a16.astype(mx.bfloat16), b16.astype(mx.bfloat16)
+        a8 = fp8.encode(a16, "e4m3")
+        b8t = fp8.encode(mx.contiguous(b16.T), "e4m3")        # [N, K]: a Linear weight
+        b8t_e5m2 = fp8.encode(mx.contiguous(b16.T), "e5m2")
+        a_rows = mx.random.uniform(0.5, 2.0, (n, 1), key=k1)  # per-row (a) and per-column (b) scales
+        b_cols = mx.random.uniform(0.5, 2.0, (1, n), key=k2)
+        mx.eval(a16, b16, abf, bbf, a8, b8t, b8t_e5m2, a_rows, b_cols)
+        mm = mlx_flash.matmul2d
+        cases = {
+            "mlx_fp16": lambda: a16 @ b16,
+            "mlx_bf16": lambda: abf @ bbf,
+            "ours_fp16": lambda: mm(a16, b16),
+            "ours_bf16": lambda: mm(abf, bbf),
+            "ours_fp16_x_e4m3_bT": lambda: mm(a16, b8t, b_fmt="e4m3", transpose_b=True),
+            "ours_e4m3_exact": lambda: mm(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                          out_dtype=mx.float16),
+            "ours_e4m3_fast": lambda: mm(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                         out_dtype=mx.float16, fast_accumulation=True),
+            "ours_e4m3_x_e5m2_fast": lambda: mm(a8, b8t_e5m2, a_fmt="e4m3", b_fmt="e5m2", transpose_b=True,
+                                                out_dtype=mx.float16, fast_accumulation=True),
+            "ours_e4m3_fast_rowcol_scales_bf16": lambda: mm(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                            a_scale=a_rows, b_scale=b_cols, out_dtype=mx.bfloat16,
+                                                            fast_accumulation=True),
+        }
+        if dispatch.cuda_available():
+            cases.update({f"ours_e4m3_native_plan_{'_'.join(str(int(v)) for v in p)}": (
+                lambda p=p: cm.matmul(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True, out_dtype=mx.float16,
+                                      route="wgmma_fp8", plan=p)) for p in native_plans})
+        pairs = TARGET_PAIRS + tuple((name, "torch_scaled_mm_fast_accum_false") for name in cases
+                                     if name.startswith("ours_e4m3_native_plan_"))
+        prepares = {name: _mlx_batch(make) for name, make in cases.items()}
+        if on_gpu:
+            th, tbh = (torch.from_numpy(np.array(x)).cuda() for x in (a16, b16))
+            tbf, tbbf = th.bfloat16(), tbh.bfloat16()
+            ta = torch.from_numpy(np.array(a8)).cuda().view(torch.float8_e4m3fn)
+            tb = torch.from_numpy(np.array(b8t)).cuda().view(torch.float8_e4m3fn).t()  # column-major [K, N]
+            one = torch.ones((), device="cuda")
+            ts_a = torch.from_numpy(np.array(a_rows)).cuda()
+            ts_b = torch.from_numpy(np.array(b_cols)).cuda()
+            tcalls = {
+                "torch_fp16": lambda: th @ tbh,
+                "torch_bf16": lambda: tbf @ tbbf,
+                "torch_scaled_mm_fast_accum_false": lambda: torch._scaled_mm(
+                    ta, tb, scale_a=one, scale_b=one, out_dtype=torch.float16, use_fast_accum=False),
+                "torch_scaled_mm_fast_accum_true": lambda: torch._scaled_mm(
+                    ta, tb, scale_a=one, scale_b=one, out_dtype=torch.float16, use_fast_accum=True),
+                "torch_scaled_mm_rowwise_bf16": lambda: torch._scaled_mm(
+                    ta, tb, scale_a=ts_a, scale_b=ts_b, out_dtype=torch.bfloat16, use_fast_accum=False),
+            }
+            prepares.update({name: _torch_batch(fn, torch) for name, fn in tcalls.items()})
+        # Warm-up (kernels compiled, allocations sized), and each result
+        # checked against float32 of its operands (the fp8 ones decoded).
+        refs = {}
+        for name in list(prepares):
+            try:
+                prepares[name](1)()
+            except Exception as e:  # noqa: BLE001
+                rec.add(section="targets", case=name, n=n, error=f"{type(e).__name__}: {e}"[:500])
+                del prepares[name]
+        if n <= 8192:
+            f32 = lambda x, fmt=None: fp8.decode(x, fmt) if fmt else x.astype(mx.float32)  # noqa: E731
+            ref16 = f32(a16) @ f32(b16)
+            ref8 = f32(a8, "e4m3") @ f32(b8t, "e4m3").T
+            for name, make in cases.items():
+                if name not in prepares or name.startswith("mlx"):
+                    continue
+                if "e5m2" in name:
+                    ref = f32(a8, "e4m3") @ f32(b8t_e5m2, "e5m2").T
+                elif "rowcol" in name:
+                    ref = ref8 * a_rows * b_cols
+                elif "x_e4m3" in name:
+                    ref = f32(a16) @ f32(b8t, "e4m3").T
+                elif "e4m3" in name:
+                    ref = ref8
+                else:
+                    ref = ref16
+                refs[name] = rel_diff(make(), ref)
+        samples = interleave(prepares, rounds, lambda name, prep: time_steady(prep, small, large))
+        gpu = {}
+        for name, got in samples.items():
+            row = dict(section="targets", case=name, n=n, batch=[small, large], rounds=rounds)
+            if isinstance(got, BaseException):
+                rec.add(**row, error=f"{type(got).__name__}: {got}"[:500])
+                continue
+            t = sorted(got)[len(got) // 2]
+            row.update(ms=t * 1e3, tflops=flops / t / 1e12, ms_rounds=[round(x * 1e3, 4) for x in got])
+            if name in refs:
+                row["rel_diff_vs_fp32"] = refs[name]
+            if on_gpu:
+                try:
+                    g = gpu_time_per_call(prepares[name], profile_calls, torch)
+                    gpu[name] = g["gpu_us_per_call"]
+                    row.update(gpu_tflops=flops / (g["gpu_us_per_call"] * 1e-6) / 1e12, **g)
+                except Exception as e:  # noqa: BLE001
+                    row["gpu_error"] = f"{type(e).__name__}: {e}"[:300]
+            rec.add(**row, **gpu_clocks())
+        for ours, anchor in pairs:
+            if all(isinstance(samples.get(x), list) and samples[x] for x in (ours, anchor)):
+                med = {x: sorted(samples[x])[len(samples[x]) // 2] for x in (ours, anchor)}
+                ratio = dict(section="targets_ratio", n=n, case=f"{ours}_vs_{anchor}", wall=med[anchor] / med[ours])
+                if ours in gpu and anchor in gpu:
+                    ratio["gpu"] = gpu[anchor] / gpu[ours]
+                rec.add(**ratio)
+        del prepares, cases
+        if on_gpu:
+            del th, tbh, tbf, tbbf, ta, tb, tcalls
+            torch.cuda.empty_cache()
+        mx.clear_cache()
+        if CHECKPOINT is not None:
+            CHECKPOINT()
+
+
 def plot(path: str) -> str:
     """GEMM TFLOP/s per case and size, and decode weight GB/s against the copy bandwidth."""
     import matplotlib
@@ -768,6 +1008,11 @@ LLAMA_CONFIGS = {
     "llama_3b": dict(model_type="llama", hidden_size=3072, num_hidden_layers=28, intermediate_size=8192,
                      num_attention_heads=24, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
                      vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    # Llama-3.1-8B's shape: 16 GB of fp16 weights, so a decode step reads weights longer than the host
+    # builds it, where the 1B / 3B models' steps are host-bound (docs/matmul.md).
+    "llama_8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                     vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
 }
 
 
@@ -904,6 +1149,7 @@ def main(argv=None):
         time_lazy = lambda make, reps, rounds=3: (mx.eval(make()), 1.0)[1]  # noqa: E731
         time_torch = lambda fn, reps, rounds=3: (fn(), 1.0)[1]  # noqa: E731
     sections = {"gemm": lambda: bench_gemm(rec, [256] if args.warm else args.sizes),
+                "targets": lambda: bench_targets(rec, [256] if args.warm else args.sizes, 1 if args.warm else 5),
                 "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else (decode_shapes,),
                                                plans=plans, rows=(1, 16) if args.warm else rows),
                 "decode_stream": lambda: bench_decode_stream(rec, ((256, 256),) if args.warm else decode_shapes,
