@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import mlx.core as mx
@@ -794,7 +795,7 @@ def bench_targets(rec: Recorder, sizes, rounds: int = 5, profile_calls: int = 8,
             if isinstance(got, BaseException):
                 rec.add(**row, error=f"{type(got).__name__}: {got}"[:500])
                 continue
-            t = sorted(got)[len(got) // 2]
+            t = statistics.median(got)
             row.update(ms=t * 1e3, tflops=flops / t / 1e12, ms_rounds=[round(x * 1e3, 4) for x in got])
             if name in refs:
                 row["rel_diff_vs_fp32"] = refs[name]
@@ -808,7 +809,7 @@ def bench_targets(rec: Recorder, sizes, rounds: int = 5, profile_calls: int = 8,
             rec.add(**row, **gpu_clocks())
         for ours, anchor in pairs:
             if all(isinstance(samples.get(x), list) and samples[x] for x in (ours, anchor)):
-                med = {x: sorted(samples[x])[len(samples[x]) // 2] for x in (ours, anchor)}
+                med = {x: statistics.median(samples[x]) for x in (ours, anchor)}
                 ratio = dict(section="targets_ratio", n=n, case=f"{ours}_vs_{anchor}", wall=med[anchor] / med[ours])
                 if ours in gpu and anchor in gpu:
                     ratio["gpu"] = gpu[anchor] / gpu[ours]
@@ -822,8 +823,25 @@ def bench_targets(rec: Recorder, sizes, rounds: int = 5, profile_calls: int = 8,
             CHECKPOINT()
 
 
+def _bars(ax, rows, key, label_of, title, ylabel):
+    """Grouped bars of rows[key] by case (x) and size (one bar colour each)."""
+    sizes = sorted({r["n"] for r in rows})
+    cases = list(dict.fromkeys(label_of(r) for r in rows))
+    width = 0.8 / max(1, len(sizes))
+    for i, n in enumerate(sizes):
+        vals = {label_of(r): r[key] for r in rows if r["n"] == n}
+        ax.bar([j + i * width for j in range(len(cases))], [vals.get(c, 0) for c in cases], width, label=f"{n}^3")
+    ax.set_xticks([j + width * (len(sizes) - 1) / 2 for j in range(len(cases))], cases, rotation=35, ha="right",
+                  fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+
+
 def plot(path: str) -> str:
-    """GEMM TFLOP/s per case and size, and decode weight GB/s against the copy bandwidth."""
+    """The panels a run holds: gemm and targets TFLOP/s per case and size
+    (targets: by wall with the queue full, and by GPU time through CUPTI),
+    decode weight GB/s against the copy bandwidth."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -832,42 +850,46 @@ def plot(path: str) -> str:
     with open(path) as f:
         data = json.load(f)
     rows = [r for r in data["rows"] if "error" not in r]
-    fig, axes = plt.subplots(1, 2, figsize=(16, 6))
-    gemm = [r for r in rows if r.get("section") == "gemm"]
-    sizes = sorted({r["n"] for r in gemm})
-    cases = list(dict.fromkeys(r["case"] for r in gemm))
-    width = 0.8 / max(1, len(sizes))
-    ax = axes[0]
-    for i, n in enumerate(sizes):
-        vals = {r["case"]: r["tflops"] for r in gemm if r["n"] == n}
-        ax.bar([j + i * width for j in range(len(cases))], [vals.get(c, 0) for c in cases], width, label=f"{n}^3")
-    ax.set_xticks([j + width * (len(sizes) - 1) / 2 for j in range(len(cases))], cases, rotation=35, ha="right",
-                  fontsize=8)
-    ax.set_ylabel("TFLOP/s")
-    ax.set_title("n x n x n products")
-    ax.legend()
+    gemm = [r for r in rows if r.get("section") == "gemm" and "tflops" in r]
+    targets = [r for r in rows if r.get("section") == "targets" and "tflops" in r]
     dec = [r for r in rows if r.get("section") == "decode"]
-    ax = axes[1]
-    labels = list(dict.fromkeys(f'M={r["M"]} {r["K"]}x{r["N"]}' for r in dec))
-    name = lambda r: r["case"] + (f'@{r["plan"]}' if r.get("plan") else "")  # noqa: E731
-    dcases = list(dict.fromkeys(name(r) for r in dec))
-    width = 0.8 / max(1, len(dcases))
-    for i, c in enumerate(dcases):
-        vals = {f'M={r["M"]} {r["K"]}x{r["N"]}': r["weight_gbps"] for r in dec if name(r) == c}
-        ax.bar([j + i * width for j in range(len(labels))], [vals.get(lab, 0) for lab in labels], width, label=c)
-    copy = [r["gbps"] for r in rows if r.get("section") == "copy"]
-    if copy:
-        ax.axhline(max(copy), color="k", lw=0.8, ls="--", label="plain copy")
-        ax.axhline(0.7 * max(copy), color="gray", lw=0.8, ls=":", label="70% of copy")
-    ax.set_xticks([j + width * (len(dcases) - 1) / 2 for j in range(len(labels))], labels, rotation=35, ha="right",
-                  fontsize=8)
-    ax.set_ylabel("weight GB/s")
-    ax.set_title("decode: M rows x [N, K] weight")
-    ax.legend(fontsize=8)
+    panels = [p for p, got in (("gemm", gemm), ("targets", targets), ("targets_gpu", [r for r in targets
+                                                                                        if "gpu_tflops" in r]),
+                               ("decode", dec)) if got]
+    if not panels:
+        raise ValueError(f"{path}: no gemm, targets or decode rows to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "gemm":
+            _bars(ax, gemm, "tflops", lambda r: r["case"], "n x n x n products", "TFLOP/s")
+        elif panel == "targets":
+            _bars(ax, targets, "tflops", lambda r: r["case"], "issue 15's products, wall, queue full", "TFLOP/s")
+        elif panel == "targets_gpu":
+            _bars(ax, [r for r in targets if "gpu_tflops" in r], "gpu_tflops", lambda r: r["case"],
+                  "issue 15's products, GPU time (CUPTI)", "TFLOP/s")
+        else:
+            labels = list(dict.fromkeys(f'M={r["M"]} {r["K"]}x{r["N"]}' for r in dec))
+            name = lambda r: r["case"] + (f'@{r["plan"]}' if r.get("plan") else "")  # noqa: E731
+            dcases = list(dict.fromkeys(name(r) for r in dec))
+            width = 0.8 / max(1, len(dcases))
+            for i, c in enumerate(dcases):
+                vals = {f'M={r["M"]} {r["K"]}x{r["N"]}': r["weight_gbps"] for r in dec if name(r) == c}
+                ax.bar([j + i * width for j in range(len(labels))], [vals.get(lab, 0) for lab in labels], width,
+                       label=c)
+            copy = [r["gbps"] for r in rows if r.get("section") == "copy"]
+            if copy:
+                ax.axhline(max(copy), color="k", lw=0.8, ls="--", label="plain copy")
+                ax.axhline(0.7 * max(copy), color="gray", lw=0.8, ls=":", label="70% of copy")
+            ax.set_xticks([j + width * (len(dcases) - 1) / 2 for j in range(len(labels))], labels, rotation=35,
+                          ha="right", fontsize=8)
+            ax.set_ylabel("weight GB/s")
+            ax.set_title("decode: M rows x [N, K] weight")
+            ax.legend(fontsize=8)
     fig.suptitle(f'matmul2d on {data["card"]} (MLX {data["mlx"]}, torch {data.get("torch", "-")}, {data["time"]})')
     fig.tight_layout()
     out = os.path.splitext(path)[0] + ".png"
     fig.savefig(out, dpi=110)
+    plt.close(fig)
     return out
 
 
