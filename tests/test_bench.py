@@ -329,3 +329,22 @@ def test_cuda_matmul_bench_targets_on_the_cpu():
     ratios = [r for r in rec.rows if r["section"] == "targets_ratio"]
     assert {r["case"] for r in ratios} >= {"ours_fp16_vs_mlx_fp16"}
     json.dumps(rec.rows)
+
+
+def test_cuda_matmul_plot_draws_the_panels_a_run_holds(tmp_path):
+    """A targets-only run plots its wall and GPU-time panels; a run with nothing to plot is an error naming the
+    file."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    cm = pytest.importorskip("mlx_flash.bench.cuda_matmul")
+    rows = [dict(section="targets", case=c, n=n, tflops=t, gpu_tflops=t * 1.1)
+            for n in (4096, 8192) for c, t in (("ours_e4m3_fast", 900.0), ("torch_scaled_mm_fast_accum_false", 1300.0))]
+    path = tmp_path / "targets.json"
+    path.write_text(json.dumps({"card": "H100", "mlx": "0", "time": "t", "rows": rows}))
+    png = cm.plot(str(path))
+    assert png.endswith("targets.png") and (tmp_path / "targets.png").stat().st_size > 1000
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"card": "H100", "mlx": "0", "time": "t", "rows": [{"section": "device"}]}))
+    with pytest.raises(ValueError, match="empty.json"):
+        cm.plot(str(empty))
