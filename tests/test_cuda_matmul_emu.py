@@ -305,7 +305,8 @@ def test_native_promotion_matches_the_accumulation_model_emulated(plan, K, bits,
     ("wgmma", (256, 4, 0, True, True), "bfloat16", "bfloat16", 300, True),  # ws, the 16-bit default
     ("wgmma", (256, 4, 0, True, True), "e4m3", "e5m2", 130, False),  # ws exact fp8: decoded first, then 16-bit
     ("wgmma_fp8", (128, 6, 1, True), "e4m3", "e4m3", 300, True),             # native, TMA
-    ("wgmma_fp8", (128, 6, 2, True, True), "e5m2", "e4m3", 700, True),       # native ws, the default plan
+    ("wgmma_fp8", (128, 6, 2, True, True), "e5m2", "e4m3", 700, True),       # native ws, the default to session 17
+    ("wgmma_fp8", None, "e4m3", "e5m2", 700, True),                         # native ws, the default plan (BN 192)
     ("wgmma_fp8", (256, 4, 0, True, True), "e4m3", "e5m2", 33, False),       # native ws, b transposed first
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_wgmma_tma_and_ws_kernels_emulated(route, plan, ka, kb, K, transpose_b):
@@ -331,7 +332,7 @@ def test_wgmma_tma_and_ws_kernels_emulated(route, plan, ka, kb, K, transpose_b):
     with harness.patched_hopper():
         out = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route=route, plan=plan)
         mx.eval(out)
-    kernel = "mlx_flash_matmul_wgmma_ws" if len(plan) > 4 else "mlx_flash_matmul_wgmma"
+    kernel = "mlx_flash_matmul_wgmma_ws" if plan is None or len(plan) > 4 else "mlx_flash_matmul_wgmma"
     assert kernel in [name for name, _ in harness.LAUNCHES], list(harness.LAUNCHES)
     assert_close(out[0], want, mx.float32, K)
 

@@ -263,6 +263,7 @@ def _matmul_ws_cases():
     yield u8, u8, 1, 2, True, 192, 5, 4, True, False
     yield u8, u8, 2, 2, True, 256, 4, 0, True, False
     yield u8, u8, 2, 1, True, 192, 4, 1, True, False
+    yield u8, u8, 1, 1, True, 192, 5, 1, True, False  # the native default (session 18)
     # Two accumulator sets alternating between promotion intervals.
     yield u8, u8, 1, 1, True, 128, 6, 2, True, True
     yield u8, u8, 2, 1, True, 128, 7, 4, True, True

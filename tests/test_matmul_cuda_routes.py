@@ -306,7 +306,8 @@ def test_cuda_gemv_matches_float64(M, ka, kb, K, N):
 # promotes every one or two k32 instructions.
 WS_16 = [(256, 4, 0, True, True), (128, 6, 0, True, True)]
 WS_FP8 = [(128, 6, 2, True, True), (192, 5, 2, True, True), (192, 5, 4, True, True), (128, 7, 4, True, True, True),
-          (128, 6, -1, True, True), (128, 6, -2, True, True), (192, 5, -1, True, True), (128, 6, 1, True, True)]
+          (128, 6, -1, True, True), (128, 6, -2, True, True), (192, 5, -1, True, True), (128, 6, 1, True, True),
+          (192, 5, 1, True, True)]
 WS = xdist_group("ws")
 
 

@@ -4,7 +4,7 @@
 # under benchmarks/results/*_sNN*, write-ups in docs/cuda_decode.md,
 # docs/cuda.md and docs/matmul.md): parts a-l sessions 11-15,
 # m-r session 16 (n, o and p time the cp.async ring, removed since: they stop
-# at its ValueError; r a merge not kept), s-z session 17, s18a-s18c session 18.
+# at its ValueError; r a merge not kept), s-z session 17, s18a-s18d session 18.
 # A card session:
 #
 #     call 1 (carry .device/first): mkdir -p /root/mlxcuda && cp .device/first/part.aa /root/mlxcuda/
@@ -21,7 +21,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|s18b|s18c}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|s18b|s18c|s18d}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -411,7 +411,15 @@ elif [ "$PART" = s18b ]; then
 elif [ "$PART" = s18c ]; then
   # Session 18 (issue 15): the second half, every Hopper (wgmma) case of the route suite.
   step matmul_suite_2 570 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
+elif [ "$PART" = s18d ]; then
+  # Session 18 (issue 15): native fp8 on 128 x 192 tiles by default (part s18a timed it faster). The targets
+  # again, each call's GPU time now measured alone; then the whole matmul suite's GPU cases on the new default.
+  step targets 200 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
+    --out "$OUT/matmul_targets.json"
+  step routes 300 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py
+  step api_gpu 120 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider \
+    -n 14 tests/test_matmul.py tests/test_fp8_nn.py tests/test_fp8.py tests/test_mlx_lm_lora_fp8.py -k "cuda or gpu"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a, s18b or s18c, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z or s18a-s18d, got $PART" >&2
   exit 2
 fi
