@@ -413,10 +413,11 @@ elif [ "$PART" = s18c ]; then
   step matmul_suite_2 570 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 elif [ "$PART" = s18d ]; then
   # Session 18 (issue 15): native fp8 on 128 x 192 tiles by default (part s18a timed it faster). The targets
-  # again, each call's GPU time now measured alone; then the whole matmul suite's GPU cases on the new default.
+  # again, each call's GPU time now measured alone; then the route suite's fp8 cases and the API's GPU cases
+  # on the new default (s18b and s18c ran the whole suite on the old one).
   step targets 200 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
     --out "$OUT/matmul_targets.json"
-  step routes 300 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py
+  step routes 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "fp8 or fast"
   step api_gpu 120 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider \
     -n 14 tests/test_matmul.py tests/test_fp8_nn.py tests/test_fp8.py tests/test_mlx_lm_lora_fp8.py -k "cuda or gpu"
 else
