@@ -62,11 +62,10 @@ WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (1
 # (TMA, one block barrier per stage: even); exact e4m3 x e4m3 562 vs 273 and
 # fp16 x e4m3 552 vs 340 (fp8 decoded first, then the 16-bit kernel); native
 # e4m3 791 vs 718 (BN 128, promoted every 256 K). Native fp8 on 128 x 192
-# tiles since session 18 (H100, `--sections targets`, promotion every 128 K,
-# GPU time of one call alone through CUPTI; benchmarks/results/
-# matmul_targets_nvidia_h100_s18.json): BN 192 x 5 stages against BN 128 x 6,
-# the default before, was faster at 4096^3 and 8192^3 by wall and by GPU time
-# (docs/matmul.md, "Session 18").
+# tiles since session 18 (H100, `--sections targets`, promotion every 128 K;
+# benchmarks/results/matmul_targets_nvidia_h100_s18a.json): BN 192 x 5 stages
+# against BN 128 x 6, the default before, took 8 % less time at 4096^3 and
+# 18 % less at 8192^3 (docs/matmul.md, "Issue 15's targets in one run").
 WS_PLANS = {"f16": (256, 4, 0, True, True), "cvt": (256, 4, 0, True, True), "native": (192, 5, 2, True, True)}
 # The opt-in clusters of two blocks (MLX_FLASH_CUDA_MATMUL_CLUSTER=2) were
 # removed in session 11 (they never won on the card, and with MLX's CUDA
