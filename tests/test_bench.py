@@ -348,3 +348,54 @@ def test_cuda_matmul_plot_draws_the_panels_a_run_holds(tmp_path):
     empty.write_text(json.dumps({"card": "H100", "mlx": "0", "time": "t", "rows": [{"section": "device"}]}))
     with pytest.raises(ValueError, match="empty.json"):
         cm.plot(str(empty))
+
+
+def test_cuda_matmul_bench_gpu_time_runs_each_call_alone(monkeypatch):
+    """gpu_time_per_call prepares one call at a time (so no two kernels share the card), runs them all under
+    the profiler, and sums the GPU events per call by name; host-side events do not count. A stand-in torch
+    (none here) records what the profiler saw."""
+    import sys
+    import types
+
+    cm = pytest.importorskip("mlx_flash.bench.cuda_matmul")
+    CUDA, CPU = "cuda", "cpu"
+
+    class Event:
+        def __init__(self, name, start, end, device):
+            self.name, self.device_type = name, device
+            self.time_range = types.SimpleNamespace(start=start, end=end)
+
+    trace, prepared = [], []
+
+    class Profile:
+        def __init__(self, activities):
+            assert activities == ["CUDA"]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return trace
+
+    profiler = types.SimpleNamespace(ProfilerActivity=types.SimpleNamespace(CUDA="CUDA"), profile=Profile)
+    torch = types.SimpleNamespace(autograd=types.SimpleNamespace(DeviceType=types.SimpleNamespace(CUDA=CUDA)),
+                                  profiler=profiler)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "torch.profiler", profiler)
+
+    def prepare(n):
+        prepared.append(n)
+
+        def run():
+            t = 100.0 * len(trace)
+            trace.extend([Event("gemm", t, t + 40.0, CUDA), Event("fill", t + 40, t + 42.0, CUDA),
+                          Event("host", t, t + 500.0, CPU)])
+        return run
+
+    got = cm.gpu_time_per_call(prepare, 3, torch)
+    assert prepared == [1, 1, 1]
+    assert got["gpu_us_per_call"] == pytest.approx(42.0)
+    assert got["gpu_kernels"] == {"gemm": {"count": 3, "us": 40.0}, "fill": {"count": 3, "us": 2.0}}
