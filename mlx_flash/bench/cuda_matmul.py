@@ -653,8 +653,9 @@ def gpu_time_per_call(prepare, n: int, torch) -> dict:
     """The GPU's own time of one call run alone, through CUPTI (torch.profiler
     records MLX's kernels as well as torch's): n calls, each evaluated and
     synchronized before the next, so no two kernels share the card (within
-    one of MLX's CUDA graphs independent products overlap: session 18's
-    8-call batches summed 10-17 % more kernel time than their wall time).
+    one of MLX's CUDA graphs independent products overlap: in session 18's
+    8-call batches MLX's kernels summed up to 17 % more time than the
+    batch's wall time per call).
     The durations of every kernel, copy and fill, summed, over n; and the
     kernels by name."""
     from torch.profiler import ProfilerActivity, profile
