@@ -272,25 +272,22 @@ def test_cuda_plot_draws_only_the_sections_a_run_holds(tmp_path):
         cuda_plot.plot(str(path))
 
 
-def test_cuda_matmul_bench_steady_time_leaves_out_the_start_up():
+def test_cuda_matmul_bench_steady_time_leaves_out_the_start_up(monkeypatch):
     """time_steady's difference of two batches drops what a batch pays once
     (session 10's 4096^3 rows held MLX's first graph recording in every
     call's share); interleave samples every case in turn and keeps going
     past one that raises."""
     cm = pytest.importorskip("mlx_flash.bench.cuda_matmul")
     clock = [0.0]
-    cm_time = cm.time.perf_counter
 
     def prepare(n):
         def run():
             clock[0] += 5.0 + 0.25 * n  # a fixed start-up of 5 s, then 0.25 s a call
         return run
 
-    try:
-        cm.time.perf_counter = lambda: clock[0]
-        assert cm.time_steady(prepare, 4, 20) == pytest.approx(0.25)
-    finally:
-        cm.time.perf_counter = cm_time
+    monkeypatch.setattr(cm.time, "perf_counter", lambda: clock[0])
+    assert cm.time_steady(prepare, 4, 20) == pytest.approx(0.25)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="small < large"):
         cm.time_steady(prepare, 8, 8)
     order = []
