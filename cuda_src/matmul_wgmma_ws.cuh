@@ -28,6 +28,15 @@
 // interval committed and waited for before its sums are added (the other
 // consumer warpgroup keeps the tensor cores busy meanwhile): the tensor
 // cores' truncating fp8 sums then span 32 or 64 products instead of 256.
+// RAW > 0 (16-bit a, fp8 b as [N][K] codes: FP8Linear's prefill): b is
+// decoded inside the kernel instead of by a pass before it. The producer
+// thread loads b's fp8 tile by TMA (no swizzle, 64-byte rows) into a ring of
+// RAW slots of its own; the producer warpgroup's three other warps decode it
+// exactly (fp8_decode.cuh) into the stage's b tile, in the 16-bit layout a
+// TMA load with the 128-byte swizzle would have left, fence the writes for
+// the tensor cores (async proxy) and arrive on the stage's full barrier
+// (which waits for them and for a's bytes). No fp16 copy of the weight is
+// ever made in global memory. The consumers are unchanged.
 // The kernel needs 384 threads of at most 168 registers at launch (for the
 // setmaxnreg trade): matmul_wgmma_ws.cu's launch bounds say so. (Clusters of
 // two blocks sharing b by TMA multicast were tried in sessions 5-7 and never
@@ -35,6 +44,7 @@
 #pragma once
 
 #include "attention_common.cuh"
+#include "fp8_decode.cuh"
 #include "matmul_wgmma.cuh"
 #include "mbarrier.cuh"
 #include "mma.cuh"
@@ -51,14 +61,30 @@ struct WsKind { static constexpr int value = FMT; };
 template <typename T>
 struct WsKind<T, 0> { static constexpr int value = WgKind<T, 0>::value; };
 
-// Dynamic shared memory (bytes): the stage ring and 1 KiB for alignment.
-__host__ __device__ constexpr int matmul_ws_smem(int bn, int stages) { return stages * (kWgBM + bn) * 128 + 1024; }
+// TA where the condition holds, else TB (no <type_traits> under NVRTC).
+template <bool C, typename TA, typename TB>
+struct WsPick { using type = TA; };
+template <typename TA, typename TB>
+struct WsPick<false, TA, TB> { using type = TB; };
+
+// Dynamic shared memory (bytes): the stage ring, RAW slots of fp8 b codes
+// (BN rows of 64 bytes) and 1 KiB for alignment.
+__host__ __device__ constexpr int matmul_ws_smem(int bn, int stages, int raw = 0) {
+  return stages * (kWgBM + bn) * 128 + raw * bn * 64 + 1024;
+}
+
+// RAW: the producer warpgroup's warps 1-3 decode b's fp8 codes.
+constexpr int kWsDecoders = 96;
 
 template <typename TA, typename TB, typename TO, int FA, int FB, bool TRANS_B, bool AS, bool BS, int BN, int STAGES,
-          int PROMOTE, bool NATIVE, bool ACC2>
+          int PROMOTE, bool NATIVE, bool ACC2, int RAW = 0>
 __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, const float* b_scale, const int* ip,
                                 const uint8_t* tmpl, TO* out, uint8_t* tmaps) {
-  static_assert(NATIVE == (FA != 0) && NATIVE == (FB != 0), "operands used as stored: 16-bit, or both fp8 (native)");
+  static_assert(RAW >= 0 && RAW <= 4, "0 to 4 slots of fp8 b codes");
+  static_assert(RAW > 0 ? (!NATIVE && FA == 0 && FB != 0 && TRANS_B && sizeof(TA) == 2)
+                        : (NATIVE == (FA != 0) && NATIVE == (FB != 0)),
+                "operands used as stored: 16-bit, or both fp8 (native); or (RAW) a 16-bit a and [N][K] fp8 b codes "
+                "decoded in the kernel");
   static_assert(!NATIVE || TRANS_B, "fp8 wgmma reads b K-major only ([N][K])");
   static_assert(BN == 128 || BN == 192 || BN == 256, "tile width 128, 192 or 256");
   static_assert(TRANS_B || BN % 64 == 0, "an MN-major b tile is whole 64-column boxes");
@@ -71,7 +97,10 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   constexpr int A_BYTES = kWgBM * 128, B_BYTES = BN * 128, STAGE_BYTES = A_BYTES + B_BYTES;
   constexpr int KSTEP = NATIVE ? 128 : 64;  // K values per stage
   constexpr int KINST = NATIVE ? 32 : 16;   // K values per wgmma
-  constexpr int KA = WsKind<TA, FA>::value, KB = WsKind<TB, FB>::value;
+  constexpr int KA = WsKind<TA, FA>::value;
+  // RAW: b reaches the tensor cores decoded to a's 16-bit type.
+  constexpr int KB = WsKind<typename WsPick<(RAW > 0), TA, TB>::type, RAW ? 0 : FB>::value;
+  constexpr int RAW_BYTES = BN * 64;  // one slot: BN rows of 64 fp8 codes (a stage's K)
   constexpr int B_MN = TRANS_B ? 0 : 1;
   // A stage is released by one arrival per consumer warpgroup (its first
   // thread, after wgmma_wait: a warpgroup's wgmma group completes as a whole),
@@ -82,6 +111,8 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   unsigned char* ring = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   __shared__ __align__(128) unsigned char tm_stage[256];
   __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
+  __shared__ __align__(8) unsigned long long raw_full[RAW ? RAW : 1], raw_empty[RAW ? RAW : 1];
+  unsigned char* raw_ring = ring + STAGES * STAGE_BYTES;  // RAW slots after the stages (1024-byte multiples)
 
   const int M = ip[kWgM], N = ip[kWgN], K = ip[kWgK];
   const int z = blockIdx.z;
@@ -107,8 +138,14 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   if (tid == 32) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&full_bar[s], 1);
+      // RAW: the full barrier also waits for the decoding warps' arrivals.
+      mbar_init(&full_bar[s], RAW ? 1 + kWsDecoders / 32 : 1);
       mbar_init(&empty_bar[s], CONSUMERS);
+    }
+#pragma unroll
+    for (int q = 0; q < (RAW ? RAW : 0); ++q) {
+      mbar_init(&raw_full[q], 1);
+      mbar_init(&raw_empty[q], kWsDecoders / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -117,6 +154,43 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   if (wg == 0) {
     // Producer.
     setmaxnreg_dec<40>();
+    if constexpr (RAW > 0) {
+      if (tid >= 32) {
+        // Decoders: the same sequence of stages as the producer thread.
+        const int dt = tid - 32, dwarp_lane = tid % 32;
+        int dit = 0;
+        for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+          for (int kt = 0; kt < ktiles; ++kt, ++dit) {
+            const int s = dit % STAGES, q = dit % RAW;
+            // Slot q's codes for this stage landed. The producer issued them
+            // after stage s's release, so its b tile is free to write.
+            mbar_wait(&raw_full[q], (dit / RAW) & 1);
+            const unsigned char* src = raw_ring + q * RAW_BYTES;
+            unsigned char* dst = ring + s * STAGE_BYTES + A_BYTES;
+            // 16 codes a thread and step: row r = u / 4, codes 16 (u % 4) ..;
+            // they become 16-byte chunks 2 (u % 4) and 2 (u % 4) + 1 of the
+            // 128-byte row r, at chunk ^ (r % 8) (the 128-byte swizzle).
+            for (int u = dt; u < BN * 4; u += kWsDecoders) {
+              const int r = u >> 2, c = (u & 3) * 2;
+              const uint4 codes = *reinterpret_cast<const uint4*>(src + u * 16);
+              uint4 vals[2];
+              decode16<TA, FB>(codes, vals);
+              *reinterpret_cast<uint4*>(dst + r * 128 + ((c ^ (r & 7)) << 4)) = vals[0];
+              *reinterpret_cast<uint4*>(dst + r * 128 + (((c + 1) ^ (r & 7)) << 4)) = vals[1];
+            }
+            // The tensor cores read shared memory through the async proxy:
+            // the writes are fenced for it before the stage is declared full.
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            __syncwarp();
+            if (dwarp_lane == 0) {
+              mbar_arrive(&raw_empty[q]);
+              mbar_arrive(&full_bar[s]);
+            }
+          }
+        }
+        return;
+      }
+    }
     if (tid != 0) return;
     tma_acquire(tm_ws);
     tma_acquire(tm_ws + 128);
@@ -130,9 +204,15 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         if (it >= STAGES) mbar_wait(&empty_bar[s], ((it / STAGES) + 1) & 1);
         unsigned char* st = ring + s * STAGE_BYTES;
         void* bar = &full_bar[s];
-        mbar_expect_tx(bar, STAGE_BYTES);
+        mbar_expect_tx(bar, RAW ? A_BYTES : STAGE_BYTES);
         tma_load_2d(st, tm_ws, kt * KSTEP, m0, bar);
-        if constexpr (TRANS_B) {
+        if constexpr (RAW > 0) {
+          // b's codes into raw slot q, once the decoders have emptied it.
+          const int q = it % RAW;
+          if (it >= RAW) mbar_wait(&raw_empty[q], ((it / RAW) + 1) & 1);
+          mbar_expect_tx(&raw_full[q], RAW_BYTES);
+          tma_load_2d(raw_ring + q * RAW_BYTES, tm_ws + 128, kt * KSTEP, n0, &raw_full[q]);
+        } else if constexpr (TRANS_B) {
           tma_load_2d(st + A_BYTES, tm_ws + 128, kt * KSTEP, n0, bar);
         } else {
 #pragma unroll

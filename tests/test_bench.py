@@ -328,6 +328,33 @@ def test_cuda_matmul_bench_targets_on_the_cpu():
     json.dumps(rec.rows)
 
 
+def test_cuda_matmul_bench_prefill_on_the_cpu():
+    """The prefill section runs end to end where MLX has no GPU: both fp8
+    decode variants checked against float32, a ratio row each against MLX's
+    fp16 matmul, and each case's peak memory recorded."""
+    import json
+
+    cm = pytest.importorskip("mlx_flash.bench.cuda_matmul")
+    from mlx_flash.bench.cuda import Recorder
+    from mlx_flash.backends import cuda_matmul as backend
+
+    rec = Recorder()
+    slots = backend.CVT_RAW_SLOTS
+    cm.bench_prefill(rec, ((33, 48, 80), (512, 32, 17)), rounds=2)
+    assert backend.CVT_RAW_SLOTS == slots  # the decode-first variant put the setting back
+    rows = [r for r in rec.rows if r["section"] == "prefill"]
+    assert {r["case"] for r in rows} == {"mlx_fp16", "ours_in_kernel", "ours_decode_first"}
+    assert len(rows) == 6
+    for row in rows:
+        assert "error" not in row, row
+        assert row["us"] > 0 and len(row["us_rounds"]) == 2 and row["peak_mib"] >= 0
+        if row["case"] != "mlx_fp16":
+            assert row["rel_diff_vs_fp32"] < 1e-2, row
+    ratios = {(r["m"], r["case"]) for r in rec.rows if r["section"] == "prefill_ratio"}
+    assert ratios == {(m, f"{c}_vs_mlx_fp16") for m in (33, 512) for c in ("ours_in_kernel", "ours_decode_first")}
+    json.dumps(rec.rows)
+
+
 def test_cuda_matmul_plot_draws_the_panels_a_run_holds(tmp_path):
     """A targets-only run plots its wall and GPU-time panels; a run with nothing to plot is an error naming the
     file."""

@@ -337,6 +337,88 @@ def test_wgmma_tma_and_ws_kernels_emulated(route, plan, ka, kb, K, transpose_b):
     assert_close(out[0], want, mx.float32, K)
 
 
+# FP8Linear's prefill product on the warp-specialised kernel: a 16-bit a times
+# [N, K] fp8 codes decoded inside the kernel (matmul_wgmma_ws.cuh, RAW slots of
+# codes; cuda_matmul.CVT_RAW_SLOTS), never through an fp16 copy of the weight.
+# Every finite code of b's format occurs; K runs the stage ring and the raw
+# slots round several times and ends mid-stage; M, N cross tile edges; scales
+# per column of b (and per tensor), outputs in 16-bit and float32.
+@pytest.mark.parametrize("ka,kb,K,plan,raw,scale,out", [
+    ("float16", "e4m3", 700, (256, 4, 0, True, True), 2, "cols", "float32"),    # the default plan and slots
+    ("bfloat16", "e5m2", 520, (256, 4, 0, True, True), 2, "cols", "bfloat16"),
+    ("float16", "e5m2", 33, (256, 4, 0, True, True), 1, "tensor", "float16"),   # one slot: lock step
+    ("bfloat16", "e4m3", 1100, (256, 3, 0, True, True), 3, None, "float32"),
+    ("float16", "e4m3", 450, (128, 6, 0, True, True), 2, "cols", "float16"),    # BN 128: 512 chunks, 96 decoders
+    ("e4m3", "e4m3", 300, (256, 4, 0, True, True), 2, "cols", "float32"),       # exact fp8 x fp8: a decoded first
+], ids=lambda v: "_".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_ws_fp8_weight_decoded_in_kernel_emulated(ka, kb, K, plan, raw, scale, out, monkeypatch):
+    from fp8_wgmma_bound import downscaling, every_code_rows, rows_needed
+    from mlx_flash import fp8
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    monkeypatch.setattr(cuda_matmul, "CVT_RAW_SLOTS", raw)
+    gen = rng("ws-raw-emu", ka, kb, K, plan, raw, scale, out)
+    M, N = 133, max(rows_needed(kb, K), 256) + 9
+    if ka.startswith("e"):
+        a_codes = every_code_rows(gen, ka, max(M, rows_needed(ka, K)), K)
+        a, a_fmt, a64 = mx.array(a_codes), ka, fp8.decode_table(ka)[a_codes].astype(np.float64)
+        M = a64.shape[0]
+    else:
+        a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b_codes = every_code_rows(gen, kb, N, K)
+    b, b64 = mx.array(b_codes), fp8.decode_table(kb)[b_codes].astype(np.float64)
+    sb = None
+    if scale == "cols":
+        sb = downscaling(b64, 1, gen).reshape(1, N)
+    elif scale == "tensor":
+        sb = np.array([[0.75 * 2.0 ** -8]], np.float32)
+    if out != "float32" and sb is None:
+        sb = downscaling(b64, None, gen).reshape(1, 1)
+    want = reference(a64, b64, None, sb, transpose_b=True)
+    out_dtype = getattr(mx, out)
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, a_fmt=a_fmt, b_fmt=kb, a_scale=None,
+                                                b_scale=None if sb is None else mx.array(sb),
+                                                transpose_b=True, out_dtype=out_dtype)
+    harness.LAUNCHES.clear()
+    with harness.patched_hopper():
+        got = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma", plan=plan)
+        mx.eval(got)
+    ws = [t for name, t in harness.LAUNCHES if name == "mlx_flash_matmul_wgmma_ws"]
+    assert len(ws) == 1 and ws[0]["RAW"] == raw and ws[0]["FB"] == (1 if kb == "e4m3" else 2), list(harness.LAUNCHES)
+    assert_close(got[0], want, out_dtype, K)
+
+
+def test_ws_fp8_weight_decode_first_when_slots_are_off_emulated(monkeypatch):
+    """CVT_RAW_SLOTS = 0 (MLX_FLASH_CUDA_CVT_RAW=0): b decoded by a pass first,
+    the 16-bit kernel after it; the same result."""
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    monkeypatch.setattr(cuda_matmul, "CVT_RAW_SLOTS", 0)
+    gen = rng("ws-raw-off-emu")
+    a, _, a64 = make_operand(gen, (130, 200), "float16")
+    b, _, b64 = make_operand(gen, (140, 200), "e4m3")
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, b_fmt="e4m3", transpose_b=True, out_dtype=mx.float32)
+    harness.LAUNCHES.clear()
+    with harness.patched_hopper():
+        got = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma", plan=(256, 4, 0, True, True))
+        mx.eval(got)
+    ws = [t for name, t in harness.LAUNCHES if name == "mlx_flash_matmul_wgmma_ws"]
+    assert len(ws) == 1 and ws[0]["RAW"] == 0 and ws[0]["FB"] == 0
+    assert_close(got[0], reference(a64, b64, transpose_b=True), mx.float32, 200)
+
+
+def test_ws_plan_beyond_shared_memory_is_an_error():
+    """A plan whose stages and slots of codes exceed a block's shared memory
+    says so, before any kernel is built."""
+    from mlx_flash.backends import cuda_matmul
+
+    assert cuda_matmul.ws_smem(256, 4, 2) <= cuda_matmul._WS_MAX_DYNAMIC_SMEM  # the default cvt plan fits
+    with pytest.raises(ValueError, match="BN 256 x 4 stages and 3 slots of fp8 codes need"):
+        cuda_matmul._wgmma_ws(None, None, None, None, None, None, 256, 4, 0, False, True, None, 256, 0, 1, raw=3)
+
+
 # Session 10's card run (-n 6, under load) found the test's NaN poison in the
 # bottom-right tile of these shapes on the ws plans below, in this order of
 # calls (a 16-bit dtype after the other, fp8 e5m2 after e4m3; scales on both

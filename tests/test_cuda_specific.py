@@ -252,7 +252,7 @@ def _matmul_wgmma_cases():
 
 
 def _matmul_ws_cases():
-    """(TA, TB, FA, FB, TRANS_B, BN, STAGES, PROMOTE, NATIVE, ACC2) of the warp-specialised kernel."""
+    """(TA, TB, FA, FB, TRANS_B, BN, STAGES, PROMOTE, NATIVE, ACC2[, RAW]) of the warp-specialised kernel."""
     f16, b16, u8 = mx.float16, mx.bfloat16, mx.uint8
     yield f16, f16, 0, 0, True, 256, 4, 0, False, False
     yield f16, f16, 0, 0, False, 256, 4, 0, False, False
@@ -271,6 +271,11 @@ def _matmul_ws_cases():
     yield u8, u8, 1, 1, True, 128, 6, -1, True, False
     yield u8, u8, 1, 2, True, 128, 6, -2, True, False
     yield u8, u8, 1, 1, True, 192, 5, -1, True, False
+    # fp8 b codes decoded in the kernel from RAW slots (FP8Linear's prefill; the cvt default is the first).
+    yield f16, u8, 0, 1, True, 256, 4, 0, False, False, 2
+    yield b16, u8, 0, 2, True, 256, 4, 0, False, False, 2
+    yield b16, u8, 0, 1, True, 256, 3, 0, False, False, 3
+    yield f16, u8, 0, 2, True, 128, 6, 0, False, False, 1
 
 
 def _ws_compile_groups(make_kernel):
@@ -444,11 +449,12 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
     body = cuda_backend._read("matmul_wgmma_ws.cu")
 
     def ws_kernel(i, case):
-        ta, tb, fa, fb, trans, bn, stages, promote, native, acc2 = case
+        ta, tb, fa, fb, trans, bn, stages, promote, native, acc2, *raw = case
         to = mx.float32 if i % 2 else (ta if not native else mx.float16)
         template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans),
                     ("AS", True), ("BS", i % 2 == 0), ("BN", bn), ("STAGES", stages)]
-        template += cuda_matmul.promote_template(promote) + [("NATIVE", native), ("ACC2", acc2)]
+        template += cuda_matmul.promote_template(promote) + [("NATIVE", native), ("ACC2", acc2),
+                                                             ("RAW", raw[0] if raw else 0)]
         return _kernel_text(f"ws{i}", body, ins(ta, tb) + [("tmpl", mx.uint8)], [("out", to), ("tmaps", mx.uint8)],
                             template)
 
@@ -728,11 +734,12 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
     # one wait per stage (two with promotion), none between them.
     ins = lambda ta, tb: matmul_inputs(ta, tb) + [("tmpl", mx.uint8)]
     def ws_kernel(i, case):
-        ta, tb, fa, fb, trans, bn, stages, promote, native, acc2 = case
+        ta, tb, fa, fb, trans, bn, stages, promote, native, acc2, *raw = case
         to = ta if not native else mx.float16
         template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans), ("AS", True),
                     ("BS", True), ("BN", bn), ("STAGES", stages)]
-        template += cuda_matmul.promote_template(promote) + [("NATIVE", native), ("ACC2", acc2)]
+        template += cuda_matmul.promote_template(promote) + [("NATIVE", native), ("ACC2", acc2),
+                                                             ("RAW", raw[0] if raw else 0)]
         return _kernel_text(f"ws{i}", cuda_backend._read("matmul_wgmma_ws.cu"), ins(ta, tb),
                             [("out", to), ("tmaps", mx.uint8)], template)
 

@@ -410,6 +410,43 @@ def test_cuda_wgmma_ws_exact_fp8_decoded_first(ka, kb, M, K, N, transpose_b):
     assert_close(out, reference(a64, b64, None, sb, transpose_b=transpose_b), mx.float32, K)
 
 
+# FP8Linear's prefill product: a 16-bit a times [N, K] fp8 codes decoded inside
+# the warp-specialised kernel (cuda_matmul.CVT_RAW_SLOTS slots of codes). The
+# decoded values and the 16-bit products are those of the decode-first pass
+# (CVT_RAW_SLOTS = 0), so the two outputs must agree bit for bit, and both
+# match float64. Every finite code of b's format; M, N, K across tile edges,
+# K = 1 and K long enough to round the stage ring and the slots many times.
+@WS
+@pytest.mark.parametrize("plan,raw", [((256, 4, 0, True, True), 2), ((256, 4, 0, True, True), 1),
+                                      ((256, 3, 0, True, True), 3), ((128, 6, 0, True, True), 2)],
+                         ids=lambda v: ws_id(v) if isinstance(v, tuple) else f"raw{v}")
+@pytest.mark.parametrize("ka,kb", [("float16", "e4m3"), ("bfloat16", "e5m2"), ("bfloat16", "e4m3")])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (600, 4096, 1030), (2000, 136, 2100), (130, 1000, 300)])
+def test_cuda_wgmma_ws_fp8_weight_decoded_in_kernel(plan, raw, ka, kb, M, K, N, monkeypatch):
+    from fp8_wgmma_bound import downscaling, every_code_rows, rows_needed
+    from mlx_flash import fp8
+    from mlx_flash.backends import cuda_matmul
+
+    needs_hopper()
+    gen = rng("wgmma-ws-raw", plan, raw, ka, kb, M, K, N)
+    N = max(N, rows_needed(kb, K))
+    a, _, a64 = make_operand(gen, (M, K), ka)
+    codes = every_code_rows(gen, kb, N, K)
+    b, b64 = mx.array(codes), fp8.decode_table(kb)[codes].astype(np.float64)
+    sb = downscaling(b64, 1, gen).reshape(1, N)
+    want = reference(a64, b64, None, sb, transpose_b=True)
+    outs = {}
+    for slots in (raw, 0):
+        monkeypatch.setattr(cuda_matmul, "CVT_RAW_SLOTS", slots)
+        for out_dtype in (mx.float32, None):
+            out = run_route("wgmma", a, b, b_fmt=kb, b_scale=mx.array(sb), transpose_b=True, out_dtype=out_dtype,
+                            plan=plan)
+            assert_close(out, want, out.dtype, K)
+            outs[slots, out_dtype] = np.array(out.astype(mx.float32))
+    for out_dtype in (mx.float32, None):
+        assert np.array_equal(outs[raw, out_dtype], outs[0, out_dtype], equal_nan=True)
+
+
 @WS
 @pytest.mark.parametrize("b_batched", [False, True])
 def test_cuda_wgmma_ws_batched_and_scales(b_batched):

@@ -4,7 +4,8 @@
 # under benchmarks/results/*_sNN*, write-ups in docs/cuda_decode.md,
 # docs/cuda.md and docs/matmul.md): parts a-l sessions 11-15,
 # m-r session 16 (n, o and p time the cp.async ring, removed since: they stop
-# at its ValueError; r a merge not kept), s-z session 17, s18a-s18d session 18.
+# at its ValueError; r a merge not kept), s-z session 17, s18a-s18d session 18,
+# s19a-s19c session 19.
 # A card session:
 #
 #     call 1 (carry .device/first): mkdir -p /root/mlxcuda && cp .device/first/part.aa /root/mlxcuda/
@@ -21,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|s18b|s18c|s18d}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|s19b|s19c}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -422,7 +423,25 @@ elif [ "$PART" = s18d ]; then
   step targets 150 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
     --out "$OUT/matmul_targets.json"
   step api_gpu 60 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py -k cuda
+elif [ "$PART" = s19a ]; then
+  # Session 19 (issue 15): FP8Linear's prefill with the fp8 weight decoded inside the warp-specialised kernel
+  # (RAW slots, cuda_matmul.CVT_RAW_SLOTS, the new default). Its GPU cases first (bit-equal to the decode pass,
+  # float64 of every code), then the native default's odd-shape cases that session 18 could not run (s18d's
+  # first step); s19b the prefill shapes and the targets, s19c the API's GPU cases and the Hopper route suite.
+  step raw_routes 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
+    -k "decoded_in_kernel or exact_fp8_decoded_first or ws_batched"
+  step native_default_routes 120 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
+    -k "(fp8 or fast) and not bn128 and not bn256 and not pr2 and not pr4 and not pr-1 and not pr-2 and not acc2 and not decoded"
+elif [ "$PART" = s19b ]; then
+  # Session 19: the timings (each case against its anchor in the same process).
+  step prefill 200 python3 -m mlx_flash.bench.cuda_matmul --sections prefill --out "$OUT/matmul_prefill.json"
+  step targets 200 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
+    --out "$OUT/matmul_targets.json"
+elif [ "$PART" = s19c ]; then
+  # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
+  step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
+  step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z or s18a-s18d, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d or s19a-s19c, got $PART" >&2
   exit 2
 fi

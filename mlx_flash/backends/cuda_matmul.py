@@ -75,6 +75,18 @@ if os.environ.get("MLX_FLASH_CUDA_MATMUL_CLUSTER", "1") != "1":
     raise ValueError("MLX_FLASH_CUDA_MATMUL_CLUSTER: the cluster matmul was removed (session 11); unset it, got "
                      f"{os.environ['MLX_FLASH_CUDA_MATMUL_CLUSTER']!r}")
 CVT_WS_MIN_ROWS = 512
+# fp8 b codes ([N, K], FP8Linear's weight) on the warp-specialised "cvt" plan:
+# decoded inside the kernel, from this many shared-memory slots of codes
+# (cuda_src/matmul_wgmma_ws.cuh, RAW) instead of by a decode pass over the
+# whole weight first (MLX's from_fp8 into an fp16 copy: on the H100 32 us of a
+# 4096^3 product's ~280 us, and the copy's memory). 0 restores the pass.
+CVT_RAW_SLOTS = int(os.environ.get("MLX_FLASH_CUDA_CVT_RAW", "2"))
+if CVT_RAW_SLOTS not in (0, 1, 2, 3, 4):
+    raise ValueError(f"MLX_FLASH_CUDA_CVT_RAW must be 0 to 4 (slots of fp8 codes; 0: decode first), "
+                     f"got {os.environ['MLX_FLASH_CUDA_CVT_RAW']!r}")
+# Shared memory one block may take (sm_90: 227 KiB), less the ws kernel's
+# static arrays (tensor-map staging, mbarriers).
+_WS_MAX_DYNAMIC_SMEM = 227 * 1024 - 512
 # The native fp8 route's promotion interval: MLX_FLASH_CUDA_FP8_PROMOTE_K =
 # K values the tensor cores sum (truncating, 13 bits) before the sums go to
 # fp32 registers. 128 (PROMOTE 1), the default since session 10: cuBLAS's
@@ -347,39 +359,45 @@ def _tma_available() -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def tensor_map_template(elem_bytes: int, inner: int, outer: int, box_inner: int, box_outer: int) -> bytes:
+def tensor_map_template(elem_bytes: int, inner: int, outer: int, box_inner: int, box_outer: int,
+                        swizzle: int = 128) -> bytes:
     """A 2-D CUtensorMap (128 bytes) for a row-major [outer][inner] operand with
-    128-byte swizzled boxes and zero fill; its address is a placeholder that
-    each block replaces on the device (cuda_src/tma.cuh)."""
+    128-byte swizzled boxes (swizzle 0: boxes as they are) and zero fill; its
+    address is a placeholder that each block replaces on the device
+    (cuda_src/tma.cuh)."""
+    if swizzle not in (0, 128):
+        raise ValueError(f"tensor_map_template: swizzle is 0 or 128, got {swizzle}")
     buf = (ctypes.c_ubyte * 192)()
     base = (ctypes.addressof(buf) + 63) // 64 * 64  # CUtensorMap is 64-byte aligned
     u64, u32 = ctypes.c_uint64, ctypes.c_uint32
     rc = _libcuda().cuTensorMapEncodeTiled(
         ctypes.c_void_p(base), ctypes.c_int(0 if elem_bytes == 1 else 1), u32(2), ctypes.c_void_p(1 << 20),
         (u64 * 2)(inner, outer), (u64 * 1)(inner * elem_bytes), (u32 * 2)(box_inner, box_outer), (u32 * 2)(1, 1),
-        ctypes.c_int(0), ctypes.c_int(3), ctypes.c_int(2), ctypes.c_int(0))  # no interleave, 128B swizzle, L2 128B
+        ctypes.c_int(0), ctypes.c_int(3 if swizzle else 0), ctypes.c_int(2), ctypes.c_int(0))  # no interleave, swizzle, L2 128B
     if rc != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed ({rc}) for [{outer}][{inner}] x {elem_bytes} bytes, "
                            f"box [{box_outer}][{box_inner}]")
     return bytes((ctypes.c_ubyte * 128).from_address(base))
 
 
-def _tma_templates(a, b, transpose_b, bn):
+def _tma_templates(a, b, transpose_b, bn, raw_b=False):
     """Templates for a [M][Kp] and b ([Np][Kp] in boxes of bn rows, or [Kp][Np] read in 64 x 64 boxes), as one
-    uint8 input."""
+    uint8 input. raw_b: b is [Np][Kp] fp8 codes the kernel decodes, read in unswizzled boxes of a's stage K."""
     return _tma_template_array(a.dtype.size, a.shape[1], a.shape[2], b.dtype.size, b.shape[1], b.shape[2],
-                               bool(transpose_b), bn)
+                               bool(transpose_b), bn, bool(raw_b))
 
 
 @functools.lru_cache(maxsize=1024)
-def _tma_template_array(ea, M, Kp, eb, b1, b2, transpose_b, bn):
+def _tma_template_array(ea, M, Kp, eb, b1, b2, transpose_b, bn, raw_b=False):
     """_tma_templates' array, made once per shape: the kernels only read it
     (each block copies it and writes its own addresses into the copy), and a
     fresh host-written array per call costs an evaluation and a page
     migration on first GPU touch (cuda.const_array)."""
     kstep = 128 // ea
     ta = tensor_map_template(ea, Kp, M, kstep, 128)
-    if transpose_b:
+    if raw_b:
+        tb = tensor_map_template(eb, Kp, b1, kstep, bn, swizzle=0)
+    elif transpose_b:
         tb = tensor_map_template(eb, Kp, b1, kstep, bn)
     else:
         tb = tensor_map_template(eb, b2, Kp, 64, 64)
@@ -420,16 +438,21 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
                          "(MLX_FLASH_CUDA_FP8_PROMOTE_K 32 or 64 is for the warp-specialised route)")
     transpose_b = spec.transpose_b
     fa, fb = _FMT_CODE[spec.a_fmt], _FMT_CODE[spec.b_fmt]
+    raw = 0
     if ws and not native and (fa or fb) and _tma_available():
-        # The warp-specialised kernel takes operands as stored: fp8 codes are
-        # decoded (exactly) to the 16-bit type first, one pass over each.
+        # The warp-specialised kernel takes a as stored (16-bit), and b as
+        # stored or, [N, K] fp8 codes, decoded inside it (CVT_RAW_SLOTS);
+        # other fp8 operands are decoded (exactly) to the 16-bit type first,
+        # one pass over each.
         floats = [x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None]
         compute = floats[0] if floats else mx.float16
+        raw = CVT_RAW_SLOTS if fb and transpose_b and tma else 0
         if fa:
             a = _decode_fp8(a, spec.a_fmt, compute, stream)
-        if fb:
+        if fb and not raw:
             b = _decode_fp8(b, spec.b_fmt, compute, stream)
-        fa = fb = 0
+        fa = 0
+        fb = fb if raw else 0
     if native and not transpose_b:
         # fp8 wgmma reads b K-major only: one transposed copy of b.
         b = mx.contiguous(b.swapaxes(-1, -2), stream=stream)
@@ -444,13 +467,14 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
         b_scale = _pad_axis(b_scale, 2, 16, stream)
     floats = [x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None]
     compute = floats[0] if floats else mx.float16
-    convert_a, convert_b = bool(fa) and not native, bool(fb) and not native
+    convert_a, convert_b = bool(fa) and not native, bool(fb) and not native and not raw
     tma = tma and not (convert_a or convert_b) and _tma_available()
     if ws and not tma and bn not in (128, 256):
         bn = 128  # no TMA here: the portable kernel's tile widths
     if ws and tma:
         return _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote if native else 0, native,
-                         transpose_b, ip, Np, fa if native else 0, fb if native else 0, acc2 and native)
+                         transpose_b, ip, Np, fa if native else 0, fb if (native or raw) else 0, acc2 and native,
+                         raw)
     # + 1 KiB: the TMA mbarriers and template staging are static shared memory.
     kernel = _kernel_object("matmul_wgmma", _WGMMA_INPUTS, ("out", "tmaps"),
                             wgmma_smem(bn, stages, convert_a, convert_b))
@@ -483,9 +507,9 @@ def sm_count() -> int:
     return value.value
 
 
-def ws_smem(bn: int, stages: int) -> int:
+def ws_smem(bn: int, stages: int, raw: int = 0) -> int:
     """matmul_ws_smem() of matmul_wgmma_ws.cuh."""
-    return stages * (128 + bn) * 128 + 1024
+    return stages * (128 + bn) * 128 + raw * bn * 64 + 1024
 
 
 def promote_template(promote: int) -> list:
@@ -499,27 +523,32 @@ def promote_template(promote: int) -> list:
 
 
 def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native, transpose_b, ip, Np, fa, fb,
-              acc2=False):
+              acc2=False, raw=0):
     """The warp-specialised persistent Hopper kernel: cuda_src/matmul_wgmma_ws.cuh
-    (operands as stored, by TMA; a, b already padded as _wgmma does)."""
+    (operands as stored, by TMA; a, b already padded as _wgmma does; raw > 0:
+    b's fp8 codes decoded in the kernel from that many slots)."""
     if acc2 and not (promote and bn == 128):
         raise ValueError(f"warp-specialised plan: two accumulator sets need BN 128 and promotion, got BN {bn}, "
                          f"promotion {promote}")
+    if ws_smem(bn, stages, raw) > _WS_MAX_DYNAMIC_SMEM:
+        raise ValueError(f"warp-specialised plan: BN {bn} x {stages} stages" + (f" and {raw} slots of fp8 codes" if raw
+                         else "") + f" need {ws_smem(bn, stages, raw)} bytes of shared memory, more than a block's "
+                         f"{_WS_MAX_DYNAMIC_SMEM}")
     M = spec.M
     units = math.ceil(M / 128) * math.ceil(Np / bn)
     # Persistent: one block per SM at most (one fits an SM: 384 threads, the
     # stage ring), so every block is resident and takes its share of tiles.
     blocks = min(units, sm_count())
-    kernel = _kernel_object("matmul_wgmma_ws", _WGMMA_INPUTS, ("out", "tmaps"), ws_smem(bn, stages))
+    kernel = _kernel_object("matmul_wgmma_ws", _WGMMA_INPUTS, ("out", "tmaps"), ws_smem(bn, stages, raw))
     placeholder = _params((0,), mx.float32)
     (out, _) = kernel(
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
                 b_scale if b_scale is not None else placeholder, ip,
-                _tma_templates(a, b, transpose_b, bn)],
+                _tma_templates(a, b, transpose_b, bn, raw_b=bool(raw))],
         template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype),
                   ("FA", fa), ("FB", fb), ("TRANS_B", transpose_b),
                   ("AS", a_scale is not None), ("BS", b_scale is not None), ("BN", bn), ("STAGES", stages)]
-        + promote_template(promote) + [("NATIVE", native), ("ACC2", bool(acc2))],
+        + promote_template(promote) + [("NATIVE", native), ("ACC2", bool(acc2)), ("RAW", raw)],
         grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
         output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,)],
         output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,

@@ -10,6 +10,9 @@ targets: (opt-in) issue 15's products through the public matmul2d beside
         their anchors (MLX's matmul, torch._scaled_mm), timed in turn with
         the queue full, and each case's GPU time a call through CUPTI;
         ours / anchor ratios per pair (TARGET_PAIRS).
+prefill: (opt-in) FP8Linear's prefill products (M = 128..2048 tokens x
+        Llama-8B-shaped e4m3 weights [N, K]): fp8 decoded inside the kernel
+        and by a pass first, beside MLX's fp16 matmul; peak memory a call.
 llama:  (opt-in) greedy generation tokens/s of random Llama-3.2-1B/3B-shaped
         mlx-lm models, fp16 vs FP8Linear (needs mlx_lm importable; its
         package __init__ is bypassed, so no transformers).
@@ -677,6 +680,7 @@ def gpu_time_per_call(prepare, n: int, torch) -> dict:
 # Issue 15's products: each of ours against its anchor in the same run, as
 # (ours, anchor) case names of bench_targets.
 TARGET_PAIRS = (("ours_fp16", "mlx_fp16"), ("ours_bf16", "mlx_bf16"), ("ours_fp16_x_e4m3_bT", "mlx_fp16"),
+                ("ours_fp16_x_e4m3_bT_decode_first", "mlx_fp16"),
                 ("ours_e4m3_fast", "torch_scaled_mm_fast_accum_false"),
                 ("ours_e4m3_x_e5m2_fast", "torch_scaled_mm_fast_accum_false"),
                 ("ours_e4m3_fast_rowcol_scales_bf16", "torch_scaled_mm_rowwise_bf16"),
@@ -690,6 +694,22 @@ TARGET_PAIRS = (("ours_fp16", "mlx_fp16"), ("ours_bf16", "mlx_bf16"), ("ours_fp1
 # 256 K.
 TARGET_NATIVE_PLANS = ((128, 6, 1, True, True), (128, 7, 1, True, True), (192, 4, 1, True, True),
                        (192, 5, 2, True, True))
+
+
+def raw_slots(slots: int, make):
+    """`make` with the backend's fp8-weight decode set to `slots` slots of
+    codes in the kernel (0: a decode pass first) while it builds its graph:
+    the route is chosen then, so both variants run side by side in one process."""
+    from ..backends import cuda_matmul as cm
+
+    def build():
+        saved = cm.CVT_RAW_SLOTS
+        cm.CVT_RAW_SLOTS = slots
+        try:
+            return make()
+        finally:
+            cm.CVT_RAW_SLOTS = saved
+    return build
 
 
 def bench_targets(rec: Recorder, sizes, rounds: int = 5, profile_calls: int = 8, native_plans=TARGET_NATIVE_PLANS):
@@ -733,6 +753,7 @@ def bench_targets(rec: Recorder, sizes, rounds: int = 5, profile_calls: int = 8,
             "ours_fp16": lambda: mm(a16, b16),
             "ours_bf16": lambda: mm(abf, bbf),
             "ours_fp16_x_e4m3_bT": lambda: mm(a16, b8t, b_fmt="e4m3", transpose_b=True),
+            "ours_fp16_x_e4m3_bT_decode_first": raw_slots(0, lambda: mm(a16, b8t, b_fmt="e4m3", transpose_b=True)),
             "ours_e4m3_exact": lambda: mm(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
                                           out_dtype=mx.float16),
             "ours_e4m3_fast": lambda: mm(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
@@ -785,6 +806,7 @@ def bench_targets(rec: Recorder, sizes, rounds: int = 5, profile_calls: int = 8,
             ref8 = f32(a8, "e4m3") @ f32(b8t, "e4m3").T  # every other e4m3 x e4m3 case
             ref_of = {"ours_fp16": f32(a16) @ f32(b16), "ours_bf16": f32(abf) @ f32(bbf),
                       "ours_fp16_x_e4m3_bT": f32(a16) @ f32(b8t, "e4m3").T,
+                      "ours_fp16_x_e4m3_bT_decode_first": f32(a16) @ f32(b8t, "e4m3").T,
                       "ours_e4m3_x_e5m2_fast": f32(a8, "e4m3") @ f32(b8t_e5m2, "e5m2").T,
                       "ours_e4m3_fast_rowcol_scales_bf16": ref8 * a_rows * b_cols}
             for name, make in cases.items():
@@ -820,6 +842,80 @@ def bench_targets(rec: Recorder, sizes, rounds: int = 5, profile_calls: int = 8,
         if on_gpu:
             del th, tbh, tbf, tbbf, ta, tb, tcalls
             torch.cuda.empty_cache()
+        mx.clear_cache()
+        if CHECKPOINT is not None:
+            CHECKPOINT()
+
+
+# FP8Linear's prefill products (M tokens x a [N, K] weight): Llama-3.1-8B's
+# attention (4096 x 4096) and MLP (14336 x 4096, 4096 x 14336) weights.
+PREFILL_SHAPES = tuple((m, k, n) for m in (128, 512, 2048) for k, n in ((4096, 4096), (4096, 14336), (14336, 4096)))
+
+
+def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5):
+    """FP8Linear's prefill product, `(x @ decode(w).T) * scale` for fp16 x of
+    M rows and an e4m3 weight [N, K] with a scale per weight row, through the public
+    matmul2d: fp8 codes decoded inside the kernel (the default) and by a
+    pass first (CVT_RAW_SLOTS 0), beside MLX's fp16 matmul with the fp16
+    weight (`x @ w16.T`, nn.Linear's product) and, below CVT_WS_MIN_ROWS rows,
+    the warp-specialised plan forced. Timed in turn (interleave,
+    time_steady); each result checked against float32; peak memory of one
+    call (the decode pass's fp16 copy of the weight shows there)."""
+    import mlx_flash
+    from .. import fp8
+    from ..backends import cuda_matmul as cm
+
+    for m, k, n in shapes:
+        flops = 2 * m * k * n
+        large = min(96, max(8, int(2e13 // flops)))
+        small = max(2, large // 4)
+        k1, k2 = mx.random.split(mx.random.key(m + k + n))
+        x = mx.random.normal((m, k), key=k1).astype(mx.float16)
+        w16 = (mx.random.normal((n, k), key=k2) * 0.05).astype(mx.float16)
+        w8 = fp8.encode(w16 * 20.0, "e4m3")
+        scale = mx.full((1, n), 0.05, mx.float32)
+        mx.eval(x, w16, w8, scale)
+        mm = mlx_flash.matmul2d
+        ours = lambda: mm(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True)  # noqa: E731
+        cases = {"mlx_fp16": lambda: x @ w16.T, "ours_in_kernel": ours, "ours_decode_first": raw_slots(0, ours)}
+        if m < cm.CVT_WS_MIN_ROWS and dispatch.cuda_available():
+            cases["ours_ws_forced"] = lambda: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True,
+                                                        route="wgmma", plan=cm.WS_PLANS["cvt"])
+        ref = (x.astype(mx.float32) @ fp8.decode(w8, "e4m3").T) * scale
+        prepares, peaks = {}, {}
+        for name, make in cases.items():
+            try:
+                mx.eval(make())
+                mx.synchronize()
+                mx.reset_peak_memory()
+                base = mx.get_active_memory()
+                got = make()
+                mx.eval(got)
+                peaks[name] = (mx.get_peak_memory() - base) / 2 ** 20
+                err = rel_diff(got, ref) if name != "mlx_fp16" else None
+                del got
+                prepares[name] = (_mlx_batch(make), err)
+            except Exception as e:  # noqa: BLE001
+                rec.add(section="prefill", case=name, m=m, k=k, n=n, error=f"{type(e).__name__}: {e}"[:500])
+        samples = interleave({name: p for name, (p, _) in prepares.items()}, rounds,
+                             lambda name, prep: time_steady(prep, small, large))
+        for name, got in samples.items():
+            row = dict(section="prefill", case=name, m=m, k=k, n=n, batch=[small, large], rounds=rounds,
+                       peak_mib=peaks.get(name))
+            if isinstance(got, BaseException):
+                rec.add(**row, error=f"{type(got).__name__}: {got}"[:500])
+                continue
+            t = statistics.median(got)
+            row.update(us=t * 1e6, tflops=flops / t / 1e12, us_rounds=[round(v * 1e6, 2) for v in got])
+            if prepares[name][1] is not None:
+                row["rel_diff_vs_fp32"] = prepares[name][1]
+            rec.add(**row)
+        base = samples.get("mlx_fp16")
+        for name, got in samples.items():
+            if name != "mlx_fp16" and isinstance(got, list) and got and isinstance(base, list) and base:
+                rec.add(section="prefill_ratio", m=m, k=k, n=n, case=f"{name}_vs_mlx_fp16",
+                        wall=statistics.median(base) / statistics.median(got))
+        del prepares, cases, x, w16, w8
         mx.clear_cache()
         if CHECKPOINT is not None:
             CHECKPOINT()
@@ -1174,6 +1270,8 @@ def main(argv=None):
         time_torch = lambda fn, reps, rounds=3: (fn(), 1.0)[1]  # noqa: E731
     sections = {"gemm": lambda: bench_gemm(rec, [256] if args.warm else args.sizes),
                 "targets": lambda: bench_targets(rec, [256] if args.warm else args.sizes, 1 if args.warm else 5),
+                "prefill": lambda: bench_prefill(rec, ((128, 256, 256), (512, 256, 256)) if args.warm else
+                                                 PREFILL_SHAPES, 1 if args.warm else 5),
                 "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else (decode_shapes,),
                                                plans=plans, rows=(1, 16) if args.warm else rows),
                 "decode_stream": lambda: bench_decode_stream(rec, ((256, 256),) if args.warm else decode_shapes,

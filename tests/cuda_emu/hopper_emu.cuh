@@ -560,9 +560,11 @@ inline void wgmma_commit() {
 inline void wgmma_wait(int n) {
   const unsigned me = __emu_attrs()->thread_index_in_threadgroup, first = me / 128 * 128;
   const int target = op_queue(me).committed - n;
-  bool pending = false;
-  for (int i = 0; i < op_queue(me).count; ++i) pending |= op_queue(me).ops[i].group < target;
-  if (!pending) return;
+  // Every lane goes through the wait, even one whose part another warp's wait
+  // already ran: wgmma.wait_group is .sync.aligned, so a warp's lanes leave it
+  // together. (A lane that returned at once here while its warp-mates, polled
+  // before the group ran, still waited, went on alone to the next wait: the
+  // in-kernel fp8 decode's timing met it.)
   warp_wait((0x5767ull << 40) | unsigned(target), [&] {
     for (unsigned t = first; t < first + 128; ++t)
       if (op_queue(t).committed < target) return false;
