@@ -343,22 +343,27 @@ def test_wgmma_tma_and_ws_kernels_emulated(route, plan, ka, kb, K, transpose_b):
 # Every finite code of b's format occurs; K runs the stage ring and the raw
 # slots round several times and ends mid-stage; M, N cross tile edges; scales
 # per column of b (and per tensor), outputs in 16-bit and float32.
-@pytest.mark.parametrize("ka,kb,K,plan,raw,scale,out", [
-    ("float16", "e4m3", 700, (256, 4, 0, True, True), 2, "cols", "float32"),    # the default plan and slots
-    ("bfloat16", "e5m2", 520, (256, 4, 0, True, True), 2, "cols", "bfloat16"),
-    ("float16", "e5m2", 33, (256, 4, 0, True, True), 1, "tensor", "float16"),   # one slot: lock step
-    ("bfloat16", "e4m3", 1100, (256, 3, 0, True, True), 3, None, "float32"),
-    ("float16", "e4m3", 450, (128, 6, 0, True, True), 2, "cols", "float16"),    # BN 128: 512 chunks, 96 decoders
-    ("e4m3", "e4m3", 300, (256, 4, 0, True, True), 2, "cols", "float32"),       # exact fp8 x fp8: a decoded first
+# early: TMA writes land at issue (harness.TMA_EARLY), so a load into a stage
+# or slot still being read (by the tensor cores, by the decoders) fails.
+@pytest.mark.parametrize("ka,kb,K,plan,raw,scale,out,early", [
+    ("float16", "e4m3", 700, (256, 4, 0, True, True), 2, "cols", "float32", False),  # the default plan and slots
+    ("float16", "e4m3", 700, (256, 4, 0, True, True), 2, "cols", "float32", True),
+    ("bfloat16", "e5m2", 520, (256, 4, 0, True, True), 2, "cols", "bfloat16", False),
+    ("float16", "e5m2", 33, (256, 4, 0, True, True), 1, "tensor", "float16", False),  # one slot
+    ("bfloat16", "e4m3", 1100, (256, 3, 0, True, True), 4, None, "float32", True),    # four slots, three stages
+    ("float16", "e4m3", 450, (128, 6, 0, True, True), 3, "cols", "float16", False),  # BN 128
+    ("bfloat16", "e5m2", 400, (128, 5, 0, True, True), 2, "cols", "float32", True),  # BN 128, early
+    ("e4m3", "e4m3", 300, (256, 4, 0, True, True), 2, "cols", "float32", False),     # exact fp8 x fp8: a decoded first
 ], ids=lambda v: "_".join(map(str, v)) if isinstance(v, tuple) else str(v))
-def test_ws_fp8_weight_decoded_in_kernel_emulated(ka, kb, K, plan, raw, scale, out, monkeypatch):
+def test_ws_fp8_weight_decoded_in_kernel_emulated(ka, kb, K, plan, raw, scale, out, early, monkeypatch):
     from fp8_wgmma_bound import downscaling, every_code_rows, rows_needed
     from mlx_flash import fp8
     from mlx_flash._matmul_spec import validate_matmul
     from mlx_flash.backends import cuda_matmul
 
     monkeypatch.setattr(cuda_matmul, "CVT_RAW_SLOTS", raw)
-    gen = rng("ws-raw-emu", ka, kb, K, plan, raw, scale, out)
+    monkeypatch.setattr(harness, "TMA_EARLY", early)
+    gen = rng("ws-raw-emu", ka, kb, K, plan, raw, scale, out, early)
     M, N = 133, max(rows_needed(kb, K), 256) + 9
     if ka.startswith("e"):
         a_codes = every_code_rows(gen, ka, max(M, rows_needed(ka, K)), K)

@@ -274,7 +274,7 @@ def _matmul_ws_cases():
     # fp8 b codes decoded in the kernel from RAW slots (FP8Linear's prefill; the cvt default is the first).
     yield f16, u8, 0, 1, True, 256, 4, 0, False, False, 2
     yield b16, u8, 0, 2, True, 256, 4, 0, False, False, 2
-    yield b16, u8, 0, 1, True, 256, 3, 0, False, False, 3
+    yield b16, u8, 0, 1, True, 256, 3, 0, False, False, 4
     yield f16, u8, 0, 2, True, 128, 6, 0, False, False, 1
 
 

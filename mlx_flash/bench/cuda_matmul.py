@@ -852,13 +852,19 @@ def bench_targets(rec: Recorder, sizes, rounds: int = 5, profile_calls: int = 8,
 PREFILL_SHAPES = tuple((m, k, n) for m in (128, 512, 2048) for k, n in ((4096, 4096), (4096, 14336), (14336, 4096)))
 
 
-def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5):
+# Warp-specialised plans and slots of fp8 codes timed beside the routed one
+# (BN, stages, promote, TMA, ws; slots).
+PREFILL_PLANS = (((256, 3, 0, True, True), 4), ((256, 3, 0, True, True), 2), ((256, 4, 0, True, True), 1),
+                 ((128, 6, 0, True, True), 2))
+
+
+def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=()):
     """FP8Linear's prefill product, `(x @ decode(w).T) * scale` for fp16 x of
     M rows and an e4m3 weight [N, K] with a scale per weight row, through the public
     matmul2d: fp8 codes decoded inside the kernel (the default) and by a
     pass first (CVT_RAW_SLOTS 0), beside MLX's fp16 matmul with the fp16
-    weight (`x @ w16.T`, nn.Linear's product) and, below CVT_WS_MIN_ROWS rows,
-    the warp-specialised plan forced. Timed in turn (interleave,
+    weight (`x @ w16.T`, nn.Linear's product), below CVT_WS_MIN_ROWS rows
+    the warp-specialised plan forced, and `plans` ((plan, slots) pairs). Timed in turn (interleave,
     time_steady); each result checked against float32; peak memory of one
     call (the decode pass's fp16 copy of the weight shows there)."""
     import mlx_flash
@@ -881,6 +887,9 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5):
         if m < cm.CVT_WS_MIN_ROWS and dispatch.cuda_available():
             cases["ours_ws_forced"] = lambda: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True,
                                                         route="wgmma", plan=cm.WS_PLANS["cvt"])
+        for plan, slots in plans if dispatch.cuda_available() else ():
+            cases[f"ours_plan_{plan[0]}_{plan[1]}_raw{slots}"] = raw_slots(slots, lambda plan=plan: cm.matmul(
+                x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, route="wgmma", plan=plan))
         ref = (x.astype(mx.float32) @ fp8.decode(w8, "e4m3").T) * scale
         prepares, peaks = {}, {}
         for name, make in cases.items():
@@ -1271,7 +1280,7 @@ def main(argv=None):
     sections = {"gemm": lambda: bench_gemm(rec, [256] if args.warm else args.sizes),
                 "targets": lambda: bench_targets(rec, [256] if args.warm else args.sizes, 1 if args.warm else 5),
                 "prefill": lambda: bench_prefill(rec, ((128, 256, 256), (512, 256, 256)) if args.warm else
-                                                 PREFILL_SHAPES, 1 if args.warm else 5),
+                                                 PREFILL_SHAPES, 1 if args.warm else 5, PREFILL_PLANS),
                 "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else (decode_shapes,),
                                                plans=plans, rows=(1, 16) if args.warm else rows),
                 "decode_stream": lambda: bench_decode_stream(rec, ((256, 256),) if args.warm else decode_shapes,
