@@ -354,6 +354,7 @@ def test_wgmma_tma_and_ws_kernels_emulated(route, plan, ka, kb, K, transpose_b):
     ("float16", "e4m3", 450, (128, 6, 0, True, True), 3, "cols", "float16", False),  # BN 128
     ("bfloat16", "e5m2", 400, (128, 5, 0, True, True), 2, "cols", "float32", True),  # BN 128, early
     ("e4m3", "e4m3", 300, (256, 4, 0, True, True), 2, "cols", "float32", False),     # exact fp8 x fp8: a decoded first
+    ("float16", "e4m3", 200, None, 2, "cols", "float16", False),  # the default route at 133 rows: this kernel
 ], ids=lambda v: "_".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_ws_fp8_weight_decoded_in_kernel_emulated(ka, kb, K, plan, raw, scale, out, early, monkeypatch):
     from fp8_wgmma_bound import downscaling, every_code_rows, rows_needed
@@ -394,23 +395,29 @@ def test_ws_fp8_weight_decoded_in_kernel_emulated(ka, kb, K, plan, raw, scale, o
     assert_close(got[0], want, out_dtype, K)
 
 
-def test_ws_fp8_weight_decode_first_when_slots_are_off_emulated(monkeypatch):
+@pytest.mark.parametrize("plan", [(256, 4, 0, True, True), None], ids=["ws", "default"])
+def test_ws_fp8_weight_decode_first_when_slots_are_off_emulated(plan, monkeypatch):
     """CVT_RAW_SLOTS = 0 (MLX_FLASH_CUDA_CVT_RAW=0): b decoded by a pass first,
-    the 16-bit kernel after it; the same result."""
+    the 16-bit kernel after it; the same result. The default route then
+    keeps the warp-specialised kernel for 512 rows and more (CVT_WS_MIN_ROWS):
+    at 130 it takes the kernel that decodes in shared memory."""
     from mlx_flash._matmul_spec import validate_matmul
     from mlx_flash.backends import cuda_matmul
 
     monkeypatch.setattr(cuda_matmul, "CVT_RAW_SLOTS", 0)
-    gen = rng("ws-raw-off-emu")
+    gen = rng("ws-raw-off-emu", plan)
     a, _, a64 = make_operand(gen, (130, 200), "float16")
     b, _, b64 = make_operand(gen, (140, 200), "e4m3")
     spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, b_fmt="e4m3", transpose_b=True, out_dtype=mx.float32)
     harness.LAUNCHES.clear()
     with harness.patched_hopper():
-        got = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma", plan=(256, 4, 0, True, True))
+        got = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma", plan=plan)
         mx.eval(got)
     ws = [t for name, t in harness.LAUNCHES if name == "mlx_flash_matmul_wgmma_ws"]
-    assert len(ws) == 1 and ws[0]["RAW"] == 0 and ws[0]["FB"] == 0
+    if plan is None:
+        assert not ws and "mlx_flash_matmul_wgmma" in [name for name, _ in harness.LAUNCHES]
+    else:
+        assert len(ws) == 1 and ws[0]["RAW"] == 0 and ws[0]["FB"] == 0
     assert_close(got[0], reference(a64, b64, transpose_b=True), mx.float32, 200)
 
 

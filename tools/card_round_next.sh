@@ -440,9 +440,10 @@ elif [ "$PART" = s19b ]; then
 elif [ "$PART" = s19d ]; then
   # Session 19, after s19b timed the first in-kernel decode slower than the decode pass at large M (three
   # decoding warps paced by the stage ring): the whole producer warpgroup decodes, codes loaded RAW stages
-  # ahead. Its GPU cases, then the prefill shapes (with plans and slots side by side) and the targets.
+  # ahead; fp8 weights at fewer than 512 rows take it too. Its GPU cases (with the default routes' float64
+  # cases and the API's), then the prefill shapes (with plans and slots side by side) and the targets.
   step raw_routes 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
-    -k "decoded_in_kernel or exact_fp8_decoded_first or ws_batched"
+    tests/test_matmul.py -k "decoded_in_kernel or exact_fp8_decoded_first or ws_batched or wgmma_matches_float64 or cuda"
   step prefill 200 python3 -m mlx_flash.bench.cuda_matmul --sections prefill --out "$OUT/matmul_prefill.json"
   step targets 200 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
     --out "$OUT/matmul_targets.json"

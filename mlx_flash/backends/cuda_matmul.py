@@ -56,8 +56,10 @@ _FP8_NATIVE = os.environ.get("MLX_FLASH_CUDA_FP8_WGMMA", "exact") == "native"
 # tensor-core accumulator sets alternating between promotion intervals.
 WGMMA_PLANS = {"f16": (256, 4, 0, True), "cvt": (256, 4, 0, False), "native": (128, 6, 2, True)}
 # Default plans on the warp-specialised kernel where TMA is available (None:
-# WGMMA_PLANS). "cvt" only from CVT_WS_MIN_ROWS rows of a: below, decoding the
-# whole fp8 weight first costs more than the product.
+# WGMMA_PLANS). "cvt" with a b decoded by a pass first only from
+# CVT_WS_MIN_ROWS rows of a: below, decoding the whole fp8 weight first costs
+# more than the product. A b the kernel decodes itself (CVT_RAW_SLOTS) takes
+# the warp-specialised plan at any number of rows.
 # H200, 8192^3 (two runs): fp16 528-535 TFLOP/s warp-specialised vs 505-544
 # (TMA, one block barrier per stage: even); exact e4m3 x e4m3 562 vs 273 and
 # fp16 x e4m3 552 vs 340 (fp8 decoded first, then the 16-bit kernel); native
@@ -428,7 +430,8 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     kind = "native" if native else ("cvt" if spec.a_fmt or spec.b_fmt else "f16")
     if plan is None:
         plan = WGMMA_PLANS[kind]
-        if WS_PLANS[kind] and (kind != "cvt" or spec.M >= CVT_WS_MIN_ROWS) and _tma_available():
+        decode_pass_b = spec.b_fmt is not None and not (spec.transpose_b and CVT_RAW_SLOTS)
+        if WS_PLANS[kind] and (kind != "cvt" or spec.M >= CVT_WS_MIN_ROWS or not decode_pass_b) and _tma_available():
             plan = WS_PLANS[kind]
     bn, stages, promote, tma, ws, acc2 = unpack_plan(plan)
     if native and promote < 0 and not (promote in (-1, -2) and ws and tma and bn in (128, 192) and not acc2
