@@ -443,7 +443,8 @@ elif [ "$PART" = s19d ]; then
   # ahead; fp8 weights at fewer than 512 rows take it too. Its GPU cases (with the default routes' float64
   # cases and the API's), then the prefill shapes (with plans and slots side by side) and the targets.
   step raw_routes 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
-    tests/test_matmul.py -k "decoded_in_kernel or exact_fp8_decoded_first or ws_batched or wgmma_matches_float64 or cuda"
+    -k "decoded_in_kernel or exact_fp8_decoded_first or ws_batched or wgmma_matches_float64"
+  step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py -k cuda
   step prefill 200 python3 -m mlx_flash.bench.cuda_matmul --sections prefill --out "$OUT/matmul_prefill.json"
   step targets 200 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
     --out "$OUT/matmul_targets.json"
