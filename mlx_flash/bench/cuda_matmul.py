@@ -855,7 +855,7 @@ PREFILL_SHAPES = tuple((m, k, n) for m in (128, 512, 2048) for k, n in ((4096, 4
 # Warp-specialised plans and slots of fp8 codes timed beside the routed one
 # (BN, stages, promote, TMA, ws; slots).
 PREFILL_PLANS = (((256, 3, 0, True, True), 4), ((256, 3, 0, True, True), 2), ((256, 4, 0, True, True), 1),
-                 ((128, 6, 0, True, True), 2))
+                 ((128, 6, 0, True, True), 2), ((128, 6, 0, True, True), 4))
 
 
 def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=()):
