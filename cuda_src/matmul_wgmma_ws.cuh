@@ -29,16 +29,13 @@
 // consumer warpgroup keeps the tensor cores busy meanwhile): the tensor
 // cores' truncating fp8 sums then span 32 or 64 products instead of 256.
 // RAW > 0 (16-bit a, fp8 b as [N][K] codes: FP8Linear's prefill): b is
-// decoded inside the kernel instead of by a pass before it, and the whole
-// producer warpgroup works. Per stage, its 128 threads wait for the stage's
-// release; thread 0 loads a's tile (TMA, into the stage); all decode b's fp8
-// codes from slot it % RAW of a ring of their own (fp8_decode.cuh, exact) into
-// the stage's b tile, in the 16-bit layout a TMA load with the 128-byte
-// swizzle would have left, and fence the writes for the tensor cores (async
-// proxy); after a named barrier over the warpgroup, thread 0 declares the
-// stage full and refills the slot with the codes of stage it + RAW (TMA, no
-// swizzle, 64-byte rows), so RAW loads of codes are in flight ahead of the
-// decoding, apart from the stage ring's pace. No fp16 copy of the weight is
+// decoded inside the kernel instead of by a pass before it. The producer
+// thread loads b's fp8 tile by TMA (no swizzle, 64-byte rows) into a ring of
+// RAW slots of its own; the producer warpgroup's three other warps decode it
+// exactly (fp8_decode.cuh) into the stage's b tile, in the 16-bit layout a
+// TMA load with the 128-byte swizzle would have left, fence the writes for
+// the tensor cores (async proxy) and arrive on the stage's full barrier
+// (which waits for them and for a's bytes). No fp16 copy of the weight is
 // ever made in global memory. The consumers are unchanged.
 // The kernel needs 384 threads of at most 168 registers at launch (for the
 // setmaxnreg trade): matmul_wgmma_ws.cu's launch bounds say so. (Clusters of
@@ -76,8 +73,8 @@ __host__ __device__ constexpr int matmul_ws_smem(int bn, int stages, int raw = 0
   return stages * (kWgBM + bn) * 128 + raw * bn * 64 + 1024;
 }
 
-// RAW: the producer warpgroup's threads, all decoding b's fp8 codes.
-constexpr int kWsDecoders = 128;
+// RAW: the producer warpgroup's warps 1-3 decode b's fp8 codes.
+constexpr int kWsDecoders = 96;
 
 template <typename TA, typename TB, typename TO, int FA, int FB, bool TRANS_B, bool AS, bool BS, int BN, int STAGES,
           int PROMOTE, bool NATIVE, bool ACC2, int RAW = 0>
@@ -114,7 +111,7 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   unsigned char* ring = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   __shared__ __align__(128) unsigned char tm_stage[256];
   __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
-  __shared__ __align__(8) unsigned long long raw_full[RAW ? RAW : 1];
+  __shared__ __align__(8) unsigned long long raw_full[RAW ? RAW : 1], raw_empty[RAW ? RAW : 1];
   unsigned char* raw_ring = ring + STAGES * STAGE_BYTES;  // RAW slots after the stages (1024-byte multiples)
 
   const int M = ip[kWgM], N = ip[kWgN], K = ip[kWgK];
@@ -141,12 +138,15 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   if (tid == 32) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
-      // RAW: a's bytes, and one more arrival once b's tile is decoded.
-      mbar_init(&full_bar[s], RAW ? 2 : 1);
+      // RAW: the full barrier also waits for the decoding warps' arrivals.
+      mbar_init(&full_bar[s], RAW ? 1 + kWsDecoders / 32 : 1);
       mbar_init(&empty_bar[s], CONSUMERS);
     }
 #pragma unroll
-    for (int q = 0; q < (RAW ? RAW : 0); ++q) mbar_init(&raw_full[q], 1);
+    for (int q = 0; q < (RAW ? RAW : 0); ++q) {
+      mbar_init(&raw_full[q], 1);
+      mbar_init(&raw_empty[q], kWsDecoders / 32);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -155,67 +155,41 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
     // Producer.
     setmaxnreg_dec<40>();
     if constexpr (RAW > 0) {
-      // Producer and decoders (the header says how).
-      const int steps = ((units - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x) * ktiles;
-      // Stage `step`'s codes into slot step % RAW (thread 0).
-      auto load_codes = [&](int step) {
-        if (step >= steps) return;
-        int m0, n0;
-        tile_origin(blockIdx.x + (step / ktiles) * gridDim.x, m0, n0);
-        const int q = step % RAW;
-        mbar_expect_tx(&raw_full[q], RAW_BYTES);
-        tma_load_2d(raw_ring + q * RAW_BYTES, tm_ws + 128, (step % ktiles) * KSTEP, n0, &raw_full[q]);
-      };
-      if (tid == 0) {
-        tma_acquire(tm_ws);
-        tma_acquire(tm_ws + 128);
-#pragma unroll
-        for (int q = 0; q < RAW; ++q) load_codes(q);
-      }
-      for (int it = 0; it < steps; ++it) {
-        const int s = it % STAGES, q = it % RAW, kt = it % ktiles;
-        // Round r = it / STAGES of stage s needs round r - 1's release.
-        if (it >= STAGES) mbar_wait(&empty_bar[s], ((it / STAGES) + 1) & 1);
-        unsigned char* st = ring + s * STAGE_BYTES;
-        if (tid == 0) {
-          int m0, n0;
-          tile_origin(blockIdx.x + (it / ktiles) * gridDim.x, m0, n0);
-          mbar_expect_tx(&full_bar[s], A_BYTES);
-          tma_load_2d(st, tm_ws, kt * KSTEP, m0, &full_bar[s]);
-        }
-        mbar_wait(&raw_full[q], (it / RAW) & 1);
-        const unsigned char* src = raw_ring + q * RAW_BYTES;
-        unsigned char* dst = st + A_BYTES;
-        // 16 codes a thread and unit u: row r = u / 4, codes 16 (u % 4) ..;
-        // they become 16-byte chunks 2 (u % 4) and 2 (u % 4) + 1 of the
-        // 128-byte row r, at chunk ^ (r % 8) (the 128-byte swizzle). Two units
-        // at a time, both loads first: the loop is latency-bound otherwise.
-        static_assert(BN * 4 % (2 * kWsDecoders) == 0, "whole pairs of units per thread");
-#pragma unroll 1
-        for (int u0 = tid; u0 < BN * 4; u0 += 2 * kWsDecoders) {
-          uint4 codes[2];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) codes[h] = *reinterpret_cast<const uint4*>(src + (u0 + h * kWsDecoders) * 16);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int u = u0 + h * kWsDecoders, r = u >> 2, c = (u & 3) * 2;
-            uint4 vals[2];
-            decode16<TA, FB>(codes[h], vals);
-            *reinterpret_cast<uint4*>(dst + r * 128 + ((c ^ (r & 7)) << 4)) = vals[0];
-            *reinterpret_cast<uint4*>(dst + r * 128 + (((c + 1) ^ (r & 7)) << 4)) = vals[1];
+      if (tid >= 32) {
+        // Decoders: the same sequence of stages as the producer thread.
+        const int dt = tid - 32, dwarp_lane = tid % 32;
+        int dit = 0;
+        for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+          for (int kt = 0; kt < ktiles; ++kt, ++dit) {
+            const int s = dit % STAGES, q = dit % RAW;
+            // Slot q's codes for this stage landed. The producer issued them
+            // after stage s's release, so its b tile is free to write.
+            mbar_wait(&raw_full[q], (dit / RAW) & 1);
+            const unsigned char* src = raw_ring + q * RAW_BYTES;
+            unsigned char* dst = ring + s * STAGE_BYTES + A_BYTES;
+            // 16 codes a thread and step: row r = u / 4, codes 16 (u % 4) ..;
+            // they become 16-byte chunks 2 (u % 4) and 2 (u % 4) + 1 of the
+            // 128-byte row r, at chunk ^ (r % 8) (the 128-byte swizzle).
+            for (int u = dt; u < BN * 4; u += kWsDecoders) {
+              const int r = u >> 2, c = (u & 3) * 2;
+              const uint4 codes = *reinterpret_cast<const uint4*>(src + u * 16);
+              uint4 vals[2];
+              decode16<TA, FB>(codes, vals);
+              *reinterpret_cast<uint4*>(dst + r * 128 + ((c ^ (r & 7)) << 4)) = vals[0];
+              *reinterpret_cast<uint4*>(dst + r * 128 + (((c + 1) ^ (r & 7)) << 4)) = vals[1];
+            }
+            // The tensor cores read shared memory through the async proxy:
+            // the writes are fenced for it before the stage is declared full.
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            __syncwarp();
+            if (dwarp_lane == 0) {
+              mbar_arrive(&raw_empty[q]);
+              mbar_arrive(&full_bar[s]);
+            }
           }
         }
-        // The tensor cores read shared memory through the async proxy: each
-        // thread fences its writes for it; after the barrier the warpgroup's
-        // writes are all done and slot q is read.
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        asm volatile("bar.sync 1, %0;\n" ::"n"(kWsDecoders) : "memory");
-        if (tid == 0) {
-          mbar_arrive(&full_bar[s]);
-          load_codes(it + RAW);
-        }
+        return;
       }
-      return;
     }
     if (tid != 0) return;
     tma_acquire(tm_ws);
@@ -230,9 +204,15 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         if (it >= STAGES) mbar_wait(&empty_bar[s], ((it / STAGES) + 1) & 1);
         unsigned char* st = ring + s * STAGE_BYTES;
         void* bar = &full_bar[s];
-        mbar_expect_tx(bar, STAGE_BYTES);
+        mbar_expect_tx(bar, RAW ? A_BYTES : STAGE_BYTES);
         tma_load_2d(st, tm_ws, kt * KSTEP, m0, bar);
-        if constexpr (TRANS_B) {
+        if constexpr (RAW > 0) {
+          // b's codes into raw slot q, once the decoders have emptied it.
+          const int q = it % RAW;
+          if (it >= RAW) mbar_wait(&raw_empty[q], ((it / RAW) + 1) & 1);
+          mbar_expect_tx(&raw_full[q], RAW_BYTES);
+          tma_load_2d(raw_ring + q * RAW_BYTES, tm_ws + 128, kt * KSTEP, n0, &raw_full[q]);
+        } else if constexpr (TRANS_B) {
           tma_load_2d(st + A_BYTES, tm_ws + 128, kt * KSTEP, n0, bar);
         } else {
 #pragma unroll

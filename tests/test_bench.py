@@ -339,19 +339,20 @@ def test_cuda_matmul_bench_prefill_on_the_cpu():
     from mlx_flash.backends import cuda_matmul as backend
 
     rec = Recorder()
-    slots = backend.CVT_RAW_SLOTS
+    settings = backend.CVT_RAW_SLOTS, backend.CVT_RAW_MAX_ROWS
     cm.bench_prefill(rec, ((33, 48, 80), (512, 32, 17)), rounds=2)
-    assert backend.CVT_RAW_SLOTS == slots  # the decode-first variant put the setting back
+    assert (backend.CVT_RAW_SLOTS, backend.CVT_RAW_MAX_ROWS) == settings  # the variants put the settings back
     rows = [r for r in rec.rows if r["section"] == "prefill"]
-    assert {r["case"] for r in rows} == {"mlx_fp16", "ours_in_kernel", "ours_decode_first"}
-    assert len(rows) == 6
+    assert {r["case"] for r in rows} == {"mlx_fp16", "ours_routed", "ours_in_kernel", "ours_decode_first"}
+    assert len(rows) == 8
     for row in rows:
         assert "error" not in row, row
         assert row["us"] > 0 and len(row["us_rounds"]) == 2 and row["peak_mib"] >= 0
         if row["case"] != "mlx_fp16":
             assert row["rel_diff_vs_fp32"] < 1e-2, row
     ratios = {(r["m"], r["case"]) for r in rec.rows if r["section"] == "prefill_ratio"}
-    assert ratios == {(m, f"{c}_vs_mlx_fp16") for m in (33, 512) for c in ("ours_in_kernel", "ours_decode_first")}
+    assert ratios == {(m, f"{c}_vs_mlx_fp16") for m in (33, 512)
+                      for c in ("ours_routed", "ours_in_kernel", "ours_decode_first")}
     json.dumps(rec.rows)
 
 

@@ -396,16 +396,18 @@ def test_ws_fp8_weight_decoded_in_kernel_emulated(ka, kb, K, plan, raw, scale, o
 
 
 @pytest.mark.parametrize("plan", [(256, 4, 0, True, True), None], ids=["ws", "default"])
-def test_ws_fp8_weight_decode_first_when_slots_are_off_emulated(plan, monkeypatch):
-    """CVT_RAW_SLOTS = 0 (MLX_FLASH_CUDA_CVT_RAW=0): b decoded by a pass first,
-    the 16-bit kernel after it; the same result. The default route then
-    keeps the warp-specialised kernel for 512 rows and more (CVT_WS_MIN_ROWS):
-    at 130 it takes the kernel that decodes in shared memory."""
+@pytest.mark.parametrize("off", ["slots", "rows"])
+def test_ws_fp8_weight_decode_first_when_slots_are_off_emulated(plan, off, monkeypatch):
+    """CVT_RAW_SLOTS = 0 (MLX_FLASH_CUDA_CVT_RAW=0), or as many rows of a as
+    CVT_RAW_MAX_ROWS: b decoded by a pass first, the 16-bit kernel after it;
+    the same result. The default route then keeps the warp-specialised kernel
+    for 512 rows and more (CVT_WS_MIN_ROWS): at 130 it takes the kernel that
+    decodes in shared memory."""
     from mlx_flash._matmul_spec import validate_matmul
     from mlx_flash.backends import cuda_matmul
 
-    monkeypatch.setattr(cuda_matmul, "CVT_RAW_SLOTS", 0)
-    gen = rng("ws-raw-off-emu", plan)
+    monkeypatch.setattr(cuda_matmul, *(("CVT_RAW_SLOTS", 0) if off == "slots" else ("CVT_RAW_MAX_ROWS", 130)))
+    gen = rng("ws-raw-off-emu", plan, off)
     a, _, a64 = make_operand(gen, (130, 200), "float16")
     b, _, b64 = make_operand(gen, (140, 200), "e4m3")
     spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, b_fmt="e4m3", transpose_b=True, out_dtype=mx.float32)

@@ -82,7 +82,13 @@ CVT_WS_MIN_ROWS = 512
 # (cuda_src/matmul_wgmma_ws.cuh, RAW) instead of by a decode pass over the
 # whole weight first (MLX's from_fp8 into an fp16 copy: on the H100 32 us of a
 # 4096^3 product's ~280 us, and the copy's memory). 0 restores the pass.
+# Only below CVT_RAW_MAX_ROWS rows of a: the kernel's three decoding warps
+# cap it at ~470 TFLOP/s, so from there the pass is faster (H100, session 19,
+# `--sections prefill`, matmul_prefill_nvidia_h100_s19b.json: at 128 / 512
+# rows the kernel that decodes took 0.74-0.92x the time of the pass, at 2048
+# rows 1.26-1.29x; docs/matmul.md, "FP8Linear's prefill").
 CVT_RAW_SLOTS = int(os.environ.get("MLX_FLASH_CUDA_CVT_RAW", "2"))
+CVT_RAW_MAX_ROWS = 1024
 if CVT_RAW_SLOTS not in (0, 1, 2, 3, 4):
     raise ValueError(f"MLX_FLASH_CUDA_CVT_RAW must be 0 to 4 (slots of fp8 codes; 0: decode first), "
                      f"got {os.environ['MLX_FLASH_CUDA_CVT_RAW']!r}")
@@ -253,6 +259,12 @@ def route_of(a, b, spec) -> str:
         native = _FP8_NATIVE or spec.fast_accumulation  # the process-wide switch, or the call's own
         return "wgmma_fp8" if native and spec.a_fmt and spec.b_fmt else "wgmma"
     return "mma"
+
+
+def in_kernel_b(spec) -> bool:
+    """Whether the warp-specialised kernel decodes b's fp8 codes itself
+    (CVT_RAW_SLOTS, below CVT_RAW_MAX_ROWS rows of a) rather than a pass first."""
+    return spec.b_fmt is not None and spec.transpose_b and CVT_RAW_SLOTS > 0 and spec.M < CVT_RAW_MAX_ROWS
 
 
 def _scale_flags(a_scale, b_scale):
@@ -430,7 +442,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     kind = "native" if native else ("cvt" if spec.a_fmt or spec.b_fmt else "f16")
     if plan is None:
         plan = WGMMA_PLANS[kind]
-        decode_pass_b = spec.b_fmt is not None and not (spec.transpose_b and CVT_RAW_SLOTS)
+        decode_pass_b = spec.b_fmt is not None and not in_kernel_b(spec)
         if WS_PLANS[kind] and (kind != "cvt" or spec.M >= CVT_WS_MIN_ROWS or not decode_pass_b) and _tma_available():
             plan = WS_PLANS[kind]
     bn, stages, promote, tma, ws, acc2 = unpack_plan(plan)
@@ -449,7 +461,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
         # one pass over each.
         floats = [x.dtype for x, fmt in ((a, spec.a_fmt), (b, spec.b_fmt)) if fmt is None]
         compute = floats[0] if floats else mx.float16
-        raw = CVT_RAW_SLOTS if fb and transpose_b and tma else 0
+        raw = CVT_RAW_SLOTS if tma and in_kernel_b(spec) else 0
         if fa:
             a = _decode_fp8(a, spec.a_fmt, compute, stream)
         if fb and not raw:

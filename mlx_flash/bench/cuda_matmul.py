@@ -680,7 +680,7 @@ def gpu_time_per_call(prepare, n: int, torch) -> dict:
 # Issue 15's products: each of ours against its anchor in the same run, as
 # (ours, anchor) case names of bench_targets.
 TARGET_PAIRS = (("ours_fp16", "mlx_fp16"), ("ours_bf16", "mlx_bf16"), ("ours_fp16_x_e4m3_bT", "mlx_fp16"),
-                ("ours_fp16_x_e4m3_bT_decode_first", "mlx_fp16"),
+                ("ours_fp16_x_e4m3_bT_decode_first", "mlx_fp16"), ("ours_fp16_x_e4m3_bT_in_kernel", "mlx_fp16"),
                 ("ours_e4m3_fast", "torch_scaled_mm_fast_accum_false"),
                 ("ours_e4m3_x_e5m2_fast", "torch_scaled_mm_fast_accum_false"),
                 ("ours_e4m3_fast_rowcol_scales_bf16", "torch_scaled_mm_rowwise_bf16"),
@@ -698,17 +698,18 @@ TARGET_NATIVE_PLANS = ((128, 6, 1, True, True), (128, 7, 1, True, True), (192, 4
 
 def raw_slots(slots: int, make):
     """`make` with the backend's fp8-weight decode set to `slots` slots of
-    codes in the kernel (0: a decode pass first) while it builds its graph:
-    the route is chosen then, so both variants run side by side in one process."""
+    codes in the kernel at any number of rows (0: a decode pass first) while
+    it builds its graph: the route is chosen then, so the variants run side
+    by side in one process."""
     from ..backends import cuda_matmul as cm
 
     def build():
-        saved = cm.CVT_RAW_SLOTS
-        cm.CVT_RAW_SLOTS = slots
+        saved = cm.CVT_RAW_SLOTS, cm.CVT_RAW_MAX_ROWS
+        cm.CVT_RAW_SLOTS, cm.CVT_RAW_MAX_ROWS = slots, 1 << 62
         try:
             return make()
         finally:
-            cm.CVT_RAW_SLOTS = saved
+            cm.CVT_RAW_SLOTS, cm.CVT_RAW_MAX_ROWS = saved
     return build
 
 
@@ -754,6 +755,7 @@ def bench_targets(rec: Recorder, sizes, rounds: int = 5, profile_calls: int = 8,
             "ours_bf16": lambda: mm(abf, bbf),
             "ours_fp16_x_e4m3_bT": lambda: mm(a16, b8t, b_fmt="e4m3", transpose_b=True),
             "ours_fp16_x_e4m3_bT_decode_first": raw_slots(0, lambda: mm(a16, b8t, b_fmt="e4m3", transpose_b=True)),
+            "ours_fp16_x_e4m3_bT_in_kernel": raw_slots(2, lambda: mm(a16, b8t, b_fmt="e4m3", transpose_b=True)),
             "ours_e4m3_exact": lambda: mm(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
                                           out_dtype=mx.float16),
             "ours_e4m3_fast": lambda: mm(a8, b8t, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
@@ -807,6 +809,7 @@ def bench_targets(rec: Recorder, sizes, rounds: int = 5, profile_calls: int = 8,
             ref_of = {"ours_fp16": f32(a16) @ f32(b16), "ours_bf16": f32(abf) @ f32(bbf),
                       "ours_fp16_x_e4m3_bT": f32(a16) @ f32(b8t, "e4m3").T,
                       "ours_fp16_x_e4m3_bT_decode_first": f32(a16) @ f32(b8t, "e4m3").T,
+                      "ours_fp16_x_e4m3_bT_in_kernel": f32(a16) @ f32(b8t, "e4m3").T,
                       "ours_e4m3_x_e5m2_fast": f32(a8, "e4m3") @ f32(b8t_e5m2, "e5m2").T,
                       "ours_e4m3_fast_rowcol_scales_bf16": ref8 * a_rows * b_cols}
             for name, make in cases.items():
@@ -849,20 +852,20 @@ def bench_targets(rec: Recorder, sizes, rounds: int = 5, profile_calls: int = 8,
 
 # FP8Linear's prefill products (M tokens x a [N, K] weight): Llama-3.1-8B's
 # attention (4096 x 4096) and MLP (14336 x 4096, 4096 x 14336) weights.
-PREFILL_SHAPES = tuple((m, k, n) for m in (128, 512, 2048) for k, n in ((4096, 4096), (4096, 14336), (14336, 4096)))
+PREFILL_SHAPES = tuple((m, k, n) for m in (128, 512, 1024, 2048) for k, n in ((4096, 4096), (4096, 14336),
+                                                                               (14336, 4096)))
 
 
 # Warp-specialised plans and slots of fp8 codes timed beside the routed one
 # (BN, stages, promote, TMA, ws; slots).
-PREFILL_PLANS = (((256, 3, 0, True, True), 4), ((256, 3, 0, True, True), 2), ((256, 4, 0, True, True), 1),
-                 ((128, 6, 0, True, True), 2), ((128, 6, 0, True, True), 4))
+PREFILL_PLANS = (((256, 3, 0, True, True), 4),)
 
 
 def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=()):
     """FP8Linear's prefill product, `(x @ decode(w).T) * scale` for fp16 x of
     M rows and an e4m3 weight [N, K] with a scale per weight row, through the public
-    matmul2d: fp8 codes decoded inside the kernel (the default) and by a
-    pass first (CVT_RAW_SLOTS 0), beside MLX's fp16 matmul with the fp16
+    matmul2d: as routed, fp8 codes decoded inside the kernel and by a pass
+    first (CVT_RAW_SLOTS 0), beside MLX's fp16 matmul with the fp16
     weight (`x @ w16.T`, nn.Linear's product), below CVT_WS_MIN_ROWS rows
     the warp-specialised plan forced, and `plans` ((plan, slots) pairs). Timed in turn (interleave,
     time_steady); each result checked against float32; peak memory of one
@@ -883,7 +886,8 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
         mx.eval(x, w16, w8, scale)
         mm = mlx_flash.matmul2d
         ours = lambda: mm(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True)  # noqa: E731
-        cases = {"mlx_fp16": lambda: x @ w16.T, "ours_in_kernel": ours, "ours_decode_first": raw_slots(0, ours)}
+        cases = {"mlx_fp16": lambda: x @ w16.T, "ours_routed": ours,
+                 "ours_in_kernel": raw_slots(cm.CVT_RAW_SLOTS or 2, ours), "ours_decode_first": raw_slots(0, ours)}
         if m < cm.CVT_WS_MIN_ROWS and dispatch.cuda_available():
             cases["ours_ws_forced"] = lambda: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True,
                                                         route="wgmma", plan=cm.WS_PLANS["cvt"])
