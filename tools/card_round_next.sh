@@ -5,7 +5,7 @@
 # docs/cuda.md and docs/matmul.md): parts a-l sessions 11-15,
 # m-r session 16 (n, o and p time the cp.async ring, removed since: they stop
 # at its ValueError; r a merge not kept), s-z session 17, s18a-s18d session 18,
-# s19a-s19e session 19.
+# s19a-s19f session 19.
 # A card session:
 #
 #     call 1 (carry .device/first): mkdir -p /root/mlxcuda && cp .device/first/part.aa /root/mlxcuda/
@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19e}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -457,11 +457,16 @@ elif [ "$PART" = s19e ]; then
   step prefill 200 python3 -m mlx_flash.bench.cuda_matmul --sections prefill --out "$OUT/matmul_prefill.json"
   step targets 200 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
     --out "$OUT/matmul_targets.json"
+elif [ "$PART" = s19f ]; then
+  # Session 19, the device time left after s19d: s19e's GPU cases only (no timings).
+  step raw_routes 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
+    -k "decoded_in_kernel or exact_fp8_decoded_first or ws_batched or wgmma_matches_float64"
+  step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py -k cuda
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d or s19a-s19e, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d or s19a-s19f, got $PART" >&2
   exit 2
 fi
