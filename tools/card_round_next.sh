@@ -451,6 +451,7 @@ elif [ "$PART" = s19d ]; then
 elif [ "$PART" = s19e ]; then
   # Session 19, after s19d timed the merged producer-decoder slower still: s19a's kernel again (three decoding
   # warps), taken below 1024 rows (CVT_RAW_MAX_ROWS), the decode pass from there. The same steps as s19d.
+  # Not run in session 19 (no card could be started again): the next card session's first part.
   step raw_routes 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
     -k "decoded_in_kernel or exact_fp8_decoded_first or ws_batched or wgmma_matches_float64"
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py -k cuda
