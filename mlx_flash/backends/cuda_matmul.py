@@ -442,8 +442,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     kind = "native" if native else ("cvt" if spec.a_fmt or spec.b_fmt else "f16")
     if plan is None:
         plan = WGMMA_PLANS[kind]
-        decode_pass_b = spec.b_fmt is not None and not in_kernel_b(spec)
-        if WS_PLANS[kind] and (kind != "cvt" or spec.M >= CVT_WS_MIN_ROWS or not decode_pass_b) and _tma_available():
+        if WS_PLANS[kind] and (kind != "cvt" or spec.M >= CVT_WS_MIN_ROWS or in_kernel_b(spec)) and _tma_available():
             plan = WS_PLANS[kind]
     bn, stages, promote, tma, ws, acc2 = unpack_plan(plan)
     if native and promote < 0 and not (promote in (-1, -2) and ws and tma and bn in (128, 192) and not acc2
