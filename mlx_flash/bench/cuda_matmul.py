@@ -865,11 +865,13 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
     """FP8Linear's prefill product, `(x @ decode(w).T) * scale` for fp16 x of
     M rows and an e4m3 weight [N, K] with a scale per weight row, through the public
     matmul2d: as routed, fp8 codes decoded inside the kernel and by a pass
-    first (CVT_RAW_SLOTS 0), beside MLX's fp16 matmul with the fp16
-    weight (`x @ w16.T`, nn.Linear's product), below CVT_WS_MIN_ROWS rows
-    the warp-specialised plan forced, and `plans` ((plan, slots) pairs). Timed in turn (interleave,
-    time_steady); each result checked against float32; peak memory of one
-    call (the decode pass's fp16 copy of the weight shows there)."""
+    first (CVT_RAW_SLOTS 0; below CVT_WS_MIN_ROWS rows on the kernel that
+    decodes in shared memory), and `plans` ((plan, slots) pairs), beside
+    MLX's fp16 matmul with the fp16 weight (`x @ w16.T`, nn.Linear's
+    product). Timed in turn (interleave, time_steady); each result checked
+    against float32; peak memory of one call (the decode pass's fp16 copy of
+    the weight shows there). Session 19's s19b run named the kernel that
+    decodes, forced below 512 rows, "ours_ws_forced"."""
     import mlx_flash
     from .. import fp8
     from ..backends import cuda_matmul as cm
@@ -888,9 +890,6 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
         ours = lambda: mm(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True)  # noqa: E731
         cases = {"mlx_fp16": lambda: x @ w16.T, "ours_routed": ours,
                  "ours_in_kernel": raw_slots(cm.CVT_RAW_SLOTS or 2, ours), "ours_decode_first": raw_slots(0, ours)}
-        if m < cm.CVT_WS_MIN_ROWS and dispatch.cuda_available():
-            cases["ours_ws_forced"] = lambda: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True,
-                                                        route="wgmma", plan=cm.WS_PLANS["cvt"])
         for plan, slots in plans if dispatch.cuda_available() else ():
             cases[f"ours_plan_{plan[0]}_{plan[1]}_raw{slots}"] = raw_slots(slots, lambda plan=plan: cm.matmul(
                 x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, route="wgmma", plan=plan))
