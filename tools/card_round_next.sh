@@ -35,6 +35,19 @@ step() {  # step NAME SECONDS CMD...
   echo "   rc $? $(date +%T): $(tail -1 "$OUT/$name.txt" | cut -c1-200)"
 }
 
+# Session 19's parts: the in-kernel fp8 decode's GPU cases (with the default
+# routes' float64 cases and the API's), and the prefill and targets timings.
+s19_gpu_cases() {
+  step raw_routes 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
+    -k "decoded_in_kernel or exact_fp8_decoded_first or ws_batched or wgmma_matches_float64"
+  step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py -k cuda
+}
+s19_timings() {
+  step prefill 200 python3 -m mlx_flash.bench.cuda_matmul --sections prefill --out "$OUT/matmul_prefill.json"
+  step targets 200 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
+    --out "$OUT/matmul_targets.json"
+}
+
 if [ "$PART" = a ]; then
   # 1. Session 10's NaN on the warp-specialised matmul (a default route):
   #    the probe tells whether a cluster kernel's cached CUDA graph exec loses
@@ -434,35 +447,23 @@ elif [ "$PART" = s19a ]; then
     -k "(fp8 or fast) and not bn128 and not bn256 and not pr2 and not pr4 and not pr-1 and not pr-2 and not acc2 and not decoded"
 elif [ "$PART" = s19b ]; then
   # Session 19: the timings (each case against its anchor in the same process).
-  step prefill 200 python3 -m mlx_flash.bench.cuda_matmul --sections prefill --out "$OUT/matmul_prefill.json"
-  step targets 200 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
-    --out "$OUT/matmul_targets.json"
+  s19_timings
 elif [ "$PART" = s19d ]; then
   # Session 19, after s19b timed the first in-kernel decode slower than the decode pass at large M (three
   # decoding warps paced by the stage ring): the whole producer warpgroup decodes, codes loaded RAW stages
   # ahead; fp8 weights at fewer than 512 rows take it too. Its GPU cases (with the default routes' float64
   # cases and the API's), then the prefill shapes (with plans and slots side by side) and the targets.
-  step raw_routes 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
-    -k "decoded_in_kernel or exact_fp8_decoded_first or ws_batched or wgmma_matches_float64"
-  step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py -k cuda
-  step prefill 200 python3 -m mlx_flash.bench.cuda_matmul --sections prefill --out "$OUT/matmul_prefill.json"
-  step targets 200 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
-    --out "$OUT/matmul_targets.json"
+  s19_gpu_cases
+  s19_timings
 elif [ "$PART" = s19e ]; then
   # Session 19, after s19d timed the merged producer-decoder slower still: s19a's kernel again (three decoding
   # warps), taken below 1024 rows (CVT_RAW_MAX_ROWS), the decode pass from there. The same steps as s19d.
   # Not run in session 19 (no card could be started again): the next card session's first part.
-  step raw_routes 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
-    -k "decoded_in_kernel or exact_fp8_decoded_first or ws_batched or wgmma_matches_float64"
-  step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py -k cuda
-  step prefill 200 python3 -m mlx_flash.bench.cuda_matmul --sections prefill --out "$OUT/matmul_prefill.json"
-  step targets 200 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
-    --out "$OUT/matmul_targets.json"
+  s19_gpu_cases
+  s19_timings
 elif [ "$PART" = s19f ]; then
   # Session 19, the device time left after s19d: s19e's GPU cases only (no timings).
-  step raw_routes 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
-    -k "decoded_in_kernel or exact_fp8_decoded_first or ws_batched or wgmma_matches_float64"
-  step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py -k cuda
+  s19_gpu_cases
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
