@@ -157,7 +157,7 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
     if constexpr (RAW > 0) {
       if (tid >= 32) {
         // Decoders: the same sequence of stages as the producer thread.
-        const int dt = tid - 32, dwarp_lane = tid % 32;
+        const int dt = tid - 32;
         int dit = 0;
         for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
           for (int kt = 0; kt < ktiles; ++kt, ++dit) {
@@ -182,7 +182,7 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
             // the writes are fenced for it before the stage is declared full.
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             __syncwarp();
-            if (dwarp_lane == 0) {
+            if (lane == 0) {
               mbar_arrive(&raw_empty[q]);
               mbar_arrive(&full_bar[s]);
             }

@@ -3,6 +3,7 @@ JSON schema, resume, the targets report and the plots. No timing assertions."""
 
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -320,7 +321,8 @@ def test_cuda_matmul_bench_targets_on_the_cpu():
     assert {"mlx_fp16", "ours_fp16", "ours_e4m3_fast", "ours_e4m3_fast_rowcol_scales_bf16"} <= set(rows)
     for name, row in rows.items():
         assert "error" not in row, row
-        assert row["ms"] > 0 and len(row["ms_rounds"]) == 2
+        # A difference of two batch times: at this size on the CPU it is noise and may fall below 0.
+        assert math.isfinite(row["ms"]) and len(row["ms_rounds"]) == 2
         if name.startswith("ours"):
             assert row["rel_diff_vs_fp32"] < 1e-2, row
     ratios = [r for r in rec.rows if r["section"] == "targets_ratio"]
@@ -347,7 +349,8 @@ def test_cuda_matmul_bench_prefill_on_the_cpu():
     assert len(rows) == 8
     for row in rows:
         assert "error" not in row, row
-        assert row["us"] > 0 and len(row["us_rounds"]) == 2 and row["peak_mib"] >= 0
+        # (time_steady's difference of two batches: noise at this size, may fall below 0)
+        assert math.isfinite(row["us"]) and len(row["us_rounds"]) == 2 and row["peak_mib"] >= 0
         if row["case"] != "mlx_fp16":
             assert row["rel_diff_vs_fp32"] < 1e-2, row
     ratios = {(r["m"], r["case"]) for r in rec.rows if r["section"] == "prefill_ratio"}

@@ -302,6 +302,31 @@ def test_matmul_hopper_plans_unpack_by_position():
             unpack_plan(bad)
 
 
+def test_ws_plan_beyond_shared_memory_is_an_error():
+    """A plan whose stages and slots of codes exceed a block's shared memory
+    says so, before any kernel is built."""
+    from mlx_flash.backends import cuda_matmul
+
+    assert cuda_matmul.ws_smem(256, 4, 2) <= cuda_matmul._WS_MAX_DYNAMIC_SMEM  # the default cvt plan fits
+    with pytest.raises(ValueError, match="BN 256 x 4 stages and 3 slots of fp8 codes need"):
+        cuda_matmul._wgmma_ws(None, None, None, None, None, None, 256, 4, 0, False, True, None, 256, 0, 1, raw=3)
+
+
+@pytest.mark.parametrize("value", ["5", "two", "-1"])
+def test_cvt_raw_setting_outside_its_range_is_an_error(value):
+    """MLX_FLASH_CUDA_CVT_RAW (slots of fp8 codes the ws kernel decodes, 0 to
+    4) names itself, what it takes and what it got, at import."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MLX_FLASH_CUDA_CVT_RAW=value)
+    got = subprocess.run([sys.executable, "-c", "import mlx_flash.backends.cuda_matmul"], capture_output=True,
+                         text=True, env=env)
+    assert got.returncode != 0
+    assert "MLX_FLASH_CUDA_CVT_RAW must be 0 to 4" in got.stderr and repr(value) in got.stderr, got.stderr[-500:]
+
+
 def test_no_kernel_has_a_compile_time_cluster_shape():
     """No kernel of ours may carry a compile-time cluster shape (__cluster_dims__,
     .reqnctapercluster). MLX builds an mx.fast.cuda_kernel launch as a plain

@@ -87,11 +87,11 @@ CVT_WS_MIN_ROWS = 512
 # `--sections prefill`, matmul_prefill_nvidia_h100_s19b.json: at 128 / 512
 # rows the kernel that decodes took 0.74-0.92x the time of the pass, at 2048
 # rows 1.26-1.29x; docs/matmul.md, "FP8Linear's prefill").
-CVT_RAW_SLOTS = int(os.environ.get("MLX_FLASH_CUDA_CVT_RAW", "2"))
+_CVT_RAW = os.environ.get("MLX_FLASH_CUDA_CVT_RAW", "2")
+if _CVT_RAW not in ("0", "1", "2", "3", "4"):
+    raise ValueError(f"MLX_FLASH_CUDA_CVT_RAW must be 0 to 4 (slots of fp8 codes; 0: decode first), got {_CVT_RAW!r}")
+CVT_RAW_SLOTS = int(_CVT_RAW)
 CVT_RAW_MAX_ROWS = 1024
-if CVT_RAW_SLOTS not in (0, 1, 2, 3, 4):
-    raise ValueError(f"MLX_FLASH_CUDA_CVT_RAW must be 0 to 4 (slots of fp8 codes; 0: decode first), "
-                     f"got {os.environ['MLX_FLASH_CUDA_CVT_RAW']!r}")
 # Shared memory one block may take (sm_90: 227 KiB), less the ws kernel's
 # static arrays (tensor-map staging, mbarriers).
 _WS_MAX_DYNAMIC_SMEM = 227 * 1024 - 512
