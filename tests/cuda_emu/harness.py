@@ -345,8 +345,8 @@ def tensor_map_3d(elem_bytes: int, inner: int, rows: int, slabs: int, box_rows: 
 def tensor_map_2d(elem_bytes: int, inner: int, outer: int, box_inner: int, box_outer: int,
                   swizzle: int = 128) -> bytes:
     """cuda_matmul.tensor_map_template's map (row-major [outer][inner], boxes of
-    box_inner x box_outer, 128-byte swizzle or none, zero fill) in the emulation's encoding."""
-    assert swizzle in (0, 128), swizzle
+    box_inner x box_outer, 128- or 64-byte swizzle or none, zero fill) in the emulation's encoding."""
+    assert swizzle in (0, 64, 128), swizzle
     return _TENSOR_MAP.pack(_TENSOR_MAP_TAG, 2, elem_bytes, swizzle, 0, inner, outer, 1, inner * elem_bytes,
                             inner * outer * elem_bytes, box_inner, box_outer, 1, 0).ljust(128, b"\0")
 

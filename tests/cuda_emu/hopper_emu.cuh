@@ -218,6 +218,8 @@ inline TmaQueue& tma_queue() {
   return q;
 }
 inline unsigned swizzle128(unsigned addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
+// The 64-byte swizzle: 16-byte chunk bits 4-5 XOR address bits 7-8.
+inline unsigned swizzle64(unsigned addr) { return addr ^ (((addr >> 7) & 3u) << 4); }
 
 #ifndef EMU_TMA_EARLY
 #define EMU_TMA_EARLY 0
@@ -235,6 +237,8 @@ inline void tma_write(const TmaLoad& l) {
   const TensorMap& m = l.map;
   const unsigned eb = m.elem_bytes, row_bytes = m.box[0] * eb;
   if (m.swizzle == 128 && row_bytes != 128) __emu_fail("TMA: a 128-byte swizzle with a box row that is not 128 bytes");
+  if (m.swizzle == 64 && row_bytes != 64) __emu_fail("TMA: a 64-byte swizzle with a box row that is not 64 bytes");
+  if (m.swizzle != 0 && m.swizzle != 64 && m.swizzle != 128) __emu_fail("TMA: swizzle 0, 64 or 128 bytes only");
   const unsigned bytes = row_bytes * m.box[1] * m.box[2];
   unsigned char* dst = __emu_smem_pointer(l.dst, bytes);
   const unsigned char* src = reinterpret_cast<const unsigned char*>(m.address);
@@ -243,7 +247,8 @@ inline void tma_write(const TmaLoad& l) {
       for (unsigned x = 0; x < m.box[0]; ++x) {
         const long long g0 = (long long)l.c[0] + x, g1 = (long long)l.c[1] + y, g2 = (long long)l.c[2] + z;
         const unsigned linear = ((z * m.box[1] + y) * m.box[0] + x) * eb;
-        const unsigned at = m.swizzle == 128 ? swizzle128(l.dst + linear) - l.dst : linear;
+        const unsigned at = m.swizzle == 128 ? swizzle128(l.dst + linear) - l.dst
+                            : m.swizzle == 64 ? swizzle64(l.dst + linear) - l.dst : linear;
         const bool in = g0 >= 0 && g1 >= 0 && g2 >= 0 && (unsigned long long)g0 < m.dims[0] &&
                         (unsigned long long)g1 < m.dims[1] && (unsigned long long)g2 < m.dims[2];
         if (in)
@@ -259,6 +264,7 @@ inline void tma_load(unsigned dst, const void* tmap, int c0, int c1, int c2, uns
   std::memcpy(&l.map, tmap, sizeof(TensorMap));
   if (l.map.tag != kTensorMapTag) __emu_fail("TMA load through bytes that are not an emulated tensor map");
   if (l.map.swizzle == 128 && dst % 1024) __emu_fail("TMA: a 128-byte swizzled box not 1024-byte aligned in shared memory");
+  if (l.map.swizzle == 64 && dst % 512) __emu_fail("TMA: a 64-byte swizzled box not 512-byte aligned in shared memory");
   l.dst = dst;
   l.bar = bar;
   l.c[0] = c0;
@@ -510,6 +516,24 @@ template <int KA, int KB, int N>
 inline void wgmma(float* d, const unsigned* a, unsigned long long da, unsigned long long db, int acc, int ta, int tb) {
   static_assert(N % 8 == 0 && N <= kMaxN, "wgmma: N");
   ++__emu_progress();
+  // RS: the warp's A fragments, as the instruction reads them at issue. The
+  // exchange yields to the other fibers, whose wgmma_wait may run and drop
+  // this thread's earlier ops (compacting its queue): so it comes first,
+  // before this op takes its slot in the queue.
+  unsigned quad[4][4] = {};
+  if (a) {
+    struct Regs {
+      unsigned r[4];
+    } mine;
+    std::memcpy(mine.r, a, sizeof(mine.r));
+    EmuExchange e = __emu_simd_exchange(&mine, sizeof(mine), __LINE__);
+    if (e.active_mask != 0xffffffffu) __emu_fail("wgmma with an incomplete warp");
+    const unsigned g = e.lane / 4;
+    for (unsigned l = 0; l < 4; ++l) {
+      const Regs r = __emu_lane_value<Regs>(e, 4 * g + l);
+      std::memcpy(quad[l], r.r, sizeof(r.r));
+    }
+  }
   OpQueue& q = op_queue();
   if (q.count == kMaxOps) __emu_fail("more than 48 wgmma in flight in one thread");
   Op& op = q.ops[q.count];
@@ -523,19 +547,9 @@ inline void wgmma(float* d, const unsigned* a, unsigned long long da, unsigned l
   op.tb = tb;
   op.group = q.committed;
   op.tid = __emu_attrs()->thread_index_in_threadgroup;
-  if (a) {  // the warp's A fragments, as the instruction reads them at issue
+  if (a) {
     std::memcpy(op.a_own, a, sizeof(op.a_own));
-    struct Regs {
-      unsigned r[4];
-    } mine;
-    std::memcpy(mine.r, a, sizeof(mine.r));
-    EmuExchange e = __emu_simd_exchange(&mine, sizeof(mine), __LINE__);
-    if (e.active_mask != 0xffffffffu) __emu_fail("wgmma with an incomplete warp");
-    const unsigned g = e.lane / 4;
-    for (unsigned l = 0; l < 4; ++l) {
-      const Regs r = __emu_lane_value<Regs>(e, 4 * g + l);
-      std::memcpy(op.quad[l], r.r, sizeof(r.r));
-    }
+    std::memcpy(op.quad, quad, sizeof(quad));
   }
   op.saved = true;
   for (int i = 0; i < q.count; ++i)
