@@ -499,3 +499,63 @@ def test_native_fp8_opt_in_names_the_capability_it_needs(cc, raises, monkeypatch
             cuda_matmul.matmul(a, b, a_fmt=a_fmt, b_fmt=b_fmt, route="mma")
     with pytest.raises(_ReachedKernel):
         cuda_matmul.matmul(f, b, b_fmt=b_fmt, route="mma")
+
+
+# FP8Linear's product on the kernel with the weight as wgmma's A operand
+# (matmul_wgmma_wa.cuh, route "wgmma_wa"): out^T = W x^T, the fp8 codes
+# decoded straight into the A registers (the 64-byte swizzled code tile, the
+# quad's pair selection, the two fragment sets alternating between stages),
+# the epilogue's pairing of neighbour rows by shuffle. Every finite code of
+# b's format occurs; K runs the stage ring round several times and ends
+# mid-stage; M crosses token tiles (BT 128 / 256), N weight-row tiles and is
+# not a multiple of 16; scales per row of a and per column of b, per tensor,
+# none; outputs 16-bit and float32; batched a with a shared and a batched b.
+# early: TMA writes land at issue (harness.TMA_EARLY), so a load into a stage
+# whose products or decoding still read it fails.
+@pytest.mark.parametrize("ka,kb,K,plan,scale,out,early,batch", [
+    ("float16", "e4m3", 700, (128, 8), "rows_cols", "float32", False, 1),
+    ("float16", "e4m3", 700, (128, 3), "cols", "float16", True, 1),
+    ("bfloat16", "e5m2", 520, (256, 5), "cols", "bfloat16", False, 1),
+    ("bfloat16", "e4m3", 1100, (256, 2), None, "float32", True, 1),   # two stages: a refill behind each product
+    ("bfloat16", "e4m3", 1100, (256, 2), None, "float32", False, 1),
+    ("float16", "e5m2", 320, (128, 2), "cols", "float16", False, 1),
+    ("float16", "e4m3", 1100, (256, 5), None, "float32", False, 1),
+    ("float16", "e5m2", 33, (128, 2), "tensor", "float16", False, 1),
+    ("bfloat16", "e4m3", 200, None, "rows_cols", "bfloat16", False, 2),   # shared b, the default plan
+    ("float16", "e5m2", 150, (128, 4), "cols", "float32", True, -2),      # batched b
+], ids=lambda v: "_".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_wa_fp8_weight_as_a_operand_emulated(ka, kb, K, plan, scale, out, early, batch, monkeypatch):
+    from fp8_wgmma_bound import downscaling, every_code_rows
+    from mlx_flash import fp8
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    monkeypatch.setattr(harness, "TMA_EARLY", early)
+    gen = rng("wa-emu", ka, kb, K, plan, scale, out, early, batch)
+    nb = abs(batch)
+    M, N = 133 if plan is None or plan[0] == 128 else 270, 141
+    a, _, a64 = make_operand(gen, (nb, M, K), ka)
+    b_codes = np.stack([every_code_rows(gen, kb, N, K) for _ in range(nb if batch < 0 else 1)])
+    b, b64 = mx.array(b_codes if batch < 0 else b_codes[0]), fp8.decode_table(kb)[b_codes].astype(np.float64)
+    sa = sb = None
+    if scale in ("cols", "rows_cols"):
+        sb = downscaling(np.abs(b64).max(axis=0), 1, gen).reshape(1, N)
+    if scale == "rows_cols":
+        sa = gen.uniform(0.5, 2, (nb, M, 1)).astype(np.float32)
+    if scale == "tensor":
+        sb = np.array([[0.75 * 2.0 ** -8]], np.float32)
+    if out != "float32" and sb is None:
+        sb = downscaling(b64, None, gen).reshape(1, 1)
+    want = reference(a64, b64, sa, sb, transpose_b=True)
+    out_dtype = getattr(mx, out)
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, b_fmt=kb, a_scale=None if sa is None else mx.array(sa),
+                                                b_scale=None if sb is None else mx.array(sb),
+                                                transpose_b=True, out_dtype=out_dtype)
+    harness.LAUNCHES.clear()
+    with harness.patched_hopper():
+        got = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma_wa", plan=plan)
+        mx.eval(got)
+    wa = [t for name, t in harness.LAUNCHES if name == "mlx_flash_matmul_wgmma_wa"]
+    assert len(wa) == 1 and wa[0]["FB"] == (1 if kb == "e4m3" else 2), list(harness.LAUNCHES)
+    assert wa[0]["BT"] == (plan or cuda_matmul.wa_plan(M))[0]
+    assert_close(got.reshape(want.shape), want, out_dtype, K)

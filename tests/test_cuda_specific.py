@@ -784,6 +784,49 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
             assert hgmma >= 4 and waits <= limit, f"{name}: {hgmma} wgmma, {waits} waits (serialised)"
 
 
+def _matmul_wa_cases():
+    """(TA, TO, FB, BT, STAGES) of the weight-as-A kernel (matmul_wgmma_wa.cuh); the plans of WA_PLANS first."""
+    f16, b16, f32 = mx.float16, mx.bfloat16, mx.float32
+    yield f16, f16, 1, 128, 8
+    yield b16, b16, 2, 256, 5
+    yield f16, f32, 2, 256, 5
+    yield b16, f32, 1, 128, 2
+
+
+@needs_nvcc
+@pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not installed")
+def test_matmul_weight_as_a_kernel_compiles_bounded_and_asynchronous(tmp_path):
+    """The weight-as-A kernel as MLX wraps it: at most 168 registers at
+    launch (384 threads; setmaxnreg moves them to the consumers), no spills
+    (128 accumulators and two sets of 16 A-fragment registers at BT 256), no
+    serialisation warning, and in the SASS four wgmma a stage (both fragment
+    and two waits a stage, one after each half)."""
+    body = cuda_backend._read("matmul_wgmma_wa.cu")
+    kernels = []
+    for i, (ta, to, fb, bt, stages) in enumerate(_matmul_wa_cases()):
+        template = [("TA", ta), ("TO", to), ("FB", fb), ("AS", i % 2 == 0), ("BS", True), ("BT", bt),
+                    ("STAGES", stages)]
+        kernels.append(_kernel_text(f"wa{i}", body, matmul_inputs(ta, mx.uint8) + [("tmpl", mx.uint8)],
+                                    [("out", to), ("tmaps", mx.uint8)], template))
+    log = _nvcc_compile(tmp_path, "matmul_wgmma_wa",
+                        _prelude(cuda_backend.kernel_headers("matmul_wgmma_wa")) + "\n" + "\n".join(kernels),
+                        ("-Xptxas", "-v"))
+    assert "serializ" not in log and "setmaxnreg" not in log, log[-3000:]
+    usage = ptxas_usage(log)
+    assert len(usage) == len(kernels), log[-2000:]
+    for name, (regs, spill_st, spill_ld) in usage.items():
+        assert regs <= 168 and spill_st == 0 and spill_ld == 0, \
+            f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+    sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / "matmul_wgmma_wa.o")], capture_output=True,
+                          text=True, check=True).stdout
+    counts = _wgmma_sync_counts(sass)
+    assert len(counts) == len(kernels), sass[:2000]
+    for name, (hgmma, waits) in counts.items():
+        # One stage's code: 4 wgmma (two halves of 2), a wait after each half
+        # and the tile's last: 3 (4 allowed).
+        assert hgmma == 4 and waits <= 4, f"{name}: {hgmma} wgmma, {waits} waits (serialised)"
+
+
 def _ws_instances():
     """Every instance of the warp-specialised forward the backend can build
     (over its knobs: ring depth, dense key tile, ping-pong, O's rescale, turns): (MLX's kernel

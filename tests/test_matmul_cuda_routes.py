@@ -448,6 +448,59 @@ def test_cuda_wgmma_ws_fp8_weight_decoded_in_kernel(plan, raw, ka, kb, M, K, N, 
         assert np.array_equal(outs[raw, out_dtype], outs[0, out_dtype], equal_nan=True)
 
 
+# FP8Linear's product on the weight-as-A kernel (matmul_wgmma_wa.cuh, route
+# "wgmma_wa"): out^T = W x^T, the codes decoded straight into wgmma's A
+# registers. Against float64 with every finite code of b's format; M, N, K
+# across tile edges (K = 1, K long enough to round the ring many times), both
+# token tiles and a two-stage ring; per-row a and per-column b scales, outputs
+# float32 and 16-bit; and against the route in use before it (decode first)
+# within the float32 sums' rounding (a different order of the same products).
+@WS
+@pytest.mark.parametrize("plan", [None, (128, 8), (256, 5), (128, 2)],
+                         ids=lambda v: "default" if v is None else f"bt{v[0]}_st{v[1]}")
+@pytest.mark.parametrize("ka,kb", [("float16", "e4m3"), ("bfloat16", "e5m2"), ("bfloat16", "e4m3")])
+@pytest.mark.parametrize("M,K,N", [(17, 1, 1), (600, 4096, 1030), (2000, 136, 2100), (130, 1000, 300),
+                                   (1100, 520, 260)])
+def test_cuda_wgmma_wa_fp8_weight_as_a_operand(plan, ka, kb, M, K, N):
+    from fp8_wgmma_bound import downscaling, every_code_rows, rows_needed
+
+    from mlx_flash import fp8
+
+    needs_hopper()
+    gen = rng("wgmma-wa", plan, ka, kb, M, K, N)
+    N = max(N, rows_needed(kb, K))
+    a, _, a64 = make_operand(gen, (M, K), ka)
+    codes = every_code_rows(gen, kb, N, K)
+    b, b64 = mx.array(codes), fp8.decode_table(kb)[codes].astype(np.float64)
+    sa = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    sb = downscaling(b64, 1, gen).reshape(1, N)
+    want = reference(a64, b64, sa, sb, transpose_b=True)
+    for out_dtype in (mx.float32, None):
+        out = run_route("wgmma_wa", a, b, b_fmt=kb, a_scale=mx.array(sa), b_scale=mx.array(sb), transpose_b=True,
+                        out_dtype=out_dtype, plan=plan)
+        if out_dtype == mx.float32:
+            out_f32 = out
+        assert_close(out, want, out.dtype, K)
+    before = run_route("wgmma", a, b, b_fmt=kb, a_scale=mx.array(sa), b_scale=mx.array(sb), transpose_b=True,
+                       out_dtype=mx.float32)
+    assert_close(out_f32, np.array(before).astype(np.float64), mx.float32, K)
+
+
+@WS
+@pytest.mark.parametrize("b_batched", [False, True])
+def test_cuda_wgmma_wa_batched(b_batched):
+    """Batches of a over one weight and over a weight per batch element."""
+    needs_hopper()
+    gen = rng("wgmma-wa-batch", b_batched)
+    lead, M, K, N = (3,), 140, 96, 272
+    a, _, a64 = make_operand(gen, lead + (M, K), "float16")
+    b, _, b64 = make_operand(gen, (lead if b_batched else ()) + (N, K), "e4m3")
+    sa = gen.uniform(0.5, 2, lead + (M, 1)).astype(np.float32)
+    out = run_route("wgmma_wa", a, b, b_fmt="e4m3", transpose_b=True, a_scale=mx.array(sa), b_scale=0.5,
+                    out_dtype=mx.float32)
+    assert_close(out, reference(a64, b64, sa, np.float32(0.5), transpose_b=True), mx.float32, K)
+
+
 @WS
 @pytest.mark.parametrize("b_batched", [False, True])
 def test_cuda_wgmma_ws_batched_and_scales(b_batched):

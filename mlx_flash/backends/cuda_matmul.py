@@ -92,6 +92,20 @@ if _CVT_RAW not in ("0", "1", "2", "3", "4"):
     raise ValueError(f"MLX_FLASH_CUDA_CVT_RAW must be 0 to 4 (slots of fp8 codes; 0: decode first), got {_CVT_RAW!r}")
 CVT_RAW_SLOTS = int(_CVT_RAW)
 CVT_RAW_MAX_ROWS = 1024
+# The same product on the kernel with the weight as wgmma's A operand
+# (cuda_src/matmul_wgmma_wa.cuh, route "wgmma_wa": out^T = W x^T, the fp8
+# codes decoded straight into the A registers by the warps that issue the
+# products; no 16-bit weight tile in shared memory). MLX_FLASH_CUDA_FP8W_WA=1
+# takes it for every [N, K] fp8 weight times a 16-bit a of more than
+# GEMV_MAX_ROWS rows on Hopper (with TMA); 0 keeps the kernels above.
+_FP8W_WA = os.environ.get("MLX_FLASH_CUDA_FP8W_WA", "0")
+if _FP8W_WA not in ("0", "1"):
+    raise ValueError(f"MLX_FLASH_CUDA_FP8W_WA must be 0 or 1, got {_FP8W_WA!r}")
+FP8W_WA = _FP8W_WA == "1"
+# Its plans (tokens a tile BT, stages): 128 tokens up to WA_WIDE_MIN_ROWS rows
+# of a (more tiles to fill the SMs at 512 rows), 256 from there.
+WA_PLANS = {"narrow": (128, 8), "wide": (256, 5)}
+WA_WIDE_MIN_ROWS = 1024
 # Shared memory one block may take (sm_90: 227 KiB), less the ws kernel's
 # static arrays (tensor-map staging, mbarriers).
 _WS_MAX_DYNAMIC_SMEM = 227 * 1024 - 512
@@ -257,7 +271,11 @@ def route_of(a, b, spec) -> str:
         return "gemv"
     if _WGMMA and _cuda._is_hopper():
         native = _FP8_NATIVE or spec.fast_accumulation  # the process-wide switch, or the call's own
-        return "wgmma_fp8" if native and spec.a_fmt and spec.b_fmt else "wgmma"
+        if native and spec.a_fmt and spec.b_fmt:
+            return "wgmma_fp8"
+        if FP8W_WA and wa_takes(spec) and _tma_available():
+            return "wgmma_wa"
+        return "wgmma"
     return "mma"
 
 
@@ -265,6 +283,22 @@ def in_kernel_b(spec) -> bool:
     """Whether the warp-specialised kernel decodes b's fp8 codes itself
     (CVT_RAW_SLOTS, below CVT_RAW_MAX_ROWS rows of a) rather than a pass first."""
     return spec.b_fmt is not None and spec.transpose_b and CVT_RAW_SLOTS > 0 and spec.M < CVT_RAW_MAX_ROWS
+
+
+def wa_takes(spec) -> bool:
+    """Whether the product has the weight-as-A kernel's shape: a 16-bit a
+    times [N, K] fp8 codes (FP8Linear's product)."""
+    return spec.a_fmt is None and spec.b_fmt is not None and spec.transpose_b
+
+
+def wa_plan(M: int) -> tuple:
+    """The weight-as-A kernel's default (BT, stages) for M rows of a."""
+    return WA_PLANS["wide" if M >= WA_WIDE_MIN_ROWS else "narrow"]
+
+
+def wa_smem(bt: int, stages: int) -> int:
+    """matmul_wa_smem() of matmul_wgmma_wa.cuh."""
+    return stages * (bt * 128 + 128 * 64) + 1024
 
 
 def _scale_flags(a_scale, b_scale):
@@ -376,18 +410,19 @@ def _tma_available() -> bool:
 def tensor_map_template(elem_bytes: int, inner: int, outer: int, box_inner: int, box_outer: int,
                         swizzle: int = 128) -> bytes:
     """A 2-D CUtensorMap (128 bytes) for a row-major [outer][inner] operand with
-    128-byte swizzled boxes (swizzle 0: boxes as they are) and zero fill; its
-    address is a placeholder that each block replaces on the device
-    (cuda_src/tma.cuh)."""
-    if swizzle not in (0, 128):
-        raise ValueError(f"tensor_map_template: swizzle is 0 or 128, got {swizzle}")
+    128-byte swizzled boxes (swizzle 0: boxes as they are; 64: the 64-byte
+    swizzle, for boxes of 64-byte rows) and zero fill; its address is a
+    placeholder that each block replaces on the device (cuda_src/tma.cuh)."""
+    if swizzle not in (0, 64, 128):
+        raise ValueError(f"tensor_map_template: swizzle is 0, 64 or 128, got {swizzle}")
     buf = (ctypes.c_ubyte * 192)()
     base = (ctypes.addressof(buf) + 63) // 64 * 64  # CUtensorMap is 64-byte aligned
     u64, u32 = ctypes.c_uint64, ctypes.c_uint32
     rc = _libcuda().cuTensorMapEncodeTiled(
         ctypes.c_void_p(base), ctypes.c_int(0 if elem_bytes == 1 else 1), u32(2), ctypes.c_void_p(1 << 20),
         (u64 * 2)(inner, outer), (u64 * 1)(inner * elem_bytes), (u32 * 2)(box_inner, box_outer), (u32 * 2)(1, 1),
-        ctypes.c_int(0), ctypes.c_int(3 if swizzle else 0), ctypes.c_int(2), ctypes.c_int(0))  # no interleave, swizzle, L2 128B
+        ctypes.c_int(0), ctypes.c_int({0: 0, 64: 2, 128: 3}[swizzle]), ctypes.c_int(2),  # no interleave, swizzle, L2 128B
+        ctypes.c_int(0))
     if rc != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed ({rc}) for [{outer}][{inner}] x {elem_bytes} bytes, "
                            f"box [{box_outer}][{box_inner}]")
@@ -570,6 +605,55 @@ def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native,
     return out if Np == spec.N else out[:, :, :spec.N]
 
 
+def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
+    """The weight-as-A Hopper kernel (cuda_src/matmul_wgmma_wa.cuh): a 16-bit a
+    [batch, M, K] times [N, K] fp8 codes b; plan (BT, stages) or wa_plan's."""
+    if not wa_takes(spec) or a.dtype not in (mx.float16, mx.bfloat16):
+        raise ValueError("route wgmma_wa: a 16-bit a times [N, K] fp8 codes (transpose_b) only, got a "
+                         f"{spec.a_fmt or a.dtype}, b {spec.b_fmt or b.dtype}, transpose_b={spec.transpose_b}")
+    if not _tma_available():
+        raise ValueError("route wgmma_wa needs TMA (a Hopper GPU and a driver with cuTensorMapEncodeTiled)")
+    bt, stages = wa_plan(spec.M) if plan is None else tuple(plan)
+    if bt not in (128, 256) or stages < 2:
+        raise ValueError(f"route wgmma_wa: plan (BT, stages) with BT 128 or 256 and 2 stages or more, got {plan}")
+    if wa_smem(bt, stages) > _WS_MAX_DYNAMIC_SMEM:
+        raise ValueError(f"route wgmma_wa: BT {bt} x {stages} stages need {wa_smem(bt, stages)} bytes of shared "
+                         f"memory, more than a block's {_WS_MAX_DYNAMIC_SMEM}")
+    M, N = spec.M, spec.N
+    # Whole 16-byte chunks: K and N to multiples of 16 (the weight's padded
+    # rows are zero codes; their outputs are cut off below).
+    a = _pad_axis(a, 2, 16, stream)
+    b = _pad_axis(_pad_axis(b, 2, 16, stream), 1, 16, stream)
+    Kp, Np = a.shape[2], b.shape[1]
+    ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale))
+    if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
+        b_scale = _pad_axis(b_scale, 2, 16, stream)
+    units = math.ceil(M / bt) * math.ceil(Np / 128)
+    blocks = min(units, sm_count())
+    kernel = _kernel_object("matmul_wgmma_wa", _WGMMA_INPUTS, ("out", "tmaps"), wa_smem(bt, stages))
+    placeholder = _params((0,), mx.float32)
+    (out, _) = kernel(
+        inputs=[a, b, a_scale if a_scale is not None else placeholder,
+                b_scale if b_scale is not None else placeholder, ip, _wa_tma_templates(M, Kp, Np, bt)],
+        template=[("TA", a.dtype), ("TO", spec.out_dtype), ("FB", _FMT_CODE[spec.b_fmt]),
+                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("BT", bt), ("STAGES", stages)],
+        grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
+        output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,)],
+        output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,
+    )
+    return out if Np == N else out[:, :, :N]
+
+
+@functools.lru_cache(maxsize=1024)
+def _wa_tma_templates(M, Kp, Np, bt):
+    """The weight-as-A kernel's two tensor-map templates: a [M][Kp] 16-bit in
+    [bt][64] boxes (128-byte swizzle), the codes [Np][Kp] in [128][64] boxes
+    (64-byte swizzle)."""
+    ta = tensor_map_template(2, Kp, M, 64, bt)
+    tb = tensor_map_template(1, Kp, Np, 64, 128, swizzle=64)
+    return _cuda.const_array(tuple(ta + tb), mx.uint8)
+
+
 def matmul2d(a, b, a_scale, b_scale, spec, stream, route=None, plan=None):
     """The backend entry (dispatch calls it with the first six); `route` and
     `plan` (a wgmma (BN, stages, promote[, tma]) or a gemv GEMV_PLAN) force a kernel, for tests and benchmarks."""
@@ -584,6 +668,8 @@ def matmul2d(a, b, a_scale, b_scale, spec, stream, route=None, plan=None):
         return _gemv(a, b, a_scale, b_scale, spec, stream, plan)
     if route in ("wgmma", "wgmma_fp8"):
         return _wgmma(a, b, a_scale, b_scale, spec, stream, plan, native=route == "wgmma_fp8")
+    if route == "wgmma_wa":
+        return _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan)
     return _mma(a, b, a_scale, b_scale, spec, stream)
 
 
