@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|s20b|s20c}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -464,11 +464,27 @@ elif [ "$PART" = s19e ]; then
 elif [ "$PART" = s19f ]; then
   # Session 19, the device time left after s19d: s19e's GPU cases only (no timings).
   s19_gpu_cases
+elif [ "$PART" = s20a ]; then
+  # Session 20: the weight-as-A kernel (matmul_wgmma_wa.cuh, route wgmma_wa)'s GPU cases, then s19f's (the
+  # routing of session 19, never run on a card) and the API's GPU cases.
+  step wa_routes 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "wgmma_wa"
+  s19_gpu_cases
+elif [ "$PART" = s20b ]; then
+  # Session 20: the prefill shapes with the weight-as-A kernel beside the routes and MLX's fp16 (one process).
+  step prefill 420 python3 -m mlx_flash.bench.cuda_matmul --sections prefill --out "$OUT/matmul_prefill.json"
+elif [ "$PART" = s20c ]; then
+  # Session 20: the targets (4096^3, 8192^3), then Nsight on the weight-as-A kernel at 512 and 2048 rows.
+  step targets 200 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
+    --out "$OUT/matmul_targets.json"
+  python3 tools/cuda_matmul_wa_profile.py 512 4096 4096 2048 4096 4096 > /dev/null 2>&1  # compiled first
+  step ncu_wa 240 ncu -k regex:matmul_wgmma_w -c 4 --section SpeedOfLight --section Occupancy \
+    --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+    --section SchedulerStats python3 tools/cuda_matmul_wa_profile.py 512 4096 4096 2048 4096 4096
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d or s19a-s19f, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f or s20a-s20c, got $PART" >&2
   exit 2
 fi

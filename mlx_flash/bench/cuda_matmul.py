@@ -859,9 +859,11 @@ PREFILL_SHAPES = tuple((m, k, n) for m in (128, 512, 1024, 2048) for k, n in ((4
 # Warp-specialised plans and slots of fp8 codes timed beside the routed one
 # (BN, stages, promote, TMA, ws; slots).
 PREFILL_PLANS = (((256, 3, 0, True, True), 4),)
+# Weight-as-A plans (BT tokens, stages) timed beside its default (session 20).
+PREFILL_WA_PLANS = ((128, 8), (256, 5))
 
 
-def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=()):
+def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(), wa_plans=()):
     """FP8Linear's prefill product, `(x @ decode(w).T) * scale` for fp16 x of
     M rows and an e4m3 weight [N, K] with a scale per weight row, through the public
     matmul2d: as routed, fp8 codes decoded inside the kernel and by a pass
@@ -871,7 +873,9 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
     product). Timed in turn (interleave, time_steady); each result checked
     against float32; peak memory of one call (the decode pass's fp16 copy of
     the weight shows there). Session 19's s19b run named the kernel that
-    decodes, forced below 512 rows, "ours_ws_forced"."""
+    decodes, forced below 512 rows, "ours_ws_forced". "ours_wa": the
+    weight-as-A kernel (route wgmma_wa, its default plan), and `wa_plans`
+    ((BT, stages) each) on it."""
     import mlx_flash
     from .. import fp8
     from ..backends import cuda_matmul as cm
@@ -893,6 +897,11 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
         for plan, slots in plans if dispatch.cuda_available() else ():
             cases[f"ours_plan_{plan[0]}_{plan[1]}_raw{slots}"] = raw_slots(slots, lambda plan=plan: cm.matmul(
                 x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, route="wgmma", plan=plan))
+        if dispatch.cuda_available():
+            for plan in (None,) + tuple(wa_plans):
+                name = "ours_wa" if plan is None else f"ours_wa_bt{plan[0]}_st{plan[1]}"
+                cases[name] = lambda plan=plan: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True,
+                                                          route="wgmma_wa", plan=plan)
         ref = (x.astype(mx.float32) @ fp8.decode(w8, "e4m3").T) * scale
         prepares, peaks = {}, {}
         for name, make in cases.items():
@@ -1283,7 +1292,8 @@ def main(argv=None):
     sections = {"gemm": lambda: bench_gemm(rec, [256] if args.warm else args.sizes),
                 "targets": lambda: bench_targets(rec, [256] if args.warm else args.sizes, 1 if args.warm else 5),
                 "prefill": lambda: bench_prefill(rec, ((128, 256, 256), (512, 256, 256)) if args.warm else
-                                                 PREFILL_SHAPES, 1 if args.warm else 5, PREFILL_PLANS),
+                                                 PREFILL_SHAPES, 1 if args.warm else 5, PREFILL_PLANS,
+                                                 PREFILL_WA_PLANS),
                 "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else (decode_shapes,),
                                                plans=plans, rows=(1, 16) if args.warm else rows),
                 "decode_stream": lambda: bench_decode_stream(rec, ((256, 256),) if args.warm else decode_shapes,
