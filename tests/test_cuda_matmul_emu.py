@@ -559,3 +559,30 @@ def test_wa_fp8_weight_as_a_operand_emulated(ka, kb, K, plan, scale, out, early,
     assert len(wa) == 1 and wa[0]["FB"] == (1 if kb == "e4m3" else 2), list(harness.LAUNCHES)
     assert wa[0]["BT"] == (plan or cuda_matmul.wa_plan(M))[0]
     assert_close(got.reshape(want.shape), want, out_dtype, K)
+
+
+@pytest.mark.parametrize("wa", [True, False], ids=["wa_on", "wa_off"])
+@pytest.mark.parametrize("M,ka,kb", [(133, "float16", "e4m3"), (20, "bfloat16", "e5m2"), (140, "e4m3", "e4m3"),
+                                     (9, "float16", "e4m3")])
+def test_fp8_weight_routing_to_the_weight_as_a_kernel_emulated(wa, M, ka, kb, monkeypatch):
+    """cuda_matmul.FP8W_WA (MLX_FLASH_CUDA_FP8W_WA): a 16-bit a of more than
+    GEMV_MAX_ROWS rows times [N, K] fp8 codes goes to the weight-as-A kernel;
+    an fp8 a (the exact fp8 x fp8 route) and few rows (the few-rows kernel)
+    keep their routes; with it off, the kernels of session 19."""
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    monkeypatch.setattr(cuda_matmul, "FP8W_WA", wa)
+    gen = rng("wa-route-emu", wa, M, ka, kb)
+    K, N = 200, 150
+    a, a_fmt, a64 = make_operand(gen, (M, K), ka)
+    b, _, b64 = make_operand(gen, (N, K), kb)
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, a_fmt=a_fmt, b_fmt=kb, transpose_b=True, out_dtype=mx.float32)
+    harness.LAUNCHES.clear()
+    with harness.patched_hopper():
+        got = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu)
+        mx.eval(got)
+    names = [name for name, _ in harness.LAUNCHES]
+    takes = wa and a_fmt is None and M > cuda_matmul.GEMV_MAX_ROWS
+    assert ("mlx_flash_matmul_wgmma_wa" in names) == takes, names
+    assert_close(got[0], reference(a64, b64, transpose_b=True), mx.float32, K)
