@@ -95,17 +95,26 @@ CVT_RAW_MAX_ROWS = 1024
 # The same product on the kernel with the weight as wgmma's A operand
 # (cuda_src/matmul_wgmma_wa.cuh, route "wgmma_wa": out^T = W x^T, the fp8
 # codes decoded straight into the A registers by the warps that issue the
-# products; no 16-bit weight tile in shared memory). MLX_FLASH_CUDA_FP8W_WA=1
-# takes it for every [N, K] fp8 weight times a 16-bit a of more than
-# GEMV_MAX_ROWS rows on Hopper (with TMA); 0 keeps the kernels above.
-_FP8W_WA = os.environ.get("MLX_FLASH_CUDA_FP8W_WA", "0")
+# products; no 16-bit weight tile in shared memory). On Hopper (with TMA) it
+# takes every [N, K] fp8 weight times a 16-bit a of GEMV_MAX_ROWS + 1 to
+# WA_MAX_ROWS rows (MLX_FLASH_CUDA_FP8W_WA=1, the default; 0 keeps the
+# kernels above).
+_FP8W_WA = os.environ.get("MLX_FLASH_CUDA_FP8W_WA", "1")
 if _FP8W_WA not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_CUDA_FP8W_WA must be 0 or 1, got {_FP8W_WA!r}")
 FP8W_WA = _FP8W_WA == "1"
-# Its plans (tokens a tile BT, stages): 128 tokens up to WA_WIDE_MIN_ROWS rows
-# of a (more tiles to fill the SMs at 512 rows), 256 from there.
-WA_PLANS = {"narrow": (128, 8), "wide": (256, 5)}
-WA_WIDE_MIN_ROWS = 1024
+# Its plans (tokens a tile BT, stages, halves in flight DEPTH): 128 tokens
+# below WA_WIDE_MIN_ROWS rows of a, 256 from there (H100, session 20,
+# `--sections prefill`: at 128 rows BT 128 took 0.59-0.76x the time of BT 256,
+# at 512 rows and more BT 256 took 0.73-0.77x that of BT 128: on half the
+# tiles at 512 rows, it decodes each weight row for twice the tokens).
+WA_PLANS = {"narrow": (128, 8, 2), "wide": (256, 5, 2)}
+WA_WIDE_MIN_ROWS = 256
+# Up to this many rows of a (inclusive); from more, the decode pass and the
+# 16-bit kernel (CVT_RAW_MAX_ROWS): at 8192^3 that pass took 0.87x the
+# weight-as-A kernel's GPU time and 0.60x its wall time with calls queued, at
+# 4096^3 1.03x (H100, session 20, `--sections targets`).
+WA_MAX_ROWS = 4096
 # Shared memory one block may take (sm_90: 227 KiB), less the ws kernel's
 # static arrays (tensor-map staging, mbarriers).
 _WS_MAX_DYNAMIC_SMEM = 227 * 1024 - 512
@@ -273,7 +282,7 @@ def route_of(a, b, spec) -> str:
         native = _FP8_NATIVE or spec.fast_accumulation  # the process-wide switch, or the call's own
         if native and spec.a_fmt and spec.b_fmt:
             return "wgmma_fp8"
-        if FP8W_WA and wa_takes(spec) and _tma_available():
+        if FP8W_WA and wa_takes(spec) and spec.M <= WA_MAX_ROWS and _tma_available():
             return "wgmma_wa"
         return "wgmma"
     return "mma"
@@ -607,15 +616,19 @@ def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native,
 
 def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     """The weight-as-A Hopper kernel (cuda_src/matmul_wgmma_wa.cuh): a 16-bit a
-    [batch, M, K] times [N, K] fp8 codes b; plan (BT, stages) or wa_plan's."""
+    [batch, M, K] times [N, K] fp8 codes b; plan (BT, stages[, DEPTH]) or wa_plan's."""
     if not wa_takes(spec) or a.dtype not in (mx.float16, mx.bfloat16):
         raise ValueError("route wgmma_wa: a 16-bit a times [N, K] fp8 codes (transpose_b) only, got a "
                          f"{spec.a_fmt or a.dtype}, b {spec.b_fmt or b.dtype}, transpose_b={spec.transpose_b}")
     if not _tma_available():
         raise ValueError("route wgmma_wa needs TMA (a Hopper GPU and a driver with cuTensorMapEncodeTiled)")
-    bt, stages = wa_plan(spec.M) if plan is None else tuple(plan)
-    if bt not in (128, 256) or stages < 2:
-        raise ValueError(f"route wgmma_wa: plan (BT, stages) with BT 128 or 256 and 2 stages or more, got {plan}")
+    plan = tuple(wa_plan(spec.M) if plan is None else plan)
+    if len(plan) not in (2, 3):
+        raise ValueError(f"route wgmma_wa: plan (BT, stages[, DEPTH]), got {plan}")
+    bt, stages, depth = plan + (2,) * (3 - len(plan))
+    if bt not in (128, 256) or depth not in (2, 4) or stages < (3 if depth == 4 else 2):
+        raise ValueError(f"route wgmma_wa: plan (BT, stages, DEPTH) with BT 128 or 256, DEPTH 2 or 4 and at least "
+                         f"2 stages (3 at DEPTH 4), got {plan}")
     if wa_smem(bt, stages) > _WS_MAX_DYNAMIC_SMEM:
         raise ValueError(f"route wgmma_wa: BT {bt} x {stages} stages need {wa_smem(bt, stages)} bytes of shared "
                          f"memory, more than a block's {_WS_MAX_DYNAMIC_SMEM}")
@@ -636,7 +649,8 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
                 b_scale if b_scale is not None else placeholder, ip, _wa_tma_templates(M, Kp, Np, bt)],
         template=[("TA", a.dtype), ("TO", spec.out_dtype), ("FB", _FMT_CODE[spec.b_fmt]),
-                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("BT", bt), ("STAGES", stages)],
+                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("BT", bt), ("STAGES", stages),
+                  ("DEPTH", depth)],
         grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
         output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,)],
         output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,

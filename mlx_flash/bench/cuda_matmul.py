@@ -698,18 +698,19 @@ TARGET_NATIVE_PLANS = ((128, 6, 1, True, True), (128, 7, 1, True, True), (192, 4
 
 def raw_slots(slots: int, make):
     """`make` with the backend's fp8-weight decode set to `slots` slots of
-    codes in the kernel at any number of rows (0: a decode pass first) while
+    codes in the kernel at any number of rows (0: a decode pass first), the
+    weight-as-A kernel off (session 20's default route), while
     it builds its graph: the route is chosen then, so the variants run side
     by side in one process."""
     from ..backends import cuda_matmul as cm
 
     def build():
-        saved = cm.CVT_RAW_SLOTS, cm.CVT_RAW_MAX_ROWS
-        cm.CVT_RAW_SLOTS, cm.CVT_RAW_MAX_ROWS = slots, 1 << 62
+        saved = cm.CVT_RAW_SLOTS, cm.CVT_RAW_MAX_ROWS, cm.FP8W_WA
+        cm.CVT_RAW_SLOTS, cm.CVT_RAW_MAX_ROWS, cm.FP8W_WA = slots, 1 << 62, False
         try:
             return make()
         finally:
-            cm.CVT_RAW_SLOTS, cm.CVT_RAW_MAX_ROWS = saved
+            cm.CVT_RAW_SLOTS, cm.CVT_RAW_MAX_ROWS, cm.FP8W_WA = saved
     return build
 
 
@@ -852,7 +853,7 @@ def bench_targets(rec: Recorder, sizes, rounds: int = 5, profile_calls: int = 8,
 
 # FP8Linear's prefill products (M tokens x a [N, K] weight): Llama-3.1-8B's
 # attention (4096 x 4096) and MLP (14336 x 4096, 4096 x 14336) weights.
-PREFILL_SHAPES = tuple((m, k, n) for m in (128, 512, 1024, 2048) for k, n in ((4096, 4096), (4096, 14336),
+PREFILL_SHAPES = tuple((m, k, n) for m in (128, 256, 512, 1024, 2048, 4096) for k, n in ((4096, 4096), (4096, 14336),
                                                                                (14336, 4096)))
 
 
@@ -860,7 +861,7 @@ PREFILL_SHAPES = tuple((m, k, n) for m in (128, 512, 1024, 2048) for k, n in ((4
 # (BN, stages, promote, TMA, ws; slots).
 PREFILL_PLANS = (((256, 3, 0, True, True), 4),)
 # Weight-as-A plans (BT tokens, stages) timed beside its default (session 20).
-PREFILL_WA_PLANS = ((128, 8), (256, 5))
+PREFILL_WA_PLANS = ((128, 8, 2), (128, 8, 4), (256, 5, 2), (256, 5, 4))
 
 
 def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(), wa_plans=()):
@@ -899,7 +900,7 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
                 x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, route="wgmma", plan=plan))
         if dispatch.cuda_available():
             for plan in (None,) + tuple(wa_plans):
-                name = "ours_wa" if plan is None else f"ours_wa_bt{plan[0]}_st{plan[1]}"
+                name = "ours_wa" if plan is None else "ours_wa_bt{}_st{}_d{}".format(*plan)
                 cases[name] = lambda plan=plan: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True,
                                                           route="wgmma_wa", plan=plan)
         ref = (x.astype(mx.float32) @ fp8.decode(w8, "e4m3").T) * scale
