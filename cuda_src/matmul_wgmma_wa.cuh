@@ -68,14 +68,12 @@ __device__ __forceinline__ unsigned wa_decode_pair(unsigned v) {
   }
 }
 
-template <typename TA, typename TO, int FB, bool AS, bool BS, int BT, int STAGES, int DEPTH>
+template <typename TA, typename TO, int FB, bool AS, bool BS, int BT, int STAGES>
 __device__ void matmul_wgmma_wa(const TA* a, const uint8_t* b, const float* a_scale, const float* b_scale,
                                 const int* ip, const uint8_t* tmpl, TO* out, uint8_t* tmaps) {
   static_assert(sizeof(TA) == 2 && (FB == 1 || FB == 2), "a 16-bit x and fp8 (e4m3 / e5m2) weight codes");
   static_assert(BT == 128 || BT == 256, "tiles of 128 or 256 tokens");
   static_assert(STAGES >= 2, "a ring");
-  static_assert(DEPTH == 2 || (DEPTH == 4 && STAGES >= 3),
-                "2 or 4 halves in flight (4: a stage is released two stages on, so the ring needs 3 or more)");
   constexpr int KT = WgKind<TA, 0>::value;  // 16 half, 17 bfloat16
   constexpr int X_BYTES = BT * 128, W_BYTES = 128 * 64, STAGE_BYTES = X_BYTES + W_BYTES;
   constexpr int CONSUMERS = 2;
@@ -175,18 +173,14 @@ __device__ void matmul_wgmma_wa(const TA* a, const uint8_t* b, const float* a_sc
 #pragma unroll
     for (int i = 0; i < R; ++i) d[i] = 0.f;
     // A fragments of a stage's first and second halves. A half is one commit
-    // group (two k16 products): while DEPTH - 1 halves' products run, the
-    // next half's fragments are decoded. DEPTH 2: two sets of 8 registers
-    // alternate between the halves (one set a stage, 2 x 16, spilled at BT 256
-    // beside its 128 accumulators); DEPTH 4: even and odd stages have sets of
-    // their own, four in all, and a stage is released two stages later.
-    unsigned f0[2][4], f1[2][4], f2[DEPTH == 4 ? 2 : 1][4], f3[DEPTH == 4 ? 2 : 1][4];
+    // group (two k16 products): while one half's products run, the other's
+    // fragments are decoded, so two sets of 8 registers suffice (a set a
+    // stage, 2 x 16, spilled at BT 256 beside its 128 accumulators).
+    unsigned f0[2][4], f1[2][4];
 #pragma unroll
     for (int i = 0; i < 8; ++i) f0[i / 4][i % 4] = f1[i / 4][i % 4] = 0u;
-#pragma unroll
-    for (int i = 0; i < (DEPTH == 4 ? 8 : 4); ++i) f2[i / 4][i % 4] = f3[i / 4][i % 4] = 0u;
     // Half `half` of stage kt (ring stage st): decode into fr, issue its two
-    // products, commit them, and wait until DEPTH - 1 halves are in flight.
+    // products, commit them, and wait until only they are in flight.
     auto issue = [&](int kt, int half, const unsigned char* st, unsigned (&fr)[2][4]) {
       decode(st + X_BYTES, half, fr);
       const unsigned x_addr = smem_addr(st);
@@ -198,39 +192,23 @@ __device__ void matmul_wgmma_wa(const TA* a, const uint8_t* b, const float* a_sc
         WgmmaRS<KT, BT>::run(d, fr[j], wgmma_desc(x_addr + kk * 32, 16, 1024), (kt == 0 && kk == 0) ? 0 : 1);
       }
       wgmma_commit();
-      wgmma_wait<DEPTH - 1>();
+      wgmma_wait<1>();
     };
-    // Stage kt with this stage's sets (fa, fb) and the previous stage's (ga).
-    auto stage = [&](int kt, unsigned (&fa)[2][4], unsigned (&fb)[2][4], unsigned (&ga)[2][4]) {
+    for (int kt = 0; kt < ktiles; ++kt, ++it) {
       const int s = it % STAGES;
       mbar_wait(&full_bar[s], (it / STAGES) & 1);
       const unsigned char* st = ring + s * STAGE_BYTES;
-      issue(kt, 0, st, fa);
-      // Done now: the second half of stage kt - DEPTH / 2 (its stage and set fb are free).
-      wgmma_pin(fb);
-      if (kt >= DEPTH / 2) release((it - DEPTH / 2) % STAGES);
-      issue(kt, 1, st, fb);
-      // Done now: the first half of stage kt + 1 - DEPTH / 2 (set ga, or fa at DEPTH 2).
-      wgmma_pin(ga);
-    };
-    for (int kt = 0; kt < ktiles; ++kt, ++it) {
-      if constexpr (DEPTH == 4) {
-        if (kt & 1)
-          stage(kt, f2, f3, f0);
-        else
-          stage(kt, f0, f1, f2);
-      } else {
-        stage(kt, f0, f1, f0);
-      }
+      issue(kt, 0, st, f0);
+      wgmma_pin(f1);  // the previous stage's second half is done: its stage and f1 are free
+      if (kt > 0) release((it - 1) % STAGES);
+      issue(kt, 1, st, f1);
+      wgmma_pin(f0);  // this stage's first half is done: f0 is free
     }
     wgmma_wait<0>();
     wgmma_pin(d);
     wgmma_pin(f0);
     wgmma_pin(f1);
-    wgmma_pin(f2);
-    wgmma_pin(f3);
-    // The last DEPTH / 2 stages (fewer in a shorter tile) were not released in the loop.
-    for (int back = min(ktiles, DEPTH / 2); back > 0; --back) release((it - back) % STAGES);
+    if (ktiles > 0) release((it - 1) % STAGES);
 
     // Epilogue: d[4j + 2h + e] is weight row wrow0 + 8h, token 8j + 2t + e.
     // Rows g and g ^ 1 (lanes l and l ^ 4) swap one value: an even row's lane

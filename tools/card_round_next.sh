@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20d}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -488,11 +488,17 @@ elif [ "$PART" = s20d ]; then
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
   s19_timings
+elif [ "$PART" = s20e ]; then
+  # Session 20, after s20d: the weight-as-A kernel without DEPTH 4 (the kernel text of s20a again), routed by
+  # default: its GPU cases, the API's and FP8Linear's, then the prefill shapes.
+  step wa_routes 120 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "wgmma_wa"
+  step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
+  step prefill 200 python3 -m mlx_flash.bench.cuda_matmul --sections prefill --out "$OUT/matmul_prefill.json"
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f or s20a-s20d, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f or s20a-s20e, got $PART" >&2
   exit 2
 fi

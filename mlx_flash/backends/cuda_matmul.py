@@ -103,12 +103,17 @@ _FP8W_WA = os.environ.get("MLX_FLASH_CUDA_FP8W_WA", "1")
 if _FP8W_WA not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_CUDA_FP8W_WA must be 0 or 1, got {_FP8W_WA!r}")
 FP8W_WA = _FP8W_WA == "1"
-# Its plans (tokens a tile BT, stages, halves in flight DEPTH): 128 tokens
+# Its plans (tokens a tile BT, stages): 128 tokens
 # below WA_WIDE_MIN_ROWS rows of a, 256 from there (H100, session 20,
 # `--sections prefill`: at 128 rows BT 128 took 0.59-0.76x the time of BT 256,
 # at 512 rows and more BT 256 took 0.73-0.77x that of BT 128: on half the
 # tiles at 512 rows, it decodes each weight row for twice the tokens).
-WA_PLANS = {"narrow": (128, 8, 2), "wide": (256, 5, 2)}
+# Four half stages in flight instead of two (fragment sets of their own for
+# odd stages) were tried in session 20 and not kept: no faster (0.99-1.0x at
+# BT 128 from 256 rows), and at BT 256 wrong on the card (never in the
+# emulation; not understood: the registers of in-flight products under
+# pressure is the suspect), docs/matmul.md.
+WA_PLANS = {"narrow": (128, 8), "wide": (256, 5)}
 WA_WIDE_MIN_ROWS = 256
 # Up to this many rows of a (inclusive); from more, the decode pass and the
 # 16-bit kernel (CVT_RAW_MAX_ROWS): at 8192^3 that pass took 0.87x the
@@ -616,19 +621,16 @@ def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native,
 
 def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     """The weight-as-A Hopper kernel (cuda_src/matmul_wgmma_wa.cuh): a 16-bit a
-    [batch, M, K] times [N, K] fp8 codes b; plan (BT, stages[, DEPTH]) or wa_plan's."""
+    [batch, M, K] times [N, K] fp8 codes b; plan (BT, stages) or wa_plan's."""
     if not wa_takes(spec) or a.dtype not in (mx.float16, mx.bfloat16):
         raise ValueError("route wgmma_wa: a 16-bit a times [N, K] fp8 codes (transpose_b) only, got a "
                          f"{spec.a_fmt or a.dtype}, b {spec.b_fmt or b.dtype}, transpose_b={spec.transpose_b}")
     if not _tma_available():
         raise ValueError("route wgmma_wa needs TMA (a Hopper GPU and a driver with cuTensorMapEncodeTiled)")
     plan = tuple(wa_plan(spec.M) if plan is None else plan)
-    if len(plan) not in (2, 3):
-        raise ValueError(f"route wgmma_wa: plan (BT, stages[, DEPTH]), got {plan}")
-    bt, stages, depth = plan + (2,) * (3 - len(plan))
-    if bt not in (128, 256) or depth not in (2, 4) or stages < (3 if depth == 4 else 2):
-        raise ValueError(f"route wgmma_wa: plan (BT, stages, DEPTH) with BT 128 or 256, DEPTH 2 or 4 and at least "
-                         f"2 stages (3 at DEPTH 4), got {plan}")
+    if len(plan) != 2 or plan[0] not in (128, 256) or plan[1] < 2:
+        raise ValueError(f"route wgmma_wa: plan (BT, stages) with BT 128 or 256 and 2 stages or more, got {plan}")
+    bt, stages = plan
     if wa_smem(bt, stages) > _WS_MAX_DYNAMIC_SMEM:
         raise ValueError(f"route wgmma_wa: BT {bt} x {stages} stages need {wa_smem(bt, stages)} bytes of shared "
                          f"memory, more than a block's {_WS_MAX_DYNAMIC_SMEM}")
@@ -649,8 +651,7 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
                 b_scale if b_scale is not None else placeholder, ip, _wa_tma_templates(M, Kp, Np, bt)],
         template=[("TA", a.dtype), ("TO", spec.out_dtype), ("FB", _FMT_CODE[spec.b_fmt]),
-                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("BT", bt), ("STAGES", stages),
-                  ("DEPTH", depth)],
+                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("BT", bt), ("STAGES", stages)],
         grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
         output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,)],
         output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,

@@ -861,7 +861,7 @@ PREFILL_SHAPES = tuple((m, k, n) for m in (128, 256, 512, 1024, 2048, 4096) for 
 # (BN, stages, promote, TMA, ws; slots).
 PREFILL_PLANS = (((256, 3, 0, True, True), 4),)
 # Weight-as-A plans (BT tokens, stages) timed beside its default (session 20).
-PREFILL_WA_PLANS = ((128, 8, 2), (128, 8, 4), (256, 5, 2), (256, 5, 4))
+PREFILL_WA_PLANS = ((128, 8), (256, 5))
 
 
 def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(), wa_plans=()):
@@ -900,7 +900,7 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
                 x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, route="wgmma", plan=plan))
         if dispatch.cuda_available():
             for plan in (None,) + tuple(wa_plans):
-                name = "ours_wa" if plan is None else "ours_wa_bt{}_st{}_d{}".format(*plan)
+                name = "ours_wa" if plan is None else "ours_wa_bt{}_st{}".format(*plan)
                 cases[name] = lambda plan=plan: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True,
                                                           route="wgmma_wa", plan=plan)
         ref = (x.astype(mx.float32) @ fp8.decode(w8, "e4m3").T) * scale
