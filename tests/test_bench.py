@@ -360,8 +360,8 @@ def test_cuda_matmul_bench_prefill_on_the_cpu():
 
 
 def test_cuda_matmul_plot_draws_the_panels_a_run_holds(tmp_path):
-    """A targets-only run plots its wall and GPU-time panels; a run with nothing to plot is an error naming the
-    file."""
+    """A targets-only run plots its wall and GPU-time panels, a prefill run its ratios to MLX; a run with nothing
+    to plot is an error naming the file."""
     import json
 
     pytest.importorskip("matplotlib")
@@ -372,6 +372,11 @@ def test_cuda_matmul_plot_draws_the_panels_a_run_holds(tmp_path):
     path.write_text(json.dumps({"card": "H100", "mlx": "0", "time": "t", "rows": rows}))
     png = cm.plot(str(path))
     assert png.endswith("targets.png") and (tmp_path / "targets.png").stat().st_size > 1000
+    prefill = [dict(section="prefill_ratio", m=m, k=4096, n=4096, case=f"{c}_vs_mlx_fp16", wall=w)
+               for m in (128, 512) for c, w in (("ours_wa", 1.1), ("ours_decode_first", 0.6))]
+    path = tmp_path / "prefill.json"
+    path.write_text(json.dumps({"card": "H100", "mlx": "0", "time": "t", "rows": prefill}))
+    assert cm.plot(str(path)).endswith("prefill.png") and (tmp_path / "prefill.png").stat().st_size > 1000
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"card": "H100", "mlx": "0", "time": "t", "rows": [{"section": "device"}]}))
     with pytest.raises(ValueError, match="empty.json"):
