@@ -490,10 +490,11 @@ elif [ "$PART" = s20d ]; then
   s19_timings
 elif [ "$PART" = s20e ]; then
   # Session 20, after s20d: the weight-as-A kernel without DEPTH 4 (the kernel text of s20a again), routed by
-  # default: its GPU cases, the API's and FP8Linear's, then the prefill shapes.
+  # default: its GPU cases, the API's and FP8Linear's, then the prefill shapes (the routed call now timed last
+  # in a round) and the targets.
   step wa_routes 120 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "wgmma_wa"
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
-  step prefill 200 python3 -m mlx_flash.bench.cuda_matmul --sections prefill --out "$OUT/matmul_prefill.json"
+  s19_timings
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
