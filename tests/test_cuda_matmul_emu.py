@@ -587,3 +587,21 @@ def test_fp8_weight_routing_to_the_weight_as_a_kernel_emulated(wa, M, ka, kb, mo
     takes = wa and a_fmt is None and M > cuda_matmul.GEMV_MAX_ROWS
     assert ("mlx_flash_matmul_wgmma_wa" in names) == takes, names
     assert_close(got[0], reference(a64, b64, transpose_b=True), mx.float32, K)
+
+
+@pytest.mark.parametrize("nan_scale", [False, True])
+def test_fp8_weight_with_an_empty_inner_dimension_emulated(nan_scale):
+    """K = 0 on the Hopper routes (a tensor map cannot describe it): zeros
+    times the scales, so a NaN scale gives NaN, as the kernels apply them."""
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    a = mx.ones((20, 0), mx.float16)
+    b = mx.zeros((30, 0), mx.uint8)
+    sb = np.full((1, 30), np.nan if nan_scale else 0.5, np.float32)
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, b_fmt="e4m3", b_scale=mx.array(sb), transpose_b=True)
+    with harness.patched_hopper():
+        got = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu)
+        mx.eval(got)
+    assert got.shape == (1, 20, 30) and got.dtype == mx.float16
+    assert np.all(np.isnan(np.array(got))) if nan_scale else np.all(np.array(got) == 0)

@@ -447,6 +447,19 @@ def gemv_units(cases):
         yield f"matmul_gemv_b{bounds}", bounds, headers, kernels
 
 
+def assert_warp_specialised_build(log, kernels):
+    """ptxas' log of warp-specialised kernels (matmul_bounds384.cuh): one entry
+    a kernel, no serialisation or setmaxnreg warning, at most 168 registers
+    (384 threads at launch; setmaxnreg moves registers to the consumers) and
+    no spills."""
+    assert "serializ" not in log and "setmaxnreg" not in log, log[-3000:]
+    usage = ptxas_usage(log)
+    assert len(usage) == len(kernels), log[-2000:]
+    for name, (regs, spill_st, spill_ld) in usage.items():
+        assert regs <= 168 and spill_st == 0 and spill_ld == 0, \
+            f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+
+
 @needs_nvcc
 def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
     """matmul_wgmma (every mode and plan) and matmul_gemv as MLX wraps them;
@@ -485,13 +498,7 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
 
     for unit, headers, kernels in _ws_compile_groups(ws_kernel):
         log = _nvcc_compile(tmp_path, unit, _prelude(headers) + "\n" + "\n".join(kernels), ("-Xptxas", "-v"))
-        assert "serializ" not in log and "setmaxnreg" not in log, log[-3000:]
-        usage = ptxas_usage(log)
-        assert len(usage) == len(kernels), log[-2000:]
-        for name, (regs, spill_st, spill_ld) in usage.items():
-            # 168: 384 threads at launch (the launch bounds); setmaxnreg moves registers to the consumers.
-            assert regs <= 168 and spill_st == 0 and spill_ld == 0, \
-                f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+        assert_warp_specialised_build(log, kernels)
 
     for unit, bounds, headers, kernels in gemv_units(list(_matmul_gemv_cases())):
         log = _nvcc_compile(tmp_path, unit, _prelude(headers) + "\n" + "\n".join(kernels), ("-Xptxas", "-v"))
@@ -812,12 +819,7 @@ def test_matmul_weight_as_a_kernel_compiles_bounded_and_asynchronous(tmp_path):
     log = _nvcc_compile(tmp_path, "matmul_wgmma_wa",
                         _prelude(cuda_backend.kernel_headers("matmul_wgmma_wa")) + "\n" + "\n".join(kernels),
                         ("-Xptxas", "-v"))
-    assert "serializ" not in log and "setmaxnreg" not in log, log[-3000:]
-    usage = ptxas_usage(log)
-    assert len(usage) == len(kernels), log[-2000:]
-    for name, (regs, spill_st, spill_ld) in usage.items():
-        assert regs <= 168 and spill_st == 0 and spill_ld == 0, \
-            f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
+    assert_warp_specialised_build(log, kernels)
     sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / "matmul_wgmma_wa.o")], capture_output=True,
                           text=True, check=True).stdout
     counts = _wgmma_sync_counts(sass)

@@ -677,6 +677,14 @@ def matmul2d(a, b, a_scale, b_scale, spec, stream, route=None, plan=None):
     a_scale, b_scale = _cuda.out_of_small_pool(a_scale, stream), _cuda.out_of_small_pool(b_scale, stream)
     if spec.M == 0 or spec.N == 0:
         return mx.zeros((spec.batch, spec.M, spec.N), dtype=spec.out_dtype, stream=stream)
+    if spec.K == 0:
+        # An empty sum (no tensor map can describe a K of 0): zeros, times the
+        # scales as every kernel applies them (a NaN scale stays NaN).
+        out = mx.zeros((spec.batch, spec.M, spec.N), dtype=mx.float32, stream=stream)
+        for scale in (a_scale, b_scale):
+            if scale is not None:
+                out = mx.multiply(out, scale, stream=stream)
+        return out.astype(spec.out_dtype, stream=stream)
     if route == "float32":
         return _float32_route(a, b, a_scale, b_scale, spec, stream)
     if route == "gemv":
