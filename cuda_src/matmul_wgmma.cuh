@@ -56,17 +56,6 @@ struct WgKind { static constexpr int value = FMT; };
 template <typename T>
 struct WgKind<T, 0> { static constexpr int value = MmaType<T>::is_bf16 ? 17 : 16; };
 
-// Two adjacent outputs (a row's columns col, col + 1) as one store: a float2,
-// or two 16-bit values packed into a word.
-template <typename TO>
-__device__ __forceinline__ void store_pair(TO* dst, float lo, float hi) {
-  if constexpr (sizeof(TO) == 4) {
-    *reinterpret_cast<float2*>(dst) = make_float2(lo, hi);
-  } else {
-    *reinterpret_cast<unsigned*>(dst) = pack2<TO>(lo, hi);
-  }
-}
-
 template <typename TA, typename TB, typename C, typename TO, int FA, int FB, bool TRANS_B, bool AS, bool BS, int BN,
           int STAGES, int PROMOTE, bool NATIVE, bool TMA>
 __device__ void matmul_wgmma(const TA* a, const TB* b, const float* a_scale, const float* b_scale, const int* ip,
@@ -319,7 +308,12 @@ __device__ void matmul_wgmma(const TA* a, const TB* b, const float* a_scale, con
       const float sb1 = BS ? b_scale[ip[kWgBScaleCols] ? col + 1 : 0] : 1.f;
       v0 = v0 * sa * sb0;
       v1 = v1 * sa * sb1;
-      store_pair<TO>(og + (long)row * N + col, v0, v1);
+      TO* dst = og + (long)row * N + col;
+      if constexpr (sizeof(TO) == 4) {
+        *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+      } else {
+        *reinterpret_cast<unsigned*>(dst) = pack2<TO>(v0, v1);
+      }
     }
   }
 }

@@ -49,7 +49,6 @@
 #include "tma.cuh"
 #include "wgmma.cuh"
 #include "wgmma_gemm.cuh"
-#include "matmul_bounds384.cuh"
 
 namespace mlx_flash {
 
@@ -231,10 +230,25 @@ __device__ void matmul_wgmma_wa(const TA* a, const uint8_t* b, const float* a_sc
         const float sa = AS ? as_row[ip[kWgAScaleRows] ? tok : 0] : 1.f;
         // (col, col + 1) of token tok, scaled in matmul_wgmma_ws.cuh's order.
         const float lo = (even ? v0 : other) * sa * sb_lo, hi = (even ? other : v1) * sa * sb_hi;
-        store_pair<TO>(og + (long)tok * N + col, lo, hi);
+        TO* dst = og + (long)tok * N + col;
+        if constexpr (sizeof(TO) == 4) {
+          *reinterpret_cast<float2*>(dst) = make_float2(lo, hi);
+        } else {
+          *reinterpret_cast<unsigned*>(dst) = pack2<TO>(lo, hi);
+        }
       }
     }
   }
 }
 
 }  // namespace mlx_flash
+
+// mx.fast.cuda_kernel writes the kernel's declaration itself (after this
+// header), with no way to pass launch bounds; this kernel needs them (384
+// threads, so ptxas keeps the launch count at 168 registers and the
+// setmaxnreg trade is legal). Every __global__ after this point, i.e. the
+// one kernel of this translation unit, gets them.
+#ifdef __CUDA_ARCH__
+#undef __global__
+#define __global__ __location__(global) __launch_bounds__(384, 1)
+#endif

@@ -38,7 +38,7 @@
 // (which waits for them and for a's bytes). No fp16 copy of the weight is
 // ever made in global memory. The consumers are unchanged.
 // The kernel needs 384 threads of at most 168 registers at launch (for the
-// setmaxnreg trade): matmul_bounds384.cuh says so. (Clusters of
+// setmaxnreg trade): matmul_wgmma_ws.cu's launch bounds say so. (Clusters of
 // two blocks sharing b by TMA multicast were tried in sessions 5-7 and never
 // won on the card; removed in session 11, docs/matmul.md.)
 #pragma once
@@ -51,7 +51,6 @@
 #include "tma.cuh"
 #include "wgmma.cuh"
 #include "wgmma_gemm.cuh"
-#include "matmul_bounds384.cuh"
 
 namespace mlx_flash {
 
@@ -353,10 +352,25 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         const float sb1 = BS ? b_scale[ip[kWgBScaleCols] ? col + 1 : 0] : 1.f;
         v0 = v0 * sa * sb0;
         v1 = v1 * sa * sb1;
-        store_pair<TO>(og + (long)row * N + col, v0, v1);
+        TO* dst = og + (long)row * N + col;
+        if constexpr (sizeof(TO) == 4) {
+          *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+        } else {
+          *reinterpret_cast<unsigned*>(dst) = pack2<TO>(v0, v1);
+        }
       }
     }
   }
 }
 
 }  // namespace mlx_flash
+
+// mx.fast.cuda_kernel writes the kernel's declaration itself (after this
+// header), with no way to pass launch bounds; this kernel needs them (384
+// threads, so ptxas keeps the launch count at 168 registers and the
+// setmaxnreg trade is legal). Every __global__ after this point, i.e. the
+// one kernel of this translation unit, gets them.
+#ifdef __CUDA_ARCH__
+#undef __global__
+#define __global__ __location__(global) __launch_bounds__(384, 1)
+#endif

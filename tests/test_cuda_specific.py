@@ -448,7 +448,7 @@ def gemv_units(cases):
 
 
 def assert_warp_specialised_build(log, kernels):
-    """ptxas' log of warp-specialised kernels (matmul_bounds384.cuh): one entry
+    """ptxas' log of warp-specialised kernels (384-thread launch bounds): one entry
     a kernel, no serialisation or setmaxnreg warning, at most 168 registers
     (384 threads at launch; setmaxnreg moves registers to the consumers) and
     no spills."""
