@@ -103,22 +103,23 @@ _FP8W_WA = os.environ.get("MLX_FLASH_CUDA_FP8W_WA", "1")
 if _FP8W_WA not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_CUDA_FP8W_WA must be 0 or 1, got {_FP8W_WA!r}")
 FP8W_WA = _FP8W_WA == "1"
-# Its plans (tokens a tile BT, stages): 128 tokens
-# below WA_WIDE_MIN_ROWS rows of a, 256 from there (H100, session 20,
-# `--sections prefill`: at 128 rows BT 128 took 0.59-0.76x the time of BT 256,
-# at 512 rows and more BT 256 took 0.73-0.77x that of BT 128: on half the
-# tiles at 512 rows, it decodes each weight row for twice the tokens).
+# Its plans (tokens a tile BT, stages): 128 tokens below WA_WIDE_MIN_ROWS
+# rows of a, 256 from there (H100, session 20, `--sections prefill`, runs
+# s20b and s20d: at 128 rows BT 128 took 0.54-0.64x the time of BT 256; at
+# 512 rows and more BT 256 took 0.68-0.79x that of BT 128, on half the tiles
+# at 512 rows: it decodes each weight row for twice the tokens).
 # Four half stages in flight instead of two (fragment sets of their own for
-# odd stages) were tried in session 20 and not kept: no faster (0.99-1.0x at
-# BT 128 from 256 rows), and at BT 256 wrong on the card (never in the
-# emulation; not understood: the registers of in-flight products under
-# pressure is the suspect), docs/matmul.md.
+# odd stages) were tried in session 20 and not kept: within 4 % of two, and
+# at BT 256 wrong on the card (never in the emulation; not understood: the
+# registers of in-flight products under pressure are the suspect),
+# docs/matmul.md.
 WA_PLANS = {"narrow": (128, 8), "wide": (256, 5)}
 WA_WIDE_MIN_ROWS = 256
 # Up to this many rows of a (inclusive); from more, the decode pass and the
-# 16-bit kernel (CVT_RAW_MAX_ROWS): at 8192^3 that pass took 0.87x the
-# weight-as-A kernel's GPU time and 0.60x its wall time with calls queued, at
-# 4096^3 1.03x (H100, session 20, `--sections targets`).
+# 16-bit kernel (CVT_RAW_MAX_ROWS). H100, `--sections targets`: at 8192^3 the
+# pass's GPU time was 0.87x this kernel's (s19b / s20d against s20c), and its
+# wall time with calls queued 0.60x; at 4096^3 the pass took 1.08-1.10x this
+# kernel's wall time (s20d, s20e).
 WA_MAX_ROWS = 4096
 # Shared memory one block may take (sm_90: 227 KiB), less the ws kernel's
 # static arrays (tensor-map staging, mbarriers).
