@@ -118,7 +118,7 @@ WA_WIDE_MIN_ROWS = 256
 # Up to this many rows of a (inclusive); from more, the decode pass and the
 # 16-bit kernel (CVT_RAW_MAX_ROWS). H100, `--sections targets`: at 8192^3 the
 # pass's GPU time was 0.87x this kernel's (s19b / s20d against s20c), and its
-# wall time with calls queued 0.60x; at 4096^3 the pass took 1.08-1.10x this
+# wall time with calls queued 0.60x; at 4096^3 the pass took 1.07-1.11x this
 # kernel's wall time (s20d, s20e).
 WA_MAX_ROWS = 4096
 # Shared memory one block may take (sm_90: 227 KiB), less the ws kernel's
