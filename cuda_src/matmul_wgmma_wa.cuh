@@ -9,7 +9,7 @@
 // the work to three producer warps that capped that kernel at ~470 TFLOP/s on
 // the H100. Here each consumer thread reads 32 of its codes a stage (eight
 // 16-byte loads, every 16-byte chunk shared by a quad of lanes), picks its
-// pairs with two selects and a shift, and converts each pair with one
+// pairs with a select and a shift each, and converts each pair with one
 // instruction, while the tensor cores run the previous half stage's products. Per
 // 128-row x BT-token x 64-K stage, shared memory carries BT*128 bytes of x
 // (written by TMA, read by both consumer warpgroups' wgmma) and 8 KB of codes.

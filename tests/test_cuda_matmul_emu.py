@@ -504,7 +504,7 @@ def test_native_fp8_opt_in_names_the_capability_it_needs(cc, raises, monkeypatch
 # FP8Linear's product on the kernel with the weight as wgmma's A operand
 # (matmul_wgmma_wa.cuh, route "wgmma_wa"): out^T = W x^T, the fp8 codes
 # decoded straight into the A registers (the 64-byte swizzled code tile, the
-# quad's pair selection, the two fragment sets alternating between stages),
+# quad's pair selection, the two fragment sets alternating between half stages),
 # the epilogue's pairing of neighbour rows by shuffle. Every finite code of
 # b's format occurs; K runs the stage ring round several times and ends
 # mid-stage; M crosses token tiles (BT 128 / 256), N weight-row tiles and is

@@ -807,8 +807,8 @@ def test_matmul_weight_as_a_kernel_compiles_bounded_and_asynchronous(tmp_path):
     """The weight-as-A kernel as MLX wraps it: at most 168 registers at
     launch (384 threads; setmaxnreg moves them to the consumers), no spills
     (128 accumulators and two sets of 8 A-fragment registers at BT 256), no
-    serialisation warning, and in the SASS four wgmma a stage (both fragment
-    and two waits a stage, one after each half)."""
+    serialisation warning, and in the SASS four wgmma a stage (two halves of
+    two) with a wait after each half, none between a half's two."""
     body = cuda_backend._read("matmul_wgmma_wa.cu")
     kernels = []
     for i, (ta, to, fb, bt, stages) in enumerate(_matmul_wa_cases()):

@@ -453,8 +453,9 @@ def test_cuda_wgmma_ws_fp8_weight_decoded_in_kernel(plan, raw, ka, kb, M, K, N, 
 # registers. Against float64 with every finite code of b's format; M, N, K
 # across tile edges (K = 1, K long enough to round the ring many times), both
 # token tiles and a two-stage ring; per-row a and per-column b scales, outputs
-# float32 and 16-bit; and against the route in use before it (decode first)
-# within the float32 sums' rounding (a different order of the same products).
+# float32 and 16-bit; and against session 19's route for it (decoded in shared
+# memory below 1024 rows, by a pass first from there) within the float32 sums'
+# rounding (a different order of the same products).
 @WS
 @pytest.mark.parametrize("plan", [None, (128, 8), (256, 5), (128, 2)],
                          ids=lambda v: "default" if v is None else "bt{}_st{}".format(*v))

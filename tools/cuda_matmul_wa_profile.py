@@ -21,6 +21,7 @@ def main(argv):
     from mlx_flash.backends import cuda_matmul as cm
 
     values = [int(v) for v in argv] or [512, 4096, 4096]
+    cm.CVT_RAW_MAX_ROWS = 1 << 30  # route "wgmma": the ws kernel decodes in shared memory at every M
     for m, k, n in zip(values[0::3], values[1::3], values[2::3]):
         k1, k2 = mx.random.split(mx.random.key(m + k + n))
         x = mx.random.normal((m, k), key=k1).astype(mx.float16)
@@ -28,13 +29,7 @@ def main(argv):
         scale = mx.full((1, n), 0.05, mx.float32)
         mx.eval(x, w8, scale)
         for route in ("wgmma_wa", "wgmma"):
-            saved = cm.CVT_RAW_MAX_ROWS
-            cm.CVT_RAW_MAX_ROWS = 1 << 30  # the ws kernel decodes in shared memory at every M
-            try:
-                out = cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, route=route)
-                mx.eval(out)
-            finally:
-                cm.CVT_RAW_MAX_ROWS = saved
+            mx.eval(cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, route=route))
             mx.synchronize()
             print(f"profiled {route} at {m} x {k} x {n}", flush=True)
 

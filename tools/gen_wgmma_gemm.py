@@ -36,12 +36,16 @@ template <int T, int N> struct WgmmaRS;
 TYPES = {16: "f16", 17: "bf16", 1: "e4m3", 2: "e5m2"}
 
 
+def accumulators(regs: int) -> tuple:
+    """The inline PTX's accumulator list and its output operands d[0 .. regs)."""
+    return (", ".join(f"%{i}" for i in range(regs)), ", ".join(f'"+f"(d[{i}])' for i in range(regs)))
+
+
 def wrapper(ta: int, tb: int, n: int) -> str:
     regs = n // 2
     fp8 = ta < 16
     k = 32 if fp8 else 16
-    dlist = ", ".join(f"%{i}" for i in range(regs))
-    outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    dlist, outs = accumulators(regs)
     da, db, acc = regs, regs + 1, regs + 2
     tail = "p, 1, 1;" if fp8 else f"p, 1, 1, 0, %{regs + 3};"
     ins = '"l"(da), "l"(db), "r"(accumulate)' + ("" if fp8 else ', "n"(TRANS_B)')
@@ -63,8 +67,7 @@ template <> struct WgmmaSS<{ta}, {tb}, {n}> {{
 
 def wrapper_rs(t: int, n: int) -> str:
     regs = n // 2
-    dlist = ", ".join(f"%{i}" for i in range(regs))
-    outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    dlist, outs = accumulators(regs)
     alist = ", ".join(f"%{regs + i}" for i in range(4))
     db, acc = regs + 4, regs + 5
     instr = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{TYPES[t]}.{TYPES[t]}"
