@@ -605,3 +605,70 @@ def test_fp8_weight_with_an_empty_inner_dimension_emulated(nan_scale):
         mx.eval(got)
     assert got.shape == (1, 20, 30) and got.dtype == mx.float16
     assert np.all(np.isnan(np.array(got))) if nan_scale else np.all(np.array(got) == 0)
+
+
+# Stream-K on the weight-as-A kernel (three emulated SMs): every tile whole
+# (0), every tile shared, the last partial wave's and one full wave's tiles
+# shared beside data-parallel ones, one tile cut over all three blocks, and
+# runs of no k-step (fewer k-steps than blocks). The sums equal float64's;
+# the tickets are back at 0 after the call (the pool region serves again).
+@pytest.mark.parametrize("M,N,K,sk", [
+    (133, 141, 700, 0),    # 4 tiles, whole
+    (133, 141, 700, 4),    # 4 tiles over 3 blocks: each cut
+    (133, 500, 300, 5),    # 8 tiles: 5 shared, 3 whole (one a block)
+    (20, 100, 700, 1),     # 1 tile of 11 k-steps: runs of 3, 4, 4
+    (20, 100, 100, 1),     # 1 tile of 2 k-steps: block 0 has none
+    (20, 100, 64, 1),      # 1 tile of 1 k-step: one block takes it whole
+    (20, 200, 700, None),  # the default on four SMs: 2 tiles, each split between two blocks
+], ids=lambda v: str(v))
+def test_wa_stream_k_emulated(M, N, K, sk):
+    from fp8_wgmma_bound import downscaling, every_code_rows
+    from mlx_flash import fp8
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    gen = rng("wa-sk-emu", M, N, K, sk)
+    a, _, a64 = make_operand(gen, (1, M, K), "bfloat16")
+    codes = every_code_rows(gen, "e4m3", N, K)
+    b, b64 = mx.array(codes), fp8.decode_table("e4m3")[codes].astype(np.float64)
+    sb = downscaling(np.abs(b64), 1, gen).reshape(1, N)
+    want = reference(a64, b64, None, sb, transpose_b=True)
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, b_fmt="e4m3", b_scale=mx.array(sb), transpose_b=True,
+                                                out_dtype=mx.float32)
+    plan = (128, 3) if sk is None else (128, 3, sk)
+    if sk is None:
+        assert cuda_matmul.wa_stream_k_tiles(2, 11, 4) == (2, 4)
+    with harness.patched_hopper(sm_count=3 if sk is not None else 4):
+        got = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma_wa", plan=plan)
+        mx.eval(got)
+        kernel = cuda_matmul._kernel_object("matmul_wgmma_wa", cuda_matmul._WA_INPUTS, cuda_matmul._WA_OUTPUTS,
+                                            cuda_matmul.wa_smem(128, 3))
+        tickets = kernel.inputs_after["tickets"]
+    assert_close(got.reshape(want.shape), want, mx.float32, K)
+    assert not np.any(tickets), "every ticket set back to 0"
+
+
+def test_wa_stream_k_choice():
+    """wa_stream_k_tiles on 132 SMs (k-steps of 64 K): (shared tiles, blocks).
+    Shared where whole tiles leave a partial wave that costs WA_SK_MIN_GAIN
+    k-steps or more, and only so that a tile is cut once at most."""
+    from mlx_flash.backends import cuda_matmul
+
+    pick = cuda_matmul.wa_stream_k_tiles
+    assert pick(64, 64, 132) == (64, 128)     # 512 x 4096 x 4096 at BT 256: each tile split in two
+    assert pick(64, 224, 132) == (64, 128)    # 512 x 14336 x 4096
+    assert pick(32, 64, 132) == (32, 64)      # 128 rows at BT 128
+    assert pick(100, 64, 132) == (0, 100)     # over half a wave: a run shorter than a tile would cut one twice
+    assert pick(128, 64, 132) == (0, 128)     # 1024 x 4096: 0.97 of a wave
+    assert pick(224, 64, 132) == (224, 132)   # 512 x 4096 x 14336: 1.7 waves, all shared
+    assert pick(448, 64, 132) == (132 + 52, 132)  # 3.4 waves: one full wave and the partial one shared
+    assert pick(512, 64, 132) == (116 + 132, 132)  # 3.88 waves: 7 k-steps of 256 to gain
+    assert pick(264, 64, 132) == (0, 132)     # whole waves
+    assert pick(64, 64, 132, batch=2) == (0, 64)
+    assert pick(3, 4, 132) == (0, 3)          # too few k-steps to gain WA_SK_MIN_GAIN
+    # the gain threshold itself: 2 waves of 4 k-steps against ceil(133 * 4 / 132) = 5
+    assert pick(133, cuda_matmul.WA_SK_MIN_GAIN, 132) == (0, 132)
+    for units in range(1, 700):  # a run of at least a tile (or exactly half one): no tile cut twice
+        for ktiles in (8, 13, 64):
+            sk, blocks = pick(units, ktiles, 132)
+            assert sk == 0 or sk * ktiles >= blocks * ktiles or sk * ktiles == blocks * ktiles // 2, (units, ktiles)

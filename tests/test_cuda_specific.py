@@ -814,8 +814,9 @@ def test_matmul_weight_as_a_kernel_compiles_bounded_and_asynchronous(tmp_path):
     for i, (ta, to, fb, bt, stages) in enumerate(_matmul_wa_cases()):
         template = [("TA", ta), ("TO", to), ("FB", fb), ("AS", i % 2 == 0), ("BS", True), ("BT", bt),
                     ("STAGES", stages)]
-        kernels.append(_kernel_text(f"wa{i}", body, matmul_inputs(ta, mx.uint8) + [("tmpl", mx.uint8)],
-                                    [("out", to), ("tmaps", mx.uint8)], template))
+        kernels.append(_kernel_text(f"wa{i}", body, matmul_inputs(ta, mx.uint8) + [("tmpl", mx.uint8),
+                                                                                 ("tickets", mx.uint32)],
+                                    [("out", to), ("tmaps", mx.uint8), ("part", mx.float32)], template))
     log = _nvcc_compile(tmp_path, "matmul_wgmma_wa",
                         _prelude(cuda_backend.kernel_headers("matmul_wgmma_wa")) + "\n" + "\n".join(kernels),
                         ("-Xptxas", "-v"))

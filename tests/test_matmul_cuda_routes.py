@@ -487,6 +487,45 @@ def test_cuda_wgmma_wa_fp8_weight_as_a_operand(plan, ka, kb, M, K, N):
     assert_close(out_f32, np.array(before).astype(np.float64), mx.float32, K)
 
 
+# Stream-K on the weight-as-A kernel (cuda_matmul.wa_stream_k_tiles) on the
+# card's SMs: the shapes it was made for (64 tiles at 512 x 4096; 224 at
+# 512 x 14336 wide: all shared; 448 at 1024 x 14336: a wave and the partial
+# one shared beside whole tiles) and odd ones, forced on and off. Against
+# float64; the same bits on a second call (the last block to arrive sums the
+# cut tile's partials in the blocks' order, whichever it is); the tickets
+# back at 0.
+@WS
+@pytest.mark.parametrize("M,K,N", [(512, 4096, 4096), (512, 1024, 14336), (1024, 512, 14336), (300, 2100, 1030),
+                                   (17, 3000, 200)])
+@pytest.mark.parametrize("sk", ["auto", "off", "all"])
+def test_cuda_wgmma_wa_stream_k(M, K, N, sk):
+    import math
+
+    from fp8_wgmma_bound import downscaling, every_code_rows
+
+    from mlx_flash import fp8
+    from mlx_flash.backends import cuda as cuda_backend
+    from mlx_flash.backends import cuda_matmul
+
+    needs_hopper()
+    gen = rng("wgmma-wa-sk", M, K, N, sk)
+    a, _, a64 = make_operand(gen, (M, K), "bfloat16")
+    codes = every_code_rows(gen, "e4m3", N, K)
+    b, b64 = mx.array(codes), fp8.decode_table("e4m3")[codes].astype(np.float64)
+    sb = downscaling(b64, 1, gen).reshape(1, N)
+    bt = cuda_matmul.wa_plan(M)[0]
+    units = math.ceil(M / bt) * math.ceil(N / 128)
+    plan = cuda_matmul.wa_plan(M) + ({"off": (0,), "all": (min(units, 1024),)}.get(sk, ()))
+    want = reference(a64, b64, None, sb, transpose_b=True)
+    outs = [run_route("wgmma_wa", a, b, b_fmt="e4m3", b_scale=mx.array(sb), transpose_b=True,
+                      out_dtype=mx.float32, plan=plan) for _ in range(2)]
+    assert_close(outs[0], want, mx.float32, K)
+    assert np.array_equal(np.array(outs[0]), np.array(outs[1])), "stream-K sums in a fixed order"
+    mx.synchronize()
+    pool = cuda_backend._TICKET_POOLS.get(GPU)
+    assert pool is None or not np.any(np.array(pool[0])), "every ticket set back to 0"
+
+
 @WS
 @pytest.mark.parametrize("b_batched", [False, True])
 def test_cuda_wgmma_wa_batched(b_batched):

@@ -121,6 +121,14 @@ WA_WIDE_MIN_ROWS = 256
 # wall time with calls queued 0.60x; at 4096^3 the pass took 1.07-1.11x this
 # kernel's wall time (s20d, s20e).
 WA_MAX_ROWS = 4096
+# Stream-K on that kernel (session 21): where its tiles do not fill whole
+# waves of the SMs (64 tiles at 512 x 4096 x 4096 on 132 SMs: half the card
+# idle; 224 at 512 x 4096 x 14336: 1.7 waves), tiles' k-steps are shared
+# between blocks (wa_stream_k_tiles), a tile cut between two blocks finished
+# by the later to arrive. Taken when a block would run at least
+# WA_SK_MIN_GAIN k-steps (of 64 K) fewer than with whole tiles; the cost is
+# one fp32 tile written and one read through L2 per cut, and one batch only.
+WA_SK_MIN_GAIN = 4
 # Shared memory one block may take (sm_90: 227 KiB), less the ws kernel's
 # static arrays (tensor-map staging, mbarriers).
 _WS_MAX_DYNAMIC_SMEM = 227 * 1024 - 512
@@ -216,6 +224,9 @@ POISON = None
 _FMT_CODE = {None: 0, "e4m3": 1, "e5m2": 2}
 _INPUTS = ("a", "b", "a_scale", "b_scale", "ip")
 _WGMMA_INPUTS = _INPUTS + ("tmpl",)
+# The weight-as-A kernel's: its stream-K tickets (a region of the stream's
+# zeroed ticket pool, backends/cuda.py) and fp32 partial sums.
+_WA_INPUTS, _WA_OUTPUTS = _WGMMA_INPUTS + ("tickets",), ("out", "tmaps", "part")
 _SMEM = 3 * (128 * 144 + max(128 * 144, 64 * 272))  # matmul_smem() in matmul.cuh
 _TILE = 128
 # fp8 x fp8 through the native fp8 mma.sync (m16n8k32). On Hopper (sm_90) that
@@ -309,6 +320,35 @@ def wa_takes(spec) -> bool:
 def wa_plan(M: int) -> tuple:
     """The weight-as-A kernel's default (BT, stages) for M rows of a."""
     return WA_PLANS["wide" if M >= WA_WIDE_MIN_ROWS else "narrow"]
+
+
+def wa_stream_k_tiles(units: int, ktiles: int, grid: int, batch: int = 1) -> tuple:
+    """(stream-K tiles, blocks) of the weight-as-A kernel for `units` tiles of
+    `ktiles` k-steps on `grid` SMs: the first tiles' k-steps shared evenly by
+    the blocks (0: none). Every shared tile is cut once at most (two blocks
+    a tile, whose sum a + b is the same whichever arrives last): from one
+    wave on, the partial wave's tiles and one full wave's are shared by all
+    SMs (a run of at least ktiles k-steps); below half a wave, each tile is
+    split in two (two blocks a tile); in between, none."""
+    blocks = min(units, grid)
+    if batch != 1 or units % grid == 0:
+        return 0, blocks
+    if units >= grid:
+        whole = math.ceil(units / grid) * ktiles  # k-steps of the busiest block, whole tiles
+        if whole - math.ceil(units * ktiles / grid) < WA_SK_MIN_GAIN:
+            return 0, blocks
+        sk, blocks = units % grid + grid, grid
+    elif 2 * units <= grid and ktiles >= 2 * WA_SK_MIN_GAIN:
+        sk, blocks = units, 2 * units
+    else:
+        return 0, blocks
+    return (sk, blocks) if _wa_stream_k_fits(sk, ktiles, blocks) else (0, min(units, grid))
+
+
+def _wa_stream_k_fits(sk: int, ktiles: int, grid: int) -> bool:
+    """Whether sk stream-K tiles fit a ticket region and the kernel's int
+    arithmetic on k-steps ((steps + 1) x grid below 2^31)."""
+    return sk <= _cuda._TICKET_REGION_WORDS and (sk * ktiles + 1) * grid < 2 ** 31
 
 
 def wa_smem(bt: int, stages: int) -> int:
@@ -622,16 +662,18 @@ def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native,
 
 def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     """The weight-as-A Hopper kernel (cuda_src/matmul_wgmma_wa.cuh): a 16-bit a
-    [batch, M, K] times [N, K] fp8 codes b; plan (BT, stages) or wa_plan's."""
+    [batch, M, K] times [N, K] fp8 codes b; plan (BT, stages) or wa_plan's,
+    or (BT, stages, stream-K tiles) to force wa_stream_k_tiles' choice."""
     if not wa_takes(spec) or a.dtype not in (mx.float16, mx.bfloat16):
         raise ValueError("route wgmma_wa: a 16-bit a times [N, K] fp8 codes (transpose_b) only, got a "
                          f"{spec.a_fmt or a.dtype}, b {spec.b_fmt or b.dtype}, transpose_b={spec.transpose_b}")
     if not _tma_available():
         raise ValueError("route wgmma_wa needs TMA (a Hopper GPU and a driver with cuTensorMapEncodeTiled)")
     plan = tuple(wa_plan(spec.M) if plan is None else plan)
-    if len(plan) != 2 or plan[0] not in (128, 256) or plan[1] < 2:
-        raise ValueError(f"route wgmma_wa: plan (BT, stages) with BT 128 or 256 and 2 stages or more, got {plan}")
-    bt, stages = plan
+    if len(plan) not in (2, 3) or plan[0] not in (128, 256) or plan[1] < 2:
+        raise ValueError("route wgmma_wa: plan (BT, stages[, stream-K tiles]) with BT 128 or 256 and 2 stages or "
+                         f"more, got {plan}")
+    bt, stages = plan[:2]
     if wa_smem(bt, stages) > _WS_MAX_DYNAMIC_SMEM:
         raise ValueError(f"route wgmma_wa: BT {bt} x {stages} stages need {wa_smem(bt, stages)} bytes of shared "
                          f"memory, more than a block's {_WS_MAX_DYNAMIC_SMEM}")
@@ -641,21 +683,29 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     a = _pad_axis(a, 2, 16, stream)
     b = _pad_axis(_pad_axis(b, 2, 16, stream), 1, 16, stream)
     Kp, Np = a.shape[2], b.shape[1]
-    ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale))
     if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
         b_scale = _pad_axis(b_scale, 2, 16, stream)
-    units = math.ceil(M / bt) * math.ceil(Np / 128)
-    blocks = min(units, sm_count())
-    kernel = _kernel_object("matmul_wgmma_wa", _WGMMA_INPUTS, ("out", "tmaps"), wa_smem(bt, stages))
+    units, ktiles, grid = math.ceil(M / bt) * math.ceil(Np / 128), math.ceil(Kp / 64), sm_count()
+    # Persistent: one block per SM at most (with stream-K plan[2], every SM).
+    sk, blocks = wa_stream_k_tiles(units, ktiles, grid, spec.batch) if len(plan) == 2 else (
+        plan[2], grid if plan[2] else min(units, grid))
+    if not (0 <= sk <= units and _wa_stream_k_fits(sk, ktiles, blocks) and (sk == 0 or spec.batch == 1)):
+        raise ValueError(f"route wgmma_wa: stream-K tiles from 0 to the {units} tiles (at most "
+                         f"{_cuda._TICKET_REGION_WORDS}, k-steps x SMs below 2^31), with one batch, got {sk} "
+                         f"(batch {spec.batch}, {ktiles} k-steps a tile)")
+    ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale) + (sk,))
+    kernel = _kernel_object("matmul_wgmma_wa", _WA_INPUTS, _WA_OUTPUTS, wa_smem(bt, stages))
     placeholder = _params((0,), mx.float32)
-    (out, _) = kernel(
+    (out, _, _) = kernel(
         inputs=[a, b, a_scale if a_scale is not None else placeholder,
-                b_scale if b_scale is not None else placeholder, ip, _wa_tma_templates(M, Kp, Np, bt)],
+                b_scale if b_scale is not None else placeholder, ip, _wa_tma_templates(M, Kp, Np, bt),
+                _cuda._ticket_region(stream) if sk else _params((0,), mx.uint32)],
         template=[("TA", a.dtype), ("TO", spec.out_dtype), ("FB", _FMT_CODE[spec.b_fmt]),
                   ("AS", a_scale is not None), ("BS", b_scale is not None), ("BT", bt), ("STAGES", stages)],
         grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
-        output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,)],
-        output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,
+        # part: two fp32 tiles of partial sums a block (the tiles its run starts and ends in).
+        output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,), (blocks * 2 * 128 * bt if sk else 1,)],
+        output_dtypes=[spec.out_dtype, mx.uint8, mx.float32], init_value=POISON, stream=stream,
     )
     return out if Np == N else out[:, :, :N]
 

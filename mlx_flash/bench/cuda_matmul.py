@@ -860,8 +860,13 @@ PREFILL_SHAPES = tuple((m, k, n) for m in (128, 256, 512, 1024, 2048, 4096) for 
 # Warp-specialised plans and slots of fp8 codes timed beside the routed one
 # (BN, stages, promote, TMA, ws; slots).
 PREFILL_PLANS = (((256, 3, 0, True, True), 4),)
-# Weight-as-A plans (BT tokens, stages) timed beside its default (session 20).
-PREFILL_WA_PLANS = ((128, 8), (256, 5))
+# Weight-as-A plans (BT tokens, stages[, stream-K tiles]) timed beside its
+# default (session 20); session 21: the default plans with stream-K off.
+PREFILL_WA_PLANS = ((128, 8), (256, 5), (128, 8, 0), (256, 5, 0))
+# Cases also timed alone on the GPU (CUPTI, gpu_time_per_call): with the queue
+# full, MLX lets independent products of one graph overlap, which hides a
+# kernel that leaves SMs idle (session 21).
+PREFILL_GPU_CASES = ("mlx_fp16", "ours_wa", "ours_wa_bt128_st8_sk0", "ours_wa_bt256_st5_sk0")
 
 
 def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(), wa_plans=()):
@@ -902,7 +907,8 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
                 x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, route="wgmma", plan=plan))
         if dispatch.cuda_available():
             for plan in (None,) + tuple(wa_plans):
-                name = "ours_wa" if plan is None else "ours_wa_bt{}_st{}".format(*plan)
+                name = "ours_wa" if plan is None else "ours_wa_bt{}_st{}".format(*plan) + "".join(
+                    f"_sk{v}" for v in plan[2:])
                 cases[name] = lambda plan=plan: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True,
                                                           route="wgmma_wa", plan=plan)
         cases["ours_routed"] = ours
@@ -935,11 +941,26 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
             if prepares[name][1] is not None:
                 row["rel_diff_vs_fp32"] = prepares[name][1]
             rec.add(**row)
+        gpu = {}
+        _, torch = _torch()
+        if torch is not None and dispatch.cuda_available():
+            for name in PREFILL_GPU_CASES:
+                if name in prepares:
+                    try:
+                        got = gpu_time_per_call(prepares[name][0], 8, torch)
+                        gpu[name] = got["gpu_us_per_call"]
+                        rec.add(section="prefill_gpu", case=name, m=m, k=k, n=n, **got)
+                    except Exception as e:  # noqa: BLE001
+                        rec.add(section="prefill_gpu", case=name, m=m, k=k, n=n,
+                                error=f"{type(e).__name__}: {e}"[:500])
         base = samples.get("mlx_fp16")
         for name, got in samples.items():
             if name != "mlx_fp16" and isinstance(got, list) and got and isinstance(base, list) and base:
-                rec.add(section="prefill_ratio", m=m, k=k, n=n, case=f"{name}_vs_mlx_fp16",
-                        wall=statistics.median(base) / statistics.median(got))
+                ratio = dict(section="prefill_ratio", m=m, k=k, n=n, case=f"{name}_vs_mlx_fp16",
+                             wall=statistics.median(base) / statistics.median(got))
+                if name in gpu and "mlx_fp16" in gpu:
+                    ratio["gpu"] = gpu["mlx_fp16"] / gpu[name]
+                rec.add(**ratio)
         del prepares, cases, x, w16, w8
         mx.clear_cache()
         if CHECKPOINT is not None:

@@ -176,7 +176,7 @@ def _to_bytes(x: mx.array) -> np.ndarray:
 
 
 _MAX_NDIM = 10  # MLX's Strides: cuda::std::array<int64_t, MAX_NDIM>
-_WRITTEN_INPUTS = ("tk",)
+_WRITTEN_INPUTS = ("tk", "tickets")  # ticket pool regions (decode attention, the weight-as-A matmul)
 
 
 def _view_bytes(x: mx.array):

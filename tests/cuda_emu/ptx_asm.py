@@ -131,6 +131,9 @@ def _statement(template: str, outs: list, ins: list) -> str:
     if t.startswith("max.NaN.f32"):
         y, x = args(r"max\.NaN\.f32 (%\d+), (%\d+), 0fC2FE0000;")
         return f"{y} = {E}max_nan({x}, -127.f);"
+    if re.fullmatch(r"mov\.u32 %\d+, %%(tid|ctaid)\.x;", t):  # a special register read again
+        y, reg = args(r"mov\.u32 (%\d+), %%(tid|ctaid)\.x;")
+        return f"{y} = {'threadIdx' if reg == 'tid' else 'blockIdx'}.x;"
     if "%%globaltimer" in t or "%%smid" in t:
         (y,) = args(r"mov\.u\d+ (%\d+), %%")
         return f"{y} = 0;"

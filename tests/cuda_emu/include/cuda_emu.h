@@ -63,6 +63,8 @@ template <typename T>
 inline T __ldg(const T* p) { return *p; }
 template <typename T>
 inline T __ldcg(const T* p) { return *p; }  // an L2 read: one memory here
+template <typename T>
+inline void __stcg(T* p, T v) { *p = v; }  // an L2 write: one memory here
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 // Threadgroups run one at a time on an OS thread (each to its end before the
 // next starts), so every store is visible to the blocks that run after it.
