@@ -621,7 +621,7 @@ def test_fp8_weight_with_an_empty_inner_dimension_emulated(nan_scale):
     (20, 100, 64, 1),      # 1 tile of 1 k-step: one block takes it whole
     (20, 200, 700, None),  # the default on four SMs: 2 tiles, each split between two blocks
 ], ids=lambda v: str(v))
-def test_wa_stream_k_emulated(M, N, K, sk):
+def test_wa_stream_k_emulated(M, N, K, sk, monkeypatch):
     from fp8_wgmma_bound import downscaling, every_code_rows
     from mlx_flash import fp8
     from mlx_flash._matmul_spec import validate_matmul
@@ -636,6 +636,7 @@ def test_wa_stream_k_emulated(M, N, K, sk):
     spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, b_fmt="e4m3", b_scale=mx.array(sb), transpose_b=True,
                                                 out_dtype=mx.float32)
     plan = (128, 3) if sk is None else (128, 3, sk)
+    monkeypatch.setattr(cuda_matmul, "WA_SK", True)
     if sk is None:
         assert cuda_matmul.wa_stream_k_tiles(2, 11, 4) == (2, 4)
     with harness.patched_hopper(sm_count=3 if sk is not None else 4):
@@ -648,11 +649,16 @@ def test_wa_stream_k_emulated(M, N, K, sk):
     assert not np.any(tickets), "every ticket set back to 0"
 
 
-def test_wa_stream_k_choice():
+def test_wa_stream_k_choice(monkeypatch):
     """wa_stream_k_tiles on 132 SMs (k-steps of 64 K): (shared tiles, blocks).
     Shared where whole tiles leave a partial wave that costs WA_SK_MIN_GAIN
-    k-steps or more, and only so that a tile is cut once at most."""
+    k-steps or more, and only so that a tile is cut once at most; none with
+    MLX_FLASH_CUDA_FP8W_WA_SK=0."""
     from mlx_flash.backends import cuda_matmul
+
+    monkeypatch.setattr(cuda_matmul, "WA_SK", False)
+    assert cuda_matmul.wa_stream_k_tiles(64, 64, 132) == (0, 64)
+    monkeypatch.setattr(cuda_matmul, "WA_SK", True)
 
     pick = cuda_matmul.wa_stream_k_tiles
     assert pick(64, 64, 132) == (64, 128)     # 512 x 4096 x 4096 at BT 256: each tile split in two

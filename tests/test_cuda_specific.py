@@ -327,6 +327,21 @@ def test_cvt_raw_setting_outside_its_range_is_an_error(value):
     assert "MLX_FLASH_CUDA_CVT_RAW must be 0 to 4" in got.stderr and repr(value) in got.stderr, got.stderr[-500:]
 
 
+@pytest.mark.parametrize("name", ["MLX_FLASH_CUDA_FP8W_WA", "MLX_FLASH_CUDA_FP8W_WA_SK"])
+def test_weight_as_a_settings_outside_0_1_are_errors(name):
+    """The weight-as-A kernel's switches (the route; its stream-K) take 0 or 1
+    and otherwise name themselves and the value, at import."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, **{name: "yes"})
+    got = subprocess.run([sys.executable, "-c", "import mlx_flash.backends.cuda_matmul"], capture_output=True,
+                         text=True, env=env)
+    assert got.returncode != 0
+    assert f"{name} must be 0 or 1, got 'yes'" in got.stderr, got.stderr[-500:]
+
+
 def test_no_kernel_has_a_compile_time_cluster_shape():
     """No kernel of ours may carry a compile-time cluster shape (__cluster_dims__,
     .reqnctapercluster). MLX builds an mx.fast.cuda_kernel launch as a plain

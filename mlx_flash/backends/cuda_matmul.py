@@ -129,6 +129,11 @@ WA_MAX_ROWS = 4096
 # WA_SK_MIN_GAIN k-steps (of 64 K) fewer than with whole tiles; the cost is
 # one fp32 tile written and one read through L2 per cut, and one batch only.
 WA_SK_MIN_GAIN = 4
+# MLX_FLASH_CUDA_FP8W_WA_SK=0 keeps every tile whole (session 20's schedule).
+_FP8W_WA_SK = os.environ.get("MLX_FLASH_CUDA_FP8W_WA_SK", "1")
+if _FP8W_WA_SK not in ("0", "1"):
+    raise ValueError(f"MLX_FLASH_CUDA_FP8W_WA_SK must be 0 or 1, got {_FP8W_WA_SK!r}")
+WA_SK = _FP8W_WA_SK == "1"
 # Shared memory one block may take (sm_90: 227 KiB), less the ws kernel's
 # static arrays (tensor-map staging, mbarriers).
 _WS_MAX_DYNAMIC_SMEM = 227 * 1024 - 512
@@ -331,7 +336,7 @@ def wa_stream_k_tiles(units: int, ktiles: int, grid: int, batch: int = 1) -> tup
     SMs (a run of at least ktiles k-steps); below half a wave, each tile is
     split in two (two blocks a tile); in between, none."""
     blocks = min(units, grid)
-    if batch != 1 or units % grid == 0:
+    if not WA_SK or batch != 1 or units % grid == 0:
         return 0, blocks
     if units >= grid:
         whole = math.ceil(units / grid) * ktiles  # k-steps of the busiest block, whole tiles
