@@ -498,7 +498,7 @@ def test_cuda_wgmma_wa_fp8_weight_as_a_operand(plan, ka, kb, M, K, N):
 @pytest.mark.parametrize("M,K,N", [(512, 4096, 4096), (512, 1024, 14336), (1024, 512, 14336), (300, 2100, 1030),
                                    (17, 3000, 200)])
 @pytest.mark.parametrize("sk", ["auto", "off", "all"])
-def test_cuda_wgmma_wa_stream_k(M, K, N, sk):
+def test_cuda_wgmma_wa_stream_k(M, K, N, sk, monkeypatch):
     import math
 
     from fp8_wgmma_bound import downscaling, every_code_rows
@@ -508,6 +508,7 @@ def test_cuda_wgmma_wa_stream_k(M, K, N, sk):
     from mlx_flash.backends import cuda_matmul
 
     needs_hopper()
+    monkeypatch.setattr(cuda_matmul, "WA_SK", True)  # "auto": wa_stream_k_tiles' plan, as with the switch on
     gen = rng("wgmma-wa-sk", M, K, N, sk)
     a, _, a64 = make_operand(gen, (M, K), "bfloat16")
     codes = every_code_rows(gen, "e4m3", N, K)

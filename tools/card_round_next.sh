@@ -496,13 +496,15 @@ elif [ "$PART" = s20e ]; then
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   s19_timings
 elif [ "$PART" = s21a ]; then
-  # Session 21: stream-K on the weight-as-A kernel (a default): its GPU cases (stream-K forced on and off,
+  # Session 21: stream-K on the weight-as-A kernel (opt-in): its GPU cases (stream-K forced on and off,
   # the same bits twice, the tickets back at 0), the API's and FP8Linear's.
   step wa_routes 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "wgmma_wa"
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
 elif [ "$PART" = s21b ]; then
-  # Session 21: the prefill shapes with stream-K on and off, each also timed alone on the GPU (CUPTI).
-  step prefill 420 python3 -m mlx_flash.bench.cuda_matmul --sections prefill --out "$OUT/matmul_prefill.json"
+  # Session 21: the prefill shapes with stream-K on (the switch set: "ours_wa") and off ("_sk0"), each also
+  # timed alone on the GPU (CUPTI).
+  step prefill 420 env MLX_FLASH_CUDA_FP8W_WA_SK=1 python3 -m mlx_flash.bench.cuda_matmul --sections prefill \
+    --out "$OUT/matmul_prefill.json"
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
