@@ -25,8 +25,10 @@
 // 512 x 4096 x 14336) a block then waits no longer than any other. A tile
 // cut between blocks is finished by the last of them to arrive (a ticket of
 // the caller's zeroed ticket region, set back to 0 by that block): each writes
-// its fp32 partial sums to its slot of `part`, and the last sums the slots in
-// the blocks' order (the same sums whichever arrives last) and stores.
+// its fp32 partial sums to its slot of `part`; the last adds the other's to
+// its own where two blocks share the tile (the caller's plans: a + b is the
+// same whichever arrives last), or sums every slot in the blocks' order
+// where more do (forced plans), and stores.
 //   producer (warpgroup 2, setmaxnreg.dec 40): one thread loads each stage by
 //     TMA: x's [BT][64] tile (128-byte swizzle, the layout wgmma's B
 //     descriptor reads K-major) and w's [128][64] codes (64-byte swizzle, so
