@@ -670,7 +670,8 @@ def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native,
 def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     """The weight-as-A Hopper kernel (cuda_src/matmul_wgmma_wa.cuh): a 16-bit a
     [batch, M, K] times [N, K] fp8 codes b; plan (BT, stages) or wa_plan's,
-    or (BT, stages, stream-K tiles) to force wa_stream_k_tiles' choice."""
+    or (BT, stages, stream-K tiles) to force the count (0: none; more: over
+    every SM) instead of wa_stream_k_tiles' choice."""
     if not wa_takes(spec) or a.dtype not in (mx.float16, mx.bfloat16):
         raise ValueError("route wgmma_wa: a 16-bit a times [N, K] fp8 codes (transpose_b) only, got a "
                          f"{spec.a_fmt or a.dtype}, b {spec.b_fmt or b.dtype}, transpose_b={spec.transpose_b}")
