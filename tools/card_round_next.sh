@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22c}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -505,11 +505,26 @@ elif [ "$PART" = s21b ]; then
   # timed alone on the GPU (CUPTI).
   step prefill 420 env MLX_FLASH_CUDA_FP8W_WA_SK=1 python3 -m mlx_flash.bench.cuda_matmul --sections prefill \
     --out "$OUT/matmul_prefill.json"
+elif [ "$PART" = s22c ]; then
+  # Session 22 (issue 14, backward): is the warp-specialised backward with its dQ writer (opt-in since
+  # session 8, one 5 % timing at 8K dense) faster than the default everywhere it serves? Its GPU cases,
+  # then the backward alone (fwd+bwd - fwd) of the default, the ws + dQ writer and the early dV beside
+  # mx.fast and torch, alternated per repetition, over a fresh kernel cache warmed in parallel.
+  step bwd_ws_gpu 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_cuda_specific.py \
+    -k "hopper_backward_ws_on_gpu or hopper_backward_ws_long_keys_on_gpu"
+  export MLX_PTX_CACHE_DIR=$(mktemp -d /tmp/s22c_ptx.XXXXXX)
+  export BWD_AB_ROWS="float16:1,16,8192,128;bfloat16:1,16,8192,128;float16:2,16,4096,128;float16:4,16,1024,64"
+  for warm in "float16 128 0" "float16 128 1" "bfloat16 128 0" "bfloat16 128 1" "float16 64 0" "float16 64 1"; do
+    (BWD_AB_WARM_ROUTES=new,wsdq,dvearly timeout 150 python3 tools/cuda_bwd_ab.py warm $warm \
+      >> "$OUT/warm.log" 2>&1 &)
+  done
+  sleep 5; while pgrep -f "cuda_bwd_ab.py warm" > /dev/null; do sleep 2; done
+  step bwd_ab 300 env BWD_AB_ROUTES=new,wsdq,dvearly python3 tools/cuda_bwd_ab.py bwdonly "$OUT/bwd_ab.json"
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e or s21a-s21b, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b or s22c, got $PART" >&2
   exit 2
 fi
