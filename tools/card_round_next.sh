@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22c}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22c|s22d}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -520,11 +520,26 @@ elif [ "$PART" = s22c ]; then
   done
   sleep 5; while pgrep -f "cuda_bwd_ab.py warm" > /dev/null; do sleep 2; done
   step bwd_ab 300 env BWD_AB_ROUTES=new,wsdq,dvearly python3 tools/cuda_bwd_ab.py bwdonly "$OUT/bwd_ab.json"
+elif [ "$PART" = s22d ]; then
+  # Session 22 (issue 14, backward): where the default backward (attention_bwd_wgmma) loses to cuDNN's
+  # at (1,16,8192,128) fp16 dense, under Nsight's locked clocks: every kernel of one fwd+bwd call after
+  # warm-ups (ours: delta, backward, dQ conversion; cuDNN's), then ours per SASS instruction.
+  nsight() {  # NAME WHICH REGEX
+    step "ncu_bwd_$1" 150 ncu --profile-from-start off --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section ComputeWorkloadAnalysis --section SchedulerStats --section MemoryWorkloadAnalysis \
+      -k "regex:$3" python3 tools/cuda_bwd_ab.py one float16 1,16,8192,128 0 "$2"
+  }
+  nsight ours new "mlx_flash"
+  nsight cudnn fast "[Ss]dpa|[Ff]mha|[Ff]lash|[Bb]prop|cudnn|[Dd]ot"
+  step sass_bwd 150 ncu --profile-from-start off --section SourceCounters --section WarpStateStats --page source \
+    --print-source sass --csv -k "regex:attention_bwd_wgmma" -c 1 python3 tools/cuda_bwd_ab.py one float16 1,16,8192,128 0 new
+  mv "$OUT/sass_bwd.txt" "$OUT/sass_bwd.csv"
+  python3 tools/ncu_sass_summary.py "$OUT/sass_bwd.csv" > "$OUT/sass_bwd.summary.txt" 2>&1
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b or s22c, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22c or s22d, got $PART" >&2
   exit 2
 fi
