@@ -642,11 +642,48 @@ def test_wa_stream_k_emulated(M, N, K, sk, monkeypatch):
     with harness.patched_hopper(sm_count=3 if sk is not None else 4):
         got = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma_wa", plan=plan)
         mx.eval(got)
-        kernel = cuda_matmul._kernel_object("matmul_wgmma_wa", cuda_matmul._WA_INPUTS, cuda_matmul._WA_OUTPUTS,
-                                            cuda_matmul.wa_smem(128, 3))
+        kernel = cuda_matmul._kernel_object("matmul_wgmma_wa_sk", cuda_matmul._WA_SK_INPUTS,
+                                            cuda_matmul._WA_SK_OUTPUTS, cuda_matmul.wa_smem(128, 3))
         tickets = kernel.inputs_after["tickets"]
     assert_close(got.reshape(want.shape), want, mx.float32, K)
     assert not np.any(tickets), "every ticket set back to 0"
+
+
+@pytest.mark.parametrize("out", ["float32", "bfloat16"])
+def test_wa_stream_k_form_with_whole_tiles_matches_the_default_kernel_emulated(out, monkeypatch):
+    """The default route runs the weight-as-A kernel text a card has run
+    (matmul_wgmma_wa.cuh); its stream-K form (matmul_wgmma_wa_sk.cuh, taken
+    only where stream-K tiles are) gives the same bits with every tile whole
+    (the same products in the same order), and a close sum where tiles are
+    cut (a + b of two runs)."""
+    from fp8_wgmma_bound import downscaling, every_code_rows
+    from mlx_flash import fp8
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    monkeypatch.setattr(cuda_matmul, "WA_SK", False)
+    gen = rng("wa-sk-vs-default", out)
+    M, N, K = 133, 141, 700
+    a, _, a64 = make_operand(gen, (1, M, K), "float16")
+    codes = every_code_rows(gen, "e4m3", N, K)
+    b, b64 = mx.array(codes), fp8.decode_table("e4m3")[codes].astype(np.float64)
+    sb = downscaling(b64, 1, gen).reshape(1, N)
+    out_dtype = getattr(mx, out)
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, b_fmt="e4m3", b_scale=mx.array(sb), transpose_b=True,
+                                                out_dtype=out_dtype)
+    got, names = {}, {}
+    with harness.patched_hopper(sm_count=3):
+        for plan in ((128, 3), (128, 3, 0), (128, 3, 4)):
+            harness.LAUNCHES.clear()
+            got[plan] = np.array(cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma_wa",
+                                                      plan=plan).astype(mx.float32))
+            names[plan] = [name for name, _ in harness.LAUNCHES if name.startswith("mlx_flash_matmul_wgmma_wa")]
+    assert names == {(128, 3): ["mlx_flash_matmul_wgmma_wa"], (128, 3, 0): ["mlx_flash_matmul_wgmma_wa_sk"],
+                     (128, 3, 4): ["mlx_flash_matmul_wgmma_wa_sk"]}, names
+    assert np.array_equal(got[(128, 3)], got[(128, 3, 0)]), "whole tiles: the default kernel's bits"
+    want = reference(a64, b64, None, sb, transpose_b=True)
+    for plan in got:
+        assert_close(mx.array(got[plan]).reshape(want.shape).astype(out_dtype), want, out_dtype, K)
 
 
 def test_wa_stream_k_choice(monkeypatch):

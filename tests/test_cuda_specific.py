@@ -818,25 +818,28 @@ def _matmul_wa_cases():
 
 @needs_nvcc
 @pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not installed")
-def test_matmul_weight_as_a_kernel_compiles_bounded_and_asynchronous(tmp_path):
-    """The weight-as-A kernel as MLX wraps it: at most 168 registers at
-    launch (384 threads; setmaxnreg moves them to the consumers), no spills
-    (128 accumulators and two sets of 8 A-fragment registers at BT 256), no
-    serialisation warning, and in the SASS four wgmma a stage (two halves of
-    two) with a wait after each half, none between a half's two."""
-    body = cuda_backend._read("matmul_wgmma_wa.cu")
+@pytest.mark.parametrize("kernel", ["matmul_wgmma_wa", "matmul_wgmma_wa_sk"])
+def test_matmul_weight_as_a_kernel_compiles_bounded_and_asynchronous(kernel, tmp_path):
+    """The weight-as-A kernel and its stream-K form as MLX wraps them: at
+    most 168 registers at launch (384 threads; setmaxnreg moves them to the
+    consumers), no spills (128 accumulators and two sets of 8 A-fragment
+    registers at BT 256), no serialisation warning, and in the SASS four
+    wgmma a stage (two halves of two) with a wait after each half, none
+    between a half's two."""
+    body = cuda_backend._read(kernel + ".cu")
+    sk = kernel.endswith("_sk")
+    inputs = [("tmpl", mx.uint8)] + ([("tickets", mx.uint32)] if sk else [])
+    outputs = [("tmaps", mx.uint8)] + ([("part", mx.float32)] if sk else [])
     kernels = []
     for i, (ta, to, fb, bt, stages) in enumerate(_matmul_wa_cases()):
         template = [("TA", ta), ("TO", to), ("FB", fb), ("AS", i % 2 == 0), ("BS", True), ("BT", bt),
                     ("STAGES", stages)]
-        kernels.append(_kernel_text(f"wa{i}", body, matmul_inputs(ta, mx.uint8) + [("tmpl", mx.uint8),
-                                                                                 ("tickets", mx.uint32)],
-                                    [("out", to), ("tmaps", mx.uint8), ("part", mx.float32)], template))
-    log = _nvcc_compile(tmp_path, "matmul_wgmma_wa",
-                        _prelude(cuda_backend.kernel_headers("matmul_wgmma_wa")) + "\n" + "\n".join(kernels),
+        kernels.append(_kernel_text(f"wa{i}", body, matmul_inputs(ta, mx.uint8) + inputs, [("out", to)] + outputs,
+                                    template))
+    log = _nvcc_compile(tmp_path, kernel, _prelude(cuda_backend.kernel_headers(kernel)) + "\n" + "\n".join(kernels),
                         ("-Xptxas", "-v"))
     assert_warp_specialised_build(log, kernels)
-    sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / "matmul_wgmma_wa.o")], capture_output=True,
+    sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / f"{kernel}.o")], capture_output=True,
                           text=True, check=True).stdout
     counts = _wgmma_sync_counts(sass)
     assert len(counts) == len(kernels), sass[:2000]

@@ -493,7 +493,8 @@ def test_cuda_wgmma_wa_fp8_weight_as_a_operand(plan, ka, kb, M, K, N):
 # one shared beside whole tiles) and odd ones, forced on and off. Against
 # float64; the same bits on a second call (the last block to arrive sums the
 # cut tile's partials in the blocks' order, whichever it is); the tickets
-# back at 0.
+# back at 0. "off" runs the stream-K form (matmul_wgmma_wa_sk.cuh) with
+# every tile whole: the default kernel's bits (matmul_wgmma_wa.cuh).
 @WS
 @pytest.mark.parametrize("M,K,N", [(512, 4096, 4096), (512, 1024, 14336), (1024, 512, 14336), (300, 2100, 1030),
                                    (17, 3000, 200)])
@@ -522,6 +523,12 @@ def test_cuda_wgmma_wa_stream_k(M, K, N, sk, monkeypatch):
                       out_dtype=mx.float32, plan=plan) for _ in range(2)]
     assert_close(outs[0], want, mx.float32, K)
     assert np.array_equal(np.array(outs[0]), np.array(outs[1])), "stream-K sums in a fixed order"
+    if sk == "off":
+        with monkeypatch.context() as m:
+            m.setattr(cuda_matmul, "WA_SK", False)
+            default = run_route("wgmma_wa", a, b, b_fmt="e4m3", b_scale=mx.array(sb), transpose_b=True,
+                                out_dtype=mx.float32, plan=cuda_matmul.wa_plan(M))
+        assert np.array_equal(np.array(outs[0]), np.array(default)), "whole tiles: the default kernel's bits"
     mx.synchronize()
     pool = cuda_backend._TICKET_POOLS.get(GPU)
     assert pool is None or not np.any(np.array(pool[0])), "every ticket set back to 0"

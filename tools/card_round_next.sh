@@ -496,15 +496,18 @@ elif [ "$PART" = s20e ]; then
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   s19_timings
 elif [ "$PART" = s21a ]; then
-  # Session 21: stream-K on the weight-as-A kernel (opt-in): its GPU cases (stream-K forced on and off,
-  # the same bits twice, the tickets back at 0), the API's and FP8Linear's.
+  # Session 21: stream-K on the weight-as-A kernel (opt-in; since session 22 its own kernel text,
+  # matmul_wgmma_wa_sk.cuh, the default route keeping the text s20e ran): its GPU cases (stream-K forced on
+  # and off, the same bits twice, off = the default kernel's bits, the tickets back at 0), the API's and
+  # FP8Linear's.
   step wa_routes 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "wgmma_wa"
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
 elif [ "$PART" = s21b ]; then
-  # Session 21: the prefill shapes with stream-K on (the switch set: "ours_wa") and off ("_sk0"), each also
-  # timed alone on the GPU (CUPTI).
+  # Session 21: the prefill shapes with stream-K on (the switch set: "ours_wa"), the default kernel
+  # ("ours_wa_whole") and the stream-K form with every tile whole ("_sk0"), each also timed alone on the
+  # GPU (CUPTI); rows are printed as they come, so a cut run keeps what finished.
   step prefill 420 env MLX_FLASH_CUDA_FP8W_WA_SK=1 python3 -m mlx_flash.bench.cuda_matmul --sections prefill \
-    --out "$OUT/matmul_prefill.json"
+    --prefill-rows 128,512,1024,2048,4096 --out "$OUT/matmul_prefill.json"
 elif [ "$PART" = s22c ]; then
   # Session 22 (issue 14, backward): is the warp-specialised backward with its dQ writer (opt-in since
   # session 8, one 5 % timing at 8K dense) faster than the default everywhere it serves? Its GPU cases,

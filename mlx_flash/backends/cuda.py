@@ -81,6 +81,7 @@ _KERNEL_ROOTS = {
     "matmul_wgmma": ("matmul_wgmma.cuh",),
     "matmul_wgmma_ws": ("matmul_wgmma_ws.cuh",),
     "matmul_wgmma_wa": ("matmul_wgmma_wa.cuh",),
+    "matmul_wgmma_wa_sk": ("matmul_wgmma_wa_sk.cuh",),
     "matmul_gemv": ("matmul_gemv.cuh",),
     # flash_attention_quantized (cuda_quant.py)
     "attention_quant_fwd": ("attention_quant.cuh",),

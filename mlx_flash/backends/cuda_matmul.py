@@ -231,9 +231,11 @@ POISON = None
 _FMT_CODE = {None: 0, "e4m3": 1, "e5m2": 2}
 _INPUTS = ("a", "b", "a_scale", "b_scale", "ip")
 _WGMMA_INPUTS = _INPUTS + ("tmpl",)
-# The weight-as-A kernel's: its stream-K tickets (a region of the stream's
-# zeroed ticket pool, backends/cuda.py) and fp32 partial sums.
-_WA_INPUTS, _WA_OUTPUTS = _WGMMA_INPUTS + ("tickets",), ("out", "tmaps", "part")
+# The weight-as-A kernel's outputs; its stream-K form (matmul_wgmma_wa_sk.cuh)
+# also takes stream-K tickets (a region of the stream's zeroed ticket pool,
+# backends/cuda.py) and writes fp32 partial sums.
+_WA_OUTPUTS = ("out", "tmaps")
+_WA_SK_INPUTS, _WA_SK_OUTPUTS = _WGMMA_INPUTS + ("tickets",), _WA_OUTPUTS + ("part",)
 _SMEM = 3 * (128 * 144 + max(128 * 144, 64 * 272))  # matmul_smem() in matmul.cuh
 _TILE = 128
 # fp8 x fp8 through the native fp8 mma.sync (m16n8k32). On Hopper (sm_90) that
@@ -671,7 +673,9 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     """The weight-as-A Hopper kernel (cuda_src/matmul_wgmma_wa.cuh): a 16-bit a
     [batch, M, K] times [N, K] fp8 codes b; plan (BT, stages) or wa_plan's,
     or (BT, stages, stream-K tiles) to force the count (0: none; more: over
-    every SM) instead of wa_stream_k_tiles' choice."""
+    every SM) instead of wa_stream_k_tiles' choice. Where stream-K tiles are
+    taken or a count is forced, the kernel's stream-K form runs
+    (matmul_wgmma_wa_sk.cuh)."""
     if not wa_takes(spec) or a.dtype not in (mx.float16, mx.bfloat16):
         raise ValueError("route wgmma_wa: a 16-bit a times [N, K] fp8 codes (transpose_b) only, got a "
                          f"{spec.a_fmt or a.dtype}, b {spec.b_fmt or b.dtype}, transpose_b={spec.transpose_b}")
@@ -701,20 +705,30 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
         raise ValueError(f"route wgmma_wa: stream-K tiles from 0 to the {units} tiles (at most "
                          f"{_cuda._TICKET_REGION_WORDS}, k-steps x SMs below 2^31), with one batch, got {sk} "
                          f"(batch {spec.batch}, {ktiles} k-steps a tile)")
-    ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale) + (sk,))
-    kernel = _kernel_object("matmul_wgmma_wa", _WA_INPUTS, _WA_OUTPUTS, wa_smem(bt, stages))
-    placeholder = _params((0,), mx.float32)
-    (out, _, _) = kernel(
-        inputs=[a, b, a_scale if a_scale is not None else placeholder,
-                b_scale if b_scale is not None else placeholder, ip, _wa_tma_templates(M, Kp, Np, bt),
-                _cuda._ticket_region(stream) if sk else _params((0,), mx.uint32)],
-        template=[("TA", a.dtype), ("TO", spec.out_dtype), ("FB", _FMT_CODE[spec.b_fmt]),
-                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("BT", bt), ("STAGES", stages)],
-        grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
-        # part: two fp32 tiles of partial sums a block (the tiles its run starts and ends in).
-        output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,), (blocks * 2 * 128 * bt if sk else 1,)],
-        output_dtypes=[spec.out_dtype, mx.uint8, mx.float32], init_value=POISON, stream=stream,
-    )
+    inputs = [a, b, a_scale if a_scale is not None else _params((0,), mx.float32),
+              b_scale if b_scale is not None else _params((0,), mx.float32)]
+    template = [("TA", a.dtype), ("TO", spec.out_dtype), ("FB", _FMT_CODE[spec.b_fmt]), ("AS", a_scale is not None),
+                ("BS", b_scale is not None), ("BT", bt), ("STAGES", stages)]
+    tmpl = _wa_tma_templates(M, Kp, Np, bt)
+    launch = dict(template=template, grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
+                  init_value=POISON, stream=stream)
+    if len(plan) == 2 and sk == 0:
+        # Every tile whole: the kernel text a card has run (session 20's). Its
+        # stream-K form below gives the same bits with 0 stream-K tiles (the
+        # same products in the same order), but no card has run it yet.
+        ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale))
+        kernel = _kernel_object("matmul_wgmma_wa", _WGMMA_INPUTS, _WA_OUTPUTS, wa_smem(bt, stages))
+        (out, _) = kernel(inputs=inputs + [ip, tmpl],
+                          output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,)],
+                          output_dtypes=[spec.out_dtype, mx.uint8], **launch)
+    else:
+        ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale) + (sk,))
+        kernel = _kernel_object("matmul_wgmma_wa_sk", _WA_SK_INPUTS, _WA_SK_OUTPUTS, wa_smem(bt, stages))
+        (out, _, _) = kernel(
+            inputs=inputs + [ip, tmpl, _cuda._ticket_region(stream) if sk else _params((0,), mx.uint32)],
+            # part: two fp32 tiles of partial sums a block (the tiles its run starts and ends in).
+            output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,), (blocks * 2 * 128 * bt if sk else 1,)],
+            output_dtypes=[spec.out_dtype, mx.uint8, mx.float32], **launch)
     return out if Np == N else out[:, :, :N]
 
 

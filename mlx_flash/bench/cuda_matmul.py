@@ -861,12 +861,26 @@ PREFILL_SHAPES = tuple((m, k, n) for m in (128, 256, 512, 1024, 2048, 4096) for 
 # (BN, stages, promote, TMA, ws; slots).
 PREFILL_PLANS = (((256, 3, 0, True, True), 4),)
 # Weight-as-A plans (BT tokens, stages[, stream-K tiles]) timed beside its
-# default (session 20); session 21: the default plans with stream-K off.
+# default (session 20); session 21: the default plans forced to 0 stream-K
+# tiles (the stream-K form of the kernel with every tile whole). Besides,
+# "ours_wa_whole": the default plan with the stream-K switch off (the kernel
+# a card has run, matmul_wgmma_wa.cuh).
 PREFILL_WA_PLANS = ((128, 8), (256, 5), (128, 8, 0), (256, 5, 0))
 # Cases also timed alone on the GPU (CUPTI, gpu_time_per_call): with the queue
 # full, MLX lets independent products of one graph overlap, which hides a
 # kernel that leaves SMs idle (session 21).
-PREFILL_GPU_CASES = ("mlx_fp16", "ours_wa", "ours_wa_bt128_st8_sk0", "ours_wa_bt256_st5_sk0")
+PREFILL_GPU_CASES = ("mlx_fp16", "ours_wa", "ours_wa_whole", "ours_wa_bt128_st8_sk0", "ours_wa_bt256_st5_sk0")
+
+
+def _without_stream_k(cm, call):
+    """call() with the weight-as-A kernel's stream-K switch off (every tile
+    whole: the kernel text of matmul_wgmma_wa.cuh), whatever the environment
+    set."""
+    saved, cm.WA_SK = cm.WA_SK, False
+    try:
+        return call()
+    finally:
+        cm.WA_SK = saved
 
 
 def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(), wa_plans=()):
@@ -880,8 +894,9 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
     against float32; peak memory of one call (the decode pass's fp16 copy of
     the weight shows there). Session 19's s19b run named the kernel that
     decodes, forced below 512 rows, "ours_ws_forced". "ours_wa": the
-    weight-as-A kernel (route wgmma_wa, its default plan), and `wa_plans`
-    ((BT, stages) each) on it."""
+    weight-as-A kernel (route wgmma_wa, its default plan, stream-K as the
+    switch says), "ours_wa_whole" the same with stream-K off, and
+    `wa_plans` ((BT, stages[, stream-K tiles]) each) on it."""
     import mlx_flash
     from .. import fp8
     from ..backends import cuda_matmul as cm
@@ -911,6 +926,8 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
                     f"_sk{v}" for v in plan[2:])
                 cases[name] = lambda plan=plan: cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True,
                                                           route="wgmma_wa", plan=plan)
+            cases["ours_wa_whole"] = lambda: _without_stream_k(cm, lambda: cm.matmul(
+                x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, route="wgmma_wa"))
         cases["ours_routed"] = ours
         ref = (x.astype(mx.float32) @ fp8.decode(w8, "e4m3").T) * scale
         prepares, peaks = {}, {}
@@ -1293,6 +1310,8 @@ def main(argv=None):
                         help="K:N pairs for the decode section, comma separated (default: DECODE_SHAPES)")
     parser.add_argument("--cases", default=None, help="regular expression: only the gemm cases it matches")
     parser.add_argument("--decode-rows", default=None, help="M values of the decode section, comma separated")
+    parser.add_argument("--prefill-rows", default=None,
+                        help="M values of the prefill section, comma separated (default: all of PREFILL_SHAPES')")
     parser.add_argument("--gemv-plans", default=None,
                         help="few-rows kernel plans W,RT,U,MAXBLOCKS,STAGES[,BOUNDS,SECTOR] separated by ';' "
                              "('default': the backend's); decode times fp16 x e4m3 with each, "
@@ -1318,6 +1337,13 @@ def main(argv=None):
     plans = None if not args.gemv_plans else tuple(
         None if p == "default" else tuple(int(v) for v in p.split(",")) for p in args.gemv_plans.split(";"))
     rows = DECODE_ROWS if not args.decode_rows else tuple(int(v) for v in args.decode_rows.split(","))
+    prefill_shapes = PREFILL_SHAPES
+    if args.prefill_rows:
+        wanted = {int(v) for v in args.prefill_rows.split(",")}
+        prefill_shapes = tuple(s for s in PREFILL_SHAPES if s[0] in wanted)
+        if not prefill_shapes:
+            parser.error(f"--prefill-rows: none of {sorted(wanted)} is a row count of the prefill shapes "
+                         f"{sorted({s[0] for s in PREFILL_SHAPES})}")
     card = card_name()
     rec = Recorder()
     try:
@@ -1333,7 +1359,7 @@ def main(argv=None):
     sections = {"gemm": lambda: bench_gemm(rec, [256] if args.warm else args.sizes),
                 "targets": lambda: bench_targets(rec, [256] if args.warm else args.sizes, 1 if args.warm else 5),
                 "prefill": lambda: bench_prefill(rec, ((128, 256, 256), (512, 256, 256)) if args.warm else
-                                                 PREFILL_SHAPES, 1 if args.warm else 5, PREFILL_PLANS,
+                                                 prefill_shapes, 1 if args.warm else 5, PREFILL_PLANS,
                                                  PREFILL_WA_PLANS),
                 "decode": lambda: bench_decode(rec, *(((256, 256),), 1 << 20) if args.warm else (decode_shapes,),
                                                plans=plans, rows=(1, 16) if args.warm else rows),
