@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22c|s22d}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -508,6 +508,11 @@ elif [ "$PART" = s21b ]; then
   # GPU (CUPTI); rows are printed as they come, so a cut run keeps what finished.
   step prefill 420 env MLX_FLASH_CUDA_FP8W_WA_SK=1 python3 -m mlx_flash.bench.cuda_matmul --sections prefill \
     --prefill-rows 128,512,1024,2048,4096 --out "$OUT/matmul_prefill.json"
+elif [ "$PART" = s22b ]; then
+  # Session 22: s21b cut to what a short slot allows: the prefill shapes at 512 and 1024 rows (the partial
+  # waves stream-K is for) with the switch on, beside the default kernel, each also timed alone on the GPU.
+  step prefill 240 env MLX_FLASH_CUDA_FP8W_WA_SK=1 python3 -m mlx_flash.bench.cuda_matmul --sections prefill \
+    --prefill-rows 512,1024 --out "$OUT/matmul_prefill.json"
 elif [ "$PART" = s22c ]; then
   # Session 22 (issue 14, backward): is the warp-specialised backward with its dQ writer (opt-in since
   # session 8, one 5 % timing at 8K dense) faster than the default everywhere it serves? Its GPU cases,
@@ -543,6 +548,6 @@ elif [ "$PART" = s19c ]; then
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22c or s22d, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b or s22b-s22d, got $PART" >&2
   exit 2
 fi
