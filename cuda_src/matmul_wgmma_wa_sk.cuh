@@ -80,8 +80,8 @@ struct WaSchedule {
 
 template <typename TA, typename TO, int FB, bool AS, bool BS, int BT, int STAGES>
 __device__ void matmul_wgmma_wa_sk(const TA* a, const uint8_t* b, const float* a_scale, const float* b_scale,
-                                const int* ip, const uint8_t* tmpl, const unsigned* tickets, TO* out,
-                                uint8_t* tmaps, float* part) {
+                                   const int* ip, const uint8_t* tmpl, const unsigned* tickets, TO* out,
+                                   uint8_t* tmaps, float* part) {
   static_assert(sizeof(TA) == 2 && (FB == 1 || FB == 2), "a 16-bit x and fp8 (e4m3 / e5m2) weight codes");
   static_assert(BT == 128 || BT == 256, "tiles of 128 or 256 tokens");
   static_assert(STAGES >= 2, "a ring");
