@@ -39,6 +39,9 @@
 // outputs of a token as one word.
 // Exact: every fp8 value is a half and a bfloat16; the products accumulate in
 // fp32 in the tensor cores; scales and one rounding in the epilogue.
+// Stream-K over partial waves lives in matmul_wgmma_wa_sk.cuh (opt-in): a copy
+// of this kernel on a schedule that may cut tiles. The code here is the text
+// the card ran in s20e; it stays so until that form has run on a card.
 #pragma once
 
 #include "attention_common.cuh"
