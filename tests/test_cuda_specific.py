@@ -816,6 +816,22 @@ def _matmul_wa_cases():
     yield f16, f16, 2, 256, 5
 
 
+def test_weight_as_a_default_kernel_is_the_text_the_card_ran():
+    """FP8Linear's default prefill kernel on Hopper is the text an H100 ran in
+    part s20e (4cff346): the emulation and ptxas passed a variant that the
+    card then got wrong (session 20's DEPTH 4), so a change to this kernel
+    goes to the card before it becomes the default (its stream-K form,
+    matmul_wgmma_wa_sk.cuh, is where new work goes). The hash covers what
+    NVRTC gets (the minified header, comments dropped) and the body; change
+    it only with a card run of the new text, named in docs/matmul.md."""
+    import hashlib
+
+    text = cuda_backend._minify(cuda_backend._read("matmul_wgmma_wa.cuh")) + "\n" + cuda_backend._read(
+        "matmul_wgmma_wa.cu")
+    assert hashlib.sha256(text.encode()).hexdigest() == (
+        "6cade07becf0c537e40ee2c979689e96af92fc21ef802e3840158e427c923ce8")
+
+
 @needs_nvcc
 @pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not installed")
 @pytest.mark.parametrize("kernel", ["matmul_wgmma_wa", "matmul_wgmma_wa_sk"])
