@@ -705,8 +705,8 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
         raise ValueError(f"route wgmma_wa: stream-K tiles from 0 to the {units} tiles (at most "
                          f"{_cuda._TICKET_REGION_WORDS}, k-steps x SMs below 2^31), with one batch, got {sk} "
                          f"(batch {spec.batch}, {ktiles} k-steps a tile)")
-    inputs = [a, b, a_scale if a_scale is not None else _params((0,), mx.float32),
-              b_scale if b_scale is not None else _params((0,), mx.float32)]
+    placeholder = _params((0,), mx.float32)
+    inputs = [a, b, a_scale if a_scale is not None else placeholder, b_scale if b_scale is not None else placeholder]
     template = [("TA", a.dtype), ("TO", spec.out_dtype), ("FB", _FMT_CODE[spec.b_fmt]), ("AS", a_scale is not None),
                 ("BS", b_scale is not None), ("BT", bt), ("STAGES", stages)]
     tmpl = _wa_tma_templates(M, Kp, Np, bt)

@@ -1311,7 +1311,7 @@ def main(argv=None):
     parser.add_argument("--cases", default=None, help="regular expression: only the gemm cases it matches")
     parser.add_argument("--decode-rows", default=None, help="M values of the decode section, comma separated")
     parser.add_argument("--prefill-rows", default=None,
-                        help="M values of the prefill section, comma separated (default: all of PREFILL_SHAPES')")
+                        help="M values of the prefill section, comma separated (default: every one of PREFILL_SHAPES)")
     parser.add_argument("--gemv-plans", default=None,
                         help="few-rows kernel plans W,RT,U,MAXBLOCKS,STAGES[,BOUNDS,SECTOR] separated by ';' "
                              "('default': the backend's); decode times fp16 x e4m3 with each, "
