@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -543,11 +543,19 @@ elif [ "$PART" = s22d ]; then
     --print-source sass --csv -k "regex:attention_bwd_wgmma" -c 1 python3 tools/cuda_bwd_ab.py one float16 1,16,8192,128 0 new
   mv "$OUT/sass_bwd.txt" "$OUT/sass_bwd.csv"
   python3 tools/ncu_sass_summary.py "$OUT/sass_bwd.csv" > "$OUT/sass_bwd.summary.txt" 2>&1
+elif [ "$PART" = s23a ]; then
+  # Session 23 (one short slot): stream-K's own GPU cases (forced on, off = the default kernel's bits,
+  # all shared; float64, the same bits twice, the tickets back at 0), then the prefill shapes at 512 and
+  # 1024 rows with the switch on beside the default kernel, each also timed alone on the GPU.
+  step sk_gpu 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
+    -k "wgmma_wa_stream_k"
+  step prefill 240 env MLX_FLASH_CUDA_FP8W_WA_SK=1 python3 -m mlx_flash.bench.cuda_matmul --sections prefill \
+    --prefill-rows 512,1024 --out "$OUT/matmul_prefill.json"
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b or s22b-s22d, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d or s23a, got $PART" >&2
   exit 2
 fi
