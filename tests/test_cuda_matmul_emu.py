@@ -620,6 +620,8 @@ def test_fp8_weight_with_an_empty_inner_dimension_emulated(nan_scale):
     (20, 100, 100, 1),     # 1 tile of 2 k-steps: block 0 has none
     (20, 100, 64, 1),      # 1 tile of 1 k-step: one block takes it whole
     (20, 200, 700, None),  # the default on four SMs: 2 tiles, each split between two blocks
+    (20, 100, 100, (1, 4)),  # 1 tile of 2 k-steps on four SMs: two blocks, not four (the card's NaN of s23)
+    (17, 200, 300, (2, 16)),  # 2 tiles of 5 k-steps on sixteen SMs: ten blocks, one k-step each
 ], ids=lambda v: str(v))
 def test_wa_stream_k_emulated(M, N, K, sk, monkeypatch):
     from fp8_wgmma_bound import downscaling, every_code_rows
@@ -635,11 +637,14 @@ def test_wa_stream_k_emulated(M, N, K, sk, monkeypatch):
     want = reference(a64, b64, None, sb, transpose_b=True)
     spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, b_fmt="e4m3", b_scale=mx.array(sb), transpose_b=True,
                                                 out_dtype=mx.float32)
+    # sk: the forced count (three SMs), (count, SMs), or None for the default on four.
+    sk, sms = (sk, 3) if not isinstance(sk, tuple) else sk
     plan = (128, 3) if sk is None else (128, 3, sk)
     monkeypatch.setattr(cuda_matmul, "WA_SK", True)
     if sk is None:
         assert cuda_matmul.wa_stream_k_tiles(2, 11, 4) == (2, 4)
-    with harness.patched_hopper(sm_count=3 if sk is not None else 4):
+        sms = 4
+    with harness.patched_hopper(sm_count=sms):
         got = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma_wa", plan=plan)
         mx.eval(got)
         kernel = cuda_matmul._kernel_object("matmul_wgmma_wa_sk", cuda_matmul._WA_SK_INPUTS,

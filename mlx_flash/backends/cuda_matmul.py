@@ -673,7 +673,8 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     """The weight-as-A Hopper kernel (cuda_src/matmul_wgmma_wa.cuh): a 16-bit a
     [batch, M, K] times [N, K] fp8 codes b; plan (BT, stages) or wa_plan's,
     or (BT, stages, stream-K tiles) to force the count (0: none; more: over
-    every SM) instead of wa_stream_k_tiles' choice. Where stream-K tiles are
+    every SM, or a block a k-step where the shared tiles have fewer k-steps
+    than the card has SMs) instead of wa_stream_k_tiles' choice. Where stream-K tiles are
     taken or a count is forced, the kernel's stream-K form runs
     (matmul_wgmma_wa_sk.cuh)."""
     if not wa_takes(spec) or a.dtype not in (mx.float16, mx.bfloat16):
@@ -698,9 +699,13 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
         b_scale = _pad_axis(b_scale, 2, 16, stream)
     units, ktiles, grid = math.ceil(M / bt) * math.ceil(Np / 128), math.ceil(Kp / 64), sm_count()
-    # Persistent: one block per SM at most (with stream-K plan[2], every SM).
+    # Persistent: one block per SM at most. A forced stream-K count plan[2]
+    # takes every SM, but no more blocks than the shared tiles' k-steps: a
+    # block of no k-step inside a cut tile's range of blocks would never draw
+    # its ticket, so no block would finish that tile (NaN on an H100 in
+    # session 23: 2 tiles of 47 k-steps over 132 blocks).
     sk, blocks = wa_stream_k_tiles(units, ktiles, grid, spec.batch) if len(plan) == 2 else (
-        plan[2], grid if plan[2] else min(units, grid))
+        plan[2], min(grid, plan[2] * ktiles) if plan[2] else min(units, grid))
     if not (0 <= sk <= units and _wa_stream_k_fits(sk, ktiles, blocks) and (sk == 0 or spec.batch == 1)):
         raise ValueError(f"route wgmma_wa: stream-K tiles from 0 to the {units} tiles (at most "
                          f"{_cuda._TICKET_REGION_WORDS}, k-steps x SMs below 2^31), with one batch, got {sk} "
