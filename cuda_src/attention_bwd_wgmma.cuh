@@ -79,18 +79,50 @@ __device__ __forceinline__ void bwd_load_q_do(unsigned char* q_dst, unsigned cha
 // the m64n64 fragment of rows `row` and row + 8 (4n + 2 half + e: dims
 // col + 8n + e), as both the wgmma dQ and the exact tiles' dQ lay it out.
 // Rows at or past nq (a partial last tile) are skipped.
-template <int D>
+// V4 (opt-in, MLX_FLASH_BWD_DQ_V4): float4 atomics, half as many. Lanes t and
+// t ^ 1 of a quad hold columns 2t.. and 2t + 2.. of both rows; one exchange
+// gives the even lane row `row`'s four columns and the odd lane row + 8's.
+// (Nsight, H100, session 23: the float2 atomics fill the LSU queue, and the
+// next tile's first writes to their address registers wait for them.) Each
+// element still gets one add of the same value: the default's sums.
+template <int D, bool V4 = false>
 __device__ __forceinline__ void bwd_dq_atomic_add(float* dq_head, int row, int nq, int col, const float (&acc)[32],
                                                   float scale) {
+  if constexpr (V4) {
+    const bool odd = threadIdx.x & 1;  // t's parity (lane = 4g + t)
+    const int i = row + (odd ? 8 : 0);
+    float* dst = dq_head + (long)i * D + col - (odd ? 2 : 0);
+    // Every exchange first, then the adds: each add's four values in registers
+    // of their own (an add releases its source registers only once the LSU
+    // takes it, so values formed one add at a time made each wait for the last).
+    float w[32];
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int i = row + 8 * half;
-    if (i >= nq) continue;
-    float* dst = dq_head + (long)i * D + col;
+    for (int n = 0; n < 8; ++n) {
+      // The partner's share: the even lane sends its row + 8 pair, the odd lane its row pair.
+      const float r0 = __shfl_xor_sync(0xffffffffu, odd ? acc[4 * n] : acc[4 * n + 2], 1);
+      const float r1 = __shfl_xor_sync(0xffffffffu, odd ? acc[4 * n + 1] : acc[4 * n + 3], 1);
+      w[4 * n] = (odd ? r0 : acc[4 * n]) * scale;
+      w[4 * n + 1] = (odd ? r1 : acc[4 * n + 1]) * scale;
+      w[4 * n + 2] = (odd ? acc[4 * n + 2] : r0) * scale;
+      w[4 * n + 3] = (odd ? acc[4 * n + 3] : r1) * scale;
+    }
+    if (i < nq) {
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
-      atomicAdd(reinterpret_cast<float2*>(dst + 8 * n),
-                make_float2(acc[4 * n + 2 * half] * scale, acc[4 * n + 2 * half + 1] * scale));
+      for (int n = 0; n < 8; ++n)
+        atomicAdd(reinterpret_cast<float4*>(dst + 8 * n),
+                  make_float4(w[4 * n], w[4 * n + 1], w[4 * n + 2], w[4 * n + 3]));
+    }
+  } else {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = row + 8 * half;
+      if (i >= nq) continue;
+      float* dst = dq_head + (long)i * D + col;
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+        atomicAdd(reinterpret_cast<float2*>(dst + 8 * n),
+                  make_float2(acc[4 * n + 2 * half] * scale, acc[4 * n + 2 * half + 1] * scale));
+    }
   }
 }
 
@@ -101,7 +133,7 @@ __device__ __forceinline__ void bwd_dq_atomic_add(float* dq_head, int row, int n
 // operations in the same order per accumulator: the default's bits. (Issuing
 // dV earlier still, before dS^T is formed, either spilled under NVRTC at
 // D 128 or, with a second issue site, made ptxas serialise every wgmma.)
-template <typename T, typename MT, class F, int D, bool HEADS_FIRST, bool DV_EARLY = false>
+template <typename T, typename MT, class F, int D, bool HEADS_FIRST, bool DV_EARLY = false, bool DQ_V4 = false>
 __device__ void attention_bwd_wgmma(
     const T* q, const T* k, const T* v, const MT* mask, const float* alibi, const bool* bmask,
     const int* cu_q, const int* cu_k, const int* ip, const float* fp,
@@ -444,7 +476,7 @@ __device__ void attention_bwd_wgmma(
               dqx[4 * n + 2 * half + e] += ds * swizzled_at<T, BKV>(Ks, j, wg * 64 + 8 * n + 2 * t + e);
         }
       }
-      bwd_dq_atomic_add<D>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dqx, scale);
+      bwd_dq_atomic_add<D, DQ_V4>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dqx, scale);
     } else if (!exact) {
       float dq[BQ / 2];
       if (D == 128 || wg == 0) {
@@ -469,7 +501,7 @@ __device__ void attention_bwd_wgmma(
         else wgmma_wait<0>();
         wgmma_pin(dq);
         // Rows warp * 16 + g (+ 8) of this tile, dims 64w + 8n + 2t (+1).
-        bwd_dq_atomic_add<D>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dq, scale);
+        bwd_dq_atomic_add<D, DQ_V4>(dq_acc + q_base * D, i0 + warp * 16 + g, seq.nq, wg * 64 + 2 * t, dq, scale);
       }
     }
     wgmma_wait<0>();

@@ -56,6 +56,7 @@ def hopper_defaults(monkeypatch):
         monkeypatch.setattr(ws, name, value)
     monkeypatch.setattr(cuda_backend, "_BWD_WS", 0)
     monkeypatch.setattr(cuda_backend, "_BWD_DV_EARLY", 0)
+    monkeypatch.setattr(cuda_backend, "_BWD_DQ_V4", 0)
     monkeypatch.setattr(cuda_backend, "_WGMMA", True)
     monkeypatch.setattr(cuda_backend, "_WGMMA_BWD", True)
     return ws
@@ -184,47 +185,66 @@ def test_wgmma_backward_d128_rules(rule, hopper_defaults):
         check_close(name, to_np(got), want, dtype)
 
 
-# The opt-in early dV of attention_bwd_wgmma (MLX_FLASH_BWD_DV_EARLY=1): dV +=
-# P^T dO issued before dS^T is packed and stored (exact tiles keep their
-# scalar products): dense, causal, windows, GQA and the non-finite cases.
-BACKWARD_DV_EARLY = BACKWARD + [(1, 4, 2, 130, 300, 128, F16, {}), (2, 2, 1, 200, 97, 64, F16, {"causal": True}),
-                                 (1, 2, 1, 100, 150, 128, B16, {"softcap": 20.0})]
+# The opt-in variants of attention_bwd_wgmma, alone and together, each giving
+# the default's bits: the early dV (MLX_FLASH_BWD_DV_EARLY=1: dV += P^T dO
+# issued before dS^T is packed and stored; exact tiles keep their scalar
+# products) and float4 dQ atomics (MLX_FLASH_BWD_DQ_V4=1: a lane exchange,
+# then one float4 add where the default makes two float2 adds; rows past Nq
+# skipped by the lane that owns them). Dense, causal, windows, GQA, a partial
+# last query tile, and the non-finite cases (exact tiles' dQ too).
+BACKWARD_VARIANTS = BACKWARD + [(1, 4, 2, 130, 300, 128, F16, {}), (2, 2, 1, 200, 97, 64, F16, {"causal": True}),
+                                (1, 2, 1, 100, 150, 128, B16, {"softcap": 20.0}),
+                                (1, 2, 1, 17, 150, 128, B16, {"causal": True})]
+VARIANT_SETTINGS = {"dv_early": {"_BWD_DV_EARLY": ("DV_EARLY", 1)}, "dq_v4": {"_BWD_DQ_V4": ("DQ_V4", 1)},
+                    "both": {"_BWD_DV_EARLY": ("DV_EARLY", 1), "_BWD_DQ_V4": ("DQ_V4", 1)}}
 
 
-@pytest.mark.parametrize("case", BACKWARD_DV_EARLY, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}".replace(
-    "mlx.core.", "") + "-" + ("_".join(c[7]) or "dense"))
-def test_wgmma_backward_dv_early(case, hopper_defaults, monkeypatch):
+def _set_variant(monkeypatch, variant, on):
     from mlx_flash.backends import cuda as cuda_backend
 
+    for setting, (_, value) in VARIANT_SETTINGS[variant].items():
+        monkeypatch.setattr(cuda_backend, setting, value if on else 0)
+
+
+def _check_variant_template(launches, variant, on):
+    kernel = _kernel_of(launches, "attention_bwd_wgmma")
+    for template, _ in VARIANT_SETTINGS[variant].values():
+        assert kernel[template] is on, template
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_SETTINGS))
+@pytest.mark.parametrize("case", BACKWARD_VARIANTS, ids=lambda c: "x".join(map(str, c[:6])) + f"-{c[6]}".replace(
+    "mlx.core.", "") + "-" + ("_".join(c[7]) or "dense"))
+def test_wgmma_backward_variants(case, variant, hopper_defaults, monkeypatch):
     B, Hq, Hkv, Nq, Nk, D, dtype, options = case
-    monkeypatch.setattr(cuda_backend, "_BWD_DV_EARLY", 1)
+    _set_variant(monkeypatch, variant, True)
     hopper_defaults.CHECKED_ONLY = False
     q, k, v, do = _inputs("bwd-dv-early", B, Hq, Hkv, Nq, Nk, D, D, dtype)
     results, launches = _run(q, k, v, options, dout=do)
-    assert _kernel_of(launches, "attention_bwd_wgmma")["DV_EARLY"] is True
+    _check_variant_template(launches, variant, True)
     want = attention_np(q, k, v, dout=do, **options)
     for name, got in zip(("dq", "dk", "dv"), results[2:]):
         check_close(name, to_np(got), want, dtype)
-    # The same operations per accumulator in the same order: the default's bits
-    # (dQ's atomics are added in one order by the emulation's schedule too).
-    monkeypatch.setattr(cuda_backend, "_BWD_DV_EARLY", 0)
+    # The same operations per accumulator in the same order, and each dQ
+    # element the same values added: the default's bits (dQ's atomics are
+    # added in one order by the emulation's schedule too).
+    _set_variant(monkeypatch, variant, False)
     default, launches = _run(q, k, v, options, dout=do)
-    assert _kernel_of(launches, "attention_bwd_wgmma")["DV_EARLY"] is False
+    _check_variant_template(launches, variant, False)
     for name, a, b in zip(("dq", "dk", "dv"), results[2:], default[2:]):
         assert np.array_equal(to_np(a), to_np(b), equal_nan=True), name
 
 
+@pytest.mark.parametrize("variant", ["dv_early", "dq_v4"])
 @pytest.mark.parametrize("case", ["nan_v_causal", "inf_k", "masked_rows_nan", "nan_dout_causal"])
-def test_nonfinite_backward_dv_early(case, hopper_defaults, monkeypatch):
-    """The non-finite contract with the early dV (D 128): exact tiles (no
-    wgmma dV) beside tiles that issue it early."""
-    from mlx_flash.backends import cuda as cuda_backend
-
-    monkeypatch.setattr(cuda_backend, "_BWD_DV_EARLY", 1)
+def test_nonfinite_backward_variants(case, variant, hopper_defaults, monkeypatch):
+    """The non-finite contract with each variant (D 128): exact tiles (no
+    wgmma dV; their dQ through the same atomics) beside tiles that take it."""
+    _set_variant(monkeypatch, variant, True)
     hopper_defaults.CHECKED_ONLY = False
     q, k, v, do, options = prefill_case(case, F16, D=128)
     results, launches = _run(q, k, v, options, dout=do)
-    assert _kernel_of(launches, "attention_bwd_wgmma")["DV_EARLY"] is True
+    _check_variant_template(launches, variant, True)
     want = attention_np(q, k, v, dout=do, **options)
     for name, got in zip(("dq", "dk", "dv"), results[2:]):
         check_contract(name, to_np(got), want, F16)

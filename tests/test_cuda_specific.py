@@ -91,7 +91,8 @@ def _attention_cases():
                    feats + [("SINKS", True), ("D", D), ("DV", D), ("BN", BN), ("STAGES", stages)], ("out", "lse"))
         for D in (64, 128):
             yield ("attention_bwd_wgmma", T, mx.float32, features + [("D", D), ("DV", D), ("HEADS_FIRST", D == 64),
-                                                                          ("DV_EARLY", D == 64)],
+                                                                          ("DV_EARLY", D == 64),
+                                                                          ("DQ_V4", D == 128)],
                    ("dq_acc", "dk", "dv"))
     # delta = rowsum(dO * O) - dlse: 16-byte chunks (8, 16 and 32 threads a row) and element by element.
     for T, dv, has_dlse in ((mx.float16, 128, False), (mx.bfloat16, 64, True), (mx.float16, 40, True),
@@ -685,14 +686,17 @@ def _hopper_bwd_cases():
     for T in (mx.float16, mx.bfloat16):
         for D in (64, 128):
             for feats in (plain, causal, softcap, every):
-                # The default, the other block order, and dV issued early (MLX_FLASH_BWD_DV_EARLY).
-                for heads_first, dv_early in ((False, False), (True, False), (False, True)):
+                # The default, the other block order, dV issued early (MLX_FLASH_BWD_DV_EARLY) and
+                # float4 dQ atomics (MLX_FLASH_BWD_DQ_V4).
+                for heads_first, dv_early, dq_v4 in ((False, False, False), (True, False, False),
+                                                     (False, True, False), (False, False, True)):
                     yield T, mx.float32, feats + [("D", D), ("DV", D), ("HEADS_FIRST", heads_first),
-                                                  ("DV_EARLY", dv_early)]
+                                                  ("DV_EARLY", dv_early), ("DQ_V4", dq_v4)]
         bool_mask = [(n, 1 if n == "MASK_KIND" else v) for n, v in plain]
         alibi = [(n, True if n == "ALIBI" else v) for n, v in plain]
         for MT, feats in ((mx.bool_, bool_mask), (mx.float32, alibi)):
-            yield T, MT, feats + [("D", 128), ("DV", 128), ("HEADS_FIRST", False), ("DV_EARLY", False)]
+            yield T, MT, feats + [("D", 128), ("DV", 128), ("HEADS_FIRST", False), ("DV_EARLY", False),
+                                  ("DQ_V4", False)]
 
 
 @needs_nvcc
@@ -764,7 +768,8 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
                         outputs = ("out", "lse")
                     else:
                         template += [("D", D), ("DV", D), ("HEADS_FIRST", bool(len(kernels) % 2)),
-                                     ("DV_EARLY", T == mx.bfloat16)]  # (bf16: the early dV)
+                                     ("DV_EARLY", T == mx.bfloat16),  # (bf16: the early dV)
+                                     ("DQ_V4", D == 128 and feats is causal)]  # (float4 dQ atomics)
                         outputs = ("dq_acc", "dk", "dv")
                     kernels.append(_kernel_text(f"{body}_{len(kernels)}", cuda_backend._read(body + ".cu"),
                                                 _input_dtypes(body, T, mx.bool_), _output_dtypes(outputs, T),
@@ -1552,9 +1557,10 @@ def test_ws_variant_nonfinite_on_gpu(case, variant, monkeypatch):
 
 def test_hopper_backward_settings(monkeypatch):
     """MLX_FLASH_BWD_HEADS_FIRST takes -1 (by the call), 0 or 1,
-    MLX_FLASH_BWD_DV_EARLY 0 or 1 (any other value is an error naming the
-    variable)."""
-    for name, allowed in (("MLX_FLASH_BWD_HEADS_FIRST", (-1, 0, 1)), ("MLX_FLASH_BWD_DV_EARLY", (0, 1))):
+    MLX_FLASH_BWD_DV_EARLY and MLX_FLASH_BWD_DQ_V4 0 or 1 (any other value is
+    an error naming the variable)."""
+    for name, allowed in (("MLX_FLASH_BWD_HEADS_FIRST", (-1, 0, 1)), ("MLX_FLASH_BWD_DV_EARLY", (0, 1)),
+                          ("MLX_FLASH_BWD_DQ_V4", (0, 1))):
         for value in allowed:
             monkeypatch.setenv(name, str(value))
             assert cuda_backend._env_choice(name, 0, allowed) == value
@@ -1609,12 +1615,14 @@ def test_hopper_backward_dq_routes_on_gpu(heads_first, kind, feature, monkeypatc
 
 
 @needs_cuda
+@pytest.mark.parametrize("setting", ["_BWD_DV_EARLY", "_BWD_DQ_V4"])
 @pytest.mark.parametrize("feature", ["none", "causal", "window_both", "combined_everything", "block_sparse",
                                      "bool_mask", "alibi"])
 @pytest.mark.parametrize("kind", ["float16-D128", "bfloat16-D64", "bfloat16-D128"])
-def test_hopper_backward_dv_early_on_gpu(kind, feature, monkeypatch):
-    """MLX_FLASH_BWD_DV_EARLY=1: dq, dk, dv against float64 (GQA, Nq != Nk both
-    ways, partial tiles), and dk, dv bit for bit the default's (the same
+def test_hopper_backward_dv_early_on_gpu(kind, feature, setting, monkeypatch):
+    """MLX_FLASH_BWD_DV_EARLY=1 (setting _BWD_DV_EARLY) and MLX_FLASH_BWD_DQ_V4=1
+    (float4 dQ atomics, _BWD_DQ_V4): dq, dk, dv against float64 (GQA, Nq != Nk
+    both ways, partial tiles), and dk, dv bit for bit the default's (the same
     operations in the same order; dq's atomics land in any order)."""
     import mlx_flash
     from helpers import check_close, plain_errors, qkv, randn, rng, to_np
@@ -1624,13 +1632,13 @@ def test_hopper_backward_dv_early_on_gpu(kind, feature, monkeypatch):
         pytest.skip("attention_bwd_wgmma is Hopper's")
     dtype, D = getattr(mx, kind.split("-")[0]), int(kind.split("D")[1])
     for B, Hq, Hkv, Nq, Nk in ((2, 4, 2, 113, 1023), (1, 2, 1, 1023, 113), (1, 2, 2, 129, 300)):
-        gen = rng("hopper-bwd-dv-early", kind, feature, Nq)
+        gen = rng("hopper-bwd-dv-early", kind, feature, Nq, setting)
         q, k, v = qkv(gen, B, Hq, Hkv, Nq, Nk, D, dtype=dtype)
         options = features.FEATURES[feature](gen, B, Hq, Nq, Nk)
         dout = randn(gen, (B, Hq, Nq, D), dtype)
         grads = {}
         for early in (1, 0):
-            monkeypatch.setattr(cuda_backend, "_BWD_DV_EARLY", early)
+            monkeypatch.setattr(cuda_backend, setting, early)
             _, g = mx.vjp(lambda a, b, c: [mlx_flash.flash_attention(a, b, c, **options)], [q, k, v], [dout])
             grads[early] = [to_np(x) for x in g]
         want = attention_np(q, k, v, dout=dout, **options)

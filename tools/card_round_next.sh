@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -46,6 +46,19 @@ s19_timings() {
   step prefill 200 python3 -m mlx_flash.bench.cuda_matmul --sections prefill --out "$OUT/matmul_prefill.json"
   step targets 200 python3 -m mlx_flash.bench.cuda_matmul --sections targets --sizes 4096 8192 \
     --out "$OUT/matmul_targets.json"
+}
+
+# Session 22-23 (issue 14, backward): the backward alone (fwd+bwd - fwd) of the routes ROUTES (names of
+# tools/cuda_bwd_ab.py's VARIANTS) beside mx.fast and torch, alternated per repetition, over a fresh kernel
+# cache warmed in parallel (one process per dtype, head dim and causality).
+bwd_routes_timed() {  # ROUTES
+  export MLX_PTX_CACHE_DIR=$(mktemp -d /tmp/bwd_ptx.XXXXXX)
+  export BWD_AB_ROWS="float16:1,16,8192,128;bfloat16:1,16,8192,128;float16:2,16,4096,128;float16:4,16,1024,64"
+  for warm in "float16 128 0" "float16 128 1" "bfloat16 128 0" "bfloat16 128 1" "float16 64 0" "float16 64 1"; do
+    (BWD_AB_WARM_ROUTES=$1 timeout 150 python3 tools/cuda_bwd_ab.py warm $warm >> "$OUT/warm.log" 2>&1 &)
+  done
+  sleep 5; while pgrep -f "cuda_bwd_ab.py warm" > /dev/null; do sleep 2; done
+  step bwd_ab 300 env BWD_AB_ROUTES=$1 python3 tools/cuda_bwd_ab.py bwdonly "$OUT/bwd_ab.json"
 }
 
 if [ "$PART" = a ]; then
@@ -520,14 +533,7 @@ elif [ "$PART" = s22c ]; then
   # mx.fast and torch, alternated per repetition, over a fresh kernel cache warmed in parallel.
   step bwd_ws_gpu 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_cuda_specific.py \
     -k "hopper_backward_ws_on_gpu or hopper_backward_ws_long_keys_on_gpu"
-  export MLX_PTX_CACHE_DIR=$(mktemp -d /tmp/s22c_ptx.XXXXXX)
-  export BWD_AB_ROWS="float16:1,16,8192,128;bfloat16:1,16,8192,128;float16:2,16,4096,128;float16:4,16,1024,64"
-  for warm in "float16 128 0" "float16 128 1" "bfloat16 128 0" "bfloat16 128 1" "float16 64 0" "float16 64 1"; do
-    (BWD_AB_WARM_ROUTES=new,wsdq,dvearly timeout 150 python3 tools/cuda_bwd_ab.py warm $warm \
-      >> "$OUT/warm.log" 2>&1 &)
-  done
-  sleep 5; while pgrep -f "cuda_bwd_ab.py warm" > /dev/null; do sleep 2; done
-  step bwd_ab 300 env BWD_AB_ROUTES=new,wsdq,dvearly python3 tools/cuda_bwd_ab.py bwdonly "$OUT/bwd_ab.json"
+  bwd_routes_timed new,wsdq,dvearly
 elif [ "$PART" = s22d ]; then
   # Session 22 (issue 14, backward): where the default backward (attention_bwd_wgmma) loses to cuDNN's
   # at (1,16,8192,128) fp16 dense, under Nsight's locked clocks: every kernel of one fwd+bwd call after
@@ -551,11 +557,19 @@ elif [ "$PART" = s23a ]; then
     -k "wgmma_wa_stream_k"
   step prefill 240 env MLX_FLASH_CUDA_FP8W_WA_SK=1 python3 -m mlx_flash.bench.cuda_matmul --sections prefill \
     --prefill-rows 512,1024 --out "$OUT/matmul_prefill.json"
+elif [ "$PART" = s23b ]; then
+  # Session 23 (issue 14, backward; branch s23-dq-v4): the float4 dQ atomics (MLX_FLASH_BWD_DQ_V4=1, after
+  # Nsight showed the float2 atomics holding the consumers) and the ws backward's dQ writer: their GPU cases,
+  # then the backward alone of the default, dqv4, wsdq and the early dV beside mx.fast and torch,
+  # alternated per repetition, over a fresh kernel cache warmed in parallel.
+  step bwd_gpu 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_cuda_specific.py \
+    -k "(dv_early_on_gpu and DQ_V4) or hopper_backward_ws_on_gpu"
+  bwd_routes_timed new,dqv4,wsdq,dvearly
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d or s23a, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d or s23a-s23b, got $PART" >&2
   exit 2
 fi

@@ -58,16 +58,18 @@ from mlx_flash.backends import cuda as cb  # noqa: E402
 import gpu_timing  # noqa: E402  (tools/, beside this file)
 
 SHAPES = [(1, 16, 8192, 128), (2, 16, 4096, 128), (4, 16, 1024, 64)]
-# route name: (cb._BWD_HEADS_FIRST, cb._BWD_WS, cb._BWD_WS_DQ, cb._BWD_DV_EARLY);
+# route name: (cb._BWD_HEADS_FIRST, cb._BWD_WS, cb._BWD_WS_DQ, cb._BWD_DV_EARLY, cb._BWD_DQ_V4);
 # "new": attention_bwd_wgmma (its default settings); "order0" (head-adjacent
 # blocks) is timed only where the default order differs (causal); "ws": the
 # warp-specialised backward (MLX_FLASH_BWD_WS=1) with dQ by atomics, "wsdq":
 # with its dQ writer warp; "ws128": MLX_FLASH_BWD_WS=-1 (ws with the dQ
 # writer at D 128 from 4096 keys, else attention_bwd_wgmma); "dvearly":
-# attention_bwd_wgmma with MLX_FLASH_BWD_DV_EARLY=1. (The bulk-reduction dQ,
-# "bulk1", lost and was removed in session 11.)
-VARIANTS = {"new": (-1, 0, 0, 0), "order0": (0, 0, 0, 0), "ws": (-1, 1, 0, 0),
-            "wsdq": (-1, 1, 1, 0), "ws128": (-1, -1, 1, 0), "dvearly": (-1, 0, 0, 1)}
+# attention_bwd_wgmma with MLX_FLASH_BWD_DV_EARLY=1; "dqv4": with its float4
+# dQ atomics (MLX_FLASH_BWD_DQ_V4=1). (The bulk-reduction dQ, "bulk1", lost
+# and was removed in session 11.)
+VARIANTS = {"new": (-1, 0, 0, 0, 0), "order0": (0, 0, 0, 0, 0), "ws": (-1, 1, 0, 0, 0),
+            "wsdq": (-1, 1, 1, 0, 0), "ws128": (-1, -1, 1, 0, 0), "dvearly": (-1, 0, 0, 1, 0),
+            "dqv4": (-1, 0, 0, 0, 1)}
 
 
 def _variants(causal):
@@ -75,7 +77,7 @@ def _variants(causal):
 
 
 def set_route(name):
-    cb._BWD_HEADS_FIRST, cb._BWD_WS, cb._BWD_WS_DQ, cb._BWD_DV_EARLY = VARIANTS[name]
+    cb._BWD_HEADS_FIRST, cb._BWD_WS, cb._BWD_WS_DQ, cb._BWD_DV_EARLY, cb._BWD_DQ_V4 = VARIANTS[name]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -90,7 +92,7 @@ def check(dtype, D, features):
     cases = [(si, name) for name in names for si in range(len(shapes))]
     passed = failed = 0
     label = (f"D{D} {dtype} heads_first={cb._BWD_HEADS_FIRST} ws={cb._BWD_WS} "
-             f"ws_dq={cb._BWD_WS_DQ} dv_early={cb._BWD_DV_EARLY}")
+             f"ws_dq={cb._BWD_WS_DQ} dv_early={cb._BWD_DV_EARLY} dq_v4={cb._BWD_DQ_V4}")
     # Count the warp-specialised launches: a check of that route must reach it.
     ws_calls = [0]
     ws_launch = cb._backward_ws

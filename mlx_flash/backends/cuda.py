@@ -913,6 +913,11 @@ _MMA_BWD_WARPS = 4
 # barrier before dQ (attention_bwd_wgmma.cuh, DV_EARLY; the same bits).
 # Opt-in until timed on a card.
 _BWD_DV_EARLY = _env_choice("MLX_FLASH_BWD_DV_EARLY", 0, (0, 1))
+# Hopper backward's dQ atomics: 0 = float2 (the default); 1 = float4 after a
+# lane exchange, half as many (attention_bwd_wgmma.cuh, DQ_V4): on an H100 the
+# float2 atomics filled the LSU queue and held each warp at its tile boundary
+# (session 23, Nsight). The same adds. Opt-in until timed on a card.
+_BWD_DQ_V4 = _env_choice("MLX_FLASH_BWD_DQ_V4", 0, (0, 1))
 # Hopper backward's block order: 0 = a head's key blocks adjacent (they share
 # its Q and dO in L2); 1 = key block by key block over the heads, so under
 # causal or a window the longest blocks (the first key blocks, which see the
@@ -1007,7 +1012,8 @@ def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, input
         delta = _bwd_delta(dout, out, dlse, spec, stream)
         if _uses_wgmma(spec, backward=True):
             key_blocks, kernel = _wgmma_bwd_config(spec)
-            nw, nch, extra = 8, 1, [("HEADS_FIRST", _bwd_heads_first(spec)), ("DV_EARLY", bool(_BWD_DV_EARLY))]
+            nw, nch, extra = 8, 1, [("HEADS_FIRST", _bwd_heads_first(spec)), ("DV_EARLY", bool(_BWD_DV_EARLY)),
+                                 ("DQ_V4", bool(_BWD_DQ_V4))]
         else:
             nw, nch, key_blocks, kernel = _mma_bwd_config(spec)
             extra = [("NW", nw), ("NCH", nch)]
