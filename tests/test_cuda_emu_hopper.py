@@ -195,20 +195,21 @@ def test_wgmma_backward_d128_rules(rule, hopper_defaults):
 BACKWARD_VARIANTS = BACKWARD + [(1, 4, 2, 130, 300, 128, F16, {}), (2, 2, 1, 200, 97, 64, F16, {"causal": True}),
                                 (1, 2, 1, 100, 150, 128, B16, {"softcap": 20.0}),
                                 (1, 2, 1, 17, 150, 128, B16, {"causal": True})]
-VARIANT_SETTINGS = {"dv_early": {"_BWD_DV_EARLY": ("DV_EARLY", 1)}, "dq_v4": {"_BWD_DQ_V4": ("DQ_V4", 1)},
-                    "both": {"_BWD_DV_EARLY": ("DV_EARLY", 1), "_BWD_DQ_V4": ("DQ_V4", 1)}}
+# variant: the wrapper's settings it sets to 1 and the kernel template each turns on.
+VARIANT_SETTINGS = {"dv_early": {"_BWD_DV_EARLY": "DV_EARLY"}, "dq_v4": {"_BWD_DQ_V4": "DQ_V4"},
+                    "both": {"_BWD_DV_EARLY": "DV_EARLY", "_BWD_DQ_V4": "DQ_V4"}}
 
 
 def _set_variant(monkeypatch, variant, on):
     from mlx_flash.backends import cuda as cuda_backend
 
-    for setting, (_, value) in VARIANT_SETTINGS[variant].items():
-        monkeypatch.setattr(cuda_backend, setting, value if on else 0)
+    for setting in VARIANT_SETTINGS[variant]:
+        monkeypatch.setattr(cuda_backend, setting, int(on))
 
 
 def _check_variant_template(launches, variant, on):
     kernel = _kernel_of(launches, "attention_bwd_wgmma")
-    for template, _ in VARIANT_SETTINGS[variant].values():
+    for template in VARIANT_SETTINGS[variant].values():
         assert kernel[template] is on, template
 
 

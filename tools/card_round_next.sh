@@ -558,7 +558,7 @@ elif [ "$PART" = s23a ]; then
   step prefill 240 env MLX_FLASH_CUDA_FP8W_WA_SK=1 python3 -m mlx_flash.bench.cuda_matmul --sections prefill \
     --prefill-rows 512,1024 --out "$OUT/matmul_prefill.json"
 elif [ "$PART" = s23b ]; then
-  # Session 23 (issue 14, backward; branch s23-dq-v4): the float4 dQ atomics (MLX_FLASH_BWD_DQ_V4=1, after
+  # Session 23 (issue 14, backward): the float4 dQ atomics (MLX_FLASH_BWD_DQ_V4=1, after
   # Nsight showed the float2 atomics holding the consumers) and the ws backward's dQ writer: their GPU cases,
   # then the backward alone of the default, dqv4, wsdq and the early dV beside mx.fast and torch,
   # alternated per repetition, over a fresh kernel cache warmed in parallel.

@@ -674,9 +674,9 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     [batch, M, K] times [N, K] fp8 codes b; plan (BT, stages) or wa_plan's,
     or (BT, stages, stream-K tiles) to force the count (0: none; more: over
     every SM, or a block a k-step where the shared tiles have fewer k-steps
-    than the card has SMs) instead of wa_stream_k_tiles' choice. Where stream-K tiles are
-    taken or a count is forced, the kernel's stream-K form runs
-    (matmul_wgmma_wa_sk.cuh)."""
+    than the card has SMs) instead of wa_stream_k_tiles' choice. Where
+    stream-K tiles are taken or a count is forced, the kernel's stream-K form
+    runs (matmul_wgmma_wa_sk.cuh)."""
     if not wa_takes(spec) or a.dtype not in (mx.float16, mx.bfloat16):
         raise ValueError("route wgmma_wa: a 16-bit a times [N, K] fp8 codes (transpose_b) only, got a "
                          f"{spec.a_fmt or a.dtype}, b {spec.b_fmt or b.dtype}, transpose_b={spec.transpose_b}")
