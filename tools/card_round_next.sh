@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -565,11 +565,20 @@ elif [ "$PART" = s23b ]; then
   step bwd_gpu 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_cuda_specific.py \
     -k "(dv_early_on_gpu and DQ_V4) or hopper_backward_ws_on_gpu"
   bwd_routes_timed new,dqv4,wsdq,dvearly
+elif [ "$PART" = s24a ]; then
+  # Session 24 (issue 15): stream-K's GPU cases again (the forced plan that gave NaN in s23a, fixed since:
+  # a forced count launches no more blocks than shared k-steps), then the prefill in a model: prompt
+  # tokens/s of Llama-8B and -3B shapes, fp16 beside FP8Linear with stream-K off and on, timed in turn
+  # (carry .device/mlxlm_full too).
+  step sk_gpu 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
+    -k "wgmma_wa_stream_k"
+  step llama_prefill 240 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
+    --sections llama_prefill --llama-models llama_8b,llama_3b --out "$OUT/matmul_llama_prefill.json"
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d or s23a-s23b, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b or s24a, got $PART" >&2
   exit 2
 fi

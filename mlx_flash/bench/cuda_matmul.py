@@ -16,6 +16,9 @@ prefill: (opt-in) FP8Linear's prefill products (M = 128..2048 tokens x
 llama:  (opt-in) greedy generation tokens/s of random Llama-3.2-1B/3B-shaped
         mlx-lm models, fp16 vs FP8Linear (needs mlx_lm importable; its
         package __init__ is bypassed, so no transformers).
+llama_prefill: (opt-in) prompt tokens/s of the same models (--llama-models,
+        --llama-prompts), fp16 beside FP8Linear with the weight-as-A kernel's
+        stream-K off and on, timed in turn.
 decode: M = 1..16 rows times an [N, K] weight (fp8 e4m3 or fp16), GB/s of
         weight bytes read, next to a plain copy's GB/s (bytes read + written)
         measured in the same run; MLX's fp16 matmul of the same shape;
@@ -1298,6 +1301,85 @@ def bench_llama(rec: Recorder, models=("llama_1b", "llama_3b"), prompt: int = 12
         mx.clear_cache()
 
 
+def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024, 2048), rounds: int = 5,
+                        configs=None):
+    """Prompt tokens/s of a random-weight mlx-lm Llama: the fp16 model beside
+    the same weights with every nn.Linear as FP8Linear (e4m3, per-channel
+    scales), with the weight-as-A kernel's stream-K off (the default) and on
+    (cuda_matmul.WA_SK, read at every call's routing: a prefill's FP8Linear
+    calls go through the uncompiled matmul2d). Issue 15's prefill target
+    (>= 1.0x MLX's fp16 product from 512 rows) in a model: the attention,
+    norms and embedding are the same in every case, so the ratio is the
+    linear layers' plus the rest's share. One prompt of `p` tokens a call,
+    one forward over a fresh cache (mlx-lm's generate_step prefills in chunks
+    of 2048, so these are whole chunks); cases timed in turn (interleave),
+    median of `rounds`; the fp8 cases' last-token logits checked against
+    each other (stream-K only reorders a tile's sums)."""
+    from .. import nn as fnn
+    from ..backends import cuda_matmul as cm
+
+    llama, cache_mod = _mlx_lm_llama()
+    configs = LLAMA_CONFIGS if configs is None else configs
+    for name in models:
+        args = llama.ModelArgs.from_dict(configs[name])
+        model16 = llama.Model(args)
+        model16.set_dtype(mx.float16)
+        mx.eval(model16.parameters())
+        model8 = llama.Model(args)
+        model8.update(model16.parameters())
+        fnn.convert_to_fp8(model8)
+        mx.eval(model8.parameters())
+        mx.clear_cache()
+        for p in prompts:
+            toks = mx.random.randint(0, 1000, (1, p), key=mx.random.key(p))
+            mx.eval(toks)
+
+            def forward(model, sk):
+                old = cm.WA_SK
+                cm.WA_SK = sk
+                try:
+                    cache = cache_mod.make_prompt_cache(model)
+                    return model(toks, cache=cache)[:, -1].astype(mx.float32)
+                finally:
+                    cm.WA_SK = old
+
+            cases = {"fp16": lambda: forward(model16, cm.WA_SK), "fp8_e4m3": lambda: forward(model8, False),
+                     "fp8_e4m3_stream_k": lambda: forward(model8, True)}
+            last = {}
+
+            def sample(case, call):
+                out = call()  # graph built before the clock starts, as time_lazy
+                mx.synchronize()
+                t0 = time.perf_counter()
+                mx.eval(out)
+                mx.synchronize()
+                last[case] = out
+                return time.perf_counter() - t0
+
+            for case, call in cases.items():  # warm: kernels compiled, the allocator's cache sized
+                sample(case, call)
+            times = interleave(cases, rounds, sample)
+            base = statistics.median(times["fp16"]) if isinstance(times["fp16"], list) else None
+            for case, got in times.items():
+                row = dict(section="llama_prefill", case=case, model=name, prompt=p, rounds=rounds)
+                if isinstance(got, BaseException):
+                    row["error"] = f"{type(got).__name__}: {got}"[:500]
+                else:
+                    sec = statistics.median(got)
+                    row.update(seconds=sec, prompt_tokens_per_s=p / sec, seconds_all=got)
+                    if base is not None:
+                        row["vs_fp16"] = base / sec
+                    if case != "fp16" and "fp8_e4m3" in last and case in last:
+                        row["max_abs_logit_diff_vs_fp8_e4m3"] = mx.abs(last[case] - last["fp8_e4m3"]).max().item()
+                    if case in last and "fp16" in last:
+                        row["max_abs_logit_diff_vs_fp16"] = mx.abs(last[case] - last["fp16"]).max().item()
+                rec.add(**row, **gpu_clocks())
+            if CHECKPOINT is not None:
+                CHECKPOINT()
+        del model16, model8
+        mx.clear_cache()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="gemm,decode")
@@ -1319,7 +1401,10 @@ def main(argv=None):
     parser.add_argument("--stream-cycles", type=int, default=4,
                         help="decode_stream: passes over the weight set per timed eval (1 was session 12's: "
                              "8-32 calls an eval, whose fixed cost then counted as a few us a call)")
-    parser.add_argument("--llama-models", default="llama_1b,llama_3b", help="models of the llama section")
+    parser.add_argument("--llama-models", default="llama_1b,llama_3b",
+                        help="models of the llama and llama_prefill sections")
+    parser.add_argument("--llama-prompts", default="512,1024,2048",
+                        help="prompt lengths (tokens) of the llama_prefill section, comma separated")
     args = parser.parse_args(argv)
     if args.plot:
         print(f"wrote {plot(args.plot)}")
@@ -1371,6 +1456,8 @@ def main(argv=None):
                 "plans": lambda: bench_plans(rec, 256 if args.warm else 8192),
                 "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512)),
                 "llama": lambda: bench_llama(rec, tuple(args.llama_models.split(","))),
+                "llama_prefill": lambda: bench_llama_prefill(rec, tuple(args.llama_models.split(",")),
+                                                             tuple(int(v) for v in args.llama_prompts.split(","))),
                 "fp8err": lambda: bench_fp8err(rec, (256,) if args.warm else (4096, 8192), 128 if args.warm else 4096),
                 "fp8speed": lambda: bench_fp8speed(rec, ((256, 256, 256),) if args.warm else
                                                    ((4096, 4096, 8192), (8192, 8192, 8192))),
