@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -574,11 +574,19 @@ elif [ "$PART" = s24a ]; then
     -k "wgmma_wa_stream_k"
   step llama_prefill 240 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
     --sections llama_prefill --llama-models llama_8b,llama_3b --out "$OUT/matmul_llama_prefill.json"
+elif [ "$PART" = s24b ]; then
+  # Session 24 (issue 14, backward): s23b's timing half alone (a call holds install + this within its
+  # 600 s): the backward alone of the default, dqv4, wsdq and the early dV beside mx.fast and torch.
+  bwd_routes_timed new,dqv4,wsdq,dvearly
+elif [ "$PART" = s24c ]; then
+  # Session 24 (issue 14, backward): s23b's GPU cases half: the float4 dQ atomics and the ws backward.
+  step bwd_gpu 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_cuda_specific.py \
+    -k "(dv_early_on_gpu and DQ_V4) or hopper_backward_ws_on_gpu"
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b or s24a, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b or s24a-s24c, got $PART" >&2
   exit 2
 fi
