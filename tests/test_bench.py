@@ -359,6 +359,41 @@ def test_cuda_matmul_bench_prefill_on_the_cpu():
     json.dumps(rec.rows)
 
 
+def test_cuda_matmul_bench_llama_prefill_on_the_cpu():
+    """The llama_prefill section runs end to end where MLX has no GPU, on a
+    two-layer Llama: fp16 and FP8Linear with stream-K off and on, every case
+    timed, the switch put back, the fp8 cases' logits compared (stream-K's
+    reordered sums never reach the CPU's product, so there they agree exactly)."""
+    import json
+
+    cm = pytest.importorskip("mlx_flash.bench.cuda_matmul")
+    try:
+        cm._mlx_lm_llama()
+    except ImportError:
+        pytest.skip("mlx_lm is not importable")
+    from mlx_flash.backends import cuda_matmul as backend
+    from mlx_flash.bench.cuda import Recorder
+
+    tiny = dict(cm.LLAMA_CONFIGS["llama_1b"], hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=300)
+    rec = Recorder()
+    switch = backend.WA_SK
+    cm.bench_llama_prefill(rec, ("tiny",), (1, 17), rounds=2, configs={"tiny": tiny})
+    assert backend.WA_SK == switch
+    rows = [r for r in rec.rows if r["section"] == "llama_prefill"]
+    assert [(r["prompt"], r["case"]) for r in rows] == [
+        (p, c) for p in (1, 17) for c in ("fp16", "fp8_e4m3", "fp8_e4m3_stream_k")]
+    for row in rows:
+        assert "error" not in row, row
+        assert len(row["seconds_all"]) == 2 and row["prompt_tokens_per_s"] > 0 and row["vs_fp16"] > 0
+        if row["case"] == "fp8_e4m3_stream_k":
+            assert row["max_abs_logit_diff_vs_fp8_e4m3"] == 0.0
+        if row["case"] != "fp16":
+            # e4m3 weights move a random model's logits, but not by their own size
+            assert 0 < row["max_abs_logit_diff_vs_fp16"] < 1.0, row
+    json.dumps(rec.rows)
+
+
 def test_cuda_matmul_plot_draws_the_panels_a_run_holds(tmp_path):
     """A targets-only run plots its wall and GPU-time panels, a prefill run its ratios to MLX; a run with nothing
     to plot is an error naming the file."""

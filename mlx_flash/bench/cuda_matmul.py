@@ -1331,7 +1331,7 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
         mx.eval(model8.parameters())
         mx.clear_cache()
         for p in prompts:
-            toks = mx.random.randint(0, 1000, (1, p), key=mx.random.key(p))
+            toks = mx.random.randint(0, min(1000, args.vocab_size), (1, p), key=mx.random.key(p))
             mx.eval(toks)
 
             def forward(model, sk):
