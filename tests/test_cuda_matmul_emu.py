@@ -622,6 +622,7 @@ def test_fp8_weight_with_an_empty_inner_dimension_emulated(nan_scale):
     (20, 200, 700, None),  # the default on four SMs: 2 tiles, each split between two blocks
     (20, 100, 100, (1, 4)),  # 1 tile of 2 k-steps on four SMs: two blocks, not four (the card's NaN of s23)
     (17, 200, 300, (2, 16)),  # 2 tiles of 5 k-steps on sixteen SMs: ten blocks, one k-step each
+    (20, 200, 1100, "splits4"),  # the policy with WA_SK_SPLITS 4 on eight SMs: 2 tiles of 18 k-steps, 4 blocks each
 ], ids=lambda v: str(v))
 def test_wa_stream_k_emulated(M, N, K, sk, monkeypatch):
     from fp8_wgmma_bound import downscaling, every_code_rows
@@ -637,13 +638,19 @@ def test_wa_stream_k_emulated(M, N, K, sk, monkeypatch):
     want = reference(a64, b64, None, sb, transpose_b=True)
     spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, b_fmt="e4m3", b_scale=mx.array(sb), transpose_b=True,
                                                 out_dtype=mx.float32)
-    # sk: the forced count (three SMs), (count, SMs), or None for the default on four.
-    sk, sms = (sk, 3) if not isinstance(sk, tuple) else sk
-    plan = (128, 3) if sk is None else (128, 3, sk)
+    # sk: the forced count (three SMs), (count, SMs), None for the default on four, or "splits4": the
+    # policy splitting each tile four ways (the ordered sum of more than two blocks) on eight.
     monkeypatch.setattr(cuda_matmul, "WA_SK", True)
-    if sk is None:
+    if sk == "splits4":
+        monkeypatch.setattr(cuda_matmul, "WA_SK_SPLITS", 4)
+        assert cuda_matmul.wa_stream_k_tiles(2, 18, 8) == (2, 8)
+        sk, sms = None, 8
+    elif sk is None:
         assert cuda_matmul.wa_stream_k_tiles(2, 11, 4) == (2, 4)
         sms = 4
+    else:
+        sk, sms = (sk, 3) if not isinstance(sk, tuple) else sk
+    plan = (128, 3) if sk is None else (128, 3, sk)
     with harness.patched_hopper(sm_count=sms):
         got = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma_wa", plan=plan)
         mx.eval(got)
@@ -716,8 +723,29 @@ def test_wa_stream_k_choice(monkeypatch):
     assert pick(3, 4, 132) == (0, 3)          # too few k-steps to gain WA_SK_MIN_GAIN
     # the gain threshold itself: 2 waves of 4 k-steps against ceil(133 * 4 / 132) = 5
     assert pick(133, cuda_matmul.WA_SK_MIN_GAIN, 132) == (0, 132)
+    # More blocks a tile below half a wave (WA_SK_SPLITS): as many as the SMs hold, each run WA_SK_MIN_GAIN
+    # k-steps or more; from one wave on, nothing shared without WA_SK_WAVES.
+    monkeypatch.setattr(cuda_matmul, "WA_SK_SPLITS", 8)
+    assert pick(16, 64, 132) == (16, 128)     # 512 x 4096 x 1024 at BT 256: each tile split eight ways
+    assert pick(64, 64, 132) == (64, 128)     # two ways: as many as 132 SMs hold
+    assert pick(2, 20, 132) == (2, 10)        # five ways: runs of 4 k-steps
+    assert pick(2, 7, 132) == (0, 2)          # under 2 x WA_SK_MIN_GAIN k-steps: whole
+    assert pick(448, 64, 132) == (132 + 52, 132)
+    monkeypatch.setattr(cuda_matmul, "WA_SK_WAVES", False)
+    assert pick(448, 64, 132) == (0, 132)
+    assert pick(224, 64, 132) == (0, 132)
+    assert pick(16, 64, 132) == (16, 128)
+    monkeypatch.setattr(cuda_matmul, "WA_SK_SPLITS", 2)
+    monkeypatch.setattr(cuda_matmul, "WA_SK_WAVES", True)
     for units in range(1, 700):  # a run of at least a tile (or exactly half one): no tile cut twice
         for ktiles in (8, 13, 64):
             sk, blocks = pick(units, ktiles, 132)
             # runs of sk * ktiles / blocks k-steps: a tile or more (sk >= blocks), or half one (blocks = 2 sk)
             assert sk == 0 or sk >= blocks or blocks == 2 * sk, (units, ktiles)
+    monkeypatch.setattr(cuda_matmul, "WA_SK_SPLITS", 8)
+    for units in range(1, 67):  # below half a wave: s whole runs a tile, each of WA_SK_MIN_GAIN k-steps or more
+        for ktiles in (8, 13, 64, 224):
+            sk, blocks = pick(units, ktiles, 132)
+            if sk:
+                assert sk == units and blocks % units == 0 and 2 <= blocks // units <= 8 and blocks <= 132
+                assert ktiles // (blocks // units) >= cuda_matmul.WA_SK_MIN_GAIN, (units, ktiles)

@@ -495,10 +495,12 @@ def test_cuda_wgmma_wa_fp8_weight_as_a_operand(plan, ka, kb, M, K, N):
 # cut tile's partials in the blocks' order, whichever it is); the tickets
 # back at 0. "off" runs the stream-K form (matmul_wgmma_wa_sk.cuh) with
 # every tile whole: the default kernel's bits (matmul_wgmma_wa.cuh).
+# "splits8": the plan with WA_SK_SPLITS 8 (below half a wave, each tile's
+# k-steps split between up to eight blocks, summed in their order).
 @WS
 @pytest.mark.parametrize("M,K,N", [(512, 4096, 4096), (512, 1024, 14336), (1024, 512, 14336), (300, 2100, 1030),
-                                   (17, 3000, 200)])
-@pytest.mark.parametrize("sk", ["auto", "off", "all"])
+                                   (17, 3000, 200), (512, 4096, 1024)])
+@pytest.mark.parametrize("sk", ["auto", "off", "all", "splits8"])
 def test_cuda_wgmma_wa_stream_k(M, K, N, sk, monkeypatch):
     import math
 
@@ -510,6 +512,8 @@ def test_cuda_wgmma_wa_stream_k(M, K, N, sk, monkeypatch):
 
     needs_hopper()
     monkeypatch.setattr(cuda_matmul, "WA_SK", True)  # "auto": wa_stream_k_tiles' plan, as with the switch on
+    if sk == "splits8":
+        monkeypatch.setattr(cuda_matmul, "WA_SK_SPLITS", 8)
     gen = rng("wgmma-wa-sk", M, K, N, sk)
     a, _, a64 = make_operand(gen, (M, K), "bfloat16")
     codes = every_code_rows(gen, "e4m3", N, K)

@@ -136,6 +136,15 @@ _FP8W_WA_SK = os.environ.get("MLX_FLASH_CUDA_FP8W_WA_SK", "0")
 if _FP8W_WA_SK not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_CUDA_FP8W_WA_SK must be 0 or 1, got {_FP8W_WA_SK!r}")
 WA_SK = _FP8W_WA_SK == "1"
+# Below half a wave, the most blocks a tile's k-steps are split between
+# (session 24: on an H100, with two, 512 x 4096 x 1024 ran 0.23x MLX's fp16
+# product by GPU time, 16 tiles on 132 SMs). The last block to arrive reads
+# every other block's fp32 partial tile (128 KiB at BT 256) one after the other.
+WA_SK_SPLITS = 2
+# From one wave on, share the partial wave's tiles and one full wave's
+# between all SMs (session 21's plan; on an H100 in session 23 -10 % and
+# +5 % against whole tiles, within the run's noise).
+WA_SK_WAVES = True
 # Shared memory one block may take (sm_90: 227 KiB), less the ws kernel's
 # static arrays (tensor-map staging, mbarriers).
 _WS_MAX_DYNAMIC_SMEM = 227 * 1024 - 512
@@ -334,21 +343,26 @@ def wa_plan(M: int) -> tuple:
 def wa_stream_k_tiles(units: int, ktiles: int, grid: int, batch: int = 1) -> tuple:
     """(stream-K tiles, blocks) of the weight-as-A kernel for `units` tiles of
     `ktiles` k-steps on `grid` SMs: the first tiles' k-steps shared evenly by
-    the blocks (0: none). Every shared tile is cut once at most (two blocks
-    a tile, whose sum a + b is the same whichever arrives last): from one
-    wave on, the partial wave's tiles and one full wave's are shared by all
-    SMs (a run of at least ktiles k-steps); below half a wave, each tile is
-    split in two (two blocks a tile); in between, none."""
+    the blocks (0: none). Below half a wave, each tile is split into s equal
+    runs, s blocks a tile (s up to WA_SK_SPLITS, as many as the SMs hold, each
+    run WA_SK_MIN_GAIN k-steps or more): two blocks' sums a + b are the same
+    whichever arrives last, more are summed in the blocks' order by the last
+    to arrive. From one wave on (only with WA_SK_WAVES), the partial wave's
+    tiles and one full wave's are shared by all SMs (a run of at least ktiles
+    k-steps: a tile cut once at most); in between, none."""
     blocks = min(units, grid)
     if not WA_SK or batch != 1 or units % grid == 0:
         return 0, blocks
     if units >= grid:
+        if not WA_SK_WAVES:
+            return 0, blocks
         whole = math.ceil(units / grid) * ktiles  # k-steps of the busiest block, whole tiles
         if whole - math.ceil(units * ktiles / grid) < WA_SK_MIN_GAIN:
             return 0, blocks
         sk, blocks = units % grid + grid, grid
     elif 2 * units <= grid and ktiles >= 2 * WA_SK_MIN_GAIN:
-        sk, blocks = units, 2 * units
+        splits = min(WA_SK_SPLITS, grid // units, ktiles // WA_SK_MIN_GAIN)
+        sk, blocks = units, splits * units
     else:
         return 0, blocks
     return (sk, blocks) if _wa_stream_k_fits(sk, ktiles, blocks) else (0, min(units, grid))

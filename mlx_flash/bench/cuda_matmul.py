@@ -52,6 +52,7 @@ path) and prints one JSON line per measurement.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -1302,7 +1303,7 @@ def bench_llama(rec: Recorder, models=("llama_1b", "llama_3b"), prompt: int = 12
 
 
 def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024, 2048), rounds: int = 5,
-                        configs=None):
+                        configs=None, variants=()):
     """Prompt tokens/s of a random-weight mlx-lm Llama: the fp16 model beside
     the same weights with every nn.Linear as FP8Linear (e4m3, per-channel
     scales), with the weight-as-A kernel's stream-K off (the default) and on
@@ -1314,7 +1315,9 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
     one forward over a fresh cache (mlx-lm's generate_step prefills in chunks
     of 2048, so these are whole chunks); cases timed in turn (interleave),
     median of `rounds`; the fp8 cases' last-token logits checked against
-    each other (stream-K only reorders a tile's sums)."""
+    each other (stream-K only reorders a tile's sums). `variants`: (name,
+    splits, waves) each, one more case "fp8_e4m3_sk_<name>" with stream-K on,
+    cuda_matmul.WA_SK_SPLITS = splits and WA_SK_WAVES = waves."""
     from .. import nn as fnn
     from ..backends import cuda_matmul as cm
 
@@ -1334,17 +1337,21 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
             toks = mx.random.randint(0, min(1000, args.vocab_size), (1, p), key=mx.random.key(p))
             mx.eval(toks)
 
-            def forward(model, sk):
-                old = cm.WA_SK
+            def forward(model, sk, splits=None, waves=None):
+                old = cm.WA_SK, cm.WA_SK_SPLITS, cm.WA_SK_WAVES
                 cm.WA_SK = sk
+                cm.WA_SK_SPLITS = old[1] if splits is None else splits
+                cm.WA_SK_WAVES = old[2] if waves is None else waves
                 try:
                     cache = cache_mod.make_prompt_cache(model)
                     return model(toks, cache=cache)[:, -1].astype(mx.float32)
                 finally:
-                    cm.WA_SK = old
+                    cm.WA_SK, cm.WA_SK_SPLITS, cm.WA_SK_WAVES = old
 
             cases = {"fp16": lambda: forward(model16, cm.WA_SK), "fp8_e4m3": lambda: forward(model8, False),
                      "fp8_e4m3_stream_k": lambda: forward(model8, True)}
+            for vname, splits, waves in variants:
+                cases[f"fp8_e4m3_sk_{vname}"] = functools.partial(forward, model8, True, splits, waves)
             last = {}
 
             def sample(case, call):
@@ -1405,6 +1412,9 @@ def main(argv=None):
                         help="models of the llama and llama_prefill sections")
     parser.add_argument("--llama-prompts", default="512,1024,2048",
                         help="prompt lengths (tokens) of the llama_prefill section, comma separated")
+    parser.add_argument("--llama-sk-variants", default="",
+                        help="llama_prefill: NAME:SPLITS:WAVES cases, comma separated (stream-K on with "
+                             "cuda_matmul.WA_SK_SPLITS = SPLITS, WA_SK_WAVES = WAVES (0 or 1))")
     args = parser.parse_args(argv)
     if args.plot:
         print(f"wrote {plot(args.plot)}")
@@ -1456,8 +1466,10 @@ def main(argv=None):
                 "plans": lambda: bench_plans(rec, 256 if args.warm else 8192),
                 "layers": lambda: bench_layers(rec, 1 if args.warm else 4, (1, 32) if args.warm else (1, 512)),
                 "llama": lambda: bench_llama(rec, tuple(args.llama_models.split(","))),
-                "llama_prefill": lambda: bench_llama_prefill(rec, tuple(args.llama_models.split(",")),
-                                                             tuple(int(v) for v in args.llama_prompts.split(","))),
+                "llama_prefill": lambda: bench_llama_prefill(
+                    rec, tuple(args.llama_models.split(",")), tuple(int(v) for v in args.llama_prompts.split(",")),
+                    variants=tuple((n, int(sp), bool(int(w))) for n, sp, w in
+                                   (v.split(":") for v in args.llama_sk_variants.split(",") if v))),
                 "fp8err": lambda: bench_fp8err(rec, (256,) if args.warm else (4096, 8192), 128 if args.warm else 4096),
                 "fp8speed": lambda: bench_fp8speed(rec, ((256, 256, 256),) if args.warm else
                                                    ((4096, 4096, 8192), (8192, 8192, 8192))),
