@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24d}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24d|s24e}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -606,11 +606,19 @@ finally:
     json.dump(dict(card=card_name(), splits=$sp, rows=r.rows), open('$OUT/prefill_split$sp.json', 'w'), indent=1)
 "
   done
+elif [ "$PART" = s24e ]; then
+  # Session 24, the last of its device time: s24d cut to fit beside the install in ~250 s (the stream-K
+  # GPU cases with 8 splits; the model prefill with 2, 4 and 8 splits, the from-one-wave sharing off).
+  step sk_gpu 60 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
+    -k "wgmma_wa_stream_k and splits8"
+  step llama_prefill 150 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
+    --sections llama_prefill --llama-models llama_8b,llama_3b --llama-sk-variants "s2:2:0,s4:4:0,s8:8:0" \
+    --out "$OUT/matmul_llama_prefill_splits.json"
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b or s24a-s24d, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b or s24a-s24e, got $PART" >&2
   exit 2
 fi
