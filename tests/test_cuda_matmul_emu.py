@@ -700,16 +700,23 @@ def test_wa_stream_k_form_with_whole_tiles_matches_the_default_kernel_emulated(o
 
 def test_wa_stream_k_choice(monkeypatch):
     """wa_stream_k_tiles on 132 SMs (k-steps of 64 K): (shared tiles, blocks).
-    Shared where whole tiles leave a partial wave that costs WA_SK_MIN_GAIN
-    k-steps or more, and only so that a tile is cut once at most; none with
-    MLX_FLASH_CUDA_FP8W_WA_SK=0."""
+    Below half a wave each tile split between WA_SK_SPLITS blocks at most;
+    with WA_SK_WAVES, from one wave on, shared where whole tiles leave a
+    partial wave that costs WA_SK_MIN_GAIN k-steps or more, a tile cut once
+    at most; none with MLX_FLASH_CUDA_FP8W_WA_SK=0."""
     from mlx_flash.backends import cuda_matmul
 
     monkeypatch.setattr(cuda_matmul, "WA_SK", False)
     assert cuda_matmul.wa_stream_k_tiles(64, 64, 132) == (0, 64)
     monkeypatch.setattr(cuda_matmul, "WA_SK", True)
-
     pick = cuda_matmul.wa_stream_k_tiles
+    # The defaults (session 24): tiles split in two below half a wave, nothing shared from one wave on.
+    monkeypatch.setattr(cuda_matmul, "WA_SK_SPLITS", 2)
+    monkeypatch.setattr(cuda_matmul, "WA_SK_WAVES", False)
+    assert pick(64, 64, 132) == (64, 128) and pick(16, 64, 132) == (16, 32)
+    assert pick(224, 64, 132) == (0, 132) and pick(448, 64, 132) == (0, 132)
+    # Session 21's plan, sharing from one wave on too (WA_SK_WAVES):
+    monkeypatch.setattr(cuda_matmul, "WA_SK_WAVES", True)
     assert pick(64, 64, 132) == (64, 128)     # 512 x 4096 x 4096 at BT 256: each tile split in two
     assert pick(64, 224, 132) == (64, 128)    # 512 x 14336 x 4096
     assert pick(32, 64, 132) == (32, 64)      # 128 rows at BT 128

@@ -129,22 +129,30 @@ WA_MAX_ROWS = 4096
 # WA_SK_MIN_GAIN k-steps (of 64 K) fewer than with whole tiles; the cost is
 # one fp32 tile written and one read through L2 per cut, and one batch only.
 WA_SK_MIN_GAIN = 4
-# Opt-in (MLX_FLASH_CUDA_FP8W_WA_SK=1) until a card has run and timed it:
-# session 21 built and emulated it but got no GPU (docs/matmul.md). 0, the
-# default, keeps every tile whole (session 20's schedule).
-_FP8W_WA_SK = os.environ.get("MLX_FLASH_CUDA_FP8W_WA_SK", "0")
+# On by default since session 24 (MLX_FLASH_CUDA_FP8W_WA_SK=0 keeps every
+# tile whole, session 20's schedule): in mlx-lm Llamas of 8B and 3B shape on
+# an H100 (prompt tokens/s, FP8Linear / fp16, 512-2048 tokens), splitting in
+# two below half a wave gave 0.85-0.95x / 0.86-0.87x where whole tiles gave
+# 0.81-0.94x / 0.81-0.87x (benchmarks/results/matmul_llama_prefill_splits_
+# nvidia_h100_s24.json): never slower beyond the run's noise, up to 7 %
+# faster at 512 tokens. A model's products mostly wait on the one before, so
+# a kernel's idle SMs are idle (session 23's wall measure, with the queue
+# full of independent products, had it 10-20 % slower).
+_FP8W_WA_SK = os.environ.get("MLX_FLASH_CUDA_FP8W_WA_SK", "1")
 if _FP8W_WA_SK not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_CUDA_FP8W_WA_SK must be 0 or 1, got {_FP8W_WA_SK!r}")
 WA_SK = _FP8W_WA_SK == "1"
-# Below half a wave, the most blocks a tile's k-steps are split between
-# (session 24: on an H100, with two, 512 x 4096 x 1024 ran 0.23x MLX's fp16
-# product by GPU time, 16 tiles on 132 SMs). The last block to arrive reads
-# every other block's fp32 partial tile (128 KiB at BT 256) one after the other.
+# Below half a wave, the most blocks a tile's k-steps are split between. The
+# last block to arrive reads every other block's fp32 partial tile (128 KiB
+# at BT 256) one after the other. In the same models 4 and 8 were no better
+# than 2 (within 2 %, 8 up to 5 % slower at 512 tokens), though the k / v
+# projection alone (512 x 4096 x 1024: 16 tiles on 132 SMs) ran at 0.23x
+# MLX's fp16 product by GPU time with whole tiles.
 WA_SK_SPLITS = 2
 # From one wave on, share the partial wave's tiles and one full wave's
-# between all SMs (session 21's plan; on an H100 in session 23 -10 % and
-# +5 % against whole tiles, within the run's noise).
-WA_SK_WAVES = True
+# between all SMs (session 21's plan). Off since session 24: in the models
+# above it cost 2-5 % at 1024-2048 tokens against splitting alone.
+WA_SK_WAVES = False
 # Shared memory one block may take (sm_90: 227 KiB), less the ws kernel's
 # static arrays (tensor-map staging, mbarriers).
 _WS_MAX_DYNAMIC_SMEM = 227 * 1024 - 512
