@@ -18,7 +18,7 @@ llama:  (opt-in) greedy generation tokens/s of random Llama-3.2-1B/3B-shaped
         package __init__ is bypassed, so no transformers).
 llama_prefill: (opt-in) prompt tokens/s of the same models (--llama-models,
         --llama-prompts), fp16 beside FP8Linear with the weight-as-A kernel's
-        stream-K off and on, timed in turn.
+        stream-K off and as set (--llama-sk-variants adds plans), in turn.
 decode: M = 1..16 rows times an [N, K] weight (fp8 e4m3 or fp16), GB/s of
         weight bytes read, next to a plain copy's GB/s (bytes read + written)
         measured in the same run; MLX's fp16 matmul of the same shape;
@@ -1306,9 +1306,10 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
                         configs=None, variants=()):
     """Prompt tokens/s of a random-weight mlx-lm Llama: the fp16 model beside
     the same weights with every nn.Linear as FP8Linear (e4m3, per-channel
-    scales), with the weight-as-A kernel's stream-K off (the default) and on
-    (cuda_matmul.WA_SK, read at every call's routing: a prefill's FP8Linear
-    calls go through the uncompiled matmul2d). Issue 15's prefill target
+    scales), with the weight-as-A kernel's stream-K off ("fp8_e4m3": every
+    tile whole) and as the module's settings say ("fp8_e4m3_stream_k"; on by
+    default since session 24); cuda_matmul.WA_SK is read at every call's
+    routing (a prefill's FP8Linear calls go through the uncompiled matmul2d). Issue 15's prefill target
     (>= 1.0x MLX's fp16 product from 512 rows) in a model: the attention,
     norms and embedding are the same in every case, so the ratio is the
     linear layers' plus the rest's share. One prompt of `p` tokens a call,
