@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24d|s24e}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -59,6 +59,22 @@ bwd_routes_timed() {  # ROUTES
   done
   sleep 5; while pgrep -f "cuda_bwd_ab.py warm" > /dev/null; do sleep 2; done
   step bwd_ab 300 env BWD_AB_ROUTES=$1 python3 tools/cuda_bwd_ab.py bwdonly "$OUT/bwd_ab.json"
+}
+
+# Session 23-24 (issue 14): the GPU cases of the float4 dQ atomics and of the ws backward.
+bwd_dq_gpu_cases() {
+  step bwd_gpu 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_cuda_specific.py \
+    -k "(dv_early_on_gpu and DQ_V4) or hopper_backward_ws_on_gpu"
+}
+# Session 24 (issue 15): stream-K's GPU cases (LIMIT, -k EXPR), then prompt tokens/s of Llama-8B and -3B
+# shapes, fp16 beside FP8Linear, stream-K off and as set, plus the split VARIANTS (LIMIT, VARIANTS, JSON name;
+# carry .device/mlxlm_full too).
+stream_k_gpu_cases() {  # LIMIT EXPR
+  step sk_gpu "$1" python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "$2"
+}
+llama_prefill_timed() {  # LIMIT VARIANTS NAME
+  step llama_prefill "$1" env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
+    --sections llama_prefill --llama-models llama_8b,llama_3b --llama-sk-variants "$2" --out "$OUT/$3.json"
 }
 
 if [ "$PART" = a ]; then
@@ -562,63 +578,34 @@ elif [ "$PART" = s23b ]; then
   # Nsight showed the float2 atomics holding the consumers) and the ws backward's dQ writer: their GPU cases,
   # then the backward alone of the default, dqv4, wsdq and the early dV beside mx.fast and torch,
   # alternated per repetition, over a fresh kernel cache warmed in parallel.
-  step bwd_gpu 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_cuda_specific.py \
-    -k "(dv_early_on_gpu and DQ_V4) or hopper_backward_ws_on_gpu"
+  bwd_dq_gpu_cases
   bwd_routes_timed new,dqv4,wsdq,dvearly
 elif [ "$PART" = s24a ]; then
   # Session 24 (issue 15): stream-K's GPU cases again (the forced plan that gave NaN in s23a, fixed since:
   # a forced count launches no more blocks than shared k-steps), then the prefill in a model: prompt
   # tokens/s of Llama-8B and -3B shapes, fp16 beside FP8Linear with stream-K off and on, timed in turn
   # (carry .device/mlxlm_full too).
-  step sk_gpu 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
-    -k "wgmma_wa_stream_k"
-  step llama_prefill 240 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
-    --sections llama_prefill --llama-models llama_8b,llama_3b --out "$OUT/matmul_llama_prefill.json"
+  stream_k_gpu_cases 150 "wgmma_wa_stream_k"
+  llama_prefill_timed 240 "" matmul_llama_prefill
 elif [ "$PART" = s24b ]; then
   # Session 24 (issue 14, backward): s23b's timing half alone (a call holds install + this within its
   # 600 s): the backward alone of the default, dqv4, wsdq and the early dV beside mx.fast and torch.
   bwd_routes_timed new,dqv4,wsdq,dvearly
 elif [ "$PART" = s24c ]; then
   # Session 24 (issue 14, backward): s23b's GPU cases half: the float4 dQ atomics and the ws backward.
-  step bwd_gpu 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_cuda_specific.py \
-    -k "(dv_early_on_gpu and DQ_V4) or hopper_backward_ws_on_gpu"
-elif [ "$PART" = s24d ]; then
-  # Session 24 (issue 15): below half a wave, each tile split between up to WA_SK_SPLITS blocks (s24a's
-  # products at the models' shapes: 512 x 4096 x 1024 ran 0.23x MLX's fp16 by GPU time, 16 tiles on 132
-  # SMs). The stream-K GPU cases with 8 splits, the model prefill with each split count and with the
-  # from-one-wave sharing on and off (carry .device/mlxlm_full), then the products at those shapes.
-  step sk_gpu 120 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
-    -k "wgmma_wa_stream_k"
-  step llama_prefill 240 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
-    --sections llama_prefill --llama-models llama_8b,llama_3b --llama-sk-variants "s2:2:0,s4:4:0,s8:8:0,s8w:8:1" \
-    --out "$OUT/matmul_llama_prefill_splits.json"
-  for sp in 2 8; do
-    step "prefill_split$sp" 60 env MLX_FLASH_CUDA_FP8W_WA_SK=1 python3 -c "
-import json, sys
-from mlx_flash.backends import cuda_matmul as cm
-from mlx_flash.bench import cuda_matmul as b
-from mlx_flash.bench.cuda import Recorder, card_name
-cm.WA_SK_SPLITS, cm.WA_SK_WAVES = $sp, False
-r = Recorder()
-try:
-    b.bench_prefill(r, ((512, 4096, 1024), (512, 4096, 4096), (1024, 4096, 1024), (512, 14336, 4096)), 5)
-finally:
-    json.dump(dict(card=card_name(), splits=$sp, rows=r.rows), open('$OUT/prefill_split$sp.json', 'w'), indent=1)
-"
-  done
+  bwd_dq_gpu_cases
 elif [ "$PART" = s24e ]; then
-  # Session 24, the last of its device time: s24d cut to fit beside the install in ~250 s (the stream-K
-  # GPU cases with 8 splits; the model prefill with 2, 4 and 8 splits, the from-one-wave sharing off).
-  step sk_gpu 60 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
-    -k "wgmma_wa_stream_k and splits8"
-  step llama_prefill 150 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
-    --sections llama_prefill --llama-models llama_8b,llama_3b --llama-sk-variants "s2:2:0,s4:4:0,s8:8:0" \
-    --out "$OUT/matmul_llama_prefill_splits.json"
+  # Session 24 (issue 15), the last of its device time, beside the install in ~250 s: below half a wave
+  # each tile split between up to WA_SK_SPLITS blocks (s24a's products at the models' shapes: 512 x 4096 x
+  # 1024 ran 0.23x MLX's fp16 by GPU time, 16 tiles on 132 SMs). The stream-K GPU cases with 8 splits,
+  # then the model prefill with 2, 4 and 8 splits, the from-one-wave sharing off.
+  stream_k_gpu_cases 60 "wgmma_wa_stream_k and splits8"
+  llama_prefill_timed 150 "s2:2:0,s4:4:0,s8:8:0" matmul_llama_prefill_splits
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b or s24a-s24e, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c or s24e, got $PART" >&2
   exit 2
 fi

@@ -911,12 +911,14 @@ _MMA_BWD_WARPS = 4
 # Hopper backward's dV: 0 = issued after dS^T is packed and stored; 1 = as
 # soon as P^T and dS^T are formed, so it runs under those stores and the
 # barrier before dQ (attention_bwd_wgmma.cuh, DV_EARLY; the same bits).
-# Opt-in until timed on a card.
+# Opt-in: on an H100 (session 24, backward alone) 4 % faster at (2,16,4096,128),
+# 7 % slower at (1,16,8192,128) fp16 (docs/cuda.md, "The dQ remedies on a card").
 _BWD_DV_EARLY = _env_choice("MLX_FLASH_BWD_DV_EARLY", 0, (0, 1))
 # Hopper backward's dQ atomics: 0 = float2 (the default); 1 = float4 after a
 # lane exchange, half as many (attention_bwd_wgmma.cuh, DQ_V4): on an H100 the
 # float2 atomics filled the LSU queue and held each warp at its tile boundary
-# (session 23, Nsight). The same adds. Opt-in until timed on a card.
+# (session 23, Nsight). The same adds. Opt-in: on an H100 (session 24) it was
+# 10 % slower at (1,16,8192,128) dense than the float2 atomics.
 _BWD_DQ_V4 = _env_choice("MLX_FLASH_BWD_DQ_V4", 0, (0, 1))
 # Hopper backward's block order: 0 = a head's key blocks adjacent (they share
 # its Q and dO in L2); 1 = key block by key block over the heads, so under
