@@ -392,6 +392,10 @@ def test_cuda_matmul_bench_llama_prefill_on_the_cpu():
             # e4m3 weights move a random model's logits, but not by their own size
             assert 0 < row["max_abs_logit_diff_vs_fp16"] < 1.0, row
     json.dumps(rec.rows)
+    for bad in ("s2:2", "s2:2:yes", "s1:1:0", "s2:two:0"):  # named before any GPU is looked for
+        with pytest.raises(SystemExit) as info:
+            cm.main(["--sections", "llama_prefill", "--llama-sk-variants", bad])
+        assert info.value.code == 2, bad
 
 
 def test_cuda_matmul_plot_draws_the_panels_a_run_holds(tmp_path):

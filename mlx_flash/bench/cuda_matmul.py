@@ -1417,6 +1417,14 @@ def main(argv=None):
                         help="llama_prefill: NAME:SPLITS:WAVES cases, comma separated (stream-K on with "
                              "cuda_matmul.WA_SK_SPLITS = SPLITS, WA_SK_WAVES = WAVES (0 or 1))")
     args = parser.parse_args(argv)
+    try:
+        sk_variants = tuple((n, int(sp), {"0": False, "1": True}[w]) for n, sp, w in
+                            (v.split(":") for v in args.llama_sk_variants.split(",") if v))
+        if any(sp < 2 for _, sp, _ in sk_variants):
+            raise ValueError("a split count below 2")
+    except (ValueError, KeyError):
+        parser.error(f"--llama-sk-variants: expected NAME:SPLITS:WAVES (SPLITS 2 or more, WAVES 0 or 1) separated "
+                     f"by commas, got {args.llama_sk_variants!r}")
     if args.plot:
         print(f"wrote {plot(args.plot)}")
         return
@@ -1469,8 +1477,7 @@ def main(argv=None):
                 "llama": lambda: bench_llama(rec, tuple(args.llama_models.split(","))),
                 "llama_prefill": lambda: bench_llama_prefill(
                     rec, tuple(args.llama_models.split(",")), tuple(int(v) for v in args.llama_prompts.split(",")),
-                    variants=tuple((n, int(sp), bool(int(w))) for n, sp, w in
-                                   (v.split(":") for v in args.llama_sk_variants.split(",") if v))),
+                    variants=sk_variants),
                 "fp8err": lambda: bench_fp8err(rec, (256,) if args.warm else (4096, 8192), 128 if args.warm else 4096),
                 "fp8speed": lambda: bench_fp8speed(rec, ((256, 256, 256),) if args.warm else
                                                    ((4096, 4096, 8192), (8192, 8192, 8192))),
