@@ -471,3 +471,24 @@ def test_cuda_matmul_bench_gpu_time_runs_each_call_alone(monkeypatch):
     assert prepared == [1, 1, 1]
     assert got["gpu_us_per_call"] == pytest.approx(42.0)
     assert got["gpu_kernels"] == {"gemm": {"count": 3, "us": 40.0}, "fill": {"count": 3, "us": 2.0}}
+
+
+def test_cuda_matmul_bench_profile_summary_splits_calls_and_finds_the_waits():
+    """llama_prefill_profile's arithmetic on made-up CUPTI events: two calls
+    told apart by the widest gap, the shorter one kept; busy time is the union
+    of overlapping kernels (the sum counts both), the rest of the span the
+    GPU's wait; kernels put in classes by name."""
+    cm = pytest.importorskip("mlx_flash.bench.cuda_matmul")
+    call1 = [(0.0, 10.0, "void mlx_flash::matmul_wgmma_wa<...>"), (5.0, 12.0, "sm90_xmma_gemm_f16f16"),
+             (20.0, 30.0, "cudnn_generated_fort_native_sdpa"), (31.0, 32.0, "rms_norm_kernel")]
+    call2 = [(s + 1000.0, e + 1000.0, n) for s, e, n in call1] + [(1040.0, 1050.0, "Memset (Device)")]
+    got = cm.profile_summary(call2 + call1, reps=2)
+    assert got["span_us"] == 32.0 and got["kernels"] == 4
+    assert got["busy_us"] == 12.0 + 10.0 + 1.0
+    assert got["kernel_sum_us"] == 10.0 + 7.0 + 10.0 + 1.0
+    assert got["by_class_us"] == {"ours_fp8_weight": 10.0, "gemm": 7.0, "attention": 10.0, "other": 1.0}
+    assert [t["name"] for t in got["top"]][:2] == ["void mlx_flash::matmul_wgmma_wa<...>",
+                                                   "cudnn_generated_fort_native_sdpa"]
+    one = cm.profile_summary(call1, reps=1)
+    assert one["span_us"] == 32.0 and one["busy_us"] == 23.0
+    assert cm.kernel_class("Memcpy DtoD (Device -> Device)") == "copy_fill"

@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e|s25a}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -601,11 +601,17 @@ elif [ "$PART" = s24e ]; then
   # then the model prefill with 2, 4 and 8 splits, the from-one-wave sharing off.
   stream_k_gpu_cases 60 "wgmma_wa_stream_k and splits8"
   llama_prefill_timed 150 "s2:2:0,s4:4:0,s8:8:0" matmul_llama_prefill_splits
+elif [ "$PART" = s25a ]; then
+  # Session 25 (issue 15): where a prefill's GPU time goes, kernel by kernel (CUPTI), fp16 beside FP8Linear
+  # (stream-K as set), Llama-8B and -3B shapes at 512 and 2048 tokens (carry .device/mlxlm_full too).
+  step llama_profile 200 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
+    --sections llama_prefill_profile --llama-models llama_8b,llama_3b --llama-prompts 512,2048 \
+    --out "$OUT/matmul_llama_prefill_profile.json"
 elif [ "$PART" = s19c ]; then
   # Session 19: the API's GPU cases and FP8Linear (fp8 layers' prefill now decodes in the kernel).
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c or s24e, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c, s24e or s25a, got $PART" >&2
   exit 2
 fi

@@ -19,6 +19,9 @@ llama:  (opt-in) greedy generation tokens/s of random Llama-3.2-1B/3B-shaped
 llama_prefill: (opt-in) prompt tokens/s of the same models (--llama-models,
         --llama-prompts), fp16 beside FP8Linear with the weight-as-A kernel's
         stream-K off and as set (--llama-sk-variants adds plans), in turn.
+llama_prefill_profile: (opt-in, needs torch) one forward of those models,
+        fp16 and FP8Linear, profiled kernel by kernel (CUPTI): the GPU's busy
+        time, its waits, and the time by kernel class and name.
 decode: M = 1..16 rows times an [N, K] weight (fp8 e4m3 or fp16), GB/s of
         weight bytes read, next to a plain copy's GB/s (bytes read + written)
         measured in the same run; MLX's fp16 matmul of the same shape;
@@ -1388,6 +1391,120 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
         mx.clear_cache()
 
 
+# Kernel classes of a model forward's profile, by the first pattern a
+# kernel's name matches (lower case).
+PROFILE_CLASSES = (("ours_fp8_weight", ("matmul_wgmma_wa", "fp8w", "matmul_gemv")),
+                   ("ours_other", ("mlx_flash", "matmul_wgmma", "attention_")),
+                   ("gemm", ("gemm", "cutlass", "xmma", "sm90_", "cublas")),
+                   ("attention", ("sdpa", "fmha", "flash", "cudnn")),
+                   ("copy_fill", ("memcpy", "memset", "copy")))
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, pats in PROFILE_CLASSES:
+        if any(p in low for p in pats):
+            return cls
+    return "other"
+
+
+def forward_profile(call, torch, reps: int = 2) -> dict:
+    """Where one evaluated call's GPU time goes (CUPTI through torch.profiler,
+    which records MLX's kernels too): `reps` calls, each built, then
+    evaluated and synchronized alone. Per call: the span from the first
+    kernel's start to the last one's end, the union of busy intervals (the
+    rest of the span the GPU waited: host time, launch gaps), the sum of
+    durations (above the busy time where kernels overlapped), the sum by
+    kernel class and the 25 costliest kernel names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    outs = []
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            out = call()
+            mx.synchronize()
+            mx.eval(out)
+            mx.synchronize()
+            outs.append(out)
+    events = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+              if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    return profile_summary(events, reps)
+
+
+def profile_summary(events, reps: int) -> dict:
+    """forward_profile's numbers from (start, end, name) events (us) of `reps`
+    calls run apart in time: the calls are told apart by the reps - 1 widest
+    gaps between busy stretches; the call of the shortest span is kept."""
+    events = sorted(events)
+    ends, gap_at = [], []
+    for i, (s, e, _) in enumerate(events):
+        ends.append(max(e, ends[-1]) if ends else e)
+        if i:
+            gap_at.append((s - ends[i - 1], i))
+    cuts = [0] + sorted(i for _, i in sorted(gap_at)[len(gap_at) - (reps - 1):]) + [len(events)] if reps > 1 \
+        else [0, len(events)]
+    per = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        evs = events[lo:hi]
+        busy, cur_s, cur_e = 0.0, None, None
+        for s, e, _ in evs:
+            if cur_e is None or s > cur_e:
+                busy += 0 if cur_e is None else cur_e - cur_s
+                cur_s, cur_e = s, e
+            else:
+                cur_e = max(cur_e, e)
+        busy += 0 if cur_e is None else cur_e - cur_s
+        classes, names = {}, {}
+        for s, e, n in evs:
+            cls = kernel_class(n)
+            classes[cls] = classes.get(cls, 0.0) + (e - s)
+            c, t = names.get(n[:120], (0, 0.0))
+            names[n[:120]] = (c + 1, t + (e - s))
+        top = sorted(names.items(), key=lambda kv: -kv[1][1])[:25]
+        per.append({"span_us": evs[-1][1] - evs[0][0] if evs else 0.0, "busy_us": busy,
+                    "kernel_sum_us": sum(e - s for s, e, _ in evs), "kernels": len(evs), "by_class_us": classes,
+                    "top": [{"name": n, "count": c, "us": t} for n, (c, t) in top]})
+    return min(per, key=lambda r: r["span_us"])
+
+
+def bench_llama_prefill_profile(rec: Recorder, models=("llama_8b",), prompts=(512, 2048), configs=None):
+    """Where a prefill's GPU time goes: one forward of each model (fp16, and
+    FP8Linear as set) profiled kernel by kernel (forward_profile), so the
+    FP8Linear / fp16 gap of llama_prefill can be put on kernel classes (our
+    fp8-weight products against cuBLAS's, attention, the rest) and on the
+    GPU's waits."""
+    from .. import nn as fnn
+
+    _, torch = _torch()
+    if torch is None:
+        raise RuntimeError("llama_prefill_profile needs torch (its profiler reads CUPTI)")
+    llama, cache_mod = _mlx_lm_llama()
+    configs = LLAMA_CONFIGS if configs is None else configs
+    for name in models:
+        args = llama.ModelArgs.from_dict(configs[name])
+        model16 = llama.Model(args)
+        model16.set_dtype(mx.float16)
+        mx.eval(model16.parameters())
+        model8 = llama.Model(args)
+        model8.update(model16.parameters())
+        fnn.convert_to_fp8(model8)
+        mx.eval(model8.parameters())
+        mx.clear_cache()
+        for p in prompts:
+            toks = mx.random.randint(0, min(1000, args.vocab_size), (1, p), key=mx.random.key(p))
+            mx.eval(toks)
+            for case, model in (("fp16", model16), ("fp8_e4m3", model8)):
+                def call(model=model):
+                    return model(toks, cache=cache_mod.make_prompt_cache(model))[:, -1].astype(mx.float32)
+                mx.eval(call())  # warm
+                rec.add(section="llama_prefill_profile", case=case, model=name, prompt=p,
+                        **forward_profile(call, torch), **gpu_clocks())
+            if CHECKPOINT is not None:
+                CHECKPOINT()
+        del model16, model8
+        mx.clear_cache()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="gemm,decode")
@@ -1478,6 +1595,8 @@ def main(argv=None):
                 "llama_prefill": lambda: bench_llama_prefill(
                     rec, tuple(args.llama_models.split(",")), tuple(int(v) for v in args.llama_prompts.split(",")),
                     variants=sk_variants),
+                "llama_prefill_profile": lambda: bench_llama_prefill_profile(
+                    rec, tuple(args.llama_models.split(",")), tuple(int(v) for v in args.llama_prompts.split(","))),
                 "fp8err": lambda: bench_fp8err(rec, (256,) if args.warm else (4096, 8192), 128 if args.warm else 4096),
                 "fp8speed": lambda: bench_fp8speed(rec, ((256, 256, 256),) if args.warm else
                                                    ((4096, 4096, 8192), (8192, 8192, 8192))),
