@@ -7,6 +7,11 @@ kernel. The fp8 weight and its scale are frozen constants; the layer is
 differentiable with respect to its input (and its bias), so adapters such as
 LoRA train on top of it. `convert_to_fp8(model)` swaps a model's
 `nn.Linear` layers for `FP8Linear` in place.
+
+With `activations="e4m3"` (or "e5m2") a layer also quantizes its input, one
+scale a row (token), in calls of more than COMPILE_MAX_ROWS rows (prefill,
+training batches) and runs fp8 x fp8: on Hopper the native fp8 tensor cores
+at twice the 16-bit rate. Opt-in: the input's rounding to fp8 moves results.
 """
 
 from __future__ import annotations
@@ -47,6 +52,55 @@ if _COMPILE not in ("0", "1"):
 _PATH = os.environ.get("MLX_FLASH_FP8LINEAR_PATH", "direct")
 if _PATH not in ("matmul2d", "direct"):
     raise ValueError(f"MLX_FLASH_FP8LINEAR_PATH must be 'matmul2d' or 'direct', got {_PATH!r}")
+
+
+# Quantized activations (FP8Linear(..., activations=fmt)): taken by calls of
+# more rows than this. Fewer rows (a decode step) read the weight at memory
+# bandwidth with 16-bit activations; quantizing them there would add a kernel
+# a call and buy nothing, so those calls compute as without the option.
+ACT_QUANT_MIN_ROWS = COMPILE_MAX_ROWS + 1
+
+
+def _quantize_activations(x2, fmt):
+    """(codes, scale [rows, 1]) of a 2-D x, one scale a row: fp8.quantize(x2,
+    fmt, axis=0)'s, except that a row holding an inf gets scale +inf (its
+    finite values encode as zeros, its infs as NaN), so its outputs come out
+    non-finite as the 16-bit product's would, not saturated at 448 x scale.
+    On MLX's CUDA backend one kernel (cuda_matmul.quantize_rows, the same
+    bits)."""
+    if mx.default_device() == mx.gpu and cuda_available():
+        return _cuda_matmul().quantize_rows(x2, fmt)
+    codes, scale = fp8.quantize(x2, fmt, axis=0)
+    if x2.size == 0:
+        return codes, scale
+    inf_rows = mx.any(mx.isinf(x2), axis=1, keepdims=True)
+    scale = mx.where(inf_rows, mx.array(float("inf"), mx.float32), scale)
+    codes = mx.where(inf_rows, fp8.encode(x2.astype(mx.float32) / scale, fmt), codes)
+    return codes, scale
+
+
+@functools.lru_cache(maxsize=None)
+def _act_quant_function(fmt: str, act_fmt: str):
+    """x [rows, K] -> (q(x) @ (decode(W) * scale)^T) in x's dtype, q(x) =
+    decode(encode(x / s)) * s with s a row's amax / max_finite(act_fmt): fp8 x
+    fp8 through matmul2d with fast_accumulation (native fp8 wgmma on Hopper:
+    sums promoted to fp32 every 128 K; exact elsewhere). Its vjp is the
+    16-bit layer's (straight through the activations' rounding), so adapters
+    train on it as on the plain layer."""
+
+    @mx.custom_function
+    def linear(x, weight, scale):
+        codes, xs = _quantize_activations(x, act_fmt)
+        return matmul2d(codes, weight, a_fmt=act_fmt, b_fmt=fmt, a_scale=xs, b_scale=scale.reshape(1, -1),
+                        transpose_b=True, out_dtype=x.dtype, fast_accumulation=True)
+
+    @linear.vjp
+    def linear_vjp(primals, cotangent, output):
+        x, weight, scale = primals
+        _, (dx,) = mx.vjp(lambda x: _forward(x, weight, scale, None, fmt), [x], [cotangent])
+        return dx, mx.zeros_like(weight), mx.zeros_like(scale)
+
+    return linear
 
 
 def _forward(x, weight, scale, bias, fmt):
@@ -151,17 +205,26 @@ class FP8Linear(nn.Module):
       bias: whether the layer has a (trainable, float) bias.
       fmt: "e4m3" (default) or "e5m2".
       per_channel: one scale per output channel (default) or one per tensor.
+      activations: None (default: the input stays as it is) or an fp8
+        format ("e4m3", "e5m2"): calls of more than COMPILE_MAX_ROWS rows
+        quantize the input to it, one scale a row (amax / max finite), and
+        compute fp8 x fp8 (on Hopper the native fp8 tensor cores, sums
+        promoted to fp32 every 128 K). The rounding of the input moves the
+        result (e4m3: ~2^-4 of an element, relative); calls of fewer rows
+        (decode steps) compute as without it. Gradients pass straight
+        through the rounding.
 
     A new layer starts from `nn.Linear`'s initialisation, quantised; use
     `FP8Linear.from_linear` to convert a trained layer.
     """
 
     def __init__(self, input_dims: int, output_dims: int, bias: bool = True, fmt: str = "e4m3",
-                 per_channel: bool = True):
+                 per_channel: bool = True, activations=None):
         super().__init__()
         bound = math.sqrt(1.0 / input_dims)
         w = mx.random.uniform(-bound, bound, (output_dims, input_dims))
         self.fmt = fmt
+        self.activations = _check_activations(activations)
         self.weight, self.scale = self._quantize(w, fmt, per_channel)
         if bias:
             self.bias = mx.random.uniform(-bound, bound, (output_dims,))
@@ -173,7 +236,8 @@ class FP8Linear(nn.Module):
         return data, scale.reshape(-1, 1)  # [out, 1] or [1, 1]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str = "e4m3", per_channel: bool = True) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, fmt: str = "e4m3", per_channel: bool = True,
+                    activations=None) -> "FP8Linear":
         """An FP8Linear holding `linear`'s weight in fp8 (its bias as is)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an mlx.nn.Linear, got {type(linear).__name__}")
@@ -181,6 +245,7 @@ class FP8Linear(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.fmt = fmt
+        layer.activations = _check_activations(activations)
         layer.weight, layer.scale = cls._quantize(linear.weight, fmt, per_channel)
         if "bias" in linear:
             layer.bias = linear.bias
@@ -200,12 +265,18 @@ class FP8Linear(nn.Module):
 
     def _extra_repr(self) -> str:
         out_dims, in_dims = self.weight.shape
-        return f"input_dims={in_dims}, output_dims={out_dims}, bias={'bias' in self}, fmt={self.fmt}"
+        act = f", activations={self.activations}" if self.activations else ""
+        return f"input_dims={in_dims}, output_dims={out_dims}, bias={'bias' in self}, fmt={self.fmt}{act}"
 
     def __call__(self, x: mx.array) -> mx.array:
         # Module is a dict: item access skips Module.__getattr__ (~0.5 us a read).
         bias = self["bias"] if "bias" in self else None
         weight, scale = self["weight"], self["scale"]
+        act = self.activations
+        if act is not None and x.ndim and x.shape[-1] and x.size // x.shape[-1] >= ACT_QUANT_MIN_ROWS:
+            y = _act_quant_function(self.fmt, act)(x.reshape(-1, x.shape[-1]), weight, scale)
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+            return y if bias is None else y + bias.astype(y.dtype)
         if _PATH == "direct":
             device = mx.default_device()
             if device == mx.gpu and cuda_available() and _direct_takes(x, weight):
@@ -221,16 +292,24 @@ class FP8Linear(nn.Module):
         return _forward(x, weight, scale, bias, self.fmt)
 
 
-def convert_to_fp8(model: nn.Module, fmt: str = "e4m3", per_channel: bool = True, predicate=None) -> nn.Module:
+def _check_activations(activations):
+    if activations is not None and activations not in fp8.FP8_FORMATS:
+        raise ValueError(f"activations: expected None or one of {sorted(fp8.FP8_FORMATS)}, got {activations!r}")
+    return activations
+
+
+def convert_to_fp8(model: nn.Module, fmt: str = "e4m3", per_channel: bool = True, predicate=None,
+                   activations=None) -> nn.Module:
     """Replace `model`'s `nn.Linear` layers with `FP8Linear`, in place.
 
     `predicate(path, module) -> bool` picks which Linear layers to convert
-    (default: all). Returns the model.
+    (default: all); `activations` as FP8Linear's. Returns the model.
     """
+    _check_activations(activations)
 
     def convert(path, module):
         if isinstance(module, nn.Linear) and (predicate is None or predicate(path, module)):
-            return FP8Linear.from_linear(module, fmt=fmt, per_channel=per_channel)
+            return FP8Linear.from_linear(module, fmt=fmt, per_channel=per_channel, activations=activations)
         return module
 
     leaves = tree_map_with_path(convert, model.leaf_modules(), is_leaf=nn.Module.is_module)

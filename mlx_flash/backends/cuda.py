@@ -83,6 +83,7 @@ _KERNEL_ROOTS = {
     "matmul_wgmma_wa": ("matmul_wgmma_wa.cuh",),
     "matmul_wgmma_wa_sk": ("matmul_wgmma_wa_sk.cuh",),
     "matmul_gemv": ("matmul_gemv.cuh",),
+    "fp8_quantize_rows": ("fp8_quantize_rows.cuh",),
     # flash_attention_quantized (cuda_quant.py)
     "attention_quant_fwd": ("attention_quant.cuh",),
     "attention_quant_bwd": ("attention_quant.cuh",),

@@ -935,3 +935,30 @@ def linear_few_rows(x, weight, scale, fmt: str, stream=None, plan=None):
                     output_shapes=[x.shape[:-1] + (N,)], output_dtypes=[x.dtype], init_value=POISON,
                     stream=stream)
     return out
+
+
+def quantize_rows(x, fmt: str, stream=None):
+    """fp8.quantize(x, fmt, axis=0) of a 2-D float x [rows, K] as one kernel
+    (cuda_src/fp8_quantize_rows.cuh, one block a row): (codes uint8 [rows, K],
+    scale float32 [rows, 1]), the same bits. FP8Linear's quantized
+    activations; fp8.quantize's MLX ops are ~20 kernels over the activations."""
+    from .. import fp8
+
+    if x.ndim != 2 or x.dtype not in (mx.float16, mx.bfloat16, mx.float32):
+        raise ValueError(f"x: expected a 2-D float32/float16/bfloat16 array, got {x.ndim}-D {x.dtype}")
+    rows, K = x.shape
+    if rows == 0 or K == 0:
+        return fp8.quantize(x, fmt, axis=0)
+    _, mbits, bias, max_code, has_inf = fp8._format(fmt)
+    import struct
+
+    max_bits = struct.unpack("<i", struct.pack("<f", fp8.max_finite(fmt)))[0]
+    kernel = _kernel_object("fp8_quantize_rows", ("x", "ip"), ("codes", "scale"), 0)
+    codes, scale = kernel(
+        inputs=[x, _params((K, max_bits))],
+        template=[("T", x.dtype), ("MB", mbits), ("BIAS", bias), ("MAXCODE", max_code), ("HASINF", has_inf)],
+        grid=(rows * 256, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(rows, K), (rows, 1)], output_dtypes=[mx.uint8, mx.float32], init_value=POISON,
+        stream=stream,
+    )
+    return codes, scale

@@ -1321,7 +1321,10 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
     median of `rounds`; the fp8 cases' last-token logits checked against
     each other (stream-K only reorders a tile's sums). `variants`: (name,
     splits, waves) each, one more case "fp8_e4m3_sk_<name>" with stream-K on,
-    cuda_matmul.WA_SK_SPLITS = splits and WA_SK_WAVES = waves."""
+    cuda_matmul.WA_SK_SPLITS = splits and WA_SK_WAVES = waves.
+    "fp8_e4m3_act_e4m3": the same layers with activations="e4m3" (the input
+    quantized a token at a time, fp8 x fp8 on the native fp8 tensor cores;
+    moves the logits, so its row's max_abs_logit_diff_vs_fp16 says by how much)."""
     from .. import nn as fnn
     from ..backends import cuda_matmul as cm
 
@@ -1336,24 +1339,30 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
         model8.update(model16.parameters())
         fnn.convert_to_fp8(model8)
         mx.eval(model8.parameters())
+        fp8_layers = [m for _, m in model8.named_modules() if isinstance(m, fnn.FP8Linear)]
         mx.clear_cache()
         for p in prompts:
             toks = mx.random.randint(0, min(1000, args.vocab_size), (1, p), key=mx.random.key(p))
             mx.eval(toks)
 
-            def forward(model, sk, splits=None, waves=None):
+            def forward(model, sk, splits=None, waves=None, act=None):
                 old = cm.WA_SK, cm.WA_SK_SPLITS, cm.WA_SK_WAVES
                 cm.WA_SK = sk
                 cm.WA_SK_SPLITS = old[1] if splits is None else splits
                 cm.WA_SK_WAVES = old[2] if waves is None else waves
+                for layer in fp8_layers:
+                    layer.activations = act
                 try:
                     cache = cache_mod.make_prompt_cache(model)
                     return model(toks, cache=cache)[:, -1].astype(mx.float32)
                 finally:
                     cm.WA_SK, cm.WA_SK_SPLITS, cm.WA_SK_WAVES = old
+                    for layer in fp8_layers:
+                        layer.activations = None
 
             cases = {"fp16": lambda: forward(model16, cm.WA_SK), "fp8_e4m3": lambda: forward(model8, False),
-                     "fp8_e4m3_stream_k": lambda: forward(model8, True)}
+                     "fp8_e4m3_stream_k": lambda: forward(model8, True),
+                     "fp8_e4m3_act_e4m3": lambda: forward(model8, cm.WA_SK, act="e4m3")}
             for vname, splits, waves in variants:
                 cases[f"fp8_e4m3_sk_{vname}"] = functools.partial(forward, model8, True, splits, waves)
             last = {}

@@ -87,6 +87,7 @@ inline float __uint_as_float(unsigned u) {
 }
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }  // IEEE division, as the device's
 
 // Progress of the block: every synchronisation point a thread reaches counts
 // one, so that an emulated spin-wait (hopper_emu.cuh: mbarriers, named

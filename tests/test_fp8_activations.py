@@ -1,0 +1,225 @@
+"""FP8Linear with quantized activations (activations="e4m3" / "e5m2"): the
+row-wise quantization (MLX ops on the CPU, one CUDA kernel on MLX's CUDA
+backend, run here through the CUDA emulation on the very source the wrapper
+hands MLX) bit for bit against a NumPy float32 reference, and the layer
+against float64 of the quantized input times the dequantized weight; few-row
+calls untouched, gradients straight through, NaN and inf rows, bad options."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_flash import fp8
+from mlx_flash import nn as fnn
+from mlx_flash.nn import FP8Linear, convert_to_fp8
+
+from cuda_emu import harness
+from helpers import rng
+
+GPU = pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="no CUDA GPU visible to MLX")
+
+
+def _rows(gen, rows, K, dtype, specials=True):
+    """Random rows on different scales; with specials the first rows hold a
+    zero row, a NaN, an inf, and one large value over tiny ones (codes in the
+    subnormal range after scaling)."""
+    x = gen.standard_normal((rows, K)).astype(np.float32) * np.exp2(gen.integers(-12, 12, (rows, 1)))
+    if specials and rows >= 4:
+        x[0] = 0.0
+        x[1, gen.integers(K)] = np.nan
+        x[2, gen.integers(K)] = -np.inf
+        x[3] *= 1e-6
+        x[3, gen.integers(K)] = 50.0
+    return mx.array(x).astype(dtype)
+
+
+def _reference_quantize(x, fmt):
+    """codes, scale of a row-wise quantization in NumPy float32 (scale =
+    amax of the finite |x| / max_finite, 1 for no finite nonzero value, inf
+    for a row holding an inf); the codes through fp8.encode of x / scale."""
+    x32 = np.array(x.astype(mx.float32), dtype=np.float32)
+    mag = np.where(np.isfinite(x32), np.abs(x32), np.float32(0))
+    amax = mag.max(axis=1, keepdims=True)
+    scale = np.where(amax > 0, amax / np.float32(fp8.max_finite(fmt)), np.float32(1)).astype(np.float32)
+    scale = np.where(np.isinf(x32).any(axis=1, keepdims=True), np.float32(np.inf), scale).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        codes = np.array(fp8.encode(mx.array(x32 / scale), fmt))
+    return codes, scale
+
+
+@pytest.mark.usefixtures("cpu_default_device")
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_quantize_activations_on_mlx_ops_matches_numpy(fmt, dtype):
+    gen = rng("act-quant-ops", fmt, str(dtype))
+    x = _rows(gen, 9, 113, dtype)
+    codes, scale = fnn._quantize_activations(x, fmt)
+    ref_codes, ref_scale = _reference_quantize(x, fmt)
+    assert codes.dtype == mx.uint8 and scale.dtype == mx.float32 and scale.shape == (9, 1)
+    np.testing.assert_array_equal(np.array(scale), ref_scale)
+    np.testing.assert_array_equal(np.array(codes), ref_codes)
+
+
+@pytest.mark.usefixtures("cpu_default_device")
+@pytest.mark.skipif(harness.unavailable_reason() is not None,
+                    reason=f"CUDA emulation unavailable: {harness.unavailable_reason()}")
+@pytest.mark.parametrize("rows,K", [(1, 1), (5, 17), (6, 113), (4, 1023), (2, 300)])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_quantize_rows_kernel_emulated(rows, K, fmt, dtype, monkeypatch):
+    """cuda_src/fp8_quantize_rows.cuh, the same bits as the MLX-ops form,
+    outputs poisoned (NaN: codes 0xFF / a NaN scale where unwritten)."""
+    from mlx_flash.backends import cuda_matmul
+
+    monkeypatch.setattr(cuda_matmul, "POISON", float("nan"))
+    gen = rng("act-quant-emu", rows, K, fmt, str(dtype))
+    x = _rows(gen, rows, K, dtype)
+    with harness.patched_cuda_kernel():
+        codes, scale = cuda_matmul.quantize_rows(x, fmt, stream=mx.cpu)
+        mx.eval(codes, scale)
+    ref_codes, ref_scale = _reference_quantize(x, fmt)
+    np.testing.assert_array_equal(np.array(scale), ref_scale)
+    np.testing.assert_array_equal(np.array(codes), ref_codes)
+
+
+def _act_reference(layer, x, fmt):
+    """float64 of q(x) @ (decode(W) * scale)^T + bias, q(x) the quantized rows."""
+    codes, scale = _reference_quantize(x, fmt)
+    table = fp8.decode_table(fmt).astype(np.float64)
+    q = table[codes] * scale.astype(np.float64)
+    w = np.array(layer.dequantized_weight(mx.float32), dtype=np.float64)
+    ref = q @ w.T
+    mag = np.abs(q) @ np.abs(w).T
+    if "bias" in layer:
+        bias = np.array(layer.bias.astype(mx.float32), dtype=np.float64)
+        ref, mag = ref + bias, mag + np.abs(bias)
+    return ref, mag
+
+
+def _check_layer(layer, x, act):
+    y = layer(x)
+    mx.eval(y)
+    ref, mag = _act_reference(layer, x.reshape(-1, x.shape[-1]), act)
+    got = np.array(y.astype(mx.float32), dtype=np.float64).reshape(ref.shape)
+    # fp32 sums (on Hopper promoted every 128 K), the product rounded to x's
+    # dtype, the bias added in it
+    unit = {mx.float16: 2.0 ** -11, mx.bfloat16: 2.0 ** -8, mx.float32: 2.0 ** -22}[x.dtype]
+    bound = (2 * unit + x.shape[-1] * 2.0 ** -23) * mag + 1e-30
+    finite = np.isfinite(ref)
+    assert np.all(np.abs(got - ref)[finite] <= bound[finite]), np.max((np.abs(got - ref) / bound)[finite])
+    return got, ref
+
+
+@pytest.mark.usefixtures("cpu_default_device")
+@pytest.mark.parametrize("act", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("shape", [(17, 64), (2, 60, 113), (1023, 48)])
+def test_layer_with_quantized_activations_matches_float64(act, dtype, shape):
+    gen = rng("act-layer", act, str(dtype), shape)
+    layer = FP8Linear.from_linear(nn.Linear(shape[-1], 37), activations=act)
+    x = _rows(gen, int(np.prod(shape[:-1])), shape[-1], dtype, specials=False).reshape(shape)
+    _check_layer(layer, x, act)
+    assert layer(x).shape == shape[:-1] + (37,) and layer(x).dtype == dtype
+    # the input's rounding moves the result: not the 16-bit layer's values
+    plain = FP8Linear.from_linear(nn.Linear(shape[-1], 37))
+    plain.update(layer.parameters())
+    assert not np.array_equal(np.array(plain(x).astype(mx.float32)), np.array(layer(x).astype(mx.float32)))
+
+
+@pytest.mark.usefixtures("cpu_default_device")
+def test_few_rows_and_gradients_are_the_16_bit_layers():
+    """Calls of at most COMPILE_MAX_ROWS rows compute as without the option
+    (bit for bit); from ACT_QUANT_MIN_ROWS rows the gradients (input, bias)
+    are the 16-bit layer's: straight through the rounding."""
+    gen = rng("act-grad")
+    base = nn.Linear(96, 40)
+    quant = FP8Linear.from_linear(base, activations="e4m3")
+    plain = FP8Linear.from_linear(base)
+    for rows in (1, fnn.COMPILE_MAX_ROWS):
+        x = _rows(gen, rows, 96, mx.float16, specials=False)
+        assert np.array_equal(np.array(quant(x).astype(mx.float32)), np.array(plain(x).astype(mx.float32))), rows
+    x = _rows(gen, fnn.ACT_QUANT_MIN_ROWS, 96, mx.float16, specials=False)
+
+    def loss(model, inp):
+        return mx.sum(model(inp).astype(mx.float32) ** 2)
+
+    cot = mx.array(gen.standard_normal((x.shape[0], 40)).astype(np.float32))
+    _, (gq,) = mx.vjp(lambda inp: quant(inp).astype(mx.float32), [x], [cot])
+    _, (gp,) = mx.vjp(lambda inp: plain(inp).astype(mx.float32), [x], [cot])
+    np.testing.assert_array_equal(np.array(gq), np.array(gp))
+    grads = nn.value_and_grad(quant, loss)(quant, x)[1]
+    assert set(grads) == {"bias"} and np.all(np.isfinite(np.array(grads["bias"])))
+
+
+@pytest.mark.usefixtures("cpu_default_device")
+def test_nan_and_inf_rows_stay_non_finite():
+    """A row holding a NaN or an inf gives non-finite outputs (never a
+    number saturated at 448 x scale); the other rows are untouched."""
+    gen = rng("act-nonfinite")
+    layer = FP8Linear.from_linear(nn.Linear(64, 24), activations="e4m3")
+    x = np.array(_rows(gen, 20, 64, mx.float32, specials=False))
+    x[3, 7] = np.nan
+    x[5, 9] = np.inf
+    y = np.array(layer(mx.array(x).astype(mx.float16)).astype(mx.float32))
+    assert np.all(~np.isfinite(y[[3, 5]]))
+    others = np.delete(np.arange(20), [3, 5])
+    assert np.all(np.isfinite(y[others]))
+    clean = np.array(layer(mx.array(x[others]).astype(mx.float16)).astype(mx.float32))
+    np.testing.assert_array_equal(y[others], clean)
+
+
+def test_bad_activation_format_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="activations: expected None or one of"):
+        FP8Linear(8, 4, activations="fp16")
+    with pytest.raises(ValueError, match="activations"):
+        FP8Linear.from_linear(nn.Linear(8, 4), activations="int8")
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="activations"):
+        convert_to_fp8(model, activations=True)
+    assert isinstance(model.layers[0], nn.Linear)  # nothing converted
+    convert_to_fp8(model, activations="e5m2")
+    assert model.layers[0].activations == "e5m2" and "activations=e5m2" in repr(model.layers[0])
+
+
+@GPU
+@pytest.mark.parametrize("rows,K", [(1, 1), (7, 17), (300, 1000), (2048, 4096)])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_cuda_quantize_rows_matches_numpy(rows, K, fmt, dtype):
+    from mlx_flash.backends import cuda_matmul
+
+    old = cuda_matmul.POISON
+    cuda_matmul.POISON = float("nan")
+    try:
+        gen = rng("act-quant-gpu", rows, K, fmt, str(dtype))
+        x = _rows(gen, rows, K, dtype)
+        with mx.stream(mx.gpu):
+            codes, scale = cuda_matmul.quantize_rows(x, fmt)
+            mx.eval(codes, scale)
+    finally:
+        cuda_matmul.POISON = old
+    ref_codes, ref_scale = _reference_quantize(x, fmt)
+    np.testing.assert_array_equal(np.array(scale), ref_scale)
+    np.testing.assert_array_equal(np.array(codes), ref_codes)
+
+
+@GPU
+@pytest.mark.parametrize("rows,K,N", [(17, 64, 40), (300, 1000, 129), (1023, 4096, 520)])
+@pytest.mark.parametrize("act", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_cuda_layer_with_quantized_activations_matches_float64(rows, K, N, act, dtype):
+    """On the GPU (Hopper: native fp8 wgmma, promoted every 128 K), kernels'
+    outputs poisoned."""
+    from mlx_flash.backends import cuda_matmul
+
+    old = cuda_matmul.POISON
+    cuda_matmul.POISON = float("nan")
+    try:
+        gen = rng("act-layer-gpu", rows, K, N, act, str(dtype))
+        with mx.stream(mx.gpu):
+            layer = FP8Linear.from_linear(nn.Linear(K, N), activations=act)
+            x = _rows(gen, rows, K, dtype, specials=False)
+            _check_layer(layer, x, act)
+    finally:
+        cuda_matmul.POISON = old
