@@ -1403,6 +1403,7 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
 # Kernel classes of a model forward's profile, by the first pattern a
 # kernel's name matches (lower case).
 PROFILE_CLASSES = (("ours_fp8_weight", ("matmul_wgmma_wa", "fp8w", "matmul_gemv")),
+                   ("ours_quantize", ("quantize_rows",)),
                    ("ours_other", ("mlx_flash", "matmul_wgmma", "attention_")),
                    ("gemm", ("gemm", "cutlass", "xmma", "sm90_", "cublas")),
                    ("attention", ("sdpa", "fmha", "flash", "cudnn")),
@@ -1477,8 +1478,8 @@ def profile_summary(events, reps: int) -> dict:
 
 
 def bench_llama_prefill_profile(rec: Recorder, models=("llama_8b",), prompts=(512, 2048), configs=None):
-    """Where a prefill's GPU time goes: one forward of each model (fp16, and
-    FP8Linear as set) profiled kernel by kernel (forward_profile), so the
+    """Where a prefill's GPU time goes: one forward of each model (fp16,
+    FP8Linear as set, and FP8Linear with activations="e4m3") profiled kernel by kernel (forward_profile), so the
     FP8Linear / fp16 gap of llama_prefill can be put on kernel classes (our
     fp8-weight products against cuBLAS's, attention, the rest) and on the
     GPU's waits."""
@@ -1502,12 +1503,20 @@ def bench_llama_prefill_profile(rec: Recorder, models=("llama_8b",), prompts=(51
         for p in prompts:
             toks = mx.random.randint(0, min(1000, args.vocab_size), (1, p), key=mx.random.key(p))
             mx.eval(toks)
-            for case, model in (("fp16", model16), ("fp8_e4m3", model8)):
+            fp8_layers = [m for _, m in model8.named_modules() if isinstance(m, fnn.FP8Linear)]
+            for case, model, act in (("fp16", model16, None), ("fp8_e4m3", model8, None),
+                                     ("fp8_e4m3_act_e4m3", model8, "e4m3")):
                 def call(model=model):
                     return model(toks, cache=cache_mod.make_prompt_cache(model))[:, -1].astype(mx.float32)
-                mx.eval(call())  # warm
-                rec.add(section="llama_prefill_profile", case=case, model=name, prompt=p,
-                        **forward_profile(call, torch), **gpu_clocks())
+                for layer in fp8_layers:
+                    layer.activations = act
+                try:
+                    mx.eval(call())  # warm
+                    rec.add(section="llama_prefill_profile", case=case, model=name, prompt=p,
+                            **forward_profile(call, torch), **gpu_clocks())
+                finally:
+                    for layer in fp8_layers:
+                        layer.activations = None
             if CHECKPOINT is not None:
                 CHECKPOINT()
         del model16, model8
