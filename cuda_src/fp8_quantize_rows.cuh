@@ -45,21 +45,44 @@ __device__ __forceinline__ uint8_t fp8_encode_scaled(float v) {
 }
 
 // One block (QR_THREADS threads) a row of x [rows][K]: codes [rows][K], scale [rows].
+// VEC values a load: 16 bytes of x (8 halves, 4 floats) and VEC codes a
+// store where K is a multiple of VEC (the wrapper's choice; rows then start
+// 16-byte aligned), else 1. In session 25's first form (one value a load) the
+// kernel took 27 us at 2048 x 4096 fp16 on an H100, ~1 TB/s.
 constexpr int QR_THREADS = 256;
 
-template <typename T, int MB, int BIAS, int MAXCODE, bool HASINF>
+template <typename T, int VEC>
+__device__ __forceinline__ void qr_load(const T* p, float (&v)[VEC]) {
+  if constexpr (VEC == 1) {
+    v[0] = to_float(p[0]);
+  } else {
+    static_assert(VEC * sizeof(T) == 16, "16 bytes a load");
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* t = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = to_float(t[j]);
+  }
+}
+
+template <typename T, int VEC, int MB, int BIAS, int MAXCODE, bool HASINF>
 __device__ void fp8_quantize_rows(const T* x, const int* ip, uint8_t* codes, float* scale) {
   const int K = ip[0];
   const float max_finite = __int_as_float(ip[1]);
   const int row = blockIdx.x;
   const int tid = threadIdx.x;
   const T* xr = x + static_cast<int64_t>(row) * K;
+  const int chunks = K / VEC;
   float amax = 0.0f;
   int inf_seen = 0;
-  for (int k = tid; k < K; k += QR_THREADS) {
-    const unsigned bits = __float_as_uint(to_float(xr[k])) & 0x7fffffffu;
-    if (bits < 0x7f800000u) amax = fmaxf(amax, __uint_as_float(bits));  // finite values only
-    inf_seen |= bits == 0x7f800000u;
+  for (int c = tid; c < chunks; c += QR_THREADS) {
+    float v[VEC];
+    qr_load<T, VEC>(xr + c * VEC, v);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const unsigned bits = __float_as_uint(v[j]) & 0x7fffffffu;
+      if (bits < 0x7f800000u) amax = fmaxf(amax, __uint_as_float(bits));  // finite values only
+      inf_seen |= bits == 0x7f800000u;
+    }
   }
   inf_seen = __syncthreads_or(inf_seen);
 #pragma unroll
@@ -73,8 +96,26 @@ __device__ void fp8_quantize_rows(const T* x, const int* ip, uint8_t* codes, flo
   const float s = inf_seen ? __uint_as_float(0x7f800000u) : (amax > 0.0f ? __fdiv_rn(amax, max_finite) : 1.0f);
   if (tid == 0) scale[row] = s;
   uint8_t* cr = codes + static_cast<int64_t>(row) * K;
-  for (int k = tid; k < K; k += QR_THREADS) {
-    cr[k] = fp8_encode_scaled<MB, BIAS, MAXCODE, HASINF>(__fdiv_rn(to_float(xr[k]), s));
+  for (int c = tid; c < chunks; c += QR_THREADS) {
+    float v[VEC];
+    qr_load<T, VEC>(xr + c * VEC, v);
+    if constexpr (VEC == 1) {
+      cr[c] = fp8_encode_scaled<MB, BIAS, MAXCODE, HASINF>(__fdiv_rn(v[0], s));
+    } else {
+      unsigned words[VEC / 4];
+#pragma unroll
+      for (int w = 0; w < VEC / 4; ++w) {
+        unsigned word = 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          word |= static_cast<unsigned>(fp8_encode_scaled<MB, BIAS, MAXCODE, HASINF>(__fdiv_rn(v[4 * w + j], s)))
+                  << (8 * j);
+        }
+        words[w] = word;
+      }
+#pragma unroll
+      for (int w = 0; w < VEC / 4; ++w) reinterpret_cast<unsigned*>(cr + c * VEC)[w] = words[w];
+    }
   }
 }
 

@@ -73,12 +73,13 @@ def test_quantize_activations_on_mlx_ops_matches_numpy(fmt, dtype):
 @pytest.mark.usefixtures("cpu_default_device")
 @pytest.mark.skipif(harness.unavailable_reason() is not None,
                     reason=f"CUDA emulation unavailable: {harness.unavailable_reason()}")
-@pytest.mark.parametrize("rows,K", [(1, 1), (5, 17), (6, 113), (4, 1023), (2, 300)])
+@pytest.mark.parametrize("rows,K", [(1, 1), (5, 17), (6, 113), (4, 1023), (2, 300), (5, 2056), (4, 24)])
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
 def test_quantize_rows_kernel_emulated(rows, K, fmt, dtype, monkeypatch):
     """cuda_src/fp8_quantize_rows.cuh, the same bits as the MLX-ops form,
-    outputs poisoned (NaN: codes 0xFF / a NaN scale where unwritten)."""
+    outputs poisoned (NaN: codes 0xFF / a NaN scale where unwritten); K a
+    multiple of the 16-byte load (300 for float32, 2056 and 24) and not."""
     from mlx_flash.backends import cuda_matmul
 
     monkeypatch.setattr(cuda_matmul, "POISON", float("nan"))
@@ -192,7 +193,7 @@ def test_bad_activation_format_is_an_error_naming_it():
 
 
 @GPU
-@pytest.mark.parametrize("rows,K", [(1, 1), (7, 17), (300, 1000), (2048, 4096)])
+@pytest.mark.parametrize("rows,K", [(1, 1), (7, 17), (5, 100), (300, 1000), (2048, 4096)])
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_cuda_quantize_rows_matches_numpy(rows, K, fmt, dtype):

@@ -953,10 +953,12 @@ def quantize_rows(x, fmt: str, stream=None):
     import struct
 
     max_bits = struct.unpack("<i", struct.pack("<f", fp8.max_finite(fmt)))[0]
+    vec = 16 // x.dtype.size  # 16-byte loads where rows are whole loads (rows then start aligned)
+    vec = vec if K % vec == 0 else 1
     kernel = _kernel_object("fp8_quantize_rows", ("x", "ip"), ("codes", "scale"), 0)
     codes, scale = kernel(
         inputs=[x, _params((K, max_bits))],
-        template=[("T", x.dtype), ("MB", mbits), ("BIAS", bias), ("MAXCODE", max_code), ("HASINF", has_inf)],
+        template=[("T", x.dtype), ("VEC", vec), ("MB", mbits), ("BIAS", bias), ("MAXCODE", max_code), ("HASINF", has_inf)],
         grid=(rows * 256, 1, 1), threadgroup=(256, 1, 1),
         output_shapes=[(rows, K), (rows, 1)], output_dtypes=[mx.uint8, mx.float32], init_value=POISON,
         stream=stream,
