@@ -1,1 +1,1 @@
-mlx_flash::fp8_quantize_rows<T, VEC, MB, BIAS, MAXCODE, HASINF>(x, ip, codes, scale);
+mlx_flash::fp8_quantize_rows<T, VEC, FMT>(x, ip, codes, scale);

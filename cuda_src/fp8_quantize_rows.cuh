@@ -1,54 +1,28 @@
-// Rows of x quantized to fp8 codes, one scale a row: for row r,
-// scale[r] = amax / max_finite (amax over the row's finite |x|; 1 where no
-// finite value is nonzero; +inf where the row holds an inf, so the row's
-// products come out non-finite instead of saturated) and codes[r][k] =
-// encode(x[r][k] / scale[r]). The same arithmetic as mlx_flash.nn's
-// _quantize_activations on MLX ops (fp8.quantize's, plus the inf rule),
-// step for step (round to nearest even on the float32 bit pattern, subnormals
-// by adding 2^23, saturating finite values; NaN to the format's NaN, inf to
-// e5m2's inf or e4m3's largest finite value), so the codes and scales are
-// those bits exactly. FP8Linear's activations (activations="e4m3") go through
-// this before the native fp8 product: one block a row, two passes over the
-// row (the second from L1/L2), where fp8.quantize is ~20 MLX kernels.
-// Template: T (x's type), EB/MB/BIAS/MAXCODE/HASINF the format (fp8._format).
+// Rows of x quantized to fp8 codes, one scale a row (FP8Linear's quantized
+// activations): for row r, with amax the largest finite |x| of the row,
+//   scale[r] = amax / max_finite and codes[r][k] = cvt(x[r][k] * (max_finite / amax)),
+// cvt the hardware's round-to-nearest-even, saturating conversion
+// (cvt.rn.satfinite.e4m3x2.f32 / e5m2x2: finite values beyond the format's
+// range become its largest, NaN its NaN). A row whose finite values are all
+// zero gets scale 1 and factor 1; a row holding an inf gets scale +inf and
+// factor 0 (its finite values encode as zeros, its infs as NaN), so its
+// products come out non-finite instead of saturated. mlx_flash.nn's
+// _quantize_activations computes the same on MLX ops (fp8.encode is that
+// conversion wherever its input is finite).
+// One block a row, two passes over the row (the second from L1/L2), 16 bytes
+// of x a load where K allows. Session 25 on an H100 at 2048 x 4096 fp16: the
+// first form (one value a load, an IEEE division and the bit-by-bit encode of
+// fp8.encode per value) took 27 us; 16-byte loads 24 us; this form's one
+// multiply and half a conversion instruction a value is what is left.
+// Template: T (x's type), VEC (values a load: 16 bytes' worth, or 1), FMT (1 e4m3, 2 e5m2).
 #pragma once
+
+#include <cuda_fp8.h>
 
 #include "attention_common.cuh"
 
 namespace mlx_flash {
 
-template <int MB, int BIAS, int MAXCODE, bool HASINF>
-__device__ __forceinline__ uint8_t fp8_encode_scaled(float v) {
-  const unsigned bits = __float_as_uint(v);
-  const unsigned sign = (bits >> 24) & 0x80u;
-  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
-  const bool inf = (bits & 0x7fffffffu) == 0x7f800000u;
-  float mag = __uint_as_float(bits & 0x7fffffffu);
-  mag = nan ? 0.0f : (mag < 1e30f ? mag : 1e30f);
-  constexpr int SHIFT = 23 - MB;
-  const unsigned u = __float_as_uint(mag);
-  const unsigned rounded = (u + ((1u << (SHIFT - 1)) - 1u) + ((u >> SHIFT) & 1u)) >> SHIFT;
-  const int normal_code = static_cast<int>(rounded) - ((127 - BIAS) << MB);
-  // 2^(1 - BIAS - MB): the smallest subnormal; mag / quantum is exact.
-  const float inv_quantum = __uint_as_float(static_cast<unsigned>(127 - (1 - BIAS - MB)) << 23);
-  const float sub = (mag * inv_quantum + 8388608.0f) - 8388608.0f;
-  const float min_normal = __uint_as_float(static_cast<unsigned>(127 + 1 - BIAS) << 23);
-  int code = mag < min_normal ? static_cast<int>(sub) : normal_code;
-  code = code < 0 ? 0 : (code > MAXCODE ? MAXCODE : code);
-  if (HASINF) {
-    code = inf ? MAXCODE + 1 : code;
-    code = nan ? MAXCODE + 3 : code;
-  } else {
-    code = nan ? 0x7F : code;
-  }
-  return static_cast<uint8_t>(code | sign);
-}
-
-// One block (QR_THREADS threads) a row of x [rows][K]: codes [rows][K], scale [rows].
-// VEC values a load: 16 bytes of x (8 halves, 4 floats) and VEC codes a
-// store where K is a multiple of VEC (the wrapper's choice; rows then start
-// 16-byte aligned), else 1. In session 25's first form (one value a load) the
-// kernel took 27 us at 2048 x 4096 fp16 on an H100, ~1 TB/s.
 constexpr int QR_THREADS = 256;
 
 template <typename T, int VEC>
@@ -64,8 +38,9 @@ __device__ __forceinline__ void qr_load(const T* p, float (&v)[VEC]) {
   }
 }
 
-template <typename T, int VEC, int MB, int BIAS, int MAXCODE, bool HASINF>
+template <typename T, int VEC, int FMT>
 __device__ void fp8_quantize_rows(const T* x, const int* ip, uint8_t* codes, float* scale) {
+  constexpr __nv_fp8_interpretation_t KIND = FMT == 1 ? __NV_E4M3 : __NV_E5M2;
   const int K = ip[0];
   const float max_finite = __int_as_float(ip[1]);
   const int row = blockIdx.x;
@@ -93,28 +68,24 @@ __device__ void fp8_quantize_rows(const T* x, const int* ip, uint8_t* codes, flo
   amax = warp_max[0];
 #pragma unroll
   for (int w = 1; w < QR_THREADS / 32; ++w) amax = fmaxf(amax, warp_max[w]);
-  const float s = inf_seen ? __uint_as_float(0x7f800000u) : (amax > 0.0f ? __fdiv_rn(amax, max_finite) : 1.0f);
+  const bool some = amax > 0.0f;
+  const float s = inf_seen ? __uint_as_float(0x7f800000u) : (some ? __fdiv_rn(amax, max_finite) : 1.0f);
+  const float f = inf_seen ? 0.0f : (some ? __fdiv_rn(max_finite, amax) : 1.0f);
   if (tid == 0) scale[row] = s;
   uint8_t* cr = codes + static_cast<int64_t>(row) * K;
   for (int c = tid; c < chunks; c += QR_THREADS) {
     float v[VEC];
     qr_load<T, VEC>(xr + c * VEC, v);
     if constexpr (VEC == 1) {
-      cr[c] = fp8_encode_scaled<MB, BIAS, MAXCODE, HASINF>(__fdiv_rn(v[0], s));
+      cr[c] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(v[0] * f, __NV_SATFINITE, KIND));
     } else {
-      unsigned words[VEC / 4];
 #pragma unroll
       for (int w = 0; w < VEC / 4; ++w) {
-        unsigned word = 0;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          word |= static_cast<unsigned>(fp8_encode_scaled<MB, BIAS, MAXCODE, HASINF>(__fdiv_rn(v[4 * w + j], s)))
-                  << (8 * j);
-        }
-        words[w] = word;
+        const unsigned lo = __nv_cvt_float2_to_fp8x2(make_float2(v[4 * w] * f, v[4 * w + 1] * f), __NV_SATFINITE, KIND);
+        const unsigned hi = __nv_cvt_float2_to_fp8x2(make_float2(v[4 * w + 2] * f, v[4 * w + 3] * f), __NV_SATFINITE,
+                                                     KIND);
+        reinterpret_cast<unsigned*>(cr + c * VEC)[w] = (lo & 0xffffu) | (hi << 16);
       }
-#pragma unroll
-      for (int w = 0; w < VEC / 4; ++w) reinterpret_cast<unsigned*>(cr + c * VEC)[w] = words[w];
     }
   }
 }

@@ -62,21 +62,27 @@ ACT_QUANT_MIN_ROWS = COMPILE_MAX_ROWS + 1
 
 
 def _quantize_activations(x2, fmt):
-    """(codes, scale [rows, 1]) of a 2-D x, one scale a row: fp8.quantize(x2,
-    fmt, axis=0)'s, except that a row holding an inf gets scale +inf (its
-    finite values encode as zeros, its infs as NaN), so its outputs come out
-    non-finite as the 16-bit product's would, not saturated at 448 x scale.
-    On MLX's CUDA backend one kernel (cuda_matmul.quantize_rows, the same
-    bits)."""
+    """(codes, scale [rows, 1]) of a 2-D x, one scale a row: with amax the
+    largest finite |x| of a row, scale = amax / max_finite(fmt) and codes =
+    fp8.encode(x * (max_finite / amax)) (a multiply, not fp8.quantize's
+    division: the CUDA kernel's one instruction a value). A row with no
+    finite nonzero value gets scale 1; a row holding an inf scale +inf and
+    factor 0 (finite values encode as zeros, infs as NaN), so its outputs
+    come out non-finite as the 16-bit product's would, not saturated at 448 x
+    scale. On MLX's CUDA backend one kernel (cuda_matmul.quantize_rows, the
+    same bits)."""
     if mx.default_device() == mx.gpu and cuda_available():
         return _cuda_matmul().quantize_rows(x2, fmt)
-    codes, scale = fp8.quantize(x2, fmt, axis=0)
     if x2.size == 0:
-        return codes, scale
-    inf_rows = mx.any(mx.isinf(x2), axis=1, keepdims=True)
-    scale = mx.where(inf_rows, mx.array(float("inf"), mx.float32), scale)
-    codes = mx.where(inf_rows, fp8.encode(x2.astype(mx.float32) / scale, fmt), codes)
-    return codes, scale
+        return fp8.quantize(x2, fmt, axis=0)
+    x32 = x2.astype(mx.float32)
+    top = mx.array(fp8.max_finite(fmt), mx.float32)
+    amax = mx.max(mx.where(mx.isfinite(x32), mx.abs(x32), 0.0), axis=1, keepdims=True)
+    inf_rows = mx.any(mx.isinf(x32), axis=1, keepdims=True)
+    some = amax > 0
+    scale = mx.where(inf_rows, mx.array(float("inf"), mx.float32), mx.where(some, amax / top, 1.0))
+    factor = mx.where(inf_rows, 0.0, mx.where(some, top / mx.where(some, amax, 1.0), 1.0))
+    return fp8.encode(x32 * factor, fmt), scale.astype(mx.float32)
 
 
 @functools.lru_cache(maxsize=None)

@@ -44,17 +44,21 @@ def _same_codes(got, want, fmt):
 
 
 def _reference_quantize(x, fmt):
-    """codes, scale of a row-wise quantization in NumPy float32 (scale =
-    amax of the finite |x| / max_finite, 1 for no finite nonzero value, inf
-    for a row holding an inf); the codes through fp8.encode of x / scale."""
+    """codes, scale of a row-wise quantization in NumPy float32: amax the
+    largest finite |x|, scale = amax / max_finite (1 for no finite nonzero
+    value, inf for a row holding an inf), codes fp8.encode of x times
+    max_finite / amax (0 for an inf row, 1 for an empty one)."""
     x32 = np.array(x.astype(mx.float32), dtype=np.float32)
+    top = np.float32(fp8.max_finite(fmt))
     mag = np.where(np.isfinite(x32), np.abs(x32), np.float32(0))
     amax = mag.max(axis=1, keepdims=True)
-    scale = np.where(amax > 0, amax / np.float32(fp8.max_finite(fmt)), np.float32(1)).astype(np.float32)
-    scale = np.where(np.isinf(x32).any(axis=1, keepdims=True), np.float32(np.inf), scale).astype(np.float32)
+    inf_rows = np.isinf(x32).any(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        scale = np.where(inf_rows, np.float32(np.inf), np.where(amax > 0, amax / top, np.float32(1)))
+        factor = np.where(inf_rows, np.float32(0), np.where(amax > 0, top / amax, np.float32(1)))
     with np.errstate(invalid="ignore"):
-        codes = np.array(fp8.encode(mx.array(x32 / scale), fmt))
-    return codes, scale
+        codes = np.array(fp8.encode(mx.array((x32 * factor.astype(np.float32)).astype(np.float32)), fmt))
+    return codes, scale.astype(np.float32)
 
 
 @pytest.mark.usefixtures("cpu_default_device")

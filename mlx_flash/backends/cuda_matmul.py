@@ -938,10 +938,10 @@ def linear_few_rows(x, weight, scale, fmt: str, stream=None, plan=None):
 
 
 def quantize_rows(x, fmt: str, stream=None):
-    """fp8.quantize(x, fmt, axis=0) of a 2-D float x [rows, K] as one kernel
-    (cuda_src/fp8_quantize_rows.cuh, one block a row): (codes uint8 [rows, K],
-    scale float32 [rows, 1]), the same bits. FP8Linear's quantized
-    activations; fp8.quantize's MLX ops are ~20 kernels over the activations."""
+    """FP8Linear's quantized activations of a 2-D float x [rows, K] as one
+    kernel (cuda_src/fp8_quantize_rows.cuh, one block a row): (codes uint8
+    [rows, K], scale float32 [rows, 1]), the bits of nn._quantize_activations
+    on MLX ops (~20 kernels over the activations there)."""
     from .. import fp8
 
     if x.ndim != 2 or x.dtype not in (mx.float16, mx.bfloat16, mx.float32):
@@ -949,7 +949,6 @@ def quantize_rows(x, fmt: str, stream=None):
     rows, K = x.shape
     if rows == 0 or K == 0:
         return fp8.quantize(x, fmt, axis=0)
-    _, mbits, bias, max_code, has_inf = fp8._format(fmt)
     import struct
 
     max_bits = struct.unpack("<i", struct.pack("<f", fp8.max_finite(fmt)))[0]
@@ -958,7 +957,7 @@ def quantize_rows(x, fmt: str, stream=None):
     kernel = _kernel_object("fp8_quantize_rows", ("x", "ip"), ("codes", "scale"), 0)
     codes, scale = kernel(
         inputs=[x, _params((K, max_bits))],
-        template=[("T", x.dtype), ("VEC", vec), ("MB", mbits), ("BIAS", bias), ("MAXCODE", max_code), ("HASINF", has_inf)],
+        template=[("T", x.dtype), ("VEC", vec), ("FMT", _FMT_CODE[fmt])],
         grid=(rows * 256, 1, 1), threadgroup=(256, 1, 1),
         output_shapes=[(rows, K), (rows, 1)], output_dtypes=[mx.uint8, mx.float32], init_value=POISON,
         stream=stream,
