@@ -249,17 +249,18 @@ class MlxLmPatch:
         return False
 
 
-def convert_model_to_fp8(model, fmt: str = "e4m3"):
+def convert_model_to_fp8(model, fmt: str = "e4m3", activations=None):
     """Swap an mlx-lm model's `nn.Linear` layers for `FP8Linear`, in place.
 
     Layers the model keeps unquantized (its `quant_predicate`, e.g. MoE
-    routers) stay as they are. Returns the model.
+    routers) stay as they are. `activations` as FP8Linear's (None, or an fp8
+    format: prefill and training calls quantize their input). Returns the model.
     """
     from .nn import convert_to_fp8
 
     keep = getattr(model, "quant_predicate", None)
     predicate = None if keep is None else (lambda path, module: bool(keep(path, module)))
-    return convert_to_fp8(model, fmt=fmt, predicate=predicate)
+    return convert_to_fp8(model, fmt=fmt, predicate=predicate, activations=activations)
 
 
 def _converting_to_fp8(load_model: Callable) -> Callable:

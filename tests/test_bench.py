@@ -404,8 +404,9 @@ def test_cuda_matmul_bench_llama_prefill_on_the_cpu():
 
 
 def test_cuda_matmul_plot_draws_the_panels_a_run_holds(tmp_path):
-    """A targets-only run plots its wall and GPU-time panels, a prefill run its ratios to MLX; a run with nothing
-    to plot is an error naming the file."""
+    """A targets-only run plots its wall and GPU-time panels, a prefill run its ratios to MLX, a model run its
+    ratios to the fp16 model and its profile's kernel classes; a run with nothing to plot is an error naming
+    the file."""
     import json
 
     pytest.importorskip("matplotlib")
@@ -421,6 +422,14 @@ def test_cuda_matmul_plot_draws_the_panels_a_run_holds(tmp_path):
     path = tmp_path / "prefill.json"
     path.write_text(json.dumps({"card": "H100", "mlx": "0", "time": "t", "rows": prefill}))
     assert cm.plot(str(path)).endswith("prefill.png") and (tmp_path / "prefill.png").stat().st_size > 1000
+    model = [dict(section="llama_prefill", model="llama_8b", prompt=p, case=c, vs_fp16=v)
+             for p in (512, 2048) for c, v in (("fp16", 1.0), ("fp8_e4m3", 0.9), ("fp8_e4m3_act_e4m3", 0.95))]
+    model += [dict(section="llama_prefill_profile", model="llama_8b", prompt=512, case=c, busy_us=900.0,
+                   by_class_us=classes) for c, classes in (("fp16", {"gemm": 800.0, "other": 150.0}),
+                                                           ("fp8_e4m3", {"ours_fp8_weight": 850.0, "other": 150.0}))]
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({"card": "H100", "mlx": "0", "time": "t", "rows": model}))
+    assert cm.plot(str(path)).endswith("model.png") and (tmp_path / "model.png").stat().st_size > 1000
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"card": "H100", "mlx": "0", "time": "t", "rows": [{"section": "device"}]}))
     with pytest.raises(ValueError, match="empty.json"):

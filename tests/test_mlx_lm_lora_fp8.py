@@ -108,3 +108,32 @@ def test_fp8_layers_know_lora_only_while_patched():
     with mlx_flash.patch_mlx_lm():
         assert hasattr(FP8Linear, "to_lora")
     assert not hasattr(FP8Linear, "to_lora")
+
+
+def test_lora_over_fp8_with_quantized_activations_trains():
+    """convert_model_to_fp8(activations="e4m3"): the training batch's fp8
+    layers quantize their input (fp8 x fp8 matmul2d calls), the loss stays
+    near the 16-bit-activation model's, and only the adapters get
+    gradients, finite ones (straight through the rounding)."""
+    model = mlx_flash.convert_model_to_fp8(build("llama"), activations="e4m3")
+    plain = mlx_flash.convert_model_to_fp8(build("llama"))
+    plain.update(model.parameters())
+    assert all(m.activations == "e4m3" for _, m in model.named_modules() if isinstance(m, FP8Linear))
+    with mlx_flash.patch_mlx_lm():
+        _with_lora(model, plain)
+        batch, lengths = tokens(21, batch=2), mx.array([[0, 20], [0, 15]])
+        loss_and_grad = lambda m: nn.value_and_grad(m, lambda *a: default_loss(m, *a)[0])  # noqa: E731
+        calls = []
+        original = fnn.matmul2d
+        fnn.matmul2d = lambda *a, **kw: calls.append(kw.get("a_fmt")) or original(*a, **kw)
+        try:
+            loss, grads = loss_and_grad(model)(batch, lengths)
+            mx.eval(loss, grads)
+        finally:
+            fnn.matmul2d = original
+        plain_loss, _ = loss_and_grad(plain)(batch, lengths)
+    assert "e4m3" in calls  # 42 rows a call: the input quantized
+    assert abs(loss.item() - plain_loss.item()) < 0.05 * abs(plain_loss.item())
+    flat = dict(tree_flatten(grads))
+    assert flat and all(k.endswith(("lora_a", "lora_b")) for k in flat)
+    assert all(bool(mx.all(mx.isfinite(g)).item()) for g in flat.values())

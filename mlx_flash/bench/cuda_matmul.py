@@ -1006,6 +1006,19 @@ def _bars(ax, rows, key, label_of, title, ylabel):
     ax.legend()
 
 
+def _grouped(ax, rows, group_of, case_of, key):
+    """Bars of rows[key], grouped by group_of, one colour per case_of."""
+    labels = list(dict.fromkeys(group_of(r) for r in rows))
+    cases = list(dict.fromkeys(case_of(r) for r in rows))
+    width = 0.8 / max(1, len(cases))
+    for i, c in enumerate(cases):
+        vals = {group_of(r): r[key] for r in rows if case_of(r) == c}
+        ax.bar([j + i * width for j in range(len(labels))], [vals.get(lab, 0) for lab in labels], width, label=c)
+    ax.set_xticks([j + width * (len(cases) - 1) / 2 for j in range(len(labels))], labels, rotation=35,
+                  ha="right", fontsize=8)
+    ax.legend(fontsize=7)
+
+
 def plot(path: str) -> str:
     """The panels a run holds: gemm and targets TFLOP/s per case and size
     (targets: by wall with the queue full, and by GPU time through CUPTI),
@@ -1023,11 +1036,15 @@ def plot(path: str) -> str:
     targets = [r for r in rows if r.get("section") == "targets" and "tflops" in r]
     dec = [r for r in rows if r.get("section") == "decode"]
     prefill = [r for r in rows if r.get("section") == "prefill_ratio"]
+    model = [r for r in rows if r.get("section") == "llama_prefill" and "vs_fp16" in r and r["case"] != "fp16"]
+    profile = [r for r in rows if r.get("section") == "llama_prefill_profile" and "by_class_us" in r]
     panels = [p for p, got in (("gemm", gemm), ("targets", targets), ("targets_gpu", [r for r in targets
                                                                                         if "gpu_tflops" in r]),
-                               ("decode", dec), ("prefill", prefill)) if got]
+                               ("decode", dec), ("prefill", prefill), ("llama_prefill", model),
+                               ("llama_prefill_profile", profile)) if got]
     if not panels:
-        raise ValueError(f"{path}: no gemm, targets, decode or prefill rows to plot")
+        raise ValueError(f"{path}: no gemm, targets, decode, prefill, llama_prefill or llama_prefill_profile rows "
+                         "to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "gemm":
@@ -1051,6 +1068,24 @@ def plot(path: str) -> str:
         elif panel == "targets_gpu":
             _bars(ax, [r for r in targets if "gpu_tflops" in r], "gpu_tflops", lambda r: r["case"],
                   "issue 15's products, GPU time (CUPTI)", "TFLOP/s")
+        elif panel == "llama_prefill":
+            _grouped(ax, model, lambda r: f'{r["model"]} {r["prompt"]}', lambda r: r["case"], "vs_fp16")
+            ax.axhline(1.0, color="k", lw=0.8, ls="--")
+            ax.set_ylabel("prompt tokens/s / the fp16 model's (> 1: faster)")
+            ax.set_title("mlx-lm Llama prefill, FP8Linear cases vs fp16")
+        elif panel == "llama_prefill_profile":
+            classes = sorted({c for r in profile for c in r["by_class_us"]})
+            labels = [f'{r["model"]} {r["prompt"]} {r["case"]}' for r in profile]
+            bottom = [0.0] * len(profile)
+            for cls in classes:
+                vals = [r["by_class_us"].get(cls, 0.0) / 1e3 for r in profile]
+                ax.bar(range(len(profile)), vals, 0.7, bottom=bottom, label=cls)
+                bottom = [b + v for b, v in zip(bottom, vals)]
+            ax.plot(range(len(profile)), [r["busy_us"] / 1e3 for r in profile], "k_", ms=20, label="GPU busy")
+            ax.set_xticks(range(len(profile)), labels, rotation=35, ha="right", fontsize=7)
+            ax.set_ylabel("ms of kernel time a forward")
+            ax.set_title("prefill forward, kernel time by class (CUPTI)")
+            ax.legend(fontsize=7)
         else:
             labels = list(dict.fromkeys(f'M={r["M"]} {r["K"]}x{r["N"]}' for r in dec))
             name = lambda r: r["case"] + (f'@{r["plan"]}' if r.get("plan") else "")  # noqa: E731
