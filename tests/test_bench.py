@@ -506,3 +506,7 @@ def test_cuda_matmul_bench_profile_summary_splits_calls_and_finds_the_waits():
     one = cm.profile_summary(call1, reps=1)
     assert one["span_us"] == 32.0 and one["busy_us"] == 23.0
     assert cm.kernel_class("Memcpy DtoD (Device -> Device)") == "copy_fill"
+    assert cm.kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert cm.kernel_class("nvjet_sm90_hsh_128x256_64x4_2x1_v_bz_coopA_TNN") == "gemm"
+    assert cm.kernel_class("custom_kernel_mlx_flash_fp8_quantize_rows_float16_t_8_1") == "ours_quantize"
+    assert cm.kernel_class("custom_kernel_mlx_flash_matmul_wgmma_ws_uint8_t_uint8_t_float16_t") == "ours_other"
