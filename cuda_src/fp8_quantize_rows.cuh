@@ -1,6 +1,7 @@
 // Rows of x quantized to fp8 codes, one scale a row (FP8Linear's quantized
 // activations): for row r, with amax the largest finite |x| of the row,
-//   scale[r] = amax / max_finite and codes[r][k] = cvt(x[r][k] * (max_finite / amax)),
+//   scale[r] = amax / max_finite and codes[r][k] = cvt(x[r][k] * (max_finite / amax))
+// (below amax 2^-64, x and amax first times 2^64, the scale times 2^-64),
 // cvt the hardware's round-to-nearest-even, saturating conversion
 // (cvt.rn.satfinite.e4m3x2.f32 / e5m2x2: finite values beyond the format's
 // range become its largest, NaN its NaN). A row whose finite values are all
@@ -69,21 +70,29 @@ __device__ void fp8_quantize_rows(const T* x, const int* ip, uint8_t* codes, flo
 #pragma unroll
   for (int w = 1; w < QR_THREADS / 32; ++w) amax = fmaxf(amax, warp_max[w]);
   const bool some = amax > 0.0f;
-  const float s = inf_seen ? __uint_as_float(0x7f800000u) : (some ? __fdiv_rn(amax, max_finite) : 1.0f);
-  const float f = inf_seen ? 0.0f : (some ? __fdiv_rn(max_finite, amax) : 1.0f);
+  // Rows whose amax is below 2^-64 (float32 inputs only) are first multiplied
+  // by 2^64 (exact), so max_finite / amax cannot overflow to inf (an inf factor
+  // would make the row's zeros NaN); the scale takes the 2^-64 back.
+  const bool tiny = amax < __uint_as_float(0x1f800000u);
+  const float pre = tiny ? __uint_as_float(0x5f800000u) : 1.0f;
+  const float a2 = amax * pre;
+  const float s = inf_seen ? __uint_as_float(0x7f800000u)
+                           : (some ? __fdiv_rn(a2, max_finite) * (tiny ? __uint_as_float(0x1f800000u) : 1.0f) : 1.0f);
+  const float f = inf_seen ? 0.0f : (some ? __fdiv_rn(max_finite, a2) : 1.0f);
   if (tid == 0) scale[row] = s;
   uint8_t* cr = codes + static_cast<int64_t>(row) * K;
   for (int c = tid; c < chunks; c += QR_THREADS) {
     float v[VEC];
     qr_load<T, VEC>(xr + c * VEC, v);
     if constexpr (VEC == 1) {
-      cr[c] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(v[0] * f, __NV_SATFINITE, KIND));
+      cr[c] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(v[0] * pre * f, __NV_SATFINITE, KIND));
     } else {
 #pragma unroll
       for (int w = 0; w < VEC / 4; ++w) {
-        const unsigned lo = __nv_cvt_float2_to_fp8x2(make_float2(v[4 * w] * f, v[4 * w + 1] * f), __NV_SATFINITE, KIND);
-        const unsigned hi = __nv_cvt_float2_to_fp8x2(make_float2(v[4 * w + 2] * f, v[4 * w + 3] * f), __NV_SATFINITE,
-                                                     KIND);
+        const float f0 = v[4 * w] * pre * f, f1 = v[4 * w + 1] * pre * f;
+        const float f2 = v[4 * w + 2] * pre * f, f3 = v[4 * w + 3] * pre * f;
+        const unsigned lo = __nv_cvt_float2_to_fp8x2(make_float2(f0, f1), __NV_SATFINITE, KIND);
+        const unsigned hi = __nv_cvt_float2_to_fp8x2(make_float2(f2, f3), __NV_SATFINITE, KIND);
         reinterpret_cast<unsigned*>(cr + c * VEC)[w] = (lo & 0xffffu) | (hi << 16);
       }
     }

@@ -21,6 +21,7 @@ import math
 import os
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
@@ -65,7 +66,8 @@ def _quantize_activations(x2, fmt):
     """(codes, scale [rows, 1]) of a 2-D x, one scale a row: with amax the
     largest finite |x| of a row, scale = amax / max_finite(fmt) and codes =
     fp8.encode(x * (max_finite / amax)) (a multiply, not fp8.quantize's
-    division: the CUDA kernel's one instruction a value). A row with no
+    division: the CUDA kernel's one instruction a value; rows of amax below
+    2^-64 scaled by 2^64 first). A row with no
     finite nonzero value gets scale 1; a row holding an inf scale +inf and
     factor 0 (finite values encode as zeros, infs as NaN), so its outputs
     come out non-finite as the 16-bit product's would, not saturated at 448 x
@@ -80,15 +82,21 @@ def _quantize_activations(x2, fmt):
     amax = mx.max(mx.where(mx.isfinite(x32), mx.abs(x32), 0.0), axis=1, keepdims=True)
     inf_rows = mx.any(mx.isinf(x32), axis=1, keepdims=True)
     some = amax > 0
-    scale = mx.where(inf_rows, mx.array(float("inf"), mx.float32), mx.where(some, amax / top, 1.0))
-    factor = mx.where(inf_rows, 0.0, mx.where(some, top / mx.where(some, amax, 1.0), 1.0))
-    return fp8.encode(x32 * factor, fmt), scale.astype(mx.float32)
+    # Below 2^-64 (float32 inputs) the row and amax are first times 2^64
+    # (exact): top / amax could overflow to inf, and an inf factor makes zeros NaN.
+    tiny = amax < np.float32(2.0 ** -64)
+    pre = mx.where(tiny, np.float32(2.0 ** 64), np.float32(1.0))
+    a2 = amax * pre
+    scale = mx.where(some, (a2 / top) * mx.where(tiny, np.float32(2.0 ** -64), np.float32(1.0)), 1.0)
+    scale = mx.where(inf_rows, mx.array(float("inf"), mx.float32), scale)
+    factor = mx.where(inf_rows, 0.0, mx.where(some, top / mx.where(some, a2, 1.0), 1.0))
+    return fp8.encode((x32 * pre) * factor, fmt), scale.astype(mx.float32)
 
 
 @functools.lru_cache(maxsize=None)
 def _act_quant_function(fmt: str, act_fmt: str):
-    """x [rows, K] -> (q(x) @ (decode(W) * scale)^T) in x's dtype, q(x) =
-    decode(encode(x / s)) * s with s a row's amax / max_finite(act_fmt): fp8 x
+    """x [rows, K] -> (q(x) @ (decode(W) * scale)^T) in x's dtype, q(x) the
+    rows quantized by _quantize_activations (codes times the row's scale): fp8 x
     fp8 through matmul2d with fast_accumulation (native fp8 wgmma on Hopper:
     sums promoted to fp32 every 128 K; exact elsewhere). Its vjp is the
     16-bit layer's (straight through the activations' rounding), so adapters

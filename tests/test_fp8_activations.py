@@ -22,8 +22,9 @@ GPU = pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()), r
 
 def _rows(gen, rows, K, dtype, specials=True):
     """Random rows on different scales; with specials the first rows hold a
-    zero row, a NaN, an inf, and one large value over tiny ones (codes in the
-    subnormal range after scaling)."""
+    zero row, a NaN, an inf, one large value over tiny ones (codes in the
+    subnormal range after scaling), and a row of float32 subnormals and zeros
+    (zero in 16-bit types)."""
     x = gen.standard_normal((rows, K)).astype(np.float32) * np.exp2(gen.integers(-12, 12, (rows, 1)))
     if specials and rows >= 4:
         x[0] = 0.0
@@ -31,6 +32,9 @@ def _rows(gen, rows, K, dtype, specials=True):
         x[2, gen.integers(K)] = -np.inf
         x[3] *= 1e-6
         x[3, gen.integers(K)] = 50.0
+    if specials and rows >= 5:  # float32 only: below 2^-64, subnormals among them, and zeros
+        x[4] = gen.standard_normal(K).astype(np.float32) * np.float32(1e-39)
+        x[4, ::3] = 0.0
     return mx.array(x).astype(dtype)
 
 
@@ -53,11 +57,15 @@ def _reference_quantize(x, fmt):
     mag = np.where(np.isfinite(x32), np.abs(x32), np.float32(0))
     amax = mag.max(axis=1, keepdims=True)
     inf_rows = np.isinf(x32).any(axis=1, keepdims=True)
+    tiny = amax < np.float32(2.0 ** -64)  # scaled by 2^64 first (exact)
+    pre = np.where(tiny, np.float32(2.0 ** 64), np.float32(1)).astype(np.float32)
+    a2 = (amax * pre).astype(np.float32)
     with np.errstate(divide="ignore"):
-        scale = np.where(inf_rows, np.float32(np.inf), np.where(amax > 0, amax / top, np.float32(1)))
-        factor = np.where(inf_rows, np.float32(0), np.where(amax > 0, top / amax, np.float32(1)))
+        scale = np.where(amax > 0, (a2 / top) * np.where(tiny, np.float32(2.0 ** -64), np.float32(1)), np.float32(1))
+        scale = np.where(inf_rows, np.float32(np.inf), scale).astype(np.float32)
+        factor = np.where(inf_rows, np.float32(0), np.where(amax > 0, top / a2, np.float32(1))).astype(np.float32)
     with np.errstate(invalid="ignore"):
-        codes = np.array(fp8.encode(mx.array((x32 * factor.astype(np.float32)).astype(np.float32)), fmt))
+        codes = np.array(fp8.encode(mx.array(((x32 * pre) * factor).astype(np.float32)), fmt))
     return codes, scale.astype(np.float32)
 
 
@@ -164,6 +172,21 @@ def test_few_rows_and_gradients_are_the_16_bit_layers():
     np.testing.assert_array_equal(np.array(gq), np.array(gp))
     grads = nn.value_and_grad(quant, loss)(quant, x)[1]
     assert set(grads) == {"bias"} and np.all(np.isfinite(np.array(grads["bias"])))
+
+
+@pytest.mark.usefixtures("cpu_default_device")
+def test_tiny_rows_give_numbers():
+    """float32 rows whose largest value is a subnormal: finite codes (no
+    NaN from an overflowed factor times a zero) and outputs within the
+    float64 reference's bound."""
+    gen = rng("act-tiny")
+    layer = FP8Linear.from_linear(nn.Linear(64, 24), activations="e4m3")
+    x = (gen.standard_normal((20, 64)) * np.exp2(gen.integers(-149, -60, (20, 1)))).astype(np.float32)
+    x[:, ::4] = 0.0
+    codes, scale = fnn._quantize_activations(mx.array(x), "e4m3")
+    assert not np.any((np.array(codes) & 0x7F) == 0x7F) and np.all(np.isfinite(np.array(scale)))
+    got, _ = _check_layer(layer, mx.array(x), "e4m3")
+    assert np.all(np.isfinite(got))
 
 
 @pytest.mark.usefixtures("cpu_default_device")
