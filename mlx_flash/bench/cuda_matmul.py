@@ -55,6 +55,7 @@ path) and prints one JSON line per measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -1340,6 +1341,35 @@ def bench_llama(rec: Recorder, models=("llama_1b", "llama_3b"), prompt: int = 12
         mx.clear_cache()
 
 
+def _llama_pair(llama, args):
+    """A random-weight mlx-lm Llama in fp16 and the same weights with every
+    nn.Linear as FP8Linear (e4m3, per-channel scales), and the FP8Linear layers
+    (whose `activations` the cases switch)."""
+    from .. import nn as fnn
+
+    model16 = llama.Model(args)
+    model16.set_dtype(mx.float16)
+    mx.eval(model16.parameters())
+    model8 = llama.Model(args)
+    model8.update(model16.parameters())
+    fnn.convert_to_fp8(model8)
+    mx.eval(model8.parameters())
+    mx.clear_cache()
+    return model16, model8, [m for _, m in model8.named_modules() if isinstance(m, fnn.FP8Linear)]
+
+
+@contextlib.contextmanager
+def _activations(layers, act):
+    """The FP8Linear layers with activations=act inside the block, None after."""
+    for layer in layers:
+        layer.activations = act
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.activations = None
+
+
 def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024, 2048), rounds: int = 5,
                         configs=None, variants=()):
     """Prompt tokens/s of a random-weight mlx-lm Llama: the fp16 model beside
@@ -1360,22 +1390,13 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
     "fp8_e4m3_act_e4m3": the same layers with activations="e4m3" (the input
     quantized a token at a time, fp8 x fp8 on the native fp8 tensor cores;
     moves the logits, so its row's max_abs_logit_diff_vs_fp16 says by how much)."""
-    from .. import nn as fnn
     from ..backends import cuda_matmul as cm
 
     llama, cache_mod = _mlx_lm_llama()
     configs = LLAMA_CONFIGS if configs is None else configs
     for name in models:
-        args = llama.ModelArgs.from_dict(configs[name])
-        model16 = llama.Model(args)
-        model16.set_dtype(mx.float16)
-        mx.eval(model16.parameters())
-        model8 = llama.Model(args)
-        model8.update(model16.parameters())
-        fnn.convert_to_fp8(model8)
-        mx.eval(model8.parameters())
-        fp8_layers = [m for _, m in model8.named_modules() if isinstance(m, fnn.FP8Linear)]
-        mx.clear_cache()
+        model16, model8, fp8_layers = _llama_pair(llama, llama.ModelArgs.from_dict(configs[name]))
+        args = model16.args
         for p in prompts:
             toks = mx.random.randint(0, min(1000, args.vocab_size), (1, p), key=mx.random.key(p))
             mx.eval(toks)
@@ -1385,15 +1406,12 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
                 cm.WA_SK = sk
                 cm.WA_SK_SPLITS = old[1] if splits is None else splits
                 cm.WA_SK_WAVES = old[2] if waves is None else waves
-                for layer in fp8_layers:
-                    layer.activations = act
                 try:
-                    cache = cache_mod.make_prompt_cache(model)
-                    return model(toks, cache=cache)[:, -1].astype(mx.float32)
+                    with _activations(fp8_layers, act):
+                        cache = cache_mod.make_prompt_cache(model)
+                        return model(toks, cache=cache)[:, -1].astype(mx.float32)
                 finally:
                     cm.WA_SK, cm.WA_SK_SPLITS, cm.WA_SK_WAVES = old
-                    for layer in fp8_layers:
-                        layer.activations = None
 
             cases = {"fp16": lambda: forward(model16, cm.WA_SK), "fp8_e4m3": lambda: forward(model8, False),
                      "fp8_e4m3_stream_k": lambda: forward(model8, True),
@@ -1522,40 +1540,24 @@ def bench_llama_prefill_profile(rec: Recorder, models=("llama_8b",), prompts=(51
     FP8Linear / fp16 gap of llama_prefill can be put on kernel classes (our
     fp8-weight products against cuBLAS's, attention, the rest) and on the
     GPU's waits."""
-    from .. import nn as fnn
-
     _, torch = _torch()
     if torch is None:
         raise RuntimeError("llama_prefill_profile needs torch (its profiler reads CUPTI)")
     llama, cache_mod = _mlx_lm_llama()
     configs = LLAMA_CONFIGS if configs is None else configs
     for name in models:
-        args = llama.ModelArgs.from_dict(configs[name])
-        model16 = llama.Model(args)
-        model16.set_dtype(mx.float16)
-        mx.eval(model16.parameters())
-        model8 = llama.Model(args)
-        model8.update(model16.parameters())
-        fnn.convert_to_fp8(model8)
-        mx.eval(model8.parameters())
-        mx.clear_cache()
+        model16, model8, fp8_layers = _llama_pair(llama, llama.ModelArgs.from_dict(configs[name]))
         for p in prompts:
-            toks = mx.random.randint(0, min(1000, args.vocab_size), (1, p), key=mx.random.key(p))
+            toks = mx.random.randint(0, min(1000, model16.args.vocab_size), (1, p), key=mx.random.key(p))
             mx.eval(toks)
-            fp8_layers = [m for _, m in model8.named_modules() if isinstance(m, fnn.FP8Linear)]
             for case, model, act in (("fp16", model16, None), ("fp8_e4m3", model8, None),
                                      ("fp8_e4m3_act_e4m3", model8, "e4m3")):
                 def call(model=model):
                     return model(toks, cache=cache_mod.make_prompt_cache(model))[:, -1].astype(mx.float32)
-                for layer in fp8_layers:
-                    layer.activations = act
-                try:
+                with _activations(fp8_layers, act):
                     mx.eval(call())  # warm
                     rec.add(section="llama_prefill_profile", case=case, model=name, prompt=p,
                             **forward_profile(call, torch), **gpu_clocks())
-                finally:
-                    for layer in fp8_layers:
-                        layer.activations = None
             if CHECKPOINT is not None:
                 CHECKPOINT()
         del model16, model8
