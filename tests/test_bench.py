@@ -510,3 +510,34 @@ def test_cuda_matmul_bench_profile_summary_splits_calls_and_finds_the_waits():
     assert cm.kernel_class("nvjet_sm90_hsh_128x256_64x4_2x1_v_bz_coopA_TNN") == "gemm"
     assert cm.kernel_class("custom_kernel_mlx_flash_fp8_quantize_rows_float16_t_8_1") == "ours_quantize"
     assert cm.kernel_class("custom_kernel_mlx_flash_matmul_wgmma_ws_uint8_t_uint8_t_float16_t") == "ours_other"
+
+
+def test_cuda_matmul_bench_llama_prefill_profile_cases_on_the_cpu(monkeypatch):
+    """The llama_prefill_profile section's cases on a two-layer Llama where
+    there is no GPU (the profiler stubbed: torch is an optional extra): fp16,
+    FP8Linear, and FP8Linear with quantized activations, each forward a
+    different model's (the activations switched on for its case only)."""
+    cm = pytest.importorskip("mlx_flash.bench.cuda_matmul")
+    try:
+        cm._mlx_lm_llama()
+    except ImportError:
+        pytest.skip("mlx_lm is not importable")
+    from mlx_flash.bench.cuda import Recorder
+
+    outs = []
+
+    def fake_profile(call, torch, reps=2):
+        outs.append(call())
+        return {"span_us": 1.0, "busy_us": 1.0, "kernel_sum_us": 1.0, "kernels": 1, "by_class_us": {}, "top": []}
+
+    monkeypatch.setattr(cm, "_torch", lambda: (None, object()))
+    monkeypatch.setattr(cm, "forward_profile", fake_profile)
+    tiny = dict(cm.LLAMA_CONFIGS["llama_1b"], hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=300)
+    rec = Recorder()
+    cm.bench_llama_prefill_profile(rec, ("tiny",), (17,), configs={"tiny": tiny})
+    assert [r["case"] for r in rec.rows] == ["fp16", "fp8_e4m3", "fp8_e4m3_act_e4m3"]
+    import numpy as np
+
+    fp16, fp8, act = (np.array(o) for o in outs)
+    assert np.all(np.isfinite(act)) and not np.array_equal(fp16, fp8) and not np.array_equal(fp8, act)
