@@ -18,10 +18,12 @@ llama:  (opt-in) greedy generation tokens/s of random Llama-3.2-1B/3B-shaped
         package __init__ is bypassed, so no transformers).
 llama_prefill: (opt-in) prompt tokens/s of the same models (--llama-models,
         --llama-prompts), fp16 beside FP8Linear with the weight-as-A kernel's
-        stream-K off and as set (--llama-sk-variants adds plans), in turn.
+        stream-K off and as set (--llama-sk-variants adds plans), and with
+        quantized activations (activations="e4m3"), in turn.
 llama_prefill_profile: (opt-in, needs torch) one forward of those models,
-        fp16 and FP8Linear, profiled kernel by kernel (CUPTI): the GPU's busy
-        time, its waits, and the time by kernel class and name.
+        fp16, FP8Linear and FP8Linear with quantized activations, profiled
+        kernel by kernel (CUPTI): the GPU's busy time, its waits, and the
+        time by kernel class and name.
 decode: M = 1..16 rows times an [N, K] weight (fp8 e4m3 or fp16), GB/s of
         weight bytes read, next to a plain copy's GB/s (bytes read + written)
         measured in the same run; MLX's fp16 matmul of the same shape;
@@ -1485,14 +1487,12 @@ def forward_profile(call, torch, reps: int = 2) -> dict:
     kernel class and the 25 costliest kernel names."""
     from torch.profiler import ProfilerActivity, profile
 
-    outs = []
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            out = call()
+            out = call()  # built before the GPU starts on it
             mx.synchronize()
             mx.eval(out)
             mx.synchronize()
-            outs.append(out)
     events = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
               if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
     return profile_summary(events, reps)
