@@ -128,6 +128,12 @@ def _as_float_array(x) -> mx.array:
     return x
 
 
+def _finite_amax(x32: mx.array, axis=None, keepdims: bool = False) -> mx.array:
+    """The largest |x| over `axis` among the finite values of float32 `x32`
+    (0 where none is finite): quantize's and FP8Linear's activation scales."""
+    return mx.max(mx.where(mx.isfinite(x32), mx.abs(x32), 0.0), axis=axis, keepdims=keepdims)
+
+
 def quantize(x: mx.array, fmt: str = "e4m3", axis=None):
     """Scale `x` into the fp8 range and encode it.
 
@@ -153,8 +159,7 @@ def quantize(x: mx.array, fmt: str = "e4m3", axis=None):
         shape = [] if axis is None else [1 if a in reduce else n for a, n in enumerate(x.shape)]
         return mx.zeros(x.shape, mx.uint8), mx.ones(shape, mx.float32)
     x32 = x.astype(mx.float32)
-    finite_mag = mx.where(mx.isfinite(x32), mx.abs(x32), 0.0)
-    amax = mx.max(finite_mag, axis=reduce, keepdims=axis is not None)
+    amax = _finite_amax(x32, reduce, keepdims=axis is not None)
     scale = mx.where(amax > 0, amax / np.float32(max_finite(fmt)), 1.0).astype(mx.float32)
     return encode(x32 / scale, fmt), scale
 

@@ -79,7 +79,7 @@ def _quantize_activations(x2, fmt):
         return fp8.quantize(x2, fmt, axis=0)
     x32 = x2.astype(mx.float32)
     top = mx.array(fp8.max_finite(fmt), mx.float32)
-    amax = mx.max(mx.where(mx.isfinite(x32), mx.abs(x32), 0.0), axis=1, keepdims=True)
+    amax = fp8._finite_amax(x32, axis=1, keepdims=True)
     inf_rows = mx.any(mx.isinf(x32), axis=1, keepdims=True)
     some = amax > 0
     # Below 2^-64 (float32 inputs) the row and amax are first times 2^64
@@ -111,7 +111,7 @@ def _act_quant_function(fmt: str, act_fmt: str):
     @linear.vjp
     def linear_vjp(primals, cotangent, output):
         x, weight, scale = primals
-        _, (dx,) = mx.vjp(lambda x: _forward(x, weight, scale, None, fmt), [x], [cotangent])
+        dx = _input_grad(x, weight, scale, fmt, cotangent)
         return dx, mx.zeros_like(weight), mx.zeros_like(scale)
 
     return linear
@@ -120,6 +120,13 @@ def _act_quant_function(fmt: str, act_fmt: str):
 def _forward(x, weight, scale, bias, fmt):
     y = matmul2d(x, weight, b_fmt=fmt, b_scale=scale.reshape(1, -1), transpose_b=True, out_dtype=x.dtype)
     return y if bias is None else y + bias.astype(y.dtype)
+
+
+def _input_grad(x, weight, scale, fmt, cotangent):
+    """The layer's gradient with respect to x: matmul2d's vjp (the direct
+    path's and the quantized activations' custom functions both use it)."""
+    _, (dx,) = mx.vjp(lambda x: _forward(x, weight, scale, None, fmt), [x], [cotangent])
+    return dx
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,7 +164,7 @@ def _direct_function(fmt: str, has_bias: bool):
     @linear.vjp
     def linear_vjp(primals, cotangent, output):
         x, weight, scale, *bias = primals
-        _, (dx,) = mx.vjp(lambda x: _forward(x, weight, scale, None, fmt), [x], [cotangent])
+        dx = _input_grad(x, weight, scale, fmt, cotangent)
         grads = (dx, mx.zeros_like(weight), mx.zeros_like(scale))
         if has_bias:
             g = cotangent.reshape(-1, cotangent.shape[-1]).astype(mx.float32).sum(axis=0)

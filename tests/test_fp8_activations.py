@@ -217,6 +217,12 @@ def test_bad_activation_format_is_an_error_naming_it():
     assert isinstance(model.layers[0], nn.Linear)  # nothing converted
     convert_to_fp8(model, activations="e5m2")
     assert model.layers[0].activations == "e5m2" and "activations=e5m2" in repr(model.layers[0])
+    from mlx_flash.backends import cuda_matmul
+
+    with pytest.raises(ValueError, match="fmt: expected 'e4m3' or 'e5m2', got None"):
+        cuda_matmul.quantize_rows(mx.zeros((2, 8), mx.float16), None)
+    with pytest.raises(ValueError, match="x: expected a 2-D"):
+        cuda_matmul.quantize_rows(mx.zeros((2, 2, 8), mx.float16), "e4m3")
 
 
 @GPU

@@ -944,19 +944,17 @@ def quantize_rows(x, fmt: str, stream=None):
     on MLX ops (~20 kernels over the activations there)."""
     from .. import fp8
 
+    fp8._format(fmt)  # a ValueError naming fmt
     if x.ndim != 2 or x.dtype not in (mx.float16, mx.bfloat16, mx.float32):
         raise ValueError(f"x: expected a 2-D float32/float16/bfloat16 array, got {x.ndim}-D {x.dtype}")
     rows, K = x.shape
     if rows == 0 or K == 0:
         return fp8.quantize(x, fmt, axis=0)
-    import struct
-
-    max_bits = struct.unpack("<i", struct.pack("<f", fp8.max_finite(fmt)))[0]
     vec = 16 // x.dtype.size  # 16-byte loads where rows are whole loads (rows then start aligned)
     vec = vec if K % vec == 0 else 1
     kernel = _kernel_object("fp8_quantize_rows", ("x", "ip"), ("codes", "scale"), 0)
     codes, scale = kernel(
-        inputs=[x, _params((K, max_bits))],
+        inputs=[x, _params((K,))],
         template=[("T", x.dtype), ("VEC", vec), ("FMT", _FMT_CODE[fmt])],
         grid=(rows * 256, 1, 1), threadgroup=(256, 1, 1),
         output_shapes=[(rows, K), (rows, 1)], output_dtypes=[mx.uint8, mx.float32], init_value=POISON,
