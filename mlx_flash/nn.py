@@ -21,8 +21,8 @@ import math
 import os
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_map_with_path
 
 from . import fp8
@@ -67,12 +67,11 @@ def _quantize_activations(x2, fmt):
     largest finite |x| of a row, scale = amax / max_finite(fmt) and codes =
     fp8.encode(x * (max_finite / amax)) (a multiply, not fp8.quantize's
     division: the CUDA kernel's one instruction a value; rows of amax below
-    2^-64 scaled by 2^64 first). A row with no
-    finite nonzero value gets scale 1; a row holding an inf scale +inf and
-    factor 0 (finite values encode as zeros, infs as NaN), so its outputs
-    come out non-finite as the 16-bit product's would, not saturated at 448 x
-    scale. On MLX's CUDA backend one kernel (cuda_matmul.quantize_rows, the
-    same bits)."""
+    2^-64 scaled by 2^64 first). A row with no finite nonzero value gets
+    scale 1; a row holding an inf scale +inf and factor 0 (finite values
+    encode as zeros, infs as NaN), so its outputs come out non-finite as the
+    16-bit product's would, not saturated at 448 x scale. On MLX's CUDA
+    backend one kernel (cuda_matmul.quantize_rows, the same bits)."""
     if mx.default_device() == mx.gpu and cuda_available():
         return _cuda_matmul().quantize_rows(x2, fmt)
     if x2.size == 0:
