@@ -1,7 +1,19 @@
 // Stream-K form of matmul_wgmma_wa.cuh's weight-as-A kernel (FP8Linear's
 // prefill product on Hopper): the same roles, ring, decode, products and
 // epilogue (read that header first), over a schedule that may cut a tile's
-// k-steps between two blocks. Taken only with MLX_FLASH_CUDA_FP8W_WA_SK=1
+// k-steps between two blocks. Two things only this form has (session 26):
+// - tiles of 192 tokens (BT 192, m64n192 products): where 256-token tiles
+//   leave a partial wave (3B Llama's 2048 x 3072 x 3072: 192 tiles of 256 on
+//   132 SMs, two waves, the second half empty), 192-token tiles fill two
+//   waves (264 tiles), each a quarter shorter;
+// - DW, the width of the decode's shared-memory loads: 16 (matmul_wgmma_wa.cuh's
+//   16-byte loads of a row's k16 chunk, of which a lane uses 4 bytes: every
+//   chunk read by the four lanes of a quad, 32 KiB of reads a 8 KiB stage of
+//   codes) or 4 (the two 32-bit words a lane uses, each read by two lanes:
+//   half the shared-memory wavefronts; a warp's eight rows' words fall in
+//   distinct banks under the 64-byte swizzle, so no conflict). Shared memory
+//   carries the decode's reads beside both warpgroups' wgmma reads of x and
+//   TMA's writes; at BT 128 that sum, not the tensor cores, set the pace. Taken only with MLX_FLASH_CUDA_FP8W_WA_SK=1
 // (or a plan that forces a stream-K count): session 21 built it and ran it in
 // the emulation, but no card could be started to run or time it, so the
 // default route keeps the kernel text a card has run (session 20's, in
@@ -78,12 +90,14 @@ struct WaSchedule {
   }
 };
 
-template <typename TA, typename TO, int FB, bool AS, bool BS, int BT, int STAGES>
+template <typename TA, typename TO, int FB, bool AS, bool BS, int BT, int STAGES, int DW>
 __device__ void matmul_wgmma_wa_sk(const TA* a, const uint8_t* b, const float* a_scale, const float* b_scale,
                                    const int* ip, const uint8_t* tmpl, const unsigned* tickets, TO* out,
                                    uint8_t* tmaps, float* part) {
   static_assert(sizeof(TA) == 2 && (FB == 1 || FB == 2), "a 16-bit x and fp8 (e4m3 / e5m2) weight codes");
-  static_assert(BT == 128 || BT == 256, "tiles of 128 or 256 tokens");
+  // (BT a multiple of 32: a fixup adds a slot's BT / 8 float4s four at a time.)
+  static_assert(BT == 128 || BT == 192 || BT == 256, "tiles of 128, 192 or 256 tokens");
+  static_assert(DW == 16 || DW == 4, "decode loads of 16 or 4 bytes");
   static_assert(STAGES >= 2, "a ring");
   constexpr int KT = WgKind<TA, 0>::value;  // 16 half, 17 bfloat16
   constexpr int X_BYTES = BT * 128, W_BYTES = 128 * 64, STAGE_BYTES = X_BYTES + W_BYTES;
@@ -155,7 +169,9 @@ __device__ void matmul_wgmma_wa_sk(const TA* a, const uint8_t* b, const float* a
   const int wrow0 = c * 64 + warp * 16 + g, wrow1 = wrow0 + 8;
 
   // The A fragments of half `half` of a stage (its k16 steps 2 half and
-  // 2 half + 1), decoded from the stage's codes wt.
+  // 2 half + 1), decoded from the stage's codes wt. A row's k16 chunk sits at
+  // 16-byte position kk ^ sw of the row (64-byte swizzle, sw = (row / 2) % 4);
+  // k 2t, 2t+1 are in its 32-bit word t / 2, k 2t+8, 2t+9 in word 2 + t / 2.
   auto decode = [&](const unsigned char* wt, int half, unsigned (&fr)[2][4]) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -164,8 +180,15 @@ __device__ void matmul_wgmma_wa_sk(const TA* a, const uint8_t* b, const float* a
       const int sw = (row >> 1) & 3;  // the 64-byte swizzle of this row's 16-byte chunks
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const uint4 q = *reinterpret_cast<const uint4*>(rp + (((2 * half + j) ^ sw) << 4));
-        const unsigned lo = (odd_word ? q.y : q.x) >> shift, hi = (odd_word ? q.w : q.z) >> shift;
+        const unsigned char* chunk = rp + (((2 * half + j) ^ sw) << 4);
+        unsigned lo, hi;
+        if constexpr (DW == 16) {
+          const uint4 q = *reinterpret_cast<const uint4*>(chunk);
+          lo = (odd_word ? q.y : q.x) >> shift, hi = (odd_word ? q.w : q.z) >> shift;
+        } else {
+          const unsigned* w = reinterpret_cast<const unsigned*>(chunk) + (odd_word ? 1 : 0);
+          lo = w[0] >> shift, hi = w[2] >> shift;
+        }
         fr[j][i] = wa_decode_pair<TA, FB>(lo);
         fr[j][2 + i] = wa_decode_pair<TA, FB>(hi);
       }

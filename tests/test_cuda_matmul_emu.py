@@ -698,6 +698,79 @@ def test_wa_stream_k_form_with_whole_tiles_matches_the_default_kernel_emulated(o
         assert_close(mx.array(got[plan]).reshape(want.shape).astype(out_dtype), want, out_dtype, K)
 
 
+# Session 26: the weight-as-A kernel's stream-K form with 192-token tiles
+# (m64n192 products, 96 sums a thread) and with the decode's 4-byte loads
+# (WA_DECODE_BYTES 4: the two words a lane uses instead of its row's whole
+# 16-byte chunk). Every finite code of b's format; M crosses 192-token tiles
+# and ends inside one, N is not a multiple of 16, K ends mid-stage; whole
+# tiles, a two-stage ring, and 192-token tiles cut by stream-K (three SMs).
+# Both load widths give the same bits (the same products in the same order)
+# and the float64 result; the launch names the form, BT and DW.
+@pytest.mark.parametrize("ka,kb,M,K,plan,scale,out", [
+    ("float16", "e4m3", 400, 700, (192, 3), "rows_cols", "float32"),
+    ("bfloat16", "e5m2", 200, 300, (192, 2), "cols", "bfloat16"),
+    ("bfloat16", "e4m3", 400, 700, (192, 3, 4), "cols", "float32"),
+    ("float16", "e5m2", 133, 520, (128, 3), "cols", "float16"),
+    ("float16", "e4m3", 270, 520, (256, 3, 0), None, "float32"),
+], ids=lambda v: "_".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_wa_tile_heights_and_decode_loads_emulated(ka, kb, M, K, plan, scale, out, monkeypatch):
+    from fp8_wgmma_bound import downscaling, every_code_rows
+    from mlx_flash import fp8
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    gen = rng("wa-bt-dw-emu", ka, kb, M, K, plan, scale, out)
+    N = 141
+    a, _, a64 = make_operand(gen, (1, M, K), ka)
+    codes = every_code_rows(gen, kb, N, K)
+    b, b64 = mx.array(codes), fp8.decode_table(kb)[codes].astype(np.float64)
+    sa = gen.uniform(0.5, 2, (1, M, 1)).astype(np.float32) if scale == "rows_cols" else None
+    sb = downscaling(b64, 1, gen).reshape(1, N) if scale else None
+    if out != "float32" and sb is None:
+        sb = downscaling(b64, None, gen).reshape(1, 1)
+    want = reference(a64, b64, sa, sb, transpose_b=True)
+    out_dtype = getattr(mx, out)
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, b_fmt=kb, a_scale=None if sa is None else mx.array(sa),
+                                                b_scale=None if sb is None else mx.array(sb),
+                                                transpose_b=True, out_dtype=out_dtype)
+    monkeypatch.setattr(cuda_matmul, "WA_SK", True)
+    got = {}
+    for dw in (16, 4):
+        monkeypatch.setattr(cuda_matmul, "WA_DECODE_BYTES", dw)
+        harness.LAUNCHES.clear()
+        with harness.patched_hopper(sm_count=3):
+            got[dw] = np.array(cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma_wa",
+                                                    plan=plan).astype(mx.float32))
+        launches = [t for name, t in harness.LAUNCHES if name.startswith("mlx_flash_matmul_wgmma_wa")]
+        assert len(launches) == 1 and (launches[0]["BT"], launches[0]["STAGES"]) == plan[:2], launches
+        # The 16-byte loads with whole tiles of 128 / 256 run session 20's kernel text (no DW).
+        assert launches[0].get("DW") == (None if dw == 16 and plan == (128, 3) else dw), launches
+        assert_close(mx.array(got[dw]).reshape(want.shape).astype(out_dtype), want, out_dtype, K)
+    assert np.array_equal(got[16], got[4], equal_nan=True), "4-byte loads: the 16-byte loads' bits"
+
+
+def test_wa_tile_height_choice():
+    """wa_plan(M, N, SMs): the rows' plan (WA_PLANS) below a wave of BT 256
+    tiles and below WA_WIDE_MIN_ROWS rows; from one wave on, the height of
+    least waves x WA_TILE_COST (the costs measured on an H100)."""
+    from mlx_flash.backends import cuda_matmul
+
+    plan = cuda_matmul.wa_plan
+    assert plan(2048, 3072, 132) == (192, 6)     # 3B Llama's q / o / down: 264 tiles in 2 waves, not 192 in 2
+    assert plan(1536, 3072, 132) == (192, 6)
+    assert plan(2048, 4096, 132) == (256, 5)     # 8B's: 256 tiles, 2 full waves
+    assert plan(2048, 8192, 132) == (256, 5)     # 512 tiles: 3.9 waves
+    assert plan(2048, 14336, 132) == (256, 5)
+    assert plan(1024, 3072, 132) == (256, 5)     # 96 tiles: under a wave (stream-K's business)
+    assert plan(200, 3072, 132) == cuda_matmul.WA_PLANS["narrow"] == plan(200)
+    assert plan(2048) == cuda_matmul.WA_PLANS["wide"]
+    for m in range(256, 8192, 97):  # never more waves x cost than BT 256's
+        for n in (1024, 3072, 4096, 8192, 14336):
+            bt = plan(m, n, 132)[0]
+            waves = {h: -(-(-(-m // h)) * (-(-n // 128)) // 132) for h in (128, 192, 256)}
+            assert waves[bt] * cuda_matmul.WA_TILE_COST[bt] <= waves[256], (m, n, bt)
+
+
 def test_wa_stream_k_choice(monkeypatch):
     """wa_stream_k_tiles on 132 SMs (k-steps of 64 K): (shared tiles, blocks).
     Below half a wave each tile split between WA_SK_SPLITS blocks at most;

@@ -538,6 +538,56 @@ def test_cuda_wgmma_wa_stream_k(M, K, N, sk, monkeypatch):
     assert pool is None or not np.any(np.array(pool[0])), "every ticket set back to 0"
 
 
+# Session 26: 192-token tiles and the decode's 4-byte loads (only the
+# stream-K form of the weight-as-A kernel has them) on the card. Each plan
+# with both load widths: the same bits (the same products in the same order),
+# against float64 with every finite code; 192-token tiles whole, on a two-stage
+# ring, and cut by stream-K over every SM; and the default plan where it picks
+# 192 (3B Llama's 2048 x 3072 x 3072, two full waves of 264 tiles).
+@WS
+@pytest.mark.parametrize("plan", [(192, 6), (192, 2), (192, 6, "all"), (128, 8), (256, 5), (256, 5, "all"), None],
+                         ids=lambda v: "default" if v is None else "_".join(map(str, v)))
+@pytest.mark.parametrize("ka,kb,M,K,N", [("bfloat16", "e4m3", 2048, 3072, 3072), ("float16", "e5m2", 500, 1000, 300),
+                                         ("float16", "e4m3", 1100, 136, 2100)])
+def test_cuda_wgmma_wa_tile_heights_and_decode_loads(plan, ka, kb, M, K, N, monkeypatch):
+    import math
+
+    from fp8_wgmma_bound import downscaling, every_code_rows, rows_needed
+
+    from mlx_flash import fp8
+    from mlx_flash.backends import cuda as cuda_backend
+    from mlx_flash.backends import cuda_matmul
+
+    needs_hopper()
+    monkeypatch.setattr(cuda_matmul, "WA_SK", True)
+    gen = rng("wgmma-wa-bt-dw", plan, ka, kb, M, K, N)
+    N = max(N, rows_needed(kb, K))
+    a, _, a64 = make_operand(gen, (M, K), ka)
+    codes = every_code_rows(gen, kb, N, K)
+    b, b64 = mx.array(codes), fp8.decode_table(kb)[codes].astype(np.float64)
+    sa = gen.uniform(0.5, 2.0, (M, 1)).astype(np.float32)
+    sb = downscaling(b64, 1, gen).reshape(1, N)
+    want = reference(a64, b64, sa, sb, transpose_b=True)
+    if plan is not None and plan[2:] == ("all",):
+        units = math.ceil(M / plan[0]) * math.ceil(N / 128)
+        plan = plan[:2] + (min(units, 1024),)
+    if plan is None and (M, K, N) == (2048, 3072, 3072):
+        assert cuda_matmul.wa_plan(M, N, cuda_matmul.sm_count()) == (192, 6) or cuda_matmul.sm_count() != 132
+    outs = {}
+    for dw in (16, 4):
+        monkeypatch.setattr(cuda_matmul, "WA_DECODE_BYTES", dw)
+        for out_dtype in (mx.float32, None):
+            out = run_route("wgmma_wa", a, b, b_fmt=kb, a_scale=mx.array(sa), b_scale=mx.array(sb),
+                            transpose_b=True, out_dtype=out_dtype, plan=plan)
+            assert_close(out, want, out.dtype, K)
+            outs[dw, out_dtype] = np.array(out.astype(mx.float32))
+    for out_dtype in (mx.float32, None):
+        assert np.array_equal(outs[16, out_dtype], outs[4, out_dtype], equal_nan=True), "4-byte loads: same bits"
+    mx.synchronize()
+    pool = cuda_backend._TICKET_POOLS.get(GPU)
+    assert pool is None or not np.any(np.array(pool[0])), "every ticket set back to 0"
+
+
 @WS
 @pytest.mark.parametrize("b_batched", [False, True])
 def test_cuda_wgmma_wa_batched(b_batched):

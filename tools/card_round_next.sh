@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e|s25a|s25b|s25c|s25d|s25e|s25f|s25g|s25h|s25i}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e|s25a|s25b|s25c|s25d|s25e|s25f|s25g|s25h|s25i|s26a|s26b|s26c}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -659,6 +659,23 @@ elif [ "$PART" = s25i ]; then
   # session 25 (no card could be started after the review); the next card session's first part.
   step act_gpu 150 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_fp8_activations.py tests/test_fp8_nn.py \
     -k cuda
+elif [ "$PART" = s26a ]; then
+  # Session 26 (issue 15): first session 25's s25i (the quantize kernel with max_finite a constant of FMT),
+  # then the weight-as-A kernel's new stream-K form: 192-token tiles and the decode's 4-byte loads (every plan
+  # with both widths: the same bits, float64), beside the wa cases run before (stream-K, the operand cases).
+  step act_gpu 150 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_fp8_activations.py tests/test_fp8_nn.py \
+    -k cuda
+  step wa_gpu 240 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "wgmma_wa"
+elif [ "$PART" = s26b ]; then
+  # Session 26 (issue 15): each tile height and decode load width by the GPU time of a call alone, at the
+  # products of Llamas of 3B and 8B shape, 512 / 1024 / 2048 tokens, beside MLX's fp16 product.
+  step wa_tiles 420 python3 -m mlx_flash.bench.cuda_matmul --sections wa_tiles --out "$OUT/matmul_wa_tiles.json"
+elif [ "$PART" = s26c ]; then
+  # Session 26 (issue 15): the models' prefill with the tile fit and the 4-byte decode loads, each alone and
+  # together, beside the session-25 defaults (whole tiles / stream-K below half a wave, 16-byte loads, no fit).
+  step llama_prefill 400 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
+    --sections llama_prefill --llama-models llama_8b,llama_3b --llama-prompts 512,1024,2048 \
+    --llama-wa-variants old:16:0,dw4:4:0,fit:16:1,fit_dw4:4:1 --out "$OUT/matmul_llama_prefill_wa.json"
 elif [ "$PART" = s25c ]; then
   # Session 25 (issue 15): s25b's model prefill with quantized activations came out slower than FP8Linear's
   # default: the same forwards profiled kernel by kernel (the quantize kernel, the native fp8 products).
@@ -670,6 +687,6 @@ elif [ "$PART" = s19c ]; then
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c, s24e or s25a-s25i, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c, s24e, s25a-s25i or s26a-s26c, got $PART" >&2
   exit 2
 fi

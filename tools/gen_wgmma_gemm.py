@@ -1,9 +1,9 @@
 """Writes cuda_src/wgmma_gemm.cuh: the wgmma.mma_async wrappers the matmul2d
 Hopper kernels call (m64n128 and m64n256, both operands from shared memory;
 m64n192 for native fp8, the widest tile whose promoted sums still fit the
-warp-specialised kernel's registers; m64n128 and m64n256 with 16-bit A from
-registers, for the kernel that decodes an fp8 weight into them,
-matmul_wgmma_wa.cuh).
+warp-specialised kernel's registers; m64n128, m64n192 and m64n256 with 16-bit A
+from registers, for the kernel that decodes an fp8 weight into them,
+matmul_wgmma_wa.cuh, m64n192 for its stream-K form's 192-token tiles).
 
     python tools/gen_wgmma_gemm.py
 
@@ -92,7 +92,7 @@ def main():
             parts.append(wrapper(ta, tb, n))
     for ta, tb in ((1, 1), (1, 2), (2, 1), (2, 2)):
         parts.append(wrapper(ta, tb, 192))
-    for n in (128, 256):
+    for n in (128, 192, 256):
         for t in (16, 17):
             parts.append(wrapper_rs(t, n))
     parts.append("\n}  // namespace mlx_flash\n")

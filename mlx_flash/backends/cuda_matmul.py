@@ -115,6 +115,24 @@ FP8W_WA = _FP8W_WA == "1"
 # docs/matmul.md.
 WA_PLANS = {"narrow": (128, 8), "wide": (256, 5)}
 WA_WIDE_MIN_ROWS = 256
+# Where whole tiles fill one wave of the SMs or more, the tile height that
+# fills the waves best (session 26): a 3B Llama's 2048 x 3072 x 3072 product
+# makes 192 tiles of 256 tokens on 132 SMs (two waves, the second 45 %
+# full), but 264 tiles of 192 tokens (two full waves of tiles a quarter
+# shorter). WA_TILE_COST is each height's time a tile k-step relative to BT
+# 256's (a tile's products cost BT / 256 of BT 256's, but the decode and the
+# shared-memory traffic of the codes do not shrink with BT); wa_plan takes
+# the height of least (waves x cost), BT 256 on ties (WA_TILE_FIT False:
+# the rows' plan only). The costs are card measurements (docs/matmul.md,
+# session 26).
+WA_TILE_FIT = True
+WA_TILE_PLANS = {256: (256, 5), 192: (192, 6), 128: (128, 8)}
+WA_TILE_COST = {256: 1.0, 192: 0.875, 128: 0.75}
+# The width of the decode's shared-memory loads (matmul_wgmma_wa_sk.cuh's
+# DW): 16 bytes (the kernel text of session 20) or 4 (the two words a lane
+# uses; half the wavefronts). Not 16 takes the stream-K form of the kernel
+# for every call.
+WA_DECODE_BYTES = 16
 # Up to this many rows of a (inclusive); from more, the decode pass and the
 # 16-bit kernel (CVT_RAW_MAX_ROWS). H100, `--sections targets`: at 8192^3 the
 # pass's GPU time was 0.87x this kernel's (s19b / s20d against s20c), and its
@@ -343,9 +361,23 @@ def wa_takes(spec) -> bool:
     return spec.a_fmt is None and spec.b_fmt is not None and spec.transpose_b
 
 
-def wa_plan(M: int) -> tuple:
-    """The weight-as-A kernel's default (BT, stages) for M rows of a."""
-    return WA_PLANS["wide" if M >= WA_WIDE_MIN_ROWS else "narrow"]
+def wa_plan(M: int, N: int = None, grid: int = None) -> tuple:
+    """The weight-as-A kernel's default (BT, stages) for M rows of a: by the
+    rows alone (WA_PLANS), or, given the product's N and the SMs, the
+    tile height (WA_TILE_PLANS) of least waves x WA_TILE_COST where BT 256's
+    whole tiles fill a wave or more (below, stream-K splits its tiles)."""
+    plan = WA_PLANS["wide" if M >= WA_WIDE_MIN_ROWS else "narrow"]
+    if N is None or plan[0] != 256 or not WA_TILE_FIT:
+        return plan
+    tiles_n = math.ceil(N / 128)
+    if math.ceil(M / 256) * tiles_n < grid:
+        return plan
+    best, cost = plan, None
+    for bt, candidate in WA_TILE_PLANS.items():  # BT 256 first: it keeps ties
+        c = math.ceil(math.ceil(M / bt) * tiles_n / grid) * WA_TILE_COST[bt]
+        if cost is None or c < cost:
+            best, cost = candidate, c
+    return best
 
 
 def wa_stream_k_tiles(units: int, ktiles: int, grid: int, batch: int = 1) -> tuple:
@@ -704,10 +736,13 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
                          f"{spec.a_fmt or a.dtype}, b {spec.b_fmt or b.dtype}, transpose_b={spec.transpose_b}")
     if not _tma_available():
         raise ValueError("route wgmma_wa needs TMA (a Hopper GPU and a driver with cuTensorMapEncodeTiled)")
-    plan = tuple(wa_plan(spec.M) if plan is None else plan)
-    if len(plan) not in (2, 3) or plan[0] not in (128, 256) or plan[1] < 2:
-        raise ValueError("route wgmma_wa: plan (BT, stages[, stream-K tiles]) with BT 128 or 256 and 2 stages or "
-                         f"more, got {plan}")
+    grid = sm_count()
+    plan = tuple(wa_plan(spec.M, spec.N, grid) if plan is None else plan)
+    if len(plan) not in (2, 3) or plan[0] not in (128, 192, 256) or plan[1] < 2:
+        raise ValueError("route wgmma_wa: plan (BT, stages[, stream-K tiles]) with BT 128, 192 or 256 and 2 stages "
+                         f"or more, got {plan}")
+    if WA_DECODE_BYTES not in (4, 16):
+        raise ValueError(f"cuda_matmul.WA_DECODE_BYTES must be 4 or 16, got {WA_DECODE_BYTES!r}")
     bt, stages = plan[:2]
     if wa_smem(bt, stages) > _WS_MAX_DYNAMIC_SMEM:
         raise ValueError(f"route wgmma_wa: BT {bt} x {stages} stages need {wa_smem(bt, stages)} bytes of shared "
@@ -720,7 +755,7 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     Kp, Np = a.shape[2], b.shape[1]
     if b_scale is not None and Np != N and b_scale.shape[-1] > 1:
         b_scale = _pad_axis(b_scale, 2, 16, stream)
-    units, ktiles, grid = math.ceil(M / bt) * math.ceil(Np / 128), math.ceil(Kp / 64), sm_count()
+    units, ktiles = math.ceil(M / bt) * math.ceil(Np / 128), math.ceil(Kp / 64)
     # Persistent: one block per SM at most. A forced stream-K count plan[2]
     # takes every SM, but no more blocks than the shared tiles' k-steps: a
     # block of no k-step inside a cut tile's range of blocks would never draw
@@ -739,10 +774,11 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     tmpl = _wa_tma_templates(M, Kp, Np, bt)
     launch = dict(template=template, grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
                   init_value=POISON, stream=stream)
-    if len(plan) == 2 and sk == 0:
-        # Every tile whole: the kernel text a card has run (session 20's). Its
-        # stream-K form below gives the same bits with 0 stream-K tiles (the
-        # same products in the same order), but no card has run it yet.
+    if len(plan) == 2 and sk == 0 and bt != 192 and WA_DECODE_BYTES == 16:
+        # Every tile whole: the kernel text of session 20. Its stream-K form
+        # below gives the same bits with 0 stream-K tiles (the same products
+        # in the same order); only that form has 192-token tiles and 4-byte
+        # decode loads.
         ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale))
         kernel = _kernel_object("matmul_wgmma_wa", _WGMMA_INPUTS, _WA_OUTPUTS, wa_smem(bt, stages))
         (out, _) = kernel(inputs=inputs + [ip, tmpl],
@@ -751,6 +787,7 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     else:
         ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale) + (sk,))
         kernel = _kernel_object("matmul_wgmma_wa_sk", _WA_SK_INPUTS, _WA_SK_OUTPUTS, wa_smem(bt, stages))
+        launch["template"] = template + [("DW", WA_DECODE_BYTES)]
         (out, _, _) = kernel(
             inputs=inputs + [ip, tmpl, _cuda._ticket_region(stream) if sk else _params((0,), mx.uint32)],
             # part: two fp32 tiles of partial sums a block (the tiles its run starts and ends in).

@@ -994,6 +994,94 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
             CHECKPOINT()
 
 
+# (K, N) of the products in Llamas of 3B shape (q / o, k / v, gate / up,
+# down) and 8B shape: bench_wa_tiles times each at every M it is given.
+WA_TILE_SHAPES = ((3072, 3072), (3072, 1024), (3072, 8192), (8192, 3072),
+                  (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
+# Its cases: (name, plan (BT, stages, stream-K tiles) or None for the
+# default's, decode load bytes, tile fit).
+WA_TILE_CASES = (("bt256_dw16", (256, 5, 0), 16, True), ("bt256_dw4", (256, 5, 0), 4, True),
+                 ("bt192_dw16", (192, 6, 0), 16, True), ("bt192_dw4", (192, 6, 0), 4, True),
+                 ("bt128_dw4", (128, 8, 0), 4, True),
+                 ("default_dw16_nofit", None, 16, False), ("default_dw16", None, 16, True),
+                 ("default_dw4", None, 4, True))
+
+
+def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 10, cases=WA_TILE_CASES):
+    """The weight-as-A kernel's tile heights and decode load widths (session
+    26), by the GPU time of a call run alone (CUPTI, gpu_time_per_call: what
+    predicts a model, whose products mostly wait on the one before), beside
+    MLX's fp16 product `x @ w16.T`: FP8Linear's product (fp16 x [M, K],
+    e4m3 weight [N, K], a scale per weight row) with each plan whole
+    (stream-K tiles 0), and the default plan (stream-K as the defaults
+    say) with and without the tile fit. Cases in turn, `rounds` times, the
+    median; each result checked against float32 once."""
+    from .. import fp8
+    from ..backends import cuda_matmul as cm
+
+    _, torch = _torch()
+    if torch is None:
+        raise RuntimeError("bench_wa_tiles needs torch (its profiler reads the GPU's kernel times)")
+    for m, k, n in shapes:
+        k1, k2 = mx.random.split(mx.random.key(m + k + n))
+        x = mx.random.normal((m, k), key=k1).astype(mx.float16)
+        w16 = (mx.random.normal((n, k), key=k2) * 0.05).astype(mx.float16)
+        w8 = fp8.encode(w16 * 20.0, "e4m3")
+        scale = mx.full((1, n), 0.05, mx.float32)
+        mx.eval(x, w16, w8, scale)
+        ref = (x.astype(mx.float32) @ fp8.decode(w8, "e4m3").T) * scale
+
+        def ours(plan, dw, fit):
+            saved = cm.WA_DECODE_BYTES, cm.WA_TILE_FIT
+            cm.WA_DECODE_BYTES, cm.WA_TILE_FIT = dw, fit
+            try:
+                return cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, route="wgmma_wa", plan=plan)
+            finally:
+                cm.WA_DECODE_BYTES, cm.WA_TILE_FIT = saved
+
+        calls_of = {"mlx_fp16": lambda: x @ w16.T}
+        for name, plan, dw, fit in cases:
+            calls_of[name] = functools.partial(ours, plan, dw, fit)
+        errs, plans = {}, {}
+        for name, make in list(calls_of.items()):
+            try:
+                got = make()
+                mx.eval(got)
+                if name != "mlx_fp16":
+                    errs[name] = rel_diff(got, ref)
+                del got
+            except Exception as e:  # noqa: BLE001
+                rec.add(section="wa_tiles", case=name, m=m, k=k, n=n, error=f"{type(e).__name__}: {e}"[:500])
+                del calls_of[name]
+        for name, plan, dw, fit in cases:
+            if plan is None:
+                saved = cm.WA_TILE_FIT
+                cm.WA_TILE_FIT = fit
+                plans[name] = list(cm.wa_plan(m, n, cm.sm_count()))
+                cm.WA_TILE_FIT = saved
+        samples = interleave({name: _mlx_batch(make) for name, make in calls_of.items()}, rounds,
+                             lambda name, prep: gpu_time_per_call(prep, calls, torch)["gpu_us_per_call"])
+        base = samples.get("mlx_fp16")
+        for name, got in samples.items():
+            row = dict(section="wa_tiles", case=name, m=m, k=k, n=n, rounds=rounds, calls=calls)
+            if isinstance(got, BaseException):
+                rec.add(**row, error=f"{type(got).__name__}: {got}"[:500])
+                continue
+            t = statistics.median(got)
+            row.update(gpu_us=t, gpu_us_rounds=[round(v, 2) for v in got], tflops=2 * m * k * n / t / 1e6)
+            if name in errs:
+                row["rel_diff_vs_fp32"] = errs[name]
+            if name in plans:
+                row["plan"] = plans[name]
+            if isinstance(base, list) and base and name != "mlx_fp16":
+                row["vs_mlx_fp16"] = statistics.median(base) / t
+            rec.add(**row)
+        del calls_of, x, w16, w8, ref
+        mx.clear_cache()
+        if CHECKPOINT is not None:
+            CHECKPOINT()
+
+
 def _bars(ax, rows, key, label_of, title, ylabel):
     """Grouped bars of rows[key] by case (x) and size (one bar colour each)."""
     sizes = sorted({r["n"] for r in rows})
@@ -1373,7 +1461,7 @@ def _activations(layers, act):
 
 
 def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024, 2048), rounds: int = 5,
-                        configs=None, variants=()):
+                        configs=None, variants=(), wa_variants=()):
     """Prompt tokens/s of a random-weight mlx-lm Llama: the fp16 model beside
     the same weights with every nn.Linear as FP8Linear (e4m3, per-channel
     scales), with the weight-as-A kernel's stream-K off ("fp8_e4m3": every
@@ -1388,7 +1476,9 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
     median of `rounds`; the fp8 cases' last-token logits checked against
     each other (stream-K only reorders a tile's sums). `variants`: (name,
     splits, waves) each, one more case "fp8_e4m3_sk_<name>" with stream-K on,
-    cuda_matmul.WA_SK_SPLITS = splits and WA_SK_WAVES = waves.
+    cuda_matmul.WA_SK_SPLITS = splits and WA_SK_WAVES = waves. `wa_variants`:
+    (name, decode bytes, fit) each, a case "fp8_e4m3_wa_<name>" with
+    cuda_matmul.WA_DECODE_BYTES and WA_TILE_FIT so set (session 26).
     "fp8_e4m3_act_e4m3": the same layers with activations="e4m3" (the input
     quantized a token at a time, fp8 x fp8 on the native fp8 tensor cores;
     moves the logits, so its row's max_abs_logit_diff_vs_fp16 says by how much)."""
@@ -1403,23 +1493,29 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
             toks = mx.random.randint(0, min(1000, args.vocab_size), (1, p), key=mx.random.key(p))
             mx.eval(toks)
 
-            def forward(model, sk, splits=None, waves=None, act=None):
-                old = cm.WA_SK, cm.WA_SK_SPLITS, cm.WA_SK_WAVES
-                cm.WA_SK = sk
-                cm.WA_SK_SPLITS = old[1] if splits is None else splits
-                cm.WA_SK_WAVES = old[2] if waves is None else waves
+            def forward(model, settings=None, act=None):
+                # cuda_matmul's settings for this call's routing (its graph is built here), restored after.
+                settings = settings or {}
+                old = {key: getattr(cm, key) for key in settings}
+                for key, value in settings.items():
+                    setattr(cm, key, value)
                 try:
                     with _activations(fp8_layers, act):
                         cache = cache_mod.make_prompt_cache(model)
                         return model(toks, cache=cache)[:, -1].astype(mx.float32)
                 finally:
-                    cm.WA_SK, cm.WA_SK_SPLITS, cm.WA_SK_WAVES = old
+                    for key, value in old.items():
+                        setattr(cm, key, value)
 
-            cases = {"fp16": lambda: forward(model16, cm.WA_SK), "fp8_e4m3": lambda: forward(model8, False),
-                     "fp8_e4m3_stream_k": lambda: forward(model8, True),
-                     "fp8_e4m3_act_e4m3": lambda: forward(model8, cm.WA_SK, act="e4m3")}
+            cases = {"fp16": lambda: forward(model16), "fp8_e4m3": lambda: forward(model8, {"WA_SK": False}),
+                     "fp8_e4m3_stream_k": lambda: forward(model8, {"WA_SK": True}),
+                     "fp8_e4m3_act_e4m3": lambda: forward(model8, act="e4m3")}
             for vname, splits, waves in variants:
-                cases[f"fp8_e4m3_sk_{vname}"] = functools.partial(forward, model8, True, splits, waves)
+                cases[f"fp8_e4m3_sk_{vname}"] = functools.partial(
+                    forward, model8, {"WA_SK": True, "WA_SK_SPLITS": splits, "WA_SK_WAVES": waves})
+            for vname, dw, fit in wa_variants:
+                cases[f"fp8_e4m3_wa_{vname}"] = functools.partial(
+                    forward, model8, {"WA_DECODE_BYTES": dw, "WA_TILE_FIT": fit})
             last = {}
 
             def sample(case, call):
@@ -1589,6 +1685,11 @@ def main(argv=None):
                         help="models of the llama and llama_prefill sections")
     parser.add_argument("--llama-prompts", default="512,1024,2048",
                         help="prompt lengths (tokens) of the llama_prefill section, comma separated")
+    parser.add_argument("--llama-wa-variants", default="",
+                        help="llama_prefill: NAME:DW:FIT cases, comma separated (cuda_matmul.WA_DECODE_BYTES = DW "
+                             "(4 or 16), WA_TILE_FIT = FIT (0 or 1))")
+    parser.add_argument("--wa-tiles-rows", default="512,1024,2048",
+                        help="wa_tiles: M values (tokens), comma separated")
     parser.add_argument("--llama-sk-variants", default="",
                         help="llama_prefill: NAME:SPLITS:WAVES cases, comma separated (stream-K on with "
                              "cuda_matmul.WA_SK_SPLITS = SPLITS, WA_SK_WAVES = WAVES (0 or 1))")
@@ -1601,6 +1702,12 @@ def main(argv=None):
     except (ValueError, KeyError):
         parser.error(f"--llama-sk-variants: expected NAME:SPLITS:WAVES (SPLITS 2 or more, WAVES 0 or 1) separated "
                      f"by commas, got {args.llama_sk_variants!r}")
+    try:
+        wa_variants = tuple((n, {"4": 4, "16": 16}[dw], {"0": False, "1": True}[fit]) for n, dw, fit in
+                            (v.split(":") for v in args.llama_wa_variants.split(",") if v))
+    except (ValueError, KeyError):
+        parser.error(f"--llama-wa-variants: expected NAME:DW:FIT (DW 4 or 16, FIT 0 or 1) separated by commas, "
+                     f"got {args.llama_wa_variants!r}")
     if args.plot:
         print(f"wrote {plot(args.plot)}")
         return
@@ -1653,7 +1760,10 @@ def main(argv=None):
                 "llama": lambda: bench_llama(rec, tuple(args.llama_models.split(","))),
                 "llama_prefill": lambda: bench_llama_prefill(
                     rec, tuple(args.llama_models.split(",")), tuple(int(v) for v in args.llama_prompts.split(",")),
-                    variants=sk_variants),
+                    variants=sk_variants, wa_variants=wa_variants),
+                "wa_tiles": lambda: bench_wa_tiles(rec, ((256, 1024, 1024),) if args.warm else tuple(
+                    (m, k, n) for m in (int(v) for v in args.wa_tiles_rows.split(",")) for k, n in WA_TILE_SHAPES),
+                    1 if args.warm else 2),
                 "llama_prefill_profile": lambda: bench_llama_prefill_profile(
                     rec, tuple(args.llama_models.split(",")), tuple(int(v) for v in args.llama_prompts.split(","))),
                 "fp8err": lambda: bench_fp8err(rec, (256,) if args.warm else (4096, 8192), 128 if args.warm else 4096),
