@@ -749,13 +749,17 @@ def test_wa_tile_heights_and_decode_loads_emulated(ka, kb, M, K, plan, scale, ou
     assert np.array_equal(got[16], got[4], equal_nan=True), "4-byte loads: the 16-byte loads' bits"
 
 
-def test_wa_tile_height_choice():
+def test_wa_tile_height_choice(monkeypatch):
     """wa_plan(M, N, SMs): the rows' plan (WA_PLANS) below a wave of BT 256
-    tiles and below WA_WIDE_MIN_ROWS rows; from one wave on, the height of
-    least waves x WA_TILE_COST (the costs measured on an H100)."""
+    tiles and below WA_WIDE_MIN_ROWS rows; from one wave on, with
+    WA_TILE_FIT, the height of least waves x WA_TILE_COST; without it, the
+    rows' plan everywhere."""
     from mlx_flash.backends import cuda_matmul
 
     plan = cuda_matmul.wa_plan
+    monkeypatch.setattr(cuda_matmul, "WA_TILE_FIT", False)
+    assert plan(2048, 3072, 132) == plan(2048) == cuda_matmul.WA_PLANS["wide"]
+    monkeypatch.setattr(cuda_matmul, "WA_TILE_FIT", True)
     assert plan(2048, 3072, 132) == (192, 6)     # 3B Llama's q / o / down: 264 tiles in 2 waves, not 192 in 2
     assert plan(1536, 3072, 132) == (192, 6)
     assert plan(2048, 4096, 132) == (256, 5)     # 8B's: 256 tiles, 2 full waves

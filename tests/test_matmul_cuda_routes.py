@@ -560,6 +560,7 @@ def test_cuda_wgmma_wa_tile_heights_and_decode_loads(plan, ka, kb, M, K, N, monk
 
     needs_hopper()
     monkeypatch.setattr(cuda_matmul, "WA_SK", True)
+    monkeypatch.setattr(cuda_matmul, "WA_TILE_FIT", True)
     gen = rng("wgmma-wa-bt-dw", plan, ka, kb, M, K, N)
     N = max(N, rows_needed(kb, K))
     a, _, a64 = make_operand(gen, (M, K), ka)

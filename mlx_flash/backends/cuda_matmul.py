@@ -122,10 +122,10 @@ WA_WIDE_MIN_ROWS = 256
 # shorter). WA_TILE_COST is each height's time a tile k-step relative to BT
 # 256's (a tile's products cost BT / 256 of BT 256's, but the decode and the
 # shared-memory traffic of the codes do not shrink with BT); wa_plan takes
-# the height of least (waves x cost), BT 256 on ties (WA_TILE_FIT False:
-# the rows' plan only). The costs are card measurements (docs/matmul.md,
-# session 26).
-WA_TILE_FIT = True
+# the height of least (waves x cost), BT 256 on ties, with WA_TILE_FIT on
+# (off: the rows' plan only, session 25's; off until a card has timed the
+# fit in a model, docs/matmul.md, session 26).
+WA_TILE_FIT = False
 WA_TILE_PLANS = {256: (256, 5), 192: (192, 6), 128: (128, 8)}
 WA_TILE_COST = {256: 1.0, 192: 0.875, 128: 0.75}
 # The width of the decode's shared-memory loads (matmul_wgmma_wa_sk.cuh's
