@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import json
 import os
 import statistics
@@ -998,11 +999,12 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
 # down) and 8B shape: bench_wa_tiles times each at every M it is given.
 WA_TILE_SHAPES = ((3072, 3072), (3072, 1024), (3072, 8192), (8192, 3072),
                   (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
-# Its cases: (name, plan (BT, stages, stream-K tiles) or None for the
-# default's, decode load bytes, tile fit).
+# Its cases: (name, plan (BT, stages, stream-K tiles: "all" for every tile,
+# its k-steps shared by every SM) or None for the default's, decode load
+# bytes, tile fit).
 WA_TILE_CASES = (("bt256_dw16", (256, 5, 0), 16, True), ("bt256_dw4", (256, 5, 0), 4, True),
                  ("bt192_dw16", (192, 6, 0), 16, True), ("bt192_dw4", (192, 6, 0), 4, True),
-                 ("bt128_dw4", (128, 8, 0), 4, True),
+                 ("bt128_dw4", (128, 8, 0), 4, True), ("bt256_skall_dw4", (256, 5, "all"), 4, True),
                  ("default_dw16_nofit", None, 16, False), ("default_dw16", None, 16, True),
                  ("default_dw4", None, 4, True))
 
@@ -1041,6 +1043,8 @@ def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 10, case
 
         calls_of = {"mlx_fp16": lambda: x @ w16.T}
         for name, plan, dw, fit in cases:
+            if plan is not None and plan[2:] == ("all",):
+                plan = plan[:2] + (min(math.ceil(m / plan[0]) * math.ceil(n / 128), 1024),)
             calls_of[name] = functools.partial(ours, plan, dw, fit)
         errs, plans = {}, {}
         for name, make in list(calls_of.items()):
