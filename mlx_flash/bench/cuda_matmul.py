@@ -59,8 +59,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import math
 import json
+import math
 import os
 import statistics
 import time
