@@ -1,25 +1,24 @@
 // Stream-K form of matmul_wgmma_wa.cuh's weight-as-A kernel (FP8Linear's
 // prefill product on Hopper): the same roles, ring, decode, products and
 // epilogue (read that header first), over a schedule that may cut a tile's
-// k-steps between two blocks. Two things only this form has (session 26):
+// k-steps between blocks. The route takes it where stream-K tiles are (since
+// session 24, below half a wave) or a plan forces a count; with 0 stream-K
+// tiles its schedule is that kernel's (every tile whole: tile g, g + grid,
+// ...) and so are its bits. Two things only this form has (session 26):
 // - tiles of 192 tokens (BT 192, m64n192 products): where 256-token tiles
-//   leave a partial wave (3B Llama's 2048 x 3072 x 3072: 192 tiles of 256 on
-//   132 SMs, two waves, the second half empty), 192-token tiles fill two
-//   waves (264 tiles), each a quarter shorter;
+//   leave a partial wave (a 3B Llama's 2048 x 3072 x 3072: 192 tiles of 256
+//   on 132 SMs, two waves, the second under half full), 192-token tiles fill
+//   two waves (264 tiles), each a quarter shorter;
 // - DW, the width of the decode's shared-memory loads: 16 (matmul_wgmma_wa.cuh's
 //   16-byte loads of a row's k16 chunk, of which a lane uses 4 bytes: every
-//   chunk read by the four lanes of a quad, 32 KiB of reads a 8 KiB stage of
-//   codes) or 4 (the two 32-bit words a lane uses, each read by two lanes:
-//   half the shared-memory wavefronts; a warp's eight rows' words fall in
-//   distinct banks under the 64-byte swizzle, so no conflict). Shared memory
-//   carries the decode's reads beside both warpgroups' wgmma reads of x and
-//   TMA's writes; at BT 128 that sum, not the tensor cores, set the pace. Taken only with MLX_FLASH_CUDA_FP8W_WA_SK=1
-// (or a plan that forces a stream-K count): session 21 built it and ran it in
-// the emulation, but no card could be started to run or time it, so the
-// default route keeps the kernel text a card has run (session 20's, in
-// matmul_wgmma_wa.cuh). Once a card has run this one at 0 and at > 0
-// stream-K tiles, it replaces that kernel (with 0 stream-K tiles its
-// schedule is that kernel's: every tile whole, tile g, g + grid, ...).
+//   chunk read by the four lanes of a quad, 32 KiB of reads for a stage's
+//   8 KiB of codes) or 4 (the two 32-bit words a lane uses, each read by two
+//   lanes: half the shared-memory wavefronts; a warp's eight rows' words fall
+//   in distinct banks under the 64-byte swizzle, so no conflict). Shared
+//   memory carries the decode's reads beside both warpgroups' wgmma reads of
+//   x and TMA's writes; at BT 128 that sum, not the tensor cores, may set the
+//   pace (BT 128 tiles took 0.71-0.77 of BT 256's time for half the work,
+//   H100, session 20).
 //
 // Stream-K (ip[kWaSkTiles] = s > 0): the first s tiles' k-steps (s x ktiles
 // of them) are cut into equal runs, one a block, before the data-parallel
