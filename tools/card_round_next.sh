@@ -667,15 +667,15 @@ elif [ "$PART" = s26a ]; then
     -k cuda
   step wa_gpu 240 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "wgmma_wa"
 elif [ "$PART" = s26b ]; then
-  # Session 26 (issue 15): each tile height and decode load width by the GPU time of a call alone, at the
-  # products of Llamas of 3B and 8B shape, 512 / 2048 tokens, beside MLX's fp16 product; then the models'
-  # prefill with the tile fit and the 4-byte decode loads, each alone and together, beside session 25's
-  # defaults (16-byte loads, no fit).
-  step wa_tiles 280 python3 -m mlx_flash.bench.cuda_matmul --sections wa_tiles --wa-tiles-rows 512,2048 \
-    --out "$OUT/matmul_wa_tiles.json"
-  step llama_prefill 270 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
+  # Session 26 (issue 15): the models' prefill with the tile fit and the 4-byte decode loads, each alone and
+  # together, beside session 25's defaults (16-byte loads, no fit); then each tile height and decode load
+  # width by the GPU time of a call alone, at the products of Llamas of 3B and 8B shape, 512 / 2048 tokens,
+  # beside MLX's fp16 product.
+  step llama_prefill 250 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
     --sections llama_prefill --llama-models llama_3b,llama_8b --llama-prompts 512,2048 \
     --llama-wa-variants old:16:0,dw4:4:0,fit:16:1,fit_dw4:4:1 --out "$OUT/matmul_llama_prefill_wa.json"
+  step wa_tiles 250 python3 -m mlx_flash.bench.cuda_matmul --sections wa_tiles --wa-tiles-rows 512,2048 \
+    --out "$OUT/matmul_wa_tiles.json"
 elif [ "$PART" = s26c ]; then
   # Session 26 (issue 15): s26b's model prefill at 1024 tokens too (not run unless time is left).
   step llama_prefill 400 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
