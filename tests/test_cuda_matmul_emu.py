@@ -750,29 +750,41 @@ def test_wa_tile_heights_and_decode_loads_emulated(ka, kb, M, K, plan, scale, ou
 
 
 def test_wa_tile_height_choice(monkeypatch):
-    """wa_plan(M, N, SMs): the rows' plan (WA_PLANS) below a wave of BT 256
-    tiles and below WA_WIDE_MIN_ROWS rows; from one wave on, with
-    WA_TILE_FIT, the height of least waves x WA_TILE_COST; without it, the
-    rows' plan everywhere."""
+    """wa_plan(M, N, K, SMs) on 132 SMs: without WA_TILE_FIT the rows' plan
+    (WA_PLANS) everywhere. With it, below WA_WIDE_MIN_ROWS rows the rows'
+    plan; from one wave of BT 256 tiles on, the height of least waves x
+    WA_TILE_COST; below a wave, 128-token tiles where they fill at most a
+    wave and K <= WA_NARROW_MAX_K (the H100 timings of part s26b behind each
+    case in the comments: GPU time of a call alone, us)."""
     from mlx_flash.backends import cuda_matmul
 
     plan = cuda_matmul.wa_plan
+    narrow, wide = cuda_matmul.WA_PLANS["narrow"], cuda_matmul.WA_PLANS["wide"]
     monkeypatch.setattr(cuda_matmul, "WA_TILE_FIT", False)
-    assert plan(2048, 3072, 132) == plan(2048) == cuda_matmul.WA_PLANS["wide"]
+    assert plan(2048, 3072, 3072, 132) == plan(2048) == wide and plan(512, 3072, 3072, 132) == wide
     monkeypatch.setattr(cuda_matmul, "WA_TILE_FIT", True)
-    assert plan(2048, 3072, 132) == (192, 6)     # 3B Llama's q / o / down: 264 tiles in 2 waves, not 192 in 2
-    assert plan(1536, 3072, 132) == (192, 6)
-    assert plan(2048, 4096, 132) == (256, 5)     # 8B's: 256 tiles, 2 full waves
-    assert plan(2048, 8192, 132) == (256, 5)     # 512 tiles: 3.9 waves
-    assert plan(2048, 14336, 132) == (256, 5)
-    assert plan(1024, 3072, 132) == (256, 5)     # 96 tiles: under a wave (stream-K's business)
-    assert plan(200, 3072, 132) == cuda_matmul.WA_PLANS["narrow"] == plan(200)
-    assert plan(2048) == cuda_matmul.WA_PLANS["wide"]
-    for m in range(256, 8192, 97):  # never more waves x cost than BT 256's
+    # from a wave on
+    assert plan(2048, 3072, 3072, 132) == (192, 6)   # 3B q / o: 264 tiles in 2 waves, not 192 in 2 (70 vs 86)
+    assert plan(2048, 3072, 8192, 132) == (192, 6)   # 3B down (161 vs 188)
+    assert plan(1536, 3072, 3072, 132) == (192, 6)
+    assert plan(2048, 4096, 4096, 132) == wide       # 8B q / o: 2 full waves (110 vs 126 at BT 192)
+    assert plan(2048, 8192, 3072, 132) == wide       # 3B gate / up: 3.9 waves (167 vs 189)
+    assert plan(2048, 14336, 4096, 132) == wide
+    # below a wave
+    assert plan(512, 3072, 3072, 132) == narrow      # 96 whole tiles of 128 (29.5 against 32.4 split)
+    assert plan(2048, 1024, 3072, 132) == narrow     # 3B k / v (30.4 against 34.4)
+    assert plan(512, 4096, 4096, 132) == narrow      # 8B q / o (37.3 against 39.2)
+    assert plan(512, 3072, 8192, 132) == wide        # K above WA_NARROW_MAX_K: split (57.5 against 65.6)
+    assert plan(512, 4096, 14336, 132) == wide
+    assert plan(1024, 3072, 3072, 132) == wide       # 192 tiles of 128: more than a wave
+    assert plan(512, 8192, 3072, 132) == wide        # 128 tiles of 256: under a wave, 256 of 128 over it
+    assert plan(200, 3072, 3072, 132) == narrow == plan(200)
+    for m in range(256, 8192, 97):  # from a wave on: never more waves x cost than BT 256's
         for n in (1024, 3072, 4096, 8192, 14336):
-            bt = plan(m, n, 132)[0]
+            bt = plan(m, n, 4096, 132)[0]
             waves = {h: -(-(-(-m // h)) * (-(-n // 128)) // 132) for h in (128, 192, 256)}
-            assert waves[bt] * cuda_matmul.WA_TILE_COST[bt] <= waves[256], (m, n, bt)
+            if waves[256] >= 1 and -(-m // 256) * -(-n // 128) >= 132:
+                assert waves[bt] * cuda_matmul.WA_TILE_COST[bt] <= waves[256], (m, n, bt)
 
 
 def test_wa_stream_k_choice(monkeypatch):

@@ -573,7 +573,7 @@ def test_cuda_wgmma_wa_tile_heights_and_decode_loads(plan, ka, kb, M, K, N, monk
         units = math.ceil(M / plan[0]) * math.ceil(N / 128)
         plan = plan[:2] + (min(units, 1024),)
     if plan is None and (M, K, N) == (2048, 3072, 3072):
-        assert cuda_matmul.wa_plan(M, N, cuda_matmul.sm_count()) == (192, 6) or cuda_matmul.sm_count() != 132
+        assert cuda_matmul.wa_plan(M, N, K, cuda_matmul.sm_count()) == (192, 6) or cuda_matmul.sm_count() != 132
     outs = {}
     for dw in (16, 4):
         monkeypatch.setattr(cuda_matmul, "WA_DECODE_BYTES", dw)

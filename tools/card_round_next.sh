@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e|s25a|s25b|s25c|s25d|s25e|s25f|s25g|s25h|s25i|s26a|s26b|s26c}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e|s25a|s25b|s25c|s25d|s25e|s25f|s25g|s25h|s25i|s26a|s26b|s26c|s26d}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -681,6 +681,15 @@ elif [ "$PART" = s26c ]; then
   step llama_prefill 400 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
     --sections llama_prefill --llama-models llama_3b,llama_8b --llama-prompts 1024 \
     --llama-wa-variants old:16:0,dw4:4:0,fit:16:1,fit_dw4:4:1 --out "$OUT/matmul_llama_prefill_wa_1024.json"
+elif [ "$PART" = s26d ]; then
+  # Session 26 (issue 15), after s26b: the tile fit with 128-token tiles below a wave (K <= 4096); the tile
+  # costs again with BT 128 at both load widths, 512 / 1024 / 2048 tokens; then the models with the fit.
+  step wa_tiles 200 python3 -m mlx_flash.bench.cuda_matmul --sections wa_tiles --wa-tiles-rows 512,1024,2048 \
+    --out "$OUT/matmul_wa_tiles.json"
+  step llama_prefill 250 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
+    --sections llama_prefill --llama-models llama_3b,llama_8b --llama-prompts 512,1024,2048 \
+    --llama-wa-variants old:16:0,fit:16:1,fit_dw4:4:1 --out "$OUT/matmul_llama_prefill_wa.json"
+  step wa_gpu 200 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "tile_heights"
 elif [ "$PART" = s25c ]; then
   # Session 25 (issue 15): s25b's model prefill with quantized activations came out slower than FP8Linear's
   # default: the same forwards profiled kernel by kernel (the quantize kernel, the native fp8 products).
@@ -692,6 +701,6 @@ elif [ "$PART" = s19c ]; then
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c, s24e, s25a-s25i or s26a-s26c, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c, s24e, s25a-s25i or s26a-s26d, got $PART" >&2
   exit 2
 fi

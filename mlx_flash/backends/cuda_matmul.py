@@ -115,19 +115,24 @@ FP8W_WA = _FP8W_WA == "1"
 # docs/matmul.md.
 WA_PLANS = {"narrow": (128, 8), "wide": (256, 5)}
 WA_WIDE_MIN_ROWS = 256
-# Where whole tiles fill one wave of the SMs or more, the tile height that
-# fills the waves best (session 26): a 3B Llama's 2048 x 3072 x 3072 product
-# makes 192 tiles of 256 tokens on 132 SMs (two waves, the second 45 %
-# full), but 264 tiles of 192 tokens (two full waves of tiles a quarter
-# shorter). WA_TILE_COST is each height's time a tile k-step relative to BT
-# 256's (a tile's products cost BT / 256 of BT 256's, but the decode and the
-# shared-memory traffic of the codes do not shrink with BT); wa_plan takes
-# the height of least (waves x cost), BT 256 on ties, with WA_TILE_FIT on
-# (off: the rows' plan only, session 25's; off until a card has timed the
-# fit in a model, docs/matmul.md, session 26).
+# The tile height fitted to the product (WA_TILE_FIT, session 26; off: the
+# rows' plan only, session 25's):
+# - where BT 256's whole tiles fill a wave of the SMs or more, the height of
+#   least waves x WA_TILE_COST, BT 256 on ties: a 3B Llama's 2048 x 3072 x
+#   3072 product makes 192 tiles of 256 tokens on 132 SMs (two waves, the
+#   second under half full) but 264 of 192 (two full waves of tiles a
+#   quarter shorter). WA_TILE_COST is a height's time a tile relative to BT
+#   256's (the products shrink with BT, the decode of the codes does not);
+# - below a wave, 128-token tiles where they fit one wave and K is at most
+#   WA_NARROW_MAX_K: more tiles, each a whole sum, instead of BT 256's tiles
+#   split between blocks (whose partial sums cost a round trip through L2).
+# H100, part s26b (the GPU time of a call alone): BT 192 took 0.77-0.81 of
+# BT 256's time a tile, BT 128 0.63; at 2048 x 3072 x 3072 BT 192 took 70 us
+# against 86; at 512 x 3072 x 3072 BT 128 whole 29.5 us against 32.4 split.
 WA_TILE_FIT = False
 WA_TILE_PLANS = {256: (256, 5), 192: (192, 6), 128: (128, 8)}
-WA_TILE_COST = {256: 1.0, 192: 0.875, 128: 0.75}
+WA_TILE_COST = {256: 1.0, 192: 0.8, 128: 0.63}
+WA_NARROW_MAX_K = 4096
 # The width of the decode's shared-memory loads (matmul_wgmma_wa_sk.cuh's
 # DW): 16 bytes (the kernel text of session 20) or 4 (the two words a lane
 # uses; half the wavefronts). Not 16 takes the stream-K form of the kernel
@@ -361,17 +366,17 @@ def wa_takes(spec) -> bool:
     return spec.a_fmt is None and spec.b_fmt is not None and spec.transpose_b
 
 
-def wa_plan(M: int, N: int = None, grid: int = None) -> tuple:
+def wa_plan(M: int, N: int = None, K: int = None, grid: int = None) -> tuple:
     """The weight-as-A kernel's default (BT, stages) for M rows of a: by the
-    rows alone (WA_PLANS), or, given the product's N and the SMs, the
-    tile height (WA_TILE_PLANS) of least waves x WA_TILE_COST where BT 256's
-    whole tiles fill a wave or more (below, stream-K splits its tiles)."""
+    rows alone (WA_PLANS), or, given the product's N, K and the SMs and with
+    WA_TILE_FIT, the tile height fitted to the waves (see WA_TILE_FIT)."""
     plan = WA_PLANS["wide" if M >= WA_WIDE_MIN_ROWS else "narrow"]
     if N is None or plan[0] != 256 or not WA_TILE_FIT:
         return plan
     tiles_n = math.ceil(N / 128)
     if math.ceil(M / 256) * tiles_n < grid:
-        return plan
+        narrow = WA_TILE_PLANS[128]
+        return narrow if K <= WA_NARROW_MAX_K and math.ceil(M / 128) * tiles_n <= grid else plan
     best, cost = plan, None
     for bt, candidate in WA_TILE_PLANS.items():  # BT 256 first: it keeps ties
         c = math.ceil(math.ceil(M / bt) * tiles_n / grid) * WA_TILE_COST[bt]
@@ -737,7 +742,7 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     if not _tma_available():
         raise ValueError("route wgmma_wa needs TMA (a Hopper GPU and a driver with cuTensorMapEncodeTiled)")
     grid = sm_count()
-    plan = tuple(wa_plan(spec.M, spec.N, grid) if plan is None else plan)
+    plan = tuple(wa_plan(spec.M, spec.N, spec.K, grid) if plan is None else plan)
     if len(plan) not in (2, 3) or plan[0] not in (128, 192, 256) or plan[1] < 2:
         raise ValueError("route wgmma_wa: plan (BT, stages[, stream-K tiles]) with BT 128, 192 or 256 and 2 stages "
                          f"or more, got {plan}")

@@ -1002,10 +1002,10 @@ WA_TILE_SHAPES = ((3072, 3072), (3072, 1024), (3072, 8192), (8192, 3072),
 # Its cases: (name, plan (BT, stages, stream-K tiles: "all" for every tile,
 # its k-steps shared by every SM) or None for the default's, decode load
 # bytes, tile fit).
-WA_TILE_CASES = (("bt256_dw16", (256, 5, 0), 16, True), ("bt256_dw4", (256, 5, 0), 4, True),
-                 ("bt192_dw16", (192, 6, 0), 16, True), ("bt192_dw4", (192, 6, 0), 4, True),
-                 ("bt128_dw4", (128, 8, 0), 4, True), ("bt256_skall_dw4", (256, 5, "all"), 4, True),
-                 ("default_dw16_nofit", None, 16, False), ("default_dw4", None, 4, True))
+WA_TILE_CASES = (("bt256_dw16", (256, 5, 0), 16, True), ("bt192_dw16", (192, 6, 0), 16, True),
+                 ("bt128_dw16", (128, 8, 0), 16, True), ("bt128_dw4", (128, 8, 0), 4, True),
+                 ("default_dw16_nofit", None, 16, False), ("default_dw16", None, 16, True),
+                 ("default_dw4", None, 4, True))
 
 
 def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases=WA_TILE_CASES):
@@ -1015,8 +1015,8 @@ def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases
     MLX's fp16 product `x @ w16.T`: FP8Linear's product (fp16 x [M, K],
     e4m3 weight [N, K], a scale per weight row) with each plan whole
     (stream-K tiles 0), and the default plan (stream-K as the defaults
-    say): session 25's (16-byte loads, no tile fit) and the new one (4-byte
-    loads, the fit). Cases in turn, `rounds` times, the
+    say): session 25's (16-byte loads, no tile fit) and with the fit (either
+    load width). Cases in turn, `rounds` times, the
     median; each result checked against float32 once."""
     from .. import fp8
     from ..backends import cuda_matmul as cm
@@ -1061,7 +1061,7 @@ def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases
             if plan is None:
                 saved = cm.WA_TILE_FIT
                 cm.WA_TILE_FIT = fit
-                plans[name] = list(cm.wa_plan(m, n, cm.sm_count()))
+                plans[name] = list(cm.wa_plan(m, n, k, cm.sm_count()))
                 cm.WA_TILE_FIT = saved
         samples = interleave({name: _mlx_batch(make) for name, make in calls_of.items()}, rounds,
                              lambda name, prep: gpu_time_per_call(prep, calls, torch)["gpu_us_per_call"])
