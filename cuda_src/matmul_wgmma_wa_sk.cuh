@@ -4,21 +4,15 @@
 // k-steps between blocks. The route takes it where stream-K tiles are (since
 // session 24, below half a wave) or a plan forces a count; with 0 stream-K
 // tiles its schedule is that kernel's (every tile whole: tile g, g + grid,
-// ...) and so are its bits. Two things only this form has (session 26):
-// - tiles of 192 tokens (BT 192, m64n192 products): where 256-token tiles
-//   leave a partial wave (a 3B Llama's 2048 x 3072 x 3072: 192 tiles of 256
-//   on 132 SMs, two waves, the second under half full), 192-token tiles fill
-//   two waves (264 tiles), each a quarter shorter;
-// - DW, the width of the decode's shared-memory loads: 16 (matmul_wgmma_wa.cuh's
-//   16-byte loads of a row's k16 chunk, of which a lane uses 4 bytes: every
-//   chunk read by the four lanes of a quad, 32 KiB of reads for a stage's
-//   8 KiB of codes) or 4 (the two 32-bit words a lane uses, each read by two
-//   lanes: half the shared-memory wavefronts; a warp's eight rows' words fall
-//   in distinct banks under the 64-byte swizzle, so no conflict). Shared
-//   memory carries the decode's reads beside both warpgroups' wgmma reads of
-//   x and TMA's writes; at BT 128 that sum, not the tensor cores, may set the
-//   pace (BT 128 tiles took 0.71-0.77 of BT 256's time for half the work,
-//   H100, session 20).
+// ...) and so are its bits. Only this form has tiles of 192 tokens (BT 192,
+// m64n192 products; session 26): where 256-token tiles leave a partial wave
+// (a 3B Llama's 2048 x 3072 x 3072: 192 tiles of 256 on 132 SMs, two waves,
+// the second under half full), 192-token tiles fill two waves (264 tiles),
+// each ~0.8 of the time (H100, part s26b: 70 us against 86).
+// (Session 26 also tried decode loads of the two 32-bit words a lane uses
+// instead of its row's whole 16-byte chunk, half the shared-memory
+// wavefronts: the same time at BT 128, 192 and 256 on an H100, so shared
+// memory does not set the pace; not kept.)
 //
 // Stream-K (ip[kWaSkTiles] = s > 0): the first s tiles' k-steps (s x ktiles
 // of them) are cut into equal runs, one a block, before the data-parallel
@@ -89,14 +83,13 @@ struct WaSchedule {
   }
 };
 
-template <typename TA, typename TO, int FB, bool AS, bool BS, int BT, int STAGES, int DW>
+template <typename TA, typename TO, int FB, bool AS, bool BS, int BT, int STAGES>
 __device__ void matmul_wgmma_wa_sk(const TA* a, const uint8_t* b, const float* a_scale, const float* b_scale,
                                    const int* ip, const uint8_t* tmpl, const unsigned* tickets, TO* out,
                                    uint8_t* tmaps, float* part) {
   static_assert(sizeof(TA) == 2 && (FB == 1 || FB == 2), "a 16-bit x and fp8 (e4m3 / e5m2) weight codes");
   // (BT a multiple of 32: a fixup adds a slot's BT / 8 float4s four at a time.)
   static_assert(BT == 128 || BT == 192 || BT == 256, "tiles of 128, 192 or 256 tokens");
-  static_assert(DW == 16 || DW == 4, "decode loads of 16 or 4 bytes");
   static_assert(STAGES >= 2, "a ring");
   constexpr int KT = WgKind<TA, 0>::value;  // 16 half, 17 bfloat16
   constexpr int X_BYTES = BT * 128, W_BYTES = 128 * 64, STAGE_BYTES = X_BYTES + W_BYTES;
@@ -168,9 +161,7 @@ __device__ void matmul_wgmma_wa_sk(const TA* a, const uint8_t* b, const float* a
   const int wrow0 = c * 64 + warp * 16 + g, wrow1 = wrow0 + 8;
 
   // The A fragments of half `half` of a stage (its k16 steps 2 half and
-  // 2 half + 1), decoded from the stage's codes wt. A row's k16 chunk sits at
-  // 16-byte position kk ^ sw of the row (64-byte swizzle, sw = (row / 2) % 4);
-  // k 2t, 2t+1 are in its 32-bit word t / 2, k 2t+8, 2t+9 in word 2 + t / 2.
+  // 2 half + 1), decoded from the stage's codes wt.
   auto decode = [&](const unsigned char* wt, int half, unsigned (&fr)[2][4]) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -179,15 +170,8 @@ __device__ void matmul_wgmma_wa_sk(const TA* a, const uint8_t* b, const float* a
       const int sw = (row >> 1) & 3;  // the 64-byte swizzle of this row's 16-byte chunks
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const unsigned char* chunk = rp + (((2 * half + j) ^ sw) << 4);
-        unsigned lo, hi;
-        if constexpr (DW == 16) {
-          const uint4 q = *reinterpret_cast<const uint4*>(chunk);
-          lo = (odd_word ? q.y : q.x) >> shift, hi = (odd_word ? q.w : q.z) >> shift;
-        } else {
-          const unsigned* w = reinterpret_cast<const unsigned*>(chunk) + (odd_word ? 1 : 0);
-          lo = w[0] >> shift, hi = w[2] >> shift;
-        }
+        const uint4 q = *reinterpret_cast<const uint4*>(rp + (((2 * half + j) ^ sw) << 4));
+        const unsigned lo = (odd_word ? q.y : q.x) >> shift, hi = (odd_word ? q.w : q.z) >> shift;
         fr[j][i] = wa_decode_pair<TA, FB>(lo);
         fr[j][2 + i] = wa_decode_pair<TA, FB>(hi);
       }

@@ -378,20 +378,19 @@ def test_cuda_matmul_bench_llama_prefill_on_the_cpu():
     tiny = dict(cm.LLAMA_CONFIGS["llama_1b"], hidden_size=128, num_hidden_layers=2, intermediate_size=256,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=300)
     rec = Recorder()
-    settings = (backend.WA_SK, backend.WA_SK_SPLITS, backend.WA_SK_WAVES, backend.WA_DECODE_BYTES,
-                backend.WA_TILE_FIT)
+    settings = (backend.WA_SK, backend.WA_SK_SPLITS, backend.WA_SK_WAVES, backend.WA_TILE_FIT)
     cm.bench_llama_prefill(rec, ("tiny",), (1, 17), rounds=2, configs={"tiny": tiny},
-                           variants=(("s4", 4, True),), wa_variants=(("dw4", 4, False),))
-    assert settings == (backend.WA_SK, backend.WA_SK_SPLITS, backend.WA_SK_WAVES, backend.WA_DECODE_BYTES,
-                        backend.WA_TILE_FIT), "the cases put cuda_matmul's settings back"
+                           variants=(("s4", 4, True),), wa_variants=(("nofit", not backend.WA_TILE_FIT),))
+    assert settings == (backend.WA_SK, backend.WA_SK_SPLITS, backend.WA_SK_WAVES, backend.WA_TILE_FIT), \
+        "the cases put cuda_matmul's settings back"
     rows = [r for r in rec.rows if r["section"] == "llama_prefill"]
     assert [(r["prompt"], r["case"]) for r in rows] == [
         (p, c) for p in (1, 17) for c in ("fp16", "fp8_e4m3", "fp8_e4m3_stream_k", "fp8_e4m3_act_e4m3",
-                                          "fp8_e4m3_sk_s4", "fp8_e4m3_wa_dw4")]
+                                          "fp8_e4m3_sk_s4", "fp8_e4m3_wa_nofit")]
     for row in rows:
         assert "error" not in row, row
         assert len(row["seconds_all"]) == 2 and row["prompt_tokens_per_s"] > 0 and row["vs_fp16"] > 0
-        if row["case"] in ("fp8_e4m3_stream_k", "fp8_e4m3_sk_s4", "fp8_e4m3_wa_dw4"):
+        if row["case"] in ("fp8_e4m3_stream_k", "fp8_e4m3_sk_s4", "fp8_e4m3_wa_nofit"):
             assert row["max_abs_logit_diff_vs_fp8_e4m3"] == 0.0
         if row["case"] == "fp8_e4m3_act_e4m3":
             # 17 tokens quantize the activations (1 does not: a decode-sized call)
@@ -405,7 +404,7 @@ def test_cuda_matmul_bench_llama_prefill_on_the_cpu():
         with pytest.raises(SystemExit) as info:
             cm.main(["--sections", "llama_prefill", "--llama-sk-variants", bad])
         assert info.value.code == 2, bad
-    for bad in ("a:4", "a:8:1", "a:4:yes"):
+    for bad in ("a", "a:16:1", "a:yes"):
         with pytest.raises(SystemExit) as info:
             cm.main(["--sections", "llama_prefill", "--llama-wa-variants", bad])
         assert info.value.code == 2, bad

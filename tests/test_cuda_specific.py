@@ -846,22 +846,20 @@ def test_matmul_weight_as_a_kernel_compiles_bounded_and_asynchronous(kernel, tmp
     consumers), no spills (128 accumulators and two sets of 8 A-fragment
     registers at BT 256), no serialisation warning, and in the SASS four
     wgmma a stage (two halves of two) with a wait after each half, none
-    between a half's two. The stream-K form also at BT 192 and with 4-byte
-    decode loads."""
+    between a half's two. The stream-K form also at BT 192."""
     body = cuda_backend._read(kernel + ".cu")
     sk = kernel.endswith("_sk")
     inputs = [("tmpl", mx.uint8)] + ([("tickets", mx.uint32)] if sk else [])
     outputs = [("tmaps", mx.uint8)] + ([("part", mx.float32)] if sk else [])
     kernels = []
-    cases = [case + (16,) for case in _matmul_wa_cases()]
+    cases = list(_matmul_wa_cases())
     if sk:
-        # Only the stream-K form has 192-token tiles and 4-byte decode loads (DW, session 26).
+        # Only the stream-K form has 192-token tiles (session 26).
         f16, b16, f32 = mx.float16, mx.bfloat16, mx.float32
-        cases = [cases[0][:5] + (4,), cases[1][:5] + (4,)] + cases + [
-            (f16, f16, 1, 192, 6, 4), (b16, b16, 2, 192, 6, 16), (b16, f32, 1, 192, 6, 4), (f16, f32, 2, 256, 5, 4)]
-    for i, (ta, to, fb, bt, stages, dw) in enumerate(cases):
+        cases += [(f16, f16, 1, 192, 6), (b16, b16, 2, 192, 6), (b16, f32, 1, 192, 6)]
+    for i, (ta, to, fb, bt, stages) in enumerate(cases):
         template = [("TA", ta), ("TO", to), ("FB", fb), ("AS", i % 2 == 0), ("BS", True), ("BT", bt),
-                    ("STAGES", stages)] + ([("DW", dw)] if sk else [])
+                    ("STAGES", stages)]
         kernels.append(_kernel_text(f"wa{i}", body, matmul_inputs(ta, mx.uint8) + inputs, [("out", to)] + outputs,
                                     template))
     log = _nvcc_compile(tmp_path, kernel, _prelude(cuda_backend.kernel_headers(kernel)) + "\n" + "\n".join(kernels),

@@ -663,6 +663,8 @@ elif [ "$PART" = s26a ]; then
   # Session 26 (issue 15): first session 25's s25i (the quantize kernel with max_finite a constant of FMT),
   # then the weight-as-A kernel's new stream-K form: 192-token tiles and the decode's 4-byte loads (every plan
   # with both widths: the same bits, float64), beside the wa cases run before (stream-K, the operand cases).
+  # (The 4-byte loads were removed after s26d: no faster. s26a-s26d ran with them; their variant lists below
+  # are in today's NAME:FIT form.)
   step act_gpu 150 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_fp8_activations.py tests/test_fp8_nn.py \
     -k cuda
   step wa_gpu 240 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "wgmma_wa"
@@ -673,14 +675,14 @@ elif [ "$PART" = s26b ]; then
   # beside MLX's fp16 product.
   step llama_prefill 250 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
     --sections llama_prefill --llama-models llama_3b,llama_8b --llama-prompts 512,2048 \
-    --llama-wa-variants old:16:0,dw4:4:0,fit:16:1,fit_dw4:4:1 --out "$OUT/matmul_llama_prefill_wa.json"
+    --llama-wa-variants old:0,fit:1 --out "$OUT/matmul_llama_prefill_wa.json"
   step wa_tiles 250 python3 -m mlx_flash.bench.cuda_matmul --sections wa_tiles --wa-tiles-rows 512,2048 \
     --out "$OUT/matmul_wa_tiles.json"
 elif [ "$PART" = s26c ]; then
   # Session 26 (issue 15): s26b's model prefill at 1024 tokens too (not run unless time is left).
   step llama_prefill 400 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
     --sections llama_prefill --llama-models llama_3b,llama_8b --llama-prompts 1024 \
-    --llama-wa-variants old:16:0,dw4:4:0,fit:16:1,fit_dw4:4:1 --out "$OUT/matmul_llama_prefill_wa_1024.json"
+    --llama-wa-variants old:0,fit:1 --out "$OUT/matmul_llama_prefill_wa_1024.json"
 elif [ "$PART" = s26d ]; then
   # Session 26 (issue 15), after s26b: the tile fit with 128-token tiles below a wave (K <= 4096); the tile
   # costs again with BT 128 at both load widths, 512 / 1024 / 2048 tokens; then the models with the fit.
@@ -688,7 +690,7 @@ elif [ "$PART" = s26d ]; then
     --out "$OUT/matmul_wa_tiles.json"
   step llama_prefill 250 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
     --sections llama_prefill --llama-models llama_3b,llama_8b --llama-prompts 512,1024,2048 \
-    --llama-wa-variants old:16:0,fit:16:1,fit_dw4:4:1 --out "$OUT/matmul_llama_prefill_wa.json"
+    --llama-wa-variants old:0,fit:1 --out "$OUT/matmul_llama_prefill_wa.json"
   step wa_gpu 200 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "tile_heights"
 elif [ "$PART" = s25c ]; then
   # Session 25 (issue 15): s25b's model prefill with quantized activations came out slower than FP8Linear's

@@ -115,8 +115,8 @@ FP8W_WA = _FP8W_WA == "1"
 # docs/matmul.md.
 WA_PLANS = {"narrow": (128, 8), "wide": (256, 5)}
 WA_WIDE_MIN_ROWS = 256
-# The tile height fitted to the product (WA_TILE_FIT, session 26; off: the
-# rows' plan only, session 25's):
+# The tile height fitted to the product (WA_TILE_FIT, on since session 26;
+# off: the rows' plan only, session 25's):
 # - where BT 256's whole tiles fill a wave of the SMs or more, the height of
 #   least waves x WA_TILE_COST, BT 256 on ties: a 3B Llama's 2048 x 3072 x
 #   3072 product makes 192 tiles of 256 tokens on 132 SMs (two waves, the
@@ -126,18 +126,15 @@ WA_WIDE_MIN_ROWS = 256
 # - below a wave, 128-token tiles where they fit one wave and K is at most
 #   WA_NARROW_MAX_K: more tiles, each a whole sum, instead of BT 256's tiles
 #   split between blocks (whose partial sums cost a round trip through L2).
-# H100, part s26b (the GPU time of a call alone): BT 192 took 0.77-0.81 of
-# BT 256's time a tile, BT 128 0.63; at 2048 x 3072 x 3072 BT 192 took 70 us
-# against 86; at 512 x 3072 x 3072 BT 128 whole 29.5 us against 32.4 split.
-WA_TILE_FIT = False
+# H100, parts s26b / s26d (the GPU time of a call alone, 24 products of
+# Llamas of 3B and 8B shape at 512-2048 tokens): BT 192 took 0.77-0.81 of
+# BT 256's time a tile, BT 128 0.63; with the fit no product took longer
+# (beyond 1 %) and ten took 3-28 % less: 2048 x 3072 x 3072 71 us against 86,
+# 512 x 3072 x 1024 (k / v) 21 against 29 (BT 128, split in two).
+WA_TILE_FIT = True
 WA_TILE_PLANS = {256: (256, 5), 192: (192, 6), 128: (128, 8)}
 WA_TILE_COST = {256: 1.0, 192: 0.8, 128: 0.63}
 WA_NARROW_MAX_K = 4096
-# The width of the decode's shared-memory loads (matmul_wgmma_wa_sk.cuh's
-# DW): 16 bytes (the kernel text of session 20) or 4 (the two words a lane
-# uses; half the wavefronts). Not 16 takes the stream-K form of the kernel
-# for every call.
-WA_DECODE_BYTES = 16
 # Up to this many rows of a (inclusive); from more, the decode pass and the
 # 16-bit kernel (CVT_RAW_MAX_ROWS). H100, `--sections targets`: at 8192^3 the
 # pass's GPU time was 0.87x this kernel's (s19b / s20d against s20c), and its
@@ -746,8 +743,6 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     if len(plan) not in (2, 3) or plan[0] not in (128, 192, 256) or plan[1] < 2:
         raise ValueError("route wgmma_wa: plan (BT, stages[, stream-K tiles]) with BT 128, 192 or 256 and 2 stages "
                          f"or more, got {plan}")
-    if WA_DECODE_BYTES not in (4, 16):
-        raise ValueError(f"cuda_matmul.WA_DECODE_BYTES must be 4 or 16, got {WA_DECODE_BYTES!r}")
     bt, stages = plan[:2]
     if wa_smem(bt, stages) > _WS_MAX_DYNAMIC_SMEM:
         raise ValueError(f"route wgmma_wa: BT {bt} x {stages} stages need {wa_smem(bt, stages)} bytes of shared "
@@ -779,11 +774,10 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     tmpl = _wa_tma_templates(M, Kp, Np, bt)
     launch = dict(template=template, grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
                   init_value=POISON, stream=stream)
-    if len(plan) == 2 and sk == 0 and bt != 192 and WA_DECODE_BYTES == 16:
+    if len(plan) == 2 and sk == 0 and bt != 192:
         # Every tile whole: the kernel text of session 20. Its stream-K form
         # below gives the same bits with 0 stream-K tiles (the same products
-        # in the same order); only that form has 192-token tiles and 4-byte
-        # decode loads.
+        # in the same order); only that form has 192-token tiles.
         ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale))
         kernel = _kernel_object("matmul_wgmma_wa", _WGMMA_INPUTS, _WA_OUTPUTS, wa_smem(bt, stages))
         (out, _) = kernel(inputs=inputs + [ip, tmpl],
@@ -792,7 +786,6 @@ def _wgmma_wa(a, b, a_scale, b_scale, spec, stream, plan=None):
     else:
         ip = _params((M, Np, Kp, int(spec.b_batched)) + _scale_flags(a_scale, b_scale) + (sk,))
         kernel = _kernel_object("matmul_wgmma_wa_sk", _WA_SK_INPUTS, _WA_SK_OUTPUTS, wa_smem(bt, stages))
-        launch["template"] = template + [("DW", WA_DECODE_BYTES)]
         (out, _, _) = kernel(
             inputs=inputs + [ip, tmpl, _cuda._ticket_region(stream) if sk else _params((0,), mx.uint32)],
             # part: two fp32 tiles of partial sums a block (the tiles its run starts and ends in).

@@ -1000,23 +1000,21 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
 WA_TILE_SHAPES = ((3072, 3072), (3072, 1024), (3072, 8192), (8192, 3072),
                   (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
 # Its cases: (name, plan (BT, stages, stream-K tiles: "all" for every tile,
-# its k-steps shared by every SM) or None for the default's, decode load
-# bytes, tile fit).
-WA_TILE_CASES = (("bt256_dw16", (256, 5, 0), 16, True), ("bt192_dw16", (192, 6, 0), 16, True),
-                 ("bt128_dw16", (128, 8, 0), 16, True), ("bt128_dw4", (128, 8, 0), 4, True),
-                 ("default_dw16_nofit", None, 16, False), ("default_dw16", None, 16, True),
-                 ("default_dw4", None, 4, True))
+# its k-steps shared by every SM) or None for the default's, tile fit).
+# (Parts s26b and s26d also timed decode loads of 4 bytes, since removed:
+# their cases' names end in _dw4 / _dw16.)
+WA_TILE_CASES = (("bt256", (256, 5, 0), True), ("bt192", (192, 6, 0), True), ("bt128", (128, 8, 0), True),
+                 ("default_nofit", None, False), ("default", None, True))
 
 
 def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases=WA_TILE_CASES):
-    """The weight-as-A kernel's tile heights and decode load widths (session
-    26), by the GPU time of a call run alone (CUPTI, gpu_time_per_call: what
+    """The weight-as-A kernel's tile heights (session 26), by the GPU time of
+    a call run alone (CUPTI, gpu_time_per_call: what
     predicts a model, whose products mostly wait on the one before), beside
     MLX's fp16 product `x @ w16.T`: FP8Linear's product (fp16 x [M, K],
     e4m3 weight [N, K], a scale per weight row) with each plan whole
     (stream-K tiles 0), and the default plan (stream-K as the defaults
-    say): session 25's (16-byte loads, no tile fit) and with the fit (either
-    load width). Cases in turn, `rounds` times, the
+    say) with the tile fit and without (session 25's). Cases in turn, `rounds` times, the
     median; each result checked against float32 once."""
     from .. import fp8
     from ..backends import cuda_matmul as cm
@@ -1033,19 +1031,18 @@ def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases
         mx.eval(x, w16, w8, scale)
         ref = (x.astype(mx.float32) @ fp8.decode(w8, "e4m3").T) * scale
 
-        def ours(plan, dw, fit):
-            saved = cm.WA_DECODE_BYTES, cm.WA_TILE_FIT
-            cm.WA_DECODE_BYTES, cm.WA_TILE_FIT = dw, fit
+        def ours(plan, fit):
+            saved, cm.WA_TILE_FIT = cm.WA_TILE_FIT, fit
             try:
                 return cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, route="wgmma_wa", plan=plan)
             finally:
-                cm.WA_DECODE_BYTES, cm.WA_TILE_FIT = saved
+                cm.WA_TILE_FIT = saved
 
         calls_of = {"mlx_fp16": lambda: x @ w16.T}
-        for name, plan, dw, fit in cases:
+        for name, plan, fit in cases:
             if plan is not None and plan[2:] == ("all",):
                 plan = plan[:2] + (min(math.ceil(m / plan[0]) * math.ceil(n / 128), 1024),)
-            calls_of[name] = functools.partial(ours, plan, dw, fit)
+            calls_of[name] = functools.partial(ours, plan, fit)
         errs, plans = {}, {}
         for name, make in list(calls_of.items()):
             try:
@@ -1057,7 +1054,7 @@ def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases
             except Exception as e:  # noqa: BLE001
                 rec.add(section="wa_tiles", case=name, m=m, k=k, n=n, error=f"{type(e).__name__}: {e}"[:500])
                 del calls_of[name]
-        for name, plan, dw, fit in cases:
+        for name, plan, fit in cases:
             if plan is None:
                 saved = cm.WA_TILE_FIT
                 cm.WA_TILE_FIT = fit
@@ -1481,8 +1478,8 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
     each other (stream-K only reorders a tile's sums). `variants`: (name,
     splits, waves) each, one more case "fp8_e4m3_sk_<name>" with stream-K on,
     cuda_matmul.WA_SK_SPLITS = splits and WA_SK_WAVES = waves. `wa_variants`:
-    (name, decode bytes, fit) each, a case "fp8_e4m3_wa_<name>" with
-    cuda_matmul.WA_DECODE_BYTES and WA_TILE_FIT so set (session 26).
+    (name, fit) each, a case "fp8_e4m3_wa_<name>" with cuda_matmul.WA_TILE_FIT
+    so set (session 26).
     "fp8_e4m3_act_e4m3": the same layers with activations="e4m3" (the input
     quantized a token at a time, fp8 x fp8 on the native fp8 tensor cores;
     moves the logits, so its row's max_abs_logit_diff_vs_fp16 says by how much)."""
@@ -1517,9 +1514,8 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
             for vname, splits, waves in variants:
                 cases[f"fp8_e4m3_sk_{vname}"] = functools.partial(
                     forward, model8, {"WA_SK": True, "WA_SK_SPLITS": splits, "WA_SK_WAVES": waves})
-            for vname, dw, fit in wa_variants:
-                cases[f"fp8_e4m3_wa_{vname}"] = functools.partial(
-                    forward, model8, {"WA_DECODE_BYTES": dw, "WA_TILE_FIT": fit})
+            for vname, fit in wa_variants:
+                cases[f"fp8_e4m3_wa_{vname}"] = functools.partial(forward, model8, {"WA_TILE_FIT": fit})
             last = {}
 
             def sample(case, call):
@@ -1690,8 +1686,8 @@ def main(argv=None):
     parser.add_argument("--llama-prompts", default="512,1024,2048",
                         help="prompt lengths (tokens) of the llama_prefill section, comma separated")
     parser.add_argument("--llama-wa-variants", default="",
-                        help="llama_prefill: NAME:DW:FIT cases, comma separated (cuda_matmul.WA_DECODE_BYTES = DW "
-                             "(4 or 16), WA_TILE_FIT = FIT (0 or 1))")
+                        help="llama_prefill: NAME:FIT cases, comma separated (cuda_matmul.WA_TILE_FIT = FIT, "
+                             "0 or 1)")
     parser.add_argument("--wa-tiles-rows", default="512,1024,2048",
                         help="wa_tiles: M values (tokens), comma separated")
     parser.add_argument("--llama-sk-variants", default="",
@@ -1707,10 +1703,10 @@ def main(argv=None):
         parser.error(f"--llama-sk-variants: expected NAME:SPLITS:WAVES (SPLITS 2 or more, WAVES 0 or 1) separated "
                      f"by commas, got {args.llama_sk_variants!r}")
     try:
-        wa_variants = tuple((n, {"4": 4, "16": 16}[dw], {"0": False, "1": True}[fit]) for n, dw, fit in
+        wa_variants = tuple((n, {"0": False, "1": True}[fit]) for n, fit in
                             (v.split(":") for v in args.llama_wa_variants.split(",") if v))
     except (ValueError, KeyError):
-        parser.error(f"--llama-wa-variants: expected NAME:DW:FIT (DW 4 or 16, FIT 0 or 1) separated by commas, "
+        parser.error(f"--llama-wa-variants: expected NAME:FIT (FIT 0 or 1) separated by commas, "
                      f"got {args.llama_wa_variants!r}")
     if args.plot:
         print(f"wrote {plot(args.plot)}")
