@@ -412,8 +412,8 @@ def test_cuda_matmul_bench_llama_prefill_on_the_cpu():
 
 def test_cuda_matmul_plot_draws_the_panels_a_run_holds(tmp_path):
     """A targets-only run plots its wall and GPU-time panels, a prefill run its ratios to MLX, a model run its
-    ratios to the fp16 model and its profile's kernel classes; a run with nothing to plot is an error naming
-    the file."""
+    ratios to the fp16 model and its profile's kernel classes, a wa_tiles run its plans' ratios to MLX; a run
+    with nothing to plot is an error naming the file."""
     import json
 
     pytest.importorskip("matplotlib")
@@ -437,6 +437,11 @@ def test_cuda_matmul_plot_draws_the_panels_a_run_holds(tmp_path):
     path = tmp_path / "model.json"
     path.write_text(json.dumps({"card": "H100", "mlx": "0", "time": "t", "rows": model}))
     assert cm.plot(str(path)).endswith("model.png") and (tmp_path / "model.png").stat().st_size > 1000
+    tiles = [dict(section="wa_tiles", m=m, k=3072, n=3072, case=c, gpu_us=us, vs_mlx_fp16=r)
+             for m in (512, 2048) for c, us, r in (("default_nofit", 85.6, 0.62), ("default", 70.7, 0.76))]
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps({"card": "H100", "mlx": "0", "time": "t", "rows": tiles}))
+    assert cm.plot(str(path)).endswith("tiles.png") and (tmp_path / "tiles.png").stat().st_size > 1000
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"card": "H100", "mlx": "0", "time": "t", "rows": [{"section": "device"}]}))
     with pytest.raises(ValueError, match="empty.json"):

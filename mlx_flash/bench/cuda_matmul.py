@@ -1114,8 +1114,8 @@ def _grouped(ax, rows, group_of, case_of, key):
 def plot(path: str) -> str:
     """The panels a run holds: gemm and targets TFLOP/s per case and size
     (targets: by wall with the queue full, and by GPU time through CUPTI),
-    decode weight GB/s against the copy bandwidth, prefill time ratios
-    against MLX's fp16 matmul."""
+    decode weight GB/s against the copy bandwidth, prefill and wa_tiles time
+    ratios against MLX's fp16 matmul, the models' ratios and profile."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1130,13 +1130,14 @@ def plot(path: str) -> str:
     prefill = [r for r in rows if r.get("section") == "prefill_ratio"]
     model = [r for r in rows if r.get("section") == "llama_prefill" and "vs_fp16" in r and r["case"] != "fp16"]
     profile = [r for r in rows if r.get("section") == "llama_prefill_profile" and "by_class_us" in r]
+    tiles = [r for r in rows if r.get("section") == "wa_tiles" and "vs_mlx_fp16" in r]
     panels = [p for p, got in (("gemm", gemm), ("targets", targets), ("targets_gpu", [r for r in targets
                                                                                         if "gpu_tflops" in r]),
                                ("decode", dec), ("prefill", prefill), ("llama_prefill", model),
-                               ("llama_prefill_profile", profile)) if got]
+                               ("llama_prefill_profile", profile), ("wa_tiles", tiles)) if got]
     if not panels:
-        raise ValueError(f"{path}: no gemm, targets, decode, prefill, llama_prefill or llama_prefill_profile rows "
-                         "to plot")
+        raise ValueError(f"{path}: no gemm, targets, decode, prefill, llama_prefill, llama_prefill_profile or "
+                         "wa_tiles rows to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "gemm":
@@ -1165,6 +1166,11 @@ def plot(path: str) -> str:
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
             ax.set_ylabel("prompt tokens/s / the fp16 model's (> 1: faster)")
             ax.set_title("mlx-lm Llama prefill, FP8Linear cases vs fp16")
+        elif panel == "wa_tiles":
+            _grouped(ax, tiles, lambda r: f'{r["m"]}x{r["k"]}x{r["n"]}', lambda r: r["case"], "vs_mlx_fp16")
+            ax.axhline(1.0, color="k", lw=0.8, ls="--")
+            ax.set_ylabel("MLX fp16 GPU time / ours (> 1: faster)")
+            ax.set_title("FP8Linear's product, a call alone (CUPTI), M x K x N, by tile plan")
         elif panel == "llama_prefill_profile":
             classes = sorted({c for r in profile for c in r["by_class_us"]})
             labels = [f'{r["model"]} {r["prompt"]} {r["case"]}' for r in profile]
