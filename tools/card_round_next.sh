@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e|s25a|s25b|s25c|s25d|s25e|s25f|s25g|s25h|s25i|s26a|s26b|s26c|s26d}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e|s25a|s25b|s25c|s25d|s25e|s25f|s25g|s25h|s25i|s26a|s26b|s26c|s26d|s26e}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -692,6 +692,13 @@ elif [ "$PART" = s26d ]; then
     --sections llama_prefill --llama-models llama_3b,llama_8b --llama-prompts 512,1024,2048 \
     --llama-wa-variants old:0,fit:1 --out "$OUT/matmul_llama_prefill_wa.json"
   step wa_gpu 200 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "tile_heights"
+elif [ "$PART" = s26e ]; then
+  # Session 26 (issue 15), the defaults as they land (the tile fit on, the 4-byte decode loads removed): the
+  # weight-as-A route's GPU cases, then the public API's, FP8Linear's and the quantized activations' (their
+  # products of 256 rows and more now take the fitted plans).
+  step wa_gpu 150 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "wgmma_wa"
+  step api_gpu 150 python3 -m pytest -v -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py \
+    tests/test_fp8_activations.py -k cuda
 elif [ "$PART" = s25c ]; then
   # Session 25 (issue 15): s25b's model prefill with quantized activations came out slower than FP8Linear's
   # default: the same forwards profiled kernel by kernel (the quantize kernel, the native fp8 products).
@@ -703,6 +710,6 @@ elif [ "$PART" = s19c ]; then
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c, s24e, s25a-s25i or s26a-s26d, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c, s24e, s25a-s25i or s26a-s26e, got $PART" >&2
   exit 2
 fi
