@@ -370,6 +370,8 @@ def wa_plan(M: int, N: int = None, K: int = None, grid: int = None) -> tuple:
     plan = WA_PLANS["wide" if M >= WA_WIDE_MIN_ROWS else "narrow"]
     if N is None or plan[0] != 256 or not WA_TILE_FIT:
         return plan
+    if K is None or grid is None:
+        raise ValueError(f"wa_plan: N needs K and the SM count beside it, got N={N}, K={K}, grid={grid}")
     tiles_n = math.ceil(N / 128)
     if math.ceil(M / 256) * tiles_n < grid:
         narrow = WA_TILE_PLANS[128]

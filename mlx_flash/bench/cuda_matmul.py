@@ -1009,13 +1009,13 @@ WA_TILE_CASES = (("bt256", (256, 5, 0), True), ("bt192", (192, 6, 0), True), ("b
 
 def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases=WA_TILE_CASES):
     """The weight-as-A kernel's tile heights (session 26), by the GPU time of
-    a call run alone (CUPTI, gpu_time_per_call: what
-    predicts a model, whose products mostly wait on the one before), beside
-    MLX's fp16 product `x @ w16.T`: FP8Linear's product (fp16 x [M, K],
-    e4m3 weight [N, K], a scale per weight row) with each plan whole
-    (stream-K tiles 0), and the default plan (stream-K as the defaults
-    say) with the tile fit and without (session 25's). Cases in turn, `rounds` times, the
-    median; each result checked against float32 once."""
+    a call run alone (CUPTI, gpu_time_per_call: what predicts a model, whose
+    products mostly wait on the one before), beside MLX's fp16 product
+    `x @ w16.T`: FP8Linear's product (fp16 x [M, K], e4m3 weight [N, K], a
+    scale per weight row) with each plan whole (stream-K tiles 0), and the
+    default plan (stream-K as the defaults say) with the tile fit and
+    without (session 25's). Cases in turn, `rounds` times, the median; each
+    result checked against float32 once; the default cases' plans recorded."""
     from .. import fp8
     from ..backends import cuda_matmul as cm
 
@@ -1056,10 +1056,11 @@ def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases
                 del calls_of[name]
         for name, plan, fit in cases:
             if plan is None:
-                saved = cm.WA_TILE_FIT
-                cm.WA_TILE_FIT = fit
-                plans[name] = list(cm.wa_plan(m, n, k, cm.sm_count()))
-                cm.WA_TILE_FIT = saved
+                saved, cm.WA_TILE_FIT = cm.WA_TILE_FIT, fit
+                try:
+                    plans[name] = list(cm.wa_plan(m, n, k, cm.sm_count()))
+                finally:
+                    cm.WA_TILE_FIT = saved
         samples = interleave({name: _mlx_batch(make) for name, make in calls_of.items()}, rounds,
                              lambda name, prep: gpu_time_per_call(prep, calls, torch)["gpu_us_per_call"])
         base = samples.get("mlx_fp16")
