@@ -894,6 +894,21 @@ def _without_stream_k(cm, call):
         cm.WA_SK = saved
 
 
+def _prefill_operands(m: int, k: int, n: int):
+    """FP8Linear's prefill operands, evaluated: fp16 x [m, k], an fp16 weight
+    w16 [n, k], its e4m3 codes w8 (w16 x 20) and the per-row scale 0.05 [1, n]
+    (so w8 decoded times the scale is w16 to e4m3's precision)."""
+    from .. import fp8
+
+    k1, k2 = mx.random.split(mx.random.key(m + k + n))
+    x = mx.random.normal((m, k), key=k1).astype(mx.float16)
+    w16 = (mx.random.normal((n, k), key=k2) * 0.05).astype(mx.float16)
+    w8 = fp8.encode(w16 * 20.0, "e4m3")
+    scale = mx.full((1, n), 0.05, mx.float32)
+    mx.eval(x, w16, w8, scale)
+    return x, w16, w8, scale
+
+
 def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(), wa_plans=()):
     """FP8Linear's prefill product, `(x @ decode(w).T) * scale` for fp16 x of
     M rows and an e4m3 weight [N, K] with a scale per weight row, through the public
@@ -916,12 +931,7 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
         flops = 2 * m * k * n
         large = min(96, max(8, int(2e13 // flops)))
         small = max(2, large // 4)
-        k1, k2 = mx.random.split(mx.random.key(m + k + n))
-        x = mx.random.normal((m, k), key=k1).astype(mx.float16)
-        w16 = (mx.random.normal((n, k), key=k2) * 0.05).astype(mx.float16)
-        w8 = fp8.encode(w16 * 20.0, "e4m3")
-        scale = mx.full((1, n), 0.05, mx.float32)
-        mx.eval(x, w16, w8, scale)
+        x, w16, w8, scale = _prefill_operands(m, k, n)
         mm = mlx_flash.matmul2d
         ours = lambda: mm(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True)  # noqa: E731
         # The routed call is timed last in each round (session 20's s20d timed it second, right after MLX's,
@@ -1023,12 +1033,7 @@ def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases
     if torch is None:
         raise RuntimeError("bench_wa_tiles needs torch (its profiler reads the GPU's kernel times)")
     for m, k, n in shapes:
-        k1, k2 = mx.random.split(mx.random.key(m + k + n))
-        x = mx.random.normal((m, k), key=k1).astype(mx.float16)
-        w16 = (mx.random.normal((n, k), key=k2) * 0.05).astype(mx.float16)
-        w8 = fp8.encode(w16 * 20.0, "e4m3")
-        scale = mx.full((1, n), 0.05, mx.float32)
-        mx.eval(x, w16, w8, scale)
+        x, w16, w8, scale = _prefill_operands(m, k, n)
         ref = (x.astype(mx.float32) @ fp8.decode(w8, "e4m3").T) * scale
 
         def ours(plan, fit):
