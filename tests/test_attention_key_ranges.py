@@ -270,7 +270,10 @@ def test_gradients_over_key_tiles(backend, feature, dtype):
             # recompute), whose rounding the cancellation magnifies: 2.6 ulps
             # here against the materialised path's 0.8. Allowed 2 ulps more than
             # the usual floor until the backward computes delta as sum P dP for
-            # short rows.
+            # short rows. Not enough for every draw: seed 346038043
+            # (softcap_sinks, 2026-12-07) has P near 1 and dq off by 0.069
+            # against the materialised path's 0.0038, and fails here, as it
+            # should: the backward is what needs the fix, not this bound.
             plain = {n: max(e, 2.0 ** -6) for n, e in plain.items()}
         for name in ("q", "k", "v"):
             check_close("d" + name, to_np(got[name]), want, DTYPES[dtype], plain)
