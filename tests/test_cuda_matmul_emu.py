@@ -750,8 +750,10 @@ def test_wa_tile_height_choice(monkeypatch):
     (WA_PLANS) everywhere. With it, below WA_WIDE_MIN_ROWS rows the rows'
     plan; from one wave of BT 256 tiles on, the height of least waves x
     WA_TILE_COST; below a wave, 128-token tiles where they fill at most a
-    wave and K <= WA_NARROW_MAX_K (the H100 timings of part s26b behind each
-    case in the comments: GPU time of a call alone, us)."""
+    wave and K <= WA_NARROW_MAX_K (the H100 timings of parts s26b / s26d
+    behind each case in the comments: GPU time of a call alone, us)."""
+    import math
+
     from mlx_flash.backends import cuda_matmul
 
     plan = cuda_matmul.wa_plan
@@ -777,9 +779,10 @@ def test_wa_tile_height_choice(monkeypatch):
     assert plan(200, 3072, 3072, 132) == narrow == plan(200)
     for m in range(256, 8192, 97):  # from a wave on: never more waves x cost than BT 256's
         for n in (1024, 3072, 4096, 8192, 14336):
-            bt = plan(m, n, 4096, 132)[0]
-            waves = {h: -(-(-(-m // h)) * (-(-n // 128)) // 132) for h in (128, 192, 256)}
-            if waves[256] >= 1 and -(-m // 256) * -(-n // 128) >= 132:
+            tiles = {h: math.ceil(m / h) * math.ceil(n / 128) for h in (128, 192, 256)}
+            if tiles[256] >= 132:
+                bt = plan(m, n, 4096, 132)[0]
+                waves = {h: math.ceil(t / 132) for h, t in tiles.items()}
                 assert waves[bt] * cuda_matmul.WA_TILE_COST[bt] <= waves[256], (m, n, bt)
 
 

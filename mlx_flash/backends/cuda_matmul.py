@@ -132,7 +132,7 @@ WA_WIDE_MIN_ROWS = 256
 # (beyond 1 %) and ten took 3-28 % less: 2048 x 3072 x 3072 71 us against 86,
 # 512 x 3072 x 1024 (k / v) 21 against 29 (BT 128, split in two).
 WA_TILE_FIT = True
-WA_TILE_PLANS = {256: (256, 5), 192: (192, 6), 128: (128, 8)}
+WA_TILE_PLANS = {256: WA_PLANS["wide"], 192: (192, 6), 128: WA_PLANS["narrow"]}
 WA_TILE_COST = {256: 1.0, 192: 0.8, 128: 0.63}
 WA_NARROW_MAX_K = 4096
 # Up to this many rows of a (inclusive); from more, the decode pass and the
@@ -374,8 +374,8 @@ def wa_plan(M: int, N: int = None, K: int = None, grid: int = None) -> tuple:
         raise ValueError(f"wa_plan: N needs K and the SM count beside it, got N={N}, K={K}, grid={grid}")
     tiles_n = math.ceil(N / 128)
     if math.ceil(M / 256) * tiles_n < grid:
-        narrow = WA_TILE_PLANS[128]
-        return narrow if K <= WA_NARROW_MAX_K and math.ceil(M / 128) * tiles_n <= grid else plan
+        fits = K <= WA_NARROW_MAX_K and math.ceil(M / 128) * tiles_n <= grid
+        return WA_PLANS["narrow"] if fits else plan
     best, cost = plan, None
     for bt, candidate in WA_TILE_PLANS.items():  # BT 256 first: it keeps ties
         c = math.ceil(math.ceil(M / bt) * tiles_n / grid) * WA_TILE_COST[bt]

@@ -60,7 +60,6 @@ import argparse
 import contextlib
 import functools
 import json
-import math
 import os
 import statistics
 import time
@@ -1009,8 +1008,8 @@ def bench_prefill(rec: Recorder, shapes=PREFILL_SHAPES, rounds: int = 5, plans=(
 # down) and 8B shape: bench_wa_tiles times each at every M it is given.
 WA_TILE_SHAPES = ((3072, 3072), (3072, 1024), (3072, 8192), (8192, 3072),
                   (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
-# Its cases: (name, plan (BT, stages, stream-K tiles: "all" for every tile,
-# its k-steps shared by every SM) or None for the default's, tile fit).
+# Its cases: (name, plan (BT, stages, stream-K tiles) or None for the
+# default's, tile fit).
 # (Parts s26b and s26d also timed decode loads of 4 bytes, since removed:
 # their cases' names end in _dw4 / _dw16.)
 WA_TILE_CASES = (("bt256", (256, 5, 0), True), ("bt192", (192, 6, 0), True), ("bt128", (128, 8, 0), True),
@@ -1045,8 +1044,6 @@ def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases
 
         calls_of = {"mlx_fp16": lambda: x @ w16.T}
         for name, plan, fit in cases:
-            if plan is not None and plan[2:] == ("all",):
-                plan = plan[:2] + (min(math.ceil(m / plan[0]) * math.ceil(n / 128), 1024),)
             calls_of[name] = functools.partial(ours, plan, fit)
         errs, plans = {}, {}
         for name, make in list(calls_of.items()):
