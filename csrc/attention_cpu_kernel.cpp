@@ -618,8 +618,17 @@ struct BackwardHead {
   // Per kv head, keys k0..: K^T panels (for S), V^T panels (for dP), K row panels (for dQ).
   const float *kt, *vt, *kp;
   // Per query head of the group (index g): scaled Q rows and panels, dO rows
-  // and panels, lse and delta.
-  const float *qs, *qp, *dos, *dop, *lse, *delta;
+  // and panels, lse, delta (= dO . O - dlse, from the stored output) and dlse.
+  const float *qs, *qp, *dos, *dop, *lse, *delta, *dlse;
+  // Every key of the range lies in one key tile: the tile then sees whole
+  // rows and takes delta as sum_j P_j dP_j - dlse in float32 instead of
+  // dO . O. The stored O is rounded to the input dtype, and where a row's
+  // mass sits on one key (a key and a sink, say) dS = P (dP - delta) cancels
+  // to P (1 - P) dP and magnifies that rounding; the tile's own sum has no
+  // such error. Longer rows would need a second pass over the keys. Only
+  // where out and lse are this call's own (BackwardArgs::own_output): ring
+  // attention's blocks pass global ones, whose delta spans other keys too.
+  bool whole_rows;
   // Per worker: dQ accumulators [G, nq, dqk_pad].
   float* dq_acc;
   // Non-finite rows (their panels qp, dop, kp hold zeros there): q_bad, do_bad
@@ -654,6 +663,7 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
     const float* dop = bh.dop + (int64_t)g * nq_pad * dv_pad;
     const float* lse = bh.lse + (int64_t)g * s.nq;
     const float* delta = bh.delta + (int64_t)g * s.nq;
+    const float* dlse = bh.dlse + (int64_t)g * s.nq;
     float* dq = dq_acc + (int64_t)g * s.nq * dqk_pad;
     for (int i0 = 0; i0 < s.nq; i0 += bq) {
       const int mq = std::min(bq, s.nq - i0);
@@ -702,7 +712,12 @@ void backward_tile(const BackwardHead& bh, int j0, int worker) {
       for (int r = 0; r < mq; ++r) {
         float* p = S.p + r * BK;
         const float* dp = dP.p + r * BK;
-        const float d = delta[i0 + r];
+        float d = delta[i0 + r];
+        if (bh.whole_rows && !dirty) {  // clean tile: delta from this tile's P and dP
+          float acc = 0.f;
+          for (int c = 0; c < nk_tile; ++c) acc += p[c] * dp[c];
+          d = acc - dlse[i0 + r];
+        }
         if (dirty) {  // a dropped pair's dP or delta may be NaN: select, never 0 * NaN
           const uint8_t* kr = kept.data() + r * BK;
           for (int c = 0; c < n_cols; ++c) p[c] = kr[c] ? p[c] * (dp[c] - d) : 0.f;
@@ -791,7 +806,7 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
       });
       Scratch qs((int64_t)G * s.nq * a.Dqk, false), qp((int64_t)G * nq_pad * dqk_pad),
           dos((int64_t)G * s.nq * a.Dv, false), dop((int64_t)G * nq_pad * dv_pad), lse((int64_t)G * s.nq, false),
-          delta((int64_t)G * s.nq, false);
+          delta((int64_t)G * s.nq, false), dlse((int64_t)G * s.nq, false);
       for (int g = 0; g < G; ++g) parallel_rows(s.nq, PACK_ROWS, [&](int r0, int r1) {
         const int h = hkv * G + g, n = r1 - r0;
         const int64_t q0 = s.q_row0 + r0;
@@ -809,7 +824,8 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
           const float* d = dos.p + ((int64_t)g * s.nq + i) * a.Dv;
           float acc = 0.f;
           for (int c = 0; c < a.Dv; ++c) acc += d[c] * orow[c];
-          delta.p[g * s.nq + i] = acc - (gr.dlse ? gr.dlse[row] : 0.f);
+          dlse.p[g * s.nq + i] = gr.dlse ? gr.dlse[row] : 0.f;
+          delta.p[g * s.nq + i] = acc - dlse.p[g * s.nq + i];
           lse.p[g * s.nq + i] = gr.lse[row];
         }
       });
@@ -826,7 +842,7 @@ void attention_backward(const AttentionArgs& a, const BackwardArgs& gr) {
       for (int j = 0; j < s.nk; ++j) bad_keys[j + 1] = bad_keys[j] + (k_bad[j] || v_bad[j]);
       Scratch dq_acc((int64_t)workers * G * s.nq * dqk_pad);
       BackwardHead bh{&a, &gr, s, b, hkv, G, panels.k0, nq_pad, nk_pad, dqk_pad, dv_pad, kt.p, vt.p, kp.p,
-                      qs.p, qp.p, dos.p, dop.p, lse.p, delta.p, dq_acc.p,
+                      qs.p, qp.p, dos.p, dop.p, lse.p, delta.p, dlse.p, gr.own_output && k_tiles == 1, dq_acc.p,
                       q_bad.data(), do_bad.data(), k_bad.data(), bad_rows.data(), bad_keys.data()};
       auto task = [&](int64_t t, int worker) { backward_tile(bh, (first_tile + (int)t) * BK, worker); };
       parallel_tasks(k_tiles, task);

@@ -170,6 +170,7 @@ void AttentionBackward::eval_cpu(const std::vector<mx::array>& inputs, std::vect
   g.lse = inputs[4].data<float>();
   g.dout = view4(inputs[5]);
   if (has_dlse_) g.dlse = inputs[6].data<float>();
+  g.own_output = own_output_;
   if (p_.varlen) g.out.sb = g.dout.sb = 0;
   g.dq = outputs[0].data<void>();
   g.dk = outputs[1].data<void>();
@@ -188,7 +189,7 @@ bool AttentionForward::is_equivalent(const mx::Primitive& other) const {
 
 bool AttentionBackward::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const AttentionBackward&>(other);
-  return p_ == o.p_ && has_dlse_ == o.has_dlse_;
+  return p_ == o.p_ && has_dlse_ == o.has_dlse_ && own_output_ == o.own_output_;
 }
 
 std::vector<mx::array> AttentionForward::vjp(const std::vector<mx::array>& primals,
@@ -245,7 +246,7 @@ std::vector<mx::array> attention_backward(const mx::array& q, const mx::array& k
                                           const mx::array& out, const mx::array& lse,
                                           const mx::array& dout, const std::optional<mx::array>& dlse,
                                           const AttentionExtras& extras, AttentionParams p,
-                                          mx::StreamOrDevice sd) {
+                                          mx::StreamOrDevice sd, bool own_output) {
   auto s = mx::to_stream(sd);
   p.has_mask = extras.mask.has_value();
   p.has_alibi = extras.alibi.has_value();
@@ -260,7 +261,7 @@ std::vector<mx::array> attention_backward(const mx::array& q, const mx::array& k
   if (dlse) inputs.push_back(mx::contiguous(mx::astype(*dlse, mx::float32, s), false, s));
   inputs = with_extras(std::move(inputs), extras, s);
   return mx::array::make_arrays({q.shape(), k.shape(), v.shape()}, {q.dtype(), q.dtype(), q.dtype()},
-                                std::make_shared<AttentionBackward>(s, p, dlse.has_value()), inputs);
+                                std::make_shared<AttentionBackward>(s, p, dlse.has_value(), own_output), inputs);
 }
 
 }  // namespace mlxf

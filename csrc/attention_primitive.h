@@ -53,10 +53,13 @@ class AttentionForward : public mx::Primitive {
   AttentionParams p_;
 };
 
+// own_output: out and lse are this call's own result over exactly its keys
+// (false where they are global over more keys, as in ring attention's
+// blocks); only then may the CPU kernel take delta from P and dP.
 class AttentionBackward : public mx::Primitive {
  public:
-  AttentionBackward(mx::Stream s, AttentionParams p, bool has_dlse)
-      : mx::Primitive(s), p_(p), has_dlse_(has_dlse) {}
+  AttentionBackward(mx::Stream s, AttentionParams p, bool has_dlse, bool own_output)
+      : mx::Primitive(s), p_(p), has_dlse_(has_dlse), own_output_(own_output) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override { return "FlashAttentionBackward"; }
@@ -64,7 +67,7 @@ class AttentionBackward : public mx::Primitive {
 
  private:
   AttentionParams p_;
-  bool has_dlse_;
+  bool has_dlse_, own_output_;
 };
 
 // The ops: build the primitives' graphs. Arguments are assumed validated by
@@ -77,6 +80,6 @@ std::vector<mx::array> attention_backward(const mx::array& q, const mx::array& k
                                           const mx::array& out, const mx::array& lse,
                                           const mx::array& dout, const std::optional<mx::array>& dlse,
                                           const AttentionExtras& extras, AttentionParams p,
-                                          mx::StreamOrDevice s = {});
+                                          mx::StreamOrDevice s = {}, bool own_output = true);
 
 }  // namespace mlxf

@@ -68,16 +68,18 @@ NB_MODULE(_ext, m) {
          std::optional<mx::array> block_mask, std::optional<mx::array> cu_seqlens_q,
          std::optional<mx::array> cu_seqlens_k, std::optional<mx::array> key_start,
          std::optional<mx::array> key_len, int batch, float scale, int window_left,
-         int window_right, float softcap, int block_q, int block_k, mx::StreamOrDevice s) {
+         int window_right, float softcap, int block_q, int block_k, bool own_output, mx::StreamOrDevice s) {
         mlxf::AttentionExtras e{mask, alibi, sinks, block_mask, cu_seqlens_q, cu_seqlens_k, key_start, key_len};
         return mlxf::attention_backward(q, k, v, out, lse, dout, dlse, e,
-                                        params(batch, scale, window_left, window_right, softcap, block_q, block_k), s);
+                                        params(batch, scale, window_left, window_right, softcap, block_q, block_k), s,
+                                        own_output);
       },
       "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dout"_a, "dlse"_a.none() = nb::none(), "mask"_a.none() = nb::none(), "alibi"_a.none() = nb::none(),
       "sinks"_a.none() = nb::none(), "block_mask"_a.none() = nb::none(), "cu_seqlens_q"_a.none() = nb::none(), "cu_seqlens_k"_a.none() = nb::none(),
       "key_start"_a.none() = nb::none(), "key_len"_a.none() = nb::none(), nb::kw_only(), "batch"_a, "scale"_a, "window_left"_a, "window_right"_a, "softcap"_a, "block_q"_a,
-      "block_k"_a, "stream"_a = nb::none(),
-      "Fused attention backward (recomputes from q, k, v, out, lse): returns [dq, dk, dv].");
+      "block_k"_a, "own_output"_a = true, "stream"_a = nb::none(),
+      "Fused attention backward (recomputes from q, k, v, out, lse): returns [dq, dk, dv]. own_output=False "
+      "where out and lse are global over more keys than k, v hold (ring attention's blocks).");
 
   m.def("cpu_kernel_isa", &mlxf::cpu_kernel_isa, "Instruction set of the CPU kernels in use.");
   m.def("num_threads", &mlxf::num_workers, "Worker threads of the CPU kernels.");

@@ -63,6 +63,9 @@ struct BackwardArgs {
   void* dq = nullptr;      // [B?, Hq, Nq, Dqk] contiguous, q's dtype
   void* dk = nullptr;      // [B?, Hkv, Nk, Dqk]
   void* dv = nullptr;      // [B?, Hkv, Nk, Dv]
+  // out and lse are the call's own over exactly its keys (not ring
+  // attention's global ones): delta may then come from P and dP.
+  bool own_output = true;
 };
 
 // ---- matmul2d ----------------------------------------------------------------

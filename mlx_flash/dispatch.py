@@ -4,8 +4,14 @@ Every backend module (`mlx_flash.backends.cpu`, `.metal`, `.cuda`) has the
 same functions, so `attention.py` and `matmul.py` never branch on the device:
 
     attention_forward(q, k, v, spec, inputs, stream) -> (out, lse)
-    attention_backward(q, k, v, out, lse, dout, dlse, spec, inputs, stream)
-        -> (dq, dk, dv)
+    attention_backward(q, k, v, out, lse, dout, dlse, spec, inputs, stream,
+                       own_output=True) -> (dq, dk, dv)
+
+`own_output`: out and lse are this call's own result over exactly the keys
+k, v hold. Ring attention's blocks pass global ones (False), so delta =
+dO . O - dlse must come from out there; with True a backend may instead sum
+P dP itself (the CPU kernel does where a sequence's keys fit one key tile:
+no rounding of a 16-bit out in it).
 
 Backends with a quantized-KV kernel (CPU, Metal and CUDA; `QUANTIZED_KV_BACKENDS`)
 also have, with k and v the `(data, scales, biases)` triples of mx.quantize:

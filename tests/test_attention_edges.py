@@ -141,6 +141,47 @@ def test_sinks_gradient(backend, feature):
     check_close("dq", to_np(grads["q"]), want, mx.float32)
 
 
+@pytest.mark.parametrize("Nk", [1, 3, 200])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_peaked_short_rows_keep_their_gradients(backend, Nk, dtype, request):
+    """Rows whose mass sits on one key beside a sink: dS = P (dP - delta)
+    cancels to ~P (1 - P) dP there, so a delta taken as dO . O from the output
+    rounded to 16 bits is off by a rounding of O divided by 1 - P. Here one key
+    of each row holds 1 - P ~ 2^-9 of sink mass and the rest much less, so
+    that path's dq is ~100 % off; computing delta as sum P dP in float32 (what
+    the CPU backward does where a sequence's keys fit one key tile, 256) keeps
+    it within twice the materialised computation's error."""
+    if backend == "cuda":  # must fail there until it is fixed: then this marker goes
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the CUDA backward takes delta = dO . O from "
+                                              "the 16-bit output (docs/cuda.md, Known limits)"))
+    elif backend != "cpu":
+        pytest.skip("the Metal backward takes delta = dO . O from the 16-bit output, as the CUDA one does "
+                    "(docs/metal.md, Known limits)")
+    gen = rng("peaked-short-rows", Nk, str(dtype))
+    B, H, Nq, D = 1, 2, 37, 32
+    q, k, v = qkv(gen, B, H, H, Nq, Nk, D, dtype=dtype)
+    # Logits: key 0 at ~12 for every query (the queries lie near one direction
+    # u, key 0 along u), the others ~N(0, 1); the sink at 12 - 6.2 leaves key 0
+    # 1 - P ~ e^-6.2 ~ 2^-9.
+    u = gen.standard_normal((B, H, 1, D)).astype(np.float32)
+    qn = to_np(q) * 0.05 + u
+    kn = to_np(k)
+    kn[:, :, 0] = u[:, :, 0] * (12.0 * np.sqrt(D) / np.sum(u[:, :, 0] ** 2, axis=-1, keepdims=True))
+    q, k = mx.array(qn).astype(dtype), mx.array(kn).astype(dtype)
+    options = {"sinks": mx.array(np.full((H,), 12.0 - 6.2, np.float32))}
+    # dO nearly orthogonal to v_0: dP_0 = dO . v_0 and delta = dO . O ~ P_0 dP_0
+    # are small beside |dO| |O|, which sets the size of O's rounding in dO . O.
+    w = gen.standard_normal((B, H, Nq, D))
+    v0 = to_np(v)[:, :, :1].astype(np.float64)
+    w -= np.sum(w * v0, axis=-1, keepdims=True) / np.sum(v0 * v0, axis=-1, keepdims=True) * v0
+    dout = mx.array(w.astype(np.float32)).astype(dtype)
+    got = backends.gradients(backend, q, k, v, dout, **options)
+    want = attention_np(q, k, v, dout=dout, **options)
+    plain = plain_errors(q, k, v, dout, options, dtype)
+    for name in ("q", "k", "v"):
+        check_close("d" + name, to_np(got[name]), want, dtype, plain)
+
+
 @pytest.mark.parametrize("mask_shape", [(1, 1, 19, 23), (2, 3, 19, 23), (3, 1, 23), (1, 23)], ids=str)
 def test_additive_mask_gradient(backend, mask_shape):
     gen = rng("dmask", mask_shape)

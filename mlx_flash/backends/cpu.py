@@ -39,9 +39,12 @@ def attention_forward(q, k, v, spec: AttentionSpec, inputs: AttentionInputs, str
     return out, lse
 
 
-def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
+def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream,
+                       own_output=True):
+    # own_output lets the kernel take delta as sum P dP where a sequence's keys
+    # fit one key tile (exact where the 16-bit out would round it; dispatch.py).
     dq, dk, dv = _ext().attention_backward(
-        q, k, v, out, lse, dout, dlse, **_extras(inputs), **_static(spec), stream=stream
+        q, k, v, out, lse, dout, dlse, **_extras(inputs), **_static(spec), own_output=own_output, stream=stream
     )
     return dq, dk, dv
 

@@ -1002,7 +1002,9 @@ def _backward_ws(q, k, v, lse, dout, delta, spec: AttentionSpec, inputs: Attenti
     )
 
 
-def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
+def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream,
+                       own_output=True):
+    # delta = dO . O from out whatever own_output says (dispatch.py; docs/cuda.md, Known limits).
     common = _common_inputs(q, k, v, spec, inputs)
     args = common[:5] + common[6:] + [dout, lse]  # no sinks: their gradient is formed in attention.py
     template = _feature_template(spec, inputs, with_sinks=False) + [

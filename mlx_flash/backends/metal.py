@@ -455,7 +455,9 @@ def _backward_plan(spec: AttentionSpec, dtype, q_shape, k_shape, v_shape, lse_sh
     return delta, dkdv, dq, iparams, _float_params(spec)
 
 
-def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream):
+def attention_backward(q, k, v, out, lse, dout, dlse, spec: AttentionSpec, inputs: AttentionInputs, stream,
+                       own_output=True):
+    # delta = dO . O from out whatever own_output says (dispatch.py).
     delta_launch, dkdv, dq_launch, iparams, fparams = _backward_plan(
         spec, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(lse.shape), dlse is not None,
         _shape(inputs.mask), _shape(inputs.block_mask))

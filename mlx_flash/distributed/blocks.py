@@ -177,7 +177,8 @@ def block_backward(call: BlockCall, q, k, v, out, lse, dout, dlse, rules: Rules,
     if shift is not None:
         lb = lb - shift  # the kernel's logits carry the per-key part only
     backend = dispatch.backend_for_name(dispatch.backend_name(stream))
-    return backend.attention_backward(qb, kb, vb, ob, lb, dob, dlb, spec, inputs, stream)
+    # out / lse are global (over other ranks' keys too): delta must come from them.
+    return backend.attention_backward(qb, kb, vb, ob, lb, dob, dlb, spec, inputs, stream, own_output=False)
 
 
 # --- accumulation -------------------------------------------------------------
