@@ -1,6 +1,6 @@
 """CUDA benchmark: mlx_flash vs mx.fast SDPA (cuDNN) vs PyTorch SDPA, one run, one card.
 
-    python -m mlx_flash.bench.cuda [--sections fwd,fwdbwd,features,decode,key_ranges,matmul,wide_decode,wide_prefill,wide_heads] [--out PATH]
+    python -m mlx_flash.bench.cuda [--sections fwd,fwdbwd,features,decode,decode_gqa8,key_ranges,matmul,wide_decode,wide_prefill,wide_heads] [--out PATH]
 
 Writes cuda_<card>.json (into --out when it is a directory, the current one by
 default; to --out when it names a .json file) and prints one line per
@@ -498,6 +498,7 @@ SECTIONS = {
     "fwdbwd": lambda r: bench_attention(r, backward=True),
     "features": bench_features,
     "decode": bench_decode,
+    "decode_gqa8": lambda r: bench_decode(r, Hkv=8),  # GQA 32:8 (Llama-3 8B's decode)
     "key_ranges": bench_key_ranges,
     "matmul": bench_matmul,
     "wide_decode": bench_wide_decode,
