@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import weakref
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -92,26 +93,61 @@ def _quantize_activations(x2, fmt):
     return fp8.encode((x32 * pre) * factor, fmt), scale.astype(mx.float32)
 
 
+# Projections that read one input (a transformer block's q / k / v, its gate /
+# up) share one quantization of it: the layer keeps the last input it
+# quantized by a weak reference, with its codes and scales, and a call that
+# gets that very array object again (same format, device and shape) takes
+# them instead of quantizing again. Same bits as quantizing each time (it is
+# the same computation on the same array). The entry goes as soon as that
+# input is freed, and a call with any other input replaces it, so at most
+# one input's codes are held. False quantizes at every call.
+SHARE_ACT_QUANT = True
+_shared_quant = None  # (weakref to x, key, codes, scales) of the last quantized input
+
+
+def _forget_shared_quant(ref):
+    global _shared_quant
+    entry = _shared_quant
+    if entry is not None and entry[0] is ref:
+        _shared_quant = None
+
+
+def _input_quantization(x, x2, fmt):
+    """(codes, scales) of x2 (x as [rows, K]) by _quantize_activations, taken
+    from the last call's where x is the same array object (SHARE_ACT_QUANT).
+    Both outside the layer's custom function, so gradients stop at them
+    (the vjp is straight through to x)."""
+    global _shared_quant
+    key = (fmt, mx.default_device(), tuple(x2.shape))
+    entry = _shared_quant
+    if SHARE_ACT_QUANT and entry is not None and entry[0]() is x and entry[1] == key:
+        return entry[2], entry[3]
+    codes, xs = (mx.stop_gradient(a) for a in _quantize_activations(x2, fmt))
+    if SHARE_ACT_QUANT:
+        _shared_quant = (weakref.ref(x, _forget_shared_quant), key, codes, xs)
+    return codes, xs
+
+
 @functools.lru_cache(maxsize=None)
 def _act_quant_function(fmt: str, act_fmt: str):
     """x [rows, K] -> (q(x) @ (decode(W) * scale)^T) in x's dtype, q(x) the
     rows quantized by _quantize_activations (codes times the row's scale): fp8 x
     fp8 through matmul2d with fast_accumulation (native fp8 wgmma on Hopper:
-    sums promoted to fp32 every 128 K; exact elsewhere). Its vjp is the
-    16-bit layer's (straight through the activations' rounding), so adapters
-    train on it as on the plain layer."""
+    sums promoted to fp32 every 128 K; exact elsewhere). The codes and scales
+    come in from _input_quantization (shared by the layers reading one input).
+    Its vjp is the 16-bit layer's (straight through the activations'
+    rounding), so adapters train on it as on the plain layer."""
 
     @mx.custom_function
-    def linear(x, weight, scale):
-        codes, xs = _quantize_activations(x, act_fmt)
+    def linear(x, weight, scale, codes, xs):
         return matmul2d(codes, weight, a_fmt=act_fmt, b_fmt=fmt, a_scale=xs, b_scale=scale.reshape(1, -1),
                         transpose_b=True, out_dtype=x.dtype, fast_accumulation=True)
 
     @linear.vjp
     def linear_vjp(primals, cotangent, output):
-        x, weight, scale = primals
+        x, weight, scale, codes, xs = primals
         dx = _input_grad(x, weight, scale, fmt, cotangent)
-        return dx, mx.zeros_like(weight), mx.zeros_like(scale)
+        return dx, mx.zeros_like(weight), mx.zeros_like(scale), mx.zeros_like(codes), mx.zeros_like(xs)
 
     return linear
 
@@ -294,7 +330,8 @@ class FP8Linear(nn.Module):
         weight, scale = self["weight"], self["scale"]
         act = self.activations
         if act is not None and x.ndim and x.shape[-1] and x.size // x.shape[-1] >= ACT_QUANT_MIN_ROWS:
-            y = _act_quant_function(self.fmt, act)(x.reshape(-1, x.shape[-1]), weight, scale)
+            x2 = x.reshape(-1, x.shape[-1])
+            y = _act_quant_function(self.fmt, act)(x2, weight, scale, *_input_quantization(x, x2, act))
             y = y.reshape(*x.shape[:-1], y.shape[-1])
             return y if bias is None else y + bias.astype(y.dtype)
         if _PATH == "direct":

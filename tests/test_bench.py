@@ -378,21 +378,28 @@ def test_cuda_matmul_bench_llama_prefill_on_the_cpu():
     tiny = dict(cm.LLAMA_CONFIGS["llama_1b"], hidden_size=128, num_hidden_layers=2, intermediate_size=256,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=300)
     rec = Recorder()
-    settings = (backend.WA_SK, backend.WA_SK_SPLITS, backend.WA_SK_WAVES, backend.WA_TILE_FIT)
+    from mlx_flash import nn as fnn
+
+    settings = (backend.WA_SK, backend.WA_SK_SPLITS, backend.WA_SK_WAVES, backend.WA_TILE_FIT, fnn.SHARE_ACT_QUANT)
     cm.bench_llama_prefill(rec, ("tiny",), (1, 17), rounds=2, configs={"tiny": tiny},
-                           variants=(("s4", 4, True),), wa_variants=(("nofit", not backend.WA_TILE_FIT),))
-    assert settings == (backend.WA_SK, backend.WA_SK_SPLITS, backend.WA_SK_WAVES, backend.WA_TILE_FIT), \
-        "the cases put cuda_matmul's settings back"
+                           variants=(("s4", 4, True),), wa_variants=(("nofit", not backend.WA_TILE_FIT),),
+                           act_unshared=True)
+    assert settings == (backend.WA_SK, backend.WA_SK_SPLITS, backend.WA_SK_WAVES, backend.WA_TILE_FIT,
+                        fnn.SHARE_ACT_QUANT), "the cases put cuda_matmul's and nn's settings back"
     rows = [r for r in rec.rows if r["section"] == "llama_prefill"]
     assert [(r["prompt"], r["case"]) for r in rows] == [
         (p, c) for p in (1, 17) for c in ("fp16", "fp8_e4m3", "fp8_e4m3_stream_k", "fp8_e4m3_act_e4m3",
-                                          "fp8_e4m3_sk_s4", "fp8_e4m3_wa_nofit")]
+                                          "fp8_e4m3_act_e4m3_unshared", "fp8_e4m3_sk_s4", "fp8_e4m3_wa_nofit")]
+    by_case = {(r["prompt"], r["case"]): r for r in rows}
+    for p in (1, 17):  # one quantization shared or one a layer: the same bits
+        assert (by_case[(p, "fp8_e4m3_act_e4m3_unshared")]["max_abs_logit_diff_vs_fp8_e4m3"]
+                == by_case[(p, "fp8_e4m3_act_e4m3")]["max_abs_logit_diff_vs_fp8_e4m3"])
     for row in rows:
         assert "error" not in row, row
         assert len(row["seconds_all"]) == 2 and row["prompt_tokens_per_s"] > 0 and row["vs_fp16"] > 0
         if row["case"] in ("fp8_e4m3_stream_k", "fp8_e4m3_sk_s4", "fp8_e4m3_wa_nofit"):
             assert row["max_abs_logit_diff_vs_fp8_e4m3"] == 0.0
-        if row["case"] == "fp8_e4m3_act_e4m3":
+        if row["case"] in ("fp8_e4m3_act_e4m3", "fp8_e4m3_act_e4m3_unshared"):
             # 17 tokens quantize the activations (1 does not: a decode-sized call)
             assert (row["max_abs_logit_diff_vs_fp8_e4m3"] > 0) == (row["prompt"] == 17), row
             assert row["max_abs_logit_diff_vs_fp16"] < 2.0, row

@@ -206,6 +206,93 @@ def test_nan_and_inf_rows_stay_non_finite():
     np.testing.assert_array_equal(y[others], clean)
 
 
+def _counting_quantizer(monkeypatch):
+    """Counts the calls of nn._quantize_activations (each one quantization)."""
+    calls = []
+    real = fnn._quantize_activations
+
+    def counted(x2, fmt):
+        calls.append(fmt)
+        return real(x2, fmt)
+
+    monkeypatch.setattr(fnn, "_quantize_activations", counted)
+    return calls
+
+
+def _block(gen, K=96):
+    """q / k / v-like layers of one input (e4m3), and an e5m2 one."""
+    layers = [FP8Linear.from_linear(nn.Linear(K, n), activations="e4m3") for n in (40, 24, 24)]
+    return layers + [FP8Linear.from_linear(nn.Linear(K, 16), activations="e5m2")]
+
+
+def _f32(y):
+    return np.array(y.astype(mx.float32))
+
+
+@pytest.mark.usefixtures("cpu_default_device")
+def test_projections_of_one_input_share_its_quantization(monkeypatch):
+    """Layers called on the very same array, in the same format, quantize it
+    once, with the bits of quantizing it at every call; another array (equal
+    values included) or another format quantizes anew; the shared entry goes
+    when its input is freed."""
+    import gc
+
+    gen = rng("act-shared")
+    layers = _block(gen)
+    x = _rows(gen, 2 * fnn.ACT_QUANT_MIN_ROWS + 3, 96, mx.float16, specials=False).reshape(1, -1, 96)
+    monkeypatch.setattr(fnn, "SHARE_ACT_QUANT", False)
+    calls = _counting_quantizer(monkeypatch)
+    alone = [_f32(layer(x)) for layer in layers]
+    assert len(calls) == 4
+    monkeypatch.setattr(fnn, "SHARE_ACT_QUANT", True)
+    calls.clear()
+    shared = [_f32(layer(x)) for layer in layers]
+    assert calls == ["e4m3", "e5m2"]  # q, k, v share one; the e5m2 layer its own
+    for a, b in zip(alone, shared):
+        np.testing.assert_array_equal(a, b)
+    calls.clear()
+    layers[0](x), layers[1](x)  # x again after the e5m2 entry replaced it: one more e4m3
+    assert calls == ["e4m3"]
+    twin = mx.array(np.array(x))  # equal values, another array
+    calls.clear()
+    np.testing.assert_array_equal(_f32(layers[0](twin)), alone[0])
+    assert calls == ["e4m3"]
+    del twin
+    gc.collect()
+    assert fnn._shared_quant is None  # its input freed: the codes are not held
+
+
+@pytest.mark.usefixtures("cpu_default_device")
+def test_shared_quantization_keeps_gradients_and_compile(monkeypatch):
+    """Gradients through layers sharing one quantization are the 16-bit
+    layers' (straight through), and mx.compile traces give the uncompiled
+    values, shared or not."""
+    gen = rng("act-shared-grad")
+    layers = _block(gen)[:3]
+    x = _rows(gen, 40, 96, mx.float16, specials=False)
+    plain = [FP8Linear.from_linear(nn.Linear(96, layer.weight.shape[0])) for layer in layers]
+    for p_layer, layer in zip(plain, layers):
+        p_layer.update(layer.parameters())
+
+    def total(mods, inp):
+        return sum(mx.sum(m(inp).astype(mx.float32) ** 2) for m in mods)
+
+    calls = _counting_quantizer(monkeypatch)
+    value, g = mx.value_and_grad(lambda inp: total(layers, inp))(x)
+    assert len(calls) == 1
+    # straight through: the gradient of the 16-bit layers at the quantized layers' outputs
+    cots = [2 * m(x).astype(mx.float32) for m in layers]
+    _, (want,) = mx.vjp(lambda inp: [m(inp).astype(mx.float32) for m in plain], [x], cots)
+    np.testing.assert_allclose(_f32(g), _f32(want), rtol=1e-2, atol=1e-2)
+    outs = [_f32(m(x)) for m in layers]
+    for share in (True, False):
+        monkeypatch.setattr(fnn, "SHARE_ACT_QUANT", share)
+        compiled = mx.compile(lambda inp: [m(inp) for m in layers])
+        for a, b in zip(outs, compiled(x)):
+            np.testing.assert_array_equal(a, _f32(b))
+    np.testing.assert_array_equal(np.array(value), np.array(total(layers, x)))
+
+
 def test_bad_activation_format_is_an_error_naming_it():
     with pytest.raises(ValueError, match="activations: expected None or one of"):
         FP8Linear(8, 4, activations="fp16")

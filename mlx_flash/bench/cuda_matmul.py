@@ -1471,7 +1471,7 @@ def _activations(layers, act):
 
 
 def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024, 2048), rounds: int = 5,
-                        configs=None, variants=(), wa_variants=()):
+                        configs=None, variants=(), wa_variants=(), act_unshared=False):
     """Prompt tokens/s of a random-weight mlx-lm Llama: the fp16 model beside
     the same weights with every nn.Linear as FP8Linear (e4m3, per-channel
     scales), with the weight-as-A kernel's stream-K off ("fp8_e4m3": every
@@ -1491,7 +1491,10 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
     so set (session 26).
     "fp8_e4m3_act_e4m3": the same layers with activations="e4m3" (the input
     quantized a token at a time, fp8 x fp8 on the native fp8 tensor cores;
-    moves the logits, so its row's max_abs_logit_diff_vs_fp16 says by how much)."""
+    moves the logits, so its row's max_abs_logit_diff_vs_fp16 says by how much; the projections reading
+    one input share its quantization, nn.SHARE_ACT_QUANT). With `act_unshared` one more case,
+    "fp8_e4m3_act_e4m3_unshared": the same with a quantization at every layer (session 27)."""
+    from .. import nn as fnn
     from ..backends import cuda_matmul as cm
 
     llama, cache_mod = _mlx_lm_llama()
@@ -1503,12 +1506,15 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
             toks = mx.random.randint(0, min(1000, args.vocab_size), (1, p), key=mx.random.key(p))
             mx.eval(toks)
 
-            def forward(model, settings=None, act=None):
-                # cuda_matmul's settings for this call's routing (its graph is built here), restored after.
+            def forward(model, settings=None, act=None, share=True):
+                # cuda_matmul's settings for this call's routing (its graph is built here), restored after;
+                # share: nn.SHARE_ACT_QUANT for the quantized activations.
                 settings = settings or {}
                 old = {key: getattr(cm, key) for key in settings}
+                old_share = fnn.SHARE_ACT_QUANT
                 for key, value in settings.items():
                     setattr(cm, key, value)
+                fnn.SHARE_ACT_QUANT = share
                 try:
                     with _activations(fp8_layers, act):
                         cache = cache_mod.make_prompt_cache(model)
@@ -1516,10 +1522,13 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
                 finally:
                     for key, value in old.items():
                         setattr(cm, key, value)
+                    fnn.SHARE_ACT_QUANT = old_share
 
             cases = {"fp16": lambda: forward(model16), "fp8_e4m3": lambda: forward(model8, {"WA_SK": False}),
                      "fp8_e4m3_stream_k": lambda: forward(model8, {"WA_SK": True}),
                      "fp8_e4m3_act_e4m3": lambda: forward(model8, act="e4m3")}
+            if act_unshared:
+                cases["fp8_e4m3_act_e4m3_unshared"] = lambda: forward(model8, act="e4m3", share=False)
             for vname, splits, waves in variants:
                 cases[f"fp8_e4m3_sk_{vname}"] = functools.partial(
                     forward, model8, {"WA_SK": True, "WA_SK_SPLITS": splits, "WA_SK_WAVES": waves})
@@ -1699,6 +1708,9 @@ def main(argv=None):
                              "0 or 1)")
     parser.add_argument("--wa-tiles-rows", default="512,1024,2048",
                         help="wa_tiles: M values (tokens), comma separated")
+    parser.add_argument("--llama-act-unshared", action="store_true",
+                        help="llama_prefill: one more case, the quantized activations without the shared "
+                             "quantization of one input (nn.SHARE_ACT_QUANT = False)")
     parser.add_argument("--llama-sk-variants", default="",
                         help="llama_prefill: NAME:SPLITS:WAVES cases, comma separated (stream-K on with "
                              "cuda_matmul.WA_SK_SPLITS = SPLITS, WA_SK_WAVES = WAVES (0 or 1))")
@@ -1769,7 +1781,7 @@ def main(argv=None):
                 "llama": lambda: bench_llama(rec, tuple(args.llama_models.split(","))),
                 "llama_prefill": lambda: bench_llama_prefill(
                     rec, tuple(args.llama_models.split(",")), tuple(int(v) for v in args.llama_prompts.split(",")),
-                    variants=sk_variants, wa_variants=wa_variants),
+                    variants=sk_variants, wa_variants=wa_variants, act_unshared=args.llama_act_unshared),
                 "wa_tiles": lambda: bench_wa_tiles(rec, ((256, 1024, 1024),) if args.warm else tuple(
                     (m, k, n) for m in (int(v) for v in args.wa_tiles_rows.split(",")) for k, n in WA_TILE_SHAPES),
                     1 if args.warm else 2),
