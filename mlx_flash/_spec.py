@@ -342,7 +342,13 @@ def validate_attention(
             key = ("attention", q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, options)
             spec = VALIDATED_CALLS.get(key)
             if spec is None:
-                spec, _ = _validate_attention(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap)
+                spec = _new_key_count(q, k, v, options)
+                if spec is None:
+                    spec, _ = _validate_attention(q, k, v, scale=scale, causal=causal, window=window,
+                                                  softcap=softcap)
+                    ks, vs = k.shape, v.shape
+                    remember_validated(("attention-nk", q.shape, ks[:2] + ks[3:], vs[:2] + vs[3:], q.dtype, k.dtype,
+                                        v.dtype, options), spec)
                 remember_validated(key, spec)
             return spec, AttentionInputs()
     return _validate_attention(
@@ -350,6 +356,23 @@ def validate_attention(
         alibi_slopes=alibi_slopes, sinks=sinks, block_mask=block_mask, block_size=block_size,
         key_start=key_start, key_len=key_len,
     )
+
+
+def _new_key_count(q, k, v, options):
+    """The spec of a call that differs from a validated one only in its key
+    count (k's and v's axis 2: a growing KV cache meets a new one at every
+    generation step), or None. Without optional arrays no check reads the key
+    count but "k and v have as many" (_check_qkv): that one is made here, and a
+    call failing it is left to the full checks for their error. Everything
+    else the checks read is in the key, as in validate_attention's."""
+    ks, vs = k.shape, v.shape
+    if len(ks) != 4 or len(vs) != 4 or ks[2] != vs[2]:
+        return None
+    spec = VALIDATED_CALLS.get(("attention-nk", q.shape, ks[:2] + ks[3:], vs[:2] + vs[3:], q.dtype, k.dtype, v.dtype,
+                                options))
+    if spec is None:
+        return None
+    return AttentionSpec._make(spec[:4] + (ks[2],) + spec[5:])  # seqlen_k (field 4), as the checks set it
 
 
 def _validate_attention(

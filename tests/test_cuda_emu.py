@@ -453,3 +453,70 @@ def test_ticket_pool_regions_are_reset(decode_tuning):
     check_close("lse", to_np(lse), want, mx.float32)
     assert cuda_backend._TICKET_POOLS[mx.cpu][2] == calls + 1
     assert not np.any(after), "every ticket set back to 0"
+
+
+def test_decode_plan_at_each_key_count():
+    """_decode_plan takes what the key count does not change from a cache of the spec without key counts
+    (a growing KV cache meets a new count at every step): the plan equals the formula worked out whole,
+    at every count, under the default tuning and under split / wave overrides."""
+    import math
+
+    from mlx_flash._spec import validate_attention
+    from mlx_flash.backends import cuda as cb
+
+    def whole(spec, tuning):  # the formula as one function (its form before the cache of the spec without keys)
+        nw, bn, stages = cb._decode_config(spec, tuning)
+        dvc = cb._column_chunk(spec.head_dim_v)
+        smem = cb._decode_smem(spec.head_dim_qk, dvc, nw, bn, stages)
+        rows = 8 if cb._decode_kr(spec, tuning, bn) else 16
+        row_blocks = math.ceil(cb._max_q(spec) * spec.group_size / rows) * math.ceil(spec.head_dim_v / dvc)
+        base_blocks = row_blocks * spec.batch * spec.heads_kv
+        per_sm = max(1, min(4, cb._SM_SMEM // (smem + 1024)))
+        keys = cb._effective_keys(spec)
+        options = dict(tuning)
+        waves, tiles = options.get("waves", 50) / 100, options.get("tiles", 2)
+        splits = max(1, min(cb._MAX_SPLITS, int(cb._SMS * per_sm * waves) // base_blocks,
+                            math.ceil(keys / (tiles * nw * bn))))
+        if "splits" in options:
+            splits = max(1, min(cb._MAX_SPLITS, options["splits"], math.ceil(keys / (nw * bn))))
+        chunk = math.ceil(math.ceil(keys / splits) / (nw * bn)) * nw * bn
+        return nw, bn, stages, smem, row_blocks, math.ceil(keys / chunk)
+
+    base = cb._decode_tuning()
+    tunings = [base, tuple(sorted({**dict(base), "splits": 5}.items())),
+               tuple(sorted({**dict(base), "waves": 100, "tiles": 1}.items()))]
+    q = mx.zeros((1, 32, 1, 128), mx.float16)
+    for window in (None, (100, 0)):
+        for nk in list(range(1, 70)) + [511, 512, 513, 4095, 4096, 4097, 32767, 32768, 32769]:
+            k = mx.zeros((1, 8, nk, 128), mx.float16)
+            spec, _ = validate_attention(q, k, k, window=window)
+            for tuning in tunings:
+                assert cb._decode_plan(spec, tuning) == whole(spec, tuning), (nk, window, tuning)
+
+
+def test_decode_outputs_as_the_cache_grows():
+    """Decode calls at successive key counts (views of one growing cache, as generation makes them), each after
+    the calls before it filled the caches of the spec without key counts: outputs and lse equal those of a call
+    at that count with every cache of the CUDA path emptied first (bit-identical), and the float64 reference."""
+    from mlx_flash._spec import VALIDATED_CALLS
+    from mlx_flash.backends import cuda as cb
+
+    gen = rng("cuda-emu-growing")
+    B, Hq, Hkv, D = 1, 8, 2, 64
+    q = randn(gen, (B, Hq, 1, D), F16)
+    kc, vc = randn(gen, (B, Hkv, 160, D), F16), randn(gen, (B, Hkv, 160, D), F16)
+    mx.eval(q, kc, vc)
+    caches = (cb._without_keys, cb._forward_template, cb._forward_template_of, cb._decode_plan,
+              cb._decode_plan_base, cb._decode_launch_of_plan, cb._param_arrays)
+    grown = {}
+    for nk in (31, 32, 33, 63, 64, 65, 127, 128, 129, 150):
+        grown[nk] = _forward(q, kc[:, :, :nk], vc[:, :, :nk])
+    for nk, (out, lse) in grown.items():
+        for cache in caches:
+            cache.cache_clear()
+        VALIDATED_CALLS.clear()
+        fresh_out, fresh_lse = _forward(q, kc[:, :, :nk], vc[:, :, :nk])
+        np.testing.assert_array_equal(to_np(out), to_np(fresh_out))
+        np.testing.assert_array_equal(to_np(lse), to_np(fresh_lse))
+        want = attention_np(q, kc[:, :, :nk], vc[:, :, :nk])
+        check_close("out", to_np(out), want, F16, None)

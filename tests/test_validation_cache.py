@@ -152,3 +152,28 @@ def test_quantized_repeated_shapes_new_data_match_reference():
         want = attention_np(q, kd, vd, causal=True)
         assert rel_error(to_np(out), want["out"]) < FP32_TOL["out"]
         assert rel_error(to_np(lse), want["lse"]) < FP32_TOL["lse"]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+def test_new_key_count_spec_equals_checked_spec(options):
+    """A call that differs from a validated one only in its key count (a growing KV cache) takes its spec
+    from the remembered one with the new count: the same spec as the checks give, at every count."""
+    _spec.VALIDATED_CALLS.clear()
+    q, k, v = _qkv(("nk",), Nk=40)
+    _spec.validate_attention(q, k, v, **options)
+    for nk in (1, 17, 39, 40, 41, 64, 65, 300):
+        kn, vn = k[:, :, :min(nk, 40)], v[:, :, :min(nk, 40)]
+        if nk > 40:
+            kn, vn = mx.concatenate([k] * 8, axis=2)[:, :, :nk], mx.concatenate([v] * 8, axis=2)[:, :, :nk]
+        got, inputs = _spec.validate_attention(q, kn, vn, **options)
+        checked, _ = _spec._validate_attention(q, kn, vn, **options)
+        assert got == checked and type(got) is type(checked) and inputs == _spec.AttentionInputs()
+
+
+def test_new_key_count_still_checks_k_against_v():
+    """k and v of different key counts after a validated call of their other dims still get the error."""
+    _spec.VALIDATED_CALLS.clear()
+    q, k, v = _qkv(("nk-bad",), Nk=20)
+    _spec.validate_attention(q, k, v)
+    with pytest.raises(ValueError, match="sequence lengths must match"):
+        _spec.validate_attention(q, k[:, :, :10], v[:, :, :12])

@@ -316,7 +316,9 @@ def compare(before: str, rounds: int, out: str, argv: list) -> None:
         for r in range(rounds):
             for side, root in (("before", before), ("after", here)):
                 path = os.path.join(tmp, f"{side}{r}.json")
-                env = dict(os.environ, PYTHONPATH=root)
+                # The caller's PYTHONPATH stays behind root (a sitecustomize there may point an editable
+                # install's import hook at root: otherwise both sides could import the installed tree).
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
                 subprocess.run([sys.executable, os.path.abspath(__file__), "--json", path] + argv, env=env,
                                check=True, stdout=subprocess.DEVNULL)
                 with open(path) as f:

@@ -450,9 +450,32 @@ def _feature_template(spec: AttentionSpec, inputs: AttentionInputs, with_sinks=T
     return list(_features(spec, inputs.mask.dtype if inputs.mask is not None else mx.bool_, with_sinks))
 
 
+_SEQLEN_K = AttentionSpec._fields.index("seqlen_k")
+_MAX_SEQLEN_K = AttentionSpec._fields.index("max_seqlen_k")
+
+
+@functools.lru_cache(maxsize=1024)
+def _without_keys(spec: AttentionSpec) -> AttentionSpec:
+    """`spec` with seqlen_k and max_seqlen_k zeroed: the key of what a call's key
+    count does not change (templates, the decode plan's tiles, the decode
+    launch of one plan). A growing KV cache (generation: every step's first
+    layer meets a new length) then finds those in caches and works out only
+    what depends on the length (the parameter block, the split count). Built
+    by slicing (_replace costs ~3 us); once per spec."""
+    return AttentionSpec._make(spec[:_SEQLEN_K] + (0,) + spec[_SEQLEN_K + 1:_MAX_SEQLEN_K] + (0,)
+                               + spec[_MAX_SEQLEN_K + 1:])
+
+
 @functools.lru_cache(maxsize=1024)
 def _forward_template(spec: AttentionSpec, mask_dtype) -> tuple:
-    """The forward kernels' common template arguments: features and head dims."""
+    """The forward kernels' common template arguments: features and head dims
+    (the same for every key count: looked up by _without_keys at a new one)."""
+    return _forward_template_of(_without_keys(spec), mask_dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_template_of(spec: AttentionSpec, mask_dtype) -> tuple:
+    """_forward_template of a spec without key counts (nothing here reads them)."""
     return _features(spec, mask_dtype, True) + (("D", spec.head_dim_qk), ("DV", spec.head_dim_v))
 
 
@@ -722,7 +745,27 @@ def decode_plan(spec: AttentionSpec):
 
 @functools.lru_cache(maxsize=1024)
 def _decode_plan(spec: AttentionSpec, tuning: tuple):
-    """decode_plan, cached per spec (and per tuning override, for the variant sweep)."""
+    """decode_plan, cached per spec (and per tuning override, for the variant sweep).
+    Only the split count depends on the key count: the rest comes from
+    _decode_plan_base, once per spec without key counts (a new cache length
+    costs the few integer operations below)."""
+    nw, bn, stages, smem, row_blocks, cap, tiles, forced = _decode_plan_base(_without_keys(spec), tuning)
+    keys = _effective_keys(spec)
+    if forced is None:
+        splits = max(1, min(cap, math.ceil(keys / (tiles * nw * bn))))
+    else:
+        splits = max(1, min(_MAX_SPLITS, forced, math.ceil(keys / (nw * bn))))
+    # The kernel rounds each split's keys up to whole rounds of nw tiles: drop splits left empty.
+    chunk = math.ceil(math.ceil(keys / splits) / (nw * bn)) * nw * bn
+    return nw, bn, stages, smem, row_blocks, math.ceil(keys / chunk)
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_plan_base(spec: AttentionSpec, tuning: tuple):
+    """What _decode_plan takes from the spec but its key counts (the caller
+    zeroes them; nothing here reads them): (warps, keys per warp tile, stages,
+    shared memory, row blocks, the split cap the SMs set, warp tiles a split
+    gets at least, the "splits" option or None)."""
     nw, bn, stages = _decode_config(spec, tuning)
     dvc = _column_chunk(spec.head_dim_v)
     smem = _decode_smem(spec.head_dim_qk, dvc, nw, bn, stages)
@@ -735,16 +778,11 @@ def _decode_plan(spec: AttentionSpec, tuning: tuple):
     # model's layers) fill the GPU between them (H200, GQA 32:4, 32K keys:
     # 32 splits = 128 blocks beat 64 by 20-35% per call in a 32-call step).
     per_sm = max(1, min(4, _SM_SMEM // (smem + 1024)))
-    keys = _effective_keys(spec)
     options = dict(tuning)
     waves = options.get("waves", 50) / 100  # percent of the SMs' resident blocks
     tiles = options.get("tiles", 2)
-    splits = max(1, min(_MAX_SPLITS, int(_SMS * per_sm * waves) // base_blocks, math.ceil(keys / (tiles * nw * bn))))
-    if "splits" in options:
-        splits = max(1, min(_MAX_SPLITS, options["splits"], math.ceil(keys / (nw * bn))))
-    # The kernel rounds each split's keys up to whole rounds of nw tiles: drop splits left empty.
-    chunk = math.ceil(math.ceil(keys / splits) / (nw * bn)) * nw * bn
-    return nw, bn, stages, smem, row_blocks, math.ceil(keys / chunk)
+    cap = min(_MAX_SPLITS, int(_SMS * per_sm * waves) // base_blocks)
+    return nw, bn, stages, smem, row_blocks, cap, tiles, options.get("splits")
 
 
 def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, stream):
@@ -842,7 +880,7 @@ def _decode_launch_cached(spec: AttentionSpec, mask_dtype, lse_shape: tuple, tun
     kept there: this cache is the one the CUDA emulation clears."""
     plan = _decode_plan(spec, tuning)
     names, smem, source, used, pool, grid, threads, shapes, dtypes, init = _decode_launch_of_plan(
-        spec._replace(seqlen_k=0, max_seqlen_k=0), mask_dtype, lse_shape, tuning, plan)
+        _without_keys(spec), mask_dtype, lse_shape, tuning, plan)
     kernel = _kernel("attention_fwd_decode", names, ("out", "lse", "ws"), smem, None, True, source)
     return kernel, used, pool, grid, threads, shapes, dtypes, init
 
