@@ -49,6 +49,32 @@ def test_every_constant_input_of_the_decode_spans_more_than_the_small_pool():
     assert float(fp[0]) == pytest.approx(64 ** -0.5) and int(ns[0]) == cuda_quant.decode_plan(qspec)[1]
 
 
+def test_the_parameter_block_of_a_new_key_count_waits_on_nothing(monkeypatch):
+    """The int parameter block (it holds seqlen_k: new at every generation
+    step) is written by the host: made without an eval, which would wait for
+    the whole queued step (tools/cuda_new_length_probe.py), holding the
+    values, padded past the small pool, made once per block."""
+    from mlx_flash._spec import validate_attention
+
+    q = mx.zeros((1, 8, 1, 64), mx.float16)
+    k = mx.zeros((1, 2, 41, 64), mx.float16)
+    spec, _ = validate_attention(q, k, k)
+    cuda._param_arrays.cache_clear()
+    cuda.const_array((spec.scale, 1.0), mx.float32)  # the float block: made before, as every call's
+
+    def no_eval(*args, **kwargs):
+        raise AssertionError("the parameter block was evaluated")
+
+    monkeypatch.setattr(mx, "eval", no_eval)
+    ip, fp = cuda._param_arrays(spec, cuda._NO_DIMS, cuda._NO_DIMS)
+    monkeypatch.undo()
+    got = np.array(ip)
+    assert got[4] == 41 and got[:4].tolist() == [1, 8, 2, 1] and ip.nbytes > SMALL
+    assert cuda._param_arrays(spec, cuda._NO_DIMS, cuda._NO_DIMS)[0] is ip
+    small = cuda.length_array((5,), mx.int32)
+    assert small.nbytes > SMALL and np.array(small).tolist()[:1] == [5] and not np.array(small)[1:].any()
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1), (1, 2, 1)])
 def test_small_scales_leave_the_pool(shape):
     """matmul2d's and FP8Linear's scales of 8 bytes or less (per tensor) reach the kernels as views of a

@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e|s25a|s25b|s25c|s25d|s25e|s25f|s25g|s25h|s25i|s26a|s26b|s26c|s26d|s26e|s27a|s27b}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e|s25a|s25b|s25c|s25d|s25e|s25f|s25g|s25h|s25i|s26a|s26b|s26c|s26d|s26e|s27a|s27b|s27c|s27d}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -717,6 +717,20 @@ elif [ "$PART" = s27b ]; then
   step llama_prefill 300 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
     --sections llama_prefill --llama-models llama_3b,llama_8b --llama-prompts 512,1024,2048 --llama-act-unshared \
     --out "$OUT/matmul_llama_prefill_act_shared.json"
+elif [ "$PART" = s27c ]; then
+  # Session 27 (issue 14, host cost): does a decode call at a new cache length stall a pipelined generation
+  # loop (its parameter block evaluated at once)? Host time of such a call with the GPU busy, and a 32-layer
+  # generation-like loop: mx.fast, ours, ours with host-written parameter blocks.
+  step new_length 200 python3 tools/cuda_new_length_probe.py "$OUT/cuda_new_length_probe.json"
+elif [ "$PART" = s27d ]; then
+  # Session 27 (issue 14), after s27c: the int parameter block host-written (length_array) and the new-length
+  # caches (validation, templates, decode plan): the probe again, the host cost, then the GPU cases of the
+  # replay, the constant arrays and the attention values / edges.
+  step new_length 200 python3 tools/cuda_new_length_probe.py "$OUT/cuda_new_length_probe.json"
+  step host_cost 150 python3 tools/host_cost.py --json "$OUT/host_cost.json"
+  step host_gpu 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_cuda_host.py tests/test_cuda_const_arrays.py
+  step attn_gpu 240 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_attention_values.py \
+    tests/test_attention_edges.py tests/test_attention_key_ranges.py -k cuda
 elif [ "$PART" = s25c ]; then
   # Session 25 (issue 15): s25b's model prefill with quantized activations came out slower than FP8Linear's
   # default: the same forwards profiled kernel by kernel (the quantize kernel, the native fp8 products).
@@ -728,6 +742,6 @@ elif [ "$PART" = s19c ]; then
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c, s24e, s25a-s25i, s26a-s26e or s27a-s27b, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c, s24e, s25a-s25i, s26a-s26e or s27a-s27d, got $PART" >&2
   exit 2
 fi
