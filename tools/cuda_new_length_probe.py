@@ -57,12 +57,16 @@ def _host_const(values: tuple, dtype):
 
 
 def _use_params(kind):
-    """'device' (main) or 'host' parameter blocks from here on."""
-    cuda.const_array = cuda_const if kind == "device" else _host_const
+    """Parameter blocks from here on: 'device' (main's: the int block by length_array, the float block by
+    const_array), 'host' (every const_array host-written too), 'eval' (the int block by const_array,
+    evaluated on the GPU at each new length: main before session 27)."""
+    cuda.const_array = _host_const if kind == "host" else cuda_const
+    cuda.length_array = cuda_const if kind == "eval" else cuda_length
     cuda._param_arrays.cache_clear()
 
 
 cuda_const = cuda.const_array
+cuda_length = cuda.length_array
 
 
 def host_times(kcache, vcache, big, reps):
@@ -139,13 +143,13 @@ def main(out_path):
 
     result = {"card": card_name(), "mlx": mx.__version__,
               "busy_reps": reps, "busy_matmul_ms": per * 1e3,
-              "host": host_times(kcaches[0], vcaches[0], big, reps)}
+              "host": host_times(kcaches[0], vcaches[0], big, reps) if "--no-host" not in sys.argv else None}
     fast = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5)
     ours = lambda q, k, v: mlx_flash.flash_attention(q, k, v)
     steps = {}
     run = 0
     for rnd in range(2):
-        for name in ("mx_fast", "ours_device", "ours_host"):
+        for name in ("mx_fast", "ours_device", "ours_host", "ours_eval"):
             if name != "mx_fast":
                 _use_params(name.split("_")[1])
             ms, _ = step_loop(fast if name == "mx_fast" else ours, kcaches, vcaches, wq, wo, x0,
@@ -161,4 +165,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1])  # --no-host: the step loops only
