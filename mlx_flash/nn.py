@@ -96,13 +96,13 @@ def _quantize_activations(x2, fmt):
 # Projections that read one input (a transformer block's q / k / v, its gate /
 # up) share one quantization of it: the layer keeps the last input it
 # quantized by a weak reference, with its codes and scales, and a call that
-# gets that very array object again (same format, device and shape) takes
+# gets that very array object again (same format and device) takes
 # them instead of quantizing again. Same bits as quantizing each time (it is
 # the same computation on the same array). The entry goes as soon as that
 # input is freed, and a call with any other input replaces it, so at most
 # one input's codes are held. False quantizes at every call.
 SHARE_ACT_QUANT = True
-_shared_quant = None  # (weakref to x, key, codes, scales) of the last quantized input
+_shared_quant = None  # (weakref to x, (format, device), codes, scales) of the last quantized input
 
 
 def _forget_shared_quant(ref):
@@ -118,7 +118,7 @@ def _input_quantization(x, x2, fmt):
     Both outside the layer's custom function, so gradients stop at them
     (the vjp is straight through to x)."""
     global _shared_quant
-    key = (fmt, mx.default_device(), tuple(x2.shape))
+    key = (fmt, mx.default_device())  # x2's shape follows from x
     entry = _shared_quant
     if SHARE_ACT_QUANT and entry is not None and entry[0]() is x and entry[1] == key:
         return entry[2], entry[3]

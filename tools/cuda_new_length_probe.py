@@ -25,7 +25,6 @@ host_us's calls at a new length are compared with mx.fast's.
 
 from __future__ import annotations
 
-import functools
 import json
 import statistics
 import sys
@@ -48,19 +47,11 @@ def _busy(a, reps):
     return y
 
 
-@functools.lru_cache(maxsize=4096)
-def _host_const(values: tuple, dtype):
-    vals = list(values)
-    while len(vals) * dtype.size <= cuda._SMALL_POOL_BYTES:
-        vals.append(0)
-    return mx.array(vals, dtype=dtype)  # host-written: available at once, no eval
-
-
 def _use_params(kind):
     """Parameter blocks from here on: 'device' (main's: the int block by length_array, the float block by
     const_array), 'host' (every const_array host-written too), 'eval' (the int block by const_array,
     evaluated on the GPU at each new length: main before session 27)."""
-    cuda.const_array = _host_const if kind == "host" else cuda_const
+    cuda.const_array = cuda_length if kind == "host" else cuda_const  # host-written: length_array's
     cuda.length_array = cuda_const if kind == "eval" else cuda_length
     cuda._param_arrays.cache_clear()
 

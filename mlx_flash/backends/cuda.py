@@ -339,6 +339,14 @@ _ATTN_INPUTS = ("q", "k", "v", "mask", "alibi", "sinks", "bmask", "cu_q", "cu_k"
 _SMALL_POOL_BYTES = 8
 
 
+def _past_small_pool(values: tuple, dtype) -> list:
+    """`values`, then zeros until they span more than the small pool's 8 bytes."""
+    vals = list(values)
+    while len(vals) * dtype.size <= _SMALL_POOL_BYTES:
+        vals.append(0)
+    return vals
+
+
 @functools.lru_cache(maxsize=4096)
 def const_array(values: tuple, dtype) -> mx.array:
     """A small constant array, made once per value and kept, in device memory.
@@ -349,10 +357,7 @@ def const_array(values: tuple, dtype) -> mx.array:
     and arrays of at most 8 bytes share a pool that stays in host memory
     (above). The array holds `values`, then zeros until it spans more than 8 bytes.
     """
-    vals = list(values)
-    while len(vals) * dtype.size <= _SMALL_POOL_BYTES:
-        vals.append(0)
-    host = mx.array(vals, dtype=dtype)
+    host = mx.array(_past_small_pool(values, dtype), dtype=dtype)
     if mx.default_device() != mx.gpu:
         mx.eval(host)
         return host
@@ -378,10 +383,7 @@ def length_array(values: tuple, dtype) -> mx.array:
     (benchmarks/results/cuda_new_length_probe_nvidia_h100_s27c.json). The
     GPU's first read of a new block pages it over, once a length; the block
     spans more than the small pool's 8 bytes as const_array's do."""
-    vals = list(values)
-    while len(vals) * dtype.size <= _SMALL_POOL_BYTES:
-        vals.append(0)
-    return mx.array(vals, dtype=dtype)
+    return mx.array(_past_small_pool(values, dtype), dtype=dtype)
 
 
 def out_of_small_pool(x, stream=None):
