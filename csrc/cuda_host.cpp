@@ -26,8 +26,11 @@
 #include <nanobind/stl/vector.h>
 
 #include <cstring>
+#include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -280,17 +283,29 @@ struct Record {
   std::shared_ptr<Plan> plan;
 };
 
-std::vector<mx::array> run_launches(const Plan& r, const std::vector<mx::array>& primals) {
+// A constant input a replay takes from elsewhere: launch `launch`'s input `input` is `array`.
+struct ConstantOverride {
+  int launch = -1, input = -1;
+  const mx::array* array = nullptr;
+};
+
+std::vector<mx::array> run_launches(const Plan& r, const std::vector<mx::array>& primals,
+                                    const ConstantOverride& swap = {}) {
   std::vector<std::vector<mx::array>> results;
   results.reserve(r.launches.size());
-  for (const auto& l : r.launches) {
+  for (size_t li = 0; li < r.launches.size(); ++li) {
+    const auto& l = r.launches[li];
     std::vector<mx::array> inputs;
     inputs.reserve(l.inputs.size());
-    for (const auto& s : l.inputs) {
+    for (size_t ii = 0; ii < l.inputs.size(); ++ii) {
+      const auto& s = l.inputs[ii];
       switch (s.kind) {
         case Source::Primal: inputs.push_back(primals[s.index]); break;
         case Source::ContiguousPrimal: inputs.push_back(mx::contiguous(primals[s.index], false, l.stream)); break;
-        case Source::Constant: inputs.push_back(*s.constant); break;
+        case Source::Constant:
+          inputs.push_back(static_cast<int>(li) == swap.launch && static_cast<int>(ii) == swap.input ? *swap.array
+                                                                                                   : *s.constant);
+          break;
         case Source::PoolRegion: inputs.push_back(r.pool->next()); break;
         case Source::LaunchOutput: inputs.push_back(results[s.index][s.output]); break;
       }
@@ -469,15 +484,34 @@ Source classify(const mx::array& a, const std::vector<mx::array>& primals,
                 "), not a caller array, a constant or a ticket region"};
 }
 
+// A recorded decode call that serves a range of key counts (lo..hi, from
+// cuda.decode_key_range): over that range its launches differ only in the int
+// parameter block (launch `launch`'s constant input `input`), whose key-count
+// slot `index` a replay writes anew. Kept under the call's key with k's and
+// v's key counts blanked (family_key); a KV cache one key longer every step
+// then replays from C++ at each new length instead of running the Python path
+// once a step (validation, plans, mx.custom_function: ~50-120 us).
+struct KeyCountFamily {
+  std::shared_ptr<Record> record;
+  int64_t lo = 0, hi = 0;
+  int launch = 0, input = 0, index = 0;
+  std::vector<int32_t> values;  // the recorded block
+  // The block of the last key count asked for: a model's layers all ask for
+  // the same one in a step (the Python path's length_array caches it alike).
+  int64_t last = -1;
+  std::optional<mx::array> last_block;
+};
+
 struct Table {
   std::unordered_map<std::string, std::shared_ptr<Record>> records;
+  std::unordered_map<std::string, KeyCountFamily> families;
   std::vector<TicketPool> pools;  // one per stream (the pools hold their lists: their addresses stay theirs)
   std::shared_ptr<PyRef> tuning;  // list of dicts (DECODE_TUNING, cuda_quant.TUNING): replay only while all empty
   std::shared_ptr<PyRef> epoch;   // [int]: cuda_host.SETTINGS_EPOCH, bumped by every change of a module setting
   bool enabled = true;
   bool reuse_primitives = true;  // false: every replay calls mx::fast::cuda_kernel (MLX_FLASH_CUDA_HOST_KERNEL=1)
   bool short_graph = true;  // false: every replay builds the custom function's nodes (MLX_FLASH_CUDA_HOST_SHORT=0)
-  size_t hits = 0, misses = 0, shorts = 0;
+  size_t hits = 0, misses = 0, shorts = 0, key_count_hits = 0;
 };
 
 Table& table() {
@@ -510,6 +544,86 @@ int64_t settings_epoch() {
   return PyLong_AsLongLong(PyList_GET_ITEM(t.epoch->obj, 0));
 }
 
+int64_t key_word(const std::string& key, size_t word) {
+  int64_t w;
+  std::memcpy(&w, key.data() + word * sizeof(w), sizeof(w));
+  return w;
+}
+
+// Where a key holds the key counts of its k and v arrays (axis 2 of
+// [B, H, N, D] arrays; an array slot is six words: ndim, four dims, dtype).
+// attention() ("A"): q, k, v first, so k's N is word 9 and v's word 15.
+// attention_quantized() ("Q"): q, then k's and v's (data, scales, biases)
+// triples, each a container word and three arrays: N at words 10, 16, 22
+// (k) and 29, 35, 41 (v).
+struct KeyCountLayout {
+  char kind;
+  std::vector<size_t> ranks;   // words that must be 4 (each array's ndim)
+  std::vector<size_t> counts;  // words holding a key count
+};
+
+const KeyCountLayout* key_count_layout(const std::string& key) {
+  static const KeyCountLayout layouts[] = {
+      {'A', {0, 6, 12}, {9, 15}},
+      {'Q', {0, 7, 13, 19, 26, 32, 38}, {10, 16, 22, 29, 35, 41}},
+  };
+  constexpr size_t tail = 1 + sizeof(int64_t);  // kind, settings epoch
+  if (key.size() < tail) return nullptr;
+  for (const auto& l : layouts) {
+    if (key[key.size() - tail] != l.kind || key.size() < (l.counts.back() + 1) * sizeof(int64_t) + tail) continue;
+    for (size_t w : l.ranks) {
+      if (key_word(key, w) != 4) return nullptr;
+    }
+    return &l;
+  }
+  return nullptr;
+}
+
+// The call's key count: every array's the same, else -1 (the Python path's checks then give their error).
+int64_t key_count_of(const std::string& key, const KeyCountLayout& layout) {
+  int64_t keys = key_word(key, layout.counts[0]);
+  for (size_t w : layout.counts) {
+    if (key_word(key, w) != keys) return -1;
+  }
+  return keys;
+}
+
+// The key of the call's key-count family: its key with every key count blanked.
+std::string family_key(std::string key, const KeyCountLayout& layout) {
+  const int64_t blank = -2;
+  for (size_t word : layout.counts) std::memcpy(key.data() + word * sizeof(blank), &blank, sizeof(blank));
+  return key;
+}
+
+// The replay of a call whose key was not recorded but whose family serves
+// its key count; none where no family does or the call is traced (a traced
+// call needs the custom function's vjp, whose Python closure holds the
+// recorded key count: the Python path serves it).
+std::optional<std::vector<mx::array>> key_count_replay(const std::string& key, const std::vector<nb::handle>& slots) {
+  auto& t = table();
+  const KeyCountLayout* layout = t.short_graph ? key_count_layout(key) : nullptr;
+  if (layout == nullptr) return std::nullopt;
+  int64_t keys = key_count_of(key, *layout);
+  if (keys < 0) return std::nullopt;
+  auto it = t.families.find(family_key(key, *layout));
+  if (it == t.families.end()) return std::nullopt;
+  KeyCountFamily& f = it->second;
+  if (keys < f.lo || keys > f.hi) return std::nullopt;
+  std::vector<mx::array> primals;
+  primals.reserve(f.record->primal_slots.size());
+  for (int slot : f.record->primal_slots) primals.push_back(as_array(slots[slot]));
+  if (!untraced(primals)) return std::nullopt;
+  if (f.last != keys) {
+    std::vector<int32_t> values = f.values;
+    values[f.index] = static_cast<int32_t>(keys);
+    // Written by the host, as length_array's block of the Python path.
+    f.last_block = mx::array(values.begin(), mx::Shape{static_cast<int>(values.size())}, mx::int32);
+    f.last = keys;
+  }
+  ++t.key_count_hits;
+  return run_launches(*f.record->plan, primals, ConstantOverride{f.launch, f.input, &*f.last_block});
+}
+
 // The replay of a recorded call, or the key (bytes) when the Python path must
 // run and may be recorded, or None when it must run and is never recorded.
 nb::object lookup_and_run(Key& key, const std::vector<nb::handle>& slots, bool return_lse, const char* kind) {
@@ -519,6 +633,12 @@ nb::object lookup_and_run(Key& key, const std::vector<nb::handle>& slots, bool r
   key.word(settings_epoch());
   auto it = t.records.find(key.bytes);
   if (it == t.records.end()) {
+    if (!t.families.empty()) {
+      if (auto outs = key_count_replay(key.bytes, slots)) {
+        if (return_lse) return nb::make_tuple(nb::cast(std::move((*outs)[0])), nb::cast(std::move((*outs)[1])));
+        return nb::cast(std::move((*outs)[0]));
+      }
+    }
     ++t.misses;
     return nb::bytes(key.bytes.data(), key.bytes.size());
   }
@@ -574,6 +694,39 @@ void unwrap_custom_function(const mx::array& out, const mx::array& lse, std::vec
                   forward_lse.shape() == lse.shape() && forward_lse.dtype() == lse.dtype();
 }
 
+// The family of a recorded call whose launches serve a range of key counts
+// (cuda_host.note_key_count: (the int block, its values, the key count's
+// slot, lo, hi)). Only a key of a known layout (key_count_layout) whose untraced replay is short
+// (key_count_replay replays nothing else) and whose int block is exactly one
+// constant input; otherwise the call keeps its own record only.
+void add_key_count_family(const std::string& key, const std::shared_ptr<Record>& rec, nb::handle key_count) {
+  auto& t = table();
+  const KeyCountLayout* layout = key_count_layout(key);
+  if (!rec->plan->short_ok || layout == nullptr) return;
+  auto [block, values, index, lo, hi] =
+      nb::cast<std::tuple<mx::array, std::vector<int32_t>, int, int64_t, int64_t>>(key_count);
+  int64_t keys = key_count_of(key, *layout);
+  if (index < 0 || index >= static_cast<int>(values.size()) || values[index] != keys || lo > keys || keys > hi ||
+      keys < 0) {
+    throw std::invalid_argument("note_key_count: the block's key count, the range and the call's k and v disagree");
+  }
+  KeyCountFamily f{rec, lo, hi};
+  f.values = std::move(values);
+  f.index = index;
+  int found = 0;
+  for (size_t li = 0; li < rec->plan->launches.size(); ++li) {
+    const auto& inputs = rec->plan->launches[li].inputs;
+    for (size_t ii = 0; ii < inputs.size(); ++ii) {
+      if (inputs[ii].kind == Source::Constant && inputs[ii].constant->id() == block.id()) {
+        f.launch = static_cast<int>(li);
+        f.input = static_cast<int>(ii);
+        ++found;
+      }
+    }
+  }
+  if (found == 1) t.families[family_key(key, *layout)] = std::move(f);
+}
+
 // The record of a call the Python path just ran, from what cuda_host.py noted.
 //   key        the bytes lookup_and_run returned
 //   slots      the call's array slots (arrays or None), in the entry point's order
@@ -584,9 +737,12 @@ void unwrap_custom_function(const mx::array& out, const mx::array& lse, std::vec
 // Returns "" when the call is recorded, else why not (the key then always
 // takes the Python path).
 std::string record(nb::bytes key_bytes, std::vector<nb::object> slots, std::tuple<mx::array, mx::array> result,
-                   nb::list launches, nb::object pool) {
+                   nb::list launches, nb::object pool, nb::object key_count) {
   auto& t = table();
-  if (t.records.size() >= kMaxRecords) t.records.clear();
+  if (t.records.size() >= kMaxRecords) {
+    t.records.clear();
+    t.families.clear();
+  }
   std::string key(key_bytes.c_str(), key_bytes.size());
   auto rec = std::make_shared<Record>();
   t.records[key] = rec;  // refused until it is complete
@@ -672,6 +828,7 @@ std::string record(nb::bytes key_bytes, std::vector<nb::object> slots, std::tupl
   }
   rec->plan = plan;
   rec->replayable = true;
+  if (!key_count.is_none()) add_key_count_family(key, rec, key_count);
   return "";
 }
 
@@ -748,8 +905,10 @@ NB_MODULE(_cuda_host, m) {
       "flash_attention_quantized's counterpart of attention() (k and v each a (data, scales, biases) triple).");
 
   m.def("record", &record, nb::arg("key"), nb::arg("slots"), nb::arg("result"), nb::arg("launches"),
-        nb::arg("pool").none(), "Record the Python path's launches of a missed key (see csrc/cuda_host.cpp); returns "
-                           "'' when recorded, else why not.");
+        nb::arg("pool").none(), nb::arg("key_count").none() = nb::none(),
+        "Record the Python path's launches of a missed key (see csrc/cuda_host.cpp); returns "
+        "'' when recorded, else why not. key_count: None, or (int block, its values, the key count's slot, lo, hi) "
+        "of a decode launch that serves key counts lo..hi (cuda_host.note_key_count).");
 
   m.def(
       "set_tuning",
@@ -781,6 +940,7 @@ NB_MODULE(_cuda_host, m) {
       "clear",
       []() {
         table().records.clear();
+        table().families.clear();
         table().pools.clear();
       },
       "Forget every record (the kernels stay cached).");
@@ -793,4 +953,7 @@ NB_MODULE(_cuda_host, m) {
         return nb::make_tuple(t.hits, t.misses, t.records.size(), replayable);
       },
       "(hits, misses, records, replayable records).");
+  m.def(
+      "key_count_stats", []() { return nb::make_tuple(table().key_count_hits, table().families.size()); },
+      "(calls replayed at a key count their key was not recorded with, key-count families held).");
 }

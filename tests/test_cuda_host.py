@@ -383,6 +383,162 @@ def test_untraced_inputs_inside_a_trace_replay_short(fake_cuda):
     _assert_identical(want_out, grad)
 
 
+# A KV cache one key longer every call (generation): (dtype, Hq, Hkv, Nq, first Nk, D, options).
+KEY_COUNT_CASES = {
+    "fp16 32:8 across a split count": (mx.float16, 32, 8, 1, 8189, 128, {}),
+    "bf16 causal 2 queries lse": (mx.bfloat16, 8, 2, 2, 637, 64, dict(causal=True, return_lse=True)),
+    "fp16 window sinks": (mx.float16, 16, 4, 1, 1500, 128, dict(window=(300, 0), sinks="f32")),
+    "fp16 softcap from one key": (mx.float16, 4, 2, 1, 1, 64, dict(softcap=20.0, scale=0.3)),
+}
+
+
+def _key_count_stats():
+    return HOST.key_count_stats()[0], HOST.stats()[2]  # key-count replays, records
+
+
+def _growing_cache_case(cb, case):
+    """Calls over k / v views one key longer each time, from the case's first
+    key count past the end of its recorded range (cuda.decode_key_range) into
+    the next range: each is bit-identical to the Python path at that count;
+    inside the range each new count replays from C++ without a record, the
+    first count past it is recorded anew (its own family), the next replays
+    again; a traced call at a new count takes the Python path (its vjp)."""
+    dtype, hq, hkv, nq, nk, d, options = KEY_COUNT_CASES[case]
+    gen = rng("host-key-count", case)
+    q = randn(gen, (1, hq, nq, d), dtype)
+    cache_k, cache_v = (randn(gen, (1, hkv, nk + 140, d), dtype) for _ in range(2))
+    options = dict(options)
+    if options.get("sinks") == "f32":
+        options["sinks"] = randn(gen, (hq,), mx.float32)
+    checks = {o: options[o] for o in ("scale", "causal", "window", "softcap", "sinks") if o in options}
+    spec, _ = attention.validate_attention(q, cache_k[:, :, :nk], cache_v[:, :, :nk], **checks)
+    lo, hi = cb.decode_key_range(spec, cb._decode_tuning())
+    assert lo == nk and hi > nk
+    crosses = hi + 2 <= cache_k.shape[2]
+    counts = [nk, nk + 1, nk + 2, (nk + hi) // 2, hi] + ([hi + 1, hi + 2] if crosses else [])
+
+    def call(n):
+        return mlx_flash.flash_attention(q, cache_k[:, :, :n], cache_v[:, :, :n], **options)
+
+    for i, n in enumerate(dict.fromkeys(counts)):
+        HOST.set_enabled(False)
+        want = call(n)
+        mx.eval(want)
+        HOST.set_enabled(True)
+        replays, records = _key_count_stats()
+        got = call(n)
+        mx.eval(got)
+        _assert_identical(want, got)
+        new_family = i == 0 or n == hi + 1
+        assert _key_count_stats() == ((replays, records + 1) if new_family else (replays + 1, records)), n
+    # Another count of the range inside mx.grad: the Python path, recorded, with its own gradient.
+    n = nk + 1 if not crosses else hi + 3
+    grad = mx.grad(lambda q: mlx_flash.flash_attention(q, cache_k[:, :, :n], cache_v[:, :, :n],
+                                                       **options)[0 if options.get("return_lse") else ...]
+                   .astype(mx.float32).sum())
+    HOST.set_enabled(False)
+    want = grad(q)
+    HOST.set_enabled(True)
+    replays, records = _key_count_stats()
+    got = grad(q)
+    mx.eval(want, got)
+    _assert_identical(want, got)
+    assert _key_count_stats()[0] == replays
+    return crosses
+
+
+@needs_host
+@pytest.mark.parametrize("case", list(KEY_COUNT_CASES))
+def test_growing_cache_replays_new_key_counts_on_fake_kernels(fake_cuda, case):
+    crosses = _growing_cache_case(fake_cuda, case)
+    assert crosses or "window" in case  # a window's key count stops changing the plan once it is full
+
+
+def _growing_quantized_cache_case(bits, options):
+    """_growing_cache_case for flash_attention_quantized over views of a quantized cache (mlx-lm's
+    QuantizedKVCache hands out keys[..., :offset, :] of each of the three arrays)."""
+    from mlx_flash._quant_spec import validate_attention_quantized
+    from mlx_flash.backends import cuda_quant as cq
+
+    gen = rng("host-key-count-quant", bits, len(options))
+    q = randn(gen, (1, 32, 1, 128), mx.float16)
+    cache = [mx.quantize(randn(gen, (1, 8, 1700, 128), mx.float16), group_size=64, bits=bits) for _ in range(2)]
+    options = dict(options)
+    if options.get("sinks") == "f32":
+        options["sinks"] = randn(gen, (32,), mx.float32)
+
+    def views(n):
+        return [tuple(a[:, :, :n] for a in c) for c in cache]
+
+    nk = 1001
+    qspec = validate_attention_quantized(q, *views(nk), bits=bits, group_size=64,
+                                         **{o: options[o] for o in ("window", "sinks") if o in options})[0]
+    lo, hi = cq.decode_key_range(qspec)
+    assert lo == nk and nk < hi < 1698
+    for i, n in enumerate((nk, nk + 1, (nk + hi) // 2, hi, hi + 1, hi + 2)):
+        call = lambda: mlx_flash.flash_attention_quantized(q, *views(n), bits=bits, group_size=64,  # noqa: E731
+                                                           **options)
+        HOST.set_enabled(False)
+        want = call()
+        mx.eval(want)
+        HOST.set_enabled(True)
+        replays, records = _key_count_stats()
+        got = call()
+        mx.eval(got)
+        _assert_identical(want, got)
+        new_family = i == 0 or n == hi + 1
+        assert _key_count_stats() == ((replays, records + 1) if new_family else (replays + 1, records)), n
+    # k's arrays of two key counts: no family replay; the Python path's checks give their error.
+    k = views(hi + 2)[0]
+    with pytest.raises(ValueError):
+        mlx_flash.flash_attention_quantized(q, (k[0], k[1][:, :, :hi + 1], k[2]), views(hi + 2)[1], bits=bits,
+                                            group_size=64)
+
+
+@needs_host
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("options", [{}, dict(return_lse=True, sinks="f32")], ids=["plain", "sinks lse"])
+def test_growing_quantized_cache_replays_new_key_counts_on_fake_kernels(fake_cuda, bits, options):
+    _growing_quantized_cache_case(bits, options)
+
+
+@needs_host
+def test_key_count_replay_leaves_other_calls_alone(fake_cuda, monkeypatch):
+    """Only the calls a family covers replay at another key count: k and v of
+    different key counts get the Python path's error, masked calls (a mask
+    follows the key count; both entries) record each count, a settings change
+    makes a new family, and HOST.clear forgets them."""
+    cb = fake_cuda
+    gen = rng("host-key-count-others")
+    q = randn(gen, (1, 8, 1, 64), mx.float16)
+    k, v = (randn(gen, (1, 2, 300, 64), mx.float16) for _ in range(2))
+    start = HOST.key_count_stats()[0]
+    stats = lambda: (HOST.key_count_stats()[0] - start, HOST.key_count_stats()[1])  # noqa: E731
+    mx.eval(mlx_flash.flash_attention(q, k[:, :, :200], v[:, :, :200]))
+    assert stats() == (0, 1)
+    with pytest.raises(ValueError, match="k"):
+        mlx_flash.flash_attention(q, k[:, :, :201], v[:, :, :202])
+    mx.eval(mlx_flash.flash_attention(q, k[:, :, :201], v[:, :, :201]))
+    assert stats() == (1, 1)
+    for n in (200, 201):  # masked: recorded per count, never a family
+        mask = mx.ones((1, 1, 1, n), mx.bool_)
+        mx.eval(mlx_flash.flash_attention(q, k[:, :, :n], v[:, :, :n], mask=mask))
+    assert stats() == (1, 1)
+    kq, vq = (mx.quantize(x, group_size=64, bits=4) for x in (k, v))
+    for n in (200, 201):  # the quantized decode with a mask: not the decode kernel, no family
+        mask = mx.ones((1, 1, 1, n), mx.bool_)
+        mx.eval(mlx_flash.flash_attention_quantized(q, tuple(a[:, :, :n] for a in kq),
+                                                    tuple(a[:, :, :n] for a in vq), bits=4, group_size=64,
+                                                    mask=mask))
+    assert stats() == (1, 1)
+    records = HOST.stats()[2]
+    monkeypatch.setattr(cb, "_SMS", cb._SMS)  # any settings assignment: a new epoch, so new keys and families
+    mx.eval(mlx_flash.flash_attention(q, k[:, :, :202], v[:, :, :202]))
+    assert stats() == (1, 2) and HOST.stats()[2] == records + 1
+    HOST.clear()
+    assert HOST.key_count_stats()[1] == 0
+
+
 @needs_host
 @pytest.mark.parametrize("value, want", [("0", "False"), ("1", "True"), ("2", "ValueError"), ("yes", "ValueError")])
 def test_short_graph_switch_from_the_environment(value, want):
@@ -502,6 +658,22 @@ def test_replay_is_bit_identical_quantized_decode(fresh_host, monkeypatch, bits,
     want, first, replayed = _both_paths(call)
     _assert_identical(want, first)
     _assert_identical(want, replayed)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", list(KEY_COUNT_CASES))
+def test_growing_cache_replay_is_bit_identical_on_gpu(fresh_host, monkeypatch, case):
+    from mlx_flash.backends import cuda as cb
+
+    monkeypatch.setattr(attention, "_HOST", HOST)
+    _growing_cache_case(cb, case)
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_growing_quantized_cache_replay_is_bit_identical_on_gpu(fresh_host, monkeypatch, bits):
+    monkeypatch.setattr(attention_quantized, "_HOST", HOST)
+    _growing_quantized_cache_case(bits, dict(return_lse=True, sinks="f32"))
 
 
 @needs_cuda

@@ -422,10 +422,18 @@ def _param_arrays(spec: AttentionSpec, mask_dims: tuple, bm_dims: tuple):
     """_params' arrays, found by one lookup per call (building and hashing the
     17-slot tuple for const_array cost more than the rest of the lookup). The
     int block holds the key count: length_array's, never waiting on the GPU."""
-    ip = (spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k,
-          spec.window_left, spec.window_right, spec.block_q, spec.block_k) + tuple(mask_dims) + tuple(bm_dims)
     fp = (spec.scale, spec.softcap if spec.softcap else 1.0)
-    return length_array(ip, mx.int32), const_array(fp, mx.float32)
+    return length_array(_int_params(spec, mask_dims, bm_dims), mx.int32), const_array(fp, mx.float32)
+
+
+# Where the int block holds seqlen_k (attention_common.cuh's slots).
+_IP_SEQLEN_K = 4
+
+
+def _int_params(spec: AttentionSpec, mask_dims: tuple, bm_dims: tuple) -> tuple:
+    """The int parameter block's values (slot _IP_SEQLEN_K: the key count)."""
+    return (spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q, spec.seqlen_k,
+            spec.window_left, spec.window_right, spec.block_q, spec.block_k) + tuple(mask_dims) + tuple(bm_dims)
 
 
 def _has_optional_arrays(inputs: AttentionInputs) -> bool:
@@ -753,7 +761,11 @@ def _decode_tiles(d: int, dv: int, tuning: tuple):
 
 def _effective_keys(spec: AttentionSpec) -> int:
     """Keys one query row can see at most (a left window bounds them)."""
-    keys = _max_k(spec)
+    return _keys_seen(spec, _max_k(spec))
+
+
+def _keys_seen(spec: AttentionSpec, keys: int) -> int:
+    """_effective_keys of the spec with `keys` keys."""
     if spec.window_left >= 0:
         right = spec.window_right if spec.window_right >= 0 else keys
         keys = min(keys, spec.window_left + right + _max_q(spec))
@@ -773,15 +785,41 @@ def _decode_plan(spec: AttentionSpec, tuning: tuple):
     Only the split count depends on the key count: the rest comes from
     _decode_plan_base, once per spec without key counts (a new cache length
     costs the few integer operations below)."""
-    nw, bn, stages, smem, row_blocks, cap, tiles, forced = _decode_plan_base(_without_keys(spec), tuning)
-    keys = _effective_keys(spec)
+    base = _decode_plan_base(_without_keys(spec), tuning)
+    return base[:5] + (_decode_splits(base, _effective_keys(spec)),)
+
+
+def _decode_splits(base: tuple, keys: int) -> int:
+    """The split count of _decode_plan for `keys` effective keys, from its _decode_plan_base."""
+    nw, bn, _, _, _, cap, tiles, forced = base
     if forced is None:
         splits = max(1, min(cap, math.ceil(keys / (tiles * nw * bn))))
     else:
         splits = max(1, min(_MAX_SPLITS, forced, math.ceil(keys / (nw * bn))))
     # The kernel rounds each split's keys up to whole rounds of nw tiles: drop splits left empty.
     chunk = math.ceil(math.ceil(keys / splits) / (nw * bn)) * nw * bn
-    return nw, bn, stages, smem, row_blocks, math.ceil(keys / chunk)
+    return math.ceil(keys / chunk)
+
+
+# How far decode_key_range looks past a recorded key count.
+_KEY_RANGE_SCAN = 1024
+
+
+def decode_key_range(spec: AttentionSpec, tuning: tuple) -> tuple:
+    """(lo, hi): the key counts from the spec's own (lo) up to hi (at most
+    _KEY_RANGE_SCAN more) whose decode launch is this one's in all but the
+    int block's seqlen_k: the same split count (grid, SPLIT, the ws shape),
+    the rest of the plan not reading the key count. csrc/cuda_host.cpp
+    replays a recorded decode call at any key count of its range (a KV cache
+    growing by one key a step keeps one record for hundreds of steps); the
+    spec must be one the int block fully describes (not varlen, no mask,
+    block mask or key ranges, whose shapes or values follow the key count)."""
+    base = _decode_plan_base(_without_keys(spec), tuning)
+    splits = _decode_splits(base, _effective_keys(spec))
+    lo = hi = spec.seqlen_k
+    while hi < lo + _KEY_RANGE_SCAN and _decode_splits(base, _keys_seen(spec, hi + 1)) == splits:
+        hi += 1
+    return lo, hi
 
 
 @functools.lru_cache(maxsize=1024)
@@ -824,6 +862,10 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
                          output_dtypes=dtypes, init_value=init, stream=stream)
         if _host.RECORDING is not None:  # a call cuda_host.py will replay: note the launch
             _host.note_launch(kernel, inputs, outputs, stream, None, grid, threads, shapes, dtypes, init)
+            if not (spec.varlen or spec.has_key_range or spec.has_block_mask or spec.mask_kind != "none"):
+                # The same launch serves a range of key counts: the replay writes each its int block.
+                _host.note_key_count(args[9], _past_small_pool(_int_params(spec, _NO_DIMS, _NO_DIMS), mx.int32),
+                                     _IP_SEQLEN_K, *decode_key_range(spec, _decode_tuning()))
         return outputs[0], outputs[1]
     rows = math.prod(lse_shape)
     warps, row_blocks, splits, kernel = _simt_fwd_config(spec)

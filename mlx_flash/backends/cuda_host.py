@@ -20,6 +20,17 @@ the call:
   them). Same kernels, bit-identical results, no
   validation (a hit has the shapes, dtypes and options of a call that passed
   it; values are never validated);
+* a call whose key was not recorded but differs from a recorded decode call
+  only in its key count (k's and v's axis 2; a KV cache one key longer each
+  generation step) replays that call where the count lies in its *key-count
+  family*'s range: the decode launch sites note (`note_key_count`) the int
+  parameter block and the key counts their launch serves unchanged (the same
+  split count: cuda.decode_key_range, cuda_quant.decode_key_range), and the
+  replay writes that block anew on the host for the new count (as the Python
+  path's length_array). Untraced calls only (a traced one needs the custom
+  function's vjp, whose closure holds the recorded count), and only calls
+  whose shapes and checks depend on the key count through k and v alone (no
+  mask, block mask, key ranges or varlen);
 * a *miss* runs the Python path while the launch sites note what they launch
   (`note_launch`, `note_ticket_region`), then `record` stores the call. A
   call whose forward is not exactly noted launches over caller arrays and
@@ -81,6 +92,7 @@ KERNEL_SPECS: dict = {}
 # the ticket pool region taken (None otherwise).
 RECORDING = None
 _TICKET = None
+_KEY_COUNT = None  # note_key_count's (block, values, index, lo, hi), or None
 
 
 def note_launch(kernel, inputs, outputs, stream, template=None, grid=None, threadgroup=None, output_shapes=None,
@@ -95,6 +107,15 @@ def note_ticket_region(pool, region):
     """Called by cuda._ticket_region while RECORDING is not None."""
     global _TICKET
     _TICKET = (pool, region)
+
+
+def note_key_count(block, values, index, lo, hi):
+    """Called by the decode launch while RECORDING is not None: the recorded
+    launches serve every key count in lo..hi but for the int parameter block
+    `block` (a launch input holding `values`, the key count at `index`), which
+    a replay at another key count of the range writes anew on the host."""
+    global _KEY_COUNT
+    _KEY_COUNT = (block, list(values), index, lo, hi)
 
 
 # The settings generation every key holds (csrc/cuda_host.cpp reads it per call).
@@ -198,19 +219,19 @@ def recorded(key, slots, run):
     missed call and record it under `key`. `slots` are the call's array
     arguments in the extension's order. Returns (out, lse) and why the call is
     not replayable ("" when it is)."""
-    global RECORDING, _TICKET, _TUNING_SET
+    global RECORDING, _TICKET, _KEY_COUNT, _TUNING_SET
     if not _TUNING_SET:  # here, not at import: cuda.py and cuda_quant.py import this module
         HOST.set_tuning(_tuning_dicts())
         watch_settings()
         _TUNING_SET = True
-    RECORDING, _TICKET = [], None
+    RECORDING, _TICKET, _KEY_COUNT = [], None, None
     try:
         out, lse = run()
-        launches, ticket = RECORDING, _TICKET
+        launches, ticket, key_count = RECORDING, _TICKET, _KEY_COUNT
     finally:
-        RECORDING, _TICKET = None, None
+        RECORDING, _TICKET, _KEY_COUNT = None, None, None
     try:
-        reason = HOST.record(key, slots, (out, lse), launches, ticket)
+        reason = HOST.record(key, slots, (out, lse), launches, ticket, key_count)
     except Exception as error:  # noqa: BLE001 (an argument the record cannot take: the key stays Python's)
         reason = f"{type(error).__name__}: {error}"
     return out, lse, reason
@@ -222,5 +243,6 @@ def stats() -> dict:
         return {}
     hits, misses, records, replayable = HOST.stats()
     shorts, short_on = HOST.short_graph_stats()
+    length_hits, families = HOST.key_count_stats()
     return {"hits": hits, "misses": misses, "records": records, "replayable": replayable, "short_replays": shorts,
-            "short_graph": short_on}
+            "short_graph": short_on, "key_count_hits": length_hits, "key_count_families": families}

@@ -459,7 +459,7 @@ def decode_late_scales() -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def decode_plan(qspec):
-    """(warps per block, splits per (batch, KV head), shared memory bytes)."""
+    """(warps per block, splits per (batch, KV head), shared memory bytes, the split rule of _decode_splits)."""
     decode_removed_tuning()
     spec = qspec.attention
     # TILES where it does not apply: the error, before anything is built.
@@ -482,12 +482,31 @@ def decode_plan(qspec):
     qfrag = nw * 256 * (spec.head_dim_qk // 16) if spec.head_dim_qk > 128 or q_shared else 0
     base = 16 + 4 * nw * 32 * (ng + ngv) * tiles + qfrag
     smem = base + 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv)
+    rule = ((_SMS * per_sm) // pairs, nw, TUNING.get("dec_splits"), nw * dv)
+    return nw, _decode_splits(rule, keys), smem, rule
+
+
+def _decode_splits(rule: tuple, keys: int) -> int:
+    """decode_plan's split count for `keys` effective keys; `rule` (the split cap one wave of resident
+    blocks sets, warps, the "dec_splits" override or None, the merge's limit) does not read the key count."""
+    cap, nw, forced, limit = rule
     # At most one wave of resident blocks (main launched 4 an SM of which 3 fit: 1.33 waves).
-    splits = max(1, min((_SMS * per_sm) // pairs, math.ceil(keys / (16 * nw * _DEC_MIN_TILES)), _DEC_MAX_SPLITS))
-    if "dec_splits" in TUNING:
-        splits = TUNING["dec_splits"]
-    splits = max(1, min(splits, nw * dv))  # the merge's [splits][8] weights fit red_o
-    return nw, splits, smem
+    splits = max(1, min(cap, math.ceil(keys / (16 * nw * _DEC_MIN_TILES)), _DEC_MAX_SPLITS))
+    if forced is not None:
+        splits = forced
+    return max(1, min(splits, limit))  # the merge's [splits][8] weights fit red_o
+
+
+def decode_key_range(qspec) -> tuple:
+    """(lo, hi): the key counts from the call's own up to hi (at most cuda._KEY_RANGE_SCAN more) whose
+    decode launch is this one's in all but the int block's seqlen_k (the same split count; the rest of
+    the launch does not read the key count): csrc/cuda_host.cpp replays the recorded call at each."""
+    spec = qspec.attention
+    _, splits, _, rule = decode_plan(qspec)
+    lo = hi = spec.seqlen_k
+    while hi < lo + _cuda._KEY_RANGE_SCAN and _decode_splits(rule, _cuda._keys_seen(spec, hi + 1)) == splits:
+        hi += 1
+    return lo, hi
 
 
 def decode_scratch_floats(qspec, splits: int) -> int:
@@ -508,7 +527,7 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
     """Everything of a decode launch but its inputs, once per (spec, shapes, dtypes, TUNING)."""
     spec = qspec.attention
     decode_removed_tuning()
-    nw, splits, smem = decode_plan(qspec)
+    nw, splits, smem, _ = decode_plan(qspec)
     pool = _decode_pool(qspec)
     fold, l2pf = decode_register_options()
     template = [("T", spec.dtype), ("KST", k_scales_dtype), ("VST", v_scales_dtype), ("SOFTCAP", spec.softcap > 0),
@@ -545,4 +564,9 @@ def _forward_decode(q, k, v, qspec, inputs: AttentionInputs, stream):
     outputs = kernel(inputs=kernel_inputs, stream=stream, **launch)
     if _cuda._host.RECORDING is not None:  # a call cuda_host.py will replay: note the launch
         _cuda._host.note_launch(kernel, kernel_inputs, outputs, stream, **launch)
+        # The same launch serves a range of key counts (no mask or ALiBi here: uses_decode): the
+        # replay writes each its int block.
+        spec = qspec.attention
+        _cuda._host.note_key_count(args[9], _cuda._past_small_pool(_cuda._int_params(spec, _cuda._NO_DIMS, _cuda._NO_DIMS),
+                                                                   mx.int32), _cuda._IP_SEQLEN_K, *decode_key_range(qspec))
     return outputs[0], outputs[1]
