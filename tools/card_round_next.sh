@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e|s25a|s25b|s25c|s25d|s25e|s25f|s25g|s25h|s25i|s26a|s26b|s26c|s26d|s26e|s27a|s27b|s27c|s27d|s27e}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e|s25a|s25b|s25c|s25d|s25e|s25f|s25g|s25h|s25i|s26a|s26b|s26c|s26d|s26e|s27a|s27b|s27c|s27d|s27e|s28a}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -737,6 +737,15 @@ elif [ "$PART" = s27e ]; then
   # evaluated on the GPU at each new length ("eval", main before session 27), on one machine, twice.
   step new_length 200 python3 tools/cuda_new_length_probe.py "$OUT/cuda_new_length_probe.json" --no-host
   step new_length2 200 python3 tools/cuda_new_length_probe.py "$OUT/cuda_new_length_probe2.json" --no-host
+elif [ "$PART" = s28a ]; then
+  # Session 28 (issue 14, host cost): the C++ replay's key-count families (a recorded decode call replayed at
+  # every key count of its range, its int block written on the host). The replay's GPU cases first (the
+  # growing-cache ones new), then the new-length probe twice (variants family / device / eval in turn, each
+  # from no records), then the host cost with the real kernels.
+  step host_gpu 150 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_cuda_host.py tests/test_cuda_const_arrays.py
+  step new_length 200 python3 tools/cuda_new_length_probe.py "$OUT/cuda_new_length_probe.json"
+  step new_length2 200 python3 tools/cuda_new_length_probe.py "$OUT/cuda_new_length_probe2.json" --no-host
+  step host_cost 200 python3 tools/host_cost.py --json "$OUT/host_cost.json"
 elif [ "$PART" = s25c ]; then
   # Session 25 (issue 15): s25b's model prefill with quantized activations came out slower than FP8Linear's
   # default: the same forwards profiled kernel by kernel (the quantize kernel, the native fp8 products).
@@ -748,6 +757,6 @@ elif [ "$PART" = s19c ]; then
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c, s24e, s25a-s25i, s26a-s26e or s27a-s27e, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c, s24e, s25a-s25i, s26a-s26e, s27a-s27e or s28a, got $PART" >&2
   exit 2
 fi

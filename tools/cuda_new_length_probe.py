@@ -2,12 +2,13 @@
 
     python tools/cuda_new_length_probe.py OUT.json
 
-At a key count it has not seen, the CUDA path makes the call's parameter block
-(backends.cuda._param_arrays -> const_array), which is created by a GPU op and
-evaluated at once (mx.eval) so that it lives in device memory. That eval waits
-for everything already queued on the stream. mlx-lm builds step t + 1 while the
-GPU runs step t (mx.async_eval), and every step's first layer meets a new
-length, so the wait would serialise host and GPU once a step.
+At a key count it had not seen, the CUDA path ran its Python path (validation,
+plans, mx.custom_function; 50-120 us) and, before session 27, made the call's
+int parameter block by a GPU op evaluated at once (mx.eval), which waits for
+everything already queued on the stream. mlx-lm builds step t + 1 while the GPU
+runs step t (mx.async_eval), and every step's first layer meets a new length.
+Since session 28 the C++ replay serves every key count of a recorded decode
+call's range (backends/cuda_host.py, "key-count families").
 
 Measured on MLX's CUDA backend, fp16, B 1, GQA 32:8, D 128:
   host_us:  building one flash_attention call (no eval) at a new length, at a
@@ -17,9 +18,9 @@ Measured on MLX's CUDA backend, fp16, B 1, GQA 32:8, D 128:
             (x W_q -> attention over a cache one key longer each step ->
             x W_o), built while the previous step runs (async_eval, then the
             previous step's eval, as mlx-lm's generate_step): ms a step for
-            mx.fast, ours as main has it ("device"), and ours with the
-            parameter blocks written by the host instead ("host": no eval at
-            a new length; the GPU's first read of each block pages it over).
+            mx.fast and ours, each way of building a new length (_use_params:
+            "family", main's; "device", main before session 28; "eval",
+            before session 27).
 host_us's calls at a new length are compared with mx.fast's.
 """
 
@@ -33,7 +34,7 @@ import time
 import mlx.core as mx
 
 import mlx_flash
-from mlx_flash.backends import cuda
+from mlx_flash.backends import cuda, cuda_host
 
 HQ, HKV, D, LAYERS, STEPS, NK0 = 32, 8, 128, 32, 48, 8192
 BUSY_MS = 30
@@ -48,16 +49,22 @@ def _busy(a, reps):
 
 
 def _use_params(kind):
-    """Parameter blocks from here on: 'device' (main's: the int block by length_array, the float block by
-    const_array), 'host' (every const_array host-written too), 'eval' (the int block by const_array,
-    evaluated on the GPU at each new length: main before session 27)."""
-    cuda.const_array = cuda_length if kind == "host" else cuda_const  # host-written: length_array's
+    """How a call at a new length gets built from here on: 'family' (this main: the C++ replay serves
+    every key count of a recorded decode call's range, cuda.decode_key_range, writing its int block on
+    the host), 'device' (no key-count families, as main before session 28: the Python path at each new
+    length, its int block host-written by length_array), 'eval' (no families, the int block by
+    const_array, evaluated on the GPU at each new length: main before session 27). The C++ records
+    are dropped, so each variant starts from none."""
+    cuda_host.note_key_count = note_key_count if kind == "family" else (lambda *a: None)
     cuda.length_array = cuda_const if kind == "eval" else cuda_length
     cuda._param_arrays.cache_clear()
+    if cuda_host.HOST is not None:
+        cuda_host.HOST.clear()
 
 
 cuda_const = cuda.const_array
 cuda_length = cuda.length_array
+note_key_count = cuda_host.note_key_count
 
 
 def host_times(kcache, vcache, big, reps):
@@ -65,7 +72,7 @@ def host_times(kcache, vcache, big, reps):
     q = mx.random.normal((1, HQ, 1, D)).astype(mx.float16)
     mx.eval(q)
     n = NK0 + 3000
-    for kind in ("device", "host"):
+    for kind in ("family", "device"):
         _use_params(kind)
         for busy in (False, True):
             new, rep, diff = [], [], 0.0
@@ -88,7 +95,7 @@ def host_times(kcache, vcache, big, reps):
             rows[f"{kind}_{'busy' if busy else 'idle'}"] = dict(new_length_us=statistics.median(new),
                                                                repeated_us=statistics.median(rep),
                                                                max_abs_diff_vs_mx_fast=diff)
-    _use_params("device")
+    _use_params("family")
     return rows
 
 
@@ -140,14 +147,16 @@ def main(out_path):
     steps = {}
     run = 0
     for rnd in range(2):
-        for name in ("mx_fast", "ours_device", "ours_host", "ours_eval"):
+        for name in ("mx_fast", "ours_family", "ours_device", "ours_eval"):
             if name != "mx_fast":
                 _use_params(name.split("_")[1])
             ms, _ = step_loop(fast if name == "mx_fast" else ours, kcaches, vcaches, wq, wo, x0,
                                 NK0 + 100 * run)
             run += 1
             steps.setdefault(name, []).append(ms)
-    _use_params("device")
+            print(name, rnd, round(ms, 3), flush=True)
+    _use_params("family")
+    result["key_count_stats"] = cuda_host.stats()
     result["step_ms"] = {k: min(v) for k, v in steps.items()}
     result["step_ms_all"] = steps
     with open(out_path, "w") as f:
