@@ -537,6 +537,27 @@ def test_key_count_replay_leaves_other_calls_alone(fake_cuda, monkeypatch):
     assert stats() == (1, 2) and HOST.stats()[2] == records + 1
     HOST.clear()
     assert HOST.key_count_stats()[1] == 0
+    monkeypatch.setattr(cuda_host, "KEY_COUNTS", False)  # MLX_FLASH_CUDA_HOST_KEY_COUNTS=0: no families
+    for n in (210, 211):
+        mx.eval(mlx_flash.flash_attention(q, k[:, :, :n], v[:, :, :n]))
+    assert stats() == (1, 0) and HOST.stats()[2] == 2
+
+
+@needs_host
+@pytest.mark.parametrize("value, want", [("0", "False"), ("1", "True"), ("no", "ValueError")])
+def test_key_count_switch_from_the_environment(value, want):
+    import os
+    import subprocess
+    import sys
+
+    code = "from mlx_flash.backends import cuda_host\nprint(cuda_host.KEY_COUNTS)"
+    env = {**os.environ, "MLX_FLASH_CUDA_HOST_KEY_COUNTS": value}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if want == "ValueError":
+        assert run.returncode != 0 and "MLX_FLASH_CUDA_HOST_KEY_COUNTS: expected 0 or 1" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == want
 
 
 @needs_host

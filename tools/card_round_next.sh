@@ -746,6 +746,13 @@ elif [ "$PART" = s28a ]; then
   step new_length 200 python3 tools/cuda_new_length_probe.py "$OUT/cuda_new_length_probe.json"
   step new_length2 200 python3 tools/cuda_new_length_probe.py "$OUT/cuda_new_length_probe2.json" --no-host
   step host_cost 200 python3 tools/host_cost.py --json "$OUT/host_cost.json"
+  # mlx-lm generation over a growing cache (unquantized, 4- and 8-bit), patched vs mlx-lm's own, with the
+  # key-count families and without (MLX_FLASH_CUDA_HOST_KEY_COUNTS=0).
+  step lm_kv 200 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.lm --sections kv \
+    --device gpu --kv-context 8192 --new-tokens 128 --out "$OUT/lm_kv.json"
+  step lm_kv_nofam 200 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" MLX_FLASH_CUDA_HOST_KEY_COUNTS=0 \
+    python3 -m mlx_flash.bench.lm --sections kv --device gpu --kv-context 8192 --new-tokens 128 \
+    --out "$OUT/lm_kv_nofam.json"
 elif [ "$PART" = s25c ]; then
   # Session 25 (issue 15): s25b's model prefill with quantized activations came out slower than FP8Linear's
   # default: the same forwards profiled kernel by kernel (the quantize kernel, the native fp8 products).

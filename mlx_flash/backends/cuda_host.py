@@ -78,6 +78,13 @@ if _PREFILL not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_CUDA_HOST_PREFILL: expected 0 or 1, got {_PREFILL!r}")
 PREFILL = _PREFILL == "1"
 
+# Key-count families (the module docstring): MLX_FLASH_CUDA_HOST_KEY_COUNTS=0
+# records each key count of a growing cache anew (the Python path once a step).
+_KEY_COUNTS = os.environ.get("MLX_FLASH_CUDA_HOST_KEY_COUNTS", "1")
+if _KEY_COUNTS not in ("0", "1"):
+    raise ValueError(f"MLX_FLASH_CUDA_HOST_KEY_COUNTS: expected 0 or 1, got {_KEY_COUNTS!r}")
+KEY_COUNTS = _KEY_COUNTS == "1"
+
 # Untraced replays without the custom function's nodes (see set_short_graph below).
 _SHORT = os.environ.get("MLX_FLASH_CUDA_HOST_SHORT", "1")
 if _SHORT not in ("0", "1"):
@@ -115,7 +122,8 @@ def note_key_count(block, values, index, lo, hi):
     `block` (a launch input holding `values`, the key count at `index`), which
     a replay at another key count of the range writes anew on the host."""
     global _KEY_COUNT
-    _KEY_COUNT = (block, list(values), index, lo, hi)
+    if KEY_COUNTS:
+        _KEY_COUNT = (block, list(values), index, lo, hi)
 
 
 # The settings generation every key holds (csrc/cuda_host.cpp reads it per call).
