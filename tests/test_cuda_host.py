@@ -49,8 +49,10 @@ def _attention_key(q, k, v, **options):
 
 
 @pytest.fixture
-def fresh_host():
-    """The extension with no records, switched on, untraced replays short; every record dropped again after."""
+def fresh_host(monkeypatch):
+    """The extension with no records, switched on, untraced replays short, key-count families on (whatever
+    MLX_FLASH_CUDA_HOST_SHORT / _KEY_COUNTS the caller set); every record dropped again after."""
+    monkeypatch.setattr(cuda_host, "KEY_COUNTS", True)
     HOST.clear()
     HOST.set_enabled(True)
     short = HOST.short_graph_stats()[1]
