@@ -385,6 +385,56 @@ def test_untraced_inputs_inside_a_trace_replay_short(fake_cuda):
     _assert_identical(want_out, grad)
 
 
+def test_key_count_ranges_hold_one_split_count():
+    """decode_key_range's bounds (cuda._decode_splits_until, cuda_quant's) against every key count:
+    over consecutive ranges from 1 key to 20000 (and past windows), each count of a range has the
+    range's split count (the bound may end a range early, never late). Runs without a GPU."""
+    from mlx_flash._quant_spec import QuantSpec
+    from mlx_flash.backends import cuda as cb
+    from mlx_flash.backends import cuda_quant as cq
+
+    bases = [(nw, bn, 3, 0, 1, cap, tiles, forced) for nw, bn in ((4, 16), (8, 32))
+             for cap in (0, 1, 5, 16, 33, 128) for tiles in (1, 2) for forced in (None, 7, 500)]
+    for base in bases:
+        keys = 1
+        while keys <= 20000:
+            end = cb._decode_splits_until(base, keys)
+            want = cb._decode_splits(base, keys)
+            assert end >= keys
+            for e in range(keys + 1, min(end, 20001) + 1):
+                assert cb._decode_splits(base, e) == want, (base, keys, end, e)
+            keys = end + 1
+    for rule in [(cap, nw, forced, limit) for cap in (0, 1, 16, 66, 400) for nw in (4, 8) for forced in (None, 9)
+                 for limit in (3, 1024)]:
+        keys = 1
+        while keys <= 20000:
+            end = cq._decode_splits_until(rule, keys)
+            want = cq._decode_splits(rule, keys)
+            assert end >= keys
+            for e in range(keys + 1, min(end, 20001) + 1):
+                assert cq._decode_splits(rule, e) == want, (rule, keys, end, e)
+            keys = end + 1
+    # Whole specs, windows among them: every key count of a range has the range's plan.
+    gen = rng("key-count-ranges")
+    for hkv, nk, options in ((8, 1, {}), (8, 8190, {}), (4, 30000, {}), (2, 1500, dict(window=(300, 0))),
+                             (2, 200, dict(window=(300, 0))), (2, 5000, dict(window=(1000, None))),
+                             (8, 600, dict(causal=True))):
+        q = randn(gen, (1, 32, 1, 128), mx.float16)
+        k = mx.zeros((1, hkv, nk, 128), mx.float16)
+        spec, _ = attention.validate_attention(q, k, k, **options)
+        lo, hi = cb.decode_key_range(spec, cb._decode_tuning())
+        assert lo == nk and hi >= nk
+        plan = cb.decode_plan(spec)
+        for n in list(range(nk, min(hi, nk + 3000) + 1)) + [hi]:
+            assert cb.decode_plan(spec._replace(seqlen_k=n)) == plan, (hkv, nk, options, n)
+        qspec = QuantSpec(spec, 4, 64)
+        lo, hi = cq.decode_key_range(qspec)
+        assert lo == nk and hi >= nk
+        plan = cq.decode_plan(qspec)
+        for n in list(range(nk, min(hi, nk + 3000) + 1)) + [hi]:
+            assert cq.decode_plan(QuantSpec(spec._replace(seqlen_k=n), 4, 64)) == plan, (hkv, nk, options, n)
+
+
 # A KV cache one key longer every call (generation): (dtype, Hq, Hkv, Nq, first Nk, D, options).
 KEY_COUNT_CASES = {
     "fp16 32:8 across a split count": (mx.float16, 32, 8, 1, 8189, 128, {}),

@@ -801,25 +801,48 @@ def _decode_splits(base: tuple, keys: int) -> int:
     return math.ceil(keys / chunk)
 
 
-# How far decode_key_range looks past a recorded key count.
-_KEY_RANGE_SCAN = 1024
+# The largest key count a key-count family reaches (the int block holds seqlen_k as an int32).
+_MAX_KEY_COUNT = 2 ** 31 - 1
+
+
+def _decode_splits_until(base: tuple, keys: int) -> int:
+    """The effective key count up to which _decode_splits(base, .) keeps the
+    value it has at `keys` (>= 1): the first count where one of its steps
+    (the first split count, a split's keys, their rounding to whole rounds of
+    warp tiles, the final count) would change. Never past the true end; where
+    steps change and the result does not (two ranges of one split count),
+    short of it."""
+    nw, bn, _, _, _, cap, tiles, forced = base
+    u = nw * bn
+    step, top = (tiles * u, cap) if forced is None else (u, min(_MAX_SPLITS, forced))
+    first = -(-keys // step)
+    end = first * step if first < top else _MAX_KEY_COUNT  # the first count grows with keys until it reaches top
+    splits = max(1, min(top, first))
+    per_split = -(-keys // splits)
+    chunk = -(-per_split // u) * u  # a split's keys in whole rounds: the same while keys <= chunk * splits
+    return min(end, chunk * splits, -(-keys // chunk) * chunk)  # the last: the final count ceil(keys / chunk)
+
+
+def key_count_end(spec: AttentionSpec, end: int) -> int:
+    """The largest key count from spec.seqlen_k on whose _keys_seen is at most
+    `end` (keys seen follow the key count up to a two-sided window's bound,
+    then stay there: past it, every count)."""
+    if spec.window_left >= 0 and spec.window_right >= 0 and end >= spec.window_left + spec.window_right + _max_q(spec):
+        return _MAX_KEY_COUNT
+    return max(end, spec.seqlen_k)
 
 
 def decode_key_range(spec: AttentionSpec, tuning: tuple) -> tuple:
-    """(lo, hi): the key counts from the spec's own (lo) up to hi (at most
-    _KEY_RANGE_SCAN more) whose decode launch is this one's in all but the
-    int block's seqlen_k: the same split count (grid, SPLIT, the ws shape),
-    the rest of the plan not reading the key count. csrc/cuda_host.cpp
-    replays a recorded decode call at any key count of its range (a KV cache
-    growing by one key a step keeps one record for hundreds of steps); the
-    spec must be one the int block fully describes (not varlen, no mask,
-    block mask or key ranges, whose shapes or values follow the key count)."""
+    """(lo, hi): the key counts from the spec's own (lo) to hi whose decode
+    launch is this one's in all but the int block's seqlen_k: the same split
+    count (grid, SPLIT, the ws shape; the rest of the plan does not read the
+    key count). csrc/cuda_host.cpp replays a recorded decode call at any key
+    count of its range (a KV cache growing by one key a step keeps one record
+    for 128-2048 steps); the spec must be one the int block fully describes
+    (not varlen, no mask, block mask or key ranges, whose shapes or values
+    follow the key count)."""
     base = _decode_plan_base(_without_keys(spec), tuning)
-    splits = _decode_splits(base, _effective_keys(spec))
-    lo = hi = spec.seqlen_k
-    while hi < lo + _KEY_RANGE_SCAN and _decode_splits(base, _keys_seen(spec, hi + 1)) == splits:
-        hi += 1
-    return lo, hi
+    return spec.seqlen_k, key_count_end(spec, _decode_splits_until(base, _effective_keys(spec)))
 
 
 @functools.lru_cache(maxsize=1024)

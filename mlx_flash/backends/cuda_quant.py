@@ -497,16 +497,23 @@ def _decode_splits(rule: tuple, keys: int) -> int:
     return max(1, min(splits, limit))  # the merge's [splits][8] weights fit red_o
 
 
+def _decode_splits_until(rule: tuple, keys: int) -> int:
+    """The effective key count up to which _decode_splits(rule, .) keeps its value at `keys` (>= 1)."""
+    cap, nw, forced, _ = rule
+    tile_keys = 16 * nw * _DEC_MIN_TILES
+    first = -(-keys // tile_keys)
+    if forced is None and first < min(cap, _DEC_MAX_SPLITS):  # the count still follows the keys
+        return first * tile_keys
+    return _cuda._MAX_KEY_COUNT
+
+
 def decode_key_range(qspec) -> tuple:
-    """(lo, hi): the key counts from the call's own up to hi (at most cuda._KEY_RANGE_SCAN more) whose
-    decode launch is this one's in all but the int block's seqlen_k (the same split count; the rest of
-    the launch does not read the key count): csrc/cuda_host.cpp replays the recorded call at each."""
+    """(lo, hi): the key counts from the call's own to hi whose decode launch is this one's in all but
+    the int block's seqlen_k (the same split count; the rest of the launch does not read the key
+    count): csrc/cuda_host.cpp replays the recorded call at each."""
     spec = qspec.attention
-    _, splits, _, rule = decode_plan(qspec)
-    lo = hi = spec.seqlen_k
-    while hi < lo + _cuda._KEY_RANGE_SCAN and _decode_splits(rule, _cuda._keys_seen(spec, hi + 1)) == splits:
-        hi += 1
-    return lo, hi
+    rule = decode_plan(qspec)[3]
+    return spec.seqlen_k, _cuda.key_count_end(spec, _decode_splits_until(rule, _cuda._effective_keys(spec)))
 
 
 def decode_scratch_floats(qspec, splits: int) -> int:
