@@ -393,27 +393,25 @@ def test_key_count_ranges_hold_one_split_count():
     from mlx_flash.backends import cuda as cb
     from mlx_flash.backends import cuda_quant as cq
 
-    bases = [(nw, bn, 3, 0, 1, cap, tiles, forced) for nw, bn in ((4, 16), (8, 32))
-             for cap in (0, 1, 5, 16, 33, 128) for tiles in (1, 2) for forced in (None, 7, 500)]
-    for base in bases:
+    def ranges_hold(splits, until, rule):
         keys = 1
         while keys <= 20000:
-            end = cb._decode_splits_until(base, keys)
-            want = cb._decode_splits(base, keys)
+            end, want = until(rule, keys), splits(rule, keys)
             assert end >= keys
             for e in range(keys + 1, min(end, 20001) + 1):
-                assert cb._decode_splits(base, e) == want, (base, keys, end, e)
+                assert splits(rule, e) == want, (rule, keys, end, e)
             keys = end + 1
-    for rule in [(cap, nw, forced, limit) for cap in (0, 1, 16, 66, 400) for nw in (4, 8) for forced in (None, 9)
-                 for limit in (3, 1024)]:
-        keys = 1
-        while keys <= 20000:
-            end = cq._decode_splits_until(rule, keys)
-            want = cq._decode_splits(rule, keys)
-            assert end >= keys
-            for e in range(keys + 1, min(end, 20001) + 1):
-                assert cq._decode_splits(rule, e) == want, (rule, keys, end, e)
-            keys = end + 1
+
+    for nw, bn in ((4, 16), (8, 32)):
+        for cap in (0, 1, 5, 16, 33, 128):
+            for tiles in (1, 2):
+                for forced in (None, 7, 500):
+                    ranges_hold(cb._decode_splits, cb._decode_splits_until, (nw, bn, 3, 0, 1, cap, tiles, forced))
+    for cap in (0, 1, 16, 66, 400):
+        for nw in (4, 8):
+            for forced in (None, 9):
+                for limit in (3, 1024):
+                    ranges_hold(cq._decode_splits, cq._decode_splits_until, (cap, nw, forced, limit))
     # Whole specs, windows among them: every key count of a range has the range's plan.
     gen = rng("key-count-ranges")
     for hkv, nk, options in ((8, 1, {}), (8, 8190, {}), (4, 30000, {}), (2, 1500, dict(window=(300, 0))),
