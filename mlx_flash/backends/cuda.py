@@ -838,7 +838,7 @@ def decode_key_range(spec: AttentionSpec, tuning: tuple) -> tuple:
     count (grid, SPLIT, the ws shape; the rest of the plan does not read the
     key count). csrc/cuda_host.cpp replays a recorded decode call at any key
     count of its range (a KV cache growing by one key a step keeps one record
-    for 128-2048 steps); the spec must be one the int block fully describes
+    for 64-1024 steps); the spec must be one the int block fully describes
     (not varlen, no mask, block mask or key ranges, whose shapes or values
     follow the key count)."""
     base = _decode_plan_base(_without_keys(spec), tuning)
