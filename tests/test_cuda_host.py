@@ -553,6 +553,43 @@ def test_growing_quantized_cache_replays_new_key_counts_on_fake_kernels(fake_cud
 
 
 @needs_host
+@pytest.mark.parametrize("kv_bits", [None, 4], ids=["fp16 cache", "4-bit cache"])
+def test_mlx_lm_generation_replays_each_new_key_count_on_fake_kernels(fake_cuda, kv_bits):
+    """mlx-lm's greedy generation, patched, over fake CUDA kernels: the same tokens with the replay as
+    through the Python path, and every decode step past the first served from C++ at its new key
+    count (the cache is one token longer each step; the fp16 cache's keys are views of mlx-lm's
+    pre-allocated buffer)."""
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import _get_classes
+
+    config = dict(model_type="llama", hidden_size=256, num_hidden_layers=2, intermediate_size=96,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5, vocab_size=97,
+                  tie_word_embeddings=False)
+    mx.random.seed(0)
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))
+    model.set_dtype(mx.float16)
+    mx.eval(model.parameters())
+    prompt = mx.random.randint(0, 97, (40,), key=mx.random.key(1))
+    quant = {} if kv_bits is None else dict(kv_bits=kv_bits, kv_group_size=64, quantized_kv_start=0)
+
+    def generate():
+        with mlx_flash.patch_mlx_lm():
+            return [int(tok) for tok, _ in generate_step(prompt, model, max_tokens=20, prefill_step_size=16,
+                                                         **quant)]
+
+    HOST.set_enabled(False)
+    want = generate()
+    HOST.set_enabled(True)
+    replays = HOST.key_count_stats()[0]
+    got = generate()
+    assert got == want
+    # 40 calls (3 prompt chunks and 19 decode steps, 2 layers each) in 4 shapes: 40 replayed at a new count.
+    assert HOST.key_count_stats()[0] - replays >= 2 * 15
+
+
+@needs_host
 def test_key_count_replay_leaves_other_calls_alone(fake_cuda, monkeypatch):
     """Only the calls a family covers replay at another key count: k and v of
     different key counts get the Python path's error, masked calls (a mask
