@@ -585,7 +585,7 @@ def test_mlx_lm_generation_replays_each_new_key_count_on_fake_kernels(fake_cuda,
     replays = HOST.key_count_stats()[0]
     got = generate()
     assert got == want
-    # 40 calls (3 prompt chunks and 19 decode steps, 2 layers each) in 4 shapes: 40 replayed at a new count.
+    # 3 prompt chunks and 19 decode steps, 2 layers each: past each shape's first call, most calls meet a new key count.
     assert HOST.key_count_stats()[0] - replays >= 2 * 15
 
 
