@@ -459,14 +459,21 @@ def decode_late_scales() -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def decode_plan(qspec):
-    """(warps per block, splits per (batch, KV head), shared memory bytes, the split rule of _decode_splits)."""
+    """(warps per block, splits per (batch, KV head), shared memory bytes)."""
+    nw, smem, rule = _decode_plan_base(qspec)
+    return nw, _decode_splits(rule, _cuda._effective_keys(qspec.attention)), smem
+
+
+def _decode_plan_base(qspec):
+    """decode_plan but its split count: (warps, shared memory bytes, the split rule of _decode_splits),
+    none of which reads the key count. Not cached itself: decode_plan's cache (which the tests clear
+    with TUNING changes) keeps its result per spec, and decode_key_range asks once per record."""
     decode_removed_tuning()
     spec = qspec.attention
     # TILES where it does not apply: the error, before anything is built.
     tiles = decode_tiles(qspec, int(TUNING.get("dec_keys_m", _DEC_KEYS_M)), decode_register_options()[1])
     nw = TUNING.get("dec_warps", _DEC_WARPS)
     pairs = spec.batch * spec.heads_kv
-    keys = _cuda._effective_keys(spec)
     # Blocks per SM the splits aim for (_DEC_RESIDENT_WARPS's register counts).
     q_shared = decode_q_shared(qspec)
     if q_shared and qspec.bits == 4 and tiles == 1:
@@ -483,7 +490,7 @@ def decode_plan(qspec):
     base = 16 + 4 * nw * 32 * (ng + ngv) * tiles + qfrag
     smem = base + 4 * (nw * 8 * dv + 2 * nw * 8 + nw * 8 * ngv)
     rule = ((_SMS * per_sm) // pairs, nw, TUNING.get("dec_splits"), nw * dv)
-    return nw, _decode_splits(rule, keys), smem, rule
+    return nw, smem, rule
 
 
 def _decode_splits(rule: tuple, keys: int) -> int:
@@ -512,7 +519,7 @@ def decode_key_range(qspec) -> tuple:
     the int block's seqlen_k (the same split count; the rest of the launch does not read the key
     count): csrc/cuda_host.cpp replays the recorded call at each."""
     spec = qspec.attention
-    rule = decode_plan(qspec)[3]
+    rule = _decode_plan_base(qspec)[2]
     return spec.seqlen_k, _cuda.key_count_end(spec, _decode_splits_until(rule, _cuda._effective_keys(spec)))
 
 
@@ -534,7 +541,7 @@ def _decode_launch(qspec, q_shape, k_scales_dtype, v_scales_dtype, tuning):
     """Everything of a decode launch but its inputs, once per (spec, shapes, dtypes, TUNING)."""
     spec = qspec.attention
     decode_removed_tuning()
-    nw, splits, smem, _ = decode_plan(qspec)
+    nw, splits, smem = decode_plan(qspec)
     pool = _decode_pool(qspec)
     fold, l2pf = decode_register_options()
     template = [("T", spec.dtype), ("KST", k_scales_dtype), ("VST", v_scales_dtype), ("SOFTCAP", spec.softcap > 0),
