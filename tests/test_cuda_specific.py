@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -204,19 +205,54 @@ def _matmul_cases():
                ("FB", fb), ("TRANS_B", trans), ("AS", True), ("BS", fa == 1), ("NATIVE_FP8", native)]
 
 
+# How each kernel _kernel_text writes begins: _nvcc_compile cuts a unit's kernels apart there.
+_KERNEL_START = "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n__global__ void "
+
+
+def _translation_units(source, jobs):
+    """`source` (a prelude, then kernels _kernel_text wrote, joined by newlines) as at most `jobs` units,
+    each the prelude and every jobs-th kernel; the whole source where it holds one kernel or none."""
+    first = source.find(_KERNEL_START)
+    if first < 0 or jobs < 2:
+        return [source]
+    prelude, kernels = source[:first], [_KERNEL_START + k for k in source[first:].split(_KERNEL_START)[1:]]
+    jobs = min(jobs, len(kernels))
+    return [prelude + "\n".join(kernels[i::jobs]) for i in range(jobs)]
+
+
 def _nvcc_compile(tmp_path, name, source, flags=(), arch="90a"):
     """nvcc -c of `source`; returns ptxas' log. arch: the card's compute
     capability ("90a" as MLX's NVRTC targets Hopper: wgmma needs the "a"
-    features; "80" / "89" for the routes an A100 / L40 takes)."""
-    path = tmp_path / f"{name}.cu"
-    path.write_text(source)
-    result = subprocess.run(
-        ["nvcc", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-std=c++17", *flags, "-c", "-o",
-         str(tmp_path / f"{name}.o"), str(path)],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stderr
+    features; "80" / "89" for the routes an A100 / L40 takes). The kernels are
+    cut into one unit per CPU (at most 4), compiled side by side: ptxas takes a
+    unit's kernels one after another, and the largest units took 3-10 minutes
+    of the CI machine's time on one of its two cores. Objects: `name`.o for one
+    unit, `name`.0.o, `name`.1.o, ... for more (_sass reads either)."""
+    units = _translation_units(source, min(4, os.cpu_count() or 1))
+    runs = []
+    for i, unit in enumerate(units):
+        stem = name if len(units) == 1 else f"{name}.{i}"
+        path = tmp_path / f"{stem}.cu"
+        path.write_text(unit)
+        runs.append(subprocess.Popen(
+            ["nvcc", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-std=c++17", *flags, "-c", "-o",
+             str(tmp_path / f"{stem}.o"), str(path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    logs = []
+    for run in runs:
+        _, err = run.communicate()
+        assert run.returncode == 0, err[-4000:]
+        logs.append(err)
+    return "\n".join(logs)
+
+
+def _sass(tmp_path, name):
+    """cuobjdump -sass of what _nvcc_compile built for `name` (every unit's object)."""
+    objects = [tmp_path / f"{name}.o"] if (tmp_path / f"{name}.o").exists() else sorted(
+        tmp_path.glob(f"{name}.[0-9]*.o"), key=lambda p: int(p.name[len(name) + 1:-2]))
+    assert objects, f"no object of {name} in {tmp_path}"
+    return "\n".join(subprocess.run([_cuobjdump(), "-sass", str(o)], capture_output=True, text=True,
+                                    check=True).stdout for o in objects)
 
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -775,8 +811,7 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
                                                 _input_dtypes(body, T, mx.bool_), _output_dtypes(outputs, T),
                                                 template))
         _nvcc_compile(tmp_path, body, _prelude(cuda_backend.kernel_headers(body)) + "\n" + "\n".join(kernels))
-        sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / f"{body}.o")], capture_output=True,
-                              text=True, check=True).stdout
+        sass = _sass(tmp_path, body)
         counts = _wgmma_sync_counts(sass)
         assert len(counts) == len(kernels), sass[:2000]
         for name, (hgmma, waits) in counts.items():
@@ -798,8 +833,7 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
     ws_cases = list(_matmul_ws_cases())
     for unit, headers, kernels in _ws_compile_groups(ws_kernel):
         _nvcc_compile(tmp_path, unit, _prelude(headers) + "\n" + "\n".join(kernels))
-        sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / f"{unit}.o")], capture_output=True,
-                              text=True, check=True).stdout
+        sass = _sass(tmp_path, unit)
         counts = _wgmma_sync_counts(sass)
         assert len(counts) == len(kernels), sass[:2000]
         for name, (hgmma, waits) in counts.items():
@@ -865,8 +899,7 @@ def test_matmul_weight_as_a_kernel_compiles_bounded_and_asynchronous(kernel, tmp
     log = _nvcc_compile(tmp_path, kernel, _prelude(cuda_backend.kernel_headers(kernel)) + "\n" + "\n".join(kernels),
                         ("-Xptxas", "-v"))
     assert_warp_specialised_build(log, kernels)
-    sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / f"{kernel}.o")], capture_output=True,
-                          text=True, check=True).stdout
+    sass = _sass(tmp_path, kernel)
     counts = _wgmma_sync_counts(sass)
     assert len(counts) == len(kernels), sass[:2000]
     for name, (hgmma, waits) in counts.items():
@@ -1133,8 +1166,7 @@ def test_ws_forward_compiles_bounded_without_spills(tmp_path):
         assert (spill_st, spill_ld) == (0, 0), f"{fn}: spills {spill_st}/{spill_ld}"
         assert regs <= 168, f"{fn}: {regs} registers (launch bound not applied?)"
     if _cuobjdump() is not None:
-        sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / "attention_fwd_ws.o")], capture_output=True,
-                              text=True, check=True).stdout
+        sass = _sass(tmp_path, "attention_fwd_ws")
         for fn, (hgmma, waits) in _wgmma_sync_counts(sass).items():
             assert hgmma >= 12 and waits <= 6, f"{fn}: {hgmma} wgmma, {waits} waits (serialised)"
 
@@ -1743,8 +1775,7 @@ def test_hopper_backward_ws_compiles_without_spills(tmp_path):
            if regs > 168 or st or ld]
     assert not bad, "\n".join(bad)
     if _cuobjdump() is not None:
-        sass = subprocess.run([_cuobjdump(), "-sass", str(tmp_path / "hopper_bwd_ws.o")], capture_output=True,
-                              text=True, check=True).stdout
+        sass = _sass(tmp_path, "hopper_bwd_ws")
         counts = _wgmma_sync_counts(sass)
         assert len(counts) == len(kernels), sass[:2000]
         for name, (hgmma, waits) in counts.items():
