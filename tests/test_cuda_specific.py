@@ -234,13 +234,15 @@ def _nvcc_compile(tmp_path, name, source, flags=(), arch="90a"):
         stem = name if len(units) == 1 else f"{name}.{i}"
         path = tmp_path / f"{stem}.cu"
         path.write_text(unit)
-        runs.append(subprocess.Popen(
-            ["nvcc", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-std=c++17", *flags, "-c", "-o",
-             str(tmp_path / f"{stem}.o"), str(path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        with open(tmp_path / f"{stem}.log", "w") as log:  # a file, not a pipe: no unit waits on a full one
+            runs.append((stem, subprocess.Popen(
+                ["nvcc", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-std=c++17", *flags, "-c", "-o",
+                 str(tmp_path / f"{stem}.o"), str(path)],
+                stdout=subprocess.DEVNULL, stderr=log)))
     logs = []
-    for run in runs:
-        _, err = run.communicate()
+    for stem, run in runs:
+        run.wait()
+        err = (tmp_path / f"{stem}.log").read_text()
         assert run.returncode == 0, err[-4000:]
         logs.append(err)
     return "\n".join(logs)
