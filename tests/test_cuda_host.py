@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -402,16 +404,11 @@ def test_key_count_ranges_hold_one_split_count():
                 assert splits(rule, e) == want, (rule, keys, end, e)
             keys = end + 1
 
-    for nw, bn in ((4, 16), (8, 32)):
-        for cap in (0, 1, 5, 16, 33, 128):
-            for tiles in (1, 2):
-                for forced in (None, 7, 500):
-                    ranges_hold(cb._decode_splits, cb._decode_splits_until, (nw, bn, 3, 0, 1, cap, tiles, forced))
-    for cap in (0, 1, 16, 66, 400):
-        for nw in (4, 8):
-            for forced in (None, 9):
-                for limit in (3, 1024):
-                    ranges_hold(cq._decode_splits, cq._decode_splits_until, (cap, nw, forced, limit))
+    for (nw, bn), cap, tiles, forced in itertools.product(((4, 16), (8, 32)), (0, 1, 5, 16, 33, 128), (1, 2),
+                                                          (None, 7, 500)):
+        ranges_hold(cb._decode_splits, cb._decode_splits_until, (nw, bn, 3, 0, 1, cap, tiles, forced))
+    for rule in itertools.product((0, 1, 16, 66, 400), (4, 8), (None, 9), (3, 1024)):  # cap, nw, forced, limit
+        ranges_hold(cq._decode_splits, cq._decode_splits_until, rule)
     # Whole specs, windows among them: every key count of a range has the range's plan.
     gen = rng("key-count-ranges")
     for hkv, nk, options in ((8, 1, {}), (8, 8190, {}), (4, 30000, {}), (2, 1500, dict(window=(300, 0))),

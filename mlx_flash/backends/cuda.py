@@ -832,6 +832,16 @@ def key_count_end(spec: AttentionSpec, end: int) -> int:
     return max(end, spec.seqlen_k)
 
 
+def note_key_range(block, spec: AttentionSpec, key_range) -> None:
+    """Tell the C++ replay, while it records a decode launch, that the launch serves every key count of
+    `key_range()` ((lo, hi): decode_key_range or cuda_quant's) but for the int block `block`, which it
+    writes anew per count. Only for specs without a mask, block mask, key ranges or packed sequences
+    (the int block is then _int_params without their dims); nothing is worked out with the families off."""
+    if _host.KEY_COUNTS:
+        _host.note_key_count(block, _past_small_pool(_int_params(spec, _NO_DIMS, _NO_DIMS), mx.int32),
+                             _IP_SEQLEN_K, *key_range())
+
+
 def decode_key_range(spec: AttentionSpec, tuning: tuple) -> tuple:
     """(lo, hi): the key counts from the spec's own (lo) to hi whose decode
     launch is this one's in all but the int block's seqlen_k: the same split
@@ -886,9 +896,7 @@ def _forward_simt(args, template, spec: AttentionSpec, out_shape, lse_shape, str
         if _host.RECORDING is not None:  # a call cuda_host.py will replay: note the launch
             _host.note_launch(kernel, inputs, outputs, stream, None, grid, threads, shapes, dtypes, init)
             if not (spec.varlen or spec.has_key_range or spec.has_block_mask or spec.mask_kind != "none"):
-                # The same launch serves a range of key counts: the replay writes each its int block.
-                _host.note_key_count(args[9], _past_small_pool(_int_params(spec, _NO_DIMS, _NO_DIMS), mx.int32),
-                                     _IP_SEQLEN_K, *decode_key_range(spec, _decode_tuning()))
+                note_key_range(args[9], spec, lambda: decode_key_range(spec, _decode_tuning()))
         return outputs[0], outputs[1]
     rows = math.prod(lse_shape)
     warps, row_blocks, splits, kernel = _simt_fwd_config(spec)

@@ -251,6 +251,6 @@ def stats() -> dict:
         return {}
     hits, misses, records, replayable = HOST.stats()
     shorts, short_on = HOST.short_graph_stats()
-    length_hits, families = HOST.key_count_stats()
+    key_count_hits, families = HOST.key_count_stats()
     return {"hits": hits, "misses": misses, "records": records, "replayable": replayable, "short_replays": shorts,
-            "short_graph": short_on, "key_count_hits": length_hits, "key_count_families": families}
+            "short_graph": short_on, "key_count_hits": key_count_hits, "key_count_families": families}

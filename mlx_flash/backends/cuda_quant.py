@@ -578,9 +578,6 @@ def _forward_decode(q, k, v, qspec, inputs: AttentionInputs, stream):
     outputs = kernel(inputs=kernel_inputs, stream=stream, **launch)
     if _cuda._host.RECORDING is not None:  # a call cuda_host.py will replay: note the launch
         _cuda._host.note_launch(kernel, kernel_inputs, outputs, stream, **launch)
-        # The same launch serves a range of key counts (no mask or ALiBi here: uses_decode): the
-        # replay writes each its int block.
-        spec = qspec.attention
-        _cuda._host.note_key_count(args[9], _cuda._past_small_pool(_cuda._int_params(spec, _cuda._NO_DIMS, _cuda._NO_DIMS),
-                                                                   mx.int32), _cuda._IP_SEQLEN_K, *decode_key_range(qspec))
+        # The same launch serves a range of key counts (no mask or ALiBi here: uses_decode).
+        _cuda.note_key_range(args[9], qspec.attention, lambda: decode_key_range(qspec))
     return outputs[0], outputs[1]
