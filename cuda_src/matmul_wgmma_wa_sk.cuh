@@ -14,74 +14,17 @@
 // wavefronts: the same time at BT 128, 192 and 256 on an H100, so shared
 // memory does not set the pace; not kept.)
 //
-// Stream-K (ip[kWaSkTiles] = s > 0): the first s tiles' k-steps (s x ktiles
-// of them) are cut into equal runs, one a block, before the data-parallel
-// tiles s + g, s + g + grid, ... of block g. Where the tile count is not a
-// multiple of the SMs (64 tiles at 512 x 4096 x 4096 on 132 SMs, 224 at
-// 512 x 4096 x 14336) a block then waits no longer than any other. A tile
-// cut between blocks is finished by the last of them to arrive (a ticket of
-// the caller's zeroed ticket region, set back to 0 by that block): each writes
-// its fp32 partial sums to its slot of `part`; the last adds the other's to
-// its own where two blocks share the tile (the caller's plans: a + b is the
-// same whichever arrives last), or sums every slot in the blocks' order
-// where more do (forced plans), and stores.
+// Stream-K (ip[kWaSkTiles] = s > 0 stream-K tiles): stream_k.cuh's schedule
+// and its ending of a cut tile, shared with the native fp8 kernel's form.
 #pragma once
 
 #include "matmul_wgmma_wa.cuh"
+#include "stream_k.cuh"
 
 namespace mlx_flash {
 
-// The two consumer warpgroups' barrier (named barrier 1; the producer warp
-// group has left by then).
-__device__ __forceinline__ void wa_consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
-
-// threadIdx.x and blockIdx.x read again where used (volatile: not one value
-// held in a register through the consumers' tiles; ptxas spilled them at
-// BT 256 rather than read the special register twice).
-__device__ __forceinline__ int wa_thread_index() {
-  int t;
-  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
-  return t;
-}
-__device__ __forceinline__ int wa_block_index() {
-  int b;
-  asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(b));
-  return b;
-}
-
 // ip[kWaSkTiles]: the stream-K tiles (0: every tile data-parallel).
 constexpr int kWaSkTiles = kWgBScaleCols + 1;
-
-// Which block runs which k-steps: block g's stream-K run is k-steps
-// [begin(g), begin(g + 1)) of the first sk_tiles tiles (k-step i is tile
-// i / ktiles, k-tile i % ktiles); then tiles sk_tiles + g, + grid, ...
-struct WaSchedule {
-  int units, ktiles, sk_tiles, grid;
-  // (k-step counts fit an int: the caller keeps sk_tiles x ktiles below 2^31 / grid.)
-  __device__ int sk_steps() const { return sk_tiles * ktiles; }
-  __device__ int begin(int g) const { return g * sk_steps() / grid; }
-  // The block whose run holds k-step i (< sk_steps()): the largest g with
-  // begin(g) <= i, i.e. g * steps / grid < i + 1.
-  __device__ int owner(int i) const { return ((i + 1) * grid - 1) / sk_steps(); }
-  // Block g's fp32 partial-sum slot for stream-K tile t: 0 for the tile its
-  // run starts in, 1 for the one it ends in (a run's middle tiles are whole).
-  __device__ int slot(int g, int t) const { return 2 * g + (t == begin(g) / ktiles ? 0 : 1); }
-  // Block g's next piece of work: tile `unit`, k-tiles [k0, k1). One cursor
-  // (the only value a block keeps between pieces): the k-step in its
-  // stream-K run, then, past the run's end, the count of data-parallel tiles
-  // it has taken. False when none is left.
-  __device__ bool next(int g, int& cursor, int& unit, int& k0, int& k1) const {
-    const int end = begin(g + 1);
-    if (cursor < end) {
-      unit = cursor / ktiles, k0 = cursor % ktiles, k1 = min(ktiles, k0 + end - cursor);
-      cursor += k1 - k0;
-      return true;
-    }
-    unit = sk_tiles + g + (cursor - end) * grid, k0 = 0, k1 = ktiles;
-    ++cursor;
-    return unit < units;
-  }
-};
 
 template <typename TA, typename TO, int FB, bool AS, bool BS, int BT, int STAGES>
 __device__ void matmul_wgmma_wa_sk(const TA* a, const uint8_t* b, const float* a_scale, const float* b_scale,
@@ -105,7 +48,7 @@ __device__ void matmul_wgmma_wa_sk(const TA* a, const uint8_t* b, const float* a
   // The sizes, read by each role after its setmaxnreg: values live across it
   // were spilled (ptxas keeps them in local memory over the register change).
   int M, N, K, tiles_m;
-  WaSchedule sched;
+  StreamKSchedule sched;
   auto sizes = [&] {
     M = ip[kWgM], N = ip[kWgN], K = ip[kWgK];
     tiles_m = (M + BT - 1) / BT;
@@ -185,8 +128,8 @@ __device__ void matmul_wgmma_wa_sk(const TA* a, const uint8_t* b, const float* a
   __shared__ int finishes[1];  // the ticket's verdict: this block finishes a cut tile
   // The sizes are read again after each piece of work (sizes()): values kept
   // in registers through the products and the epilogue were spilled (BT 256).
-  for (int cursor = sched.begin(wa_block_index()), unit, k0, k1;
-       sched.next(wa_block_index(), cursor, unit, k0, k1); sizes()) {
+  for (int cursor = sched.begin(sk_block_index()), unit, k0, k1;
+       sched.next(sk_block_index(), cursor, unit, k0, k1); sizes()) {
     float d[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) d[i] = 0.f;
@@ -230,60 +173,8 @@ __device__ void matmul_wgmma_wa_sk(const TA* a, const uint8_t* b, const float* a
     wgmma_pin(f1);
     release((it - 1) % STAGES);  // a piece of work has one k-step or more
 
-    if (steps < sched.ktiles) {
-      // A cut tile: this block's partial sums to its slot ([j][thread] float4s,
-      // coalesced), then the ticket. Stores are fenced before it, the reads of
-      // the last block after it, and go through L2 (no stale L1 line).
-      float4* slots = reinterpret_cast<float4*>(part);
-      constexpr long SLOT = 128 * BT / 4;
-      const int me = wa_thread_index();
-      float4* mine = slots + sched.slot(wa_block_index(), unit) * SLOT + me;
-#pragma unroll
-      for (int j = 0; j < R / 4; ++j) __stcg(mine + 256 * j, make_float4(d[4 * j], d[4 * j + 1], d[4 * j + 2], d[4 * j + 3]));
-      __threadfence();
-      wa_consumers_sync();
-      // The blocks whose runs share this tile.
-      auto c0 = [&] { return sched.owner(unit * sched.ktiles); };
-      auto c1 = [&] { return sched.owner(unit * sched.ktiles + sched.ktiles - 1); };
-      if (me == 0) {
-        unsigned* ticket = const_cast<unsigned*>(tickets) + unit;
-        const bool last = atomicAdd(ticket, 1u) == (unsigned)(c1() - c0());
-        if (last) *ticket = 0u;  // every other block of the tile has drawn: ready for a later call
-        finishes[0] = last;
-      }
-      wa_consumers_sync();
-      if (!finishes[0]) continue;
-      __threadfence();
-      // Adds a slot's partial sums to d. Four loads in flight at a time: all
-      // of a slot's 32 (BT 256) beside the 128 sums would not fit the
-      // registers (eight spilled a value).
-      auto add_slot = [&](int cb) {
-        const float4* src = slots + sched.slot(cb, unit) * SLOT + wa_thread_index();
-#pragma unroll
-        for (int j0 = 0; j0 < R / 4; j0 += 4) {
-          float4 v[4];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) v[j] = __ldcg(src + 256 * (j0 + j));
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            float* dj = d + 4 * (j0 + j);
-            dj[0] += v[j].x, dj[1] += v[j].y, dj[2] += v[j].z, dj[3] += v[j].w;
-          }
-          asm volatile("" ::: "memory");  // (keeps the next four loads behind these sums)
-        }
-      };
-      if (c1() - c0() == 1) {
-        // Two blocks (wa_stream_k_tiles' plans): this block's sums plus the
-        // other's, the same whichever arrives last (a + b = b + a).
-        add_slot(c0() + c1() - wa_block_index());
-      } else {
-        // More (a forced plan): every slot in the blocks' order, this block's
-        // own read back too, so the sums do not depend on who arrives last.
-#pragma unroll
-        for (int i = 0; i < R; ++i) d[i] = 0.f;
-        for (int cb = c0(); cb <= c1(); ++cb) add_slot(cb);
-      }
-    }
+    // A cut tile: finished by the last of its blocks to arrive (stream_k.cuh).
+    if (steps < sched.ktiles && !stream_k_finish(d, part, tickets, sched, unit, sk_thread_index(), finishes)) continue;
 
     const int n0 = (unit / tiles_m) * 128, m0 = (unit % tiles_m) * BT;
     // (This batch's output and a-scale rows, found here: held through the tile they were spilled.)
@@ -294,7 +185,7 @@ __device__ void matmul_wgmma_wa_sk(const TA* a, const uint8_t* b, const float* a
     // stores token 8j + 2t at rows (g, g + 1), an odd row's lane token
     // 8j + 2t + 1 at rows (g - 1, g).
     // (g & 1 from the thread index again: held through the tile it was spilled, bf16 at BT 256.)
-    const bool even = (wa_thread_index() & 4) == 0;
+    const bool even = (sk_thread_index() & 4) == 0;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int wr = n0 + (h ? wrow1 : wrow0), col = even ? wr : wr - 1;

@@ -37,6 +37,12 @@
 // the tensor cores (async proxy) and arrive on the stage's full barrier
 // (which waits for them and for a's bytes). No fp16 copy of the weight is
 // ever made in global memory. The consumers are unchanged.
+// SK (native fp8, from session 29): a stream-K schedule (stream_k.cuh) may
+// cut tiles' k-steps between blocks: ip[kWsSkTiles] stream-K tiles, partial
+// sums through `part`, tickets from the caller's zeroed region. With SK off
+// the loops and tests are the kernel's before it. SK takes promotion every
+// stage (PROMOTE 1, the default), every instruction or none, so a cut
+// changes no interval; the runs' fp32 sums are added.
 // The kernel needs 384 threads of at most 168 registers at launch (for the
 // setmaxnreg trade): matmul_wgmma_ws.cu's launch bounds say so. (Clusters of
 // two blocks sharing b by TMA multicast were tried in sessions 5-7 and never
@@ -48,6 +54,7 @@
 #include "matmul_wgmma.cuh"
 #include "mbarrier.cuh"
 #include "mma.cuh"
+#include "stream_k.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 #include "wgmma_gemm.cuh"
@@ -76,10 +83,14 @@ __host__ __device__ constexpr int matmul_ws_smem(int bn, int stages, int raw = 0
 // RAW: the producer warpgroup's warps 1-3 decode b's fp8 codes.
 constexpr int kWsDecoders = 96;
 
+// ip[kWsSkTiles] (SK): the stream-K tiles (0: every tile whole).
+constexpr int kWsSkTiles = kWgBScaleCols + 1;
+
 template <typename TA, typename TB, typename TO, int FA, int FB, bool TRANS_B, bool AS, bool BS, int BN, int STAGES,
-          int PROMOTE, bool NATIVE, bool ACC2, int RAW = 0>
+          int PROMOTE, bool NATIVE, bool ACC2, int RAW = 0, bool SK = false>
 __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, const float* b_scale, const int* ip,
-                                const uint8_t* tmpl, TO* out, uint8_t* tmaps) {
+                                const uint8_t* tmpl, TO* out, uint8_t* tmaps, const unsigned* tickets = nullptr,
+                                float* part = nullptr) {
   static_assert(RAW >= 0 && RAW <= 4, "0 to 4 slots of fp8 b codes");
   static_assert(RAW > 0 ? (!NATIVE && FA == 0 && FB != 0 && TRANS_B && sizeof(TA) == 2)
                         : (NATIVE == (FA != 0) && NATIVE == (FB != 0)),
@@ -93,6 +104,10 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   static_assert(PROMOTE >= 0 || ((PROMOTE == -1 || PROMOTE == -2) && BN <= 192 && !ACC2),
                 "promotion every 1 or 2 instructions, one accumulator set");
   static_assert(STAGES >= 2, "a ring");
+  // (Promotion every 2 or 4 stages with a run's first stage starting an
+  // interval made ptxas serialise the wgmma: "kt == k0" in the test.)
+  static_assert(!SK || (NATIVE && !ACC2 && RAW == 0 && PROMOTE <= 1),
+                "stream-K: the native kernel with one accumulator set, promotion every stage, instruction or none");
   static_assert(!ACC2 || (PROMOTE > 0 && BN == 128), "two accumulator sets and the sums fit 232 registers at BN 128");
   constexpr int A_BYTES = kWgBM * 128, B_BYTES = BN * 128, STAGE_BYTES = A_BYTES + B_BYTES;
   constexpr int KSTEP = NATIVE ? 128 : 64;  // K values per stage
@@ -122,6 +137,9 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   // Work units: 128 x BN output tiles; block b takes units b, b + gridDim.x, ...
   const int units_m = (M + kWgBM - 1) / kWgBM, tiles_n = (N + BN - 1) / BN, units = units_m * tiles_n;
   const int ktiles = (K + KSTEP - 1) / KSTEP;
+  // The tiles' order over the blocks (stream_k.cuh); without SK, tile
+  // blockIdx.x, + gridDim.x, ... (0 stream-K tiles, folded at compile time).
+  const StreamKSchedule sched = {units, ktiles, SK ? ip[kWsSkTiles] : 0, (int)gridDim.x};
   // Grouped order: kWgGroupM tile rows sweep the columns together.
   auto tile_origin = [&](int unit, int& m0, int& n0) {
     const int group = unit / (kWgGroupM * tiles_n), first_m = group * kWgGroupM;
@@ -195,10 +213,11 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
     tma_acquire(tm_ws);
     tma_acquire(tm_ws + 128);
     int it = 0;  // stages issued by this block, over all its tiles
-    for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    for (int cursor = sched.begin(blockIdx.x), unit = SK ? 0 : (int)blockIdx.x, k0 = 0, k1 = ktiles;
+         SK ? sched.next(blockIdx.x, cursor, unit, k0, k1) : unit < units; unit += SK ? 0 : (int)gridDim.x) {
       int m0, n0;
       tile_origin(unit, m0, n0);
-      for (int kt = 0; kt < ktiles; ++kt, ++it) {
+      for (int kt = k0; kt < k1; ++kt, ++it) {
         const int s = it % STAGES;
         // Round r = it / STAGES of stage s needs round r - 1's release.
         if (it >= STAGES) mbar_wait(&empty_bar[s], ((it / STAGES) + 1) & 1);
@@ -236,7 +255,14 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
     if (releaser) mbar_arrive(&empty_bar[stage]);
   };
   int it = 0;
-  for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+  __shared__ int sk_verdict[1];  // SK: this block finishes a cut tile
+  // Without SK, tile blockIdx.x, + gridDim.x, ..., each whole: the loop and
+  // constants of the kernel before SK (the schedule's loop, even folded to
+  // the same tiles, made ptxas serialise the wgmma of PROMOTE 2 and 4).
+  for (int cursor = sched.begin(blockIdx.x), unit = SK ? 0 : (int)blockIdx.x, kn0 = 0, kn1 = 0;
+       SK ? sched.next(blockIdx.x, cursor, unit, kn0, kn1) : unit < units; unit += SK ? 0 : (int)gridDim.x) {
+    // This piece's k-tiles [k0, k1).
+    const int k0 = SK ? kn0 : 0, k1 = SK ? kn1 : ktiles;
     int m0, n0;
     tile_origin(unit, m0, n0);
     float d[R];                  // wgmma accumulators
@@ -248,7 +274,7 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
 #pragma unroll
       for (int i = 0; i < (PROMOTE ? R : 1); ++i) acc[i] = 0.f;
     }
-    for (int kt = 0; kt < ktiles; ++kt, ++it) {
+    for (int kt = k0; kt < k1; ++kt, ++it) {
       const int s = it % STAGES;
       mbar_wait(&full_bar[s], (it / STAGES) & 1);
       const unsigned char* at = ring + s * STAGE_BYTES;
@@ -276,7 +302,8 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
           }
           continue;
         }
-        const bool first = PROMOTE ? (kt % PROMOTE == 0 && kk == 0) : (kt == 0 && kk == 0);
+        // (SK runs PROMOTE 0 or 1 only: each stage, or a run's first, starts fresh sums.)
+        const bool first = PROMOTE ? (kt % PROMOTE == 0 && kk == 0) : (kt == k0 && kk == 0);
         if constexpr (ACC2) {
           if ((kt / PROMOTE) & 1)
             WgmmaSS<KA, KB, BN>::template run<B_MN>(d2, da, db, first ? 0 : 1);
@@ -307,7 +334,7 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
           }
         }
       } else if (PROMOTE > 0 && (kt % (PROMOTE > 0 ? PROMOTE : 1) == (PROMOTE > 0 ? PROMOTE : 1) - 1 ||
-                                 kt == ktiles - 1)) {
+                                 kt == k1 - 1)) {
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_pin(d);
@@ -318,7 +345,7 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         wgmma_wait<1>();
       }
       // The previous stage's wgmma has finished reading it: release it.
-      if (kt > 0) release((it - 1) % STAGES);
+      if (kt > k0) release((it - 1) % STAGES);
     }
     wgmma_wait<0>();
     wgmma_pin(d);
@@ -334,7 +361,19 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
         }
       }
     }
-    if (ktiles > 0) release((it - 1) % STAGES);
+    if (k1 > k0) release((it - 1) % STAGES);
+    if constexpr (SK) {
+      // A cut tile: finished by the last of its blocks to arrive (stream_k.cuh).
+      if (k1 - k0 < ktiles) {
+        bool finishes;
+        if constexpr (PROMOTE != 0) {
+          finishes = stream_k_finish(acc, part, tickets, sched, unit, sk_thread_index() - 128, sk_verdict);
+        } else {
+          finishes = stream_k_finish(d, part, tickets, sched, unit, sk_thread_index() - 128, sk_verdict);
+        }
+        if (!finishes) continue;
+      }
+    }
 
     // Epilogue: d[4j + e] is row 16 warp + g + 8 (e / 2), column 8j + 2t + (e % 2).
 #pragma unroll

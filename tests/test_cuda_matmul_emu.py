@@ -844,3 +844,162 @@ def test_wa_stream_k_choice(monkeypatch):
             if sk:
                 assert sk == units and blocks % units == 0 and 2 <= blocks // units <= 8 and blocks <= 132
                 assert ktiles // (blocks // units) >= cuda_matmul.WA_SK_MIN_GAIN, (units, ktiles)
+
+
+def test_native_stream_k_choice(monkeypatch):
+    """native_stream_k_tiles on 132 SMs (k-steps of 128 K, 128 x 192 tiles):
+    (shared tiles, blocks). By default tiles split in two below half a wave;
+    with NATIVE_SK_PARTIAL also every tile shared over every SM between half
+    a wave and one, where a block gains NATIVE_SK_MIN_GAIN k-steps; never a
+    block without a k-step in its run; none with
+    MLX_FLASH_CUDA_FP8_NATIVE_SK=0 or a batch."""
+    import math
+
+    from mlx_flash.backends import cuda_matmul
+
+    pick = cuda_matmul.native_stream_k_tiles
+    monkeypatch.setattr(cuda_matmul, "NATIVE_SK", True)
+    monkeypatch.setattr(cuda_matmul, "NATIVE_SK_SPLITS", 2)
+    monkeypatch.setattr(cuda_matmul, "NATIVE_SK_PARTIAL", False)
+    assert pick(24, 32, 132) == (24, 48)      # an 8B Llama's k / v at 512 tokens (512 x 4096 x 1024)
+    assert pick(88, 112, 132) == (0, 88)      # its down projection (512 x 14336 x 4096): over half a wave
+    assert pick(1200, 32, 132) == (0, 132)    # gate / up at 2048 tokens: many waves
+    assert pick(24, 3, 132) == (0, 24)        # under 2 x NATIVE_SK_MIN_GAIN k-steps: whole
+    assert pick(24, 32, 132, batch=2) == (0, 24)
+    monkeypatch.setattr(cuda_matmul, "NATIVE_SK_SPLITS", 4)
+    assert pick(24, 32, 132) == (24, 96) and pick(40, 32, 132) == (40, 120)  # as many ways as 132 SMs hold
+    assert pick(2, 5, 132) == (2, 4)          # two ways: runs of NATIVE_SK_MIN_GAIN k-steps or more
+    monkeypatch.setattr(cuda_matmul, "NATIVE_SK_SPLITS", 2)
+    monkeypatch.setattr(cuda_matmul, "NATIVE_SK_PARTIAL", True)
+    assert pick(88, 112, 132) == (88, 132)    # runs of 74.7 k-steps instead of 112
+    assert pick(130, 32, 132) == (0, 130)     # 31.5 k-steps a block: under NATIVE_SK_MIN_GAIN to gain
+    assert pick(24, 32, 132) == (24, 48)      # below half a wave: still split in two
+    for units in range(1, 132):
+        for ktiles in (1, 2, 3, 8, 33, 112):
+            sk, blocks = pick(units, ktiles, 132)
+            if sk:  # every block's run holds a k-step; a cut saves NATIVE_SK_MIN_GAIN of them
+                assert sk == units and sk * ktiles >= blocks, (units, ktiles)
+                assert ktiles - math.ceil(sk * ktiles / blocks) >= cuda_matmul.NATIVE_SK_MIN_GAIN, (units, ktiles)
+    monkeypatch.setattr(cuda_matmul, "NATIVE_SK", False)
+    assert pick(24, 32, 132) == (0, 24)
+
+
+def _native_sk_model(a_codes, b_codes, M, N, K, bn, promote, bits, sk, blocks, fmts):
+    """The native kernel's stream-K sums under the accumulation model
+    (tools/fp8_accum_model.py): stream_k.cuh's schedule replayed in numpy.
+    A tile whole is the model over all of K; a tile cut between blocks is
+    each run's model (the tile's promotion intervals, a run's first stage
+    starting one) added in float32, two as a + b, more in the blocks' order."""
+    import fp8_accum_model
+
+    ktiles, tiles_m, tiles_n = -(-K // 128), -(-M // 128), -(-N // bn)
+    steps = sk * ktiles
+    begin = [g * steps // blocks for g in range(blocks + 1)]
+    partial = {}
+
+    def chunk(k0, k1, every):  # the model over k-steps [k0, k1), every row and column
+        cols = slice(128 * k0, min(128 * k1, K))
+        return fp8_accum_model.native(a_codes[:, cols], b_codes[:, cols], every, bits, a_fmt=fmts[0], b_fmt=fmts[1])
+
+    def run(k0, k1):
+        if (k0, k1) not in partial:
+            if promote > 0:
+                # Intervals of `promote` stages of the tile (a run's first stage starts one), each a
+                # tensor-core sum added in order to float32 sums.
+                total, k = np.zeros((M, N), np.float32), k0
+                while k < k1:
+                    end = min(k1, (k // promote + 1) * promote)
+                    total, k = (total + chunk(k, end, 0)).astype(np.float32), end
+                partial[k0, k1] = total
+            else:
+                partial[k0, k1] = chunk(k0, k1, promote)
+        return partial[k0, k1]
+
+    out = np.full((M, N), np.nan, np.float32)
+    for unit in range(tiles_m * tiles_n):
+        # matmul_wgmma_ws.cuh's grouped order (kWgGroupM = 8 tile rows sweep the columns together).
+        group, in_group = divmod(unit, 8 * tiles_n)
+        rows_in = min(tiles_m - 8 * group, 8)
+        m0, n0 = (8 * group + in_group % rows_in) * 128, (in_group // rows_in) * bn
+        if unit < sk:
+            lo, hi = unit * ktiles, unit * ktiles + ktiles
+            runs = [run(max(begin[g], lo) - lo, min(begin[g + 1], hi) - lo)
+                    for g in range(blocks) if max(begin[g], lo) < min(begin[g + 1], hi)]
+            total = runs[0]
+            for r in runs[1:]:  # (two: a + b, whichever block adds)
+                total = (total + r).astype(np.float32)
+        else:
+            total = run(0, ktiles)
+        out[m0:m0 + 128, n0:n0 + bn] = total[m0:m0 + 128, n0:n0 + bn]
+    return out
+
+
+# Stream-K on the native fp8 kernel (matmul_wgmma_ws.cuh with SK): every tile
+# whole (0), tiles cut between two blocks, shared tiles beside whole ones,
+# one tile cut over three blocks (an ordered sum), fewer k-steps than SMs,
+# the policy's splits in two and in four and its partial-wave sharing;
+# promotion every stage (128 K), every instruction and none. Under the tensor
+# cores' accumulation model the emulated kernel equals the schedule's numpy
+# model bit for bit; the tickets are back at 0 after the call.
+@pytest.mark.parametrize("M,N,K,promote,sk", [
+    (133, 141, 700, 1, 0),        # 2 tiles whole
+    (133, 141, 700, 1, 2),        # 2 tiles of 6 k-steps over 3 blocks: each cut in two
+    (133, 500, 300, 1, 3),        # 6 tiles: 3 shared (runs of 3 k-steps), 3 whole
+    (20, 100, 1300, 1, 1),        # 1 tile of 11 k-steps: runs of 3, 4, 4 (an ordered sum of three)
+    (20, 100, 200, 1, 1),         # 1 tile of 2 k-steps: two blocks, not three
+    (20, 100, 100, 1, 1),         # 1 tile of 1 k-step: one block takes it whole
+    (133, 141, 700, 0, 2),        # no promotion: each run's sum in the tensor cores
+    (133, 141, 450, -1, 2),       # promotion every instruction
+    (20, 200, 1100, 1, None),     # the policy on four SMs: 2 tiles split in two
+    (20, 200, 1100, 1, "splits4"),   # NATIVE_SK_SPLITS 4 on eight SMs: 2 tiles, 4 blocks each
+    (300, 150, 1100, 1, "partial"),  # NATIVE_SK_PARTIAL on four SMs: 3 tiles of 9 k-steps over 4 blocks
+], ids=lambda v: str(v))
+def test_native_stream_k_emulated(M, N, K, promote, sk, monkeypatch):
+    import os
+    import sys
+
+    from fp8_wgmma_bound import assert_within_fp8_accumulation
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    gen = rng("native-sk-emu", M, N, K, promote, sk)
+    a = mx.to_fp8(mx.array(gen.standard_normal((M, K)).astype(np.float32)))
+    b = mx.to_fp8(mx.array(gen.standard_normal((N, K)).astype(np.float32)))
+    spec, a3, b3, sa3, sb3, _ = validate_matmul(a, b, a_fmt="e4m3", b_fmt="e4m3", transpose_b=True,
+                                                out_dtype=mx.float32)
+    monkeypatch.setattr(cuda_matmul, "NATIVE_SK", True)
+    monkeypatch.setattr(harness, "FP8_ACCUM_BITS", 13)
+    ktiles, units = -(-K // 128), -(-M // 128) * -(-N // 192)
+    if sk == "splits4":
+        monkeypatch.setattr(cuda_matmul, "NATIVE_SK_SPLITS", 4)
+        sms = 8
+    elif sk == "partial":
+        monkeypatch.setattr(cuda_matmul, "NATIVE_SK_PARTIAL", True)
+        sms = 4
+    else:
+        sms = 4 if sk is None else 3
+    if isinstance(sk, str) or sk is None:
+        want = {None: (2, 4), "splits4": (2, 8), "partial": (3, 4)}[sk]
+        sk, blocks = cuda_matmul.native_stream_k_tiles(units, ktiles, sms)
+        assert (sk, blocks) == want, (sk, blocks)
+        plan = (192, 3, promote, True, True)
+    else:
+        blocks = min(sms, sk * ktiles) if sk else min(units, sms)
+        plan = (192, 3, promote, True, True, False, sk)
+    harness.LAUNCHES.clear()
+    with harness.patched_hopper(sm_count=sms):
+        out = cuda_matmul.matmul2d(a3, b3, sa3, sb3, spec, mx.cpu, route="wgmma_fp8", plan=plan)
+        mx.eval(out)
+        names = [name for name, _ in harness.LAUNCHES if name.startswith("mlx_flash_matmul_wgmma_ws")]
+        assert names == ["mlx_flash_matmul_wgmma_ws" + ("_sk" if sk else "")], names
+        if sk:
+            kernel = cuda_matmul._kernel_object("matmul_wgmma_ws_sk", cuda_matmul._WA_SK_INPUTS,
+                                                cuda_matmul._WA_SK_OUTPUTS, cuda_matmul.ws_smem(192, 3))
+            assert not np.any(kernel.inputs_after["tickets"]), "every ticket set back to 0"
+    model = _native_sk_model(np.array(a), np.array(b), M, N, K, 192, promote, 13, sk, blocks, ("e4m3", "e4m3"))
+    got = np.array(out[0])
+    assert np.array_equal(got, model), np.abs(got - model).max()
+    import fp8_accum_model
+    a64, b64 = fp8_accum_model.E4M3[np.array(a)], fp8_accum_model.E4M3[np.array(b)]
+    assert_within_fp8_accumulation(out[0], a64, b64, None, None, True, mx.float32)

@@ -317,10 +317,46 @@ def _matmul_ws_cases():
     yield f16, u8, 0, 2, True, 128, 6, 0, False, False, 1
 
 
+def _matmul_ws_sk_cases():
+    """The native kernel's stream-K form (SK, matmul_wgmma_ws_sk.cu), in
+    _matmul_ws_cases' form: one accumulator set, promotion every stage (the
+    default), every instruction or two, or none."""
+    u8 = mx.uint8
+    yield u8, u8, 1, 1, True, 192, 5, 1, True, False  # the native default plan
+    yield u8, u8, 2, 2, True, 256, 4, 0, True, False
+    yield u8, u8, 2, 1, True, 128, 6, 1, True, False
+    yield u8, u8, 1, 1, True, 192, 5, -1, True, False
+    yield u8, u8, 1, 2, True, 128, 6, -2, True, False
+
+
 def _ws_compile_groups(make_kernel):
-    """The warp-specialised cases as one compile unit: (unit name, headers, kernel texts)."""
-    kernels = [make_kernel(i, case) for i, case in enumerate(_matmul_ws_cases())]
+    """The warp-specialised cases as compile units: (unit name, headers, kernel
+    texts). make_kernel(i, case, sk): the stream-K form's cases numbered on
+    after the others (_ws_all_cases()[i])."""
+    plain = list(_matmul_ws_cases())
+    kernels = [make_kernel(i, case, False) for i, case in enumerate(plain)]
     yield "matmul_wgmma_ws_all", cuda_backend.kernel_headers("matmul_wgmma_ws"), kernels
+    kernels = [make_kernel(len(plain) + i, case, True) for i, case in enumerate(_matmul_ws_sk_cases())]
+    yield "matmul_wgmma_ws_sk", cuda_backend.kernel_headers("matmul_wgmma_ws_sk"), kernels
+
+
+def _ws_all_cases():
+    return list(_matmul_ws_cases()) + list(_matmul_ws_sk_cases())
+
+
+def _ws_kernel_text(name, case, to, bs, sk):
+    """A warp-specialised matmul instance as MLX wraps it: matmul_wgmma_ws.cu,
+    or with sk its stream-K form (tickets in, partial sums out; the .cu fixes
+    TRANS_B, NATIVE, ACC2 and RAW)."""
+    ta, tb, fa, fb, trans, bn, stages, promote, native, acc2, *raw = case
+    template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb)] + ([] if sk else [("TRANS_B", trans)])
+    template += [("AS", True), ("BS", bs), ("BN", bn), ("STAGES", stages)] + cuda_matmul.promote_template(promote)
+    if not sk:
+        template += [("NATIVE", native), ("ACC2", acc2), ("RAW", raw[0] if raw else 0)]
+    body = cuda_backend._read("matmul_wgmma_ws_sk.cu" if sk else "matmul_wgmma_ws.cu")
+    inputs = matmul_inputs(ta, tb) + [("tmpl", mx.uint8)] + ([("tickets", mx.uint32)] if sk else [])
+    outputs = [("out", to), ("tmaps", mx.uint8)] + ([("part", mx.float32)] if sk else [])
+    return _kernel_text(name, body, inputs, outputs, template)
 
 
 def test_matmul_hopper_plans_unpack_by_position():
@@ -339,6 +375,26 @@ def test_matmul_hopper_plans_unpack_by_position():
     for bad in ((256, 4, 0, True, True, 2), (256, 4, 0, True, True, 1), (256, 4, 0, 1)):
         with pytest.raises(ValueError, match="cluster-size entry was removed"):
             unpack_plan(bad)
+
+
+def test_native_stream_k_plan_entry_is_checked():
+    """A forced stream-K count (a plan's seventh entry) is for the native fp8
+    warp-specialised kernel with one accumulator set and promotion every
+    stage, instruction or none: elsewhere an error naming the plan, before
+    any kernel is built."""
+    from mlx_flash._matmul_spec import validate_matmul
+    from mlx_flash.backends import cuda_matmul
+
+    a8 = mx.to_fp8(mx.ones((4, 64)))
+    a16 = mx.ones((4, 64), mx.float16)
+    for a, fmt, route, plan in ((a16, None, "wgmma", (256, 4, 0, True, True, False, 2)),
+                                (a8, "e4m3", "wgmma_fp8", (192, 5, 2, True, True, False, 2)),   # promotion every 256 K
+                                (a8, "e4m3", "wgmma_fp8", (128, 6, 2, True, True, True, 2)),    # two accumulator sets
+                                (a8, "e4m3", "wgmma_fp8", (192, 5, 1, True, True, False, -1)),
+                                (a8, "e4m3", "wgmma_fp8", (192, 5, 1, True, True, False, 1.5))):
+        spec, a3, b3, sa, sb, _ = validate_matmul(a, a, a_fmt=fmt, b_fmt=fmt, transpose_b=True, out_dtype=mx.float32)
+        with pytest.raises(ValueError, match="seventh entry"):
+            cuda_matmul.matmul2d(a3, b3, sa, sb, spec, mx.cpu, route=route, plan=plan)
 
 
 def test_ws_plan_beyond_shared_memory_is_an_error():
@@ -538,17 +594,9 @@ def test_matmul_hopper_and_decode_kernels_compile_without_spills(tmp_path):
     for name, (regs, spill_st, spill_ld) in usage.items():
         assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
 
-    body = cuda_backend._read("matmul_wgmma_ws.cu")
-
-    def ws_kernel(i, case):
-        ta, tb, fa, fb, trans, bn, stages, promote, native, acc2, *raw = case
-        to = mx.float32 if i % 2 else (ta if not native else mx.float16)
-        template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans),
-                    ("AS", True), ("BS", i % 2 == 0), ("BN", bn), ("STAGES", stages)]
-        template += cuda_matmul.promote_template(promote) + [("NATIVE", native), ("ACC2", acc2),
-                                                             ("RAW", raw[0] if raw else 0)]
-        return _kernel_text(f"ws{i}", body, ins(ta, tb) + [("tmpl", mx.uint8)], [("out", to), ("tmaps", mx.uint8)],
-                            template)
+    def ws_kernel(i, case, sk):
+        to = mx.float32 if i % 2 else (case[0] if not case[8] else mx.float16)
+        return _ws_kernel_text(f"ws{i}", case, to, i % 2 == 0, sk)
 
     for unit, headers, kernels in _ws_compile_groups(ws_kernel):
         log = _nvcc_compile(tmp_path, unit, _prelude(headers) + "\n" + "\n".join(kernels), ("-Xptxas", "-v"))
@@ -821,18 +869,10 @@ def test_hopper_kernels_keep_wgmma_asynchronous(tmp_path):
 
     # The warp-specialised matmul: 4 (16-bit) or 4 (fp8 k32) wgmma per stage,
     # one wait per stage (two with promotion), none between them.
-    ins = lambda ta, tb: matmul_inputs(ta, tb) + [("tmpl", mx.uint8)]
-    def ws_kernel(i, case):
-        ta, tb, fa, fb, trans, bn, stages, promote, native, acc2, *raw = case
-        to = ta if not native else mx.float16
-        template = [("TA", ta), ("TB", tb), ("TO", to), ("FA", fa), ("FB", fb), ("TRANS_B", trans), ("AS", True),
-                    ("BS", True), ("BN", bn), ("STAGES", stages)]
-        template += cuda_matmul.promote_template(promote) + [("NATIVE", native), ("ACC2", acc2),
-                                                             ("RAW", raw[0] if raw else 0)]
-        return _kernel_text(f"ws{i}", cuda_backend._read("matmul_wgmma_ws.cu"), ins(ta, tb),
-                            [("out", to), ("tmaps", mx.uint8)], template)
+    def ws_kernel(i, case, sk):
+        return _ws_kernel_text(f"ws{i}", case, case[0] if not case[8] else mx.float16, True, sk)
 
-    ws_cases = list(_matmul_ws_cases())
+    ws_cases = _ws_all_cases()
     for unit, headers, kernels in _ws_compile_groups(ws_kernel):
         _nvcc_compile(tmp_path, unit, _prelude(headers) + "\n" + "\n".join(kernels))
         sass = _sass(tmp_path, unit)

@@ -538,6 +538,53 @@ def test_cuda_wgmma_wa_stream_k(M, K, N, sk, monkeypatch):
     assert pool is None or not np.any(np.array(pool[0])), "every ticket set back to 0"
 
 
+# Session 29: stream-K on the native fp8 kernel (matmul_wgmma_ws.cuh with SK,
+# cuda_matmul.native_stream_k_tiles) on the card's SMs: an 8B Llama's k / v
+# projection at 512 tokens (24 tiles: split in two), its down projection (88
+# tiles of 112 k-steps: shared over every SM with NATIVE_SK_PARTIAL) and odd
+# shapes; the policy ("auto"), every tile whole ("off": the bits of the kernel
+# without SK), every tile shared over every SM ("all"), splits in four.
+# Within the native bound against float64, per-row and per-column scales; the
+# same bits on a second call; the tickets back at 0.
+@WS
+@pytest.mark.parametrize("M,K,N", [(512, 4096, 1024), (512, 14336, 4096), (300, 2100, 1030), (17, 3000, 200),
+                                   (1000, 700, 5000)])
+@pytest.mark.parametrize("sk", ["auto", "off", "all", "splits4", "partial"])
+def test_cuda_wgmma_fp8_native_stream_k(M, K, N, sk, monkeypatch):
+    import math
+
+    from mlx_flash.backends import cuda as cuda_backend
+    from mlx_flash.backends import cuda_matmul
+
+    needs_hopper()
+    monkeypatch.setattr(cuda_matmul, "NATIVE_SK", True)
+    monkeypatch.setattr(cuda_matmul, "NATIVE_SK_SPLITS", 4 if sk == "splits4" else 2)
+    monkeypatch.setattr(cuda_matmul, "NATIVE_SK_PARTIAL", sk == "partial")
+    gen = rng("wgmma-native-sk", M, K, N, sk)
+    a = mx.to_fp8(mx.array(gen.standard_normal((M, K)).astype(np.float32)))
+    b = mx.to_fp8(mx.array(gen.standard_normal((N, K)).astype(np.float32)))
+    a64 = np.array(mx.from_fp8(a, dtype=mx.float32)).astype(np.float64)
+    b64 = np.array(mx.from_fp8(b, dtype=mx.float32)).astype(np.float64)
+    sa = gen.uniform(0.5, 2, (M, 1)).astype(np.float32)
+    sb = gen.uniform(0.5, 2, (1, N)).astype(np.float32)
+    plan = cuda_matmul.WS_PLANS["native"]
+    units = math.ceil(M / 128) * math.ceil(N / plan[0])
+    plan = plan + (False, {"off": 0, "all": units}[sk]) if sk in ("off", "all") else plan
+    run = lambda p: run_route("wgmma_fp8", a, b, a_fmt="e4m3", b_fmt="e4m3", a_scale=mx.array(sa),  # noqa: E731
+                              b_scale=mx.array(sb), transpose_b=True, out_dtype=mx.float32, plan=p)
+    outs = [run(plan) for _ in range(2)]
+    assert_within_fp8_accumulation(outs[0], a64, b64, sa, sb, True, mx.float32)
+    assert np.array_equal(np.array(outs[0]), np.array(outs[1])), "stream-K sums in a fixed order"
+    if sk == "off":
+        with monkeypatch.context() as m:
+            m.setattr(cuda_matmul, "NATIVE_SK", False)
+            whole = run(cuda_matmul.WS_PLANS["native"])
+        assert np.array_equal(np.array(outs[0]), np.array(whole)), "whole tiles: the kernel's bits without SK"
+    mx.synchronize()
+    pool = cuda_backend._TICKET_POOLS.get(GPU)
+    assert pool is None or not np.any(np.array(pool[0])), "every ticket set back to 0"
+
+
 # Session 26: 192-token tiles (only the stream-K form of the weight-as-A
 # kernel has them) and the tile fit's plans on the card: against float64 with
 # every finite code, outputs float32 and 16-bit; 192-token tiles whole, on a

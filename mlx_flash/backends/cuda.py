@@ -80,6 +80,7 @@ _KERNEL_ROOTS = {
     "matmul": ("matmul.cuh",),
     "matmul_wgmma": ("matmul_wgmma.cuh",),
     "matmul_wgmma_ws": ("matmul_wgmma_ws.cuh",),
+    "matmul_wgmma_ws_sk": ("matmul_wgmma_ws.cuh",),
     "matmul_wgmma_wa": ("matmul_wgmma_wa.cuh",),
     "matmul_wgmma_wa_sk": ("matmul_wgmma_wa_sk.cuh",),
     "matmul_gemv": ("matmul_gemv.cuh",),

@@ -173,6 +173,24 @@ WA_SK_SPLITS = 2
 # between all SMs (session 21's plan). Off since session 24: in the models
 # above it cost 2-5 % at 1024-2048 tokens against splitting alone.
 WA_SK_WAVES = False
+# Stream-K on the native fp8 kernel (matmul_wgmma_ws.cuh with SK, session
+# 29; MLX_FLASH_CUDA_FP8_NATIVE_SK=0 keeps every tile whole): its 128 x 192
+# tiles make 24-88 tiles of the products of an 8B Llama at 512 tokens (its k /
+# v projections: 24 on 132 SMs), so quantized activations' products ran at
+# 1.04x cuBLAS's fp16 time there against 0.90x at 2048 tokens (H100, s25e).
+# Below half a wave each tile is split into NATIVE_SK_SPLITS runs (the
+# weight-as-A kernel's rule, measured there in models); a k-step is 128 K
+# here, so a run keeps NATIVE_SK_MIN_GAIN x 128 K (the same 256 K as there).
+# NATIVE_SK_PARTIAL (off: not yet timed on a card) also shares the tiles of a
+# wave between half and whole over every SM (an 8B down projection at 512
+# tokens: 88 tiles of 112 k-steps, runs of 75 on 132 SMs).
+_FP8_NATIVE_SK = os.environ.get("MLX_FLASH_CUDA_FP8_NATIVE_SK", "1")
+if _FP8_NATIVE_SK not in ("0", "1"):
+    raise ValueError(f"MLX_FLASH_CUDA_FP8_NATIVE_SK must be 0 or 1, got {_FP8_NATIVE_SK!r}")
+NATIVE_SK = _FP8_NATIVE_SK == "1"
+NATIVE_SK_SPLITS = 2
+NATIVE_SK_MIN_GAIN = 2
+NATIVE_SK_PARTIAL = False
 # Shared memory one block may take (sm_90: 227 KiB), less the ws kernel's
 # static arrays (tensor-map staging, mbarriers).
 _WS_MAX_DYNAMIC_SMEM = 227 * 1024 - 512
@@ -268,7 +286,8 @@ POISON = None
 _FMT_CODE = {None: 0, "e4m3": 1, "e5m2": 2}
 _INPUTS = ("a", "b", "a_scale", "b_scale", "ip")
 _WGMMA_INPUTS = _INPUTS + ("tmpl",)
-# The weight-as-A kernel's outputs; its stream-K form (matmul_wgmma_wa_sk.cuh)
+# The weight-as-A kernel's outputs; its stream-K form (matmul_wgmma_wa_sk.cuh, and the native fp8
+# kernel's, matmul_wgmma_ws_sk.cu)
 # also takes stream-K tickets (a region of the stream's zeroed ticket pool,
 # backends/cuda.py) and writes fp32 partial sums.
 _WA_OUTPUTS = ("out", "tmaps")
@@ -384,32 +403,56 @@ def wa_plan(M: int, N: int = None, K: int = None, grid: int = None) -> tuple:
     return best
 
 
-def wa_stream_k_tiles(units: int, ktiles: int, grid: int, batch: int = 1) -> tuple:
-    """(stream-K tiles, blocks) of the weight-as-A kernel for `units` tiles of
-    `ktiles` k-steps on `grid` SMs: the first tiles' k-steps shared evenly by
-    the blocks (0: none). Below half a wave, each tile is split into s equal
-    runs, s blocks a tile (s up to WA_SK_SPLITS, as many as the SMs hold, each
-    run WA_SK_MIN_GAIN k-steps or more): two blocks' sums a + b are the same
+def stream_k_tiles(units: int, ktiles: int, grid: int, batch: int, *, splits: int, min_gain: int,
+                   waves: bool = False, partial: bool = False) -> tuple:
+    """(stream-K tiles, blocks) for `units` tiles of `ktiles` k-steps on
+    `grid` SMs (cuda_src/stream_k.cuh): the first tiles' k-steps shared evenly
+    by the blocks (0: none). Below half a wave, each tile is split into s
+    equal runs, s blocks a tile (s up to `splits`, as many as the SMs hold,
+    each run `min_gain` k-steps or more): two blocks' sums a + b are the same
     whichever arrives last, more are summed in the blocks' order by the last
-    to arrive. From one wave on (only with WA_SK_WAVES), the partial wave's
-    tiles and one full wave's are shared by all SMs (a run of at least ktiles
-    k-steps: a tile cut once at most); in between, none."""
+    to arrive. With `partial`, between half a wave and one, every tile is
+    shared by all SMs where that saves a block `min_gain` k-steps or more.
+    From one wave on (only with `waves`), the partial wave's tiles and one
+    full wave's are shared by all SMs (a run of at least ktiles k-steps: a
+    tile cut once at most)."""
     blocks = min(units, grid)
-    if not WA_SK or batch != 1 or units % grid == 0:
+    if batch != 1 or units % grid == 0:
         return 0, blocks
     if units >= grid:
-        if not WA_SK_WAVES:
+        if not waves:
             return 0, blocks
         whole = math.ceil(units / grid) * ktiles  # k-steps of the busiest block, whole tiles
-        if whole - math.ceil(units * ktiles / grid) < WA_SK_MIN_GAIN:
+        if whole - math.ceil(units * ktiles / grid) < min_gain:
             return 0, blocks
         sk, blocks = units % grid + grid, grid
-    elif 2 * units <= grid and ktiles >= 2 * WA_SK_MIN_GAIN:
-        splits = min(WA_SK_SPLITS, grid // units, ktiles // WA_SK_MIN_GAIN)
-        sk, blocks = units, splits * units
+    elif 2 * units <= grid and ktiles >= 2 * min_gain:
+        s = min(splits, grid // units, ktiles // min_gain)
+        sk, blocks = units, s * units
+    elif partial and 2 * units > grid and ktiles - math.ceil(units * ktiles / grid) >= min_gain:
+        sk, blocks = units, grid
     else:
         return 0, blocks
     return (sk, blocks) if _wa_stream_k_fits(sk, ktiles, blocks) else (0, min(units, grid))
+
+
+def wa_stream_k_tiles(units: int, ktiles: int, grid: int, batch: int = 1) -> tuple:
+    """stream_k_tiles of the weight-as-A kernel (k-steps of 64 K): WA_SK's
+    rules (WA_SK_SPLITS, WA_SK_MIN_GAIN, WA_SK_WAVES); (0, tiles) without."""
+    if not WA_SK:
+        return 0, min(units, grid)
+    return stream_k_tiles(units, ktiles, grid, batch, splits=WA_SK_SPLITS, min_gain=WA_SK_MIN_GAIN,
+                          waves=WA_SK_WAVES)
+
+
+def native_stream_k_tiles(units: int, ktiles: int, grid: int, batch: int = 1) -> tuple:
+    """stream_k_tiles of the native fp8 kernel (k-steps of 128 K): NATIVE_SK's
+    rules (NATIVE_SK_SPLITS, NATIVE_SK_MIN_GAIN, NATIVE_SK_PARTIAL); (0,
+    tiles) without."""
+    if not NATIVE_SK:
+        return 0, min(units, grid)
+    return stream_k_tiles(units, ktiles, grid, batch, splits=NATIVE_SK_SPLITS, min_gain=NATIVE_SK_MIN_GAIN,
+                          partial=NATIVE_SK_PARTIAL)
 
 
 def _wa_stream_k_fits(sk: int, ktiles: int, grid: int) -> bool:
@@ -594,13 +637,23 @@ def unpack_plan(plan) -> tuple:
 
 
 def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
-    """Hopper warpgroup-MMA kernel: cuda_src/matmul_wgmma.cuh."""
+    """Hopper warpgroup-MMA kernel: cuda_src/matmul_wgmma.cuh. A native
+    warp-specialised plan may have a seventh entry: a forced count of
+    stream-K tiles (0: every tile whole) instead of native_stream_k_tiles'."""
     native = native and spec.a_fmt is not None and spec.b_fmt is not None
     kind = "native" if native else ("cvt" if spec.a_fmt or spec.b_fmt else "f16")
     if plan is None:
         plan = WGMMA_PLANS[kind]
         if WS_PLANS[kind] and (kind != "cvt" or spec.M >= CVT_WS_MIN_ROWS or in_kernel_b(spec)) and _tma_available():
             plan = WS_PLANS[kind]
+    plan, sk_tiles = tuple(plan), None
+    if len(plan) == 7:
+        plan, sk_tiles = plan[:6], plan[6]
+        if not (native and plan[4] and not plan[5] and plan[2] <= 1 and isinstance(sk_tiles, int) and sk_tiles >= 0):
+            raise ValueError("a Hopper plan's seventh entry (stream-K tiles, an int >= 0) is for the native fp8 "
+                             "warp-specialised kernel with one accumulator set and promotion every stage, "
+                             f"instruction or none (promote <= 1), got {plan + (sk_tiles,)} on route "
+                             f"{'wgmma_fp8' if native else 'wgmma'}")
     bn, stages, promote, tma, ws, acc2 = unpack_plan(plan)
     if native and promote < 0 and not (promote in (-1, -2) and ws and tma and bn in (128, 192) and not acc2
                                        and _tma_available()):
@@ -645,7 +698,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     if ws and tma:
         return _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote if native else 0, native,
                          transpose_b, ip, Np, fa if native else 0, fb if (native or raw) else 0, acc2 and native,
-                         raw)
+                         raw, sk_tiles)
     # + 1 KiB: the TMA mbarriers and template staging are static shared memory.
     kernel = _kernel_object("matmul_wgmma", _WGMMA_INPUTS, ("out", "tmaps"),
                             wgmma_smem(bn, stages, convert_a, convert_b))
@@ -694,10 +747,13 @@ def promote_template(promote: int) -> list:
 
 
 def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native, transpose_b, ip, Np, fa, fb,
-              acc2=False, raw=0):
+              acc2=False, raw=0, sk_tiles=None):
     """The warp-specialised persistent Hopper kernel: cuda_src/matmul_wgmma_ws.cuh
     (operands as stored, by TMA; a, b already padded as _wgmma does; raw > 0:
-    b's fp8 codes decoded in the kernel from that many slots)."""
+    b's fp8 codes decoded in the kernel from that many slots). Native fp8
+    with one accumulator set: stream-K tiles by native_stream_k_tiles, or
+    sk_tiles forced (over every SM, no more blocks than their k-steps); where
+    there are any, the kernel's stream-K form (matmul_wgmma_ws_sk.cu) runs."""
     if acc2 and not (promote and bn == 128):
         raise ValueError(f"warp-specialised plan: two accumulator sets need BN 128 and promotion, got BN {bn}, "
                          f"promotion {promote}")
@@ -709,7 +765,22 @@ def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native,
     units = math.ceil(M / 128) * math.ceil(Np / bn)
     # Persistent: one block per SM at most (one fits an SM: 384 threads, the
     # stage ring), so every block is resident and takes its share of tiles.
-    blocks = min(units, sm_count())
+    grid = sm_count()
+    blocks = min(units, grid)
+    if native and not acc2 and raw == 0 and promote <= 1:
+        # (Stream-K with promotion every 2 or 4 stages serialised the wgmma: matmul_wgmma_ws.cuh.)
+        ktiles = math.ceil(a.shape[2] / 128)
+        # A forced count takes every SM, but no more blocks than the shared
+        # tiles' k-steps: a block of no k-step inside a cut tile's range of
+        # blocks would never draw its ticket (wgmma_wa's rule).
+        sk, blocks = native_stream_k_tiles(units, ktiles, grid, spec.batch) if sk_tiles is None else (
+            sk_tiles, min(grid, sk_tiles * ktiles) if sk_tiles else blocks)
+        if not (0 <= sk <= units and _wa_stream_k_fits(sk, ktiles, blocks) and (sk == 0 or spec.batch == 1)):
+            raise ValueError(f"native fp8 plan: stream-K tiles from 0 to the {units} tiles (at most "
+                             f"{_cuda._TICKET_REGION_WORDS}, k-steps x SMs below 2^31), with one batch, got {sk} "
+                             f"(batch {spec.batch}, {ktiles} k-steps a tile)")
+        if sk:
+            return _wgmma_ws_sk(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, Np, fa, fb, sk, blocks)
     kernel = _kernel_object("matmul_wgmma_ws", _WGMMA_INPUTS, ("out", "tmaps"), ws_smem(bn, stages, raw))
     placeholder = _params((0,), mx.float32)
     (out, _) = kernel(
@@ -723,6 +794,29 @@ def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native,
         grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
         output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,)],
         output_dtypes=[spec.out_dtype, mx.uint8], init_value=POISON, stream=stream,
+    )
+    return out if Np == spec.N else out[:, :, :spec.N]
+
+
+def _wgmma_ws_sk(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, Np, fa, fb, sk, blocks):
+    """The native fp8 kernel's stream-K form (matmul_wgmma_ws.cuh with SK,
+    entry matmul_wgmma_ws_sk.cu): sk stream-K tiles over `blocks` blocks, their
+    tickets from the stream's pool and fp32 partial sums in `part` (two
+    128 x bn tiles a block: the tiles its run starts and ends in)."""
+    M = spec.M
+    ip = _params((M, Np, a.shape[2], int(spec.b_batched)) + _scale_flags(a_scale, b_scale) + (sk,))
+    kernel = _kernel_object("matmul_wgmma_ws_sk", _WA_SK_INPUTS, _WA_SK_OUTPUTS, ws_smem(bn, stages))
+    placeholder = _params((0,), mx.float32)
+    (out, _, _) = kernel(
+        inputs=[a, b, a_scale if a_scale is not None else placeholder,
+                b_scale if b_scale is not None else placeholder, ip,
+                _tma_templates(a, b, True, bn), _cuda._ticket_region(stream)],
+        template=[("TA", a.dtype), ("TB", b.dtype), ("TO", spec.out_dtype), ("FA", fa), ("FB", fb),
+                  ("AS", a_scale is not None), ("BS", b_scale is not None), ("BN", bn), ("STAGES", stages)]
+        + promote_template(promote),
+        grid=(blocks * 384, 1, spec.batch), threadgroup=(384, 1, 1),
+        output_shapes=[(spec.batch, M, Np), (spec.batch * blocks * 256,), (blocks * 2 * 128 * bn,)],
+        output_dtypes=[spec.out_dtype, mx.uint8, mx.float32], init_value=POISON, stream=stream,
     )
     return out if Np == spec.N else out[:, :, :spec.N]
 
