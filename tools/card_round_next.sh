@@ -22,7 +22,7 @@
 # that hangs costs only its share; every log lands in $OUT/<step>.txt and
 # its last line is echoed.
 set -u
-PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e|s25a|s25b|s25c|s25d|s25e|s25f|s25g|s25h|s25i|s26a|s26b|s26c|s26d|s26e|s27a|s27b|s27c|s27d|s27e|s28a}
+PART=${1:?usage: card_round_next.sh a|b|...|z|s18a|...|s18d|s19a|...|s19f|s20a|...|s20e|s21a|s21b|s22b|s22c|s22d|s23a|s23b|s24a|s24b|s24c|s24e|s25a|s25b|s25c|s25d|s25e|s25f|s25g|s25h|s25i|s26a|s26b|s26c|s26d|s26e|s27a|s27b|s27c|s27d|s27e|s28a|s29a|s29b}
 OUT=${OUT:?set OUT to the folder results go to}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
@@ -753,6 +753,23 @@ elif [ "$PART" = s28a ]; then
   step lm_kv_nofam 200 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" MLX_FLASH_CUDA_HOST_KEY_COUNTS=0 \
     python3 -m mlx_flash.bench.lm --sections kv --device gpu --kv-context 8192 --new-tokens 128 \
     --out "$OUT/lm_kv_nofam.json"
+elif [ "$PART" = s29a ]; then
+  # Session 29 (issue 15): stream-K on the native fp8 kernel (matmul_wgmma_ws.cuh with SK; default below half a
+  # wave). Its GPU cases with the native route's others (which now take it where the policy does) and the quantized
+  # activations' (FP8Linear(activations="e4m3")), then the products alone by CUPTI GPU time, each stream-K rule
+  # beside MLX's fp16 product.
+  step native_gpu 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
+    -k "native_stream_k or fp8_native or native_plans or every_code_short_k or poisoned_memory"
+  step act_gpu 120 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_fp8_activations.py -k cuda
+  step native_sk 240 python3 -m mlx_flash.bench.cuda_matmul --sections native_sk --wa-tiles-rows 512,2048 \
+    --out "$OUT/matmul_native_sk.json"
+elif [ "$PART" = s29b ]; then
+  # Session 29 (issue 15): Llamas of 3B and 8B shape, prompt tokens/s with quantized activations, the native
+  # kernel's tiles whole / split in two below half a wave (the default) / also shared over every SM between half a
+  # wave and one (carry .device/mlxlm_full too).
+  step llama_prefill 300 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
+    --sections llama_prefill --llama-models llama_3b,llama_8b --llama-prompts 512,2048 \
+    --llama-native-sk-variants "whole:0:2:0,split2:1:2:0,partial:1:2:1" --out "$OUT/matmul_llama_prefill_native_sk.json"
 elif [ "$PART" = s25c ]; then
   # Session 25 (issue 15): s25b's model prefill with quantized activations came out slower than FP8Linear's
   # default: the same forwards profiled kernel by kernel (the quantize kernel, the native fp8 products).
@@ -764,6 +781,6 @@ elif [ "$PART" = s19c ]; then
   step api_gpu 90 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul.py tests/test_fp8_nn.py -k cuda
   step wgmma_all 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py -k "not gemv"
 else
-  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c, s24e, s25a-s25i, s26a-s26e, s27a-s27e or s28a, got $PART" >&2
+  echo "card_round_next.sh: PART must be a, b, ..., y, z, s18a-s18d, s19a-s19f, s20a-s20e, s21a-s21b, s22b-s22d, s23a-s23b, s24a-s24c, s24e, s25a-s25i, s26a-s26e, s27a-s27e, s28a, s29a or s29b, got $PART" >&2
   exit 2
 fi

@@ -1086,6 +1086,91 @@ def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases
             CHECKPOINT()
 
 
+# The native fp8 kernel's stream-K cases (session 29): (name, NATIVE_SK,
+# NATIVE_SK_SPLITS, NATIVE_SK_PARTIAL).
+NATIVE_SK_CASES = (("native_whole", False, 2, False), ("native_split2", True, 2, False),
+                   ("native_split4", True, 4, False), ("native_partial", True, 2, True))
+
+
+def bench_native_sk(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases=NATIVE_SK_CASES):
+    """Quantized activations' product (FP8Linear(activations="e4m3"): e4m3 x
+    [M, K] with a scale a row, e4m3 weight [N, K] with a scale a row, the
+    native fp8 kernel) with the native stream-K rules of each case, by the GPU
+    time of a call run alone (CUPTI), beside MLX's fp16 product `x @ w16.T`.
+    Cases in turn, `rounds` times, the median; each result checked against
+    float32 once; the stream-K plan (tiles, blocks) recorded."""
+    import math
+
+    from .. import fp8
+    from ..backends import cuda_matmul as cm
+
+    _, torch = _torch()
+    if torch is None:
+        raise RuntimeError("bench_native_sk needs torch (its profiler reads the GPU's kernel times)")
+    for m, k, n in shapes:
+        x, w16, w8, w_scale = _prefill_operands(m, k, n)
+        amax = mx.max(mx.abs(x.astype(mx.float32)), axis=1, keepdims=True)
+        x_scale = amax / 448.0
+        x8 = fp8.encode(x.astype(mx.float32) / x_scale, "e4m3")
+        mx.eval(x8, x_scale)
+        ref = (fp8.decode(x8, "e4m3") @ fp8.decode(w8, "e4m3").T) * x_scale * w_scale
+
+        def ours(on, splits, partial):
+            saved = cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL
+            cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL = on, splits, partial
+            try:
+                return cm.matmul(x8, w8, a_fmt="e4m3", b_fmt="e4m3", a_scale=x_scale.reshape(-1),
+                                 b_scale=w_scale, transpose_b=True, out_dtype=mx.float16, route="wgmma_fp8")
+            finally:
+                cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL = saved
+
+        calls_of = {"mlx_fp16": lambda: x @ w16.T}
+        plans = {}
+        bn = cm.WS_PLANS["native"][0]
+        units, ktiles = math.ceil(m / 128) * math.ceil(n / bn), math.ceil(k / 128)
+        for name, on, splits, partial in cases:
+            calls_of[name] = functools.partial(ours, on, splits, partial)
+            saved = cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL
+            cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL = on, splits, partial
+            try:
+                plans[name] = list(cm.native_stream_k_tiles(units, ktiles, cm.sm_count()))
+            finally:
+                cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL = saved
+        errs = {}
+        for name, make in list(calls_of.items()):
+            try:
+                got = make()
+                mx.eval(got)
+                if name != "mlx_fp16":
+                    errs[name] = rel_diff(got, ref)
+                del got
+            except Exception as e:  # noqa: BLE001
+                rec.add(section="native_sk", case=name, m=m, k=k, n=n, error=f"{type(e).__name__}: {e}"[:500])
+                del calls_of[name]
+        samples = interleave({name: _mlx_batch(make) for name, make in calls_of.items()}, rounds,
+                             lambda name, prep: gpu_time_per_call(prep, calls, torch)["gpu_us_per_call"])
+        base = samples.get("mlx_fp16")
+        for name, got in samples.items():
+            row = dict(section="native_sk", case=name, m=m, k=k, n=n, rounds=rounds, calls=calls, tiles=units,
+                       ktiles=ktiles)
+            if isinstance(got, BaseException):
+                rec.add(**row, error=f"{type(got).__name__}: {got}"[:500])
+                continue
+            t = statistics.median(got)
+            row.update(gpu_us=t, gpu_us_rounds=[round(v, 2) for v in got], tflops=2 * m * k * n / t / 1e6)
+            if name in errs:
+                row["rel_diff_vs_fp32"] = errs[name]
+            if name in plans:
+                row["stream_k"] = plans[name]
+            if isinstance(base, list) and base and name != "mlx_fp16":
+                row["vs_mlx_fp16"] = statistics.median(base) / t
+            rec.add(**row)
+        del calls_of, x, w16, w8, x8, ref
+        mx.clear_cache()
+        if CHECKPOINT is not None:
+            CHECKPOINT()
+
+
 def _bars(ax, rows, key, label_of, title, ylabel):
     """Grouped bars of rows[key] by case (x) and size (one bar colour each)."""
     sizes = sorted({r["n"] for r in rows})
@@ -1134,13 +1219,14 @@ def plot(path: str) -> str:
     model = [r for r in rows if r.get("section") == "llama_prefill" and "vs_fp16" in r and r["case"] != "fp16"]
     profile = [r for r in rows if r.get("section") == "llama_prefill_profile" and "by_class_us" in r]
     tiles = [r for r in rows if r.get("section") == "wa_tiles" and "vs_mlx_fp16" in r]
+    native_sk = [r for r in rows if r.get("section") == "native_sk" and "vs_mlx_fp16" in r]
     panels = [p for p, got in (("gemm", gemm), ("targets", targets), ("targets_gpu", [r for r in targets
                                                                                         if "gpu_tflops" in r]),
                                ("decode", dec), ("prefill", prefill), ("llama_prefill", model),
-                               ("llama_prefill_profile", profile), ("wa_tiles", tiles)) if got]
+                               ("llama_prefill_profile", profile), ("wa_tiles", tiles), ("native_sk", native_sk)) if got]
     if not panels:
         raise ValueError(f"{path}: no gemm, targets, decode, prefill, llama_prefill, llama_prefill_profile or "
-                         "wa_tiles rows to plot")
+                         "wa_tiles or native_sk rows to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "gemm":
@@ -1174,6 +1260,11 @@ def plot(path: str) -> str:
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
             ax.set_ylabel("MLX fp16 GPU time / ours (> 1: faster)")
             ax.set_title("FP8Linear's product, a call alone (CUPTI), M x K x N, by tile plan")
+        elif panel == "native_sk":
+            _grouped(ax, native_sk, lambda r: f'{r["m"]}x{r["k"]}x{r["n"]}', lambda r: r["case"], "vs_mlx_fp16")
+            ax.axhline(1.0, color="k", lw=0.8, ls="--")
+            ax.set_ylabel("MLX fp16 GPU time / ours (> 1: faster)")
+            ax.set_title("native fp8 x fp8 (quantized activations), a call alone (CUPTI), by stream-K rule")
         elif panel == "llama_prefill_profile":
             classes = sorted({c for r in profile for c in r["by_class_us"]})
             labels = [f'{r["model"]} {r["prompt"]} {r["case"]}' for r in profile]
@@ -1471,7 +1562,7 @@ def _activations(layers, act):
 
 
 def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024, 2048), rounds: int = 5,
-                        configs=None, variants=(), wa_variants=(), act_unshared=False):
+                        configs=None, variants=(), wa_variants=(), act_unshared=False, native_variants=()):
     """Prompt tokens/s of a random-weight mlx-lm Llama: the fp16 model beside
     the same weights with every nn.Linear as FP8Linear (e4m3, per-channel
     scales), with the weight-as-A kernel's stream-K off ("fp8_e4m3": every
@@ -1493,7 +1584,11 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
     quantized a token at a time, fp8 x fp8 on the native fp8 tensor cores;
     moves the logits, so its row's max_abs_logit_diff_vs_fp16 says by how much; the projections reading
     one input share its quantization, nn.SHARE_ACT_QUANT). With `act_unshared` one more case,
-    "fp8_e4m3_act_e4m3_unshared": the same with a quantization at every layer (session 27)."""
+    "fp8_e4m3_act_e4m3_unshared": the same with a quantization at every layer (session 27).
+    `native_variants`: (name, on, splits, partial) each, a case
+    "fp8_e4m3_act_e4m3_nsk_<name>": the quantized activations with
+    cuda_matmul.NATIVE_SK = on, NATIVE_SK_SPLITS = splits and
+    NATIVE_SK_PARTIAL = partial (session 29)."""
     from .. import nn as fnn
     from ..backends import cuda_matmul as cm
 
@@ -1534,6 +1629,10 @@ def bench_llama_prefill(rec: Recorder, models=("llama_8b",), prompts=(512, 1024,
                     forward, model8, {"WA_SK": True, "WA_SK_SPLITS": splits, "WA_SK_WAVES": waves})
             for vname, fit in wa_variants:
                 cases[f"fp8_e4m3_wa_{vname}"] = functools.partial(forward, model8, {"WA_TILE_FIT": fit})
+            for vname, on, splits, partial in native_variants:
+                cases[f"fp8_e4m3_act_e4m3_nsk_{vname}"] = functools.partial(
+                    forward, model8, {"NATIVE_SK": on, "NATIVE_SK_SPLITS": splits, "NATIVE_SK_PARTIAL": partial},
+                    act="e4m3")
             last = {}
 
             def sample(case, call):
@@ -1707,14 +1806,27 @@ def main(argv=None):
                         help="llama_prefill: NAME:FIT cases, comma separated (cuda_matmul.WA_TILE_FIT = FIT, "
                              "0 or 1)")
     parser.add_argument("--wa-tiles-rows", default="512,1024,2048",
-                        help="wa_tiles: M values (tokens), comma separated")
+                        help="wa_tiles and native_sk: M values (tokens), comma separated")
     parser.add_argument("--llama-act-unshared", action="store_true",
                         help="llama_prefill: one more case, the quantized activations without the shared "
                              "quantization of one input (nn.SHARE_ACT_QUANT = False)")
     parser.add_argument("--llama-sk-variants", default="",
                         help="llama_prefill: NAME:SPLITS:WAVES cases, comma separated (stream-K on with "
                              "cuda_matmul.WA_SK_SPLITS = SPLITS, WA_SK_WAVES = WAVES (0 or 1))")
+    parser.add_argument("--llama-native-sk-variants", default="",
+                        help="llama_prefill: NAME:ON:SPLITS:PARTIAL cases, comma separated (quantized activations "
+                             "with cuda_matmul.NATIVE_SK = ON, NATIVE_SK_SPLITS = SPLITS, NATIVE_SK_PARTIAL = "
+                             "PARTIAL; ON and PARTIAL 0 or 1)")
     args = parser.parse_args(argv)
+    try:
+        flag = {"0": False, "1": True}
+        native_variants = tuple((n, flag[on], int(sp), flag[pa]) for n, on, sp, pa in
+                                (v.split(":") for v in args.llama_native_sk_variants.split(",") if v))
+        if any(sp < 2 for _, _, sp, _ in native_variants):
+            raise ValueError("a split count below 2")
+    except (ValueError, KeyError):
+        parser.error(f"--llama-native-sk-variants: expected NAME:ON:SPLITS:PARTIAL (SPLITS 2 or more, ON and "
+                     f"PARTIAL 0 or 1) separated by commas, got {args.llama_native_sk_variants!r}")
     try:
         sk_variants = tuple((n, int(sp), {"0": False, "1": True}[w]) for n, sp, w in
                             (v.split(":") for v in args.llama_sk_variants.split(",") if v))
@@ -1781,8 +1893,12 @@ def main(argv=None):
                 "llama": lambda: bench_llama(rec, tuple(args.llama_models.split(","))),
                 "llama_prefill": lambda: bench_llama_prefill(
                     rec, tuple(args.llama_models.split(",")), tuple(int(v) for v in args.llama_prompts.split(",")),
-                    variants=sk_variants, wa_variants=wa_variants, act_unshared=args.llama_act_unshared),
+                    variants=sk_variants, wa_variants=wa_variants, act_unshared=args.llama_act_unshared,
+                    native_variants=native_variants),
                 "wa_tiles": lambda: bench_wa_tiles(rec, ((256, 1024, 1024),) if args.warm else tuple(
+                    (m, k, n) for m in (int(v) for v in args.wa_tiles_rows.split(",")) for k, n in WA_TILE_SHAPES),
+                    1 if args.warm else 2),
+                "native_sk": lambda: bench_native_sk(rec, ((256, 1024, 1024),) if args.warm else tuple(
                     (m, k, n) for m in (int(v) for v in args.wa_tiles_rows.split(",")) for k, n in WA_TILE_SHAPES),
                     1 if args.warm else 2),
                 "llama_prefill_profile": lambda: bench_llama_prefill_profile(
