@@ -1016,6 +1016,43 @@ WA_TILE_CASES = (("bt256", (256, 5, 0), True), ("bt192", (192, 6, 0), True), ("b
                  ("default_nofit", None, False), ("default", None, True))
 
 
+def _products_alone(rec: Recorder, section: str, calls_of: dict, ref, shape, rounds: int, calls: int, torch,
+                    extra: dict, **fields):
+    """Each call of calls_of ({case: make}, "mlx_fp16" the anchor) checked
+    against `ref` once (float32 relative difference; a failing case recorded
+    and dropped), then timed by the GPU time of a call run alone (CUPTI),
+    cases in turn `rounds` times: rows of `section` with the median, the
+    ratio to the anchor, extra[case]'s fields and `fields`."""
+    m, k, n = shape
+    errs = {}
+    for name, make in list(calls_of.items()):
+        try:
+            got = make()
+            mx.eval(got)
+            if name != "mlx_fp16":
+                errs[name] = rel_diff(got, ref)
+            del got
+        except Exception as e:  # noqa: BLE001
+            rec.add(section=section, case=name, m=m, k=k, n=n, error=f"{type(e).__name__}: {e}"[:500])
+            del calls_of[name]
+    samples = interleave({name: _mlx_batch(make) for name, make in calls_of.items()}, rounds,
+                         lambda name, prep: gpu_time_per_call(prep, calls, torch)["gpu_us_per_call"])
+    base = samples.get("mlx_fp16")
+    for name, got in samples.items():
+        row = dict(section=section, case=name, m=m, k=k, n=n, rounds=rounds, calls=calls, **fields)
+        if isinstance(got, BaseException):
+            rec.add(**row, error=f"{type(got).__name__}: {got}"[:500])
+            continue
+        t = statistics.median(got)
+        row.update(gpu_us=t, gpu_us_rounds=[round(v, 2) for v in got], tflops=2 * m * k * n / t / 1e6)
+        if name in errs:
+            row["rel_diff_vs_fp32"] = errs[name]
+        row.update(extra.get(name, {}))
+        if isinstance(base, list) and base and name != "mlx_fp16":
+            row["vs_mlx_fp16"] = statistics.median(base) / t
+        rec.add(**row)
+
+
 def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases=WA_TILE_CASES):
     """The weight-as-A kernel's tile heights (session 26), by the GPU time of
     a call run alone (CUPTI, gpu_time_per_call: what predicts a model, whose
@@ -1045,41 +1082,15 @@ def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases
         calls_of = {"mlx_fp16": lambda: x @ w16.T}
         for name, plan, fit in cases:
             calls_of[name] = functools.partial(ours, plan, fit)
-        errs, plans = {}, {}
-        for name, make in list(calls_of.items()):
-            try:
-                got = make()
-                mx.eval(got)
-                if name != "mlx_fp16":
-                    errs[name] = rel_diff(got, ref)
-                del got
-            except Exception as e:  # noqa: BLE001
-                rec.add(section="wa_tiles", case=name, m=m, k=k, n=n, error=f"{type(e).__name__}: {e}"[:500])
-                del calls_of[name]
+        plans = {}
         for name, plan, fit in cases:
             if plan is None:
                 saved, cm.WA_TILE_FIT = cm.WA_TILE_FIT, fit
                 try:
-                    plans[name] = list(cm.wa_plan(m, n, k, cm.sm_count()))
+                    plans[name] = {"plan": list(cm.wa_plan(m, n, k, cm.sm_count()))}
                 finally:
                     cm.WA_TILE_FIT = saved
-        samples = interleave({name: _mlx_batch(make) for name, make in calls_of.items()}, rounds,
-                             lambda name, prep: gpu_time_per_call(prep, calls, torch)["gpu_us_per_call"])
-        base = samples.get("mlx_fp16")
-        for name, got in samples.items():
-            row = dict(section="wa_tiles", case=name, m=m, k=k, n=n, rounds=rounds, calls=calls)
-            if isinstance(got, BaseException):
-                rec.add(**row, error=f"{type(got).__name__}: {got}"[:500])
-                continue
-            t = statistics.median(got)
-            row.update(gpu_us=t, gpu_us_rounds=[round(v, 2) for v in got], tflops=2 * m * k * n / t / 1e6)
-            if name in errs:
-                row["rel_diff_vs_fp32"] = errs[name]
-            if name in plans:
-                row["plan"] = plans[name]
-            if isinstance(base, list) and base and name != "mlx_fp16":
-                row["vs_mlx_fp16"] = statistics.median(base) / t
-            rec.add(**row)
+        _products_alone(rec, "wa_tiles", calls_of, ref, (m, k, n), rounds, calls, torch, plans)
         del calls_of, x, w16, w8, ref
         mx.clear_cache()
         if CHECKPOINT is not None:
@@ -1133,38 +1144,11 @@ def bench_native_sk(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, case
             saved = cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL
             cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL = on, splits, partial
             try:
-                plans[name] = list(cm.native_stream_k_tiles(units, ktiles, cm.sm_count()))
+                plans[name] = {"stream_k": list(cm.native_stream_k_tiles(units, ktiles, cm.sm_count()))}
             finally:
                 cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL = saved
-        errs = {}
-        for name, make in list(calls_of.items()):
-            try:
-                got = make()
-                mx.eval(got)
-                if name != "mlx_fp16":
-                    errs[name] = rel_diff(got, ref)
-                del got
-            except Exception as e:  # noqa: BLE001
-                rec.add(section="native_sk", case=name, m=m, k=k, n=n, error=f"{type(e).__name__}: {e}"[:500])
-                del calls_of[name]
-        samples = interleave({name: _mlx_batch(make) for name, make in calls_of.items()}, rounds,
-                             lambda name, prep: gpu_time_per_call(prep, calls, torch)["gpu_us_per_call"])
-        base = samples.get("mlx_fp16")
-        for name, got in samples.items():
-            row = dict(section="native_sk", case=name, m=m, k=k, n=n, rounds=rounds, calls=calls, tiles=units,
-                       ktiles=ktiles)
-            if isinstance(got, BaseException):
-                rec.add(**row, error=f"{type(got).__name__}: {got}"[:500])
-                continue
-            t = statistics.median(got)
-            row.update(gpu_us=t, gpu_us_rounds=[round(v, 2) for v in got], tflops=2 * m * k * n / t / 1e6)
-            if name in errs:
-                row["rel_diff_vs_fp32"] = errs[name]
-            if name in plans:
-                row["stream_k"] = plans[name]
-            if isinstance(base, list) and base and name != "mlx_fp16":
-                row["vs_mlx_fp16"] = statistics.median(base) / t
-            rec.add(**row)
+        _products_alone(rec, "native_sk", calls_of, ref, (m, k, n), rounds, calls, torch, plans,
+                        tiles=units, ktiles=ktiles)
         del calls_of, x, w16, w8, x8, ref
         mx.clear_cache()
         if CHECKPOINT is not None:
