@@ -754,18 +754,19 @@ elif [ "$PART" = s28a ]; then
     python3 -m mlx_flash.bench.lm --sections kv --device gpu --kv-context 8192 --new-tokens 128 \
     --out "$OUT/lm_kv_nofam.json"
 elif [ "$PART" = s29a ]; then
-  # Session 29 (issue 15): stream-K on the native fp8 kernel (matmul_wgmma_ws.cuh with SK; default below half a
-  # wave). Its GPU cases with the native route's others (which now take it where the policy does) and the quantized
-  # activations' (FP8Linear(activations="e4m3")), then the products alone by CUPTI GPU time, each stream-K rule
-  # beside MLX's fp16 product.
-  step native_gpu 200 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_matmul_cuda_routes.py \
-    -k "native_stream_k or fp8_native or native_plans or every_code_short_k or poisoned_memory"
-  step act_gpu 120 python3 -m pytest -q -p no:cacheprovider -n 14 tests/test_fp8_activations.py -k cuda
+  # Session 29 (issue 15): stream-K on the native fp8 kernel (matmul_wgmma_ws.cuh with SK; opt-in until this part
+  # has run). Its GPU cases with the native route's others and the quantized activations' (FP8Linear(activations=
+  # "e4m3")), switched on (MLX_FLASH_CUDA_FP8_NATIVE_SK=1: they take it where its rule does), then the products
+  # alone by CUPTI GPU time, each stream-K rule beside MLX's fp16 product.
+  step native_gpu 200 env MLX_FLASH_CUDA_FP8_NATIVE_SK=1 python3 -m pytest -q -p no:cacheprovider -n 14 \
+    tests/test_matmul_cuda_routes.py -k "native_stream_k or fp8_native or native_plans or every_code_short_k or poisoned_memory"
+  step act_gpu 120 env MLX_FLASH_CUDA_FP8_NATIVE_SK=1 python3 -m pytest -q -p no:cacheprovider -n 14 \
+    tests/test_fp8_activations.py -k cuda
   step native_sk 240 python3 -m mlx_flash.bench.cuda_matmul --sections native_sk --wa-tiles-rows 512,2048 \
     --out "$OUT/matmul_native_sk.json"
 elif [ "$PART" = s29b ]; then
   # Session 29 (issue 15): Llamas of 3B and 8B shape, prompt tokens/s with quantized activations, the native
-  # kernel's tiles whole / split in two below half a wave (the default) / also shared over every SM between half a
+  # kernel's tiles whole (the default) / split in two below half a wave / also shared over every SM between half a
   # wave and one (carry .device/mlxlm_full too).
   step llama_prefill 300 env PYTHONPATH="$PWD/.device/mlxlm_full:$PYTHONPATH" python3 -m mlx_flash.bench.cuda_matmul \
     --sections llama_prefill --llama-models llama_3b,llama_8b --llama-prompts 512,2048 \

@@ -174,7 +174,9 @@ WA_SK_SPLITS = 2
 # above it cost 2-5 % at 1024-2048 tokens against splitting alone.
 WA_SK_WAVES = False
 # Stream-K on the native fp8 kernel (matmul_wgmma_ws.cuh with SK, session
-# 29; MLX_FLASH_CUDA_FP8_NATIVE_SK=0 keeps every tile whole): its 128 x 192
+# 29; opt-in, MLX_FLASH_CUDA_FP8_NATIVE_SK=1, until a card has run it: the
+# emulation and ptxas once passed a kernel the card then got wrong, session
+# 20; off, every tile whole, the kernel before SK): its 128 x 192
 # tiles make 24-88 tiles of the products of an 8B Llama at 512 tokens (its k /
 # v projections: 24 on 132 SMs), so quantized activations' products ran at
 # 1.04x cuBLAS's fp16 time there against 0.90x at 2048 tokens (H100, s25e).
@@ -184,7 +186,7 @@ WA_SK_WAVES = False
 # NATIVE_SK_PARTIAL (off: not yet timed on a card) also shares the tiles of a
 # wave between half and whole over every SM (an 8B down projection at 512
 # tokens: 88 tiles of 112 k-steps, runs of 75 on 132 SMs).
-_FP8_NATIVE_SK = os.environ.get("MLX_FLASH_CUDA_FP8_NATIVE_SK", "1")
+_FP8_NATIVE_SK = os.environ.get("MLX_FLASH_CUDA_FP8_NATIVE_SK", "0")
 if _FP8_NATIVE_SK not in ("0", "1"):
     raise ValueError(f"MLX_FLASH_CUDA_FP8_NATIVE_SK must be 0 or 1, got {_FP8_NATIVE_SK!r}")
 NATIVE_SK = _FP8_NATIVE_SK == "1"
