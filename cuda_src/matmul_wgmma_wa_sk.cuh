@@ -174,7 +174,7 @@ __device__ void matmul_wgmma_wa_sk(const TA* a, const uint8_t* b, const float* a
     release((it - 1) % STAGES);  // a piece of work has one k-step or more
 
     // A cut tile: finished by the last of its blocks to arrive (stream_k.cuh).
-    if (steps < sched.ktiles && !stream_k_finish(d, part, tickets, sched, unit, sk_thread_index(), finishes)) continue;
+    if (steps < sched.ktiles && !stream_k_finish<0>(d, part, tickets, sched, unit, finishes)) continue;
 
     const int n0 = (unit / tiles_m) * 128, m0 = (unit % tiles_m) * BT;
     // (This batch's output and a-scale rows, found here: held through the tile they were spilled.)

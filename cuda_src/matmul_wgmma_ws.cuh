@@ -40,9 +40,9 @@
 // SK (native fp8, from session 29): a stream-K schedule (stream_k.cuh) may
 // cut tiles' k-steps between blocks: ip[kWsSkTiles] stream-K tiles, partial
 // sums through `part`, tickets from the caller's zeroed region. With SK off
-// the loops and tests are the kernel's before it. SK takes promotion every
-// stage (PROMOTE 1, the default), every instruction or none, so a cut
-// changes no interval; the runs' fp32 sums are added.
+// the loops and tests are the kernel's before it. SK takes BN 128 or 192 and
+// promotion every stage (PROMOTE 1, the default), every instruction or none,
+// so a cut changes no interval; the runs' fp32 sums are added.
 // The kernel needs 384 threads of at most 168 registers at launch (for the
 // setmaxnreg trade): matmul_wgmma_ws.cu's launch bounds say so. (Clusters of
 // two blocks sharing b by TMA multicast were tried in sessions 5-7 and never
@@ -105,9 +105,11 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
                 "promotion every 1 or 2 instructions, one accumulator set");
   static_assert(STAGES >= 2, "a ring");
   // (Promotion every 2 or 4 stages with a run's first stage starting an
-  // interval made ptxas serialise the wgmma: "kt == k0" in the test.)
-  static_assert(!SK || (NATIVE && !ACC2 && RAW == 0 && PROMOTE <= 1),
-                "stream-K: the native kernel with one accumulator set, promotion every stage, instruction or none");
+  // interval made ptxas serialise the wgmma: "kt == k0" in the test; BN 256's
+  // 128 accumulators beside the ending of a cut tile spilled.)
+  static_assert(!SK || (NATIVE && !ACC2 && RAW == 0 && PROMOTE <= 1 && BN <= 192),
+                "stream-K: the native kernel on tiles of 128 or 192 columns with one accumulator set, promotion "
+                "every stage, instruction or none");
   static_assert(!ACC2 || (PROMOTE > 0 && BN == 128), "two accumulator sets and the sums fit 232 registers at BN 128");
   constexpr int A_BYTES = kWgBM * 128, B_BYTES = BN * 128, STAGE_BYTES = A_BYTES + B_BYTES;
   constexpr int KSTEP = NATIVE ? 128 : 64;  // K values per stage
@@ -137,8 +139,8 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
   // Work units: 128 x BN output tiles; block b takes units b, b + gridDim.x, ...
   const int units_m = (M + kWgBM - 1) / kWgBM, tiles_n = (N + BN - 1) / BN, units = units_m * tiles_n;
   const int ktiles = (K + KSTEP - 1) / KSTEP;
-  // The tiles' order over the blocks (stream_k.cuh); without SK, tile
-  // blockIdx.x, + gridDim.x, ... (0 stream-K tiles, folded at compile time).
+  // SK: the tiles' and k-steps' order over the blocks (stream_k.cuh); the
+  // loops below run tile blockIdx.x, + gridDim.x, ... whole without it.
   const StreamKSchedule sched = {units, ktiles, SK ? ip[kWsSkTiles] : 0, (int)gridDim.x};
   // Grouped order: kWgGroupM tile rows sweep the columns together.
   auto tile_origin = [&](int unit, int& m0, int& n0) {
@@ -367,9 +369,9 @@ __device__ void matmul_wgmma_ws(const TA* a, const TB* b, const float* a_scale, 
       if (k1 - k0 < ktiles) {
         bool finishes;
         if constexpr (PROMOTE != 0) {
-          finishes = stream_k_finish(acc, part, tickets, sched, unit, sk_thread_index() - 128, sk_verdict);
+          finishes = stream_k_finish<128>(acc, part, tickets, sched, unit, sk_verdict);
         } else {
-          finishes = stream_k_finish(d, part, tickets, sched, unit, sk_thread_index() - 128, sk_verdict);
+          finishes = stream_k_finish<128>(d, part, tickets, sched, unit, sk_verdict);
         }
         if (!finishes) continue;
       }

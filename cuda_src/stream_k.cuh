@@ -9,7 +9,9 @@
 // of the SMs a block then waits no longer than any other; below half a wave
 // (grid = a multiple of s) each shared tile is split into grid / s equal
 // runs. With s = 0 the schedule is the plain persistent one (tile g, g + grid,
-// ...), and a compile-time 0 folds it to that loop.
+// ...). (A kernel whose plain form must stay the code it was keeps its own
+// loop there: matmul_wgmma_ws.cuh, where even a compile-time 0 through this
+// schedule made ptxas serialise the wgmma of some plans.)
 //
 // A tile cut between blocks is finished by the last of them to arrive (a
 // ticket of the caller's zeroed ticket region, set back to 0 by that block):
@@ -71,18 +73,21 @@ struct StreamKSchedule {
 };
 
 // The end of a piece of work that is part of a cut tile `unit`, run by the
-// 256 consumer threads (me = 0..255, the fragment order of d): this block's
+// 256 consumer threads (threads FIRST .. FIRST + 255; me = tid - FIRST, the
+// fragment order of d, read again where used: held through the function it
+// cost the weight-as-A kernel a spill at BT 256): this block's
 // partial sums d go to its slot of `part` ([j][thread] float4s, coalesced),
 // then the ticket. True where this block arrived last: d then holds the
 // tile's whole sum (and the caller stores it); false where another block
 // will. Stores are fenced before the ticket, the last block's reads after
 // it, and go through L2 (no stale L1 line). `verdict` is one shared int.
-template <int R>
+template <int FIRST, int R>
 __device__ __forceinline__ bool stream_k_finish(float (&d)[R], float* part, const unsigned* tickets,
-                                                const StreamKSchedule& sched, int unit, int me, int* verdict) {
+                                                const StreamKSchedule& sched, int unit, int* verdict) {
   static_assert(R % 16 == 0, "a slot is added four float4s a thread at a time");
   float4* slots = reinterpret_cast<float4*>(part);
   constexpr long SLOT = 256 * R / 4;
+  const int me = sk_thread_index() - FIRST;
   float4* mine = slots + sched.slot(sk_block_index(), unit) * SLOT + me;
 #pragma unroll
   for (int j = 0; j < R / 4; ++j) __stcg(mine + 256 * j, make_float4(d[4 * j], d[4 * j + 1], d[4 * j + 2], d[4 * j + 3]));
@@ -104,7 +109,7 @@ __device__ __forceinline__ bool stream_k_finish(float (&d)[R], float* part, cons
   // slot's 32 (the weight-as-A kernel's BT 256) beside the 128 sums would not
   // fit the registers (eight spilled a value).
   auto add_slot = [&](int cb) {
-    const float4* src = slots + sched.slot(cb, unit) * SLOT + me;
+    const float4* src = slots + sched.slot(cb, unit) * SLOT + (sk_thread_index() - FIRST);
 #pragma unroll
     for (int j0 = 0; j0 < R / 4; j0 += 4) {
       float4 v[4];

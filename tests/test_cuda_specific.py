@@ -319,14 +319,15 @@ def _matmul_ws_cases():
 
 def _matmul_ws_sk_cases():
     """The native kernel's stream-K form (SK, matmul_wgmma_ws_sk.cu), in
-    _matmul_ws_cases' form: one accumulator set, promotion every stage (the
-    default), every instruction or two, or none."""
+    _matmul_ws_cases' form: BN 128 or 192, one accumulator set, promotion
+    every stage (the default), every instruction or two, or none."""
     u8 = mx.uint8
     yield u8, u8, 1, 1, True, 192, 5, 1, True, False  # the native default plan
-    yield u8, u8, 2, 2, True, 256, 4, 0, True, False
+    yield u8, u8, 2, 2, True, 192, 5, 0, True, False
     yield u8, u8, 2, 1, True, 128, 6, 1, True, False
     yield u8, u8, 1, 1, True, 192, 5, -1, True, False
     yield u8, u8, 1, 2, True, 128, 6, -2, True, False
+    yield u8, u8, 1, 2, True, 128, 6, 0, True, False
 
 
 def _ws_compile_groups(make_kernel):
@@ -389,7 +390,9 @@ def test_native_stream_k_plan_entry_is_checked():
     a16 = mx.ones((4, 64), mx.float16)
     for a, fmt, route, plan in ((a16, None, "wgmma", (256, 4, 0, True, True, False, 2)),
                                 (a8, "e4m3", "wgmma_fp8", (192, 5, 2, True, True, False, 2)),   # promotion every 256 K
+                                (a8, "e4m3", "wgmma_fp8", (256, 4, 0, True, True, False, 2)),   # BN 256
                                 (a8, "e4m3", "wgmma_fp8", (128, 6, 2, True, True, True, 2)),    # two accumulator sets
+                                (a8, "e4m3", "wgmma_fp8", (192, 5, 1, False, True, False, 2)),  # cp.async, no TMA
                                 (a8, "e4m3", "wgmma_fp8", (192, 5, 1, True, True, False, -1)),
                                 (a8, "e4m3", "wgmma_fp8", (192, 5, 1, True, True, False, 1.5))):
         spec, a3, b3, sa, sb, _ = validate_matmul(a, a, a_fmt=fmt, b_fmt=fmt, transpose_b=True, out_dtype=mx.float32)

@@ -651,10 +651,11 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     plan, sk_tiles = tuple(plan), None
     if len(plan) == 7:
         plan, sk_tiles = plan[:6], plan[6]
-        if not (native and plan[4] and not plan[5] and plan[2] <= 1 and isinstance(sk_tiles, int) and sk_tiles >= 0):
+        if not (native and plan[0] <= 192 and plan[3] and plan[4] and not plan[5] and plan[2] <= 1
+                and isinstance(sk_tiles, int) and sk_tiles >= 0):
             raise ValueError("a Hopper plan's seventh entry (stream-K tiles, an int >= 0) is for the native fp8 "
-                             "warp-specialised kernel with one accumulator set and promotion every stage, "
-                             f"instruction or none (promote <= 1), got {plan + (sk_tiles,)} on route "
+                             "warp-specialised TMA kernel on BN 128 or 192 with one accumulator set and promotion "
+                             f"every stage, instruction or none (promote <= 1), got {plan + (sk_tiles,)} on route "
                              f"{'wgmma_fp8' if native else 'wgmma'}")
     bn, stages, promote, tma, ws, acc2 = unpack_plan(plan)
     if native and promote < 0 and not (promote in (-1, -2) and ws and tma and bn in (128, 192) and not acc2
@@ -769,8 +770,9 @@ def _wgmma_ws(a, b, a_scale, b_scale, spec, stream, bn, stages, promote, native,
     # stage ring), so every block is resident and takes its share of tiles.
     grid = sm_count()
     blocks = min(units, grid)
-    if native and not acc2 and raw == 0 and promote <= 1:
-        # (Stream-K with promotion every 2 or 4 stages serialised the wgmma: matmul_wgmma_ws.cuh.)
+    if native and not acc2 and raw == 0 and promote <= 1 and bn <= 192:
+        # (Stream-K with promotion every 2 or 4 stages serialised the wgmma, at BN 256 it spilled:
+        # matmul_wgmma_ws.cuh.)
         ktiles = math.ceil(a.shape[2] / 128)
         # A forced count takes every SM, but no more blocks than the shared
         # tiles' k-steps: a block of no k-step inside a cut tile's range of
