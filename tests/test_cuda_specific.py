@@ -253,8 +253,13 @@ def _sass(tmp_path, name):
     objects = [tmp_path / f"{name}.o"] if (tmp_path / f"{name}.o").exists() else sorted(
         tmp_path.glob(f"{name}.[0-9]*.o"), key=lambda p: int(p.name[len(name) + 1:-2]))
     assert objects, f"no object of {name} in {tmp_path}"
-    return "\n".join(subprocess.run([_cuobjdump(), "-sass", str(o)], capture_output=True, text=True,
-                                    check=True).stdout for o in objects)
+    tool = _cuobjdump()
+    # cuobjdump runs nvdisasm: from PATH, or beside it (the nvidia-cuda-nvdisasm wheel shares its bin folder).
+    env = dict(os.environ)
+    if os.path.exists(os.path.join(os.path.dirname(tool), "nvdisasm")):
+        env["NVDISASM_PATH"] = os.path.dirname(tool)
+    return "\n".join(subprocess.run([tool, "-sass", str(o)], capture_output=True, text=True, check=True,
+                                    env=env).stdout for o in objects)
 
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
