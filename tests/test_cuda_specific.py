@@ -399,7 +399,8 @@ def test_native_stream_k_plan_entry_is_checked():
                                 (a8, "e4m3", "wgmma_fp8", (128, 6, 2, True, True, True, 2)),    # two accumulator sets
                                 (a8, "e4m3", "wgmma_fp8", (192, 5, 1, False, True, False, 2)),  # cp.async, no TMA
                                 (a8, "e4m3", "wgmma_fp8", (192, 5, 1, True, True, False, -1)),
-                                (a8, "e4m3", "wgmma_fp8", (192, 5, 1, True, True, False, 1.5))):
+                                (a8, "e4m3", "wgmma_fp8", (192, 5, 1, True, True, False, 1.5)),
+                                (a8, "e4m3", "wgmma_fp8", (192, 5, 1, True, True, False, True))):
         spec, a3, b3, sa, sb, _ = validate_matmul(a, a, a_fmt=fmt, b_fmt=fmt, transpose_b=True, out_dtype=mx.float32)
         with pytest.raises(ValueError, match="seventh entry"):
             cuda_matmul.matmul2d(a3, b3, sa, sb, spec, mx.cpu, route=route, plan=plan)

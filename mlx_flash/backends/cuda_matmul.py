@@ -652,7 +652,7 @@ def _wgmma(a, b, a_scale, b_scale, spec, stream, plan=None, native=False):
     if len(plan) == 7:
         plan, sk_tiles = plan[:6], plan[6]
         if not (native and plan[0] <= 192 and plan[3] and plan[4] and not plan[5] and plan[2] <= 1
-                and isinstance(sk_tiles, int) and sk_tiles >= 0):
+                and type(sk_tiles) is int and sk_tiles >= 0):
             raise ValueError("a Hopper plan's seventh entry (stream-K tiles, an int >= 0) is for the native fp8 "
                              "warp-specialised TMA kernel on BN 128 or 192 with one accumulator set and promotion "
                              f"every stage, instruction or none (promote <= 1), got {plan + (sk_tiles,)} on route "
