@@ -1016,6 +1016,20 @@ WA_TILE_CASES = (("bt256", (256, 5, 0), True), ("bt192", (192, 6, 0), True), ("b
                  ("default_nofit", None, False), ("default", None, True))
 
 
+@contextlib.contextmanager
+def _settings(module, **values):
+    """module's attributes set to `values` inside the block, restored after
+    (a routing switch read while a call's graph is built)."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def _products_alone(rec: Recorder, section: str, calls_of: dict, ref, shape, rounds: int, calls: int, torch,
                     extra: dict, **fields):
     """Each call of calls_of ({case: make}, "mlx_fp16" the anchor) checked
@@ -1073,11 +1087,8 @@ def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases
         ref = (x.astype(mx.float32) @ fp8.decode(w8, "e4m3").T) * scale
 
         def ours(plan, fit):
-            saved, cm.WA_TILE_FIT = cm.WA_TILE_FIT, fit
-            try:
+            with _settings(cm, WA_TILE_FIT=fit):
                 return cm.matmul(x, w8, b_fmt="e4m3", b_scale=scale, transpose_b=True, route="wgmma_wa", plan=plan)
-            finally:
-                cm.WA_TILE_FIT = saved
 
         calls_of = {"mlx_fp16": lambda: x @ w16.T}
         for name, plan, fit in cases:
@@ -1085,11 +1096,8 @@ def bench_wa_tiles(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, cases
         plans = {}
         for name, plan, fit in cases:
             if plan is None:
-                saved, cm.WA_TILE_FIT = cm.WA_TILE_FIT, fit
-                try:
+                with _settings(cm, WA_TILE_FIT=fit):
                     plans[name] = {"plan": list(cm.wa_plan(m, n, k, cm.sm_count()))}
-                finally:
-                    cm.WA_TILE_FIT = saved
         _products_alone(rec, "wa_tiles", calls_of, ref, (m, k, n), rounds, calls, torch, plans)
         del calls_of, x, w16, w8, ref
         mx.clear_cache()
@@ -1120,20 +1128,14 @@ def bench_native_sk(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, case
         raise RuntimeError("bench_native_sk needs torch (its profiler reads the GPU's kernel times)")
     for m, k, n in shapes:
         x, w16, w8, w_scale = _prefill_operands(m, k, n)
-        amax = mx.max(mx.abs(x.astype(mx.float32)), axis=1, keepdims=True)
-        x_scale = amax / 448.0
-        x8 = fp8.encode(x.astype(mx.float32) / x_scale, "e4m3")
+        x8, x_scale = fp8.quantize(x, "e4m3", axis=0)  # a scale a row (token)
         mx.eval(x8, x_scale)
         ref = (fp8.decode(x8, "e4m3") @ fp8.decode(w8, "e4m3").T) * x_scale * w_scale
 
         def ours(on, splits, partial):
-            saved = cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL
-            cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL = on, splits, partial
-            try:
+            with _settings(cm, NATIVE_SK=on, NATIVE_SK_SPLITS=splits, NATIVE_SK_PARTIAL=partial):
                 return cm.matmul(x8, w8, a_fmt="e4m3", b_fmt="e4m3", a_scale=x_scale.reshape(-1),
                                  b_scale=w_scale, transpose_b=True, out_dtype=mx.float16, route="wgmma_fp8")
-            finally:
-                cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL = saved
 
         calls_of = {"mlx_fp16": lambda: x @ w16.T}
         plans = {}
@@ -1141,12 +1143,8 @@ def bench_native_sk(rec: Recorder, shapes, rounds: int = 2, calls: int = 8, case
         units, ktiles = math.ceil(m / 128) * math.ceil(n / bn), math.ceil(k / 128)
         for name, on, splits, partial in cases:
             calls_of[name] = functools.partial(ours, on, splits, partial)
-            saved = cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL
-            cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL = on, splits, partial
-            try:
+            with _settings(cm, NATIVE_SK=on, NATIVE_SK_SPLITS=splits, NATIVE_SK_PARTIAL=partial):
                 plans[name] = {"stream_k": list(cm.native_stream_k_tiles(units, ktiles, cm.sm_count()))}
-            finally:
-                cm.NATIVE_SK, cm.NATIVE_SK_SPLITS, cm.NATIVE_SK_PARTIAL = saved
         _products_alone(rec, "native_sk", calls_of, ref, (m, k, n), rounds, calls, torch, plans,
                         tiles=units, ktiles=ktiles)
         del calls_of, x, w16, w8, x8, ref
